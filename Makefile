@@ -1,0 +1,40 @@
+# The two commands a newcomer needs: `make up` and `make test`.
+# Both create/refresh .venv and build the Cython extensions first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: up test build lint typecheck unit bench clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Rebuild the extensions in place whenever a .pyx/.pxd/.h changed (cythonize checks timestamps).
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+lint: build
+	$(VENV)/bin/ruff check felix tests perf
+	$(VENV)/bin/ruff format --check felix tests perf
+
+typecheck: build
+	$(VENV)/bin/mypy
+
+unit: build
+	$(VENV)/bin/pytest -q
+
+test: lint typecheck unit
+
+up: build
+	$(VENV)/bin/felix up $(ARGS)
+
+bench: build
+	$(PY) perf/bench_codec.py
+	$(PY) perf/bench_ring.py
+
+clean:
+	rm -rf build felix/*.so felix/_codec.c felix/_ring.c

@@ -1,0 +1,1 @@
+"""The Python client: pooled QUIC connections to a felix node."""

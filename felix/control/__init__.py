@@ -1,0 +1,1 @@
+"""The control plane: REST API for tenants, namespaces, streams and caches."""

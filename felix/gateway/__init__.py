@@ -1,0 +1,1 @@
+"""QUIC gateways: terminate QUIC/TLS, decode frames, route requests to shards."""

@@ -1,0 +1,1 @@
+"""Shard workers: single-threaded owners of stream logs, consumer groups and cache partitions."""

@@ -32,6 +32,14 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent a malformed, truncated, oversized or unknown frame."""
 
 
+class ConfigError(FelixError, ValueError):
+    """A setting, flag or file felix was given cannot be used."""
+
+
+class HandshakeFailed(FelixError, ConnectionError):
+    """The QUIC/TLS handshake with the peer failed (certificate, ALPN, timeout)."""
+
+
 class RingError(FelixError):
     """A shared-memory ring could not be created, attached or used."""
 

@@ -1,0 +1,89 @@
+"""Records on the shared-memory rings between gateways and shards.
+
+Every record is a fixed header (``u8 kind``, ``u64 token``, ``u64 aux``) and a
+body. For requests and replies the body is the client's (or the shard's) FLX1
+extension frame, byte for byte, so a gateway forwards requests and replies
+without re-encoding them; the token maps a reply back to the connection, stream
+and request it answers. See docs/architecture.md, "Ring records".
+
+These records never leave the node; the client wire format is docs/wire-protocol.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+from felix.errors import RemoteProtocolError
+
+HEADER = struct.Struct(">BQQ")
+HEADER_SIZE = HEADER.size
+_READ = struct.Struct(">QII")
+_KEY_LEN = struct.Struct(">H")
+
+
+class Kind(enum.IntEnum):
+    """What a ring record carries. Direction: G = gateway to shard, S = shard to gateway."""
+
+    #: G: a client request frame (cache, publish, subscribe ops); token identifies it.
+    REQUEST = 1
+    #: S: the reply frame to the REQUEST with this token.
+    REPLY = 2
+    #: S: new records of a stream the gateway watches: body = stream key + EVENTS frame.
+    PUSH = 3
+    #: G: read records for one subscription: body = stream key + from/max_records/max_bytes.
+    READ = 4
+    #: S: answer to READ (token = subscription token, aux = stream tail):
+    #: an EVENTS frame, or a CURSOR_ERROR frame when the offset left the replay ring.
+    READ_REPLY = 5
+    #: G: watch (aux = 1) or unwatch (aux = 0) a stream's live records: body = stream key.
+    WATCH = 6
+    #: G: a gateway (re)started and forgets all its watches (aux = gateway index).
+    HELLO = 7
+
+
+def encode(kind: Kind, token: int, aux: int, body: bytes) -> bytes:
+    return HEADER.pack(kind, token, aux) + body
+
+
+def decode_header(record: bytes | memoryview) -> tuple[int, int, int]:
+    """``(kind, token, aux)`` of a record; the body starts at ``HEADER_SIZE``."""
+    if len(record) < HEADER_SIZE:
+        raise RemoteProtocolError(f"ring record of {len(record)} bytes is shorter than its header")
+    kind, token, aux = HEADER.unpack_from(record)
+    return int(kind), int(token), int(aux)
+
+
+def encode_key(key: str) -> bytes:
+    raw = key.encode()
+    return _KEY_LEN.pack(len(raw)) + raw
+
+
+def decode_key(body: bytes | memoryview, pos: int = 0) -> tuple[str, int]:
+    """The stream key at ``pos`` and the position after it."""
+    if len(body) < pos + 2:
+        raise RemoteProtocolError("truncated stream key")
+    (n,) = _KEY_LEN.unpack_from(body, pos)
+    end = pos + 2 + n
+    if len(body) < end:
+        raise RemoteProtocolError("truncated stream key")
+    return bytes(body[pos + 2 : end]).decode(), end
+
+
+def encode_read(token: int, key: str, from_offset: int, max_records: int, max_bytes: int) -> bytes:
+    return encode(
+        Kind.READ, token, 0, encode_key(key) + _READ.pack(from_offset, max_records, max_bytes)
+    )
+
+
+def decode_read(body: bytes | memoryview) -> tuple[str, int, int, int]:
+    key, pos = decode_key(body)
+    if len(body) != pos + _READ.size:
+        raise RemoteProtocolError("malformed READ record")
+    from_offset, max_records, max_bytes = _READ.unpack_from(body, pos)
+    return key, int(from_offset), int(max_records), int(max_bytes)
+
+
+def stream_key(tenant: str, namespace: str, stream: str) -> str:
+    """The node-wide key of a stream. Names are validated (no ``/``), so it is unambiguous."""
+    return f"{tenant}/{namespace}/{stream}"

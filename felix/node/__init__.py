@@ -1,0 +1,1 @@
+"""A felix node: supervisor, process topology and configuration."""

@@ -1,0 +1,232 @@
+"""The gateway over real QUIC (in-process node): handshake, requests, fanout, hostile input."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from felix import wire
+from felix.gateway.gateway import GatewayLimits
+from felix.node.local import LocalNode
+from felix.shard.stream_log import StreamSettings
+from tests.aio import run
+from tests.rawquic import RawPeer, raw_connect
+
+pytestmark = pytest.mark.timeout(60)
+T, NS = "acme", "prod"
+
+
+def ext(frame: wire.Frame) -> wire.ExtMessage:
+    return wire.decode_ext(frame)
+
+
+def test_handshake_negotiates_flags_and_plain_ok_without_them(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with LocalNode.start(tmp_path) as node:
+            peer = await raw_connect(node.host, node.port, node.ca_file)
+            sid = await peer.auth(flags=0xFFFF)
+            assert wire.decode_message(peer.frames[sid][0]) == {
+                "type": "auth_ok",
+                "server_flags": wire.FLAGS_V1 | wire.FLAG_FELIX_EXT,
+            }
+            sid2 = await peer.auth(flags=None)
+            assert wire.decode_message(peer.frames[sid2][0]) == {"type": "ok"}
+            # Without the extension negotiated, an extension frame is an unknown flag.
+            peer.send(sid2, wire.encode_ping(1))
+            await peer.wait_for(lambda: sid2 in peer.ended)
+            assert wire.decode_message(peer.frames[sid2][1])["type"] == "error"
+            peer.close()
+
+    run(main)
+
+
+def test_cache_and_publish_replies_are_matched_by_request_id(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with LocalNode.start(tmp_path) as node:
+            peer = await raw_connect(node.host, node.port, node.ca_file)
+            sid = await peer.auth()
+            # Many requests at once to keys on both shards; replies may come in any order.
+            for i in range(50):
+                peer.send(sid, wire.encode_cache_set(1000 + i, T, NS, "c", f"k{i}", b"v%d" % i))
+            await peer.frames_on(sid, 51)
+            for i in range(50):
+                peer.send(sid, wire.encode_cache_get(2000 + i, T, NS, "c", f"k{i}"))
+            peer.send(sid, wire.encode_publish(3000, T, NS, "s", [b"a", b"b"]))
+            frames = await peer.frames_on(sid, 102)
+            replies = {m.request_id: m for m in map(ext, frames[51:])}
+            for i in range(50):
+                value = replies[2000 + i]
+                assert isinstance(value, wire.CacheValue) and value.value == b"v%d" % i
+            ack = replies[3000]
+            assert isinstance(ack, wire.PublishOffsets) and (ack.base_offset, ack.count) == (0, 2)
+            peer.close()
+
+    run(main)
+
+
+async def subscribe(peer: RawPeer, sid: int, rid: int, sub_id: int, **kw: object) -> int:
+    """Subscribe and return the event stream id (after its hello)."""
+    peer.send(sid, wire.encode_subscribe(rid, T, NS, "s", sub_id, **kw))  # type: ignore[arg-type]
+
+    def hello() -> int | None:
+        for stream_id, frames in peer.frames.items():
+            if (
+                stream_id % 4 == 3
+                and frames
+                and frames[0].flags == 0
+                and wire.decode_message(frames[0]).get("subscription_id") == sub_id
+            ):
+                return stream_id
+        return None
+
+    await peer.wait_for(lambda: hello() is not None)
+    stream = hello()
+    assert stream is not None
+    return stream
+
+
+def events_on(peer: RawPeer, stream: int) -> list[tuple[int, bytes]]:
+    out: list[tuple[int, bytes]] = []
+    for f in peer.frames[stream][1:]:
+        m = ext(f)
+        if isinstance(m, wire.Events):
+            out.extend((m.base_offset + i, p) for i, p in enumerate(m.payloads))
+    return out
+
+
+def test_fanout_in_order_with_replay_and_cursor_errors(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with LocalNode.start(tmp_path) as node:
+            pub = await raw_connect(node.host, node.port, node.ca_file)
+            psid = await pub.auth()
+            pub.send(psid, wire.encode_publish(1, T, NS, "s", [b"old0", b"old1"]))
+            await pub.frames_on(psid, 2)
+            peers = [await raw_connect(node.host, node.port, node.ca_file) for _ in range(4)]
+            streams = []
+            for i, peer in enumerate(peers):
+                sid = await peer.auth()
+                start = "earliest" if i % 2 else "latest"
+                streams.append(await subscribe(peer, sid, 7, 1, start=start, credit=5000))
+            for i in range(0, 1000, 10):
+                pub.send(
+                    psid,
+                    wire.encode_publish(
+                        100 + i, T, NS, "s", [b"m%d" % j for j in range(i, i + 10)]
+                    ),
+                )
+            for i, (peer, stream) in enumerate(zip(peers, streams, strict=True)):
+                want = 1002 if i % 2 else 1000
+                await peer.wait_for(lambda p=peer, s=stream, w=want: len(events_on(p, s)) >= w)
+                got = events_on(peer, stream)
+                offsets = [o for o, _ in got]
+                assert offsets == list(range(1002 - want, 1002))
+                assert got[-1] == (1001, b"m999")
+            # Cursor errors: a start in the future.
+            sid = await peers[0].auth()
+            peers[0].send(sid, wire.encode_subscribe(9, T, NS, "s", 2, start=5000))
+            (reply,) = [ext(f) for f in (await peers[0].frames_on(sid, 2))[1:]]
+            assert isinstance(reply, wire.CursorErrorReply)
+            assert (reply.reason, reply.requested, reply.available) == ("in_future", 5000, 1002)
+            for p in [pub, *peers]:
+                p.close()
+
+    run(main)
+
+
+def test_subscriber_without_credit_falls_behind_and_sees_the_gap(tmp_path: Path) -> None:
+    async def main() -> None:
+        settings = {"stream_defaults": StreamSettings(replay_max_records=200)}
+        async with LocalNode.start(tmp_path, shard_settings=settings) as node:
+            pub = await raw_connect(node.host, node.port, node.ca_file)
+            psid = await pub.auth()
+            slow = await raw_connect(node.host, node.port, node.ca_file)
+            fast = await raw_connect(node.host, node.port, node.ca_file)
+            ssid = await slow.auth()
+            fsid = await fast.auth()
+            slow_stream = await subscribe(slow, ssid, 1, 1, credit=10)
+            fast_stream = await subscribe(fast, fsid, 1, 1, credit=60000)
+            for i in range(50):  # 50 acked batches of 10, each awaited
+                pub.send(psid, wire.encode_publish(i, T, NS, "s", [b"x%d" % j for j in range(10)]))
+                await pub.frames_on(psid, 2 + i)
+            await fast.wait_for(lambda: len(events_on(fast, fast_stream)) >= 500)
+            assert [o for o, _ in events_on(fast, fast_stream)] == list(range(500))
+            # The slow one got its credit (one batch), then stopped taking records.
+            assert [o for o, _ in events_on(slow, slow_stream)] == list(range(10))
+            slow.send(ssid, wire.encode_credit(2, 1, 1000))
+            await slow.wait_for(lambda: events_on(slow, slow_stream)[-1][0] == 499)
+            notices = [
+                m
+                for m in map(ext, slow.frames[slow_stream][1:])
+                if isinstance(m, wire.SlowConsumer)
+            ]
+            assert [(n.first_dropped, n.dropped) for n in notices] == [(10, 290)]
+            assert [o for o, _ in events_on(slow, slow_stream)] == [*range(10), *range(300, 500)]
+            assert node.gateway.slow_consumer_events == 1
+            for p in (pub, slow, fast):
+                p.close()
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"garbage that is not a frame",
+        struct.pack(">IHHI", wire.MAGIC, 1, 0, 1 << 30),  # oversized declared length
+        struct.pack(">IHHI", wire.MAGIC, 1, 0x8000, 0),  # unknown flag
+        wire.encode_ping(1),  # extension frame before auth
+        wire.encode_message({"type": "ok"}),  # not auth
+        struct.pack(">IHHI", wire.MAGIC, 1, 0, 70000) + b"x" * 70000,  # over the pre-auth cap
+    ],
+)
+def test_hostile_input_closes_the_stream_and_the_node_keeps_serving(
+    tmp_path: Path, payload: bytes
+) -> None:
+    async def main() -> None:
+        async with LocalNode.start(tmp_path) as node:
+            bad = await raw_connect(node.host, node.port, node.ca_file)
+            sid = bad.new_stream()
+            bad.send(sid, payload)
+            await bad.wait_for(lambda: sid in bad.ended)
+            good = await raw_connect(node.host, node.port, node.ca_file)
+            gsid = await good.auth()
+            good.send(gsid, wire.encode_cache_get(5, T, NS, "c", "k"))
+            (reply,) = [ext(f) for f in (await good.frames_on(gsid, 2))[1:]]
+            assert isinstance(reply, wire.CacheValue) and reply.value is None
+            assert node.gateway.protocol_errors >= 1
+            bad.close()
+            good.close()
+
+    run(main)
+
+
+def test_auth_deadline_closes_a_silent_stream(tmp_path: Path) -> None:
+    async def main() -> None:
+        limits = GatewayLimits(auth_timeout=0.2)
+        async with LocalNode.start(tmp_path, limits=limits) as node:
+            peer = await raw_connect(node.host, node.port, node.ca_file)
+            sid = peer.new_stream()
+            peer.send(sid, wire.encode_message({"type": "auth", "tenant_id": T, "token": ""})[:5])
+            await peer.wait_for(lambda: sid in peer.ended, timeout=3)
+            peer.close()
+
+    run(main)
+
+
+def test_bad_request_errors_carry_ids_and_codes(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with LocalNode.start(tmp_path) as node:
+            peer = await raw_connect(node.host, node.port, node.ca_file)
+            sid = await peer.auth(tenant=T)
+            peer.send(sid, wire.encode_cache_get(1, "other", NS, "c", "k"))
+            peer.send(sid, wire.encode_cache_get(2, T, NS, "bad/name", "k"))
+            peer.send(sid, wire.encode_credit(3, 999, 10))
+            replies = {m.request_id: m for m in map(ext, (await peer.frames_on(sid, 4))[1:])}
+            assert replies[1].code == 3  # type: ignore[attr-defined]
+            assert replies[2].code == 1  # type: ignore[attr-defined]
+            assert replies[3].code == 1  # type: ignore[attr-defined]
+            peer.close()
+
+    run(main)

@@ -35,7 +35,7 @@ def test_handshake_negotiates_flags_and_plain_ok_without_them(tmp_path: Path) ->
             assert wire.decode_message(peer.frames[sid2][0]) == {"type": "ok"}
             # Without the extension negotiated, an extension frame is an unknown flag.
             peer.send(sid2, wire.encode_ping(1))
-            await peer.wait_for(lambda: sid2 in peer.ended)
+            await peer.wait_for(lambda: sid2 in peer.ended and len(peer.frames[sid2]) == 2)
             assert wire.decode_message(peer.frames[sid2][1])["type"] == "error"
             peer.close()
 

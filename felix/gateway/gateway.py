@@ -102,17 +102,27 @@ class _Pending:
 class Gateway:
     """State shared by all connections of one gateway process."""
 
-    def __init__(self, index: int, links: ShardLinks, limits: GatewayLimits | None = None) -> None:
+    def __init__(
+        self,
+        index: int,
+        links: ShardLinks,
+        limits: GatewayLimits | None = None,
+        *,
+        incarnation: int = 0,
+    ) -> None:
         self.index = index
         self.links = links
         self.limits = limits or GatewayLimits()
         self.shard_ok = [True] * links.shards
-        self._next_token = 1
+        # Tokens carry the gateway's incarnation in their high bits, so a reply meant
+        # for a previous incarnation of this gateway can never match a new request.
+        self._next_token = ((incarnation & 0xFFFFFF) << 40) + 1
         self._pending: dict[int, _Pending] = {}
         self._subs_by_token: dict[int, Subscription] = {}
         self._subs_by_key: dict[str, set[Subscription]] = {}
         self.connections: set[GatewayConnection] = set()
         self.draining = False
+        self._barriers: dict[int, asyncio.Future[None]] = {}
         # Counters (metrics).
         self.requests = 0
         self.protocol_errors = 0
@@ -182,6 +192,11 @@ class Gateway:
                 log.exception("gateway %d: bad record from shard %d", self.index, shard)
 
     def _on_reply(self, token: int, frame: bytes) -> None:
+        barrier = self._barriers.pop(token, None)
+        if barrier is not None:
+            if not barrier.done():
+                barrier.set_result(None)
+            return
         pending = self._pending.pop(token, None)
         if pending is None:
             return  # its connection went away, or the shard restarted: nobody waits
@@ -332,14 +347,50 @@ class Gateway:
                         if sub.wants_read():
                             self._read(sub)
 
-    async def drain(self, grace: float) -> None:
-        """Stop taking requests, let replies in flight arrive (up to ``grace``), then close."""
+    async def quiesce(self, timeout: float) -> None:
+        """Drain, phase 1: refuse new requests; wait (up to ``timeout``) for replies in flight."""
         self.draining = True
-        deadline = asyncio.get_running_loop().time() + grace
-        while self._pending and asyncio.get_running_loop().time() < deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._pending and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def drain(self, grace: float) -> None:
+        """Drain, phase 2: deliver what is owed, then close every connection.
+
+        Run once every gateway of the node has quiesced (no publish can still be
+        appended anywhere): a barrier through each shard's ring makes sure every
+        delivery the shards produced has reached this gateway; then it waits (up to
+        ``grace`` seconds) until every subscriber with credit has been sent
+        everything up to its stream's tail and QUIC has sent every queued byte.
+        """
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        barriers = []
+        for shard in range(self.links.shards):
+            token = self.token()
+            record = ipc.encode(Kind.REQUEST, token, 0, wire.encode_ping(0))
+            if self.shard_ok[shard] and self.links.send(shard, record):
+                barriers.append(self._barriers.setdefault(token, loop.create_future()))
+        if barriers:
+            await asyncio.wait(barriers, timeout=grace)
+        while loop.time() < deadline and not self._flushed():
             await asyncio.sleep(0.01)
         for conn in list(self.connections):
             conn.close(CLOSE_DRAINING, "node draining")
+
+    def _flushed(self) -> bool:
+        if self._pending:
+            return False
+        for sub in self._subs_by_token.values():
+            if (
+                sub.state is SubState.ACTIVE
+                and sub.credit > 0
+                and (sub.reading or sub.next_offset < sub.known_tail)
+            ):
+                return False
+        return all(conn.send_buffer_size() == 0 for conn in self.connections)
 
 
 class StreamSession:

@@ -87,6 +87,8 @@ class ShardCore:
             wire.OP_CACHE_DELETE: self._cache_delete,
             wire.OP_CACHE_TTL: self._cache_ttl,
             wire.OP_PUBLISH: self._publish,
+            # A barrier: the answer comes after everything sent before it (gateway drain).
+            wire.OP_PING: lambda msg, now: wire.encode_ok(msg.request_id),
         }
         # Counters (exported as metrics by the worker).
         self.requests = 0

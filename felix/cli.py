@@ -1,0 +1,170 @@
+"""The `felix` command line: `felix up` runs a node; client commands talk to one.
+
+felix up --shards 2 --gateways 2 --data-dir ./data
+felix pub orders '{"id": 1}'      felix sub orders
+felix cache set sessions k v      felix cache get sessions k
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from felix.errors import ConfigError, FelixError
+from felix.node.config import NodeConfig, parse_address, parse_size
+from felix.shard.cache import CacheSettings
+from felix.shard.stream_log import StreamSettings
+
+_STREAM = StreamSettings()
+_CACHE = CacheSettings()
+
+
+def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cores = os.cpu_count() or 1
+    up = sub.add_parser(
+        "up",
+        help="run a felix node in the foreground",
+        description="Run a node: QUIC gateways, shard workers and the "
+        "health/metrics endpoint. Ctrl-C or SIGTERM drains and exits.",
+    )
+    up.add_argument(
+        "--listen",
+        default="127.0.0.1:5000",
+        help="QUIC address HOST:PORT (port 0 picks a free one)",
+    )
+    up.add_argument(
+        "--http",
+        default="127.0.0.1:8080",
+        help="metrics and health HOST:PORT (/metrics, /livez, /readyz)",
+    )
+    up.add_argument(
+        "--control",
+        default="127.0.0.1:8443",
+        help="REST API HOST:PORT (reserved: the control plane is not part of this release)",
+    )
+    up.add_argument("--gateways", type=int, default=cores, help=f"gateway processes ({cores})")
+    up.add_argument("--shards", type=int, default=cores, help=f"shard processes ({cores})")
+    up.add_argument("--data-dir", type=Path, default=Path("data"), help="state directory")
+    up.add_argument("--memory-budget", default="1GiB", help="memory for all shards (1GiB)")
+    up.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback listen address without authentication",
+    )
+    up.add_argument(
+        "--no-auto-create",
+        action="store_true",
+        help="refuse requests for streams and caches that do not exist yet",
+    )
+    up.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
+    up.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    up.add_argument(
+        "--replay-records",
+        type=int,
+        default=_STREAM.replay_max_records,
+        help="records kept per stream for replay",
+    )
+    up.add_argument("--replay-bytes", default="64MiB", help="bytes kept per stream for replay")
+    up.add_argument(
+        "--slow-subscriber",
+        choices=["drop_old", "disconnect"],
+        default="drop_old",
+        help="policy when a subscriber falls out of the replay ring",
+    )
+    up.add_argument("--cache-budget", default="64MiB", help="bytes per cache (all shards)")
+    up.add_argument(
+        "--cache-max-ttl", type=float, default=_CACHE.max_ttl, help="longest TTL in seconds"
+    )
+    up.add_argument("--ring-bytes", default="4MiB", help="size of each gateway<->shard ring")
+    up.add_argument("--drain-grace", type=float, default=10.0, help="seconds to drain on stop")
+    up.add_argument(
+        "--engine",
+        choices=["qh3", "aioquic"],
+        default=os.environ.get("FELIX_QUIC_ENGINE") or "qh3",
+        help="QUIC engine",
+    )
+    up.set_defaults(func=_run_up)
+
+
+def _node_config(args: argparse.Namespace) -> NodeConfig:
+    from felix.gateway.gateway import GatewayLimits
+
+    replay_bytes = parse_size(args.replay_bytes)
+    return NodeConfig(
+        listen=parse_address(args.listen, 5000),
+        http=parse_address(args.http, 8080),
+        control=parse_address(args.control, 8443),
+        gateways=args.gateways,
+        shards=args.shards,
+        data_dir=args.data_dir.resolve(),
+        memory_budget=parse_size(args.memory_budget),
+        insecure=args.insecure,
+        auto_create=not args.no_auto_create,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        ring_bytes=parse_size(args.ring_bytes),
+        drain_grace=args.drain_grace,
+        engine=args.engine,
+        limits=GatewayLimits(slow_subscriber_policy=args.slow_subscriber),
+        stream_defaults=StreamSettings(
+            replay_max_records=args.replay_records,
+            replay_max_bytes=replay_bytes,
+            max_record_bytes=min(_STREAM.max_record_bytes, replay_bytes // 2),
+            slow_subscriber_policy=args.slow_subscriber,
+        ),
+        cache_defaults=CacheSettings(
+            budget_bytes=parse_size(args.cache_budget), max_ttl=args.cache_max_ttl
+        ),
+    )
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from felix.node.supervisor import Supervisor
+
+    config = _node_config(args)
+    return uvloop.run(Supervisor(config).run())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="felix", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_up(sub)
+    try:
+        from felix.client.cli import add_commands
+    except ImportError:  # the client CLI is optional in a minimal install
+        pass
+    else:
+        add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    logging.getLogger("quic").setLevel(logging.ERROR)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"felix: {exc}", file=sys.stderr)
+        return 2
+    except FelixError as exc:
+        print(f"felix: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

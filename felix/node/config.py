@@ -1,0 +1,148 @@
+"""A node's configuration: what `felix up` was asked to run, in one frozen value.
+
+Defaults follow ../shared/design/operations.md (ports, one gateway and one
+shard per core). The same value, serialised as JSON, tells each child process
+what to do (see felix/node/worker.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from felix.errors import ConfigError
+from felix.gateway.gateway import GatewayLimits
+from felix.shard.cache import CacheSettings
+from felix.shard.stream_log import StreamSettings
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+    "t": 1000**4,
+    "ki": 1024,
+    "mi": 1024**2,
+    "gi": 1024**3,
+    "ti": 1024**4,
+}
+
+
+def parse_size(text: str) -> int:
+    """``"512MiB"``, ``"2G"``, ``"1048576"`` -> bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ConfigError(f"not a size: {text!r} (examples: 512MiB, 2GiB, 1000000)")
+    unit = (m.group(2) or "").lower().removesuffix("b")
+    if unit not in _UNITS:
+        raise ConfigError(f"unknown size unit in {text!r}")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def parse_address(text: str, default_port: int) -> tuple[str, int]:
+    """``"host:port"``, ``"[::1]:5000"``, ``"host"`` -> (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    try:
+        number = int(port) if port else default_port
+    except ValueError:
+        raise ConfigError(f"bad port in address {text!r}") from None
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"port out of range in {text!r}")
+    return host or "127.0.0.1", number
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything `felix up` runs with."""
+
+    listen: tuple[str, int] = ("127.0.0.1", 5000)
+    http: tuple[str, int] = ("127.0.0.1", 8080)
+    control: tuple[str, int] = ("127.0.0.1", 8443)
+    gateways: int = field(default_factory=lambda: os.cpu_count() or 1)
+    shards: int = field(default_factory=lambda: os.cpu_count() or 1)
+    data_dir: Path = Path("data")
+    memory_budget: int = 1024**3
+    insecure: bool = False
+    auto_create: bool = True
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    ring_bytes: int = 4 * 1024**2
+    drain_grace: float = 10.0
+    engine: str = "qh3"
+    limits: GatewayLimits = field(default_factory=GatewayLimits)
+    stream_defaults: StreamSettings = field(default_factory=StreamSettings)
+    cache_defaults: CacheSettings = field(default_factory=CacheSettings)
+
+    def __post_init__(self) -> None:
+        if self.gateways < 1 or self.shards < 1:
+            raise ConfigError("--gateways and --shards must be at least 1")
+        if self.gateways * self.shards > 256:
+            raise ConfigError("gateways x shards is limited to 256 (one ring pair each)")
+        for name in ("listen", "http"):
+            host, _ = getattr(self, name)
+            if not is_loopback(host) and not self.insecure:
+                raise ConfigError(
+                    f"--{name} {host} is not a loopback address: until authentication is "
+                    "configured felix serves unauthenticated, so it refuses to listen "
+                    "elsewhere without --insecure"
+                )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        # The replay rings and caches of all shards share the memory budget.
+        per_shard = self.memory_budget // self.shards
+        if per_shard < self.stream_defaults.replay_max_bytes:
+            raise ConfigError(
+                f"--memory-budget {self.memory_budget} leaves {per_shard} bytes per shard, "
+                f"less than one stream's replay ring ({self.stream_defaults.replay_max_bytes})"
+            )
+
+    def to_json(self) -> str:
+        return json.dumps(_plain(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> NodeConfig:
+        raw: dict[str, Any] = json.loads(text)
+        raw["listen"] = tuple(raw["listen"])
+        raw["http"] = tuple(raw["http"])
+        raw["control"] = tuple(raw["control"])
+        raw["data_dir"] = Path(raw["data_dir"])
+        for key in ("tls_cert", "tls_key"):
+            raw[key] = Path(raw[key]) if raw[key] else None
+        raw["limits"] = GatewayLimits(**raw["limits"])
+        raw["stream_defaults"] = StreamSettings(**raw["stream_defaults"])
+        raw["cache_defaults"] = CacheSettings(**raw["cache_defaults"])
+        return cls(**raw)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value

@@ -1,0 +1,378 @@
+"""The supervisor of `felix up`: owns sockets, rings and doorbells; runs and drains children.
+
+How it works: the supervisor binds one UDP socket per gateway (SO_REUSEPORT, one
+port), creates one ring per (gateway, shard) and direction with an eventfd
+doorbell each, then starts the shards and the gateways as child processes
+(felix/node/worker.py). It keeps every socket, ring and doorbell for the node's
+lifetime, so a child that dies is replaced by one that re-attaches to the same
+resources: the kernel's reuseport group never changes (other gateways'
+connections are not rehashed) and the other processes never notice a new ring.
+
+When a shard dies, every gateway is told at once (requests in flight to it fail
+with Unavailable, a retryable error) and again when its replacement is ready.
+SIGTERM or SIGINT drains: /readyz turns false, gateways stop taking requests,
+answer what is in flight and close their connections, then children exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from felix.node.config import NodeConfig, is_loopback
+from felix.node.health import HealthServer
+from felix.node.worker import SPEC_ENV, ChildSpec, RingSpec
+from felix.quic import bind_udp
+from felix.ring import Ring, make_doorbell
+from felix.tls import node_certificates
+
+log = logging.getLogger("felix.supervisor")
+
+READY_TIMEOUT = 30.0
+RESTART_BACKOFF_MIN = 0.1
+RESTART_BACKOFF_MAX = 5.0
+#: A child that ran this long before dying restarts with the shortest backoff again.
+HEALTHY_AFTER = 30.0
+
+
+@dataclass
+class Child:
+    role: str
+    index: int
+    incarnation: int = 0
+    proc: asyncio.subprocess.Process | None = None
+    writer: asyncio.StreamWriter | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    quiesced: asyncio.Event = field(default_factory=asyncio.Event)
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff: float = RESTART_BACKOFF_MIN
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.index}"
+
+    def send(self, **cmd: Any) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(json.dumps(cmd).encode() + b"\n")
+
+
+class Supervisor:
+    """Runs one node until SIGTERM/SIGINT; :meth:`run` returns the exit code."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.shards = [Child("shard", i) for i in range(config.shards)]
+        self.gateways = [Child("gateway", i) for i in range(config.gateways)]
+        self._sockets: list[socket.socket] = []
+        # _req[g][s]: gateway g -> shard s; _rep[s][g]: shard s -> gateway g.
+        self._req: list[list[Ring]] = []
+        self._rep: list[list[Ring]] = []
+        self._doorbells: list[int] = []
+        self._stopping = False
+        self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.health: HealthServer | None = None
+        self.port = 0
+        self.ca_path: Path | None = None
+
+    @property
+    def children(self) -> list[Child]:
+        return [*self.shards, *self.gateways]
+
+    def ready(self) -> bool:
+        return not self._stopping and all(c.ready.is_set() for c in self.children)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            await self._start()
+            await self._stop.wait()
+            await self._drain()
+            return 0
+        finally:
+            self._cleanup()
+
+    async def _start(self) -> None:
+        config = self.config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        host, port = config.listen
+        ips = [host] if _is_ip(host) else []
+        names = ["localhost"] + ([host] if not _is_ip(host) and host else [])
+        certs = node_certificates(
+            config.data_dir / "tls",
+            hostnames=names,
+            ips=ips,
+            cert=config.tls_cert,
+            key=config.tls_key,
+        )
+        self.ca_path = certs.ca_cert
+        for _ in range(config.gateways):
+            sock = bind_udp(host, port)
+            port = sock.getsockname()[1]  # port 0: every later socket joins the picked port
+            self._sockets.append(sock)
+        self.port = port
+        self._make_rings()
+        self.health = HealthServer(self)
+        await self.health.start(*config.http)
+        for child in self.shards:
+            await self._spawn(child)
+        await self._wait_ready(self.shards)
+        for child in self.gateways:
+            await self._spawn(child)
+        await self._wait_ready(self.gateways)
+        self._write_node_json()
+        http_host, http_port = self.health.address
+        print(
+            f"felix ready quic={_fmt(host, self.port)} http={_fmt(http_host, http_port)} "
+            f"ca={self.ca_path} gateways={config.gateways} shards={config.shards} "
+            f"pid={os.getpid()} data={config.data_dir}",
+            flush=True,
+        )
+
+    def _make_rings(self) -> None:
+        config = self.config
+        tag = f"felix-{os.getpid()}"
+        for g in range(config.gateways):
+            row = []
+            for s in range(config.shards):
+                bell = make_doorbell()
+                self._doorbells.append(bell)
+                row.append(
+                    Ring.create(f"/{tag}-g{g}s{s}", capacity=config.ring_bytes, doorbell_fd=bell)
+                )
+            self._req.append(row)
+        for s in range(config.shards):
+            row = []
+            for g in range(config.gateways):
+                bell = make_doorbell()
+                self._doorbells.append(bell)
+                row.append(
+                    Ring.create(f"/{tag}-s{s}g{g}", capacity=config.ring_bytes, doorbell_fd=bell)
+                )
+            self._rep.append(row)
+
+    def _spec(self, child: Child, control_fd: int, udp_fd: int) -> ChildSpec:
+        def specs(rings: list[Ring]) -> list[RingSpec]:
+            return [RingSpec(r.name, r.doorbell_fd) for r in rings]
+
+        if child.role == "shard":
+            inbound = [self._req[g][child.index] for g in range(self.config.gateways)]
+            outbound = self._rep[child.index]
+        else:
+            inbound = [self._rep[s][child.index] for s in range(self.config.shards)]
+            outbound = self._req[child.index]
+        return ChildSpec(
+            child.role,
+            child.index,
+            child.incarnation,
+            self.config,
+            specs(inbound),
+            specs(outbound),
+            control_fd,
+            udp_fd,
+        )
+
+    async def _spawn(self, child: Child) -> None:
+        child.ready.clear()
+        child.quiesced.clear()
+        child.drained.clear()
+        child.incarnation += 1
+        parent_end, child_end = socket.socketpair()
+        udp_fd = -1
+        fds = [child_end.fileno(), *self._doorbells]
+        if child.role == "gateway":
+            # The child gets its own descriptor of the socket; the supervisor keeps
+            # the original open, so the port and the reuseport group outlive the child.
+            udp_fd = os.dup(self._sockets[child.index].fileno())
+            fds.append(udp_fd)
+        spec = self._spec(child, child_end.fileno(), udp_fd)
+        env = dict(os.environ, **{SPEC_ENV: spec.to_json()})
+        child.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "felix.node.worker",
+            env=env,
+            pass_fds=fds,
+        )
+        child_end.close()
+        if udp_fd >= 0:
+            os.close(udp_fd)
+        child.started_at = time.monotonic()
+        reader, child.writer = await asyncio.open_unix_connection(sock=parent_end)
+        loop = asyncio.get_running_loop()
+        for coro in (self._read_child(child, reader), self._watch(child, child.proc)):
+            task = loop.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _read_child(self, child: Child, reader: asyncio.StreamReader) -> None:
+        with contextlib.suppress(ConnectionError):
+            await self._read_events(child, reader)
+
+    async def _read_events(self, child: Child, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            kind = event.get("event")
+            if kind == "ready":
+                child.ready.set()
+            elif kind == "quiesced":
+                child.quiesced.set()
+            elif kind == "drained":
+                child.drained.set()
+            elif kind == "stats":
+                child.stats = event
+
+    async def _watch(self, child: Child, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        if self._stopping or child.proc is not proc:
+            return
+        child.ready.clear()
+        log.warning("%s (pid %d) exited with %s; restarting", child.name, proc.pid, code)
+        if child.role == "shard":
+            for gateway in self.gateways:
+                gateway.send(cmd="shard_down", shard=child.index)
+        if time.monotonic() - child.started_at > HEALTHY_AFTER:
+            child.backoff = RESTART_BACKOFF_MIN
+        await asyncio.sleep(child.backoff)
+        child.backoff = min(child.backoff * 2, RESTART_BACKOFF_MAX)
+        if self._stopping:
+            return
+        child.restarts += 1
+        await self._spawn(child)
+        try:
+            await asyncio.wait_for(child.ready.wait(), READY_TIMEOUT)
+        except TimeoutError:
+            log.error("%s did not become ready; killing it", child.name)
+            if child.proc is not None:
+                child.proc.kill()
+            return
+        if child.role == "shard":
+            for gateway in self.gateways:
+                gateway.send(cmd="shard_up", shard=child.index)
+        self._write_node_json()
+        log.info("%s is back (pid %d)", child.name, child.proc.pid if child.proc else -1)
+
+    async def _wait_ready(self, children: list[Child]) -> None:
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(c.ready.wait() for c in children)), READY_TIMEOUT
+            )
+        except TimeoutError:
+            missing = [c.name for c in children if not c.ready.is_set()]
+            raise RuntimeError(f"children did not become ready: {missing}") from None
+
+    async def _drain(self) -> None:
+        grace = self.config.drain_grace
+        log.info("draining (grace %.1fs)", grace)
+        self._stopping = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        live = [g for g in self.gateways if g.ready.is_set()]
+        # Phase 1: every gateway stops taking requests and waits for its replies, so
+        # no publish can be appended anywhere afterwards. Phase 2: each gateway
+        # collects what the shards still owe its subscribers, delivers it, closes.
+        for gateway in live:
+            gateway.send(cmd="quiesce", timeout=grace / 2)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(g.quiesced.wait() for g in live)), grace / 2)
+        for gateway in live:
+            gateway.send(cmd="drain", grace=max(deadline - loop.time() - 0.5, 0.1))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*(g.drained.wait() for g in live)), max(deadline - loop.time(), 0.1)
+            )
+        # Closing the control sockets makes every child exit.
+        for child in self.children:
+            if child.writer is not None:
+                child.writer.close()
+        await self._reap(timeout=max(grace / 2, 2.0))
+        if self.health is not None:
+            await self.health.stop()
+
+    async def _reap(self, timeout: float) -> None:
+        procs = [c.proc for c in self.children if c.proc is not None and c.proc.returncode is None]
+        if not procs:
+            return
+        _, alive = await asyncio.wait(
+            [asyncio.ensure_future(p.wait()) for p in procs], timeout=timeout
+        )
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        del alive
+
+    def _cleanup(self) -> None:
+        self._stopping = True
+        for child in self.children:
+            if child.proc is not None and child.proc.returncode is None:
+                child.proc.kill()
+        for rows in (self._req, self._rep):
+            for row in rows:
+                for ring in row:
+                    with contextlib.suppress(Exception):
+                        ring.close()
+                    with contextlib.suppress(Exception):
+                        ring.unlink()
+        for fd in self._doorbells:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for sock in self._sockets:
+            sock.close()
+
+    # -- reporting --------------------------------------------------------------------------
+
+    def node_info(self) -> dict[str, Any]:
+        host = self.config.listen[0]
+        http = self.health.address if self.health is not None else self.config.http
+        return {
+            "quic": _fmt(host, self.port),
+            "http": _fmt(*http),
+            # The control plane (REST API) is not part of this node yet.
+            "control": None,
+            "ca": str(self.ca_path) if self.ca_path else None,
+            "pid": os.getpid(),
+            "processes": {c.name: c.proc.pid for c in self.children if c.proc is not None},
+            "restarts": {c.name: c.restarts for c in self.children},
+        }
+
+    def _write_node_json(self) -> None:
+        path = self.config.data_dir / "node.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.node_info(), indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True
+
+
+def _fmt(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+__all__ = ["Supervisor", "is_loopback"]

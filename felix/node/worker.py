@@ -1,0 +1,349 @@
+"""Child processes of a node: ``python -m felix.node.worker`` (started by the supervisor).
+
+A child gets its role, its index, the node configuration, the names of its
+rings and the file descriptors of its doorbells (and, for a gateway, of its UDP
+socket) as JSON in ``FELIX_CHILD_SPEC``; the descriptors themselves arrive
+through ``pass_fds``. It talks to the supervisor over one socket (``control_fd``),
+newline-delimited JSON both ways:
+
+- child to supervisor: ``{"event": "ready"}`` once serving, ``{"event": "stats", ...}``
+  every second (counters for /metrics);
+- supervisor to child: ``{"cmd": "shard_down"|"shard_up", "shard": n}`` (gateways)
+  and ``{"cmd": "drain", "grace": s}``.
+
+A child exits when the supervisor's end of the socket closes, so no child
+outlives its supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import uvloop
+
+from felix import ipc
+from felix.gateway.gateway import Gateway, connection_class
+from felix.gateway.links import Deliver
+from felix.ipc import Kind
+from felix.node.config import NodeConfig
+from felix.quic import load_engine, serve_on_socket
+from felix.ring import Ring, RingReader
+from felix.shard.core import ShardCore, ShardSettings
+from felix.shard.offsets import OffsetReservations
+from felix.tls import node_certificates
+
+log = logging.getLogger("felix.node")
+
+SPEC_ENV = "FELIX_CHILD_SPEC"
+STATS_INTERVAL = 1.0
+SWEEP_INTERVAL = 0.1
+#: Records a shard holds for a gateway whose ring is full; pushes beyond it are dropped
+#: (subscribers notice the gap and READ), replies are bounded by the gateway's in-flight cap.
+MAX_OVERFLOW_PUSHES = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class RingSpec:
+    """One ring a child uses: its shared-memory name and the doorbell its consumer watches."""
+
+    name: str
+    doorbell: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSpec:
+    role: str  # "gateway" | "shard"
+    index: int
+    incarnation: int
+    config: NodeConfig
+    #: Rings this child reads, by peer index (gateway: from each shard; shard: from each gateway).
+    inbound: list[RingSpec]
+    #: Rings this child writes, by peer index.
+    outbound: list[RingSpec]
+    control_fd: int
+    udp_fd: int = -1
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "role": self.role,
+                "index": self.index,
+                "incarnation": self.incarnation,
+                "config": self.config.to_json(),
+                "inbound": [[r.name, r.doorbell] for r in self.inbound],
+                "outbound": [[r.name, r.doorbell] for r in self.outbound],
+                "control_fd": self.control_fd,
+                "udp_fd": self.udp_fd,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ChildSpec:
+        raw = json.loads(text)
+        return cls(
+            role=raw["role"],
+            index=raw["index"],
+            incarnation=raw["incarnation"],
+            config=NodeConfig.from_json(raw["config"]),
+            inbound=[RingSpec(n, d) for n, d in raw["inbound"]],
+            outbound=[RingSpec(n, d) for n, d in raw["outbound"]],
+            control_fd=raw["control_fd"],
+            udp_fd=raw["udp_fd"],
+        )
+
+
+class ControlChannel:
+    """The child's end of its supervisor socket."""
+
+    def __init__(self, fd: int) -> None:
+        self._sock = socket.socket(fileno=fd)
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.StreamReader | None = None
+
+    async def open(self) -> None:
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
+
+    def send(self, **event: Any) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(json.dumps(event).encode() + b"\n")
+
+    async def commands(self) -> Any:
+        assert self._reader is not None
+        while line := await self._reader.readline():
+            yield json.loads(line)
+
+
+class RingLinks:
+    """A gateway's rings to every shard (implements felix.gateway.links.ShardLinks)."""
+
+    def __init__(self, outbound: Sequence[Ring], inbound: Sequence[Ring]) -> None:
+        self._out = list(outbound)
+        self._in = list(inbound)
+        self._readers: list[RingReader] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def shards(self) -> int:
+        return len(self._out)
+
+    def attach(self, gateway: int, deliver: Deliver) -> None:
+        for shard, ring in enumerate(self._in):
+            # Records a previous incarnation of this gateway did not read are for
+            # tokens nobody waits for: skip them.
+            while ring.read_batch():
+                ring.commit()
+            reader = RingReader(ring, functools.partial(deliver, shard))
+            self._readers.append(reader)
+            self._tasks.append(asyncio.get_running_loop().create_task(reader.run()))
+
+    def send(self, shard: int, record: bytes) -> bool:
+        return self._out[shard].write(record)
+
+    def close(self) -> None:
+        for reader in self._readers:
+            reader.stop()
+
+
+# --- shard -------------------------------------------------------------------------------
+
+
+async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
+    config = spec.config
+    settings = ShardSettings(
+        index=spec.index,
+        shards=config.shards,
+        stream_defaults=config.stream_defaults,
+        cache_defaults=config.cache_defaults,
+        auto_create=config.auto_create,
+    )
+    offsets = OffsetReservations(config.data_dir / f"shard-{spec.index}.offsets")
+    core = ShardCore(settings, offsets)
+    inbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.inbound]
+    outbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.outbound]
+    # Requests left in our rings by a previous incarnation were already failed by the
+    # gateways (Unavailable): never act on them now.
+    for ring in inbound:
+        while ring.read_batch():
+            ring.commit()
+    overflow: list[deque[bytes]] = [deque() for _ in outbound]
+    stats = {"requests": 0, "published": 0, "pushes": 0, "dropped_pushes": 0, "ring_full": 0}
+    loop = asyncio.get_running_loop()
+    retry: list[asyncio.TimerHandle | None] = [None]
+
+    def send_out() -> None:
+        retry[0] = None
+        for gateway, records in core.flush().items():
+            overflow[gateway].extend(records)
+        pending = False
+        for gateway, queue in enumerate(overflow):
+            ring = outbound[gateway]
+            while queue and ring.write(queue[0], publish=False):
+                queue.popleft()
+            ring.publish()
+            if queue:
+                pending = True
+                stats["ring_full"] += 1
+                _shed_pushes(queue, stats)
+        if pending and retry[0] is None:
+            # The gateway is behind: try again shortly (it frees space as it reads).
+            retry[0] = loop.call_later(0.001, send_out)
+
+    def on_batch(gateway: int, views: list[memoryview]) -> None:
+        now = time.monotonic()
+        for view in views:
+            core.handle(gateway, view, now)
+        stats["requests"] += len(views)
+        send_out()
+
+    readers = [RingReader(ring, functools.partial(on_batch, g)) for g, ring in enumerate(inbound)]
+    tasks = [loop.create_task(r.run()) for r in readers]
+
+    def sweep() -> None:
+        core.sweep(time.monotonic())
+        loop.call_later(SWEEP_INTERVAL, sweep)
+
+    sweep()
+    control.send(event="ready")
+    await _serve_commands(
+        control,
+        spec,
+        lambda: {
+            **stats,
+            "published": core.published,
+            "pushes": core.pushes,
+            "streams": core.streams,
+            "caches": core.caches,
+        },
+        on_command=lambda cmd: None,
+    )
+    for r in readers:
+        r.stop()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _shed_pushes(queue: deque[bytes], stats: dict[str, int]) -> None:
+    """Bound a gateway's overflow: drop live pushes (subscribers recover them by READ)."""
+    if len(queue) <= MAX_OVERFLOW_PUSHES:
+        return
+    kept = deque(r for r in queue if r[0] != Kind.PUSH)
+    stats["dropped_pushes"] += len(queue) - len(kept)
+    queue.clear()
+    queue.extend(kept)
+
+
+# --- gateway -----------------------------------------------------------------------------
+
+
+async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
+    config = spec.config
+    outbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.outbound]
+    inbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.inbound]
+    links = RingLinks(outbound, inbound)
+    gateway = Gateway(spec.index, links, config.limits, incarnation=spec.incarnation)
+    for shard in range(config.shards):
+        # Tell every shard this gateway (re)started: its old watches are void.
+        links.send(shard, ipc.encode(Kind.HELLO, 0, spec.index, b""))
+    quic = load_engine(config.engine)
+    certs = node_certificates(config.data_dir / "tls", cert=config.tls_cert, key=config.tls_key)
+    sock = socket.socket(fileno=spec.udp_fd)
+    sock.setblocking(False)
+    server = await serve_on_socket(
+        quic, sock, quic.server_configuration(certs), connection_class(gateway)
+    )
+    control.send(event="ready")
+
+    async def on_command(cmd: dict[str, Any]) -> None:
+        if cmd["cmd"] == "shard_down":
+            gateway.shard_down(cmd["shard"])
+        elif cmd["cmd"] == "shard_up":
+            gateway.shard_up(cmd["shard"])
+        elif cmd["cmd"] == "quiesce":
+            await gateway.quiesce(float(cmd.get("timeout", config.drain_grace / 2)))
+            control.send(event="quiesced")
+        elif cmd["cmd"] == "drain":
+            await gateway.drain(float(cmd.get("grace", config.drain_grace)))
+            server.close()
+            control.send(event="drained")
+
+    def stats() -> dict[str, int]:
+        return {
+            "connections": len(gateway.connections),
+            "requests": gateway.requests,
+            "protocol_errors": gateway.protocol_errors,
+            "overloaded": gateway.overloaded,
+            "slow_consumer_events": gateway.slow_consumer_events,
+            "delivered": gateway.delivered_records,
+        }
+
+    await _serve_commands(control, spec, stats, on_command=on_command)
+    server.close()
+    links.close()
+
+
+async def _serve_commands(
+    control: ControlChannel, spec: ChildSpec, stats: Any, on_command: Any
+) -> None:
+    loop = asyncio.get_running_loop()
+
+    def report() -> None:
+        control.send(event="stats", role=spec.role, index=spec.index, **stats())
+        handle[0] = loop.call_later(STATS_INTERVAL, report)
+
+    handle = [loop.call_later(STATS_INTERVAL, report)]
+    running: set[asyncio.Task[None]] = set()
+    try:
+        async for cmd in control.commands():
+            result = on_command(cmd)
+            if asyncio.iscoroutine(result):
+                task = loop.create_task(result)
+                running.add(task)
+                task.add_done_callback(running.discard)
+    finally:
+        handle[0].cancel()
+
+
+def main() -> None:
+    spec = ChildSpec.from_json(os.environ[SPEC_ENV])
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s {spec.role}-{spec.index} %(levelname)s %(message)s"
+    )
+    logging.getLogger("quic").setLevel(logging.ERROR)  # qh3 logs every normal close
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(f"felix {spec.role} {spec.index}")
+    except ImportError:  # pragma: no cover - a declared dependency
+        pass
+    # The supervisor drains us over the control socket. Ctrl-C in a terminal (and
+    # `timeout`, and some init systems) signal the whole process group: children
+    # ignore those signals and leave shutdown to the supervisor. If the supervisor
+    # dies, its socket closes and we exit.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    async def run() -> None:
+        control = ControlChannel(spec.control_fd)
+        await control.open()
+        if spec.role == "shard":
+            await run_shard(spec, control)
+        else:
+            await run_gateway(spec, control)
+
+    uvloop.run(run())
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""`felix up` as real processes: 2 gateways x 2 shards, faults, drain, health."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from felix import wire
+from tests.aio import run
+from tests.nodeproc import NodeProcess
+from tests.rawquic import RawPeer, raw_connect
+from tests.test_gateway import NS, T, events_on, ext, subscribe
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[NodeProcess]:
+    n = NodeProcess(tmp_path / "node")
+    yield n
+    n.stop()
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"felix-{n.info['pid']}-")]
+
+
+def test_health_endpoints_and_node_json(node: NodeProcess) -> None:
+    assert node.http("/livez") == (200, "ok\n")
+    assert node.http("/readyz") == (200, "ready\n")
+    assert set(node.info["processes"]) == {"gateway-0", "gateway-1", "shard-0", "shard-1"}
+    assert node.http("/nope")[0] == 404
+    time.sleep(1.2)  # children report every second
+    assert "felix_connections" in node.http("/metrics")[1]
+
+
+async def _connect(node: NodeProcess) -> tuple[RawPeer, int]:
+    peer = await raw_connect(node.host, node.port, node.ca_file)
+    return peer, await peer.auth()
+
+
+def test_ten_thousand_messages_in_order_to_16_subscribers_on_both_gateways(
+    node: NodeProcess,
+) -> None:
+    async def main() -> None:
+        subs = []
+        for _ in range(16):
+            peer, sid = await _connect(node)
+            subs.append((peer, await subscribe(peer, sid, 1, 1, credit=60000)))
+        pub, psid = await _connect(node)
+        n = 0
+        for batch in range(100):  # 100 acked batches of 100 = 10,000 messages
+            pub.send(
+                psid, wire.encode_publish(batch, T, NS, "s", [b"%d" % i for i in range(n, n + 100)])
+            )
+            n += 100
+            if batch % 10 == 9:
+                await pub.frames_on(psid, 1 + batch + 1, timeout=20)
+        await pub.frames_on(psid, 101, timeout=20)
+        for peer, stream in subs:
+            await peer.wait_for(lambda p=peer, s=stream: len(events_on(p, s)) >= 10_000, 60)
+            got = events_on(peer, stream)
+            assert [o for o, _ in got] == list(range(10_000))
+            assert [int(d) for _, d in got] == list(range(10_000))
+        # The subscribers' connections landed on both gateways (SO_REUSEPORT spread them).
+        await asyncio.sleep(1.2)
+        per_gateway = [
+            node.metric("felix_connections", role="gateway", index=str(g)) for g in (0, 1)
+        ]
+        assert all(c > 0 for c in per_gateway), per_gateway
+        for peer, _ in [*subs, (pub, 0)]:
+            peer.close()
+
+    run(main, timeout=100)
+
+
+def test_kill_9_shard_fails_fast_then_serves_again(node: NodeProcess) -> None:
+    async def main() -> None:
+        peer, sid = await _connect(node)
+        old = node.kill_child("shard-0")
+        node.wait_restarted("shard-0", old)
+        codes: list[int] = []
+        # Keys on every shard: each request either succeeds or fails with a retryable
+        # Unavailable; within a few seconds all succeed again.
+        deadline = time.monotonic() + 20
+        rid = 0
+        while time.monotonic() < deadline:
+            start = len(peer.frames[sid])
+            for k in range(20):
+                rid += 1
+                peer.send(sid, wire.encode_cache_set(rid, T, NS, "c", f"k{k}", b"v"))
+            frames = await peer.frames_on(sid, start + 20, timeout=10)
+            replies = [ext(f) for f in frames[start:]]
+            codes += [r.code for r in replies if isinstance(r, wire.ErrorReply)]
+            if all(isinstance(r, wire.CacheResult) and r.result for r in replies):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"shard never came back: {codes}")
+        assert set(codes) <= {6}, codes  # only Unavailable, never anything else
+        assert node.refresh()["restarts"]["shard-0"] == 1
+        peer.close()
+
+    run(main, timeout=60)
+
+
+def test_kill_9_gateway_other_connections_survive_and_new_ones_work(node: NodeProcess) -> None:
+    async def main() -> None:
+        peers = [await _connect(node) for _ in range(8)]
+        old = node.kill_child("gateway-0")
+        node.wait_restarted("gateway-0", old)
+        # Connections on the surviving gateway still answer; the others are gone.
+        alive = 0
+        for i, (peer, sid) in enumerate(peers):
+            peer.send(sid, wire.encode_cache_get(100 + i, T, NS, "c", "k"))
+        await asyncio.sleep(2)
+        for peer, sid in peers:
+            if len(peer.frames[sid]) >= 2:
+                alive += 1
+        assert alive >= 1
+        # New connections (landing on either gateway, the restarted one included) work.
+        for _ in range(6):
+            fresh, fsid = await _connect(node)
+            fresh.send(fsid, wire.encode_cache_get(1, T, NS, "c", "k"))
+            assert isinstance(ext((await fresh.frames_on(fsid, 2))[1]), wire.CacheValue)
+            fresh.close()
+        for peer, _ in peers:
+            peer.close()
+
+    run(main, timeout=60)
+
+
+def test_sigterm_drain_under_load_loses_no_acked_publish(node: NodeProcess) -> None:
+    async def main() -> tuple[set[int], list[int]]:
+        sub_peer, ssid = await _connect(node)
+        stream = await subscribe(sub_peer, ssid, 1, 1, credit=60000)
+        pub, psid = await _connect(node)
+        acked: set[int] = set()
+        stopped = False
+        rid = 0
+        while not stopped and pub.close_reason is None:
+            rid += 1
+            try:
+                pub.send(psid, wire.encode_publish(rid, T, NS, "s", [b"%d" % rid]))
+            except Exception:  # the engine already knows the node closed the connection
+                break
+            if rid == 200:
+                node.proc.send_signal(signal.SIGTERM)
+            if rid % 20 == 0:
+                try:
+                    await pub.wait_for(lambda: len(pub.frames[psid]) > rid - 5, timeout=2)
+                except TimeoutError:
+                    stopped = True
+            stopped = stopped or rid > 5000
+        for f in pub.frames[psid][1:]:
+            m = ext(f)
+            if isinstance(m, wire.PublishOffsets):
+                acked.add(m.request_id)
+        await sub_peer.wait_for(lambda: sub_peer.close_reason is not None, timeout=15)
+        delivered = [int(d) for _, d in events_on(sub_peer, stream)]
+        return acked, delivered
+
+    acked, delivered = run(main, timeout=60)
+    assert node.proc.wait(20) == 0
+    assert acked, "nothing was acked before the drain"
+    missing = acked - set(delivered)
+    assert not missing, f"{len(missing)} acked publishes never reached the subscriber"
+    assert delivered == sorted(delivered)

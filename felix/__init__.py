@@ -1,5 +1,17 @@
 """felix: pub/sub streams, work queues and a TTL cache over one QUIC connection."""
 
+from felix.client import (
+    Cache,
+    Client,
+    ClientEvent,
+    Disconnected,
+    Message,
+    PublishAck,
+    Reconnected,
+    SlowConsumer,
+    Subscription,
+    connect,
+)
 from felix.errors import (
     BadRequest,
     ConnectionLost,
@@ -20,17 +32,27 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BadRequest",
+    "Cache",
+    "Client",
+    "ClientEvent",
     "ConnectionLost",
     "CursorError",
+    "Disconnected",
     "FelixError",
     "FelixTimeoutError",
     "LocalProtocolError",
+    "Message",
     "NotFound",
     "Overloaded",
     "PermissionDenied",
+    "PublishAck",
+    "Reconnected",
     "RemoteProtocolError",
+    "SlowConsumer",
+    "Subscription",
     "TooLarge",
     "Unauthenticated",
     "Unavailable",
     "__version__",
+    "connect",
 ]

@@ -151,7 +151,7 @@ def test_sigterm_drain_under_load_loses_no_acked_publish(node: NodeProcess) -> N
                 node.proc.send_signal(signal.SIGTERM)
             if rid % 20 == 0:
                 try:
-                    await pub.wait_for(lambda: len(pub.frames[psid]) > rid - 5, timeout=2)
+                    await pub.wait_for(lambda r=rid: len(pub.frames[psid]) > r - 5, timeout=2)
                 except TimeoutError:
                     stopped = True
             stopped = stopped or rid > 5000

@@ -1,1 +1,38 @@
-"""The Python client: pooled QUIC connections to a felix node."""
+"""The Python client: pooled QUIC connections to a felix node.
+
+::
+
+    async with felix.connect("felix://127.0.0.1:5000", ca="node/ca-cert.pem") as client:
+        ack = await client.publish("orders", b"hello")
+        async with client.subscribe("orders", start="earliest") as sub:
+            async for msg in sub:
+                print(msg.offset, msg.data)
+        sessions = client.cache("sessions")
+        await sessions.set("user:1", b"...", ttl=30.0)
+
+See :func:`connect` for the options and ``docs/client.md``-style contracts in
+each class's docstring.
+"""
+
+from felix.client._backoff import Backoff
+from felix.client._cache import Cache
+from felix.client._client import Client, Connect, PublishAck, connect
+from felix.client._events import ClientEvent, Disconnected, EventFeed, Reconnected, SlowConsumer
+from felix.client._flow import Message
+from felix.client._subscription import Subscription
+
+__all__ = [
+    "Backoff",
+    "Cache",
+    "Client",
+    "ClientEvent",
+    "Connect",
+    "Disconnected",
+    "EventFeed",
+    "Message",
+    "PublishAck",
+    "Reconnected",
+    "SlowConsumer",
+    "Subscription",
+    "connect",
+]

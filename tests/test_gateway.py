@@ -230,3 +230,33 @@ def test_bad_request_errors_carry_ids_and_codes(tmp_path: Path) -> None:
             peer.close()
 
     run(main)
+
+
+@pytest.mark.parametrize("engine", ["aioquic"])
+def test_smoke_on_the_other_engine(tmp_path: Path, engine: str) -> None:
+    """Connect, cache, pub/sub and hostile input with the gateway and peers on aioquic."""
+
+    async def main() -> None:
+        async with LocalNode.start(tmp_path, engine=engine) as node:
+            peer = await raw_connect(node.host, node.port, node.ca_file, engine=engine)
+            sid = await peer.auth()
+            peer.send(sid, wire.encode_cache_set(1, T, NS, "c", "k", b"v", ttl_ms=60_000))
+            peer.send(sid, wire.encode_cache_get(2, T, NS, "c", "k"))
+            replies = {m.request_id: m for m in map(ext, (await peer.frames_on(sid, 3))[1:])}
+            assert replies[2].value == b"v"  # type: ignore[attr-defined]
+            stream = await subscribe(peer, sid, 3, 9, credit=100)
+            pub = await raw_connect(node.host, node.port, node.ca_file, engine=engine)
+            psid = await pub.auth()
+            pub.send(psid, wire.encode_publish(1, T, NS, "s", [b"a", b"b", b"c"]))
+            await peer.wait_for(lambda: len(events_on(peer, stream)) == 3)
+            assert events_on(peer, stream) == [(0, b"a"), (1, b"b"), (2, b"c")]
+            bad = await raw_connect(node.host, node.port, node.ca_file, engine=engine)
+            bsid = bad.new_stream()
+            bad.send(bsid, b"\x00" * 64)
+            await bad.wait_for(lambda: bsid in bad.ended)
+            peer.send(sid, wire.encode_ping(4))
+            assert ext((await peer.frames_on(sid, 5))[4]).opcode == wire.OP_OK
+            for p in (peer, pub, bad):
+                p.close()
+
+    run(main)

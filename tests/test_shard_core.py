@@ -7,6 +7,7 @@ from pathlib import Path
 from felix import ipc, wire
 from felix.errors import NotFound
 from felix.ipc import Kind
+from felix.shard.cache import CacheSettings
 from felix.shard.core import ShardCore, ShardSettings
 from felix.shard.offsets import OffsetReservations
 from felix.shard.stream_log import StreamSettings
@@ -147,3 +148,27 @@ def test_offsets_continue_above_the_reservation_after_restart(tmp_path: Path) ->
     assert ack.base_offset >= 2
     sub = request(second, wire.encode_subscribe(2, T, NS, "s", 1, start="earliest"))
     assert sub.start_offset == ack.base_offset
+
+
+def test_memory_budget_trims_the_largest_stream_and_bounds_caches() -> None:
+    c = core(
+        memory_budget=200_000,
+        cache_defaults=CacheSettings(budget_bytes=60_000, max_value_bytes=1000),
+    )
+    payload = b"x" * 1000
+    for i in range(100):
+        request(c, wire.encode_publish(i, T, NS, "big", [payload] * 5))
+        request(c, wire.encode_publish(i, T, NS, "small", [payload]))
+        assert c.memory_used <= 200_000
+    assert c.budget_trims > 0
+    big = c.stream_log(ipc.stream_key(T, NS, "big"))
+    small = c.stream_log(ipc.stream_key(T, NS, "small"))
+    assert big is not None and small is not None
+    assert big.earliest > 0 and big.next_offset == 500  # offsets keep counting
+    # Caches reserve their budget up front: three fit, a fourth is refused (Overloaded).
+    replies = [request(c, wire.encode_cache_set(i, T, NS, f"c{i}", "k", b"v")) for i in range(4)]
+    assert [type(r).__name__ for r in replies[:3]] == ["CacheResult"] * 3
+    assert isinstance(replies[3], wire.ErrorReply) and replies[3].code == 5
+    for i in range(50):
+        request(c, wire.encode_publish(i, T, NS, "big", [payload] * 5))
+        assert c.memory_used <= 200_000

@@ -167,6 +167,7 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
         stream_defaults=config.stream_defaults,
         cache_defaults=config.cache_defaults,
         auto_create=config.auto_create,
+        memory_budget=config.memory_budget // config.shards,
     )
     offsets = OffsetReservations(config.data_dir / f"shard-{spec.index}.offsets")
     core = ShardCore(settings, offsets)
@@ -224,6 +225,8 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
             "published": core.published,
             "pushes": core.pushes,
             "streams": core.streams,
+            "budget_trims": core.budget_trims,
+            "memory_used": core.memory_used,
             "caches": core.caches,
         },
         on_command=lambda cmd: None,

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from felix import ipc, wire
-from felix.errors import BadRequest, CursorError, FelixError, NotFound, ServerError
+from felix.errors import BadRequest, CursorError, FelixError, NotFound, Overloaded, ServerError
 from felix.ipc import Kind
 from felix.names import validate_name
 from felix.shard.cache import CachePartition, CacheSettings
@@ -51,6 +51,10 @@ class ShardSettings:
     auto_create: bool = True
     #: Most streams plus caches this shard holds.
     max_resources: int = 100_000
+    #: Bytes this shard may hold in replay rings and caches (its share of the node's
+    #: budget). Caches reserve their share when created; streams beyond the rest are
+    #: trimmed oldest-first, largest stream first.
+    memory_budget: int = 1 << 62
 
 
 class _Stream:
@@ -90,7 +94,10 @@ class ShardCore:
             # A barrier: the answer comes after everything sent before it (gateway drain).
             wire.OP_PING: lambda msg, now: wire.encode_ok(msg.request_id),
         }
+        self._cache_reserved = 0
+        self._stream_bytes = 0
         # Counters (exported as metrics by the worker).
+        self.budget_trims = 0
         self.requests = 0
         self.errors = 0
         self.malformed = 0
@@ -131,6 +138,9 @@ class ShardCore:
                 # ring: push what is left; watchers see the gap and apply their policy.
                 log_ = stream.log
                 base = max(stream.pending_base, log_.earliest)
+                if base >= log_.next_offset:
+                    stream.pending_count = 0
+                    continue
                 batch = log_.read(base, log_.next_offset - base, 1 << 62)
                 frame = wire.encode_events(
                     batch.first_offset, batch.payloads, headers=_headers_or_none(batch.headers)
@@ -207,8 +217,15 @@ class ShardCore:
             for kind, name in zip(("tenant", "namespace", "cache"), scope, strict=True):
                 validate_name(kind, name)
             self._check_room()
-            cache = CachePartition(self._partition_settings())
+            settings = self._partition_settings()
+            if self._cache_reserved + settings.budget_bytes > self.settings.memory_budget:
+                raise Overloaded(
+                    f"shard {self.settings.index}: the memory budget has no room for "
+                    f"another cache ({settings.budget_bytes} bytes)"
+                )
+            cache = CachePartition(settings)
             self._caches[scope] = cache
+            self._cache_reserved += settings.budget_bytes
         return cache
 
     def _partition_settings(self) -> CacheSettings:
@@ -291,8 +308,12 @@ class ShardCore:
             raise BadRequest("a publish needs at least one record")
         if self._offsets is not None:
             self._offsets.ensure(stream.key, stream.log.next_offset + len(msg.payloads))
+        before = stream.log.retained_bytes
         base, count = stream.log.append(msg.payloads, msg.headers)
+        self._stream_bytes += stream.log.retained_bytes - before
         self.published += count
+        if self._stream_bytes + self._cache_reserved > self.settings.memory_budget:
+            self._trim_streams()
         if stream.watchers:
             if not stream.pending_count:
                 stream.pending_base = base
@@ -301,6 +322,25 @@ class ShardCore:
         if msg.ack == wire.ACK_NONE:
             return wire.encode_ok(msg.request_id)
         return wire.encode_publish_offsets(msg.request_id, base, count)
+
+    def _trim_streams(self) -> None:
+        """Bring replay rings back under the budget, with slack so this stays rare."""
+        budget = self.settings.memory_budget - self._cache_reserved
+        excess = self._stream_bytes - budget + budget // 10
+        for stream in sorted(self._streams.values(), key=lambda s: -s.log.retained_bytes):
+            if excess <= 0:
+                break
+            before = stream.log.retained_bytes
+            stream.log.trim(excess)
+            freed = before - stream.log.retained_bytes
+            self._stream_bytes -= freed
+            excess -= freed
+        self.budget_trims += 1
+
+    @property
+    def memory_used(self) -> int:
+        """Accounted bytes in replay rings plus the budgets reserved by caches."""
+        return self._stream_bytes + self._cache_reserved
 
     def _subscribe(self, msg: wire.Subscribe) -> bytes:
         names = (msg.tenant_id, msg.namespace, msg.stream)

@@ -400,6 +400,20 @@ class StreamLog:
         self._count = count + n
         return base, n
 
+    def trim(self, nbytes: int) -> int:
+        """Evict the oldest records until ``nbytes`` accounted bytes are freed (or none are left).
+
+        For a memory budget shared by many streams; returns the records evicted.
+        Subscribers see the evicted range as they see any eviction (``too_old``).
+        """
+        if nbytes <= 0 or not self._count:
+            return 0
+        before = self._count
+        target = max(self.retained_bytes - nbytes, 0)
+        # _evict_for(0, x) evicts until retained + x <= max_bytes.
+        self._evict_for(0, self._max_bytes - target)
+        return before - self._count
+
     def _evict_for(self, n: int, nbytes: int) -> None:
         """Evict oldest records until ``n`` more records of ``nbytes`` fit in both bounds."""
         count = self._count

@@ -260,3 +260,117 @@ def test_smoke_on_the_other_engine(tmp_path: Path, engine: str) -> None:
                 p.close()
 
     run(main)
+
+
+def test_a_v1_only_peer_keeps_working(tmp_path: Path) -> None:
+    """JSON and binary v1 requests, answered in v1 form; v1 event batches."""
+
+    async def main() -> None:
+        async with LocalNode.start(tmp_path) as node:
+            old = await raw_connect(node.host, node.port, node.ca_file)
+            sid = await old.auth(flags=None)  # no client_flags: plain ok, v1 only
+            scope = {"tenant_id": T, "namespace": NS}
+            sub = old.new_stream()
+            old.send(sub, wire.encode_message({"type": "auth", "tenant_id": T, "token": ""}))
+            old.send(
+                sub,
+                wire.encode_message(
+                    {"type": "subscribe", **scope, "stream": "s", "start": "earliest"}
+                ),
+            )
+            await old.frames_on(sub, 2)
+            assert wire.decode_message(old.frames[sub][1])["type"] == "subscribed"
+            old.send(
+                sid,
+                wire.encode_message(
+                    {"type": "publish", **scope, "stream": "s", "payload": b"one", "request_id": 1}
+                ),
+            )
+            old.send(
+                sid,
+                wire.encode_publish_batch(
+                    T, NS, "s", [b"two", b"three"], request_id=2, ack="per_batch"
+                ),
+            )
+            old.send(sid, wire.encode_publish_batch(T, NS, "s", [b"four"]))  # no ack: no reply
+            old.send(
+                sid,
+                wire.encode_message(
+                    {
+                        "type": "cache_put",
+                        **scope,
+                        "cache": "c",
+                        "key": "k",
+                        "value": b"v",
+                        "request_id": 3,
+                        "ttl_ms": 60000,
+                    }
+                ),
+            )
+            old.send(
+                sid,
+                wire.encode_message(
+                    {"type": "cache_get", **scope, "cache": "c", "key": "k", "request_id": 4}
+                ),
+            )
+            frames = await old.frames_on(sid, 5)
+            assert wire.decode_message(frames[1]) == {"type": "publish_ok", "request_id": 1}
+            ack = wire.decode_publish_ack(frames[2])
+            assert (ack.request_id, ack.ok) == (2, True)
+            assert wire.decode_message(frames[3]) == {"type": "cache_ok", "request_id": 3}
+            assert wire.decode_message(frames[4]) == {
+                "type": "cache_value",
+                **scope,
+                "cache": "c",
+                "key": "k",
+                "value": b"v",
+                "request_id": 4,
+            }
+
+            # Events arrive as v1 shared batches on the broker-opened stream.
+            def payloads() -> list[bytes]:
+                out: list[bytes] = []
+                for stream_id, fs in old.frames.items():
+                    if stream_id % 4 == 3:
+                        assert wire.decode_message(fs[0])["type"] == "event_stream_hello"
+                        for f in fs[1:]:
+                            assert f.flags == wire.FLAG_BINARY_EVENT_BATCH_SHARED
+                            out += wire.decode_event_batch(f).payloads
+                return out
+
+            await old.wait_for(lambda: len(payloads()) == 4)
+            assert payloads() == [b"one", b"two", b"three", b"four"]
+            # A start the broker cannot serve gets the v1 cursor error.
+            old.send(
+                sub,
+                wire.encode_message(
+                    {"type": "subscribe", **scope, "stream": "s", "start": {"offset": 99}}
+                ),
+            )
+            reply = wire.decode_message((await old.frames_on(sub, 3))[2])
+            assert reply == {
+                "type": "subscribe_cursor_error",
+                "reason": "in_future",
+                "requested": 99,
+                "available": 4,
+            }
+            # Negotiated 0x0020: batches carry their base offset.
+            new = await raw_connect(node.host, node.port, node.ca_file)
+            nsid = await new.auth(flags=wire.FLAGS_V1)
+            new.send(
+                nsid,
+                wire.encode_message(
+                    {"type": "subscribe", **scope, "stream": "s", "start": {"offset": 2}}
+                ),
+            )
+            await new.wait_for(
+                lambda: any(sid % 4 == 3 and len(fs) > 1 for sid, fs in new.frames.items())
+            )
+            batch = next(
+                wire.decode_event_batch(fs[1]) for sid, fs in new.frames.items() if sid % 4 == 3
+            )
+            assert (batch.base_offset, batch.payloads) == (2, [b"three", b"four"])
+            old.close()
+            new.close()
+
+    run(main)

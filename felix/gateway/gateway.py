@@ -28,6 +28,7 @@ import logging
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from felix import ipc, wire
 from felix.errors import (
@@ -38,8 +39,10 @@ from felix.errors import (
     RemoteProtocolError,
     Unavailable,
 )
+from felix.gateway import v1
 from felix.gateway.links import ShardLinks
 from felix.gateway.subscription import (
+    MAX_CREDIT,
     READ_BYTES,
     READ_RECORDS,
     Subscription,
@@ -82,7 +85,7 @@ class _SessionState(enum.Enum):
 class _Pending:
     """A request forwarded to a shard, waiting for its reply."""
 
-    __slots__ = ("conn", "request_id", "session", "shard", "subscription")
+    __slots__ = ("conn", "request_id", "session", "shard", "subscription", "translate")
 
     def __init__(
         self,
@@ -91,12 +94,15 @@ class _Pending:
         request_id: int,
         shard: int,
         subscription: Subscription | None = None,
+        translate: v1.Translate | None = None,
     ) -> None:
         self.conn = conn
         self.session = session
         self.request_id = request_id
         self.shard = shard
         self.subscription = subscription
+        # For v1 peers: how to turn the shard's reply into the answer they expect.
+        self.translate = translate
 
 
 class Gateway:
@@ -203,7 +209,12 @@ class Gateway:
         sub = pending.subscription
         if sub is not None:
             self._on_subscribe_reply(sub, frame)
-        pending.session.send(frame)
+        if pending.translate is None:
+            pending.session.send(frame)
+        else:
+            answer = pending.translate(wire.decode_ext(wire.decode_frame(frame, extensions=True)))
+            if answer is not None:
+                pending.session.send(answer)
         self._settle(pending)
 
     def _on_subscribe_reply(self, sub: Subscription, frame: bytes) -> None:
@@ -227,11 +238,17 @@ class Gateway:
             return
         base, count = events_count(frame)
         end = base + count
+        v1_frames: dict[bool, bytes] = {}  # encode once per format, too
         for sub in subs:
             if sub.known_tail < end:
                 sub.known_tail = end
             if sub.can_take_shared(base):
-                sub.conn.send_events(sub, frame, base, count)
+                out = frame
+                if sub.v1_offsets is not None:
+                    out = v1_frames.get(sub.v1_offsets) or v1_frames.setdefault(
+                        sub.v1_offsets, v1.event_batch(frame, sub.v1_offsets)
+                    )
+                sub.conn.send_events(sub, out, base, count)
                 self.delivered_records += count
             elif sub.wants_read():
                 self._read(sub)
@@ -246,6 +263,8 @@ class Gateway:
         if op == wire.OP_EVENTS:
             base, count = events_count(frame)
             if count and base == sub.next_offset:
+                if sub.v1_offsets is not None:
+                    frame = v1.event_batch(frame, sub.v1_offsets)
                 sub.conn.send_events(sub, frame, base, count)
                 self.delivered_records += count
         elif op == wire.OP_CURSOR_ERROR:
@@ -487,10 +506,13 @@ class StreamSession:
                     self._auth(frame)
                 elif frame.flags == wire.FLAG_FELIX_EXT:
                     self._ext(frame)
+                elif frame.flags == wire.FLAG_JSON:
+                    self._v1(v1.from_json, wire.decode_message(frame))
+                elif frame.flags in (0x0001, 0x0009):
+                    self._v1(v1.from_binary, wire.decode_publish_batch(frame))
                 else:
                     raise RemoteProtocolError(
-                        f"frames with flags 0x{frame.flags:04x} are not served on this stream "
-                        "(v1 requests need the felix extension; see docs/wire-protocol.md)"
+                        f"a client does not send frames with flags 0x{frame.flags:04x}"
                     )
                 if self.closed:
                     return
@@ -586,6 +608,71 @@ class StreamSession:
         if subscription is not None and not sent:
             gateway.unsubscribe(subscription)  # could not be sent: forget it
 
+    def _v1(self, translate: Callable[[Any], v1.V1Request], msg: Any) -> None:
+        """A v1 request: translate it, forward it, answer in v1 form."""
+        gateway = self.conn.gateway
+        gateway.requests += 1
+        try:
+            req = translate(msg)
+            if gateway.draining:
+                raise Unavailable("node is draining; reconnect")
+            tenant, namespace, name = req.names
+            self._check_scope(tenant, namespace, "cache" if req.kind == "cache" else "stream", name)
+            if self.conn.in_flight >= gateway.limits.max_in_flight_per_connection:
+                gateway.overloaded += 1
+                raise Overloaded("too many requests in flight on this connection")
+        except FelixError as exc:
+            self.send(wire.encode_message({"type": "error", "message": str(exc)}))
+            return
+        if req.kind == "subscribe":
+            self._v1_subscribe(req)
+            return
+        token = gateway.token()
+        shard = gateway.shard_for(req.route_key)
+        pending = _Pending(self.conn, self, 0, shard, None, req.translate)
+        gateway.forward(pending, token, ipc.encode(Kind.REQUEST, token, 0, req.frame))
+
+    def _v1_subscribe(self, req: v1.V1Request) -> None:
+        conn = self.conn
+        gateway = conn.gateway
+        sub_id = req.subscription_id
+        if sub_id is None:
+            conn.next_v1_subscription += 1
+            sub_id = conn.next_v1_subscription
+        try:
+            if sub_id in conn.subscriptions:
+                raise BadRequest(f"subscription {sub_id} already exists")
+            if len(conn.subscriptions) >= gateway.limits.max_subscriptions_per_connection:
+                raise Overloaded("too many subscriptions on this connection")
+            frame = wire.encode_subscribe(
+                0,
+                *req.names,
+                sub_id,
+                start=req.start,  # type: ignore[arg-type]
+                credit=0,
+            )
+        except FelixError as exc:
+            self.send(wire.encode_message({"type": "error", "message": str(exc)}))
+            return
+        key = ipc.stream_key(*req.names)
+        sub = Subscription(
+            conn,
+            sub_id,
+            key,
+            gateway.shard_for(key),
+            gateway.token(),
+            0,
+            gateway.limits.slow_subscriber_policy,
+        )
+        # v1 has no credit: the QUIC send buffer bound alone paces the subscriber.
+        sub.v1_offsets = bool(self.flags & wire.FLAG_EVENT_BATCH_OFFSETS)
+        sub.credit = MAX_CREDIT
+        conn.subscriptions[sub_id] = sub
+        gateway.add_subscription(sub)
+        pending = _Pending(conn, self, 0, sub.shard, sub, req.translate)
+        if not gateway.forward(pending, sub.token, ipc.encode(Kind.REQUEST, sub.token, 0, frame)):
+            gateway.unsubscribe(sub)
+
     def _check_scope(self, tenant: str, namespace: str, kind: str, name: str) -> None:
         if tenant != self.tenant:
             raise PermissionDenied(f"this session belongs to tenant {self.tenant!r}")
@@ -626,6 +713,8 @@ class GatewayConnection(FelixQuicProtocol):
         self.sessions: dict[int, StreamSession] = {}
         self.subscriptions: dict[int, Subscription] = {}
         self.in_flight = 0
+        # v1 subscribers may let the broker pick ids: above any id a client would pick.
+        self.next_v1_subscription = 1 << 48
         self.gateway.connections.add(self)
 
     # -- QUIC hooks ------------------------------------------------------------------

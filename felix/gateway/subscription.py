@@ -56,6 +56,7 @@ class Subscription:
         "state",
         "sub_id",
         "token",
+        "v1_offsets",
     )
 
     def __init__(
@@ -81,6 +82,8 @@ class Subscription:
         self.known_tail = 0
         self.reading = False
         self.dropped = 0
+        #: None for felix clients; for v1 peers, whether their batches carry offsets.
+        self.v1_offsets: bool | None = None
 
     # -- decisions (no I/O: the gateway carries them out) ------------------------------
 
@@ -97,7 +100,8 @@ class Subscription:
     def delivered(self, base: int, count: int) -> None:
         self.next_offset = base + count
         self.known_tail = max(self.known_tail, self.next_offset)
-        self.credit -= count
+        if self.v1_offsets is None:  # v1 peers have no credit to spend
+            self.credit -= count
 
     def wants_read(self) -> bool:
         """Behind the known tail, with room to take more, and no READ in flight."""

@@ -19,6 +19,7 @@ repeated ``--repeats`` times and printed as the median with the spread
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import asyncio
 import json
 import os
@@ -37,7 +38,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import felix  # noqa: E402
+import felix
 
 PAYLOAD = 64
 REDIS_URL = "redis://127.0.0.1:6379"
@@ -251,7 +252,7 @@ def fmt(results: list[Result]) -> str:
 async def run_all(args: argparse.Namespace) -> None:
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
-        f"python {platform.python_version()}, uvloop {uvloop.__version__}"
+        f"python {platform.python_version()}, uvloop {importlib.metadata.version('uvloop')}"
     )
     print(
         f"{PAYLOAD}-byte payloads; {args.n} operations per run; median (min..max) of "
@@ -271,15 +272,21 @@ async def run_all(args: argparse.Namespace) -> None:
         node = FelixNode(gateways, shards)
         try:
             rows = [
-                (f"felix {topology} cache get, 1 in flight", lambda: felix_cache(node, args.n, 1)),
+                (
+                    f"felix {topology} cache get, 1 in flight",
+                    lambda node=node: felix_cache(node, args.n, 1),
+                ),
                 (
                     f"felix {topology} cache get, 32 in flight",
-                    lambda: felix_cache(node, args.n * 4, 32),
+                    lambda node=node: felix_cache(node, args.n * 4, 32),
                 ),
-                (f"felix {topology} pub->sub, fanout 1", lambda: felix_fanout(node, args.n, 1)),
+                (
+                    f"felix {topology} pub->sub, fanout 1",
+                    lambda node=node: felix_fanout(node, args.n, 1),
+                ),
                 (
                     f"felix {topology} pub->sub, fanout 16",
-                    lambda: felix_fanout(node, args.n // 4, 16),
+                    lambda node=node: felix_fanout(node, args.n // 4, 16),
                 ),
             ]
             await _print_rows(rows, args.repeats)

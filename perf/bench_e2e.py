@@ -19,8 +19,9 @@ repeated ``--repeats`` times and printed as the median with the spread
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import asyncio
+import functools
+import importlib.metadata
 import json
 import os
 import platform
@@ -274,19 +275,19 @@ async def run_all(args: argparse.Namespace) -> None:
             rows = [
                 (
                     f"felix {topology} cache get, 1 in flight",
-                    lambda node=node: felix_cache(node, args.n, 1),
+                    functools.partial(felix_cache, node, args.n, 1),
                 ),
                 (
                     f"felix {topology} cache get, 32 in flight",
-                    lambda node=node: felix_cache(node, args.n * 4, 32),
+                    functools.partial(felix_cache, node, args.n * 4, 32),
                 ),
                 (
                     f"felix {topology} pub->sub, fanout 1",
-                    lambda node=node: felix_fanout(node, args.n, 1),
+                    functools.partial(felix_fanout, node, args.n, 1),
                 ),
                 (
                     f"felix {topology} pub->sub, fanout 16",
-                    lambda node=node: felix_fanout(node, args.n // 4, 16),
+                    functools.partial(felix_fanout, node, args.n // 4, 16),
                 ),
             ]
             await _print_rows(rows, args.repeats)

@@ -10,13 +10,13 @@
         sessions = client.cache("sessions")
         await sessions.set("user:1", b"...", ttl=30.0)
 
-See :func:`connect` for the options and ``docs/client.md``-style contracts in
-each class's docstring.
+See :func:`connect` for the options; each class's docstring states its contract.
 """
 
 from felix.client._backoff import Backoff
 from felix.client._cache import Cache
-from felix.client._client import Client, Connect, PublishAck, connect
+from felix.client._client import Client, PublishAck
+from felix.client._connect import Connect, connect
 from felix.client._events import ClientEvent, Disconnected, EventFeed, Reconnected, SlowConsumer
 from felix.client._flow import Message
 from felix.client._subscription import Subscription

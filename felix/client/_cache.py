@@ -1,0 +1,107 @@
+"""The TTL cache API: ``client.cache(name)``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from felix import wire
+from felix.client._convert import resolve_name, ttl_from_wire, ttl_to_ms
+from felix.errors import BadRequest, ConfigError
+
+if TYPE_CHECKING:
+    from felix.client._client import BytesLike, Client
+
+__all__ = ["Cache"]
+
+
+def _check_key(key: str) -> str:
+    # The broker validates keys too (length limits are its configuration); this
+    # only catches what is certainly wrong before a round trip.
+    if not isinstance(key, str) or not key:
+        raise BadRequest(f"invalid cache key {key!r}: must be a non-empty string")
+    return key
+
+
+class Cache:
+    """A named cache of the client's tenant; create it with ``client.cache(name)``.
+
+    Keys are non-empty strings, values bytes-like, times seconds (float).
+    Every method raises the broker's error (``NotFound``, ``PermissionDenied``,
+    ``TooLarge``, ``Overloaded``, ...), ``FelixTimeoutError`` after the client's
+    request timeout and ``ConnectionLost`` if the connection drops first.
+    ``get`` and ``ttl`` are read-only, so a call whose connection drops is
+    retried once on another (or the re-established) connection; ``set`` and
+    ``delete`` are never resent (ConnectionLost means: may or may not have
+    happened).
+    """
+
+    def __init__(self, client: Client, name: str) -> None:
+        self._client = client
+        #: The cache name as given to ``client.cache()``.
+        self.name = name
+        self._namespace, self._cache = resolve_name("cache", name, client.namespace)
+
+    def __repr__(self) -> str:
+        return f"<Cache {self._namespace}/{self._cache}>"
+
+    async def get(self, key: str) -> bytes | None:
+        """The value stored under ``key``, or None if it is missing or expired."""
+        _check_key(key)
+        t, ns, c = self._client.tenant, self._namespace, self._cache
+        reply: wire.CacheValue = await self._client._request(
+            lambda rid: wire.encode_cache_get(rid, t, ns, c, key),
+            wire.OP_CACHE_VALUE,
+            idempotent=True,
+        )
+        return reply.value
+
+    async def set(
+        self,
+        key: str,
+        value: BytesLike,
+        *,
+        ttl: float | None = None,
+        nx: bool = False,
+        xx: bool = False,
+    ) -> bool:
+        """Store ``value`` under ``key``; True if it was stored.
+
+        ``ttl``: seconds until the key expires (rounded up to whole
+        milliseconds, so never earlier than asked); None or ``math.inf``: no
+        expiry. ``nx``: store only if the key is absent; ``xx``: only if it is
+        present (a False result means the condition failed). Setting a key
+        replaces its TTL. Raises ConfigError for ``nx`` and ``xx`` together or
+        a TTL that is not positive.
+        """
+        _check_key(key)
+        if nx and xx:
+            raise ConfigError("nx and xx exclude each other")
+        mode = wire.SET_IF_ABSENT if nx else wire.SET_IF_PRESENT if xx else wire.SET_ALWAYS
+        ttl_ms = ttl_to_ms(ttl)
+        t, ns, c = self._client.tenant, self._namespace, self._cache
+        reply: wire.CacheResult = await self._client._request(
+            lambda rid: wire.encode_cache_set(rid, t, ns, c, key, value, ttl_ms=ttl_ms, mode=mode),
+            wire.OP_CACHE_STORED,
+        )
+        return reply.result
+
+    async def delete(self, key: str) -> bool:
+        """Remove ``key``; True if it existed (and had not expired)."""
+        _check_key(key)
+        t, ns, c = self._client.tenant, self._namespace, self._cache
+        reply: wire.CacheResult = await self._client._request(
+            lambda rid: wire.encode_cache_delete(rid, t, ns, c, key),
+            wire.OP_CACHE_DELETED,
+        )
+        return reply.result
+
+    async def ttl(self, key: str) -> float | None:
+        """Seconds until ``key`` expires; ``math.inf`` if it never does; None if it is missing."""
+        _check_key(key)
+        t, ns, c = self._client.tenant, self._namespace, self._cache
+        reply: wire.CacheTtlReply = await self._client._request(
+            lambda rid: wire.encode_cache_ttl(rid, t, ns, c, key),
+            wire.OP_CACHE_TTL_REPLY,
+            idempotent=True,
+        )
+        return ttl_from_wire(reply.state, reply.ttl_ms)

@@ -1,0 +1,445 @@
+"""The client: the API, bounded calls and their timeouts, on top of the pool.
+
+How it works: a call waits for an in-flight slot (``max_in_flight``: at the
+bound callers wait, they do not fail), then, within ``request_timeout``, for a
+live pooled connection and for its reply. When the connection is lost under a
+call it fails with ConnectionLost; only calls that change nothing (``get``,
+``ttl``, ``ping``, SUBSCRIBE) are retried, once, on the next live connection.
+Connections, reconnects and keepalives are the pool's (``_pool``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeAlias
+
+from felix import wire
+from felix.client._backoff import Backoff
+from felix.client._cache import Cache
+from felix.client._connection import Connection, expect_reply
+from felix.client._convert import Endpoint, StartSpec, resolve_name, start_spec
+from felix.client._events import ClientEvent, EventFeed, EventHub, EventListener
+from felix.client._pool import Pool, PoolSettings
+from felix.client._subscription import Subscription
+from felix.client._tls import client_configuration
+from felix.errors import (
+    ConfigError,
+    ConnectionLost,
+    FelixError,
+    FelixTimeoutError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
+from felix.names import validate_name
+from felix.quic import QuicEngine, load_engine
+
+__all__ = ["BytesLike", "Client", "PublishAck", "TokenProvider"]
+
+BytesLike: TypeAlias = bytes | bytearray | memoryview
+TokenProvider: TypeAlias = Callable[[], str] | Callable[[], Awaitable[str]]
+
+#: Seconds ``close()`` waits for connections to finish closing before it returns.
+CLOSE_WAIT = 1.0
+#: Default credit window of a subscription, in records.
+DEFAULT_CREDIT = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PublishAck:
+    """The broker stored a published record at ``offset`` of ``stream``."""
+
+    #: The stream name as given to ``publish()``.
+    stream: str
+    offset: int
+
+
+def _headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
+    if not headers:
+        return None
+    out = dict(headers)
+    for name, value in out.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ConfigError(f"header names and values must be strings: {name!r}: {value!r}")
+    return out
+
+
+class Client:
+    """A connected felix client. Get one from :func:`connect`; see its arguments there."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        tenant: str,
+        namespace: str,
+        token: str | None,
+        token_provider: TokenProvider | None,
+        ca: str | os.PathLike[str] | None,
+        pool_size: int,
+        control_streams: int,
+        max_in_flight: int,
+        connect_timeout: float,
+        request_timeout: float,
+        keepalive: float,
+        reconnect_backoff: tuple[float, float],
+        engine: QuicEngine | str | None,
+        on_event: EventListener | None,
+        random_source: Callable[[], float],
+    ) -> None:
+        if token is not None and token_provider is not None:
+            raise ConfigError("pass token or token_provider, not both")
+        for name, value in (
+            ("pool_size", pool_size),
+            ("control_streams", control_streams),
+            ("max_in_flight", max_in_flight),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        for name, seconds in (
+            ("connect_timeout", connect_timeout),
+            ("request_timeout", request_timeout),
+            ("keepalive", keepalive),
+        ):
+            if not seconds > 0:
+                raise ConfigError(f"{name} must be positive seconds, got {seconds!r}")
+        self.endpoint = endpoint
+        #: The tenant every request names (the broker checks it against the token).
+        self.tenant = validate_name("tenant", tenant)
+        #: The namespace relative names resolve in.
+        self.namespace = validate_name("namespace", namespace)
+        self.request_timeout = request_timeout
+        self.connect_timeout = connect_timeout
+        self._token = token
+        self._token_provider = token_provider
+        self._engine = engine if isinstance(engine, QuicEngine) else load_engine(engine)
+        try:
+            Backoff(base=reconnect_backoff[0], cap=reconnect_backoff[1])  # validate the pair now
+        except ValueError as exc:
+            raise ConfigError(f"reconnect_backoff: {exc}") from None
+        self._hub = EventHub()
+        if on_event is not None:
+            self._hub.add_listener(on_event)
+        self._pool = Pool(
+            PoolSettings(
+                engine=self._engine,
+                endpoint=endpoint,
+                configuration=client_configuration(self._engine, ca, endpoint.host),
+                tenant=self.tenant,
+                token=self._get_token,
+                size=pool_size,
+                control_streams=control_streams,
+                connect_timeout=connect_timeout,
+                ping_timeout=request_timeout,
+                keepalive=keepalive,
+                backoff_base=reconnect_backoff[0],
+                backoff_cap=reconnect_backoff[1],
+                random=random_source,
+            ),
+            self._hub.emit,
+        )
+        self._inflight = asyncio.Semaphore(max_in_flight)
+        self._active = 0  # calls in progress, for drain()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
+        self._closed = False
+        self._close_done = asyncio.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        # On failure, close() also closes the pooled connections that did open.
+        try:
+            await self._pool.start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _get_token(self) -> str:
+        if self._token_provider is None:
+            return self._token or ""
+        token = self._token_provider()
+        if inspect.isawaitable(token):
+            token = await token
+        if not isinstance(token, str):
+            raise ConfigError(f"token_provider returned {type(token).__name__}, not str")
+        return token
+
+    async def close(self) -> None:
+        """Close every connection and end every subscription. Idempotent, bounded (about 1 s).
+
+        Calls still in flight fail with ConnectionLost; ``ack=False`` publishes
+        not yet sent are lost (use :meth:`drain` to deliver them first).
+        """
+        if self._closed:
+            await self._close_done.wait()
+            return
+        self._closed = True
+        await self._pool.close(CLOSE_WAIT)
+        self._hub.close()
+        self._close_done.set()
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Deliver what was sent, then :meth:`close`.
+
+        New calls fail with ConnectionLost from now on. Waits for calls in
+        flight, sends queued ``ack=False`` publishes, then waits until the
+        broker has read everything sent on each control stream (a PING behind
+        it is answered), all within ``timeout`` seconds. Closes in any case;
+        raises FelixTimeoutError or ConnectionLost if delivery could not be
+        confirmed.
+        """
+        if self._closed:
+            return
+        self._draining = True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+                conns = self._pool.live()
+                for conn in conns:
+                    conn.flush_publishes()
+                await asyncio.gather(*(self._ping_all_streams(conn) for conn in conns))
+        except TimeoutError as exc:
+            if isinstance(exc, FelixError):
+                raise
+            raise FelixTimeoutError(f"drain did not finish within {timeout} s") from None
+        finally:
+            await self.close()
+
+    async def _ping_all_streams(self, conn: Connection) -> None:
+        await asyncio.gather(*(conn.call(wire.encode_ping, stream_id=sid) for sid in conn._ready))
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` (or :meth:`drain`) has started."""
+        return self._closed
+
+    @property
+    def connected(self) -> int:
+        """How many pooled connections are live right now."""
+        return self._pool.connected
+
+    def __repr__(self) -> str:
+        size = self._pool.settings.size
+        state = "closed" if self._closed else f"{self.connected}/{size} connected"
+        return f"<felix.Client {self.endpoint} tenant={self.tenant} {state}>"
+
+    # -- events --------------------------------------------------------------------------
+
+    def events(self) -> EventFeed:
+        """An async iterator over connection events (Disconnected, Reconnected, SlowConsumer)
+        from now on; it ends when the client closes."""
+        return self._hub.feed()
+
+    def add_listener(self, listener: EventListener) -> None:
+        """Call ``listener(event)`` for every event (a coroutine function is run as a task)."""
+        self._hub.add_listener(listener)
+
+    def remove_listener(self, listener: EventListener) -> None:
+        self._hub.remove_listener(listener)
+
+    def _emit(self, event: ClientEvent) -> None:
+        self._hub.emit(event)
+
+    # -- API -----------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        stream: str,
+        data: BytesLike,
+        *,
+        headers: Mapping[str, str] | None = None,
+        ack: bool = True,
+    ) -> PublishAck | None:
+        """Append ``data`` to ``stream``; return its offset once the broker stored it.
+
+        With ``ack=False`` return None as soon as the record is queued: records
+        queued in the same loop iteration leave together in one frame; delivery
+        is not confirmed (failures are only logged by the broker) and a lost
+        connection loses what was not yet sent. The call waits while over 1 MiB
+        is waiting to be sent. Raises the broker's error, FelixTimeoutError,
+        ConnectionLost (never resent: the record may or may not be stored).
+        """
+        ns, name = resolve_name("stream", stream, self.namespace)
+        hdrs = _headers(headers)
+        if not ack:
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise LocalProtocolError(f"payload must be bytes-like, not {type(data).__name__}")
+            # A copy: the record waits in a batch, and the caller may reuse its buffer.
+            await self._publish_nowait(ns, name, bytes(data), hdrs)
+            return None
+        t = self.tenant
+        reply: wire.PublishOffsets = await self._request(
+            lambda rid: wire.encode_publish(
+                rid, t, ns, name, [data], headers=[hdrs] if hdrs else None
+            ),
+            wire.OP_PUBLISH_OFFSETS,
+            key=(ns, name),
+        )
+        if reply.count != 1:
+            raise RemoteProtocolError(f"PUBLISH_OFFSETS for {reply.count} records, 1 was sent")
+        return PublishAck(stream, reply.base_offset)
+
+    async def publish_batch(
+        self,
+        stream: str,
+        items: Sequence[BytesLike],
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> list[PublishAck]:
+        """Append ``items`` to ``stream`` in one frame; their acks, in order.
+
+        The records get consecutive offsets. ``headers`` applies to every item.
+        Errors as for :meth:`publish`; the batch is stored whole or not at all.
+        """
+        ns, name = resolve_name("stream", stream, self.namespace)
+        if not items:
+            return []
+        hdrs = _headers(headers)
+        t = self.tenant
+        reply: wire.PublishOffsets = await self._request(
+            lambda rid: wire.encode_publish(
+                rid, t, ns, name, items, headers=[hdrs] * len(items) if hdrs else None
+            ),
+            wire.OP_PUBLISH_OFFSETS,
+            key=(ns, name),
+        )
+        if reply.count != len(items):
+            raise RemoteProtocolError(
+                f"PUBLISH_OFFSETS for {reply.count} records, {len(items)} were sent"
+            )
+        return [PublishAck(stream, reply.base_offset + i) for i in range(len(items))]
+
+    def subscribe(
+        self, stream: str, *, start: StartSpec = "latest", credit: int = DEFAULT_CREDIT
+    ) -> Subscription:
+        """A subscription to ``stream``; use ``async with`` (see :class:`Subscription`).
+
+        ``start``: ``"latest"`` (records published from now on), ``"earliest"``
+        (the oldest retained) or an offset. ``credit``: records the broker may
+        send ahead of the application (the local queue's bound); at least 2,
+        topped up whenever half is consumed.
+        """
+        ns, name = resolve_name("stream", stream, self.namespace)
+        if not isinstance(credit, int) or not 2 <= credit <= 2**32 - 1:
+            raise ConfigError(f"credit must be an int within 2..2**32-1, got {credit!r}")
+        return Subscription(self, stream, ns, name, start_spec(start), credit)
+
+    def cache(self, name: str) -> Cache:
+        """The cache ``name`` (``"ns/name"`` for another namespace); no round trip."""
+        return Cache(self, name)
+
+    async def ping(self) -> float:
+        """Round-trip time of a PING through the broker, in seconds."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await self._request(wire.encode_ping, wire.OP_OK, idempotent=True)
+        return loop.time() - began
+
+    # -- calls ---------------------------------------------------------------------------
+
+    async def _request(
+        self,
+        build: Callable[[int], bytes],
+        opcode: int,
+        *,
+        key: object | None = None,
+        idempotent: bool = False,
+    ) -> Any:
+        """Send ``build(request_id)`` and return the reply with ``opcode`` (else raise).
+
+        ``idempotent``: retry once if the connection is lost under the call.
+        """
+        self._check_usable()
+        async with self._call_scope(), self._inflight:
+            reply = await self._with_timeout(self._call_on_pool(build, key, idempotent))
+        return expect_reply(reply, opcode)
+
+    async def _call_on_pool(
+        self, build: Callable[[int], bytes], key: object | None, idempotent: bool
+    ) -> wire.ExtMessage:
+        while True:
+            conn = await self._pool.connection(key)
+            try:
+                return await conn.call(build, key=key)
+            except ConnectionLost:
+                if not idempotent or self._closed:
+                    raise
+                idempotent = False  # once
+
+    async def _publish_nowait(
+        self, namespace: str, stream: str, payload: bytes, headers: dict[str, str] | None
+    ) -> None:
+        self._check_usable()
+        key = (namespace, stream)
+
+        async def queue() -> None:
+            conn = await self._pool.connection(key)
+            await conn.wait_writable(key)
+            conn.publish_nowait(namespace, stream, payload, headers)
+
+        async with self._call_scope():
+            await self._with_timeout(queue())
+
+    async def _start_subscription(self, sub: Subscription) -> None:
+        self._check_usable()
+
+        async def subscribe() -> None:
+            for attempt in (1, 2):  # SUBSCRIBE changes nothing until it succeeds: retry once
+                conn = await self._pool.connection()
+                self._pool.attach(sub, conn)
+                try:
+                    await sub._subscribe_on(conn, sub._start)
+                    return
+                except BaseException as exc:
+                    self._pool.detach(sub)
+                    if not isinstance(exc, ConnectionLost) or attempt == 2 or self._closed:
+                        raise
+
+        async with self._call_scope(), self._inflight:
+            await self._with_timeout(subscribe())
+
+    def _forget_subscription(self, sub: Subscription) -> None:
+        self._pool.detach(sub)
+
+    async def _with_timeout(self, awaitable: Awaitable[Any]) -> Any:
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                return await awaitable
+        except TimeoutError as exc:
+            if isinstance(exc, FelixError):
+                raise
+            raise FelixTimeoutError(f"no reply within {self.request_timeout} s") from None
+
+    @contextlib.asynccontextmanager
+    async def _call_scope(self) -> Any:
+        # Counts calls in progress so drain() can wait for them.
+        self._active += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    def _check_usable(self) -> None:
+        if self._closed or self._draining:
+            raise ConnectionLost("the client is closed")

@@ -1,0 +1,505 @@
+"""One QUIC connection of the client pool: control streams, event streams, requests.
+
+How it works: :class:`ClientProtocol` is the engine shell (felix.quic); it hands
+every stream's bytes to its :class:`Connection`, which feeds them to the sans-IO
+state in ``_session`` and acts on the events: a reply completes the future
+registered under its request id, an event stream's notices go to the
+subscription registered under its subscription id. Everything sent goes
+through ``FelixQuicProtocol.send_stream_data``, which transmits once per loop
+tick, so concurrent calls share datagrams.
+
+When the connection ends (either side, idle timeout, or a broken control
+stream) every outstanding call fails with ``ConnectionLost`` and the owner's
+``on_lost`` callback runs once; the pool reconnects. Nothing is resent here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from felix import wire
+from felix.client._convert import Endpoint
+from felix.client._session import (
+    Authenticated,
+    ControlStream,
+    EventHello,
+    EventStream,
+    Notice,
+    Reply,
+    RequestTable,
+    StreamClosed,
+)
+from felix.errors import (
+    ConnectionLost,
+    CursorError,
+    FelixError,
+    FelixTimeoutError,
+    RemoteProtocolError,
+    Unavailable,
+    error_for_code,
+)
+from felix.quic import CLOSE_INTERNAL_ERROR, FelixQuicProtocol, QuicConfiguration, QuicEngine
+from felix.quic import connect as quic_connect
+
+__all__ = ["ClientProtocol", "Connection", "SubscriptionSink", "expect_reply"]
+
+log = logging.getLogger("felix.client")
+
+#: Application close code when this client gives up on a connection it found broken.
+CLOSE_PROTOCOL_ERROR = 0x2
+#: Fire-and-forget publishes wait while a control stream has this much unsent data...
+SEND_HIGH_WATER = 1024 * 1024
+#: ...until it is back under this.
+SEND_LOW_WATER = 256 * 1024
+#: Client-side batching of ``ack=False`` publishes: records and payload bytes per frame.
+BATCH_MAX_RECORDS = 512
+BATCH_MAX_BYTES = 256 * 1024
+
+
+class SubscriptionSink(Protocol):
+    """What a connection delivers a subscription's event stream to."""
+
+    def _on_events(self, message: wire.Events) -> None: ...
+    def _on_slow_consumer(self, first_dropped: int, dropped: int) -> None: ...
+    def _on_end(self, error: FelixError | None) -> None: ...
+
+
+def expect_reply(reply: wire.ExtMessage, opcode: int) -> Any:
+    """``reply`` if its opcode is ``opcode``; else raise what it reports.
+
+    ERROR becomes its ``felix.errors`` class, CURSOR_ERROR a CursorError,
+    REDIRECT an Unavailable (multi-node redirects are not followed yet), and
+    any other opcode a RemoteProtocolError.
+    """
+    got = reply.opcode
+    if got == opcode:
+        return reply
+    if isinstance(reply, wire.ErrorReply) and got == wire.OP_ERROR:
+        raise error_for_code(reply.code, reply.message)
+    if isinstance(reply, wire.CursorErrorReply):
+        raise CursorError(reply.reason, reply.requested, reply.available)
+    if isinstance(reply, wire.Redirect):
+        raise Unavailable(
+            f"redirected to {reply.owner} (shard {reply.shard}, epoch {reply.epoch}); "
+            "this client does not follow redirects yet"
+        )
+    raise RemoteProtocolError(f"reply opcode 0x{got:02x} where 0x{opcode:02x} was expected")
+
+
+class ClientProtocol(FelixQuicProtocol):
+    """The engine shell: forwards stream events to its :class:`Connection`."""
+
+    def __init__(self, quic: Any, stream_handler: Any = None) -> None:
+        super().__init__(quic, stream_handler)
+        self.connection: Connection | None = None
+
+    def _on_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        if self.connection is not None:
+            self.connection._on_stream_data(stream_id, data, end_stream)
+
+    def _on_stream_reset(self, stream_id: int, error_code: int) -> None:
+        if self.connection is not None:
+            self.connection._on_stream_reset(stream_id, error_code)
+
+    def _on_connection_terminated(
+        self, error_code: int, frame_type: int | None, reason_phrase: str
+    ) -> None:
+        if self.connection is not None:
+            self.connection._on_terminated(error_code, reason_phrase)
+
+    def transmit(self) -> None:
+        super().transmit()
+        # After each transmit (every received ACK leads here): wake publishers
+        # waiting for their stream's send buffer to drain.
+        if self.connection is not None and self.connection._send_waiters:
+            self.connection._wake_writers()
+
+
+@dataclass(slots=True)
+class _Batch:
+    payloads: list[bytes] = field(default_factory=list)
+    headers: list[dict[str, str] | None] = field(default_factory=list)
+    size: int = 0
+    has_headers: bool = False
+
+
+class Connection:
+    """A connected, authenticated QUIC connection with ``len(control_streams)`` control streams.
+
+    Create with :meth:`open`. ``on_lost(error)`` is called once when it ends
+    (not when :meth:`close` was called first).
+    """
+
+    def __init__(self, protocol: ClientProtocol, endpoint: Endpoint, tenant: str) -> None:
+        self.protocol = protocol
+        self.endpoint = endpoint
+        self.tenant = tenant
+        self.on_lost: Callable[[FelixError], None] | None = None
+        #: Set once the connection has ended: what outstanding and later calls fail with.
+        self.lost: FelixError | None = None
+        self.requests: RequestTable[asyncio.Future[wire.ExtMessage]] = RequestTable()
+        self.subscriptions: dict[int, SubscriptionSink] = {}
+        self._loop = asyncio.get_running_loop()
+        self._controls: dict[int, ControlStream] = {}
+        self._ready: list[int] = []  # authenticated control stream ids, in opening order
+        self._auth_waiters: dict[int, asyncio.Future[None]] = {}
+        self._event_streams: dict[int, EventStream] = {}
+        self._next_stream = 0
+        self._send_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._batches: dict[tuple[str, str], _Batch] = {}
+        self._flush_handle: asyncio.Handle | None = None
+        self._closing = False
+        self._terminated = self._loop.create_future()
+        self.last_received = self._loop.time()
+        protocol.connection = self
+
+    # -- opening -------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        engine: QuicEngine,
+        endpoint: Endpoint,
+        configuration: QuicConfiguration,
+        *,
+        tenant: str,
+        token: str,
+        control_streams: int,
+        timeout: float,
+    ) -> Connection:
+        """Connect, open ``control_streams`` control streams and authenticate each.
+
+        Raises FelixTimeoutError (handshake or auth slower than ``timeout``
+        seconds in all), HandshakeFailed (TLS, ALPN, or a broker without the
+        extension family), Unauthenticated (token refused), ConnectionLost.
+        """
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            protocol = await quic_connect(
+                engine,
+                endpoint.host,
+                endpoint.port,
+                configuration=configuration,
+                protocol_class=ClientProtocol,
+                handshake_timeout=timeout,
+            )
+        except FelixError:
+            raise  # HandshakeFailed is also an OSError (a ConnectionError)
+        except OSError as exc:  # e.g. the host name does not resolve
+            raise ConnectionLost(f"cannot connect to {endpoint}: {exc}") from exc
+        conn = cls(protocol, endpoint, tenant)
+        if protocol.close_reason is not None:  # ended between handshake and now
+            conn._on_terminated(
+                protocol.close_reason.error_code, protocol.close_reason.reason_phrase
+            )
+        try:
+            async with asyncio.timeout_at(deadline):
+                await asyncio.gather(*(conn._open_control(token) for _ in range(control_streams)))
+        except TimeoutError:
+            conn.close()
+            raise FelixTimeoutError(
+                f"authentication with {endpoint} took longer than {timeout} s"
+            ) from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def _open_control(self, token: str) -> None:
+        if self.lost is not None:
+            raise ConnectionLost(str(self.lost))
+        stream = ControlStream(self.tenant, token)
+        stream_id = self.protocol.next_stream_id()
+        self._controls[stream_id] = stream
+        waiter = self._auth_waiters[stream_id] = self._loop.create_future()
+        self.protocol.send_stream_data(stream_id, stream.auth_frame())
+        try:
+            await waiter
+        finally:
+            self._auth_waiters.pop(stream_id, None)
+        self._ready.append(stream_id)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def control_stream_for(self, key: object | None) -> int:
+        """The control stream for ``key`` (same key, same stream: keeps order), or round-robin."""
+        if key is None:
+            self._next_stream += 1
+            return self._ready[self._next_stream % len(self._ready)]
+        return self._ready[hash(key) % len(self._ready)]
+
+    async def call(
+        self,
+        build: Callable[[int], bytes],
+        *,
+        key: object | None = None,
+        stream_id: int | None = None,
+    ) -> wire.ExtMessage:
+        """Send ``build(request_id)`` on a control stream and wait for the reply with that id.
+
+        Cancellation (or a timeout around this call) forgets the id, so a late
+        reply is dropped. Raises ConnectionLost if the connection ends first.
+        """
+        self._check_alive()
+        future: asyncio.Future[wire.ExtMessage] = self._loop.create_future()
+        request_id = self.requests.start(future)
+        try:
+            frame = build(request_id)
+            if stream_id is None:
+                stream_id = self.control_stream_for(key)
+            self.protocol.send_stream_data(stream_id, frame)
+            return await future
+        finally:
+            self.requests.discard(request_id)
+
+    def send_nowait(self, build: Callable[[int], bytes], *, key: object | None = None) -> None:
+        """Send a request whose reply nobody waits for (CREDIT, UNSUBSCRIBE); it gets dropped."""
+        if self.lost is None:
+            request_id = self.requests.new_id()
+            self.protocol.send_stream_data(self.control_stream_for(key), build(request_id))
+
+    def new_subscription_id(self) -> int:
+        return self.requests.new_id()
+
+    def _check_alive(self) -> None:
+        if self.lost is not None:
+            raise ConnectionLost(str(self.lost))
+
+    # -- fire-and-forget publishes ---------------------------------------------------------
+
+    async def wait_writable(self, key: object) -> None:
+        """Wait while the control stream for ``key`` has over 1 MiB not yet sent."""
+        self._check_alive()
+        stream_id = self.control_stream_for(key)
+        while self.protocol.send_buffer_size(stream_id) > SEND_HIGH_WATER:
+            waiter = self._loop.create_future()
+            self._send_waiters.append((stream_id, waiter))
+            await waiter
+
+    def _wake_writers(self) -> None:
+        still: list[tuple[int, asyncio.Future[None]]] = []
+        for stream_id, waiter in self._send_waiters:
+            if waiter.done():
+                continue
+            if self.protocol.send_buffer_size(stream_id) <= SEND_LOW_WATER:
+                waiter.set_result(None)
+            else:
+                still.append((stream_id, waiter))
+        self._send_waiters = still
+
+    def publish_nowait(
+        self, namespace: str, stream: str, payload: bytes, headers: dict[str, str] | None
+    ) -> None:
+        """Queue one ``ack=False`` record; queued records leave as one PUBLISH per stream
+        at the end of this loop tick (or sooner when a batch is full)."""
+        self._check_alive()
+        key = (namespace, stream)
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = _Batch()
+        batch.payloads.append(payload)
+        batch.headers.append(headers)
+        batch.size += len(payload)
+        batch.has_headers = batch.has_headers or bool(headers)
+        if len(batch.payloads) >= BATCH_MAX_RECORDS or batch.size >= BATCH_MAX_BYTES:
+            self._flush_batch(key, self._batches.pop(key))
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self.flush_publishes)
+
+    def flush_publishes(self) -> None:
+        """Send every queued ``ack=False`` record now."""
+        self._flush_handle = None
+        batches, self._batches = self._batches, {}
+        if self.lost is None:
+            for key, batch in batches.items():
+                self._flush_batch(key, batch)
+
+    def _flush_batch(self, key: tuple[str, str], batch: _Batch) -> None:
+        # Request id 0: nothing answers a publish with ack none; an ERROR the
+        # broker might still send for it is logged by _on_reply.
+        frame = wire.encode_publish(
+            0,
+            self.tenant,
+            key[0],
+            key[1],
+            batch.payloads,
+            ack=wire.ACK_NONE,
+            headers=batch.headers if batch.has_headers else None,
+        )
+        self.protocol.send_stream_data(self.control_stream_for(key), frame)
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def _on_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        self.last_received = self._loop.time()
+        control = self._controls.get(stream_id)
+        if control is not None:
+            for event in control.receive(data, end_stream):
+                self._on_control_event(stream_id, event)
+            return
+        events = self._event_streams.get(stream_id)
+        if events is None:
+            if stream_id & 0x3 != 0x3:  # only broker-opened unidirectional streams are events
+                self.fail(RemoteProtocolError(f"unexpected data on stream {stream_id}"))
+                return
+            events = self._event_streams[stream_id] = EventStream()
+        for notice in events.receive(data, end_stream):
+            self._on_event_stream_event(stream_id, events, notice)
+        if events.closed:
+            del self._event_streams[stream_id]
+
+    def _on_control_event(
+        self, stream_id: int, event: Authenticated | Reply | StreamClosed
+    ) -> None:
+        if isinstance(event, Reply):
+            self._on_reply(event.message)
+        elif isinstance(event, Authenticated):
+            waiter = self._auth_waiters.get(stream_id)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        else:
+            waiter = self._auth_waiters.get(stream_id)
+            error = event.error or RemoteProtocolError("control stream closed")
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(error)
+            # A control stream is never closed on purpose by the broker while the
+            # connection lives: whatever broke it may have broken its requests too.
+            self.fail(error)
+
+    def _on_reply(self, message: wire.ExtMessage) -> None:
+        opcode = message.opcode
+        if opcode in (wire.OP_SLOW_CONSUMER, wire.OP_SUBSCRIPTION_END):
+            # Notices carry the subscription id; they belong on the event stream,
+            # but are understood here too.
+            sink = self.subscriptions.get(message.request_id)
+            if sink is not None:
+                self._notify(message.request_id, sink, message)
+            return
+        if message.request_id == 0:
+            # Fire-and-forget publishes carry id 0; the node still answers them
+            # (OK, or ERROR e.g. when overloaded). Nobody waits: log failures only.
+            if isinstance(message, wire.ErrorReply):
+                log.warning("felix client: a publish with ack=False failed: %s", message.message)
+            return
+        try:
+            waiter = self.requests.pop(message.request_id)
+        except RemoteProtocolError as exc:
+            self.fail(exc)
+            return
+        if waiter is None:
+            log.debug("felix client: dropped a late reply to request %d", message.request_id)
+        elif not waiter.done():
+            waiter.set_result(message)
+
+    def _on_event_stream_event(
+        self, stream_id: int, stream: EventStream, event: EventHello | Notice | StreamClosed
+    ) -> None:
+        sub_id = stream.subscription_id
+        sink = None if sub_id is None else self.subscriptions.get(sub_id)
+        if isinstance(event, EventHello):
+            if sink is None:
+                # Already unsubscribed: ask the broker to stop sending on it.
+                self.protocol.stop_stream(stream_id, 0)
+            return
+        if sink is None or sub_id is None:
+            return
+        if isinstance(event, Notice):
+            self._notify(sub_id, sink, event.message)
+        elif event.error is not None:
+            self.subscriptions.pop(sub_id, None)
+            sink._on_end(event.error)
+
+    def _notify(self, sub_id: int, sink: SubscriptionSink, message: wire.ExtMessage) -> None:
+        try:
+            if isinstance(message, wire.Events):
+                sink._on_events(message)
+            elif isinstance(message, wire.SlowConsumer):
+                sink._on_slow_consumer(message.first_dropped, message.dropped)
+            elif (
+                isinstance(message, wire.ErrorReply) and message.opcode == wire.OP_SUBSCRIPTION_END
+            ):
+                self.subscriptions.pop(sub_id, None)
+                sink._on_end(
+                    error_for_code(message.code, message.message) if message.code else None
+                )
+            else:
+                raise RemoteProtocolError(f"opcode 0x{message.opcode:02x} on an event stream")
+        except RemoteProtocolError as exc:
+            # This subscription broke (e.g. events beyond its credit); the
+            # connection and the others are fine. Tell the broker to stop it.
+            if self.subscriptions.pop(sub_id, None) is not None:
+                self.send_nowait(lambda rid: wire.encode_unsubscribe(rid, sub_id))
+            sink._on_end(exc)
+
+    def _on_stream_reset(self, stream_id: int, error_code: int) -> None:
+        if stream_id in self._controls:
+            self.fail(RemoteProtocolError(f"the broker reset control stream {stream_id}"))
+            return
+        stream = self._event_streams.pop(stream_id, None)
+        if stream is not None and stream.subscription_id is not None:
+            sink = self.subscriptions.pop(stream.subscription_id, None)
+            if sink is not None:
+                sink._on_end(Unavailable(f"the broker reset the event stream (code {error_code})"))
+
+    # -- ending --------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self.lost is None
+
+    def fail(self, error: FelixError) -> None:
+        """Give up on this connection because of ``error`` (calls fail, ``on_lost`` runs)."""
+        if self.lost is None:
+            log.warning("felix client: closing the connection to %s: %s", self.endpoint, error)
+            code = (
+                CLOSE_PROTOCOL_ERROR
+                if isinstance(error, RemoteProtocolError)
+                else CLOSE_INTERNAL_ERROR
+            )
+            self._end(error)
+            self.protocol.close(code, str(error)[:200])
+
+    def close(self) -> None:
+        """Close (CONNECTION_CLOSE, code 0); calls in flight get ConnectionLost. Idempotent."""
+        if self.lost is None:
+            self._closing = True
+            self._end(ConnectionLost("the client closed the connection"))
+            self.protocol.close(0, "client closed")
+
+    async def wait_closed(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the connection's closing period to end."""
+        if not self._terminated.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._terminated), timeout)
+
+    def _on_terminated(self, error_code: int, reason: str) -> None:
+        if not self._terminated.done():
+            self._terminated.set_result(None)
+        if self.lost is None:
+            detail = f"{reason or 'no reason given'} (code 0x{error_code:x})"
+            self._end(ConnectionLost(f"connection to {self.endpoint} lost: {detail}"))
+
+    def _end(self, error: FelixError) -> None:
+        self.lost = error
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        for waiter in self.requests.drain():
+            if not waiter.done():
+                waiter.set_exception(ConnectionLost(str(error)))
+        for auth in self._auth_waiters.values():
+            if not auth.done():
+                auth.set_exception(
+                    error if not isinstance(error, ConnectionLost) else ConnectionLost(str(error))
+                )
+        for _, writer in self._send_waiters:
+            if not writer.done():
+                writer.set_exception(ConnectionLost(str(error)))
+        self._send_waiters.clear()
+        if not self._closing and self.on_lost is not None:
+            self.on_lost(error)

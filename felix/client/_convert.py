@@ -1,0 +1,144 @@
+"""Pure conversions between the Python API and the wire: names, TTLs, URLs, starts.
+
+Nothing here does I/O; every function is total over its documented inputs and
+raises a felix error (``BadRequest`` for names, ``ConfigError`` for settings)
+otherwise, so the client rejects a bad argument before anything is sent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Final, Literal
+from urllib.parse import urlsplit
+
+from felix import wire
+from felix.errors import BadRequest, ConfigError, RemoteProtocolError
+from felix.names import validate_name
+
+__all__ = [
+    "DEFAULT_PORT",
+    "U32_MAX",
+    "U64_MAX",
+    "Endpoint",
+    "StartSpec",
+    "parse_url",
+    "resolve_name",
+    "start_spec",
+    "ttl_from_wire",
+    "ttl_to_ms",
+]
+
+DEFAULT_PORT: Final = 5000
+U32_MAX: Final = 2**32 - 1
+U64_MAX: Final = 2**64 - 1
+
+#: What ``subscribe(start=...)`` accepts.
+StartSpec = Literal["latest", "earliest"] | int
+
+
+def resolve_name(kind: str, name: str, namespace: str) -> tuple[str, str]:
+    """``(namespace, name)`` for a stream or cache ``name`` given relative to ``namespace``.
+
+    ``"orders"`` names ``orders`` in the client's namespace; ``"billing/orders"``
+    names ``orders`` in namespace ``billing`` of the same tenant (the tenant is
+    never part of a name: it comes from the connection's credentials). Both
+    parts must pass :func:`felix.names.validate_name`, so at most one ``/`` is
+    allowed. Raises BadRequest (naming ``kind``) otherwise.
+    """
+    if not isinstance(name, str):
+        raise BadRequest(f"invalid {kind} name of type {type(name).__name__}: must be a string")
+    ns, sep, local = name.partition("/")
+    if not sep:
+        return namespace, validate_name(kind, name)
+    return validate_name("namespace", ns), validate_name(kind, local)
+
+
+def ttl_to_ms(ttl: float | None) -> int:
+    """The wire ``ttl_ms`` for a TTL of ``ttl`` seconds: 0 (no expiry) for None or ``math.inf``.
+
+    Rounded UP to whole milliseconds, so a key never expires earlier than
+    asked. "Asked" is the decimal number the float prints as (its shortest
+    round-tripping repr, i.e. what was written): ``0.001`` is 1 ms and ``0.29``
+    is 290 ms, where binary arithmetic (``math.ceil(0.29 * 1000)``) gives 291
+    and the float's exact binary value of ``0.001`` (a hair above) gives 2;
+    ``1e-9`` is 1 ms, never 0 (which would mean no expiry). Raises
+    ConfigError for a TTL that is not a positive number (0, negative, NaN,
+    bool) or exceeds what the wire carries.
+    """
+    if ttl is None:
+        return 0
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        raise ConfigError(f"ttl must be a number of seconds, not {type(ttl).__name__}")
+    if ttl == math.inf:
+        return 0
+    if not ttl > 0:  # also catches NaN
+        raise ConfigError(f"ttl must be positive (seconds), got {ttl!r}")
+    ms = math.ceil(Decimal(repr(float(ttl))) * 1000)
+    if ms > U64_MAX:
+        raise ConfigError(f"ttl of {ttl!r} seconds is too large")
+    return ms
+
+
+def ttl_from_wire(state: int, ttl_ms: int) -> float | None:
+    """``Cache.ttl()``'s result for a CACHE_TTL_REPLY: None, ``math.inf`` or seconds left."""
+    if state == wire.TTL_MISSING:
+        return None
+    if state == wire.TTL_PERSISTENT:
+        return math.inf
+    if state == wire.TTL_EXPIRING:
+        return ttl_ms / 1000
+    raise RemoteProtocolError(f"unknown TTL state {state}")
+
+
+def start_spec(start: StartSpec) -> str | int:
+    """Check ``subscribe(start=...)``: ``"latest"``, ``"earliest"`` or an offset (int >= 0)."""
+    if isinstance(start, bool):
+        raise ConfigError("start must be 'latest', 'earliest' or an int offset, not a bool")
+    if isinstance(start, int):
+        if not 0 <= start <= U64_MAX:
+            raise ConfigError(f"start offset must be within 0..2**64-1, got {start}")
+        return start
+    if start in ("latest", "earliest"):
+        return start
+    raise ConfigError(f"start must be 'latest', 'earliest' or an int offset, got {start!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a client connects: ``host`` (a name or an IP literal, no brackets) and ``port``."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"felix://{host}:{self.port}"
+
+
+def parse_url(url: str) -> Endpoint:
+    """Parse ``felix://host[:port]`` (port 5000 by default; IPv6 as ``[::1]``).
+
+    Nothing else may be in the URL (no path, query, fragment or credentials: the
+    token is a separate argument, so it never ends up in logs with the URL).
+    Raises ConfigError.
+    """
+    if not isinstance(url, str):
+        raise ConfigError(f"url must be a string like 'felix://host:5000', not {url!r}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"invalid felix url {url!r}: {exc}") from None
+    if parts.scheme != "felix":
+        raise ConfigError(f"invalid felix url {url!r}: the scheme must be felix://")
+    if not parts.hostname:
+        raise ConfigError(f"invalid felix url {url!r}: no host")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"invalid felix url {url!r}: pass the token as token=, not in the url")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"invalid felix url {url!r}: only felix://host:port is allowed")
+    if port == 0:
+        raise ConfigError(f"invalid felix url {url!r}: port 0")
+    return Endpoint(parts.hostname, DEFAULT_PORT if port is None else port)

@@ -1,0 +1,342 @@
+"""Client commands of the ``felix`` CLI: ``pub``, ``sub``, ``cache get|set|del``.
+
+``felix.cli`` calls :func:`add_commands` with its subparsers; each command sets
+``func``: a callable taking the parsed namespace and returning the exit status.
+
+Where to connect, first found wins: ``--url``; ``$FELIX_URL``; the ``quic``
+address in ``--node-json FILE`` (or ``--data-dir DIR``/node.json); else
+``felix://127.0.0.1:5000``. Which CA to trust: ``--ca``; the ``ca`` path in
+that node.json; ``$FELIX_CA_FILE`` (with the system store); else the system
+store. The token: ``--token``, else ``$FELIX_TOKEN``, else none (dev mode).
+
+Exit status: 0 done; 3 nothing to do (cache miss, conditional set not stored,
+delete of a missing key); 1 a felix error; 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
+from typing import Any
+
+from felix.client._client import Client
+from felix.client._connect import Connect, connect
+from felix.client._convert import StartSpec
+from felix.client._events import ClientEvent, SlowConsumer
+from felix.client._flow import Message
+from felix.errors import ConfigError, FelixTimeoutError
+
+__all__ = ["DEFAULT_URL", "EXIT_NOTHING", "add_commands"]
+
+DEFAULT_URL = "felix://127.0.0.1:5000"
+#: Exit status when the command succeeded but found or changed nothing.
+EXIT_NOTHING = 3
+
+Subparsers = argparse._SubParsersAction  # argparse has no public name for it
+_RAW = argparse.RawDescriptionHelpFormatter
+#: The module doc minus its first paragraph: precedence rules and exit statuses.
+_EPILOG = (__doc__ or "").split("\n\n", 2)[2].replace("``", "")
+
+
+def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
+    """Add ``pub``, ``sub`` and ``cache`` to the ``felix`` command's ``subparsers``."""
+    common = _common_options()
+
+    pub = subparsers.add_parser(
+        "pub",
+        parents=[common],
+        help="publish one record to a stream",
+        epilog=_EPILOG,
+        formatter_class=_RAW,
+    )
+    pub.add_argument("stream", metavar="STREAM", help="stream name (ns/name for another namespace)")
+    pub.add_argument("data", metavar="DATA", help="the payload (UTF-8); - reads it from stdin")
+    pub.add_argument(
+        "--header", action="append", default=[], metavar="NAME=VALUE", help="a record header"
+    )
+    pub.add_argument(
+        "--no-ack", action="store_true", help="do not wait for the stored offset (still drained)"
+    )
+    pub.set_defaults(func=_run(_pub))
+
+    sub = subparsers.add_parser(
+        "sub",
+        parents=[common],
+        help="print a stream's records",
+        epilog=_EPILOG,
+        formatter_class=_RAW,
+    )
+    sub.add_argument("stream", metavar="STREAM", help="stream name (ns/name for another namespace)")
+    sub.add_argument("--start", default="latest", help="latest (default), earliest, or an offset")
+    sub.add_argument("--count", type=int, metavar="N", help="exit after N records")
+    sub.add_argument(
+        "--idle", type=float, metavar="SECONDS", help="exit after this long without a record"
+    )
+    sub.set_defaults(func=_run(_sub))
+
+    cache = subparsers.add_parser(
+        "cache", help="get, set or delete a cache key", epilog=_EPILOG, formatter_class=_RAW
+    )
+    ops = cache.add_subparsers(dest="cache_command", required=True)
+    get = ops.add_parser(
+        "get",
+        parents=[common],
+        help="print a key's value (exit 3: missing)",
+        epilog=_EPILOG,
+        formatter_class=_RAW,
+    )
+    _cache_args(get)
+    get.set_defaults(func=_run(_cache_get))
+    set_ = ops.add_parser(
+        "set",
+        parents=[common],
+        help="store a value (exit 3: not stored)",
+        epilog=_EPILOG,
+        formatter_class=_RAW,
+    )
+    _cache_args(set_)
+    set_.add_argument("value", metavar="VALUE", help="the value (UTF-8); - reads it from stdin")
+    set_.add_argument("--ttl", type=float, metavar="SECONDS", help="expire after this long")
+    condition = set_.add_mutually_exclusive_group()
+    condition.add_argument("--nx", action="store_true", help="only if the key is absent")
+    condition.add_argument("--xx", action="store_true", help="only if the key is present")
+    set_.set_defaults(func=_run(_cache_set))
+    delete = ops.add_parser(
+        "del",
+        parents=[common],
+        help="delete a key (exit 3: was missing)",
+        epilog=_EPILOG,
+        formatter_class=_RAW,
+    )
+    _cache_args(delete)
+    delete.set_defaults(func=_run(_cache_del))
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("connection")
+    group.add_argument("--url", help=f"felix://HOST:PORT (default: $FELIX_URL or {DEFAULT_URL})")
+    group.add_argument("--ca", type=Path, help="CA certificate file (PEM) to trust")
+    group.add_argument("--node-json", type=Path, metavar="FILE", help="a node's node.json")
+    group.add_argument("--data-dir", type=Path, metavar="DIR", help="a node's data directory")
+    group.add_argument("--tenant", default="default", help="tenant (default: default)")
+    group.add_argument("--namespace", default="default", help="namespace (default: default)")
+    group.add_argument("--token", help="access token (default: $FELIX_TOKEN)")
+    group.add_argument(
+        "--timeout", type=float, default=10.0, metavar="SECONDS", help="per request (10)"
+    )
+    common.add_argument("--json", action="store_true", help="print JSON (one object per line)")
+    return common
+
+
+def _cache_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="cache name (ns/name for another namespace)")
+    parser.add_argument("key", metavar="KEY", help="the key")
+
+
+# -- connecting ------------------------------------------------------------------------
+
+
+def _node_json(args: argparse.Namespace) -> dict[str, Any] | None:
+    path: Path | None = args.node_json
+    if path is None and args.data_dir is not None:
+        path = args.data_dir / "node.json"
+    if path is None:
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if not isinstance(info, dict):
+        raise ConfigError(f"{path} does not hold a JSON object")
+    return info
+
+
+def _url_from_address(address: str) -> str:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0"):  # a node listening on all addresses is reachable locally
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"felix://[{host}]:{port}" if ":" in host else f"felix://{host}:{port}"
+
+
+def connection_settings(args: argparse.Namespace) -> tuple[str, str | None]:
+    """``(url, ca)`` for the parsed ``args``, by the precedence in the module doc."""
+    info = _node_json(args)
+    url = args.url or os.environ.get("FELIX_URL")
+    if not url:
+        quic = info.get("quic") if info else None
+        url = _url_from_address(quic) if isinstance(quic, str) else DEFAULT_URL
+    ca: str | None = str(args.ca) if args.ca is not None else None
+    if ca is None and info is not None and isinstance(info.get("ca"), str):
+        ca = info["ca"]
+    return url, ca  # ca None: connect() reads FELIX_CA_FILE
+
+
+def _connect(args: argparse.Namespace, **options: Any) -> Connect:
+    url, ca = connection_settings(args)
+    return connect(
+        url,
+        tenant=args.tenant,
+        namespace=args.namespace,
+        token=args.token or os.environ.get("FELIX_TOKEN") or None,
+        ca=ca,
+        request_timeout=args.timeout,
+        connect_timeout=args.timeout,
+        **options,
+    )
+
+
+def _run(
+    command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
+) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        import uvloop
+
+        return uvloop.run(command(args))
+
+    return run
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+def _data_json(data: bytes) -> dict[str, str]:
+    try:
+        return {"data": data.decode("utf-8"), "encoding": "utf-8"}
+    except UnicodeDecodeError:
+        return {"data": base64.b64encode(data).decode("ascii"), "encoding": "base64"}
+
+
+def _print_json(obj: Mapping[str, Any]) -> None:
+    print(json.dumps(obj, ensure_ascii=False), flush=True)
+
+
+def _print_bytes(data: bytes) -> None:
+    sys.stdout.buffer.write(data + b"\n")
+    sys.stdout.buffer.flush()
+
+
+def _payload(text: str) -> bytes:
+    return sys.stdin.buffer.read() if text == "-" else text.encode("utf-8")
+
+
+def _headers(pairs: list[str]) -> dict[str, str]:
+    headers = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--header wants NAME=VALUE, got {pair!r}")
+        headers[name] = value
+    return headers
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+async def _pub(args: argparse.Namespace) -> int:
+    data = _payload(args.data)
+    headers = _headers(args.header)
+    client: Client = await _connect(args)
+    try:
+        ack = await client.publish(args.stream, data, headers=headers, ack=not args.no_ack)
+        await client.drain()
+    finally:
+        await client.close()
+    if args.json:
+        _print_json({"stream": args.stream, "offset": ack.offset if ack else None})
+    elif ack is not None:
+        print(ack.offset)
+    return 0
+
+
+def _start(text: str) -> StartSpec:
+    if text == "latest":
+        return "latest"
+    if text == "earliest":
+        return "earliest"
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--start must be latest, earliest or an offset, not {text!r}") from None
+
+
+def _print_message(message: Message, as_json: bool) -> None:
+    if as_json:
+        out: dict[str, Any] = {"stream": message.stream, "offset": message.offset}
+        out.update(_data_json(message.data))
+        out["headers"] = dict(message.headers)
+        _print_json(out)
+    else:
+        _print_bytes(message.data)
+
+
+def _on_event(event: ClientEvent) -> None:
+    if isinstance(event, SlowConsumer):
+        print(
+            f"felix: {event.dropped} records of {event.stream} dropped "
+            f"from offset {event.first_dropped} (subscriber too slow)",
+            file=sys.stderr,
+        )
+    else:
+        print(f"felix: {event.kind}", file=sys.stderr)
+
+
+async def _sub(args: argparse.Namespace) -> int:
+    start = _start(args.start)
+    if args.count is not None and args.count < 1:
+        raise ConfigError("--count must be at least 1")
+    idle = math.inf if args.idle is None else args.idle
+    async with _connect(args, on_event=_on_event) as client:
+        received = 0
+        async with client.subscribe(args.stream, start=start) as sub:
+            while args.count is None or received < args.count:
+                try:
+                    message = await sub.next(timeout=None if idle == math.inf else idle)
+                except FelixTimeoutError:
+                    break
+                _print_message(message, args.json)
+                received += 1
+    return 0
+
+
+async def _cache_get(args: argparse.Namespace) -> int:
+    async with _connect(args) as client:
+        value = await client.cache(args.name).get(args.key)
+    if args.json:
+        out: dict[str, Any] = {"cache": args.name, "key": args.key, "found": value is not None}
+        if value is not None:
+            out.update(_data_json(value))
+        _print_json(out)
+    elif value is not None:
+        _print_bytes(value)
+    return 0 if value is not None else EXIT_NOTHING
+
+
+async def _cache_set(args: argparse.Namespace) -> int:
+    value = _payload(args.value)
+    async with _connect(args) as client:
+        stored = await client.cache(args.name).set(
+            args.key, value, ttl=args.ttl, nx=args.nx, xx=args.xx
+        )
+    if args.json:
+        _print_json({"cache": args.name, "key": args.key, "stored": stored})
+    elif not stored:
+        print("not stored", file=sys.stderr)
+    return 0 if stored else EXIT_NOTHING
+
+
+async def _cache_del(args: argparse.Namespace) -> int:
+    async with _connect(args) as client:
+        existed = await client.cache(args.name).delete(args.key)
+    if args.json:
+        _print_json({"cache": args.name, "key": args.key, "deleted": existed})
+    return 0 if existed else EXIT_NOTHING

@@ -1,19 +1,14 @@
-"""felix: pub/sub streams, work queues and a TTL cache over one QUIC connection."""
+"""felix: pub/sub streams, work queues and a TTL cache over one QUIC connection.
 
-from felix.client import (
-    Cache,
-    Client,
-    ClientEvent,
-    Disconnected,
-    Message,
-    PublishAck,
-    Reconnected,
-    SlowConsumer,
-    Subscription,
-    connect,
-)
+The client (``felix.connect`` and its classes) is imported on first use, so the
+node's processes, which never use it, do not pay for its imports.
+"""
+
+from typing import TYPE_CHECKING, Any
+
 from felix.errors import (
     BadRequest,
+    ClientClosed,
     ConnectionLost,
     CursorError,
     FelixError,
@@ -28,12 +23,51 @@ from felix.errors import (
     Unavailable,
 )
 
+if TYPE_CHECKING:
+    from felix.client import (
+        Cache,
+        Client,
+        ClientEvent,
+        Disconnected,
+        Message,
+        PublishAck,
+        Reconnected,
+        SlowConsumer,
+        Subscription,
+        connect,
+    )
+
 __version__ = "0.1.0"
+
+_CLIENT_NAMES = frozenset(
+    {
+        "Cache",
+        "Client",
+        "ClientEvent",
+        "Disconnected",
+        "Message",
+        "PublishAck",
+        "Reconnected",
+        "SlowConsumer",
+        "Subscription",
+        "connect",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLIENT_NAMES:
+        import felix.client
+
+        return getattr(felix.client, name)
+    raise AttributeError(f"module 'felix' has no attribute {name!r}")
+
 
 __all__ = [
     "BadRequest",
     "Cache",
     "Client",
+    "ClientClosed",
     "ClientEvent",
     "ConnectionLost",
     "CursorError",

@@ -120,6 +120,12 @@ class ConnectionLost(FelixError):
     retryable = True
 
 
+class ClientClosed(ConnectionLost):
+    """The call was made on a client that is closed or draining (not retryable)."""
+
+    retryable = False
+
+
 _BY_CODE: dict[int, type[ServerError]] = {
     cls.code: cls
     for cls in (

@@ -29,6 +29,7 @@ from felix.client._pool import Pool, PoolSettings
 from felix.client._subscription import Subscription
 from felix.client._tls import client_configuration
 from felix.errors import (
+    ClientClosed,
     ConfigError,
     ConnectionLost,
     FelixError,
@@ -442,4 +443,4 @@ class Client:
 
     def _check_usable(self) -> None:
         if self._closed or self._draining:
-            raise ConnectionLost("the client is closed")
+            raise ClientClosed("the client is closed")

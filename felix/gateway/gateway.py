@@ -85,7 +85,7 @@ class _SessionState(enum.Enum):
 class _Pending:
     """A request forwarded to a shard, waiting for its reply."""
 
-    __slots__ = ("conn", "request_id", "session", "shard", "subscription", "translate")
+    __slots__ = ("conn", "quiet", "request_id", "session", "shard", "subscription", "translate")
 
     def __init__(
         self,
@@ -103,6 +103,8 @@ class _Pending:
         self.subscription = subscription
         # For v1 peers: how to turn the shard's reply into the answer they expect.
         self.translate = translate
+        # A publish without ack: success is not answered (errors still are).
+        self.quiet = False
 
 
 class Gateway:
@@ -210,7 +212,8 @@ class Gateway:
         if sub is not None:
             self._on_subscribe_reply(sub, frame)
         if pending.translate is None:
-            pending.session.send(frame)
+            if not (pending.quiet and frame[wire.HEADER_SIZE] == wire.OP_OK):
+                pending.session.send(frame)
         else:
             answer = pending.translate(wire.decode_ext(wire.decode_frame(frame, extensions=True)))
             if answer is not None:
@@ -604,6 +607,7 @@ class StreamSession:
         shard = gateway.shard_for(key) if subscription is None else subscription.shard
         token = gateway.token() if subscription is None else subscription.token
         pending = _Pending(conn, self, msg.request_id, shard, subscription)
+        pending.quiet = isinstance(msg, wire.Publish) and msg.ack == wire.ACK_NONE
         sent = gateway.forward(pending, token, ipc.encode(Kind.REQUEST, token, 0, frame.to_bytes()))
         if subscription is not None and not sent:
             gateway.unsubscribe(subscription)  # could not be sent: forget it

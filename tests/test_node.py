@@ -169,3 +169,67 @@ def test_sigterm_drain_under_load_loses_no_acked_publish(node: NodeProcess) -> N
     missing = acked - set(delivered)
     assert not missing, f"{len(missing)} acked publishes never reached the subscriber"
     assert delivered == sorted(delivered)
+
+
+def test_client_reconnects_and_resubscribes_after_kill_9_of_its_gateway(
+    node: NodeProcess,
+) -> None:
+    import felix
+
+    async def main() -> None:
+        url = f"felix://{node.host}:{node.port}"
+        async with felix.connect(url, ca=node.ca_file, reconnect_backoff=(0.05, 0.5)) as pub:
+            clients = [
+                await felix.connect(
+                    url, ca=node.ca_file, reconnect_backoff=(0.05, 0.5), keepalive=0.5
+                )
+                for _ in range(4)
+            ]
+            subs = [await c.subscribe("s", start="earliest").__aenter__() for c in clients]
+            for i in range(10):
+                await pub.publish("s", b"%d" % i)
+            for sub in subs:
+                assert [(await sub.next(timeout=5)).offset for _ in range(10)] == list(range(10))
+            old = node.kill_child("gateway-0")
+            node.wait_restarted("gateway-0", old)
+            for i in range(10, 20):
+                while True:  # the publisher may itself have been on the killed gateway
+                    try:
+                        await pub.publish("s", b"%d" % i)
+                        break
+                    except felix.ConnectionLost:
+                        await asyncio.sleep(0.1)
+            for sub in subs:
+                got = [int((await sub.next(timeout=15)).data) for _ in range(10)]
+                assert got == list(range(10, 20))
+            for sub, c in zip(subs, clients, strict=True):
+                await sub.__aexit__(None, None, None)
+                await c.close()
+
+    run(main, timeout=90)
+
+
+def test_hostile_peers_never_crash_a_process(node: NodeProcess) -> None:
+    async def main() -> None:
+        payloads = [
+            b"\xff" * 100,
+            b"FLX1\x00\x01\x00\x00\xff\xff\xff\xff",
+            wire.encode_ping(1),
+            wire.encode_message({"type": "ok"}) * 3,
+        ]
+        for payload in payloads:
+            for _ in range(3):
+                bad = await raw_connect(node.host, node.port, node.ca_file)
+                sid = bad.new_stream()
+                bad.send(sid, payload)
+                await bad.wait_for(lambda b=bad, s=sid: s in b.ended)
+                bad.close()
+        peer, sid = await _connect(node)
+        peer.send(sid, wire.encode_cache_get(1, T, NS, "c", "k"))
+        assert isinstance(ext((await peer.frames_on(sid, 2))[1]), wire.CacheValue)
+        peer.close()
+
+    before = dict(node.info["processes"])
+    run(main, timeout=60)
+    assert node.refresh()["processes"] == before
+    assert node.refresh()["restarts"] == {name: 0 for name in before}

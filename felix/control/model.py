@@ -1,4 +1,4 @@
-"""The control plane's resources: what exists (tenants, namespaces, streams, caches) and how it changes.
+"""The control plane's resources (tenants, namespaces, streams, caches) and how they change.
 
 Every resource has a ``kind``, a ``path`` that names it (``("acme",)`` for a
 tenant, ``("acme", "prod")`` for a namespace, ``("acme", "prod", "orders")`` for
@@ -30,7 +30,7 @@ class Kind(enum.StrEnum):
     CACHE = "cache"
 
 
-#: Path length of each kind: tenant (tenant), namespace (tenant, ns), stream/cache (tenant, ns, name).
+#: Names in a path: tenant (tenant), namespace (tenant, ns), stream or cache (tenant, ns, name).
 PATH_LENGTH = {Kind.TENANT: 1, Kind.NAMESPACE: 2, Kind.STREAM: 3, Kind.CACHE: 3}
 #: The kind a path of a kind's parent has (None: top level).
 PARENT = {

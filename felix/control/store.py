@@ -77,7 +77,7 @@ class Store(Protocol):
 
     async def get(self, kind: Kind, path: Path) -> Resource | None: ...
 
-    async def list(self, kind: Kind, parent: Path) -> list[Resource]:
+    async def list_resources(self, kind: Kind, parent: Path) -> list[Resource]:
         """Resources of ``kind`` directly under ``parent`` (``()`` for tenants), by name."""
 
     async def create(self, kind: Kind, path: Path, spec: dict[str, Any]) -> Resource: ...

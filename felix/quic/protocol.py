@@ -110,6 +110,7 @@ class FelixQuicProtocol(asyncio.DatagramProtocol):
         loop = asyncio.get_running_loop()
         self._call_soon = loop.call_soon
         self._transmit_handle: asyncio.Handle | None = None
+        self._receiving = False
         # True once the handshake completed, False if the connection ended first.
         # A result, never an exception: nobody has to retrieve it (the engines'
         # wait_connected() leaves an unretrieved exception behind when cancelled).
@@ -181,11 +182,33 @@ class FelixQuicProtocol(asyncio.DatagramProtocol):
         datagram and timer tick; a pending :meth:`transmit_soon` is cancelled
         because this call already sends what it would have.
         """
+        if self._receiving:
+            # The engine transmits right after handling received datagrams. Defer
+            # that to the end of the loop iteration instead: the ACK then leaves in
+            # the same datagram as whatever the woken callers send in reply (one
+            # datagram and one syscall instead of two per request/response).
+            self.transmit_soon()
+            return
         handle = self._transmit_handle
         if handle is not None:
             self._transmit_handle = None
             handle.cancel()
         super().transmit()  # type: ignore[misc]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._receiving = True
+        try:
+            super().datagram_received(data, addr)
+        finally:
+            self._receiving = False
+
+    def datagrams_received(self, data: list[bytes], addr: Any) -> None:
+        """qh3's batched receive (GRO); same deferral as :meth:`datagram_received`."""
+        self._receiving = True
+        try:
+            super().datagrams_received(data, addr)  # type: ignore[misc]
+        finally:
+            self._receiving = False
 
     def _transmit_scheduled(self) -> None:
         self._transmit_handle = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import zlib
 
 from felix.errors import RemoteProtocolError
 
@@ -40,6 +41,8 @@ class Kind(enum.IntEnum):
     WATCH = 6
     #: G: a gateway (re)started and forgets all its watches (aux = gateway index).
     HELLO = 7
+    #: S: the stream was deleted: body = stream key; its subscriptions end.
+    END = 8
 
 
 def encode(kind: Kind, token: int, aux: int, body: bytes) -> bytes:
@@ -82,6 +85,11 @@ def decode_read(body: bytes | memoryview) -> tuple[str, int, int, int]:
         raise RemoteProtocolError("malformed READ record")
     from_offset, max_records, max_bytes = _READ.unpack_from(body, pos)
     return key, int(from_offset), int(max_records), int(max_bytes)
+
+
+def shard_for(key: str, shards: int) -> int:
+    """The shard that owns ``key`` (crc32, not hash(): the same in every process)."""
+    return zlib.crc32(key.encode()) % shards
 
 
 def stream_key(tenant: str, namespace: str, stream: str) -> str:

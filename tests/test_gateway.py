@@ -374,3 +374,20 @@ def test_a_v1_only_peer_keeps_working(tmp_path: Path) -> None:
             new.close()
 
     run(main)
+
+
+def test_connections_beyond_the_limit_are_refused(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with LocalNode.start(tmp_path, limits=GatewayLimits(max_connections=2)) as node:
+            peers = [await raw_connect(node.host, node.port, node.ca_file) for _ in range(2)]
+            extra = await raw_connect(node.host, node.port, node.ca_file)
+            await extra.wait_for(lambda: extra.close_reason is not None)
+            assert extra.close_reason is not None
+            assert "connection limit" in extra.close_reason.reason_phrase
+            assert node.gateway.refused_connections == 1
+            sid = await peers[0].auth()
+            assert wire.decode_message(peers[0].frames[sid][0])["type"] == "auth_ok"
+            for p in peers:
+                p.close()
+
+    run(main)

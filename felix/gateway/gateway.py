@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +33,7 @@ from felix import ipc, wire
 from felix.errors import (
     BadRequest,
     FelixError,
+    NotFound,
     Overloaded,
     PermissionDenied,
     RemoteProtocolError,
@@ -52,6 +52,7 @@ from felix.gateway.subscription import (
 from felix.ipc import Kind
 from felix.names import validate_name
 from felix.quic.protocol import FelixQuicProtocol
+from felix.shard.core import POLICY_NAMES
 
 log = logging.getLogger("felix.gateway")
 
@@ -61,6 +62,7 @@ SUPPORTED_FLAGS = wire.FLAGS_V1 | wire.FLAG_FELIX_EXT
 CLOSE_PROTOCOL_ERROR = 0x101
 CLOSE_AUTH_TIMEOUT = 0x102
 CLOSE_DRAINING = 0x103
+CLOSE_OVERLOADED = 0x104
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,7 @@ class GatewayLimits:
     max_frame_pre_auth: int = 64 * 1024
     max_frame: int = 4 * 1024 * 1024
     auth_timeout: float = 5.0
+    max_connections: int = 10_000
     max_streams_per_connection: int = 256
     max_subscriptions_per_connection: int = 1024
     max_in_flight_per_connection: int = 4096
@@ -137,13 +140,13 @@ class Gateway:
         self.overloaded = 0
         self.slow_consumer_events = 0
         self.delivered_records = 0
+        self.refused_connections = 0
         links.attach(index, self.on_shard_records)
 
     # -- routing ---------------------------------------------------------------------
 
     def shard_for(self, key: str) -> int:
-        # crc32, not hash(): the same key must map to the same shard in every process.
-        return zlib.crc32(key.encode()) % self.links.shards
+        return ipc.shard_for(key, self.links.shards)
 
     def token(self) -> int:
         t = self._next_token
@@ -182,12 +185,14 @@ class Gateway:
                 kind, token, aux = ipc.decode_header(record)
                 body = bytes(record[ipc.HEADER_SIZE :])
                 if kind == Kind.REPLY:
-                    self._on_reply(token, body)
+                    self._on_reply(token, body, aux)
                 elif kind == Kind.PUSH:
                     key, pos = ipc.decode_key(body)
                     self._on_push(key, body[pos:])
                 elif kind == Kind.READ_REPLY:
                     self._on_read_reply(token, aux, body)
+                elif kind == Kind.END:
+                    self._on_stream_end(ipc.decode_key(body)[0])
                 else:
                     log.warning(
                         "gateway %d: unexpected record kind %d from shard %d",
@@ -199,7 +204,7 @@ class Gateway:
                 # One bad record must not take the gateway down.
                 log.exception("gateway %d: bad record from shard %d", self.index, shard)
 
-    def _on_reply(self, token: int, frame: bytes) -> None:
+    def _on_reply(self, token: int, frame: bytes, aux: int = 0) -> None:
         barrier = self._barriers.pop(token, None)
         if barrier is not None:
             if not barrier.done():
@@ -210,7 +215,7 @@ class Gateway:
             return  # its connection went away, or the shard restarted: nobody waits
         sub = pending.subscription
         if sub is not None:
-            self._on_subscribe_reply(sub, frame)
+            self._on_subscribe_reply(sub, frame, aux)
         if pending.translate is None:
             if not (pending.quiet and frame[wire.HEADER_SIZE] == wire.OP_OK):
                 pending.session.send(frame)
@@ -220,9 +225,10 @@ class Gateway:
                 pending.session.send(answer)
         self._settle(pending)
 
-    def _on_subscribe_reply(self, sub: Subscription, frame: bytes) -> None:
+    def _on_subscribe_reply(self, sub: Subscription, frame: bytes, policy: int) -> None:
         if sub.state is not SubState.PENDING:
             return
+        sub.policy = POLICY_NAMES.get(policy, sub.policy)
         if frame[wire.HEADER_SIZE] != wire.OP_SUBSCRIBED:
             self._drop_subscription(sub)
             return
@@ -255,6 +261,11 @@ class Gateway:
                 self.delivered_records += count
             elif sub.wants_read():
                 self._read(sub)
+
+    def _on_stream_end(self, key: str) -> None:
+        for sub in list(self._subs_by_key.get(key, ())):
+            sub.conn.end_subscription(sub, NotFound.code, f"stream {key} was deleted")
+            self._drop_subscription(sub)
 
     def _on_read_reply(self, token: int, tail: int, frame: bytes) -> None:
         sub = self._subs_by_token.get(token)
@@ -719,7 +730,18 @@ class GatewayConnection(FelixQuicProtocol):
         self.in_flight = 0
         # v1 subscribers may let the broker pick ids: above any id a client would pick.
         self.next_v1_subscription = 1 << 48
-        self.gateway.connections.add(self)
+        gateway = self.gateway
+        # Over the bound, the connection is refused as soon as its handshake completes
+        # (a close sent earlier may not be readable by the client yet).
+        self.refused = len(gateway.connections) >= gateway.limits.max_connections
+        if self.refused:
+            gateway.refused_connections += 1
+            return
+        gateway.connections.add(self)
+
+    def _on_handshake_completed(self, alpn_protocol: str | None) -> None:
+        if self.refused:
+            self.close(CLOSE_OVERLOADED, "gateway at its connection limit")
 
     # -- QUIC hooks ------------------------------------------------------------------
 

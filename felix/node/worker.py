@@ -27,13 +27,14 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import uvloop
 
 from felix import ipc
+from felix.errors import FelixError
 from felix.gateway.gateway import Gateway, connection_class
 from felix.gateway.links import Deliver
 from felix.ipc import Kind
@@ -42,6 +43,7 @@ from felix.quic import load_engine, serve_on_socket
 from felix.ring import Ring, RingReader
 from felix.shard.core import ShardCore, ShardSettings
 from felix.shard.offsets import OffsetReservations
+from felix.shard.resources import cache_settings, stream_settings, unsupported
 from felix.tls import node_certificates
 
 log = logging.getLogger("felix.node")
@@ -229,11 +231,33 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
             "memory_used": core.memory_used,
             "caches": core.caches,
         },
-        on_command=lambda cmd: None,
+        on_command=lambda cmd: apply_resource(core, config, cmd, send_out),
     )
     for r in readers:
         r.stop()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def apply_resource(
+    core: ShardCore, config: NodeConfig, cmd: dict[str, Any], flush: Callable[[], None]
+) -> None:
+    """Apply a control-plane resource the supervisor sent (``define`` / ``delete``)."""
+    kind, path, spec = cmd.get("kind"), tuple(cmd.get("path", ())), cmd.get("spec") or {}
+    try:
+        if cmd["cmd"] == "define" and kind == "stream":
+            key = ipc.stream_key(*path)
+            for what in unsupported(spec):
+                log.warning("stream %s: %s is not supported yet", key, what)
+            core.define_stream(key, stream_settings(spec, config.stream_defaults))
+        elif cmd["cmd"] == "define" and kind == "cache":
+            core.define_cache(path, cache_settings(spec, config.cache_defaults, config.shards))
+        elif cmd["cmd"] == "delete" and kind == "stream":
+            core.delete_stream(ipc.stream_key(*path))
+        elif cmd["cmd"] == "delete" and kind == "cache":
+            core.delete_cache(path)
+    except FelixError as exc:
+        log.error("cannot apply %s %s %s: %s", cmd["cmd"], kind, "/".join(path), exc)
+    flush()
 
 
 def _shed_pushes(queue: deque[bytes], stats: dict[str, int]) -> None:

@@ -29,6 +29,7 @@ from felix.ipc import Kind
 from felix.names import validate_name
 from felix.shard.cache import CachePartition, CacheSettings
 from felix.shard.offsets import OffsetReservations
+from felix.shard.resources import cache_settings
 from felix.shard.stream_log import StreamLog, StreamSettings
 
 log = logging.getLogger("felix.shard")
@@ -37,6 +38,11 @@ log = logging.getLogger("felix.shard")
 MAX_READ_RECORDS = 4096
 #: Bytes per READ reply at most (a READ always returns at least one record).
 MAX_READ_BYTES = 1024 * 1024
+
+
+#: Slow-subscriber policies as the aux of a SUBSCRIBED reply record.
+POLICY_CODES = {"drop_old": 0, "disconnect": 1}
+POLICY_NAMES = {code: name for name, code in POLICY_CODES.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,9 +184,14 @@ class ShardCore:
         else:
             reply = self._dispatch(msg, now)
             if isinstance(msg, wire.Subscribe) and reply[wire.HEADER_SIZE] == wire.OP_SUBSCRIBED:
-                # The gateway now has a subscriber here: send it this stream's live records.
+                # The gateway now has a subscriber here: send it this stream's live records,
+                # and tell it the stream's slow-subscriber policy (in the record's aux).
                 key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
                 self._watch_key(gateway, key)
+                policy = self._streams[key].log.settings.slow_subscriber_policy
+                aux = POLICY_CODES.get(policy, 0)
+                self._emit(gateway, ipc.encode(Kind.REPLY, token, aux, reply))
+                return
         self._emit(gateway, ipc.encode(Kind.REPLY, token, 0, reply))
 
     def _dispatch(self, msg: wire.ExtMessage, now: float) -> bytes:
@@ -230,17 +241,7 @@ class ShardCore:
 
     def _partition_settings(self) -> CacheSettings:
         # A cache is spread over every shard by key: each holds its share of the budget.
-        d = self.settings.cache_defaults
-        share = max(
-            d.budget_bytes // self.settings.shards, d.max_key_bytes + d.max_value_bytes + 256
-        )
-        return CacheSettings(
-            budget_bytes=share,
-            max_key_bytes=d.max_key_bytes,
-            max_value_bytes=d.max_value_bytes,
-            default_ttl=d.default_ttl,
-            max_ttl=d.max_ttl,
-        )
+        return cache_settings({}, self.settings.cache_defaults, self.settings.shards)
 
     def _cache_get(self, msg: wire.ExtMessage, now: float) -> bytes:
         assert isinstance(msg, wire.CacheRequest)
@@ -277,10 +278,12 @@ class ShardCore:
 
     # streams
 
-    def _stream(self, key: str, names: tuple[str, str, str] | None = None) -> _Stream:
+    def _stream(
+        self, key: str, names: tuple[str, str, str] | None = None, *, force: bool = False
+    ) -> _Stream:
         stream = self._streams.get(key)
         if stream is None:
-            if not self.settings.auto_create:
+            if not self.settings.auto_create and not force:
                 raise NotFound(f"stream {key} does not exist")
             parts = names or tuple(key.split("/"))
             if len(parts) != 3:
@@ -394,6 +397,50 @@ class ShardCore:
             self._out[gateway] = [record]
         else:
             out.append(record)
+
+    # -- resources defined by the control plane ------------------------------------------
+
+    def define_stream(self, key: str, settings: StreamSettings) -> None:
+        """Create the stream with ``settings``, or apply them to the existing stream."""
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._stream(key, force=True)
+        before = stream.log.retained_bytes
+        stream.log.reconfigure(settings)
+        self._stream_bytes -= before - stream.log.retained_bytes
+
+    def delete_stream(self, key: str) -> bool:
+        """Remove the stream; every gateway watching it is told to end its subscriptions."""
+        stream = self._streams.pop(key, None)
+        if stream is None:
+            return False
+        self._stream_bytes -= stream.log.retained_bytes
+        record = ipc.encode(Kind.END, 0, 0, ipc.encode_key(key))
+        for gateway in stream.watchers:
+            self._emit(gateway, record)
+        if self._offsets is not None:
+            # Keep a re-created stream's offsets above everything this one issued.
+            self._offsets.remove(key)
+        return True
+
+    def define_cache(self, scope: tuple[str, str, str], settings: CacheSettings) -> None:
+        """Create the cache partition with ``settings`` (its share), or replace its limits.
+
+        Changing the limits of an existing partition starts it afresh (cached data is
+        disposable; the budget must never be exceeded).
+        """
+        old = self._caches.pop(scope, None)
+        if old is not None:
+            self._cache_reserved -= old.settings.budget_bytes
+        self._caches[scope] = CachePartition(settings)
+        self._cache_reserved += settings.budget_bytes
+
+    def delete_cache(self, scope: tuple[str, str, str]) -> bool:
+        cache = self._caches.pop(scope, None)
+        if cache is None:
+            return False
+        self._cache_reserved -= cache.settings.budget_bytes
+        return True
 
     # -- introspection (metrics, tests) ----------------------------------------------
 

@@ -400,6 +400,15 @@ class StreamLog:
         self._count = count + n
         return base, n
 
+    def reconfigure(self, settings: StreamSettings) -> None:
+        """Apply new limits now (a smaller replay ring evicts the oldest records at once)."""
+        self.settings = settings
+        self._max_records = settings.replay_max_records
+        self._max_bytes = settings.replay_max_bytes
+        self._max_record_bytes = settings.max_record_bytes
+        if self._count:
+            self._evict_for(0, 0)
+
     def trim(self, nbytes: int) -> int:
         """Evict the oldest records until ``nbytes`` accounted bytes are freed (or none are left).
 

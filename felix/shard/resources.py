@@ -1,0 +1,55 @@
+"""Control-plane resource specs as the settings a shard applies.
+
+The control plane stores specs as plain JSON (felix/control/model.py); a shard
+turns them into :class:`StreamSettings` and :class:`CacheSettings` here, against
+the node's defaults. Settings a shard does not act on yet (durability, retention
+by age, fsync, queue defaults, region) are stored by the control plane and
+ignored here; ``unsupported`` names them so the node can say so in its log.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from felix.shard.cache import CacheSettings
+from felix.shard.stream_log import RECORD_OVERHEAD, StreamSettings
+
+log = logging.getLogger("felix.shard")
+
+
+def stream_settings(spec: dict[str, Any], defaults: StreamSettings) -> StreamSettings:
+    replay_bytes = int(spec.get("replay_max_bytes", defaults.replay_max_bytes))
+    if spec.get("retention_bytes"):
+        replay_bytes = min(replay_bytes, int(spec["retention_bytes"]))
+    return StreamSettings(
+        replay_max_records=int(spec.get("replay_max_records", defaults.replay_max_records)),
+        replay_max_bytes=replay_bytes,
+        max_record_bytes=min(defaults.max_record_bytes, replay_bytes - RECORD_OVERHEAD),
+        slow_subscriber_policy=spec.get("slow_subscriber_policy", defaults.slow_subscriber_policy),
+    )
+
+
+def cache_settings(spec: dict[str, Any], defaults: CacheSettings, shards: int) -> CacheSettings:
+    """One shard's partition of the cache: its share of the budget (keys spread by hash)."""
+    budget = int(spec.get("budget_bytes", defaults.budget_bytes))
+    max_value = int(spec.get("max_value_bytes", defaults.max_value_bytes))
+    default_ttl = spec.get("default_ttl_s", defaults.default_ttl)
+    share = max(budget // shards, defaults.max_key_bytes + max_value + 256)
+    return CacheSettings(
+        budget_bytes=share,
+        max_key_bytes=defaults.max_key_bytes,
+        max_value_bytes=max_value,
+        default_ttl=None if default_ttl is None else min(float(default_ttl), defaults.max_ttl),
+        max_ttl=defaults.max_ttl,
+    )
+
+
+def unsupported(spec: dict[str, Any]) -> list[str]:
+    """Stream settings this node stores but does not honour yet."""
+    out = []
+    if spec.get("durable"):
+        out.append("durable (streams are in memory)")
+    if spec.get("retention_age_s"):
+        out.append("retention_age_s (retention is by records and bytes)")
+    return out

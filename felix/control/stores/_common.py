@@ -1,0 +1,156 @@
+"""Rules every store backend shares, so memory, SQLite and PostgreSQL cannot drift apart.
+
+The backends only decide *where* resources and changes live; what is valid
+(names, specs, parents), how a patch merges, which order a cascade deletes in
+and when a feed cursor is too old are decided here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from felix.control.model import PARENT, Kind, Path, Resource, check_path, validate_spec
+from felix.control.store import CursorTooOld, HasChildren, VersionConflict
+from felix.errors import BadRequest, NotFound, Overloaded
+
+__all__ = [
+    "DEFAULT_FEED_RETENTION",
+    "DEFAULT_MAX_CHILDREN",
+    "MAX_PAGE",
+    "Key",
+    "cascade_order",
+    "check_children",
+    "check_create",
+    "check_feed_retention",
+    "check_list_parent",
+    "check_page",
+    "check_version",
+    "feed_limit",
+    "merge_spec",
+    "missing",
+    "parent_of",
+    "utcnow",
+]
+
+#: Changes kept in the feed before the oldest are trimmed.
+DEFAULT_FEED_RETENTION = 100_000
+#: Resources allowed directly under one parent (tenants under the root count too).
+DEFAULT_MAX_CHILDREN = 10_000
+#: Largest page ``changes`` returns, whatever ``limit`` asks for ("at most limit" still holds).
+MAX_PAGE = 10_000
+
+#: How a resource is identified inside a store: a stream and a cache may share a path.
+Key = tuple[Kind, Path]
+
+
+def utcnow() -> datetime:
+    """The default clock: timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def missing(kind: Kind, path: Path) -> NotFound:
+    return NotFound(f"{kind} {'/'.join(path)} does not exist")
+
+
+def parent_of(kind: Kind, path: Path) -> Key | None:
+    """The key of the resource ``path`` lives under (None for a tenant)."""
+    parent_kind = PARENT[kind]
+    return None if parent_kind is None else (parent_kind, path[:-1])
+
+
+def check_create(
+    kind: Kind, path: Path, spec: dict[str, Any] | None
+) -> tuple[Path, dict[str, Any]]:
+    """Validated ``path`` and the full spec (defaults filled in); raises BadRequest."""
+    path = check_path(kind, tuple(path))
+    return path, validate_spec(kind, spec)
+
+
+def check_list_parent(kind: Kind, parent: Path) -> Key | None:
+    """Validate the ``parent`` a listing of ``kind`` names; its key (None: the root)."""
+    parent = tuple(parent)
+    parent_kind = PARENT[kind]
+    if parent_kind is None:
+        if parent != ():
+            raise BadRequest(f"a {kind} has no parent, got {'/'.join(parent)!r}")
+        return None
+    return parent_kind, check_path(parent_kind, parent)
+
+
+def check_children(parent: Path, count: int, max_children: int) -> None:
+    """Refuse a create that would put more than ``max_children`` under ``parent``."""
+    if count >= max_children:
+        where = "/".join(parent) or "the root"
+        raise Overloaded(f"{where} already holds {count} resources (limit {max_children})")
+
+
+def merge_spec(kind: Kind, current: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """The validated spec after applying ``patch`` to ``current``.
+
+    Top-level keys replace; a nested object (such as ``queue``) merges one level,
+    so ``{"queue": {"max_deliveries": 3}}`` keeps the other queue settings.
+    Raises BadRequest if ``patch`` is not an object or the result is invalid.
+    """
+    if not isinstance(patch, dict):
+        raise BadRequest(f"a {kind} patch must be an object, got {type(patch).__name__}")
+    merged = dict(current)
+    for key, value in patch.items():
+        old = merged.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            merged[key] = {**old, **value}
+        else:
+            merged[key] = value
+    return validate_spec(kind, merged)
+
+
+def check_version(resource: Resource, if_version: int | None) -> None:
+    if if_version is not None and if_version != resource.version:
+        raise VersionConflict(
+            f"{resource.kind} {'/'.join(resource.path)} is at version {resource.version}, "
+            f"not {if_version}"
+        )
+
+
+def cascade_order(root: Resource, descendants: Iterable[Resource], cascade: bool) -> list[Resource]:
+    """The resources a delete of ``root`` removes, in the order their DELETEs are recorded.
+
+    Deepest first (streams and caches, then namespaces, then the root), so a
+    follower applying the feed never holds a resource whose parent is gone.
+    Raises HasChildren if there are descendants and ``cascade`` is false.
+    """
+    below = sorted(descendants, key=lambda r: (-len(r.path), r.path, r.kind.value))
+    if below and not cascade:
+        raise HasChildren(
+            f"{root.kind} {'/'.join(root.path)} has {len(below)} resources under it; "
+            "delete them first or cascade"
+        )
+    return [*below, root]
+
+
+def check_feed_retention(feed_retention: int) -> int:
+    if feed_retention < 1:
+        raise ValueError(f"feed_retention must be at least 1, got {feed_retention}")
+    return feed_retention
+
+
+def feed_limit(since: int, limit: int) -> int:
+    """Validate a ``changes`` request; the page size to use (``limit`` capped at MAX_PAGE)."""
+    if since < 0:
+        raise BadRequest(f"feed position must be >= 0, got {since}")
+    if limit < 1:
+        raise BadRequest(f"feed page limit must be >= 1, got {limit}")
+    return min(limit, MAX_PAGE)
+
+
+def check_page(since: int, first_position: int | None) -> None:
+    """Raise CursorTooOld if a page read after ``since`` does not start right after it.
+
+    Positions have no gaps, and the newest change is always retained, so the
+    only way the first change after ``since`` is not ``since + 1`` is that it was
+    trimmed. Checking the page itself (rather than a separately read "oldest")
+    is race-free: a trim between two queries cannot open a silent gap.
+    """
+    if first_position is not None and first_position != since + 1:
+        raise CursorTooOld(since, first_position)

@@ -43,7 +43,18 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument(
         "--control",
         default="127.0.0.1:8443",
-        help="REST API HOST:PORT (reserved: the control plane is not part of this release)",
+        help="REST API HOST:PORT of the embedded control plane (port 0 picks a free one)",
+    )
+    up.add_argument(
+        "--control-store",
+        metavar="URL",
+        help="store of the embedded control plane: sqlite:///PATH (default "
+        "DATA_DIR/control.db), postgresql://..., memory://",
+    )
+    up.add_argument(
+        "--control-url",
+        metavar="URL",
+        help="follow this control plane (felix control) instead of embedding one",
     )
     up.add_argument("--gateways", type=int, default=cores, help=f"gateway processes ({cores})")
     up.add_argument("--shards", type=int, default=cores, help=f"shard processes ({cores})")
@@ -58,6 +69,12 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--no-auto-create",
         action="store_true",
         help="refuse requests for streams and caches that do not exist yet",
+    )
+    up.add_argument(
+        "--embedded-shards",
+        action="store_true",
+        help="host the shards inside the gateway process (needs --gateways 1): no ring hop, "
+        "for one-core machines and latency experiments",
     )
     up.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
     up.add_argument("--tls-key", type=Path, help="server private key (PEM)")
@@ -108,6 +125,9 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         ring_bytes=parse_size(args.ring_bytes),
         drain_grace=args.drain_grace,
         engine=args.engine,
+        control_store=args.control_store,
+        control_url=args.control_url,
+        embedded_shards=args.embedded_shards,
         limits=GatewayLimits(slow_subscriber_policy=args.slow_subscriber),
         stream_defaults=StreamSettings(
             replay_max_records=args.replay_records,
@@ -119,6 +139,59 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
             budget_bytes=parse_size(args.cache_budget), max_ttl=args.cache_max_ttl
         ),
     )
+
+
+def _add_control(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    control = sub.add_parser(
+        "control",
+        help="run the control plane (REST API) alone",
+        description="Serve the control plane's REST API on its own, e.g. with PostgreSQL "
+        "behind several nodes (which follow it with felix up --control-url).",
+    )
+    control.add_argument(
+        "--store",
+        default="sqlite:///control.db",
+        help="postgresql://..., sqlite:///PATH, memory://",
+    )
+    control.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT")
+    control.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback address without authentication",
+    )
+    control.add_argument("--region", default="local", help="the region this cluster is")
+    control.set_defaults(func=_run_control)
+
+
+def _run_control(args: argparse.Namespace) -> int:
+    import uvicorn
+    import uvloop
+
+    from felix.control.api import create_app
+    from felix.control.stores import open_store
+    from felix.node.config import is_loopback
+
+    host, port = parse_address(args.listen, 8443)
+    if not is_loopback(host) and not args.insecure:
+        raise ConfigError(
+            f"--listen {host} is not loopback: refusing without --insecure until "
+            "authentication is configured"
+        )
+    store = open_store(args.store)
+
+    async def serve() -> None:
+        await store.open()
+        try:
+            app = create_app(store, region=args.region)
+            config = uvicorn.Config(
+                app, host=host, port=port, lifespan="off", timeout_graceful_shutdown=2
+            )
+            await uvicorn.Server(config).serve()
+        finally:
+            await store.close()
+
+    uvloop.run(serve())
+    return 0
 
 
 def _run_up(args: argparse.Namespace) -> int:
@@ -137,12 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_up(sub)
+    _add_control(sub)
+    from felix.client.cli import add_commands as add_client_commands
+
+    add_client_commands(sub)
     try:
-        from felix.client.cli import add_commands
-    except ImportError:  # the client CLI is optional in a minimal install
+        from felix.control.cli import add_commands as add_control_commands
+    except ImportError:  # pragma: no cover - removed once the control CLI lands
         pass
     else:
-        add_commands(sub)
+        add_control_commands(sub)
     return parser
 
 

@@ -112,7 +112,7 @@ def _fanout_percentiles(stamps_delta: list[int]) -> tuple[float, float]:
 
 
 class FelixNode:
-    def __init__(self, gateways: int, shards: int) -> None:
+    def __init__(self, gateways: int, shards: int, embedded: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="felix-bench-"))
         self.proc = subprocess.Popen(
             [
@@ -130,6 +130,9 @@ class FelixNode:
                 str(shards),
                 "--data-dir",
                 str(self.dir / "data"),
+                "--control",
+                "127.0.0.1:0",
+                *(["--embedded-shards"] if embedded else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -269,8 +272,9 @@ async def run_all(args: argparse.Namespace) -> None:
     ]
     await _print_rows(rows, args.repeats)
     for topology in args.topologies.split(","):
-        gateways, shards = (int(x) for x in topology.split("x"))
-        node = FelixNode(gateways, shards)
+        embedded = topology.endswith("e")
+        gateways, shards = (int(x) for x in topology.removesuffix("e").split("x"))
+        node = FelixNode(gateways, shards, embedded)
         try:
             rows = [
                 (
@@ -309,7 +313,12 @@ async def _print_rows(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--topologies", default="1x1,2x2", help="gateways x shards, comma separated")
+    ap.add_argument(
+        "--topologies",
+        default="1x1,2x2,1x2e",
+        help="gateways x shards, comma separated; a trailing e hosts the shards in the "
+        "gateway (--embedded-shards)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--n", type=int, default=2000)
     args = ap.parse_args()

@@ -33,6 +33,7 @@ class NodeProcess:
             str(data_dir),
             "--memory-budget",
             "512MiB",
+            *([] if "--control" in args else ["--control", "127.0.0.1:0"]),
             *args,
         ]
         self.log_path = data_dir.parent / f"{data_dir.name}.log"

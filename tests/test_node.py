@@ -178,7 +178,9 @@ def test_client_reconnects_and_resubscribes_after_kill_9_of_its_gateway(
 
     async def main() -> None:
         url = f"felix://{node.host}:{node.port}"
-        async with felix.connect(url, ca=node.ca_file, reconnect_backoff=(0.05, 0.5)) as pub:
+        async with felix.connect(
+            url, ca=node.ca_file, reconnect_backoff=(0.05, 0.5), keepalive=0.5, request_timeout=2
+        ) as pub:
             clients = [
                 await felix.connect(
                     url, ca=node.ca_file, reconnect_backoff=(0.05, 0.5), keepalive=0.5
@@ -197,7 +199,7 @@ def test_client_reconnects_and_resubscribes_after_kill_9_of_its_gateway(
                     try:
                         await pub.publish("s", b"%d" % i)
                         break
-                    except felix.ConnectionLost:
+                    except (felix.ConnectionLost, felix.FelixTimeoutError):
                         await asyncio.sleep(0.1)
             for sub in subs:
                 got = [int((await sub.next(timeout=15)).data) for _ in range(10)]
@@ -233,3 +235,26 @@ def test_hostile_peers_never_crash_a_process(node: NodeProcess) -> None:
     run(main, timeout=60)
     assert node.refresh()["processes"] == before
     assert node.refresh()["restarts"] == {name: 0 for name in before}
+
+
+def test_embedded_shards_knob_serves_without_shard_processes(tmp_path: Path) -> None:
+    import felix
+
+    n = NodeProcess(tmp_path / "node", "--embedded-shards", gateways=1, shards=2)
+    try:
+        assert set(n.info["processes"]) == {"gateway-0"}
+
+        async def main() -> None:
+            url = f"felix://{n.host}:{n.port}"
+            async with felix.connect(url, ca=n.ca_file) as client:
+                await client.cache("c").set("k", b"v", ttl=60)
+                assert await client.cache("c").get("k") == b"v"
+                async with client.subscribe("s", start="earliest") as sub:
+                    acks = [await client.publish("s", b"%d" % i) for i in range(20)]
+                    assert [a.offset for a in acks if a is not None] == list(range(20))
+                    got = [(await sub.next(timeout=5)).data for _ in range(20)]
+                    assert got == [b"%d" % i for i in range(20)]
+
+        run(main, timeout=30)
+    finally:
+        assert n.stop() == 0

@@ -75,10 +75,14 @@ class LocalShards:
         if self._closed:
             return False
         self._cores[shard].handle(self._gateway, record, self._clock())
+        self.flush_soon()
+        return True
+
+    def flush_soon(self) -> None:
+        """Deliver what the cores produced at the end of this loop tick (once per tick)."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
-        return True
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -93,6 +93,12 @@ class NodeConfig:
     ring_bytes: int = 4 * 1024**2
     drain_grace: float = 10.0
     engine: str = "qh3"
+    #: Store of the embedded control plane (None: SQLite at DATA_DIR/control.db).
+    control_store: str | None = None
+    #: Follow this remote control plane instead of embedding one (``felix control``).
+    control_url: str | None = None
+    #: Host the shard cores inside the (single) gateway process: no ring hop.
+    embedded_shards: bool = False
     limits: GatewayLimits = field(default_factory=GatewayLimits)
     stream_defaults: StreamSettings = field(default_factory=StreamSettings)
     cache_defaults: CacheSettings = field(default_factory=CacheSettings)
@@ -100,9 +106,11 @@ class NodeConfig:
     def __post_init__(self) -> None:
         if self.gateways < 1 or self.shards < 1:
             raise ConfigError("--gateways and --shards must be at least 1")
+        if self.embedded_shards and self.gateways != 1:
+            raise ConfigError("--embedded-shards needs --gateways 1 (shards live in the gateway)")
         if self.gateways * self.shards > 256:
             raise ConfigError("gateways x shards is limited to 256 (one ring pair each)")
-        for name in ("listen", "http"):
+        for name in ("listen", "http", "control"):
             host, _ = getattr(self, name)
             if not is_loopback(host) and not self.insecure:
                 raise ConfigError(

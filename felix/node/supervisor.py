@@ -29,7 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from felix.control.store import Store
+from felix.control.stores import open_store
 from felix.node.config import NodeConfig, is_loopback
+from felix.node.control import ControlFollower, EmbeddedControl, FeedSource, HttpFeed, StoreFeed
 from felix.node.health import HealthServer
 from felix.node.worker import SPEC_ENV, ChildSpec, RingSpec
 from felix.quic import bind_udp
@@ -74,7 +77,10 @@ class Supervisor:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.shards = [Child("shard", i) for i in range(config.shards)]
+        # With embedded shards the only child is the gateway that hosts them.
+        self.shards = (
+            [] if config.embedded_shards else [Child("shard", i) for i in range(config.shards)]
+        )
         self.gateways = [Child("gateway", i) for i in range(config.gateways)]
         self._sockets: list[socket.socket] = []
         # _req[g][s]: gateway g -> shard s; _rep[s][g]: shard s -> gateway g.
@@ -85,6 +91,9 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self.health: HealthServer | None = None
+        self.follower: ControlFollower | None = None
+        self.control: EmbeddedControl | None = None
+        self._control_store: Store | None = None
         self.port = 0
         self.ca_path: Path | None = None
 
@@ -93,7 +102,8 @@ class Supervisor:
         return [*self.shards, *self.gateways]
 
     def ready(self) -> bool:
-        return not self._stopping and all(c.ready.is_set() for c in self.children)
+        seeded = self.follower is not None and self.follower.seeded.is_set()
+        return seeded and not self._stopping and all(c.ready.is_set() for c in self.children)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -128,12 +138,14 @@ class Supervisor:
             port = sock.getsockname()[1]  # port 0: every later socket joins the picked port
             self._sockets.append(sock)
         self.port = port
-        self._make_rings()
+        if not config.embedded_shards:
+            self._make_rings()
         self.health = HealthServer(self)
         await self.health.start(*config.http)
         for child in self.shards:
             await self._spawn(child)
         await self._wait_ready(self.shards)
+        await self._start_control(certs.server_cert, certs.server_key)
         for child in self.gateways:
             await self._spawn(child)
         await self._wait_ready(self.gateways)
@@ -141,10 +153,43 @@ class Supervisor:
         http_host, http_port = self.health.address
         print(
             f"felix ready quic={_fmt(host, self.port)} http={_fmt(http_host, http_port)} "
+            f"control={self._control_url()} "
             f"ca={self.ca_path} gateways={config.gateways} shards={config.shards} "
             f"pid={os.getpid()} data={config.data_dir}",
             flush=True,
         )
+
+    async def _start_control(self, cert: Path, key: Path) -> None:
+        """Serve (or reach) the control plane and seed the shards before gateways start."""
+        config = self.config
+        source: FeedSource
+        if config.control_url:
+            source = HttpFeed(config.control_url)
+        else:
+            url = config.control_store or f"sqlite:///{config.data_dir / 'control.db'}"
+            self._control_store = open_store(url)
+            await self._control_store.open()
+            host, port = config.control
+            tls = None if is_loopback(host) else (cert, key)
+            self.control = EmbeddedControl(
+                self._control_store, host, port, tls=tls, node_info=self.node_info
+            )
+            await self.control.start()
+            source = StoreFeed(self._control_store)
+
+        def send(shard: int, cmd: dict[str, Any]) -> None:
+            if config.embedded_shards:
+                self.gateways[0].send(shard=shard, **cmd)
+            else:
+                self.shards[shard].send(**cmd)
+
+        self.follower = ControlFollower(source, config.shards, send)
+        task = asyncio.get_running_loop().create_task(self.follower.run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if not self.follower.seeded.is_set():
+            log.info("waiting for the control plane to seed this node")
+        await self.follower.seeded.wait()
 
     def _make_rings(self) -> None:
         config = self.config
@@ -172,7 +217,9 @@ class Supervisor:
         def specs(rings: list[Ring]) -> list[RingSpec]:
             return [RingSpec(r.name, r.doorbell_fd) for r in rings]
 
-        if child.role == "shard":
+        if self.config.embedded_shards:
+            inbound, outbound = [], []
+        elif child.role == "shard":
             inbound = [self._req[g][child.index] for g in range(self.config.gateways)]
             outbound = self._rep[child.index]
         else:
@@ -266,6 +313,12 @@ class Supervisor:
             if child.proc is not None:
                 child.proc.kill()
             return
+        if self.follower is not None:
+            if child.role == "shard":
+                self.follower.replay(child.index)
+            elif self.config.embedded_shards:  # its shard cores restarted with it
+                for shard in range(self.config.shards):
+                    self.follower.replay(shard)
         if child.role == "shard":
             for gateway in self.gateways:
                 gateway.send(cmd="shard_up", shard=child.index)
@@ -308,6 +361,10 @@ class Supervisor:
         await self._reap(timeout=max(grace / 2, 2.0))
         if self.health is not None:
             await self.health.stop()
+        if self.control is not None:
+            await self.control.stop()
+        if self._control_store is not None:
+            await self._control_store.close()
 
     async def _reap(self, timeout: float) -> None:
         procs = [c.proc for c in self.children if c.proc is not None and c.proc.returncode is None]
@@ -348,13 +405,17 @@ class Supervisor:
         return {
             "quic": _fmt(host, self.port),
             "http": _fmt(*http),
-            # The control plane (REST API) is not part of this node yet.
-            "control": None,
+            "control": self._control_url(),
             "ca": str(self.ca_path) if self.ca_path else None,
             "pid": os.getpid(),
             "processes": {c.name: c.proc.pid for c in self.children if c.proc is not None},
             "restarts": {c.name: c.restarts for c in self.children},
         }
+
+    def _control_url(self) -> str | None:
+        if self.control is not None:
+            return f"{self.control.scheme}://{_fmt(*self.control.address)}"
+        return self.config.control_url
 
     def _write_node_json(self) -> None:
         path = self.config.data_dir / "node.json"

@@ -36,7 +36,7 @@ import uvloop
 from felix import ipc
 from felix.errors import FelixError
 from felix.gateway.gateway import Gateway, connection_class
-from felix.gateway.links import Deliver
+from felix.gateway.links import Deliver, LocalShards, ShardLinks
 from felix.ipc import Kind
 from felix.node.config import NodeConfig
 from felix.quic import load_engine, serve_on_socket
@@ -161,18 +161,22 @@ class RingLinks:
 # --- shard -------------------------------------------------------------------------------
 
 
-async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
-    config = spec.config
+def new_shard_core(config: NodeConfig, index: int) -> ShardCore:
+    """Shard ``index`` of the node, with its share of the budget and its offset file."""
     settings = ShardSettings(
-        index=spec.index,
+        index=index,
         shards=config.shards,
         stream_defaults=config.stream_defaults,
         cache_defaults=config.cache_defaults,
         auto_create=config.auto_create,
         memory_budget=config.memory_budget // config.shards,
     )
-    offsets = OffsetReservations(config.data_dir / f"shard-{spec.index}.offsets")
-    core = ShardCore(settings, offsets)
+    return ShardCore(settings, OffsetReservations(config.data_dir / f"shard-{index}.offsets"))
+
+
+async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
+    config = spec.config
+    core = new_shard_core(config, spec.index)
     inbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.inbound]
     outbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.outbound]
     # Requests left in our rings by a previous incarnation were already failed by the
@@ -275,13 +279,23 @@ def _shed_pushes(queue: deque[bytes], stats: dict[str, int]) -> None:
 
 async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
     config = spec.config
-    outbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.outbound]
-    inbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.inbound]
-    links = RingLinks(outbound, inbound)
+    links: ShardLinks
+    cores: list[ShardCore] = []
+    if config.embedded_shards:
+        # The knob for one-core machines and latency experiments: the shard cores live
+        # in this process and requests skip the ring hop (and its wake-up).
+        cores = [new_shard_core(config, i) for i in range(config.shards)]
+        local = LocalShards(cores)
+        links = local
+    else:
+        outbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.outbound]
+        inbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.inbound]
+        links = RingLinks(outbound, inbound)
     gateway = Gateway(spec.index, links, config.limits, incarnation=spec.incarnation)
-    for shard in range(config.shards):
-        # Tell every shard this gateway (re)started: its old watches are void.
-        links.send(shard, ipc.encode(Kind.HELLO, 0, spec.index, b""))
+    if not cores:
+        for shard in range(config.shards):
+            # Tell every shard this gateway (re)started: its old watches are void.
+            links.send(shard, ipc.encode(Kind.HELLO, 0, spec.index, b""))
     quic = load_engine(config.engine)
     certs = node_certificates(config.data_dir / "tls", cert=config.tls_cert, key=config.tls_key)
     sock = socket.socket(fileno=spec.udp_fd)
@@ -292,7 +306,9 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
     control.send(event="ready")
 
     async def on_command(cmd: dict[str, Any]) -> None:
-        if cmd["cmd"] == "shard_down":
+        if cmd["cmd"] in ("define", "delete") and cores:
+            apply_resource(cores[cmd["shard"]], config, cmd, local.flush_soon)
+        elif cmd["cmd"] == "shard_down":
             gateway.shard_down(cmd["shard"])
         elif cmd["cmd"] == "shard_up":
             gateway.shard_up(cmd["shard"])

@@ -1,0 +1,774 @@
+"""The control plane's REST API (FastAPI): tenants, namespaces, streams, caches, change feed.
+
+``create_app(store)`` returns the ASGI app; serve it with uvicorn. The OpenAPI
+document is at ``/v1/openapi.json`` and interactive docs at ``/docs``.
+
+Resources, each with list / create / get / update / delete::
+
+    /v1/tenants[/{tenant}]
+    /v1/tenants/{tenant}/namespaces[/{ns}]
+    /v1/tenants/{tenant}/namespaces/{ns}/streams[/{stream}]
+    /v1/tenants/{tenant}/namespaces/{ns}/caches[/{cache}]
+
+- Create: POST to the collection with ``name`` and settings in the body; 201
+  with ``Location`` and ``ETag``. Update: PATCH with the settings to change.
+- Every resource has a version, sent as its ``ETag`` (``"3"``). PATCH and
+  DELETE take ``If-Match`` (``"3"``, ``3`` or ``*``) and answer 412 when the
+  stored version differs.
+- Deleting a tenant or namespace with resources under it is refused (409)
+  unless ``?cascade=true``.
+- ``GET /v1/snapshot`` is the full state and the feed position it reflects;
+  ``GET /v1/changes?since=N&limit=L&wait=S`` pages the changes after N, waiting
+  up to S seconds for one when there are none yet (long-polling). A position
+  the feed cannot continue from answers 410 (re-snapshot).
+- ``/v1/system/info``, ``/v1/system/health``, ``/v1/regions``.
+
+Errors are RFC 9457 problems (``application/problem+json``), mapped from felix
+errors in one table (:data:`felix.control.schemas.PROBLEM_TYPES`): 400
+BadRequest (names, settings, headers), 422 a request that does not match the
+OpenAPI schema, 404 NotFound, 409 AlreadyExists / HasChildren, 412
+VersionConflict, 410 CursorTooOld, 503 Overloaded / Unavailable.
+
+No authentication yet (the node serves this API on loopback only, unless told
+``--insecure``); :func:`authenticate` is the seam where it goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+
+import felix
+from felix.control.model import Kind, Path, Resource, check_path
+from felix.control.schemas import (
+    IF_MATCH_MAX_CHARS,
+    IF_MATCH_PATTERN,
+    NAME_DESCRIPTION,
+    NAME_SCHEMA,
+    PROBLEM_TYPES,
+    CacheCreate,
+    CacheOut,
+    CachePatch,
+    ChangeOut,
+    ChangePage,
+    Deleted,
+    Health,
+    NamespaceCreate,
+    NamespaceOut,
+    NamespacePatch,
+    Problem,
+    ProblemType,
+    ProblemTypeDoc,
+    Region,
+    RegionList,
+    ResourceList,
+    ResourceRef,
+    Snapshot,
+    StoreHealth,
+    StreamCreate,
+    StreamOut,
+    StreamPatch,
+    SystemInfo,
+    TenantCreate,
+    TenantOut,
+    TenantPatch,
+    etag,
+    parse_if_match,
+    resource_out,
+    resource_url,
+)
+from felix.control.store import CursorTooOld, Store, VersionConflict
+from felix.errors import BadRequest, FelixError, NotFound
+
+__all__ = [
+    "MAX_LIMIT",
+    "MAX_WAIT",
+    "PROBLEM_MEDIA_TYPE",
+    "authenticate",
+    "create_app",
+    "parse_if_match",
+]
+
+log = logging.getLogger(__name__)
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+#: Longest long-poll of ``GET /v1/changes``, in seconds.
+MAX_WAIT = 30.0
+#: Largest page of ``GET /v1/changes``.
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+#: How long ``GET /v1/system/health`` waits for the store, in seconds.
+HEALTH_TIMEOUT = 5.0
+
+_Out = TypeVar("_Out", bound=BaseModel)
+
+
+# -- wiring --------------------------------------------------------------------------------
+
+
+_DESCRIPTION = """\
+Tenants, namespaces, streams and caches of a felix cluster, and the change feed
+brokers follow.
+
+- **Create**: POST to a collection with `name` and settings; 201 with `Location`
+  and `ETag`. **Update**: PATCH with the settings to change (a nested object such
+  as `queue` merges one level).
+- **Versions**: every resource has one, sent as its `ETag`; PATCH and DELETE take
+  `If-Match` and answer 412 when the stored version differs.
+- **Deletes** of a tenant or namespace with resources under it are refused (409)
+  unless `cascade=true`.
+- **Feed**: `GET /v1/snapshot`, then `GET /v1/changes?since=<position>&wait=30`
+  in a loop; 410 means re-snapshot.
+- **Errors** are `application/problem+json` (RFC 9457); each `type` URI is
+  documented at its URL.
+- **Names**: NAME_RULE.
+""".replace("NAME_RULE", NAME_DESCRIPTION)
+
+
+NodeInfo = dict[str, Any] | Callable[[], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class _Context:
+    store: Store
+    region: str
+    node_info: NodeInfo
+
+    def node(self) -> dict[str, Any]:
+        return self.node_info() if callable(self.node_info) else dict(self.node_info)
+
+
+def create_app(
+    store: Store, *, region: str = "local", node_info: NodeInfo | None = None
+) -> FastAPI:
+    """The control-plane API over ``store``.
+
+    The app does not open or close ``store``: the caller owns its lifecycle
+    (``await store.open()`` before serving, ``await store.close()`` after),
+    because the node shares one store between this API and other users of it.
+    Closing the store also ends long-polls that are waiting on it.
+
+    ``region`` is the node's region (the only one streams may name for now);
+    ``node_info`` is shown as ``node`` by ``GET /v1/system/info``: a dict, or a
+    function returning one (called per request, so it can stay current).
+    """
+    app = _App(
+        title="felix control plane",
+        version=felix.__version__,
+        description=_DESCRIPTION,
+        openapi_url="/v1/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.control = _Context(store, region, node_info or {})
+    app.include_router(_router, dependencies=[Depends(authenticate)])
+    app.add_exception_handler(FelixError, _on_felix_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(HTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)
+    return app
+
+
+async def authenticate(request: Request) -> None:
+    """Where authentication goes (a later issue): every /v1 route depends on this.
+
+    It accepts every request for now. It will read the bearer token and raise
+    Unauthenticated (401) or PermissionDenied (403); a deployment can already
+    replace it with ``app.dependency_overrides[authenticate] = ...``.
+    """
+
+
+def _context(request: Request) -> _Context:
+    context: _Context = request.app.state.control
+    return context
+
+
+def _store(request: Request) -> Store:
+    return _context(request).store
+
+
+StoreDep = Annotated[Store, Depends(_store)]
+ContextDep = Annotated[_Context, Depends(_context)]
+
+# -- problems ------------------------------------------------------------------------------
+
+#: The problem type for each felix error class (the nearest class in the MRO wins).
+_PROBLEM_FOR = {p.error: p for p in PROBLEM_TYPES.values() if p.slug != "validation-error"}
+
+
+def _problem_response(
+    status: int, type_: str, title: str, detail: str, **extensions: Any
+) -> JSONResponse:
+    body = {"type": type_, "title": title, "status": status, "detail": detail, **extensions}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE)
+
+
+def _problem_type(exc: BaseException) -> ProblemType:
+    for cls in type(exc).__mro__:
+        if cls in _PROBLEM_FOR:
+            return _PROBLEM_FOR[cls]
+    return PROBLEM_TYPES["internal-error"]
+
+
+async def _on_felix_error(request: Request, exc: Exception) -> Response:
+    problem = _problem_type(exc)
+    if problem.status >= 500 and problem.slug not in ("overloaded", "unavailable"):
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    extensions: dict[str, Any] = {}
+    if isinstance(exc, CursorTooOld):
+        extensions = {"since": exc.since, "oldest": exc.oldest}
+    return _problem_response(problem.status, problem.uri, problem.title, str(exc), **extensions)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    # Without "input" and "ctx": the caller knows what it sent, and a large body
+    # should not come back in the error.
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
+    if len(errors) > 5:
+        detail += f"; and {len(errors) - 5} more"
+    problem = PROBLEM_TYPES["validation-error"]
+    return _problem_response(
+        problem.status, problem.uri, problem.title, detail, errors=jsonable_encoder(errors)
+    )
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (no such route, method not allowed) as problems too."""
+    assert isinstance(exc, HTTPException)
+    try:
+        title = HTTPStatus(exc.status_code).phrase
+    except ValueError:
+        title = "Error"
+    detail = exc.detail if exc.detail != title else f"{request.method} {request.url.path}: {title}"
+    response = _problem_response(exc.status_code, "about:blank", title, detail)
+    response.headers.update(exc.headers or {})
+    if exc.status_code == 405:
+        # Starlette names only the first route's methods; a path has one route per method.
+        allowed = {
+            method
+            for route in _router.routes
+            if isinstance(route, APIRoute) and route.path_regex.match(request.url.path)
+            for method in route.methods or ()
+        }
+        if allowed:
+            response.headers["Allow"] = ", ".join(sorted(allowed))
+    return response
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> Response:
+    # Starlette still re-raises exc after this answer, so the server logs the traceback.
+    problem = PROBLEM_TYPES["internal-error"]
+    return _problem_response(problem.status, problem.uri, problem.title, "internal error")
+
+
+class _App(FastAPI):
+    """FastAPI, with the Problem schema among the OpenAPI components (see :func:`_errors`)."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components["Problem"] = Problem.model_json_schema()
+        return self.openapi_schema or {}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the problem statuses a route can answer."""
+    schema = {"$ref": "#/components/schemas/Problem"}
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        titles = sorted({p.title for p in PROBLEM_TYPES.values() if p.status == status})
+        responses[status] = {
+            "description": " / ".join(titles),
+            "content": {PROBLEM_MEDIA_TYPE: {"schema": schema}},
+        }
+    return responses
+
+
+# -- parameters ----------------------------------------------------------------------------
+
+
+def _name_param(what: str, example: str) -> Any:
+    return PathParam(
+        description=f"The {what}'s name: {NAME_DESCRIPTION}",
+        json_schema_extra=NAME_SCHEMA,
+        examples=[example],
+    )
+
+
+TenantName = Annotated[str, _name_param("tenant", "acme")]
+NamespaceName = Annotated[str, _name_param("namespace", "prod")]
+StreamName = Annotated[str, _name_param("stream", "orders")]
+CacheName = Annotated[str, _name_param("cache", "sessions")]
+
+
+def _if_match_schema(schema: dict[str, Any]) -> None:
+    # A header is text or absent: document a string with the pattern, not "string or null".
+    schema.pop("anyOf", None)
+    schema.update(type="string", pattern=IF_MATCH_PATTERN, maxLength=IF_MATCH_MAX_CHARS)
+
+
+IfMatch = Annotated[
+    str | None,
+    Header(
+        description='Only act if the stored version is this one: "3" (as sent in ETag), 3, '
+        "a list of them, or * for any version.",
+        json_schema_extra=_if_match_schema,
+    ),
+]
+Cascade = Annotated[
+    bool, Query(description="Also delete every resource under this one (children first).")
+]
+
+
+# -- resource operations, shared by every kind ---------------------------------------------
+
+
+def missing(kind: Kind, path: Path) -> NotFound:
+    return NotFound(f"{kind} {'/'.join(path)} does not exist")
+
+
+def _set_etag(response: Response, res: Resource) -> None:
+    response.headers["ETag"] = etag(res.version)
+
+
+async def _create(
+    ctx: _Context, response: Response, kind: Kind, path: Path, body: BaseModel
+) -> Resource:
+    path = check_path(kind, path)
+    spec = body.model_dump(mode="json", exclude={"name"}, exclude_unset=True)
+    if kind is Kind.STREAM:
+        _check_region(ctx, spec)
+    res = await ctx.store.create(kind, path, spec)
+    response.headers["Location"] = resource_url(kind, res.path)
+    _set_etag(response, res)
+    return res
+
+
+async def _get(store: Store, response: Response, kind: Kind, path: Path) -> Resource:
+    res = await store.get(kind, check_path(kind, path))
+    if res is None:
+        raise missing(kind, path)
+    _set_etag(response, res)
+    return res
+
+
+async def _if_version(store: Store, kind: Kind, path: Path, if_match: str | None) -> int | None:
+    """The version to pass the store for ``If-Match`` (None: unconditional)."""
+    allowed = parse_if_match(if_match)
+    if allowed is None:
+        return None
+    if len(allowed) == 1:
+        return next(iter(allowed))
+    # Several tags (or none that can match): compare with the stored version, then
+    # pass that to the store, which refuses if it changed in between.
+    current = await store.get(kind, path)
+    if current is None:
+        raise missing(kind, path)
+    if current.version not in allowed:
+        raise VersionConflict(
+            f"{kind} {'/'.join(path)} is at version {current.version}, not one of "
+            f"{sorted(allowed) or 'the tags in If-Match'}"
+        )
+    return current.version
+
+
+async def _update(
+    ctx: _Context,
+    response: Response,
+    kind: Kind,
+    path: Path,
+    body: BaseModel,
+    if_match: str | None,
+) -> Resource:
+    path = check_path(kind, path)
+    patch = body.model_dump(mode="json", exclude_unset=True)
+    if kind is Kind.STREAM:
+        _check_region(ctx, patch)
+    if_version = await _if_version(ctx.store, kind, path, if_match)
+    res = await ctx.store.update(kind, path, patch, if_version=if_version)
+    _set_etag(response, res)
+    return res
+
+
+async def _delete(
+    store: Store, kind: Kind, path: Path, if_match: str | None, cascade: bool = False
+) -> Deleted:
+    path = check_path(kind, path)
+    if_version = await _if_version(store, kind, path, if_match)
+    changes = await store.delete(kind, path, cascade=cascade, if_version=if_version)
+    return Deleted(
+        deleted=[ResourceRef(kind=ch.resource.kind, path=list(ch.resource.path)) for ch in changes]
+    )
+
+
+async def _list(
+    store: Store, kind: Kind, parent: Path, out: Callable[[Resource], _Out]
+) -> ResourceList[_Out]:
+    items = await store.list_resources(kind, parent)
+    return ResourceList[_Out](items=[out(r) for r in items])
+
+
+def _check_region(ctx: _Context, spec: dict[str, Any]) -> None:
+    region = spec.get("region")
+    if region is not None and region != ctx.region:
+        raise BadRequest(
+            f"unknown region {region!r}: this cluster is region {ctx.region!r} "
+            "(see GET /v1/regions)"
+        )
+
+
+# -- routes --------------------------------------------------------------------------------
+
+_router = APIRouter(prefix="/v1")
+_READ = _errors(400, 404)
+_LIST = _errors(400, 404)
+_CREATE = _errors(400, 404, 409, 422, 503)
+_UPDATE = _errors(400, 404, 412, 422)
+_DELETE = _errors(400, 404, 409, 412, 422)
+_LEAF_DELETE = _errors(400, 404, 412)
+
+_T = "tenants/{tenant}"
+_NS = f"{_T}/namespaces/{{ns}}"
+
+
+@_router.get("/tenants", tags=["tenants"], summary="List tenants", responses=_LIST)
+async def list_tenants(store: StoreDep) -> ResourceList[TenantOut]:
+    return await _list(store, Kind.TENANT, (), TenantOut.of)
+
+
+@_router.post(
+    "/tenants", tags=["tenants"], summary="Create a tenant", status_code=201, responses=_CREATE
+)
+async def create_tenant(body: TenantCreate, ctx: ContextDep, response: Response) -> TenantOut:
+    return TenantOut.of(await _create(ctx, response, Kind.TENANT, (body.name,), body))
+
+
+@_router.get(f"/{_T}", tags=["tenants"], summary="Get a tenant", responses=_READ)
+async def get_tenant(tenant: TenantName, store: StoreDep, response: Response) -> TenantOut:
+    return TenantOut.of(await _get(store, response, Kind.TENANT, (tenant,)))
+
+
+@_router.patch(f"/{_T}", tags=["tenants"], summary="Update a tenant", responses=_UPDATE)
+async def update_tenant(
+    tenant: TenantName,
+    body: TenantPatch,
+    ctx: ContextDep,
+    response: Response,
+    if_match: IfMatch = None,
+) -> TenantOut:
+    return TenantOut.of(await _update(ctx, response, Kind.TENANT, (tenant,), body, if_match))
+
+
+@_router.delete(f"/{_T}", tags=["tenants"], summary="Delete a tenant", responses=_DELETE)
+async def delete_tenant(
+    tenant: TenantName, store: StoreDep, if_match: IfMatch = None, cascade: Cascade = False
+) -> Deleted:
+    return await _delete(store, Kind.TENANT, (tenant,), if_match, cascade)
+
+
+@_router.get(f"/{_T}/namespaces", tags=["namespaces"], summary="List namespaces", responses=_LIST)
+async def list_namespaces(tenant: TenantName, store: StoreDep) -> ResourceList[NamespaceOut]:
+    return await _list(store, Kind.NAMESPACE, (tenant,), NamespaceOut.of)
+
+
+@_router.post(
+    f"/{_T}/namespaces",
+    tags=["namespaces"],
+    summary="Create a namespace",
+    status_code=201,
+    responses=_CREATE,
+)
+async def create_namespace(
+    tenant: TenantName, body: NamespaceCreate, ctx: ContextDep, response: Response
+) -> NamespaceOut:
+    return NamespaceOut.of(await _create(ctx, response, Kind.NAMESPACE, (tenant, body.name), body))
+
+
+@_router.get(f"/{_NS}", tags=["namespaces"], summary="Get a namespace", responses=_READ)
+async def get_namespace(
+    tenant: TenantName, ns: NamespaceName, store: StoreDep, response: Response
+) -> NamespaceOut:
+    return NamespaceOut.of(await _get(store, response, Kind.NAMESPACE, (tenant, ns)))
+
+
+@_router.patch(f"/{_NS}", tags=["namespaces"], summary="Update a namespace", responses=_UPDATE)
+async def update_namespace(
+    tenant: TenantName,
+    ns: NamespaceName,
+    body: NamespacePatch,
+    ctx: ContextDep,
+    response: Response,
+    if_match: IfMatch = None,
+) -> NamespaceOut:
+    res = await _update(ctx, response, Kind.NAMESPACE, (tenant, ns), body, if_match)
+    return NamespaceOut.of(res)
+
+
+@_router.delete(f"/{_NS}", tags=["namespaces"], summary="Delete a namespace", responses=_DELETE)
+async def delete_namespace(
+    tenant: TenantName,
+    ns: NamespaceName,
+    store: StoreDep,
+    if_match: IfMatch = None,
+    cascade: Cascade = False,
+) -> Deleted:
+    return await _delete(store, Kind.NAMESPACE, (tenant, ns), if_match, cascade)
+
+
+@_router.get(f"/{_NS}/streams", tags=["streams"], summary="List streams", responses=_LIST)
+async def list_streams(
+    tenant: TenantName, ns: NamespaceName, store: StoreDep
+) -> ResourceList[StreamOut]:
+    return await _list(store, Kind.STREAM, (tenant, ns), StreamOut.of)
+
+
+@_router.post(
+    f"/{_NS}/streams",
+    tags=["streams"],
+    summary="Create a stream",
+    status_code=201,
+    responses=_CREATE,
+)
+async def create_stream(
+    tenant: TenantName, ns: NamespaceName, body: StreamCreate, ctx: ContextDep, response: Response
+) -> StreamOut:
+    return StreamOut.of(await _create(ctx, response, Kind.STREAM, (tenant, ns, body.name), body))
+
+
+@_router.get(
+    f"/{_NS}/streams/{{stream}}", tags=["streams"], summary="Get a stream", responses=_READ
+)
+async def get_stream(
+    tenant: TenantName, ns: NamespaceName, stream: StreamName, store: StoreDep, response: Response
+) -> StreamOut:
+    return StreamOut.of(await _get(store, response, Kind.STREAM, (tenant, ns, stream)))
+
+
+@_router.patch(
+    f"/{_NS}/streams/{{stream}}", tags=["streams"], summary="Update a stream", responses=_UPDATE
+)
+async def update_stream(
+    tenant: TenantName,
+    ns: NamespaceName,
+    stream: StreamName,
+    body: StreamPatch,
+    ctx: ContextDep,
+    response: Response,
+    if_match: IfMatch = None,
+) -> StreamOut:
+    res = await _update(ctx, response, Kind.STREAM, (tenant, ns, stream), body, if_match)
+    return StreamOut.of(res)
+
+
+@_router.delete(
+    f"/{_NS}/streams/{{stream}}",
+    tags=["streams"],
+    summary="Delete a stream",
+    responses=_LEAF_DELETE,
+)
+async def delete_stream(
+    tenant: TenantName,
+    ns: NamespaceName,
+    stream: StreamName,
+    store: StoreDep,
+    if_match: IfMatch = None,
+) -> Deleted:
+    return await _delete(store, Kind.STREAM, (tenant, ns, stream), if_match)
+
+
+@_router.get(f"/{_NS}/caches", tags=["caches"], summary="List caches", responses=_LIST)
+async def list_caches(
+    tenant: TenantName, ns: NamespaceName, store: StoreDep
+) -> ResourceList[CacheOut]:
+    return await _list(store, Kind.CACHE, (tenant, ns), CacheOut.of)
+
+
+@_router.post(
+    f"/{_NS}/caches", tags=["caches"], summary="Create a cache", status_code=201, responses=_CREATE
+)
+async def create_cache(
+    tenant: TenantName, ns: NamespaceName, body: CacheCreate, ctx: ContextDep, response: Response
+) -> CacheOut:
+    return CacheOut.of(await _create(ctx, response, Kind.CACHE, (tenant, ns, body.name), body))
+
+
+@_router.get(f"/{_NS}/caches/{{cache}}", tags=["caches"], summary="Get a cache", responses=_READ)
+async def get_cache(
+    tenant: TenantName, ns: NamespaceName, cache: CacheName, store: StoreDep, response: Response
+) -> CacheOut:
+    return CacheOut.of(await _get(store, response, Kind.CACHE, (tenant, ns, cache)))
+
+
+@_router.patch(
+    f"/{_NS}/caches/{{cache}}", tags=["caches"], summary="Update a cache", responses=_UPDATE
+)
+async def update_cache(
+    tenant: TenantName,
+    ns: NamespaceName,
+    cache: CacheName,
+    body: CachePatch,
+    ctx: ContextDep,
+    response: Response,
+    if_match: IfMatch = None,
+) -> CacheOut:
+    res = await _update(ctx, response, Kind.CACHE, (tenant, ns, cache), body, if_match)
+    return CacheOut.of(res)
+
+
+@_router.delete(
+    f"/{_NS}/caches/{{cache}}", tags=["caches"], summary="Delete a cache", responses=_LEAF_DELETE
+)
+async def delete_cache(
+    tenant: TenantName,
+    ns: NamespaceName,
+    cache: CacheName,
+    store: StoreDep,
+    if_match: IfMatch = None,
+) -> Deleted:
+    return await _delete(store, Kind.CACHE, (tenant, ns, cache), if_match)
+
+
+# -- snapshot and change feed --------------------------------------------------------------
+
+
+@_router.get("/snapshot", tags=["feed"], summary="Every resource and its feed position")
+async def snapshot(store: StoreDep) -> Snapshot:
+    position, resources = await store.snapshot()
+    return Snapshot(position=position, resources=[resource_out(r) for r in resources])
+
+
+@_router.get(
+    "/changes",
+    tags=["feed"],
+    summary="Changes after a feed position (long-poll)",
+    responses=_errors(400, 410, 422),
+)
+async def changes(
+    store: StoreDep,
+    since: Annotated[int, Query(ge=0, description="Feed position to continue from.")] = 0,
+    limit: Annotated[
+        int, Query(ge=1, le=MAX_LIMIT, description="Most changes to return.")
+    ] = DEFAULT_LIMIT,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_WAIT,
+            description="Seconds to wait for a change when there is none after since yet; "
+            "the answer comes as soon as one is committed.",
+        ),
+    ] = 0.0,
+) -> ChangePage:
+    """Changes after ``since`` in commit order, at most ``limit``, and where to continue.
+
+    410 (cursor-too-old) when the feed cannot continue from ``since``: it is
+    older than the retained history, or past the newest position (the store
+    was reset or replaced). Either way: re-read ``GET /v1/snapshot``.
+    """
+    newest = await store.position()
+    if since > newest:
+        err = CursorTooOld(since, await _oldest(store))
+        err.args = (
+            f"position {since} is past the newest position {newest} "
+            "(the store was reset or replaced): re-snapshot",
+        )
+        raise err
+    page, next_ = await store.changes(since, limit)
+    if not page and wait > 0:
+        await store.wait(since, wait)
+        page, next_ = await store.changes(since, limit)
+    return ChangePage(
+        changes=[
+            ChangeOut(position=ch.position, op=ch.op, resource=resource_out(ch.resource))
+            for ch in page
+        ],
+        next=next_,
+        position=max(next_, await store.position()),
+    )
+
+
+async def _oldest(store: Store) -> int:
+    """The position of the oldest change the feed still holds (the next one if none)."""
+    try:
+        page, _ = await store.changes(0, 1)
+    except CursorTooOld as exc:
+        return exc.oldest
+    return page[0].position if page else await store.position() + 1
+
+
+# -- system --------------------------------------------------------------------------------
+
+
+@_router.get("/system/info", tags=["system"], summary="Version, region and node")
+async def system_info(ctx: ContextDep) -> SystemInfo:
+    return SystemInfo(version=felix.__version__, region=ctx.region, node=ctx.node())
+
+
+@_router.get(
+    "/system/health",
+    tags=["system"],
+    summary="Whether the API can reach its store",
+    responses={503: {"model": Health, "description": "The store does not answer"}},
+)
+async def system_health(store: StoreDep, response: Response) -> Health:
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT):
+            position = await store.position()
+    except Exception as exc:  # any failure of the store means unhealthy, whatever its type
+        if isinstance(exc, TimeoutError):
+            error = f"the store did not answer within {HEALTH_TIMEOUT:g} s"
+        else:
+            error = str(exc) or repr(exc)
+        log.warning("control store health check failed: %s", error)
+        response.status_code = 503
+        return Health(status="unavailable", store=StoreHealth(reachable=False, error=error))
+    return Health(status="ok", store=StoreHealth(reachable=True, position=position))
+
+
+@_router.get(
+    "/regions",
+    tags=["system"],
+    summary="Regions streams can be placed in",
+    description="One region for now: the node's own (a cluster is one region). "
+    "A stream's region setting must name it, or be null.",
+)
+async def regions(ctx: ContextDep) -> RegionList:
+    return RegionList(regions=[Region(name=ctx.region, local=True)])
+
+
+@_router.get(
+    "/problems/{slug}",
+    tags=["system"],
+    summary="What a problem type means",
+    responses=_errors(404),
+)
+async def problem_type(slug: str) -> ProblemTypeDoc:
+    """The documentation a problem's ``type`` URI points to."""
+    problem = PROBLEM_TYPES.get(slug)
+    if problem is None:
+        raise NotFound(f"no problem type {slug[:80]!r}")
+    return ProblemTypeDoc(
+        type=problem.uri,
+        title=problem.title,
+        status=problem.status,
+        description=problem.description,
+    )

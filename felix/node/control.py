@@ -1,0 +1,226 @@
+"""The node's link to the control plane: serve it in-process, and follow its change feed.
+
+How it works: `felix up` runs the control plane's REST API in the supervisor
+process (SQLite in the data dir by default), or follows a remote one
+(``--control-url``). Either way a :class:`ControlFollower` seeds the node from a
+snapshot before the node reports ready, then follows the change feed with long
+polls and applies each stream and cache change to the shards that own it (a
+stream: the shard its key hashes to; a cache: every shard, each holding its share
+of the budget). If the control plane is away, the node keeps serving what it
+knows and retries with backoff; if the feed moved past the follower's position,
+it re-snapshots and applies the difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Generator, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import uvicorn
+
+from felix import ipc
+from felix.control.model import Change, Kind, Op, Resource
+from felix.control.store import CursorTooOld, Store
+
+log = logging.getLogger("felix.control.follower")
+
+#: Changes per feed request and seconds a long poll waits.
+PAGE = 500
+LONG_POLL = 10.0
+RETRY_MIN, RETRY_MAX = 0.2, 10.0
+
+#: What a shard applies: (kind, path) -> spec, for streams and caches only.
+Resources = dict[tuple[Kind, tuple[str, ...]], dict[str, Any]]
+
+
+class FeedSource(Protocol):
+    """Where the follower reads from: a store in this process, or the REST API."""
+
+    async def snapshot(self) -> tuple[int, list[Resource]]: ...
+
+    async def changes(self, since: int, limit: int, wait: float) -> tuple[list[Change], int]: ...
+
+
+class StoreFeed:
+    """Follow a store in this process directly (the embedded control plane)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def snapshot(self) -> tuple[int, list[Resource]]:
+        return await self._store.snapshot()
+
+    async def changes(self, since: int, limit: int, wait: float) -> tuple[list[Change], int]:
+        changes, nxt = await self._store.changes(since, limit)
+        if not changes and wait > 0:
+            await self._store.wait(since, wait)
+            changes, nxt = await self._store.changes(since, limit)
+        return changes, nxt
+
+
+class HttpFeed:
+    """Follow a remote control plane through its REST API (blocking client, in a thread)."""
+
+    def __init__(self, url: str) -> None:
+        from felix.control.client import ControlClient
+
+        self._client = ControlClient(url)
+
+    async def snapshot(self) -> tuple[int, list[Resource]]:
+        return await asyncio.to_thread(self._client.snapshot)
+
+    async def changes(self, since: int, limit: int, wait: float) -> tuple[list[Change], int]:
+        return await asyncio.to_thread(self._client.changes, since, limit, wait)
+
+
+Send = Callable[[int, dict[str, Any]], None]
+
+
+class ControlFollower:
+    """Keeps the shards' resource definitions equal to the control plane's."""
+
+    def __init__(self, source: FeedSource, shards: int, send: Send) -> None:
+        self._source = source
+        self._shards = shards
+        self._send = send  # (shard index, command) -> None
+        self.resources: Resources = {}
+        self.position = 0
+        self.seeded = asyncio.Event()
+        self.applied = 0
+
+    def targets(self, kind: Kind, path: tuple[str, ...]) -> Iterable[int]:
+        if kind is Kind.STREAM:
+            return (ipc.shard_for(ipc.stream_key(*path), self._shards),)
+        return range(self._shards)
+
+    async def seed(self) -> None:
+        """Take a snapshot and define everything in it (replacing what was known)."""
+        position, resources = await self._source.snapshot()
+        fresh: Resources = {
+            (r.kind, tuple(r.path)): r.spec
+            for r in resources
+            if r.kind in (Kind.STREAM, Kind.CACHE)
+        }
+        for kind, path in self.resources.keys() - fresh.keys():
+            self._apply("delete", kind, path, {})
+        for (kind, path), spec in fresh.items():
+            if self.resources.get((kind, path)) != spec:
+                self._apply("define", kind, path, spec)
+        self.resources = fresh
+        self.position = position
+        self.seeded.set()
+
+    async def run(self) -> None:
+        """Seed (retrying until the control plane answers), then follow the feed forever."""
+        delay = RETRY_MIN
+        while True:
+            try:
+                if not self.seeded.is_set():
+                    await self.seed()
+                changes, nxt = await self._source.changes(self.position, PAGE, LONG_POLL)
+                for change in changes:
+                    self._on_change(change)
+                self.position = nxt
+                delay = RETRY_MIN
+            except CursorTooOld:
+                log.warning(
+                    "the control plane's feed moved past position %d: re-snapshot", self.position
+                )
+                self.seeded.clear()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # The control plane is away: keep serving what we know, retry with jitter.
+                log.warning("control plane unreachable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(random.uniform(0, delay))
+                delay = min(delay * 2, RETRY_MAX)
+
+    def _on_change(self, change: Change) -> None:
+        r = change.resource
+        if r.kind not in (Kind.STREAM, Kind.CACHE):
+            return
+        key = (r.kind, tuple(r.path))
+        if change.op is Op.DELETE:
+            if self.resources.pop(key, None) is not None:
+                self._apply("delete", r.kind, key[1], {})
+        else:
+            self.resources[key] = r.spec
+            self._apply("define", r.kind, key[1], r.spec)
+
+    def _apply(self, cmd: str, kind: Kind, path: tuple[str, ...], spec: dict[str, Any]) -> None:
+        self.applied += 1
+        for shard in self.targets(kind, path):
+            self._send(shard, {"cmd": cmd, "kind": kind.value, "path": list(path), "spec": spec})
+
+    def replay(self, shard: int) -> None:
+        """Define everything ``shard`` owns again (it restarted with nothing)."""
+        for (kind, path), spec in self.resources.items():
+            if shard in self.targets(kind, path):
+                self._send(
+                    shard, {"cmd": "define", "kind": kind.value, "path": list(path), "spec": spec}
+                )
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn inside the supervisor: the supervisor owns SIGTERM/SIGINT, not uvicorn."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class EmbeddedControl:
+    """The REST API served from the supervisor's event loop."""
+
+    def __init__(
+        self,
+        store: Store,
+        host: str,
+        port: int,
+        *,
+        region: str = "local",
+        tls: tuple[Path, Path] | None = None,
+        node_info: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        from felix.control.api import create_app
+
+        self.store = store
+        app = create_app(store, region=region, node_info=node_info)
+        options: dict[str, Any] = {}
+        if tls is not None:
+            options = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])}
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            # Long polls would hold shutdown for up to 30 s: the drain cannot wait that long.
+            timeout_graceful_shutdown=1,
+            **options,
+        )
+        self._server = _QuietServer(config)
+        self._task: asyncio.Task[None] | None = None
+        self.address: tuple[str, int] = (host, port)
+        self.scheme = "https" if tls else "http"
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._server.serve())
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises why it failed (e.g. the port is taken)
+            await asyncio.sleep(0.01)
+        sock = self._server.servers[0].sockets[0]
+        host, port = sock.getsockname()[:2]
+        self.address = (host, port)
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 5)

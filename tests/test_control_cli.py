@@ -1,0 +1,433 @@
+"""felix.control.cli and felix.control.client against a real uvicorn server in a thread."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from felix.client.cli import add_commands as add_client_commands
+from felix.control.api import create_app
+from felix.control.cli import add_commands, parse_settings
+from felix.control.client import DEFAULT_URL, ControlClient, error_from_response
+from felix.control.model import Kind
+from felix.control.store import AlreadyExists, CursorTooOld, HasChildren, VersionConflict
+from felix.control.stores.memory import MemoryStore
+from felix.errors import (
+    BadRequest,
+    ConfigError,
+    FelixTimeoutError,
+    NotFound,
+    Overloaded,
+    ServerError,
+    Unavailable,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@dataclass
+class Server:
+    url: str
+    store: MemoryStore
+
+
+@pytest.fixture
+def server(request: pytest.FixtureRequest) -> Iterator[Server]:
+    """The API on a MemoryStore, served by uvicorn on an ephemeral port in a thread."""
+    store = MemoryStore(**getattr(request, "param", {}))
+    app = create_app(store, region="eu-1", node_info={"pid": 7})
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield Server(f"http://127.0.0.1:{port}", store)
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def parser() -> argparse.ArgumentParser:
+    """The felix command line as felix.cli builds it: the client's commands, then ours."""
+    root = argparse.ArgumentParser(prog="felix")
+    commands = root.add_subparsers(dest="command", required=True)
+    add_client_commands(commands)
+    add_commands(commands)
+    return root
+
+
+def felix(server: Server, *argv: str) -> int:
+    args = parser().parse_args([*argv, "--url", server.url])
+    code: int = args.func(args)
+    return code
+
+
+def out_json(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+
+
+def test_tenant_commands(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    assert felix(server, "tenant", "ls") == 0
+    assert capsys.readouterr().out == ""
+    assert felix(server, "tenant", "create", "acme", "--set", "description=team a") == 0
+    assert capsys.readouterr().out == "created tenant acme (version 1)\n"
+    assert felix(server, "tenant", "create", "beta", "--json") == 0
+    [beta] = out_json(capsys)
+    assert beta["kind"] == "tenant" and beta["path"] == ["beta"] and beta["name"] == "beta"
+    assert beta["version"] == 1 and beta["spec"] == {"description": ""}
+
+    assert felix(server, "tenant", "ls") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "VERSION", "UPDATED"]
+    assert [line.split()[:2] for line in lines[1:]] == [["acme", "1"], ["beta", "1"]]
+    assert felix(server, "tenant", "ls", "--json") == 0
+    assert [t["name"] for t in out_json(capsys)] == ["acme", "beta"]
+
+    assert felix(server, "tenant", "info", "acme") == 0
+    info = capsys.readouterr().out.splitlines()
+    assert info[0] == "tenant acme"
+    assert "description  team a" in info and "version      1" in info
+
+    with pytest.raises(ConfigError, match="--yes"):
+        felix(server, "tenant", "rm", "beta")
+    assert felix(server, "tenant", "rm", "beta", "--yes") == 0
+    assert capsys.readouterr().out == "deleted tenant beta\n"
+    with pytest.raises(NotFound, match="beta"):
+        felix(server, "tenant", "info", "beta")
+
+
+def test_namespace_stream_and_cache_commands(
+    server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert felix(server, "tenant", "create", "acme") == 0
+    assert felix(server, "ns", "create", "prod", "--tenant", "acme") == 0
+    assert felix(server, "ns", "create", "dev", "--tenant", "acme") == 0
+    capsys.readouterr()
+    where = ["--tenant", "acme", "--namespace", "prod"]
+    settings = ["--set", "durable=true", "--set", "queue.max_deliveries=3", "--set", "fsync=always"]
+    assert felix(server, "stream", "create", "orders", *where, *settings, "--json") == 0
+    [orders] = out_json(capsys)
+    assert orders["path"] == ["acme", "prod", "orders"]
+    assert orders["spec"]["durable"] is True and orders["spec"]["fsync"] == "always"
+    assert orders["spec"]["queue"] == {
+        "max_deliveries": 3,
+        "ack_deadline_s": 30.0,
+        "dead_letter": True,
+    }
+    # ns/name names another namespace of the tenant.
+    assert felix(server, "stream", "create", "dev/events", "--tenant", "acme") == 0
+    assert capsys.readouterr().out == "created stream acme/dev/events (version 1)\n"
+
+    assert felix(server, "stream", "info", "orders", *where) == 0
+    info = capsys.readouterr().out.splitlines()
+    assert info[0] == "stream acme/prod/orders"
+    assert any(line.split() == ["queue.max_deliveries", "3"] for line in info)
+    assert any(line.split() == ["retention_bytes", "null"] for line in info)
+
+    assert felix(server, "ns", "ls", "--tenant", "acme", "--json") == 0
+    assert [n["path"] for n in out_json(capsys)] == [["acme", "dev"], ["acme", "prod"]]
+    assert felix(server, "stream", "ls", *where, "--json") == 0
+    assert [s["name"] for s in out_json(capsys)] == ["orders"]
+
+    # cache: the same group as the data commands (get/set/del), which still parse.
+    assert felix(server, "cache", "create", "sessions", *where, "--set", "budget_bytes=8192") == 0
+    assert capsys.readouterr().out == "created cache acme/prod/sessions (version 1)\n"
+    assert felix(server, "cache", "info", "prod/sessions", "--tenant", "acme", "--json") == 0
+    assert out_json(capsys)[0]["spec"]["budget_bytes"] == 8192
+    data_get = parser().parse_args(["cache", "get", "sessions", "k"])
+    assert data_get.cache_command == "get" and data_get.key == "k"
+
+    assert felix(server, "stream", "rm", "orders", *where, "--json") == 0
+    assert out_json(capsys) == [
+        {"kind": "stream", "path": ["acme", "prod", "orders"], "deleted": True}
+    ]
+    assert felix(server, "stream", "ls", *where) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_rm_of_a_namespace_with_resources_needs_cascade(
+    server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    felix(server, "tenant", "create", "acme")
+    felix(server, "ns", "create", "prod", "--tenant", "acme")
+    felix(server, "stream", "create", "orders", "--tenant", "acme", "--namespace", "prod")
+    capsys.readouterr()
+    with pytest.raises(HasChildren, match="cascade"):
+        felix(server, "ns", "rm", "prod", "--tenant", "acme", "--yes")
+    with pytest.raises(ConfigError, match="--yes"):
+        felix(server, "ns", "rm", "prod", "--tenant", "acme", "--cascade")
+    assert felix(server, "tenant", "rm", "acme", "--cascade", "--yes") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "deleted stream acme/prod/orders",
+        "deleted namespace acme/prod",
+        "deleted tenant acme",
+    ]
+
+
+def test_command_errors(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    felix(server, "tenant", "create", "acme")
+    with pytest.raises(AlreadyExists):
+        felix(server, "tenant", "create", "acme")
+    with pytest.raises(NotFound, match="namespace"):
+        felix(server, "stream", "create", "orders", "--tenant", "acme")  # no namespace default
+    with pytest.raises(BadRequest, match="1 to 64 characters"):
+        felix(server, "tenant", "create", "a*b")
+    with pytest.raises(BadRequest, match="colour: Extra inputs are not permitted"):
+        felix(server, "tenant", "create", "beta", "--set", "colour=blue")
+    with pytest.raises(BadRequest, match="region"):
+        felix(server, "stream", "create", "s", "--tenant", "acme", "--set", "region=mars")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        felix(server, "tenant", "create", "beta", "--set", "novalue")
+    # Where the API is: $FELIX_CONTROL_URL when --url is not given.
+    monkeypatch.setenv("FELIX_CONTROL_URL", server.url)
+    args = parser().parse_args(["tenant", "ls", "--json"])
+    assert args.func(args) == 0
+    monkeypatch.setenv("FELIX_CONTROL_URL", "http://127.0.0.1:9")  # discard: nothing listens
+    with pytest.raises(Unavailable, match="unreachable"):
+        args.func(args)
+
+
+def test_exit_statuses_through_felix_main(
+    server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from felix.cli import main
+
+    assert main(["tenant", "create", "acme", "--url", server.url]) == 0
+    assert main(["tenant", "info", "nope", "--url", server.url]) == 1
+    assert "nope" in capsys.readouterr().err
+    assert main(["tenant", "rm", "acme", "--url", server.url]) == 2  # no --yes
+    assert main(["tenant", "rm", "acme", "--yes", "--url", server.url]) == 0
+
+
+@pytest.mark.parametrize(
+    ("pairs", "settings"),
+    [
+        ([], {}),
+        (["durable=true", "fsync=always"], {"durable": True, "fsync": "always"}),
+        (
+            ["retention_bytes=1024", "retention_age_s=null"],
+            {"retention_bytes": 1024, "retention_age_s": None},
+        ),
+        (["region=eu-1", "description="], {"region": "eu-1", "description": ""}),
+        (['region="7"', "x=1.5", "y=NaN"], {"region": "7", "x": 1.5, "y": "NaN"}),
+        (
+            ["queue.max_deliveries=3", "queue.dead_letter=false"],
+            {"queue": {"max_deliveries": 3, "dead_letter": False}},
+        ),
+        (['queue={"max_deliveries": 2}'], {"queue": {"max_deliveries": 2}}),
+        (["a=b=c"], {"a": "b=c"}),
+    ],
+)
+def test_parse_settings(pairs: list[str], settings: dict[str, Any]) -> None:
+    assert parse_settings(pairs) == settings
+
+
+@pytest.mark.parametrize(
+    "pairs", [["x"], ["=1"], ["a.=1"], [".a=1"], ["queue=1", "queue.x=2"], ["q.x=1", "q=2"]]
+)
+def test_parse_settings_refuses(pairs: list[str]) -> None:
+    with pytest.raises(ConfigError):
+        parse_settings(pairs)
+
+
+# -- client ------------------------------------------------------------------------------------
+
+
+def test_client_resources(server: Server) -> None:
+    with ControlClient(server.url) as api:
+        assert api.list_resources(Kind.TENANT) == []
+        tenant = api.create(Kind.TENANT, ("acme",), {"description": "a"})
+        assert tenant.path == ("acme",) and tenant.version == 1
+        assert tenant.spec == {"description": "a"}
+        api.create(Kind.NAMESPACE, ("acme", "prod"))
+        stream = api.create(Kind.STREAM, ("acme", "prod", "orders"), {"durable": True})
+        assert stream.spec["durable"] is True and stream.spec["fsync"] == "batch"
+        assert api.get(Kind.STREAM, ("acme", "prod", "orders")) == stream
+        assert api.list_resources(Kind.STREAM, ("acme", "prod")) == [stream]
+        assert api.list_resources(Kind.CACHE, ("acme", "prod")) == []
+
+        updated = api.update(
+            Kind.STREAM, ("acme", "prod", "orders"), {"queue": {"dead_letter": False}}, if_version=1
+        )
+        assert updated.version == 2 and updated.spec["queue"]["dead_letter"] is False
+        with pytest.raises(VersionConflict, match="version 2"):
+            api.update(Kind.STREAM, ("acme", "prod", "orders"), {}, if_version=1)
+        with pytest.raises(VersionConflict):
+            api.delete(Kind.STREAM, ("acme", "prod", "orders"), if_version=1)
+        with pytest.raises(AlreadyExists):
+            api.create(Kind.TENANT, ("acme",))
+        with pytest.raises(HasChildren):
+            api.delete(Kind.TENANT, ("acme",))
+        with pytest.raises(BadRequest, match="fsync"):
+            api.update(Kind.STREAM, ("acme", "prod", "orders"), {"fsync": "never"})
+        assert api.delete(Kind.TENANT, ("acme",), cascade=True) == [
+            (Kind.STREAM, ("acme", "prod", "orders")),
+            (Kind.NAMESPACE, ("acme", "prod")),
+            (Kind.TENANT, ("acme",)),
+        ]
+        with pytest.raises(NotFound):
+            api.get(Kind.TENANT, ("acme",))
+        with pytest.raises(NotFound):
+            api.list_resources(Kind.NAMESPACE, ("acme",))
+
+
+def test_client_checks_names_before_sending() -> None:
+    def no_network(request: httpx.Request) -> httpx.Response:
+        raise AssertionError(f"sent {request.url}")
+
+    with ControlClient("http://control", transport=httpx.MockTransport(no_network)) as api:
+        with pytest.raises(BadRequest, match="1 to 64"):
+            api.get(Kind.TENANT, ("../admin",))
+        with pytest.raises(BadRequest, match="names"):
+            api.create(Kind.STREAM, ("acme", "orders"))
+        with pytest.raises(BadRequest):
+            api.list_resources(Kind.STREAM, ("acme", "a/b"))
+        with pytest.raises(BadRequest):
+            api.list_resources(Kind.STREAM, ("acme",))
+
+
+def test_client_system(server: Server) -> None:
+    with ControlClient(server.url) as api:
+        info = api.info()
+        assert info["region"] == "eu-1" and info["node"] == {"pid": 7}
+        assert api.health() == {
+            "status": "ok",
+            "store": {"reachable": True, "position": 0, "error": None},
+        }
+        assert api.regions() == ["eu-1"]
+
+
+def test_client_follows_the_feed(server: Server) -> None:
+    with ControlClient(server.url) as api, ControlClient(server.url) as writer:
+        writer.create(Kind.TENANT, ("acme",))
+        writer.create(Kind.NAMESPACE, ("acme", "prod"))
+        position, resources = api.snapshot()
+        assert position == 2 and [r.path for r in resources] == [("acme",), ("acme", "prod")]
+        assert api.changes(position) == ([], position)
+
+        # A long-poll answers as soon as another client commits a change.
+        with ThreadPoolExecutor(1) as pool:
+            poll = pool.submit(api.changes, position, 100, 20.0)
+            time.sleep(0.3)
+            assert not poll.done()
+            started = time.monotonic()
+            writer.create(Kind.CACHE, ("acme", "prod", "sessions"))
+            changes, position = poll.result(timeout=10)
+            assert time.monotonic() - started < 3
+        assert position == 3
+        assert [(c.position, c.op.value, c.resource.path) for c in changes] == [
+            (3, "create", ("acme", "prod", "sessions"))
+        ]
+        started = time.monotonic()
+        assert api.changes(position, wait=0.3) == ([], 3)
+        assert time.monotonic() - started >= 0.25
+
+        writer.delete(Kind.TENANT, ("acme",), cascade=True)
+        changes, nxt = api.changes(0, limit=4)
+        assert [c.position for c in changes] == [1, 2, 3, 4] and nxt == 4
+        changes, nxt = api.changes(nxt)
+        assert [c.op.value for c in changes] == ["delete", "delete"] and nxt == 6
+        with pytest.raises(CursorTooOld, match="re-snapshot") as gone:
+            api.changes(50)
+        assert gone.value.since == 50 and gone.value.oldest == 1
+        with pytest.raises(BadRequest, match="limit"):
+            api.changes(0, limit=5000)
+
+
+@pytest.mark.parametrize("server", [{"feed_retention": 2}], indirect=True)
+def test_client_raises_cursor_too_old_for_trimmed_history(server: Server) -> None:
+    with ControlClient(server.url) as api:
+        for name in ("a", "b", "c", "d"):
+            api.create(Kind.TENANT, (name,))
+        with pytest.raises(CursorTooOld) as gone:
+            api.changes(1)
+        assert (gone.value.since, gone.value.oldest) == (1, 3)
+        changes, _ = api.changes(2)
+        assert [c.resource.path for c in changes] == [("c",), ("d",)]
+
+
+@pytest.mark.parametrize("server", [{"max_children": 1}], indirect=True)
+def test_client_raises_overloaded(server: Server) -> None:
+    with ControlClient(server.url) as api:
+        api.create(Kind.TENANT, ("a",))
+        with pytest.raises(Overloaded):
+            api.create(Kind.TENANT, ("b",))
+
+
+def test_client_timeout() -> None:
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    with (
+        ControlClient("http://control", transport=httpx.MockTransport(slow)) as api,
+        pytest.raises(FelixTimeoutError),
+    ):
+        api.info()
+
+
+P = "/v1/problems/"
+
+
+def _answer(status: int, body: Any = None, *, text: str | None = None) -> httpx.Response:
+    request = httpx.Request("GET", "http://control/v1/x")
+    if text is not None:
+        return httpx.Response(status, text=text, request=request)
+    return httpx.Response(status, json=body, request=request)
+
+
+@pytest.mark.parametrize(
+    ("response", "error", "message"),
+    [
+        (_answer(409, {"type": P + "has-children", "detail": "d1"}), HasChildren, "d1"),
+        (_answer(409, {"type": P + "already-exists", "detail": "d2"}), AlreadyExists, "d2"),
+        (_answer(422, {"type": P + "validation-error", "detail": "x"}), BadRequest, "x"),
+        (_answer(503, {"type": P + "overloaded", "title": "Busy"}), Overloaded, "Busy"),
+        (_answer(404, {"type": "about:blank", "detail": "no route"}), NotFound, "no route"),
+        (_answer(412, {"detail": "stale"}), VersionConflict, "stale"),
+        (_answer(418, {}), BadRequest, "HTTP 418"),
+        (_answer(502, text="<html>bad gateway</html>"), Unavailable, "bad gateway"),
+        (_answer(500, text=""), ServerError, "HTTP 500"),
+    ],
+)
+def test_error_from_response(
+    response: httpx.Response, error: type[Exception], message: str
+) -> None:
+    err = error_from_response(response)
+    assert type(err) is error
+    assert message in str(err)
+
+
+def test_error_from_response_keeps_cursor_positions() -> None:
+    body = {"type": "/v1/problems/cursor-too-old", "detail": "gone", "since": 3, "oldest": 9}
+    err = error_from_response(_answer(410, body))
+    assert isinstance(err, CursorTooOld) and (err.since, err.oldest) == (3, 9)
+    assert str(err) == "gone"
+
+
+def test_default_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FELIX_CONTROL_URL", raising=False)
+    assert ControlClient().url == DEFAULT_URL == "http://127.0.0.1:8443"
+    monkeypatch.setenv("FELIX_CONTROL_URL", "http://elsewhere:1/")
+    assert ControlClient().url == "http://elsewhere:1"

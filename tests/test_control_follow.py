@@ -1,0 +1,126 @@
+"""A node follows the control plane: seed, changes, deletes, re-snapshot, replay to a shard."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from felix import ipc
+from felix.control.model import Kind
+from felix.control.stores.memory import MemoryStore
+from felix.node.control import ControlFollower, StoreFeed
+from tests.aio import run
+
+SHARDS = 3
+
+
+async def _store(**kw: Any) -> MemoryStore:
+    store = MemoryStore(**kw)
+    await store.open()
+    await store.create(Kind.TENANT, ("acme",), {})
+    await store.create(Kind.NAMESPACE, ("acme", "prod"), {})
+    return store
+
+
+def _follower(store: MemoryStore) -> tuple[ControlFollower, list[tuple[int, dict[str, Any]]]]:
+    sent: list[tuple[int, dict[str, Any]]] = []
+    return ControlFollower(StoreFeed(store), SHARDS, lambda s, cmd: sent.append((s, cmd))), sent
+
+
+async def _until(predicate: Any) -> None:
+    async with asyncio.timeout(5):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def test_seed_then_follow_streams_and_caches_to_their_shards() -> None:
+    async def main() -> None:
+        store = await _store()
+        await store.create(Kind.STREAM, ("acme", "prod", "orders"), {"replay_max_records": 10})
+        follower, sent = _follower(store)
+        task = asyncio.create_task(follower.run())
+        await follower.seeded.wait()
+        owner = ipc.shard_for("acme/prod/orders", SHARDS)
+        assert [(s, c["cmd"], c["path"]) for s, c in sent] == [
+            (owner, "define", ["acme", "prod", "orders"])
+        ]
+        assert sent[0][1]["spec"]["replay_max_records"] == 10
+        sent.clear()
+        # A cache goes to every shard; an update is a new define; a delete follows.
+        await store.create(Kind.CACHE, ("acme", "prod", "sessions"), {"budget_bytes": 1 << 20})
+        await _until(lambda: len(sent) == SHARDS)
+        assert sorted(s for s, _ in sent) == list(range(SHARDS))
+        sent.clear()
+        await store.update(Kind.STREAM, ("acme", "prod", "orders"), {"replay_max_records": 99})
+        await _until(lambda: len(sent) == 1)
+        assert sent[0][1]["spec"]["replay_max_records"] == 99
+        sent.clear()
+        await store.delete(Kind.NAMESPACE, ("acme", "prod"), cascade=True)
+        await _until(lambda: len(sent) == 1 + SHARDS)
+        assert {c["cmd"] for _, c in sent} == {"delete"}
+        assert follower.resources == {}
+        task.cancel()
+
+    run(main)
+
+
+def test_resnapshot_when_the_feed_moved_past_the_follower() -> None:
+    async def main() -> None:
+        store = await _store(feed_retention=5)
+        follower, sent = _follower(store)
+        await follower.seed()
+        sent.clear()
+        # Many changes while the follower is not following: its position is trimmed away.
+        for i in range(10):
+            await store.create(Kind.STREAM, ("acme", "prod", f"s{i}"), {})
+        for i in range(9):
+            await store.delete(Kind.STREAM, ("acme", "prod", f"s{i}"))
+        task = asyncio.create_task(follower.run())
+        await _until(lambda: set(follower.resources) == {(Kind.STREAM, ("acme", "prod", "s9"))})
+        # The difference was applied: only s9 defined (deleted ones never reached shards).
+        assert [c["path"][-1] for _, c in sent if c["cmd"] == "define"] == ["s9"]
+        task.cancel()
+
+    run(main)
+
+
+def test_replay_defines_what_a_restarted_shard_owns() -> None:
+    async def main() -> None:
+        store = await _store()
+        for i in range(12):
+            await store.create(Kind.STREAM, ("acme", "prod", f"s{i}"), {})
+        await store.create(Kind.CACHE, ("acme", "prod", "c"), {})
+        follower, sent = _follower(store)
+        await follower.seed()
+        sent.clear()
+        follower.replay(1)
+        owned = {f"s{i}" for i in range(12) if ipc.shard_for(f"acme/prod/s{i}", SHARDS) == 1}
+        assert {c["path"][-1] for s, c in sent} == owned | {"c"}
+        assert {s for s, _ in sent} == {1}
+
+    run(main)
+
+
+def test_follower_keeps_retrying_while_the_control_plane_is_away() -> None:
+    class Flaky(StoreFeed):
+        def __init__(self, store: MemoryStore) -> None:
+            super().__init__(store)
+            self.failures = 3
+
+        async def snapshot(self) -> Any:
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("control plane down")
+            return await super().snapshot()
+
+    async def main() -> None:
+        store = await _store()
+        await store.create(Kind.STREAM, ("acme", "prod", "s"), {})
+        sent: list[Any] = []
+        follower = ControlFollower(Flaky(store), SHARDS, lambda s, c: sent.append(c))
+        task = asyncio.create_task(follower.run())
+        await asyncio.wait_for(follower.seeded.wait(), 10)
+        assert len(sent) == 1
+        task.cancel()
+
+    run(main, timeout=20)

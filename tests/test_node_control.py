@@ -1,0 +1,142 @@
+"""A running node follows its embedded control plane: create, publish, change, delete."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import felix
+from tests.aio import run
+from tests.nodeproc import NodeProcess
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[NodeProcess]:
+    n = NodeProcess(tmp_path / "node", "--no-auto-create", "--control", "127.0.0.1:0")
+    yield n
+    n.stop()
+
+
+def test_streams_and_caches_defined_through_the_api_reach_the_broker(node: NodeProcess) -> None:
+    api = node.info["control"]
+    assert api and api.startswith("http://127.0.0.1:")
+    base = f"{api}/v1/tenants"
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=10) as http:
+            assert (await http.post(base, json={"name": "acme"})).status_code == 201
+            r = await http.post(f"{base}/acme/namespaces", json={"name": "prod"})
+            assert r.status_code == 201
+            streams = f"{base}/acme/namespaces/prod/streams"
+            r = await http.post(streams, json={"name": "orders", "replay_max_records": 5})
+            assert r.status_code == 201, r.text
+            url = f"felix://{node.host}:{node.port}"
+            async with felix.connect(
+                url, ca=node.ca_file, tenant="acme", namespace="prod"
+            ) as client:
+                # Not defined: refused, because the node runs without auto-create.
+                with pytest.raises(felix.NotFound):
+                    await client.publish("missing", b"x")
+                for i in range(10):
+                    await client.publish("orders", b"%d" % i)
+                async with client.subscribe("orders", start="earliest") as sub:
+                    first = await sub.next(timeout=5)
+                    assert first.offset == 5  # the replay ring holds the stream's 5 records
+                # A settings change reaches the running stream.
+                r = await http.patch(f"{streams}/orders", json={"replay_max_records": 1000})
+                assert r.status_code == 200, r.text
+                await asyncio.sleep(0.5)
+                for i in range(10, 30):
+                    await client.publish("orders", b"%d" % i)
+                async with client.subscribe("orders", start="earliest") as sub:
+                    assert (await sub.next(timeout=5)).offset == 5
+                # A cache defined with a small value limit enforces it.
+                caches = f"{base}/acme/namespaces/prod/caches"
+                r = await http.post(caches, json={"name": "sessions", "max_value_bytes": 16})
+                assert r.status_code == 201, r.text
+                await asyncio.sleep(0.5)
+                sessions = client.cache("sessions")
+                assert await sessions.set("k", b"small")
+                with pytest.raises(felix.TooLarge):
+                    await sessions.set("k", b"x" * 17)
+                # Deleting the stream ends its subscribers and refuses new publishes.
+                async with client.subscribe("orders") as sub:
+                    r = await http.delete(f"{streams}/orders")
+                    assert r.status_code in (200, 204), r.text
+                    with pytest.raises(felix.NotFound):
+                        await sub.next(timeout=5)
+                with pytest.raises(felix.NotFound):
+                    await client.publish("orders", b"gone")
+
+    run(main, timeout=60)
+    assert node.http("/readyz")[0] == 200
+
+
+def test_node_follows_a_separate_control_plane(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    api = f"http://127.0.0.1:{port}"
+    control = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "felix.cli",
+            "control",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--store",
+            f"sqlite:///{tmp_path / 'control.db'}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{api}/v1/system/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and control.poll() is None, "control did not start"
+            time.sleep(0.1)
+        base = f"{api}/v1/tenants"
+        assert httpx.post(base, json={"name": "acme"}).status_code == 201
+        assert httpx.post(f"{base}/acme/namespaces", json={"name": "prod"}).status_code == 201
+        node = NodeProcess(tmp_path / "node", "--no-auto-create", "--control-url", api)
+        try:
+            assert node.info["control"] == api
+            r = httpx.post(f"{base}/acme/namespaces/prod/streams", json={"name": "events"})
+            assert r.status_code == 201
+
+            async def main() -> None:
+                url = f"felix://{node.host}:{node.port}"
+                async with felix.connect(
+                    url, ca=node.ca_file, tenant="acme", namespace="prod"
+                ) as client:
+                    for _ in range(50):  # the follower long-polls: the stream appears promptly
+                        try:
+                            ack = await client.publish("events", b"hello")
+                            break
+                        except felix.NotFound:
+                            await asyncio.sleep(0.1)
+                    assert ack is not None and ack.offset == 0
+
+            run(main, timeout=30)
+        finally:
+            node.stop()
+    finally:
+        control.terminate()
+        control.wait(10)

@@ -107,7 +107,6 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _node_config(args: argparse.Namespace) -> NodeConfig:
-    from felix.gateway.gateway import GatewayLimits
 
     replay_bytes = parse_size(args.replay_bytes)
     return NodeConfig(
@@ -128,7 +127,6 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         control_store=args.control_store,
         control_url=args.control_url,
         embedded_shards=args.embedded_shards,
-        limits=GatewayLimits(slow_subscriber_policy=args.slow_subscriber),
         stream_defaults=StreamSettings(
             replay_max_records=args.replay_records,
             replay_max_bytes=replay_bytes,

@@ -32,7 +32,6 @@ from felix.errors import (
     Overloaded,
     Unauthenticated,
 )
-from felix.gateway.gateway import GatewayLimits
 from felix.node.local import LocalNode
 from felix.shard.stream_log import StreamSettings
 from felix.tls import ensure_node_certificates
@@ -336,12 +335,13 @@ def test_slow_consumer_drops_are_counted_and_reported(tmp_path: Path) -> None:
 
 
 def test_subscription_end_raises_the_mapped_error(tmp_path: Path) -> None:
-    settings = {"stream_defaults": StreamSettings(replay_max_records=8)}
-    limits = GatewayLimits(slow_subscriber_policy="disconnect")
+    settings = {
+        "stream_defaults": StreamSettings(replay_max_records=8, slow_subscriber_policy="disconnect")
+    }
 
     async def main() -> None:
         async with (
-            LocalNode.start(tmp_path, shard_settings=settings, limits=limits) as node,
+            LocalNode.start(tmp_path, shard_settings=settings) as node,
             felix.connect(node.url, ca=node.ca_file) as client,
             client.subscribe("s", credit=4) as sub,
         ):

@@ -76,7 +76,6 @@ class GatewayLimits:
     max_streams_per_connection: int = 256
     max_subscriptions_per_connection: int = 1024
     max_in_flight_per_connection: int = 4096
-    slow_subscriber_policy: str = "drop_old"
 
 
 class _SessionState(enum.Enum):
@@ -677,7 +676,7 @@ class StreamSession:
             gateway.shard_for(key),
             gateway.token(),
             0,
-            gateway.limits.slow_subscriber_policy,
+            "drop_old",  # until the shard's SUBSCRIBED reply names the stream's policy
         )
         # v1 has no credit: the QUIC send buffer bound alone paces the subscriber.
         sub.v1_offsets = bool(self.flags & wire.FLAG_EVENT_BATCH_OFFSETS)
@@ -710,7 +709,7 @@ class StreamSession:
             gateway.shard_for(key),
             gateway.token(),
             msg.credit,
-            gateway.limits.slow_subscriber_policy,
+            "drop_old",  # until the shard's SUBSCRIBED reply names the stream's policy
         )
         conn.subscriptions[sub.sub_id] = sub
         gateway.add_subscription(sub)

@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
-import uvloop
 
 import felix
 from felix.client import Client, Disconnected, Reconnected, SlowConsumer
@@ -35,25 +33,9 @@ from felix.errors import (
 from felix.node.local import LocalNode
 from felix.shard.stream_log import StreamSettings
 from felix.tls import ensure_node_certificates
+from tests.aio import run
 
 pytestmark = pytest.mark.timeout(60)
-
-T = TypeVar("T")
-
-
-def run(main: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
-    """Run ``main`` on a fresh uvloop loop; fail on any exception the loop swallowed."""
-    swallowed: list[dict[str, Any]] = []
-
-    async def wrapper() -> T:
-        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: swallowed.append(ctx))
-        async with asyncio.timeout(timeout):
-            return await main()
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(wrapper())
-    assert not swallowed, swallowed
-    return result
 
 
 class Gate:

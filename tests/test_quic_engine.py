@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-import uvloop
 
 from felix.errors import FelixTimeoutError
 from felix.quic import (
@@ -26,26 +24,11 @@ from felix.quic import (
     serve_on_socket,
 )
 from felix.tls import NodeCerts, ensure_node_certificates
+from tests.aio import run
 
 pytestmark = pytest.mark.timeout(60)
 
-T = TypeVar("T")
 ENGINE_NAMES = ["qh3", "aioquic"]
-
-
-def run(main: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
-    """Run ``main`` on a fresh uvloop loop; fail on any exception the loop swallowed."""
-    swallowed: list[dict[str, Any]] = []
-
-    async def wrapper() -> T:
-        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: swallowed.append(ctx))
-        async with asyncio.timeout(timeout):
-            return await main()
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(wrapper())
-    assert not swallowed, swallowed
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ and when a feed cursor is too old are decided here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from felix.control.model import PARENT, Kind, Path, Resource, check_path, validate_spec
 from felix.control.store import CursorTooOld, HasChildren, VersionConflict
-from felix.errors import BadRequest, NotFound, Overloaded
+from felix.errors import BadRequest, ConfigError, NotFound, Overloaded
 
 __all__ = [
     "DEFAULT_FEED_RETENTION",
@@ -154,3 +154,16 @@ def check_page(since: int, first_position: int | None) -> None:
     """
     if first_position is not None and first_position != since + 1:
         raise CursorTooOld(since, first_position)
+
+
+def migrations_to_apply(
+    applied: set[int], migrations: Sequence[tuple[int, str, Sequence[str]]], store: str
+) -> list[tuple[int, str, Sequence[str]]]:
+    """The migrations not yet applied, in order; refuses a schema written by a newer felix."""
+    unknown = applied - {version for version, _, _ in migrations}
+    if unknown:
+        raise ConfigError(
+            f"the {store} store has schema versions {sorted(unknown)} that this felix does "
+            "not know: it was written by a newer felix"
+        )
+    return [m for m in migrations if m[0] not in applied]

@@ -45,7 +45,6 @@ import asyncpg
 from felix.control.model import Change, Kind, Op, Path, Resource
 from felix.control.store import AlreadyExists
 from felix.control.stores import _common as c
-from felix.errors import ConfigError
 
 __all__ = ["MIGRATIONS", "PostgresStore"]
 
@@ -424,15 +423,9 @@ async def _migrate(conn: Any) -> None:
         applied = {
             r["version"] for r in await conn.fetch("SELECT version FROM felix_schema_migrations")
         }
-        known = {version for version, _, _ in MIGRATIONS}
-        if applied - known:
-            raise ConfigError(
-                f"the PostgreSQL store has schema versions {sorted(applied - known)} that this "
-                "felix does not know: it was written by a newer felix"
-            )
-        for version, description, statements in MIGRATIONS:
-            if version in applied:
-                continue
+        for version, description, statements in c.migrations_to_apply(
+            applied, MIGRATIONS, "PostgreSQL"
+        ):
             for statement in statements:
                 await conn.execute(statement)
             await conn.execute(

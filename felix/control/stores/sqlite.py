@@ -382,15 +382,9 @@ class SQLiteStore:
             )
             rows = await db.execute_fetchall("SELECT version FROM felix_schema_migrations")
             applied = {int(row[0]) for row in rows}
-            known = {version for version, _, _ in MIGRATIONS}
-            if applied - known:
-                raise ConfigError(
-                    f"the SQLite store has schema versions {sorted(applied - known)} that this "
-                    "felix does not know: it was written by a newer felix"
-                )
-            for version, description, statements in MIGRATIONS:
-                if version in applied:
-                    continue
+            for version, description, statements in c.migrations_to_apply(
+                applied, MIGRATIONS, "SQLite"
+            ):
                 for statement in statements:
                     await db.execute(statement)
                 await db.execute(

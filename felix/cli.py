@@ -31,6 +31,12 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "health/metrics endpoint. Ctrl-C or SIGTERM drains and exits.",
     )
     up.add_argument(
+        "--config",
+        type=Path,
+        help="TOML file of defaults for these flags (keys are the flag names, e.g. "
+        'shards = 4, replay-bytes = "128MiB"); flags given here win',
+    )
+    up.add_argument(
         "--listen",
         default="127.0.0.1:5000",
         help="QUIC address HOST:PORT (port 0 picks a free one)",
@@ -103,7 +109,32 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=os.environ.get("FELIX_QUIC_ENGINE") or "qh3",
         help="QUIC engine",
     )
-    up.set_defaults(func=_run_up)
+    up.set_defaults(func=_run_up, parser=up)
+
+
+def apply_config_file(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]
+) -> None:
+    """Fill every flag not given in ``argv`` from ``args.config`` (TOML)."""
+    import tomllib
+
+    try:
+        table = tomllib.loads(args.config.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read --config {args.config}: {exc}") from None
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    for key, value in table.items():
+        dest = key.replace("-", "_")
+        action = actions.get(dest)
+        if action is None or dest in ("config", "help"):
+            raise ConfigError(f"--config {args.config}: unknown setting {key!r}")
+        if any(a == opt or a.startswith(opt + "=") for a in argv for opt in action.option_strings):
+            continue  # given on the command line: the flag wins
+        if isinstance(value, str) and callable(action.type):
+            value = action.type(value)
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(f"--config {args.config}: {key} must be one of {action.choices}")
+        setattr(args, dest, value)
 
 
 def _node_config(args: argparse.Namespace) -> NodeConfig:
@@ -197,6 +228,8 @@ def _run_up(args: argparse.Namespace) -> int:
 
     from felix.node.supervisor import Supervisor
 
+    if args.config is not None:
+        apply_config_file(args.parser, args, args.argv)
     config = _node_config(args)
     return uvloop.run(Supervisor(config).run())
 
@@ -222,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

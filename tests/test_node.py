@@ -258,3 +258,25 @@ def test_embedded_shards_knob_serves_without_shard_processes(tmp_path: Path) -> 
         run(main, timeout=30)
     finally:
         assert n.stop() == 0
+
+
+def test_config_file_supplies_defaults_and_flags_win(tmp_path: Path) -> None:
+    from felix.cli import _node_config, apply_config_file, build_parser
+    from felix.errors import ConfigError
+
+    cfg = tmp_path / "felix.toml"
+    cfg.write_text(
+        'shards = 3\nreplay-bytes = "8MiB"\nslow-subscriber = "disconnect"\n'
+        f'data-dir = "{tmp_path / "d"}"\n'
+    )
+    argv = ["up", "--config", str(cfg), "--gateways", "1", "--shards=2"]
+    args = build_parser().parse_args(argv)
+    apply_config_file(args.parser, args, argv)
+    config = _node_config(args)
+    assert (config.shards, config.gateways) == (2, 1)  # flags win over the file
+    assert config.stream_defaults.replay_max_bytes == 8 * 1024 * 1024
+    assert config.stream_defaults.slow_subscriber_policy == "disconnect"
+    assert config.data_dir == tmp_path / "d"
+    cfg.write_text("shardz = 3\n")
+    with pytest.raises(ConfigError, match="unknown setting 'shardz'"):
+        apply_config_file(args.parser, build_parser().parse_args(argv), argv)

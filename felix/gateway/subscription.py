@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from felix import wire
 
 if TYPE_CHECKING:
-    from felix.gateway.gateway import GatewayConnection
+    from felix.gateway.connection import GatewayConnection
 
 #: Most credit a client may hold (records); more is capped, not refused.
 MAX_CREDIT = 1 << 16

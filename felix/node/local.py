@@ -16,7 +16,8 @@ from collections.abc import Coroutine, Generator
 from pathlib import Path
 from types import TracebackType
 
-from felix.gateway.gateway import Gateway, GatewayLimits, connection_class
+from felix.gateway.connection import connection_class
+from felix.gateway.gateway import Gateway, GatewayLimits
 from felix.gateway.links import LocalShards
 from felix.quic import QuicServerHandle, bind_udp, load_engine, serve_on_socket
 from felix.shard.core import ShardCore, ShardSettings

@@ -35,7 +35,8 @@ import uvloop
 
 from felix import ipc
 from felix.errors import FelixError
-from felix.gateway.gateway import Gateway, connection_class
+from felix.gateway.connection import connection_class
+from felix.gateway.gateway import Gateway
 from felix.gateway.links import Deliver, LocalShards, ShardLinks
 from felix.ipc import Kind
 from felix.node.config import NodeConfig

@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    logging.getLogger("quic").setLevel(logging.ERROR)
+    logging.getLogger("quic").setLevel(logging.ERROR)  # qh3 logs every normal close
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     try:
         code: int = args.func(args)
     except ConfigError as exc:

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from felix.control.store import Store
+from felix.control.model import Kind
+from felix.control.store import AlreadyExists, Store
 from felix.control.stores import open_store
 from felix.node.config import NodeConfig, is_loopback
 from felix.node.control import ControlFollower, EmbeddedControl, FeedSource, HttpFeed, StoreFeed
@@ -169,6 +170,7 @@ class Supervisor:
             url = config.control_store or f"sqlite:///{config.data_dir / 'control.db'}"
             self._control_store = open_store(url)
             await self._control_store.open()
+            await _ensure_default_namespace(self._control_store)
             host, port = config.control
             tls = None if is_loopback(host) else (cert, key)
             self.control = EmbeddedControl(
@@ -422,6 +424,15 @@ class Supervisor:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.node_info(), indent=2) + "\n")
         os.replace(tmp, path)
+
+
+async def _ensure_default_namespace(store: Store) -> None:
+    """A new embedded control plane starts with the ``default`` tenant and namespace,
+    the ones clients use when they name none."""
+    for kind, path in ((Kind.TENANT, ("default",)), (Kind.NAMESPACE, ("default", "default"))):
+        if await store.get(kind, path) is None:
+            with contextlib.suppress(AlreadyExists):
+                await store.create(kind, path, {})
 
 
 def _is_ip(host: str) -> bool:

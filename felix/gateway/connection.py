@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,12 +23,16 @@ from felix.errors import (
     Overloaded,
     PermissionDenied,
     RemoteProtocolError,
+    Unauthenticated,
     Unavailable,
 )
 from felix.gateway import v1
+from felix.gateway.auth import Identity
 from felix.gateway.gateway import (
+    CLOSE_AUTH_FAILED,
     CLOSE_OVERLOADED,
     CLOSE_PROTOCOL_ERROR,
+    CLOSE_TOKEN_EXPIRED,
     SUPPORTED_FLAGS,
     Gateway,
     _Pending,
@@ -51,6 +56,7 @@ class StreamSession:
         "conn",
         "deadline",
         "flags",
+        "identity",
         "in_flight",
         "input_ended",
         "reader",
@@ -69,6 +75,7 @@ class StreamSession:
         self.state = _SessionState.AWAIT_AUTH
         self.flags = 0
         self.tenant = ""
+        self.identity: Identity | None = None
         self.in_flight = 0
         self.input_ended = False
         loop = asyncio.get_running_loop()
@@ -157,15 +164,23 @@ class StreamSession:
         msg = wire.decode_message(frame)
         if msg["type"] != "auth":
             raise RemoteProtocolError(f"expected auth, got {msg['type']}")
-        tenant = msg["tenant_id"] or "default"
-        try:
-            validate_name("tenant", tenant)
-        except FelixError as exc:
-            self.fail(str(exc))
+        conn = self.conn
+        gateway = conn.gateway
+        source, now = conn.peer, time.monotonic()
+        if gateway.auth_limiter.blocked(source, now):
+            conn.close(CLOSE_AUTH_FAILED, "too many failed authentications; wait")
+            self.close()
             return
-        # Until authentication lands the node only listens on loopback (or with
-        # --insecure), and the token is not checked: the frame's tenant is used.
-        self.tenant = tenant
+        try:
+            identity = gateway.authenticator.authenticate(msg["token"], msg["tenant_id"])
+            conn.admit(identity)
+        except FelixError as exc:
+            gateway.auth_failures += 1
+            gateway.auth_limiter.failed(source, now)
+            self.fail(f"unauthenticated: {exc}")
+            return
+        self.identity = identity
+        self.tenant = identity.tenant
         limits = self.conn.gateway.limits
         self.reader.max_frame_size = limits.max_frame
         self.state = _SessionState.READY
@@ -202,7 +217,18 @@ class StreamSession:
         if gateway.draining:
             raise Unavailable("node is draining; reconnect")
         op = msg.opcode
-        if op == wire.OP_PING or op == wire.OP_REAUTH:
+        if isinstance(msg, wire.Reauth):
+            # A fresh token for this connection's tenant: new permissions, new deadline.
+            try:
+                identity = gateway.authenticator.authenticate(msg.token, self.tenant)
+                conn.admit(identity)
+            except FelixError as exc:
+                gateway.auth_failures += 1
+                raise Unauthenticated(str(exc)) from None
+            self.identity = identity
+            self.send(wire.encode_ok(msg.request_id))
+            return
+        if op == wire.OP_PING:
             self.send(wire.encode_ok(msg.request_id))
             return
         if isinstance(msg, wire.SubscriptionOp):
@@ -220,15 +246,17 @@ class StreamSession:
             gateway.overloaded += 1
             raise Overloaded("too many requests in flight on this connection")
         if isinstance(msg, wire.CacheRequest):
-            self._check_scope(msg.tenant_id, msg.namespace, "cache", msg.cache)
+            self._check_scope(msg.tenant_id, msg.namespace, "cache", msg.cache, _cache_action(op))
             key = f"{msg.tenant_id}/{msg.namespace}/{msg.cache}/{msg.key}"
             subscription = None
         elif isinstance(msg, wire.Publish):
-            self._check_scope(msg.tenant_id, msg.namespace, "stream", msg.stream)
+            self._check_scope(msg.tenant_id, msg.namespace, "stream", msg.stream, "stream.publish")
             key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
             subscription = None
         elif isinstance(msg, wire.Subscribe):
-            self._check_scope(msg.tenant_id, msg.namespace, "stream", msg.stream)
+            self._check_scope(
+                msg.tenant_id, msg.namespace, "stream", msg.stream, "stream.subscribe"
+            )
             key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
             subscription = self._new_subscription(msg, key)
         else:
@@ -250,7 +278,13 @@ class StreamSession:
             if gateway.draining:
                 raise Unavailable("node is draining; reconnect")
             tenant, namespace, name = req.names
-            self._check_scope(tenant, namespace, "cache" if req.kind == "cache" else "stream", name)
+            self._check_scope(
+                tenant,
+                namespace,
+                "cache" if req.kind == "cache" else "stream",
+                name,
+                _v1_action(req),
+            )
             if self.conn.in_flight >= gateway.limits.max_in_flight_per_connection:
                 gateway.overloaded += 1
                 raise Overloaded("too many requests in flight on this connection")
@@ -306,11 +340,20 @@ class StreamSession:
         if not gateway.forward(pending, sub.token, ipc.encode(Kind.REQUEST, sub.token, 0, frame)):
             gateway.unsubscribe(sub)
 
-    def _check_scope(self, tenant: str, namespace: str, kind: str, name: str) -> None:
+    def _check_scope(self, tenant: str, namespace: str, kind: str, name: str, action: str) -> None:
         if tenant != self.tenant:
             raise PermissionDenied(f"this session belongs to tenant {self.tenant!r}")
         validate_name("namespace", namespace)
         validate_name(kind, name)
+        identity = self.identity
+        assert identity is not None  # requests are only served after auth
+        allowed = (
+            identity.allows_cache(action, namespace, name)
+            if kind == "cache"
+            else identity.allows_stream(action, namespace, name)
+        )
+        if not allowed:
+            raise PermissionDenied(f"{action} on {kind} {tenant}/{namespace}/{name} is not granted")
 
     def _new_subscription(self, msg: wire.Subscribe, key: str) -> Subscription:
         conn = self.conn
@@ -348,6 +391,12 @@ class GatewayConnection(FelixQuicProtocol):
         self.in_flight = 0
         # v1 subscribers may let the broker pick ids: above any id a client would pick.
         self.next_v1_subscription = 1 << 48
+        # One tenant per connection (set by its first authenticated stream), and the
+        # latest expiry among the tokens it presented (wall clock; None: never).
+        self.tenant: str | None = None
+        self.expires_at: float | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self.peer = "?"
         gateway = self.gateway
         # Over the bound, the connection is refused as soon as its handshake completes
         # (a close sent earlier may not be readable by the client yet).
@@ -360,6 +409,38 @@ class GatewayConnection(FelixQuicProtocol):
     def _on_handshake_completed(self, alpn_protocol: str | None) -> None:
         if self.refused:
             self.close(CLOSE_OVERLOADED, "gateway at its connection limit")
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self.peer == "?":
+            self.peer = str(addr[0])  # the source failed authentications are counted by
+        super().datagram_received(data, addr)
+
+    # -- authentication -----------------------------------------------------------------
+
+    def admit(self, identity: Identity) -> None:
+        """Accept ``identity`` on this connection: same tenant as before, later expiry kept."""
+        if self.tenant is None:
+            self.tenant = identity.tenant
+        elif identity.tenant != self.tenant:
+            raise Unauthenticated(f"this connection belongs to tenant {self.tenant!r}")
+        if identity.expires_at is None:
+            return
+        if self.expires_at is None or identity.expires_at > self.expires_at:
+            self.expires_at = identity.expires_at
+            if self._expiry is not None:
+                self._expiry.cancel()
+            delay = max(self.expires_at - time.time(), 0.0)
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._expiry = None
+        if self.expires_at is not None and time.time() < self.expires_at:
+            # Extended meanwhile by a fresh token (REAUTH): wait for the new deadline.
+            delay = self.expires_at - time.time()
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
+            return
+        self.gateway.expired_sessions += 1
+        self.close(CLOSE_TOKEN_EXPIRED, "token expired: reconnect with a fresh token")
 
     # -- QUIC hooks ------------------------------------------------------------------
 
@@ -430,3 +511,13 @@ def connection_class(gateway: Gateway) -> type[GatewayConnection]:
     """A GatewayConnection subclass bound to ``gateway`` (the engine's server creates instances)."""
     attrs: dict[str, object] = {"gateway": gateway}
     return type("BoundGatewayConnection", (GatewayConnection,), attrs)
+
+
+def _cache_action(opcode: int) -> str:
+    return "cache.read" if opcode in (wire.OP_CACHE_GET, wire.OP_CACHE_TTL) else "cache.write"
+
+
+def _v1_action(req: v1.V1Request) -> str:
+    if req.kind == "cache":
+        return _cache_action(req.frame[wire.HEADER_SIZE])
+    return "stream.subscribe" if req.kind == "subscribe" else "stream.publish"

@@ -35,6 +35,7 @@ from felix.errors import (
     Unavailable,
 )
 from felix.gateway import v1
+from felix.gateway.auth import Authenticator, DevAuthenticator, FailureLimiter
 from felix.gateway.links import ShardLinks
 from felix.gateway.subscription import (
     READ_BYTES,
@@ -58,6 +59,8 @@ CLOSE_PROTOCOL_ERROR = 0x101
 CLOSE_AUTH_TIMEOUT = 0x102
 CLOSE_DRAINING = 0x103
 CLOSE_OVERLOADED = 0x104
+CLOSE_AUTH_FAILED = 0x105
+CLOSE_TOKEN_EXPIRED = 0x106
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +111,7 @@ class Gateway:
         limits: GatewayLimits | None = None,
         *,
         incarnation: int = 0,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.index = index
         self.links = links
@@ -129,6 +133,10 @@ class Gateway:
         self.slow_consumer_events = 0
         self.delivered_records = 0
         self.refused_connections = 0
+        self.auth_failures = 0
+        self.expired_sessions = 0
+        self.authenticator: Authenticator = authenticator or DevAuthenticator()
+        self.auth_limiter = FailureLimiter()
         links.attach(index, self.on_shard_records)
 
     # -- routing ---------------------------------------------------------------------

@@ -16,6 +16,7 @@ from collections.abc import Coroutine, Generator
 from pathlib import Path
 from types import TracebackType
 
+from felix.gateway.auth import Authenticator
 from felix.gateway.connection import connection_class
 from felix.gateway.gateway import Gateway, GatewayLimits
 from felix.gateway.links import LocalShards
@@ -69,6 +70,7 @@ class LocalNode:
         shard_settings: dict[str, object] | None = None,
         engine: str | None = None,
         sock: socket.socket | None = None,
+        authenticator: Authenticator | None = None,
     ) -> LocalNode:
         """Start a node serving QUIC on ``host:port`` (0: a free port), state in ``data_dir``.
 
@@ -86,7 +88,7 @@ class LocalNode:
             for i in range(shards)
         ]
         links = LocalShards(cores)
-        gateway = Gateway(0, links, limits)
+        gateway = Gateway(0, links, limits, authenticator=authenticator)
         quic = load_engine(engine)
         udp = sock or bind_udp(host, port)
         server = await serve_on_socket(

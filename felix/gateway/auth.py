@@ -1,0 +1,149 @@
+"""Who a session is: the `auth` frame's token checked, permissions for every request.
+
+Two authenticators:
+
+- :class:`DevAuthenticator` (no ``--auth``): the token is not checked and the
+  frame's tenant is used (``default`` when it names none). The node refuses to
+  listen beyond loopback in this mode unless ``--insecure``.
+- :class:`TokenAuthenticator` (``--auth``): the token must be a Felix JWT
+  (felix/auth/tokens.py) signed by a key in its tenant's JWK set; the tenant
+  comes from the token (a frame naming another tenant is refused); requests are
+  checked against the token's permissions; the session ends when the token
+  expires (plus leeway) unless the client presents a fresh one (REAUTH).
+
+:class:`FailureLimiter` counts failed authentications per source address and
+makes a source that keeps failing wait (bounded table, oldest sources forgotten).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from felix.auth.perms import PermissionSet
+from felix.auth.tokens import read_unverified_claims, verify_felix_token
+from felix.errors import FelixError, Unauthenticated
+from felix.names import validate_name
+
+#: Seconds of clock skew and of grace after a token's expiry.
+DEFAULT_LEEWAY = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An authenticated session: its tenant, what it may do, and until when (wall clock)."""
+
+    tenant: str
+    subject: str
+    perms: PermissionSet | None  # None: everything (dev mode)
+    expires_at: float | None  # None: never (dev mode)
+
+    def allows_stream(self, action: str, namespace: str, stream: str) -> bool:
+        return self.perms is None or self.perms.allows_stream(
+            action, self.tenant, namespace, stream
+        )
+
+    def allows_cache(self, action: str, namespace: str, cache: str) -> bool:
+        return self.perms is None or self.perms.allows_cache(action, self.tenant, namespace, cache)
+
+
+class Authenticator(Protocol):
+    def authenticate(self, token: str, tenant: str) -> Identity:
+        """The session's identity for ``token``; ``tenant`` is what the frame named.
+
+        Raises Unauthenticated (or another FelixError) when it must be refused.
+        """
+
+
+class DevAuthenticator:
+    """Loopback development mode: trust the frame's tenant."""
+
+    def authenticate(self, token: str, tenant: str) -> Identity:
+        tenant = tenant or "default"
+        validate_name("tenant", tenant)
+        return Identity(tenant, "anonymous", None, None)
+
+
+class TokenAuthenticator:
+    """Felix JWTs checked against each tenant's published JWK set.
+
+    ``jwks(tenant, now)`` returns the tenant's public keys or None (unknown tenant:
+    deny); it is called with the monotonic clock, token times use ``clock``.
+    """
+
+    def __init__(
+        self,
+        jwks: Callable[[str, float], dict[str, Any] | None],
+        *,
+        issuer: str,
+        audience: str,
+        leeway: float = DEFAULT_LEEWAY,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._jwks = jwks
+        self._issuer = issuer
+        self._audience = audience
+        self._leeway = leeway
+        self._clock = clock
+        self._monotonic = monotonic
+
+    def authenticate(self, token: str, tenant: str) -> Identity:
+        if not token:
+            raise Unauthenticated("this node requires a token")
+        # The tenant's keys are needed to verify; take the tenant named inside the token
+        # only to find them: the signature check below is what makes it trustworthy.
+        claimed = read_unverified_claims(token).get("tid")
+        if not isinstance(claimed, str):
+            raise Unauthenticated("token has no tenant")
+        try:
+            validate_name("tenant", claimed)
+        except FelixError:
+            raise Unauthenticated("token tenant is not a valid name") from None
+        keys = self._jwks(claimed, self._monotonic())
+        if keys is None:
+            raise Unauthenticated("no signing keys for the token's tenant")
+        claims = verify_felix_token(
+            token,
+            keys,
+            issuer=self._issuer,
+            audience=self._audience,
+            now=self._clock(),
+            leeway=self._leeway,
+        )
+        if tenant and tenant != claims.tid:
+            raise Unauthenticated("the token belongs to another tenant than the frame names")
+        return Identity(claims.tid, claims.sub, claims.perms, claims.deadline(self._leeway))
+
+
+class FailureLimiter:
+    """At most ``max_failures`` failed authentications per source within ``window`` seconds."""
+
+    def __init__(
+        self, max_failures: int = 20, window: float = 60.0, max_sources: int = 10_000
+    ) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self.max_sources = max_sources
+        self._sources: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def blocked(self, source: str, now: float) -> bool:
+        entry = self._sources.get(source)
+        if entry is None:
+            return False
+        start, count = entry
+        if now - start >= self.window:
+            del self._sources[source]
+            return False
+        return count >= self.max_failures
+
+    def failed(self, source: str, now: float) -> None:
+        start, count = self._sources.pop(source, (now, 0))
+        if now - start >= self.window:
+            start, count = now, 0
+        self._sources[source] = (start, count + 1)
+        while len(self._sources) > self.max_sources:
+            self._sources.popitem(last=False)  # the bound: forget the oldest source

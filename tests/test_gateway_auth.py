@@ -1,0 +1,167 @@
+"""Broker-side authentication: Felix tokens, tenant from the token, permissions, expiry."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from felix import wire
+from felix.auth.keys import TenantKeyRing
+from felix.auth.perms import PermissionSet
+from felix.gateway.auth import FailureLimiter, TokenAuthenticator
+from felix.node.local import LocalNode
+from tests.aio import run
+from tests.rawquic import RawPeer, raw_connect
+
+pytestmark = pytest.mark.timeout(60)
+ISS = AUD = "felix"
+RING = TenantKeyRing.create("acme", time.time())
+PERMS = ["stream.publish:stream:acme/prod/*", "cache.read:cache:acme/prod/c"]
+
+
+def token(perms: list[str] = PERMS, ttl: int = 300, tenant_ring: TenantKeyRing = RING) -> str:
+    return tenant_ring.mint(
+        time.time(),
+        issuer=ISS,
+        audience=AUD,
+        sub="alice",
+        perms=PermissionSet(tenant_ring.tenant, perms),
+        ttl=ttl,
+    )
+
+
+def jwks(tenant: str, now: float) -> dict[str, Any] | None:
+    return RING.jwks(time.time()) if tenant == "acme" else None
+
+
+def node(tmp_path: Path, leeway: float = 5.0) -> Any:
+    auth = TokenAuthenticator(jwks, issuer=ISS, audience=AUD, leeway=leeway)
+    return LocalNode.start(tmp_path, authenticator=auth)
+
+
+async def authed(peer: RawPeer, tok: str, tenant: str = "") -> tuple[int, dict[str, Any]]:
+    sid = peer.new_stream()
+    peer.send(
+        sid,
+        wire.encode_message(
+            {"type": "auth", "tenant_id": tenant, "token": tok, "client_flags": wire.FLAGS_ALL}
+        ),
+    )
+    (first,) = await peer.frames_on(sid, 1)
+    return sid, wire.decode_message(first)
+
+
+def ext(frame: wire.Frame) -> wire.ExtMessage:
+    return wire.decode_ext(frame)
+
+
+def test_tokens_are_required_and_checked(tmp_path: Path) -> None:
+    other = TenantKeyRing.create("acme", time.time())  # same tenant, keys nobody published
+
+    async def main() -> None:
+        async with node(tmp_path) as n:
+            peer = await raw_connect(n.host, n.port, n.ca_file)
+            for bad in ["", "not-a-jwt", token(tenant_ring=other), token()[:-3] + "AAA"]:
+                _, reply = await authed(peer, bad)
+                assert reply["type"] == "error" and "unauthenticated" in reply["message"]
+            # The frame may not name another tenant than the token's.
+            _, reply = await authed(peer, token(), tenant="globex")
+            assert reply["type"] == "error"
+            _, reply = await authed(peer, token(), tenant="acme")
+            assert reply["type"] == "auth_ok"
+            assert n.gateway.auth_failures == 5
+            peer.close()
+
+    run(main)
+
+
+def test_every_request_is_checked_against_the_token_permissions(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with node(tmp_path) as n:
+            peer = await raw_connect(n.host, n.port, n.ca_file)
+            sid, reply = await authed(peer, token())
+            assert reply == {"type": "auth_ok", "server_flags": wire.FLAGS_ALL}
+            peer.send(sid, wire.encode_publish(1, "acme", "prod", "orders", [b"x"]))  # granted
+            peer.send(sid, wire.encode_publish(2, "acme", "dev", "orders", [b"x"]))  # other ns
+            peer.send(sid, wire.encode_cache_get(3, "acme", "prod", "c", "k"))  # granted
+            peer.send(sid, wire.encode_cache_set(4, "acme", "prod", "c", "k", b"v"))  # read only
+            peer.send(sid, wire.encode_subscribe(5, "acme", "prod", "orders", 1))  # not granted
+            peer.send(sid, wire.encode_publish(6, "globex", "prod", "orders", [b"x"]))  # tenant
+            peer.send(
+                sid,
+                wire.encode_message(
+                    {
+                        "type": "cache_put",
+                        "tenant_id": "acme",
+                        "namespace": "prod",
+                        "cache": "c",
+                        "key": "k",
+                        "value": b"v",
+                        "ttl_ms": None,
+                    }
+                ),
+            )  # v1, denied
+            frames = await peer.frames_on(sid, 8)
+            replies = {m.request_id: m for m in map(ext, (f for f in frames[1:] if f.flags))}
+            (v1_error,) = [wire.decode_message(f) for f in frames[1:] if not f.flags]
+            assert isinstance(replies[1], wire.PublishOffsets)
+            assert isinstance(replies[3], wire.CacheValue)
+            for rid in (2, 4, 5, 6):
+                denied = replies[rid]
+                assert isinstance(denied, wire.ErrorReply) and denied.code == 3, rid
+            assert v1_error["type"] == "error" and "not granted" in v1_error["message"]
+            peer.close()
+
+    run(main)
+
+
+def test_an_expired_token_closes_the_connection_unless_refreshed(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with node(tmp_path, leeway=0.0) as n:
+            short = await raw_connect(n.host, n.port, n.ca_file)
+            await authed(short, token(ttl=1))
+            kept = await raw_connect(n.host, n.port, n.ca_file)
+            sid, _ = await authed(kept, token(ttl=1))
+            kept.send(sid, wire.encode_reauth(7, token(ttl=30)))  # fresh token, same tenant
+            assert ext((await kept.frames_on(sid, 2))[1]).opcode == wire.OP_OK
+            await short.wait_for(lambda: short.close_reason is not None, timeout=5)
+            assert short.close_reason is not None
+            assert "expired" in short.close_reason.reason_phrase
+            kept.send(sid, wire.encode_ping(8))
+            assert ext((await kept.frames_on(sid, 3))[2]).opcode == wire.OP_OK
+            assert kept.close_reason is None
+            assert n.gateway.expired_sessions == 1
+            kept.close()
+
+    run(main)
+
+
+def test_a_source_that_keeps_failing_is_shut_out(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with node(tmp_path) as n:
+            n.gateway.auth_limiter = FailureLimiter(max_failures=3, window=60)
+            peer = await raw_connect(n.host, n.port, n.ca_file)
+            for _ in range(3):
+                await authed(peer, "garbage")
+            sid = peer.new_stream()
+            peer.send(sid, wire.encode_message({"type": "auth", "tenant_id": "", "token": token()}))
+            await peer.wait_for(lambda: peer.close_reason is not None)
+            assert peer.close_reason is not None
+            assert "too many failed" in peer.close_reason.reason_phrase
+
+    run(main)
+
+
+def test_failure_limiter_window_and_bound() -> None:
+    lim = FailureLimiter(max_failures=2, window=10, max_sources=3)
+    lim.failed("a", 0)
+    assert not lim.blocked("a", 1)
+    lim.failed("a", 1)
+    assert lim.blocked("a", 2)
+    assert not lim.blocked("a", 10.5)  # the window passed
+    for src in "bcde":
+        lim.failed(src, 20)
+    assert len(lim._sources) == 3  # oldest sources forgotten

@@ -82,6 +82,12 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="host the shards inside the gateway process (needs --gateways 1): no ring hop, "
         "for one-core machines and latency experiments",
     )
+    up.add_argument(
+        "--auth",
+        action="store_true",
+        help="require Felix tokens (tenant keys in DATA_DIR/auth: see felix token); the "
+        "QUIC port may then listen beyond loopback",
+    )
     up.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
     up.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     up.add_argument(
@@ -158,6 +164,7 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         control_store=args.control_store,
         control_url=args.control_url,
         embedded_shards=args.embedded_shards,
+        auth=args.auth,
         stream_defaults=StreamSettings(
             replay_max_records=args.replay_records,
             replay_max_bytes=replay_bytes,
@@ -242,9 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_up(sub)
     _add_control(sub)
+    from felix.auth.cli import add_commands as add_token_commands
     from felix.client.cli import add_commands as add_client_commands
 
     add_client_commands(sub)
+    add_token_commands(sub)
     try:
         from felix.control.cli import add_commands as add_control_commands
     except ImportError:  # pragma: no cover - removed once the control CLI lands

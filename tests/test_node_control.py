@@ -140,3 +140,54 @@ def test_node_follows_a_separate_control_plane(tmp_path: Path) -> None:
     finally:
         control.terminate()
         control.wait(10)
+
+
+def test_node_with_auth_serves_token_holders_only(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    auth_dir = tmp_path / "node" / "auth"
+
+    def felix_cli(*args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "felix.cli", *args], capture_output=True, text=True, timeout=30
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    felix_cli("token", "keygen", "--tenant", "acme", "--dir", str(auth_dir))
+    tok = felix_cli(
+        "token",
+        "mint",
+        "--tenant",
+        "acme",
+        "--sub",
+        "svc",
+        "--dir",
+        str(auth_dir),
+        "--perm",
+        "stream.publish:stream:acme/default/*",
+        "--perm",
+        "stream.subscribe:stream:acme/default/*",
+    )
+    node = NodeProcess(tmp_path / "node", "--auth")
+    try:
+        url = f"felix://{node.host}:{node.port}"
+
+        async def main() -> None:
+            async with felix.connect(url, ca=node.ca_file, tenant="acme", token=tok) as client:
+                async with client.subscribe("orders", start="earliest") as sub:
+                    ack = await client.publish("orders", b"hi")
+                    assert ack is not None and ack.offset == 0
+                    assert (await sub.next(timeout=5)).data == b"hi"
+                with pytest.raises(felix.PermissionDenied):
+                    await client.cache("c").get("k")
+            with pytest.raises(felix.FelixError):
+                anonymous = await felix.connect(
+                    url, ca=node.ca_file, tenant="acme", connect_timeout=3
+                )
+                await anonymous.publish("orders", b"x")
+
+        run(main, timeout=30)
+    finally:
+        node.stop()

@@ -99,6 +99,9 @@ class NodeConfig:
     control_url: str | None = None
     #: Host the shard cores inside the (single) gateway process: no ring hop.
     embedded_shards: bool = False
+    #: Require Felix tokens (keys in DATA_DIR/auth, see `felix token`); with it the QUIC
+    #: port may listen beyond loopback without --insecure.
+    auth: bool = False
     limits: GatewayLimits = field(default_factory=GatewayLimits)
     stream_defaults: StreamSettings = field(default_factory=StreamSettings)
     cache_defaults: CacheSettings = field(default_factory=CacheSettings)
@@ -112,6 +115,8 @@ class NodeConfig:
             raise ConfigError("gateways x shards is limited to 256 (one ring pair each)")
         for name in ("listen", "http", "control"):
             host, _ = getattr(self, name)
+            if name == "listen" and self.auth:
+                continue  # every QUIC session is authenticated
             if not is_loopback(host) and not self.insecure:
                 raise ConfigError(
                     f"--{name} {host} is not a loopback address: until authentication is "

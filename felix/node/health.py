@@ -37,6 +37,8 @@ _METRICS: dict[str, tuple[str, str, bool]] = {
     "protocol_errors": ("felix_protocol_errors", "Streams closed for protocol errors", True),
     "overloaded": ("felix_overloaded_replies", "Requests refused as Overloaded", True),
     "slow_consumer_events": ("felix_slow_consumer_events", "Slow-subscriber policy firings", True),
+    "auth_failures": ("felix_auth_failures", "Failed authentications", True),
+    "expired_sessions": ("felix_expired_sessions", "Connections closed at token expiry", True),
     "connections": ("felix_connections", "Open client connections", False),
     "streams": ("felix_streams", "Streams held", False),
     "caches": ("felix_caches", "Cache partitions held", False),

@@ -35,6 +35,7 @@ import uvloop
 
 from felix import ipc
 from felix.errors import FelixError
+from felix.gateway.auth import TokenAuthenticator
 from felix.gateway.connection import connection_class
 from felix.gateway.gateway import Gateway
 from felix.gateway.links import Deliver, LocalShards, ShardLinks
@@ -292,7 +293,19 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
         outbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.outbound]
         inbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.inbound]
         links = RingLinks(outbound, inbound)
-    gateway = Gateway(spec.index, links, config.limits, incarnation=spec.incarnation)
+    authenticator = None
+    if config.auth:
+        from felix.auth.files import AUDIENCE, ISSUER, JwksDirectory
+
+        keys = JwksDirectory(config.data_dir / "auth")
+        authenticator = TokenAuthenticator(keys.jwks, issuer=ISSUER, audience=AUDIENCE)
+    gateway = Gateway(
+        spec.index,
+        links,
+        config.limits,
+        incarnation=spec.incarnation,
+        authenticator=authenticator,
+    )
     if not cores:
         for shard in range(config.shards):
             # Tell every shard this gateway (re)started: its old watches are void.
@@ -329,6 +342,8 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
             "overloaded": gateway.overloaded,
             "slow_consumer_events": gateway.slow_consumer_events,
             "delivered": gateway.delivered_records,
+            "auth_failures": gateway.auth_failures,
+            "expired_sessions": gateway.expired_sessions,
         }
 
     await _serve_commands(control, spec, stats, on_command=on_command)

@@ -1,0 +1,243 @@
+"""``felix token``: manage a tenant's signing keys and mint Felix tokens from them.
+
+::
+
+    felix token keygen --tenant acme                  # new key ring (--force replaces one)
+    felix token mint --tenant acme --sub alice \\
+        --perm stream.publish:namespace:acme/orders --ttl 600
+    felix token rotate --tenant acme                  # publish the next key, drop old ones
+    felix token jwks --tenant acme                    # print the published public keys
+
+The key directory: ``--dir``, else ``$FELIX_AUTH_DIR``, else ./data/auth (the
+auth directory of ``felix up``'s default data directory). It holds TENANT.ring.json
+(private keys, mode 0600) and TENANT.jwks.json (public keys, read by the broker).
+A rotated key signs from publish_ahead (300 s) after the rotation on; keys stay
+published until every token they signed has expired. Tokens carry iss and aud
+"felix" and at most --max-ttl seconds (keygen; default 900) of lifetime.
+
+Exit status: 0 done; 1 a felix error (no key ring, rotation already pending);
+2 bad usage (invalid tenant, permission or ttl; a key ring exists without --force).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from felix.auth.files import (
+    AUDIENCE,
+    ISSUER,
+    jwks_path,
+    load_ring,
+    locked,
+    ring_path,
+    save_ring,
+)
+from felix.auth.keys import MAX_TOKEN_TTL, TenantKeyRing
+from felix.auth.perms import PermissionSet
+from felix.errors import BadRequest, ConfigError, FelixError, NotFound
+from felix.names import validate_name
+
+__all__ = ["DEFAULT_AUTH_DIR", "add_commands", "auth_dir"]
+
+#: The key directory when neither --dir nor $FELIX_AUTH_DIR is given.
+DEFAULT_AUTH_DIR = Path("data") / "auth"
+
+Subparsers = argparse._SubParsersAction  # argparse has no public name for it
+Command = Callable[[argparse.Namespace], int]
+_RAW = argparse.RawDescriptionHelpFormatter
+#: The module doc minus its first line: examples, the key directory and exit statuses.
+_EPILOG = (__doc__ or "").split("\n\n", 1)[1].replace("``", "").replace("::", "")
+
+
+def _now() -> float:
+    """Wall-clock Unix seconds: tokens carry wall-clock iat/exp (tests replace this)."""
+    return time.time()
+
+
+def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
+    """Add the ``token`` group (keygen, rotate, mint, jwks) to the ``felix`` ``subparsers``.
+
+    Each command sets ``func``: it takes the parsed namespace and returns the exit
+    status, printing ``felix: MESSAGE`` to stderr on failure (2 for a ConfigError
+    or an invalid argument, 1 for another felix error), as ``felix.cli.main`` would.
+    """
+    group = subparsers.add_parser(
+        "token", help="tenant signing keys and Felix tokens", epilog=_EPILOG, formatter_class=_RAW
+    )
+    commands = group.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+
+    keygen = _command(commands, "keygen", "create a tenant's key ring")
+    keygen.add_argument(
+        "--max-ttl",
+        type=int,
+        default=900,
+        metavar="SECONDS",
+        help=f"longest token lifetime (1..{MAX_TOKEN_TTL}; default 900)",
+    )
+    keygen.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing key ring (tokens it signed stop verifying)",
+    )
+    keygen.set_defaults(func=_guarded(_keygen))
+
+    rotate = _command(commands, "rotate", "publish the next key and drop expired ones")
+    rotate.set_defaults(func=_guarded(_rotate))
+
+    mint = _command(commands, "mint", "print a Felix token")
+    mint.add_argument("--sub", required=True, help="the token's subject")
+    mint.add_argument(
+        "--perm",
+        dest="perms",
+        action="append",
+        required=True,
+        metavar="PERM",
+        help="a permission ACTION:KIND:PATH in the tenant (repeatable)",
+    )
+    mint.add_argument(
+        "--ttl", type=int, metavar="SECONDS", help="lifetime (default: the ring's --max-ttl)"
+    )
+    mint.set_defaults(func=_guarded(_mint))
+
+    jwks = _command(commands, "jwks", "print the tenant's published JWK set")
+    jwks.set_defaults(func=_guarded(_jwks))
+
+
+def _command(
+    commands: Subparsers[argparse.ArgumentParser], name: str, help_text: str
+) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help_text, epilog=_EPILOG, formatter_class=_RAW)
+    parser.add_argument("--tenant", required=True, help="the tenant")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        metavar="DIR",
+        help=f"key directory (default: $FELIX_AUTH_DIR or {DEFAULT_AUTH_DIR})",
+    )
+    return parser
+
+
+def auth_dir(args: argparse.Namespace) -> Path:
+    """The key directory: ``--dir``, else ``$FELIX_AUTH_DIR``, else :data:`DEFAULT_AUTH_DIR`."""
+    given: Path | None = args.dir
+    if given is not None:
+        return given
+    env = os.environ.get("FELIX_AUTH_DIR")
+    return Path(env) if env else DEFAULT_AUTH_DIR
+
+
+def _guarded(command: Command) -> Command:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except ConfigError as exc:
+            print(f"felix: {exc}", file=sys.stderr)
+            return 2
+        except FelixError as exc:
+            print(f"felix: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _tenant(args: argparse.Namespace) -> str:
+    """``--tenant``, validated (an invalid name is a usage error)."""
+    try:
+        return validate_name("tenant", args.tenant)
+    except BadRequest as exc:
+        raise ConfigError(f"--tenant: {exc}") from None
+
+
+def _no_ring(directory: Path, tenant: str) -> NotFound:
+    return NotFound(
+        f"no key ring for tenant {tenant!r} in {directory} "
+        f"(create one with: felix token keygen --tenant {tenant})"
+    )
+
+
+def _load(directory: Path, tenant: str) -> TenantKeyRing:
+    try:
+        return load_ring(directory, tenant)
+    except NotFound:
+        raise _no_ring(directory, tenant) from None
+
+
+def _when(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="seconds")
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    tenant = _tenant(args)
+    directory = auth_dir(args)
+    now = _now()
+    ring = TenantKeyRing.create(tenant, now, max_token_ttl=args.max_ttl)
+    with locked(directory, create=True):
+        if ring_path(directory, tenant).exists() and not args.force:
+            raise ConfigError(
+                f"tenant {tenant!r} already has a key ring in {directory}; pass --force to "
+                "replace it (tokens signed with its keys will stop verifying)"
+            )
+        save_ring(directory, ring, now)
+    (key,) = ring.schedule()
+    print(f"created the key ring of tenant {tenant!r} in {directory}: key {key.kid}")
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    tenant = _tenant(args)
+    directory = auth_dir(args)
+    if not directory.is_dir():
+        raise _no_ring(directory, tenant)
+    with locked(directory):
+        ring = _load(directory, tenant)
+        now = _now()
+        kid = ring.rotate(now)
+        dropped = ring.prune(now)
+        save_ring(directory, ring, now)
+    activate_at = ring.schedule()[-1].activate_at
+    print(f"published key {kid} of tenant {tenant!r}; it signs from {_when(activate_at)}")
+    for old in dropped:
+        print(f"dropped expired key {old}")
+    return 0
+
+
+def _mint(args: argparse.Namespace) -> int:
+    tenant = _tenant(args)
+    try:
+        perms = PermissionSet(tenant, args.perms)
+    except BadRequest as exc:
+        raise ConfigError(f"--perm: {exc}") from None
+    ring = _load(auth_dir(args), tenant)
+    try:
+        token = ring.mint(
+            _now(), issuer=ISSUER, audience=AUDIENCE, sub=args.sub, perms=perms, ttl=args.ttl
+        )
+    except BadRequest as exc:  # an unusable --sub
+        raise ConfigError(str(exc)) from None
+    print(token)
+    return 0
+
+
+def _jwks(args: argparse.Namespace) -> int:
+    tenant = _tenant(args)
+    directory = auth_dir(args)
+    path = jwks_path(directory, tenant)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise _no_ring(directory, tenant) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"{path} is not valid JSON") from None
+    print(json.dumps(value, indent=2, sort_keys=True))
+    return 0

@@ -32,9 +32,11 @@ test: lint typecheck unit
 up: build
 	$(VENV)/bin/felix up $(ARGS)
 
+# Benchmarks print felix beside its baseline or peers from the same run (not part of CI).
 bench: build
 	$(PY) perf/bench_codec.py
 	$(PY) perf/bench_ring.py
+	$(PY) perf/bench_e2e.py
 
 clean:
 	rm -rf build felix/*.so felix/_codec.c felix/_ring.c

@@ -196,6 +196,13 @@ def _add_control(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="allow a non-loopback address without authentication",
     )
     control.add_argument("--region", default="local", help="the region this cluster is")
+    control.add_argument(
+        "--keys-dir",
+        type=Path,
+        default=Path("data/auth"),
+        help="tenants' key rings (felix token keygen --dir), for the token exchange "
+        "and JWKS routes",
+    )
     control.set_defaults(func=_run_control)
 
 
@@ -218,7 +225,7 @@ def _run_control(args: argparse.Namespace) -> int:
     async def serve() -> None:
         await store.open()
         try:
-            app = create_app(store, region=args.region)
+            app = create_app(store, region=args.region, keys_dir=args.keys_dir)
             config = uvicorn.Config(
                 app, host=host, port=port, lifespan="off", timeout_graceful_shutdown=2
             )

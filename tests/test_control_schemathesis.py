@@ -2,32 +2,59 @@
 answer matches the schema it documents (bodies, statuses, problem+json errors).
 
 Every case runs on a freshly seeded store, so the documented path examples (acme,
-prod, orders, sessions) name resources that exist and the 2xx answers get checked,
-not only the 404s. Long-polls are shortened so the run stays fast.
+prod, orders, sessions, okta, publishers, eng) name resources that exist and the 2xx
+answers get checked, not only the 404s. Long-polls are shortened so the run stays fast.
+
+The app has a key directory holding acme's key ring (so the JWKS route answers 200)
+and a ``fetch_jwks`` that serves an empty key set without any network. Generated
+tokens never verify, so the token exchange is exercised here for its 401/404/422
+answers only; tests/test_control_auth.py covers its successful path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 import schemathesis
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
+from felix.auth.files import save_ring
+from felix.auth.keys import TenantKeyRing
+from felix.auth.tokens import ed25519_jwk
 from felix.control.api import create_app
 from felix.control.model import Kind
 from felix.control.stores.memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(120)
 
-SEED = [
+SEED: list[tuple[Kind, tuple[str, ...], dict[str, Any]]] = [
     (Kind.TENANT, ("acme",), {}),
     (Kind.NAMESPACE, ("acme", "prod"), {}),
     (Kind.STREAM, ("acme", "prod", "orders"), {"durable": True}),
     (Kind.CACHE, ("acme", "prod", "sessions"), {}),
+    (
+        Kind.ISSUER,
+        ("acme", "okta"),
+        {
+            "issuer": "https://idp.example",
+            "audience": "felix",
+            "algorithms": ["EdDSA"],
+            "jwks": {
+                "keys": [ed25519_jwk(ed25519.Ed25519PrivateKey.generate().public_key(), "k1")]
+            },
+        },
+    ),
+    (Kind.POLICY, ("acme", "publishers"), {"permissions": ["stream.publish:stream:acme/prod/*"]}),
+    (Kind.BINDING, ("acme", "eng"), {"subject": "group:eng", "policies": ["publishers"]}),
 ]
 #: Longest long-poll a generated case may ask for, in seconds.
 MAX_TEST_WAIT = 0.01
@@ -45,8 +72,19 @@ class ReseedableStore(MemoryStore):
             await self.create(kind, path, spec)
 
 
+async def _no_keys(url: str) -> Mapping[str, Any]:
+    """The identity provider's key set: empty (generated tokens never verify anyway)."""
+    return {"keys": []}
+
+
+KEYS_DIR = Path(tempfile.mkdtemp(prefix="felix-schemathesis-keys-"))
+save_ring(KEYS_DIR, TenantKeyRing.create("acme", time.time()), time.time())
+
 store = ReseedableStore()
-schema = schemathesis.openapi.from_asgi("/v1/openapi.json", create_app(store, region="local"))
+schema = schemathesis.openapi.from_asgi(
+    "/v1/openapi.json",
+    create_app(store, region="local", keys_dir=KEYS_DIR, fetch_jwks=_no_keys),
+)
 
 
 def _shorten_wait(query: dict[str, Any] | None) -> None:

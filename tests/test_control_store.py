@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from felix.control.model import PARENT, Change, Kind, Op, Resource, validate_spec
+from felix.control.model import PARENT, Change, Kind, Op, Resource, ancestors, validate_spec
 from felix.control.store import (
     AlreadyExists,
     CursorTooOld,
@@ -39,6 +39,7 @@ from tests import pg
 from tests.aio import run
 
 T, NS, ST, CA = Kind.TENANT, Kind.NAMESPACE, Kind.STREAM, Kind.CACHE
+IS, PO, BI = Kind.ISSUER, Kind.POLICY, Kind.BINDING
 State = dict[tuple[Kind, tuple[str, ...]], Resource]
 
 
@@ -139,9 +140,7 @@ def apply(state: State, change: Change) -> None:
     else:
         assert state.pop(key) == res, change
         # Children are deleted first: a follower never holds an orphan.
-        below = [
-            k for k in state if len(k[1]) > len(res.path) and k[1][: len(res.path)] == res.path
-        ]
+        below = [k for k in state if key in ancestors(*k)]
         assert not below, change
 
 
@@ -390,6 +389,110 @@ def test_delete_has_children_and_cascade(backend: Backend) -> None:
     run(main)
 
 
+def test_issuers_policies_bindings(backend: Backend) -> None:
+    """The tenant's auth kinds: CRUD, path sharing with a namespace, validation, cascade, feed."""
+
+    async def main() -> None:
+        async with backend.open() as store:
+            await store.create(T, ("acme",), {})
+            await store.create(T, ("other",), {})
+            # Namespace "okta" with a stream, and an issuer, policy and binding also named
+            # "okta": same path, other kinds, no relation between them.
+            await store.create(NS, ("acme", "okta"), {})
+            await store.create(ST, ("acme", "okta", "orders"), {})
+            made = {
+                k: await store.create(k, ("acme", "okta"), auth_spec(k, "acme"))
+                for k in (IS, PO, BI)
+            }
+            await store.create(
+                PO, ("acme", "admins"), {"permissions": ["tenant.manage:tenant:acme"]}
+            )
+            for kind, res in made.items():
+                assert res.version == 1 and res.path == ("acme", "okta")
+                assert await store.get(kind, ("acme", "okta")) == res
+            issuer = made[IS].spec
+            assert issuer["groups_claim"] == "groups" and issuer["jwks"] is None
+            assert made[BI].spec == {
+                "subject": "group:eng",
+                "policies": ["publishers"],
+                "issuer": None,
+            }
+            assert [r.name for r in await store.list_resources(PO, ("acme",))] == ["admins", "okta"]
+            assert [r.name for r in await store.list_resources(IS, ("acme",))] == ["okta"]
+            assert [r.name for r in await store.list_resources(NS, ("acme",))] == ["okta"]
+            assert await store.list_resources(BI, ("other",)) == []
+            with pytest.raises(NotFound):
+                await store.list_resources(IS, ("nobody",))
+            with pytest.raises(NotFound):
+                await store.create(PO, ("nobody", "p"), auth_spec(PO, "nobody"))
+            with pytest.raises(AlreadyExists):
+                await store.create(IS, ("acme", "okta"), auth_spec(IS, "acme"))
+
+            # A policy only names its own tenant, on create and on update.
+            with pytest.raises(BadRequest, match="names tenant 'other'"):
+                await store.create(PO, ("acme", "x"), auth_spec(PO, "other"))
+            with pytest.raises(BadRequest):
+                await store.update(
+                    PO, ("acme", "okta"), {"permissions": ["stream.publish:stream:other/a/b"]}
+                )
+            with pytest.raises(BadRequest):
+                await store.create(PO, ("acme", "x"), {"permissions": ["fly:stream:acme/a/b"]})
+            # What the verifier refuses, the store refuses.
+            bad_issuers = [
+                {**issuer, "algorithms": ["HS256"]},
+                {**issuer, "jwks_url": None},
+                {**issuer, "jwks_url": "http://idp.example/jwks"},
+                {**issuer, "jwks": {"keys": []}},
+            ]
+            for spec in bad_issuers:
+                with pytest.raises(BadRequest):
+                    await store.create(IS, ("acme", "x"), spec)
+            with pytest.raises(BadRequest):
+                await store.create(BI, ("acme", "x"), {"subject": "group:", "policies": ["a"]})
+            with pytest.raises(BadRequest):
+                await store.create(BI, ("acme", "x"), {"subject": "bob", "policies": []})
+            updated = await store.update(BI, ("acme", "okta"), {"issuer": "https://idp.example"})
+            assert updated.version == 2 and updated.spec["issuer"] == "https://idp.example"
+
+            # Deleting the issuer leaves the namespace of the same name and its stream alone.
+            [change] = await store.delete(IS, ("acme", "okta"))
+            assert (change.op, change.resource) == (Op.DELETE, made[IS])
+            assert await store.get(ST, ("acme", "okta", "orders")) is not None
+            await store.create(IS, ("acme", "okta"), auth_spec(IS, "acme"))
+            # And a cascade of the namespace leaves the issuer alone.
+            deleted = await store.delete(NS, ("acme", "okta"), cascade=True)
+            assert [(ch.resource.kind, ch.resource.path) for ch in deleted] == [
+                (ST, ("acme", "okta", "orders")),
+                (NS, ("acme", "okta")),
+            ]
+            assert await store.get(IS, ("acme", "okta")) is not None
+            with pytest.raises(NotFound):
+                await store.list_resources(ST, ("acme", "okta"))
+
+            # A tenant holding them refuses a plain delete; a cascade removes them first.
+            with pytest.raises(HasChildren):
+                await store.delete(T, ("acme",))
+            deleted = await store.delete(T, ("acme",), cascade=True)
+            assert {(ch.resource.kind, ch.resource.name) for ch in deleted[:-1]} == {
+                (IS, "okta"),
+                (PO, "okta"),
+                (PO, "admins"),
+                (BI, "okta"),
+            }
+            assert deleted[-1].resource.path == ("acme",)
+
+            # The feed carries every one of them: a follower ends with the store's state.
+            state: State = {}
+            for change in await read_all(store):
+                apply(state, change)
+            kinds = {ch.resource.kind for ch in await read_all(store)}
+            assert {IS, PO, BI} <= kinds
+            assert state == as_state((await store.snapshot())[1])
+            assert list(state) == [(T, ("other",))]
+
+    run(main)
+
+
 # --- feed -----------------------------------------------------------------------------------
 
 
@@ -540,11 +643,29 @@ NAMESPACES = ("n0", "n1", "n2")
 LEAVES = ("x0", "x1", "x2", "x3")
 
 
+def auth_spec(kind: Kind, tenant: str) -> dict[str, Any]:
+    """A valid spec of an issuer, policy or binding of ``tenant``."""
+    if kind is IS:
+        return {
+            "issuer": "https://idp.example",
+            "audience": "felix",
+            "algorithms": ["RS256", "ES256"],
+            "jwks_url": "https://idp.example/jwks",
+        }
+    if kind is PO:
+        return {"permissions": [f"stream.publish:stream:{tenant}/prod/*"]}
+    return {"subject": "group:eng", "policies": ["publishers"]}
+
+
 def random_patch(rng: random.Random, kind: Kind) -> dict[str, Any]:
     if rng.random() < 0.05:
         return {"no_such_setting": 1}  # refused: BadRequest
-    if kind in (T, NS):
+    if kind in (T, NS, PO):
         return {"description": "d" * rng.randrange(5)}
+    if kind is IS:
+        return {"audience": "aud" * rng.randrange(1, 5)}
+    if kind is BI:
+        return {"subject": rng.choice(["group:eng", "user:alice", "bob"])}
     if kind is CA:
         return {"budget_bytes": rng.randrange(4096, 1 << 30)}
     return rng.choice(
@@ -561,13 +682,18 @@ async def random_writes(store: Store, rng: random.Random, ops: int) -> int:
     """``ops`` random creates, updates and deletes (many of them refused); changes recorded."""
     recorded = 0
     for _ in range(ops):
-        kind = rng.choice([T, NS, NS, ST, ST, ST, CA, CA])
+        kind = rng.choice([T, NS, NS, ST, ST, ST, CA, CA, IS, PO, BI])
         names = (rng.choice(TENANTS), rng.choice(NAMESPACES), rng.choice(LEAVES))
-        path = names[: {T: 1, NS: 2, ST: 3, CA: 3}[kind]]
+        # Issuers, policies and bindings take namespace names: same paths, other kinds.
+        path = names[: {T: 1, NS: 2, ST: 3, CA: 3, IS: 2, PO: 2, BI: 2}[kind]]
         action = rng.random()
         try:
             if action < 0.45:
-                await store.create(kind, path, random_patch(rng, kind) if kind is not T else {})
+                if kind in (IS, PO, BI):
+                    spec = auth_spec(kind, path[0])
+                else:
+                    spec = random_patch(rng, kind) if kind is not T else {}
+                await store.create(kind, path, spec)
                 recorded += 1
             elif action < 0.85:
                 version = rng.choice([None, None, 1, 2, 3])

@@ -9,6 +9,9 @@ Resources, each with list / create / get / update / delete::
     /v1/tenants/{tenant}/namespaces[/{ns}]
     /v1/tenants/{tenant}/namespaces/{ns}/streams[/{stream}]
     /v1/tenants/{tenant}/namespaces/{ns}/caches[/{cache}]
+    /v1/tenants/{tenant}/issuers[/{issuer}]      trusted OIDC identity providers
+    /v1/tenants/{tenant}/policies[/{policy}]     named lists of permissions
+    /v1/tenants/{tenant}/bindings[/{binding}]    a user or group -> policies
 
 - Create: POST to the collection with ``name`` and settings in the body; 201
   with ``Location`` and ``ETag``. Update: PATCH with the settings to change.
@@ -22,6 +25,12 @@ Resources, each with list / create / get / update / delete::
   up to S seconds for one when there are none yet (long-polling). A position
   the feed cannot continue from answers 410 (re-snapshot).
 - ``/v1/system/info``, ``/v1/system/health``, ``/v1/regions``.
+- ``POST /v1/tenants/{tenant}/token/exchange`` trades an identity provider's JWT
+  (``Authorization: Bearer ...``) for a short-lived Felix token holding what the
+  tenant's bindings grant that identity (optionally narrowed by a body
+  ``{"permissions": [...]}``, never widened); ``GET
+  /v1/tenants/{tenant}/.well-known/jwks.json`` publishes the keys that verify it.
+  Both answer 503 when the app has no key directory (``keys_dir``).
 
 Errors are RFC 9457 problems (``application/problem+json``), mapped from felix
 errors in one table (:data:`felix.control.schemas.PROBLEM_TYPES`): 400
@@ -36,13 +45,17 @@ No authentication yet (the node serves this API on loopback only, unless told
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path as FilePath
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+import httpx
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -52,13 +65,20 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 import felix
-from felix.control.model import Kind, Path, Resource, check_path
+from felix.auth.files import AUDIENCE, ISSUER, JwksDirectory, load_ring
+from felix.auth.oidc import JwksCache, verify_idp_token
+from felix.auth.perms import narrow
+from felix.auth.rbac import Policy, grant
+from felix.control.model import BindingSpec, IssuerSpec, Kind, Path, Resource, check_path
 from felix.control.schemas import (
     IF_MATCH_MAX_CHARS,
     IF_MATCH_PATTERN,
     NAME_DESCRIPTION,
     NAME_SCHEMA,
     PROBLEM_TYPES,
+    BindingCreate,
+    BindingOut,
+    BindingPatch,
     CacheCreate,
     CacheOut,
     CachePatch,
@@ -66,9 +86,16 @@ from felix.control.schemas import (
     ChangePage,
     Deleted,
     Health,
+    IssuerCreate,
+    IssuerOut,
+    IssuerPatch,
+    Jwks,
     NamespaceCreate,
     NamespaceOut,
     NamespacePatch,
+    PolicyCreate,
+    PolicyOut,
+    PolicyPatch,
     Problem,
     ProblemType,
     ProblemTypeDoc,
@@ -85,20 +112,33 @@ from felix.control.schemas import (
     TenantCreate,
     TenantOut,
     TenantPatch,
+    TokenExchange,
+    TokenOut,
     etag,
     parse_if_match,
     resource_out,
     resource_url,
 )
 from felix.control.store import CursorTooOld, Store, VersionConflict
-from felix.errors import BadRequest, FelixError, NotFound
+from felix.errors import (
+    BadRequest,
+    FelixError,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 
 __all__ = [
+    "IDP_LEEWAY",
+    "JWKS_MAX_AGE",
+    "MAX_JWKS_BYTES",
     "MAX_LIMIT",
     "MAX_WAIT",
     "PROBLEM_MEDIA_TYPE",
     "authenticate",
     "create_app",
+    "default_fetch_jwks",
     "parse_if_match",
 ]
 
@@ -112,6 +152,13 @@ MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 #: How long ``GET /v1/system/health`` waits for the store, in seconds.
 HEALTH_TIMEOUT = 5.0
+#: Clock leeway, in seconds, for the exp/nbf/iat of identity-provider tokens.
+IDP_LEEWAY = 30.0
+#: Seconds clients may cache ``/.well-known/jwks.json`` (rotation publishes ahead far longer).
+JWKS_MAX_AGE = 60
+#: Largest JWK set :func:`fetch_jwks` accepts, and how long it may take, in seconds.
+MAX_JWKS_BYTES = 256 * 1024
+JWKS_FETCH_TIMEOUT = 10.0
 
 _Out = TypeVar("_Out", bound=BaseModel)
 
@@ -139,6 +186,47 @@ brokers follow.
 
 
 NodeInfo = dict[str, Any] | Callable[[], dict[str, Any]]
+FetchJwks = Callable[[str], Awaitable[Mapping[str, Any]]]
+
+
+async def default_fetch_jwks(url: str) -> dict[str, Any]:
+    """GET the JWK set at ``url`` (the default ``fetch_jwks`` of :func:`create_app`).
+
+    No redirects, at most :data:`MAX_JWKS_BYTES` of body and
+    :data:`JWKS_FETCH_TIMEOUT` seconds in all.
+
+    Raises:
+        httpx.HTTPError, TimeoutError, ValueError: the fetch failed, or the answer
+            is too large or not a JSON object (the JWKS cache turns any of these into
+            Unavailable).
+    """
+    body = bytearray()
+    async with asyncio.timeout(JWKS_FETCH_TIMEOUT):
+        async with (
+            httpx.AsyncClient(timeout=JWKS_FETCH_TIMEOUT, follow_redirects=False) as client,
+            client.stream("GET", url, headers={"Accept": "application/json"}) as response,
+        ):
+            response.raise_for_status()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_JWKS_BYTES:
+                    raise ValueError(f"the JWK set at {url} is larger than {MAX_JWKS_BYTES} bytes")
+    data = json.loads(body)
+    if not isinstance(data, dict):
+        raise ValueError(f"the JWK set at {url} is not a JSON object")
+    return data
+
+
+@dataclass
+class _Auth:
+    """What the token exchange and the JWKS route need: keys on disk, fetched IdP keys."""
+
+    keys_dir: FilePath
+    cache: JwksCache
+    published: JwksDirectory = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.published = JwksDirectory(self.keys_dir)
 
 
 @dataclass(frozen=True)
@@ -146,13 +234,29 @@ class _Context:
     store: Store
     region: str
     node_info: NodeInfo
+    auth: _Auth | None = None
+    clock: Callable[[], float] = time.time
 
     def node(self) -> dict[str, Any]:
         return self.node_info() if callable(self.node_info) else dict(self.node_info)
 
+    def require_auth(self) -> _Auth:
+        """The auth settings; Unavailable (503) when the app has none."""
+        if self.auth is None:
+            raise Unavailable(
+                "authentication is not configured: this control plane has no key directory"
+            )
+        return self.auth
+
 
 def create_app(
-    store: Store, *, region: str = "local", node_info: NodeInfo | None = None
+    store: Store,
+    *,
+    region: str = "local",
+    node_info: NodeInfo | None = None,
+    keys_dir: FilePath | None = None,
+    fetch_jwks: FetchJwks | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> FastAPI:
     """The control-plane API over ``store``.
 
@@ -164,6 +268,13 @@ def create_app(
     ``region`` is the node's region (the only one streams may name for now);
     ``node_info`` is shown as ``node`` by ``GET /v1/system/info``: a dict, or a
     function returning one (called per request, so it can stay current).
+
+    ``keys_dir`` is the tenants' key directory (as written by ``felix token keygen``):
+    without it the token exchange and JWKS routes answer 503. ``fetch_jwks(url)``
+    fetches an identity provider's JWK set
+    (default :func:`default_fetch_jwks`); the app keeps one
+    :class:`~felix.auth.oidc.JwksCache` over it. ``clock`` is Unix
+    time in seconds, used to check and mint tokens.
     """
     app = _App(
         title="felix control plane",
@@ -173,7 +284,10 @@ def create_app(
         docs_url="/docs",
         redoc_url=None,
     )
-    app.state.control = _Context(store, region, node_info or {})
+    auth = None
+    if keys_dir is not None:
+        auth = _Auth(FilePath(keys_dir), JwksCache(fetch_jwks or default_fetch_jwks))
+    app.state.control = _Context(store, region, node_info or {}, auth, clock)
     app.include_router(_router, dependencies=[Depends(authenticate)])
     app.add_exception_handler(FelixError, _on_felix_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
@@ -230,7 +344,10 @@ async def _on_felix_error(request: Request, exc: Exception) -> Response:
     extensions: dict[str, Any] = {}
     if isinstance(exc, CursorTooOld):
         extensions = {"since": exc.since, "oldest": exc.oldest}
-    return _problem_response(problem.status, problem.uri, problem.title, str(exc), **extensions)
+    response = _problem_response(problem.status, problem.uri, problem.title, str(exc), **extensions)
+    if isinstance(exc, Unauthenticated):
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> Response:
@@ -318,6 +435,9 @@ TenantName = Annotated[str, _name_param("tenant", "acme")]
 NamespaceName = Annotated[str, _name_param("namespace", "prod")]
 StreamName = Annotated[str, _name_param("stream", "orders")]
 CacheName = Annotated[str, _name_param("cache", "sessions")]
+IssuerName = Annotated[str, _name_param("issuer", "okta")]
+PolicyName = Annotated[str, _name_param("policy", "publishers")]
+BindingName = Annotated[str, _name_param("binding", "eng")]
 
 
 def _if_match_schema(schema: dict[str, Any]) -> None:
@@ -645,6 +765,260 @@ async def delete_cache(
     if_match: IfMatch = None,
 ) -> Deleted:
     return await _delete(store, Kind.CACHE, (tenant, ns, cache), if_match)
+
+
+# -- authentication settings: issuers, policies, bindings --------------------------------
+
+
+@_router.get(f"/{_T}/issuers", tags=["auth"], summary="List trusted issuers", responses=_LIST)
+async def list_issuers(tenant: TenantName, store: StoreDep) -> ResourceList[IssuerOut]:
+    return await _list(store, Kind.ISSUER, (tenant,), IssuerOut.of)
+
+
+@_router.post(
+    f"/{_T}/issuers",
+    tags=["auth"],
+    summary="Trust an OIDC issuer",
+    status_code=201,
+    responses=_CREATE,
+)
+async def create_issuer(
+    tenant: TenantName, body: IssuerCreate, ctx: ContextDep, response: Response
+) -> IssuerOut:
+    return IssuerOut.of(await _create(ctx, response, Kind.ISSUER, (tenant, body.name), body))
+
+
+@_router.get(f"/{_T}/issuers/{{issuer}}", tags=["auth"], summary="Get an issuer", responses=_READ)
+async def get_issuer(
+    tenant: TenantName, issuer: IssuerName, store: StoreDep, response: Response
+) -> IssuerOut:
+    return IssuerOut.of(await _get(store, response, Kind.ISSUER, (tenant, issuer)))
+
+
+@_router.patch(
+    f"/{_T}/issuers/{{issuer}}", tags=["auth"], summary="Update an issuer", responses=_UPDATE
+)
+async def update_issuer(
+    tenant: TenantName,
+    issuer: IssuerName,
+    body: IssuerPatch,
+    ctx: ContextDep,
+    response: Response,
+    if_match: IfMatch = None,
+) -> IssuerOut:
+    res = await _update(ctx, response, Kind.ISSUER, (tenant, issuer), body, if_match)
+    return IssuerOut.of(res)
+
+
+@_router.delete(
+    f"/{_T}/issuers/{{issuer}}", tags=["auth"], summary="Delete an issuer", responses=_LEAF_DELETE
+)
+async def delete_issuer(
+    tenant: TenantName, issuer: IssuerName, store: StoreDep, if_match: IfMatch = None
+) -> Deleted:
+    return await _delete(store, Kind.ISSUER, (tenant, issuer), if_match)
+
+
+@_router.get(f"/{_T}/policies", tags=["auth"], summary="List policies", responses=_LIST)
+async def list_policies(tenant: TenantName, store: StoreDep) -> ResourceList[PolicyOut]:
+    return await _list(store, Kind.POLICY, (tenant,), PolicyOut.of)
+
+
+@_router.post(
+    f"/{_T}/policies", tags=["auth"], summary="Create a policy", status_code=201, responses=_CREATE
+)
+async def create_policy(
+    tenant: TenantName, body: PolicyCreate, ctx: ContextDep, response: Response
+) -> PolicyOut:
+    return PolicyOut.of(await _create(ctx, response, Kind.POLICY, (tenant, body.name), body))
+
+
+@_router.get(f"/{_T}/policies/{{policy}}", tags=["auth"], summary="Get a policy", responses=_READ)
+async def get_policy(
+    tenant: TenantName, policy: PolicyName, store: StoreDep, response: Response
+) -> PolicyOut:
+    return PolicyOut.of(await _get(store, response, Kind.POLICY, (tenant, policy)))
+
+
+@_router.patch(
+    f"/{_T}/policies/{{policy}}", tags=["auth"], summary="Update a policy", responses=_UPDATE
+)
+async def update_policy(
+    tenant: TenantName,
+    policy: PolicyName,
+    body: PolicyPatch,
+    ctx: ContextDep,
+    response: Response,
+    if_match: IfMatch = None,
+) -> PolicyOut:
+    res = await _update(ctx, response, Kind.POLICY, (tenant, policy), body, if_match)
+    return PolicyOut.of(res)
+
+
+@_router.delete(
+    f"/{_T}/policies/{{policy}}", tags=["auth"], summary="Delete a policy", responses=_LEAF_DELETE
+)
+async def delete_policy(
+    tenant: TenantName, policy: PolicyName, store: StoreDep, if_match: IfMatch = None
+) -> Deleted:
+    return await _delete(store, Kind.POLICY, (tenant, policy), if_match)
+
+
+@_router.get(f"/{_T}/bindings", tags=["auth"], summary="List role bindings", responses=_LIST)
+async def list_bindings(tenant: TenantName, store: StoreDep) -> ResourceList[BindingOut]:
+    return await _list(store, Kind.BINDING, (tenant,), BindingOut.of)
+
+
+@_router.post(
+    f"/{_T}/bindings",
+    tags=["auth"],
+    summary="Create a role binding",
+    status_code=201,
+    responses=_CREATE,
+)
+async def create_binding(
+    tenant: TenantName, body: BindingCreate, ctx: ContextDep, response: Response
+) -> BindingOut:
+    return BindingOut.of(await _create(ctx, response, Kind.BINDING, (tenant, body.name), body))
+
+
+@_router.get(
+    f"/{_T}/bindings/{{binding}}", tags=["auth"], summary="Get a role binding", responses=_READ
+)
+async def get_binding(
+    tenant: TenantName, binding: BindingName, store: StoreDep, response: Response
+) -> BindingOut:
+    return BindingOut.of(await _get(store, response, Kind.BINDING, (tenant, binding)))
+
+
+@_router.patch(
+    f"/{_T}/bindings/{{binding}}",
+    tags=["auth"],
+    summary="Update a role binding",
+    responses=_UPDATE,
+)
+async def update_binding(
+    tenant: TenantName,
+    binding: BindingName,
+    body: BindingPatch,
+    ctx: ContextDep,
+    response: Response,
+    if_match: IfMatch = None,
+) -> BindingOut:
+    res = await _update(ctx, response, Kind.BINDING, (tenant, binding), body, if_match)
+    return BindingOut.of(res)
+
+
+@_router.delete(
+    f"/{_T}/bindings/{{binding}}",
+    tags=["auth"],
+    summary="Delete a role binding",
+    responses=_LEAF_DELETE,
+)
+async def delete_binding(
+    tenant: TenantName, binding: BindingName, store: StoreDep, if_match: IfMatch = None
+) -> Deleted:
+    return await _delete(store, Kind.BINDING, (tenant, binding), if_match)
+
+
+# -- token exchange and published keys ---------------------------------------------------
+
+Authorization = Annotated[
+    str | None,
+    Header(description="Bearer TOKEN: the identity provider's JWT (an id or access token)."),
+]
+
+
+def _bearer(authorization: str | None) -> str:
+    """The token of an ``Authorization: Bearer TOKEN`` header; Unauthenticated otherwise."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated("send the identity provider's token as Authorization: Bearer ...")
+    return token
+
+
+@_router.post(
+    f"/{_T}/token/exchange",
+    tags=["auth"],
+    summary="Trade an identity provider's token for a Felix token",
+    responses=_errors(400, 401, 403, 404, 422, 503),
+)
+async def exchange_token(
+    tenant: TenantName,
+    ctx: ContextDep,
+    response: Response,
+    authorization: Authorization = None,
+    body: Annotated[TokenExchange | None, Body()] = None,
+) -> TokenOut:
+    """Verify the bearer token against the tenant's trusted issuers, and mint a Felix token.
+
+    The token's ``iss`` must name one of the tenant's issuers; its signature, algorithm,
+    ``aud``, ``exp`` and ``nbf`` are checked (30 s leeway). Its ``sub`` and groups are
+    matched against the tenant's role bindings; the Felix token holds the permissions
+    of the policies they name, or, if the body lists ``permissions``, those of them
+    that are granted (never more). 401: the token is missing or invalid; 403: nothing
+    is granted; 503: no key directory, or the tenant has no signing keys yet.
+    """
+    auth = ctx.require_auth()
+    check_path(Kind.TENANT, (tenant,))
+    token = _bearer(authorization)
+    store = ctx.store
+    issuers = [
+        IssuerSpec.model_validate(r.spec).config()
+        for r in await store.list_resources(Kind.ISSUER, (tenant,))
+    ]
+    now = ctx.clock()
+    identity = await verify_idp_token(token, issuers, cache=auth.cache, now=now, leeway=IDP_LEEWAY)
+    policies = [
+        Policy.create(tenant, r.name, r.spec["permissions"])
+        for r in await store.list_resources(Kind.POLICY, (tenant,))
+    ]
+    bindings = [
+        BindingSpec.model_validate(r.spec).binding()
+        for r in await store.list_resources(Kind.BINDING, (tenant,))
+    ]
+    granted = grant(
+        bindings, policies, identity.sub, identity.groups, tenant, issuer=identity.issuer
+    )
+    if body is not None and body.permissions is not None:
+        granted = narrow(body.permissions, granted)
+    if not granted:
+        raise PermissionDenied(f"{identity.sub} is granted no permissions in tenant {tenant}")
+    try:
+        ring = await asyncio.to_thread(load_ring, auth.keys_dir, tenant)
+    except NotFound:
+        raise Unavailable(
+            f"tenant {tenant} has no signing keys: run "
+            f"`felix token keygen --tenant {tenant} --dir {auth.keys_dir}`"
+        ) from None
+    minted = ring.mint(now, issuer=ISSUER, audience=AUDIENCE, sub=identity.sub, perms=granted)
+    response.headers["Cache-Control"] = "no-store"
+    return TokenOut(access_token=minted, expires_in=ring.max_token_ttl)
+
+
+@_router.get(
+    f"/{_T}/.well-known/jwks.json",
+    tags=["auth"],
+    summary="The tenant's token signing keys",
+    responses=_errors(400, 404, 503),
+)
+async def tenant_jwks(tenant: TenantName, ctx: ContextDep, response: Response) -> Jwks:
+    """The public keys that verify the tenant's Felix tokens (cacheable for a minute).
+
+    404: no such tenant; 503: no key directory, or the tenant has no signing keys yet.
+    """
+    auth = ctx.require_auth()
+    if await ctx.store.get(Kind.TENANT, check_path(Kind.TENANT, (tenant,))) is None:
+        raise missing(Kind.TENANT, (tenant,))
+    jwks = auth.published.jwks(tenant, time.monotonic())
+    if jwks is None:
+        raise Unavailable(
+            f"tenant {tenant} has no signing keys: run "
+            f"`felix token keygen --tenant {tenant} --dir {auth.keys_dir}`"
+        )
+    response.headers["Cache-Control"] = f"public, max-age={JWKS_MAX_AGE}"
+    return Jwks(keys=list(jwks["keys"]))
 
 
 # -- snapshot and change feed --------------------------------------------------------------

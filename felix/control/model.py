@@ -1,14 +1,19 @@
-"""The control plane's resources (tenants, namespaces, streams, caches) and how they change.
+"""The control plane's resources (tenants, namespaces, streams, caches, and the
+authentication settings of a tenant: issuers, policies, bindings) and how they change.
 
 Every resource has a ``kind``, a ``path`` that names it (``("acme",)`` for a
 tenant, ``("acme", "prod")`` for a namespace, ``("acme", "prod", "orders")`` for
-a stream or cache), a ``spec`` of settings, and a ``version`` that starts at 1
-and grows by one on every update (sent as the HTTP ``ETag``). Every create,
-update and delete is recorded as a :class:`Change` at a feed ``position``; one
-feed for all kinds, in commit order, so a namespace's creation always precedes
-its streams'.
+a stream or cache, ``("acme", "okta")`` for an issuer, policy or binding), a
+``spec`` of settings, and a ``version`` that starts at 1 and grows by one on
+every update (sent as the HTTP ``ETag``). Every create, update and delete is
+recorded as a :class:`Change` at a feed ``position``; one feed for all kinds, in
+commit order, so a namespace's creation always precedes its streams'.
 
 Names follow :func:`felix.names.validate_name` (the same rule the broker applies).
+
+Two resources of different kinds may share a path (namespace ``acme/okta`` and issuer
+``acme/okta``): a resource is identified by its kind *and* path, and its parent by
+:data:`PARENT`, never by the path alone.
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ import enum
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from felix.auth.oidc import IssuerConfig
+from felix.auth.perms import MAX_PERMISSION_CHARS, MAX_PERMISSIONS, Permission
+from felix.auth.rbac import MAX_SUBJECT_CHARS, RoleBinding
 from felix.errors import BadRequest
 from felix.names import validate_name
 
@@ -28,29 +36,59 @@ class Kind(enum.StrEnum):
     NAMESPACE = "namespace"
     STREAM = "stream"
     CACHE = "cache"
+    #: A trusted OIDC identity provider of a tenant.
+    ISSUER = "issuer"
+    #: A named list of permissions in a tenant.
+    POLICY = "policy"
+    #: Gives a user or group of a tenant's identity providers some policies.
+    BINDING = "binding"
 
 
-#: Names in a path: tenant (tenant), namespace (tenant, ns), stream or cache (tenant, ns, name).
-PATH_LENGTH = {Kind.TENANT: 1, Kind.NAMESPACE: 2, Kind.STREAM: 3, Kind.CACHE: 3}
+#: Names in a path: tenant (tenant), namespace (tenant, ns), stream or cache (tenant, ns,
+#: name), issuer, policy or binding (tenant, name).
+PATH_LENGTH = {
+    Kind.TENANT: 1,
+    Kind.NAMESPACE: 2,
+    Kind.STREAM: 3,
+    Kind.CACHE: 3,
+    Kind.ISSUER: 2,
+    Kind.POLICY: 2,
+    Kind.BINDING: 2,
+}
 #: The kind a path of a kind's parent has (None: top level).
 PARENT = {
     Kind.TENANT: None,
     Kind.NAMESPACE: Kind.TENANT,
     Kind.STREAM: Kind.NAMESPACE,
     Kind.CACHE: Kind.NAMESPACE,
+    Kind.ISSUER: Kind.TENANT,
+    Kind.POLICY: Kind.TENANT,
+    Kind.BINDING: Kind.TENANT,
 }
+#: The kinds other resources live under.
+CONTAINERS = frozenset(k for k in PARENT.values() if k is not None)
 
 Path = tuple[str, ...]
 
-_NAME_KINDS = ("tenant", "namespace", "name")
+
+def ancestors(kind: Kind, path: Path) -> list[tuple[Kind, Path]]:
+    """The (kind, path) of every resource ``path`` lives under, nearest first."""
+    out: list[tuple[Kind, Path]] = []
+    parent = PARENT[kind]
+    while parent is not None:
+        path = path[:-1]
+        out.append((parent, path))
+        parent = PARENT[parent]
+    return out
 
 
 def check_path(kind: Kind, path: Path) -> Path:
     """Validate ``path`` for ``kind`` (length and every name); raises BadRequest."""
     if len(path) != PATH_LENGTH[kind]:
         raise BadRequest(f"a {kind} is named by {PATH_LENGTH[kind]} names, got {len(path)}")
-    for label, name in zip(_NAME_KINDS, path, strict=False):
-        validate_name(kind.value if label == "name" else label, name)
+    labels = [k.value for k, _ in reversed(ancestors(kind, path))] + [kind.value]
+    for label, name in zip(labels, path, strict=True):
+        validate_name(label, name)
     return path
 
 
@@ -92,11 +130,101 @@ class CacheSpec(_Spec):
     max_value_bytes: Annotated[int, Field(ge=0, le=64 * 1024 * 1024)] = 1024 * 1024
 
 
+Algorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
+Principal = Annotated[str, Field(min_length=1, max_length=MAX_SUBJECT_CHARS)]
+
+
+class IssuerSpec(_Spec):
+    """An OIDC identity provider the tenant trusts (see :class:`felix.auth.oidc.IssuerConfig`).
+
+    Exactly one of ``jwks_url`` (https, or http on localhost) and ``jwks`` (an inline
+    public JWK set). Everything :class:`~felix.auth.oidc.IssuerConfig` refuses (HMAC
+    algorithms, private inline keys, ...) is refused here too.
+    """
+
+    issuer: Annotated[Principal, Field(description="the tokens' iss, exactly")]
+    audience: Annotated[Principal, Field(description="must be, or be in, the tokens' aud")]
+    algorithms: Annotated[list[Algorithm], Field(min_length=1, max_length=9)]
+    jwks_url: Annotated[str | None, Field(min_length=1, max_length=2048)] = None
+    jwks: dict[str, Any] | None = None
+    groups_claim: Principal = "groups"
+
+    @model_validator(mode="after")
+    def _check(self) -> IssuerSpec:
+        try:
+            self.config()
+        except BadRequest as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def config(self) -> IssuerConfig:
+        """The verifier's view of this issuer. Raises BadRequest if it is invalid."""
+        return IssuerConfig(
+            issuer=self.issuer,
+            audience=self.audience,
+            algorithms=tuple(self.algorithms),
+            jwks_url=self.jwks_url,
+            jwks=self.jwks,
+            groups_claim=self.groups_claim,
+        )
+
+
+class PolicySpec(_Spec):
+    """Permissions (``ACTION:KIND:PATH``, see :mod:`felix.auth.perms`) under one name.
+
+    Only the syntax is checked here: that every permission names the policy's own
+    tenant is checked by the stores, which know the path.
+    """
+
+    permissions: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=MAX_PERMISSION_CHARS)]],
+        Field(max_length=MAX_PERMISSIONS),
+    ]
+    description: Annotated[str, Field(max_length=1024)] = ""
+
+    @field_validator("permissions")
+    @classmethod
+    def _parse(cls, value: list[str]) -> list[str]:
+        try:
+            return [str(Permission.parse(p)) for p in value]
+        except BadRequest as exc:
+            raise ValueError(str(exc)) from None
+
+
+class BindingSpec(_Spec):
+    """Gives ``subject`` the tenant's ``policies`` (see :class:`felix.auth.rbac.RoleBinding`).
+
+    ``subject`` is ``group:NAME``, ``user:SUB`` or a bare ``SUB``; ``issuer``, if set,
+    limits the binding to identities from that issuer (an issuer's ``issuer`` URL).
+    """
+
+    subject: Principal
+    policies: Annotated[
+        list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=64)
+    ]
+    issuer: Principal | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> BindingSpec:
+        try:
+            self.binding()
+        except BadRequest as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def binding(self) -> RoleBinding:
+        """The RBAC view of this binding. Raises BadRequest if it is invalid."""
+        return RoleBinding(self.subject, tuple(self.policies), self.issuer)
+
+
 SPEC_TYPES: dict[Kind, type[_Spec]] = {
     Kind.TENANT: TenantSpec,
     Kind.NAMESPACE: NamespaceSpec,
     Kind.STREAM: StreamSpec,
     Kind.CACHE: CacheSpec,
+    Kind.ISSUER: IssuerSpec,
+    Kind.POLICY: PolicySpec,
+    Kind.BINDING: BindingSpec,
 }
 
 

@@ -24,14 +24,18 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from felix.control.model import (
     PATH_LENGTH,
+    BindingSpec,
     CacheSpec,
+    IssuerSpec,
     Kind,
     NamespaceSpec,
     Op,
     Path,
+    PolicySpec,
     Resource,
     StreamSpec,
     TenantSpec,
+    ancestors,
 )
 from felix.control.store import AlreadyExists, CursorTooOld, HasChildren, VersionConflict
 from felix.errors import (
@@ -56,6 +60,9 @@ __all__ = [
     "NAME_SCHEMA",
     "PROBLEM_BASE",
     "PROBLEM_TYPES",
+    "BindingCreate",
+    "BindingOut",
+    "BindingPatch",
     "CacheCreate",
     "CacheOut",
     "CachePatch",
@@ -63,9 +70,16 @@ __all__ = [
     "ChangePage",
     "Deleted",
     "Health",
+    "IssuerCreate",
+    "IssuerOut",
+    "IssuerPatch",
+    "Jwks",
     "NamespaceCreate",
     "NamespaceOut",
     "NamespacePatch",
+    "PolicyCreate",
+    "PolicyOut",
+    "PolicyPatch",
     "Problem",
     "ProblemType",
     "ProblemTypeDoc",
@@ -83,6 +97,8 @@ __all__ = [
     "TenantCreate",
     "TenantOut",
     "TenantPatch",
+    "TokenExchange",
+    "TokenOut",
     "collection_url",
     "etag",
     "parse_if_match",
@@ -111,12 +127,15 @@ COLLECTIONS = {
     Kind.NAMESPACE: "namespaces",
     Kind.STREAM: "streams",
     Kind.CACHE: "caches",
+    Kind.ISSUER: "issuers",
+    Kind.POLICY: "policies",
+    Kind.BINDING: "bindings",
 }
 
 
 def _kinds_along(kind: Kind) -> list[Kind]:
-    """The kinds named by each element of a ``kind`` path: tenant, namespace, then ``kind``."""
-    return [Kind.TENANT, Kind.NAMESPACE, kind][: PATH_LENGTH[kind]]
+    """The kinds named by each element of a ``kind`` path: tenant, ..., then ``kind``."""
+    return [k for k, _ in reversed(ancestors(kind, ("",) * PATH_LENGTH[kind]))] + [kind]
 
 
 def resource_url(kind: Kind, path: Path) -> str:
@@ -242,10 +261,22 @@ if TYPE_CHECKING:
     class CacheCreate(CacheSpec):
         name: str
 
+    class IssuerCreate(IssuerSpec):
+        name: str
+
+    class PolicyCreate(PolicySpec):
+        name: str
+
+    class BindingCreate(BindingSpec):
+        name: str
+
     TenantPatch = TenantSpec
     NamespacePatch = NamespaceSpec
     StreamPatch = StreamSpec
     CachePatch = CacheSpec
+    IssuerPatch = IssuerSpec
+    PolicyPatch = PolicySpec
+    BindingPatch = BindingSpec
 else:
     TenantCreate = _body(TenantSpec, "TenantCreate", partial=False, with_name=True)
     NamespaceCreate = _body(NamespaceSpec, "NamespaceCreate", partial=False, with_name=True)
@@ -255,6 +286,12 @@ else:
     NamespacePatch = _body(NamespaceSpec, "NamespacePatch", partial=True)
     StreamPatch = _body(StreamSpec, "StreamPatch", partial=True)
     CachePatch = _body(CacheSpec, "CachePatch", partial=True)
+    IssuerCreate = _body(IssuerSpec, "IssuerCreate", partial=False, with_name=True)
+    PolicyCreate = _body(PolicySpec, "PolicyCreate", partial=False, with_name=True)
+    BindingCreate = _body(BindingSpec, "BindingCreate", partial=False, with_name=True)
+    IssuerPatch = _body(IssuerSpec, "IssuerPatch", partial=True)
+    PolicyPatch = _body(PolicySpec, "PolicyPatch", partial=True)
+    BindingPatch = _body(BindingSpec, "BindingPatch", partial=True)
 
 
 # -- resources -----------------------------------------------------------------------------
@@ -304,21 +341,44 @@ class CacheOut(_ResourceOut):
     spec: CacheSpec
 
 
-ResourceOut = Annotated[
-    TenantOut | NamespaceOut | StreamOut | CacheOut, Field(discriminator="kind")
-]
-_OUT: dict[Kind, type[TenantOut | NamespaceOut | StreamOut | CacheOut]] = {
+class IssuerOut(_ResourceOut):
+    """An OIDC identity provider the tenant trusts."""
+
+    kind: Literal[Kind.ISSUER]
+    spec: IssuerSpec
+
+
+class PolicyOut(_ResourceOut):
+    """A named list of permissions."""
+
+    kind: Literal[Kind.POLICY]
+    spec: PolicySpec
+
+
+class BindingOut(_ResourceOut):
+    """A role binding: a user or group and the policies it is given."""
+
+    kind: Literal[Kind.BINDING]
+    spec: BindingSpec
+
+
+_AnyOut = TenantOut | NamespaceOut | StreamOut | CacheOut | IssuerOut | PolicyOut | BindingOut
+ResourceOut = Annotated[_AnyOut, Field(discriminator="kind")]
+_OUT: dict[Kind, type[_AnyOut]] = {
     Kind.TENANT: TenantOut,
     Kind.NAMESPACE: NamespaceOut,
     Kind.STREAM: StreamOut,
     Kind.CACHE: CacheOut,
+    Kind.ISSUER: IssuerOut,
+    Kind.POLICY: PolicyOut,
+    Kind.BINDING: BindingOut,
 }
 
 
 T = TypeVar("T", bound=BaseModel)
 
 
-def resource_out(res: Resource) -> TenantOut | NamespaceOut | StreamOut | CacheOut:
+def resource_out(res: Resource) -> _AnyOut:
     """The response body for a stored resource of any kind."""
     return _OUT[res.kind].of(res)
 
@@ -338,6 +398,36 @@ class Deleted(BaseModel):
     """What a delete removed, in the order it was removed (children first)."""
 
     deleted: list[ResourceRef]
+
+
+# -- token exchange ------------------------------------------------------------------------
+
+
+class TokenExchange(BaseModel):
+    """Optional body of a token exchange: the permissions to ask for (a subset of the grant).
+
+    Requested permissions the identity is not granted are dropped, never added.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    permissions: Annotated[
+        list[Annotated[str, Field(max_length=256)]] | None, Field(max_length=1024)
+    ] = None
+
+
+class TokenOut(BaseModel):
+    """A Felix token for the tenant (verify it with the tenant's ``.well-known/jwks.json``)."""
+
+    access_token: str
+    token_type: Literal["Bearer"] = "Bearer"
+    expires_in: Annotated[int, Field(ge=1, description="seconds the token is valid for")]
+
+
+class Jwks(BaseModel):
+    """A JWK set (RFC 7517): the tenant's public token signing keys."""
+
+    keys: list[dict[str, Any]]
 
 
 # -- snapshot and change feed --------------------------------------------------------------

@@ -186,11 +186,13 @@ class EmbeddedControl:
         region: str = "local",
         tls: tuple[Path, Path] | None = None,
         node_info: Callable[[], dict[str, Any]] | None = None,
+        keys_dir: Path | None = None,
     ) -> None:
         from felix.control.api import create_app
 
         self.store = store
-        app = create_app(store, region=region, node_info=node_info)
+        # keys_dir: the tenants' key rings, for the token exchange and JWKS routes.
+        app = create_app(store, region=region, node_info=node_info, keys_dir=keys_dir)
         options: dict[str, Any] = {}
         if tls is not None:
             options = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])}

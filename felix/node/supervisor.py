@@ -174,7 +174,12 @@ class Supervisor:
             host, port = config.control
             tls = None if is_loopback(host) else (cert, key)
             self.control = EmbeddedControl(
-                self._control_store, host, port, tls=tls, node_info=self.node_info
+                self._control_store,
+                host,
+                port,
+                tls=tls,
+                node_info=self.node_info,
+                keys_dir=config.data_dir / "auth",
             )
             await self.control.start()
             source = StoreFeed(self._control_store)

@@ -11,7 +11,8 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from felix.control.model import PARENT, Kind, Path, Resource, check_path, validate_spec
+from felix.auth.perms import PermissionSet
+from felix.control.model import PARENT, Kind, Path, Resource, ancestors, check_path, validate_spec
 from felix.control.store import CursorTooOld, HasChildren, VersionConflict
 from felix.errors import BadRequest, ConfigError, NotFound, Overloaded
 
@@ -26,6 +27,7 @@ __all__ = [
     "check_feed_retention",
     "check_list_parent",
     "check_page",
+    "check_scope",
     "check_version",
     "feed_limit",
     "merge_spec",
@@ -65,7 +67,18 @@ def check_create(
 ) -> tuple[Path, dict[str, Any]]:
     """Validated ``path`` and the full spec (defaults filled in); raises BadRequest."""
     path = check_path(kind, tuple(path))
-    return path, validate_spec(kind, spec)
+    return path, check_scope(kind, path, validate_spec(kind, spec))
+
+
+def check_scope(kind: Kind, path: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """Return ``spec`` if what it names stays in ``path``'s tenant; raises BadRequest.
+
+    A policy's permissions must all name the policy's tenant (a validated spec only
+    has their syntax checked: the spec alone does not know its tenant).
+    """
+    if kind is Kind.POLICY:
+        PermissionSet(path[0], spec["permissions"])
+    return spec
 
 
 def check_list_parent(kind: Kind, parent: Path) -> Key | None:
@@ -86,8 +99,10 @@ def check_children(parent: Path, count: int, max_children: int) -> None:
         raise Overloaded(f"{where} already holds {count} resources (limit {max_children})")
 
 
-def merge_spec(kind: Kind, current: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    """The validated spec after applying ``patch`` to ``current``.
+def merge_spec(
+    kind: Kind, path: Path, current: dict[str, Any], patch: dict[str, Any]
+) -> dict[str, Any]:
+    """The validated spec of resource ``path`` after applying ``patch`` to ``current``.
 
     Top-level keys replace; a nested object (such as ``queue``) merges one level,
     so ``{"queue": {"max_deliveries": 3}}`` keeps the other queue settings.
@@ -102,7 +117,7 @@ def merge_spec(kind: Kind, current: dict[str, Any], patch: dict[str, Any]) -> di
             merged[key] = {**old, **value}
         else:
             merged[key] = value
-    return validate_spec(kind, merged)
+    return check_scope(kind, path, validate_spec(kind, merged))
 
 
 def check_version(resource: Resource, if_version: int | None) -> None:
@@ -116,11 +131,18 @@ def check_version(resource: Resource, if_version: int | None) -> None:
 def cascade_order(root: Resource, descendants: Iterable[Resource], cascade: bool) -> list[Resource]:
     """The resources a delete of ``root`` removes, in the order their DELETEs are recorded.
 
+    ``descendants`` may hold more than the resources under ``root`` (a store may
+    select them by path prefix): only those whose ancestors include ``root`` count,
+    so deleting issuer ``acme/prod`` leaves namespace ``acme/prod``'s streams alone.
     Deepest first (streams and caches, then namespaces, then the root), so a
     follower applying the feed never holds a resource whose parent is gone.
     Raises HasChildren if there are descendants and ``cascade`` is false.
     """
-    below = sorted(descendants, key=lambda r: (-len(r.path), r.path, r.kind.value))
+    key = (root.kind, root.path)
+    below = sorted(
+        (r for r in descendants if key in ancestors(r.kind, r.path)),
+        key=lambda r: (-len(r.path), r.path, r.kind.value),
+    )
     if below and not cascade:
         raise HasChildren(
             f"{root.kind} {'/'.join(root.path)} has {len(below)} resources under it; "

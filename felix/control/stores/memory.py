@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from felix.control.model import Change, Kind, Op, Path, Resource
+from felix.control.model import CONTAINERS, Change, Kind, Op, Path, Resource
 from felix.control.store import AlreadyExists
 from felix.control.stores import _common as c
 
@@ -36,8 +36,10 @@ class MemoryStore:
         self.max_children = max_children
         self._clock = clock
         self._resources: dict[c.Key, Resource] = {}
-        # Keys directly under each parent path (tenants under ()). A path's length
-        # tells its kind apart, so the parent path alone names the parent.
+        # Keys directly under each parent path (tenants under ()). Only namespaces
+        # and tenants hold children, and their paths differ in length, so the parent
+        # path alone names the parent (an issuer may share a namespace's path, but
+        # holds nothing).
         self._children: dict[Path, set[c.Key]] = {}
         self._feed: list[Change] = []
         self._position = 0
@@ -89,7 +91,7 @@ class MemoryStore:
         if old is None:
             raise c.missing(kind, path)
         c.check_version(old, if_version)
-        spec = c.merge_spec(kind, old.spec, patch)
+        spec = c.merge_spec(kind, path, old.spec, patch)
         res = old.model_copy(
             update={"spec": spec, "version": old.version + 1, "updated_at": self._clock()}
         )
@@ -114,7 +116,8 @@ class MemoryStore:
         for res in doomed:
             del self._resources[(res.kind, res.path)]
             self._children[res.path[:-1]].discard((res.kind, res.path))
-            self._children.pop(res.path, None)
+            if res.kind in CONTAINERS:
+                self._children.pop(res.path, None)
         return [ch.model_copy(deep=True) for ch in self._record([(Op.DELETE, r) for r in doomed])]
 
     async def snapshot(self) -> tuple[int, list[Resource]]:

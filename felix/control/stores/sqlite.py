@@ -218,7 +218,7 @@ class SQLiteStore:
             if old is None:
                 raise c.missing(kind, path)
             c.check_version(old, if_version)
-            spec = c.merge_spec(kind, old.spec, patch)
+            spec = c.merge_spec(kind, path, old.spec, patch)
             res = old.model_copy(
                 update={"spec": spec, "version": old.version + 1, "updated_at": self._clock()}
             )

@@ -62,6 +62,13 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="URL",
         help="follow this control plane (felix control) instead of embedding one",
     )
+    up.add_argument(
+        "--control-token",
+        metavar="TOKEN",
+        default=os.environ.get("FELIX_CONTROL_TOKEN") or None,
+        help="bearer token for --control-url when it requires auth (its admin token); "
+        "default $FELIX_CONTROL_TOKEN",
+    )
     up.add_argument("--gateways", type=int, default=cores, help=f"gateway processes ({cores})")
     up.add_argument("--shards", type=int, default=cores, help=f"shard processes ({cores})")
     up.add_argument("--data-dir", type=Path, default=Path("data"), help="state directory")
@@ -85,8 +92,9 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument(
         "--auth",
         action="store_true",
-        help="require Felix tokens (tenant keys in DATA_DIR/auth: see felix token); the "
-        "QUIC port may then listen beyond loopback",
+        help="require Felix tokens (tenant keys in DATA_DIR/auth: see felix token) on the "
+        "QUIC port and the control API (or the admin token DATA_DIR/admin-token, created "
+        "on first start); both may then listen beyond loopback",
     )
     up.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
     up.add_argument("--tls-key", type=Path, help="server private key (PEM)")
@@ -163,6 +171,7 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         engine=args.engine,
         control_store=args.control_store,
         control_url=args.control_url,
+        control_token=args.control_token,
         embedded_shards=args.embedded_shards,
         auth=args.auth,
         stream_defaults=StreamSettings(
@@ -201,7 +210,21 @@ def _add_control(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         type=Path,
         default=Path("data/auth"),
         help="tenants' key rings (felix token keygen --dir), for the token exchange "
-        "and JWKS routes",
+        "and JWKS routes and checking Felix tokens",
+    )
+    control.add_argument(
+        "--auth",
+        action="store_true",
+        help="require a Felix token or the admin token on the API; it may then listen "
+        "beyond loopback",
+    )
+    control.add_argument(
+        "--admin-token-file",
+        type=Path,
+        default=Path("data/admin-token"),
+        metavar="PATH",
+        help="the bootstrap admin token, with --auth (created, mode 0600, if missing; "
+        "default data/admin-token)",
     )
     control.set_defaults(func=_run_control)
 
@@ -210,22 +233,30 @@ def _run_control(args: argparse.Namespace) -> int:
     import uvicorn
     import uvloop
 
+    from felix.auth.files import admin_token
     from felix.control.api import create_app
     from felix.control.stores import open_store
     from felix.node.config import is_loopback
 
     host, port = parse_address(args.listen, 8443)
-    if not is_loopback(host) and not args.insecure:
+    if not is_loopback(host) and not args.insecure and not args.auth:
         raise ConfigError(
-            f"--listen {host} is not loopback: refusing without --insecure until "
-            "authentication is configured"
+            f"--listen {host} is not loopback: refusing without --auth (or --insecure, "
+            "to serve it unauthenticated)"
         )
+    admin = admin_token(args.admin_token_file) if args.auth else None
     store = open_store(args.store)
 
     async def serve() -> None:
         await store.open()
         try:
-            app = create_app(store, region=args.region, keys_dir=args.keys_dir)
+            app = create_app(
+                store,
+                region=args.region,
+                keys_dir=args.keys_dir,
+                admin_token=admin,
+                require_auth=args.auth,
+            )
             config = uvicorn.Config(
                 app, host=host, port=port, lifespan="off", timeout_graceful_shutdown=2
             )

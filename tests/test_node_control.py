@@ -191,3 +191,30 @@ def test_node_with_auth_serves_token_holders_only(tmp_path: Path) -> None:
         run(main, timeout=30)
     finally:
         node.stop()
+
+
+def test_auth_creates_an_admin_token_the_control_api_requires(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path / "node", "--auth", gateways=1, shards=1)
+    try:
+        token_file = tmp_path / "node" / "admin-token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        token = token_file.read_text().strip()
+        assert len(token) >= 40
+        api = node.info["control"]
+        assert api and api.startswith("http://127.0.0.1:")
+        base = f"{api}/v1/tenants"
+        with httpx.Client(timeout=10) as http:
+            r = http.post(base, json={"name": "acme"})
+            assert r.status_code == 401, r.text
+            assert r.headers["WWW-Authenticate"] == "Bearer"
+            assert http.get(f"{api}/v1/system/health").status_code == 200
+            r = http.post(base, json={"name": "acme"}, headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 201, r.text
+    finally:
+        node.stop()
+    # A restart reuses the token.
+    node = NodeProcess(tmp_path / "node", "--auth", gateways=1, shards=1)
+    try:
+        assert token_file.read_text().strip() == token
+    finally:
+        node.stop()

@@ -43,6 +43,7 @@ __all__ = [
     "ISSUER",
     "MAX_JWKS_FILE_BYTES",
     "JwksDirectory",
+    "admin_token",
     "jwks_path",
     "load_ring",
     "locked",
@@ -157,6 +158,51 @@ def save_ring(directory: Path, ring: TenantKeyRing, now: float) -> None:
         raise ConfigError(
             f"cannot write the key ring of {ring.tenant!r} in {directory}: {exc}"
         ) from None
+
+
+def admin_token(path: Path) -> str:
+    """The bootstrap admin token stored at ``path``, created on first use.
+
+    A new token is ``secrets.token_urlsafe(32)``, written to a temporary file (mode
+    0600, fsynced) and linked into place, so a concurrent creator never overwrites
+    it: whoever links first wins and both return that token. An existing file must
+    be readable by its owner only and hold one non-empty line.
+
+    Raises:
+        ConfigError: the file cannot be read or written, is open to group or others,
+            or is empty.
+    """
+    path = Path(path)
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tmp, flags, _RING_MODE)
+            try:
+                try:
+                    os.fchmod(fd, _RING_MODE)
+                    os.write(fd, (secrets.token_urlsafe(32) + "\n").encode("ascii"))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                with contextlib.suppress(FileExistsError):  # someone else made it first
+                    os.link(tmp, path)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            _fsync_directory(path.parent)
+        data, st = _read_limited(path, 4096)
+    except OSError as exc:
+        raise ConfigError(f"cannot read or create the admin token file {path}: {exc}") from None
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"the admin token file {path} is readable by group or others: chmod 600 {path}"
+        )
+    token = data.decode("utf-8", "replace").strip()
+    if not token:
+        raise ConfigError(f"the admin token file {path} is empty")
+    return token
 
 
 def _read_limited(path: Path, limit: int) -> tuple[bytes, os.stat_result]:

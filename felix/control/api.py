@@ -38,13 +38,19 @@ BadRequest (names, settings, headers), 422 a request that does not match the
 OpenAPI schema, 404 NotFound, 409 AlreadyExists / HasChildren, 412
 VersionConflict, 410 CursorTooOld, 503 Overloaded / Unavailable.
 
-No authentication yet (the node serves this API on loopback only, unless told
-``--insecure``); :func:`authenticate` is the seam where it goes.
+Authentication (``create_app(require_auth=True)``): every route but the OpenAPI
+document, ``/docs``, ``/v1/system/health``, the token exchange and the JWKS route
+needs ``Authorization: Bearer TOKEN``, either the bootstrap admin token (may do
+everything) or a Felix token of the route's tenant holding the permission the
+route needs (:data:`ROUTE_ACCESS`). 401 (with ``WWW-Authenticate: Bearer``): no or
+an invalid token; 403: a valid token that does not allow it. Without
+``require_auth`` (loopback dev mode) everything is allowed without credentials.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -69,6 +75,7 @@ from felix.auth.files import AUDIENCE, ISSUER, JwksDirectory, load_ring
 from felix.auth.oidc import JwksCache, verify_idp_token
 from felix.auth.perms import narrow
 from felix.auth.rbac import Policy, grant
+from felix.auth.tokens import Claims, read_unverified_claims, verify_felix_token
 from felix.control.model import BindingSpec, IssuerSpec, Kind, Path, Resource, check_path
 from felix.control.schemas import (
     IF_MATCH_MAX_CHARS,
@@ -136,6 +143,9 @@ __all__ = [
     "MAX_LIMIT",
     "MAX_WAIT",
     "PROBLEM_MEDIA_TYPE",
+    "ROUTE_ACCESS",
+    "TOKEN_LEEWAY",
+    "Access",
     "authenticate",
     "create_app",
     "default_fetch_jwks",
@@ -154,6 +164,8 @@ DEFAULT_LIMIT = 100
 HEALTH_TIMEOUT = 5.0
 #: Clock leeway, in seconds, for the exp/nbf/iat of identity-provider tokens.
 IDP_LEEWAY = 30.0
+#: Clock leeway, in seconds, for the iat/exp of Felix tokens sent to this API.
+TOKEN_LEEWAY = 30.0
 #: Seconds clients may cache ``/.well-known/jwks.json`` (rotation publishes ahead far longer).
 JWKS_MAX_AGE = 60
 #: Largest JWK set :func:`fetch_jwks` accepts, and how long it may take, in seconds.
@@ -236,11 +248,13 @@ class _Context:
     node_info: NodeInfo
     auth: _Auth | None = None
     clock: Callable[[], float] = time.time
+    admin_token: str | None = None
+    require_auth: bool = False
 
     def node(self) -> dict[str, Any]:
         return self.node_info() if callable(self.node_info) else dict(self.node_info)
 
-    def require_auth(self) -> _Auth:
+    def token_auth(self) -> _Auth:
         """The auth settings; Unavailable (503) when the app has none."""
         if self.auth is None:
             raise Unavailable(
@@ -257,6 +271,8 @@ def create_app(
     keys_dir: FilePath | None = None,
     fetch_jwks: FetchJwks | None = None,
     clock: Callable[[], float] = time.time,
+    admin_token: str | None = None,
+    require_auth: bool = False,
 ) -> FastAPI:
     """The control-plane API over ``store``.
 
@@ -275,7 +291,14 @@ def create_app(
     (default :func:`default_fetch_jwks`); the app keeps one
     :class:`~felix.auth.oidc.JwksCache` over it. ``clock`` is Unix
     time in seconds, used to check and mint tokens.
+
+    ``require_auth`` makes every route but the public ones need a bearer token (see
+    :func:`authenticate`): ``admin_token`` (the bootstrap credential, allowed
+    everything) or a Felix token verified with the tenant's keys in ``keys_dir``.
+    Without it (the default: loopback dev mode) every request is allowed.
     """
+    if admin_token is not None and not admin_token:
+        raise ValueError("admin_token must not be empty")
     app = _App(
         title="felix control plane",
         version=felix.__version__,
@@ -287,7 +310,9 @@ def create_app(
     auth = None
     if keys_dir is not None:
         auth = _Auth(FilePath(keys_dir), JwksCache(fetch_jwks or default_fetch_jwks))
-    app.state.control = _Context(store, region, node_info or {}, auth, clock)
+    app.state.control = _Context(
+        store, region, node_info or {}, auth, clock, admin_token, require_auth
+    )
     app.include_router(_router, dependencies=[Depends(authenticate)])
     app.add_exception_handler(FelixError, _on_felix_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
@@ -296,13 +321,113 @@ def create_app(
     return app
 
 
-async def authenticate(request: Request) -> None:
-    """Where authentication goes (a later issue): every /v1 route depends on this.
+class Access:
+    """What a route needs (the values of :data:`ROUTE_ACCESS`)."""
 
-    It accepts every request for now. It will read the bearer token and raise
-    Unauthenticated (401) or PermissionDenied (403); a deployment can already
-    replace it with ``app.dependency_overrides[authenticate] = ...``.
+    #: Anyone, without credentials.
+    PUBLIC = "public"
+    #: Any valid credential (the admin token, or a Felix token of any tenant).
+    ANY = "any"
+    #: Only the bootstrap admin token.
+    ADMIN = "admin"
+
+
+#: (action, object) a Felix token must allow: ``{tenant}``, ``{ns}`` and the route's
+#: other path parameters are filled in from the request.
+_Permission = tuple[str, str]
+_Rule = str | _Permission
+
+_NS_ALL = "namespace:{tenant}/*"
+_STREAMS = "stream:{tenant}/{ns}"
+_CACHES = "cache:{tenant}/{ns}"
+_RBAC: _Permission = ("rbac.manage", "tenant:{tenant}")
+
+#: What each /v1 route (by path, every method alike) needs when authentication is
+#: required. A route missing here is admin-only (fail closed).
+ROUTE_ACCESS: dict[str, _Rule] = {
+    "/v1/tenants": Access.ADMIN,
+    "/v1/tenants/{tenant}": ("tenant.manage", "tenant:{tenant}"),
+    "/v1/tenants/{tenant}/namespaces": ("ns.manage", _NS_ALL),
+    "/v1/tenants/{tenant}/namespaces/{ns}": ("ns.manage", "namespace:{tenant}/{ns}"),
+    "/v1/tenants/{tenant}/namespaces/{ns}/streams": ("stream.manage", f"{_STREAMS}/*"),
+    "/v1/tenants/{tenant}/namespaces/{ns}/streams/{stream}": (
+        "stream.manage",
+        f"{_STREAMS}/{{stream}}",
+    ),
+    "/v1/tenants/{tenant}/namespaces/{ns}/caches": ("cache.manage", f"{_CACHES}/*"),
+    "/v1/tenants/{tenant}/namespaces/{ns}/caches/{cache}": (
+        "cache.manage",
+        f"{_CACHES}/{{cache}}",
+    ),
+    "/v1/tenants/{tenant}/issuers": _RBAC,
+    "/v1/tenants/{tenant}/issuers/{issuer}": _RBAC,
+    "/v1/tenants/{tenant}/policies": _RBAC,
+    "/v1/tenants/{tenant}/policies/{policy}": _RBAC,
+    "/v1/tenants/{tenant}/bindings": _RBAC,
+    "/v1/tenants/{tenant}/bindings/{binding}": _RBAC,
+    # It authenticates with the identity provider's token itself.
+    "/v1/tenants/{tenant}/token/exchange": Access.PUBLIC,
+    "/v1/tenants/{tenant}/.well-known/jwks.json": Access.PUBLIC,
+    # The whole feed, every tenant's resources.
+    "/v1/snapshot": Access.ADMIN,
+    "/v1/changes": Access.ADMIN,
+    "/v1/system/info": Access.ANY,
+    "/v1/system/health": Access.PUBLIC,
+    "/v1/regions": Access.ANY,
+    "/v1/problems/{slug}": Access.ANY,
+}
+
+
+async def authenticate(request: Request) -> None:
+    """Every /v1 route depends on this: check the caller may do what the route does.
+
+    Without ``require_auth`` it allows everything. Otherwise the route's rule in
+    :data:`ROUTE_ACCESS` decides: the admin token may do everything; a Felix token
+    must verify against its tenant's keys, be of the route's tenant and hold the
+    rule's permission.
+
+    Raises:
+        Unauthenticated: (401) no bearer token, or one that does not verify.
+        PermissionDenied: (403) a valid token that does not allow the request.
     """
+    ctx = _context(request)
+    if not ctx.require_auth:
+        return
+    route = request.scope.get("route")
+    rule = ROUTE_ACCESS.get(getattr(route, "path", ""), Access.ADMIN)
+    if rule == Access.PUBLIC:
+        return
+    token = _bearer(request.headers.get("authorization"), "a Felix token or the admin token")
+    if ctx.admin_token is not None and hmac.compare_digest(
+        token.encode("utf-8"), ctx.admin_token.encode("utf-8")
+    ):
+        return
+    claims = _verify(ctx, token)
+    if isinstance(rule, str):
+        if rule == Access.ANY:
+            return
+        raise PermissionDenied("only the admin token may do this")
+    params = request.path_params
+    tenant = params.get("tenant")
+    if tenant != claims.tid:
+        raise PermissionDenied(f"the token is for tenant {claims.tid}, not {tenant}")
+    action, template = rule
+    obj = template.format(**params)
+    if not claims.perms.allows(action, obj):
+        raise PermissionDenied(f"the token does not allow {action} on {obj}")
+
+
+def _verify(ctx: _Context, token: str) -> Claims:
+    """The claims of a Felix token, verified with its tenant's published keys."""
+    if ctx.auth is None:
+        raise Unauthenticated("this control plane accepts only the admin token (no key directory)")
+    tid = read_unverified_claims(token).get("tid")
+    jwks = ctx.auth.published.jwks(tid, time.monotonic()) if isinstance(tid, str) else None
+    if jwks is None:
+        raise Unauthenticated("the token names no tenant with signing keys")
+    return verify_felix_token(
+        token, jwks, issuer=ISSUER, audience=AUDIENCE, now=ctx.clock(), leeway=TOKEN_LEEWAY
+    )
 
 
 def _context(request: Request) -> _Context:
@@ -929,12 +1054,12 @@ Authorization = Annotated[
 ]
 
 
-def _bearer(authorization: str | None) -> str:
+def _bearer(authorization: str | None, what: str = "the identity provider's token") -> str:
     """The token of an ``Authorization: Bearer TOKEN`` header; Unauthenticated otherwise."""
     scheme, _, token = (authorization or "").strip().partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        raise Unauthenticated("send the identity provider's token as Authorization: Bearer ...")
+        raise Unauthenticated(f"send {what} as Authorization: Bearer ...")
     return token
 
 
@@ -960,7 +1085,7 @@ async def exchange_token(
     that are granted (never more). 401: the token is missing or invalid; 403: nothing
     is granted; 503: no key directory, or the tenant has no signing keys yet.
     """
-    auth = ctx.require_auth()
+    auth = ctx.token_auth()
     check_path(Kind.TENANT, (tenant,))
     token = _bearer(authorization)
     store = ctx.store
@@ -1008,7 +1133,7 @@ async def tenant_jwks(tenant: TenantName, ctx: ContextDep, response: Response) -
 
     404: no such tenant; 503: no key directory, or the tenant has no signing keys yet.
     """
-    auth = ctx.require_auth()
+    auth = ctx.token_auth()
     if await ctx.store.get(Kind.TENANT, check_path(Kind.TENANT, (tenant,))) is None:
         raise missing(Kind.TENANT, (tenant,))
     jwks = auth.published.jwks(tenant, time.monotonic())

@@ -17,7 +17,9 @@ setting such as ``queue.max_deliveries``. ``rm`` of a tenant or namespace needs
 ``--yes``, and ``--cascade`` when it still has resources.
 
 Where the API is: ``--url``, else ``$FELIX_CONTROL_URL``, else
-http://127.0.0.1:8443. ``--json`` prints JSON, one object per line.
+http://127.0.0.1:8443. A control plane that requires auth takes ``--token``
+(else ``$FELIX_CONTROL_TOKEN``): a Felix token or its admin token. ``--json``
+prints JSON, one object per line.
 
 Exit status: 0 done; 1 a felix error (not found, exists, conflict, unreachable);
 2 bad usage.
@@ -123,6 +125,10 @@ def _command(
         "--url", help=f"control-plane URL (default: $FELIX_CONTROL_URL or {DEFAULT_URL})"
     )
     group.add_argument(
+        "--token",
+        help="bearer token: a Felix token or the admin token (default: $FELIX_CONTROL_TOKEN)",
+    )
+    group.add_argument(
         "--timeout", type=float, default=10.0, metavar="SECONDS", help="per request (10)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON (one object per line)")
@@ -135,7 +141,7 @@ def _with_client(
     def run(args: argparse.Namespace) -> int:
         if args.timeout <= 0:
             raise ConfigError(f"--timeout must be positive, got {args.timeout}")
-        with ControlClient(args.url, timeout=args.timeout) as client:
+        with ControlClient(args.url, timeout=args.timeout, token=args.token) as client:
             return command(client, args, kind)
 
     return run

@@ -48,7 +48,13 @@ from felix.errors import (
     Unavailable,
 )
 
-__all__ = ["DEFAULT_URL", "ControlClient", "default_url", "error_from_response"]
+__all__ = [
+    "DEFAULT_URL",
+    "ControlClient",
+    "default_token",
+    "default_url",
+    "error_from_response",
+]
 
 DEFAULT_URL = "http://127.0.0.1:8443"
 
@@ -58,6 +64,11 @@ _M = TypeVar("_M", bound=BaseModel)
 def default_url() -> str:
     """``$FELIX_CONTROL_URL``, else :data:`DEFAULT_URL`."""
     return os.environ.get("FELIX_CONTROL_URL") or DEFAULT_URL
+
+
+def default_token() -> str | None:
+    """``$FELIX_CONTROL_TOKEN``, else None (no credentials)."""
+    return os.environ.get("FELIX_CONTROL_TOKEN") or None
 
 
 class _FeedPage(BaseModel):
@@ -90,7 +101,9 @@ class ControlClient:
     ``url`` defaults to :func:`default_url`. ``timeout`` bounds each request, in
     seconds; a long-poll of :meth:`changes` gets its ``wait`` on top. ``ca`` is
     a PEM file of CA certificates to trust for ``https`` (default: the system
-    store). ``transport`` replaces the network (for tests). Use it as a context
+    store). ``token`` (default :func:`default_token`) is sent as ``Authorization:
+    Bearer`` on every request: a Felix token or the control plane's admin token.
+    ``transport`` replaces the network (for tests). Use it as a context
     manager, or call :meth:`close`. Not thread-safe: one thread at a time.
     """
 
@@ -100,6 +113,7 @@ class ControlClient:
         *,
         timeout: float = 10.0,
         ca: str | os.PathLike[str] | None = None,
+        token: str | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = (url or default_url()).rstrip("/")
@@ -107,8 +121,10 @@ class ControlClient:
         verify: ssl.SSLContext | bool = True
         if ca is not None:
             verify = ssl.create_default_context(cafile=os.fspath(ca))
+        token = token or default_token()
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
-            base_url=self.url, timeout=timeout, verify=verify, transport=transport
+            base_url=self.url, timeout=timeout, verify=verify, transport=transport, headers=headers
         )
 
     def close(self) -> None:

@@ -99,9 +99,13 @@ class NodeConfig:
     control_url: str | None = None
     #: Host the shard cores inside the (single) gateway process: no ring hop.
     embedded_shards: bool = False
-    #: Require Felix tokens (keys in DATA_DIR/auth, see `felix token`); with it the QUIC
-    #: port may listen beyond loopback without --insecure.
+    #: Require Felix tokens (keys in DATA_DIR/auth, see `felix token`), on the QUIC port
+    #: and the embedded control plane's API (or the bootstrap admin token in
+    #: DATA_DIR/admin-token); with it both may listen beyond loopback without --insecure.
     auth: bool = False
+    #: Bearer token for the remote control plane (``--control-url``); never sent to the
+    #: child processes.
+    control_token: str | None = field(default=None, repr=False)
     limits: GatewayLimits = field(default_factory=GatewayLimits)
     stream_defaults: StreamSettings = field(default_factory=StreamSettings)
     cache_defaults: CacheSettings = field(default_factory=CacheSettings)
@@ -115,8 +119,8 @@ class NodeConfig:
             raise ConfigError("gateways x shards is limited to 256 (one ring pair each)")
         for name in ("listen", "http", "control"):
             host, _ = getattr(self, name)
-            if name == "listen" and self.auth:
-                continue  # every QUIC session is authenticated
+            if name in ("listen", "control") and self.auth:
+                continue  # every QUIC session and every API request is authenticated
             if not is_loopback(host) and not self.insecure:
                 raise ConfigError(
                     f"--{name} {host} is not a loopback address: until authentication is "
@@ -139,7 +143,8 @@ class NodeConfig:
             )
 
     def to_json(self) -> str:
-        return json.dumps(_plain(self))
+        """The config for the child processes (without the control token: they need none)."""
+        return json.dumps({**_plain(self), "control_token": None})
 
     @classmethod
     def from_json(cls, text: str) -> NodeConfig:

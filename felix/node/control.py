@@ -66,10 +66,11 @@ class StoreFeed:
 class HttpFeed:
     """Follow a remote control plane through its REST API (blocking client, in a thread)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, token: str | None = None) -> None:
         from felix.control.client import ControlClient
 
-        self._client = ControlClient(url)
+        # token: sent as Authorization: Bearer (a control plane that requires auth).
+        self._client = ControlClient(url, token=token)
 
     async def snapshot(self) -> tuple[int, list[Resource]]:
         return await asyncio.to_thread(self._client.snapshot)
@@ -187,12 +188,22 @@ class EmbeddedControl:
         tls: tuple[Path, Path] | None = None,
         node_info: Callable[[], dict[str, Any]] | None = None,
         keys_dir: Path | None = None,
+        admin_token: str | None = None,
+        require_auth: bool = False,
     ) -> None:
         from felix.control.api import create_app
 
         self.store = store
-        # keys_dir: the tenants' key rings, for the token exchange and JWKS routes.
-        app = create_app(store, region=region, node_info=node_info, keys_dir=keys_dir)
+        # keys_dir: the tenants' key rings, for the token exchange, the JWKS route and
+        # (with require_auth) checking the Felix tokens callers send.
+        app = create_app(
+            store,
+            region=region,
+            node_info=node_info,
+            keys_dir=keys_dir,
+            admin_token=admin_token,
+            require_auth=require_auth,
+        )
         options: dict[str, Any] = {}
         if tls is not None:
             options = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])}

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from felix.auth.files import admin_token
 from felix.control.model import Kind
 from felix.control.store import AlreadyExists, Store
 from felix.control.stores import open_store
@@ -165,7 +166,7 @@ class Supervisor:
         config = self.config
         source: FeedSource
         if config.control_url:
-            source = HttpFeed(config.control_url)
+            source = HttpFeed(config.control_url, token=config.control_token)
         else:
             url = config.control_store or f"sqlite:///{config.data_dir / 'control.db'}"
             self._control_store = open_store(url)
@@ -173,6 +174,9 @@ class Supervisor:
             await _ensure_default_namespace(self._control_store)
             host, port = config.control
             tls = None if is_loopback(host) else (cert, key)
+            # With --auth the API needs a token: the bootstrap admin one is in the data dir.
+            # The follower below reads the store directly, so it needs none.
+            admin = admin_token(config.data_dir / "admin-token") if config.auth else None
             self.control = EmbeddedControl(
                 self._control_store,
                 host,
@@ -180,6 +184,8 @@ class Supervisor:
                 tls=tls,
                 node_info=self.node_info,
                 keys_dir=config.data_dir / "auth",
+                admin_token=admin,
+                require_auth=config.auth,
             )
             await self.control.start()
             source = StoreFeed(self._control_store)

@@ -107,9 +107,10 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument("--replay-bytes", default="64MiB", help="bytes kept per stream for replay")
     up.add_argument(
         "--slow-subscriber",
-        choices=["drop_old", "disconnect"],
+        choices=["drop_old", "disconnect", "block"],
         default="drop_old",
-        help="policy when a subscriber falls out of the replay ring",
+        help="what a subscriber that falls behind the replay ring gets: drop_old (skip ahead, "
+        "visible gap), disconnect, or block (publishers get Overloaded until it catches up)",
     )
     up.add_argument("--cache-budget", default="64MiB", help="bytes per cache (all shards)")
     up.add_argument(

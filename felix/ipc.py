@@ -43,6 +43,9 @@ class Kind(enum.IntEnum):
     HELLO = 7
     #: S: the stream was deleted: body = stream key; its subscriptions end.
     END = 8
+    #: G: the lowest next offset of this gateway's subscribers on a ``block`` stream
+    #: (aux; token 1 = none left): the shard refuses appends that would evict it.
+    CURSOR = 9
 
 
 def encode(kind: Kind, token: int, aux: int, body: bytes) -> bytes:

@@ -186,6 +186,174 @@ def test_rm_of_a_namespace_with_resources_needs_cascade(
     ]
 
 
+_ISSUER_SETTINGS = [
+    "--set",
+    "issuer=https://idp.example",
+    "--set",
+    "audience=felix",
+    "--set",
+    'algorithms=["RS256"]',
+    "--set",
+    "jwks_url=https://idp.example/jwks",
+]
+_POLICY_SETTINGS = ["--set", 'permissions=["stream.publish:stream:acme/prod/*"]']
+_BINDING_SETTINGS = ["--set", "subject=group:eng", "--set", 'policies=["publishers"]']
+
+
+@pytest.mark.parametrize(
+    ("group", "kind", "name", "settings", "spec", "info_row"),
+    [
+        (
+            "issuer",
+            "issuer",
+            "okta",
+            _ISSUER_SETTINGS,
+            {
+                "issuer": "https://idp.example",
+                "audience": "felix",
+                "algorithms": ["RS256"],
+                "jwks_url": "https://idp.example/jwks",
+                "jwks": None,
+                "groups_claim": "groups",
+            },
+            ["algorithms", '["RS256"]'],
+        ),
+        (
+            "policy",
+            "policy",
+            "publishers",
+            _POLICY_SETTINGS,
+            {"permissions": ["stream.publish:stream:acme/prod/*"], "description": ""},
+            ["permissions", '["stream.publish:stream:acme/prod/*"]'],
+        ),
+        (
+            "binding",
+            "binding",
+            "eng",
+            _BINDING_SETTINGS,
+            {"subject": "group:eng", "policies": ["publishers"], "issuer": None},
+            ["subject", "group:eng"],
+        ),
+    ],
+)
+def test_security_resource_commands(
+    server: Server,
+    capsys: pytest.CaptureFixture[str],
+    group: str,
+    kind: str,
+    name: str,
+    settings: list[str],
+    spec: dict[str, Any],
+    info_row: list[str],
+) -> None:
+    assert felix(server, "tenant", "create", "acme") == 0
+    capsys.readouterr()
+    assert felix(server, group, "ls", "--tenant", "acme") == 0
+    assert capsys.readouterr().out == ""
+
+    assert felix(server, group, "create", name, "--tenant", "acme", *settings) == 0
+    assert capsys.readouterr().out == f"created {kind} acme/{name} (version 1)\n"
+    assert felix(server, group, "create", "other", "--tenant", "acme", *settings, "--json") == 0
+    [other] = out_json(capsys)
+    assert other["kind"] == kind and other["path"] == ["acme", "other"]
+    assert other["name"] == "other" and other["version"] == 1 and other["spec"] == spec
+
+    assert felix(server, group, "ls", "--tenant", "acme") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "VERSION", "UPDATED"]
+    assert sorted(line.split()[0] for line in lines[1:]) == sorted([name, "other"])
+    assert felix(server, group, "ls", "--tenant", "acme", "--json") == 0
+    assert sorted(r["name"] for r in out_json(capsys)) == sorted([name, "other"])
+
+    assert felix(server, group, "info", name, "--tenant", "acme") == 0
+    info = capsys.readouterr().out.splitlines()
+    assert info[0] == f"{kind} acme/{name}"
+    assert any(line.split() == info_row for line in info)
+    assert felix(server, group, "info", name, "--tenant", "acme", "--json") == 0
+    assert out_json(capsys)[0]["spec"] == spec
+
+    with pytest.raises(AlreadyExists):
+        felix(server, group, "create", name, "--tenant", "acme", *settings)
+    # No --yes needed, as for streams and caches.
+    assert felix(server, group, "rm", name, "--tenant", "acme") == 0
+    assert capsys.readouterr().out == f"deleted {kind} acme/{name}\n"
+    assert felix(server, group, "rm", "other", "--tenant", "acme", "--json") == 0
+    assert out_json(capsys) == [{"kind": kind, "path": ["acme", "other"], "deleted": True}]
+    with pytest.raises(NotFound, match=name):
+        felix(server, group, "info", name, "--tenant", "acme")
+    assert felix(server, group, "ls", "--tenant", "acme", "--json") == 0
+    assert out_json(capsys) == []
+
+
+def test_security_resources_default_to_the_default_tenant(
+    server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    felix(server, "tenant", "create", "default")
+    capsys.readouterr()
+    policy = ["--set", 'permissions=["stream.publish:stream:default/prod/*"]']
+    assert felix(server, "policy", "create", "publishers", *policy) == 0
+    assert capsys.readouterr().out == "created policy default/publishers (version 1)\n"
+    assert felix(server, "binding", "create", "eng", *_BINDING_SETTINGS, "--json") == 0
+    assert out_json(capsys)[0]["path"] == ["default", "eng"]
+    # A tenant's issuers, policies and bindings go with it.
+    assert felix(server, "tenant", "rm", "default", "--cascade", "--yes") == 0
+    assert sorted(capsys.readouterr().out.splitlines()) == [
+        "deleted binding default/eng",
+        "deleted policy default/publishers",
+        "deleted tenant default",
+    ]
+
+
+def test_security_resource_validation_errors(
+    server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from felix.cli import main
+
+    url = ["--url", server.url]
+    assert main(["tenant", "create", "acme", *url]) == 0
+    capsys.readouterr()
+    with pytest.raises(NotFound):
+        felix(server, "binding", "create", "b", "--tenant", "nope", *_BINDING_SETTINGS)
+    with pytest.raises(BadRequest, match="names tenant 'acme', not 'beta'"):
+        felix(server, "policy", "create", "p", "--tenant", "beta", *_POLICY_SETTINGS)
+    with pytest.raises(BadRequest, match="permissions"):
+        felix(server, "policy", "create", "p", "--tenant", "acme")  # required
+    with pytest.raises(BadRequest):
+        felix(server, "policy", "create", "p", "--tenant", "acme", "--set", 'permissions=["x"]')
+    with pytest.raises(BadRequest, match="colour: Extra inputs are not permitted"):
+        felix(
+            server,
+            "binding",
+            "create",
+            "b",
+            "--tenant",
+            "acme",
+            *_BINDING_SETTINGS,
+            "--set",
+            "colour=blue",
+        )
+    with pytest.raises(BadRequest):
+        felix(
+            server,
+            "issuer",
+            "create",
+            "i",
+            "--tenant",
+            "acme",
+            *_ISSUER_SETTINGS,
+            "--set",
+            'algorithms=["HS256"]',
+        )
+    # Exit statuses: 1 for a refused setting, 2 for bad usage.
+    bad = ["--set", 'permissions=["not a permission"]']
+    assert main(["policy", "create", "p", "--tenant", "acme", *bad, *url]) == 1
+    assert "permission" in capsys.readouterr().err
+    assert main(["binding", "create", "b", "--tenant", "acme", "--set", "subject", *url]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert main(["issuer", "ls", "--tenant", "acme", *url]) == 0
+    assert capsys.readouterr().out == ""
+
+
 def test_command_errors(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     felix(server, "tenant", "create", "acme")
     with pytest.raises(AlreadyExists):

@@ -391,3 +391,42 @@ def test_connections_beyond_the_limit_are_refused(tmp_path: Path) -> None:
                 p.close()
 
     run(main)
+
+
+def test_block_policy_pushes_back_on_publishers_instead_of_dropping(tmp_path: Path) -> None:
+    async def main() -> None:
+        settings = {
+            "stream_defaults": StreamSettings(replay_max_records=20, slow_subscriber_policy="block")
+        }
+        async with LocalNode.start(tmp_path, shard_settings=settings) as node:
+            sub_peer = await raw_connect(node.host, node.port, node.ca_file)
+            ssid = await sub_peer.auth()
+            stream = await subscribe(sub_peer, ssid, 1, 1, start="earliest", credit=5)
+            pub = await raw_connect(node.host, node.port, node.ca_file)
+            psid = await pub.auth()
+            results: list[wire.ExtMessage] = []
+            for i in range(40):  # one at a time, each answered before the next
+                pub.send(psid, wire.encode_publish(i, T, NS, "s", [b"%d" % i]))
+                results.append(ext((await pub.frames_on(psid, 2 + i))[1 + i]))
+            acked = [r.request_id for r in results if isinstance(r, wire.PublishOffsets)]
+            refused = [r for r in results if isinstance(r, wire.ErrorReply)]
+            # The subscriber holds offset 5 (its credit was 5): 20 records fit in the ring
+            # from there, later publishes are refused with a retryable Overloaded.
+            assert acked == list(range(len(acked))) and 20 <= len(acked) <= 26
+            assert refused and all(r.code == 5 for r in refused)
+            assert node.links.cores[0].blocked + node.links.cores[1].blocked == len(refused)
+            # The subscriber catches up; publishing works again; nothing was dropped.
+            sub_peer.send(ssid, wire.encode_credit(2, 1, 1000))
+            await sub_peer.wait_for(lambda: len(events_on(sub_peer, stream)) == len(acked))
+            pub.send(psid, wire.encode_publish(99, T, NS, "s", [b"again"]))
+            again = ext((await pub.frames_on(psid, 42))[41])
+            assert isinstance(again, wire.PublishOffsets) and again.base_offset == len(acked)
+            await sub_peer.wait_for(lambda: len(events_on(sub_peer, stream)) == len(acked) + 1)
+            assert [o for o, _ in events_on(sub_peer, stream)] == list(range(len(acked) + 1))
+            assert not any(
+                isinstance(ext(f), wire.SlowConsumer) for f in sub_peer.frames[stream][1:]
+            )
+            for p in (pub, sub_peer):
+                p.close()
+
+    run(main)

@@ -1,4 +1,5 @@
-"""Control-plane commands of the ``felix`` CLI: ``tenant``, ``ns``, ``stream``, ``cache``.
+"""Control-plane commands of the ``felix`` CLI: ``tenant``, ``ns``, ``stream``, ``cache``,
+``issuer``, ``policy``, ``binding``.
 
 Each group has ``ls``, ``create NAME``, ``info NAME`` and ``rm NAME``::
 
@@ -8,11 +9,18 @@ Each group has ``ls``, ``create NAME``, ``info NAME`` and ``rm NAME``::
         --set queue.max_deliveries=3
     felix stream ls --tenant acme --namespace prod --json
     felix ns rm prod --tenant acme --cascade --yes
+    felix policy create publishers --tenant acme \\
+        --set 'permissions=["stream.publish:stream:acme/prod/*"]'
+    felix binding create eng --tenant acme --set subject=group:eng \\
+        --set 'policies=["publishers"]'
+    felix issuer create okta --tenant acme --set issuer=https://idp.example \\
+        --set audience=felix --set 'algorithms=["RS256"]' --set jwks_url=https://idp.example/jwks
 
-``--tenant`` and ``--namespace`` default to ``default``; a stream or cache NAME
-may be ``ns/name`` to name another namespace of the tenant. ``--set KEY=VALUE``
-gives a setting on create (repeatable): VALUE is read as JSON when it parses
-(``true``, ``3``, ``null``, ``"7"``), else as text; ``a.b=VALUE`` sets a nested
+``--tenant`` and ``--namespace`` default to ``default`` (an issuer, policy or
+binding belongs to a tenant, not a namespace); a stream or cache NAME may be
+``ns/name`` to name another namespace of the tenant. ``--set KEY=VALUE`` gives a
+setting on create (repeatable): VALUE is read as JSON when it parses (``true``,
+``3``, ``null``, ``"7"``, ``["RS256"]``), else as text; ``a.b=VALUE`` sets a nested
 setting such as ``queue.max_deliveries``. ``rm`` of a tenant or namespace needs
 ``--yes``, and ``--cascade`` when it still has resources.
 
@@ -33,7 +41,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from felix.control.client import DEFAULT_URL, ControlClient
-from felix.control.model import Kind, Path, Resource
+from felix.control.model import PARENT, Kind, Path, Resource
 from felix.errors import ConfigError
 
 __all__ = ["add_commands", "parse_settings"]
@@ -47,6 +55,9 @@ _GROUPS = (
     ("ns", Kind.NAMESPACE, "namespaces of a tenant (control plane)"),
     ("stream", Kind.STREAM, "streams of a namespace (control plane)"),
     ("cache", Kind.CACHE, "caches of a namespace (control plane)"),
+    ("issuer", Kind.ISSUER, "OIDC identity providers a tenant trusts (control plane)"),
+    ("policy", Kind.POLICY, "named lists of permissions of a tenant (control plane)"),
+    ("binding", Kind.BINDING, "policies given to a tenant's users or groups (control plane)"),
 )
 _RAW = argparse.RawDescriptionHelpFormatter
 #: The module doc minus its first line: the usage rules, shown under each command's help.
@@ -54,7 +65,8 @@ _EPILOG = (__doc__ or "").split("\n\n", 1)[1].replace("``", "").replace("::", ":
 
 
 def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
-    """Add ``tenant``, ``ns``, ``stream`` and ``cache`` to the ``felix`` command's ``subparsers``.
+    """Add ``tenant``, ``ns``, ``stream``, ``cache``, ``issuer``, ``policy`` and ``binding``
+    to the ``felix`` command's ``subparsers``.
 
     A group that exists already (``cache``, which :mod:`felix.client.cli` adds
     with ``get|set|del``) gets these commands added to it, so call this after
@@ -154,7 +166,7 @@ def _parent(args: argparse.Namespace, kind: Kind) -> Path:
     """The parent path a command works under, from --tenant and --namespace."""
     if kind is Kind.TENANT:
         return ()
-    if kind is Kind.NAMESPACE:
+    if PARENT[kind] is Kind.TENANT:
         return (args.tenant,)
     return (args.tenant, args.namespace)
 

@@ -119,7 +119,7 @@ class StreamSpec(_Spec):
     ack_default: Literal["none", "per_message", "per_batch"] = "per_message"
     replay_max_records: Annotated[int, Field(ge=1, le=100_000_000)] = 100_000
     replay_max_bytes: Annotated[int, Field(ge=4096, le=1 << 40)] = 64 * 1024 * 1024
-    slow_subscriber_policy: Literal["drop_old", "disconnect"] = "drop_old"
+    slow_subscriber_policy: Literal["drop_old", "disconnect", "block"] = "drop_old"
     queue: QueueDefaults = QueueDefaults()
     region: Annotated[str | None, Field(max_length=64)] = None
 

@@ -126,6 +126,9 @@ class Gateway:
         self.connections: set[GatewayConnection] = set()
         self.draining = False
         self._barriers: dict[int, asyncio.Future[None]] = {}
+        # block policy: streams with such subscribers here, and the cursor last reported.
+        self._block_keys: set[str] = set()
+        self._cursors: dict[str, int] = {}
         # Counters (metrics).
         self.requests = 0
         self.protocol_errors = 0
@@ -232,6 +235,9 @@ class Gateway:
         assert isinstance(reply, wire.Subscribed)
         sub.state = SubState.ACTIVE
         sub.next_offset = sub.known_tail = reply.start_offset
+        if sub.policy == "block":
+            self._block_keys.add(sub.key)
+            self._report_cursor(sub.key)
         sub.conn.open_event_stream(sub)
         # Learn the tail (and catch up if the start is in the past).
         sub.known_tail = sub.next_offset + 1
@@ -257,6 +263,8 @@ class Gateway:
                 self.delivered_records += count
             elif sub.wants_read():
                 self._read(sub)
+        if key in self._block_keys:
+            self._report_cursor(key)
 
     def _on_stream_end(self, key: str) -> None:
         for sub in list(self._subs_by_key.get(key, ())):
@@ -287,6 +295,8 @@ class Gateway:
                 sub.known_tail = sub.next_offset
         if sub.wants_read():
             self._read(sub)
+        if sub.key in self._block_keys:
+            self._report_cursor(sub.key)
 
     def _slow_subscriber(self, sub: Subscription, available: int) -> bool:
         """The subscriber's position left the replay ring: apply its policy."""
@@ -302,6 +312,34 @@ class Gateway:
         sub.conn.send_slow_consumer(sub, sub.next_offset, lost)
         sub.next_offset = available
         return True
+
+    def _report_cursor(self, key: str) -> None:
+        """Tell ``key``'s shard the lowest offset this gateway's block subscribers still need.
+
+        Sent only when it changed; the shard refuses appends that would evict it.
+        """
+        low = min(
+            (
+                s.next_offset
+                for s in self._subs_by_key.get(key, ())
+                if s.policy == "block" and s.state is SubState.ACTIVE
+            ),
+            default=None,
+        )
+        if low == self._cursors.get(key):
+            return
+        shard = self.shard_for(key)
+        if not self.shard_ok[shard]:
+            return
+        clear = low is None
+        record = ipc.encode(Kind.CURSOR, 1 if clear else 0, low or 0, ipc.encode_key(key))
+        if not self.links.send(shard, record):
+            return  # ring full: the next delivery reports again
+        if low is None:
+            self._cursors.pop(key, None)
+            self._block_keys.discard(key)
+        else:
+            self._cursors[key] = low
 
     def _read(self, sub: Subscription) -> None:
         if not self.shard_ok[sub.shard]:
@@ -323,6 +361,8 @@ class Gateway:
         subs = self._subs_by_key.get(sub.key)
         if subs is not None:
             subs.discard(sub)
+            if sub.key in self._block_keys:
+                self._report_cursor(sub.key)
             if not subs:
                 del self._subs_by_key[sub.key]
                 if self.shard_ok[sub.shard]:
@@ -367,6 +407,8 @@ class Gateway:
         """``shard`` is back (a new process): re-attach this gateway's watches and readers."""
         self.shard_ok[shard] = True
         self.links.send(shard, ipc.encode(Kind.HELLO, 0, self.index, b""))
+        for key in [k for k in self._cursors if self.shard_for(k) == shard]:
+            del self._cursors[key]  # the new shard knows none: report them again
         for key, subs in self._subs_by_key.items():
             if subs and self.shard_for(key) == shard:
                 self.links.send(shard, ipc.encode(Kind.WATCH, 0, 1, ipc.encode_key(key)))
@@ -375,6 +417,8 @@ class Gateway:
                         sub.known_tail = max(sub.known_tail, sub.next_offset + 1)
                         if sub.wants_read():
                             self._read(sub)
+                if key in self._block_keys:
+                    self._report_cursor(key)
 
     async def quiesce(self, timeout: float) -> None:
         """Drain, phase 1: refuse new requests; wait (up to ``timeout``) for replies in flight."""

@@ -127,11 +127,6 @@ class NodeConfig:
                     "configured felix serves unauthenticated, so it refuses to listen "
                     "elsewhere without --insecure"
                 )
-        if self.stream_defaults.slow_subscriber_policy == "block":
-            raise ConfigError(
-                "the 'block' slow-subscriber policy (push back on publishers) is not "
-                "implemented yet; use drop_old or disconnect"
-            )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together")
         # The replay rings and caches of all shards share the memory budget.

@@ -32,6 +32,7 @@ _METRICS: dict[str, tuple[str, str, bool]] = {
     "dropped_pushes": ("felix_pushes_dropped", "Pushes shed while a gateway ring was full", True),
     "ring_full": ("felix_ring_full_events", "Times a ring was full on write", True),
     "budget_trims": ("felix_budget_trims", "Times replay rings were trimmed to the budget", True),
+    "blocked": ("felix_publishes_blocked", "Publishes refused by the block policy", True),
     "memory_used": ("felix_memory_used_bytes", "Replay ring bytes plus cache reservations", False),
     "delivered": ("felix_messages_delivered", "Records delivered to subscribers", True),
     "protocol_errors": ("felix_protocol_errors", "Streams closed for protocol errors", True),

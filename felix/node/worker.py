@@ -234,6 +234,7 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
             "pushes": core.pushes,
             "streams": core.streams,
             "budget_trims": core.budget_trims,
+            "blocked": core.blocked,
             "memory_used": core.memory_used,
             "caches": core.caches,
         },

@@ -41,7 +41,7 @@ MAX_READ_BYTES = 1024 * 1024
 
 
 #: Slow-subscriber policies as the aux of a SUBSCRIBED reply record.
-POLICY_CODES = {"drop_old": 0, "disconnect": 1}
+POLICY_CODES = {"drop_old": 0, "disconnect": 1, "block": 2}
 POLICY_NAMES = {code: name for name, code in POLICY_CODES.items()}
 
 
@@ -64,12 +64,14 @@ class ShardSettings:
 
 
 class _Stream:
-    __slots__ = ("key", "log", "pending_base", "pending_count", "watchers")
+    __slots__ = ("cursors", "key", "log", "pending_base", "pending_count", "watchers")
 
     def __init__(self, key: str, log: StreamLog) -> None:
         self.key = key
         self.log = log
         self.watchers: set[int] = set()
+        # block policy: per gateway, the lowest offset one of its subscribers still needs.
+        self.cursors: dict[int, int] = {}
         # Records appended in the current batch and not yet pushed.
         self.pending_base = 0
         self.pending_count = 0
@@ -104,6 +106,7 @@ class ShardCore:
         self._stream_bytes = 0
         # Counters (exported as metrics by the worker).
         self.budget_trims = 0
+        self.blocked = 0
         self.requests = 0
         self.errors = 0
         self.malformed = 0
@@ -125,6 +128,8 @@ class ShardCore:
                 self._watch(gateway, body, bool(aux))
             elif kind == Kind.HELLO:
                 self.forget_gateway(gateway)
+            elif kind == Kind.CURSOR:
+                self._cursor(gateway, body, None if token == 1 else aux)
             else:
                 raise BadRequest(f"unexpected ring record kind {kind}")
         except FelixError as exc:
@@ -164,6 +169,7 @@ class ShardCore:
         """A gateway restarted or left: drop its watches."""
         for stream in self._streams.values():
             stream.watchers.discard(gateway)
+            stream.cursors.pop(gateway, None)
 
     def sweep(self, now: float, max_work: int = 1000) -> int:
         """Reclaim expired cache entries, bounded work per cache; returns entries removed."""
@@ -309,6 +315,14 @@ class ShardCore:
         stream = self._stream(ipc.stream_key(*names), names)
         if not msg.payloads:
             raise BadRequest("a publish needs at least one record")
+        if stream.cursors and stream.log.settings.slow_subscriber_policy == "block":
+            needed = min(stream.cursors.values())
+            if stream.log.earliest_after(msg.payloads, msg.headers) > needed:
+                self.blocked += 1
+                raise Overloaded(
+                    f"stream {stream.key} is full: a subscriber still needs offset {needed} "
+                    "(block policy); retry"
+                )
         if self._offsets is not None:
             self._offsets.ensure(stream.key, stream.log.next_offset + len(msg.payloads))
         before = stream.log.retained_bytes
@@ -375,6 +389,16 @@ class ShardCore:
                     batch.first_offset, batch.payloads, headers=_headers_or_none(batch.headers)
                 )
         self._emit(gateway, ipc.encode(Kind.READ_REPLY, token, tail, frame))
+
+    def _cursor(self, gateway: int, body: bytes, offset: int | None) -> None:
+        key, _ = ipc.decode_key(body)
+        stream = self._streams.get(key)
+        if stream is None:
+            return
+        if offset is None:
+            stream.cursors.pop(gateway, None)
+        else:
+            stream.cursors[gateway] = offset
 
     def _watch(self, gateway: int, body: bytes, on: bool) -> None:
         key, _ = ipc.decode_key(body)

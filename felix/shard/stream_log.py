@@ -423,8 +423,20 @@ class StreamLog:
         self._evict_for(0, self._max_bytes - target)
         return before - self._count
 
-    def _evict_for(self, n: int, nbytes: int) -> None:
-        """Evict oldest records until ``n`` more records of ``nbytes`` fit in both bounds."""
+    def earliest_after(
+        self, payloads: Sequence[bytes], headers: Sequence[Mapping[str, str] | None] | None = None
+    ) -> int:
+        """The oldest offset the ring would still hold after appending this batch.
+
+        For push-back (the ``block`` policy): an append that would evict a record a
+        subscriber still needs can be refused before it happens.
+        """
+        hs = headers or [None] * len(payloads)
+        nbytes = sum(record_size(p, h) for p, h in zip(payloads, hs, strict=True))
+        return self._earliest + min(self._count, max(0, self._drop_count(len(payloads), nbytes)))
+
+    def _drop_count(self, n: int, nbytes: int) -> int:
+        """How many oldest records must go so ``n`` more records of ``nbytes`` fit."""
         count = self._count
         head = self._head
         mask = self._mask
@@ -443,6 +455,15 @@ class StreamLog:
             if k == first_run:
                 k += bisect_left(cums, threshold, 0, count - first_run)
             drop = k + 1
+        return drop
+
+    def _evict_for(self, n: int, nbytes: int) -> None:
+        """Evict oldest records until ``n`` more records of ``nbytes`` fit in both bounds."""
+        count = self._count
+        head = self._head
+        mask = self._mask
+        cums = self._cums
+        drop = self._drop_count(n, nbytes)
         if drop <= 0:
             return
         self._evicted_cum = cums[(head + drop - 1) & mask]

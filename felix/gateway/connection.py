@@ -30,6 +30,7 @@ from felix.gateway import v1
 from felix.gateway.auth import Identity
 from felix.gateway.gateway import (
     CLOSE_AUTH_FAILED,
+    CLOSE_AUTH_TIMEOUT,
     CLOSE_OVERLOADED,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_TOKEN_EXPIRED,
@@ -93,7 +94,7 @@ class StreamSession:
         code = exc.code or BadRequest.code
         self.send(wire.encode_error(request_id, code, str(exc)))
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, code: int = CLOSE_PROTOCOL_ERROR) -> None:
         """A protocol error: tell the client (v1 ``error``) and close this stream."""
         self.conn.gateway.protocol_errors += 1
         if self.state is not _SessionState.CLOSED:
@@ -103,7 +104,7 @@ class StreamSession:
                     wire.encode_message({"type": "error", "message": message}),
                     end_stream=True,
                 )
-            self.conn.stop_stream(self.stream_id, CLOSE_PROTOCOL_ERROR)
+            self.conn.stop_stream(self.stream_id, code)
         self.close()
 
     @property
@@ -131,7 +132,7 @@ class StreamSession:
     def _auth_expired(self) -> None:
         self.deadline = None
         if self.state is _SessionState.AWAIT_AUTH:
-            self.fail("no auth frame within the deadline")
+            self.fail("no auth frame within the deadline", CLOSE_AUTH_TIMEOUT)
 
     # -- input ----------------------------------------------------------------------
 

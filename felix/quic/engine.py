@@ -24,6 +24,7 @@ slightly different signatures, and felix code only uses the parts both share.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import ssl
 from collections.abc import Callable
@@ -206,50 +207,26 @@ def load_engine(name: str | None = None) -> QuicEngine:
 
 @cache
 def _load(name: str) -> QuicEngine:
-    # Imports live here so that only the chosen engine is loaded.
-    if name == "qh3":
-        import qh3.asyncio.protocol as qh3_protocol
-        import qh3.asyncio.server as qh3_server
-        import qh3.quic.configuration as qh3_configuration
-        import qh3.quic.connection as qh3_connection
-        from qh3.quic import events as qh3_events
+    # Imported here so that only the chosen engine is loaded. Both engines have the
+    # same module layout (qh3 is an aioquic fork); only the send-buffer probe differs.
+    def module(path: str) -> Any:
+        return importlib.import_module(f"{name}.{path}")
 
-        return QuicEngine(
-            name="qh3",
-            configuration_class=qh3_configuration.QuicConfiguration,
-            connection_class=qh3_connection.QuicConnection,
-            protocol_class=qh3_protocol.QuicConnectionProtocol,
-            server_class=qh3_server.QuicServer,
-            events=QuicEventTypes(
-                handshake_completed=qh3_events.HandshakeCompleted,
-                stream_data_received=qh3_events.StreamDataReceived,
-                stream_reset=qh3_events.StreamReset,
-                stop_sending_received=qh3_events.StopSendingReceived,
-                connection_terminated=qh3_events.ConnectionTerminated,
-            ),
-            send_buffer_size=_qh3_send_buffer_size,
-        )
-
-    import aioquic.asyncio.protocol as aioquic_protocol
-    import aioquic.asyncio.server as aioquic_server
-    import aioquic.quic.configuration as aioquic_configuration
-    import aioquic.quic.connection as aioquic_connection
-    from aioquic.quic import events as aioquic_events
-
+    events = module("quic.events")
     return QuicEngine(
-        name="aioquic",
-        configuration_class=aioquic_configuration.QuicConfiguration,
-        connection_class=aioquic_connection.QuicConnection,
-        protocol_class=aioquic_protocol.QuicConnectionProtocol,
-        server_class=aioquic_server.QuicServer,
+        name=name,
+        configuration_class=module("quic.configuration").QuicConfiguration,
+        connection_class=module("quic.connection").QuicConnection,
+        protocol_class=module("asyncio.protocol").QuicConnectionProtocol,
+        server_class=module("asyncio.server").QuicServer,
         events=QuicEventTypes(
-            handshake_completed=aioquic_events.HandshakeCompleted,
-            stream_data_received=aioquic_events.StreamDataReceived,
-            stream_reset=aioquic_events.StreamReset,
-            stop_sending_received=aioquic_events.StopSendingReceived,
-            connection_terminated=aioquic_events.ConnectionTerminated,
+            handshake_completed=events.HandshakeCompleted,
+            stream_data_received=events.StreamDataReceived,
+            stream_reset=events.StreamReset,
+            stop_sending_received=events.StopSendingReceived,
+            connection_terminated=events.ConnectionTerminated,
         ),
-        send_buffer_size=_aioquic_send_buffer_size,
+        send_buffer_size=_qh3_send_buffer_size if name == "qh3" else _aioquic_send_buffer_size,
     )
 
 

@@ -119,7 +119,9 @@ class ShardCore:
         """Process one ring record from ``gateway``."""
         try:
             kind, token, aux = ipc.decode_header(record)
-            body = bytes(record[ipc.HEADER_SIZE :])
+            # No copy: every decoder below copies what it keeps, and the record is
+            # handled completely before the ring slot is released.
+            body = record[ipc.HEADER_SIZE :]
             if kind == Kind.REQUEST:
                 self._request(gateway, token, body, now)
             elif kind == Kind.READ:
@@ -177,7 +179,7 @@ class ShardCore:
 
     # -- requests -----------------------------------------------------------------
 
-    def _request(self, gateway: int, token: int, body: bytes, now: float) -> None:
+    def _request(self, gateway: int, token: int, body: bytes | memoryview, now: float) -> None:
         self.requests += 1
         frame = wire.decode_frame(body, extensions=True)
         try:
@@ -365,7 +367,7 @@ class ShardCore:
         start = stream.log.resolve_start(msg.start)
         return wire.encode_subscribed(msg.request_id, msg.subscription_id, start)
 
-    def _read(self, gateway: int, token: int, body: bytes) -> None:
+    def _read(self, gateway: int, token: int, body: bytes | memoryview) -> None:
         key, from_offset, max_records, max_bytes = ipc.decode_read(body)
         stream = self._streams.get(key)
         if stream is None:
@@ -390,7 +392,7 @@ class ShardCore:
                 )
         self._emit(gateway, ipc.encode(Kind.READ_REPLY, token, tail, frame))
 
-    def _cursor(self, gateway: int, body: bytes, offset: int | None) -> None:
+    def _cursor(self, gateway: int, body: bytes | memoryview, offset: int | None) -> None:
         key, _ = ipc.decode_key(body)
         stream = self._streams.get(key)
         if stream is None:
@@ -400,7 +402,7 @@ class ShardCore:
         else:
             stream.cursors[gateway] = offset
 
-    def _watch(self, gateway: int, body: bytes, on: bool) -> None:
+    def _watch(self, gateway: int, body: bytes | memoryview, on: bool) -> None:
         key, _ = ipc.decode_key(body)
         if on:
             self._watch_key(gateway, key)

@@ -26,26 +26,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from felix._ring import HEADER_SIZE, LAYOUT_VERSION, Ring, record_footprint
 from felix.errors import RingError
 from felix.ring import RingReader, make_doorbell
+from tests.shm import SHM_PREFIX, no_stale_segments  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.timeout(60)
 
 T = TypeVar("T")
-SHM_PREFIX = f"felix-ring-{os.getpid()}-"
-
-
-def _our_segments() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIX)}
-
-
-@pytest.fixture(autouse=True)
-def no_stale_segments() -> Iterator[None]:
-    """Every test must leave /dev/shm as it found it."""
-    before = _our_segments()
-    yield
-    leaked = _our_segments() - before
-    for name in leaked:
-        posix_ipc.unlink_shared_memory("/" + name)
-    assert not leaked, f"stale shared-memory segments: {sorted(leaked)}"
 
 
 @pytest.fixture

@@ -17,37 +17,23 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-import posix_ipc
 import pytest
 import uvloop
 
 from felix._ring import Ring
 from felix.ring import RingReader, make_doorbell
+from tests.shm import no_stale_segments  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.timeout(60)
 
 T = TypeVar("T")
-SHM_PREFIX = f"felix-ring-{os.getpid()}-"
+
 FORK = multiprocessing.get_context("fork")
 SPAWN = multiprocessing.get_context("spawn")
 HEADER = struct.Struct("<QI")  # sequence number, payload length
-
-
-def _our_segments() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIX)}
-
-
-@pytest.fixture(autouse=True)
-def no_stale_segments() -> Iterator[None]:
-    before = _our_segments()
-    yield
-    leaked = _our_segments() - before
-    for name in leaked:
-        posix_ipc.unlink_shared_memory("/" + name)
-    assert not leaked, f"stale shared-memory segments: {sorted(leaked)}"
 
 
 def make_record(seq: int, payload: bytes) -> bytes:

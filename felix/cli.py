@@ -8,18 +8,42 @@ felix cache set sessions k v      felix cache get sessions k
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from felix.errors import ConfigError, FelixError
-from felix.node.config import NodeConfig, parse_address, parse_size
+from felix.node.config import NodeConfig, parse_address, parse_duration, parse_size
 from felix.shard.cache import CacheSettings
 from felix.shard.stream_log import StreamSettings
 
+if TYPE_CHECKING:
+    from felix.auth.rotation import KeyRotator
+
 _STREAM = StreamSettings()
 _CACHE = CacheSettings()
+
+
+def _add_rotation_flags(parser: argparse.ArgumentParser, where: str) -> None:
+    """``--key-rotation-interval`` and ``--key-publish-lead`` (the rings' owner rotates)."""
+    parser.add_argument(
+        "--key-rotation-interval",
+        default="24h",
+        metavar="DURATION",
+        help=f"with --auth: rotate every tenant's signing keys in {where} this often "
+        "(e.g. 24h, 90m, 3600; 0 disables; default 24h)",
+    )
+    parser.add_argument(
+        "--key-publish-lead",
+        default="5m",
+        metavar="DURATION",
+        help="a scheduled key is published this long before it signs; keep it above "
+        "twice the nodes' --jwks-refresh (default 5m)",
+    )
 
 
 def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -69,6 +93,26 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="bearer token for --control-url when it requires auth (its admin token); "
         "default $FELIX_CONTROL_TOKEN",
     )
+    up.add_argument(
+        "--control-ca",
+        type=Path,
+        metavar="FILE",
+        help="CA (PEM) verifying an https --control-url (default $FELIX_CONTROL_CA, "
+        "else the system store)",
+    )
+    up.add_argument(
+        "--control-client-cert",
+        type=Path,
+        metavar="FILE",
+        help="client certificate (PEM) for a --control-url that requires one (mTLS; "
+        "default $FELIX_CONTROL_CERT)",
+    )
+    up.add_argument(
+        "--control-client-key",
+        type=Path,
+        metavar="FILE",
+        help="its private key (default $FELIX_CONTROL_KEY)",
+    )
     up.add_argument("--gateways", type=int, default=cores, help=f"gateway processes ({cores})")
     up.add_argument("--shards", type=int, default=cores, help=f"shard processes ({cores})")
     up.add_argument("--data-dir", type=Path, default=Path("data"), help="state directory")
@@ -96,8 +140,23 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "QUIC port and the control API (or the admin token DATA_DIR/admin-token, created "
         "on first start); both may then listen beyond loopback",
     )
+    _add_rotation_flags(up, "DATA_DIR/auth (embedded control plane)")
+    up.add_argument(
+        "--jwks-refresh",
+        default="30s",
+        metavar="DURATION",
+        help="with --auth and --control-url: fetch each tenant's public keys from the "
+        "control plane this often into DATA_DIR/auth (default 30s)",
+    )
     up.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
     up.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    up.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="FILE",
+        help="mTLS: QUIC clients must present a certificate chained to this CA (PEM; "
+        "felix ca issue-client makes them from the node's CA); needs --engine aioquic",
+    )
     up.add_argument(
         "--replay-records",
         type=int,
@@ -167,6 +226,10 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         auto_create=not args.no_auto_create,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        control_ca=args.control_ca,
+        control_client_cert=args.control_client_cert,
+        control_client_key=args.control_client_key,
         ring_bytes=parse_size(args.ring_bytes),
         drain_grace=args.drain_grace,
         engine=args.engine,
@@ -175,6 +238,9 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         control_token=args.control_token,
         embedded_shards=args.embedded_shards,
         auth=args.auth,
+        key_rotation_interval=parse_duration(args.key_rotation_interval),
+        key_publish_lead=parse_duration(args.key_publish_lead),
+        jwks_refresh=parse_duration(args.jwks_refresh),
         stream_defaults=StreamSettings(
             replay_max_records=args.replay_records,
             replay_max_bytes=replay_bytes,
@@ -227,6 +293,33 @@ def _add_control(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="the bootstrap admin token, with --auth (created, mode 0600, if missing; "
         "default data/admin-token)",
     )
+    _add_rotation_flags(control, "--keys-dir")
+    tls = control.add_argument_group("TLS")
+    tls.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM): serve https")
+    tls.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    tls.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=Path("data/tls"),
+        metavar="DIR",
+        help="without --tls-cert, the CA and server certificate generated (and reused) "
+        "here when serving https: beyond loopback or with --tls-client-ca (data/tls)",
+    )
+    tls.add_argument(
+        "--tls-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="DNS name or IP address clients reach this control plane by, for the "
+        "generated certificate (repeatable)",
+    )
+    tls.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="FILE",
+        help="mTLS: require a client certificate chained to this CA (PEM); it may then "
+        "listen beyond loopback",
+    )
     control.set_defaults(func=_run_control)
 
 
@@ -240,12 +333,14 @@ def _run_control(args: argparse.Namespace) -> int:
     from felix.node.config import is_loopback
 
     host, port = parse_address(args.listen, 8443)
-    if not is_loopback(host) and not args.insecure and not args.auth:
+    if not is_loopback(host) and not (args.insecure or args.auth or args.tls_client_ca):
         raise ConfigError(
-            f"--listen {host} is not loopback: refusing without --auth (or --insecure, "
-            "to serve it unauthenticated)"
+            f"--listen {host} is not loopback: refusing without --auth or --tls-client-ca "
+            "(or --insecure, to serve it unauthenticated)"
         )
+    tls_options = _control_tls(args, host)
     admin = admin_token(args.admin_token_file) if args.auth else None
+    rotator = _key_rotator(args.keys_dir, args) if args.auth else None
     store = open_store(args.store)
 
     async def serve() -> None:
@@ -259,14 +354,125 @@ def _run_control(args: argparse.Namespace) -> int:
                 require_auth=args.auth,
             )
             config = uvicorn.Config(
-                app, host=host, port=port, lifespan="off", timeout_graceful_shutdown=2
+                app,
+                host=host,
+                port=port,
+                lifespan="off",
+                timeout_graceful_shutdown=2,
+                **tls_options,
             )
-            await uvicorn.Server(config).serve()
+            rotation = None if rotator is None else asyncio.create_task(rotator.run())
+            try:
+                await uvicorn.Server(config).serve()
+            finally:
+                if rotation is not None:
+                    rotation.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await rotation
         finally:
             await store.close()
 
     uvloop.run(serve())
     return 0
+
+
+def _control_tls(args: argparse.Namespace, host: str) -> dict[str, Any]:
+    """uvicorn's TLS options for `felix control` ({}: plain http, on loopback only).
+
+    https with --tls-cert/--tls-key, else with a CA and server certificate generated in
+    --tls-dir (felix.tls) when listening beyond loopback or requiring client
+    certificates; --tls-client-ca makes a client certificate from that CA mandatory.
+    """
+    import ssl
+
+    from felix.node.config import is_loopback
+    from felix.tls import node_certificates
+
+    given = args.tls_cert is not None or args.tls_key is not None
+    if not given and is_loopback(host) and args.tls_client_ca is None:
+        return {}
+    names = [n for n in (host, *args.tls_name) if n and n not in ("0.0.0.0", "::")]
+    try:
+        certs = node_certificates(
+            args.tls_dir, hostnames=names, cert=args.tls_cert, key=args.tls_key
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(str(exc)) from None
+    options: dict[str, Any] = {
+        "ssl_certfile": str(certs.server_cert),
+        "ssl_keyfile": str(certs.server_key),
+    }
+    if args.tls_client_ca is not None:
+        if not args.tls_client_ca.is_file():
+            raise ConfigError(f"--tls-client-ca {args.tls_client_ca}: no such file")
+        options["ssl_ca_certs"] = str(args.tls_client_ca)
+        options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+    if certs.ca_cert is not None:
+        logging.getLogger("felix.control").info("clients verify https with %s", certs.ca_cert)
+    return options
+
+
+def _add_ca(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ca = sub.add_parser(
+        "ca",
+        help="client certificates from the node's CA (mTLS)",
+        description="Issue client certificates for nodes run with --tls-client-ca.",
+    )
+    commands = ca.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
+    issue = commands.add_parser(
+        "issue-client",
+        help="sign a client certificate (NAME-cert.pem, NAME-key.pem) with the CA",
+        description="Sign a client certificate (ECDSA P-256, clientAuth) with the CA in "
+        "DATA_DIR/tls (the one felix up / felix control generated), or --ca-cert/--ca-key.",
+    )
+    issue.add_argument("name", metavar="NAME", help="the client's name (certificate CN)")
+    issue.add_argument("--data-dir", type=Path, default=Path("data"), help="node state (data)")
+    issue.add_argument("--ca-cert", type=Path, help="CA certificate (default DATA_DIR/tls)")
+    issue.add_argument("--ca-key", type=Path, help="CA private key (default DATA_DIR/tls)")
+    issue.add_argument("--out-dir", type=Path, default=Path("."), help="where to write (.)")
+    issue.add_argument("--days", type=float, default=365.0, help="validity in days (365)")
+    issue.set_defaults(func=_run_ca_issue_client)
+
+
+def _run_ca_issue_client(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from felix.tls import issue_client_certificate
+
+    if args.days <= 0:
+        raise ConfigError(f"--days must be positive, got {args.days}")
+    ca_cert = args.ca_cert or args.data_dir / "tls" / "ca-cert.pem"
+    ca_key = args.ca_key or args.data_dir / "tls" / "ca-key.pem"
+    if not ca_cert.is_file():
+        raise ConfigError(f"no CA certificate at {ca_cert} (start felix up once, or --ca-cert)")
+    cert, key = args.out_dir / f"{args.name}-cert.pem", args.out_dir / f"{args.name}-key.pem"
+    try:
+        issue_client_certificate(
+            ca_cert, ca_key, args.name, cert, key, validity=dt.timedelta(days=args.days)
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"certificate {cert}\nkey {key}")
+    return 0
+
+
+def _key_rotator(keys_dir: Path, args: argparse.Namespace) -> KeyRotator | None:
+    """The scheduled rotation of ``keys_dir``'s rings (None: --key-rotation-interval 0)."""
+    from felix.auth.rotation import KeyRotator, RotationPolicy
+    from felix.node.jwks_sync import DEFAULT_REFRESH
+
+    interval = parse_duration(args.key_rotation_interval)
+    if interval == 0:
+        return None
+    policy = RotationPolicy(interval, parse_duration(args.key_publish_lead))
+    if not policy.covers(DEFAULT_REFRESH):
+        logging.getLogger("felix.auth.rotation").warning(
+            "--key-publish-lead %g s is short: nodes refreshing keys every %g s (the default "
+            "--jwks-refresh) may see a token before its key",
+            policy.lead,
+            DEFAULT_REFRESH,
+        )
+    return KeyRotator(keys_dir, policy)
 
 
 def _run_up(args: argparse.Namespace) -> int:
@@ -277,7 +483,22 @@ def _run_up(args: argparse.Namespace) -> int:
     if args.config is not None:
         apply_config_file(args.parser, args, args.argv)
     config = _node_config(args)
+    _check_node_tls(config)
     return uvloop.run(Supervisor(config).run())
+
+
+def _check_node_tls(config: NodeConfig) -> None:
+    """Fail at start on unusable mTLS files (the node would otherwise fail later, in a child)."""
+    from felix.tls import ClientCertificateVerifier
+
+    if config.tls_client_ca is not None:
+        try:
+            ClientCertificateVerifier(config.tls_client_ca)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--tls-client-ca {config.tls_client_ca}: {exc}") from None
+    for path in (config.control_ca, config.control_client_cert, config.control_client_key):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{path}: no such file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_up(sub)
     _add_control(sub)
+    _add_ca(sub)
     from felix.auth.cli import add_commands as add_token_commands
     from felix.client.cli import add_commands as add_client_commands
 

@@ -14,6 +14,10 @@ Why this layout: qh3 2.x refuses Ed25519 server certificates and self-signed
 leaves that are marked as a CA; aioquic accepts both. A P-256 CA plus a separate
 non-CA leaf works for both engines and is what real deployments look like.
 
+Client certificates (mTLS, ``felix up --tls-client-ca``): :func:`issue_client_certificate`
+signs one from the same CA (extended key usage clientAuth), and
+:class:`ClientCertificateVerifier` checks what a client presents against a CA file.
+
 Files (PEM): ``ca-cert.pem``, ``ca-key.pem``, ``server-cert.pem``,
 ``server-key.pem``. Keys are written with mode 0600, every file atomically
 (temporary file in the same directory, fsync, rename), so a crash never leaves a
@@ -42,12 +46,16 @@ from felix.errors import FelixError
 
 __all__ = [
     "CA_VALIDITY",
+    "CLIENT_VALIDITY",
     "DEFAULT_HOSTNAMES",
     "DEFAULT_IPS",
     "RENEW_BEFORE",
     "SERVER_VALIDITY",
+    "ClientCertificateError",
+    "ClientCertificateVerifier",
     "NodeCerts",
     "ensure_node_certificates",
+    "issue_client_certificate",
     "node_certificates",
 ]
 
@@ -59,6 +67,7 @@ DEFAULT_IPS: tuple[str, ...] = ("127.0.0.1", "::1")
 
 CA_VALIDITY = dt.timedelta(days=3650)
 SERVER_VALIDITY = dt.timedelta(days=365)
+CLIENT_VALIDITY = dt.timedelta(days=365)
 #: A server certificate expiring sooner than this is reissued at start.
 RENEW_BEFORE = dt.timedelta(days=30)
 #: Certificates start this far in the past, so peers with a slightly slow
@@ -193,6 +202,141 @@ def ensure_node_certificates(data_dir: Path, *, hostnames: list[str], ips: list[
             ", ".join([*dns_names, *map(str, ip_addrs)]),
         )
     return certs
+
+
+# -- client certificates (mTLS) ---------------------------------------------------------
+
+
+class ClientCertificateError(FelixError):
+    """A client certificate that must be refused; ``expired`` tells why (for the alert)."""
+
+    def __init__(self, message: str, *, expired: bool = False) -> None:
+        super().__init__(message)
+        self.expired = expired
+
+
+def issue_client_certificate(
+    ca_cert: str | os.PathLike[str],
+    ca_key: str | os.PathLike[str],
+    name: str,
+    cert_out: str | os.PathLike[str],
+    key_out: str | os.PathLike[str],
+    *,
+    validity: dt.timedelta = CLIENT_VALIDITY,
+    not_before: dt.datetime | None = None,
+) -> x509.Certificate:
+    """Sign a client certificate for ``name`` with the CA ``ca_cert``/``ca_key`` (P-256).
+
+    The new ECDSA P-256 key goes to ``key_out`` (PKCS#8, mode 0600) and the
+    certificate to ``cert_out`` (mode 0644), both written atomically; parent
+    directories are created. The certificate: subject CN ``name``, not a CA,
+    key usage digitalSignature, extended key usage clientAuth, valid from
+    ``not_before`` (default: 5 minutes ago) for ``validity`` and never past the
+    CA's own expiry. With the node's CA that is ``DATA_DIR/tls/ca-cert.pem`` and
+    ``ca-key.pem``. Raises FelixError for an unusable CA (as
+    :func:`ensure_node_certificates`) and ValueError for an empty ``name``.
+    """
+    if not name:
+        raise ValueError("a client certificate needs a name")
+    ca, signer = _load_ca(Path(ca_cert), Path(ca_key))
+    start = not_before if not_before is not None else dt.datetime.now(dt.UTC) - _BACKDATE
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(min(start + validity, ca.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,  # signs the TLS 1.3 client CertificateVerify
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(_ec_public(ca)), critical=False
+        )
+        .sign(signer, hashes.SHA256())
+    )
+    cert_path, key_path = Path(cert_out), Path(key_out)
+    for parent in {cert_path.parent, key_path.parent}:
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _write_atomic(key_path, _key_pem(key), mode=0o600)
+    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    log.info("issued a TLS client certificate for %s (%s)", name, cert_path)
+    return cert
+
+
+class ClientCertificateVerifier:
+    """Checks client certificates against the CA certificates in ``ca_file`` (PEM).
+
+    A certificate passes if it is within its validity period and chains to one
+    of those CAs (intermediates the client sent may sit in between), with the
+    key usages a TLS client certificate needs (RFC 5280 path validation by the
+    cryptography library; an extended key usage, when present, must allow
+    clientAuth). Raises OSError if ``ca_file`` cannot be read and ValueError if
+    it holds no PEM certificate.
+    """
+
+    def __init__(self, ca_file: str | os.PathLike[str]) -> None:
+        from cryptography.x509.verification import Store
+
+        self.ca_file = Path(ca_file)
+        cas = x509.load_pem_x509_certificates(self.ca_file.read_bytes())
+        self._store = Store(cas)
+
+    def verify(
+        self,
+        leaf: x509.Certificate,
+        intermediates: Iterable[x509.Certificate] = (),
+        *,
+        now: dt.datetime | None = None,
+    ) -> None:
+        """Return if ``leaf`` is acceptable, else raise ClientCertificateError."""
+        from cryptography.x509.verification import (
+            Criticality,
+            ExtensionPolicy,
+            PolicyBuilder,
+            VerificationError,
+        )
+
+        now = now if now is not None else dt.datetime.now(dt.UTC)
+        if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+            raise ClientCertificateError(
+                "the client certificate is expired or not yet valid", expired=True
+            )
+        # Web PKI defaults, except that a client certificate need not carry subject
+        # alternative names (felix identifies clients by token, not by name).
+        leaf_policy = ExtensionPolicy.webpki_defaults_ee().may_be_present(
+            x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+        )
+        verifier = (
+            PolicyBuilder()
+            .store(self._store)
+            .time(now)
+            .extension_policies(
+                ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=leaf_policy
+            )
+            .build_client_verifier()
+        )
+        try:
+            verifier.verify(leaf, list(intermediates))
+        except VerificationError as exc:
+            raise ClientCertificateError(f"the client certificate is not trusted: {exc}") from None
 
 
 # -- names -------------------------------------------------------------------------------

@@ -215,3 +215,81 @@ def test_explicit_certificates_bypass_generation(tmp_path: Path) -> None:
     generated = node_certificates(data_dir, hostnames=["x.example"])
     assert generated.ca_cert == data_dir / "ca-cert.pem"
     assert "x.example" in _sans(_cert(generated.server_cert))[0]
+
+
+# -- client certificates (mTLS) ----------------------------------------------------------
+
+
+def test_issue_client_certificate_from_the_node_ca(tmp_path: Path) -> None:
+    node = ensure_node_certificates(tmp_path / "node", hostnames=[], ips=[])
+    assert node.ca_cert is not None and node.ca_key is not None
+    out = tmp_path / "clients" / "new"  # created
+    cert = tls.issue_client_certificate(
+        node.ca_cert, node.ca_key, "alice", out / "c.pem", out / "k.pem"
+    )
+    assert cert == _cert(out / "c.pem")
+    assert _key(out / "k.pem").public_key() == cert.public_key()
+    assert stat.S_IMODE((out / "k.pem").stat().st_mode) == 0o600
+    cert.verify_directly_issued_by(_cert(node.ca_cert))
+    assert cert.subject.rfc4514_string() == "CN=alice"
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    now = dt.datetime.now(dt.UTC)
+    assert dt.timedelta(days=360) < cert.not_valid_after_utc - now < dt.timedelta(days=370)
+
+    with pytest.raises(ValueError):
+        tls.issue_client_certificate(node.ca_cert, node.ca_key, "", out / "x.pem", out / "y.pem")
+    # The server key is no CA key.
+    with pytest.raises(FelixError):
+        tls.issue_client_certificate(
+            node.server_cert, node.server_key, "bob", out / "x.pem", out / "y.pem"
+        )
+
+
+def test_client_certificate_verifier(tmp_path: Path) -> None:
+    node = ensure_node_certificates(tmp_path / "node", hostnames=[], ips=[])
+    other = ensure_node_certificates(tmp_path / "other", hostnames=[], ips=[])
+    assert node.ca_cert and node.ca_key and other.ca_cert and other.ca_key
+    verifier = tls.ClientCertificateVerifier(node.ca_cert)
+
+    good = tls.issue_client_certificate(
+        node.ca_cert, node.ca_key, "a", tmp_path / "a.pem", tmp_path / "a.key"
+    )
+    verifier.verify(good)
+
+    stranger = tls.issue_client_certificate(
+        other.ca_cert, other.ca_key, "b", tmp_path / "b.pem", tmp_path / "b.key"
+    )
+    with pytest.raises(tls.ClientCertificateError) as caught:
+        verifier.verify(stranger)
+    assert not caught.value.expired
+
+    expired = tls.issue_client_certificate(
+        node.ca_cert,
+        node.ca_key,
+        "c",
+        tmp_path / "c.pem",
+        tmp_path / "c.key",
+        not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=3),
+        validity=dt.timedelta(days=1),
+    )
+    with pytest.raises(tls.ClientCertificateError) as caught:
+        verifier.verify(expired)
+    assert caught.value.expired
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=400)
+    with pytest.raises(tls.ClientCertificateError):
+        verifier.verify(good, now=later)
+
+    # A server certificate (serverAuth only) is no client certificate.
+    with pytest.raises(tls.ClientCertificateError, match="EKU"):
+        verifier.verify(_cert(node.server_cert))
+
+    # A file with both CAs trusts both.
+    both = tmp_path / "both.pem"
+    both.write_bytes(node.ca_cert.read_bytes() + other.ca_cert.read_bytes())
+    tls.ClientCertificateVerifier(both).verify(stranger)
+    empty = tmp_path / "empty.pem"
+    empty.write_text("")
+    with pytest.raises(ValueError):
+        tls.ClientCertificateVerifier(empty)

@@ -7,6 +7,8 @@
         --perm stream.publish:namespace:acme/orders --ttl 600
     felix token rotate --tenant acme                  # publish the next key, drop old ones
     felix token jwks --tenant acme                    # print the published public keys
+    felix token exchange --tenant acme --issuer-token @idp.jwt \\
+        --permission stream.subscribe:stream:acme/prod/orders   # via the control plane
 
 The key directory: ``--dir``, else ``$FELIX_AUTH_DIR``, else ./data/auth (the
 auth directory of ``felix up``'s default data directory). It holds TENANT.ring.json
@@ -15,8 +17,15 @@ A rotated key signs from publish_ahead (300 s) after the rotation on; keys stay
 published until every token they signed has expired. Tokens carry iss and aud
 "felix" and at most --max-ttl seconds (keygen; default 900) of lifetime.
 
-Exit status: 0 done; 1 a felix error (no key ring, rotation already pending);
-2 bad usage (invalid tenant, permission or ttl; a key ring exists without --force).
+exchange asks the control plane (--url, else $FELIX_CONTROL_URL, else
+http://127.0.0.1:8443) to trade an identity provider's token (TOKEN, @FILE, or
+- for stdin) for a Felix token holding what the tenant's role bindings grant
+(--permission asks for only those, never more); it prints the token, or with
+--json the whole answer (access_token, token_type, expires_in).
+
+Exit status: 0 done; 1 a felix error (no key ring, rotation already pending,
+exchange refused or unreachable); 2 bad usage (invalid tenant, permission or ttl;
+a key ring exists without --force).
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ from felix.auth.perms import PermissionSet
 from felix.errors import BadRequest, ConfigError, FelixError, NotFound
 from felix.names import validate_name
 
-__all__ = ["DEFAULT_AUTH_DIR", "add_commands", "auth_dir"]
+__all__ = ["DEFAULT_AUTH_DIR", "add_commands", "auth_dir", "read_secret"]
 
 #: The key directory when neither --dir nor $FELIX_AUTH_DIR is given.
 DEFAULT_AUTH_DIR = Path("data") / "auth"
@@ -108,6 +117,46 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
 
     jwks = _command(commands, "jwks", "print the tenant's published JWK set")
     jwks.set_defaults(func=_guarded(_jwks))
+
+    exchange = commands.add_parser(
+        "exchange",
+        help="trade an identity provider's token for a Felix token (control plane)",
+        epilog=_EPILOG,
+        formatter_class=_RAW,
+    )
+    exchange.add_argument("--tenant", required=True, help="the tenant")
+    exchange.add_argument(
+        "--issuer-token",
+        required=True,
+        metavar="TOKEN|@FILE|-",
+        help="the identity provider's JWT, @FILE to read it from a file, - from stdin",
+    )
+    exchange.add_argument(
+        "--permission",
+        dest="permissions",
+        action="append",
+        metavar="PERM",
+        help="ask for only this permission (repeatable; never more than granted)",
+    )
+    exchange.add_argument(
+        "--url", help="control-plane URL (default: $FELIX_CONTROL_URL or http://127.0.0.1:8443)"
+    )
+    exchange.add_argument(
+        "--ca", metavar="FILE", help="CA (PEM) for an https URL (default: $FELIX_CONTROL_CA)"
+    )
+    exchange.add_argument(
+        "--cert",
+        metavar="FILE",
+        help="client certificate (PEM), mTLS (default: $FELIX_CONTROL_CERT)",
+    )
+    exchange.add_argument("--key", metavar="FILE", help="its private key ($FELIX_CONTROL_KEY)")
+    exchange.add_argument(
+        "--timeout", type=float, default=10.0, metavar="SECONDS", help="for the request (10)"
+    )
+    exchange.add_argument(
+        "--json", action="store_true", help="print the whole answer as JSON, not just the token"
+    )
+    exchange.set_defaults(func=_guarded(_exchange))
 
 
 def _command(
@@ -240,4 +289,47 @@ def _jwks(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError(f"{path} is not valid JSON") from None
     print(json.dumps(value, indent=2, sort_keys=True))
+    return 0
+
+
+def read_secret(value: str, flag: str) -> str:
+    """A token given on the command line as ``TOKEN``, ``@FILE`` or ``-`` (stdin), stripped.
+
+    Raises ConfigError if the file cannot be read or the token is empty.
+    """
+    if value == "-":
+        text = sys.stdin.read()
+    elif value.startswith("@"):
+        path = Path(value[1:])
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{flag}: cannot read {path}: {exc}") from None
+    else:
+        text = value
+    token = text.strip()
+    if not token:
+        raise ConfigError(f"{flag}: the token is empty")
+    return token
+
+
+def _exchange(args: argparse.Namespace) -> int:
+    from felix.control.client import ControlClient  # httpx and pydantic: only when needed
+
+    tenant = _tenant(args)
+    issuer_token = read_secret(args.issuer_token, "--issuer-token")
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout must be positive, got {args.timeout}")
+    if (args.cert is None) != (args.key is None):
+        raise ConfigError("--cert and --key go together")
+    cert = (args.cert, args.key) if args.cert is not None else None
+    body = {"permissions": args.permissions} if args.permissions else None
+    with ControlClient(
+        args.url, timeout=args.timeout, ca=args.ca, cert=cert, token=issuer_token
+    ) as api:
+        answer = api._json("POST", f"/v1/tenants/{tenant}/token/exchange", json=body)
+    token = answer.get("access_token")
+    if not isinstance(token, str) or not token:
+        raise FelixError(f"the control plane at {api.url} answered without an access_token")
+    print(json.dumps(answer) if args.json else token)
     return 0

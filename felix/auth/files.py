@@ -5,7 +5,9 @@ A key directory (a node uses ``DATA_DIR/auth``) holds, for each tenant ``T``:
 - ``T.ring.json``: the tenant's :class:`~felix.auth.keys.TenantKeyRing` with its
   private keys (mode 0600), read and written by the ``felix token`` commands;
 - ``T.jwks.json``: the public JWK set published at the last save (mode 0644),
-  read by the broker through :class:`JwksDirectory`.
+  read by the broker through :class:`JwksDirectory`. A node following a remote
+  control plane holds only these, mirrored from it (:func:`save_jwks`,
+  :mod:`felix.node.jwks_sync`).
 
 The directory itself is created with mode 0700. Every file is replaced atomically
 (temporary file in the same directory, fsync, rename, fsync of the directory), so a
@@ -42,12 +44,17 @@ __all__ = [
     "AUDIENCE",
     "ISSUER",
     "MAX_JWKS_FILE_BYTES",
+    "MAX_TENANTS",
     "JwksDirectory",
     "admin_token",
     "jwks_path",
+    "jwks_tenants",
     "load_ring",
     "locked",
+    "remove_jwks",
     "ring_path",
+    "ring_tenants",
+    "save_jwks",
     "save_ring",
 ]
 
@@ -62,6 +69,9 @@ AUDIENCE = "felix"
 MAX_JWKS_FILE_BYTES = 1 << 20
 #: Largest key ring file :func:`load_ring` reads.
 _MAX_RING_FILE_BYTES = 1 << 20
+#: Most tenants one key directory serves: :class:`JwksDirectory` caches at most this
+#: many, and the JWKS sync and the key rotation handle at most this many.
+MAX_TENANTS = 10_000
 
 _RING_MODE = 0o600
 _JWKS_MODE = 0o644
@@ -148,16 +158,105 @@ def save_ring(directory: Path, ring: TenantKeyRing, now: float) -> None:
             written (the message names it).
     """
     directory = Path(directory)
-    jwks = json.dumps(ring.jwks(now), sort_keys=True, indent=2) + "\n"
+    jwks = _jwks_text(ring.jwks(now))
     stored = ring.to_json() + "\n"
     try:
         _ensure_directory(directory)
-        _write_atomically(jwks_path(directory, ring.tenant), jwks.encode("utf-8"), _JWKS_MODE)
+        _write_atomically(jwks_path(directory, ring.tenant), jwks, _JWKS_MODE)
         _write_atomically(ring_path(directory, ring.tenant), stored.encode("utf-8"), _RING_MODE)
     except OSError as exc:
         raise ConfigError(
             f"cannot write the key ring of {ring.tenant!r} in {directory}: {exc}"
         ) from None
+
+
+def _jwks_text(jwks: dict[str, Any]) -> bytes:
+    return (json.dumps(jwks, sort_keys=True, indent=2) + "\n").encode("utf-8")
+
+
+def save_jwks(directory: Path, tenant: str, jwks: dict[str, Any]) -> bool:
+    """Publish ``jwks`` as ``<tenant>.jwks.json`` (mode 0644, atomically), if it changed.
+
+    For a node that mirrors a control plane's JWK sets (it holds no ring for
+    ``tenant``). The set must be what :class:`JwksDirectory` accepts: a JWK set of
+    usable public keys, at most :data:`MAX_JWKS_FILE_BYTES` once written. Returns
+    whether the file was written (False: it already held this set, left untouched so
+    readers need not re-read it). Creates ``directory`` (mode 0700) if missing.
+
+    Raises:
+        BadRequest: ``tenant`` breaks the name rule, or ``jwks`` is not such a set.
+        ConfigError: the file cannot be written.
+    """
+    path = jwks_path(directory, tenant)
+    public_keys_by_kid(jwks, strict=True)
+    data = _jwks_text(jwks)
+    if len(data) > MAX_JWKS_FILE_BYTES:
+        raise BadRequest(f"the JWK set of {tenant!r} is larger than {MAX_JWKS_FILE_BYTES} bytes")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if _read_limited(path, MAX_JWKS_FILE_BYTES)[0] == data:
+                return False
+        _ensure_directory(Path(directory))
+        _write_atomically(path, data, _JWKS_MODE)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc}") from None
+    return True
+
+
+def remove_jwks(directory: Path, tenant: str) -> bool:
+    """Remove ``<tenant>.jwks.json`` (the broker then denies the tenant); False if absent.
+
+    Raises:
+        BadRequest: ``tenant`` breaks the name rule.
+        ConfigError: the file cannot be removed.
+    """
+    path = jwks_path(directory, tenant)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise ConfigError(f"cannot remove {path}: {exc}") from None
+    with contextlib.suppress(OSError):
+        _fsync_directory(path.parent)
+    return True
+
+
+def _tenants_with(directory: Path, suffix: str) -> list[str]:
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise ConfigError(f"cannot list {directory}: {exc}") from None
+    out = []
+    for name in names:
+        tenant = name.removesuffix(suffix)
+        if tenant == name or name.startswith("."):
+            continue
+        try:
+            out.append(validate_name("tenant", tenant))
+        except BadRequest:
+            continue  # not ours
+    return sorted(out)
+
+
+def ring_tenants(directory: Path) -> list[str]:
+    """The tenants with a key ring (``<tenant>.ring.json``) in ``directory``, sorted.
+
+    Raises:
+        ConfigError: the directory exists but cannot be listed.
+    """
+    return _tenants_with(directory, ".ring.json")
+
+
+def jwks_tenants(directory: Path) -> list[str]:
+    """The tenants with a published JWK set (``<tenant>.jwks.json``) in ``directory``, sorted.
+
+    Raises:
+        ConfigError: the directory exists but cannot be listed.
+    """
+    return _tenants_with(directory, ".jwks.json")
 
 
 def admin_token(path: Path) -> str:
@@ -317,7 +416,9 @@ class JwksDirectory:
         ConfigError: ``recheck`` or ``max_tenants`` is out of range.
     """
 
-    def __init__(self, directory: Path, *, recheck: float = 2.0, max_tenants: int = 10_000) -> None:
+    def __init__(
+        self, directory: Path, *, recheck: float = 2.0, max_tenants: int = MAX_TENANTS
+    ) -> None:
         if not isinstance(recheck, int | float) or not 0 <= recheck < float("inf"):
             raise ConfigError(f"recheck must be a non-negative number of seconds, got {recheck!r}")
         if not isinstance(max_tenants, int) or max_tenants < 1:

@@ -218,15 +218,21 @@ class TenantKeyRing:
         ]
         return min(times, default=None)
 
-    def rotate(self, now: float) -> str:
+    def rotate(self, now: float, *, publish_ahead: float | None = None) -> str:
         """Publish a new key now; it becomes ACTIVE at ``now + publish_ahead``.
 
-        The key ACTIVE until then becomes RETIRED at that moment. Returns the new kid.
+        ``publish_ahead`` defaults to the ring's (a scheduled rotation passes its own
+        lead time). The key ACTIVE until then becomes RETIRED at that moment. Returns
+        the new kid.
 
         Raises:
             BadRequest: a rotation is already pending (the newest key is still NEXT).
+            ConfigError: ``publish_ahead`` is negative or not a finite number.
         """
         now = _number("now", now)
+        ahead = self.publish_ahead
+        if publish_ahead is not None:
+            ahead = _number("publish_ahead", publish_ahead)
         last = self._keys[-1]
         if now < last.activate_at:
             raise BadRequest(
@@ -234,7 +240,7 @@ class TenantKeyRing:
                 f"(key {last.kid} becomes active at {last.activate_at})"
             )
         key = Ed25519PrivateKey.generate()
-        new = _Key(ed25519_kid(key), key, published_at=now, activate_at=now + self.publish_ahead)
+        new = _Key(ed25519_kid(key), key, published_at=now, activate_at=now + ahead)
         if new.activate_at <= last.activate_at:
             # publish_ahead == 0 and now == last.activate_at: two keys cannot activate
             # at the same instant, or "the" active key would be ambiguous.

@@ -5,7 +5,7 @@ bound callers wait, they do not fail), then, within ``request_timeout``, for a
 live pooled connection and for its reply. When the connection is lost under a
 call it fails with ConnectionLost; only calls that change nothing (``get``,
 ``ttl``, ``ping``, SUBSCRIBE) are retried, once, on the next live connection.
-Connections, reconnects and keepalives are the pool's (``_pool``).
+Connections, reconnects, keepalives and token refresh are the pool's (``_pool``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from felix.errors import (
     FelixTimeoutError,
     LocalProtocolError,
     RemoteProtocolError,
+    Unauthenticated,
 )
 from felix.names import validate_name
 from felix.quic import QuicEngine, load_engine
@@ -82,6 +83,7 @@ class Client:
         token: str | None,
         token_provider: TokenProvider | None,
         ca: str | os.PathLike[str] | None,
+        client_cert: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None,
         pool_size: int,
         control_streams: int,
         max_in_flight: int,
@@ -130,9 +132,12 @@ class Client:
             PoolSettings(
                 engine=self._engine,
                 endpoint=endpoint,
-                configuration=client_configuration(self._engine, ca, endpoint.host),
+                configuration=client_configuration(
+                    self._engine, ca, endpoint.host, client_cert=client_cert
+                ),
                 tenant=self.tenant,
                 token=self._get_token,
+                refreshable=token_provider is not None,
                 size=pool_size,
                 control_streams=control_streams,
                 connect_timeout=connect_timeout,
@@ -165,9 +170,14 @@ class Client:
     async def _get_token(self) -> str:
         if self._token_provider is None:
             return self._token or ""
-        token = self._token_provider()
-        if inspect.isawaitable(token):
-            token = await token
+        try:
+            token = self._token_provider()
+            if inspect.isawaitable(token):
+                token = await token
+        except FelixError:
+            raise
+        except Exception as exc:  # e.g. the identity provider is unreachable
+            raise Unauthenticated(f"token_provider failed: {exc!r}") from exc
         if not isinstance(token, str):
             raise ConfigError(f"token_provider returned {type(token).__name__}, not str")
         return token

@@ -54,6 +54,7 @@ def connect(
     token: str | None = None,
     token_provider: TokenProvider | None = None,
     ca: str | os.PathLike[str] | None = None,
+    client_cert: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
     pool_size: int = 1,
     control_streams: int = 2,
     max_in_flight: int = 256,
@@ -72,11 +73,23 @@ def connect(
         url: ``felix://host[:port]`` (port 5000 by default).
         tenant: the tenant every request names; namespace: where relative
             stream and cache names live (``"ns/name"`` reaches another one).
-        token / token_provider: the credential sent in ``auth`` (a function,
-            sync or async, is asked again for every new connection); neither:
-            an empty token (loopback dev mode).
+        token / token_provider: the credential sent in ``auth``; neither: an
+            empty token (loopback dev mode). A provider (a function, async or
+            sync, returning the token) is asked again for every new connection,
+            and, when its token is a JWT with ``exp``, before that expires
+            (at 80% of its lifetime, or 30 s before, with jitter): the fresh
+            token is presented on the live connection (REAUTH), which keeps
+            its subscriptions. If no fresh token can be had (bounded retries),
+            the broker closes the connection at expiry: its subscriptions and
+            calls fail with Unauthenticated, and new calls use a new connection.
+            A static ``token`` that expires ends the client's subscriptions
+            and calls with Unauthenticated.
         ca: PEM file of the CA(s) to trust, exclusively. None: the system trust
             store, plus the file named by ``FELIX_CA_FILE`` if set.
+        client_cert: (certificate chain PEM, private key PEM) presented to a
+            node that requires client certificates (``felix up
+            --tls-client-ca``). None: ``FELIX_CLIENT_CERT``/``FELIX_CLIENT_KEY``
+            if set, else no certificate.
         pool_size: QUIC connections (1); control_streams: control streams per
             connection (2), each authenticated separately.
         max_in_flight: concurrent requests; further calls wait for a slot.
@@ -101,6 +114,7 @@ def connect(
             token=token,
             token_provider=token_provider,
             ca=ca,
+            client_cert=client_cert,
             pool_size=pool_size,
             control_streams=control_streams,
             max_in_flight=max_in_flight,

@@ -11,6 +11,12 @@ tick, so concurrent calls share datagrams.
 When the connection ends (either side, idle timeout, or a broken control
 stream) every outstanding call fails with ``ConnectionLost`` and the owner's
 ``on_lost`` callback runs once; the pool reconnects. Nothing is resent here.
+When the broker closes it because the session's token expired (application
+error 0x106), the error is ``Unauthenticated`` instead, for the calls too.
+
+:meth:`Connection.reauth` presents a fresh token (REAUTH) on every control
+stream: the broker then extends the connection's deadline and each stream's
+permissions (docs/wire-protocol.md, "Sessions").
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from felix.errors import (
     FelixError,
     FelixTimeoutError,
     RemoteProtocolError,
+    Unauthenticated,
     Unavailable,
     error_for_code,
 )
@@ -52,6 +59,8 @@ log = logging.getLogger("felix.client")
 
 #: Application close code when this client gives up on a connection it found broken.
 CLOSE_PROTOCOL_ERROR = 0x2
+#: Application close code of a broker ending a session whose token expired.
+CLOSE_TOKEN_EXPIRED = 0x106
 #: Fire-and-forget publishes wait while a control stream has this much unsent data...
 SEND_HIGH_WATER = 1024 * 1024
 #: ...until it is back under this.
@@ -156,6 +165,10 @@ class Connection:
         self._closing = False
         self._terminated = self._loop.create_future()
         self.last_received = self._loop.time()
+        #: Fresh tokens the broker accepted on this connection (REAUTH on every stream).
+        self.reauths = 0
+        #: Why the last attempt to refresh this connection's token failed (None: it did not).
+        self.refresh_error: FelixError | None = None
         protocol.connection = self
 
     # -- opening -------------------------------------------------------------------------
@@ -256,6 +269,23 @@ class Connection:
             return await future
         finally:
             self.requests.discard(request_id)
+
+    async def reauth(self, token: str) -> None:
+        """Present ``token`` (REAUTH) on every control stream and wait until all accept it.
+
+        Raises the broker's refusal (Unauthenticated: invalid, expired, another
+        tenant), ConnectionLost if the connection ends first.
+        """
+        self._check_alive()
+        replies = await asyncio.gather(
+            *(
+                self.call(lambda rid: wire.encode_reauth(rid, token), stream_id=sid)
+                for sid in list(self._ready)
+            )
+        )
+        for reply in replies:
+            expect_reply(reply, wire.OP_OK)
+        self.reauths += 1
 
     def send_nowait(self, build: Callable[[int], bytes], *, key: object | None = None) -> None:
         """Send a request whose reply nobody waits for (CREDIT, UNSUBSCRIBE); it gets dropped."""
@@ -482,16 +512,24 @@ class Connection:
             self._terminated.set_result(None)
         if self.lost is None:
             detail = f"{reason or 'no reason given'} (code 0x{error_code:x})"
-            self._end(ConnectionLost(f"connection to {self.endpoint} lost: {detail}"))
+            if error_code == CLOSE_TOKEN_EXPIRED:
+                why = f"the broker closed the connection to {self.endpoint}: {detail}"
+                if self.refresh_error is not None:
+                    why += f"; the token could not be refreshed: {self.refresh_error}"
+                self._end(Unauthenticated(why))
+            else:
+                self._end(ConnectionLost(f"connection to {self.endpoint} lost: {detail}"))
 
     def _end(self, error: FelixError) -> None:
         self.lost = error
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        # An expired session is not a network failure: its calls say so (not retried).
+        call_error = Unauthenticated if isinstance(error, Unauthenticated) else ConnectionLost
         for waiter in self.requests.drain():
             if not waiter.done():
-                waiter.set_exception(ConnectionLost(str(error)))
+                waiter.set_exception(call_error(str(error)))
         for auth in self._auth_waiters.values():
             if not auth.done():
                 auth.set_exception(

@@ -30,11 +30,13 @@ FEED_LIMIT = 256
 
 @dataclass(frozen=True, slots=True)
 class Disconnected:
-    """Pooled connection ``connection`` (index in the pool) was lost; the client reconnects."""
+    """Pooled connection ``connection`` (index in the pool) was lost; the client reconnects
+    (unless the session's static token expired: then it gives that connection up)."""
 
     kind: ClassVar[str] = "disconnected"
     connection: int
-    #: Why (typically ConnectionLost; HandshakeFailed/Unauthenticated when a reconnect is refused).
+    #: Why (typically ConnectionLost; Unauthenticated when the broker closed the session
+    #: because its token expired).
     error: FelixError
 
 

@@ -10,6 +10,11 @@
   certificates; aioquic: the certifi bundle).
 
 Certificate verification cannot be turned off (felix.quic refuses to).
+
+A client certificate (mTLS, for a node run with ``--tls-client-ca``) is a pair of
+PEM files, certificate chain and private key: ``client_cert`` given, else
+``FELIX_CLIENT_CERT`` and ``FELIX_CLIENT_KEY`` when both are set. It is presented
+only when the server asks for one.
 """
 
 from __future__ import annotations
@@ -22,10 +27,16 @@ from pathlib import Path
 from felix.errors import ConfigError
 from felix.quic import QuicConfiguration, QuicEngine
 
-__all__ = ["CA_ENV", "client_configuration"]
+__all__ = ["CA_ENV", "CLIENT_CERT_ENV", "CLIENT_KEY_ENV", "client_configuration"]
 
 #: Environment variable naming a CA file trusted in addition to the system store.
 CA_ENV = "FELIX_CA_FILE"
+#: Environment variables naming the client certificate chain and its key (mTLS).
+CLIENT_CERT_ENV = "FELIX_CLIENT_CERT"
+CLIENT_KEY_ENV = "FELIX_CLIENT_KEY"
+
+#: (certificate chain, private key): PEM file paths.
+ClientCert = tuple[str | os.PathLike[str], str | os.PathLike[str]]
 
 
 @cache
@@ -39,11 +50,17 @@ def _system_ca_pem() -> bytes | None:
 
 
 def client_configuration(
-    engine: QuicEngine, ca: str | os.PathLike[str] | None, server_name: str
+    engine: QuicEngine,
+    ca: str | os.PathLike[str] | None,
+    server_name: str,
+    *,
+    client_cert: ClientCert | None = None,
 ) -> QuicConfiguration:
-    """The QUIC client configuration for ``server_name`` (see the module doc for ``ca``).
+    """The QUIC client configuration for ``server_name`` (see the module doc for ``ca``
+    and ``client_cert``).
 
-    Raises ConfigError if the CA file does not exist.
+    Raises ConfigError if the CA file or a client certificate file does not exist,
+    or only one of ``FELIX_CLIENT_CERT``/``FELIX_CLIENT_KEY`` is set.
     """
     extra_system_store = False
     if ca is None:
@@ -53,7 +70,27 @@ def client_configuration(
     if ca is not None and not Path(ca).is_file():
         where = f" (from {CA_ENV})" if extra_system_store else ""
         raise ConfigError(f"CA file not found: {ca}{where}")
-    config = engine.client_configuration(ca_file=ca, server_name=server_name)
+    client_cert = _client_cert(client_cert)
+    config = engine.client_configuration(
+        ca_file=ca, server_name=server_name, client_cert=client_cert
+    )
     if extra_system_store:
         config.cadata = _system_ca_pem()
     return config
+
+
+def _client_cert(given: ClientCert | None) -> ClientCert | None:
+    """``given``, else the pair from the environment, checked to exist."""
+    where = ""
+    if given is None:
+        cert = os.environ.get(CLIENT_CERT_ENV, "").strip()
+        key = os.environ.get(CLIENT_KEY_ENV, "").strip()
+        if bool(cert) != bool(key):
+            raise ConfigError(f"{CLIENT_CERT_ENV} and {CLIENT_KEY_ENV} must be set together")
+        if not cert:
+            return None
+        given, where = (cert, key), f" (from {CLIENT_CERT_ENV}/{CLIENT_KEY_ENV})"
+    for path in given:
+        if not Path(path).is_file():
+            raise ConfigError(f"client certificate file not found: {path}{where}")
+    return given

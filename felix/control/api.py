@@ -45,11 +45,19 @@ everything) or a Felix token of the route's tenant holding the permission the
 route needs (:data:`ROUTE_ACCESS`). 401 (with ``WWW-Authenticate: Bearer``): no or
 an invalid token; 403: a valid token that does not allow it. Without
 ``require_auth`` (loopback dev mode) everything is allowed without credentials.
+The OpenAPI document declares the ``bearer`` scheme and the 401/403 answers on
+every route that is not public.
+
+Audit (:mod:`felix.audit`): every create, update and delete (refused ones too),
+every token exchange and every 401/403 is one line on the ``felix.audit`` logger
+(who, tenant, action, object, result; never a token or a body).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import hmac
 import json
 import logging
@@ -71,6 +79,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 import felix
+from felix import audit
 from felix.auth.files import AUDIENCE, ISSUER, JwksDirectory, load_ring
 from felix.auth.oidc import JwksCache, verify_idp_token
 from felix.auth.perms import narrow
@@ -391,6 +400,9 @@ async def authenticate(request: Request) -> None:
         PermissionDenied: (403) a valid token that does not allow the request.
     """
     ctx = _context(request)
+    caller = _Caller(source=request.client.host if request.client else None)
+    request.state.audit_caller = caller
+    _caller.set(caller)
     if not ctx.require_auth:
         return
     route = request.scope.get("route")
@@ -401,8 +413,10 @@ async def authenticate(request: Request) -> None:
     if ctx.admin_token is not None and hmac.compare_digest(
         token.encode("utf-8"), ctx.admin_token.encode("utf-8")
     ):
+        caller.who = "admin"
         return
     claims = _verify(ctx, token)
+    caller.who, caller.tenant = claims.sub, claims.tid
     if isinstance(rule, str):
         if rule == Access.ANY:
             return
@@ -442,6 +456,118 @@ def _store(request: Request) -> Store:
 StoreDep = Annotated[Store, Depends(_store)]
 ContextDep = Annotated[_Context, Depends(_context)]
 
+# -- audit log (felix/audit.py) ------------------------------------------------------------
+
+
+@dataclass
+class _Caller:
+    """Who sent the request being served, for the audit log (set by :func:`authenticate`)."""
+
+    who: str = "anonymous"  # a token's subject, "admin", or "anonymous"
+    tenant: str | None = None  # the Felix token's tenant
+    source: str | None = None
+    audited: bool = False  # a line was written for this request's outcome
+
+
+_caller: contextvars.ContextVar[_Caller | None] = contextvars.ContextVar(
+    "felix_control_caller", default=None
+)
+_MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _current_caller() -> _Caller:
+    caller = _caller.get()
+    if caller is None:
+        caller = _Caller()
+        _caller.set(caller)
+    return caller
+
+
+def _reason(exc: BaseException) -> str:
+    return _problem_type(exc).slug
+
+
+def _audit_change(
+    op: str, kind: Kind, path: Path, exc: BaseException | None, detail: str | None = None
+) -> None:
+    """A management change through the API (``op``: create, update or delete)."""
+    caller = _current_caller()
+    caller.audited = True
+    audit.emit(
+        "management",
+        who=caller.who,
+        who_tenant=caller.tenant,
+        source=caller.source,
+        tenant=path[0] if path else None,
+        action=f"{kind}.{op}",
+        object=f"{kind}:{'/'.join(path)}",
+        result="ok" if exc is None else "failed",
+        reason=None if exc is None else _reason(exc),
+        detail=detail if exc is None else str(exc),
+    )
+
+
+def _audit_refused(request: Request, exc: BaseException, reason: str) -> None:
+    """A request answered with an error: 401/403 always, other errors of changes.
+
+    Nothing is logged twice (the route's own line wins) and never a header or body.
+    """
+    caller: _Caller | None = getattr(request.state, "audit_caller", None)
+    if caller is None:
+        caller = _Caller(source=request.client.host if request.client else None)
+    if caller.audited:
+        return
+    route_path: str | None = getattr(request.scope.get("route"), "path", None)
+    if route_path is None:
+        return  # no such route: not an operation on anything
+    if isinstance(exc, Unauthenticated | PermissionDenied):
+        event: audit.Event = "auth" if isinstance(exc, Unauthenticated) else "permission"
+        result: audit.Result = "denied"
+    elif request.method in _MUTATING:
+        event = "auth" if route_path.endswith("/token/exchange") else "management"
+        result = "failed"
+    else:
+        return
+    caller.audited = True
+    params = request.path_params
+    obj = request.url.path
+    rule = ROUTE_ACCESS.get(route_path)
+    if isinstance(rule, tuple):
+        with contextlib.suppress(KeyError, IndexError, ValueError):
+            obj = rule[1].format(**params)
+    audit.emit(
+        event,
+        who="anonymous" if isinstance(exc, Unauthenticated) else caller.who,
+        who_tenant=None if isinstance(exc, Unauthenticated) else caller.tenant,
+        source=caller.source,
+        tenant=params.get("tenant"),
+        action=f"{request.method} {route_path}",
+        object=obj,
+        result=result,
+        reason=reason,
+        # An unexpected error's message may hold anything: its type only.
+        detail=str(exc) if isinstance(exc, FelixError) else type(exc).__name__,
+    )
+
+
+def _audit_exchange(tenant: str, who: str, issuer: str, exc: BaseException | None) -> None:
+    caller = _current_caller()
+    caller.audited = True
+    audit.emit(
+        "auth",
+        who=who,
+        source=caller.source,
+        tenant=tenant,
+        action="token.exchange",
+        object=f"issuer:{issuer}" if issuer else "issuer:?",
+        result="ok" if exc is None else "denied" if isinstance(exc, _DENIALS) else "failed",
+        reason=None if exc is None else _reason(exc),
+        detail=None if exc is None else str(exc),
+    )
+
+
+_DENIALS = (Unauthenticated, PermissionDenied)
+
 # -- problems ------------------------------------------------------------------------------
 
 #: The problem type for each felix error class (the nearest class in the MRO wins).
@@ -469,6 +595,7 @@ async def _on_felix_error(request: Request, exc: Exception) -> Response:
     extensions: dict[str, Any] = {}
     if isinstance(exc, CursorTooOld):
         extensions = {"since": exc.since, "oldest": exc.oldest}
+    _audit_refused(request, exc, problem.slug)
     response = _problem_response(problem.status, problem.uri, problem.title, str(exc), **extensions)
     if isinstance(exc, Unauthenticated):
         response.headers["WWW-Authenticate"] = "Bearer"
@@ -487,6 +614,7 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
     if len(errors) > 5:
         detail += f"; and {len(errors) - 5} more"
     problem = PROBLEM_TYPES["validation-error"]
+    _audit_refused(request, BadRequest(detail), problem.slug)
     return _problem_response(
         problem.status, problem.uri, problem.title, detail, errors=jsonable_encoder(errors)
     )
@@ -518,6 +646,7 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
     # Starlette still re-raises exc after this answer, so the server logs the traceback.
     problem = PROBLEM_TYPES["internal-error"]
+    _audit_refused(request, exc, problem.slug)
     return _problem_response(problem.status, problem.uri, problem.title, "internal error")
 
 
@@ -529,7 +658,46 @@ class _App(FastAPI):
             schema = super().openapi()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components["Problem"] = Problem.model_json_schema()
+            _declare_security(schema)
         return self.openapi_schema or {}
+
+
+#: The name of the bearer scheme in the OpenAPI document.
+BEARER_SCHEME = "bearer"
+
+
+def _declare_security(schema: dict[str, Any]) -> None:
+    """The bearer scheme, and on every protected operation (:data:`ROUTE_ACCESS`) its
+    requirement and the 401 / 403 problems it can answer (403 not for ``any`` routes).
+
+    Declared whether or not the app requires auth: a deployment beyond loopback does.
+    """
+    schema["components"].setdefault("securitySchemes", {})[BEARER_SCHEME] = {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": "A Felix token of the route's tenant holding the permission the route "
+        "needs (from `felix token mint` or the token exchange), or the bootstrap admin "
+        "token (an opaque secret, allowed everything). Required when the control plane "
+        "runs with --auth.",
+    }
+    for path, operations in schema.get("paths", {}).items():
+        rule = ROUTE_ACCESS.get(path, Access.ADMIN)
+        if rule == Access.PUBLIC:
+            continue
+        statuses = (401,) if rule == Access.ANY else (401, 403)
+        for operation in operations.values():
+            operation["security"] = [{BEARER_SCHEME: []}]
+            responses = operation.setdefault("responses", {})
+            for status, response in _errors(*statuses).items():
+                if status == 401:
+                    response["headers"] = {
+                        "WWW-Authenticate": {
+                            "description": "Bearer",
+                            "schema": {"type": "string"},
+                        }
+                    }
+                responses.setdefault(str(status), response)
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -598,11 +766,16 @@ def _set_etag(response: Response, res: Resource) -> None:
 async def _create(
     ctx: _Context, response: Response, kind: Kind, path: Path, body: BaseModel
 ) -> Resource:
-    path = check_path(kind, path)
-    spec = body.model_dump(mode="json", exclude={"name"}, exclude_unset=True)
-    if kind is Kind.STREAM:
-        _check_region(ctx, spec)
-    res = await ctx.store.create(kind, path, spec)
+    try:
+        path = check_path(kind, path)
+        spec = body.model_dump(mode="json", exclude={"name"}, exclude_unset=True)
+        if kind is Kind.STREAM:
+            _check_region(ctx, spec)
+        res = await ctx.store.create(kind, path, spec)
+    except FelixError as exc:
+        _audit_change("create", kind, path, exc)
+        raise
+    _audit_change("create", kind, path, None)
     response.headers["Location"] = resource_url(kind, res.path)
     _set_etag(response, res)
     return res
@@ -644,12 +817,17 @@ async def _update(
     body: BaseModel,
     if_match: str | None,
 ) -> Resource:
-    path = check_path(kind, path)
-    patch = body.model_dump(mode="json", exclude_unset=True)
-    if kind is Kind.STREAM:
-        _check_region(ctx, patch)
-    if_version = await _if_version(ctx.store, kind, path, if_match)
-    res = await ctx.store.update(kind, path, patch, if_version=if_version)
+    try:
+        path = check_path(kind, path)
+        patch = body.model_dump(mode="json", exclude_unset=True)
+        if kind is Kind.STREAM:
+            _check_region(ctx, patch)
+        if_version = await _if_version(ctx.store, kind, path, if_match)
+        res = await ctx.store.update(kind, path, patch, if_version=if_version)
+    except FelixError as exc:
+        _audit_change("update", kind, path, exc)
+        raise
+    _audit_change("update", kind, path, None)
     _set_etag(response, res)
     return res
 
@@ -657,9 +835,16 @@ async def _update(
 async def _delete(
     store: Store, kind: Kind, path: Path, if_match: str | None, cascade: bool = False
 ) -> Deleted:
-    path = check_path(kind, path)
-    if_version = await _if_version(store, kind, path, if_match)
-    changes = await store.delete(kind, path, cascade=cascade, if_version=if_version)
+    try:
+        path = check_path(kind, path)
+        if_version = await _if_version(store, kind, path, if_match)
+        changes = await store.delete(kind, path, cascade=cascade, if_version=if_version)
+    except FelixError as exc:
+        _audit_change("delete", kind, path, exc)
+        raise
+    _audit_change(
+        "delete", kind, path, None, f"{len(changes)} resources deleted" if cascade else None
+    )
     return Deleted(
         deleted=[ResourceRef(kind=ch.resource.kind, path=list(ch.resource.path)) for ch in changes]
     )
@@ -1063,6 +1248,15 @@ def _bearer(authorization: str | None, what: str = "the identity provider's toke
     return token
 
 
+def _claimed_issuer(authorization: str | None) -> str:
+    """The ``iss`` a bearer JWT claims (unverified; "" if none): for the audit log only."""
+    try:
+        iss = read_unverified_claims(_bearer(authorization)).get("iss")
+    except FelixError:
+        return ""
+    return iss if isinstance(iss, str) else ""
+
+
 @_router.post(
     f"/{_T}/token/exchange",
     tags=["auth"],
@@ -1085,39 +1279,48 @@ async def exchange_token(
     that are granted (never more). 401: the token is missing or invalid; 403: nothing
     is granted; 503: no key directory, or the tenant has no signing keys yet.
     """
-    auth = ctx.token_auth()
-    check_path(Kind.TENANT, (tenant,))
-    token = _bearer(authorization)
-    store = ctx.store
-    issuers = [
-        IssuerSpec.model_validate(r.spec).config()
-        for r in await store.list_resources(Kind.ISSUER, (tenant,))
-    ]
-    now = ctx.clock()
-    identity = await verify_idp_token(token, issuers, cache=auth.cache, now=now, leeway=IDP_LEEWAY)
-    policies = [
-        Policy.create(tenant, r.name, r.spec["permissions"])
-        for r in await store.list_resources(Kind.POLICY, (tenant,))
-    ]
-    bindings = [
-        BindingSpec.model_validate(r.spec).binding()
-        for r in await store.list_resources(Kind.BINDING, (tenant,))
-    ]
-    granted = grant(
-        bindings, policies, identity.sub, identity.groups, tenant, issuer=identity.issuer
-    )
-    if body is not None and body.permissions is not None:
-        granted = narrow(body.permissions, granted)
-    if not granted:
-        raise PermissionDenied(f"{identity.sub} is granted no permissions in tenant {tenant}")
+    who, issuer = "anonymous", _claimed_issuer(authorization)
     try:
-        ring = await asyncio.to_thread(load_ring, auth.keys_dir, tenant)
-    except NotFound:
-        raise Unavailable(
-            f"tenant {tenant} has no signing keys: run "
-            f"`felix token keygen --tenant {tenant} --dir {auth.keys_dir}`"
-        ) from None
-    minted = ring.mint(now, issuer=ISSUER, audience=AUDIENCE, sub=identity.sub, perms=granted)
+        auth = ctx.token_auth()
+        check_path(Kind.TENANT, (tenant,))
+        token = _bearer(authorization)
+        store = ctx.store
+        issuers = [
+            IssuerSpec.model_validate(r.spec).config()
+            for r in await store.list_resources(Kind.ISSUER, (tenant,))
+        ]
+        now = ctx.clock()
+        identity = await verify_idp_token(
+            token, issuers, cache=auth.cache, now=now, leeway=IDP_LEEWAY
+        )
+        who, issuer = identity.sub, identity.issuer
+        policies = [
+            Policy.create(tenant, r.name, r.spec["permissions"])
+            for r in await store.list_resources(Kind.POLICY, (tenant,))
+        ]
+        bindings = [
+            BindingSpec.model_validate(r.spec).binding()
+            for r in await store.list_resources(Kind.BINDING, (tenant,))
+        ]
+        granted = grant(
+            bindings, policies, identity.sub, identity.groups, tenant, issuer=identity.issuer
+        )
+        if body is not None and body.permissions is not None:
+            granted = narrow(body.permissions, granted)
+        if not granted:
+            raise PermissionDenied(f"{identity.sub} is granted no permissions in tenant {tenant}")
+        try:
+            ring = await asyncio.to_thread(load_ring, auth.keys_dir, tenant)
+        except NotFound:
+            raise Unavailable(
+                f"tenant {tenant} has no signing keys: run "
+                f"`felix token keygen --tenant {tenant} --dir {auth.keys_dir}`"
+            ) from None
+        minted = ring.mint(now, issuer=ISSUER, audience=AUDIENCE, sub=identity.sub, perms=granted)
+    except FelixError as exc:
+        _audit_exchange(tenant, who, issuer, exc)
+        raise
+    _audit_exchange(tenant, who, issuer, None)
     response.headers["Cache-Control"] = "no-store"
     return TokenOut(access_token=minted, expires_in=ring.max_token_ttl)
 

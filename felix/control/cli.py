@@ -1,7 +1,7 @@
 """Control-plane commands of the ``felix`` CLI: ``tenant``, ``ns``, ``stream``, ``cache``,
-``issuer``, ``policy``, ``binding``.
+``issuer``, ``policy``, ``binding``, and ``rbac`` (below).
 
-Each group has ``ls``, ``create NAME``, ``info NAME`` and ``rm NAME``::
+Each of the others has ``ls``, ``create NAME``, ``info NAME`` and ``rm NAME``::
 
     felix tenant create acme
     felix ns create prod --tenant acme
@@ -26,8 +26,27 @@ setting such as ``queue.max_deliveries``. ``rm`` of a tenant or namespace needs
 
 Where the API is: ``--url``, else ``$FELIX_CONTROL_URL``, else
 http://127.0.0.1:8443. A control plane that requires auth takes ``--token``
-(else ``$FELIX_CONTROL_TOKEN``): a Felix token or its admin token. ``--json``
+(else ``$FELIX_CONTROL_TOKEN``): a Felix token or its admin token. For https,
+``--ca`` (else ``$FELIX_CONTROL_CA``) is the CA to verify it with, and ``--cert``
+with ``--key`` (else ``$FELIX_CONTROL_CERT``/``$FELIX_CONTROL_KEY``) the client
+certificate for one that requires it (mTLS). ``--json``
 prints JSON, one object per line.
+
+``felix rbac`` is a friendlier view of policies and bindings::
+
+    felix rbac ls --tenant acme                       # who has which policy, and what it allows
+    felix rbac grant group:eng --policy publishers --tenant acme
+    felix rbac revoke group:eng --policy publishers --tenant acme
+    felix rbac check --token @alice.jwt --action stream.publish --object stream:acme/prod/orders
+
+``grant`` adds policies to SUBJECT's binding (created, named after the subject,
+if it has none; ``--issuer`` picks the binding limited to that issuer);
+``revoke`` removes them from every binding of SUBJECT (``--issuer``: only that
+issuer's) and deletes a binding left without policies. Both change what token
+exchanges grant from now on: Felix tokens already issued keep their
+permissions until they expire. ``check`` decides locally, from the token's
+``perms`` (read without verifying its signature), whether it allows ACTION on
+OBJECT; it exits 0 if so, 1 if not.
 
 Exit status: 0 done; 1 a felix error (not found, exists, conflict, unreachable);
 2 bad usage.
@@ -37,12 +56,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from felix.auth.cli import read_secret
+from felix.auth.perms import PermissionSet
+from felix.auth.tokens import read_unverified_claims
 from felix.control.client import DEFAULT_URL, ControlClient
 from felix.control.model import PARENT, Kind, Path, Resource
-from felix.errors import ConfigError
+from felix.control.store import AlreadyExists
+from felix.errors import BadRequest, ConfigError, NotFound
+from felix.names import NAME_MAX_CHARS
 
 __all__ = ["add_commands", "parse_settings"]
 
@@ -65,8 +91,8 @@ _EPILOG = (__doc__ or "").split("\n\n", 1)[1].replace("``", "").replace("::", ":
 
 
 def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
-    """Add ``tenant``, ``ns``, ``stream``, ``cache``, ``issuer``, ``policy`` and ``binding``
-    to the ``felix`` command's ``subparsers``.
+    """Add ``tenant``, ``ns``, ``stream``, ``cache``, ``issuer``, ``policy``, ``binding``
+    and ``rbac`` to the ``felix`` command's ``subparsers``.
 
     A group that exists already (``cache``, which :mod:`felix.client.cli` adds
     with ``get|set|del``) gets these commands added to it, so call this after
@@ -100,6 +126,47 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
             )
             rm.add_argument("--yes", action="store_true", help="confirm the delete (required)")
         rm.set_defaults(func=_with_client(_rm, kind))
+    _add_rbac(subparsers)
+
+
+def _add_rbac(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
+    commands = _group(subparsers, "rbac", "who may do what: policies and bindings (control plane)")
+
+    ls = _command(commands, "ls", "list bindings with their policies' permissions", Kind.BINDING)
+    ls.set_defaults(func=_with_client(_rbac_ls, Kind.BINDING))
+
+    for name, help_text, func in (
+        ("grant", "give SUBJECT policies (creates or extends its binding)", _rbac_grant),
+        ("revoke", "take policies from SUBJECT (drops bindings left empty)", _rbac_revoke),
+    ):
+        cmd = _command(commands, name, help_text, Kind.BINDING)
+        cmd.add_argument("subject", metavar="SUBJECT", help="group:NAME, user:SUB or a bare SUB")
+        cmd.add_argument(
+            "--policy",
+            dest="policies",
+            action="append",
+            required=True,
+            metavar="NAME",
+            help="a policy of the tenant (repeatable)",
+        )
+        cmd.add_argument("--issuer", help="only the binding limited to this issuer (its iss)")
+        cmd.set_defaults(func=_with_client(func, Kind.BINDING))
+
+    check = commands.add_parser(
+        "check",
+        help="does a Felix token allow ACTION on OBJECT? (local; exit 0 yes, 1 no)",
+        epilog=_EPILOG,
+        formatter_class=_RAW,
+    )
+    check.add_argument(
+        "--token", required=True, metavar="TOKEN|@FILE|-", help="the Felix token to check"
+    )
+    check.add_argument("--action", required=True, help="e.g. stream.publish")
+    check.add_argument(
+        "--object", required=True, metavar="OBJECT", help="KIND:PATH, e.g. stream:acme/prod/orders"
+    )
+    check.add_argument("--json", action="store_true", help="print the answer as JSON")
+    check.set_defaults(func=_rbac_check)
 
 
 def _group(
@@ -143,6 +210,20 @@ def _command(
     group.add_argument(
         "--timeout", type=float, default=10.0, metavar="SECONDS", help="per request (10)"
     )
+    group.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="CA (PEM) verifying an https URL (default: $FELIX_CONTROL_CA, else the system store)",
+    )
+    group.add_argument(
+        "--cert",
+        metavar="FILE",
+        help="client certificate (PEM) for a control plane that requires one (mTLS; "
+        "default: $FELIX_CONTROL_CERT)",
+    )
+    group.add_argument(
+        "--key", metavar="FILE", help="its private key (default: $FELIX_CONTROL_KEY)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON (one object per line)")
     return parser
 
@@ -153,7 +234,12 @@ def _with_client(
     def run(args: argparse.Namespace) -> int:
         if args.timeout <= 0:
             raise ConfigError(f"--timeout must be positive, got {args.timeout}")
-        with ControlClient(args.url, timeout=args.timeout, token=args.token) as client:
+        if (args.cert is None) != (args.key is None):
+            raise ConfigError("--cert and --key go together")
+        cert = (args.cert, args.key) if args.cert is not None else None
+        with ControlClient(
+            args.url, timeout=args.timeout, token=args.token, ca=args.ca, cert=cert
+        ) as client:
             return command(client, args, kind)
 
     return run
@@ -301,3 +387,174 @@ def _rm(client: ControlClient, args: argparse.Namespace, kind: Kind) -> int:
         else:
             print(f"deleted {_label(done_kind, done_path)}")
     return 0
+
+
+# -- rbac --------------------------------------------------------------------------------
+
+
+def _bindings(client: ControlClient, tenant: str) -> list[Resource]:
+    return client.list_resources(Kind.BINDING, (tenant,))
+
+
+def _rbac_ls(client: ControlClient, args: argparse.Namespace, kind: Kind) -> int:
+    tenant = args.tenant
+    policies = {
+        p.name: p.spec["permissions"] for p in client.list_resources(Kind.POLICY, (tenant,))
+    }
+    rows: list[tuple[str, str, str, str, str]] = []
+    for binding in _bindings(client, tenant):
+        spec = binding.spec
+        granted = {name: policies.get(name) for name in spec["policies"]}
+        if args.json:
+            _print_json(
+                {
+                    "binding": binding.name,
+                    "subject": spec["subject"],
+                    "issuer": spec.get("issuer"),
+                    "policies": granted,
+                }
+            )
+            continue
+        for name, perms in granted.items():
+            shown = "(no such policy)" if perms is None else ", ".join(perms) or "(none)"
+            issuer = spec.get("issuer") or "-"
+            rows.append((spec["subject"], issuer, binding.name, name, shown))
+    if rows:
+        _table([("SUBJECT", "ISSUER", "BINDING", "POLICY", "PERMISSIONS"), *rows])
+    return 0
+
+
+def _matching(
+    bindings: list[Resource], subject: str, issuer: str | None, *, any_issuer: bool
+) -> list[Resource]:
+    return [
+        b
+        for b in bindings
+        if b.spec["subject"] == subject and (any_issuer or b.spec.get("issuer") == issuer)
+    ]
+
+
+def _binding_name(subject: str, taken: set[str]) -> str:
+    """A free binding name made from ``subject`` (``group:eng`` -> ``group-eng``)."""
+    prefix, sep, rest = subject.partition(":")
+    if not (sep and prefix in ("user", "group")):
+        prefix, rest = "user", subject
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{prefix}-{rest}").strip("-.") or "binding"
+    base = base[: NAME_MAX_CHARS - 4]
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def _rbac_grant(client: ControlClient, args: argparse.Namespace, kind: Kind) -> int:
+    tenant, subject, issuer = args.tenant, args.subject, args.issuer
+    wanted = list(dict.fromkeys(args.policies))
+    for policy in wanted:
+        try:
+            client.get(Kind.POLICY, (tenant, policy))
+        except NotFound:
+            raise NotFound(
+                f"tenant {tenant!r} has no policy {policy!r} "
+                f"(create it with: felix policy create {policy} --tenant {tenant} "
+                "--set 'permissions=[...]')"
+            ) from None
+    bindings = _bindings(client, tenant)
+    matching = _matching(bindings, subject, issuer, any_issuer=False)
+    existing = matching[0] if matching else None
+    if existing is None:
+        spec: dict[str, Any] = {"subject": subject, "policies": wanted}
+        if issuer is not None:
+            spec["issuer"] = issuer
+        taken = {b.name for b in bindings}
+        for attempt in range(1, 6):
+            name = _binding_name(subject, taken)
+            try:
+                res = client.create(Kind.BINDING, (tenant, name), spec)
+                break
+            except AlreadyExists:  # created meanwhile by someone else: another name
+                taken.add(name)
+                if attempt == 5:
+                    raise
+        added = wanted
+    else:
+        have = list(existing.spec["policies"])
+        added = [p for p in wanted if p not in have]
+        res = existing
+        if added:
+            res = client.update(
+                Kind.BINDING,
+                existing.path,
+                {"policies": have + added},
+                if_version=existing.version,
+            )
+    if args.json:
+        _print_json({**_resource_json(res), "added": added})
+    elif added:
+        print(f"granted {', '.join(added)} to {subject} (binding {res.name})")
+    else:
+        print(f"{subject} already has {', '.join(wanted)} (binding {res.name})")
+    return 0
+
+
+def _rbac_revoke(client: ControlClient, args: argparse.Namespace, kind: Kind) -> int:
+    tenant, subject = args.tenant, args.subject
+    unwanted = set(args.policies)
+    matching = _matching(
+        _bindings(client, tenant), subject, args.issuer, any_issuer=args.issuer is None
+    )
+    touched = [b for b in matching if unwanted & set(b.spec["policies"])]
+    if not touched:
+        raise NotFound(f"{subject} has no binding with {', '.join(sorted(unwanted))}")
+    for binding in touched:
+        removed = [p for p in binding.spec["policies"] if p in unwanted]
+        left = [p for p in binding.spec["policies"] if p not in unwanted]
+        if left:
+            client.update(
+                Kind.BINDING, binding.path, {"policies": left}, if_version=binding.version
+            )
+        else:
+            client.delete(Kind.BINDING, binding.path, if_version=binding.version)
+        if args.json:
+            _print_json(
+                {"binding": binding.name, "removed": removed, "left": left, "deleted": not left}
+            )
+        else:
+            gone = "; binding deleted" if not left else ""
+            print(f"revoked {', '.join(removed)} from {subject} (binding {binding.name}{gone})")
+    return 0
+
+
+def _rbac_check(args: argparse.Namespace) -> int:
+    token = read_secret(args.token, "--token")
+    claims = read_unverified_claims(token)
+    tenant, perms = claims.get("tid"), claims.get("perms")
+    if not isinstance(tenant, str) or not isinstance(perms, list):
+        raise ConfigError("--token: not a Felix token (it needs tid and perms claims)")
+    try:
+        allowed = PermissionSet(tenant, perms).allows(args.action, args.object)
+    except BadRequest as exc:
+        raise ConfigError(str(exc)) from None
+    exp = claims.get("exp")
+    expired = isinstance(exp, int | float) and exp <= time.time()
+    if args.json:
+        _print_json(
+            {
+                "allowed": allowed,
+                "action": args.action,
+                "object": args.object,
+                "tenant": tenant,
+                "sub": claims.get("sub"),
+                "expired": expired,
+                "verified": False,
+            }
+        )
+    else:
+        verdict = "allowed" if allowed else "denied"
+        note = "; the token has expired" if expired else ""
+        print(
+            f"{verdict}: {args.action} on {args.object} for {claims.get('sub')!r} "
+            f"in tenant {tenant!r} (signature not verified{note})"
+        )
+    return 0 if allowed else 1

@@ -38,6 +38,7 @@ from felix.control.schemas import PROBLEM_BASE, PROBLEM_TYPES, collection_url, r
 from felix.control.store import CursorTooOld, VersionConflict
 from felix.errors import (
     BadRequest,
+    ConfigError,
     FelixError,
     FelixTimeoutError,
     NotFound,
@@ -51,6 +52,8 @@ from felix.errors import (
 __all__ = [
     "DEFAULT_URL",
     "ControlClient",
+    "default_ca",
+    "default_cert",
     "default_token",
     "default_url",
     "error_from_response",
@@ -69,6 +72,36 @@ def default_url() -> str:
 def default_token() -> str | None:
     """``$FELIX_CONTROL_TOKEN``, else None (no credentials)."""
     return os.environ.get("FELIX_CONTROL_TOKEN") or None
+
+
+def default_ca() -> str | None:
+    """``$FELIX_CONTROL_CA``, else None (the system trust store)."""
+    return os.environ.get("FELIX_CONTROL_CA") or None
+
+
+def default_cert() -> tuple[str, str] | None:
+    """``($FELIX_CONTROL_CERT, $FELIX_CONTROL_KEY)`` when both are set, else None.
+
+    Raises ConfigError when only one is set.
+    """
+    cert = os.environ.get("FELIX_CONTROL_CERT") or None
+    key = os.environ.get("FELIX_CONTROL_KEY") or None
+    if (cert is None) != (key is None):
+        raise ConfigError("FELIX_CONTROL_CERT and FELIX_CONTROL_KEY must be set together")
+    return (cert, key) if cert is not None and key is not None else None
+
+
+def _tls_context(
+    ca: str | os.PathLike[str] | None,
+    cert: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None,
+) -> ssl.SSLContext:
+    try:
+        context = ssl.create_default_context(cafile=os.fspath(ca) if ca is not None else None)
+        if cert is not None:
+            context.load_cert_chain(os.fspath(cert[0]), os.fspath(cert[1]))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS files for the control plane: {exc}") from None
+    return context
 
 
 class _FeedPage(BaseModel):
@@ -100,8 +133,11 @@ class ControlClient:
 
     ``url`` defaults to :func:`default_url`. ``timeout`` bounds each request, in
     seconds; a long-poll of :meth:`changes` gets its ``wait`` on top. ``ca`` is
-    a PEM file of CA certificates to trust for ``https`` (default: the system
-    store). ``token`` (default :func:`default_token`) is sent as ``Authorization:
+    a PEM file of CA certificates to trust for ``https`` (default
+    :func:`default_ca`, else the system store). ``cert`` is (certificate chain,
+    private key) PEM files presented to a control plane that requires client
+    certificates (mTLS; default :func:`default_cert`). Missing or unreadable
+    files raise ConfigError. ``token`` (default :func:`default_token`) is sent as ``Authorization:
     Bearer`` on every request: a Felix token or the control plane's admin token.
     ``transport`` replaces the network (for tests). Use it as a context
     manager, or call :meth:`close`. Not thread-safe: one thread at a time.
@@ -114,13 +150,16 @@ class ControlClient:
         timeout: float = 10.0,
         ca: str | os.PathLike[str] | None = None,
         token: str | None = None,
+        cert: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = (url or default_url()).rstrip("/")
         self.timeout = timeout
+        ca = ca if ca is not None else default_ca()
+        cert = cert if cert is not None else default_cert()
         verify: ssl.SSLContext | bool = True
-        if ca is not None:
-            verify = ssl.create_default_context(cafile=os.fspath(ca))
+        if ca is not None or cert is not None:
+            verify = _tls_context(ca, cert)
         token = token or default_token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(

@@ -6,6 +6,8 @@ negotiates the felix extension bit, then carries requests: extension frames, or
 v1 frames translated by felix/gateway/v1.py. Requests go to the shared
 :class:`~felix.gateway.gateway.Gateway`, which forwards them to shards and routes
 replies and events back to the connection (docs/wire-protocol.md, "Sessions").
+Failed authentications, permission denials and connections closed at their
+token's expiry are written to the audit log (felix/audit.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from felix import ipc, wire
+from felix import audit, ipc, wire
 from felix.errors import (
     BadRequest,
     FelixError,
@@ -169,6 +171,7 @@ class StreamSession:
         gateway = conn.gateway
         source, now = conn.peer, time.monotonic()
         if gateway.auth_limiter.blocked(source, now):
+            _audit_auth(conn, "session.auth", msg.get("tenant_id"), "rate-limited", "anonymous")
             conn.close(CLOSE_AUTH_FAILED, "too many failed authentications; wait")
             self.close()
             return
@@ -178,6 +181,7 @@ class StreamSession:
         except FelixError as exc:
             gateway.auth_failures += 1
             gateway.auth_limiter.failed(source, now)
+            _audit_auth(conn, "session.auth", msg.get("tenant_id"), _reason(exc), "anonymous", exc)
             self.fail(f"unauthenticated: {exc}")
             return
         self.identity = identity
@@ -225,6 +229,8 @@ class StreamSession:
                 conn.admit(identity)
             except FelixError as exc:
                 gateway.auth_failures += 1
+                who = self.identity.subject if self.identity is not None else "anonymous"
+                _audit_auth(conn, "session.reauth", self.tenant, _reason(exc), who, exc)
                 raise Unauthenticated(str(exc)) from None
             self.identity = identity
             self.send(wire.encode_ok(msg.request_id))
@@ -343,6 +349,7 @@ class StreamSession:
 
     def _check_scope(self, tenant: str, namespace: str, kind: str, name: str, action: str) -> None:
         if tenant != self.tenant:
+            self._audit_denied(action, f"{kind}:{tenant}/{namespace}/{name}", "other tenant")
             raise PermissionDenied(f"this session belongs to tenant {self.tenant!r}")
         validate_name("namespace", namespace)
         validate_name(kind, name)
@@ -354,7 +361,22 @@ class StreamSession:
             else identity.allows_stream(action, namespace, name)
         )
         if not allowed:
+            self._audit_denied(action, f"{kind}:{tenant}/{namespace}/{name}", "not granted")
             raise PermissionDenied(f"{action} on {kind} {tenant}/{namespace}/{name} is not granted")
+
+    def _audit_denied(self, action: str, obj: str, detail: str) -> None:
+        identity = self.identity
+        audit.emit(
+            "permission",
+            who=identity.subject if identity is not None else "anonymous",
+            source=self.conn.peer,
+            tenant=self.tenant,
+            action=action,
+            object=obj,
+            result="denied",
+            reason="permission-denied",
+            detail=detail,
+        )
 
     def _new_subscription(self, msg: wire.Subscribe, key: str) -> Subscription:
         conn = self.conn
@@ -395,6 +417,7 @@ class GatewayConnection(FelixQuicProtocol):
         # One tenant per connection (set by its first authenticated stream), and the
         # latest expiry among the tokens it presented (wall clock; None: never).
         self.tenant: str | None = None
+        self.subject = "anonymous"  # of the latest token admitted (for the audit log)
         self.expires_at: float | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self.peer = "?"
@@ -424,6 +447,7 @@ class GatewayConnection(FelixQuicProtocol):
             self.tenant = identity.tenant
         elif identity.tenant != self.tenant:
             raise Unauthenticated(f"this connection belongs to tenant {self.tenant!r}")
+        self.subject = identity.subject
         if identity.expires_at is None:
             return
         if self.expires_at is None or identity.expires_at > self.expires_at:
@@ -441,6 +465,7 @@ class GatewayConnection(FelixQuicProtocol):
             self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
             return
         self.gateway.expired_sessions += 1
+        _audit_auth(self, "session.expire", self.tenant, "token-expired", self.subject)
         self.close(CLOSE_TOKEN_EXPIRED, "token expired: reconnect with a fresh token")
 
     # -- QUIC hooks ------------------------------------------------------------------
@@ -512,6 +537,37 @@ def connection_class(gateway: Gateway) -> type[GatewayConnection]:
     """A GatewayConnection subclass bound to ``gateway`` (the engine's server creates instances)."""
     attrs: dict[str, object] = {"gateway": gateway}
     return type("BoundGatewayConnection", (GatewayConnection,), attrs)
+
+
+def _reason(exc: FelixError) -> str:
+    """The audit log's reason code for a refusal (as the control plane's problem slugs)."""
+    if isinstance(exc, PermissionDenied):
+        return "permission-denied"
+    if isinstance(exc, Unauthenticated):
+        return "unauthenticated"
+    return "bad-request"
+
+
+def _audit_auth(
+    conn: GatewayConnection,
+    action: str,
+    tenant: object,
+    reason: str,
+    who: str,
+    exc: FelixError | None = None,
+) -> None:
+    """An authentication refused (or a session ended at its token's expiry): one audit line."""
+    audit.emit(
+        "auth",
+        who=who,
+        source=conn.peer,
+        tenant=tenant if isinstance(tenant, str) and tenant else None,
+        action=action,
+        object="session",
+        result="denied",
+        reason=reason,
+        detail=None if exc is None else str(exc),
+    )
 
 
 def _cache_action(opcode: int) -> str:

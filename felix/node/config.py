@@ -47,6 +47,22 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
+_SECONDS = {"ms": 0.001, "": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: str | float) -> float:
+    """``"30s"``, ``"5m"``, ``"24h"``, ``"1d"``, ``"0.5"``, ``300`` -> seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < 0 or value != value:
+            raise ConfigError(f"not a duration: {value!r}")
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ConfigError(f"not a duration: {value!r} (examples: 30s, 5m, 24h, 300)")
+    return float(m.group(1)) * _SECONDS[(m.group(2) or "").lower()]
+
+
 def parse_address(text: str, default_port: int) -> tuple[str, int]:
     """``"host:port"``, ``"[::1]:5000"``, ``"host"`` -> (host, port)."""
     text = text.strip()
@@ -90,6 +106,9 @@ class NodeConfig:
     auto_create: bool = True
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: mTLS on the QUIC port: clients must present a certificate chained to this CA
+    #: (PEM). Needs an engine that can require client certificates (aioquic).
+    tls_client_ca: Path | None = None
     ring_bytes: int = 4 * 1024**2
     drain_grace: float = 10.0
     engine: str = "qh3"
@@ -106,6 +125,18 @@ class NodeConfig:
     #: Bearer token for the remote control plane (``--control-url``); never sent to the
     #: child processes.
     control_token: str | None = field(default=None, repr=False)
+    #: Verifying ``control_url``'s https certificate (None: system store, or
+    #: $FELIX_CONTROL_CA), and the client certificate + key presented to it (mTLS).
+    control_ca: Path | None = None
+    control_client_cert: Path | None = None
+    control_client_key: Path | None = None
+    #: With --auth and an embedded control plane: seconds between scheduled key
+    #: rotations of every tenant's ring in DATA_DIR/auth (0: none).
+    key_rotation_interval: float = 24 * 3600.0
+    #: Seconds a scheduled key is published before it signs.
+    key_publish_lead: float = 300.0
+    #: With --auth and --control-url: seconds between refreshes of each tenant's JWK set.
+    jwks_refresh: float = 30.0
     limits: GatewayLimits = field(default_factory=GatewayLimits)
     stream_defaults: StreamSettings = field(default_factory=StreamSettings)
     cache_defaults: CacheSettings = field(default_factory=CacheSettings)
@@ -121,6 +152,8 @@ class NodeConfig:
             host, _ = getattr(self, name)
             if name in ("listen", "control") and self.auth:
                 continue  # every QUIC session and every API request is authenticated
+            if name == "listen" and self.tls_client_ca is not None:
+                continue  # every QUIC client proves a certificate from the client CA
             if not is_loopback(host) and not self.insecure:
                 raise ConfigError(
                     f"--{name} {host} is not a loopback address: until authentication is "
@@ -129,6 +162,27 @@ class NodeConfig:
                 )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None:
+            from felix.quic.engine import MTLS_ENGINES
+
+            if self.engine not in MTLS_ENGINES:
+                raise ConfigError(
+                    f"--tls-client-ca needs --engine {' or '.join(MTLS_ENGINES)}: the "
+                    f"{self.engine} engine cannot require client certificates"
+                )
+        if (self.control_client_cert is None) != (self.control_client_key is None):
+            raise ConfigError("--control-client-cert and --control-client-key go together")
+        if not 0 < self.jwks_refresh < float("inf"):
+            raise ConfigError("--jwks-refresh must be a positive number of seconds")
+        if not 0 < self.key_publish_lead < float("inf"):
+            raise ConfigError("--key-publish-lead must be a positive number of seconds")
+        if self.key_rotation_interval != 0 and not (
+            self.key_publish_lead <= self.key_rotation_interval < float("inf")
+        ):
+            raise ConfigError(
+                "--key-rotation-interval must be 0 (no scheduled rotation) or at least "
+                f"--key-publish-lead ({self.key_publish_lead:g} s)"
+            )
         # The replay rings and caches of all shards share the memory budget.
         per_shard = self.memory_budget // self.shards
         if per_shard < self.stream_defaults.replay_max_bytes:
@@ -148,8 +202,15 @@ class NodeConfig:
         raw["http"] = tuple(raw["http"])
         raw["control"] = tuple(raw["control"])
         raw["data_dir"] = Path(raw["data_dir"])
-        for key in ("tls_cert", "tls_key"):
-            raw[key] = Path(raw[key]) if raw[key] else None
+        for key in (
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
+            "control_ca",
+            "control_client_cert",
+            "control_client_key",
+        ):
+            raw[key] = Path(raw[key]) if raw.get(key) else None
         raw["limits"] = GatewayLimits(**raw["limits"])
         raw["stream_defaults"] = StreamSettings(**raw["stream_defaults"])
         raw["cache_defaults"] = CacheSettings(**raw["cache_defaults"])

@@ -66,11 +66,20 @@ class StoreFeed:
 class HttpFeed:
     """Follow a remote control plane through its REST API (blocking client, in a thread)."""
 
-    def __init__(self, url: str, *, token: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        ca: Path | None = None,
+        cert: tuple[Path, Path] | None = None,
+    ) -> None:
         from felix.control.client import ControlClient
 
         # token: sent as Authorization: Bearer (a control plane that requires auth).
-        self._client = ControlClient(url, token=token)
+        # ca: verifies an https control plane; cert: (chain, key) presented to one that
+        # requires client certificates (mTLS). None: $FELIX_CONTROL_CA / _CERT / _KEY.
+        self._client = ControlClient(url, token=token, ca=ca, cert=cert)
 
     async def snapshot(self) -> tuple[int, list[Resource]]:
         return await asyncio.to_thread(self._client.snapshot)
@@ -85,10 +94,21 @@ Send = Callable[[int, dict[str, Any]], None]
 class ControlFollower:
     """Keeps the shards' resource definitions equal to the control plane's."""
 
-    def __init__(self, source: FeedSource, shards: int, send: Send) -> None:
+    def __init__(
+        self,
+        source: FeedSource,
+        shards: int,
+        send: Send,
+        *,
+        on_tenants: Callable[[frozenset[str]], None] | None = None,
+    ) -> None:
         self._source = source
         self._shards = shards
         self._send = send  # (shard index, command) -> None
+        # on_tenants(all tenants): called after a seed and each tenant created or
+        # deleted (the JWKS sync of a node following a remote control plane).
+        self._on_tenants = on_tenants
+        self.tenants: set[str] = set()
         self.resources: Resources = {}
         self.position = 0
         self.seeded = asyncio.Event()
@@ -114,7 +134,13 @@ class ControlFollower:
                 self._apply("define", kind, path, spec)
         self.resources = fresh
         self.position = position
+        self.tenants = {r.path[0] for r in resources if r.kind is Kind.TENANT}
+        self._tenants_changed()
         self.seeded.set()
+
+    def _tenants_changed(self) -> None:
+        if self._on_tenants is not None:
+            self._on_tenants(frozenset(self.tenants))
 
     async def run(self) -> None:
         """Seed (retrying until the control plane answers), then follow the feed forever."""
@@ -143,6 +169,15 @@ class ControlFollower:
 
     def _on_change(self, change: Change) -> None:
         r = change.resource
+        if r.kind is Kind.TENANT:
+            known = r.path[0] in self.tenants
+            if change.op is Op.DELETE and known:
+                self.tenants.discard(r.path[0])
+                self._tenants_changed()
+            elif change.op is not Op.DELETE and not known:
+                self.tenants.add(r.path[0])
+                self._tenants_changed()
+            return
         if r.kind not in (Kind.STREAM, Kind.CACHE):
             return
         key = (r.kind, tuple(r.path))

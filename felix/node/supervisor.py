@@ -25,17 +25,20 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from felix.auth.files import admin_token
+from felix.auth.rotation import KeyRotator, RotationPolicy
 from felix.control.model import Kind
 from felix.control.store import AlreadyExists, Store
 from felix.control.stores import open_store
 from felix.node.config import NodeConfig, is_loopback
 from felix.node.control import ControlFollower, EmbeddedControl, FeedSource, HttpFeed, StoreFeed
 from felix.node.health import HealthServer
+from felix.node.jwks_sync import HttpJwksFetcher, JwksSync
 from felix.node.worker import SPEC_ENV, ChildSpec, RingSpec
 from felix.quic import bind_udp
 from felix.ring import Ring, make_doorbell
@@ -44,6 +47,8 @@ from felix.tls import node_certificates
 log = logging.getLogger("felix.supervisor")
 
 READY_TIMEOUT = 30.0
+#: How long a node following a remote control plane waits for the tenants' keys.
+JWKS_READY_TIMEOUT = 10.0
 RESTART_BACKOFF_MIN = 0.1
 RESTART_BACKOFF_MAX = 5.0
 #: A child that ran this long before dying restarts with the shortest backoff again.
@@ -95,6 +100,11 @@ class Supervisor:
         self.health: HealthServer | None = None
         self.follower: ControlFollower | None = None
         self.control: EmbeddedControl | None = None
+        # Keys: the JWKS sync (following a remote control plane) or the scheduled
+        # rotation (embedding one), with --auth; both stop at drain.
+        self.jwks_sync: JwksSync | None = None
+        self._jwks_fetcher: HttpJwksFetcher | None = None
+        self._key_tasks: list[asyncio.Task[None]] = []
         self._control_store: Store | None = None
         self.port = 0
         self.ca_path: Path | None = None
@@ -165,8 +175,30 @@ class Supervisor:
         """Serve (or reach) the control plane and seed the shards before gateways start."""
         config = self.config
         source: FeedSource
+        on_tenants = None
         if config.control_url:
-            source = HttpFeed(config.control_url, token=config.control_token)
+            client_cert = None
+            if config.control_client_cert and config.control_client_key:
+                client_cert = (config.control_client_cert, config.control_client_key)
+            source = HttpFeed(
+                config.control_url,
+                token=config.control_token,
+                ca=config.control_ca,
+                cert=client_cert,
+            )
+            if config.auth:
+                # The gateways read DATA_DIR/auth: mirror the control plane's JWK sets there.
+                self._jwks_fetcher = HttpJwksFetcher(
+                    config.control_url,
+                    token=config.control_token,
+                    ca=config.control_ca,
+                    cert=client_cert,
+                )
+                self.jwks_sync = JwksSync(
+                    config.data_dir / "auth", self._jwks_fetcher, period=config.jwks_refresh
+                )
+                on_tenants = self.jwks_sync.set_tenants
+                self._start_key_task(self.jwks_sync.run())
         else:
             url = config.control_store or f"sqlite:///{config.data_dir / 'control.db'}"
             self._control_store = open_store(url)
@@ -189,6 +221,17 @@ class Supervisor:
             )
             await self.control.start()
             source = StoreFeed(self._control_store)
+            if config.auth and config.key_rotation_interval > 0:
+                # This process owns the rings in DATA_DIR/auth: rotate them on schedule.
+                policy = RotationPolicy(config.key_rotation_interval, config.key_publish_lead)
+                if not policy.covers(config.jwks_refresh):
+                    log.warning(
+                        "--key-publish-lead %g s is short: nodes following this control "
+                        "plane and refreshing keys every %g s may see a token before its key",
+                        policy.lead,
+                        config.jwks_refresh,
+                    )
+                self._start_key_task(KeyRotator(config.data_dir / "auth", policy).run())
 
         def send(shard: int, cmd: dict[str, Any]) -> None:
             if config.embedded_shards:
@@ -196,13 +239,24 @@ class Supervisor:
             else:
                 self.shards[shard].send(**cmd)
 
-        self.follower = ControlFollower(source, config.shards, send)
+        self.follower = ControlFollower(source, config.shards, send, on_tenants=on_tenants)
         task = asyncio.get_running_loop().create_task(self.follower.run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         if not self.follower.seeded.is_set():
             log.info("waiting for the control plane to seed this node")
         await self.follower.seeded.wait()
+        if self.jwks_sync is not None:
+            # Start the gateways with the tenants' keys in place (bounded: a slow or
+            # failing fetch keeps retrying in the background).
+            try:
+                await asyncio.wait_for(self.jwks_sync.synced.wait(), JWKS_READY_TIMEOUT)
+            except TimeoutError:
+                log.warning("the tenants' keys are not all synced yet; starting anyway")
+
+    def _start_key_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._key_tasks.append(task)
 
     def _make_rings(self) -> None:
         config = self.config
@@ -374,6 +428,13 @@ class Supervisor:
         await self._reap(timeout=max(grace / 2, 2.0))
         if self.health is not None:
             await self.health.stop()
+        for task in self._key_tasks:
+            task.cancel()
+        for task in self._key_tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._jwks_fetcher is not None:
+            await self._jwks_fetcher.aclose()
         if self.control is not None:
             await self.control.stop()
         if self._control_store is not None:

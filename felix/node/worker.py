@@ -316,7 +316,11 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
     sock = socket.socket(fileno=spec.udp_fd)
     sock.setblocking(False)
     server = await serve_on_socket(
-        quic, sock, quic.server_configuration(certs), connection_class(gateway)
+        quic,
+        sock,
+        # client_ca: mTLS, every client presents a certificate from that CA.
+        quic.server_configuration(certs, client_ca=config.tls_client_ca),
+        connection_class(gateway),
     )
     control.send(event="ready")
 

@@ -15,6 +15,10 @@ directly, and every difference between the two is handled here:
   API for it (see :func:`_aioquic_send_buffer_size`).
 * ``QuicConnectionProtocol.close()`` takes no arguments on qh3: felix's protocol
   closes through the connection object, whose ``close()`` is the same on both.
+* client certificates (mTLS): both engines' clients present one when a server
+  asks. As a server, qh3 2.x cannot ask for one at all; aioquic can, through a
+  private switch, and never checks the chain itself. So only aioquic serves mTLS
+  here, with felix checking the chain (see :func:`_aioquic_mtls_server_class`).
 
 Engine objects are typed ``Any`` at this seam (:data:`QuicConfiguration`,
 :data:`QuicConnection`): the two engines' classes are distinct types with
@@ -31,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 from felix.tls import NodeCerts
 
@@ -44,6 +48,7 @@ __all__ = [
     "DEFAULT_MAX_STREAM_DATA",
     "ENGINES",
     "ENGINE_ENV",
+    "MTLS_ENGINES",
     "QuicConfiguration",
     "QuicConnection",
     "QuicEngine",
@@ -55,6 +60,8 @@ __all__ = [
 ENGINE_ENV = "FELIX_QUIC_ENGINE"
 DEFAULT_ENGINE = "qh3"
 ENGINES = ("qh3", "aioquic")
+#: Engines that can require client certificates as a server (see the module doc).
+MTLS_ENGINES = ("aioquic",)
 
 DEFAULT_ALPN = "felix"
 #: Seconds without any packet from the peer before a connection is dropped.
@@ -113,6 +120,7 @@ class QuicEngine:
         max_datagram: int = DEFAULT_MAX_DATAGRAM,
         max_data: int = DEFAULT_MAX_DATA,
         max_stream_data: int = DEFAULT_MAX_STREAM_DATA,
+        client_ca: str | os.PathLike[str] | None = None,
     ) -> QuicConfiguration:
         """A server configuration presenting ``certs.server_cert``/``server_key``.
 
@@ -121,12 +129,24 @@ class QuicEngine:
         fails the handshake. 0-RTT is off: a server issues session tickets (and so
         can accept early data) only when given ticket callbacks, and felix never
         passes any (see :func:`felix.quic.serve_on_socket`). TLS 1.3 is the only
-        version QUIC allows, on both engines. Client certificates are not
-        requested (clients authenticate with a token inside the connection).
+        version QUIC allows, on both engines.
+
+        ``client_ca`` (mTLS): a PEM file of CA certificates; every client must
+        then present a certificate chained to one of them, within its validity
+        period and allowed for clientAuth, or the handshake fails (TLS alert
+        certificate_required, bad_certificate or certificate_expired). Only the
+        engines in :data:`MTLS_ENGINES` can do this; for the others it raises
+        ValueError. Without ``client_ca`` no client certificate is requested
+        (clients authenticate with a token inside the connection).
 
         Raises OSError if a file cannot be read, ValueError (engine-specific
         subclasses) if it is not a PEM certificate/key.
         """
+        if client_ca is not None and self.name not in MTLS_ENGINES:
+            raise ValueError(
+                f"the {self.name} engine cannot require client certificates: "
+                f"use {' or '.join(MTLS_ENGINES)} for mTLS"
+            )
         config = self.configuration_class(
             is_client=False,
             alpn_protocols=[alpn],
@@ -138,6 +158,13 @@ class QuicEngine:
         # Both engines parse the PEM files into their own certificate/key types
         # (qh3 rejects cryptography objects), so always load from paths.
         config.load_cert_chain(str(certs.server_cert), str(certs.server_key))
+        if client_ca is not None:
+            ca_path = Path(client_ca)
+            if not ca_path.is_file():
+                raise FileNotFoundError(f"client CA file not found: {ca_path}")
+            # The server class sees these two and checks every client's chain.
+            config.verify_mode = ssl.CERT_REQUIRED
+            config.load_verify_locations(cafile=str(ca_path))
         return config
 
     def client_configuration(
@@ -150,6 +177,7 @@ class QuicEngine:
         max_datagram: int = DEFAULT_MAX_DATAGRAM,
         max_data: int = DEFAULT_MAX_DATA,
         max_stream_data: int = DEFAULT_MAX_STREAM_DATA,
+        client_cert: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
     ) -> QuicConfiguration:
         """A client configuration that verifies the server and offers ALPN ``alpn``.
 
@@ -160,6 +188,10 @@ class QuicEngine:
         ``server_name`` is required because qh3, given none, would check the
         certificate against its own first SAN, which proves nothing. No session
         ticket is used, so there is no 0-RTT.
+
+        ``client_cert``: (certificate chain, private key) PEM files, presented
+        when the server asks for a client certificate (mTLS); FileNotFoundError
+        if one is missing.
         """
         if not server_name:
             raise ValueError("server_name is required to verify the server certificate")
@@ -179,6 +211,12 @@ class QuicEngine:
                 # Both engines would only notice at the first handshake.
                 raise FileNotFoundError(f"CA file not found: {ca_path}")
             config.load_verify_locations(cafile=str(ca_path))
+        if client_cert is not None:
+            cert_path, key_path = Path(client_cert[0]), Path(client_cert[1])
+            for path in (cert_path, key_path):
+                if not path.is_file():
+                    raise FileNotFoundError(f"client certificate file not found: {path}")
+            config.load_cert_chain(str(cert_path), str(key_path))
         return config
 
     def new_connection(self, configuration: QuicConfiguration) -> QuicConnection:
@@ -218,7 +256,11 @@ def _load(name: str) -> QuicEngine:
         configuration_class=module("quic.configuration").QuicConfiguration,
         connection_class=module("quic.connection").QuicConnection,
         protocol_class=module("asyncio.protocol").QuicConnectionProtocol,
-        server_class=module("asyncio.server").QuicServer,
+        server_class=(
+            _aioquic_mtls_server_class()
+            if name == "aioquic"
+            else module("asyncio.server").QuicServer
+        ),
         events=QuicEventTypes(
             handshake_completed=events.HandshakeCompleted,
             stream_data_received=events.StreamDataReceived,
@@ -257,3 +299,77 @@ def _aioquic_send_buffer_size(connection: QuicConnection, stream_id: int | None)
         stream = streams.get(stream_id)
         return 0 if stream is None else unsent(stream)
     return sum(unsent(stream) for stream in streams.values())
+
+
+# -- mTLS on aioquic -----------------------------------------------------------------------
+
+
+def _aioquic_mtls_server_class() -> type[asyncio.DatagramProtocol]:
+    """aioquic's QuicServer, able to require client certificates.
+
+    aioquic 1.x has everything for a server to ask for a client certificate but
+    keeps it behind a private switch (``tls.Context._request_client_certificate``,
+    "for test purposes"), accepts an empty Certificate message, and checks only
+    the CertificateVerify signature, never the chain. So for a configuration
+    with ``verify_mode`` CERT_REQUIRED (set by ``server_configuration(client_ca=...)``)
+    each new connection's TLS context gets the switch on and a subclass that
+    refuses a missing certificate and checks the chain with
+    :class:`felix.tls.ClientCertificateVerifier`. tests/test_mtls.py runs real
+    handshakes against these private names (pyproject pins aioquic <2).
+    """
+    from aioquic import tls as aioquic_tls
+    from aioquic.asyncio.server import QuicServer
+    from aioquic.quic.connection import QuicConnection as AioquicConnection
+
+    from felix.tls import ClientCertificateError, ClientCertificateVerifier
+
+    class CertificateRequired(aioquic_tls.Alert):
+        description = aioquic_tls.AlertDescription.certificate_required
+
+    class ClientAuthContext(aioquic_tls.Context):
+        felix_verifier: ClientCertificateVerifier
+
+        def _server_handle_certificate(self, input_buf: Any) -> None:
+            super()._server_handle_certificate(input_buf)
+            if self._peer_certificate is None:  # an empty Certificate message
+                raise CertificateRequired("a client certificate is required")
+
+        def _server_handle_certificate_verify(self, input_buf: Any) -> None:
+            super()._server_handle_certificate_verify(input_buf)  # the client holds the key
+            if self._peer_certificate is None:  # pragma: no cover - checked above
+                raise CertificateRequired("a client certificate is required")
+            try:
+                self.felix_verifier.verify(self._peer_certificate, self._peer_certificate_chain)
+            except ClientCertificateError as exc:
+                alert = (
+                    aioquic_tls.AlertCertificateExpired
+                    if exc.expired
+                    else aioquic_tls.AlertBadCertificate
+                )
+                raise alert(str(exc)) from None
+
+    class ClientAuthConnection(AioquicConnection):
+        felix_verifier: ClientCertificateVerifier
+
+        def _initialize(self, peer_cid: bytes) -> None:
+            super()._initialize(peer_cid)
+            self.tls.__class__ = ClientAuthContext
+            context = cast(ClientAuthContext, self.tls)
+            context._request_client_certificate = True
+            context.felix_verifier = self.felix_verifier
+
+    class MtlsQuicServer(QuicServer):
+        def __init__(self, *, configuration: Any, create_protocol: Any, **kwargs: Any) -> None:
+            if configuration.verify_mode == ssl.CERT_REQUIRED and not configuration.is_client:
+                verifier = ClientCertificateVerifier(configuration.cafile)
+                inner = create_protocol
+
+                def create_protocol(connection: Any, **kw: Any) -> Any:
+                    # The connection is new: its TLS context is made on the first packet.
+                    connection.__class__ = ClientAuthConnection
+                    connection.felix_verifier = verifier
+                    return inner(connection, **kw)
+
+            super().__init__(configuration=configuration, create_protocol=create_protocol, **kwargs)
+
+    return MtlsQuicServer

@@ -33,10 +33,13 @@ up: build
 	$(VENV)/bin/felix up $(ARGS)
 
 # Benchmarks print felix beside its baseline or peers from the same run (not part of CI).
+# The latency harness (perf/README.md): `make bench` runs its quick mode,
+# `make bench BENCH_ARGS=--full` the full one; results go to perf/results/.
+BENCH_ARGS ?=
 bench: build
 	$(PY) perf/bench_codec.py
 	$(PY) perf/bench_ring.py
-	$(PY) perf/bench_e2e.py
+	$(PY) -m perf $(BENCH_ARGS)
 
 clean:
 	rm -rf build felix/*.so felix/_codec.c felix/_ring.c

@@ -180,8 +180,9 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument(
         "--engine",
         choices=["qh3", "aioquic"],
-        default=os.environ.get("FELIX_QUIC_ENGINE") or "qh3",
-        help="QUIC engine",
+        default=os.environ.get("FELIX_QUIC_ENGINE") or None,
+        help="QUIC engine (default qh3; aioquic with --tls-client-ca: qh3 cannot "
+        "require client certificates)",
     )
     up.set_defaults(func=_run_up, parser=up)
 
@@ -232,7 +233,7 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         control_client_key=args.control_client_key,
         ring_bytes=parse_size(args.ring_bytes),
         drain_grace=args.drain_grace,
-        engine=args.engine,
+        engine=args.engine or ("aioquic" if args.tls_client_ca is not None else "qh3"),
         control_store=args.control_store,
         control_url=args.control_url,
         control_token=args.control_token,

@@ -240,10 +240,9 @@ def test_node_with_client_ca_serves_certificate_holders_only(
     cert, key = tmp_path / "alice-cert.pem", tmp_path / "alice-key.pem"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
 
+    # No --engine: --tls-client-ca picks aioquic (qh3 cannot require client certificates).
     node = NodeProcess(
         data_dir,
-        "--engine",
-        "aioquic",
         "--tls-client-ca",
         str(certs.ca_cert),
         gateways=1,

@@ -323,13 +323,9 @@ def _exchange(args: argparse.Namespace) -> int:
     if (args.cert is None) != (args.key is None):
         raise ConfigError("--cert and --key go together")
     cert = (args.cert, args.key) if args.cert is not None else None
-    body = {"permissions": args.permissions} if args.permissions else None
     with ControlClient(
         args.url, timeout=args.timeout, ca=args.ca, cert=cert, token=issuer_token
     ) as api:
-        answer = api._json("POST", f"/v1/tenants/{tenant}/token/exchange", json=body)
-    token = answer.get("access_token")
-    if not isinstance(token, str) or not token:
-        raise FelixError(f"the control plane at {api.url} answered without an access_token")
-    print(json.dumps(answer) if args.json else token)
+        answer = api.exchange_token(tenant, args.permissions or None)
+    print(json.dumps(answer) if args.json else answer["access_token"])
     return 0

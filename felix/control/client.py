@@ -269,6 +269,19 @@ class ControlClient:
         body = self._json("GET", "/v1/regions")
         return [str(region["name"]) for region in body["regions"]]
 
+    def exchange_token(self, tenant: str, permissions: list[str] | None = None) -> dict[str, Any]:
+        """``POST /v1/tenants/{tenant}/token/exchange`` with this client's token (an IdP JWT).
+
+        ``permissions`` narrows the grant (never widens it). Returns the answer:
+        ``access_token``, ``token_type``, ``expires_in``.
+        """
+        body = {"permissions": permissions} if permissions else None
+        answer = self._json("POST", f"/v1/tenants/{tenant}/token/exchange", json=body)
+        token = answer.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise ServerError(f"the control plane at {self.url} answered without an access_token")
+        return answer
+
     # -- plumbing -------------------------------------------------------------------------
 
     def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:

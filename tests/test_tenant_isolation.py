@@ -724,6 +724,7 @@ def test_node_metrics_carry_no_tenant_labels_or_names(tmp_path: Path) -> None:
         status, text = n.http("/metrics")
         assert status == 200
         assert n.metric("felix_auth_failures_total") >= 1
+        assert n.metric("felix_permission_denials_total") >= 1  # A's publish to B
         assert n.metric("felix_messages_published_total") >= 2
         labels = set()
         for line in text.splitlines():

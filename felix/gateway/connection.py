@@ -365,6 +365,7 @@ class StreamSession:
             raise PermissionDenied(f"{action} on {kind} {tenant}/{namespace}/{name} is not granted")
 
     def _audit_denied(self, action: str, obj: str, detail: str) -> None:
+        self.conn.gateway.permission_denials += 1
         identity = self.identity
         audit.emit(
             "permission",

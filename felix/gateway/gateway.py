@@ -138,6 +138,7 @@ class Gateway:
         self.refused_connections = 0
         self.auth_failures = 0
         self.expired_sessions = 0
+        self.permission_denials = 0
         self.authenticator: Authenticator = authenticator or DevAuthenticator()
         self.auth_limiter = FailureLimiter()
         links.attach(index, self.on_shard_records)

@@ -40,6 +40,11 @@ _METRICS: dict[str, tuple[str, str, bool]] = {
     "slow_consumer_events": ("felix_slow_consumer_events", "Slow-subscriber policy firings", True),
     "auth_failures": ("felix_auth_failures", "Failed authentications", True),
     "expired_sessions": ("felix_expired_sessions", "Connections closed at token expiry", True),
+    "permission_denials": (
+        "felix_permission_denials",
+        "Requests refused for lack of permission",
+        True,
+    ),
     "connections": ("felix_connections", "Open client connections", False),
     "streams": ("felix_streams", "Streams held", False),
     "caches": ("felix_caches", "Cache partitions held", False),

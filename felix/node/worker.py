@@ -349,6 +349,7 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
             "delivered": gateway.delivered_records,
             "auth_failures": gateway.auth_failures,
             "expired_sessions": gateway.expired_sessions,
+            "permission_denials": gateway.permission_denials,
         }
 
     await _serve_commands(control, spec, stats, on_command=on_command)

@@ -68,8 +68,7 @@ class TestIdP:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        host, port = self.server.server_address[:2]
-        self.issuer = f"http://{host}:{port}"
+        self.issuer = f"http://127.0.0.1:{self.server.server_port}"
         self.jwks_url = f"{self.issuer}/jwks.json"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()

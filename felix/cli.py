@@ -184,6 +184,12 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="QUIC engine (default qh3; aioquic with --tls-client-ca: qh3 cannot "
         "require client certificates)",
     )
+    up.add_argument(
+        "--audit-log",
+        metavar="FILE",
+        help="write the audit log's JSON lines to FILE ('-': stderr) instead of the "
+        "general log (sets FELIX_AUDIT_LOG for every process)",
+    )
     up.set_defaults(func=_run_up, parser=up)
 
 
@@ -321,10 +327,23 @@ def _add_control(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="mTLS: require a client certificate chained to this CA (PEM); it may then "
         "listen beyond loopback",
     )
+    control.add_argument(
+        "--audit-log",
+        metavar="FILE",
+        help="write the audit log's JSON lines to FILE ('-': stderr) instead of the "
+        "general log (sets FELIX_AUDIT_LOG for every process)",
+    )
     control.set_defaults(func=_run_control)
 
 
+def _use_audit_log(path: str | None) -> None:
+    """--audit-log: felix/audit.py reads FELIX_AUDIT_LOG; children inherit it."""
+    if path:
+        os.environ["FELIX_AUDIT_LOG"] = path
+
+
 def _run_control(args: argparse.Namespace) -> int:
+    _use_audit_log(args.audit_log)
     import uvicorn
     import uvloop
 
@@ -485,6 +504,7 @@ def _run_up(args: argparse.Namespace) -> int:
         apply_config_file(args.parser, args, args.argv)
     config = _node_config(args)
     _check_node_tls(config)
+    _use_audit_log(args.audit_log)
     return uvloop.run(Supervisor(config).run())
 
 

@@ -506,3 +506,54 @@ def test_configure_writes_bare_lines_to_a_file(
         for handler in saved[0]:
             logger.addHandler(handler)
         logger.propagate, logger.level = saved[1], saved[2]
+
+
+def test_felix_up_audit_log_flag_collects_every_process_lines(tmp_path: Path) -> None:
+    """`felix up --auth --audit-log FILE`: the supervisor's control API and the gateway
+    processes both write their lines to FILE (the flag reaches the children)."""
+    import felix
+    from felix.errors import Unauthenticated
+    from tests.nodeproc import NodeProcess
+
+    audit_file = tmp_path / "audit.log"
+    data_dir = tmp_path / "node"
+    node = NodeProcess(data_dir, "--auth", "--audit-log", str(audit_file), gateways=1, shards=1)
+    try:
+        admin = (data_dir / "admin-token").read_text().strip()
+        r = httpx.post(
+            f"{node.info['control']}/v1/tenants",
+            json={"name": "acme"},
+            headers=bearer(admin),
+            timeout=10,
+        )
+        assert r.status_code == 201, r.text
+        forged = "eyJhbGciOiJFZERTQSJ9.eyJ0aWQiOiJhY21lIn0.c2lnbmF0dXJl"
+
+        async def refused() -> None:
+            with pytest.raises(Unauthenticated):
+                await felix.connect(
+                    f"felix://{node.host}:{node.port}",
+                    ca=node.ca_file,
+                    tenant="acme",
+                    token=forged,
+                    connect_timeout=5,
+                )
+
+        run(refused)
+        lines: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = audit_file.read_text() if audit_file.exists() else ""
+            lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+            if {line["event"] for line in lines} >= {"management", "auth"}:
+                break
+            time.sleep(0.2)
+        created = [x for x in lines if x["event"] == "management"]
+        assert created and created[0]["who"] == "admin" and created[0]["result"] == "ok"
+        assert created[0]["object"] == "tenant:acme"
+        failed = [x for x in lines if x["event"] == "auth"]
+        assert failed and failed[0]["result"] == "denied" and failed[0]["tenant"] == "acme"
+        text = audit_file.read_text()
+        assert forged not in text and admin not in text
+    finally:
+        assert node.stop() == 0

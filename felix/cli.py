@@ -135,10 +135,14 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     up.add_argument(
         "--auth",
-        action="store_true",
-        help="require Felix tokens (tenant keys in DATA_DIR/auth: see felix token) on the "
-        "QUIC port and the control API (or the admin token DATA_DIR/admin-token, created "
-        "on first start); both may then listen beyond loopback",
+        nargs="?",
+        const="jwt",
+        choices=["jwt", "none"],
+        help="jwt: require Felix tokens (tenant keys in DATA_DIR/auth: see felix token) on "
+        "the QUIC port and the control API (or the admin token DATA_DIR/admin-token, "
+        "created on first start); both may then listen beyond loopback. none: no tokens "
+        "(beyond loopback only with --insecure or --tls-client-ca). Default: jwt when "
+        "--listen or --control is not a loopback address, else none",
     )
     _add_rotation_flags(up, "DATA_DIR/auth (embedded control plane)")
     up.add_argument(
@@ -213,18 +217,33 @@ def apply_config_file(
             continue  # given on the command line: the flag wins
         if isinstance(value, str) and callable(action.type):
             value = action.type(value)
-        if action.choices is not None and value not in action.choices:
+        if isinstance(value, bool) and dest == "auth":
+            pass  # `auth = true|false`, as well as "jwt"|"none"
+        elif action.choices is not None and value not in action.choices:
             raise ConfigError(f"--config {args.config}: {key} must be one of {action.choices}")
         setattr(args, dest, value)
+
+
+def _auth_mode(mode: str | bool | None, *hosts: str) -> bool:
+    """--auth: jwt (True) or none (False); unset: jwt as soon as one port leaves loopback."""
+    from felix.node.config import is_loopback
+
+    if isinstance(mode, bool):  # `auth = true` in a --config file
+        return mode
+    if mode is None:
+        return not all(is_loopback(host) for host in hosts)
+    return mode == "jwt"
 
 
 def _node_config(args: argparse.Namespace) -> NodeConfig:
 
     replay_bytes = parse_size(args.replay_bytes)
+    listen = parse_address(args.listen, 5000)
+    control = parse_address(args.control, 8443)
     return NodeConfig(
-        listen=parse_address(args.listen, 5000),
+        listen=listen,
         http=parse_address(args.http, 8080),
-        control=parse_address(args.control, 8443),
+        control=control,
         gateways=args.gateways,
         shards=args.shards,
         data_dir=args.data_dir.resolve(),
@@ -244,7 +263,7 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         control_url=args.control_url,
         control_token=args.control_token,
         embedded_shards=args.embedded_shards,
-        auth=args.auth,
+        auth=_auth_mode(args.auth, listen[0], *([] if args.control_url else [control[0]])),
         key_rotation_interval=parse_duration(args.key_rotation_interval),
         key_publish_lead=parse_duration(args.key_publish_lead),
         jwks_refresh=parse_duration(args.jwks_refresh),
@@ -288,9 +307,12 @@ def _add_control(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     control.add_argument(
         "--auth",
-        action="store_true",
-        help="require a Felix token or the admin token on the API; it may then listen "
-        "beyond loopback",
+        nargs="?",
+        const="jwt",
+        choices=["jwt", "none"],
+        help="jwt: require a Felix token or the admin token on the API; it may then listen "
+        "beyond loopback. none: no tokens (beyond loopback only with --insecure or "
+        "--tls-client-ca). Default: jwt when --listen is not a loopback address, else none",
     )
     control.add_argument(
         "--admin-token-file",
@@ -353,6 +375,7 @@ def _run_control(args: argparse.Namespace) -> int:
     from felix.node.config import is_loopback
 
     host, port = parse_address(args.listen, 8443)
+    args.auth = _auth_mode(args.auth, host)
     if not is_loopback(host) and not (args.insecure or args.auth or args.tls_client_ca):
         raise ConfigError(
             f"--listen {host} is not loopback: refusing without --auth or --tls-client-ca "

@@ -156,9 +156,13 @@ class NodeConfig:
                 continue  # every QUIC client proves a certificate from the client CA
             if not is_loopback(host) and not self.insecure:
                 raise ConfigError(
-                    f"--{name} {host} is not a loopback address: until authentication is "
-                    "configured felix serves unauthenticated, so it refuses to listen "
-                    "elsewhere without --insecure"
+                    f"--{name} {host} is not a loopback address: "
+                    + (
+                        "the health/metrics port is not authenticated"
+                        if name == "http"
+                        else "with --auth none felix serves unauthenticated"
+                    )
+                    + ", so it refuses to listen elsewhere without --insecure"
                 )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together")

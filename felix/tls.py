@@ -80,6 +80,21 @@ _SERVER_CERT = "server-cert.pem"
 _SERVER_KEY = "server-key.pem"
 
 
+#: Key usage of every leaf certificate (server and client): ECDSA keys only sign,
+#: here the TLS 1.3 CertificateVerify.
+_LEAF_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
 @dataclass(frozen=True, slots=True)
 class NodeCerts:
     """Paths of a node's TLS material (PEM files).
@@ -252,17 +267,7 @@ def issue_client_certificate(
         .not_valid_after(min(start + validity, ca.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,  # signs the TLS 1.3 client CertificateVerify
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _LEAF_KEY_USAGE,
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
@@ -426,17 +431,7 @@ def _issue_server(
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,  # ECDSA signs the TLS 1.3 CertificateVerify
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _LEAF_KEY_USAGE,
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

@@ -456,6 +456,7 @@ def test_node_verifies_tokens_with_keys_from_the_control_plane_across_rotations(
         assert (node_keys / "acme.jwks.json").exists()
         assert (node_keys / "gone.jwks.json").exists()
         assert not list(node_keys.glob("*.ring.json"))
+        assert node.metric("felix_jwks_sync_writes_total") >= 2
         url = f"felix://{node.host}:{node.port}"
 
         async def publish(token: str, data: bytes) -> None:

@@ -363,5 +363,6 @@ def test_felix_up_auth_rotates_its_rings_and_new_keys_verify(tmp_path: Path) -> 
                 assert await client.publish("orders", b"x") is not None
 
         run(main, timeout=30)
+        assert node.metric("felix_key_rotations_total") >= 1
     finally:
         assert node.stop() == 0

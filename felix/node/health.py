@@ -75,6 +75,32 @@ class _ChildStats(Collector):
             restarts.add_metric([child.role, str(child.index)], child.restarts)
         yield from families.values()
         yield restarts
+        yield from self._key_metrics()
+
+    def _key_metrics(self) -> Iterator[Metric]:
+        """The supervisor's key work: JWK sets synced from a control plane, rotations."""
+        labels = ["role", "index"]
+        sync = getattr(self._sup, "jwks_sync", None)
+        if sync is not None:
+            for name, help_text, value in (
+                ("felix_jwks_sync_writes", "JWK sets written from the control plane", sync.writes),
+                ("felix_jwks_sync_removals", "JWK sets removed (tenant gone)", sync.removals),
+                (
+                    "felix_jwks_sync_failures",
+                    "JWK set fetches that failed (the last known set was kept)",
+                    sync.failures,
+                ),
+            ):
+                family = CounterMetricFamily(name, help_text, labels=labels)
+                family.add_metric(["supervisor", "0"], value)
+                yield family
+        rotator = getattr(self._sup, "key_rotator", None)
+        if rotator is not None:
+            family = CounterMetricFamily(
+                "felix_key_rotations", "Scheduled key ring rotations", labels=labels
+            )
+            family.add_metric(["supervisor", "0"], rotator.rotations)
+            yield family
 
 
 class HealthServer:

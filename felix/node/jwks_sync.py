@@ -360,6 +360,7 @@ class JwksSync:
         self._local: set[str] = set()  # tenants with a local ring (warned about)
         self.writes = 0
         self.removals = 0
+        self.failures = 0  # fetches that kept the last known set
 
     def set_tenants(self, tenants: Iterable[str]) -> None:
         """The control plane's tenants changed (the full list): sync new ones promptly."""
@@ -414,6 +415,7 @@ class JwksSync:
             fetched = Fetched.failed(f"{type(exc).__name__}: {exc}")
         action = self.schedule.result(tenant, fetched, self._clock())
         if action is Action.KEEP:
+            self.failures += 1
             failures = self.schedule.failures(tenant)
             level = logging.WARNING if failures == 1 else logging.DEBUG
             log.log(

@@ -103,6 +103,7 @@ class Supervisor:
         # Keys: the JWKS sync (following a remote control plane) or the scheduled
         # rotation (embedding one), with --auth; both stop at drain.
         self.jwks_sync: JwksSync | None = None
+        self.key_rotator: KeyRotator | None = None
         self._jwks_fetcher: HttpJwksFetcher | None = None
         self._key_tasks: list[asyncio.Task[None]] = []
         self._control_store: Store | None = None
@@ -231,7 +232,8 @@ class Supervisor:
                         policy.lead,
                         config.jwks_refresh,
                     )
-                self._start_key_task(KeyRotator(config.data_dir / "auth", policy).run())
+                self.key_rotator = KeyRotator(config.data_dir / "auth", policy)
+                self._start_key_task(self.key_rotator.run())
 
         def send(shard: int, cmd: dict[str, Any]) -> None:
             if config.embedded_shards:

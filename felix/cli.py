@@ -159,7 +159,14 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=Path,
         metavar="FILE",
         help="mTLS: QUIC clients must present a certificate chained to this CA (PEM; "
-        "felix ca issue-client makes them from the node's CA); needs --engine aioquic",
+        "felix ca issue-client makes them from the node's CA); served by the aioquic engine",
+    )
+    up.add_argument(
+        "--control-client-ca",
+        type=Path,
+        metavar="FILE",
+        help="mTLS on the embedded control plane: serve HTTPS and require a client "
+        "certificate chained to this CA (PEM); it may then listen beyond loopback",
     )
     up.add_argument(
         "--replay-records",
@@ -253,6 +260,7 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        control_client_ca=args.control_client_ca,
         control_ca=args.control_ca,
         control_client_cert=args.control_client_cert,
         control_client_key=args.control_client_key,
@@ -540,6 +548,11 @@ def _check_node_tls(config: NodeConfig) -> None:
             ClientCertificateVerifier(config.tls_client_ca)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--tls-client-ca {config.tls_client_ca}: {exc}") from None
+    if config.control_client_ca is not None:
+        try:
+            ClientCertificateVerifier(config.control_client_ca)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--control-client-ca {config.control_client_ca}: {exc}") from None
     for path in (config.control_ca, config.control_client_cert, config.control_client_key):
         if path is not None and not path.is_file():
             raise ConfigError(f"{path}: no such file")

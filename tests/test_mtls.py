@@ -494,3 +494,28 @@ def test_node_config_mtls_settings(tmp_path: Path) -> None:
         NodeConfig(control_client_cert=tmp_path / "c.pem")
     with pytest.raises(ConfigError, match="loopback"):  # the control port is not covered
         NodeConfig(control=("0.0.0.0", 8443), engine="aioquic", tls_client_ca=ca)
+
+
+def test_embedded_control_plane_requires_client_certificates(tmp_path: Path) -> None:
+    """`felix up --control-client-ca`: the embedded API serves HTTPS and asks for a cert."""
+    data_dir = tmp_path / "node"
+    certs = ensure_node_certificates(data_dir / "tls", hostnames=[], ips=[])
+    assert certs.ca_cert is not None
+    issued = _felix(
+        "ca", "issue-client", "ops", "--data-dir", str(data_dir), "--out-dir", str(tmp_path)
+    )
+    assert issued.returncode == 0, issued.stderr
+    cert = (tmp_path / "ops-cert.pem", tmp_path / "ops-key.pem")
+    node = NodeProcess(data_dir, "--control-client-ca", str(certs.ca_cert), gateways=1, shards=1)
+    try:
+        url = node.info["control"]
+        assert url.startswith("https://")
+        pki = Pki(node=certs, good=cert, other_ca=cert, expired=cert)
+        with _https(pki, cert) as http:
+            assert http.get(f"{url}/v1/tenants").status_code == 200
+        with _https(pki, None) as http, pytest.raises(httpx.TransportError):
+            http.get(f"{url}/v1/tenants")
+        # The QUIC port is not affected: no client certificate needed there.
+        assert node.http("/readyz")[0] == 200
+    finally:
+        assert node.stop() == 0

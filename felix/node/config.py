@@ -109,6 +109,9 @@ class NodeConfig:
     #: mTLS on the QUIC port: clients must present a certificate chained to this CA
     #: (PEM). Needs an engine that can require client certificates (aioquic).
     tls_client_ca: Path | None = None
+    #: mTLS on the embedded control plane: it serves HTTPS and requires a client
+    #: certificate chained to this CA (PEM).
+    control_client_ca: Path | None = None
     ring_bytes: int = 4 * 1024**2
     drain_grace: float = 10.0
     engine: str = "qh3"
@@ -154,6 +157,8 @@ class NodeConfig:
                 continue  # every QUIC session and every API request is authenticated
             if name == "listen" and self.tls_client_ca is not None:
                 continue  # every QUIC client proves a certificate from the client CA
+            if name == "control" and self.control_client_ca is not None:
+                continue  # every API client proves a certificate from the client CA
             if not is_loopback(host) and not self.insecure:
                 raise ConfigError(
                     f"--{name} {host} is not a loopback address: "
@@ -210,6 +215,7 @@ class NodeConfig:
             "tls_cert",
             "tls_key",
             "tls_client_ca",
+            "control_client_ca",
             "control_ca",
             "control_client_cert",
             "control_client_key",

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 from collections.abc import Callable, Generator, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -221,6 +222,7 @@ class EmbeddedControl:
         *,
         region: str = "local",
         tls: tuple[Path, Path] | None = None,
+        client_ca: Path | None = None,
         node_info: Callable[[], dict[str, Any]] | None = None,
         keys_dir: Path | None = None,
         admin_token: str | None = None,
@@ -242,6 +244,10 @@ class EmbeddedControl:
         options: dict[str, Any] = {}
         if tls is not None:
             options = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])}
+            if client_ca is not None:  # mTLS: uvicorn requires and verifies client certs
+                options |= {"ssl_ca_certs": str(client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+        elif client_ca is not None:
+            raise ValueError("client_ca needs tls")
         config = uvicorn.Config(
             app,
             host=host,

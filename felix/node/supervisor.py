@@ -206,7 +206,10 @@ class Supervisor:
             await self._control_store.open()
             await _ensure_default_namespace(self._control_store)
             host, port = config.control
-            tls = None if is_loopback(host) else (cert, key)
+            # HTTPS beyond loopback, and whenever clients must present certificates.
+            tls = None
+            if not is_loopback(host) or config.control_client_ca is not None:
+                tls = (cert, key)
             # With --auth the API needs a token: the bootstrap admin one is in the data dir.
             # The follower below reads the store directly, so it needs none.
             admin = admin_token(config.data_dir / "admin-token") if config.auth else None
@@ -215,6 +218,7 @@ class Supervisor:
                 host,
                 port,
                 tls=tls,
+                client_ca=config.control_client_ca,
                 node_info=self.node_info,
                 keys_dir=config.data_dir / "auth",
                 admin_token=admin,

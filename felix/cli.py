@@ -572,12 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_client_commands(sub)
     add_token_commands(sub)
-    try:
-        from felix.control.cli import add_commands as add_control_commands
-    except ImportError:  # pragma: no cover - removed once the control CLI lands
-        pass
-    else:
-        add_control_commands(sub)
+    from felix.control.cli import add_commands as add_control_commands
+
+    add_control_commands(sub)
     return parser
 
 

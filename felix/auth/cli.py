@@ -138,21 +138,9 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         metavar="PERM",
         help="ask for only this permission (repeatable; never more than granted)",
     )
-    exchange.add_argument(
-        "--url", help="control-plane URL (default: $FELIX_CONTROL_URL or http://127.0.0.1:8443)"
-    )
-    exchange.add_argument(
-        "--ca", metavar="FILE", help="CA (PEM) for an https URL (default: $FELIX_CONTROL_CA)"
-    )
-    exchange.add_argument(
-        "--cert",
-        metavar="FILE",
-        help="client certificate (PEM), mTLS (default: $FELIX_CONTROL_CERT)",
-    )
-    exchange.add_argument("--key", metavar="FILE", help="its private key ($FELIX_CONTROL_KEY)")
-    exchange.add_argument(
-        "--timeout", type=float, default=10.0, metavar="SECONDS", help="for the request (10)"
-    )
+    from felix.control.cliargs import add_connection_arguments
+
+    add_connection_arguments(exchange.add_argument_group("connection"), token=False)
     exchange.add_argument(
         "--json", action="store_true", help="print the whole answer as JSON, not just the token"
     )
@@ -314,18 +302,11 @@ def read_secret(value: str, flag: str) -> str:
 
 
 def _exchange(args: argparse.Namespace) -> int:
-    from felix.control.client import ControlClient  # httpx and pydantic: only when needed
+    from felix.control.cliargs import open_client
 
     tenant = _tenant(args)
     issuer_token = read_secret(args.issuer_token, "--issuer-token")
-    if not args.timeout > 0:
-        raise ConfigError(f"--timeout must be positive, got {args.timeout}")
-    if (args.cert is None) != (args.key is None):
-        raise ConfigError("--cert and --key go together")
-    cert = (args.cert, args.key) if args.cert is not None else None
-    with ControlClient(
-        args.url, timeout=args.timeout, ca=args.ca, cert=cert, token=issuer_token
-    ) as api:
+    with open_client(args, token=issuer_token) as api:
         answer = api.exchange_token(tenant, args.permissions or None)
     print(json.dumps(answer) if args.json else answer["access_token"])
     return 0

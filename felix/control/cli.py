@@ -64,7 +64,8 @@ from typing import Any
 from felix.auth.cli import read_secret
 from felix.auth.perms import PermissionSet
 from felix.auth.tokens import read_unverified_claims
-from felix.control.client import DEFAULT_URL, ControlClient
+from felix.control.cliargs import add_connection_arguments, open_client
+from felix.control.client import ControlClient
 from felix.control.model import PARENT, Kind, Path, Resource
 from felix.control.store import AlreadyExists
 from felix.errors import BadRequest, ConfigError, NotFound
@@ -199,31 +200,7 @@ def _command(
         parser.add_argument("--tenant", default="default", help="tenant (default: default)")
     if kind in (Kind.STREAM, Kind.CACHE):
         parser.add_argument("--namespace", default="default", help="namespace (default: default)")
-    group = parser.add_argument_group("connection")
-    group.add_argument(
-        "--url", help=f"control-plane URL (default: $FELIX_CONTROL_URL or {DEFAULT_URL})"
-    )
-    group.add_argument(
-        "--token",
-        help="bearer token: a Felix token or the admin token (default: $FELIX_CONTROL_TOKEN)",
-    )
-    group.add_argument(
-        "--timeout", type=float, default=10.0, metavar="SECONDS", help="per request (10)"
-    )
-    group.add_argument(
-        "--ca",
-        metavar="FILE",
-        help="CA (PEM) verifying an https URL (default: $FELIX_CONTROL_CA, else the system store)",
-    )
-    group.add_argument(
-        "--cert",
-        metavar="FILE",
-        help="client certificate (PEM) for a control plane that requires one (mTLS; "
-        "default: $FELIX_CONTROL_CERT)",
-    )
-    group.add_argument(
-        "--key", metavar="FILE", help="its private key (default: $FELIX_CONTROL_KEY)"
-    )
+    add_connection_arguments(parser.add_argument_group("connection"))
     parser.add_argument("--json", action="store_true", help="print JSON (one object per line)")
     return parser
 
@@ -232,14 +209,7 @@ def _with_client(
     command: Callable[[ControlClient, argparse.Namespace, Kind], int], kind: Kind
 ) -> Command:
     def run(args: argparse.Namespace) -> int:
-        if args.timeout <= 0:
-            raise ConfigError(f"--timeout must be positive, got {args.timeout}")
-        if (args.cert is None) != (args.key is None):
-            raise ConfigError("--cert and --key go together")
-        cert = (args.cert, args.key) if args.cert is not None else None
-        with ControlClient(
-            args.url, timeout=args.timeout, token=args.token, ca=args.ca, cert=cert
-        ) as client:
+        with open_client(args) as client:
             return command(client, args, kind)
 
     return run

@@ -117,6 +117,30 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _write_temporary(path: Path, data: bytes, mode: int) -> Path:
+    """A new temporary file beside ``path`` holding ``data`` (mode ``mode``), fsynced.
+
+    Removed again if anything fails; the caller moves it into place and removes it.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # whatever the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
 def _write_atomically(path: Path, data: bytes, mode: int) -> None:
     """Replace ``path`` with ``data`` (file mode ``mode``, whatever the umask) atomically.
 
@@ -124,18 +148,8 @@ def _write_atomically(path: Path, data: bytes, mode: int) -> None:
     over ``path``, and the directory is fsynced. On any failure the temporary file is
     removed and ``path`` is untouched.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, mode)
+    tmp = _write_temporary(path, data, mode)
     try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -275,16 +289,9 @@ def admin_token(path: Path) -> str:
     try:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(tmp, flags, _RING_MODE)
+            fresh = (secrets.token_urlsafe(32) + "\n").encode("ascii")
+            tmp = _write_temporary(path, fresh, _RING_MODE)
             try:
-                try:
-                    os.fchmod(fd, _RING_MODE)
-                    os.write(fd, (secrets.token_urlsafe(32) + "\n").encode("ascii"))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
                 with contextlib.suppress(FileExistsError):  # someone else made it first
                     os.link(tmp, path)
             finally:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 
 class NodeProcess:
@@ -95,3 +100,49 @@ class NodeProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for servers that need it up front)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def control_process(
+    log_path: Path, *args: str, scheme: str = "http", http: httpx.Client | None = None
+) -> Iterator[str]:
+    """`felix control --listen 127.0.0.1:PORT ARGS...` running; yields its URL.
+
+    Ready once ``GET /v1/system/health`` answers 200 through ``http`` (default: a
+    plain client; pass one with the CA/client certificate for https). Stopped with
+    SIGTERM (then SIGKILL of its process group) on exit; output goes to ``log_path``.
+    """
+    port = free_port()
+    url = f"{scheme}://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "felix.cli", "control", "--listen", f"127.0.0.1:{port}", *args]
+    with log_path.open("wb") as log, contextlib.ExitStack() as stack:
+        probe = http if http is not None else stack.enter_context(httpx.Client(timeout=1))
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    if probe.get(f"{url}/v1/system/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise AssertionError(
+                        f"felix control did not start:\n{log_path.read_text(errors='replace')}"
+                    )
+                time.sleep(0.1)
+            yield url
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

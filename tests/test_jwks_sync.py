@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -45,7 +44,7 @@ from felix.node.jwks_sync import (
     SyncSchedule,
 )
 from tests.aio import run
-from tests.nodeproc import NodeProcess
+from tests.nodeproc import NodeProcess, control_process
 
 PERIOD = 30.0
 PERMS = PermissionSet("acme", ["stream.publish:stream:acme/default/*"])
@@ -334,13 +333,6 @@ def test_follower_reports_tenants_from_the_snapshot_and_the_feed() -> None:
 # -- end to end: felix control + felix up --control-url, own data dirs -----------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _felix(*args: str) -> str:
     out = subprocess.run(
         [sys.executable, "-m", "felix.cli", *args], capture_output=True, text=True, timeout=30
@@ -358,54 +350,23 @@ def _kid(token: str) -> str:
 @pytest.fixture
 def control(tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
     """``felix control --auth`` with its own data dir, rotating every 10 s (8 s ahead)."""
-    port = _free_port()
     data = tmp_path / "control"
     data.mkdir()
-    api = f"http://127.0.0.1:{port}"
-    log = (tmp_path / "control.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "felix.cli",
-            "control",
-            "--auth",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--store",
-            f"sqlite:///{data / 'control.db'}",
-            "--keys-dir",
-            str(data / "auth"),
-            "--admin-token-file",
-            str(data / "admin-token"),
-            "--key-rotation-interval",
-            "10",
-            "--key-publish-lead",
-            "8",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{api}/v1/system/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "control did not start"
-            time.sleep(0.1)
+    with control_process(
+        tmp_path / "control.log",
+        "--auth",
+        "--store",
+        f"sqlite:///{data / 'control.db'}",
+        "--keys-dir",
+        str(data / "auth"),
+        "--admin-token-file",
+        str(data / "admin-token"),
+        "--key-rotation-interval",
+        "10",
+        "--key-publish-lead",
+        "8",
+    ) as api:
         yield api, data, (data / "admin-token").read_text().strip()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.mark.timeout(120)

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
-import signal
-import socket
 import ssl
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +33,7 @@ from felix.quic import (
 )
 from felix.tls import NodeCerts, ensure_node_certificates, issue_client_certificate
 from tests.aio import run
-from tests.nodeproc import NodeProcess
+from tests.nodeproc import NodeProcess, control_process
 from tests.rawquic import RawPeer
 
 pytestmark = pytest.mark.timeout(90)
@@ -316,12 +312,6 @@ async def raw_connect(
 # -- the control plane over https with client certificates ---------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def control_mtls(tmp_path: Path) -> Iterator[tuple[str, Pki]]:
     """`felix control` on https, requiring client certificates from its own CA."""
@@ -341,49 +331,21 @@ def control_mtls(tmp_path: Path) -> Iterator[tuple[str, Pki]]:
         ),
     )
     assert node.ca_cert is not None
-    port = _free_port()
-    log = (tmp_path / "control.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "felix.cli",
-            "control",
-            "--listen",
-            f"127.0.0.1:{port}",
+    with (
+        _https(pki, pki.good) as probe,
+        control_process(
+            tmp_path / "control.log",
             "--store",
             f"sqlite:///{tmp_path / 'control.db'}",
             "--tls-dir",
             str(tls_dir),
             "--tls-client-ca",
             str(node.ca_cert),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"https://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with _https(pki, pki.good) as http:
-                    if http.get(f"{url}/v1/system/health").status_code == 200:
-                        break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise AssertionError((tmp_path / "control.log").read_text(errors="replace"))
-            time.sleep(0.1)
+            scheme="https",
+            http=probe,
+        ) as url,
+    ):
         yield url, pki
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def _https(pki: Pki, cert: tuple[Path, Path] | None) -> httpx.Client:

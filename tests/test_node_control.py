@@ -11,7 +11,7 @@ import pytest
 
 import felix
 from tests.aio import run
-from tests.nodeproc import NodeProcess
+from tests.nodeproc import NodeProcess, control_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -79,39 +79,8 @@ def test_streams_and_caches_defined_through_the_api_reach_the_broker(node: NodeP
 
 
 def test_node_follows_a_separate_control_plane(tmp_path: Path) -> None:
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    api = f"http://127.0.0.1:{port}"
-    control = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "felix.cli",
-            "control",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--store",
-            f"sqlite:///{tmp_path / 'control.db'}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{api}/v1/system/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and control.poll() is None, "control did not start"
-            time.sleep(0.1)
+    store = f"sqlite:///{tmp_path / 'control.db'}"
+    with control_process(tmp_path / "control.log", "--store", store) as api:
         base = f"{api}/v1/tenants"
         assert httpx.post(base, json={"name": "acme"}).status_code == 201
         assert httpx.post(f"{base}/acme/namespaces", json={"name": "prod"}).status_code == 201
@@ -137,9 +106,6 @@ def test_node_follows_a_separate_control_plane(tmp_path: Path) -> None:
             run(main, timeout=30)
         finally:
             node.stop()
-    finally:
-        control.terminate()
-        control.wait(10)
 
 
 def test_node_with_auth_serves_token_holders_only(tmp_path: Path) -> None:

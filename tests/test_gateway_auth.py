@@ -58,26 +58,6 @@ def ext(frame: wire.Frame) -> wire.ExtMessage:
     return wire.decode_ext(frame)
 
 
-def test_tokens_are_required_and_checked(tmp_path: Path) -> None:
-    other = TenantKeyRing.create("acme", time.time())  # same tenant, keys nobody published
-
-    async def main() -> None:
-        async with node(tmp_path) as n:
-            peer = await raw_connect(n.host, n.port, n.ca_file)
-            for bad in ["", "not-a-jwt", token(tenant_ring=other), token()[:-3] + "AAA"]:
-                _, reply = await authed(peer, bad)
-                assert reply["type"] == "error" and "unauthenticated" in reply["message"]
-            # The frame may not name another tenant than the token's.
-            _, reply = await authed(peer, token(), tenant="globex")
-            assert reply["type"] == "error"
-            _, reply = await authed(peer, token(), tenant="acme")
-            assert reply["type"] == "auth_ok"
-            assert n.gateway.auth_failures == 5
-            peer.close()
-
-    run(main)
-
-
 def test_every_request_is_checked_against_the_token_permissions(tmp_path: Path) -> None:
     async def main() -> None:
         async with node(tmp_path) as n:
@@ -136,22 +116,6 @@ def test_an_expired_token_closes_the_connection_unless_refreshed(tmp_path: Path)
             assert kept.close_reason is None
             assert n.gateway.expired_sessions == 1
             kept.close()
-
-    run(main)
-
-
-def test_a_source_that_keeps_failing_is_shut_out(tmp_path: Path) -> None:
-    async def main() -> None:
-        async with node(tmp_path) as n:
-            n.gateway.auth_limiter = FailureLimiter(max_failures=3, window=60)
-            peer = await raw_connect(n.host, n.port, n.ca_file)
-            for _ in range(3):
-                await authed(peer, "garbage")
-            sid = peer.new_stream()
-            peer.send(sid, wire.encode_message({"type": "auth", "tenant_id": "", "token": token()}))
-            await peer.wait_for(lambda: peer.close_reason is not None)
-            assert peer.close_reason is not None
-            assert "too many failed" in peer.close_reason.reason_phrase
 
     run(main)
 

@@ -1,428 +1,81 @@
-"""Client connections to a gateway: one QUIC connection, one session per client stream.
+"""Client connections to a gateway: the shell around each connection's protocol core.
 
-How it works: every client-opened QUIC stream is a :class:`StreamSession` that
-must start with JSON ``auth`` (under the pre-auth frame cap and a deadline),
-negotiates the felix extension bit, then carries requests: extension frames, or
-v1 frames translated by felix/gateway/v1.py. Requests go to the shared
-:class:`~felix.gateway.gateway.Gateway`, which forwards them to shards and routes
-replies and events back to the connection (docs/wire-protocol.md, "Sessions").
-Failed authentications, permission denials and connections closed at their
-token's expiry are written to the audit log (felix/audit.py).
+How it works: the protocol rules of a connection (auth handshake, flags,
+admission, deadlines) are in :class:`~felix.gateway.session.GatewaySession`,
+which does no I/O. This module carries out what it decides:
+
+- :class:`ConnectionShell` feeds a session what arrives (client bytes, shard
+  replies, the time), performs the actions it hands back (write on a stream,
+  forward to a shard through the :class:`~felix.gateway.gateway.Gateway`,
+  stop a stream, close the connection, write an audit line) and arms one timer
+  at the session's next deadline. It is what the gateway and subscriptions see
+  as a connection, and it writes through a :class:`StreamTransport`: the QUIC
+  connection below, or an in-memory one in tests.
+- :class:`GatewayConnection` is the QUIC side: the engine's hooks feed the
+  shell, and it is the shell's transport.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from felix import audit, ipc, wire
-from felix.errors import (
-    BadRequest,
-    FelixError,
-    Overloaded,
-    PermissionDenied,
-    RemoteProtocolError,
-    Unauthenticated,
-    Unavailable,
-)
-from felix.gateway import v1
-from felix.gateway.auth import Identity
-from felix.gateway.gateway import (
-    CLOSE_AUTH_FAILED,
-    CLOSE_AUTH_TIMEOUT,
-    CLOSE_OVERLOADED,
-    CLOSE_PROTOCOL_ERROR,
-    CLOSE_TOKEN_EXPIRED,
-    SUPPORTED_FLAGS,
-    Gateway,
-    _Pending,
+from felix.errors import FelixError
+from felix.gateway.gateway import CLOSE_OVERLOADED, Gateway, _Pending
+from felix.gateway.session import (
+    Action,
+    Audit,
+    CloseConnection,
+    Credit,
+    Forward,
+    GatewaySession,
+    Send,
+    StopStream,
+    Subscribe,
+    Unsubscribe,
 )
 from felix.gateway.subscription import MAX_CREDIT, Subscription
 from felix.ipc import Kind
-from felix.names import validate_name
 from felix.quic.protocol import FelixQuicProtocol
 
-
-class _SessionState(enum.Enum):
-    AWAIT_AUTH = "await_auth"
-    READY = "ready"
-    CLOSED = "closed"
+#: Arms the shell's one timer: called with the absolute time (shell clock) or None.
+ArmTimer = Callable[[float | None], None]
 
 
-class StreamSession:
-    """One client-opened QUIC stream: auth handshake, then requests."""
+class StreamTransport(Protocol):
+    """What a shell writes through (FelixQuicProtocol's surface)."""
 
-    __slots__ = (
-        "conn",
-        "deadline",
-        "flags",
-        "identity",
-        "in_flight",
-        "input_ended",
-        "reader",
-        "state",
-        "stream_id",
-        "tenant",
-        "uni",
-    )
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None: ...
 
-    def __init__(self, conn: GatewayConnection, stream_id: int) -> None:
-        self.conn = conn
-        self.stream_id = stream_id
-        self.uni = bool(stream_id & 0x2)
-        limits = conn.gateway.limits
-        self.reader = wire.FrameReader(limits.max_frame_pre_auth)
-        self.state = _SessionState.AWAIT_AUTH
-        self.flags = 0
-        self.tenant = ""
-        self.identity: Identity | None = None
-        self.in_flight = 0
-        self.input_ended = False
-        loop = asyncio.get_running_loop()
-        self.deadline: asyncio.TimerHandle | None = loop.call_later(
-            limits.auth_timeout, self._auth_expired
-        )
+    def stop_stream(self, stream_id: int, error_code: int) -> None: ...
 
-    # -- output ---------------------------------------------------------------------
+    def close(self, error_code: int = 0, reason_phrase: str = "") -> None: ...
 
-    def send(self, frame: bytes) -> None:
-        if self.state is not _SessionState.CLOSED and not self.uni:
-            self.conn.send_stream_data(self.stream_id, frame)
+    def next_stream_id(self, unidirectional: bool = False) -> int: ...
 
-    def send_error(self, request_id: int, exc: FelixError) -> None:
-        code = exc.code or BadRequest.code
-        self.send(wire.encode_error(request_id, code, str(exc)))
-
-    def fail(self, message: str, code: int = CLOSE_PROTOCOL_ERROR) -> None:
-        """A protocol error: tell the client (v1 ``error``) and close this stream."""
-        self.conn.gateway.protocol_errors += 1
-        if self.state is not _SessionState.CLOSED:
-            if not self.uni:
-                self.conn.send_stream_data(
-                    self.stream_id,
-                    wire.encode_message({"type": "error", "message": message}),
-                    end_stream=True,
-                )
-            self.conn.stop_stream(self.stream_id, code)
-        self.close()
-
-    @property
-    def closed(self) -> bool:
-        return self.state is _SessionState.CLOSED
-
-    def end_input(self) -> None:
-        """The client sent FIN: answer what is in flight, then FIN our side too."""
-        self.input_ended = True
-        if not self.in_flight:
-            self.finish()
-
-    def finish(self) -> None:
-        if self.state is not _SessionState.CLOSED and not self.uni:
-            self.conn.send_stream_data(self.stream_id, b"", end_stream=True)
-        self.close()
-        self.conn.sessions.pop(self.stream_id, None)
-
-    def close(self) -> None:
-        self.state = _SessionState.CLOSED
-        if self.deadline is not None:
-            self.deadline.cancel()
-            self.deadline = None
-
-    def _auth_expired(self) -> None:
-        self.deadline = None
-        if self.state is _SessionState.AWAIT_AUTH:
-            self.fail("no auth frame within the deadline", CLOSE_AUTH_TIMEOUT)
-
-    # -- input ----------------------------------------------------------------------
-
-    def feed(self, data: bytes) -> None:
-        if self.state is _SessionState.CLOSED:
-            return
-        try:
-            self.reader.feed(data)
-            for frame in self.reader:
-                if self.state is _SessionState.AWAIT_AUTH:
-                    self._auth(frame)
-                elif frame.flags == wire.FLAG_FELIX_EXT:
-                    self._ext(frame)
-                elif frame.flags == wire.FLAG_JSON:
-                    self._v1(v1.from_json, wire.decode_message(frame))
-                elif frame.flags in (0x0001, 0x0009):
-                    self._v1(v1.from_binary, wire.decode_publish_batch(frame))
-                else:
-                    raise RemoteProtocolError(
-                        f"a client does not send frames with flags 0x{frame.flags:04x}"
-                    )
-                if self.closed:
-                    return
-        except RemoteProtocolError as exc:
-            self.fail(str(exc))
-
-    def _auth(self, frame: wire.Frame) -> None:
-        if frame.flags != 0:
-            raise RemoteProtocolError("the first frame on a stream must be a JSON auth message")
-        msg = wire.decode_message(frame)
-        if msg["type"] != "auth":
-            raise RemoteProtocolError(f"expected auth, got {msg['type']}")
-        conn = self.conn
-        gateway = conn.gateway
-        source, now = conn.peer, time.monotonic()
-        if gateway.auth_limiter.blocked(source, now):
-            _audit_auth(conn, "session.auth", msg.get("tenant_id"), "rate-limited", "anonymous")
-            conn.close(CLOSE_AUTH_FAILED, "too many failed authentications; wait")
-            self.close()
-            return
-        try:
-            identity = gateway.authenticator.authenticate(msg["token"], msg["tenant_id"])
-            conn.admit(identity)
-        except FelixError as exc:
-            gateway.auth_failures += 1
-            gateway.auth_limiter.failed(source, now)
-            _audit_auth(conn, "session.auth", msg.get("tenant_id"), _reason(exc), "anonymous", exc)
-            self.fail(f"unauthenticated: {exc}")
-            return
-        self.identity = identity
-        self.tenant = identity.tenant
-        limits = self.conn.gateway.limits
-        self.reader.max_frame_size = limits.max_frame
-        self.state = _SessionState.READY
-        if self.deadline is not None:
-            self.deadline.cancel()
-            self.deadline = None
-        offered = msg.get("client_flags")
-        if offered is None:
-            self.send(wire.encode_message({"type": "ok"}))
-            return
-        self.flags = offered & SUPPORTED_FLAGS
-        self.reader.accept_flags = wire.FLAGS_V1 | (self.flags & wire.FLAG_FELIX_EXT)
-        self.send(wire.encode_message({"type": "auth_ok", "server_flags": self.flags}))
-
-    def _ext(self, frame: wire.Frame) -> None:
-        gateway = self.conn.gateway
-        gateway.requests += 1
-        try:
-            msg = wire.decode_ext(frame)
-        except RemoteProtocolError as exc:
-            prefix = wire.ext_request_id(frame)
-            if prefix is None:
-                raise
-            self.send_error(prefix[1], BadRequest(str(exc)))
-            return
-        try:
-            self._dispatch(msg, frame)
-        except FelixError as exc:
-            self.send_error(msg.request_id, exc)
-
-    def _dispatch(self, msg: wire.ExtMessage, frame: wire.Frame) -> None:
-        gateway = self.conn.gateway
-        conn = self.conn
-        if gateway.draining:
-            raise Unavailable("node is draining; reconnect")
-        op = msg.opcode
-        if isinstance(msg, wire.Reauth):
-            # A fresh token for this connection's tenant: new permissions, new deadline.
-            try:
-                identity = gateway.authenticator.authenticate(msg.token, self.tenant)
-                conn.admit(identity)
-            except FelixError as exc:
-                gateway.auth_failures += 1
-                who = self.identity.subject if self.identity is not None else "anonymous"
-                _audit_auth(conn, "session.reauth", self.tenant, _reason(exc), who, exc)
-                raise Unauthenticated(str(exc)) from None
-            self.identity = identity
-            self.send(wire.encode_ok(msg.request_id))
-            return
-        if op == wire.OP_PING:
-            self.send(wire.encode_ok(msg.request_id))
-            return
-        if isinstance(msg, wire.SubscriptionOp):
-            sub = conn.subscriptions.get(msg.subscription_id)
-            if sub is None:
-                raise BadRequest(f"no subscription {msg.subscription_id} on this connection")
-            if op == wire.OP_CREDIT:
-                gateway.credit(sub, msg.credit)
-            else:
-                gateway.unsubscribe(sub)
-                conn.end_subscription(sub, 0, "unsubscribed")
-            self.send(wire.encode_ok(msg.request_id))
-            return
-        if conn.in_flight >= gateway.limits.max_in_flight_per_connection:
-            gateway.overloaded += 1
-            raise Overloaded("too many requests in flight on this connection")
-        if isinstance(msg, wire.CacheRequest):
-            self._check_scope(msg.tenant_id, msg.namespace, "cache", msg.cache, _cache_action(op))
-            key = f"{msg.tenant_id}/{msg.namespace}/{msg.cache}/{msg.key}"
-            subscription = None
-        elif isinstance(msg, wire.Publish):
-            self._check_scope(msg.tenant_id, msg.namespace, "stream", msg.stream, "stream.publish")
-            key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
-            subscription = None
-        elif isinstance(msg, wire.Subscribe):
-            self._check_scope(
-                msg.tenant_id, msg.namespace, "stream", msg.stream, "stream.subscribe"
-            )
-            key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
-            subscription = self._new_subscription(msg, key)
-        else:
-            raise BadRequest(f"opcode 0x{op:02x} is not a request")
-        shard = gateway.shard_for(key) if subscription is None else subscription.shard
-        token = gateway.token() if subscription is None else subscription.token
-        pending = _Pending(conn, self, msg.request_id, shard, subscription)
-        pending.quiet = isinstance(msg, wire.Publish) and msg.ack == wire.ACK_NONE
-        sent = gateway.forward(pending, token, ipc.encode(Kind.REQUEST, token, 0, frame.to_bytes()))
-        if subscription is not None and not sent:
-            gateway.unsubscribe(subscription)  # could not be sent: forget it
-
-    def _v1(self, translate: Callable[[Any], v1.V1Request], msg: Any) -> None:
-        """A v1 request: translate it, forward it, answer in v1 form."""
-        gateway = self.conn.gateway
-        gateway.requests += 1
-        try:
-            req = translate(msg)
-            if gateway.draining:
-                raise Unavailable("node is draining; reconnect")
-            tenant, namespace, name = req.names
-            self._check_scope(
-                tenant,
-                namespace,
-                "cache" if req.kind == "cache" else "stream",
-                name,
-                _v1_action(req),
-            )
-            if self.conn.in_flight >= gateway.limits.max_in_flight_per_connection:
-                gateway.overloaded += 1
-                raise Overloaded("too many requests in flight on this connection")
-        except FelixError as exc:
-            self.send(wire.encode_message({"type": "error", "message": str(exc)}))
-            return
-        if req.kind == "subscribe":
-            self._v1_subscribe(req)
-            return
-        token = gateway.token()
-        shard = gateway.shard_for(req.route_key)
-        pending = _Pending(self.conn, self, 0, shard, None, req.translate)
-        gateway.forward(pending, token, ipc.encode(Kind.REQUEST, token, 0, req.frame))
-
-    def _v1_subscribe(self, req: v1.V1Request) -> None:
-        conn = self.conn
-        gateway = conn.gateway
-        sub_id = req.subscription_id
-        if sub_id is None:
-            conn.next_v1_subscription += 1
-            sub_id = conn.next_v1_subscription
-        try:
-            if sub_id in conn.subscriptions:
-                raise BadRequest(f"subscription {sub_id} already exists")
-            if len(conn.subscriptions) >= gateway.limits.max_subscriptions_per_connection:
-                raise Overloaded("too many subscriptions on this connection")
-            frame = wire.encode_subscribe(
-                0,
-                *req.names,
-                sub_id,
-                start=req.start,  # type: ignore[arg-type]
-                credit=0,
-            )
-        except FelixError as exc:
-            self.send(wire.encode_message({"type": "error", "message": str(exc)}))
-            return
-        key = ipc.stream_key(*req.names)
-        sub = Subscription(
-            conn,
-            sub_id,
-            key,
-            gateway.shard_for(key),
-            gateway.token(),
-            0,
-            "drop_old",  # until the shard's SUBSCRIBED reply names the stream's policy
-        )
-        # v1 has no credit: the QUIC send buffer bound alone paces the subscriber.
-        sub.v1_offsets = bool(self.flags & wire.FLAG_EVENT_BATCH_OFFSETS)
-        sub.credit = MAX_CREDIT
-        conn.subscriptions[sub_id] = sub
-        gateway.add_subscription(sub)
-        pending = _Pending(conn, self, 0, sub.shard, sub, req.translate)
-        if not gateway.forward(pending, sub.token, ipc.encode(Kind.REQUEST, sub.token, 0, frame)):
-            gateway.unsubscribe(sub)
-
-    def _check_scope(self, tenant: str, namespace: str, kind: str, name: str, action: str) -> None:
-        if tenant != self.tenant:
-            self._audit_denied(action, f"{kind}:{tenant}/{namespace}/{name}", "other tenant")
-            raise PermissionDenied(f"this session belongs to tenant {self.tenant!r}")
-        validate_name("namespace", namespace)
-        validate_name(kind, name)
-        identity = self.identity
-        assert identity is not None  # requests are only served after auth
-        allowed = (
-            identity.allows_cache(action, namespace, name)
-            if kind == "cache"
-            else identity.allows_stream(action, namespace, name)
-        )
-        if not allowed:
-            self._audit_denied(action, f"{kind}:{tenant}/{namespace}/{name}", "not granted")
-            raise PermissionDenied(f"{action} on {kind} {tenant}/{namespace}/{name} is not granted")
-
-    def _audit_denied(self, action: str, obj: str, detail: str) -> None:
-        self.conn.gateway.permission_denials += 1
-        identity = self.identity
-        audit.emit(
-            "permission",
-            who=identity.subject if identity is not None else "anonymous",
-            source=self.conn.peer,
-            tenant=self.tenant,
-            action=action,
-            object=obj,
-            result="denied",
-            reason="permission-denied",
-            detail=detail,
-        )
-
-    def _new_subscription(self, msg: wire.Subscribe, key: str) -> Subscription:
-        conn = self.conn
-        gateway = conn.gateway
-        if msg.subscription_id in conn.subscriptions:
-            raise BadRequest(f"subscription {msg.subscription_id} already exists")
-        if len(conn.subscriptions) >= gateway.limits.max_subscriptions_per_connection:
-            raise Overloaded("too many subscriptions on this connection")
-        if not self.flags & wire.FLAG_FELIX_EXT:
-            raise BadRequest("subscriptions need the felix extension")
-        sub = Subscription(
-            conn,
-            msg.subscription_id,
-            key,
-            gateway.shard_for(key),
-            gateway.token(),
-            msg.credit,
-            "drop_old",  # until the shard's SUBSCRIBED reply names the stream's policy
-        )
-        conn.subscriptions[sub.sub_id] = sub
-        gateway.add_subscription(sub)
-        return sub
+    def send_buffer_size(self, stream_id: int | None = None) -> int: ...
 
 
-class GatewayConnection(FelixQuicProtocol):
-    """One client's QUIC connection to a gateway."""
+class ConnectionShell:
+    """One client connection as the gateway sees it: a session core and its I/O."""
 
-    #: Set on the per-gateway subclass created by :func:`connection_class`.
-    gateway: Gateway
-
-    def __init__(self, quic: object, stream_handler: object = None) -> None:
-        super().__init__(quic, stream_handler)
-        self.sessions: dict[int, StreamSession] = {}
+    def __init__(
+        self,
+        gateway: Gateway,
+        transport: StreamTransport,
+        *,
+        clock: Callable[[], float] = time.time,
+        arm_timer: ArmTimer | None = None,
+    ) -> None:
+        self.gateway = gateway
+        self.transport = transport
+        self._clock = clock
+        self._arm_timer = arm_timer
         self.subscriptions: dict[int, Subscription] = {}
-        self.in_flight = 0
-        # v1 subscribers may let the broker pick ids: above any id a client would pick.
-        self.next_v1_subscription = 1 << 48
-        # One tenant per connection (set by its first authenticated stream), and the
-        # latest expiry among the tokens it presented (wall clock; None: never).
-        self.tenant: str | None = None
-        self.subject = "anonymous"  # of the latest token admitted (for the audit log)
-        self.expires_at: float | None = None
-        self._expiry: asyncio.TimerHandle | None = None
-        self.peer = "?"
-        gateway = self.gateway
+        self.session = GatewaySession(gateway, "?", self.subscriptions)
         # Over the bound, the connection is refused as soon as its handshake completes
         # (a close sent earlier may not be readable by the client yet).
         self.refused = len(gateway.connections) >= gateway.limits.max_connections
@@ -431,102 +84,160 @@ class GatewayConnection(FelixQuicProtocol):
             return
         gateway.connections.add(self)
 
-    def _on_handshake_completed(self, alpn_protocol: str | None) -> None:
+    @property
+    def peer(self) -> str:
+        return self.session.peer
+
+    # -- input ------------------------------------------------------------------------
+
+    def handshake_completed(self) -> None:
         if self.refused:
             self.close(CLOSE_OVERLOADED, "gateway at its connection limit")
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        if self.peer == "?":
-            self.peer = str(addr[0])  # the source failed authentications are counted by
-        super().datagram_received(data, addr)
+    def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        self.session.receive(stream_id, data, end_stream, self._clock())
+        self._run()
 
-    # -- authentication -----------------------------------------------------------------
+    def stream_reset(self, stream_id: int) -> None:
+        self.session.stream_reset(stream_id)
+        self._run()
 
-    def admit(self, identity: Identity) -> None:
-        """Accept ``identity`` on this connection: same tenant as before, later expiry kept."""
-        if self.tenant is None:
-            self.tenant = identity.tenant
-        elif identity.tenant != self.tenant:
-            raise Unauthenticated(f"this connection belongs to tenant {self.tenant!r}")
-        self.subject = identity.subject
-        if identity.expires_at is None:
-            return
-        if self.expires_at is None or identity.expires_at > self.expires_at:
-            self.expires_at = identity.expires_at
-            if self._expiry is not None:
-                self._expiry.cancel()
-            delay = max(self.expires_at - time.time(), 0.0)
-            self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
+    def timer_fired(self) -> None:
+        self.session.handle_timer(self._clock())
+        self._run()
 
-    def _token_expired(self) -> None:
-        self._expiry = None
-        if self.expires_at is not None and time.time() < self.expires_at:
-            # Extended meanwhile by a fresh token (REAUTH): wait for the new deadline.
-            delay = self.expires_at - time.time()
-            self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
-            return
-        self.gateway.expired_sessions += 1
-        _audit_auth(self, "session.expire", self.tenant, "token-expired", self.subject)
-        self.close(CLOSE_TOKEN_EXPIRED, "token expired: reconnect with a fresh token")
-
-    # -- QUIC hooks ------------------------------------------------------------------
-
-    def _on_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
-        session = self.sessions.get(stream_id)
-        if session is None:
-            if stream_id & 0x1:  # server-initiated: our event streams take no input
-                return
-            if (
-                self.gateway.draining
-                or len(self.sessions) >= self.gateway.limits.max_streams_per_connection
-            ):
-                self.stop_stream(stream_id, CLOSE_PROTOCOL_ERROR)
-                return
-            session = self.sessions[stream_id] = StreamSession(self, stream_id)
-        if data:
-            session.feed(data)
-        if end_stream:
-            session.end_input()
-
-    def _on_stream_reset(self, stream_id: int, error_code: int) -> None:
-        session = self.sessions.pop(stream_id, None)
-        if session is not None:
-            session.close()
-
-    def _on_connection_terminated(
-        self, error_code: int, frame_type: int | None, reason_phrase: str
-    ) -> None:
-        for session in self.sessions.values():
-            session.close()
-        self.sessions.clear()
+    def connection_terminated(self) -> None:
+        self.session.connection_lost()
         self.gateway.connection_lost(self)
+        self._run()
 
-    # -- subscriptions --------------------------------------------------------------
+    # -- what the gateway calls ---------------------------------------------------------
+
+    def reply(self, pending: _Pending, frame: bytes) -> None:
+        self.session.reply(pending.stream_id, frame)
+        self._run()
+
+    def reply_error(self, pending: _Pending, exc: FelixError) -> None:
+        self.session.reply_error(pending.stream_id, pending.request_id, exc)
+        self._run()
+
+    def settle(self, pending: _Pending) -> None:
+        self.session.settle(pending.stream_id)
+        self._run()
+
+    def close(self, error_code: int, reason: str) -> None:
+        self.session.close(error_code, reason)
+        self._run()
+
+    def send_buffer_size(self) -> int:
+        return self.transport.send_buffer_size()
+
+    # -- performing the session's actions -----------------------------------------------
+
+    def _run(self) -> None:
+        actions = self.session.actions()
+        while actions:
+            for action in actions:
+                self._perform(action)
+            actions = self.session.actions()
+        if self._arm_timer is not None:
+            self._arm_timer(self.session.get_timer())
+
+    def _perform(self, action: Action) -> None:
+        transport = self.transport
+        if isinstance(action, Send):
+            transport.send_stream_data(action.stream_id, action.data, action.end_stream)
+        elif isinstance(action, Forward):
+            self._forward(action)
+        elif isinstance(action, Subscribe):
+            self._subscribe(action)
+        elif isinstance(action, Credit):
+            sub = self.subscriptions.get(action.sub_id)
+            if sub is not None:
+                self.gateway.credit(sub, action.credit)
+        elif isinstance(action, Unsubscribe):
+            sub = self.subscriptions.get(action.sub_id)
+            if sub is not None:
+                self.gateway.unsubscribe(sub)
+                self.end_subscription(sub, 0, "unsubscribed")
+        elif isinstance(action, StopStream):
+            transport.stop_stream(action.stream_id, action.code)
+        elif isinstance(action, CloseConnection):
+            transport.close(action.code, action.reason)
+        elif isinstance(action, Audit):
+            audit.emit(
+                action.event,
+                who=action.who,
+                source=action.source,
+                tenant=action.tenant,
+                action=action.action,
+                object=action.object,
+                result="denied",
+                reason=action.reason,
+                detail=action.detail,
+            )
+
+    def _forward(self, action: Forward) -> None:
+        gateway = self.gateway
+        token = gateway.token()
+        shard = gateway.shard_for(action.key)
+        pending = _Pending(self, action.stream_id, action.request_id, shard, None, action.translate)
+        pending.quiet = action.quiet
+        if not gateway.forward(pending, token, ipc.encode(Kind.REQUEST, token, 0, action.frame)):
+            self.session.settle(action.stream_id)
+
+    def _subscribe(self, action: Subscribe) -> None:
+        gateway = self.gateway
+        key = action.key
+        sub = Subscription(
+            self,
+            action.sub_id,
+            key,
+            gateway.shard_for(key),
+            gateway.token(),
+            action.credit,
+            "drop_old",  # until the shard's SUBSCRIBED reply names the stream's policy
+        )
+        if action.v1_offsets is not None:
+            # v1 has no credit: the QUIC send buffer bound alone paces the subscriber.
+            sub.v1_offsets = action.v1_offsets
+            sub.credit = MAX_CREDIT
+        self.subscriptions[sub.sub_id] = sub
+        gateway.add_subscription(sub)
+        pending = _Pending(
+            self, action.stream_id, action.request_id, sub.shard, sub, action.translate
+        )
+        record = ipc.encode(Kind.REQUEST, sub.token, 0, action.frame)
+        if not gateway.forward(pending, sub.token, record):
+            gateway.unsubscribe(sub)  # could not be sent: forget it
+            self.session.settle(action.stream_id)
+
+    # -- subscriptions ------------------------------------------------------------------
 
     def open_event_stream(self, sub: Subscription) -> None:
-        sub.event_stream = self.next_stream_id(unidirectional=True)
+        sub.event_stream = self.transport.next_stream_id(unidirectional=True)
         hello = wire.encode_message({"type": "event_stream_hello", "subscription_id": sub.sub_id})
-        self.send_stream_data(sub.event_stream, hello)
+        self.transport.send_stream_data(sub.event_stream, hello)
 
     def event_stream_backlog(self, sub: Subscription) -> int:
         if sub.event_stream is None:
             return 0
-        return self.send_buffer_size(sub.event_stream)
+        return self.transport.send_buffer_size(sub.event_stream)
 
     def send_events(self, sub: Subscription, frame: bytes, base: int, count: int) -> None:
         assert sub.event_stream is not None
-        self.send_stream_data(sub.event_stream, frame)
+        self.transport.send_stream_data(sub.event_stream, frame)
         sub.delivered(base, count)
 
     def send_slow_consumer(self, sub: Subscription, first_dropped: int, dropped: int) -> None:
         if sub.event_stream is not None:
-            self.send_stream_data(
+            self.transport.send_stream_data(
                 sub.event_stream, wire.encode_slow_consumer(sub.sub_id, first_dropped, dropped)
             )
 
     def end_subscription(self, sub: Subscription, code: int, message: str) -> None:
         if sub.event_stream is not None:
-            self.send_stream_data(
+            self.transport.send_stream_data(
                 sub.event_stream,
                 wire.encode_subscription_end(sub.sub_id, code, message),
                 end_stream=True,
@@ -534,48 +245,60 @@ class GatewayConnection(FelixQuicProtocol):
             sub.event_stream = None
 
 
+class GatewayConnection(FelixQuicProtocol):
+    """One client's QUIC connection to a gateway: engine hooks in, shell actions out."""
+
+    #: Set on the per-gateway subclass created by :func:`connection_class`.
+    gateway: Gateway
+
+    def __init__(self, quic: object, stream_handler: object = None) -> None:
+        super().__init__(quic, stream_handler)
+        self._session_timer: asyncio.TimerHandle | None = None
+        self._session_timer_at: float | None = None
+        self.shell = ConnectionShell(self.gateway, self, arm_timer=self._arm)
+
+    def _arm(self, when: float | None) -> None:
+        """Keep one loop timer at ``when`` (wall clock, as the session's)."""
+        if when == self._session_timer_at:
+            return
+        if self._session_timer is not None:
+            self._session_timer.cancel()
+            self._session_timer = None
+        self._session_timer_at = when
+        if when is not None:
+            delay = max(when - time.time(), 0.0)
+            self._session_timer = asyncio.get_running_loop().call_later(delay, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._session_timer = None
+        self._session_timer_at = None
+        self.shell.timer_fired()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        session = self.shell.session
+        if session.peer == "?":
+            session.peer = str(addr[0])  # the source failed authentications are counted by
+        super().datagram_received(data, addr)
+
+    # -- QUIC hooks ------------------------------------------------------------------
+
+    def _on_handshake_completed(self, alpn_protocol: str | None) -> None:
+        self.shell.handshake_completed()
+
+    def _on_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        self.shell.stream_data(stream_id, data, end_stream)
+
+    def _on_stream_reset(self, stream_id: int, error_code: int) -> None:
+        self.shell.stream_reset(stream_id)
+
+    def _on_connection_terminated(
+        self, error_code: int, frame_type: int | None, reason_phrase: str
+    ) -> None:
+        self._arm(None)
+        self.shell.connection_terminated()
+
+
 def connection_class(gateway: Gateway) -> type[GatewayConnection]:
     """A GatewayConnection subclass bound to ``gateway`` (the engine's server creates instances)."""
     attrs: dict[str, object] = {"gateway": gateway}
     return type("BoundGatewayConnection", (GatewayConnection,), attrs)
-
-
-def _reason(exc: FelixError) -> str:
-    """The audit log's reason code for a refusal (as the control plane's problem slugs)."""
-    if isinstance(exc, PermissionDenied):
-        return "permission-denied"
-    if isinstance(exc, Unauthenticated):
-        return "unauthenticated"
-    return "bad-request"
-
-
-def _audit_auth(
-    conn: GatewayConnection,
-    action: str,
-    tenant: object,
-    reason: str,
-    who: str,
-    exc: FelixError | None = None,
-) -> None:
-    """An authentication refused (or a session ended at its token's expiry): one audit line."""
-    audit.emit(
-        "auth",
-        who=who,
-        source=conn.peer,
-        tenant=tenant if isinstance(tenant, str) and tenant else None,
-        action=action,
-        object="session",
-        result="denied",
-        reason=reason,
-        detail=None if exc is None else str(exc),
-    )
-
-
-def _cache_action(opcode: int) -> str:
-    return "cache.read" if opcode in (wire.OP_CACHE_GET, wire.OP_CACHE_TTL) else "cache.write"
-
-
-def _v1_action(req: v1.V1Request) -> str:
-    if req.kind == "cache":
-        return _cache_action(req.frame[wire.HEADER_SIZE])
-    return "stream.subscribe" if req.kind == "subscribe" else "stream.publish"

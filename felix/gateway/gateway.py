@@ -2,10 +2,10 @@
 
 How it works:
 
-- Every client-opened QUIC stream is a :class:`StreamSession` that must start
-  with JSON ``auth`` (under a 64 KiB frame cap and a deadline), negotiates the
-  felix extension bit, then carries extension frames (docs/wire-protocol.md,
-  "Sessions").
+- Every client connection is a protocol core (felix/gateway/session.py: the
+  auth handshake, flags, admission and deadlines of each of its streams) in a
+  shell that performs its actions (felix/gateway/connection.py); the shell is
+  what this module calls a connection (docs/wire-protocol.md, "Sessions").
 - A request is forwarded to the shard that owns its stream or cache key as a
   ring record carrying the client's frame unchanged and a gateway token; the
   shard's reply frame comes back with the token and is written to the client's
@@ -48,7 +48,7 @@ from felix.ipc import Kind
 from felix.shard.core import POLICY_NAMES
 
 if TYPE_CHECKING:
-    from felix.gateway.connection import GatewayConnection, StreamSession
+    from felix.gateway.connection import ConnectionShell
 
 log = logging.getLogger("felix.gateway")
 
@@ -79,19 +79,19 @@ class GatewayLimits:
 class _Pending:
     """A request forwarded to a shard, waiting for its reply."""
 
-    __slots__ = ("conn", "quiet", "request_id", "session", "shard", "subscription", "translate")
+    __slots__ = ("conn", "quiet", "request_id", "shard", "stream_id", "subscription", "translate")
 
     def __init__(
         self,
-        conn: GatewayConnection,
-        session: StreamSession,
+        conn: ConnectionShell,
+        stream_id: int,
         request_id: int,
         shard: int,
         subscription: Subscription | None = None,
         translate: v1.Translate | None = None,
     ) -> None:
         self.conn = conn
-        self.session = session
+        self.stream_id = stream_id  # the client stream the answer goes to
         self.request_id = request_id
         self.shard = shard
         self.subscription = subscription
@@ -123,7 +123,7 @@ class Gateway:
         self._pending: dict[int, _Pending] = {}
         self._subs_by_token: dict[int, Subscription] = {}
         self._subs_by_key: dict[str, set[Subscription]] = {}
-        self.connections: set[GatewayConnection] = set()
+        self.connections: set[ConnectionShell] = set()
         self.draining = False
         self._barriers: dict[int, asyncio.Future[None]] = {}
         # block policy: streams with such subscribers here, and the cursor last reported.
@@ -154,28 +154,21 @@ class Gateway:
         return t
 
     def forward(self, pending: _Pending, token: int, record: bytes) -> bool:
-        """Send a request record to its shard, or answer the client that it cannot be sent."""
+        """Send a request record to its shard, or answer the client that it cannot be sent.
+
+        False: not sent (the client was answered); the caller settles the request.
+        """
         if not self.shard_ok[pending.shard]:
-            pending.session.send_error(
-                pending.request_id, Unavailable(f"shard {pending.shard} is restarting; retry")
+            pending.conn.reply_error(
+                pending, Unavailable(f"shard {pending.shard} is restarting; retry")
             )
             return False
         if not self.links.send(pending.shard, record):
             self.overloaded += 1
-            pending.session.send_error(
-                pending.request_id, Overloaded(f"shard {pending.shard} is busy; retry")
-            )
+            pending.conn.reply_error(pending, Overloaded(f"shard {pending.shard} is busy; retry"))
             return False
         self._pending[token] = pending
-        pending.conn.in_flight += 1
-        pending.session.in_flight += 1
         return True
-
-    def _settle(self, pending: _Pending) -> None:
-        pending.conn.in_flight -= 1
-        pending.session.in_flight -= 1
-        if pending.session.input_ended and not pending.session.in_flight:
-            pending.session.finish()
 
     # -- records from shards ------------------------------------------------------------
 
@@ -218,12 +211,12 @@ class Gateway:
             self._on_subscribe_reply(sub, frame, aux)
         if pending.translate is None:
             if not (pending.quiet and frame[wire.HEADER_SIZE] == wire.OP_OK):
-                pending.session.send(frame)
+                pending.conn.reply(pending, frame)
         else:
             answer = pending.translate(wire.decode_ext(wire.decode_frame(frame, extensions=True)))
             if answer is not None:
-                pending.session.send(answer)
-        self._settle(pending)
+                pending.conn.reply(pending, answer)
+        pending.conn.settle(pending)
 
     def _on_subscribe_reply(self, sub: Subscription, frame: bytes, policy: int) -> None:
         if sub.state is not SubState.PENDING:
@@ -382,7 +375,7 @@ class Gateway:
 
     # -- connections and shards ------------------------------------------------------
 
-    def connection_lost(self, conn: GatewayConnection) -> None:
+    def connection_lost(self, conn: ConnectionShell) -> None:
         self.connections.discard(conn)
         for token in [t for t, p in self._pending.items() if p.conn is conn]:
             del self._pending[token]
@@ -396,10 +389,8 @@ class Gateway:
             pending = self._pending.pop(token)
             if pending.subscription is not None:
                 self._drop_subscription(pending.subscription)
-            pending.session.send_error(
-                pending.request_id, Unavailable(f"shard {shard} went down; retry")
-            )
-            self._settle(pending)
+            pending.conn.reply_error(pending, Unavailable(f"shard {shard} went down; retry"))
+            pending.conn.settle(pending)
         for sub in self._subs_by_token.values():
             if sub.shard == shard:
                 sub.reading = False

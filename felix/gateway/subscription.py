@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from felix import wire
 
 if TYPE_CHECKING:
-    from felix.gateway.connection import GatewayConnection
+    from felix.gateway.connection import ConnectionShell
 
 #: Most credit a client may hold (records); more is capped, not refused.
 MAX_CREDIT = 1 << 16
@@ -61,7 +61,7 @@ class Subscription:
 
     def __init__(
         self,
-        conn: GatewayConnection,
+        conn: ConnectionShell,
         sub_id: int,
         key: str,
         shard: int,

@@ -1,0 +1,733 @@
+"""The gateway's protocol core for one client connection: bytes and ``now`` in, actions out.
+
+How it works (docs/wire-protocol.md, "Sessions"):
+
+* A :class:`GatewaySession` is one QUIC connection's worth of protocol state,
+  with no I/O: its shell (felix/gateway/connection.py) feeds it what QUIC
+  delivered (:meth:`~GatewaySession.receive`, :meth:`~GatewaySession.stream_reset`),
+  the shards' answers (:meth:`~GatewaySession.reply`,
+  :meth:`~GatewaySession.settle`) and the time (every call takes ``now``,
+  wall-clock seconds, because tokens expire on the wall clock), then performs
+  the :data:`Action` objects :meth:`~GatewaySession.actions` hands back, in
+  order, and arms one timer at :meth:`~GatewaySession.get_timer`, calling
+  :meth:`~GatewaySession.handle_timer` when it fires. It never reads the clock
+  and never touches asyncio, so tests drive it directly and move time.
+* Every client-opened stream is a :class:`StreamState` machine whose legal
+  transitions are the one table ``_TRANSITIONS``: it must start with a JSON
+  ``auth`` frame (under the pre-auth frame cap, within the auth deadline),
+  negotiates the felix extension bit, then carries requests: extension frames,
+  or v1 frames translated by felix/gateway/v1.py.
+* Connection-level rules live here too: one tenant per connection (its first
+  authenticated stream sets it), and the connection closes when its tokens
+  have expired unless refreshed (REAUTH).
+* Every request, extension or v1, passes one admission check
+  (:meth:`GatewaySession._admit`: draining, requests in flight, tenant scope
+  and permission) before it is forwarded.
+* Refused authentications, permission denials and expiries become
+  :class:`Audit` actions (felix/audit.py writes them).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from felix import audit, ipc, wire
+from felix.errors import (
+    BadRequest,
+    FelixError,
+    LocalProtocolError,
+    Overloaded,
+    PermissionDenied,
+    RemoteProtocolError,
+    Unauthenticated,
+    Unavailable,
+)
+from felix.gateway import v1
+from felix.gateway.auth import Authenticator, FailureLimiter, Identity
+from felix.gateway.gateway import (
+    CLOSE_AUTH_FAILED,
+    CLOSE_AUTH_TIMEOUT,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_TOKEN_EXPIRED,
+    SUPPORTED_FLAGS,
+    GatewayLimits,
+)
+from felix.names import validate_name
+
+__all__ = [
+    "Action",
+    "Audit",
+    "CloseConnection",
+    "Credit",
+    "Forward",
+    "GatewaySession",
+    "GatewayState",
+    "Send",
+    "StopStream",
+    "StreamState",
+    "Subscribe",
+    "Unsubscribe",
+]
+
+# --- actions ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Write ``data`` on ``stream_id`` (``end_stream``: then FIN)."""
+
+    stream_id: int
+    data: bytes
+    end_stream: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StopStream:
+    """Ask the client to stop sending on ``stream_id`` (QUIC STOP_SENDING with ``code``)."""
+
+    stream_id: int
+    code: int
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConnection:
+    """Close the whole connection with application error ``code``."""
+
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Send ``frame`` to the shard owning ``key``; answer on ``stream_id``.
+
+    The shell reports the outcome with :meth:`GatewaySession.reply` (zero or more
+    times) and exactly one :meth:`GatewaySession.settle` per Forward.
+    """
+
+    stream_id: int
+    request_id: int
+    key: str
+    frame: bytes
+    translate: v1.Translate | None = None  # v1 peers: how to answer
+    quiet: bool = False  # a publish without ack: success is not answered
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Open subscription ``sub_id`` on stream ``key`` and forward its SUBSCRIBE ``frame``.
+
+    Settled like :class:`Forward`; ``v1_offsets`` is None for felix clients.
+    """
+
+    stream_id: int
+    request_id: int
+    sub_id: int
+    key: str
+    frame: bytes
+    credit: int
+    v1_offsets: bool | None = None
+    translate: v1.Translate | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    """Give subscription ``sub_id`` ``credit`` more records."""
+
+    sub_id: int
+    credit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """End subscription ``sub_id`` at the client's request."""
+
+    sub_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Audit:
+    """One audit line for a refusal (felix/audit.py ``emit``; the result is "denied")."""
+
+    event: audit.Event
+    who: str
+    source: str
+    tenant: str | None
+    action: str
+    object: str
+    reason: str
+    detail: str | None
+
+
+Action = Send | StopStream | CloseConnection | Forward | Subscribe | Credit | Unsubscribe | Audit
+
+
+class GatewayState(Protocol):
+    """What a session reads (and counts into) of its gateway: no I/O behind it."""
+
+    limits: GatewayLimits
+    authenticator: Authenticator
+    auth_limiter: FailureLimiter
+    draining: bool
+    requests: int
+    protocol_errors: int
+    overloaded: int
+    auth_failures: int
+    expired_sessions: int
+    permission_denials: int
+
+
+# --- stream states ---------------------------------------------------------------------
+
+
+class StreamState(enum.Enum):
+    AUTHENTICATING = "authenticating"  # waiting for the auth frame
+    READY = "ready"  # serving requests
+    ENDING = "ending"  # the client sent FIN; answers still owed
+    CLOSED = "closed"
+
+
+_A, _R, _E, _C = (
+    StreamState.AUTHENTICATING,
+    StreamState.READY,
+    StreamState.ENDING,
+    StreamState.CLOSED,
+)
+#: (state, what happened) -> next state; anything else is a bug in this module.
+#: "fin": the client ended its side with nothing owed; "fin_owed": with answers owed;
+#: "settled": the last owed answer went out; "fail": protocol error, refusal or
+#: deadline; "reset": the client reset the stream or the connection went away.
+_TRANSITIONS: dict[tuple[StreamState, str], StreamState] = {
+    (_A, "auth_ok"): _R,
+    (_A, "fin"): _C,
+    (_A, "fail"): _C,
+    (_A, "reset"): _C,
+    (_R, "request"): _R,
+    (_R, "fin"): _C,
+    (_R, "fin_owed"): _E,
+    (_R, "fail"): _C,
+    (_R, "reset"): _C,
+    (_E, "settled"): _C,
+    (_E, "fail"): _C,
+    (_E, "reset"): _C,
+}
+
+
+class _Stream:
+    """One client-opened stream's state inside a session."""
+
+    __slots__ = (
+        "auth_deadline",
+        "flags",
+        "identity",
+        "in_flight",
+        "reader",
+        "state",
+        "stream_id",
+        "uni",
+    )
+
+    def __init__(self, stream_id: int, limits: GatewayLimits, now: float) -> None:
+        self.stream_id = stream_id
+        self.uni = bool(stream_id & 0x2)
+        self.reader = wire.FrameReader(limits.max_frame_pre_auth)
+        self.state = StreamState.AUTHENTICATING
+        self.flags = 0
+        self.identity: Identity | None = None
+        self.in_flight = 0
+        self.auth_deadline: float | None = now + limits.auth_timeout
+
+    def transition(self, what: str) -> None:
+        new = _TRANSITIONS.get((self.state, what))
+        if new is None:
+            raise LocalProtocolError(f"stream {self.stream_id}: {what} in state {self.state}")
+        self.state = new
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """What a request touches, for admission and routing."""
+
+    tenant: str
+    namespace: str
+    kind: str  # "cache" | "stream"
+    name: str
+    action: str  # the permission it needs
+    key: str  # the routing key (stream key, or cache key with the entry key)
+
+
+# --- the session -----------------------------------------------------------------------
+
+
+class GatewaySession:
+    """Protocol state of one client connection (see the module docstring)."""
+
+    def __init__(
+        self, gateway: GatewayState, peer: str, subscriptions: Mapping[int, object]
+    ) -> None:
+        self._gateway = gateway
+        self._limits = gateway.limits
+        #: The client's address (failed authentications are counted per source).
+        self.peer = peer
+        # The live subscriptions of this connection, kept by the shell; read only here.
+        self._subscriptions = subscriptions
+        self._opening: set[int] = set()  # ids in Subscribe actions not yet performed
+        self.streams: dict[int, _Stream] = {}
+        #: Requests forwarded and not yet settled, over all streams.
+        self.in_flight = 0
+        # v1 subscribers may let the broker pick ids: above any id a client would pick.
+        self._next_v1_subscription = 1 << 48
+        #: One tenant per connection (set by its first authenticated stream).
+        self.tenant: str | None = None
+        self.subject = "anonymous"  # of the latest token admitted (for the audit log)
+        #: The latest expiry among the tokens presented (wall clock; None: never).
+        self.expires_at: float | None = None
+        self.closed = False
+        self._actions: list[Action] = []
+        self._timer: float | None = None
+        self._timer_dirty = False
+
+    # -- what the shell calls ---------------------------------------------------------
+
+    def actions(self) -> list[Action]:
+        """The actions produced so far, in order (the shell performs them all)."""
+        out = self._actions
+        if out:
+            self._actions = []
+            self._opening.clear()
+        return out
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` must next be called (None: no deadline)."""
+        if self._timer_dirty:
+            self._timer_dirty = False
+            deadlines = [
+                s.auth_deadline for s in self.streams.values() if s.auth_deadline is not None
+            ]
+            if self.expires_at is not None:
+                deadlines.append(self.expires_at)
+            self._timer = None if self.closed else min(deadlines, default=None)
+        return self._timer
+
+    def handle_timer(self, now: float) -> None:
+        """Apply every deadline that has passed at ``now``."""
+        if self.closed:
+            return
+        for stream in list(self.streams.values()):
+            if stream.auth_deadline is not None and now >= stream.auth_deadline:
+                self._clear_auth_deadline(stream)
+                self._fail(stream, "no auth frame within the deadline", CLOSE_AUTH_TIMEOUT)
+        if self.expires_at is not None and now >= self.expires_at:
+            self._gateway.expired_sessions += 1
+            self._audit_auth("session.expire", self.tenant, "token-expired", self.subject)
+            self.close(CLOSE_TOKEN_EXPIRED, "token expired: reconnect with a fresh token")
+
+    def receive(self, stream_id: int, data: bytes, end_stream: bool, now: float) -> None:
+        """Bytes (and maybe FIN) the client sent on ``stream_id``."""
+        if self.closed:
+            return
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if stream_id & 0x1:  # server-initiated: our event streams take no input
+                return
+            if (
+                self._gateway.draining
+                or len(self.streams) >= self._limits.max_streams_per_connection
+            ):
+                self._actions.append(StopStream(stream_id, CLOSE_PROTOCOL_ERROR))
+                return
+            stream = self.streams[stream_id] = _Stream(stream_id, self._limits, now)
+            self._timer_dirty = True
+        if data and stream.state is not StreamState.CLOSED:
+            self._feed(stream, data, now)
+        if not end_stream:
+            return
+        if stream.state is StreamState.CLOSED:
+            self.streams.pop(stream_id, None)  # failed earlier; now the client is done too
+        elif stream.in_flight:
+            stream.transition("fin_owed")
+        else:
+            self._finish(stream, "fin")
+
+    def stream_reset(self, stream_id: int) -> None:
+        """The client reset ``stream_id``: forget it (answers still owed are dropped)."""
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None and stream.state is not StreamState.CLOSED:
+            stream.transition("reset")
+            self._clear_auth_deadline(stream)
+
+    def reply(self, stream_id: int, frame: bytes) -> None:
+        """An answer for a forwarded request on ``stream_id`` (dropped if the stream is gone)."""
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.state is not StreamState.CLOSED and not stream.uni:
+            self._actions.append(Send(stream_id, frame))
+
+    def reply_error(self, stream_id: int, request_id: int, exc: FelixError) -> None:
+        self.reply(stream_id, _error_frame(request_id, exc))
+
+    def settle(self, stream_id: int) -> None:
+        """A forwarded request on ``stream_id`` is done (answered, or failed to send)."""
+        self.in_flight -= 1
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        stream.in_flight -= 1
+        if stream.state is StreamState.ENDING and not stream.in_flight:
+            self._finish(stream, "settled")
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the connection (``code``, ``reason`` go to the client)."""
+        if not self.closed:
+            self._actions.append(CloseConnection(code, reason))
+        self.connection_lost()
+
+    def connection_lost(self) -> None:
+        """The connection is gone: every stream closes, nothing more is sent."""
+        self.closed = True
+        self._timer_dirty = True
+        for stream in self.streams.values():
+            if stream.state is not StreamState.CLOSED:
+                stream.transition("reset")
+        self.streams.clear()
+
+    # -- streams ----------------------------------------------------------------------
+
+    def _feed(self, stream: _Stream, data: bytes, now: float) -> None:
+        try:
+            stream.reader.feed(data)
+            for frame in stream.reader:
+                if stream.state is StreamState.AUTHENTICATING:
+                    self._auth(stream, frame, now)
+                elif frame.flags == wire.FLAG_FELIX_EXT:
+                    self._ext(stream, frame, now)
+                elif frame.flags == wire.FLAG_JSON:
+                    self._v1(stream, v1.from_json, wire.decode_message(frame))
+                elif frame.flags in (0x0001, 0x0009):
+                    self._v1(stream, v1.from_binary, wire.decode_publish_batch(frame))
+                else:
+                    raise RemoteProtocolError(
+                        f"a client does not send frames with flags 0x{frame.flags:04x}"
+                    )
+                if stream.state is StreamState.CLOSED or self.closed:
+                    return
+        except RemoteProtocolError as exc:
+            self._fail(stream, str(exc))
+
+    def _send(self, stream: _Stream, frame: bytes) -> None:
+        if not stream.uni:
+            self._actions.append(Send(stream.stream_id, frame))
+
+    def _fail(self, stream: _Stream, message: str, code: int = CLOSE_PROTOCOL_ERROR) -> None:
+        """A protocol error: tell the client (v1 ``error``) and stop the stream.
+
+        The stream stays in the table, closed, so later bytes on it are ignored.
+        """
+        self._gateway.protocol_errors += 1
+        if stream.state is StreamState.CLOSED:
+            return
+        if not stream.uni:
+            error = wire.encode_message({"type": "error", "message": message})
+            self._actions.append(Send(stream.stream_id, error, end_stream=True))
+        self._actions.append(StopStream(stream.stream_id, code))
+        stream.transition("fail")
+        self._clear_auth_deadline(stream)
+
+    def _finish(self, stream: _Stream, what: str) -> None:
+        """Every answer is out and the client is done: FIN our side and forget the stream."""
+        if not stream.uni:
+            self._actions.append(Send(stream.stream_id, b"", end_stream=True))
+        stream.transition(what)
+        self._clear_auth_deadline(stream)
+        self.streams.pop(stream.stream_id, None)
+
+    def _clear_auth_deadline(self, stream: _Stream) -> None:
+        if stream.auth_deadline is not None:
+            stream.auth_deadline = None
+            self._timer_dirty = True
+
+    # -- authentication ---------------------------------------------------------------
+
+    def _auth(self, stream: _Stream, frame: wire.Frame, now: float) -> None:
+        if frame.flags != 0:
+            raise RemoteProtocolError("the first frame on a stream must be a JSON auth message")
+        msg = wire.decode_message(frame)
+        if msg["type"] != "auth":
+            raise RemoteProtocolError(f"expected auth, got {msg['type']}")
+        gateway = self._gateway
+        if gateway.auth_limiter.blocked(self.peer, now):
+            self._audit_auth("session.auth", msg.get("tenant_id"), "rate-limited", "anonymous")
+            self.close(CLOSE_AUTH_FAILED, "too many failed authentications; wait")
+            return
+        try:
+            identity = gateway.authenticator.authenticate(msg["token"], msg["tenant_id"])
+            self._admit_identity(identity)
+        except FelixError as exc:
+            gateway.auth_failures += 1
+            gateway.auth_limiter.failed(self.peer, now)
+            self._audit_auth("session.auth", msg.get("tenant_id"), _reason(exc), "anonymous", exc)
+            self._fail(stream, f"unauthenticated: {exc}")
+            return
+        stream.identity = identity
+        stream.reader.max_frame_size = self._limits.max_frame
+        stream.transition("auth_ok")
+        self._clear_auth_deadline(stream)
+        offered = msg.get("client_flags")
+        if offered is None:
+            self._send(stream, wire.encode_message({"type": "ok"}))
+            return
+        stream.flags = offered & SUPPORTED_FLAGS
+        stream.reader.accept_flags = wire.FLAGS_V1 | (stream.flags & wire.FLAG_FELIX_EXT)
+        self._send(stream, wire.encode_message({"type": "auth_ok", "server_flags": stream.flags}))
+
+    def _admit_identity(self, identity: Identity) -> None:
+        """Accept ``identity`` on this connection: same tenant as before, later expiry kept."""
+        if self.tenant is None:
+            self.tenant = identity.tenant
+        elif identity.tenant != self.tenant:
+            raise Unauthenticated(f"this connection belongs to tenant {self.tenant!r}")
+        self.subject = identity.subject
+        if identity.expires_at is not None and (
+            self.expires_at is None or identity.expires_at > self.expires_at
+        ):
+            self.expires_at = identity.expires_at
+            self._timer_dirty = True
+
+    def _reauth(self, stream: _Stream, token: str) -> None:
+        """A fresh token for this connection's tenant: new permissions, new deadline."""
+        gateway = self._gateway
+        tenant = stream.identity.tenant if stream.identity is not None else ""
+        try:
+            identity = gateway.authenticator.authenticate(token, tenant)
+            self._admit_identity(identity)
+        except FelixError as exc:
+            gateway.auth_failures += 1
+            who = stream.identity.subject if stream.identity is not None else "anonymous"
+            self._audit_auth("session.reauth", tenant, _reason(exc), who, exc)
+            raise Unauthenticated(str(exc)) from None
+        stream.identity = identity
+
+    # -- requests ---------------------------------------------------------------------
+
+    def _ext(self, stream: _Stream, frame: wire.Frame, now: float) -> None:
+        self._gateway.requests += 1
+        try:
+            msg = wire.decode_ext(frame)
+        except RemoteProtocolError as exc:
+            prefix = wire.ext_request_id(frame)
+            if prefix is None:
+                raise
+            self._send(stream, _error_frame(prefix[1], BadRequest(str(exc))))
+            return
+        try:
+            self._dispatch(stream, msg, frame)
+        except FelixError as exc:
+            self._send(stream, _error_frame(msg.request_id, exc))
+
+    def _dispatch(self, stream: _Stream, msg: wire.ExtMessage, frame: wire.Frame) -> None:
+        op = msg.opcode
+        target = _ext_target(msg)
+        self._admit(stream, target)
+        if isinstance(msg, wire.Reauth):
+            self._reauth(stream, msg.token)
+            self._send(stream, wire.encode_ok(msg.request_id))
+        elif op == wire.OP_PING:
+            self._send(stream, wire.encode_ok(msg.request_id))
+        elif isinstance(msg, wire.SubscriptionOp):
+            if msg.subscription_id not in self._subscriptions:
+                raise BadRequest(f"no subscription {msg.subscription_id} on this connection")
+            if op == wire.OP_CREDIT:
+                self._actions.append(Credit(msg.subscription_id, msg.credit))
+            else:
+                self._actions.append(Unsubscribe(msg.subscription_id))
+            self._send(stream, wire.encode_ok(msg.request_id))
+        elif target is None:
+            raise BadRequest(f"opcode 0x{op:02x} is not a request")
+        elif isinstance(msg, wire.Subscribe):
+            if not stream.flags & wire.FLAG_FELIX_EXT:
+                raise BadRequest("subscriptions need the felix extension")
+            self._claim_subscription(msg.subscription_id)
+            self._forward(
+                stream,
+                Subscribe(
+                    stream.stream_id,
+                    msg.request_id,
+                    msg.subscription_id,
+                    target.key,
+                    frame.to_bytes(),
+                    msg.credit,
+                ),
+            )
+        else:
+            quiet = isinstance(msg, wire.Publish) and msg.ack == wire.ACK_NONE
+            self._forward(
+                stream,
+                Forward(
+                    stream.stream_id, msg.request_id, target.key, frame.to_bytes(), None, quiet
+                ),
+            )
+
+    def _v1(self, stream: _Stream, translate: Callable[[Any], v1.V1Request], msg: Any) -> None:
+        """A v1 request: translate it, admit it, forward it; errors answered in v1 form."""
+        self._gateway.requests += 1
+        try:
+            req = translate(msg)
+            tenant, namespace, name = req.names
+            kind = "cache" if req.kind == "cache" else "stream"
+            target = _Target(tenant, namespace, kind, name, _v1_action(req), req.route_key)
+            self._admit(stream, target)
+            if req.kind == "subscribe":
+                self._v1_subscribe(stream, req)
+            else:
+                self._forward(
+                    stream, Forward(stream.stream_id, 0, req.route_key, req.frame, req.translate)
+                )
+        except FelixError as exc:
+            self._send(stream, wire.encode_message({"type": "error", "message": str(exc)}))
+
+    def _v1_subscribe(self, stream: _Stream, req: v1.V1Request) -> None:
+        sub_id = req.subscription_id
+        if sub_id is None:
+            self._next_v1_subscription += 1
+            sub_id = self._next_v1_subscription
+        self._claim_subscription(sub_id)
+        frame = wire.encode_subscribe(
+            0,
+            *req.names,
+            sub_id,
+            start=req.start,  # type: ignore[arg-type]
+            credit=0,
+        )
+        self._forward(
+            stream,
+            Subscribe(
+                stream.stream_id,
+                0,
+                sub_id,
+                ipc.stream_key(*req.names),
+                frame,
+                0,
+                v1_offsets=bool(stream.flags & wire.FLAG_EVENT_BATCH_OFFSETS),
+                translate=req.translate,
+            ),
+        )
+
+    def _forward(self, stream: _Stream, action: Forward | Subscribe) -> None:
+        self.in_flight += 1
+        stream.in_flight += 1
+        self._actions.append(action)
+
+    def _claim_subscription(self, sub_id: int) -> None:
+        if sub_id in self._subscriptions or sub_id in self._opening:
+            raise BadRequest(f"subscription {sub_id} already exists")
+        if (
+            len(self._subscriptions) + len(self._opening)
+            >= self._limits.max_subscriptions_per_connection
+        ):
+            raise Overloaded("too many subscriptions on this connection")
+        self._opening.add(sub_id)
+
+    # -- admission --------------------------------------------------------------------
+
+    def _admit(self, stream: _Stream, target: _Target | None) -> None:
+        """Whether a request may go ahead: the one check for extension and v1 requests.
+
+        ``target`` None: a control request (ping, reauth, credit, unsubscribe), which
+        is refused only while the node drains.
+        """
+        gateway = self._gateway
+        if gateway.draining:
+            raise Unavailable("node is draining; reconnect")
+        if target is None:
+            return
+        if self.in_flight >= self._limits.max_in_flight_per_connection:
+            gateway.overloaded += 1
+            raise Overloaded("too many requests in flight on this connection")
+        identity = stream.identity
+        assert identity is not None  # requests are only served after auth
+        tenant, namespace, kind, name = target.tenant, target.namespace, target.kind, target.name
+        obj = f"{kind}:{tenant}/{namespace}/{name}"
+        if tenant != identity.tenant:
+            self._audit_denied(stream, target.action, obj, "other tenant")
+            raise PermissionDenied(f"this session belongs to tenant {identity.tenant!r}")
+        validate_name("namespace", namespace)
+        validate_name(kind, name)
+        allowed = (
+            identity.allows_cache(target.action, namespace, name)
+            if kind == "cache"
+            else identity.allows_stream(target.action, namespace, name)
+        )
+        if not allowed:
+            self._audit_denied(stream, target.action, obj, "not granted")
+            raise PermissionDenied(
+                f"{target.action} on {kind} {tenant}/{namespace}/{name} is not granted"
+            )
+
+    # -- audit ------------------------------------------------------------------------
+
+    def _audit_denied(self, stream: _Stream, action: str, obj: str, detail: str) -> None:
+        self._gateway.permission_denials += 1
+        identity = stream.identity
+        who = identity.subject if identity is not None else "anonymous"
+        tenant = identity.tenant if identity is not None else None
+        self._actions.append(
+            Audit("permission", who, self.peer, tenant, action, obj, "permission-denied", detail)
+        )
+
+    def _audit_auth(
+        self, action: str, tenant: object, reason: str, who: str, exc: FelixError | None = None
+    ) -> None:
+        """An authentication refused (or a session ended at its token's expiry)."""
+        self._actions.append(
+            Audit(
+                "auth",
+                who,
+                self.peer,
+                tenant if isinstance(tenant, str) and tenant else None,
+                action,
+                "session",
+                reason,
+                None if exc is None else str(exc),
+            )
+        )
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _error_frame(request_id: int, exc: FelixError) -> bytes:
+    return wire.encode_error(request_id, exc.code or BadRequest.code, str(exc))
+
+
+def _ext_target(msg: wire.ExtMessage) -> _Target | None:
+    """What an extension request touches (None: a control request or not a request)."""
+    if isinstance(msg, wire.CacheRequest):
+        key = f"{msg.tenant_id}/{msg.namespace}/{msg.cache}/{msg.key}"
+        names = (msg.tenant_id, msg.namespace, "cache", msg.cache)
+        return _Target(*names, _cache_action(msg.opcode), key)
+    if isinstance(msg, wire.Publish | wire.Subscribe):
+        key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
+        action = "stream.publish" if isinstance(msg, wire.Publish) else "stream.subscribe"
+        return _Target(msg.tenant_id, msg.namespace, "stream", msg.stream, action, key)
+    return None
+
+
+def _reason(exc: FelixError) -> str:
+    """The audit log's reason code for a refusal (as the control plane's problem slugs)."""
+    if isinstance(exc, PermissionDenied):
+        return "permission-denied"
+    if isinstance(exc, Unauthenticated):
+        return "unauthenticated"
+    return "bad-request"
+
+
+def _cache_action(opcode: int) -> str:
+    return "cache.read" if opcode in (wire.OP_CACHE_GET, wire.OP_CACHE_TTL) else "cache.write"
+
+
+def _v1_action(req: v1.V1Request) -> str:
+    if req.kind == "cache":
+        return _cache_action(req.frame[wire.HEADER_SIZE])
+    return "stream.subscribe" if req.kind == "subscribe" else "stream.publish"

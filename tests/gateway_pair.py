@@ -48,6 +48,7 @@ class MemoryShards:
         self._gateway = 0
         self.sent: list[bytes] = []
         self.accept = True  # False: every send fails as a full ring does
+        self.max_record_size = 2 * 1024 * 1024  # as a ring of the node's default size
 
     @property
     def shards(self) -> int:
@@ -117,14 +118,15 @@ class Pair:
         *,
         shards: int = 2,
         peer: str = "192.0.2.1",
-        gateway: Gateway | None = None,
-        clock: Clock | None = None,
+        sibling: Pair | None = None,
     ) -> None:
-        self.clock = clock or Clock()
-        if gateway is None:
+        if sibling is None:
+            self.clock = Clock()
             self.links = MemoryShards(shards, self.clock)
-            gateway = Gateway(0, self.links, limits, authenticator=authenticator)
-        self.gateway = gateway
+            self.gateway = Gateway(0, self.links, limits, authenticator=authenticator)
+        else:  # another connection to the same gateway
+            self.clock, self.links, self.gateway = sibling.clock, sibling.links, sibling.gateway
+        gateway = self.gateway
         self.transport = MemoryTransport()
         self.timer_at: float | None = None
         self.shell = ConnectionShell(gateway, self.transport, clock=self.clock, arm_timer=self._arm)
@@ -136,6 +138,10 @@ class Pair:
         self.controls: dict[int, ControlStream] = {}
         self.event_streams: dict[int, EventStream] = {}
         self.events: dict[int, list[ControlEvent | EventStreamEvent]] = {}
+
+    def connect(self, peer: str = "192.0.2.1") -> Pair:
+        """Another client connection to the same gateway (same shards, same clock)."""
+        return Pair(peer=peer, sibling=self)
 
     def _arm(self, when: float | None) -> None:
         self.timer_at = when
@@ -182,12 +188,13 @@ class Pair:
                 stream = self.event_streams.setdefault(sid, EventStream())
                 self.events.setdefault(sid, []).extend(stream.receive(new, end))
 
-    def advance(self, seconds: float) -> None:
-        """Move the clock; fire the gateway's timer if it is due."""
+    def advance(self, seconds: float, *others: Pair) -> None:
+        """Move the clock; fire the gateway's timer (and ``others``') if due."""
         self.clock.now += seconds
-        if self.timer_at is not None and self.clock.now >= self.timer_at:
-            self.shell.timer_fired()
-        self.pump()
+        for pair in (self, *others):
+            if pair.timer_at is not None and pair.clock.now >= pair.timer_at:
+                pair.shell.timer_fired()
+            pair.pump()
 
     # -- reading what the gateway wrote ---------------------------------------------------
 

@@ -317,13 +317,14 @@ def test_connections_beyond_the_limit_are_refused(tmp_path: Path) -> None:
     async def main() -> None:
         async with LocalNode.start(tmp_path, limits=GatewayLimits(max_connections=2)) as node:
             peers = [await raw_connect(node.host, node.port, node.ca_file) for _ in range(2)]
+            sids = [await p.auth() for p in peers]  # authenticated: never evicted
             extra = await raw_connect(node.host, node.port, node.ca_file)
             await extra.wait_for(lambda: extra.close_reason is not None)
             assert extra.close_reason is not None
             assert "connection limit" in extra.close_reason.reason_phrase
             assert node.gateway.refused_connections == 1
-            sid = await peers[0].auth()
-            assert wire.decode_message(peers[0].frames[sid][0])["type"] == "auth_ok"
+            peers[0].send(sids[0], wire.encode_ping(1))
+            assert ext((await peers[0].frames_on(sids[0], 2))[1]).opcode == wire.OP_OK
             for p in peers:
                 p.close()
 

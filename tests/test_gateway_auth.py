@@ -120,13 +120,17 @@ def test_an_expired_token_closes_the_connection_unless_refreshed(tmp_path: Path)
     run(main)
 
 
-def test_failure_limiter_window_and_bound() -> None:
-    lim = FailureLimiter(max_failures=2, window=10, max_sources=3)
-    lim.failed("a", 0)
-    assert not lim.blocked("a", 1)
-    lim.failed("a", 1)
-    assert lim.blocked("a", 2)
-    assert not lim.blocked("a", 10.5)  # the window passed
-    for src in "bcde":
-        lim.failed(src, 20)
-    assert len(lim._sources) == 3  # oldest sources forgotten
+def test_failure_limiter_backs_off_and_forgets() -> None:
+    lim = FailureLimiter(free_failures=2, window=10, base_delay=0.5, max_delay=2.0, max_keys=3)
+    for t in (0, 1):
+        lim.failed(["a"], t)
+    assert lim.ready_at(["a"], 1) == 1  # free failures cost nothing
+    lim.failed(["a"], 2)
+    assert lim.ready_at(["a"], 2) == 2.5
+    for t in (3, 4, 5):
+        lim.failed(["a"], t)
+    assert lim.ready_at(["a", "b"], 5) == 7.0  # capped at max_delay
+    assert lim.ready_at(["a"], 10.5) == 10.5  # the window passed: forgotten
+    for key in "bcde":
+        lim.failed([key], 20)
+    assert len(lim._keys) == 3  # oldest keys forgotten

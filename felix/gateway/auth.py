@@ -12,14 +12,16 @@ Two authenticators:
   expires (plus leeway) unless the client presents a fresh one (REAUTH).
 
 :class:`FailureLimiter` counts failed authentications per source address and
-makes a source that keeps failing wait (bounded table, oldest sources forgotten).
+per claimed tenant and makes a key that keeps failing wait longer before its
+next attempt is checked (bounded table, oldest keys forgotten); it never
+refuses an attempt outright.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -120,30 +122,55 @@ class TokenAuthenticator:
 
 
 class FailureLimiter:
-    """At most ``max_failures`` failed authentications per source within ``window`` seconds."""
+    """Backs off failed authentications per key (a source address, a claimed tenant).
+
+    The first ``free_failures`` failures of a key within ``window`` seconds cost
+    nothing; each further one doubles the wait before that key's next attempt
+    is checked, from ``base_delay`` up to ``max_delay`` seconds. An attempt is
+    delayed, never refused: a valid token from a source that keeps failing is
+    still accepted once the wait is over, so a burst of bad tokens from one
+    address cannot lock out the good clients behind it (issue 11, item 10). The
+    table holds at most ``max_keys`` keys (the oldest forgotten first).
+    """
 
     def __init__(
-        self, max_failures: int = 20, window: float = 60.0, max_sources: int = 10_000
+        self,
+        free_failures: int = 5,
+        window: float = 60.0,
+        base_delay: float = 0.05,
+        max_delay: float = 1.0,
+        max_keys: int = 10_000,
     ) -> None:
-        self.max_failures = max_failures
+        self.free_failures = free_failures
         self.window = window
-        self.max_sources = max_sources
-        self._sources: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.max_keys = max_keys
+        # key -> (start of its window, failures in it, time of the latest failure)
+        self._keys: OrderedDict[str, tuple[float, int, float]] = OrderedDict()
 
-    def blocked(self, source: str, now: float) -> bool:
-        entry = self._sources.get(source)
-        if entry is None:
-            return False
-        start, count = entry
-        if now - start >= self.window:
-            del self._sources[source]
-            return False
-        return count >= self.max_failures
+    def ready_at(self, keys: Iterable[str], now: float) -> float:
+        """When the next attempt for ``keys`` may be checked (``<= now``: at once)."""
+        ready = now
+        for key in keys:
+            entry = self._keys.get(key)
+            if entry is None:
+                continue
+            start, count, last = entry
+            if now - start >= self.window:
+                del self._keys[key]
+                continue
+            over = count - self.free_failures
+            if over > 0:
+                delay = min(self.base_delay * 2 ** min(over - 1, 30), self.max_delay)
+                ready = max(ready, last + delay)
+        return ready
 
-    def failed(self, source: str, now: float) -> None:
-        start, count = self._sources.pop(source, (now, 0))
-        if now - start >= self.window:
-            start, count = now, 0
-        self._sources[source] = (start, count + 1)
-        while len(self._sources) > self.max_sources:
-            self._sources.popitem(last=False)  # the bound: forget the oldest source
+    def failed(self, keys: Iterable[str], now: float) -> None:
+        for key in keys:
+            start, count, _ = self._keys.pop(key, (now, 0, now))
+            if now - start >= self.window:
+                start, count = now, 0
+            self._keys[key] = (start, count + 1, now)
+        while len(self._keys) > self.max_keys:
+            self._keys.popitem(last=False)  # the bound: forget the oldest key

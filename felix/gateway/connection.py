@@ -24,19 +24,20 @@ from typing import Any, Protocol
 
 from felix import audit, ipc, wire
 from felix.errors import FelixError
-from felix.gateway.gateway import CLOSE_OVERLOADED, Gateway, _Pending
-from felix.gateway.session import (
+from felix.gateway.actions import (
     Action,
     Audit,
     CloseConnection,
+    ConnectionAuthenticated,
     Credit,
     Forward,
-    GatewaySession,
     Send,
     StopStream,
     Subscribe,
     Unsubscribe,
 )
+from felix.gateway.gateway import CLOSE_INPUT_LIMIT, CLOSE_OVERLOADED, Gateway, _Pending
+from felix.gateway.session import GatewaySession
 from felix.gateway.subscription import MAX_CREDIT, Subscription
 from felix.ipc import Kind
 from felix.quic.protocol import FelixQuicProtocol
@@ -76,13 +77,6 @@ class ConnectionShell:
         self._arm_timer = arm_timer
         self.subscriptions: dict[int, Subscription] = {}
         self.session = GatewaySession(gateway, "?", self.subscriptions)
-        # Over the bound, the connection is refused as soon as its handshake completes
-        # (a close sent earlier may not be readable by the client yet).
-        self.refused = len(gateway.connections) >= gateway.limits.max_connections
-        if self.refused:
-            gateway.refused_connections += 1
-            return
-        gateway.connections.add(self)
 
     @property
     def peer(self) -> str:
@@ -91,12 +85,35 @@ class ConnectionShell:
     # -- input ------------------------------------------------------------------------
 
     def handshake_completed(self) -> None:
-        if self.refused:
+        """Admit the connection (felix/gateway/admission.py); its auth deadline starts.
+
+        Refusals wait for the handshake: a close sent earlier may not be readable yet.
+        """
+        gateway = self.gateway
+        admitted, evicted = gateway.admission.admit(self, self.peer)
+        for idle in evicted:
+            gateway.evicted_connections += 1
+            idle.close(
+                CLOSE_OVERLOADED,
+                "closed unauthenticated: the gateway needed the room for a new connection",
+            )
+        if not admitted:
+            gateway.refused_connections += 1
             self.close(CLOSE_OVERLOADED, "gateway at its connection limit")
+            return
+        self.session.handshake_completed(self._clock())
+        self._run()
 
     def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         self.session.receive(stream_id, data, end_stream, self._clock())
         self._run()
+        gateway = self.gateway
+        if gateway.buffered_input > gateway.limits.max_buffered_input:
+            # The gateway's budget for incomplete frames is spent: the connection holding
+            # the most pays (an attacker's, as a rule), not whoever happened to be last.
+            worst = max(gateway.connections, key=lambda c: c.session.buffered, default=self)
+            gateway.input_limit_closes += 1
+            worst.close(CLOSE_INPUT_LIMIT, "over the gateway's budget for incomplete frames")
 
     def stream_reset(self, stream_id: int) -> None:
         self.session.stream_reset(stream_id)
@@ -159,7 +176,9 @@ class ConnectionShell:
             sub = self.subscriptions.get(action.sub_id)
             if sub is not None:
                 self.gateway.unsubscribe(sub)
-                self.end_subscription(sub, 0, "unsubscribed")
+                self.end_subscription(sub, action.code, action.message)
+        elif isinstance(action, ConnectionAuthenticated):
+            self.gateway.admission.authenticated(self)
         elif isinstance(action, StopStream):
             transport.stop_stream(action.stream_id, action.code)
         elif isinstance(action, CloseConnection):
@@ -214,10 +233,29 @@ class ConnectionShell:
 
     # -- subscriptions ------------------------------------------------------------------
 
+    # A failure writing to one subscriber's event stream (the client reset it, the
+    # engine refused it) drops that subscription only, after the delivery batch, and
+    # is counted, not logged per event (Gateway.subscriber_failed, internal_error).
+
+    def _write_event(self, sub: Subscription, stream_id: int, data: bytes, end: bool) -> bool:
+        try:
+            self.transport.send_stream_data(stream_id, data, end)
+        except Exception:
+            self.gateway.internal_error("write to a subscriber's event stream")
+            self.gateway.subscriber_failed(sub)
+            return False
+        return True
+
     def open_event_stream(self, sub: Subscription) -> None:
-        sub.event_stream = self.transport.next_stream_id(unidirectional=True)
+        try:
+            stream_id = self.transport.next_stream_id(unidirectional=True)
+        except Exception:
+            self.gateway.internal_error("new event stream")
+            self.gateway.subscriber_failed(sub)
+            return
         hello = wire.encode_message({"type": "event_stream_hello", "subscription_id": sub.sub_id})
-        self.transport.send_stream_data(sub.event_stream, hello)
+        if self._write_event(sub, stream_id, hello, False):
+            sub.event_stream = stream_id
 
     def event_stream_backlog(self, sub: Subscription) -> int:
         if sub.event_stream is None:
@@ -225,24 +263,21 @@ class ConnectionShell:
         return self.transport.send_buffer_size(sub.event_stream)
 
     def send_events(self, sub: Subscription, frame: bytes, base: int, count: int) -> None:
-        assert sub.event_stream is not None
-        self.transport.send_stream_data(sub.event_stream, frame)
-        sub.delivered(base, count)
+        if sub.event_stream is None:
+            self.gateway.subscriber_failed(sub)  # its event stream could not be opened
+        elif self._write_event(sub, sub.event_stream, frame, False):
+            sub.delivered(base, count)
 
     def send_slow_consumer(self, sub: Subscription, first_dropped: int, dropped: int) -> None:
         if sub.event_stream is not None:
-            self.transport.send_stream_data(
-                sub.event_stream, wire.encode_slow_consumer(sub.sub_id, first_dropped, dropped)
-            )
+            notice = wire.encode_slow_consumer(sub.sub_id, first_dropped, dropped)
+            self._write_event(sub, sub.event_stream, notice, False)
 
     def end_subscription(self, sub: Subscription, code: int, message: str) -> None:
         if sub.event_stream is not None:
-            self.transport.send_stream_data(
-                sub.event_stream,
-                wire.encode_subscription_end(sub.sub_id, code, message),
-                end_stream=True,
-            )
-            sub.event_stream = None
+            stream_id, sub.event_stream = sub.event_stream, None
+            end = wire.encode_subscription_end(sub.sub_id, code, message)
+            self._write_event(sub, stream_id, end, True)
 
 
 class GatewayConnection(FelixQuicProtocol):

@@ -32,9 +32,11 @@ from felix import ipc, wire
 from felix.errors import (
     NotFound,
     Overloaded,
+    TooLarge,
     Unavailable,
 )
 from felix.gateway import v1
+from felix.gateway.admission import ConnectionTable
 from felix.gateway.auth import Authenticator, DevAuthenticator, FailureLimiter
 from felix.gateway.links import ShardLinks
 from felix.gateway.subscription import (
@@ -61,6 +63,8 @@ CLOSE_DRAINING = 0x103
 CLOSE_OVERLOADED = 0x104
 CLOSE_AUTH_FAILED = 0x105
 CLOSE_TOKEN_EXPIRED = 0x106
+CLOSE_INPUT_LIMIT = 0x107
+CLOSE_FRAME_TIMEOUT = 0x108
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +78,19 @@ class GatewayLimits:
     max_streams_per_connection: int = 256
     max_subscriptions_per_connection: int = 1024
     max_in_flight_per_connection: int = 4096
+    #: Connections that have no authenticated stream yet: over either bound the
+    #: oldest unauthenticated connection is closed to admit the new one (per source:
+    #: the new one is refused instead), so idle connections never lock clients out.
+    max_unauthenticated: int = 1024
+    max_unauthenticated_per_source: int = 64
+    #: Failed authentications one connection may make before it is closed.
+    max_auth_failures_per_connection: int = 8
+    #: Bytes of incomplete frames held for one connection, and for the whole gateway
+    #: (over it, the connection holding the most is closed), and how long a frame may
+    #: take to arrive once it started.
+    max_buffered_input_per_connection: int = 16 * 1024 * 1024
+    max_buffered_input: int = 256 * 1024 * 1024
+    frame_timeout: float = 30.0
 
 
 class _Pending:
@@ -123,7 +140,17 @@ class Gateway:
         self._pending: dict[int, _Pending] = {}
         self._subs_by_token: dict[int, Subscription] = {}
         self._subs_by_key: dict[str, set[Subscription]] = {}
-        self.connections: set[ConnectionShell] = set()
+        limits = self.limits
+        #: Connections admitted, and which are still unauthenticated (felix/gateway/admission.py).
+        self.admission: ConnectionTable[ConnectionShell] = ConnectionTable(
+            limits.max_connections,
+            limits.max_unauthenticated,
+            limits.max_unauthenticated_per_source,
+        )
+        self.connections = self.admission.connections
+        # Subscribers whose connection failed to take a delivery: dropped after the batch.
+        self._failed_subscribers: list[Subscription] = []
+        self._logged_errors: set[str] = set()
         self.draining = False
         self._barriers: dict[int, asyncio.Future[None]] = {}
         # block policy: streams with such subscribers here, and the cursor last reported.
@@ -139,6 +166,12 @@ class Gateway:
         self.auth_failures = 0
         self.expired_sessions = 0
         self.permission_denials = 0
+        self.auth_throttled = 0  # auth attempts delayed by the failure back-off
+        self.evicted_connections = 0  # unauthenticated connections closed to admit others
+        self.input_limit_closes = 0  # connections closed over an input budget or deadline
+        self.internal_errors = 0
+        #: Bytes of incomplete frames held for all connections (sessions count into it).
+        self.buffered_input = 0
         self.authenticator: Authenticator = authenticator or DevAuthenticator()
         self.auth_limiter = FailureLimiter()
         links.attach(index, self.on_shard_records)
@@ -158,6 +191,15 @@ class Gateway:
 
         False: not sent (the client was answered); the caller settles the request.
         """
+        if len(record) > self.links.max_record_size:
+            pending.conn.reply_error(
+                pending,
+                TooLarge(
+                    f"request of {len(record)} bytes exceeds this node's "
+                    f"{self.links.max_record_size}-byte limit for one request"
+                ),
+            )
+            return False
         if not self.shard_ok[pending.shard]:
             pending.conn.reply_error(
                 pending, Unavailable(f"shard {pending.shard} is restarting; retry")
@@ -194,8 +236,37 @@ class Gateway:
                         shard,
                     )
             except Exception:
-                # One bad record must not take the gateway down.
-                log.exception("gateway %d: bad record from shard %d", self.index, shard)
+                # One bad record must not take the gateway down; one traceback per kind
+                # of failure, the rest counted (felix_internal_errors).
+                self.internal_error(f"record from shard {shard}")
+        self._drop_failed_subscribers()
+
+    def internal_error(self, where: str) -> None:
+        """Count an unexpected exception (being handled); log its traceback once per place."""
+        self.internal_errors += 1
+        if where in self._logged_errors:
+            return
+        self._logged_errors.add(where)
+        log.exception(
+            "gateway %d: unexpected error handling a %s (logged once; counted in "
+            "felix_internal_errors)",
+            self.index,
+            where,
+        )
+
+    def subscriber_failed(self, sub: Subscription) -> None:
+        """``sub``'s connection could not take a delivery: drop it once this batch is done.
+
+        Deferred so that the loops over a stream's subscribers never change under them
+        and one broken subscriber never costs another its delivery.
+        """
+        if sub.state is not SubState.CLOSED:
+            sub.state = SubState.CLOSED
+            self._failed_subscribers.append(sub)
+
+    def _drop_failed_subscribers(self) -> None:
+        while self._failed_subscribers:
+            self._drop_subscription(self._failed_subscribers.pop())
 
     def _on_reply(self, token: int, frame: bytes, aux: int = 0) -> None:
         barrier = self._barriers.pop(token, None)
@@ -209,6 +280,13 @@ class Gateway:
         sub = pending.subscription
         if sub is not None:
             self._on_subscribe_reply(sub, frame, aux)
+            if sub.state is SubState.CLOSED and frame[wire.HEADER_SIZE] == wire.OP_SUBSCRIBED:
+                # Subscribed at the shard, but no event stream could be opened for it.
+                frame = wire.encode_error(
+                    pending.request_id,
+                    Overloaded.code,
+                    "could not open an event stream for this subscription",
+                )
         if pending.translate is None:
             if not (pending.quiet and frame[wire.HEADER_SIZE] == wire.OP_OK):
                 pending.conn.reply(pending, frame)
@@ -376,7 +454,7 @@ class Gateway:
     # -- connections and shards ------------------------------------------------------
 
     def connection_lost(self, conn: ConnectionShell) -> None:
-        self.connections.discard(conn)
+        self.admission.remove(conn)
         for token in [t for t, p in self._pending.items() if p.conn is conn]:
             del self._pending[token]
         for sub in list(conn.subscriptions.values()):

@@ -12,6 +12,7 @@ connects to shard worker processes through shared-memory rings.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -30,6 +31,10 @@ class ShardLinks(Protocol):
 
     @property
     def shards(self) -> int: ...
+
+    @property
+    def max_record_size(self) -> int:
+        """Largest record ``send`` takes (a larger request is answered TooLarge)."""
 
     def attach(self, gateway: int, deliver: Deliver) -> None:
         """Start delivering records from the shards to ``deliver``."""
@@ -61,6 +66,10 @@ class LocalShards:
     @property
     def shards(self) -> int:
         return len(self._cores)
+
+    @property
+    def max_record_size(self) -> int:
+        return sys.maxsize  # direct calls: the frame limit is the only bound
 
     @property
     def cores(self) -> list[ShardCore]:

@@ -8,23 +8,35 @@ How it works (docs/wire-protocol.md, "Sessions"):
   the shards' answers (:meth:`~GatewaySession.reply`,
   :meth:`~GatewaySession.settle`) and the time (every call takes ``now``,
   wall-clock seconds, because tokens expire on the wall clock), then performs
-  the :data:`Action` objects :meth:`~GatewaySession.actions` hands back, in
-  order, and arms one timer at :meth:`~GatewaySession.get_timer`, calling
-  :meth:`~GatewaySession.handle_timer` when it fires. It never reads the clock
-  and never touches asyncio, so tests drive it directly and move time.
+  the actions (felix/gateway/actions.py) :meth:`~GatewaySession.actions`
+  hands back, in order, and arms one timer at :meth:`~GatewaySession.get_timer`,
+  calling :meth:`~GatewaySession.handle_timer` when it fires. It never reads
+  the clock and never touches asyncio, so tests drive it directly and move time.
 * Every client-opened stream is a :class:`StreamState` machine whose legal
   transitions are the one table ``_TRANSITIONS``: it must start with a JSON
   ``auth`` frame (under the pre-auth frame cap, within the auth deadline),
   negotiates the felix extension bit, then carries requests: extension frames,
-  or v1 frames translated by felix/gateway/v1.py.
+  or v1 frames translated by felix/gateway/v1.py. Only the auth frame's bytes
+  are read under the pre-auth rules: what the client pipelined after it is
+  judged by the post-auth ones.
+* Every stream carries its own identity: a request is authorised by the token
+  of the stream it came on, until that token's expiry; REAUTH refreshes only
+  its own stream. At a stream's expiry the stream is closed (and the
+  subscriptions it opened are ended); when no live authenticated stream is
+  left the connection closes (CLOSE_TOKEN_EXPIRED).
 * Connection-level rules live here too: one tenant per connection (its first
-  authenticated stream sets it), and the connection closes when its tokens
-  have expired unless refreshed (REAUTH).
+  authenticated stream sets it); a connection with no authenticated stream
+  within ``auth_timeout`` of its handshake is closed; at most
+  ``max_auth_failures_per_connection`` failed authentications; failures back
+  off the next attempts of the same source and claimed tenant (delayed, never
+  refused: felix/gateway/auth.py); incomplete frames are bounded in bytes per
+  connection and in time once started (the gateway-wide byte budget is the
+  shell's, since it spans connections).
 * Every request, extension or v1, passes one admission check
-  (:meth:`GatewaySession._admit`: draining, requests in flight, tenant scope
-  and permission) before it is forwarded.
+  (:meth:`GatewaySession._admit`: draining, token expiry, requests in flight,
+  tenant scope and permission) before it is forwarded.
 * Refused authentications, permission denials and expiries become
-  :class:`Audit` actions (felix/audit.py writes them).
+  :class:`~felix.gateway.actions.Audit` actions (felix/audit.py writes them).
 """
 
 from __future__ import annotations
@@ -32,9 +44,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from felix import audit, ipc, wire
+from felix import ipc, wire
+from felix.auth.tokens import read_unverified_claims
 from felix.errors import (
     BadRequest,
     FelixError,
@@ -46,10 +59,25 @@ from felix.errors import (
     Unavailable,
 )
 from felix.gateway import v1
-from felix.gateway.auth import Authenticator, FailureLimiter, Identity
+from felix.gateway.actions import (
+    Action,
+    Audit,
+    CloseConnection,
+    ConnectionAuthenticated,
+    Credit,
+    Forward,
+    GatewayState,
+    Send,
+    StopStream,
+    Subscribe,
+    Unsubscribe,
+)
+from felix.gateway.auth import Identity
 from felix.gateway.gateway import (
     CLOSE_AUTH_FAILED,
     CLOSE_AUTH_TIMEOUT,
+    CLOSE_FRAME_TIMEOUT,
+    CLOSE_INPUT_LIMIT,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_TOKEN_EXPIRED,
     SUPPORTED_FLAGS,
@@ -57,134 +85,14 @@ from felix.gateway.gateway import (
 )
 from felix.names import validate_name
 
-__all__ = [
-    "Action",
-    "Audit",
-    "CloseConnection",
-    "Credit",
-    "Forward",
-    "GatewaySession",
-    "GatewayState",
-    "Send",
-    "StopStream",
-    "StreamState",
-    "Subscribe",
-    "Unsubscribe",
-]
+__all__ = ["GatewaySession", "StreamState"]
 
-# --- actions ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Write ``data`` on ``stream_id`` (``end_stream``: then FIN)."""
-
-    stream_id: int
-    data: bytes
-    end_stream: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class StopStream:
-    """Ask the client to stop sending on ``stream_id`` (QUIC STOP_SENDING with ``code``)."""
-
-    stream_id: int
-    code: int
-
-
-@dataclass(frozen=True, slots=True)
-class CloseConnection:
-    """Close the whole connection with application error ``code``."""
-
-    code: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Forward:
-    """Send ``frame`` to the shard owning ``key``; answer on ``stream_id``.
-
-    The shell reports the outcome with :meth:`GatewaySession.reply` (zero or more
-    times) and exactly one :meth:`GatewaySession.settle` per Forward.
-    """
-
-    stream_id: int
-    request_id: int
-    key: str
-    frame: bytes
-    translate: v1.Translate | None = None  # v1 peers: how to answer
-    quiet: bool = False  # a publish without ack: success is not answered
-
-
-@dataclass(frozen=True, slots=True)
-class Subscribe:
-    """Open subscription ``sub_id`` on stream ``key`` and forward its SUBSCRIBE ``frame``.
-
-    Settled like :class:`Forward`; ``v1_offsets`` is None for felix clients.
-    """
-
-    stream_id: int
-    request_id: int
-    sub_id: int
-    key: str
-    frame: bytes
-    credit: int
-    v1_offsets: bool | None = None
-    translate: v1.Translate | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Credit:
-    """Give subscription ``sub_id`` ``credit`` more records."""
-
-    sub_id: int
-    credit: int
-
-
-@dataclass(frozen=True, slots=True)
-class Unsubscribe:
-    """End subscription ``sub_id`` at the client's request."""
-
-    sub_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class Audit:
-    """One audit line for a refusal (felix/audit.py ``emit``; the result is "denied")."""
-
-    event: audit.Event
-    who: str
-    source: str
-    tenant: str | None
-    action: str
-    object: str
-    reason: str
-    detail: str | None
-
-
-Action = Send | StopStream | CloseConnection | Forward | Subscribe | Credit | Unsubscribe | Audit
-
-
-class GatewayState(Protocol):
-    """What a session reads (and counts into) of its gateway: no I/O behind it."""
-
-    limits: GatewayLimits
-    authenticator: Authenticator
-    auth_limiter: FailureLimiter
-    draining: bool
-    requests: int
-    protocol_errors: int
-    overloaded: int
-    auth_failures: int
-    expired_sessions: int
-    permission_denials: int
-
-
-# --- stream states ---------------------------------------------------------------------
+#: What the client is told when its connection's tokens have all expired.
+EXPIRED = "token expired: reconnect with a fresh token"
 
 
 class StreamState(enum.Enum):
-    AUTHENTICATING = "authenticating"  # waiting for the auth frame
+    AUTHENTICATING = "authenticating"  # waiting for the auth frame (or its back-off)
     READY = "ready"  # serving requests
     ENDING = "ending"  # the client sent FIN; answers still owed
     CLOSED = "closed"
@@ -198,8 +106,8 @@ _A, _R, _E, _C = (
 )
 #: (state, what happened) -> next state; anything else is a bug in this module.
 #: "fin": the client ended its side with nothing owed; "fin_owed": with answers owed;
-#: "settled": the last owed answer went out; "fail": protocol error, refusal or
-#: deadline; "reset": the client reset the stream or the connection went away.
+#: "settled": the last owed answer went out; "fail": protocol error, refusal,
+#: deadline or expiry; "reset": the client reset the stream or the connection went away.
 _TRANSITIONS: dict[tuple[StreamState, str], StreamState] = {
     (_A, "auth_ok"): _R,
     (_A, "fin"): _C,
@@ -221,10 +129,18 @@ class _Stream:
 
     __slots__ = (
         "auth_deadline",
+        "auth_fed",
+        "auth_head",
+        "buffered",
+        "expires_at",
         "flags",
+        "frame_deadline",
+        "held",
         "identity",
         "in_flight",
+        "parked",
         "reader",
+        "retry_at",
         "state",
         "stream_id",
         "uni",
@@ -237,14 +153,31 @@ class _Stream:
         self.state = StreamState.AUTHENTICATING
         self.flags = 0
         self.identity: Identity | None = None
+        self.expires_at: float | None = None  # of this stream's token (None: never)
         self.in_flight = 0
         self.auth_deadline: float | None = now + limits.auth_timeout
+        self.frame_deadline: float | None = None  # an incomplete frame must be done by then
+        # Bytes of the auth frame read so far, and its header (to know where it ends).
+        self.auth_fed = 0
+        self.auth_head = bytearray()
+        # An auth frame waiting for the failure back-off, and what arrived behind it.
+        self.parked: dict[str, Any] | None = None
+        self.retry_at: float | None = None
+        self.held = bytearray()
+        self.buffered = 0  # incomplete input held for this stream (accounted)
 
     def transition(self, what: str) -> None:
         new = _TRANSITIONS.get((self.state, what))
         if new is None:
             raise LocalProtocolError(f"stream {self.stream_id}: {what} in state {self.state}")
         self.state = new
+
+    def deadlines(self) -> list[float]:
+        return [
+            t
+            for t in (self.auth_deadline, self.frame_deadline, self.retry_at, self.expires_at)
+            if t is not None
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,9 +192,6 @@ class _Target:
     key: str  # the routing key (stream key, or cache key with the entry key)
 
 
-# --- the session -----------------------------------------------------------------------
-
-
 class GatewaySession:
     """Protocol state of one client connection (see the module docstring)."""
 
@@ -270,21 +200,25 @@ class GatewaySession:
     ) -> None:
         self._gateway = gateway
         self._limits = gateway.limits
-        #: The client's address (failed authentications are counted per source).
+        #: The client's address (failed authentications are backed off per source).
         self.peer = peer
         # The live subscriptions of this connection, kept by the shell; read only here.
         self._subscriptions = subscriptions
         self._opening: set[int] = set()  # ids in Subscribe actions not yet performed
+        # Subscriptions opened under a token that expires: sub id -> [stream id, expiry].
+        self._sub_expiry: dict[int, list[Any]] = {}
         self.streams: dict[int, _Stream] = {}
         #: Requests forwarded and not yet settled, over all streams.
         self.in_flight = 0
+        #: Bytes of incomplete frames held for this connection.
+        self.buffered = 0
         # v1 subscribers may let the broker pick ids: above any id a client would pick.
         self._next_v1_subscription = 1 << 48
         #: One tenant per connection (set by its first authenticated stream).
         self.tenant: str | None = None
-        self.subject = "anonymous"  # of the latest token admitted (for the audit log)
-        #: The latest expiry among the tokens presented (wall clock; None: never).
-        self.expires_at: float | None = None
+        self.authenticated = False
+        self.auth_failures = 0
+        self._auth_deadline: float | None = None  # from the handshake, until authenticated
         self.closed = False
         self._actions: list[Action] = []
         self._timer: float | None = None
@@ -304,26 +238,48 @@ class GatewaySession:
         """When :meth:`handle_timer` must next be called (None: no deadline)."""
         if self._timer_dirty:
             self._timer_dirty = False
-            deadlines = [
-                s.auth_deadline for s in self.streams.values() if s.auth_deadline is not None
-            ]
-            if self.expires_at is not None:
-                deadlines.append(self.expires_at)
+            deadlines = [t for s in self.streams.values() for t in s.deadlines()]
+            deadlines.extend(expiry for _, expiry in self._sub_expiry.values())
+            if self._auth_deadline is not None:
+                deadlines.append(self._auth_deadline)
             self._timer = None if self.closed else min(deadlines, default=None)
         return self._timer
+
+    def handshake_completed(self, now: float) -> None:
+        """The QUIC handshake is done: an authenticated stream is due within the deadline."""
+        if not self.authenticated and not self.closed:
+            self._auth_deadline = now + self._limits.auth_timeout
+            self._timer_dirty = True
 
     def handle_timer(self, now: float) -> None:
         """Apply every deadline that has passed at ``now``."""
         if self.closed:
             return
+        self._timer_dirty = True
+        if self._auth_deadline is not None and now >= self._auth_deadline:
+            self.close(CLOSE_AUTH_TIMEOUT, "no authenticated stream within the auth deadline")
+            return
         for stream in list(self.streams.values()):
+            if stream.state is StreamState.CLOSED:
+                continue
+            if stream.frame_deadline is not None and now >= stream.frame_deadline:
+                self._gateway.input_limit_closes += 1
+                timeout = self._limits.frame_timeout
+                self.close(CLOSE_FRAME_TIMEOUT, f"a frame was not completed within {timeout:g} s")
+                return
             if stream.auth_deadline is not None and now >= stream.auth_deadline:
-                self._clear_auth_deadline(stream)
                 self._fail(stream, "no auth frame within the deadline", CLOSE_AUTH_TIMEOUT)
-        if self.expires_at is not None and now >= self.expires_at:
-            self._gateway.expired_sessions += 1
-            self._audit_auth("session.expire", self.tenant, "token-expired", self.subject)
-            self.close(CLOSE_TOKEN_EXPIRED, "token expired: reconnect with a fresh token")
+            elif stream.retry_at is not None and now >= stream.retry_at:
+                self._resume_auth(stream, now)
+            elif stream.expires_at is not None and now >= stream.expires_at:
+                self._expire(stream, now)
+            if self.closed:
+                return
+        for sub_id, (_, expiry) in list(self._sub_expiry.items()):
+            if now >= expiry:
+                del self._sub_expiry[sub_id]
+                if sub_id in self._subscriptions:
+                    self._actions.append(Unsubscribe(sub_id, Unauthenticated.code, EXPIRED))
 
     def receive(self, stream_id: int, data: bytes, end_stream: bool, now: float) -> None:
         """Bytes (and maybe FIN) the client sent on ``stream_id``."""
@@ -333,17 +289,15 @@ class GatewaySession:
         if stream is None:
             if stream_id & 0x1:  # server-initiated: our event streams take no input
                 return
-            if (
-                self._gateway.draining
-                or len(self.streams) >= self._limits.max_streams_per_connection
-            ):
+            limit = self._limits.max_streams_per_connection
+            if self._gateway.draining or len(self.streams) >= limit:
                 self._actions.append(StopStream(stream_id, CLOSE_PROTOCOL_ERROR))
                 return
             stream = self.streams[stream_id] = _Stream(stream_id, self._limits, now)
             self._timer_dirty = True
         if data and stream.state is not StreamState.CLOSED:
             self._feed(stream, data, now)
-        if not end_stream:
+        if not end_stream or self.closed:
             return
         if stream.state is StreamState.CLOSED:
             self.streams.pop(stream_id, None)  # failed earlier; now the client is done too
@@ -356,8 +310,7 @@ class GatewaySession:
         """The client reset ``stream_id``: forget it (answers still owed are dropped)."""
         stream = self.streams.pop(stream_id, None)
         if stream is not None and stream.state is not StreamState.CLOSED:
-            stream.transition("reset")
-            self._clear_auth_deadline(stream)
+            self._close_stream(stream, "reset")
 
     def reply(self, stream_id: int, frame: bytes) -> None:
         """An answer for a forwarded request on ``stream_id`` (dropped if the stream is gone)."""
@@ -390,23 +343,36 @@ class GatewaySession:
         self._timer_dirty = True
         for stream in self.streams.values():
             if stream.state is not StreamState.CLOSED:
-                stream.transition("reset")
+                self._close_stream(stream, "reset")
         self.streams.clear()
+        self._sub_expiry.clear()
 
     # -- streams ----------------------------------------------------------------------
 
     def _feed(self, stream: _Stream, data: bytes, now: float) -> None:
+        if stream.parked is not None:
+            stream.held += data  # behind an auth frame waiting for its back-off
+            self._account(stream, now, False)
+            return
+        completed = False
         try:
-            stream.reader.feed(data)
+            if stream.state is StreamState.AUTHENTICATING:
+                data = self._feed_auth(stream, data, now)
+                if stream.parked is not None:
+                    stream.held += data
+                completed = _is_ready(stream)  # the auth frame was one
+                if not completed or self.closed:
+                    data = b""
+            if data:
+                stream.reader.feed(data)
             for frame in stream.reader:
-                if stream.state is StreamState.AUTHENTICATING:
-                    self._auth(stream, frame, now)
-                elif frame.flags == wire.FLAG_FELIX_EXT:
+                completed = True
+                if frame.flags == wire.FLAG_FELIX_EXT:
                     self._ext(stream, frame, now)
                 elif frame.flags == wire.FLAG_JSON:
-                    self._v1(stream, v1.from_json, wire.decode_message(frame))
+                    self._v1(stream, v1.from_json, wire.decode_message(frame), now)
                 elif frame.flags in (0x0001, 0x0009):
-                    self._v1(stream, v1.from_binary, wire.decode_publish_batch(frame))
+                    self._v1(stream, v1.from_binary, wire.decode_publish_batch(frame), now)
                 else:
                     raise RemoteProtocolError(
                         f"a client does not send frames with flags 0x{frame.flags:04x}"
@@ -415,37 +381,92 @@ class GatewaySession:
                     return
         except RemoteProtocolError as exc:
             self._fail(stream, str(exc))
+        if not self.closed and stream.state is not StreamState.CLOSED:
+            self._account(stream, now, completed)
+
+    def _feed_auth(self, stream: _Stream, data: bytes, now: float) -> bytes:
+        """Read the auth frame and nothing beyond it; returns the bytes after it."""
+        header = wire.HEADER_SIZE
+        while data and stream.state is StreamState.AUTHENTICATING and stream.parked is None:
+            fed = stream.auth_fed
+            if fed < header:
+                room = header - fed
+            else:
+                room = header + int.from_bytes(stream.auth_head[8:12], "big") - fed
+            chunk, data = data[:room], data[room:]
+            if fed < header:
+                stream.auth_head += chunk
+            stream.auth_fed += len(chunk)
+            stream.reader.feed(chunk)  # checks the header against the pre-auth rules
+            for frame in stream.reader:
+                self._auth(stream, frame, now)
+        return data
+
+    def _account(self, stream: _Stream, now: float, completed: bool) -> None:
+        """Keep the incomplete-input budget and the frame deadline in step with the reader."""
+        held = stream.reader.buffered + len(stream.held)
+        delta = held - stream.buffered
+        if delta:
+            stream.buffered = held
+            self.buffered += delta
+            self._gateway.buffered_input += delta
+        if stream.state is StreamState.READY and stream.reader.buffered:
+            if stream.frame_deadline is None or completed:
+                stream.frame_deadline = now + self._limits.frame_timeout
+                self._timer_dirty = True
+        elif stream.frame_deadline is not None:
+            stream.frame_deadline = None
+            self._timer_dirty = True
+        limit = self._limits.max_buffered_input_per_connection
+        if self.buffered > limit:
+            self._gateway.input_limit_closes += 1
+            self.close(CLOSE_INPUT_LIMIT, f"over {limit} bytes of incomplete frames")
 
     def _send(self, stream: _Stream, frame: bytes) -> None:
         if not stream.uni:
             self._actions.append(Send(stream.stream_id, frame))
 
-    def _fail(self, stream: _Stream, message: str, code: int = CLOSE_PROTOCOL_ERROR) -> None:
-        """A protocol error: tell the client (v1 ``error``) and stop the stream.
+    def _fail(
+        self,
+        stream: _Stream,
+        message: str,
+        code: int = CLOSE_PROTOCOL_ERROR,
+        *,
+        protocol_error: bool = True,
+    ) -> None:
+        """Tell the client (v1 ``error``) and stop the stream.
 
         The stream stays in the table, closed, so later bytes on it are ignored.
         """
-        self._gateway.protocol_errors += 1
+        if protocol_error:
+            self._gateway.protocol_errors += 1
         if stream.state is StreamState.CLOSED:
             return
         if not stream.uni:
             error = wire.encode_message({"type": "error", "message": message})
             self._actions.append(Send(stream.stream_id, error, end_stream=True))
         self._actions.append(StopStream(stream.stream_id, code))
-        stream.transition("fail")
-        self._clear_auth_deadline(stream)
+        self._close_stream(stream, "fail")
 
     def _finish(self, stream: _Stream, what: str) -> None:
         """Every answer is out and the client is done: FIN our side and forget the stream."""
         if not stream.uni:
             self._actions.append(Send(stream.stream_id, b"", end_stream=True))
-        stream.transition(what)
-        self._clear_auth_deadline(stream)
+        self._close_stream(stream, what)
         self.streams.pop(stream.stream_id, None)
 
-    def _clear_auth_deadline(self, stream: _Stream) -> None:
-        if stream.auth_deadline is not None:
-            stream.auth_deadline = None
+    def _close_stream(self, stream: _Stream, what: str) -> None:
+        """Move ``stream`` to CLOSED: release its input budget, drop its deadlines."""
+        stream.transition(what)
+        if stream.buffered:
+            self.buffered -= stream.buffered
+            self._gateway.buffered_input -= stream.buffered
+            stream.buffered = 0
+        stream.held = bytearray()
+        stream.parked = None
+        if stream.deadlines():
+            stream.auth_deadline = stream.frame_deadline = None
+            stream.retry_at = stream.expires_at = None
             self._timer_dirty = True
 
     # -- authentication ---------------------------------------------------------------
@@ -456,24 +477,46 @@ class GatewaySession:
         msg = wire.decode_message(frame)
         if msg["type"] != "auth":
             raise RemoteProtocolError(f"expected auth, got {msg['type']}")
-        gateway = self._gateway
-        if gateway.auth_limiter.blocked(self.peer, now):
-            self._audit_auth("session.auth", msg.get("tenant_id"), "rate-limited", "anonymous")
-            self.close(CLOSE_AUTH_FAILED, "too many failed authentications; wait")
+        ready = self._gateway.auth_limiter.ready_at(self._throttle_keys(msg), now)
+        if ready > now:
+            # Recent failures from this source or for this tenant: check it later.
+            self._gateway.auth_throttled += 1
+            stream.parked, stream.retry_at = msg, ready
+            self._timer_dirty = True
             return
+        self._check_auth(stream, msg, now)
+
+    def _resume_auth(self, stream: _Stream, now: float) -> None:
+        msg, stream.parked, stream.retry_at = stream.parked, None, None
+        assert msg is not None
+        held, stream.held = bytes(stream.held), bytearray()
+        self._check_auth(stream, msg, now)
+        if held and stream.state is StreamState.READY and not self.closed:
+            self._feed(stream, held, now)
+        elif not self.closed and stream.state is not StreamState.CLOSED:
+            self._account(stream, now, False)
+
+    def _check_auth(self, stream: _Stream, msg: dict[str, Any], now: float) -> None:
+        gateway = self._gateway
         try:
             identity = gateway.authenticator.authenticate(msg["token"], msg["tenant_id"])
-            self._admit_identity(identity)
+            self._admit_tenant(identity)
         except FelixError as exc:
-            gateway.auth_failures += 1
-            gateway.auth_limiter.failed(self.peer, now)
+            self._auth_failed(msg, now)
             self._audit_auth("session.auth", msg.get("tenant_id"), _reason(exc), "anonymous", exc)
             self._fail(stream, f"unauthenticated: {exc}")
+            self._check_failures()
             return
         stream.identity = identity
+        stream.expires_at = identity.expires_at
         stream.reader.max_frame_size = self._limits.max_frame
         stream.transition("auth_ok")
-        self._clear_auth_deadline(stream)
+        stream.auth_deadline = None
+        self._timer_dirty = True
+        if not self.authenticated:
+            self.authenticated = True
+            self._auth_deadline = None
+            self._actions.append(ConnectionAuthenticated())
         offered = msg.get("client_flags")
         if offered is None:
             self._send(stream, wire.encode_message({"type": "ok"}))
@@ -482,32 +525,81 @@ class GatewaySession:
         stream.reader.accept_flags = wire.FLAGS_V1 | (stream.flags & wire.FLAG_FELIX_EXT)
         self._send(stream, wire.encode_message({"type": "auth_ok", "server_flags": stream.flags}))
 
-    def _admit_identity(self, identity: Identity) -> None:
-        """Accept ``identity`` on this connection: same tenant as before, later expiry kept."""
+    def _throttle_keys(self, msg: dict[str, Any]) -> list[str]:
+        """What failures are backed off by: the source, and the tenant the attempt claims."""
+        tenant = msg.get("tenant_id")
+        if not tenant:
+            try:
+                tenant = read_unverified_claims(str(msg.get("token") or "")).get("tid")
+            except FelixError:
+                tenant = None
+        keys = [self.peer]
+        if isinstance(tenant, str) and tenant:
+            keys.append("tenant:" + tenant)
+        return keys
+
+    def _auth_failed(self, msg: dict[str, Any], now: float) -> None:
+        self._gateway.auth_failures += 1
+        self._gateway.auth_limiter.failed(self._throttle_keys(msg), now)
+        self.auth_failures += 1
+
+    def _check_failures(self) -> None:
+        if self.auth_failures >= self._limits.max_auth_failures_per_connection:
+            self.close(CLOSE_AUTH_FAILED, "too many failed authentications on this connection")
+
+    def _admit_tenant(self, identity: Identity) -> None:
+        """One tenant per connection: its first authenticated stream's."""
         if self.tenant is None:
             self.tenant = identity.tenant
         elif identity.tenant != self.tenant:
             raise Unauthenticated(f"this connection belongs to tenant {self.tenant!r}")
-        self.subject = identity.subject
-        if identity.expires_at is not None and (
-            self.expires_at is None or identity.expires_at > self.expires_at
-        ):
-            self.expires_at = identity.expires_at
-            self._timer_dirty = True
 
-    def _reauth(self, stream: _Stream, token: str) -> None:
-        """A fresh token for this connection's tenant: new permissions, new deadline."""
+    def _reauth(self, stream: _Stream, token: str, now: float) -> None:
+        """A fresh token for this stream: its new permissions and expiry (this stream only)."""
         gateway = self._gateway
-        tenant = stream.identity.tenant if stream.identity is not None else ""
+        identity = stream.identity
+        assert identity is not None
         try:
-            identity = gateway.authenticator.authenticate(token, tenant)
-            self._admit_identity(identity)
+            fresh = gateway.authenticator.authenticate(token, identity.tenant)
+            self._admit_tenant(fresh)
         except FelixError as exc:
-            gateway.auth_failures += 1
-            who = stream.identity.subject if stream.identity is not None else "anonymous"
-            self._audit_auth("session.reauth", tenant, _reason(exc), who, exc)
+            self._auth_failed({"tenant_id": identity.tenant, "token": token}, now)
+            self._audit_auth("session.reauth", identity.tenant, _reason(exc), identity.subject, exc)
+            self._check_failures()
             raise Unauthenticated(str(exc)) from None
-        stream.identity = identity
+        stream.identity = fresh
+        stream.expires_at = fresh.expires_at
+        for sub_id, entry in list(self._sub_expiry.items()):
+            if entry[0] == stream.stream_id:
+                if fresh.expires_at is None:
+                    del self._sub_expiry[sub_id]
+                else:
+                    entry[1] = fresh.expires_at
+        self._timer_dirty = True
+
+    def _expire(self, stream: _Stream, now: float) -> None:
+        """``stream``'s token expired: close it, or the connection if nothing else is live."""
+        self._gateway.expired_sessions += 1
+        identity = stream.identity
+        who = identity.subject if identity is not None else "anonymous"
+        self._audit_auth("session.expire", self.tenant, "token-expired", who)
+        live = [
+            s
+            for s in self.streams.values()
+            if s is not stream
+            and s.state in (StreamState.READY, StreamState.ENDING)
+            and (s.expires_at is None or s.expires_at > now)
+        ]
+        if not live:
+            self.close(CLOSE_TOKEN_EXPIRED, EXPIRED)
+            return
+        for sub_id, entry in list(self._sub_expiry.items()):
+            if entry[0] == stream.stream_id:
+                del self._sub_expiry[sub_id]
+                if sub_id in self._subscriptions:
+                    self._actions.append(Unsubscribe(sub_id, Unauthenticated.code, EXPIRED))
+        message = "token expired: present a fresh one (REAUTH) before it expires"
+        self._fail(stream, message, CLOSE_TOKEN_EXPIRED, protocol_error=False)
 
     # -- requests ---------------------------------------------------------------------
 
@@ -522,16 +614,18 @@ class GatewaySession:
             self._send(stream, _error_frame(prefix[1], BadRequest(str(exc))))
             return
         try:
-            self._dispatch(stream, msg, frame)
+            self._dispatch(stream, msg, frame, now)
         except FelixError as exc:
             self._send(stream, _error_frame(msg.request_id, exc))
 
-    def _dispatch(self, stream: _Stream, msg: wire.ExtMessage, frame: wire.Frame) -> None:
+    def _dispatch(
+        self, stream: _Stream, msg: wire.ExtMessage, frame: wire.Frame, now: float
+    ) -> None:
         op = msg.opcode
         target = _ext_target(msg)
-        self._admit(stream, target)
+        self._admit(stream, target, now)
         if isinstance(msg, wire.Reauth):
-            self._reauth(stream, msg.token)
+            self._reauth(stream, msg.token, now)
             self._send(stream, wire.encode_ok(msg.request_id))
         elif op == wire.OP_PING:
             self._send(stream, wire.encode_ok(msg.request_id))
@@ -541,6 +635,7 @@ class GatewaySession:
             if op == wire.OP_CREDIT:
                 self._actions.append(Credit(msg.subscription_id, msg.credit))
             else:
+                self._sub_expiry.pop(msg.subscription_id, None)
                 self._actions.append(Unsubscribe(msg.subscription_id))
             self._send(stream, wire.encode_ok(msg.request_id))
         elif target is None:
@@ -548,13 +643,14 @@ class GatewaySession:
         elif isinstance(msg, wire.Subscribe):
             if not stream.flags & wire.FLAG_FELIX_EXT:
                 raise BadRequest("subscriptions need the felix extension")
-            self._claim_subscription(msg.subscription_id)
+            sub_id = msg.subscription_id
+            self._claim_subscription(stream, sub_id)
             self._forward(
                 stream,
                 Subscribe(
                     stream.stream_id,
                     msg.request_id,
-                    msg.subscription_id,
+                    sub_id,
                     target.key,
                     frame.to_bytes(),
                     msg.credit,
@@ -569,7 +665,9 @@ class GatewaySession:
                 ),
             )
 
-    def _v1(self, stream: _Stream, translate: Callable[[Any], v1.V1Request], msg: Any) -> None:
+    def _v1(
+        self, stream: _Stream, translate: Callable[[Any], v1.V1Request], msg: Any, now: float
+    ) -> None:
         """A v1 request: translate it, admit it, forward it; errors answered in v1 form."""
         self._gateway.requests += 1
         try:
@@ -577,7 +675,7 @@ class GatewaySession:
             tenant, namespace, name = req.names
             kind = "cache" if req.kind == "cache" else "stream"
             target = _Target(tenant, namespace, kind, name, _v1_action(req), req.route_key)
-            self._admit(stream, target)
+            self._admit(stream, target, now)
             if req.kind == "subscribe":
                 self._v1_subscribe(stream, req)
             else:
@@ -592,7 +690,7 @@ class GatewaySession:
         if sub_id is None:
             self._next_v1_subscription += 1
             sub_id = self._next_v1_subscription
-        self._claim_subscription(sub_id)
+        self._claim_subscription(stream, sub_id)
         frame = wire.encode_subscribe(
             0,
             *req.names,
@@ -619,7 +717,7 @@ class GatewaySession:
         stream.in_flight += 1
         self._actions.append(action)
 
-    def _claim_subscription(self, sub_id: int) -> None:
+    def _claim_subscription(self, stream: _Stream, sub_id: int) -> None:
         if sub_id in self._subscriptions or sub_id in self._opening:
             raise BadRequest(f"subscription {sub_id} already exists")
         if (
@@ -628,18 +726,27 @@ class GatewaySession:
         ):
             raise Overloaded("too many subscriptions on this connection")
         self._opening.add(sub_id)
+        if stream.expires_at is not None:
+            # The subscription is authorised by this stream's token: it ends with it.
+            if len(self._sub_expiry) > 2 * self._limits.max_subscriptions_per_connection:
+                for gone in [s for s in self._sub_expiry if s not in self._subscriptions]:
+                    del self._sub_expiry[gone]
+            self._sub_expiry[sub_id] = [stream.stream_id, stream.expires_at]
+            self._timer_dirty = True
 
     # -- admission --------------------------------------------------------------------
 
-    def _admit(self, stream: _Stream, target: _Target | None) -> None:
+    def _admit(self, stream: _Stream, target: _Target | None, now: float) -> None:
         """Whether a request may go ahead: the one check for extension and v1 requests.
 
         ``target`` None: a control request (ping, reauth, credit, unsubscribe), which
-        is refused only while the node drains.
+        is refused only while the node drains or once the stream's token expired.
         """
         gateway = self._gateway
         if gateway.draining:
             raise Unavailable("node is draining; reconnect")
+        if stream.expires_at is not None and now >= stream.expires_at:
+            raise Unauthenticated("this stream's token expired")
         if target is None:
             return
         if self.in_flight >= self._limits.max_in_flight_per_connection:
@@ -679,7 +786,7 @@ class GatewaySession:
     def _audit_auth(
         self, action: str, tenant: object, reason: str, who: str, exc: FelixError | None = None
     ) -> None:
-        """An authentication refused (or a session ended at its token's expiry)."""
+        """An authentication refused (or a stream ended at its token's expiry)."""
         self._actions.append(
             Audit(
                 "auth",
@@ -695,6 +802,10 @@ class GatewaySession:
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+
+def _is_ready(stream: _Stream) -> bool:
+    return stream.state is StreamState.READY
 
 
 def _error_frame(request_id: int, exc: FelixError) -> bytes:

@@ -39,7 +39,24 @@ _METRICS: dict[str, tuple[str, str, bool]] = {
     "overloaded": ("felix_overloaded_replies", "Requests refused as Overloaded", True),
     "slow_consumer_events": ("felix_slow_consumer_events", "Slow-subscriber policy firings", True),
     "auth_failures": ("felix_auth_failures", "Failed authentications", True),
-    "expired_sessions": ("felix_expired_sessions", "Connections closed at token expiry", True),
+    "expired_sessions": (
+        "felix_expired_sessions",
+        "Streams or connections closed at token expiry",
+        True,
+    ),
+    "refused_connections": ("felix_connections_refused", "Connections refused at a limit", True),
+    "evicted_connections": (
+        "felix_connections_evicted",
+        "Unauthenticated connections closed to admit new ones",
+        True,
+    ),
+    "auth_throttled": ("felix_auth_throttled", "Authentications delayed by failure back-off", True),
+    "input_limit_closes": (
+        "felix_input_limit_closes",
+        "Connections closed over the incomplete-frame budget or deadline",
+        True,
+    ),
+    "internal_errors": ("felix_internal_errors", "Unexpected errors handled by a gateway", True),
     "permission_denials": (
         "felix_permission_denials",
         "Requests refused for lack of permission",

@@ -142,6 +142,10 @@ class RingLinks:
     def shards(self) -> int:
         return len(self._out)
 
+    @property
+    def max_record_size(self) -> int:
+        return min(ring.max_record_size for ring in self._out)
+
     def attach(self, gateway: int, deliver: Deliver) -> None:
         for shard, ring in enumerate(self._in):
             # Records a previous incarnation of this gateway did not read are for
@@ -350,6 +354,11 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
             "auth_failures": gateway.auth_failures,
             "expired_sessions": gateway.expired_sessions,
             "permission_denials": gateway.permission_denials,
+            "refused_connections": gateway.refused_connections,
+            "evicted_connections": gateway.evicted_connections,
+            "auth_throttled": gateway.auth_throttled,
+            "input_limit_closes": gateway.input_limit_closes,
+            "internal_errors": gateway.internal_errors,
         }
 
     await _serve_commands(control, spec, stats, on_command=on_command)

@@ -1,0 +1,135 @@
+"""Issue 11's gateway attacks against real nodes over QUIC on loopback (bounded loops).
+
+The same attacks, moved along by a hand-driven clock, are unit tests in
+tests/test_gateway_hardening.py; here they run against a node's real QUIC stack
+(in-process node, or `felix up` processes where rings matter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from felix import wire
+from felix.auth.keys import TenantKeyRing
+from felix.auth.perms import PermissionSet
+from felix.gateway.auth import TokenAuthenticator
+from felix.gateway.gateway import (
+    CLOSE_AUTH_TIMEOUT,
+    CLOSE_OVERLOADED,
+    GatewayLimits,
+)
+from felix.node.local import LocalNode
+from tests.aio import run
+from tests.nodeproc import NodeProcess
+from tests.rawquic import RawPeer, raw_connect
+
+pytestmark = pytest.mark.timeout(90)
+T, NS = "acme", "prod"
+RING = TenantKeyRing.create(T, time.time())
+
+
+def token(ttl: int) -> str:
+    perms = PermissionSet(T, ["stream.publish:stream:acme/prod/*"])
+    return RING.mint(time.time(), issuer="felix", audience="felix", sub="a", perms=perms, ttl=ttl)
+
+
+def authenticator() -> TokenAuthenticator:
+    return TokenAuthenticator(
+        lambda tenant, _: RING.jwks(time.time()) if tenant == T else None,
+        issuer="felix",
+        audience="felix",
+        leeway=0.0,
+    )
+
+
+async def authed(peer: RawPeer, tok: str) -> int:
+    sid = peer.new_stream()
+    msg = {"type": "auth", "tenant_id": "", "token": tok, "client_flags": wire.FLAGS_ALL}
+    peer.send(sid, wire.encode_message(msg))
+    (first,) = await peer.frames_on(sid, 1)
+    assert wire.decode_message(first)["type"] == "auth_ok"
+    return sid
+
+
+def test_idle_connections_neither_lock_out_clients_nor_live_past_the_deadline(
+    tmp_path: Path,
+) -> None:
+    """Item 4: an attacker fills the connection table without ever opening a stream."""
+
+    async def main() -> None:
+        limits = GatewayLimits(max_connections=3, auth_timeout=1.0)
+        async with LocalNode.start(tmp_path, limits=limits) as node:
+            idle = [await raw_connect(node.host, node.port, node.ca_file) for _ in range(3)]
+            client = await raw_connect(node.host, node.port, node.ca_file)
+            sid = await client.auth()
+            client.send(sid, wire.encode_ping(1))
+            reply = wire.decode_ext((await client.frames_on(sid, 2))[1])
+            assert reply.opcode == wire.OP_OK
+            await idle[0].wait_for(lambda: idle[0].close_reason is not None)
+            assert idle[0].close_reason is not None
+            assert idle[0].close_reason.error_code == CLOSE_OVERLOADED
+            # The others never authenticate: closed at the deadline from their handshake.
+            for peer in idle[1:]:
+                await peer.wait_for(lambda p=peer: p.close_reason is not None, timeout=10)
+                assert p_code(peer) == CLOSE_AUTH_TIMEOUT
+            assert client.close_reason is None
+            for peer in (*idle, client):
+                peer.close()
+
+    run(main)
+
+
+def p_code(peer: RawPeer) -> int:
+    assert peer.close_reason is not None
+    return int(peer.close_reason.error_code)
+
+
+def test_a_stream_with_an_expired_token_loses_its_rights_beside_a_fresh_one(
+    tmp_path: Path,
+) -> None:
+    """Item 7: two streams, two tokens, one connection."""
+
+    async def main() -> None:
+        async with LocalNode.start(tmp_path, authenticator=authenticator()) as node:
+            peer = await raw_connect(node.host, node.port, node.ca_file)
+            old = await authed(peer, token(ttl=2))
+            fresh = await authed(peer, token(ttl=300))
+            await peer.wait_for(lambda: len(peer.frames[old]) >= 2, timeout=10)
+            error = wire.decode_message(peer.frames[old][-1])
+            assert error["type"] == "error" and "token expired" in error["message"]
+            peer.send(fresh, wire.encode_publish(1, T, NS, "s", [b"x"]))
+            reply = wire.decode_ext((await peer.frames_on(fresh, 2))[1])
+            assert isinstance(reply, wire.PublishOffsets)
+            assert peer.close_reason is None
+            peer.close()
+
+    run(main)
+
+
+def test_a_request_over_the_ring_record_limit_is_too_large_on_a_real_node(
+    tmp_path: Path,
+) -> None:
+    """Item 9: between the ring's record limit and the frame limit, with real rings."""
+    node = NodeProcess(tmp_path / "node", gateways=1, shards=1)
+    try:
+
+        async def main() -> None:
+            peer = await raw_connect(node.host, node.port, node.ca_file)
+            sid = await peer.auth()
+            peer.send(sid, wire.encode_publish(1, T, NS, "s", [b"x" * 3_000_000]))
+            peer.send(sid, wire.encode_publish(2, T, NS, "s", [b"small"]))
+            frames = await peer.frames_on(sid, 3, timeout=20)
+            replies = {m.request_id: m for m in map(wire.decode_ext, frames[1:])}
+            assert replies[1].code == 7  # type: ignore[attr-defined]
+            assert isinstance(replies[2], wire.PublishOffsets)
+            assert peer.close_reason is None
+            peer.close()
+            await asyncio.sleep(0)
+
+        run(main)
+    finally:
+        node.stop()

@@ -18,7 +18,10 @@ from felix.auth.keys import TenantKeyRing
 from felix.auth.perms import PermissionSet
 from felix.gateway.auth import TokenAuthenticator
 from felix.gateway.gateway import (
+    CLOSE_AUTH_FAILED,
     CLOSE_AUTH_TIMEOUT,
+    CLOSE_FRAME_TIMEOUT,
+    CLOSE_INPUT_LIMIT,
     CLOSE_OVERLOADED,
     GatewayLimits,
 )
@@ -133,3 +136,106 @@ def test_a_request_over_the_ring_record_limit_is_too_large_on_a_real_node(
         run(main)
     finally:
         node.stop()
+
+
+def test_a_half_sent_frame_is_cut_off_at_its_deadline(tmp_path: Path) -> None:
+    """Item 3: a frame's header and a little payload, then nothing."""
+
+    async def main() -> None:
+        limits = GatewayLimits(frame_timeout=1.0, max_buffered_input_per_connection=1_000_000)
+        async with LocalNode.start(tmp_path, limits=limits) as node:
+            slow = await raw_connect(node.host, node.port, node.ca_file)
+            sid = await slow.auth()
+            frame = wire.encode_publish(1, T, NS, "s", [b"x" * 3_000_000])
+            slow.send(sid, frame[:100_000])
+            await slow.wait_for(lambda: slow.close_reason is not None, timeout=10)
+            assert p_code(slow) == CLOSE_FRAME_TIMEOUT
+            hog = await raw_connect(node.host, node.port, node.ca_file)
+            sids = [await hog.auth() for _ in range(3)]
+            for s in sids:  # three half frames: over the connection's budget
+                hog.send(s, frame[:400_000])
+            await hog.wait_for(lambda: hog.close_reason is not None, timeout=10)
+            assert p_code(hog) == CLOSE_INPUT_LIMIT
+            assert node.gateway.buffered_input == 0
+            assert node.gateway.input_limit_closes == 2
+
+    run(main)
+
+
+def test_a_burst_of_bad_tokens_from_an_address_does_not_lock_out_a_valid_token(
+    tmp_path: Path,
+) -> None:
+    """Item 10: same address, many failures, then a good token: accepted (maybe delayed)."""
+
+    async def main() -> None:
+        async with LocalNode.start(tmp_path, authenticator=authenticator()) as node:
+            for _ in range(4):  # 32 failures over four connections
+                bad = await raw_connect(node.host, node.port, node.ca_file)
+                for _ in range(8):
+                    sid = bad.new_stream()
+                    attempt = {"type": "auth", "tenant_id": "", "token": "garbage"}
+                    bad.send(sid, wire.encode_message(attempt))
+                await bad.wait_for(lambda b=bad: b.close_reason is not None, timeout=20)
+                assert p_code(bad) == CLOSE_AUTH_FAILED
+            good = await raw_connect(node.host, node.port, node.ca_file)
+            sid = await authed(good, token(ttl=300))
+            assert good.close_reason is None and sid == 0
+            assert node.gateway.auth_failures == 32 and node.gateway.auth_throttled >= 1
+            good.close()
+
+    run(main)
+
+
+def test_auth_pipelined_with_a_large_request_in_one_write(tmp_path: Path) -> None:
+    """Low: the request after `auth` is judged by post-auth rules (over the pre-auth cap)."""
+
+    async def main() -> None:
+        async with LocalNode.start(tmp_path) as node:
+            peer = await raw_connect(node.host, node.port, node.ca_file)
+            auth = {"type": "auth", "tenant_id": T, "token": "", "client_flags": wire.FLAGS_ALL}
+            big = wire.encode_publish(1, T, NS, "s", [b"x" * 100_000])
+            peer.send(0, wire.encode_message(auth) + big)
+            frames = await peer.frames_on(0, 2)
+            assert isinstance(wire.decode_ext(frames[1]), wire.PublishOffsets)
+            assert node.gateway.protocol_errors == 0
+            peer.close()
+
+    run(main)
+
+
+def test_a_subscriber_that_stops_its_event_stream_costs_no_one_else(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 8: one subscriber's broken event stream; the others of the stream are served,
+    and the failure is counted, not logged with a traceback per event."""
+
+    async def main() -> None:
+        async with LocalNode.start(tmp_path) as node:
+            peers = [await raw_connect(node.host, node.port, node.ca_file) for _ in range(3)]
+            streams = []
+            for peer in peers:
+                sid = await peer.auth()
+                peer.send(sid, wire.encode_subscribe(1, T, NS, "s", 1, credit=1000))
+                await peer.wait_for(lambda p=peer: any(s & 0x3 == 3 for s in p.frames))
+                streams.append(next(s for s in peer.frames if s & 0x3 == 3))
+            peers[0].stop_stream(streams[0], 0)  # STOP_SENDING on its event stream
+            pub = await raw_connect(node.host, node.port, node.ca_file)
+            psid = await pub.auth()
+            await asyncio.sleep(0.2)  # the STOP_SENDING has arrived
+            for i in range(20):
+                pub.send(psid, wire.encode_publish(10 + i, T, NS, "s", [b"%d" % i]))
+            await pub.frames_on(psid, 21)
+            for peer, stream in zip(peers[1:], streams[1:], strict=True):
+                await peer.wait_for(lambda p=peer, s=stream: count_events(p, s) == 20)
+            assert node.gateway.internal_errors <= 1
+            tracebacks = [r for r in caplog.records if r.exc_info and r.name == "felix.gateway"]
+            assert len(tracebacks) <= 1
+            for peer in (*peers, pub):
+                peer.close()
+
+    run(main)
+
+
+def count_events(peer: RawPeer, stream: int) -> int:
+    frames = [wire.decode_ext(f) for f in peer.frames[stream][1:]]
+    return sum(len(m.payloads) for m in frames if isinstance(m, wire.Events))

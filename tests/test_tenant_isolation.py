@@ -24,6 +24,7 @@ B's resources have names containing ``gxsecret``; B's payloads and values contai
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import urllib.parse
@@ -332,8 +333,11 @@ def test_v1_frames_naming_another_tenant_are_refused(tmp_path: Path) -> None:
 def test_a_connection_stays_in_the_tenant_of_its_first_token(tmp_path: Path) -> None:
     async def main() -> None:
         async with node(tmp_path) as n:
-            # More failures than the default limiter lets one source have in a minute.
-            n.gateway.auth_limiter = FailureLimiter(max_failures=1000)
+            # More failures than one connection may make, without back-off delays.
+            n.gateway.auth_limiter = FailureLimiter(free_failures=1000)
+            n.gateway.limits = dataclasses.replace(
+                n.gateway.limits, max_auth_failures_per_connection=1000
+            )
             peer = await raw_connect(n.host, n.port, n.ca_file)
             sid, reply = await session(peer, token(A))
             assert reply["type"] == "auth_ok"

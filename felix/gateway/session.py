@@ -502,10 +502,14 @@ class GatewaySession:
             identity = gateway.authenticator.authenticate(msg["token"], msg["tenant_id"])
             self._admit_tenant(identity)
         except FelixError as exc:
-            self._auth_failed(msg, now)
+            gateway.auth_failures += 1
+            gateway.auth_limiter.failed(self._throttle_keys(msg), now)
+            self.auth_failures += 1
             self._audit_auth("session.auth", msg.get("tenant_id"), _reason(exc), "anonymous", exc)
             self._fail(stream, f"unauthenticated: {exc}")
-            self._check_failures()
+            if self.auth_failures >= self._limits.max_auth_failures_per_connection:
+                reason = "too many failed authentications on this connection"
+                self.close(CLOSE_AUTH_FAILED, reason)
             return
         stream.identity = identity
         stream.expires_at = identity.expires_at
@@ -538,15 +542,6 @@ class GatewaySession:
             keys.append("tenant:" + tenant)
         return keys
 
-    def _auth_failed(self, msg: dict[str, Any], now: float) -> None:
-        self._gateway.auth_failures += 1
-        self._gateway.auth_limiter.failed(self._throttle_keys(msg), now)
-        self.auth_failures += 1
-
-    def _check_failures(self) -> None:
-        if self.auth_failures >= self._limits.max_auth_failures_per_connection:
-            self.close(CLOSE_AUTH_FAILED, "too many failed authentications on this connection")
-
     def _admit_tenant(self, identity: Identity) -> None:
         """One tenant per connection: its first authenticated stream's."""
         if self.tenant is None:
@@ -563,9 +558,10 @@ class GatewaySession:
             fresh = gateway.authenticator.authenticate(token, identity.tenant)
             self._admit_tenant(fresh)
         except FelixError as exc:
-            self._auth_failed({"tenant_id": identity.tenant, "token": token}, now)
+            # Counted, but not against the connection's bound: an authenticated client
+            # whose refresh keeps failing keeps its stream until its token expires.
+            gateway.auth_failures += 1
             self._audit_auth("session.reauth", identity.tenant, _reason(exc), identity.subject, exc)
-            self._check_failures()
             raise Unauthenticated(str(exc)) from None
         stream.identity = fresh
         stream.expires_at = fresh.expires_at

@@ -239,3 +239,19 @@ def test_a_subscriber_that_stops_its_event_stream_costs_no_one_else(
 def count_events(peer: RawPeer, stream: int) -> int:
     frames = [wire.decode_ext(f) for f in peer.frames[stream][1:]]
     return sum(len(m.payloads) for m in frames if isinstance(m, wire.Events))
+
+
+def test_connections_are_counted_by_their_source_address(tmp_path: Path) -> None:
+    """The per-source bound needs the real address (whichever receive path the engine uses)."""
+
+    async def main() -> None:
+        limits = GatewayLimits(max_unauthenticated_per_source=2)
+        async with LocalNode.start(tmp_path, limits=limits) as node:
+            peers = [await raw_connect(node.host, node.port, node.ca_file) for _ in range(3)]
+            await peers[2].wait_for(lambda: peers[2].close_reason is not None)
+            assert p_code(peers[2]) == CLOSE_OVERLOADED
+            assert {c.peer for c in node.gateway.connections} == {"127.0.0.1"}
+            for peer in peers:
+                peer.close()
+
+    run(main)

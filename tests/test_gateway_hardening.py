@@ -7,7 +7,6 @@ attacks against a real node over QUIC are in tests/test_gateway_attacks.py.
 from __future__ import annotations
 
 import logging
-import struct
 
 import pytest
 
@@ -23,7 +22,7 @@ from felix.gateway.gateway import (
     CLOSE_TOKEN_EXPIRED,
     GatewayLimits,
 )
-from tests.gateway_pair import START, Pair
+from tests.gateway_pair import Pair
 from tests.test_gateway_session import NS, T, auth_frame, mint, replies, token_pair
 
 SUB_PERMS = ["stream.publish:stream:acme/prod/*", "stream.subscribe:stream:acme/prod/*"]
@@ -292,8 +291,3 @@ def test_events_reach_a_client_session_as_notices() -> None:
     assert any(isinstance(e, Reply) for e in pair.events[sid])
     (stream,) = pair.event_streams
     assert any(isinstance(e, Notice) for e in pair.events[stream])
-
-
-def test_the_pair_clock_starts_where_tokens_expect_it() -> None:
-    assert Pair().clock.now == START
-    assert struct.calcsize(">IHHI") == wire.HEADER_SIZE

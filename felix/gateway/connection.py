@@ -309,11 +309,18 @@ class GatewayConnection(FelixQuicProtocol):
         self._session_timer_at = None
         self.shell.timer_fired()
 
+    # The source address: what failed authentications and unauthenticated connections
+    # are counted by. Set from the first datagram, whichever receive path the engine uses.
+
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        session = self.shell.session
-        if session.peer == "?":
-            session.peer = str(addr[0])  # the source failed authentications are counted by
+        if self.shell.session.peer == "?":
+            self.shell.session.peer = str(addr[0])
         super().datagram_received(data, addr)
+
+    def datagrams_received(self, data: list[bytes], addr: Any) -> None:
+        if self.shell.session.peer == "?":
+            self.shell.session.peer = str(addr[0])
+        super().datagrams_received(data, addr)
 
     # -- QUIC hooks ------------------------------------------------------------------
 

@@ -12,9 +12,9 @@ How it works (docs/wire-protocol.md, "Sessions"):
   hands back, in order, and arms one timer at :meth:`~GatewaySession.get_timer`,
   calling :meth:`~GatewaySession.handle_timer` when it fires. It never reads
   the clock and never touches asyncio, so tests drive it directly and move time.
-* Every client-opened stream is a :class:`StreamState` machine whose legal
-  transitions are the one table ``_TRANSITIONS``: it must start with a JSON
-  ``auth`` frame (under the pre-auth frame cap, within the auth deadline),
+* Every client-opened stream is a :class:`~felix.gateway.streams.Stream`, its
+  states and legal transitions one table (felix/gateway/streams.py). It must
+  start with a JSON ``auth`` frame (under the pre-auth cap, within the deadline),
   negotiates the felix extension bit, then carries requests: extension frames,
   or v1 frames translated by felix/gateway/v1.py. Only the auth frame's bytes
   are read under the pre-auth rules: what the client pipelined after it is
@@ -27,7 +27,7 @@ How it works (docs/wire-protocol.md, "Sessions"):
 * Connection-level rules live here too: one tenant per connection (its first
   authenticated stream sets it); a connection with no authenticated stream
   within ``auth_timeout`` of its handshake is closed; at most
-  ``max_auth_failures_per_connection`` failed authentications; failures back
+  ``max_auth_failures_per_connection`` failed ``auth`` attempts; failures back
   off the next attempts of the same source and claimed tenant (delayed, never
   refused: felix/gateway/auth.py); incomplete frames are bounded in bytes per
   connection and in time once started (the gateway-wide byte budget is the
@@ -41,7 +41,6 @@ How it works (docs/wire-protocol.md, "Sessions"):
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +50,6 @@ from felix.auth.tokens import read_unverified_claims
 from felix.errors import (
     BadRequest,
     FelixError,
-    LocalProtocolError,
     Overloaded,
     PermissionDenied,
     RemoteProtocolError,
@@ -81,103 +79,14 @@ from felix.gateway.gateway import (
     CLOSE_PROTOCOL_ERROR,
     CLOSE_TOKEN_EXPIRED,
     SUPPORTED_FLAGS,
-    GatewayLimits,
 )
+from felix.gateway.streams import Stream, StreamState
 from felix.names import validate_name
 
 __all__ = ["GatewaySession", "StreamState"]
 
 #: What the client is told when its connection's tokens have all expired.
 EXPIRED = "token expired: reconnect with a fresh token"
-
-
-class StreamState(enum.Enum):
-    AUTHENTICATING = "authenticating"  # waiting for the auth frame (or its back-off)
-    READY = "ready"  # serving requests
-    ENDING = "ending"  # the client sent FIN; answers still owed
-    CLOSED = "closed"
-
-
-_A, _R, _E, _C = (
-    StreamState.AUTHENTICATING,
-    StreamState.READY,
-    StreamState.ENDING,
-    StreamState.CLOSED,
-)
-#: (state, what happened) -> next state; anything else is a bug in this module.
-#: "fin": the client ended its side with nothing owed; "fin_owed": with answers owed;
-#: "settled": the last owed answer went out; "fail": protocol error, refusal,
-#: deadline or expiry; "reset": the client reset the stream or the connection went away.
-_TRANSITIONS: dict[tuple[StreamState, str], StreamState] = {
-    (_A, "auth_ok"): _R,
-    (_A, "fin"): _C,
-    (_A, "fail"): _C,
-    (_A, "reset"): _C,
-    (_R, "request"): _R,
-    (_R, "fin"): _C,
-    (_R, "fin_owed"): _E,
-    (_R, "fail"): _C,
-    (_R, "reset"): _C,
-    (_E, "settled"): _C,
-    (_E, "fail"): _C,
-    (_E, "reset"): _C,
-}
-
-
-class _Stream:
-    """One client-opened stream's state inside a session."""
-
-    __slots__ = (
-        "auth_deadline",
-        "auth_fed",
-        "auth_head",
-        "buffered",
-        "expires_at",
-        "flags",
-        "frame_deadline",
-        "held",
-        "identity",
-        "in_flight",
-        "parked",
-        "reader",
-        "retry_at",
-        "state",
-        "stream_id",
-        "uni",
-    )
-
-    def __init__(self, stream_id: int, limits: GatewayLimits, now: float) -> None:
-        self.stream_id = stream_id
-        self.uni = bool(stream_id & 0x2)
-        self.reader = wire.FrameReader(limits.max_frame_pre_auth)
-        self.state = StreamState.AUTHENTICATING
-        self.flags = 0
-        self.identity: Identity | None = None
-        self.expires_at: float | None = None  # of this stream's token (None: never)
-        self.in_flight = 0
-        self.auth_deadline: float | None = now + limits.auth_timeout
-        self.frame_deadline: float | None = None  # an incomplete frame must be done by then
-        # Bytes of the auth frame read so far, and its header (to know where it ends).
-        self.auth_fed = 0
-        self.auth_head = bytearray()
-        # An auth frame waiting for the failure back-off, and what arrived behind it.
-        self.parked: dict[str, Any] | None = None
-        self.retry_at: float | None = None
-        self.held = bytearray()
-        self.buffered = 0  # incomplete input held for this stream (accounted)
-
-    def transition(self, what: str) -> None:
-        new = _TRANSITIONS.get((self.state, what))
-        if new is None:
-            raise LocalProtocolError(f"stream {self.stream_id}: {what} in state {self.state}")
-        self.state = new
-
-    def deadlines(self) -> list[float]:
-        return [
-            t
-            for t in (self.auth_deadline, self.frame_deadline, self.retry_at, self.expires_at)
-            if t is not None
-        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +116,7 @@ class GatewaySession:
         self._opening: set[int] = set()  # ids in Subscribe actions not yet performed
         # Subscriptions opened under a token that expires: sub id -> [stream id, expiry].
         self._sub_expiry: dict[int, list[Any]] = {}
-        self.streams: dict[int, _Stream] = {}
+        self.streams: dict[int, Stream] = {}
         #: Requests forwarded and not yet settled, over all streams.
         self.in_flight = 0
         #: Bytes of incomplete frames held for this connection.
@@ -293,7 +202,7 @@ class GatewaySession:
             if self._gateway.draining or len(self.streams) >= limit:
                 self._actions.append(StopStream(stream_id, CLOSE_PROTOCOL_ERROR))
                 return
-            stream = self.streams[stream_id] = _Stream(stream_id, self._limits, now)
+            stream = self.streams[stream_id] = Stream(stream_id, self._limits, now)
             self._timer_dirty = True
         if data and stream.state is not StreamState.CLOSED:
             self._feed(stream, data, now)
@@ -349,7 +258,7 @@ class GatewaySession:
 
     # -- streams ----------------------------------------------------------------------
 
-    def _feed(self, stream: _Stream, data: bytes, now: float) -> None:
+    def _feed(self, stream: Stream, data: bytes, now: float) -> None:
         if stream.parked is not None:
             stream.held += data  # behind an auth frame waiting for its back-off
             self._account(stream, now, False)
@@ -384,7 +293,7 @@ class GatewaySession:
         if not self.closed and stream.state is not StreamState.CLOSED:
             self._account(stream, now, completed)
 
-    def _feed_auth(self, stream: _Stream, data: bytes, now: float) -> bytes:
+    def _feed_auth(self, stream: Stream, data: bytes, now: float) -> bytes:
         """Read the auth frame and nothing beyond it; returns the bytes after it."""
         header = wire.HEADER_SIZE
         while data and stream.state is StreamState.AUTHENTICATING and stream.parked is None:
@@ -402,7 +311,7 @@ class GatewaySession:
                 self._auth(stream, frame, now)
         return data
 
-    def _account(self, stream: _Stream, now: float, completed: bool) -> None:
+    def _account(self, stream: Stream, now: float, completed: bool) -> None:
         """Keep the incomplete-input budget and the frame deadline in step with the reader."""
         held = stream.reader.buffered + len(stream.held)
         delta = held - stream.buffered
@@ -422,13 +331,13 @@ class GatewaySession:
             self._gateway.input_limit_closes += 1
             self.close(CLOSE_INPUT_LIMIT, f"over {limit} bytes of incomplete frames")
 
-    def _send(self, stream: _Stream, frame: bytes) -> None:
+    def _send(self, stream: Stream, frame: bytes) -> None:
         if not stream.uni:
             self._actions.append(Send(stream.stream_id, frame))
 
     def _fail(
         self,
-        stream: _Stream,
+        stream: Stream,
         message: str,
         code: int = CLOSE_PROTOCOL_ERROR,
         *,
@@ -448,14 +357,14 @@ class GatewaySession:
         self._actions.append(StopStream(stream.stream_id, code))
         self._close_stream(stream, "fail")
 
-    def _finish(self, stream: _Stream, what: str) -> None:
+    def _finish(self, stream: Stream, what: str) -> None:
         """Every answer is out and the client is done: FIN our side and forget the stream."""
         if not stream.uni:
             self._actions.append(Send(stream.stream_id, b"", end_stream=True))
         self._close_stream(stream, what)
         self.streams.pop(stream.stream_id, None)
 
-    def _close_stream(self, stream: _Stream, what: str) -> None:
+    def _close_stream(self, stream: Stream, what: str) -> None:
         """Move ``stream`` to CLOSED: release its input budget, drop its deadlines."""
         stream.transition(what)
         if stream.buffered:
@@ -471,7 +380,7 @@ class GatewaySession:
 
     # -- authentication ---------------------------------------------------------------
 
-    def _auth(self, stream: _Stream, frame: wire.Frame, now: float) -> None:
+    def _auth(self, stream: Stream, frame: wire.Frame, now: float) -> None:
         if frame.flags != 0:
             raise RemoteProtocolError("the first frame on a stream must be a JSON auth message")
         msg = wire.decode_message(frame)
@@ -486,7 +395,7 @@ class GatewaySession:
             return
         self._check_auth(stream, msg, now)
 
-    def _resume_auth(self, stream: _Stream, now: float) -> None:
+    def _resume_auth(self, stream: Stream, now: float) -> None:
         msg, stream.parked, stream.retry_at = stream.parked, None, None
         assert msg is not None
         held, stream.held = bytes(stream.held), bytearray()
@@ -496,7 +405,7 @@ class GatewaySession:
         elif not self.closed and stream.state is not StreamState.CLOSED:
             self._account(stream, now, False)
 
-    def _check_auth(self, stream: _Stream, msg: dict[str, Any], now: float) -> None:
+    def _check_auth(self, stream: Stream, msg: dict[str, Any], now: float) -> None:
         gateway = self._gateway
         try:
             identity = gateway.authenticator.authenticate(msg["token"], msg["tenant_id"])
@@ -549,7 +458,7 @@ class GatewaySession:
         elif identity.tenant != self.tenant:
             raise Unauthenticated(f"this connection belongs to tenant {self.tenant!r}")
 
-    def _reauth(self, stream: _Stream, token: str, now: float) -> None:
+    def _reauth(self, stream: Stream, token: str, now: float) -> None:
         """A fresh token for this stream: its new permissions and expiry (this stream only)."""
         gateway = self._gateway
         identity = stream.identity
@@ -573,7 +482,7 @@ class GatewaySession:
                     entry[1] = fresh.expires_at
         self._timer_dirty = True
 
-    def _expire(self, stream: _Stream, now: float) -> None:
+    def _expire(self, stream: Stream, now: float) -> None:
         """``stream``'s token expired: close it, or the connection if nothing else is live."""
         self._gateway.expired_sessions += 1
         identity = stream.identity
@@ -599,7 +508,7 @@ class GatewaySession:
 
     # -- requests ---------------------------------------------------------------------
 
-    def _ext(self, stream: _Stream, frame: wire.Frame, now: float) -> None:
+    def _ext(self, stream: Stream, frame: wire.Frame, now: float) -> None:
         self._gateway.requests += 1
         try:
             msg = wire.decode_ext(frame)
@@ -615,7 +524,7 @@ class GatewaySession:
             self._send(stream, _error_frame(msg.request_id, exc))
 
     def _dispatch(
-        self, stream: _Stream, msg: wire.ExtMessage, frame: wire.Frame, now: float
+        self, stream: Stream, msg: wire.ExtMessage, frame: wire.Frame, now: float
     ) -> None:
         op = msg.opcode
         target = _ext_target(msg)
@@ -662,7 +571,7 @@ class GatewaySession:
             )
 
     def _v1(
-        self, stream: _Stream, translate: Callable[[Any], v1.V1Request], msg: Any, now: float
+        self, stream: Stream, translate: Callable[[Any], v1.V1Request], msg: Any, now: float
     ) -> None:
         """A v1 request: translate it, admit it, forward it; errors answered in v1 form."""
         self._gateway.requests += 1
@@ -681,7 +590,7 @@ class GatewaySession:
         except FelixError as exc:
             self._send(stream, wire.encode_message({"type": "error", "message": str(exc)}))
 
-    def _v1_subscribe(self, stream: _Stream, req: v1.V1Request) -> None:
+    def _v1_subscribe(self, stream: Stream, req: v1.V1Request) -> None:
         sub_id = req.subscription_id
         if sub_id is None:
             self._next_v1_subscription += 1
@@ -708,12 +617,12 @@ class GatewaySession:
             ),
         )
 
-    def _forward(self, stream: _Stream, action: Forward | Subscribe) -> None:
+    def _forward(self, stream: Stream, action: Forward | Subscribe) -> None:
         self.in_flight += 1
         stream.in_flight += 1
         self._actions.append(action)
 
-    def _claim_subscription(self, stream: _Stream, sub_id: int) -> None:
+    def _claim_subscription(self, stream: Stream, sub_id: int) -> None:
         if sub_id in self._subscriptions or sub_id in self._opening:
             raise BadRequest(f"subscription {sub_id} already exists")
         if (
@@ -732,7 +641,7 @@ class GatewaySession:
 
     # -- admission --------------------------------------------------------------------
 
-    def _admit(self, stream: _Stream, target: _Target | None, now: float) -> None:
+    def _admit(self, stream: Stream, target: _Target | None, now: float) -> None:
         """Whether a request may go ahead: the one check for extension and v1 requests.
 
         ``target`` None: a control request (ping, reauth, credit, unsubscribe), which
@@ -770,7 +679,7 @@ class GatewaySession:
 
     # -- audit ------------------------------------------------------------------------
 
-    def _audit_denied(self, stream: _Stream, action: str, obj: str, detail: str) -> None:
+    def _audit_denied(self, stream: Stream, action: str, obj: str, detail: str) -> None:
         self._gateway.permission_denials += 1
         identity = stream.identity
         who = identity.subject if identity is not None else "anonymous"
@@ -800,7 +709,7 @@ class GatewaySession:
 # --- helpers ---------------------------------------------------------------------------
 
 
-def _is_ready(stream: _Stream) -> bool:
+def _is_ready(stream: Stream) -> bool:
     return stream.state is StreamState.READY
 
 

@@ -25,7 +25,9 @@ from felix.gateway.gateway import (
     CLOSE_OVERLOADED,
     GatewayLimits,
 )
+from felix.gateway.session import GatewaySession
 from felix.node.local import LocalNode
+from felix.quic import CLOSE_INTERNAL_ERROR
 from tests.aio import run
 from tests.nodeproc import NodeProcess
 from tests.rawquic import RawPeer, raw_connect
@@ -253,5 +255,33 @@ def test_connections_are_counted_by_their_source_address(tmp_path: Path) -> None
             assert {c.peer for c in node.gateway.connections} == {"127.0.0.1"}
             for peer in peers:
                 peer.close()
+
+    run(main)
+
+
+def test_a_bug_reached_from_client_input_is_logged_once_and_costs_one_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 8: whatever fails while serving a client closes that client, and is counted."""
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    async def main() -> None:
+        async with LocalNode.start(tmp_path) as node:
+            good = await raw_connect(node.host, node.port, node.ca_file)
+            gsid = await good.auth()
+            monkeypatch.setattr(GatewaySession, "receive", broken)
+            victims = [await raw_connect(node.host, node.port, node.ca_file) for _ in range(3)]
+            for peer in victims:
+                peer.send(peer.new_stream(), b"anything")
+                await peer.wait_for(lambda p=peer: p.close_reason is not None)
+                assert p_code(peer) == CLOSE_INTERNAL_ERROR
+            monkeypatch.undo()
+            good.send(gsid, wire.encode_ping(1))
+            assert wire.decode_ext((await good.frames_on(gsid, 2))[1]).opcode == wire.OP_OK
+            assert node.gateway.internal_errors == 3
+            assert len([r for r in caplog.records if r.exc_info]) == 1
+            good.close()
 
     run(main)

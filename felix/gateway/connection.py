@@ -40,7 +40,7 @@ from felix.gateway.gateway import CLOSE_INPUT_LIMIT, CLOSE_OVERLOADED, Gateway, 
 from felix.gateway.session import GatewaySession
 from felix.gateway.subscription import MAX_CREDIT, Subscription
 from felix.ipc import Kind
-from felix.quic.protocol import FelixQuicProtocol
+from felix.quic.protocol import CLOSE_INTERNAL_ERROR, FelixQuicProtocol
 
 #: Arms the shell's one timer: called with the absolute time (shell clock) or None.
 ArmTimer = Callable[[float | None], None]
@@ -324,14 +324,31 @@ class GatewayConnection(FelixQuicProtocol):
 
     # -- QUIC hooks ------------------------------------------------------------------
 
+    # A bug reached from client input closes that connection; the traceback is logged
+    # once per place, later ones only counted (felix_internal_errors), never per event.
+
     def _on_handshake_completed(self, alpn_protocol: str | None) -> None:
-        self.shell.handshake_completed()
+        try:
+            self.shell.handshake_completed()
+        except Exception:
+            self._internal_error("handshake")
 
     def _on_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
-        self.shell.stream_data(stream_id, data, end_stream)
+        try:
+            self.shell.stream_data(stream_id, data, end_stream)
+        except Exception:
+            self._internal_error("client's stream data")
 
     def _on_stream_reset(self, stream_id: int, error_code: int) -> None:
-        self.shell.stream_reset(stream_id)
+        try:
+            self.shell.stream_reset(stream_id)
+        except Exception:
+            self._internal_error("client's stream reset")
+
+    def _internal_error(self, where: str) -> None:
+        self.gateway.internal_error(where)
+        if self.close_reason is None:
+            self.close(CLOSE_INTERNAL_ERROR, "internal error")
 
     def _on_connection_terminated(
         self, error_code: int, frame_type: int | None, reason_phrase: str

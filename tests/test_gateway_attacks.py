@@ -180,8 +180,8 @@ def test_a_burst_of_bad_tokens_from_an_address_does_not_lock_out_a_valid_token(
                 await bad.wait_for(lambda b=bad: b.close_reason is not None, timeout=20)
                 assert p_code(bad) == CLOSE_AUTH_FAILED
             good = await raw_connect(node.host, node.port, node.ca_file)
-            sid = await authed(good, token(ttl=300))
-            assert good.close_reason is None and sid == 0
+            await authed(good, token(ttl=300))
+            assert good.close_reason is None
             assert node.gateway.auth_failures == 32 and node.gateway.auth_throttled >= 1
             good.close()
 

@@ -291,3 +291,27 @@ def test_events_reach_a_client_session_as_notices() -> None:
     assert any(isinstance(e, Reply) for e in pair.events[sid])
     (stream,) = pair.event_streams
     assert any(isinstance(e, Notice) for e in pair.events[stream])
+
+
+def test_a_subscription_without_an_event_stream_is_refused_not_left_hanging() -> None:
+    """Item 8: past the streams the client lets the broker open, SUBSCRIBE gets an answer."""
+    pair = Pair()
+    sid = pair.open_control()
+    pair.send(sid, wire.encode_subscribe(1, T, NS, "s", 1, credit=10))
+    pair.pump()
+    opened = pair.transport.next_stream_id
+
+    def refuse(unidirectional: bool = False) -> int:
+        raise RuntimeError("stream limit reached")
+
+    pair.transport.next_stream_id = refuse  # type: ignore[method-assign]
+    pair.send(sid, wire.encode_subscribe(2, T, NS, "s", 2, credit=10))
+    pair.pump()
+    refused = replies(pair, sid)[2]
+    assert refused.code == 5 and "event stream" in refused.message  # type: ignore[attr-defined]
+    assert list(pair.shell.subscriptions) == [1]
+    pair.transport.next_stream_id = opened  # type: ignore[method-assign]
+    pair.send(sid, wire.encode_publish(3, T, NS, "s", [b"a"]))
+    pair.pump()
+    (stream,) = pair.event_streams
+    assert any(isinstance(e, Notice) for e in pair.events[stream])

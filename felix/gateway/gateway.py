@@ -279,8 +279,13 @@ class Gateway:
             return  # its connection went away, or the shard restarted: nobody waits
         sub = pending.subscription
         if sub is not None:
+            was_pending = sub.state is SubState.PENDING
             self._on_subscribe_reply(sub, frame, aux)
-            if sub.state is SubState.CLOSED and frame[wire.HEADER_SIZE] == wire.OP_SUBSCRIBED:
+            if (
+                was_pending
+                and sub.state is SubState.CLOSED
+                and frame[wire.HEADER_SIZE] == wire.OP_SUBSCRIBED
+            ):
                 # Subscribed at the shard, but no event stream could be opened for it.
                 frame = wire.encode_error(
                     pending.request_id,

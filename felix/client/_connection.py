@@ -1,11 +1,12 @@
 """One QUIC connection of the client pool: control streams, event streams, requests.
 
-How it works: :class:`ClientProtocol` is the engine shell (felix.quic); it hands
-every stream's bytes to its :class:`Connection`, which feeds them to the sans-IO
+How it works: :class:`ClientProtocol` is the handler of the connection's
+transport (felix/quic/transport.py); it hands every stream's bytes to its
+:class:`Connection`, which feeds them to the sans-IO
 state in ``_session`` and acts on the events: a reply completes the future
 registered under its request id, an event stream's notices go to the
 subscription registered under its subscription id. Everything sent goes
-through ``FelixQuicProtocol.send_stream_data``, which transmits once per loop
+through the transport's ``send_stream_data``, which transmits once per loop
 tick, so concurrent calls share datagrams.
 
 When the connection ends (either side, idle timeout, or a broken control
@@ -50,7 +51,13 @@ from felix.errors import (
     Unavailable,
     error_for_code,
 )
-from felix.quic import CLOSE_INTERNAL_ERROR, FelixQuicProtocol, QuicConfiguration, QuicEngine
+from felix.quic import (
+    CLOSE_INTERNAL_ERROR,
+    ConnectionHandler,
+    QuicConfiguration,
+    QuicEngine,
+    StreamTransport,
+)
 from felix.quic import connect as quic_connect
 
 __all__ = ["ClientProtocol", "Connection", "SubscriptionSink", "expect_reply"]
@@ -100,11 +107,11 @@ def expect_reply(reply: wire.ExtMessage, opcode: int) -> Any:
     raise RemoteProtocolError(f"reply opcode 0x{got:02x} where 0x{opcode:02x} was expected")
 
 
-class ClientProtocol(FelixQuicProtocol):
-    """The engine shell: forwards stream events to its :class:`Connection`."""
+class ClientProtocol(ConnectionHandler):
+    """The transport's handler: forwards stream events to its :class:`Connection`."""
 
-    def __init__(self, quic: Any, stream_handler: Any = None) -> None:
-        super().__init__(quic, stream_handler)
+    def __init__(self, transport: StreamTransport) -> None:
+        super().__init__(transport)
         self.connection: Connection | None = None
 
     def _on_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
@@ -121,8 +128,7 @@ class ClientProtocol(FelixQuicProtocol):
         if self.connection is not None:
             self.connection._on_terminated(error_code, reason_phrase)
 
-    def transmit(self) -> None:
-        super().transmit()
+    def transmitted(self) -> None:
         # After each transmit (every received ACK leads here): wake publishers
         # waiting for their stream's send buffer to drain.
         if self.connection is not None and self.connection._send_waiters:
@@ -198,7 +204,7 @@ class Connection:
                 endpoint.host,
                 endpoint.port,
                 configuration=configuration,
-                protocol_class=ClientProtocol,
+                create_handler=ClientProtocol,
                 handshake_timeout=timeout,
             )
         except FelixError:

@@ -16,6 +16,7 @@ import asyncio
 import enum
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from felix import audit, ipc, wire
@@ -43,7 +44,7 @@ from felix.gateway.gateway import (
 from felix.gateway.subscription import MAX_CREDIT, Subscription
 from felix.ipc import Kind
 from felix.names import validate_name
-from felix.quic.protocol import FelixQuicProtocol
+from felix.quic.transport import ConnectionHandler, StreamTransport
 
 
 class _SessionState(enum.Enum):
@@ -402,14 +403,12 @@ class StreamSession:
         return sub
 
 
-class GatewayConnection(FelixQuicProtocol):
+class GatewayConnection(ConnectionHandler):
     """One client's QUIC connection to a gateway."""
 
-    #: Set on the per-gateway subclass created by :func:`connection_class`.
-    gateway: Gateway
-
-    def __init__(self, quic: object, stream_handler: object = None) -> None:
-        super().__init__(quic, stream_handler)
+    def __init__(self, gateway: Gateway, transport: StreamTransport) -> None:
+        super().__init__(transport)
+        self.gateway = gateway
         self.sessions: dict[int, StreamSession] = {}
         self.subscriptions: dict[int, Subscription] = {}
         self.in_flight = 0
@@ -421,8 +420,6 @@ class GatewayConnection(FelixQuicProtocol):
         self.subject = "anonymous"  # of the latest token admitted (for the audit log)
         self.expires_at: float | None = None
         self._expiry: asyncio.TimerHandle | None = None
-        self.peer = "?"
-        gateway = self.gateway
         # Over the bound, the connection is refused as soon as its handshake completes
         # (a close sent earlier may not be readable by the client yet).
         self.refused = len(gateway.connections) >= gateway.limits.max_connections
@@ -434,11 +431,6 @@ class GatewayConnection(FelixQuicProtocol):
     def _on_handshake_completed(self, alpn_protocol: str | None) -> None:
         if self.refused:
             self.close(CLOSE_OVERLOADED, "gateway at its connection limit")
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        if self.peer == "?":
-            self.peer = str(addr[0])  # the source failed authentications are counted by
-        super().datagram_received(data, addr)
 
     # -- authentication -----------------------------------------------------------------
 
@@ -534,10 +526,9 @@ class GatewayConnection(FelixQuicProtocol):
             sub.event_stream = None
 
 
-def connection_class(gateway: Gateway) -> type[GatewayConnection]:
-    """A GatewayConnection subclass bound to ``gateway`` (the engine's server creates instances)."""
-    attrs: dict[str, object] = {"gateway": gateway}
-    return type("BoundGatewayConnection", (GatewayConnection,), attrs)
+def connection_factory(gateway: Gateway) -> Callable[[StreamTransport], GatewayConnection]:
+    """The create-handler of ``gateway``'s server: a GatewayConnection for each new transport."""
+    return partial(GatewayConnection, gateway)
 
 
 def _reason(exc: FelixError) -> str:

@@ -366,12 +366,15 @@ def _aioquic_streams_available(connection: QuicConnection, unidirectional: bool)
 #
 # Neither engine lets a caller choose reset tokens; both draw them from os.urandom.
 # The token of the connection id a server picks is announced in its transport
-# parameters, built when the first Initial is processed, so it is set just before:
-# qh3 keeps it on its TLS bridge (made in ``_create_tls``), aioquic on its first
-# host connection id. tests/test_quic_reset.py pins both through real resets.
+# parameters, built when the first Initial is processed: qh3 serializes them when
+# it makes its TLS bridge (``_create_tls``), so the token is set on the bridge and
+# the parameters serialized again; aioquic reads its first host connection id's
+# token later, so setting that is enough. tests/test_quic_reset.py pins both
+# through real resets.
 
 
 def _qh3_server_connection() -> ServerConnectionFactory:
+    from qh3 import tls as qh3_tls
     from qh3.quic.connection import QuicConnection as Qh3Connection
 
     class ResettableConnection(Qh3Connection):
@@ -381,6 +384,14 @@ def _qh3_server_connection() -> ServerConnectionFactory:
             bridge = super()._create_tls(remote_source_cid)
             if self.felix_reset_key is not None:
                 bridge.stateless_reset_token = reset_token(self.felix_reset_key, self.host_cid)
+                # The bridge serialized its transport parameters when it was made:
+                # serialize them again, now carrying the derived token.
+                bridge.tls.handshake_extensions = [
+                    (
+                        qh3_tls.ExtensionType.QUIC_TRANSPORT_PARAMETERS,
+                        bridge.serialize_transport_parameters(),
+                    )
+                ]
             return bridge
 
     def create(configuration: QuicConfiguration, odcid: bytes, reset_key: bytes | None) -> Any:

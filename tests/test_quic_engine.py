@@ -506,3 +506,31 @@ def test_hook_error_closes_only_that_connection(
 
     run(main)
     assert "error in a connection hook" in caplog.text
+
+
+def test_stream_limits_are_what_the_engines_advertise(engine: QuicEngine, certs: NodeCerts) -> None:
+    """peer_stream_limits and streams_available agree with a real peer's limits."""
+    EchoServer.accepted = []
+
+    async def main() -> None:
+        server, port = await start_server(engine, certs)
+        client = await open_client(engine, certs, port)
+        try:
+            assert await client.request(b"x") == b"x"
+            (accepted,) = EchoServer.accepted
+            bidi, uni = engine.peer_stream_limits
+            server_side = accepted.quic_transport
+            assert server_side.streams_available(unidirectional=True) == uni
+            assert client.quic_transport.streams_available() == bidi - 1  # one used above
+            assert client.quic_transport.max_peer_streams(unidirectional=True) == uni
+            for _ in range(uni):
+                server_side.send_stream_data(server_side.next_stream_id(True), b"e")
+            assert server_side.streams_available(unidirectional=True) == 0
+            if engine.name == "qh3":  # aioquic queues the stream until the limit rises
+                with pytest.raises(ValueError):
+                    server_side.send_stream_data(server_side.next_stream_id(True), b"e")
+            await client.aclose()
+        finally:
+            server.close()
+
+    run(main)

@@ -46,6 +46,7 @@ from felix.errors import (
     CursorError,
     FelixError,
     FelixTimeoutError,
+    Overloaded,
     RemoteProtocolError,
     Unauthenticated,
     Unavailable,
@@ -300,6 +301,21 @@ class Connection:
             self.protocol.send_stream_data(self.control_stream_for(key), build(request_id))
 
     def new_subscription_id(self) -> int:
+        """An id for one more subscription; Overloaded if the connection takes no more.
+
+        Each subscription gets its own event stream, opened by the broker, and
+        the QUIC engine lets the broker have only so many open at once (qh3:
+        103, aioquic: 128; felix/quic/engine.py). Past that the broker could not
+        deliver, so the subscription is refused here, before anything is sent.
+        Streams of ended subscriptions count until the broker has closed them.
+        """
+        self._check_alive()
+        limit = self.protocol.transport.max_peer_streams(unidirectional=True)
+        if max(len(self.subscriptions), len(self._event_streams)) >= limit:
+            raise Overloaded(
+                f"this connection to {self.endpoint} already carries {limit} subscriptions, "
+                "as many event streams as its QUIC engine accepts; unsubscribe first"
+            )
         return self.requests.new_id()
 
     def _check_alive(self) -> None:

@@ -126,6 +126,10 @@ class QuicEngine:
     connection_error: type[Exception]
     #: ``streams_available(connection, unidirectional)``: see QuicTransport.streams_available.
     streams_available: Callable[[QuicConnection, bool], int]
+    #: (bidirectional, unidirectional): streams a peer may have open towards one of this
+    #: engine's connections at once. Both engines advertise fixed numbers and raise
+    #: the peer's limit as streams end; neither lets a caller choose them.
+    peer_stream_limits: tuple[int, int]
     _server_connection: ServerConnectionFactory
 
     def server_configuration(
@@ -301,6 +305,9 @@ def _load(name: str) -> QuicEngine:
         encode_version_negotiation=module("quic.packet").encode_quic_version_negotiation,
         connection_error=module("quic.connection").QuicConnectionError,
         streams_available=_qh3_streams_available if name == "qh3" else _aioquic_streams_available,
+        # qh3: quic/tls_bridge.py and quic/connection.py; aioquic: quic/connection.py.
+        # tests/test_quic_engine.py checks them against real connections.
+        peer_stream_limits=(100, 103) if name == "qh3" else (128, 128),
         _server_connection=_qh3_server_connection()
         if name == "qh3"
         else _aioquic_server_connection,

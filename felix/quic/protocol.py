@@ -110,6 +110,10 @@ class QuicTransport(asyncio.DatagramProtocol):
         """How many more streams of that kind the peer lets this side open now."""
         return self.engine.streams_available(self._quic, unidirectional)
 
+    def max_peer_streams(self, unidirectional: bool = False) -> int:
+        """How many streams of that kind the peer may have open towards this side at once."""
+        return self.engine.peer_stream_limits[1 if unidirectional else 0]
+
     def send_stream_data(
         self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool = False
     ) -> None:

@@ -83,13 +83,23 @@ class StreamTransport(Protocol):
         ...
 
     def streams_available(self, unidirectional: bool = False) -> int:
-        """How many more streams of that kind this side may open now (peer's limit)."""
+        """How many more streams of that kind this side may open now (the peer's limit)."""
+        ...
+
+    def max_peer_streams(self, unidirectional: bool = False) -> int:
+        """How many streams of that kind the peer may have open towards this side at once."""
         ...
 
     def send_stream_data(
         self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool = False
     ) -> None:
-        """Queue ``data`` on ``stream_id`` (then FIN with ``end_stream``); sent this tick."""
+        """Queue ``data`` on ``stream_id`` (then FIN with ``end_stream``); sent this tick.
+
+        Raises felix.errors.ConnectionLost if the connection is closing or closed
+        (never a transport's own exception type for that), ValueError if the
+        stream cannot take data (after its FIN or a reset, or a new stream past
+        :meth:`streams_available`).
+        """
         ...
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:

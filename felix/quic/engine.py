@@ -304,7 +304,9 @@ def _load(name: str) -> QuicEngine:
         send_buffer_size=_qh3_send_buffer_size if name == "qh3" else _aioquic_send_buffer_size,
         encode_version_negotiation=module("quic.packet").encode_quic_version_negotiation,
         connection_error=module("quic.connection").QuicConnectionError,
-        streams_available=_qh3_streams_available if name == "qh3" else _aioquic_streams_available,
+        streams_available=_streams_available(
+            _qh3_peer_max_streams if name == "qh3" else _aioquic_peer_max_streams
+        ),
         # qh3: quic/tls_bridge.py and quic/connection.py; aioquic: quic/connection.py.
         # tests/test_quic_engine.py checks them against real connections.
         peer_stream_limits=(100, 103) if name == "qh3" else (128, 128),
@@ -348,25 +350,28 @@ def _aioquic_send_buffer_size(connection: QuicConnection, stream_id: int | None)
 # the limit (ValueError); aioquic queues it until the peer raises the limit.
 
 
-def _qh3_streams_available(connection: QuicConnection, unidirectional: bool) -> int:
-    limit = (
-        connection.max_concurrent_uni_streams
-        if unidirectional
-        else connection.max_concurrent_bidi_streams
-    )
-    opened = int(connection.get_next_available_stream_id(is_unidirectional=unidirectional)) // 4
-    return max(0, int(limit) - opened)
+def _qh3_peer_max_streams(connection: QuicConnection, unidirectional: bool) -> int:
+    # Public qh3 properties, despite their names the cumulative MAX_STREAMS limits.
+    if unidirectional:
+        return int(connection.max_concurrent_uni_streams)
+    return int(connection.max_concurrent_bidi_streams)
 
 
-def _aioquic_streams_available(connection: QuicConnection, unidirectional: bool) -> int:
+def _aioquic_peer_max_streams(connection: QuicConnection, unidirectional: bool) -> int:
     # aioquic has no public accessor for the peer's limit (pinned <2, see above).
-    limit = (
-        connection._remote_max_streams_uni
-        if unidirectional
-        else connection._remote_max_streams_bidi
-    )
-    opened = int(connection.get_next_available_stream_id(is_unidirectional=unidirectional)) // 4
-    return max(0, int(limit) - opened)
+    if unidirectional:
+        return int(connection._remote_max_streams_uni)
+    return int(connection._remote_max_streams_bidi)
+
+
+def _streams_available(
+    peer_max_streams: Callable[[QuicConnection, bool], int],
+) -> Callable[[QuicConnection, bool], int]:
+    def available(connection: QuicConnection, unidirectional: bool) -> int:
+        next_id = connection.get_next_available_stream_id(is_unidirectional=unidirectional)
+        return max(0, peer_max_streams(connection, unidirectional) - int(next_id) // 4)
+
+    return available
 
 
 # -- server connections: the stateless-reset token of the handshake connection id ------------

@@ -534,3 +534,31 @@ def test_stream_limits_are_what_the_engines_advertise(engine: QuicEngine, certs:
             server.close()
 
     run(main)
+
+
+def test_engine_failure_ends_only_that_connection(
+    engine: QuicEngine, certs: NodeCerts, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An engine raising in a transmit (no felix call on the stack) ends that connection."""
+
+    async def main() -> None:
+        server, port = await start_server(engine, certs)
+        broken = await open_client(engine, certs, port)
+        good = await open_client(engine, certs, port)
+        try:
+            quic = broken.quic_transport.quic
+
+            def fail(now: float) -> Any:
+                raise engine.connection_error(0x1, None, "broken on purpose")
+
+            quic.datagrams_to_send = fail
+            broken.start(b"never sent")
+            assert await asyncio.wait_for(broken.terminated, 5) == CLOSE_INTERNAL_ERROR
+            await asyncio.wait_for(broken.wait_closed(), 5)
+            assert await good.request(b"still fine") == b"still fine"
+            await good.aclose()
+        finally:
+            server.close()
+
+    run(main)
+    assert "the QUIC engine failed" in caplog.text

@@ -227,8 +227,12 @@ class QuicTransport(asyncio.DatagramProtocol):
             handle.cancel()
         sendto = self._sendto
         if sendto is not None:
-            for data, address in self._quic.datagrams_to_send(now=self._time()):
-                sendto(data, address)
+            try:
+                for data, address in self._quic.datagrams_to_send(now=self._time()):
+                    sendto(data, address)
+            except self.engine.connection_error as exc:
+                self._engine_failed(exc)
+                return
         timer_at = self._quic.get_timer()
         if self._timer is not None and self._timer_at != timer_at:
             self._timer.cancel()
@@ -243,9 +247,28 @@ class QuicTransport(asyncio.DatagramProtocol):
         now = max(self._timer_at or 0.0, self._time())
         self._timer = None
         self._timer_at = None
-        self._quic.handle_timer(now=now)
+        try:
+            self._quic.handle_timer(now=now)
+        except self.engine.connection_error as exc:
+            self._engine_failed(exc)
+            return
         self._process_events()
         self.transmit()
+
+    def _engine_failed(self, exc: Exception) -> None:
+        """The engine raised outside any call of felix's: end the connection here.
+
+        Nothing can be sent any more, so the peer learns at its idle timeout (or
+        from a stateless reset); this side ends it now and logs it once.
+        """
+        if self._close_reason is not None:
+            return
+        log.warning("%s: the QUIC engine failed, dropping the connection: %s", self, exc)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = None
+        self._terminated(CloseReason(CLOSE_INTERNAL_ERROR, None, f"engine failure: {exc}"))
 
     # -- receiving (asyncio.DatagramProtocol) ----------------------------------------------
 
@@ -310,7 +333,10 @@ class QuicTransport(asyncio.DatagramProtocol):
             waiter.set_result(None)
 
     def _ev_connection_terminated(self, event: Any) -> None:
-        self._close_reason = CloseReason(event.error_code, event.frame_type, event.reason_phrase)
+        self._terminated(CloseReason(event.error_code, event.frame_type, event.reason_phrase))
+
+    def _terminated(self, reason: CloseReason) -> None:
+        self._close_reason = reason
         if not self.handshake_outcome.done():
             self.handshake_outcome.set_result(False)
         for waiter in self._pings.values():
@@ -323,7 +349,7 @@ class QuicTransport(asyncio.DatagramProtocol):
         if self._on_ended is not None:
             self._on_ended(self)
         try:
-            self.handler.connection_terminated(self._close_reason)
+            self.handler.connection_terminated(reason)
         finally:
             if not self._ended.done():
                 self._ended.set_result(None)

@@ -78,7 +78,7 @@ class MemoryShards:
 
 
 class MemoryTransport:
-    """What the shell writes through, kept in memory (FelixQuicProtocol's surface)."""
+    """What the shell writes through, kept in memory (the shell's StreamTransport)."""
 
     def __init__(self) -> None:
         self.out: dict[int, bytearray] = {}

@@ -7,14 +7,14 @@ from collections import defaultdict
 from pathlib import Path
 
 from felix import wire
-from felix.quic import FelixQuicProtocol, connect, load_engine
+from felix.quic import ConnectionHandler, StreamTransport, connect, load_engine
 
 
-class RawPeer(FelixQuicProtocol):
+class RawPeer(ConnectionHandler):
     """Collects frames per stream; remembers ends and resets."""
 
-    def __init__(self, quic: object, stream_handler: object = None) -> None:
-        super().__init__(quic, stream_handler)
+    def __init__(self, transport: StreamTransport) -> None:
+        super().__init__(transport)
         self.readers: dict[int, wire.FrameReader] = defaultdict(
             lambda: wire.FrameReader(1 << 24, accept_flags=wire.FLAGS_ALL)
         )
@@ -75,4 +75,4 @@ class RawPeer(FelixQuicProtocol):
 async def raw_connect(host: str, port: int, ca_file: Path, engine: str | None = None) -> RawPeer:
     quic = load_engine(engine)
     config = quic.client_configuration(ca_file=ca_file, server_name=host)
-    return await connect(quic, host, port, configuration=config, protocol_class=RawPeer)
+    return await connect(quic, host, port, configuration=config, create_handler=RawPeer)

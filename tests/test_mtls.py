@@ -23,9 +23,11 @@ import httpx
 import pytest
 
 from felix import wire
+from felix.errors import ConnectionLost
 from felix.quic import (
-    FelixQuicProtocol,
+    ConnectionHandler,
     QuicEngine,
+    StreamTransport,
     bind_udp,
     connect,
     load_engine,
@@ -80,11 +82,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 # -- a raw QUIC server that requires client certificates --------------------------------
 
 
-class Echo(FelixQuicProtocol):
+class Echo(ConnectionHandler):
     """Server: echoes each stream back at FIN. Client: collects replies."""
 
-    def __init__(self, quic: Any, stream_handler: Any = None) -> None:
-        super().__init__(quic, stream_handler)
+    def __init__(self, transport: StreamTransport) -> None:
+        super().__init__(transport)
         self.buffers: dict[int, bytearray] = {}
         self.replies: dict[int, asyncio.Future[bytes]] = {}
         self.terminated: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -138,9 +140,10 @@ async def _refused(client_engine: QuicEngine, pki: Pki, port: int, cert: Any) ->
         ca_file=pki.node.ca_cert, server_name="localhost", client_cert=cert
     )
     client = await connect(
-        client_engine, "127.0.0.1", port, configuration=config, protocol_class=Echo
+        client_engine, "127.0.0.1", port, configuration=config, create_handler=Echo
     )
-    with pytest.raises(ConnectionError):
+    # Refused during the request (no reply), or already before it (ConnectionLost).
+    with pytest.raises((ConnectionError, ConnectionLost)):
         await client.echo(b"must not be answered")
     code = await asyncio.wait_for(client.terminated, 5)
     client.close()
@@ -157,7 +160,7 @@ def test_quic_mtls_handshakes(pki: Pki, client_engine: str) -> None:
             config = client.client_configuration(
                 ca_file=pki.node.ca_cert, server_name="localhost", client_cert=pki.good
             )
-            ok = await connect(client, "127.0.0.1", port, configuration=config, protocol_class=Echo)
+            ok = await connect(client, "127.0.0.1", port, configuration=config, create_handler=Echo)
             assert await ok.echo(b"hello") == b"hello"
             ok.close()
 
@@ -168,6 +171,19 @@ def test_quic_mtls_handshakes(pki: Pki, client_engine: str) -> None:
             server.close()
 
     run(main)
+
+
+def test_aioquic_private_names_the_mtls_patch_relies_on() -> None:
+    """The version pin of felix/quic/mtls.py: every aioquic internal it touches exists."""
+    from aioquic import tls as aioquic_tls
+
+    from felix.quic import mtls
+
+    for cls, name in mtls.PRIVATE_METHODS:
+        assert callable(getattr(cls, name, None)), f"aioquic {cls.__name__}.{name} is gone"
+    context = aioquic_tls.Context(is_client=False)
+    for name in mtls.PRIVATE_CONTEXT_FIELDS:
+        assert hasattr(context, name), f"aioquic tls.Context().{name} is gone"
 
 
 def test_qh3_cannot_serve_mtls(pki: Pki) -> None:
@@ -306,7 +322,7 @@ async def raw_connect(
 ) -> ClosingPeer:
     quic = load_engine(engine)
     config = quic.client_configuration(ca_file=ca_file, server_name=host, client_cert=client_cert)
-    return await connect(quic, host, port, configuration=config, protocol_class=ClosingPeer)
+    return await connect(quic, host, port, configuration=config, create_handler=ClosingPeer)
 
 
 # -- the control plane over https with client certificates ---------------------------------

@@ -14,10 +14,12 @@ from felix.errors import FelixTimeoutError
 from felix.quic import (
     CLOSE_INTERNAL_ERROR,
     ENGINE_ENV,
-    FelixQuicProtocol,
+    ConnectionHandler,
+    CreateHandler,
     QuicEngine,
     QuicServerHandle,
-    bind_protocol,
+    QuicTransport,
+    StreamTransport,
     bind_udp,
     connect,
     load_engine,
@@ -44,14 +46,28 @@ def engine(request: pytest.FixtureRequest) -> QuicEngine:
 # -- protocols used by the tests -----------------------------------------------------------
 
 
-class EchoServer(FelixQuicProtocol):
+class Handler(ConnectionHandler):
+    @property
+    def quic_transport(self) -> QuicTransport:
+        assert isinstance(self.transport, QuicTransport)
+        return self.transport
+
+    async def wait_closed(self) -> None:
+        await self.quic_transport.wait_closed()
+
+    async def aclose(self) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+class EchoServer(Handler):
     """Echoes each stream's whole message back once the client sent FIN."""
 
     #: Every connection this class accepted, in order (reset by each test).
     accepted: list[EchoServer] = []
 
-    def __init__(self, quic: Any, stream_handler: Any = None) -> None:
-        super().__init__(quic, stream_handler)
+    def __init__(self, transport: StreamTransport) -> None:
+        super().__init__(transport)
         self.buffers: dict[int, bytearray] = {}
         self.alpn: str | None = None
         type(self).accepted.append(self)
@@ -69,9 +85,9 @@ class EchoServer(FelixQuicProtocol):
             self.send_stream_data(stream_id, message, end_stream=True)
 
 
-class EchoClient(FelixQuicProtocol):
-    def __init__(self, quic: Any, stream_handler: Any = None) -> None:
-        super().__init__(quic, stream_handler)
+class EchoClient(Handler):
+    def __init__(self, transport: StreamTransport) -> None:
+        super().__init__(transport)
         self.buffers: dict[int, bytearray] = {}
         self.replies: dict[int, asyncio.Future[bytes]] = {}
         self.terminated = asyncio.get_running_loop().create_future()
@@ -86,9 +102,8 @@ class EchoClient(FelixQuicProtocol):
     async def request(self, message: bytes) -> bytes:
         return await self.start(message)
 
-    def transmit(self) -> None:
+    def transmitted(self) -> None:
         self.transmits += 1
-        super().transmit()
 
     def _on_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         buffer = self.buffers.setdefault(stream_id, bytearray())
@@ -103,7 +118,7 @@ class EchoClient(FelixQuicProtocol):
 
 
 async def start_server(
-    engine: QuicEngine, certs: NodeCerts, protocol: type[FelixQuicProtocol] = EchoServer
+    engine: QuicEngine, certs: NodeCerts, protocol: CreateHandler = EchoServer
 ) -> tuple[QuicServerHandle, int]:
     sock = bind_udp("127.0.0.1", 0)
     port = sock.getsockname()[1]
@@ -115,7 +130,7 @@ async def open_client(
     engine: QuicEngine, certs: NodeCerts, port: int, *, server_name: str = "localhost"
 ) -> EchoClient:
     config = engine.client_configuration(ca_file=certs.ca_cert, server_name=server_name)
-    return await connect(engine, "127.0.0.1", port, configuration=config, protocol_class=EchoClient)
+    return await connect(engine, "127.0.0.1", port, configuration=config, create_handler=EchoClient)
 
 
 # -- load_engine ---------------------------------------------------------------------------
@@ -151,24 +166,32 @@ def test_engines_expose_their_own_classes() -> None:
     assert aioquic_engine.connection_class.__module__.startswith("aioquic.")
 
 
-# -- bind_protocol and bind_udp ------------------------------------------------------------
+# -- the engine is held, not built around, and bind_udp ------------------------------------
 
 
-def test_bind_protocol_makes_a_cached_engine_subclass(engine: QuicEngine) -> None:
-    bound = bind_protocol(engine, EchoClient)
-    assert issubclass(bound, EchoClient) and issubclass(bound, engine.protocol_class)
-    assert bound.engine is engine
-    assert bind_protocol(engine, EchoClient) is bound
-    with pytest.raises(TypeError, match="already bound"):
-        bind_protocol(engine, bound)
-    with pytest.raises(TypeError, match="not a FelixQuicProtocol"):
-        bind_protocol(engine, asyncio.DatagramProtocol)  # type: ignore[type-var]
+def test_connections_hold_the_engine_connection(engine: QuicEngine, certs: NodeCerts) -> None:
+    """Felix's classes subclass no engine class: the transport holds the sans-IO connection."""
+    EchoServer.accepted = []
 
-    async def unbound() -> None:
-        with pytest.raises(TypeError, match="not bound"):
-            EchoClient(None)
+    async def main() -> None:
+        server, port = await start_server(engine, certs)
+        client = await open_client(engine, certs, port)
+        try:
+            assert await client.request(b"held") == b"held"
+            (accepted,) = EchoServer.accepted
+            for handler in (client, accepted):
+                assert type(handler.transport) is QuicTransport
+                assert isinstance(handler.quic_transport.quic, engine.connection_class)
+                assert not any(
+                    cls.__module__.startswith(engine.name) for cls in type(handler).__mro__
+                )
+            assert type(client.quic_transport.quic) is engine.connection_class
+            assert client.peer == "127.0.0.1" and accepted.peer == "127.0.0.1"
+            await client.aclose()
+        finally:
+            server.close()
 
-    run(unbound)
+    run(main)
 
 
 def test_bind_udp_reuseport_shares_the_picked_port() -> None:
@@ -268,7 +291,7 @@ def test_ipv6(engine: QuicEngine, certs: NodeCerts) -> None:
         try:
             config = engine.client_configuration(ca_file=certs.ca_cert, server_name="::1")
             client = await connect(
-                engine, "::1", port, configuration=config, protocol_class=EchoClient
+                engine, "::1", port, configuration=config, create_handler=EchoClient
             )
             assert await client.request(b"over v6") == b"over v6"
             await client.aclose()
@@ -287,7 +310,7 @@ def test_wrong_ca_fails_the_handshake(engine: QuicEngine, certs: NodeCerts, tmp_
             config = engine.client_configuration(ca_file=other_ca, server_name="localhost")
             with pytest.raises(ConnectionError, match=r"handshake .* failed"):
                 await connect(
-                    engine, "127.0.0.1", port, configuration=config, protocol_class=EchoClient
+                    engine, "127.0.0.1", port, configuration=config, create_handler=EchoClient
                 )
             # The server is unharmed: a client with the right CA still gets through.
             client = await open_client(engine, certs, port)
@@ -320,7 +343,7 @@ def test_other_alpn_is_refused(engine: QuicEngine, certs: NodeCerts) -> None:
             )
             with pytest.raises(ConnectionError):
                 await connect(
-                    engine, "127.0.0.1", port, configuration=config, protocol_class=EchoClient
+                    engine, "127.0.0.1", port, configuration=config, create_handler=EchoClient
                 )
         finally:
             server.close()
@@ -360,8 +383,8 @@ def test_handshake_timeout(engine: QuicEngine, certs: NodeCerts) -> None:
     class Recorded(EchoClient):
         created: list[EchoClient] = []
 
-        def __init__(self, quic: Any, stream_handler: Any = None) -> None:
-            super().__init__(quic, stream_handler)
+        def __init__(self, transport: StreamTransport) -> None:
+            super().__init__(transport)
             type(self).created.append(self)
 
     async def main() -> None:
@@ -375,7 +398,7 @@ def test_handshake_timeout(engine: QuicEngine, certs: NodeCerts) -> None:
                     "127.0.0.1",
                     silent.getsockname()[1],
                     configuration=config,
-                    protocol_class=Recorded,
+                    create_handler=Recorded,
                     handshake_timeout=0.3,
                 )
             # The abandoned connection still runs out its closing period (timers
@@ -482,4 +505,60 @@ def test_hook_error_closes_only_that_connection(
             server.close()
 
     run(main)
-    assert "error in QUIC event hook" in caplog.text
+    assert "error in a connection hook" in caplog.text
+
+
+def test_stream_limits_are_what_the_engines_advertise(engine: QuicEngine, certs: NodeCerts) -> None:
+    """peer_stream_limits and streams_available agree with a real peer's limits."""
+    EchoServer.accepted = []
+
+    async def main() -> None:
+        server, port = await start_server(engine, certs)
+        client = await open_client(engine, certs, port)
+        try:
+            assert await client.request(b"x") == b"x"
+            (accepted,) = EchoServer.accepted
+            bidi, uni = engine.peer_stream_limits
+            server_side = accepted.quic_transport
+            assert server_side.streams_available(unidirectional=True) == uni
+            assert client.quic_transport.streams_available() == bidi - 1  # one used above
+            assert client.quic_transport.max_peer_streams(unidirectional=True) == uni
+            for _ in range(uni):
+                server_side.send_stream_data(server_side.next_stream_id(True), b"e")
+            assert server_side.streams_available(unidirectional=True) == 0
+            if engine.name == "qh3":  # aioquic queues the stream until the limit rises
+                with pytest.raises(ValueError):
+                    server_side.send_stream_data(server_side.next_stream_id(True), b"e")
+            await client.aclose()
+        finally:
+            server.close()
+
+    run(main)
+
+
+def test_engine_failure_ends_only_that_connection(
+    engine: QuicEngine, certs: NodeCerts, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An engine raising in a transmit (no felix call on the stack) ends that connection."""
+
+    async def main() -> None:
+        server, port = await start_server(engine, certs)
+        broken = await open_client(engine, certs, port)
+        good = await open_client(engine, certs, port)
+        try:
+            quic = broken.quic_transport.quic
+
+            def fail(now: float) -> Any:
+                raise engine.connection_error(0x1, None, "broken on purpose")
+
+            quic.datagrams_to_send = fail
+            broken.start(b"never sent")
+            assert await asyncio.wait_for(broken.terminated, 5) == CLOSE_INTERNAL_ERROR
+            await asyncio.wait_for(broken.wait_closed(), 5)
+            assert await good.request(b"still fine") == b"still fine"
+            await good.aclose()
+        finally:
+            server.close()
+
+    run(main)
+    assert "the QUIC engine failed" in caplog.text

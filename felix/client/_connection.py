@@ -1,11 +1,12 @@
 """One QUIC connection of the client pool: control streams, event streams, requests.
 
-How it works: :class:`ClientProtocol` is the engine shell (felix.quic); it hands
-every stream's bytes to its :class:`Connection`, which feeds them to the sans-IO
+How it works: :class:`ClientProtocol` is the handler of the connection's
+transport (felix/quic/transport.py); it hands every stream's bytes to its
+:class:`Connection`, which feeds them to the sans-IO
 state in ``_session`` and acts on the events: a reply completes the future
 registered under its request id, an event stream's notices go to the
 subscription registered under its subscription id. Everything sent goes
-through ``FelixQuicProtocol.send_stream_data``, which transmits once per loop
+through the transport's ``send_stream_data``, which transmits once per loop
 tick, so concurrent calls share datagrams.
 
 When the connection ends (either side, idle timeout, or a broken control
@@ -45,12 +46,19 @@ from felix.errors import (
     CursorError,
     FelixError,
     FelixTimeoutError,
+    Overloaded,
     RemoteProtocolError,
     Unauthenticated,
     Unavailable,
     error_for_code,
 )
-from felix.quic import CLOSE_INTERNAL_ERROR, FelixQuicProtocol, QuicConfiguration, QuicEngine
+from felix.quic import (
+    CLOSE_INTERNAL_ERROR,
+    ConnectionHandler,
+    QuicConfiguration,
+    QuicEngine,
+    StreamTransport,
+)
 from felix.quic import connect as quic_connect
 
 __all__ = ["ClientProtocol", "Connection", "SubscriptionSink", "expect_reply"]
@@ -100,11 +108,11 @@ def expect_reply(reply: wire.ExtMessage, opcode: int) -> Any:
     raise RemoteProtocolError(f"reply opcode 0x{got:02x} where 0x{opcode:02x} was expected")
 
 
-class ClientProtocol(FelixQuicProtocol):
-    """The engine shell: forwards stream events to its :class:`Connection`."""
+class ClientProtocol(ConnectionHandler):
+    """The transport's handler: forwards stream events to its :class:`Connection`."""
 
-    def __init__(self, quic: Any, stream_handler: Any = None) -> None:
-        super().__init__(quic, stream_handler)
+    def __init__(self, transport: StreamTransport) -> None:
+        super().__init__(transport)
         self.connection: Connection | None = None
 
     def _on_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
@@ -121,8 +129,7 @@ class ClientProtocol(FelixQuicProtocol):
         if self.connection is not None:
             self.connection._on_terminated(error_code, reason_phrase)
 
-    def transmit(self) -> None:
-        super().transmit()
+    def transmitted(self) -> None:
         # After each transmit (every received ACK leads here): wake publishers
         # waiting for their stream's send buffer to drain.
         if self.connection is not None and self.connection._send_waiters:
@@ -198,7 +205,7 @@ class Connection:
                 endpoint.host,
                 endpoint.port,
                 configuration=configuration,
-                protocol_class=ClientProtocol,
+                create_handler=ClientProtocol,
                 handshake_timeout=timeout,
             )
         except FelixError:
@@ -294,6 +301,21 @@ class Connection:
             self.protocol.send_stream_data(self.control_stream_for(key), build(request_id))
 
     def new_subscription_id(self) -> int:
+        """An id for one more subscription; Overloaded if the connection takes no more.
+
+        Each subscription gets its own event stream, opened by the broker, and
+        the QUIC engine lets the broker have only so many open at once (qh3:
+        103, aioquic: 128; felix/quic/engine.py). Past that the broker could not
+        deliver, so the subscription is refused here, before anything is sent.
+        Streams of ended subscriptions count until the broker has closed them.
+        """
+        self._check_alive()
+        limit = self.protocol.transport.max_peer_streams(unidirectional=True)
+        if max(len(self.subscriptions), len(self._event_streams)) >= limit:
+            raise Overloaded(
+                f"this connection to {self.endpoint} already carries {limit} subscriptions, "
+                "as many event streams as its QUIC engine accepts; unsubscribe first"
+            )
         return self.requests.new_id()
 
     def _check_alive(self) -> None:

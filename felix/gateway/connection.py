@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from functools import partial
+from typing import Protocol
 
 from felix import audit, ipc, wire
 from felix.errors import FelixError
@@ -40,14 +41,16 @@ from felix.gateway.gateway import CLOSE_INPUT_LIMIT, CLOSE_OVERLOADED, Gateway, 
 from felix.gateway.session import GatewaySession
 from felix.gateway.subscription import MAX_CREDIT, Subscription
 from felix.ipc import Kind
-from felix.quic.protocol import CLOSE_INTERNAL_ERROR, FelixQuicProtocol
+from felix.quic.protocol import CLOSE_INTERNAL_ERROR
+from felix.quic.transport import ConnectionHandler
+from felix.quic.transport import StreamTransport as QuicStreamTransport
 
 #: Arms the shell's one timer: called with the absolute time (shell clock) or None.
 ArmTimer = Callable[[float | None], None]
 
 
 class StreamTransport(Protocol):
-    """What a shell writes through (FelixQuicProtocol's surface)."""
+    """What a shell writes through (the part of felix.quic.transport.StreamTransport it uses)."""
 
     def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None: ...
 
@@ -280,17 +283,18 @@ class ConnectionShell:
             self._write_event(sub, stream_id, end, True)
 
 
-class GatewayConnection(FelixQuicProtocol):
+class GatewayConnection(ConnectionHandler):
     """One client's QUIC connection to a gateway: engine hooks in, shell actions out."""
 
-    #: Set on the per-gateway subclass created by :func:`connection_class`.
-    gateway: Gateway
-
-    def __init__(self, quic: object, stream_handler: object = None) -> None:
-        super().__init__(quic, stream_handler)
+    def __init__(self, gateway: Gateway, transport: QuicStreamTransport) -> None:
+        super().__init__(transport)
+        self.gateway = gateway
         self._session_timer: asyncio.TimerHandle | None = None
         self._session_timer_at: float | None = None
-        self.shell = ConnectionShell(self.gateway, self, arm_timer=self._arm)
+        self.shell = ConnectionShell(gateway, self, arm_timer=self._arm)
+        # The source address (known from the client's first Initial packet): what failed
+        # authentications and unauthenticated connections are counted by.
+        self.shell.session.peer = transport.peer
 
     def _arm(self, when: float | None) -> None:
         """Keep one loop timer at ``when`` (wall clock, as the session's)."""
@@ -308,19 +312,6 @@ class GatewayConnection(FelixQuicProtocol):
         self._session_timer = None
         self._session_timer_at = None
         self.shell.timer_fired()
-
-    # The source address: what failed authentications and unauthenticated connections
-    # are counted by. Set from the first datagram, whichever receive path the engine uses.
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        if self.shell.session.peer == "?":
-            self.shell.session.peer = str(addr[0])
-        super().datagram_received(data, addr)
-
-    def datagrams_received(self, data: list[bytes], addr: Any) -> None:
-        if self.shell.session.peer == "?":
-            self.shell.session.peer = str(addr[0])
-        super().datagrams_received(data, addr)
 
     # -- QUIC hooks ------------------------------------------------------------------
 
@@ -357,7 +348,6 @@ class GatewayConnection(FelixQuicProtocol):
         self.shell.connection_terminated()
 
 
-def connection_class(gateway: Gateway) -> type[GatewayConnection]:
-    """A GatewayConnection subclass bound to ``gateway`` (the engine's server creates instances)."""
-    attrs: dict[str, object] = {"gateway": gateway}
-    return type("BoundGatewayConnection", (GatewayConnection,), attrs)
+def connection_factory(gateway: Gateway) -> Callable[[QuicStreamTransport], GatewayConnection]:
+    """The create-handler of ``gateway``'s server: a GatewayConnection for each new transport."""
+    return partial(GatewayConnection, gateway)

@@ -17,7 +17,7 @@ How it works:
   (retryable), new ones fail fast until it is back, and subscriptions re-attach
   when it returns (a gap in offsets shows what was lost).
 
-Transmits are coalesced per connection per loop tick (FelixQuicProtocol).
+Transmits are coalesced per connection per loop tick (felix/quic/protocol.py).
 """
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ from pathlib import Path
 from types import TracebackType
 
 from felix.gateway.auth import Authenticator
-from felix.gateway.connection import connection_class
+from felix.gateway.connection import connection_factory
 from felix.gateway.gateway import Gateway, GatewayLimits
 from felix.gateway.links import LocalShards
-from felix.quic import QuicServerHandle, bind_udp, load_engine, serve_on_socket
+from felix.quic import QuicServerHandle, bind_udp, load_engine, load_reset_key, serve_on_socket
 from felix.shard.core import ShardCore, ShardSettings
 from felix.shard.offsets import OffsetReservations
 from felix.tls import ensure_node_certificates
@@ -92,7 +92,11 @@ class LocalNode:
         quic = load_engine(engine)
         udp = sock or bind_udp(host, port)
         server = await serve_on_socket(
-            quic, udp, quic.server_configuration(certs), connection_class(gateway)
+            quic,
+            udp,
+            quic.server_configuration(certs),
+            connection_factory(gateway),
+            reset_key=load_reset_key(data_dir),
         )
         return cls(gateway, links, server, host, int(server.sockname[1]), certs.ca_cert)
 

@@ -36,12 +36,12 @@ import uvloop
 from felix import ipc
 from felix.errors import FelixError
 from felix.gateway.auth import TokenAuthenticator
-from felix.gateway.connection import connection_class
+from felix.gateway.connection import connection_factory
 from felix.gateway.gateway import Gateway
 from felix.gateway.links import Deliver, LocalShards, ShardLinks
 from felix.ipc import Kind
 from felix.node.config import NodeConfig
-from felix.quic import load_engine, serve_on_socket
+from felix.quic import load_engine, load_reset_key, serve_on_socket
 from felix.ring import Ring, RingReader
 from felix.shard.core import ShardCore, ShardSettings
 from felix.shard.offsets import OffsetReservations
@@ -324,7 +324,9 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
         sock,
         # client_ca: mTLS, every client presents a certificate from that CA.
         quic.server_configuration(certs, client_ca=config.tls_client_ca),
-        connection_class(gateway),
+        connection_factory(gateway),
+        # Survives restarts: clients of a killed gateway get a stateless reset.
+        reset_key=load_reset_key(config.data_dir),
     )
     control.send(event="ready")
 

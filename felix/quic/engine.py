@@ -13,12 +13,17 @@ directly, and every difference between the two is handled here:
   both engines behave alike.
 * the send-buffer size: qh3 has ``get_send_buffer_size()``; aioquic has no public
   API for it (see :func:`_aioquic_send_buffer_size`).
-* ``QuicConnectionProtocol.close()`` takes no arguments on qh3: felix's protocol
-  closes through the connection object, whose ``close()`` is the same on both.
+* felix uses only the engines' sans-IO layer (``QuicConnection`` and its
+  events): the asyncio shell around a connection (felix/quic/protocol.py) and
+  the server that routes datagrams to connections (felix/quic/server.py) are
+  felix's own, the same for both engines.
+* stateless-reset tokens: neither engine lets a caller choose them; felix sets
+  the one of the handshake connection id just before it is announced (see
+  "server connections" below and felix/quic/reset.py).
 * client certificates (mTLS): both engines' clients present one when a server
   asks. As a server, qh3 2.x cannot ask for one at all; aioquic can, through a
   private switch, and never checks the chain itself. So only aioquic serves mTLS
-  here, with felix checking the chain (see :func:`_aioquic_mtls_server_class`).
+  here, with felix checking the chain: the patch is isolated in felix/quic/mtls.py.
 
 Engine objects are typed ``Any`` at this seam (:data:`QuicConfiguration`,
 :data:`QuicConnection`): the two engines' classes are distinct types with
@@ -27,7 +32,6 @@ slightly different signatures, and felix code only uses the parts both share.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import os
 import ssl
@@ -35,8 +39,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias
 
+from felix.quic.reset import reset_token
 from felix.tls import NodeCerts
 
 __all__ = [
@@ -90,26 +95,42 @@ class QuicEventTypes:
     stream_reset: type[Any]
     stop_sending_received: type[Any]
     connection_terminated: type[Any]
+    connection_id_issued: type[Any]
+    connection_id_retired: type[Any]
+    ping_acknowledged: type[Any]
+
+
+#: Makes a server connection: (configuration, original destination connection id,
+#: stateless-reset key or None) -> the engine's QuicConnection.
+ServerConnectionFactory: TypeAlias = Callable[[QuicConfiguration, bytes, bytes | None], Any]
 
 
 @dataclass(frozen=True, slots=True)
 class QuicEngine:
     """One QUIC engine, as felix uses it. Get one with :func:`load_engine`.
 
-    ``protocol_class`` is the engine's asyncio ``QuicConnectionProtocol`` and
-    ``server_class`` its asyncio ``QuicServer`` (the datagram protocol that
-    demultiplexes a listening socket into connections); felix combines
-    ``protocol_class`` with its own protocol in :func:`felix.quic.bind_protocol`.
+    Felix uses only the engine's sans-IO layer (``QuicConnection`` and its
+    events); the asyncio side (felix/quic/protocol.py, felix/quic/server.py) is
+    felix's own, the same for both engines.
     """
 
     name: str
     configuration_class: type[Any]
     connection_class: type[Any]
-    protocol_class: type[asyncio.DatagramProtocol]
-    server_class: type[asyncio.DatagramProtocol]
     events: QuicEventTypes
-    #: ``send_buffer_size(connection, stream_id)``: see FelixQuicProtocol.send_buffer_size.
+    #: ``send_buffer_size(connection, stream_id)``: see QuicTransport.send_buffer_size.
     send_buffer_size: Callable[[QuicConnection, int | None], int]
+    #: ``encode_version_negotiation(source_cid=, destination_cid=, supported_versions=)``.
+    encode_version_negotiation: Callable[..., bytes]
+    #: The engine's QuicConnectionError: raised by a connection that is closing or closed.
+    connection_error: type[Exception]
+    #: ``streams_available(connection, unidirectional)``: see QuicTransport.streams_available.
+    streams_available: Callable[[QuicConnection, bool], int]
+    #: (bidirectional, unidirectional): streams a peer may have open towards one of this
+    #: engine's connections at once. Both engines advertise fixed numbers and raise
+    #: the peer's limit as streams end; neither lets a caller choose them.
+    peer_stream_limits: tuple[int, int]
+    _server_connection: ServerConnectionFactory
 
     def server_configuration(
         self,
@@ -219,9 +240,24 @@ class QuicEngine:
             config.load_cert_chain(str(cert_path), str(key_path))
         return config
 
-    def new_connection(self, configuration: QuicConfiguration) -> QuicConnection:
-        """A new sans-IO client connection (servers create theirs in ``server_class``)."""
+    def client_connection(self, configuration: QuicConfiguration) -> QuicConnection:
+        """A new sans-IO client connection."""
         return self.connection_class(configuration=configuration)
+
+    def server_connection(
+        self,
+        configuration: QuicConfiguration,
+        original_destination_connection_id: bytes,
+        reset_key: bytes | None = None,
+    ) -> QuicConnection:
+        """A new sans-IO server connection for a client's first Initial packet.
+
+        ``reset_key``: the connection id this server picks gets the stateless
+        reset token derived from it (felix/quic/reset.py), so the node can still
+        reset the connection after a restart. A configuration requiring client
+        certificates gets felix's mTLS connection (aioquic only, felix/quic/mtls.py).
+        """
+        return self._server_connection(configuration, original_destination_connection_id, reset_key)
 
 
 def load_engine(name: str | None = None) -> QuicEngine:
@@ -246,7 +282,7 @@ def load_engine(name: str | None = None) -> QuicEngine:
 @cache
 def _load(name: str) -> QuicEngine:
     # Imported here so that only the chosen engine is loaded. Both engines have the
-    # same module layout (qh3 is an aioquic fork); only the send-buffer probe differs.
+    # same module layout (qh3 is an aioquic fork).
     def module(path: str) -> Any:
         return importlib.import_module(f"{name}.{path}")
 
@@ -255,20 +291,28 @@ def _load(name: str) -> QuicEngine:
         name=name,
         configuration_class=module("quic.configuration").QuicConfiguration,
         connection_class=module("quic.connection").QuicConnection,
-        protocol_class=module("asyncio.protocol").QuicConnectionProtocol,
-        server_class=(
-            _aioquic_mtls_server_class()
-            if name == "aioquic"
-            else module("asyncio.server").QuicServer
-        ),
         events=QuicEventTypes(
             handshake_completed=events.HandshakeCompleted,
             stream_data_received=events.StreamDataReceived,
             stream_reset=events.StreamReset,
             stop_sending_received=events.StopSendingReceived,
             connection_terminated=events.ConnectionTerminated,
+            connection_id_issued=events.ConnectionIdIssued,
+            connection_id_retired=events.ConnectionIdRetired,
+            ping_acknowledged=events.PingAcknowledged,
         ),
         send_buffer_size=_qh3_send_buffer_size if name == "qh3" else _aioquic_send_buffer_size,
+        encode_version_negotiation=module("quic.packet").encode_quic_version_negotiation,
+        connection_error=module("quic.connection").QuicConnectionError,
+        streams_available=_streams_available(
+            _qh3_peer_max_streams if name == "qh3" else _aioquic_peer_max_streams
+        ),
+        # qh3: quic/tls_bridge.py and quic/connection.py; aioquic: quic/connection.py.
+        # tests/test_quic_engine.py checks them against real connections.
+        peer_stream_limits=(100, 103) if name == "qh3" else (128, 128),
+        _server_connection=_qh3_server_connection()
+        if name == "qh3"
+        else _aioquic_server_connection,
     )
 
 
@@ -301,75 +345,90 @@ def _aioquic_send_buffer_size(connection: QuicConnection, stream_id: int | None)
     return sum(unsent(stream) for stream in streams.values())
 
 
-# -- mTLS on aioquic -----------------------------------------------------------------------
+# Streams this side may still open: the peer's cumulative MAX_STREAMS limit minus the
+# streams opened so far (a stream's index is its id // 4). qh3 refuses a stream past
+# the limit (ValueError); aioquic queues it until the peer raises the limit.
 
 
-def _aioquic_mtls_server_class() -> type[asyncio.DatagramProtocol]:
-    """aioquic's QuicServer, able to require client certificates.
+def _qh3_peer_max_streams(connection: QuicConnection, unidirectional: bool) -> int:
+    # Public qh3 properties, despite their names the cumulative MAX_STREAMS limits.
+    if unidirectional:
+        return int(connection.max_concurrent_uni_streams)
+    return int(connection.max_concurrent_bidi_streams)
 
-    aioquic 1.x has everything for a server to ask for a client certificate but
-    keeps it behind a private switch (``tls.Context._request_client_certificate``,
-    "for test purposes"), accepts an empty Certificate message, and checks only
-    the CertificateVerify signature, never the chain. So for a configuration
-    with ``verify_mode`` CERT_REQUIRED (set by ``server_configuration(client_ca=...)``)
-    each new connection's TLS context gets the switch on and a subclass that
-    refuses a missing certificate and checks the chain with
-    :class:`felix.tls.ClientCertificateVerifier`. tests/test_mtls.py runs real
-    handshakes against these private names (pyproject pins aioquic <2).
-    """
-    from aioquic import tls as aioquic_tls
-    from aioquic.asyncio.server import QuicServer
-    from aioquic.quic.connection import QuicConnection as AioquicConnection
 
-    from felix.tls import ClientCertificateError, ClientCertificateVerifier
+def _aioquic_peer_max_streams(connection: QuicConnection, unidirectional: bool) -> int:
+    # aioquic has no public accessor for the peer's limit (pinned <2, see above).
+    if unidirectional:
+        return int(connection._remote_max_streams_uni)
+    return int(connection._remote_max_streams_bidi)
 
-    class CertificateRequired(aioquic_tls.Alert):
-        description = aioquic_tls.AlertDescription.certificate_required
 
-    class ClientAuthContext(aioquic_tls.Context):
-        felix_verifier: ClientCertificateVerifier
+def _streams_available(
+    peer_max_streams: Callable[[QuicConnection, bool], int],
+) -> Callable[[QuicConnection, bool], int]:
+    def available(connection: QuicConnection, unidirectional: bool) -> int:
+        next_id = connection.get_next_available_stream_id(is_unidirectional=unidirectional)
+        return max(0, peer_max_streams(connection, unidirectional) - int(next_id) // 4)
 
-        def _server_handle_certificate(self, input_buf: Any) -> None:
-            super()._server_handle_certificate(input_buf)
-            if self._peer_certificate is None:  # an empty Certificate message
-                raise CertificateRequired("a client certificate is required")
+    return available
 
-        def _server_handle_certificate_verify(self, input_buf: Any) -> None:
-            super()._server_handle_certificate_verify(input_buf)  # the client holds the key
-            if self._peer_certificate is None:  # pragma: no cover - checked above
-                raise CertificateRequired("a client certificate is required")
-            try:
-                self.felix_verifier.verify(self._peer_certificate, self._peer_certificate_chain)
-            except ClientCertificateError as exc:
-                alert = (
-                    aioquic_tls.AlertCertificateExpired
-                    if exc.expired
-                    else aioquic_tls.AlertBadCertificate
-                )
-                raise alert(str(exc)) from None
 
-    class ClientAuthConnection(AioquicConnection):
-        felix_verifier: ClientCertificateVerifier
+# -- server connections: the stateless-reset token of the handshake connection id ------------
+#
+# Neither engine lets a caller choose reset tokens; both draw them from os.urandom.
+# The token of the connection id a server picks is announced in its transport
+# parameters, built when the first Initial is processed: qh3 serializes them when
+# it makes its TLS bridge (``_create_tls``), so the token is set on the bridge and
+# the parameters serialized again; aioquic reads its first host connection id's
+# token later, so setting that is enough. tests/test_quic_reset.py pins both
+# through real resets.
 
-        def _initialize(self, peer_cid: bytes) -> None:
-            super()._initialize(peer_cid)
-            self.tls.__class__ = ClientAuthContext
-            context = cast(ClientAuthContext, self.tls)
-            context._request_client_certificate = True
-            context.felix_verifier = self.felix_verifier
 
-    class MtlsQuicServer(QuicServer):
-        def __init__(self, *, configuration: Any, create_protocol: Any, **kwargs: Any) -> None:
-            if configuration.verify_mode == ssl.CERT_REQUIRED and not configuration.is_client:
-                verifier = ClientCertificateVerifier(configuration.cafile)
-                inner = create_protocol
+def _qh3_server_connection() -> ServerConnectionFactory:
+    from qh3 import tls as qh3_tls
+    from qh3.quic.connection import QuicConnection as Qh3Connection
 
-                def create_protocol(connection: Any, **kw: Any) -> Any:
-                    # The connection is new: its TLS context is made on the first packet.
-                    connection.__class__ = ClientAuthConnection
-                    connection.felix_verifier = verifier
-                    return inner(connection, **kw)
+    class ResettableConnection(Qh3Connection):
+        felix_reset_key: bytes | None = None
 
-            super().__init__(configuration=configuration, create_protocol=create_protocol, **kwargs)
+        def _create_tls(self, remote_source_cid: bytes | None) -> Any:
+            bridge = super()._create_tls(remote_source_cid)
+            if self.felix_reset_key is not None:
+                bridge.stateless_reset_token = reset_token(self.felix_reset_key, self.host_cid)
+                # The bridge serialized its transport parameters when it was made:
+                # serialize them again, now carrying the derived token.
+                bridge.tls.handshake_extensions = [
+                    (
+                        qh3_tls.ExtensionType.QUIC_TRANSPORT_PARAMETERS,
+                        bridge.serialize_transport_parameters(),
+                    )
+                ]
+            return bridge
 
-    return MtlsQuicServer
+    def create(configuration: QuicConfiguration, odcid: bytes, reset_key: bytes | None) -> Any:
+        connection = ResettableConnection(
+            configuration=configuration, original_destination_connection_id=odcid
+        )
+        connection.felix_reset_key = reset_key
+        return connection
+
+    return create
+
+
+def _aioquic_server_connection(
+    configuration: QuicConfiguration, odcid: bytes, reset_key: bytes | None
+) -> Any:
+    if configuration.verify_mode == ssl.CERT_REQUIRED:
+        from felix.quic.mtls import client_auth_connection
+
+        connection = client_auth_connection(configuration)(original_destination_connection_id=odcid)
+    else:
+        from aioquic.quic.connection import QuicConnection as AioquicConnection
+
+        connection = AioquicConnection(
+            configuration=configuration, original_destination_connection_id=odcid
+        )
+    if reset_key is not None:
+        connection._host_cids[0].stateless_reset_token = reset_token(reset_key, connection.host_cid)
+    return connection

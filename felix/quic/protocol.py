@@ -1,30 +1,25 @@
-"""FelixQuicProtocol: the asyncio shell around one QUIC connection, on either engine.
+"""QuicTransport: felix's asyncio shell around one engine connection.
 
-How it works: the engine's asyncio ``QuicConnectionProtocol`` feeds datagrams and
-timer ticks to its sans-IO ``QuicConnection`` and calls ``quic_event_received``
-for every event. :class:`FelixQuicProtocol` replaces that method with a table
-lookup by event type that unpacks each event into an ``_on_<event>`` hook, and
-adds one-per-tick transmits. Felix code subclasses it without naming an engine::
-
-    class GatewayProtocol(FelixQuicProtocol):
-        def _on_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
-            ...
-            self.send_stream_data(stream_id, reply)  # transmitted once this tick ends
-
-and :func:`bind_protocol` (used by ``serve_on_socket`` and ``connect``) mixes it
-with the chosen engine's protocol class at run time: ``GatewayProtocol[qh3]``
-derives from ``GatewayProtocol``, ``FelixQuicProtocol`` and qh3's
-``QuicConnectionProtocol``, in that order.
+How it works: the engine's ``QuicConnection`` is sans-IO: it takes datagrams
+and the time, and hands back datagrams to send, a timer deadline and events.
+:class:`QuicTransport` holds one (``self._quic``, as aioquic's own asyncio
+``QuicConnectionProtocol`` does) and does the I/O: it feeds it what the socket
+receives, sends what it has ready, keeps one loop timer at its deadline, and
+turns its events into calls on the connection's :class:`StreamHandler` (found
+by a table lookup by event type). To felix it is a
+:class:`~felix.quic.transport.StreamTransport`; no engine class is subclassed
+or mixed in, and the handler never sees the engine.
 
 Transmit once per loop tick: building and sending datagrams is the expensive
 part of QUIC in Python (performance-notes.md: 3-5x throughput when coalesced),
-so :meth:`FelixQuicProtocol.send_stream_data` only queues data and schedules a
-single :meth:`~FelixQuicProtocol.transmit` for the end of the current loop
-iteration; everything queued until then leaves in as few datagrams as possible.
+so :meth:`QuicTransport.send_stream_data` only queues data and schedules a
+single :meth:`~QuicTransport.transmit` for the end of the current loop
+iteration; received datagrams are acknowledged by that same transmit, so the
+ACK leaves in the datagram carrying whatever the handler answered.
 
-The engine's own stream reader/writer API (``create_stream``) is bypassed:
-incoming stream data goes to the hooks, never into unbounded ``StreamReader``
-buffers nobody reads.
+On a client the transport is the socket's datagram protocol (one socket per
+connection); on a server, felix/quic/server.py routes each datagram to its
+connection's transport and all share the listening socket.
 """
 
 from __future__ import annotations
@@ -32,98 +27,75 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
+from functools import cache
+from typing import Any
 
-from felix.quic.engine import QuicConnection, QuicEngine
+from felix.errors import ConnectionLost
+from felix.quic.engine import QuicConnection, QuicEngine, load_engine
+from felix.quic.transport import CLOSE_INTERNAL_ERROR, CloseReason, CreateHandler, StreamHandler
 
-__all__ = ["CLOSE_INTERNAL_ERROR", "CloseReason", "FelixQuicProtocol", "bind_protocol"]
+__all__ = ["QuicTransport"]
 
 log = logging.getLogger(__name__)
 
-#: Application close code sent when one of this side's hooks raised.
-CLOSE_INTERNAL_ERROR = 0x1
-
-P = TypeVar("P", bound="FelixQuicProtocol")
-
-_EventHandler = Callable[["FelixQuicProtocol", Any], None]
+_EventHandler = Callable[["QuicTransport", Any], None]
 
 
-@dataclass(frozen=True, slots=True)
-class CloseReason:
-    """Why a connection ended (the engine's ConnectionTerminated event).
+class QuicTransport(asyncio.DatagramProtocol):
+    """One QUIC connection, driven on the running loop; a StreamTransport for felix.
 
-    ``error_code`` is a QUIC transport error code when ``frame_type`` is not None
-    or the connection failed before the handshake completed (TLS alerts are
-    ``0x100 + alert``, e.g. 0x12a bad_certificate), else the application code
-    given to ``close()`` by either side (0: normal close).
+    ``on_connection_id`` and ``on_ended`` are the server's bookkeeping: called
+    with (this transport, connection id, issued?) when the engine issues or
+    retires one of its ids, and with this transport once the connection ended.
     """
 
-    error_code: int
-    frame_type: int | None
-    reason_phrase: str
-
-
-class FelixQuicProtocol(asyncio.DatagramProtocol):
-    """Base class of felix's QUIC connection protocols (gateway and client side).
-
-    Subclass it, override the ``_on_*`` hooks, and run it through
-    :func:`bind_protocol` (``serve_on_socket`` and ``connect`` do that); an
-    unbound class cannot be instantiated. Hooks run inside the engine's
-    datagram/timer callbacks: they must not block, and should only queue data
-    with :meth:`send_stream_data`. A hook that raises is logged and the
-    connection is closed with :data:`CLOSE_INTERNAL_ERROR`; other connections on
-    the same socket are not affected.
-
-    Also available from the engine's base class: ``await wait_closed()`` and
-    ``await ping()``. (Clients get their protocol from ``connect``, which
-    returns once the handshake completed; the engines' ``wait_connected`` is
-    best left alone: cancelled, it leaves an unretrieved exception behind.)
-    """
-
-    #: The engine this class is bound to (set by bind_protocol).
-    engine: ClassVar[QuicEngine]
-    #: Event type -> handler, built by bind_protocol from the engine's event classes.
-    _dispatch: ClassVar[dict[type[Any], _EventHandler]]
-
-    if TYPE_CHECKING:
-        # Provided by the engine's QuicConnectionProtocol, mixed in by bind_protocol.
-        _quic: QuicConnection
-
-        async def wait_closed(self) -> None: ...
-        async def ping(self) -> None: ...
-        def connect(self, addr: Any) -> None: ...
-
-    def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
-        """Called by the engine's server (or by ``connect``) with a new connection.
-
-        ``stream_handler`` is accepted because the engines' servers pass it; it
-        is unused (felix reads streams through the hooks).
-        """
-        if getattr(type(self), "engine", None) is None:
-            raise TypeError(
-                f"{type(self).__name__} is not bound to a QUIC engine: "
-                "create it through bind_protocol(engine, cls)"
-            )
-        # Next in the MRO of a bound class: the engine's QuicConnectionProtocol.
-        super().__init__(quic, stream_handler=stream_handler)  # type: ignore[call-arg]
+    def __init__(
+        self,
+        engine: QuicEngine,
+        quic: QuicConnection,
+        peer_address: Any,
+        create_handler: CreateHandler,
+        *,
+        on_connection_id: Callable[[QuicTransport, bytes, bool], None] | None = None,
+        on_ended: Callable[[QuicTransport], None] | None = None,
+    ) -> None:
         loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._time = loop.time
         self._call_soon = loop.call_soon
+        self.engine = engine
+        self._quic = quic
+        self._dispatch = _dispatch_table(engine.name)
+        self._peer = str(peer_address[0])
+        self._sendto: Callable[[bytes, Any], None] | None = None
         self._transmit_handle: asyncio.Handle | None = None
-        self._receiving = False
-        # True once the handshake completed, False if the connection ended first.
-        # A result, never an exception: nobody has to retrieve it (the engines'
-        # wait_connected() leaves an unretrieved exception behind when cancelled).
-        self._handshake_outcome: asyncio.Future[bool] = loop.create_future()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._on_connection_id = on_connection_id
+        self._on_ended = on_ended
         self._owned_transport: asyncio.BaseTransport | None = None
-        #: Set when the connection has ended (before _on_connection_terminated runs).
-        self.close_reason: CloseReason | None = None
+        self._pings: dict[int, asyncio.Future[None]] = {}
+        # True once the handshake completed, False if the connection ended first.
+        # A result, never an exception: nobody has to retrieve it.
+        self.handshake_outcome: asyncio.Future[bool] = loop.create_future()
+        self._ended = loop.create_future()
+        self._close_reason: CloseReason | None = None
+        # Last: the handler may already use this transport while being made.
+        self.handler: StreamHandler = create_handler(self)
 
-    # -- sending -----------------------------------------------------------------------
+    # -- StreamTransport -----------------------------------------------------------------
+
+    @property
+    def peer(self) -> str:
+        return self._peer
+
+    @property
+    def close_reason(self) -> CloseReason | None:
+        return self._close_reason
 
     @property
     def quic(self) -> QuicConnection:
-        """The engine's sans-IO QuicConnection (use the methods both engines share)."""
+        """The engine's sans-IO QuicConnection (tests and diagnostics only)."""
         return self._quic
 
     def next_stream_id(self, unidirectional: bool = False) -> int:
@@ -134,6 +106,14 @@ class FelixQuicProtocol(asyncio.DatagramProtocol):
         """
         return int(self._quic.get_next_available_stream_id(is_unidirectional=unidirectional))
 
+    def streams_available(self, unidirectional: bool = False) -> int:
+        """How many more streams of that kind the peer lets this side open now."""
+        return self.engine.streams_available(self._quic, unidirectional)
+
+    def max_peer_streams(self, unidirectional: bool = False) -> int:
+        """How many streams of that kind the peer may have open towards this side at once."""
+        return self.engine.peer_stream_limits[1 if unidirectional else 0]
+
     def send_stream_data(
         self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool = False
     ) -> None:
@@ -141,22 +121,38 @@ class FelixQuicProtocol(asyncio.DatagramProtocol):
 
         The engine copies ``data``, so the caller may reuse its buffer at once.
         Nothing here bounds how much is queued: callers enforce their own credit
-        and watch :meth:`send_buffer_size`. Raises the engine's error (ValueError,
-        RuntimeError or its QuicConnectionError) when the stream cannot send,
-        e.g. after its FIN or a reset.
+        and watch :meth:`send_buffer_size`. Raises ConnectionLost if the
+        connection is closing or closed, and the engine's ValueError when the
+        stream cannot send (after its FIN or a reset, or past the peer's stream
+        limit: see :meth:`streams_available`).
         """
-        self._quic.send_stream_data(stream_id, data, end_stream)
-        self.transmit_soon()
+        try:
+            self._quic.send_stream_data(stream_id, data, end_stream)
+        except self.engine.connection_error as exc:
+            raise self._lost(exc) from None
+        if self._transmit_handle is None:
+            self._transmit_handle = self._call_soon(self._transmit_scheduled)
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
         """Abandon sending on ``stream_id`` (RESET_STREAM with ``error_code``)."""
-        self._quic.reset_stream(stream_id, error_code)
+        try:
+            self._quic.reset_stream(stream_id, error_code)
+        except self.engine.connection_error as exc:
+            raise self._lost(exc) from None
         self.transmit_soon()
 
     def stop_stream(self, stream_id: int, error_code: int) -> None:
         """Ask the peer to stop sending on ``stream_id`` (STOP_SENDING with ``error_code``)."""
-        self._quic.stop_stream(stream_id, error_code)
+        try:
+            self._quic.stop_stream(stream_id, error_code)
+        except self.engine.connection_error as exc:
+            raise self._lost(exc) from None
         self.transmit_soon()
+
+    def _lost(self, exc: Exception) -> ConnectionLost:
+        # The engine's own error stays inside felix/quic: callers see the felix tree.
+        reason = getattr(exc, "reason_phrase", "") or str(exc)
+        return ConnectionLost(f"the QUIC connection to {self._peer} is closing: {reason}")
 
     def send_buffer_size(self, stream_id: int | None = None) -> int:
         """Bytes queued on ``stream_id`` (None: all streams) and not yet sent once.
@@ -170,173 +166,211 @@ class FelixQuicProtocol(asyncio.DatagramProtocol):
         """
         return self.engine.send_buffer_size(self._quic, stream_id)
 
+    def close(self, error_code: int = 0, reason_phrase: str = "") -> None:
+        """Start closing the connection with an application ``error_code`` (0: normal).
+
+        Idempotent: only the first call sends CONNECTION_CLOSE. The connection
+        ends (``close_reason`` set, the handler's ``connection_terminated``
+        called, :meth:`wait_closed` returns) after the closing period, about
+        three probe timeouts.
+        """
+        self._quic.close(error_code=error_code, reason_phrase=reason_phrase)
+        self.transmit()
+
+    # -- more than StreamTransport -------------------------------------------------------
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection has ended."""
+        await asyncio.shield(self._ended)
+
+    async def ping(self) -> None:
+        """Send a QUIC PING and wait for its acknowledgement (ConnectionError if it ends)."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        uid = id(waiter)
+        self._pings[uid] = waiter
+        self._quic.send_ping(uid)
+        self.transmit()
+        try:
+            await waiter
+        finally:
+            self._pings.pop(uid, None)
+
+    def connect(self, address: Any) -> None:
+        """Start the handshake with the server at ``address`` (clients, once)."""
+        self._quic.connect(address, now=self._time())
+        self.transmit()
+
+    def own_transport(self, transport: asyncio.BaseTransport) -> None:
+        """Close ``transport`` when this connection ends (client side: one socket each)."""
+        self._owned_transport = transport
+
+    # -- sending ---------------------------------------------------------------------------
+
     def transmit_soon(self) -> None:
         """Schedule one :meth:`transmit` at the end of this loop iteration (no-op if pending)."""
         if self._transmit_handle is None:
             self._transmit_handle = self._call_soon(self._transmit_scheduled)
 
-    def transmit(self) -> None:
-        """Send the datagrams the connection has ready and re-arm its timer.
-
-        The one place that sends. The engine calls it after every received
-        datagram and timer tick; a pending :meth:`transmit_soon` is cancelled
-        because this call already sends what it would have.
-        """
-        if self._receiving:
-            # The engine transmits right after handling received datagrams. Defer
-            # that to the end of the loop iteration instead: the ACK then leaves in
-            # the same datagram as whatever the woken callers send in reply (one
-            # datagram and one syscall instead of two per request/response).
-            self.transmit_soon()
-            return
-        handle = self._transmit_handle
-        if handle is not None:
-            self._transmit_handle = None
-            handle.cancel()
-        super().transmit()  # type: ignore[misc]
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self._receiving = True
-        try:
-            super().datagram_received(data, addr)
-        finally:
-            self._receiving = False
-
-    def datagrams_received(self, data: list[bytes], addr: Any) -> None:
-        """qh3's batched receive (GRO); same deferral as :meth:`datagram_received`."""
-        self._receiving = True
-        try:
-            super().datagrams_received(data, addr)  # type: ignore[misc]
-        finally:
-            self._receiving = False
-
     def _transmit_scheduled(self) -> None:
         self._transmit_handle = None
         self.transmit()
 
-    # -- closing -----------------------------------------------------------------------
+    def transmit(self) -> None:
+        """Send the datagrams the connection has ready and re-arm its timer.
 
-    def close(self, error_code: int = 0, reason_phrase: str = "") -> None:
-        """Start closing the connection with an application ``error_code`` (0: normal).
-
-        Idempotent: only the first call sends CONNECTION_CLOSE. The connection
-        ends (``close_reason`` set, ``_on_connection_terminated`` called,
-        ``wait_closed`` returns) after the closing period, about three probe
-        timeouts.
+        The one place that sends; a pending :meth:`transmit_soon` is cancelled
+        because this call already sends what it would have.
         """
-        # Through the connection, whose close() has these arguments on both
-        # engines (qh3's protocol-level close() takes none).
-        self._quic.close(error_code=error_code, reason_phrase=reason_phrase)
+        handle = self._transmit_handle
+        if handle is not None:
+            self._transmit_handle = None
+            handle.cancel()
+        sendto = self._sendto
+        if sendto is not None:
+            try:
+                for data, address in self._quic.datagrams_to_send(now=self._time()):
+                    sendto(data, address)
+            except self.engine.connection_error as exc:
+                self._engine_failed(exc)
+                return
+        timer_at = self._quic.get_timer()
+        if self._timer is not None and self._timer_at != timer_at:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None and timer_at is not None:
+            self._timer = self._loop.call_at(timer_at, self._handle_timer)
+        self._timer_at = timer_at
+        if sendto is not None:  # (and so the handler exists: made before connection_made)
+            self.handler.transmitted()
+
+    def _handle_timer(self) -> None:
+        now = max(self._timer_at or 0.0, self._time())
+        self._timer = None
+        self._timer_at = None
+        try:
+            self._quic.handle_timer(now=now)
+        except self.engine.connection_error as exc:
+            self._engine_failed(exc)
+            return
+        self._process_events()
         self.transmit()
 
-    async def aclose(self, error_code: int = 0, reason_phrase: str = "") -> None:
-        """:meth:`close`, then wait until the connection has ended."""
-        self.close(error_code, reason_phrase)
-        await self.wait_closed()
+    def _engine_failed(self, exc: Exception) -> None:
+        """The engine raised outside any call of felix's: end the connection here.
 
-    def _own_transport(self, transport: asyncio.BaseTransport) -> None:
-        """Close ``transport`` when this connection ends (client side: one socket each)."""
-        self._owned_transport = transport
-
-    # -- events ------------------------------------------------------------------------
-
-    def quic_event_received(self, event: Any) -> None:
-        """Dispatch one engine event to its ``_on_*`` hook (others are ignored)."""
-        handler = self._dispatch.get(type(event))
-        if handler is None:
+        Nothing can be sent any more, so the peer learns at its idle timeout (or
+        from a stateless reset); this side ends it now and logs it once.
+        """
+        if self._close_reason is not None:
             return
-        try:
-            handler(self, event)
-        except Exception:
-            log.exception("%s: error in QUIC event hook, closing the connection", self)
-            if self.close_reason is None:
-                self.close(CLOSE_INTERNAL_ERROR, "internal error")
+        log.warning("%s: the QUIC engine failed, dropping the connection: %s", self, exc)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = None
+        self._terminated(CloseReason(CLOSE_INTERNAL_ERROR, None, f"engine failure: {exc}"))
+
+    # -- receiving (asyncio.DatagramProtocol) ----------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._sendto = transport.sendto  # type: ignore[attr-defined]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._quic.receive_datagram(data, addr, now=self._time())
+        self._process_events()
+        # Not transmitted here: the end-of-tick transmit carries the ACK together
+        # with whatever the handler queued in reply (one datagram, one syscall).
+        if self._transmit_handle is None:
+            self._transmit_handle = self._call_soon(self._transmit_scheduled)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors (e.g. port unreachable) say nothing reliable about the peer:
+        # loss detection and the idle timeout decide.
+        log.debug("%s: socket error: %s", self, exc)
+
+    def _process_events(self) -> None:
+        quic = self._quic
+        dispatch = self._dispatch
+        event = quic.next_event()
+        while event is not None:
+            handler = dispatch.get(type(event))
+            if handler is not None:
+                try:
+                    handler(self, event)
+                except Exception:
+                    log.exception("%s: error in a connection hook, closing the connection", self)
+                    if self._close_reason is None:
+                        quic.close(error_code=CLOSE_INTERNAL_ERROR, reason_phrase="internal error")
+            event = quic.next_event()
+
+    # -- engine events -------------------------------------------------------------------
 
     def _ev_handshake_completed(self, event: Any) -> None:
-        if not self._handshake_outcome.done():
-            self._handshake_outcome.set_result(True)
-        self._on_handshake_completed(event.alpn_protocol)
+        if not self.handshake_outcome.done():
+            self.handshake_outcome.set_result(True)
+        self.handler.handshake_completed(event.alpn_protocol)
 
     def _ev_stream_data(self, event: Any) -> None:
-        self._on_stream_data(event.stream_id, event.data, event.end_stream)
+        self.handler.stream_data_received(event.stream_id, event.data, event.end_stream)
 
     def _ev_stream_reset(self, event: Any) -> None:
-        self._on_stream_reset(event.stream_id, event.error_code)
+        self.handler.stream_reset(event.stream_id, event.error_code)
 
     def _ev_stop_sending(self, event: Any) -> None:
-        self._on_stop_sending(event.stream_id, event.error_code)
+        self.handler.stop_sending(event.stream_id, event.error_code)
+
+    def _ev_connection_id_issued(self, event: Any) -> None:
+        if self._on_connection_id is not None:
+            self._on_connection_id(self, event.connection_id, True)
+
+    def _ev_connection_id_retired(self, event: Any) -> None:
+        if self._on_connection_id is not None:
+            self._on_connection_id(self, event.connection_id, False)
+
+    def _ev_ping_acknowledged(self, event: Any) -> None:
+        waiter = self._pings.pop(event.uid, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _ev_connection_terminated(self, event: Any) -> None:
-        self.close_reason = CloseReason(event.error_code, event.frame_type, event.reason_phrase)
-        if not self._handshake_outcome.done():
-            self._handshake_outcome.set_result(False)
+        self._terminated(CloseReason(event.error_code, event.frame_type, event.reason_phrase))
+
+    def _terminated(self, reason: CloseReason) -> None:
+        self._close_reason = reason
+        if not self.handshake_outcome.done():
+            self.handshake_outcome.set_result(False)
+        for waiter in self._pings.values():
+            if not waiter.done():
+                waiter.set_exception(ConnectionError("the connection ended"))
+        self._pings.clear()
         if self._transmit_handle is not None:
             self._transmit_handle.cancel()
             self._transmit_handle = None
+        if self._on_ended is not None:
+            self._on_ended(self)
         try:
-            self._on_connection_terminated(event.error_code, event.frame_type, event.reason_phrase)
+            self.handler.connection_terminated(reason)
         finally:
+            if not self._ended.done():
+                self._ended.set_result(None)
             if self._owned_transport is not None:
-                # Later in this callback the engine still calls transmit(); close after it.
+                # The CONNECTION_CLOSE may still be queued: close after this tick's transmit.
                 self._call_soon(self._owned_transport.close)
 
-    # -- hooks (override in subclasses; the defaults do nothing) -----------------------
-
-    def _on_handshake_completed(self, alpn_protocol: str | None) -> None:
-        """The TLS handshake completed; ``alpn_protocol`` is the one negotiated."""
-
-    def _on_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
-        """Bytes arrived on ``stream_id``, in order; ``end_stream``: the peer sent FIN.
-
-        ``data`` may be empty (a FIN alone). A stream the peer opens first shows
-        up here, no separate event announces it.
-        """
-
-    def _on_stream_reset(self, stream_id: int, error_code: int) -> None:
-        """The peer abandoned sending on ``stream_id`` (RESET_STREAM)."""
-
-    def _on_stop_sending(self, stream_id: int, error_code: int) -> None:
-        """The peer asked this side to stop sending on ``stream_id`` (STOP_SENDING)."""
-
-    def _on_connection_terminated(
-        self, error_code: int, frame_type: int | None, reason_phrase: str
-    ) -> None:
-        """The connection has ended, by either side or by idle timeout (see CloseReason)."""
+    def __repr__(self) -> str:
+        return f"<QuicTransport {self.engine.name} peer={self._peer}>"
 
 
-_bound: dict[tuple[str, type[Any]], type[Any]] = {}
-
-
-def bind_protocol(engine: QuicEngine, cls: type[P]) -> type[P]:
-    """``cls`` combined with ``engine``'s QuicConnectionProtocol: the class to instantiate.
-
-    The result is a subclass of ``cls`` (so isinstance checks and hooks work as
-    written) and is cached: the same (engine, cls) always gives the same class.
-    Raises TypeError if ``cls`` is not a FelixQuicProtocol subclass or is
-    already bound.
-    """
-    if not (isinstance(cls, type) and issubclass(cls, FelixQuicProtocol)):
-        raise TypeError(f"{cls!r} is not a FelixQuicProtocol subclass")
-    key = (engine.name, cls)
-    bound = _bound.get(key)
-    if bound is None:
-        if getattr(cls, "engine", None) is not None:
-            raise TypeError(f"{cls.__name__} is already bound to {cls.engine.name}")
-        events = engine.events
-        dispatch: dict[type[Any], _EventHandler] = {
-            events.handshake_completed: FelixQuicProtocol._ev_handshake_completed,
-            events.stream_data_received: FelixQuicProtocol._ev_stream_data,
-            events.stream_reset: FelixQuicProtocol._ev_stream_reset,
-            events.stop_sending_received: FelixQuicProtocol._ev_stop_sending,
-            events.connection_terminated: FelixQuicProtocol._ev_connection_terminated,
-        }
-        name = f"{cls.__name__}[{engine.name}]"
-        namespace = {
-            "engine": engine,
-            "_dispatch": dispatch,
-            "__module__": cls.__module__,
-            "__qualname__": f"{cls.__qualname__}[{engine.name}]",
-        }
-        bound = type(name, (cls, engine.protocol_class), namespace)
-        _bound[key] = bound
-    return cast(type[P], bound)
+@cache
+def _dispatch_table(engine_name: str) -> dict[type[Any], _EventHandler]:
+    events = load_engine(engine_name).events
+    return {
+        events.stream_data_received: QuicTransport._ev_stream_data,
+        events.handshake_completed: QuicTransport._ev_handshake_completed,
+        events.stream_reset: QuicTransport._ev_stream_reset,
+        events.stop_sending_received: QuicTransport._ev_stop_sending,
+        events.connection_id_issued: QuicTransport._ev_connection_id_issued,
+        events.connection_id_retired: QuicTransport._ev_connection_id_retired,
+        events.ping_acknowledged: QuicTransport._ev_ping_acknowledged,
+        events.connection_terminated: QuicTransport._ev_connection_terminated,
+    }

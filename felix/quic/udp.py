@@ -3,9 +3,9 @@
 Why felix binds its own sockets: several gateway processes share one UDP port
 through SO_REUSEPORT (the kernel spreads clients over them by a hash of the
 4-tuple), and the supervisor keeps the sockets open so a restarted gateway does
-not change the reuseport group (architecture.md, "Sockets"). The engines'
-``serve()`` binds a socket of its own without SO_REUSEPORT, so
-:func:`serve_on_socket` does the few steps of ``serve()`` on a given socket.
+not change the reuseport group (architecture.md, "Sockets"). The QUIC server on
+a socket is felix's own (felix/quic/server.py), as is the client's shell
+(felix/quic/protocol.py): engines only provide the sans-IO connection.
 """
 
 from __future__ import annotations
@@ -15,11 +15,15 @@ import contextlib
 import ipaddress
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from felix.errors import FelixTimeoutError, HandshakeFailed
 from felix.quic.engine import QuicConfiguration, QuicEngine
-from felix.quic.protocol import FelixQuicProtocol, bind_protocol
+from felix.quic.protocol import QuicTransport
+from felix.quic.reset import ResetBudget
+from felix.quic.server import QuicServer
+from felix.quic.transport import CreateHandler, StreamHandler, StreamTransport
 
 __all__ = ["DEFAULT_SOCKET_BUFFER", "QuicServerHandle", "bind_udp", "connect", "serve_on_socket"]
 
@@ -29,7 +33,7 @@ log = logging.getLogger(__name__)
 #: while the event loop is busy. The kernel caps it at net.core.rmem_max/wmem_max.
 DEFAULT_SOCKET_BUFFER = 4 * 1024 * 1024
 
-P = TypeVar("P", bound=FelixQuicProtocol)
+H = TypeVar("H", bound=StreamHandler)
 
 
 def bind_udp(
@@ -90,7 +94,7 @@ def _set_buffers(sock: socket.socket, size: int) -> None:
 class QuicServerHandle:
     """A QUIC server running on one socket (see :func:`serve_on_socket`)."""
 
-    def __init__(self, transport: asyncio.DatagramTransport, server: Any) -> None:
+    def __init__(self, transport: asyncio.DatagramTransport, server: QuicServer) -> None:
         self._transport = transport
         self._server = server
         self._closed = False
@@ -99,6 +103,11 @@ class QuicServerHandle:
     def sockname(self) -> Any:
         """The local address, as ``socket.getsockname()`` gives it (port: ``[1]``)."""
         return self._transport.get_extra_info("sockname")
+
+    @property
+    def resets(self) -> ResetBudget:
+        """Stateless resets sent and refused (``.sent``, ``.refused``)."""
+        return self._server.resets
 
     def close(self) -> None:
         """Close every connection (CONNECTION_CLOSE, code 0) and the socket. Idempotent."""
@@ -111,31 +120,26 @@ async def serve_on_socket(
     engine: QuicEngine,
     sock: socket.socket,
     configuration: QuicConfiguration,
-    protocol_class: type[FelixQuicProtocol],
+    create_handler: CreateHandler,
     *,
-    retry: bool = False,
+    reset_key: bytes | None = None,
 ) -> QuicServerHandle:
     """Serve QUIC on ``sock`` (from :func:`bind_udp`) with ``engine``.
 
-    Every new connection gets an instance of ``protocol_class`` bound to
-    ``engine`` (:func:`bind_protocol`). ``configuration`` comes from
-    ``engine.server_configuration()``. ``retry``: make clients prove their
-    address with a Retry packet first (one more round trip; against spoofed
-    floods). No session ticket callbacks are given to the engine, so it issues
-    no tickets and never accepts 0-RTT.
+    Every new connection gets a :class:`QuicTransport` and a handler made by
+    ``create_handler(transport)`` (felix/quic/transport.py). ``configuration``
+    comes from ``engine.server_configuration()``. No session ticket callbacks
+    are given to the engine, so it issues no tickets and never accepts 0-RTT.
+    ``reset_key`` (from :func:`felix.quic.reset.load_reset_key`): answer
+    packets of unknown connections with a stateless reset (felix/quic/server.py).
 
     The returned server owns ``sock``: ``close()`` closes it (a process that must
     keep the port, like the supervisor, keeps its own copy of the socket).
     """
     loop = asyncio.get_running_loop()
-    factory = bind_protocol(engine, protocol_class)
 
-    def make_server() -> asyncio.DatagramProtocol:
-        # The engine's QuicServer routes datagrams to connections by connection
-        # id and creates a connection for each new client Initial packet.
-        return engine.server_class(  # type: ignore[call-arg]
-            configuration=configuration, create_protocol=factory, retry=retry
-        )
+    def make_server() -> QuicServer:
+        return QuicServer(engine, configuration, create_handler, reset_key=reset_key)
 
     transport, server = await loop.create_datagram_endpoint(make_server, sock=sock)
     return QuicServerHandle(transport, server)
@@ -147,17 +151,16 @@ async def connect(
     port: int,
     *,
     configuration: QuicConfiguration,
-    protocol_class: type[P],
+    create_handler: Callable[[StreamTransport], H],
     handshake_timeout: float = 10.0,
-) -> P:
-    """Open a QUIC connection to ``host``:``port`` and wait for the handshake.
+) -> H:
+    """Open a QUIC connection to ``host``:``port``, wait for the handshake, return its handler.
 
     ``configuration`` comes from ``engine.client_configuration()`` (it names the
     server and the CA to verify against); a fresh UDP socket is bound to an
-    ephemeral port of the address family ``host`` resolves to. Returns the
-    connected ``protocol_class`` instance (bound to ``engine``); end it with
-    ``close()``/``await aclose()``; its socket is closed when the connection has
-    ended.
+    ephemeral port of the address family ``host`` resolves to. The handler is
+    made by ``create_handler(transport)``; end the connection with the
+    transport's ``close()``; its socket is closed when the connection has ended.
 
     Raises FelixTimeoutError if the handshake does not complete within
     ``handshake_timeout`` seconds, HandshakeFailed (a ConnectionError) if it fails (certificate not
@@ -176,38 +179,41 @@ async def connect(
         sock.close()
         raise
 
-    factory = bind_protocol(engine, protocol_class)
-    quic = engine.new_connection(configuration)
-    transport, protocol = await loop.create_datagram_endpoint(lambda: factory(quic), sock=sock)
-    protocol._own_transport(transport)
-    protocol.connect(address)
+    connection = QuicTransport(
+        engine, engine.client_connection(configuration), address, create_handler
+    )
+    transport, _ = await loop.create_datagram_endpoint(lambda: connection, sock=sock)
+    connection.own_transport(transport)
+    connection.connect(address)
     try:
-        connected = await asyncio.wait_for(protocol._handshake_outcome, handshake_timeout)
+        connected = await asyncio.wait_for(
+            asyncio.shield(connection.handshake_outcome), handshake_timeout
+        )
     except TimeoutError:
-        _abandon(protocol, transport)
+        _abandon(connection, transport)
         raise FelixTimeoutError(
             f"QUIC handshake with {host}:{port} took longer than {handshake_timeout} s"
         ) from None
     except BaseException:
-        _abandon(protocol, transport)  # cancelled: leave no half-open connection behind
+        _abandon(connection, transport)  # cancelled: leave no half-open connection behind
         raise
     if not connected:
         # The connection ended during the handshake; its socket closes with it.
-        reason = protocol.close_reason
+        reason = connection.close_reason
         detail = (
             f"{reason.reason_phrase or 'no reason given'} (error 0x{reason.error_code:x})"
             if reason is not None
             else "connection closed"
         )
         raise HandshakeFailed(f"QUIC handshake with {host}:{port} failed: {detail}")
-    return protocol
+    return connection.handler  # type: ignore[return-value]
 
 
-def _abandon(protocol: FelixQuicProtocol, transport: asyncio.BaseTransport) -> None:
+def _abandon(connection: QuicTransport, transport: asyncio.BaseTransport) -> None:
     """Give up on a connection that never completed its handshake.
 
     Send CONNECTION_CLOSE once and close the socket now, rather than keep it for
     the closing period: there is no established state for the peer to lose.
     """
-    protocol.close()
+    connection.close()
     transport.close()

@@ -41,8 +41,7 @@ from felix.gateway.gateway import CLOSE_INPUT_LIMIT, CLOSE_OVERLOADED, Gateway, 
 from felix.gateway.session import GatewaySession
 from felix.gateway.subscription import MAX_CREDIT, Subscription
 from felix.ipc import Kind
-from felix.quic.protocol import CLOSE_INTERNAL_ERROR
-from felix.quic.transport import ConnectionHandler
+from felix.quic.transport import CLOSE_INTERNAL_ERROR, ConnectionHandler
 from felix.quic.transport import StreamTransport as QuicStreamTransport
 
 #: Arms the shell's one timer: called with the absolute time (shell clock) or None.

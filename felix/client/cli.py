@@ -16,6 +16,7 @@ delete of a missing key); 1 a felix error; 2 bad usage or configuration.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import math
@@ -199,8 +200,10 @@ def _run(
     command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
 ) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        import uvloop
-
+        try:
+            import uvloop
+        except ImportError:  # the base install: uvloop comes with felix[server]
+            return asyncio.run(command(args))
         return uvloop.run(command(args))
 
     return run

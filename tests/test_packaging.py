@@ -164,6 +164,7 @@ def test_client_only_install_connects_publishes_subscribes_and_caches(tmp_path: 
         assert result["present"] == []
         assert result["received"] == [result["offset"], "hello"]
         assert result["stored"] is True and result["value"] == "alice"
+        assert result["server_side"] == []  # the client imports nothing server-side
 
         published = felix("pub", "pkg-orders", "from the cli", "--url", url, "--ca", ca)
         assert published.returncode == 0, published.stderr

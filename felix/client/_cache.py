@@ -9,7 +9,8 @@ from felix.client._convert import resolve_name, ttl_from_wire, ttl_to_ms
 from felix.errors import BadRequest, ConfigError
 
 if TYPE_CHECKING:
-    from felix.client._client import BytesLike, Client
+    from felix.client._client import BytesLike
+    from felix.client._links import ClientLink
 
 __all__ = ["Cache"]
 
@@ -35,7 +36,7 @@ class Cache:
     happened).
     """
 
-    def __init__(self, client: Client, name: str) -> None:
+    def __init__(self, client: ClientLink, name: str) -> None:
         self._client = client
         #: The cache name as given to ``client.cache()``.
         self.name = name

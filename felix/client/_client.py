@@ -25,6 +25,7 @@ from felix.client._cache import Cache
 from felix.client._connection import Connection, expect_reply
 from felix.client._convert import Endpoint, StartSpec, resolve_name, start_spec
 from felix.client._events import ClientEvent, EventFeed, EventHub, EventListener
+from felix.client._links import PooledSubscription
 from felix.client._pool import Pool, PoolSettings
 from felix.client._subscription import Subscription
 from felix.client._tls import client_configuration
@@ -224,7 +225,9 @@ class Client:
             await self.close()
 
     async def _ping_all_streams(self, conn: Connection) -> None:
-        await asyncio.gather(*(conn.call(wire.encode_ping, stream_id=sid) for sid in conn._ready))
+        await asyncio.gather(
+            *(conn.call(wire.encode_ping, stream_id=sid) for sid in conn.control_stream_ids)
+        )
 
     async def __aenter__(self) -> Client:
         return self
@@ -409,7 +412,7 @@ class Client:
         async with self._call_scope():
             await self._with_timeout(queue())
 
-    async def _start_subscription(self, sub: Subscription) -> None:
+    async def _start_subscription(self, sub: PooledSubscription) -> None:
         self._check_usable()
 
         async def subscribe() -> None:
@@ -417,7 +420,7 @@ class Client:
                 conn = await self._pool.connection()
                 self._pool.attach(sub, conn)
                 try:
-                    await sub._subscribe_on(conn, sub._start)
+                    await sub._subscribe_on(conn)
                     return
                 except BaseException as exc:
                     self._pool.detach(sub)
@@ -427,7 +430,7 @@ class Client:
         async with self._call_scope(), self._inflight:
             await self._with_timeout(subscribe())
 
-    def _forget_subscription(self, sub: Subscription) -> None:
+    def _forget_subscription(self, sub: PooledSubscription) -> None:
         self._pool.detach(sub)
 
     async def _with_timeout(self, awaitable: Awaitable[Any]) -> Any:

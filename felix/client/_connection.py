@@ -239,6 +239,11 @@ class Connection:
 
     # -- requests ------------------------------------------------------------------------
 
+    @property
+    def control_stream_ids(self) -> list[int]:
+        """The authenticated control streams' ids, in opening order."""
+        return list(self._ready)
+
     def control_stream_for(self, key: object | None) -> int:
         """The control stream for ``key`` (same key, same stream: keeps order), or round-robin."""
         if key is None:

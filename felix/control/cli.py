@@ -63,13 +63,13 @@ from typing import Any
 
 from felix.auth.cli import read_secret
 from felix.auth.perms import PermissionSet
-from felix.auth.tokens import read_unverified_claims
 from felix.control.cliargs import add_connection_arguments, open_client
 from felix.control.client import ControlClient
 from felix.control.model import PARENT, Kind, Path, Resource
 from felix.control.store import AlreadyExists
 from felix.errors import BadRequest, ConfigError, NotFound
 from felix.names import NAME_MAX_CHARS
+from felix.unverified_jwt import read_unverified_claims
 
 __all__ = ["add_commands", "parse_settings"]
 

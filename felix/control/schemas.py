@@ -27,12 +27,12 @@ from felix.control.model import (
     BindingSpec,
     CacheSpec,
     IssuerSpec,
-    Kind,
     NamespaceSpec,
     Op,
     Path,
     PolicySpec,
     Resource,
+    ResourceKind,
     StreamSpec,
     TenantSpec,
     ancestors,
@@ -123,22 +123,22 @@ Name = Annotated[str, Field(description=NAME_DESCRIPTION, json_schema_extra=NAME
 
 #: The URL segment of each kind's collection.
 COLLECTIONS = {
-    Kind.TENANT: "tenants",
-    Kind.NAMESPACE: "namespaces",
-    Kind.STREAM: "streams",
-    Kind.CACHE: "caches",
-    Kind.ISSUER: "issuers",
-    Kind.POLICY: "policies",
-    Kind.BINDING: "bindings",
+    ResourceKind.TENANT: "tenants",
+    ResourceKind.NAMESPACE: "namespaces",
+    ResourceKind.STREAM: "streams",
+    ResourceKind.CACHE: "caches",
+    ResourceKind.ISSUER: "issuers",
+    ResourceKind.POLICY: "policies",
+    ResourceKind.BINDING: "bindings",
 }
 
 
-def _kinds_along(kind: Kind) -> list[Kind]:
+def _kinds_along(kind: ResourceKind) -> list[ResourceKind]:
     """The kinds named by each element of a ``kind`` path: tenant, ..., then ``kind``."""
     return [k for k, _ in reversed(ancestors(kind, ("",) * PATH_LENGTH[kind]))] + [kind]
 
 
-def resource_url(kind: Kind, path: Path) -> str:
+def resource_url(kind: ResourceKind, path: Path) -> str:
     """The URL path of one resource, e.g. ``/v1/tenants/acme/namespaces/prod``.
 
     ``path`` must hold valid names (see :func:`felix.control.model.check_path`):
@@ -150,7 +150,7 @@ def resource_url(kind: Kind, path: Path) -> str:
     return "/".join(parts)
 
 
-def collection_url(kind: Kind, parent: Path) -> str:
+def collection_url(kind: ResourceKind, parent: Path) -> str:
     """The URL path of a collection: ``kind`` resources directly under ``parent``."""
     if PATH_LENGTH[kind] != len(parent) + 1:
         raise BadRequest(f"a {kind} lives under {PATH_LENGTH[kind] - 1} names, got {len(parent)}")
@@ -298,7 +298,7 @@ else:
 
 
 class _ResourceOut(BaseModel):
-    kind: Kind
+    kind: ResourceKind
     path: Annotated[
         list[str], Field(min_length=1, max_length=3, description="names from the tenant down")
     ]
@@ -316,62 +316,62 @@ class _ResourceOut(BaseModel):
 class TenantOut(_ResourceOut):
     """A tenant."""
 
-    kind: Literal[Kind.TENANT]
+    kind: Literal[ResourceKind.TENANT]
     spec: TenantSpec
 
 
 class NamespaceOut(_ResourceOut):
     """A namespace."""
 
-    kind: Literal[Kind.NAMESPACE]
+    kind: Literal[ResourceKind.NAMESPACE]
     spec: NamespaceSpec
 
 
 class StreamOut(_ResourceOut):
     """A stream."""
 
-    kind: Literal[Kind.STREAM]
+    kind: Literal[ResourceKind.STREAM]
     spec: StreamSpec
 
 
 class CacheOut(_ResourceOut):
     """A cache."""
 
-    kind: Literal[Kind.CACHE]
+    kind: Literal[ResourceKind.CACHE]
     spec: CacheSpec
 
 
 class IssuerOut(_ResourceOut):
     """An OIDC identity provider the tenant trusts."""
 
-    kind: Literal[Kind.ISSUER]
+    kind: Literal[ResourceKind.ISSUER]
     spec: IssuerSpec
 
 
 class PolicyOut(_ResourceOut):
     """A named list of permissions."""
 
-    kind: Literal[Kind.POLICY]
+    kind: Literal[ResourceKind.POLICY]
     spec: PolicySpec
 
 
 class BindingOut(_ResourceOut):
     """A role binding: a user or group and the policies it is given."""
 
-    kind: Literal[Kind.BINDING]
+    kind: Literal[ResourceKind.BINDING]
     spec: BindingSpec
 
 
 _AnyOut = TenantOut | NamespaceOut | StreamOut | CacheOut | IssuerOut | PolicyOut | BindingOut
 ResourceOut = Annotated[_AnyOut, Field(discriminator="kind")]
-_OUT: dict[Kind, type[_AnyOut]] = {
-    Kind.TENANT: TenantOut,
-    Kind.NAMESPACE: NamespaceOut,
-    Kind.STREAM: StreamOut,
-    Kind.CACHE: CacheOut,
-    Kind.ISSUER: IssuerOut,
-    Kind.POLICY: PolicyOut,
-    Kind.BINDING: BindingOut,
+_OUT: dict[ResourceKind, type[_AnyOut]] = {
+    ResourceKind.TENANT: TenantOut,
+    ResourceKind.NAMESPACE: NamespaceOut,
+    ResourceKind.STREAM: StreamOut,
+    ResourceKind.CACHE: CacheOut,
+    ResourceKind.ISSUER: IssuerOut,
+    ResourceKind.POLICY: PolicyOut,
+    ResourceKind.BINDING: BindingOut,
 }
 
 
@@ -390,7 +390,7 @@ class ResourceList(BaseModel, Generic[T]):
 
 
 class ResourceRef(BaseModel):
-    kind: Kind
+    kind: ResourceKind
     path: list[str]
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from felix.control.model import Change, Kind, Path, Resource
+from felix.control.model import Change, Path, Resource, ResourceKind
 from felix.errors import FelixError, NotFound, ServerError
 
 __all__ = [
@@ -75,19 +75,24 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
-    async def get(self, kind: Kind, path: Path) -> Resource | None: ...
+    async def get(self, kind: ResourceKind, path: Path) -> Resource | None: ...
 
-    async def list_resources(self, kind: Kind, parent: Path) -> list[Resource]:
+    async def list_resources(self, kind: ResourceKind, parent: Path) -> list[Resource]:
         """Resources of ``kind`` directly under ``parent`` (``()`` for tenants), by name."""
 
-    async def create(self, kind: Kind, path: Path, spec: dict[str, Any]) -> Resource: ...
+    async def create(self, kind: ResourceKind, path: Path, spec: dict[str, Any]) -> Resource: ...
 
     async def update(
-        self, kind: Kind, path: Path, patch: dict[str, Any], if_version: int | None = None
+        self, kind: ResourceKind, path: Path, patch: dict[str, Any], if_version: int | None = None
     ) -> Resource: ...
 
     async def delete(
-        self, kind: Kind, path: Path, *, cascade: bool = False, if_version: int | None = None
+        self,
+        kind: ResourceKind,
+        path: Path,
+        *,
+        cascade: bool = False,
+        if_version: int | None = None,
     ) -> list[Change]: ...
 
     async def snapshot(self) -> tuple[int, list[Resource]]: ...

@@ -41,7 +41,7 @@ from felix.gateway.gateway import (
     _Pending,
 )
 from felix.gateway.subscription import MAX_CREDIT, Subscription
-from felix.ipc import Kind
+from felix.ipc import RecordType
 from felix.names import validate_name
 from felix.quic.protocol import FelixQuicProtocol
 
@@ -272,7 +272,9 @@ class StreamSession:
         token = gateway.token() if subscription is None else subscription.token
         pending = _Pending(conn, self, msg.request_id, shard, subscription)
         pending.quiet = isinstance(msg, wire.Publish) and msg.ack == wire.ACK_NONE
-        sent = gateway.forward(pending, token, ipc.encode(Kind.REQUEST, token, 0, frame.to_bytes()))
+        sent = gateway.forward(
+            pending, token, ipc.encode(RecordType.REQUEST, token, 0, frame.to_bytes())
+        )
         if subscription is not None and not sent:
             gateway.unsubscribe(subscription)  # could not be sent: forget it
 
@@ -304,7 +306,7 @@ class StreamSession:
         token = gateway.token()
         shard = gateway.shard_for(req.route_key)
         pending = _Pending(self.conn, self, 0, shard, None, req.translate)
-        gateway.forward(pending, token, ipc.encode(Kind.REQUEST, token, 0, req.frame))
+        gateway.forward(pending, token, ipc.encode(RecordType.REQUEST, token, 0, req.frame))
 
     def _v1_subscribe(self, req: v1.V1Request) -> None:
         conn = self.conn
@@ -344,7 +346,9 @@ class StreamSession:
         conn.subscriptions[sub_id] = sub
         gateway.add_subscription(sub)
         pending = _Pending(conn, self, 0, sub.shard, sub, req.translate)
-        if not gateway.forward(pending, sub.token, ipc.encode(Kind.REQUEST, sub.token, 0, frame)):
+        if not gateway.forward(
+            pending, sub.token, ipc.encode(RecordType.REQUEST, sub.token, 0, frame)
+        ):
             gateway.unsubscribe(sub)
 
     def _check_scope(self, tenant: str, namespace: str, kind: str, name: str, action: str) -> None:

@@ -42,7 +42,7 @@ from typing import Any
 
 import asyncpg
 
-from felix.control.model import Change, Kind, Op, Path, Resource
+from felix.control.model import Change, Op, Path, Resource, ResourceKind
 from felix.control.store import AlreadyExists
 from felix.control.stores import _common as c
 
@@ -101,7 +101,7 @@ _COLUMNS = "kind, path, spec, version, created_at, updated_at"
 
 def _resource(row: Mapping[str, Any]) -> Resource:
     return Resource(
-        kind=Kind(row["kind"]),
+        kind=ResourceKind(row["kind"]),
         path=tuple(row["path"]),
         spec=row["spec"],
         version=row["version"],
@@ -181,11 +181,11 @@ class PostgresStore:
             await pool.close()
         self._notify()
 
-    async def get(self, kind: Kind, path: Path) -> Resource | None:
+    async def get(self, kind: ResourceKind, path: Path) -> Resource | None:
         async with self._acquire() as conn:
             return await _get(conn, kind, tuple(path))
 
-    async def list_resources(self, kind: Kind, parent: Path) -> list[Resource]:
+    async def list_resources(self, kind: ResourceKind, parent: Path) -> list[Resource]:
         """Resources of ``kind`` directly under ``parent``, by name; NotFound if it is missing."""
         parent_key = c.check_list_parent(kind, parent)
         async with (
@@ -202,7 +202,7 @@ class PostgresStore:
             )
         return [_resource(row) for row in rows]
 
-    async def create(self, kind: Kind, path: Path, spec: dict[str, Any]) -> Resource:
+    async def create(self, kind: ResourceKind, path: Path, spec: dict[str, Any]) -> Resource:
         path, full_spec = c.check_create(kind, path, spec)
         async with self._write() as (conn, position):
             parent = c.parent_of(kind, path)
@@ -229,7 +229,7 @@ class PostgresStore:
         return res
 
     async def update(
-        self, kind: Kind, path: Path, patch: dict[str, Any], if_version: int | None = None
+        self, kind: ResourceKind, path: Path, patch: dict[str, Any], if_version: int | None = None
     ) -> Resource:
         path = tuple(path)
         async with self._write() as (conn, position):
@@ -254,7 +254,12 @@ class PostgresStore:
         return res
 
     async def delete(
-        self, kind: Kind, path: Path, *, cascade: bool = False, if_version: int | None = None
+        self,
+        kind: ResourceKind,
+        path: Path,
+        *,
+        cascade: bool = False,
+        if_version: int | None = None,
     ) -> list[Change]:
         path = tuple(path)
         async with self._write() as (conn, position):
@@ -401,7 +406,7 @@ class PostgresStore:
             self._changed = None
 
 
-async def _get(conn: Any, kind: Kind, path: Path) -> Resource | None:
+async def _get(conn: Any, kind: ResourceKind, path: Path) -> Resource | None:
     row = await conn.fetchrow(
         f"SELECT {_COLUMNS} FROM felix_resources WHERE kind = $1 AND path = $2",
         kind.value,

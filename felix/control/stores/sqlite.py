@@ -28,7 +28,7 @@ from typing import Any
 
 import aiosqlite
 
-from felix.control.model import Change, Kind, Op, Path, Resource
+from felix.control.model import Change, Op, Path, Resource, ResourceKind
 from felix.control.store import AlreadyExists
 from felix.control.stores import _common as c
 from felix.errors import ConfigError
@@ -87,7 +87,7 @@ def _encode_path(path: Path) -> str:
 def _resource(row: Sequence[Any]) -> Resource:
     kind, path, spec, version, created_at, updated_at = row
     return Resource(
-        kind=Kind(kind),
+        kind=ResourceKind(kind),
         path=tuple(path.split("/")),
         spec=json.loads(spec),
         version=version,
@@ -163,11 +163,11 @@ class SQLiteStore:
                 await reader.close()
         self._notify()
 
-    async def get(self, kind: Kind, path: Path) -> Resource | None:
+    async def get(self, kind: ResourceKind, path: Path) -> Resource | None:
         async with self._read() as db:
             return await self._get(db, kind, tuple(path))
 
-    async def list_resources(self, kind: Kind, parent: Path) -> list[Resource]:
+    async def list_resources(self, kind: ResourceKind, parent: Path) -> list[Resource]:
         """Resources of ``kind`` directly under ``parent``, by name; NotFound if it is missing."""
         parent_key = c.check_list_parent(kind, parent)
         async with self._read() as db:
@@ -184,7 +184,7 @@ class SQLiteStore:
                 await db.execute("COMMIT")
         return [_resource(row) for row in rows]
 
-    async def create(self, kind: Kind, path: Path, spec: dict[str, Any]) -> Resource:
+    async def create(self, kind: ResourceKind, path: Path, spec: dict[str, Any]) -> Resource:
         path, full_spec = c.check_create(kind, path, spec)
         async with self._write() as (db, position):
             parent = c.parent_of(kind, path)
@@ -210,7 +210,7 @@ class SQLiteStore:
         return res
 
     async def update(
-        self, kind: Kind, path: Path, patch: dict[str, Any], if_version: int | None = None
+        self, kind: ResourceKind, path: Path, patch: dict[str, Any], if_version: int | None = None
     ) -> Resource:
         path = tuple(path)
         async with self._write() as (db, position):
@@ -237,7 +237,12 @@ class SQLiteStore:
         return res
 
     async def delete(
-        self, kind: Kind, path: Path, *, cascade: bool = False, if_version: int | None = None
+        self,
+        kind: ResourceKind,
+        path: Path,
+        *,
+        cascade: bool = False,
+        if_version: int | None = None,
     ) -> list[Change]:
         path = tuple(path)
         async with self._write() as (db, position):
@@ -358,7 +363,7 @@ class SQLiteStore:
         return recorded
 
     @staticmethod
-    async def _get(db: aiosqlite.Connection, kind: Kind, path: Path) -> Resource | None:
+    async def _get(db: aiosqlite.Connection, kind: ResourceKind, path: Path) -> Resource | None:
         rows = await db.execute_fetchall(
             f"SELECT {_COLUMNS} FROM felix_resources WHERE kind = ? AND path = ?",
             (kind.value, _encode_path(path)),

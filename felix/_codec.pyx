@@ -537,11 +537,11 @@ cdef class PublishBatch:
         )
 
 
-cdef class PublishAck:
+cdef class BinaryPublishAck:
     """A decoded binary publish acknowledgement (flags 0x0010)."""
 
     def __repr__(self):
-        return f"PublishAck(request_id={self.request_id!r}, ok={self.ok!r}, message={self.message!r})"
+        return f"BinaryPublishAck(request_id={self.request_id!r}, ok={self.ok!r}, message={self.message!r})"
 
 
 cdef class EventBatch:
@@ -635,10 +635,10 @@ def encode_publish_ack(request_id, error=None):
 
 
 def decode_publish_ack(frame):
-    """Decode a 0x0010 frame into a ``PublishAck``."""
+    """Decode a 0x0010 frame into a ``BinaryPublishAck``."""
     cdef Frame f = _as_frame(frame, 0, "decode_publish_ack")
     cdef Cursor c
-    cdef PublishAck a = PublishAck.__new__(PublishAck)
+    cdef BinaryPublishAck a = BinaryPublishAck.__new__(BinaryPublishAck)
     if f.flags != 0x0010:
         raise RemoteProtocolError(f"not a publish ack frame (flags 0x{f.flags:04x})")
     _cursor_init(&c, f.payload)

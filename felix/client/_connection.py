@@ -453,7 +453,7 @@ class Connection:
         try:
             if isinstance(message, wire.Events):
                 sink._on_events(message)
-            elif isinstance(message, wire.SlowConsumer):
+            elif isinstance(message, wire.SlowConsumerNotice):
                 sink._on_slow_consumer(message.first_dropped, message.dropped)
             elif (
                 isinstance(message, wire.ErrorReply) and message.opcode == wire.OP_SUBSCRIPTION_END

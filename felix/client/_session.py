@@ -143,7 +143,7 @@ class EventHello:
 
 @dataclass(frozen=True, slots=True)
 class Notice:
-    """An extension frame on an event stream: Events, SlowConsumer or SUBSCRIPTION_END."""
+    """An extension frame on an event stream: Events, SlowConsumerNotice or SUBSCRIPTION_END."""
 
     message: wire.ExtMessage
 

@@ -40,6 +40,7 @@ from felix.control.model import (
 from felix.control.store import AlreadyExists, CursorTooOld, HasChildren, VersionConflict
 from felix.errors import (
     BadRequest,
+    ErrorCode,
     FelixError,
     NotFound,
     Overloaded,
@@ -524,7 +525,7 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
     p.slug: p
     for p in (
         ProblemType(
-            "bad-request",
+            ErrorCode.BAD_REQUEST.slug,
             400,
             "Invalid request",
             BadRequest,
@@ -539,28 +540,28 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
             "errors lists each problem (loc, msg, type).",
         ),
         ProblemType(
-            "not-found",
+            ErrorCode.NOT_FOUND.slug,
             404,
             "Not found",
             NotFound,
             "The resource (or its parent) does not exist.",
         ),
         ProblemType(
-            "already-exists",
+            ErrorCode.ALREADY_EXISTS.slug,
             409,
             "Resource already exists",
             AlreadyExists,
             "A resource with this name exists: update it, or delete it first.",
         ),
         ProblemType(
-            "has-children",
+            ErrorCode.HAS_CHILDREN.slug,
             409,
             "Resource has children",
             HasChildren,
             "Delete the resources under it first, or pass cascade=true.",
         ),
         ProblemType(
-            "version-conflict",
+            ErrorCode.VERSION_CONFLICT.slug,
             412,
             "Version conflict",
             VersionConflict,
@@ -577,35 +578,35 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
             "and oldest (the oldest position the feed still holds).",
         ),
         ProblemType(
-            "too-large",
+            ErrorCode.TOO_LARGE.slug,
             413,
             "Too large",
             TooLarge,
             "A value exceeds its limit.",
         ),
         ProblemType(
-            "unauthenticated",
+            ErrorCode.UNAUTHENTICATED.slug,
             401,
             "Unauthenticated",
             Unauthenticated,
             "No valid credentials.",
         ),
         ProblemType(
-            "permission-denied",
+            ErrorCode.PERMISSION_DENIED.slug,
             403,
             "Permission denied",
             PermissionDenied,
             "The credentials do not grant this operation.",
         ),
         ProblemType(
-            "overloaded",
+            ErrorCode.OVERLOADED.slug,
             503,
             "Overloaded",
             Overloaded,
             "A limit was reached (such as the number of resources under one parent).",
         ),
         ProblemType(
-            "unavailable",
+            ErrorCode.UNAVAILABLE.slug,
             503,
             "Unavailable",
             Unavailable,

@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from felix.control.model import Change, Path, Resource, ResourceKind
-from felix.errors import FelixError, NotFound, ServerError
+from felix.errors import AlreadyExists, FelixError, HasChildren, NotFound, VersionConflict
 
 __all__ = [
     "AlreadyExists",
@@ -38,24 +38,6 @@ __all__ = [
     "Store",
     "VersionConflict",
 ]
-
-
-class AlreadyExists(ServerError):
-    """A resource with this path exists (HTTP 409)."""
-
-    code = 9
-
-
-class HasChildren(ServerError):
-    """The resource still has children; delete them or pass cascade (HTTP 409)."""
-
-    code = 10
-
-
-class VersionConflict(ServerError):
-    """``If-Match`` named another version than the stored one (HTTP 412)."""
-
-    code = 11
 
 
 class CursorTooOld(FelixError):

@@ -27,6 +27,7 @@ from felix.errors import (
     RemoteProtocolError,
     Unauthenticated,
     Unavailable,
+    error_slug,
 )
 from felix.gateway import v1
 from felix.gateway.auth import Identity
@@ -181,7 +182,9 @@ class StreamSession:
         except FelixError as exc:
             gateway.auth_failures += 1
             gateway.auth_limiter.failed(source, now)
-            _audit_auth(conn, "session.auth", msg.get("tenant_id"), _reason(exc), "anonymous", exc)
+            _audit_auth(
+                conn, "session.auth", msg.get("tenant_id"), error_slug(exc), "anonymous", exc
+            )
             self.fail(f"unauthenticated: {exc}")
             return
         self.identity = identity
@@ -230,7 +233,7 @@ class StreamSession:
             except FelixError as exc:
                 gateway.auth_failures += 1
                 who = self.identity.subject if self.identity is not None else "anonymous"
-                _audit_auth(conn, "session.reauth", self.tenant, _reason(exc), who, exc)
+                _audit_auth(conn, "session.reauth", self.tenant, error_slug(exc), who, exc)
                 raise Unauthenticated(str(exc)) from None
             self.identity = identity
             self.send(wire.encode_ok(msg.request_id))
@@ -542,15 +545,6 @@ def connection_class(gateway: Gateway) -> type[GatewayConnection]:
     """A GatewayConnection subclass bound to ``gateway`` (the engine's server creates instances)."""
     attrs: dict[str, object] = {"gateway": gateway}
     return type("BoundGatewayConnection", (GatewayConnection,), attrs)
-
-
-def _reason(exc: FelixError) -> str:
-    """The audit log's reason code for a refusal (as the control plane's problem slugs)."""
-    if isinstance(exc, PermissionDenied):
-        return "permission-denied"
-    if isinstance(exc, Unauthenticated):
-        return "unauthenticated"
-    return "bad-request"
 
 
 def _audit_auth(

@@ -13,19 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeAlias
 
 from felix import wire
-from felix.client._backoff import Backoff
 from felix.client._cache import Cache
 from felix.client._connection import Connection, expect_reply
 from felix.client._convert import Endpoint, StartSpec, resolve_name, start_spec
 from felix.client._events import ClientEvent, EventFeed, EventHub, EventListener
 from felix.client._links import PooledSubscription
+from felix.client._options import ClientOptions
 from felix.client._pool import Pool, PoolSettings
 from felix.client._subscription import Subscription
 from felix.client._tls import client_configuration
@@ -39,13 +38,11 @@ from felix.errors import (
     RemoteProtocolError,
     Unauthenticated,
 )
-from felix.names import validate_name
 from felix.quic import QuicEngine, load_engine
 
-__all__ = ["BytesLike", "Client", "PublishAck", "TokenProvider"]
+__all__ = ["BytesLike", "Client", "PublishAck"]
 
 BytesLike: TypeAlias = bytes | bytearray | memoryview
-TokenProvider: TypeAlias = Callable[[], str] | Callable[[], Awaitable[str]]
 
 #: Seconds ``close()`` waits for connections to finish closing before it returns.
 CLOSE_WAIT = 1.0
@@ -75,82 +72,43 @@ def _headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
 class Client:
     """A connected felix client. Get one from :func:`connect`; see its arguments there."""
 
-    def __init__(
-        self,
-        endpoint: Endpoint,
-        *,
-        tenant: str,
-        namespace: str,
-        token: str | None,
-        token_provider: TokenProvider | None,
-        ca: str | os.PathLike[str] | None,
-        client_cert: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None,
-        pool_size: int,
-        control_streams: int,
-        max_in_flight: int,
-        connect_timeout: float,
-        request_timeout: float,
-        keepalive: float,
-        reconnect_backoff: tuple[float, float],
-        engine: QuicEngine | str | None,
-        on_event: EventListener | None,
-        random_source: Callable[[], float],
-    ) -> None:
-        if token is not None and token_provider is not None:
-            raise ConfigError("pass token or token_provider, not both")
-        for name, value in (
-            ("pool_size", pool_size),
-            ("control_streams", control_streams),
-            ("max_in_flight", max_in_flight),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive int, got {value!r}")
-        for name, seconds in (
-            ("connect_timeout", connect_timeout),
-            ("request_timeout", request_timeout),
-            ("keepalive", keepalive),
-        ):
-            if not seconds > 0:
-                raise ConfigError(f"{name} must be positive seconds, got {seconds!r}")
+    def __init__(self, endpoint: Endpoint, options: ClientOptions) -> None:
         self.endpoint = endpoint
+        #: What the client was made with (see :class:`ClientOptions`).
+        self.options = options
         #: The tenant every request names (the broker checks it against the token).
-        self.tenant = validate_name("tenant", tenant)
+        self.tenant = options.tenant
         #: The namespace relative names resolve in.
-        self.namespace = validate_name("namespace", namespace)
-        self.request_timeout = request_timeout
-        self.connect_timeout = connect_timeout
-        self._token = token
-        self._token_provider = token_provider
+        self.namespace = options.namespace
+        self.request_timeout = options.request_timeout
+        self.connect_timeout = options.connect_timeout
+        engine = options.engine
         self._engine = engine if isinstance(engine, QuicEngine) else load_engine(engine)
-        try:
-            Backoff(base=reconnect_backoff[0], cap=reconnect_backoff[1])  # validate the pair now
-        except ValueError as exc:
-            raise ConfigError(f"reconnect_backoff: {exc}") from None
         self._hub = EventHub()
-        if on_event is not None:
-            self._hub.add_listener(on_event)
+        if options.on_event is not None:
+            self._hub.add_listener(options.on_event)
         self._pool = Pool(
             PoolSettings(
                 engine=self._engine,
                 endpoint=endpoint,
                 configuration=client_configuration(
-                    self._engine, ca, endpoint.host, client_cert=client_cert
+                    self._engine, options.ca, endpoint.host, client_cert=options.client_cert
                 ),
                 tenant=self.tenant,
                 token=self._get_token,
-                refreshable=token_provider is not None,
-                size=pool_size,
-                control_streams=control_streams,
-                connect_timeout=connect_timeout,
-                ping_timeout=request_timeout,
-                keepalive=keepalive,
-                backoff_base=reconnect_backoff[0],
-                backoff_cap=reconnect_backoff[1],
-                random=random_source,
+                refreshable=options.token_provider is not None,
+                size=options.pool_size,
+                control_streams=options.control_streams,
+                connect_timeout=options.connect_timeout,
+                ping_timeout=options.request_timeout,
+                keepalive=options.keepalive,
+                backoff_base=options.reconnect_backoff[0],
+                backoff_cap=options.reconnect_backoff[1],
+                random=options.random_source,
             ),
             self._hub.emit,
         )
-        self._inflight = asyncio.Semaphore(max_in_flight)
+        self._inflight = asyncio.Semaphore(options.max_in_flight)
         self._active = 0  # calls in progress, for drain()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -169,10 +127,11 @@ class Client:
             raise
 
     async def _get_token(self) -> str:
-        if self._token_provider is None:
-            return self._token or ""
+        provider = self.options.token_provider
+        if provider is None:
+            return self.options.token or ""
         try:
-            token = self._token_provider()
+            token = provider()
             if inspect.isawaitable(token):
                 token = await token
         except FelixError:

@@ -49,8 +49,9 @@ class Cache:
         """The value stored under ``key``, or None if it is missing or expired."""
         _check_key(key)
         t, ns, c = self._client.tenant, self._namespace, self._cache
-        reply: wire.CacheValue = await self._client._request(
+        reply = await self._client._request(
             lambda rid: wire.encode_cache_get(rid, t, ns, c, key),
+            wire.CacheValue,
             wire.OP_CACHE_VALUE,
             idempotent=True,
         )
@@ -80,8 +81,9 @@ class Cache:
         mode = wire.SET_IF_ABSENT if nx else wire.SET_IF_PRESENT if xx else wire.SET_ALWAYS
         ttl_ms = ttl_to_ms(ttl)
         t, ns, c = self._client.tenant, self._namespace, self._cache
-        reply: wire.CacheResult = await self._client._request(
+        reply = await self._client._request(
             lambda rid: wire.encode_cache_set(rid, t, ns, c, key, value, ttl_ms=ttl_ms, mode=mode),
+            wire.CacheResult,
             wire.OP_CACHE_STORED,
         )
         return reply.result
@@ -90,8 +92,9 @@ class Cache:
         """Remove ``key``; True if it existed (and had not expired)."""
         _check_key(key)
         t, ns, c = self._client.tenant, self._namespace, self._cache
-        reply: wire.CacheResult = await self._client._request(
+        reply = await self._client._request(
             lambda rid: wire.encode_cache_delete(rid, t, ns, c, key),
+            wire.CacheResult,
             wire.OP_CACHE_DELETED,
         )
         return reply.result
@@ -100,8 +103,9 @@ class Cache:
         """Seconds until ``key`` expires; ``math.inf`` if it never does; None if it is missing."""
         _check_key(key)
         t, ns, c = self._client.tenant, self._namespace, self._cache
-        reply: wire.CacheTtlReply = await self._client._request(
+        reply = await self._client._request(
             lambda rid: wire.encode_cache_ttl(rid, t, ns, c, key),
+            wire.CacheTtlReply,
             wire.OP_CACHE_TTL_REPLY,
             idempotent=True,
         )

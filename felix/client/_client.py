@@ -20,7 +20,7 @@ from typing import Any, TypeAlias
 
 from felix import wire
 from felix.client._cache import Cache
-from felix.client._connection import Connection, expect_reply
+from felix.client._connection import Connection, R, expect_reply
 from felix.client._convert import Endpoint, StartSpec, resolve_name, start_spec
 from felix.client._events import ClientEvent, EventFeed, EventHub, EventListener
 from felix.client._links import PooledSubscription
@@ -259,10 +259,11 @@ class Client:
             await self._publish_nowait(ns, name, bytes(data), hdrs)
             return None
         t = self.tenant
-        reply: wire.PublishOffsets = await self._request(
+        reply = await self._request(
             lambda rid: wire.encode_publish(
                 rid, t, ns, name, [data], headers=[hdrs] if hdrs else None
             ),
+            wire.PublishOffsets,
             wire.OP_PUBLISH_OFFSETS,
             key=(ns, name),
         )
@@ -287,10 +288,11 @@ class Client:
             return []
         hdrs = _headers(headers)
         t = self.tenant
-        reply: wire.PublishOffsets = await self._request(
+        reply = await self._request(
             lambda rid: wire.encode_publish(
                 rid, t, ns, name, items, headers=[hdrs] * len(items) if hdrs else None
             ),
+            wire.PublishOffsets,
             wire.OP_PUBLISH_OFFSETS,
             key=(ns, name),
         )
@@ -323,7 +325,7 @@ class Client:
         """Round-trip time of a PING through the broker, in seconds."""
         loop = asyncio.get_running_loop()
         began = loop.time()
-        await self._request(wire.encode_ping, wire.OP_OK, idempotent=True)
+        await self._request(wire.encode_ping, wire.ExtMessage, wire.OP_OK, idempotent=True)
         return loop.time() - began
 
     # -- calls ---------------------------------------------------------------------------
@@ -331,19 +333,21 @@ class Client:
     async def _request(
         self,
         build: Callable[[int], bytes],
+        reply_type: type[R],
         opcode: int,
         *,
         key: object | None = None,
         idempotent: bool = False,
-    ) -> Any:
-        """Send ``build(request_id)`` and return the reply with ``opcode`` (else raise).
+    ) -> R:
+        """Send ``build(request_id)`` and return the reply: a ``reply_type`` with ``opcode``
+        (else raise what the broker answered).
 
         ``idempotent``: retry once if the connection is lost under the call.
         """
         self._check_usable()
         async with self._call_scope(), self._inflight:
             reply = await self._with_timeout(self._call_on_pool(build, key, idempotent))
-        return expect_reply(reply, opcode)
+        return expect_reply(reply, reply_type, opcode)
 
     async def _call_on_pool(
         self, build: Callable[[int], bytes], key: object | None, idempotent: bool

@@ -26,7 +26,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from felix import wire
 from felix.client._convert import Endpoint
@@ -78,8 +78,13 @@ class SubscriptionSink(Protocol):
     def _on_end(self, error: FelixError | None) -> None: ...
 
 
-def expect_reply(reply: wire.ExtMessage, opcode: int) -> Any:
-    """``reply`` if its opcode is ``opcode``; else raise what it reports.
+R = TypeVar("R", bound=wire.ExtMessage)
+
+
+def expect_reply(reply: wire.ExtMessage, reply_type: type[R], opcode: int) -> R:
+    """``reply``, typed as ``reply_type``, if its opcode is ``opcode``; else raise what
+    it reports. (A class may carry more than one opcode: CacheResult answers both
+    CACHE_SET and CACHE_DELETE, so the opcode is checked too.)
 
     ERROR becomes its ``felix.errors`` class, CURSOR_ERROR a CursorError,
     REDIRECT an Unavailable (multi-node redirects are not followed yet), and
@@ -87,7 +92,11 @@ def expect_reply(reply: wire.ExtMessage, opcode: int) -> Any:
     """
     got = reply.opcode
     if got == opcode:
-        return reply
+        if isinstance(reply, reply_type):
+            return reply
+        raise RemoteProtocolError(
+            f"reply opcode 0x{got:02x} decoded as {type(reply).__name__}, not {reply_type.__name__}"
+        )
     if isinstance(reply, wire.ErrorReply) and got == wire.OP_ERROR:
         raise error_for_code(reply.code, reply.message)
     if isinstance(reply, wire.CursorErrorReply):
@@ -289,7 +298,7 @@ class Connection:
             )
         )
         for reply in replies:
-            expect_reply(reply, wire.OP_OK)
+            expect_reply(reply, wire.ExtMessage, wire.OP_OK)
         self.reauths += 1
 
     def send_nowait(self, build: Callable[[int], bytes], *, key: object | None = None) -> None:

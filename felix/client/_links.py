@@ -11,9 +11,9 @@ leading underscore: they are for felix's own objects, not for applications.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
-from felix.client._connection import Connection, SubscriptionSink
+from felix.client._connection import Connection, R, SubscriptionSink
 from felix.client._events import ClientEvent
 
 __all__ = ["ClientLink", "PooledSubscription"]
@@ -50,12 +50,14 @@ class ClientLink(Protocol):
     async def _request(
         self,
         build: Callable[[int], bytes],
+        reply_type: type[R],
         opcode: int,
         *,
         key: object | None = None,
         idempotent: bool = False,
-    ) -> Any:
-        """Send ``build(request_id)``; the reply with ``opcode``, else raise what it reports."""
+    ) -> R:
+        """Send ``build(request_id)``; the reply (a ``reply_type`` with ``opcode``), else
+        raise what the broker answered."""
 
     async def _start_subscription(self, sub: PooledSubscription) -> None:
         """Subscribe ``sub`` on a pooled connection, within the request timeout."""

@@ -405,7 +405,7 @@ class Pool:
     async def _ping(self, conn: Connection) -> None:
         try:
             async with asyncio.timeout(self.settings.ping_timeout):
-                expect_reply(await conn.call(wire.encode_ping), wire.OP_OK)
+                expect_reply(await conn.call(wire.encode_ping), wire.ExtMessage, wire.OP_OK)
         except TimeoutError:
             conn.fail(FelixTimeoutError(f"keepalive PING to {conn.endpoint} unanswered"))
         except FelixError as exc:

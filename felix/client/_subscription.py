@@ -238,7 +238,7 @@ class Subscription:
                     credit=credit,
                 )
             )
-            subscribed: wire.Subscribed = expect_reply(reply, wire.OP_SUBSCRIBED)
+            subscribed = expect_reply(reply, wire.Subscribed, wire.OP_SUBSCRIBED)
             if subscribed.subscription_id != sub_id:
                 raise RemoteProtocolError(
                     f"SUBSCRIBED for subscription {subscribed.subscription_id}, expected {sub_id}"

@@ -17,7 +17,7 @@ from typing import Any
 
 from felix.errors import Unauthenticated
 
-__all__ = ["MAX_TOKEN_CHARS", "read_header", "read_unverified_claims"]
+__all__ = ["MAX_TOKEN_CHARS", "b64url_decode", "read_header", "read_unverified_claims"]
 
 #: Longest token accepted, checked before anything is decoded.
 MAX_TOKEN_CHARS = 16 * 1024
@@ -34,9 +34,15 @@ def _segments(token: object) -> list[str]:
     return segments
 
 
+def b64url_decode(text: str) -> bytes:
+    """Bytes of unpadded base64url ``text`` (JOSE's encoding); raises binascii.Error
+    or ValueError for text that is not."""
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
 def _decode(segment: str) -> bytes:
     try:
-        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        return b64url_decode(segment)
     except (binascii.Error, ValueError):
         raise Unauthenticated("malformed token") from None
 

@@ -52,6 +52,7 @@ from felix.errors import (
 )
 from felix.quic import CLOSE_INTERNAL_ERROR, FelixQuicProtocol, QuicConfiguration, QuicEngine
 from felix.quic import connect as quic_connect
+from felix.quic.stream_ids import is_server_initiated, is_unidirectional
 
 __all__ = ["ClientProtocol", "Connection", "SubscriptionSink", "expect_reply"]
 
@@ -388,7 +389,8 @@ class Connection:
             return
         events = self._event_streams.get(stream_id)
         if events is None:
-            if stream_id & 0x3 != 0x3:  # only broker-opened unidirectional streams are events
+            if not (is_server_initiated(stream_id) and is_unidirectional(stream_id)):
+                # only broker-opened unidirectional streams are event streams
                 self.fail(RemoteProtocolError(f"unexpected data on stream {stream_id}"))
                 return
             events = self._event_streams[stream_id] = EventStream()

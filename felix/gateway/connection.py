@@ -45,6 +45,7 @@ from felix.gateway.subscription import MAX_CREDIT, Subscription
 from felix.ipc import RecordType
 from felix.names import validate_name
 from felix.quic.protocol import FelixQuicProtocol
+from felix.quic.stream_ids import is_server_initiated, is_unidirectional
 
 
 class _SessionState(enum.Enum):
@@ -73,7 +74,7 @@ class StreamSession:
     def __init__(self, conn: GatewayConnection, stream_id: int) -> None:
         self.conn = conn
         self.stream_id = stream_id
-        self.uni = bool(stream_id & 0x2)
+        self.uni = is_unidirectional(stream_id)
         limits = conn.gateway.limits
         self.reader = wire.FrameReader(limits.max_frame_pre_auth)
         self.state = _SessionState.AWAIT_AUTH
@@ -481,7 +482,7 @@ class GatewayConnection(FelixQuicProtocol):
     def _on_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         session = self.sessions.get(stream_id)
         if session is None:
-            if stream_id & 0x1:  # server-initiated: our event streams take no input
+            if is_server_initiated(stream_id):  # our event streams take no input
                 return
             if (
                 self.gateway.draining

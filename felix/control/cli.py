@@ -66,8 +66,7 @@ from felix.auth.perms import PermissionSet
 from felix.control.cliargs import add_connection_arguments, open_client
 from felix.control.client import ControlClient
 from felix.control.model import PARENT, Path, Resource, ResourceKind
-from felix.control.store import AlreadyExists
-from felix.errors import BadRequest, ConfigError, NotFound
+from felix.errors import AlreadyExists, BadRequest, ConfigError, NotFound
 from felix.names import NAME_MAX_CHARS
 from felix.unverified_jwt import read_unverified_claims
 

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 
 from felix.control.model import PARENT, Change, Path, Resource, ResourceKind, check_path
 from felix.control.schemas import PROBLEM_BASE, PROBLEM_TYPES, collection_url, resource_url
-from felix.control.store import CursorTooOld, VersionConflict
+from felix.control.store import CursorTooOld
 from felix.errors import (
     BadRequest,
     ConfigError,
@@ -47,6 +47,7 @@ from felix.errors import (
     TooLarge,
     Unauthenticated,
     Unavailable,
+    VersionConflict,
 )
 
 __all__ = [

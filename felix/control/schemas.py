@@ -37,11 +37,13 @@ from felix.control.model import (
     TenantSpec,
     ancestors,
 )
-from felix.control.store import AlreadyExists, CursorTooOld, HasChildren, VersionConflict
+from felix.control.store import CursorTooOld
 from felix.errors import (
+    AlreadyExists,
     BadRequest,
     ErrorCode,
     FelixError,
+    HasChildren,
     NotFound,
     Overloaded,
     PermissionDenied,
@@ -49,6 +51,7 @@ from felix.errors import (
     TooLarge,
     Unauthenticated,
     Unavailable,
+    VersionConflict,
 )
 from felix.names import NAME_MAX_CHARS, NAME_RULE
 

@@ -21,8 +21,8 @@ from felix.control.model import (
     check_path,
     validate_spec,
 )
-from felix.control.store import CursorTooOld, HasChildren, VersionConflict
-from felix.errors import BadRequest, ConfigError, NotFound, Overloaded
+from felix.control.store import CursorTooOld
+from felix.errors import BadRequest, ConfigError, HasChildren, NotFound, Overloaded, VersionConflict
 
 __all__ = [
     "DEFAULT_FEED_RETENTION",
@@ -134,6 +134,23 @@ def check_version(resource: Resource, if_version: int | None) -> None:
             f"{resource.kind} {'/'.join(resource.path)} is at version {resource.version}, "
             f"not {if_version}"
         )
+
+
+def updated(
+    kind: ResourceKind,
+    path: Path,
+    old: Resource | None,
+    patch: dict[str, Any],
+    if_version: int | None,
+    now: datetime,
+) -> Resource:
+    """What ``old`` (the stored resource, None: missing) becomes with ``patch`` merged
+    in: the next version, updated ``now``. Raises NotFound, VersionConflict, BadRequest."""
+    if old is None:
+        raise missing(kind, path)
+    check_version(old, if_version)
+    spec = merge_spec(kind, path, old.spec, patch)
+    return old.model_copy(update={"spec": spec, "version": old.version + 1, "updated_at": now})
 
 
 def cascade_order(root: Resource, descendants: Iterable[Resource], cascade: bool) -> list[Resource]:

@@ -13,8 +13,8 @@ from datetime import datetime
 from typing import Any
 
 from felix.control.model import CONTAINERS, Change, Op, Path, Resource, ResourceKind
-from felix.control.store import AlreadyExists
 from felix.control.stores import _common as c
+from felix.errors import AlreadyExists
 
 __all__ = ["MemoryStore"]
 
@@ -88,13 +88,7 @@ class MemoryStore:
     ) -> Resource:
         path = tuple(path)
         old = self._resources.get((kind, path))
-        if old is None:
-            raise c.missing(kind, path)
-        c.check_version(old, if_version)
-        spec = c.merge_spec(kind, path, old.spec, patch)
-        res = old.model_copy(
-            update={"spec": spec, "version": old.version + 1, "updated_at": self._clock()}
-        )
+        res = c.updated(kind, path, old, patch, if_version, self._clock())
         self._resources[(kind, path)] = res
         self._record([(Op.UPDATE, res)])
         return res.model_copy(deep=True)

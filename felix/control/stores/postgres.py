@@ -43,8 +43,8 @@ from typing import Any
 import asyncpg
 
 from felix.control.model import Change, Op, Path, Resource, ResourceKind
-from felix.control.store import AlreadyExists
 from felix.control.stores import _common as c
+from felix.errors import AlreadyExists
 
 __all__ = ["MIGRATIONS", "PostgresStore"]
 
@@ -234,13 +234,8 @@ class PostgresStore:
         path = tuple(path)
         async with self._write() as (conn, position):
             old = await _get(conn, kind, path)
-            if old is None:
-                raise c.missing(kind, path)
-            c.check_version(old, if_version)
-            spec = c.merge_spec(kind, path, old.spec, patch)
-            res = old.model_copy(
-                update={"spec": spec, "version": old.version + 1, "updated_at": self._clock()}
-            )
+            res = c.updated(kind, path, old, patch, if_version, self._clock())
+            spec = res.spec
             await conn.execute(
                 "UPDATE felix_resources SET spec = $3, version = $4, updated_at = $5"
                 " WHERE kind = $1 AND path = $2",

@@ -29,9 +29,8 @@ from typing import Any
 import aiosqlite
 
 from felix.control.model import Change, Op, Path, Resource, ResourceKind
-from felix.control.store import AlreadyExists
 from felix.control.stores import _common as c
-from felix.errors import ConfigError
+from felix.errors import AlreadyExists, ConfigError
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
@@ -215,13 +214,8 @@ class SQLiteStore:
         path = tuple(path)
         async with self._write() as (db, position):
             old = await self._get(db, kind, path)
-            if old is None:
-                raise c.missing(kind, path)
-            c.check_version(old, if_version)
-            spec = c.merge_spec(kind, path, old.spec, patch)
-            res = old.model_copy(
-                update={"spec": spec, "version": old.version + 1, "updated_at": self._clock()}
-            )
+            res = c.updated(kind, path, old, patch, if_version, self._clock())
+            spec = res.spec
             await db.execute(
                 "UPDATE felix_resources SET spec = ?, version = ?, updated_at = ?"
                 " WHERE kind = ? AND path = ?",

@@ -3,7 +3,7 @@
 
 Every decoder here reads through a bounds-checked cursor: each declared length
 or count is checked against the bytes actually left *before* anything is
-allocated (wire-v1.md, "Frame" and "Binary layouts"), and every failure raises
+allocated (docs/wire-protocol.md, "Frames" and "Binary layouts (v1)"), and every failure raises
 ``felix.errors.RemoteProtocolError``. Encoders raise
 ``felix.errors.LocalProtocolError`` for values the wire cannot carry.
 
@@ -21,7 +21,7 @@ from felix.errors import LocalProtocolError, RemoteProtocolError
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
 
-# --- constants (wire-v1.md, "Frame") -------------------------------------------------
+# --- constants (docs/wire-protocol.md, "Frames") -------------------------------------
 
 MAGIC = 0x464C5831
 VERSION = 1

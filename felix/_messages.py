@@ -1,6 +1,6 @@
 """FLX1 JSON messages (flags 0): one table of message layouts, one encoder, one decoder.
 
-wire-v1.md, "JSON messages": compact JSON, UTF-8 with non-ASCII characters
+docs/wire-protocol.md, "JSON messages (flags 0)": compact JSON, UTF-8 with non-ASCII characters
 written raw, ``"type"`` first and the other keys in the table's order, optional
 fields omitted when absent, byte fields as standard padded base64. Decoding
 accepts keys in any order, ignores unknown keys, and rejects an unknown type, a

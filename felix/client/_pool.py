@@ -5,7 +5,7 @@ asks :meth:`Pool.connection` for a live connection, round-robin, or by key (the
 same key gets the same connection while it lives, which keeps one stream's
 publishes in order); with none live it waits until one is back. When a
 connection ends its slot emits Disconnected and reconnects with exponential
-backoff and full jitter on every attempt (reliability.md R5/R6); once back it
+backoff and full jitter on every attempt (docs/reliability.md, R5 and R6); once back it
 emits Reconnected and resumes the subscriptions attached to it. A keepalive
 PING after ``keepalive`` seconds of silence keeps idle connections open (QUIC
 drops them after its idle timeout) and detects a peer that went silent.

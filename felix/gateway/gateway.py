@@ -65,7 +65,7 @@ CLOSE_TOKEN_EXPIRED = 0x106
 
 @dataclass(frozen=True, slots=True)
 class GatewayLimits:
-    """Bounds of one gateway (defaults from ../shared/design: 64 KiB / 4 MiB frames)."""
+    """Bounds of one gateway (defaults: docs/architecture.md, "Bounds": 64 KiB / 4 MiB frames)."""
 
     max_frame_pre_auth: int = 64 * 1024
     max_frame: int = 4 * 1024 * 1024

@@ -17,7 +17,7 @@ derives from ``GatewayProtocol``, ``FelixQuicProtocol`` and qh3's
 ``QuicConnectionProtocol``, in that order.
 
 Transmit once per loop tick: building and sending datagrams is the expensive
-part of QUIC in Python (performance-notes.md: 3-5x throughput when coalesced),
+part of QUIC in Python (docs/architecture.md, "The QUIC engine": 3-5x throughput when coalesced),
 so :meth:`FelixQuicProtocol.send_stream_data` only queues data and schedules a
 single :meth:`~FelixQuicProtocol.transmit` for the end of the current loop
 iteration; everything queued until then leaves in as few datagrams as possible.

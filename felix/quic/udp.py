@@ -3,7 +3,7 @@
 Why felix binds its own sockets: several gateway processes share one UDP port
 through SO_REUSEPORT (the kernel spreads clients over them by a hash of the
 4-tuple), and the supervisor keeps the sockets open so a restarted gateway does
-not change the reuseport group (architecture.md, "Sockets"). The engines'
+not change the reuseport group (docs/architecture.md, "Sockets"). The engines'
 ``serve()`` binds a socket of its own without SO_REUSEPORT, so
 :func:`serve_on_socket` does the few steps of ``serve()`` on a given socket.
 """

@@ -55,6 +55,10 @@ MAX_PAGE = 10_000
 Key = tuple[ResourceKind, Path]
 
 
+#: The columns of a resource row, in the order both SQL backends read and write them.
+RESOURCE_COLUMNS = "kind, path, spec, version, created_at, updated_at"
+
+
 def utcnow() -> datetime:
     """The default clock: timezone-aware UTC."""
     return datetime.now(UTC)

@@ -96,8 +96,6 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
     ),
 ]
 
-_COLUMNS = "kind, path, spec, version, created_at, updated_at"
-
 
 def _resource(row: Mapping[str, Any]) -> Resource:
     return Resource(
@@ -195,7 +193,7 @@ class PostgresStore:
             if parent_key is not None and await _get(conn, *parent_key) is None:
                 raise c.missing(*parent_key)
             rows = await conn.fetch(
-                f"SELECT {_COLUMNS} FROM felix_resources"
+                f"SELECT {c.RESOURCE_COLUMNS} FROM felix_resources"
                 " WHERE parent = $1 AND kind = $2 ORDER BY name",
                 list(parent),
                 kind.value,
@@ -219,7 +217,7 @@ class PostgresStore:
                 kind=kind, path=path, spec=full_spec, version=1, created_at=now, updated_at=now
             )
             await conn.execute(
-                f"INSERT INTO felix_resources ({_COLUMNS}, parent, name)"
+                f"INSERT INTO felix_resources ({c.RESOURCE_COLUMNS}, parent, name)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 *_values(res),
                 list(path[:-1]),
@@ -263,7 +261,7 @@ class PostgresStore:
                 raise c.missing(kind, path)
             c.check_version(root, if_version)
             below = await conn.fetch(
-                f"SELECT {_COLUMNS} FROM felix_resources"
+                f"SELECT {c.RESOURCE_COLUMNS} FROM felix_resources"
                 " WHERE cardinality(path) > $2 AND path[1:$2] = $1",
                 list(path),
                 len(path),
@@ -284,7 +282,7 @@ class PostgresStore:
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             position = await conn.fetchval("SELECT position FROM felix_feed WHERE id = 1")
-            rows = await conn.fetch(f"SELECT {_COLUMNS} FROM felix_resources")
+            rows = await conn.fetch(f"SELECT {c.RESOURCE_COLUMNS} FROM felix_resources")
         resources = sorted(map(_resource, rows), key=lambda r: (r.path, r.kind.value))
         return int(position), resources
 
@@ -292,7 +290,7 @@ class PostgresStore:
         limit = c.feed_limit(since, limit)
         async with self._acquire() as conn:
             rows = await conn.fetch(
-                f"SELECT position, op, {_COLUMNS} FROM felix_changes"
+                f"SELECT position, op, {c.RESOURCE_COLUMNS} FROM felix_changes"
                 " WHERE position > $1 ORDER BY position LIMIT $2",
                 since,
                 limit,
@@ -358,7 +356,7 @@ class PostgresStore:
             for i, (op, res) in enumerate(entries, 1)
         ]
         await conn.executemany(
-            f"INSERT INTO felix_changes (position, op, {_COLUMNS})"
+            f"INSERT INTO felix_changes (position, op, {c.RESOURCE_COLUMNS})"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             [(ch.position, ch.op.value, *_values(ch.resource)) for ch in recorded],
         )
@@ -403,7 +401,7 @@ class PostgresStore:
 
 async def _get(conn: Any, kind: ResourceKind, path: Path) -> Resource | None:
     row = await conn.fetchrow(
-        f"SELECT {_COLUMNS} FROM felix_resources WHERE kind = $1 AND path = $2",
+        f"SELECT {c.RESOURCE_COLUMNS} FROM felix_resources WHERE kind = $1 AND path = $2",
         kind.value,
         list(path),
     )

@@ -76,8 +76,6 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
     ),
 ]
 
-_COLUMNS = "kind, path, spec, version, created_at, updated_at"
-
 
 def _encode_path(path: Path) -> str:
     return "/".join(path)
@@ -175,7 +173,7 @@ class SQLiteStore:
                 if parent_key is not None and await self._get(db, *parent_key) is None:
                     raise c.missing(*parent_key)
                 rows = await db.execute_fetchall(
-                    f"SELECT {_COLUMNS} FROM felix_resources"
+                    f"SELECT {c.RESOURCE_COLUMNS} FROM felix_resources"
                     " WHERE parent = ? AND kind = ? ORDER BY name",
                     (_encode_path(tuple(parent)), kind.value),
                 )
@@ -201,7 +199,7 @@ class SQLiteStore:
                 kind=kind, path=path, spec=full_spec, version=1, created_at=now, updated_at=now
             )
             await db.execute(
-                f"INSERT INTO felix_resources ({_COLUMNS}, parent, name)"
+                f"INSERT INTO felix_resources ({c.RESOURCE_COLUMNS}, parent, name)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (*_values(res), _encode_path(path[:-1]), path[-1]),
             )
@@ -246,7 +244,7 @@ class SQLiteStore:
             c.check_version(root, if_version)
             prefix = _encode_path(path) + "/"
             below = await db.execute_fetchall(
-                f"SELECT {_COLUMNS} FROM felix_resources WHERE substr(path, 1, ?) = ?",
+                f"SELECT {c.RESOURCE_COLUMNS} FROM felix_resources WHERE substr(path, 1, ?) = ?",
                 (len(prefix), prefix),
             )
             doomed = c.cascade_order(root, map(_resource, below), cascade)
@@ -263,7 +261,9 @@ class SQLiteStore:
             await db.execute("BEGIN")
             try:
                 position = await self._position(db)
-                rows = await db.execute_fetchall(f"SELECT {_COLUMNS} FROM felix_resources")
+                rows = await db.execute_fetchall(
+                    f"SELECT {c.RESOURCE_COLUMNS} FROM felix_resources"
+                )
             finally:
                 await db.execute("COMMIT")
         resources = sorted(map(_resource, rows), key=lambda r: (r.path, r.kind.value))
@@ -273,7 +273,7 @@ class SQLiteStore:
         limit = c.feed_limit(since, limit)
         async with self._read() as db:
             rows = await db.execute_fetchall(
-                f"SELECT position, op, {_COLUMNS} FROM felix_changes"
+                f"SELECT position, op, {c.RESOURCE_COLUMNS} FROM felix_changes"
                 " WHERE position > ? ORDER BY position LIMIT ?",
                 (since, limit),
             )
@@ -346,7 +346,8 @@ class SQLiteStore:
             for i, (op, res) in enumerate(entries, 1)
         ]
         await db.executemany(
-            f"INSERT INTO felix_changes (position, op, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO felix_changes (position, op, {c.RESOURCE_COLUMNS})"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [(ch.position, ch.op.value, *_values(ch.resource)) for ch in recorded],
         )
         newest = recorded[-1].position
@@ -359,7 +360,7 @@ class SQLiteStore:
     @staticmethod
     async def _get(db: aiosqlite.Connection, kind: ResourceKind, path: Path) -> Resource | None:
         rows = await db.execute_fetchall(
-            f"SELECT {_COLUMNS} FROM felix_resources WHERE kind = ? AND path = ?",
+            f"SELECT {c.RESOURCE_COLUMNS} FROM felix_resources WHERE kind = ? AND path = ?",
             (kind.value, _encode_path(path)),
         )
         return next((_resource(row) for row in rows), None)

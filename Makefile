@@ -10,6 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	# .[dev] is everything: the client, felix[server,postgres,perf] and the test tools.
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

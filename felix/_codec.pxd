@@ -17,7 +17,7 @@ cdef class PublishBatch:
     cdef readonly object ack
 
 
-cdef class PublishAck:
+cdef class BinaryPublishAck:
     cdef readonly object request_id
     cdef readonly bint ok
     cdef readonly object message

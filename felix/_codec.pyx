@@ -3,7 +3,7 @@
 
 Every decoder here reads through a bounds-checked cursor: each declared length
 or count is checked against the bytes actually left *before* anything is
-allocated (wire-v1.md, "Frame" and "Binary layouts"), and every failure raises
+allocated (docs/wire-protocol.md, "Frames" and "Binary layouts (v1)"), and every failure raises
 ``felix.errors.RemoteProtocolError``. Encoders raise
 ``felix.errors.LocalProtocolError`` for values the wire cannot carry.
 
@@ -21,7 +21,7 @@ from felix.errors import LocalProtocolError, RemoteProtocolError
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
 
-# --- constants (wire-v1.md, "Frame") -------------------------------------------------
+# --- constants (docs/wire-protocol.md, "Frames") -------------------------------------
 
 MAGIC = 0x464C5831
 VERSION = 1
@@ -537,11 +537,11 @@ cdef class PublishBatch:
         )
 
 
-cdef class PublishAck:
+cdef class BinaryPublishAck:
     """A decoded binary publish acknowledgement (flags 0x0010)."""
 
     def __repr__(self):
-        return f"PublishAck(request_id={self.request_id!r}, ok={self.ok!r}, message={self.message!r})"
+        return f"BinaryPublishAck(request_id={self.request_id!r}, ok={self.ok!r}, message={self.message!r})"
 
 
 cdef class EventBatch:
@@ -635,10 +635,10 @@ def encode_publish_ack(request_id, error=None):
 
 
 def decode_publish_ack(frame):
-    """Decode a 0x0010 frame into a ``PublishAck``."""
+    """Decode a 0x0010 frame into a ``BinaryPublishAck``."""
     cdef Frame f = _as_frame(frame, 0, "decode_publish_ack")
     cdef Cursor c
-    cdef PublishAck a = PublishAck.__new__(PublishAck)
+    cdef BinaryPublishAck a = BinaryPublishAck.__new__(BinaryPublishAck)
     if f.flags != 0x0010:
         raise RemoteProtocolError(f"not a publish ack frame (flags 0x{f.flags:04x})")
     _cursor_init(&c, f.payload)

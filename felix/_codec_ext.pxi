@@ -180,7 +180,7 @@ cdef class Events(ExtMessage):
     __fields__ = ("base_offset", "payloads", "headers")
 
 
-cdef class SlowConsumer(ExtMessage):
+cdef class SlowConsumerNotice(ExtMessage):
     """OP_SLOW_CONSUMER: ``dropped`` records from ``first_dropped`` on were lost (request_id: subscription)."""
 
     cdef readonly object first_dropped
@@ -669,7 +669,7 @@ cdef ExtMessage _decode_ext_body(Cursor* c, int opcode, uint64_t rid):
     cdef PublishOffsets po
     cdef Subscribed sb
     cdef Events ev
-    cdef SlowConsumer sc
+    cdef SlowConsumerNotice sc
     cdef ErrorReply er
     cdef CursorErrorReply ce
     cdef Redirect rd
@@ -729,7 +729,7 @@ cdef ExtMessage _decode_ext_body(Cursor* c, int opcode, uint64_t rid):
         ev.headers = _read_records(c, ev.payloads)
         m = ev
     elif opcode == 0x93:
-        sc = SlowConsumer.__new__(SlowConsumer)
+        sc = SlowConsumerNotice.__new__(SlowConsumerNotice)
         sc.first_dropped = _read_u64(c, "first dropped")
         sc.dropped = _read_u64(c, "dropped")
         m = sc

@@ -1,6 +1,6 @@
 """FLX1 JSON messages (flags 0): one table of message layouts, one encoder, one decoder.
 
-wire-v1.md, "JSON messages": compact JSON, UTF-8 with non-ASCII characters
+docs/wire-protocol.md, "JSON messages (flags 0)": compact JSON, UTF-8 with non-ASCII characters
 written raw, ``"type"`` first and the other keys in the table's order, optional
 fields omitted when absent, byte fields as standard padded base64. Decoding
 accepts keys in any order, ignores unknown keys, and rejects an unknown type, a
@@ -24,7 +24,7 @@ _U64_MAX = 2**64 - 1
 _U16_MAX = 2**16 - 1
 
 
-class Kind(enum.Enum):
+class FieldType(enum.Enum):
     """How one field is represented in JSON."""
 
     STR = "string"
@@ -41,88 +41,88 @@ class Kind(enum.Enum):
 
 # A field is (name, kind, required). Fields that are required but nullable
 # (cache_put.ttl_ms, cache_value.value) are always written, null when absent.
-Field = tuple[str, Kind, bool]
+Field = tuple[str, FieldType, bool]
 
-_S, _R, _O = Kind.STR, True, False
+_S, _R, _O = FieldType.STR, True, False
 MESSAGES: dict[str, tuple[Field, ...]] = {
-    "auth": (("tenant_id", _S, _R), ("token", _S, _R), ("client_flags", Kind.FLAGS, _O)),
-    "auth_ok": (("server_flags", Kind.FLAGS, _R),),
+    "auth": (("tenant_id", _S, _R), ("token", _S, _R), ("client_flags", FieldType.FLAGS, _O)),
+    "auth_ok": (("server_flags", FieldType.FLAGS, _R),),
     "publish": (
         ("tenant_id", _S, _R),
         ("namespace", _S, _R),
         ("stream", _S, _R),
-        ("payload", Kind.B64, _R),
-        ("request_id", Kind.U64, _O),
-        ("ack", Kind.ACK, _O),
+        ("payload", FieldType.B64, _R),
+        ("request_id", FieldType.U64, _O),
+        ("ack", FieldType.ACK, _O),
     ),
     "publish_batch": (
         ("tenant_id", _S, _R),
         ("namespace", _S, _R),
         ("stream", _S, _R),
-        ("payloads", Kind.B64_LIST, _R),
-        ("request_id", Kind.U64, _O),
-        ("ack", Kind.ACK, _O),
+        ("payloads", FieldType.B64_LIST, _R),
+        ("request_id", FieldType.U64, _O),
+        ("ack", FieldType.ACK, _O),
     ),
     "subscribe": (
         ("tenant_id", _S, _R),
         ("namespace", _S, _R),
         ("stream", _S, _R),
-        ("subscription_id", Kind.U64, _O),
-        ("start", Kind.START, _O),
+        ("subscription_id", FieldType.U64, _O),
+        ("start", FieldType.START, _O),
     ),
-    "subscribed": (("subscription_id", Kind.U64, _R),),
-    "event_stream_hello": (("subscription_id", Kind.U64, _R),),
+    "subscribed": (("subscription_id", FieldType.U64, _R),),
+    "event_stream_hello": (("subscription_id", FieldType.U64, _R),),
     "event": (
         ("tenant_id", _S, _R),
         ("namespace", _S, _R),
         ("stream", _S, _R),
-        ("payload", Kind.B64, _R),
-        ("offset", Kind.U64, _O),
+        ("payload", FieldType.B64, _R),
+        ("offset", FieldType.U64, _O),
     ),
     "event_batch": (
         ("tenant_id", _S, _R),
         ("namespace", _S, _R),
         ("stream", _S, _R),
-        ("payloads", Kind.B64_LIST, _R),
-        ("base_offset", Kind.U64, _O),
+        ("payloads", FieldType.B64_LIST, _R),
+        ("base_offset", FieldType.U64, _O),
     ),
     "cache_put": (
         ("tenant_id", _S, _R),
         ("namespace", _S, _R),
         ("cache", _S, _R),
         ("key", _S, _R),
-        ("value", Kind.B64, _R),
-        ("request_id", Kind.U64, _O),
-        ("ttl_ms", Kind.U64_OR_NULL, _R),
+        ("value", FieldType.B64, _R),
+        ("request_id", FieldType.U64, _O),
+        ("ttl_ms", FieldType.U64_OR_NULL, _R),
     ),
     "cache_get": (
         ("tenant_id", _S, _R),
         ("namespace", _S, _R),
         ("cache", _S, _R),
         ("key", _S, _R),
-        ("request_id", Kind.U64, _O),
+        ("request_id", FieldType.U64, _O),
     ),
     "cache_value": (
         ("tenant_id", _S, _R),
         ("namespace", _S, _R),
         ("cache", _S, _R),
         ("key", _S, _R),
-        ("value", Kind.B64_OR_NULL, _R),
-        ("request_id", Kind.U64, _O),
+        ("value", FieldType.B64_OR_NULL, _R),
+        ("request_id", FieldType.U64, _O),
     ),
-    "cache_ok": (("request_id", Kind.U64, _R),),
-    "publish_ok": (("request_id", Kind.U64, _R),),
-    "publish_error": (("request_id", Kind.U64, _R), ("message", _S, _R)),
+    "cache_ok": (("request_id", FieldType.U64, _R),),
+    "publish_ok": (("request_id", FieldType.U64, _R),),
+    "publish_error": (("request_id", FieldType.U64, _R), ("message", _S, _R)),
     "ok": (),
     "error": (("message", _S, _R),),
     "subscribe_cursor_error": (
-        ("reason", Kind.REASON, _R),
-        ("requested", Kind.U64, _R),
-        ("available", Kind.U64, _R),
+        ("reason", FieldType.REASON, _R),
+        ("requested", FieldType.U64, _R),
+        ("available", FieldType.U64, _R),
     ),
 }
 
-_NULLABLE = frozenset({Kind.B64_OR_NULL, Kind.U64_OR_NULL})
+_NULLABLE = frozenset({FieldType.B64_OR_NULL, FieldType.U64_OR_NULL})
 _ACKS = frozenset({"none", "per_message", "per_batch"})
 _REASONS = frozenset({"too_old", "in_future"})
 _STARTS = frozenset({"latest", "earliest"})
@@ -170,7 +170,7 @@ def _enc_str(v: Any, where: str) -> object:
     return v
 
 
-def _enc_int(top: int, kind: Kind) -> Callable[[Any, str], object]:
+def _enc_int(top: int, kind: FieldType) -> Callable[[Any, str], object]:
     def enc(v: Any, where: str) -> object:
         n = _check_int(v, top)
         if n is None:
@@ -186,7 +186,7 @@ def _enc_b64_list(v: Any, where: str) -> object:
     return [_b64_encode(p, f"{where}[{i}]") for i, p in enumerate(v)]
 
 
-def _enc_choice(allowed: frozenset[str], kind: Kind) -> Callable[[Any, str], object]:
+def _enc_choice(allowed: frozenset[str], kind: FieldType) -> Callable[[Any, str], object]:
     def enc(v: Any, where: str) -> object:
         if not isinstance(v, str) or v not in allowed:
             raise LocalProtocolError(f"{where} must be {kind.value}, not {v!r}")
@@ -200,23 +200,23 @@ def _enc_start(v: Any, where: str) -> object:
         return v
     if isinstance(v, Mapping) and set(v) == {"offset"}:
         return {"offset": _enc_u64(v["offset"], f"{where}.offset")}
-    raise LocalProtocolError(f"{where} must be {Kind.START.value}, not {v!r}")
+    raise LocalProtocolError(f"{where} must be {FieldType.START.value}, not {v!r}")
 
 
-_enc_u64 = _enc_int(_U64_MAX, Kind.U64)
+_enc_u64 = _enc_int(_U64_MAX, FieldType.U64)
 
 # Nullable kinds never reach these: encode_message writes None as null first.
-_ENCODE: dict[Kind, Callable[[Any, str], object]] = {
-    Kind.STR: _enc_str,
-    Kind.U64: _enc_u64,
-    Kind.FLAGS: _enc_int(_U16_MAX, Kind.FLAGS),
-    Kind.U64_OR_NULL: _enc_u64,
-    Kind.B64: _b64_encode,
-    Kind.B64_OR_NULL: _b64_encode,
-    Kind.B64_LIST: _enc_b64_list,
-    Kind.ACK: _enc_choice(_ACKS, Kind.ACK),
-    Kind.REASON: _enc_choice(_REASONS, Kind.REASON),
-    Kind.START: _enc_start,
+_ENCODE: dict[FieldType, Callable[[Any, str], object]] = {
+    FieldType.STR: _enc_str,
+    FieldType.U64: _enc_u64,
+    FieldType.FLAGS: _enc_int(_U16_MAX, FieldType.FLAGS),
+    FieldType.U64_OR_NULL: _enc_u64,
+    FieldType.B64: _b64_encode,
+    FieldType.B64_OR_NULL: _b64_encode,
+    FieldType.B64_LIST: _enc_b64_list,
+    FieldType.ACK: _enc_choice(_ACKS, FieldType.ACK),
+    FieldType.REASON: _enc_choice(_REASONS, FieldType.REASON),
+    FieldType.START: _enc_start,
 }
 
 # Per message type: the allowed keys and (name, encoder, required, nullable) in wire order.
@@ -302,17 +302,17 @@ def _dec_start(v: object) -> object:
 
 
 # Each returns the decoded value, or None when the JSON value is not of the kind.
-_DECODE: dict[Kind, Callable[[object], object]] = {
-    Kind.STR: lambda v: v if isinstance(v, str) else None,
-    Kind.U64: lambda v: _check_int(v, _U64_MAX),
-    Kind.FLAGS: lambda v: _check_int(v, _U16_MAX),
-    Kind.U64_OR_NULL: lambda v: _check_int(v, _U64_MAX),
-    Kind.B64: _b64_decode,
-    Kind.B64_OR_NULL: _b64_decode,
-    Kind.B64_LIST: _dec_b64_list,
-    Kind.ACK: lambda v: v if isinstance(v, str) and v in _ACKS else None,
-    Kind.REASON: lambda v: v if isinstance(v, str) and v in _REASONS else None,
-    Kind.START: _dec_start,
+_DECODE: dict[FieldType, Callable[[object], object]] = {
+    FieldType.STR: lambda v: v if isinstance(v, str) else None,
+    FieldType.U64: lambda v: _check_int(v, _U64_MAX),
+    FieldType.FLAGS: lambda v: _check_int(v, _U16_MAX),
+    FieldType.U64_OR_NULL: lambda v: _check_int(v, _U64_MAX),
+    FieldType.B64: _b64_decode,
+    FieldType.B64_OR_NULL: _b64_decode,
+    FieldType.B64_LIST: _dec_b64_list,
+    FieldType.ACK: lambda v: v if isinstance(v, str) and v in _ACKS else None,
+    FieldType.REASON: lambda v: v if isinstance(v, str) and v in _REASONS else None,
+    FieldType.START: _dec_start,
 }
 
 _DECODE_PLAN = {

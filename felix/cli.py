@@ -1,5 +1,8 @@
 """The `felix` command line: `felix up` runs a node; client commands talk to one.
 
+`felix up` and `felix control` need the server extra (pip install 'felix[server]');
+every other command works with the base install.
+
 felix up --shards 2 --gateways 2 --data-dir ./data
 felix pub orders '{"id": 1}'      felix sub orders
 felix cache set sessions k v      felix cache get sessions k
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from felix.errors import ConfigError, FelixError
+from felix.extras import require_extra
 from felix.node.config import NodeConfig, parse_address, parse_duration, parse_size
 from felix.shard.cache import CacheSettings
 from felix.shard.stream_log import StreamSettings
@@ -373,6 +377,7 @@ def _use_audit_log(path: str | None) -> None:
 
 
 def _run_control(args: argparse.Namespace) -> int:
+    require_extra("server", "felix control")
     _use_audit_log(args.audit_log)
     import uvicorn
     import uvloop
@@ -527,6 +532,7 @@ def _key_rotator(keys_dir: Path, args: argparse.Namespace) -> KeyRotator | None:
 
 
 def _run_up(args: argparse.Namespace) -> int:
+    require_extra("server", "felix up")
     import uvloop
 
     from felix.node.supervisor import Supervisor

@@ -5,10 +5,37 @@ split the h11 way: :class:`LocalProtocolError` means *this* side misused the API
 (a caller mistake, such as a request id without an ack mode), while
 :class:`RemoteProtocolError` means the peer sent bytes that break the wire
 format. Errors that a broker reports to a client carry a stable wire ``code``
-(see docs/wire-protocol.md, "Error codes") and map to exactly one class each.
+(see docs/wire-protocol.md, "Error codes") and map to exactly one class each;
+:class:`ErrorCode` lists them, and its slugs name them in audit lines and in the
+control plane's problem types.
 """
 
 from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.IntEnum):
+    """felix's error codes: in ERROR frames and SUBSCRIPTION_END (1-8), and for the
+    control plane's resource conflicts (9-11, answered over HTTP only)."""
+
+    BAD_REQUEST = 1
+    NOT_FOUND = 2
+    PERMISSION_DENIED = 3
+    UNAUTHENTICATED = 4
+    OVERLOADED = 5
+    UNAVAILABLE = 6
+    TOO_LARGE = 7
+    #: Sent as its own frame, CURSOR_ERROR, with the offsets.
+    CURSOR_ERROR = 8
+    ALREADY_EXISTS = 9
+    HAS_CHILDREN = 10
+    VERSION_CONFLICT = 11
+
+    @property
+    def slug(self) -> str:
+        """The code's name in audit lines and problem type URIs: ``not-found``."""
+        return self.name.lower().replace("_", "-")
 
 
 class FelixError(Exception):
@@ -47,51 +74,51 @@ class RingError(FelixError):
 class ServerError(FelixError):
     """An error reported by the broker in reply to one request."""
 
-    code = 1
+    code: int = ErrorCode.BAD_REQUEST
 
 
 class BadRequest(ServerError):
     """The broker understood the frame but refused the request as invalid."""
 
-    code = 1
+    code = ErrorCode.BAD_REQUEST
 
 
 class NotFound(ServerError):
     """The named tenant, namespace, stream or cache does not exist."""
 
-    code = 2
+    code = ErrorCode.NOT_FOUND
 
 
 class PermissionDenied(ServerError):
     """The session's token does not grant this operation."""
 
-    code = 3
+    code = ErrorCode.PERMISSION_DENIED
 
 
 class Unauthenticated(ServerError):
     """No valid token: missing, expired or rejected."""
 
-    code = 4
+    code = ErrorCode.UNAUTHENTICATED
 
 
 class Overloaded(ServerError):
     """A bound was hit (ring full, budget spent); retry after a backoff."""
 
-    code = 5
+    code = ErrorCode.OVERLOADED
     retryable = True
 
 
 class Unavailable(ServerError):
     """The owner of the request is down or restarting; retry after a backoff."""
 
-    code = 6
+    code = ErrorCode.UNAVAILABLE
     retryable = True
 
 
 class TooLarge(ServerError):
     """A key, value, payload or frame exceeds its configured limit."""
 
-    code = 7
+    code = ErrorCode.TOO_LARGE
 
 
 class CursorError(ServerError):
@@ -101,13 +128,31 @@ class CursorError(ServerError):
     ``"in_future"`` (``available`` is the current tail).
     """
 
-    code = 8
+    code = ErrorCode.CURSOR_ERROR
 
     def __init__(self, reason: str, requested: int, available: int) -> None:
         super().__init__(f"cursor {reason}: requested {requested}, available {available}")
         self.reason = reason
         self.requested = requested
         self.available = available
+
+
+class AlreadyExists(ServerError):
+    """A resource with this path exists (control plane, HTTP 409)."""
+
+    code = ErrorCode.ALREADY_EXISTS
+
+
+class HasChildren(ServerError):
+    """The resource still has children; delete them or pass cascade (control plane, HTTP 409)."""
+
+    code = ErrorCode.HAS_CHILDREN
+
+
+class VersionConflict(ServerError):
+    """``If-Match`` named another version than the stored one (control plane, HTTP 412)."""
+
+    code = ErrorCode.VERSION_CONFLICT
 
 
 class FelixTimeoutError(FelixError, TimeoutError):
@@ -136,6 +181,9 @@ _BY_CODE: dict[int, type[ServerError]] = {
         Overloaded,
         Unavailable,
         TooLarge,
+        AlreadyExists,
+        HasChildren,
+        VersionConflict,
     )
 }
 
@@ -147,3 +195,17 @@ def error_for_code(code: int, message: str) -> ServerError:
     if cls is ServerError:
         err.code = code
     return err
+
+
+def error_slug(exc: BaseException) -> str:
+    """How audit lines name why ``exc`` refused something: its code's slug
+    (``permission-denied``), ``bad-request`` for a broken wire format, else
+    ``internal-error``."""
+    if isinstance(exc, ProtocolError):
+        return ErrorCode.BAD_REQUEST.slug
+    if isinstance(exc, FelixError) and exc.code:
+        try:
+            return ErrorCode(exc.code).slug
+        except ValueError:  # a code from a newer broker
+            pass
+    return "internal-error"

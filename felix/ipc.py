@@ -23,7 +23,7 @@ _READ = struct.Struct(">QII")
 _KEY_LEN = struct.Struct(">H")
 
 
-class Kind(enum.IntEnum):
+class RecordType(enum.IntEnum):
     """What a ring record carries. Direction: G = gateway to shard, S = shard to gateway."""
 
     #: G: a client request frame (cache, publish, subscribe ops); token identifies it.
@@ -48,7 +48,7 @@ class Kind(enum.IntEnum):
     CURSOR = 9
 
 
-def encode(kind: Kind, token: int, aux: int, body: bytes) -> bytes:
+def encode(kind: RecordType, token: int, aux: int, body: bytes) -> bytes:
     return HEADER.pack(kind, token, aux) + body
 
 
@@ -78,7 +78,7 @@ def decode_key(body: bytes | memoryview, pos: int = 0) -> tuple[str, int]:
 
 def encode_read(token: int, key: str, from_offset: int, max_records: int, max_bytes: int) -> bytes:
     return encode(
-        Kind.READ, token, 0, encode_key(key) + _READ.pack(from_offset, max_records, max_bytes)
+        RecordType.READ, token, 0, encode_key(key) + _READ.pack(from_offset, max_records, max_bytes)
     )
 
 

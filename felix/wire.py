@@ -1,7 +1,7 @@
 """The FLX1 wire codec: felix's public, conformance-tested API.
 
-Frames, the v1 JSON messages and binary layouts (docs/wire-protocol.md and
-../shared/design/wire-v1.md), and felix's extension family. The binary paths
+Frames, the v1 JSON messages and binary layouts, and felix's extension family
+(docs/wire-protocol.md; every exported name is listed in docs/api.md). The binary paths
 are compiled (``felix._codec``); JSON messages are in ``felix._messages``.
 
 Every decoder raises ``felix.errors.RemoteProtocolError`` for bytes that break
@@ -60,6 +60,7 @@ from felix._codec import (
     TTL_MISSING,
     TTL_PERSISTENT,
     VERSION,
+    BinaryPublishAck,
     CacheRequest,
     CacheResult,
     CacheTtlReply,
@@ -72,12 +73,11 @@ from felix._codec import (
     Frame,
     FrameReader,
     Publish,
-    PublishAck,
     PublishBatch,
     PublishOffsets,
     Reauth,
     Redirect,
-    SlowConsumer,
+    SlowConsumerNotice,
     Subscribe,
     Subscribed,
     SubscriptionOp,
@@ -170,6 +170,7 @@ __all__ = [
     "TTL_MISSING",
     "TTL_PERSISTENT",
     "VERSION",
+    "BinaryPublishAck",
     "CacheRequest",
     "CacheResult",
     "CacheTtlReply",
@@ -183,13 +184,12 @@ __all__ = [
     "FrameReader",
     "LocalProtocolError",
     "Publish",
-    "PublishAck",
     "PublishBatch",
     "PublishOffsets",
     "Reauth",
     "Redirect",
     "RemoteProtocolError",
-    "SlowConsumer",
+    "SlowConsumerNotice",
     "Subscribe",
     "Subscribed",
     "SubscriptionOp",

@@ -24,7 +24,7 @@ from felix import audit, wire
 from felix.auth.keys import TenantKeyRing
 from felix.auth.perms import PermissionSet
 from felix.control.api import create_app
-from felix.control.model import Kind
+from felix.control.model import ResourceKind
 from felix.control.stores.memory import MemoryStore
 from felix.gateway.auth import TokenAuthenticator
 from felix.node.local import LocalNode
@@ -90,9 +90,9 @@ async def api(keys: Keys, idp: IdP | None = None) -> AsyncIterator[httpx.AsyncCl
     store = MemoryStore()
     await store.open()
     for kind, path in (
-        (Kind.TENANT, ("acme",)),
-        (Kind.NAMESPACE, ("acme", "prod")),
-        (Kind.TENANT, ("globex",)),
+        (ResourceKind.TENANT, ("acme",)),
+        (ResourceKind.NAMESPACE, ("acme", "prod")),
+        (ResourceKind.TENANT, ("globex",)),
     ):
         await store.create(kind, path, {})
     app = create_app(

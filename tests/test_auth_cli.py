@@ -32,7 +32,7 @@ from felix.client.cli import add_commands as add_client_commands
 from felix.control.api import create_app
 from felix.control.cli import add_commands as add_control_commands
 from felix.control.client import ControlClient
-from felix.control.model import Kind
+from felix.control.model import ResourceKind
 from felix.control.stores.memory import MemoryStore
 from felix.errors import ConfigError, NotFound
 
@@ -84,9 +84,9 @@ def server(tmp_path: Path) -> Iterator[Server]:
     url = f"http://127.0.0.1:{port}"
     public = jwt.algorithms.RSAAlgorithm.to_jwk(IDP_KEY.public_key(), as_dict=True)
     with ControlClient(url) as api:
-        api.create(Kind.TENANT, ("acme",))
+        api.create(ResourceKind.TENANT, ("acme",))
         api.create(
-            Kind.ISSUER,
+            ResourceKind.ISSUER,
             ("acme", "idp"),
             {
                 "issuer": IDP,
@@ -95,8 +95,10 @@ def server(tmp_path: Path) -> Iterator[Server]:
                 "jwks": {"keys": [{**public, "kid": "idp-1"}]},
             },
         )
-        api.create(Kind.POLICY, ("acme", "publishers"), {"permissions": [PUBLISH, SUBSCRIBE]})
-        api.create(Kind.POLICY, ("acme", "readers"), {"permissions": [READ]})
+        api.create(
+            ResourceKind.POLICY, ("acme", "publishers"), {"permissions": [PUBLISH, SUBSCRIBE]}
+        )
+        api.create(ResourceKind.POLICY, ("acme", "readers"), {"permissions": [READ]})
     try:
         yield Server(url, ring)
     finally:
@@ -153,7 +155,7 @@ def test_grant_exchange_check_revoke(
     with pytest.raises(NotFound, match="felix policy create nope"):
         felix("rbac", "grant", "alice", "--policy", "nope", *acme, *url)
     with ControlClient(server.url) as api:
-        (binding,) = api.list_resources(Kind.BINDING, ("acme",))
+        (binding,) = api.list_resources(ResourceKind.BINDING, ("acme",))
     assert binding.name == "group-eng" and binding.spec["policies"] == ["publishers", "readers"]
 
     # ls: one row per policy of each binding, with its permissions.
@@ -226,7 +228,7 @@ def test_grant_exchange_check_revoke(
     with pytest.raises(NotFound):
         felix("rbac", "revoke", "group:eng", "--policy", "publishers", *acme, *url)
     with ControlClient(server.url) as api:
-        assert api.list_resources(Kind.BINDING, ("acme",)) == []
+        assert api.list_resources(ResourceKind.BINDING, ("acme",)) == []
 
     # Nothing granted any more: the exchange is refused (exit 1, the reason on stderr).
     assert felix("token", "exchange", "--issuer-token", idp_token(), *acme, *url) == 1
@@ -273,11 +275,13 @@ def test_grant_with_issuer_and_revoke_by_issuer(
     ]
     with ControlClient(server.url) as api:
         specs: dict[str, Any] = {
-            b.name: b.spec for b in api.list_resources(Kind.BINDING, ("acme",))
+            b.name: b.spec for b in api.list_resources(ResourceKind.BINDING, ("acme",))
         }
     assert specs["user-alice"]["issuer"] is None and specs["user-alice-2"]["issuer"] == IDP
     # --issuer limits revoke to that issuer's binding.
     assert felix("rbac", "revoke", "alice", "--policy", "readers", "--issuer", IDP, *url) == 0
     assert capsys.readouterr().out.endswith("(binding user-alice-2; binding deleted)\n")
     with ControlClient(server.url) as api:
-        assert [b.name for b in api.list_resources(Kind.BINDING, ("acme",))] == ["user-alice"]
+        assert [b.name for b in api.list_resources(ResourceKind.BINDING, ("acme",))] == [
+            "user-alice"
+        ]

@@ -70,7 +70,7 @@ def test_cache_commands(node: LocalNode, capsys: pytest.CaptureFixture[str]) -> 
     assert felix("cache", "del", "c", "k", "--json", *at(node)) == 0
     assert json.loads(capsys.readouterr().out)["deleted"] is True
     assert felix("cache", "del", "c", "k", *at(node)) == EXIT_NOTHING
-    assert felix("cache", "set", "c", "t", "v", "--ttl", "0.2", *at(node)) == 0
+    assert felix("cache", "set", "c", "t", "v", "--ttl", "30.5", *at(node)) == 0
     assert felix("cache", "get", "c", "t", *at(node)) == 0
 
 

@@ -408,7 +408,7 @@ def test_in_flight_bound_makes_callers_wait(
 
 
 def test_cancellation_never_misdelivers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """reliability.md R8: cancel half of many concurrent gets, start new gets while the
+    """docs/reliability.md R8: cancel half of many concurrent gets, start new gets while the
     cancelled calls' replies are still on their way, then let every reply arrive in a
     random order: each surviving or new get returns its own key's value."""
 
@@ -644,7 +644,7 @@ def test_reconnect_after_node_restart(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_keepalive_and_a_network_partition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """reliability.md R5: a silent peer is detected by the keepalive PING, the client
+    """docs/reliability.md R5: a silent peer is detected by the keepalive PING, the client
     reconnects by itself once packets flow again, and the subscription resumes."""
 
     async def main() -> None:

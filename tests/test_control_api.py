@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from felix.control.api import create_app
-from felix.control.model import Kind
+from felix.control.model import ResourceKind
 from felix.control.schemas import NAME_PATTERN, PROBLEM_TYPES, parse_if_match
 from felix.control.stores.memory import MemoryStore
 from felix.errors import BadRequest, Unauthenticated
@@ -163,7 +163,7 @@ def test_create_get_list_update_delete(
         assert created["name"] == name and created["version"] == 1
         assert created["path"] == item.split("/")[3::2]
         assert created["spec"][key] == value
-        kind = Kind(created["kind"])
+        kind = ResourceKind(created["kind"])
         assert (await store.get(kind, tuple(created["path"]))) is not None
 
         r = await http.get(item)
@@ -481,7 +481,7 @@ class BrokenStore(MemoryStore):
     async def position(self) -> int:
         raise ConnectionError("database is down")
 
-    async def list_resources(self, kind: Kind, parent: tuple[str, ...]) -> list[Any]:
+    async def list_resources(self, kind: ResourceKind, parent: tuple[str, ...]) -> list[Any]:
         raise RuntimeError("a bug")
 
 

@@ -20,7 +20,7 @@ from felix.auth.keys import TenantKeyRing
 from felix.auth.perms import PermissionSet
 from felix.control.api import ROUTE_ACCESS, TOKEN_LEEWAY, create_app
 from felix.control.client import ControlClient
-from felix.control.model import Kind
+from felix.control.model import ResourceKind
 from felix.control.stores.memory import MemoryStore
 from felix.errors import ConfigError, PermissionDenied
 from felix.node.config import NodeConfig
@@ -67,11 +67,11 @@ async def api(
     store = MemoryStore()
     await store.open()
     for kind, path in (
-        (Kind.TENANT, ("acme",)),
-        (Kind.NAMESPACE, ("acme", "prod")),
-        (Kind.NAMESPACE, ("acme", "dev")),
-        (Kind.TENANT, ("globex",)),
-        (Kind.NAMESPACE, ("globex", "prod")),
+        (ResourceKind.TENANT, ("acme",)),
+        (ResourceKind.NAMESPACE, ("acme", "prod")),
+        (ResourceKind.NAMESPACE, ("acme", "dev")),
+        (ResourceKind.TENANT, ("globex",)),
+        (ResourceKind.NAMESPACE, ("globex", "prod")),
     ):
         await store.create(kind, path, {})
     app = create_app(
@@ -311,14 +311,14 @@ def test_the_client_sends_its_token(monkeypatch: pytest.MonkeyPatch) -> None:
     transport = httpx.MockTransport(record)
     monkeypatch.delenv("FELIX_CONTROL_TOKEN", raising=False)
     with ControlClient("http://control", token="tok", transport=transport) as client:
-        assert client.list_resources(Kind.TENANT) == []
+        assert client.list_resources(ResourceKind.TENANT) == []
         with pytest.raises(PermissionDenied):
-            client.delete(Kind.TENANT, ("acme",))
+            client.delete(ResourceKind.TENANT, ("acme",))
     with ControlClient("http://control", transport=transport) as client:
-        client.list_resources(Kind.TENANT)
+        client.list_resources(ResourceKind.TENANT)
     monkeypatch.setenv("FELIX_CONTROL_TOKEN", "from-env")
     with ControlClient("http://control", transport=transport) as client:
-        client.list_resources(Kind.TENANT)
+        client.list_resources(ResourceKind.TENANT)
     assert seen == ["Bearer tok", "Bearer tok", None, "Bearer from-env"]
 
 

@@ -24,7 +24,7 @@ from felix.auth.files import AUDIENCE, ISSUER, save_ring
 from felix.auth.keys import TenantKeyRing
 from felix.auth.tokens import verify_felix_token
 from felix.control.api import create_app
-from felix.control.model import Kind
+from felix.control.model import ResourceKind
 from felix.control.stores.memory import MemoryStore
 from tests.aio import run
 
@@ -343,7 +343,10 @@ def test_issuer_policy_binding_routes(tmp_path: Path) -> None:
                 assert r.status_code == 200 and r.headers["ETag"] == '"1"'
                 assert r.json()["path"] == ["acme", name]
             r = await http.get(f"{T}/issuers/okta")
-            assert r.json()["kind"] == Kind.ISSUER and r.json()["spec"]["groups_claim"] == "groups"
+            assert (
+                r.json()["kind"] == ResourceKind.ISSUER
+                and r.json()["spec"]["groups_claim"] == "groups"
+            )
             # PATCH with If-Match.
             r = await http.patch(
                 f"{T}/policies/publishers",

@@ -20,7 +20,7 @@ from felix.client.cli import add_commands as add_client_commands
 from felix.control.api import create_app
 from felix.control.cli import add_commands, parse_settings
 from felix.control.client import DEFAULT_URL, ControlClient, error_from_response
-from felix.control.model import Kind
+from felix.control.model import ResourceKind
 from felix.control.store import AlreadyExists, CursorTooOld, HasChildren, VersionConflict
 from felix.control.stores.memory import MemoryStore
 from felix.errors import (
@@ -425,40 +425,43 @@ def test_parse_settings_refuses(pairs: list[str]) -> None:
 
 def test_client_resources(server: Server) -> None:
     with ControlClient(server.url) as api:
-        assert api.list_resources(Kind.TENANT) == []
-        tenant = api.create(Kind.TENANT, ("acme",), {"description": "a"})
+        assert api.list_resources(ResourceKind.TENANT) == []
+        tenant = api.create(ResourceKind.TENANT, ("acme",), {"description": "a"})
         assert tenant.path == ("acme",) and tenant.version == 1
         assert tenant.spec == {"description": "a"}
-        api.create(Kind.NAMESPACE, ("acme", "prod"))
-        stream = api.create(Kind.STREAM, ("acme", "prod", "orders"), {"durable": True})
+        api.create(ResourceKind.NAMESPACE, ("acme", "prod"))
+        stream = api.create(ResourceKind.STREAM, ("acme", "prod", "orders"), {"durable": True})
         assert stream.spec["durable"] is True and stream.spec["fsync"] == "batch"
-        assert api.get(Kind.STREAM, ("acme", "prod", "orders")) == stream
-        assert api.list_resources(Kind.STREAM, ("acme", "prod")) == [stream]
-        assert api.list_resources(Kind.CACHE, ("acme", "prod")) == []
+        assert api.get(ResourceKind.STREAM, ("acme", "prod", "orders")) == stream
+        assert api.list_resources(ResourceKind.STREAM, ("acme", "prod")) == [stream]
+        assert api.list_resources(ResourceKind.CACHE, ("acme", "prod")) == []
 
         updated = api.update(
-            Kind.STREAM, ("acme", "prod", "orders"), {"queue": {"dead_letter": False}}, if_version=1
+            ResourceKind.STREAM,
+            ("acme", "prod", "orders"),
+            {"queue": {"dead_letter": False}},
+            if_version=1,
         )
         assert updated.version == 2 and updated.spec["queue"]["dead_letter"] is False
         with pytest.raises(VersionConflict, match="version 2"):
-            api.update(Kind.STREAM, ("acme", "prod", "orders"), {}, if_version=1)
+            api.update(ResourceKind.STREAM, ("acme", "prod", "orders"), {}, if_version=1)
         with pytest.raises(VersionConflict):
-            api.delete(Kind.STREAM, ("acme", "prod", "orders"), if_version=1)
+            api.delete(ResourceKind.STREAM, ("acme", "prod", "orders"), if_version=1)
         with pytest.raises(AlreadyExists):
-            api.create(Kind.TENANT, ("acme",))
+            api.create(ResourceKind.TENANT, ("acme",))
         with pytest.raises(HasChildren):
-            api.delete(Kind.TENANT, ("acme",))
+            api.delete(ResourceKind.TENANT, ("acme",))
         with pytest.raises(BadRequest, match="fsync"):
-            api.update(Kind.STREAM, ("acme", "prod", "orders"), {"fsync": "never"})
-        assert api.delete(Kind.TENANT, ("acme",), cascade=True) == [
-            (Kind.STREAM, ("acme", "prod", "orders")),
-            (Kind.NAMESPACE, ("acme", "prod")),
-            (Kind.TENANT, ("acme",)),
+            api.update(ResourceKind.STREAM, ("acme", "prod", "orders"), {"fsync": "never"})
+        assert api.delete(ResourceKind.TENANT, ("acme",), cascade=True) == [
+            (ResourceKind.STREAM, ("acme", "prod", "orders")),
+            (ResourceKind.NAMESPACE, ("acme", "prod")),
+            (ResourceKind.TENANT, ("acme",)),
         ]
         with pytest.raises(NotFound):
-            api.get(Kind.TENANT, ("acme",))
+            api.get(ResourceKind.TENANT, ("acme",))
         with pytest.raises(NotFound):
-            api.list_resources(Kind.NAMESPACE, ("acme",))
+            api.list_resources(ResourceKind.NAMESPACE, ("acme",))
 
 
 def test_client_checks_names_before_sending() -> None:
@@ -467,13 +470,13 @@ def test_client_checks_names_before_sending() -> None:
 
     with ControlClient("http://control", transport=httpx.MockTransport(no_network)) as api:
         with pytest.raises(BadRequest, match="1 to 64"):
-            api.get(Kind.TENANT, ("../admin",))
+            api.get(ResourceKind.TENANT, ("../admin",))
         with pytest.raises(BadRequest, match="names"):
-            api.create(Kind.STREAM, ("acme", "orders"))
+            api.create(ResourceKind.STREAM, ("acme", "orders"))
         with pytest.raises(BadRequest):
-            api.list_resources(Kind.STREAM, ("acme", "a/b"))
+            api.list_resources(ResourceKind.STREAM, ("acme", "a/b"))
         with pytest.raises(BadRequest):
-            api.list_resources(Kind.STREAM, ("acme",))
+            api.list_resources(ResourceKind.STREAM, ("acme",))
 
 
 def test_client_system(server: Server) -> None:
@@ -489,8 +492,8 @@ def test_client_system(server: Server) -> None:
 
 def test_client_follows_the_feed(server: Server) -> None:
     with ControlClient(server.url) as api, ControlClient(server.url) as writer:
-        writer.create(Kind.TENANT, ("acme",))
-        writer.create(Kind.NAMESPACE, ("acme", "prod"))
+        writer.create(ResourceKind.TENANT, ("acme",))
+        writer.create(ResourceKind.NAMESPACE, ("acme", "prod"))
         position, resources = api.snapshot()
         assert position == 2 and [r.path for r in resources] == [("acme",), ("acme", "prod")]
         assert api.changes(position) == ([], position)
@@ -501,7 +504,7 @@ def test_client_follows_the_feed(server: Server) -> None:
             time.sleep(0.3)
             assert not poll.done()
             started = time.monotonic()
-            writer.create(Kind.CACHE, ("acme", "prod", "sessions"))
+            writer.create(ResourceKind.CACHE, ("acme", "prod", "sessions"))
             changes, position = poll.result(timeout=10)
             assert time.monotonic() - started < 3
         assert position == 3
@@ -512,7 +515,7 @@ def test_client_follows_the_feed(server: Server) -> None:
         assert api.changes(position, wait=0.3) == ([], 3)
         assert time.monotonic() - started >= 0.25
 
-        writer.delete(Kind.TENANT, ("acme",), cascade=True)
+        writer.delete(ResourceKind.TENANT, ("acme",), cascade=True)
         changes, nxt = api.changes(0, limit=4)
         assert [c.position for c in changes] == [1, 2, 3, 4] and nxt == 4
         changes, nxt = api.changes(nxt)
@@ -528,7 +531,7 @@ def test_client_follows_the_feed(server: Server) -> None:
 def test_client_raises_cursor_too_old_for_trimmed_history(server: Server) -> None:
     with ControlClient(server.url) as api:
         for name in ("a", "b", "c", "d"):
-            api.create(Kind.TENANT, (name,))
+            api.create(ResourceKind.TENANT, (name,))
         with pytest.raises(CursorTooOld) as gone:
             api.changes(1)
         assert (gone.value.since, gone.value.oldest) == (1, 3)
@@ -539,9 +542,9 @@ def test_client_raises_cursor_too_old_for_trimmed_history(server: Server) -> Non
 @pytest.mark.parametrize("server", [{"max_children": 1}], indirect=True)
 def test_client_raises_overloaded(server: Server) -> None:
     with ControlClient(server.url) as api:
-        api.create(Kind.TENANT, ("a",))
+        api.create(ResourceKind.TENANT, ("a",))
         with pytest.raises(Overloaded):
-            api.create(Kind.TENANT, ("b",))
+            api.create(ResourceKind.TENANT, ("b",))
 
 
 def test_client_timeout() -> None:

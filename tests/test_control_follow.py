@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from felix import ipc
-from felix.control.model import Kind
+from felix.control.model import ResourceKind
 from felix.control.stores.memory import MemoryStore
 from felix.node.control import ControlFollower, StoreFeed
 from tests.aio import run
@@ -17,8 +17,8 @@ SHARDS = 3
 async def _store(**kw: Any) -> MemoryStore:
     store = MemoryStore(**kw)
     await store.open()
-    await store.create(Kind.TENANT, ("acme",), {})
-    await store.create(Kind.NAMESPACE, ("acme", "prod"), {})
+    await store.create(ResourceKind.TENANT, ("acme",), {})
+    await store.create(ResourceKind.NAMESPACE, ("acme", "prod"), {})
     return store
 
 
@@ -36,7 +36,9 @@ async def _until(predicate: Any) -> None:
 def test_seed_then_follow_streams_and_caches_to_their_shards() -> None:
     async def main() -> None:
         store = await _store()
-        await store.create(Kind.STREAM, ("acme", "prod", "orders"), {"replay_max_records": 10})
+        await store.create(
+            ResourceKind.STREAM, ("acme", "prod", "orders"), {"replay_max_records": 10}
+        )
         follower, sent = _follower(store)
         task = asyncio.create_task(follower.run())
         await follower.seeded.wait()
@@ -47,15 +49,19 @@ def test_seed_then_follow_streams_and_caches_to_their_shards() -> None:
         assert sent[0][1]["spec"]["replay_max_records"] == 10
         sent.clear()
         # A cache goes to every shard; an update is a new define; a delete follows.
-        await store.create(Kind.CACHE, ("acme", "prod", "sessions"), {"budget_bytes": 1 << 20})
+        await store.create(
+            ResourceKind.CACHE, ("acme", "prod", "sessions"), {"budget_bytes": 1 << 20}
+        )
         await _until(lambda: len(sent) == SHARDS)
         assert sorted(s for s, _ in sent) == list(range(SHARDS))
         sent.clear()
-        await store.update(Kind.STREAM, ("acme", "prod", "orders"), {"replay_max_records": 99})
+        await store.update(
+            ResourceKind.STREAM, ("acme", "prod", "orders"), {"replay_max_records": 99}
+        )
         await _until(lambda: len(sent) == 1)
         assert sent[0][1]["spec"]["replay_max_records"] == 99
         sent.clear()
-        await store.delete(Kind.NAMESPACE, ("acme", "prod"), cascade=True)
+        await store.delete(ResourceKind.NAMESPACE, ("acme", "prod"), cascade=True)
         await _until(lambda: len(sent) == 1 + SHARDS)
         assert {c["cmd"] for _, c in sent} == {"delete"}
         assert follower.resources == {}
@@ -72,11 +78,13 @@ def test_resnapshot_when_the_feed_moved_past_the_follower() -> None:
         sent.clear()
         # Many changes while the follower is not following: its position is trimmed away.
         for i in range(10):
-            await store.create(Kind.STREAM, ("acme", "prod", f"s{i}"), {})
+            await store.create(ResourceKind.STREAM, ("acme", "prod", f"s{i}"), {})
         for i in range(9):
-            await store.delete(Kind.STREAM, ("acme", "prod", f"s{i}"))
+            await store.delete(ResourceKind.STREAM, ("acme", "prod", f"s{i}"))
         task = asyncio.create_task(follower.run())
-        await _until(lambda: set(follower.resources) == {(Kind.STREAM, ("acme", "prod", "s9"))})
+        await _until(
+            lambda: set(follower.resources) == {(ResourceKind.STREAM, ("acme", "prod", "s9"))}
+        )
         # The difference was applied: only s9 defined (deleted ones never reached shards).
         assert [c["path"][-1] for _, c in sent if c["cmd"] == "define"] == ["s9"]
         task.cancel()
@@ -88,8 +96,8 @@ def test_replay_defines_what_a_restarted_shard_owns() -> None:
     async def main() -> None:
         store = await _store()
         for i in range(12):
-            await store.create(Kind.STREAM, ("acme", "prod", f"s{i}"), {})
-        await store.create(Kind.CACHE, ("acme", "prod", "c"), {})
+            await store.create(ResourceKind.STREAM, ("acme", "prod", f"s{i}"), {})
+        await store.create(ResourceKind.CACHE, ("acme", "prod", "c"), {})
         follower, sent = _follower(store)
         await follower.seed()
         sent.clear()
@@ -115,7 +123,7 @@ def test_follower_keeps_retrying_while_the_control_plane_is_away() -> None:
 
     async def main() -> None:
         store = await _store()
-        await store.create(Kind.STREAM, ("acme", "prod", "s"), {})
+        await store.create(ResourceKind.STREAM, ("acme", "prod", "s"), {})
         sent: list[Any] = []
         follower = ControlFollower(Flaky(store), SHARDS, lambda s, c: sent.append(c))
         task = asyncio.create_task(follower.run())

@@ -31,18 +31,18 @@ from felix.auth.files import save_ring
 from felix.auth.keys import TenantKeyRing
 from felix.auth.tokens import ed25519_jwk
 from felix.control.api import create_app
-from felix.control.model import Kind
+from felix.control.model import ResourceKind
 from felix.control.stores.memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(120)
 
-SEED: list[tuple[Kind, tuple[str, ...], dict[str, Any]]] = [
-    (Kind.TENANT, ("acme",), {}),
-    (Kind.NAMESPACE, ("acme", "prod"), {}),
-    (Kind.STREAM, ("acme", "prod", "orders"), {"durable": True}),
-    (Kind.CACHE, ("acme", "prod", "sessions"), {}),
+SEED: list[tuple[ResourceKind, tuple[str, ...], dict[str, Any]]] = [
+    (ResourceKind.TENANT, ("acme",), {}),
+    (ResourceKind.NAMESPACE, ("acme", "prod"), {}),
+    (ResourceKind.STREAM, ("acme", "prod", "orders"), {"durable": True}),
+    (ResourceKind.CACHE, ("acme", "prod", "sessions"), {}),
     (
-        Kind.ISSUER,
+        ResourceKind.ISSUER,
         ("acme", "okta"),
         {
             "issuer": "https://idp.example",
@@ -53,8 +53,12 @@ SEED: list[tuple[Kind, tuple[str, ...], dict[str, Any]]] = [
             },
         },
     ),
-    (Kind.POLICY, ("acme", "publishers"), {"permissions": ["stream.publish:stream:acme/prod/*"]}),
-    (Kind.BINDING, ("acme", "eng"), {"subject": "group:eng", "policies": ["publishers"]}),
+    (
+        ResourceKind.POLICY,
+        ("acme", "publishers"),
+        {"permissions": ["stream.publish:stream:acme/prod/*"]},
+    ),
+    (ResourceKind.BINDING, ("acme", "eng"), {"subject": "group:eng", "policies": ["publishers"]}),
 ]
 #: Longest long-poll a generated case may ask for, in seconds.
 MAX_TEST_WAIT = 0.01

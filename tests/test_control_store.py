@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from felix.control.model import PARENT, Change, Kind, Op, Resource, ancestors, validate_spec
+from felix.control.model import PARENT, Change, Op, Resource, ResourceKind, ancestors, validate_spec
 from felix.control.store import (
     AlreadyExists,
     CursorTooOld,
@@ -38,9 +38,9 @@ from felix.errors import BadRequest, ConfigError, Overloaded
 from tests import pg
 from tests.aio import run
 
-T, NS, ST, CA = Kind.TENANT, Kind.NAMESPACE, Kind.STREAM, Kind.CACHE
-IS, PO, BI = Kind.ISSUER, Kind.POLICY, Kind.BINDING
-State = dict[tuple[Kind, tuple[str, ...]], Resource]
+T, NS, ST, CA = ResourceKind.TENANT, ResourceKind.NAMESPACE, ResourceKind.STREAM, ResourceKind.CACHE
+IS, PO, BI = ResourceKind.ISSUER, ResourceKind.POLICY, ResourceKind.BINDING
+State = dict[tuple[ResourceKind, tuple[str, ...]], Resource]
 
 
 @dataclass
@@ -241,7 +241,7 @@ def test_duplicate_create(backend: Backend) -> None:
     ],
 )
 def test_invalid_names_and_specs(
-    backend: Backend, kind: Kind, path: tuple[str, ...], spec: dict[str, Any]
+    backend: Backend, kind: ResourceKind, path: tuple[str, ...], spec: dict[str, Any]
 ) -> None:
     async def main() -> None:
         async with backend.open() as store:
@@ -643,7 +643,7 @@ NAMESPACES = ("n0", "n1", "n2")
 LEAVES = ("x0", "x1", "x2", "x3")
 
 
-def auth_spec(kind: Kind, tenant: str) -> dict[str, Any]:
+def auth_spec(kind: ResourceKind, tenant: str) -> dict[str, Any]:
     """A valid spec of an issuer, policy or binding of ``tenant``."""
     if kind is IS:
         return {
@@ -657,7 +657,7 @@ def auth_spec(kind: Kind, tenant: str) -> dict[str, Any]:
     return {"subject": "group:eng", "policies": ["publishers"]}
 
 
-def random_patch(rng: random.Random, kind: Kind) -> dict[str, Any]:
+def random_patch(rng: random.Random, kind: ResourceKind) -> dict[str, Any]:
     if rng.random() < 0.05:
         return {"no_such_setting": 1}  # refused: BadRequest
     if kind in (T, NS, PO):

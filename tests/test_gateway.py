@@ -158,7 +158,7 @@ def test_subscriber_without_credit_falls_behind_and_sees_the_gap(tmp_path: Path)
             notices = [
                 m
                 for m in map(ext, slow.frames[slow_stream][1:])
-                if isinstance(m, wire.SlowConsumer)
+                if isinstance(m, wire.SlowConsumerNotice)
             ]
             assert [(n.first_dropped, n.dropped) for n in notices] == [(10, 290)]
             assert [o for o, _ in events_on(slow, slow_stream)] == [*range(10), *range(300, 500)]
@@ -362,7 +362,7 @@ def test_block_policy_pushes_back_on_publishers_instead_of_dropping(tmp_path: Pa
             await sub_peer.wait_for(lambda: len(events_on(sub_peer, stream)) == len(acked) + 1)
             assert [o for o, _ in events_on(sub_peer, stream)] == list(range(len(acked) + 1))
             assert not any(
-                isinstance(ext(f), wire.SlowConsumer) for f in sub_peer.frames[stream][1:]
+                isinstance(ext(f), wire.SlowConsumerNotice) for f in sub_peer.frames[stream][1:]
             )
             for p in (pub, sub_peer):
                 p.close()

@@ -30,7 +30,7 @@ from felix.auth.keys import TenantKeyRing
 from felix.auth.perms import PermissionSet
 from felix.auth.tokens import verify_felix_token
 from felix.control.api import create_app
-from felix.control.model import Kind
+from felix.control.model import ResourceKind
 from felix.control.stores.memory import MemoryStore
 from felix.errors import BadRequest
 from felix.gateway.auth import TokenAuthenticator
@@ -264,7 +264,7 @@ def test_fetcher_against_the_control_api(tmp_path: Path) -> None:
         store = MemoryStore()
         await store.open()
         for tenant in ("acme", "nokeys"):
-            await store.create(Kind.TENANT, (tenant,), {})
+            await store.create(ResourceKind.TENANT, (tenant,), {})
         app = create_app(store, keys_dir=keys, admin_token="admin", require_auth=True)
         fetch = HttpJwksFetcher(
             "http://control", token="admin", transport=httpx.ASGITransport(app=app)
@@ -309,17 +309,17 @@ def test_follower_reports_tenants_from_the_snapshot_and_the_feed() -> None:
     async def main() -> None:
         store = MemoryStore()
         await store.open()
-        await store.create(Kind.TENANT, ("acme",), {})
-        await store.create(Kind.NAMESPACE, ("acme", "prod"), {})
+        await store.create(ResourceKind.TENANT, ("acme",), {})
+        await store.create(ResourceKind.NAMESPACE, ("acme", "prod"), {})
         seen: list[frozenset[str]] = []
         follower = ControlFollower(StoreFeed(store), 1, lambda s, c: None, on_tenants=seen.append)
         task = asyncio.create_task(follower.run())
         await follower.seeded.wait()
         assert seen == [{"acme"}]
-        await store.create(Kind.TENANT, ("beta",), {})
-        await store.update(Kind.TENANT, ("beta",), {})
-        await store.create(Kind.NAMESPACE, ("beta", "x"), {})
-        await store.delete(Kind.TENANT, ("acme",), cascade=True)
+        await store.create(ResourceKind.TENANT, ("beta",), {})
+        await store.update(ResourceKind.TENANT, ("beta",), {})
+        await store.create(ResourceKind.NAMESPACE, ("beta", "x"), {})
+        await store.delete(ResourceKind.TENANT, ("acme",), cascade=True)
         async with asyncio.timeout(5):
             while seen[-1] != {"beta"}:
                 await asyncio.sleep(0.01)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from felix import ipc, wire
 from felix.errors import NotFound
-from felix.ipc import Kind
+from felix.ipc import RecordType
 from felix.shard.cache import CacheSettings
 from felix.shard.core import ShardCore, ShardSettings
 from felix.shard.offsets import OffsetReservations
@@ -20,9 +20,9 @@ def core(**kw: object) -> ShardCore:
 
 
 def request(c: ShardCore, frame: bytes, *, gateway: int = 0, token: int = 1, now: float = 0.0):
-    c.handle(gateway, ipc.encode(Kind.REQUEST, token, 0, frame), now)
+    c.handle(gateway, ipc.encode(RecordType.REQUEST, token, 0, frame), now)
     out = c.flush()
-    replies = [r for r in out.get(gateway, []) if r[0] == Kind.REPLY]
+    replies = [r for r in out.get(gateway, []) if r[0] == RecordType.REPLY]
     assert len(replies) == 1, out
     _, tok, _ = ipc.decode_header(replies[0])
     assert tok == token
@@ -69,11 +69,16 @@ def test_publish_acks_offsets_and_pushes_once_per_batch_to_watchers() -> None:
     assert isinstance(sub, wire.Subscribed) and sub.start_offset == 0
     key = ipc.stream_key(T, NS, "s")
     # Two publishes from gateway 0 in one batch: one PUSH per watching gateway at flush.
-    c.handle(0, ipc.encode(Kind.REQUEST, 5, 0, wire.encode_publish(1, T, NS, "s", [b"a", b"b"])), 0)
+    c.handle(
+        0, ipc.encode(RecordType.REQUEST, 5, 0, wire.encode_publish(1, T, NS, "s", [b"a", b"b"])), 0
+    )
     c.handle(
         0,
         ipc.encode(
-            Kind.REQUEST, 6, 0, wire.encode_publish(2, T, NS, "s", [b"c"], headers=[{"h": "v"}])
+            RecordType.REQUEST,
+            6,
+            0,
+            wire.encode_publish(2, T, NS, "s", [b"c"], headers=[{"h": "v"}]),
         ),
         0,
     )
@@ -82,7 +87,7 @@ def test_publish_acks_offsets_and_pushes_once_per_batch_to_watchers() -> None:
         wire.decode_ext(wire.decode_frame(r[ipc.HEADER_SIZE :], extensions=True)) for r in out[0]
     ]
     assert [(a.base_offset, a.count) for a in acks] == [(0, 2), (2, 1)]  # type: ignore[attr-defined]
-    assert [r[0] for r in out[1]] == [Kind.PUSH]
+    assert [r[0] for r in out[1]] == [RecordType.PUSH]
     pushed_key, pos = ipc.decode_key(out[1][0][ipc.HEADER_SIZE :])
     assert pushed_key == key
     events = wire.decode_ext(wire.decode_frame(out[1][0][ipc.HEADER_SIZE + pos :], extensions=True))
@@ -101,7 +106,7 @@ def test_read_serves_laggards_and_reports_too_old() -> None:
     (rec,) = c.flush()[0]
     kind, token, tail = ipc.decode_header(rec)
     events = wire.decode_ext(wire.decode_frame(rec[ipc.HEADER_SIZE :], extensions=True))
-    assert (kind, token, tail) == (Kind.READ_REPLY, 99, 10)
+    assert (kind, token, tail) == (RecordType.READ_REPLY, 99, 10)
     assert isinstance(events, wire.Events) and events.payloads == [b"\x07", b"\x08"]
     c.handle(0, ipc.encode_read(99, key, 1, 2, 1 << 20), 0)
     (rec,) = c.flush()[0]
@@ -123,10 +128,10 @@ def test_hostile_records_are_dropped_not_raised() -> None:
     for junk in [
         b"",
         b"\x01",
-        ipc.encode(Kind.REQUEST, 1, 0, b"garbage"),
-        ipc.encode(Kind.READ, 1, 0, b"\x00"),
+        ipc.encode(RecordType.REQUEST, 1, 0, b"garbage"),
+        ipc.encode(RecordType.READ, 1, 0, b"\x00"),
         ipc.encode(99, 1, 0, b""),  # type: ignore[arg-type]
-        ipc.encode(Kind.REQUEST, 1, 0, wire.encode_message({"type": "ok"})),
+        ipc.encode(RecordType.REQUEST, 1, 0, wire.encode_message({"type": "ok"})),
     ]:
         c.handle(0, junk, 0.0)
     assert c.malformed == 6

@@ -44,11 +44,12 @@ from felix.auth.keys import TenantKeyRing
 from felix.auth.perms import PermissionSet
 from felix.auth.tokens import read_unverified_claims
 from felix.control.api import ROUTE_ACCESS, Access, create_app
-from felix.control.model import Kind
+from felix.control.model import ResourceKind
 from felix.control.stores.memory import MemoryStore
 from felix.gateway.auth import FailureLimiter, TokenAuthenticator
 from felix.node.health import HealthServer
 from felix.node.local import LocalNode
+from felix.quic.stream_ids import is_server_initiated, is_unidirectional
 from tests.aio import run
 from tests.nodeproc import NodeProcess
 from tests.rawquic import RawPeer, raw_connect
@@ -404,7 +405,7 @@ def test_same_names_in_two_tenants_never_meet(tmp_path: Path) -> None:
             await a.wait_for(lambda: b"mine" in received(a))
             await asyncio.sleep(0.1)
             assert_no_secrets(received(a))
-            assert events_sid & 0x3 == 0x3  # a server-opened event stream
+            assert is_server_initiated(events_sid) and is_unidirectional(events_sid)
             a.close()
             b.close()
 
@@ -414,13 +415,13 @@ def test_same_names_in_two_tenants_never_meet(tmp_path: Path) -> None:
 # -- management ------------------------------------------------------------------------------
 
 ADMIN = "isolation-admin-token"
-B_RESOURCES: list[tuple[Kind, tuple[str, ...], dict[str, Any]]] = [
-    (Kind.TENANT, (B,), {}),
-    (Kind.NAMESPACE, (B, B_NS), {}),
-    (Kind.STREAM, (B, B_NS, B_STREAM), {}),
-    (Kind.CACHE, (B, B_NS, B_CACHE), {}),
+B_RESOURCES: list[tuple[ResourceKind, tuple[str, ...], dict[str, Any]]] = [
+    (ResourceKind.TENANT, (B,), {}),
+    (ResourceKind.NAMESPACE, (B, B_NS), {}),
+    (ResourceKind.STREAM, (B, B_NS, B_STREAM), {}),
+    (ResourceKind.CACHE, (B, B_NS, B_CACHE), {}),
     (
-        Kind.ISSUER,
+        ResourceKind.ISSUER,
         (B, "gxsecretidp"),
         {
             "issuer": "https://gxsecret-idp.example",
@@ -429,25 +430,25 @@ B_RESOURCES: list[tuple[Kind, tuple[str, ...], dict[str, Any]]] = [
             "jwks_url": "https://gxsecret-idp.example/keys",
         },
     ),
-    (Kind.POLICY, (B, "gxsecretpolicy"), {"permissions": [f"tenant.manage:tenant:{B}"]}),
+    (ResourceKind.POLICY, (B, "gxsecretpolicy"), {"permissions": [f"tenant.manage:tenant:{B}"]}),
     (
-        Kind.BINDING,
+        ResourceKind.BINDING,
         (B, "gxsecretbinding"),
         {"subject": "group:eng", "policies": ["gxsecretpolicy"]},
     ),
 ]
-A_RESOURCES: list[tuple[Kind, tuple[str, ...], dict[str, Any]]] = [
-    (Kind.TENANT, (A,), {}),
-    (Kind.NAMESPACE, (A, "prod"), {}),
-    (Kind.STREAM, (A, "prod", "orders"), {}),
-    (Kind.CACHE, (A, "prod", "sessions"), {}),
+A_RESOURCES: list[tuple[ResourceKind, tuple[str, ...], dict[str, Any]]] = [
+    (ResourceKind.TENANT, (A,), {}),
+    (ResourceKind.NAMESPACE, (A, "prod"), {}),
+    (ResourceKind.STREAM, (A, "prod", "orders"), {}),
+    (ResourceKind.CACHE, (A, "prod", "sessions"), {}),
     (
-        Kind.ISSUER,
+        ResourceKind.ISSUER,
         (A, "okta"),
         {"issuer": IDP, "audience": "felix-api", "algorithms": ["RS256"], "jwks_url": JWKS_URL},
     ),
-    (Kind.POLICY, (A, "pubs"), {"permissions": [f"stream.publish:stream:{A}/prod/*"]}),
-    (Kind.BINDING, (A, "eng"), {"subject": "group:eng", "policies": ["pubs"]}),
+    (ResourceKind.POLICY, (A, "pubs"), {"permissions": [f"stream.publish:stream:{A}/prod/*"]}),
+    (ResourceKind.BINDING, (A, "eng"), {"subject": "group:eng", "policies": ["pubs"]}),
 ]
 #: Path parameters naming B's resources.
 B_PARAMS = {

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from felix import wire
-from felix._messages import Kind
+from felix._messages import FieldType
 from felix.errors import RemoteProtocolError
 from perf import baseline_codec as ref
 
@@ -19,17 +19,17 @@ BLOBS = st.binary(max_size=64)
 PAYLOADS = st.lists(BLOBS, max_size=8)
 HEADERS = st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3)
 
-_KIND: dict[Kind, st.SearchStrategy[Any]] = {
-    Kind.STR: NAMES,
-    Kind.U64: U64,
-    Kind.FLAGS: st.integers(0, 0xFFFF),
-    Kind.B64: BLOBS,
-    Kind.B64_LIST: PAYLOADS,
-    Kind.B64_OR_NULL: st.none() | BLOBS,
-    Kind.U64_OR_NULL: st.none() | U64,
-    Kind.ACK: st.sampled_from(["none", "per_message", "per_batch"]),
-    Kind.START: st.sampled_from(["latest", "earliest"]) | U64.map(lambda n: {"offset": n}),
-    Kind.REASON: st.sampled_from(["too_old", "in_future"]),
+_KIND: dict[FieldType, st.SearchStrategy[Any]] = {
+    FieldType.STR: NAMES,
+    FieldType.U64: U64,
+    FieldType.FLAGS: st.integers(0, 0xFFFF),
+    FieldType.B64: BLOBS,
+    FieldType.B64_LIST: PAYLOADS,
+    FieldType.B64_OR_NULL: st.none() | BLOBS,
+    FieldType.U64_OR_NULL: st.none() | U64,
+    FieldType.ACK: st.sampled_from(["none", "per_message", "per_batch"]),
+    FieldType.START: st.sampled_from(["latest", "earliest"]) | U64.map(lambda n: {"offset": n}),
+    FieldType.REASON: st.sampled_from(["too_old", "in_future"]),
 }
 
 
@@ -38,7 +38,7 @@ def json_messages(draw: st.DrawFn) -> dict[str, Any]:
     mtype = draw(st.sampled_from(sorted(wire.MESSAGES)))
     msg: dict[str, Any] = {"type": mtype}
     for name, kind, required in wire.MESSAGES[mtype]:
-        nullable = kind in (Kind.B64_OR_NULL, Kind.U64_OR_NULL)
+        nullable = kind in (FieldType.B64_OR_NULL, FieldType.U64_OR_NULL)
         if required or draw(st.booleans()):
             msg[name] = draw(_KIND[kind])
         if nullable and name not in msg:

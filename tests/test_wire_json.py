@@ -1,4 +1,4 @@
-"""JSON messages: layout rules from wire-v1.md beyond the frozen vectors, and caller errors."""
+"""JSON messages: v1 layout rules (docs/wire-protocol.md) beyond the vectors, and caller errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Byte-exact vectors: FLX1 v1 (from wire-v1.md) and felix's extension family."""
+"""Byte-exact vectors: FLX1 v1 (docs/wire-protocol.md's v1 tables) and felix's extension family."""
 
 from __future__ import annotations
 

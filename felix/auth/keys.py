@@ -51,6 +51,7 @@ from felix.auth.perms import PermissionSet
 from felix.auth.tokens import TokenSigner, check_leeway, ed25519_jwk
 from felix.errors import BadRequest, ConfigError, Unavailable
 from felix.names import validate_name
+from felix.unverified_jwt import b64url_decode
 
 __all__ = ["MAX_TOKEN_TTL", "KeyState", "KeyTimes", "TenantKeyRing", "ed25519_kid"]
 
@@ -392,7 +393,7 @@ def _key_from_dict(data: object) -> _Key:
     try:
         if not isinstance(encoded, str):
             raise ValueError
-        raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+        raw = b64url_decode(encoded)
         key = Ed25519PrivateKey.from_private_bytes(raw)
     except (ValueError, binascii.Error):
         raise ConfigError("stored key has no valid Ed25519 private_key") from None

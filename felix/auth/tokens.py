@@ -17,7 +17,6 @@ why and never contains the token.
 
 from __future__ import annotations
 
-import binascii
 import json
 import math
 from collections.abc import Mapping
@@ -33,6 +32,7 @@ from felix.auth.perms import MAX_PERMISSIONS, PermissionSet
 from felix.auth.rbac import MAX_SUBJECT_CHARS, check_principal
 from felix.errors import BadRequest, ConfigError, Unauthenticated
 from felix.names import validate_name
+from felix.unverified_jwt import MAX_TOKEN_CHARS, read_header, read_unverified_claims
 
 __all__ = [
     "FELIX_ALGORITHM",
@@ -56,9 +56,6 @@ __all__ = [
 
 #: The only algorithm Felix tokens are signed or verified with.
 FELIX_ALGORITHM = "EdDSA"
-
-#: Longest token accepted, checked before anything is decoded.
-MAX_TOKEN_CHARS = 16 * 1024
 
 #: Most keys read from one JWK set; more make the set unusable.
 MAX_JWKS_KEYS = 100
@@ -171,41 +168,6 @@ def _jwk_problem(key: object) -> str | None:
     if key.get("use", "sig") != "sig":
         return "is not a signing key (use must be sig)"
     return None
-
-
-def read_header(token: object) -> dict[str, Any]:
-    """The JOSE header of ``token``, unverified: only use it to pick the key.
-
-    Raises:
-        Unauthenticated: ``token`` is not a string, too long, or not a JWS.
-    """
-    if not isinstance(token, str) or not token:
-        raise Unauthenticated("missing token")
-    if len(token) > MAX_TOKEN_CHARS:
-        raise Unauthenticated(f"token longer than {MAX_TOKEN_CHARS} characters")
-    try:
-        header = jwt.get_unverified_header(token)
-    except (jwt.PyJWTError, binascii.Error, ValueError):
-        raise Unauthenticated("malformed token") from None
-    return header
-
-
-def read_unverified_claims(token: str) -> dict[str, Any]:
-    """The claims of ``token`` without checking its signature: only use them to choose
-    which issuer's keys to verify it with.
-
-    Raises:
-        Unauthenticated: ``token`` is not a JWS or its payload is not a JSON object.
-    """
-    read_header(token)  # the size and type checks
-    try:
-        payload = _JWS.decode_complete(token, options={"verify_signature": False})["payload"]
-        claims = json.loads(payload)
-    except (jwt.PyJWTError, binascii.Error, ValueError, RecursionError):
-        raise Unauthenticated("malformed token") from None
-    if not isinstance(claims, dict):
-        raise Unauthenticated("token payload is not a JSON object")
-    return claims
 
 
 def read_kid(header: Mapping[str, Any]) -> str:

@@ -10,7 +10,8 @@
         sessions = client.cache("sessions")
         await sessions.set("user:1", b"...", ttl=30.0)
 
-See :func:`connect` for the options; each class's docstring states its contract.
+See :func:`connect` and :class:`ClientOptions` for the options; each class's docstring
+states its contract.
 """
 
 from felix.client._backoff import Backoff
@@ -19,6 +20,7 @@ from felix.client._client import Client, PublishAck
 from felix.client._connect import Connect, connect
 from felix.client._events import ClientEvent, Disconnected, EventFeed, Reconnected, SlowConsumer
 from felix.client._flow import Message
+from felix.client._options import ClientOptions
 from felix.client._subscription import Subscription
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "Cache",
     "Client",
     "ClientEvent",
+    "ClientOptions",
     "Connect",
     "Disconnected",
     "EventFeed",

@@ -3,7 +3,7 @@
 "Full jitter" (AWS architecture blog, "Exponential Backoff And Jitter"): attempt
 ``n`` (0-based) waits a uniformly random time in ``[0, min(cap, base * 2**n))``.
 Randomising the whole interval, on every attempt including the first, is what
-spreads many clients reconnecting after one broker restart (reliability.md R6)
+spreads many clients reconnecting after one broker restart (docs/reliability.md, R6)
 instead of letting them retry in synchronised waves.
 """
 

@@ -9,7 +9,8 @@ from felix.client._convert import resolve_name, ttl_from_wire, ttl_to_ms
 from felix.errors import BadRequest, ConfigError
 
 if TYPE_CHECKING:
-    from felix.client._client import BytesLike, Client
+    from felix.client._client import BytesLike
+    from felix.client._links import ClientLink
 
 __all__ = ["Cache"]
 
@@ -35,7 +36,7 @@ class Cache:
     happened).
     """
 
-    def __init__(self, client: Client, name: str) -> None:
+    def __init__(self, client: ClientLink, name: str) -> None:
         self._client = client
         #: The cache name as given to ``client.cache()``.
         self.name = name
@@ -48,8 +49,9 @@ class Cache:
         """The value stored under ``key``, or None if it is missing or expired."""
         _check_key(key)
         t, ns, c = self._client.tenant, self._namespace, self._cache
-        reply: wire.CacheValue = await self._client._request(
+        reply = await self._client._request(
             lambda rid: wire.encode_cache_get(rid, t, ns, c, key),
+            wire.CacheValue,
             wire.OP_CACHE_VALUE,
             idempotent=True,
         )
@@ -79,8 +81,9 @@ class Cache:
         mode = wire.SET_IF_ABSENT if nx else wire.SET_IF_PRESENT if xx else wire.SET_ALWAYS
         ttl_ms = ttl_to_ms(ttl)
         t, ns, c = self._client.tenant, self._namespace, self._cache
-        reply: wire.CacheResult = await self._client._request(
+        reply = await self._client._request(
             lambda rid: wire.encode_cache_set(rid, t, ns, c, key, value, ttl_ms=ttl_ms, mode=mode),
+            wire.CacheResult,
             wire.OP_CACHE_STORED,
         )
         return reply.result
@@ -89,8 +92,9 @@ class Cache:
         """Remove ``key``; True if it existed (and had not expired)."""
         _check_key(key)
         t, ns, c = self._client.tenant, self._namespace, self._cache
-        reply: wire.CacheResult = await self._client._request(
+        reply = await self._client._request(
             lambda rid: wire.encode_cache_delete(rid, t, ns, c, key),
+            wire.CacheResult,
             wire.OP_CACHE_DELETED,
         )
         return reply.result
@@ -99,8 +103,9 @@ class Cache:
         """Seconds until ``key`` expires; ``math.inf`` if it never does; None if it is missing."""
         _check_key(key)
         t, ns, c = self._client.tenant, self._namespace, self._cache
-        reply: wire.CacheTtlReply = await self._client._request(
+        reply = await self._client._request(
             lambda rid: wire.encode_cache_ttl(rid, t, ns, c, key),
+            wire.CacheTtlReply,
             wire.OP_CACHE_TTL_REPLY,
             idempotent=True,
         )

@@ -13,18 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeAlias
 
 from felix import wire
-from felix.client._backoff import Backoff
 from felix.client._cache import Cache
-from felix.client._connection import Connection, expect_reply
+from felix.client._connection import Connection, R, expect_reply
 from felix.client._convert import Endpoint, StartSpec, resolve_name, start_spec
 from felix.client._events import ClientEvent, EventFeed, EventHub, EventListener
+from felix.client._links import PooledSubscription
+from felix.client._options import ClientOptions
 from felix.client._pool import Pool, PoolSettings
 from felix.client._subscription import Subscription
 from felix.client._tls import client_configuration
@@ -38,13 +38,11 @@ from felix.errors import (
     RemoteProtocolError,
     Unauthenticated,
 )
-from felix.names import validate_name
 from felix.quic import QuicEngine, load_engine
 
-__all__ = ["BytesLike", "Client", "PublishAck", "TokenProvider"]
+__all__ = ["BytesLike", "Client", "PublishAck"]
 
 BytesLike: TypeAlias = bytes | bytearray | memoryview
-TokenProvider: TypeAlias = Callable[[], str] | Callable[[], Awaitable[str]]
 
 #: Seconds ``close()`` waits for connections to finish closing before it returns.
 CLOSE_WAIT = 1.0
@@ -74,82 +72,43 @@ def _headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
 class Client:
     """A connected felix client. Get one from :func:`connect`; see its arguments there."""
 
-    def __init__(
-        self,
-        endpoint: Endpoint,
-        *,
-        tenant: str,
-        namespace: str,
-        token: str | None,
-        token_provider: TokenProvider | None,
-        ca: str | os.PathLike[str] | None,
-        client_cert: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None,
-        pool_size: int,
-        control_streams: int,
-        max_in_flight: int,
-        connect_timeout: float,
-        request_timeout: float,
-        keepalive: float,
-        reconnect_backoff: tuple[float, float],
-        engine: QuicEngine | str | None,
-        on_event: EventListener | None,
-        random_source: Callable[[], float],
-    ) -> None:
-        if token is not None and token_provider is not None:
-            raise ConfigError("pass token or token_provider, not both")
-        for name, value in (
-            ("pool_size", pool_size),
-            ("control_streams", control_streams),
-            ("max_in_flight", max_in_flight),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive int, got {value!r}")
-        for name, seconds in (
-            ("connect_timeout", connect_timeout),
-            ("request_timeout", request_timeout),
-            ("keepalive", keepalive),
-        ):
-            if not seconds > 0:
-                raise ConfigError(f"{name} must be positive seconds, got {seconds!r}")
+    def __init__(self, endpoint: Endpoint, options: ClientOptions) -> None:
         self.endpoint = endpoint
+        #: What the client was made with (see :class:`ClientOptions`).
+        self.options = options
         #: The tenant every request names (the broker checks it against the token).
-        self.tenant = validate_name("tenant", tenant)
+        self.tenant = options.tenant
         #: The namespace relative names resolve in.
-        self.namespace = validate_name("namespace", namespace)
-        self.request_timeout = request_timeout
-        self.connect_timeout = connect_timeout
-        self._token = token
-        self._token_provider = token_provider
+        self.namespace = options.namespace
+        self.request_timeout = options.request_timeout
+        self.connect_timeout = options.connect_timeout
+        engine = options.engine
         self._engine = engine if isinstance(engine, QuicEngine) else load_engine(engine)
-        try:
-            Backoff(base=reconnect_backoff[0], cap=reconnect_backoff[1])  # validate the pair now
-        except ValueError as exc:
-            raise ConfigError(f"reconnect_backoff: {exc}") from None
         self._hub = EventHub()
-        if on_event is not None:
-            self._hub.add_listener(on_event)
+        if options.on_event is not None:
+            self._hub.add_listener(options.on_event)
         self._pool = Pool(
             PoolSettings(
                 engine=self._engine,
                 endpoint=endpoint,
                 configuration=client_configuration(
-                    self._engine, ca, endpoint.host, client_cert=client_cert
+                    self._engine, options.ca, endpoint.host, client_cert=options.client_cert
                 ),
                 tenant=self.tenant,
                 token=self._get_token,
-                refreshable=token_provider is not None,
-                size=pool_size,
-                control_streams=control_streams,
-                connect_timeout=connect_timeout,
-                ping_timeout=request_timeout,
-                keepalive=keepalive,
-                backoff_base=reconnect_backoff[0],
-                backoff_cap=reconnect_backoff[1],
-                random=random_source,
+                refreshable=options.token_provider is not None,
+                size=options.pool_size,
+                control_streams=options.control_streams,
+                connect_timeout=options.connect_timeout,
+                ping_timeout=options.request_timeout,
+                keepalive=options.keepalive,
+                backoff_base=options.reconnect_backoff[0],
+                backoff_cap=options.reconnect_backoff[1],
+                random=options.random_source,
             ),
             self._hub.emit,
         )
-        self._inflight = asyncio.Semaphore(max_in_flight)
+        self._inflight = asyncio.Semaphore(options.max_in_flight)
         self._active = 0  # calls in progress, for drain()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -168,10 +127,11 @@ class Client:
             raise
 
     async def _get_token(self) -> str:
-        if self._token_provider is None:
-            return self._token or ""
+        provider = self.options.token_provider
+        if provider is None:
+            return self.options.token or ""
         try:
-            token = self._token_provider()
+            token = provider()
             if inspect.isawaitable(token):
                 token = await token
         except FelixError:
@@ -224,7 +184,9 @@ class Client:
             await self.close()
 
     async def _ping_all_streams(self, conn: Connection) -> None:
-        await asyncio.gather(*(conn.call(wire.encode_ping, stream_id=sid) for sid in conn._ready))
+        await asyncio.gather(
+            *(conn.call(wire.encode_ping, stream_id=sid) for sid in conn.control_stream_ids)
+        )
 
     async def __aenter__(self) -> Client:
         return self
@@ -297,10 +259,11 @@ class Client:
             await self._publish_nowait(ns, name, bytes(data), hdrs)
             return None
         t = self.tenant
-        reply: wire.PublishOffsets = await self._request(
+        reply = await self._request(
             lambda rid: wire.encode_publish(
                 rid, t, ns, name, [data], headers=[hdrs] if hdrs else None
             ),
+            wire.PublishOffsets,
             wire.OP_PUBLISH_OFFSETS,
             key=(ns, name),
         )
@@ -325,10 +288,11 @@ class Client:
             return []
         hdrs = _headers(headers)
         t = self.tenant
-        reply: wire.PublishOffsets = await self._request(
+        reply = await self._request(
             lambda rid: wire.encode_publish(
                 rid, t, ns, name, items, headers=[hdrs] * len(items) if hdrs else None
             ),
+            wire.PublishOffsets,
             wire.OP_PUBLISH_OFFSETS,
             key=(ns, name),
         )
@@ -361,7 +325,7 @@ class Client:
         """Round-trip time of a PING through the broker, in seconds."""
         loop = asyncio.get_running_loop()
         began = loop.time()
-        await self._request(wire.encode_ping, wire.OP_OK, idempotent=True)
+        await self._request(wire.encode_ping, wire.ExtMessage, wire.OP_OK, idempotent=True)
         return loop.time() - began
 
     # -- calls ---------------------------------------------------------------------------
@@ -369,19 +333,21 @@ class Client:
     async def _request(
         self,
         build: Callable[[int], bytes],
+        reply_type: type[R],
         opcode: int,
         *,
         key: object | None = None,
         idempotent: bool = False,
-    ) -> Any:
-        """Send ``build(request_id)`` and return the reply with ``opcode`` (else raise).
+    ) -> R:
+        """Send ``build(request_id)`` and return the reply: a ``reply_type`` with ``opcode``
+        (else raise what the broker answered).
 
         ``idempotent``: retry once if the connection is lost under the call.
         """
         self._check_usable()
         async with self._call_scope(), self._inflight:
             reply = await self._with_timeout(self._call_on_pool(build, key, idempotent))
-        return expect_reply(reply, opcode)
+        return expect_reply(reply, reply_type, opcode)
 
     async def _call_on_pool(
         self, build: Callable[[int], bytes], key: object | None, idempotent: bool
@@ -409,7 +375,7 @@ class Client:
         async with self._call_scope():
             await self._with_timeout(queue())
 
-    async def _start_subscription(self, sub: Subscription) -> None:
+    async def _start_subscription(self, sub: PooledSubscription) -> None:
         self._check_usable()
 
         async def subscribe() -> None:
@@ -417,7 +383,7 @@ class Client:
                 conn = await self._pool.connection()
                 self._pool.attach(sub, conn)
                 try:
-                    await sub._subscribe_on(conn, sub._start)
+                    await sub._subscribe_on(conn)
                     return
                 except BaseException as exc:
                     self._pool.detach(sub)
@@ -427,7 +393,7 @@ class Client:
         async with self._call_scope(), self._inflight:
             await self._with_timeout(subscribe())
 
-    def _forget_subscription(self, sub: Subscription) -> None:
+    def _forget_subscription(self, sub: PooledSubscription) -> None:
         self._pool.detach(sub)
 
     async def _with_timeout(self, awaitable: Awaitable[Any]) -> Any:

@@ -27,7 +27,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol, TypeVar
 
 from felix import wire
 from felix.client._convert import Endpoint
@@ -60,6 +60,7 @@ from felix.quic import (
     StreamTransport,
 )
 from felix.quic import connect as quic_connect
+from felix.quic.stream_ids import is_server_initiated, is_unidirectional
 
 __all__ = ["ClientProtocol", "Connection", "SubscriptionSink", "expect_reply"]
 
@@ -86,8 +87,13 @@ class SubscriptionSink(Protocol):
     def _on_end(self, error: FelixError | None) -> None: ...
 
 
-def expect_reply(reply: wire.ExtMessage, opcode: int) -> Any:
-    """``reply`` if its opcode is ``opcode``; else raise what it reports.
+R = TypeVar("R", bound=wire.ExtMessage)
+
+
+def expect_reply(reply: wire.ExtMessage, reply_type: type[R], opcode: int) -> R:
+    """``reply``, typed as ``reply_type``, if its opcode is ``opcode``; else raise what
+    it reports. (A class may carry more than one opcode: CacheResult answers both
+    CACHE_SET and CACHE_DELETE, so the opcode is checked too.)
 
     ERROR becomes its ``felix.errors`` class, CURSOR_ERROR a CursorError,
     REDIRECT an Unavailable (multi-node redirects are not followed yet), and
@@ -95,7 +101,11 @@ def expect_reply(reply: wire.ExtMessage, opcode: int) -> Any:
     """
     got = reply.opcode
     if got == opcode:
-        return reply
+        if isinstance(reply, reply_type):
+            return reply
+        raise RemoteProtocolError(
+            f"reply opcode 0x{got:02x} decoded as {type(reply).__name__}, not {reply_type.__name__}"
+        )
     if isinstance(reply, wire.ErrorReply) and got == wire.OP_ERROR:
         raise error_for_code(reply.code, reply.message)
     if isinstance(reply, wire.CursorErrorReply):
@@ -246,6 +256,11 @@ class Connection:
 
     # -- requests ------------------------------------------------------------------------
 
+    @property
+    def control_stream_ids(self) -> list[int]:
+        """The authenticated control streams' ids, in opening order."""
+        return list(self._ready)
+
     def control_stream_for(self, key: object | None) -> int:
         """The control stream for ``key`` (same key, same stream: keeps order), or round-robin."""
         if key is None:
@@ -291,7 +306,7 @@ class Connection:
             )
         )
         for reply in replies:
-            expect_reply(reply, wire.OP_OK)
+            expect_reply(reply, wire.ExtMessage, wire.OP_OK)
         self.reauths += 1
 
     def send_nowait(self, build: Callable[[int], bytes], *, key: object | None = None) -> None:
@@ -396,7 +411,8 @@ class Connection:
             return
         events = self._event_streams.get(stream_id)
         if events is None:
-            if stream_id & 0x3 != 0x3:  # only broker-opened unidirectional streams are events
+            if not (is_server_initiated(stream_id) and is_unidirectional(stream_id)):
+                # only broker-opened unidirectional streams are event streams
                 self.fail(RemoteProtocolError(f"unexpected data on stream {stream_id}"))
                 return
             events = self._event_streams[stream_id] = EventStream()
@@ -470,7 +486,7 @@ class Connection:
         try:
             if isinstance(message, wire.Events):
                 sink._on_events(message)
-            elif isinstance(message, wire.SlowConsumer):
+            elif isinstance(message, wire.SlowConsumerNotice):
                 sink._on_slow_consumer(message.first_dropped, message.dropped)
             elif (
                 isinstance(message, wire.ErrorReply) and message.opcode == wire.OP_SUBSCRIPTION_END

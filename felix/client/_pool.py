@@ -5,7 +5,7 @@ asks :meth:`Pool.connection` for a live connection, round-robin, or by key (the
 same key gets the same connection while it lives, which keeps one stream's
 publishes in order); with none live it waits until one is back. When a
 connection ends its slot emits Disconnected and reconnects with exponential
-backoff and full jitter on every attempt (reliability.md R5/R6); once back it
+backoff and full jitter on every attempt (docs/reliability.md, R5 and R6); once back it
 emits Reconnected and resumes the subscriptions attached to it. A keepalive
 PING after ``keepalive`` seconds of silence keeps idle connections open (QUIC
 drops them after its idle timeout) and detects a peer that went silent.
@@ -37,16 +37,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from felix import wire
-from felix.auth.tokens import read_unverified_claims
 from felix.client._backoff import Backoff
 from felix.client._connection import Connection, expect_reply
 from felix.client._convert import Endpoint
 from felix.client._events import ClientEvent, Disconnected, Reconnected
 from felix.errors import ConnectionLost, FelixError, FelixTimeoutError, Unauthenticated
 from felix.quic import QuicConfiguration, QuicEngine
+from felix.unverified_jwt import read_unverified_claims
 
 if TYPE_CHECKING:
-    from felix.client._subscription import Subscription
+    from felix.client._links import PooledSubscription
 
 __all__ = ["Pool", "PoolSettings", "refresh_delay", "token_times"]
 
@@ -123,7 +123,7 @@ class _Slot:
     conn: Connection | None = None
     reconnecting: asyncio.Task[None] | None = None
     refreshing: asyncio.Task[None] | None = None
-    subscriptions: set[Subscription] = field(default_factory=set)
+    subscriptions: set[PooledSubscription] = field(default_factory=set)
     #: Set when the slot gave up (a static token expired): what calls fail with.
     failed: FelixError | None = None
 
@@ -246,13 +246,13 @@ class Pool:
 
     # -- subscriptions -------------------------------------------------------------------
 
-    def attach(self, sub: Subscription, conn: Connection) -> None:
+    def attach(self, sub: PooledSubscription, conn: Connection) -> None:
         """``sub`` lives on ``conn``: resume it there after that slot reconnects."""
         for slot in self._slots:
             if slot.conn is conn:
                 slot.subscriptions.add(sub)
 
-    def detach(self, sub: Subscription) -> None:
+    def detach(self, sub: PooledSubscription) -> None:
         for slot in self._slots:
             slot.subscriptions.discard(sub)
 
@@ -405,7 +405,7 @@ class Pool:
     async def _ping(self, conn: Connection) -> None:
         try:
             async with asyncio.timeout(self.settings.ping_timeout):
-                expect_reply(await conn.call(wire.encode_ping), wire.OP_OK)
+                expect_reply(await conn.call(wire.encode_ping), wire.ExtMessage, wire.OP_OK)
         except TimeoutError:
             conn.fail(FelixTimeoutError(f"keepalive PING to {conn.endpoint} unanswered"))
         except FelixError as exc:

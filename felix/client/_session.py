@@ -8,7 +8,7 @@ connection"):
   reused at all (a u64 does not wrap in practice), let alone while outstanding.
   A cancelled call removes its entry, so a reply that arrives later finds
   nothing and is dropped: it can never complete a different call (the failure
-  reliability.md R8 guards against).
+  docs/reliability.md, R8, guards against).
 * :class:`ControlStream` is one bidirectional control stream: it writes the
   ``auth`` frame, then turns received bytes into events: :class:`Authenticated`
   once, then one :class:`Reply` per extension frame, and finally
@@ -143,7 +143,7 @@ class EventHello:
 
 @dataclass(frozen=True, slots=True)
 class Notice:
-    """An extension frame on an event stream: Events, SlowConsumer or SUBSCRIPTION_END."""
+    """An extension frame on an event stream: Events, SlowConsumerNotice or SUBSCRIPTION_END."""
 
     message: wire.ExtMessage
 

@@ -17,13 +17,13 @@ import asyncio
 import enum
 import logging
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 from felix import wire
 from felix.client._backoff import Backoff
 from felix.client._connection import Connection, expect_reply
 from felix.client._events import SlowConsumer
 from felix.client._flow import Message, SubscriptionFlow
+from felix.client._links import ClientLink
 from felix.errors import (
     ConnectionLost,
     CursorError,
@@ -32,9 +32,6 @@ from felix.errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
-
-if TYPE_CHECKING:
-    from felix.client._client import Client
 
 __all__ = ["Subscription"]
 
@@ -62,7 +59,7 @@ class Subscription:
 
     def __init__(
         self,
-        client: Client,
+        client: ClientLink,
         stream: str,
         namespace: str,
         name: str,
@@ -219,8 +216,11 @@ class Subscription:
 
     # -- connection changes (called by the client) ---------------------------------------
 
-    async def _subscribe_on(self, conn: Connection, start: str | int) -> None:
-        """Register on ``conn`` and SUBSCRIBE from ``start``; raise what the broker answers."""
+    async def _subscribe_on(self, conn: Connection, start: str | int | None = None) -> None:
+        """Register on ``conn`` and SUBSCRIBE from ``start`` (None: the start asked for);
+        raise what the broker answers."""
+        if start is None:
+            start = self._start
         sub_id = conn.new_subscription_id()
         credit = self._flow.subscribe_credit()
         conn.subscriptions[sub_id] = self
@@ -238,7 +238,7 @@ class Subscription:
                     credit=credit,
                 )
             )
-            subscribed: wire.Subscribed = expect_reply(reply, wire.OP_SUBSCRIBED)
+            subscribed = expect_reply(reply, wire.Subscribed, wire.OP_SUBSCRIBED)
             if subscribed.subscription_id != sub_id:
                 raise RemoteProtocolError(
                     f"SUBSCRIBED for subscription {subscribed.subscription_id}, expected {sub_id}"

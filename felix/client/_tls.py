@@ -3,7 +3,7 @@
 * ``ca`` given: only that PEM file (one or more CA certificates). This is how a
   client pins a node's own CA (``DATA_DIR/ca-cert.pem``).
 * ``ca`` None and ``FELIX_CA_FILE`` set: the system trust store plus that file
-  (operations.md). The engines take one CA file, so the system store's
+  (docs/operations.md, "Where clients connect"). The engines take one CA file, so the system store's
   certificates are passed beside it as PEM data (both engines add ``cadata``
   and ``cafile`` together).
 * neither: the system trust store (qh3: the ``ssl`` module's default

@@ -16,6 +16,7 @@ delete of a missing key); 1 a felix error; 2 bad usage or configuration.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import math
@@ -48,13 +49,7 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     """Add ``pub``, ``sub`` and ``cache`` to the ``felix`` command's ``subparsers``."""
     common = _common_options()
 
-    pub = subparsers.add_parser(
-        "pub",
-        parents=[common],
-        help="publish one record to a stream",
-        epilog=_EPILOG,
-        formatter_class=_RAW,
-    )
+    pub = _command(subparsers, "pub", "publish one record to a stream", common)
     pub.add_argument("stream", metavar="STREAM", help="stream name (ns/name for another namespace)")
     pub.add_argument("data", metavar="DATA", help="the payload (UTF-8); - reads it from stdin")
     pub.add_argument(
@@ -65,13 +60,7 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     )
     pub.set_defaults(func=_run(_pub))
 
-    sub = subparsers.add_parser(
-        "sub",
-        parents=[common],
-        help="print a stream's records",
-        epilog=_EPILOG,
-        formatter_class=_RAW,
-    )
+    sub = _command(subparsers, "sub", "print a stream's records", common)
     sub.add_argument("stream", metavar="STREAM", help="stream name (ns/name for another namespace)")
     sub.add_argument("--start", default="latest", help="latest (default), earliest, or an offset")
     sub.add_argument("--count", type=int, metavar="N", help="exit after N records")
@@ -84,22 +73,10 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         "cache", help="get, set or delete a cache key", epilog=_EPILOG, formatter_class=_RAW
     )
     ops = cache.add_subparsers(dest="cache_command", required=True)
-    get = ops.add_parser(
-        "get",
-        parents=[common],
-        help="print a key's value (exit 3: missing)",
-        epilog=_EPILOG,
-        formatter_class=_RAW,
-    )
+    get = _command(ops, "get", "print a key's value (exit 3: missing)", common)
     _cache_args(get)
     get.set_defaults(func=_run(_cache_get))
-    set_ = ops.add_parser(
-        "set",
-        parents=[common],
-        help="store a value (exit 3: not stored)",
-        epilog=_EPILOG,
-        formatter_class=_RAW,
-    )
+    set_ = _command(ops, "set", "store a value (exit 3: not stored)", common)
     _cache_args(set_)
     set_.add_argument("value", metavar="VALUE", help="the value (UTF-8); - reads it from stdin")
     set_.add_argument("--ttl", type=float, metavar="SECONDS", help="expire after this long")
@@ -107,15 +84,21 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     condition.add_argument("--nx", action="store_true", help="only if the key is absent")
     condition.add_argument("--xx", action="store_true", help="only if the key is present")
     set_.set_defaults(func=_run(_cache_set))
-    delete = ops.add_parser(
-        "del",
-        parents=[common],
-        help="delete a key (exit 3: was missing)",
-        epilog=_EPILOG,
-        formatter_class=_RAW,
-    )
+    delete = _command(ops, "del", "delete a key (exit 3: was missing)", common)
     _cache_args(delete)
     delete.set_defaults(func=_run(_cache_del))
+
+
+def _command(
+    subparsers: Subparsers[argparse.ArgumentParser],
+    name: str,
+    help_text: str,
+    common: argparse.ArgumentParser,
+) -> argparse.ArgumentParser:
+    """A client command: the connection options, and the module doc's rules as epilog."""
+    return subparsers.add_parser(
+        name, parents=[common], help=help_text, epilog=_EPILOG, formatter_class=_RAW
+    )
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -199,8 +182,10 @@ def _run(
     command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
 ) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        import uvloop
-
+        try:
+            import uvloop
+        except ImportError:  # the base install: uvloop comes with felix[server]
+            return asyncio.run(command(args))
         return uvloop.run(command(args))
 
     return run

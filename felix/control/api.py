@@ -85,7 +85,7 @@ from felix.auth.oidc import JwksCache, verify_idp_token
 from felix.auth.perms import narrow
 from felix.auth.rbac import Policy, grant
 from felix.auth.tokens import Claims, read_unverified_claims, verify_felix_token
-from felix.control.model import BindingSpec, IssuerSpec, Kind, Path, Resource, check_path
+from felix.control.model import BindingSpec, IssuerSpec, Path, Resource, ResourceKind, check_path
 from felix.control.schemas import (
     IF_MATCH_MAX_CHARS,
     IF_MATCH_PATTERN,
@@ -488,7 +488,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _audit_change(
-    op: str, kind: Kind, path: Path, exc: BaseException | None, detail: str | None = None
+    op: str, kind: ResourceKind, path: Path, exc: BaseException | None, detail: str | None = None
 ) -> None:
     """A management change through the API (``op``: create, update or delete)."""
     caller = _current_caller()
@@ -755,7 +755,7 @@ Cascade = Annotated[
 # -- resource operations, shared by every kind ---------------------------------------------
 
 
-def missing(kind: Kind, path: Path) -> NotFound:
+def missing(kind: ResourceKind, path: Path) -> NotFound:
     return NotFound(f"{kind} {'/'.join(path)} does not exist")
 
 
@@ -764,12 +764,12 @@ def _set_etag(response: Response, res: Resource) -> None:
 
 
 async def _create(
-    ctx: _Context, response: Response, kind: Kind, path: Path, body: BaseModel
+    ctx: _Context, response: Response, kind: ResourceKind, path: Path, body: BaseModel
 ) -> Resource:
     try:
         path = check_path(kind, path)
         spec = body.model_dump(mode="json", exclude={"name"}, exclude_unset=True)
-        if kind is Kind.STREAM:
+        if kind is ResourceKind.STREAM:
             _check_region(ctx, spec)
         res = await ctx.store.create(kind, path, spec)
     except FelixError as exc:
@@ -781,7 +781,7 @@ async def _create(
     return res
 
 
-async def _get(store: Store, response: Response, kind: Kind, path: Path) -> Resource:
+async def _get(store: Store, response: Response, kind: ResourceKind, path: Path) -> Resource:
     res = await store.get(kind, check_path(kind, path))
     if res is None:
         raise missing(kind, path)
@@ -789,7 +789,9 @@ async def _get(store: Store, response: Response, kind: Kind, path: Path) -> Reso
     return res
 
 
-async def _if_version(store: Store, kind: Kind, path: Path, if_match: str | None) -> int | None:
+async def _if_version(
+    store: Store, kind: ResourceKind, path: Path, if_match: str | None
+) -> int | None:
     """The version to pass the store for ``If-Match`` (None: unconditional)."""
     allowed = parse_if_match(if_match)
     if allowed is None:
@@ -812,7 +814,7 @@ async def _if_version(store: Store, kind: Kind, path: Path, if_match: str | None
 async def _update(
     ctx: _Context,
     response: Response,
-    kind: Kind,
+    kind: ResourceKind,
     path: Path,
     body: BaseModel,
     if_match: str | None,
@@ -820,7 +822,7 @@ async def _update(
     try:
         path = check_path(kind, path)
         patch = body.model_dump(mode="json", exclude_unset=True)
-        if kind is Kind.STREAM:
+        if kind is ResourceKind.STREAM:
             _check_region(ctx, patch)
         if_version = await _if_version(ctx.store, kind, path, if_match)
         res = await ctx.store.update(kind, path, patch, if_version=if_version)
@@ -833,7 +835,7 @@ async def _update(
 
 
 async def _delete(
-    store: Store, kind: Kind, path: Path, if_match: str | None, cascade: bool = False
+    store: Store, kind: ResourceKind, path: Path, if_match: str | None, cascade: bool = False
 ) -> Deleted:
     try:
         path = check_path(kind, path)
@@ -851,7 +853,7 @@ async def _delete(
 
 
 async def _list(
-    store: Store, kind: Kind, parent: Path, out: Callable[[Resource], _Out]
+    store: Store, kind: ResourceKind, parent: Path, out: Callable[[Resource], _Out]
 ) -> ResourceList[_Out]:
     items = await store.list_resources(kind, parent)
     return ResourceList[_Out](items=[out(r) for r in items])
@@ -882,19 +884,19 @@ _NS = f"{_T}/namespaces/{{ns}}"
 
 @_router.get("/tenants", tags=["tenants"], summary="List tenants", responses=_LIST)
 async def list_tenants(store: StoreDep) -> ResourceList[TenantOut]:
-    return await _list(store, Kind.TENANT, (), TenantOut.of)
+    return await _list(store, ResourceKind.TENANT, (), TenantOut.of)
 
 
 @_router.post(
     "/tenants", tags=["tenants"], summary="Create a tenant", status_code=201, responses=_CREATE
 )
 async def create_tenant(body: TenantCreate, ctx: ContextDep, response: Response) -> TenantOut:
-    return TenantOut.of(await _create(ctx, response, Kind.TENANT, (body.name,), body))
+    return TenantOut.of(await _create(ctx, response, ResourceKind.TENANT, (body.name,), body))
 
 
 @_router.get(f"/{_T}", tags=["tenants"], summary="Get a tenant", responses=_READ)
 async def get_tenant(tenant: TenantName, store: StoreDep, response: Response) -> TenantOut:
-    return TenantOut.of(await _get(store, response, Kind.TENANT, (tenant,)))
+    return TenantOut.of(await _get(store, response, ResourceKind.TENANT, (tenant,)))
 
 
 @_router.patch(f"/{_T}", tags=["tenants"], summary="Update a tenant", responses=_UPDATE)
@@ -905,19 +907,21 @@ async def update_tenant(
     response: Response,
     if_match: IfMatch = None,
 ) -> TenantOut:
-    return TenantOut.of(await _update(ctx, response, Kind.TENANT, (tenant,), body, if_match))
+    return TenantOut.of(
+        await _update(ctx, response, ResourceKind.TENANT, (tenant,), body, if_match)
+    )
 
 
 @_router.delete(f"/{_T}", tags=["tenants"], summary="Delete a tenant", responses=_DELETE)
 async def delete_tenant(
     tenant: TenantName, store: StoreDep, if_match: IfMatch = None, cascade: Cascade = False
 ) -> Deleted:
-    return await _delete(store, Kind.TENANT, (tenant,), if_match, cascade)
+    return await _delete(store, ResourceKind.TENANT, (tenant,), if_match, cascade)
 
 
 @_router.get(f"/{_T}/namespaces", tags=["namespaces"], summary="List namespaces", responses=_LIST)
 async def list_namespaces(tenant: TenantName, store: StoreDep) -> ResourceList[NamespaceOut]:
-    return await _list(store, Kind.NAMESPACE, (tenant,), NamespaceOut.of)
+    return await _list(store, ResourceKind.NAMESPACE, (tenant,), NamespaceOut.of)
 
 
 @_router.post(
@@ -930,14 +934,16 @@ async def list_namespaces(tenant: TenantName, store: StoreDep) -> ResourceList[N
 async def create_namespace(
     tenant: TenantName, body: NamespaceCreate, ctx: ContextDep, response: Response
 ) -> NamespaceOut:
-    return NamespaceOut.of(await _create(ctx, response, Kind.NAMESPACE, (tenant, body.name), body))
+    return NamespaceOut.of(
+        await _create(ctx, response, ResourceKind.NAMESPACE, (tenant, body.name), body)
+    )
 
 
 @_router.get(f"/{_NS}", tags=["namespaces"], summary="Get a namespace", responses=_READ)
 async def get_namespace(
     tenant: TenantName, ns: NamespaceName, store: StoreDep, response: Response
 ) -> NamespaceOut:
-    return NamespaceOut.of(await _get(store, response, Kind.NAMESPACE, (tenant, ns)))
+    return NamespaceOut.of(await _get(store, response, ResourceKind.NAMESPACE, (tenant, ns)))
 
 
 @_router.patch(f"/{_NS}", tags=["namespaces"], summary="Update a namespace", responses=_UPDATE)
@@ -949,7 +955,7 @@ async def update_namespace(
     response: Response,
     if_match: IfMatch = None,
 ) -> NamespaceOut:
-    res = await _update(ctx, response, Kind.NAMESPACE, (tenant, ns), body, if_match)
+    res = await _update(ctx, response, ResourceKind.NAMESPACE, (tenant, ns), body, if_match)
     return NamespaceOut.of(res)
 
 
@@ -961,14 +967,14 @@ async def delete_namespace(
     if_match: IfMatch = None,
     cascade: Cascade = False,
 ) -> Deleted:
-    return await _delete(store, Kind.NAMESPACE, (tenant, ns), if_match, cascade)
+    return await _delete(store, ResourceKind.NAMESPACE, (tenant, ns), if_match, cascade)
 
 
 @_router.get(f"/{_NS}/streams", tags=["streams"], summary="List streams", responses=_LIST)
 async def list_streams(
     tenant: TenantName, ns: NamespaceName, store: StoreDep
 ) -> ResourceList[StreamOut]:
-    return await _list(store, Kind.STREAM, (tenant, ns), StreamOut.of)
+    return await _list(store, ResourceKind.STREAM, (tenant, ns), StreamOut.of)
 
 
 @_router.post(
@@ -981,7 +987,9 @@ async def list_streams(
 async def create_stream(
     tenant: TenantName, ns: NamespaceName, body: StreamCreate, ctx: ContextDep, response: Response
 ) -> StreamOut:
-    return StreamOut.of(await _create(ctx, response, Kind.STREAM, (tenant, ns, body.name), body))
+    return StreamOut.of(
+        await _create(ctx, response, ResourceKind.STREAM, (tenant, ns, body.name), body)
+    )
 
 
 @_router.get(
@@ -990,7 +998,7 @@ async def create_stream(
 async def get_stream(
     tenant: TenantName, ns: NamespaceName, stream: StreamName, store: StoreDep, response: Response
 ) -> StreamOut:
-    return StreamOut.of(await _get(store, response, Kind.STREAM, (tenant, ns, stream)))
+    return StreamOut.of(await _get(store, response, ResourceKind.STREAM, (tenant, ns, stream)))
 
 
 @_router.patch(
@@ -1005,7 +1013,7 @@ async def update_stream(
     response: Response,
     if_match: IfMatch = None,
 ) -> StreamOut:
-    res = await _update(ctx, response, Kind.STREAM, (tenant, ns, stream), body, if_match)
+    res = await _update(ctx, response, ResourceKind.STREAM, (tenant, ns, stream), body, if_match)
     return StreamOut.of(res)
 
 
@@ -1022,14 +1030,14 @@ async def delete_stream(
     store: StoreDep,
     if_match: IfMatch = None,
 ) -> Deleted:
-    return await _delete(store, Kind.STREAM, (tenant, ns, stream), if_match)
+    return await _delete(store, ResourceKind.STREAM, (tenant, ns, stream), if_match)
 
 
 @_router.get(f"/{_NS}/caches", tags=["caches"], summary="List caches", responses=_LIST)
 async def list_caches(
     tenant: TenantName, ns: NamespaceName, store: StoreDep
 ) -> ResourceList[CacheOut]:
-    return await _list(store, Kind.CACHE, (tenant, ns), CacheOut.of)
+    return await _list(store, ResourceKind.CACHE, (tenant, ns), CacheOut.of)
 
 
 @_router.post(
@@ -1038,14 +1046,16 @@ async def list_caches(
 async def create_cache(
     tenant: TenantName, ns: NamespaceName, body: CacheCreate, ctx: ContextDep, response: Response
 ) -> CacheOut:
-    return CacheOut.of(await _create(ctx, response, Kind.CACHE, (tenant, ns, body.name), body))
+    return CacheOut.of(
+        await _create(ctx, response, ResourceKind.CACHE, (tenant, ns, body.name), body)
+    )
 
 
 @_router.get(f"/{_NS}/caches/{{cache}}", tags=["caches"], summary="Get a cache", responses=_READ)
 async def get_cache(
     tenant: TenantName, ns: NamespaceName, cache: CacheName, store: StoreDep, response: Response
 ) -> CacheOut:
-    return CacheOut.of(await _get(store, response, Kind.CACHE, (tenant, ns, cache)))
+    return CacheOut.of(await _get(store, response, ResourceKind.CACHE, (tenant, ns, cache)))
 
 
 @_router.patch(
@@ -1060,7 +1070,7 @@ async def update_cache(
     response: Response,
     if_match: IfMatch = None,
 ) -> CacheOut:
-    res = await _update(ctx, response, Kind.CACHE, (tenant, ns, cache), body, if_match)
+    res = await _update(ctx, response, ResourceKind.CACHE, (tenant, ns, cache), body, if_match)
     return CacheOut.of(res)
 
 
@@ -1074,7 +1084,7 @@ async def delete_cache(
     store: StoreDep,
     if_match: IfMatch = None,
 ) -> Deleted:
-    return await _delete(store, Kind.CACHE, (tenant, ns, cache), if_match)
+    return await _delete(store, ResourceKind.CACHE, (tenant, ns, cache), if_match)
 
 
 # -- authentication settings: issuers, policies, bindings --------------------------------
@@ -1082,7 +1092,7 @@ async def delete_cache(
 
 @_router.get(f"/{_T}/issuers", tags=["auth"], summary="List trusted issuers", responses=_LIST)
 async def list_issuers(tenant: TenantName, store: StoreDep) -> ResourceList[IssuerOut]:
-    return await _list(store, Kind.ISSUER, (tenant,), IssuerOut.of)
+    return await _list(store, ResourceKind.ISSUER, (tenant,), IssuerOut.of)
 
 
 @_router.post(
@@ -1095,14 +1105,16 @@ async def list_issuers(tenant: TenantName, store: StoreDep) -> ResourceList[Issu
 async def create_issuer(
     tenant: TenantName, body: IssuerCreate, ctx: ContextDep, response: Response
 ) -> IssuerOut:
-    return IssuerOut.of(await _create(ctx, response, Kind.ISSUER, (tenant, body.name), body))
+    return IssuerOut.of(
+        await _create(ctx, response, ResourceKind.ISSUER, (tenant, body.name), body)
+    )
 
 
 @_router.get(f"/{_T}/issuers/{{issuer}}", tags=["auth"], summary="Get an issuer", responses=_READ)
 async def get_issuer(
     tenant: TenantName, issuer: IssuerName, store: StoreDep, response: Response
 ) -> IssuerOut:
-    return IssuerOut.of(await _get(store, response, Kind.ISSUER, (tenant, issuer)))
+    return IssuerOut.of(await _get(store, response, ResourceKind.ISSUER, (tenant, issuer)))
 
 
 @_router.patch(
@@ -1116,7 +1128,7 @@ async def update_issuer(
     response: Response,
     if_match: IfMatch = None,
 ) -> IssuerOut:
-    res = await _update(ctx, response, Kind.ISSUER, (tenant, issuer), body, if_match)
+    res = await _update(ctx, response, ResourceKind.ISSUER, (tenant, issuer), body, if_match)
     return IssuerOut.of(res)
 
 
@@ -1126,12 +1138,12 @@ async def update_issuer(
 async def delete_issuer(
     tenant: TenantName, issuer: IssuerName, store: StoreDep, if_match: IfMatch = None
 ) -> Deleted:
-    return await _delete(store, Kind.ISSUER, (tenant, issuer), if_match)
+    return await _delete(store, ResourceKind.ISSUER, (tenant, issuer), if_match)
 
 
 @_router.get(f"/{_T}/policies", tags=["auth"], summary="List policies", responses=_LIST)
 async def list_policies(tenant: TenantName, store: StoreDep) -> ResourceList[PolicyOut]:
-    return await _list(store, Kind.POLICY, (tenant,), PolicyOut.of)
+    return await _list(store, ResourceKind.POLICY, (tenant,), PolicyOut.of)
 
 
 @_router.post(
@@ -1140,14 +1152,16 @@ async def list_policies(tenant: TenantName, store: StoreDep) -> ResourceList[Pol
 async def create_policy(
     tenant: TenantName, body: PolicyCreate, ctx: ContextDep, response: Response
 ) -> PolicyOut:
-    return PolicyOut.of(await _create(ctx, response, Kind.POLICY, (tenant, body.name), body))
+    return PolicyOut.of(
+        await _create(ctx, response, ResourceKind.POLICY, (tenant, body.name), body)
+    )
 
 
 @_router.get(f"/{_T}/policies/{{policy}}", tags=["auth"], summary="Get a policy", responses=_READ)
 async def get_policy(
     tenant: TenantName, policy: PolicyName, store: StoreDep, response: Response
 ) -> PolicyOut:
-    return PolicyOut.of(await _get(store, response, Kind.POLICY, (tenant, policy)))
+    return PolicyOut.of(await _get(store, response, ResourceKind.POLICY, (tenant, policy)))
 
 
 @_router.patch(
@@ -1161,7 +1175,7 @@ async def update_policy(
     response: Response,
     if_match: IfMatch = None,
 ) -> PolicyOut:
-    res = await _update(ctx, response, Kind.POLICY, (tenant, policy), body, if_match)
+    res = await _update(ctx, response, ResourceKind.POLICY, (tenant, policy), body, if_match)
     return PolicyOut.of(res)
 
 
@@ -1171,12 +1185,12 @@ async def update_policy(
 async def delete_policy(
     tenant: TenantName, policy: PolicyName, store: StoreDep, if_match: IfMatch = None
 ) -> Deleted:
-    return await _delete(store, Kind.POLICY, (tenant, policy), if_match)
+    return await _delete(store, ResourceKind.POLICY, (tenant, policy), if_match)
 
 
 @_router.get(f"/{_T}/bindings", tags=["auth"], summary="List role bindings", responses=_LIST)
 async def list_bindings(tenant: TenantName, store: StoreDep) -> ResourceList[BindingOut]:
-    return await _list(store, Kind.BINDING, (tenant,), BindingOut.of)
+    return await _list(store, ResourceKind.BINDING, (tenant,), BindingOut.of)
 
 
 @_router.post(
@@ -1189,7 +1203,9 @@ async def list_bindings(tenant: TenantName, store: StoreDep) -> ResourceList[Bin
 async def create_binding(
     tenant: TenantName, body: BindingCreate, ctx: ContextDep, response: Response
 ) -> BindingOut:
-    return BindingOut.of(await _create(ctx, response, Kind.BINDING, (tenant, body.name), body))
+    return BindingOut.of(
+        await _create(ctx, response, ResourceKind.BINDING, (tenant, body.name), body)
+    )
 
 
 @_router.get(
@@ -1198,7 +1214,7 @@ async def create_binding(
 async def get_binding(
     tenant: TenantName, binding: BindingName, store: StoreDep, response: Response
 ) -> BindingOut:
-    return BindingOut.of(await _get(store, response, Kind.BINDING, (tenant, binding)))
+    return BindingOut.of(await _get(store, response, ResourceKind.BINDING, (tenant, binding)))
 
 
 @_router.patch(
@@ -1215,7 +1231,7 @@ async def update_binding(
     response: Response,
     if_match: IfMatch = None,
 ) -> BindingOut:
-    res = await _update(ctx, response, Kind.BINDING, (tenant, binding), body, if_match)
+    res = await _update(ctx, response, ResourceKind.BINDING, (tenant, binding), body, if_match)
     return BindingOut.of(res)
 
 
@@ -1228,7 +1244,7 @@ async def update_binding(
 async def delete_binding(
     tenant: TenantName, binding: BindingName, store: StoreDep, if_match: IfMatch = None
 ) -> Deleted:
-    return await _delete(store, Kind.BINDING, (tenant, binding), if_match)
+    return await _delete(store, ResourceKind.BINDING, (tenant, binding), if_match)
 
 
 # -- token exchange and published keys ---------------------------------------------------
@@ -1282,12 +1298,12 @@ async def exchange_token(
     who, issuer = "anonymous", _claimed_issuer(authorization)
     try:
         auth = ctx.token_auth()
-        check_path(Kind.TENANT, (tenant,))
+        check_path(ResourceKind.TENANT, (tenant,))
         token = _bearer(authorization)
         store = ctx.store
         issuers = [
             IssuerSpec.model_validate(r.spec).config()
-            for r in await store.list_resources(Kind.ISSUER, (tenant,))
+            for r in await store.list_resources(ResourceKind.ISSUER, (tenant,))
         ]
         now = ctx.clock()
         identity = await verify_idp_token(
@@ -1296,11 +1312,11 @@ async def exchange_token(
         who, issuer = identity.sub, identity.issuer
         policies = [
             Policy.create(tenant, r.name, r.spec["permissions"])
-            for r in await store.list_resources(Kind.POLICY, (tenant,))
+            for r in await store.list_resources(ResourceKind.POLICY, (tenant,))
         ]
         bindings = [
             BindingSpec.model_validate(r.spec).binding()
-            for r in await store.list_resources(Kind.BINDING, (tenant,))
+            for r in await store.list_resources(ResourceKind.BINDING, (tenant,))
         ]
         granted = grant(
             bindings, policies, identity.sub, identity.groups, tenant, issuer=identity.issuer
@@ -1337,8 +1353,8 @@ async def tenant_jwks(tenant: TenantName, ctx: ContextDep, response: Response) -
     404: no such tenant; 503: no key directory, or the tenant has no signing keys yet.
     """
     auth = ctx.token_auth()
-    if await ctx.store.get(Kind.TENANT, check_path(Kind.TENANT, (tenant,))) is None:
-        raise missing(Kind.TENANT, (tenant,))
+    if await ctx.store.get(ResourceKind.TENANT, check_path(ResourceKind.TENANT, (tenant,))) is None:
+        raise missing(ResourceKind.TENANT, (tenant,))
     jwks = auth.published.jwks(tenant, time.monotonic())
     if jwks is None:
         raise Unavailable(

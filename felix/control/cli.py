@@ -63,13 +63,12 @@ from typing import Any
 
 from felix.auth.cli import read_secret
 from felix.auth.perms import PermissionSet
-from felix.auth.tokens import read_unverified_claims
 from felix.control.cliargs import add_connection_arguments, open_client
 from felix.control.client import ControlClient
-from felix.control.model import PARENT, Kind, Path, Resource
-from felix.control.store import AlreadyExists
-from felix.errors import BadRequest, ConfigError, NotFound
+from felix.control.model import PARENT, Path, Resource, ResourceKind
+from felix.errors import AlreadyExists, BadRequest, ConfigError, NotFound
 from felix.names import NAME_MAX_CHARS
+from felix.unverified_jwt import read_unverified_claims
 
 __all__ = ["add_commands", "parse_settings"]
 
@@ -78,13 +77,17 @@ Command = Callable[[argparse.Namespace], int]
 
 #: Command group name, kind, and what the group's help says.
 _GROUPS = (
-    ("tenant", Kind.TENANT, "tenants (control plane)"),
-    ("ns", Kind.NAMESPACE, "namespaces of a tenant (control plane)"),
-    ("stream", Kind.STREAM, "streams of a namespace (control plane)"),
-    ("cache", Kind.CACHE, "caches of a namespace (control plane)"),
-    ("issuer", Kind.ISSUER, "OIDC identity providers a tenant trusts (control plane)"),
-    ("policy", Kind.POLICY, "named lists of permissions of a tenant (control plane)"),
-    ("binding", Kind.BINDING, "policies given to a tenant's users or groups (control plane)"),
+    ("tenant", ResourceKind.TENANT, "tenants (control plane)"),
+    ("ns", ResourceKind.NAMESPACE, "namespaces of a tenant (control plane)"),
+    ("stream", ResourceKind.STREAM, "streams of a namespace (control plane)"),
+    ("cache", ResourceKind.CACHE, "caches of a namespace (control plane)"),
+    ("issuer", ResourceKind.ISSUER, "OIDC identity providers a tenant trusts (control plane)"),
+    ("policy", ResourceKind.POLICY, "named lists of permissions of a tenant (control plane)"),
+    (
+        "binding",
+        ResourceKind.BINDING,
+        "policies given to a tenant's users or groups (control plane)",
+    ),
 )
 _RAW = argparse.RawDescriptionHelpFormatter
 #: The module doc minus its first line: the usage rules, shown under each command's help.
@@ -121,7 +124,7 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         info.set_defaults(func=_with_client(_info, kind))
 
         rm = _command(commands, "rm", f"delete a {what}", kind, named=True)
-        if kind in (Kind.TENANT, Kind.NAMESPACE):
+        if kind in (ResourceKind.TENANT, ResourceKind.NAMESPACE):
             rm.add_argument(
                 "--cascade", action="store_true", help="also delete everything under it"
             )
@@ -133,14 +136,16 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
 def _add_rbac(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     commands = _group(subparsers, "rbac", "who may do what: policies and bindings (control plane)")
 
-    ls = _command(commands, "ls", "list bindings with their policies' permissions", Kind.BINDING)
-    ls.set_defaults(func=_with_client(_rbac_ls, Kind.BINDING))
+    ls = _command(
+        commands, "ls", "list bindings with their policies' permissions", ResourceKind.BINDING
+    )
+    ls.set_defaults(func=_with_client(_rbac_ls, ResourceKind.BINDING))
 
     for name, help_text, func in (
         ("grant", "give SUBJECT policies (creates or extends its binding)", _rbac_grant),
         ("revoke", "take policies from SUBJECT (drops bindings left empty)", _rbac_revoke),
     ):
-        cmd = _command(commands, name, help_text, Kind.BINDING)
+        cmd = _command(commands, name, help_text, ResourceKind.BINDING)
         cmd.add_argument("subject", metavar="SUBJECT", help="group:NAME, user:SUB or a bare SUB")
         cmd.add_argument(
             "--policy",
@@ -151,7 +156,7 @@ def _add_rbac(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
             help="a policy of the tenant (repeatable)",
         )
         cmd.add_argument("--issuer", help="only the binding limited to this issuer (its iss)")
-        cmd.set_defaults(func=_with_client(func, Kind.BINDING))
+        cmd.set_defaults(func=_with_client(func, ResourceKind.BINDING))
 
     check = commands.add_parser(
         "check",
@@ -188,17 +193,21 @@ def _command(
     commands: Subparsers[argparse.ArgumentParser],
     name: str,
     help_text: str,
-    kind: Kind,
+    kind: ResourceKind,
     *,
     named: bool = False,
 ) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=help_text, epilog=_EPILOG, formatter_class=_RAW)
     if named:
-        hint = " (ns/name for another namespace)" if kind in (Kind.STREAM, Kind.CACHE) else ""
+        hint = (
+            " (ns/name for another namespace)"
+            if kind in (ResourceKind.STREAM, ResourceKind.CACHE)
+            else ""
+        )
         parser.add_argument("name", metavar="NAME", help=f"the {kind.value}'s name{hint}")
-    if kind is not Kind.TENANT:
+    if kind is not ResourceKind.TENANT:
         parser.add_argument("--tenant", default="default", help="tenant (default: default)")
-    if kind in (Kind.STREAM, Kind.CACHE):
+    if kind in (ResourceKind.STREAM, ResourceKind.CACHE):
         parser.add_argument("--namespace", default="default", help="namespace (default: default)")
     add_connection_arguments(parser.add_argument_group("connection"))
     parser.add_argument("--json", action="store_true", help="print JSON (one object per line)")
@@ -206,7 +215,7 @@ def _command(
 
 
 def _with_client(
-    command: Callable[[ControlClient, argparse.Namespace, Kind], int], kind: Kind
+    command: Callable[[ControlClient, argparse.Namespace, ResourceKind], int], kind: ResourceKind
 ) -> Command:
     def run(args: argparse.Namespace) -> int:
         with open_client(args) as client:
@@ -218,19 +227,19 @@ def _with_client(
 # -- arguments ---------------------------------------------------------------------------
 
 
-def _parent(args: argparse.Namespace, kind: Kind) -> Path:
+def _parent(args: argparse.Namespace, kind: ResourceKind) -> Path:
     """The parent path a command works under, from --tenant and --namespace."""
-    if kind is Kind.TENANT:
+    if kind is ResourceKind.TENANT:
         return ()
-    if PARENT[kind] is Kind.TENANT:
+    if PARENT[kind] is ResourceKind.TENANT:
         return (args.tenant,)
     return (args.tenant, args.namespace)
 
 
-def _path(args: argparse.Namespace, kind: Kind) -> Path:
+def _path(args: argparse.Namespace, kind: ResourceKind) -> Path:
     """The path NAME names; a stream or cache NAME may be ``ns/name``."""
     name: str = args.name
-    if kind in (Kind.STREAM, Kind.CACHE) and "/" in name:
+    if kind in (ResourceKind.STREAM, ResourceKind.CACHE) and "/" in name:
         namespace, _, name = name.partition("/")
         return (args.tenant, namespace, name)
     return (*_parent(args, kind), name)
@@ -301,14 +310,14 @@ def _table(rows: Sequence[Sequence[str]]) -> None:
         )
 
 
-def _label(kind: Kind, path: Path) -> str:
+def _label(kind: ResourceKind, path: Path) -> str:
     return f"{kind.value} {'/'.join(path)}"
 
 
 # -- commands ----------------------------------------------------------------------------
 
 
-def _ls(client: ControlClient, args: argparse.Namespace, kind: Kind) -> int:
+def _ls(client: ControlClient, args: argparse.Namespace, kind: ResourceKind) -> int:
     resources = client.list_resources(kind, _parent(args, kind))
     if args.json:
         for res in resources:
@@ -322,7 +331,7 @@ def _ls(client: ControlClient, args: argparse.Namespace, kind: Kind) -> int:
     return 0
 
 
-def _create(client: ControlClient, args: argparse.Namespace, kind: Kind) -> int:
+def _create(client: ControlClient, args: argparse.Namespace, kind: ResourceKind) -> int:
     res = client.create(kind, _path(args, kind), parse_settings(args.settings))
     if args.json:
         _print_json(_resource_json(res))
@@ -331,7 +340,7 @@ def _create(client: ControlClient, args: argparse.Namespace, kind: Kind) -> int:
     return 0
 
 
-def _info(client: ControlClient, args: argparse.Namespace, kind: Kind) -> int:
+def _info(client: ControlClient, args: argparse.Namespace, kind: ResourceKind) -> int:
     res = client.get(kind, _path(args, kind))
     if args.json:
         _print_json(_resource_json(res))
@@ -346,9 +355,9 @@ def _info(client: ControlClient, args: argparse.Namespace, kind: Kind) -> int:
     return 0
 
 
-def _rm(client: ControlClient, args: argparse.Namespace, kind: Kind) -> int:
+def _rm(client: ControlClient, args: argparse.Namespace, kind: ResourceKind) -> int:
     path = _path(args, kind)
-    if kind in (Kind.TENANT, Kind.NAMESPACE) and not args.yes:
+    if kind in (ResourceKind.TENANT, ResourceKind.NAMESPACE) and not args.yes:
         raise ConfigError(f"deleting {_label(kind, path)} needs --yes")
     deleted = client.delete(kind, path, cascade=getattr(args, "cascade", False))
     for done_kind, done_path in deleted:
@@ -363,13 +372,13 @@ def _rm(client: ControlClient, args: argparse.Namespace, kind: Kind) -> int:
 
 
 def _bindings(client: ControlClient, tenant: str) -> list[Resource]:
-    return client.list_resources(Kind.BINDING, (tenant,))
+    return client.list_resources(ResourceKind.BINDING, (tenant,))
 
 
-def _rbac_ls(client: ControlClient, args: argparse.Namespace, kind: Kind) -> int:
+def _rbac_ls(client: ControlClient, args: argparse.Namespace, kind: ResourceKind) -> int:
     tenant = args.tenant
     policies = {
-        p.name: p.spec["permissions"] for p in client.list_resources(Kind.POLICY, (tenant,))
+        p.name: p.spec["permissions"] for p in client.list_resources(ResourceKind.POLICY, (tenant,))
     }
     rows: list[tuple[str, str, str, str, str]] = []
     for binding in _bindings(client, tenant):
@@ -418,12 +427,12 @@ def _binding_name(subject: str, taken: set[str]) -> str:
     return name
 
 
-def _rbac_grant(client: ControlClient, args: argparse.Namespace, kind: Kind) -> int:
+def _rbac_grant(client: ControlClient, args: argparse.Namespace, kind: ResourceKind) -> int:
     tenant, subject, issuer = args.tenant, args.subject, args.issuer
     wanted = list(dict.fromkeys(args.policies))
     for policy in wanted:
         try:
-            client.get(Kind.POLICY, (tenant, policy))
+            client.get(ResourceKind.POLICY, (tenant, policy))
         except NotFound:
             raise NotFound(
                 f"tenant {tenant!r} has no policy {policy!r} "
@@ -441,7 +450,7 @@ def _rbac_grant(client: ControlClient, args: argparse.Namespace, kind: Kind) -> 
         for attempt in range(1, 6):
             name = _binding_name(subject, taken)
             try:
-                res = client.create(Kind.BINDING, (tenant, name), spec)
+                res = client.create(ResourceKind.BINDING, (tenant, name), spec)
                 break
             except AlreadyExists:  # created meanwhile by someone else: another name
                 taken.add(name)
@@ -454,7 +463,7 @@ def _rbac_grant(client: ControlClient, args: argparse.Namespace, kind: Kind) -> 
         res = existing
         if added:
             res = client.update(
-                Kind.BINDING,
+                ResourceKind.BINDING,
                 existing.path,
                 {"policies": have + added},
                 if_version=existing.version,
@@ -468,7 +477,7 @@ def _rbac_grant(client: ControlClient, args: argparse.Namespace, kind: Kind) -> 
     return 0
 
 
-def _rbac_revoke(client: ControlClient, args: argparse.Namespace, kind: Kind) -> int:
+def _rbac_revoke(client: ControlClient, args: argparse.Namespace, kind: ResourceKind) -> int:
     tenant, subject = args.tenant, args.subject
     unwanted = set(args.policies)
     matching = _matching(
@@ -482,10 +491,10 @@ def _rbac_revoke(client: ControlClient, args: argparse.Namespace, kind: Kind) ->
         left = [p for p in binding.spec["policies"] if p not in unwanted]
         if left:
             client.update(
-                Kind.BINDING, binding.path, {"policies": left}, if_version=binding.version
+                ResourceKind.BINDING, binding.path, {"policies": left}, if_version=binding.version
             )
         else:
-            client.delete(Kind.BINDING, binding.path, if_version=binding.version)
+            client.delete(ResourceKind.BINDING, binding.path, if_version=binding.version)
         if args.json:
             _print_json(
                 {"binding": binding.name, "removed": removed, "left": left, "deleted": not left}

@@ -3,9 +3,9 @@
 ::
 
     with ControlClient("http://127.0.0.1:8443") as api:
-        api.create(Kind.TENANT, ("acme",))
-        api.create(Kind.NAMESPACE, ("acme", "prod"))
-        api.create(Kind.STREAM, ("acme", "prod", "orders"), {"durable": True})
+        api.create(ResourceKind.TENANT, ("acme",))
+        api.create(ResourceKind.NAMESPACE, ("acme", "prod"))
+        api.create(ResourceKind.STREAM, ("acme", "prod", "orders"), {"durable": True})
         position, resources = api.snapshot()
         changes, position = api.changes(position, wait=30)  # as soon as one is committed
 
@@ -33,9 +33,9 @@ from typing import Any, Self, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from felix.control.model import PARENT, Change, Kind, Path, Resource, check_path
+from felix.control.model import PARENT, Change, Path, Resource, ResourceKind, check_path
 from felix.control.schemas import PROBLEM_BASE, PROBLEM_TYPES, collection_url, resource_url
-from felix.control.store import CursorTooOld, VersionConflict
+from felix.control.store import CursorTooOld
 from felix.errors import (
     BadRequest,
     ConfigError,
@@ -47,6 +47,7 @@ from felix.errors import (
     TooLarge,
     Unauthenticated,
     Unavailable,
+    VersionConflict,
 )
 
 __all__ = [
@@ -120,7 +121,7 @@ class _Items(BaseModel):
 
 
 class _Ref(BaseModel):
-    kind: Kind
+    kind: ResourceKind
     path: Path
 
 
@@ -182,7 +183,7 @@ class ControlClient:
 
     # -- resources ------------------------------------------------------------------------
 
-    def list_resources(self, kind: Kind, parent: Path = ()) -> list[Resource]:
+    def list_resources(self, kind: ResourceKind, parent: Path = ()) -> list[Resource]:
         """Resources of ``kind`` directly under ``parent`` (``()`` for tenants), by name."""
         parent = tuple(parent)
         parent_kind = PARENT[kind]
@@ -190,11 +191,13 @@ class ControlClient:
             check_path(parent_kind, parent)
         return self._call("GET", collection_url(kind, parent), _Items).items
 
-    def get(self, kind: Kind, path: Path) -> Resource:
+    def get(self, kind: ResourceKind, path: Path) -> Resource:
         """The resource at ``path``; NotFound if there is none."""
         return self._call("GET", resource_url(kind, check_path(kind, tuple(path))), Resource)
 
-    def create(self, kind: Kind, path: Path, spec: Mapping[str, Any] | None = None) -> Resource:
+    def create(
+        self, kind: ResourceKind, path: Path, spec: Mapping[str, Any] | None = None
+    ) -> Resource:
         """Create ``path`` with ``spec`` (defaults for the rest); AlreadyExists if taken."""
         path = check_path(kind, tuple(path))
         body = {**(spec or {}), "name": path[-1]}
@@ -202,7 +205,7 @@ class ControlClient:
 
     def update(
         self,
-        kind: Kind,
+        kind: ResourceKind,
         path: Path,
         patch: Mapping[str, Any],
         *,
@@ -215,12 +218,12 @@ class ControlClient:
 
     def delete(
         self,
-        kind: Kind,
+        kind: ResourceKind,
         path: Path,
         *,
         cascade: bool = False,
         if_version: int | None = None,
-    ) -> list[tuple[Kind, Path]]:
+    ) -> list[tuple[ResourceKind, Path]]:
         """Delete ``path`` (with ``cascade``, everything under it); what was removed, in order.
 
         HasChildren if it has resources under it and not ``cascade``.

@@ -31,7 +31,7 @@ from felix.errors import BadRequest
 from felix.names import validate_name
 
 
-class Kind(enum.StrEnum):
+class ResourceKind(enum.StrEnum):
     TENANT = "tenant"
     NAMESPACE = "namespace"
     STREAM = "stream"
@@ -47,23 +47,23 @@ class Kind(enum.StrEnum):
 #: Names in a path: tenant (tenant), namespace (tenant, ns), stream or cache (tenant, ns,
 #: name), issuer, policy or binding (tenant, name).
 PATH_LENGTH = {
-    Kind.TENANT: 1,
-    Kind.NAMESPACE: 2,
-    Kind.STREAM: 3,
-    Kind.CACHE: 3,
-    Kind.ISSUER: 2,
-    Kind.POLICY: 2,
-    Kind.BINDING: 2,
+    ResourceKind.TENANT: 1,
+    ResourceKind.NAMESPACE: 2,
+    ResourceKind.STREAM: 3,
+    ResourceKind.CACHE: 3,
+    ResourceKind.ISSUER: 2,
+    ResourceKind.POLICY: 2,
+    ResourceKind.BINDING: 2,
 }
 #: The kind a path of a kind's parent has (None: top level).
 PARENT = {
-    Kind.TENANT: None,
-    Kind.NAMESPACE: Kind.TENANT,
-    Kind.STREAM: Kind.NAMESPACE,
-    Kind.CACHE: Kind.NAMESPACE,
-    Kind.ISSUER: Kind.TENANT,
-    Kind.POLICY: Kind.TENANT,
-    Kind.BINDING: Kind.TENANT,
+    ResourceKind.TENANT: None,
+    ResourceKind.NAMESPACE: ResourceKind.TENANT,
+    ResourceKind.STREAM: ResourceKind.NAMESPACE,
+    ResourceKind.CACHE: ResourceKind.NAMESPACE,
+    ResourceKind.ISSUER: ResourceKind.TENANT,
+    ResourceKind.POLICY: ResourceKind.TENANT,
+    ResourceKind.BINDING: ResourceKind.TENANT,
 }
 #: The kinds other resources live under.
 CONTAINERS = frozenset(k for k in PARENT.values() if k is not None)
@@ -71,9 +71,9 @@ CONTAINERS = frozenset(k for k in PARENT.values() if k is not None)
 Path = tuple[str, ...]
 
 
-def ancestors(kind: Kind, path: Path) -> list[tuple[Kind, Path]]:
+def ancestors(kind: ResourceKind, path: Path) -> list[tuple[ResourceKind, Path]]:
     """The (kind, path) of every resource ``path`` lives under, nearest first."""
-    out: list[tuple[Kind, Path]] = []
+    out: list[tuple[ResourceKind, Path]] = []
     parent = PARENT[kind]
     while parent is not None:
         path = path[:-1]
@@ -82,7 +82,7 @@ def ancestors(kind: Kind, path: Path) -> list[tuple[Kind, Path]]:
     return out
 
 
-def check_path(kind: Kind, path: Path) -> Path:
+def check_path(kind: ResourceKind, path: Path) -> Path:
     """Validate ``path`` for ``kind`` (length and every name); raises BadRequest."""
     if len(path) != PATH_LENGTH[kind]:
         raise BadRequest(f"a {kind} is named by {PATH_LENGTH[kind]} names, got {len(path)}")
@@ -217,14 +217,14 @@ class BindingSpec(_Spec):
         return RoleBinding(self.subject, tuple(self.policies), self.issuer)
 
 
-SPEC_TYPES: dict[Kind, type[_Spec]] = {
-    Kind.TENANT: TenantSpec,
-    Kind.NAMESPACE: NamespaceSpec,
-    Kind.STREAM: StreamSpec,
-    Kind.CACHE: CacheSpec,
-    Kind.ISSUER: IssuerSpec,
-    Kind.POLICY: PolicySpec,
-    Kind.BINDING: BindingSpec,
+SPEC_TYPES: dict[ResourceKind, type[_Spec]] = {
+    ResourceKind.TENANT: TenantSpec,
+    ResourceKind.NAMESPACE: NamespaceSpec,
+    ResourceKind.STREAM: StreamSpec,
+    ResourceKind.CACHE: CacheSpec,
+    ResourceKind.ISSUER: IssuerSpec,
+    ResourceKind.POLICY: PolicySpec,
+    ResourceKind.BINDING: BindingSpec,
 }
 
 
@@ -233,7 +233,7 @@ class Resource(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    kind: Kind
+    kind: ResourceKind
     path: Path
     spec: dict[str, Any]
     version: Annotated[int, Field(ge=1)]
@@ -269,7 +269,7 @@ class Change(BaseModel):
     resource: Resource
 
 
-def validate_spec(kind: Kind, spec: dict[str, Any] | None) -> dict[str, Any]:
+def validate_spec(kind: ResourceKind, spec: dict[str, Any] | None) -> dict[str, Any]:
     """The full spec (defaults filled in) of ``kind`` from user input; raises BadRequest."""
     from pydantic import ValidationError
 

@@ -27,20 +27,23 @@ from felix.control.model import (
     BindingSpec,
     CacheSpec,
     IssuerSpec,
-    Kind,
     NamespaceSpec,
     Op,
     Path,
     PolicySpec,
     Resource,
+    ResourceKind,
     StreamSpec,
     TenantSpec,
     ancestors,
 )
-from felix.control.store import AlreadyExists, CursorTooOld, HasChildren, VersionConflict
+from felix.control.store import CursorTooOld
 from felix.errors import (
+    AlreadyExists,
     BadRequest,
+    ErrorCode,
     FelixError,
+    HasChildren,
     NotFound,
     Overloaded,
     PermissionDenied,
@@ -48,6 +51,7 @@ from felix.errors import (
     TooLarge,
     Unauthenticated,
     Unavailable,
+    VersionConflict,
 )
 from felix.names import NAME_MAX_CHARS, NAME_RULE
 
@@ -123,22 +127,22 @@ Name = Annotated[str, Field(description=NAME_DESCRIPTION, json_schema_extra=NAME
 
 #: The URL segment of each kind's collection.
 COLLECTIONS = {
-    Kind.TENANT: "tenants",
-    Kind.NAMESPACE: "namespaces",
-    Kind.STREAM: "streams",
-    Kind.CACHE: "caches",
-    Kind.ISSUER: "issuers",
-    Kind.POLICY: "policies",
-    Kind.BINDING: "bindings",
+    ResourceKind.TENANT: "tenants",
+    ResourceKind.NAMESPACE: "namespaces",
+    ResourceKind.STREAM: "streams",
+    ResourceKind.CACHE: "caches",
+    ResourceKind.ISSUER: "issuers",
+    ResourceKind.POLICY: "policies",
+    ResourceKind.BINDING: "bindings",
 }
 
 
-def _kinds_along(kind: Kind) -> list[Kind]:
+def _kinds_along(kind: ResourceKind) -> list[ResourceKind]:
     """The kinds named by each element of a ``kind`` path: tenant, ..., then ``kind``."""
     return [k for k, _ in reversed(ancestors(kind, ("",) * PATH_LENGTH[kind]))] + [kind]
 
 
-def resource_url(kind: Kind, path: Path) -> str:
+def resource_url(kind: ResourceKind, path: Path) -> str:
     """The URL path of one resource, e.g. ``/v1/tenants/acme/namespaces/prod``.
 
     ``path`` must hold valid names (see :func:`felix.control.model.check_path`):
@@ -150,7 +154,7 @@ def resource_url(kind: Kind, path: Path) -> str:
     return "/".join(parts)
 
 
-def collection_url(kind: Kind, parent: Path) -> str:
+def collection_url(kind: ResourceKind, parent: Path) -> str:
     """The URL path of a collection: ``kind`` resources directly under ``parent``."""
     if PATH_LENGTH[kind] != len(parent) + 1:
         raise BadRequest(f"a {kind} lives under {PATH_LENGTH[kind] - 1} names, got {len(parent)}")
@@ -298,7 +302,7 @@ else:
 
 
 class _ResourceOut(BaseModel):
-    kind: Kind
+    kind: ResourceKind
     path: Annotated[
         list[str], Field(min_length=1, max_length=3, description="names from the tenant down")
     ]
@@ -316,62 +320,62 @@ class _ResourceOut(BaseModel):
 class TenantOut(_ResourceOut):
     """A tenant."""
 
-    kind: Literal[Kind.TENANT]
+    kind: Literal[ResourceKind.TENANT]
     spec: TenantSpec
 
 
 class NamespaceOut(_ResourceOut):
     """A namespace."""
 
-    kind: Literal[Kind.NAMESPACE]
+    kind: Literal[ResourceKind.NAMESPACE]
     spec: NamespaceSpec
 
 
 class StreamOut(_ResourceOut):
     """A stream."""
 
-    kind: Literal[Kind.STREAM]
+    kind: Literal[ResourceKind.STREAM]
     spec: StreamSpec
 
 
 class CacheOut(_ResourceOut):
     """A cache."""
 
-    kind: Literal[Kind.CACHE]
+    kind: Literal[ResourceKind.CACHE]
     spec: CacheSpec
 
 
 class IssuerOut(_ResourceOut):
     """An OIDC identity provider the tenant trusts."""
 
-    kind: Literal[Kind.ISSUER]
+    kind: Literal[ResourceKind.ISSUER]
     spec: IssuerSpec
 
 
 class PolicyOut(_ResourceOut):
     """A named list of permissions."""
 
-    kind: Literal[Kind.POLICY]
+    kind: Literal[ResourceKind.POLICY]
     spec: PolicySpec
 
 
 class BindingOut(_ResourceOut):
     """A role binding: a user or group and the policies it is given."""
 
-    kind: Literal[Kind.BINDING]
+    kind: Literal[ResourceKind.BINDING]
     spec: BindingSpec
 
 
 _AnyOut = TenantOut | NamespaceOut | StreamOut | CacheOut | IssuerOut | PolicyOut | BindingOut
 ResourceOut = Annotated[_AnyOut, Field(discriminator="kind")]
-_OUT: dict[Kind, type[_AnyOut]] = {
-    Kind.TENANT: TenantOut,
-    Kind.NAMESPACE: NamespaceOut,
-    Kind.STREAM: StreamOut,
-    Kind.CACHE: CacheOut,
-    Kind.ISSUER: IssuerOut,
-    Kind.POLICY: PolicyOut,
-    Kind.BINDING: BindingOut,
+_OUT: dict[ResourceKind, type[_AnyOut]] = {
+    ResourceKind.TENANT: TenantOut,
+    ResourceKind.NAMESPACE: NamespaceOut,
+    ResourceKind.STREAM: StreamOut,
+    ResourceKind.CACHE: CacheOut,
+    ResourceKind.ISSUER: IssuerOut,
+    ResourceKind.POLICY: PolicyOut,
+    ResourceKind.BINDING: BindingOut,
 }
 
 
@@ -390,7 +394,7 @@ class ResourceList(BaseModel, Generic[T]):
 
 
 class ResourceRef(BaseModel):
-    kind: Kind
+    kind: ResourceKind
     path: list[str]
 
 
@@ -524,7 +528,7 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
     p.slug: p
     for p in (
         ProblemType(
-            "bad-request",
+            ErrorCode.BAD_REQUEST.slug,
             400,
             "Invalid request",
             BadRequest,
@@ -539,28 +543,28 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
             "errors lists each problem (loc, msg, type).",
         ),
         ProblemType(
-            "not-found",
+            ErrorCode.NOT_FOUND.slug,
             404,
             "Not found",
             NotFound,
             "The resource (or its parent) does not exist.",
         ),
         ProblemType(
-            "already-exists",
+            ErrorCode.ALREADY_EXISTS.slug,
             409,
             "Resource already exists",
             AlreadyExists,
             "A resource with this name exists: update it, or delete it first.",
         ),
         ProblemType(
-            "has-children",
+            ErrorCode.HAS_CHILDREN.slug,
             409,
             "Resource has children",
             HasChildren,
             "Delete the resources under it first, or pass cascade=true.",
         ),
         ProblemType(
-            "version-conflict",
+            ErrorCode.VERSION_CONFLICT.slug,
             412,
             "Version conflict",
             VersionConflict,
@@ -577,35 +581,35 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
             "and oldest (the oldest position the feed still holds).",
         ),
         ProblemType(
-            "too-large",
+            ErrorCode.TOO_LARGE.slug,
             413,
             "Too large",
             TooLarge,
             "A value exceeds its limit.",
         ),
         ProblemType(
-            "unauthenticated",
+            ErrorCode.UNAUTHENTICATED.slug,
             401,
             "Unauthenticated",
             Unauthenticated,
             "No valid credentials.",
         ),
         ProblemType(
-            "permission-denied",
+            ErrorCode.PERMISSION_DENIED.slug,
             403,
             "Permission denied",
             PermissionDenied,
             "The credentials do not grant this operation.",
         ),
         ProblemType(
-            "overloaded",
+            ErrorCode.OVERLOADED.slug,
             503,
             "Overloaded",
             Overloaded,
             "A limit was reached (such as the number of resources under one parent).",
         ),
         ProblemType(
-            "unavailable",
+            ErrorCode.UNAVAILABLE.slug,
             503,
             "Unavailable",
             Unavailable,

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from felix.control.model import Change, Kind, Path, Resource
-from felix.errors import FelixError, NotFound, ServerError
+from felix.control.model import Change, Path, Resource, ResourceKind
+from felix.errors import AlreadyExists, FelixError, HasChildren, NotFound, VersionConflict
 
 __all__ = [
     "AlreadyExists",
@@ -38,24 +38,6 @@ __all__ = [
     "Store",
     "VersionConflict",
 ]
-
-
-class AlreadyExists(ServerError):
-    """A resource with this path exists (HTTP 409)."""
-
-    code = 9
-
-
-class HasChildren(ServerError):
-    """The resource still has children; delete them or pass cascade (HTTP 409)."""
-
-    code = 10
-
-
-class VersionConflict(ServerError):
-    """``If-Match`` named another version than the stored one (HTTP 412)."""
-
-    code = 11
 
 
 class CursorTooOld(FelixError):
@@ -75,19 +57,24 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
-    async def get(self, kind: Kind, path: Path) -> Resource | None: ...
+    async def get(self, kind: ResourceKind, path: Path) -> Resource | None: ...
 
-    async def list_resources(self, kind: Kind, parent: Path) -> list[Resource]:
+    async def list_resources(self, kind: ResourceKind, parent: Path) -> list[Resource]:
         """Resources of ``kind`` directly under ``parent`` (``()`` for tenants), by name."""
 
-    async def create(self, kind: Kind, path: Path, spec: dict[str, Any]) -> Resource: ...
+    async def create(self, kind: ResourceKind, path: Path, spec: dict[str, Any]) -> Resource: ...
 
     async def update(
-        self, kind: Kind, path: Path, patch: dict[str, Any], if_version: int | None = None
+        self, kind: ResourceKind, path: Path, patch: dict[str, Any], if_version: int | None = None
     ) -> Resource: ...
 
     async def delete(
-        self, kind: Kind, path: Path, *, cascade: bool = False, if_version: int | None = None
+        self,
+        kind: ResourceKind,
+        path: Path,
+        *,
+        cascade: bool = False,
+        if_version: int | None = None,
     ) -> list[Change]: ...
 
     async def snapshot(self) -> tuple[int, list[Resource]]: ...

@@ -40,7 +40,7 @@ from felix.gateway.actions import (
 from felix.gateway.gateway import CLOSE_INPUT_LIMIT, CLOSE_OVERLOADED, Gateway, _Pending
 from felix.gateway.session import GatewaySession
 from felix.gateway.subscription import MAX_CREDIT, Subscription
-from felix.ipc import Kind
+from felix.ipc import RecordType
 from felix.quic.transport import CLOSE_INTERNAL_ERROR, ConnectionHandler
 from felix.quic.transport import StreamTransport as QuicStreamTransport
 
@@ -204,7 +204,9 @@ class ConnectionShell:
         shard = gateway.shard_for(action.key)
         pending = _Pending(self, action.stream_id, action.request_id, shard, None, action.translate)
         pending.quiet = action.quiet
-        if not gateway.forward(pending, token, ipc.encode(Kind.REQUEST, token, 0, action.frame)):
+        if not gateway.forward(
+            pending, token, ipc.encode(RecordType.REQUEST, token, 0, action.frame)
+        ):
             self.session.settle(action.stream_id)
 
     def _subscribe(self, action: Subscribe) -> None:
@@ -228,7 +230,7 @@ class ConnectionShell:
         pending = _Pending(
             self, action.stream_id, action.request_id, sub.shard, sub, action.translate
         )
-        record = ipc.encode(Kind.REQUEST, sub.token, 0, action.frame)
+        record = ipc.encode(RecordType.REQUEST, sub.token, 0, action.frame)
         if not gateway.forward(pending, sub.token, record):
             gateway.unsubscribe(sub)  # could not be sent: forget it
             self.session.settle(action.stream_id)

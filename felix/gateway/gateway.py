@@ -46,7 +46,7 @@ from felix.gateway.subscription import (
     SubState,
     events_count,
 )
-from felix.ipc import Kind
+from felix.ipc import RecordType
 from felix.shard.core import POLICY_NAMES
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ CLOSE_FRAME_TIMEOUT = 0x108
 
 @dataclass(frozen=True, slots=True)
 class GatewayLimits:
-    """Bounds of one gateway (defaults from ../shared/design: 64 KiB / 4 MiB frames)."""
+    """Bounds of one gateway (defaults: docs/architecture.md, "Bounds": 64 KiB / 4 MiB frames)."""
 
     max_frame_pre_auth: int = 64 * 1024
     max_frame: int = 4 * 1024 * 1024
@@ -219,14 +219,14 @@ class Gateway:
             try:
                 kind, token, aux = ipc.decode_header(record)
                 body = bytes(record[ipc.HEADER_SIZE :])
-                if kind == Kind.REPLY:
+                if kind == RecordType.REPLY:
                     self._on_reply(token, body, aux)
-                elif kind == Kind.PUSH:
+                elif kind == RecordType.PUSH:
                     key, pos = ipc.decode_key(body)
                     self._on_push(key, body[pos:])
-                elif kind == Kind.READ_REPLY:
+                elif kind == RecordType.READ_REPLY:
                     self._on_read_reply(token, aux, body)
-                elif kind == Kind.END:
+                elif kind == RecordType.END:
                     self._on_stream_end(ipc.decode_key(body)[0])
                 else:
                     log.warning(
@@ -409,7 +409,7 @@ class Gateway:
         if not self.shard_ok[shard]:
             return
         clear = low is None
-        record = ipc.encode(Kind.CURSOR, 1 if clear else 0, low or 0, ipc.encode_key(key))
+        record = ipc.encode(RecordType.CURSOR, 1 if clear else 0, low or 0, ipc.encode_key(key))
         if not self.links.send(shard, record):
             return  # ring full: the next delivery reports again
         if low is None:
@@ -444,7 +444,7 @@ class Gateway:
                 del self._subs_by_key[sub.key]
                 if self.shard_ok[sub.shard]:
                     self.links.send(
-                        sub.shard, ipc.encode(Kind.WATCH, 0, 0, ipc.encode_key(sub.key))
+                        sub.shard, ipc.encode(RecordType.WATCH, 0, 0, ipc.encode_key(sub.key))
                     )
         sub.conn.subscriptions.pop(sub.sub_id, None)
 
@@ -481,12 +481,12 @@ class Gateway:
     def shard_up(self, shard: int) -> None:
         """``shard`` is back (a new process): re-attach this gateway's watches and readers."""
         self.shard_ok[shard] = True
-        self.links.send(shard, ipc.encode(Kind.HELLO, 0, self.index, b""))
+        self.links.send(shard, ipc.encode(RecordType.HELLO, 0, self.index, b""))
         for key in [k for k in self._cursors if self.shard_for(k) == shard]:
             del self._cursors[key]  # the new shard knows none: report them again
         for key, subs in self._subs_by_key.items():
             if subs and self.shard_for(key) == shard:
-                self.links.send(shard, ipc.encode(Kind.WATCH, 0, 1, ipc.encode_key(key)))
+                self.links.send(shard, ipc.encode(RecordType.WATCH, 0, 1, ipc.encode_key(key)))
                 for sub in subs:
                     if sub.state is SubState.ACTIVE:
                         sub.known_tail = max(sub.known_tail, sub.next_offset + 1)
@@ -518,7 +518,7 @@ class Gateway:
         barriers = []
         for shard in range(self.links.shards):
             token = self.token()
-            record = ipc.encode(Kind.REQUEST, token, 0, wire.encode_ping(0))
+            record = ipc.encode(RecordType.REQUEST, token, 0, wire.encode_ping(0))
             if self.shard_ok[shard] and self.links.send(shard, record):
                 barriers.append(self._barriers.setdefault(token, loop.create_future()))
         if barriers:

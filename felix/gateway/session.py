@@ -55,6 +55,7 @@ from felix.errors import (
     RemoteProtocolError,
     Unauthenticated,
     Unavailable,
+    error_slug,
 )
 from felix.gateway import v1
 from felix.gateway.actions import (
@@ -82,6 +83,7 @@ from felix.gateway.gateway import (
 )
 from felix.gateway.streams import Stream, StreamState
 from felix.names import validate_name
+from felix.quic.stream_ids import is_server_initiated
 
 __all__ = ["GatewaySession", "StreamState"]
 
@@ -196,7 +198,7 @@ class GatewaySession:
             return
         stream = self.streams.get(stream_id)
         if stream is None:
-            if stream_id & 0x1:  # server-initiated: our event streams take no input
+            if is_server_initiated(stream_id):  # our event streams take no input
                 return
             limit = self._limits.max_streams_per_connection
             if self._gateway.draining or len(self.streams) >= limit:
@@ -414,7 +416,9 @@ class GatewaySession:
             gateway.auth_failures += 1
             gateway.auth_limiter.failed(self._throttle_keys(msg), now)
             self.auth_failures += 1
-            self._audit_auth("session.auth", msg.get("tenant_id"), _reason(exc), "anonymous", exc)
+            self._audit_auth(
+                "session.auth", msg.get("tenant_id"), error_slug(exc), "anonymous", exc
+            )
             self._fail(stream, f"unauthenticated: {exc}")
             if self.auth_failures >= self._limits.max_auth_failures_per_connection:
                 reason = "too many failed authentications on this connection"
@@ -470,7 +474,9 @@ class GatewaySession:
             # Counted, but not against the connection's bound: an authenticated client
             # whose refresh keeps failing keeps its stream until its token expires.
             gateway.auth_failures += 1
-            self._audit_auth("session.reauth", identity.tenant, _reason(exc), identity.subject, exc)
+            self._audit_auth(
+                "session.reauth", identity.tenant, error_slug(exc), identity.subject, exc
+            )
             raise Unauthenticated(str(exc)) from None
         stream.identity = fresh
         stream.expires_at = fresh.expires_at
@@ -728,15 +734,6 @@ def _ext_target(msg: wire.ExtMessage) -> _Target | None:
         action = "stream.publish" if isinstance(msg, wire.Publish) else "stream.subscribe"
         return _Target(msg.tenant_id, msg.namespace, "stream", msg.stream, action, key)
     return None
-
-
-def _reason(exc: FelixError) -> str:
-    """The audit log's reason code for a refusal (as the control plane's problem slugs)."""
-    if isinstance(exc, PermissionDenied):
-        return "permission-denied"
-    if isinstance(exc, Unauthenticated):
-        return "unauthenticated"
-    return "bad-request"
 
 
 def _cache_action(opcode: int) -> str:

@@ -17,6 +17,7 @@ from felix import wire
 from felix.errors import LocalProtocolError
 from felix.gateway.auth import Identity
 from felix.gateway.gateway import GatewayLimits
+from felix.quic.stream_ids import is_unidirectional
 
 __all__ = ["Stream", "StreamState"]
 
@@ -78,7 +79,7 @@ class Stream:
 
     def __init__(self, stream_id: int, limits: GatewayLimits, now: float) -> None:
         self.stream_id = stream_id
-        self.uni = bool(stream_id & 0x2)
+        self.uni = is_unidirectional(stream_id)
         self.reader = wire.FrameReader(limits.max_frame_pre_auth)
         self.state = StreamState.AUTHENTICATING
         self.flags = 0

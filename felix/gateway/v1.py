@@ -1,6 +1,6 @@
 """Serving Felix v1 peers: their requests become extension frames, replies go back in v1 form.
 
-A peer that speaks only wire-v1.md (JSON requests, binary publish batches,
+A peer that speaks only FLX1 v1 (docs/wire-protocol.md; JSON requests, binary publish batches,
 event batches) keeps working: the gateway translates each v1 request into the
 felix extension request the shards understand, remembers how the peer expects
 its answer, and turns the shard's reply back into the v1 message (or binary

@@ -1,6 +1,6 @@
 """A node's configuration: what `felix up` was asked to run, in one frozen value.
 
-Defaults follow ../shared/design/operations.md (ports, one gateway and one
+Defaults as docs/operations.md, "Running a node" states them (ports, one gateway and one
 shard per core). The same value, serialised as JSON, tells each child process
 what to do (see felix/node/worker.py).
 """

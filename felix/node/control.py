@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import uvicorn
 
 from felix import ipc
-from felix.control.model import Change, Kind, Op, Resource
+from felix.control.model import Change, Op, Resource, ResourceKind
 from felix.control.store import CursorTooOld, Store
 
 log = logging.getLogger("felix.control.follower")
@@ -36,7 +36,7 @@ LONG_POLL = 10.0
 RETRY_MIN, RETRY_MAX = 0.2, 10.0
 
 #: What a shard applies: (kind, path) -> spec, for streams and caches only.
-Resources = dict[tuple[Kind, tuple[str, ...]], dict[str, Any]]
+Resources = dict[tuple[ResourceKind, tuple[str, ...]], dict[str, Any]]
 
 
 class FeedSource(Protocol):
@@ -115,8 +115,8 @@ class ControlFollower:
         self.seeded = asyncio.Event()
         self.applied = 0
 
-    def targets(self, kind: Kind, path: tuple[str, ...]) -> Iterable[int]:
-        if kind is Kind.STREAM:
+    def targets(self, kind: ResourceKind, path: tuple[str, ...]) -> Iterable[int]:
+        if kind is ResourceKind.STREAM:
             return (ipc.shard_for(ipc.stream_key(*path), self._shards),)
         return range(self._shards)
 
@@ -126,7 +126,7 @@ class ControlFollower:
         fresh: Resources = {
             (r.kind, tuple(r.path)): r.spec
             for r in resources
-            if r.kind in (Kind.STREAM, Kind.CACHE)
+            if r.kind in (ResourceKind.STREAM, ResourceKind.CACHE)
         }
         for kind, path in self.resources.keys() - fresh.keys():
             self._apply("delete", kind, path, {})
@@ -135,7 +135,7 @@ class ControlFollower:
                 self._apply("define", kind, path, spec)
         self.resources = fresh
         self.position = position
-        self.tenants = {r.path[0] for r in resources if r.kind is Kind.TENANT}
+        self.tenants = {r.path[0] for r in resources if r.kind is ResourceKind.TENANT}
         self._tenants_changed()
         self.seeded.set()
 
@@ -170,7 +170,7 @@ class ControlFollower:
 
     def _on_change(self, change: Change) -> None:
         r = change.resource
-        if r.kind is Kind.TENANT:
+        if r.kind is ResourceKind.TENANT:
             known = r.path[0] in self.tenants
             if change.op is Op.DELETE and known:
                 self.tenants.discard(r.path[0])
@@ -179,7 +179,7 @@ class ControlFollower:
                 self.tenants.add(r.path[0])
                 self._tenants_changed()
             return
-        if r.kind not in (Kind.STREAM, Kind.CACHE):
+        if r.kind not in (ResourceKind.STREAM, ResourceKind.CACHE):
             return
         key = (r.kind, tuple(r.path))
         if change.op is Op.DELETE:
@@ -189,7 +189,9 @@ class ControlFollower:
             self.resources[key] = r.spec
             self._apply("define", r.kind, key[1], r.spec)
 
-    def _apply(self, cmd: str, kind: Kind, path: tuple[str, ...], spec: dict[str, Any]) -> None:
+    def _apply(
+        self, cmd: str, kind: ResourceKind, path: tuple[str, ...], spec: dict[str, Any]
+    ) -> None:
         self.applied += 1
         for shard in self.targets(kind, path):
             self._send(shard, {"cmd": cmd, "kind": kind.value, "path": list(path), "spec": spec})

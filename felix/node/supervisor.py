@@ -32,7 +32,7 @@ from typing import Any
 
 from felix.auth.files import admin_token
 from felix.auth.rotation import KeyRotator, RotationPolicy
-from felix.control.model import Kind
+from felix.control.model import ResourceKind
 from felix.control.store import AlreadyExists, Store
 from felix.control.stores import open_store
 from felix.node.config import NodeConfig, is_loopback
@@ -507,7 +507,10 @@ class Supervisor:
 async def _ensure_default_namespace(store: Store) -> None:
     """A new embedded control plane starts with the ``default`` tenant and namespace,
     the ones clients use when they name none."""
-    for kind, path in ((Kind.TENANT, ("default",)), (Kind.NAMESPACE, ("default", "default"))):
+    for kind, path in (
+        (ResourceKind.TENANT, ("default",)),
+        (ResourceKind.NAMESPACE, ("default", "default")),
+    ):
         if await store.get(kind, path) is None:
             with contextlib.suppress(AlreadyExists):
                 await store.create(kind, path, {})

@@ -39,7 +39,7 @@ from felix.gateway.auth import TokenAuthenticator
 from felix.gateway.connection import connection_factory
 from felix.gateway.gateway import Gateway
 from felix.gateway.links import Deliver, LocalShards, ShardLinks
-from felix.ipc import Kind
+from felix.ipc import RecordType
 from felix.node.config import NodeConfig
 from felix.quic import load_engine, load_reset_key, serve_on_socket
 from felix.ring import Ring, RingReader
@@ -275,7 +275,7 @@ def _shed_pushes(queue: deque[bytes], stats: dict[str, int]) -> None:
     """Bound a gateway's overflow: drop live pushes (subscribers recover them by READ)."""
     if len(queue) <= MAX_OVERFLOW_PUSHES:
         return
-    kept = deque(r for r in queue if r[0] != Kind.PUSH)
+    kept = deque(r for r in queue if r[0] != RecordType.PUSH)
     stats["dropped_pushes"] += len(queue) - len(kept)
     queue.clear()
     queue.extend(kept)
@@ -314,7 +314,7 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
     if not cores:
         for shard in range(config.shards):
             # Tell every shard this gateway (re)started: its old watches are void.
-            links.send(shard, ipc.encode(Kind.HELLO, 0, spec.index, b""))
+            links.send(shard, ipc.encode(RecordType.HELLO, 0, spec.index, b""))
     quic = load_engine(config.engine)
     certs = node_certificates(config.data_dir / "tls", cert=config.tls_cert, key=config.tls_key)
     sock = socket.socket(fileno=spec.udp_fd)

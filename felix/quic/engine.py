@@ -264,7 +264,7 @@ def load_engine(name: str | None = None) -> QuicEngine:
     """The QUIC engine called ``name``: ``"qh3"`` or ``"aioquic"``.
 
     ``name`` None reads the environment variable ``FELIX_QUIC_ENGINE``, and
-    falls back to ``"qh3"`` (3-5x faster here, see performance-notes.md) when it
+    falls back to ``"qh3"`` (3-5x faster here, see docs/architecture.md, "The QUIC engine") when it
     is unset or empty. The same name always returns the same object. Raises
     ValueError for any other name, before importing anything.
     """

@@ -11,7 +11,7 @@ by a table lookup by event type). To felix it is a
 or mixed in, and the handler never sees the engine.
 
 Transmit once per loop tick: building and sending datagrams is the expensive
-part of QUIC in Python (performance-notes.md: 3-5x throughput when coalesced),
+part of QUIC in Python (docs/architecture.md, "The QUIC engine": 3-5x throughput when coalesced),
 so :meth:`QuicTransport.send_stream_data` only queues data and schedules a
 single :meth:`~QuicTransport.transmit` for the end of the current loop
 iteration; received datagrams are acknowledged by that same transmit, so the

@@ -3,7 +3,7 @@
 Why felix binds its own sockets: several gateway processes share one UDP port
 through SO_REUSEPORT (the kernel spreads clients over them by a hash of the
 4-tuple), and the supervisor keeps the sockets open so a restarted gateway does
-not change the reuseport group (architecture.md, "Sockets"). The QUIC server on
+not change the reuseport group (docs/architecture.md, "Sockets"). The QUIC server on
 a socket is felix's own (felix/quic/server.py), as is the client's shell
 (felix/quic/protocol.py): engines only provide the sans-IO connection.
 """

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from felix import ipc, wire
 from felix.errors import BadRequest, CursorError, FelixError, NotFound, Overloaded, ServerError
-from felix.ipc import Kind
+from felix.ipc import RecordType
 from felix.names import validate_name
 from felix.shard.cache import CachePartition, CacheSettings
 from felix.shard.offsets import OffsetReservations
@@ -122,15 +122,15 @@ class ShardCore:
             # No copy: every decoder below copies what it keeps, and the record is
             # handled completely before the ring slot is released.
             body = record[ipc.HEADER_SIZE :]
-            if kind == Kind.REQUEST:
+            if kind == RecordType.REQUEST:
                 self._request(gateway, token, body, now)
-            elif kind == Kind.READ:
+            elif kind == RecordType.READ:
                 self._read(gateway, token, body)
-            elif kind == Kind.WATCH:
+            elif kind == RecordType.WATCH:
                 self._watch(gateway, body, bool(aux))
-            elif kind == Kind.HELLO:
+            elif kind == RecordType.HELLO:
                 self.forget_gateway(gateway)
-            elif kind == Kind.CURSOR:
+            elif kind == RecordType.CURSOR:
                 self._cursor(gateway, body, None if token == 1 else aux)
             else:
                 raise BadRequest(f"unexpected ring record kind {kind}")
@@ -158,7 +158,7 @@ class ShardCore:
                 frame = wire.encode_events(
                     batch.first_offset, batch.payloads, headers=_headers_or_none(batch.headers)
                 )
-                record = ipc.encode(Kind.PUSH, 0, 0, ipc.encode_key(stream.key) + frame)
+                record = ipc.encode(RecordType.PUSH, 0, 0, ipc.encode_key(stream.key) + frame)
                 for gateway in stream.watchers:
                     self._emit(gateway, record)
                 self.pushes += 1
@@ -198,9 +198,9 @@ class ShardCore:
                 self._watch_key(gateway, key)
                 policy = self._streams[key].log.settings.slow_subscriber_policy
                 aux = POLICY_CODES.get(policy, 0)
-                self._emit(gateway, ipc.encode(Kind.REPLY, token, aux, reply))
+                self._emit(gateway, ipc.encode(RecordType.REPLY, token, aux, reply))
                 return
-        self._emit(gateway, ipc.encode(Kind.REPLY, token, 0, reply))
+        self._emit(gateway, ipc.encode(RecordType.REPLY, token, 0, reply))
 
     def _dispatch(self, msg: wire.ExtMessage, now: float) -> bytes:
         try:
@@ -390,7 +390,7 @@ class ShardCore:
                 frame = wire.encode_events(
                     batch.first_offset, batch.payloads, headers=_headers_or_none(batch.headers)
                 )
-        self._emit(gateway, ipc.encode(Kind.READ_REPLY, token, tail, frame))
+        self._emit(gateway, ipc.encode(RecordType.READ_REPLY, token, tail, frame))
 
     def _cursor(self, gateway: int, body: bytes | memoryview, offset: int | None) -> None:
         key, _ = ipc.decode_key(body)
@@ -441,7 +441,7 @@ class ShardCore:
         if stream is None:
             return False
         self._stream_bytes -= stream.log.retained_bytes
-        record = ipc.encode(Kind.END, 0, 0, ipc.encode_key(key))
+        record = ipc.encode(RecordType.END, 0, 0, ipc.encode_key(key))
         for gateway in stream.watchers:
             self._emit(gateway, record)
         if self._offsets is not None:

@@ -6,6 +6,7 @@ from felix.control.store import Store
 from felix.control.stores._common import DEFAULT_FEED_RETENTION, DEFAULT_MAX_CHILDREN
 from felix.control.stores.memory import MemoryStore
 from felix.errors import ConfigError
+from felix.extras import require_extra
 
 __all__ = ["MemoryStore", "open_store"]
 
@@ -27,7 +28,7 @@ def open_store(
 
     ``feed_retention`` is how many changes the feed keeps; ``max_children`` how many
     resources one parent may hold (more: Overloaded). Raises ConfigError for an
-    unknown scheme or an empty path.
+    unknown scheme or an empty path, or a backend whose extra is not installed.
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
@@ -39,6 +40,7 @@ def open_store(
         return MemoryStore(feed_retention=feed_retention, max_children=max_children)
     if scheme == "sqlite":
         # Imported here so a memory- or PostgreSQL-only process never loads aiosqlite.
+        require_extra("server", "the SQLite store")
         from felix.control.stores.sqlite import SQLiteStore
 
         path = rest.removeprefix("/") if sep else rest
@@ -46,6 +48,7 @@ def open_store(
             raise ConfigError(f"no database file in {url!r}")
         return SQLiteStore(path, feed_retention=feed_retention, max_children=max_children)
     if scheme in ("postgresql", "postgres"):
+        require_extra("postgres", "the PostgreSQL store")
         from felix.control.stores.postgres import PostgresStore
 
         return PostgresStore(url, feed_retention=feed_retention, max_children=max_children)

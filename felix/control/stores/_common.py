@@ -12,9 +12,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from felix.auth.perms import PermissionSet
-from felix.control.model import PARENT, Kind, Path, Resource, ancestors, check_path, validate_spec
-from felix.control.store import CursorTooOld, HasChildren, VersionConflict
-from felix.errors import BadRequest, ConfigError, NotFound, Overloaded
+from felix.control.model import (
+    PARENT,
+    Path,
+    Resource,
+    ResourceKind,
+    ancestors,
+    check_path,
+    validate_spec,
+)
+from felix.control.store import CursorTooOld
+from felix.errors import BadRequest, ConfigError, HasChildren, NotFound, Overloaded, VersionConflict
 
 __all__ = [
     "DEFAULT_FEED_RETENTION",
@@ -44,7 +52,11 @@ DEFAULT_MAX_CHILDREN = 10_000
 MAX_PAGE = 10_000
 
 #: How a resource is identified inside a store: a stream and a cache may share a path.
-Key = tuple[Kind, Path]
+Key = tuple[ResourceKind, Path]
+
+
+#: The columns of a resource row, in the order both SQL backends read and write them.
+RESOURCE_COLUMNS = "kind, path, spec, version, created_at, updated_at"
 
 
 def utcnow() -> datetime:
@@ -52,36 +64,36 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def missing(kind: Kind, path: Path) -> NotFound:
+def missing(kind: ResourceKind, path: Path) -> NotFound:
     return NotFound(f"{kind} {'/'.join(path)} does not exist")
 
 
-def parent_of(kind: Kind, path: Path) -> Key | None:
+def parent_of(kind: ResourceKind, path: Path) -> Key | None:
     """The key of the resource ``path`` lives under (None for a tenant)."""
     parent_kind = PARENT[kind]
     return None if parent_kind is None else (parent_kind, path[:-1])
 
 
 def check_create(
-    kind: Kind, path: Path, spec: dict[str, Any] | None
+    kind: ResourceKind, path: Path, spec: dict[str, Any] | None
 ) -> tuple[Path, dict[str, Any]]:
     """Validated ``path`` and the full spec (defaults filled in); raises BadRequest."""
     path = check_path(kind, tuple(path))
     return path, check_scope(kind, path, validate_spec(kind, spec))
 
 
-def check_scope(kind: Kind, path: Path, spec: dict[str, Any]) -> dict[str, Any]:
+def check_scope(kind: ResourceKind, path: Path, spec: dict[str, Any]) -> dict[str, Any]:
     """Return ``spec`` if what it names stays in ``path``'s tenant; raises BadRequest.
 
     A policy's permissions must all name the policy's tenant (a validated spec only
     has their syntax checked: the spec alone does not know its tenant).
     """
-    if kind is Kind.POLICY:
+    if kind is ResourceKind.POLICY:
         PermissionSet(path[0], spec["permissions"])
     return spec
 
 
-def check_list_parent(kind: Kind, parent: Path) -> Key | None:
+def check_list_parent(kind: ResourceKind, parent: Path) -> Key | None:
     """Validate the ``parent`` a listing of ``kind`` names; its key (None: the root)."""
     parent = tuple(parent)
     parent_kind = PARENT[kind]
@@ -100,7 +112,7 @@ def check_children(parent: Path, count: int, max_children: int) -> None:
 
 
 def merge_spec(
-    kind: Kind, path: Path, current: dict[str, Any], patch: dict[str, Any]
+    kind: ResourceKind, path: Path, current: dict[str, Any], patch: dict[str, Any]
 ) -> dict[str, Any]:
     """The validated spec of resource ``path`` after applying ``patch`` to ``current``.
 
@@ -126,6 +138,23 @@ def check_version(resource: Resource, if_version: int | None) -> None:
             f"{resource.kind} {'/'.join(resource.path)} is at version {resource.version}, "
             f"not {if_version}"
         )
+
+
+def updated(
+    kind: ResourceKind,
+    path: Path,
+    old: Resource | None,
+    patch: dict[str, Any],
+    if_version: int | None,
+    now: datetime,
+) -> Resource:
+    """What ``old`` (the stored resource, None: missing) becomes with ``patch`` merged
+    in: the next version, updated ``now``. Raises NotFound, VersionConflict, BadRequest."""
+    if old is None:
+        raise missing(kind, path)
+    check_version(old, if_version)
+    spec = merge_spec(kind, path, old.spec, patch)
+    return old.model_copy(update={"spec": spec, "version": old.version + 1, "updated_at": now})
 
 
 def cascade_order(root: Resource, descendants: Iterable[Resource], cascade: bool) -> list[Resource]:

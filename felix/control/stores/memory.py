@@ -12,9 +12,9 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from felix.control.model import CONTAINERS, Change, Kind, Op, Path, Resource
-from felix.control.store import AlreadyExists
+from felix.control.model import CONTAINERS, Change, Op, Path, Resource, ResourceKind
 from felix.control.stores import _common as c
+from felix.errors import AlreadyExists
 
 __all__ = ["MemoryStore"]
 
@@ -53,11 +53,11 @@ class MemoryStore:
         """Wake any waiter; the data stays readable until the object is dropped."""
         self._notify()
 
-    async def get(self, kind: Kind, path: Path) -> Resource | None:
+    async def get(self, kind: ResourceKind, path: Path) -> Resource | None:
         res = self._resources.get((kind, tuple(path)))
         return None if res is None else res.model_copy(deep=True)
 
-    async def list_resources(self, kind: Kind, parent: Path) -> list[Resource]:
+    async def list_resources(self, kind: ResourceKind, parent: Path) -> list[Resource]:
         """Resources of ``kind`` directly under ``parent``, by name; NotFound if it is missing."""
         parent_key = c.check_list_parent(kind, parent)
         if parent_key is not None and parent_key not in self._resources:
@@ -65,7 +65,7 @@ class MemoryStore:
         keys = sorted(k for k in self._children.get(tuple(parent), ()) if k[0] == kind)
         return [self._resources[k].model_copy(deep=True) for k in keys]
 
-    async def create(self, kind: Kind, path: Path, spec: dict[str, Any]) -> Resource:
+    async def create(self, kind: ResourceKind, path: Path, spec: dict[str, Any]) -> Resource:
         path, full_spec = c.check_create(kind, path, spec)
         parent = c.parent_of(kind, path)
         if parent is not None and parent not in self._resources:
@@ -84,23 +84,22 @@ class MemoryStore:
         return res.model_copy(deep=True)
 
     async def update(
-        self, kind: Kind, path: Path, patch: dict[str, Any], if_version: int | None = None
+        self, kind: ResourceKind, path: Path, patch: dict[str, Any], if_version: int | None = None
     ) -> Resource:
         path = tuple(path)
         old = self._resources.get((kind, path))
-        if old is None:
-            raise c.missing(kind, path)
-        c.check_version(old, if_version)
-        spec = c.merge_spec(kind, path, old.spec, patch)
-        res = old.model_copy(
-            update={"spec": spec, "version": old.version + 1, "updated_at": self._clock()}
-        )
+        res = c.updated(kind, path, old, patch, if_version, self._clock())
         self._resources[(kind, path)] = res
         self._record([(Op.UPDATE, res)])
         return res.model_copy(deep=True)
 
     async def delete(
-        self, kind: Kind, path: Path, *, cascade: bool = False, if_version: int | None = None
+        self,
+        kind: ResourceKind,
+        path: Path,
+        *,
+        cascade: bool = False,
+        if_version: int | None = None,
     ) -> list[Change]:
         path = tuple(path)
         root = self._resources.get((kind, path))

@@ -42,9 +42,9 @@ from typing import Any
 
 import asyncpg
 
-from felix.control.model import Change, Kind, Op, Path, Resource
-from felix.control.store import AlreadyExists
+from felix.control.model import Change, Op, Path, Resource, ResourceKind
 from felix.control.stores import _common as c
+from felix.errors import AlreadyExists
 
 __all__ = ["MIGRATIONS", "PostgresStore"]
 
@@ -96,12 +96,10 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
     ),
 ]
 
-_COLUMNS = "kind, path, spec, version, created_at, updated_at"
-
 
 def _resource(row: Mapping[str, Any]) -> Resource:
     return Resource(
-        kind=Kind(row["kind"]),
+        kind=ResourceKind(row["kind"]),
         path=tuple(row["path"]),
         spec=row["spec"],
         version=row["version"],
@@ -181,11 +179,11 @@ class PostgresStore:
             await pool.close()
         self._notify()
 
-    async def get(self, kind: Kind, path: Path) -> Resource | None:
+    async def get(self, kind: ResourceKind, path: Path) -> Resource | None:
         async with self._acquire() as conn:
             return await _get(conn, kind, tuple(path))
 
-    async def list_resources(self, kind: Kind, parent: Path) -> list[Resource]:
+    async def list_resources(self, kind: ResourceKind, parent: Path) -> list[Resource]:
         """Resources of ``kind`` directly under ``parent``, by name; NotFound if it is missing."""
         parent_key = c.check_list_parent(kind, parent)
         async with (
@@ -195,14 +193,14 @@ class PostgresStore:
             if parent_key is not None and await _get(conn, *parent_key) is None:
                 raise c.missing(*parent_key)
             rows = await conn.fetch(
-                f"SELECT {_COLUMNS} FROM felix_resources"
+                f"SELECT {c.RESOURCE_COLUMNS} FROM felix_resources"
                 " WHERE parent = $1 AND kind = $2 ORDER BY name",
                 list(parent),
                 kind.value,
             )
         return [_resource(row) for row in rows]
 
-    async def create(self, kind: Kind, path: Path, spec: dict[str, Any]) -> Resource:
+    async def create(self, kind: ResourceKind, path: Path, spec: dict[str, Any]) -> Resource:
         path, full_spec = c.check_create(kind, path, spec)
         async with self._write() as (conn, position):
             parent = c.parent_of(kind, path)
@@ -219,7 +217,7 @@ class PostgresStore:
                 kind=kind, path=path, spec=full_spec, version=1, created_at=now, updated_at=now
             )
             await conn.execute(
-                f"INSERT INTO felix_resources ({_COLUMNS}, parent, name)"
+                f"INSERT INTO felix_resources ({c.RESOURCE_COLUMNS}, parent, name)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 *_values(res),
                 list(path[:-1]),
@@ -229,18 +227,13 @@ class PostgresStore:
         return res
 
     async def update(
-        self, kind: Kind, path: Path, patch: dict[str, Any], if_version: int | None = None
+        self, kind: ResourceKind, path: Path, patch: dict[str, Any], if_version: int | None = None
     ) -> Resource:
         path = tuple(path)
         async with self._write() as (conn, position):
             old = await _get(conn, kind, path)
-            if old is None:
-                raise c.missing(kind, path)
-            c.check_version(old, if_version)
-            spec = c.merge_spec(kind, path, old.spec, patch)
-            res = old.model_copy(
-                update={"spec": spec, "version": old.version + 1, "updated_at": self._clock()}
-            )
+            res = c.updated(kind, path, old, patch, if_version, self._clock())
+            spec = res.spec
             await conn.execute(
                 "UPDATE felix_resources SET spec = $3, version = $4, updated_at = $5"
                 " WHERE kind = $1 AND path = $2",
@@ -254,7 +247,12 @@ class PostgresStore:
         return res
 
     async def delete(
-        self, kind: Kind, path: Path, *, cascade: bool = False, if_version: int | None = None
+        self,
+        kind: ResourceKind,
+        path: Path,
+        *,
+        cascade: bool = False,
+        if_version: int | None = None,
     ) -> list[Change]:
         path = tuple(path)
         async with self._write() as (conn, position):
@@ -263,7 +261,7 @@ class PostgresStore:
                 raise c.missing(kind, path)
             c.check_version(root, if_version)
             below = await conn.fetch(
-                f"SELECT {_COLUMNS} FROM felix_resources"
+                f"SELECT {c.RESOURCE_COLUMNS} FROM felix_resources"
                 " WHERE cardinality(path) > $2 AND path[1:$2] = $1",
                 list(path),
                 len(path),
@@ -284,7 +282,7 @@ class PostgresStore:
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             position = await conn.fetchval("SELECT position FROM felix_feed WHERE id = 1")
-            rows = await conn.fetch(f"SELECT {_COLUMNS} FROM felix_resources")
+            rows = await conn.fetch(f"SELECT {c.RESOURCE_COLUMNS} FROM felix_resources")
         resources = sorted(map(_resource, rows), key=lambda r: (r.path, r.kind.value))
         return int(position), resources
 
@@ -292,7 +290,7 @@ class PostgresStore:
         limit = c.feed_limit(since, limit)
         async with self._acquire() as conn:
             rows = await conn.fetch(
-                f"SELECT position, op, {_COLUMNS} FROM felix_changes"
+                f"SELECT position, op, {c.RESOURCE_COLUMNS} FROM felix_changes"
                 " WHERE position > $1 ORDER BY position LIMIT $2",
                 since,
                 limit,
@@ -358,7 +356,7 @@ class PostgresStore:
             for i, (op, res) in enumerate(entries, 1)
         ]
         await conn.executemany(
-            f"INSERT INTO felix_changes (position, op, {_COLUMNS})"
+            f"INSERT INTO felix_changes (position, op, {c.RESOURCE_COLUMNS})"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             [(ch.position, ch.op.value, *_values(ch.resource)) for ch in recorded],
         )
@@ -401,9 +399,9 @@ class PostgresStore:
             self._changed = None
 
 
-async def _get(conn: Any, kind: Kind, path: Path) -> Resource | None:
+async def _get(conn: Any, kind: ResourceKind, path: Path) -> Resource | None:
     row = await conn.fetchrow(
-        f"SELECT {_COLUMNS} FROM felix_resources WHERE kind = $1 AND path = $2",
+        f"SELECT {c.RESOURCE_COLUMNS} FROM felix_resources WHERE kind = $1 AND path = $2",
         kind.value,
         list(path),
     )

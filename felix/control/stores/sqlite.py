@@ -28,10 +28,9 @@ from typing import Any
 
 import aiosqlite
 
-from felix.control.model import Change, Kind, Op, Path, Resource
-from felix.control.store import AlreadyExists
+from felix.control.model import Change, Op, Path, Resource, ResourceKind
 from felix.control.stores import _common as c
-from felix.errors import ConfigError
+from felix.errors import AlreadyExists, ConfigError
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
@@ -77,8 +76,6 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
     ),
 ]
 
-_COLUMNS = "kind, path, spec, version, created_at, updated_at"
-
 
 def _encode_path(path: Path) -> str:
     return "/".join(path)
@@ -87,7 +84,7 @@ def _encode_path(path: Path) -> str:
 def _resource(row: Sequence[Any]) -> Resource:
     kind, path, spec, version, created_at, updated_at = row
     return Resource(
-        kind=Kind(kind),
+        kind=ResourceKind(kind),
         path=tuple(path.split("/")),
         spec=json.loads(spec),
         version=version,
@@ -163,11 +160,11 @@ class SQLiteStore:
                 await reader.close()
         self._notify()
 
-    async def get(self, kind: Kind, path: Path) -> Resource | None:
+    async def get(self, kind: ResourceKind, path: Path) -> Resource | None:
         async with self._read() as db:
             return await self._get(db, kind, tuple(path))
 
-    async def list_resources(self, kind: Kind, parent: Path) -> list[Resource]:
+    async def list_resources(self, kind: ResourceKind, parent: Path) -> list[Resource]:
         """Resources of ``kind`` directly under ``parent``, by name; NotFound if it is missing."""
         parent_key = c.check_list_parent(kind, parent)
         async with self._read() as db:
@@ -176,7 +173,7 @@ class SQLiteStore:
                 if parent_key is not None and await self._get(db, *parent_key) is None:
                     raise c.missing(*parent_key)
                 rows = await db.execute_fetchall(
-                    f"SELECT {_COLUMNS} FROM felix_resources"
+                    f"SELECT {c.RESOURCE_COLUMNS} FROM felix_resources"
                     " WHERE parent = ? AND kind = ? ORDER BY name",
                     (_encode_path(tuple(parent)), kind.value),
                 )
@@ -184,7 +181,7 @@ class SQLiteStore:
                 await db.execute("COMMIT")
         return [_resource(row) for row in rows]
 
-    async def create(self, kind: Kind, path: Path, spec: dict[str, Any]) -> Resource:
+    async def create(self, kind: ResourceKind, path: Path, spec: dict[str, Any]) -> Resource:
         path, full_spec = c.check_create(kind, path, spec)
         async with self._write() as (db, position):
             parent = c.parent_of(kind, path)
@@ -202,7 +199,7 @@ class SQLiteStore:
                 kind=kind, path=path, spec=full_spec, version=1, created_at=now, updated_at=now
             )
             await db.execute(
-                f"INSERT INTO felix_resources ({_COLUMNS}, parent, name)"
+                f"INSERT INTO felix_resources ({c.RESOURCE_COLUMNS}, parent, name)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (*_values(res), _encode_path(path[:-1]), path[-1]),
             )
@@ -210,18 +207,13 @@ class SQLiteStore:
         return res
 
     async def update(
-        self, kind: Kind, path: Path, patch: dict[str, Any], if_version: int | None = None
+        self, kind: ResourceKind, path: Path, patch: dict[str, Any], if_version: int | None = None
     ) -> Resource:
         path = tuple(path)
         async with self._write() as (db, position):
             old = await self._get(db, kind, path)
-            if old is None:
-                raise c.missing(kind, path)
-            c.check_version(old, if_version)
-            spec = c.merge_spec(kind, path, old.spec, patch)
-            res = old.model_copy(
-                update={"spec": spec, "version": old.version + 1, "updated_at": self._clock()}
-            )
+            res = c.updated(kind, path, old, patch, if_version, self._clock())
+            spec = res.spec
             await db.execute(
                 "UPDATE felix_resources SET spec = ?, version = ?, updated_at = ?"
                 " WHERE kind = ? AND path = ?",
@@ -237,7 +229,12 @@ class SQLiteStore:
         return res
 
     async def delete(
-        self, kind: Kind, path: Path, *, cascade: bool = False, if_version: int | None = None
+        self,
+        kind: ResourceKind,
+        path: Path,
+        *,
+        cascade: bool = False,
+        if_version: int | None = None,
     ) -> list[Change]:
         path = tuple(path)
         async with self._write() as (db, position):
@@ -247,7 +244,7 @@ class SQLiteStore:
             c.check_version(root, if_version)
             prefix = _encode_path(path) + "/"
             below = await db.execute_fetchall(
-                f"SELECT {_COLUMNS} FROM felix_resources WHERE substr(path, 1, ?) = ?",
+                f"SELECT {c.RESOURCE_COLUMNS} FROM felix_resources WHERE substr(path, 1, ?) = ?",
                 (len(prefix), prefix),
             )
             doomed = c.cascade_order(root, map(_resource, below), cascade)
@@ -264,7 +261,9 @@ class SQLiteStore:
             await db.execute("BEGIN")
             try:
                 position = await self._position(db)
-                rows = await db.execute_fetchall(f"SELECT {_COLUMNS} FROM felix_resources")
+                rows = await db.execute_fetchall(
+                    f"SELECT {c.RESOURCE_COLUMNS} FROM felix_resources"
+                )
             finally:
                 await db.execute("COMMIT")
         resources = sorted(map(_resource, rows), key=lambda r: (r.path, r.kind.value))
@@ -274,7 +273,7 @@ class SQLiteStore:
         limit = c.feed_limit(since, limit)
         async with self._read() as db:
             rows = await db.execute_fetchall(
-                f"SELECT position, op, {_COLUMNS} FROM felix_changes"
+                f"SELECT position, op, {c.RESOURCE_COLUMNS} FROM felix_changes"
                 " WHERE position > ? ORDER BY position LIMIT ?",
                 (since, limit),
             )
@@ -347,7 +346,8 @@ class SQLiteStore:
             for i, (op, res) in enumerate(entries, 1)
         ]
         await db.executemany(
-            f"INSERT INTO felix_changes (position, op, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO felix_changes (position, op, {c.RESOURCE_COLUMNS})"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [(ch.position, ch.op.value, *_values(ch.resource)) for ch in recorded],
         )
         newest = recorded[-1].position
@@ -358,9 +358,9 @@ class SQLiteStore:
         return recorded
 
     @staticmethod
-    async def _get(db: aiosqlite.Connection, kind: Kind, path: Path) -> Resource | None:
+    async def _get(db: aiosqlite.Connection, kind: ResourceKind, path: Path) -> Resource | None:
         rows = await db.execute_fetchall(
-            f"SELECT {_COLUMNS} FROM felix_resources WHERE kind = ? AND path = ?",
+            f"SELECT {c.RESOURCE_COLUMNS} FROM felix_resources WHERE kind = ? AND path = ?",
             (kind.value, _encode_path(path)),
         )
         return next((_resource(row) for row in rows), None)

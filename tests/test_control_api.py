@@ -672,9 +672,9 @@ class HangingStore(MemoryStore):
 
 
 def test_health_does_not_hang_on_a_stuck_store(monkeypatch: pytest.MonkeyPatch) -> None:
-    import felix.control.api
+    import felix.control.api.system
 
-    monkeypatch.setattr(felix.control.api, "HEALTH_TIMEOUT", 0.2)
+    monkeypatch.setattr(felix.control.api.system, "HEALTH_TIMEOUT", 0.2)
 
     async def test(http: httpx.AsyncClient, store: MemoryStore) -> None:
         r = await http.get("/v1/system/health")

@@ -18,6 +18,7 @@ recheck timer). Key rings are read from disk on a worker thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from felix.auth.tokens import Claims, read_unverified_claims, verify_felix_token
 from felix.errors import NotFound, PermissionDenied, Unauthenticated, Unavailable
 
 __all__ = ["Minted", "TenantKeys", "granted_permissions"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,9 +101,11 @@ class TenantKeys:
         try:
             ring = await asyncio.to_thread(load_ring, self.directory, tenant)
         except NotFound:
-            raise Unavailable(
-                f"tenant {tenant} has no signing keys: run "
-                f"`felix token keygen --tenant {tenant} --dir {self.directory}`"
-            ) from None
+            # The answer goes to a remote caller: the server's path is only logged.
+            log.warning(
+                "tenant %s has no key ring in %s: run `felix token keygen --tenant %s --dir %s`",
+                tenant, self.directory, tenant, self.directory,
+            )  # fmt: skip
+            raise Unavailable(f"tenant {tenant} has no signing keys yet") from None
         token = ring.mint(now, issuer=ISSUER, audience=AUDIENCE, sub=sub, perms=perms)
         return Minted(token, ring.max_token_ttl)

@@ -1,7 +1,8 @@
 """Who may call a route, declared at the route itself.
 
-Every endpoint carries its rule (set by :func:`requires`); the route class refuses to
-build a route whose endpoint has none, so a new route cannot be left unprotected by
+Every endpoint carries its rule (set by :func:`requires`); the route class
+(:class:`felix.control.api.guard.GuardedRoute`) refuses to build a route whose
+endpoint has none, so a new route cannot be left unprotected by
 forgetting a table entry. :func:`felix.control.api.security.authenticate` reads the
 rule of the route it serves, and the OpenAPI document declares the bearer scheme from
 the same rules.
@@ -14,11 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from fastapi.routing import APIRoute
-
 __all__ = [
     "Access",
-    "GuardedRoute",
     "Permission",
     "Rule",
     "access_of",
@@ -89,11 +87,3 @@ def endpoint_rule(endpoint: object) -> Rule | None:
 def route_rule(scope: Mapping[str, Any]) -> Rule | None:
     """The rule of the endpoint a request was routed to (None: not a guarded route)."""
     return endpoint_rule(scope.get("endpoint"))
-
-
-class GuardedRoute(APIRoute):
-    """A route whose endpoint must declare its access rule: checked when the route is built."""
-
-    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
-        self.access = access_of(endpoint)
-        super().__init__(path, endpoint, **kwargs)

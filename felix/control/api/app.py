@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path as FilePath
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 import felix
 from felix.auth.fetch import fetch_jwks as default_fetch_jwks
@@ -17,7 +17,8 @@ from felix.control.api import feed, resources, system, tokens
 from felix.control.api.auditing import audit_refused
 from felix.control.api.context import ControlContext, NodeInfo, TokenAuth
 from felix.control.api.problems import install
-from felix.control.api.security import authenticate, declare_security, route_access
+from felix.control.api.security import declare_security, route_access
+from felix.control.limits import HttpLimits
 from felix.control.schemas import NAME_DESCRIPTION, Problem
 from felix.control.store import Store
 
@@ -69,6 +70,7 @@ def create_app(
     clock: Callable[[], float] = time.time,
     admin_token: str | None = None,
     require_auth: bool = False,
+    limits: HttpLimits | None = None,
 ) -> FastAPI:
     """The control-plane API over ``store``.
 
@@ -91,6 +93,11 @@ def create_app(
     :func:`~felix.control.api.security.authenticate`): ``admin_token`` (the bootstrap
     credential, allowed everything) or a Felix token verified with the tenant's keys
     in ``keys_dir``. Without it (the default: loopback dev mode) every request is allowed.
+    Authentication runs before any of the body is read (see :mod:`.guard`).
+
+    ``limits``: the body's size and time limits (default :class:`HttpLimits`); serve
+    the app with :func:`felix.control.api.serving.server_config` and the same limits
+    for the connection limits.
     """
     if admin_token is not None and not admin_token:
         raise ValueError("admin_token must not be empty")
@@ -108,9 +115,16 @@ def create_app(
             TenantKeys(FilePath(keys_dir)), JwksCache(fetch_jwks or default_fetch_jwks)
         )
     app.state.control = ControlContext(
-        store, region, node_info or {}, auth, clock, admin_token, require_auth
+        store,
+        region,
+        node_info or {},
+        auth,
+        clock,
+        admin_token,
+        require_auth,
+        limits or HttpLimits(),
     )
     for router in ROUTERS:
-        app.include_router(router, dependencies=[Depends(authenticate)])
+        app.include_router(router)
     install(app, ROUTES, on_refused=audit_refused)
     return app

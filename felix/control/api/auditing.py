@@ -21,7 +21,14 @@ from felix.control.api.problems import problem_type
 from felix.control.model import Kind, Path
 from felix.errors import FelixError, PermissionDenied, Unauthenticated
 
-__all__ = ["Caller", "audit_change", "audit_exchange", "audit_refused", "start_request"]
+__all__ = [
+    "Caller",
+    "audit_change",
+    "audit_exchange",
+    "audit_refused",
+    "caller_of",
+    "start_request",
+]
 
 
 @dataclass
@@ -31,6 +38,8 @@ class Caller:
     who: str = "anonymous"  # a token's subject, "admin", or "anonymous"
     tenant: str | None = None  # the Felix token's tenant
     source: str | None = None
+    #: The admin token (or no authentication required): may see everything.
+    admin: bool = False
     audited: bool = False  # a line was written for this request's outcome
 
 
@@ -47,6 +56,12 @@ def start_request(request: Request) -> Caller:
     request.state.audit_caller = caller
     _caller.set(caller)
     return caller
+
+
+def caller_of(request: Request) -> Caller:
+    """Who sent ``request`` (anonymous if it was not authenticated)."""
+    caller: Caller | None = getattr(request.state, "audit_caller", None)
+    return caller if caller is not None else Caller()
 
 
 def _current_caller() -> Caller:

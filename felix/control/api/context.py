@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
 from felix.auth.minting import TenantKeys
 from felix.auth.oidc import JwksCache
+from felix.control.limits import HttpLimits
 from felix.control.store import Store
 from felix.errors import Unavailable
 
@@ -38,6 +39,7 @@ class ControlContext:
     clock: Callable[[], float] = time.time
     admin_token: str | None = None
     require_auth: bool = False
+    limits: HttpLimits = field(default_factory=HttpLimits)
 
     def node(self) -> dict[str, Any]:
         return self.node_info() if callable(self.node_info) else dict(self.node_info)

@@ -11,8 +11,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from felix.control.api.access import Access, GuardedRoute, requires
+from felix.control.api.access import Access, requires
 from felix.control.api.context import StoreDep
+from felix.control.api.guard import GuardedRoute
 from felix.control.api.problems import errors
 from felix.control.schemas import ChangeOut, ChangePage, Snapshot, resource_out
 from felix.control.store import CursorTooOld, Store

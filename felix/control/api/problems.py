@@ -94,7 +94,10 @@ def install(app: FastAPI, routes: Iterable[BaseRoute], on_refused: OnRefused) ->
         if problem.status >= 500 and problem.slug not in ("overloaded", "unavailable"):
             log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         on_refused(request, exc, problem.slug)
-        return felix_problem(exc)
+        response = felix_problem(exc)
+        if getattr(request.state, "close_connection", False):
+            response.headers["Connection"] = "close"
+        return response
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)

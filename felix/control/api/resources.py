@@ -25,9 +25,10 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi import Path as PathParam
 from pydantic import BaseModel
 
-from felix.control.api.access import Access, GuardedRoute, Permission, Rule, requires
+from felix.control.api.access import Access, Permission, Rule, requires
 from felix.control.api.auditing import audit_change
 from felix.control.api.context import ContextDep, ControlContext
+from felix.control.api.guard import GuardedRoute
 from felix.control.api.problems import errors
 from felix.control.model import PARENT, Kind, Path, Resource, check_path
 from felix.control.schemas import (

@@ -9,6 +9,7 @@ not allow it. Without ``require_auth`` (loopback dev mode) everything is allowed
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import time
 from collections.abc import Iterable, Mapping
@@ -54,15 +55,19 @@ async def authenticate(request: Request) -> None:
     ctx = context(request)
     caller = start_request(request)
     if not ctx.require_auth:
+        caller.admin = True  # loopback dev mode: everything is allowed
         return
     rule = route_rule(request.scope) or Access.ADMIN
+    authorization = request.headers.get("authorization")
     if rule is Access.PUBLIC:
+        # Anyone may call it; the admin token, if sent, may be told more (such as the
+        # JWKS route telling a node's follower a tenant without keys from a missing one).
+        with contextlib.suppress(Unauthenticated):
+            caller.admin = _is_admin(ctx, bearer(authorization))
         return
-    token = bearer(request.headers.get("authorization"), "a Felix token or the admin token")
-    if ctx.admin_token is not None and hmac.compare_digest(
-        token.encode("utf-8"), ctx.admin_token.encode("utf-8")
-    ):
-        caller.who = "admin"
+    token = bearer(authorization, "a Felix token or the admin token")
+    if _is_admin(ctx, token):
+        caller.who, caller.admin = "admin", True
         return
     claims = _verify(ctx, token)
     caller.who, caller.tenant = claims.sub, claims.tid
@@ -77,6 +82,12 @@ async def authenticate(request: Request) -> None:
     obj = rule.object_for(params)
     if not claims.perms.allows(rule.action, obj):
         raise PermissionDenied(f"the token does not allow {rule.action} on {obj}")
+
+
+def _is_admin(ctx: ControlContext, token: str) -> bool:
+    return ctx.admin_token is not None and hmac.compare_digest(
+        token.encode("utf-8"), ctx.admin_token.encode("utf-8")
+    )
 
 
 def bearer(authorization: str | None, what: str = "the identity provider's token") -> str:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 import felix
-from felix.control.api.access import Access, GuardedRoute, requires
+from felix.control.api.access import Access, requires
+from felix.control.api.auditing import caller_of
 from felix.control.api.context import ContextDep, StoreDep
+from felix.control.api.guard import GuardedRoute
 from felix.control.api.problems import errors
 from felix.control.schemas import (
     PROBLEM_TYPES,
@@ -34,8 +36,11 @@ router = APIRouter(prefix="/v1", route_class=GuardedRoute)
 
 @router.get("/system/info", tags=["system"], summary="Version, region and node")
 @requires(Access.ANY)
-async def system_info(ctx: ContextDep) -> SystemInfo:
-    return SystemInfo(version=felix.__version__, region=ctx.region, node=ctx.node())
+async def system_info(ctx: ContextDep, request: Request) -> SystemInfo:
+    """The node's details (addresses, process ids, restarts, file paths) are shown to
+    the admin token only: ``node`` is empty for a tenant's token."""
+    node = ctx.node() if caller_of(request).admin else {}
+    return SystemInfo(version=felix.__version__, region=ctx.region, node=node)
 
 
 @router.get(

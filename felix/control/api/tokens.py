@@ -14,21 +14,22 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, Response
+from fastapi import APIRouter, Body, Header, Request, Response
 
 from felix.auth.minting import granted_permissions
 from felix.auth.oidc import verify_idp_token
 from felix.auth.rbac import Policy
 from felix.auth.tokens import read_unverified_claims
-from felix.control.api.access import Access, GuardedRoute, requires
-from felix.control.api.auditing import audit_exchange
+from felix.control.api.access import Access, requires
+from felix.control.api.auditing import audit_exchange, caller_of
 from felix.control.api.context import ContextDep
+from felix.control.api.guard import GuardedRoute
 from felix.control.api.problems import errors
-from felix.control.api.resources import TenantName, missing
+from felix.control.api.resources import TenantName
 from felix.control.api.security import bearer
 from felix.control.model import BindingSpec, IssuerSpec, Kind, check_path
 from felix.control.schemas import Jwks, TokenExchange, TokenOut
-from felix.errors import FelixError, Unavailable
+from felix.errors import FelixError, NotFound, Unavailable
 
 __all__ = ["IDP_LEEWAY", "JWKS_MAX_AGE", "router"]
 
@@ -118,19 +119,23 @@ async def exchange_token(
     responses=errors(400, 404, 503),
 )
 @requires(Access.PUBLIC)  # brokers and clients fetch them
-async def tenant_jwks(tenant: TenantName, ctx: ContextDep, response: Response) -> Jwks:
+async def tenant_jwks(
+    tenant: TenantName, ctx: ContextDep, request: Request, response: Response
+) -> Jwks:
     """The public keys that verify the tenant's Felix tokens (cacheable for a minute).
 
-    404: no such tenant; 503: no key directory, or the tenant has no signing keys yet.
+    404: no such tenant, or it has no signing keys yet: one answer for both, so the
+    public route does not tell which tenants exist. To the admin token (a node
+    mirroring the sets) a tenant without keys yet is 503, which it retries. 503 also:
+    no key directory.
     """
     auth = ctx.token_auth()
-    if await ctx.store.get(Kind.TENANT, check_path(Kind.TENANT, (tenant,))) is None:
-        raise missing(Kind.TENANT, (tenant,))
+    check_path(Kind.TENANT, (tenant,))
     jwks = auth.keys.jwks(tenant, time.monotonic())
-    if jwks is None:
-        raise Unavailable(
-            f"tenant {tenant} has no signing keys: run "
-            f"`felix token keygen --tenant {tenant} --dir {auth.keys.directory}`"
-        )
+    exists = await ctx.store.get(Kind.TENANT, (tenant,)) is not None
+    if jwks is None and exists and caller_of(request).admin:
+        raise Unavailable(f"tenant {tenant} has no signing keys yet")
+    if jwks is None or not exists:
+        raise NotFound(f"tenant {tenant} publishes no signing keys")
     response.headers["Cache-Control"] = f"public, max-age={JWKS_MAX_AGE}"
     return Jwks(keys=list(jwks["keys"]))

@@ -205,8 +205,9 @@ def test_an_oversized_body_is_refused_while_it_streams() -> None:
             assert headers["connection"] == "close"
             pusher.join(WAIT)
             assert not pusher.is_alive()
-        # At most the limit plus what one read of the socket delivered.
-        assert limit < server.meter.read <= limit + 256 * 1024
+        # At most the limit plus what the server had buffered for one receive: uvicorn
+        # stops reading past 64 KiB of unread body, after a socket read of up to 256 KiB.
+        assert limit < server.meter.read <= limit + 512 * 1024
         assert sent[0] < budget  # the server stopped taking it
 
         # A body within the limit still works.
@@ -235,7 +236,8 @@ def test_half_open_connections_are_closed_and_a_valid_client_still_gets_in() -> 
             assert_closed(sock, started + 4 * WAIT - time.monotonic())
             sock.close()
         counts = server.guard.counts
-        assert counts["evicted"] >= 100 - limits.max_connections
+        # However the machine's load split them between the two bounds, every attacker
+        # was closed by one: evicted to admit a newer connection, or timed out.
         assert counts["timed_out"] >= 1
         assert counts["evicted"] + counts["timed_out"] >= 100
 

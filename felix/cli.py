@@ -335,6 +335,9 @@ def _add_control(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "default data/admin-token)",
     )
     _add_rotation_flags(control, "--keys-dir")
+    from felix.control.cliargs import add_http_limit_arguments
+
+    add_http_limit_arguments(control.add_argument_group("HTTP limits"))
     tls = control.add_argument_group("TLS")
     tls.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM): serve https")
     tls.add_argument("--tls-key", type=Path, help="server private key (PEM)")
@@ -384,6 +387,8 @@ def _run_control(args: argparse.Namespace) -> int:
 
     from felix.auth.files import admin_token
     from felix.control.api import create_app
+    from felix.control.api.serving import server_config
+    from felix.control.cliargs import http_limits
     from felix.control.stores import open_store
     from felix.node.config import is_loopback
 
@@ -395,6 +400,7 @@ def _run_control(args: argparse.Namespace) -> int:
             "(or --insecure, to serve it unauthenticated)"
         )
     tls_options = _control_tls(args, host)
+    limits = http_limits(args)
     admin = admin_token(args.admin_token_file) if args.auth else None
     rotator = _key_rotator(args.keys_dir, args) if args.auth else None
     store = open_store(args.store)
@@ -408,11 +414,13 @@ def _run_control(args: argparse.Namespace) -> int:
                 keys_dir=args.keys_dir,
                 admin_token=admin,
                 require_auth=args.auth,
+                limits=limits,
             )
-            config = uvicorn.Config(
+            config = server_config(
                 app,
-                host=host,
-                port=port,
+                host,
+                port,
+                limits=limits,
                 lifespan="off",
                 timeout_graceful_shutdown=2,
                 **tls_options,

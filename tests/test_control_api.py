@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,7 +18,7 @@ from felix.control.api import create_app
 from felix.control.model import ResourceKind
 from felix.control.schemas import NAME_PATTERN, PROBLEM_TYPES, parse_if_match
 from felix.control.stores.memory import MemoryStore
-from felix.errors import BadRequest, Unauthenticated
+from felix.errors import BadRequest
 from felix.names import validate_name
 from tests.aio import run
 
@@ -496,20 +496,48 @@ def test_unexpected_errors_are_500_problems() -> None:
     run(main)
 
 
-def test_authentication_seam_is_a_dependency() -> None:
-    from felix.control.api import authenticate
+def test_authentication_comes_before_the_body() -> None:
+    """A refused request is answered without reading a byte of its body (ASGI level)."""
+    app = create_app(MemoryStore(), require_auth=True, admin_token="admin-secret")
+    read: list[str] = []
 
-    async def refuse() -> None:
-        raise Unauthenticated("no token")
+    async def receive() -> dict[str, Any]:
+        read.append("body")
+        return {"type": "http.request", "body": b'{"name": "acme"}', "more_body": False}
+
+    async def request(headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(dict(message))
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": T,
+            "raw_path": T.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"content-type", b"application/json"), *headers],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 2),
+        }
+        await app(scope, receive, send)
+        status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+        return status, b"".join(
+            m.get("body", b"") for m in sent if m["type"] == "http.response.body"
+        )
 
     async def main() -> None:
-        app = create_app(MemoryStore())
-        app.dependency_overrides[authenticate] = refuse
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://control") as http:
-            body = assert_problem(await http.get(T), 401, "unauthenticated")
-            assert body["detail"] == "no token"
-            assert_problem(await http.get("/v1/changes"), 401)
+        assert (await request([]))[0] == 401
+        assert (await request([(b"authorization", b"Bearer wrong")]))[0] == 401
+        assert read == []  # refused from the headers alone
+        status, body = await request([(b"authorization", b"Bearer admin-secret")])
+        assert status == 201, body
+        assert read == ["body"]
 
     run(main)
 
@@ -672,9 +700,9 @@ class HangingStore(MemoryStore):
 
 
 def test_health_does_not_hang_on_a_stuck_store(monkeypatch: pytest.MonkeyPatch) -> None:
-    import felix.control.api
+    import felix.control.api.system
 
-    monkeypatch.setattr(felix.control.api, "HEALTH_TIMEOUT", 0.2)
+    monkeypatch.setattr(felix.control.api.system, "HEALTH_TIMEOUT", 0.2)
 
     async def test(http: httpx.AsyncClient, store: MemoryStore) -> None:
         r = await http.get("/v1/system/health")

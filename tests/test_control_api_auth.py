@@ -14,11 +14,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import APIRouter
 
 from felix.auth.files import AUDIENCE, ISSUER, admin_token, save_ring
 from felix.auth.keys import TenantKeyRing
 from felix.auth.perms import PermissionSet
-from felix.control.api import ROUTE_ACCESS, TOKEN_LEEWAY, create_app
+from felix.control.api import ROUTE_ACCESS, TOKEN_LEEWAY, Access, create_app
+from felix.control.api.access import requires
+from felix.control.api.guard import GuardedRoute
 from felix.control.client import ControlClient
 from felix.control.model import ResourceKind
 from felix.control.stores.memory import MemoryStore
@@ -103,6 +106,17 @@ def assert_problem(r: httpx.Response, status: int) -> None:
 def test_every_route_has_an_access_rule() -> None:
     app = create_app(MemoryStore(), require_auth=True)
     assert set(app.openapi()["paths"]) == set(ROUTE_ACCESS)
+
+
+def test_a_route_without_an_access_rule_cannot_be_built() -> None:
+    router = APIRouter(route_class=GuardedRoute)
+
+    async def forgotten() -> None:
+        return None
+
+    with pytest.raises(TypeError, match="declares no access rule"):
+        router.add_api_route("/v1/forgotten", forgotten)
+    router.add_api_route("/v1/declared", requires(Access.ADMIN)(forgotten))
 
 
 def test_without_credentials_only_public_routes_answer(keys: Keys) -> None:

@@ -306,14 +306,21 @@ def test_unknown_kid_refetches_at_most_once_per_window(tmp_path: Path) -> None:
     run(main)
 
 
-def test_missing_ring_and_missing_keys_dir_are_503(tmp_path: Path) -> None:
+def test_missing_ring_and_missing_keys_dir(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async def main() -> None:
         async with api(tmp_path, IdP(), ring=False) as http:
             await configure(http)
             body = assert_problem(await exchange(http, idp_token()), 503, "unavailable")
-            assert "felix token keygen" in body["detail"]
+            assert "no signing keys" in body["detail"] and str(tmp_path) not in body["detail"]
+            # The operator's hint (with the key directory) goes to the server's log only.
+            assert "felix token keygen --tenant acme" in caplog.text
+            # Without auth required every caller is the admin: a tenant without keys yet
+            # is 503 (a node's mirror retries it), one that does not exist 404.
             r = await http.get(f"{T}/.well-known/jwks.json")
-            assert "felix token keygen" in assert_problem(r, 503, "unavailable")["detail"]
+            body = assert_problem(r, 503, "unavailable")
+            assert "no signing keys" in body["detail"] and str(tmp_path) not in body["detail"]
             r = await http.get("/v1/tenants/nobody/.well-known/jwks.json")
             assert_problem(r, 404, "not-found")
         async with api(None, IdP()) as http:

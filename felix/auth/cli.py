@@ -17,7 +17,8 @@ A rotated key signs from publish_ahead (300 s) after the rotation on; keys stay
 published until every token they signed has expired. Tokens carry iss and aud
 "felix" and at most --max-ttl seconds (keygen; default 900) of lifetime.
 
-exchange asks the control plane (--url, else $FELIX_CONTROL_URL, else
+exchange (added to this group by :mod:`felix.control.cli`: felix/auth knows nothing
+of the control plane) asks the control plane (--url, else $FELIX_CONTROL_URL, else
 http://127.0.0.1:8443) to trade an identity provider's token (TOKEN, @FILE, or
 - for stdin) for a Felix token holding what the tenant's role bindings grant
 (--permission asks for only those, never more); it prints the token, or with
@@ -53,7 +54,7 @@ from felix.auth.perms import PermissionSet
 from felix.errors import BadRequest, ConfigError, FelixError, NotFound
 from felix.names import validate_name
 
-__all__ = ["DEFAULT_AUTH_DIR", "add_commands", "auth_dir", "read_secret"]
+__all__ = ["DEFAULT_AUTH_DIR", "add_commands", "auth_dir", "guarded", "read_secret", "tenant_arg"]
 
 #: The key directory when neither --dir nor $FELIX_AUTH_DIR is given.
 DEFAULT_AUTH_DIR = Path("data") / "auth"
@@ -95,10 +96,10 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="replace an existing key ring (tokens it signed stop verifying)",
     )
-    keygen.set_defaults(func=_guarded(_keygen))
+    keygen.set_defaults(func=guarded(_keygen))
 
     rotate = _command(commands, "rotate", "publish the next key and drop expired ones")
-    rotate.set_defaults(func=_guarded(_rotate))
+    rotate.set_defaults(func=guarded(_rotate))
 
     mint = _command(commands, "mint", "print a Felix token")
     mint.add_argument("--sub", required=True, help="the token's subject")
@@ -113,38 +114,10 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     mint.add_argument(
         "--ttl", type=int, metavar="SECONDS", help="lifetime (default: the ring's --max-ttl)"
     )
-    mint.set_defaults(func=_guarded(_mint))
+    mint.set_defaults(func=guarded(_mint))
 
     jwks = _command(commands, "jwks", "print the tenant's published JWK set")
-    jwks.set_defaults(func=_guarded(_jwks))
-
-    exchange = commands.add_parser(
-        "exchange",
-        help="trade an identity provider's token for a Felix token (control plane)",
-        epilog=_EPILOG,
-        formatter_class=_RAW,
-    )
-    exchange.add_argument("--tenant", required=True, help="the tenant")
-    exchange.add_argument(
-        "--issuer-token",
-        required=True,
-        metavar="TOKEN|@FILE|-",
-        help="the identity provider's JWT, @FILE to read it from a file, - from stdin",
-    )
-    exchange.add_argument(
-        "--permission",
-        dest="permissions",
-        action="append",
-        metavar="PERM",
-        help="ask for only this permission (repeatable; never more than granted)",
-    )
-    from felix.control.cliargs import add_connection_arguments
-
-    add_connection_arguments(exchange.add_argument_group("connection"), token=False)
-    exchange.add_argument(
-        "--json", action="store_true", help="print the whole answer as JSON, not just the token"
-    )
-    exchange.set_defaults(func=_guarded(_exchange))
+    jwks.set_defaults(func=guarded(_jwks))
 
 
 def _command(
@@ -170,7 +143,9 @@ def auth_dir(args: argparse.Namespace) -> Path:
     return Path(env) if env else DEFAULT_AUTH_DIR
 
 
-def _guarded(command: Command) -> Command:
+def guarded(command: Command) -> Command:
+    """``command`` printing ``felix: MESSAGE`` and returning 2 (ConfigError) or 1 (FelixError)."""
+
     def run(args: argparse.Namespace) -> int:
         try:
             return command(args)
@@ -184,7 +159,7 @@ def _guarded(command: Command) -> Command:
     return run
 
 
-def _tenant(args: argparse.Namespace) -> str:
+def tenant_arg(args: argparse.Namespace) -> str:
     """``--tenant``, validated (an invalid name is a usage error)."""
     try:
         return validate_name("tenant", args.tenant)
@@ -211,7 +186,7 @@ def _when(unix: float) -> str:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    tenant = _tenant(args)
+    tenant = tenant_arg(args)
     directory = auth_dir(args)
     now = _now()
     ring = TenantKeyRing.create(tenant, now, max_token_ttl=args.max_ttl)
@@ -228,7 +203,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _rotate(args: argparse.Namespace) -> int:
-    tenant = _tenant(args)
+    tenant = tenant_arg(args)
     directory = auth_dir(args)
     if not directory.is_dir():
         raise _no_ring(directory, tenant)
@@ -246,7 +221,7 @@ def _rotate(args: argparse.Namespace) -> int:
 
 
 def _mint(args: argparse.Namespace) -> int:
-    tenant = _tenant(args)
+    tenant = tenant_arg(args)
     try:
         perms = PermissionSet(tenant, args.perms)
     except BadRequest as exc:
@@ -263,7 +238,7 @@ def _mint(args: argparse.Namespace) -> int:
 
 
 def _jwks(args: argparse.Namespace) -> int:
-    tenant = _tenant(args)
+    tenant = tenant_arg(args)
     directory = auth_dir(args)
     path = jwks_path(directory, tenant)
     try:
@@ -299,14 +274,3 @@ def read_secret(value: str, flag: str) -> str:
     if not token:
         raise ConfigError(f"{flag}: the token is empty")
     return token
-
-
-def _exchange(args: argparse.Namespace) -> int:
-    from felix.control.cliargs import open_client
-
-    tenant = _tenant(args)
-    issuer_token = read_secret(args.issuer_token, "--issuer-token")
-    with open_client(args, token=issuer_token) as api:
-        answer = api.exchange_token(tenant, args.permissions or None)
-    print(json.dumps(answer) if args.json else answer["access_token"])
-    return 0

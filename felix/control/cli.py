@@ -1,5 +1,6 @@
 """Control-plane commands of the ``felix`` CLI: ``tenant``, ``ns``, ``stream``, ``cache``,
-``issuer``, ``policy``, ``binding``, and ``rbac`` (below).
+``issuer``, ``policy``, ``binding``, ``rbac`` (below), and ``token exchange`` (documented
+with ``felix token``).
 
 Each of the others has ``ls``, ``create NAME``, ``info NAME`` and ``rm NAME``::
 
@@ -61,7 +62,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from felix.auth.cli import read_secret
+from felix.auth.cli import guarded, read_secret, tenant_arg
 from felix.auth.perms import PermissionSet
 from felix.control.cliargs import add_connection_arguments, open_client
 from felix.control.client import ControlClient
@@ -131,6 +132,48 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
             rm.add_argument("--yes", action="store_true", help="confirm the delete (required)")
         rm.set_defaults(func=_with_client(_rm, kind))
     _add_rbac(subparsers)
+    _add_exchange(subparsers)
+
+
+def _add_exchange(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
+    """``felix token exchange``: in the ``token`` group of :mod:`felix.auth.cli` (added
+    first), but a control-plane call, so it lives here (felix/auth imports nothing of
+    felix/control)."""
+    commands = _group(subparsers, "token", "tenant signing keys and Felix tokens")
+    exchange = commands.add_parser(
+        "exchange",
+        help="trade an identity provider's token for a Felix token (control plane)",
+        epilog=_EPILOG,
+        formatter_class=_RAW,
+    )
+    exchange.add_argument("--tenant", required=True, help="the tenant")
+    exchange.add_argument(
+        "--issuer-token",
+        required=True,
+        metavar="TOKEN|@FILE|-",
+        help="the identity provider's JWT, @FILE to read it from a file, - from stdin",
+    )
+    exchange.add_argument(
+        "--permission",
+        dest="permissions",
+        action="append",
+        metavar="PERM",
+        help="ask for only this permission (repeatable; never more than granted)",
+    )
+    add_connection_arguments(exchange.add_argument_group("connection"), token=False)
+    exchange.add_argument(
+        "--json", action="store_true", help="print the whole answer as JSON, not just the token"
+    )
+    exchange.set_defaults(func=guarded(_exchange))
+
+
+def _exchange(args: argparse.Namespace) -> int:
+    tenant = tenant_arg(args)
+    issuer_token = read_secret(args.issuer_token, "--issuer-token")
+    with open_client(args, token=issuer_token) as api:
+        answer = api.exchange_token(tenant, args.permissions or None)
+    print(json.dumps(answer) if args.json else answer["access_token"])
+    return 0
 
 
 def _add_rbac(subparsers: Subparsers[argparse.ArgumentParser]) -> None:

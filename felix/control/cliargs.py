@@ -1,4 +1,5 @@
-"""The control-plane connection options shared by every CLI command that calls the API.
+"""Command-line options of the control plane: the connection options shared by every CLI
+command that calls the API, and the HTTP limits of a server that serves it.
 
 ``felix tenant|ns|stream|cache|issuer|policy|binding|rbac ...`` and ``felix token
 exchange`` take the same ``--url --timeout --ca --cert --key`` (and, except the
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from felix.control.client import DEFAULT_URL, ControlClient
+from felix.control.limits import HttpLimits
 from felix.errors import ConfigError
 
 
@@ -52,3 +54,48 @@ def open_client(args: argparse.Namespace, *, token: str | None = None) -> Contro
     if token is None:
         token = getattr(args, "token", None)
     return ControlClient(args.url, timeout=args.timeout, token=token, ca=args.ca, cert=cert)
+
+
+def add_http_limit_arguments(group: argparse._ActionsContainer) -> None:
+    """Add the control plane's HTTP limits (see :class:`HttpLimits`) to ``group``."""
+    d = HttpLimits()
+    group.add_argument(
+        "--http-max-body",
+        type=int,
+        default=d.max_body_bytes,
+        metavar="BYTES",
+        help=f"largest request body; larger: 413 ({d.max_body_bytes})",
+    )
+    group.add_argument(
+        "--http-max-connections",
+        type=int,
+        default=d.max_connections,
+        metavar="N",
+        help="open connections at most; at the bound the oldest idle one is closed "
+        f"({d.max_connections})",
+    )
+    group.add_argument(
+        "--http-header-timeout",
+        type=float,
+        default=d.header_timeout,
+        metavar="SECONDS",
+        help="a connection with no request being served is closed after this "
+        f"({d.header_timeout:g})",
+    )
+    group.add_argument(
+        "--http-body-timeout",
+        type=float,
+        default=d.body_timeout,
+        metavar="SECONDS",
+        help=f"a request body must arrive within this; later: 400 ({d.body_timeout:g})",
+    )
+
+
+def http_limits(args: argparse.Namespace) -> HttpLimits:
+    """The HttpLimits of the parsed options (ConfigError when one is out of range)."""
+    return HttpLimits(
+        max_body_bytes=args.http_max_body,
+        max_connections=args.http_max_connections,
+        header_timeout=args.http_header_timeout,
+        body_timeout=args.http_body_timeout,
+    )

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import uvicorn
 
 from felix import ipc
+from felix.control.limits import HttpLimits
 from felix.control.model import Change, Op, Resource, ResourceKind
 from felix.control.store import CursorTooOld, Store
 
@@ -229,8 +230,10 @@ class EmbeddedControl:
         keys_dir: Path | None = None,
         admin_token: str | None = None,
         require_auth: bool = False,
+        limits: HttpLimits | None = None,
     ) -> None:
         from felix.control.api import create_app
+        from felix.control.api.serving import server_config
 
         self.store = store
         # keys_dir: the tenants' key rings, for the token exchange, the JWKS route and
@@ -242,6 +245,7 @@ class EmbeddedControl:
             keys_dir=keys_dir,
             admin_token=admin_token,
             require_auth=require_auth,
+            limits=limits,
         )
         options: dict[str, Any] = {}
         if tls is not None:
@@ -250,10 +254,12 @@ class EmbeddedControl:
                 options |= {"ssl_ca_certs": str(client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
         elif client_ca is not None:
             raise ValueError("client_ca needs tls")
-        config = uvicorn.Config(
+        # limits: body size and time, header timeout, connection cap (HttpLimits defaults).
+        config = server_config(
             app,
-            host=host,
-            port=port,
+            host,
+            port,
+            limits=limits,
             log_level="warning",
             lifespan="off",
             # Long polls would hold shutdown for up to 30 s: the drain cannot wait that long.

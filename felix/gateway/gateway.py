@@ -254,7 +254,7 @@ class Gateway:
         for sub in subs:
             if sub.known_tail < end:
                 sub.known_tail = end
-            if sub.can_take_shared(base):
+            if count and sub.can_take_shared(base):
                 out = frame
                 if sub.v1_offsets is not None:
                     out = v1_frames.get(sub.v1_offsets) or v1_frames.setdefault(

@@ -709,6 +709,10 @@ class ShardCore:
     def caches(self) -> int:
         return len(self._caches)
 
+    def resources_held(self) -> int:
+        """Streams, caches and watches of streams not created yet."""
+        return len(self._streams) + len(self._caches) + len(self._waiting)
+
     def stream_log(self, key: str) -> StreamLog | None:
         stream = self._streams.get(key)
         return None if stream is None else stream.log

@@ -118,6 +118,19 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument("--data-dir", type=Path, default=Path("data"), help="state directory")
     up.add_argument("--memory-budget", default="1GiB", help="memory for all shards (1GiB)")
     up.add_argument(
+        "--tenant-memory-quota",
+        help="a tenant's memory on this node unless its control-plane quota says (the budget)",
+    )
+    up.add_argument(
+        "--tenant-max-resources",
+        type=int,
+        default=10_000,
+        help="streams, caches and watches a tenant may hold per shard (10000)",
+    )
+    up.add_argument(
+        "--max-streams-per-shard", type=int, default=65_536, help="streams per shard (65536)"
+    )
+    up.add_argument(
         "--insecure",
         action="store_true",
         help="allow a non-loopback listen address without authentication",
@@ -255,6 +268,11 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         shards=args.shards,
         data_dir=args.data_dir.resolve(),
         memory_budget=parse_size(args.memory_budget),
+        tenant_memory_quota=(
+            parse_size(args.tenant_memory_quota) if args.tenant_memory_quota else None
+        ),
+        tenant_max_resources=args.tenant_max_resources,
+        max_streams_per_shard=args.max_streams_per_shard,
         insecure=args.insecure,
         auto_create=not args.no_auto_create,
         tls_cert=args.tls_cert,

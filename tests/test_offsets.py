@@ -219,7 +219,7 @@ def test_table_is_bounded(path: Path) -> None:
     res.in_use = live.__contains__
     res.ensure("a", 101)
     res.ensure("b", 101)
-    with pytest.raises(Overloaded, match="full.*--max-streams-per-shard"):
+    with pytest.raises(Overloaded, match=r"full.*--max-streams-per-shard"):
         res.ensure("c", 101)
     assert res.ensure("a", 250) is True  # known keys still advance
     live.discard("b")  # "b" left memory: its entry can be folded into the floor

@@ -86,6 +86,7 @@ from felix.auth.perms import narrow
 from felix.auth.rbac import Policy, grant
 from felix.auth.tokens import Claims, read_unverified_claims, verify_felix_token
 from felix.control.model import BindingSpec, IssuerSpec, Kind, Path, Resource, check_path
+from felix.control.quotas import NodeQuotas, check_write
 from felix.control.schemas import (
     IF_MATCH_MAX_CHARS,
     IF_MATCH_PATTERN,
@@ -259,6 +260,7 @@ class _Context:
     clock: Callable[[], float] = time.time
     admin_token: str | None = None
     require_auth: bool = False
+    quotas: NodeQuotas = field(default_factory=NodeQuotas)
 
     def node(self) -> dict[str, Any]:
         return self.node_info() if callable(self.node_info) else dict(self.node_info)
@@ -282,6 +284,7 @@ def create_app(
     clock: Callable[[], float] = time.time,
     admin_token: str | None = None,
     require_auth: bool = False,
+    quotas: NodeQuotas | None = None,
 ) -> FastAPI:
     """The control-plane API over ``store``.
 
@@ -305,6 +308,9 @@ def create_app(
     :func:`authenticate`): ``admin_token`` (the bootstrap credential, allowed
     everything) or a Felix token verified with the tenant's keys in ``keys_dir``.
     Without it (the default: loopback dev mode) every request is allowed.
+
+    ``quotas``: the node memory that budgets and tenant quotas are checked against
+    (felix/control/quotas.py; default: the defaults of ``felix up``).
     """
     if admin_token is not None and not admin_token:
         raise ValueError("admin_token must not be empty")
@@ -320,7 +326,14 @@ def create_app(
     if keys_dir is not None:
         auth = _Auth(FilePath(keys_dir), JwksCache(fetch_jwks or default_fetch_jwks))
     app.state.control = _Context(
-        store, region, node_info or {}, auth, clock, admin_token, require_auth
+        store,
+        region,
+        node_info or {},
+        auth,
+        clock,
+        admin_token,
+        require_auth,
+        quotas or NodeQuotas(),
     )
     app.include_router(_router, dependencies=[Depends(authenticate)])
     app.add_exception_handler(FelixError, _on_felix_error)
@@ -771,6 +784,7 @@ async def _create(
         spec = body.model_dump(mode="json", exclude={"name"}, exclude_unset=True)
         if kind is Kind.STREAM:
             _check_region(ctx, spec)
+        await check_write(ctx.store, ctx.quotas, kind, path, spec)
         res = await ctx.store.create(kind, path, spec)
     except FelixError as exc:
         _audit_change("create", kind, path, exc)
@@ -823,6 +837,7 @@ async def _update(
         if kind is Kind.STREAM:
             _check_region(ctx, patch)
         if_version = await _if_version(ctx.store, kind, path, if_match)
+        await check_write(ctx.store, ctx.quotas, kind, path, patch, update=True)
         res = await ctx.store.update(kind, path, patch, if_version=if_version)
     except FelixError as exc:
         _audit_change("update", kind, path, exc)

@@ -26,6 +26,7 @@ import uvicorn
 
 from felix import ipc
 from felix.control.model import Change, Kind, Op, Resource
+from felix.control.quotas import NodeQuotas
 from felix.control.store import CursorTooOld, Store
 
 log = logging.getLogger("felix.control.follower")
@@ -35,7 +36,9 @@ PAGE = 500
 LONG_POLL = 10.0
 RETRY_MIN, RETRY_MAX = 0.2, 10.0
 
-#: What a shard applies: (kind, path) -> spec, for streams and caches only.
+#: Kinds the shards apply: a tenant's quotas, streams and caches.
+APPLIED = (Kind.TENANT, Kind.STREAM, Kind.CACHE)
+#: What a shard applies: (kind, path) -> spec, for the APPLIED kinds.
 Resources = dict[tuple[Kind, tuple[str, ...]], dict[str, Any]]
 
 
@@ -123,11 +126,7 @@ class ControlFollower:
     async def seed(self) -> None:
         """Take a snapshot and define everything in it (replacing what was known)."""
         position, resources = await self._source.snapshot()
-        fresh: Resources = {
-            (r.kind, tuple(r.path)): r.spec
-            for r in resources
-            if r.kind in (Kind.STREAM, Kind.CACHE)
-        }
+        fresh: Resources = {(r.kind, tuple(r.path)): r.spec for r in resources if r.kind in APPLIED}
         for kind, path in self.resources.keys() - fresh.keys():
             self._apply("delete", kind, path, {})
         for (kind, path), spec in fresh.items():
@@ -178,8 +177,7 @@ class ControlFollower:
             elif change.op is not Op.DELETE and not known:
                 self.tenants.add(r.path[0])
                 self._tenants_changed()
-            return
-        if r.kind not in (Kind.STREAM, Kind.CACHE):
+        if r.kind not in APPLIED:
             return
         key = (r.kind, tuple(r.path))
         if change.op is Op.DELETE:
@@ -227,6 +225,7 @@ class EmbeddedControl:
         keys_dir: Path | None = None,
         admin_token: str | None = None,
         require_auth: bool = False,
+        quotas: NodeQuotas | None = None,
     ) -> None:
         from felix.control.api import create_app
 
@@ -240,6 +239,7 @@ class EmbeddedControl:
             keys_dir=keys_dir,
             admin_token=admin_token,
             require_auth=require_auth,
+            quotas=quotas,
         )
         options: dict[str, Any] = {}
         if tls is not None:

@@ -45,7 +45,7 @@ from felix.quic import load_engine, serve_on_socket
 from felix.ring import Ring, RingReader
 from felix.shard.core import ShardCore, ShardSettings
 from felix.shard.offsets import OffsetReservations
-from felix.shard.resources import cache_settings, stream_settings, unsupported
+from felix.shard.resources import cache_settings, stream_settings, tenant_quota, unsupported
 from felix.tls import node_certificates
 
 log = logging.getLogger("felix.node")
@@ -172,8 +172,11 @@ def new_shard_core(config: NodeConfig, index: int) -> ShardCore:
         cache_defaults=config.cache_defaults,
         auto_create=config.auto_create,
         memory_budget=config.memory_budget // config.shards,
+        max_streams=config.max_streams_per_shard,
+        tenant_quota=tenant_quota({}, config.tenant_defaults, config.shards),
     )
-    return ShardCore(settings, OffsetReservations(config.data_dir / f"shard-{index}.offsets"))
+    path = config.data_dir / f"shard-{index}.offsets"
+    return ShardCore(settings, OffsetReservations(path, max_entries=config.max_streams_per_shard))
 
 
 async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
@@ -236,6 +239,7 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
             "budget_trims": core.budget_trims,
             "blocked": core.blocked,
             "memory_used": core.memory_used,
+            "quota_trims": core.quota_trims,
             "caches": core.caches,
         },
         on_command=lambda cmd: apply_resource(core, config, cmd, send_out),
@@ -262,6 +266,9 @@ def apply_resource(
             core.delete_stream(ipc.stream_key(*path))
         elif cmd["cmd"] == "delete" and kind == "cache":
             core.delete_cache(path)
+        elif kind == "tenant":
+            quota = tenant_quota(spec, config.tenant_defaults, config.shards)
+            core.define_tenant(path[0], quota if cmd["cmd"] == "define" else None)
     except FelixError as exc:
         log.error("cannot apply %s %s %s: %s", cmd["cmd"], kind, "/".join(path), exc)
     flush()

@@ -304,7 +304,9 @@ class ShardCore:
             # Only tenants that hold something are tracked: the table stays bounded.
             self._tenants.pop(usage.name, None)
 
-    def _admit(self, what: str, item: object, names: Sequence[str], *, force: bool = False) -> TenantUsage:
+    def _admit(
+        self, what: str, item: object, names: Sequence[str], *, force: bool = False
+    ) -> TenantUsage:
         """Check that a new stream, cache or watch may be created; count it to its tenant.
 
         ``force``: defined by the control plane (neither auto-create nor tombstones apply).

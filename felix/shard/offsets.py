@@ -203,8 +203,9 @@ class OffsetReservations:
 
     Opening reads ``path`` (and its ``.bak``), recovers as the module docstring
     describes, and writes one new generation reserving a block ahead for every
-    known stream and for the streams it does not know (the floor). The directory of ``path`` must exist: it is not created, so
-    an unmounted data volume fails loudly instead of looking like a fresh start.
+    known stream and for the streams it does not know (the floor). The directory of
+    ``path`` must exist: it is not created, so an unmounted data volume fails loudly
+    instead of looking like a fresh start.
 
     The intended use, per stream key, by the shard that owns it::
 

@@ -32,6 +32,7 @@ on its own checks against the defaults of ``felix up`` (or what it is told).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -92,8 +93,9 @@ def refuse_unhonoured(kind: Kind, sent: Mapping[str, Any]) -> None:
     for name, (allowed, why) in UNHONOURED.items():
         if name in sent and sent[name] != allowed:
             raise BadRequest(
-                f"{name}={sent[name]!r} is not supported: {why}; leave it out or send "
-                f"{name}={allowed!r} (docs/operations.md, 'What survives a restart')"
+                f"{name}={json.dumps(sent[name])} is not supported: {why}; leave it out or "
+                f"send {name}={json.dumps(allowed)} (docs/operations.md, 'What survives a "
+                "restart')"
             )
 
 
@@ -187,7 +189,8 @@ async def check_write(
     else:
         spec = validate_spec(kind, sent)
     if kind is Kind.TENANT:
-        check_tenant(path[0], spec, node, await _holdings(store, path[0]))
+        holdings = await _holdings(store, path[0]) if update else []
+        check_tenant(path[0], spec, node, holdings)
         return
     tenant = await store.get(Kind.TENANT, path[:1])
     check_resource(kind, path, spec, tenant.spec if tenant is not None else {}, node)

@@ -37,9 +37,7 @@ def test_budgets_above_the_node_or_the_tenant_quota_are_refused() -> None:
         problem(r, "stream acme/prod/big", "64 MiB", "2 shards")
         ok = await http.post(STREAMS, json={"name": "fits", "replay_max_bytes": 64 * MIB})
         assert ok.status_code == 201, ok.text
-        problem(
-            await http.patch(f"{STREAMS}/fits", json={"replay_max_bytes": 65 * MIB}), "64 MiB"
-        )
+        problem(await http.patch(f"{STREAMS}/fits", json={"replay_max_bytes": 65 * MIB}), "64 MiB")
         # retention_bytes caps the ring: a big ring under a small retention fits.
         r = await http.patch(
             f"{STREAMS}/fits", json={"replay_max_bytes": 1 << 40, "retention_bytes": MIB}
@@ -47,9 +45,7 @@ def test_budgets_above_the_node_or_the_tenant_quota_are_refused() -> None:
         assert r.status_code == 200, r.text
         # A cache is spread over the shards: at most min(node, tenant quota).
         problem(await http.post(CACHES, json={"name": "c", "budget_bytes": 1 << 40}), "128 MiB")
-        problem(
-            await http.patch(f"{CACHES}/sessions", json={"budget_bytes": 129 * MIB}), "128 MiB"
-        )
+        problem(await http.patch(f"{CACHES}/sessions", json={"budget_bytes": 129 * MIB}), "128 MiB")
         assert (await http.get(f"{CACHES}/sessions")).json()["version"] == 1
 
     with_api(test, quotas=NODE)

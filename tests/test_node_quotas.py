@@ -1,4 +1,5 @@
-"""Issue 11 item 1 against a real node: one tenant's reads cost another tenant nothing.
+"""Issue 11 against a real node: one tenant's reads cost another tenant nothing (item 1),
+a deleted stream stays deleted (item 16), a shard restart is a gap, not drops (low).
 
 Tenant A's token allows only ``cache.read``. Before the fix every read of a cache
 that did not exist created it, reserving a share of the shard's memory budget;
@@ -9,12 +10,15 @@ and B could not create a cache.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from felix import wire
+from felix.errors import NotFound
 from felix.auth.files import save_ring
 from tests.aio import run
 from tests.nodeproc import NodeProcess
@@ -99,5 +103,87 @@ def test_reads_of_missing_caches_cost_another_tenant_nothing(tmp_path: Path) -> 
             b.close()
 
         run(attack)
+    finally:
+        n.stop()
+
+
+async def publish_until(
+    req: Requests, names: tuple[str, str, str], want: type, code: int = 0
+) -> wire.ExtMessage:
+    """Publish until the answer is a ``want`` (with ``code`` for an error): the node
+    applies control-plane changes and restarts asynchronously. Bounded by a deadline."""
+    deadline = time.monotonic() + 30
+    while True:
+        req.send(wire.encode_publish, *names, [b"x"])
+        reply = (await req.replies())[req.next_id]
+        if isinstance(reply, want) and (code == 0 or getattr(reply, "code", 0) == code):
+            return reply
+        assert time.monotonic() < deadline, f"still {reply!r}"
+        await asyncio.sleep(0.1)
+
+
+def test_a_stream_deleted_through_the_control_plane_stays_deleted(tmp_path: Path) -> None:
+    """Issue 11 item 16: a publish to a deleted stream is refused, not a re-creation."""
+    n = NodeProcess(tmp_path / "node", gateways=1, shards=2)
+    try:
+        api = httpx.Client(base_url=n.info["control"], timeout=10)
+        streams = "/v1/tenants/acme/namespaces/prod/streams"
+        assert api.post("/v1/tenants", json={"name": "acme"}).status_code == 201
+        assert api.post("/v1/tenants/acme/namespaces", json={"name": "prod"}).status_code == 201
+        assert api.post(streams, json={"name": "orders"}).status_code == 201
+        names = ("acme", "prod", "orders")
+
+        async def main() -> None:
+            peer = await raw_connect(n.host, n.port, n.ca_file)
+            req = Requests(peer, await peer.auth("acme"))
+            await publish_until(req, names, wire.PublishOffsets)
+            assert api.delete(f"{streams}/orders").status_code == 200
+            refused = await publish_until(req, names, wire.ErrorReply, NotFound.code)
+            assert "deleted" in refused.message  # type: ignore[attr-defined]
+            for _ in range(5):  # and it stays so
+                req.send(wire.encode_publish, *names, [b"x"])
+                again = (await req.replies())[req.next_id]
+                assert isinstance(again, wire.ErrorReply) and again.code == NotFound.code
+            # Created again through the control plane: publishes work, above old offsets.
+            assert api.post(streams, json={"name": "orders"}).status_code == 201
+            ok = await publish_until(req, names, wire.PublishOffsets)
+            assert ok.base_offset >= 1  # type: ignore[attr-defined]
+            peer.close()
+
+        run(main)
+        api.close()
+    finally:
+        n.stop()
+
+
+def test_a_restarted_shard_reports_offsets_never_assigned_as_a_gap_not_drops(
+    tmp_path: Path,
+) -> None:
+    """Issue 11 (low): after a shard restart the stream continues above its reserved
+    offsets; a subscriber that had everything lost nothing and gets no SLOW_CONSUMER
+    for the skipped (never assigned) offsets, only the jump in offsets."""
+    n = NodeProcess(tmp_path / "node", gateways=1, shards=1)
+    try:
+        names = ("acme", "prod", "s")
+
+        async def main() -> None:
+            peer = await raw_connect(n.host, n.port, n.ca_file)
+            req = Requests(peer, await peer.auth("acme"))
+            req.send(wire.encode_subscribe, *names, 1, credit=1000)
+            assert isinstance((await req.replies())[req.next_id], wire.Subscribed)
+            for _ in range(5):
+                req.send(wire.encode_publish, *names, [b"before"])
+            await req.replies()
+            await peer.wait_for(lambda: len(delivered(peer)[0]) >= 5, timeout=10)
+            old = n.kill_child("shard-0")
+            await asyncio.to_thread(n.wait_restarted, "shard-0", old)
+            await publish_until(req, names, wire.PublishOffsets)
+            await peer.wait_for(lambda: len(delivered(peer)[0]) >= 6, timeout=20)
+            offsets, notices = delivered(peer)
+            assert offsets[:5] == list(range(5)) and offsets[5] > 5
+            assert notices == [], notices
+            peer.close()
+
+        run(main)
     finally:
         n.stop()

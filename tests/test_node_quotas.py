@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from felix import wire
-from felix.errors import NotFound
 from felix.auth.files import save_ring
+from felix.errors import NotFound
 from tests.aio import run
 from tests.nodeproc import NodeProcess
 from tests.rawquic import RawPeer, raw_connect

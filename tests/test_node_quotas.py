@@ -84,9 +84,9 @@ def test_reads_of_missing_caches_cost_another_tenant_nothing(tmp_path: Path) -> 
             acked = 0
             for i in range(RECORDS):
                 b_req.send(wire.encode_publish, B, "prod", "events", [b"%d" % i + b"." * 1000])
-            for reply in (await b_req.replies()).values():
-                if isinstance(reply, wire.PublishOffsets):
-                    acked += reply.count
+            for answer in (await b_req.replies()).values():
+                if isinstance(answer, wire.PublishOffsets):
+                    acked += answer.count
             assert acked == RECORDS
             await b.wait_for(lambda: len(delivered(b)[0]) >= RECORDS, timeout=20)
             offsets, notices = delivered(b)

@@ -325,6 +325,18 @@ def _add_control(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     control.add_argument("--region", default="local", help="the region this cluster is")
     control.add_argument(
+        "--node-memory-budget",
+        default="1GiB",
+        help="the --memory-budget of the nodes (the smallest), to check budgets against (1GiB)",
+    )
+    control.add_argument(
+        "--node-shards", type=int, default=1, help="the --shards of the nodes (the most) (1)"
+    )
+    control.add_argument(
+        "--tenant-memory-quota",
+        help="the nodes' --tenant-memory-quota (default: the node memory budget)",
+    )
+    control.add_argument(
         "--keys-dir",
         type=Path,
         default=Path("data/auth"),
@@ -397,6 +409,7 @@ def _run_control(args: argparse.Namespace) -> int:
 
     from felix.auth.files import admin_token
     from felix.control.api import create_app
+    from felix.control.quotas import NodeQuotas
     from felix.control.stores import open_store
     from felix.node.config import is_loopback
 
@@ -411,6 +424,14 @@ def _run_control(args: argparse.Namespace) -> int:
     admin = admin_token(args.admin_token_file) if args.auth else None
     rotator = _key_rotator(args.keys_dir, args) if args.auth else None
     store = open_store(args.store)
+    tenant_quota = args.tenant_memory_quota
+    quotas = NodeQuotas(
+        parse_size(args.node_memory_budget),
+        args.node_shards,
+        parse_size(tenant_quota) if tenant_quota else None,
+    )
+    if quotas.shards < 1:
+        raise ConfigError("--node-shards must be at least 1")
 
     async def serve() -> None:
         await store.open()
@@ -421,6 +442,7 @@ def _run_control(args: argparse.Namespace) -> int:
                 keys_dir=args.keys_dir,
                 admin_token=admin,
                 require_auth=args.auth,
+                quotas=quotas,
             )
             config = uvicorn.Config(
                 app,

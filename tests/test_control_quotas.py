@@ -3,6 +3,7 @@ the tenant's quotas, and settings the node does not honour refused, at create an
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,6 +13,7 @@ from felix.control.model import Kind
 from felix.control.quotas import NodeQuotas, check_resource
 from felix.control.stores.memory import MemoryStore
 from felix.errors import BadRequest
+from tests.nodeproc import control_process
 from tests.test_control_api import CACHES, NS, STREAMS, T, seed, with_api
 
 pytestmark = pytest.mark.timeout(60)
@@ -111,3 +113,19 @@ def test_check_resource_uses_the_node_default_tenant_quota() -> None:
     check_resource(Kind.STREAM, path, spec, {}, NODE)
     with pytest.raises(BadRequest, match="32 MiB"):
         check_resource(Kind.STREAM, path, spec, {"memory_quota_bytes": 64 * MIB}, NODE)
+
+
+def test_a_standalone_control_plane_checks_against_the_nodes_it_is_told_of(
+    tmp_path: Path,
+) -> None:
+    args = ("--store", "memory://", "--node-memory-budget", "64MiB", "--node-shards", "2")
+    with (
+        control_process(tmp_path / "control.log", *args) as url,
+        httpx.Client(base_url=url) as http,
+    ):
+        assert http.post(T, json={"name": "acme"}).status_code == 201
+        assert http.post(NS, json={"name": "prod"}).status_code == 201
+        problem(http.post(STREAMS, json={"name": "s", "replay_max_bytes": 33 * MIB}), "32 MiB")
+        assert (
+            http.post(STREAMS, json={"name": "s", "replay_max_bytes": 32 * MIB}).status_code == 201
+        )

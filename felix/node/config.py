@@ -14,14 +14,16 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from felix.control.quotas import NodeQuotas
 from felix.errors import ConfigError
 from felix.gateway.gateway import GatewayLimits
 from felix.shard.cache import CacheSettings
 from felix.shard.stream_log import StreamSettings
 from felix.shard.tenants import TenantQuota
+
+if TYPE_CHECKING:
+    from felix.control.quotas import NodeQuotas
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -225,6 +227,8 @@ class NodeConfig:
     @property
     def quotas(self) -> NodeQuotas:
         """What the embedded control plane checks budgets against."""
+        from felix.control.quotas import NodeQuotas  # the control plane's (pydantic) side
+
         return NodeQuotas(self.memory_budget, self.shards, self.tenant_memory_quota)
 
     def to_json(self) -> str:

@@ -20,6 +20,7 @@ import pytest
 from felix import wire
 from felix.auth.files import save_ring
 from felix.errors import NotFound
+from felix.shard.stream_log import RECORD_OVERHEAD
 from tests.aio import run
 from tests.nodeproc import NodeProcess
 from tests.rawquic import RawPeer, raw_connect
@@ -185,5 +186,53 @@ def test_a_restarted_shard_reports_offsets_never_assigned_as_a_gap_not_drops(
             peer.close()
 
         run(main)
+    finally:
+        n.stop()
+
+
+def test_a_tenant_quota_set_in_the_control_plane_bounds_it_on_the_node(tmp_path: Path) -> None:
+    """Issue 11 item 1: the tenant's quota (control plane) reaches every shard and bounds
+    what that tenant holds; a tenant without one keeps everything."""
+    n = NodeProcess(tmp_path / "node", gateways=1, shards=2)
+    try:
+        api = httpx.Client(base_url=n.info["control"], timeout=10)
+        r = api.post("/v1/tenants", json={"name": "acme", "memory_quota_bytes": 8 << 20})
+        assert r.status_code == 201, r.text
+        chunk = [b"." * 1000] * 100  # about 110 kB accounted per publish
+
+        async def earliest(req: Requests, tenant: str) -> int:
+            req.send(wire.encode_subscribe, tenant, "prod", "s", req.next_id + 1, start="earliest")
+            sub = (await req.replies())[req.next_id]
+            assert isinstance(sub, wire.Subscribed), sub
+            return sub.start_offset
+
+        async def main() -> None:
+            peer = await raw_connect(n.host, n.port, n.ca_file)
+            acme = Requests(peer, await peer.auth("acme"))
+            other = await raw_connect(n.host, n.port, n.ca_file)
+            globex = Requests(other, await other.auth("globex"))
+            deadline = time.monotonic() + 30
+            published = 0
+            # 4 MiB per shard for acme: publish until its oldest records are gone.
+            while await earliest(acme, "acme") == 0:
+                assert time.monotonic() < deadline, "acme's quota never applied"
+                for _ in range(20):
+                    acme.send(wire.encode_publish, "acme", "prod", "s", chunk)
+                    globex.send(wire.encode_publish, "globex", "prod", "s", chunk)
+                await acme.replies()
+                await globex.replies()
+                published += 20 * len(chunk)
+            # More than acme's quota on one shard (accounted bytes) went through.
+            assert published * (1000 + RECORD_OVERHEAD) > 4 << 20
+            assert await earliest(globex, "globex") == 0  # globex kept everything
+            peer.close()
+            other.close()
+
+        run(main)
+        api.close()
+        deadline = time.monotonic() + 10
+        while n.metric("felix_quota_trims_total") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)  # children report every second
     finally:
         n.stop()

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from felix import wire
+from felix import ipc, wire
 from felix.auth.files import save_ring
 from felix.errors import NotFound
 from felix.shard.stream_log import RECORD_OVERHEAD
@@ -145,6 +145,11 @@ def test_a_stream_deleted_through_the_control_plane_stays_deleted(tmp_path: Path
                 req.send(wire.encode_publish, *names, [b"x"])
                 again = (await req.replies())[req.next_id]
                 assert isinstance(again, wire.ErrorReply) and again.code == NotFound.code
+            # Even after the shard that owns it restarts.
+            owner = f"shard-{ipc.shard_for(ipc.stream_key(*names), 2)}"
+            old = n.kill_child(owner)
+            await asyncio.to_thread(n.wait_restarted, owner, old)
+            await publish_until(req, names, wire.ErrorReply, NotFound.code)
             # Created again through the control plane: publishes work, above old offsets.
             assert api.post(streams, json={"name": "orders"}).status_code == 201
             ok = await publish_until(req, names, wire.PublishOffsets)

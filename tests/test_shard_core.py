@@ -309,3 +309,15 @@ def test_a_deleted_stream_stays_deleted_until_defined_again() -> None:
     c.delete_stream(ipc.stream_key(T, NS, "y"))
     stored = request(c, wire.encode_cache_set(7, T, NS, "c", "k", b"v"))
     assert isinstance(stored, wire.CacheResult) and stored.result
+
+
+def test_budgets_above_the_node_are_enforced_on_the_data_plane() -> None:
+    """Issue 11 item 2: whatever the control plane accepted, the shard holds its budget."""
+    c = core(memory_budget=100_000)
+    c.define_cache((T, NS, "huge"), CacheSettings(budget_bytes=1 << 40, max_value_bytes=1000))
+    c.define_stream(ipc.stream_key(T, NS, "huge"), StreamSettings(replay_max_bytes=1 << 40))
+    assert c.memory_used == 0  # defining reserves nothing
+    for i in range(500):
+        request(c, wire.encode_cache_set(i, T, NS, "huge", f"k{i}", b"v" * 1000))
+        request(c, wire.encode_publish(i, T, NS, "huge", [b"r" * 1000]))
+        assert c.memory_used <= 100_000

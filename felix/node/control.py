@@ -18,6 +18,7 @@ import contextlib
 import logging
 import random
 import ssl
+from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +37,8 @@ PAGE = 500
 LONG_POLL = 10.0
 RETRY_MIN, RETRY_MAX = 0.2, 10.0
 
+#: Deleted streams and caches a follower remembers for restarted shards.
+MAX_DELETED = 10_000
 #: Kinds the shards apply: a tenant's quotas, streams and caches.
 APPLIED = (Kind.TENANT, Kind.STREAM, Kind.CACHE)
 #: What a shard applies: (kind, path) -> spec, for the APPLIED kinds.
@@ -114,6 +117,9 @@ class ControlFollower:
         self._on_tenants = on_tenants
         self.tenants: set[str] = set()
         self.resources: Resources = {}
+        # Streams and caches deleted since this node started (newest MAX_DELETED): a
+        # restarted shard is told again, so a write cannot create them again.
+        self.deleted: OrderedDict[tuple[Kind, tuple[str, ...]], None] = OrderedDict()
         self.position = 0
         self.seeded = asyncio.Event()
         self.applied = 0
@@ -129,6 +135,7 @@ class ControlFollower:
         fresh: Resources = {(r.kind, tuple(r.path)): r.spec for r in resources if r.kind in APPLIED}
         for kind, path in self.resources.keys() - fresh.keys():
             self._apply("delete", kind, path, {})
+            self._deleted(kind, path)
         for (kind, path), spec in fresh.items():
             if self.resources.get((kind, path)) != spec:
                 self._apply("define", kind, path, spec)
@@ -183,9 +190,19 @@ class ControlFollower:
         if change.op is Op.DELETE:
             if self.resources.pop(key, None) is not None:
                 self._apply("delete", r.kind, key[1], {})
+                self._deleted(r.kind, key[1])
         else:
             self.resources[key] = r.spec
+            self.deleted.pop(key, None)
             self._apply("define", r.kind, key[1], r.spec)
+
+    def _deleted(self, kind: Kind, path: tuple[str, ...]) -> None:
+        if kind is Kind.TENANT:
+            return  # a tenant's quota simply falls back to the node's default
+        self.deleted[(kind, path)] = None
+        self.deleted.move_to_end((kind, path))
+        while len(self.deleted) > MAX_DELETED:
+            self.deleted.popitem(last=False)
 
     def _apply(self, cmd: str, kind: Kind, path: tuple[str, ...], spec: dict[str, Any]) -> None:
         self.applied += 1
@@ -194,6 +211,9 @@ class ControlFollower:
 
     def replay(self, shard: int) -> None:
         """Define everything ``shard`` owns again (it restarted with nothing)."""
+        for kind, path in self.deleted:
+            if shard in self.targets(kind, path):
+                self._send(shard, {"cmd": "delete", "kind": kind.value, "path": list(path)})
         for (kind, path), spec in self.resources.items():
             if shard in self.targets(kind, path):
                 self._send(

@@ -241,3 +241,40 @@ def test_a_tenant_quota_set_in_the_control_plane_bounds_it_on_the_node(tmp_path:
             time.sleep(0.2)  # children report every second
     finally:
         n.stop()
+
+
+def test_records_trimmed_for_memory_are_always_announced_to_subscribers(tmp_path: Path) -> None:
+    """Issue 11 item 1: never silence. A batch larger than its tenant's quota is trimmed
+    away before it could be pushed; the subscriber still gets SLOW_CONSUMER for it."""
+    n = NodeProcess(tmp_path / "node", "--tenant-memory-quota", "1MiB", gateways=1, shards=1)
+    try:
+        names = ("acme", "prod", "s")
+
+        async def main() -> None:
+            peer = await raw_connect(n.host, n.port, n.ca_file)
+            req = Requests(peer, await peer.auth("acme"))
+            req.send(wire.encode_subscribe, *names, 1, credit=1000)
+            assert isinstance((await req.replies())[req.next_id], wire.Subscribed)
+            req.send(wire.encode_publish, *names, [b"x" * 500_000] * 3)
+            ack = (await req.replies())[req.next_id]
+            assert isinstance(ack, wire.PublishOffsets) and (ack.base_offset, ack.count) == (0, 3)
+
+            def accounted() -> tuple[set[int], set[int]]:
+                offsets, notices = delivered(peer)
+                lost = {
+                    i
+                    for notice in notices
+                    if isinstance(notice, wire.SlowConsumer)
+                    for i in range(notice.first_dropped, notice.first_dropped + notice.dropped)
+                }
+                return set(offsets), lost
+
+            # Every record is either delivered or inside an announced range, never both.
+            await peer.wait_for(lambda: set.union(*accounted()) >= {0, 1, 2}, timeout=10)
+            got, lost = accounted()
+            assert lost and not got & lost
+            peer.close()
+
+        run(main)
+    finally:
+        n.stop()

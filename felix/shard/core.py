@@ -18,8 +18,9 @@ not exist yet is remembered as a *watch* (bounded, removed when the subscriber
 leaves) and the stream is created by its first publish; only writes (publish,
 cache set), which the gateway has checked against the token's write permission,
 create. A stream or cache deleted through the control plane is remembered as a
-tombstone (the newest ``max_tombstones`` per shard, until the shard restarts):
-writes to it are refused with NotFound until the control plane defines it again.
+tombstone (the newest ``max_tombstones``; the node tells a restarted shard its
+deletions again): writes to it are refused with NotFound until the control plane
+defines it again.
 
 Memory is charged to tenants as used (felix/shard/tenants.py): a tenant over its
 quota trims its own data, a shard over its budget trims the biggest tenants.

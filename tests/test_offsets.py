@@ -283,6 +283,23 @@ def test_write_failure_is_unavailable_and_changes_nothing(
     assert open_res(path).start_offset("s") == 300
 
 
+def test_a_failed_fold_changes_nothing(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    open_res(path, max_entries=2).ensure("a", 101)
+    res = open_res(path, max_entries=1)
+    res.in_use = lambda key: False
+    assert res.start_offset("a") == 200
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(Unavailable):
+        res.ensure("b", 201)  # would fold "a" into the floor
+    assert (list(res), res.start_offset("a"), res.folded) == (["a"], 200, 0)
+    monkeypatch.undo()
+    assert res.ensure("b", 201) is True and res.start_offset("a") >= 300
+
+
 # -- corruption and recovery ---------------------------------------------------------------
 
 

@@ -349,6 +349,7 @@ class OffsetReservations:
     def _raise_mark(self, key: str, end: int, mark: int | None) -> bool:
         marks = self._marks
         floor, base = self._floor, self._base
+        folded: list[str] = []
         if mark is None:
             _check_key(key)
             mark = self._floor
@@ -356,7 +357,10 @@ class OffsetReservations:
                 # Streams without an entry issue below the floor without a write.
                 return False
             if len(self._marks) >= self.max_entries:
-                marks, floor, base = self._fold(len(self._marks) + 1 - self.max_entries)
+                folded = self._idle(len(self._marks) + 1 - self.max_entries)
+                marks = {k: m for k, m in self._marks.items() if k not in folded}
+                base = max([base, *(self._marks[k] for k in folded)])
+                floor = self._floor_above(base)
         if end - mark > self.block:
             raise BadRequest(f"cannot reserve {end - mark} offsets at once (block is {self.block})")
         new_mark = (end // self.block + 1) * self.block
@@ -367,29 +371,23 @@ class OffsetReservations:
         marks = dict(marks)
         marks[key] = new_mark
         self._write(marks, floor)
+        # Written: the folded streams now start above their marks like any new stream.
         self._base = base
+        for gone in folded:
+            self._starts.pop(gone, None)
+        self.folded += len(folded)
         return True
 
-    def _fold(self, count: int) -> tuple[dict[str, int], int, int]:
-        """Marks, floor and base with ``count`` entries of streams not in memory folded away.
-
-        The lowest marks go first (the floor rises least). Changes nothing: the
-        caller writes, then adopts the base.
-        """
+    def _idle(self, count: int) -> list[str]:
+        """``count`` keys of streams not in memory, to fold into the floor: the lowest
+        marks first (the floor rises least)."""
         idle = sorted((m, k) for k, m in self._marks.items() if not self.in_use(k))
         if len(idle) < count:
             raise Overloaded(
                 f"offset reservation table is full: {len(self._marks)} streams in memory hold "
                 f"an entry (limit {self.max_entries}, --max-streams-per-shard)"
             )
-        marks = dict(self._marks)
-        base = self._base
-        for mark, key in idle[:count]:
-            del marks[key]
-            self._starts.pop(key, None)
-            base = max(base, mark)
-        self.folded += count
-        return marks, self._floor_above(base), base
+        return [key for _, key in idle[:count]]
 
     def _floor_above(self, base: int) -> int:
         """The floor once new streams start at ``base``: a block of room above it."""

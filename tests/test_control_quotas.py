@@ -9,10 +9,11 @@ from typing import Any
 import httpx
 import pytest
 
-from felix.control.model import Kind
+from felix.control.model import Kind, validate_spec
 from felix.control.quotas import NodeQuotas, check_resource
 from felix.control.stores.memory import MemoryStore
 from felix.errors import BadRequest
+from felix.shard.resources import unsupported
 from tests.nodeproc import control_process
 from tests.test_control_api import CACHES, NS, STREAMS, T, seed, with_api
 
@@ -129,3 +130,10 @@ def test_a_standalone_control_plane_checks_against_the_nodes_it_is_told_of(
         assert (
             http.post(STREAMS, json={"name": "s", "replay_max_bytes": 32 * MIB}).status_code == 201
         )
+
+
+def test_the_node_names_stored_settings_it_does_not_honour() -> None:
+    stored = validate_spec(Kind.STREAM, {})
+    assert unsupported(stored) == []
+    old = {**stored, "durable": True, "fsync": "batch"}
+    assert [line.split("=")[0] for line in unsupported(old)] == ["durable", "fsync"]

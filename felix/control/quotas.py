@@ -35,11 +35,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from felix.control.model import Kind, Path, Resource, validate_spec
 from felix.control.store import Store
 from felix.errors import BadRequest
+from felix.shard.resources import UNHONOURED
 
 __all__ = [
     "UNHONOURED",
@@ -49,17 +50,6 @@ __all__ = [
     "check_write",
     "refuse_unhonoured",
 ]
-
-#: Stream settings the node does not honour, and the only value a request may set.
-UNHONOURED: Final[Mapping[str, tuple[Any, str]]] = {
-    "durable": (False, "durable streams are not implemented: streams are held in memory"),
-    "fsync": ("none", "nothing of a stream is written to disk, so there is nothing to fsync"),
-    "retention_age_s": (
-        None,
-        "retention by age is not implemented (use replay_max_records, "
-        "replay_max_bytes or retention_bytes)",
-    ),
-}
 
 
 @dataclass(frozen=True, slots=True)

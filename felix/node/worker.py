@@ -259,7 +259,7 @@ def apply_resource(
         if cmd["cmd"] == "define" and kind == "stream":
             key = ipc.stream_key(*path)
             for what in unsupported(spec):
-                log.warning("stream %s: %s is not supported yet", key, what)
+                log.warning("stream %s: %s is stored but not honoured", key, what)
             core.define_stream(key, stream_settings(spec, config.stream_defaults))
         elif cmd["cmd"] == "define" and kind == "cache":
             core.define_cache(path, cache_settings(spec, config.cache_defaults, config.shards))

@@ -59,13 +59,23 @@ def tenant_quota(spec: dict[str, Any], node: TenantQuota, shards: int) -> Tenant
     return TenantQuota(max(int(memory) // shards, 1), int(max_resources))
 
 
+#: Stream settings the node does not honour: the only value a create or update may
+#: set (felix/control/quotas.py refuses others), and why.
+UNHONOURED: dict[str, tuple[Any, str]] = {
+    "durable": (False, "durable streams are not implemented: streams are held in memory"),
+    "fsync": ("none", "nothing of a stream is written to disk, so there is nothing to fsync"),
+    "retention_age_s": (
+        None,
+        "retention by age is not implemented (use replay_max_records, "
+        "replay_max_bytes or retention_bytes)",
+    ),
+}
+
+
 def unsupported(spec: dict[str, Any]) -> list[str]:
-    """Stream settings this node stores but does not honour (stored before they were refused)."""
-    out = []
-    if spec.get("durable"):
-        out.append("durable (streams are in memory)")
-    if spec.get("retention_age_s"):
-        out.append("retention_age_s (retention is by records and bytes)")
-    if spec.get("fsync") not in (None, "none"):
-        out.append("fsync (nothing of a stream is written to disk)")
-    return out
+    """Settings of a stream spec this node does not honour (stored before they were refused)."""
+    return [
+        f"{name}={spec[name]!r} ({why})"
+        for name, (allowed, why) in UNHONOURED.items()
+        if spec.get(name, allowed) != allowed
+    ]

@@ -462,7 +462,12 @@ def test_offsets_never_go_backward(steps: list[tuple[str, str, int]]) -> None:
                     tails[arg] = res.start_offset(arg)
                     assert tails[arg] >= highest.get(arg, 0)
                 end = tails[arg] + n
-                res.ensure(arg, end)
+                try:
+                    res.ensure(arg, end)
+                except Overloaded:
+                    # Every entry belongs to a stream in memory (a shard's stream
+                    # limit refuses the stream before that): nothing was issued.
+                    continue
                 tails[arg] = end
                 highest[arg] = end
             elif op == "remove":

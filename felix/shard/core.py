@@ -506,9 +506,14 @@ class ShardCore:
             self._offsets.ensure(stream.key, stream.log.next_offset + len(msg.payloads))
         before = stream.log.retained_bytes
         base, count = stream.log.append(msg.payloads, msg.headers)
-        self._charge(stream.tenant, stream.log.retained_bytes - before)
         self.published += count
-        self._enforce(stream.tenant)
+        # _charge and the checks of _enforce, inline: this is the hottest path.
+        usage = stream.tenant
+        delta = stream.log.retained_bytes - before
+        usage.memory += delta
+        self._memory += delta
+        if usage.memory > usage.quota.memory_bytes or self._memory > self.settings.memory_budget:
+            self._enforce(usage)
         if stream.watchers:
             if not stream.pending_count:
                 stream.pending_base = base

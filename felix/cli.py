@@ -122,6 +122,19 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument("--data-dir", type=Path, default=Path("data"), help="state directory")
     up.add_argument("--memory-budget", default="1GiB", help="memory for all shards (1GiB)")
     up.add_argument(
+        "--tenant-memory-quota",
+        help="a tenant's memory on this node unless its control-plane quota says (the budget)",
+    )
+    up.add_argument(
+        "--tenant-max-resources",
+        type=int,
+        default=10_000,
+        help="streams, caches and watches a tenant may hold per shard (10000)",
+    )
+    up.add_argument(
+        "--max-streams-per-shard", type=int, default=65_536, help="streams per shard (65536)"
+    )
+    up.add_argument(
         "--insecure",
         action="store_true",
         help="allow a non-loopback listen address without authentication",
@@ -259,6 +272,11 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         shards=args.shards,
         data_dir=args.data_dir.resolve(),
         memory_budget=parse_size(args.memory_budget),
+        tenant_memory_quota=(
+            parse_size(args.tenant_memory_quota) if args.tenant_memory_quota else None
+        ),
+        tenant_max_resources=args.tenant_max_resources,
+        max_streams_per_shard=args.max_streams_per_shard,
         insecure=args.insecure,
         auto_create=not args.no_auto_create,
         tls_cert=args.tls_cert,
@@ -310,6 +328,18 @@ def _add_control(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="allow a non-loopback address without authentication",
     )
     control.add_argument("--region", default="local", help="the region this cluster is")
+    control.add_argument(
+        "--node-memory-budget",
+        default="1GiB",
+        help="the --memory-budget of the nodes (the smallest), to check budgets against (1GiB)",
+    )
+    control.add_argument(
+        "--node-shards", type=int, default=1, help="the --shards of the nodes (the most) (1)"
+    )
+    control.add_argument(
+        "--tenant-memory-quota",
+        help="the nodes' --tenant-memory-quota (default: the node memory budget)",
+    )
     control.add_argument(
         "--keys-dir",
         type=Path,
@@ -389,6 +419,7 @@ def _run_control(args: argparse.Namespace) -> int:
     from felix.control.api import create_app
     from felix.control.api.serving import server_config
     from felix.control.cliargs import http_limits
+    from felix.control.quotas import NodeQuotas
     from felix.control.stores import open_store
     from felix.node.config import is_loopback
 
@@ -404,6 +435,14 @@ def _run_control(args: argparse.Namespace) -> int:
     admin = admin_token(args.admin_token_file) if args.auth else None
     rotator = _key_rotator(args.keys_dir, args) if args.auth else None
     store = open_store(args.store)
+    tenant_quota = args.tenant_memory_quota
+    quotas = NodeQuotas(
+        parse_size(args.node_memory_budget),
+        args.node_shards,
+        parse_size(tenant_quota) if tenant_quota else None,
+    )
+    if quotas.shards < 1:
+        raise ConfigError("--node-shards must be at least 1")
 
     async def serve() -> None:
         await store.open()
@@ -415,6 +454,7 @@ def _run_control(args: argparse.Namespace) -> int:
                 admin_token=admin,
                 require_auth=args.auth,
                 limits=limits,
+                quotas=quotas,
             )
             config = server_config(
                 app,

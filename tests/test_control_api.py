@@ -286,16 +286,16 @@ def test_if_match_guards_updates_and_deletes() -> None:
         item = f"{STREAMS}/orders"
         etag = (await http.get(item)).headers["etag"]
         assert etag == '"1"'
-        r = await http.patch(item, json={"durable": True}, headers={"If-Match": etag})
+        r = await http.patch(item, json={"replay_max_records": 500}, headers={"If-Match": etag})
         assert r.status_code == 200 and r.headers["etag"] == '"2"'
         # The old tag is stale now.
-        stale = await http.patch(item, json={"durable": False}, headers={"If-Match": etag})
+        stale = await http.patch(item, json={"replay_max_records": 9}, headers={"If-Match": etag})
         body = assert_problem(stale, 412, "version-conflict")
         assert "version 2" in body["detail"]
         # Bare, listed and * forms.
-        r = await http.patch(item, json={"fsync": "always"}, headers={"If-Match": "2"})
+        r = await http.patch(item, json={"replay_max_records": 7}, headers={"If-Match": "2"})
         assert r.status_code == 200 and r.json()["version"] == 3
-        r = await http.patch(item, json={"fsync": "none"}, headers={"If-Match": '"1", "3"'})
+        r = await http.patch(item, json={"replay_max_records": 8}, headers={"If-Match": '"1", "3"'})
         assert r.status_code == 200 and r.json()["version"] == 4
         r = await http.patch(item, json={}, headers={"If-Match": "*"})
         assert r.status_code == 200 and r.json()["version"] == 5
@@ -306,7 +306,7 @@ def test_if_match_guards_updates_and_deletes() -> None:
         )
         # Deletes too; the resource survives a refused one.
         assert_problem(await http.delete(item, headers={"If-Match": '"4"'}), 412)
-        assert (await http.get(item)).json()["spec"]["fsync"] == "none"
+        assert (await http.get(item)).json()["spec"]["replay_max_records"] == 8
         assert (await http.delete(item, headers={"If-Match": '"5"'})).status_code == 200
         r = await http.delete(f"{T}/acme", headers={"If-Match": '"9"'}, params={"cascade": 1})
         assert_problem(r, 412, "version-conflict")
@@ -395,22 +395,22 @@ def test_patch_merges_nested_settings_and_checks_types() -> None:
     async def test(http: httpx.AsyncClient, store: MemoryStore) -> None:
         await seed(http)
         item = f"{STREAMS}/orders"
-        r = await http.patch(item, json={"queue": {"max_deliveries": 3}, "retention_age_s": 60})
+        r = await http.patch(item, json={"queue": {"max_deliveries": 3}, "retention_bytes": 60})
         assert r.status_code == 200, r.text
         spec = r.json()["spec"]
         assert spec["queue"] == {"max_deliveries": 3, "ack_deadline_s": 30.0, "dead_letter": True}
-        assert spec["retention_age_s"] == 60
+        assert spec["retention_bytes"] == 60
         # null clears a nullable setting; it is refused for one that is not.
-        r = await http.patch(item, json={"retention_age_s": None})
-        assert r.status_code == 200 and r.json()["spec"]["retention_age_s"] is None
+        r = await http.patch(item, json={"retention_bytes": None})
+        assert r.status_code == 200 and r.json()["spec"]["retention_bytes"] is None
         assert_problem(await http.patch(item, json={"durable": None}), 422, "validation-error")
         assert_problem(await http.patch(item, json={"name": "x"}), 422, "validation-error")
         r = await http.patch(
             item,
-            content=b'{"fsync": "always"}',
+            content=b'{"slow_subscriber_policy": "block"}',
             headers={"content-type": "application/merge-patch+json"},
         )
-        assert r.status_code == 200 and r.json()["spec"]["fsync"] == "always"
+        assert r.status_code == 200 and r.json()["spec"]["slow_subscriber_policy"] == "block"
         assert (await http.get(item)).json()["version"] == 4
         # A whole number is a number: no need to write 60.0.
         r = await http.patch(item, json={"queue": {"ack_deadline_s": 60}})
@@ -549,12 +549,12 @@ def test_snapshot_is_the_state_and_its_position() -> None:
     async def test(http: httpx.AsyncClient, store: MemoryStore) -> None:
         assert (await http.get("/v1/snapshot")).json() == {"position": 0, "resources": []}
         await seed(http)
-        await http.patch(f"{STREAMS}/orders", json={"durable": True})
+        await http.patch(f"{STREAMS}/orders", json={"replay_max_records": 5})
         snap = (await http.get("/v1/snapshot")).json()
         assert snap["position"] == 5
         by_path = {"/".join(r["path"]): r for r in snap["resources"]}
         assert set(by_path) == {"acme", "acme/prod", "acme/prod/orders", "acme/prod/sessions"}
-        assert by_path["acme/prod/orders"]["spec"]["durable"] is True
+        assert by_path["acme/prod/orders"]["spec"]["replay_max_records"] == 5
         assert by_path["acme/prod/sessions"]["kind"] == "cache"
         assert by_path["acme/prod/sessions"]["spec"]["budget_bytes"] == 64 * 1024 * 1024
 

@@ -188,7 +188,9 @@ def test_a_namespace_manager_is_limited_to_its_namespace(keys: Keys) -> None:
             assert r.status_code == 201, r.text
             assert (await http.get(f"{PROD}/streams", headers=tok)).status_code == 200
             assert (await http.get(f"{PROD}/streams/orders", headers=tok)).status_code == 200
-            r = await http.patch(f"{PROD}/streams/orders", json={"durable": True}, headers=tok)
+            r = await http.patch(
+                f"{PROD}/streams/orders", json={"replay_max_records": 5}, headers=tok
+            )
             assert r.status_code == 200, r.text
             assert (await http.get(PROD, headers=tok)).status_code == 200
             # Another namespace of the tenant, the tenant itself, the namespace list.

@@ -96,7 +96,11 @@ def test_tenant_commands(server: Server, capsys: pytest.CaptureFixture[str]) -> 
     assert felix(server, "tenant", "create", "beta", "--json") == 0
     [beta] = out_json(capsys)
     assert beta["kind"] == "tenant" and beta["path"] == ["beta"] and beta["name"] == "beta"
-    assert beta["version"] == 1 and beta["spec"] == {"description": ""}
+    assert beta["version"] == 1 and beta["spec"] == {
+        "description": "",
+        "memory_quota_bytes": None,
+        "max_resources_per_shard": None,
+    }
 
     assert felix(server, "tenant", "ls") == 0
     lines = capsys.readouterr().out.splitlines()
@@ -108,7 +112,10 @@ def test_tenant_commands(server: Server, capsys: pytest.CaptureFixture[str]) -> 
     assert felix(server, "tenant", "info", "acme") == 0
     info = capsys.readouterr().out.splitlines()
     assert info[0] == "tenant acme"
-    assert "description  team a" in info and "version      1" in info
+    assert [line.split() for line in info[1:2] + info[4:5]] == [
+        ["version", "1"],
+        ["description", "team", "a"],
+    ]
 
     with pytest.raises(ConfigError, match="--yes"):
         felix(server, "tenant", "rm", "beta")
@@ -126,11 +133,11 @@ def test_namespace_stream_and_cache_commands(
     assert felix(server, "ns", "create", "dev", "--tenant", "acme") == 0
     capsys.readouterr()
     where = ["--tenant", "acme", "--namespace", "prod"]
-    settings = ["--set", "durable=true", "--set", "queue.max_deliveries=3", "--set", "fsync=always"]
+    settings = ["--set", "replay_max_records=9", "--set", "queue.max_deliveries=3"]
     assert felix(server, "stream", "create", "orders", *where, *settings, "--json") == 0
     [orders] = out_json(capsys)
     assert orders["path"] == ["acme", "prod", "orders"]
-    assert orders["spec"]["durable"] is True and orders["spec"]["fsync"] == "always"
+    assert orders["spec"]["replay_max_records"] == 9 and orders["spec"]["fsync"] == "none"
     assert orders["spec"]["queue"] == {
         "max_deliveries": 3,
         "ack_deadline_s": 30.0,
@@ -428,10 +435,12 @@ def test_client_resources(server: Server) -> None:
         assert api.list_resources(ResourceKind.TENANT) == []
         tenant = api.create(ResourceKind.TENANT, ("acme",), {"description": "a"})
         assert tenant.path == ("acme",) and tenant.version == 1
-        assert tenant.spec == {"description": "a"}
+        assert tenant.spec["description"] == "a" and tenant.spec["memory_quota_bytes"] is None
         api.create(ResourceKind.NAMESPACE, ("acme", "prod"))
-        stream = api.create(ResourceKind.STREAM, ("acme", "prod", "orders"), {"durable": True})
-        assert stream.spec["durable"] is True and stream.spec["fsync"] == "batch"
+        stream = api.create(
+            ResourceKind.STREAM, ("acme", "prod", "orders"), {"replay_max_records": 9}
+        )
+        assert stream.spec["replay_max_records"] == 9 and stream.spec["fsync"] == "none"
         assert api.get(ResourceKind.STREAM, ("acme", "prod", "orders")) == stream
         assert api.list_resources(ResourceKind.STREAM, ("acme", "prod")) == [stream]
         assert api.list_resources(ResourceKind.CACHE, ("acme", "prod")) == []

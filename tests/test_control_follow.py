@@ -22,9 +22,20 @@ async def _store(**kw: Any) -> MemoryStore:
     return store
 
 
-def _follower(store: MemoryStore) -> tuple[ControlFollower, list[tuple[int, dict[str, Any]]]]:
+def _follower(
+    store: MemoryStore, tenants: list[tuple[int, dict[str, Any]]] | None = None
+) -> tuple[ControlFollower, list[tuple[int, dict[str, Any]]]]:
+    """A follower, and what it sends about streams and caches (tenants: to ``tenants``)."""
     sent: list[tuple[int, dict[str, Any]]] = []
-    return ControlFollower(StoreFeed(store), SHARDS, lambda s, cmd: sent.append((s, cmd))), sent
+
+    def send(shard: int, cmd: dict[str, Any]) -> None:
+        if cmd["kind"] == "tenant":
+            if tenants is not None:
+                tenants.append((shard, cmd))
+        else:
+            sent.append((shard, cmd))
+
+    return ControlFollower(StoreFeed(store), SHARDS, send), sent
 
 
 async def _until(predicate: Any) -> None:
@@ -64,7 +75,7 @@ def test_seed_then_follow_streams_and_caches_to_their_shards() -> None:
         await store.delete(ResourceKind.NAMESPACE, ("acme", "prod"), cascade=True)
         await _until(lambda: len(sent) == 1 + SHARDS)
         assert {c["cmd"] for _, c in sent} == {"delete"}
-        assert follower.resources == {}
+        assert set(follower.resources) == {(ResourceKind.TENANT, ("acme",))}
         task.cancel()
 
     run(main)
@@ -83,7 +94,10 @@ def test_resnapshot_when_the_feed_moved_past_the_follower() -> None:
             await store.delete(ResourceKind.STREAM, ("acme", "prod", f"s{i}"))
         task = asyncio.create_task(follower.run())
         await _until(
-            lambda: set(follower.resources) == {(ResourceKind.STREAM, ("acme", "prod", "s9"))}
+            lambda: (
+                set(follower.resources)
+                == {(ResourceKind.TENANT, ("acme",)), (ResourceKind.STREAM, ("acme", "prod", "s9"))}
+            )
         )
         # The difference was applied: only s9 defined (deleted ones never reached shards).
         assert [c["path"][-1] for _, c in sent if c["cmd"] == "define"] == ["s9"]
@@ -128,7 +142,31 @@ def test_follower_keeps_retrying_while_the_control_plane_is_away() -> None:
         follower = ControlFollower(Flaky(store), SHARDS, lambda s, c: sent.append(c))
         task = asyncio.create_task(follower.run())
         await asyncio.wait_for(follower.seeded.wait(), 10)
-        assert len(sent) == 1
+        assert [c["kind"] for c in sent].count("stream") == 1
         task.cancel()
 
     run(main, timeout=20)
+
+
+def test_tenant_quotas_and_deletions_reach_the_shards() -> None:
+    """Issue 11: a tenant's quotas go to every shard; a restarted shard hears of deletions."""
+
+    async def main() -> None:
+        store = await _store()
+        await store.update(ResourceKind.TENANT, ("acme",), {"memory_quota_bytes": 1 << 20})
+        await store.create(ResourceKind.STREAM, ("acme", "prod", "gone"), {})
+        tenants: list[tuple[int, dict[str, Any]]] = []
+        follower, sent = _follower(store, tenants)
+        task = asyncio.create_task(follower.run())
+        await follower.seeded.wait()
+        assert sorted(s for s, _ in tenants) == list(range(SHARDS))
+        assert all(c["spec"]["memory_quota_bytes"] == 1 << 20 for _, c in tenants)
+        await store.delete(ResourceKind.STREAM, ("acme", "prod", "gone"))
+        await _until(lambda: any(c["cmd"] == "delete" for _, c in sent))
+        sent.clear()
+        owner = ipc.shard_for("acme/prod/gone", SHARDS)
+        follower.replay(owner)
+        assert [(c["cmd"], c["path"]) for _, c in sent] == [("delete", ["acme", "prod", "gone"])]
+        task.cancel()
+
+    run(main)

@@ -159,7 +159,8 @@ def test_create_get_list(backend: Backend) -> None:
             assert await store.snapshot() == (0, [])
             tenant = await store.create(T, ("acme",), {"description": "Acme"})
             assert tenant.path == ("acme",)
-            assert tenant.spec == {"description": "Acme"}
+            assert tenant.spec == validate_spec(T, {"description": "Acme"})
+            assert tenant.spec["description"] == "Acme"
             assert tenant.version == 1
             assert tenant.created_at == tenant.updated_at == clock.now
             assert tenant.created_at.utcoffset() == timedelta(0)

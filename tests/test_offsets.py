@@ -38,40 +38,54 @@ def path(tmp_path: Path) -> Path:
 def test_fresh_start(path: Path) -> None:
     res = open_res(path)
     assert res.start_offset("t/ns/s") == 0
-    assert (res.floor, len(res), res.writes, res.recovered) == (0, 0, 0, False)
+    # Opening reserves one block for the streams the file does not know, in one write.
+    assert (res.floor, len(res), res.writes, res.recovered) == (BLOCK, 0, 1, False)
     assert res.reserved("t/ns/s") is None
-    assert not path.exists()  # nothing to write yet
+
+
+def test_new_streams_cost_no_write(path: Path) -> None:
+    """Issue 11: a new stream costs no file write (constant, off the request path)."""
+    res = open_res(path, max_entries=10)
+    for i in range(5000):
+        assert res.ensure(f"t/ns/s{i}", BLOCK) is False
+        assert res.start_offset(f"t/ns/s{i}") == 0
+    assert (res.writes, len(res)) == (1, 0)
+    size = path.stat().st_size
+    res = open_res(path, max_entries=10)
+    # Restarted: every stream (known or not) continues above the old floor, and the
+    # file did not grow with the streams.
+    assert res.start_offset("t/ns/s7") == BLOCK and path.stat().st_size == size
 
 
 def test_ensure_writes_once_per_block(path: Path) -> None:
     res = open_res(path)
-    assert res.ensure("s", 1) is True
-    assert res.reserved("s") == 100  # next multiple of the block above 1
-    assert [res.ensure("s", end) for end in (2, 50, 100)] == [False, False, False]
-    assert res.writes == 1
-    assert res.ensure("s", 101) is True
+    assert res.ensure("s", 100) is False  # below the floor: no entry needed
+    assert res.ensure("s", 101) is True  # past it: an entry, a block ahead
     assert res.reserved("s") == 200
-    assert res.ensure("s", 200) is False
-    assert res.ensure("s", 200 + BLOCK) is True  # a whole block at once is allowed
-    assert res.reserved("s") == 400
-    assert res.writes == 3
+    assert [res.ensure("s", end) for end in (150, 200)] == [False, False]
+    assert res.writes == 2
+    assert res.ensure("s", 201) is True
+    assert res.reserved("s") == 300
+    assert res.ensure("s", 300 + BLOCK) is True  # a whole block at once is allowed
+    assert res.reserved("s") == 500
+    assert res.writes == 4
     assert "s" in res and list(res) == ["s"] and len(res) == 1
 
 
 def test_ensure_at_or_below_floor_needs_no_entry(path: Path) -> None:
     res = open_res(path)
-    assert res.ensure("s", 0) is False
-    assert len(res) == 0 and res.writes == 0
+    assert res.ensure("s", 0) is False and res.ensure("s", BLOCK) is False
+    assert len(res) == 0 and res.writes == 1
 
 
 def test_ensure_refuses_jumps_larger_than_a_block(path: Path) -> None:
     res = open_res(path)
     with pytest.raises(BadRequest, match="block"):
-        res.ensure("s", BLOCK + 1)
-    res.ensure("s", 1)
+        res.ensure("s", 2 * BLOCK + 1)
+    res.ensure("s", BLOCK + 1)
     with pytest.raises(BadRequest, match="block"):
-        res.ensure("s", 100 + BLOCK + 1)
-    assert res.reserved("s") == 100
+        res.ensure("s", 200 + BLOCK + 1)
+    assert res.reserved("s") == 200
 
 
 @pytest.mark.parametrize(
@@ -96,21 +110,21 @@ def test_missing_directory_is_an_error_not_a_fresh_start(tmp_path: Path) -> None
 
 def test_file_format(path: Path) -> None:
     res = open_res(path)
-    res.ensure("t/ns/b", 5)
-    res.ensure("t/ns/a", 150 - BLOCK)
+    res.ensure("t/ns/b", 105)
+    res.ensure("t/ns/a", 150)
     text = path.read_text("ascii")
     body, _, trailer = text.rpartition("crc32 ")
     assert body.splitlines() == [
         "felix-offsets 1",
-        "generation 2",
+        "generation 3",
         f"block {BLOCK}",
-        "floor 0",
+        "floor 100",
         "entries 2",
-        "100 t/ns/a",
-        "100 t/ns/b",
+        "200 t/ns/a",
+        "200 t/ns/b",
     ]
     assert trailer == f"{zlib.crc32(body.encode()):08x}\n"
-    assert sibling(path, ".bak").exists()  # generation 1
+    assert sibling(path, ".bak").exists()  # generation 2
     assert not sibling(path, ".tmp").exists()
 
 
@@ -119,9 +133,9 @@ def test_file_format(path: Path) -> None:
 
 def test_restart_continues_above_everything_issued(path: Path) -> None:
     res = open_res(path)
-    res.ensure("s", 150 - BLOCK)
     res.ensure("s", 150)  # offsets below 150 may have been issued
     assert res.reserved("s") == 200
+    res.ensure("quiet", 60)  # no entry: below the floor (100)
     del res  # "kill -9": nothing else is flushed
 
     res = open_res(path)
@@ -129,16 +143,17 @@ def test_restart_continues_above_everything_issued(path: Path) -> None:
     assert res.reserved("s") == 300  # opening reserved one more block...
     assert res.writes == 1  # ...for every stream in a single write
     assert res.ensure("s", 200 + BLOCK) is False  # so the first publishes do not write
-    assert res.start_offset("other") == 0
+    assert res.start_offset("quiet") == res.start_offset("other") == 100  # the old floor
+    assert res.floor == 200
 
 
 def test_opening_writes_once_however_many_streams(path: Path) -> None:
     res = open_res(path, max_entries=1000)
     for i in range(500):
-        res.ensure(f"s{i}", 1)
+        res.ensure(f"s{i}", BLOCK + 1)
     res = open_res(path, max_entries=1000)
     assert res.writes == 1
-    assert all(res.start_offset(f"s{i}") == 100 for i in range(500))
+    assert all(res.start_offset(f"s{i}") == 200 for i in range(500))
 
 
 def test_stream_offsets_strictly_increase_across_restarts(path: Path) -> None:
@@ -159,29 +174,40 @@ def test_stream_offsets_strictly_increase_across_restarts(path: Path) -> None:
 
 def test_remove_drops_entry_and_raises_floor(path: Path) -> None:
     res = open_res(path)
-    res.ensure("a", 50)
-    res.ensure("b", 1)
+    res.ensure("a", 150)
     res.ensure("b", 130)
-    assert res.remove("b") is True
-    assert "b" not in res and res.floor == 200
-    assert res.start_offset("b") == 200  # a re-created "b" never reuses an offset
-    assert res.start_offset("new") == 200
+    res.ensure("b", 230)
+    assert res.reserved("b") == 300
+    assert res.remove("b", 230) is True
+    assert "b" not in res and res.floor == 400
+    assert res.start_offset("b") == 300  # a re-created "b" never reuses an offset
+    assert res.start_offset("new") == 300
     assert res.remove("b") is False
     writes = res.writes
     assert res.remove("never-seen") is False and res.writes == writes
 
     res = open_res(path)
-    assert (list(res), res.floor) == (["a"], 200)
-    assert res.start_offset("b") == 200
-    assert res.start_offset("a") == 100
+    assert (list(res), res.floor) == (["a"], 500)
+    assert res.start_offset("b") == 400
+    assert res.start_offset("a") == 200
+
+
+def test_removing_a_stream_without_entry_moves_new_streams_above_it(path: Path) -> None:
+    res = open_res(path)
+    res.ensure("a", 40)  # issued 0..39 below the floor: no entry, no write
+    assert res.remove("a", 40) is False and res.writes == 1
+    assert res.start_offset("a") == 40  # re-created: above what it issued
+    res = open_res(path)
+    assert res.start_offset("a") >= 40
 
 
 def test_remove_of_a_stream_known_from_the_file(path: Path) -> None:
-    open_res(path).ensure("a", 10)
+    open_res(path).ensure("a", 110)
     res = open_res(path)
-    assert res.start_offset("a") == 100
-    assert res.remove("a") is True
-    assert res.start_offset("a") == res.floor == 200  # the mark reserved at open
+    assert res.start_offset("a") == 200
+    assert res.remove("a", 200) is True
+    assert res.start_offset("a") == 300  # the mark reserved at open
+    assert res.floor == 400
 
 
 # -- bounds ---------------------------------------------------------------------------------
@@ -189,23 +215,43 @@ def test_remove_of_a_stream_known_from_the_file(path: Path) -> None:
 
 def test_table_is_bounded(path: Path) -> None:
     res = open_res(path, max_entries=2)
-    res.ensure("a", 1)
-    res.ensure("b", 1)
-    with pytest.raises(Overloaded, match="full"):
-        res.ensure("c", 1)
-    assert res.ensure("a", 150) is True  # known keys still advance
-    res.remove("a")
-    assert res.ensure("c", 201) is True
+    live = {"a", "b", "c"}
+    res.in_use = live.__contains__
+    res.ensure("a", 101)
+    res.ensure("b", 101)
+    with pytest.raises(Overloaded, match=r"full.*--max-streams-per-shard"):
+        res.ensure("c", 101)
+    assert res.ensure("a", 250) is True  # known keys still advance
+    live.discard("b")  # "b" left memory: its entry can be folded into the floor
+    assert res.ensure("c", 101) is True
+    assert set(res) == {"a", "c"} and res.folded == 1
+    assert res.start_offset("b") >= 200  # above everything "b" was allowed to issue
+
+
+def test_a_full_table_is_not_exhausted_after_a_restart(path: Path) -> None:
+    """Issue 11: after a restart no stream is in memory, so old entries make room."""
+    res = open_res(path, max_entries=3)
+    for key in "abc":
+        res.ensure(key, 101)
+    res = open_res(path, max_entries=3)
+    res.in_use = lambda key: False
+    assert res.ensure("d", 201) is True  # past the floor (200 after the restart)
+    assert len(res) == 3 and "d" in res
+    folded = {"a", "b", "c"} - set(res)
+    (gone,) = folded
+    assert res.start_offset(gone) >= 300  # its mark at open: never goes backward
 
 
 def test_file_with_more_entries_than_allowed_is_kept_whole(path: Path) -> None:
     res = open_res(path, max_entries=5)
     for key in "abcde":
-        res.ensure(key, 1)
+        res.ensure(key, 101)
     res = open_res(path, max_entries=2)
-    assert len(res) == 5  # dropping one could let its offsets go backward
+    assert len(res) == 5  # kept until a new key needs room
     with pytest.raises(Overloaded):
-        res.ensure("f", 1)
+        res.ensure("f", 201)  # every stream is in memory (the default in_use)
+    res.in_use = lambda key: False
+    assert res.ensure("f", 201) is True and len(res) == 2
 
 
 def test_offset_space_end(path: Path) -> None:
@@ -221,35 +267,52 @@ def test_write_failure_is_unavailable_and_changes_nothing(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     res = open_res(path)
-    res.ensure("s", 1)
+    res.ensure("s", 101)
 
     def broken_fsync(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(Unavailable, match="Input/output error"):
-        res.ensure("s", 101)
+        res.ensure("s", 201)
     with pytest.raises(Unavailable):
         res.remove("s")
-    assert (res.reserved("s"), res.floor, res.writes) == (100, 0, 1)
+    assert (res.reserved("s"), res.floor, res.writes, res.base) == (200, 100, 2, 0)
     monkeypatch.undo()
-    assert res.ensure("s", 101) is True
-    assert open_res(path).start_offset("s") == 200
+    assert res.ensure("s", 201) is True
+    assert open_res(path).start_offset("s") == 300
+
+
+def test_a_failed_fold_changes_nothing(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    open_res(path, max_entries=2).ensure("a", 101)
+    res = open_res(path, max_entries=1)
+    res.in_use = lambda key: False
+    assert res.start_offset("a") == 200
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(Unavailable):
+        res.ensure("b", 201)  # would fold "a" into the floor
+    assert (list(res), res.start_offset("a"), res.folded) == (["a"], 200, 0)
+    monkeypatch.undo()
+    assert res.ensure("b", 201) is True and res.start_offset("a") >= 300
 
 
 # -- corruption and recovery ---------------------------------------------------------------
 
 
 def write_two_generations(path: Path) -> None:
-    res = open_res(path)
-    res.ensure("a", 50)  # generation 1: a=100
-    res.ensure("a", 150)  # generation 2: a=200 (.bak holds generation 1)
+    res = open_res(path)  # generation 1: floor 100
+    res.ensure("a", 150)  # generation 2: a=200, floor 100 (.bak holds generation 1)
+    res.ensure("a", 250)  # generation 3: a=300 (.bak holds generation 2)
 
 
 DAMAGE = {
     "truncated-crc": lambda p: p.write_bytes(p.read_bytes()[:-5]),
     "truncated": lambda p: p.write_bytes(p.read_bytes()[:20]),
-    "flipped": lambda p: p.write_bytes(p.read_bytes().replace(b"200 a", b"100 a")),
+    "flipped": lambda p: p.write_bytes(p.read_bytes().replace(b"300 a", b"200 a")),
     "empty": lambda p: p.write_bytes(b""),
     "garbage": lambda p: p.write_bytes(b"\xff" * 64),
     "deleted": lambda p: p.unlink(),
@@ -262,21 +325,21 @@ def test_corrupt_main_file_recovers_from_backup_with_margin(path: Path, damage: 
     DAMAGE[damage](path)
     res = open_res(path)
     assert res.recovered is True
-    # .bak said a=100; the lost file was one write newer (a=200 here): +2 blocks covers it.
-    assert res.start_offset("a") == 300 >= 200
-    assert res.floor == 2 * BLOCK  # a stream created in the lost write started below this
-    assert res.start_offset("unknown") == 200
+    # .bak said a=200; the lost file was one write newer (a=300 here): +2 blocks covers it.
+    assert res.start_offset("a") == 400 >= 300
+    # Streams without an entry start above every mark .bak knows, plus the margin.
+    assert res.start_offset("unknown") == 400
     assert sibling(path, ".corrupt").exists() == (damage != "deleted")
     assert not open_res(path).recovered  # both files are good again
 
 
 def test_recovery_margin_covers_the_largest_single_write(path: Path) -> None:
     res = open_res(path)
-    res.ensure("a", 1)  # generation 1: a=100
-    res.ensure("a", 100 + BLOCK)  # a full block past the mark: generation 2 has a=300
-    res.ensure("a", 300)  # issue everything up to 299 without another write
+    res.ensure("a", 101)  # generation 2: a=200
+    res.ensure("a", 200 + BLOCK)  # a full block past the mark: generation 3 has a=400
+    res.ensure("a", 400)  # issue everything up to 399 without another write
     path.write_bytes(b"garbage")
-    assert open_res(path).start_offset("a") >= 300
+    assert open_res(path).start_offset("a") >= 400
 
 
 def test_corrupt_file_is_kept_for_inspection(path: Path) -> None:
@@ -327,7 +390,7 @@ def test_leftover_tmp_file_is_ignored(path: Path) -> None:
     # it was issued, since ensure() had not returned.
     sibling(path, ".tmp").write_bytes(b"half a fi")
     res = open_res(path)
-    assert not res.recovered and res.start_offset("a") == 200
+    assert not res.recovered and res.start_offset("a") == 300
 
 
 def test_backup_with_higher_marks_can_only_raise_them(path: Path) -> None:
@@ -335,7 +398,7 @@ def test_backup_with_higher_marks_can_only_raise_them(path: Path) -> None:
     sibling(path, ".bak").write_bytes(_encode(9, BLOCK, 50, {"a": 700, "gone": 900}))
     res = open_res(path)
     assert res.start_offset("a") == 700
-    assert res.floor == 50
+    assert res.start_offset("other") == 100  # the main file's floor (higher than 50)
     assert "gone" not in res  # membership comes from the main file
 
 
@@ -358,13 +421,13 @@ def test_malformed_files_are_corrupt(path: Path, content: bytes) -> None:
 
 
 def test_block_size_change_rewrites_backup(path: Path) -> None:
-    open_res(path, block=100).ensure("a", 1)
+    open_res(path, block=100).ensure("a", 101)
     res = open_res(path, block=1000)
     assert res.writes == 2  # the backup now records the new block size
     assert b"block 1000" in sibling(path, ".bak").read_bytes()
     path.write_bytes(b"garbage")
     res = open_res(path, block=100)  # margin uses the larger of the two blocks
-    assert res.start_offset("a") >= 100 + 1000
+    assert res.start_offset("a") >= 200 + 1000
 
 
 @hypothesis_settings(max_examples=60, deadline=None)
@@ -389,8 +452,9 @@ def test_offsets_never_go_backward(steps: list[tuple[str, str, int]]) -> None:
     creates starts above every offset ever issued under that key."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "shard.offsets"
-        res = open_res(path)
+        res = open_res(path, max_entries=2)
         tails: dict[str, int] = {}  # in-memory logs of this process
+        res.in_use = tails.__contains__
         highest: dict[str, int] = {}  # highest offset ever issued per key, plus one
         for op, arg, n in steps:
             if op == "issue":
@@ -398,12 +462,16 @@ def test_offsets_never_go_backward(steps: list[tuple[str, str, int]]) -> None:
                     tails[arg] = res.start_offset(arg)
                     assert tails[arg] >= highest.get(arg, 0)
                 end = tails[arg] + n
-                res.ensure(arg, end)
+                try:
+                    res.ensure(arg, end)
+                except Overloaded:
+                    # Every entry belongs to a stream in memory (a shard's stream
+                    # limit refuses the stream before that): nothing was issued.
+                    continue
                 tails[arg] = end
                 highest[arg] = end
             elif op == "remove":
-                res.remove(arg)
-                tails.pop(arg, None)
+                res.remove(arg, tails.pop(arg, 0))
             else:
                 # Recovery needs an intact .bak; every open that recovers rewrites both
                 # files, so damaging the main file before any restart is fair.
@@ -415,8 +483,9 @@ def test_offsets_never_go_backward(steps: list[tuple[str, str, int]]) -> None:
                         path.write_bytes(b"\x00garbage")
                     else:
                         path.unlink()
-                res = open_res(path)
+                res = open_res(path, max_entries=2)
                 assert res.recovered == damaged
                 tails = {}
+                res.in_use = tails.__contains__
         for key, end in highest.items():
             assert res.start_offset(key) >= end or key in tails

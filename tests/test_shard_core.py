@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from felix import ipc, wire
-from felix.errors import NotFound
+from felix.errors import NotFound, Overloaded
 from felix.ipc import RecordType
-from felix.shard.cache import CacheSettings
+from felix.shard.cache import CacheSettings, entry_size
 from felix.shard.core import ShardCore, ShardSettings
 from felix.shard.offsets import OffsetReservations
 from felix.shard.stream_log import StreamSettings
+from felix.shard.tenants import TenantQuota
 
 T, NS = "acme", "prod"
 
@@ -155,7 +156,7 @@ def test_offsets_continue_above_the_reservation_after_restart(tmp_path: Path) ->
     assert sub.start_offset == ack.base_offset
 
 
-def test_memory_budget_trims_the_largest_stream_and_bounds_caches() -> None:
+def test_memory_budget_trims_the_largest_stream_and_caches_are_charged_as_used() -> None:
     c = core(
         memory_budget=200_000,
         cache_defaults=CacheSettings(budget_bytes=60_000, max_value_bytes=1000),
@@ -170,10 +171,160 @@ def test_memory_budget_trims_the_largest_stream_and_bounds_caches() -> None:
     small = c.stream_log(ipc.stream_key(T, NS, "small"))
     assert big is not None and small is not None
     assert big.earliest > 0 and big.next_offset == 500  # offsets keep counting
-    # Caches reserve their budget up front: three fit, a fourth is refused (Overloaded).
-    replies = [request(c, wire.encode_cache_set(i, T, NS, f"c{i}", "k", b"v")) for i in range(4)]
-    assert [type(r).__name__ for r in replies[:3]] == ["CacheResult"] * 3
-    assert isinstance(replies[3], wire.ErrorReply) and replies[3].code == 5
+    # A cache's budget is a cap, not a reservation: ten caches of 60 kB budget each
+    # (three times the shard's budget together) cost what they hold.
+    fresh = core(
+        memory_budget=200_000,
+        cache_defaults=CacheSettings(budget_bytes=60_000, max_value_bytes=1000),
+    )
+    for i in range(10):
+        stored = request(fresh, wire.encode_cache_set(i, T, NS, f"c{i}", "k", b"v"))
+        assert isinstance(stored, wire.CacheResult) and stored.result
+    assert (fresh.caches, fresh.memory_used) == (10, 10 * entry_size(1, 1))
     for i in range(50):
         request(c, wire.encode_publish(i, T, NS, "big", [payload] * 5))
         assert c.memory_used <= 200_000
+
+
+def test_a_read_never_creates_anything() -> None:
+    """Issue 11 item 1: cache reads and subscriptions of unknown names create nothing."""
+    c = core()
+    for i in range(2000):
+        got = request(c, wire.encode_cache_get(i, T, NS, f"c{i}", "k"))
+        assert isinstance(got, wire.CacheValue) and got.value is None
+    ttl = request(c, wire.encode_cache_ttl(1, T, NS, "c0", "k"))
+    assert isinstance(ttl, wire.CacheTtlReply) and ttl.state == wire.TTL_MISSING
+    deleted = request(c, wire.encode_cache_delete(2, T, NS, "c0", "k"))
+    assert isinstance(deleted, wire.CacheResult) and deleted.result is False
+    assert (c.caches, c.streams, c.memory_used) == (0, 0, 0)
+    # A subscription to a stream nobody published to yet: a watch, not a stream.
+    sub = request(c, wire.encode_subscribe(3, T, NS, "s", 7), gateway=1)
+    assert isinstance(sub, wire.Subscribed) and sub.start_offset == 0
+    assert c.streams == 0
+    # The first publish (a write) creates it, and the watcher gets the records.
+    request(c, wire.encode_publish(4, T, NS, "s", [b"a"]), token=5)
+    assert c.streams == 1
+    c.handle(0, ipc.encode(RecordType.REQUEST, 6, 0, wire.encode_publish(5, T, NS, "s", [b"b"])), 0)
+    assert [r[0] for r in c.flush()[1]] == [RecordType.PUSH]
+    # A watch whose subscriber left is forgotten (the table stays bounded).
+    request(c, wire.encode_subscribe(7, T, NS, "never", 8), gateway=1)
+    assert c.resources_held() == 2
+    c.handle(
+        1, ipc.encode(RecordType.WATCH, 0, 0, ipc.encode_key(ipc.stream_key(T, NS, "never"))), 0
+    )
+    assert c.resources_held() == 1
+
+
+def test_reads_of_unknown_names_are_not_found_without_auto_create() -> None:
+    c = core(auto_create=False)
+    for frame in (
+        wire.encode_cache_get(1, T, NS, "c", "k"),
+        wire.encode_subscribe(1, T, NS, "s", 7),
+    ):
+        reply = request(c, frame)
+        assert isinstance(reply, wire.ErrorReply) and reply.code == NotFound.code
+
+
+def test_a_tenant_over_its_quota_trims_only_its_own_data() -> None:
+    c = core(tenant_quota=TenantQuota(memory_bytes=50_000, max_resources=100))
+    payload = b"x" * 1000
+    request(c, wire.encode_publish(1, "b", NS, "s", [payload] * 10))
+    for i in range(100):
+        request(c, wire.encode_publish(i, "a", NS, "s", [payload] * 5))
+        request(c, wire.encode_cache_set(i, "a", NS, "c", f"k{i}", payload))
+        assert c.tenant_memory("a") <= 50_000
+    b_log = c.stream_log(ipc.stream_key("b", NS, "s"))
+    assert b_log is not None and b_log.earliest == 0 and len(b_log) == 10
+    assert c.quota_trims > 0 and c.budget_trims == 0
+
+
+def test_a_shard_over_budget_trims_the_biggest_tenant_first() -> None:
+    """Trimming never makes a tenant pay for a bigger one: b's single stream is the
+    largest on the shard, but a holds more in total, so only a is trimmed."""
+    c = core(memory_budget=100_000)
+    payload = b"x" * 1000
+    for i in range(70):
+        request(c, wire.encode_publish(i, "a", NS, f"s{i % 10}", [payload]))
+    for i in range(25):
+        request(c, wire.encode_publish(i, "b", NS, "s", [payload]))
+        assert c.memory_used <= 100_000
+    assert c.budget_trims > 0
+    b_log = c.stream_log(ipc.stream_key("b", NS, "s"))
+    assert b_log is not None and (b_log.earliest, len(b_log)) == (0, 25)
+    assert c.tenant_memory("a") < 70 * (1000 + 96)
+
+
+def test_a_tenant_holds_at_most_its_quota_of_resources() -> None:
+    c = core(tenant_quota=TenantQuota(memory_bytes=1 << 30, max_resources=3))
+    for i in range(3):
+        request(c, wire.encode_cache_set(i, "a", NS, f"c{i}", "k", b"v"))
+    refused = request(c, wire.encode_publish(9, "a", NS, "s", [b"x"]))
+    assert isinstance(refused, wire.ErrorReply) and refused.code == Overloaded.code
+    assert "quota of 3" in refused.message
+    ok = request(c, wire.encode_publish(9, "b", NS, "s", [b"x"]))
+    assert isinstance(ok, wire.PublishOffsets)
+
+
+def test_the_stream_limit_is_a_clear_error() -> None:
+    c = core(max_streams=2)
+    for name in ("s1", "s2"):
+        request(c, wire.encode_publish(1, T, NS, name, [b"x"]))
+    refused = request(c, wire.encode_publish(1, T, NS, "s3", [b"x"]))
+    assert isinstance(refused, wire.ErrorReply) and refused.code == Overloaded.code
+    assert "--max-streams-per-shard" in refused.message
+
+
+def test_a_batch_trimmed_away_still_tells_watchers_the_new_tail() -> None:
+    """Never silence: when memory trimming removes a whole batch, watchers still hear of it."""
+    c = core(memory_budget=20_000)
+    request(c, wire.encode_subscribe(1, T, NS, "s", 7), gateway=1)
+    c.flush()
+    publish = wire.encode_publish(2, T, NS, "s", [b"x" * 25_000])
+    c.handle(0, ipc.encode(RecordType.REQUEST, 2, 0, publish), 0)
+    pushes = c.flush()[1]
+    assert [r[0] for r in pushes] == [RecordType.PUSH]
+    _, pos = ipc.decode_key(pushes[0][ipc.HEADER_SIZE :])
+    events = wire.decode_ext(wire.decode_frame(pushes[0][ipc.HEADER_SIZE + pos :], extensions=True))
+    # No records, but the new tail: the gateway READs offset 0, gets too_old and tells
+    # its subscribers which range they lost.
+    assert isinstance(events, wire.Events)
+    assert (events.base_offset, events.payloads) == (1, [])
+
+
+def test_a_deleted_stream_stays_deleted_until_defined_again() -> None:
+    """Issue 11 item 16: publishing to a deleted stream does not create it again."""
+    c = core(max_tombstones=2)
+    key = ipc.stream_key(T, NS, "s")
+    c.define_stream(key, StreamSettings())
+    request(c, wire.encode_publish(1, T, NS, "s", [b"x"]))
+    assert c.delete_stream(key) is True
+    refused = request(c, wire.encode_publish(2, T, NS, "s", [b"y"]))
+    assert isinstance(refused, wire.ErrorReply) and refused.code == NotFound.code
+    assert "deleted" in refused.message and c.streams == 0
+    sub = request(c, wire.encode_subscribe(3, T, NS, "s", 1))
+    assert isinstance(sub, wire.ErrorReply) and sub.code == NotFound.code
+    c.define_stream(key, StreamSettings())  # re-created through the control plane
+    ok = request(c, wire.encode_publish(4, T, NS, "s", [b"z"]))
+    assert isinstance(ok, wire.PublishOffsets)
+    # Caches too; and the tombstones are bounded (the oldest is forgotten).
+    c.delete_cache((T, NS, "c"))
+    refused = request(c, wire.encode_cache_set(5, T, NS, "c", "k", b"v"))
+    assert isinstance(refused, wire.ErrorReply) and refused.code == NotFound.code
+    get = request(c, wire.encode_cache_get(6, T, NS, "c", "k"))
+    assert isinstance(get, wire.ErrorReply) and get.code == NotFound.code
+    c.delete_stream(ipc.stream_key(T, NS, "x"))
+    c.delete_stream(ipc.stream_key(T, NS, "y"))
+    stored = request(c, wire.encode_cache_set(7, T, NS, "c", "k", b"v"))
+    assert isinstance(stored, wire.CacheResult) and stored.result
+
+
+def test_budgets_above_the_node_are_enforced_on_the_data_plane() -> None:
+    """Issue 11 item 2: whatever the control plane accepted, the shard holds its budget."""
+    c = core(memory_budget=100_000)
+    c.define_cache((T, NS, "huge"), CacheSettings(budget_bytes=1 << 40, max_value_bytes=1000))
+    c.define_stream(ipc.stream_key(T, NS, "huge"), StreamSettings(replay_max_bytes=1 << 40))
+    assert c.memory_used == 0  # defining reserves nothing
+    for i in range(500):
+        request(c, wire.encode_cache_set(i, T, NS, "huge", f"k{i}", b"v" * 1000))
+        request(c, wire.encode_publish(i, T, NS, "huge", [b"r" * 1000]))
+        assert c.memory_used <= 100_000

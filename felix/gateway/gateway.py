@@ -161,6 +161,8 @@ class Gateway:
         self.protocol_errors = 0
         self.overloaded = 0
         self.slow_consumer_events = 0
+        self.dropped_records = 0  # records subscribers lost (told with SLOW_CONSUMER)
+        self.gap_offsets = 0  # offsets skipped that were never assigned (shard restarts)
         self.delivered_records = 0
         self.refused_connections = 0
         self.auth_failures = 0
@@ -330,7 +332,9 @@ class Gateway:
         for sub in subs:
             if sub.known_tail < end:
                 sub.known_tail = end
-            if sub.can_take_shared(base):
+            if sub.seen_tail < end:
+                sub.seen_tail = end
+            if count and sub.can_take_shared(base):
                 out = frame
                 if sub.v1_offsets is not None:
                     out = v1_frames.get(sub.v1_offsets) or v1_frames.setdefault(
@@ -354,6 +358,7 @@ class Gateway:
             return
         sub.reading = False
         sub.known_tail = max(tail, sub.next_offset)
+        sub.seen_tail = max(sub.seen_tail, tail)
         op = frame[wire.HEADER_SIZE]
         if op == wire.OP_EVENTS:
             base, count = events_count(frame)
@@ -376,9 +381,19 @@ class Gateway:
             self._report_cursor(sub.key)
 
     def _slow_subscriber(self, sub: Subscription, available: int) -> bool:
-        """The subscriber's position left the replay ring: apply its policy."""
+        """The subscriber's position left the replay ring: apply its policy.
+
+        Only records that existed count as lost (SLOW_CONSUMER); offsets skipped
+        after a shard restart that were never assigned are a gap, not a loss.
+        """
+        lost, gap = sub.skipped(available)
+        sub.gaps += gap
+        self.gap_offsets += gap
+        if not lost:
+            sub.next_offset = available  # nothing was lost: the next batch shows the jump
+            return True
         self.slow_consumer_events += 1
-        lost = available - sub.next_offset
+        self.dropped_records += lost
         if sub.policy == "disconnect":
             sub.conn.end_subscription(
                 sub, Overloaded.code, f"subscriber too slow: {lost} records left the replay ring"
@@ -477,6 +492,9 @@ class Gateway:
         for sub in self._subs_by_token.values():
             if sub.shard == shard:
                 sub.reading = False
+                # What it may still miss ends here: above, the restarted shard skips
+                # offsets that were never assigned.
+                sub.lost_until = sub.seen_tail if sub.lost_until is None else sub.lost_until
 
     def shard_up(self, shard: int) -> None:
         """``shard`` is back (a new process): re-attach this gateway's watches and readers."""

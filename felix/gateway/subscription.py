@@ -10,6 +10,13 @@ with READs, one at a time, until it reaches the tail again. So a slow
 subscriber is never buffered in the broker beyond its credit; if it falls out
 of the replay ring, its policy fires (drop_old: skip to the oldest record with a
 SLOW_CONSUMER notice and a visible offset gap; disconnect: SUBSCRIPTION_END).
+
+Records lost and offsets never assigned are told apart: after its shard
+restarts, a stream continues above its reserved offsets, so the range a
+subscriber skips holds the records it missed (up to the tail the gateway had
+seen before the restart) and offsets nobody was ever given. SLOW_CONSUMER
+counts only the former (``dropped``); the rest is a jump in the next batch's
+base offset, counted in ``gaps``.
 """
 
 from __future__ import annotations
@@ -47,11 +54,14 @@ class Subscription:
         "credit",
         "dropped",
         "event_stream",
+        "gaps",
         "key",
         "known_tail",
+        "lost_until",
         "next_offset",
         "policy",
         "reading",
+        "seen_tail",
         "shard",
         "state",
         "sub_id",
@@ -82,6 +92,11 @@ class Subscription:
         self.known_tail = 0
         self.reading = False
         self.dropped = 0
+        self.gaps = 0
+        # The stream's tail as the shard reported it (offsets below were assigned)...
+        self.seen_tail = 0
+        # ...frozen when the shard went down: above it, offsets may never have been assigned.
+        self.lost_until: int | None = None
         #: None for felix clients; for v1 peers, whether their batches carry offsets.
         self.v1_offsets: bool | None = None
 
@@ -115,6 +130,15 @@ class Subscription:
 
     def add_credit(self, n: int) -> None:
         self.credit = min(self.credit + n, MAX_CREDIT)
+
+    def skipped(self, available: int) -> tuple[int, int]:
+        """``(records lost, offsets never assigned)`` when skipping to ``available``."""
+        skipped = available - self.next_offset
+        if self.lost_until is None:
+            return skipped, 0
+        lost = max(0, min(available, self.lost_until) - self.next_offset)
+        self.lost_until = None
+        return lost, skipped - lost
 
 
 def events_count(frame: bytes) -> tuple[int, int]:

@@ -14,12 +14,16 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from felix.errors import ConfigError
 from felix.gateway.gateway import GatewayLimits
 from felix.shard.cache import CacheSettings
 from felix.shard.stream_log import StreamSettings
+from felix.shard.tenants import TenantQuota
+
+if TYPE_CHECKING:
+    from felix.control.quotas import NodeQuotas
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -102,6 +106,13 @@ class NodeConfig:
     shards: int = field(default_factory=lambda: os.cpu_count() or 1)
     data_dir: Path = Path("data")
     memory_budget: int = 1024**3
+    #: A tenant's memory quota on this node when the control plane sets none
+    #: (None: the whole memory budget); split evenly over the shards.
+    tenant_memory_quota: int | None = None
+    #: Streams, caches and watches a tenant may hold per shard unless the control plane says.
+    tenant_max_resources: int = 10_000
+    #: Most streams one shard holds (and entries in its offset reservation file).
+    max_streams_per_shard: int = 65_536
     insecure: bool = False
     auto_create: bool = True
     tls_cert: Path | None = None
@@ -192,6 +203,12 @@ class NodeConfig:
                 "--key-rotation-interval must be 0 (no scheduled rotation) or at least "
                 f"--key-publish-lead ({self.key_publish_lead:g} s)"
             )
+        if self.tenant_memory_quota is not None and not (
+            0 < self.tenant_memory_quota <= self.memory_budget
+        ):
+            raise ConfigError("--tenant-memory-quota must be in (0, --memory-budget]")
+        if self.tenant_max_resources < 1 or self.max_streams_per_shard < 1:
+            raise ConfigError("--tenant-max-resources and --max-streams-per-shard must be >= 1")
         # The replay rings and caches of all shards share the memory budget.
         per_shard = self.memory_budget // self.shards
         if per_shard < self.stream_defaults.replay_max_bytes:
@@ -199,6 +216,20 @@ class NodeConfig:
                 f"--memory-budget {self.memory_budget} leaves {per_shard} bytes per shard, "
                 f"less than one stream's replay ring ({self.stream_defaults.replay_max_bytes})"
             )
+
+    @property
+    def tenant_defaults(self) -> TenantQuota:
+        """The node-wide quota of a tenant the control plane sets none for."""
+        return TenantQuota(
+            self.tenant_memory_quota or self.memory_budget, self.tenant_max_resources
+        )
+
+    @property
+    def quotas(self) -> NodeQuotas:
+        """What the embedded control plane checks budgets against."""
+        from felix.control.quotas import NodeQuotas  # the control plane's (pydantic) side
+
+        return NodeQuotas(self.memory_budget, self.shards, self.tenant_memory_quota)
 
     def to_json(self) -> str:
         """The config for the child processes (without the control token: they need none)."""

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import random
 import ssl
+from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +28,7 @@ import uvicorn
 from felix import ipc
 from felix.control.limits import HttpLimits
 from felix.control.model import Change, Op, Resource, ResourceKind
+from felix.control.quotas import NodeQuotas
 from felix.control.store import CursorTooOld, Store
 
 log = logging.getLogger("felix.control.follower")
@@ -36,7 +38,11 @@ PAGE = 500
 LONG_POLL = 10.0
 RETRY_MIN, RETRY_MAX = 0.2, 10.0
 
-#: What a shard applies: (kind, path) -> spec, for streams and caches only.
+#: Deleted streams and caches a follower remembers for restarted shards.
+MAX_DELETED = 10_000
+#: Kinds the shards apply: a tenant's quotas, streams and caches.
+APPLIED = (ResourceKind.TENANT, ResourceKind.STREAM, ResourceKind.CACHE)
+#: What a shard applies: (kind, path) -> spec, for the APPLIED kinds.
 Resources = dict[tuple[ResourceKind, tuple[str, ...]], dict[str, Any]]
 
 
@@ -112,6 +118,9 @@ class ControlFollower:
         self._on_tenants = on_tenants
         self.tenants: set[str] = set()
         self.resources: Resources = {}
+        # Streams and caches deleted since this node started (newest MAX_DELETED): a
+        # restarted shard is told again, so a write cannot create them again.
+        self.deleted: OrderedDict[tuple[ResourceKind, tuple[str, ...]], None] = OrderedDict()
         self.position = 0
         self.seeded = asyncio.Event()
         self.applied = 0
@@ -124,13 +133,10 @@ class ControlFollower:
     async def seed(self) -> None:
         """Take a snapshot and define everything in it (replacing what was known)."""
         position, resources = await self._source.snapshot()
-        fresh: Resources = {
-            (r.kind, tuple(r.path)): r.spec
-            for r in resources
-            if r.kind in (ResourceKind.STREAM, ResourceKind.CACHE)
-        }
+        fresh: Resources = {(r.kind, tuple(r.path)): r.spec for r in resources if r.kind in APPLIED}
         for kind, path in self.resources.keys() - fresh.keys():
             self._apply("delete", kind, path, {})
+            self._deleted(kind, path)
         for (kind, path), spec in fresh.items():
             if self.resources.get((kind, path)) != spec:
                 self._apply("define", kind, path, spec)
@@ -179,16 +185,25 @@ class ControlFollower:
             elif change.op is not Op.DELETE and not known:
                 self.tenants.add(r.path[0])
                 self._tenants_changed()
-            return
-        if r.kind not in (ResourceKind.STREAM, ResourceKind.CACHE):
+        if r.kind not in APPLIED:
             return
         key = (r.kind, tuple(r.path))
         if change.op is Op.DELETE:
             if self.resources.pop(key, None) is not None:
                 self._apply("delete", r.kind, key[1], {})
+                self._deleted(r.kind, key[1])
         else:
             self.resources[key] = r.spec
+            self.deleted.pop(key, None)
             self._apply("define", r.kind, key[1], r.spec)
+
+    def _deleted(self, kind: ResourceKind, path: tuple[str, ...]) -> None:
+        if kind is ResourceKind.TENANT:
+            return  # a tenant's quota simply falls back to the node's default
+        self.deleted[(kind, path)] = None
+        self.deleted.move_to_end((kind, path))
+        while len(self.deleted) > MAX_DELETED:
+            self.deleted.popitem(last=False)
 
     def _apply(
         self, cmd: str, kind: ResourceKind, path: tuple[str, ...], spec: dict[str, Any]
@@ -199,6 +214,9 @@ class ControlFollower:
 
     def replay(self, shard: int) -> None:
         """Define everything ``shard`` owns again (it restarted with nothing)."""
+        for kind, path in self.deleted:
+            if shard in self.targets(kind, path):
+                self._send(shard, {"cmd": "delete", "kind": kind.value, "path": list(path)})
         for (kind, path), spec in self.resources.items():
             if shard in self.targets(kind, path):
                 self._send(
@@ -231,6 +249,7 @@ class EmbeddedControl:
         admin_token: str | None = None,
         require_auth: bool = False,
         limits: HttpLimits | None = None,
+        quotas: NodeQuotas | None = None,
     ) -> None:
         from felix.control.api import create_app
         from felix.control.api.serving import server_config
@@ -246,6 +265,7 @@ class EmbeddedControl:
             admin_token=admin_token,
             require_auth=require_auth,
             limits=limits,
+            quotas=quotas,
         )
         options: dict[str, Any] = {}
         if tls is not None:

@@ -223,6 +223,7 @@ class Supervisor:
                 keys_dir=config.data_dir / "auth",
                 admin_token=admin,
                 require_auth=config.auth,
+                quotas=config.quotas,
             )
             await self.control.start()
             source = StoreFeed(self._control_store)

@@ -45,7 +45,7 @@ from felix.quic import load_engine, load_reset_key, serve_on_socket
 from felix.ring import Ring, RingReader
 from felix.shard.core import ShardCore, ShardSettings
 from felix.shard.offsets import OffsetReservations
-from felix.shard.resources import cache_settings, stream_settings, unsupported
+from felix.shard.resources import cache_settings, stream_settings, tenant_quota, unsupported
 from felix.tls import node_certificates
 
 log = logging.getLogger("felix.node")
@@ -176,8 +176,11 @@ def new_shard_core(config: NodeConfig, index: int) -> ShardCore:
         cache_defaults=config.cache_defaults,
         auto_create=config.auto_create,
         memory_budget=config.memory_budget // config.shards,
+        max_streams=config.max_streams_per_shard,
+        tenant_quota=tenant_quota({}, config.tenant_defaults, config.shards),
     )
-    return ShardCore(settings, OffsetReservations(config.data_dir / f"shard-{index}.offsets"))
+    path = config.data_dir / f"shard-{index}.offsets"
+    return ShardCore(settings, OffsetReservations(path, max_entries=config.max_streams_per_shard))
 
 
 async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
@@ -240,6 +243,8 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
             "budget_trims": core.budget_trims,
             "blocked": core.blocked,
             "memory_used": core.memory_used,
+            "quota_trims": core.quota_trims,
+            "trimmed_bytes": core.trimmed_bytes,
             "caches": core.caches,
         },
         on_command=lambda cmd: apply_resource(core, config, cmd, send_out),
@@ -258,7 +263,7 @@ def apply_resource(
         if cmd["cmd"] == "define" and kind == "stream":
             key = ipc.stream_key(*path)
             for what in unsupported(spec):
-                log.warning("stream %s: %s is not supported yet", key, what)
+                log.warning("stream %s: %s is stored but not honoured", key, what)
             core.define_stream(key, stream_settings(spec, config.stream_defaults))
         elif cmd["cmd"] == "define" and kind == "cache":
             core.define_cache(path, cache_settings(spec, config.cache_defaults, config.shards))
@@ -266,6 +271,9 @@ def apply_resource(
             core.delete_stream(ipc.stream_key(*path))
         elif cmd["cmd"] == "delete" and kind == "cache":
             core.delete_cache(path)
+        elif kind == "tenant":
+            quota = tenant_quota(spec, config.tenant_defaults, config.shards)
+            core.define_tenant(path[0], quota if cmd["cmd"] == "define" else None)
     except FelixError as exc:
         log.error("cannot apply %s %s %s: %s", cmd["cmd"], kind, "/".join(path), exc)
     flush()
@@ -352,6 +360,8 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
             "protocol_errors": gateway.protocol_errors,
             "overloaded": gateway.overloaded,
             "slow_consumer_events": gateway.slow_consumer_events,
+            "dropped_records": gateway.dropped_records,
+            "gap_offsets": gateway.gap_offsets,
             "delivered": gateway.delivered_records,
             "auth_failures": gateway.auth_failures,
             "expired_sessions": gateway.expired_sessions,

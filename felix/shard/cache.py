@@ -478,6 +478,26 @@ class CachePartition:
                 self.evictions += 1
         self.used_bytes = used
 
+    @property
+    def held_bytes(self) -> int:
+        """Accounted bytes held (what the shard charges the cache's tenant)."""
+        return self.used_bytes
+
+    def trim_bytes(self, nbytes: int) -> int:
+        """Evict least recently used entries until ``nbytes`` are freed (or none is left).
+
+        For the memory quotas of the shard (felix/shard/tenants.py): the cache's own
+        budget is a cap, and this makes it give memory back below it. Returns the
+        bytes freed.
+        """
+        if nbytes <= 0 or not self._entries:
+            return 0
+        before = self.used_bytes
+        # _evict(size) frees until `size` more bytes fit: ask for room for exactly
+        # `nbytes` below what is held now.
+        self._evict(self._budget - before + min(nbytes, before), self._now)
+        return before - self.used_bytes
+
     def _check_invariants(self) -> None:
         """Assert the internal bookkeeping is consistent (for tests; O(entries))."""
         total = 0

@@ -12,14 +12,29 @@ Subscriptions themselves live in the gateways: the shard only knows which
 gateways watch a stream, resolves a subscription's start, and serves READs for
 subscribers that fell behind. So a slow subscriber costs the shard nothing.
 
+Nothing is created by a read: with auto-create on, a cache get/ttl/delete of a
+cache that does not exist answers "missing", a subscription to a stream that does
+not exist yet is remembered as a *watch* (bounded, removed when the subscriber
+leaves) and the stream is created by its first publish; only writes (publish,
+cache set), which the gateway has checked against the token's write permission,
+create. A stream or cache deleted through the control plane is remembered as a
+tombstone (the newest ``max_tombstones``; the node tells a restarted shard its
+deletions again): writes to it are refused with NotFound until the control plane
+defines it again.
+
+Memory is charged to tenants as used (felix/shard/tenants.py): a tenant over its
+quota trims its own data, a shard over its budget trims the biggest tenants.
+
 Nothing here reads the clock or does I/O, except the offset reservations, which
-rewrite one small file when a stream crosses its reserved block.
+write one small file when a stream crosses its reserved block (felix/shard/offsets.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -31,6 +46,7 @@ from felix.shard.cache import CachePartition, CacheSettings
 from felix.shard.offsets import OffsetReservations
 from felix.shard.resources import cache_settings
 from felix.shard.stream_log import StreamLog, StreamSettings
+from felix.shard.tenants import TenantQuota, TenantUsage, water_level
 
 log = logging.getLogger("felix.shard")
 
@@ -53,28 +69,52 @@ class ShardSettings:
     shards: int
     stream_defaults: StreamSettings = field(default_factory=StreamSettings)
     cache_defaults: CacheSettings = field(default_factory=CacheSettings)
-    #: Create streams and caches on first use; when False a missing one is NotFound.
+    #: Create streams and caches on their first write; when False a missing one is NotFound.
     auto_create: bool = True
-    #: Most streams plus caches this shard holds.
+    #: Most streams, caches and watches of streams not created yet this shard holds.
     max_resources: int = 100_000
+    #: Most streams this shard holds (the offset reservation table is sized from it).
+    max_streams: int = 65_536
     #: Bytes this shard may hold in replay rings and caches (its share of the node's
-    #: budget). Caches reserve their share when created; streams beyond the rest are
-    #: trimmed oldest-first, largest stream first.
+    #: budget), charged as used. Beyond it the biggest tenants are trimmed.
     memory_budget: int = 1 << 62
+    #: A tenant's quota on this shard when the control plane sets none (the node's
+    #: per-tenant defaults divided by the shards).
+    tenant_quota: TenantQuota = field(default_factory=lambda: TenantQuota(1 << 62, 10_000))
+    #: Deleted streams and caches remembered (refusing writes), oldest forgotten first.
+    max_tombstones: int = 10_000
 
 
 class _Stream:
-    __slots__ = ("cursors", "key", "log", "pending_base", "pending_count", "watchers")
+    __slots__ = (
+        "cursors",
+        "key",
+        "log",
+        "pending_base",
+        "pending_count",
+        "tenant",
+        "watchers",
+    )
 
-    def __init__(self, key: str, log: StreamLog) -> None:
+    def __init__(self, key: str, log: StreamLog, tenant: TenantUsage) -> None:
         self.key = key
         self.log = log
+        self.tenant = tenant
         self.watchers: set[int] = set()
         # block policy: per gateway, the lowest offset one of its subscribers still needs.
         self.cursors: dict[int, int] = {}
         # Records appended in the current batch and not yet pushed.
         self.pending_base = 0
         self.pending_count = 0
+
+    @property
+    def held_bytes(self) -> int:
+        return self.log.retained_bytes
+
+    def trim_bytes(self, nbytes: int) -> int:
+        before = self.log.retained_bytes
+        self.log.trim(nbytes)
+        return before - self.log.retained_bytes
 
 
 class ShardCore:
@@ -89,8 +129,16 @@ class ShardCore:
     def __init__(self, settings: ShardSettings, offsets: OffsetReservations | None = None) -> None:
         self.settings = settings
         self._offsets = offsets
+        if offsets is not None:
+            # Entries of streams not in memory may be folded into the floor when full.
+            offsets.in_use = self._streams_contains
         self._streams: dict[str, _Stream] = {}
         self._caches: dict[tuple[str, str, str], CachePartition] = {}
+        # Gateways watching streams that do not exist yet (subscribed before any publish).
+        self._waiting: dict[str, set[int]] = {}
+        self._tenants: dict[str, TenantUsage] = {}
+        self._quotas: dict[str, TenantQuota] = {}
+        self._tombstones: OrderedDict[object, None] = OrderedDict()
         self._out: dict[int, list[bytes]] = {}
         self._dirty: list[_Stream] = []
         self._handlers: dict[int, Callable[[wire.ExtMessage, float], bytes]] = {
@@ -102,16 +150,20 @@ class ShardCore:
             # A barrier: the answer comes after everything sent before it (gateway drain).
             wire.OP_PING: lambda msg, now: wire.encode_ok(msg.request_id),
         }
-        self._cache_reserved = 0
-        self._stream_bytes = 0
+        self._memory = 0
         # Counters (exported as metrics by the worker).
         self.budget_trims = 0
+        self.quota_trims = 0
+        self.trimmed_bytes = 0
         self.blocked = 0
         self.requests = 0
         self.errors = 0
         self.malformed = 0
         self.published = 0
         self.pushes = 0
+
+    def _streams_contains(self, key: str) -> bool:
+        return key in self._streams
 
     # -- feeding -------------------------------------------------------------------
 
@@ -152,12 +204,14 @@ class ShardCore:
                 log_ = stream.log
                 base = max(stream.pending_base, log_.earliest)
                 if base >= log_.next_offset:
-                    stream.pending_count = 0
-                    continue
-                batch = log_.read(base, log_.next_offset - base, 1 << 62)
-                frame = wire.encode_events(
-                    batch.first_offset, batch.payloads, headers=_headers_or_none(batch.headers)
-                )
+                    # Trimmed away already: still push the new tail (no records), so
+                    # every subscriber READs, gets too_old and is told what it lost.
+                    frame = wire.encode_events(log_.next_offset, [])
+                else:
+                    batch = log_.read(base, log_.next_offset - base, 1 << 62)
+                    frame = wire.encode_events(
+                        batch.first_offset, batch.payloads, headers=_headers_or_none(batch.headers)
+                    )
                 record = ipc.encode(RecordType.PUSH, 0, 0, ipc.encode_key(stream.key) + frame)
                 for gateway in stream.watchers:
                     self._emit(gateway, record)
@@ -172,10 +226,17 @@ class ShardCore:
         for stream in self._streams.values():
             stream.watchers.discard(gateway)
             stream.cursors.pop(gateway, None)
+        for key in list(self._waiting):
+            self._unwait(key, gateway)
 
     def sweep(self, now: float, max_work: int = 1000) -> int:
         """Reclaim expired cache entries, bounded work per cache; returns entries removed."""
-        return sum(cache.sweep(now, max_work) for cache in self._caches.values())
+        removed = 0
+        for scope, cache in self._caches.items():
+            before = cache.used_bytes
+            removed += cache.sweep(now, max_work)
+            self._charge(self._tenants[scope[0]], cache.used_bytes - before)
+        return removed
 
     # -- requests -----------------------------------------------------------------
 
@@ -196,7 +257,9 @@ class ShardCore:
                 # and tell it the stream's slow-subscriber policy (in the record's aux).
                 key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
                 self._watch_key(gateway, key)
-                policy = self._streams[key].log.settings.slow_subscriber_policy
+                stream = self._streams.get(key)
+                settings = stream.log.settings if stream else self.settings.stream_defaults
+                policy = settings.slow_subscriber_policy
                 aux = POLICY_CODES.get(policy, 0)
                 self._emit(gateway, ipc.encode(RecordType.REPLY, token, aux, reply))
                 return
@@ -225,40 +288,137 @@ class ShardCore:
             log.exception("shard %d: request 0x%02x failed", self.settings.index, msg.opcode)
             return wire.encode_error(msg.request_id, BadRequest.code, "internal error")
 
+    # tenants, limits and tombstones
+
+    def _usage(self, tenant: str) -> TenantUsage:
+        usage = self._tenants.get(tenant)
+        if usage is None:
+            quota = self._quotas.get(tenant, self.settings.tenant_quota)
+            usage = self._tenants[tenant] = TenantUsage(tenant, quota)
+        return usage
+
+    def _release(self, usage: TenantUsage, item: object) -> None:
+        """``item`` (a stream key, cache scope or watch) left ``usage``'s tenant."""
+        usage.holdings.pop(item, None)
+        usage.resources -= 1
+        if usage.resources <= 0 and not usage.memory:
+            # Only tenants that hold something are tracked: the table stays bounded.
+            self._tenants.pop(usage.name, None)
+
+    def _admit(
+        self, what: str, item: object, names: Sequence[str], *, force: bool = False
+    ) -> TenantUsage:
+        """Check that a new stream, cache or watch may be created; count it to its tenant.
+
+        ``force``: defined by the control plane (neither auto-create nor tombstones apply).
+        """
+        label = "/".join(names)
+        if not force:
+            if item in self._tombstones:
+                raise NotFound(
+                    f"{what} {label} was deleted through the control plane; define it there again"
+                )
+            if not self.settings.auto_create:
+                raise NotFound(f"{what} {label} does not exist")
+        for kind, name in zip(("tenant", "namespace", what), names, strict=True):
+            validate_name(kind, name)
+        held = len(self._streams) + len(self._caches) + len(self._waiting)
+        if held >= self.settings.max_resources:
+            raise Overloaded(
+                f"shard {self.settings.index} holds its maximum of "
+                f"{self.settings.max_resources} streams, caches and watches"
+            )
+        if what == "stream" and len(self._streams) >= self.settings.max_streams:
+            raise Overloaded(
+                f"shard {self.settings.index} holds its maximum of {self.settings.max_streams} "
+                "streams (--max-streams-per-shard)"
+            )
+        usage = self._usage(names[0])
+        if usage.resources >= usage.quota.max_resources:
+            raise Overloaded(
+                f"tenant {names[0]} holds its quota of {usage.quota.max_resources} streams, "
+                f"caches and watches on shard {self.settings.index}"
+            )
+        usage.resources += 1
+        return usage
+
+    def _charge(self, usage: TenantUsage, delta: int) -> None:
+        usage.memory += delta
+        self._memory += delta
+
+    def _enforce(self, usage: TenantUsage) -> None:
+        """After ``usage``'s tenant grew: bring it under its quota, then the shard under budget."""
+        quota = usage.quota.memory_bytes
+        if usage.memory > quota:
+            # Its own data pays, with slack (a tenth of its quota) so this stays rare.
+            self._trim(usage, usage.memory - quota + quota // 10)
+            self.quota_trims += 1
+        budget = self.settings.memory_budget
+        if self._memory > budget:
+            excess = self._memory - budget + budget // 10
+            level = water_level((t.memory for t in self._tenants.values()), excess)
+            for tenant in list(self._tenants.values()):
+                if tenant.memory > level:
+                    self._trim(tenant, tenant.memory - level)
+            self.budget_trims += 1
+
+    def _trim(self, usage: TenantUsage, nbytes: int) -> None:
+        freed = usage.trim(nbytes)
+        self._charge(usage, -freed)
+        self.trimmed_bytes += freed
+
+    def _bury(self, item: object) -> None:
+        self._tombstones.pop(item, None)
+        self._tombstones[item] = None
+        while len(self._tombstones) > self.settings.max_tombstones:
+            self._tombstones.popitem(last=False)
+
     # caches
 
-    def _cache(self, msg: wire.CacheRequest) -> CachePartition:
+    def _cache(self, msg: wire.CacheRequest, *, create: bool) -> CachePartition | None:
+        """The cache ``msg`` names; created only for a write (``create``), else None if absent."""
         scope = (msg.tenant_id, msg.namespace, msg.cache)
         cache = self._caches.get(scope)
         if cache is None:
-            if not self.settings.auto_create:
-                raise NotFound(f"cache {'/'.join(scope)} does not exist")
-            for kind, name in zip(("tenant", "namespace", "cache"), scope, strict=True):
-                validate_name(kind, name)
-            self._check_room()
-            settings = self._partition_settings()
-            if self._cache_reserved + settings.budget_bytes > self.settings.memory_budget:
-                raise Overloaded(
-                    f"shard {self.settings.index}: the memory budget has no room for "
-                    f"another cache ({settings.budget_bytes} bytes)"
-                )
-            cache = CachePartition(settings)
-            self._caches[scope] = cache
-            self._cache_reserved += settings.budget_bytes
+            if not create:
+                if scope in self._tombstones or not self.settings.auto_create:
+                    raise NotFound(f"cache {'/'.join(scope)} does not exist")
+                for kind, name in zip(("tenant", "namespace", "cache"), scope, strict=True):
+                    validate_name(kind, name)
+                return None  # would be created by its first write: empty until then
+            usage = self._admit("cache", scope, scope)
+            cache = self._caches[scope] = CachePartition(self._partition_settings())
+            usage.holdings[scope] = cache
         return cache
 
     def _partition_settings(self) -> CacheSettings:
         # A cache is spread over every shard by key: each holds its share of the budget.
-        return cache_settings({}, self.settings.cache_defaults, self.settings.shards)
+        return self._capped(cache_settings({}, self.settings.cache_defaults, self.settings.shards))
+
+    def _capped(self, settings: CacheSettings) -> CacheSettings:
+        """A partition's budget never above the shard's (the data plane enforces it)."""
+        if settings.budget_bytes <= self.settings.memory_budget:
+            return settings
+        return dataclasses.replace(settings, budget_bytes=self.settings.memory_budget)
 
     def _cache_get(self, msg: wire.ExtMessage, now: float) -> bytes:
         assert isinstance(msg, wire.CacheRequest)
-        return wire.encode_cache_value(msg.request_id, self._cache(msg).get(msg.key, now))
+        cache = self._cache(msg, create=False)
+        if cache is None:
+            return wire.encode_cache_value(msg.request_id, None)
+        before = cache.used_bytes
+        value = cache.get(msg.key, now)
+        if cache.used_bytes != before:  # an expired entry was dropped
+            self._charge(self._tenants[msg.tenant_id], cache.used_bytes - before)
+        return wire.encode_cache_value(msg.request_id, value)
 
     def _cache_set(self, msg: wire.ExtMessage, now: float) -> bytes:
         assert isinstance(msg, wire.CacheRequest) and msg.value is not None
         ttl = msg.ttl_ms / 1000.0 if msg.ttl_ms else None
-        stored = self._cache(msg).set(
+        cache = self._cache(msg, create=True)
+        assert cache is not None
+        before = cache.used_bytes
+        stored = cache.set(
             msg.key,
             msg.value,
             now,
@@ -266,15 +426,30 @@ class ShardCore:
             nx=msg.mode == wire.SET_IF_ABSENT,
             xx=msg.mode == wire.SET_IF_PRESENT,
         )
+        usage = self._tenants[msg.tenant_id]
+        self._charge(usage, cache.used_bytes - before)
+        self._enforce(usage)
         return wire.encode_cache_stored(msg.request_id, stored)
 
     def _cache_delete(self, msg: wire.ExtMessage, now: float) -> bytes:
         assert isinstance(msg, wire.CacheRequest)
-        return wire.encode_cache_deleted(msg.request_id, self._cache(msg).delete(msg.key, now))
+        cache = self._cache(msg, create=False)
+        if cache is None:
+            return wire.encode_cache_deleted(msg.request_id, False)
+        before = cache.used_bytes
+        deleted = cache.delete(msg.key, now)
+        self._charge(self._tenants[msg.tenant_id], cache.used_bytes - before)
+        return wire.encode_cache_deleted(msg.request_id, deleted)
 
     def _cache_ttl(self, msg: wire.ExtMessage, now: float) -> bytes:
         assert isinstance(msg, wire.CacheRequest)
-        left = self._cache(msg).ttl(msg.key, now)
+        cache = self._cache(msg, create=False)
+        if cache is None:
+            return wire.encode_cache_ttl_reply(msg.request_id, wire.TTL_MISSING)
+        before = cache.used_bytes
+        left = cache.ttl(msg.key, now)
+        if cache.used_bytes != before:
+            self._charge(self._tenants[msg.tenant_id], cache.used_bytes - before)
         if left is None:
             return wire.encode_cache_ttl_reply(msg.request_id, wire.TTL_MISSING)
         if math.isinf(left):
@@ -286,35 +461,37 @@ class ShardCore:
 
     # streams
 
-    def _stream(
-        self, key: str, names: tuple[str, str, str] | None = None, *, force: bool = False
-    ) -> _Stream:
-        stream = self._streams.get(key)
-        if stream is None:
-            if not self.settings.auto_create and not force:
-                raise NotFound(f"stream {key} does not exist")
-            parts = names or tuple(key.split("/"))
-            if len(parts) != 3:
-                raise BadRequest(f"bad stream key {key!r}")
-            for kind, name in zip(("tenant", "namespace", "stream"), parts, strict=True):
-                validate_name(kind, name)
-            self._check_room()
-            first = self._offsets.start_offset(key) if self._offsets is not None else 0
-            stream = _Stream(key, StreamLog(self.settings.stream_defaults, first_offset=first))
-            self._streams[key] = stream
+    def _create_stream(self, key: str, *, force: bool = False) -> _Stream:
+        """Create the stream ``key`` (a write, or a control-plane definition with ``force``)."""
+        names = tuple(key.split("/"))
+        if len(names) != 3:
+            raise BadRequest(f"bad stream key {key!r}")
+        waiting = self._waiting.pop(key, None)
+        if waiting is not None:
+            # The watch becomes the stream: it stops counting as a resource of its own.
+            self._tenants[names[0]].resources -= 1
+        try:
+            usage = self._admit("stream", key, names, force=force)
+        except FelixError:
+            if waiting is not None:
+                self._waiting[key] = waiting
+                self._tenants[names[0]].resources += 1
+            raise
+        first = self._offsets.start_offset(key) if self._offsets is not None else 0
+        stream = _Stream(key, StreamLog(self.settings.stream_defaults, first_offset=first), usage)
+        self._streams[key] = stream
+        usage.holdings[key] = stream
+        self._tombstones.pop(key, None)
+        if waiting is not None:
+            stream.watchers = waiting
         return stream
-
-    def _check_room(self) -> None:
-        if len(self._streams) + len(self._caches) >= self.settings.max_resources:
-            raise BadRequest(
-                f"shard {self.settings.index} holds its maximum of "
-                f"{self.settings.max_resources} streams and caches"
-            )
 
     def _publish(self, msg: wire.ExtMessage, now: float) -> bytes:
         assert isinstance(msg, wire.Publish)
-        names = (msg.tenant_id, msg.namespace, msg.stream)
-        stream = self._stream(ipc.stream_key(*names), names)
+        key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._create_stream(key)
         if not msg.payloads:
             raise BadRequest("a publish needs at least one record")
         if stream.cursors and stream.log.settings.slow_subscriber_policy == "block":
@@ -329,10 +506,14 @@ class ShardCore:
             self._offsets.ensure(stream.key, stream.log.next_offset + len(msg.payloads))
         before = stream.log.retained_bytes
         base, count = stream.log.append(msg.payloads, msg.headers)
-        self._stream_bytes += stream.log.retained_bytes - before
         self.published += count
-        if self._stream_bytes + self._cache_reserved > self.settings.memory_budget:
-            self._trim_streams()
+        # _charge and the checks of _enforce, inline: this is the hottest path.
+        usage = stream.tenant
+        delta = stream.log.retained_bytes - before
+        usage.memory += delta
+        self._memory += delta
+        if usage.memory > usage.quota.memory_bytes or self._memory > self.settings.memory_budget:
+            self._enforce(usage)
         if stream.watchers:
             if not stream.pending_count:
                 stream.pending_base = base
@@ -342,29 +523,31 @@ class ShardCore:
             return wire.encode_ok(msg.request_id)
         return wire.encode_publish_offsets(msg.request_id, base, count)
 
-    def _trim_streams(self) -> None:
-        """Bring replay rings back under the budget, with slack so this stays rare."""
-        budget = self.settings.memory_budget - self._cache_reserved
-        excess = self._stream_bytes - budget + budget // 10
-        for stream in sorted(self._streams.values(), key=lambda s: -s.log.retained_bytes):
-            if excess <= 0:
-                break
-            before = stream.log.retained_bytes
-            stream.log.trim(excess)
-            freed = before - stream.log.retained_bytes
-            self._stream_bytes -= freed
-            excess -= freed
-        self.budget_trims += 1
-
     @property
     def memory_used(self) -> int:
-        """Accounted bytes in replay rings plus the budgets reserved by caches."""
-        return self._stream_bytes + self._cache_reserved
+        """Accounted bytes in replay rings and caches (charged as used)."""
+        return self._memory
+
+    def tenant_memory(self, tenant: str) -> int:
+        """Accounted bytes ``tenant`` holds on this shard."""
+        usage = self._tenants.get(tenant)
+        return 0 if usage is None else usage.memory
 
     def _subscribe(self, msg: wire.Subscribe) -> bytes:
-        names = (msg.tenant_id, msg.namespace, msg.stream)
-        stream = self._stream(ipc.stream_key(*names), names)
-        start = stream.log.resolve_start(msg.start)
+        key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
+        stream = self._streams.get(key)
+        if stream is not None:
+            start = stream.log.resolve_start(msg.start)
+        else:
+            # Not created yet: a read creates nothing. Start where its first record will
+            # be, and remember the watch (the caller adds the gateway right away).
+            first = self._offsets.start_offset(key) if self._offsets is not None else 0
+            start = StreamLog(self.settings.stream_defaults, first_offset=first).resolve_start(
+                msg.start
+            )
+            if key not in self._waiting:
+                self._admit("stream", key, (msg.tenant_id, msg.namespace, msg.stream))
+                self._waiting[key] = set()
         return wire.encode_subscribed(msg.request_id, msg.subscription_id, start)
 
     def _read(self, gateway: int, token: int, body: bytes | memoryview) -> None:
@@ -410,12 +593,36 @@ class ShardCore:
             stream = self._streams.get(key)
             if stream is not None:
                 stream.watchers.discard(gateway)
+            self._unwait(key, gateway)
 
     def _watch_key(self, gateway: int, key: str) -> None:
-        try:
-            self._stream(key).watchers.add(gateway)
-        except FelixError as exc:
-            log.warning("shard %d: cannot watch %s: %s", self.settings.index, key, exc)
+        stream = self._streams.get(key)
+        if stream is not None:
+            stream.watchers.add(gateway)
+            return
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            try:
+                names = tuple(key.split("/"))
+                if len(names) != 3:
+                    raise BadRequest(f"bad stream key {key!r}")
+                self._admit("stream", key, names)
+            except FelixError as exc:
+                log.warning("shard %d: cannot watch %s: %s", self.settings.index, key, exc)
+                return
+            waiting = self._waiting[key] = set()
+        waiting.add(gateway)
+
+    def _unwait(self, key: str, gateway: int) -> None:
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            return
+        waiting.discard(gateway)
+        if not waiting:
+            del self._waiting[key]
+            usage = self._tenants.get(key.split("/", 1)[0])
+            if usage is not None:
+                self._release(usage, ("watch", key))
 
     def _emit(self, gateway: int, record: bytes) -> None:
         out = self._out.get(gateway)
@@ -426,27 +633,52 @@ class ShardCore:
 
     # -- resources defined by the control plane ------------------------------------------
 
+    def define_tenant(self, tenant: str, quota: TenantQuota | None) -> None:
+        """Set ``tenant``'s quota on this shard (None: back to the node's defaults).
+
+        A lower memory quota takes effect at once (the tenant's own data is trimmed).
+        """
+        if quota is None:
+            self._quotas.pop(tenant, None)
+        else:
+            self._quotas[tenant] = quota
+        usage = self._tenants.get(tenant)
+        if usage is not None:
+            usage.quota = quota or self.settings.tenant_quota
+            self._enforce(usage)
+
     def define_stream(self, key: str, settings: StreamSettings) -> None:
         """Create the stream with ``settings``, or apply them to the existing stream."""
         stream = self._streams.get(key)
         if stream is None:
-            stream = self._stream(key, force=True)
+            stream = self._create_stream(key, force=True)
         before = stream.log.retained_bytes
         stream.log.reconfigure(settings)
-        self._stream_bytes -= before - stream.log.retained_bytes
+        self._charge(stream.tenant, stream.log.retained_bytes - before)
 
     def delete_stream(self, key: str) -> bool:
-        """Remove the stream; every gateway watching it is told to end its subscriptions."""
+        """Remove the stream; every gateway watching it is told to end its subscriptions.
+
+        Until the control plane defines it again (or the tombstone is forgotten), a
+        publish to it is refused with NotFound instead of creating it again.
+        """
+        self._bury(key)
         stream = self._streams.pop(key, None)
-        if stream is None:
-            return False
-        self._stream_bytes -= stream.log.retained_bytes
+        waiting = self._waiting.pop(key, None)
+        watchers = stream.watchers if stream is not None else waiting or set()
         record = ipc.encode(RecordType.END, 0, 0, ipc.encode_key(key))
-        for gateway in stream.watchers:
+        for gateway in watchers:
             self._emit(gateway, record)
+        if stream is None:
+            usage = self._tenants.get(key.split("/", 1)[0])
+            if waiting is not None and usage is not None:
+                self._release(usage, ("watch", key))
+            return False
+        self._charge(stream.tenant, -stream.log.retained_bytes)
+        self._release(stream.tenant, key)
         if self._offsets is not None:
             # Keep a re-created stream's offsets above everything this one issued.
-            self._offsets.remove(key)
+            self._offsets.remove(key, stream.log.next_offset)
         return True
 
     def define_cache(self, scope: tuple[str, str, str], settings: CacheSettings) -> None:
@@ -456,16 +688,23 @@ class ShardCore:
         disposable; the budget must never be exceeded).
         """
         old = self._caches.pop(scope, None)
-        if old is not None:
-            self._cache_reserved -= old.settings.budget_bytes
-        self._caches[scope] = CachePartition(settings)
-        self._cache_reserved += settings.budget_bytes
+        if old is None:
+            usage = self._admit("cache", scope, scope, force=True)
+        else:
+            usage = self._tenants[scope[0]]
+            self._charge(usage, -old.used_bytes)
+        cache = self._caches[scope] = CachePartition(self._capped(settings))
+        usage.holdings[scope] = cache
+        self._tombstones.pop(scope, None)
 
     def delete_cache(self, scope: tuple[str, str, str]) -> bool:
+        self._bury(scope)
         cache = self._caches.pop(scope, None)
         if cache is None:
             return False
-        self._cache_reserved -= cache.settings.budget_bytes
+        usage = self._tenants[scope[0]]
+        self._charge(usage, -cache.used_bytes)
+        self._release(usage, scope)
         return True
 
     # -- introspection (metrics, tests) ----------------------------------------------
@@ -477,6 +716,10 @@ class ShardCore:
     @property
     def caches(self) -> int:
         return len(self._caches)
+
+    def resources_held(self) -> int:
+        """Streams, caches and watches of streams not created yet."""
+        return len(self._streams) + len(self._caches) + len(self._waiting)
 
     def stream_log(self, key: str) -> StreamLog | None:
         stream = self._streams.get(key)

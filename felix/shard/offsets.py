@@ -7,21 +7,29 @@ never go backward: a subscriber holding offset 41 must not later receive a diffe
 record 41. Writing the tail offset to disk on every publish would cost an fsync per
 publish, so offsets are *reserved in blocks* instead:
 
-* For each stream key the file records a **mark**: no offset at or above it has been
-  issued. Before a shard issues offsets below ``end`` it calls
-  :meth:`OffsetReservations.ensure`; when ``end`` is above the stream's mark the file
-  is rewritten with a new mark ``block`` offsets ahead (rounded to a multiple of
-  ``block``), fsynced, and only then does ``ensure`` return. Most calls are a dict
-  lookup and a comparison.
+* The file records a **floor**: no stream *without an entry* has issued an offset at
+  or above it. Opening starts every stream the file does not know at the old floor
+  and writes the floor one block higher, so a new stream costs no write at all
+  (constant cost, off the request path) until it has issued a block of offsets.
+* A stream that reaches the floor gets an entry, a **mark**: no offset at or above
+  it has been issued. Before a shard issues offsets below ``end`` it calls
+  :meth:`OffsetReservations.ensure`; when ``end`` is above the stream's mark (or the
+  floor, for a stream without an entry) the file is rewritten with a new mark
+  ``block`` offsets ahead (rounded to a multiple of ``block``), fsynced, and only
+  then does ``ensure`` return. Most calls are a dict lookup and a comparison.
 * On start, every known stream continues from its mark
-  (:meth:`OffsetReservations.start_offset`); subscribers see the offsets between the
-  last one really issued and the mark as a gap. To spare a rewrite per stream on the
-  first publishes after a restart, opening reserves one more block for every known
-  stream in a single write.
-* Deleting a stream (:meth:`OffsetReservations.remove`) drops its entry, so the table
-  stays bounded, and raises the file's **floor** to the deleted stream's mark. Streams
-  the file does not know start at the floor, so a stream re-created under the same
-  key never reuses an offset either.
+  (:meth:`OffsetReservations.start_offset`), every other stream from the old floor;
+  subscribers see the offsets between the last one really issued and where the
+  stream continues as a gap (offsets never assigned). Opening reserves one more
+  block for every known stream in the same single write.
+* Deleting a stream (:meth:`OffsetReservations.remove`) drops its entry and moves
+  the start of new streams above everything it issued (raising the floor when
+  needed), so a stream re-created under the same key never reuses an offset.
+* The table holds at most ``max_entries`` entries. When it is full, the entry of a
+  stream that is not in memory (``in_use``) is folded into the floor, the one with
+  the lowest mark first: that stream, if it comes back, starts above its old mark
+  like any new stream. So the table never fills up for good: after a restart no
+  stream is in memory and every old entry can be reclaimed.
 
 File format (ASCII, one item per line, ``\\n`` endings)::
 
@@ -43,9 +51,10 @@ Recovery (chosen: never start lower, refuse when that cannot be guaranteed):
   ``.bak``, which can only raise marks). A leftover ``.tmp`` is ignored: its write
   never completed, so no offset under it was issued.
 * ``<path>`` corrupt or missing, ``.bak`` valid: the lost file was exactly one write
-  newer than ``.bak``, and one write raises any mark, and the floor, by at most two
-  blocks (``ensure`` refuses larger jumps). So the shard restarts from the ``.bak``
-  marks and floor plus ``2 * block`` each: safe, with a bigger gap. The corrupt file
+  newer than ``.bak``, and one write raises any mark by at most two blocks
+  (``ensure`` refuses larger jumps), and the floor to at most the highest mark or
+  floor of ``.bak`` plus two blocks. So the shard restarts from the ``.bak`` marks
+  plus ``2 * block`` and from that floor: safe, with a bigger gap. The corrupt file
   is kept as ``<path>.corrupt`` for inspection and :attr:`recovered` is set.
 * Some file exists but none is valid: :class:`~felix.errors.FelixError` is raised
   and the shard must not start; an operator decides (restore a copy, or delete the
@@ -58,7 +67,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -75,7 +84,7 @@ __all__ = [
 
 #: Offsets reserved per file rewrite and stream.
 DEFAULT_BLOCK: Final = 1 << 20
-#: Most stream keys one file tracks.
+#: Most stream keys one file tracks (``felix up --max-streams-per-shard``).
 DEFAULT_MAX_ENTRIES: Final = 65_536
 #: Longest stream key, in characters (printable ASCII without spaces).
 MAX_KEY_CHARS: Final = 512
@@ -193,9 +202,10 @@ class OffsetReservations:
     """Per-shard table of reserved offset marks, persisted in one small file.
 
     Opening reads ``path`` (and its ``.bak``), recovers as the module docstring
-    describes, and, when any stream is known, writes one new generation reserving a
-    block ahead for each. The directory of ``path`` must exist: it is not created, so
-    an unmounted data volume fails loudly instead of looking like a fresh start.
+    describes, and writes one new generation reserving a block ahead for every
+    known stream and for the streams it does not know (the floor). The directory of
+    ``path`` must exist: it is not created, so an unmounted data volume fails loudly
+    instead of looking like a fresh start.
 
     The intended use, per stream key, by the shard that owns it::
 
@@ -204,7 +214,8 @@ class OffsetReservations:
         reservations.ensure(key, log.next_offset + len(batch))  # may fsync
         log.append(batch)
 
-    Not thread-safe: one shard owns it.
+    Not thread-safe: one shard owns it. ``in_use(key)``, set by the owner, tells
+    whether a stream is in memory (its entry cannot be folded into the floor).
 
     Attributes (read-only):
         path: the reservation file.
@@ -221,11 +232,14 @@ class OffsetReservations:
     """
 
     __slots__ = (
+        "_base",
         "_floor",
         "_generation",
         "_marks",
         "_starts",
         "block",
+        "folded",
+        "in_use",
         "max_entries",
         "path",
         "recovered",
@@ -246,25 +260,30 @@ class OffsetReservations:
         self.max_entries = max_entries
         self.recovered = False
         self.writes = 0
+        self.folded = 0
+        self.in_use: Callable[[str], bool] = lambda key: True
         if not self.path.parent.is_dir():
             raise FelixError(f"offset reservation directory {self.path.parent} does not exist")
         snapshot = self._load()
         self._generation = snapshot.generation
+        # Streams without an entry start here in this process; they issue offsets in
+        # [_base, _floor) without a write.
+        self._base = snapshot.floor
         self._floor = snapshot.floor
         # Where each stream known at open continues: nothing at or above was issued.
         self._starts: dict[str, int] = dict(snapshot.marks)
         # Current durable marks. Entries loaded from the file may exceed max_entries
-        # (if it was lowered); they are kept, since dropping one could let its offsets
-        # go backward, and new keys are refused until the table shrinks.
+        # (if it was lowered); the extra ones are folded into the floor as new keys
+        # need room.
         self._marks: dict[str, int] = dict(snapshot.marks)
-        if self._marks or self.recovered:
-            bumped = {key: min(mark + block, MAX_OFFSET) for key, mark in self._marks.items()}
-            self._write(bumped, self._floor)
-            if self.recovered or snapshot.block != block:
-                # Write a second generation so that .bak, too, holds this state and
-                # this block size: recovery assumes .bak is one write (of at most two
-                # of its blocks) behind the main file.
-                self._write(bumped, self._floor)
+        bumped = {key: min(mark + block, MAX_OFFSET) for key, mark in self._marks.items()}
+        floor = min(self._floor + block, MAX_OFFSET)
+        self._write(bumped, floor)
+        if self.recovered or snapshot.block != block:
+            # Write a second generation so that .bak, too, holds this state and
+            # this block size: recovery assumes .bak is one write (of at most two
+            # of its blocks) behind the main file.
+            self._write(bumped, floor)
 
     # -- queries -------------------------------------------------------------------
 
@@ -272,12 +291,12 @@ class OffsetReservations:
         """The offset a new in-memory log for ``key`` starts at in this process.
 
         For a stream known when this object was opened, its mark from the previous
-        run; otherwise the floor (0 on a fresh start). Call it once, when creating
+        run; otherwise where new streams start (0 on a fresh start). Call it once, when creating
         the stream's log, and keep the log for the life of the process (or
         :meth:`remove` the key when the stream is deleted): it does not track the
         offsets issued since.
         """
-        return self._starts.get(key, self._floor)
+        return self._starts.get(key, self._base)
 
     def reserved(self, key: str) -> int | None:
         """The durable mark of ``key`` (no offset at or above it issued), or ``None``."""
@@ -285,8 +304,13 @@ class OffsetReservations:
 
     @property
     def floor(self) -> int:
-        """Start offset of streams the table does not know."""
+        """Durable bound: no stream without an entry issued an offset at or above it."""
         return self._floor
+
+    @property
+    def base(self) -> int:
+        """Start offset, in this process, of streams the table does not know."""
+        return self._base
 
     def __len__(self) -> int:
         return len(self._marks)
@@ -312,7 +336,8 @@ class OffsetReservations:
                 ``end`` is more than one block above the current mark (a batch larger
                 than a block; the recovery bound depends on this), or beyond
                 :data:`MAX_OFFSET`.
-            Overloaded: ``key`` is new and the table already has ``max_entries``.
+            Overloaded: ``key`` needs an entry and the table holds ``max_entries``
+                entries of streams that are all in memory.
             Unavailable: the file could not be written; nothing changed and no
                 offset at or above the old mark may be issued.
         """
@@ -322,15 +347,20 @@ class OffsetReservations:
         return self._raise_mark(key, end, mark)
 
     def _raise_mark(self, key: str, end: int, mark: int | None) -> bool:
+        marks = self._marks
+        floor, base = self._floor, self._base
+        folded: list[str] = []
         if mark is None:
             _check_key(key)
-            if len(self._marks) >= self.max_entries:
-                raise Overloaded(f"offset reservation table is full ({self.max_entries} streams)")
             mark = self._floor
             if end <= mark:
-                # Nothing at or above the floor was issued for a key the table does
-                # not know; no entry is needed yet.
+                # Streams without an entry issue below the floor without a write.
                 return False
+            if len(self._marks) >= self.max_entries:
+                folded = self._idle(len(self._marks) + 1 - self.max_entries)
+                marks = {k: m for k, m in self._marks.items() if k not in folded}
+                base = max([base, *(self._marks[k] for k in folded)])
+                floor = self._floor_above(base)
         if end - mark > self.block:
             raise BadRequest(f"cannot reserve {end - mark} offsets at once (block is {self.block})")
         new_mark = (end // self.block + 1) * self.block
@@ -338,31 +368,52 @@ class OffsetReservations:
             if end > MAX_OFFSET:
                 raise BadRequest("stream offset space exhausted")
             new_mark = MAX_OFFSET
-        marks = dict(self._marks)
+        marks = dict(marks)
         marks[key] = new_mark
-        self._write(marks, self._floor)
+        self._write(marks, floor)
+        # Written: the folded streams now start above their marks like any new stream.
+        self._base = base
+        for gone in folded:
+            self._starts.pop(gone, None)
+        self.folded += len(folded)
         return True
 
-    def remove(self, key: str) -> bool:
-        """Forget ``key`` (its stream was deleted); return whether it was known.
+    def _idle(self, count: int) -> list[str]:
+        """``count`` keys of streams not in memory, to fold into the floor: the lowest
+        marks first (the floor rises least)."""
+        idle = sorted((m, k) for k, m in self._marks.items() if not self.in_use(k))
+        if len(idle) < count:
+            raise Overloaded(
+                f"offset reservation table is full: {len(self._marks)} streams in memory hold "
+                f"an entry (limit {self.max_entries}, --max-streams-per-shard)"
+            )
+        return [key for _, key in idle[:count]]
 
-        The floor rises to the key's mark, so a stream later created under any
-        unknown key, this one included, starts above every offset this one issued.
-        Writes the file.
+    def _floor_above(self, base: int) -> int:
+        """The floor once new streams start at ``base``: a block of room above it."""
+        return self._floor if base < self._floor else min(base + self.block, MAX_OFFSET)
+
+    def remove(self, key: str, issued_end: int = 0) -> bool:
+        """Forget ``key`` (its stream was deleted); return whether it had an entry.
+
+        ``issued_end`` is the offset after the last one the stream issued. Streams
+        created later, this one again included, start above every offset it issued
+        (for a stream with an entry, above its mark, written to the file).
 
         Raises:
             Unavailable: the file could not be written; nothing changed.
         """
+        self._starts.pop(key, None)
         mark = self._marks.get(key)
         if mark is None:
-            self._starts.pop(key, None)
+            # It issued below the durable floor: only this process's start moves up.
+            self._base = max(self._base, issued_end)
             return False
         marks = dict(self._marks)
         del marks[key]
-        floor = max(self._floor, mark)
-        self._write(marks, floor)
-        self._floor = floor
-        self._starts.pop(key, None)
+        base = max(self._base, mark)
+        self._write(marks, self._floor_above(base))
+        self._base = base
         return True
 
     # -- file I/O ------------------------------------------------------------------
@@ -410,10 +461,13 @@ class OffsetReservations:
             except OSError as exc:
                 raise FelixError(f"cannot move corrupt {self.path} aside: {exc}") from exc
         self.recovered = True
+        # A lost write may have folded or removed any entry, raising the floor to
+        # just above its mark: start new streams above every mark .bak knows.
+        top = max([bak.floor, *bak.marks.values()])
         return _Snapshot(
             bak.generation + 1,
             self.block,
-            min(bak.floor + margin, MAX_OFFSET),
+            min(top + margin, MAX_OFFSET),
             {key: min(mark + margin, MAX_OFFSET) for key, mark in bak.marks.items()},
         )
 

@@ -2,9 +2,11 @@
 
 The control plane stores specs as plain JSON (felix/control/model.py); a shard
 turns them into :class:`StreamSettings` and :class:`CacheSettings` here, against
-the node's defaults. Settings a shard does not act on yet (durability, retention
-by age, fsync, queue defaults, region) are stored by the control plane and
-ignored here; ``unsupported`` names them so the node can say so in its log.
+the node's defaults, and a tenant's quotas into its :class:`TenantQuota` on one
+shard. Settings a shard does not act on (durability, retention by age, fsync,
+queue defaults) are refused by the control plane when a create or update sets
+them (felix/control/quotas.py); resources stored before that was so may still
+carry them, and ``unsupported`` names them so the node can say so in its log.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from felix.shard.cache import CacheSettings
 from felix.shard.stream_log import RECORD_OVERHEAD, StreamSettings
+from felix.shard.tenants import TenantQuota
 
 log = logging.getLogger("felix.shard")
 
@@ -45,11 +48,34 @@ def cache_settings(spec: dict[str, Any], defaults: CacheSettings, shards: int) -
     )
 
 
+def tenant_quota(spec: dict[str, Any], node: TenantQuota, shards: int) -> TenantQuota:
+    """A tenant's quota on one shard: its node-wide memory quota split over the shards.
+
+    ``node`` is the node's default (``--tenant-memory-quota``, node-wide, and
+    ``--tenant-max-resources``, per shard), used for what the tenant leaves unset.
+    """
+    memory = spec.get("memory_quota_bytes") or node.memory_bytes
+    max_resources = spec.get("max_resources_per_shard") or node.max_resources
+    return TenantQuota(max(int(memory) // shards, 1), int(max_resources))
+
+
+#: Stream settings the node does not honour: the only value a create or update may
+#: set (felix/control/quotas.py refuses others), and why.
+UNHONOURED: dict[str, tuple[Any, str]] = {
+    "durable": (False, "durable streams are not implemented: streams are held in memory"),
+    "fsync": ("none", "nothing of a stream is written to disk, so there is nothing to fsync"),
+    "retention_age_s": (
+        None,
+        "retention by age is not implemented (use replay_max_records, "
+        "replay_max_bytes or retention_bytes)",
+    ),
+}
+
+
 def unsupported(spec: dict[str, Any]) -> list[str]:
-    """Stream settings this node stores but does not honour yet."""
-    out = []
-    if spec.get("durable"):
-        out.append("durable (streams are in memory)")
-    if spec.get("retention_age_s"):
-        out.append("retention_age_s (retention is by records and bytes)")
-    return out
+    """Settings of a stream spec this node does not honour (stored before they were refused)."""
+    return [
+        f"{name}={spec[name]!r} ({why})"
+        for name, (allowed, why) in UNHONOURED.items()
+        if spec.get(name, allowed) != allowed
+    ]

@@ -19,6 +19,7 @@ from felix.control.api.context import ControlContext, NodeInfo, TokenAuth
 from felix.control.api.problems import install
 from felix.control.api.security import declare_security, route_access
 from felix.control.limits import HttpLimits
+from felix.control.quotas import NodeQuotas
 from felix.control.schemas import NAME_DESCRIPTION, Problem
 from felix.control.store import Store
 
@@ -71,6 +72,7 @@ def create_app(
     admin_token: str | None = None,
     require_auth: bool = False,
     limits: HttpLimits | None = None,
+    quotas: NodeQuotas | None = None,
 ) -> FastAPI:
     """The control-plane API over ``store``.
 
@@ -98,6 +100,9 @@ def create_app(
     ``limits``: the body's size and time limits (default :class:`HttpLimits`); serve
     the app with :func:`felix.control.api.serving.server_config` and the same limits
     for the connection limits.
+
+    ``quotas``: the node memory that budgets and tenant quotas are checked against
+    (felix/control/quotas.py; default: the defaults of ``felix up``).
     """
     if admin_token is not None and not admin_token:
         raise ValueError("admin_token must not be empty")
@@ -123,6 +128,7 @@ def create_app(
         admin_token,
         require_auth,
         limits or HttpLimits(),
+        quotas or NodeQuotas(),
     )
     for router in ROUTERS:
         app.include_router(router)

@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from felix.auth.minting import TenantKeys
 from felix.auth.oidc import JwksCache
 from felix.control.limits import HttpLimits
+from felix.control.quotas import NodeQuotas
 from felix.control.store import Store
 from felix.errors import Unavailable
 
@@ -40,6 +41,7 @@ class ControlContext:
     admin_token: str | None = None
     require_auth: bool = False
     limits: HttpLimits = field(default_factory=HttpLimits)
+    quotas: NodeQuotas = field(default_factory=NodeQuotas)
 
     def node(self) -> dict[str, Any]:
         return self.node_info() if callable(self.node_info) else dict(self.node_info)

@@ -31,6 +31,7 @@ from felix.control.api.context import ContextDep, ControlContext
 from felix.control.api.guard import GuardedRoute
 from felix.control.api.problems import errors
 from felix.control.model import PARENT, Path, Resource, ResourceKind, check_path
+from felix.control.quotas import check_write
 from felix.control.schemas import (
     COLLECTIONS,
     IF_MATCH_MAX_CHARS,
@@ -260,6 +261,7 @@ class _Operations:
             spec = body.model_dump(mode="json", exclude={"name"}, exclude_unset=True)
             if self.rk.regional:
                 _check_region(ctx, spec)
+            await check_write(ctx.store, ctx.quotas, self.kind, path, spec)
             res = await ctx.store.create(self.kind, path, spec)
         except FelixError as exc:
             audit_change("create", self.kind, path, exc)
@@ -292,6 +294,7 @@ class _Operations:
             if self.rk.regional:
                 _check_region(ctx, patch)
             if_version = await _if_version(ctx, self.kind, path, if_match)
+            await check_write(ctx.store, ctx.quotas, self.kind, path, patch, update=True)
             res = await ctx.store.update(self.kind, path, patch, if_version=if_version)
         except FelixError as exc:
             audit_change("update", self.kind, path, exc)

@@ -9,6 +9,7 @@ from felix import ipc
 from felix.control.model import Kind
 from felix.control.stores.memory import MemoryStore
 from felix.node.control import ControlFollower, StoreFeed
+from felix.node.messages import ApplyResource
 from tests.aio import run
 
 SHARDS = 3
@@ -24,7 +25,11 @@ async def _store(**kw: Any) -> MemoryStore:
 
 def _follower(store: MemoryStore) -> tuple[ControlFollower, list[tuple[int, dict[str, Any]]]]:
     sent: list[tuple[int, dict[str, Any]]] = []
-    return ControlFollower(StoreFeed(store), SHARDS, lambda s, cmd: sent.append((s, cmd))), sent
+
+    def send(m: ApplyResource) -> None:
+        sent.append((m.shard, {"cmd": m.op, "kind": m.kind, "path": m.path, "spec": m.spec}))
+
+    return ControlFollower(StoreFeed(store), SHARDS, send), sent
 
 
 async def _until(predicate: Any) -> None:
@@ -117,7 +122,7 @@ def test_follower_keeps_retrying_while_the_control_plane_is_away() -> None:
         store = await _store()
         await store.create(Kind.STREAM, ("acme", "prod", "s"), {})
         sent: list[Any] = []
-        follower = ControlFollower(Flaky(store), SHARDS, lambda s, c: sent.append(c))
+        follower = ControlFollower(Flaky(store), SHARDS, sent.append)
         task = asyncio.create_task(follower.run())
         await asyncio.wait_for(follower.seeded.wait(), 10)
         assert len(sent) == 1

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from felix import wire
+from felix.node.datadir import ring_prefix
 from tests.aio import run
 from tests.nodeproc import NodeProcess
 from tests.rawquic import RawPeer, raw_connect
@@ -25,7 +26,7 @@ def node(tmp_path: Path) -> Iterator[NodeProcess]:
     n = NodeProcess(tmp_path / "node")
     yield n
     n.stop()
-    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"felix-{n.info['pid']}-")]
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(ring_prefix(n.data_dir))]
 
 
 def test_health_endpoints_and_node_json(node: NodeProcess) -> None:

@@ -748,7 +748,10 @@ def test_metrics_export_only_known_stats_whatever_a_child_reports() -> None:
         restarts=0,
         stats={"requests": 5, f"tenant:{B}": 3, f"{B}_requests": 4, "streams": 2},
     )
-    server = HealthServer(SimpleNamespace(children=[child], ready=lambda: True))  # type: ignore[arg-type]
+    node = SimpleNamespace(
+        children=[child], readiness=lambda: (True, []), supervisor_counters=lambda: []
+    )
+    server = HealthServer(node)
     status, _, body = server._route("GET", "/metrics")
     text = body.decode()
     assert status == "200 OK"

@@ -20,13 +20,14 @@ import random
 import ssl
 from collections.abc import Callable, Generator, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import uvicorn
 
 from felix import ipc
 from felix.control.model import Change, Kind, Op, Resource
 from felix.control.store import CursorTooOld, Store
+from felix.node.messages import ApplyResource
 
 log = logging.getLogger("felix.control.follower")
 
@@ -89,7 +90,8 @@ class HttpFeed:
         return await asyncio.to_thread(self._client.changes, since, limit, wait)
 
 
-Send = Callable[[int, dict[str, Any]], None]
+#: Delivers one resource change to the process that holds the shard it names.
+Send = Callable[[ApplyResource], None]
 
 
 class ControlFollower:
@@ -105,7 +107,7 @@ class ControlFollower:
     ) -> None:
         self._source = source
         self._shards = shards
-        self._send = send  # (shard index, command) -> None
+        self._send = send
         # on_tenants(all tenants): called after a seed and each tenant created or
         # deleted (the JWKS sync of a node following a remote control plane).
         self._on_tenants = on_tenants
@@ -189,18 +191,22 @@ class ControlFollower:
             self.resources[key] = r.spec
             self._apply("define", r.kind, key[1], r.spec)
 
-    def _apply(self, cmd: str, kind: Kind, path: tuple[str, ...], spec: dict[str, Any]) -> None:
+    def _apply(
+        self,
+        op: Literal["define", "delete"],
+        kind: Kind,
+        path: tuple[str, ...],
+        spec: dict[str, Any],
+    ) -> None:
         self.applied += 1
         for shard in self.targets(kind, path):
-            self._send(shard, {"cmd": cmd, "kind": kind.value, "path": list(path), "spec": spec})
+            self._send(ApplyResource(op, kind.value, list(path), shard, spec))
 
     def replay(self, shard: int) -> None:
         """Define everything ``shard`` owns again (it restarted with nothing)."""
         for (kind, path), spec in self.resources.items():
             if shard in self.targets(kind, path):
-                self._send(
-                    shard, {"cmd": "define", "kind": kind.value, "path": list(path), "spec": spec}
-                )
+                self._send(ApplyResource("define", kind.value, list(path), shard, spec))
 
 
 class _QuietServer(uvicorn.Server):

@@ -157,6 +157,8 @@ class Supervisor:
     async def run(self) -> int:
         # First of all: no other node may use this data dir (raises DataDirInUse).
         self._lock = DataDirLock.acquire(self.config.data_dir)
+        # A node.json there describes a node that is gone (killed): not this one.
+        (self.config.data_dir / "node.json").unlink(missing_ok=True)
         soft, hard = raise_nofile_limit()
         log.info("descriptor limit %d (hard %d)", soft, hard)
         self._fd_reserve = FdReserve()

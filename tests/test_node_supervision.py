@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from felix import wire
@@ -257,4 +258,46 @@ def test_kill_9_of_the_supervisor_takes_its_children_and_the_next_start_reclaims
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        node.stop()
+
+
+def test_the_control_plane_failing_never_takes_the_data_plane_down(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path / "node", "--heartbeat-timeout", "6s", gateways=1, shards=2)
+    api = httpx.Client(base_url=node.info["control"], timeout=10)
+    streams = "/v1/tenants/default/namespaces/default/streams"
+
+    def defined_streams() -> float:
+        return node.metric("felix_streams")
+
+    try:
+        assert api.post(streams, json={"name": "before"}).status_code == 201
+        _until(lambda: defined_streams() >= 1, 20, "the stream to reach a shard", node)
+        # Crashed: the data plane serves, the node stays ready, /readyz says what is wrong.
+        old = node.kill_child("control-0")
+        _serves(node)
+        status, body = node.http("/readyz")
+        assert status == 200, body
+        node.wait_restarted("control-0", old, timeout=30)
+        # Frozen (as a process thrashing or stuck would be): the same, then it is replaced.
+        frozen = int(node.refresh()["processes"]["control-0"])
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+
+            def reported() -> bool:
+                status, body = node.http("/readyz")
+                return status == 200 and "control-0: unresponsive" in body
+
+            _until(reported, 20, "/readyz to report the frozen control process", node)
+            _serves(node)
+            node.wait_restarted("control-0", frozen, timeout=30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen, signal.SIGKILL)
+        # The new control process serves on the same port and the node follows it again.
+        _until(lambda: node.http("/readyz") == (200, "ready\n"), 30, "/readyz ready", node)
+        assert api.post(streams, json={"name": "after"}).status_code == 201
+        _until(lambda: defined_streams() >= 2, 30, "the new stream to reach a shard", node)
+        assert node.info["pid"] == node.refresh()["pid"]  # the supervisor never went away
+    finally:
+        api.close()
         node.stop()

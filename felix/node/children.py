@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from felix.errors import RemoteProtocolError
@@ -23,7 +24,7 @@ log = logging.getLogger("felix.supervisor")
 
 @dataclass
 class Child:
-    role: str  # "shard" | "gateway"
+    role: str  # "shard" | "gateway" | "control"
     index: int
     heartbeat: Heartbeat
     backoff: RestartBackoff = field(default_factory=RestartBackoff)
@@ -42,14 +43,24 @@ class Child:
     #: Whether the heartbeat found it silent at the last check (logged once per silence).
     unresponsive: bool = False
     stats: dict[str, int] = field(default_factory=dict)
+    #: Gets the control process's answers to feed requests (felix/node/control.py).
+    on_feed_event: Callable[[msg.Event], None] | None = None
 
     @property
     def name(self) -> str:
         return f"{self.role}-{self.index}"
 
-    def send(self, message: msg.Command) -> None:
-        if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(msg.encode(message))
+    @property
+    def serves_data(self) -> bool:
+        """Whether the data plane needs it (the control process: only for changes)."""
+        return self.role != "control"
+
+    def send(self, message: msg.Command) -> bool:
+        """Queue ``message`` to the running incarnation; False if there is none."""
+        if self.writer is None or self.writer.is_closing():
+            return False
+        self.writer.write(msg.encode(message))
+        return True
 
     def status(self, now: float) -> str | None:
         """What /readyz says about this child (None: serving)."""
@@ -97,3 +108,5 @@ class Child:
             self.drained.set()
         elif isinstance(event, msg.Stats):
             self.stats = {k: v for k, v in event.counters.items() if isinstance(v, int)}
+        elif self.on_feed_event is not None and isinstance(event, msg.Event):
+            self.on_feed_event(event)

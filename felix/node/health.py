@@ -3,9 +3,11 @@
 A deliberately small HTTP/1.1 responder on asyncio streams: three GET routes,
 bounded request size, one response per connection. /livez never checks
 dependencies (a wedged supervisor cannot answer at all); /readyz is false until
-every child is ready, while a child is restarting or unresponsive, and while
-draining, and its body names each reason (``not ready`` then one line per
-problem, e.g. ``shard-1: restart failing (attempt 4): ...``); /metrics exports
+every shard and gateway is ready, while one is restarting or unresponsive, and
+while draining; its body is ``ready`` or ``not ready`` and then one line per
+problem, e.g. ``shard-1: restart failing (attempt 4): ...`` (the control
+process's problems are listed too, but do not make the node unready: the data
+plane serves without it); /metrics exports
 the counters every child reports each second, labelled by role and index.
 
 Bounds: a request head of :data:`MAX_REQUEST_BYTES` read within
@@ -192,9 +194,9 @@ class HealthServer:
             return "200 OK", "text/plain", b"ok\n"
         if path == "/readyz":
             ready, problems = self._node.readiness()
+            text = "".join(f"{line}\n" for line in ["ready" if ready else "not ready", *problems])
             if ready:
-                return "200 OK", "text/plain", b"ready\n"
-            text = "".join(f"{line}\n" for line in ["not ready", *problems])
+                return "200 OK", "text/plain", text.encode()
             return "503 Service Unavailable", "text/plain", text.encode()
         if path == "/metrics":
             return "200 OK", "text/plain; version=0.0.4", generate_latest(self._registry)

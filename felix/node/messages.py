@@ -24,9 +24,9 @@ from typing import Any, ClassVar, Literal
 
 from felix.errors import RemoteProtocolError
 
-#: Longest message line either end reads (a resource definition with its spec is the
-#: largest message; specs are small JSON objects).
-MAX_LINE_BYTES = 1 << 20
+#: Longest message line either end reads: a snapshot part is the largest message
+#: (:data:`SNAPSHOT_PART_BYTES` of resources, or one resource larger than that).
+MAX_LINE_BYTES = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +90,25 @@ class Ping(_Message):
     seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotRequest(_Message):
+    """To the control process: send the store's snapshot (as :class:`SnapshotPart` s)."""
+
+    TYPE: ClassVar[str] = "snapshot"
+    request: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChangesRequest(_Message):
+    """To the control process: the feed after ``since`` (waiting up to ``wait`` s for one)."""
+
+    TYPE: ClassVar[str] = "changes"
+    request: int
+    since: int
+    limit: int
+    wait: float
+
+
 # -- child to supervisor ------------------------------------------------------------------
 
 
@@ -124,8 +143,46 @@ class Pong(_Message):
     seq: int
 
 
-Command = ShardDown | ShardUp | Quiesce | Drain | ApplyResource | Ping
-Event = Ready | Quiesced | Drained | Stats | Pong
+#: Bytes of resource JSON per :class:`SnapshotPart`.
+SNAPSHOT_PART_BYTES = 256 << 10
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotPart(_Message):
+    """From the control process: part of a snapshot (``Resource`` JSON objects); the
+    last part has ``done`` set. ``position``: the feed position the snapshot reflects."""
+
+    TYPE: ClassVar[str] = "snapshot_part"
+    request: int
+    position: int
+    resources: list[dict[str, Any]]
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChangesReply(_Message):
+    """From the control process: ``Change`` JSON objects and the position to ask from next."""
+
+    TYPE: ClassVar[str] = "changes_reply"
+    request: int
+    changes: list[dict[str, Any]]
+    next_position: int
+
+
+@dataclass(frozen=True, slots=True)
+class FeedFailed(_Message):
+    """From the control process: a feed request failed (``cursor_too_old``: re-snapshot)."""
+
+    TYPE: ClassVar[str] = "feed_failed"
+    request: int
+    error: str
+    cursor_too_old: bool = False
+
+
+Command = (
+    ShardDown | ShardUp | Quiesce | Drain | ApplyResource | Ping | SnapshotRequest | ChangesRequest
+)
+Event = Ready | Quiesced | Drained | Stats | Pong | SnapshotPart | ChangesReply | FeedFailed
 Message = Command | Event
 
 _TYPES: dict[str, type[Any]] = {
@@ -137,11 +194,16 @@ _TYPES: dict[str, type[Any]] = {
         Drain,
         ApplyResource,
         Ping,
+        SnapshotRequest,
+        ChangesRequest,
         Ready,
         Quiesced,
         Drained,
         Stats,
         Pong,
+        SnapshotPart,
+        ChangesReply,
+        FeedFailed,
     )
 }
 #: Field name -> the JSON types its value may have (ints are accepted as floats).
@@ -155,6 +217,17 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "path": (list,),
     "spec": (dict,),
     "counters": (dict,),
+    "request": (int,),
+    "since": (int,),
+    "limit": (int,),
+    "wait": (int, float),
+    "position": (int,),
+    "resources": (list,),
+    "changes": (list,),
+    "next_position": (int,),
+    "done": (bool,),
+    "error": (str,),
+    "cursor_too_old": (bool,),
 }
 
 
@@ -180,7 +253,8 @@ def decode(line: bytes) -> Message:
                 raise RemoteProtocolError(f"{cls.TYPE} message without {f.name!r}")
             continue
         value = raw[f.name]
-        if isinstance(value, bool) or not isinstance(value, _JSON_TYPES[f.name]):
+        types = _JSON_TYPES[f.name]
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             raise RemoteProtocolError(f"{cls.TYPE} message: bad {f.name!r}")
         values[f.name] = value
     if cls is ApplyResource:
@@ -195,11 +269,15 @@ def decode(line: bytes) -> Message:
 
 __all__ = [
     "MAX_LINE_BYTES",
+    "SNAPSHOT_PART_BYTES",
     "ApplyResource",
+    "ChangesReply",
+    "ChangesRequest",
     "Command",
     "Drain",
     "Drained",
     "Event",
+    "FeedFailed",
     "Message",
     "Ping",
     "Pong",
@@ -208,6 +286,8 @@ __all__ = [
     "Ready",
     "ShardDown",
     "ShardUp",
+    "SnapshotPart",
+    "SnapshotRequest",
     "Stats",
     "decode",
     "encode",

@@ -38,15 +38,11 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from felix.auth.files import admin_token
 from felix.auth.rotation import KeyRotator, RotationPolicy
-from felix.control.model import Kind
-from felix.control.store import AlreadyExists, Store
-from felix.control.stores import open_store
 from felix.node import messages as msg
 from felix.node.children import Child
 from felix.node.config import NodeConfig, is_loopback
-from felix.node.control import ControlFollower, EmbeddedControl, FeedSource, HttpFeed, StoreFeed
+from felix.node.control import ChildFeed, ControlFollower, FeedSource, HttpFeed
 from felix.node.datadir import DataDirLock, reclaim_rings, ring_prefix
 from felix.node.fds import FdReserve, raise_nofile_limit
 from felix.node.health import HealthServer
@@ -89,14 +85,16 @@ class Supervisor:
         self._fd_reserve: FdReserve | None = None
         self.health: HealthServer | None = None
         self.follower: ControlFollower | None = None
-        self.control: EmbeddedControl | None = None
+        # The embedded control plane: its process, its listening socket, its feed.
+        self.control_child: Child | None = None
+        self._control_sock: socket.socket | None = None
+        self._control_feed: ChildFeed | None = None
         # Keys: the JWKS sync (following a remote control plane) or the scheduled
         # rotation (embedding one), with --auth; both stop at drain.
         self.jwks_sync: JwksSync | None = None
         self.key_rotator: KeyRotator | None = None
         self._jwks_fetcher: HttpJwksFetcher | None = None
         self._key_tasks: list[asyncio.Task[None]] = []
-        self._control_store: Store | None = None
         self.port = 0
         self.ca_path: Path | None = None
 
@@ -106,7 +104,8 @@ class Supervisor:
 
     @property
     def children(self) -> list[Child]:
-        return [*self.shards, *self.gateways]
+        control = [] if self.control_child is None else [self.control_child]
+        return [*self.shards, *self.gateways, *control]
 
     def ready(self) -> bool:
         return self.readiness()[0]
@@ -119,11 +118,12 @@ class Supervisor:
         if self.follower is None or not self.follower.seeded.is_set():
             problems.append("control plane: not seeded yet")
         now = time.monotonic()
+        degraded: list[str] = []  # the control process: changes wait, the data plane serves
         for child in self.children:
             status = child.status(now)
             if status is not None:
-                problems.append(f"{child.name}: {status}")
-        return not problems, problems
+                (problems if child.serves_data else degraded).append(f"{child.name}: {status}")
+        return not problems, problems + degraded
 
     def supervisor_counters(self) -> list[tuple[str, str, int]]:
         """(metric name, help, value) of the supervisor's own counters."""
@@ -198,11 +198,11 @@ class Supervisor:
         for child in self.shards:
             await self._start_child(child)
         await self._wait_ready(self.shards)
-        await self._start_control(certs.server_cert, certs.server_key)
+        await self._start_control()
         for child in self.gateways:
             await self._start_child(child)
         await self._wait_ready(self.gateways)
-        for child in self.children:
+        for child in [*self.shards, *self.gateways]:
             self._background(self._supervise(child))
         self._background(self._heartbeats())
         self._write_node_json()
@@ -220,7 +220,7 @@ class Supervisor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _start_control(self, cert: Path, key: Path) -> None:
+    async def _start_control(self) -> None:
         """Serve (or reach) the control plane and seed the shards before gateways start."""
         config = self.config
         source: FeedSource
@@ -249,31 +249,18 @@ class Supervisor:
                 on_tenants = self.jwks_sync.set_tenants
                 self._start_key_task(self.jwks_sync.run())
         else:
-            url = config.control_store or f"sqlite:///{config.data_dir / 'control.db'}"
-            self._control_store = open_store(url)
-            await self._control_store.open()
-            await _ensure_default_namespace(self._control_store)
+            # The control plane runs in a process of its own (felix/node/control_process.py):
+            # the supervisor keeps its port and follows it over its control socket.
             host, port = config.control
-            # HTTPS beyond loopback, and whenever clients must present certificates.
-            tls = None
-            if not is_loopback(host) or config.control_client_ca is not None:
-                tls = (cert, key)
-            # With --auth the API needs a token: the bootstrap admin one is in the data dir.
-            # The follower below reads the store directly, so it needs none.
-            admin = admin_token(config.data_dir / "admin-token") if config.auth else None
-            self.control = EmbeddedControl(
-                self._control_store,
-                host,
-                port,
-                tls=tls,
-                client_ca=config.control_client_ca,
-                node_info=self.node_info,
-                keys_dir=config.data_dir / "auth",
-                admin_token=admin,
-                require_auth=config.auth,
-            )
-            await self.control.start()
-            source = StoreFeed(self._control_store)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self._control_sock = socket.create_server((host, port), family=family, backlog=1024)
+            child = self.control_child = self._child("control", 0)
+            feed = ChildFeed(child.send)
+            child.on_feed_event = feed.on_event
+            self._control_feed = source = feed
+            await self._start_child(child)
+            await self._wait_ready([child])
+            self._background(self._supervise(child))
             if config.auth and config.key_rotation_interval > 0:
                 # This process owns the rings in DATA_DIR/auth: rotate them on schedule.
                 policy = RotationPolicy(config.key_rotation_interval, config.key_publish_lead)
@@ -334,7 +321,7 @@ class Supervisor:
         def specs(rings: list[Ring]) -> list[RingSpec]:
             return [RingSpec(r.name, r.doorbell_fd) for r in rings]
 
-        if self.config.embedded_shards:
+        if self.config.embedded_shards or child.role == "control":
             inbound, outbound = [], []
         elif child.role == "shard":
             inbound = [self._req[g][child.index] for g in range(self.config.gateways)]
@@ -371,10 +358,13 @@ class Supervisor:
             udp_fd = -1
             try:
                 fds = [child_end.fileno(), *self._doorbells]
+                # The child gets its own descriptor of its socket; the supervisor keeps
+                # the original open, so the port (and the reuseport group) outlive it.
                 if child.role == "gateway":
-                    # The child gets its own descriptor of the socket; the supervisor keeps
-                    # the original open, so the port and the reuseport group outlive it.
                     udp_fd = os.dup(self._sockets[child.index].fileno())
+                elif child.role == "control" and self._control_sock is not None:
+                    udp_fd = os.dup(self._control_sock.fileno())
+                if udp_fd >= 0:
                     fds.append(udp_fd)
                 spec = self._spec(child, child_end.fileno(), udp_fd)
                 env = dict(os.environ, **{SPEC_ENV: spec.to_json()})
@@ -407,6 +397,8 @@ class Supervisor:
             if proc is None:  # pragma: no cover - a supervised child was started
                 return
             code = await proc.wait()
+            if child.role == "control" and self._control_feed is not None:
+                self._control_feed.lost()
             if self._stopping:
                 return
             why = child.kill_reason or f"exited with {code}"
@@ -454,7 +446,10 @@ class Supervisor:
             )
         child.problem = None
         if self.follower is not None:
-            if child.role == "shard":
+            if child.role == "control":
+                # A store in memory starts over empty: compare, don't assume.
+                self.follower.resync()
+            elif child.role == "shard":
                 self.follower.replay(child.index)
             elif self.config.embedded_shards:  # its shard cores restarted with it
                 for shard in range(self.config.shards):
@@ -550,6 +545,8 @@ class Supervisor:
         await self._reap(timeout=max(grace / 2, 2.0))
         if self.health is not None:
             await self.health.stop()
+        if self._control_sock is not None:
+            self._control_sock.close()
         for task in self._key_tasks:
             task.cancel()
         for task in self._key_tasks:
@@ -557,10 +554,6 @@ class Supervisor:
                 await task
         if self._jwks_fetcher is not None:
             await self._jwks_fetcher.aclose()
-        if self.control is not None:
-            await self.control.stop()
-        if self._control_store is not None:
-            await self._control_store.close()
 
     async def _reap(self, timeout: float) -> None:
         procs = [c.proc for c in self.children if c.proc is not None and c.proc.returncode is None]
@@ -613,27 +606,24 @@ class Supervisor:
         }
 
     def _control_url(self) -> str | None:
-        if self.control is not None:
-            return f"{self.control.scheme}://{_fmt(*self.control.address)}"
+        if self._control_sock is not None:
+            host = self.config.control[0]
+            https = not is_loopback(host) or self.config.control_client_ca is not None
+            port = self._control_sock.getsockname()[1]
+            return f"{'https' if https else 'http'}://{_fmt(host, port)}"
         return self.config.control_url
 
     def _write_node_json(self) -> None:
         path = self.config.data_dir / "node.json"
         tmp = path.with_suffix(".json.tmp")
+        # With the descriptor reserve freed: the write needs one, and runs synchronously.
+        reserve = self._fd_reserve.released() if self._fd_reserve else contextlib.nullcontext()
         try:
-            tmp.write_text(json.dumps(self.node_info(), indent=2) + "\n")
-            os.replace(tmp, path)
+            with reserve:
+                tmp.write_text(json.dumps(self.node_info(), indent=2) + "\n")
+                os.replace(tmp, path)
         except OSError as exc:  # e.g. no descriptor free: node.json is a report, not state
             log.warning("cannot write %s: %s", path, exc)
-
-
-async def _ensure_default_namespace(store: Store) -> None:
-    """A new embedded control plane starts with the ``default`` tenant and namespace,
-    the ones clients use when they name none."""
-    for kind, path in ((Kind.TENANT, ("default",)), (Kind.NAMESPACE, ("default", "default"))):
-        if await store.get(kind, path) is None:
-            with contextlib.suppress(AlreadyExists):
-                await store.create(kind, path, {})
 
 
 def _is_ip(host: str) -> bool:

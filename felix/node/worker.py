@@ -72,7 +72,7 @@ class RingSpec:
 
 @dataclass(frozen=True, slots=True)
 class ChildSpec:
-    role: str  # "gateway" | "shard"
+    role: str  # "gateway" | "shard" | "control"
     index: int
     incarnation: int
     config: NodeConfig
@@ -81,6 +81,8 @@ class ChildSpec:
     #: Rings this child writes, by peer index.
     outbound: list[RingSpec]
     control_fd: int
+    #: The socket this child serves on: a gateway's UDP socket, the control process's
+    #: TCP listener (-1: none).
     udp_fd: int = -1
     #: The supervisor's pid: a child whose parent is already another process exits.
     supervisor_pid: int = 0
@@ -247,7 +249,7 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
         if isinstance(cmd, msg.ApplyResource):
             apply_resource(core, config, cmd, send_out)
 
-    await _serve_commands(
+    await serve_commands(
         control,
         lambda: {
             **stats,
@@ -375,12 +377,12 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
             "permission_denials": gateway.permission_denials,
         }
 
-    await _serve_commands(control, stats, on_command)
+    await serve_commands(control, stats, on_command)
     server.close()
     links.close()
 
 
-async def _serve_commands(
+async def serve_commands(
     control: ControlChannel,
     stats: Callable[[], dict[str, int]],
     on_command: Callable[[msg.Command], Awaitable[None] | None],
@@ -448,6 +450,10 @@ def main() -> None:
         await control.open()
         if spec.role == "shard":
             await run_shard(spec, control)
+        elif spec.role == "control":
+            from felix.node.control_process import run_control
+
+            await run_control(spec, control)
         else:
             await run_gateway(spec, control)
 

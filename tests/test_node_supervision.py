@@ -98,6 +98,31 @@ def _half_open(port: int, count: int) -> Iterator[list[socket.socket]]:
             s.close()
 
 
+def _freeze_until_replaced(
+    node: NodeProcess,
+    name: str,
+    status: int,
+    report: str,
+    while_frozen: Callable[[], None] = lambda: None,
+) -> None:
+    """SIGSTOP child ``name``; /readyz must answer ``status`` with ``report`` in its
+    body, then the supervisor must replace the child."""
+    pid = int(node.refresh()["processes"][name])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+
+        def reported() -> bool:
+            got, body = node.http("/readyz")
+            return got == status and report in body
+
+        _until(reported, 20, f"/readyz to report the frozen {name}", node)
+        while_frozen()
+        node.wait_restarted(name, pid, timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -178,20 +203,8 @@ def test_a_failing_restart_is_retried_reported_and_recovers(tmp_path: Path) -> N
 def test_a_frozen_shard_is_reported_then_killed_and_restarted(tmp_path: Path) -> None:
     node = NodeProcess(tmp_path / "node", "--heartbeat-timeout", "6s", gateways=1, shards=2)
     try:
-        pid = int(node.info["processes"]["shard-1"])
-        os.kill(pid, signal.SIGSTOP)
-        try:
-
-            def reported() -> bool:
-                status, body = node.http("/readyz")
-                return status == 503 and "shard-1: unresponsive: no heartbeat for" in body
-
-            _until(reported, 20, "/readyz to report the frozen shard", node)
-            assert "shard-0" not in node.http("/readyz")[1]
-            node.wait_restarted("shard-1", pid, timeout=30)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _freeze_until_replaced(node, "shard-1", 503, "shard-1: unresponsive: no heartbeat for")
+        assert "shard-0" not in node.http("/readyz")[1]
         assert "stopped answering" in node.log()
         _until(lambda: node.http("/readyz") == (200, "ready\n"), 30, "/readyz ready", node)
         _serves(node)
@@ -279,20 +292,9 @@ def test_the_control_plane_failing_never_takes_the_data_plane_down(tmp_path: Pat
         assert status == 200, body
         node.wait_restarted("control-0", old, timeout=30)
         # Frozen (as a process thrashing or stuck would be): the same, then it is replaced.
-        frozen = int(node.refresh()["processes"]["control-0"])
-        os.kill(frozen, signal.SIGSTOP)
-        try:
-
-            def reported() -> bool:
-                status, body = node.http("/readyz")
-                return status == 200 and "control-0: unresponsive" in body
-
-            _until(reported, 20, "/readyz to report the frozen control process", node)
-            _serves(node)
-            node.wait_restarted("control-0", frozen, timeout=30)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(frozen, signal.SIGKILL)
+        _freeze_until_replaced(
+            node, "control-0", 200, "control-0: unresponsive", while_frozen=lambda: _serves(node)
+        )
         # The new control process serves on the same port and the node follows it again.
         _until(lambda: node.http("/readyz") == (200, "ready\n"), 30, "/readyz ready", node)
         assert api.post(streams, json={"name": "after"}).status_code == 201

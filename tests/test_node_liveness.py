@@ -87,10 +87,10 @@ def test_restart_backoff_doubles_to_its_bound_with_jitter_and_resets_when_health
     backoff = RestartBackoff(0.1, 1.0, healthy_after=30, uniform=_upper)
     delays = [backoff.delay(started_at=100, now=101) for _ in range(6)]
     assert delays == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]  # bounded, never given up
-    assert backoff.failures == 6
+    assert backoff.attempts == 6
     # A child that ran for healthy_after seconds starts over from the minimum.
     assert backoff.delay(started_at=100, now=131) == 0.1
-    assert backoff.failures == 1
+    assert backoff.attempts == 1
     jittered = RestartBackoff(0.1, 1.0, uniform=lambda a, b: a)
     assert [jittered.delay(0, 1) for _ in range(3)] == [0.05, 0.1, 0.2]  # the lower half
 

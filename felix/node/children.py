@@ -36,6 +36,8 @@ class Child:
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     started_at: float = 0.0
     restarts: int = 0
+    #: Replacements that could not be started or died (or hung) before they were ready.
+    failed_starts: int = 0
     #: Why the child is not serving right now (None: it is, or it is starting normally).
     problem: str | None = None
     #: Why the supervisor killed it (reported when it exits).

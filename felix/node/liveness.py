@@ -38,7 +38,8 @@ class RestartBackoff:
     #: uniform(a, b): the jitter source (seeded in tests).
     uniform: Callable[[float, float], float] = field(default=random.uniform, repr=False)
     _next: float = field(default=0.0, init=False)
-    failures: int = field(default=0, init=False)
+    #: Delays handed out since the last reset (consecutive restarts).
+    attempts: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.minimum <= self.maximum:
@@ -46,18 +47,18 @@ class RestartBackoff:
         self._next = self.minimum
 
     def delay(self, started_at: float, now: float) -> float:
-        """Seconds to wait before the next start of a child started at ``started_at``
-        that just died (or failed to start) at ``now``."""
+        """Seconds to wait before the next start of a child that has run since
+        ``started_at`` and just died (or whose start just failed) at ``now``."""
         if now - started_at >= self.healthy_after:
             self.reset()
         base = self._next
         self._next = min(self._next * 2, self.maximum)
-        self.failures += 1
+        self.attempts += 1
         return self.uniform(base / 2, base)
 
     def reset(self) -> None:
         self._next = self.minimum
-        self.failures = 0
+        self.attempts = 0
 
 
 class Health(enum.Enum):

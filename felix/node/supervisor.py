@@ -147,7 +147,7 @@ class Supervisor:
             (
                 "felix_child_restart_failures",
                 "Starts of a replacement child that failed (retried with backoff)",
-                sum(c.backoff.failures for c in self.children),
+                sum(c.failed_starts for c in self.children),
             )
         )
         return counters
@@ -385,9 +385,15 @@ class Supervisor:
     async def _start_child(self, child: Child) -> None:
         """Start an incarnation of ``child`` and read its events (raises OSError)."""
         parent_end = self._spawn(child)
-        reader, child.writer = await asyncio.open_unix_connection(
-            sock=parent_end, limit=msg.MAX_LINE_BYTES
-        )
+        try:
+            reader, child.writer = await asyncio.open_unix_connection(
+                sock=parent_end, limit=msg.MAX_LINE_BYTES
+            )
+        except OSError:
+            parent_end.close()
+            if child.proc is not None:
+                child.proc.kill()  # never leave an incarnation nobody talks to
+            raise
         self._background(child.read_events(reader))
 
     async def _supervise(self, child: Child) -> None:
@@ -419,31 +425,28 @@ class Supervisor:
         if child.role == "shard":
             for gateway in self.gateways:
                 gateway.send(msg.ShardDown(child.index))
+        # Only a child that ran counts as having been healthy: its failed replacements
+        # did not, so their retries keep backing off.
+        ran_since = child.started_at
+        attempt = 0
         while True:
-            delay = child.backoff.delay(child.started_at, time.monotonic())
+            delay = child.backoff.delay(ran_since, time.monotonic())
             await asyncio.sleep(delay)
             if self._stopping:
                 return
+            ran_since = time.monotonic()
+            attempt += 1
             try:
                 await self._start_child(child)
+                child.restarts += 1
+                failure = await self._ready_or_failure(child)
             except OSError as exc:
-                why = f"cannot start a replacement: {exc}"
-                log.error("%s: %s; retrying (attempt %d)", child.name, why, child.backoff.failures)
-                child.problem = f"restart failing (attempt {child.backoff.failures}): {exc}"
-                continue
-            child.restarts += 1
-            failure = await self._ready_or_failure(child)
+                failure = f"could not be started: {exc}"
             if failure is None:
                 break
-            log.error(
-                "%s: replacement %s; retrying (attempt %d)",
-                child.name,
-                failure,
-                child.backoff.failures,
-            )
-            child.problem = (
-                f"restart failing (attempt {child.backoff.failures}): replacement {failure}"
-            )
+            child.failed_starts += 1
+            log.error("%s: replacement %s; retrying (attempt %d)", child.name, failure, attempt)
+            child.problem = f"restart failing (attempt {attempt}): replacement {failure}"
         child.problem = None
         if self.follower is not None:
             if child.role == "control":

@@ -7,6 +7,10 @@ doorbell each, then starts the shards and the gateways as child processes
 lifetime, so a child that dies is replaced by one that re-attaches to the same
 resources: the kernel's reuseport group never changes (other gateways'
 connections are not rehashed) and the other processes never notice a new ring.
+The embedded control plane is a child too (``control-0``,
+felix/node/control_process.py): the supervisor keeps its listening socket and
+follows its store over the child's control socket, so nothing the control
+plane's clients do reaches the process that owns the rings.
 
 When a shard dies, every gateway is told at once (requests in flight to it fail
 with Unavailable, a retryable error) and again when its replacement is ready.

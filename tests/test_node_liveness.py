@@ -98,13 +98,20 @@ def test_restart_backoff_doubles_to_its_bound_with_jitter_and_resets_when_health
 def test_heartbeat_reports_silence_then_death_and_recovers_on_an_answer() -> None:
     beat = Heartbeat(unresponsive_after=3, kill_after=10)
     beat.start(now=100)
-    seq = beat.ping()
-    assert beat.health(102.9) is Health.OK
-    assert beat.health(103) is Health.UNRESPONSIVE
-    beat.pong(seq, now=104)
-    assert beat.health(106) is Health.OK
-    beat.pong(seq + 5, now=200)  # never sent: proves nothing
-    assert beat.health(114) is Health.DEAD
+    assert beat.health(150) is Health.OK  # no ping sent yet: nothing is owed
+    first = beat.ping(now=150)
+    assert beat.health(152.9) is Health.OK
+    beat.ping(now=151)
+    assert beat.health(153) is Health.UNRESPONSIVE  # counted from the oldest unanswered
+    beat.pong(first, now=153.5)  # an old answer: the later ping is still owed
+    assert beat.silent_for(154) == 3
+    beat.pong(first + 1, now=154)
+    assert beat.health(200) is Health.OK
+    beat.ping(now=200)
+    beat.pong(first + 7, now=201)  # never sent: proves nothing
+    assert beat.health(210) is Health.DEAD
+    beat.start(now=211)  # a new incarnation owes nothing
+    assert beat.health(230) is Health.OK
     with pytest.raises(ValueError):
         Heartbeat(unresponsive_after=5, kill_after=1)
 

@@ -10,10 +10,10 @@ ran for ``healthy_after`` seconds starts over from the minimum. The supervisor
 retries forever: it never gives up on a child.
 
 Heartbeat: the supervisor sends each ready child a ping every
-:data:`HEARTBEAT_INTERVAL` seconds; a child's event loop answers it. A child not
-heard from for ``unresponsive_after`` seconds is *unresponsive* (reported by
-/readyz, logged); after ``kill_after`` seconds it is *dead*: the supervisor kills
-it and the ordinary restart path replaces it.
+:data:`HEARTBEAT_INTERVAL` seconds; a child's event loop answers it. A child that
+leaves a ping unanswered for ``unresponsive_after`` seconds is *unresponsive*
+(reported by /readyz, logged); after ``kill_after`` seconds it is *dead*: the
+supervisor kills it and the ordinary restart path replaces it.
 """
 
 from __future__ import annotations
@@ -69,33 +69,43 @@ class Health(enum.Enum):
 
 @dataclass
 class Heartbeat:
-    """One child's heartbeat: when it was last heard from, and what that means now."""
+    """One child's heartbeat: how long a ping of ours has gone unanswered.
+
+    Silence counts from the oldest ping still unanswered (never from before the
+    first ping: a child is not blamed for pings the supervisor did not send).
+    """
 
     unresponsive_after: float = UNRESPONSIVE_AFTER
     kill_after: float = KILL_AFTER
     seq: int = 0
-    last_heard: float = 0.0
+    #: When the oldest unanswered ping was sent (None: every ping was answered).
+    waiting_since: float | None = None
+    last_ping_at: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.unresponsive_after <= self.kill_after:
             raise ValueError("need 0 < unresponsive_after <= kill_after")
 
     def start(self, now: float) -> None:
-        """The child became ready: its silence counts from now."""
-        self.last_heard = now
+        """A new incarnation became ready: nothing is owed yet."""
+        self.waiting_since = None
 
-    def ping(self) -> int:
-        """The sequence number of the next ping to send."""
+    def ping(self, now: float) -> int:
+        """Record a ping sent at ``now``; returns its sequence number."""
         self.seq += 1
+        self.last_ping_at = now
+        if self.waiting_since is None:
+            self.waiting_since = now
         return self.seq
 
     def pong(self, seq: int, now: float) -> None:
-        # Any answer proves the loop runs; an old one (seq < self.seq) still does.
-        if 0 < seq <= self.seq:
-            self.last_heard = max(self.last_heard, now)
+        if not 0 < seq <= self.seq:
+            return  # never sent: proves nothing
+        # An older answer proves the loop ran, but the pings after it are still owed.
+        self.waiting_since = None if seq == self.seq else self.last_ping_at
 
     def silent_for(self, now: float) -> float:
-        return max(0.0, now - self.last_heard)
+        return 0.0 if self.waiting_since is None else max(0.0, now - self.waiting_since)
 
     def health(self, now: float) -> Health:
         silent = self.silent_for(now)

@@ -513,7 +513,7 @@ class Supervisor:
                         beat.kill_after,
                     )
                 child.unresponsive = health is not Health.OK
-                child.send(msg.Ping(beat.ping()))
+                child.send(msg.Ping(beat.ping(now)))
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     async def _wait_ready(self, children: list[Child]) -> None:

@@ -48,7 +48,7 @@ async def run_control(spec: ChildSpec, channel: ControlChannel) -> None:
     await store.open()
     try:
         await ensure_default_namespace(store)
-        control = _api(config, store, socket.socket(fileno=spec.udp_fd))
+        control = _api(config, store, socket.socket(fileno=spec.socket_fd))
         await control.start()
         channel.send(msg.Ready())
         feed = StoreFeed(store)

@@ -321,7 +321,7 @@ class Supervisor:
             [ring(f"s{s}g{g}") for g in range(config.gateways)] for s in range(config.shards)
         ]
 
-    def _spec(self, child: Child, control_fd: int, udp_fd: int) -> ChildSpec:
+    def _spec(self, child: Child, control_fd: int, socket_fd: int) -> ChildSpec:
         def specs(rings: list[Ring]) -> list[RingSpec]:
             return [RingSpec(r.name, r.doorbell_fd) for r in rings]
 
@@ -341,7 +341,7 @@ class Supervisor:
             specs(inbound),
             specs(outbound),
             control_fd,
-            udp_fd,
+            socket_fd,
             supervisor_pid=os.getpid(),
         )
 
@@ -359,18 +359,18 @@ class Supervisor:
         child.kill_reason = None
         with self._fd_reserve.released():
             parent_end, child_end = socket.socketpair()
-            udp_fd = -1
+            socket_fd = -1
             try:
                 fds = [child_end.fileno(), *self._doorbells]
                 # The child gets its own descriptor of its socket; the supervisor keeps
                 # the original open, so the port (and the reuseport group) outlive it.
                 if child.role == "gateway":
-                    udp_fd = os.dup(self._sockets[child.index].fileno())
+                    socket_fd = os.dup(self._sockets[child.index].fileno())
                 elif child.role == "control" and self._control_sock is not None:
-                    udp_fd = os.dup(self._control_sock.fileno())
-                if udp_fd >= 0:
-                    fds.append(udp_fd)
-                spec = self._spec(child, child_end.fileno(), udp_fd)
+                    socket_fd = os.dup(self._control_sock.fileno())
+                if socket_fd >= 0:
+                    fds.append(socket_fd)
+                spec = self._spec(child, child_end.fileno(), socket_fd)
                 env = dict(os.environ, **{SPEC_ENV: spec.to_json()})
                 child.proc = ChildProcess(
                     [sys.executable, "-m", "felix.node.worker"], env=env, pass_fds=fds
@@ -380,8 +380,8 @@ class Supervisor:
                 raise
             finally:
                 child_end.close()
-                if udp_fd >= 0:
-                    os.close(udp_fd)
+                if socket_fd >= 0:
+                    os.close(socket_fd)
         child.incarnation += 1
         child.started_at = time.monotonic()
         return parent_end

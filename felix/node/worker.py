@@ -83,7 +83,7 @@ class ChildSpec:
     control_fd: int
     #: The socket this child serves on: a gateway's UDP socket, the control process's
     #: TCP listener (-1: none).
-    udp_fd: int = -1
+    socket_fd: int = -1
     #: The supervisor's pid: a child whose parent is already another process exits.
     supervisor_pid: int = 0
 
@@ -97,7 +97,7 @@ class ChildSpec:
                 "inbound": [[r.name, r.doorbell] for r in self.inbound],
                 "outbound": [[r.name, r.doorbell] for r in self.outbound],
                 "control_fd": self.control_fd,
-                "udp_fd": self.udp_fd,
+                "socket_fd": self.socket_fd,
                 "supervisor_pid": self.supervisor_pid,
             }
         )
@@ -113,7 +113,7 @@ class ChildSpec:
             inbound=[RingSpec(n, d) for n, d in raw["inbound"]],
             outbound=[RingSpec(n, d) for n, d in raw["outbound"]],
             control_fd=raw["control_fd"],
-            udp_fd=raw["udp_fd"],
+            socket_fd=raw["socket_fd"],
             supervisor_pid=raw["supervisor_pid"],
         )
 
@@ -337,7 +337,7 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
             links.send(shard, ipc.encode(Kind.HELLO, 0, spec.index, b""))
     quic = load_engine(config.engine)
     certs = node_certificates(config.data_dir / "tls", cert=config.tls_cert, key=config.tls_key)
-    sock = socket.socket(fileno=spec.udp_fd)
+    sock = socket.socket(fileno=spec.socket_fd)
     sock.setblocking(False)
     server = await serve_on_socket(
         quic,

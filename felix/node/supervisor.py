@@ -199,6 +199,8 @@ class Supervisor:
             self._make_rings()
         self.health = HealthServer(self)
         await self.health.start(*config.http)
+        if not config.control_url:
+            await self._launch_control()
         for child in self.shards:
             await self._start_child(child)
         await self._wait_ready(self.shards)
@@ -223,6 +225,18 @@ class Supervisor:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _launch_control(self) -> None:
+        """Start the embedded control plane's process (it starts alongside the shards)."""
+        # A process of its own (felix/node/control_process.py): the supervisor keeps
+        # its port and follows it over its control socket.
+        host, port = self.config.control
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._control_sock = socket.create_server((host, port), family=family, backlog=1024)
+        child = self.control_child = self._child("control", 0)
+        feed = self._control_feed = ChildFeed(child.send)
+        child.on_feed_event = feed.on_event
+        await self._start_child(child)
 
     async def _start_control(self) -> None:
         """Serve (or reach) the control plane and seed the shards before gateways start."""
@@ -253,18 +267,10 @@ class Supervisor:
                 on_tenants = self.jwks_sync.set_tenants
                 self._start_key_task(self.jwks_sync.run())
         else:
-            # The control plane runs in a process of its own (felix/node/control_process.py):
-            # the supervisor keeps its port and follows it over its control socket.
-            host, port = config.control
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            self._control_sock = socket.create_server((host, port), family=family, backlog=1024)
-            child = self.control_child = self._child("control", 0)
-            feed = ChildFeed(child.send)
-            child.on_feed_event = feed.on_event
-            self._control_feed = source = feed
-            await self._start_child(child)
-            await self._wait_ready([child])
-            self._background(self._supervise(child))
+            assert self.control_child is not None and self._control_feed is not None
+            source = self._control_feed
+            await self._wait_ready([self.control_child])
+            self._background(self._supervise(self.control_child))
             if config.auth and config.key_rotation_interval > 0:
                 # This process owns the rings in DATA_DIR/auth: rotate them on schedule.
                 policy = RotationPolicy(config.key_rotation_interval, config.key_publish_lead)

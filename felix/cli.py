@@ -206,6 +206,11 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument("--ring-bytes", default="4MiB", help="size of each gateway<->shard ring")
     up.add_argument("--drain-grace", type=float, default=10.0, help="seconds to drain on stop")
     up.add_argument(
+        "--heartbeat-timeout",
+        default="10s",
+        help="kill and restart a child that has not answered the heartbeat this long",
+    )
+    up.add_argument(
         "--engine",
         choices=["qh3", "aioquic"],
         default=os.environ.get("FELIX_QUIC_ENGINE") or None,
@@ -288,6 +293,7 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         control_client_key=args.control_client_key,
         ring_bytes=parse_size(args.ring_bytes),
         drain_grace=args.drain_grace,
+        heartbeat_timeout=parse_duration(args.heartbeat_timeout),
         engine=args.engine or ("aioquic" if args.tls_client_ca is not None else "qh3"),
         control_store=args.control_store,
         control_url=args.control_url,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -17,9 +18,19 @@ from typing import Any
 
 import httpx
 
+_NOFILE = resource.RLIMIT_NOFILE
+
 
 class NodeProcess:
-    def __init__(self, data_dir: Path, *args: str, gateways: int = 2, shards: int = 2) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *args: str,
+        gateways: int = 2,
+        shards: int = 2,
+        nofile: tuple[int, int] | None = None,
+    ) -> None:
+        """``nofile``: the (soft, hard) RLIMIT_NOFILE the node starts with."""
         self.data_dir = data_dir
         cmd = [
             sys.executable,
@@ -41,10 +52,16 @@ class NodeProcess:
             *([] if "--control" in args else ["--control", "127.0.0.1:0"]),
             *args,
         ]
+        # A node.json left by an earlier node on this data dir is not this node's.
+        (data_dir / "node.json").unlink(missing_ok=True)
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=None if nofile is None else lambda: resource.setrlimit(_NOFILE, nofile),
         )
         deadline = time.monotonic() + 30
         while not (data_dir / "node.json").exists():

@@ -9,6 +9,7 @@ from felix import ipc
 from felix.control.model import ResourceKind
 from felix.control.stores.memory import MemoryStore
 from felix.node.control import ControlFollower, StoreFeed
+from felix.node.messages import ApplyResource
 from tests.aio import run
 
 SHARDS = 3
@@ -28,12 +29,13 @@ def _follower(
     """A follower, and what it sends about streams and caches (tenants: to ``tenants``)."""
     sent: list[tuple[int, dict[str, Any]]] = []
 
-    def send(shard: int, cmd: dict[str, Any]) -> None:
-        if cmd["kind"] == "tenant":
+    def send(m: ApplyResource) -> None:
+        cmd = {"cmd": m.op, "kind": m.kind, "path": m.path, "spec": m.spec}
+        if m.kind == "tenant":
             if tenants is not None:
-                tenants.append((shard, cmd))
+                tenants.append((m.shard, cmd))
         else:
-            sent.append((shard, cmd))
+            sent.append((m.shard, cmd))
 
     return ControlFollower(StoreFeed(store), SHARDS, send), sent
 
@@ -139,7 +141,7 @@ def test_follower_keeps_retrying_while_the_control_plane_is_away() -> None:
         store = await _store()
         await store.create(ResourceKind.STREAM, ("acme", "prod", "s"), {})
         sent: list[Any] = []
-        follower = ControlFollower(Flaky(store), SHARDS, lambda s, c: sent.append(c))
+        follower = ControlFollower(Flaky(store), SHARDS, sent.append)
         task = asyncio.create_task(follower.run())
         await asyncio.wait_for(follower.seeded.wait(), 10)
         assert [c["kind"] for c in sent].count("stream") == 1

@@ -312,7 +312,7 @@ def test_follower_reports_tenants_from_the_snapshot_and_the_feed() -> None:
         await store.create(ResourceKind.TENANT, ("acme",), {})
         await store.create(ResourceKind.NAMESPACE, ("acme", "prod"), {})
         seen: list[frozenset[str]] = []
-        follower = ControlFollower(StoreFeed(store), 1, lambda s, c: None, on_tenants=seen.append)
+        follower = ControlFollower(StoreFeed(store), 1, lambda m: None, on_tenants=seen.append)
         task = asyncio.create_task(follower.run())
         await follower.seeded.wait()
         assert seen == [{"acme"}]

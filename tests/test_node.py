@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from felix import wire
+from felix.node.datadir import ring_prefix
 from tests.aio import run
 from tests.nodeproc import NodeProcess
 from tests.rawquic import RawPeer, raw_connect
@@ -25,13 +26,19 @@ def node(tmp_path: Path) -> Iterator[NodeProcess]:
     n = NodeProcess(tmp_path / "node")
     yield n
     n.stop()
-    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"felix-{n.info['pid']}-")]
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(ring_prefix(n.data_dir))]
 
 
 def test_health_endpoints_and_node_json(node: NodeProcess) -> None:
     assert node.http("/livez") == (200, "ok\n")
     assert node.http("/readyz") == (200, "ready\n")
-    assert set(node.info["processes"]) == {"gateway-0", "gateway-1", "shard-0", "shard-1"}
+    assert set(node.info["processes"]) == {
+        "gateway-0",
+        "gateway-1",
+        "shard-0",
+        "shard-1",
+        "control-0",
+    }
     assert node.http("/nope")[0] == 404
     time.sleep(1.2)  # children report every second
     assert "felix_connections" in node.http("/metrics")[1]
@@ -242,7 +249,7 @@ def test_embedded_shards_knob_serves_without_shard_processes(tmp_path: Path) -> 
 
     n = NodeProcess(tmp_path / "node", "--embedded-shards", gateways=1, shards=2)
     try:
-        assert set(n.info["processes"]) == {"gateway-0"}
+        assert set(n.info["processes"]) == {"gateway-0", "control-0"}
 
         async def main() -> None:
             url = f"felix://{n.host}:{n.port}"

@@ -125,6 +125,9 @@ class NodeConfig:
     control_client_ca: Path | None = None
     ring_bytes: int = 4 * 1024**2
     drain_grace: float = 10.0
+    #: Seconds a child may leave the supervisor's heartbeat unanswered before it is
+    #: killed and restarted (reported unresponsive after min(3 s, this)).
+    heartbeat_timeout: float = 10.0
     engine: str = "qh3"
     #: Store of the embedded control plane (None: SQLite at DATA_DIR/control.db).
     control_store: str | None = None
@@ -192,6 +195,8 @@ class NodeConfig:
                 )
         if (self.control_client_cert is None) != (self.control_client_key is None):
             raise ConfigError("--control-client-cert and --control-client-key go together")
+        if not 0 < self.heartbeat_timeout < float("inf"):
+            raise ConfigError("--heartbeat-timeout must be a positive number of seconds")
         if not 0 < self.jwks_refresh < float("inf"):
             raise ConfigError("--jwks-refresh must be a positive number of seconds")
         if not 0 < self.key_publish_lead < float("inf"):

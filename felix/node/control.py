@@ -1,8 +1,12 @@
-"""The node's link to the control plane: serve it in-process, and follow its change feed.
+"""The node's link to the control plane: serve it, and follow its change feed.
 
-How it works: `felix up` runs the control plane's REST API in the supervisor
-process (SQLite in the data dir by default), or follows a remote one
-(``--control-url``). Either way a :class:`ControlFollower` seeds the node from a
+How it works: `felix up` runs the control plane's REST API in a child process of
+its own (felix/node/control_process.py; SQLite in the data dir by default), so
+the control plane's failures (a memory blowup, a crash, descriptors exhausted by
+its clients) stay in that process: the supervisor restarts it and the data plane
+never notices. The supervisor follows it over the child's control socket
+(:class:`ChildFeed`). Or the node follows a remote control plane
+(``--control-url``, :class:`HttpFeed`). Either way a :class:`ControlFollower` seeds the node from a
 snapshot before the node reports ready, then follows the change feed with long
 polls and applies each stream and cache change to the shards that own it (a
 stream: the shard its key hashes to; a cache: every shard, each holding its share
@@ -15,13 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
+import socket
 import ssl
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import uvicorn
 
@@ -30,6 +36,8 @@ from felix.control.limits import HttpLimits
 from felix.control.model import Change, Op, Resource, ResourceKind
 from felix.control.quotas import NodeQuotas
 from felix.control.store import CursorTooOld, Store
+from felix.node import messages as msg
+from felix.node.messages import ApplyResource
 
 log = logging.getLogger("felix.control.follower")
 
@@ -96,7 +104,77 @@ class HttpFeed:
         return await asyncio.to_thread(self._client.changes, since, limit, wait)
 
 
-Send = Callable[[int, dict[str, Any]], None]
+#: Delivers one resource change to the process that holds the shard it names.
+Send = Callable[[ApplyResource], None]
+
+#: Seconds the control process may take to answer a feed request (beyond its long poll).
+REPLY_TIMEOUT = 10.0
+
+
+class ChildFeed:
+    """Follow the control plane served by the node's control process, over its socket.
+
+    ``send`` delivers a command to the control process (False: it is not running);
+    the supervisor hands this feed the process's feed events (:meth:`on_event`) and
+    tells it when the process exits (:meth:`lost`). A request to a process that is
+    down or restarting fails with ConnectionError, and the follower retries.
+    """
+
+    def __init__(self, send: Callable[[msg.Command], bool]) -> None:
+        self._send = send
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._parts: dict[int, list[dict[str, Any]]] = {}
+
+    async def snapshot(self) -> tuple[int, list[Resource]]:
+        position, raw = await self._call(msg.SnapshotRequest, REPLY_TIMEOUT)
+        return position, [Resource.model_validate(r) for r in raw]
+
+    async def changes(self, since: int, limit: int, wait: float) -> tuple[list[Change], int]:
+        def request(rid: int) -> msg.ChangesRequest:
+            return msg.ChangesRequest(rid, since, limit, wait)
+
+        raw, nxt = await self._call(request, wait + REPLY_TIMEOUT)
+        return [Change.model_validate(c) for c in raw], nxt
+
+    async def _call(self, make: Callable[[int], msg.Command], timeout: float) -> Any:
+        rid = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        try:
+            if not self._send(make(rid)):
+                raise ConnectionError("the control process is not running")
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._pending.pop(rid, None)
+            self._parts.pop(rid, None)
+
+    def on_event(self, event: msg.Event) -> None:
+        if isinstance(event, msg.SnapshotPart):
+            future = self._pending.get(event.request)
+            if future is None:
+                return
+            parts = self._parts.setdefault(event.request, [])
+            parts.extend(event.resources)
+            if event.done and not future.done():
+                future.set_result((event.position, parts))
+        elif isinstance(event, msg.ChangesReply):
+            future = self._pending.get(event.request)
+            if future is not None and not future.done():
+                future.set_result((event.changes, event.next_position))
+        elif isinstance(event, msg.FeedFailed):
+            future = self._pending.get(event.request)
+            if future is not None and not future.done():
+                error: Exception = ConnectionError(event.error)
+                if event.cursor_too_old:
+                    error = CursorTooOld(-1, -1)
+                future.set_exception(error)
+
+    def lost(self) -> None:
+        """The control process exited: its requests will never be answered."""
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("the control process exited"))
 
 
 class ControlFollower:
@@ -112,7 +190,7 @@ class ControlFollower:
     ) -> None:
         self._source = source
         self._shards = shards
-        self._send = send  # (shard index, command) -> None
+        self._send = send
         # on_tenants(all tenants): called after a seed and each tenant created or
         # deleted (the JWKS sync of a node following a remote control plane).
         self._on_tenants = on_tenants
@@ -124,6 +202,7 @@ class ControlFollower:
         self.position = 0
         self.seeded = asyncio.Event()
         self.applied = 0
+        self._resync = False
 
     def targets(self, kind: ResourceKind, path: tuple[str, ...]) -> Iterable[int]:
         if kind is ResourceKind.STREAM:
@@ -146,6 +225,12 @@ class ControlFollower:
         self._tenants_changed()
         self.seeded.set()
 
+    def resync(self) -> None:
+        """Take a fresh snapshot before the next change (the source may have started
+        over, e.g. a store in memory that was restarted); the node stays seeded and
+        keeps serving meanwhile, and only the difference is applied."""
+        self._resync = True
+
     def _tenants_changed(self) -> None:
         if self._on_tenants is not None:
             self._on_tenants(frozenset(self.tenants))
@@ -155,8 +240,9 @@ class ControlFollower:
         delay = RETRY_MIN
         while True:
             try:
-                if not self.seeded.is_set():
+                if self._resync or not self.seeded.is_set():
                     await self.seed()
+                    self._resync = False
                 changes, nxt = await self._source.changes(self.position, PAGE, LONG_POLL)
                 for change in changes:
                     self._on_change(change)
@@ -206,22 +292,25 @@ class ControlFollower:
             self.deleted.popitem(last=False)
 
     def _apply(
-        self, cmd: str, kind: ResourceKind, path: tuple[str, ...], spec: dict[str, Any]
+        self,
+        op: Literal["define", "delete"],
+        kind: ResourceKind,
+        path: tuple[str, ...],
+        spec: dict[str, Any],
     ) -> None:
         self.applied += 1
         for shard in self.targets(kind, path):
-            self._send(shard, {"cmd": cmd, "kind": kind.value, "path": list(path), "spec": spec})
+            self._send(ApplyResource(op, kind.value, list(path), shard, spec))
 
     def replay(self, shard: int) -> None:
-        """Define everything ``shard`` owns again (it restarted with nothing)."""
+        """Tell a restarted ``shard`` (it starts with nothing) what was deleted, then
+        define everything it owns again."""
         for kind, path in self.deleted:
             if shard in self.targets(kind, path):
-                self._send(shard, {"cmd": "delete", "kind": kind.value, "path": list(path)})
+                self._send(ApplyResource("delete", kind.value, list(path), shard))
         for (kind, path), spec in self.resources.items():
             if shard in self.targets(kind, path):
-                self._send(
-                    shard, {"cmd": "define", "kind": kind.value, "path": list(path), "spec": spec}
-                )
+                self._send(ApplyResource("define", kind.value, list(path), shard, spec))
 
 
 class _QuietServer(uvicorn.Server):
@@ -233,13 +322,13 @@ class _QuietServer(uvicorn.Server):
 
 
 class EmbeddedControl:
-    """The REST API served from the supervisor's event loop."""
+    """The REST API over ``store``, served on a listening socket (the node's control
+    process gets it from the supervisor, which keeps the port across restarts)."""
 
     def __init__(
         self,
         store: Store,
-        host: str,
-        port: int,
+        sock: socket.socket,
         *,
         region: str = "local",
         tls: tuple[Path, Path] | None = None,
@@ -277,8 +366,7 @@ class EmbeddedControl:
         # limits: body size and time, header timeout, connection cap (HttpLimits defaults).
         config = server_config(
             app,
-            host,
-            port,
+            *sock.getsockname()[:2],
             limits=limits,
             log_level="warning",
             lifespan="off",
@@ -287,19 +375,16 @@ class EmbeddedControl:
             **options,
         )
         self._server = _QuietServer(config)
+        self._sock = sock
         self._task: asyncio.Task[None] | None = None
-        self.address: tuple[str, int] = (host, port)
         self.scheme = "https" if tls else "http"
 
     async def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._server.serve())
+        self._task = asyncio.get_running_loop().create_task(self._server.serve([self._sock]))
         while not self._server.started:
             if self._task.done():
-                self._task.result()  # raises why it failed (e.g. the port is taken)
+                self._task.result()  # raises why it failed
             await asyncio.sleep(0.01)
-        sock = self._server.servers[0].sockets[0]
-        host, port = sock.getsockname()[:2]
-        self.address = (host, port)
 
     async def stop(self) -> None:
         self._server.should_exit = True

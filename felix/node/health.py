@@ -3,26 +3,64 @@
 A deliberately small HTTP/1.1 responder on asyncio streams: three GET routes,
 bounded request size, one response per connection. /livez never checks
 dependencies (a wedged supervisor cannot answer at all); /readyz is false until
-every child is ready and while draining; /metrics exports the counters every
-child reports each second, labelled by role and index.
+every shard and gateway is ready, while one is restarting or unresponsive, and
+while draining; its body is ``ready`` or ``not ready`` and then one line per
+problem, e.g. ``shard-1: restart failing (attempt 4): ...`` (the control
+process's problems are listed too, but do not make the node unready: the data
+plane serves without it); /metrics exports
+the counters every child reports each second, labelled by role and index.
+
+Bounds: a request head of :data:`MAX_REQUEST_BYTES` read within
+:data:`READ_TIMEOUT` seconds, and at most :data:`MAX_CONNECTIONS` connections at
+once; a new connection beyond that closes the oldest one still waiting for its
+request (counted in ``felix_health_connections_evicted_total``), so idle or
+slow connections can neither exhaust the supervisor's descriptors nor keep a
+probe out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from felix.node.supervisor import Supervisor
-
 MAX_REQUEST_BYTES = 8192
 READ_TIMEOUT = 5.0
+MAX_CONNECTIONS = 64
+
+
+class ChildView(Protocol):
+    """What the health server reads of one child process."""
+
+    @property
+    def role(self) -> str: ...
+    @property
+    def index(self) -> int: ...
+    @property
+    def restarts(self) -> int: ...
+    @property
+    def stats(self) -> Mapping[str, int]: ...
+
+
+class NodeView(Protocol):
+    """What the health server reads of the node (the supervisor implements it)."""
+
+    @property
+    def children(self) -> Sequence[ChildView]: ...
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """Whether the node serves, and each reason it does not."""
+        ...
+
+    def supervisor_counters(self) -> list[tuple[str, str, int]]:
+        """(metric name, help, value) of the supervisor's own counters."""
+        ...
+
 
 #: Child stat -> (metric name, help, is a counter).
 _METRICS: dict[str, tuple[str, str, bool]] = {
@@ -73,12 +111,13 @@ _METRICS: dict[str, tuple[str, str, bool]] = {
 
 
 class _ChildStats(Collector):
-    def __init__(self, supervisor: Supervisor) -> None:
-        self._sup = supervisor
+    def __init__(self, node: NodeView, server: HealthServer) -> None:
+        self._node = node
+        self._server = server
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, Any] = {}
-        for child in self._sup.children:
+        for child in self._node.children:
             for key, value in child.stats.items():
                 spec = _METRICS.get(key)
                 if spec is None or not isinstance(value, int):
@@ -92,45 +131,36 @@ class _ChildStats(Collector):
         restarts = CounterMetricFamily(
             "felix_process_restarts", "Child restarts", labels=["role", "index"]
         )
-        for child in self._sup.children:
+        for child in self._node.children:
             restarts.add_metric([child.role, str(child.index)], child.restarts)
         yield from families.values()
         yield restarts
-        yield from self._key_metrics()
-
-    def _key_metrics(self) -> Iterator[Metric]:
-        """The supervisor's key work: JWK sets synced from a control plane, rotations."""
-        labels = ["role", "index"]
-        sync = getattr(self._sup, "jwks_sync", None)
-        if sync is not None:
-            for name, help_text, value in (
-                ("felix_jwks_sync_writes", "JWK sets written from the control plane", sync.writes),
-                ("felix_jwks_sync_removals", "JWK sets removed (tenant gone)", sync.removals),
-                (
-                    "felix_jwks_sync_failures",
-                    "JWK set fetches that failed (the last known set was kept)",
-                    sync.failures,
-                ),
-            ):
-                family = CounterMetricFamily(name, help_text, labels=labels)
-                family.add_metric(["supervisor", "0"], value)
-                yield family
-        rotator = getattr(self._sup, "key_rotator", None)
-        if rotator is not None:
-            family = CounterMetricFamily(
-                "felix_key_rotations", "Scheduled key ring rotations", labels=labels
-            )
-            family.add_metric(["supervisor", "0"], rotator.rotations)
+        own = [
+            *self._node.supervisor_counters(),
+            (
+                "felix_health_connections_evicted",
+                "Health port connections closed to admit a newer one",
+                self._server.evicted,
+            ),
+        ]
+        for name, help_text, value in own:
+            family = CounterMetricFamily(name, help_text, labels=["role", "index"])
+            family.add_metric(["supervisor", "0"], value)
             yield family
 
 
 class HealthServer:
-    def __init__(self, supervisor: Supervisor) -> None:
-        self._sup = supervisor
+    def __init__(self, node: NodeView, *, max_connections: int = MAX_CONNECTIONS) -> None:
+        self._node = node
         self._server: asyncio.Server | None = None
         self._registry = CollectorRegistry()
-        self._registry.register(_ChildStats(supervisor))
+        self._registry.register(_ChildStats(node, self))
         self.address: tuple[str, int] = ("", 0)
+        self._max_connections = max_connections
+        self._open = 0
+        # Connections still waiting for their request head, oldest first.
+        self._waiting: dict[asyncio.StreamWriter, None] = {}
+        self.evicted = 0
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_REQUEST_BYTES)
@@ -144,12 +174,32 @@ class HealthServer:
                 await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= self._max_connections and self._waiting:
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            oldest.transport.abort()  # its handler sees the connection end, and closes
+            self.evicted += 1
+        self._open += 1
+        self._waiting[writer] = None
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._open -= 1
+            self._waiting.pop(writer, None)
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+            self._waiting.pop(writer, None)
             method, path, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
             status, ctype, body = self._route(method, path.split("?", 1)[0])
         except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, TimeoutError, ValueError):
             status, ctype, body = "400 Bad Request", "text/plain", b"bad request\n"
+        except ConnectionError:
+            return
+        if writer.is_closing():
+            return
         writer.write(
             f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n".encode()
@@ -157,7 +207,6 @@ class HealthServer:
         )
         with contextlib.suppress(Exception):
             await writer.drain()
-        writer.close()
 
     def _route(self, method: str, path: str) -> tuple[str, str, bytes]:
         if method != "GET":
@@ -165,9 +214,11 @@ class HealthServer:
         if path == "/livez":
             return "200 OK", "text/plain", b"ok\n"
         if path == "/readyz":
-            if self._sup.ready():
-                return "200 OK", "text/plain", b"ready\n"
-            return "503 Service Unavailable", "text/plain", b"not ready\n"
+            ready, problems = self._node.readiness()
+            text = "".join(f"{line}\n" for line in ["ready" if ready else "not ready", *problems])
+            if ready:
+                return "200 OK", "text/plain", text.encode()
+            return "503 Service Unavailable", "text/plain", text.encode()
         if path == "/metrics":
             return "200 OK", "text/plain; version=0.0.4", generate_latest(self._registry)
         return "404 Not Found", "text/plain", b"not found\n"

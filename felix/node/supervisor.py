@@ -7,11 +7,24 @@ doorbell each, then starts the shards and the gateways as child processes
 lifetime, so a child that dies is replaced by one that re-attaches to the same
 resources: the kernel's reuseport group never changes (other gateways'
 connections are not rehashed) and the other processes never notice a new ring.
+The embedded control plane is a child too (``control-0``,
+felix/node/control_process.py): the supervisor keeps its listening socket and
+follows its store over the child's control socket, so nothing the control
+plane's clients do reaches the process that owns the rings.
 
 When a shard dies, every gateway is told at once (requests in flight to it fail
 with Unavailable, a retryable error) and again when its replacement is ready.
 SIGTERM or SIGINT drains: /readyz turns false, gateways stop taking requests,
 answer what is in flight and close their connections, then children exit.
+
+Supervision never gives up on a child: a restart that fails (no descriptors, a
+child that dies or hangs before it is ready) is retried with jittered backoff,
+and /readyz names the child and why until it is back. A child that stops
+answering the heartbeat (frozen, wedged) is reported and then killed and
+restarted (felix/node/liveness.py). The node holds an exclusive lock on its data
+dir and names its rings after it, so a node killed with -9 leaves nothing the
+next start on that dir does not reclaim (felix/node/datadir.py); children die
+with the supervisor (felix/node/worker.py). Descriptors: felix/node/fds.py.
 """
 
 from __future__ import annotations
@@ -26,19 +39,20 @@ import socket
 import sys
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from felix.auth.files import admin_token
 from felix.auth.rotation import KeyRotator, RotationPolicy
-from felix.control.model import ResourceKind
-from felix.control.store import AlreadyExists, Store
-from felix.control.stores import open_store
+from felix.node import messages as msg
+from felix.node.children import Child
 from felix.node.config import NodeConfig, is_loopback
-from felix.node.control import ControlFollower, EmbeddedControl, FeedSource, HttpFeed, StoreFeed
+from felix.node.control import ChildFeed, ControlFollower, FeedSource, HttpFeed
+from felix.node.datadir import DataDirLock, reclaim_rings, ring_prefix
+from felix.node.fds import FdReserve, raise_nofile_limit
 from felix.node.health import HealthServer
 from felix.node.jwks_sync import HttpJwksFetcher, JwksSync
+from felix.node.liveness import HEARTBEAT_INTERVAL, UNRESPONSIVE_AFTER, Health, Heartbeat
+from felix.node.process import ChildProcess
 from felix.node.worker import SPEC_ENV, ChildSpec, RingSpec
 from felix.quic import bind_udp
 from felix.ring import Ring, make_doorbell
@@ -49,34 +63,6 @@ log = logging.getLogger("felix.supervisor")
 READY_TIMEOUT = 30.0
 #: How long a node following a remote control plane waits for the tenants' keys.
 JWKS_READY_TIMEOUT = 10.0
-RESTART_BACKOFF_MIN = 0.1
-RESTART_BACKOFF_MAX = 5.0
-#: A child that ran this long before dying restarts with the shortest backoff again.
-HEALTHY_AFTER = 30.0
-
-
-@dataclass
-class Child:
-    role: str
-    index: int
-    incarnation: int = 0
-    proc: asyncio.subprocess.Process | None = None
-    writer: asyncio.StreamWriter | None = None
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    quiesced: asyncio.Event = field(default_factory=asyncio.Event)
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
-    started_at: float = 0.0
-    restarts: int = 0
-    backoff: float = RESTART_BACKOFF_MIN
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return f"{self.role}-{self.index}"
-
-    def send(self, **cmd: Any) -> None:
-        if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(json.dumps(cmd).encode() + b"\n")
 
 
 class Supervisor:
@@ -86,9 +72,11 @@ class Supervisor:
         self.config = config
         # With embedded shards the only child is the gateway that hosts them.
         self.shards = (
-            [] if config.embedded_shards else [Child("shard", i) for i in range(config.shards)]
+            []
+            if config.embedded_shards
+            else [self._child("shard", i) for i in range(config.shards)]
         )
-        self.gateways = [Child("gateway", i) for i in range(config.gateways)]
+        self.gateways = [self._child("gateway", i) for i in range(config.gateways)]
         self._sockets: list[socket.socket] = []
         # _req[g][s]: gateway g -> shard s; _rep[s][g]: shard s -> gateway g.
         self._req: list[list[Ring]] = []
@@ -97,30 +85,87 @@ class Supervisor:
         self._stopping = False
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._lock: DataDirLock | None = None
+        self._fd_reserve: FdReserve | None = None
         self.health: HealthServer | None = None
         self.follower: ControlFollower | None = None
-        self.control: EmbeddedControl | None = None
+        # The embedded control plane: its process, its listening socket, its feed.
+        self.control_child: Child | None = None
+        self._control_sock: socket.socket | None = None
+        self._control_feed: ChildFeed | None = None
         # Keys: the JWKS sync (following a remote control plane) or the scheduled
         # rotation (embedding one), with --auth; both stop at drain.
         self.jwks_sync: JwksSync | None = None
         self.key_rotator: KeyRotator | None = None
         self._jwks_fetcher: HttpJwksFetcher | None = None
         self._key_tasks: list[asyncio.Task[None]] = []
-        self._control_store: Store | None = None
         self.port = 0
         self.ca_path: Path | None = None
 
+    def _child(self, role: str, index: int) -> Child:
+        timeout = self.config.heartbeat_timeout
+        return Child(role, index, Heartbeat(min(UNRESPONSIVE_AFTER, timeout), timeout))
+
     @property
     def children(self) -> list[Child]:
-        return [*self.shards, *self.gateways]
+        control = [] if self.control_child is None else [self.control_child]
+        return [*self.shards, *self.gateways, *control]
 
     def ready(self) -> bool:
-        seeded = self.follower is not None and self.follower.seeded.is_set()
-        return seeded and not self._stopping and all(c.ready.is_set() for c in self.children)
+        return self.readiness()[0]
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """Whether the node serves, and every reason it does not (for /readyz)."""
+        problems = []
+        if self._stopping:
+            problems.append("draining")
+        if self.follower is None or not self.follower.seeded.is_set():
+            problems.append("control plane: not seeded yet")
+        now = time.monotonic()
+        degraded: list[str] = []  # the control process: changes wait, the data plane serves
+        for child in self.children:
+            status = child.status(now)
+            if status is not None:
+                (problems if child.serves_data else degraded).append(f"{child.name}: {status}")
+        return not problems, problems + degraded
+
+    def supervisor_counters(self) -> list[tuple[str, str, int]]:
+        """(metric name, help, value) of the supervisor's own counters."""
+        counters = []
+        if self.jwks_sync is not None:
+            sync = self.jwks_sync
+            counters += [
+                ("felix_jwks_sync_writes", "JWK sets written from the control plane", sync.writes),
+                ("felix_jwks_sync_removals", "JWK sets removed (tenant gone)", sync.removals),
+                (
+                    "felix_jwks_sync_failures",
+                    "JWK set fetches that failed (the last known set was kept)",
+                    sync.failures,
+                ),
+            ]
+        if self.key_rotator is not None:
+            counters.append(
+                ("felix_key_rotations", "Scheduled key ring rotations", self.key_rotator.rotations)
+            )
+        counters.append(
+            (
+                "felix_child_restart_failures",
+                "Starts of a replacement child that failed (retried with backoff)",
+                sum(c.failed_starts for c in self.children),
+            )
+        )
+        return counters
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def run(self) -> int:
+        # First of all: no other node may use this data dir (raises DataDirInUse).
+        self._lock = DataDirLock.acquire(self.config.data_dir)
+        # A node.json there describes a node that is gone (killed): not this one.
+        (self.config.data_dir / "node.json").unlink(missing_ok=True)
+        soft, hard = raise_nofile_limit()
+        log.info("descriptor limit %d (hard %d)", soft, hard)
+        self._fd_reserve = FdReserve()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -134,7 +179,6 @@ class Supervisor:
 
     async def _start(self) -> None:
         config = self.config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
         host, port = config.listen
         ips = [host] if _is_ip(host) else []
         names = ["localhost"] + ([host] if not _is_ip(host) and host else [])
@@ -155,13 +199,18 @@ class Supervisor:
             self._make_rings()
         self.health = HealthServer(self)
         await self.health.start(*config.http)
+        if not config.control_url:
+            await self._launch_control()
         for child in self.shards:
-            await self._spawn(child)
+            await self._start_child(child)
         await self._wait_ready(self.shards)
-        await self._start_control(certs.server_cert, certs.server_key)
+        await self._start_control()
         for child in self.gateways:
-            await self._spawn(child)
+            await self._start_child(child)
         await self._wait_ready(self.gateways)
+        for child in [*self.shards, *self.gateways]:
+            self._background(self._supervise(child))
+        self._background(self._heartbeats())
         self._write_node_json()
         http_host, http_port = self.health.address
         print(
@@ -172,7 +221,24 @@ class Supervisor:
             flush=True,
         )
 
-    async def _start_control(self, cert: Path, key: Path) -> None:
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _launch_control(self) -> None:
+        """Start the embedded control plane's process (it starts alongside the shards)."""
+        # A process of its own (felix/node/control_process.py): the supervisor keeps
+        # its port and follows it over its control socket.
+        host, port = self.config.control
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._control_sock = socket.create_server((host, port), family=family, backlog=1024)
+        child = self.control_child = self._child("control", 0)
+        feed = self._control_feed = ChildFeed(child.send)
+        child.on_feed_event = feed.on_event
+        await self._start_child(child)
+
+    async def _start_control(self) -> None:
         """Serve (or reach) the control plane and seed the shards before gateways start."""
         config = self.config
         source: FeedSource
@@ -201,32 +267,10 @@ class Supervisor:
                 on_tenants = self.jwks_sync.set_tenants
                 self._start_key_task(self.jwks_sync.run())
         else:
-            url = config.control_store or f"sqlite:///{config.data_dir / 'control.db'}"
-            self._control_store = open_store(url)
-            await self._control_store.open()
-            await _ensure_default_namespace(self._control_store)
-            host, port = config.control
-            # HTTPS beyond loopback, and whenever clients must present certificates.
-            tls = None
-            if not is_loopback(host) or config.control_client_ca is not None:
-                tls = (cert, key)
-            # With --auth the API needs a token: the bootstrap admin one is in the data dir.
-            # The follower below reads the store directly, so it needs none.
-            admin = admin_token(config.data_dir / "admin-token") if config.auth else None
-            self.control = EmbeddedControl(
-                self._control_store,
-                host,
-                port,
-                tls=tls,
-                client_ca=config.control_client_ca,
-                node_info=self.node_info,
-                keys_dir=config.data_dir / "auth",
-                admin_token=admin,
-                require_auth=config.auth,
-                quotas=config.quotas,
-            )
-            await self.control.start()
-            source = StoreFeed(self._control_store)
+            assert self.control_child is not None and self._control_feed is not None
+            source = self._control_feed
+            await self._wait_ready([self.control_child])
+            self._background(self._supervise(self.control_child))
             if config.auth and config.key_rotation_interval > 0:
                 # This process owns the rings in DATA_DIR/auth: rotate them on schedule.
                 policy = RotationPolicy(config.key_rotation_interval, config.key_publish_lead)
@@ -240,16 +284,13 @@ class Supervisor:
                 self.key_rotator = KeyRotator(config.data_dir / "auth", policy)
                 self._start_key_task(self.key_rotator.run())
 
-        def send(shard: int, cmd: dict[str, Any]) -> None:
-            if config.embedded_shards:
-                self.gateways[0].send(shard=shard, **cmd)
-            else:
-                self.shards[shard].send(**cmd)
+        def send(message: msg.ApplyResource) -> None:
+            # With embedded shards, the gateway hosts every shard core.
+            target = self.gateways[0] if config.embedded_shards else self.shards[message.shard]
+            target.send(message)
 
         self.follower = ControlFollower(source, config.shards, send, on_tenants=on_tenants)
-        task = asyncio.get_running_loop().create_task(self.follower.run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background(self.follower.run())
         if not self.follower.seeded.is_set():
             log.info("waiting for the control plane to seed this node")
         await self.follower.seeded.wait()
@@ -267,31 +308,30 @@ class Supervisor:
 
     def _make_rings(self) -> None:
         config = self.config
-        tag = f"felix-{os.getpid()}"
-        for g in range(config.gateways):
-            row = []
-            for s in range(config.shards):
-                bell = make_doorbell()
-                self._doorbells.append(bell)
-                row.append(
-                    Ring.create(f"/{tag}-g{g}s{s}", capacity=config.ring_bytes, doorbell_fd=bell)
-                )
-            self._req.append(row)
-        for s in range(config.shards):
-            row = []
-            for g in range(config.gateways):
-                bell = make_doorbell()
-                self._doorbells.append(bell)
-                row.append(
-                    Ring.create(f"/{tag}-s{s}g{g}", capacity=config.ring_bytes, doorbell_fd=bell)
-                )
-            self._rep.append(row)
+        # Named after the data dir: a node killed with -9 left these names behind, and
+        # holding the data dir's lock, no live node can be using them.
+        prefix = ring_prefix(config.data_dir)
+        leftovers = reclaim_rings(prefix)
+        if leftovers:
+            log.warning("reclaimed %d rings a previous node on this data dir left", len(leftovers))
 
-    def _spec(self, child: Child, control_fd: int, udp_fd: int) -> ChildSpec:
+        def ring(name: str) -> Ring:
+            bell = make_doorbell()
+            self._doorbells.append(bell)
+            return Ring.create(f"/{prefix}{name}", capacity=config.ring_bytes, doorbell_fd=bell)
+
+        self._req = [
+            [ring(f"g{g}s{s}") for s in range(config.shards)] for g in range(config.gateways)
+        ]
+        self._rep = [
+            [ring(f"s{s}g{g}") for g in range(config.gateways)] for s in range(config.shards)
+        ]
+
+    def _spec(self, child: Child, control_fd: int, socket_fd: int) -> ChildSpec:
         def specs(rings: list[Ring]) -> list[RingSpec]:
             return [RingSpec(r.name, r.doorbell_fd) for r in rings]
 
-        if self.config.embedded_shards:
+        if self.config.embedded_shards or child.role == "control":
             inbound, outbound = [], []
         elif child.role == "shard":
             inbound = [self._req[g][child.index] for g in range(self.config.gateways)]
@@ -307,97 +347,180 @@ class Supervisor:
             specs(inbound),
             specs(outbound),
             control_fd,
-            udp_fd,
+            socket_fd,
+            supervisor_pid=os.getpid(),
         )
 
-    async def _spawn(self, child: Child) -> None:
+    def _spawn(self, child: Child) -> socket.socket:
+        """Start ``child``'s next incarnation; returns the supervisor's end of its socket.
+
+        Synchronous on purpose: it frees the descriptor reserve and takes what it
+        needs before anything else on the loop can run (felix/node/fds.py). Raises
+        OSError when the start fails (the caller retries).
+        """
+        assert self._fd_reserve is not None
         child.ready.clear()
         child.quiesced.clear()
         child.drained.clear()
-        child.incarnation += 1
-        parent_end, child_end = socket.socketpair()
-        udp_fd = -1
-        fds = [child_end.fileno(), *self._doorbells]
-        if child.role == "gateway":
-            # The child gets its own descriptor of the socket; the supervisor keeps
-            # the original open, so the port and the reuseport group outlive the child.
-            udp_fd = os.dup(self._sockets[child.index].fileno())
-            fds.append(udp_fd)
-        spec = self._spec(child, child_end.fileno(), udp_fd)
-        env = dict(os.environ, **{SPEC_ENV: spec.to_json()})
-        child.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "felix.node.worker",
-            env=env,
-            pass_fds=fds,
-        )
-        child_end.close()
-        if udp_fd >= 0:
-            os.close(udp_fd)
-        child.started_at = time.monotonic()
-        reader, child.writer = await asyncio.open_unix_connection(sock=parent_end)
-        loop = asyncio.get_running_loop()
-        for coro in (self._read_child(child, reader), self._watch(child, child.proc)):
-            task = loop.create_task(coro)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _read_child(self, child: Child, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(ConnectionError):
-            await self._read_events(child, reader)
-
-    async def _read_events(self, child: Child, reader: asyncio.StreamReader) -> None:
-        while line := await reader.readline():
+        child.kill_reason = None
+        with self._fd_reserve.released():
+            parent_end, child_end = socket.socketpair()
+            socket_fd = -1
             try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            kind = event.get("event")
-            if kind == "ready":
-                child.ready.set()
-            elif kind == "quiesced":
-                child.quiesced.set()
-            elif kind == "drained":
-                child.drained.set()
-            elif kind == "stats":
-                child.stats = event
+                fds = [child_end.fileno(), *self._doorbells]
+                # The child gets its own descriptor of its socket; the supervisor keeps
+                # the original open, so the port (and the reuseport group) outlive it.
+                if child.role == "gateway":
+                    socket_fd = os.dup(self._sockets[child.index].fileno())
+                elif child.role == "control" and self._control_sock is not None:
+                    socket_fd = os.dup(self._control_sock.fileno())
+                if socket_fd >= 0:
+                    fds.append(socket_fd)
+                spec = self._spec(child, child_end.fileno(), socket_fd)
+                env = dict(os.environ, **{SPEC_ENV: spec.to_json()})
+                child.proc = ChildProcess(
+                    [sys.executable, "-m", "felix.node.worker"], env=env, pass_fds=fds
+                )
+            except BaseException:
+                parent_end.close()
+                raise
+            finally:
+                child_end.close()
+                if socket_fd >= 0:
+                    os.close(socket_fd)
+        child.incarnation += 1
+        child.started_at = time.monotonic()
+        return parent_end
 
-    async def _watch(self, child: Child, proc: asyncio.subprocess.Process) -> None:
-        code = await proc.wait()
-        if self._stopping or child.proc is not proc:
-            return
+    async def _start_child(self, child: Child) -> None:
+        """Start an incarnation of ``child`` and read its events (raises OSError)."""
+        parent_end = self._spawn(child)
+        try:
+            reader, child.writer = await asyncio.open_unix_connection(
+                sock=parent_end, limit=msg.MAX_LINE_BYTES
+            )
+        except OSError:
+            parent_end.close()
+            if child.proc is not None:
+                child.proc.kill()  # never leave an incarnation nobody talks to
+            raise
+        self._background(child.read_events(reader))
+
+    async def _supervise(self, child: Child) -> None:
+        """Restart ``child`` whenever it exits, for the node's whole life."""
+        while not self._stopping:
+            proc = child.proc
+            if proc is None:  # pragma: no cover - a supervised child was started
+                return
+            code = await proc.wait()
+            if child.role == "control" and self._control_feed is not None:
+                self._control_feed.lost()
+            if self._stopping:
+                return
+            why = child.kill_reason or f"exited with {code}"
+            log.warning("%s (pid %d) %s; restarting", child.name, proc.pid, why)
+            try:
+                await self._restart(child, why)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never abandon a child: log, then try again
+                log.exception("%s: restart failed unexpectedly; trying again", child.name)
+                child.problem = "restart failed unexpectedly (see the log); retrying"
+                await asyncio.sleep(child.backoff.maximum)
+
+    async def _restart(self, child: Child, why: str) -> None:
+        """Start ``child`` again, retrying with backoff until a replacement is ready."""
         child.ready.clear()
-        log.warning("%s (pid %d) exited with %s; restarting", child.name, proc.pid, code)
+        child.problem = f"restarting ({why})"
         if child.role == "shard":
             for gateway in self.gateways:
-                gateway.send(cmd="shard_down", shard=child.index)
-        if time.monotonic() - child.started_at > HEALTHY_AFTER:
-            child.backoff = RESTART_BACKOFF_MIN
-        await asyncio.sleep(child.backoff)
-        child.backoff = min(child.backoff * 2, RESTART_BACKOFF_MAX)
-        if self._stopping:
-            return
-        child.restarts += 1
-        await self._spawn(child)
-        try:
-            await asyncio.wait_for(child.ready.wait(), READY_TIMEOUT)
-        except TimeoutError:
-            log.error("%s did not become ready; killing it", child.name)
-            if child.proc is not None:
-                child.proc.kill()
-            return
+                gateway.send(msg.ShardDown(child.index))
+        # Only a child that ran counts as having been healthy: its failed replacements
+        # did not, so their retries keep backing off.
+        ran_since = child.started_at
+        attempt = 0
+        while True:
+            delay = child.backoff.delay(ran_since, time.monotonic())
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            ran_since = time.monotonic()
+            attempt += 1
+            try:
+                await self._start_child(child)
+                child.restarts += 1
+                failure = await self._ready_or_failure(child)
+            except OSError as exc:
+                failure = f"could not be started: {exc}"
+            if failure is None:
+                break
+            child.failed_starts += 1
+            log.error("%s: replacement %s; retrying (attempt %d)", child.name, failure, attempt)
+            child.problem = f"restart failing (attempt {attempt}): replacement {failure}"
+        child.problem = None
         if self.follower is not None:
-            if child.role == "shard":
+            if child.role == "control":
+                # A store in memory starts over empty: compare, don't assume.
+                self.follower.resync()
+            elif child.role == "shard":
                 self.follower.replay(child.index)
             elif self.config.embedded_shards:  # its shard cores restarted with it
                 for shard in range(self.config.shards):
                     self.follower.replay(shard)
         if child.role == "shard":
             for gateway in self.gateways:
-                gateway.send(cmd="shard_up", shard=child.index)
+                gateway.send(msg.ShardUp(child.index))
         self._write_node_json()
         log.info("%s is back (pid %d)", child.name, child.proc.pid if child.proc else -1)
+
+    async def _ready_or_failure(self, child: Child) -> str | None:
+        """None once the new incarnation is ready; why not if it exits or hangs first."""
+        proc = child.proc
+        assert proc is not None
+        ready = asyncio.ensure_future(child.ready.wait())
+        exited = asyncio.ensure_future(proc.wait())
+        try:
+            await asyncio.wait(
+                {ready, exited}, timeout=READY_TIMEOUT, return_when="FIRST_COMPLETED"
+            )
+        finally:
+            ready.cancel()
+            exited.cancel()
+        if child.ready.is_set():
+            return None
+        if proc.returncode is not None:
+            return f"exited with {proc.returncode} before it was ready"
+        proc.kill()
+        await proc.wait()
+        return f"was not ready within {READY_TIMEOUT:g} s (killed)"
+
+    async def _heartbeats(self) -> None:
+        """Ping every ready child; report the silent ones, kill and restart the dead."""
+        while not self._stopping:
+            now = time.monotonic()
+            for child in self.children:
+                proc = child.proc
+                if not child.ready.is_set() or proc is None or proc.returncode is not None:
+                    continue
+                beat = child.heartbeat
+                health = beat.health(now)
+                if health is Health.DEAD and child.kill_reason is None:
+                    child.kill_reason = f"killed: no heartbeat for {beat.silent_for(now):.1f} s"
+                    log.error(
+                        "%s (pid %d) stopped answering; %s", child.name, proc.pid, child.kill_reason
+                    )
+                    proc.kill()
+                elif health is Health.UNRESPONSIVE and not child.unresponsive:
+                    log.warning(
+                        "%s (pid %d) is unresponsive: no heartbeat for %.1f s (killed at %g s)",
+                        child.name,
+                        proc.pid,
+                        beat.silent_for(now),
+                        beat.kill_after,
+                    )
+                child.unresponsive = health is not Health.OK
+                child.send(msg.Ping(beat.ping(now)))
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     async def _wait_ready(self, children: list[Child]) -> None:
         try:
@@ -419,11 +542,11 @@ class Supervisor:
         # no publish can be appended anywhere afterwards. Phase 2: each gateway
         # collects what the shards still owe its subscribers, delivers it, closes.
         for gateway in live:
-            gateway.send(cmd="quiesce", timeout=grace / 2)
+            gateway.send(msg.Quiesce(grace / 2))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*(g.quiesced.wait() for g in live)), grace / 2)
         for gateway in live:
-            gateway.send(cmd="drain", grace=max(deadline - loop.time() - 0.5, 0.1))
+            gateway.send(msg.Drain(max(deadline - loop.time() - 0.5, 0.1)))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
                 asyncio.gather(*(g.drained.wait() for g in live)), max(deadline - loop.time(), 0.1)
@@ -435,6 +558,8 @@ class Supervisor:
         await self._reap(timeout=max(grace / 2, 2.0))
         if self.health is not None:
             await self.health.stop()
+        if self._control_sock is not None:
+            self._control_sock.close()
         for task in self._key_tasks:
             task.cancel()
         for task in self._key_tasks:
@@ -442,10 +567,6 @@ class Supervisor:
                 await task
         if self._jwks_fetcher is not None:
             await self._jwks_fetcher.aclose()
-        if self.control is not None:
-            await self.control.stop()
-        if self._control_store is not None:
-            await self._control_store.close()
 
     async def _reap(self, timeout: float) -> None:
         procs = [c.proc for c in self.children if c.proc is not None and c.proc.returncode is None]
@@ -477,6 +598,10 @@ class Supervisor:
                 os.close(fd)
         for sock in self._sockets:
             sock.close()
+        if self._fd_reserve is not None:
+            self._fd_reserve.release_all()
+        if self._lock is not None:
+            self._lock.release()
 
     # -- reporting --------------------------------------------------------------------------
 
@@ -494,27 +619,24 @@ class Supervisor:
         }
 
     def _control_url(self) -> str | None:
-        if self.control is not None:
-            return f"{self.control.scheme}://{_fmt(*self.control.address)}"
+        if self._control_sock is not None:
+            host = self.config.control[0]
+            https = not is_loopback(host) or self.config.control_client_ca is not None
+            port = self._control_sock.getsockname()[1]
+            return f"{'https' if https else 'http'}://{_fmt(host, port)}"
         return self.config.control_url
 
     def _write_node_json(self) -> None:
         path = self.config.data_dir / "node.json"
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.node_info(), indent=2) + "\n")
-        os.replace(tmp, path)
-
-
-async def _ensure_default_namespace(store: Store) -> None:
-    """A new embedded control plane starts with the ``default`` tenant and namespace,
-    the ones clients use when they name none."""
-    for kind, path in (
-        (ResourceKind.TENANT, ("default",)),
-        (ResourceKind.NAMESPACE, ("default", "default")),
-    ):
-        if await store.get(kind, path) is None:
-            with contextlib.suppress(AlreadyExists):
-                await store.create(kind, path, {})
+        # With the descriptor reserve freed: the write needs one, and runs synchronously.
+        reserve = self._fd_reserve.released() if self._fd_reserve else contextlib.nullcontext()
+        try:
+            with reserve:
+                tmp.write_text(json.dumps(self.node_info(), indent=2) + "\n")
+                os.replace(tmp, path)
+        except OSError as exc:  # e.g. no descriptor free: node.json is a report, not state
+            log.warning("cannot write %s: %s", path, exc)
 
 
 def _is_ip(host: str) -> bool:

@@ -3,21 +3,23 @@
 A child gets its role, its index, the node configuration, the names of its
 rings and the file descriptors of its doorbells (and, for a gateway, of its UDP
 socket) as JSON in ``FELIX_CHILD_SPEC``; the descriptors themselves arrive
-through ``pass_fds``. It talks to the supervisor over one socket (``control_fd``),
-newline-delimited JSON both ways:
+through ``pass_fds``. It talks to the supervisor over one socket (``control_fd``)
+in the messages of felix/node/messages.py: ``Ready`` once serving, ``Stats`` every
+second (counters for /metrics), ``Pong`` for each heartbeat ``Ping``; commands
+from the supervisor are resource changes, shard down/up (gateways), quiesce and
+drain.
 
-- child to supervisor: ``{"event": "ready"}`` once serving, ``{"event": "stats", ...}``
-  every second (counters for /metrics);
-- supervisor to child: ``{"cmd": "shard_down"|"shard_up", "shard": n}`` (gateways)
-  and ``{"cmd": "drain", "grace": s}``.
-
-A child exits when the supervisor's end of the socket closes, so no child
-outlives its supervisor.
+No child outlives its supervisor: a child exits when the supervisor's end of the
+socket closes, and on Linux the kernel kills it (SIGKILL, which also ends a
+stopped process) when the supervisor dies (``PR_SET_PDEATHSIG``), so a frozen
+orphan cannot keep a socket in the port's reuseport group or use the data dir
+under the next node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import json
 import logging
@@ -27,19 +29,19 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import uvloop
 
 from felix import ipc
-from felix.errors import FelixError
+from felix.errors import FelixError, RemoteProtocolError
 from felix.gateway.auth import TokenAuthenticator
 from felix.gateway.connection import connection_factory
 from felix.gateway.gateway import Gateway
 from felix.gateway.links import Deliver, LocalShards, ShardLinks
 from felix.ipc import RecordType
+from felix.node import messages as msg
 from felix.node.config import NodeConfig
 from felix.quic import load_engine, load_reset_key, serve_on_socket
 from felix.ring import Ring, RingReader
@@ -53,6 +55,8 @@ log = logging.getLogger("felix.node")
 SPEC_ENV = "FELIX_CHILD_SPEC"
 STATS_INTERVAL = 1.0
 SWEEP_INTERVAL = 0.1
+#: linux/prctl.h: the signal the kernel sends this process when its parent dies.
+_PR_SET_PDEATHSIG = 1
 #: Records a shard holds for a gateway whose ring is full; pushes beyond it are dropped
 #: (subscribers notice the gap and READ), replies are bounded by the gateway's in-flight cap.
 MAX_OVERFLOW_PUSHES = 10_000
@@ -68,7 +72,7 @@ class RingSpec:
 
 @dataclass(frozen=True, slots=True)
 class ChildSpec:
-    role: str  # "gateway" | "shard"
+    role: str  # "gateway" | "shard" | "control"
     index: int
     incarnation: int
     config: NodeConfig
@@ -77,7 +81,11 @@ class ChildSpec:
     #: Rings this child writes, by peer index.
     outbound: list[RingSpec]
     control_fd: int
-    udp_fd: int = -1
+    #: The socket this child serves on: a gateway's UDP socket, the control process's
+    #: TCP listener (-1: none).
+    socket_fd: int = -1
+    #: The supervisor's pid: a child whose parent is already another process exits.
+    supervisor_pid: int = 0
 
     def to_json(self) -> str:
         return json.dumps(
@@ -89,7 +97,8 @@ class ChildSpec:
                 "inbound": [[r.name, r.doorbell] for r in self.inbound],
                 "outbound": [[r.name, r.doorbell] for r in self.outbound],
                 "control_fd": self.control_fd,
-                "udp_fd": self.udp_fd,
+                "socket_fd": self.socket_fd,
+                "supervisor_pid": self.supervisor_pid,
             }
         )
 
@@ -104,7 +113,8 @@ class ChildSpec:
             inbound=[RingSpec(n, d) for n, d in raw["inbound"]],
             outbound=[RingSpec(n, d) for n, d in raw["outbound"]],
             control_fd=raw["control_fd"],
-            udp_fd=raw["udp_fd"],
+            socket_fd=raw["socket_fd"],
+            supervisor_pid=raw["supervisor_pid"],
         )
 
 
@@ -117,16 +127,25 @@ class ControlChannel:
         self._reader: asyncio.StreamReader | None = None
 
     async def open(self) -> None:
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
+        self._reader, self._writer = await asyncio.open_unix_connection(
+            sock=self._sock, limit=msg.MAX_LINE_BYTES
+        )
 
-    def send(self, **event: Any) -> None:
+    def send(self, event: msg.Event) -> None:
         if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(json.dumps(event).encode() + b"\n")
+            self._writer.write(msg.encode(event))
 
-    async def commands(self) -> Any:
+    async def commands(self) -> AsyncIterator[msg.Command]:
+        """The supervisor's commands until it closes the socket (bad lines are logged)."""
         assert self._reader is not None
         while line := await self._reader.readline():
-            yield json.loads(line)
+            try:
+                message = msg.decode(line)
+            except RemoteProtocolError as exc:
+                log.error("bad command from the supervisor: %s", exc)
+                continue
+            if isinstance(message, msg.Command):
+                yield message
 
 
 class RingLinks:
@@ -231,10 +250,14 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
         loop.call_later(SWEEP_INTERVAL, sweep)
 
     sweep()
-    control.send(event="ready")
-    await _serve_commands(
+    control.send(msg.Ready())
+
+    def on_command(cmd: msg.Command) -> None:
+        if isinstance(cmd, msg.ApplyResource):
+            apply_resource(core, config, cmd, send_out)
+
+    await serve_commands(
         control,
-        spec,
         lambda: {
             **stats,
             "published": core.published,
@@ -247,7 +270,7 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
             "trimmed_bytes": core.trimmed_bytes,
             "caches": core.caches,
         },
-        on_command=lambda cmd: apply_resource(core, config, cmd, send_out),
+        on_command,
     )
     for r in readers:
         r.stop()
@@ -255,27 +278,30 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
 
 
 def apply_resource(
-    core: ShardCore, config: NodeConfig, cmd: dict[str, Any], flush: Callable[[], None]
+    core: ShardCore, config: NodeConfig, cmd: msg.ApplyResource, flush: Callable[[], None]
 ) -> None:
     """Apply a control-plane resource the supervisor sent (``define`` / ``delete``)."""
-    kind, path, spec = cmd.get("kind"), tuple(cmd.get("path", ())), cmd.get("spec") or {}
+    kind, spec = cmd.kind, cmd.spec
+    if kind == "tenant":  # messages.decode checked the path's length for its kind
+        quota = tenant_quota(spec, config.tenant_defaults, config.shards)
+        core.define_tenant(cmd.path[0], quota if cmd.op == "define" else None)
+        flush()
+        return
+    path = (cmd.path[0], cmd.path[1], cmd.path[2])
     try:
-        if cmd["cmd"] == "define" and kind == "stream":
+        if cmd.op == "define" and kind == "stream":
             key = ipc.stream_key(*path)
             for what in unsupported(spec):
                 log.warning("stream %s: %s is stored but not honoured", key, what)
             core.define_stream(key, stream_settings(spec, config.stream_defaults))
-        elif cmd["cmd"] == "define" and kind == "cache":
+        elif cmd.op == "define" and kind == "cache":
             core.define_cache(path, cache_settings(spec, config.cache_defaults, config.shards))
-        elif cmd["cmd"] == "delete" and kind == "stream":
+        elif cmd.op == "delete" and kind == "stream":
             core.delete_stream(ipc.stream_key(*path))
-        elif cmd["cmd"] == "delete" and kind == "cache":
+        elif cmd.op == "delete" and kind == "cache":
             core.delete_cache(path)
-        elif kind == "tenant":
-            quota = tenant_quota(spec, config.tenant_defaults, config.shards)
-            core.define_tenant(path[0], quota if cmd["cmd"] == "define" else None)
     except FelixError as exc:
-        log.error("cannot apply %s %s %s: %s", cmd["cmd"], kind, "/".join(path), exc)
+        log.error("cannot apply %s %s %s: %s", cmd.op, kind, "/".join(path), exc)
     flush()
 
 
@@ -325,7 +351,7 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
             links.send(shard, ipc.encode(RecordType.HELLO, 0, spec.index, b""))
     quic = load_engine(config.engine)
     certs = node_certificates(config.data_dir / "tls", cert=config.tls_cert, key=config.tls_key)
-    sock = socket.socket(fileno=spec.udp_fd)
+    sock = socket.socket(fileno=spec.socket_fd)
     sock.setblocking(False)
     server = await serve_on_socket(
         quic,
@@ -336,22 +362,23 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
         # Survives restarts: clients of a killed gateway get a stateless reset.
         reset_key=load_reset_key(config.data_dir),
     )
-    control.send(event="ready")
+    control.send(msg.Ready())
 
-    async def on_command(cmd: dict[str, Any]) -> None:
-        if cmd["cmd"] in ("define", "delete") and cores:
-            apply_resource(cores[cmd["shard"]], config, cmd, local.flush_soon)
-        elif cmd["cmd"] == "shard_down":
-            gateway.shard_down(cmd["shard"])
-        elif cmd["cmd"] == "shard_up":
-            gateway.shard_up(cmd["shard"])
-        elif cmd["cmd"] == "quiesce":
-            await gateway.quiesce(float(cmd.get("timeout", config.drain_grace / 2)))
-            control.send(event="quiesced")
-        elif cmd["cmd"] == "drain":
-            await gateway.drain(float(cmd.get("grace", config.drain_grace)))
+    async def on_command(cmd: msg.Command) -> None:
+        if isinstance(cmd, msg.ApplyResource):
+            if cores:
+                apply_resource(cores[cmd.shard], config, cmd, local.flush_soon)
+        elif isinstance(cmd, msg.ShardDown):
+            gateway.shard_down(cmd.shard)
+        elif isinstance(cmd, msg.ShardUp):
+            gateway.shard_up(cmd.shard)
+        elif isinstance(cmd, msg.Quiesce):
+            await gateway.quiesce(float(cmd.timeout))
+            control.send(msg.Quiesced())
+        elif isinstance(cmd, msg.Drain):
+            await gateway.drain(float(cmd.grace))
             server.close()
-            control.send(event="drained")
+            control.send(msg.Drained())
 
     def stats() -> dict[str, int]:
         return {
@@ -373,31 +400,52 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
             "internal_errors": gateway.internal_errors,
         }
 
-    await _serve_commands(control, spec, stats, on_command=on_command)
+    await serve_commands(control, stats, on_command)
     server.close()
     links.close()
 
 
-async def _serve_commands(
-    control: ControlChannel, spec: ChildSpec, stats: Any, on_command: Any
+async def serve_commands(
+    control: ControlChannel,
+    stats: Callable[[], dict[str, int]],
+    on_command: Callable[[msg.Command], Awaitable[None] | None],
 ) -> None:
+    """Report stats every second, answer heartbeats and run commands until the
+    supervisor closes the socket."""
     loop = asyncio.get_running_loop()
 
     def report() -> None:
-        control.send(event="stats", role=spec.role, index=spec.index, **stats())
+        control.send(msg.Stats(stats()))
         handle[0] = loop.call_later(STATS_INTERVAL, report)
 
     handle = [loop.call_later(STATS_INTERVAL, report)]
-    running: set[asyncio.Task[None]] = set()
+    running: set[asyncio.Future[None]] = set()
     try:
         async for cmd in control.commands():
+            if isinstance(cmd, msg.Ping):
+                # Answered from this loop: a frozen or wedged process cannot answer.
+                control.send(msg.Pong(cmd.seq))
+                continue
             result = on_command(cmd)
-            if asyncio.iscoroutine(result):
-                task = loop.create_task(result)
+            if result is not None:
+                task = asyncio.ensure_future(result)
                 running.add(task)
                 task.add_done_callback(running.discard)
     finally:
         handle[0].cancel()
+
+
+def die_with_supervisor(supervisor_pid: int) -> None:
+    """Make the kernel kill this process when the supervisor dies (Linux), and exit
+    now if it already did (our parent is then someone else)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    # Checked after the prctl: a supervisor that died before it is caught here.
+    if supervisor_pid and os.getppid() != supervisor_pid:
+        log.error("the supervisor (pid %d) is gone; exiting", supervisor_pid)
+        sys.exit(1)
 
 
 def main() -> None:
@@ -418,12 +466,17 @@ def main() -> None:
     # dies, its socket closes and we exit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_supervisor(spec.supervisor_pid)
 
     async def run() -> None:
         control = ControlChannel(spec.control_fd)
         await control.open()
         if spec.role == "shard":
             await run_shard(spec, control)
+        elif spec.role == "control":
+            from felix.node.control_process import run_control
+
+            await run_control(spec, control)
         else:
             await run_gateway(spec, control)
 

@@ -1,0 +1,152 @@
+"""The node's control process: the embedded control plane, apart from the data plane.
+
+``felix up`` (without ``--control-url``) runs the control plane's REST API here,
+in a child process of the supervisor (``python -m felix.node.worker`` with role
+``control``), never in the supervisor itself: whatever its clients do to it (huge
+bodies, floods of connections, a crash, an exception) costs this process at
+most. The supervisor keeps the listening socket (so the port survives a
+restart), restarts this process like any child, and follows the store through
+it: it asks for snapshots and changes over the control socket
+(felix/node/messages.py), which this process answers from its store
+(:class:`~felix.node.control.StoreFeed`).
+
+The process offers itself first to the kernel's OOM killer (``oom_score_adj``
+500): on a host out of memory, the control plane goes before a shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+from felix.auth.files import admin_token
+from felix.control.model import ResourceKind
+from felix.control.store import AlreadyExists, CursorTooOld, Store
+from felix.control.stores import open_store
+from felix.node import messages as msg
+from felix.node.config import NodeConfig, is_loopback
+from felix.node.control import EmbeddedControl, StoreFeed
+from felix.node.worker import ChildSpec, ControlChannel, serve_commands
+from felix.tls import node_certificates
+
+log = logging.getLogger("felix.control")
+
+#: How much more likely than others this process is to be chosen by the OOM killer.
+OOM_SCORE_ADJ = 500
+
+
+async def run_control(spec: ChildSpec, channel: ControlChannel) -> None:
+    config = spec.config
+    _prefer_oom_kill()
+    url = config.control_store or f"sqlite:///{config.data_dir / 'control.db'}"
+    store = open_store(url)
+    await store.open()
+    try:
+        await ensure_default_namespace(store)
+        control = _api(config, store, socket.socket(fileno=spec.socket_fd))
+        await control.start()
+        channel.send(msg.Ready())
+        feed = StoreFeed(store)
+
+        def on_command(cmd: msg.Command) -> Awaitable[None] | None:
+            if isinstance(cmd, msg.SnapshotRequest | msg.ChangesRequest):
+                return _answer(feed, channel, cmd)
+            return None
+
+        await serve_commands(channel, dict, on_command)
+        await control.stop()
+    finally:
+        await store.close()
+
+
+def _api(config: NodeConfig, store: Store, sock: socket.socket) -> EmbeddedControl:
+    host = config.control[0]
+    # HTTPS beyond loopback, and whenever clients must present certificates.
+    tls = None
+    if not is_loopback(host) or config.control_client_ca is not None:
+        certs = node_certificates(config.data_dir / "tls", cert=config.tls_cert, key=config.tls_key)
+        tls = (certs.server_cert, certs.server_key)
+    # With --auth the API needs a token: the bootstrap admin one is in the data dir.
+    admin = admin_token(config.data_dir / "admin-token") if config.auth else None
+    node_json = config.data_dir / "node.json"
+    return EmbeddedControl(
+        store,
+        sock,
+        tls=tls,
+        client_ca=config.control_client_ca,
+        node_info=lambda: _read_json(node_json),
+        keys_dir=config.data_dir / "auth",
+        admin_token=admin,
+        require_auth=config.auth,
+        quotas=config.quotas,
+    )
+
+
+async def _answer(
+    feed: StoreFeed, channel: ControlChannel, cmd: msg.SnapshotRequest | msg.ChangesRequest
+) -> None:
+    """Answer one of the supervisor's feed requests."""
+    try:
+        if isinstance(cmd, msg.SnapshotRequest):
+            position, resources = await feed.snapshot()
+            parts = _parts([r.model_dump(mode="json") for r in resources])
+            for i, part in enumerate(parts):
+                channel.send(msg.SnapshotPart(cmd.request, position, part, i == len(parts) - 1))
+        else:
+            changes, nxt = await feed.changes(cmd.since, cmd.limit, cmd.wait)
+            channel.send(
+                msg.ChangesReply(cmd.request, [c.model_dump(mode="json") for c in changes], nxt)
+            )
+    except CursorTooOld as exc:
+        channel.send(msg.FeedFailed(cmd.request, str(exc), cursor_too_old=True))
+    except Exception as exc:  # the store failed: the supervisor's follower retries
+        log.warning("feed request failed: %s", exc)
+        channel.send(msg.FeedFailed(cmd.request, str(exc)))
+
+
+def _parts(resources: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Split a snapshot into parts of at most SNAPSHOT_PART_BYTES of JSON (at least one
+    part, possibly empty; a resource larger than that travels alone)."""
+    parts: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for resource in resources:
+        n = len(json.dumps(resource))
+        if parts[-1] and size + n > msg.SNAPSHOT_PART_BYTES:
+            parts.append([])
+            size = 0
+        parts[-1].append(resource)
+        size += n
+    return parts
+
+
+async def ensure_default_namespace(store: Store) -> None:
+    """A new embedded control plane starts with the ``default`` tenant and namespace,
+    the ones clients use when they name none."""
+    for kind, path in (
+        (ResourceKind.TENANT, ("default",)),
+        (ResourceKind.NAMESPACE, ("default", "default")),
+    ):
+        if await store.get(kind, path) is None:
+            with contextlib.suppress(AlreadyExists):
+                await store.create(kind, path, {})
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _prefer_oom_kill() -> None:
+    with contextlib.suppress(OSError):
+        Path("/proc/self/oom_score_adj").write_text(f"{OOM_SCORE_ADJ}\n")
+
+
+__all__ = ["ensure_default_namespace", "run_control"]

@@ -1,0 +1,297 @@
+"""Messages between the supervisor and its child processes (one control socket per child).
+
+Each message is one line of JSON: ``{"type": "<name>", ...fields}``. Commands go
+from the supervisor to a child, events from a child to the supervisor. The line
+format never leaves the node (both ends are always the same felix version), so
+it is plain JSON rather than a versioned binary format like the ring records in
+felix/ipc.py; what this module adds is one typed class per message, so both ends
+agree on names and fields and mypy checks every use.
+
+    line = encode(ShardDown(shard=1))        # b'{"type": "shard_down", "shard": 1}\\n'
+    decode(line)                             # ShardDown(shard=1)
+
+:func:`decode` raises :class:`~felix.errors.RemoteProtocolError` for a line that
+is not a known message with the right fields; a line is at most
+:data:`MAX_LINE_BYTES` long (the reader's limit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from felix.errors import RemoteProtocolError
+
+#: Longest message line either end reads: a snapshot part is the largest message
+#: (:data:`SNAPSHOT_PART_BYTES` of resources, or one resource larger than that).
+MAX_LINE_BYTES = 4 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class _Message:
+    TYPE: ClassVar[str] = ""
+
+
+# -- supervisor to child ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ShardDown(_Message):
+    """To gateways: shard ``shard`` died; fail what is in flight to it (Unavailable)."""
+
+    TYPE: ClassVar[str] = "shard_down"
+    shard: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShardUp(_Message):
+    """To gateways: shard ``shard``'s replacement is ready."""
+
+    TYPE: ClassVar[str] = "shard_up"
+    shard: int
+
+
+@dataclass(frozen=True, slots=True)
+class Quiesce(_Message):
+    """To gateways: stop taking requests, wait up to ``timeout`` s for replies in flight."""
+
+    TYPE: ClassVar[str] = "quiesce"
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Drain(_Message):
+    """To gateways: deliver what subscribers are owed, then close, within ``grace`` s."""
+
+    TYPE: ClassVar[str] = "drain"
+    grace: float
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResource(_Message):
+    """To the shard owning it (or the gateway hosting shard ``shard``): a control-plane
+    stream or cache was defined (``op`` "define", with its ``spec``) or deleted."""
+
+    TYPE: ClassVar[str] = "apply"
+    op: Literal["define", "delete"]
+    kind: str  # felix.control.model.ResourceKind value: "tenant" | "stream" | "cache"
+    path: list[str]  # [tenant] for a tenant, else [tenant, namespace, name]
+    shard: int
+    spec: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(_Message):
+    """The supervisor's heartbeat; the child answers :class:`Pong` with the same ``seq``."""
+
+    TYPE: ClassVar[str] = "ping"
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRequest(_Message):
+    """To the control process: send the store's snapshot (as :class:`SnapshotPart` s)."""
+
+    TYPE: ClassVar[str] = "snapshot"
+    request: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChangesRequest(_Message):
+    """To the control process: the feed after ``since`` (waiting up to ``wait`` s for one)."""
+
+    TYPE: ClassVar[str] = "changes"
+    request: int
+    since: int
+    limit: int
+    wait: float
+
+
+# -- child to supervisor ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ready(_Message):
+    """The child serves (a shard reads its rings; a gateway answers on its socket)."""
+
+    TYPE: ClassVar[str] = "ready"
+
+
+@dataclass(frozen=True, slots=True)
+class Quiesced(_Message):
+    TYPE: ClassVar[str] = "quiesced"
+
+
+@dataclass(frozen=True, slots=True)
+class Drained(_Message):
+    TYPE: ClassVar[str] = "drained"
+
+
+@dataclass(frozen=True, slots=True)
+class Stats(_Message):
+    """The child's counters and gauges (names from felix/node/health.py's table)."""
+
+    TYPE: ClassVar[str] = "stats"
+    counters: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(_Message):
+    TYPE: ClassVar[str] = "pong"
+    seq: int
+
+
+#: Bytes of resource JSON per :class:`SnapshotPart`.
+SNAPSHOT_PART_BYTES = 256 << 10
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotPart(_Message):
+    """From the control process: part of a snapshot (``Resource`` JSON objects); the
+    last part has ``done`` set. ``position``: the feed position the snapshot reflects."""
+
+    TYPE: ClassVar[str] = "snapshot_part"
+    request: int
+    position: int
+    resources: list[dict[str, Any]]
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChangesReply(_Message):
+    """From the control process: ``Change`` JSON objects and the position to ask from next."""
+
+    TYPE: ClassVar[str] = "changes_reply"
+    request: int
+    changes: list[dict[str, Any]]
+    next_position: int
+
+
+@dataclass(frozen=True, slots=True)
+class FeedFailed(_Message):
+    """From the control process: a feed request failed (``cursor_too_old``: re-snapshot)."""
+
+    TYPE: ClassVar[str] = "feed_failed"
+    request: int
+    error: str
+    cursor_too_old: bool = False
+
+
+Command = (
+    ShardDown | ShardUp | Quiesce | Drain | ApplyResource | Ping | SnapshotRequest | ChangesRequest
+)
+Event = Ready | Quiesced | Drained | Stats | Pong | SnapshotPart | ChangesReply | FeedFailed
+Message = Command | Event
+
+_TYPES: dict[str, type[Any]] = {
+    cls.TYPE: cls
+    for cls in (
+        ShardDown,
+        ShardUp,
+        Quiesce,
+        Drain,
+        ApplyResource,
+        Ping,
+        SnapshotRequest,
+        ChangesRequest,
+        Ready,
+        Quiesced,
+        Drained,
+        Stats,
+        Pong,
+        SnapshotPart,
+        ChangesReply,
+        FeedFailed,
+    )
+}
+#: Field name -> the JSON types its value may have (ints are accepted as floats).
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "shard": (int,),
+    "seq": (int,),
+    "timeout": (int, float),
+    "grace": (int, float),
+    "op": (str,),
+    "kind": (str,),
+    "path": (list,),
+    "spec": (dict,),
+    "counters": (dict,),
+    "request": (int,),
+    "since": (int,),
+    "limit": (int,),
+    "wait": (int, float),
+    "position": (int,),
+    "resources": (list,),
+    "changes": (list,),
+    "next_position": (int,),
+    "done": (bool,),
+    "error": (str,),
+    "cursor_too_old": (bool,),
+}
+
+
+def encode(message: Message) -> bytes:
+    fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+    return json.dumps({"type": message.TYPE, **fields}).encode() + b"\n"
+
+
+def decode(line: bytes) -> Message:
+    try:
+        raw = json.loads(line)
+    except ValueError as exc:
+        raise RemoteProtocolError(f"control message is not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RemoteProtocolError("control message is not a JSON object")
+    cls = _TYPES.get(raw.pop("type", None))
+    if cls is None:
+        raise RemoteProtocolError("unknown control message type")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise RemoteProtocolError(f"{cls.TYPE} message without {f.name!r}")
+            continue
+        value = raw[f.name]
+        types = _JSON_TYPES[f.name]
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            raise RemoteProtocolError(f"{cls.TYPE} message: bad {f.name!r}")
+        values[f.name] = value
+    if cls is ApplyResource:
+        if values["op"] not in ("define", "delete"):
+            raise RemoteProtocolError("apply message: op must be define or delete")
+        path = values["path"]
+        size = 1 if values["kind"] == "tenant" else 3
+        if len(path) != size or not all(isinstance(part, str) for part in path):
+            raise RemoteProtocolError(
+                "apply message: path must be [tenant] or [tenant, namespace, name]"
+            )
+    message: Message = cls(**values)
+    return message
+
+
+__all__ = [
+    "MAX_LINE_BYTES",
+    "SNAPSHOT_PART_BYTES",
+    "ApplyResource",
+    "ChangesReply",
+    "ChangesRequest",
+    "Command",
+    "Drain",
+    "Drained",
+    "Event",
+    "FeedFailed",
+    "Message",
+    "Ping",
+    "Pong",
+    "Quiesce",
+    "Quiesced",
+    "Ready",
+    "ShardDown",
+    "ShardUp",
+    "SnapshotPart",
+    "SnapshotRequest",
+    "Stats",
+    "decode",
+    "encode",
+]

@@ -144,7 +144,7 @@ def test_follower_keeps_retrying_while_the_control_plane_is_away() -> None:
         follower = ControlFollower(Flaky(store), SHARDS, sent.append)
         task = asyncio.create_task(follower.run())
         await asyncio.wait_for(follower.seeded.wait(), 10)
-        assert [c["kind"] for c in sent].count("stream") == 1
+        assert [m.kind for m in sent].count("stream") == 1
         task.cancel()
 
     run(main, timeout=20)

@@ -23,6 +23,28 @@ _READ = struct.Struct(">QII")
 _KEY_LEN = struct.Struct(">H")
 
 
+class SlowSubscriberPolicy(enum.IntEnum):
+    """A stream's slow-subscriber policy, as a shard tells a gateway in the aux of a
+    SUBSCRIBED reply (docs/operations.md, ``--slow-subscriber``)."""
+
+    DROP_OLD = 0
+    DISCONNECT = 1
+    BLOCK = 2
+
+    @property
+    def setting(self) -> str:
+        """The policy's name in settings and the control plane (``drop_old``...)."""
+        return self.name.lower()
+
+    @classmethod
+    def of(cls, setting: str) -> SlowSubscriberPolicy:
+        """The policy named ``setting``; unknown names are the default, drop_old."""
+        try:
+            return cls[setting.upper()]
+        except KeyError:
+            return cls.DROP_OLD
+
+
 class RecordType(enum.IntEnum):
     """What a ring record carries. Direction: G = gateway to shard, S = shard to gateway."""
 

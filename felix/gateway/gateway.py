@@ -23,6 +23,7 @@ Transmits are coalesced per connection per loop tick (felix/quic/protocol.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,7 +48,6 @@ from felix.gateway.subscription import (
     events_count,
 )
 from felix.ipc import RecordType
-from felix.shard.core import POLICY_NAMES
 
 if TYPE_CHECKING:
     from felix.gateway.connection import ConnectionShell
@@ -306,7 +306,9 @@ class Gateway:
     def _on_subscribe_reply(self, sub: Subscription, frame: bytes, policy: int) -> None:
         if sub.state is not SubState.PENDING:
             return
-        sub.policy = POLICY_NAMES.get(policy, sub.policy)
+        # A newer shard's policy this gateway does not know: keep the default.
+        with contextlib.suppress(ValueError):
+            sub.policy = ipc.SlowSubscriberPolicy(policy).setting
         if frame[wire.HEADER_SIZE] != wire.OP_SUBSCRIBED:
             self._drop_subscription(sub)
             return

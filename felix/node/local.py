@@ -19,7 +19,7 @@ from types import TracebackType
 from felix.gateway.auth import Authenticator
 from felix.gateway.connection import connection_factory
 from felix.gateway.gateway import Gateway, GatewayLimits
-from felix.gateway.links import LocalShards
+from felix.node.links import LocalShards
 from felix.quic import QuicServerHandle, bind_udp, load_engine, load_reset_key, serve_on_socket
 from felix.shard.core import ShardCore, ShardSettings
 from felix.shard.offsets import OffsetReservations

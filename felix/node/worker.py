@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import uvloop
@@ -39,10 +39,11 @@ from felix.errors import FelixError, RemoteProtocolError
 from felix.gateway.auth import TokenAuthenticator
 from felix.gateway.connection import connection_factory
 from felix.gateway.gateway import Gateway
-from felix.gateway.links import Deliver, LocalShards, ShardLinks
+from felix.gateway.links import ShardLinks
 from felix.ipc import RecordType
 from felix.node import messages as msg
 from felix.node.config import NodeConfig
+from felix.node.links import SWEEP_INTERVAL, LocalShards, RingLinks
 from felix.quic import load_engine, load_reset_key, serve_on_socket
 from felix.ring import Ring, RingReader
 from felix.shard.core import ShardCore, ShardSettings
@@ -54,7 +55,6 @@ log = logging.getLogger("felix.node")
 
 SPEC_ENV = "FELIX_CHILD_SPEC"
 STATS_INTERVAL = 1.0
-SWEEP_INTERVAL = 0.1
 #: linux/prctl.h: the signal the kernel sends this process when its parent dies.
 _PR_SET_PDEATHSIG = 1
 #: Records a shard holds for a gateway whose ring is full; pushes beyond it are dropped
@@ -146,41 +146,6 @@ class ControlChannel:
                 continue
             if isinstance(message, msg.Command):
                 yield message
-
-
-class RingLinks:
-    """A gateway's rings to every shard (implements felix.gateway.links.ShardLinks)."""
-
-    def __init__(self, outbound: Sequence[Ring], inbound: Sequence[Ring]) -> None:
-        self._out = list(outbound)
-        self._in = list(inbound)
-        self._readers: list[RingReader] = []
-        self._tasks: list[asyncio.Task[None]] = []
-
-    @property
-    def shards(self) -> int:
-        return len(self._out)
-
-    @property
-    def max_record_size(self) -> int:
-        return min(ring.max_record_size for ring in self._out)
-
-    def attach(self, gateway: int, deliver: Deliver) -> None:
-        for shard, ring in enumerate(self._in):
-            # Records a previous incarnation of this gateway did not read are for
-            # tokens nobody waits for: skip them.
-            while ring.read_batch():
-                ring.commit()
-            reader = RingReader(ring, functools.partial(deliver, shard))
-            self._readers.append(reader)
-            self._tasks.append(asyncio.get_running_loop().create_task(reader.run()))
-
-    def send(self, shard: int, record: bytes) -> bool:
-        return self._out[shard].write(record)
-
-    def close(self) -> None:
-        for reader in self._readers:
-            reader.stop()
 
 
 # --- shard -------------------------------------------------------------------------------

@@ -57,8 +57,6 @@ MAX_READ_BYTES = 1024 * 1024
 
 
 #: Slow-subscriber policies as the aux of a SUBSCRIBED reply record.
-POLICY_CODES = {"drop_old": 0, "disconnect": 1, "block": 2}
-POLICY_NAMES = {code: name for name, code in POLICY_CODES.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +258,7 @@ class ShardCore:
                 stream = self._streams.get(key)
                 settings = stream.log.settings if stream else self.settings.stream_defaults
                 policy = settings.slow_subscriber_policy
-                aux = POLICY_CODES.get(policy, 0)
+                aux = ipc.SlowSubscriberPolicy.of(policy)
                 self._emit(gateway, ipc.encode(RecordType.REPLY, token, aux, reply))
                 return
         self._emit(gateway, ipc.encode(RecordType.REPLY, token, 0, reply))

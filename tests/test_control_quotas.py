@@ -124,15 +124,16 @@ def test_check_resource_uses_the_node_default_tenant_quota() -> None:
 def test_a_standalone_control_plane_checks_against_the_nodes_it_is_told_of(
     tmp_path: Path,
 ) -> None:
-    args = ("--store", "memory://", "--node-memory-budget", "64MiB", "--node-shards", "2")
-    args += ("--node-max-streams-per-shard", "1000")
+    args = ["--store", "memory://", "--node-memory-budget", "64MiB", "--node-shards", "2"]
+    args += ["--node-max-streams-per-shard", "1000"]
     with (
         control_process(tmp_path / "control.log", *args) as url,
         httpx.Client(base_url=url) as http,
     ):
         r = http.post(T, json={"name": "acme", "max_resources_per_shard": 1001})
         problem(r, "max_resources_per_shard 1001", "--max-streams-per-shard, 1000")
-        assert http.post(T, json={"name": "acme", "max_resources_per_shard": 1000}).status_code == 201
+        r = http.post(T, json={"name": "acme", "max_resources_per_shard": 1000})
+        assert r.status_code == 201, r.text
         assert http.post(NS, json={"name": "prod"}).status_code == 201
         problem(http.post(STREAMS, json={"name": "s", "replay_max_bytes": 33 * MIB}), "32 MiB")
         assert (
@@ -169,8 +170,9 @@ def test_only_the_admin_token_sets_a_tenants_quotas(tmp_path: Path) -> None:
             assert [(line["result"], line["who"]) for line in refused] == [("failed", "svc")] * 2
             assert (await http.get(ACME, headers=own)).json()["spec"]["memory_quota_bytes"] is None
             # Other settings, and the stored quotas sent back unchanged, are the tenant's.
-            body = {"description": "ours", "memory_quota_bytes": None}
-            r = await http.patch(ACME, json=body, headers=own)
+            r = await http.patch(
+                ACME, json={"description": "ours", "memory_quota_bytes": None}, headers=own
+            )
             assert r.status_code == 200, r.text
             # The admin token may; within what a shard holds (--max-streams-per-shard).
             admin = bearer(ADMIN)

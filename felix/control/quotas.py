@@ -215,15 +215,16 @@ async def check_write(
         return
     refuse_unhonoured(kind, sent)
     spec: Mapping[str, Any]
+    stored: Mapping[str, Any] = {}
     if update:
         current = await store.get(kind, path)
         if current is None:
             return  # the store answers 404
-        spec = {**current.spec, **sent}
+        stored = current.spec
+        spec = {**stored, **sent}
     else:
         spec = validate_spec(kind, sent)
     if kind is ResourceKind.TENANT:
-        stored = current.spec if update else {}
         _refuse_quota_change(path[0], sent, stored, admin)
         holdings = await _holdings(store, path[0]) if update else []
         check_tenant(path[0], spec, node, holdings)

@@ -347,6 +347,13 @@ def _add_control(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="the nodes' --tenant-memory-quota (default: the node memory budget)",
     )
     control.add_argument(
+        "--node-max-streams-per-shard",
+        type=int,
+        default=65_536,
+        help="the --max-streams-per-shard of the nodes (the smallest), the most a tenant's "
+        "max_resources_per_shard may be (65536)",
+    )
+    control.add_argument(
         "--keys-dir",
         type=Path,
         default=Path("data/auth"),
@@ -446,9 +453,10 @@ def _run_control(args: argparse.Namespace) -> int:
         parse_size(args.node_memory_budget),
         args.node_shards,
         parse_size(tenant_quota) if tenant_quota else None,
+        max_streams_per_shard=args.node_max_streams_per_shard,
     )
-    if quotas.shards < 1:
-        raise ConfigError("--node-shards must be at least 1")
+    if quotas.shards < 1 or quotas.max_streams_per_shard < 1:
+        raise ConfigError("--node-shards and --node-max-streams-per-shard must be at least 1")
 
     async def serve() -> None:
         await store.open()

@@ -358,6 +358,8 @@ def test_longest_valid_name_is_accepted() -> None:
         ({"name": 7}, ["body", "name"]),
         ({"name": "s", "fsync": "sometimes"}, ["body", "fsync"]),
         ({"name": "s", "replay_max_bytes": 1}, ["body", "replay_max_bytes"]),
+        # Below a ring the shard can hold: refused here, not dropped by the data plane.
+        ({"name": "s", "retention_bytes": 60}, ["body", "retention_bytes"]),
         ({"name": "s", "queue": {"max_deliveries": 0}}, ["body", "queue", "max_deliveries"]),
         ({"name": "s", "duarble": True}, ["body", "duarble"]),  # a typo is not ignored
         ({"name": "s", "durable": "maybe"}, ["body", "durable"]),
@@ -395,11 +397,11 @@ def test_patch_merges_nested_settings_and_checks_types() -> None:
     async def test(http: httpx.AsyncClient, store: MemoryStore) -> None:
         await seed(http)
         item = f"{STREAMS}/orders"
-        r = await http.patch(item, json={"queue": {"max_deliveries": 3}, "retention_bytes": 60})
+        r = await http.patch(item, json={"queue": {"max_deliveries": 3}, "retention_bytes": 8192})
         assert r.status_code == 200, r.text
         spec = r.json()["spec"]
         assert spec["queue"] == {"max_deliveries": 3, "ack_deadline_s": 30.0, "dead_letter": True}
-        assert spec["retention_bytes"] == 60
+        assert spec["retention_bytes"] == 8192
         # null clears a nullable setting; it is refused for one that is not.
         r = await http.patch(item, json={"retention_bytes": None})
         assert r.status_code == 200 and r.json()["spec"]["retention_bytes"] is None

@@ -3,19 +3,24 @@ the tenant's quotas, and settings the node does not honour refused, at create an
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from felix import audit
 from felix.control.model import ResourceKind, validate_spec
 from felix.control.quotas import NodeQuotas, check_resource
 from felix.control.stores.memory import MemoryStore
 from felix.errors import BadRequest
-from felix.shard.resources import unsupported
+from felix.shard.resources import SHARD_MAX_RESOURCES, unsupported
+from tests.aio import run
 from tests.nodeproc import control_process
+from tests.test_audit import Captured
 from tests.test_control_api import CACHES, NS, STREAMS, T, seed, with_api
+from tests.test_control_api_auth import ACME, ADMIN, Keys, api, assert_problem, bearer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -119,12 +124,16 @@ def test_check_resource_uses_the_node_default_tenant_quota() -> None:
 def test_a_standalone_control_plane_checks_against_the_nodes_it_is_told_of(
     tmp_path: Path,
 ) -> None:
-    args = ("--store", "memory://", "--node-memory-budget", "64MiB", "--node-shards", "2")
+    args = ["--store", "memory://", "--node-memory-budget", "64MiB", "--node-shards", "2"]
+    args += ["--node-max-streams-per-shard", "1000"]
     with (
         control_process(tmp_path / "control.log", *args) as url,
         httpx.Client(base_url=url) as http,
     ):
-        assert http.post(T, json={"name": "acme"}).status_code == 201
+        r = http.post(T, json={"name": "acme", "max_resources_per_shard": 1001})
+        problem(r, "max_resources_per_shard 1001", "--max-streams-per-shard, 1000")
+        r = http.post(T, json={"name": "acme", "max_resources_per_shard": 1000})
+        assert r.status_code == 201, r.text
         assert http.post(NS, json={"name": "prod"}).status_code == 201
         problem(http.post(STREAMS, json={"name": "s", "replay_max_bytes": 33 * MIB}), "32 MiB")
         assert (
@@ -137,3 +146,62 @@ def test_the_node_names_stored_settings_it_does_not_honour() -> None:
     assert unsupported(stored) == []
     old = {**stored, "durable": True, "fsync": "batch"}
     assert [line.split("=")[0] for line in unsupported(old)] == ["durable", "fsync"]
+
+
+def test_only_the_admin_token_sets_a_tenants_quotas(tmp_path: Path) -> None:
+    """Review finding 3: tenant.manage on its own tenant (which the tenant's RBAC admin
+    may grant itself) does not let a tenant raise its quotas."""
+    keys = Keys(tmp_path / "auth")
+    cap = Captured()
+    handler = logging.StreamHandler(cap.stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger(audit.LOGGER_NAME)
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    audit._budget = audit._Budget(audit.MAX_LINES_PER_SECOND)
+
+    async def main() -> None:
+        async with api(keys) as http:
+            own = bearer(keys.token("acme", "tenant.manage:tenant:acme"))
+            for body in ({"memory_quota_bytes": 1 << 40}, {"max_resources_per_shard": 50_000}):
+                assert_problem(await http.patch(ACME, json=body, headers=own), 403)
+            refused = [line for line in cap.lines() if line["action"] == "tenant.update"]
+            assert [(line["result"], line["who"]) for line in refused] == [("failed", "svc")] * 2
+            assert (await http.get(ACME, headers=own)).json()["spec"]["memory_quota_bytes"] is None
+            # Other settings, and the stored quotas sent back unchanged, are the tenant's.
+            r = await http.patch(
+                ACME, json={"description": "ours", "memory_quota_bytes": None}, headers=own
+            )
+            assert r.status_code == 200, r.text
+            # The admin token may; within what a shard holds (--max-streams-per-shard).
+            admin = bearer(ADMIN)
+            r = await http.patch(ACME, json={"max_resources_per_shard": 65_537}, headers=admin)
+            problem(r, "65537", "--max-streams-per-shard, 65536")
+            body = {"memory_quota_bytes": 64 * MIB, "max_resources_per_shard": 50_000}
+            r = await http.patch(ACME, json=body, headers=admin)
+            assert r.status_code == 200, r.text
+            r = await http.patch(ACME, json={"max_resources_per_shard": 50_000}, headers=own)
+            assert r.status_code == 200, r.text  # unchanged
+            assert_problem(
+                await http.patch(ACME, json={"max_resources_per_shard": 1}, headers=own), 403
+            )
+
+    try:
+        run(main)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_a_tenant_cannot_be_given_more_resources_than_a_shard_holds() -> None:
+    node = NodeQuotas(max_streams_per_shard=1 << 20)
+    assert node.max_resources_per_shard == SHARD_MAX_RESOURCES
+
+    async def test(http: httpx.AsyncClient, store: MemoryStore) -> None:
+        body = {"name": "big", "max_resources_per_shard": SHARD_MAX_RESOURCES + 1}
+        problem(await http.post(T, json=body), "shard-wide bound, 100000")
+        body["max_resources_per_shard"] = SHARD_MAX_RESOURCES
+        assert (await http.post(T, json=body)).status_code == 201
+
+    with_api(test, quotas=node)

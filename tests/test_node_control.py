@@ -184,3 +184,50 @@ def test_auth_creates_an_admin_token_the_control_api_requires(tmp_path: Path) ->
         assert token_file.read_text().strip() == token
     finally:
         node.stop()
+
+
+def test_embedded_shards_get_the_definitions_stored_before_the_node_started(
+    tmp_path: Path,
+) -> None:
+    """Review finding 6: with --embedded-shards the seed went to gateway-0 before it ran."""
+    from felix.control.model import ResourceKind
+    from felix.control.stores import open_store
+
+    data_dir = tmp_path / "node"
+    data_dir.mkdir()
+
+    async def define() -> None:
+        store = open_store(f"sqlite:///{data_dir / 'control.db'}")
+        await store.open()
+        await store.create(ResourceKind.TENANT, ("acme",), {})
+        await store.create(ResourceKind.NAMESPACE, ("acme", "prod"), {})
+        await store.create(
+            ResourceKind.STREAM, ("acme", "prod", "orders"), {"replay_max_records": 5}
+        )
+        await store.close()
+
+    run(define)
+    n = NodeProcess(data_dir, "--embedded-shards", "--no-auto-create", gateways=1, shards=2)
+    try:
+
+        async def main() -> None:
+            url = f"felix://{n.host}:{n.port}"
+            async with felix.connect(url, ca=n.ca_file, tenant="acme", namespace="prod") as client:
+                # Defined, though the node creates nothing on a first write.
+                deadline = asyncio.get_running_loop().time() + 10
+                while True:
+                    try:
+                        await client.publish("orders", b"0")
+                        break
+                    except felix.NotFound:
+                        if asyncio.get_running_loop().time() > deadline:
+                            raise
+                        await asyncio.sleep(0.2)
+                for i in range(1, 10):
+                    await client.publish("orders", b"%d" % i)
+                async with client.subscribe("orders", start="earliest") as sub:
+                    assert (await sub.next(timeout=5)).offset == 5  # replay_max_records
+
+        run(main, timeout=40)
+    finally:
+        assert n.stop() == 0

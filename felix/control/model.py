@@ -135,7 +135,7 @@ class QueueDefaults(_Spec):
 class StreamSpec(_Spec):
     durable: bool = False
     retention_age_s: Annotated[float | None, Field(gt=0)] = None
-    retention_bytes: Annotated[int | None, Field(gt=0)] = None
+    retention_bytes: Annotated[int | None, Field(ge=4096, le=1 << 40)] = None
     # Stored values other than the defaults are refused by felix/control/quotas.py when
     # a request sets them (not honoured yet); older stored values are still read.
     fsync: Literal["none", "batch", "always"] = "none"

@@ -17,7 +17,14 @@ clear 400 (BadRequest):
 * a cache whose ``budget_bytes`` is above the node's budget or the tenant's quota
   (a cache is spread over every shard, with a share of its budget on each);
 * a tenant quota above the node's budget, or below a budget of one of the
-  tenant's streams or caches.
+  tenant's streams or caches; a tenant ``max_resources_per_shard`` above what a
+  shard holds at most (the smaller of ``--max-streams-per-shard`` and the
+  shard-wide bound of 100000 streams, caches and watches).
+
+A tenant's quotas (:data:`QUOTA_FIELDS`) are the operator's to set: only the
+admin token (or dev mode without auth) may set or change them, at create or
+update; anyone else gets 403 (PermissionDenied), even holding ``tenant.manage``
+on the tenant (which its own RBAC admin may grant itself).
 
 Budgets are caps, not reservations: the data plane charges memory as used, so
 the budgets of a tenant's resources may add up to more than its quota; the quota
@@ -39,10 +46,11 @@ from typing import Any
 
 from felix.control.model import Path, Resource, ResourceKind, validate_spec
 from felix.control.store import Store
-from felix.errors import BadRequest
-from felix.shard.resources import UNHONOURED
+from felix.errors import BadRequest, PermissionDenied
+from felix.shard.resources import SHARD_MAX_RESOURCES, UNHONOURED
 
 __all__ = [
+    "QUOTA_FIELDS",
     "UNHONOURED",
     "NodeQuotas",
     "check_resource",
@@ -61,12 +69,25 @@ class NodeQuotas:
     shards: int = 1
     #: ``--tenant-memory-quota``: a tenant's quota when its spec sets none (None: the budget).
     tenant_memory: int | None = None
+    #: ``--max-streams-per-shard``.
+    max_streams_per_shard: int = 65_536
+    #: Streams, caches and watches one shard holds at most, whatever its tenants' quotas.
+    shard_max_resources: int = SHARD_MAX_RESOURCES
+
+    @property
+    def max_resources_per_shard(self) -> int:
+        """The most a tenant's ``max_resources_per_shard`` may be."""
+        return min(self.max_streams_per_shard, self.shard_max_resources)
 
     def tenant_quota(self, tenant_spec: Mapping[str, Any]) -> int:
         """``tenant``'s memory quota on the node (node-wide)."""
         return int(
             tenant_spec.get("memory_quota_bytes") or self.tenant_memory or self.memory_budget
         )
+
+
+#: A tenant's settings only the admin token may set (see the module's docstring).
+QUOTA_FIELDS = ("memory_quota_bytes", "max_resources_per_shard")
 
 
 def _size(n: int) -> str:
@@ -129,7 +150,16 @@ def check_resource(
 def check_tenant(
     tenant: str, spec: Mapping[str, Any], node: NodeQuotas, holdings: Iterable[Resource]
 ) -> None:
-    """Refuse a tenant quota above the node's budget or below one of its resources' budgets."""
+    """Refuse tenant quotas above what the node holds, or a memory quota below one of
+    its resources' budgets."""
+    most = spec.get("max_resources_per_shard")
+    if most is not None and most > node.max_resources_per_shard:
+        raise BadRequest(
+            f"tenant {tenant}: max_resources_per_shard {most} is above what a shard holds: "
+            f"{node.max_resources_per_shard} (the smaller of the node's "
+            f"--max-streams-per-shard, {node.max_streams_per_shard}, and the shard-wide "
+            f"bound, {node.shard_max_resources})"
+        )
     quota = spec.get("memory_quota_bytes")
     if quota is None:
         return
@@ -148,6 +178,18 @@ def check_tenant(
             ) from None
 
 
+def _refuse_quota_change(
+    tenant: str, sent: Mapping[str, Any], stored: Mapping[str, Any], admin: bool
+) -> None:
+    """Only the admin may set a tenant's quotas; sending the stored value back is no change."""
+    changed = [f for f in QUOTA_FIELDS if f in sent and sent[f] != stored.get(f)]
+    if changed and not admin:
+        raise PermissionDenied(
+            f"tenant {tenant}: only the admin token may set {' and '.join(changed)} "
+            "(quotas are the node operator's)"
+        )
+
+
 async def _holdings(store: Store, tenant: str) -> list[Resource]:
     out: list[Resource] = []
     for ns in await store.list_resources(ResourceKind.NAMESPACE, (tenant,)):
@@ -163,22 +205,27 @@ async def check_write(
     path: Path,
     sent: dict[str, Any],
     *,
+    admin: bool,
     update: bool = False,
 ) -> None:
     """The API's hook before it creates (``sent``: the body's settings) or updates
-    (``sent``: the patch) a resource. Raises BadRequest; other kinds pass."""
+    (``sent``: the patch) a resource; ``admin``: the caller is the admin token (or the
+    API requires no auth). Raises BadRequest or PermissionDenied; other kinds pass."""
     if kind not in (ResourceKind.TENANT, ResourceKind.STREAM, ResourceKind.CACHE):
         return
     refuse_unhonoured(kind, sent)
     spec: Mapping[str, Any]
+    stored: Mapping[str, Any] = {}
     if update:
         current = await store.get(kind, path)
         if current is None:
             return  # the store answers 404
-        spec = {**current.spec, **sent}
+        stored = current.spec
+        spec = {**stored, **sent}
     else:
         spec = validate_spec(kind, sent)
     if kind is ResourceKind.TENANT:
+        _refuse_quota_change(path[0], sent, stored, admin)
         holdings = await _holdings(store, path[0]) if update else []
         check_tenant(path[0], spec, node, holdings)
         return

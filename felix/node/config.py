@@ -234,7 +234,12 @@ class NodeConfig:
         """What the embedded control plane checks budgets against."""
         from felix.control.quotas import NodeQuotas  # the control plane's (pydantic) side
 
-        return NodeQuotas(self.memory_budget, self.shards, self.tenant_memory_quota)
+        return NodeQuotas(
+            self.memory_budget,
+            self.shards,
+            self.tenant_memory_quota,
+            max_streams_per_shard=self.max_streams_per_shard,
+        )
 
     def to_json(self) -> str:
         """The config for the child processes (without the control token: they need none)."""

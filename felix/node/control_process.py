@@ -99,9 +99,13 @@ async def _answer(
                 channel.send(msg.SnapshotPart(cmd.request, position, part, i == len(parts) - 1))
         else:
             changes, nxt = await feed.changes(cmd.since, cmd.limit, cmd.wait)
-            channel.send(
-                msg.ChangesReply(cmd.request, [c.model_dump(mode="json") for c in changes], nxt)
-            )
+            page = [c.model_dump(mode="json") for c in changes]
+            # One reply is one line: cut the page like a snapshot part (the follower asks
+            # again from the last change sent).
+            end = _fitting(page, 0)
+            if end < len(page):
+                page, nxt = page[:end], changes[end - 1].position
+            channel.send(msg.ChangesReply(cmd.request, page, nxt))
     except CursorTooOld as exc:
         channel.send(msg.FeedFailed(cmd.request, str(exc), cursor_too_old=True))
     except Exception as exc:  # the store failed: the supervisor's follower retries
@@ -112,16 +116,27 @@ async def _answer(
 def _parts(resources: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Split a snapshot into parts of at most SNAPSHOT_PART_BYTES of JSON (at least one
     part, possibly empty; a resource larger than that travels alone)."""
-    parts: list[list[dict[str, Any]]] = [[]]
-    size = 0
-    for resource in resources:
-        n = len(json.dumps(resource))
-        if parts[-1] and size + n > msg.SNAPSHOT_PART_BYTES:
-            parts.append([])
-            size = 0
-        parts[-1].append(resource)
-        size += n
+    parts: list[list[dict[str, Any]]] = []
+    start = 0
+    while start < len(resources) or not parts:
+        end = _fitting(resources, start)
+        parts.append(resources[start:end])
+        start = end
     return parts
+
+
+def _fitting(items: list[dict[str, Any]], start: int) -> int:
+    """The end of the longest run of ``items`` from ``start`` whose JSON is at most
+    SNAPSHOT_PART_BYTES, and at least one item (one larger than that travels alone:
+    see MAX_LINE_BYTES for what bounds it)."""
+    size = 0
+    end = start
+    while end < len(items):
+        size += len(json.dumps(items[end]))
+        if end > start and size > msg.SNAPSHOT_PART_BYTES:
+            break
+        end += 1
+    return end
 
 
 async def ensure_default_namespace(store: Store) -> None:

@@ -24,8 +24,12 @@ from typing import Any, ClassVar, Literal
 
 from felix.errors import RemoteProtocolError
 
-#: Longest message line either end reads: a snapshot part is the largest message
-#: (:data:`SNAPSHOT_PART_BYTES` of resources, or one resource larger than that).
+#: Longest message line either end reads: a snapshot part or a page of changes is the
+#: largest message (:data:`SNAPSHOT_PART_BYTES` of resources, or one resource larger
+#: than that). What bounds one resource: the control plane's request body (1 MiB,
+#: HttpLimits.max_body_bytes of the embedded control plane, which is not configurable),
+#: as JSON at most 3 times that (a 2-byte UTF-8 character becomes a 6-byte escape),
+#: plus the few bounded settings a kind has besides its one unbounded list or object.
 MAX_LINE_BYTES = 4 << 20
 
 
@@ -143,7 +147,7 @@ class Pong(_Message):
     seq: int
 
 
-#: Bytes of resource JSON per :class:`SnapshotPart`.
+#: Bytes of resource JSON per :class:`SnapshotPart` and :class:`ChangesReply` (at least one).
 SNAPSHOT_PART_BYTES = 256 << 10
 
 

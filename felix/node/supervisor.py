@@ -208,6 +208,9 @@ class Supervisor:
         for child in self.gateways:
             await self._start_child(child)
         await self._wait_ready(self.gateways)
+        if config.embedded_shards:
+            # The seed went to gateway-0 before it ran (and was dropped): define again.
+            self._replay_embedded()
         for child in [*self.shards, *self.gateways]:
             self._background(self._supervise(child))
         self._background(self._heartbeats())
@@ -301,6 +304,13 @@ class Supervisor:
                 await asyncio.wait_for(self.jwks_sync.synced.wait(), JWKS_READY_TIMEOUT)
             except TimeoutError:
                 log.warning("the tenants' keys are not all synced yet; starting anyway")
+
+    def _replay_embedded(self) -> None:
+        """Define every shard's resources again in gateway-0, which hosts the shard cores
+        with --embedded-shards (it started, or restarted, with nothing)."""
+        if self.follower is not None:
+            for shard in range(self.config.shards):
+                self.follower.replay(shard)
 
     def _start_key_task(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -465,8 +475,7 @@ class Supervisor:
             elif child.role == "shard":
                 self.follower.replay(child.index)
             elif self.config.embedded_shards:  # its shard cores restarted with it
-                for shard in range(self.config.shards):
-                    self.follower.replay(shard)
+                self._replay_embedded()
         if child.role == "shard":
             for gateway in self.gateways:
                 gateway.send(msg.ShardUp(child.index))

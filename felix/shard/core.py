@@ -44,7 +44,7 @@ from felix.ipc import RecordType
 from felix.names import validate_name
 from felix.shard.cache import CachePartition, CacheSettings
 from felix.shard.offsets import OffsetReservations
-from felix.shard.resources import cache_settings
+from felix.shard.resources import SHARD_MAX_RESOURCES, cache_settings
 from felix.shard.stream_log import StreamLog, StreamSettings
 from felix.shard.tenants import TenantQuota, TenantUsage, water_level
 
@@ -70,7 +70,7 @@ class ShardSettings:
     #: Create streams and caches on their first write; when False a missing one is NotFound.
     auto_create: bool = True
     #: Most streams, caches and watches of streams not created yet this shard holds.
-    max_resources: int = 100_000
+    max_resources: int = SHARD_MAX_RESOURCES
     #: Most streams this shard holds (the offset reservation table is sized from it).
     max_streams: int = 65_536
     #: Bytes this shard may hold in replay rings and caches (its share of the node's

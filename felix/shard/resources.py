@@ -18,6 +18,10 @@ from felix.shard.cache import CacheSettings
 from felix.shard.stream_log import RECORD_OVERHEAD, StreamSettings
 from felix.shard.tenants import TenantQuota
 
+#: Streams, caches and watches of streams not created yet that one shard holds at most,
+#: whatever its tenants' quotas (ShardSettings.max_resources; docs/operations.md, limits).
+SHARD_MAX_RESOURCES = 100_000
+
 log = logging.getLogger("felix.shard")
 
 

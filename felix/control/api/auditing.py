@@ -27,6 +27,7 @@ __all__ = [
     "audit_exchange",
     "audit_refused",
     "caller_of",
+    "current_caller",
     "start_request",
 ]
 
@@ -64,7 +65,8 @@ def caller_of(request: Request) -> Caller:
     return caller if caller is not None else Caller()
 
 
-def _current_caller() -> Caller:
+def current_caller() -> Caller:
+    """Who sent the request being served (anonymous outside one)."""
     caller = _caller.get()
     if caller is None:
         caller = Caller()
@@ -76,7 +78,7 @@ def audit_change(
     op: str, kind: ResourceKind, path: Path, exc: BaseException | None, detail: str | None = None
 ) -> None:
     """A management change through the API (``op``: create, update or delete)."""
-    caller = _current_caller()
+    caller = current_caller()
     caller.audited = True
     audit.emit(
         "management",
@@ -93,7 +95,7 @@ def audit_change(
 
 
 def audit_exchange(tenant: str, who: str, issuer: str, exc: BaseException | None) -> None:
-    caller = _current_caller()
+    caller = current_caller()
     caller.audited = True
     audit.emit(
         "auth",

@@ -26,7 +26,7 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel
 
 from felix.control.api.access import Access, Permission, Rule, requires
-from felix.control.api.auditing import audit_change
+from felix.control.api.auditing import audit_change, current_caller
 from felix.control.api.context import ContextDep, ControlContext
 from felix.control.api.guard import GuardedRoute
 from felix.control.api.problems import errors
@@ -261,7 +261,9 @@ class _Operations:
             spec = body.model_dump(mode="json", exclude={"name"}, exclude_unset=True)
             if self.rk.regional:
                 _check_region(ctx, spec)
-            await check_write(ctx.store, ctx.quotas, self.kind, path, spec)
+            await check_write(
+                ctx.store, ctx.quotas, self.kind, path, spec, admin=current_caller().admin
+            )
             res = await ctx.store.create(self.kind, path, spec)
         except FelixError as exc:
             audit_change("create", self.kind, path, exc)
@@ -294,7 +296,15 @@ class _Operations:
             if self.rk.regional:
                 _check_region(ctx, patch)
             if_version = await _if_version(ctx, self.kind, path, if_match)
-            await check_write(ctx.store, ctx.quotas, self.kind, path, patch, update=True)
+            await check_write(
+                ctx.store,
+                ctx.quotas,
+                self.kind,
+                path,
+                patch,
+                admin=current_caller().admin,
+                update=True,
+            )
             res = await ctx.store.update(self.kind, path, patch, if_version=if_version)
         except FelixError as exc:
             audit_change("update", self.kind, path, exc)

@@ -74,6 +74,12 @@ class ConnectionTable(Generic[C]):
             else:
                 del self._per_source[source]
 
+    def unauthenticated(self, conn: C, source: str) -> None:
+        """``conn`` has no authenticated stream left: evictable again, as the newest idle one."""
+        if conn in self.connections and conn not in self._unauthenticated:
+            self._unauthenticated[conn] = source
+            self._per_source[source] = self._per_source.get(source, 0) + 1
+
     def remove(self, conn: C) -> None:
         self.connections.discard(conn)
         self.authenticated(conn)

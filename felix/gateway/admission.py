@@ -74,7 +74,7 @@ class ConnectionTable(Generic[C]):
             else:
                 del self._per_source[source]
 
-    def unauthenticated(self, conn: C, source: str) -> None:
+    def idle_again(self, conn: C, source: str) -> None:
         """``conn`` has no authenticated stream left: evictable again, as the newest idle one."""
         if conn in self.connections and conn not in self._unauthenticated:
             self._unauthenticated[conn] = source

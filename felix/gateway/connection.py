@@ -207,7 +207,7 @@ class ConnectionShell:
         elif isinstance(action, ConnectionAuthenticated):
             self.gateway.admission.authenticated(self)
         elif isinstance(action, ConnectionUnauthenticated):
-            self.gateway.admission.unauthenticated(self, self.peer)
+            self.gateway.admission.idle_again(self, self.peer)
         elif isinstance(action, Audit):
             audit.emit(
                 action.event,

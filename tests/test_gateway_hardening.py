@@ -325,9 +325,8 @@ def test_a_subscription_without_an_event_stream_is_refused_not_left_hanging() ->
 def test_a_connection_whose_authenticated_streams_are_gone_is_idle_again() -> None:
     """Authenticate a stream, FIN it, keep the connection: it is evictable and must
     authenticate again within the deadline, like a new one."""
-    limits = GatewayLimits(max_connections=2)
     held = token_pair()
-    held.gateway.admission.max_connections = limits.max_connections
+    held.gateway.admission.max_connections = 2
     sid = held.open_control("", mint(held, ttl=300))
     held.send(sid, b"", end_stream=True)
     held.pump()

@@ -2,7 +2,9 @@
 
 How it works: a connection enters the table when its QUIC handshake completes
 and counts as *unauthenticated* until one of its streams authenticates (its
-session then hands the shell ``ConnectionAuthenticated``). The policy, chosen so
+session then hands the shell ``ConnectionAuthenticated``), and again once its
+authenticated streams and subscriptions are all gone (``ConnectionUnauthenticated``):
+one authentication does not hold a slot for good. The policy, chosen so
 that a client with a valid token can always get in while an attacker holds idle
 connections (issue 11, item 4):
 

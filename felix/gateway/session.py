@@ -23,10 +23,16 @@ How it works (docs/wire-protocol.md, "Sessions"):
   of the stream it came on, until that token's expiry; REAUTH refreshes only
   its own stream. At a stream's expiry the stream is closed (and the
   subscriptions it opened are ended); when no live authenticated stream is
-  left the connection closes (CLOSE_TOKEN_EXPIRED).
+  left the connection closes (CLOSE_TOKEN_EXPIRED), as it does, whatever it
+  still holds, once every token that authenticated it has expired. After the
+  client's STOP_SENDING on a stream nothing more is written on it (the
+  engines refuse it).
 * Connection-level rules live here too: one tenant per connection (its first
   authenticated stream sets it); a connection with no authenticated stream
-  within ``auth_timeout`` of its handshake is closed; at most
+  within ``auth_timeout`` of its handshake is closed, and so is one whose
+  authenticated streams and subscriptions are all gone (it is then
+  unauthenticated again, evictable by admission) unless a stream
+  authenticates within ``auth_timeout``; at most
   ``max_auth_failures_per_connection`` failed ``auth`` attempts; failures back
   off the next attempts of the same source and claimed tenant (delayed, never
   refused: felix/gateway/auth.py); incomplete frames are bounded in bytes per
@@ -43,7 +49,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from felix import ipc, wire
@@ -84,6 +89,7 @@ from felix.gateway.gateway import (
     SUPPORTED_FLAGS,
 )
 from felix.gateway.streams import Stream, StreamState
+from felix.gateway.targets import Target, ext_target, v1_target
 from felix.names import validate_name
 from felix.quic.stream_ids import is_server_initiated
 
@@ -91,18 +97,6 @@ __all__ = ["GatewaySession", "StreamState"]
 
 #: What the client is told when its connection's tokens have all expired.
 EXPIRED = "token expired: reconnect with a fresh token"
-
-
-@dataclass(frozen=True, slots=True)
-class _Target:
-    """What a request touches, for admission and routing."""
-
-    tenant: str
-    namespace: str
-    kind: str  # "cache" | "stream"
-    name: str
-    action: str  # the permission it needs
-    key: str  # the routing key (stream key, or cache key with the entry key)
 
 
 class GatewaySession:
@@ -591,7 +585,7 @@ class GatewaySession:
         self, stream: Stream, msg: wire.ExtMessage, frame: wire.Frame, now: float
     ) -> None:
         op = msg.opcode
-        target = _ext_target(msg)
+        target = ext_target(msg)
         self._admit(stream, target, now)
         if isinstance(msg, wire.Reauth):
             self._reauth(stream, msg.token, now)
@@ -641,10 +635,7 @@ class GatewaySession:
         self._gateway.requests += 1
         try:
             req = translate(msg)
-            tenant, namespace, name = req.names
-            kind = "cache" if req.kind == "cache" else "stream"
-            target = _Target(tenant, namespace, kind, name, _v1_action(req), req.route_key)
-            self._admit(stream, target, now)
+            self._admit(stream, v1_target(req), now)
             if req.kind == "subscribe":
                 self._v1_subscribe(stream, req)
             else:
@@ -705,7 +696,7 @@ class GatewaySession:
 
     # -- admission --------------------------------------------------------------------
 
-    def _admit(self, stream: Stream, target: _Target | None, now: float) -> None:
+    def _admit(self, stream: Stream, target: Target | None, now: float) -> None:
         """Whether a request may go ahead: the one check for extension and v1 requests.
 
         ``target`` None: a control request (ping, reauth, credit, unsubscribe), which
@@ -779,26 +770,3 @@ def _is_ready(stream: Stream) -> bool:
 
 def _error_frame(request_id: int, exc: FelixError) -> bytes:
     return wire.encode_error(request_id, exc.code or BadRequest.code, str(exc))
-
-
-def _ext_target(msg: wire.ExtMessage) -> _Target | None:
-    """What an extension request touches (None: a control request or not a request)."""
-    if isinstance(msg, wire.CacheRequest):
-        key = f"{msg.tenant_id}/{msg.namespace}/{msg.cache}/{msg.key}"
-        names = (msg.tenant_id, msg.namespace, "cache", msg.cache)
-        return _Target(*names, _cache_action(msg.opcode), key)
-    if isinstance(msg, wire.Publish | wire.Subscribe):
-        key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
-        action = "stream.publish" if isinstance(msg, wire.Publish) else "stream.subscribe"
-        return _Target(msg.tenant_id, msg.namespace, "stream", msg.stream, action, key)
-    return None
-
-
-def _cache_action(opcode: int) -> str:
-    return "cache.read" if opcode in (wire.OP_CACHE_GET, wire.OP_CACHE_TTL) else "cache.write"
-
-
-def _v1_action(req: v1.V1Request) -> str:
-    if req.kind == "cache":
-        return _cache_action(req.frame[wire.HEADER_SIZE])
-    return "stream.subscribe" if req.kind == "subscribe" else "stream.publish"

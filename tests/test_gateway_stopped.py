@@ -56,6 +56,18 @@ def test_a_stopped_unauthenticated_stream_leaves_the_connection_deadlines_alive(
     assert not pair.shell.subscriptions
 
 
+def test_a_stream_stopped_before_its_first_bytes_is_never_written_to() -> None:
+    """The engine may report STOP_SENDING before the stream's data."""
+    pair = Pair()
+    stopped = pair.new_stream()
+    pair.stop_sending(stopped)
+    pair.send(stopped, auth_frame())
+    pair.send(stopped, wire.encode_ping(1))
+    pair.pump()
+    assert stopped not in pair.transport.out and pair.gateway.internal_errors == 0
+    assert pair.transport.closed is None and pair.shell.session.authenticated
+
+
 @pytest.mark.parametrize("gateway_told", [True, False])
 def test_an_answer_for_a_stopped_stream_is_dropped_and_the_request_settled(
     gateway_told: bool,

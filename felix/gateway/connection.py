@@ -166,8 +166,8 @@ class ConnectionShell:
                     self._perform(action)
                 actions = self.session.actions()
         finally:
-            # Even after a bug: a connection whose timer is lost keeps its deadlines
-            # (token expiry, auth and frame deadlines) unenforced for good.
+            # Re-armed even after a bug: a lost timer would leave the connection's
+            # deadlines (token expiry, auth and frame deadlines) unenforced for good.
             if self._arm_timer is not None:
                 self._arm_timer(self.session.get_timer())
 

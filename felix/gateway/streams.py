@@ -97,7 +97,8 @@ class Stream:
         self.retry_at: float | None = None
         self.held = bytearray()
         self.buffered = 0  # incomplete input held for this stream (accounted)
-        # The client sent STOP_SENDING: the engines refuse any further write on it.
+        # Nothing may be written on it: the client's unidirectional stream, or one it
+        # sent STOP_SENDING on (the engines refuse any further write).
         self.send_closed = self.uni
 
     def transition(self, what: str) -> None:

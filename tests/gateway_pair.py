@@ -84,10 +84,15 @@ class MemoryTransport:
         self.out: dict[int, bytearray] = {}
         self.fin: set[int] = set()
         self.stopped: dict[int, int] = {}
+        self.client_stopped: set[int] = set()  # the client sent STOP_SENDING on these
         self.closed: tuple[int, str] | None = None
         self._next_uni = 3  # server-initiated unidirectional stream ids: 3, 7, 11, ...
 
     def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        if stream_id in self.client_stopped:
+            # As both engines do once the peer sent STOP_SENDING (they answer it with
+            # RESET_STREAM): qh3 raises ValueError, aioquic RuntimeError.
+            raise ValueError("cannot write after RESET_STREAM")
         self.out.setdefault(stream_id, bytearray()).extend(data)
         if end_stream:
             self.fin.add(stream_id)
@@ -165,6 +170,15 @@ class Pair:
 
     def reset(self, stream_id: int) -> None:
         self.shell.stream_reset(stream_id)
+
+    def stop_sending(self, stream_id: int, *, tell_gateway: bool = True) -> None:
+        """The client sends STOP_SENDING on ``stream_id``: writes on it raise from now on.
+
+        ``tell_gateway`` False: the gateway has not seen the frame yet (a write races it).
+        """
+        self.transport.client_stopped.add(stream_id)
+        if tell_gateway:
+            self.shell.stop_sending(stream_id)
 
     # -- moving things along ---------------------------------------------------------
 

@@ -285,3 +285,22 @@ def test_a_bug_reached_from_client_input_is_logged_once_and_costs_one_connection
             good.close()
 
     run(main)
+
+
+def test_a_connection_that_ended_its_authenticated_stream_must_authenticate_again(
+    tmp_path: Path,
+) -> None:
+    """Review finding 2: authenticate once, FIN the stream, keep the connection: it is
+    closed at the auth deadline, not held (unevictable) for good."""
+
+    async def main() -> None:
+        limits = GatewayLimits(auth_timeout=0.5)
+        async with LocalNode.start(tmp_path, limits=limits, authenticator=authenticator()) as node:
+            peer = await raw_connect(node.host, node.port, node.ca_file)
+            sid = await authed(peer, token(ttl=300))
+            peer.send(sid, b"", end_stream=True)
+            await peer.wait_for(lambda: peer.close_reason is not None, timeout=20)
+            assert p_code(peer) == CLOSE_AUTH_TIMEOUT
+            assert node.gateway.admission.unauthenticated == 0
+
+    run(main)

@@ -16,12 +16,14 @@ from felix.errors import Unauthenticated
 from felix.gateway.auth import FailureLimiter
 from felix.gateway.gateway import (
     CLOSE_AUTH_FAILED,
+    CLOSE_AUTH_TIMEOUT,
     CLOSE_FRAME_TIMEOUT,
     CLOSE_INPUT_LIMIT,
     CLOSE_OVERLOADED,
     CLOSE_TOKEN_EXPIRED,
     GatewayLimits,
 )
+from felix.gateway.session import EXPIRED
 from tests.gateway_pair import Pair
 from tests.test_gateway_session import NS, T, auth_frame, mint, replies, token_pair
 
@@ -315,3 +317,69 @@ def test_a_subscription_without_an_event_stream_is_refused_not_left_hanging() ->
     pair.pump()
     (stream,) = pair.event_streams
     assert any(isinstance(e, Notice) for e in pair.events[stream])
+
+
+# --- review finding 2: one authentication does not hold a slot for good ----------------
+
+
+def test_a_connection_whose_authenticated_streams_are_gone_is_idle_again() -> None:
+    """Authenticate a stream, FIN it, keep the connection: it is evictable and must
+    authenticate again within the deadline, like a new one."""
+    held = token_pair()
+    held.gateway.admission.max_connections = 2
+    sid = held.open_control("", mint(held, ttl=300))
+    held.send(sid, b"", end_stream=True)
+    held.pump()
+    assert held.gateway.admission.unauthenticated == 1
+    quiet = held.connect("192.0.2.77")
+    quiet.open_control("", mint(quiet, ttl=300))  # authenticated and kept: never evicted
+    newcomer = held.connect("203.0.113.5")
+    assert held.transport.closed is not None and held.transport.closed[0] == CLOSE_OVERLOADED
+    assert newcomer.transport.closed is None and quiet.transport.closed is None
+    # Not evicted, it ages out at the auth deadline unless a stream authenticates again.
+    again = token_pair()
+    first = again.open_control("", mint(again, ttl=300))
+    again.reset(first)
+    again.advance(4.9)
+    second = again.open_control("", mint(again, ttl=300))
+    again.advance(0.2)
+    assert again.transport.closed is None and again.gateway.admission.unauthenticated == 0
+    again.send(second, b"", end_stream=True)
+    again.advance(5)
+    assert again.transport.closed is not None and again.transport.closed[0] == CLOSE_AUTH_TIMEOUT
+
+
+def test_a_connection_is_closed_once_no_token_that_authenticated_it_is_live() -> None:
+    """The stream is gone but its subscription holds the connection: until the token expires."""
+    pair = token_pair()
+    sid = pair.open_control("", mint(pair, ttl=10, perms=SUB_PERMS))
+    pair.send(sid, wire.encode_subscribe(1, T, NS, "s", 7, credit=10))
+    pair.send(sid, b"", end_stream=True)
+    pair.pump()
+    assert not pair.shell.session.streams and pair.shell.subscriptions
+    assert pair.gateway.admission.unauthenticated == 0  # a live subscription: not idle
+    pair.advance(9.9)
+    assert pair.transport.closed is None
+    pair.advance(0.1)
+    assert pair.transport.closed == (CLOSE_TOKEN_EXPIRED, EXPIRED)
+    assert not pair.shell.subscriptions
+
+
+# --- review finding 7: a WATCH-off that met a full ring is retried ---------------------
+
+
+def test_a_watch_off_refused_by_a_full_ring_is_sent_later() -> None:
+    pair = Pair(shards=1)
+    core = pair.links.cores[0]
+    sid = pair.open_control()
+    pair.send(sid, wire.encode_subscribe(1, T, NS, "s", 7, credit=10))
+    pair.pump()
+    assert "acme/prod/s" in core._waiting  # watched by this gateway, counted as a resource
+    pair.links.accept = False  # the ring is full
+    pair.send(sid, wire.encode_unsubscribe(2, 7))
+    pair.links.accept = True
+    assert "acme/prod/s" in core._waiting
+    pair.send(sid, wire.encode_cache_get(3, T, NS, "c", "k"))  # any later shard traffic
+    pair.pump()
+    assert "acme/prod/s" not in core._waiting
+    assert pair.gateway.deferred_unwatches == 1

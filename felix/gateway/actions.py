@@ -20,6 +20,7 @@ __all__ = [
     "Audit",
     "CloseConnection",
     "ConnectionAuthenticated",
+    "ConnectionUnauthenticated",
     "Credit",
     "Forward",
     "GatewayState",
@@ -111,6 +112,11 @@ class ConnectionAuthenticated:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionUnauthenticated:
+    """Its authenticated streams and subscriptions are all gone: idle (evictable) again."""
+
+
+@dataclass(frozen=True, slots=True)
 class Audit:
     """One audit line for a refusal (felix/audit.py ``emit``; the result is "denied")."""
 
@@ -133,6 +139,7 @@ Action = (
     | Credit
     | Unsubscribe
     | ConnectionAuthenticated
+    | ConnectionUnauthenticated
     | Audit
 )
 

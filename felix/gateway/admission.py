@@ -2,7 +2,9 @@
 
 How it works: a connection enters the table when its QUIC handshake completes
 and counts as *unauthenticated* until one of its streams authenticates (its
-session then hands the shell ``ConnectionAuthenticated``). The policy, chosen so
+session then hands the shell ``ConnectionAuthenticated``), and again once its
+authenticated streams and subscriptions are all gone (``ConnectionUnauthenticated``):
+one authentication does not hold a slot for good. The policy, chosen so
 that a client with a valid token can always get in while an attacker holds idle
 connections (issue 11, item 4):
 
@@ -73,6 +75,12 @@ class ConnectionTable(Generic[C]):
                 self._per_source[source] = left
             else:
                 del self._per_source[source]
+
+    def idle_again(self, conn: C, source: str) -> None:
+        """``conn`` has no authenticated stream left: evictable again, as the newest idle one."""
+        if conn in self.connections and conn not in self._unauthenticated:
+            self._unauthenticated[conn] = source
+            self._per_source[source] = self._per_source.get(source, 0) + 1
 
     def remove(self, conn: C) -> None:
         self.connections.discard(conn)

@@ -24,12 +24,13 @@ from functools import partial
 from typing import Protocol
 
 from felix import audit, ipc, wire
-from felix.errors import FelixError
+from felix.errors import ConnectionLost, FelixError
 from felix.gateway.actions import (
     Action,
     Audit,
     CloseConnection,
     ConnectionAuthenticated,
+    ConnectionUnauthenticated,
     Credit,
     Forward,
     Send,
@@ -118,7 +119,11 @@ class ConnectionShell:
             worst.close(CLOSE_INPUT_LIMIT, "over the gateway's budget for incomplete frames")
 
     def stream_reset(self, stream_id: int) -> None:
-        self.session.stream_reset(stream_id)
+        self.session.stream_reset(stream_id, self._clock())
+        self._run()
+
+    def stop_sending(self, stream_id: int) -> None:
+        self.session.stop_sending(stream_id, self._clock())
         self._run()
 
     def timer_fired(self) -> None:
@@ -141,7 +146,7 @@ class ConnectionShell:
         self._run()
 
     def settle(self, pending: _Pending) -> None:
-        self.session.settle(pending.stream_id)
+        self.session.settle(pending.stream_id, self._clock())
         self._run()
 
     def close(self, error_code: int, reason: str) -> None:
@@ -154,19 +159,39 @@ class ConnectionShell:
     # -- performing the session's actions -----------------------------------------------
 
     def _run(self) -> None:
-        actions = self.session.actions()
-        while actions:
-            for action in actions:
-                self._perform(action)
+        try:
             actions = self.session.actions()
-        if self._arm_timer is not None:
-            self._arm_timer(self.session.get_timer())
+            while actions:
+                for action in actions:
+                    self._perform(action)
+                actions = self.session.actions()
+        finally:
+            # Re-armed even after a bug: a lost timer would leave the connection's
+            # deadlines (token expiry, auth and frame deadlines) unenforced for good.
+            if self._arm_timer is not None:
+                self._arm_timer(self.session.get_timer())
 
     def _perform(self, action: Action) -> None:
         transport = self.transport
-        if isinstance(action, Send):
-            transport.send_stream_data(action.stream_id, action.data, action.end_stream)
-        elif isinstance(action, Forward):
+        # The engines refuse writes on a stream the client stopped or reset (ValueError,
+        # RuntimeError) and on a closing connection (ConnectionLost): one refused write
+        # is counted and must not cost the actions after it.
+        if not isinstance(action, Send | StopStream | CloseConnection):
+            self._apply(action)
+            return
+        try:
+            if isinstance(action, Send):
+                transport.send_stream_data(action.stream_id, action.data, action.end_stream)
+            elif isinstance(action, StopStream):
+                transport.stop_stream(action.stream_id, action.code)
+            else:
+                transport.close(action.code, action.reason)
+        except (ValueError, RuntimeError, ConnectionLost):
+            self.gateway.internal_error(f"{type(action).__name__} refused by the connection")
+
+    def _apply(self, action: Action) -> None:
+        """The actions that are not writes to the client."""
+        if isinstance(action, Forward):
             self._forward(action)
         elif isinstance(action, Subscribe):
             self._subscribe(action)
@@ -181,10 +206,8 @@ class ConnectionShell:
                 self.end_subscription(sub, action.code, action.message)
         elif isinstance(action, ConnectionAuthenticated):
             self.gateway.admission.authenticated(self)
-        elif isinstance(action, StopStream):
-            transport.stop_stream(action.stream_id, action.code)
-        elif isinstance(action, CloseConnection):
-            transport.close(action.code, action.reason)
+        elif isinstance(action, ConnectionUnauthenticated):
+            self.gateway.admission.idle_again(self, self.peer)
         elif isinstance(action, Audit):
             audit.emit(
                 action.event,
@@ -207,7 +230,7 @@ class ConnectionShell:
         if not gateway.forward(
             pending, token, ipc.encode(RecordType.REQUEST, token, 0, action.frame)
         ):
-            self.session.settle(action.stream_id)
+            self.session.settle(action.stream_id, self._clock())
 
     def _subscribe(self, action: Subscribe) -> None:
         gateway = self.gateway
@@ -233,7 +256,7 @@ class ConnectionShell:
         record = ipc.encode(RecordType.REQUEST, sub.token, 0, action.frame)
         if not gateway.forward(pending, sub.token, record):
             gateway.unsubscribe(sub)  # could not be sent: forget it
-            self.session.settle(action.stream_id)
+            self.session.settle(action.stream_id, self._clock())
 
     # -- subscriptions ------------------------------------------------------------------
 
@@ -312,7 +335,10 @@ class GatewayConnection(ConnectionHandler):
     def _timer_fired(self) -> None:
         self._session_timer = None
         self._session_timer_at = None
-        self.shell.timer_fired()
+        try:
+            self.shell.timer_fired()
+        except Exception:
+            self._internal_error("deadline")
 
     # -- QUIC hooks ------------------------------------------------------------------
 
@@ -336,6 +362,12 @@ class GatewayConnection(ConnectionHandler):
             self.shell.stream_reset(stream_id)
         except Exception:
             self._internal_error("client's stream reset")
+
+    def _on_stop_sending(self, stream_id: int, error_code: int) -> None:
+        try:
+            self.shell.stop_sending(stream_id)
+        except Exception:
+            self._internal_error("client's stop-sending")
 
     def _internal_error(self, where: str) -> None:
         self.gateway.internal_error(where)

@@ -156,6 +156,10 @@ class Gateway:
         # block policy: streams with such subscribers here, and the cursor last reported.
         self._block_keys: set[str] = set()
         self._cursors: dict[str, int] = {}
+        # Streams nobody here subscribes to any more whose WATCH-off found the shard's
+        # ring full: retried after every batch of shard records (one per stream key, so
+        # bounded by the streams this gateway ever watched at once).
+        self._unwatch: set[str] = set()
         # Counters (metrics).
         self.requests = 0
         self.protocol_errors = 0
@@ -172,6 +176,7 @@ class Gateway:
         self.evicted_connections = 0  # unauthenticated connections closed to admit others
         self.input_limit_closes = 0  # connections closed over an input budget or deadline
         self.internal_errors = 0
+        self.deferred_unwatches = 0  # WATCH-off records retried because a ring was full
         #: Bytes of incomplete frames held for all connections (sessions count into it).
         self.buffered_input = 0
         self.authenticator: Authenticator = authenticator or DevAuthenticator()
@@ -242,6 +247,8 @@ class Gateway:
                 # of failure, the rest counted (felix_internal_errors).
                 self.internal_error(f"record from shard {shard}")
         self._drop_failed_subscribers()
+        if self._unwatch:
+            self._send_unwatches()
 
     def internal_error(self, where: str) -> None:
         """Count an unexpected exception (being handled); log its traceback once per place."""
@@ -294,14 +301,17 @@ class Gateway:
                     Overloaded.code,
                     "could not open an event stream for this subscription",
                 )
-        if pending.translate is None:
-            if not (pending.quiet and frame[wire.HEADER_SIZE] == wire.OP_OK):
-                pending.conn.reply(pending, frame)
-        else:
-            answer = pending.translate(wire.decode_ext(wire.decode_frame(frame, extensions=True)))
-            if answer is not None:
-                pending.conn.reply(pending, answer)
-        pending.conn.settle(pending)
+        try:
+            if pending.translate is None:
+                if not (pending.quiet and frame[wire.HEADER_SIZE] == wire.OP_OK):
+                    pending.conn.reply(pending, frame)
+            else:
+                decoded = wire.decode_frame(frame, extensions=True)
+                answer = pending.translate(wire.decode_ext(decoded))
+                if answer is not None:
+                    pending.conn.reply(pending, answer)
+        finally:
+            pending.conn.settle(pending)  # whatever became of the answer: never leaked
 
     def _on_subscribe_reply(self, sub: Subscription, frame: bytes, policy: int) -> None:
         if sub.state is not SubState.PENDING:
@@ -446,6 +456,7 @@ class Gateway:
     # -- subscriptions ------------------------------------------------------------------
 
     def add_subscription(self, sub: Subscription) -> None:
+        self._unwatch.discard(sub.key)  # watched again: its SUBSCRIBE re-attaches the watch
         self._subs_by_token[sub.token] = sub
         self._subs_by_key.setdefault(sub.key, set()).add(sub)
 
@@ -459,11 +470,24 @@ class Gateway:
                 self._report_cursor(sub.key)
             if not subs:
                 del self._subs_by_key[sub.key]
-                if self.shard_ok[sub.shard]:
-                    self.links.send(
-                        sub.shard, ipc.encode(RecordType.WATCH, 0, 0, ipc.encode_key(sub.key))
-                    )
+                self._unwatch.add(sub.key)
+                self._send_unwatches()
         sub.conn.subscriptions.pop(sub.sub_id, None)
+
+    def _send_unwatches(self) -> None:
+        """Tell shards to stop pushing streams nobody here subscribes to (WATCH off).
+
+        A shard that is down forgets this gateway's watches anyway (shard_up sends
+        only the live ones); a full ring keeps the key for the next try, else the
+        shard would hold the watch, and the resource counted for it, for good.
+        """
+        for key in list(self._unwatch):
+            shard = self.shard_for(key)
+            record = ipc.encode(RecordType.WATCH, 0, 0, ipc.encode_key(key))
+            if not self.shard_ok[shard] or self.links.send(shard, record):
+                self._unwatch.discard(key)
+            else:
+                self.deferred_unwatches += 1
 
     def credit(self, sub: Subscription, n: int) -> None:
         sub.add_credit(n)
@@ -487,10 +511,17 @@ class Gateway:
         self.shard_ok[shard] = False
         for token in [t for t, p in self._pending.items() if p.shard == shard]:
             pending = self._pending.pop(token)
-            if pending.subscription is not None:
-                self._drop_subscription(pending.subscription)
-            pending.conn.reply_error(pending, Unavailable(f"shard {shard} went down; retry"))
-            pending.conn.settle(pending)
+            # One connection failing to take its answer must not cost the others theirs.
+            try:
+                if pending.subscription is not None:
+                    self._drop_subscription(pending.subscription)
+                pending.conn.reply_error(pending, Unavailable(f"shard {shard} went down; retry"))
+            except Exception:
+                self.internal_error("answer for a request to a shard that went down")
+            try:
+                pending.conn.settle(pending)
+            except Exception:
+                self.internal_error("answer for a request to a shard that went down")
         for sub in self._subs_by_token.values():
             if sub.shard == shard:
                 sub.reading = False

@@ -23,10 +23,16 @@ How it works (docs/wire-protocol.md, "Sessions"):
   of the stream it came on, until that token's expiry; REAUTH refreshes only
   its own stream. At a stream's expiry the stream is closed (and the
   subscriptions it opened are ended); when no live authenticated stream is
-  left the connection closes (CLOSE_TOKEN_EXPIRED).
+  left the connection closes (CLOSE_TOKEN_EXPIRED), as it does, whatever it
+  still holds, once every token that authenticated it has expired. After the
+  client's STOP_SENDING on a stream nothing more is written on it (the
+  engines refuse it).
 * Connection-level rules live here too: one tenant per connection (its first
   authenticated stream sets it); a connection with no authenticated stream
-  within ``auth_timeout`` of its handshake is closed; at most
+  within ``auth_timeout`` of its handshake is closed, and so is one whose
+  authenticated streams and subscriptions are all gone (it is then
+  unauthenticated again, evictable by admission) unless a stream
+  authenticates within ``auth_timeout``; at most
   ``max_auth_failures_per_connection`` failed ``auth`` attempts; failures back
   off the next attempts of the same source and claimed tenant (delayed, never
   refused: felix/gateway/auth.py); incomplete frames are bounded in bytes per
@@ -41,8 +47,8 @@ How it works (docs/wire-protocol.md, "Sessions"):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from felix import ipc, wire
@@ -63,6 +69,7 @@ from felix.gateway.actions import (
     Audit,
     CloseConnection,
     ConnectionAuthenticated,
+    ConnectionUnauthenticated,
     Credit,
     Forward,
     GatewayState,
@@ -82,6 +89,7 @@ from felix.gateway.gateway import (
     SUPPORTED_FLAGS,
 )
 from felix.gateway.streams import Stream, StreamState
+from felix.gateway.targets import Target, ext_target, v1_target
 from felix.names import validate_name
 from felix.quic.stream_ids import is_server_initiated
 
@@ -89,18 +97,6 @@ __all__ = ["GatewaySession", "StreamState"]
 
 #: What the client is told when its connection's tokens have all expired.
 EXPIRED = "token expired: reconnect with a fresh token"
-
-
-@dataclass(frozen=True, slots=True)
-class _Target:
-    """What a request touches, for admission and routing."""
-
-    tenant: str
-    namespace: str
-    kind: str  # "cache" | "stream"
-    name: str
-    action: str  # the permission it needs
-    key: str  # the routing key (stream key, or cache key with the entry key)
 
 
 class GatewaySession:
@@ -130,6 +126,9 @@ class GatewaySession:
         self.authenticated = False
         self.auth_failures = 0
         self._auth_deadline: float | None = None  # from the handshake, until authenticated
+        # While authenticated: the latest expiry of the tokens that authenticated it
+        # (inf: one never expires); past it the connection closes even with no stream left.
+        self._live_until: float | None = None
         self.closed = False
         self._actions: list[Action] = []
         self._timer: float | None = None
@@ -153,6 +152,8 @@ class GatewaySession:
             deadlines.extend(expiry for _, expiry in self._sub_expiry.values())
             if self._auth_deadline is not None:
                 deadlines.append(self._auth_deadline)
+            if self._live_until is not None and self._live_until < math.inf:
+                deadlines.append(self._live_until)
             self._timer = None if self.closed else min(deadlines, default=None)
         return self._timer
 
@@ -186,6 +187,12 @@ class GatewaySession:
                 self._expire(stream, now)
             if self.closed:
                 return
+        if self._live_until is not None and now >= self._live_until:
+            # Every token this connection authenticated with has expired, whatever is
+            # left on it (subscriptions, streams that never authenticated).
+            self._gateway.expired_sessions += 1
+            self.close(CLOSE_TOKEN_EXPIRED, EXPIRED)
+            return
         for sub_id, (_, expiry) in list(self._sub_expiry.items()):
             if now >= expiry:
                 del self._sub_expiry[sub_id]
@@ -196,6 +203,10 @@ class GatewaySession:
         """Bytes (and maybe FIN) the client sent on ``stream_id``."""
         if self.closed:
             return
+        self._receive(stream_id, data, end_stream, now)
+        self._check_idle(now)
+
+    def _receive(self, stream_id: int, data: bytes, end_stream: bool, now: float) -> None:
         stream = self.streams.get(stream_id)
         if stream is None:
             if is_server_initiated(stream_id):  # our event streams take no input
@@ -217,22 +228,38 @@ class GatewaySession:
         else:
             self._finish(stream, "fin")
 
-    def stream_reset(self, stream_id: int) -> None:
+    def stream_reset(self, stream_id: int, now: float) -> None:
         """The client reset ``stream_id``: forget it (answers still owed are dropped)."""
         stream = self.streams.pop(stream_id, None)
         if stream is not None and stream.state is not StreamState.CLOSED:
             self._close_stream(stream, "reset")
+        self._check_idle(now)
+
+    def stop_sending(self, stream_id: int, now: float) -> None:
+        """The client sent STOP_SENDING on ``stream_id``: nothing more is written on it.
+
+        Requests on it are still read and served (their answers dropped) until the
+        client ends or resets its side. The engine may report it before the stream's
+        first bytes: the stream is then opened here, under the usual limits.
+        """
+        if self.closed or is_server_initiated(stream_id):
+            return  # event streams: their writes fail and drop the subscription
+        if stream_id not in self.streams:
+            self._receive(stream_id, b"", False, now)
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.send_closed = True
 
     def reply(self, stream_id: int, frame: bytes) -> None:
         """An answer for a forwarded request on ``stream_id`` (dropped if the stream is gone)."""
         stream = self.streams.get(stream_id)
-        if stream is not None and stream.state is not StreamState.CLOSED and not stream.uni:
-            self._actions.append(Send(stream_id, frame))
+        if stream is not None and stream.state is not StreamState.CLOSED:
+            self._send(stream, frame)
 
     def reply_error(self, stream_id: int, request_id: int, exc: FelixError) -> None:
         self.reply(stream_id, _error_frame(request_id, exc))
 
-    def settle(self, stream_id: int) -> None:
+    def settle(self, stream_id: int, now: float) -> None:
         """A forwarded request on ``stream_id`` is done (answered, or failed to send)."""
         self.in_flight -= 1
         stream = self.streams.get(stream_id)
@@ -241,6 +268,7 @@ class GatewaySession:
         stream.in_flight -= 1
         if stream.state is StreamState.ENDING and not stream.in_flight:
             self._finish(stream, "settled")
+            self._check_idle(now)
 
     def close(self, code: int, reason: str) -> None:
         """Close the connection (``code``, ``reason`` go to the client)."""
@@ -333,9 +361,10 @@ class GatewaySession:
             self._gateway.input_limit_closes += 1
             self.close(CLOSE_INPUT_LIMIT, f"over {limit} bytes of incomplete frames")
 
-    def _send(self, stream: Stream, frame: bytes) -> None:
-        if not stream.uni:
-            self._actions.append(Send(stream.stream_id, frame))
+    def _send(self, stream: Stream, frame: bytes, end_stream: bool = False) -> None:
+        # Not on the client's unidirectional streams, nor after its STOP_SENDING.
+        if not stream.send_closed:
+            self._actions.append(Send(stream.stream_id, frame, end_stream))
 
     def _fail(
         self,
@@ -353,16 +382,13 @@ class GatewaySession:
             self._gateway.protocol_errors += 1
         if stream.state is StreamState.CLOSED:
             return
-        if not stream.uni:
-            error = wire.encode_message({"type": "error", "message": message})
-            self._actions.append(Send(stream.stream_id, error, end_stream=True))
+        self._send(stream, wire.encode_message({"type": "error", "message": message}), True)
         self._actions.append(StopStream(stream.stream_id, code))
         self._close_stream(stream, "fail")
 
     def _finish(self, stream: Stream, what: str) -> None:
         """Every answer is out and the client is done: FIN our side and forget the stream."""
-        if not stream.uni:
-            self._actions.append(Send(stream.stream_id, b"", end_stream=True))
+        self._send(stream, b"", True)
         self._close_stream(stream, what)
         self.streams.pop(stream.stream_id, None)
 
@@ -430,6 +456,7 @@ class GatewaySession:
         stream.transition("auth_ok")
         stream.auth_deadline = None
         self._timer_dirty = True
+        self._extend_live(identity.expires_at)
         if not self.authenticated:
             self.authenticated = True
             self._auth_deadline = None
@@ -480,6 +507,7 @@ class GatewaySession:
             raise Unauthenticated(str(exc)) from None
         stream.identity = fresh
         stream.expires_at = fresh.expires_at
+        self._extend_live(fresh.expires_at)
         for sub_id, entry in list(self._sub_expiry.items()):
             if entry[0] == stream.stream_id:
                 if fresh.expires_at is None:
@@ -487,6 +515,30 @@ class GatewaySession:
                 else:
                     entry[1] = fresh.expires_at
         self._timer_dirty = True
+
+    def _extend_live(self, expires_at: float | None) -> None:
+        until = math.inf if expires_at is None else expires_at
+        if self._live_until is None or until > self._live_until:
+            self._live_until = until
+            self._timer_dirty = True
+
+    def _check_idle(self, now: float) -> None:
+        """No authenticated stream and no subscription left: unauthenticated again.
+
+        The connection then must authenticate a stream within ``auth_timeout`` like a
+        new one, and admission may evict it for a newcomer: an authentication once
+        does not hold a slot for good (felix/gateway/admission.py).
+        """
+        if not self.authenticated or self.closed or self._subscriptions or self._opening:
+            return
+        for stream in self.streams.values():
+            if stream.state in (StreamState.READY, StreamState.ENDING):
+                return
+        self.authenticated = False
+        self._live_until = None
+        self._auth_deadline = now + self._limits.auth_timeout
+        self._timer_dirty = True
+        self._actions.append(ConnectionUnauthenticated())
 
     def _expire(self, stream: Stream, now: float) -> None:
         """``stream``'s token expired: close it, or the connection if nothing else is live."""
@@ -533,7 +585,7 @@ class GatewaySession:
         self, stream: Stream, msg: wire.ExtMessage, frame: wire.Frame, now: float
     ) -> None:
         op = msg.opcode
-        target = _ext_target(msg)
+        target = ext_target(msg)
         self._admit(stream, target, now)
         if isinstance(msg, wire.Reauth):
             self._reauth(stream, msg.token, now)
@@ -583,10 +635,7 @@ class GatewaySession:
         self._gateway.requests += 1
         try:
             req = translate(msg)
-            tenant, namespace, name = req.names
-            kind = "cache" if req.kind == "cache" else "stream"
-            target = _Target(tenant, namespace, kind, name, _v1_action(req), req.route_key)
-            self._admit(stream, target, now)
+            self._admit(stream, v1_target(req), now)
             if req.kind == "subscribe":
                 self._v1_subscribe(stream, req)
             else:
@@ -647,7 +696,7 @@ class GatewaySession:
 
     # -- admission --------------------------------------------------------------------
 
-    def _admit(self, stream: Stream, target: _Target | None, now: float) -> None:
+    def _admit(self, stream: Stream, target: Target | None, now: float) -> None:
         """Whether a request may go ahead: the one check for extension and v1 requests.
 
         ``target`` None: a control request (ping, reauth, credit, unsubscribe), which
@@ -721,26 +770,3 @@ def _is_ready(stream: Stream) -> bool:
 
 def _error_frame(request_id: int, exc: FelixError) -> bytes:
     return wire.encode_error(request_id, exc.code or BadRequest.code, str(exc))
-
-
-def _ext_target(msg: wire.ExtMessage) -> _Target | None:
-    """What an extension request touches (None: a control request or not a request)."""
-    if isinstance(msg, wire.CacheRequest):
-        key = f"{msg.tenant_id}/{msg.namespace}/{msg.cache}/{msg.key}"
-        names = (msg.tenant_id, msg.namespace, "cache", msg.cache)
-        return _Target(*names, _cache_action(msg.opcode), key)
-    if isinstance(msg, wire.Publish | wire.Subscribe):
-        key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
-        action = "stream.publish" if isinstance(msg, wire.Publish) else "stream.subscribe"
-        return _Target(msg.tenant_id, msg.namespace, "stream", msg.stream, action, key)
-    return None
-
-
-def _cache_action(opcode: int) -> str:
-    return "cache.read" if opcode in (wire.OP_CACHE_GET, wire.OP_CACHE_TTL) else "cache.write"
-
-
-def _v1_action(req: v1.V1Request) -> str:
-    if req.kind == "cache":
-        return _cache_action(req.frame[wire.HEADER_SIZE])
-    return "stream.subscribe" if req.kind == "subscribe" else "stream.publish"

@@ -72,6 +72,7 @@ class Stream:
         "parked",
         "reader",
         "retry_at",
+        "send_closed",
         "state",
         "stream_id",
         "uni",
@@ -96,6 +97,9 @@ class Stream:
         self.retry_at: float | None = None
         self.held = bytearray()
         self.buffered = 0  # incomplete input held for this stream (accounted)
+        # Nothing may be written on it: the client's unidirectional stream, or one it
+        # sent STOP_SENDING on (the engines refuse any further write).
+        self.send_closed = self.uni
 
     def transition(self, what: str) -> None:
         new = _TRANSITIONS.get((self.state, what))

@@ -99,6 +99,11 @@ _METRICS: dict[str, tuple[str, str, bool]] = {
         True,
     ),
     "internal_errors": ("felix_internal_errors", "Unexpected errors handled by a gateway", True),
+    "deferred_unwatches": (
+        "felix_deferred_unwatches",
+        "Watch releases retried because a shard's ring was full",
+        True,
+    ),
     "permission_denials": (
         "felix_permission_denials",
         "Requests refused for lack of permission",

@@ -363,6 +363,7 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
             "auth_throttled": gateway.auth_throttled,
             "input_limit_closes": gateway.input_limit_closes,
             "internal_errors": gateway.internal_errors,
+            "deferred_unwatches": gateway.deferred_unwatches,
         }
 
     await serve_commands(control, stats, on_command)

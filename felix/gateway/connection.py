@@ -45,6 +45,10 @@ from felix.ipc import RecordType
 from felix.quic.transport import CLOSE_INTERNAL_ERROR, ConnectionHandler
 from felix.quic.transport import StreamTransport as QuicStreamTransport
 
+#: The actions that write to the client's connection (checked per action: a tuple,
+#: not a union built on every call).
+_WRITES = (Send, StopStream, CloseConnection)
+
 #: Arms the shell's one timer: called with the absolute time (shell clock) or None.
 ArmTimer = Callable[[float | None], None]
 
@@ -176,7 +180,7 @@ class ConnectionShell:
         # The engines refuse writes on a stream the client stopped or reset (ValueError,
         # RuntimeError) and on a closing connection (ConnectionLost): one refused write
         # is counted and must not cost the actions after it.
-        if not isinstance(action, Send | StopStream | CloseConnection):
+        if not isinstance(action, _WRITES):
             self._apply(action)
             return
         try:

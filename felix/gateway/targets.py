@@ -28,13 +28,17 @@ class Target:
     key: str  # the routing key (stream key, or cache key with the entry key)
 
 
+#: Per request: a tuple, not a union built on every call.
+_STREAM_REQUESTS = (wire.Publish, wire.Subscribe)
+
+
 def ext_target(msg: wire.ExtMessage) -> Target | None:
     """What an extension request touches (None: a control request or not a request)."""
     if isinstance(msg, wire.CacheRequest):
         key = f"{msg.tenant_id}/{msg.namespace}/{msg.cache}/{msg.key}"
         names = (msg.tenant_id, msg.namespace, "cache", msg.cache)
         return Target(*names, _cache_action(msg.opcode), key)
-    if isinstance(msg, wire.Publish | wire.Subscribe):
+    if isinstance(msg, _STREAM_REQUESTS):
         key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
         action = "stream.publish" if isinstance(msg, wire.Publish) else "stream.subscribe"
         return Target(msg.tenant_id, msg.namespace, "stream", msg.stream, action, key)

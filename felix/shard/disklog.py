@@ -243,7 +243,7 @@ class DiskLog:
             records, self._next_offset, active.size, self._index_mark, interval, active.max_ts
         )
         if active.records and active.size + len(data) > self.settings.segment_bytes:
-            active = self._roll(records[0][0])
+            active = self._roll()
             data, entries, mark, max_ts = encode_batch(
                 records, self._next_offset, active.size, self._index_mark, interval, 0
             )
@@ -281,8 +281,13 @@ class DiskLog:
             self._poisoned = exc
             raise
 
-    def _roll(self, base: int) -> Segment:
-        """Seal the active segment (fdatasync it, write its index) and start a new one."""
+    def _roll(self) -> Segment:
+        """Seal the active segment (fdatasync it, write its index) and start a new one.
+
+        The new base is :attr:`next_offset`, not the batch's first offset: should the
+        batch's write fail, a later batch may still use any offset >= next_offset.
+        """
+        base = self._next_offset
         old = self._segments[-1]
         try:
             os.fdatasync(self._fd)

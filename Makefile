@@ -43,4 +43,4 @@ bench: build
 	$(PY) -m perf $(BENCH_ARGS)
 
 clean:
-	rm -rf build felix/*.so felix/_codec.c felix/_ring.c
+	rm -rf build felix/*.so felix/_codec.c felix/_ring.c felix/_logscan.c

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from felix import audit
+from felix.control.api import create_app
 from felix.control.client import error_from_response
 from felix.control.model import ResourceKind, validate_spec
 from felix.control.quotas import NodeQuotas, check_resource
@@ -253,3 +254,16 @@ def test_a_tenant_cannot_be_given_more_resources_than_a_shard_holds() -> None:
         assert (await http.post(T, json=body)).status_code == 201
 
     with_api(test, quotas=node)
+
+
+def test_openapi_documents_the_durable_settings() -> None:
+    doc = create_app(MemoryStore()).openapi()
+    schemas = doc["components"]["schemas"]
+    fsync = schemas["StreamCreate"]["properties"]["fsync"]
+    enums = [s.get("enum") for s in fsync.get("anyOf", [fsync])]
+    assert ["none", "interval", "commit"] in enums
+    interval = schemas["StreamCreate"]["properties"]["fsync_interval_ms"]
+    assert (interval["minimum"], interval["maximum"], interval["default"]) == (1, 60_000, 100)
+    stream_item = "/v1/tenants/{tenant}/namespaces/{ns}/streams/{stream}"
+    assert "409" in doc["paths"][stream_item]["patch"]["responses"]
+    assert "409" not in doc["paths"]["/v1/tenants/{tenant}"]["patch"]["responses"]

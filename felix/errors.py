@@ -84,16 +84,6 @@ class BadRequest(ServerError):
     code = ErrorCode.BAD_REQUEST
 
 
-class SettingConflict(BadRequest):
-    """Settings of one request contradict each other, such as ``fsync="commit"`` on a
-    stream that is not durable (control plane, HTTP 409).
-
-    A BadRequest, so code that refuses invalid settings catches it too.
-    """
-
-    code = ErrorCode.SETTING_CONFLICT
-
-
 class NotFound(ServerError):
     """The named tenant, namespace, stream or cache does not exist."""
 
@@ -164,6 +154,16 @@ class VersionConflict(ServerError):
     """``If-Match`` named another version than the stored one (control plane, HTTP 412)."""
 
     code = ErrorCode.VERSION_CONFLICT
+
+
+class SettingConflict(BadRequest):
+    """Settings of one request contradict each other, such as ``fsync="commit"`` on a
+    stream that is not durable (control plane, HTTP 409).
+
+    A BadRequest, so code that refuses invalid settings catches it too.
+    """
+
+    code = ErrorCode.SETTING_CONFLICT
 
 
 class FelixTimeoutError(FelixError, TimeoutError):

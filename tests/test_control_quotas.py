@@ -141,9 +141,20 @@ def test_fsync_on_a_stream_that_is_not_durable_is_a_setting_conflict() -> None:
         r = await http.patch(f"{STREAMS}/d", json={"durable": False, "fsync": "commit"})
         conflict(r, "durable=true")
         # The schema bounds the interval; the old names are gone from it.
-        for bad in ({"fsync_interval_ms": 0}, {"fsync_interval_ms": 60_001}, {"fsync": "batch"}):
+        for bad in (
+            {"fsync_interval_ms": 0},
+            {"fsync_interval_ms": 60_001},
+            {"fsync": "batch"},
+            {"retention_age_s": 0},
+            {"retention_age_s": 100 * 365 * 86_400 + 1},
+        ):
             r = await http.post(STREAMS, json={"name": "x", "durable": True, **bad})
             assert r.status_code == 422, r.text
+        # Infinity is no retention (a JSON extension Python's parser accepts).
+        raw = b'{"name": "x", "durable": true, "retention_age_s": Infinity}'
+        r = await http.post(STREAMS, content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code in (400, 422), r.text
+        assert (await http.get(f"{STREAMS}/x")).status_code == 404
 
     with_api(test)
 

@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from felix.shard.cache import CacheSettings
+from felix.shard.durable import DurableSettings
 from felix.shard.stream_log import RECORD_OVERHEAD, StreamSettings
 from felix.shard.tenants import TenantQuota
 
@@ -26,14 +27,41 @@ log = logging.getLogger("felix.shard")
 
 
 def stream_settings(spec: dict[str, Any], defaults: StreamSettings) -> StreamSettings:
+    """The in-memory part of a stream (for a durable stream: its hot tail)."""
     replay_bytes = int(spec.get("replay_max_bytes", defaults.replay_max_bytes))
-    if spec.get("retention_bytes"):
+    # A durable stream's retention_bytes bounds its files, not its hot tail.
+    if spec.get("retention_bytes") and not spec.get("durable"):
         replay_bytes = min(replay_bytes, int(spec["retention_bytes"]))
     return StreamSettings(
         replay_max_records=int(spec.get("replay_max_records", defaults.replay_max_records)),
         replay_max_bytes=replay_bytes,
         max_record_bytes=min(defaults.max_record_bytes, replay_bytes - RECORD_OVERHEAD),
         slow_subscriber_policy=spec.get("slow_subscriber_policy", defaults.slow_subscriber_policy),
+    )
+
+
+#: Stored fsync names from before they were reconciled (store migration v2 rewrites them;
+#: a node following an older control plane may still be sent them).
+_LEGACY_FSYNC = {"batch": "interval", "always": "commit"}
+
+
+def durable_settings(spec: dict[str, Any]) -> DurableSettings | None:
+    """The disk settings of a stream spec with ``durable`` true (None: in memory only).
+
+    A spec without an fsync policy gets ``commit`` (the control plane stores that for
+    ``durable=true`` without an explicit fsync); ``none`` as stored is honoured.
+    """
+    if not spec.get("durable"):
+        return None
+    fsync = spec.get("fsync") or "commit"
+    fsync = _LEGACY_FSYNC.get(fsync, fsync)
+    age = spec.get("retention_age_s")
+    size = spec.get("retention_bytes")
+    return DurableSettings(
+        fsync=fsync,
+        fsync_interval_ms=int(spec.get("fsync_interval_ms") or 100),
+        retention_age_s=None if age is None else float(age),
+        retention_bytes=None if size is None else int(size),
     )
 
 

@@ -42,7 +42,8 @@ from typing import Any, Final, Literal, TypeAlias
 
 from felix import ipc, wire
 from felix.errors import BadRequest, FelixError, LogDamaged, Overloaded, Unavailable
-from felix.shard.disklog import DiskLog, DiskLogSettings, decode_envelope, encode_envelope
+from felix.shard.disklog import DiskLog, DiskLogSettings
+from felix.shard.log_format import decode_envelope, encode_envelope
 
 __all__ = [
     "FSYNC_POLICIES",

@@ -37,6 +37,7 @@ from itertools import repeat
 from typing import Final, Literal, TypeAlias, TypeVar
 
 from felix.errors import BadRequest, CursorError, TooLarge
+from felix.wire import StartAtTime
 
 __all__ = [
     "HEADER_OVERHEAD",
@@ -62,7 +63,7 @@ _MIB = 1024 * 1024
 SlowSubscriberPolicy: TypeAlias = Literal["drop_old", "disconnect", "block"]
 #: Where a subscription starts: ``"latest"`` (only new records), ``"earliest"``
 #: (the oldest retained record) or an absolute offset.
-Start: TypeAlias = int | Literal["latest", "earliest"]
+Start: TypeAlias = int | Literal["latest", "earliest"] | StartAtTime
 
 _POLICIES: Final = ("drop_old", "disconnect", "block")
 _INITIAL_CAPACITY: Final = 16

@@ -70,15 +70,18 @@ class DiskIO:
             self._fsyncer.request(syncs)
         if store.reads:
             for job in store.take_reads():
-                self._pool.submit(job.run).add_done_callback(
-                    lambda _f, job=job: self._from_thread(self._read_done, job)
-                )
+                self._pool.submit(self._run_read, job)
         due = store.due(self._clock())
         if due is not None and (self._timer is None or due < self._timer_at):
             if self._timer is not None:
                 self._timer.cancel()
             self._timer_at = due
             self._timer = self._loop.call_later(max(0.0, due - self._clock()), self._on_timer)
+
+    def _run_read(self, job: ReadJob) -> None:
+        """In a reader thread: the read, then its answer on the loop thread."""
+        job.run()
+        self._from_thread(self._read_done, job)
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -100,7 +100,9 @@ class DurableSettings:
     @property
     def durability(self) -> int:
         """What a publish ack on such a stream promises (``wire.DURABILITY_*``)."""
-        return wire.DURABILITY_SYNCED if self.fsync == "commit" else wire.DURABILITY_WRITTEN
+        if self.fsync == "commit":
+            return int(wire.DURABILITY_SYNCED)
+        return int(wire.DURABILITY_WRITTEN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,11 +330,11 @@ class DurableStore:
             self.torn_bytes += report.torn_bytes_cut
             log.warning(
                 "shard %d: stream %s: cut a torn tail of %d bytes from its active segment "
-                "(records from offset %d on were never acknowledged as written in full)",
+                "(a write that never completed, so never acknowledged); %d records kept",
                 self.shard,
                 key,
                 report.torn_bytes_cut,
-                disk_log.next_offset,
+                report.records,
             )
         self.streams[key] = stream
         self.disk_used += disk_log.size_bytes

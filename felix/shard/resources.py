@@ -53,8 +53,8 @@ def durable_settings(spec: dict[str, Any]) -> DurableSettings | None:
     """
     if not spec.get("durable"):
         return None
-    fsync = spec.get("fsync") or "commit"
-    fsync = _LEGACY_FSYNC.get(fsync, fsync)
+    stored = str(spec.get("fsync") or "commit")
+    fsync: Any = _LEGACY_FSYNC.get(stored, stored)  # DurableSettings checks the name
     age = spec.get("retention_age_s")
     size = spec.get("retention_bytes")
     return DurableSettings(

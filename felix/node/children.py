@@ -46,8 +46,6 @@ class Child:
     #: Whether the heartbeat found it silent at the last check (logged once per silence).
     unresponsive: bool = False
     stats: dict[str, int] = field(default_factory=dict)
-    #: A shard's bytes on disk per durable stream key (from its Stats).
-    stream_disk: dict[str, int] = field(default_factory=dict)
     #: Status route requests waiting for this child's answer, by request number.
     status_waiters: dict[int, asyncio.Future[dict[str, Any] | None]] = field(default_factory=dict)
     #: Gets the control process's answers to feed requests (felix/node/control.py).
@@ -115,9 +113,6 @@ class Child:
             self.drained.set()
         elif isinstance(event, msg.Stats):
             self.stats = {k: v for k, v in event.counters.items() if isinstance(v, int)}
-            self.stream_disk = {
-                k: v for k, v in event.streams.items() if isinstance(k, str) and isinstance(v, int)
-            }
         elif isinstance(event, msg.StreamStatusReply):
             waiter = self.status_waiters.pop(event.request, None)
             if waiter is not None and not waiter.done():

@@ -24,7 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from felix.shard.core import ShardCore
-from felix.shard.durable import FREE_SPACE_REFRESH, ReadJob
+from felix.shard.disk_read import ReadJob
+from felix.shard.durable import FREE_SPACE_REFRESH
 from felix.shard.fsyncer import Fsyncer, SyncOutcome
 
 log = logging.getLogger("felix.shard")

@@ -129,6 +129,13 @@ _METRICS: dict[str, tuple[str, str, bool]] = {
     ),
     "disk_bytes": ("felix_node_disk_bytes", "Bytes of durable stream files held", False),
     "durable_streams": ("felix_durable_streams", "Durable streams held", False),
+    # Never labelled by stream (no metric names a tenant or resource): the largest
+    # durable stream of the shard; each stream's own size is on /streams/<t>/<ns>/<s>.
+    "stream_disk_max": (
+        "felix_stream_disk_bytes",
+        "Bytes of the largest durable stream's files on the shard",
+        False,
+    ),
     "torn_bytes": (
         "felix_log_torn_bytes",
         "Bytes of torn records cut from active segments at recovery",
@@ -173,23 +180,13 @@ class _ChildStats(Collector):
         fsync = SummaryMetricFamily(
             "felix_fsync_seconds", "fsyncs of durable streams", labels=["role", "index"]
         )
-        disk = GaugeMetricFamily(
-            "felix_stream_disk_bytes",
-            "Bytes of a durable stream's files",
-            labels=["tenant", "namespace", "stream"],
-        )
         for child in self._node.children:
             stats = child.stats
             if "fsyncs" in stats:
                 fsync.add_metric(
                     [child.role, str(child.index)], stats["fsyncs"], stats.get("fsync_us", 0) / 1e6
                 )
-            for key, size in getattr(child, "stream_disk", {}).items():
-                parts = key.split("/")
-                if len(parts) == 3:
-                    disk.add_metric(parts, size)
         yield fsync
-        yield disk
         restarts = CounterMetricFamily(
             "felix_process_restarts", "Child restarts", labels=["role", "index"]
         )

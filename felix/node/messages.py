@@ -148,9 +148,6 @@ class Stats(_Message):
 
     TYPE: ClassVar[str] = "stats"
     counters: dict[str, int]
-    #: A shard's durable streams: bytes on disk per stream key (at most
-    #: --max-durable-streams-per-shard entries).
-    streams: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +270,6 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "done": (bool,),
     "error": (str,),
     "cursor_too_old": (bool,),
-    "streams": (dict,),
     "key": (str,),
     "status": (dict, type(None)),
 }

@@ -236,6 +236,7 @@ def durable_stats(core: ShardCore) -> dict[str, int]:
         return {}
     return {
         "disk_bytes": disk.disk_used,
+        "stream_disk_max": disk.largest(),
         "durable_streams": len(disk.streams),
         "fsyncs": disk.fsyncs,
         "fsync_us": disk.fsync_us,
@@ -323,7 +324,6 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
             **durable_stats(core),
         },
         on_command,
-        streams=lambda: core.disk.disk_bytes() if core.disk is not None else {},
     )
     for r in readers:
         r.stop()
@@ -470,7 +470,6 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
         control,
         lambda: {**stats(), **_sum_stats(durable_stats(c) for c in cores)},
         on_command,
-        streams=lambda: {k: v for c in cores if c.disk for k, v in c.disk.disk_bytes().items()},
     )
     server.close()
     links.close()
@@ -482,14 +481,13 @@ async def serve_commands(
     control: ControlChannel,
     stats: Callable[[], dict[str, int]],
     on_command: Callable[[msg.Command], Awaitable[None] | None],
-    streams: Callable[[], dict[str, int]] | None = None,
 ) -> None:
     """Report stats every second, answer heartbeats and run commands until the
-    supervisor closes the socket. ``streams``: disk bytes per durable stream."""
+    supervisor closes the socket."""
     loop = asyncio.get_running_loop()
 
     def report() -> None:
-        control.send(msg.Stats(stats(), streams() if streams is not None else {}))
+        control.send(msg.Stats(stats()))
         handle[0] = loop.call_later(STATS_INTERVAL, report)
 
     handle = [loop.call_later(STATS_INTERVAL, report)]

@@ -60,7 +60,8 @@ from felix.errors import (
 from felix.ipc import RecordType
 from felix.names import validate_name
 from felix.shard.cache import CachePartition, CacheSettings
-from felix.shard.durable import DurableSettings, DurableStore, DurableStream, ReadJob
+from felix.shard.disk_read import ReadJob
+from felix.shard.durable import DurableSettings, DurableStore, DurableStream
 from felix.shard.offsets import OffsetReservations
 from felix.shard.resources import SHARD_MAX_RESOURCES, cache_settings
 from felix.shard.stream_log import StreamLog, StreamSettings

@@ -42,8 +42,9 @@ from typing import Any, Final, Literal, TypeAlias
 
 from felix import ipc, wire
 from felix.errors import BadRequest, FelixError, LogDamaged, Overloaded, Unavailable
+from felix.shard.disk_read import ReadJob
 from felix.shard.disklog import DiskLog, DiskLogSettings
-from felix.shard.log_format import decode_envelope, encode_envelope
+from felix.shard.log_format import encode_envelope
 
 __all__ = [
     "FSYNC_POLICIES",
@@ -52,7 +53,6 @@ __all__ = [
     "DurableStore",
     "DurableStream",
     "FsyncPolicy",
-    "ReadJob",
     "Waiter",
 ]
 
@@ -129,75 +129,6 @@ class DiskSettings:
     auto: DurableSettings | None = None
 
 
-class ReadJob:
-    """A READ below the hot tail, run from disk in a reader thread (:meth:`run`)."""
-
-    __slots__ = (
-        "count",
-        "disk",
-        "error",
-        "first_offset",
-        "frame",
-        "from_offset",
-        "gateway",
-        "key",
-        "max_bytes",
-        "max_records",
-        "token",
-    )
-
-    def __init__(
-        self,
-        disk: DurableStream,
-        gateway: int,
-        token: int,
-        from_offset: int,
-        max_records: int,
-        max_bytes: int,
-    ) -> None:
-        self.disk = disk
-        self.key = disk.key
-        self.gateway = gateway
-        self.token = token
-        self.from_offset = from_offset
-        self.max_records = max_records
-        self.max_bytes = max_bytes
-        self.first_offset = from_offset
-        self.count = 0
-        self.frame = b""
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        """Read and encode one EVENTS frame (in a reader thread; never raises).
-
-        Only the run of consecutive offsets from the first record found is sent: the
-        gateway sees a jump to it as a gap of offsets never assigned (or lost when
-        unsynced), and the next READ continues after it.
-        """
-        try:
-            records = self.disk.log.read(self.from_offset, self.max_records, self.max_bytes)
-            if not records:
-                return
-            first = records[0].offset
-            payloads: list[bytes] = []
-            headers: list[dict[str, str] | None] = []
-            expected = first
-            for record in records:
-                if record.offset != expected:
-                    break
-                hdrs, body = decode_envelope(record.payload)
-                payloads.append(body)
-                headers.append(dict(hdrs) if hdrs else None)
-                expected += 1
-            self.first_offset = first
-            self.count = len(payloads)
-            self.frame = wire.encode_events(
-                first, payloads, headers=headers if any(headers) else None
-            )
-        except Exception as exc:  # reported to the loop thread, never lost
-            self.error = exc
-
-
 class DurableStream:
     """One durable stream's disk state, owned by the shard's loop thread."""
 
@@ -252,6 +183,9 @@ class DurableStore:
         #: Free bytes of the data file system at the last check (None: not checked).
         self.free_bytes: int | None = None
         self._sync_wanted: dict[DurableStream, None] = {}
+        # ``interval`` streams with an unsynced write (their sync_due is set): only these
+        # are looked at by due(), so it costs nothing per batch for the other streams.
+        self._interval: dict[DurableStream, None] = {}
         #: READs to run from disk (the I/O driver takes them).
         self.reads: deque[ReadJob] = deque()
         #: Set when an fsync failed: the shard must stop acknowledging and exit.
@@ -288,12 +222,6 @@ class DurableStore:
                     if ipc.shard_for(key, self.shards) == self.shard:
                         keys.append(key)
         return keys
-
-    def exists(self, key: str) -> bool:
-        try:
-            return self.path_for(key).is_dir()
-        except BadRequest:
-            return False
 
     def admit(self, key: str) -> None:
         """Refuse a new durable stream beyond the cap (before anything is created)."""
@@ -420,6 +348,7 @@ class DurableStore:
             self._sync_wanted[stream] = None
         elif settings.fsync == "interval" and stream.sync_due is None:
             stream.sync_due = now + settings.fsync_interval_ms / 1000.0
+            self._interval[stream] = None
 
     def wait_sync(
         self,
@@ -437,13 +366,16 @@ class DurableStore:
 
     def due(self, now: float) -> float | None:
         """Queue the ``interval`` streams whose time came; return the next deadline."""
+        if not self._interval:
+            return None
         nearest: float | None = None
-        for stream in self.streams.values():
+        for stream in list(self._interval):
             due = stream.sync_due
             if due is None:
-                continue
-            if due <= now:
+                del self._interval[stream]
+            elif due <= now:
                 stream.sync_due = None
+                del self._interval[stream]
                 self._sync_wanted[stream] = None
             elif nearest is None or due < nearest:
                 nearest = due
@@ -532,16 +464,13 @@ class DurableStore:
             return
         self.free_bytes = st.f_bavail * st.f_frsize
 
-    def recount(self) -> None:
-        """Sum the logs' sizes again (after retention or a delete)."""
-        self.disk_used = sum(s.log.size_bytes for s in self.streams.values() if s.damaged is None)
-
     def remove(self, key: str) -> list[Waiter]:
         """Delete ``key``'s files; returns the acks that were still waiting."""
         stream = self.streams.pop(key, None)
         if stream is None:
             return []
         self._sync_wanted.pop(stream, None)
+        self._interval.pop(stream, None)
         waiting = list(stream.waiting)
         stream.waiting.clear()
         if stream.damaged is None:
@@ -571,9 +500,11 @@ class DurableStore:
     def damaged(self) -> int:
         return sum(1 for s in self.streams.values() if s.damaged is not None)
 
-    def disk_bytes(self) -> dict[str, int]:
-        """Bytes on disk per stream key (metrics)."""
-        return {k: s.log.size_bytes for k, s in self.streams.items() if s.damaged is None}
+    def largest(self) -> int:
+        """Bytes on disk of the largest durable stream (metrics carry no stream names)."""
+        return max(
+            (s.log.size_bytes for s in self.streams.values() if s.damaged is None), default=0
+        )
 
     def status(self, key: str) -> dict[str, Any] | None:
         """The status route's JSON for ``key`` (None: not a durable stream here)."""
@@ -599,7 +530,7 @@ class DurableStore:
             next_offset=disk_log.next_offset,
             synced_offset=disk_log.synced_offset,
             disk_bytes=disk_log.size_bytes,
-            segments=getattr(disk_log, "segments", report.segments),
+            segments=disk_log.segments,
             recovery={
                 "torn_bytes_cut": report.torn_bytes_cut,
                 "segments": report.segments,

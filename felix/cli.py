@@ -684,6 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     from felix.control.cli import add_commands as add_control_commands
 
     add_control_commands(sub)
+    from felix.logdump import add_commands as add_log_commands
+
+    add_log_commands(sub)
     return parser
 
 

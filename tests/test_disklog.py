@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from felix.errors import LogDamaged, LogPoisoned, TooLarge
+from felix.errors import DiskFull, LogDamaged, LogPoisoned, TooLarge
 from felix.shard.disklog import DiskLog, DiskLogSettings, DiskRecord
 from felix.shard.log_format import (
     MAX_PAYLOAD_BYTES,
@@ -17,6 +19,7 @@ from felix.shard.log_format import (
     decode_envelope,
     encode_envelope,
 )
+from felix.shard.log_index import IndexInfo, decode_index, encode_index
 
 SMALL = DiskLogSettings(segment_bytes=4096, index_interval_bytes=256)
 
@@ -234,3 +237,231 @@ def test_time_lookup_retention_and_delete(tmp_path: Path) -> None:
 def test_envelope_round_trip() -> None:
     for headers in (None, {"a": "b", "ключ": "значение"}):
         assert decode_envelope(encode_envelope(headers, b"body")) == (headers, b"body")
+
+
+def build(d: Path, batches: int = 20) -> list[int]:
+    log = DiskLog.open(d, SMALL, first_offset=0)
+    written = []
+    for b in range(batches):
+        written += fill(log, b * 5, 5)
+    log.close()
+    return written
+
+
+def snapshot(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_damage_inside_the_active_segment_is_not_a_torn_tail(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    build(d)
+    active = segs(d)[-1]
+    data = bytearray(active.read_bytes())
+    data[SEGMENT_HEADER_SIZE + 2] ^= 0x01  # first record's length: a valid record follows
+    active.write_bytes(bytes(data))
+    before = snapshot(d)
+    with pytest.raises(LogDamaged) as info:
+        DiskLog.open(d, SMALL, first_offset=0)
+    assert info.value.file == str(active) and info.value.position == SEGMENT_HEADER_SIZE
+    assert "not a torn tail" in info.value.why
+    assert snapshot(d) == before  # nothing cut, nothing rewritten
+
+
+def test_garbage_tail_without_a_valid_record_is_cut(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    written = build(d)
+    active = segs(d)[-1]
+    good = active.stat().st_size
+    with active.open("ab") as f:
+        f.write(bytes(3000))  # zeros, as a filesystem may show after power loss
+    log = DiskLog.open(d, SMALL, first_offset=0)
+    assert log.recovery.torn_bytes_cut == 3000 and active.stat().st_size == good
+    assert [r.offset for r in all_records(log)] == written
+    log.close()
+
+
+def test_unfinished_roll_header_is_rewritten(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    written = build(d)
+    torn = d / f"{written[-1] + 1:020d}.seg"
+    torn.write_bytes(b"FLSG\x00")  # a roll cut off while writing the header
+    log = DiskLog.open(d, SMALL, first_offset=0)
+    assert log.recovery.torn_bytes_cut == 5
+    assert torn.stat().st_size == SEGMENT_HEADER_SIZE and log.next_offset == written[-1] + 1
+    log.append([(log.next_offset, 1, b"after")])
+    assert all_records(log)[-1].payload == b"after"
+    log.close()
+
+
+@pytest.mark.parametrize("how", ["missing", "other", "stale", "flipped", "garbage"])
+def test_bad_index_is_rebuilt(tmp_path: Path, how: str) -> None:
+    d = tmp_path / "s"
+    written = build(d, 40)
+    idx = sorted(d.glob("*.idx"))
+    assert len(idx) == len(segs(d)) - 1  # every sealed segment has one
+    good = idx[0].read_bytes()
+    if how == "missing":
+        idx[0].unlink()
+    elif how == "other":
+        idx[0].write_bytes(idx[1].read_bytes())  # another segment's index
+    elif how == "stale":  # whole and CRC-valid, but written for a shorter segment
+        info = decode_index(good, int(idx[0].stem), segs(d)[0].stat().st_size)
+        assert isinstance(info, IndexInfo)
+        info.segment_size -= 1
+        idx[0].write_bytes(encode_index(info))
+    elif how == "flipped":
+        flipped = bytearray(good)
+        flipped[60] ^= 0x04
+        idx[0].write_bytes(bytes(flipped))
+    else:
+        idx[0].write_bytes(b"\xff" * 7)
+    (d / (idx[0].name + ".tmp")).write_bytes(b"half an index")  # left by a crash
+    log = DiskLog.open(d, SMALL, first_offset=0)
+    assert log.recovery.rebuilt_indexes == 1
+    assert idx[0].read_bytes() == good
+    assert [r.offset for r in all_records(log)] == written
+    assert log.read(33, 1, 100)[0].offset == 33
+    log.close()
+    assert DiskLog.open(d, SMALL, first_offset=0).recovery.rebuilt_indexes == 0
+
+
+def test_sealed_segment_header_or_size_damage_refused_at_open(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    build(d)
+    first = segs(d)[0]
+    data = bytearray(first.read_bytes())
+    data[9] ^= 0x80  # base offset in the header
+    first.write_bytes(bytes(data))
+    with pytest.raises(LogDamaged) as info:
+        DiskLog.open(d, SMALL, first_offset=0)
+    assert info.value.file == str(first) and info.value.position == 0
+    data[9] ^= 0x80
+    first.write_bytes(bytes(data[:-10]))  # a sealed segment lost its end
+    with pytest.raises(LogDamaged) as info:
+        DiskLog.open(d, SMALL, first_offset=0)
+    assert info.value.file == str(first) and "runs past the end" in info.value.why
+    assert first.stat().st_size == len(data) - 10
+
+
+def test_recovery_is_idempotent(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    build(d)
+    active = segs(d)[-1]
+    os.truncate(active, active.stat().st_size - 3)
+    for idx in d.glob("*.idx"):
+        idx.unlink()
+    first = DiskLog.open(d, SMALL, first_offset=0)
+    report = first.recovery
+    first.close()
+    after = snapshot(d)
+    second = DiskLog.open(d, SMALL, first_offset=0)
+    assert snapshot(d) == after
+    assert second.recovery.torn_bytes_cut == 0 and second.recovery.rebuilt_indexes == 0
+    assert (second.recovery.records, second.recovery.next_offset) == (
+        report.records,
+        report.next_offset,
+    )
+    second.close()
+
+
+def test_disk_full_cuts_the_batch_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = DiskLog.open(tmp_path / "s", SMALL, first_offset=0)
+    fill(log, 0, 3)
+    size = log.size_bytes
+    real_write = os.write
+
+    def half_then_full(fd: int, data: bytes | memoryview) -> int:
+        if len(data) > 100:
+            return real_write(fd, bytes(data[:100]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(DiskFull, match="disk full"):
+        fill(log, 3, 3)
+    monkeypatch.undo()
+    assert log.size_bytes == size and log.next_offset == 3
+    assert (tmp_path / "s" / segs(tmp_path / "s")[-1].name).stat().st_size == size
+    fill(log, 3, 3)
+    log.close()
+    again = DiskLog.open(tmp_path / "s", SMALL, first_offset=0)
+    assert [r.offset for r in all_records(again)] == list(range(6))
+    again.close()
+
+
+def test_fsync_error_at_roll_poisons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = DiskLog.open(tmp_path / "s", SMALL, first_offset=0)
+    fill(log, 0, 50)
+
+    def boom(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", boom)
+    with pytest.raises(OSError):
+        for b in range(50):
+            fill(log, 50 + b * 5, 5)
+    monkeypatch.undo()
+    with pytest.raises(LogPoisoned):
+        log.sync()
+    log.close()
+
+
+def test_reads_survive_retention_under_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = tmp_path / "s"
+    build(d, 40)
+    log = DiskLog.open(d, DiskLogSettings(4096, 256, retention_bytes=1), first_offset=0)
+    old = log._view
+    assert log.enforce_retention(now_us=0) > 0
+    new = log._view
+    log._view = old  # a reader took its view just before retention deleted files
+    real = log._read_view
+
+    def read_view(view: Any, *args: int) -> list[DiskRecord]:
+        log._view = new  # ... and retention's publish landed meanwhile
+        return real(view, *args)
+
+    monkeypatch.setattr(log, "_read_view", read_view)
+    got = log.read(0, 5, 10**6)
+    assert got and got[0].offset == log.first_offset > 0
+    log.close()
+
+
+def test_roll_syncs_the_sealed_segment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def spy(fd: int) -> None:
+        synced.append(os.fstat(fd).st_size)
+        real(fd)
+
+    log = DiskLog.open(tmp_path / "s", SMALL, first_offset=0)
+    monkeypatch.setattr(os, "fdatasync", spy)
+    fill(log, 0, 20)
+    assert log.segments == 1 and synced == [] and log.synced_offset == 0
+    fill(log, 20, 60)  # rolls: the old segment is flushed first
+    assert log.segments == 2 and len(synced) == 1
+    assert synced[0] == segs(tmp_path / "s")[0].stat().st_size
+    assert log.synced_offset == 20  # everything in sealed segments is on disk
+    assert log.sync() == 80
+    log.close()
+    assert log.sync() == 80  # a late call after close changes nothing
+
+
+def test_open_flushes_what_a_killed_writer_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = DiskLog.open(tmp_path / "s", SMALL, first_offset=0)
+    fill(log, 0, 5)  # written, never synced; the writer "dies" here
+    log.close()
+
+    def boom(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", boom)
+    with pytest.raises(OSError):  # open never calls unflushed records synced
+        DiskLog.open(tmp_path / "s", SMALL, first_offset=0)
+    monkeypatch.undo()
+    again = DiskLog.open(tmp_path / "s", SMALL, first_offset=0)
+    assert again.synced_offset == again.next_offset == 5
+    again.close()

@@ -163,7 +163,7 @@ def _open_active(
         if scanner.error is None:
             return seg, 0
         bad = scanner.stopped_at
-        later = valid_record_after(fd, bad, size, TORN_SEARCH_LIMIT)
+        later = valid_record_after(fd, bad, size, scanner.last_offset, TORN_SEARCH_LIMIT)
         if later is not None or size - bad > TORN_SEARCH_LIMIT:
             why = scanner.error
             why += (

@@ -82,13 +82,12 @@ class Segment:
 
     def position_for_time(self, timestamp_us: int, end: int) -> int:
         """A record start at or before the first record with a timestamp >= the given
-        one: the last entry whose earlier records are all older."""
-        pos = SEGMENT_HEADER_SIZE
-        for _off, epos, before in self.entries:  # max_ts_before is non-decreasing
-            if before >= timestamp_us or epos >= end:
-                break
-            pos = epos
-        return pos
+        one: the last entry whose earlier records are all older (``max_ts_before`` is
+        non-decreasing, so this is a binary search)."""
+        i = bisect.bisect_left(self.entries, timestamp_us, key=lambda e: e[2])
+        while i > 0 and self.entries[i - 1][1] >= end:
+            i -= 1  # an entry the writer added past what this reader may see
+        return self.entries[i - 1][1] if i > 0 else SEGMENT_HEADER_SIZE
 
 
 class Scanner:
@@ -169,17 +168,23 @@ class Scanner:
             pass
 
 
-def valid_record_after(fd: int, start: int, end: int, limit: int) -> int | None:
-    """The position of a valid record header (with a whole, matching payload) in
-    ``(start, end)``, looking at no more than ``limit`` bytes; ``None`` if there is
-    none. Used to tell a torn tail (nothing valid after the bad spot) from damage."""
+def valid_record_after(fd: int, start: int, end: int, after_offset: int, limit: int) -> int | None:
+    """The position of a valid record in ``(start, end)`` (header CRC, payload CRC and
+    an offset above ``after_offset`` all check out), looking at no more than ``limit``
+    bytes; ``None`` if there is none. Recovery uses it to tell a torn tail (nothing
+    valid after the bad spot) from damage in the middle of the active segment."""
     stop = min(end, start + limit)
     data = os.pread(fd, stop - start, start)
-    for rel in range(1, len(data) - RECORD_HEADER_SIZE + 1):
-        length = int.from_bytes(data[rel : rel + 4], "big")
-        if length > MAX_PAYLOAD_BYTES or start + rel + RECORD_HEADER_SIZE + length > end:
+    n = len(data)
+    from_bytes = int.from_bytes
+    for rel in range(1, n - RECORD_HEADER_SIZE + 1):
+        length = from_bytes(data[rel : rel + 4], "big")
+        body = rel + RECORD_HEADER_SIZE
+        if length > MAX_PAYLOAD_BYTES or body + length > n:
             continue
-        if isinstance(decode_record_header(data, rel), str):
+        head = decode_record_header(data, rel)
+        if isinstance(head, str) or head.offset <= after_offset:
             continue
-        return start + rel
+        if _crc32(data[body : body + length]) == head.payload_crc:
+            return start + rel
     return None

@@ -56,7 +56,6 @@ from felix.shard.resources import (
     durable_settings,
     stream_settings,
     tenant_quota,
-    unsupported,
 )
 from felix.tls import node_certificates
 
@@ -345,8 +344,6 @@ def apply_resource(
     try:
         if cmd.op == "define" and kind == "stream":
             key = ipc.stream_key(*path)
-            for what in unsupported(spec):
-                log.warning("stream %s: %s is stored but not honoured", key, what)
             core.define_stream(
                 key, stream_settings(spec, config.stream_defaults), durable_settings(spec)
             )

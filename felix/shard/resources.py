@@ -1,17 +1,14 @@
 """Control-plane resource specs as the settings a shard applies.
 
 The control plane stores specs as plain JSON (felix/control/model.py); a shard
-turns them into :class:`StreamSettings` and :class:`CacheSettings` here, against
-the node's defaults, and a tenant's quotas into its :class:`TenantQuota` on one
-shard. Settings a shard does not act on (durability, retention by age, fsync,
-queue defaults) are refused by the control plane when a create or update sets
-them (felix/control/quotas.py); resources stored before that was so may still
-carry them, and ``unsupported`` names them so the node can say so in its log.
+turns them into :class:`StreamSettings` (the in-memory part of a stream),
+:class:`DurableSettings` (a durable stream's fsync policy and retention) and
+:class:`CacheSettings` here, against the node's defaults, and a tenant's quotas
+into its :class:`TenantQuota` on one shard.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from felix.shard.cache import CacheSettings
@@ -22,8 +19,6 @@ from felix.shard.tenants import TenantQuota
 #: Streams, caches and watches of streams not created yet that one shard holds at most,
 #: whatever its tenants' quotas (ShardSettings.max_resources; docs/operations.md, limits).
 SHARD_MAX_RESOURCES = 100_000
-
-log = logging.getLogger("felix.shard")
 
 
 def stream_settings(spec: dict[str, Any], defaults: StreamSettings) -> StreamSettings:
@@ -89,25 +84,3 @@ def tenant_quota(spec: dict[str, Any], node: TenantQuota, shards: int) -> Tenant
     memory = spec.get("memory_quota_bytes") or node.memory_bytes
     max_resources = spec.get("max_resources_per_shard") or node.max_resources
     return TenantQuota(max(int(memory) // shards, 1), int(max_resources))
-
-
-#: Stream settings the node does not honour: the only value a create or update may
-#: set (felix/control/quotas.py refuses others), and why.
-UNHONOURED: dict[str, tuple[Any, str]] = {
-    "durable": (False, "durable streams are not implemented: streams are held in memory"),
-    "fsync": ("none", "nothing of a stream is written to disk, so there is nothing to fsync"),
-    "retention_age_s": (
-        None,
-        "retention by age is not implemented (use replay_max_records, "
-        "replay_max_bytes or retention_bytes)",
-    ),
-}
-
-
-def unsupported(spec: dict[str, Any]) -> list[str]:
-    """Settings of a stream spec this node does not honour (stored before they were refused)."""
-    return [
-        f"{name}={spec[name]!r} ({why})"
-        for name, (allowed, why) in UNHONOURED.items()
-        if spec.get(name, allowed) != allowed
-    ]

@@ -34,7 +34,7 @@ def test_history_survives_a_restart_and_is_read_from_disk(tmp_path: Path) -> Non
         async with felix.connect(url(node), ca=node.ca_file) as client:
             for i in range(40):
                 ack = await client.publish("orders", b"%d" % i, headers={"i": str(i)})
-                assert ack is not None
+                assert ack is not None and ack.durability == "synced"
                 offsets.append(ack.offset)
 
     try:

@@ -371,6 +371,8 @@ def test_a_damaged_log_refuses_its_stream_only(tmp_path: Path) -> None:
     ack = publish(c2, [b"still"], stream="other", token=7)
     assert ack.durability == wire.DURABILITY_SYNCED
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    # Only an explicit delete removes a damaged stream's files.
+    assert c2.delete_stream(KEY) and not directory.exists()
 
 
 def test_a_torn_tail_is_cut_and_reported(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -158,6 +159,11 @@ class DurableStream:
         self.sync_due: float | None = None
 
     @property
+    def opened(self) -> bool:
+        """Whether the log is open (False: its damage was found when opening it)."""
+        return self.log is not None
+
+    @property
     def unsynced(self) -> bool:
         return self.written > self.synced
 
@@ -278,7 +284,7 @@ class DurableStore:
     def reconfigure(self, stream: DurableStream, settings: DurableSettings) -> None:
         """New fsync/retention settings for an open stream (from the control plane)."""
         stream.settings = settings
-        if stream.damaged is None:
+        if stream.opened:
             stream.log.settings = self._log_settings(settings)
         if settings.fsync == "commit" and stream.unsynced:
             self._sync_wanted[stream] = None
@@ -381,6 +387,11 @@ class DurableStore:
                 nearest = due
         return nearest
 
+    @property
+    def interval_pending(self) -> bool:
+        """Whether an ``interval`` stream has an unsynced write (due() has work)."""
+        return bool(self._interval)
+
     def take_syncs(self) -> list[DurableStream]:
         """The streams to fsync in the next round (each once, whatever waits on it)."""
         if not self._sync_wanted or self.fatal is not None:
@@ -473,21 +484,24 @@ class DurableStore:
         self._interval.pop(stream, None)
         waiting = list(stream.waiting)
         stream.waiting.clear()
-        if stream.damaged is None:
-            self.disk_used -= stream.log.size_bytes
-            try:
+        # An explicit delete removes the files, damaged or not (recovery never does).
+        try:
+            if stream.opened:
+                self.disk_used -= stream.log.size_bytes
                 stream.log.delete()
-            except OSError as exc:
-                log.error("shard %d: cannot delete the files of %s: %s", self.shard, key, exc)
+            else:
+                shutil.rmtree(self.path_for(key))
+        except OSError as exc:
+            log.error("shard %d: cannot delete the files of %s: %s", self.shard, key, exc)
         return waiting
 
     def close(self) -> None:
         """Sync what is written and close every log (a clean stop)."""
         for stream in self.streams.values():
-            if stream.damaged is not None:
+            if not stream.opened:
                 continue
             try:
-                if self.fatal is None and stream.unsynced:
+                if self.fatal is None and stream.damaged is None and stream.unsynced:
                     stream.log.sync()
             except OSError as exc:
                 log.error("shard %d: final fsync of %s failed: %s", self.shard, stream.key, exc)
@@ -502,9 +516,7 @@ class DurableStore:
 
     def largest(self) -> int:
         """Bytes on disk of the largest durable stream (metrics carry no stream names)."""
-        return max(
-            (s.log.size_bytes for s in self.streams.values() if s.damaged is None), default=0
-        )
+        return max((s.log.size_bytes for s in self.streams.values() if s.opened), default=0)
 
     def status(self, key: str) -> dict[str, Any] | None:
         """The status route's JSON for ``key`` (None: not a durable stream here)."""
@@ -521,7 +533,7 @@ class DurableStore:
             "damaged": stream.damaged,
             "waiting_acks": len(stream.waiting),
         }
-        if stream.damaged is not None:
+        if not stream.opened:
             return out
         disk_log = stream.log
         report = disk_log.recovery

@@ -5,6 +5,7 @@ temp dir; the I/O driver's threads are replaced by running its jobs inline)."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,8 @@ def store_of(c: ShardCore) -> DurableStore:
     return c.disk
 
 
-def send(c: ShardCore, frame: bytes, *, token: int = 1, gateway: int = 0) -> None:
-    c.handle(gateway, ipc.encode(RecordType.REQUEST, token, 0, frame), 0.0)
+def send(c: ShardCore, frame: bytes, *, token: int = 1, gateway: int = 0, now: float = 0.0) -> None:
+    c.handle(gateway, ipc.encode(RecordType.REQUEST, token, 0, frame), now)
 
 
 def replies(c: ShardCore, gateway: int = 0) -> list[tuple[int, Any]]:
@@ -430,3 +431,95 @@ def test_control_plane_specs_map_to_durable_settings(tmp_path: Path) -> None:
     ack = publish(c, [b"x"])
     assert ack.durability == wire.DURABILITY_WRITTEN
     assert (tmp_path / "streams" / T / NS / "s").is_dir()
+
+
+# -- the I/O driver with its real threads (felix/node/disk_io.py) ---------------------------
+
+
+def _driven(
+    tmp: Path, fault: Path | None = None, **kw: Any
+) -> tuple[ShardCore, list[bytes], list[str], Any]:
+    from felix.node.disk_io import DiskIO
+
+    c = make(tmp, **kw)
+    out: list[bytes] = []
+    fatal: list[str] = []
+
+    def deliver() -> None:
+        out.extend(c.flush().get(0, []))
+
+    io = DiskIO(c, deliver, fatal.append, fault_file=fault)
+    return c, out, fatal, io
+
+
+async def _until(check: Any, timeout: float = 5.0) -> None:
+    import asyncio
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.005)
+
+
+def test_the_fsync_thread_acks_a_batch_of_publishers_with_one_round(tmp_path: Path) -> None:
+    from tests.aio import run
+
+    async def main() -> None:
+        c, out, fatal, io = _driven(tmp_path)
+        try:
+            for i in range(20):
+                send(c, wire.encode_publish(i, T, NS, "s", [b"%d" % i]), token=100 + i)
+            io.kick()
+            await _until(lambda: len(out) == 20)
+            tokens = [ipc.decode_header(r)[1] for r in out]
+            assert tokens == list(range(100, 120)) and fatal == []
+            assert store_of(c).fsyncs == 1 and store_of(c).fsync_acks == 20
+            # A READ below a tiny hot tail is answered from the reader pool.
+            c.stream_log(KEY).trim(1 << 30)  # type: ignore[union-attr]
+            c.handle(0, ipc.encode_read(7, KEY, 0, 100, 1 << 20), 0.0)
+            io.kick()
+            await _until(lambda: len(out) == 21)
+            ev = wire.decode_ext(wire.decode_frame(out[-1][ipc.HEADER_SIZE :], extensions=True))
+            assert isinstance(ev, wire.Events) and len(ev.payloads) == 20
+        finally:
+            io.close()
+
+    run(main)
+
+
+def test_interval_streams_are_synced_by_the_timer(tmp_path: Path) -> None:
+    from tests.aio import run
+
+    async def main() -> None:
+        c, out, _, io = _driven(tmp_path, fsync="interval")
+        try:
+            send(c, wire.encode_publish(1, T, NS, "s", [b"a"]), token=1, now=time.monotonic())
+            io.kick()  # acked WRITTEN at once; the timer syncs within 50 ms
+            assert len(out) == 0 and len(c.flush()[0]) == 1
+            disk = store_of(c).streams[KEY]
+            assert disk.log.synced_offset == 0
+            await _until(lambda: disk.log.synced_offset == 1)
+        finally:
+            io.close()
+
+    run(main)
+
+
+def test_an_injected_fsync_error_is_fatal_and_acks_nothing(tmp_path: Path) -> None:
+    from tests.aio import run
+
+    fault = tmp_path / "fail"
+    fault.touch()
+
+    async def main() -> None:
+        c, out, fatal, io = _driven(tmp_path, fault=fault)
+        try:
+            send(c, wire.encode_publish(1, T, NS, "s", [b"a"]), token=1)
+            io.kick()
+            await _until(lambda: bool(fatal))
+            assert "injected fsync error" in fatal[0] and out == []
+            assert c.fatal == fatal[0]
+        finally:
+            io.close()
+
+    run(main)

@@ -675,10 +675,10 @@ class ShardCore:
             disk = stream.disk
             if disk is not None and from_offset < log_.earliest:
                 # Below the hot tail: from disk, in a reader thread (read_done answers).
-                low = log_.earliest if disk.damaged is not None else min(disk.low(), log_.earliest)
                 if disk.damaged is not None:
                     frame = wire.encode_error(0, Unavailable.code, disk.damaged)
-                elif from_offset < low:
+                elif from_offset < min(disk.low(), log_.earliest):
+                    low = min(disk.low(), log_.earliest)
                     frame = wire.encode_cursor_error(0, "too_old", from_offset, low)
                 else:
                     assert self.disk is not None

@@ -4,6 +4,7 @@ fsync error ends the shard (the supervisor restarts it from disk)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -29,10 +30,15 @@ def test_history_survives_a_restart_and_is_read_from_disk(tmp_path: Path) -> Non
     data = tmp_path / "node"
     node = NodeProcess(data, *ARGS, gateways=1, shards=2)
     offsets: list[int] = []
+    marks: list[float] = []
 
     async def write() -> None:
         async with felix.connect(url(node), ca=node.ca_file) as client:
             for i in range(40):
+                if i == 30:  # records from here on are stamped after this time
+                    await asyncio.sleep(0.01)
+                    marks.append(time.time())
+                    await asyncio.sleep(0.01)
                 ack = await client.publish("orders", b"%d" % i, headers={"i": str(i)})
                 assert ack is not None and ack.durability == "synced"
                 offsets.append(ack.offset)
@@ -74,6 +80,8 @@ def test_history_survives_a_restart_and_is_read_from_disk(tmp_path: Path) -> Non
                 assert (live.offset, live.data) == (ack.offset, b"live")
             async with client.subscribe("orders", start=17) as sub:
                 assert (await sub.next(timeout=10)).data == b"17"
+            async with client.subscribe("orders", start={"time": marks[0]}) as sub:
+                assert (await sub.next(timeout=10)).data == b"30"
 
     try:
         run(read_back, timeout=60)

@@ -98,6 +98,8 @@ class DiskIO:
         self._from_thread(self._synced, outcomes)
 
     def _synced(self, outcomes: list[SyncOutcome]) -> None:
+        if self._closed:
+            return  # shutting down: close() syncs what is left
         core = self._core
         for outcome in outcomes:
             if outcome.error is None:

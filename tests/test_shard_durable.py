@@ -423,8 +423,9 @@ def test_control_plane_specs_map_to_durable_settings(tmp_path: Path) -> None:
     assert durable_settings(spec) == DurableSettings(
         fsync="none", retention_age_s=60.0, retention_bytes=1 << 30
     )
-    # retention_bytes bounds a durable stream's files, not its hot tail in memory.
-    assert stream_settings(spec, StreamSettings()).replay_max_bytes == 64 * 1024 * 1024
+    # retention_bytes bounds a durable stream's files, and its hot tail in memory too.
+    spec["retention_bytes"] = 1 << 20
+    assert stream_settings(spec, StreamSettings()).replay_max_bytes == 1 << 20
     # A stream defined durable by the control plane on a node without --durable-streams.
     c = make(tmp_path, auto=False)
     c.define_stream(KEY, StreamSettings(), durable_settings({"durable": True, "fsync": "none"}))

@@ -204,10 +204,12 @@ def read_stream(stream_dir: Path, *, allow_torn_tail: bool = False) -> list[Rec]
     out: list[Rec] = []
     paths = segment_paths(stream_dir)
     for i, path in enumerate(paths):
+        last = i == len(paths) - 1
+        if allow_torn_tail and last and path.stat().st_size < SEG_HEADER_SIZE:
+            # A crash right after creating the file: not even its header is whole.
+            break
         scan = scan_segment(path)
-        if scan.problem is not None and not (
-            allow_torn_tail and scan.short and i == len(paths) - 1
-        ):
+        if scan.problem is not None and not (allow_torn_tail and scan.short and last):
             raise FormatError(path, scan.good_end, scan.problem)
         if out and scan.base_offset <= out[-1].offset:
             raise FormatError(path, 8, f"base {scan.base_offset} not above {out[-1].offset}")

@@ -128,3 +128,11 @@ def test_power_loss_keeps_every_synced_record(tmp_path: Path, mode: str) -> None
         if mode == "prefix":
             # One prefix survives: no record is missing below the last survivor.
             assert after == before[: len(after)]
+
+
+def test_read_stream_allows_a_half_created_last_segment_only_when_asked(tmp_path: Path) -> None:
+    segfiles.write_segment(tmp_path, 0, [(0, 0, b"x")])
+    (tmp_path / f"{1:020d}.seg").write_bytes(segfiles.segment_header(1)[:7])
+    with pytest.raises(segfiles.FormatError, match="truncated"):
+        segfiles.read_stream(tmp_path)
+    assert segfiles.payloads(segfiles.read_stream(tmp_path, allow_torn_tail=True)) == [(0, b"x")]

@@ -256,22 +256,32 @@ def power_loss(
     that covers every synced record: a cut at a random byte past the synced data;
     segments created after the cut are gone. ``per_segment``: each segment
     independently keeps a random length between its synced data and its size (files
-    written without fsync have no ordering between them). A segment whose base is at
-    or above ``synced_offset`` may lose even its header. Returns the new size of each
-    remaining segment file, by name.
+    written without fsync have no ordering between them). ``sealed_whole``: for a
+    writer that fsyncs a segment when it seals it, only the newest segment loses
+    bytes. A segment whose base is at or above ``synced_offset`` may lose even its
+    header, or vanish (its directory entry was never synced). Returns the new size of
+    each remaining segment file, by name.
     """
+    if mode not in ("prefix", "per_segment", "sealed_whole"):
+        raise ValueError(mode)
     sizes: dict[str, int] = {}
     cut_done = False
-    for path in segment_paths(stream_dir):
+    paths = segment_paths(stream_dir)
+    for path in paths:
         if cut_done:
             path.unlink()
             continue
         size = path.stat().st_size
+        if mode == "sealed_whole" and path != paths[-1]:
+            sizes[path.name] = size
+            continue
         keep_min = first_position_at_or_above(path, synced_offset)
         if int(path.name[:20]) >= synced_offset:
+            if rng.random() < 0.2:
+                path.unlink()
+                cut_done = mode == "prefix"
+                continue
             keep_min = 0
-        if mode not in ("prefix", "per_segment"):
-            raise ValueError(mode)
         new = rng.randint(keep_min, size)
         if mode == "prefix" and keep_min < size:
             cut_done = True

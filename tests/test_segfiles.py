@@ -108,7 +108,7 @@ def test_read_stream_checks_order_across_segments(tmp_path: Path) -> None:
         segfiles.read_stream(tmp_path)
 
 
-@pytest.mark.parametrize("mode", ["prefix", "per_segment"])
+@pytest.mark.parametrize("mode", ["prefix", "per_segment", "sealed_whole"])
 def test_power_loss_keeps_every_synced_record(tmp_path: Path, mode: str) -> None:
     for seed in range(40):
         d = tmp_path / f"{mode}{seed}"
@@ -125,9 +125,11 @@ def test_power_loss_keeps_every_synced_record(tmp_path: Path, mode: str) -> None
                 after += segfiles.scan_segment(path).records
         assert [r for r in before if r.offset < synced] == [r for r in after if r.offset < synced]
         assert set(after) <= set(before)
-        if mode == "prefix":
+        if mode != "per_segment":
             # One prefix survives: no record is missing below the last survivor.
             assert after == before[: len(after)]
+        if mode == "sealed_whole":
+            assert after[: len(before) - 3] == before[:-3]
 
 
 def test_read_stream_allows_a_half_created_last_segment_only_when_asked(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import enum
 
 class ErrorCode(enum.IntEnum):
     """felix's error codes: in ERROR frames and SUBSCRIPTION_END (1-8), and for the
-    control plane's resource conflicts (9-11, answered over HTTP only)."""
+    control plane's resource conflicts (9-12, answered over HTTP only)."""
 
     BAD_REQUEST = 1
     NOT_FOUND = 2
@@ -31,6 +31,7 @@ class ErrorCode(enum.IntEnum):
     ALREADY_EXISTS = 9
     HAS_CHILDREN = 10
     VERSION_CONFLICT = 11
+    SETTING_CONFLICT = 12
 
     @property
     def slug(self) -> str:
@@ -194,6 +195,16 @@ class LogPoisoned(LogError):
     """
 
 
+class SettingConflict(BadRequest):
+    """Settings of one request contradict each other, such as ``fsync="commit"`` on a
+    stream that is not durable (control plane, HTTP 409).
+
+    A BadRequest, so code that refuses invalid settings catches it too.
+    """
+
+    code = ErrorCode.SETTING_CONFLICT
+
+
 class FelixTimeoutError(FelixError, TimeoutError):
     """A call did not complete within its timeout."""
 
@@ -223,6 +234,7 @@ _BY_CODE: dict[int, type[ServerError]] = {
         AlreadyExists,
         HasChildren,
         VersionConflict,
+        SettingConflict,
     )
 }
 

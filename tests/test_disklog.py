@@ -425,3 +425,43 @@ def test_reads_survive_retention_under_them(
     got = log.read(0, 5, 10**6)
     assert got and got[0].offset == log.first_offset > 0
     log.close()
+
+
+def test_roll_syncs_the_sealed_segment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def spy(fd: int) -> None:
+        synced.append(os.fstat(fd).st_size)
+        real(fd)
+
+    log = DiskLog.open(tmp_path / "s", SMALL, first_offset=0)
+    monkeypatch.setattr(os, "fdatasync", spy)
+    fill(log, 0, 20)
+    assert log.segments == 1 and synced == [] and log.synced_offset == 0
+    fill(log, 20, 60)  # rolls: the old segment is flushed first
+    assert log.segments == 2 and len(synced) == 1
+    assert synced[0] == segs(tmp_path / "s")[0].stat().st_size
+    assert log.synced_offset == 20  # everything in sealed segments is on disk
+    assert log.sync() == 80
+    log.close()
+    assert log.sync() == 80  # a late call after close changes nothing
+
+
+def test_open_flushes_what_a_killed_writer_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = DiskLog.open(tmp_path / "s", SMALL, first_offset=0)
+    fill(log, 0, 5)  # written, never synced; the writer "dies" here
+    log.close()
+
+    def boom(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", boom)
+    with pytest.raises(OSError):  # open never calls unflushed records synced
+        DiskLog.open(tmp_path / "s", SMALL, first_offset=0)
+    monkeypatch.undo()
+    again = DiskLog.open(tmp_path / "s", SMALL, first_offset=0)
+    assert again.synced_offset == again.next_offset == 5
+    again.close()

@@ -152,14 +152,17 @@ class DiskLog:
         )
         if not segments:
             segments = [log._create_segment(first_offset)]
-            _fsync_dir(directory)
         log._segments = segments
         active = segments[-1]
         log._fd = os.open(active.path, os.O_WRONLY | os.O_APPEND)
+        # What a killed writer left in the page cache is not on disk yet: flush it
+        # (sealed segments were flushed when they rolled) before calling it synced.
+        os.fdatasync(log._fd)
+        _fsync_dir(directory)
+        log._dir_dirty = False
         log._size_bytes = sum(s.size for s in segments)
         end = max(active.last_offset + 1, active.base_offset)
         log._next_offset = max(end, first_offset)
-        # Everything recovery found is on disk (it was read back, the cut fsynced).
         log._synced_offset = end
         log._index_mark = (
             active.entries[-1][1] + settings.index_interval_bytes
@@ -290,7 +293,12 @@ class DiskLog:
         base = self._next_offset
         old = self._segments[-1]
         try:
+            # The old segment and its directory entry are on disk before the new file
+            # exists: a sealed segment is never torn, and everything below ``base``
+            # is synced (the directory is flushed every time: a sync thread may hold
+            # the dirty flag at this moment, and this is once per segment_bytes).
             os.fdatasync(self._fd)
+            _fsync_dir(self.directory)
         except OSError as exc:
             self._poisoned = exc
             raise
@@ -303,6 +311,7 @@ class DiskLog:
             self._segments.append(new)
             self._size_bytes += new.size
             self._index_mark = SEGMENT_HEADER_SIZE
+            self._synced_offset = max(self._synced_offset, base)
             self._publish()
         return new
 
@@ -318,9 +327,12 @@ class DiskLog:
         """fdatasync everything written so far; returns the new :attr:`synced_offset`.
 
         Safe from one fsync thread while the writer appends. An ``OSError`` is raised
-        once and poisons the log (never retried).
+        once and poisons the log (never retried). After :meth:`close` it changes
+        nothing and returns the last synced offset.
         """
         with self._lock:
+            if self._closed and self._poisoned is None:
+                return self._synced_offset  # a late call from the fsync thread
             self._check()
             target = self._view.next_offset
             fd = os.dup(self._fd)

@@ -47,8 +47,7 @@ bench: build
 FAULT_ROUNDS ?= 25
 faults: build
 	FELIX_FAULT_ROUNDS=$(FAULT_ROUNDS) $(VENV)/bin/pytest -q --timeout 3600 \
-		tests/test_segfiles.py tests/test_disklog_faults.py \
-		$(wildcard tests/test_durable_faults.py)
+		tests/test_segfiles.py tests/test_disklog_faults.py tests/test_durable_faults.py
 
 clean:
 	rm -rf build felix/*.so felix/_codec.c felix/_ring.c

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: up test build lint typecheck unit bench clean
+.PHONY: up test build lint typecheck unit bench faults clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,13 @@ bench: build
 	$(PY) perf/bench_codec.py
 	$(PY) perf/bench_ring.py
 	$(PY) -m perf $(BENCH_ARGS)
+
+# Long fault rounds (not part of `make test`): the crash, power-loss and bit-flip tests
+# of durable streams with FAULT_ROUNDS times their quick number of random rounds.
+FAULT_ROUNDS ?= 25
+faults: build
+	FELIX_FAULT_ROUNDS=$(FAULT_ROUNDS) $(VENV)/bin/pytest -q --timeout 3600 \
+		tests/test_segfiles.py tests/test_disklog_faults.py tests/test_durable_faults.py
 
 clean:
 	rm -rf build felix/*.so felix/_codec.c felix/_ring.c felix/_logscan.c

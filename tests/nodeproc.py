@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,12 @@ class NodeProcess:
         gateways: int = 2,
         shards: int = 2,
         nofile: tuple[int, int] | None = None,
+        env: Mapping[str, str] | None = None,
+        log_path: Path | None = None,
     ) -> None:
-        """``nofile``: the (soft, hard) RLIMIT_NOFILE the node starts with."""
+        """``nofile``: the (soft, hard) RLIMIT_NOFILE the node starts with; ``env``:
+        variables added to this process's environment; ``log_path``: where its output
+        goes (default: ``<data_dir>.log`` beside the data dir, overwritten)."""
         self.data_dir = data_dir
         cmd = [
             sys.executable,
@@ -54,7 +58,7 @@ class NodeProcess:
         ]
         # A node.json left by an earlier node on this data dir is not this node's.
         (data_dir / "node.json").unlink(missing_ok=True)
-        self.log_path = data_dir.parent / f"{data_dir.name}.log"
+        self.log_path = log_path or data_dir.parent / f"{data_dir.name}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             cmd,
@@ -62,6 +66,7 @@ class NodeProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=None if nofile is None else lambda: resource.setrlimit(_NOFILE, nofile),
+            env=None if env is None else {**os.environ, **env},
         )
         deadline = time.monotonic() + 30
         while not (data_dir / "node.json").exists():
@@ -107,6 +112,21 @@ class NodeProcess:
             time.sleep(0.05)
         raise AssertionError(f"{role} was not restarted:\n{self.log()}")
 
+    def kill_all(self, timeout: float = 20) -> None:
+        """SIGKILL every process of the node at once (its process group), as a power
+        cut or an OOM kill of the whole tree would; returns once all are gone."""
+        pids = [self.proc.pid, *(int(p) for p in self.refresh()["processes"].values())]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout)
+        deadline = time.monotonic() + timeout
+        for pid in pids:
+            while Path(f"/proc/{pid}").exists() and _state(pid) != "Z":
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"process {pid} survived SIGKILL of the node")
+                time.sleep(0.02)
+        self._log.close()
+
     def stop(self, timeout: float = 20) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -117,6 +137,13 @@ class NodeProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "gone"
 
 
 def free_port() -> int:

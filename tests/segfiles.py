@@ -1,0 +1,300 @@
+"""An independent reader (and tiny writer) of felix's durable log files, for tests.
+
+Written from the on-disk format in docs/log-format.md (the design contract of issue
+#12), deliberately without importing ``felix.shard``: the fault tests use it to check
+what is really in the files after a crash, a power loss or a bit flip, so a bug in
+felix's own reader cannot hide a bug in its writer. The writer half lets tests build
+files by hand and check that felix reads what the specification says.
+
+Layout: ``<stream dir>/<base:020d>.seg`` (+ ``.idx``, derived data, not read here).
+All integers big-endian; every CRC is CRC-32 IEEE (``zlib.crc32``).
+
+Segment header (32 bytes)::
+
+    b"FLSG" | u16 version=1 | u16 flags=0 | u64 base_offset | u64 created_us
+    | u32 reserved=0 | u32 crc of the 28 bytes before it
+
+Record: a 28-byte header, then ``length`` payload bytes::
+
+    u32 length | u64 offset | u64 timestamp_us | u32 payload_crc | u32 crc of the 24
+    bytes before it
+
+Payload (felix's record envelope)::
+
+    u8 kind (0 = data) | u16 header_count | per header: u16 key_len key u16 value_len
+    value (UTF-8) | body
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import shutil
+import struct
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SEG_MAGIC = b"FLSG"
+SEG_VERSION = 1
+SEG_HEADER = struct.Struct(">4sHHQQII")
+REC_HEADER = struct.Struct(">IQQII")
+SEG_HEADER_SIZE = SEG_HEADER.size  # 32
+REC_HEADER_SIZE = REC_HEADER.size  # 28
+_SEG_NAME = re.compile(r"^(\d{20})\.seg$")
+
+
+class FormatError(Exception):
+    """The bytes of a log file are not what the format allows."""
+
+    def __init__(self, file: Path, position: int, why: str) -> None:
+        super().__init__(f"{file} at byte {position}: {why}")
+        self.file = file
+        self.position = position
+        self.why = why
+
+
+@dataclass(frozen=True)
+class Rec:
+    offset: int
+    timestamp_us: int
+    payload: bytes
+    position: int = -1  # byte position of the record header in its segment file
+
+
+@dataclass
+class SegmentScan:
+    """What a whole segment file holds, read front to back.
+
+    ``good_end`` is the byte position just after the last whole, valid record.
+    ``problem`` says why reading stopped before the end of the file (None: it did
+    not); ``short`` tells whether that problem is only the file ending inside a
+    record (what a crash mid-write leaves), as opposed to bytes that are wrong.
+    """
+
+    path: Path
+    base_offset: int
+    created_us: int
+    size: int
+    records: list[Rec] = field(default_factory=list)
+    good_end: int = SEG_HEADER_SIZE
+    problem: str | None = None
+    short: bool = False
+
+    @property
+    def clean(self) -> bool:
+        return self.problem is None
+
+
+# -- encoding ----------------------------------------------------------------------
+
+
+def segment_header(base_offset: int, created_us: int = 0) -> bytes:
+    body = SEG_HEADER.pack(SEG_MAGIC, SEG_VERSION, 0, base_offset, created_us, 0, 0)[:28]
+    return body + struct.pack(">I", zlib.crc32(body))
+
+
+def record(offset: int, timestamp_us: int, payload: bytes) -> bytes:
+    head = struct.pack(">IQQI", len(payload), offset, timestamp_us, zlib.crc32(payload))
+    return head + struct.pack(">I", zlib.crc32(head)) + payload
+
+
+def envelope(headers: Mapping[str, str] | None, body: bytes) -> bytes:
+    items = list((headers or {}).items())
+    out = [struct.pack(">BH", 0, len(items))]
+    for key, value in items:
+        for text in (key.encode(), value.encode()):
+            out.append(struct.pack(">H", len(text)) + text)
+    out.append(body)
+    return b"".join(out)
+
+
+def write_segment(
+    directory: Path, base_offset: int, records: Iterable[tuple[int, int, bytes]]
+) -> Path:
+    """Write a segment file by the specification (no index); returns its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{base_offset:020d}.seg"
+    parts = [segment_header(base_offset, 1)]
+    parts += [record(off, ts, payload) for off, ts, payload in records]
+    path.write_bytes(b"".join(parts))
+    return path
+
+
+# -- decoding ----------------------------------------------------------------------
+
+
+def decode_envelope(payload: bytes) -> tuple[int, dict[str, str], bytes]:
+    """(kind, headers, body) of a record payload; ValueError when malformed."""
+    if len(payload) < 3:
+        raise ValueError(f"envelope of {len(payload)} bytes")
+    kind, count = struct.unpack_from(">BH", payload)
+    pos = 3
+    headers: dict[str, str] = {}
+    for _ in range(count):
+        texts = []
+        for _ in range(2):
+            if pos + 2 > len(payload):
+                raise ValueError("envelope header length past the payload")
+            (n,) = struct.unpack_from(">H", payload, pos)
+            pos += 2
+            if pos + n > len(payload):
+                raise ValueError("envelope header text past the payload")
+            texts.append(payload[pos : pos + n].decode("utf-8"))
+            pos += n
+        headers[texts[0]] = texts[1]
+    return kind, headers, payload[pos:]
+
+
+def scan_segment(path: Path) -> SegmentScan:
+    """Read one segment file whole. Raises FormatError only for a bad segment header
+    (a file that is not a segment at all); damage after it is reported in the scan."""
+    data = path.read_bytes()
+    if len(data) < SEG_HEADER_SIZE:
+        raise FormatError(path, 0, f"segment header truncated: {len(data)} bytes")
+    magic, version, flags, base, created, reserved, crc = SEG_HEADER.unpack_from(data)
+    if crc != zlib.crc32(data[:28]):
+        raise FormatError(path, 28, "segment header CRC mismatch")
+    if magic != SEG_MAGIC or version != SEG_VERSION or flags or reserved:
+        raise FormatError(path, 0, f"bad segment header {magic!r} v{version} {flags} {reserved}")
+    match = _SEG_NAME.match(path.name)
+    if match is None or int(match.group(1)) != base:
+        raise FormatError(path, 8, f"base offset {base} does not match the file name")
+    scan = SegmentScan(path, base, created, len(data))
+    pos = SEG_HEADER_SIZE
+    last = base - 1
+    while pos < len(data):
+        if len(data) - pos < REC_HEADER_SIZE:
+            scan.problem, scan.short = f"short record header at {pos}", True
+            break
+        length, offset, ts, pcrc, hcrc = REC_HEADER.unpack_from(data, pos)
+        if hcrc != zlib.crc32(data[pos : pos + 24]):
+            scan.problem = f"record header CRC mismatch at {pos}"
+            break
+        if offset <= last:
+            scan.problem = f"record offset {offset} at {pos} not above {last}"
+            break
+        end = pos + REC_HEADER_SIZE + length
+        if end > len(data):
+            scan.problem, scan.short = f"short payload at {pos}", True
+            break
+        payload = data[pos + REC_HEADER_SIZE : end]
+        if zlib.crc32(payload) != pcrc:
+            scan.problem = f"payload CRC mismatch at {pos}"
+            break
+        scan.records.append(Rec(offset, ts, payload, pos))
+        last = offset
+        pos = end
+        scan.good_end = pos
+    return scan
+
+
+def segment_paths(stream_dir: Path) -> list[Path]:
+    """The segment files of a stream, in offset order."""
+    found = [p for p in stream_dir.iterdir() if _SEG_NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(p.name[:20]))
+
+
+def read_stream(stream_dir: Path, *, allow_torn_tail: bool = False) -> list[Rec]:
+    """Every record of a stream, verified: clean segments, offsets strictly rising
+    across them. ``allow_torn_tail``: the last segment may end inside a record."""
+    out: list[Rec] = []
+    paths = segment_paths(stream_dir)
+    for i, path in enumerate(paths):
+        last = i == len(paths) - 1
+        if allow_torn_tail and last and path.stat().st_size < SEG_HEADER_SIZE:
+            # A crash right after creating the file: not even its header is whole.
+            break
+        scan = scan_segment(path)
+        if scan.problem is not None and not (allow_torn_tail and scan.short and last):
+            raise FormatError(path, scan.good_end, scan.problem)
+        if out and scan.base_offset <= out[-1].offset:
+            raise FormatError(path, 8, f"base {scan.base_offset} not above {out[-1].offset}")
+        out += scan.records
+    return out
+
+
+# -- faults ------------------------------------------------------------------------
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``directory`` (relative path -> hex digest)."""
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def flip_bit(path: Path, position: int, bit: int = 0) -> None:
+    with path.open("r+b") as f:
+        f.seek(position)
+        byte = f.read(1)[0]
+        f.seek(position)
+        f.write(bytes([byte ^ (1 << bit)]))
+
+
+def first_position_at_or_above(path: Path, offset: int) -> int:
+    """Byte position in a segment where records with offsets >= ``offset`` begin
+    (the end of its valid records when there are none)."""
+    scan = scan_segment(path)
+    for rec in scan.records:
+        if rec.offset >= offset:
+            return rec.position
+    return scan.good_end
+
+
+def power_loss(
+    stream_dir: Path, synced_offset: int, rng: random.Random, *, mode: str = "prefix"
+) -> dict[str, int]:
+    """Drop bytes a power loss may drop: anything holding offsets >= ``synced_offset``.
+
+    ``prefix``: what survives is one prefix of everything written (in segment order)
+    that covers every synced record: a cut at a random byte past the synced data;
+    segments created after the cut are gone. ``per_segment``: each segment
+    independently keeps a random length between its synced data and its size (files
+    written without fsync have no ordering between them). ``sealed_whole``: for a
+    writer that fsyncs a segment when it seals it, only the newest segment loses
+    bytes. A segment whose base is at or above ``synced_offset`` may lose even its
+    header, or vanish (its directory entry was never synced). Returns the new size of
+    each remaining segment file, by name.
+    """
+    if mode not in ("prefix", "per_segment", "sealed_whole"):
+        raise ValueError(mode)
+    sizes: dict[str, int] = {}
+    cut_done = False
+    paths = segment_paths(stream_dir)
+    for path in paths:
+        if cut_done:
+            path.unlink()
+            continue
+        size = path.stat().st_size
+        if mode == "sealed_whole" and path != paths[-1]:
+            sizes[path.name] = size
+            continue
+        keep_min = first_position_at_or_above(path, synced_offset)
+        if int(path.name[:20]) >= synced_offset:
+            if rng.random() < 0.2:
+                path.unlink()
+                cut_done = mode == "prefix"
+                continue
+            keep_min = 0
+        new = rng.randint(keep_min, size)
+        if mode == "prefix" and keep_min < size:
+            cut_done = True
+        os.truncate(path, new)
+        sizes[path.name] = new
+    return sizes
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    """A byte copy of a (possibly open) log directory, as a crash would leave it."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+def payloads(recs: Sequence[Rec]) -> list[tuple[int, bytes]]:
+    return [(r.offset, r.payload) for r in recs]

@@ -1,0 +1,416 @@
+"""Faults of durable streams with real `felix up` process trees (R1, R2, R9, R11).
+
+Every test keeps a ledger of what it published and what the broker acknowledged, then
+checks the stream (through the client, and the files through tests/segfiles.py, an
+independent reader of the format) afterwards: every acknowledged record is there at
+its offset, offsets strictly increase, nothing appears that was never published, and
+nothing appears twice. ``FELIX_FAULT_ROUNDS`` (``make faults``) scales the load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+import felix
+from felix.errors import FelixError
+from tests import segfiles
+from tests.aio import run
+from tests.nodeproc import NodeProcess
+
+ROUNDS = int(os.environ.get("FELIX_FAULT_ROUNDS", "1"))
+pytestmark = pytest.mark.timeout(240 * ROUNDS)
+TENANT = NAMESPACE = "default"  # the client's defaults (no auth on loopback)
+DURABLE = ("--durable-streams", "--fsync", "commit", "--segment-bytes", "64KiB")
+
+
+def _stream_dir(node: NodeProcess, stream: str) -> Path:
+    return node.data_dir / "streams" / TENANT / NAMESPACE / stream
+
+
+@dataclass
+class Ledger:
+    """What each publisher sent and what came back."""
+
+    acked: dict[str, dict[int, bytes]] = field(default_factory=dict)
+    # Payloads whose publish raised: the record may or may not be stored.
+    unknown: dict[str, set[bytes]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def count(self, stream: str) -> int:
+        return len(self.acked.get(stream, {}))
+
+    def check(self, stream: str, got: list[tuple[int, bytes]]) -> None:
+        """``got`` (offset, payload) read back from earliest holds every acked record
+        at its offset, in strictly increasing offsets, nothing unpublished, no repeat."""
+        offsets = [o for o, _ in got]
+        assert offsets == sorted(set(offsets)), f"{stream}: offsets not strictly increasing"
+        at = dict(got)
+        acked = self.acked.get(stream, {})
+        missing = {o: p for o, p in acked.items() if at.get(o) != p}
+        assert not missing, f"{stream}: {len(missing)} acked records lost, e.g. {min(missing)}"
+        payloads = [p for _, p in got]
+        assert len(payloads) == len(set(payloads)), f"{stream}: a record appears twice"
+        known = set(acked.values()) | self.unknown.get(stream, set())
+        assert set(payloads) <= known, f"{stream}: records nobody published"
+
+
+async def _publisher(
+    client: felix.Client, stream: str, ledger: Ledger, stop: asyncio.Event, size: int = 64
+) -> None:
+    acked = ledger.acked.setdefault(stream, {})
+    unknown = ledger.unknown.setdefault(stream, set())
+    i = 0
+    while not stop.is_set():
+        i += 1
+        payload = f"{stream}:{i}:".encode().ljust(size, b".")
+        try:
+            ack = await client.publish(stream, payload)
+        except asyncio.CancelledError:
+            unknown.add(payload)
+            raise
+        except (FelixError, TimeoutError) as exc:
+            unknown.add(payload)
+            ledger.errors.append(f"{stream}: {type(exc).__name__}: {exc}")
+            await asyncio.sleep(0.05)
+            continue
+        assert ack is not None
+        assert ack.offset not in acked, f"{stream}: offset {ack.offset} acked twice"
+        acked[ack.offset] = payload
+
+
+async def _read_back(
+    client: felix.Client, stream: str, until: int, timeout: float = 30
+) -> list[tuple[int, bytes]]:
+    """Every record of ``stream`` from earliest through offset ``until``."""
+    got: list[tuple[int, bytes]] = []
+    async with client.subscribe(stream, start="earliest", credit=4096) as sub:
+        while not got or got[-1][0] < until:
+            msg = await sub.next(timeout=timeout)
+            got.append((msg.offset, bytes(msg.data)))
+    return got
+
+
+async def _follower(
+    client: felix.Client, stream: str, seen: list[int], stop: asyncio.Event
+) -> None:
+    """A subscriber that resumes after its offset whenever its subscription ends (as a
+    restarting shard ends it); ``seen`` gets every offset delivered."""
+    while not stop.is_set():
+        start: Literal["earliest"] | int = "earliest" if not seen else seen[-1] + 1
+        try:
+            async with client.subscribe(stream, start=start, credit=4096) as sub:
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError, felix.FelixTimeoutError):
+                        msg = await sub.next(timeout=0.5)
+                        seen.append(msg.offset)
+        except (FelixError, TimeoutError):
+            await asyncio.sleep(0.1)
+
+
+async def _until(
+    predicate: Callable[[], bool], what: str, node: NodeProcess, t: float = 60
+) -> None:
+    deadline = time.monotonic() + t
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}:\n{node.log()[-3000:]}")
+        await asyncio.sleep(0.05)
+
+
+def _connect(node: NodeProcess):  # -> felix's connect(): an awaitable async context
+    return felix.connect(
+        f"felix://{node.host}:{node.port}",
+        ca=node.ca_file,
+        reconnect_backoff=(0.05, 0.5),
+        request_timeout=5,
+    )
+
+
+STREAMS = ["s0", "s1", "s2", "s3"]
+
+
+def _more_acks(ledger: Ledger, n: int) -> Callable[[], bool]:
+    """True once every stream has ``n`` more acks than now."""
+    marks = {s: ledger.count(s) + n for s in STREAMS}
+    return lambda: all(ledger.count(s) >= marks[s] for s in STREAMS)
+
+
+def test_kill_9_of_each_shard_under_commit_acks_loses_nothing_and_subscribers_resume(
+    tmp_path: Path,
+) -> None:
+    """R1/R9: four publishers with commit acks, a resuming subscriber per stream; each
+    shard in turn is killed with SIGKILL and restarted by the supervisor."""
+    node = NodeProcess(tmp_path / "node", *DURABLE, gateways=1, shards=2)
+    ledger = Ledger()
+    seen: dict[str, list[int]] = {s: [] for s in STREAMS}
+
+    async def main() -> None:
+        async with _connect(node) as client:
+            stop = asyncio.Event()
+            tasks = [asyncio.create_task(_publisher(client, s, ledger, stop)) for s in STREAMS]
+            tasks += [asyncio.create_task(_follower(client, s, seen[s], stop)) for s in STREAMS]
+            for _ in range(ROUNDS):
+                for shard in ("shard-0", "shard-1"):
+                    await _until(_more_acks(ledger, 20), "acks", node)
+                    old = node.kill_child(shard)
+                    await asyncio.to_thread(node.wait_restarted, shard, old)
+            await _until(_more_acks(ledger, 20), "acks", node)
+            last = {s: max(ledger.acked[s]) for s in STREAMS}
+            await _until(
+                lambda: all(seen[s] and seen[s][-1] >= last[s] for s in STREAMS),
+                "subscribers",
+                node,
+            )
+            stop.set()
+            await asyncio.gather(*tasks)
+            for s in STREAMS:
+                ledger.check(s, await _read_back(client, s, max(ledger.acked[s])))
+                # The subscriber rode through both restarts: strictly increasing offsets
+                # and every acked record up to where it got.
+                assert seen[s] == sorted(set(seen[s])), f"{s}: subscriber went backward"
+                assert set(ledger.acked[s]) <= set(seen[s])
+
+    try:
+        run(main, timeout=200 * ROUNDS)
+        assert node.refresh()["restarts"]["shard-0"] == ROUNDS
+        assert node.refresh()["restarts"]["shard-1"] == ROUNDS
+    finally:
+        node.stop()
+    for s in STREAMS:
+        on_disk = {r.offset: r.payload for r in segfiles.read_stream(_stream_dir(node, s))}
+        for offset, payload in ledger.acked[s].items():
+            assert segfiles.decode_envelope(on_disk[offset])[2] == payload
+
+
+def test_kill_9_of_the_whole_node_then_restart_with_a_torn_tail(tmp_path: Path) -> None:
+    """R2: every process of the node dies at once under commit-ack load; one stream's
+    active segment is also cut mid-record by hand. The restarted node has every acked
+    record, continues the offsets, and reports the torn tail it cut."""
+    data = tmp_path / "node"
+    node = NodeProcess(data, *DURABLE, gateways=1, shards=2)
+    ledger = Ledger()
+
+    async def load(n: NodeProcess, per_stream: int = 60) -> None:
+        async with _connect(n) as client:
+            stop = asyncio.Event()
+            tasks = [asyncio.create_task(_publisher(client, s, ledger, stop)) for s in STREAMS]
+            await _until(_more_acks(ledger, per_stream), "acks", n)
+            n.kill_all()  # mid-traffic: publishes in flight are neither acked nor lost
+            stop.set()
+            await asyncio.gather(*tasks)
+
+    for round_ in range(ROUNDS):
+        run(functools.partial(load, node), timeout=120 * ROUNDS)
+        # The acked records are in the files (the kernel had them), maybe a torn tail.
+        for s in STREAMS:
+            on_disk = segfiles.read_stream(_stream_dir(node, s), allow_torn_tail=True)
+            have = {r.offset: segfiles.decode_envelope(r.payload)[2] for r in on_disk}
+            assert all(have.get(o) == p for o, p in ledger.acked[s].items()), s
+        # Tear the active segment of s0 by hand: half a record at its end.
+        active = segfiles.segment_paths(_stream_dir(node, "s0"))[-1]
+        torn = segfiles.record(10**9, 1, segfiles.envelope(None, b"torn" * 30))[:57]
+        with active.open("ab") as f:
+            f.write(torn)
+        node = NodeProcess(
+            data, *DURABLE, gateways=1, shards=2, log_path=tmp_path / f"r{round_}.log"
+        )
+
+    async def after() -> dict[str, int]:
+        async with _connect(node) as client:
+            for s in STREAMS:
+                ledger.check(s, await _read_back(client, s, max(ledger.acked[s])))
+            # Offsets continue above everything issued before the crash.
+            fresh = {}
+            for s in STREAMS:
+                ack = await client.publish(s, b"after")
+                assert ack is not None
+                fresh[s] = ack.offset
+                assert ack.offset > max(ledger.acked[s])
+            return fresh
+
+    try:
+        run(after, timeout=120 * ROUNDS)
+        code, body = node.http(f"/streams/{TENANT}/{NAMESPACE}/s0")
+        assert code == 200, body
+        status = json.loads(body)
+        assert status["recovery"]["torn_bytes_cut"] >= len(torn), status
+        assert node.metric("felix_log_torn_bytes_total") >= len(torn)
+        assert "torn" in node.log()
+    finally:
+        node.stop()
+    for s in STREAMS:
+        segfiles.read_stream(_stream_dir(node, s))  # clean again: the tail was cut
+
+
+def test_sigterm_under_durable_traffic_drains_exits_0_and_loses_nothing(tmp_path: Path) -> None:
+    """R11: SIGTERM while four publishers wait for commit acks."""
+    data = tmp_path / "node"
+    node = NodeProcess(data, *DURABLE, gateways=1, shards=2)
+    ledger = Ledger()
+
+    async def load() -> None:
+        async with _connect(node) as client:
+            stop = asyncio.Event()
+            tasks = [asyncio.create_task(_publisher(client, s, ledger, stop)) for s in STREAMS]
+            await _until(lambda: all(ledger.count(s) >= 50 * ROUNDS for s in STREAMS), "acks", node)
+            node.proc.send_signal(signal.SIGTERM)
+            # Publishes keep coming while the node drains, until it has exited.
+            await asyncio.to_thread(node.proc.wait, 30)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    run(load, timeout=120 * ROUNDS)
+    assert node.stop() == 0, node.log()[-3000:]
+    # A drained node leaves whole files: no torn tail to cut.
+    for s in STREAMS:
+        recs = segfiles.read_stream(_stream_dir(node, s))
+        have = {r.offset: segfiles.decode_envelope(r.payload)[2] for r in recs}
+        assert all(have.get(o) == p for o, p in ledger.acked[s].items()), s
+    node = NodeProcess(data, *DURABLE, gateways=1, shards=2, log_path=tmp_path / "again.log")
+
+    async def after() -> None:
+        async with _connect(node) as client:
+            for s in STREAMS:
+                ledger.check(s, await _read_back(client, s, max(ledger.acked[s])))
+
+    try:
+        run(after, timeout=60 * ROUNDS)
+        code, body = node.http(f"/streams/{TENANT}/{NAMESPACE}/s1")
+        assert code == 200 and '"torn_bytes_cut": 0' in body, body
+    finally:
+        node.stop()
+
+
+def test_fsync_error_stops_acks_and_the_restart_recovers_from_disk(tmp_path: Path) -> None:
+    """An injected fsync EIO: nothing published after it is acknowledged, the shard
+    exits and is restarted, acked records survive, offsets keep increasing."""
+    fault = tmp_path / "fsync-fault"
+    node = NodeProcess(
+        tmp_path / "node",
+        *DURABLE,
+        gateways=1,
+        shards=1,
+        env={"FELIX_FAULT_FSYNC_FILE": str(fault)},
+    )
+    ledger = Ledger()
+    acked = ledger.acked.setdefault("s", {})
+    unknown = ledger.unknown.setdefault("s", set())
+
+    async def main() -> None:
+        async with _connect(node) as client:
+            for i in range(30):
+                ack = await client.publish("s", b"before%d" % i)
+                assert ack is not None
+                acked[ack.offset] = b"before%d" % i
+            old = node.info["processes"]["shard-0"]
+            fault.touch()
+            # Until the shard is seen restarting, every publish fails: none is acked.
+            i = 0
+            while node.refresh()["processes"]["shard-0"] == old:
+                i += 1
+                payload = b"faulty%d" % i
+                try:
+                    ack = await client.publish("s", payload)
+                except (FelixError, TimeoutError):
+                    unknown.add(payload)
+                    await asyncio.sleep(0.05)
+                    continue
+                raise AssertionError(f"acked after the fsync error: {ack}")
+            assert i >= 1
+            fault.unlink()
+            # Served again (the restart recovers from disk); offsets continue.
+            deadline = time.monotonic() + 30
+            i = 0
+            while len(acked) < 60:
+                i += 1
+                payload = b"after%d" % i
+                try:
+                    ack = await client.publish("s", payload)
+                except (FelixError, TimeoutError):
+                    unknown.add(payload)
+                    assert time.monotonic() < deadline, node.log()[-3000:]
+                    await asyncio.sleep(0.1)
+                    continue
+                assert ack is not None and ack.offset > max(acked)
+                acked[ack.offset] = payload
+            ledger.check("s", await _read_back(client, "s", max(acked)))
+
+    try:
+        run(main, timeout=120 * ROUNDS)
+        log = node.log()
+        assert "fsync" in log and "exit" in log.lower(), log[-3000:]
+        assert node.refresh()["restarts"]["shard-0"] >= 1
+    finally:
+        node.stop()
+
+
+def test_replay_of_a_stream_bigger_than_the_memory_budget_then_live(tmp_path: Path) -> None:
+    """A subscriber from earliest on a stream several times the node's memory budget gets
+    every record exactly once, paged from disk, then live records with no gap; the
+    shard's accounted memory stays within the budget meanwhile."""
+    budget = 8 * 2**20
+    node = NodeProcess(
+        tmp_path / "node",
+        "--durable-streams",
+        "--fsync",
+        "interval",
+        "--segment-bytes",
+        "1MiB",
+        "--memory-budget",
+        str(budget),
+        "--replay-bytes",
+        "1MiB",
+        gateways=1,
+        shards=1,
+    )
+    record = 4096
+    # Records: 3x the budget (up to 24x with FAULT_ROUNDS).
+    total = (3 * budget * min(ROUNDS, 8)) // record
+    memory: list[float] = []
+
+    async def main() -> None:
+        async with _connect(node) as client:
+            sent = 0
+            while sent < total:
+                batch = [b"%010d" % (sent + i) + bytes(record - 10) for i in range(16)]
+                acks = await client.publish_batch("big", batch)
+                assert [a.offset for a in acks] == list(range(sent, sent + 16))
+                sent += 16
+            got = 0
+            async with client.subscribe("big", start="earliest", credit=512) as sub:
+                while got < sent:
+                    msg = await sub.next(timeout=30)
+                    assert msg.offset == got and msg.data[:10] == b"%010d" % got
+                    got += 1
+                    if got % 1024 == 0:
+                        memory.append(
+                            await asyncio.to_thread(node.metric, "felix_memory_used_bytes")
+                        )
+                # Then live: published now, delivered next, no gap, no duplicate.
+                for i in range(50):
+                    ack = await client.publish("big", b"live%d" % i)
+                    assert ack is not None and ack.offset == sent + i
+                for i in range(50):
+                    msg = await sub.next(timeout=10)
+                    assert (msg.offset, msg.data) == (sent + i, b"live%d" % i)
+
+    try:
+        run(main, timeout=200 * ROUNDS)
+        disk = sum(p.stat().st_size for p in (tmp_path / "node" / "streams").rglob("*.seg"))
+        assert disk > 2 * budget
+        assert memory and max(memory) <= budget, memory
+    finally:
+        node.stop()

@@ -26,7 +26,7 @@ import uvloop
 
 from perf.durable import report
 from perf.durable.base import DurableSystem, ReplaySource
-from perf.durable.disk import DiskProbe, device_counters, fdatasync_run
+from perf.durable.disk import DiskProbe, device_counters, fdatasync_run, idle_flushes
 from perf.durable.felix import POLICIES, FelixDurable, supports_durable
 from perf.durable.peers import (
     JetStreamFile,
@@ -206,6 +206,16 @@ def build_workloads(args: argparse.Namespace, mode: Mode, ctx: Context) -> list[
             )
         )
     if "disk" in args.only and "fdatasync" in ctx.systems:
+        out.append(
+            Workload(
+                "disk.idle",
+                "disk",
+                "device flushes while the benchmark sleeps (the machine's background)",
+                ["fdatasync"],
+                {"seconds": 1.0},
+                lambda probe, meter: idle_flushes(probe, 1.0, meter),
+            )
+        )
         n = max(20, int(mode.disk_n * args.scale))
         cases = [(*kv, False) for kv in [*SIZES.items(), ("64KiB", 65536)]]
         cases.append(("64B", 64, True))

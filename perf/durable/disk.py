@@ -115,3 +115,24 @@ async def fdatasync_run(
     result.extra["write_p50_us"] = float(np.percentile(writes, 50)) / 1000
     result.extra["write_p99_us"] = float(np.percentile(writes, 99)) / 1000
     return result
+
+
+async def idle_flushes(probe: DiskProbe, seconds: float, meter: Meter) -> Any:
+    """Device flushes by everything else on the machine while this benchmark sleeps.
+
+    The background the per-run device counters of the publish workloads sit on.
+    """
+    d0 = device_counters(probe.dir)
+    meter.start()
+    await asyncio.sleep(seconds)
+    d1 = device_counters(probe.dir)
+    flushes = d1.get("dev_flushes", 0) - d0.get("dev_flushes", 0)
+    # ops = flushes: throughput is flushes/s; no latency samples. At least 1 so the
+    # run's figures exist on a quiet machine (recorded as is in extra).
+    result: RunResult = meter.stop([], max(1, flushes))
+    result.extra.update(
+        dev_flushes=flushes,
+        dev_writes=d1.get("dev_writes", 0) - d0.get("dev_writes", 0),
+        elapsed_s=result.elapsed_s,
+    )
+    return result

@@ -255,7 +255,12 @@ def _spread(vals: list[float]) -> dict[str, float] | None:
 
 def _where_time_goes(data: dict[str, Any]) -> list[str]:
     lines: list[str] = []
-    disk = [w for w in data["workloads"] if w["family"] == "disk"]
+    disk = [w for w in data["workloads"] if w["family"] == "disk" and w["id"] != "disk.idle"]
+    idle = next((w for w in data["workloads"] if w["id"] == "disk.idle"), None)
+    background = None
+    if idle is not None:
+        runs = idle["systems"].get("fdatasync", {}).get("runs", [])
+        background = _spread([r["dev_flushes"] / r["elapsed_s"] for r in runs if "elapsed_s" in r])
     if disk:
         lines += [
             "",
@@ -307,7 +312,12 @@ def _where_time_goes(data: dict[str, Any]) -> list[str]:
             "felix's own fsyncs from the node's `felix_fsync_seconds` (count and sum around "
             "each run); device flushes from /proc/diskstats for the disk under the data "
             "dirs (machine-wide: other processes' flushes count too, so acks per flush is "
-            "a lower bound).",
+            "a lower bound)."
+            + (
+                f" Background while idle: {base._cell(background)} device flushes/s."
+                if background
+                else ""
+            ),
             "",
             "| workload | system | acks per fsync | fsync mean us | fsync thread busy % | "
             "device flushes/s | acks per device flush |",

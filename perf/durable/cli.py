@@ -71,7 +71,16 @@ def parse_bytes(text: str) -> int:
 
 
 class MeteredRun(Meter):
-    """A Meter that also differences the system's server counters around the run."""
+    """A Meter that also differences server and device counters around the run.
+
+    felix nodes publish their children's counters once a second (the workers'
+    stats interval), so a scrape may lag the run; after the run the scrape is
+    repeated until it changes (at most ``STATS_WAIT`` s). The figures kept are
+    ratios of counters from the same scrapes (acks per fsync, mean fsync time),
+    which a lag does not skew; the window may also hold the warmup's fsyncs.
+    """
+
+    STATS_WAIT = 1.3
 
     def __init__(self, meter: Meter, system: DurableSystem, disk_dir: Path | None) -> None:
         super().__init__(meter.server_cpu)
@@ -96,14 +105,23 @@ class MeteredRun(Meter):
                 acks_per_dev_flush=ops / flushes if flushes else None,
             )
         m1 = self.system.metrics()
+        if not m1:
+            return result
+        deadline = time.monotonic() + self.STATS_WAIT
+        while time.monotonic() < deadline:  # between runs: blocking here times nothing
+            time.sleep(0.1)
+            fresh = self.system.metrics()
+            if fresh != m1:
+                m1 = fresh
+                break
         fsyncs = m1.get("fsyncs", 0.0) - self.m0.get("fsyncs", 0.0)
-        if m1 and fsyncs > 0:
-            secs = m1.get("fsync_seconds", 0.0) - self.m0.get("fsync_seconds", 0.0)
+        acks = m1.get("fsync_acks", 0.0) - self.m0.get("fsync_acks", 0.0)
+        secs = m1.get("fsync_seconds", 0.0) - self.m0.get("fsync_seconds", 0.0)
+        result.extra["fsyncs"] = int(fsyncs)
+        if fsyncs > 0:
             result.extra.update(
-                fsyncs=int(fsyncs),
-                acks_per_fsync=ops / fsyncs,
+                acks_per_fsync=acks / fsyncs if acks else None,
                 fsync_mean_us=secs * 1e6 / fsyncs,
-                fsync_busy=secs / result.elapsed_s if result.elapsed_s else None,
             )
         return result
 

@@ -61,7 +61,13 @@ class _FelixPublisher(Publisher):
         # The publish reply's durability (wire byte added by issue #12); older
         # clients' PublishAck has none.
         level = getattr(ack, "durability", None)
-        self.seen[_DURABILITY.get(level, str(level)) if level is not None else "unreported"] += 1
+        if level is None:
+            key = "unreported"
+        elif isinstance(level, int) and level in _DURABILITY:
+            key = _DURABILITY[level]
+        else:  # an enum or a string
+            key = str(getattr(level, "name", level)).lower()
+        self.seen[key] += 1
 
     def details(self) -> dict[str, Any]:
         return {"ack_durability": dict(self.seen)}
@@ -173,8 +179,13 @@ class FelixDurable(DurableSystem):
 
 
 def parse_fsync_metrics(text: str) -> dict[str, float]:
-    """``fsyncs`` and ``fsync_seconds`` from Prometheus text (``felix_fsync_seconds``)."""
-    out = {"fsyncs": 0.0, "fsync_seconds": 0.0}
+    """``fsyncs``, ``fsync_seconds`` and ``fsync_acks`` summed over the node's processes.
+
+    From Prometheus text: the ``felix_fsync_seconds`` summary (count, sum) and the
+    ``felix_fsync_acks`` counter (commit acks released by fsyncs). Empty if the node
+    exports no fsync summary.
+    """
+    out = {"fsyncs": 0.0, "fsync_seconds": 0.0, "fsync_acks": 0.0}
     found = False
     for line in text.splitlines():
         if line.startswith("#") or not line.strip():
@@ -187,4 +198,6 @@ def parse_fsync_metrics(text: str) -> dict[str, float]:
                 found = True
             elif name == "felix_fsync_seconds_sum":
                 out["fsync_seconds"] += value
+            elif name in ("felix_fsync_acks_total", "felix_fsync_acks"):
+                out["fsync_acks"] += value
     return out if found else {}

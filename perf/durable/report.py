@@ -300,8 +300,8 @@ def _where_time_goes(data: dict[str, Any]) -> list[str]:
                 [r["dev_flushes"] * r["throughput"] / r["ops"] for r in runs if "dev_flushes" in r]
             )
             rows.append(
-                f"| {w['title']} | {name} | {col('acks_per_fsync')} | {col('fsync_mean_us')} | "
-                f"{col('fsync_busy', 100.0)} | {base._cell(flush_rate)} | "
+                f"| {w['title']} | {name} | {col('fsyncs')} | {col('acks_per_fsync')} | "
+                f"{col('fsync_mean_us')} | {base._cell(flush_rate)} | "
                 f"{col('acks_per_dev_flush')} |"
             )
     if rows:
@@ -309,17 +309,18 @@ def _where_time_goes(data: dict[str, Any]) -> list[str]:
             "",
             "### Where the time goes: group commit",
             "",
-            "felix's own fsyncs from the node's `felix_fsync_seconds` (count and sum around "
-            "each run); device flushes from /proc/diskstats for the disk under the data "
-            "dirs (machine-wide: other processes' flushes count too, so acks per flush is "
-            "a lower bound)."
+            "felix's own fsyncs from the node's /metrics around each run (it may include the "
+            "warmup's): `felix_fsync_seconds` (count, sum) and `felix_fsync_acks` (commit "
+            "acks released by fsyncs); device flushes from /proc/diskstats for the disk "
+            "under the data dirs (machine-wide: other processes' flushes count too, so "
+            "acks per flush is a lower bound)."
             + (
                 f" Background while idle: {base._cell(background)} device flushes/s."
                 if background
                 else ""
             ),
             "",
-            "| workload | system | acks per fsync | fsync mean us | fsync thread busy % | "
+            "| workload | system | felix fsyncs | acks per fsync | fsync mean us | "
             "device flushes/s | acks per device flush |",
             "|---|---|---|---|---|---|---|",
             *rows,

@@ -176,7 +176,7 @@ def durable_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=100,
+        timeout=110,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, json.loads((out / "durable.json").read_text()), proc.stdout

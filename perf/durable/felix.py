@@ -41,13 +41,21 @@ def supports_durable() -> bool:
     return "--durable-streams" in out.stdout
 
 
-def node_args(policy: str, fsync_interval_ms: int | None = None) -> list[str]:
-    """``felix up`` options for a node whose auto-created streams have ``policy``."""
+def node_args(
+    policy: str, fsync_interval_ms: int | None = None, hot_tail: str | None = None
+) -> list[str]:
+    """``felix up`` options for a node whose auto-created streams have ``policy``.
+
+    ``hot_tail``: ``--replay-bytes`` of a durable node (what each stream keeps in
+    memory; older records are read from disk); None or "default": felix's default.
+    """
     if policy == "memory":
         return []
     args = ["--durable-streams", "--fsync", policy]
     if policy == "interval" and fsync_interval_ms is not None:
         args += ["--fsync-interval-ms", str(fsync_interval_ms)]
+    if hot_tail not in (None, "default"):
+        args += ["--replay-bytes", str(hot_tail)]
     return args
 
 
@@ -115,10 +123,11 @@ class FelixDurable(DurableSystem):
         policy: str,
         topology: tuple[int | None, int | None, bool],
         fsync_interval_ms: int | None = None,
+        hot_tail: str | None = None,
     ) -> None:
         self.policy = policy
         self.name = f"felix {policy}"
-        self.args = node_args(policy, fsync_interval_ms)
+        self.args = node_args(policy, fsync_interval_ms, hot_tail)
         self.promise = {
             "commit": "fsynced before the ack (group commit): survives power loss",
             "interval": "written to the kernel before the ack, fsynced within "
@@ -172,6 +181,9 @@ class FelixDurable(DurableSystem):
         """
         if self.policy not in ("commit", "interval"):
             return {}
+        return self.scrape()
+
+    def scrape(self) -> dict[str, float]:
         try:
             with urllib.request.urlopen(f"http://{self.node.info['http']}/metrics", timeout=5) as r:
                 text = r.read().decode()
@@ -205,4 +217,6 @@ def parse_fsync_metrics(text: str) -> dict[str, float]:
                 out["fsync_seconds"] += value
             elif name in ("felix_fsync_acks_total", "felix_fsync_acks"):
                 out["fsync_acks"] += value
+            elif name in ("felix_disk_reads_total", "felix_disk_reads"):
+                out["disk_reads"] = out.get("disk_reads", 0.0) + value
     return out if found else {}

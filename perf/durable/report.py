@@ -227,8 +227,8 @@ def markdown(data: dict[str, Any]) -> str:
             f"### Replay: {w['title']}",
             "",
             "| system | records | records/s | MiB/s | fill records/s (first rep) | "
-            "client CPU us/record | server CPU us/record |",
-            "|---|---|---|---|---|---|---|",
+            "client CPU us/record | server CPU us/record | READs served from disk |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, s in w["systems"].items():
             if s["errors"] and not s["reps"]:
@@ -237,12 +237,13 @@ def markdown(data: dict[str, Any]) -> str:
             runs = s["runs"]
             mib = [r["mib_per_s"] for r in runs]
             fill = next((r["fill_records_per_s"] for r in runs if "fill_records_per_s" in r), None)
+            reads = _spread([r["disk_reads"] for r in runs if "disk_reads" in r])
             lines.append(
                 f"| {name} | {runs[0]['records'] if runs else '-'} | "
                 f"{base._cell(s['summary'].get('throughput'))} | "
                 f"{base._cell(_spread(mib))} | {'-' if fill is None else base._num(fill)} | "
                 f"{base._cell(s['summary'].get('cpu_client_us'))} | "
-                f"{base._cell(s['summary'].get('cpu_server_us'))} |"
+                f"{base._cell(s['summary'].get('cpu_server_us'))} | {base._cell(reads)} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -29,7 +29,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
         "uvloop",
     ),
     "postgres": ("asyncpg",),
-    "perf": ("matplotlib", "numpy"),
+    "perf": ("matplotlib", "numpy", "nats", "aio_pika"),
 }
 
 

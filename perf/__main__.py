@@ -1,4 +1,14 @@
-"""``python -m perf``: the latency harness (see perf/README.md and ``--help``)."""
+"""``python -m perf``: the latency harness (see perf/README.md and ``--help``).
+
+``python -m perf durable ...``: the durable-publish benchmark (perf/durable/).
+"""
+
+import sys
+
+if sys.argv[1:2] == ["durable"]:
+    from perf.durable.cli import main as durable_main
+
+    raise SystemExit(durable_main(sys.argv[2:]))
 
 from perf.harness.cli import main
 

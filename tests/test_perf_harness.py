@@ -136,3 +136,149 @@ def test_plots_and_raw_samples_written(run: tuple[Path, dict[str, Any], str]) ->
 
     with np.load(out / "raw.npz") as raw:
         assert raw.files and all(raw[k].dtype == np.int64 and len(raw[k]) for k in raw.files)
+
+
+# --- python -m perf durable ---------------------------------------------------------------
+
+DURABLE_PEERS = {"jetstream": 4222, "rabbitmq": 5672}
+_ACK_LEVEL = {
+    "felix commit": "synced",
+    "felix interval": "written",
+    "felix none": "written",
+    "felix memory": "memory",
+}
+
+
+@pytest.fixture(scope="module")
+def durable_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
+    out = tmp_path_factory.mktemp("perfdur")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "perf",
+            "durable",
+            "--reps",
+            "2",
+            "--scale",
+            "0.05",
+            "--replay-bytes",
+            "2MiB",
+            "--durable-replay-bytes",
+            "512KiB",
+            "--topology",
+            "1x1",
+            "--timeout",
+            "20",
+            "--replay-timeout",
+            "30",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "durable.json").read_text()), proc.stdout
+
+
+def test_durable_runs_every_reachable_system(
+    durable_run: tuple[Path, dict[str, Any], str],
+) -> None:
+    _, data, _ = durable_run
+    meta, by_id = data["meta"], {w["id"]: w for w in data["workloads"]}
+    expected = {f"durable.publish.{s}.if{i}" for s in ("64B", "1KiB") for i in (1, 64)}
+    assert expected <= set(by_id)
+    for wid in expected:
+        systems = set(by_id[wid]["systems"])
+        assert "felix memory" in systems
+        for name in ("felix commit", "felix interval", "felix none"):
+            # Either measured, or said why not (a felix without durable streams).
+            assert name in systems or "no durable streams" in meta["unavailable"][name]
+        for name, port in DURABLE_PEERS.items():
+            assert (name in systems) == _reachable(port), (wid, name)
+    assert "jetstream sync" in meta["unavailable"] or any(
+        "jetstream sync" in w["systems"] for w in data["workloads"]
+    )
+    for name in meta["unavailable"]:
+        assert meta["unavailable"][name]  # a reason, not an empty note
+
+
+def test_durable_figures_sane(durable_run: tuple[Path, dict[str, Any], str]) -> None:
+    _, data, _ = durable_run
+    for w in data["workloads"]:
+        for name, s in w["systems"].items():
+            assert not s["errors"], (w["id"], name, s["errors"])
+            assert s["reps"] == 2
+            for r in s["runs"]:
+                assert r["ops"] > 0 and r["throughput"] > 0
+                if w["family"] == "replay":
+                    assert r["ops"] == r["records"] and r["mib_per_s"] > 0
+                    if name == "felix commit":  # 2 MiB beyond a 512 KiB hot tail
+                        assert r["disk_reads"] >= 1
+                    continue
+                if w["id"] == "disk.idle":
+                    assert r["dev_flushes"] >= 0 and r["elapsed_s"] >= 0.9
+                    continue
+                lat = [r[k] for k in ("p50", "p90", "p99", "p99.9", "max")]
+                assert all(v > 0 for v in lat) and lat == sorted(lat), (w["id"], name, lat)
+                if w["family"] == "publish":
+                    assert (
+                        r["ops"]
+                        == w["params"]["n"] // w["params"]["in_flight"] * (w["params"]["in_flight"])
+                    )
+                    if name in _ACK_LEVEL:
+                        levels = set(r["ack_durability"]) - {"unreported"}
+                        assert levels <= {_ACK_LEVEL[name]}, (w["id"], name, levels)
+                    if name == "felix commit":
+                        # Every commit ack waited for an fsync: at least one per run,
+                        # and each fsync released at least one ack.
+                        assert r["fsyncs"] >= 1 and r["acks_per_fsync"] >= 1
+        for f, others in w["ratios"].items():
+            for other, figs in others.items():
+                thr = figs["throughput"]
+                assert thr is None or thr["min"] <= thr["median"] <= thr["max"], (f, other)
+    assert {w["family"] for w in data["workloads"]} == {"publish", "replay", "disk"}
+
+
+def test_durable_targets_and_markdown(durable_run: tuple[Path, dict[str, Any], str]) -> None:
+    out, data, stdout = durable_run
+    targets = data["targets"]
+    assert len(targets) == 6
+    for t in targets:
+        if t["met"] is None:
+            assert t["note"]  # why it could not be judged
+        else:
+            assert t["ratio"]["median"] > 0
+    md = (out / "durable.md").read_text()
+    for heading in ("### Targets", "### Durable publish with acks", "fdatasync on this disk"):
+        assert heading in md
+    assert "| felix memory |" in md or "| publish 64B with ack, 1 in flight | felix memory |" in md
+    assert "### Targets" in stdout
+
+
+def test_fsync_metrics_parsing() -> None:
+    from perf.durable.cli import parse_bytes
+    from perf.durable.felix import parse_fsync_metrics
+
+    text = "\n".join(
+        [
+            "# HELP felix_fsync_seconds fsync time",
+            'felix_fsync_seconds_bucket{shard="0",le="0.001"} 3',
+            'felix_fsync_seconds_count{shard="0"} 4',
+            'felix_fsync_seconds_sum{shard="0"} 0.004',
+            'felix_fsync_seconds_count{shard="1"} 6',
+            'felix_fsync_seconds_sum{shard="1"} 0.002',
+            'felix_fsync_acks_total{shard="1"} 25',
+        ]
+    )
+    assert parse_fsync_metrics(text) == pytest.approx(
+        {"fsyncs": 10.0, "fsync_seconds": 0.006, "fsync_acks": 25.0}
+    )
+    assert parse_fsync_metrics("felix_other 1\n") == {}
+    assert parse_bytes("16MiB") == 16 * 2**20 and parse_bytes("1GiB") == 2**30
+    assert parse_bytes("512") == 512
+    with pytest.raises(Exception, match="not a size"):
+        parse_bytes("12XB")

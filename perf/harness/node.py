@@ -17,10 +17,17 @@ from perf.harness import cpu
 
 
 class FelixNode:
-    """``felix up`` with ``gateways`` x ``shards`` (None: felix's defaults, one per core)."""
+    """``felix up`` with ``gateways`` x ``shards`` (None: felix's defaults, one per core).
+
+    ``extra_args``: more ``felix up`` options (the durable benchmark's fsync policies).
+    """
 
     def __init__(
-        self, gateways: int | None = None, shards: int | None = None, embedded: bool = False
+        self,
+        gateways: int | None = None,
+        shards: int | None = None,
+        embedded: bool = False,
+        extra_args: list[str] | None = None,
     ) -> None:
         self.gateways, self.shards, self.embedded = gateways, shards, embedded
         self.dir = Path(tempfile.mkdtemp(prefix="felix-perf-"))
@@ -47,6 +54,7 @@ class FelixNode:
             args += ["--shards", str(shards)]
         if embedded:
             args.append("--embedded-shards")
+        args += extra_args or []
         # As shown in reports: the temporary data dir is not worth printing.
         self.problems: list[str] = []
         self.args = [("DATA_DIR" if a == str(data) else a) for a in args[4:]]

@@ -65,15 +65,30 @@ def _cpu_model() -> str:
 
 
 def _git_commit() -> str:
-    # Read-only: which commit the numbers belong to (HEAD file, no git command).
+    # Read-only: which commit the numbers belong to (HEAD file, no git command). In a
+    # worktree .git is a file naming the worktree's git dir, whose refs live in the
+    # common dir; a ref may be packed.
     root = Path(__file__).resolve().parents[2] / ".git"
     try:
+        if root.is_file():
+            root = (root.parent / root.read_text().split("gitdir:", 1)[1].strip()).resolve()
+        common = root
+        if (root / "commondir").exists():
+            common = (root / (root / "commondir").read_text().strip()).resolve()
         head = (root / "HEAD").read_text().strip()
-        if head.startswith("ref: "):
-            ref = root / head[5:]
-            return ref.read_text().strip()[:12] if ref.exists() else head[5:]
-        return head[:12]
-    except OSError:
+        if not head.startswith("ref: "):
+            return head[:12]
+        name = head[5:]
+        for base in (root, common):
+            if (base / name).exists():
+                return (base / name).read_text().strip()[:12]
+        packed = common / "packed-refs"
+        if packed.exists():
+            for line in packed.read_text().splitlines():
+                if line.endswith(" " + name):
+                    return line.split()[0][:12]
+        return name
+    except (OSError, IndexError):
         return "?"
 
 

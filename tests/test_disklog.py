@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from felix.shard.log_format import (
     decode_envelope,
     encode_envelope,
 )
-from felix.shard.log_index import IndexInfo, decode_index, encode_index
+from felix.shard.log_index import IndexInfo, SparseIndex, decode_index, encode_index
 
 SMALL = DiskLogSettings(segment_bytes=4096, index_interval_bytes=256)
 
@@ -465,3 +466,22 @@ def test_open_flushes_what_a_killed_writer_left(
     again = DiskLog.open(tmp_path / "s", SMALL, first_offset=0)
     assert again.synced_offset == again.next_offset == 5
     again.close()
+
+
+def test_sparse_index_round_trip_and_bounds() -> None:
+    index = SparseIndex()
+    index.add([(10, 32, 0), (15, 4200, 99), (30, 9000, 120)])
+    info = IndexInfo(10, 10_000, 40, 130, 25, index)
+    back = decode_index(encode_index(info), 10, 10_000)
+    assert isinstance(back, IndexInfo) and back == info
+    assert list(back.index) == [(10, 32, 0), (15, 4200, 99), (30, 9000, 120)]
+    assert index.position_for(14, 10_000) == 32 and index.position_for(15, 10_000) == 4200
+    assert index.position_for(99, 5000) == 4200  # entries at or past `end` are not used
+    assert index.position_for_time(99, 10_000) == 32  # records before 4200 may hold ts 99
+    assert index.position_for_time(100, 10_000) == 4200
+    data = bytearray(encode_index(info))
+    data[48] = 0x80  # first offset >= 2**63 on disk: damage, not a huge number
+    body = bytes(data[:-4])
+    assert "out of order" in str(
+        decode_index(body + zlib.crc32(body).to_bytes(4, "big"), 10, 10_000)
+    )

@@ -159,8 +159,8 @@ class DiskLog:
         log._next_offset = max(end, first_offset)
         log._synced_offset = end
         log._index_mark = (
-            active.entries[-1][1] + settings.index_interval_bytes
-            if active.entries
+            active.index.last_position() + settings.index_interval_bytes
+            if len(active.index)
             else SEGMENT_HEADER_SIZE
         )
         log._publish()
@@ -245,7 +245,7 @@ class DiskLog:
                 records, self._next_offset, active.size, self._index_mark, interval, 0
             )
         self._write(data, active.size)
-        active.add_entries(entries)
+        active.index.add(entries)
         active.size += len(data)
         active.records += len(records)
         active.last_offset = records[-1][0]
@@ -375,7 +375,7 @@ class DiskLog:
             end = view.end if seg is segs[-1] else seg.size
             if seg.records == 0 or end <= SEGMENT_HEADER_SIZE:
                 continue
-            pos = seg.position_for(from_offset, end)
+            pos = seg.index.position_for(from_offset, end)
             fd = os.open(seg.path, os.O_RDONLY)
             try:
                 chunk = min(max(max_bytes - nbytes + 64 * 28, 4096), 1 << 20)
@@ -404,7 +404,7 @@ class DiskLog:
             end = view.end if seg is view.segments[-1] else seg.size
             fd = os.open(seg.path, os.O_RDONLY)
             try:
-                scanner = Scanner(fd, seg.position_for_time(timestamp_us, end), end, -1)
+                scanner = Scanner(fd, seg.index.position_for_time(timestamp_us, end), end, -1)
                 for _pos, offset, ts, _payload in scanner:
                     if ts >= timestamp_us:
                         return offset
@@ -464,6 +464,4 @@ class DiskLog:
 
 
 def _info(seg: Segment) -> IndexInfo:
-    return IndexInfo(
-        seg.base_offset, seg.size, seg.last_offset, seg.max_ts, seg.records, list(seg.entries)
-    )
+    return IndexInfo(seg.base_offset, seg.size, seg.last_offset, seg.max_ts, seg.records, seg.index)

@@ -14,7 +14,6 @@ active segment, a read raises :class:`~felix.errors.LogDamaged`.
 
 from __future__ import annotations
 
-import bisect
 import os
 import sys
 import zlib
@@ -30,6 +29,7 @@ from felix.shard.log_format import (
     SEGMENT_HEADER_SIZE,
     decode_record_header,
 )
+from felix.shard.log_index import SparseIndex
 
 __all__ = ["SCAN_CHUNK", "DiskRecord", "Scanner", "Segment", "index_path", "segment_name"]
 
@@ -59,36 +59,13 @@ class Segment:
     last_offset: int = -1  # -1: no record yet
     max_ts: int = 0
     records: int = 0
-    #: (offset, file_position, max_ts_before), positions strictly increasing.
-    entries: list[tuple[int, int, int]] = field(default_factory=list)
-    #: Entry offsets, kept beside ``entries`` for bisect.
-    entry_offsets: list[int] = field(default_factory=list)
+    #: The sparse index (every segment has one in memory; sealed ones also on disk).
+    index: SparseIndex = field(default_factory=SparseIndex)
 
     @property
     def first_offset(self) -> int:
         """The first record's offset (the base when the segment holds no record)."""
-        return self.entries[0][0] if self.entries else self.base_offset
-
-    def add_entries(self, entries: list[tuple[int, int, int]]) -> None:
-        self.entries.extend(entries)
-        self.entry_offsets.extend(e[0] for e in entries)
-
-    def position_for(self, offset: int, end: int) -> int:
-        """A record start at or before the first record with an offset >= ``offset``,
-        among index entries below ``end``."""
-        i = bisect.bisect_right(self.entry_offsets, offset) - 1
-        while i >= 0 and self.entries[i][1] >= end:
-            i -= 1  # an entry the writer added past what this reader may see
-        return self.entries[i][1] if i >= 0 else SEGMENT_HEADER_SIZE
-
-    def position_for_time(self, timestamp_us: int, end: int) -> int:
-        """A record start at or before the first record with a timestamp >= the given
-        one: the last entry whose earlier records are all older (``max_ts_before`` is
-        non-decreasing, so this is a binary search)."""
-        i = bisect.bisect_left(self.entries, timestamp_us, key=lambda e: e[2])
-        while i > 0 and self.entries[i - 1][1] >= end:
-            i -= 1  # an entry the writer added past what this reader may see
-        return self.entries[i - 1][1] if i > 0 else SEGMENT_HEADER_SIZE
+        return self.index.offsets[0] if self.records else self.base_offset
 
 
 class DiskRecord(NamedTuple):

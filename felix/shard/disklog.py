@@ -220,8 +220,11 @@ class DiskLog:
         if self._closed:
             raise LogPoisoned(f"log {self.directory} is closed")
 
-    def _publish(self) -> None:
-        self._view = _View(tuple(self._segments), self._segments[-1].size, self._next_offset)
+    def _publish(self, segments_changed: bool = True) -> None:
+        """Give readers a new view (one assignment). ``segments_changed=False`` (every
+        append that does not roll) reuses the segment tuple of the current view."""
+        segs = tuple(self._segments) if segments_changed else self._view.segments
+        self._view = _View(segs, segs[-1].size, self._next_offset)
 
     # -- writing ---------------------------------------------------------------------
 
@@ -253,7 +256,7 @@ class DiskLog:
         self._index_mark = mark
         self._size_bytes += len(data)
         self._next_offset = records[-1][0] + 1
-        self._publish()
+        self._publish(segments_changed=False)
 
     def _write(self, data: bytes, at: int) -> None:
         """One ``os.write``; a short write (disk full, signal) continues; a failure
@@ -315,7 +318,7 @@ class DiskLog:
         if offset < self._next_offset:
             raise ValueError(f"skip_to({offset}) is below next_offset {self._next_offset}")
         self._next_offset = offset
-        self._publish()
+        self._publish(segments_changed=False)
 
     def sync(self) -> int:
         """fdatasync everything written so far; returns the new :attr:`synced_offset`.

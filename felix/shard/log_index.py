@@ -28,7 +28,7 @@ import struct
 import sys
 import zlib
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -84,9 +84,8 @@ class SparseIndex:
 
     __hash__ = None  # type: ignore[assignment]
 
-    def add(self, entries: Iterable[tuple[int, int, int]]) -> None:
+    def add(self, entries: Sequence[tuple[int, int, int]]) -> None:
         """Append (offset, file_position, max_ts_before) entries (see the class doc)."""
-        entries = list(entries)
         if not entries:
             return
         self.positions.extend(e[1] for e in entries)

@@ -35,3 +35,6 @@ def encode_batch(
     max_payload: int,
 ) -> tuple[bytes, list[tuple[int, int, int]], int, int]:
     """Frame records into one bytes object (see felix.shard.log_format.encode_batch)."""
+
+def find_record(buf: bytes, rel: int, after_offset: int, max_payload: int) -> int:
+    """The first position > ``rel`` where a whole valid record starts, or -1."""

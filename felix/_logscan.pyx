@@ -214,3 +214,30 @@ def scan(
             max_ts = ts
         scanned += 1
         rel = stop
+
+
+def find_record(bytes buf not None, Py_ssize_t rel, long long after_offset, Py_ssize_t max_payload):
+    """The first position > ``rel`` in ``buf`` where a whole valid record starts (both
+    CRCs match, the payload lies inside ``buf``, the offset exceeds ``after_offset``),
+    or -1. Recovery uses it to tell a torn tail (nothing valid after the bad spot)
+    from damage in the middle of the active segment; every byte position is tried."""
+    cdef const unsigned char* base = <const unsigned char*>PyBytes_AS_STRING(buf)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(buf)
+    cdef Py_ssize_t i, found = -1
+    cdef uint32_t length
+    cdef const unsigned char* p
+    with nogil:
+        for i in range(rel + 1, n - RECORD_HEADER + 1):
+            p = base + i
+            length = _be32(p)
+            if length > <uint64_t>max_payload or i + RECORD_HEADER + <Py_ssize_t>length > n:
+                continue
+            if _be32(p + 24) != _crc_small(p, 24):
+                continue
+            if <long long>_be64(p + 4) <= after_offset or <long long>_be64(p + 4) < 0:
+                continue
+            if <uint32_t>crc32(0, p + RECORD_HEADER, length) != _be32(p + 20):
+                continue
+            found = i
+            break
+    return found

@@ -281,6 +281,19 @@ def test_garbage_tail_without_a_valid_record_is_cut(tmp_path: Path) -> None:
     log.close()
 
 
+def test_megabytes_of_zeros_after_the_last_record_are_a_torn_tail(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    written = build(d)
+    active = segs(d)[-1]
+    good = active.stat().st_size
+    with active.open("ab") as f:
+        f.write(bytes(3 * 2**20))  # blocks allocated but never written (power loss)
+    log = DiskLog.open(d, SMALL, first_offset=0)
+    assert log.recovery.torn_bytes_cut == 3 * 2**20 and active.stat().st_size == good
+    assert [r.offset for r in all_records(log)] == written
+    log.close()
+
+
 def test_unfinished_roll_header_is_rewritten(tmp_path: Path) -> None:
     d = tmp_path / "s"
     written = build(d)

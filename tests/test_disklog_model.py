@@ -19,6 +19,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from felix import _logscan
 from felix.errors import TooLarge
 from felix.shard.disklog import DiskLog, DiskLogSettings
 from felix.shard.log_format import (
@@ -336,3 +337,37 @@ def test_compiled_encoder_matches_the_reference(
 def test_encoder_refuses_bad_records(records: list[tuple[int, int, bytes]], error: str) -> None:
     with pytest.raises((ValueError, TooLarge), match=error):
         encode_batch(records, 5, 32, 32, 4096, 0)
+
+
+def reference_find(data: bytes, after: int) -> int:
+    for i in range(1, len(data) - 27):
+        length, offset, _ts, pcrc, hcrc = _HEAD.unpack_from(data, i)
+        if length > MAX_PAYLOAD_BYTES or i + 28 + length > len(data):
+            continue
+        if hcrc != zlib.crc32(data[i : i + 24]) or offset <= after or offset >= 2**63:
+            continue
+        if zlib.crc32(data[i + 28 : i + 28 + length]) == pcrc:
+            return i
+    return -1
+
+
+@given(
+    noise=st.binary(max_size=200),
+    tail=st.binary(max_size=100),
+    record=st.one_of(st.none(), st.tuples(st.integers(0, 30), st.binary(max_size=50))),
+    after=st.integers(-1, 40),
+    zeros=st.booleans(),
+)
+@settings(max_examples=300, deadline=None)
+def test_find_record_matches_the_reference(
+    noise: bytes,
+    tail: bytes,
+    record: tuple[int, bytes] | None,
+    after: int,
+    zeros: bool,
+) -> None:
+    data = bytes(len(noise)) if zeros else noise
+    if record is not None:
+        data += encode_batch([(record[0], 1, record[1])], 0, 0, 1 << 62, 4096, 0)[0]
+    data += tail
+    assert _logscan.find_record(data, 0, after, MAX_PAYLOAD_BYTES) == reference_find(data, after)

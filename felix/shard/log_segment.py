@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,6 @@ from felix.shard.log_format import (
     MAX_PAYLOAD_BYTES,
     RECORD_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
-    decode_record_header,
 )
 from felix.shard.log_index import SparseIndex
 
@@ -36,7 +34,6 @@ __all__ = ["SCAN_CHUNK", "DiskRecord", "Scanner", "Segment", "index_path", "segm
 #: Bytes a scan reads per ``pread``: big enough to amortise the syscall, small enough
 #: that a reader thread holds little memory.
 SCAN_CHUNK = 256 * 1024
-_crc32 = zlib.crc32
 
 
 def segment_name(base_offset: int) -> str:
@@ -205,18 +202,6 @@ def valid_record_after(fd: int, start: int, end: int, after_offset: int, limit: 
     an offset above ``after_offset`` all check out), looking at no more than ``limit``
     bytes; ``None`` if there is none. Recovery uses it to tell a torn tail (nothing
     valid after the bad spot) from damage in the middle of the active segment."""
-    stop = min(end, start + limit)
-    data = os.pread(fd, stop - start, start)
-    n = len(data)
-    from_bytes = int.from_bytes
-    for rel in range(1, n - RECORD_HEADER_SIZE + 1):
-        length = from_bytes(data[rel : rel + 4], "big")
-        body = rel + RECORD_HEADER_SIZE
-        if length > MAX_PAYLOAD_BYTES or body + length > n:
-            continue
-        head = decode_record_header(data, rel)
-        if isinstance(head, str) or head.offset <= after_offset:
-            continue
-        if _crc32(data[body : body + length]) == head.payload_crc:
-            return start + rel
-    return None
+    data = os.pread(fd, min(end, start + limit) - start, start)
+    found = _logscan.find_record(data, 0, after_offset, MAX_PAYLOAD_BYTES)
+    return None if found < 0 else start + found

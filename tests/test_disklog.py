@@ -498,3 +498,44 @@ def test_sparse_index_round_trip_and_bounds() -> None:
     assert "out of order" in str(
         decode_index(body + zlib.crc32(body).to_bytes(4, "big"), 10, 10_000)
     )
+
+
+def test_readers_and_a_sync_thread_while_the_writer_rolls_and_deletes(tmp_path: Path) -> None:
+    conf = DiskLogSettings(segment_bytes=4096, index_interval_bytes=256, retention_bytes=20_000)
+    log = DiskLog.open(tmp_path / "s", conf, first_offset=0)
+    stop = threading.Event()
+    problems: list[str] = []
+    synced: list[int] = []
+
+    def reader() -> None:
+        at = 0
+        while not stop.is_set() or at < log.next_offset:
+            page = log.read(at, 50, 5000)
+            for rec in page:
+                # a jump forward only past what retention deleted
+                if rec.offset != at and rec.offset > log.first_offset:
+                    problems.append(f"at {at}: got {rec.offset} (first {log.first_offset})")
+                if rec.payload != payload(rec.offset):
+                    problems.append(f"bad payload at {rec.offset}")
+                at = rec.offset + 1
+
+    def syncer() -> None:
+        while not stop.is_set():
+            synced.append(log.sync())
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    threads.append(threading.Thread(target=syncer))
+    for t in threads:
+        t.start()
+    for b in range(400):
+        fill(log, b * 3, 3)
+        if b % 20 == 0:
+            log.enforce_retention(now_us=0)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not problems
+    assert synced == sorted(synced) and synced[-1] <= log.next_offset
+    assert log.sync() == log.next_offset == 1200
+    assert log.size_bytes <= 20_000 + 4096
+    log.close()

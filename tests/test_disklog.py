@@ -457,7 +457,8 @@ def test_roll_syncs_the_sealed_segment(tmp_path: Path, monkeypatch: pytest.Monke
     assert log.segments == 2 and len(synced) == 1
     assert synced[0] == segs(tmp_path / "s")[0].stat().st_size
     assert log.synced_offset == 20  # everything in sealed segments is on disk
-    assert log.sync() == 80
+    assert log.sync() == 80 and len(synced) == 2
+    assert log.sync() == 80 and len(synced) == 2  # nothing new: no fdatasync
     log.close()
     assert log.sync() == 80  # a late call after close changes nothing
 

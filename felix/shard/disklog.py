@@ -332,6 +332,8 @@ class DiskLog:
                 return self._synced_offset  # a late call from the fsync thread
             self._check()
             target = self._view.next_offset
+            if target <= self._synced_offset and not self._dir_dirty:
+                return self._synced_offset  # nothing written since the last sync
             fd = os.dup(self._fd)
             dir_dirty, self._dir_dirty = self._dir_dirty, False
         try:

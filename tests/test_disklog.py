@@ -540,3 +540,27 @@ def test_readers_and_a_sync_thread_while_the_writer_rolls_and_deletes(tmp_path: 
     assert log.sync() == log.next_offset == 1200
     assert log.size_bytes <= 20_000 + 4096
     log.close()
+
+
+def test_disk_full_when_a_roll_creates_the_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = tmp_path / "s"
+    log = DiskLog.open(d, SMALL, first_offset=0)
+    fill(log, 0, 40)
+    real_open = os.open
+
+    def no_space(path: Any, flags: int, *args: Any) -> int:
+        if flags & os.O_CREAT and str(path).endswith(".seg"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_space)
+    with pytest.raises(DiskFull, match="starting a segment"):
+        fill(log, 40, 40)
+    monkeypatch.undo()
+    assert len(segs(d)) == 1 and log.next_offset == 40 and log.segments == 1
+    fill(log, 40, 40)  # room again: the roll goes through
+    assert log.segments == 2
+    assert [r.offset for r in all_records(log)] == list(range(80))
+    log.close()

@@ -17,9 +17,10 @@ Threads (and why this is safe):
   retention under a reader is noticed and the read restarts at the new first offset.
 
 Rolling: a batch that would grow the active segment past ``segment_bytes`` goes to a
-new segment. The old one is fdatasynced *before* the new file is created (on the
-writer thread, once per ``segment_bytes``), so a sealed segment is always whole on
-disk: only the newest segment can have a torn tail after a crash or power loss.
+new segment. The old one (and the directory) is fsynced *before* the new file is
+created (on the writer thread, once per ``segment_bytes``), so a sealed segment is
+always whole on disk: only the newest segment can have a torn tail after a crash or
+power loss, and :attr:`synced_offset` covers everything below the new base.
 
 Failures: an ``OSError`` from ``fdatasync`` (or a write that cannot be undone) is
 raised once and poisons the log: every later call raises

@@ -3,6 +3,7 @@ segment at a random byte, reopens, reads and retention (hypothesis state machine
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import struct
@@ -23,6 +24,7 @@ from hypothesis.stateful import (
 
 from felix import _logscan
 from felix.errors import TooLarge
+from felix.logdump import dump
 from felix.shard.disklog import DiskLog, DiskLogSettings
 from felix.shard.log_format import (
     MAX_PAYLOAD_BYTES,
@@ -110,6 +112,18 @@ class DiskLogMachine(RuleBasedStateMachine):
         self.log.close()
         self.log = DiskLog.open(self.dir, CONF, first_offset=0)
         assert self.log.recovery.torn_bytes_cut == 0
+        self.after_reopen()
+
+    @rule()
+    def full_check_and_dump(self) -> None:
+        """Every record of every segment verifies, by the log and by felix log dump."""
+        self.log.close()
+        out = io.StringIO()
+        assert dump(self.dir, check=True, limit=0, out=out) == 0, out.getvalue()
+        assert "check: OK" in out.getvalue()
+        self.log = DiskLog.open(self.dir, CONF, first_offset=0, full_check=True)
+        assert self.log.recovery.torn_bytes_cut == 0
+        assert self.log.recovery.rebuilt_indexes == len(self.segments) - 1
         self.after_reopen()
 
     @rule(cut=st.floats(0, 1))

@@ -40,6 +40,7 @@ BENCH_ARGS ?=
 bench: build
 	$(PY) perf/bench_codec.py
 	$(PY) perf/bench_ring.py
+	$(PY) perf/bench_disklog.py --quick
 	$(PY) -m perf $(BENCH_ARGS)
 
 # Long fault rounds (not part of `make test`): the crash, power-loss and bit-flip tests

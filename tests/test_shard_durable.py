@@ -524,3 +524,21 @@ def test_an_injected_fsync_error_is_fatal_and_acks_nothing(tmp_path: Path) -> No
             io.close()
 
     run(main)
+
+
+def test_a_refused_batch_never_reaches_the_disk(tmp_path: Path) -> None:
+    c = make(tmp_path, stream_defaults=StreamSettings(max_record_bytes=100))
+    publish(c, [b"ok"])
+    disk = store_of(c).streams[KEY]
+    size, end = disk.log.size_bytes, disk.log.next_offset
+    for token, payloads, headers in (
+        (2, [b"fine", b"x" * 101], None),  # one record over max_record_bytes
+        (3, [b"a"], [{"k": "v" * 200}]),  # its header makes it too large
+    ):
+        send(c, wire.encode_publish(token, T, NS, "s", payloads, headers=headers), token=token)
+        ((_, err),) = replies(c)
+        assert isinstance(err, wire.ErrorReply) and err.code == 7  # TooLarge
+    assert (disk.log.size_bytes, disk.log.next_offset) == (size, end)
+    ack = publish(c, [b"next"], token=4)
+    assert ack.base_offset == 1  # no offset was used by the refused batches
+    assert consume(c, 0)[1] == [b"ok", b"next"]

@@ -542,3 +542,28 @@ def test_a_refused_batch_never_reaches_the_disk(tmp_path: Path) -> None:
     ack = publish(c, [b"next"], token=4)
     assert ack.base_offset == 1  # no offset was used by the refused batches
     assert consume(c, 0)[1] == [b"ok", b"next"]
+
+
+def test_retention_by_age_deletes_sealed_segments_older_than_it(tmp_path: Path) -> None:
+    clock = Clock()
+    c = make(
+        tmp_path,
+        clock=clock,
+        segment_bytes=4096,
+        stream_defaults=StreamSettings(replay_max_records=4),
+    )
+    c.define_stream(KEY, StreamSettings(replay_max_records=4), DurableSettings(retention_age_s=60))
+    for i in range(30):  # old records: several sealed segments
+        publish(c, [bytes([i]) * 300], token=i + 1)
+    clock.us += 30_000_000
+    assert c.disk_sweep() == 0  # 30 s old: kept
+    for i in range(30, 60):
+        publish(c, [bytes([i]) * 300], token=i + 1)
+    clock.us += 45_000_000  # the first 30 are 75 s old, the rest 45 s
+    assert c.disk_sweep() > 0
+    status = c.stream_status(KEY)
+    assert status is not None
+    first = status["first_offset"]
+    assert isinstance(first, int) and 0 < first <= 30  # only whole segments of old records
+    offsets, _, gaps = consume(c, first)
+    assert offsets == list(range(first, 60)) and gaps == 0

@@ -127,3 +127,64 @@ def test_an_fsync_error_ends_the_shard_and_its_restart_recovers_from_disk(
         assert "fsync of stream default/default/s failed" in node.log()
     finally:
         node.stop()
+
+
+def test_durable_options_from_flags_and_config_file(tmp_path: Path) -> None:
+    from felix.cli import _node_config, apply_config_file, build_parser
+    from felix.errors import ConfigError
+    from felix.node.config import NodeConfig
+    from felix.node.worker import new_shard_core
+
+    def node(*argv: str) -> NodeConfig:
+        full = ["up", "--data-dir", str(tmp_path), "--shards", "2", *argv]
+        args = build_parser().parse_args(full)
+        if args.config is not None:
+            apply_config_file(args.parser, args, full)
+        return _node_config(args)
+
+    default = node()
+    assert (default.durable_streams, default.fsync, default.disk_budget) == (False, "commit", None)
+    config = node(
+        "--durable-streams",
+        "--fsync",
+        "interval",
+        "--fsync-interval-ms",
+        "20",
+        "--segment-bytes",
+        "1MiB",
+        "--disk-budget",
+        "10MiB",
+        "--disk-reserve",
+        "0",
+        "--max-durable-streams-per-shard",
+        "3",
+    )
+    assert (config.fsync, config.fsync_interval_ms, config.segment_bytes) == (
+        "interval",
+        20,
+        1 << 20,
+    )
+    core = new_shard_core(NodeConfig.from_json(config.to_json()), 1)
+    assert core.disk is not None
+    disk = core.disk.settings
+    assert disk.budget_bytes == 5 << 20 and disk.max_streams == 3 and disk.reserve_bytes == 0
+    assert disk.root == tmp_path / "streams" and disk.segment_bytes == 1 << 20
+    assert disk.auto is not None and (disk.auto.fsync, disk.auto.fsync_interval_ms) == (
+        "interval",
+        20,
+    )
+    file = tmp_path / "felix.toml"
+    file.write_text('durable-streams = true\nfsync = "none"\nsegment-bytes = 65536\n')
+    from_file = node("--config", str(file))
+    assert (from_file.durable_streams, from_file.fsync, from_file.segment_bytes) == (
+        True,
+        "none",
+        65536,
+    )
+    for bad in (
+        ["--fsync-interval-ms", "0"],
+        ["--segment-bytes", "1000"],
+        ["--disk-budget", "1MiB"],
+    ):
+        with pytest.raises(ConfigError):
+            node(*bad)

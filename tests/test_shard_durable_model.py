@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from felix import wire
+from felix.shard.core import ShardCore
 from felix.shard.stream_log import StreamSettings
 from tests.test_shard_durable import KEY, NS, T, _request, consume, make, replies, send, store_of
 
@@ -41,7 +42,7 @@ def test_acked_records_survive_what_their_ack_promised(
     tmp: Path = tmp_path_factory.mktemp("model")
     hot = StreamSettings(replay_max_records=3)  # most reads come from disk
 
-    def open_core():  # type: ignore[no-untyped-def]
+    def open_core() -> ShardCore:
         return make(tmp, fsync=fsync, stream_defaults=hot, segment_bytes=1 << 20)
 
     c = open_core()
@@ -107,7 +108,7 @@ def _segment(tmp: Path) -> Path:
     return seg
 
 
-def _check(c, must_keep: dict[int, bytes], issued: set[int]) -> None:  # type: ignore[no-untyped-def]
+def _check(c: ShardCore, must_keep: dict[int, bytes], issued: set[int]) -> None:
     if KEY not in store_of(c).streams:
         assert not must_keep
         return
@@ -124,4 +125,5 @@ def _check(c, must_keep: dict[int, bytes], issued: set[int]) -> None:  # type: i
     assert set(got) <= issued | set(got)  # nothing but what was written
     assert all(payload.startswith(b"p") for payload in got.values())
     # The next offset is above everything ever issued.
-    assert c.stream_log(KEY).next_offset > max(issued, default=-1)  # type: ignore[union-attr]
+    mem = c.stream_log(KEY)
+    assert mem is not None and mem.next_offset > max(issued, default=-1)

@@ -145,7 +145,9 @@ class ShardCore:
     """One shard's streams and caches, fed ring records and ``now``.
 
     ``offsets`` keeps stream offsets monotonic across restarts (None: start at 0,
-    for tests). Errors in a request become ERROR replies with the request's id; a
+    for tests). ``disk`` keeps durable streams (None: every stream is in memory);
+    ``wall_us`` is the wall clock records are stamped with (microseconds; durable
+    streams only). Errors in a request become ERROR replies with the request's id; a
     malformed record is logged and dropped. Nothing a gateway sends can raise out
     of :meth:`handle`.
     """

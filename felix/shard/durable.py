@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias
 
 from felix import ipc, wire
-from felix.errors import BadRequest, FelixError, LogDamaged, Overloaded, Unavailable
+from felix.errors import BadRequest, DiskFull, FelixError, LogDamaged, Overloaded, Unavailable
 from felix.shard.disk_read import ReadJob
 from felix.shard.disklog import DiskLog, DiskLogSettings
 from felix.shard.log_format import encode_envelope
@@ -305,7 +305,7 @@ class DurableStore:
         budget = self.settings.budget_bytes
         if budget is not None and self.disk_used + nbytes > budget:
             self.refused += 1
-            raise Overloaded(
+            raise DiskFull(
                 f"disk budget for durable streams is used up on shard {self.shard}: "
                 f"{self.disk_used} of {budget} bytes (--disk-budget); delete streams or "
                 "lower their retention"
@@ -313,7 +313,7 @@ class DurableStore:
         free = self.free_bytes
         if free is not None and free - nbytes < self.settings.reserve_bytes:
             self.refused += 1
-            raise Overloaded(
+            raise DiskFull(
                 f"the data disk has {free} bytes free, less than the reserve of "
                 f"{self.settings.reserve_bytes} bytes (--disk-reserve): new durable data "
                 "is refused"

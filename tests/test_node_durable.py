@@ -188,3 +188,41 @@ def test_durable_options_from_flags_and_config_file(tmp_path: Path) -> None:
     ):
         with pytest.raises(ConfigError):
             node(*bad)
+
+
+def test_start_up_progress_keeps_the_ready_timeout_from_killing_a_long_recovery(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from felix.node import messages as msg
+    from felix.node import supervisor
+    from felix.node.children import Child
+    from felix.node.config import NodeConfig
+    from felix.node.liveness import Heartbeat
+
+    monkeypatch.setattr(supervisor, "READY_TIMEOUT", 0.4)
+    monkeypatch.setattr(supervisor, "READY_POLL", 0.05)
+
+    async def main() -> None:
+        sup = supervisor.Supervisor(NodeConfig(shards=1, gateways=1))
+        slow, silent = Child("shard", 0, Heartbeat(3, 10)), Child("shard", 1, Heartbeat(3, 10))
+        for child in (slow, silent):
+            child.started_at = time.monotonic()
+
+        async def recover() -> None:  # 1 s of recovery, reporting every 0.1 s
+            for i in range(10):
+                slow._on_event(msg.Starting(f"opening durable streams: {i} of 10"))
+                assert (
+                    slow.status(time.monotonic())
+                    == f"starting (opening durable streams: {i} of 10)"
+                )
+                await asyncio.sleep(0.1)
+            slow._on_event(msg.Ready())
+
+        task = asyncio.ensure_future(recover())
+        await sup._wait_ready([slow])  # well past READY_TIMEOUT, never stalled
+        await task
+        assert slow.status(time.monotonic()) is None
+        with pytest.raises(RuntimeError, match="shard-1"):
+            await sup._wait_ready([silent])
+
+    run(main, timeout=10)

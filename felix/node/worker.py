@@ -63,6 +63,8 @@ log = logging.getLogger("felix.node")
 
 SPEC_ENV = "FELIX_CHILD_SPEC"
 STATS_INTERVAL = 1.0
+#: Start-up progress reports (msg.Starting) at most this often.
+STARTING_INTERVAL = 1.0
 #: linux/prctl.h: the signal the kernel sends this process when its parent dies.
 _PR_SET_PDEATHSIG = 1
 #: Fault injection for tests: while the file this names exists, every fsync of a
@@ -164,8 +166,11 @@ class ControlChannel:
 # --- shard -------------------------------------------------------------------------------
 
 
-def new_shard_core(config: NodeConfig, index: int) -> ShardCore:
-    """Shard ``index`` of the node, with its share of the budget and its offset file."""
+def new_shard_core(
+    config: NodeConfig, index: int, progress: Callable[[int, int], None] | None = None
+) -> ShardCore:
+    """Shard ``index`` of the node, with its share of the budget and its offset file,
+    its durable streams opened (``progress(done, total)`` while they are)."""
     settings = ShardSettings(
         index=index,
         shards=config.shards,
@@ -196,7 +201,7 @@ def new_shard_core(config: NodeConfig, index: int) -> ShardCore:
         shards=config.shards,
     )
     core = ShardCore(settings, offsets, disk)
-    opened = core.open_durable()
+    opened = core.open_durable(progress)
     if opened:
         log.info(
             "shard %d: opened %d durable streams (%d damaged, %d torn bytes cut)",
@@ -249,7 +254,16 @@ def durable_stats(core: ShardCore) -> dict[str, int]:
 
 async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
     config = spec.config
-    core = new_shard_core(config, spec.index)
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        # Keeps the supervisor's ready timeout from killing a long recovery.
+        now = time.monotonic()
+        if now - last[0] >= STARTING_INTERVAL:
+            last[0] = now
+            control.send(msg.Starting(f"opening durable streams: {done} of {total}"))
+
+    core = new_shard_core(config, spec.index, progress)
     inbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.inbound]
     outbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.outbound]
     # Requests left in our rings by a previous incarnation were already failed by the

@@ -214,10 +214,14 @@ def new_shard_core(
 
 
 def _sum_stats(parts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """The stats of several shard cores as one (sums; the largest of a maximum)."""
     total: dict[str, int] = {}
     for part in parts:
         for key, value in part.items():
-            total[key] = total.get(key, 0) + value
+            if key.endswith("_max"):
+                total[key] = max(total.get(key, 0), value)
+            else:
+                total[key] = total.get(key, 0) + value
     return total
 
 

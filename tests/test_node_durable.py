@@ -82,6 +82,13 @@ def test_history_survives_a_restart_and_is_read_from_disk(tmp_path: Path) -> Non
                 assert (await sub.next(timeout=10)).data == b"17"
             async with client.subscribe("orders", start={"time": marks[0]}) as sub:
                 assert (await sub.next(timeout=10)).data == b"30"
+            # A slow subscriber (credit 4, far more records than the hot tail of 8 while
+            # it does not read) loses nothing: it reads from disk, no drop_old.
+            async with client.subscribe("orders", credit=4) as slow:
+                acks = [await client.publish("orders", b"s%d" % i) for i in range(60)]
+                got = [await slow.next(timeout=10) for _ in range(60)]
+                assert [m.offset for m in got] == [a.offset for a in acks if a is not None]
+                assert slow.dropped == 0
 
     try:
         run(read_back, timeout=60)

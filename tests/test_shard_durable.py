@@ -475,11 +475,18 @@ def test_the_fsync_thread_acks_a_batch_of_publishers_with_one_round(tmp_path: Pa
             tokens = [ipc.decode_header(r)[1] for r in out]
             assert tokens == list(range(100, 120)) and fatal == []
             assert store_of(c).fsyncs == 1 and store_of(c).fsync_acks == 20
+            # Several streams in one round: synced side by side, every ack released.
+            for i in range(6):
+                send(c, wire.encode_publish(i, T, NS, f"m{i % 3}", [b"x"]), token=200 + i)
+            io.kick()
+            await _until(lambda: len(out) == 26)
+            assert sorted(ipc.decode_header(r)[1] for r in out[20:]) == list(range(200, 206))
+            assert store_of(c).fsyncs == 4
             # A READ below a tiny hot tail is answered from the reader pool.
             c.stream_log(KEY).trim(1 << 30)  # type: ignore[union-attr]
             c.handle(0, ipc.encode_read(7, KEY, 0, 100, 1 << 20), 0.0)
             io.kick()
-            await _until(lambda: len(out) == 21)
+            await _until(lambda: len(out) == 27)
             ev = wire.decode_ext(wire.decode_frame(out[-1][ipc.HEADER_SIZE :], extensions=True))
             assert isinstance(ev, wire.Events) and len(ev.payloads) == 20
         finally:
@@ -524,3 +531,61 @@ def test_an_injected_fsync_error_is_fatal_and_acks_nothing(tmp_path: Path) -> No
             io.close()
 
     run(main)
+
+
+def test_a_refused_batch_never_reaches_the_disk(tmp_path: Path) -> None:
+    c = make(tmp_path, stream_defaults=StreamSettings(max_record_bytes=100))
+    publish(c, [b"ok"])
+    disk = store_of(c).streams[KEY]
+    size, end = disk.log.size_bytes, disk.log.next_offset
+    for token, payloads, headers in (
+        (2, [b"fine", b"x" * 101], None),  # one record over max_record_bytes
+        (3, [b"a"], [{"k": "v" * 200}]),  # its header makes it too large
+    ):
+        send(c, wire.encode_publish(token, T, NS, "s", payloads, headers=headers), token=token)
+        ((_, err),) = replies(c)
+        assert isinstance(err, wire.ErrorReply) and err.code == 7  # TooLarge
+    assert (disk.log.size_bytes, disk.log.next_offset) == (size, end)
+    ack = publish(c, [b"next"], token=4)
+    assert ack.base_offset == 1  # no offset was used by the refused batches
+    assert consume(c, 0)[1] == [b"ok", b"next"]
+
+
+def test_retention_by_age_deletes_sealed_segments_older_than_it(tmp_path: Path) -> None:
+    clock = Clock()
+    c = make(
+        tmp_path,
+        clock=clock,
+        segment_bytes=4096,
+        stream_defaults=StreamSettings(replay_max_records=4),
+    )
+    c.define_stream(KEY, StreamSettings(replay_max_records=4), DurableSettings(retention_age_s=60))
+    for i in range(30):  # old records: several sealed segments
+        publish(c, [bytes([i]) * 300], token=i + 1)
+    clock.us += 30_000_000
+    assert c.disk_sweep() == 0  # 30 s old: kept
+    for i in range(30, 60):
+        publish(c, [bytes([i]) * 300], token=i + 1)
+    clock.us += 45_000_000  # the first 30 are 75 s old, the rest 45 s
+    assert c.disk_sweep() > 0
+    status = c.stream_status(KEY)
+    assert status is not None
+    first = status["first_offset"]
+    assert isinstance(first, int) and 0 < first <= 30  # only whole segments of old records
+    offsets, _, gaps = consume(c, first)
+    assert offsets == list(range(first, 60)) and gaps == 0
+
+
+def test_a_delete_cut_short_by_a_crash_never_brings_the_stream_back(tmp_path: Path) -> None:
+    c = make(tmp_path)
+    publish(c, [b"gone"])
+    ns_dir = tmp_path / "streams" / T / NS
+    assert c.delete_stream(KEY)
+    assert list(ns_dir.iterdir()) == []  # renamed aside, then removed
+    # A crash between the rename and the removal leaves the renamed directory: the
+    # next start removes it and does not open it as a stream.
+    publish(c, [b"again"], stream="t2")
+    store_of(c).close()
+    (ns_dir / "t2").rename(ns_dir / ".deleted.0123456789abcdef.t2")
+    c2 = make(tmp_path)
+    assert store_of(c2).streams == {} and list(ns_dir.iterdir()) == []

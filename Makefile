@@ -40,6 +40,7 @@ BENCH_ARGS ?=
 bench: build
 	$(PY) perf/bench_codec.py
 	$(PY) perf/bench_ring.py
+	$(PY) perf/bench_disklog.py --quick
 	$(PY) -m perf $(BENCH_ARGS)
 
 # Long fault rounds (not part of `make test`): the crash, power-loss and bit-flip tests
@@ -50,4 +51,4 @@ faults: build
 		tests/test_segfiles.py tests/test_disklog_faults.py tests/test_durable_faults.py
 
 clean:
-	rm -rf build felix/*.so felix/_codec.c felix/_ring.c
+	rm -rf build felix/*.so felix/_codec.c felix/_ring.c felix/_logscan.c

@@ -4,6 +4,7 @@ fsync error ends the shard (the supervisor restarts it from disk)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -29,10 +30,15 @@ def test_history_survives_a_restart_and_is_read_from_disk(tmp_path: Path) -> Non
     data = tmp_path / "node"
     node = NodeProcess(data, *ARGS, gateways=1, shards=2)
     offsets: list[int] = []
+    marks: list[float] = []
 
     async def write() -> None:
         async with felix.connect(url(node), ca=node.ca_file) as client:
             for i in range(40):
+                if i == 30:  # records from here on are stamped after this time
+                    await asyncio.sleep(0.01)
+                    marks.append(time.time())
+                    await asyncio.sleep(0.01)
                 ack = await client.publish("orders", b"%d" % i, headers={"i": str(i)})
                 assert ack is not None and ack.durability == "synced"
                 offsets.append(ack.offset)
@@ -74,6 +80,8 @@ def test_history_survives_a_restart_and_is_read_from_disk(tmp_path: Path) -> Non
                 assert (live.offset, live.data) == (ack.offset, b"live")
             async with client.subscribe("orders", start=17) as sub:
                 assert (await sub.next(timeout=10)).data == b"17"
+            async with client.subscribe("orders", start={"time": marks[0]}) as sub:
+                assert (await sub.next(timeout=10)).data == b"30"
 
     try:
         run(read_back, timeout=60)
@@ -119,3 +127,64 @@ def test_an_fsync_error_ends_the_shard_and_its_restart_recovers_from_disk(
         assert "fsync of stream default/default/s failed" in node.log()
     finally:
         node.stop()
+
+
+def test_durable_options_from_flags_and_config_file(tmp_path: Path) -> None:
+    from felix.cli import _node_config, apply_config_file, build_parser
+    from felix.errors import ConfigError
+    from felix.node.config import NodeConfig
+    from felix.node.worker import new_shard_core
+
+    def node(*argv: str) -> NodeConfig:
+        full = ["up", "--data-dir", str(tmp_path), "--shards", "2", *argv]
+        args = build_parser().parse_args(full)
+        if args.config is not None:
+            apply_config_file(args.parser, args, full)
+        return _node_config(args)
+
+    default = node()
+    assert (default.durable_streams, default.fsync, default.disk_budget) == (False, "commit", None)
+    config = node(
+        "--durable-streams",
+        "--fsync",
+        "interval",
+        "--fsync-interval-ms",
+        "20",
+        "--segment-bytes",
+        "1MiB",
+        "--disk-budget",
+        "10MiB",
+        "--disk-reserve",
+        "0",
+        "--max-durable-streams-per-shard",
+        "3",
+    )
+    assert (config.fsync, config.fsync_interval_ms, config.segment_bytes) == (
+        "interval",
+        20,
+        1 << 20,
+    )
+    core = new_shard_core(NodeConfig.from_json(config.to_json()), 1)
+    assert core.disk is not None
+    disk = core.disk.settings
+    assert disk.budget_bytes == 5 << 20 and disk.max_streams == 3 and disk.reserve_bytes == 0
+    assert disk.root == tmp_path / "streams" and disk.segment_bytes == 1 << 20
+    assert disk.auto is not None and (disk.auto.fsync, disk.auto.fsync_interval_ms) == (
+        "interval",
+        20,
+    )
+    file = tmp_path / "felix.toml"
+    file.write_text('durable-streams = true\nfsync = "none"\nsegment-bytes = 65536\n')
+    from_file = node("--config", str(file))
+    assert (from_file.durable_streams, from_file.fsync, from_file.segment_bytes) == (
+        True,
+        "none",
+        65536,
+    )
+    for bad in (
+        ["--fsync-interval-ms", "0"],
+        ["--segment-bytes", "1000"],
+        ["--disk-budget", "1MiB"],
+    ):
+        with pytest.raises(ConfigError):
+            node(*bad)

@@ -5,6 +5,7 @@ temp dir; the I/O driver's threads are replaced by running its jobs inline)."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,8 @@ def store_of(c: ShardCore) -> DurableStore:
     return c.disk
 
 
-def send(c: ShardCore, frame: bytes, *, token: int = 1, gateway: int = 0) -> None:
-    c.handle(gateway, ipc.encode(RecordType.REQUEST, token, 0, frame), 0.0)
+def send(c: ShardCore, frame: bytes, *, token: int = 1, gateway: int = 0, now: float = 0.0) -> None:
+    c.handle(gateway, ipc.encode(RecordType.REQUEST, token, 0, frame), now)
 
 
 def replies(c: ShardCore, gateway: int = 0) -> list[tuple[int, Any]]:
@@ -371,6 +372,8 @@ def test_a_damaged_log_refuses_its_stream_only(tmp_path: Path) -> None:
     ack = publish(c2, [b"still"], stream="other", token=7)
     assert ack.durability == wire.DURABILITY_SYNCED
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    # Only an explicit delete removes a damaged stream's files.
+    assert c2.delete_stream(KEY) and not directory.exists()
 
 
 def test_a_torn_tail_is_cut_and_reported(tmp_path: Path) -> None:
@@ -420,11 +423,147 @@ def test_control_plane_specs_map_to_durable_settings(tmp_path: Path) -> None:
     assert durable_settings(spec) == DurableSettings(
         fsync="none", retention_age_s=60.0, retention_bytes=1 << 30
     )
-    # retention_bytes bounds a durable stream's files, not its hot tail in memory.
-    assert stream_settings(spec, StreamSettings()).replay_max_bytes == 64 * 1024 * 1024
+    # retention_bytes bounds a durable stream's files, and its hot tail in memory too.
+    spec["retention_bytes"] = 1 << 20
+    assert stream_settings(spec, StreamSettings()).replay_max_bytes == 1 << 20
     # A stream defined durable by the control plane on a node without --durable-streams.
     c = make(tmp_path, auto=False)
     c.define_stream(KEY, StreamSettings(), durable_settings({"durable": True, "fsync": "none"}))
     ack = publish(c, [b"x"])
     assert ack.durability == wire.DURABILITY_WRITTEN
     assert (tmp_path / "streams" / T / NS / "s").is_dir()
+
+
+# -- the I/O driver with its real threads (felix/node/disk_io.py) ---------------------------
+
+
+def _driven(
+    tmp: Path, fault: Path | None = None, **kw: Any
+) -> tuple[ShardCore, list[bytes], list[str], Any]:
+    from felix.node.disk_io import DiskIO
+
+    c = make(tmp, **kw)
+    out: list[bytes] = []
+    fatal: list[str] = []
+
+    def deliver() -> None:
+        out.extend(c.flush().get(0, []))
+
+    io = DiskIO(c, deliver, fatal.append, fault_file=fault)
+    return c, out, fatal, io
+
+
+async def _until(check: Any, timeout: float = 5.0) -> None:
+    import asyncio
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.005)
+
+
+def test_the_fsync_thread_acks_a_batch_of_publishers_with_one_round(tmp_path: Path) -> None:
+    from tests.aio import run
+
+    async def main() -> None:
+        c, out, fatal, io = _driven(tmp_path)
+        try:
+            for i in range(20):
+                send(c, wire.encode_publish(i, T, NS, "s", [b"%d" % i]), token=100 + i)
+            io.kick()
+            await _until(lambda: len(out) == 20)
+            tokens = [ipc.decode_header(r)[1] for r in out]
+            assert tokens == list(range(100, 120)) and fatal == []
+            assert store_of(c).fsyncs == 1 and store_of(c).fsync_acks == 20
+            # A READ below a tiny hot tail is answered from the reader pool.
+            c.stream_log(KEY).trim(1 << 30)  # type: ignore[union-attr]
+            c.handle(0, ipc.encode_read(7, KEY, 0, 100, 1 << 20), 0.0)
+            io.kick()
+            await _until(lambda: len(out) == 21)
+            ev = wire.decode_ext(wire.decode_frame(out[-1][ipc.HEADER_SIZE :], extensions=True))
+            assert isinstance(ev, wire.Events) and len(ev.payloads) == 20
+        finally:
+            io.close()
+
+    run(main)
+
+
+def test_interval_streams_are_synced_by_the_timer(tmp_path: Path) -> None:
+    from tests.aio import run
+
+    async def main() -> None:
+        c, out, _, io = _driven(tmp_path, fsync="interval")
+        try:
+            send(c, wire.encode_publish(1, T, NS, "s", [b"a"]), token=1, now=time.monotonic())
+            io.kick()  # acked WRITTEN at once; the timer syncs within 50 ms
+            assert len(out) == 0 and len(c.flush()[0]) == 1
+            disk = store_of(c).streams[KEY]
+            assert disk.log.synced_offset == 0
+            await _until(lambda: disk.log.synced_offset == 1)
+        finally:
+            io.close()
+
+    run(main)
+
+
+def test_an_injected_fsync_error_is_fatal_and_acks_nothing(tmp_path: Path) -> None:
+    from tests.aio import run
+
+    fault = tmp_path / "fail"
+    fault.touch()
+
+    async def main() -> None:
+        c, out, fatal, io = _driven(tmp_path, fault=fault)
+        try:
+            send(c, wire.encode_publish(1, T, NS, "s", [b"a"]), token=1)
+            io.kick()
+            await _until(lambda: bool(fatal))
+            assert "injected fsync error" in fatal[0] and out == []
+            assert c.fatal == fatal[0]
+        finally:
+            io.close()
+
+    run(main)
+
+
+def test_a_refused_batch_never_reaches_the_disk(tmp_path: Path) -> None:
+    c = make(tmp_path, stream_defaults=StreamSettings(max_record_bytes=100))
+    publish(c, [b"ok"])
+    disk = store_of(c).streams[KEY]
+    size, end = disk.log.size_bytes, disk.log.next_offset
+    for token, payloads, headers in (
+        (2, [b"fine", b"x" * 101], None),  # one record over max_record_bytes
+        (3, [b"a"], [{"k": "v" * 200}]),  # its header makes it too large
+    ):
+        send(c, wire.encode_publish(token, T, NS, "s", payloads, headers=headers), token=token)
+        ((_, err),) = replies(c)
+        assert isinstance(err, wire.ErrorReply) and err.code == 7  # TooLarge
+    assert (disk.log.size_bytes, disk.log.next_offset) == (size, end)
+    ack = publish(c, [b"next"], token=4)
+    assert ack.base_offset == 1  # no offset was used by the refused batches
+    assert consume(c, 0)[1] == [b"ok", b"next"]
+
+
+def test_retention_by_age_deletes_sealed_segments_older_than_it(tmp_path: Path) -> None:
+    clock = Clock()
+    c = make(
+        tmp_path,
+        clock=clock,
+        segment_bytes=4096,
+        stream_defaults=StreamSettings(replay_max_records=4),
+    )
+    c.define_stream(KEY, StreamSettings(replay_max_records=4), DurableSettings(retention_age_s=60))
+    for i in range(30):  # old records: several sealed segments
+        publish(c, [bytes([i]) * 300], token=i + 1)
+    clock.us += 30_000_000
+    assert c.disk_sweep() == 0  # 30 s old: kept
+    for i in range(30, 60):
+        publish(c, [bytes([i]) * 300], token=i + 1)
+    clock.us += 45_000_000  # the first 30 are 75 s old, the rest 45 s
+    assert c.disk_sweep() > 0
+    status = c.stream_status(KEY)
+    assert status is not None
+    first = status["first_offset"]
+    assert isinstance(first, int) and 0 < first <= 30  # only whole segments of old records
+    offsets, _, gaps = consume(c, first)
+    assert offsets == list(range(first, 60)) and gaps == 0

@@ -66,13 +66,14 @@ class DiskIO:
         if self._closed:
             return
         store = self._store
+        # Interval streams whose time came join this round.
+        due = store.due(self._clock()) if store.interval_pending else None
         syncs = store.take_syncs()
         if syncs:
             self._fsyncer.request(syncs)
         if store.reads:
             for job in store.take_reads():
                 self._pool.submit(self._run_read, job)
-        due = store.due(self._clock())
         if due is not None and (self._timer is None or due < self._timer_at):
             if self._timer is not None:
                 self._timer.cancel()
@@ -97,6 +98,8 @@ class DiskIO:
         self._from_thread(self._synced, outcomes)
 
     def _synced(self, outcomes: list[SyncOutcome]) -> None:
+        if self._closed:
+            return  # shutting down: close() syncs what is left
         core = self._core
         for outcome in outcomes:
             if outcome.error is None:

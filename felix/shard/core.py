@@ -51,7 +51,6 @@ from felix.errors import (
     BadRequest,
     CursorError,
     FelixError,
-    LogDamaged,
     NotFound,
     Overloaded,
     ServerError,
@@ -60,7 +59,7 @@ from felix.errors import (
 from felix.ipc import RecordType
 from felix.names import validate_name
 from felix.shard.cache import CachePartition, CacheSettings
-from felix.shard.disk_read import ReadJob
+from felix.shard.disk_read import ReadJob, durable_start
 from felix.shard.durable import DurableSettings, DurableStore, DurableStream
 from felix.shard.offsets import OffsetReservations
 from felix.shard.resources import SHARD_MAX_RESOURCES, cache_settings
@@ -643,7 +642,7 @@ class ShardCore:
         at = msg.start
         if stream is not None:
             if stream.disk is not None:
-                start = self._durable_start(stream, stream.disk, at)
+                start = durable_start(stream.disk, stream.log, at)
             elif isinstance(at, wire.StartAtTime):
                 raise BadRequest(
                     f"stream {key} is held in memory only: its records carry no timestamps, "
@@ -663,26 +662,6 @@ class ShardCore:
                 self._waiting[key] = set()
         return wire.encode_subscribed(msg.request_id, msg.subscription_id, start)
 
-    def _durable_start(self, stream: _Stream, disk: DurableStream, at: object) -> int:
-        """Where a subscription to a durable stream starts: anywhere still on disk."""
-        if disk.damaged is not None:
-            raise Unavailable(disk.damaged)
-        mem = stream.log
-        low = min(disk.low(), mem.earliest)
-        if at == "earliest":
-            return low
-        if isinstance(at, wire.StartAtTime):
-            # The index makes this a few small reads, not a scan.
-            found = disk.log.offset_for_time(at.timestamp_us)
-            return min(max(found, low), mem.next_offset)
-        if at == "latest" or type(at) is not int or at < 0:
-            return mem.resolve_start(at)  # type: ignore[arg-type]
-        if at < low:
-            raise CursorError("too_old", at, low)
-        if at > mem.next_offset:
-            raise CursorError("in_future", at, mem.next_offset)
-        return at
-
     def _read(self, gateway: int, token: int, body: bytes | memoryview) -> None:
         key, from_offset, max_records, max_bytes = ipc.decode_read(body)
         stream = self._streams.get(key)
@@ -696,10 +675,10 @@ class ShardCore:
             disk = stream.disk
             if disk is not None and from_offset < log_.earliest:
                 # Below the hot tail: from disk, in a reader thread (read_done answers).
-                low = log_.earliest if disk.damaged is not None else min(disk.low(), log_.earliest)
                 if disk.damaged is not None:
                     frame = wire.encode_error(0, Unavailable.code, disk.damaged)
-                elif from_offset < low:
+                elif from_offset < min(disk.low(), log_.earliest):
+                    low = min(disk.low(), log_.earliest)
                     frame = wire.encode_cursor_error(0, "too_old", from_offset, low)
                 else:
                     assert self.disk is not None
@@ -939,34 +918,9 @@ class ShardCore:
             frame = wire.encode_events(job.from_offset, [])
             tail = job.from_offset
         else:
-            log_ = stream.log
-            disk = job.disk
-            tail = log_.next_offset
-            if job.error is not None:
-                frame = self._read_failed(stream, disk, job)
-            elif job.count:
-                frame = job.frame
-            else:
-                # Nothing on disk from there below the hot tail (offsets never assigned,
-                # or unsynced records lost): continue in memory; the jump is a gap.
-                start = max(job.from_offset, log_.earliest)
-                batch = log_.read(start, job.max_records, job.max_bytes)
-                frame = wire.encode_events(
-                    batch.first_offset, batch.payloads, headers=_headers_or_none(batch.headers)
-                )
+            frame = job.reply(stream.log, self.settings.index)
+            tail = stream.log.next_offset
         self._emit(job.gateway, ipc.encode(RecordType.READ_REPLY, job.token, tail, frame))
-
-    def _read_failed(self, stream: _Stream, disk: DurableStream, job: ReadJob) -> bytes:
-        err = job.error
-        if isinstance(err, LogDamaged):
-            disk.damaged = f"stream {stream.key} is damaged on disk: {err}"
-            log.error("shard %d: %s (refused until repaired)", self.settings.index, disk.damaged)
-            return wire.encode_error(0, Unavailable.code, disk.damaged)
-        low = min(disk.low(), stream.log.earliest)
-        if job.from_offset < low:  # retention deleted the segment while it was read
-            return wire.encode_cursor_error(0, "too_old", job.from_offset, low)
-        log.error("shard %d: disk read of %s failed: %r", self.settings.index, stream.key, err)
-        return wire.encode_error(0, Unavailable.code, f"disk read of stream {stream.key} failed")
 
     def disk_sweep(self) -> int:
         """Housekeeping of durable streams (about once a second, by the I/O driver):

@@ -46,7 +46,7 @@ from felix.errors import DiskFull, LogDamaged, LogPoisoned
 from felix.shard.log_format import SEGMENT_HEADER_SIZE, encode_batch, encode_segment_header
 from felix.shard.log_index import IndexInfo, write_index
 from felix.shard.log_recovery import RecoveryReport, recover_segments
-from felix.shard.log_segment import Scanner, Segment, index_path, segment_name
+from felix.shard.log_segment import DiskRecord, Scanner, Segment, index_path, segment_name
 
 __all__ = ["DiskLog", "DiskLogSettings", "DiskRecord", "RecoveryReport"]
 
@@ -67,12 +67,6 @@ class DiskLogSettings:
             raise ValueError("retention_age_s must not be negative")
         if self.retention_bytes is not None and self.retention_bytes < 0:
             raise ValueError("retention_bytes must not be negative")
-
-
-class DiskRecord(NamedTuple):
-    offset: int
-    timestamp_us: int
-    payload: bytes
 
 
 class _View(NamedTuple):
@@ -384,19 +378,17 @@ class DiskLog:
             pos = seg.position_for(from_offset, end)
             fd = os.open(seg.path, os.O_RDONLY)
             try:
-                chunk = min(max(max_bytes + 64 * 28, 4096), 1 << 20)
+                chunk = min(max(max_bytes - nbytes + 64 * 28, 4096), 1 << 20)
                 scanner = Scanner(fd, pos, end, -1, chunk=chunk)
-                for _pos, offset, ts, payload in scanner:
-                    if offset < from_offset:
-                        continue
-                    if out and nbytes + len(payload) > max_bytes:
-                        return out
-                    out.append(DiskRecord(offset, ts, payload))
-                    nbytes += len(payload)
-                    if len(out) >= max_records:
-                        return out
+                got = scanner.collect(from_offset, max_records - len(out), max_bytes - nbytes)
+                if out and got and nbytes + len(got[0].payload) > max_bytes:
+                    return out  # the first record of this segment would not fit
+                out.extend(got)
+                nbytes += sum(len(r.payload) for r in got)
                 if scanner.error is not None:
                     raise LogDamaged(str(seg.path), scanner.stopped_at, scanner.error)
+                if scanner.limited:
+                    return out
             finally:
                 os.close(fd)
         return out

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,9 @@ FsyncPolicy: TypeAlias = Literal["none", "interval", "commit"]
 FSYNC_POLICIES: Final = ("none", "interval", "commit")
 #: Free-space checks of the data file system are refreshed this often (seconds).
 FREE_SPACE_REFRESH: Final = 1.0
+#: The envelope head of a record without headers (felix/shard/log_format.py): prefixed
+#: to the body in one concatenation instead of a call per record.
+_BARE: Final = encode_envelope(None, b"")
 #: A waiting ack: (end offset it needs synced, gateway, ring token, request id, reply).
 Waiter: TypeAlias = tuple[int, int, int, int, bytes]
 
@@ -156,6 +160,11 @@ class DurableStream:
         self.synced = 0 if disk_log is None else disk_log.synced_offset
         #: With ``interval``: when the oldest unsynced write must be synced (monotonic s).
         self.sync_due: float | None = None
+
+    @property
+    def opened(self) -> bool:
+        """Whether the log is open (False: its damage was found when opening it)."""
+        return self.log is not None
 
     @property
     def unsynced(self) -> bool:
@@ -278,7 +287,7 @@ class DurableStore:
     def reconfigure(self, stream: DurableStream, settings: DurableSettings) -> None:
         """New fsync/retention settings for an open stream (from the control plane)."""
         stream.settings = settings
-        if stream.damaged is None:
+        if stream.opened:
             stream.log.settings = self._log_settings(settings)
         if settings.fsync == "commit" and stream.unsynced:
             self._sync_wanted[stream] = None
@@ -324,13 +333,12 @@ class DurableStore:
         Raises:
             Unavailable: the write failed (nothing of the batch is acknowledged).
         """
-        if headers is None:
-            batch = [
-                (base + i, timestamp_us, encode_envelope(None, p)) for i, p in enumerate(payloads)
-            ]
+        if headers is None or not any(headers):
+            bare = _BARE  # the envelope of a record without headers, then its body
+            batch = [(base + i, timestamp_us, bare + p) for i, p in enumerate(payloads)]
         else:
             batch = [
-                (base + i, timestamp_us, encode_envelope(h, p))
+                (base + i, timestamp_us, encode_envelope(h, p) if h else _BARE + p)
                 for i, (p, h) in enumerate(zip(payloads, headers, strict=True))
             ]
         disk_log = stream.log
@@ -380,6 +388,11 @@ class DurableStore:
             elif nearest is None or due < nearest:
                 nearest = due
         return nearest
+
+    @property
+    def interval_pending(self) -> bool:
+        """Whether an ``interval`` stream has an unsynced write (due() has work)."""
+        return bool(self._interval)
 
     def take_syncs(self) -> list[DurableStream]:
         """The streams to fsync in the next round (each once, whatever waits on it)."""
@@ -473,21 +486,24 @@ class DurableStore:
         self._interval.pop(stream, None)
         waiting = list(stream.waiting)
         stream.waiting.clear()
-        if stream.damaged is None:
-            self.disk_used -= stream.log.size_bytes
-            try:
+        # An explicit delete removes the files, damaged or not (recovery never does).
+        try:
+            if stream.opened:
+                self.disk_used -= stream.log.size_bytes
                 stream.log.delete()
-            except OSError as exc:
-                log.error("shard %d: cannot delete the files of %s: %s", self.shard, key, exc)
+            else:
+                shutil.rmtree(self.path_for(key))
+        except OSError as exc:
+            log.error("shard %d: cannot delete the files of %s: %s", self.shard, key, exc)
         return waiting
 
     def close(self) -> None:
         """Sync what is written and close every log (a clean stop)."""
         for stream in self.streams.values():
-            if stream.damaged is not None:
+            if not stream.opened:
                 continue
             try:
-                if self.fatal is None and stream.unsynced:
+                if self.fatal is None and stream.damaged is None and stream.unsynced:
                     stream.log.sync()
             except OSError as exc:
                 log.error("shard %d: final fsync of %s failed: %s", self.shard, stream.key, exc)
@@ -502,9 +518,7 @@ class DurableStore:
 
     def largest(self) -> int:
         """Bytes on disk of the largest durable stream (metrics carry no stream names)."""
-        return max(
-            (s.log.size_bytes for s in self.streams.values() if s.damaged is None), default=0
-        )
+        return max((s.log.size_bytes for s in self.streams.values() if s.opened), default=0)
 
     def status(self, key: str) -> dict[str, Any] | None:
         """The status route's JSON for ``key`` (None: not a durable stream here)."""
@@ -521,7 +535,7 @@ class DurableStore:
             "damaged": stream.damaged,
             "waiting_acks": len(stream.waiting),
         }
-        if stream.damaged is not None:
+        if not stream.opened:
             return out
         disk_log = stream.log
         report = disk_log.recovery

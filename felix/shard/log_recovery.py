@@ -80,15 +80,7 @@ def _read_header(path: Path, fd: int, base: int) -> int:
 def _scan_into(seg: Segment, fd: int, end: int, index_interval: int) -> Scanner:
     """Scan ``seg`` from its first record to ``end``, filling its index entries."""
     scanner = Scanner(fd, SEGMENT_HEADER_SIZE, end, seg.base_offset - 1)
-    mark = SEGMENT_HEADER_SIZE
-    max_ts = 0
-    entries = []
-    for pos, offset, ts, _payload in scanner:
-        if pos >= mark:
-            entries.append((offset, pos, max_ts))
-            mark = pos + index_interval
-        if ts > max_ts:
-            max_ts = ts
+    entries = scanner.index(index_interval, SEGMENT_HEADER_SIZE)
     seg.entries, seg.entry_offsets = [], []
     seg.add_entries(entries)
     seg.size = scanner.stopped_at

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import bisect
 import os
-import struct
+import sys
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+from felix import _logscan
 from felix.shard.log_format import (
     MAX_PAYLOAD_BYTES,
     RECORD_HEADER_SIZE,
@@ -29,12 +31,11 @@ from felix.shard.log_format import (
     decode_record_header,
 )
 
-__all__ = ["SCAN_CHUNK", "Scanner", "Segment", "index_path", "segment_name"]
+__all__ = ["SCAN_CHUNK", "DiskRecord", "Scanner", "Segment", "index_path", "segment_name"]
 
 #: Bytes a scan reads per ``pread``: big enough to amortise the syscall, small enough
 #: that a reader thread holds little memory.
 SCAN_CHUNK = 256 * 1024
-_REC = struct.Struct(">IQQII")
 _crc32 = zlib.crc32
 
 
@@ -90,14 +91,29 @@ class Segment:
         return self.entries[i - 1][1] if i > 0 else SEGMENT_HEADER_SIZE
 
 
-class Scanner:
-    """Iterate the records of a segment from ``start`` up to ``end`` (exclusive).
+class DiskRecord(NamedTuple):
+    """One record read from a log (re-exported by :mod:`felix.shard.disklog`)."""
 
-    Yields ``(position, offset, timestamp_us, payload)``. After the iteration,
+    offset: int
+    timestamp_us: int
+    payload: bytes
+
+
+#: (records collected, index entries) of one compiled scan call.
+_Batch = tuple[list[DiskRecord], list[tuple[int, int, int]]]
+
+
+class Scanner:
+    """Scan the records of a segment from ``start`` up to ``end`` (exclusive).
+
+    Iterating yields ``(position, offset, timestamp_us, payload)``; :meth:`collect`,
+    :meth:`index` and :meth:`run` are the fast paths (reads, recovery). After a scan,
     ``stopped_at`` is the end of the last whole, valid record and ``error`` is
     ``None`` or why the record at ``stopped_at`` is not valid (a short record at
     ``end`` counts: the scanner cannot tell a torn write from damage; callers can).
-    ``after_offset`` is the offset the first record must exceed.
+    ``after_offset`` is the offset the first record must exceed. The per-record work
+    is compiled (:mod:`felix._logscan`); this class reads ``chunk`` bytes per
+    ``pread`` (more when one record is bigger), so memory stays bounded.
     """
 
     def __init__(
@@ -113,58 +129,97 @@ class Scanner:
         self.last_offset = after_offset
         self.max_ts = 0
         self.records = 0
+        #: True when a collection limit (records, bytes) ended the scan.
+        self.limited = False
 
-    def __iter__(self) -> Iterator[tuple[int, int, int, bytes]]:
+    def _batches(
+        self,
+        *,
+        records: bool,
+        min_offset: int = -1,
+        max_records: int = sys.maxsize,
+        max_bytes: int = sys.maxsize,
+        index_interval: int | None = None,
+        index_mark: int = 0,
+    ) -> Iterator[_Batch]:
         fd, end, chunk = self.fd, self.end, self.chunk
-        pos = self.start
+        pos = self.stopped_at
         buf = b""
         buf_pos = pos  # file position of buf[0]
-        last = self.after_offset
-        unpack = _REC.unpack_from
+        need = RECORD_HEADER_SIZE
+        collected = nbytes = 0
         while pos < end:
-            rel = pos - buf_pos
-            if rel + RECORD_HEADER_SIZE > len(buf):
-                buf = os.pread(fd, min(max(chunk, RECORD_HEADER_SIZE), end - pos), pos)
-                buf_pos, rel = pos, 0
-                if len(buf) < RECORD_HEADER_SIZE:
-                    self.error = f"truncated record header ({end - pos} bytes left)"
+            if pos - buf_pos + need > len(buf):
+                buf = os.pread(fd, min(max(chunk, need), end - pos), pos)
+                buf_pos = pos
+                if len(buf) < need:
+                    left = end - pos
+                    self.error = (
+                        f"truncated record header ({left} bytes left)"
+                        if need == RECORD_HEADER_SIZE
+                        else f"record of {need - RECORD_HEADER_SIZE} bytes runs past the end "
+                        f"({left} left)"
+                    )
                     return
-            length, offset, ts, pcrc, hcrc = unpack(buf, rel)
-            if hcrc != _crc32(buf[rel : rel + 24]):
-                self.error = "record header CRC mismatch"
-                return
-            if length > MAX_PAYLOAD_BYTES:
-                self.error = f"record length {length} exceeds the limit {MAX_PAYLOAD_BYTES}"
-                return
-            stop = pos + RECORD_HEADER_SIZE + length
-            if stop > end:
-                self.error = f"record of {length} bytes runs past the end ({end - pos} left)"
-                return
-            if rel + RECORD_HEADER_SIZE + length > len(buf):
-                buf = os.pread(fd, min(max(chunk, stop - pos), end - pos), pos)
-                buf_pos, rel = pos, 0
-                if len(buf) < stop - pos:
-                    self.error = "file shorter than expected"
-                    return
-            payload = buf[rel + RECORD_HEADER_SIZE : rel + RECORD_HEADER_SIZE + length]
-            if _crc32(payload) != pcrc:
-                self.error = "payload CRC mismatch"
-                return
-            if offset <= last:
-                self.error = f"offset {offset} does not increase (previous {last})"
-                return
-            last = offset
-            self.last_offset = offset
-            self.records += 1
-            if ts > self.max_ts:
-                self.max_ts = ts
-            yield pos, offset, ts, payload
-            pos = stop
+            out: list[DiskRecord] | None = [] if records else None
+            entries: list[tuple[int, int, int]] | None = [] if index_interval is not None else None
+            rel, last, max_ts, scanned, got, nb, index_mark, need, error = _logscan.scan(
+                buf,
+                pos - buf_pos,
+                self.last_offset,
+                MAX_PAYLOAD_BYTES,
+                min_offset,
+                max_records - collected,
+                max_bytes - nbytes,
+                collected > 0,
+                DiskRecord,
+                out,
+                entries,
+                index_mark,
+                index_interval or 0,
+                buf_pos,
+                self.max_ts,
+            )
+            pos = buf_pos + rel
             self.stopped_at = pos
+            self.last_offset, self.max_ts = last, max_ts
+            self.records += scanned
+            collected += got
+            nbytes += nb
+            if scanned:
+                yield out or [], entries or []
+            if error is not None:
+                self.error = error
+                return
+            if need == 0:
+                self.limited = True
+                return
+
+    def __iter__(self) -> Iterator[tuple[int, int, int, bytes]]:
+        for recs, entries in self._batches(records=True, index_interval=0):
+            for rec, entry in zip(recs, entries, strict=True):
+                yield entry[1], rec.offset, rec.timestamp_us, rec.payload
+
+    def collect(self, min_offset: int, max_records: int, max_bytes: int) -> list[DiskRecord]:
+        """Records with offsets >= ``min_offset``, at most ``max_records``, their
+        payloads within ``max_bytes`` (the first one whatever its size)."""
+        out: list[DiskRecord] = []
+        for recs, _ in self._batches(
+            records=True, min_offset=min_offset, max_records=max_records, max_bytes=max_bytes
+        ):
+            out.extend(recs)
+        return out
+
+    def index(self, interval: int, mark: int) -> list[tuple[int, int, int]]:
+        """Scan to the end or the first bad record; the sparse index entries due."""
+        entries: list[tuple[int, int, int]] = []
+        for _, ents in self._batches(records=False, index_interval=interval, index_mark=mark):
+            entries.extend(ents)
+        return entries
 
     def run(self) -> None:
         """Scan to the end or the first bad record, keeping only the counters."""
-        for _ in self:
+        for _ in self._batches(records=False):
             pass
 
 

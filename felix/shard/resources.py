@@ -24,8 +24,9 @@ SHARD_MAX_RESOURCES = 100_000
 def stream_settings(spec: dict[str, Any], defaults: StreamSettings) -> StreamSettings:
     """The in-memory part of a stream (for a durable stream: its hot tail)."""
     replay_bytes = int(spec.get("replay_max_bytes", defaults.replay_max_bytes))
-    # A durable stream's retention_bytes bounds its files, not its hot tail.
-    if spec.get("retention_bytes") and not spec.get("durable"):
+    # retention_bytes caps the ring, and for a durable stream also its files (the hot
+    # tail never holds more than the disk keeps; the control plane checks budgets so).
+    if spec.get("retention_bytes"):
         replay_bytes = min(replay_bytes, int(spec["retention_bytes"]))
     return StreamSettings(
         replay_max_records=int(spec.get("replay_max_records", defaults.replay_max_records)),

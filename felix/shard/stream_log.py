@@ -422,15 +422,22 @@ class StreamLog:
         if headers is not None and len(headers) != n:
             raise BadRequest(f"got {len(headers)} header entries for {n} payloads")
         limit = self._max_record_bytes
-        total = 0
-        for i, payload in enumerate(payloads):
+        for payload in payloads:
             if not isinstance(payload, bytes):
                 raise TypeError(f"record payload must be bytes, not {type(payload).__name__}")
-            hdrs = headers[i] if headers is not None else None
-            size = len(payload) + (_headers_bytes(hdrs) if hdrs else 0)
-            if size > limit:
-                raise TooLarge(f"record of {size} bytes exceeds the limit of {limit} bytes")
-            total += size + RECORD_OVERHEAD
+        if headers is None or not any(headers):
+            # The common case in C loops: sizes are the payloads' lengths.
+            largest = max(map(len, payloads))
+            if largest > limit:
+                raise TooLarge(f"record of {largest} bytes exceeds the limit of {limit} bytes")
+            total = sum(map(len, payloads)) + n * RECORD_OVERHEAD
+        else:
+            total = 0
+            for payload, hdrs in zip(payloads, headers, strict=True):
+                size = len(payload) + (_headers_bytes(hdrs) if hdrs else 0)
+                if size > limit:
+                    raise TooLarge(f"record of {size} bytes exceeds the limit of {limit} bytes")
+                total += size + RECORD_OVERHEAD
         if total > self._max_bytes:
             raise TooLarge(
                 f"batch of {total} bytes exceeds the replay ring of {self._max_bytes} bytes"

@@ -137,6 +137,9 @@ def _sealed_log(directory: Path, rng: random.Random) -> list[tuple[int, int, byt
     log.sync()
     log.close()
     assert len(segfiles.segment_paths(directory)) >= 3
+    # Every sealed segment's index is right, by the independent reader.
+    for seg in segfiles.segment_paths(directory)[:-1]:
+        segfiles.check_index(seg, SMALL.index_interval_bytes)
     return written
 
 
@@ -230,6 +233,8 @@ def test_damaged_index_is_rebuilt_and_segments_untouched(tmp_path: Path, fault: 
             assert log.read(rec[0], 1, 1 << 20)[0].payload == rec[2]
         log.close()
         assert {p.name: h for p, h in _seg_digests(d).items()} == segs
+        for seg in segfiles.segment_paths(d)[:-1]:
+            segfiles.check_index(seg, SMALL.index_interval_bytes)
         again = DiskLog.open(d, SMALL, first_offset=0)
         assert again.recovery.rebuilt_indexes == 0
         again.close()
@@ -293,6 +298,8 @@ def test_kill_9_of_an_appending_process_loses_nothing_written(tmp_path: Path) ->
         for r in recs:
             assert (r.timestamp_us, r.payload) == (timestamp_for(r.offset), payload_for(r.offset))
     log = DiskLog.open(directory, CHILD, first_offset=0)
+    for seg in segfiles.segment_paths(directory)[:-1]:
+        segfiles.check_index(seg, CHILD.index_interval_bytes)
     got = _read_all(log)
     assert [r[0] for r in got] == list(range(len(got))) and len(got) >= acked_ever
     assert all(r[2] == payload_for(r[0]) for r in got)

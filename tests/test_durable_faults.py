@@ -28,6 +28,7 @@ import pytest
 
 import felix
 from felix.errors import FelixError, Unavailable
+from felix.shard.disklog import DiskLogSettings
 from tests import segfiles
 from tests.aio import run
 from tests.nodeproc import NodeProcess
@@ -279,7 +280,10 @@ def test_sigterm_under_durable_traffic_drains_exits_0_and_loses_nothing(tmp_path
     async def load() -> None:
         async with _connect(node) as client:
             stop = asyncio.Event()
-            tasks = [asyncio.create_task(_publisher(client, s, ledger, stop)) for s in STREAMS]
+            # 1.5 KiB records: 50 of them fill more than a 64 KiB segment.
+            tasks = [
+                asyncio.create_task(_publisher(client, s, ledger, stop, 1536)) for s in STREAMS
+            ]
             await _until(lambda: all(ledger.count(s) >= 50 * ROUNDS for s in STREAMS), "acks", node)
             node.proc.send_signal(signal.SIGTERM)
             # Publishes keep coming while the node drains, until it has exited.
@@ -295,6 +299,10 @@ def test_sigterm_under_durable_traffic_drains_exits_0_and_loses_nothing(tmp_path
         recs = segfiles.read_stream(_stream_dir(node, s))
         have = {r.offset: segfiles.decode_envelope(r.payload)[2] for r in recs}
         assert all(have.get(o) == p for o, p in ledger.acked[s].items()), s
+        sealed = segfiles.segment_paths(_stream_dir(node, s))[:-1]
+        assert sealed, "no segment was sealed"
+        for seg in sealed:
+            segfiles.check_index(seg, DiskLogSettings().index_interval_bytes)
     node = NodeProcess(data, *DURABLE, gateways=1, shards=2, log_path=tmp_path / "again.log")
 
     async def after() -> None:

@@ -150,7 +150,7 @@ def _check_index(
         info = "missing"
     if isinstance(info, IndexInfo):
         indexed = {pos: (off, before) for off, pos, before in entries}
-        wrong = [e for e in info.entries if indexed.get(e[1]) != (e[0], e[2])]
+        wrong = [e for e in info.index if indexed.get(e[1]) != (e[0], e[2])]
         if (
             not wrong
             and info.records == scanner.records

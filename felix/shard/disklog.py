@@ -159,8 +159,8 @@ class DiskLog:
         log._next_offset = max(end, first_offset)
         log._synced_offset = end
         log._index_mark = (
-            active.entries[-1][1] + settings.index_interval_bytes
-            if active.entries
+            active.index.last_position() + settings.index_interval_bytes
+            if len(active.index)
             else SEGMENT_HEADER_SIZE
         )
         log._publish()
@@ -220,8 +220,11 @@ class DiskLog:
         if self._closed:
             raise LogPoisoned(f"log {self.directory} is closed")
 
-    def _publish(self) -> None:
-        self._view = _View(tuple(self._segments), self._segments[-1].size, self._next_offset)
+    def _publish(self, segments_changed: bool = True) -> None:
+        """Give readers a new view (one assignment). ``segments_changed=False`` (every
+        append that does not roll) reuses the segment tuple of the current view."""
+        segs = tuple(self._segments) if segments_changed else self._view.segments
+        self._view = _View(segs, segs[-1].size, self._next_offset)
 
     # -- writing ---------------------------------------------------------------------
 
@@ -245,7 +248,7 @@ class DiskLog:
                 records, self._next_offset, active.size, self._index_mark, interval, 0
             )
         self._write(data, active.size)
-        active.add_entries(entries)
+        active.index.add(entries)
         active.size += len(data)
         active.records += len(records)
         active.last_offset = records[-1][0]
@@ -253,7 +256,7 @@ class DiskLog:
         self._index_mark = mark
         self._size_bytes += len(data)
         self._next_offset = records[-1][0] + 1
-        self._publish()
+        self._publish(segments_changed=False)
 
     def _write(self, data: bytes, at: int) -> None:
         """One ``os.write``; a short write (disk full, signal) continues; a failure
@@ -315,7 +318,7 @@ class DiskLog:
         if offset < self._next_offset:
             raise ValueError(f"skip_to({offset}) is below next_offset {self._next_offset}")
         self._next_offset = offset
-        self._publish()
+        self._publish(segments_changed=False)
 
     def sync(self) -> int:
         """fdatasync everything written so far; returns the new :attr:`synced_offset`.
@@ -329,6 +332,8 @@ class DiskLog:
                 return self._synced_offset  # a late call from the fsync thread
             self._check()
             target = self._view.next_offset
+            if target <= self._synced_offset and not self._dir_dirty:
+                return self._synced_offset  # nothing written since the last sync
             fd = os.dup(self._fd)
             dir_dirty, self._dir_dirty = self._dir_dirty, False
         try:
@@ -375,7 +380,7 @@ class DiskLog:
             end = view.end if seg is segs[-1] else seg.size
             if seg.records == 0 or end <= SEGMENT_HEADER_SIZE:
                 continue
-            pos = seg.position_for(from_offset, end)
+            pos = seg.index.position_for(from_offset, end)
             fd = os.open(seg.path, os.O_RDONLY)
             try:
                 chunk = min(max(max_bytes - nbytes + 64 * 28, 4096), 1 << 20)
@@ -404,7 +409,7 @@ class DiskLog:
             end = view.end if seg is view.segments[-1] else seg.size
             fd = os.open(seg.path, os.O_RDONLY)
             try:
-                scanner = Scanner(fd, seg.position_for_time(timestamp_us, end), end, -1)
+                scanner = Scanner(fd, seg.index.position_for_time(timestamp_us, end), end, -1)
                 for _pos, offset, ts, _payload in scanner:
                     if ts >= timestamp_us:
                         return offset
@@ -464,6 +469,4 @@ class DiskLog:
 
 
 def _info(seg: Segment) -> IndexInfo:
-    return IndexInfo(
-        seg.base_offset, seg.size, seg.last_offset, seg.max_ts, seg.records, list(seg.entries)
-    )
+    return IndexInfo(seg.base_offset, seg.size, seg.last_offset, seg.max_ts, seg.records, seg.index)

@@ -66,8 +66,10 @@ def _fill(
 # -- simulated power loss ------------------------------------------------------------
 
 
-# DiskLog fdatasyncs a segment when it seals it: only the newest one can lose bytes.
-@pytest.mark.parametrize("mode", ["prefix", "sealed_whole"])
+# DiskLog fdatasyncs a segment when it seals it and synced_offset then covers it, so
+# even cutting every segment independently past the synced offset (per_segment) only
+# ever cuts the newest one; sealed_whole says so explicitly.
+@pytest.mark.parametrize("mode", ["prefix", "sealed_whole", "per_segment"])
 def test_power_loss_loses_only_unsynced_records_and_never_reuses_offsets(
     tmp_path: Path, mode: str
 ) -> None:

@@ -227,7 +227,7 @@ def test_kill_9_of_the_whole_node_then_restart_with_a_torn_tail(tmp_path: Path) 
     node = NodeProcess(data, *DURABLE, gateways=1, shards=2)
     ledger = Ledger()
 
-    async def load(n: NodeProcess, per_stream: int = 60) -> None:
+    async def load(n: NodeProcess, per_stream: int = 30) -> None:
         async with _connect(n) as client:
             stop = asyncio.Event()
             tasks = [asyncio.create_task(_publisher(client, s, ledger, stop)) for s in STREAMS]

@@ -17,6 +17,7 @@ from felix.shard.log_format import (
     MAX_PAYLOAD_BYTES,
     RECORD_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
+    EnvelopeError,
     decode_envelope,
     encode_envelope,
 )
@@ -238,6 +239,30 @@ def test_time_lookup_retention_and_delete(tmp_path: Path) -> None:
 def test_envelope_round_trip() -> None:
     for headers in (None, {"a": "b", "ключ": "значение"}):
         assert decode_envelope(encode_envelope(headers, b"body")) == (headers, b"body")
+    assert encode_envelope({}, b"x") == b"\x00\x00\x00x"  # no headers: 3 bytes of envelope
+    assert decode_envelope(encode_envelope({"k": ""}, b"")) == ({"k": ""}, b"")
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        (b"\x00\x00", "shorter than"),
+        (b"\x01\x00\x00", "unknown record kind 1"),
+        (b"\x00\x00\x01\x00\x05ab", "run past"),
+        (b"\x00\x00\x01\x00\x01a\x00\x03b", "run past"),
+        (b"\x00\x00\x01\x00\x01\xff\x00\x00", "not UTF-8"),
+    ],
+)
+def test_bad_envelopes_are_refused(payload: bytes, why: str) -> None:
+    with pytest.raises(EnvelopeError, match=why):
+        decode_envelope(payload)
+
+
+def test_envelope_limits() -> None:
+    with pytest.raises(TooLarge):
+        encode_envelope({"k": "v" * 70_000}, b"")
+    with pytest.raises(TooLarge):
+        encode_envelope({str(i): "" for i in range(70_000)}, b"")
 
 
 def build(d: Path, batches: int = 20) -> list[int]:
@@ -539,4 +564,28 @@ def test_readers_and_a_sync_thread_while_the_writer_rolls_and_deletes(tmp_path: 
     assert synced == sorted(synced) and synced[-1] <= log.next_offset
     assert log.sync() == log.next_offset == 1200
     assert log.size_bytes <= 20_000 + 4096
+    log.close()
+
+
+def test_disk_full_when_a_roll_creates_the_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = tmp_path / "s"
+    log = DiskLog.open(d, SMALL, first_offset=0)
+    fill(log, 0, 40)
+    real_open = os.open
+
+    def no_space(path: Any, flags: int, *args: Any) -> int:
+        if flags & os.O_CREAT and str(path).endswith(".seg"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_space)
+    with pytest.raises(DiskFull, match="starting a segment"):
+        fill(log, 40, 40)
+    monkeypatch.undo()
+    assert len(segs(d)) == 1 and log.next_offset == 40 and log.segments == 1
+    fill(log, 40, 40)  # room again: the roll goes through
+    assert log.segments == 2
+    assert [r.offset for r in all_records(log)] == list(range(80))
     log.close()

@@ -475,11 +475,18 @@ def test_the_fsync_thread_acks_a_batch_of_publishers_with_one_round(tmp_path: Pa
             tokens = [ipc.decode_header(r)[1] for r in out]
             assert tokens == list(range(100, 120)) and fatal == []
             assert store_of(c).fsyncs == 1 and store_of(c).fsync_acks == 20
+            # Several streams in one round: synced side by side, every ack released.
+            for i in range(6):
+                send(c, wire.encode_publish(i, T, NS, f"m{i % 3}", [b"x"]), token=200 + i)
+            io.kick()
+            await _until(lambda: len(out) == 26)
+            assert sorted(ipc.decode_header(r)[1] for r in out[20:]) == list(range(200, 206))
+            assert store_of(c).fsyncs == 4
             # A READ below a tiny hot tail is answered from the reader pool.
             c.stream_log(KEY).trim(1 << 30)  # type: ignore[union-attr]
             c.handle(0, ipc.encode_read(7, KEY, 0, 100, 1 << 20), 0.0)
             io.kick()
-            await _until(lambda: len(out) == 21)
+            await _until(lambda: len(out) == 27)
             ev = wire.decode_ext(wire.decode_frame(out[-1][ipc.HEADER_SIZE :], extensions=True))
             assert isinstance(ev, wire.Events) and len(ev.payloads) == 20
         finally:
@@ -567,3 +574,18 @@ def test_retention_by_age_deletes_sealed_segments_older_than_it(tmp_path: Path) 
     assert isinstance(first, int) and 0 < first <= 30  # only whole segments of old records
     offsets, _, gaps = consume(c, first)
     assert offsets == list(range(first, 60)) and gaps == 0
+
+
+def test_a_delete_cut_short_by_a_crash_never_brings_the_stream_back(tmp_path: Path) -> None:
+    c = make(tmp_path)
+    publish(c, [b"gone"])
+    ns_dir = tmp_path / "streams" / T / NS
+    assert c.delete_stream(KEY)
+    assert list(ns_dir.iterdir()) == []  # renamed aside, then removed
+    # A crash between the rename and the removal leaves the renamed directory: the
+    # next start removes it and does not open it as a stream.
+    publish(c, [b"again"], stream="t2")
+    store_of(c).close()
+    (ns_dir / "t2").rename(ns_dir / ".deleted.0123456789abcdef.t2")
+    c2 = make(tmp_path)
+    assert store_of(c2).streams == {} and list(ns_dir.iterdir()) == []

@@ -17,9 +17,10 @@ Threads (and why this is safe):
   retention under a reader is noticed and the read restarts at the new first offset.
 
 Rolling: a batch that would grow the active segment past ``segment_bytes`` goes to a
-new segment. The old one is fdatasynced *before* the new file is created (on the
-writer thread, once per ``segment_bytes``), so a sealed segment is always whole on
-disk: only the newest segment can have a torn tail after a crash or power loss.
+new segment. The old one (and the directory) is fsynced *before* the new file is
+created (on the writer thread, once per ``segment_bytes``), so a sealed segment is
+always whole on disk: only the newest segment can have a torn tail after a crash or
+power loss, and :attr:`synced_offset` covers everything below the new base.
 
 Failures: an ``OSError`` from ``fdatasync`` (or a write that cannot be undone) is
 raised once and poisons the log: every later call raises
@@ -33,6 +34,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import threading
@@ -49,6 +51,13 @@ from felix.shard.log_recovery import RecoveryReport, recover_segments
 from felix.shard.log_segment import DiskRecord, Scanner, Segment, index_path, segment_name
 
 __all__ = ["DiskLog", "DiskLogSettings", "DiskRecord", "RecoveryReport"]
+
+_log = logging.getLogger(__name__)
+
+#: How many directories above a log's own are fsynced when it opens: the stream's
+#: directory sits in <data-dir>/streams/<tenant>/<namespace>/, which the shard may
+#: just have created; their entries must be on disk before anything is called synced.
+PARENT_DIRS_SYNCED = 3
 
 
 @dataclass(frozen=True)
@@ -137,10 +146,7 @@ class DiskLog:
         if ".." in directory.parts:
             raise ValueError(f"log directory {directory} must not contain '..'")
         log = cls(directory, settings, clock)
-        if not directory.is_dir():
-            directory.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(directory)
-            _fsync_dir(directory.parent)
+        directory.mkdir(parents=True, exist_ok=True)
         segments, torn, rebuilt = recover_segments(
             directory, settings.index_interval_bytes, clock(), full_check
         )
@@ -152,7 +158,10 @@ class DiskLog:
         # What a killed writer left in the page cache is not on disk yet: flush it
         # (sealed segments were flushed when they rolled) before calling it synced.
         os.fdatasync(log._fd)
-        _fsync_dir(directory)
+        # ... and the directory entries down to it (whoever created the directories):
+        # the stream, namespace, tenant and streams directories of the layout.
+        for level in (directory, *directory.parents[:PARENT_DIRS_SYNCED]):
+            _fsync_dir(level)
         log._dir_dirty = False
         log._size_bytes = sum(s.size for s in segments)
         end = max(active.last_offset + 1, active.base_offset)
@@ -176,14 +185,21 @@ class DiskLog:
 
     def _create_segment(self, base: int) -> Segment:
         """A new segment file holding only its header (the directory is not fsynced
-        here: :meth:`sync` does that before it reports anything in it as synced)."""
+        here: :meth:`sync` does that before it reports anything in it as synced).
+        On failure no file is left behind (a retry must be able to create it)."""
         created = self._clock()
         path = self.directory / segment_name(base)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            os.write(fd, encode_segment_header(base, created))
-        finally:
+            header = encode_segment_header(base, created)
+            if os.write(fd, header) != len(header):
+                raise OSError(errno.ENOSPC, "short write of a segment header")
+        except BaseException:
             os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        os.close(fd)
         self._dir_dirty = True
         return Segment(path, base, created)
 
@@ -299,9 +315,21 @@ class DiskLog:
         except OSError as exc:
             self._poisoned = exc
             raise
-        write_index(index_path(old.path), _info(old))
-        new = self._create_segment(base)
-        fd = os.open(new.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            write_index(index_path(old.path), _info(old))
+        except OSError as exc:  # derived data: open() rebuilds a missing index
+            _log.warning(
+                "log %s: could not write the index of %s: %s", self.directory, old.path, exc
+            )
+        try:
+            new = self._create_segment(base)
+            fd = os.open(new.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(
+                    f"disk full starting a segment of log {self.directory}: {exc}"
+                ) from exc
+            raise
         with self._lock:
             os.close(self._fd)
             self._fd = fd

@@ -6,7 +6,9 @@ so far as one round and fdatasyncs each stream's log once (``DiskLog.sync``, whi
 releases the GIL in the system call). A publish written before a round starts is
 covered by that round, so however many publishers wait on a stream, one fdatasync
 acknowledges them all; requests arriving during a round form the next one. Each
-round's outcomes go back through ``report`` (the worker passes a
+round syncing several streams runs their fdatasyncs on a few threads at once (the
+file system can commit them together; a round is as slow as its slowest file, not
+the sum of them). Each round's outcomes go back through ``report`` (the worker passes a
 ``loop.call_soon_threadsafe`` wrapper), one :class:`SyncOutcome` per stream.
 
 An fsync error is reported, never retried (after a failed fsync the kernel may
@@ -24,12 +26,16 @@ import errno
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 from felix.shard.durable import DurableStream
 
-__all__ = ["Fsyncer", "SyncOutcome"]
+__all__ = ["FSYNC_THREADS", "Fsyncer", "SyncOutcome"]
+
+#: Threads that fdatasync the streams of one round in parallel (besides the round's own).
+FSYNC_THREADS = 4
 
 
 class SyncOutcome(NamedTuple):
@@ -58,6 +64,7 @@ class Fsyncer:
         self._closed = False
         #: Rounds run and streams synced (for metrics: streams per round).
         self.rounds = 0
+        self._pool = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix=f"{name}-pool")
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -75,6 +82,7 @@ class Fsyncer:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout)
+        self._pool.shutdown(wait=True)
 
     def _run(self) -> None:
         while True:
@@ -86,7 +94,10 @@ class Fsyncer:
                 batch = list(self._pending)
                 self._pending.clear()
             self.rounds += 1
-            outcomes = [self._sync(stream) for stream in batch]
+            if len(batch) == 1:
+                outcomes = [self._sync(batch[0])]
+            else:
+                outcomes = list(self._pool.map(self._sync, batch))
             self._report(outcomes)
 
     def _sync(self, stream: DurableStream) -> SyncOutcome:

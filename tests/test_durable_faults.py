@@ -18,6 +18,8 @@ import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -249,6 +251,9 @@ def test_kill_9_of_the_whole_node_then_restart_with_a_torn_tail(tmp_path: Path) 
         torn = segfiles.record(10**9, 1, segfiles.envelope(None, b"torn" * 30))[:57]
         with active.open("ab") as f:
             f.write(torn)
+        # `felix log dump --check` reports the torn tail without calling it damage.
+        code, out = _log_dump(_stream_dir(node, "s0"))
+        assert code == 0 and "torn tail" in out, out
         node = NodeProcess(
             data, *DURABLE, gateways=1, shards=2, log_path=tmp_path / f"r{round_}.log"
         )
@@ -602,3 +607,16 @@ def test_bit_flips_on_disk_refuse_only_that_stream_and_indexes_are_rebuilt(
     finally:
         node.stop()
     assert segfiles.tree_digest(_stream_dir(node, "d")) == digest, "a damaged log was changed"
+    # The inspection command finds the same damage, and only reads.
+    code, out = _log_dump(_stream_dir(node, "d"))
+    assert code == 1 and victim.name in out and "check: 1 problem" in out, out
+    assert segfiles.tree_digest(_stream_dir(node, "d")) == digest
+    code, out = _log_dump(_stream_dir(node, "x"))
+    assert code == 0 and "check: OK" in out, out
+
+
+def _log_dump(path: Path) -> tuple[int, str]:
+    """`felix log dump PATH --check`: its exit status and output."""
+    cmd = [sys.executable, "-m", "felix.cli", "log", "dump", str(path), "--check", "--limit", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stdout + done.stderr

@@ -381,3 +381,49 @@ def test_a_crash_at_any_step_of_recovery_recovers_to_the_same_state(
         assert got == want, f"crash before step {k} ({steps[k]})"
         assert cut_again in (0, 100)
         assert segfiles.tree_digest(d) == want_files, f"crash before step {k} ({steps[k]})"
+
+
+def test_a_crash_at_any_step_of_retention_loses_only_whole_old_segments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention deletes whole sealed segments, oldest first, one file at a time: a crash
+    before any of those deletions leaves a log that opens (no orphan index or hole is
+    damage), holds a suffix of the records from a segment boundary, and the next
+    retention run ends with the same files as an uninterrupted one."""
+    settings = DiskLogSettings(segment_bytes=4096, index_interval_bytes=512, retention_bytes=9000)
+    full = tmp_path / "full"
+    log = DiskLog.open(full, settings, first_offset=0)
+    written = _fill(log, random.Random(11), 150)
+    log.sync()
+    log.close()
+    # The first offset of every segment: where a log cut at a segment boundary starts.
+    firsts = [segfiles.scan_segment(p).records[0].offset for p in segfiles.segment_paths(full)]
+    assert len(firsts) >= 5
+
+    def retain(directory: Path) -> list[tuple[int, int, bytes]]:
+        log = DiskLog.open(directory, settings, first_offset=0)
+        try:
+            log.enforce_retention(10**18)
+            return _read_all(log)
+        finally:
+            log.close()
+
+    reference = segfiles.copy_tree(full, tmp_path / "reference")
+    with monkeypatch.context() as m:
+        steps = _crash_at(m, None)
+        want = retain(reference)
+    assert want and len(want) < len(written) and "unlink" in steps, steps
+    want_files = segfiles.tree_digest(reference)
+    for k, step in enumerate(steps):
+        d = segfiles.copy_tree(full, tmp_path / f"crash{k}")
+        with monkeypatch.context() as m:
+            _crash_at(m, k)
+            with pytest.raises(_Crash):
+                retain(d)
+        log = DiskLog.open(d, settings, first_offset=0)
+        got = _read_all(log)
+        log.close()
+        assert got == written[len(written) - len(got) :], f"crash before step {k} ({step})"
+        assert got and got[0][0] in firsts, (k, step, got[:1])
+        assert retain(d) == want
+        assert segfiles.tree_digest(d) == want_files, f"crash before step {k} ({step})"

@@ -553,14 +553,20 @@ def test_bit_flips_on_disk_refuse_only_that_stream_and_indexes_are_rebuilt(
     def body(i: int) -> bytes:
         return b"%08d" % i + bytes(1000)
 
+    headers = {"k": "v", "é": "ü"}
+
     async def fill() -> None:
         async with _connect(node) as client:
+            await client.publish("h", b"with headers", headers=headers)
             for stream in ("d", "x", "ok"):
                 for b in range(8):
                     await client.publish_batch(stream, [body(b * 32 + i) for i in range(32)])
 
     run(fill, timeout=60)
     assert node.stop() == 0
+    # The envelope on disk, by the independent reader: kind 0, the headers, the body.
+    (hrec,) = segfiles.read_stream(_stream_dir(node, "h"))
+    assert segfiles.decode_envelope(hrec.payload) == (0, headers, b"with headers")
     rng = random.Random(5)
     segs = segfiles.segment_paths(_stream_dir(node, "d"))
     assert len(segs) >= 3
@@ -592,6 +598,9 @@ def test_bit_flips_on_disk_refuse_only_that_stream_and_indexes_are_rebuilt(
             assert got_x == [(i, body(i)) for i in range(256)]
             ack = await client.publish("ok", b"fine")
             assert ack is not None and ack.offset >= 256
+            async with client.subscribe("h", start="earliest") as sub:
+                msg = await sub.next(timeout=10)
+                assert (msg.offset, msg.data, msg.headers) == (0, b"with headers", headers)
             return str(info.value)
 
     try:

@@ -192,6 +192,77 @@ def scan_segment(path: Path) -> SegmentScan:
     return scan
 
 
+IDX_HEADER = struct.Struct(">4sHHQQQQII")  # 48 bytes
+IDX_ENTRY = struct.Struct(">QQQ")
+
+
+@dataclass(frozen=True)
+class Index:
+    base_offset: int
+    segment_size: int
+    last_offset: int
+    max_timestamp_us: int
+    record_count: int
+    entries: list[tuple[int, int, int]]  # (offset, file_position, max_ts_before)
+
+
+def parse_index(path: Path) -> Index:
+    """An index file (``.idx``), verified on its own: magic, version, CRC, size."""
+    data = path.read_bytes()
+    if len(data) < IDX_HEADER.size + 4:
+        raise FormatError(path, 0, f"index of {len(data)} bytes")
+    (crc,) = struct.unpack_from(">I", data, len(data) - 4)
+    if crc != zlib.crc32(data[:-4]):
+        raise FormatError(path, len(data) - 4, "index CRC mismatch")
+    magic, version, flags, base, size, last, max_ts, count, n = IDX_HEADER.unpack_from(data)
+    if magic != b"FLIX" or version != 1 or flags:
+        raise FormatError(path, 0, f"bad index header {magic!r} v{version} {flags}")
+    if len(data) != IDX_HEADER.size + n * IDX_ENTRY.size + 4:
+        raise FormatError(path, 44, f"{n} entries do not fit {len(data)} bytes")
+    entries = [IDX_ENTRY.unpack_from(data, IDX_HEADER.size + i * IDX_ENTRY.size) for i in range(n)]
+    return Index(base, size, last, max_ts, count, entries)
+
+
+def check_index(segment: Path, interval: int) -> Index:
+    """Parse ``segment``'s index and check it against the segment itself: it describes
+    this segment (base, size, last offset, max timestamp, count), every entry names a
+    record start with its offset and the maximum timestamp before it, the first record
+    has an entry, and entries are no further apart than ``interval`` plus one record."""
+    idx_path = segment.with_suffix(".idx")
+    index = parse_index(idx_path)
+    scan = scan_segment(segment)
+    if not scan.clean:
+        raise FormatError(segment, scan.good_end, f"indexed segment not clean: {scan.problem}")
+    recs = scan.records
+    want = (scan.base_offset, scan.size, recs[-1].offset if recs else 0, len(recs))
+    got = (index.base_offset, index.segment_size, index.last_offset, index.record_count)
+    if got != want:
+        raise FormatError(idx_path, 8, f"index header {got} != segment {want}")
+    if index.max_timestamp_us != max((r.timestamp_us for r in recs), default=0):
+        raise FormatError(idx_path, 32, "index max_timestamp_us is not the segment's")
+    by_pos = {r.position: i for i, r in enumerate(recs)}
+    prev_pos = None
+    for offset, pos, max_before in index.entries:
+        i = by_pos.get(pos)
+        if i is None or recs[i].offset != offset:
+            raise FormatError(idx_path, 48, f"entry ({offset}, {pos}) is not a record start")
+        if max_before != max((r.timestamp_us for r in recs[:i]), default=0):
+            raise FormatError(idx_path, 48, f"entry ({offset}, {pos}): wrong max_ts_before")
+        if prev_pos is not None:
+            gap = pos - prev_pos
+            longest = max(REC_HEADER_SIZE + len(r.payload) for r in recs)
+            if gap <= 0 or gap > interval + longest:
+                raise FormatError(idx_path, 48, f"entries {prev_pos} -> {pos}: gap {gap}")
+        prev_pos = pos
+    if recs and (not index.entries or index.entries[0][1] != recs[0].position):
+        raise FormatError(idx_path, 48, "the first record has no entry")
+    if recs and scan.size - (prev_pos or 0) > interval + max(
+        REC_HEADER_SIZE + len(r.payload) for r in recs
+    ):
+        raise FormatError(idx_path, 48, "the segment's tail is not indexed")
+    return index
+
+
 def segment_paths(stream_dir: Path) -> list[Path]:
     """The segment files of a stream, in offset order."""
     found = [p for p in stream_dir.iterdir() if _SEG_NAME.match(p.name)]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,8 +67,10 @@ def _fill(
 # -- simulated power loss ------------------------------------------------------------
 
 
-# DiskLog fdatasyncs a segment when it seals it: only the newest one can lose bytes.
-@pytest.mark.parametrize("mode", ["prefix", "sealed_whole"])
+# DiskLog fdatasyncs a segment when it seals it and synced_offset then covers it, so
+# even cutting every segment independently past the synced offset (per_segment) only
+# ever cuts the newest one; sealed_whole says so explicitly.
+@pytest.mark.parametrize("mode", ["prefix", "sealed_whole", "per_segment"])
 def test_power_loss_loses_only_unsynced_records_and_never_reuses_offsets(
     tmp_path: Path, mode: str
 ) -> None:
@@ -84,6 +87,10 @@ def test_power_loss_loses_only_unsynced_records_and_never_reuses_offsets(
         segfiles.copy_tree(live, crashed)
         log.close()
         segfiles.power_loss(crashed / "log", synced, rng, mode=mode)
+        # Indexes are written without fsync (derived data): any may come back short.
+        for idx in (crashed / "log").glob("*.idx"):
+            if rng.random() < 0.3:
+                os.truncate(idx, rng.randrange(idx.stat().st_size))
 
         after = DiskLog.open(crashed / "log", SMALL, first_offset=0)
         got = _read_all(after)
@@ -137,6 +144,9 @@ def _sealed_log(directory: Path, rng: random.Random) -> list[tuple[int, int, byt
     log.sync()
     log.close()
     assert len(segfiles.segment_paths(directory)) >= 3
+    # Every sealed segment's index is right, by the independent reader.
+    for seg in segfiles.segment_paths(directory)[:-1]:
+        segfiles.check_index(seg, SMALL.index_interval_bytes)
     return written
 
 
@@ -230,6 +240,8 @@ def test_damaged_index_is_rebuilt_and_segments_untouched(tmp_path: Path, fault: 
             assert log.read(rec[0], 1, 1 << 20)[0].payload == rec[2]
         log.close()
         assert {p.name: h for p, h in _seg_digests(d).items()} == segs
+        for seg in segfiles.segment_paths(d)[:-1]:
+            segfiles.check_index(seg, SMALL.index_interval_bytes)
         again = DiskLog.open(d, SMALL, first_offset=0)
         assert again.recovery.rebuilt_indexes == 0
         again.close()
@@ -293,7 +305,154 @@ def test_kill_9_of_an_appending_process_loses_nothing_written(tmp_path: Path) ->
         for r in recs:
             assert (r.timestamp_us, r.payload) == (timestamp_for(r.offset), payload_for(r.offset))
     log = DiskLog.open(directory, CHILD, first_offset=0)
+    for seg in segfiles.segment_paths(directory)[:-1]:
+        segfiles.check_index(seg, CHILD.index_interval_bytes)
     got = _read_all(log)
     assert [r[0] for r in got] == list(range(len(got))) and len(got) >= acked_ever
     assert all(r[2] == payload_for(r[0]) for r in got)
     log.close()
+
+
+# -- a crash during recovery -----------------------------------------------------------
+
+
+class _Crash(BaseException):
+    """The process "dies" here: what it did to the files so far stays."""
+
+
+_MUTATING = ("write", "pwrite", "ftruncate", "fsync", "fdatasync", "replace", "unlink", "rename")
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def _crash_at(monkeypatch: pytest.MonkeyPatch, k: int | None) -> list[str]:
+    """Make the k-th file-changing system call (0-based) raise _Crash before it runs
+    (None: never); returns the log of calls seen."""
+    calls: list[str] = []
+
+    def wrap(name: str, real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if name != "open" or (len(args) > 1 and args[1] & _WRITE_FLAGS):
+                if len(calls) == k:
+                    raise _Crash(name)
+                calls.append(name)
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in (*_MUTATING, "open"):
+        monkeypatch.setattr(os, name, wrap(name, getattr(os, name)))
+    return calls
+
+
+def test_a_crash_at_any_step_of_recovery_recovers_to_the_same_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recovery is idempotent: stopped before any one of its file changes, the next open
+    ends with exactly the records and files an uninterrupted recovery gives."""
+    damaged = tmp_path / "damaged"
+    _sealed_log(damaged, random.Random(9))
+    indexes = sorted(damaged.glob("*.idx"))
+    indexes[0].unlink()  # missing
+    indexes[-1].write_bytes(b"stale" * 40)  # damaged
+    active = segfiles.segment_paths(damaged)[-1]
+    with active.open("ab") as f:  # a torn tail
+        f.write(segfiles.record(10**6, 1, b"x" * 300)[:100])
+
+    def recover(directory: Path) -> tuple[list[tuple[int, int, bytes]], int]:
+        log = DiskLog.open(directory, SMALL, first_offset=0)
+        try:
+            return _read_all(log), log.recovery.torn_bytes_cut
+        finally:
+            log.close()
+
+    reference = segfiles.copy_tree(damaged, tmp_path / "reference")
+    with monkeypatch.context() as m:
+        steps = _crash_at(m, None)
+        want, cut = recover(reference)
+    assert cut == 100 and len(steps) >= 3, steps
+    want_files = segfiles.tree_digest(reference)
+    for k in range(len(steps)):
+        d = segfiles.copy_tree(damaged, tmp_path / f"crash{k}")
+        with monkeypatch.context() as m:
+            _crash_at(m, k)
+            with pytest.raises(_Crash):
+                recover(d)
+        got, cut_again = recover(d)
+        assert got == want, f"crash before step {k} ({steps[k]})"
+        assert cut_again in (0, 100)
+        assert segfiles.tree_digest(d) == want_files, f"crash before step {k} ({steps[k]})"
+
+
+def test_a_crash_at_any_step_of_retention_loses_only_whole_old_segments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention deletes whole sealed segments, oldest first, one file at a time: a crash
+    before any of those deletions leaves a log that opens (no orphan index or hole is
+    damage), holds a suffix of the records from a segment boundary, and the next
+    retention run ends with the same files as an uninterrupted one."""
+    settings = DiskLogSettings(segment_bytes=4096, index_interval_bytes=512, retention_bytes=9000)
+    full = tmp_path / "full"
+    log = DiskLog.open(full, settings, first_offset=0)
+    written = _fill(log, random.Random(11), 150)
+    log.sync()
+    log.close()
+    # The first offset of every segment: where a log cut at a segment boundary starts.
+    firsts = [segfiles.scan_segment(p).records[0].offset for p in segfiles.segment_paths(full)]
+    assert len(firsts) >= 5
+
+    def retain(directory: Path) -> list[tuple[int, int, bytes]]:
+        log = DiskLog.open(directory, settings, first_offset=0)
+        try:
+            log.enforce_retention(10**18)
+            return _read_all(log)
+        finally:
+            log.close()
+
+    reference = segfiles.copy_tree(full, tmp_path / "reference")
+    with monkeypatch.context() as m:
+        steps = _crash_at(m, None)
+        want = retain(reference)
+    assert want and len(want) < len(written) and "unlink" in steps, steps
+    want_files = segfiles.tree_digest(reference)
+    for k, step in enumerate(steps):
+        d = segfiles.copy_tree(full, tmp_path / f"crash{k}")
+        with monkeypatch.context() as m:
+            _crash_at(m, k)
+            with pytest.raises(_Crash):
+                retain(d)
+        log = DiskLog.open(d, settings, first_offset=0)
+        got = _read_all(log)
+        log.close()
+        assert got == written[len(written) - len(got) :], f"crash before step {k} ({step})"
+        assert got and got[0][0] in firsts, (k, step, got[:1])
+        assert retain(d) == want
+        assert segfiles.tree_digest(d) == want_files, f"crash before step {k} ({step})"
+
+
+# -- the specification both ways -----------------------------------------------------
+
+
+def test_files_written_by_the_specification_alone_are_read_by_disklog(tmp_path: Path) -> None:
+    """Segments written by tests/segfiles.py (no index) open, rebuild their indexes and
+    read back record for record: felix's reader follows the format as documented."""
+    for seed in range(3 * ROUNDS):
+        rng = random.Random(seed)
+        d = tmp_path / f"spec{seed}"
+        written: list[tuple[int, int, bytes]] = []
+        offset = rng.randrange(0, 1000)
+        for _ in range(rng.randint(1, 5)):
+            base = offset
+            recs = []
+            for _ in range(rng.randint(1, 40)):
+                offset += rng.choice((1, 1, 1, 2, 7))  # gaps allowed
+                recs.append((offset, rng.randrange(2**40), rng.randbytes(rng.randrange(300))))
+            segfiles.write_segment(d, base, recs)
+            written += recs
+            offset += 1
+        log = DiskLog.open(d, SMALL, first_offset=0)
+        assert _read_all(log) == written
+        assert log.next_offset == written[-1][0] + 1
+        assert log.recovery.torn_bytes_cut == 0
+        log.close()
+        for seg in segfiles.segment_paths(d)[:-1]:
+            segfiles.check_index(seg, SMALL.index_interval_bytes)

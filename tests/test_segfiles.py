@@ -138,3 +138,24 @@ def test_read_stream_allows_a_half_created_last_segment_only_when_asked(tmp_path
     with pytest.raises(segfiles.FormatError, match="truncated"):
         segfiles.read_stream(tmp_path)
     assert segfiles.payloads(segfiles.read_stream(tmp_path, allow_torn_tail=True)) == [(0, b"x")]
+
+
+def test_index_parsing_and_checking(tmp_path: Path) -> None:
+    seg = segfiles.write_segment(tmp_path, 10, [(10, 5, b"a"), (12, 3, b"bb"), (13, 9, b"")])
+    entries = [(10, 32, 0), (13, 32 + 29 + 30, 5)]
+    head = b"FLIX" + _be(1, 2) + _be(0, 2) + _be(10, 8) + _be(seg.stat().st_size, 8)
+    head += _be(13, 8) + _be(9, 8) + _be(3, 4) + _be(len(entries), 4)
+    body = head + b"".join(_be(o, 8) + _be(p, 8) + _be(t, 8) for o, p, t in entries)
+    idx = seg.with_suffix(".idx")
+    idx.write_bytes(body + _be(binascii.crc32(body), 4))
+    index = segfiles.check_index(seg, 40)
+    assert index.entries == entries and index.record_count == 3
+    with pytest.raises(segfiles.FormatError, match="gap"):
+        segfiles.check_index(seg, 10)  # entries further apart than the interval allows
+    wrong = body.replace(_be(13, 8) + _be(32 + 29 + 30, 8), _be(12, 8) + _be(32 + 29 + 30, 8))
+    idx.write_bytes(wrong + _be(binascii.crc32(wrong), 4))
+    with pytest.raises(segfiles.FormatError, match="not a record start"):
+        segfiles.check_index(seg, 40)
+    segfiles.flip_bit(idx, 50)
+    with pytest.raises(segfiles.FormatError, match="CRC"):
+        segfiles.parse_index(idx)

@@ -472,7 +472,10 @@ class DiskLog:
                 self._dir_dirty = True
                 self._publish()
             freed += seg.size
-            for path in (seg.path, index_path(seg.path)):
+            # The index first: a crash between the two leaves a sealed segment without
+            # an index (rebuilt on open, deleted by the next run), never an orphan index
+            # that nothing would ever remove.
+            for path in (index_path(seg.path), seg.path):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
         return freed

@@ -40,7 +40,8 @@ BENCH_ARGS ?=
 bench: build
 	$(PY) perf/bench_codec.py
 	$(PY) perf/bench_ring.py
+	$(PY) perf/bench_disklog.py --quick
 	$(PY) -m perf $(BENCH_ARGS)
 
 clean:
-	rm -rf build felix/*.so felix/_codec.c felix/_ring.c
+	rm -rf build felix/*.so felix/_codec.c felix/_ring.c felix/_logscan.c

@@ -21,6 +21,13 @@ extensions = [
         extra_compile_args=compile_args,
     ),
     Extension(
+        "felix._logscan",
+        ["felix/_logscan.pyx"],
+        libraries=["z"],  # zlib's crc32 for payload checksums
+        define_macros=macros,
+        extra_compile_args=compile_args,
+    ),
+    Extension(
         "felix._ring",
         ["felix/_ring.pyx"],
         include_dirs=["felix"],

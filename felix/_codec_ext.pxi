@@ -43,6 +43,11 @@ ACK_PER_BATCH = 2
 START_LATEST = 0
 START_EARLIEST = 1
 START_OFFSET = 2
+START_TIME = 3
+# PUBLISH_OFFSETS durability: what the ack promises about the acked records.
+DURABILITY_MEMORY = 0   # held in memory only
+DURABILITY_WRITTEN = 1  # handed to the kernel: survives kill -9 of felix, not power loss
+DURABILITY_SYNCED = 2   # fsynced: survives power loss
 # Cache TTL reply states.
 TTL_MISSING = 0
 TTL_PERSISTENT = 1
@@ -106,8 +111,35 @@ cdef class Publish(ExtMessage):
     __fields__ = ("tenant_id", "namespace", "stream", "ack", "payloads", "headers")
 
 
+cdef class StartAtTime:
+    """A SUBSCRIBE start (kind 3): the first record with a timestamp at or after ``timestamp_us``.
+
+    ``timestamp_us`` is microseconds since the Unix epoch (u64 on the wire).
+    """
+
+    cdef readonly object timestamp_us
+
+    def __init__(self, timestamp_us):
+        if isinstance(timestamp_us, bool) or not isinstance(timestamp_us, int):
+            raise LocalProtocolError(
+                f"timestamp_us must be an int, not {type(timestamp_us).__name__}")
+        self.timestamp_us = _u64_arg(timestamp_us, "timestamp_us")
+
+    def __repr__(self):
+        return f"StartAtTime(timestamp_us={self.timestamp_us})"
+
+    def __eq__(self, other):
+        if type(other) is not StartAtTime:
+            return NotImplemented
+        return self.timestamp_us == (<StartAtTime>other).timestamp_us
+
+    def __hash__(self):
+        return hash((StartAtTime, self.timestamp_us))
+
+
 cdef class Subscribe(ExtMessage):
-    """OP_SUBSCRIBE: ``start`` is "latest", "earliest" or an int offset; ``credit`` in records."""
+    """OP_SUBSCRIBE: ``start`` is "latest", "earliest", an int offset or a ``StartAtTime``;
+    ``credit`` in records."""
 
     cdef readonly str tenant_id
     cdef readonly str namespace
@@ -156,11 +188,16 @@ cdef class CacheTtlReply(ExtMessage):
 
 
 cdef class PublishOffsets(ExtMessage):
-    """OP_PUBLISH_OFFSETS: the batch got offsets ``base_offset`` .. ``base_offset + count - 1``."""
+    """OP_PUBLISH_OFFSETS: the batch got offsets ``base_offset`` .. ``base_offset + count - 1``.
+
+    ``durability`` (DURABILITY_*) says what the ack promises: MEMORY when the body has
+    no durability byte (the 12-byte body of older brokers).
+    """
 
     cdef readonly object base_offset
     cdef readonly object count
-    __fields__ = ("base_offset", "count")
+    cdef readonly int durability
+    __fields__ = ("base_offset", "count", "durability")
 
 
 cdef class Subscribed(ExtMessage):
@@ -361,8 +398,12 @@ def encode_subscribe(request_id, tenant_id, namespace, stream, subscription_id, 
     elif isinstance(start, int) and not isinstance(start, bool):
         kind = 2
         off = _u64_arg(start, "start offset")
+    elif type(start) is StartAtTime:
+        kind = 3
+        off = (<StartAtTime>start).timestamp_us
     else:
-        raise LocalProtocolError(f"start must be 'latest', 'earliest' or an int offset, not {start!r}")
+        raise LocalProtocolError(
+            f"start must be 'latest', 'earliest', an int offset or a StartAtTime, not {start!r}")
     cdef Py_ssize_t nt, nn, ns
     cdef const char* t = _short_str(tenant_id, &nt, "tenant_id")
     cdef const char* n = _short_str(namespace, &nn, "namespace")
@@ -489,15 +530,19 @@ cdef bytes _encode_two_u64(int opcode, object request_id, object a, str wa, obje
     return out
 
 
-def encode_publish_offsets(request_id, base_offset, count):
-    """OP_PUBLISH_OFFSETS: the acked batch holds offsets base_offset .. base_offset + count - 1."""
+def encode_publish_offsets(request_id, base_offset, count, durability=DURABILITY_MEMORY):
+    """OP_PUBLISH_OFFSETS: the acked batch holds offsets base_offset .. base_offset + count - 1,
+    kept as ``durability`` promises (DURABILITY_MEMORY / WRITTEN / SYNCED)."""
     cdef uint64_t rid = _u64_arg(request_id, "request_id")
     cdef uint64_t base = _u64_arg(base_offset, "base_offset")
     cdef uint32_t n = _u32_arg(count, "count")
-    cdef bytes out = _alloc_frame(9 + 12)
-    cdef unsigned char* p = _ext_start(out, 12, 0x90, rid)
+    if isinstance(durability, bool) or not isinstance(durability, int) or not 0 <= durability <= 2:
+        raise LocalProtocolError(f"unknown durability {durability!r}")
+    cdef bytes out = _alloc_frame(9 + 13)
+    cdef unsigned char* p = _ext_start(out, 13, 0x90, rid)
     _put_u64(p, base)
     _put_u32(p + 8, n)
+    p[12] = <unsigned char>durability
     return out
 
 
@@ -653,6 +698,9 @@ cdef ExtMessage _decode_subscribe(Cursor* c):
         m.start = "earliest"
     elif kind == 2:
         m.start = off
+    elif kind == 3:
+        m.start = StartAtTime.__new__(StartAtTime)
+        (<StartAtTime>m.start).timestamp_us = off
     else:
         raise RemoteProtocolError(f"unknown start kind {kind}")
     m.credit = _read_u32(c, "credit")
@@ -716,6 +764,13 @@ cdef ExtMessage _decode_ext_body(Cursor* c, int opcode, uint64_t rid):
         po = PublishOffsets.__new__(PublishOffsets)
         po.base_offset = _read_u64(c, "base offset")
         po.count = _read_u32(c, "count")
+        # The durability byte came later: a 12-byte body (older broker) means MEMORY.
+        po.durability = 0
+        if c.pos < c.end:
+            b = _read_u8(c, "durability")
+            if b > 2:
+                raise RemoteProtocolError(f"unknown durability {b}")
+            po.durability = b
         m = po
     elif opcode == 0x91:
         sb = Subscribed.__new__(Subscribed)

@@ -134,6 +134,7 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument(
         "--max-streams-per-shard", type=int, default=65_536, help="streams per shard (65536)"
     )
+    _add_durable_options(up)
     up.add_argument(
         "--insecure",
         action="store_true",
@@ -264,6 +265,39 @@ def _auth_mode(mode: str | bool | None, *hosts: str) -> bool:
     return mode == "jwt"
 
 
+def _add_durable_options(up: argparse.ArgumentParser) -> None:
+    """Durable streams (docs/operations.md, "Durable streams")."""
+    up.add_argument(
+        "--durable-streams",
+        action="store_true",
+        help="streams created by their first publish are durable (written to DATA_DIR/streams)",
+    )
+    up.add_argument(
+        "--fsync",
+        choices=["none", "interval", "commit"],
+        default="commit",
+        help="fsync policy of those streams (commit: acks wait for an fsync)",
+    )
+    up.add_argument(
+        "--fsync-interval-ms", type=int, default=100, help="with --fsync interval (100)"
+    )
+    up.add_argument("--segment-bytes", default="256MiB", help="segment file size (256MiB)")
+    up.add_argument(
+        "--disk-budget", help="disk for all durable streams of the node, split per shard (none)"
+    )
+    up.add_argument(
+        "--disk-reserve",
+        default="256MiB",
+        help="refuse new durable data when the data disk has less free space (256MiB)",
+    )
+    up.add_argument(
+        "--max-durable-streams-per-shard",
+        type=int,
+        default=1024,
+        help="durable streams per shard (1024; each holds open files)",
+    )
+
+
 def _node_config(args: argparse.Namespace) -> NodeConfig:
 
     replay_bytes = parse_size(args.replay_bytes)
@@ -282,6 +316,13 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         ),
         tenant_max_resources=args.tenant_max_resources,
         max_streams_per_shard=args.max_streams_per_shard,
+        durable_streams=args.durable_streams,
+        fsync=args.fsync,
+        fsync_interval_ms=args.fsync_interval_ms,
+        segment_bytes=parse_size(str(args.segment_bytes)),
+        disk_budget=parse_size(str(args.disk_budget)) if args.disk_budget else None,
+        disk_reserve=parse_size(str(args.disk_reserve)),
+        max_durable_streams_per_shard=args.max_durable_streams_per_shard,
         insecure=args.insecure,
         auto_create=not args.no_auto_create,
         tls_cert=args.tls_cert,
@@ -643,6 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     from felix.control.cli import add_commands as add_control_commands
 
     add_control_commands(sub)
+    from felix.logdump import add_commands as add_log_commands
+
+    add_log_commands(sub)
     return parser
 
 

@@ -17,7 +17,7 @@ import enum
 
 class ErrorCode(enum.IntEnum):
     """felix's error codes: in ERROR frames and SUBSCRIPTION_END (1-8), and for the
-    control plane's resource conflicts (9-11, answered over HTTP only)."""
+    control plane's resource conflicts (9-12, answered over HTTP only)."""
 
     BAD_REQUEST = 1
     NOT_FOUND = 2
@@ -31,6 +31,7 @@ class ErrorCode(enum.IntEnum):
     ALREADY_EXISTS = 9
     HAS_CHILDREN = 10
     VERSION_CONFLICT = 11
+    SETTING_CONFLICT = 12
 
     @property
     def slug(self) -> str:
@@ -155,6 +156,55 @@ class VersionConflict(ServerError):
     code = ErrorCode.VERSION_CONFLICT
 
 
+class DiskFull(Overloaded):
+    """Durable data was refused: a disk budget is spent or the disk is (nearly) full.
+
+    Nothing was written; retry after retention frees space or an operator adds room.
+    """
+
+
+class LogError(Unavailable):
+    """A stream's on-disk log cannot serve: it is damaged, or a write or fsync failed.
+
+    Not retryable by itself: an operator (or, for a failed fsync, a restart that
+    recovers from disk) has to act first.
+    """
+
+    retryable = False
+
+
+class LogDamaged(LogError):
+    """Bytes on disk are not what felix wrote: names the file, the byte position and why.
+
+    felix never deletes or rewrites the damaged data on its own.
+    """
+
+    def __init__(self, file: str, position: int, why: str) -> None:
+        super().__init__(f"log damaged: {file} at byte {position}: {why}")
+        self.file = file
+        self.position = position
+        self.why = why
+
+
+class LogPoisoned(LogError):
+    """A write or fsync of this log failed earlier; the log refuses every later call.
+
+    An fsync error is never retried (the kernel may have dropped the dirty pages and
+    a second fsync would report success): the owner must stop, and reopening the log
+    recovers from what is really on disk.
+    """
+
+
+class SettingConflict(BadRequest):
+    """Settings of one request contradict each other, such as ``fsync="commit"`` on a
+    stream that is not durable (control plane, HTTP 409).
+
+    A BadRequest, so code that refuses invalid settings catches it too.
+    """
+
+    code = ErrorCode.SETTING_CONFLICT
+
+
 class FelixTimeoutError(FelixError, TimeoutError):
     """A call did not complete within its timeout."""
 
@@ -184,6 +234,7 @@ _BY_CODE: dict[int, type[ServerError]] = {
         AlreadyExists,
         HasChildren,
         VersionConflict,
+        SettingConflict,
     )
 }
 

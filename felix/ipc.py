@@ -57,7 +57,10 @@ class RecordType(enum.IntEnum):
     #: G: read records for one subscription: body = stream key + from/max_records/max_bytes.
     READ = 4
     #: S: answer to READ (token = subscription token, aux = stream tail):
-    #: an EVENTS frame, or a CURSOR_ERROR frame when the offset left the replay ring.
+    #: an EVENTS frame (from a durable stream's disk it may start above the READ's
+    #: offset: the offsets in between hold no record, a gap), a CURSOR_ERROR frame when
+    #: the offset left the replay ring (or retention), or an ERROR frame when the stream
+    #: cannot be read (a damaged log: the subscription ends with it).
     READ_REPLY = 5
     #: G: watch (aux = 1) or unwatch (aux = 0) a stream's live records: body = stream key.
     WATCH = 6

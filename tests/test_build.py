@@ -22,3 +22,13 @@ def test_codec_is_compiled() -> None:
 
 def test_ring_is_compiled() -> None:
     assert _is_extension(felix._ring), felix._ring.__file__
+
+
+def test_logscan_is_compiled() -> None:
+    import zlib
+
+    import felix._logscan
+
+    assert _is_extension(felix._logscan), felix._logscan.__file__
+    data = bytes(range(40))
+    assert felix._logscan.header_crc(data, 5) == zlib.crc32(data[5:29])

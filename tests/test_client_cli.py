@@ -7,12 +7,19 @@ import asyncio
 import json
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import uvloop
 
-from felix.client.cli import DEFAULT_URL, EXIT_NOTHING, add_commands, connection_settings
+from felix.client.cli import (
+    DEFAULT_URL,
+    EXIT_NOTHING,
+    _start,
+    add_commands,
+    connection_settings,
+)
 from felix.errors import ConfigError
 from felix.node.local import LocalNode
 
@@ -78,7 +85,11 @@ def test_pub_and_sub(node: LocalNode, capsys: pytest.CaptureFixture[str]) -> Non
     assert felix("pub", "orders", "one", *at(node)) == 0
     first = int(capsys.readouterr().out)
     assert felix("pub", "orders", "two", "--header", "k=v", "--json", *at(node)) == 0
-    assert json.loads(capsys.readouterr().out) == {"stream": "orders", "offset": first + 1}
+    assert json.loads(capsys.readouterr().out) == {
+        "stream": "orders",
+        "offset": first + 1,
+        "durability": "memory",  # an in-memory stream
+    }
     assert felix("pub", "orders", "three", "--no-ack", *at(node)) == 0
     assert capsys.readouterr().out == ""
     assert felix("sub", "orders", "--start", "earliest", "--count", "3", "--json", *at(node)) == 0
@@ -131,9 +142,25 @@ def test_connection_settings_precedence(tmp_path: Path, monkeypatch: pytest.Monk
         settings("--node-json", str(tmp_path / "missing.json"))
 
 
+def test_start_option() -> None:
+    assert _start("latest") == "latest" and _start("earliest") == "earliest"
+    assert _start("17") == 17
+    assert _start("2026-01-01T09:30:00Z") == {"time": datetime(2026, 1, 1, 9, 30, tzinfo=UTC)}
+    east = _start("2026-01-01T11:30:00.5+02:00")
+    assert isinstance(east, dict)
+    assert east["time"] == datetime(2026, 1, 1, 9, 30, 0, 500000, tzinfo=UTC)
+    for bad in ("first", "2026-01-01T09:30:00", "2026-01-01", "2026-13-01T00:00Z", "1969-12-31Z"):
+        with pytest.raises(ConfigError):
+            _start(bad)
+    with pytest.raises(ConfigError, match="zone"):
+        _start("2026-01-01T09:30:00")
+
+
 def test_usage_errors(node: LocalNode) -> None:
     with pytest.raises(ConfigError):
         felix("sub", "orders", "--start", "first", *at(node))
+    with pytest.raises(ConfigError, match="zone"):
+        felix("sub", "orders", "--start", "2026-01-01T09:30:00", *at(node))
     with pytest.raises(ConfigError):
         felix("pub", "orders", "x", "--header", "novalue", *at(node))
     with pytest.raises(SystemExit):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
@@ -15,6 +16,7 @@ from felix.client._convert import (
     parse_url,
     resolve_name,
     start_spec,
+    time_start,
     ttl_from_wire,
     ttl_to_ms,
 )
@@ -147,4 +149,45 @@ def test_start_spec() -> None:
     assert start_spec(2**64 - 1) == 2**64 - 1
     for bad in (-1, 2**64, True, "first", 1.5):
         with pytest.raises(ConfigError):
+            start_spec(bad)  # type: ignore[arg-type]
+
+
+def test_start_by_time() -> None:
+    t = datetime(2026, 1, 1, 0, 0, 0, 123456, tzinfo=UTC)
+    us = 1_767_225_600_123_456
+    assert start_spec({"time": t}) == wire.StartAtTime(us)
+    # The same instant in another zone is the same start.
+    east = t.astimezone(timezone(timedelta(hours=5, minutes=30)))
+    assert time_start(east) == wire.StartAtTime(us)
+    # Seconds as written, rounded down to microseconds (a record stamped then is included).
+    assert time_start(1767225600.123456) == wire.StartAtTime(us)
+    assert time_start(1.0000009) == wire.StartAtTime(1_000_000)
+    assert time_start(1767225600) == wire.StartAtTime(1_767_225_600_000_000)
+    assert time_start(0) == wire.StartAtTime(0)
+    assert time_start(datetime(1970, 1, 1, tzinfo=UTC)) == wire.StartAtTime(0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        datetime(2026, 1, 1),  # naive: its zone would be a guess
+        -1,
+        -0.5,
+        datetime(1969, 12, 31, 23, 59, 59, tzinfo=UTC),
+        math.nan,
+        math.inf,
+        True,
+        "2026-01-01T00:00:00Z",
+        2.0**64 / 1e6 + 1e9,
+        None,
+    ],
+)
+def test_start_by_time_refuses(bad: object) -> None:
+    with pytest.raises(ConfigError):
+        start_spec({"time": bad})  # type: ignore[arg-type]
+
+
+def test_start_by_time_needs_exactly_the_time_key() -> None:
+    for bad in ({}, {"time": 1, "offset": 2}, {"at": 1}):
+        with pytest.raises(ConfigError, match="time"):
             start_spec(bad)  # type: ignore[arg-type]

@@ -172,10 +172,15 @@ def test_publish_acks_carry_offsets(tmp_path: Path) -> None:
         ):
             first = await client.publish("orders", b"a")
             assert first is not None
+            # An in-memory stream: the ack promises memory only (issue 12's durability).
+            assert (
+                first.durability is felix.Durability.MEMORY and first.durability.value == "memory"
+            )
             second = await client.publish("orders", b"b", headers={"k": "v"})
             assert second is not None and second.offset == first.offset + 1
             acks = await client.publish_batch("orders", [b"c", b"d", b"e"])
             assert [a.offset for a in acks] == [first.offset + i for i in (2, 3, 4)]
+            assert {a.durability for a in acks} == {felix.Durability.MEMORY}
             assert await client.publish_batch("orders", []) == []
             for ack in (True, False):
                 with pytest.raises(LocalProtocolError):

@@ -400,7 +400,7 @@ def test_exit_statuses_through_felix_main(
     ("pairs", "settings"),
     [
         ([], {}),
-        (["durable=true", "fsync=always"], {"durable": True, "fsync": "always"}),
+        (["durable=true", "fsync=commit"], {"durable": True, "fsync": "commit"}),
         (
             ["retention_bytes=1024", "retention_age_s=null"],
             {"retention_bytes": 1024, "retention_age_s": None},

@@ -1,21 +1,21 @@
 """Issue 11 items 2 and 15 in the control plane: budgets checked against the node's and
-the tenant's quotas, and settings the node does not honour refused, at create and update."""
+the tenant's quotas; durable stream settings (issue 12) accepted, contradictions refused."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from felix import audit
+from felix.control.client import error_from_response
 from felix.control.model import ResourceKind, validate_spec
 from felix.control.quotas import NodeQuotas, check_resource
 from felix.control.stores.memory import MemoryStore
-from felix.errors import BadRequest
-from felix.shard.resources import SHARD_MAX_RESOURCES, unsupported
+from felix.errors import BadRequest, SettingConflict
+from felix.shard.resources import SHARD_MAX_RESOURCES
 from tests.aio import run
 from tests.nodeproc import control_process
 from tests.test_audit import Captured
@@ -80,37 +80,92 @@ def test_tenant_quotas_are_checked_against_the_node_and_what_the_tenant_has() ->
     with_api(test, quotas=NODE)
 
 
-@pytest.mark.parametrize(
-    ("setting", "value"),
-    [("durable", True), ("fsync", "always"), ("fsync", "batch"), ("retention_age_s", 60)],
-)
-def test_settings_the_node_does_not_honour_are_refused(setting: str, value: Any) -> None:
+def test_durable_settings_are_accepted_and_fsync_follows_durable() -> None:
     async def test(http: httpx.AsyncClient, store: MemoryStore) -> None:
         await seed(http)
-        r = await http.post(STREAMS, json={"name": "s", setting: value})
-        problem(r, f"{setting}=", "not supported", "What survives a restart")
-        problem(await http.patch(f"{STREAMS}/orders", json={setting: value}), setting)
-        assert (await http.get(f"{STREAMS}/s")).status_code == 404
-
-    with_api(test)
-
-
-def test_stored_unhonoured_settings_are_kept_and_other_updates_still_work() -> None:
-    """Compatibility: a stream stored with durable=true before it was refused."""
-
-    async def test(http: httpx.AsyncClient, store: MemoryStore) -> None:
-        await seed(http)
-        await store.create(ResourceKind.STREAM, ("acme", "prod", "old"), {"durable": True})
-        r = await http.patch(f"{STREAMS}/old", json={"replay_max_records": 10})
+        r = await http.post(STREAMS, json={"name": "d", "durable": True})
+        assert r.status_code == 201, r.text
+        spec = r.json()["spec"]
+        # durable=true without fsync: commit (acks after fsync), the safe default.
+        assert (spec["durable"], spec["fsync"], spec["fsync_interval_ms"]) == (True, "commit", 100)
+        body = {"name": "i", "durable": True, "fsync": "interval", "fsync_interval_ms": 250}
+        r = await http.post(STREAMS, json={**body, "retention_age_s": 60, "retention_bytes": MIB})
+        assert r.status_code == 201, r.text
+        spec = r.json()["spec"]
+        assert (spec["fsync"], spec["fsync_interval_ms"], spec["retention_age_s"]) == (
+            "interval",
+            250,
+            60,
+        )
+        r = await http.post(STREAMS, json={"name": "w", "durable": True, "fsync": "none"})
+        assert r.status_code == 201 and r.json()["spec"]["fsync"] == "none"
+        # Turning durability off (or on) without naming fsync derives it anew.
+        r = await http.patch(f"{STREAMS}/d", json={"durable": False})
         assert r.status_code == 200, r.text
-        assert r.json()["spec"]["durable"] is True  # shown as stored (the node ignores it)
-        r = await http.patch(f"{STREAMS}/old", json={"durable": False})
-        assert r.status_code == 200 and r.json()["spec"]["durable"] is False
-        # The defaults are honoured values.
-        spec = (await http.get(f"{STREAMS}/orders")).json()["spec"]
+        assert (r.json()["spec"]["durable"], r.json()["spec"]["fsync"]) == (False, "none")
+        r = await http.patch(f"{STREAMS}/orders", json={"durable": True})
+        assert r.status_code == 200 and r.json()["spec"]["fsync"] == "commit"
+        # An explicit null asks for the default again.
+        r = await http.patch(f"{STREAMS}/i", json={"fsync": None})
+        assert r.status_code == 200 and r.json()["spec"]["fsync"] == "commit"
+        # In-memory streams keep their defaults.
+        r = await http.post(STREAMS, json={"name": "m"})
+        spec = r.json()["spec"]
         assert (spec["durable"], spec["fsync"], spec["retention_age_s"]) == (False, "none", None)
 
     with_api(test)
+
+
+def conflict(r: httpx.Response, *words: str) -> None:
+    assert r.status_code == 409, r.text
+    body = r.json()
+    assert body["type"] == "/v1/problems/setting-conflict", body
+    for word in words:
+        assert word in body["detail"], body["detail"]
+
+
+def test_fsync_on_a_stream_that_is_not_durable_is_a_setting_conflict() -> None:
+    async def test(http: httpx.AsyncClient, store: MemoryStore) -> None:
+        await seed(http)
+        for fsync in ("interval", "commit"):
+            r = await http.post(STREAMS, json={"name": "s", "fsync": fsync})
+            conflict(r, f"fsync='{fsync}'", "durable=true")
+            r = await http.post(STREAMS, json={"name": "s", "durable": False, "fsync": fsync})
+            conflict(r, "durable=true")
+        assert (await http.get(f"{STREAMS}/s")).status_code == 404
+        conflict(await http.patch(f"{STREAMS}/orders", json={"fsync": "commit"}), "fsync")
+        assert (await http.get(f"{STREAMS}/orders")).json()["version"] == 1
+        r = await http.post(STREAMS, json={"name": "d", "durable": True})
+        assert r.status_code == 201
+        r = await http.patch(f"{STREAMS}/d", json={"durable": False, "fsync": "commit"})
+        conflict(r, "durable=true")
+        # The schema bounds the interval; the old names are gone from it.
+        for bad in ({"fsync_interval_ms": 0}, {"fsync_interval_ms": 60_001}, {"fsync": "batch"}):
+            r = await http.post(STREAMS, json={"name": "x", "durable": True, **bad})
+            assert r.status_code == 422, r.text
+
+    with_api(test)
+
+
+def test_old_fsync_names_are_refused_with_their_new_names() -> None:
+    for old, new in (("batch", "interval"), ("always", "commit")):
+        with pytest.raises(BadRequest, match=f"now called '{new}'"):
+            validate_spec(ResourceKind.STREAM, {"durable": True, "fsync": old})
+    with pytest.raises(SettingConflict):
+        validate_spec(ResourceKind.STREAM, {"fsync": "interval"})
+
+
+def test_the_client_raises_setting_conflict() -> None:
+    request = httpx.Request("POST", "http://control/v1/tenants/acme/namespaces/prod/streams")
+    body = {
+        "type": "/v1/problems/setting-conflict",
+        "title": "Settings conflict",
+        "status": 409,
+        "detail": "fsync='commit' needs durable=true",
+    }
+    err = error_from_response(httpx.Response(409, json=body, request=request))
+    assert type(err) is SettingConflict and isinstance(err, BadRequest)
+    assert str(err) == "fsync='commit' needs durable=true"
 
 
 def test_check_resource_uses_the_node_default_tenant_quota() -> None:
@@ -139,13 +194,6 @@ def test_a_standalone_control_plane_checks_against_the_nodes_it_is_told_of(
         assert (
             http.post(STREAMS, json={"name": "s", "replay_max_bytes": 32 * MIB}).status_code == 201
         )
-
-
-def test_the_node_names_stored_settings_it_does_not_honour() -> None:
-    stored = validate_spec(ResourceKind.STREAM, {})
-    assert unsupported(stored) == []
-    old = {**stored, "durable": True, "fsync": "batch"}
-    assert [line.split("=")[0] for line in unsupported(old)] == ["durable", "fsync"]
 
 
 def test_only_the_admin_token_sets_a_tenants_quotas(tmp_path: Path) -> None:

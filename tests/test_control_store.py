@@ -301,14 +301,14 @@ def test_update_merges_and_versions(backend: Backend) -> None:
                 ST, ("a", "b", "s"), {"durable": True, "queue": {"max_deliveries": 9}}
             )
             updated = await store.update(
-                ST, ("a", "b", "s"), {"fsync": "always", "queue": {"ack_deadline_s": 5}}
+                ST, ("a", "b", "s"), {"fsync": "interval", "queue": {"ack_deadline_s": 5}}
             )
             # Top-level keys replace, the nested queue object merges one level.
             assert updated.spec == validate_spec(
                 ST,
                 {
                     "durable": True,
-                    "fsync": "always",
+                    "fsync": "interval",
                     "queue": {"max_deliveries": 9, "ack_deadline_s": 5},
                 },
             )

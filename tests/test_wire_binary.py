@@ -125,6 +125,13 @@ def test_ext_request_id_survives_a_malformed_body() -> None:
         lambda: wire.encode_subscribe(1, "t", "n", "s", 1, start="middle"),
         lambda: wire.encode_subscribe(1, "t", "n", "s", 1, start=True),
         lambda: wire.encode_subscribe(1, "t", "n", "s", 1, credit=2**32),
+        lambda: wire.encode_subscribe(1, "t", "n", "s", 1, start=wire.StartAtTime(2**64)),
+        lambda: wire.encode_subscribe(1, "t", "n", "s", 1, start=wire.StartAtTime(-1)),
+        lambda: wire.encode_subscribe(1, "t", "n", "s", 1, start=wire.StartAtTime(1.5)),  # type: ignore[arg-type]
+        lambda: wire.encode_publish_offsets(1, 0, 1, 3),
+        lambda: wire.encode_publish_offsets(1, 0, 1, -1),
+        lambda: wire.encode_publish_offsets(1, 0, 1, True),
+        lambda: wire.encode_publish_offsets(1, 0, 1, "synced"),  # type: ignore[arg-type]
         lambda: wire.encode_publish(1, "t", "n", "s", [b"a"], headers=[{"k": "v"}, None]),
         lambda: wire.encode_publish(1, "t", "n", "s", [b"a"], headers=[{"k": 1}]),  # type: ignore[dict-item]
         lambda: wire.encode_publish(1, "t", "n", "s", [b"a"], ack=7),
@@ -223,3 +230,22 @@ def test_reader_keeps_only_incomplete_bytes() -> None:
         reader.feed(FRAMES[1][7:])
         assert len(list(reader)) == 1
     assert reader.buffered == 0
+
+
+def test_start_at_time_is_a_value() -> None:
+    a = wire.StartAtTime(1_767_225_600_000_000)
+    assert a == wire.StartAtTime(1_767_225_600_000_000)
+    assert a != wire.StartAtTime(1)
+    assert a != 1_767_225_600_000_000
+    assert len({a, wire.StartAtTime(1_767_225_600_000_000)}) == 1
+    assert repr(a) == "StartAtTime(timestamp_us=1767225600000000)"
+
+
+def test_publish_offsets_durability_round_trips() -> None:
+    for level in (wire.DURABILITY_MEMORY, wire.DURABILITY_WRITTEN, wire.DURABILITY_SYNCED):
+        raw = wire.encode_publish_offsets(4, 10, 2, level)
+        decoded = wire.decode_ext(wire.decode_frame(raw, extensions=True))
+        assert isinstance(decoded, wire.PublishOffsets)
+        assert (decoded.base_offset, decoded.count, decoded.durability) == (10, 2, level)
+    # The default is MEMORY, so existing callers keep their meaning.
+    assert wire.encode_publish_offsets(4, 10, 2) == wire.encode_publish_offsets(4, 10, 2, 0)

@@ -71,7 +71,7 @@ def ext_frames(draw: st.DrawFn) -> bytes:
             s,
             draw(U64),
             credit=draw(st.integers(0, 2**32 - 1)),
-            start=draw(st.sampled_from(["latest", "earliest"]) | U64),
+            start=draw(st.sampled_from(["latest", "earliest"]) | U64 | U64.map(wire.StartAtTime)),
         ),
         lambda: wire.encode_credit(rid, draw(U64), draw(st.integers(0, 2**32 - 1))),
         lambda: wire.encode_unsubscribe(rid, draw(U64)),
@@ -82,7 +82,9 @@ def ext_frames(draw: st.DrawFn) -> bytes:
         lambda: wire.encode_cache_stored(rid, draw(st.booleans())),
         lambda: wire.encode_cache_deleted(rid, draw(st.booleans())),
         lambda: wire.encode_cache_ttl_reply(rid, draw(st.integers(0, 2)), draw(U64)),
-        lambda: wire.encode_publish_offsets(rid, draw(U64), draw(st.integers(0, 2**32 - 1))),
+        lambda: wire.encode_publish_offsets(
+            rid, draw(U64), draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 2))
+        ),
         lambda: wire.encode_subscribed(rid, draw(U64), draw(U64)),
         lambda: wire.encode_events(draw(U64), payloads, headers=headers),
         lambda: wire.encode_slow_consumer(rid, draw(U64), draw(U64)),

@@ -16,8 +16,9 @@ states its contract.
 
 from felix.client._backoff import Backoff
 from felix.client._cache import Cache
-from felix.client._client import Client, PublishAck
+from felix.client._client import Client, Durability, PublishAck
 from felix.client._connect import Connect, connect
+from felix.client._convert import TimeStart
 from felix.client._events import ClientEvent, Disconnected, EventFeed, Reconnected, SlowConsumer
 from felix.client._flow import Message
 from felix.client._options import ClientOptions
@@ -31,11 +32,13 @@ __all__ = [
     "ClientOptions",
     "Connect",
     "Disconnected",
+    "Durability",
     "EventFeed",
     "Message",
     "PublishAck",
     "Reconnected",
     "SlowConsumer",
     "Subscription",
+    "TimeStart",
     "connect",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import inspect
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from felix.errors import (
 )
 from felix.quic import QuicEngine, load_engine
 
-__all__ = ["BytesLike", "Client", "PublishAck"]
+__all__ = ["BytesLike", "Client", "Durability", "PublishAck"]
 
 BytesLike: TypeAlias = bytes | bytearray | memoryview
 
@@ -50,13 +51,35 @@ CLOSE_WAIT = 1.0
 DEFAULT_CREDIT = 1024
 
 
+class Durability(enum.StrEnum):
+    """What a publish ack promises about the record (docs/wire-protocol.md, "Publish
+    durability"); compares equal to its string value."""
+
+    #: Held in memory only (an in-memory stream): lost if the owning shard process ends.
+    MEMORY = "memory"
+    #: Written to the stream's log files, not yet fsynced: survives a crash of felix,
+    #: not a power loss (a durable stream with fsync none or interval).
+    WRITTEN = "written"
+    #: Written and fsynced before the ack: survives a power loss (fsync commit).
+    SYNCED = "synced"
+
+
+_DURABILITY = {
+    wire.DURABILITY_MEMORY: Durability.MEMORY,
+    wire.DURABILITY_WRITTEN: Durability.WRITTEN,
+    wire.DURABILITY_SYNCED: Durability.SYNCED,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class PublishAck:
-    """The broker stored a published record at ``offset`` of ``stream``."""
+    """The broker stored a published record at ``offset`` of ``stream``, as ``durability``
+    says (MEMORY from brokers older than durable streams)."""
 
     #: The stream name as given to ``publish()``.
     stream: str
     offset: int
+    durability: Durability = Durability.MEMORY
 
 
 def _headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
@@ -269,7 +292,7 @@ class Client:
         )
         if reply.count != 1:
             raise RemoteProtocolError(f"PUBLISH_OFFSETS for {reply.count} records, 1 was sent")
-        return PublishAck(stream, reply.base_offset)
+        return PublishAck(stream, reply.base_offset, _DURABILITY[reply.durability])
 
     async def publish_batch(
         self,
@@ -300,7 +323,8 @@ class Client:
             raise RemoteProtocolError(
                 f"PUBLISH_OFFSETS for {reply.count} records, {len(items)} were sent"
             )
-        return [PublishAck(stream, reply.base_offset + i) for i in range(len(items))]
+        durability = _DURABILITY[reply.durability]
+        return [PublishAck(stream, reply.base_offset + i, durability) for i in range(len(items))]
 
     def subscribe(
         self, stream: str, *, start: StartSpec = "latest", credit: int = DEFAULT_CREDIT
@@ -308,7 +332,10 @@ class Client:
         """A subscription to ``stream``; use ``async with`` (see :class:`Subscription`).
 
         ``start``: ``"latest"`` (records published from now on), ``"earliest"``
-        (the oldest retained) or an offset. ``credit``: records the broker may
+        (the oldest retained), an offset, or ``{"time": t}``: from the first record
+        stamped at or after ``t`` (a timezone-aware ``datetime``, or Unix seconds as
+        a number; a durable stream's records carry their timestamps, an in-memory
+        stream refuses it with BadRequest). ``credit``: records the broker may
         send ahead of the application (the local queue's bound); at least 2,
         topped up whenever half is consumed.
         """

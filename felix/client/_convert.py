@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Final, Literal
+from typing import Final, Literal, TypedDict
 from urllib.parse import urlsplit
 
 from felix import wire
@@ -23,9 +24,12 @@ __all__ = [
     "U64_MAX",
     "Endpoint",
     "StartSpec",
+    "TimeStart",
+    "WireStart",
     "parse_url",
     "resolve_name",
     "start_spec",
+    "time_start",
     "ttl_from_wire",
     "ttl_to_ms",
 ]
@@ -34,8 +38,21 @@ DEFAULT_PORT: Final = 5000
 U32_MAX: Final = 2**32 - 1
 U64_MAX: Final = 2**64 - 1
 
+
+class TimeStart(TypedDict):
+    """``subscribe(start={"time": t})``: from the first record stamped at or after ``t``,
+    a timezone-aware ``datetime`` or Unix seconds (int or float)."""
+
+    time: datetime | float
+
+
 #: What ``subscribe(start=...)`` accepts.
-StartSpec = Literal["latest", "earliest"] | int
+StartSpec = Literal["latest", "earliest"] | int | TimeStart
+#: What a SUBSCRIBE carries: ``"latest"``, ``"earliest"``, an offset or a time.
+WireStart = str | int | wire.StartAtTime
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_US: Final = timedelta(microseconds=1)
 
 
 def resolve_name(kind: str, name: str, namespace: str) -> tuple[str, str]:
@@ -92,17 +109,52 @@ def ttl_from_wire(state: int, ttl_ms: int) -> float | None:
     raise RemoteProtocolError(f"unknown TTL state {state}")
 
 
-def start_spec(start: StartSpec) -> str | int:
-    """Check ``subscribe(start=...)``: ``"latest"``, ``"earliest"`` or an offset (int >= 0)."""
+def start_spec(start: StartSpec) -> WireStart:
+    """Check ``subscribe(start=...)``: ``"latest"``, ``"earliest"``, an offset (int >= 0)
+    or ``{"time": t}`` (see :func:`time_start`)."""
     if isinstance(start, bool):
         raise ConfigError("start must be 'latest', 'earliest' or an int offset, not a bool")
     if isinstance(start, int):
         if not 0 <= start <= U64_MAX:
             raise ConfigError(f"start offset must be within 0..2**64-1, got {start}")
         return start
+    if isinstance(start, dict):
+        if set(start) != {"time"}:
+            raise ConfigError(f"a start by time is {{'time': datetime or seconds}}, got {start!r}")
+        return time_start(start["time"])
     if start in ("latest", "earliest"):
         return start
-    raise ConfigError(f"start must be 'latest', 'earliest' or an int offset, got {start!r}")
+    raise ConfigError(
+        f"start must be 'latest', 'earliest', an int offset or {{'time': t}}, got {start!r}"
+    )
+
+
+def time_start(when: datetime | float) -> wire.StartAtTime:
+    """The wire start for records stamped at or after ``when``.
+
+    ``when`` is a timezone-aware ``datetime`` (a naive one is refused: its zone would be
+    a guess) or Unix seconds. Seconds are taken as the decimal they print as and
+    rounded DOWN to whole microseconds, so a record stamped exactly ``when`` is
+    included. Raises ConfigError for anything before 1970, NaN, infinite or a bool.
+    """
+    if isinstance(when, datetime):
+        if when.tzinfo is None or when.utcoffset() is None:
+            raise ConfigError(
+                f"start time {when.isoformat()} has no timezone: give an aware datetime "
+                "(such as datetime.now(UTC)) or Unix seconds"
+            )
+        us = (when - _EPOCH) // _US
+    elif isinstance(when, int | float) and not isinstance(when, bool):
+        if not math.isfinite(when):
+            raise ConfigError(f"start time must be a finite number of seconds, got {when!r}")
+        us = math.floor(Decimal(repr(when)) * 1_000_000)
+    else:
+        raise ConfigError(
+            f"start time must be a datetime or Unix seconds, not {type(when).__name__}"
+        )
+    if not 0 <= us <= U64_MAX:
+        raise ConfigError(f"start time {when!r} is outside what the wire carries (1970 on)")
+    return wire.StartAtTime(us)
 
 
 @dataclass(frozen=True, slots=True)

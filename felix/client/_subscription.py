@@ -21,6 +21,7 @@ from types import TracebackType
 from felix import wire
 from felix.client._backoff import Backoff
 from felix.client._connection import Connection, expect_reply
+from felix.client._convert import WireStart
 from felix.client._events import SlowConsumer
 from felix.client._flow import Message, SubscriptionFlow
 from felix.client._links import ClientLink
@@ -63,7 +64,7 @@ class Subscription:
         stream: str,
         namespace: str,
         name: str,
-        start: str | int,
+        start: WireStart,
         credit: int,
     ) -> None:
         self._client = client
@@ -216,7 +217,7 @@ class Subscription:
 
     # -- connection changes (called by the client) ---------------------------------------
 
-    async def _subscribe_on(self, conn: Connection, start: str | int | None = None) -> None:
+    async def _subscribe_on(self, conn: Connection, start: WireStart | None = None) -> None:
         """Register on ``conn`` and SUBSCRIBE from ``start`` (None: the start asked for);
         raise what the broker answers."""
         if start is None:
@@ -269,7 +270,7 @@ class Subscription:
 
     async def _resume_on(self, conn: Connection) -> None:
         backoff = Backoff(base=0.05, cap=2.0)
-        start: str | int = self._start if self._flow.next_offset is None else self._flow.next_offset
+        start: WireStart = self._start if self._flow.next_offset is None else self._flow.next_offset
         while self._state is _State.ACTIVE and conn.alive:
             try:
                 async with asyncio.timeout(self._client.request_timeout):

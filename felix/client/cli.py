@@ -23,12 +23,13 @@ import math
 import os
 import sys
 from collections.abc import Callable, Coroutine, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from felix.client._client import Client
 from felix.client._connect import Connect, connect
-from felix.client._convert import StartSpec
+from felix.client._convert import StartSpec, time_start
 from felix.client._events import ClientEvent, SlowConsumer
 from felix.client._flow import Message
 from felix.errors import ConfigError, FelixTimeoutError
@@ -62,7 +63,12 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
 
     sub = _command(subparsers, "sub", "print a stream's records", common)
     sub.add_argument("stream", metavar="STREAM", help="stream name (ns/name for another namespace)")
-    sub.add_argument("--start", default="latest", help="latest (default), earliest, or an offset")
+    sub.add_argument(
+        "--start",
+        default="latest",
+        help="latest (default), earliest, an offset, or a time: ISO 8601 with a zone "
+        "(2026-01-01T09:30:00Z; a durable stream's records from then on)",
+    )
     sub.add_argument("--count", type=int, metavar="N", help="exit after N records")
     sub.add_argument(
         "--idle", type=float, metavar="SECONDS", help="exit after this long without a record"
@@ -237,7 +243,14 @@ async def _pub(args: argparse.Namespace) -> int:
     finally:
         await client.close()
     if args.json:
-        _print_json({"stream": args.stream, "offset": ack.offset if ack else None})
+        _print_json(
+            {
+                "stream": args.stream,
+                "offset": ack.offset if ack else None,
+                # What the ack promises (memory, written, synced); null without an ack.
+                "durability": ack.durability.value if ack else None,
+            }
+        )
     elif ack is not None:
         print(ack.offset)
     return 0
@@ -251,7 +264,20 @@ def _start(text: str) -> StartSpec:
     try:
         return int(text)
     except ValueError:
-        raise ConfigError(f"--start must be latest, earliest or an offset, not {text!r}") from None
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(
+            f"--start must be latest, earliest, an offset or an ISO 8601 time, not {text!r}"
+        ) from None
+    if when.tzinfo is None:
+        raise ConfigError(
+            f"--start {text}: give the time zone (2026-01-01T09:30:00Z or +02:00), "
+            "a time without one would be a guess"
+        )
+    time_start(when)  # refuses times the wire cannot carry, before connecting
+    return {"time": when}
 
 
 def _print_message(message: Message, as_json: bool) -> None:

@@ -2,7 +2,9 @@
 ``issuer``, ``policy``, ``binding``, ``rbac`` (below), and ``token exchange`` (documented
 with ``felix token``).
 
-Each of the others has ``ls``, ``create NAME``, ``info NAME`` and ``rm NAME``::
+Each of the others has ``ls``, ``create NAME``, ``info NAME`` and ``rm NAME``
+(``stream info NAME --node http://HOST:PORT``, or with ``$FELIX_NODE_URL`` set,
+shows what that node holds of the stream instead: offsets, disk, recovery)::
 
     felix tenant create acme
     felix ns create prod --tenant acme
@@ -57,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -67,6 +70,7 @@ from felix.auth.perms import PermissionSet
 from felix.control.cliargs import add_connection_arguments, open_client
 from felix.control.client import ControlClient
 from felix.control.model import PARENT, Path, Resource, ResourceKind
+from felix.control.nodestatus import fetch_stream_status, status_rows, stream_status_url
 from felix.errors import AlreadyExists, BadRequest, ConfigError, NotFound
 from felix.names import NAME_MAX_CHARS
 from felix.unverified_jwt import read_unverified_claims
@@ -123,6 +127,15 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
 
         info = _command(commands, "info", f"show a {what} and its settings", kind, named=True)
         info.set_defaults(func=_with_client(_info, kind))
+        if kind is ResourceKind.STREAM:
+            info.add_argument(
+                "--node",
+                metavar="URL",
+                help="show what this node holds of the stream instead (offsets, disk, "
+                "recovery), from its health endpoint http://HOST:PORT (default: "
+                "$FELIX_NODE_URL; unset: the control plane's settings)",
+            )
+            info.set_defaults(func=_stream_info)
 
         rm = _command(commands, "rm", f"delete a {what}", kind, named=True)
         if kind in (ResourceKind.TENANT, ResourceKind.NAMESPACE):
@@ -395,6 +408,24 @@ def _info(client: ControlClient, args: argparse.Namespace, kind: ResourceKind) -
         ("updated", res.updated_at.isoformat(timespec="seconds")),
     ]
     _table(rows + [(key, _text(value)) for key, value in _flatten(res.spec)])
+    return 0
+
+
+def _stream_info(args: argparse.Namespace) -> int:
+    """``stream info``: the node's status with ``--node`` (or $FELIX_NODE_URL), else the
+    control plane's resource."""
+    node = args.node or os.environ.get("FELIX_NODE_URL")
+    if not node:
+        return _with_client(_info, ResourceKind.STREAM)(args)
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout must be positive, got {args.timeout}")
+    tenant, namespace, name = _path(args, ResourceKind.STREAM)
+    url = stream_status_url(node, (tenant, namespace, name))
+    status = fetch_stream_status(url, timeout=args.timeout)
+    if args.json:
+        _print_json(status)
+    else:
+        _table(status_rows(status))
     return 0
 
 

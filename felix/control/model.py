@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from felix.auth.oidc import IssuerConfig
 from felix.auth.perms import MAX_PERMISSION_CHARS, MAX_PERMISSIONS, Permission
 from felix.auth.rbac import MAX_SUBJECT_CHARS, RoleBinding
-from felix.errors import BadRequest
+from felix.errors import BadRequest, SettingConflict
 from felix.names import validate_name
 
 
@@ -132,19 +132,68 @@ class QueueDefaults(_Spec):
     dead_letter: bool = True
 
 
+#: fsync values before durable streams, and what store migration 2 renamed them to.
+FSYNC_RENAMED = {"batch": "interval", "always": "commit"}
+
+
 class StreamSpec(_Spec):
-    durable: bool = False
-    retention_age_s: Annotated[float | None, Field(gt=0)] = None
-    retention_bytes: Annotated[int | None, Field(ge=4096, le=1 << 40)] = None
-    # Stored values other than the defaults are refused by felix/control/quotas.py when
-    # a request sets them (not honoured yet); older stored values are still read.
-    fsync: Literal["none", "batch", "always"] = "none"
+    durable: Annotated[
+        bool,
+        Field(description="keep the stream's records in log files on the owning node's disk"),
+    ] = False
+    retention_age_s: Annotated[
+        float | None,
+        Field(gt=0, description="a durable stream drops whole log segments older than this"),
+    ] = None
+    retention_bytes: Annotated[
+        int | None,
+        Field(
+            ge=4096,
+            le=1 << 40,
+            description="caps the replay ring's bytes, and a durable stream's bytes on disk "
+            "(whole sealed segments are dropped)",
+        ),
+    ] = None
+    #: None (or left out): "commit" for a durable stream, "none" otherwise; the stored
+    #: spec always holds the value that applies.
+    fsync: Annotated[
+        Literal["none", "interval", "commit"] | None,
+        Field(
+            description="when a durable stream's appends are fsynced: none (the kernel "
+            "decides; acks say WRITTEN), interval (every fsync_interval_ms; acks say "
+            "WRITTEN), commit (before each publish ack, grouped; acks say SYNCED). "
+            "Default: commit for a durable stream, none otherwise; other than none needs "
+            "durable=true"
+        ),
+    ] = None
+    fsync_interval_ms: Annotated[
+        int, Field(ge=1, le=60_000, description="period of fsync=interval, in milliseconds")
+    ] = 100
     ack_default: Literal["none", "per_message", "per_batch"] = "per_message"
     replay_max_records: Annotated[int, Field(ge=1, le=100_000_000)] = 100_000
     replay_max_bytes: Annotated[int, Field(ge=4096, le=1 << 40)] = 64 * 1024 * 1024
     slow_subscriber_policy: Literal["drop_old", "disconnect", "block"] = "drop_old"
     queue: QueueDefaults = QueueDefaults()
     region: Annotated[str | None, Field(max_length=64)] = None
+
+    @field_validator("fsync", mode="before")
+    @classmethod
+    def _renamed(cls, value: Any) -> Any:
+        if isinstance(value, str) and value in FSYNC_RENAMED:
+            raise ValueError(f"fsync {value!r} is now called {FSYNC_RENAMED[value]!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _fsync_follows_durable(self) -> StreamSpec:
+        if self.fsync is None:
+            return self.model_copy(update={"fsync": "commit" if self.durable else "none"})
+        if self.fsync != "none" and not self.durable:
+            # Raised as is (not a ValueError), so the API answers 409 setting-conflict.
+            raise SettingConflict(
+                f"fsync={self.fsync!r} needs durable=true: an in-memory stream writes "
+                "nothing to disk; set durable=true or fsync='none'"
+            )
+        return self
 
 
 class CacheSpec(_Spec):

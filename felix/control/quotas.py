@@ -1,15 +1,9 @@
-"""What a create or update may ask of a node: budgets within quotas, honoured settings only.
+"""What a create or update may ask of a node: budgets within quotas.
 
 How it works: the API calls :func:`check_write` before it stores a tenant, stream
 or cache (one call in its shared create and update paths). It refuses, with a
 clear 400 (BadRequest):
 
-* settings the node does not honour: ``durable=true`` (streams are in memory),
-  ``fsync`` other than ``"none"`` (nothing of a stream is written to disk),
-  ``retention_age_s`` (retention is by records and bytes). Only what the request
-  *sets* is checked: a resource stored before these were refused keeps its values
-  (the node ignores them and logs so), and an update that leaves them alone is
-  accepted;
 * a stream whose replay ring (``replay_max_bytes``, capped by ``retention_bytes``)
   does not fit what one shard may hold for its tenant: the smaller of the node's
   memory budget and the tenant's memory quota, divided by the shards (a stream
@@ -33,13 +27,19 @@ control plane accepted (felix/shard/tenants.py), so a race between two updates
 here, or a node with a smaller budget than the control plane assumed, costs no
 one else's data.
 
+Settings that contradict each other (``fsync`` other than ``"none"`` on a stream
+that is not durable) are refused by the spec itself (felix/control/model.py) with
+409 SettingConflict; the durable settings (``durable``, ``fsync``,
+``fsync_interval_ms``, ``retention_age_s``) are honoured by the node's shards. A
+durable stream's disk is bounded by the node (``--disk-budget``), not here: its
+memory is still its replay ring (the hot tail), which is what is checked.
+
 A node's embedded control plane knows its :class:`NodeQuotas`; ``felix control``
 on its own checks against the defaults of ``felix up`` (or what it is told).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,16 +47,14 @@ from typing import Any
 from felix.control.model import Path, Resource, ResourceKind, validate_spec
 from felix.control.store import Store
 from felix.errors import BadRequest, PermissionDenied
-from felix.shard.resources import SHARD_MAX_RESOURCES, UNHONOURED
+from felix.shard.resources import SHARD_MAX_RESOURCES
 
 __all__ = [
     "QUOTA_FIELDS",
-    "UNHONOURED",
     "NodeQuotas",
     "check_resource",
     "check_tenant",
     "check_write",
-    "refuse_unhonoured",
 ]
 
 
@@ -95,19 +93,6 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.4g} {unit}"
     return f"{n} bytes"
-
-
-def refuse_unhonoured(kind: ResourceKind, sent: Mapping[str, Any]) -> None:
-    """Refuse settings ``sent`` in a request that the node would not honour."""
-    if kind is not ResourceKind.STREAM:
-        return
-    for name, (allowed, why) in UNHONOURED.items():
-        if name in sent and sent[name] != allowed:
-            raise BadRequest(
-                f"{name}={json.dumps(sent[name])} is not supported: {why}; leave it out or "
-                f"send {name}={json.dumps(allowed)} (docs/operations.md, 'What survives a "
-                "restart')"
-            )
 
 
 def _stream_bytes(spec: Mapping[str, Any]) -> int:
@@ -213,7 +198,6 @@ async def check_write(
     API requires no auth). Raises BadRequest or PermissionDenied; other kinds pass."""
     if kind not in (ResourceKind.TENANT, ResourceKind.STREAM, ResourceKind.CACHE):
         return
-    refuse_unhonoured(kind, sent)
     spec: Mapping[str, Any]
     stored: Mapping[str, Any] = {}
     if update:

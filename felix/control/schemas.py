@@ -48,6 +48,7 @@ from felix.errors import (
     Overloaded,
     PermissionDenied,
     ServerError,
+    SettingConflict,
     TooLarge,
     Unauthenticated,
     Unavailable,
@@ -569,6 +570,14 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
             "Version conflict",
             VersionConflict,
             "If-Match named another version than the stored one: read it again and retry.",
+        ),
+        ProblemType(
+            ErrorCode.SETTING_CONFLICT.slug,
+            409,
+            "Settings conflict",
+            SettingConflict,
+            "Settings contradict each other (such as fsync other than none on a stream "
+            "that is not durable): detail names them; change one of them.",
         ),
         ProblemType(
             "cursor-too-old",

@@ -374,6 +374,13 @@ class Gateway:
         op = frame[wire.HEADER_SIZE]
         if op == wire.OP_EVENTS:
             base, count = events_count(frame)
+            if base > sub.next_offset:
+                # A durable stream read from disk skips offsets that hold no record
+                # (never assigned, or lost unsynced in a crash): a gap, not a loss.
+                gap = base - sub.next_offset
+                sub.gaps += gap
+                self.gap_offsets += gap
+                sub.next_offset = base
             if count and base == sub.next_offset:
                 if sub.v1_offsets is not None:
                     frame = v1.event_batch(frame, sub.v1_offsets)
@@ -387,6 +394,14 @@ class Gateway:
                     return
             else:  # in_future: the stream restarted empty; wait for new records
                 sub.known_tail = sub.next_offset
+        elif op == wire.OP_ERROR:
+            # The stream cannot be read (a durable stream's log is damaged): end the
+            # subscription with the shard's error instead of reading again.
+            err = wire.decode_ext(wire.decode_frame(frame, extensions=True))
+            assert isinstance(err, wire.ErrorReply)
+            sub.conn.end_subscription(sub, err.code, err.message)
+            self._drop_subscription(sub)
+            return
         if sub.wants_read():
             self._read(sub)
         if sub.key in self._block_keys:

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from felix.errors import RemoteProtocolError
 from felix.node import messages as msg
@@ -45,6 +46,8 @@ class Child:
     #: Whether the heartbeat found it silent at the last check (logged once per silence).
     unresponsive: bool = False
     stats: dict[str, int] = field(default_factory=dict)
+    #: Status route requests waiting for this child's answer, by request number.
+    status_waiters: dict[int, asyncio.Future[dict[str, Any] | None]] = field(default_factory=dict)
     #: Gets the control process's answers to feed requests (felix/node/control.py).
     on_feed_event: Callable[[msg.Event], None] | None = None
 
@@ -110,5 +113,9 @@ class Child:
             self.drained.set()
         elif isinstance(event, msg.Stats):
             self.stats = {k: v for k, v in event.counters.items() if isinstance(v, int)}
+        elif isinstance(event, msg.StreamStatusReply):
+            waiter = self.status_waiters.pop(event.request, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(event.status)
         elif self.on_feed_event is not None and isinstance(event, msg.Event):
             self.on_feed_event(event)

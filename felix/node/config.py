@@ -51,6 +51,9 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+#: Smallest --segment-bytes (a segment holds at least a few records of the largest size).
+MIN_SEGMENT_BYTES = 64 * 1024
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
 _SECONDS = {"ms": 0.001, "": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -113,6 +116,18 @@ class NodeConfig:
     tenant_max_resources: int = 10_000
     #: Most streams one shard holds (and entries in its offset reservation file).
     max_streams_per_shard: int = 65_536
+    #: Durable streams (docs/operations.md, "Durable streams"): auto-created streams
+    #: are durable, with this fsync policy and interval.
+    durable_streams: bool = False
+    fsync: str = "commit"
+    fsync_interval_ms: int = 100
+    #: Segment files of durable streams roll at this size.
+    segment_bytes: int = 256 * 1024**2
+    #: Disk for every durable stream of the node (None: no budget); split over the shards.
+    disk_budget: int | None = None
+    #: New durable data is refused while the data disk has less free space than this.
+    disk_reserve: int = 256 * 1024**2
+    max_durable_streams_per_shard: int = 1024
     insecure: bool = False
     auto_create: bool = True
     tls_cert: Path | None = None
@@ -212,6 +227,21 @@ class NodeConfig:
             0 < self.tenant_memory_quota <= self.memory_budget
         ):
             raise ConfigError("--tenant-memory-quota must be in (0, --memory-budget]")
+        if self.fsync not in ("none", "interval", "commit"):
+            raise ConfigError("--fsync must be none, interval or commit")
+        if not 1 <= self.fsync_interval_ms <= 60_000:
+            raise ConfigError("--fsync-interval-ms must be in 1..60000")
+        if self.segment_bytes < MIN_SEGMENT_BYTES:
+            raise ConfigError(f"--segment-bytes must be at least {MIN_SEGMENT_BYTES}")
+        if self.disk_budget is not None and self.disk_budget < self.shards * self.segment_bytes:
+            raise ConfigError(
+                f"--disk-budget {self.disk_budget} is less than one segment "
+                f"({self.segment_bytes} bytes, --segment-bytes) per shard"
+            )
+        if self.disk_reserve < 0 or self.max_durable_streams_per_shard < 1:
+            raise ConfigError(
+                "--disk-reserve must be >= 0 and --max-durable-streams-per-shard >= 1"
+            )
         if self.tenant_max_resources < 1 or self.max_streams_per_shard < 1:
             raise ConfigError("--tenant-max-resources and --max-streams-per-shard must be >= 1")
         # The replay rings and caches of all shards share the memory budget.

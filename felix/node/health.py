@@ -1,6 +1,7 @@
-"""The node's HTTP endpoint: /livez, /readyz and /metrics (Prometheus text format).
+"""The node's HTTP endpoint: /livez, /readyz, /metrics (Prometheus text format) and
+/streams/<tenant>/<namespace>/<stream> (a stream's status as JSON).
 
-A deliberately small HTTP/1.1 responder on asyncio streams: three GET routes,
+A deliberately small HTTP/1.1 responder on asyncio streams: four GET routes,
 bounded request size, one response per connection. /livez never checks
 dependencies (a wedged supervisor cannot answer at all); /readyz is false until
 every shard and gateway is ready, while one is restarting or unresponsive, and
@@ -8,7 +9,9 @@ while draining; its body is ``ready`` or ``not ready`` and then one line per
 problem, e.g. ``shard-1: restart failing (attempt 4): ...`` (the control
 process's problems are listed too, but do not make the node unready: the data
 plane serves without it); /metrics exports
-the counters every child reports each second, labelled by role and index.
+the counters every child reports each second, labelled by role and index; the
+stream route asks the shard owning the stream (durable, fsync, first/next/synced
+offsets, disk bytes, segments, recovery report; 404 when no shard holds it).
 
 Bounds: a request head of :data:`MAX_REQUEST_BYTES` read within
 :data:`READ_TIMEOUT` seconds, and at most :data:`MAX_CONNECTIONS` connections at
@@ -22,12 +25,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
+
+from felix.errors import FelixError
+from felix.names import validate_name
 
 MAX_REQUEST_BYTES = 8192
 READ_TIMEOUT = 5.0
@@ -59,6 +71,12 @@ class NodeView(Protocol):
 
     def supervisor_counters(self) -> list[tuple[str, str, int]]:
         """(metric name, help, value) of the supervisor's own counters."""
+        ...
+
+    async def stream_status(self, key: str) -> dict[str, Any] | None:
+        """The status of stream ``key`` from the shard owning it (None: not held).
+
+        Raises TimeoutError when the shard does not answer."""
         ...
 
 
@@ -109,6 +127,32 @@ _METRICS: dict[str, tuple[str, str, bool]] = {
         "Requests refused for lack of permission",
         True,
     ),
+    "disk_bytes": ("felix_node_disk_bytes", "Bytes of durable stream files held", False),
+    "durable_streams": ("felix_durable_streams", "Durable streams held", False),
+    # Never labelled by stream (no metric names a tenant or resource): the largest
+    # durable stream of the shard; each stream's own size is on /streams/<t>/<ns>/<s>.
+    "stream_disk_max": (
+        "felix_stream_disk_bytes",
+        "Bytes of the largest durable stream's files on the shard",
+        False,
+    ),
+    "torn_bytes": (
+        "felix_log_torn_bytes",
+        "Bytes of torn records cut from active segments at recovery",
+        True,
+    ),
+    "damaged_streams": (
+        "felix_log_damaged_streams",
+        "Durable streams refused because their log is damaged",
+        False,
+    ),
+    "fsync_acks": ("felix_fsync_acks", "Commit acks released by fsyncs (group commit)", True),
+    "disk_reads": ("felix_disk_reads", "READs served from durable stream files", True),
+    "disk_refused": (
+        "felix_disk_refused",
+        "Durable writes or streams refused at the disk budget, reserve or stream cap",
+        True,
+    ),
     "connections": ("felix_connections", "Open client connections", False),
     "streams": ("felix_streams", "Streams held", False),
     "caches": ("felix_caches", "Cache partitions held", False),
@@ -133,6 +177,16 @@ class _ChildStats(Collector):
                     cls = CounterMetricFamily if counter else GaugeMetricFamily
                     family = families[name] = cls(name, help_text, labels=["role", "index"])
                 family.add_metric([child.role, str(child.index)], value)
+        fsync = SummaryMetricFamily(
+            "felix_fsync_seconds", "fsyncs of durable streams", labels=["role", "index"]
+        )
+        for child in self._node.children:
+            stats = child.stats
+            if "fsyncs" in stats:
+                fsync.add_metric(
+                    [child.role, str(child.index)], stats["fsyncs"], stats.get("fsync_us", 0) / 1e6
+                )
+        yield fsync
         restarts = CounterMetricFamily(
             "felix_process_restarts", "Child restarts", labels=["role", "index"]
         )
@@ -198,7 +252,11 @@ class HealthServer:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
             self._waiting.pop(writer, None)
             method, path, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
-            status, ctype, body = self._route(method, path.split("?", 1)[0])
+            path = path.split("?", 1)[0]
+            if method == "GET" and path.startswith("/streams/"):
+                status, ctype, body = await self._stream(path)
+            else:
+                status, ctype, body = self._route(method, path)
         except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, TimeoutError, ValueError):
             status, ctype, body = "400 Bad Request", "text/plain", b"bad request\n"
         except ConnectionError:
@@ -212,6 +270,30 @@ class HealthServer:
         )
         with contextlib.suppress(Exception):
             await writer.drain()
+
+    async def _stream(self, path: str) -> tuple[str, str, bytes]:
+        parts = path.removeprefix("/streams/").split("/")
+        try:
+            if len(parts) != 3:
+                raise FelixError("the route is /streams/<tenant>/<namespace>/<stream>")
+            for kind, name in zip(("tenant", "namespace", "stream"), parts, strict=True):
+                validate_name(kind, name)
+        except FelixError as exc:
+            return "400 Bad Request", "text/plain", f"{exc}\n".encode()
+        key = "/".join(parts)
+        try:
+            status = await self._node.stream_status(key)
+        except TimeoutError as exc:
+            text = f"the shard owning {key} did not answer: {exc}\n"
+            return "503 Service Unavailable", "text/plain", text.encode()
+        if status is None:
+            return (
+                "404 Not Found",
+                "text/plain",
+                f"stream {key} is not held by this node\n".encode(),
+            )
+        body = json.dumps({"stream": key, **status}, sort_keys=True).encode() + b"\n"
+        return "200 OK", "application/json", body
 
     def _route(self, method: str, path: str) -> tuple[str, str, bytes]:
         if method != "GET":

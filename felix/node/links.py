@@ -74,6 +74,9 @@ class LocalShards:
         self._flush_scheduled = False
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        #: Called with a core's index before its records are flushed (the worker starts
+        #: the core's disk work there: fsyncs, disk reads).
+        self.before_flush: Callable[[int], None] | None = None
 
     @property
     def shards(self) -> int:
@@ -110,6 +113,8 @@ class LocalShards:
         if self._deliver is None or self._closed:
             return
         for index, core in enumerate(self._cores):
+            if self.before_flush is not None:
+                self.before_flush(index)
             records = core.flush().get(self._gateway)
             if records:
                 self._deliver(index, records)

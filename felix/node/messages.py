@@ -113,6 +113,15 @@ class ChangesRequest(_Message):
     wait: float
 
 
+@dataclass(frozen=True, slots=True)
+class StreamStatusRequest(_Message):
+    """To the shard owning stream ``key``: answer :class:`StreamStatusReply` (status route)."""
+
+    TYPE: ClassVar[str] = "stream_status"
+    request: int
+    key: str
+
+
 # -- child to supervisor ------------------------------------------------------------------
 
 
@@ -183,10 +192,37 @@ class FeedFailed(_Message):
     cursor_too_old: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class StreamStatusReply(_Message):
+    """From a shard: the JSON of the status route for the stream asked (None: not held)."""
+
+    TYPE: ClassVar[str] = "stream_status_reply"
+    request: int
+    status: dict[str, Any] | None = None
+
+
 Command = (
-    ShardDown | ShardUp | Quiesce | Drain | ApplyResource | Ping | SnapshotRequest | ChangesRequest
+    ShardDown
+    | ShardUp
+    | Quiesce
+    | Drain
+    | ApplyResource
+    | Ping
+    | SnapshotRequest
+    | ChangesRequest
+    | StreamStatusRequest
 )
-Event = Ready | Quiesced | Drained | Stats | Pong | SnapshotPart | ChangesReply | FeedFailed
+Event = (
+    Ready
+    | Quiesced
+    | Drained
+    | Stats
+    | Pong
+    | SnapshotPart
+    | ChangesReply
+    | FeedFailed
+    | StreamStatusReply
+)
 Message = Command | Event
 
 _TYPES: dict[str, type[Any]] = {
@@ -208,6 +244,8 @@ _TYPES: dict[str, type[Any]] = {
         SnapshotPart,
         ChangesReply,
         FeedFailed,
+        StreamStatusRequest,
+        StreamStatusReply,
     )
 }
 #: Field name -> the JSON types its value may have (ints are accepted as floats).
@@ -232,6 +270,8 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "done": (bool,),
     "error": (str,),
     "cursor_too_old": (bool,),
+    "key": (str,),
+    "status": (dict, type(None)),
 }
 
 
@@ -296,6 +336,8 @@ __all__ = [
     "SnapshotPart",
     "SnapshotRequest",
     "Stats",
+    "StreamStatusReply",
+    "StreamStatusRequest",
     "decode",
     "encode",
 ]

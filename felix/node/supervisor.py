@@ -42,6 +42,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from felix import ipc
 from felix.auth.rotation import KeyRotator, RotationPolicy
 from felix.node import messages as msg
 from felix.node.children import Child
@@ -61,6 +62,9 @@ from felix.tls import node_certificates
 log = logging.getLogger("felix.supervisor")
 
 READY_TIMEOUT = 30.0
+#: How long the status route waits for a shard's answer, and how many may wait at once.
+STATUS_TIMEOUT = 2.0
+MAX_STATUS_WAITERS = 64
 #: How long a node following a remote control plane waits for the tenants' keys.
 JWKS_READY_TIMEOUT = 10.0
 
@@ -101,6 +105,7 @@ class Supervisor:
         self._key_tasks: list[asyncio.Task[None]] = []
         self.port = 0
         self.ca_path: Path | None = None
+        self._status_requests = 0
 
     def _child(self, role: str, index: int) -> Child:
         timeout = self.config.heartbeat_timeout
@@ -613,6 +618,29 @@ class Supervisor:
             self._lock.release()
 
     # -- reporting --------------------------------------------------------------------------
+
+    async def stream_status(self, key: str) -> dict[str, Any] | None:
+        """Ask the shard owning stream ``key`` for its status (the health port's
+        ``/streams/...`` route). None: the shard does not hold it.
+
+        Raises:
+            TimeoutError: the shard did not answer within STATUS_TIMEOUT seconds.
+        """
+        shard = ipc.shard_for(key, self.config.shards)
+        # With embedded shards the gateway hosting the cores answers for them.
+        child = self.gateways[0] if self.config.embedded_shards else self.shards[shard]
+        if len(child.status_waiters) >= MAX_STATUS_WAITERS:
+            raise TimeoutError("too many status requests in flight")
+        self._status_requests += 1
+        request = self._status_requests
+        waiter: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+        child.status_waiters[request] = waiter
+        try:
+            if not child.send(msg.StreamStatusRequest(request, key)):
+                raise TimeoutError(f"{child.name} is not running")
+            return await asyncio.wait_for(waiter, STATUS_TIMEOUT)
+        finally:
+            child.status_waiters.pop(request, None)
 
     def node_info(self) -> dict[str, Any]:
         host = self.config.listen[0]

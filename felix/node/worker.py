@@ -29,8 +29,9 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvloop
 
@@ -43,12 +44,19 @@ from felix.gateway.links import ShardLinks
 from felix.ipc import RecordType
 from felix.node import messages as msg
 from felix.node.config import NodeConfig
+from felix.node.disk_io import DiskIO
 from felix.node.links import SWEEP_INTERVAL, LocalShards, RingLinks
 from felix.quic import load_engine, load_reset_key, serve_on_socket
 from felix.ring import Ring, RingReader
 from felix.shard.core import ShardCore, ShardSettings
+from felix.shard.durable import DiskSettings, DurableSettings, DurableStore
 from felix.shard.offsets import OffsetReservations
-from felix.shard.resources import cache_settings, stream_settings, tenant_quota, unsupported
+from felix.shard.resources import (
+    cache_settings,
+    durable_settings,
+    stream_settings,
+    tenant_quota,
+)
 from felix.tls import node_certificates
 
 log = logging.getLogger("felix.node")
@@ -57,6 +65,11 @@ SPEC_ENV = "FELIX_CHILD_SPEC"
 STATS_INTERVAL = 1.0
 #: linux/prctl.h: the signal the kernel sends this process when its parent dies.
 _PR_SET_PDEATHSIG = 1
+#: Fault injection for tests: while the file this names exists, every fsync of a
+#: durable stream fails with EIO (docs/operations.md, "Durable streams").
+FSYNC_FAULT_ENV = "FELIX_FAULT_FSYNC_FILE"
+#: Exit status of a shard whose fsync failed (the supervisor restarts it).
+EXIT_FSYNC_FAILED = 75
 #: Records a shard holds for a gateway whose ring is full; pushes beyond it are dropped
 #: (subscribers notice the gap and READ), replies are bounded by the gateway's in-flight cap.
 MAX_OVERFLOW_PUSHES = 10_000
@@ -164,7 +177,74 @@ def new_shard_core(config: NodeConfig, index: int) -> ShardCore:
         tenant_quota=tenant_quota({}, config.tenant_defaults, config.shards),
     )
     path = config.data_dir / f"shard-{index}.offsets"
-    return ShardCore(settings, OffsetReservations(path, max_entries=config.max_streams_per_shard))
+    offsets = OffsetReservations(path, max_entries=config.max_streams_per_shard)
+    auto = None
+    if config.durable_streams:
+        auto = DurableSettings(fsync=config.fsync, fsync_interval_ms=config.fsync_interval_ms)  # type: ignore[arg-type]
+    disk = DurableStore(
+        DiskSettings(
+            root=config.data_dir / "streams",
+            segment_bytes=config.segment_bytes,
+            budget_bytes=None
+            if config.disk_budget is None
+            else config.disk_budget // config.shards,
+            reserve_bytes=config.disk_reserve,
+            max_streams=config.max_durable_streams_per_shard,
+            auto=auto,
+        ),
+        shard=index,
+        shards=config.shards,
+    )
+    core = ShardCore(settings, offsets, disk)
+    opened = core.open_durable()
+    if opened:
+        log.info(
+            "shard %d: opened %d durable streams (%d damaged, %d torn bytes cut)",
+            index,
+            opened,
+            disk.damaged,
+            disk.torn_bytes,
+        )
+    return core
+
+
+def _sum_stats(parts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for part in parts:
+        for key, value in part.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def fsync_fault_file() -> Path | None:
+    value = os.environ.get(FSYNC_FAULT_ENV)
+    return Path(value) if value else None
+
+
+def _fsync_failed(why: str) -> None:
+    """An fsync failed: exit now, before anything else is acknowledged (never retried)."""
+    log.critical("%s: exiting so the supervisor restarts this shard from disk", why)
+    logging.shutdown()
+    os._exit(EXIT_FSYNC_FAILED)
+
+
+def durable_stats(core: ShardCore) -> dict[str, int]:
+    """A shard core's durable-stream counters for /metrics."""
+    disk = core.disk
+    if disk is None:
+        return {}
+    return {
+        "disk_bytes": disk.disk_used,
+        "stream_disk_max": disk.largest(),
+        "durable_streams": len(disk.streams),
+        "fsyncs": disk.fsyncs,
+        "fsync_us": disk.fsync_us,
+        "fsync_acks": disk.fsync_acks,
+        "torn_bytes": disk.torn_bytes,
+        "damaged_streams": disk.damaged,
+        "disk_reads": disk.disk_reads,
+        "disk_refused": disk.refused,
+    }
 
 
 async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
@@ -200,11 +280,14 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
             # The gateway is behind: try again shortly (it frees space as it reads).
             retry[0] = loop.call_later(0.001, send_out)
 
+    disk_io = DiskIO(core, send_out, _fsync_failed, fault_file=fsync_fault_file())
+
     def on_batch(gateway: int, views: list[memoryview]) -> None:
         now = time.monotonic()
         for view in views:
             core.handle(gateway, view, now)
         stats["requests"] += len(views)
+        disk_io.kick()
         send_out()
 
     readers = [RingReader(ring, functools.partial(on_batch, g)) for g, ring in enumerate(inbound)]
@@ -220,6 +303,9 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
     def on_command(cmd: msg.Command) -> None:
         if isinstance(cmd, msg.ApplyResource):
             apply_resource(core, config, cmd, send_out)
+            disk_io.kick()
+        elif isinstance(cmd, msg.StreamStatusRequest):
+            control.send(msg.StreamStatusReply(cmd.request, core.stream_status(cmd.key)))
 
     await serve_commands(
         control,
@@ -234,12 +320,14 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
             "quota_trims": core.quota_trims,
             "trimmed_bytes": core.trimmed_bytes,
             "caches": core.caches,
+            **durable_stats(core),
         },
         on_command,
     )
     for r in readers:
         r.stop()
     await asyncio.gather(*tasks, return_exceptions=True)
+    disk_io.close()
 
 
 def apply_resource(
@@ -256,9 +344,9 @@ def apply_resource(
     try:
         if cmd.op == "define" and kind == "stream":
             key = ipc.stream_key(*path)
-            for what in unsupported(spec):
-                log.warning("stream %s: %s is stored but not honoured", key, what)
-            core.define_stream(key, stream_settings(spec, config.stream_defaults))
+            core.define_stream(
+                key, stream_settings(spec, config.stream_defaults), durable_settings(spec)
+            )
         elif cmd.op == "define" and kind == "cache":
             core.define_cache(path, cache_settings(spec, config.cache_defaults, config.shards))
         elif cmd.op == "delete" and kind == "stream":
@@ -287,12 +375,16 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
     config = spec.config
     links: ShardLinks
     cores: list[ShardCore] = []
+    disk_ios: list[DiskIO] = []
     if config.embedded_shards:
         # The knob for one-core machines and latency experiments: the shard cores live
         # in this process and requests skip the ring hop (and its wake-up).
         cores = [new_shard_core(config, i) for i in range(config.shards)]
         local = LocalShards(cores)
         links = local
+        fault = fsync_fault_file()
+        disk_ios = [DiskIO(c, local.flush_soon, _fsync_failed, fault_file=fault) for c in cores]
+        local.before_flush = lambda index: disk_ios[index].kick()
     else:
         outbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.outbound]
         inbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.inbound]
@@ -333,6 +425,11 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
         if isinstance(cmd, msg.ApplyResource):
             if cores:
                 apply_resource(cores[cmd.shard], config, cmd, local.flush_soon)
+        elif isinstance(cmd, msg.StreamStatusRequest):
+            status = None
+            if cores:
+                status = cores[ipc.shard_for(cmd.key, len(cores))].stream_status(cmd.key)
+            control.send(msg.StreamStatusReply(cmd.request, status))
         elif isinstance(cmd, msg.ShardDown):
             gateway.shard_down(cmd.shard)
         elif isinstance(cmd, msg.ShardUp):
@@ -366,9 +463,15 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
             "deferred_unwatches": gateway.deferred_unwatches,
         }
 
-    await serve_commands(control, stats, on_command)
+    await serve_commands(
+        control,
+        lambda: {**stats(), **_sum_stats(durable_stats(c) for c in cores)},
+        on_command,
+    )
     server.close()
     links.close()
+    for disk_io in disk_ios:
+        disk_io.close()
 
 
 async def serve_commands(

@@ -25,8 +25,15 @@ defines it again.
 Memory is charged to tenants as used (felix/shard/tenants.py): a tenant over its
 quota trims its own data, a shard over its budget trims the biggest tenants.
 
+Durable streams (felix/shard/durable.py) write each publish to their disk log before
+it is visible in memory; a ``commit`` ack is held until the I/O driver reports an
+fsync covering it (:meth:`ShardCore.sync_done`), and a READ below the in-memory hot
+tail becomes a disk read job answered by :meth:`ShardCore.read_done`.
+
 Nothing here reads the clock or does I/O, except the offset reservations, which
-write one small file when a stream crosses its reserved block (felix/shard/offsets.py).
+write one small file when a stream crosses its reserved block (felix/shard/offsets.py),
+and the disk logs' appends, opens and deletes (the wall clock for record timestamps
+is passed in as ``wall_us``).
 """
 
 from __future__ import annotations
@@ -34,15 +41,26 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from felix import ipc, wire
-from felix.errors import BadRequest, CursorError, FelixError, NotFound, Overloaded, ServerError
+from felix.errors import (
+    BadRequest,
+    CursorError,
+    FelixError,
+    NotFound,
+    Overloaded,
+    ServerError,
+    Unavailable,
+)
 from felix.ipc import RecordType
 from felix.names import validate_name
 from felix.shard.cache import CachePartition, CacheSettings
+from felix.shard.disk_read import ReadJob, durable_start
+from felix.shard.durable import DurableSettings, DurableStore, DurableStream
 from felix.shard.offsets import OffsetReservations
 from felix.shard.resources import SHARD_MAX_RESOURCES, cache_settings
 from felix.shard.stream_log import StreamLog, StreamSettings
@@ -56,7 +74,12 @@ MAX_READ_RECORDS = 4096
 MAX_READ_BYTES = 1024 * 1024
 
 
-#: Slow-subscriber policies as the aux of a SUBSCRIBED reply record.
+# A publish whose ack waits for an fsync: _request sends nothing now.
+_DEFERRED = b""
+
+
+def _wall_us() -> int:
+    return time.time_ns() // 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +109,7 @@ class ShardSettings:
 class _Stream:
     __slots__ = (
         "cursors",
+        "disk",
         "key",
         "log",
         "pending_base",
@@ -104,6 +128,8 @@ class _Stream:
         # Records appended in the current batch and not yet pushed.
         self.pending_base = 0
         self.pending_count = 0
+        #: The disk log of a durable stream (None: in memory only).
+        self.disk: DurableStream | None = None
 
     @property
     def held_bytes(self) -> int:
@@ -119,14 +145,28 @@ class ShardCore:
     """One shard's streams and caches, fed ring records and ``now``.
 
     ``offsets`` keeps stream offsets monotonic across restarts (None: start at 0,
-    for tests). Errors in a request become ERROR replies with the request's id; a
+    for tests). ``disk`` keeps durable streams (None: every stream is in memory);
+    ``wall_us`` is the wall clock records are stamped with (microseconds; durable
+    streams only). Errors in a request become ERROR replies with the request's id; a
     malformed record is logged and dropped. Nothing a gateway sends can raise out
     of :meth:`handle`.
     """
 
-    def __init__(self, settings: ShardSettings, offsets: OffsetReservations | None = None) -> None:
+    def __init__(
+        self,
+        settings: ShardSettings,
+        offsets: OffsetReservations | None = None,
+        disk: DurableStore | None = None,
+        wall_us: Callable[[], int] = _wall_us,
+    ) -> None:
         self.settings = settings
         self._offsets = offsets
+        #: Durable streams of this shard (None: the node keeps no data on disk).
+        self.disk = disk
+        self._wall_us = wall_us
+        # Where the request being handled came from (for acks that wait for an fsync).
+        self._gateway = 0
+        self._token = 0
         if offsets is not None:
             # Entries of streams not in memory may be folded into the floor when full.
             offsets.in_use = self._streams_contains
@@ -249,7 +289,10 @@ class ShardCore:
                 raise
             reply = wire.encode_error(prefix[1], BadRequest.code, str(exc))
         else:
+            self._gateway, self._token = gateway, token
             reply = self._dispatch(msg, now)
+            if reply is _DEFERRED:
+                return  # a commit ack: sent by sync_done once an fsync covers it
             if isinstance(msg, wire.Subscribe) and reply[wire.HEADER_SIZE] == wire.OP_SUBSCRIBED:
                 # The gateway now has a subscriber here: send it this stream's live records,
                 # and tell it the stream's slow-subscriber policy (in the record's aux).
@@ -459,8 +502,14 @@ class ShardCore:
 
     # streams
 
-    def _create_stream(self, key: str, *, force: bool = False) -> _Stream:
-        """Create the stream ``key`` (a write, or a control-plane definition with ``force``)."""
+    def _create_stream(
+        self, key: str, *, force: bool = False, durable: DurableSettings | None = None
+    ) -> _Stream:
+        """Create the stream ``key`` (a write, or a control-plane definition with ``force``).
+
+        ``durable``: keep it on disk with these settings; otherwise it is durable when the
+        node makes auto-created streams durable (``DiskSettings.auto``).
+        """
         names = tuple(key.split("/"))
         if len(names) != 3:
             raise BadRequest(f"bad stream key {key!r}")
@@ -468,15 +517,29 @@ class ShardCore:
         if waiting is not None:
             # The watch becomes the stream: it stops counting as a resource of its own.
             self._tenants[names[0]].resources -= 1
+        first = self._offsets.start_offset(key) if self._offsets is not None else 0
+        store = self.disk
+        if durable is None and store is not None and not force:
+            durable = store.settings.auto  # --durable-streams: auto-created streams
+        disk = None
         try:
             usage = self._admit("stream", key, names, force=force)
+            if store is not None and durable is not None:
+                try:
+                    disk = store.open(key, durable, first)
+                except FelixError:
+                    self._release(usage, key)
+                    raise
         except FelixError:
             if waiting is not None:
                 self._waiting[key] = waiting
                 self._tenants[names[0]].resources += 1
             raise
-        first = self._offsets.start_offset(key) if self._offsets is not None else 0
+        if disk is not None and disk.damaged is None:
+            # Offsets continue above everything on disk and everything reserved.
+            first = max(first, disk.log.next_offset)
         stream = _Stream(key, StreamLog(self.settings.stream_defaults, first_offset=first), usage)
+        stream.disk = disk
         self._streams[key] = stream
         usage.holdings[key] = stream
         self._tombstones.pop(key, None)
@@ -492,6 +555,8 @@ class ShardCore:
             stream = self._create_stream(key)
         if not msg.payloads:
             raise BadRequest("a publish needs at least one record")
+        if stream.disk is not None:
+            return self._publish_durable(stream, stream.disk, msg, now)
         if stream.cursors and stream.log.settings.slow_subscriber_policy == "block":
             needed = min(stream.cursors.values())
             if stream.log.earliest_after(msg.payloads, msg.headers) > needed:
@@ -521,6 +586,48 @@ class ShardCore:
             return wire.encode_ok(msg.request_id)
         return wire.encode_publish_offsets(msg.request_id, base, count)
 
+    def _publish_durable(
+        self, stream: _Stream, disk: DurableStream, msg: wire.Publish, now: float
+    ) -> bytes:
+        """Disk first (one write), then the hot tail in memory; the ack per fsync policy.
+
+        The block policy does not apply: a subscriber that falls behind reads from disk.
+        """
+        store = self.disk
+        assert store is not None
+        payloads, headers = msg.payloads, msg.headers
+        log_ = stream.log
+        nbytes = log_.validate(payloads, headers)
+        store.check_room(disk, nbytes)
+        base = log_.next_offset
+        count = len(payloads)
+        if self._offsets is not None:
+            self._offsets.ensure(stream.key, base + count)
+        store.append(disk, base, payloads, headers, self._wall_us(), now)
+        before = log_.retained_bytes
+        log_.append(payloads, headers)
+        self.published += count
+        usage = stream.tenant
+        delta = log_.retained_bytes - before
+        usage.memory += delta
+        self._memory += delta
+        if usage.memory > usage.quota.memory_bytes or self._memory > self.settings.memory_budget:
+            self._enforce(usage)  # trims only the hot tail: the records stay on disk
+        if stream.watchers:
+            if not stream.pending_count:
+                stream.pending_base = base
+                self._dirty.append(stream)
+            stream.pending_count += count
+        if msg.ack == wire.ACK_NONE:
+            return wire.encode_ok(msg.request_id)
+        reply = wire.encode_publish_offsets(
+            msg.request_id, base, count, durability=disk.settings.durability
+        )
+        if disk.settings.fsync == "commit" and disk.synced < base + count:
+            store.wait_sync(disk, base + count, self._gateway, self._token, msg.request_id, reply)
+            return _DEFERRED
+        return reply
+
     @property
     def memory_used(self) -> int:
         """Accounted bytes in replay rings and caches (charged as used)."""
@@ -534,14 +641,23 @@ class ShardCore:
     def _subscribe(self, msg: wire.Subscribe) -> bytes:
         key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
         stream = self._streams.get(key)
+        at = msg.start
         if stream is not None:
-            start = stream.log.resolve_start(msg.start)
+            if stream.disk is not None:
+                start = durable_start(stream.disk, stream.log, at)
+            elif isinstance(at, wire.StartAtTime):
+                raise BadRequest(
+                    f"stream {key} is held in memory only: its records carry no timestamps, "
+                    "so a subscription cannot start at a time (define it durable)"
+                )
+            else:
+                start = stream.log.resolve_start(at)
         else:
             # Not created yet: a read creates nothing. Start where its first record will
             # be, and remember the watch (the caller adds the gateway right away).
             first = self._offsets.start_offset(key) if self._offsets is not None else 0
             start = StreamLog(self.settings.stream_defaults, first_offset=first).resolve_start(
-                msg.start
+                "earliest" if isinstance(at, wire.StartAtTime) else at
             )
             if key not in self._waiting:
                 self._admit("stream", key, (msg.tenant_id, msg.namespace, msg.stream))
@@ -558,7 +674,26 @@ class ShardCore:
         else:
             log_ = stream.log
             tail = log_.next_offset
-            if from_offset < log_.earliest:
+            disk = stream.disk
+            if disk is not None and from_offset < log_.earliest:
+                # Below the hot tail: from disk, in a reader thread (read_done answers).
+                if disk.damaged is not None:
+                    frame = wire.encode_error(0, Unavailable.code, disk.damaged)
+                elif from_offset < min(disk.low(), log_.earliest):
+                    low = min(disk.low(), log_.earliest)
+                    frame = wire.encode_cursor_error(0, "too_old", from_offset, low)
+                else:
+                    assert self.disk is not None
+                    self.disk.read(
+                        disk,
+                        gateway,
+                        token,
+                        from_offset,
+                        min(max_records, MAX_READ_RECORDS) or 1,
+                        min(max_bytes, MAX_READ_BYTES) or 1,
+                    )
+                    return
+            elif from_offset < log_.earliest:
                 frame = wire.encode_cursor_error(0, "too_old", from_offset, log_.earliest)
             elif from_offset > tail:
                 frame = wire.encode_cursor_error(0, "in_future", from_offset, tail)
@@ -645,11 +780,32 @@ class ShardCore:
             usage.quota = quota or self.settings.tenant_quota
             self._enforce(usage)
 
-    def define_stream(self, key: str, settings: StreamSettings) -> None:
-        """Create the stream with ``settings``, or apply them to the existing stream."""
+    def define_stream(
+        self, key: str, settings: StreamSettings, durable: DurableSettings | None = None
+    ) -> None:
+        """Create the stream with ``settings``, or apply them to the existing stream.
+
+        ``durable``: keep it on disk with these settings. An in-memory stream defined
+        durable writes to disk from its next record on; a durable stream stays durable
+        (its files are only deleted with the stream).
+        """
         stream = self._streams.get(key)
+        if durable is not None and self.disk is None:
+            raise Unavailable(f"stream {key} is durable but this shard keeps no data on disk")
         if stream is None:
-            stream = self._create_stream(key, force=True)
+            stream = self._create_stream(key, force=True, durable=durable)
+        elif durable is not None and self.disk is not None:
+            if stream.disk is None:
+                stream.disk = self.disk.open(key, durable, stream.log.next_offset)
+            else:
+                self.disk.reconfigure(stream.disk, durable)
+        elif stream.disk is not None:
+            log.warning(
+                "shard %d: stream %s is defined in memory but has a log on disk: it stays "
+                "durable (delete and create it to drop its records)",
+                self.settings.index,
+                key,
+            )
         before = stream.log.retained_bytes
         stream.log.reconfigure(settings)
         self._charge(stream.tenant, stream.log.retained_bytes - before)
@@ -674,6 +830,12 @@ class ShardCore:
             return False
         self._charge(stream.tenant, -stream.log.retained_bytes)
         self._release(stream.tenant, key)
+        if stream.disk is not None and self.disk is not None:
+            for _end, gateway, token, request_id, _reply in self.disk.remove(key):
+                error = wire.encode_error(
+                    request_id, NotFound.code, f"stream {key} was deleted before an fsync"
+                )
+                self._emit(gateway, ipc.encode(RecordType.REPLY, token, 0, error))
         if self._offsets is not None:
             # Keep a re-created stream's offsets above everything this one issued.
             self._offsets.remove(key, stream.log.next_offset)
@@ -704,6 +866,89 @@ class ShardCore:
         self._charge(usage, -cache.used_bytes)
         self._release(usage, scope)
         return True
+
+    # -- durable streams: startup and the I/O driver's reports ------------------------
+
+    def open_durable(self) -> int:
+        """Open every durable stream this shard owns on disk (at start); returns how many.
+
+        Streams come back with the node's settings for durable streams until the control
+        plane defines them again. A damaged log refuses its stream, not the shard.
+        """
+        store = self.disk
+        if store is None:
+            return 0
+        opened = 0
+        for key in store.discover():
+            if key in self._streams:
+                continue
+            try:
+                self._create_stream(
+                    key, force=True, durable=store.settings.auto or DurableSettings()
+                )
+            except FelixError as exc:
+                log.error(
+                    "shard %d: cannot open durable stream %s: %s", self.settings.index, key, exc
+                )
+                continue
+            opened += 1
+        return opened
+
+    def sync_done(self, disk: DurableStream, synced_offset: int, seconds: float) -> None:
+        """An fsync of ``disk`` covered offsets below ``synced_offset``: send the acks."""
+        assert self.disk is not None
+        for _end, gateway, token, _rid, reply in self.disk.synced(disk, synced_offset, seconds):
+            self._emit(gateway, ipc.encode(RecordType.REPLY, token, 0, reply))
+
+    def sync_failed(self, disk: DurableStream, exc: BaseException) -> None:
+        """An fsync failed: no ack is sent any more (:attr:`fatal`; the worker exits)."""
+        assert self.disk is not None
+        self.disk.sync_failed(disk, exc)
+        if self.disk.fatal is not None:
+            log.critical("shard %d: %s; no further acks", self.settings.index, self.disk.fatal)
+
+    @property
+    def fatal(self) -> str | None:
+        """Why this shard must stop (an fsync failed), or None."""
+        return None if self.disk is None else self.disk.fatal
+
+    def read_done(self, job: ReadJob) -> None:
+        """A disk read finished (in a reader thread): answer the gateway's READ."""
+        stream = self._streams.get(job.key)
+        if stream is None or stream.disk is not job.disk:
+            # Deleted (or re-created) meanwhile: nothing to read here.
+            frame = wire.encode_events(job.from_offset, [])
+            tail = job.from_offset
+        else:
+            frame = job.reply(stream.log, self.settings.index)
+            tail = stream.log.next_offset
+        self._emit(job.gateway, ipc.encode(RecordType.READ_REPLY, job.token, tail, frame))
+
+    def disk_sweep(self) -> int:
+        """Housekeeping of durable streams (about once a second, by the I/O driver):
+        measure free disk space for the reserve, apply retention; returns bytes freed."""
+        if self.disk is None:
+            return 0
+        self.disk.refresh_free()
+        return self.disk.enforce_retention(self._wall_us())
+
+    def stream_status(self, key: str) -> dict[str, object] | None:
+        """The node status route's JSON for stream ``key`` (None: not held here)."""
+        stream = self._streams.get(key)
+        if stream is None:
+            return None
+        log_ = stream.log
+        memory: dict[str, object] = {
+            "earliest": log_.earliest,
+            "next_offset": log_.next_offset,
+            "retained_records": log_.retained_records,
+            "retained_bytes": log_.retained_bytes,
+        }
+        if stream.disk is None or self.disk is None:
+            return {"durable": False, "fsync": "none", "memory": memory}
+        status = self.disk.status(key) or {}
+        status["memory"] = memory
+        return status
 
     # -- introspection (metrics, tests) ----------------------------------------------
 

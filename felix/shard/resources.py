@@ -1,20 +1,18 @@
 """Control-plane resource specs as the settings a shard applies.
 
 The control plane stores specs as plain JSON (felix/control/model.py); a shard
-turns them into :class:`StreamSettings` and :class:`CacheSettings` here, against
-the node's defaults, and a tenant's quotas into its :class:`TenantQuota` on one
-shard. Settings a shard does not act on (durability, retention by age, fsync,
-queue defaults) are refused by the control plane when a create or update sets
-them (felix/control/quotas.py); resources stored before that was so may still
-carry them, and ``unsupported`` names them so the node can say so in its log.
+turns them into :class:`StreamSettings` (the in-memory part of a stream),
+:class:`DurableSettings` (a durable stream's fsync policy and retention) and
+:class:`CacheSettings` here, against the node's defaults, and a tenant's quotas
+into its :class:`TenantQuota` on one shard.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from felix.shard.cache import CacheSettings
+from felix.shard.durable import DurableSettings
 from felix.shard.stream_log import RECORD_OVERHEAD, StreamSettings
 from felix.shard.tenants import TenantQuota
 
@@ -22,11 +20,12 @@ from felix.shard.tenants import TenantQuota
 #: whatever its tenants' quotas (ShardSettings.max_resources; docs/operations.md, limits).
 SHARD_MAX_RESOURCES = 100_000
 
-log = logging.getLogger("felix.shard")
-
 
 def stream_settings(spec: dict[str, Any], defaults: StreamSettings) -> StreamSettings:
+    """The in-memory part of a stream (for a durable stream: its hot tail)."""
     replay_bytes = int(spec.get("replay_max_bytes", defaults.replay_max_bytes))
+    # retention_bytes caps the ring, and for a durable stream also its files (the hot
+    # tail never holds more than the disk keeps; the control plane checks budgets so).
     if spec.get("retention_bytes"):
         replay_bytes = min(replay_bytes, int(spec["retention_bytes"]))
     return StreamSettings(
@@ -34,6 +33,31 @@ def stream_settings(spec: dict[str, Any], defaults: StreamSettings) -> StreamSet
         replay_max_bytes=replay_bytes,
         max_record_bytes=min(defaults.max_record_bytes, replay_bytes - RECORD_OVERHEAD),
         slow_subscriber_policy=spec.get("slow_subscriber_policy", defaults.slow_subscriber_policy),
+    )
+
+
+#: Stored fsync names from before they were reconciled (store migration v2 rewrites them;
+#: a node following an older control plane may still be sent them).
+_LEGACY_FSYNC = {"batch": "interval", "always": "commit"}
+
+
+def durable_settings(spec: dict[str, Any]) -> DurableSettings | None:
+    """The disk settings of a stream spec with ``durable`` true (None: in memory only).
+
+    A spec without an fsync policy gets ``commit`` (the control plane stores that for
+    ``durable=true`` without an explicit fsync); ``none`` as stored is honoured.
+    """
+    if not spec.get("durable"):
+        return None
+    stored = str(spec.get("fsync") or "commit")
+    fsync: Any = _LEGACY_FSYNC.get(stored, stored)  # DurableSettings checks the name
+    age = spec.get("retention_age_s")
+    size = spec.get("retention_bytes")
+    return DurableSettings(
+        fsync=fsync,
+        fsync_interval_ms=int(spec.get("fsync_interval_ms") or 100),
+        retention_age_s=None if age is None else float(age),
+        retention_bytes=None if size is None else int(size),
     )
 
 
@@ -61,25 +85,3 @@ def tenant_quota(spec: dict[str, Any], node: TenantQuota, shards: int) -> Tenant
     memory = spec.get("memory_quota_bytes") or node.memory_bytes
     max_resources = spec.get("max_resources_per_shard") or node.max_resources
     return TenantQuota(max(int(memory) // shards, 1), int(max_resources))
-
-
-#: Stream settings the node does not honour: the only value a create or update may
-#: set (felix/control/quotas.py refuses others), and why.
-UNHONOURED: dict[str, tuple[Any, str]] = {
-    "durable": (False, "durable streams are not implemented: streams are held in memory"),
-    "fsync": ("none", "nothing of a stream is written to disk, so there is nothing to fsync"),
-    "retention_age_s": (
-        None,
-        "retention by age is not implemented (use replay_max_records, "
-        "replay_max_bytes or retention_bytes)",
-    ),
-}
-
-
-def unsupported(spec: dict[str, Any]) -> list[str]:
-    """Settings of a stream spec this node does not honour (stored before they were refused)."""
-    return [
-        f"{name}={spec[name]!r} ({why})"
-        for name, (allowed, why) in UNHONOURED.items()
-        if spec.get(name, allowed) != allowed
-    ]

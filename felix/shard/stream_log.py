@@ -37,6 +37,7 @@ from itertools import repeat
 from typing import Final, Literal, TypeAlias, TypeVar
 
 from felix.errors import BadRequest, CursorError, TooLarge
+from felix.wire import StartAtTime
 
 __all__ = [
     "HEADER_OVERHEAD",
@@ -62,7 +63,7 @@ _MIB = 1024 * 1024
 SlowSubscriberPolicy: TypeAlias = Literal["drop_old", "disconnect", "block"]
 #: Where a subscription starts: ``"latest"`` (only new records), ``"earliest"``
 #: (the oldest retained record) or an absolute offset.
-Start: TypeAlias = int | Literal["latest", "earliest"]
+Start: TypeAlias = int | Literal["latest", "earliest"] | StartAtTime
 
 _POLICIES: Final = ("drop_old", "disconnect", "block")
 _INITIAL_CAPACITY: Final = 16
@@ -399,6 +400,51 @@ class StreamLog:
         self._tail_cum = cum
         self._count = count + n
         return base, n
+
+    def validate(
+        self,
+        payloads: Sequence[bytes],
+        headers: Sequence[Mapping[str, str] | None] | None = None,
+    ) -> int:
+        """Check a batch as :meth:`append` would, without storing it; return its bytes.
+
+        For durable streams, which write a batch to disk before appending it here: a
+        batch :meth:`append` would refuse must never reach the disk. Raises what
+        :meth:`append` raises for the batch itself.
+        """
+        n = len(payloads)
+        if n == 0:
+            raise BadRequest("cannot append an empty batch")
+        if n > self._max_records:
+            raise TooLarge(
+                f"batch of {n} records exceeds the replay ring of {self._max_records} records"
+            )
+        if headers is not None and len(headers) != n:
+            raise BadRequest(f"got {len(headers)} header entries for {n} payloads")
+        limit = self._max_record_bytes
+        for payload in payloads:
+            if not isinstance(payload, bytes):
+                raise TypeError(f"record payload must be bytes, not {type(payload).__name__}")
+        if headers is None or not any(headers):
+            # The common case in C loops: sizes are the payloads' lengths.
+            largest = max(map(len, payloads))
+            if largest > limit:
+                raise TooLarge(f"record of {largest} bytes exceeds the limit of {limit} bytes")
+            total = sum(map(len, payloads)) + n * RECORD_OVERHEAD
+        else:
+            total = 0
+            for payload, hdrs in zip(payloads, headers, strict=True):
+                size = len(payload) + (_headers_bytes(hdrs) if hdrs else 0)
+                if size > limit:
+                    raise TooLarge(f"record of {size} bytes exceeds the limit of {limit} bytes")
+                total += size + RECORD_OVERHEAD
+        if total > self._max_bytes:
+            raise TooLarge(
+                f"batch of {total} bytes exceeds the replay ring of {self._max_bytes} bytes"
+            )
+        if self._earliest + self._count + n - 1 > MAX_OFFSET:
+            raise BadRequest("stream offset space exhausted")
+        return total
 
     def reconfigure(self, settings: StreamSettings) -> None:
         """Apply new limits now (a smaller replay ring evicts the oldest records at once)."""

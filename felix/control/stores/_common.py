@@ -117,12 +117,17 @@ def merge_spec(
     """The validated spec of resource ``path`` after applying ``patch`` to ``current``.
 
     Top-level keys replace; a nested object (such as ``queue``) merges one level,
-    so ``{"queue": {"max_deliveries": 3}}`` keeps the other queue settings.
+    so ``{"queue": {"max_deliveries": 3}}`` keeps the other queue settings. A
+    stream patch that sets ``durable`` without ``fsync`` derives ``fsync`` anew.
     Raises BadRequest if ``patch`` is not an object or the result is invalid.
     """
     if not isinstance(patch, dict):
         raise BadRequest(f"a {kind} patch must be an object, got {type(patch).__name__}")
     merged = dict(current)
+    if kind is ResourceKind.STREAM and "durable" in patch and "fsync" not in patch:
+        # fsync follows durable unless the patch says otherwise: turning durability on
+        # gives "commit", off gives "none" (a stored "commit" would now conflict).
+        merged.pop("fsync", None)
     for key, value in patch.items():
         old = merged.get(key)
         if isinstance(value, dict) and isinstance(old, dict):

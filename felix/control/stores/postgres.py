@@ -94,6 +94,25 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "INSERT INTO felix_feed (id, position) VALUES (1, 0)",
         ],
     ),
+    (
+        2,
+        "stream fsync renamed: batch -> interval, always -> commit; fsync_interval_ms",
+        [
+            # As SQLite's migration 2: resources and the feed's copies; a stream that
+            # is not durable gets "none" (anything else would now be a conflict).
+            f"""UPDATE {table} SET spec = jsonb_set(spec, '{{fsync}}', to_jsonb(
+                CASE WHEN spec->'durable' = 'true'::jsonb THEN
+                    CASE spec->>'fsync' WHEN 'batch' THEN 'interval' ELSE 'commit' END
+                ELSE 'none' END))
+            WHERE kind = 'stream' AND spec->>'fsync' IN ('batch', 'always')"""
+            for table in ("felix_resources", "felix_changes")
+        ]
+        + [
+            f"""UPDATE {table} SET spec = spec || '{{"fsync_interval_ms": 100}}'::jsonb
+            WHERE kind = 'stream' AND NOT spec ? 'fsync_interval_ms'"""
+            for table in ("felix_resources", "felix_changes")
+        ],
+    ),
 ]
 
 

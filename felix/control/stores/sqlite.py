@@ -74,6 +74,28 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "INSERT INTO felix_feed (id, position) VALUES (1, 0)",
         ],
     ),
+    (
+        2,
+        "stream fsync renamed: batch -> interval, always -> commit; fsync_interval_ms",
+        [
+            # Both the resources and the feed's copies, so a follower replaying old
+            # changes reads only values this felix accepts. A stream that is not durable
+            # gets "none": it never had anything to fsync, and any other value would now
+            # be a setting conflict that blocks its every update. (JSON true reads as 1.)
+            f"""UPDATE {table} SET spec = json_set(spec, '$.fsync',
+                CASE WHEN json_extract(spec, '$.durable') = 1 THEN
+                    CASE json_extract(spec, '$.fsync') WHEN 'batch' THEN 'interval'
+                    ELSE 'commit' END
+                ELSE 'none' END)
+            WHERE kind = 'stream' AND json_extract(spec, '$.fsync') IN ('batch', 'always')"""
+            for table in ("felix_resources", "felix_changes")
+        ]
+        + [
+            f"""UPDATE {table} SET spec = json_set(spec, '$.fsync_interval_ms', 100)
+            WHERE kind = 'stream' AND json_type(spec, '$.fsync_interval_ms') IS NULL"""
+            for table in ("felix_resources", "felix_changes")
+        ],
+    ),
 ]
 
 

@@ -208,6 +208,8 @@ class JetStreamSyncAlways(JetStreamFile):
             if self.proc.poll() is not None:
                 log.close()
                 text = (self.dir / "server.log").read_text(errors="replace").strip()
+                # The server names its (temporary) config file: no machine paths in reports.
+                text = text.replace(str(conf), "nats.conf")
                 raise ServerRefused(text.splitlines()[-1] if text else "exited")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
                 break

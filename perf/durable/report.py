@@ -172,7 +172,11 @@ def markdown(data: dict[str, Any]) -> str:
         "What an ack promises:",
         "",
     ]
-    lines += [f"- **{n}**: {p}" for n, p in meta.get("promises", {}).items()]
+    said = _ack_levels(data)
+    lines += [
+        f"- **{n}**: {p}" + (f" (its acks said: {said[n]})" if n in said else "")
+        for n, p in meta.get("promises", {}).items()
+    ]
     for name, note in meta["unavailable"].items():
         lines += ["", f"**{name}**: {note}"]
     for name, probs in meta.get("felix_log_problems", {}).items():
@@ -246,6 +250,21 @@ def markdown(data: dict[str, Any]) -> str:
                 f"{base._cell(s['summary'].get('cpu_server_us'))} | {base._cell(reads)} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _ack_levels(data: dict[str, Any]) -> dict[str, str]:
+    """What felix's publish acks said about durability, per system, over every run."""
+    seen: dict[str, dict[str, int]] = {}
+    for w in data["workloads"]:
+        for name, s in w["systems"].items():
+            for r in s["runs"]:
+                for level, n in (r.get("ack_durability") or {}).items():
+                    seen.setdefault(name, {}).setdefault(level, 0)
+                    seen[name][level] += n
+    return {
+        name: ", ".join(f"{level} x{n}" for level, n in sorted(levels.items()))
+        for name, levels in seen.items()
+    }
 
 
 def _spread(vals: list[float]) -> dict[str, float] | None:

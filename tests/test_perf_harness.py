@@ -258,6 +258,7 @@ def test_durable_targets_and_markdown(durable_run: tuple[Path, dict[str, Any], s
         assert heading in md
     assert "| felix memory |" in md or "| publish 64B with ack, 1 in flight | felix memory |" in md
     assert "### Targets" in stdout
+    assert (out / "durable_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_fsync_metrics_parsing() -> None:

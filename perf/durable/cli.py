@@ -365,12 +365,12 @@ async def main_async(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report.write_all(data, workloads, out)
+    report.write_all(data, workloads, out, plots=not args.no_plots)
     if args.readme:
         report.update_readme(Path(args.readme), out)
     print()
     print((out / "durable.md").read_text())
-    print(f"wrote {out}/durable.json, durable.md in {elapsed:.0f} s")
+    print(f"wrote {out}/durable.json, durable.md, durable_raw.npz and plot in {elapsed:.0f} s")
     return 0
 
 
@@ -434,6 +434,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per run before failing")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
+    ap.add_argument("--no-plots", action="store_true", help="skip durable_latency.png")
     ap.add_argument(
         "--readme",
         metavar="PATH",

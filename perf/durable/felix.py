@@ -128,6 +128,11 @@ class FelixDurable(DurableSystem):
         self.policy = policy
         self.name = f"felix {policy}"
         self.args = node_args(policy, fsync_interval_ms, hot_tail)
+        self.hot_tail_bytes = MEMORY_REPLAY_BYTES
+        if policy != "memory" and hot_tail not in (None, "default"):
+            from felix.node.config import parse_size
+
+            self.hot_tail_bytes = parse_size(str(hot_tail))
         self.promise = {
             "commit": "fsynced before the ack (group commit): survives power loss",
             "interval": "written to the kernel before the ack, fsynced within "
@@ -169,7 +174,10 @@ class FelixDurable(DurableSystem):
 
     async def replay_source(self, records: int, record_bytes: int) -> ReplaySource:
         src = _FelixReplay(await self._connect(), unique("perfdur-replay-"), records, record_bytes)
-        await src.fill()
+        # One batch must fit the stream's in-memory ring (else TooLarge) and a request
+        # (2 MiB): at most a quarter of the hot tail and 1 MiB.
+        limit = min(2**20, self.hot_tail_bytes // 4)
+        await src.fill(batch=max(1, min(256, limit // (record_bytes + 64))))
         return src
 
     def metrics(self) -> dict[str, float]:

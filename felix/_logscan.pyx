@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The durable log's record scanner, compiled (used by felix/shard/log_segment.py).
+"""The durable log's record framing and scanner, compiled (felix/shard/log_format.py
+and felix/shard/log_segment.py use them).
 
 Recovery scans every record of a log's active segment and replay reads every record
 it returns; in Python the per-record loop (unpack, two CRCs, checks) cost about
@@ -12,8 +13,12 @@ The record format is docs/log-format.md: a 28-byte big-endian header ``u32 lengt
 u64 offset | u64 timestamp_us | u32 payload_crc | u32 header_crc`` then the payload.
 """
 
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint32_t, uint64_t
+from libc.string cimport memcpy
+
+from felix.errors import TooLarge
 
 
 cdef extern from "zlib.h":
@@ -35,6 +40,84 @@ cdef inline uint32_t _be32(const unsigned char* p) noexcept nogil:
 
 cdef inline uint64_t _be64(const unsigned char* p) noexcept nogil:
     return (<uint64_t>_be32(p) << 32) | _be32(p + 4)
+
+
+cdef inline void _put32(unsigned char* p, uint32_t v) noexcept nogil:
+    p[0] = (v >> 24) & 0xFF
+    p[1] = (v >> 16) & 0xFF
+    p[2] = (v >> 8) & 0xFF
+    p[3] = v & 0xFF
+
+
+cdef inline void _put64(unsigned char* p, uint64_t v) noexcept nogil:
+    _put32(p, <uint32_t>(v >> 32))
+    _put32(p + 4, <uint32_t>(v & 0xFFFFFFFFUL))
+
+
+DEF_MAX_U63 = 2**63 - 1
+
+
+def encode_batch(
+    records,
+    long long next_offset,
+    Py_ssize_t start_pos,
+    Py_ssize_t index_mark,
+    Py_ssize_t index_interval,
+    long long max_ts,
+    Py_ssize_t max_payload,
+):
+    """Frame ``records`` (offset, timestamp_us, payload) into one bytes object: see
+    felix.shard.log_format.encode_batch (this is it; the checks run over the whole
+    batch before anything is framed)."""
+    cdef Py_ssize_t total = 0, pos, n
+    cdef long long expect = next_offset, offset, ts
+    cdef object payload
+    for rec in records:
+        o, t, payload = rec
+        n = len(payload)
+        if n > max_payload:
+            raise TooLarge(f"record of {n} bytes exceeds the log's limit of {max_payload}")
+        if not (0 <= t <= DEF_MAX_U63):
+            raise ValueError(f"timestamp {t} out of range")
+        if o > DEF_MAX_U63:
+            raise ValueError(f"offset {o} out of range")
+        if o < expect:
+            raise ValueError(f"offset {o} is below the log's next offset {expect}")
+        expect = <long long>o + 1
+        total += RECORD_HEADER + n
+    out = PyBytes_FromStringAndSize(NULL, total)
+    cdef unsigned char* base = <unsigned char*>PyBytes_AS_STRING(out)
+    cdef unsigned char* p = base
+    cdef Py_buffer view
+    cdef list entries = []
+    pos = start_pos
+    for rec in records:
+        o, t, payload = rec
+        offset = o
+        ts = t
+        PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+        try:
+            n = view.len
+            if n and p + RECORD_HEADER + n > base + total:
+                raise ValueError("a payload changed size while being framed")
+            memcpy(p + RECORD_HEADER, view.buf, n)
+        finally:
+            PyBuffer_Release(&view)
+        if pos >= index_mark:
+            entries.append((offset, pos, max_ts))
+            index_mark = pos + index_interval
+        if ts > max_ts:
+            max_ts = ts
+        _put32(p, <uint32_t>n)
+        _put64(p + 4, <uint64_t>offset)
+        _put64(p + 12, <uint64_t>ts)
+        _put32(p + 20, <uint32_t>crc32(0, p + RECORD_HEADER, <unsigned int>n))
+        _put32(p + 24, <uint32_t>crc32(0, p, 24))
+        p += RECORD_HEADER + n
+        pos += RECORD_HEADER + n
+    if p != base + total:
+        raise ValueError("a payload changed size while being framed")
+    return out, entries, index_mark, max_ts
 
 
 def header_crc(bytes data not None, Py_ssize_t rel=0):
@@ -131,3 +214,30 @@ def scan(
             max_ts = ts
         scanned += 1
         rel = stop
+
+
+def find_record(bytes buf not None, Py_ssize_t rel, long long after_offset, Py_ssize_t max_payload):
+    """The first position > ``rel`` in ``buf`` where a whole valid record starts (both
+    CRCs match, the payload lies inside ``buf``, the offset exceeds ``after_offset``),
+    or -1. Recovery uses it to tell a torn tail (nothing valid after the bad spot)
+    from damage in the middle of the active segment; every byte position is tried."""
+    cdef const unsigned char* base = <const unsigned char*>PyBytes_AS_STRING(buf)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(buf)
+    cdef Py_ssize_t i, found = -1
+    cdef uint32_t length
+    cdef const unsigned char* p
+    with nogil:
+        for i in range(rel + 1, n - RECORD_HEADER + 1):
+            p = base + i
+            length = _be32(p)
+            if length > <uint64_t>max_payload or i + RECORD_HEADER + <Py_ssize_t>length > n:
+                continue
+            if _be32(p + 24) != _crc_small(p, 24):
+                continue
+            if <long long>_be64(p + 4) <= after_offset or <long long>_be64(p + 4) < 0:
+                continue
+            if <uint32_t>crc32(0, p + RECORD_HEADER, length) != _be32(p + 20):
+                continue
+            found = i
+            break
+    return found

@@ -150,7 +150,7 @@ def _check_index(
         info = "missing"
     if isinstance(info, IndexInfo):
         indexed = {pos: (off, before) for off, pos, before in entries}
-        wrong = [e for e in info.entries if indexed.get(e[1]) != (e[0], e[2])]
+        wrong = [e for e in info.index if indexed.get(e[1]) != (e[0], e[2])]
         if (
             not wrong
             and info.records == scanner.records
@@ -181,4 +181,8 @@ def _run_dump(args: argparse.Namespace) -> int:
     if args.limit < 0:
         print("felix: --limit must not be negative", file=sys.stderr)
         return 2
-    return dump(args.path, check=args.check, limit=args.limit, out=sys.stdout)
+    try:
+        return dump(args.path, check=args.check, limit=args.limit, out=sys.stdout)
+    except OSError as exc:  # unreadable file or directory: say which, no traceback
+        print(f"felix: cannot read {exc.filename or args.path}: {exc.strerror}", file=sys.stderr)
+        return 1

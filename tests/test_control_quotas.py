@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from felix import audit
+from felix.control.api import create_app
 from felix.control.client import error_from_response
 from felix.control.model import ResourceKind, validate_spec
 from felix.control.quotas import NodeQuotas, check_resource
@@ -140,9 +141,20 @@ def test_fsync_on_a_stream_that_is_not_durable_is_a_setting_conflict() -> None:
         r = await http.patch(f"{STREAMS}/d", json={"durable": False, "fsync": "commit"})
         conflict(r, "durable=true")
         # The schema bounds the interval; the old names are gone from it.
-        for bad in ({"fsync_interval_ms": 0}, {"fsync_interval_ms": 60_001}, {"fsync": "batch"}):
+        for bad in (
+            {"fsync_interval_ms": 0},
+            {"fsync_interval_ms": 60_001},
+            {"fsync": "batch"},
+            {"retention_age_s": 0},
+            {"retention_age_s": 100 * 365 * 86_400 + 1},
+        ):
             r = await http.post(STREAMS, json={"name": "x", "durable": True, **bad})
             assert r.status_code == 422, r.text
+        # Infinity is no retention (a JSON extension Python's parser accepts).
+        raw = b'{"name": "x", "durable": true, "retention_age_s": Infinity}'
+        r = await http.post(STREAMS, content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code in (400, 422), r.text
+        assert (await http.get(f"{STREAMS}/x")).status_code == 404
 
     with_api(test)
 
@@ -253,3 +265,16 @@ def test_a_tenant_cannot_be_given_more_resources_than_a_shard_holds() -> None:
         assert (await http.post(T, json=body)).status_code == 201
 
     with_api(test, quotas=node)
+
+
+def test_openapi_documents_the_durable_settings() -> None:
+    doc = create_app(MemoryStore()).openapi()
+    schemas = doc["components"]["schemas"]
+    fsync = schemas["StreamCreate"]["properties"]["fsync"]
+    enums = [s.get("enum") for s in fsync.get("anyOf", [fsync])]
+    assert ["none", "interval", "commit"] in enums
+    interval = schemas["StreamCreate"]["properties"]["fsync_interval_ms"]
+    assert (interval["minimum"], interval["maximum"], interval["default"]) == (1, 60_000, 100)
+    stream_item = "/v1/tenants/{tenant}/namespaces/{ns}/streams/{stream}"
+    assert "409" in doc["paths"][stream_item]["patch"]["responses"]
+    assert "409" not in doc["paths"]["/v1/tenants/{tenant}"]["patch"]["responses"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,11 @@ from felix.shard.log_format import (
     MAX_PAYLOAD_BYTES,
     RECORD_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
+    EnvelopeError,
     decode_envelope,
     encode_envelope,
 )
-from felix.shard.log_index import IndexInfo, decode_index, encode_index
+from felix.shard.log_index import IndexInfo, SparseIndex, decode_index, encode_index
 
 SMALL = DiskLogSettings(segment_bytes=4096, index_interval_bytes=256)
 
@@ -237,6 +239,30 @@ def test_time_lookup_retention_and_delete(tmp_path: Path) -> None:
 def test_envelope_round_trip() -> None:
     for headers in (None, {"a": "b", "ключ": "значение"}):
         assert decode_envelope(encode_envelope(headers, b"body")) == (headers, b"body")
+    assert encode_envelope({}, b"x") == b"\x00\x00\x00x"  # no headers: 3 bytes of envelope
+    assert decode_envelope(encode_envelope({"k": ""}, b"")) == ({"k": ""}, b"")
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        (b"\x00\x00", "shorter than"),
+        (b"\x01\x00\x00", "unknown record kind 1"),
+        (b"\x00\x00\x01\x00\x05ab", "run past"),
+        (b"\x00\x00\x01\x00\x01a\x00\x03b", "run past"),
+        (b"\x00\x00\x01\x00\x01\xff\x00\x00", "not UTF-8"),
+    ],
+)
+def test_bad_envelopes_are_refused(payload: bytes, why: str) -> None:
+    with pytest.raises(EnvelopeError, match=why):
+        decode_envelope(payload)
+
+
+def test_envelope_limits() -> None:
+    with pytest.raises(TooLarge):
+        encode_envelope({"k": "v" * 70_000}, b"")
+    with pytest.raises(TooLarge):
+        encode_envelope({str(i): "" for i in range(70_000)}, b"")
 
 
 def build(d: Path, batches: int = 20) -> list[int]:
@@ -276,6 +302,19 @@ def test_garbage_tail_without_a_valid_record_is_cut(tmp_path: Path) -> None:
         f.write(bytes(3000))  # zeros, as a filesystem may show after power loss
     log = DiskLog.open(d, SMALL, first_offset=0)
     assert log.recovery.torn_bytes_cut == 3000 and active.stat().st_size == good
+    assert [r.offset for r in all_records(log)] == written
+    log.close()
+
+
+def test_megabytes_of_zeros_after_the_last_record_are_a_torn_tail(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    written = build(d)
+    active = segs(d)[-1]
+    good = active.stat().st_size
+    with active.open("ab") as f:
+        f.write(bytes(3 * 2**20))  # blocks allocated but never written (power loss)
+    log = DiskLog.open(d, SMALL, first_offset=0)
+    assert log.recovery.torn_bytes_cut == 3 * 2**20 and active.stat().st_size == good
     assert [r.offset for r in all_records(log)] == written
     log.close()
 
@@ -443,7 +482,8 @@ def test_roll_syncs_the_sealed_segment(tmp_path: Path, monkeypatch: pytest.Monke
     assert log.segments == 2 and len(synced) == 1
     assert synced[0] == segs(tmp_path / "s")[0].stat().st_size
     assert log.synced_offset == 20  # everything in sealed segments is on disk
-    assert log.sync() == 80
+    assert log.sync() == 80 and len(synced) == 2
+    assert log.sync() == 80 and len(synced) == 2  # nothing new: no fdatasync
     log.close()
     assert log.sync() == 80  # a late call after close changes nothing
 
@@ -465,3 +505,87 @@ def test_open_flushes_what_a_killed_writer_left(
     again = DiskLog.open(tmp_path / "s", SMALL, first_offset=0)
     assert again.synced_offset == again.next_offset == 5
     again.close()
+
+
+def test_sparse_index_round_trip_and_bounds() -> None:
+    index = SparseIndex()
+    index.add([(10, 32, 0), (15, 4200, 99), (30, 9000, 120)])
+    info = IndexInfo(10, 10_000, 40, 130, 25, index)
+    back = decode_index(encode_index(info), 10, 10_000)
+    assert isinstance(back, IndexInfo) and back == info
+    assert list(back.index) == [(10, 32, 0), (15, 4200, 99), (30, 9000, 120)]
+    assert index.position_for(14, 10_000) == 32 and index.position_for(15, 10_000) == 4200
+    assert index.position_for(99, 5000) == 4200  # entries at or past `end` are not used
+    assert index.position_for_time(99, 10_000) == 32  # records before 4200 may hold ts 99
+    assert index.position_for_time(100, 10_000) == 4200
+    data = bytearray(encode_index(info))
+    data[48] = 0x80  # first offset >= 2**63 on disk: damage, not a huge number
+    body = bytes(data[:-4])
+    assert "out of order" in str(
+        decode_index(body + zlib.crc32(body).to_bytes(4, "big"), 10, 10_000)
+    )
+
+
+def test_readers_and_a_sync_thread_while_the_writer_rolls_and_deletes(tmp_path: Path) -> None:
+    conf = DiskLogSettings(segment_bytes=4096, index_interval_bytes=256, retention_bytes=20_000)
+    log = DiskLog.open(tmp_path / "s", conf, first_offset=0)
+    stop = threading.Event()
+    problems: list[str] = []
+    synced: list[int] = []
+
+    def reader() -> None:
+        at = 0
+        while not stop.is_set() or at < log.next_offset:
+            page = log.read(at, 50, 5000)
+            for rec in page:
+                # a jump forward only past what retention deleted
+                if rec.offset != at and rec.offset > log.first_offset:
+                    problems.append(f"at {at}: got {rec.offset} (first {log.first_offset})")
+                if rec.payload != payload(rec.offset):
+                    problems.append(f"bad payload at {rec.offset}")
+                at = rec.offset + 1
+
+    def syncer() -> None:
+        while not stop.is_set():
+            synced.append(log.sync())
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    threads.append(threading.Thread(target=syncer))
+    for t in threads:
+        t.start()
+    for b in range(400):
+        fill(log, b * 3, 3)
+        if b % 20 == 0:
+            log.enforce_retention(now_us=0)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not problems
+    assert synced == sorted(synced) and synced[-1] <= log.next_offset
+    assert log.sync() == log.next_offset == 1200
+    assert log.size_bytes <= 20_000 + 4096
+    log.close()
+
+
+def test_disk_full_when_a_roll_creates_the_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = tmp_path / "s"
+    log = DiskLog.open(d, SMALL, first_offset=0)
+    fill(log, 0, 40)
+    real_open = os.open
+
+    def no_space(path: Any, flags: int, *args: Any) -> int:
+        if flags & os.O_CREAT and str(path).endswith(".seg"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_space)
+    with pytest.raises(DiskFull, match="starting a segment"):
+        fill(log, 40, 40)
+    monkeypatch.undo()
+    assert len(segs(d)) == 1 and log.next_offset == 40 and log.segments == 1
+    fill(log, 40, 40)  # room again: the roll goes through
+    assert log.segments == 2
+    assert [r.offset for r in all_records(log)] == list(range(80))
+    log.close()

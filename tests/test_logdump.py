@@ -93,3 +93,10 @@ def test_bad_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / f"{0:020d}.seg").write_bytes(b"junk" * 10)
     code, out = run(capsys, str(tmp_path / f"{0:020d}.seg"))
     assert code == 1 and "DAMAGED at byte 0" in out
+
+
+def test_unreadable_segment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / f"{0:020d}.seg").mkdir()  # a directory where a segment should be
+    assert main(["log", "dump", str(tmp_path)]) == 1
+    assert "cannot read" in capsys.readouterr().err
+    assert main(["log", "dump", str(tmp_path), "--limit", "-1"]) == 2

@@ -82,6 +82,13 @@ def test_history_survives_a_restart_and_is_read_from_disk(tmp_path: Path) -> Non
                 assert (await sub.next(timeout=10)).data == b"17"
             async with client.subscribe("orders", start={"time": marks[0]}) as sub:
                 assert (await sub.next(timeout=10)).data == b"30"
+            # A slow subscriber (credit 4, far more records than the hot tail of 8 while
+            # it does not read) loses nothing: it reads from disk, no drop_old.
+            async with client.subscribe("orders", credit=4) as slow:
+                acks = [await client.publish("orders", b"s%d" % i) for i in range(60)]
+                got = [await slow.next(timeout=10) for _ in range(60)]
+                assert [m.offset for m in got] == [a.offset for a in acks if a is not None]
+                assert slow.dropped == 0
 
     try:
         run(read_back, timeout=60)
@@ -188,3 +195,41 @@ def test_durable_options_from_flags_and_config_file(tmp_path: Path) -> None:
     ):
         with pytest.raises(ConfigError):
             node(*bad)
+
+
+def test_start_up_progress_keeps_the_ready_timeout_from_killing_a_long_recovery(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from felix.node import messages as msg
+    from felix.node import supervisor
+    from felix.node.children import Child
+    from felix.node.config import NodeConfig
+    from felix.node.liveness import Heartbeat
+
+    monkeypatch.setattr(supervisor, "READY_TIMEOUT", 0.4)
+    monkeypatch.setattr(supervisor, "READY_POLL", 0.05)
+
+    async def main() -> None:
+        sup = supervisor.Supervisor(NodeConfig(shards=1, gateways=1))
+        slow, silent = Child("shard", 0, Heartbeat(3, 10)), Child("shard", 1, Heartbeat(3, 10))
+        for child in (slow, silent):
+            child.started_at = time.monotonic()
+
+        async def recover() -> None:  # 1 s of recovery, reporting every 0.1 s
+            for i in range(10):
+                slow._on_event(msg.Starting(f"opening durable streams: {i} of 10"))
+                assert (
+                    slow.status(time.monotonic())
+                    == f"starting (opening durable streams: {i} of 10)"
+                )
+                await asyncio.sleep(0.1)
+            slow._on_event(msg.Ready())
+
+        task = asyncio.ensure_future(recover())
+        await sup._wait_ready([slow])  # well past READY_TIMEOUT, never stalled
+        await task
+        assert slow.status(time.monotonic()) is None
+        with pytest.raises(RuntimeError, match="shard-1"):
+            await sup._wait_ready([silent])
+
+    run(main, timeout=10)

@@ -574,3 +574,18 @@ def test_retention_by_age_deletes_sealed_segments_older_than_it(tmp_path: Path) 
     assert isinstance(first, int) and 0 < first <= 30  # only whole segments of old records
     offsets, _, gaps = consume(c, first)
     assert offsets == list(range(first, 60)) and gaps == 0
+
+
+def test_a_delete_cut_short_by_a_crash_never_brings_the_stream_back(tmp_path: Path) -> None:
+    c = make(tmp_path)
+    publish(c, [b"gone"])
+    ns_dir = tmp_path / "streams" / T / NS
+    assert c.delete_stream(KEY)
+    assert list(ns_dir.iterdir()) == []  # renamed aside, then removed
+    # A crash between the rename and the removal leaves the renamed directory: the
+    # next start removes it and does not open it as a stream.
+    publish(c, [b"again"], stream="t2")
+    store_of(c).close()
+    (ns_dir / "t2").rename(ns_dir / ".deleted.0123456789abcdef.t2")
+    c2 = make(tmp_path)
+    assert store_of(c2).streams == {} and list(ns_dir.iterdir()) == []

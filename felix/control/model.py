@@ -132,6 +132,8 @@ class QueueDefaults(_Spec):
     dead_letter: bool = True
 
 
+#: The longest retention_age_s: 100 years (bounded, so time arithmetic stays finite).
+MAX_RETENTION_AGE_S = 100 * 365 * 86_400
 #: fsync values before durable streams, and what store migration 2 renamed them to.
 FSYNC_RENAMED = {"batch": "interval", "always": "commit"}
 
@@ -143,7 +145,12 @@ class StreamSpec(_Spec):
     ] = False
     retention_age_s: Annotated[
         float | None,
-        Field(gt=0, description="a durable stream drops whole log segments older than this"),
+        Field(
+            gt=0,
+            le=MAX_RETENTION_AGE_S,
+            description="a durable stream drops whole log segments older than this "
+            "(seconds, up to 100 years)",
+        ),
     ] = None
     retention_bytes: Annotated[
         int | None,

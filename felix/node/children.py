@@ -36,6 +36,9 @@ class Child:
     quiesced: asyncio.Event = field(default_factory=asyncio.Event)
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     started_at: float = 0.0
+    #: The last start-up progress of this incarnation (msg.Starting): when, and what.
+    progress_at: float = 0.0
+    progress: str | None = None
     restarts: int = 0
     #: Replacements that could not be started or died (or hung) before they were ready.
     failed_starts: int = 0
@@ -72,13 +75,17 @@ class Child:
         if self.problem is not None:
             return self.problem
         if not self.ready.is_set():
-            return "starting"
+            return "starting" if self.progress is None else f"starting ({self.progress})"
         if self.heartbeat.health(now) is not Health.OK:
             return (
                 f"unresponsive: no heartbeat for {self.heartbeat.silent_for(now):.1f} s "
                 f"(killed and restarted at {self.heartbeat.kill_after:g} s)"
             )
         return None
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds since this incarnation started or last reported start-up progress."""
+        return now - max(self.started_at, self.progress_at)
 
     def is_serving(self, now: float) -> bool:
         return self.status(now) is None
@@ -104,7 +111,11 @@ class Child:
     def _on_event(self, event: msg.Message) -> None:
         if isinstance(event, msg.Ready):
             self.heartbeat.start(time.monotonic())
+            self.progress = None
             self.ready.set()
+        elif isinstance(event, msg.Starting):
+            self.progress_at = time.monotonic()
+            self.progress = event.detail[:200]
         elif isinstance(event, msg.Pong):
             self.heartbeat.pong(event.seq, time.monotonic())
         elif isinstance(event, msg.Quiesced):

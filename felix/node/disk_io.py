@@ -10,7 +10,11 @@ arms the ``interval`` timer. Results come back on the loop thread
 by the core, and ``deliver`` sends them out.
 
 An fsync error makes the core :attr:`~felix.shard.core.ShardCore.fatal`:
-``on_fatal`` is called and must end the process (no further ack may go out).
+``on_fatal`` is called and must end the process (no further ack may go out;
+:func:`fsync_failed` does, with status 75).
+
+Also here, for the worker: :func:`durable_store` (a shard's store from the node's
+options) and :func:`durable_stats` (its counters for /metrics).
 """
 
 from __future__ import annotations
@@ -18,18 +22,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+from felix.node.config import NodeConfig
 from felix.shard.core import ShardCore
 from felix.shard.disk_read import ReadJob
-from felix.shard.durable import FREE_SPACE_REFRESH
+from felix.shard.durable import FREE_SPACE_REFRESH, DiskSettings, DurableSettings, DurableStore
 from felix.shard.fsyncer import Fsyncer, SyncOutcome
 
 log = logging.getLogger("felix.shard")
 
+#: Fault injection for tests: while the file this names exists, every fsync of a
+#: durable stream fails with EIO (docs/operations.md, "Durable streams").
+FSYNC_FAULT_ENV = "FELIX_FAULT_FSYNC_FILE"
+#: Exit status of a shard whose fsync failed (the supervisor restarts it).
+EXIT_FSYNC_FAILED = 75
 #: Threads reading durable streams from disk per shard (each read is bounded by
 #: MAX_READ_RECORDS / MAX_READ_BYTES in felix/shard/core.py).
 READ_THREADS = 2
@@ -136,3 +148,67 @@ class DiskIO:
         self._fsyncer.close()
         self._pool.shutdown(wait=True)
         self._store.close()
+
+
+def durable_store(config: NodeConfig, index: int) -> DurableStore:
+    """Shard ``index``'s durable streams under ``DATA_DIR/streams``, per the node's options."""
+    auto = None
+    if config.durable_streams:
+        fsync: Any = config.fsync  # checked by NodeConfig and DurableSettings
+        auto = DurableSettings(fsync=fsync, fsync_interval_ms=config.fsync_interval_ms)
+    budget = None if config.disk_budget is None else config.disk_budget // config.shards
+    return DurableStore(
+        DiskSettings(
+            root=config.data_dir / "streams",
+            segment_bytes=config.segment_bytes,
+            budget_bytes=budget,
+            reserve_bytes=config.disk_reserve,
+            max_streams=config.max_durable_streams_per_shard,
+            auto=auto,
+        ),
+        shard=index,
+        shards=config.shards,
+    )
+
+
+def sum_stats(parts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """The stats of several shard cores as one (sums; the largest of a maximum)."""
+    total: dict[str, int] = {}
+    for part in parts:
+        for key, value in part.items():
+            if key.endswith("_max"):
+                total[key] = max(total.get(key, 0), value)
+            else:
+                total[key] = total.get(key, 0) + value
+    return total
+
+
+def fsync_fault_file() -> Path | None:
+    value = os.environ.get(FSYNC_FAULT_ENV)
+    return Path(value) if value else None
+
+
+def fsync_failed(why: str) -> None:
+    """An fsync failed: exit now, before anything else is acknowledged (never retried)."""
+    log.critical("%s: exiting so the supervisor restarts this shard from disk", why)
+    logging.shutdown()
+    os._exit(EXIT_FSYNC_FAILED)
+
+
+def durable_stats(core: ShardCore) -> dict[str, int]:
+    """A shard core's durable-stream counters for /metrics."""
+    disk = core.disk
+    if disk is None:
+        return {}
+    return {
+        "disk_bytes": disk.disk_used,
+        "stream_disk_max": disk.largest(),
+        "durable_streams": len(disk.streams),
+        "fsyncs": disk.fsyncs,
+        "fsync_us": disk.fsync_us,
+        "fsync_acks": disk.fsync_acks,
+        "torn_bytes": disk.torn_bytes,
+        "damaged_streams": disk.damaged,
+        "disk_reads": disk.disk_reads,
+        "disk_refused": disk.refused,
+    }

@@ -133,6 +133,15 @@ class Ready(_Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Starting(_Message):
+    """Progress before :class:`Ready` (a shard recovering its durable streams): the
+    supervisor's ready timeout counts from the last one, and /readyz shows ``detail``."""
+
+    TYPE: ClassVar[str] = "starting"
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class Quiesced(_Message):
     TYPE: ClassVar[str] = "quiesced"
 
@@ -214,6 +223,7 @@ Command = (
 )
 Event = (
     Ready
+    | Starting
     | Quiesced
     | Drained
     | Stats
@@ -237,6 +247,7 @@ _TYPES: dict[str, type[Any]] = {
         SnapshotRequest,
         ChangesRequest,
         Ready,
+        Starting,
         Quiesced,
         Drained,
         Stats,
@@ -271,6 +282,7 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "error": (str,),
     "cursor_too_old": (bool,),
     "key": (str,),
+    "detail": (str,),
     "status": (dict, type(None)),
 }
 
@@ -335,6 +347,7 @@ __all__ = [
     "ShardUp",
     "SnapshotPart",
     "SnapshotRequest",
+    "Starting",
     "Stats",
     "StreamStatusReply",
     "StreamStatusRequest",

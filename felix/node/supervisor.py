@@ -61,7 +61,9 @@ from felix.tls import node_certificates
 
 log = logging.getLogger("felix.supervisor")
 
+#: Seconds a starting child may go without being ready or reporting progress.
 READY_TIMEOUT = 30.0
+READY_POLL = 0.5
 #: How long the status route waits for a shard's answer, and how many may wait at once.
 STATUS_TIMEOUT = 2.0
 MAX_STATUS_WAITERS = 64
@@ -494,9 +496,13 @@ class Supervisor:
         ready = asyncio.ensure_future(child.ready.wait())
         exited = asyncio.ensure_future(proc.wait())
         try:
-            await asyncio.wait(
-                {ready, exited}, timeout=READY_TIMEOUT, return_when="FIRST_COMPLETED"
-            )
+            # The timeout counts from the start or the child's last progress report.
+            while child.stalled_for(time.monotonic()) < READY_TIMEOUT:
+                done, _ = await asyncio.wait(
+                    {ready, exited}, timeout=READY_POLL, return_when="FIRST_COMPLETED"
+                )
+                if done:
+                    break
         finally:
             ready.cancel()
             exited.cancel()
@@ -506,7 +512,7 @@ class Supervisor:
             return f"exited with {proc.returncode} before it was ready"
         proc.kill()
         await proc.wait()
-        return f"was not ready within {READY_TIMEOUT:g} s (killed)"
+        return f"was not ready within {READY_TIMEOUT:g} s of its last progress (killed)"
 
     async def _heartbeats(self) -> None:
         """Ping every ready child; report the silent ones, kill and restart the dead."""
@@ -537,13 +543,23 @@ class Supervisor:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     async def _wait_ready(self, children: list[Child]) -> None:
+        """Wait until every child is ready; fail when one made no progress (msg.Starting)
+        for READY_TIMEOUT seconds."""
+        waiting = [asyncio.ensure_future(c.ready.wait()) for c in children]
         try:
-            await asyncio.wait_for(
-                asyncio.gather(*(c.ready.wait() for c in children)), READY_TIMEOUT
-            )
-        except TimeoutError:
-            missing = [c.name for c in children if not c.ready.is_set()]
-            raise RuntimeError(f"children did not become ready: {missing}") from None
+            while not all(w.done() for w in waiting):
+                await asyncio.wait(waiting, timeout=READY_POLL)
+                now = time.monotonic()
+                stalled = [
+                    c.name
+                    for c in children
+                    if not c.ready.is_set() and c.stalled_for(now) >= READY_TIMEOUT
+                ]
+                if stalled:
+                    raise RuntimeError(f"children did not become ready: {stalled}")
+        finally:
+            for w in waiting:
+                w.cancel()
 
     async def _drain(self) -> None:
         grace = self.config.drain_grace

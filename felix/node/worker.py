@@ -29,9 +29,8 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import uvloop
 
@@ -44,12 +43,18 @@ from felix.gateway.links import ShardLinks
 from felix.ipc import RecordType
 from felix.node import messages as msg
 from felix.node.config import NodeConfig
-from felix.node.disk_io import DiskIO
+from felix.node.disk_io import (
+    DiskIO,
+    durable_stats,
+    durable_store,
+    fsync_failed,
+    fsync_fault_file,
+    sum_stats,
+)
 from felix.node.links import SWEEP_INTERVAL, LocalShards, RingLinks
 from felix.quic import load_engine, load_reset_key, serve_on_socket
 from felix.ring import Ring, RingReader
 from felix.shard.core import ShardCore, ShardSettings
-from felix.shard.durable import DiskSettings, DurableSettings, DurableStore
 from felix.shard.offsets import OffsetReservations
 from felix.shard.resources import (
     cache_settings,
@@ -63,13 +68,10 @@ log = logging.getLogger("felix.node")
 
 SPEC_ENV = "FELIX_CHILD_SPEC"
 STATS_INTERVAL = 1.0
+#: Start-up progress reports (msg.Starting) at most this often.
+STARTING_INTERVAL = 1.0
 #: linux/prctl.h: the signal the kernel sends this process when its parent dies.
 _PR_SET_PDEATHSIG = 1
-#: Fault injection for tests: while the file this names exists, every fsync of a
-#: durable stream fails with EIO (docs/operations.md, "Durable streams").
-FSYNC_FAULT_ENV = "FELIX_FAULT_FSYNC_FILE"
-#: Exit status of a shard whose fsync failed (the supervisor restarts it).
-EXIT_FSYNC_FAILED = 75
 #: Records a shard holds for a gateway whose ring is full; pushes beyond it are dropped
 #: (subscribers notice the gap and READ), replies are bounded by the gateway's in-flight cap.
 MAX_OVERFLOW_PUSHES = 10_000
@@ -164,8 +166,11 @@ class ControlChannel:
 # --- shard -------------------------------------------------------------------------------
 
 
-def new_shard_core(config: NodeConfig, index: int) -> ShardCore:
-    """Shard ``index`` of the node, with its share of the budget and its offset file."""
+def new_shard_core(
+    config: NodeConfig, index: int, progress: Callable[[int, int], None] | None = None
+) -> ShardCore:
+    """Shard ``index`` of the node, with its share of the budget and its offset file,
+    its durable streams opened (``progress(done, total)`` while they are)."""
     settings = ShardSettings(
         index=index,
         shards=config.shards,
@@ -178,25 +183,9 @@ def new_shard_core(config: NodeConfig, index: int) -> ShardCore:
     )
     path = config.data_dir / f"shard-{index}.offsets"
     offsets = OffsetReservations(path, max_entries=config.max_streams_per_shard)
-    auto = None
-    if config.durable_streams:
-        auto = DurableSettings(fsync=config.fsync, fsync_interval_ms=config.fsync_interval_ms)  # type: ignore[arg-type]
-    disk = DurableStore(
-        DiskSettings(
-            root=config.data_dir / "streams",
-            segment_bytes=config.segment_bytes,
-            budget_bytes=None
-            if config.disk_budget is None
-            else config.disk_budget // config.shards,
-            reserve_bytes=config.disk_reserve,
-            max_streams=config.max_durable_streams_per_shard,
-            auto=auto,
-        ),
-        shard=index,
-        shards=config.shards,
-    )
+    disk = durable_store(config, index)
     core = ShardCore(settings, offsets, disk)
-    opened = core.open_durable()
+    opened = core.open_durable(progress)
     if opened:
         log.info(
             "shard %d: opened %d durable streams (%d damaged, %d torn bytes cut)",
@@ -208,48 +197,18 @@ def new_shard_core(config: NodeConfig, index: int) -> ShardCore:
     return core
 
 
-def _sum_stats(parts: Iterable[dict[str, int]]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for part in parts:
-        for key, value in part.items():
-            total[key] = total.get(key, 0) + value
-    return total
-
-
-def fsync_fault_file() -> Path | None:
-    value = os.environ.get(FSYNC_FAULT_ENV)
-    return Path(value) if value else None
-
-
-def _fsync_failed(why: str) -> None:
-    """An fsync failed: exit now, before anything else is acknowledged (never retried)."""
-    log.critical("%s: exiting so the supervisor restarts this shard from disk", why)
-    logging.shutdown()
-    os._exit(EXIT_FSYNC_FAILED)
-
-
-def durable_stats(core: ShardCore) -> dict[str, int]:
-    """A shard core's durable-stream counters for /metrics."""
-    disk = core.disk
-    if disk is None:
-        return {}
-    return {
-        "disk_bytes": disk.disk_used,
-        "stream_disk_max": disk.largest(),
-        "durable_streams": len(disk.streams),
-        "fsyncs": disk.fsyncs,
-        "fsync_us": disk.fsync_us,
-        "fsync_acks": disk.fsync_acks,
-        "torn_bytes": disk.torn_bytes,
-        "damaged_streams": disk.damaged,
-        "disk_reads": disk.disk_reads,
-        "disk_refused": disk.refused,
-    }
-
-
 async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
     config = spec.config
-    core = new_shard_core(config, spec.index)
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        # Keeps the supervisor's ready timeout from killing a long recovery.
+        now = time.monotonic()
+        if now - last[0] >= STARTING_INTERVAL:
+            last[0] = now
+            control.send(msg.Starting(f"opening durable streams: {done} of {total}"))
+
+    core = new_shard_core(config, spec.index, progress)
     inbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.inbound]
     outbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.outbound]
     # Requests left in our rings by a previous incarnation were already failed by the
@@ -280,7 +239,7 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
             # The gateway is behind: try again shortly (it frees space as it reads).
             retry[0] = loop.call_later(0.001, send_out)
 
-    disk_io = DiskIO(core, send_out, _fsync_failed, fault_file=fsync_fault_file())
+    disk_io = DiskIO(core, send_out, fsync_failed, fault_file=fsync_fault_file())
 
     def on_batch(gateway: int, views: list[memoryview]) -> None:
         now = time.monotonic()
@@ -383,7 +342,7 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
         local = LocalShards(cores)
         links = local
         fault = fsync_fault_file()
-        disk_ios = [DiskIO(c, local.flush_soon, _fsync_failed, fault_file=fault) for c in cores]
+        disk_ios = [DiskIO(c, local.flush_soon, fsync_failed, fault_file=fault) for c in cores]
         local.before_flush = lambda index: disk_ios[index].kick()
     else:
         outbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.outbound]
@@ -465,7 +424,7 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
 
     await serve_commands(
         control,
-        lambda: {**stats(), **_sum_stats(durable_stats(c) for c in cores)},
+        lambda: {**stats(), **sum_stats(durable_stats(c) for c in cores)},
         on_command,
     )
     server.close()

@@ -869,17 +869,22 @@ class ShardCore:
 
     # -- durable streams: startup and the I/O driver's reports ------------------------
 
-    def open_durable(self) -> int:
+    def open_durable(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Open every durable stream this shard owns on disk (at start); returns how many.
 
         Streams come back with the node's settings for durable streams until the control
         plane defines them again. A damaged log refuses its stream, not the shard.
+        ``progress(done, total)`` is called before each stream (recovery scans the
+        newest segment of each: a start with many streams takes a while).
         """
         store = self.disk
         if store is None:
             return 0
         opened = 0
-        for key in store.discover():
+        keys = store.discover()
+        for done, key in enumerate(keys):
+            if progress is not None:
+                progress(done, len(keys))
             if key in self._streams:
                 continue
             try:

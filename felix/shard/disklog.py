@@ -17,9 +17,10 @@ Threads (and why this is safe):
   retention under a reader is noticed and the read restarts at the new first offset.
 
 Rolling: a batch that would grow the active segment past ``segment_bytes`` goes to a
-new segment. The old one is fdatasynced *before* the new file is created (on the
-writer thread, once per ``segment_bytes``), so a sealed segment is always whole on
-disk: only the newest segment can have a torn tail after a crash or power loss.
+new segment. The old one (and the directory) is fsynced *before* the new file is
+created (on the writer thread, once per ``segment_bytes``), so a sealed segment is
+always whole on disk: only the newest segment can have a torn tail after a crash or
+power loss, and :attr:`synced_offset` covers everything below the new base.
 
 Failures: an ``OSError`` from ``fdatasync`` (or a write that cannot be undone) is
 raised once and poisons the log: every later call raises
@@ -33,6 +34,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import threading
@@ -49,6 +51,13 @@ from felix.shard.log_recovery import RecoveryReport, recover_segments
 from felix.shard.log_segment import DiskRecord, Scanner, Segment, index_path, segment_name
 
 __all__ = ["DiskLog", "DiskLogSettings", "DiskRecord", "RecoveryReport"]
+
+_log = logging.getLogger(__name__)
+
+#: How many directories above a log's own are fsynced when it opens: the stream's
+#: directory sits in <data-dir>/streams/<tenant>/<namespace>/, which the shard may
+#: just have created; their entries must be on disk before anything is called synced.
+PARENT_DIRS_SYNCED = 3
 
 
 @dataclass(frozen=True)
@@ -137,10 +146,7 @@ class DiskLog:
         if ".." in directory.parts:
             raise ValueError(f"log directory {directory} must not contain '..'")
         log = cls(directory, settings, clock)
-        if not directory.is_dir():
-            directory.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(directory)
-            _fsync_dir(directory.parent)
+        directory.mkdir(parents=True, exist_ok=True)
         segments, torn, rebuilt = recover_segments(
             directory, settings.index_interval_bytes, clock(), full_check
         )
@@ -152,15 +158,18 @@ class DiskLog:
         # What a killed writer left in the page cache is not on disk yet: flush it
         # (sealed segments were flushed when they rolled) before calling it synced.
         os.fdatasync(log._fd)
-        _fsync_dir(directory)
+        # ... and the directory entries down to it (whoever created the directories):
+        # the stream, namespace, tenant and streams directories of the layout.
+        for level in (directory, *directory.parents[:PARENT_DIRS_SYNCED]):
+            _fsync_dir(level)
         log._dir_dirty = False
         log._size_bytes = sum(s.size for s in segments)
         end = max(active.last_offset + 1, active.base_offset)
         log._next_offset = max(end, first_offset)
         log._synced_offset = end
         log._index_mark = (
-            active.entries[-1][1] + settings.index_interval_bytes
-            if active.entries
+            active.index.last_position() + settings.index_interval_bytes
+            if len(active.index)
             else SEGMENT_HEADER_SIZE
         )
         log._publish()
@@ -176,14 +185,21 @@ class DiskLog:
 
     def _create_segment(self, base: int) -> Segment:
         """A new segment file holding only its header (the directory is not fsynced
-        here: :meth:`sync` does that before it reports anything in it as synced)."""
+        here: :meth:`sync` does that before it reports anything in it as synced).
+        On failure no file is left behind (a retry must be able to create it)."""
         created = self._clock()
         path = self.directory / segment_name(base)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            os.write(fd, encode_segment_header(base, created))
-        finally:
+            header = encode_segment_header(base, created)
+            if os.write(fd, header) != len(header):
+                raise OSError(errno.ENOSPC, "short write of a segment header")
+        except BaseException:
             os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        os.close(fd)
         self._dir_dirty = True
         return Segment(path, base, created)
 
@@ -220,8 +236,11 @@ class DiskLog:
         if self._closed:
             raise LogPoisoned(f"log {self.directory} is closed")
 
-    def _publish(self) -> None:
-        self._view = _View(tuple(self._segments), self._segments[-1].size, self._next_offset)
+    def _publish(self, segments_changed: bool = True) -> None:
+        """Give readers a new view (one assignment). ``segments_changed=False`` (every
+        append that does not roll) reuses the segment tuple of the current view."""
+        segs = tuple(self._segments) if segments_changed else self._view.segments
+        self._view = _View(segs, segs[-1].size, self._next_offset)
 
     # -- writing ---------------------------------------------------------------------
 
@@ -245,7 +264,7 @@ class DiskLog:
                 records, self._next_offset, active.size, self._index_mark, interval, 0
             )
         self._write(data, active.size)
-        active.add_entries(entries)
+        active.index.add(entries)
         active.size += len(data)
         active.records += len(records)
         active.last_offset = records[-1][0]
@@ -253,7 +272,7 @@ class DiskLog:
         self._index_mark = mark
         self._size_bytes += len(data)
         self._next_offset = records[-1][0] + 1
-        self._publish()
+        self._publish(segments_changed=False)
 
     def _write(self, data: bytes, at: int) -> None:
         """One ``os.write``; a short write (disk full, signal) continues; a failure
@@ -296,9 +315,21 @@ class DiskLog:
         except OSError as exc:
             self._poisoned = exc
             raise
-        write_index(index_path(old.path), _info(old))
-        new = self._create_segment(base)
-        fd = os.open(new.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            write_index(index_path(old.path), _info(old))
+        except OSError as exc:  # derived data: open() rebuilds a missing index
+            _log.warning(
+                "log %s: could not write the index of %s: %s", self.directory, old.path, exc
+            )
+        try:
+            new = self._create_segment(base)
+            fd = os.open(new.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(
+                    f"disk full starting a segment of log {self.directory}: {exc}"
+                ) from exc
+            raise
         with self._lock:
             os.close(self._fd)
             self._fd = fd
@@ -315,7 +346,7 @@ class DiskLog:
         if offset < self._next_offset:
             raise ValueError(f"skip_to({offset}) is below next_offset {self._next_offset}")
         self._next_offset = offset
-        self._publish()
+        self._publish(segments_changed=False)
 
     def sync(self) -> int:
         """fdatasync everything written so far; returns the new :attr:`synced_offset`.
@@ -329,6 +360,8 @@ class DiskLog:
                 return self._synced_offset  # a late call from the fsync thread
             self._check()
             target = self._view.next_offset
+            if target <= self._synced_offset and not self._dir_dirty:
+                return self._synced_offset  # nothing written since the last sync
             fd = os.dup(self._fd)
             dir_dirty, self._dir_dirty = self._dir_dirty, False
         try:
@@ -375,7 +408,7 @@ class DiskLog:
             end = view.end if seg is segs[-1] else seg.size
             if seg.records == 0 or end <= SEGMENT_HEADER_SIZE:
                 continue
-            pos = seg.position_for(from_offset, end)
+            pos = seg.index.position_for(from_offset, end)
             fd = os.open(seg.path, os.O_RDONLY)
             try:
                 chunk = min(max(max_bytes - nbytes + 64 * 28, 4096), 1 << 20)
@@ -404,7 +437,7 @@ class DiskLog:
             end = view.end if seg is view.segments[-1] else seg.size
             fd = os.open(seg.path, os.O_RDONLY)
             try:
-                scanner = Scanner(fd, seg.position_for_time(timestamp_us, end), end, -1)
+                scanner = Scanner(fd, seg.index.position_for_time(timestamp_us, end), end, -1)
                 for _pos, offset, ts, _payload in scanner:
                     if ts >= timestamp_us:
                         return offset
@@ -464,6 +497,4 @@ class DiskLog:
 
 
 def _info(seg: Segment) -> IndexInfo:
-    return IndexInfo(
-        seg.base_offset, seg.size, seg.last_offset, seg.max_ts, seg.records, list(seg.entries)
-    )
+    return IndexInfo(seg.base_offset, seg.size, seg.last_offset, seg.max_ts, seg.records, seg.index)

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias
 
 from felix import ipc, wire
-from felix.errors import BadRequest, FelixError, LogDamaged, Overloaded, Unavailable
+from felix.errors import BadRequest, DiskFull, FelixError, LogDamaged, Overloaded, Unavailable
 from felix.shard.disk_read import ReadJob
 from felix.shard.disklog import DiskLog, DiskLogSettings
 from felix.shard.log_format import encode_envelope
@@ -61,6 +61,9 @@ log = logging.getLogger("felix.shard")
 
 FsyncPolicy: TypeAlias = Literal["none", "interval", "commit"]
 FSYNC_POLICIES: Final = ("none", "interval", "commit")
+#: Prefix of a deleted stream's directory while it is being removed:
+#: ``.deleted.<16 hex digits>.<stream>`` (no stream name starts with a dot, felix/names.py).
+_TRASH: Final = ".deleted."
 #: Free-space checks of the data file system are refreshed this often (seconds).
 FREE_SPACE_REFRESH: Final = 1.0
 #: The envelope head of a record without headers (felix/shard/log_format.py): prefixed
@@ -219,7 +222,8 @@ class DurableStore:
         return self.settings.root.joinpath(*parts)
 
     def discover(self) -> list[str]:
-        """Keys of the stream directories under the root that this shard owns."""
+        """Keys of the stream directories under the root that this shard owns (and the
+        removal of deleted streams' directories a crash left behind)."""
         root = self.settings.root
         if not root.is_dir():
             return []
@@ -227,6 +231,13 @@ class DurableStore:
         for tenant in sorted(_subdirs(root)):
             for ns in sorted(_subdirs(root / tenant)):
                 for stream in sorted(_subdirs(root / tenant / ns)):
+                    if stream.startswith(_TRASH):
+                        # .deleted.<16 hex>.<name>: finish a removal a crash cut short.
+                        name = stream.removeprefix(_TRASH).partition(".")[2]
+                        owner = ipc.shard_for(ipc.stream_key(tenant, ns, name), self.shards)
+                        if owner == self.shard:
+                            shutil.rmtree(root / tenant / ns / stream, ignore_errors=True)
+                        continue
                     key = ipc.stream_key(tenant, ns, stream)
                     if ipc.shard_for(key, self.shards) == self.shard:
                         keys.append(key)
@@ -305,7 +316,7 @@ class DurableStore:
         budget = self.settings.budget_bytes
         if budget is not None and self.disk_used + nbytes > budget:
             self.refused += 1
-            raise Overloaded(
+            raise DiskFull(
                 f"disk budget for durable streams is used up on shard {self.shard}: "
                 f"{self.disk_used} of {budget} bytes (--disk-budget); delete streams or "
                 "lower their retention"
@@ -313,7 +324,7 @@ class DurableStore:
         free = self.free_bytes
         if free is not None and free - nbytes < self.settings.reserve_bytes:
             self.refused += 1
-            raise Overloaded(
+            raise DiskFull(
                 f"the data disk has {free} bytes free, less than the reserve of "
                 f"{self.settings.reserve_bytes} bytes (--disk-reserve): new durable data "
                 "is refused"
@@ -487,12 +498,17 @@ class DurableStore:
         waiting = list(stream.waiting)
         stream.waiting.clear()
         # An explicit delete removes the files, damaged or not (recovery never does).
+        # First an atomic rename out of the way (fsynced), so a crash in the middle
+        # never brings back part of a deleted stream; then the removal.
+        path = self.path_for(key)
+        trash = path.with_name(f"{_TRASH}{os.urandom(8).hex()}.{path.name}")
         try:
             if stream.opened:
                 self.disk_used -= stream.log.size_bytes
-                stream.log.delete()
-            else:
-                shutil.rmtree(self.path_for(key))
+                stream.log.close()
+            os.replace(path, trash)
+            _fsync_dir(path.parent)
+            shutil.rmtree(trash)
         except OSError as exc:
             log.error("shard %d: cannot delete the files of %s: %s", self.shard, key, exc)
         return waiting
@@ -557,11 +573,23 @@ class DurableStore:
         return out
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _subdirs(path: Path) -> Iterator[str]:
+    """Directories in ``path`` (stream names never start with a dot; trash may)."""
     try:
         with os.scandir(path) as entries:
             for entry in entries:
-                if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
-                    yield entry.name
+                name = entry.name
+                if entry.is_dir(follow_symlinks=False) and (
+                    not name.startswith(".") or name.startswith(_TRASH)
+                ):
+                    yield name
     except OSError as exc:
         raise FelixError(f"cannot list {path}: {exc}") from exc

@@ -28,6 +28,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from typing import Final, NamedTuple
 
+from felix import _logscan
 from felix.errors import FelixError, TooLarge
 
 __all__ = [
@@ -63,7 +64,6 @@ MAX_U63: Final = 2**63 - 1
 
 _SEG_BODY = struct.Struct(">4sHHQQI")  # the 28 bytes the header CRC covers
 _U32 = struct.Struct(">I")
-_REC_BODY = struct.Struct(">IQQI")  # the 24 bytes the record header CRC covers
 _REC = struct.Struct(">IQQII")
 _crc32 = zlib.crc32
 
@@ -144,33 +144,12 @@ def encode_batch(
     inside this batch (offset, position, highest timestamp before that position), the
     next index mark and the new highest timestamp. Raises ``TooLarge`` or
     ``ValueError`` before anything is framed when a record is invalid, so a bad batch
-    writes nothing.
+    writes nothing. Compiled (:mod:`felix._logscan`): the hot path of every durable
+    publish.
     """
-    parts: list[bytes] = []
-    entries: list[tuple[int, int, int]] = []
-    append = parts.append
-    pos = start_pos
-    expect = next_offset
-    for offset, ts, payload in records:
-        n = len(payload)
-        if n > MAX_PAYLOAD_BYTES:
-            raise TooLarge(f"record of {n} bytes exceeds the log's limit of {MAX_PAYLOAD_BYTES}")
-        if offset < expect or offset > MAX_U63:
-            raise ValueError(f"offset {offset} is below the log's next offset {expect}")
-        if not 0 <= ts <= MAX_U63:
-            raise ValueError(f"timestamp {ts} out of range")
-        if pos >= index_mark:
-            entries.append((offset, pos, max_ts))
-            index_mark = pos + index_interval
-        if ts > max_ts:
-            max_ts = ts
-        head = _REC_BODY.pack(n, offset, ts, _crc32(payload))
-        append(head)
-        append(_U32.pack(_crc32(head)))
-        append(payload)
-        pos += RECORD_HEADER_SIZE + n
-        expect = offset + 1
-    return b"".join(parts), entries, index_mark, max_ts
+    return _logscan.encode_batch(
+        records, next_offset, start_pos, index_mark, index_interval, max_ts, MAX_PAYLOAD_BYTES
+    )
 
 
 class EnvelopeError(FelixError, ValueError):

@@ -22,42 +22,137 @@ record always has one.
 
 from __future__ import annotations
 
+import bisect
 import os
 import struct
+import sys
 import zlib
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Final
 
 from felix.shard.log_format import SEGMENT_HEADER_SIZE
 
-__all__ = ["INDEX_MAGIC", "IndexInfo", "decode_index", "encode_index", "write_index"]
+__all__ = [
+    "INDEX_MAGIC",
+    "IndexInfo",
+    "SparseIndex",
+    "decode_index",
+    "encode_index",
+    "write_index",
+]
 
 INDEX_MAGIC: Final = b"FLIX"
 INDEX_VERSION: Final = 1
 _HEAD = struct.Struct(">4sHHQQQQII")
-_ENTRY = struct.Struct(">QQQ")
+_ENTRY_SIZE = 24  # u64 offset | u64 file_position | u64 max_ts_before
 _U32 = struct.Struct(">I")
 #: An index never holds more entries than this (a 4 GiB segment at a 4 KiB interval
 #: needs a million): a larger count in a file is damage, not an allocation request.
 MAX_ENTRIES: Final = 4 * 2**20
 
 
+class SparseIndex:
+    """Index entries of one segment in three ``array('q')`` columns: 24 bytes an entry
+    (a 256 MiB segment at the 4 KiB default: 1.5 MiB), not ~170 bytes of tuples.
+
+    The writer thread adds entries while reader threads look positions up. Each
+    ``extend`` is atomic under the GIL, and the columns grow in the order positions,
+    max_ts_before, offsets, so a reader that found an index in ``offsets`` (or in
+    ``max_ts_before``) always finds its position; entries past the end a reader may
+    see are skipped by the ``end`` argument.
+    """
+
+    __slots__ = ("max_ts_before", "offsets", "positions")
+
+    def __init__(self) -> None:
+        self.offsets = array("q")
+        self.positions = array("q")
+        self.max_ts_before = array("q")
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        return zip(self.offsets, self.positions, self.max_ts_before, strict=False)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SparseIndex) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def add(self, entries: Sequence[tuple[int, int, int]]) -> None:
+        """Append (offset, file_position, max_ts_before) entries (see the class doc)."""
+        if not entries:
+            return
+        self.positions.extend(e[1] for e in entries)
+        self.max_ts_before.extend(e[2] for e in entries)
+        self.offsets.extend(e[0] for e in entries)
+
+    def last_position(self) -> int:
+        return self.positions[len(self.offsets) - 1]
+
+    def position_for(self, offset: int, end: int) -> int:
+        """A record start at or before the first record with an offset >= ``offset``,
+        among entries below ``end``."""
+        i = bisect.bisect_right(self.offsets, offset) - 1
+        positions = self.positions
+        while i >= 0 and positions[i] >= end:
+            i -= 1  # an entry the writer added past what this reader may see
+        return positions[i] if i >= 0 else SEGMENT_HEADER_SIZE
+
+    def position_for_time(self, timestamp_us: int, end: int) -> int:
+        """A record start at or before the first record with a timestamp >= the given
+        one: the last entry whose earlier records are all older (``max_ts_before`` is
+        non-decreasing, so this is a binary search)."""
+        i = bisect.bisect_left(self.max_ts_before, timestamp_us)
+        positions = self.positions
+        while i > 0 and positions[i - 1] >= end:
+            i -= 1
+        return positions[i - 1] if i > 0 else SEGMENT_HEADER_SIZE
+
+    def to_bytes(self) -> bytes:
+        """The entries as the file stores them: big-endian (offset, position, ts)."""
+        n = len(self.offsets)
+        flat = array("q", bytes(24 * n))
+        flat[0::3] = self.offsets[:n]
+        flat[1::3] = self.positions[:n]
+        flat[2::3] = self.max_ts_before[:n]
+        if sys.byteorder == "little":
+            flat.byteswap()
+        return flat.tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview) -> SparseIndex:
+        """Entries stored as :meth:`to_bytes` writes them (values must fit 63 bits)."""
+        flat = array("q")
+        flat.frombytes(data)
+        if sys.byteorder == "little":
+            flat.byteswap()
+        index = cls()
+        index.positions = flat[1::3]
+        index.max_ts_before = flat[2::3]
+        index.offsets = flat[0::3]
+        return index
+
+
 @dataclass
 class IndexInfo:
-    """What a segment's index says (and what the writer keeps for the active one)."""
+    """What a segment's index file says."""
 
     base_offset: int
     segment_size: int
     last_offset: int  # -1 when the segment holds no record
     max_ts: int
     records: int
-    #: (offset, file_position, max_ts_before), positions strictly increasing.
-    entries: list[tuple[int, int, int]] = field(default_factory=list)
+    index: SparseIndex = field(default_factory=SparseIndex)
 
 
 def encode_index(info: IndexInfo) -> bytes:
-    parts = [
+    body = (
         _HEAD.pack(
             INDEX_MAGIC,
             INDEX_VERSION,
@@ -67,11 +162,10 @@ def encode_index(info: IndexInfo) -> bytes:
             max(info.last_offset, 0),
             info.max_ts,
             info.records,
-            len(info.entries),
+            len(info.index),
         )
-    ]
-    parts.extend(_ENTRY.pack(*e) for e in info.entries)
-    body = b"".join(parts)
+        + info.index.to_bytes()
+    )
     return body + _U32.pack(zlib.crc32(body))
 
 
@@ -85,23 +179,29 @@ def decode_index(data: bytes, base_offset: int, segment_size: int) -> IndexInfo 
     magic, version, flags, base, size, last, max_ts, records, count = _HEAD.unpack_from(data)
     if magic != INDEX_MAGIC or version != INDEX_VERSION or flags:
         return "not a version 1 index"
-    if count > MAX_ENTRIES or len(data) != _HEAD.size + count * _ENTRY.size + 4:
+    if count > MAX_ENTRIES or len(data) != _HEAD.size + count * _ENTRY_SIZE + 4:
         return "index length does not match its entry count"
     if base != base_offset:
         return f"index is for base offset {base}, the segment's is {base_offset}"
     if size != segment_size:
         return f"index describes {size} segment bytes, the segment has {segment_size} (stale)"
-    entries = [_ENTRY.unpack_from(data, _HEAD.size + i * _ENTRY.size) for i in range(count)]
-    prev_off, prev_pos = base_offset - 1, SEGMENT_HEADER_SIZE - 1
-    for off, pos, _ts in entries:
-        if off <= prev_off or pos <= prev_pos or pos >= segment_size or off > last:
-            return "index entries out of order or outside the segment"
-        prev_off, prev_pos = off, pos
-    if records and (not entries or entries[0][1] != SEGMENT_HEADER_SIZE):
+    index = SparseIndex.from_bytes(memoryview(data)[_HEAD.size : -4])
+    offs, poss = index.offsets, index.positions
+    if count and (
+        offs[0] < base_offset
+        or poss[0] != SEGMENT_HEADER_SIZE
+        or offs[-1] > last
+        or poss[-1] >= segment_size
+        or not all(a < b for a, b in pairwise(offs))
+        or not all(a < b for a, b in pairwise(poss))
+        or min(index.max_ts_before) < 0
+    ):
+        return "index entries out of order or outside the segment"
+    if records and not count:
         return "index does not start at the first record"
-    if not records and (entries or size != SEGMENT_HEADER_SIZE):
+    if not records and (count or size != SEGMENT_HEADER_SIZE):
         return "index of an empty segment lists records"
-    return IndexInfo(base, size, last if records else -1, max_ts, records, entries)
+    return IndexInfo(base, size, last if records else -1, max_ts, records, index)
 
 
 def write_index(path: Path, info: IndexInfo) -> None:

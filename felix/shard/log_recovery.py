@@ -33,7 +33,7 @@ from felix.shard.log_format import (
     decode_segment_header,
     encode_segment_header,
 )
-from felix.shard.log_index import IndexInfo, decode_index, write_index
+from felix.shard.log_index import IndexInfo, SparseIndex, decode_index, write_index
 from felix.shard.log_segment import Scanner, Segment, index_path, valid_record_after
 
 __all__ = ["TORN_SEARCH_LIMIT", "RecoveryReport", "recover_segments"]
@@ -80,9 +80,8 @@ def _read_header(path: Path, fd: int, base: int) -> int:
 def _scan_into(seg: Segment, fd: int, end: int, index_interval: int) -> Scanner:
     """Scan ``seg`` from its first record to ``end``, filling its index entries."""
     scanner = Scanner(fd, SEGMENT_HEADER_SIZE, end, seg.base_offset - 1)
-    entries = scanner.index(index_interval, SEGMENT_HEADER_SIZE)
-    seg.entries, seg.entry_offsets = [], []
-    seg.add_entries(entries)
+    seg.index = SparseIndex()
+    seg.index.add(scanner.index(index_interval, SEGMENT_HEADER_SIZE))
     seg.size = scanner.stopped_at
     seg.last_offset = scanner.last_offset if scanner.records else -1
     seg.max_ts = scanner.max_ts
@@ -106,7 +105,7 @@ def _open_sealed(
         except FileNotFoundError:
             info = "index missing"
         if isinstance(info, IndexInfo) and not full_check and _spot_check(fd, size, info):
-            seg.add_entries(info.entries)
+            seg.index = info.index
             seg.last_offset, seg.max_ts, seg.records = info.last_offset, info.max_ts, info.records
             return seg, False
         scanner = _scan_into(seg, fd, size, index_interval)
@@ -121,9 +120,9 @@ def _open_sealed(
 def _spot_check(fd: int, size: int, info: IndexInfo) -> bool:
     """Does the last indexed record really start where the index says? (Cheap: one
     header read; catches an index that is whole but belongs to other bytes.)"""
-    if not info.entries:
+    if not len(info.index):
         return True
-    off, pos, _ = info.entries[-1]
+    off, pos = info.index.offsets[-1], info.index.positions[-1]
     scanner = Scanner(fd, pos, size, off - 1, chunk=4096)
     for _pos, offset, _ts, _p in scanner:
         return offset == off
@@ -131,9 +130,7 @@ def _spot_check(fd: int, size: int, info: IndexInfo) -> bool:
 
 
 def _info_of(seg: Segment) -> IndexInfo:
-    return IndexInfo(
-        seg.base_offset, seg.size, seg.last_offset, seg.max_ts, seg.records, list(seg.entries)
-    )
+    return IndexInfo(seg.base_offset, seg.size, seg.last_offset, seg.max_ts, seg.records, seg.index)
 
 
 def _open_active(

@@ -14,10 +14,8 @@ active segment, a read raises :class:`~felix.errors.LogDamaged`.
 
 from __future__ import annotations
 
-import bisect
 import os
 import sys
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,15 +26,14 @@ from felix.shard.log_format import (
     MAX_PAYLOAD_BYTES,
     RECORD_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
-    decode_record_header,
 )
+from felix.shard.log_index import SparseIndex
 
 __all__ = ["SCAN_CHUNK", "DiskRecord", "Scanner", "Segment", "index_path", "segment_name"]
 
 #: Bytes a scan reads per ``pread``: big enough to amortise the syscall, small enough
 #: that a reader thread holds little memory.
 SCAN_CHUNK = 256 * 1024
-_crc32 = zlib.crc32
 
 
 def segment_name(base_offset: int) -> str:
@@ -59,36 +56,13 @@ class Segment:
     last_offset: int = -1  # -1: no record yet
     max_ts: int = 0
     records: int = 0
-    #: (offset, file_position, max_ts_before), positions strictly increasing.
-    entries: list[tuple[int, int, int]] = field(default_factory=list)
-    #: Entry offsets, kept beside ``entries`` for bisect.
-    entry_offsets: list[int] = field(default_factory=list)
+    #: The sparse index (every segment has one in memory; sealed ones also on disk).
+    index: SparseIndex = field(default_factory=SparseIndex)
 
     @property
     def first_offset(self) -> int:
         """The first record's offset (the base when the segment holds no record)."""
-        return self.entries[0][0] if self.entries else self.base_offset
-
-    def add_entries(self, entries: list[tuple[int, int, int]]) -> None:
-        self.entries.extend(entries)
-        self.entry_offsets.extend(e[0] for e in entries)
-
-    def position_for(self, offset: int, end: int) -> int:
-        """A record start at or before the first record with an offset >= ``offset``,
-        among index entries below ``end``."""
-        i = bisect.bisect_right(self.entry_offsets, offset) - 1
-        while i >= 0 and self.entries[i][1] >= end:
-            i -= 1  # an entry the writer added past what this reader may see
-        return self.entries[i][1] if i >= 0 else SEGMENT_HEADER_SIZE
-
-    def position_for_time(self, timestamp_us: int, end: int) -> int:
-        """A record start at or before the first record with a timestamp >= the given
-        one: the last entry whose earlier records are all older (``max_ts_before`` is
-        non-decreasing, so this is a binary search)."""
-        i = bisect.bisect_left(self.entries, timestamp_us, key=lambda e: e[2])
-        while i > 0 and self.entries[i - 1][1] >= end:
-            i -= 1  # an entry the writer added past what this reader may see
-        return self.entries[i - 1][1] if i > 0 else SEGMENT_HEADER_SIZE
+        return self.index.offsets[0] if self.records else self.base_offset
 
 
 class DiskRecord(NamedTuple):
@@ -228,18 +202,6 @@ def valid_record_after(fd: int, start: int, end: int, after_offset: int, limit: 
     an offset above ``after_offset`` all check out), looking at no more than ``limit``
     bytes; ``None`` if there is none. Recovery uses it to tell a torn tail (nothing
     valid after the bad spot) from damage in the middle of the active segment."""
-    stop = min(end, start + limit)
-    data = os.pread(fd, stop - start, start)
-    n = len(data)
-    from_bytes = int.from_bytes
-    for rel in range(1, n - RECORD_HEADER_SIZE + 1):
-        length = from_bytes(data[rel : rel + 4], "big")
-        body = rel + RECORD_HEADER_SIZE
-        if length > MAX_PAYLOAD_BYTES or body + length > n:
-            continue
-        head = decode_record_header(data, rel)
-        if isinstance(head, str) or head.offset <= after_offset:
-            continue
-        if _crc32(data[body : body + length]) == head.payload_crc:
-            return start + rel
-    return None
+    data = os.pread(fd, min(end, start + limit) - start, start)
+    found = _logscan.find_record(data, 0, after_offset, MAX_PAYLOAD_BYTES)
+    return None if found < 0 else start + found

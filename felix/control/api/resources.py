@@ -343,6 +343,8 @@ _LIST = errors(400, 404)
 _READ = errors(400, 404)
 _CREATE = errors(400, 404, 409, 422, 503)
 _UPDATE = errors(400, 404, 412, 422)
+#: A stream's settings can contradict each other (409 setting-conflict).
+_STREAM_UPDATE = errors(400, 404, 409, 412, 422)
 _DELETE = errors(400, 404, 409, 412, 422)
 _LEAF_DELETE = errors(400, 404, 412)
 
@@ -428,7 +430,7 @@ def add_routes(router: APIRouter, rk: ResourceRoutes) -> None:
         response_model=rk.out,
         tags=tags,
         summary=rk.summary("Update"),
-        responses=_UPDATE,
+        responses=_STREAM_UPDATE if rk.kind is ResourceKind.STREAM else _UPDATE,
     )
     delete_params = [*item_params, ctx, if_match]
     if rk.parent:

@@ -7,7 +7,8 @@ publisher confirms), tries a private nats-server with ``sync_interval: always``,
 then runs ``--reps`` repetitions of: publish-with-ack at 1 and 64 in flight, 64 B
 and 1 KiB (latency of each ack, acks/s); replay of a big stream from the earliest
 record (records/s); fdatasync on this disk. Systems run back to back within a
-repetition in a rotated order. Writes durable.json and durable.md to ``--out``.
+repetition in a rotated order. Writes durable.json, durable.md, durable_latency.png
+and durable_raw.npz to ``--out``.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -133,6 +134,8 @@ class Context:
     def __init__(self) -> None:
         self.systems: dict[str, Any] = {}
         self.replays: dict[str, ReplaySource] = {}
+        #: Everything started (nodes, servers), stopped at the end even if never probed.
+        self.started: list[Any] = []
         #: A directory on the disk the felix nodes write to (device flush counters).
         self.disk_dir: Path | None = Path(tempfile.gettempdir())
 
@@ -204,7 +207,16 @@ def build_workloads(args: argparse.Namespace, mode: Mode, ctx: Context) -> list[
                     records = replay_records(sys_, args.replay_bytes, size)
                     t0 = time.perf_counter()
                     src = await sys_.replay_source(records, size)
+                    # Registered first: closed (deleted) at the end if the run is
+                    # interrupted; a failed fill is deleted now, the next repetition
+                    # starts a new one.
                     ctx.replays[sys_.name] = src
+                    try:
+                        await src.fill()
+                    except Exception:
+                        del ctx.replays[sys_.name]
+                        await src.close()
+                        raise
                     extra["fill_records_per_s"] = records / (time.perf_counter() - t0)
                 metered = MeteredRun(meter, sys_, ctx.disk_dir)
                 metered.start()
@@ -288,7 +300,7 @@ async def start_systems(
                 "this felix has no durable streams (no `felix up --durable-streams`)"
             )
         policies = ["memory"]
-    candidates: list[DurableSystem] = []
+    candidates = ctx.started
     for p in policies:
         if wanted is None or f"felix {p}" in wanted:
             candidates.append(
@@ -298,10 +310,11 @@ async def start_systems(
         candidates.append(JetStreamFile(args.nats))
         if args.nats_sync_server != "off" and (wanted is None or "jetstream sync" in wanted):
             sync = JetStreamSyncAlways(args.nats_sync_server)
+            candidates.append(sync)
             try:
                 sync.start()
-                candidates.append(sync)
             except ServerRefused as exc:
+                candidates.remove(sync)
                 sync.stop()
                 notes["jetstream sync"] = (
                     f"nats-server refused `jetstream {{ sync_interval: always }}`: {exc}; "
@@ -337,6 +350,13 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.replay_bytes is None:
         args.replay_bytes = mode.replay_bytes
     t_start = time.monotonic()
+    # SIGTERM (e.g. `timeout`) and SIGINT cancel the run, so the finally below stops
+    # the felix nodes and the private nats-server instead of leaving them running.
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        if task is not None:
+            loop.add_signal_handler(sig, task.cancel)
     ctx = Context()
     notes: dict[str, str] = {}
     versions: dict[str, str] = {}
@@ -351,6 +371,8 @@ async def main_async(args: argparse.Namespace) -> int:
     finally:
         await ctx.close()
         problems: dict[str, list[str]] = {}
+        for system in ctx.started:
+            system.stop()  # idempotent; systems that failed their probe are stopped already
         for name, system in ctx.systems.items():
             system.stop()
             node = getattr(system, "node", None)

@@ -73,8 +73,9 @@ class _JsReplay(ReplaySource):
         self.records, self.record_bytes = records, size
         self.js = conn.jetstream()
 
-    async def fill(self, window: int = 256) -> None:
-        """Publish ``records`` records, ``window`` acks outstanding at most."""
+    async def fill(self) -> None:
+        """Publish ``records`` records, 256 acks outstanding at most."""
+        window = 256
         body = b"r" * self.record_bytes
         per, extra = divmod(self.records, window)
 
@@ -166,9 +167,7 @@ class JetStreamFile(_ByAddress):
         return _JsPublisher(*await self._stream())
 
     async def replay_source(self, records: int, record_bytes: int) -> ReplaySource:
-        src = _JsReplay(*await self._stream(), records, record_bytes)
-        await src.fill()
-        return src
+        return _JsReplay(*await self._stream(), records, record_bytes)
 
 
 class JetStreamSyncAlways(JetStreamFile):

@@ -152,7 +152,7 @@ _ACK_LEVEL = {
 @pytest.fixture(scope="module")
 def durable_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
     out = tmp_path_factory.mktemp("perfdur")
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -176,12 +176,20 @@ def durable_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
             str(out),
         ],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=110,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, json.loads((out / "durable.json").read_text()), proc.stdout
+    try:
+        stdout, stderr = proc.communicate(timeout=85)
+    except subprocess.TimeoutExpired:
+        # SIGTERM first: the benchmark then stops its felix nodes and deletes its
+        # streams on the shared peers (SIGKILL would leave them behind).
+        proc.terminate()
+        stdout, stderr = proc.communicate(timeout=25)
+        pytest.fail("python -m perf durable took over 85 s:\n" + stdout[-3000:] + stderr[-3000:])
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return out, json.loads((out / "durable.json").read_text()), stdout
 
 
 def test_durable_runs_every_reachable_system(
@@ -230,8 +238,9 @@ def test_durable_figures_sane(durable_run: tuple[Path, dict[str, Any], str]) -> 
                         == w["params"]["n"] // w["params"]["in_flight"] * (w["params"]["in_flight"])
                     )
                     if name in _ACK_LEVEL:
-                        levels = set(r["ack_durability"]) - {"unreported"}
-                        assert levels <= {_ACK_LEVEL[name]}, (w["id"], name, levels)
+                        # Every ack said what it promises, and the policy's level.
+                        levels = set(r["ack_durability"])
+                        assert levels == {_ACK_LEVEL[name]}, (w["id"], name, levels)
                     if name == "felix commit":
                         # Every commit ack waited for an fsync: at least one per run,
                         # and each fsync released at least one ack.
@@ -257,6 +266,7 @@ def test_durable_targets_and_markdown(durable_run: tuple[Path, dict[str, Any], s
         assert heading in md
     assert "| felix memory |" in md or "| publish 64B with ack, 1 in flight | felix memory |" in md
     assert "### Targets" in stdout
+    assert (out / "durable_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_fsync_metrics_parsing() -> None:

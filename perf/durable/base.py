@@ -36,6 +36,10 @@ class ReplaySource:
     records: int
     record_bytes: int
 
+    async def fill(self) -> None:
+        """Publish the ``records`` records (once, before the first read)."""
+        raise NotImplementedError
+
     async def read_all(self) -> int:
         """Read every record from the earliest; return how many arrived."""
         raise NotImplementedError
@@ -72,7 +76,11 @@ class DurableSystem:
         return None
 
     async def replay_source(self, records: int, record_bytes: int) -> ReplaySource:
-        """A new stream filled with ``records`` records of ``record_bytes`` bytes."""
+        """A new, still empty stream for ``records`` records of ``record_bytes`` bytes.
+
+        The caller registers it for closing before it calls ``fill()``, so a stream
+        is deleted even when the fill fails or the run is interrupted.
+        """
         raise NotImplementedError
 
     def metrics(self) -> dict[str, float]:

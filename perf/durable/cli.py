@@ -7,7 +7,8 @@ publisher confirms), tries a private nats-server with ``sync_interval: always``,
 then runs ``--reps`` repetitions of: publish-with-ack at 1 and 64 in flight, 64 B
 and 1 KiB (latency of each ack, acks/s); replay of a big stream from the earliest
 record (records/s); fdatasync on this disk. Systems run back to back within a
-repetition in a rotated order. Writes durable.json and durable.md to ``--out``.
+repetition in a rotated order. Writes durable.json, durable.md, durable_latency.png
+and durable_raw.npz to ``--out``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -132,6 +134,8 @@ class Context:
     def __init__(self) -> None:
         self.systems: dict[str, Any] = {}
         self.replays: dict[str, ReplaySource] = {}
+        #: Everything started (nodes, servers), stopped at the end even if never probed.
+        self.started: list[Any] = []
         #: A directory on the disk the felix nodes write to (device flush counters).
         self.disk_dir: Path | None = Path(tempfile.gettempdir())
 
@@ -203,7 +207,16 @@ def build_workloads(args: argparse.Namespace, mode: Mode, ctx: Context) -> list[
                     records = replay_records(sys_, args.replay_bytes, size)
                     t0 = time.perf_counter()
                     src = await sys_.replay_source(records, size)
+                    # Registered first: closed (deleted) at the end if the run is
+                    # interrupted; a failed fill is deleted now, the next repetition
+                    # starts a new one.
                     ctx.replays[sys_.name] = src
+                    try:
+                        await src.fill()
+                    except Exception:
+                        del ctx.replays[sys_.name]
+                        await src.close()
+                        raise
                     extra["fill_records_per_s"] = records / (time.perf_counter() - t0)
                 metered = MeteredRun(meter, sys_, ctx.disk_dir)
                 metered.start()
@@ -287,7 +300,7 @@ async def start_systems(
                 "this felix has no durable streams (no `felix up --durable-streams`)"
             )
         policies = ["memory"]
-    candidates: list[DurableSystem] = []
+    candidates = ctx.started
     for p in policies:
         if wanted is None or f"felix {p}" in wanted:
             candidates.append(
@@ -297,10 +310,11 @@ async def start_systems(
         candidates.append(JetStreamFile(args.nats))
         if args.nats_sync_server != "off" and (wanted is None or "jetstream sync" in wanted):
             sync = JetStreamSyncAlways(args.nats_sync_server)
+            candidates.append(sync)
             try:
                 sync.start()
-                candidates.append(sync)
             except ServerRefused as exc:
+                candidates.remove(sync)
                 sync.stop()
                 notes["jetstream sync"] = (
                     f"nats-server refused `jetstream {{ sync_interval: always }}`: {exc}; "
@@ -336,6 +350,13 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.replay_bytes is None:
         args.replay_bytes = mode.replay_bytes
     t_start = time.monotonic()
+    # SIGTERM (e.g. `timeout`) and SIGINT cancel the run, so the finally below stops
+    # the felix nodes and the private nats-server instead of leaving them running.
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        if task is not None:
+            loop.add_signal_handler(sig, task.cancel)
     ctx = Context()
     notes: dict[str, str] = {}
     versions: dict[str, str] = {}
@@ -350,6 +371,8 @@ async def main_async(args: argparse.Namespace) -> int:
     finally:
         await ctx.close()
         problems: dict[str, list[str]] = {}
+        for system in ctx.started:
+            system.stop()  # idempotent; systems that failed their probe are stopped already
         for name, system in ctx.systems.items():
             system.stop()
             node = getattr(system, "node", None)
@@ -365,12 +388,12 @@ async def main_async(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report.write_all(data, workloads, out)
+    report.write_all(data, workloads, out, plots=not args.no_plots)
     if args.readme:
         report.update_readme(Path(args.readme), out)
     print()
     print((out / "durable.md").read_text())
-    print(f"wrote {out}/durable.json, durable.md in {elapsed:.0f} s")
+    print(f"wrote {out}/durable.json, durable.md, durable_raw.npz and plot in {elapsed:.0f} s")
     return 0
 
 
@@ -434,6 +457,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per run before failing")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
+    ap.add_argument("--no-plots", action="store_true", help="skip durable_latency.png")
     ap.add_argument(
         "--readme",
         metavar="PATH",

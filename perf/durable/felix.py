@@ -85,12 +85,13 @@ class _FelixPublisher(Publisher):
 
 
 class _FelixReplay(ReplaySource):
-    def __init__(self, client: Any, stream: str, records: int, size: int) -> None:
+    def __init__(self, client: Any, stream: str, records: int, size: int, batch: int) -> None:
         self.client, self.stream = client, stream
-        self.records, self.record_bytes = records, size
+        self.records, self.record_bytes, self.batch = records, size, batch
 
-    async def fill(self, batch: int = 256, window: int = 4) -> None:
-        """``records`` records in acked batches of ``batch``, ``window`` batches in flight."""
+    async def fill(self) -> None:
+        """``records`` records in acked batches of ``batch``, 4 batches in flight."""
+        batch, window = self.batch, 4
         body = b"r" * self.record_bytes
         batches, rest = divmod(self.records, batch)
         sizes = [batch] * batches + ([rest] if rest else [])
@@ -128,6 +129,11 @@ class FelixDurable(DurableSystem):
         self.policy = policy
         self.name = f"felix {policy}"
         self.args = node_args(policy, fsync_interval_ms, hot_tail)
+        self.hot_tail_bytes = MEMORY_REPLAY_BYTES
+        if policy != "memory" and hot_tail not in (None, "default"):
+            from felix.node.config import parse_size
+
+            self.hot_tail_bytes = parse_size(str(hot_tail))
         self.promise = {
             "commit": "fsynced before the ack (group commit): survives power loss",
             "interval": "written to the kernel before the ack, fsynced within "
@@ -168,9 +174,12 @@ class FelixDurable(DurableSystem):
         return MEMORY_REPLAY_BYTES * 3 // 4 if self.policy == "memory" else None
 
     async def replay_source(self, records: int, record_bytes: int) -> ReplaySource:
-        src = _FelixReplay(await self._connect(), unique("perfdur-replay-"), records, record_bytes)
-        await src.fill()
-        return src
+        # One batch must fit the stream's in-memory ring (else TooLarge) and a request
+        # (2 MiB): at most a quarter of the hot tail and 1 MiB.
+        limit = min(2**20, self.hot_tail_bytes // 4)
+        batch = max(1, min(256, limit // (record_bytes + 64)))
+        client = await self._connect()
+        return _FelixReplay(client, unique("perfdur-replay-"), records, record_bytes, batch)
 
     def metrics(self) -> dict[str, float]:
         """fsync count, seconds and commit acks so far, summed over the node's shards.

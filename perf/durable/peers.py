@@ -73,8 +73,9 @@ class _JsReplay(ReplaySource):
         self.records, self.record_bytes = records, size
         self.js = conn.jetstream()
 
-    async def fill(self, window: int = 256) -> None:
-        """Publish ``records`` records, ``window`` acks outstanding at most."""
+    async def fill(self) -> None:
+        """Publish ``records`` records, 256 acks outstanding at most."""
+        window = 256
         body = b"r" * self.record_bytes
         per, extra = divmod(self.records, window)
 
@@ -166,9 +167,7 @@ class JetStreamFile(_ByAddress):
         return _JsPublisher(*await self._stream())
 
     async def replay_source(self, records: int, record_bytes: int) -> ReplaySource:
-        src = _JsReplay(*await self._stream(), records, record_bytes)
-        await src.fill()
-        return src
+        return _JsReplay(*await self._stream(), records, record_bytes)
 
 
 class JetStreamSyncAlways(JetStreamFile):
@@ -208,6 +207,8 @@ class JetStreamSyncAlways(JetStreamFile):
             if self.proc.poll() is not None:
                 log.close()
                 text = (self.dir / "server.log").read_text(errors="replace").strip()
+                # The server names its (temporary) config file: no machine paths in reports.
+                text = text.replace(str(conf), "nats.conf")
                 raise ServerRefused(text.splitlines()[-1] if text else "exited")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
                 break

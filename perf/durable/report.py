@@ -8,6 +8,7 @@ min..max of those per-repetition ratios.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,11 @@ def markdown(data: dict[str, Any]) -> str:
         "What an ack promises:",
         "",
     ]
-    lines += [f"- **{n}**: {p}" for n, p in meta.get("promises", {}).items()]
+    said = _ack_levels(data)
+    lines += [
+        f"- **{n}**: {p}" + (f" (its acks said: {said[n]})" if n in said else "")
+        for n, p in meta.get("promises", {}).items()
+    ]
     for name, note in meta["unavailable"].items():
         lines += ["", f"**{name}**: {note}"]
     for name, probs in meta.get("felix_log_problems", {}).items():
@@ -246,6 +251,21 @@ def markdown(data: dict[str, Any]) -> str:
                 f"{base._cell(s['summary'].get('cpu_server_us'))} | {base._cell(reads)} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _ack_levels(data: dict[str, Any]) -> dict[str, str]:
+    """What felix's publish acks said about durability, per system, over every run."""
+    seen: dict[str, dict[str, int]] = {}
+    for w in data["workloads"]:
+        for name, s in w["systems"].items():
+            for r in s["runs"]:
+                for level, n in (r.get("ack_durability") or {}).items():
+                    seen.setdefault(name, {}).setdefault(level, 0)
+                    seen[name][level] += n
+    return {
+        name: ", ".join(f"{level} x{n}" for level, n in sorted(levels.items()))
+        for name, levels in seen.items()
+    }
 
 
 def _spread(vals: list[float]) -> dict[str, float] | None:
@@ -332,9 +352,11 @@ def _where_time_goes(data: dict[str, Any]) -> list[str]:
 # --- files --------------------------------------------------------------------------------
 
 
-def write_all(data: dict[str, Any], workloads: list[Any], out: Path) -> None:
+def write_all(data: dict[str, Any], workloads: list[Any], out: Path, plots: bool = True) -> None:
     (out / "durable.json").write_text(json.dumps(data, indent=1) + "\n")
     (out / "durable.md").write_text(markdown(data))
+    if plots:
+        write_plot(workloads, out)
     raw = {
         f"{wl.id}|{name}|{i}": r.samples
         for wl in workloads
@@ -343,6 +365,56 @@ def write_all(data: dict[str, Any], workloads: list[Any], out: Path) -> None:
         if len(r.samples)
     }
     np.savez_compressed(out / "durable_raw.npz", **raw)
+
+
+_COLORS = {
+    "felix commit": "tab:blue",
+    "felix interval": "tab:cyan",
+    "felix none": "tab:purple",
+    "felix memory": "tab:gray",
+    "jetstream": "tab:olive",
+    "jetstream sync": "tab:green",
+    "rabbitmq": "tab:orange",
+}
+
+
+def write_plot(workloads: list[Any], out: Path) -> Path | None:
+    """durable_latency.png: ack latency percentile curves, one panel per publish workload."""
+    wls = [w for w in workloads if w.family == "publish" and w.runs]
+    if not wls:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from perf.harness.stats import percentile_curve
+
+    cols = 2 if len(wls) > 1 else 1
+    rows = (len(wls) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 2.8 * rows), squeeze=False)
+    for ax, wl in zip(axes.flat, wls, strict=False):
+        for name in wl.systems:
+            runs = wl.runs.get(name, [])
+            if not runs:
+                continue
+            pct, lat = percentile_curve(np.concatenate([r.samples for r in runs]))
+            nines = [-np.log10(max(1e-9, 1 - p / 100)) for p in pct]
+            ax.plot(nines, lat, label=name, color=_COLORS.get(name))
+        ax.set_title(wl.title, fontsize=9)
+        ax.set_yscale("log")
+        ax.set_xticks([0, 1, 2, 3, 4])
+        ax.set_xticklabels(["p0", "p90", "p99", "p99.9", "p99.99"], fontsize=8)
+        ax.set_ylabel("ack latency us", fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(wls) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    path = out / "durable_latency.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
 
 
 BEGIN, END = "<!-- durable:begin -->", "<!-- durable:end -->"
@@ -354,6 +426,9 @@ def update_readme(readme: Path, out: Path) -> None:
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{readme}: no {BEGIN} ... {END} markers")
     body = (out / "durable.md").read_text()
+    if (out / "durable_latency.png").exists():
+        rel = os.path.relpath(out / "durable_latency.png", readme.parent)
+        body += f"\n![durable_latency]({rel})\n"
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
     readme.write_text(f"{head}{BEGIN}\n{body}{END}{tail}")

@@ -57,6 +57,7 @@ class FelixNode:
         args += extra_args or []
         # As shown in reports: the temporary data dir is not worth printing.
         self.problems: list[str] = []
+        self._stopped = False
         self.args = [("DATA_DIR" if a == str(data) else a) for a in args[4:]]
         self._log = (self.dir / "node.log").open("wb")
         self.proc = subprocess.Popen(
@@ -93,6 +94,10 @@ class FelixNode:
         return (self.dir / "node.log").read_text(errors="replace")
 
     def stop(self) -> None:
+        """Stop the node, keep its logged problems, remove its directory; idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -1,0 +1,1 @@
+"""Queue groups over durable streams: docs/queues.md."""

@@ -62,6 +62,7 @@ from felix.shard.cache import CachePartition, CacheSettings
 from felix.shard.disk_read import ReadJob, durable_start
 from felix.shard.durable import DurableSettings, DurableStore, DurableStream
 from felix.shard.offsets import OffsetReservations
+from felix.shard.queue.settings import GroupSettings
 from felix.shard.resources import SHARD_MAX_RESOURCES, cache_settings
 from felix.shard.stream_log import StreamLog, StreamSettings
 from felix.shard.tenants import TenantQuota, TenantUsage, water_level
@@ -72,6 +73,8 @@ log = logging.getLogger("felix.shard")
 MAX_READ_RECORDS = 4096
 #: Bytes per READ reply at most (a READ always returns at least one record).
 MAX_READ_BYTES = 1024 * 1024
+#: Queue groups one stream may have (each keeps a window of state and a file).
+MAX_GROUPS_PER_STREAM = 64
 
 
 # A publish whose ack waits for an fsync: _request sends nothing now.
@@ -177,6 +180,8 @@ class ShardCore:
         self._tenants: dict[str, TenantUsage] = {}
         self._quotas: dict[str, TenantQuota] = {}
         self._tombstones: OrderedDict[object, None] = OrderedDict()
+        # Queue groups defined by the control plane: stream key -> group -> settings.
+        self._group_defs: dict[str, dict[str, GroupSettings]] = {}
         self._out: dict[int, list[bytes]] = {}
         self._dirty: list[_Stream] = []
         self._handlers: dict[int, Callable[[wire.ExtMessage, float], bytes]] = {
@@ -867,6 +872,25 @@ class ShardCore:
         self._release(usage, scope)
         return True
 
+    # -- queue groups defined by the control plane ----------------------------------------
+
+    def define_group(self, key: str, group: str, settings: GroupSettings) -> None:
+        """Define (or reconfigure) queue group ``group`` on stream ``key`` (docs/queues.md)."""
+        validate_name("group", group)
+        defs = self._group_defs.setdefault(key, {})
+        if group not in defs and len(defs) >= MAX_GROUPS_PER_STREAM:
+            raise Overloaded(f"stream {key} holds its maximum of {MAX_GROUPS_PER_STREAM} groups")
+        defs[group] = settings
+
+    def delete_group(self, key: str, group: str) -> bool:
+        """Remove queue group ``group`` of stream ``key``; False if it was not defined."""
+        defs = self._group_defs.get(key)
+        if defs is None or defs.pop(group, None) is None:
+            return False
+        if not defs:
+            del self._group_defs[key]
+        return True
+
     # -- durable streams: startup and the I/O driver's reports ------------------------
 
     def open_durable(self, progress: Callable[[int, int], None] | None = None) -> int:
@@ -953,6 +977,10 @@ class ShardCore:
             return {"durable": False, "fsync": "none", "memory": memory}
         status = self.disk.status(key) or {}
         status["memory"] = memory
+        status["groups"] = {
+            name: {"settings": settings.to_spec()}
+            for name, settings in sorted(self._group_defs.get(key, {}).items())
+        }
         return status
 
     # -- introspection (metrics, tests) ----------------------------------------------

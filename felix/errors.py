@@ -215,6 +215,17 @@ class ConnectionLost(FelixError):
     retryable = True
 
 
+class LeaseLost(FelixError):
+    """A queue record could not be settled: ``reason`` ``stale`` (leased to another
+    consumer since: it was redelivered), ``dead`` (dead-lettered already), ``unknown``
+    (never delivered to this group) or ``lost`` (the connection it came on was lost)."""
+
+    def __init__(self, offset: int, reason: str, detail: str) -> None:
+        super().__init__(f"record {offset}: {detail}")
+        self.offset = offset
+        self.reason = reason
+
+
 class ClientClosed(ConnectionLost):
     """The call was made on a client that is closed or draining (not retryable)."""
 

@@ -71,6 +71,17 @@ class RecordType(enum.IntEnum):
     #: G: the lowest next offset of this gateway's subscribers on a ``block`` stream
     #: (aux; token 1 = none left): the shard refuses appends that would evict it.
     CURSOR = 9
+    #: S: records leased to a queue-group member (token = member token): body = a
+    #: DELIVERIES frame whose request id is the consumer id (docs/queues.md).
+    DELIVER = 10
+    #: G: a queue-group member is gone, abruptly (token = member token): body = stream
+    #: key + group name (two keys). Its leases count a failure.
+    LEAVE = 11
+    #: S: publish for the shard (token = relay id): body = stream key + a PUBLISH frame,
+    #: for a stream that may live on another shard (dead-letter appends).
+    RELAY = 12
+    #: G: the answer to a RELAY (token = relay id): body = the reply frame.
+    RELAY_REPLY = 13
 
 
 def encode(kind: RecordType, token: int, aux: int, body: bytes) -> bytes:

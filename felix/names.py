@@ -13,7 +13,14 @@ import re
 
 from felix.errors import BadRequest, TooLarge
 
-__all__ = ["NAME_MAX_CHARS", "NAME_RULE", "validate_key", "validate_name"]
+__all__ = [
+    "DLQ_SUFFIX",
+    "NAME_MAX_CHARS",
+    "NAME_RULE",
+    "dead_letter_name",
+    "validate_key",
+    "validate_name",
+]
 
 #: Longest name accepted by :func:`validate_name`, in characters (all ASCII, so bytes too).
 NAME_MAX_CHARS = 64
@@ -99,3 +106,18 @@ def validate_key(key: str, max_bytes: int) -> int:
     if size > max_bytes:
         raise TooLarge(f"cache key of {size} bytes exceeds the limit of {max_bytes} bytes")
     return size
+
+
+#: The dead-letter stream of a queue group that names none: ``<stream>.dlq``.
+DLQ_SUFFIX = ".dlq"
+
+
+def dead_letter_name(stream: str) -> str:
+    """The default dead-letter stream of queue groups on ``stream`` (docs/queues.md)."""
+    name = stream + DLQ_SUFFIX
+    if len(name) > NAME_MAX_CHARS:
+        raise BadRequest(
+            f"stream name {stream!r} is too long for its default dead-letter stream "
+            f"{name!r} (at most {NAME_MAX_CHARS} characters): name a dead_letter stream"
+        )
+    return name

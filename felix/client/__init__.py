@@ -7,6 +7,10 @@
         async with client.subscribe("orders", start="earliest") as sub:
             async for msg in sub:
                 print(msg.offset, msg.data)
+        async with client.consume("jobs", "workers") as jobs:  # a durable stream
+            async for job in jobs:
+                async with job.process():  # ack on success, nak on an exception
+                    ...
         sessions = client.cache("sessions")
         await sessions.set("user:1", b"...", ttl=30.0)
 
@@ -18,6 +22,7 @@ from felix.client._backoff import Backoff
 from felix.client._cache import Cache
 from felix.client._client import Client, Durability, PublishAck
 from felix.client._connect import Connect, connect
+from felix.client._consumer import Consumer, QueueMessage, Role
 from felix.client._convert import TimeStart
 from felix.client._events import ClientEvent, Disconnected, EventFeed, Reconnected, SlowConsumer
 from felix.client._flow import Message
@@ -31,12 +36,15 @@ __all__ = [
     "ClientEvent",
     "ClientOptions",
     "Connect",
+    "Consumer",
     "Disconnected",
     "Durability",
     "EventFeed",
     "Message",
     "PublishAck",
+    "QueueMessage",
     "Reconnected",
+    "Role",
     "SlowConsumer",
     "Subscription",
     "TimeStart",

@@ -22,6 +22,7 @@ from typing import Any, TypeAlias
 from felix import wire
 from felix.client._cache import Cache
 from felix.client._connection import Connection, R, expect_reply
+from felix.client._consumer import Consumer
 from felix.client._convert import Endpoint, StartSpec, resolve_name, start_spec
 from felix.client._events import ClientEvent, EventFeed, EventHub, EventListener
 from felix.client._links import PooledSubscription
@@ -39,6 +40,7 @@ from felix.errors import (
     RemoteProtocolError,
     Unauthenticated,
 )
+from felix.names import validate_name
 from felix.quic import QuicEngine, load_engine
 
 __all__ = ["BytesLike", "Client", "Durability", "PublishAck"]
@@ -344,6 +346,25 @@ class Client:
             raise ConfigError(f"credit must be an int within 2..2**32-1, got {credit!r}")
         return Subscription(self, stream, ns, name, start_spec(start), credit)
 
+    def consume(
+        self, stream: str, group: str, *, prefetch: int = 64, max_bytes: int = 4 << 20
+    ) -> Consumer:
+        """A member of queue group ``group`` on the durable stream ``stream``; use
+        ``async with`` (see :class:`Consumer`, docs/queues.md).
+
+        ``prefetch``: records the broker may lease to this consumer ahead of the
+        application (and not yet settled); ``max_bytes``: their payload bytes (one
+        record always fits). The group is created with the node's defaults on the
+        first consume unless it was defined through the control plane.
+        """
+        ns, name = resolve_name("stream", stream, self.namespace)
+        validate_name("group", group)
+        if not isinstance(prefetch, int) or not 1 <= prefetch <= 65_536:
+            raise ConfigError(f"prefetch must be an int within 1..65536, got {prefetch!r}")
+        if not isinstance(max_bytes, int) or not 1 <= max_bytes <= 64 << 20:
+            raise ConfigError(f"max_bytes must be an int within 1..64 MiB, got {max_bytes!r}")
+        return Consumer(self, stream, group, ns, name, prefetch, max_bytes)
+
     def cache(self, name: str) -> Cache:
         """The cache ``name`` (``"ns/name"`` for another namespace); no round trip."""
         return Cache(self, name)
@@ -422,6 +443,27 @@ class Client:
 
     def _forget_subscription(self, sub: PooledSubscription) -> None:
         self._pool.detach(sub)
+
+    async def _start_consumer(self, consumer: Consumer) -> None:
+        self._check_usable()
+
+        async def join() -> None:
+            for attempt in (1, 2):  # CONSUME changes nothing until it succeeds: retry once
+                conn = await self._pool.connection()
+                self._pool.attach(consumer, conn)
+                try:
+                    await consumer._consume_on(conn)
+                    return
+                except BaseException as exc:
+                    self._pool.detach(consumer)
+                    if not isinstance(exc, ConnectionLost) or attempt == 2 or self._closed:
+                        raise
+
+        async with self._call_scope(), self._inflight:
+            await self._with_timeout(join())
+
+    def _forget_consumer(self, consumer: Consumer) -> None:
+        self._pool.detach(consumer)
 
     async def _with_timeout(self, awaitable: Awaitable[Any]) -> Any:
         try:

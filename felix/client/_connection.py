@@ -79,6 +79,20 @@ BATCH_MAX_RECORDS = 512
 BATCH_MAX_BYTES = 256 * 1024
 
 
+#: Notices that carry a consumer id in the request id (docs/wire-protocol.md).
+_CONSUMER_NOTICES = frozenset((wire.OP_DELIVERIES, wire.OP_CONSUMER_ROLE, wire.OP_CONSUMER_END))
+#: Queue consumers one connection carries at most (the broker's default bound).
+MAX_CONSUMERS = 1024
+
+
+class ConsumerSink(Protocol):
+    """What a connection tells a queue consumer (felix/client/_consumer.py)."""
+
+    def _on_deliveries(self, message: wire.Deliveries) -> None: ...
+    def _on_role(self, role: int) -> None: ...
+    def _on_consumer_end(self, code: int, text: str) -> None: ...
+
+
 class SubscriptionSink(Protocol):
     """What a connection delivers a subscription's event stream to."""
 
@@ -170,6 +184,8 @@ class Connection:
         self.lost: FelixError | None = None
         self.requests: RequestTable[asyncio.Future[wire.ExtMessage]] = RequestTable()
         self.subscriptions: dict[int, SubscriptionSink] = {}
+        #: Queue consumers on this connection, by consumer id (felix/client/_consumer.py).
+        self.consumers: dict[int, ConsumerSink] = {}
         self._loop = asyncio.get_running_loop()
         self._controls: dict[int, ControlStream] = {}
         self._ready: list[int] = []  # authenticated control stream ids, in opening order
@@ -333,6 +349,15 @@ class Connection:
             )
         return self.requests.new_id()
 
+    def new_consumer_id(self) -> int:
+        """An id for one more queue consumer (unique among this connection's request ids)."""
+        self._check_alive()
+        if len(self.consumers) >= MAX_CONSUMERS:
+            raise Overloaded(
+                f"this connection to {self.endpoint} already carries {MAX_CONSUMERS} consumers"
+            )
+        return self.requests.new_id()
+
     def _check_alive(self) -> None:
         if self.lost is not None:
             raise ConnectionLost(str(self.lost))
@@ -441,6 +466,18 @@ class Connection:
 
     def _on_reply(self, message: wire.ExtMessage) -> None:
         opcode = message.opcode
+        if opcode in _CONSUMER_NOTICES:
+            consumer = self.consumers.get(message.request_id)
+            if consumer is None:
+                return  # stopped meanwhile: the broker releases what it still sends
+            if isinstance(message, wire.Deliveries):
+                consumer._on_deliveries(message)
+            elif isinstance(message, wire.ConsumerRole):
+                consumer._on_role(message.role)
+            elif isinstance(message, wire.ErrorReply):
+                self.consumers.pop(message.request_id, None)
+                consumer._on_consumer_end(message.code, message.message)
+            return
         if opcode in (wire.OP_SLOW_CONSUMER, wire.OP_SUBSCRIPTION_END):
             # Notices carry the subscription id; they belong on the event stream,
             # but are understood here too.

@@ -15,15 +15,17 @@ from typing import Protocol
 
 from felix.client._connection import Connection, R, SubscriptionSink
 from felix.client._events import ClientEvent
+from felix.errors import FelixError
 
-__all__ = ["ClientLink", "PooledSubscription"]
+__all__ = ["ClientLink", "PooledMember", "PooledSubscription"]
 
 
-class PooledSubscription(SubscriptionSink, Protocol):
-    """What the client and the pool do to a subscription: (re)subscribe, pause, end."""
+class PooledMember(Protocol):
+    """What the pool does to what lives on one of its connections (subscriptions, queue
+    consumers): pause it when the connection is lost, resume it after the reconnect."""
 
-    async def _subscribe_on(self, conn: Connection, start: str | int | None = None) -> None:
-        """SUBSCRIBE on ``conn`` from ``start`` (None: where the subscription was asked to)."""
+    def _on_end(self, error: FelixError | None) -> None:
+        """It ends for good with ``error`` (e.g. the session's token expired)."""
 
     def _on_disconnected(self) -> None:
         """Its connection was lost; the pool reconnects and calls :meth:`_resume`."""
@@ -33,6 +35,13 @@ class PooledSubscription(SubscriptionSink, Protocol):
 
     def _on_client_closed(self) -> None:
         """The client closed: end iteration without unsubscribing."""
+
+
+class PooledSubscription(SubscriptionSink, PooledMember, Protocol):
+    """What the client does to a subscription besides: (re)subscribe."""
+
+    async def _subscribe_on(self, conn: Connection, start: str | int | None = None) -> None:
+        """SUBSCRIBE on ``conn`` from ``start`` (None: where the subscription was asked to)."""
 
 
 class ClientLink(Protocol):

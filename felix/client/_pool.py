@@ -46,7 +46,7 @@ from felix.quic import QuicConfiguration, QuicEngine
 from felix.unverified_jwt import read_unverified_claims
 
 if TYPE_CHECKING:
-    from felix.client._links import PooledSubscription
+    from felix.client._links import PooledMember
 
 __all__ = ["Pool", "PoolSettings", "refresh_delay", "token_times"]
 
@@ -123,7 +123,7 @@ class _Slot:
     conn: Connection | None = None
     reconnecting: asyncio.Task[None] | None = None
     refreshing: asyncio.Task[None] | None = None
-    subscriptions: set[PooledSubscription] = field(default_factory=set)
+    subscriptions: set[PooledMember] = field(default_factory=set)
     #: Set when the slot gave up (a static token expired): what calls fail with.
     failed: FelixError | None = None
 
@@ -246,13 +246,13 @@ class Pool:
 
     # -- subscriptions -------------------------------------------------------------------
 
-    def attach(self, sub: PooledSubscription, conn: Connection) -> None:
+    def attach(self, sub: PooledMember, conn: Connection) -> None:
         """``sub`` lives on ``conn``: resume it there after that slot reconnects."""
         for slot in self._slots:
             if slot.conn is conn:
                 slot.subscriptions.add(sub)
 
-    def detach(self, sub: PooledSubscription) -> None:
+    def detach(self, sub: PooledMember) -> None:
         for slot in self._slots:
             slot.subscriptions.discard(sub)
 

@@ -1,4 +1,5 @@
-"""Client commands of the ``felix`` CLI: ``pub``, ``sub``, ``cache get|set|del``.
+"""Client commands of the ``felix`` CLI: ``pub``, ``sub``, ``consume``, ``dlq ls|peek|replay``,
+``cache get|set|del``.
 
 ``felix.cli`` calls :func:`add_commands` with its subparsers; each command sets
 ``func``: a callable taking the parsed namespace and returning the exit status.
@@ -33,6 +34,7 @@ from felix.client._convert import StartSpec, time_start
 from felix.client._events import ClientEvent, SlowConsumer
 from felix.client._flow import Message
 from felix.errors import ConfigError, FelixTimeoutError
+from felix.names import dead_letter_name
 
 __all__ = ["DEFAULT_URL", "EXIT_NOTHING", "add_commands"]
 
@@ -74,6 +76,45 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         "--idle", type=float, metavar="SECONDS", help="exit after this long without a record"
     )
     sub.set_defaults(func=_run(_sub))
+
+    consume = _command(subparsers, "consume", "take records from a queue group", common)
+    consume.add_argument("stream", metavar="STREAM", help="durable stream (ns/name elsewhere)")
+    consume.add_argument("group", metavar="GROUP", help="the queue group")
+    consume.add_argument("--count", type=int, metavar="N", help="exit after N records")
+    consume.add_argument(
+        "--idle", type=float, metavar="SECONDS", help="exit after this long without a record"
+    )
+    consume.add_argument("--prefetch", type=int, default=16, help="records leased ahead (16)")
+    consume.add_argument(
+        "--nak",
+        action="store_true",
+        help="nak every record instead of acking it (it is retried; test dead-lettering)",
+    )
+    consume.set_defaults(func=_run(_consume))
+
+    dlq = subparsers.add_parser(
+        "dlq",
+        help="inspect and replay a stream's dead letters",
+        epilog=_EPILOG,
+        formatter_class=_RAW,
+    )
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="COMMAND")
+    for name, help_text in (
+        ("ls", "list dead letters: offset, reason, source offset, group, failures"),
+        ("peek", "print dead letters with their payloads and headers"),
+        ("replay", "publish dead letters back to their source stream (a group on the DLQ)"),
+    ):
+        cmd = _command(dlq_commands, name, help_text, common)
+        cmd.add_argument("stream", metavar="STREAM", help="the source stream")
+        cmd.add_argument(
+            "--dlq", metavar="NAME", help="the dead-letter stream (default: STREAM.dlq)"
+        )
+        cmd.add_argument("--count", type=int, metavar="N", help="at most N dead letters")
+        cmd.add_argument(
+            "--idle", type=float, default=1.0, metavar="SECONDS", help="stop when none for (1)"
+        )
+        cmd.set_defaults(func=_run(_dlq_replay if name == "replay" else _dlq_list))
+        cmd.set_defaults(peek=name == "peek")
 
     cache = subparsers.add_parser(
         "cache", help="get, set or delete a cache key", epilog=_EPILOG, formatter_class=_RAW
@@ -317,6 +358,108 @@ async def _sub(args: argparse.Namespace) -> int:
                 _print_message(message, args.json)
                 received += 1
     return 0
+
+
+async def _consume(args: argparse.Namespace) -> int:
+    if args.count is not None and args.count < 1:
+        raise ConfigError("--count must be at least 1")
+    idle = None if args.idle is None else args.idle
+    async with _connect(args, on_event=_on_event) as client:
+        received = 0
+        async with client.consume(args.stream, args.group, prefetch=args.prefetch) as jobs:
+            while args.count is None or received < args.count:
+                batch = await jobs.fetch(1, timeout=idle)
+                if not batch:
+                    break
+                job = batch[0]
+                if args.json:
+                    out: dict[str, Any] = {
+                        "stream": args.stream,
+                        "offset": job.offset,
+                        "attempts": job.attempts,
+                        "failures": job.failures,
+                    }
+                    out.update(_data_json(job.data))
+                    out["headers"] = dict(job.headers)
+                    _print_json(out)
+                else:
+                    _print_bytes(job.data)
+                if args.nak:
+                    await job.nak(detail="nak'ed by felix consume --nak")
+                else:
+                    await job.ack()
+                received += 1
+    return 0
+
+
+def _dlq_name(args: argparse.Namespace) -> str:
+    if args.dlq:
+        return str(args.dlq)
+    ns, _, name = args.stream.rpartition("/")
+    return f"{ns}/{dead_letter_name(name)}" if ns else dead_letter_name(name)
+
+
+async def _dlq_list(args: argparse.Namespace) -> int:
+    idle = args.idle
+    async with _connect(args, on_event=_on_event) as client:
+        seen = 0
+        async with client.subscribe(_dlq_name(args), start="earliest") as sub:
+            while args.count is None or seen < args.count:
+                try:
+                    message = await sub.next(timeout=idle)
+                except FelixTimeoutError:
+                    break
+                seen += 1
+                h = message.headers
+                if args.json or args.peek:
+                    out: dict[str, Any] = {"dlq_offset": message.offset}
+                    out.update({k.removeprefix("felix-dlq-"): v for k, v in h.items()})
+                    if args.peek:
+                        out.update(_data_json(message.data))
+                    _print_json(out)
+                else:
+                    print(
+                        f"{message.offset}\t{h.get('felix-dlq-reason', '?')}\t"
+                        f"{h.get('felix-dlq-stream', '?')}@{h.get('felix-dlq-offset', '?')}\t"
+                        f"group={h.get('felix-dlq-group', '?')}\t"
+                        f"failures={h.get('felix-dlq-failures', '?')}\t"
+                        f"{h.get('felix-dlq-detail', '')}",
+                        flush=True,
+                    )
+    return 0 if seen else EXIT_NOTHING
+
+
+#: The queue group ``felix dlq replay`` uses on a dead-letter stream: each dead letter
+#: is replayed once, whoever runs it, and a replay that dies midway resumes.
+REPLAY_GROUP = "felix-replay"
+
+
+async def _dlq_replay(args: argparse.Namespace) -> int:
+    replayed = 0
+    async with (
+        _connect(args, on_event=_on_event) as client,
+        client.consume(_dlq_name(args), REPLAY_GROUP, prefetch=16) as letters,
+    ):
+        while args.count is None or replayed < args.count:
+            batch = await letters.fetch(1, timeout=args.idle)
+            if not batch:
+                break
+            letter = batch[0]
+            source = letter.headers.get("felix-dlq-stream", "")
+            parts = source.split("/")
+            if len(parts) != 3:
+                await letter.term("no felix-dlq-stream header: not a felix dead letter")
+                continue
+            headers = {k: v for k, v in letter.headers.items() if not k.startswith("felix-dlq-")}
+            headers["felix-replayed-from"] = f"{_dlq_name(args)}@{letter.offset}"
+            await client.publish(f"{parts[1]}/{parts[2]}", letter.data, headers=headers)
+            await letter.ack()
+            replayed += 1
+            if not args.json:
+                print(f"{letter.offset} -> {parts[1]}/{parts[2]}", flush=True)
+    if args.json:
+        _print_json({"replayed": replayed})
+    return 0 if replayed else EXIT_NOTHING
 
 
 async def _cache_get(args: argparse.Namespace) -> int:

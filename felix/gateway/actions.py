@@ -21,9 +21,12 @@ __all__ = [
     "CloseConnection",
     "ConnectionAuthenticated",
     "ConnectionUnauthenticated",
+    "Consume",
     "Credit",
+    "EndConsumers",
     "Forward",
     "GatewayState",
+    "QueueOp",
     "Send",
     "StopStream",
     "Subscribe",
@@ -107,6 +110,41 @@ class Unsubscribe:
 
 
 @dataclass(frozen=True, slots=True)
+class Consume:
+    """Join queue group ``group`` of stream ``key`` as consumer ``consumer_id`` and
+    forward the CONSUME ``frame``; deliveries come back on ``stream_id``. Settled like
+    :class:`Forward`."""
+
+    stream_id: int
+    request_id: int
+    consumer_id: int
+    key: str
+    group: str
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class QueueOp:
+    """Forward a consumer's request (ack, nak, release, in_progress, term, window,
+    stop) to its group's shard. Settled like :class:`Forward`; ``stop``: the consumer
+    is gone here once it is sent."""
+
+    stream_id: int
+    request_id: int
+    consumer_id: int
+    frame: bytes
+    stop: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EndConsumers:
+    """The QUIC stream ``stream_id`` is gone: its consumers leave their groups (abruptly:
+    what they held counts a failure)."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionAuthenticated:
     """The connection's first stream authenticated (it no longer counts as idle)."""
 
@@ -138,6 +176,9 @@ Action = (
     | Subscribe
     | Credit
     | Unsubscribe
+    | Consume
+    | QueueOp
+    | EndConsumers
     | ConnectionAuthenticated
     | ConnectionUnauthenticated
     | Audit

@@ -24,21 +24,25 @@ from functools import partial
 from typing import Protocol
 
 from felix import audit, ipc, wire
-from felix.errors import ConnectionLost, FelixError
+from felix.errors import BadRequest, ConnectionLost, FelixError
 from felix.gateway.actions import (
     Action,
     Audit,
     CloseConnection,
     ConnectionAuthenticated,
     ConnectionUnauthenticated,
+    Consume,
     Credit,
+    EndConsumers,
     Forward,
+    QueueOp,
     Send,
     StopStream,
     Subscribe,
     Unsubscribe,
 )
 from felix.gateway.gateway import CLOSE_INPUT_LIMIT, CLOSE_OVERLOADED, Gateway, _Pending
+from felix.gateway.queues import Consumer
 from felix.gateway.session import GatewaySession
 from felix.gateway.subscription import MAX_CREDIT, Subscription
 from felix.ipc import RecordType
@@ -83,7 +87,9 @@ class ConnectionShell:
         self._clock = clock
         self._arm_timer = arm_timer
         self.subscriptions: dict[int, Subscription] = {}
-        self.session = GatewaySession(gateway, "?", self.subscriptions)
+        #: Queue consumers of this connection, by the client's consumer id.
+        self.consumers: dict[int, Consumer] = {}
+        self.session = GatewaySession(gateway, "?", self.subscriptions, self.consumers)
 
     @property
     def peer(self) -> str:
@@ -208,6 +214,12 @@ class ConnectionShell:
             if sub is not None:
                 self.gateway.unsubscribe(sub)
                 self.end_subscription(sub, action.code, action.message)
+        elif isinstance(action, Consume):
+            self._consume(action)
+        elif isinstance(action, QueueOp):
+            self._queue_op(action)
+        elif isinstance(action, EndConsumers):
+            self.gateway.queues.stream_closed(self, action.stream_id)
         elif isinstance(action, ConnectionAuthenticated):
             self.gateway.admission.authenticated(self)
         elif isinstance(action, ConnectionUnauthenticated):
@@ -261,6 +273,57 @@ class ConnectionShell:
         if not gateway.forward(pending, sub.token, record):
             gateway.unsubscribe(sub)  # could not be sent: forget it
             self.session.settle(action.stream_id, self._clock())
+
+    def _consume(self, action: Consume) -> None:
+        gateway = self.gateway
+        consumer = Consumer(
+            self,
+            action.consumer_id,
+            action.key,
+            action.group,
+            gateway.shard_for(action.key),
+            gateway.token(),
+            action.stream_id,
+        )
+        self.consumers[consumer.consumer_id] = consumer
+        gateway.queues.add(consumer)
+        pending = _Pending(self, action.stream_id, action.request_id, consumer.shard)
+        pending.consumer = consumer
+        record = ipc.encode(RecordType.REQUEST, consumer.token, 0, action.frame)
+        if not gateway.forward(pending, consumer.token, record):
+            gateway.queues.drop(consumer, leave=False)  # could not be sent: forget it
+            self.session.settle(action.stream_id, self._clock())
+
+    def _queue_op(self, action: QueueOp) -> None:
+        gateway = self.gateway
+        consumer = self.consumers.get(action.consumer_id)
+        pending = _Pending(
+            self, action.stream_id, action.request_id, consumer.shard if consumer else 0
+        )
+        if consumer is None:
+            # Ended meanwhile (its shard restarted, its group was removed).
+            self.reply_error(pending, BadRequest(f"no consumer {action.consumer_id}"))
+            self.session.settle(action.stream_id, self._clock())
+            return
+        token = gateway.token()
+        record = ipc.encode(RecordType.REQUEST, token, consumer.token, action.frame)
+        sent = gateway.forward(pending, token, record)
+        if action.stop:
+            # Sent: the STOP tells the shard (a graceful leave); not sent: a LEAVE does.
+            gateway.queues.drop(consumer, leave=not sent)
+        if not sent:
+            self.session.settle(action.stream_id, self._clock())
+
+    def deliver(self, consumer: Consumer, frame: bytes) -> bool:
+        """Write a queue delivery (or notice) on the consumer's stream; False: it is gone."""
+        if not self.session.can_send(consumer.stream_id):
+            return False
+        try:
+            self.transport.send_stream_data(consumer.stream_id, frame)
+        except (ValueError, RuntimeError, ConnectionLost):
+            self.gateway.internal_error("write to a queue consumer's stream")
+            return False
+        return True
 
     # -- subscriptions ------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from felix.gateway import v1
 from felix.gateway.admission import ConnectionTable
 from felix.gateway.auth import Authenticator, DevAuthenticator, FailureLimiter
 from felix.gateway.links import ShardLinks
+from felix.gateway.queues import Consumer, QueueRouter
 from felix.gateway.subscription import (
     READ_BYTES,
     READ_RECORDS,
@@ -77,6 +78,8 @@ class GatewayLimits:
     max_connections: int = 10_000
     max_streams_per_connection: int = 256
     max_subscriptions_per_connection: int = 1024
+    #: Queue consumers one connection may hold (docs/queues.md).
+    max_consumers_per_connection: int = 1024
     max_in_flight_per_connection: int = 4096
     #: Connections that have no authenticated stream yet: over either bound the
     #: oldest unauthenticated connection is closed to admit the new one (per source:
@@ -96,7 +99,16 @@ class GatewayLimits:
 class _Pending:
     """A request forwarded to a shard, waiting for its reply."""
 
-    __slots__ = ("conn", "quiet", "request_id", "shard", "stream_id", "subscription", "translate")
+    __slots__ = (
+        "conn",
+        "consumer",
+        "quiet",
+        "request_id",
+        "shard",
+        "stream_id",
+        "subscription",
+        "translate",
+    )
 
     def __init__(
         self,
@@ -116,6 +128,8 @@ class _Pending:
         self.translate = translate
         # A publish without ack: success is not answered (errors still are).
         self.quiet = False
+        #: A CONSUME: the consumer it opens (dropped if the shard refuses it).
+        self.consumer: Consumer | None = None
 
 
 class Gateway:
@@ -181,6 +195,8 @@ class Gateway:
         self.buffered_input = 0
         self.authenticator: Authenticator = authenticator or DevAuthenticator()
         self.auth_limiter = FailureLimiter()
+        #: Queue consumers and dead-letter relays (felix/gateway/queues.py).
+        self.queues = QueueRouter(links, self.shard_for, self.token)
         links.attach(index, self.on_shard_records)
 
     # -- routing ---------------------------------------------------------------------
@@ -235,6 +251,10 @@ class Gateway:
                     self._on_read_reply(token, aux, body)
                 elif kind == RecordType.END:
                     self._on_stream_end(ipc.decode_key(body)[0])
+                elif kind == RecordType.DELIVER:
+                    self.queues.on_deliver(token, body)
+                elif kind == RecordType.RELAY:
+                    self.queues.on_relay(shard, token, body, self.shard_ok)
                 else:
                     log.warning(
                         "gateway %d: unexpected record kind %d from shard %d",
@@ -249,6 +269,7 @@ class Gateway:
         self._drop_failed_subscribers()
         if self._unwatch:
             self._send_unwatches()
+        self.queues.retry_leaves(self.shard_ok)
 
     def internal_error(self, where: str) -> None:
         """Count an unexpected exception (being handled); log its traceback once per place."""
@@ -285,7 +306,10 @@ class Gateway:
             return
         pending = self._pending.pop(token, None)
         if pending is None:
+            self.queues.on_reply(token, frame)  # a dead-letter relay's answer, or nobody's
             return  # its connection went away, or the shard restarted: nobody waits
+        if pending.consumer is not None:
+            self.queues.on_consume_reply(pending.consumer, frame)
         sub = pending.subscription
         if sub is not None:
             was_pending = sub.state is SubState.PENDING
@@ -520,6 +544,7 @@ class Gateway:
             del self._pending[token]
         for sub in list(conn.subscriptions.values()):
             self._drop_subscription(sub)
+        self.queues.connection_lost(conn)
 
     def shard_down(self, shard: int) -> None:
         """Fail everything in flight to ``shard`` now; refuse new requests until it is back."""
@@ -530,6 +555,8 @@ class Gateway:
             try:
                 if pending.subscription is not None:
                     self._drop_subscription(pending.subscription)
+                if pending.consumer is not None:
+                    self.queues.drop(pending.consumer, leave=False)
                 pending.conn.reply_error(pending, Unavailable(f"shard {shard} went down; retry"))
             except Exception:
                 self.internal_error("answer for a request to a shard that went down")
@@ -537,6 +564,7 @@ class Gateway:
                 pending.conn.settle(pending)
             except Exception:
                 self.internal_error("answer for a request to a shard that went down")
+        self.queues.shard_down(shard)
         for sub in self._subs_by_token.values():
             if sub.shard == shard:
                 sub.reading = False

@@ -70,9 +70,12 @@ from felix.gateway.actions import (
     CloseConnection,
     ConnectionAuthenticated,
     ConnectionUnauthenticated,
+    Consume,
     Credit,
+    EndConsumers,
     Forward,
     GatewayState,
+    QueueOp,
     Send,
     StopStream,
     Subscribe,
@@ -89,7 +92,7 @@ from felix.gateway.gateway import (
     SUPPORTED_FLAGS,
 )
 from felix.gateway.streams import Stream, StreamState
-from felix.gateway.targets import Target, ext_target, v1_target
+from felix.gateway.targets import Target, consumer_target, ext_target, v1_target
 from felix.names import validate_name
 from felix.quic.stream_ids import is_server_initiated
 
@@ -103,7 +106,11 @@ class GatewaySession:
     """Protocol state of one client connection (see the module docstring)."""
 
     def __init__(
-        self, gateway: GatewayState, peer: str, subscriptions: Mapping[int, object]
+        self,
+        gateway: GatewayState,
+        peer: str,
+        subscriptions: Mapping[int, object],
+        consumers: Mapping[int, Any] | None = None,
     ) -> None:
         self._gateway = gateway
         self._limits = gateway.limits
@@ -112,6 +119,10 @@ class GatewaySession:
         # The live subscriptions of this connection, kept by the shell; read only here.
         self._subscriptions = subscriptions
         self._opening: set[int] = set()  # ids in Subscribe actions not yet performed
+        # The queue consumers of this connection, kept by the shell (each has the
+        # ``stream_id`` its deliveries go to and its stream ``key``); read only here.
+        self._consumers: Mapping[int, Any] = {} if consumers is None else consumers
+        self._opening_consumers: set[int] = set()  # ids in Consume actions not yet performed
         # Subscriptions opened under a token that expires: sub id -> [stream id, expiry].
         self._sub_expiry: dict[int, list[Any]] = {}
         self.streams: dict[int, Stream] = {}
@@ -142,6 +153,7 @@ class GatewaySession:
         if out:
             self._actions = []
             self._opening.clear()
+            self._opening_consumers.clear()
         return out
 
     def get_timer(self) -> float | None:
@@ -255,6 +267,13 @@ class GatewaySession:
         stream = self.streams.get(stream_id)
         if stream is not None and stream.state is not StreamState.CLOSED:
             self._send(stream, frame)
+
+    def can_send(self, stream_id: int) -> bool:
+        """Whether frames may still be written on ``stream_id`` (open, not stopped)."""
+        stream = self.streams.get(stream_id)
+        return (
+            stream is not None and stream.state is not StreamState.CLOSED and not stream.send_closed
+        )
 
     def reply_error(self, stream_id: int, request_id: int, exc: FelixError) -> None:
         self.reply(stream_id, _error_frame(request_id, exc))
@@ -401,6 +420,9 @@ class GatewaySession:
             stream.buffered = 0
         stream.held = bytearray()
         stream.parked = None
+        if self._consumers or self._opening_consumers:
+            # Consumers whose deliveries went to this stream leave their groups.
+            self._actions.append(EndConsumers(stream.stream_id))
         if stream.deadlines():
             stream.auth_deadline = stream.frame_deadline = None
             stream.retry_at = stream.expires_at = None
@@ -531,6 +553,8 @@ class GatewaySession:
         """
         if not self.authenticated or self.closed or self._subscriptions or self._opening:
             return
+        if self._consumers or self._opening_consumers:
+            return
         for stream in self.streams.values():
             if stream.state in (StreamState.READY, StreamState.ENDING):
                 return
@@ -585,6 +609,9 @@ class GatewaySession:
         self, stream: Stream, msg: wire.ExtMessage, frame: wire.Frame, now: float
     ) -> None:
         op = msg.opcode
+        if isinstance(msg, _CONSUMER_REQUESTS):
+            self._consumer_request(stream, msg, frame, now)
+            return
         target = ext_target(msg)
         self._admit(stream, target, now)
         if isinstance(msg, wire.Reauth):
@@ -603,6 +630,19 @@ class GatewaySession:
             self._send(stream, wire.encode_ok(msg.request_id))
         elif target is None:
             raise BadRequest(f"opcode 0x{op:02x} is not a request")
+        elif isinstance(msg, wire.Consume):
+            self._claim_consumer(msg.consumer_id)
+            self._forward(
+                stream,
+                Consume(
+                    stream.stream_id,
+                    msg.request_id,
+                    msg.consumer_id,
+                    target.key,
+                    msg.group,
+                    frame.to_bytes(),
+                ),
+            )
         elif isinstance(msg, wire.Subscribe):
             if not stream.flags & wire.FLAG_FELIX_EXT:
                 raise BadRequest("subscriptions need the felix extension")
@@ -672,7 +712,33 @@ class GatewaySession:
             ),
         )
 
-    def _forward(self, stream: Stream, action: Forward | Subscribe) -> None:
+    def _consumer_request(
+        self, stream: Stream, msg: wire.ExtMessage, frame: wire.Frame, now: float
+    ) -> None:
+        """ack, nak, release, in_progress, term, window or stop of a consumer of this
+        connection: checked (``stream.consume`` on its stream, per request) and forwarded.
+
+        Allowed while the node drains: settling finishes work instead of redelivering it.
+        """
+        consumer_id = msg.consumer_id  # type: ignore[attr-defined]
+        consumer = self._consumers.get(consumer_id)
+        if consumer is None:
+            raise BadRequest(f"no consumer {consumer_id} on this connection")
+        self._admit(stream, consumer_target(consumer.key), now, settling=True)
+        stop = msg.opcode == wire.OP_STOP_CONSUME
+        self._forward(
+            stream, QueueOp(stream.stream_id, msg.request_id, consumer_id, frame.to_bytes(), stop)
+        )
+
+    def _claim_consumer(self, consumer_id: int) -> None:
+        if consumer_id in self._consumers or consumer_id in self._opening_consumers:
+            raise BadRequest(f"consumer {consumer_id} already exists")
+        held = len(self._consumers) + len(self._opening_consumers)
+        if held >= self._limits.max_consumers_per_connection:
+            raise Overloaded("too many consumers on this connection")
+        self._opening_consumers.add(consumer_id)
+
+    def _forward(self, stream: Stream, action: Forward | Subscribe | Consume | QueueOp) -> None:
         self.in_flight += 1
         stream.in_flight += 1
         self._actions.append(action)
@@ -696,14 +762,18 @@ class GatewaySession:
 
     # -- admission --------------------------------------------------------------------
 
-    def _admit(self, stream: Stream, target: Target | None, now: float) -> None:
+    def _admit(
+        self, stream: Stream, target: Target | None, now: float, *, settling: bool = False
+    ) -> None:
         """Whether a request may go ahead: the one check for extension and v1 requests.
+
+        ``settling``: a consumer's request on work it holds, allowed while draining.
 
         ``target`` None: a control request (ping, reauth, credit, unsubscribe), which
         is refused only while the node drains or once the stream's token expired.
         """
         gateway = self._gateway
-        if gateway.draining:
+        if gateway.draining and not settling:
             raise Unavailable("node is draining; reconnect")
         if stream.expires_at is not None and now >= stream.expires_at:
             raise Unauthenticated("this stream's token expired")
@@ -762,6 +832,10 @@ class GatewaySession:
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+
+#: Requests that name one of the connection's consumers (not a stream).
+_CONSUMER_REQUESTS = (wire.Settle, wire.ConsumerWindow, wire.ConsumerOp)
 
 
 def _is_ready(stream: Stream) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from felix import ipc, wire
 from felix.gateway import v1
 
-__all__ = ["Target", "ext_target", "v1_target"]
+__all__ = ["Target", "consumer_target", "ext_target", "v1_target"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,11 +38,20 @@ def ext_target(msg: wire.ExtMessage) -> Target | None:
         key = f"{msg.tenant_id}/{msg.namespace}/{msg.cache}/{msg.key}"
         names = (msg.tenant_id, msg.namespace, "cache", msg.cache)
         return Target(*names, _cache_action(msg.opcode), key)
+    if isinstance(msg, wire.Consume):
+        key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
+        return Target(msg.tenant_id, msg.namespace, "stream", msg.stream, "stream.consume", key)
     if isinstance(msg, _STREAM_REQUESTS):
         key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
         action = "stream.publish" if isinstance(msg, wire.Publish) else "stream.subscribe"
         return Target(msg.tenant_id, msg.namespace, "stream", msg.stream, action, key)
     return None
+
+
+def consumer_target(key: str) -> Target:
+    """What a consumer's later requests (ack, nak, ...) touch: its stream, to consume."""
+    tenant, namespace, name = key.split("/")
+    return Target(tenant, namespace, "stream", name, "stream.consume", key)
 
 
 def v1_target(req: v1.V1Request) -> Target:

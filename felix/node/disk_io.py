@@ -80,7 +80,7 @@ class DiskIO:
         store = self._store
         # Interval streams whose time came join this round.
         due = store.due(self._clock()) if store.interval_pending else None
-        syncs = store.take_syncs()
+        syncs = self._core.take_syncs()
         if syncs:
             self._fsyncer.request(syncs)
         if store.reads:

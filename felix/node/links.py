@@ -125,9 +125,13 @@ class LocalShards:
         now = self._clock()
         for core in self._cores:
             core.sweep(now)
+        self.flush_soon()  # queue groups: expired leases and due retries deliver now
         self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._schedule_sweep)
 
     def close(self) -> None:
+        if not self._closed:
+            for core in self._cores:
+                core.shutdown(self._clock())  # queue groups release their leases
         self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()

@@ -254,6 +254,9 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
 
     def sweep() -> None:
         core.sweep(time.monotonic())
+        # Queue groups: leases that expired and retries that came due deliver now.
+        disk_io.kick()
+        send_out()
         loop.call_later(SWEEP_INTERVAL, sweep)
 
     sweep()
@@ -286,6 +289,8 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
     for r in readers:
         r.stop()
     await asyncio.gather(*tasks, return_exceptions=True)
+    core.shutdown(time.monotonic())  # queue groups release their leases: no failures
+    send_out()
     disk_io.close()
 
 

@@ -62,6 +62,7 @@ from felix.shard.cache import CachePartition, CacheSettings
 from felix.shard.disk_read import ReadJob, durable_start
 from felix.shard.durable import DurableSettings, DurableStore, DurableStream
 from felix.shard.offsets import OffsetReservations
+from felix.shard.queue.manager import GroupHandle, QueueManager, StreamView
 from felix.shard.queue.settings import GroupSettings
 from felix.shard.resources import SHARD_MAX_RESOURCES, cache_settings
 from felix.shard.stream_log import StreamLog, StreamSettings
@@ -170,6 +171,9 @@ class ShardCore:
         # Where the request being handled came from (for acks that wait for an fsync).
         self._gateway = 0
         self._token = 0
+        self._aux = 0
+        # The ``now`` of the last record handled (deliveries planned at flush use it).
+        self._now = 0.0
         if offsets is not None:
             # Entries of streams not in memory may be folded into the floor when full.
             offsets.in_use = self._streams_contains
@@ -190,10 +194,28 @@ class ShardCore:
             wire.OP_CACHE_DELETE: self._cache_delete,
             wire.OP_CACHE_TTL: self._cache_ttl,
             wire.OP_PUBLISH: self._publish,
+            wire.OP_CONSUME: self._consume,
+            wire.OP_CONSUMER_WINDOW: self._consumer_window,
+            wire.OP_ACK: self._settle,
+            wire.OP_NAK: self._settle,
+            wire.OP_RELEASE: self._settle,
+            wire.OP_IN_PROGRESS: self._settle,
+            wire.OP_TERM: self._settle,
+            wire.OP_STOP_CONSUME: self._stop_consume,
             # A barrier: the answer comes after everything sent before it (gateway drain).
             wire.OP_PING: lambda msg, now: wire.encode_ok(msg.request_id),
         }
         self._memory = 0
+        groups_root = None if disk is None else disk.settings.root.parent / "groups"
+        #: Queue groups of this shard's durable streams (docs/queues.md).
+        self.queues = QueueManager(
+            settings.index,
+            groups_root,
+            self._stream_view,
+            self._emit,
+            wall_us,
+            auto_create=settings.auto_create,
+        )
         # Counters (exported as metrics by the worker).
         self.budget_trims = 0
         self.quota_trims = 0
@@ -217,14 +239,20 @@ class ShardCore:
             # No copy: every decoder below copies what it keeps, and the record is
             # handled completely before the ring slot is released.
             body = record[ipc.HEADER_SIZE :]
+            self._now = now
             if kind == RecordType.REQUEST:
-                self._request(gateway, token, body, now)
+                self._request(gateway, token, body, now, aux)
             elif kind == RecordType.READ:
                 self._read(gateway, token, body)
             elif kind == RecordType.WATCH:
                 self._watch(gateway, body, bool(aux))
             elif kind == RecordType.HELLO:
                 self.forget_gateway(gateway)
+                self.queues.gateway_seen(gateway)
+            elif kind == RecordType.LEAVE:
+                self.queues.leave(gateway, token, now)
+            elif kind == RecordType.RELAY_REPLY:
+                self.queues.relay_reply(token, body)
             elif kind == RecordType.CURSOR:
                 self._cursor(gateway, body, None if token == 1 else aux)
             else:
@@ -240,6 +268,7 @@ class ShardCore:
 
     def flush(self) -> dict[int, list[bytes]]:
         """Encode this batch's live deliveries and hand over every pending record."""
+        self.queues.deliver(self._now)
         for stream in self._dirty:
             if stream.pending_count and stream.watchers:
                 # Records appended in this batch may already have left a small replay
@@ -271,9 +300,12 @@ class ShardCore:
             stream.cursors.pop(gateway, None)
         for key in list(self._waiting):
             self._unwait(key, gateway)
+        self.queues.forget_gateway(gateway, self._now)
 
     def sweep(self, now: float, max_work: int = 1000) -> int:
         """Reclaim expired cache entries, bounded work per cache; returns entries removed."""
+        self._now = now
+        self.queues.tick(now)
         removed = 0
         for scope, cache in self._caches.items():
             before = cache.used_bytes
@@ -283,7 +315,9 @@ class ShardCore:
 
     # -- requests -----------------------------------------------------------------
 
-    def _request(self, gateway: int, token: int, body: bytes | memoryview, now: float) -> None:
+    def _request(
+        self, gateway: int, token: int, body: bytes | memoryview, now: float, aux: int = 0
+    ) -> None:
         self.requests += 1
         frame = wire.decode_frame(body, extensions=True)
         try:
@@ -294,7 +328,7 @@ class ShardCore:
                 raise
             reply = wire.encode_error(prefix[1], BadRequest.code, str(exc))
         else:
-            self._gateway, self._token = gateway, token
+            self._gateway, self._token, self._aux = gateway, token, aux
             reply = self._dispatch(msg, now)
             if reply is _DEFERRED:
                 return  # a commit ack: sent by sync_done once an fsync covers it
@@ -623,6 +657,8 @@ class ShardCore:
                 stream.pending_base = base
                 self._dirty.append(stream)
             stream.pending_count += count
+        if stream.key in self.queues.streams_with_groups and disk.settings.fsync != "commit":
+            self.queues.stream_written(stream.key)  # commit: once synced (sync_done)
         if msg.ack == wire.ACK_NONE:
             return wire.encode_ok(msg.request_id)
         reply = wire.encode_publish_offsets(
@@ -632,6 +668,46 @@ class ShardCore:
             store.wait_sync(disk, base + count, self._gateway, self._token, msg.request_id, reply)
             return _DEFERRED
         return reply
+
+    # queue groups (felix/shard/queue/manager.py)
+
+    def _stream_view(self, key: str) -> StreamView | None:
+        stream = self._streams.get(key)
+        if stream is None or stream.disk is None:
+            return None
+        return StreamView(key, stream.log, stream.disk)
+
+    def _group_settings(self, key: str, group: str) -> GroupSettings | None:
+        return self._group_defs.get(key, {}).get(group)
+
+    def _consume(self, msg: wire.ExtMessage, now: float) -> bytes:
+        assert isinstance(msg, wire.Consume)
+        validate_name("group", msg.group)
+        key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
+        store = self.disk
+        if key not in self._streams and store is not None and store.settings.auto is not None:
+            # A consumer may come before the first publish: the stream is created durable
+            # like a publish would create it (--durable-streams).
+            self._create_stream(key)
+        settings = self._group_settings(key, msg.group)
+        return self.queues.consume(self._gateway, self._token, msg, settings)
+
+    def _consumer_window(self, msg: wire.ExtMessage, now: float) -> bytes:
+        assert isinstance(msg, wire.ConsumerWindow)
+        return self.queues.window(self._gateway, self._aux, msg)
+
+    def _settle(self, msg: wire.ExtMessage, now: float) -> bytes:
+        assert isinstance(msg, wire.Settle)
+        reply = self.queues.settle(self._gateway, self._aux, msg, now)
+        return _DEFERRED if reply is None else reply
+
+    def _stop_consume(self, msg: wire.ExtMessage, now: float) -> bytes:
+        assert isinstance(msg, wire.ConsumerOp)
+        return self.queues.stop(self._gateway, self._aux, msg, now)
+
+    def shutdown(self, now: float) -> None:
+        """A graceful stop: queue groups release their leases (no failure counted)."""
+        self.queues.shutdown(now)
 
     @property
     def memory_used(self) -> int:
@@ -835,6 +911,7 @@ class ShardCore:
             return False
         self._charge(stream.tenant, -stream.log.retained_bytes)
         self._release(stream.tenant, key)
+        self.queues.remove(key)
         if stream.disk is not None and self.disk is not None:
             for _end, gateway, token, request_id, _reply in self.disk.remove(key):
                 error = wire.encode_error(
@@ -881,6 +958,7 @@ class ShardCore:
         if group not in defs and len(defs) >= MAX_GROUPS_PER_STREAM:
             raise Overloaded(f"stream {key} holds its maximum of {MAX_GROUPS_PER_STREAM} groups")
         defs[group] = settings
+        self.queues.define(key, group, settings)
 
     def delete_group(self, key: str, group: str) -> bool:
         """Remove queue group ``group`` of stream ``key``; False if it was not defined."""
@@ -889,6 +967,7 @@ class ShardCore:
             return False
         if not defs:
             del self._group_defs[key]
+        self.queues.remove(key, group)
         return True
 
     # -- durable streams: startup and the I/O driver's reports ------------------------
@@ -921,24 +1000,46 @@ class ShardCore:
                 )
                 continue
             opened += 1
+        self.queues.open_all(self._group_settings)
         return opened
 
-    def sync_done(self, disk: DurableStream, synced_offset: int, seconds: float) -> None:
-        """An fsync of ``disk`` covered offsets below ``synced_offset``: send the acks."""
+    def sync_done(
+        self, disk: DurableStream | GroupHandle, synced_offset: int, seconds: float
+    ) -> None:
+        """An fsync of ``disk`` (a stream's log, or a queue group's state file) covered
+        offsets (entries) below ``synced_offset``: send the acks it frees."""
         assert self.disk is not None
+        if isinstance(disk, GroupHandle):
+            for gateway, token, reply in self.queues.synced(disk, synced_offset):
+                self._emit(gateway, ipc.encode(RecordType.REPLY, token, 0, reply))
+            return
         for _end, gateway, token, _rid, reply in self.disk.synced(disk, synced_offset, seconds):
             self._emit(gateway, ipc.encode(RecordType.REPLY, token, 0, reply))
+        if disk.key in self.queues.streams_with_groups:
+            self.queues.stream_written(disk.key)  # commit: groups hand out synced records
 
-    def sync_failed(self, disk: DurableStream, exc: BaseException) -> None:
+    def sync_failed(self, disk: DurableStream | GroupHandle, exc: BaseException) -> None:
         """An fsync failed: no ack is sent any more (:attr:`fatal`; the worker exits)."""
         assert self.disk is not None
-        self.disk.sync_failed(disk, exc)
-        if self.disk.fatal is not None:
-            log.critical("shard %d: %s; no further acks", self.settings.index, self.disk.fatal)
+        if isinstance(disk, GroupHandle):
+            self.queues.sync_failed(disk, exc)
+        else:
+            self.disk.sync_failed(disk, exc)
+        if self.fatal is not None:
+            log.critical("shard %d: %s; no further acks", self.settings.index, self.fatal)
+
+    def take_syncs(self) -> list[DurableStream | GroupHandle]:
+        """What the fsync thread should sync next: stream logs and group state files."""
+        assert self.disk is not None
+        syncs: list[DurableStream | GroupHandle] = list(self.disk.take_syncs())
+        syncs.extend(self.queues.take_syncs())
+        return syncs
 
     @property
     def fatal(self) -> str | None:
         """Why this shard must stop (an fsync failed), or None."""
+        if self.queues.fatal is not None:
+            return self.queues.fatal
         return None if self.disk is None else self.disk.fatal
 
     def read_done(self, job: ReadJob) -> None:
@@ -959,7 +1060,7 @@ class ShardCore:
         if self.disk is None:
             return 0
         self.disk.refresh_free()
-        return self.disk.enforce_retention(self._wall_us())
+        return self.disk.enforce_retention(self._wall_us(), self.queues.min_floor)
 
     def stream_status(self, key: str) -> dict[str, object] | None:
         """The node status route's JSON for stream ``key`` (None: not held here)."""
@@ -977,10 +1078,16 @@ class ShardCore:
             return {"durable": False, "fsync": "none", "memory": memory}
         status = self.disk.status(key) or {}
         status["memory"] = memory
-        status["groups"] = {
-            name: {"settings": settings.to_spec()}
-            for name, settings in sorted(self._group_defs.get(key, {}).items())
-        }
+        live = self.queues.status(key)
+        groups: dict[str, dict[str, object]] = {}
+        for name in sorted(set(live) | set(self._group_defs.get(key, {}))):
+            entry: dict[str, object] = {"open": name in live}
+            settings = self._group_defs.get(key, {}).get(name)
+            if settings is not None:
+                entry["settings"] = settings.to_spec()
+            entry.update(live.get(name, {}))
+            groups[name] = entry
+        status["groups"] = groups
         return status
 
     # -- introspection (metrics, tests) ----------------------------------------------

@@ -36,7 +36,7 @@ import logging
 import os
 import shutil
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias
@@ -459,8 +459,14 @@ class DurableStore:
 
     # -- housekeeping ------------------------------------------------------------------
 
-    def enforce_retention(self, now_us: int) -> int:
-        """Delete whole sealed segments beyond each stream's age/byte retention."""
+    def enforce_retention(
+        self, now_us: int, keep_from: Callable[[str], int | None] | None = None
+    ) -> int:
+        """Delete whole sealed segments beyond each stream's age/byte retention.
+
+        ``keep_from(key)``: the lowest offset still pending in a queue group of the
+        stream (None: none); no segment holding it or anything above is deleted.
+        """
         freed = 0
         for stream in self.streams.values():
             s = stream.settings
@@ -469,7 +475,8 @@ class DurableStore:
             ):
                 continue
             try:
-                gone = stream.log.enforce_retention(now_us)
+                floor = None if keep_from is None else keep_from(stream.key)
+                gone = stream.log.enforce_retention(now_us, floor)
             except OSError as exc:
                 log.error(
                     "shard %d: retention of stream %s failed: %s", self.shard, stream.key, exc

@@ -8,26 +8,13 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from felix.errors import BadRequest
-from felix.names import NAME_MAX_CHARS, validate_name
+from felix.names import DLQ_SUFFIX, dead_letter_name, validate_name
 
 __all__ = ["DEFAULT_BACKOFF_MS", "DLQ_SUFFIX", "GroupSettings", "dead_letter_name"]
 
 #: Delays before a nak'ed record is redelivered, by failure count (the last repeats).
 DEFAULT_BACKOFF_MS: Final = (1000, 2000, 4000, 8000, 16000, 32000, 60000)
-#: The dead-letter stream of a group that names none: ``<stream>.dlq``.
-DLQ_SUFFIX: Final = ".dlq"
 _MAX_BACKOFF_STEPS: Final = 32
-
-
-def dead_letter_name(stream: str) -> str:
-    """The default dead-letter stream of groups on ``stream``."""
-    name = stream + DLQ_SUFFIX
-    if len(name) > NAME_MAX_CHARS:
-        raise BadRequest(
-            f"stream name {stream!r} is too long for its default dead-letter stream "
-            f"{name!r} (at most {NAME_MAX_CHARS} characters): name a dead_letter stream"
-        )
-    return name
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,688 @@
+"""A shard's queue groups: members, deliveries, settles, state files, dead letters.
+
+How it works (docs/queues.md): the shard core hands queue requests and ring records
+to :class:`QueueManager` with the gateway and member token they came with. Each group
+is a sans-IO :class:`~felix.shard.queue.group.Group` (which offsets go to whom) with
+its state file (:class:`~felix.shard.queue.group_log.GroupLog`). After each batch the
+core calls :meth:`QueueManager.deliver`, which plans every group that may have work,
+writes the hand-outs to the group's file *before* the records are sent, and emits
+one DELIVERIES frame per member. Journal entries are written at the end of every
+operation; an ack of a group whose stream fsyncs on ``commit`` is answered only once
+an fsync of the group's file covers it (the fsync thread syncs group files like
+stream logs: :meth:`take_syncs`, :meth:`synced`).
+
+Dead letters are appended through a gateway (a RELAY record), because the dead-letter
+stream may live on another shard; the entry is ``dying`` until that append is
+acknowledged (RELAY_REPLY), and dying entries found after a restart are appended
+again (at least once, never both dead and redelivered).
+
+Bounds: groups per stream (the core's MAX_GROUPS_PER_STREAM), members per group
+(the engine), relays in flight (:data:`MAX_RELAYS`), acks waiting for an fsync (one
+per request: the gateways' in-flight limits).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from felix import ipc, wire
+from felix.errors import BadRequest, FelixError, NotFound, Unavailable
+from felix.ipc import RecordType
+from felix.shard.durable import DurableStream
+from felix.shard.log_format import decode_envelope
+from felix.shard.queue.group import DeadLetter, Group, MemberId, SettleOp
+from felix.shard.queue.group_log import GroupLog, discover, path_for
+from felix.shard.queue.journal import GroupSnapshot, Skip, Start
+from felix.shard.queue.settings import GroupSettings
+from felix.shard.stream_log import StreamLog
+
+__all__ = ["MAX_RELAYS", "GroupHandle", "QueueManager", "StreamView"]
+
+log = logging.getLogger("felix.shard")
+
+#: Dead-letter appends in flight through gateways, per shard (more wait their turn).
+MAX_RELAYS: Final = 256
+#: Seconds before a dead-letter append that failed (or got no answer) is tried again.
+RELAY_RETRY: Final = 1.0
+#: Bytes of payload one DELIVERIES frame carries at most (a frame is one ring record).
+MAX_DELIVERY_BYTES: Final = 1 << 20
+#: Records one DELIVERIES frame carries at most.
+MAX_DELIVERY_RECORDS: Final = 1024
+#: A consumer that asks for the default window gets this many records / bytes.
+DEFAULT_CREDIT_RECORDS: Final = 64
+DEFAULT_CREDIT_BYTES: Final = 4 << 20
+#: The largest window a consumer may ask for.
+MAX_CREDIT_RECORDS: Final = 65_536
+MAX_CREDIT_BYTES: Final = 64 << 20
+
+
+@dataclass(slots=True)
+class StreamView:
+    """What the manager needs of a durable stream (the core's view of it)."""
+
+    key: str
+    log: StreamLog
+    disk: DurableStream
+
+
+class GroupHandle:
+    """One group: the engine, its state file, and what waits on it."""
+
+    __slots__ = ("dlq_key", "group", "key", "name", "relaying", "state_log", "waiting")
+
+    def __init__(self, key: str, name: str, group: Group, state_log: GroupLog, dlq_key: str):
+        self.key = key
+        self.name = name
+        self.group = group
+        self.state_log = state_log
+        self.dlq_key = dlq_key
+        #: Replies waiting for an fsync of the state file: (entries needed, gw, token, reply).
+        self.waiting: deque[tuple[int, int, int, bytes]] = deque()
+        #: Offsets whose dead-letter append is in flight.
+        self.relaying: set[int] = set()
+
+    @property
+    def log(self) -> GroupLog:
+        """What the fsync thread syncs (it calls ``log.sync()`` like a stream's)."""
+        return self.state_log
+
+    @property
+    def damaged(self) -> None:
+        return None
+
+
+class QueueManager:
+    """Every queue group of one shard (see the module docstring)."""
+
+    def __init__(
+        self,
+        shard: int,
+        root: Path | None,
+        stream_view: Callable[[str], StreamView | None],
+        emit: Callable[[int, bytes], None],
+        wall_us: Callable[[], int],
+        *,
+        auto_create: bool = True,
+    ) -> None:
+        self.shard = shard
+        #: ``<data-dir>/groups`` (None: no durable streams here, so no groups).
+        self.root = root
+        self._view = stream_view
+        self._emit = emit
+        self._wall_us = wall_us
+        self.auto_create = auto_create
+        self.groups: dict[tuple[str, str], GroupHandle] = {}
+        self._by_stream: dict[str, dict[str, GroupHandle]] = {}
+        self._members: dict[MemberId, GroupHandle] = {}
+        self._consumers: dict[MemberId, int] = {}  # member -> its client's consumer id
+        self._dirty: dict[GroupHandle, None] = {}
+        self._sync_wanted: dict[GroupHandle, None] = {}
+        self._relays: dict[int, tuple[GroupHandle, int, float]] = {}
+        self._relay_queue: deque[tuple[GroupHandle, DeadLetter]] = deque()
+        self._next_relay = 1
+        self._gateways: set[int] = set()
+        #: Set when a group file's fsync failed (the shard must stop acking and exit).
+        self.fatal: str | None = None
+        # Counters (metrics).
+        self.delivered = 0
+        self.redelivered = 0
+        self.acked = 0
+        self.dead_lettered = 0
+        self.stalls = 0
+        self._stalled: set[GroupHandle] = set()
+
+    # -- groups --------------------------------------------------------------------------
+
+    def open_all(self, defined: Callable[[str, str], GroupSettings | None]) -> int:
+        """Recover every group file of this shard's streams (at start); returns how many."""
+        if self.root is None:
+            return 0
+        opened = 0
+        for key, name in discover(self.root):
+            view = self._view(key)
+            if view is None:
+                continue  # not this shard's (or its stream is gone)
+            try:
+                self._open(view, name, defined(key, name) or GroupSettings(), recovered=True)
+            except FelixError as exc:
+                log.error("shard %d: cannot open group %s of %s: %s", self.shard, name, key, exc)
+                continue
+            opened += 1
+        return opened
+
+    def define(self, key: str, name: str, settings: GroupSettings) -> None:
+        """The control plane (re)defined a group: apply its settings if it is open."""
+        handle = self.groups.get((key, name))
+        if handle is not None:
+            handle.group.reconfigure(settings)
+            handle.dlq_key = _dlq_key(key, settings)
+            self._dirty[handle] = None
+
+    def remove(self, key: str, name: str | None = None) -> None:
+        """Drop a group (``name`` None: every group of the stream) and its state file."""
+        handles = self._by_stream.get(key, {})
+        for handle in [h for n, h in handles.items() if name is None or n == name]:
+            self._close(handle, delete=True)
+
+    def _open(
+        self, view: StreamView, name: str, settings: GroupSettings, *, recovered: bool
+    ) -> GroupHandle:
+        assert self.root is not None
+        dlq_key = _dlq_key(view.key, settings)
+        state_log, snapshot = GroupLog.open(path_for(self.root, view.key, name))
+        now, wall = time.monotonic(), self._wall_us()
+        fresh = not recovered and snapshot.next == 0 and snapshot.floor == 0
+        if fresh:
+            start = _resolve_start(settings.start, view)
+            snapshot = GroupSnapshot()
+            snapshot.apply(Start(start))
+            state_log.append([Start(start)])
+        group = Group(name, settings, snapshot, now, wall, recovered=not fresh)
+        handle = GroupHandle(view.key, name, group, state_log, dlq_key)
+        self.groups[(view.key, name)] = handle
+        self._by_stream.setdefault(view.key, {})[name] = handle
+        self._write(handle)
+        self._dirty[handle] = None
+        return handle
+
+    def _close(self, handle: GroupHandle, *, delete: bool) -> None:
+        for member in list(handle.group.members()):
+            self._members.pop(member, None)
+            gateway, token = member
+            consumer = self._consumers.pop(member, 0)
+            end = wire.encode_consumer_end(
+                consumer, NotFound.code, f"group {handle.name} was removed"
+            )
+            self._emit(gateway, ipc.encode(RecordType.DELIVER, token, 0, end))
+        self.groups.pop((handle.key, handle.name), None)
+        by = self._by_stream.get(handle.key)
+        if by is not None:
+            by.pop(handle.name, None)
+            if not by:
+                del self._by_stream[handle.key]
+        self._dirty.pop(handle, None)
+        self._sync_wanted.pop(handle, None)
+        for relay in [r for r, (h, _o, _t) in self._relays.items() if h is handle]:
+            del self._relays[relay]
+        for gateway, token, reply in _drop_waiting(handle):
+            self._emit(gateway, ipc.encode(RecordType.REPLY, token, 0, reply))
+        if delete:
+            handle.state_log.delete()
+        else:
+            handle.state_log.close()
+
+    def groups_of(self, key: str) -> Iterable[GroupHandle]:
+        return self._by_stream.get(key, {}).values()
+
+    @property
+    def streams_with_groups(self) -> Mapping[str, object]:
+        """Stream keys that have open groups (membership tests on the publish path)."""
+        return self._by_stream
+
+    # -- requests ------------------------------------------------------------------------
+
+    def consume(
+        self, gateway: int, token: int, msg: wire.Consume, settings: GroupSettings | None
+    ) -> bytes:
+        """A member joins (``token``: its member token); ``settings``: the group's
+        definition (None: not defined, created with the node's defaults if allowed)."""
+        self._gateways.add(gateway)
+        key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
+        member = (gateway, token)
+        if member in self._members:
+            raise BadRequest(f"member token {token} already consumes")
+        handle = self.groups.get((key, msg.group))
+        if handle is None:
+            view = self._view(key)
+            if view is None:
+                raise NotFound(
+                    f"stream {key} is not a durable stream on this node: queue groups run "
+                    "over durable streams (define it durable, or publish to it first)"
+                )
+            if settings is None and not self.auto_create:
+                raise NotFound(f"group {msg.group} of stream {key} does not exist")
+            if self.root is None:
+                raise Unavailable("this shard keeps no data on disk: no queue groups")
+            handle = self._open(view, msg.group, settings or GroupSettings(), recovered=False)
+        records = _credit(msg.credit_records, DEFAULT_CREDIT_RECORDS, MAX_CREDIT_RECORDS)
+        nbytes = _credit(msg.credit_bytes, DEFAULT_CREDIT_BYTES, MAX_CREDIT_BYTES)
+        role = handle.group.join(member, msg.consumer_id, records, nbytes, time.monotonic())
+        self._members[member] = handle
+        self._consumers[member] = msg.consumer_id
+        self._dirty[handle] = None
+        return wire.encode_consuming(msg.request_id, msg.consumer_id, int(role))
+
+    def window(self, gateway: int, token: int, msg: wire.ConsumerWindow) -> bytes:
+        handle = self._member(gateway, token)
+        records = _credit(msg.credit_records, DEFAULT_CREDIT_RECORDS, MAX_CREDIT_RECORDS)
+        nbytes = _credit(msg.credit_bytes, DEFAULT_CREDIT_BYTES, MAX_CREDIT_BYTES)
+        handle.group.set_window((gateway, token), records, nbytes)
+        self._dirty[handle] = None
+        return wire.encode_ok(msg.request_id)
+
+    def settle(self, gateway: int, token: int, msg: wire.Settle, now: float) -> bytes | None:
+        """ack / nak / release / in_progress / term; None: the reply waits for an fsync."""
+        handle = self._member(gateway, token)
+        op = SettleOp(msg.opcode)
+        delay = None if msg.delay_ms == wire.NAK_BACKOFF else int(msg.delay_ms)
+        refused = handle.group.settle(
+            (gateway, token),
+            op,
+            msg.ranges,
+            now,
+            self._wall_us(),
+            delay_ms=delay,
+            detail=msg.detail,
+        )
+        if op is SettleOp.ACK:
+            self.acked += sum(count for _first, count in msg.ranges) - len(refused)
+        reply = wire.encode_settled(msg.request_id, [(o, int(r)) for o, r in refused])
+        written = self._write(handle)
+        self._dirty[handle] = None
+        view = self._view(handle.key)
+        if written and view is not None and view.disk.settings.fsync == "commit":
+            handle.waiting.append((handle.state_log.written, gateway, token, reply))
+            self._sync_wanted[handle] = None
+            return None
+        return reply
+
+    def stop(self, gateway: int, token: int, msg: wire.ConsumerOp, now: float) -> bytes:
+        """A member stops gracefully: what it holds is released (no failure counted)."""
+        handle = self._members.pop((gateway, token), None)
+        self._consumers.pop((gateway, token), None)
+        if handle is not None:
+            handle.group.leave((gateway, token), True, now, self._wall_us())
+            self._after_change(handle)
+        return wire.encode_ok(msg.request_id)
+
+    def leave(self, gateway: int, token: int, now: float) -> None:
+        """A member is gone abruptly (its stream or connection): its leases fail."""
+        handle = self._members.pop((gateway, token), None)
+        self._consumers.pop((gateway, token), None)
+        if handle is not None:
+            handle.group.leave((gateway, token), False, now, self._wall_us())
+            self._after_change(handle)
+
+    def forget_gateway(self, gateway: int, now: float) -> None:
+        """A gateway restarted: every member it had is gone (abruptly)."""
+        for member in [m for m in self._members if m[0] == gateway]:
+            self.leave(member[0], member[1], now)
+
+    def _member(self, gateway: int, token: int) -> GroupHandle:
+        handle = self._members.get((gateway, token))
+        if handle is None:
+            raise BadRequest("this consumer is not a member of a group here (consume again)")
+        return handle
+
+    def _after_change(self, handle: GroupHandle) -> None:
+        self._write(handle)
+        self._notify_roles(handle)
+        self._dirty[handle] = None
+
+    def _notify_roles(self, handle: GroupHandle) -> None:
+        for (gateway, token), role in handle.group.roles_changed():
+            consumer = self._consumers.get((gateway, token))
+            if consumer is None:
+                continue
+            notice = wire.encode_consumer_role(consumer, int(role))
+            self._emit(gateway, ipc.encode(RecordType.DELIVER, token, 0, notice))
+
+    # -- journal -------------------------------------------------------------------------
+
+    def _write(self, handle: GroupHandle) -> bool:
+        """Write the group's new journal entries (one write); True if there were any."""
+        entries = handle.group.journal
+        if not entries:
+            return False
+        handle.group.journal = []
+        handle.state_log.append(entries)
+        if handle.state_log.needs_compaction():
+            handle.state_log.compact(handle.group.state)
+        for dead in handle.group.dead_letters:
+            self._relay_queue.append((handle, dead))
+        handle.group.dead_letters = []
+        return True
+
+    def take_syncs(self) -> list[GroupHandle]:
+        """Group files to fsync in the next round (acks wait on them)."""
+        if not self._sync_wanted or self.fatal is not None:
+            return []
+        wanted = list(self._sync_wanted)
+        self._sync_wanted.clear()
+        return wanted
+
+    def synced(self, handle: GroupHandle, synced: int) -> list[tuple[int, int, bytes]]:
+        """An fsync of ``handle``'s file covered ``synced`` entries: the replies it frees."""
+        out = []
+        waiting = handle.waiting
+        while waiting and waiting[0][0] <= synced:
+            _need, gateway, token, reply = waiting.popleft()
+            out.append((gateway, token, reply))
+        if waiting:
+            self._sync_wanted[handle] = None
+        return out
+
+    def sync_failed(self, handle: GroupHandle, exc: BaseException) -> None:
+        self.fatal = f"fsync of group {handle.name} of {handle.key} failed: {exc}"
+        for h in self.groups.values():
+            h.waiting.clear()
+        self._sync_wanted.clear()
+
+    # -- time ----------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Lease expiry, delayed retries and dead-letter retries that came due."""
+        wall = self._wall_us()
+        for handle in list(self.groups.values()):
+            group = handle.group
+            deadline = group.next_deadline()
+            if deadline is not None and deadline <= now:
+                group.expire(now, wall)
+                self._after_change(handle)
+            retry = group.next_retry_us()
+            if retry is not None and retry <= wall:
+                self._dirty[handle] = None
+        for relay, (handle, offset, sent) in list(self._relays.items()):
+            if now - sent > 10 * RELAY_RETRY:
+                # No answer (the gateway restarted?): try again.
+                del self._relays[relay]
+                handle.relaying.discard(offset)
+                self._requeue_dead(handle, offset)
+        self._pump_relays(now)
+
+    def stream_written(self, key: str) -> None:
+        """Records were appended to (or synced on) stream ``key``: its groups may deliver."""
+        for handle in self._by_stream.get(key, {}).values():
+            self._dirty[handle] = None
+
+    # -- delivery ------------------------------------------------------------------------
+
+    def deliver(self, now: float) -> None:
+        """Plan every group that may have work; emit the deliveries (state written first)."""
+        if not self._dirty:
+            self._pump_relays(now)
+            return
+        dirty = list(self._dirty)
+        self._dirty.clear()
+        wall = self._wall_us()
+        for handle in dirty:
+            view = self._view(handle.key)
+            if view is None or view.disk.damaged is not None:
+                continue
+            try:
+                self._deliver_group(handle, view, now, wall)
+            except FelixError as exc:
+                log.error(
+                    "shard %d: group %s of %s cannot deliver: %s",
+                    self.shard,
+                    handle.name,
+                    handle.key,
+                    exc,
+                )
+        self._pump_relays(now)
+
+    def _deliver_group(self, handle: GroupHandle, view: StreamView, now: float, wall: int) -> None:
+        group = handle.group
+        disk = view.disk
+        readable = disk.synced if disk.settings.fsync == "commit" else view.log.next_offset
+        readable = min(readable, view.log.next_offset)
+        self._skip_gap(handle, view, readable)
+        cache: dict[int, tuple[int, dict[str, str] | None, bytes] | None] = {}
+
+        def size_of(offset: int) -> int | None:
+            record = cache.get(offset)
+            if record is None and offset not in cache:
+                record = cache[offset] = _fetch(view, offset)
+            return None if record is None else len(record[2])
+
+        plan = group.plan(readable, size_of, now, wall)
+        self._write(handle)  # the hand-outs reach the file before any record is sent
+        for (gateway, token), consumer, items in plan:
+            batch: list[tuple[int, int, int, int, dict[str, str] | None, bytes]] = []
+            nbytes = 0
+            for offset, attempts, failures in items:
+                record = cache.get(offset)
+                if record is None:
+                    record = _fetch(view, offset)
+                if record is None:
+                    continue  # vanished meanwhile: its lease expires and it is skipped then
+                ts, headers, payload = record
+                if batch and (
+                    len(batch) >= MAX_DELIVERY_RECORDS or nbytes + len(payload) > MAX_DELIVERY_BYTES
+                ):
+                    self._send_batch(gateway, token, consumer, batch)
+                    batch, nbytes = [], 0
+                batch.append((offset, ts, attempts, failures, headers, payload))
+                nbytes += len(payload)
+                if attempts > 1:
+                    self.redelivered += 1
+            if batch:
+                self._send_batch(gateway, token, consumer, batch)
+        stalled = group.stalled()
+        if stalled and handle not in self._stalled:
+            self._stalled.add(handle)
+            self.stalls += 1
+            log.warning(
+                "shard %d: group %s of %s is stalled: its oldest record %d holds the window "
+                "full (max_span %d); nothing newer is handed out until it is settled",
+                self.shard,
+                handle.name,
+                handle.key,
+                group.state.floor,
+                group.settings.max_span,
+            )
+        elif not stalled:
+            self._stalled.discard(handle)
+
+    def _send_batch(
+        self,
+        gateway: int,
+        token: int,
+        consumer: int,
+        batch: list[tuple[int, int, int, int, dict[str, str] | None, bytes]],
+    ) -> None:
+        frame = wire.encode_deliveries(consumer, batch)
+        self._emit(gateway, ipc.encode(RecordType.DELIVER, token, 0, frame))
+        self.delivered += len(batch)
+
+    def _skip_gap(self, handle: GroupHandle, view: StreamView, readable: int) -> None:
+        """Jump the group over offsets that hold no record (a restart's reservation gap)
+        in one journal entry, instead of looking at each of them."""
+        state = handle.group.state
+        start = state.next
+        if start >= readable:
+            return
+        log_ = view.log
+        if log_.earliest <= start < log_.next_offset:
+            return  # in the hot tail: offsets there are contiguous
+        first = None
+        if start < log_.earliest:
+            records = view.disk.log.read(start, 1, 1)
+            if records:
+                first = records[0].offset
+        if first is None or first >= log_.earliest:
+            first = log_.earliest if log_.earliest < log_.next_offset else readable
+        first = min(first, readable)
+        if first > start:
+            entry = Skip(start, first - start)
+            state.apply(entry)
+            handle.group.journal.append(entry)
+
+    # -- dead letters --------------------------------------------------------------------
+
+    def _requeue_dead(self, handle: GroupHandle, offset: int) -> None:
+        entry = handle.group.state.entries.get(offset)
+        if entry is None:
+            return
+        self._relay_queue.append(
+            (
+                handle,
+                DeadLetter(offset, entry.reason, entry.detail, entry.attempts, entry.failures, ""),
+            )
+        )
+
+    def _pump_relays(self, now: float) -> None:
+        if not self._relay_queue or not self._gateways:
+            return
+        gateway = min(self._gateways)
+        while self._relay_queue and len(self._relays) < MAX_RELAYS:
+            handle, dead = self._relay_queue.popleft()
+            if self.groups.get((handle.key, handle.name)) is not handle:
+                continue  # removed meanwhile
+            if dead.offset in handle.relaying:
+                continue
+            view = self._view(handle.key)
+            if view is None:
+                continue
+            frame = self._dead_letter_frame(handle, view, dead)
+            if frame is None:
+                # The record is gone (retention): nothing to append; finished.
+                handle.group.dead(dead.offset)
+                self._write(handle)
+                continue
+            relay = self._next_relay
+            self._next_relay += 1
+            self._relays[relay] = (handle, dead.offset, now)
+            handle.relaying.add(dead.offset)
+            body = ipc.encode_key(handle.dlq_key) + frame
+            self._emit(gateway, ipc.encode(RecordType.RELAY, relay, 0, body))
+
+    def _dead_letter_frame(
+        self, handle: GroupHandle, view: StreamView, dead: DeadLetter
+    ) -> bytes | None:
+        record = _fetch(view, dead.offset, timestamps=True)
+        if record is None:
+            return None
+        ts, headers, payload = record
+        tenant, namespace, _stream = handle.key.split("/")
+        out = dict(headers or {})
+        out.update(
+            {
+                "felix-dlq-id": f"{handle.name}:{dead.offset}",
+                "felix-dlq-reason": dead.reason,
+                "felix-dlq-detail": dead.detail,
+                "felix-dlq-stream": handle.key,
+                "felix-dlq-offset": str(dead.offset),
+                "felix-dlq-timestamp-us": str(ts),
+                "felix-dlq-group": handle.name,
+                "felix-dlq-attempts": str(dead.attempts),
+                "felix-dlq-failures": str(dead.failures),
+                "felix-dlq-consumer": dead.consumer,
+            }
+        )
+        dlq = handle.dlq_key.split("/")[2]
+        return wire.encode_publish(
+            0, tenant, namespace, dlq, [payload], ack=wire.ACK_PER_BATCH, headers=[out]
+        )
+
+    def relay_reply(self, relay: int, frame: bytes | memoryview) -> None:
+        """A gateway answered a dead-letter append."""
+        entry = self._relays.pop(relay, None)
+        if entry is None:
+            return
+        handle, offset, _sent = entry
+        handle.relaying.discard(offset)
+        if self.groups.get((handle.key, handle.name)) is not handle:
+            return
+        if len(frame) > wire.HEADER_SIZE and frame[wire.HEADER_SIZE] == wire.OP_PUBLISH_OFFSETS:
+            handle.group.dead(offset)
+            self.dead_lettered += 1
+            self._write(handle)
+            self._dirty[handle] = None
+            return
+        log.warning(
+            "shard %d: dead-letter append of %s offset %d to %s failed; retrying",
+            self.shard,
+            handle.key,
+            offset,
+            handle.dlq_key,
+        )
+        self._requeue_dead(handle, offset)
+
+    def gateway_seen(self, gateway: int) -> None:
+        self._gateways.add(gateway)
+
+    # -- shutdown and status -------------------------------------------------------------
+
+    def shutdown(self, now: float) -> None:
+        """Graceful stop: every lease is released (no failure counted), files closed."""
+        wall = self._wall_us()
+        for handle in list(self.groups.values()):
+            for member in list(handle.group.members()):
+                handle.group.leave(member, True, now, wall)
+                self._members.pop(member, None)
+            self._write(handle)
+            try:
+                handle.state_log.sync()
+            except OSError as exc:
+                log.error("shard %d: final fsync of group %s: %s", self.shard, handle.name, exc)
+            handle.state_log.close()
+
+    def status(self, key: str) -> dict[str, dict[str, object]]:
+        out: dict[str, dict[str, object]] = {}
+        for name, handle in sorted(self._by_stream.get(key, {}).items()):
+            status = dict(handle.group.status())
+            status["dead_letter"] = handle.dlq_key
+            out[name] = status
+        return out
+
+    def min_floor(self, key: str) -> int | None:
+        """The lowest floor of the stream's groups (retention keeps everything above)."""
+        floors = [h.group.state.floor for h in self._by_stream.get(key, {}).values()]
+        return min(floors, default=None)
+
+
+def _credit(asked: int, default: int, limit: int) -> int:
+    return default if asked == 0 else min(asked, limit)
+
+
+def _dlq_key(key: str, settings: GroupSettings) -> str:
+    tenant, namespace, stream = key.split("/")
+    return ipc.stream_key(tenant, namespace, settings.dead_letter_for(stream))
+
+
+def _resolve_start(start: str | int, view: StreamView) -> int:
+    if start == "latest":
+        return view.log.next_offset
+    low = min(view.disk.low(), view.log.earliest)
+    if start == "earliest":
+        return low
+    assert isinstance(start, int)
+    if start > view.log.next_offset:
+        raise BadRequest(f"start offset {start} is beyond the stream's end {view.log.next_offset}")
+    return max(start, low)
+
+
+def _fetch(
+    view: StreamView, offset: int, *, timestamps: bool = False
+) -> tuple[int, dict[str, str] | None, bytes] | None:
+    """The record at ``offset``: (timestamp_us or 0, headers, payload); None if none."""
+    log_ = view.log
+    if not timestamps and log_.earliest <= offset < log_.next_offset:
+        batch = log_.read(offset, 1, 1)
+        headers = batch.headers[0]
+        return 0, (None if headers is None else dict(headers)), batch.payloads[0]
+    disk = view.disk
+    if offset < disk.written:
+        records = disk.log.read(offset, 1, 1)
+        if records and records[0].offset == offset:
+            rec = records[0]
+            headers, body = decode_envelope(rec.payload)
+            return rec.timestamp_us, headers, body
+    return None
+
+
+def _drop_waiting(handle: GroupHandle) -> list[tuple[int, int, bytes]]:
+    out = []
+    while handle.waiting:
+        _need, gateway, token, reply = handle.waiting.popleft()
+        request_id = int.from_bytes(reply[wire.HEADER_SIZE + 1 : wire.HEADER_SIZE + 9], "big")
+        error = wire.encode_error(request_id, NotFound.code, "the group was removed")
+        out.append((gateway, token, error))
+    return out

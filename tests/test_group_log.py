@@ -830,3 +830,32 @@ def test_a_file_built_from_the_documented_format_alone_is_read(tmp_path: Path) -
     # And felix writes exactly these bytes for the same snapshot.
     assert gl.encode_file(got.snapshot) == header + _spec_frame(1, snapshot)
     assert gl.encode_entries(got.deltas[0].entries) == deltas
+
+
+def test_disk_full_on_append_or_create_is_cut_back_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "g.glog"
+    log, state = GroupLog.open(path)
+    log.append(BATCHES[0])
+    applied(BATCHES[0], state)
+    size = path.stat().st_size
+    real = os.write
+
+    def half_then_full(fd: int, data: Any) -> int:
+        if len(data) > 4:
+            real(fd, bytes(data)[:4])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(DiskFull):
+        log.append(BATCHES[1])
+    with pytest.raises(DiskFull):
+        GroupLog.open(tmp_path / "new" / "g.glog")
+    monkeypatch.setattr(os, "write", real)
+    assert path.stat().st_size == size and log.written == len(BATCHES[0])
+    assert list((tmp_path / "new").iterdir()) == []
+    log.append(BATCHES[1])  # still usable
+    applied(BATCHES[1], state)
+    log.close()
+    assert _recover(path) == state

@@ -667,7 +667,12 @@ class GroupLog:
             os.makedirs(path.parent, exist_ok=True)
             snapshot = GroupSnapshot()
             data = encode_file(snapshot)
-            fd = _write_new(path, data)
+            try:
+                fd = _write_new(path, data)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFull(f"disk full creating group file {path}: {exc}") from exc
+                raise
             try:
                 _sync_dirs(path)
             except BaseException:

@@ -11,6 +11,7 @@ Encoders compute the exact frame size first, allocate one ``bytes`` object and
 fill it in place: one allocation per frame, no joins.
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Next, PyDict_Size
 from cpython.object cimport PyObject

@@ -329,6 +329,8 @@ cdef class Consuming(ExtMessage):
     __fields__ = ("consumer_id", "role")
 
 
+# Decoding DELIVERIES makes one per record: reuse freed ones.
+@cython.freelist(256)
 cdef class Delivery:
     """One record of a DELIVERIES frame, leased to the consumer.
 
@@ -918,6 +920,26 @@ def encode_consuming(request_id, consumer_id, role):
     return out
 
 
+cdef inline uint64_t _u64_fast(object v, str what) except? 0:
+    # The hot path's ints are exact ints in range: convert them in C, and leave every
+    # other case (and the error message) to _u64_arg.
+    if type(v) is int:
+        try:
+            return <uint64_t>v
+        except OverflowError:
+            pass
+    return _u64_arg(v, what)
+
+
+cdef inline uint32_t _u32_fast(object v, str what) except? 0:
+    if type(v) is int:
+        try:
+            return <uint32_t>v
+        except OverflowError:
+            pass
+    return _u32_arg(v, what)
+
+
 cdef inline unsigned char* _room(unsigned char* p, unsigned char* end, Py_ssize_t n) except NULL:
     # Only reachable if a record was changed between sizing and filling (Python code
     # run by a payload's __bytes__, a dict subclass's __len__): never write past the end.
@@ -948,10 +970,10 @@ def encode_deliveries(consumer_id, records):
             raise LocalProtocolError(
                 "each delivery must be an (offset, timestamp_us, attempts, failures, "
                 f"headers, payload) tuple, not {rec!r}")
-        _u64_arg((<tuple>rec)[0], "offset")
-        _u64_arg((<tuple>rec)[1], "timestamp_us")
-        _u32_arg((<tuple>rec)[2], "attempts")
-        _u32_arg((<tuple>rec)[3], "failures")
+        _u64_fast((<tuple>rec)[0], "offset")
+        _u64_fast((<tuple>rec)[1], "timestamp_us")
+        _u32_fast((<tuple>rec)[2], "attempts")
+        _u32_fast((<tuple>rec)[3], "failures")
         h = (<tuple>rec)[4]
         if h is not None:
             if not isinstance(h, dict):

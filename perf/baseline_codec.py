@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 HEADER = struct.Struct(">IHHI")
@@ -240,7 +241,7 @@ class Delivery:
 DeliveryRecord = tuple[int, int, int, int, dict[str, str] | None, bytes]
 
 
-def encode_deliveries(consumer_id: int, records: list[DeliveryRecord]) -> bytes:
+def encode_deliveries(consumer_id: int, records: Sequence[DeliveryRecord]) -> bytes:
     parts = [EXT_PREFIX.pack(0xA1, consumer_id), U32.pack(len(records))]
     for offset, ts, attempts, failures, headers, payload in records:
         parts.append(DELIVERY_HEAD.pack(offset, ts, attempts, failures, len(headers or ())))

@@ -42,17 +42,17 @@ REFUSED_CALLS: list[Callable[[], object]] = [
     lambda: wire.encode_consuming(1, 7, 3),
     lambda: wire.encode_consuming(1, 7, -1),
     lambda: wire.encode_consuming(1, 7, True),
-    lambda: wire.encode_consuming(1, 7, "active"),
+    lambda: wire.encode_consuming(1, 7, "active"),  # type: ignore[arg-type]
     lambda: wire.encode_consumer_role(7, 3),
-    lambda: wire.encode_consumer_role(7, None),
+    lambda: wire.encode_consumer_role(7, None),  # type: ignore[arg-type]
     # refusal reasons and counts
     lambda: wire.encode_settled(1, [(5, 0)]),
     lambda: wire.encode_settled(1, [(5, 4)]),
     lambda: wire.encode_settled(1, [(5, True)]),
     lambda: wire.encode_settled(1, [(-1, 1)]),
-    lambda: wire.encode_settled(1, [(5,)]),
+    lambda: wire.encode_settled(1, [(5,)]),  # type: ignore[list-item]
     lambda: wire.encode_settled(1, [(5, 1)] * 65536),
-    lambda: wire.encode_settled(1, None),
+    lambda: wire.encode_settled(1, None),  # type: ignore[arg-type]
     # settle opcodes
     lambda: wire.encode_settle(0x21, 1, 7, [(1, 1)]),
     lambda: wire.encode_settle(0x27, 1, 7, [(1, 1)]),
@@ -66,10 +66,10 @@ REFUSED_CALLS: list[Callable[[], object]] = [
     lambda: wire.encode_ack(1, 7, [(U64 - 5, 2**32 - 1)]),
     lambda: wire.encode_ack(1, 7, [(1, 2**32)]),
     lambda: wire.encode_ack(1, 7, [(-1, 1)]),
-    lambda: wire.encode_ack(1, 7, [(1, 1, 1)]),
-    lambda: wire.encode_ack(1, 7, [5]),
-    lambda: wire.encode_ack(1, 7, None),
-    lambda: wire.encode_ack(1, 7, b"\x00\x01"),
+    lambda: wire.encode_ack(1, 7, [(1, 1, 1)]),  # type: ignore[list-item]
+    lambda: wire.encode_ack(1, 7, [5]),  # type: ignore[list-item]
+    lambda: wire.encode_ack(1, 7, None),  # type: ignore[arg-type]
+    lambda: wire.encode_ack(1, 7, b"\x00\x01"),  # type: ignore[arg-type]
     lambda: wire.encode_nak(1, 7, [(1, 1)], delay_ms=2**32),
     lambda: wire.encode_nak(1, 7, [(1, 1)], delay_ms=-1),
     # strings over 65535 UTF-8 bytes
@@ -84,7 +84,7 @@ REFUSED_CALLS: list[Callable[[], object]] = [
     lambda: wire.encode_deliveries(7, [(1, 0, 1, 0, {LONG: "v"}, b"")]),
     lambda: wire.encode_deliveries(7, [(1, 0, 1, 0, {"k": LONG}, b"")]),
     # other values
-    lambda: wire.encode_consume(1, "t", "n", "s", b"g", 7),
+    lambda: wire.encode_consume(1, "t", "n", "s", b"g", 7),  # type: ignore[arg-type]
     lambda: wire.encode_consume(1, "t", "n", "s", "g", -1),
     lambda: wire.encode_consume(1, "t", "n", "s", "g", 7, credit_records=2**32),
     lambda: wire.encode_consume(1, "t", "n", "s", "g", 7, credit_bytes=-1),
@@ -92,16 +92,16 @@ REFUSED_CALLS: list[Callable[[], object]] = [
     lambda: wire.encode_stop_consume(1, U64 + 1),
     lambda: wire.encode_consumer_end(7, 70000, "x"),
     lambda: wire.encode_deliveries(-1, []),
-    lambda: wire.encode_deliveries(7, None),
-    lambda: wire.encode_deliveries(7, [[1, 0, 1, 0, None, b""]]),
-    lambda: wire.encode_deliveries(7, [(1, 0, 1, 0, None)]),
+    lambda: wire.encode_deliveries(7, None),  # type: ignore[arg-type]
+    lambda: wire.encode_deliveries(7, [[1, 0, 1, 0, None, b""]]),  # type: ignore[list-item]
+    lambda: wire.encode_deliveries(7, [(1, 0, 1, 0, None)]),  # type: ignore[list-item]
     lambda: wire.encode_deliveries(7, [(-1, 0, 1, 0, None, b"")]),
     lambda: wire.encode_deliveries(7, [(1, U64 + 1, 1, 0, None, b"")]),
     lambda: wire.encode_deliveries(7, [(1, 0, 2**32, 0, None, b"")]),
-    lambda: wire.encode_deliveries(7, [(1, 0, 1, 1.5, None, b"")]),
-    lambda: wire.encode_deliveries(7, [(1, 0, 1, 0, [("k", "v")], b"")]),
-    lambda: wire.encode_deliveries(7, [(1, 0, 1, 0, {"k": 1}, b"")]),
-    lambda: wire.encode_deliveries(7, [(1, 0, 1, 0, None, "text")]),
+    lambda: wire.encode_deliveries(7, [(1, 0, 1, 1.5, None, b"")]),  # type: ignore[list-item]
+    lambda: wire.encode_deliveries(7, [(1, 0, 1, 0, [("k", "v")], b"")]),  # type: ignore[list-item]
+    lambda: wire.encode_deliveries(7, [(1, 0, 1, 0, {"k": 1}, b"")]),  # type: ignore[dict-item]
+    lambda: wire.encode_deliveries(7, [(1, 0, 1, 0, None, "text")]),  # type: ignore[list-item]
     lambda: wire.encode_deliveries(7, [(1, 0, 1, 0, {"\ud800": "v"}, b"")]),
 ]
 
@@ -143,9 +143,9 @@ def test_settle_conveniences_put_defaults_where_unused() -> None:
 
 
 def test_ranges_and_records_may_be_any_iterable() -> None:
-    s = decode(wire.encode_ack(1, 7, ((f, 1) for f in (3, 5))))
+    s = decode(wire.encode_ack(1, 7, ((f, 1) for f in (3, 5))))  # type: ignore[arg-type]
     assert isinstance(s, wire.Settle) and s.ranges == [(3, 1), (5, 1)]
-    s = decode(wire.encode_ack(1, 7, [[3, 1]]))
+    s = decode(wire.encode_ack(1, 7, [[3, 1]]))  # type: ignore[list-item]
     assert isinstance(s, wire.Settle) and s.ranges == [(3, 1)]
     Rec = namedtuple("Rec", "offset timestamp_us attempts failures headers payload")
     records = iter([Rec(1, 2, 3, 4, None, bytearray(b"ab")), (5, 0, 1, 0, {}, memoryview(b"c"))])

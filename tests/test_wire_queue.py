@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from collections import namedtuple
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -282,3 +284,13 @@ def test_decoded_classes_and_fields() -> None:
     ]
     assert (wire.ROLE_MEMBER, wire.ROLE_ACTIVE, wire.ROLE_STANDBY) == (0, 1, 2)
     assert (wire.REFUSED_STALE, wire.REFUSED_DEAD, wire.REFUSED_UNKNOWN) == (1, 2, 3)
+
+
+def test_worked_examples_in_the_wire_doc_are_byte_exact() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "wire-protocol.md").read_text()
+    examples = re.findall(r"`(encode_\w+\(.*?\))`[^`\n]*:\n\n```\n(.*?)```", doc, re.S)
+    assert len(examples) >= 3  # CACHE_GET, DELIVERIES, ACK
+    for call, block in examples:
+        # Each line: hex groups, then two or more spaces, then the comment.
+        hexed = "".join(line.split("  ")[0].replace(" ", "") for line in block.splitlines())
+        assert eval(call, {"__builtins__": {}}, vars(wire)).hex() == hexed, call

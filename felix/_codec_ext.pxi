@@ -952,7 +952,9 @@ def encode_deliveries(consumer_id, records):
     """OP_DELIVERIES for one consumer: ``records`` are (offset, timestamp_us, attempts,
     failures, headers or None, payload) tuples."""
     cdef uint64_t cid = _u64_arg(consumer_id, "consumer_id")
-    cdef list items = _as_list(records, "records")
+    # A private list: Python code run while sizing (a payload's __bytes__) cannot swap
+    # a record between the two passes.
+    cdef list items = list(<list>records) if type(records) is list else _as_list(records, "records")
     cdef Py_ssize_t n = len(items), i, nk, nv, pos
     cdef Py_ssize_t body = 4 + _MIN_DELIVERY * n
     cdef list pays = None

@@ -294,3 +294,17 @@ def test_worked_examples_in_the_wire_doc_are_byte_exact() -> None:
         # Each line: hex groups, then two or more spaces, then the comment.
         hexed = "".join(line.split("  ")[0].replace(" ", "") for line in block.splitlines())
         assert eval(call, {"__builtins__": {}}, vars(wire)).hex() == hexed, call
+
+
+def test_records_swapped_while_encoding_do_not_reach_the_frame() -> None:
+    records: list[Any] = []
+
+    class Swapper(bytes):
+        def __bytes__(self) -> bytes:
+            records[0] = "not a record"
+            return b"late"
+
+    records += [(1, 0, 1, 0, None, b"a"), (2, 0, 1, 0, None, Swapper(b"z"))]
+    d = decode(wire.encode_deliveries(7, records))
+    assert isinstance(d, wire.Deliveries)
+    assert [(r.offset, r.payload) for r in d.records] == [(1, b"a"), (2, b"late")]

@@ -7,6 +7,10 @@ from typing_extensions import Buffer
 
 BytesLike = bytes | bytearray | memoryview
 Headers = Sequence[dict[str, str] | None] | None
+#: (first offset, count) of a settle.
+Range = tuple[int, int]
+#: (offset, timestamp_us, attempts, failures, headers or None, payload) of a delivery.
+DeliveryRecord = tuple[int, int, int, int, dict[str, str] | None, BytesLike]
 
 MAGIC: Final[int]
 VERSION: Final[int]
@@ -32,6 +36,14 @@ OP_PUBLISH: Final[int]
 OP_SUBSCRIBE: Final[int]
 OP_CREDIT: Final[int]
 OP_UNSUBSCRIBE: Final[int]
+OP_CONSUME: Final[int]
+OP_CONSUMER_WINDOW: Final[int]
+OP_ACK: Final[int]
+OP_NAK: Final[int]
+OP_RELEASE: Final[int]
+OP_IN_PROGRESS: Final[int]
+OP_TERM: Final[int]
+OP_STOP_CONSUME: Final[int]
 OP_REAUTH: Final[int]
 OP_PING: Final[int]
 OP_OK: Final[int]
@@ -44,6 +56,11 @@ OP_SUBSCRIBED: Final[int]
 OP_EVENTS: Final[int]
 OP_SLOW_CONSUMER: Final[int]
 OP_SUBSCRIPTION_END: Final[int]
+OP_CONSUMING: Final[int]
+OP_DELIVERIES: Final[int]
+OP_SETTLED: Final[int]
+OP_CONSUMER_END: Final[int]
+OP_CONSUMER_ROLE: Final[int]
 OP_ERROR: Final[int]
 OP_CURSOR_ERROR: Final[int]
 OP_REDIRECT: Final[int]
@@ -63,6 +80,13 @@ DURABILITY_SYNCED: Final[int]
 TTL_MISSING: Final[int]
 TTL_PERSISTENT: Final[int]
 TTL_EXPIRING: Final[int]
+NAK_BACKOFF: Final[int]
+ROLE_MEMBER: Final[int]
+ROLE_ACTIVE: Final[int]
+ROLE_STANDBY: Final[int]
+REFUSED_STALE: Final[int]
+REFUSED_DEAD: Final[int]
+REFUSED_UNKNOWN: Final[int]
 
 class Frame:
     @property
@@ -272,6 +296,77 @@ class Redirect(ExtMessage):
     @property
     def owner(self) -> str: ...
 
+class Consume(ExtMessage):
+    @property
+    def tenant_id(self) -> str: ...
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def stream(self) -> str: ...
+    @property
+    def group(self) -> str: ...
+    @property
+    def consumer_id(self) -> int: ...
+    @property
+    def credit_records(self) -> int: ...
+    @property
+    def credit_bytes(self) -> int: ...
+
+class ConsumerWindow(ExtMessage):
+    @property
+    def consumer_id(self) -> int: ...
+    @property
+    def credit_records(self) -> int: ...
+    @property
+    def credit_bytes(self) -> int: ...
+
+class Settle(ExtMessage):
+    @property
+    def consumer_id(self) -> int: ...
+    @property
+    def delay_ms(self) -> int: ...
+    @property
+    def detail(self) -> str: ...
+    @property
+    def ranges(self) -> list[tuple[int, int]]: ...
+
+class ConsumerOp(ExtMessage):
+    @property
+    def consumer_id(self) -> int: ...
+
+class Consuming(ExtMessage):
+    @property
+    def consumer_id(self) -> int: ...
+    @property
+    def role(self) -> int: ...
+
+class Delivery:
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp_us(self) -> int: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def failures(self) -> int: ...
+    @property
+    def headers(self) -> dict[str, str] | None: ...
+    @property
+    def payload(self) -> bytes: ...
+    def __eq__(self, other: object) -> bool: ...
+
+class Deliveries(ExtMessage):
+    @property
+    def records(self) -> list[Delivery]: ...
+
+class Settled(ExtMessage):
+    @property
+    def refused(self) -> list[tuple[int, int]]: ...
+
+class ConsumerRole(ExtMessage):
+    @property
+    def role(self) -> int: ...
+
 def encode_cache_get(
     request_id: int, tenant_id: str, namespace: str, cache: str, key: str
 ) -> bytes: ...
@@ -333,5 +428,48 @@ def encode_error(request_id: int, code: int, message: str) -> bytes: ...
 def encode_subscription_end(subscription_id: int, code: int, message: str) -> bytes: ...
 def encode_cursor_error(request_id: int, reason: str, requested: int, available: int) -> bytes: ...
 def encode_redirect(request_id: int, shard: int, epoch: int, owner: str) -> bytes: ...
+def encode_consume(
+    request_id: int,
+    tenant_id: str,
+    namespace: str,
+    stream: str,
+    group: str,
+    consumer_id: int,
+    *,
+    credit_records: int = 0,
+    credit_bytes: int = 0,
+) -> bytes: ...
+def encode_consumer_window(
+    request_id: int, consumer_id: int, credit_records: int, credit_bytes: int
+) -> bytes: ...
+def encode_settle(
+    opcode: int,
+    request_id: int,
+    consumer_id: int,
+    ranges: Sequence[Range],
+    *,
+    delay_ms: int = 0,
+    detail: str = "",
+) -> bytes: ...
+def encode_ack(request_id: int, consumer_id: int, ranges: Sequence[Range]) -> bytes: ...
+def encode_nak(
+    request_id: int,
+    consumer_id: int,
+    ranges: Sequence[Range],
+    *,
+    delay_ms: int = ...,
+    detail: str = "",
+) -> bytes: ...
+def encode_release(request_id: int, consumer_id: int, ranges: Sequence[Range]) -> bytes: ...
+def encode_in_progress(request_id: int, consumer_id: int, ranges: Sequence[Range]) -> bytes: ...
+def encode_term(
+    request_id: int, consumer_id: int, ranges: Sequence[Range], *, detail: str = ""
+) -> bytes: ...
+def encode_stop_consume(request_id: int, consumer_id: int) -> bytes: ...
+def encode_consuming(request_id: int, consumer_id: int, role: int) -> bytes: ...
+def encode_deliveries(consumer_id: int, records: Sequence[DeliveryRecord]) -> bytes: ...
+def encode_settled(request_id: int, refused: Sequence[tuple[int, int]] = ()) -> bytes: ...
+def encode_consumer_end(consumer_id: int, code: int, message: str) -> bytes: ...
+def encode_consumer_role(consumer_id: int, role: int) -> bytes: ...
 def ext_request_id(frame: Frame | bytes) -> tuple[int, int] | None: ...
 def decode_ext(frame: Frame | bytes) -> ExtMessage: ...

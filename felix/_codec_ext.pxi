@@ -14,6 +14,14 @@ OP_PUBLISH = 0x10
 OP_SUBSCRIBE = 0x11
 OP_CREDIT = 0x12
 OP_UNSUBSCRIBE = 0x13
+OP_CONSUME = 0x20
+OP_CONSUMER_WINDOW = 0x21
+OP_ACK = 0x22
+OP_NAK = 0x23
+OP_RELEASE = 0x24
+OP_IN_PROGRESS = 0x25
+OP_TERM = 0x26
+OP_STOP_CONSUME = 0x27
 OP_REAUTH = 0x30
 OP_PING = 0x31
 # Replies and notices (broker -> client)
@@ -27,6 +35,11 @@ OP_SUBSCRIBED = 0x91
 OP_EVENTS = 0x92
 OP_SLOW_CONSUMER = 0x93
 OP_SUBSCRIPTION_END = 0x94
+OP_CONSUMING = 0xA0
+OP_DELIVERIES = 0xA1
+OP_SETTLED = 0xA2
+OP_CONSUMER_END = 0xA3
+OP_CONSUMER_ROLE = 0xA4
 OP_ERROR = 0xE0
 OP_CURSOR_ERROR = 0xE1
 OP_REDIRECT = 0xE2
@@ -52,6 +65,16 @@ DURABILITY_SYNCED = 2   # fsynced: survives power loss
 TTL_MISSING = 0
 TTL_PERSISTENT = 1
 TTL_EXPIRING = 2
+# NAK delay_ms meaning "use the group's backoff" (the u32 maximum).
+NAK_BACKOFF = 0xFFFFFFFF
+# A member's role in its group (CONSUMING, CONSUMER_ROLE).
+ROLE_MEMBER = 0    # a shared group: records go round-robin over the members
+ROLE_ACTIVE = 1    # an exclusive group: the one member records go to
+ROLE_STANDBY = 2   # an exclusive group: waiting to take over
+# Why SETTLED refuses an offset.
+REFUSED_STALE = 1    # leased to another member since
+REFUSED_DEAD = 2     # dead-lettered
+REFUSED_UNKNOWN = 3  # never delivered to this group
 
 cdef dict _CURSOR_REASONS = {1: "too_old", 2: "in_future"}
 cdef dict _CURSOR_CODES = {"too_old": 1, "in_future": 2}
@@ -226,7 +249,8 @@ cdef class SlowConsumerNotice(ExtMessage):
 
 
 cdef class ErrorReply(ExtMessage):
-    """OP_ERROR (reply to request_id) and OP_SUBSCRIPTION_END (request_id: subscription)."""
+    """OP_ERROR (reply to request_id), OP_SUBSCRIPTION_END (request_id: subscription) and
+    OP_CONSUMER_END (request_id: consumer)."""
 
     cdef readonly int code
     cdef readonly str message
@@ -250,6 +274,116 @@ cdef class Redirect(ExtMessage):
     cdef readonly str owner
     __fields__ = ("shard", "epoch", "owner")
 
+
+
+cdef class Consume(ExtMessage):
+    """OP_CONSUME: join ``group`` on a stream as ``consumer_id``, with a window of
+    ``credit_records`` records and ``credit_bytes`` payload bytes (0: the broker's default)."""
+
+    cdef readonly str tenant_id
+    cdef readonly str namespace
+    cdef readonly str stream
+    cdef readonly str group
+    cdef readonly object consumer_id
+    cdef readonly object credit_records
+    cdef readonly object credit_bytes
+    __fields__ = ("tenant_id", "namespace", "stream", "group", "consumer_id",
+                  "credit_records", "credit_bytes")
+
+
+cdef class ConsumerWindow(ExtMessage):
+    """OP_CONSUMER_WINDOW: the consumer's new window (it replaces the old one)."""
+
+    cdef readonly object consumer_id
+    cdef readonly object credit_records
+    cdef readonly object credit_bytes
+    __fields__ = ("consumer_id", "credit_records", "credit_bytes")
+
+
+cdef class Settle(ExtMessage):
+    """OP_ACK / NAK / RELEASE / IN_PROGRESS / TERM of ``ranges`` ((first, count) pairs).
+
+    ``delay_ms`` is meaningful for NAK only (NAK_BACKOFF: the group's backoff),
+    ``detail`` for NAK (error text) and TERM (reason).
+    """
+
+    cdef readonly object consumer_id
+    cdef readonly object delay_ms
+    cdef readonly str detail
+    cdef readonly list ranges
+    __fields__ = ("consumer_id", "delay_ms", "detail", "ranges")
+
+
+cdef class ConsumerOp(ExtMessage):
+    """OP_STOP_CONSUME: a graceful stop of the consumer (its leases are released)."""
+
+    cdef readonly object consumer_id
+    __fields__ = ("consumer_id",)
+
+
+cdef class Consuming(ExtMessage):
+    """OP_CONSUMING: the consumer joined with ``role`` (ROLE_MEMBER / ACTIVE / STANDBY)."""
+
+    cdef readonly object consumer_id
+    cdef readonly int role
+    __fields__ = ("consumer_id", "role")
+
+
+# Decoding DELIVERIES makes one per record: reuse freed ones.
+@cython.freelist(256)
+cdef class Delivery:
+    """One record of a DELIVERIES frame, leased to the consumer.
+
+    ``timestamp_us`` 0 is unknown; ``attempts`` counts this hand-out; ``headers``
+    is None when the record has none.
+    """
+
+    cdef readonly object offset
+    cdef readonly object timestamp_us
+    cdef readonly object attempts
+    cdef readonly object failures
+    cdef readonly object headers
+    cdef readonly bytes payload
+
+    def __repr__(self):
+        return (
+            f"Delivery(offset={self.offset}, timestamp_us={self.timestamp_us}, "
+            f"attempts={self.attempts}, failures={self.failures}, headers={self.headers!r}, "
+            f"payload={self.payload!r})"
+        )
+
+    def __eq__(self, other):
+        if type(other) is not Delivery:
+            return NotImplemented
+        cdef Delivery o = <Delivery>other
+        return (
+            self.offset == o.offset and self.timestamp_us == o.timestamp_us
+            and self.attempts == o.attempts and self.failures == o.failures
+            and self.headers == o.headers and self.payload == o.payload
+        )
+
+    __hash__ = None
+
+
+cdef class Deliveries(ExtMessage):
+    """OP_DELIVERIES: ``records`` (``Delivery``) for one consumer (request_id: consumer id)."""
+
+    cdef readonly list records
+    __fields__ = ("records",)
+
+
+cdef class Settled(ExtMessage):
+    """OP_SETTLED: the settle was applied except for ``refused`` ((offset, REFUSED_*) pairs)."""
+
+    cdef readonly list refused
+    __fields__ = ("refused",)
+
+
+cdef class ConsumerRole(ExtMessage):
+    """OP_CONSUMER_ROLE: the consumer's role changed (request_id: consumer id)."""
+
+    cdef readonly int role
+    __fields__ = ("role",)
 
 # --- encoding -----------------------------------------------------------------------------
 
@@ -624,6 +758,315 @@ def encode_redirect(request_id, shard, epoch, owner):
     return out
 
 
+# --- queue groups (docs/wire-protocol.md, "Queue groups") ----------------------------------
+
+# A settle names at most this many ranges: a bound on what one frame makes the shard do.
+cdef Py_ssize_t _MAX_RANGES = 1024
+# A DELIVERIES record is at least offset, timestamp, attempts, failures, a header
+# count and a payload length.
+cdef Py_ssize_t _MIN_DELIVERY = 8 + 8 + 4 + 4 + 2 + 4
+
+
+cdef inline int _role_arg(object role) except -1:
+    if isinstance(role, bool) or not isinstance(role, int) or not 0 <= role <= 2:
+        raise LocalProtocolError(f"unknown consumer role {role!r}")
+    return <int>role
+
+
+cdef inline list _as_list(object items, str what):
+    if type(items) is list:
+        return <list>items
+    if isinstance(items, (str, bytes, bytearray, memoryview)) or items is None:
+        raise LocalProtocolError(f"{what} must be a sequence, not {type(items).__name__}")
+    try:
+        return list(items)
+    except TypeError:
+        raise LocalProtocolError(f"{what} must be a sequence, not {type(items).__name__}") from None
+
+
+cdef inline tuple _pair(object item, str what):
+    if type(item) is not tuple:
+        if not isinstance(item, (tuple, list)):
+            raise LocalProtocolError(f"each of {what} must be a pair, not {item!r}")
+        item = tuple(item)
+    if len(<tuple>item) != 2:
+        raise LocalProtocolError(f"each of {what} must be a pair, not {item!r}")
+    return <tuple>item
+
+
+def encode_consume(request_id, tenant_id, namespace, stream, group, consumer_id, *,
+                   credit_records=0, credit_bytes=0):
+    """OP_CONSUME request frame; a credit of 0 asks for the broker's default."""
+    cdef uint64_t rid = _u64_arg(request_id, "request_id")
+    cdef uint64_t cid = _u64_arg(consumer_id, "consumer_id")
+    cdef uint32_t cr = _u32_arg(credit_records, "credit_records")
+    cdef uint32_t cb = _u32_arg(credit_bytes, "credit_bytes")
+    cdef Py_ssize_t nt, nn, ns, ng
+    cdef const char* t = _short_str(tenant_id, &nt, "tenant_id")
+    cdef const char* n = _short_str(namespace, &nn, "namespace")
+    cdef const char* s = _short_str(stream, &ns, "stream")
+    cdef const char* g = _short_str(group, &ng, "group")
+    cdef Py_ssize_t body = 8 + nt + nn + ns + ng + 8 + 4 + 4
+    cdef bytes out = _alloc_frame(9 + body)
+    cdef unsigned char* p = _ext_start(out, body, 0x20, rid)
+    p = _write_str(p, t, nt)
+    p = _write_str(p, n, nn)
+    p = _write_str(p, s, ns)
+    p = _write_str(p, g, ng)
+    _put_u64(p, cid)
+    _put_u32(p + 8, cr)
+    _put_u32(p + 12, cb)
+    return out
+
+
+def encode_consumer_window(request_id, consumer_id, credit_records, credit_bytes):
+    """OP_CONSUMER_WINDOW: replace the consumer's window (0: the broker's default)."""
+    cdef uint64_t rid = _u64_arg(request_id, "request_id")
+    cdef uint64_t cid = _u64_arg(consumer_id, "consumer_id")
+    cdef uint32_t cr = _u32_arg(credit_records, "credit_records")
+    cdef uint32_t cb = _u32_arg(credit_bytes, "credit_bytes")
+    cdef bytes out = _alloc_frame(9 + 16)
+    cdef unsigned char* p = _ext_start(out, 16, 0x21, rid)
+    _put_u64(p, cid)
+    _put_u32(p + 8, cr)
+    _put_u32(p + 12, cb)
+    return out
+
+
+def encode_settle(opcode, request_id, consumer_id, ranges, *, delay_ms=0, detail=""):
+    """OP_ACK / NAK / RELEASE / IN_PROGRESS / TERM of ``ranges``: 1..1024 (first, count) pairs,
+    count >= 1. Senders put 0 / "" in ``delay_ms`` / ``detail`` where the opcode has no use for them."""
+    if isinstance(opcode, bool) or not isinstance(opcode, int) or not 0x22 <= opcode <= 0x26:
+        raise LocalProtocolError(f"not a settle opcode: {opcode!r}")
+    cdef uint64_t rid = _u64_arg(request_id, "request_id")
+    cdef uint64_t cid = _u64_arg(consumer_id, "consumer_id")
+    cdef uint32_t delay = _u32_arg(delay_ms, "delay_ms")
+    cdef Py_ssize_t nd
+    cdef const char* d = _short_str(detail, &nd, "detail")
+    cdef list items = _as_list(ranges, "ranges")
+    cdef Py_ssize_t nr = len(items), i
+    if nr < 1 or nr > _MAX_RANGES:
+        raise LocalProtocolError(f"a settle names 1..{_MAX_RANGES} ranges, not {nr}")
+    cdef Py_ssize_t body = 8 + 4 + 2 + nd + 2 + 12 * nr
+    cdef bytes out = _alloc_frame(9 + body)
+    cdef unsigned char* p = _ext_start(out, body, <int>opcode, rid)
+    cdef tuple r
+    cdef uint64_t first
+    cdef uint32_t count
+    _put_u64(p, cid)
+    _put_u32(p + 8, delay)
+    p = _write_str(p + 12, d, nd)
+    _put_u16(p, <uint16_t>nr)
+    p += 2
+    # The size is known from the count: validate each range as it is written (a
+    # refused one discards the frame).
+    for i in range(nr):
+        r = _pair(items[i], "ranges")
+        first = _u64_arg(r[0], "range first")
+        count = _u32_arg(r[1], "range count")
+        if count == 0:
+            raise LocalProtocolError(f"range at {first} has count 0")
+        if first > 0xFFFFFFFFFFFFFFFF - count:
+            raise LocalProtocolError(f"range {first} + {count} overflows u64")
+        _put_u64(p, first)
+        _put_u32(p + 8, count)
+        p += 12
+    return out
+
+
+def encode_ack(request_id, consumer_id, ranges):
+    """OP_ACK: the records are done."""
+    return encode_settle(0x22, request_id, consumer_id, ranges)
+
+
+def encode_nak(request_id, consumer_id, ranges, *, delay_ms=NAK_BACKOFF, detail=""):
+    """OP_NAK: retry after ``delay_ms`` (NAK_BACKOFF: the group's backoff); ``detail``: error text."""
+    return encode_settle(0x23, request_id, consumer_id, ranges, delay_ms=delay_ms, detail=detail)
+
+
+def encode_release(request_id, consumer_id, ranges):
+    """OP_RELEASE: not processed; available again at once, no failure counted."""
+    return encode_settle(0x24, request_id, consumer_id, ranges)
+
+
+def encode_in_progress(request_id, consumer_id, ranges):
+    """OP_IN_PROGRESS: extend the leases by the group's lease_ms from now."""
+    return encode_settle(0x25, request_id, consumer_id, ranges)
+
+
+def encode_term(request_id, consumer_id, ranges, *, detail=""):
+    """OP_TERM: dead-letter the records now, ``detail`` as the reason."""
+    return encode_settle(0x26, request_id, consumer_id, ranges, detail=detail)
+
+
+def encode_stop_consume(request_id, consumer_id):
+    """OP_STOP_CONSUME: stop the consumer gracefully."""
+    cdef uint64_t rid = _u64_arg(request_id, "request_id")
+    cdef uint64_t cid = _u64_arg(consumer_id, "consumer_id")
+    cdef bytes out = _alloc_frame(9 + 8)
+    _put_u64(_ext_start(out, 8, 0x27, rid), cid)
+    return out
+
+
+def encode_consuming(request_id, consumer_id, role):
+    """OP_CONSUMING: the consumer joined its group with ``role`` (ROLE_*)."""
+    cdef uint64_t rid = _u64_arg(request_id, "request_id")
+    cdef uint64_t cid = _u64_arg(consumer_id, "consumer_id")
+    cdef int ro = _role_arg(role)
+    cdef bytes out = _alloc_frame(9 + 9)
+    cdef unsigned char* p = _ext_start(out, 9, 0xA0, rid)
+    _put_u64(p, cid)
+    p[8] = <unsigned char>ro
+    return out
+
+
+cdef inline uint64_t _u64_fast(object v, str what) except? 0:
+    # The hot path's ints are exact ints in range: convert them in C, and leave every
+    # other case (and the error message) to _u64_arg.
+    if type(v) is int:
+        try:
+            return <uint64_t>v
+        except OverflowError:
+            pass
+    return _u64_arg(v, what)
+
+
+cdef inline uint32_t _u32_fast(object v, str what) except? 0:
+    if type(v) is int:
+        try:
+            return <uint32_t>v
+        except OverflowError:
+            pass
+    return _u32_arg(v, what)
+
+
+cdef inline unsigned char* _room(unsigned char* p, unsigned char* end, Py_ssize_t n) except NULL:
+    # Only reachable if a record was changed between sizing and filling (Python code
+    # run by a payload's __bytes__, a dict subclass's __len__): never write past the end.
+    if n > end - p:
+        raise LocalProtocolError("deliveries changed while being encoded")
+    return p
+
+
+def encode_deliveries(consumer_id, records):
+    """OP_DELIVERIES for one consumer: ``records`` are (offset, timestamp_us, attempts,
+    failures, headers or None, payload) tuples."""
+    cdef uint64_t cid = _u64_arg(consumer_id, "consumer_id")
+    # A private list: Python code run while sizing (a payload's __bytes__) cannot swap
+    # a record between the two passes.
+    cdef list items = list(<list>records) if type(records) is list else _as_list(records, "records")
+    cdef Py_ssize_t n = len(items), i, nk, nv, pos
+    cdef Py_ssize_t body = 4 + _MIN_DELIVERY * n
+    cdef list pays = None
+    cdef object rec, h, pay
+    cdef PyObject* pk
+    cdef PyObject* pv
+    cdef const char* k
+    cdef const char* v
+    if n > _U32_MAX:
+        raise LocalProtocolError("too many records for the u32 count")
+    # Pass 1: validate and size.
+    for i in range(n):
+        rec = items[i]
+        if not isinstance(rec, tuple) or len(<tuple>rec) != 6:
+            raise LocalProtocolError(
+                "each delivery must be an (offset, timestamp_us, attempts, failures, "
+                f"headers, payload) tuple, not {rec!r}")
+        _u64_fast((<tuple>rec)[0], "offset")
+        _u64_fast((<tuple>rec)[1], "timestamp_us")
+        _u32_fast((<tuple>rec)[2], "attempts")
+        _u32_fast((<tuple>rec)[3], "failures")
+        h = (<tuple>rec)[4]
+        if h is not None:
+            if not isinstance(h, dict):
+                raise LocalProtocolError(f"headers must be a dict or None, not {type(h).__name__}")
+            if PyDict_Size(h) > _U16_MAX:
+                raise LocalProtocolError("too many headers on one record")
+            # PyDict_Next and PyDict_Size read the dict itself, so a subclass cannot
+            # answer differently here and in pass 2.
+            pos = 0
+            while PyDict_Next(h, &pos, &pk, &pv):
+                _short_str(<object>pk, &nk, "header name")
+                _short_str(<object>pv, &nv, "header value")
+                body += 4 + nk + nv
+        pay = (<tuple>rec)[5]
+        if type(pay) is not bytes:
+            pay = _as_bytes(pay, "payload")
+            if pays is None:
+                pays = [(<tuple>items[j])[5] for j in range(i)]
+        if pays is not None:
+            pays.append(pay)
+        if PyBytes_GET_SIZE(<bytes>pay) > _U32_MAX:
+            raise LocalProtocolError("payload exceeds the u32 length field")
+        body += PyBytes_GET_SIZE(<bytes>pay)
+    # Pass 2: fill.
+    cdef bytes out = _alloc_frame(9 + body)
+    cdef unsigned char* p = _ext_start(out, body, 0xA1, cid)
+    cdef unsigned char* end = p + body
+    _put_u32(p, <uint32_t>n)
+    p += 4
+    for i in range(n):
+        rec = items[i]
+        _room(p, end, 26)
+        _put_u64(p, <uint64_t>(<tuple>rec)[0])
+        _put_u64(p + 8, <uint64_t>(<tuple>rec)[1])
+        _put_u32(p + 16, <uint32_t>(<tuple>rec)[2])
+        _put_u32(p + 20, <uint32_t>(<tuple>rec)[3])
+        h = (<tuple>rec)[4]
+        if h is None:
+            _put_u16(p + 24, 0)
+            p += 26
+        else:
+            _put_u16(p + 24, <uint16_t>PyDict_Size(h))
+            p += 26
+            pos = 0
+            while PyDict_Next(h, &pos, &pk, &pv):
+                k = _short_str(<object>pk, &nk, "header name")
+                v = _short_str(<object>pv, &nv, "header value")
+                p = _write_str(_room(p, end, 4 + nk + nv), k, nk)
+                p = _write_str(p, v, nv)
+        pay = (<tuple>rec)[5] if pays is None else pays[i]
+        p = _write_blob(_room(p, end, 4 + PyBytes_GET_SIZE(<bytes>pay)), <bytes>pay)
+    if p != end:
+        raise LocalProtocolError("deliveries changed while being encoded")
+    return out
+
+
+def encode_settled(request_id, refused=()):
+    """OP_SETTLED: the settle was applied, except for ``refused`` ((offset, REFUSED_*) pairs)."""
+    cdef uint64_t rid = _u64_arg(request_id, "request_id")
+    cdef list items = _as_list(refused, "refused")
+    cdef Py_ssize_t n = len(items), i
+    if n > _U16_MAX:
+        raise LocalProtocolError(f"{n} refused offsets exceed the u16 count")
+    cdef bytes out = _alloc_frame(9 + 2 + 9 * n)
+    cdef unsigned char* p = _ext_start(out, 2 + 9 * n, 0xA2, rid)
+    cdef tuple r
+    _put_u16(p, <uint16_t>n)
+    p += 2
+    for i in range(n):
+        r = _pair(items[i], "refused")
+        _put_u64(p, _u64_arg(r[0], "refused offset"))
+        if isinstance(r[1], bool) or not isinstance(r[1], int) or not 1 <= r[1] <= 3:
+            raise LocalProtocolError(f"unknown refusal reason {r[1]!r}")
+        p[8] = <unsigned char>r[1]
+        p += 9
+    return out
+
+
+def encode_consumer_end(consumer_id, code, message):
+    """OP_CONSUMER_END: the broker ended the consumer (wire error ``code``, ``message``)."""
+    return _encode_code_message(0xA3, consumer_id, code, message)
+
+
+def encode_consumer_role(consumer_id, role):
+    """OP_CONSUMER_ROLE: the consumer's role in its exclusive group changed (ROLE_*)."""
+    cdef uint64_t cid = _u64_arg(consumer_id, "consumer_id")
+    cdef int ro = _role_arg(role)
+    cdef bytes out = _alloc_frame(9 + 1)
+    _ext_start(out, 1, 0xA4, cid)[0] = <unsigned char>ro
+    return out
+
 # --- decoding -----------------------------------------------------------------------------
 
 cdef object _read_records(Cursor* c, list payloads):
@@ -707,6 +1150,98 @@ cdef ExtMessage _decode_subscribe(Cursor* c):
     return m
 
 
+
+cdef ExtMessage _decode_consume(Cursor* c):
+    cdef Consume m = Consume.__new__(Consume)
+    m.tenant_id = _read_str(c, "tenant_id")
+    m.namespace = _read_str(c, "namespace")
+    m.stream = _read_str(c, "stream")
+    m.group = _read_str(c, "group")
+    m.consumer_id = _read_u64(c, "consumer id")
+    m.credit_records = _read_u32(c, "credit records")
+    m.credit_bytes = _read_u32(c, "credit bytes")
+    return m
+
+
+cdef ExtMessage _decode_settle(Cursor* c):
+    cdef Settle m = Settle.__new__(Settle)
+    cdef uint16_t n, i
+    cdef uint64_t first
+    cdef uint32_t count
+    m.consumer_id = _read_u64(c, "consumer id")
+    m.delay_ms = _read_u32(c, "delay_ms")
+    m.detail = _read_str(c, "detail")
+    n = _read_u16(c, "range count")
+    if n == 0 or n > _MAX_RANGES:
+        raise RemoteProtocolError(f"a settle names 1..{_MAX_RANGES} ranges, not {n}")
+    if <Py_ssize_t>n * 12 > c.end - c.pos:
+        raise RemoteProtocolError(f"range count {n} cannot fit in the {c.end - c.pos} bytes left")
+    m.ranges = []
+    for i in range(n):
+        first = _read_u64(c, "range first")
+        count = _read_u32(c, "range count")
+        if count == 0:
+            raise RemoteProtocolError(f"range at {first} has count 0")
+        if first > 0xFFFFFFFFFFFFFFFF - count:
+            raise RemoteProtocolError(f"range {first} + {count} overflows u64")
+        m.ranges.append((first, count))
+    return m
+
+
+cdef ExtMessage _decode_deliveries(Cursor* c):
+    cdef Deliveries m = Deliveries.__new__(Deliveries)
+    cdef uint32_t count = _read_u32(c, "delivery count")
+    cdef uint32_t i
+    cdef uint16_t nh, j
+    cdef Delivery d
+    cdef dict h
+    if <uint64_t>count * _MIN_DELIVERY > <uint64_t>(c.end - c.pos):
+        raise RemoteProtocolError(f"delivery count {count} cannot fit in the {c.end - c.pos} bytes left")
+    m.records = []
+    for i in range(count):
+        d = Delivery.__new__(Delivery)
+        d.offset = _read_u64(c, "offset")
+        d.timestamp_us = _read_u64(c, "timestamp_us")
+        d.attempts = _read_u32(c, "attempts")
+        d.failures = _read_u32(c, "failures")
+        nh = _read_u16(c, "header count")
+        if nh:
+            if <uint64_t>nh * 4 > <uint64_t>(c.end - c.pos):
+                raise RemoteProtocolError(f"header count {nh} cannot fit in the bytes left")
+            h = {}
+            for j in range(nh):
+                k = _read_str(c, "header name")
+                h[k] = _read_str(c, "header value")
+            d.headers = h
+        d.payload = _read_blob(c, "payload")
+        m.records.append(d)
+    return m
+
+
+cdef ExtMessage _decode_settled(Cursor* c):
+    cdef Settled m = Settled.__new__(Settled)
+    cdef uint16_t n = _read_u16(c, "refused count")
+    cdef uint16_t i
+    cdef uint64_t off
+    cdef uint8_t reason
+    if <Py_ssize_t>n * 9 > c.end - c.pos:
+        raise RemoteProtocolError(f"refused count {n} cannot fit in the {c.end - c.pos} bytes left")
+    m.refused = []
+    for i in range(n):
+        off = _read_u64(c, "refused offset")
+        reason = _read_u8(c, "refusal reason")
+        if reason < 1 or reason > 3:
+            raise RemoteProtocolError(f"unknown refusal reason {reason}")
+        m.refused.append((off, reason))
+    return m
+
+
+cdef inline int _read_role(Cursor* c) except -1:
+    cdef uint8_t role = _read_u8(c, "role")
+    if role > 2:
+        raise RemoteProtocolError(f"unknown consumer role {role}")
+    return role
+
 cdef ExtMessage _decode_ext_body(Cursor* c, int opcode, uint64_t rid):
     cdef ExtMessage m
     cdef SubscriptionOp so
@@ -721,6 +1256,10 @@ cdef ExtMessage _decode_ext_body(Cursor* c, int opcode, uint64_t rid):
     cdef ErrorReply er
     cdef CursorErrorReply ce
     cdef Redirect rd
+    cdef ConsumerWindow cw
+    cdef ConsumerOp co
+    cdef Consuming cg
+    cdef ConsumerRole crl
     cdef uint8_t b
     if 0x01 <= opcode <= 0x04:
         m = _decode_cache_request(c, opcode)
@@ -733,6 +1272,20 @@ cdef ExtMessage _decode_ext_body(Cursor* c, int opcode, uint64_t rid):
         so.subscription_id = _read_u64(c, "subscription id")
         so.credit = _read_u32(c, "credit") if opcode == 0x12 else 0
         m = so
+    elif opcode == 0x20:
+        m = _decode_consume(c)
+    elif opcode == 0x21:
+        cw = ConsumerWindow.__new__(ConsumerWindow)
+        cw.consumer_id = _read_u64(c, "consumer id")
+        cw.credit_records = _read_u32(c, "credit records")
+        cw.credit_bytes = _read_u32(c, "credit bytes")
+        m = cw
+    elif 0x22 <= opcode <= 0x26:
+        m = _decode_settle(c)
+    elif opcode == 0x27:
+        co = ConsumerOp.__new__(ConsumerOp)
+        co.consumer_id = _read_u64(c, "consumer id")
+        m = co
     elif opcode == 0x30:
         ra = Reauth.__new__(Reauth)
         ra.token = _read_str(c, "token")
@@ -788,7 +1341,20 @@ cdef ExtMessage _decode_ext_body(Cursor* c, int opcode, uint64_t rid):
         sc.first_dropped = _read_u64(c, "first dropped")
         sc.dropped = _read_u64(c, "dropped")
         m = sc
-    elif opcode == 0xE0 or opcode == 0x94:
+    elif opcode == 0xA0:
+        cg = Consuming.__new__(Consuming)
+        cg.consumer_id = _read_u64(c, "consumer id")
+        cg.role = _read_role(c)
+        m = cg
+    elif opcode == 0xA1:
+        m = _decode_deliveries(c)
+    elif opcode == 0xA2:
+        m = _decode_settled(c)
+    elif opcode == 0xA4:
+        crl = ConsumerRole.__new__(ConsumerRole)
+        crl.role = _read_role(c)
+        m = crl
+    elif opcode == 0xE0 or opcode == 0x94 or opcode == 0xA3:
         er = ErrorReply.__new__(ErrorReply)
         er.code = _read_u16(c, "error code")
         er.message = _read_str(c, "error message")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 HEADER = struct.Struct(">IHHI")
@@ -220,6 +221,54 @@ def decode_cache_value(buf: bytes) -> tuple[int, bytes | None]:
     value = r.blob() if r.u8() else None
     r.end()
     return rid, value
+
+
+# --- queue deliveries (the shard's hot path: one frame per member per batch) -----------
+
+DELIVERY_HEAD = struct.Struct(">QQIIH")
+
+
+@dataclass
+class Delivery:
+    offset: int
+    timestamp_us: int
+    attempts: int
+    failures: int
+    headers: dict[str, str] | None
+    payload: bytes
+
+
+DeliveryRecord = tuple[int, int, int, int, dict[str, str] | None, bytes]
+
+
+def encode_deliveries(consumer_id: int, records: Sequence[DeliveryRecord]) -> bytes:
+    parts = [EXT_PREFIX.pack(0xA1, consumer_id), U32.pack(len(records))]
+    for offset, ts, attempts, failures, headers, payload in records:
+        parts.append(DELIVERY_HEAD.pack(offset, ts, attempts, failures, len(headers or ())))
+        for k, v in (headers or {}).items():
+            parts.append(_str(k) + _str(v))
+        parts.append(U32.pack(len(payload)) + payload)
+    return frame(0x0040, b"".join(parts))
+
+
+def decode_deliveries(buf: bytes) -> tuple[int, list[Delivery]]:
+    flags, payload = unframe(buf)
+    r = Reader(payload)
+    if flags != 0x0040 or r.u8() != 0xA1:
+        raise BaselineError("not deliveries")
+    cid = r.u64()
+    n = r.u32()
+    if n * 30 > len(payload) - r.pos:
+        raise BaselineError("count too large")
+    out = []
+    for _ in range(n):
+        offset, ts, attempts, failures, nh = DELIVERY_HEAD.unpack(r.take(DELIVERY_HEAD.size))
+        if nh * 4 > len(payload) - r.pos:
+            raise BaselineError("header count too large")
+        headers = {r.str(): r.str() for _ in range(nh)} if nh else None
+        out.append(Delivery(offset, ts, attempts, failures, headers, r.blob()))
+    r.end()
+    return cid, out
 
 
 # --- JSON (what a naive implementation of the same frames would do) ------------------

@@ -70,6 +70,27 @@ def cases() -> list[tuple[str, Callable[[], object], Callable[[], object]]]:
     def base_cache_value() -> object:
         return ref.decode_cache_value(ref.encode_cache_value(9, PAYLOAD))
 
+    deliveries16 = [(1000 + i, 1_767_225_600_000_000 + i, 1, 0, None, PAYLOAD) for i in range(16)]
+    traced16 = [
+        (o, t, a, f, {"trace": f"t-{o}", "type": "order"}, p) for o, t, a, f, _, p in deliveries16
+    ]
+
+    def felix_deliveries() -> object:
+        return wire.decode_ext(
+            wire.decode_frame(wire.encode_deliveries(7, deliveries16), extensions=True)
+        )
+
+    def base_deliveries() -> object:
+        return ref.decode_deliveries(ref.encode_deliveries(7, deliveries16))
+
+    def felix_deliveries_headers() -> object:
+        return wire.decode_ext(
+            wire.decode_frame(wire.encode_deliveries(7, traced16), extensions=True)
+        )
+
+    def base_deliveries_headers() -> object:
+        return ref.decode_deliveries(ref.encode_deliveries(7, traced16))
+
     publish_msg = {
         "type": "publish",
         "tenant_id": "acme",
@@ -95,6 +116,12 @@ def cases() -> list[tuple[str, Callable[[], object], Callable[[], object]]]:
         ("publish batch, 16 x 64 B (0x0001)", felix_publish_16, base_publish_16),
         ("cache get request (ext 0x01)", felix_cache_get, base_cache_get),
         ("cache value reply, 64 B (ext 0x81)", felix_cache_value, base_cache_value),
+        ("deliveries, 16 x 64 B (ext 0xA1)", felix_deliveries, base_deliveries),
+        (
+            "deliveries, 16 x 64 B, 2 headers (ext 0xA1)",
+            felix_deliveries_headers,
+            base_deliveries_headers,
+        ),
         ("JSON publish message (flags 0, validated)", felix_json, base_json),
     ]
 

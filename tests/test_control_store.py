@@ -813,6 +813,8 @@ async def random_writes(store: Store, rng: random.Random, ops: int) -> int:
             if action < 0.45:
                 if kind in (IS, PO, BI):
                     spec = auth_spec(kind, path[0])
+                elif kind is ST and rng.random() < 0.5:
+                    spec = {"durable": True}  # one that may hold groups
                 else:
                     spec = random_patch(rng, kind) if kind is not T else {}
                 await store.create(kind, path, spec)

@@ -668,7 +668,7 @@ def test_groups_live_under_durable_streams(backend: Backend) -> None:
                 "workers"
             ]
             # The shard's rules, through GroupSettings.from_spec.
-            for spec, text in [
+            refused: list[tuple[dict[str, Any], str]] = [
                 ({"lease_ms": 5}, "lease_ms"),
                 ({"max_ack_pending": 10, "max_span": 5}, "max_span"),
                 ({"start": "middle"}, "start"),
@@ -677,7 +677,8 @@ def test_groups_live_under_durable_streams(backend: Backend) -> None:
                 ({"dead_letter": "bad name"}, "stream"),
                 ({"dead_letter": "orders"}, "its own stream"),
                 ({"no_such": 1}, "no_such"),
-            ]:
+            ]
+            for spec, text in refused:
                 with pytest.raises(BadRequest, match=text):
                     await store.create(GR, ("acme", "prod", "orders", "bad"), spec)
             with pytest.raises(BadRequest):

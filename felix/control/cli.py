@@ -92,6 +92,7 @@ from felix.control.nodestatus import (
 )
 from felix.errors import AlreadyExists, BadRequest, ConfigError, NotFound
 from felix.names import NAME_MAX_CHARS
+from felix.shard.queue.settings import DLQ_SUFFIX, GroupSettings, dead_letter_name
 from felix.unverified_jwt import read_unverified_claims
 
 __all__ = ["add_commands", "parse_settings"]
@@ -475,18 +476,19 @@ def _add_groups(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     ls.set_defaults(func=_with_client(_group_ls, ResourceKind.GROUP))
 
     create = _group_command(commands, "create", "create a queue group", named=True)
+    d = GroupSettings()
     settings = create.add_argument_group("settings (left out: the defaults, docs/queues.md)")
     settings.add_argument(
         "--start",
         type=_start,
         metavar="earliest|latest|OFFSET",
-        help="where the group starts (earliest; cannot change later)",
+        help=f"where the group starts ({d.start}; cannot change later)",
     )
     for flag, help_text in (
-        ("--lease-ms", "how long a delivery is leased before it counts a failure (30000)"),
-        ("--max-deliveries", "failures after which a record is dead-lettered (5)"),
-        ("--max-ack-pending", "records leased at once over the group (10000)"),
-        ("--max-span", "offsets between the group's floor and next (100000)"),
+        ("--lease-ms", f"how long a delivery is leased before it counts a failure ({d.lease_ms})"),
+        ("--max-deliveries", f"failures before a record is dead-lettered ({d.max_deliveries})"),
+        ("--max-ack-pending", f"records leased at once over the group ({d.max_ack_pending})"),
+        ("--max-span", f"offsets between the group's floor and next ({d.max_span})"),
     ):
         settings.add_argument(flag, type=int, metavar="N", help=help_text)
     settings.add_argument(
@@ -494,12 +496,12 @@ def _add_groups(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         type=_delays,
         metavar="MS,MS,...",
         help="delays before a nak'ed record is redelivered, by failure count, the last "
-        "repeating (1000,2000,4000,8000,16000,32000,60000)",
+        f"repeating ({','.join(map(str, d.backoff_ms))})",
     )
     settings.add_argument(
         "--dead-letter",
         metavar="STREAM",
-        help="the dead-letter stream, in the stream's namespace (STREAM.dlq)",
+        help=f"the dead-letter stream, in the stream's namespace (STREAM{DLQ_SUFFIX})",
     )
     settings.add_argument(
         "--exclusive", action="store_true", help="one active member, the others on standby"
@@ -600,7 +602,7 @@ def _group_ls(client: ControlClient, args: argparse.Namespace, kind: ResourceKin
                 _text(r.spec["start"]),
                 str(r.spec["lease_ms"]),
                 str(r.spec["max_deliveries"]),
-                r.spec["dead_letter"] or f"{r.path[2]}.dlq",
+                r.spec["dead_letter"] or dead_letter_name(r.path[2]),
             )
             for r in resources
         ]

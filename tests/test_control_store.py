@@ -35,6 +35,7 @@ from felix.control.stores.postgres import MIGRATIONS as PG_MIGRATIONS
 from felix.control.stores.postgres import PostgresStore
 from felix.control.stores.sqlite import SQLiteStore
 from felix.errors import BadRequest, ConfigError, Overloaded, SettingConflict
+from felix.shard.core import MAX_GROUPS_PER_STREAM
 from felix.shard.queue.settings import GroupSettings
 from tests import pg
 from tests.aio import run
@@ -736,6 +737,13 @@ def test_groups_live_under_durable_streams(backend: Backend) -> None:
             for change in await read_all(store):
                 apply(state, change)
             assert state == as_state((await store.snapshot())[1])
+            # A stream holds as many groups as a shard keeps for it.
+            await store.create(ST, ("acme", "prod", "many"), {"durable": True})
+            for i in range(MAX_GROUPS_PER_STREAM):
+                await store.create(GR, ("acme", "prod", "many", f"g{i}"), {})
+            with pytest.raises(Overloaded, match="queue groups"):
+                await store.create(GR, ("acme", "prod", "many", "one-more"), {})
+            await store.delete(ST, ("acme", "prod", "many"), cascade=True)
             # Once it has no groups, the stream may stop being durable.
             await store.create(ST, ("acme", "prod", "orders"), {"durable": True})
             await store.create(GR, ("acme", "prod", "orders", "workers"), {})

@@ -32,6 +32,7 @@ from felix.errors import (
     SettingConflict,
     VersionConflict,
 )
+from felix.shard.core import MAX_GROUPS_PER_STREAM
 from felix.shard.queue.settings import GroupSettings
 
 __all__ = [
@@ -159,8 +160,14 @@ def check_list_parent(kind: ResourceKind, parent: Path) -> Key | None:
     return parent_kind, check_path(parent_kind, parent)
 
 
-def check_children(parent: Path, count: int, max_children: int) -> None:
-    """Refuse a create that would put more than ``max_children`` under ``parent``."""
+def check_children(kind: ResourceKind, parent: Path, count: int, max_children: int) -> None:
+    """Refuse a create of a ``kind`` that would put more than ``max_children`` under
+    ``parent`` (a stream holds at most the groups a shard keeps for one stream)."""
+    if kind is ResourceKind.GROUP and count >= MAX_GROUPS_PER_STREAM:
+        raise Overloaded(
+            f"stream {'/'.join(parent)} already holds {count} queue groups "
+            f"(limit {MAX_GROUPS_PER_STREAM})"
+        )
     if count >= max_children:
         where = "/".join(parent) or "the root"
         raise Overloaded(f"{where} already holds {count} resources (limit {max_children})")

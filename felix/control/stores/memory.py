@@ -72,7 +72,7 @@ class MemoryStore:
         if (kind, path) in self._resources:
             raise AlreadyExists(f"{kind} {'/'.join(path)} already exists")
         siblings = self._children.setdefault(path[:-1], set())
-        c.check_children(path[:-1], len(siblings), self.max_children)
+        c.check_children(kind, path[:-1], len(siblings), self.max_children)
         now = self._clock()
         res = Resource(
             kind=kind, path=path, spec=full_spec, version=1, created_at=now, updated_at=now

@@ -229,7 +229,7 @@ class PostgresStore:
             count = await conn.fetchval(
                 "SELECT count(*) FROM felix_resources WHERE parent = $1", list(path[:-1])
             )
-            c.check_children(path[:-1], count, self.max_children)
+            c.check_children(kind, path[:-1], count, self.max_children)
             now = self._clock()
             res = Resource(
                 kind=kind, path=path, spec=full_spec, version=1, created_at=now, updated_at=now

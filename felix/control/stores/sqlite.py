@@ -214,7 +214,7 @@ class SQLiteStore:
                 "SELECT count(*) FROM felix_resources WHERE parent = ?",
                 (_encode_path(path[:-1]),),
             )
-            c.check_children(path[:-1], next(iter(rows))[0], self.max_children)
+            c.check_children(kind, path[:-1], next(iter(rows))[0], self.max_children)
             now = self._clock()
             res = Resource(
                 kind=kind, path=path, spec=full_spec, version=1, created_at=now, updated_at=now

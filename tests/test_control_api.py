@@ -88,6 +88,8 @@ def test_openapi_document_lists_every_route_and_docs_are_served() -> None:
             item: {"get", "patch", "delete"},
             f"{item}/streams": {"get", "post"},
             f"{item}/streams/{{stream}}": {"get", "patch", "delete"},
+            f"{item}/streams/{{stream}}/groups": {"get", "post"},
+            f"{item}/streams/{{stream}}/groups/{{group}}": {"get", "patch", "delete"},
             f"{item}/caches": {"get", "post"},
             f"{item}/caches/{{cache}}": {"get", "patch", "delete"},
             "/v1/tenants/{tenant}/issuers": {"get", "post"},
@@ -233,6 +235,84 @@ def test_tenant_cascade_removes_everything_under_it() -> None:
         assert r.status_code == 200
         assert len(r.json()["deleted"]) == 4
         assert (await store.snapshot())[1] == []
+
+    with_api(test)
+
+
+def test_queue_groups_of_a_stream() -> None:
+    """Groups: CRUD under a durable stream with ETags, the shard's rules as 400, setting
+    conflicts as 409, a stream with groups deleted only with cascade; in the feed."""
+
+    async def test(http: httpx.AsyncClient, store: MemoryStore) -> None:
+        await seed(http)  # orders: not durable
+        groups = f"{STREAMS}/orders/groups"
+        body = assert_problem(await http.post(groups, json={"name": "w"}), 409, "setting-conflict")
+        assert "durable" in body["detail"]
+        assert_problem(await http.post(f"{STREAMS}/nope/groups", json={"name": "w"}), 404)
+        assert_problem(await http.get(f"{STREAMS}/nope/groups"), 404, "not-found")
+        r = await http.patch(f"{STREAMS}/orders", json={"durable": True})
+        assert r.status_code == 200, r.text
+
+        r = await http.post(groups, json={"name": "w", "backoff_ms": [100], "start": "latest"})
+        assert r.status_code == 201, r.text
+        assert r.headers["location"] == f"{groups}/w" and r.headers["etag"] == '"1"'
+        created = r.json()
+        assert created["kind"] == "group"
+        assert created["path"] == ["acme", "prod", "orders", "w"]
+        assert created["spec"] == {
+            "start": "latest",
+            "lease_ms": 30000,
+            "max_deliveries": 5,
+            "backoff_ms": [100],
+            "max_ack_pending": 10000,
+            "max_span": 100000,
+            "dead_letter": None,
+            "exclusive": False,
+        }
+        assert (await http.get(f"{groups}/w")).json() == created
+        assert (await http.get(groups)).json() == {"items": [created]}
+        r = await http.post(groups, json={"name": "o", "start": {"offset": 12}})
+        assert r.status_code == 201 and r.json()["spec"]["start"] == {"offset": 12}
+
+        # The shard's rules answer 400 with their text; types 422.
+        body = assert_problem(
+            await http.post(groups, json={"name": "x", "lease_ms": 10}), 400, "bad-request"
+        )
+        assert "lease_ms" in body["detail"]
+        r = await http.post(groups, json={"name": "x", "max_ack_pending": 9, "max_span": 8})
+        assert "max_span" in assert_problem(r, 400)["detail"]
+        r = await http.post(groups, json={"name": "x", "dead_letter": "orders"})
+        assert "own stream" in assert_problem(r, 400)["detail"]
+        assert_problem(await http.post(groups, json={"name": "x", "lease_ms": "5"}), 422)
+        assert_problem(await http.post(groups, json={"name": "x", "start": "now"}), 422)
+        assert_problem(await http.post(groups, json={"name": "x", "typo": 1}), 422)
+        assert_problem(await http.post(groups, json={"name": "w"}), 409, "already-exists")
+
+        # Updates: If-Match, start fixed, others change.
+        r = await http.patch(f"{groups}/w", json={"lease_ms": 5000}, headers={"If-Match": '"1"'})
+        assert r.status_code == 200 and r.headers["etag"] == '"2"'
+        assert r.json()["spec"]["lease_ms"] == 5000 and r.json()["spec"]["backoff_ms"] == [100]
+        r = await http.patch(f"{groups}/w", json={"exclusive": True}, headers={"If-Match": '"1"'})
+        assert_problem(r, 412, "version-conflict")
+        r = await http.patch(f"{groups}/w", json={"start": "earliest"})
+        assert "start" in assert_problem(r, 409, "setting-conflict")["detail"]
+        assert (await http.patch(f"{groups}/w", json={"start": "latest"})).status_code == 200
+
+        # The stream stays durable, and is deleted with its groups only on cascade.
+        r = await http.patch(f"{STREAMS}/orders", json={"durable": False})
+        assert_problem(r, 409, "setting-conflict")
+        assert_problem(await http.delete(f"{STREAMS}/orders"), 409, "has-children")
+        r = await http.delete(f"{groups}/o", headers={"If-Match": '"1"'})
+        assert r.json() == {"deleted": [{"kind": "group", "path": ["acme", "prod", "orders", "o"]}]}
+        r = await http.delete(f"{STREAMS}/orders", params={"cascade": "true"})
+        assert r.status_code == 200, r.text
+        assert [d["kind"] for d in r.json()["deleted"]] == ["group", "stream"]
+
+        # Everything went through the feed, groups included.
+        page = (await http.get("/v1/changes", params={"limit": 1000})).json()
+        kinds = [(c["op"], c["resource"]["kind"]) for c in page["changes"]]
+        assert kinds.count(("create", "group")) == 2
+        assert kinds.count(("delete", "group")) == 2
 
     with_api(test)
 

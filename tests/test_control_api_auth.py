@@ -248,6 +248,40 @@ def test_rbac_and_tenant_permissions(keys: Keys) -> None:
     run(main)
 
 
+def test_queue_groups_need_stream_manage_on_their_stream(keys: Keys) -> None:
+    async def main() -> None:
+        async with api(keys) as http:
+            admin = bearer(ADMIN)
+            for name in ("orders", "audit"):
+                r = await http.post(
+                    f"{PROD}/streams", json={"name": name, "durable": True}, headers=admin
+                )
+                assert r.status_code == 201, r.text
+            orders = f"{PROD}/streams/orders/groups"
+            tok = bearer(keys.token("acme", "stream.manage:stream:acme/prod/orders"))
+            r = await http.post(orders, json={"name": "w"}, headers=tok)
+            assert r.status_code == 201, r.text
+            assert (await http.get(orders, headers=tok)).status_code == 200
+            assert (await http.get(f"{orders}/w", headers=tok)).status_code == 200
+            r = await http.patch(f"{orders}/w", json={"lease_ms": 2000}, headers=tok)
+            assert r.status_code == 200, r.text
+            # Another stream's groups, and a permission that is not stream.manage.
+            r = await http.post(f"{PROD}/streams/audit/groups", json={"name": "w"}, headers=tok)
+            assert_problem(r, 403)
+            consume = bearer(keys.token("acme", "stream.consume:stream:acme/prod/orders"))
+            assert_problem(await http.get(orders, headers=consume), 403)
+            assert_problem(await http.delete(f"{orders}/w", headers=consume), 403)
+            assert_problem(await http.get(orders), 401)
+            # ns.manage covers its streams' groups; another tenant's token does not.
+            ns = bearer(keys.token("acme", "ns.manage:namespace:acme/prod"))
+            assert (await http.get(f"{orders}/w", headers=ns)).status_code == 200
+            globex = bearer(keys.token("globex", "tenant.manage:tenant:globex"))
+            assert_problem(await http.get(orders, headers=globex), 403)
+            assert (await http.delete(f"{orders}/w", headers=tok)).status_code == 200
+
+    run(main)
+
+
 def test_a_token_of_one_tenant_cannot_touch_another(keys: Keys) -> None:
     async def main() -> None:
         async with api(keys) as http:

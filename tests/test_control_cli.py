@@ -30,6 +30,7 @@ from felix.errors import (
     NotFound,
     Overloaded,
     ServerError,
+    SettingConflict,
     Unavailable,
 )
 
@@ -172,6 +173,96 @@ def test_namespace_stream_and_cache_commands(
     ]
     assert felix(server, "stream", "ls", *where) == 0
     assert capsys.readouterr().out == ""
+
+
+def test_group_commands(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    assert felix(server, "tenant", "create", "acme") == 0
+    assert felix(server, "ns", "create", "prod", "--tenant", "acme") == 0
+    where = ["--tenant", "acme", "--namespace", "prod"]
+    assert felix(server, "stream", "create", "orders", *where, "--set", "durable=true") == 0
+    assert felix(server, "stream", "create", "memory", *where) == 0
+    capsys.readouterr()
+
+    options = [
+        "--lease-ms",
+        "60000",
+        "--max-deliveries",
+        "3",
+        "--backoff-ms",
+        "100,200",
+        "--max-ack-pending",
+        "50",
+        "--max-span",
+        "500",
+        "--dead-letter",
+        "failed",
+        "--exclusive",
+        "--start",
+        "12",
+    ]
+    assert felix(server, "group", "create", "orders", "workers", *where, *options) == 0
+    assert capsys.readouterr().out == "created group acme/prod/orders/workers (version 1)\n"
+    # Left out: the defaults. ns/name names the stream's namespace.
+    assert felix(server, "group", "create", "prod/orders", "audit", "--tenant", "acme") == 0
+    capsys.readouterr()
+    workers = server.store._resources[(ResourceKind.GROUP, ("acme", "prod", "orders", "workers"))]
+    assert workers.spec == {
+        "start": {"offset": 12},
+        "lease_ms": 60000,
+        "max_deliveries": 3,
+        "backoff_ms": [100, 200],
+        "max_ack_pending": 50,
+        "max_span": 500,
+        "dead_letter": "failed",
+        "exclusive": True,
+    }
+
+    assert felix(server, "group", "ls", "orders", *where) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == [
+        "NAME",
+        "VERSION",
+        "START",
+        "LEASE_MS",
+        "MAX_DELIVERIES",
+        "DEAD_LETTER",
+    ]
+    assert lines[1].split() == ["audit", "1", "earliest", "30000", "5", "orders.dlq"]
+    assert lines[2].split() == ["workers", "1", '{"offset":', "12}", "60000", "3", "failed"]
+    assert felix(server, "group", "ls", "orders", *where, "--json") == 0
+    assert [g["name"] for g in out_json(capsys)] == ["audit", "workers"]
+
+    assert felix(server, "group", "info", "orders", "workers", *where) == 0
+    info = capsys.readouterr().out.splitlines()
+    assert info[0] == "group acme/prod/orders/workers"
+    assert any(line.split() == ["backoff_ms", "[100,", "200]"] for line in info)
+    assert any(line.split() == ["start.offset", "12"] for line in info)
+    assert felix(server, "group", "info", "orders", "audit", *where, "--json") == 0
+    assert out_json(capsys)[0]["spec"]["start"] == "earliest"
+
+    # Refusals: the shard's rules, a stream that is not durable, a stream with groups.
+    with pytest.raises(BadRequest, match="lease_ms"):
+        felix(server, "group", "create", "orders", "x", *where, "--lease-ms", "1")
+    with pytest.raises(SettingConflict, match="durable"):
+        felix(server, "group", "create", "memory", "x", *where)
+    with pytest.raises(NotFound):
+        felix(server, "group", "create", "nope", "x", *where)
+    with pytest.raises(SystemExit):
+        parser().parse_args(["group", "create", "orders", "x", "--start", "soon"])
+    with pytest.raises(SystemExit):
+        parser().parse_args(["group", "create", "orders", "x", "--backoff-ms", "1,a"])
+    with pytest.raises(HasChildren):
+        felix(server, "stream", "rm", "orders", *where)
+
+    assert felix(server, "group", "rm", "orders", "audit", *where) == 0
+    assert capsys.readouterr().out == "deleted group acme/prod/orders/audit\n"
+    assert felix(server, "stream", "rm", "orders", *where, "--cascade", "--json") == 0
+    assert out_json(capsys) == [
+        {"kind": "group", "path": ["acme", "prod", "orders", "workers"], "deleted": True},
+        {"kind": "stream", "path": ["acme", "prod", "orders"], "deleted": True},
+    ]
+    with pytest.raises(NotFound):
+        felix(server, "group", "ls", "orders", *where)
 
 
 def test_rm_of_a_namespace_with_resources_needs_cascade(

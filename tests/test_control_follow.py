@@ -172,3 +172,50 @@ def test_tenant_quotas_and_deletions_reach_the_shards() -> None:
         task.cancel()
 
     run(main)
+
+
+def test_groups_go_to_their_streams_shard_after_the_stream() -> None:
+    async def main() -> None:
+        store = await _store()
+        await store.create(ResourceKind.STREAM, ("acme", "prod", "orders"), {"durable": True})
+        await store.create(ResourceKind.GROUP, ("acme", "prod", "orders", "workers"), {})
+        follower, sent = _follower(store)
+        task = asyncio.create_task(follower.run())
+        await follower.seeded.wait()
+        owner = ipc.shard_for("acme/prod/orders", SHARDS)
+        assert [(s, c["cmd"], c["kind"], c["path"]) for s, c in sent] == [
+            (owner, "define", "stream", ["acme", "prod", "orders"]),
+            (owner, "define", "group", ["acme", "prod", "orders", "workers"]),
+        ]
+        sent.clear()
+        group = await store.update(
+            ResourceKind.GROUP, ("acme", "prod", "orders", "workers"), {"lease_ms": 2000}
+        )
+        await _until(lambda: len(sent) == 1)
+        assert sent == [
+            (
+                owner,
+                {"cmd": "define", "kind": "group", "path": list(group.path), "spec": group.spec},
+            )
+        ]
+        sent.clear()
+        # A restarted shard gets the stream, then its group.
+        follower.replay(owner)
+        assert [(c["cmd"], c["kind"]) for _, c in sent] == [
+            ("define", "stream"),
+            ("define", "group"),
+        ]
+        sent.clear()
+        await store.delete(ResourceKind.STREAM, ("acme", "prod", "orders"), cascade=True)
+        await _until(lambda: len(sent) == 2)
+        assert [(s, c["cmd"], c["kind"]) for s, c in sent] == [
+            (owner, "delete", "group"),
+            (owner, "delete", "stream"),
+        ]
+        # Deleted groups are not replayed (a shard starts without any).
+        sent.clear()
+        follower.replay(owner)
+        assert [(c["cmd"], c["kind"]) for _, c in sent] == [("delete", "stream")]
+        task.cancel()
+
+    run(main)

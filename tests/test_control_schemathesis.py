@@ -2,7 +2,7 @@
 answer matches the schema it documents (bodies, statuses, problem+json errors).
 
 Every case runs on a freshly seeded store, so the documented path examples (acme,
-prod, orders, sessions, okta, publishers, eng) name resources that exist and the 2xx
+prod, orders, workers, sessions, okta, publishers, eng) name resources that exist and the 2xx
 answers get checked, not only the 404s. Long-polls are shortened so the run stays fast.
 
 The app has a key directory holding acme's key ring (so the JWKS route answers 200)
@@ -40,6 +40,7 @@ SEED: list[tuple[ResourceKind, tuple[str, ...], dict[str, Any]]] = [
     (ResourceKind.TENANT, ("acme",), {}),
     (ResourceKind.NAMESPACE, ("acme", "prod"), {}),
     (ResourceKind.STREAM, ("acme", "prod", "orders"), {"durable": True}),
+    (ResourceKind.GROUP, ("acme", "prod", "orders", "workers"), {"max_ack_pending": 100}),
     (ResourceKind.CACHE, ("acme", "prod", "sessions"), {}),
     (
         ResourceKind.ISSUER,

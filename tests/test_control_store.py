@@ -34,12 +34,15 @@ from felix.control.stores import MemoryStore, open_store
 from felix.control.stores.postgres import MIGRATIONS as PG_MIGRATIONS
 from felix.control.stores.postgres import PostgresStore
 from felix.control.stores.sqlite import SQLiteStore
-from felix.errors import BadRequest, ConfigError, Overloaded
+from felix.errors import BadRequest, ConfigError, Overloaded, SettingConflict
+from felix.shard.core import MAX_GROUPS_PER_STREAM
+from felix.shard.queue.settings import GroupSettings
 from tests import pg
 from tests.aio import run
 
 T, NS, ST, CA = ResourceKind.TENANT, ResourceKind.NAMESPACE, ResourceKind.STREAM, ResourceKind.CACHE
 IS, PO, BI = ResourceKind.ISSUER, ResourceKind.POLICY, ResourceKind.BINDING
+GR = ResourceKind.GROUP
 State = dict[tuple[ResourceKind, tuple[str, ...]], Resource]
 
 
@@ -637,6 +640,120 @@ def test_snapshot_matches_feed_at_its_position(backend: Backend) -> None:
     run(main)
 
 
+# --- queue groups ---------------------------------------------------------------------------
+
+
+def test_groups_live_under_durable_streams(backend: Backend) -> None:
+    """A stream's queue groups: full normalized spec, the shard's rules, durable streams
+    only, start fixed at creation, children of the stream (cascade), in the feed."""
+
+    async def main() -> None:
+        async with backend.open() as store:
+            await store.create(T, ("acme",), {})
+            await store.create(NS, ("acme", "prod"), {})
+            await store.create(ST, ("acme", "prod", "orders"), {"durable": True})
+            await store.create(ST, ("acme", "prod", "memory"), {})
+            # A cache may share the stream's path; it holds no groups.
+            await store.create(CA, ("acme", "prod", "orders"), {})
+
+            group = await store.create(
+                GR, ("acme", "prod", "orders", "workers"), {"start": {"offset": 7}}
+            )
+            assert group.spec == {
+                **GroupSettings().to_spec(),
+                "start": {"offset": 7},
+            }
+            assert GroupSettings.from_spec(group.spec).start == 7
+            assert await store.get(GR, ("acme", "prod", "orders", "workers")) == group
+            assert [r.name for r in await store.list_resources(GR, ("acme", "prod", "orders"))] == [
+                "workers"
+            ]
+            # The shard's rules, through GroupSettings.from_spec.
+            refused: list[tuple[dict[str, Any], str]] = [
+                ({"lease_ms": 5}, "lease_ms"),
+                ({"max_ack_pending": 10, "max_span": 5}, "max_span"),
+                ({"start": "middle"}, "start"),
+                ({"start": {"offset": -1}}, "start"),
+                ({"backoff_ms": []}, "backoff_ms"),
+                ({"dead_letter": "bad name"}, "stream"),
+                ({"dead_letter": "orders"}, "its own stream"),
+                ({"no_such": 1}, "no_such"),
+            ]
+            for spec, text in refused:
+                with pytest.raises(BadRequest, match=text):
+                    await store.create(GR, ("acme", "prod", "orders", "bad"), spec)
+            with pytest.raises(BadRequest):
+                await store.create(GR, ("acme", "prod", "orders", "bad name"), {})
+            # A group needs its stream, and a durable one.
+            with pytest.raises(NotFound):
+                await store.create(GR, ("acme", "prod", "missing", "workers"), {})
+            with pytest.raises(SettingConflict, match="durable"):
+                await store.create(GR, ("acme", "prod", "memory", "workers"), {})
+            with pytest.raises(AlreadyExists):
+                await store.create(GR, ("acme", "prod", "orders", "workers"), {})
+
+            # Updates: anything but start; start sent unchanged is no change.
+            res = await store.update(
+                GR,
+                ("acme", "prod", "orders", "workers"),
+                {"lease_ms": 2000, "backoff_ms": [10, 20], "start": {"offset": 7}},
+                if_version=1,
+            )
+            assert (res.version, res.spec["lease_ms"], res.spec["backoff_ms"]) == (
+                2,
+                2000,
+                [10, 20],
+            )
+            for start in ("latest", "earliest", {"offset": 8}):
+                with pytest.raises(SettingConflict, match="start"):
+                    await store.update(GR, ("acme", "prod", "orders", "workers"), {"start": start})
+            with pytest.raises(BadRequest, match="max_deliveries"):
+                await store.update(GR, ("acme", "prod", "orders", "workers"), {"max_deliveries": 0})
+            with pytest.raises(VersionConflict):
+                await store.update(
+                    GR, ("acme", "prod", "orders", "workers"), {"lease_ms": 3000}, if_version=1
+                )
+
+            # The stream keeps durable while it has groups; other changes go through.
+            with pytest.raises(SettingConflict, match="group"):
+                await store.update(ST, ("acme", "prod", "orders"), {"durable": False})
+            stream = await store.update(ST, ("acme", "prod", "orders"), {"fsync": "interval"})
+            assert stream.spec["durable"] is True
+            # Deleting the stream: refused while it has groups, or cascades, groups first.
+            with pytest.raises(HasChildren):
+                await store.delete(ST, ("acme", "prod", "orders"))
+            # The cache at the same path is no parent of the groups.
+            [gone] = await store.delete(CA, ("acme", "prod", "orders"))
+            assert gone.resource.kind is CA
+            await store.create(GR, ("acme", "prod", "orders", "audit"), {"exclusive": True})
+            changes = await store.delete(ST, ("acme", "prod", "orders"), cascade=True)
+            assert [(c.resource.kind, c.resource.name) for c in changes] == [
+                (GR, "audit"),
+                (GR, "workers"),
+                (ST, "orders"),
+            ]
+            # The feed replays to the store's state (groups after their stream).
+            state: State = {}
+            for change in await read_all(store):
+                apply(state, change)
+            assert state == as_state((await store.snapshot())[1])
+            # A stream holds as many groups as a shard keeps for it.
+            await store.create(ST, ("acme", "prod", "many"), {"durable": True})
+            for i in range(MAX_GROUPS_PER_STREAM):
+                await store.create(GR, ("acme", "prod", "many", f"g{i}"), {})
+            with pytest.raises(Overloaded, match="queue groups"):
+                await store.create(GR, ("acme", "prod", "many", "one-more"), {})
+            await store.delete(ST, ("acme", "prod", "many"), cascade=True)
+            # Once it has no groups, the stream may stop being durable.
+            await store.create(ST, ("acme", "prod", "orders"), {"durable": True})
+            await store.create(GR, ("acme", "prod", "orders", "workers"), {})
+            await store.delete(GR, ("acme", "prod", "orders", "workers"))
+            res = await store.update(ST, ("acme", "prod", "orders"), {"durable": False})
+            assert res.spec["durable"] is False
+
+    run(main)
+
+
 # --- followers ------------------------------------------------------------------------------
 
 TENANTS = ("t0", "t1", "t2")
@@ -669,6 +786,14 @@ def random_patch(rng: random.Random, kind: ResourceKind) -> dict[str, Any]:
         return {"subject": rng.choice(["group:eng", "user:alice", "bob"])}
     if kind is CA:
         return {"budget_bytes": rng.randrange(4096, 1 << 30)}
+    if kind is GR:
+        return rng.choice(
+            [
+                {"lease_ms": rng.randrange(1000, 5000)},
+                {"start": rng.choice(["earliest", "latest"])},  # refused on update
+                {"exclusive": rng.random() < 0.5},
+            ]
+        )
     return rng.choice(
         [
             {"durable": rng.random() < 0.5},
@@ -683,15 +808,22 @@ async def random_writes(store: Store, rng: random.Random, ops: int) -> int:
     """``ops`` random creates, updates and deletes (many of them refused); changes recorded."""
     recorded = 0
     for _ in range(ops):
-        kind = rng.choice([T, NS, NS, ST, ST, ST, CA, CA, IS, PO, BI])
-        names = (rng.choice(TENANTS), rng.choice(NAMESPACES), rng.choice(LEAVES))
+        kind = rng.choice([T, NS, NS, ST, ST, ST, CA, CA, IS, PO, BI, GR])
+        names = (
+            rng.choice(TENANTS),
+            rng.choice(NAMESPACES),
+            rng.choice(LEAVES),
+            rng.choice(("g0", "g1")),
+        )
         # Issuers, policies and bindings take namespace names: same paths, other kinds.
-        path = names[: {T: 1, NS: 2, ST: 3, CA: 3, IS: 2, PO: 2, BI: 2}[kind]]
+        path = names[: {T: 1, NS: 2, ST: 3, CA: 3, IS: 2, PO: 2, BI: 2, GR: 4}[kind]]
         action = rng.random()
         try:
             if action < 0.45:
                 if kind in (IS, PO, BI):
                     spec = auth_spec(kind, path[0])
+                elif kind is ST and rng.random() < 0.5:
+                    spec = {"durable": True}  # one that may hold groups
                 else:
                     spec = random_patch(rng, kind) if kind is not T else {}
                 await store.create(kind, path, spec)

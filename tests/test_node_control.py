@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import json
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -76,6 +78,62 @@ def test_streams_and_caches_defined_through_the_api_reach_the_broker(node: NodeP
 
     run(main, timeout=60)
     assert node.http("/readyz")[0] == 200
+
+
+def _wait_for(check: Callable[[], object], timeout: float = 15) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+def test_queue_groups_defined_through_the_api_reach_the_stream_shard(
+    node: NodeProcess,
+) -> None:
+    """A group goes to its stream's shard: listed under "groups" in the node's stream
+    status with the control plane's settings, changed by an update, gone after delete
+    (and with its stream, on a cascade)."""
+    streams = f"{node.info['control']}/v1/tenants/acme/namespaces/prod/streams"
+    groups = f"{streams}/orders/groups"
+    status_path = "/streams/acme/prod/orders"
+
+    def node_groups() -> dict[str, object] | None:
+        status, body = node.http(status_path)
+        if status != 200:
+            return None
+        found: dict[str, object] = json.loads(body).get("groups", {})
+        return found
+
+    with httpx.Client(timeout=10) as http:
+        base = f"{node.info['control']}/v1/tenants"
+        assert http.post(base, json={"name": "acme"}).status_code == 201
+        assert http.post(f"{base}/acme/namespaces", json={"name": "prod"}).status_code == 201
+        r = http.post(streams, json={"name": "orders", "durable": True})
+        assert r.status_code == 201, r.text
+        r = http.post(groups, json={"name": "workers", "lease_ms": 2000, "backoff_ms": [5]})
+        assert r.status_code == 201, r.text
+        spec = r.json()["spec"]
+        assert _wait_for(lambda: "workers" in (node_groups() or {})), node.log()
+        assert node_groups() == {"workers": {"settings": spec}}
+
+        r = http.patch(f"{groups}/workers", json={"max_deliveries": 9})
+        assert r.status_code == 200, r.text
+        assert _wait_for(
+            lambda: (node_groups() or {}).get("workers") == {"settings": r.json()["spec"]}
+        )
+        r = http.post(groups, json={"name": "audit", "start": "latest"})
+        assert r.status_code == 201, r.text
+        assert _wait_for(lambda: set(node_groups() or {}) == {"workers", "audit"})
+
+        assert http.delete(f"{groups}/workers").status_code == 200
+        assert _wait_for(lambda: set(node_groups() or {}) == {"audit"})
+        r = http.delete(f"{streams}/orders", params={"cascade": "true"})
+        assert r.status_code == 200, r.text
+        assert _wait_for(lambda: node.http(status_path)[0] == 404)
+    assert node.http("/readyz")[0] == 200
+    assert "cannot apply" not in node.log()
 
 
 def test_node_follows_a_separate_control_plane(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ def test_every_message_round_trips() -> None:
         msg.Drain(4),
         msg.ApplyResource("define", "stream", ["t", "ns", "s"], 3, {"replay_max_records": 9}),
         msg.ApplyResource("delete", "cache", ["t", "ns", "c"], 0),
+        msg.ApplyResource("define", "group", ["t", "ns", "s", "g"], 1, {"lease_ms": 2000}),
         msg.Ping(7),
         msg.SnapshotRequest(1),
         msg.ChangesRequest(2, 10, 500, 10.0),
@@ -68,6 +69,10 @@ def test_every_message_round_trips() -> None:
         b'{"type": "apply", "op": "drop", "kind": "stream", "path": ["a", "b", "c"], "shard": 0}\n',
         b'{"type": "apply", "op": "define", "kind": "stream", "path": ["a", "b"], "shard": 0}\n',
         b'{"type": "apply", "op": "define", "kind": "stream", "path": ["a", "b", 3], "shard": 0}\n',
+        b'{"type": "apply", "op": "define", "kind": "group", "path": ["a", "b", "c"], '
+        b'"shard": 0}\n',
+        b'{"type": "apply", "op": "define", "kind": "stream", "path": ["a", "b", "c", "d"], '
+        b'"shard": 0}\n',
         b'{"type": "snapshot_part", "request": 1, "position": 1, "resources": [], "done": 1}\n',
     ],
 )

@@ -171,3 +171,49 @@ def test_status_rows_flatten_in_order() -> None:
         ("memory.a", "1"),
         ("x", "no"),
     ]
+
+
+# -- felix group info STREAM GROUP --node URL -------------------------------------------------
+
+GROUP_INFO = ["group", "info", "orders", "workers", "--tenant", "acme", "--namespace", "prod"]
+
+
+def test_group_info_prints_the_nodes_entry_for_the_group(
+    node: FakeNode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = {"start": "earliest", "lease_ms": 30000, "backoff_ms": [1000, 2000]}
+    # Whatever keys the node reports (figures the shard adds later included) are printed.
+    entry = {"settings": settings, "floor": 7, "next": 9, "leased": 2, "stalled": False}
+    status = {**DURABLE, "groups": {"workers": entry, "other": {"settings": {}}}}
+    node.answer = (200, "application/json", json.dumps(status).encode())
+    assert main([*GROUP_INFO, "--node", node.url]) == 0
+    assert node.paths == ["/streams/acme/prod/orders"]
+    assert capsys.readouterr().out.splitlines() == [
+        "group acme/prod/orders/workers",
+        "settings.start: earliest",
+        "settings.lease_ms: 30000",
+        "settings.backoff_ms: [1000, 2000]",
+        "floor: 7",
+        "next: 9",
+        "leased: 2",
+        "stalled: no",
+    ]
+    assert main([*GROUP_INFO, "--node", node.url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == entry
+
+
+def test_group_info_of_a_group_the_node_does_not_hold(
+    node: FakeNode, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    status = {**DURABLE, "groups": {"other": {"settings": {}}}}
+    node.answer = (200, "application/json", json.dumps(status).encode())
+    monkeypatch.setenv("FELIX_NODE_URL", node.url)
+    assert main(GROUP_INFO) == 1
+    assert "no queue group 'workers'" in capsys.readouterr().err
+    # An in-memory stream has no groups entry at all.
+    node.answer = (200, "application/json", json.dumps({"durable": False}).encode())
+    assert main(GROUP_INFO) == 1
+    assert "no queue groups" in capsys.readouterr().err
+    node.answer = (404, "text/plain", b"stream acme/prod/orders is not held by this node\n")
+    assert main(GROUP_INFO) == 1
+    assert "not held" in capsys.readouterr().err

@@ -418,7 +418,8 @@ ADMIN = "isolation-admin-token"
 B_RESOURCES: list[tuple[ResourceKind, tuple[str, ...], dict[str, Any]]] = [
     (ResourceKind.TENANT, (B,), {}),
     (ResourceKind.NAMESPACE, (B, B_NS), {}),
-    (ResourceKind.STREAM, (B, B_NS, B_STREAM), {}),
+    (ResourceKind.STREAM, (B, B_NS, B_STREAM), {"durable": True}),
+    (ResourceKind.GROUP, (B, B_NS, B_STREAM, "gxsecretgroup"), {}),
     (ResourceKind.CACHE, (B, B_NS, B_CACHE), {}),
     (
         ResourceKind.ISSUER,
@@ -459,6 +460,7 @@ B_PARAMS = {
     "issuer": "gxsecretidp",
     "policy": "gxsecretpolicy",
     "binding": "gxsecretbinding",
+    "group": "gxsecretgroup",
 }
 #: A token allowed everything in A (management and RBAC).
 A_ALL = ["tenant.manage:tenant:acme", "rbac.manage:tenant:acme"]
@@ -518,7 +520,7 @@ def test_every_management_operation_on_another_tenant_is_refused(tmp_path: Path)
                 assert r.headers["content-type"] == "application/problem+json"
                 assert_no_secrets(r.text)
                 tried += 1
-            assert tried == 34  # 6 collections x 2 + 6 items x 3, the tenant x 3, the exchange
+            assert tried == 39  # 7 collections x 2 + 7 items x 3, the tenant x 3, the exchange
             # B is exactly as it was: nothing created, changed or deleted.
             admin = bearer(ADMIN)
             snap = (await http.get("/v1/snapshot", headers=admin)).json()

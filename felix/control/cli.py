@@ -1,6 +1,6 @@
 """Control-plane commands of the ``felix`` CLI: ``tenant``, ``ns``, ``stream``, ``cache``,
-``issuer``, ``policy``, ``binding``, ``rbac`` (below), and ``token exchange`` (documented
-with ``felix token``).
+``issuer``, ``policy``, ``binding``, ``group`` and ``rbac`` (below), and ``token exchange``
+(documented with ``felix token``).
 
 Each of the others has ``ls``, ``create NAME``, ``info NAME`` and ``rm NAME``
 (``stream info NAME --node http://HOST:PORT``, or with ``$FELIX_NODE_URL`` set,
@@ -25,7 +25,21 @@ binding belongs to a tenant, not a namespace); a stream or cache NAME may be
 setting on create (repeatable): VALUE is read as JSON when it parses (``true``,
 ``3``, ``null``, ``"7"``, ``["RS256"]``), else as text; ``a.b=VALUE`` sets a nested
 setting such as ``queue.max_deliveries``. ``rm`` of a tenant or namespace needs
-``--yes``, and ``--cascade`` when it still has resources.
+``--yes``, and ``--cascade`` when it still has resources (``rm`` of a stream with queue
+groups: ``--cascade``).
+
+``felix group`` manages the queue groups of a durable stream (docs/queues.md); STREAM
+may be ``ns/name`` as above, settings are options (left out: the defaults)::
+
+    felix group create orders workers --namespace prod --lease-ms 60000 \\
+        --max-deliveries 3 --backoff-ms 1000,5000 --dead-letter orders-failed --start latest
+    felix group ls orders --namespace prod
+    felix group info orders workers --namespace prod [--node http://HOST:PORT]
+    felix group rm orders workers --namespace prod
+
+``group info --node URL`` (or ``$FELIX_NODE_URL``) shows the group's entry in that
+node's status of the stream (its settings, and whatever figures the node reports)
+instead of the control plane's settings.
 
 Where the API is: ``--url``, else ``$FELIX_CONTROL_URL``, else
 http://127.0.0.1:8443. A control plane that requires auth takes ``--token``
@@ -70,9 +84,15 @@ from felix.auth.perms import PermissionSet
 from felix.control.cliargs import add_connection_arguments, open_client
 from felix.control.client import ControlClient
 from felix.control.model import PARENT, Path, Resource, ResourceKind
-from felix.control.nodestatus import fetch_stream_status, status_rows, stream_status_url
+from felix.control.nodestatus import (
+    fetch_stream_status,
+    group_status,
+    status_rows,
+    stream_status_url,
+)
 from felix.errors import AlreadyExists, BadRequest, ConfigError, NotFound
 from felix.names import NAME_MAX_CHARS
+from felix.shard.queue.settings import DLQ_SUFFIX, GroupSettings, dead_letter_name
 from felix.unverified_jwt import read_unverified_claims
 
 __all__ = ["add_commands", "parse_settings"]
@@ -100,8 +120,8 @@ _EPILOG = (__doc__ or "").split("\n\n", 1)[1].replace("``", "").replace("::", ":
 
 
 def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
-    """Add ``tenant``, ``ns``, ``stream``, ``cache``, ``issuer``, ``policy``, ``binding``
-    and ``rbac`` to the ``felix`` command's ``subparsers``.
+    """Add ``tenant``, ``ns``, ``stream``, ``cache``, ``issuer``, ``policy``, ``binding``,
+    ``group`` and ``rbac`` to the ``felix`` command's ``subparsers``.
 
     A group that exists already (``cache``, which :mod:`felix.client.cli` adds
     with ``get|set|del``) gets these commands added to it, so call this after
@@ -138,12 +158,14 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
             info.set_defaults(func=_stream_info)
 
         rm = _command(commands, "rm", f"delete a {what}", kind, named=True)
-        if kind in (ResourceKind.TENANT, ResourceKind.NAMESPACE):
+        if kind in (ResourceKind.TENANT, ResourceKind.NAMESPACE, ResourceKind.STREAM):
             rm.add_argument(
                 "--cascade", action="store_true", help="also delete everything under it"
             )
+        if kind in (ResourceKind.TENANT, ResourceKind.NAMESPACE):
             rm.add_argument("--yes", action="store_true", help="confirm the delete (required)")
         rm.set_defaults(func=_with_client(_rm, kind))
+    _add_groups(subparsers)
     _add_rbac(subparsers)
     _add_exchange(subparsers)
 
@@ -293,8 +315,11 @@ def _parent(args: argparse.Namespace, kind: ResourceKind) -> Path:
 
 
 def _path(args: argparse.Namespace, kind: ResourceKind) -> Path:
-    """The path NAME names; a stream or cache NAME may be ``ns/name``."""
+    """The path NAME names; a stream or cache NAME may be ``ns/name``; a group's is
+    under its STREAM."""
     name: str = args.name
+    if kind is ResourceKind.GROUP:
+        return (*_stream_path(args), name)
     if kind in (ResourceKind.STREAM, ResourceKind.CACHE) and "/" in name:
         namespace, _, name = name.partition("/")
         return (args.tenant, namespace, name)
@@ -439,6 +464,178 @@ def _rm(client: ControlClient, args: argparse.Namespace, kind: ResourceKind) -> 
             _print_json({"kind": done_kind.value, "path": list(done_path), "deleted": True})
         else:
             print(f"deleted {_label(done_kind, done_path)}")
+    return 0
+
+
+# -- queue groups ------------------------------------------------------------------------
+
+
+def _add_groups(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
+    commands = _group(subparsers, "group", "queue groups of a durable stream (control plane)")
+    ls = _group_command(commands, "ls", "list a stream's queue groups")
+    ls.set_defaults(func=_with_client(_group_ls, ResourceKind.GROUP))
+
+    create = _group_command(commands, "create", "create a queue group", named=True)
+    d = GroupSettings()
+    settings = create.add_argument_group("settings (left out: the defaults, docs/queues.md)")
+    settings.add_argument(
+        "--start",
+        type=_start,
+        metavar="earliest|latest|OFFSET",
+        help=f"where the group starts ({d.start}; cannot change later)",
+    )
+    for flag, help_text in (
+        ("--lease-ms", f"how long a delivery is leased before it counts a failure ({d.lease_ms})"),
+        ("--max-deliveries", f"failures before a record is dead-lettered ({d.max_deliveries})"),
+        ("--max-ack-pending", f"records leased at once over the group ({d.max_ack_pending})"),
+        ("--max-span", f"offsets between the group's floor and next ({d.max_span})"),
+    ):
+        settings.add_argument(flag, type=int, metavar="N", help=help_text)
+    settings.add_argument(
+        "--backoff-ms",
+        type=_delays,
+        metavar="MS,MS,...",
+        help="delays before a nak'ed record is redelivered, by failure count, the last "
+        f"repeating ({','.join(map(str, d.backoff_ms))})",
+    )
+    settings.add_argument(
+        "--dead-letter",
+        metavar="STREAM",
+        help=f"the dead-letter stream, in the stream's namespace (STREAM{DLQ_SUFFIX})",
+    )
+    settings.add_argument(
+        "--exclusive", action="store_true", help="one active member, the others on standby"
+    )
+    create.set_defaults(func=_with_client(_group_create, ResourceKind.GROUP))
+
+    info = _group_command(commands, "info", "show a queue group and its settings", named=True)
+    info.add_argument(
+        "--node",
+        metavar="URL",
+        help="show the group as this node holds it instead (its entry in the node's "
+        "stream status), from its health endpoint http://HOST:PORT (default: "
+        "$FELIX_NODE_URL; unset: the control plane's settings)",
+    )
+    info.set_defaults(func=_group_info)
+
+    rm = _group_command(commands, "rm", "delete a queue group", named=True)
+    rm.set_defaults(func=_with_client(_rm, ResourceKind.GROUP))
+
+
+def _group_command(
+    commands: Subparsers[argparse.ArgumentParser],
+    name: str,
+    help_text: str,
+    *,
+    named: bool = False,
+) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help_text, epilog=_EPILOG, formatter_class=_RAW)
+    parser.add_argument(
+        "stream", metavar="STREAM", help="the stream's name (ns/name for another namespace)"
+    )
+    if named:
+        parser.add_argument("name", metavar="GROUP", help="the group's name")
+    parser.add_argument("--tenant", default="default", help="tenant (default: default)")
+    parser.add_argument("--namespace", default="default", help="namespace (default: default)")
+    add_connection_arguments(parser.add_argument_group("connection"))
+    parser.add_argument("--json", action="store_true", help="print JSON (one object per line)")
+    return parser
+
+
+def _start(text: str) -> str | dict[str, int]:
+    if text in ("earliest", "latest"):
+        return text
+    if text.isdigit():
+        return {"offset": int(text)}
+    raise argparse.ArgumentTypeError(f"want earliest, latest or an offset, got {text!r}")
+
+
+def _delays(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"want delays in milliseconds separated by commas, got {text!r}"
+        ) from None
+
+
+def _stream_path(args: argparse.Namespace) -> Path:
+    """The stream STREAM names (``ns/name``: another namespace of the tenant)."""
+    stream: str = args.stream
+    if "/" in stream:
+        namespace, _, stream = stream.partition("/")
+        return (args.tenant, namespace, stream)
+    return (args.tenant, args.namespace, stream)
+
+
+def _group_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as options (the API fills in the rest)."""
+    spec: dict[str, Any] = {}
+    for key in (
+        "start",
+        "lease_ms",
+        "max_deliveries",
+        "backoff_ms",
+        "max_ack_pending",
+        "max_span",
+        "dead_letter",
+    ):
+        value = getattr(args, key)
+        if value is not None:
+            spec[key] = value
+    if args.exclusive:
+        spec["exclusive"] = True
+    return spec
+
+
+def _group_ls(client: ControlClient, args: argparse.Namespace, kind: ResourceKind) -> int:
+    resources = client.list_resources(kind, _stream_path(args))
+    if args.json:
+        for res in resources:
+            _print_json(_resource_json(res))
+    elif resources:
+        header = ("NAME", "VERSION", "START", "LEASE_MS", "MAX_DELIVERIES", "DEAD_LETTER")
+        rows = [
+            (
+                r.name,
+                str(r.version),
+                _text(r.spec["start"]),
+                str(r.spec["lease_ms"]),
+                str(r.spec["max_deliveries"]),
+                r.spec["dead_letter"] or dead_letter_name(r.path[2]),
+            )
+            for r in resources
+        ]
+        _table([header, *rows])
+    return 0
+
+
+def _group_create(client: ControlClient, args: argparse.Namespace, kind: ResourceKind) -> int:
+    res = client.create(kind, (*_stream_path(args), args.name), _group_settings(args))
+    if args.json:
+        _print_json(_resource_json(res))
+    else:
+        print(f"created {_label(kind, res.path)} (version {res.version})")
+    return 0
+
+
+def _group_info(args: argparse.Namespace) -> int:
+    """``group info``: the group's entry in the node's stream status with ``--node`` (or
+    $FELIX_NODE_URL), else the control plane's resource."""
+    node = args.node or os.environ.get("FELIX_NODE_URL")
+    if not node:
+        return _with_client(_info, ResourceKind.GROUP)(args)
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout must be positive, got {args.timeout}")
+    tenant, namespace, stream = _stream_path(args)
+    url = stream_status_url(node, (tenant, namespace, stream))
+    entry = group_status(fetch_stream_status(url, timeout=args.timeout), args.name, url)
+    if args.json:
+        _print_json(entry)
+    else:
+        print(_label(ResourceKind.GROUP, (tenant, namespace, stream, args.name)))
+        for key, value in status_rows(entry):
+            print(f"{key}: {value}")
     return 0
 
 

@@ -6,6 +6,7 @@
         api.create(ResourceKind.TENANT, ("acme",))
         api.create(ResourceKind.NAMESPACE, ("acme", "prod"))
         api.create(ResourceKind.STREAM, ("acme", "prod", "orders"), {"durable": True})
+        api.create(ResourceKind.GROUP, ("acme", "prod", "orders", "workers"), {"lease_ms": 60000})
         position, resources = api.snapshot()
         changes, position = api.changes(position, wait=30)  # as soon as one is committed
 

@@ -1,9 +1,11 @@
-"""The control plane's resources (tenants, namespaces, streams, caches, and the
-authentication settings of a tenant: issuers, policies, bindings) and how they change.
+"""The control plane's resources (tenants, namespaces, streams, caches, the queue groups
+of a stream, and the authentication settings of a tenant: issuers, policies, bindings)
+and how they change.
 
 Every resource has a ``kind``, a ``path`` that names it (``("acme",)`` for a
 tenant, ``("acme", "prod")`` for a namespace, ``("acme", "prod", "orders")`` for
-a stream or cache, ``("acme", "okta")`` for an issuer, policy or binding), a
+a stream or cache, ``("acme", "prod", "orders", "workers")`` for a queue group of
+stream ``orders``, ``("acme", "okta")`` for an issuer, policy or binding), a
 ``spec`` of settings, and a ``version`` that starts at 1 and grows by one on
 every update (sent as the HTTP ``ETag``). Every create, update and delete is
 recorded as a :class:`Change` at a feed ``position``; one feed for all kinds, in
@@ -29,6 +31,7 @@ from felix.auth.perms import MAX_PERMISSION_CHARS, MAX_PERMISSIONS, Permission
 from felix.auth.rbac import MAX_SUBJECT_CHARS, RoleBinding
 from felix.errors import BadRequest, SettingConflict
 from felix.names import validate_name
+from felix.shard.queue.settings import GroupSettings
 
 
 class ResourceKind(enum.StrEnum):
@@ -42,10 +45,12 @@ class ResourceKind(enum.StrEnum):
     POLICY = "policy"
     #: Gives a user or group of a tenant's identity providers some policies.
     BINDING = "binding"
+    #: A queue group of a durable stream (docs/queues.md).
+    GROUP = "group"
 
 
 #: Names in a path: tenant (tenant), namespace (tenant, ns), stream or cache (tenant, ns,
-#: name), issuer, policy or binding (tenant, name).
+#: name), issuer, policy or binding (tenant, name), group (tenant, ns, stream, name).
 PATH_LENGTH = {
     ResourceKind.TENANT: 1,
     ResourceKind.NAMESPACE: 2,
@@ -54,6 +59,7 @@ PATH_LENGTH = {
     ResourceKind.ISSUER: 2,
     ResourceKind.POLICY: 2,
     ResourceKind.BINDING: 2,
+    ResourceKind.GROUP: 4,
 }
 #: The kind a path of a kind's parent has (None: top level).
 PARENT = {
@@ -64,6 +70,7 @@ PARENT = {
     ResourceKind.ISSUER: ResourceKind.TENANT,
     ResourceKind.POLICY: ResourceKind.TENANT,
     ResourceKind.BINDING: ResourceKind.TENANT,
+    ResourceKind.GROUP: ResourceKind.STREAM,
 }
 #: The kinds other resources live under.
 CONTAINERS = frozenset(k for k in PARENT.values() if k is not None)
@@ -209,6 +216,71 @@ class CacheSpec(_Spec):
     max_value_bytes: Annotated[int, Field(ge=0, le=64 * 1024 * 1024)] = 1024 * 1024
 
 
+_GROUP_DEFAULTS = GroupSettings()
+
+
+class GroupStart(_Spec):
+    """A group that starts at a given offset of its stream."""
+
+    offset: int
+
+
+class GroupSpec(_Spec):
+    """A queue group's settings (docs/queues.md, "Settings"): the shape of
+    :meth:`GroupSettings.to_spec <felix.shard.queue.settings.GroupSettings.to_spec>`.
+
+    The fields here only give the types (and the OpenAPI document); the rules (ranges,
+    ``max_span >= max_ack_pending``, names) are :class:`GroupSettings`'s own, applied by
+    :meth:`~felix.shard.queue.settings.GroupSettings.from_spec` after the types check:
+    a value they refuse raises BadRequest (400), as the shard would.
+    """
+
+    start: Annotated[
+        Literal["earliest", "latest"] | GroupStart,
+        Field(
+            description='where a new group starts: "earliest", "latest" or {"offset": n}; '
+            "cannot change after the group is created"
+        ),
+    ] = "earliest"
+    lease_ms: Annotated[
+        int,
+        Field(description="how long a delivery is leased before it counts a failure (ms)"),
+    ] = _GROUP_DEFAULTS.lease_ms
+    max_deliveries: Annotated[
+        int, Field(description="failures after which a record is dead-lettered")
+    ] = _GROUP_DEFAULTS.max_deliveries
+    backoff_ms: Annotated[
+        list[int],
+        Field(
+            description="delays before a nak'ed record is redelivered, by failure count "
+            "(the last repeats; ms)"
+        ),
+    ] = list(_GROUP_DEFAULTS.backoff_ms)
+    max_ack_pending: Annotated[int, Field(description="records leased at once over the group")] = (
+        _GROUP_DEFAULTS.max_ack_pending
+    )
+    max_span: Annotated[
+        int, Field(description="offsets between the group's floor and next (>= max_ack_pending)")
+    ] = _GROUP_DEFAULTS.max_span
+    dead_letter: Annotated[
+        str | None,
+        Field(description="the dead-letter stream, in the stream's namespace (null: <stream>.dlq)"),
+    ] = _GROUP_DEFAULTS.dead_letter
+    exclusive: Annotated[bool, Field(description="one active member, the others on standby")] = (
+        _GROUP_DEFAULTS.exclusive
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> GroupSpec:
+        # Raised as is (BadRequest, not a ValueError): the API answers 400 with its text.
+        self.settings()
+        return self
+
+    def settings(self) -> GroupSettings:
+        """The shard's view of these settings. Raises BadRequest if they are invalid."""
+        return GroupSettings.from_spec(self.model_dump(mode="json"))
+
+
 Algorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
 Principal = Annotated[str, Field(min_length=1, max_length=MAX_SUBJECT_CHARS)]
 
@@ -304,6 +376,7 @@ SPEC_TYPES: dict[ResourceKind, type[_Spec]] = {
     ResourceKind.ISSUER: IssuerSpec,
     ResourceKind.POLICY: PolicySpec,
     ResourceKind.BINDING: BindingSpec,
+    ResourceKind.GROUP: GroupSpec,
 }
 
 

@@ -1,4 +1,5 @@
-"""``felix stream info NAME --node URL``: what one node holds of a stream.
+"""``felix stream info NAME --node URL``: what one node holds of a stream (and
+``felix group info STREAM GROUP --node URL``: one queue group's entry in it).
 
 How it works: the node's health endpoint (``felix up --http``) answers
 ``GET /streams/<tenant>/<namespace>/<stream>`` with the stream's status as one
@@ -29,7 +30,13 @@ from felix.errors import (
     Unavailable,
 )
 
-__all__ = ["MAX_STATUS_BYTES", "fetch_stream_status", "status_rows", "stream_status_url"]
+__all__ = [
+    "MAX_STATUS_BYTES",
+    "fetch_stream_status",
+    "group_status",
+    "status_rows",
+    "stream_status_url",
+]
 
 #: The largest status answer read; a bigger one is refused (a status is a few hundred bytes).
 MAX_STATUS_BYTES = 1 << 20
@@ -86,6 +93,20 @@ def fetch_stream_status(url: str, *, timeout: float) -> dict[str, Any]:
     if not isinstance(answer, dict):
         raise ServerError(f"{url}: the answer is not a JSON object: {text[:200]!r}")
     return answer
+
+
+def group_status(status: Mapping[str, Any], group: str, url: str) -> dict[str, Any]:
+    """Queue group ``group``'s entry in a stream ``status`` (from ``url``): whatever the
+    node reports of it (its settings; figures such as its floor, next offset and leases
+    as the shard reports them). Raises NotFound if the node holds no such group."""
+    groups = status.get("groups")
+    if not isinstance(groups, Mapping):
+        raise NotFound(f"{url}: the node reports no queue groups of this stream (not durable?)")
+    entry = groups.get(group)
+    if not isinstance(entry, Mapping):
+        held = ", ".join(sorted(str(g) for g in groups)) or "none"
+        raise NotFound(f"{url}: the node holds no queue group {group!r} (it holds: {held})")
+    return dict(entry)
 
 
 def status_rows(status: Mapping[str, Any]) -> list[tuple[str, str]]:

@@ -26,6 +26,7 @@ from felix.control.model import (
     PATH_LENGTH,
     BindingSpec,
     CacheSpec,
+    GroupSpec,
     IssuerSpec,
     NamespaceSpec,
     Op,
@@ -74,6 +75,9 @@ __all__ = [
     "ChangeOut",
     "ChangePage",
     "Deleted",
+    "GroupCreate",
+    "GroupOut",
+    "GroupPatch",
     "Health",
     "IssuerCreate",
     "IssuerOut",
@@ -135,6 +139,7 @@ COLLECTIONS = {
     ResourceKind.ISSUER: "issuers",
     ResourceKind.POLICY: "policies",
     ResourceKind.BINDING: "bindings",
+    ResourceKind.GROUP: "groups",
 }
 
 
@@ -275,6 +280,9 @@ if TYPE_CHECKING:
     class BindingCreate(BindingSpec):
         name: str
 
+    class GroupCreate(GroupSpec):
+        name: str
+
     TenantPatch = TenantSpec
     NamespacePatch = NamespaceSpec
     StreamPatch = StreamSpec
@@ -282,6 +290,7 @@ if TYPE_CHECKING:
     IssuerPatch = IssuerSpec
     PolicyPatch = PolicySpec
     BindingPatch = BindingSpec
+    GroupPatch = GroupSpec
 else:
     TenantCreate = _body(TenantSpec, "TenantCreate", partial=False, with_name=True)
     NamespaceCreate = _body(NamespaceSpec, "NamespaceCreate", partial=False, with_name=True)
@@ -297,6 +306,8 @@ else:
     IssuerPatch = _body(IssuerSpec, "IssuerPatch", partial=True)
     PolicyPatch = _body(PolicySpec, "PolicyPatch", partial=True)
     BindingPatch = _body(BindingSpec, "BindingPatch", partial=True)
+    GroupCreate = _body(GroupSpec, "GroupCreate", partial=False, with_name=True)
+    GroupPatch = _body(GroupSpec, "GroupPatch", partial=True)
 
 
 # -- resources -----------------------------------------------------------------------------
@@ -305,7 +316,7 @@ else:
 class _ResourceOut(BaseModel):
     kind: ResourceKind
     path: Annotated[
-        list[str], Field(min_length=1, max_length=3, description="names from the tenant down")
+        list[str], Field(min_length=1, max_length=4, description="names from the tenant down")
     ]
     name: Annotated[str, Field(description="the last element of path")]
     version: Annotated[int, Field(ge=1, description="grows by one on every update; the ETag")]
@@ -367,7 +378,16 @@ class BindingOut(_ResourceOut):
     spec: BindingSpec
 
 
-_AnyOut = TenantOut | NamespaceOut | StreamOut | CacheOut | IssuerOut | PolicyOut | BindingOut
+class GroupOut(_ResourceOut):
+    """A queue group of a durable stream."""
+
+    kind: Literal[ResourceKind.GROUP]
+    spec: GroupSpec
+
+
+_AnyOut = (
+    TenantOut | NamespaceOut | StreamOut | CacheOut | IssuerOut | PolicyOut | BindingOut | GroupOut
+)
 ResourceOut = Annotated[_AnyOut, Field(discriminator="kind")]
 _OUT: dict[ResourceKind, type[_AnyOut]] = {
     ResourceKind.TENANT: TenantOut,
@@ -377,6 +397,7 @@ _OUT: dict[ResourceKind, type[_AnyOut]] = {
     ResourceKind.ISSUER: IssuerOut,
     ResourceKind.POLICY: PolicyOut,
     ResourceKind.BINDING: BindingOut,
+    ResourceKind.GROUP: GroupOut,
 }
 
 
@@ -576,8 +597,10 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
             409,
             "Settings conflict",
             SettingConflict,
-            "Settings contradict each other (such as fsync other than none on a stream "
-            "that is not durable): detail names them; change one of them.",
+            "Settings contradict each other or what they depend on (such as fsync other "
+            "than none on a stream that is not durable, a queue group on a stream that is "
+            "not durable, or a group's start changed after its creation): detail names "
+            "them; change one of them.",
         ),
         ProblemType(
             "cursor-too-old",

@@ -8,11 +8,12 @@ never notices. The supervisor follows it over the child's control socket
 (:class:`ChildFeed`). Or the node follows a remote control plane
 (``--control-url``, :class:`HttpFeed`). Either way a :class:`ControlFollower` seeds the node from a
 snapshot before the node reports ready, then follows the change feed with long
-polls and applies each stream and cache change to the shards that own it (a
-stream: the shard its key hashes to; a cache: every shard, each holding its share
-of the budget). If the control plane is away, the node keeps serving what it
-knows and retries with backoff; if the feed moved past the follower's position,
-it re-snapshots and applies the difference.
+polls and applies each stream, cache and queue group change to the shards that
+own it (a stream, and each of its queue groups: the shard the stream's key hashes
+to; a cache: every shard, each holding its share of the budget). If the control
+plane is away, the node keeps serving what it knows and retries with backoff; if
+the feed moved past the follower's position, it re-snapshots and applies the
+difference.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ RETRY_MIN, RETRY_MAX = 0.2, 10.0
 
 #: Deleted streams and caches a follower remembers for restarted shards.
 MAX_DELETED = 10_000
-#: Kinds the shards apply: a tenant's quotas, streams and caches.
-APPLIED = (ResourceKind.TENANT, ResourceKind.STREAM, ResourceKind.CACHE)
+#: Kinds the shards apply: a tenant's quotas, streams, caches and queue groups.
+APPLIED = (ResourceKind.TENANT, ResourceKind.STREAM, ResourceKind.CACHE, ResourceKind.GROUP)
 #: What a shard applies: (kind, path) -> spec, for the APPLIED kinds.
 Resources = dict[tuple[ResourceKind, tuple[str, ...]], dict[str, Any]]
 
@@ -205,8 +206,9 @@ class ControlFollower:
         self._resync = False
 
     def targets(self, kind: ResourceKind, path: tuple[str, ...]) -> Iterable[int]:
-        if kind is ResourceKind.STREAM:
-            return (ipc.shard_for(ipc.stream_key(*path), self._shards),)
+        if kind in (ResourceKind.STREAM, ResourceKind.GROUP):
+            # A group lives beside its stream: path[:3] names the stream.
+            return (ipc.shard_for(ipc.stream_key(*path[:3]), self._shards),)
         return range(self._shards)
 
     async def seed(self) -> None:
@@ -284,8 +286,10 @@ class ControlFollower:
             self._apply("define", r.kind, key[1], r.spec)
 
     def _deleted(self, kind: ResourceKind, path: tuple[str, ...]) -> None:
-        if kind is ResourceKind.TENANT:
-            return  # a tenant's quota simply falls back to the node's default
+        if kind in (ResourceKind.TENANT, ResourceKind.GROUP):
+            # A tenant's quota simply falls back to the node's default; a restarted
+            # shard starts without group definitions, so there is nothing to undo.
+            return
         self.deleted[(kind, path)] = None
         self.deleted.move_to_end((kind, path))
         while len(self.deleted) > MAX_DELETED:

@@ -76,12 +76,16 @@ class Drain(_Message):
 @dataclass(frozen=True, slots=True)
 class ApplyResource(_Message):
     """To the shard owning it (or the gateway hosting shard ``shard``): a control-plane
-    stream or cache was defined (``op`` "define", with its ``spec``) or deleted."""
+    tenant, stream, cache or queue group was defined (``op`` "define", with its
+    ``spec``) or deleted."""
 
     TYPE: ClassVar[str] = "apply"
     op: Literal["define", "delete"]
-    kind: str  # felix.control.model.ResourceKind value: "tenant" | "stream" | "cache"
-    path: list[str]  # [tenant] for a tenant, else [tenant, namespace, name]
+    #: felix.control.model.ResourceKind value: "tenant" | "stream" | "cache" | "group"
+    kind: str
+    #: [tenant] for a tenant, [tenant, namespace, stream, group] for a group, else
+    #: [tenant, namespace, name]
+    path: list[str]
     shard: int
     spec: dict[str, Any] = field(default_factory=dict)
 
@@ -292,6 +296,10 @@ def encode(message: Message) -> bytes:
     return json.dumps({"type": message.TYPE, **fields}).encode() + b"\n"
 
 
+#: Names in an ApplyResource path by kind (3 for the others: streams and caches).
+_APPLY_PATH_LENGTH = {"tenant": 1, "group": 4}
+
+
 def decode(line: bytes) -> Message:
     try:
         raw = json.loads(line)
@@ -317,10 +325,11 @@ def decode(line: bytes) -> Message:
         if values["op"] not in ("define", "delete"):
             raise RemoteProtocolError("apply message: op must be define or delete")
         path = values["path"]
-        size = 1 if values["kind"] == "tenant" else 3
+        size = _APPLY_PATH_LENGTH.get(values["kind"], 3)
         if len(path) != size or not all(isinstance(part, str) for part in path):
             raise RemoteProtocolError(
-                "apply message: path must be [tenant] or [tenant, namespace, name]"
+                "apply message: path must be [tenant], [tenant, namespace, name] or "
+                "[tenant, namespace, stream, group]"
             )
     message: Message = cls(**values)
     return message

@@ -56,6 +56,7 @@ from felix.quic import load_engine, load_reset_key, serve_on_socket
 from felix.ring import Ring, RingReader
 from felix.shard.core import ShardCore, ShardSettings
 from felix.shard.offsets import OffsetReservations
+from felix.shard.queue.settings import GroupSettings
 from felix.shard.resources import (
     cache_settings,
     durable_settings,
@@ -306,7 +307,13 @@ def apply_resource(
         return
     path = (cmd.path[0], cmd.path[1], cmd.path[2])
     try:
-        if cmd.op == "define" and kind == "stream":
+        if kind == "group":  # path: the stream's, then the group's name
+            key = ipc.stream_key(*path)
+            if cmd.op == "define":
+                core.define_group(key, cmd.path[3], GroupSettings.from_spec(spec))
+            else:
+                core.delete_group(key, cmd.path[3])
+        elif cmd.op == "define" and kind == "stream":
             key = ipc.stream_key(*path)
             core.define_stream(
                 key, stream_settings(spec, config.stream_defaults), durable_settings(spec)
@@ -318,7 +325,7 @@ def apply_resource(
         elif cmd.op == "delete" and kind == "cache":
             core.delete_cache(path)
     except FelixError as exc:
-        log.error("cannot apply %s %s %s: %s", cmd.op, kind, "/".join(path), exc)
+        log.error("cannot apply %s %s %s: %s", cmd.op, kind, "/".join(cmd.path), exc)
     flush()
 
 

@@ -9,8 +9,8 @@ builds them, in the order of :data:`KINDS`. What every kind shares:
 - Every resource has a version, sent as its ``ETag`` (``"3"``). PATCH and DELETE
   take ``If-Match`` (``"3"``, ``3`` or ``*``) and answer 412 when the stored
   version differs.
-- Deleting a tenant or namespace with resources under it is refused (409) unless
-  ``?cascade=true``.
+- Deleting a tenant, namespace or stream with resources under it (a stream's queue
+  groups) is refused (409) unless ``?cascade=true``.
 - Every change, refused ones too, is one line of the audit log.
 """
 
@@ -45,6 +45,9 @@ from felix.control.schemas import (
     CacheOut,
     CachePatch,
     Deleted,
+    GroupCreate,
+    GroupOut,
+    GroupPatch,
     IssuerCreate,
     IssuerOut,
     IssuerPatch,
@@ -72,7 +75,9 @@ from felix.errors import BadRequest, FelixError, NotFound
 __all__ = ["KINDS", "ResourceRoutes", "TenantName", "add_routes", "router"]
 
 
-_OutModel = TenantOut | NamespaceOut | StreamOut | CacheOut | IssuerOut | PolicyOut | BindingOut
+_OutModel = (
+    TenantOut | NamespaceOut | StreamOut | CacheOut | IssuerOut | PolicyOut | BindingOut | GroupOut
+)
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,8 @@ class ResourceRoutes:
 
 
 _RBAC = Permission("rbac.manage", "tenant:{tenant}")
+#: A stream's queue groups are managed (and read) with the stream's own permission.
+_STREAM_OF_GROUP = Permission("stream.manage", "stream:{tenant}/{ns}/{stream}")
 
 KINDS: tuple[ResourceRoutes, ...] = (
     ResourceRoutes(
@@ -127,6 +134,7 @@ KINDS: tuple[ResourceRoutes, ...] = (
         StreamCreate, StreamPatch, StreamOut,
         collection_access=Permission("stream.manage", "stream:{tenant}/{ns}/*"),
         item_access=Permission("stream.manage", "stream:{tenant}/{ns}/{stream}"),
+        parent=True,
         regional=True,
     ),
     ResourceRoutes(
@@ -150,6 +158,11 @@ KINDS: tuple[ResourceRoutes, ...] = (
         ResourceKind.BINDING, "binding", "eng", "auth", "role binding", "role bindings",
         BindingCreate, BindingPatch, BindingOut,
         collection_access=_RBAC, item_access=_RBAC,
+    ),
+    ResourceRoutes(
+        ResourceKind.GROUP, "group", "workers", "groups", "queue group", "queue groups",
+        GroupCreate, GroupPatch, GroupOut,
+        collection_access=_STREAM_OF_GROUP, item_access=_STREAM_OF_GROUP,
     ),
 )  # fmt: skip
 _BY_KIND = {rk.kind: rk for rk in KINDS}
@@ -343,8 +356,9 @@ _LIST = errors(400, 404)
 _READ = errors(400, 404)
 _CREATE = errors(400, 404, 409, 422, 503)
 _UPDATE = errors(400, 404, 412, 422)
-#: A stream's settings can contradict each other (409 setting-conflict).
+#: A stream's or group's settings can conflict (409 setting-conflict).
 _STREAM_UPDATE = errors(400, 404, 409, 412, 422)
+_CONFLICTING = (ResourceKind.STREAM, ResourceKind.GROUP)
 _DELETE = errors(400, 404, 409, 412, 422)
 _LEAF_DELETE = errors(400, 404, 412)
 
@@ -430,7 +444,7 @@ def add_routes(router: APIRouter, rk: ResourceRoutes) -> None:
         response_model=rk.out,
         tags=tags,
         summary=rk.summary("Update"),
-        responses=_STREAM_UPDATE if rk.kind is ResourceKind.STREAM else _UPDATE,
+        responses=_STREAM_UPDATE if rk.kind in _CONFLICTING else _UPDATE,
     )
     delete_params = [*item_params, ctx, if_match]
     if rk.parent:

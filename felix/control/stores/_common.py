@@ -7,6 +7,7 @@ and when a feed cursor is too old are decided here.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +23,17 @@ from felix.control.model import (
     validate_spec,
 )
 from felix.control.store import CursorTooOld
-from felix.errors import BadRequest, ConfigError, HasChildren, NotFound, Overloaded, VersionConflict
+from felix.errors import (
+    BadRequest,
+    ConfigError,
+    HasChildren,
+    NotFound,
+    Overloaded,
+    SettingConflict,
+    VersionConflict,
+)
+from felix.shard.core import MAX_GROUPS_PER_STREAM
+from felix.shard.queue.settings import GroupSettings
 
 __all__ = [
     "DEFAULT_FEED_RETENTION",
@@ -33,11 +44,14 @@ __all__ = [
     "check_children",
     "check_create",
     "check_feed_retention",
+    "check_groups_kept",
     "check_list_parent",
     "check_page",
+    "check_parent",
     "check_scope",
     "check_version",
     "feed_limit",
+    "loses_durability",
     "merge_spec",
     "missing",
     "parent_of",
@@ -86,11 +100,53 @@ def check_scope(kind: ResourceKind, path: Path, spec: dict[str, Any]) -> dict[st
     """Return ``spec`` if what it names stays in ``path``'s tenant; raises BadRequest.
 
     A policy's permissions must all name the policy's tenant (a validated spec only
-    has their syntax checked: the spec alone does not know its tenant).
+    has their syntax checked: the spec alone does not know its tenant). A group's
+    dead-letter stream must not be its own stream, and the default one
+    (``<stream>.dlq``) must be a valid name.
     """
     if kind is ResourceKind.POLICY:
         PermissionSet(path[0], spec["permissions"])
+    elif kind is ResourceKind.GROUP:
+        GroupSettings.from_spec(spec).dead_letter_for(path[2])
     return spec
+
+
+def check_parent(kind: ResourceKind, path: Path, parent: Resource | None) -> None:
+    """Refuse creating ``path`` under ``parent`` (the stored parent, None: missing).
+
+    Raises NotFound for a missing parent, SettingConflict for a group whose stream
+    is not durable (a group runs over a durable stream: docs/queues.md).
+    """
+    parent_key = parent_of(kind, path)
+    if parent_key is None:
+        return
+    if parent is None:
+        raise missing(*parent_key)
+    if kind is ResourceKind.GROUP and not parent.spec.get("durable"):
+        raise SettingConflict(
+            f"group {'/'.join(path)} needs a durable stream, and stream "
+            f"{'/'.join(parent.path)} is not durable: set durable=true on it first"
+        )
+
+
+def loses_durability(old: Resource | None, new: Resource) -> bool:
+    """``new`` is a stream that was durable as ``old`` and is not any more (an update
+    the store must check against the stream's groups, :func:`check_groups_kept`)."""
+    return (
+        new.kind is ResourceKind.STREAM
+        and old is not None
+        and bool(old.spec.get("durable"))
+        and not new.spec.get("durable")
+    )
+
+
+def check_groups_kept(path: Path, groups: int) -> None:
+    """Refuse making stream ``path`` not durable while it has ``groups`` groups."""
+    if groups:
+        raise SettingConflict(
+            f"stream {'/'.join(path)} has {groups} queue group(s), which need a durable "
+            "stream: delete them before setting durable=false"
+        )
 
 
 def check_list_parent(kind: ResourceKind, parent: Path) -> Key | None:
@@ -104,8 +160,14 @@ def check_list_parent(kind: ResourceKind, parent: Path) -> Key | None:
     return parent_kind, check_path(parent_kind, parent)
 
 
-def check_children(parent: Path, count: int, max_children: int) -> None:
-    """Refuse a create that would put more than ``max_children`` under ``parent``."""
+def check_children(kind: ResourceKind, parent: Path, count: int, max_children: int) -> None:
+    """Refuse a create of a ``kind`` that would put more than ``max_children`` under
+    ``parent`` (a stream holds at most the groups a shard keeps for one stream)."""
+    if kind is ResourceKind.GROUP and count >= MAX_GROUPS_PER_STREAM:
+        raise Overloaded(
+            f"stream {'/'.join(parent)} already holds {count} queue groups "
+            f"(limit {MAX_GROUPS_PER_STREAM})"
+        )
     if count >= max_children:
         where = "/".join(parent) or "the root"
         raise Overloaded(f"{where} already holds {count} resources (limit {max_children})")
@@ -159,6 +221,11 @@ def updated(
         raise missing(kind, path)
     check_version(old, if_version)
     spec = merge_spec(kind, path, old.spec, patch)
+    if kind is ResourceKind.GROUP and spec["start"] != old.spec["start"]:
+        raise SettingConflict(
+            f"group {'/'.join(path)}: start cannot change after the group is created "
+            f"(it is {json.dumps(old.spec['start'])}); delete the group and create it again"
+        )
     return old.model_copy(update={"spec": spec, "version": old.version + 1, "updated_at": now})
 
 

@@ -36,10 +36,10 @@ class MemoryStore:
         self.max_children = max_children
         self._clock = clock
         self._resources: dict[c.Key, Resource] = {}
-        # Keys directly under each parent path (tenants under ()). Only namespaces
-        # and tenants hold children, and their paths differ in length, so the parent
-        # path alone names the parent (an issuer may share a namespace's path, but
-        # holds nothing).
+        # Keys directly under each parent path (tenants under ()). Only tenants,
+        # namespaces and streams hold children, and their paths differ in length, so
+        # the parent path alone names the parent (an issuer may share a namespace's
+        # path, a cache a stream's, but they hold nothing).
         self._children: dict[Path, set[c.Key]] = {}
         self._feed: list[Change] = []
         self._position = 0
@@ -68,12 +68,11 @@ class MemoryStore:
     async def create(self, kind: ResourceKind, path: Path, spec: dict[str, Any]) -> Resource:
         path, full_spec = c.check_create(kind, path, spec)
         parent = c.parent_of(kind, path)
-        if parent is not None and parent not in self._resources:
-            raise c.missing(*parent)
+        c.check_parent(kind, path, None if parent is None else self._resources.get(parent))
         if (kind, path) in self._resources:
             raise AlreadyExists(f"{kind} {'/'.join(path)} already exists")
         siblings = self._children.setdefault(path[:-1], set())
-        c.check_children(path[:-1], len(siblings), self.max_children)
+        c.check_children(kind, path[:-1], len(siblings), self.max_children)
         now = self._clock()
         res = Resource(
             kind=kind, path=path, spec=full_spec, version=1, created_at=now, updated_at=now
@@ -89,6 +88,8 @@ class MemoryStore:
         path = tuple(path)
         old = self._resources.get((kind, path))
         res = c.updated(kind, path, old, patch, if_version, self._clock())
+        if c.loses_durability(old, res):
+            c.check_groups_kept(path, self._count(ResourceKind.GROUP, path))
         self._resources[(kind, path)] = res
         self._record([(Op.UPDATE, res)])
         return res.model_copy(deep=True)
@@ -118,6 +119,9 @@ class MemoryStore:
             if res.kind in CONTAINERS:
                 self._children.pop(res.path, None)
         return [ch.model_copy(deep=True) for ch in self._record([(Op.DELETE, r) for r in doomed])]
+
+    def _count(self, kind: ResourceKind, parent: Path) -> int:
+        return sum(1 for k in self._children.get(parent, ()) if k[0] is kind)
 
     async def snapshot(self) -> tuple[int, list[Resource]]:
         """Every resource (ordered by path, then kind) and the position it reflects."""

@@ -223,14 +223,13 @@ class PostgresStore:
         path, full_spec = c.check_create(kind, path, spec)
         async with self._write() as (conn, position):
             parent = c.parent_of(kind, path)
-            if parent is not None and await _get(conn, *parent) is None:
-                raise c.missing(*parent)
+            c.check_parent(kind, path, None if parent is None else await _get(conn, *parent))
             if await _get(conn, kind, path) is not None:
                 raise AlreadyExists(f"{kind} {'/'.join(path)} already exists")
             count = await conn.fetchval(
                 "SELECT count(*) FROM felix_resources WHERE parent = $1", list(path[:-1])
             )
-            c.check_children(path[:-1], count, self.max_children)
+            c.check_children(kind, path[:-1], count, self.max_children)
             now = self._clock()
             res = Resource(
                 kind=kind, path=path, spec=full_spec, version=1, created_at=now, updated_at=now
@@ -252,6 +251,13 @@ class PostgresStore:
         async with self._write() as (conn, position):
             old = await _get(conn, kind, path)
             res = c.updated(kind, path, old, patch, if_version, self._clock())
+            if c.loses_durability(old, res):
+                groups = await conn.fetchval(
+                    "SELECT count(*) FROM felix_resources WHERE parent = $1 AND kind = $2",
+                    list(path),
+                    ResourceKind.GROUP.value,
+                )
+                c.check_groups_kept(path, groups)
             spec = res.spec
             await conn.execute(
                 "UPDATE felix_resources SET spec = $3, version = $4, updated_at = $5"

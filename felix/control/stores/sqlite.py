@@ -207,15 +207,14 @@ class SQLiteStore:
         path, full_spec = c.check_create(kind, path, spec)
         async with self._write() as (db, position):
             parent = c.parent_of(kind, path)
-            if parent is not None and await self._get(db, *parent) is None:
-                raise c.missing(*parent)
+            c.check_parent(kind, path, None if parent is None else await self._get(db, *parent))
             if await self._get(db, kind, path) is not None:
                 raise AlreadyExists(f"{kind} {'/'.join(path)} already exists")
             rows = await db.execute_fetchall(
                 "SELECT count(*) FROM felix_resources WHERE parent = ?",
                 (_encode_path(path[:-1]),),
             )
-            c.check_children(path[:-1], next(iter(rows))[0], self.max_children)
+            c.check_children(kind, path[:-1], next(iter(rows))[0], self.max_children)
             now = self._clock()
             res = Resource(
                 kind=kind, path=path, spec=full_spec, version=1, created_at=now, updated_at=now
@@ -235,6 +234,12 @@ class SQLiteStore:
         async with self._write() as (db, position):
             old = await self._get(db, kind, path)
             res = c.updated(kind, path, old, patch, if_version, self._clock())
+            if c.loses_durability(old, res):
+                rows = await db.execute_fetchall(
+                    "SELECT count(*) FROM felix_resources WHERE parent = ? AND kind = ?",
+                    (_encode_path(path), ResourceKind.GROUP.value),
+                )
+                c.check_groups_kept(path, next(iter(rows))[0])
             spec = res.spec
             await db.execute(
                 "UPDATE felix_resources SET spec = ?, version = ?, updated_at = ?"

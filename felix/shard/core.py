@@ -61,6 +61,7 @@ from felix.names import validate_name
 from felix.shard.cache import CachePartition, CacheSettings
 from felix.shard.disk_read import ReadJob, durable_start
 from felix.shard.durable import DurableSettings, DurableStore, DurableStream
+from felix.shard.fsyncer import Syncable
 from felix.shard.offsets import OffsetReservations
 from felix.shard.queue.manager import GroupHandle, QueueManager, StreamView
 from felix.shard.queue.settings import GroupSettings
@@ -1003,9 +1004,7 @@ class ShardCore:
         self.queues.open_all(self._group_settings)
         return opened
 
-    def sync_done(
-        self, disk: DurableStream | GroupHandle, synced_offset: int, seconds: float
-    ) -> None:
+    def sync_done(self, disk: Syncable, synced_offset: int, seconds: float) -> None:
         """An fsync of ``disk`` (a stream's log, or a queue group's state file) covered
         offsets (entries) below ``synced_offset``: send the acks it frees."""
         assert self.disk is not None
@@ -1013,25 +1012,27 @@ class ShardCore:
             for gateway, token, reply in self.queues.synced(disk, synced_offset):
                 self._emit(gateway, ipc.encode(RecordType.REPLY, token, 0, reply))
             return
+        assert isinstance(disk, DurableStream)
         for _end, gateway, token, _rid, reply in self.disk.synced(disk, synced_offset, seconds):
             self._emit(gateway, ipc.encode(RecordType.REPLY, token, 0, reply))
         if disk.key in self.queues.streams_with_groups:
             self.queues.stream_written(disk.key)  # commit: groups hand out synced records
 
-    def sync_failed(self, disk: DurableStream | GroupHandle, exc: BaseException) -> None:
+    def sync_failed(self, disk: Syncable, exc: BaseException) -> None:
         """An fsync failed: no ack is sent any more (:attr:`fatal`; the worker exits)."""
         assert self.disk is not None
         if isinstance(disk, GroupHandle):
             self.queues.sync_failed(disk, exc)
         else:
+            assert isinstance(disk, DurableStream)
             self.disk.sync_failed(disk, exc)
         if self.fatal is not None:
             log.critical("shard %d: %s; no further acks", self.settings.index, self.fatal)
 
-    def take_syncs(self) -> list[DurableStream | GroupHandle]:
+    def take_syncs(self) -> list[Syncable]:
         """What the fsync thread should sync next: stream logs and group state files."""
         assert self.disk is not None
-        syncs: list[DurableStream | GroupHandle] = list(self.disk.take_syncs())
+        syncs: list[Syncable] = list(self.disk.take_syncs())
         syncs.extend(self.queues.take_syncs())
         return syncs
 

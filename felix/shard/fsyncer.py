@@ -28,11 +28,22 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
-from felix.shard.durable import DurableStream
 
-__all__ = ["FSYNC_THREADS", "Fsyncer", "SyncOutcome"]
+class _SyncsLog(Protocol):
+    def sync(self) -> int: ...
+
+
+class Syncable(Protocol):
+    """What the fsync thread syncs: a durable stream (its log) or a queue group (its
+    state file); ``log.sync()`` fdatasyncs and returns the position it covered."""
+
+    @property
+    def log(self) -> _SyncsLog: ...
+
+
+__all__ = ["FSYNC_THREADS", "Fsyncer", "SyncOutcome", "Syncable"]
 
 #: Threads that fdatasync the streams of one round in parallel (besides the round's own).
 FSYNC_THREADS = 4
@@ -41,7 +52,7 @@ FSYNC_THREADS = 4
 class SyncOutcome(NamedTuple):
     """One stream's part of a round: the new synced offset, or the error."""
 
-    stream: DurableStream
+    stream: Syncable
     synced_offset: int
     seconds: float
     error: BaseException | None
@@ -60,7 +71,7 @@ class Fsyncer:
         self._report = report
         self._fault_file = fault_file
         self._cond = threading.Condition()
-        self._pending: dict[DurableStream, None] = {}
+        self._pending: dict[Syncable, None] = {}
         self._closed = False
         #: Rounds run and streams synced (for metrics: streams per round).
         self.rounds = 0
@@ -68,7 +79,7 @@ class Fsyncer:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def request(self, streams: Iterable[DurableStream]) -> None:
+    def request(self, streams: Iterable[Syncable]) -> None:
         """Sync these streams in the next round (loop thread; never blocks on I/O)."""
         with self._cond:
             for stream in streams:
@@ -100,7 +111,7 @@ class Fsyncer:
                 outcomes = list(self._pool.map(self._sync, batch))
             self._report(outcomes)
 
-    def _sync(self, stream: DurableStream) -> SyncOutcome:
+    def _sync(self, stream: Syncable) -> SyncOutcome:
         start = time.perf_counter()
         try:
             if self._fault_file is not None and self._fault_file.exists():

@@ -92,10 +92,6 @@ class GroupHandle:
         """What the fsync thread syncs (it calls ``log.sync()`` like a stream's)."""
         return self.state_log
 
-    @property
-    def damaged(self) -> None:
-        return None
-
 
 class QueueManager:
     """Every queue group of one shard (see the module docstring)."""

@@ -182,14 +182,21 @@ class GroupSnapshot:
                 self.dead += 1
         elif isinstance(entry, Skip):
             end = entry.first + entry.count
+            below = min(end, self.next)  # entries live below next only
             if end > self.next:
                 self.skipped += end - max(self.next, entry.first)
                 self.next = end
-            for offset in [o for o in entries if entry.first <= o < end]:
-                # Gone to retention while waiting (never happens to pending records
-                # while retention respects the groups; kept total for safety).
-                del entries[offset]
-                self.skipped += 1
+            # Entries in the range: gone to retention while waiting (never happens to
+            # pending records while retention respects the groups; kept total for
+            # safety). The usual skip, at next, has none: not a walk over the window.
+            if entry.first < below:
+                if below - entry.first <= len(entries):
+                    gone = [o for o in range(entry.first, below) if o in entries]
+                else:
+                    gone = [o for o in entries if entry.first <= o < below]
+                for offset in gone:
+                    del entries[offset]
+                    self.skipped += 1
         elif isinstance(entry, Start):
             self.floor = self.next = entry.offset
             entries.clear()

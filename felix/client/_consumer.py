@@ -230,25 +230,24 @@ class Consumer:
             self._state = _State.ACTIVE
 
     async def close(self) -> None:
-        """Release what is buffered (no failure counted) and leave the group. Idempotent."""
+        """Leave the group gracefully: the broker releases every record this consumer holds
+        (no failure counted; settling one of them afterwards raises LeaseLost or is a
+        late ack). Idempotent."""
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
         self._wakeup.set()
         conn, consumer_id, stream_id = self._conn, self._consumer_id, self._stream_id
-        buffered = sorted(m.offset for m in self._queue)
         self._queue.clear()
         self._detach()
         self._client._forget_consumer(self)
         if conn is None or consumer_id is None or not conn.alive:
             return
+        # STOP is a graceful leave: the broker releases everything this consumer holds
+        # (buffered here or in the application's hands), no failure counted. (A RELEASE
+        # first would let the broker hand the records back to it before the STOP.)
         with contextlib.suppress(FelixError, TimeoutError):
             async with asyncio.timeout(self._client.request_timeout):
-                if buffered:
-                    await conn.call(
-                        lambda rid: wire.encode_release(rid, consumer_id, _ranges(buffered)),
-                        stream_id=stream_id,
-                    )
                 await conn.call(
                     lambda rid: wire.encode_stop_consume(rid, consumer_id), stream_id=stream_id
                 )

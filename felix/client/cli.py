@@ -451,7 +451,9 @@ async def _dlq_replay(args: argparse.Namespace) -> int:
                 await letter.term("no felix-dlq-stream header: not a felix dead letter")
                 continue
             headers = {k: v for k, v in letter.headers.items() if not k.startswith("felix-dlq-")}
-            headers["felix-replayed-from"] = f"{_dlq_name(args)}@{letter.offset}"
+            dlq = _dlq_name(args)
+            where = dlq if "/" in dlq else f"{args.namespace}/{dlq}"
+            headers["felix-replayed-from"] = f"{parts[0]}/{where}@{letter.offset}"
             await client.publish(f"{parts[1]}/{parts[2]}", letter.data, headers=headers)
             await letter.ack()
             replayed += 1

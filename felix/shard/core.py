@@ -699,7 +699,7 @@ class ShardCore:
 
     def _settle(self, msg: wire.ExtMessage, now: float) -> bytes:
         assert isinstance(msg, wire.Settle)
-        reply = self.queues.settle(self._gateway, self._aux, msg, now)
+        reply = self.queues.settle(self._gateway, self._aux, self._token, msg, now)
         return _DEFERRED if reply is None else reply
 
     def _stop_consume(self, msg: wire.ExtMessage, now: float) -> bytes:

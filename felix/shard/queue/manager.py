@@ -262,8 +262,11 @@ class QueueManager:
         self._dirty[handle] = None
         return wire.encode_ok(msg.request_id)
 
-    def settle(self, gateway: int, token: int, msg: wire.Settle, now: float) -> bytes | None:
-        """ack / nak / release / in_progress / term; None: the reply waits for an fsync."""
+    def settle(
+        self, gateway: int, token: int, reply_token: int, msg: wire.Settle, now: float
+    ) -> bytes | None:
+        """ack / nak / release / in_progress / term of member ``token``; None: the reply
+        (to the request's ring token ``reply_token``) waits for an fsync."""
         handle = self._member(gateway, token)
         op = SettleOp(msg.opcode)
         delay = None if msg.delay_ms == wire.NAK_BACKOFF else int(msg.delay_ms)
@@ -283,7 +286,7 @@ class QueueManager:
         self._dirty[handle] = None
         view = self._view(handle.key)
         if written and view is not None and view.disk.settings.fsync == "commit":
-            handle.waiting.append((handle.state_log.written, gateway, token, reply))
+            handle.waiting.append((handle.state_log.written, gateway, reply_token, reply))
             self._sync_wanted[handle] = None
             return None
         return reply

@@ -116,12 +116,14 @@ def test_queue_groups_defined_through_the_api_reach_the_stream_shard(
         assert r.status_code == 201, r.text
         spec = r.json()["spec"]
         assert _wait_for(lambda: "workers" in (node_groups() or {})), node.log()
-        assert node_groups() == {"workers": {"settings": spec}}
+        # Defined, not opened yet (no consumer came): the settings only.
+        assert node_groups() == {"workers": {"open": False, "settings": spec}}
 
         r = http.patch(f"{groups}/workers", json={"max_deliveries": 9})
         assert r.status_code == 200, r.text
         assert _wait_for(
-            lambda: (node_groups() or {}).get("workers") == {"settings": r.json()["spec"]}
+            lambda: (node_groups() or {}).get("workers")
+            == {"open": False, "settings": r.json()["spec"]}
         )
         r = http.post(groups, json={"name": "audit", "start": "latest"})
         assert r.status_code == 201, r.text

@@ -397,7 +397,7 @@ class Group:
         available.promote(wall_us)
         while self._open and len(holder) < max_leased:  # redeliveries first
             offset = available.first_ready(wall_us)
-            if offset is None:
+            if offset is None or offset >= readable_end:  # (the durable end went back)
                 break
             size = size_of(offset)
             if size is None:  # gone from the log: nothing left to deliver
@@ -409,8 +409,10 @@ class Group:
                 break
             available.take()
             self._lease(offset, entries[offset], taker, size, deadline, out)
-        if not self._open or len(holder) >= max_leased or self._redelivery_waits(wall_us):
+        if not self._open or len(holder) >= max_leased:
             return self._deliveries(out)
+        if available.first_ready(wall_us) is not None:
+            return self._deliveries(out)  # an eligible redelivery waits: newer ones too
         max_span = settings.max_span
         skip_from = cursor = state.next
         base = state.floor if entries else None  # None: skips move the floor along
@@ -433,10 +435,6 @@ class Group:
         if cursor > skip_from:
             self._emit(Skip(skip_from, cursor - skip_from))
         return self._deliveries(out)
-
-    def _redelivery_waits(self, wall_us: int) -> bool:
-        # An eligible redelivery nobody had room for blocks newer records.
-        return self._available.first_ready(wall_us) is not None
 
     def _deliveries(
         self, out: dict[MemberId, list[Delivery]]
@@ -473,9 +471,12 @@ class Group:
         else:
             records.append(delivery)
         # Round-robin: the taker goes to the back of the turn order (if room is left).
-        del self._open[taker.id]
-        if taker.has_room():
-            self._open[taker.id] = taker
+        turns = self._open
+        if not taker.has_room():
+            del turns[taker.id]
+        elif len(turns) > 1:
+            del turns[taker.id]
+            turns[taker.id] = taker
 
     # -- dead letters, status, settings -----------------------------------------------
 

@@ -143,10 +143,9 @@ class Group:
             if entry.state is _LEASED:
                 if recovered:  # the shard crashed with it leased: a failure
                     self._fail(offset, entry, 0, wall_us, "shard restarted", "")
-                else:  # leases are never carried over: released, no failure
-                    self._emit(Release(offset))
-                    self._available.add(offset, entry.not_before_us, wall_us)
-            elif entry.state is _DYING:  # its dead-letter append is not confirmed
+                    continue
+                self._emit(Release(offset))  # leases are never carried over
+            if entry.state is _DYING:  # its dead-letter append is not confirmed
                 self._dying.add(offset)
                 self.dead_letters.append(self._letter(offset, entry, ""))
             elif entry.failures >= settings.max_deliveries:

@@ -159,7 +159,7 @@ class GroupMachine(RuleBasedStateMachine):
         before = g.state.next
         out = g.plan(self.end, self.log.get, self.now, self.wall)
         if out:
-            assert g.status()["leased"] <= self.settings.max_ack_pending
+            assert len(g._holder) <= self.settings.max_ack_pending
         if g.state.next > before and g.state.entries:
             assert g.state.next - g.state.floor <= self.settings.max_span
         seen: set[int] = set()

@@ -712,6 +712,12 @@ class ShardCore:
             # A consumer may come before the first publish: the stream is created durable
             # like a publish would create it (--durable-streams).
             self._create_stream(key)
+        stream = self._streams.get(key)
+        if stream is not None and stream.disk is None:
+            raise BadRequest(
+                f"stream {key} is held in memory only: queue groups run over durable "
+                "streams (define it durable, or run the node with --durable-streams)"
+            )
         settings = self._group_settings(key, msg.group)
         return self.queues.consume(self._gateway, self._token, msg, settings)
 

@@ -11,7 +11,9 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -178,16 +180,16 @@ def test_a_poison_record_is_dead_lettered_with_provenance_while_others_flow(
                 while len(done) < len(offsets) - 1:
                     assert time.monotonic() < deadline
                     batch = await jobs.fetch(256, timeout=0.5)
-                    acks = []
+                    settles: list[Coroutine[Any, Any, None]] = []
                     for job in batch:
                         if job.offset == poison:
                             poison_failures.append(job.failures)
                             # nak with a short delay (the default backoff is seconds)
                             await job.nak(0.05, detail=f"ValueError: bad record {job.offset}")
                         else:
-                            acks.append(job.ack())  # settled together: one ACK frame
+                            settles.append(job.ack())  # settled together: one ACK frame
                             done.add(job.offset)
-                    await asyncio.gather(*acks)
+                    await asyncio.gather(*settles)
                 # The poison record comes back until its 5th failure, then never again.
                 while len(poison_failures) < 5:
                     assert time.monotonic() < deadline

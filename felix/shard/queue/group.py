@@ -1,7 +1,6 @@
 """The queue group engine: who holds which record of a durable stream (sans-IO).
 
-docs/queues.md is the contract of behaviour, docs/queue-engine-contract.md the
-interface. A :class:`Group` never reads a clock or does I/O: the shard core passes
+docs/queues.md is the contract of behaviour ("Code" lists the pieces). A :class:`Group` never reads a clock or does I/O: the shard core passes
 ``now`` (monotonic seconds, for lease deadlines) and ``wall_us`` (wall clock, for
 retry times that survive restarts) into every call, drains :attr:`Group.journal`
 (written to the group's state file), :attr:`Group.dead_letters` (appended to the

@@ -74,8 +74,9 @@ class RecordType(enum.IntEnum):
     #: S: records leased to a queue-group member (token = member token): body = a
     #: DELIVERIES frame whose request id is the consumer id (docs/queues.md).
     DELIVER = 10
-    #: G: a queue-group member is gone, abruptly (token = member token): body = stream
-    #: key + group name (two keys). Its leases count a failure.
+    #: G: a queue-group member is gone (token = member token): body = stream key + group
+    #: name (two keys). aux 0: abruptly, its leases count a failure; aux 1: gracefully
+    #: (the node drains), released.
     LEAVE = 11
     #: S: publish for the shard (token = relay id): body = stream key + a PUBLISH frame,
     #: for a stream that may live on another shard (dead-letter appends).

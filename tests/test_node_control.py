@@ -122,8 +122,10 @@ def test_queue_groups_defined_through_the_api_reach_the_stream_shard(
         r = http.patch(f"{groups}/workers", json={"max_deliveries": 9})
         assert r.status_code == 200, r.text
         assert _wait_for(
-            lambda: (node_groups() or {}).get("workers")
-            == {"open": False, "settings": r.json()["spec"]}
+            lambda: (
+                (node_groups() or {}).get("workers")
+                == {"open": False, "settings": r.json()["spec"]}
+            )
         )
         r = http.post(groups, json={"name": "audit", "start": "latest"})
         assert r.status_code == 201, r.text

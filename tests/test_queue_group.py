@@ -799,3 +799,51 @@ def test_journal_replays_to_the_live_state() -> None:
     for dl in g.dead_letters:
         g.dead(dl.offset)
     assert replayed(initial, g) == g.state
+
+
+# -- cost ------------------------------------------------------------------------------
+
+
+def test_plan_looks_at_each_offset_once() -> None:
+    calls: list[int] = []
+
+    def size_of(offset: int) -> int | None:
+        calls.append(offset)
+        return None if offset % 3 == 2 else 1
+
+    g = group(max_ack_pending=1000, max_span=5000)
+    g.join(A, 1, 1000, BIG, 0.0)
+    for end in range(0, 3000, 7):
+        plan(g, end=end, size_of=size_of)
+    assert calls == list(range(1499))  # the 1000th record is at 1498
+    assert g.status()["leased"] == 1000  # window full: more calls look at nothing
+    plan(g, end=5000, size_of=size_of)
+    assert len(calls) == 1499
+    g.settle(A, SettleOp.ACK, [(0, 1499)], 0.0, WALL)
+    plan(g, end=1502, size_of=size_of)
+    assert calls == list(range(1502))
+
+
+def test_indexes_stay_bounded_by_the_window() -> None:
+    g = group(max_deliveries=1000)
+    g.join(A, 1, 1, BIG, 0.0)
+    plan(g, end=1)
+    for step in range(5000):
+        op(g, A, SettleOp.IN_PROGRESS, 0, now=step * 0.001)
+    assert len(g._leases._heap) < 100
+    wall = WALL
+    for _ in range(500):
+        op(g, A, SettleOp.NAK, 0, delay_ms=10_000, wall=wall)
+        wall += 10_000_000
+        assert plan(g, end=1, wall=wall) == {A: [0]}
+    assert len(g._available._delayed) < 100
+    assert len(g._available._ready) < 100
+
+
+def test_redelivery_beyond_the_readable_end_waits() -> None:
+    g = group()
+    g.join(A, 1, 10, BIG, 0.0)
+    plan(g, end=3)
+    op(g, A, SettleOp.RELEASE, 2)
+    assert plan(g, end=2) == {}  # the durable end went back (not a state we expect)
+    assert plan(g, end=3) == {A: [2]}

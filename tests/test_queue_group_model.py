@@ -42,6 +42,10 @@ class GroupMachine(RuleBasedStateMachine):
         self.dead: set[int] = set()
         self.letters: list[int] = []  # dead letters the core still has to append
         self.seed = 0
+        # Leases and span found when the limits were last lowered (reconfigure): those
+        # stand until settled; plan() must not add to them.
+        self.lease_cap = 0
+        self.span_cap = 0
 
     @initialize(
         max_ack=st.integers(1, 6),
@@ -120,10 +124,44 @@ class GroupMachine(RuleBasedStateMachine):
     def set_window(self, m: MemberId, records: int, nbytes: int) -> None:
         self.g.set_window(m, records, nbytes)
 
+    @rule(
+        max_ack=st.integers(1, 6),
+        extra_span=st.integers(0, 6),
+        max_deliveries=st.integers(1, 4),
+        exclusive=st.booleans(),
+    )
+    def reconfigure(
+        self, max_ack: int, extra_span: int, max_deliveries: int, exclusive: bool
+    ) -> None:
+        state = self.g.state
+        self.lease_cap = len(self.held)
+        self.span_cap = state.next - state.floor
+        self.settings = GroupSettings(
+            lease_ms=int(LEASE_S * 1000),
+            max_deliveries=max_deliveries,
+            backoff_ms=(100, 300),
+            max_ack_pending=max_ack,
+            max_span=max_ack + extra_span,
+            exclusive=exclusive,
+        )
+        overdue = {
+            offset
+            for offset, entry in state.entries.items()
+            if entry.state is EntryState.AVAILABLE and entry.failures >= max_deliveries
+        }
+        self.g.reconfigure(self.settings)
+        self.dying |= overdue
+        self._drain()
+
     @rule()
     def plan(self) -> None:
         g = self.g
+        before = g.state.next
         out = g.plan(self.end, self.log.get, self.now, self.wall)
+        if out:
+            assert len(g._holder) <= self.settings.max_ack_pending
+        if g.state.next > before and g.state.entries:
+            assert g.state.next - g.state.floor <= self.settings.max_span
         seen: set[int] = set()
         for member, consumer_id, records in out:
             assert records
@@ -270,8 +308,8 @@ class GroupMachine(RuleBasedStateMachine):
                 assert entries[offset].failures == self.failures.get(offset, 0)
                 assert entries[offset].attempts == self.attempts[offset]
         assert all(state.floor <= o < state.next for o in entries)
-        assert len(leased) <= self.settings.max_ack_pending
-        assert state.next - state.floor <= self.settings.max_span
+        assert len(leased) <= max(self.settings.max_ack_pending, self.lease_cap)
+        assert state.next - state.floor <= max(self.settings.max_span, self.span_cap)
         status = g.status()
         assert status["leased"] == len(leased)
         assert status["dying"] == len(self.dying)

@@ -1,7 +1,7 @@
 """Queue groups in a real `felix up` process tree with the real client (docs/queues.md):
 competing consumers share the work, acks survive kill -9 of the shard, a consumer lost
 mid-handler has its records redelivered with one failure more, a poison record reaches
-the dead-letter stream with its provenance while the others flow, graceful close
+the dead-letter stream with its provenance while 10k others flow, graceful close
 releases without a failure, and `felix dlq` lists and replays dead letters."""
 
 from __future__ import annotations
@@ -164,22 +164,30 @@ def test_a_poison_record_is_dead_lettered_with_provenance_while_others_flow(
 
     async def main() -> None:
         async with felix.connect(url(node), ca=node.ca_file) as client:
-            offsets = await publish(client, "orders", 300)
+            offsets = await publish(client, "orders", 100)
+            for start in range(100, 10_000, 1000):  # 10k others flow meanwhile
+                acks = await client.publish_batch(
+                    "orders", [b"x%d" % i for i in range(start, min(start + 1000, 10_000))]
+                )
+                offsets += [a.offset for a in acks]
             poison = offsets[7]
             done: set[int] = set()
             poison_failures = []
-            async with client.consume("orders", "billing", prefetch=32) as jobs:
-                deadline = time.monotonic() + 60
+            async with client.consume("orders", "billing", prefetch=256) as jobs:
+                deadline = time.monotonic() + 90
                 while len(done) < len(offsets) - 1:
                     assert time.monotonic() < deadline
-                    for job in await jobs.fetch(32, timeout=0.5):
+                    batch = await jobs.fetch(256, timeout=0.5)
+                    acks = []
+                    for job in batch:
                         if job.offset == poison:
                             poison_failures.append(job.failures)
                             # nak with a short delay (the default backoff is seconds)
                             await job.nak(0.05, detail=f"ValueError: bad record {job.offset}")
                         else:
-                            await job.ack()
+                            acks.append(job.ack())  # settled together: one ACK frame
                             done.add(job.offset)
+                    await asyncio.gather(*acks)
                 # The poison record comes back until its 5th failure, then never again.
                 while len(poison_failures) < 5:
                     assert time.monotonic() < deadline
@@ -216,7 +224,7 @@ def test_a_poison_record_is_dead_lettered_with_provenance_while_others_flow(
         run(main, timeout=120)
         _status, body = node.http("/streams/default/default/orders")
         group = json.loads(body)["groups"]["billing"]
-        assert group["dead"] == 2 and group["acked"] == 299, group
+        assert group["dead"] == 2 and group["acked"] == 9_999, group
         # felix dlq ls lists both; replay publishes them back to the source stream.
         base = [sys.executable, "-m", "felix.cli"]
         conn = ["--url", url(node), "--ca", str(node.ca_file)]

@@ -619,6 +619,9 @@ class Gateway:
             await asyncio.wait(barriers, timeout=grace)
         while loop.time() < deadline and not self._flushed():
             await asyncio.sleep(0.01)
+        # Consumers leave gracefully before their connections close (which would count
+        # a failure for every record they hold): a rolling restart costs no retries.
+        self.queues.drain()
         for conn in list(self.connections):
             conn.close(CLOSE_DRAINING, "node draining")
 

@@ -9,8 +9,9 @@ the consumer's stream unchanged.
 
 A consumer whose stream or connection goes is told to its shard at once with LEAVE
 (abrupt: its leases count a failure and are redelivered without waiting for them to
-expire); a LEAVE that finds the shard's ring full is retried after the next batch of
-shard records. A shard that goes down ends its consumers with CONSUMER_END
+expire; when the node drains, LEAVE with aux 1 is graceful: nothing counted); a
+LEAVE that finds the shard's ring full is retried after the next batch of shard
+records. A shard that goes down ends its consumers with CONSUMER_END
 (Unavailable): the client consumes again when it is back.
 
 RELAY records are dead-letter appends a shard sends for a stream that may live on
@@ -91,8 +92,9 @@ class QueueRouter:
     def add(self, consumer: Consumer) -> None:
         self.by_token[consumer.token] = consumer
 
-    def drop(self, consumer: Consumer, *, leave: bool) -> None:
-        """Forget ``consumer``; ``leave``: tell its shard it is gone (abruptly)."""
+    def drop(self, consumer: Consumer, *, leave: bool, graceful: bool = False) -> None:
+        """Forget ``consumer``; ``leave``: tell its shard it is gone (abruptly: what it
+        holds counts a failure; ``graceful``: released, as when the node drains)."""
         if consumer.state is ConsumerState.CLOSED:
             return
         consumer.state = ConsumerState.CLOSED
@@ -100,7 +102,8 @@ class QueueRouter:
         consumer.conn.consumers.pop(consumer.consumer_id, None)
         if leave:
             body = ipc.encode_key(consumer.key) + ipc.encode_key(consumer.group)
-            self._send_leave(consumer.shard, ipc.encode(RecordType.LEAVE, consumer.token, 0, body))
+            record = ipc.encode(RecordType.LEAVE, consumer.token, int(graceful), body)
+            self._send_leave(consumer.shard, record)
 
     def _send_leave(self, shard: int, record: bytes) -> None:
         self.leaves += 1
@@ -150,6 +153,12 @@ class QueueRouter:
     def connection_lost(self, conn: ConnectionShell) -> None:
         for consumer in list(conn.consumers.values()):
             self.drop(consumer, leave=True)
+
+    def drain(self) -> None:
+        """The node drains: every consumer leaves gracefully (no failure counted; what
+        they hold goes to other members, or waits for the restarted node)."""
+        for consumer in list(self.by_token.values()):
+            self.drop(consumer, leave=True, graceful=True)
 
     def shard_down(self, shard: int) -> None:
         """The shard's process is gone (its members with it): end its consumers."""

@@ -211,4 +211,22 @@ def durable_stats(core: ShardCore) -> dict[str, int]:
         "damaged_streams": disk.damaged,
         "disk_reads": disk.disk_reads,
         "disk_refused": disk.refused,
+        **queue_stats(core),
+    }
+
+
+def queue_stats(core: ShardCore) -> dict[str, int]:
+    """A shard core's queue-group figures for /metrics (counts by node, never by group:
+    per-group figures are on the status route and ``felix group info``)."""
+    queues = core.queues
+    return {
+        "queue_groups": len(queues.groups),
+        "queue_members": queues.members,
+        "queue_stalled": queues.stalled_now,
+        "queue_delivered": queues.delivered,
+        "queue_redelivered": queues.redelivered,
+        "queue_acked": queues.acked,
+        "queue_dead_lettered": queues.dead_lettered,
+        "queue_stalls": queues.stalls,
+        "queue_refused": queues.refused,
     }

@@ -251,7 +251,7 @@ class ShardCore:
                 self.forget_gateway(gateway)
                 self.queues.gateway_seen(gateway)
             elif kind == RecordType.LEAVE:
-                self.queues.leave(gateway, token, now)
+                self.queues.leave(gateway, token, now, graceful=bool(aux))
             elif kind == RecordType.RELAY_REPLY:
                 self.queues.relay_reply(token, body)
             elif kind == RecordType.CURSOR:
@@ -639,6 +639,8 @@ class ShardCore:
         log_ = stream.log
         nbytes = log_.validate(payloads, headers)
         store.check_room(disk, nbytes)
+        if stream.key in self.queues.streams_with_groups:
+            self._check_group_room(stream.key, disk, nbytes)
         base = log_.next_offset
         count = len(payloads)
         if self._offsets is not None:
@@ -672,6 +674,26 @@ class ShardCore:
 
     # queue groups (felix/shard/queue/manager.py)
 
+    def _check_group_room(self, key: str, disk: DurableStream, nbytes: int) -> None:
+        """Retention never deletes a record a queue group still needs: a stream over its
+        byte retention because of a lagging group refuses publishes instead."""
+        cap = disk.settings.retention_bytes
+        store = self.disk
+        if cap is None or store is None:
+            return
+        # Retention keeps the active segment and rolls whole segments: slack of two.
+        limit = cap + 2 * store.settings.segment_bytes
+        if disk.log.size_bytes + nbytes <= limit:
+            return
+        floor = self.queues.min_floor(key)
+        if floor is not None and floor < disk.log.next_offset:
+            self.queues.refused += 1
+            raise Overloaded(
+                f"stream {key} is over its retention of {cap} bytes and a queue group still "
+                f"needs its records from offset {floor}: publishes are refused until the "
+                "groups catch up (pending records are never deleted)"
+            )
+
     def _stream_view(self, key: str) -> StreamView | None:
         stream = self._streams.get(key)
         if stream is None or stream.disk is None:
@@ -690,6 +712,12 @@ class ShardCore:
             # A consumer may come before the first publish: the stream is created durable
             # like a publish would create it (--durable-streams).
             self._create_stream(key)
+        stream = self._streams.get(key)
+        if stream is not None and stream.disk is None:
+            raise BadRequest(
+                f"stream {key} is held in memory only: queue groups run over durable "
+                "streams (define it durable, or run the node with --durable-streams)"
+            )
         settings = self._group_settings(key, msg.group)
         return self.queues.consume(self._gateway, self._token, msg, settings)
 

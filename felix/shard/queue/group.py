@@ -52,14 +52,27 @@ Decisions the contract leaves open
 
 from __future__ import annotations
 
-import enum
 import random
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Final, TypeAlias
 
 from felix.errors import BadRequest, Overloaded
 from felix.shard.queue._index import AvailableIndex, LeaseClock
+from felix.shard.queue._terms import (
+    JITTER,
+    MAX_DELAY_MS,
+    MAX_DETAIL_BYTES,
+    MAX_MEMBERS,
+    MAX_RANGES,
+    DeadLetter,
+    Delivery,
+    Member,
+    MemberId,
+    Refusal,
+    Role,
+    SettleOp,
+    check_window,
+    truncate_detail,
+)
 from felix.shard.queue.journal import (
     Ack,
     Dead,
@@ -89,91 +102,9 @@ __all__ = [
     "truncate_detail",
 ]
 
-MemberId: TypeAlias = tuple[int, int]  # (gateway index, member token)
-Delivery: TypeAlias = tuple[int, int, int]  # (offset, attempts, failures)
-
-MAX_MEMBERS: Final = 1024  # members per group (default)
-MAX_RANGES: Final = 1024  # ranges per settle
-MAX_DETAIL_BYTES: Final = 1024  # nak/term text kept (UTF-8)
-MAX_DELAY_MS: Final = 86_400_000  # an explicit nak delay: at most a day
-JITTER: Final = 0.2  # backoff delays vary +-20%
-
 _AVAILABLE = EntryState.AVAILABLE
 _LEASED = EntryState.LEASED
 _DYING = EntryState.DYING
-
-
-class Role(enum.IntEnum):
-    """A member's role (wire values of CONSUMING / CONSUMER_ROLE)."""
-
-    MEMBER = 0
-    ACTIVE = 1
-    STANDBY = 2
-
-
-class Refusal(enum.IntEnum):
-    """Why an operation on one offset was refused (wire values of SETTLED)."""
-
-    STALE = 1  # leased to another member since (or the lease is gone)
-    DEAD = 2  # dead-lettered
-    UNKNOWN = 3  # never delivered to this group (or finished)
-
-
-class SettleOp(enum.IntEnum):
-    """Operations on delivered records (their request opcodes)."""
-
-    ACK = 0x22
-    NAK = 0x23
-    RELEASE = 0x24
-    IN_PROGRESS = 0x25
-    TERM = 0x26
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A record the core must append to the dead-letter stream, then confirm."""
-
-    offset: int
-    reason: str
-    detail: str
-    attempts: int
-    failures: int
-    consumer: str  # "<consumer id>@gateway<n>" of the last member, "" if none
-
-
-def truncate_detail(text: str) -> str:
-    """``text`` cut to :data:`MAX_DETAIL_BYTES` of UTF-8 on a character boundary
-    (lone surrogates, which UTF-8 cannot carry, become ``?``)."""
-    if len(text) <= MAX_DETAIL_BYTES and text.isascii():
-        return text
-    data = text.encode("utf-8", "replace")
-    if len(data) <= MAX_DETAIL_BYTES:
-        return data.decode("utf-8")
-    return data[:MAX_DETAIL_BYTES].decode("utf-8", "ignore")
-
-
-class _Member:
-    __slots__ = ("consumer_id", "id", "leased", "nbytes", "records", "role", "used")
-
-    def __init__(self, member: MemberId, consumer_id: int, records: int, nbytes: int) -> None:
-        self.id = member
-        self.consumer_id = consumer_id
-        self.records = records
-        self.nbytes = nbytes
-        self.leased: dict[int, int] = {}  # offset -> payload size
-        self.used = 0  # bytes of the leased records
-        self.role = Role.MEMBER
-
-    def has_room(self) -> bool:
-        count = len(self.leased)
-        return count < self.records and (count == 0 or self.used < self.nbytes)
-
-    def fits(self, size: int) -> bool:
-        count = len(self.leased)
-        return count < self.records and (count == 0 or self.used + size <= self.nbytes)
-
-    def name(self) -> str:
-        return f"{self.consumer_id}@gateway{self.id[0]}"
 
 
 class Group:
@@ -198,9 +129,9 @@ class Group:
         self.dead_letters: list[DeadLetter] = []
         self._rng = rng if rng is not None else random.Random()
         self._max_members = max_members
-        self._members: dict[MemberId, _Member] = {}  # in joining order
-        self._open: dict[MemberId, _Member] = {}  # members with room, in turn order
-        self._holder: dict[int, _Member] = {}  # leased offset -> member
+        self._members: dict[MemberId, Member] = {}  # in joining order
+        self._open: dict[MemberId, Member] = {}  # members with room, in turn order
+        self._holder: dict[int, Member] = {}  # leased offset -> member
         self._dying: set[int] = set()
         self._roles: list[tuple[MemberId, Role]] = []
         self._readable_end = 0
@@ -212,10 +143,9 @@ class Group:
             if entry.state is _LEASED:
                 if recovered:  # the shard crashed with it leased: a failure
                     self._fail(offset, entry, 0, wall_us, "shard restarted", "")
-                else:  # leases are never carried over: released, no failure
-                    self._emit(Release(offset))
-                    self._available.add(offset, entry.not_before_us, wall_us)
-            elif entry.state is _DYING:  # its dead-letter append is not confirmed
+                    continue
+                self._emit(Release(offset))  # leases are never carried over
+            if entry.state is _DYING:  # its dead-letter append is not confirmed
                 self._dying.add(offset)
                 self.dead_letters.append(self._letter(offset, entry, ""))
             elif entry.failures >= settings.max_deliveries:
@@ -231,7 +161,7 @@ class Group:
         """Add ``member`` with a window of ``records`` / ``nbytes`` (a member joined
         already keeps its leases and gets the new consumer id and window). Raises
         :class:`Overloaded` beyond the group's member bound."""
-        _check_window(records, nbytes)
+        check_window(records, nbytes)
         known = self._members.get(member)
         if known is not None:
             known.consumer_id = consumer_id
@@ -242,7 +172,7 @@ class Group:
                 f"group {self.name!r} has {len(self._members)} members (at most "
                 f"{self._max_members})"
             )
-        joined = _Member(member, consumer_id, records, nbytes)
+        joined = Member(member, consumer_id, records, nbytes)
         if self.settings.exclusive:
             joined.role = Role.STANDBY if self._active() is not None else Role.ACTIVE
         self._members[member] = joined
@@ -270,7 +200,7 @@ class Group:
 
     def set_window(self, member: MemberId, records: int, nbytes: int) -> None:
         """A new credit for ``member`` (a smaller one only stops new hand-outs)."""
-        _check_window(records, nbytes)
+        check_window(records, nbytes)
         known = self._members.get(member)
         if known is not None:
             known.records = records
@@ -466,7 +396,7 @@ class Group:
         available.promote(wall_us)
         while self._open and len(holder) < max_leased:  # redeliveries first
             offset = available.first_ready(wall_us)
-            if offset is None:
+            if offset is None or offset >= readable_end:  # (the durable end went back)
                 break
             size = size_of(offset)
             if size is None:  # gone from the log: nothing left to deliver
@@ -478,8 +408,10 @@ class Group:
                 break
             available.take()
             self._lease(offset, entries[offset], taker, size, deadline, out)
-        if not self._open or len(holder) >= max_leased or self._redelivery_waits(wall_us):
+        if not self._open or len(holder) >= max_leased:
             return self._deliveries(out)
+        if available.first_ready(wall_us) is not None:
+            return self._deliveries(out)  # an eligible redelivery waits: newer ones too
         max_span = settings.max_span
         skip_from = cursor = state.next
         base = state.floor if entries else None  # None: skips move the floor along
@@ -503,17 +435,13 @@ class Group:
             self._emit(Skip(skip_from, cursor - skip_from))
         return self._deliveries(out)
 
-    def _redelivery_waits(self, wall_us: int) -> bool:
-        # An eligible redelivery nobody had room for blocks newer records.
-        return self._available.first_ready(wall_us) is not None
-
     def _deliveries(
         self, out: dict[MemberId, list[Delivery]]
     ) -> list[tuple[MemberId, int, list[Delivery]]]:
         members = self._members
         return [(member, members[member].consumer_id, records) for member, records in out.items()]
 
-    def _pick(self, size: int) -> _Member | None:
+    def _pick(self, size: int) -> Member | None:
         for member in self._open.values():
             if member.fits(size):
                 return member
@@ -523,7 +451,7 @@ class Group:
         self,
         offset: int,
         entry: Entry | None,
-        taker: _Member,
+        taker: Member,
         size: int,
         deadline: float,
         out: dict[MemberId, list[Delivery]],
@@ -542,9 +470,12 @@ class Group:
         else:
             records.append(delivery)
         # Round-robin: the taker goes to the back of the turn order (if room is left).
-        del self._open[taker.id]
-        if taker.has_room():
-            self._open[taker.id] = taker
+        turns = self._open
+        if not taker.has_room():
+            del turns[taker.id]
+        elif len(turns) > 1:
+            del turns[taker.id]
+            turns[taker.id] = taker
 
     # -- dead letters, status, settings -----------------------------------------------
 
@@ -611,7 +542,7 @@ class Group:
         self.state.apply(entry)
         self.journal.append(entry)
 
-    def _unlease(self, offset: int, owner: _Member) -> None:
+    def _unlease(self, offset: int, owner: Member) -> None:
         """Forget ``owner``'s lease of ``offset`` and give back its credit."""
         del self._holder[offset]
         self._leases.clear(offset)
@@ -647,7 +578,7 @@ class Group:
             offset, entry.reason, entry.detail, entry.attempts, entry.failures, consumer
         )
 
-    def _refresh(self, member: _Member) -> None:
+    def _refresh(self, member: Member) -> None:
         """Put ``member`` in the turn order (at the back) or take it out."""
         eligible = member.role is not Role.STANDBY and member.id in self._members
         if eligible and member.has_room():
@@ -656,7 +587,7 @@ class Group:
         else:
             self._open.pop(member.id, None)
 
-    def _active(self) -> _Member | None:
+    def _active(self) -> Member | None:
         for member in self._members.values():
             if member.role is Role.ACTIVE:
                 return member
@@ -669,8 +600,3 @@ class Group:
             self._roles.append((member.id, Role.ACTIVE))
             self._refresh(member)
             return
-
-
-def _check_window(records: int, nbytes: int) -> None:
-    if records < 0 or nbytes < 0:
-        raise BadRequest(f"a window needs records >= 0 and bytes >= 0, got {records}, {nbytes}")

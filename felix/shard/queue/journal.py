@@ -77,7 +77,7 @@ class Ack(NamedTuple):
     """Offsets ``first`` .. ``first + count - 1`` are done (those not finished already)."""
 
     first: int
-    count: int  # type: ignore[assignment]  # shadows tuple.count, on purpose: the name says it
+    count: int  # type: ignore[assignment]  # (shadows tuple.count: wire name kept)
 
 
 class Fail(NamedTuple):
@@ -114,7 +114,7 @@ class Skip(NamedTuple):
     gone to retention): finished without a delivery."""
 
     first: int
-    count: int  # type: ignore[assignment]  # shadows tuple.count, on purpose: the name says it
+    count: int  # type: ignore[assignment]  # (shadows tuple.count: wire name kept)
 
 
 JournalEntry: TypeAlias = Start | Lease | Ack | Fail | Release | Dying | Dead | Skip

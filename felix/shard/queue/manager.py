@@ -131,6 +131,7 @@ class QueueManager:
         self.acked = 0
         self.dead_lettered = 0
         self.stalls = 0
+        self.refused = 0  # publishes refused: a lagging group holds the retention cap
         self._stalled: set[GroupHandle] = set()
 
     # -- groups --------------------------------------------------------------------------
@@ -204,6 +205,7 @@ class QueueManager:
                 del self._by_stream[handle.key]
         self._dirty.pop(handle, None)
         self._sync_wanted.pop(handle, None)
+        self._stalled.discard(handle)
         for relay in [r for r, (h, _o, _t) in self._relays.items() if h is handle]:
             del self._relays[relay]
         for gateway, token, reply in _drop_waiting(handle):
@@ -300,12 +302,13 @@ class QueueManager:
             self._after_change(handle)
         return wire.encode_ok(msg.request_id)
 
-    def leave(self, gateway: int, token: int, now: float) -> None:
-        """A member is gone abruptly (its stream or connection): its leases fail."""
+    def leave(self, gateway: int, token: int, now: float, *, graceful: bool = False) -> None:
+        """A member is gone (its stream or connection): its leases fail, or are released
+        when ``graceful`` (the node drains)."""
         handle = self._members.pop((gateway, token), None)
         self._consumers.pop((gateway, token), None)
         if handle is not None:
-            handle.group.leave((gateway, token), False, now, self._wall_us())
+            handle.group.leave((gateway, token), graceful, now, self._wall_us())
             self._after_change(handle)
 
     def forget_gateway(self, gateway: int, now: float) -> None:
@@ -603,6 +606,16 @@ class QueueManager:
             handle.dlq_key,
         )
         self._requeue_dead(handle, offset)
+
+    @property
+    def members(self) -> int:
+        """Consumers in this shard's groups."""
+        return len(self._members)
+
+    @property
+    def stalled_now(self) -> int:
+        """Groups stalled at their last delivery round."""
+        return len(self._stalled)
 
     def gateway_seen(self, gateway: int) -> None:
         self._gateways.add(gateway)

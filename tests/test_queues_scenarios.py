@@ -11,6 +11,7 @@ test checks the group's status (the health port's stream route) afterwards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -310,3 +311,283 @@ def test_a_held_record_stalls_the_window_once_and_its_ack_resumes_delivery(
             assert sum(float(line.rsplit(" ", 1)[1]) for line in stalls) >= 1
 
     run(main, timeout=60)
+
+
+# --- 5. a record that crashes the shard -------------------------------------------------
+
+
+def test_a_record_that_crashes_the_shard_is_dead_lettered_after_max_deliveries(
+    tmp_path: Path,
+) -> None:
+    node = NodeProcess(tmp_path / "node", *ARGS, gateways=1, shards=1)
+    try:
+        define(node, "jobs", "g", max_deliveries=3)
+
+        async def main() -> None:
+            async with connect(node) as client:
+                offsets = await publish(client, "jobs", 6)
+                poison = offsets[2]
+                crashes: list[tuple[int, int]] = []  # (attempts, failures) of each crash
+                acked: list[int] = []
+                async with client.consume("jobs", "g", prefetch=1) as jobs:
+                    deadline = time.monotonic() + 90
+                    while len(acked) < len(offsets) - 1:
+                        assert time.monotonic() < deadline, (crashes, acked)
+                        for job in await jobs.fetch(1, timeout=0.5):
+                            if job.offset == poison:
+                                # "Processing" it kills the shard (kill -9), every time.
+                                crashes.append((job.attempts, job.failures))
+                                old = node.kill_child("shard-0")
+                                await asyncio.to_thread(node.wait_restarted, "shard-0", old)
+                            else:
+                                await job.ack()
+                                acked.append(job.offset)
+                    assert not await jobs.fetch(1, timeout=1.5)  # never again
+                assert crashes == [(1, 0), (2, 1), (3, 2)]  # exactly max_deliveries
+                assert sorted(acked) == sorted(set(offsets) - {poison})
+                (letter,) = await dead_letters(client, "jobs", 1)
+                h = letter.headers
+                assert letter.data == b"m2"
+                assert h["felix-dlq-id"] == f"g:{poison}"
+                assert h["felix-dlq-reason"] == "max_deliveries"
+                assert h["felix-dlq-detail"] == "shard restarted"
+                assert (h["felix-dlq-failures"], h["felix-dlq-attempts"]) == ("3", "3")
+
+        run(main, timeout=150)
+        st = group_status(node, "jobs", "g")
+        assert (st["acked"], st["dead"], st["dying"], st["leased"]) == (5, 1, 0, 0), st
+    finally:
+        assert node.stop() == 0, node.log()
+
+
+# --- 6. kill -9 between the dead-letter append and the state write ----------------------
+
+
+def test_a_term_cut_short_by_kill_9_is_dead_lettered_and_never_redelivered(
+    tmp_path: Path,
+) -> None:
+    """term() is answered once ``dying`` is fsynced; the shard dies right after, before
+    or after its dead-letter append: after the restart the record is in the dead-letter
+    stream (maybe twice, one felix-dlq-id) and never handed out again."""
+    node = NodeProcess(tmp_path / "node", *ARGS, gateways=1, shards=1)
+    rounds = 3
+    try:
+
+        async def main() -> list[int]:
+            async with connect(node) as client:
+                offsets = await publish(client, "jobs", rounds)
+                async with client.consume("jobs", "g", prefetch=1) as jobs:
+                    for i in range(rounds):
+                        deadline = time.monotonic() + 30
+                        while True:
+                            assert time.monotonic() < deadline, i
+                            got = await jobs.fetch(1, timeout=0.5)
+                            if got:
+                                break
+                        (job,) = got
+                        # (The next one was leased when the shard died: one failure each.)
+                        assert job.offset == offsets[i], job
+                        await job.term(f"bad {i}")
+                        old = node.kill_child("shard-0")  # at once: the append may be in flight
+                        await asyncio.to_thread(node.wait_restarted, "shard-0", old)
+                return offsets
+
+        offsets = run(main, timeout=120)
+
+        # No consumer needed: the restarted shard appends its dying entries by itself.
+        def finished() -> bool:
+            st = group_status(node, "jobs", "g")
+            return st["dead"] == rounds and st["dying"] == 0
+
+        wait_for(finished, timeout=30, what=f"{rounds} dead: {group_status(node, 'jobs', 'g')}")
+
+        async def check() -> None:
+            async with connect(node) as client:
+                letters = await dead_letters(client, "jobs", rounds)
+                ids = [m.headers["felix-dlq-id"] for m in letters]
+                assert set(ids) == {f"g:{o}" for o in offsets}, ids
+                assert len(ids) <= 2 * rounds
+                assert {m.headers["felix-dlq-reason"] for m in letters} == {"term"}
+                async with client.consume("jobs", "g") as jobs:
+                    assert not await jobs.fetch(1, timeout=2)  # none redelivered
+
+        run(check, timeout=60)
+        st = group_status(node, "jobs", "g")
+        assert (st["dead"], st["acked"], st["leased"], st["available"]) == (rounds, 0, 0, 0), st
+    finally:
+        assert node.stop() == 0, node.log()
+
+
+# --- 7. graceful rolling restart --------------------------------------------------------
+
+
+def test_a_graceful_restart_releases_leases_without_failures(tmp_path: Path) -> None:
+    data = tmp_path / "node"
+    node = NodeProcess(data, *ARGS, gateways=1, shards=1)
+    held: list[int] = []
+    try:
+
+        async def first() -> None:
+            client = await felix.connect(url(node), ca=node.ca_file)
+            try:
+                await publish(client, "jobs", 6)
+                jobs = client.consume("jobs", "g", prefetch=4)
+                await jobs.start()
+                got = await jobs.fetch(4, timeout=10)
+                got += await jobs.fetch(4 - len(got), timeout=2) if len(got) < 4 else []
+                assert [m.offset for m in got] == [0, 1, 2, 3]
+                await got[0].ack()
+                held.extend(m.offset for m in got[1:])
+                # SIGTERM with the records leased and the consumer connected.
+                assert await asyncio.to_thread(node.stop) == 0
+            finally:
+                await client.close()
+
+        run(first, timeout=60)
+    finally:
+        node.stop()
+    node = NodeProcess(data, *ARGS, gateways=1, shards=1)
+    try:
+        async def second() -> None:
+            async with (
+                felix.connect(url(node), ca=node.ca_file) as client,
+                client.consume("jobs", "g", prefetch=8) as jobs,
+            ):
+                got: list[QueueMessage] = []
+                while len(got) < 5:
+                    batch = await jobs.fetch(8, timeout=10)
+                    assert batch, got
+                    got += batch
+                assert [m.offset for m in got] == [1, 2, 3, 4, 5]
+                for m in got:
+                    assert m.failures == 0, (m, "the graceful stop counted a failure")
+                    # (What it held, and what its freed credit buffered, was handed out.)
+                    assert m.attempts == 2 if m.offset in held else m.attempts in (1, 2)
+                    await m.ack()
+
+        run(second, timeout=60)
+        status, body = node.http("/streams/default/default/jobs")
+        assert status == 200, body
+        st = json.loads(body)["groups"]["g"]
+        assert (st["acked"], st["dead"], st["dying"]) == (6, 0, 0), st
+    finally:
+        assert node.stop() == 0, node.log()
+
+
+# --- 8. competing consumers across two gateways -----------------------------------------
+
+
+def gateway_connections(node: NodeProcess) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in node.http("/metrics")[1].splitlines():
+        if line.startswith("felix_connections{") and 'role="gateway"' in line:
+            index = line.split('index="', 1)[1].split('"', 1)[0]
+            out[index] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_competing_consumers_on_both_gateways_never_share_or_skip_a_record(
+    node: NodeProcess,
+) -> None:
+    async def main() -> None:
+        clients: list[felix.Client] = []
+        try:
+            # One connection per client (pool_size=1), until both gateways hold some
+            # (the kernel spreads them); every client then consumes on its connection.
+            def both() -> bool:
+                return len([v for v in gateway_connections(node).values() if v > 0]) == 2
+
+            while len(clients) < 4 or not both():
+                assert len(clients) < 24, gateway_connections(node)
+                clients.append(await connect(node, pool_size=1))
+                if len(clients) >= 4:
+                    with contextlib.suppress(AssertionError):
+                        await until(both, timeout=3)  # the gauges lag a little
+            offsets = await publish(clients[0], "spread", 300)
+            holders: dict[int, int] = {}  # offset -> consumer holding it now
+            seen: dict[int, list[int]] = {}
+            done = asyncio.Event()
+
+            async def worker(index: int, client: felix.Client) -> None:
+                async with client.consume("spread", "g", prefetch=4) as jobs:
+                    while not done.is_set():
+                        for job in await jobs.fetch(4, timeout=0.2):
+                            assert job.offset not in holders, "leased to two members at once"
+                            holders[job.offset] = index
+                            seen.setdefault(job.offset, []).append(index)
+                            await asyncio.sleep(0.001)
+                            del holders[job.offset]
+                            await job.ack()
+                        if len(seen) == len(offsets):
+                            done.set()
+
+            await asyncio.wait_for(
+                asyncio.gather(*(worker(i, c) for i, c in enumerate(clients))), 90
+            )
+            assert sorted(seen) == offsets  # none skipped
+            assert all(len(who) == 1 for who in seen.values()), seen  # none twice
+            assert len({w for who in seen.values() for w in who}) >= 2
+        finally:
+            for client in clients:
+                await client.close()
+
+    run(main, timeout=120)
+    st = group_status(node, "spread", "g")
+    assert (st["acked"], st["leased"], st["available"], st["dead"]) == (300, 0, 0, 0), st
+
+
+# --- 9. permissions ---------------------------------------------------------------------
+
+
+def test_consume_needs_stream_consume_and_so_does_every_ack(tmp_path: Path) -> None:
+    auth_dir = tmp_path / "node" / "auth"
+
+    def felix_cli(*args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "felix.cli", *args], capture_output=True, text=True, timeout=30
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    def mint(*perms: str) -> str:
+        flags = [x for p in perms for x in ("--perm", f"{p}:stream:acme/default/*")]
+        return felix_cli(
+            "token", "mint", "--tenant", "acme", "--sub", "svc", "--dir", str(auth_dir), *flags
+        )
+
+    felix_cli("token", "keygen", "--tenant", "acme", "--dir", str(auth_dir))
+    worker = mint("stream.publish", "stream.consume")
+    reader = mint("stream.publish", "stream.subscribe")
+    node = NodeProcess(tmp_path / "node", "--auth", *ARGS, gateways=1, shards=1)
+    try:
+
+        async def main() -> None:
+            async with felix.connect(url(node), ca=node.ca_file, tenant="acme", token=reader) as c:
+                await publish(c, "jobs", 2)
+                with pytest.raises(felix.PermissionDenied):
+                    async with c.consume("jobs", "g") as jobs:
+                        await jobs.fetch(1, timeout=1)
+            async with (
+                felix.connect(url(node), ca=node.ca_file, tenant="acme", token=worker) as c,
+                c.consume("jobs", "g", prefetch=2) as jobs,
+            ):
+                first, second = await jobs.fetch(2, timeout=10) + await jobs.fetch(1, timeout=1)
+                await first.ack()
+                # The connection presents a token with stream.subscribe only: each ack is
+                # checked against its stream's token, so the next one is refused.
+                conn = jobs._conn
+                assert conn is not None
+                await conn.reauth(reader)
+                with pytest.raises(felix.PermissionDenied):
+                    await second.ack()
+                await conn.reauth(worker)
+                second.settled = False  # the refused ack settled nothing
+                await second.ack()
+
+        run(main, timeout=60)
+        status, body = node.http("/streams/acme/default/jobs")
+        assert status == 200, body
+        st = json.loads(body)["groups"]["g"]
+        assert (st["acked"], st["leased"]) == (2, 0), st
+    finally:
+        assert node.stop() == 0, node.log()

@@ -105,7 +105,7 @@ async def until(check: Callable[[], Any], timeout: float = 20, what: str = "") -
 
 async def dead_letters(client: felix.Client, stream: str, at_least: int) -> list[Any]:
     """Every record of ``stream``'s dead-letter stream (at least ``at_least``)."""
-    out = []
+    out: list[Any] = []
     async with client.subscribe(f"{stream}.dlq", start="earliest") as dlq:
         while True:
             try:
@@ -288,7 +288,7 @@ def test_a_held_record_stalls_the_window_once_and_its_ack_resumes_delivery(
                 assert (st["floor"], st["next"], st["leased"]) == (offsets[0], offsets[4], 1), st
                 assert node.log().count(stall_line) == 1
                 await held.ack()
-                got = []
+                got: list[int] = []
                 while len(got) < 8:
                     batch = await jobs.fetch(4, timeout=10)
                     assert batch, got
@@ -397,7 +397,7 @@ def test_a_term_cut_short_by_kill_9_is_dead_lettered_and_never_redelivered(
         # No consumer needed: the restarted shard appends its dying entries by itself.
         def finished() -> bool:
             st = group_status(node, "jobs", "g")
-            return st["dead"] == rounds and st["dying"] == 0
+            return bool(st["dead"] == rounds and st["dying"] == 0)
 
         wait_for(finished, timeout=30, what=f"{rounds} dead: {group_status(node, 'jobs', 'g')}")
 
@@ -448,6 +448,7 @@ def test_a_graceful_restart_releases_leases_without_failures(tmp_path: Path) -> 
         node.stop()
     node = NodeProcess(data, *ARGS, gateways=1, shards=1)
     try:
+
         async def second() -> None:
             async with (
                 felix.connect(url(node), ca=node.ca_file) as client,

@@ -236,7 +236,9 @@ def test_the_gap_of_a_restart_is_skipped_in_one_entry(
 def test_retention_never_deletes_a_segment_a_group_still_needs(tmp_path: Path) -> None:
     c = make(tmp_path, fsync="none", segment_bytes=4096)
     c.define_stream(
-        KEY, StreamSettings(replay_max_records=4), DurableSettings(fsync="none", retention_bytes=8000)
+        KEY,
+        StreamSettings(replay_max_records=4),
+        DurableSettings(fsync="none", retention_bytes=8000),
     )
     for i in range(100):  # ~30 KB: several sealed segments, well over the retention
         publish(c, [bytes([i]) * 300], token=i + 1)

@@ -17,7 +17,9 @@ from felix.shard.core import ShardCore, ShardSettings
 from felix.shard.durable import DiskSettings, DurableSettings, DurableStore
 from felix.shard.offsets import OffsetReservations
 from felix.shard.queue import manager as manager_module
+from felix.shard.queue.group import Role
 from felix.shard.queue.journal import JournalEntry, Skip
+from felix.shard.queue.settings import GroupSettings
 from felix.shard.stream_log import StreamSettings
 from tests.test_shard_durable import KEY, NS, Clock, T
 
@@ -265,3 +267,21 @@ def test_retention_never_deletes_a_segment_a_group_still_needs(tmp_path: Path) -
     store = c.disk
     assert store is not None
     assert store.disk_used <= 8000 + 2 * 4096
+
+
+def test_making_a_group_exclusive_tells_its_members_their_roles_at_once(tmp_path: Path) -> None:
+    c = make(tmp_path, fsync="interval")
+    publish(c, [b"a", b"b", b"c", b"d"])
+    Out(c)
+    first = consume(c, records=1)
+    second = consume(c, records=1, member=MEMBER + 1)
+    assert first.offsets() == [0] and second.offsets(MEMBER + 1) == [1]
+    c.define_group(KEY, "g", GroupSettings(exclusive=True))
+    out = Out(c)
+    roles = [m.role for m in out.notices if isinstance(m, wire.ConsumerRole)]
+    assert roles == [Role.ACTIVE, Role.STANDBY]  # the first joined is active
+    ack(c, [0], token=903)
+    ack(c, [1], token=904, member=MEMBER + 1)  # a standby may settle what it holds
+    out = Out(c)
+    assert isinstance(out.replies[903], wire.Settled) and isinstance(out.replies[904], wire.Settled)
+    assert out.offsets() == [2] and out.offsets(MEMBER + 1) == []  # the active one only

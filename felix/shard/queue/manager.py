@@ -159,7 +159,11 @@ class QueueManager:
         if handle is not None:
             handle.group.reconfigure(settings)
             handle.dlq_key = _dlq_key(key, settings)
-            self._dirty[handle] = None
+            # Not just dirty: a toggled ``exclusive`` reassigns roles, which must reach
+            # the members now (their CONSUMER_ROLE notices were otherwise sent only at
+            # some later leave or lease expiry), and a lowered max_deliveries journals
+            # Dying entries whose dead letters must go out.
+            self._after_change(handle)
 
     def remove(self, key: str, name: str | None = None) -> None:
         """Drop a group (``name`` None: every group of the stream) and its state file."""

@@ -159,7 +159,11 @@ class QueueManager:
         if handle is not None:
             handle.group.reconfigure(settings)
             handle.dlq_key = _dlq_key(key, settings)
-            self._dirty[handle] = None
+            # Not just dirty: a toggled ``exclusive`` reassigns roles, which must reach
+            # the members now (their CONSUMER_ROLE notices were otherwise sent only at
+            # some later leave or lease expiry), and a lowered max_deliveries journals
+            # Dying entries whose dead letters must go out.
+            self._after_change(handle)
 
     def remove(self, key: str, name: str | None = None) -> None:
         """Drop a group (``name`` None: every group of the stream) and its state file."""
@@ -340,16 +344,19 @@ class QueueManager:
     def _write(self, handle: GroupHandle) -> bool:
         """Write the group's new journal entries (one write); True if there were any."""
         entries = handle.group.journal
-        if not entries:
-            return False
-        handle.group.journal = []
-        handle.state_log.append(entries)
-        if handle.state_log.needs_compaction():
-            handle.state_log.compact(handle.group.state)
+        if entries:
+            handle.group.journal = []
+            handle.state_log.append(entries)
+            if handle.state_log.needs_compaction():
+                handle.state_log.compact(handle.group.state)
+        # Dead letters are appended only once their Dying entry is written (above, or
+        # before a crash). Drained even without new entries: a recovered group whose only
+        # news is a dying entry from before the crash journals nothing, and its append
+        # used to wait for some unrelated later entry (forever on an idle group).
         for dead in handle.group.dead_letters:
             self._relay_queue.append((handle, dead))
         handle.group.dead_letters = []
-        return True
+        return bool(entries)
 
     def take_syncs(self) -> list[GroupHandle]:
         """Group files to fsync in the next round (acks wait on them)."""

@@ -1,6 +1,7 @@
 """The queue group engine: who holds which record of a durable stream (sans-IO).
 
-docs/queues.md is the contract of behaviour ("Code" lists the pieces). A :class:`Group` never reads a clock or does I/O: the shard core passes
+docs/queues.md is the contract of behaviour ("Code" lists the pieces). A
+:class:`Group` never reads a clock or does I/O: the shard core passes
 ``now`` (monotonic seconds, for lease deadlines) and ``wall_us`` (wall clock, for
 retry times that survive restarts) into every call, drains :attr:`Group.journal`
 (written to the group's state file), :attr:`Group.dead_letters` (appended to the
@@ -485,12 +486,16 @@ class Group:
             self._emit(Dead(offset))
 
     def stalled(self) -> bool:
-        """``next - floor >= max_span`` while the log holds records at or beyond
-        ``next`` (as last told to :meth:`plan`): the oldest unfinished record holds
-        the window full."""
+        """The oldest unfinished record holds the window full: ``next - floor >=
+        max_span`` while the log holds records at or beyond ``next`` (as last told to
+        :meth:`plan`), and not every offset of the window is out on a lease (a window
+        of leases in flight is backpressure, not a stall)."""
         state = self.state
+        span = state.next - state.floor
         return (
-            state.next - state.floor >= self.settings.max_span and self._readable_end > state.next
+            span >= self.settings.max_span
+            and self._readable_end > state.next
+            and len(self._holder) < span
         )
 
     def status(self) -> dict[str, object]:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from felix import ipc, wire
+from felix.errors import Overloaded
 from felix.ipc import RecordType
 from felix.shard.core import ShardCore, ShardSettings
 from felix.shard.durable import DiskSettings, DurableSettings, DurableStore
@@ -285,3 +286,40 @@ def test_making_a_group_exclusive_tells_its_members_their_roles_at_once(tmp_path
     out = Out(c)
     assert isinstance(out.replies[903], wire.Settled) and isinstance(out.replies[904], wire.Settled)
     assert out.offsets() == [2] and out.offsets(MEMBER + 1) == []  # the active one only
+
+
+def test_a_lagging_group_at_the_retention_cap_refuses_publishes(tmp_path: Path) -> None:
+    c = make(tmp_path, fsync="none", segment_bytes=4096)
+    c.define_stream(
+        KEY,
+        StreamSettings(replay_max_records=4),
+        DurableSettings(fsync="none", retention_bytes=4096),
+    )
+    publish(c, [b"x" * 300])
+    Out(c)
+    consume(c, records=1)  # the group needs offset 0 and nobody acks it
+    token = 10
+    refused = None
+    for _ in range(200):  # far past retention + two segments
+        token += 1
+        publish(c, [b"y" * 300], token=token)
+        reply = Out(c).replies[token]
+        if isinstance(reply, wire.ErrorReply):
+            refused = reply
+            break
+    assert refused is not None and refused.code == Overloaded.code
+    assert "queue group still needs its records from offset 0" in refused.message
+    store = c.disk
+    assert store is not None and store.disk_used <= 4096 + 3 * 4096  # bounded
+    assert c.disk_sweep() == 0  # nothing pending was deleted
+    assert c.queues.refused == 1
+    # The group catches up (a bigger window, everything acked): retention frees the
+    # space and publishes go on.
+    request(c, wire.encode_consumer_window(904, CONSUMER, 1000, 1 << 20), 904, aux=MEMBER)
+    delivered = Out(c).offsets()
+    ack(c, [0, *delivered])
+    Out(c)
+    assert status(c)["floor"] == status(c)["next"]
+    assert c.disk_sweep() > 0
+    publish(c, [b"z" * 300], token=token + 1)
+    assert isinstance(Out(c).replies[token + 1], wire.PublishOffsets)

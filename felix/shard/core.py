@@ -64,7 +64,7 @@ from felix.shard.durable import DurableSettings, DurableStore, DurableStream
 from felix.shard.fsyncer import Syncable
 from felix.shard.offsets import OffsetReservations
 from felix.shard.queue.manager import GroupHandle, QueueManager, StreamView
-from felix.shard.queue.settings import GroupSettings
+from felix.shard.queue.settings import MAX_GROUPS_PER_STREAM, GroupSettings
 from felix.shard.resources import SHARD_MAX_RESOURCES, cache_settings
 from felix.shard.stream_log import StreamLog, StreamSettings
 from felix.shard.tenants import TenantQuota, TenantUsage, water_level
@@ -75,8 +75,6 @@ log = logging.getLogger("felix.shard")
 MAX_READ_RECORDS = 4096
 #: Bytes per READ reply at most (a READ always returns at least one record).
 MAX_READ_BYTES = 1024 * 1024
-#: Queue groups one stream may have (each keeps a window of state and a file).
-MAX_GROUPS_PER_STREAM = 64
 
 
 # A publish whose ack waits for an fsync: _request sends nothing now.

@@ -16,7 +16,8 @@ stream may live on another shard; the entry is ``dying`` until that append is
 acknowledged (RELAY_REPLY), and dying entries found after a restart are appended
 again (at least once, never both dead and redelivered).
 
-Bounds: groups per stream (the core's MAX_GROUPS_PER_STREAM), members per group
+Bounds: groups per stream and per shard (felix/shard/queue/settings.py: defined or
+opened by a consumer alike), members per group
 (the engine), relays in flight (:data:`MAX_RELAYS`), acks waiting for an fsync (one
 per request: the gateways' in-flight limits).
 """
@@ -32,14 +33,18 @@ from pathlib import Path
 from typing import Final
 
 from felix import ipc, wire
-from felix.errors import BadRequest, FelixError, NotFound, Unavailable
+from felix.errors import BadRequest, FelixError, NotFound, Overloaded, Unavailable
 from felix.ipc import RecordType
 from felix.shard.durable import DurableStream
 from felix.shard.log_format import decode_envelope
 from felix.shard.queue.group import DeadLetter, Group, MemberId, SettleOp
 from felix.shard.queue.group_log import GroupLog, discover, path_for
 from felix.shard.queue.journal import GroupSnapshot, Skip, Start
-from felix.shard.queue.settings import GroupSettings
+from felix.shard.queue.settings import (
+    MAX_GROUPS_PER_SHARD,
+    MAX_GROUPS_PER_STREAM,
+    GroupSettings,
+)
 from felix.shard.stream_log import StreamLog
 
 __all__ = ["MAX_RELAYS", "GroupHandle", "QueueManager", "StreamView"]
@@ -175,6 +180,15 @@ class QueueManager:
         self, view: StreamView, name: str, settings: GroupSettings, *, recovered: bool
     ) -> GroupHandle:
         assert self.root is not None
+        held = len(self._by_stream.get(view.key, ()))
+        if held >= MAX_GROUPS_PER_STREAM:
+            raise Overloaded(
+                f"stream {view.key} holds its maximum of {MAX_GROUPS_PER_STREAM} queue groups"
+            )
+        if len(self.groups) >= MAX_GROUPS_PER_SHARD:
+            raise Overloaded(
+                f"shard {self.shard} holds its maximum of {MAX_GROUPS_PER_SHARD} queue groups"
+            )
         dlq_key = _dlq_key(view.key, settings)
         state_log, snapshot = GroupLog.open(path_for(self.root, view.key, name))
         now, wall = time.monotonic(), self._wall_us()

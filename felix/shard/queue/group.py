@@ -38,8 +38,9 @@ Decisions the contract leaves open
 * A member that is not (or no longer) joined may settle: it holds nothing, so its
   acks are late acks, and operations on leased records are STALE.
 * :meth:`Group.stalled`: ``next - floor >= max_span`` while the log holds records at
-  or beyond ``next`` (as last told to :meth:`Group.plan`). A window full of leases
-  (``max_ack_pending``) is ordinary backpressure, not a stall.
+  or beyond ``next`` (as last told to :meth:`Group.plan`) and not every offset of the
+  window is out on a lease. A window of leases in flight is ordinary backpressure,
+  not a stall.
 * Failures that are not naks record what happened as their detail (``lease
   expired``, ``member lost``, ``shard restarted``): it is the dead-letter detail
   when that failure is the last one.

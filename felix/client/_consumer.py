@@ -411,6 +411,9 @@ class Consumer:
                     stream_id=stream_id,
                 )
             )
+        except ConnectionLost as exc:
+            message.settled = False
+            raise _unconfirmed(exc, message.offset) from exc
         except BaseException:
             message.settled = False
             raise
@@ -459,11 +462,12 @@ class Consumer:
             )
             settled = expect_reply(reply, wire.Settled, wire.OP_SETTLED)
         except BaseException as exc:
-            error = exc if isinstance(exc, FelixError) else ConnectionLost(str(exc))
-            for message, future in acks:
+            for message, future in acks:  # every waiting ack learns what happened
                 message.settled = False
                 if not future.done():
-                    future.set_exception(error)
+                    future.set_exception(_unconfirmed(exc, message.offset))
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the task ends as cancelled
             return
         refused = {offset: reason for offset, reason in settled.refused}
         for message, future in acks:
@@ -564,6 +568,16 @@ class Consumer:
         self._conn = self._consumer_id = self._stream_id = None
         if conn is not None and consumer_id is not None:
             conn.consumers.pop(consumer_id, None)
+
+
+def _unconfirmed(exc: BaseException, offset: int) -> BaseException:
+    """What a settle that got no answer raises: a lost connection took the lease with it
+    (LeaseLost, reason ``lost``: the broker may redeliver the record); anything else as is."""
+    if isinstance(exc, ConnectionLost):
+        return LeaseLost(
+            offset, "lost", f"the connection was lost before the broker confirmed it ({exc})"
+        )
+    return exc
 
 
 def _ranges(offsets: list[int]) -> list[tuple[int, int]]:

@@ -15,6 +15,7 @@ __all__ = [
     "DLQ_SUFFIX",
     "MAX_GROUPS_PER_SHARD",
     "MAX_GROUPS_PER_STREAM",
+    "MAX_GROUPS_PER_TENANT",
     "GroupSettings",
     "dead_letter_name",
 ]
@@ -25,8 +26,11 @@ _MAX_BACKOFF_STEPS: Final = 32
 #: Queue groups one stream may have, defined or opened by a consumer (each keeps a
 #: window of state and a file).
 MAX_GROUPS_PER_STREAM: Final = 64
-#: Queue groups one shard keeps open, over all its streams.
+#: Queue groups one shard keeps open, over all its streams (each holds a file open),
+#: and what one tenant may take of them: a tenant that opens groups with throwaway
+#: names cannot lock the others out.
 MAX_GROUPS_PER_SHARD: Final = 4096
+MAX_GROUPS_PER_TENANT: Final = 256
 
 
 @dataclass(frozen=True, slots=True)

@@ -750,3 +750,26 @@ def test_ack_false_publishes_wait_when_the_send_buffer_is_full(
             assert [m.data for m in got] == [payload + b"%d" % i for i in range(400)]
 
     run(main)
+
+
+def test_a_replay_of_big_records_does_not_stall_when_the_event_stream_backs_up(
+    tmp_path: Path,
+) -> None:
+    """256 records of 64 KiB from earliest: the subscriber's QUIC stream fills past the
+    gateway's 4 MiB per-subscriber bound; reading resumes when it drains (it used to
+    wait for a push or credit that never came, and stalled for good)."""
+
+    async def main() -> None:
+        async with (
+            LocalNode.start(tmp_path) as node,
+            felix.connect(node.url, ca=node.ca_file) as client,
+        ):
+            big = b"x" * 65_536
+            for _ in range(8):
+                await client.publish_batch("s", [big] * 32)
+            async with client.subscribe("s", start="earliest", credit=4096) as sub:
+                got = [await sub.next(timeout=10) for _ in range(256)]
+            assert [m.offset for m in got] == list(range(256))
+            assert sub.dropped == 0
+
+    run(main, timeout=60)

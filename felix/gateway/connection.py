@@ -89,6 +89,9 @@ class ConnectionShell:
         self.subscriptions: dict[int, Subscription] = {}
         #: Queue consumers of this connection, by the client's consumer id.
         self.consumers: dict[int, Consumer] = {}
+        #: Subscriptions behind only because their event stream is full: read again
+        #: once the connection transmits (Gateway.transmitted).
+        self.backlogged: set[Subscription] = set()
         self.session = GatewaySession(gateway, "?", self.subscriptions, self.consumers)
 
     @property
@@ -419,6 +422,13 @@ class GatewayConnection(ConnectionHandler):
 
     # A bug reached from client input closes that connection; the traceback is logged
     # once per place, later ones only counted (felix_internal_errors), never per event.
+
+    def transmitted(self) -> None:
+        if self.shell.backlogged:
+            try:
+                self.gateway.transmitted(self.shell)
+            except Exception:
+                self.gateway.internal_error("resuming subscribers after a transmit")
 
     def _on_handshake_completed(self, alpn_protocol: str | None) -> None:
         try:

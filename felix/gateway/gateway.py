@@ -378,8 +378,8 @@ class Gateway:
                     )
                 sub.conn.send_events(sub, out, base, count)
                 self.delivered_records += count
-            elif sub.wants_read():
-                self._read(sub)
+            else:
+                self._read_or_wait(sub)
         if key in self._block_keys:
             self._report_cursor(key)
 
@@ -426,8 +426,7 @@ class Gateway:
             sub.conn.end_subscription(sub, err.code, err.message)
             self._drop_subscription(sub)
             return
-        if sub.wants_read():
-            self._read(sub)
+        self._read_or_wait(sub)
         if sub.key in self._block_keys:
             self._report_cursor(sub.key)
 
@@ -483,6 +482,25 @@ class Gateway:
             self._block_keys.discard(key)
         else:
             self._cursors[key] = low
+
+    def _read_or_wait(self, sub: Subscription) -> None:
+        """READ for ``sub`` if it is behind and has room; if only its event stream's
+        backlog stops it, remember it: :meth:`transmitted` reads once that drains (no
+        push or credit may ever come to wake it otherwise)."""
+        if sub.wants_read():
+            self._read(sub)
+        elif sub.held_by_backlog():
+            sub.conn.backlogged.add(sub)
+
+    def transmitted(self, conn: ConnectionShell) -> None:
+        """``conn`` handed data to the network: subscribers that waited for room read."""
+        for sub in list(conn.backlogged):
+            if sub.state is not SubState.ACTIVE:
+                conn.backlogged.discard(sub)
+            elif not sub.held_by_backlog():
+                conn.backlogged.discard(sub)
+                if sub.wants_read():
+                    self._read(sub)
 
     def _read(self, sub: Subscription) -> None:
         if not self.shard_ok[sub.shard]:

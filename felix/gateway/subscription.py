@@ -128,6 +128,17 @@ class Subscription:
             and self.conn.event_stream_backlog(self) < MAX_QUEUED_BYTES
         )
 
+    def held_by_backlog(self) -> bool:
+        """Behind, with credit and no READ in flight, but its event stream holds the
+        most the gateway queues for one subscriber: it reads once that drains."""
+        return (
+            self.state is SubState.ACTIVE
+            and not self.reading
+            and self.next_offset < self.known_tail
+            and self.credit > 0
+            and self.conn.event_stream_backlog(self) >= MAX_QUEUED_BYTES
+        )
+
     def add_credit(self, n: int) -> None:
         self.credit = min(self.credit + n, MAX_CREDIT)
 

@@ -255,11 +255,22 @@ async def pubsub_max(
 
 
 async def queue_run(
-    rig: QueueRig, size: int, n: int, warmup: int, in_flight: int, meter: Meter
+    rig: QueueRig,
+    size: int,
+    n: int,
+    warmup: int,
+    in_flight: int,
+    meter: Meter,
+    prefetch: int | None = None,
 ) -> RunResult:
-    """Publish-with-ack ``in_flight`` at a time, consume-with-ack; latency publish -> consume."""
+    """Publish-with-ack ``in_flight`` at a time, consume-with-ack; latency publish -> consume.
+
+    At 1 in flight the next publish waits until the consumer has the record; at more,
+    each of ``in_flight`` publishers waits only for its broker ack. ``prefetch``: the
+    consumer's window (default ``max(64, 4 * in_flight)``).
+    """
     sink = _Deliveries()
-    await rig.start(sink.on_message, prefetch=max(64, 4 * in_flight))
+    await rig.start(sink.on_message, prefetch=prefetch or max(64, 4 * in_flight))
     seq = 0
 
     async def phase(count: int) -> None:

@@ -58,7 +58,7 @@ class Mode:
 
 
 MODES = {
-    "quick": Mode(reps=3, n1=300, n32=3000, warmup=64),
+    "quick": Mode(reps=3, n1=500, n32=5000, warmup=64),
     "full": Mode(reps=5, n1=2000, n32=20000, warmup=320),
 }
 

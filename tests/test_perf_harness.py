@@ -149,47 +149,38 @@ _ACK_LEVEL = {
 }
 
 
-@pytest.fixture(scope="module")
-def durable_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
-    out = tmp_path_factory.mktemp("perfdur")
+def _run_benchmark(
+    command: str, args: list[str], out: Path, json_name: str, timeout: float
+) -> tuple[Path, dict[str, Any], str]:
+    """``python -m perf COMMAND ARGS --out OUT``; its JSON and stdout."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "perf",
-            "durable",
-            "--reps",
-            "2",
-            "--scale",
-            "0.05",
-            "--replay-bytes",
-            "2MiB",
-            "--durable-replay-bytes",
-            "512KiB",
-            "--topology",
-            "1x1",
-            "--timeout",
-            "20",
-            "--replay-timeout",
-            "30",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, "-m", "perf", command, *args, "--out", str(out)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        stdout, stderr = proc.communicate(timeout=85)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         # SIGTERM first: the benchmark then stops its felix nodes and deletes its
-        # streams on the shared peers (SIGKILL would leave them behind).
+        # streams and queues on the shared peers (SIGKILL would leave them behind).
         proc.terminate()
         stdout, stderr = proc.communicate(timeout=25)
-        pytest.fail("python -m perf durable took over 85 s:\n" + stdout[-3000:] + stderr[-3000:])
+        pytest.fail(
+            f"python -m perf {command} took over {timeout} s:\n" + stdout[-3000:] + stderr[-3000:]
+        )
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    return out, json.loads((out / "durable.json").read_text()), stdout
+    return out, json.loads((out / json_name).read_text()), stdout
+
+
+@pytest.fixture(scope="module")
+def durable_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
+    args = ["--reps", "2", "--scale", "0.05", "--replay-bytes", "2MiB"]
+    args += ["--durable-replay-bytes", "512KiB", "--topology", "1x1", "--timeout", "20"]
+    args += ["--replay-timeout", "30"]
+    out = tmp_path_factory.mktemp("perfdur")
+    return _run_benchmark("durable", args, out, "durable.json", 85)
 
 
 def test_durable_runs_every_reachable_system(
@@ -301,38 +292,8 @@ QUEUE_FELIX = ("felix commit", "felix interval")
 
 @pytest.fixture(scope="module")
 def queue_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
-    out = tmp_path_factory.mktemp("perfq")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "perf",
-            "queue",
-            "--reps",
-            "2",
-            "--scale",
-            "0.05",
-            "--topology",
-            "1x1",
-            "--timeout",
-            "20",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=100)
-    except subprocess.TimeoutExpired:
-        # SIGTERM: the benchmark stops its felix nodes and deletes its queues and streams.
-        proc.terminate()
-        stdout, stderr = proc.communicate(timeout=25)
-        pytest.fail("python -m perf queue took over 100 s:\n" + stdout[-3000:] + stderr[-3000:])
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    return out, json.loads((out / "queue.json").read_text()), stdout
+    args = ["--reps", "2", "--scale", "0.05", "--topology", "1x1", "--timeout", "20"]
+    return _run_benchmark("queue", args, tmp_path_factory.mktemp("perfq"), "queue.json", 100)
 
 
 def test_queue_runs_felix_and_every_reachable_peer(

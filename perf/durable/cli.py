@@ -20,7 +20,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -526,8 +526,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def launch(
+    run: Callable[[argparse.Namespace], Coroutine[Any, Any, int]], args: argparse.Namespace
+) -> int:
+    """Run a benchmark's ``main_async(args)`` on uvloop, from the repository root."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    return uvloop.run(main_async(args))
+    return uvloop.run(run(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return launch(main_async, parse_args(argv))

@@ -206,34 +206,8 @@ def markdown(data: dict[str, Any]) -> str:
     for t in data["targets"]:
         result = t["note"] if t["met"] is None else ("met" if t["met"] else "**not met**")
         lines.append(f"| {t['target']} | {_rcell(t['ratio'])} | {t['goal']} | {result} |")
-    head = "| workload | system | " + " | ".join(base._FIG_HEAD[f] for f in FIGURES) + " |"
-    head = head.replace("ops/s", "acks/s")
-    sep = "|---|---|" + "---|" * len(FIGURES)
     pubs = [w for w in data["workloads"] if w["family"] == "publish"]
-    if pubs:
-        lines += ["", "### Durable publish with acks", "", head, sep]
-        for w in pubs:
-            for name, s in w["systems"].items():
-                if s["errors"] and not s["reps"]:
-                    lines.append(f"| {w['title']} | {name} | failed: {s['errors'][0]} |")
-                    continue
-                cells = " | ".join(base._cell(s["summary"].get(f)) for f in FIGURES)
-                lines.append(f"| {w['title']} | {name} | {cells} |")
-        lines += [
-            "",
-            "### Same-run ratios (per repetition, then median (min-max); latency: lower is "
-            "better for felix, acks/s: higher)",
-            "",
-            "| workload | felix / other | p50 | p99 | p99.9 | acks/s |",
-            "|---|---|---|---|---|---|",
-        ]
-        for w in pubs:
-            for f, others in SHOWN_RATIOS.items():
-                for o in others:
-                    r = w["ratios"].get(f, {}).get(o)
-                    if r:
-                        cells = " | ".join(_rcell(r[x]) for x in RATIO_FIGURES)
-                        lines.append(f"| {w['title']} | {f} / {o} | {cells} |")
+    lines += tables(pubs, "Durable publish with acks", "acks/s", SHOWN_RATIOS)
     lines += _where_time_goes(data)
     reps = [w for w in data["workloads"] if w["family"] == "replay"]
     for w in reps:
@@ -261,6 +235,41 @@ def markdown(data: dict[str, Any]) -> str:
                 f"{base._cell(s['summary'].get('cpu_server_us'))} | {base._cell(reads)} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def tables(
+    wls: list[dict[str, Any]], title: str, unit: str, shown: dict[str, tuple[str, ...]]
+) -> list[str]:
+    """The per-system table of ``wls`` (median (min-max) of every figure) under ``title``,
+    then the same-run ratios of each felix system to the systems ``shown`` names."""
+    if not wls:
+        return []
+    head = "| workload | system | " + " | ".join(base._FIG_HEAD[f] for f in FIGURES) + " |"
+    sep = "|---|---|" + "---|" * len(FIGURES)
+    lines = ["", f"### {title}", "", head.replace("ops/s", unit), sep]
+    for w in wls:
+        for name, s in w["systems"].items():
+            if s["errors"] and not s["reps"]:
+                lines.append(f"| {w['title']} | {name} | failed: {s['errors'][0]} |")
+                continue
+            cells = " | ".join(base._cell(s["summary"].get(f)) for f in FIGURES)
+            lines.append(f"| {w['title']} | {name} | {cells} |")
+    lines += [
+        "",
+        "### Same-run ratios (per repetition, then median (min-max); latency: lower is "
+        f"better for felix, {unit}: higher)",
+        "",
+        f"| workload | felix / other | p50 | p99 | p99.9 | {unit} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for w in wls:
+        for f, others in shown.items():
+            for o in others:
+                r = w["ratios"].get(f, {}).get(o)
+                if r:
+                    cells = " | ".join(_rcell(r[x]) for x in RATIO_FIGURES)
+                    lines.append(f"| {w['title']} | {f} / {o} | {cells} |")
+    return lines
 
 
 def _ack_levels(data: dict[str, Any]) -> dict[str, str]:
@@ -367,6 +376,11 @@ def write_all(data: dict[str, Any], workloads: list[Any], out: Path, plots: bool
     (out / "durable.md").write_text(markdown(data))
     if plots:
         write_plot(workloads, out)
+    write_raw(workloads, out / "durable_raw.npz")
+
+
+def write_raw(workloads: list[Any], path: Path) -> None:
+    """Every latency sample (ns), one int64 array per workload, system and repetition."""
     raw = {
         f"{wl.id}|{name}|{i}": r.samples
         for wl in workloads
@@ -374,7 +388,7 @@ def write_all(data: dict[str, Any], workloads: list[Any], out: Path, plots: bool
         for i, r in enumerate(runs)
         if len(r.samples)
     }
-    np.savez_compressed(out / "durable_raw.npz", **raw)
+    np.savez_compressed(path, **raw)
 
 
 _COLORS = {

@@ -15,19 +15,17 @@ Writes queue.json, queue.md, queue_latency.png and queue_raw.npz to ``--out``.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import uvloop
-
 from perf.durable.cli import (
+    SIZES,
     Context,
     Kinds,
     MeteredRun,
     add_common_args,
+    launch,
     run_benchmark,
 )
 from perf.harness.cli import Workload
@@ -36,7 +34,6 @@ from perf.harness.workloads import Meter, queue_run
 from perf.queue import report
 from perf.queue.systems import FelixQueue, JetStreamQueue, JetStreamSyncQueue, RabbitQueue
 
-SIZES = {"64B": 64, "1KiB": 1024}
 IN_FLIGHTS = (1, 32)
 #: felix's queues need durable streams: the two policies of the issue.
 POLICIES = ("commit", "interval")
@@ -139,7 +136,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    return uvloop.run(main_async(args))
+    return launch(main_async, parse_args(argv))

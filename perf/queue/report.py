@@ -11,11 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from perf.durable import report as durable
-from perf.harness import report as base
-from perf.harness.stats import FIGURES
 
 FELIX = ("felix commit", "felix interval")
 SIZES = ("64B", "1KiB")
@@ -40,31 +36,14 @@ TARGETS = [
     for label, inf, fig, peer, goal, op in _GOALS
     for felix in FELIX
 ]
-PROMISES = {
-    "felix commit": "publish acked once fsynced (group commit); a record is handed to "
-    "the group only once fsynced; the consumer's ack confirmed once the group's state "
-    "file holds it, fsynced: survives power loss",
-    "felix interval": "publish acked once written to the kernel, fsynced within the "
-    "interval; the group reads only what is written; consumer acks written to the "
-    "group's state file: survives kill -9, not power loss",
-}
 
 
-def metadata(
-    args: Any,
-    mode: dict[str, Any],
-    systems: dict[str, Any],
-    versions: dict[str, str],
-    notes: dict[str, str],
-    elapsed: float,
-) -> dict[str, Any]:
-    args.replay_bytes, args.replay_record_bytes = None, None  # durable's, not ours
-    meta = durable.metadata(args, mode, systems, versions, notes, elapsed)
+def metadata(args: Any, *rest: Any) -> dict[str, Any]:
+    """durable's metadata (same arguments), without its replay settings."""
+    args.replay_bytes, args.replay_record_bytes = None, None
+    meta = durable.metadata(args, *rest)
     for k in ("replay_bytes", "replay_record_bytes"):
         meta["settings"].pop(k, None)
-    for name in FELIX:
-        if name in meta["promises"]:
-            meta["promises"][name] = PROMISES[name]
     return meta
 
 
@@ -111,34 +90,11 @@ def markdown(data: dict[str, Any]) -> str:
                 )
         goal = next(iter(by_felix.values()))["goal"]
         lines.append(f"| {label} | {' | '.join(judged)} | {goal} |")
-    head = "| workload | system | " + " | ".join(base._FIG_HEAD[f] for f in FIGURES) + " |"
-    head = head.replace("ops/s", "msg/s")
-    sep = "|---|---|" + "---|" * len(FIGURES)
     wls = [w for w in data["workloads"] if w["family"] == "queue"]
+    lines += durable.tables(
+        wls, "Queue end to end: publish with ack, consume, ack", "msg/s", SHOWN_RATIOS
+    )
     if wls:
-        lines += ["", "### Queue end to end: publish with ack, consume, ack", "", head, sep]
-        for w in wls:
-            for name, s in w["systems"].items():
-                if s["errors"] and not s["reps"]:
-                    lines.append(f"| {w['title']} | {name} | failed: {s['errors'][0]} |")
-                    continue
-                cells = " | ".join(base._cell(s["summary"].get(f)) for f in FIGURES)
-                lines.append(f"| {w['title']} | {name} | {cells} |")
-        lines += [
-            "",
-            "### Same-run ratios (per repetition, then median (min-max); latency: lower is "
-            "better for felix, msg/s: higher)",
-            "",
-            "| workload | felix / other | p50 | p99 | p99.9 | msg/s |",
-            "|---|---|---|---|---|---|",
-        ]
-        for w in wls:
-            for f, others in SHOWN_RATIOS.items():
-                for o in others:
-                    r = w["ratios"].get(f, {}).get(o)
-                    if r:
-                        cells = " | ".join(durable._rcell(r[x]) for x in durable.RATIO_FIGURES)
-                        lines.append(f"| {w['title']} | {f} / {o} | {cells} |")
         facts = []
         for name in dict.fromkeys(n for w in wls for n in w["systems"]):
             runs = [r for w in wls for r in w["systems"].get(name, {}).get("runs", [])]
@@ -163,14 +119,7 @@ def write_all(data: dict[str, Any], workloads: list[Any], out: Path, plots: bool
             workloads, out, family="queue", filename="queue_latency.png",
             ylabel="end-to-end latency us",
         )  # fmt: skip
-    raw = {
-        f"{wl.id}|{name}|{i}": r.samples
-        for wl in workloads
-        for name, runs in wl.runs.items()
-        for i, r in enumerate(runs)
-        if len(r.samples)
-    }
-    np.savez_compressed(out / "queue_raw.npz", **raw)
+    durable.write_raw(workloads, out / "queue_raw.npz")
 
 
 BEGIN, END = "<!-- queue:begin -->", "<!-- queue:end -->"

@@ -124,6 +124,18 @@ class _FelixQueueRig(_Rig):
 class FelixQueue(FelixDurable):
     """A felix node of one fsync policy (``commit``, ``interval``); a stream + group per rig."""
 
+    PROMISES = {
+        "commit": "publish acked once fsynced (group commit); the group hands out only "
+        "fsynced records; the consumer's ack is confirmed once the group's state file "
+        "holds it, fsynced: survives power loss",
+        "interval": "publish acked once written to the kernel, fsynced within the interval; "
+        "consumer acks written to the group's state file: survives kill -9, not power loss",
+    }
+
+    def __init__(self, policy: str, *args: Any) -> None:
+        super().__init__(policy, *args)
+        self.promise = self.PROMISES.get(policy, self.promise)
+
     async def queue_rig(self, in_flight: int) -> _Rig:
         publisher = await self.publisher(in_flight)
         try:

@@ -85,6 +85,26 @@ class RecordType(enum.IntEnum):
     RELAY_REPLY = 13
 
 
+#: A queue consumer's window in payload bytes when it asks for the default (0), and
+#: the most it may ask for: the shard leases within it, the gateway holds at most
+#: about this much (plus QUEUE_GATEWAY_SLACK) unsent for the consumer.
+QUEUE_DEFAULT_CREDIT_BYTES = 4 << 20
+QUEUE_MAX_CREDIT_BYTES = 64 << 20
+#: Bytes of deliveries beyond its window a consumer's QUIC stream may have unsent
+#: before the gateway ends the consumer as too slow (frame overshoot, notices).
+QUEUE_GATEWAY_SLACK = 4 << 20
+
+
+#: The aux of a REQUEST that carries a relayed dead-letter append (a PUBLISH): the
+#: stream is created durable if missing, and refused if it is held in memory only.
+AUX_DEAD_LETTER = 1
+
+
+def queue_credit_bytes(asked: int) -> int:
+    """The byte window a consumer gets for ``asked`` (0: the default; capped)."""
+    return QUEUE_DEFAULT_CREDIT_BYTES if asked == 0 else min(asked, QUEUE_MAX_CREDIT_BYTES)
+
+
 def encode(kind: RecordType, token: int, aux: int, body: bytes) -> bytes:
     return HEADER.pack(kind, token, aux) + body
 

@@ -35,8 +35,7 @@ from felix.control.stores.postgres import MIGRATIONS as PG_MIGRATIONS
 from felix.control.stores.postgres import PostgresStore
 from felix.control.stores.sqlite import SQLiteStore
 from felix.errors import BadRequest, ConfigError, Overloaded, SettingConflict
-from felix.shard.core import MAX_GROUPS_PER_STREAM
-from felix.shard.queue.settings import GroupSettings
+from felix.shard.queue.settings import MAX_GROUPS_PER_STREAM, GroupSettings
 from tests import pg
 from tests.aio import run
 

@@ -265,3 +265,36 @@ def test_a_poison_record_is_dead_lettered_with_provenance_while_others_flow(
         assert again.returncode == 3, again.stdout + again.stderr
     finally:
         assert node.stop() == 0
+
+
+def test_a_consumer_joins_again_after_its_gateway_restarts(tmp_path: Path) -> None:
+    """The client restores its consumers after a reconnect: what they held comes back by
+    redelivery (a failure counted: the gateway died with the leases)."""
+    node = NodeProcess(tmp_path / "node", *ARGS, gateways=1, shards=1)
+
+    async def main() -> None:
+        async with felix.connect(url(node), ca=node.ca_file) as client:
+            await publish(client, "jobs", 6)
+            async with client.consume("jobs", "g", prefetch=3) as jobs:
+                held = await jobs.fetch(3, timeout=5)
+                assert len(held) == 3
+                old = int(node.info["processes"]["gateway-0"])
+                node.kill_child("gateway-0")
+                node.wait_restarted("gateway-0", old)
+                with pytest.raises(LeaseLost):
+                    await held[0].ack()  # its lease went with the connection
+                got: dict[int, QueueMessage] = {}
+                deadline = time.monotonic() + 30
+                while len(got) < 6:
+                    assert time.monotonic() < deadline, sorted(got)
+                    for job in await jobs.fetch(3, timeout=1):
+                        got[job.offset] = job
+                        await job.ack()
+                for job in held:
+                    assert got[job.offset].failures == 1  # the lost member's leases
+                assert not await jobs.fetch(1, timeout=0.5)
+
+    try:
+        run(main, timeout=60)
+    finally:
+        assert node.stop() == 0

@@ -20,7 +20,7 @@ from felix.shard.offsets import OffsetReservations
 from felix.shard.queue import manager as manager_module
 from felix.shard.queue.group import Role
 from felix.shard.queue.journal import JournalEntry, Skip
-from felix.shard.queue.settings import GroupSettings
+from felix.shard.queue.settings import MAX_GROUPS_PER_STREAM, GroupSettings
 from felix.shard.stream_log import StreamSettings
 from tests.test_shard_durable import KEY, NS, Clock, T
 
@@ -323,3 +323,19 @@ def test_a_lagging_group_at_the_retention_cap_refuses_publishes(tmp_path: Path) 
     assert c.disk_sweep() > 0
     publish(c, [b"z" * 300], token=token + 1)
     assert isinstance(Out(c).replies[token + 1], wire.PublishOffsets)
+
+
+def test_groups_opened_by_consumers_are_bounded_per_stream(tmp_path: Path) -> None:
+    c = make(tmp_path, fsync="none")
+    publish(c, [b"a"])
+    Out(c)
+    for i in range(MAX_GROUPS_PER_STREAM):
+        frame = wire.encode_consume(99, T, NS, "s", f"g{i}", CONSUMER + i)
+        request(c, frame, MEMBER + i)
+        assert isinstance(Out(c).replies[MEMBER + i], wire.Consuming)
+    frame = wire.encode_consume(99, T, NS, "s", "one-more", CONSUMER + 999)
+    request(c, frame, MEMBER + 999)
+    reply = Out(c).replies[MEMBER + 999]
+    assert isinstance(reply, wire.ErrorReply) and reply.code == Overloaded.code
+    assert f"maximum of {MAX_GROUPS_PER_STREAM} queue groups" in reply.message
+    assert not (tmp_path / "groups" / T / NS / "s" / "one-more.glog").exists()

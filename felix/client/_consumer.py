@@ -22,10 +22,10 @@ import contextlib
 import enum
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from felix import wire
 from felix.client._backoff import Backoff
@@ -55,6 +55,8 @@ _REFUSALS = {
 }
 #: Detail text sent with a nak or term at most (the broker keeps 1024 bytes).
 _MAX_DETAIL = 1024
+#: Offset ranges one ACK frame carries at most (docs/wire-protocol.md).
+_MAX_RANGES = 1024
 
 
 class Role(enum.IntEnum):
@@ -207,6 +209,7 @@ class Consumer:
         # Acks of this loop tick: sent as one ACK frame.
         self._acks: list[tuple[QueueMessage, asyncio.Future[None]]] = []
         self._ack_handle: asyncio.Handle | None = None
+        self._ack_tasks: set[asyncio.Task[None]] = set()
         #: This consumer's part in its group (exclusive groups: ACTIVE or STANDBY).
         self.role = Role.MEMBER
 
@@ -235,6 +238,12 @@ class Consumer:
         late ack). Idempotent."""
         if self._state is _State.CLOSED:
             return
+        # Acks of this tick go out (and are answered) before the STOP releases the rest.
+        if self._ack_handle is not None:
+            self._ack_handle.cancel()
+            self._flush_acks()
+        if self._ack_tasks:
+            await asyncio.gather(*self._ack_tasks, return_exceptions=True)
         self._state = _State.CLOSED
         self._wakeup.set()
         conn, consumer_id, stream_id = self._conn, self._consumer_id, self._stream_id
@@ -411,6 +420,9 @@ class Consumer:
                     stream_id=stream_id,
                 )
             )
+        except ConnectionLost as exc:
+            message.settled = False
+            raise _unconfirmed(exc, message.offset) from exc
         except BaseException:
             message.settled = False
             raise
@@ -437,19 +449,38 @@ class Consumer:
                         LeaseLost(message.offset, "lost", "its connection was lost: redelivered")
                     )
             return
-        offsets = sorted(m.offset for m, _f in live)
-        asyncio.get_running_loop().create_task(
-            self._send_acks(conn, consumer_id, stream_id, offsets, live)
-        )
+        live.sort(key=lambda pair: pair[0].offset)
+        loop = asyncio.get_running_loop()
+        # One ACK frame carries at most MAX_RANGES ranges: a tick's acks of interleaved
+        # offsets (round-robin hands a member every n-th record) may need several.
+        chunk: list[tuple[QueueMessage, asyncio.Future[None]]] = []
+        ranges = 0
+        previous = -2
+        for pair in live:
+            offset = pair[0].offset
+            if offset != previous + 1:
+                if ranges == _MAX_RANGES:
+                    self._spawn(loop, self._send_acks(conn, consumer_id, stream_id, chunk))
+                    chunk, ranges = [], 0
+                ranges += 1
+            chunk.append(pair)
+            previous = offset
+        self._spawn(loop, self._send_acks(conn, consumer_id, stream_id, chunk))
+
+    def _spawn(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> None:
+        # Kept until done: the loop holds tasks only weakly.
+        task = loop.create_task(coro)
+        self._ack_tasks.add(task)
+        task.add_done_callback(self._ack_tasks.discard)
 
     async def _send_acks(
         self,
         conn: Connection,
         consumer_id: int,
         stream_id: int,
-        offsets: list[int],
         acks: list[tuple[QueueMessage, asyncio.Future[None]]],
     ) -> None:
+        offsets = [m.offset for m, _f in acks]
         try:
             reply = await self._client._with_timeout(
                 conn.call(
@@ -459,11 +490,12 @@ class Consumer:
             )
             settled = expect_reply(reply, wire.Settled, wire.OP_SETTLED)
         except BaseException as exc:
-            error = exc if isinstance(exc, FelixError) else ConnectionLost(str(exc))
-            for message, future in acks:
+            for message, future in acks:  # every waiting ack learns what happened
                 message.settled = False
                 if not future.done():
-                    future.set_exception(error)
+                    future.set_exception(_unconfirmed(exc, message.offset))
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the task ends as cancelled
             return
         refused = {offset: reason for offset, reason in settled.refused}
         for message, future in acks:
@@ -564,6 +596,16 @@ class Consumer:
         self._conn = self._consumer_id = self._stream_id = None
         if conn is not None and consumer_id is not None:
             conn.consumers.pop(consumer_id, None)
+
+
+def _unconfirmed(exc: BaseException, offset: int) -> BaseException:
+    """What a settle that got no answer raises: a lost connection took the lease with it
+    (LeaseLost, reason ``lost``: the broker may redeliver the record); anything else as is."""
+    if isinstance(exc, ConnectionLost):
+        return LeaseLost(
+            offset, "lost", f"the connection was lost before the broker confirmed it ({exc})"
+        )
+    return exc
 
 
 def _ranges(offsets: list[int]) -> list[tuple[int, int]]:

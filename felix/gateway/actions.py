@@ -121,6 +121,7 @@ class Consume:
     key: str
     group: str
     frame: bytes
+    credit_bytes: int = 0  # as asked (0: the default)
 
 
 @dataclass(frozen=True, slots=True)

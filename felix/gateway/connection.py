@@ -284,6 +284,7 @@ class ConnectionShell:
             gateway.shard_for(action.key),
             gateway.token(),
             action.stream_id,
+            ipc.queue_credit_bytes(action.credit_bytes),
         )
         self.consumers[consumer.consumer_id] = consumer
         gateway.queues.add(consumer)
@@ -313,6 +314,13 @@ class ConnectionShell:
             gateway.queues.drop(consumer, leave=not sent)
         if not sent:
             self.session.settle(action.stream_id, self._clock())
+
+    def stream_backlog(self, stream_id: int) -> int:
+        """Bytes queued on ``stream_id`` and not yet sent (0 when it is gone)."""
+        try:
+            return self.transport.send_buffer_size(stream_id)
+        except (ValueError, RuntimeError, KeyError):
+            return 0
 
     def deliver(self, consumer: Consumer, frame: bytes) -> bool:
         """Write a queue delivery (or notice) on the consumer's stream; False: it is gone."""

@@ -24,7 +24,7 @@ import enum
 from typing import TYPE_CHECKING
 
 from felix import ipc, wire
-from felix.errors import Unavailable
+from felix.errors import Overloaded, Unavailable
 from felix.ipc import RecordType
 
 if TYPE_CHECKING:
@@ -45,7 +45,17 @@ class ConsumerState(enum.Enum):
 class Consumer:
     """One queue consumer of a client connection."""
 
-    __slots__ = ("conn", "consumer_id", "group", "key", "shard", "state", "stream_id", "token")
+    __slots__ = (
+        "conn",
+        "consumer_id",
+        "credit_bytes",
+        "group",
+        "key",
+        "shard",
+        "state",
+        "stream_id",
+        "token",
+    )
 
     def __init__(
         self,
@@ -56,8 +66,11 @@ class Consumer:
         shard: int,
         token: int,
         stream_id: int,
+        credit_bytes: int = ipc.QUEUE_DEFAULT_CREDIT_BYTES,
     ) -> None:
         self.conn = conn
+        #: Its window in bytes: what it may have leased, so about what may wait unsent.
+        self.credit_bytes = credit_bytes
         self.consumer_id = consumer_id
         self.key = key  # the stream's key (tenant/namespace/stream)
         self.group = group
@@ -85,6 +98,7 @@ class QueueRouter:
         # Counters (metrics).
         self.deliveries = 0
         self.leaves = 0
+        self.too_slow = 0  # consumers ended for not reading their deliveries
         self.relayed = 0
 
     # -- consumers ---------------------------------------------------------------------
@@ -140,6 +154,19 @@ class QueueRouter:
             consumer.conn.deliver(consumer, frame)
             self.drop(consumer, leave=False)
             return
+        backlog = consumer.conn.stream_backlog(consumer.stream_id)
+        if backlog > consumer.credit_bytes + ipc.QUEUE_GATEWAY_SLACK:
+            # It does not read what it leased (the shard keeps delivering as leases
+            # expire): end it rather than buffer without bound; its leases fail.
+            self.too_slow += 1
+            end = wire.encode_consumer_end(
+                consumer.consumer_id,
+                Overloaded.code,
+                f"consumer too slow: {backlog} bytes of deliveries not read",
+            )
+            consumer.conn.deliver(consumer, end)
+            self.drop(consumer, leave=True)
+            return
         if not consumer.conn.deliver(consumer, frame):
             self.drop(consumer, leave=True)  # its stream is gone: what it holds fails
             return
@@ -180,7 +207,7 @@ class QueueRouter:
         target = self._shard_for(key)
         token = self._new_token()
         if shard_ok[target] and self._links.send(
-            target, ipc.encode(RecordType.REQUEST, token, 0, frame)
+            target, ipc.encode(RecordType.REQUEST, token, ipc.AUX_DEAD_LETTER, frame)
         ):
             self._relays[token] = (source, relay)
             self.relayed += 1

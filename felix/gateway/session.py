@@ -641,6 +641,7 @@ class GatewaySession:
                     target.key,
                     msg.group,
                     frame.to_bytes(),
+                    msg.credit_bytes,
                 ),
             )
         elif isinstance(msg, wire.Subscribe):
@@ -726,6 +727,8 @@ class GatewaySession:
             raise BadRequest(f"no consumer {consumer_id} on this connection")
         self._admit(stream, consumer_target(consumer.key), now, settling=True)
         stop = msg.opcode == wire.OP_STOP_CONSUME
+        if isinstance(msg, wire.ConsumerWindow):
+            consumer.credit_bytes = ipc.queue_credit_bytes(msg.credit_bytes)
         self._forward(
             stream, QueueOp(stream.stream_id, msg.request_id, consumer_id, frame.to_bytes(), stop)
         )

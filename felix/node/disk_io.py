@@ -229,4 +229,6 @@ def queue_stats(core: ShardCore) -> dict[str, int]:
         "queue_dead_lettered": queues.dead_lettered,
         "queue_stalls": queues.stalls,
         "queue_refused": queues.refused,
+        "queue_dead_letter_failures": queues.relay_failures,
+        "queue_write_failures": queues.write_failures,
     }

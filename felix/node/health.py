@@ -178,6 +178,21 @@ _METRICS: dict[str, tuple[str, str, bool]] = {
         "Publishes refused because a lagging queue group holds the retention cap",
         True,
     ),
+    "queue_dead_letter_failures": (
+        "felix_queue_dead_letter_failures",
+        "Dead-letter appends that failed (retried with backoff; the record stays dying)",
+        True,
+    ),
+    "queue_write_failures": (
+        "felix_queue_write_failures",
+        "Queue group state file writes that failed (kept and retried; nothing confirmed)",
+        True,
+    ),
+    "queue_too_slow": (
+        "felix_queue_consumers_too_slow",
+        "Queue consumers ended by a gateway for not reading their deliveries",
+        True,
+    ),
     "connections": ("felix_connections", "Open client connections", False),
     "streams": ("felix_streams", "Streams held", False),
     "caches": ("felix_caches", "Cache partitions held", False),

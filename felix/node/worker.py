@@ -432,6 +432,7 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
             "input_limit_closes": gateway.input_limit_closes,
             "internal_errors": gateway.internal_errors,
             "deferred_unwatches": gateway.deferred_unwatches,
+            "queue_too_slow": gateway.queues.too_slow,
         }
 
     await serve_commands(

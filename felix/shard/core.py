@@ -64,7 +64,7 @@ from felix.shard.durable import DurableSettings, DurableStore, DurableStream
 from felix.shard.fsyncer import Syncable
 from felix.shard.offsets import OffsetReservations
 from felix.shard.queue.manager import GroupHandle, QueueManager, StreamView
-from felix.shard.queue.settings import GroupSettings
+from felix.shard.queue.settings import MAX_GROUPS_PER_STREAM, GroupSettings
 from felix.shard.resources import SHARD_MAX_RESOURCES, cache_settings
 from felix.shard.stream_log import StreamLog, StreamSettings
 from felix.shard.tenants import TenantQuota, TenantUsage, water_level
@@ -75,8 +75,6 @@ log = logging.getLogger("felix.shard")
 MAX_READ_RECORDS = 4096
 #: Bytes per READ reply at most (a READ always returns at least one record).
 MAX_READ_BYTES = 1024 * 1024
-#: Queue groups one stream may have (each keeps a window of state and a file).
-MAX_GROUPS_PER_STREAM = 64
 
 
 # A publish whose ack waits for an fsync: _request sends nothing now.
@@ -253,7 +251,7 @@ class ShardCore:
             elif kind == RecordType.LEAVE:
                 self.queues.leave(gateway, token, now, graceful=bool(aux))
             elif kind == RecordType.RELAY_REPLY:
-                self.queues.relay_reply(token, body)
+                self.queues.relay_reply(token, body, now)
             elif kind == RecordType.CURSOR:
                 self._cursor(gateway, body, None if token == 1 else aux)
             else:
@@ -591,7 +589,9 @@ class ShardCore:
         assert isinstance(msg, wire.Publish)
         key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
         stream = self._streams.get(key)
-        if stream is None:
+        if self._aux == ipc.AUX_DEAD_LETTER:
+            stream = self._dead_letter_stream(key, stream)
+        elif stream is None:
             stream = self._create_stream(key)
         if not msg.payloads:
             raise BadRequest("a publish needs at least one record")
@@ -625,6 +625,23 @@ class ShardCore:
         if msg.ack == wire.ACK_NONE:
             return wire.encode_ok(msg.request_id)
         return wire.encode_publish_offsets(msg.request_id, base, count)
+
+    def _dead_letter_stream(self, key: str, stream: _Stream | None) -> _Stream:
+        """The stream a relayed dead-letter append goes to: durable, like the stream its
+        records come from (created so if missing, whatever --durable-streams says)."""
+        store = self.disk
+        if store is None:
+            raise Unavailable(f"dead-letter stream {key}: this shard keeps no data on disk")
+        if stream is None:
+            return self._create_stream(
+                key, force=True, durable=store.settings.auto or DurableSettings()
+            )
+        if stream.disk is None:
+            raise BadRequest(
+                f"dead-letter stream {key} is held in memory only: dead letters of a durable "
+                "stream need a durable stream (define it durable)"
+            )
+        return stream
 
     def _publish_durable(
         self, stream: _Stream, disk: DurableStream, msg: wire.Publish, now: float
@@ -676,7 +693,20 @@ class ShardCore:
 
     def _check_group_room(self, key: str, disk: DurableStream, nbytes: int) -> None:
         """Retention never deletes a record a queue group still needs: a stream over its
-        byte retention because of a lagging group refuses publishes instead."""
+        byte retention because of a lagging group refuses publishes instead, and so does
+        a stream whose age retention a group holds up by twice the age (found by the
+        disk sweep: :meth:`_find_held_retention`), so a forgotten group cannot fill the
+        disk that every tenant shares."""
+        held = self.queues.holding.get(key)
+        if held is not None:
+            self.queues.refused += 1
+            age = disk.settings.retention_age_s
+            raise Overloaded(
+                f"stream {key}: a queue group still needs its records from offset {held}, "
+                f"older than twice its retention age of {age:g} s: publishes are refused "
+                "until the groups catch up (pending records are never deleted; remove an "
+                "unused group with felix group rm)"
+            )
         cap = disk.settings.retention_bytes
         store = self.disk
         if cap is None or store is None:
@@ -992,12 +1022,12 @@ class ShardCore:
     def delete_group(self, key: str, group: str) -> bool:
         """Remove queue group ``group`` of stream ``key``; False if it was not defined."""
         defs = self._group_defs.get(key)
-        if defs is None or defs.pop(group, None) is None:
-            return False
-        if not defs:
+        defined = defs is not None and defs.pop(group, None) is not None
+        if defs is not None and not defs:
             del self._group_defs[key]
+        opened = (key, group) in self.queues.groups  # also one a consumer opened
         self.queues.remove(key, group)
-        return True
+        return defined or opened
 
     # -- durable streams: startup and the I/O driver's reports ------------------------
 
@@ -1089,7 +1119,30 @@ class ShardCore:
         if self.disk is None:
             return 0
         self.disk.refresh_free()
-        return self.disk.enforce_retention(self._wall_us(), self.queues.min_floor)
+        now_us = self._wall_us()
+        self._find_held_retention(now_us)
+        return self.disk.enforce_retention(now_us, self.queues.min_floor)
+
+    def _find_held_retention(self, now_us: int) -> None:
+        """Streams whose age retention a queue group holds up by over twice the age
+        (their oldest pending record is that old): publishes to them are refused."""
+        holding = self.queues.holding
+        holding.clear()
+        for key in self.queues.streams_with_groups:
+            stream = self._streams.get(key)
+            disk = None if stream is None else stream.disk
+            if disk is None or disk.damaged is not None or not disk.settings.retention_age_s:
+                continue
+            floor = self.queues.min_floor(key)
+            if floor is None or floor >= disk.written:
+                continue
+            try:
+                records = disk.log.read(floor, 1, 1)
+            except FelixError:
+                continue
+            limit_us = 2 * disk.settings.retention_age_s * 1_000_000
+            if records and now_us - records[0].timestamp_us > limit_us:
+                holding[key] = floor
 
     def stream_status(self, key: str) -> dict[str, object] | None:
         """The node status route's JSON for stream ``key`` (None: not held here)."""

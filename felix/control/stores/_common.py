@@ -32,8 +32,7 @@ from felix.errors import (
     SettingConflict,
     VersionConflict,
 )
-from felix.shard.core import MAX_GROUPS_PER_STREAM
-from felix.shard.queue.settings import GroupSettings
+from felix.shard.queue.settings import MAX_GROUPS_PER_STREAM, GroupSettings
 
 __all__ = [
     "DEFAULT_FEED_RETENTION",

@@ -38,8 +38,9 @@ Decisions the contract leaves open
 * A member that is not (or no longer) joined may settle: it holds nothing, so its
   acks are late acks, and operations on leased records are STALE.
 * :meth:`Group.stalled`: ``next - floor >= max_span`` while the log holds records at
-  or beyond ``next`` (as last told to :meth:`Group.plan`). A window full of leases
-  (``max_ack_pending``) is ordinary backpressure, not a stall.
+  or beyond ``next`` (as last told to :meth:`Group.plan`) and not every offset of the
+  window is out on a lease. A window of leases in flight is ordinary backpressure,
+  not a stall.
 * Failures that are not naks record what happened as their detail (``lease
   expired``, ``member lost``, ``shard restarted``): it is the dead-letter detail
   when that failure is the last one.
@@ -246,13 +247,47 @@ class Group:
         detail = truncate_detail(detail)
         entries = self.state.entries
         for first, count in ranges:
-            for offset in range(first, first + count):
+            end = first + count
+            floor, nxt = self.state.floor, self.state.next
+            if first < floor:  # finished: one refusal for the part below the window
+                refused.append((first, Refusal.UNKNOWN))
+            for offset in self._window_offsets(max(first, floor), min(end, nxt), absent=True):
                 refusal = self._settle_one(
                     member, op, offset, entries.get(offset), now, wall_us, delay_ms, detail
                 )
                 if refusal is not None:
                     refused.append((offset, refusal))
+            if end > nxt:  # never delivered: one refusal for the part beyond the window
+                refused.append((max(first, nxt), Refusal.UNKNOWN))
         return refused
+
+    def _window_offsets(self, lo: int, hi: int, *, absent: bool) -> list[int]:
+        """Offsets of ``[lo, hi)`` (inside the window) worth looking at, in order: those
+        with an entry, and with ``absent`` the first of each run of finished ones (an
+        operation on a finished offset is refused once per run). Costs at most the
+        smaller of the range and the window's entries: a huge range is not per-offset
+        work."""
+        if lo >= hi:
+            return []
+        entries = self.state.entries
+        if hi - lo <= len(entries):
+            if absent:
+                # an entry, or the first finished offset of a run (at lo or after an entry)
+                return [o for o in range(lo, hi) if o in entries or o == lo or o - 1 in entries]
+            return [o for o in range(lo, hi) if o in entries]
+        present = sorted(o for o in entries if lo <= o < hi)
+        if not absent:
+            return present
+        out: list[int] = []
+        expected = lo
+        for offset in present:
+            if offset > expected:
+                out.append(expected)  # a run of finished offsets starts here
+            out.append(offset)
+            expected = offset + 1
+        if expected < hi:
+            out.append(expected)
+        return out
 
     def _check_ranges(self, ranges: Sequence[tuple[int, int]]) -> None:
         if len(ranges) > MAX_RANGES:
@@ -273,37 +308,39 @@ class Group:
         state = self.state
         entries = state.entries
         holder = self._holder
-        run = -1  # first offset of the current run of accepted offsets
-        live = False  # the run holds an unfinished offset (else nothing to journal)
         end = first + count
-        for offset in range(first, end):
-            if offset >= state.next:
-                refusal = Refusal.UNKNOWN
-            else:
-                entry = entries.get(offset)
-                if entry is None:
-                    refusal = None  # finished already: accepted again
-                elif entry.state is _LEASED:
-                    owner = holder[offset]
-                    if owner.id == member:
-                        self._unlease(offset, owner)
-                        refusal, live = None, True
-                    else:
-                        refusal = Refusal.STALE
-                elif entry.state is _DYING:
-                    refusal = Refusal.DEAD
-                else:  # available, nobody holds it: a late ack
-                    refusal, live = None, True
+        nxt = state.next
+        # Below the floor everything is finished (accepted again, no work); beyond
+        # ``next`` nothing was delivered (one refusal for the part); inside the window
+        # only the offsets with an entry matter (finished ones are accepted again).
+        run = -1  # first offset of the current run of accepted offsets (an Ack covers
+        last = -1  # finished offsets in between harmlessly: applying skips them)
+        for offset in self._window_offsets(max(first, state.floor), min(end, nxt), absent=False):
+            entry = entries[offset]
+            if entry.state is _LEASED:
+                owner = holder[offset]
+                if owner.id == member:
+                    self._unlease(offset, owner)
+                    refusal = None
+                else:
+                    refusal = Refusal.STALE
+            elif entry.state is _DYING:
+                refusal = Refusal.DEAD
+            else:  # available, nobody holds it: a late ack
+                refusal = None
             if refusal is None:
                 if run < 0:
                     run = offset
+                last = offset
             else:
                 refused.append((offset, refusal))
-                if live:
-                    self._emit(Ack(run, offset - run))
-                run, live = -1, False
-        if live:
-            self._emit(Ack(run, end - run))
+                if run >= 0:
+                    self._emit(Ack(run, last + 1 - run))
+                run = -1
+        if run >= 0:
+            self._emit(Ack(run, last + 1 - run))
+        if end > nxt:
+            refused.append((max(first, nxt), Refusal.UNKNOWN))
 
     def _settle_one(
         self,

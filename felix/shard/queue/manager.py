@@ -16,7 +16,8 @@ stream may live on another shard; the entry is ``dying`` until that append is
 acknowledged (RELAY_REPLY), and dying entries found after a restart are appended
 again (at least once, never both dead and redelivered).
 
-Bounds: groups per stream (the core's MAX_GROUPS_PER_STREAM), members per group
+Bounds: groups per stream and per shard (felix/shard/queue/settings.py: defined or
+opened by a consumer alike), members per group
 (the engine), relays in flight (:data:`MAX_RELAYS`), acks waiting for an fsync (one
 per request: the gateways' in-flight limits).
 """
@@ -32,14 +33,19 @@ from pathlib import Path
 from typing import Final
 
 from felix import ipc, wire
-from felix.errors import BadRequest, FelixError, NotFound, Unavailable
+from felix.errors import BadRequest, FelixError, NotFound, Overloaded, Unavailable
 from felix.ipc import RecordType
 from felix.shard.durable import DurableStream
 from felix.shard.log_format import decode_envelope
 from felix.shard.queue.group import DeadLetter, Group, MemberId, SettleOp
 from felix.shard.queue.group_log import GroupLog, discover, path_for
 from felix.shard.queue.journal import GroupSnapshot, Skip, Start
-from felix.shard.queue.settings import GroupSettings
+from felix.shard.queue.settings import (
+    MAX_GROUPS_PER_SHARD,
+    MAX_GROUPS_PER_STREAM,
+    MAX_GROUPS_PER_TENANT,
+    GroupSettings,
+)
 from felix.shard.stream_log import StreamLog
 
 __all__ = ["MAX_RELAYS", "GroupHandle", "QueueManager", "StreamView"]
@@ -48,18 +54,21 @@ log = logging.getLogger("felix.shard")
 
 #: Dead-letter appends in flight through gateways, per shard (more wait their turn).
 MAX_RELAYS: Final = 256
-#: Seconds before a dead-letter append that failed (or got no answer) is tried again.
+#: Seconds before a dead-letter append that failed is tried again (doubling up to
+#: RELAY_RETRY_MAX), and how long an append may go unanswered before it counts failed.
 RELAY_RETRY: Final = 1.0
+RELAY_RETRY_MAX: Final = 60.0
+RELAY_TIMEOUT: Final = 10.0
 #: Bytes of payload one DELIVERIES frame carries at most (a frame is one ring record).
 MAX_DELIVERY_BYTES: Final = 1 << 20
 #: Records one DELIVERIES frame carries at most.
 MAX_DELIVERY_RECORDS: Final = 1024
 #: A consumer that asks for the default window gets this many records / bytes.
 DEFAULT_CREDIT_RECORDS: Final = 64
-DEFAULT_CREDIT_BYTES: Final = 4 << 20
+DEFAULT_CREDIT_BYTES: Final = ipc.QUEUE_DEFAULT_CREDIT_BYTES
 #: The largest window a consumer may ask for.
 MAX_CREDIT_RECORDS: Final = 65_536
-MAX_CREDIT_BYTES: Final = 64 << 20
+MAX_CREDIT_BYTES: Final = ipc.QUEUE_MAX_CREDIT_BYTES
 
 
 @dataclass(slots=True)
@@ -115,12 +124,20 @@ class QueueManager:
         self.auto_create = auto_create
         self.groups: dict[tuple[str, str], GroupHandle] = {}
         self._by_stream: dict[str, dict[str, GroupHandle]] = {}
+        self._per_tenant: dict[str, int] = {}  # open groups per tenant
+        #: Streams whose age retention a group holds up too long (the core's disk sweep
+        #: fills it): stream key -> the floor that holds it. Publishes are refused.
+        self.holding: dict[str, int] = {}
         self._members: dict[MemberId, GroupHandle] = {}
         self._consumers: dict[MemberId, int] = {}  # member -> its client's consumer id
         self._dirty: dict[GroupHandle, None] = {}
         self._sync_wanted: dict[GroupHandle, None] = {}
         self._relays: dict[int, tuple[GroupHandle, int, float]] = {}
         self._relay_queue: deque[tuple[GroupHandle, DeadLetter]] = deque()
+        # Dead letters whose append failed: (group, offset) -> (failures, retry at);
+        # retried with a doubling delay (RELAY_RETRY .. RELAY_RETRY_MAX), never in a loop.
+        # (None: queued again, waiting for its turn).
+        self._relay_backoff: dict[tuple[GroupHandle, int], tuple[int, float | None]] = {}
         self._next_relay = 1
         self._gateways: set[int] = set()
         #: Set when a group file's fsync failed (the shard must stop acking and exit).
@@ -132,6 +149,8 @@ class QueueManager:
         self.dead_lettered = 0
         self.stalls = 0
         self.refused = 0  # publishes refused: a lagging group holds the retention cap
+        self.relay_failures = 0  # dead-letter appends that failed (retried later)
+        self.write_failures = 0  # group state file writes that failed (kept, retried)
         self._stalled: set[GroupHandle] = set()
 
     # -- groups --------------------------------------------------------------------------
@@ -175,6 +194,21 @@ class QueueManager:
         self, view: StreamView, name: str, settings: GroupSettings, *, recovered: bool
     ) -> GroupHandle:
         assert self.root is not None
+        held = len(self._by_stream.get(view.key, ()))
+        if held >= MAX_GROUPS_PER_STREAM:
+            raise Overloaded(
+                f"stream {view.key} holds its maximum of {MAX_GROUPS_PER_STREAM} queue groups"
+            )
+        if len(self.groups) >= MAX_GROUPS_PER_SHARD:
+            raise Overloaded(
+                f"shard {self.shard} holds its maximum of {MAX_GROUPS_PER_SHARD} queue groups"
+            )
+        tenant = view.key.split("/", 1)[0]
+        if self._per_tenant.get(tenant, 0) >= MAX_GROUPS_PER_TENANT:
+            raise Overloaded(
+                f"tenant {tenant} holds its maximum of {MAX_GROUPS_PER_TENANT} queue groups on "
+                f"shard {self.shard} (remove unused groups: felix group rm)"
+            )
         dlq_key = _dlq_key(view.key, settings)
         state_log, snapshot = GroupLog.open(path_for(self.root, view.key, name))
         now, wall = time.monotonic(), self._wall_us()
@@ -188,6 +222,7 @@ class QueueManager:
         handle = GroupHandle(view.key, name, group, state_log, dlq_key)
         self.groups[(view.key, name)] = handle
         self._by_stream.setdefault(view.key, {})[name] = handle
+        self._per_tenant[tenant] = self._per_tenant.get(tenant, 0) + 1
         self._write(handle)
         self._dirty[handle] = None
         return handle
@@ -201,7 +236,13 @@ class QueueManager:
                 consumer, NotFound.code, f"group {handle.name} was removed"
             )
             self._emit(gateway, ipc.encode(RecordType.DELIVER, token, 0, end))
-        self.groups.pop((handle.key, handle.name), None)
+        if self.groups.pop((handle.key, handle.name), None) is not None:
+            tenant = handle.key.split("/", 1)[0]
+            left = self._per_tenant.get(tenant, 1) - 1
+            if left > 0:
+                self._per_tenant[tenant] = left
+            else:
+                self._per_tenant.pop(tenant, None)
         by = self._by_stream.get(handle.key)
         if by is not None:
             by.pop(handle.name, None)
@@ -212,6 +253,8 @@ class QueueManager:
         self._stalled.discard(handle)
         for relay in [r for r, (h, _o, _t) in self._relays.items() if h is handle]:
             del self._relays[relay]
+        for key in [k for k in self._relay_backoff if k[0] is handle]:
+            del self._relay_backoff[key]
         for gateway, token, reply in _drop_waiting(handle):
             self._emit(gateway, ipc.encode(RecordType.REPLY, token, 0, reply))
         if delete:
@@ -276,6 +319,7 @@ class QueueManager:
         handle = self._member(gateway, token)
         op = SettleOp(msg.opcode)
         delay = None if msg.delay_ms == wire.NAK_BACKOFF else int(msg.delay_ms)
+        acked_before = handle.group.state.acked
         refused = handle.group.settle(
             (gateway, token),
             op,
@@ -285,13 +329,19 @@ class QueueManager:
             delay_ms=delay,
             detail=msg.detail,
         )
-        if op is SettleOp.ACK:
-            self.acked += sum(count for _first, count in msg.ranges) - len(refused)
+        self.acked += handle.group.state.acked - acked_before
         reply = wire.encode_settled(msg.request_id, [(o, int(r)) for o, r in refused])
-        written = self._write(handle)
+        self._write(handle)  # raises when the file cannot take it: not confirmed
         self._dirty[handle] = None
         view = self._view(handle.key)
-        if written and view is not None and view.disk.settings.fsync == "commit":
+        state_log = handle.state_log
+        if (
+            view is not None
+            and view.disk.settings.fsync == "commit"
+            and state_log.synced < state_log.written
+        ):
+            # Also when this settle wrote nothing new (a retry of an ack whose entry an
+            # earlier write holds): answered once everything written so far is synced.
             handle.waiting.append((handle.state_log.written, gateway, reply_token, reply))
             self._sync_wanted[handle] = None
             return None
@@ -327,7 +377,7 @@ class QueueManager:
         return handle
 
     def _after_change(self, handle: GroupHandle) -> None:
-        self._write(handle)
+        self._write_or_log(handle)
         self._notify_roles(handle)
         self._dirty[handle] = None
 
@@ -342,11 +392,21 @@ class QueueManager:
     # -- journal -------------------------------------------------------------------------
 
     def _write(self, handle: GroupHandle) -> bool:
-        """Write the group's new journal entries (one write); True if there were any."""
+        """Write the group's new journal entries (one write); True if there were any.
+
+        A failed write (a full disk) raises and keeps the entries, to be written first
+        by the next write of the group: nothing that depends on them is answered or
+        sent meanwhile (an ack retried finds its entry still pending, not confirmed).
+        """
         entries = handle.group.journal
         if entries:
             handle.group.journal = []
-            handle.state_log.append(entries)
+            try:
+                handle.state_log.append(entries)
+            except BaseException:
+                handle.group.journal = entries + handle.group.journal
+                self.write_failures += 1
+                raise
             if handle.state_log.needs_compaction():
                 handle.state_log.compact(handle.group.state)
         # Dead letters are appended only once their Dying entry is written (above, or
@@ -357,6 +417,24 @@ class QueueManager:
             self._relay_queue.append((handle, dead))
         handle.group.dead_letters = []
         return bool(entries)
+
+    def _write_or_log(self, handle: GroupHandle) -> bool:
+        """:meth:`_write` where no request waits for the answer (timers, leaves,
+        dead-letter confirmations): a failure is logged; the entries wait for the next
+        write. False: not written."""
+        try:
+            self._write(handle)
+        except (FelixError, OSError) as exc:
+            log.error(
+                "shard %d: group %s of %s: cannot write its state file (%s); retrying with "
+                "its next change",
+                self.shard,
+                handle.name,
+                handle.key,
+                exc,
+            )
+            return False
+        return True
 
     def take_syncs(self) -> list[GroupHandle]:
         """Group files to fsync in the next round (acks wait on them)."""
@@ -398,11 +476,15 @@ class QueueManager:
             if retry is not None and retry <= wall:
                 self._dirty[handle] = None
         for relay, (handle, offset, sent) in list(self._relays.items()):
-            if now - sent > 10 * RELAY_RETRY:
-                # No answer (the gateway restarted?): try again.
+            if now - sent > RELAY_TIMEOUT:
+                # No answer (the gateway restarted?): try again, later.
                 del self._relays[relay]
                 handle.relaying.discard(offset)
-                self._requeue_dead(handle, offset)
+                self._relay_failed(handle, offset, now, "no answer from the gateway")
+        for key, (failures, due) in list(self._relay_backoff.items()):
+            if due is not None and due <= now:
+                self._relay_backoff[key] = (failures, None)  # queued: once
+                self._requeue_dead(*key)
         self._pump_relays(now)
 
     def stream_written(self, key: str) -> None:
@@ -450,8 +532,13 @@ class QueueManager:
                 record = cache[offset] = _fetch(view, offset)
             return None if record is None else len(record[2])
 
+        if group.journal and not self._write_or_log(handle):
+            return  # earlier entries are still not on disk: hand out nothing new
         plan = group.plan(readable, size_of, now, wall)
-        self._write(handle)  # the hand-outs reach the file before any record is sent
+        if not self._write_or_log(handle):
+            # The hand-outs are not on disk: nothing is sent (the leases expire and the
+            # records go out again once the file takes writes).
+            return
         for (gateway, token), consumer, items in plan:
             batch: list[tuple[int, int, int, int, dict[str, str] | None, bytes]] = []
             nbytes = 0
@@ -539,13 +626,18 @@ class QueueManager:
     def _pump_relays(self, now: float) -> None:
         if not self._relay_queue or not self._gateways:
             return
-        gateway = min(self._gateways)
+        gateways = sorted(self._gateways)
         while self._relay_queue and len(self._relays) < MAX_RELAYS:
+            # Spread over the gateways: one that is restarting delays only its share.
+            gateway = gateways[self._next_relay % len(gateways)]
             handle, dead = self._relay_queue.popleft()
             if self.groups.get((handle.key, handle.name)) is not handle:
                 continue  # removed meanwhile
             if dead.offset in handle.relaying:
                 continue
+            backoff = self._relay_backoff.get((handle, dead.offset))
+            if backoff is not None and backoff[1] is not None:
+                continue  # failed before: tick() queues it again when its delay is over
             view = self._view(handle.key)
             if view is None:
                 continue
@@ -553,7 +645,7 @@ class QueueManager:
             if frame is None:
                 # The record is gone (retention): nothing to append; finished.
                 handle.group.dead(dead.offset)
-                self._write(handle)
+                self._write_or_log(handle)
                 continue
             relay = self._next_relay
             self._next_relay += 1
@@ -590,7 +682,7 @@ class QueueManager:
             0, tenant, namespace, dlq, [payload], ack=wire.ACK_PER_BATCH, headers=[out]
         )
 
-    def relay_reply(self, relay: int, frame: bytes | memoryview) -> None:
+    def relay_reply(self, relay: int, frame: bytes | memoryview, now: float) -> None:
         """A gateway answered a dead-letter append."""
         entry = self._relays.pop(relay, None)
         if entry is None:
@@ -600,19 +692,41 @@ class QueueManager:
         if self.groups.get((handle.key, handle.name)) is not handle:
             return
         if len(frame) > wire.HEADER_SIZE and frame[wire.HEADER_SIZE] == wire.OP_PUBLISH_OFFSETS:
+            self._relay_backoff.pop((handle, offset), None)
             handle.group.dead(offset)
             self.dead_lettered += 1
-            self._write(handle)
+            self._write_or_log(handle)
             self._dirty[handle] = None
             return
-        log.warning(
-            "shard %d: dead-letter append of %s offset %d to %s failed; retrying",
-            self.shard,
-            handle.key,
-            offset,
-            handle.dlq_key,
-        )
-        self._requeue_dead(handle, offset)
+        why = "refused"
+        try:
+            reply = wire.decode_ext(wire.decode_frame(bytes(frame), extensions=True))
+            if isinstance(reply, wire.ErrorReply):
+                why = reply.message
+        except FelixError:
+            pass
+        self._relay_failed(handle, offset, now, why)
+
+    def _relay_failed(self, handle: GroupHandle, offset: int, now: float, why: str) -> None:
+        """A dead-letter append failed: retry later, with a doubling delay. The record
+        stays ``dying`` (never redelivered) and holds the group's floor meanwhile: the
+        failures are counted (felix_queue_dead_letter_failures_total) and in the status."""
+        self.relay_failures += 1
+        failures = self._relay_backoff.get((handle, offset), (0, None))[0] + 1
+        delay = min(RELAY_RETRY * 2 ** (failures - 1), RELAY_RETRY_MAX)
+        self._relay_backoff[(handle, offset)] = (failures, now + delay)
+        if failures == 1 or failures % 10 == 0:
+            log.warning(
+                "shard %d: dead-letter append of %s offset %d to %s failed (%d times): %s; "
+                "retrying in %.0f s",
+                self.shard,
+                handle.key,
+                offset,
+                handle.dlq_key,
+                failures,
+                why,
+                delay,
+            )
 
     @property
     def members(self) -> int:
@@ -636,7 +750,7 @@ class QueueManager:
             for member in list(handle.group.members()):
                 handle.group.leave(member, True, now, wall)
                 self._members.pop(member, None)
-            self._write(handle)
+            self._write_or_log(handle)
             try:
                 handle.state_log.sync()
             except OSError as exc:
@@ -648,6 +762,7 @@ class QueueManager:
         for name, handle in sorted(self._by_stream.get(key, {}).items()):
             status = dict(handle.group.status())
             status["dead_letter"] = handle.dlq_key
+            status["dead_letter_failing"] = sum(1 for k in self._relay_backoff if k[0] is handle)
             out[name] = status
         return out
 

@@ -10,11 +10,27 @@ from typing import Any, Final
 from felix.errors import BadRequest
 from felix.names import DLQ_SUFFIX, dead_letter_name, validate_name
 
-__all__ = ["DEFAULT_BACKOFF_MS", "DLQ_SUFFIX", "GroupSettings", "dead_letter_name"]
+__all__ = [
+    "DEFAULT_BACKOFF_MS",
+    "DLQ_SUFFIX",
+    "MAX_GROUPS_PER_SHARD",
+    "MAX_GROUPS_PER_STREAM",
+    "MAX_GROUPS_PER_TENANT",
+    "GroupSettings",
+    "dead_letter_name",
+]
 
 #: Delays before a nak'ed record is redelivered, by failure count (the last repeats).
 DEFAULT_BACKOFF_MS: Final = (1000, 2000, 4000, 8000, 16000, 32000, 60000)
 _MAX_BACKOFF_STEPS: Final = 32
+#: Queue groups one stream may have, defined or opened by a consumer (each keeps a
+#: window of state and a file).
+MAX_GROUPS_PER_STREAM: Final = 64
+#: Queue groups one shard keeps open, over all its streams (each holds a file open),
+#: and what one tenant may take of them: a tenant that opens groups with throwaway
+#: names cannot lock the others out.
+MAX_GROUPS_PER_SHARD: Final = 4096
+MAX_GROUPS_PER_TENANT: Final = 256
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,7 +107,7 @@ def test_ratios_and_targets(run: tuple[Path, dict[str, Any], str]) -> None:
         assert target["ratio"] == cache["ratios"]["redis"]["p50"]
         assert target["met"] in (True, False)
     queue = next(t for t in data["targets"] if "queue" in t["target"])
-    assert queue["met"] is None and "not available in felix yet" in queue["note"]
+    assert queue["met"] is None and "python -m perf queue" in queue["note"]
 
 
 def test_markdown_lists_felix_and_reachable_peers(
@@ -116,7 +116,7 @@ def test_markdown_lists_felix_and_reachable_peers(
     out, _, stdout = run
     md = (out / "results.md").read_text()
     assert "| felix |" in md and "### Targets" in md
-    assert "not available in felix yet" in md
+    assert "transient references only" in md and "python -m perf queue" in md
     for name, port in PEERS.items():
         if _reachable(port):
             assert f"| {name} |" in md, name
@@ -149,47 +149,38 @@ _ACK_LEVEL = {
 }
 
 
-@pytest.fixture(scope="module")
-def durable_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
-    out = tmp_path_factory.mktemp("perfdur")
+def _run_benchmark(
+    command: str, args: list[str], out: Path, json_name: str, timeout: float
+) -> tuple[Path, dict[str, Any], str]:
+    """``python -m perf COMMAND ARGS --out OUT``; its JSON and stdout."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "perf",
-            "durable",
-            "--reps",
-            "2",
-            "--scale",
-            "0.05",
-            "--replay-bytes",
-            "2MiB",
-            "--durable-replay-bytes",
-            "512KiB",
-            "--topology",
-            "1x1",
-            "--timeout",
-            "20",
-            "--replay-timeout",
-            "30",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, "-m", "perf", command, *args, "--out", str(out)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        stdout, stderr = proc.communicate(timeout=85)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         # SIGTERM first: the benchmark then stops its felix nodes and deletes its
-        # streams on the shared peers (SIGKILL would leave them behind).
+        # streams and queues on the shared peers (SIGKILL would leave them behind).
         proc.terminate()
         stdout, stderr = proc.communicate(timeout=25)
-        pytest.fail("python -m perf durable took over 85 s:\n" + stdout[-3000:] + stderr[-3000:])
+        pytest.fail(
+            f"python -m perf {command} took over {timeout} s:\n" + stdout[-3000:] + stderr[-3000:]
+        )
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    return out, json.loads((out / "durable.json").read_text()), stdout
+    return out, json.loads((out / json_name).read_text()), stdout
+
+
+@pytest.fixture(scope="module")
+def durable_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
+    args = ["--reps", "2", "--scale", "0.05", "--replay-bytes", "2MiB"]
+    args += ["--durable-replay-bytes", "512KiB", "--topology", "1x1", "--timeout", "20"]
+    args += ["--replay-timeout", "30"]
+    out = tmp_path_factory.mktemp("perfdur")
+    return _run_benchmark("durable", args, out, "durable.json", 85)
 
 
 def test_durable_runs_every_reachable_system(
@@ -292,3 +283,87 @@ def test_fsync_metrics_parsing() -> None:
     assert parse_bytes("512") == 512
     with pytest.raises(Exception, match="not a size"):
         parse_bytes("12XB")
+
+
+# --- python -m perf queue -----------------------------------------------------------------
+
+QUEUE_FELIX = ("felix commit", "felix interval")
+
+
+@pytest.fixture(scope="module")
+def queue_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
+    args = ["--reps", "2", "--scale", "0.05", "--topology", "1x1", "--timeout", "20"]
+    return _run_benchmark("queue", args, tmp_path_factory.mktemp("perfq"), "queue.json", 100)
+
+
+def test_queue_runs_felix_and_every_reachable_peer(
+    queue_run: tuple[Path, dict[str, Any], str],
+) -> None:
+    _, data, stdout = queue_run
+    meta, by_id = data["meta"], {w["id"]: w for w in data["workloads"]}
+    expected = {f"queue.e2e.{s}.if{i}" for s in ("64B", "1KiB") for i in (1, 32)}
+    assert set(by_id) == expected
+    for wid in expected:
+        systems = set(by_id[wid]["systems"])
+        assert set(QUEUE_FELIX) <= systems, (wid, systems)  # felix always runs
+        for name, port in DURABLE_PEERS.items():
+            assert (name in systems) == _reachable(port), (wid, name)
+            if name not in systems:  # skipped with a clear message
+                assert "not reachable" in meta["unavailable"][name]
+                assert f"note: {name} not reachable" in stdout
+    assert (
+        "jetstream sync" in meta["unavailable"]
+        or "jetstream sync" in by_id["queue.e2e.64B.if1"]["systems"]
+    )
+    assert set(meta["promises"]) >= set(QUEUE_FELIX)
+
+
+def test_queue_figures_sane(queue_run: tuple[Path, dict[str, Any], str]) -> None:
+    _, data, _ = queue_run
+    levels = {"felix commit": {"synced"}, "felix interval": {"written"}}
+    for w in data["workloads"]:
+        inf = w["params"]["in_flight"]
+        for name, s in w["systems"].items():
+            assert not s["errors"], (w["id"], name, s["errors"])
+            assert s["reps"] == 2
+            for r in s["runs"]:
+                # Every record published was consumed once and acked without an error.
+                assert r["ops"] == w["params"]["n"] // inf * inf, (w["id"], name)
+                assert r["consumed"] >= r["ops"] and r["ack_errors"] == 0, (w["id"], name)
+                assert r["redelivered"] == 0, (w["id"], name)
+                assert r["throughput"] > 0 and r["cpu_client_us"] > 0
+                lat = [r[k] for k in ("p50", "p90", "p99", "p99.9", "max")]
+                assert all(v > 0 for v in lat) and lat == sorted(lat), (w["id"], name, lat)
+                if name in levels:
+                    assert set(r["ack_durability"]) == levels[name], (w["id"], name)
+                if name == "felix commit":
+                    assert r["fsyncs"] >= 1
+            for fig, sp in s["summary"].items():
+                if sp is not None:
+                    assert sp["min"] <= sp["median"] <= sp["max"], (w["id"], name, fig)
+        for felix in QUEUE_FELIX:
+            for other, figs in w["ratios"][felix].items():
+                thr = figs["throughput"]
+                assert thr["min"] <= thr["median"] <= thr["max"] and thr["median"] > 0, other
+
+
+def test_queue_targets_markdown_and_files(queue_run: tuple[Path, dict[str, Any], str]) -> None:
+    out, data, stdout = queue_run
+    targets = data["targets"]
+    assert len(targets) == 24  # 6 goals x 2 sizes x felix commit / interval
+    for t in targets:
+        assert t["felix"] in QUEUE_FELIX and t["peer"] in DURABLE_PEERS
+        if t["met"] is None:
+            assert t["note"] and not _reachable(DURABLE_PEERS[t["peer"]])
+        else:
+            assert t["ratio"]["median"] > 0
+    md = (out / "queue.md").read_text()
+    for heading in ("### Targets (issue #13", "### Queue end to end", "### Same-run ratios"):
+        assert heading in md and heading in stdout
+    assert "| queue 64B, 32 in flight | felix commit |" in md
+    assert (out / "queue_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import numpy as np
+
+    with np.load(out / "queue_raw.npz") as raw:
+        assert len(raw.files) >= 4 * 2 * 2  # workloads x felix systems x repetitions
+        assert all(raw[k].dtype == np.int64 and len(raw[k]) for k in raw.files)

@@ -20,6 +20,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -288,28 +289,50 @@ async def run_schedule(workloads: list[Workload], ctx: Context, reps: int, timeo
                 await run_one(wl, name, ctx.systems[name], limit)
 
 
+@dataclass(frozen=True)
+class Kinds:
+    """The systems ``start_systems`` starts: felix policies and the peer classes.
+
+    The durable benchmark uses the defaults; the queue benchmark (perf/queue/) passes
+    subclasses that also hand out queue rigs, and only the durable policies.
+    """
+
+    policies: tuple[str, ...] = (*POLICIES, "memory")
+    felix: Callable[..., FelixDurable] = FelixDurable
+    jetstream: Callable[[str], JetStreamFile] = JetStreamFile
+    jetstream_sync: Callable[[str], JetStreamSyncAlways] = JetStreamSyncAlways
+    rabbitmq: Callable[[str], RabbitQuorum] = RabbitQuorum
+
+
 async def start_systems(
-    args: argparse.Namespace, ctx: Context, notes: dict[str, str], versions: dict[str, str]
+    args: argparse.Namespace,
+    ctx: Context,
+    notes: dict[str, str],
+    versions: dict[str, str],
+    kinds: Kinds = Kinds(),
 ) -> None:
     topology = _parse_topology(args.topology) if args.topology else (None, None, False)
     wanted = set(args.systems) if args.systems else None
-    policies = [*POLICIES, "memory"]
+    policies = list(kinds.policies)
     if not supports_durable():
         for p in POLICIES:
-            notes[f"felix {p}"] = (
-                "this felix has no durable streams (no `felix up --durable-streams`)"
-            )
-        policies = ["memory"]
+            if p in policies:
+                notes[f"felix {p}"] = (
+                    "this felix has no durable streams (no `felix up --durable-streams`)"
+                )
+        policies = [p for p in policies if p == "memory"]
     candidates = ctx.started
     for p in policies:
         if wanted is None or f"felix {p}" in wanted:
             candidates.append(
-                FelixDurable(p, topology, args.fsync_interval_ms, args.durable_replay_bytes)
+                kinds.felix(
+                    p, topology, args.fsync_interval_ms, getattr(args, "durable_replay_bytes", None)
+                )
             )
     if args.nats != "off":
-        candidates.append(JetStreamFile(args.nats))
+        candidates.append(kinds.jetstream(args.nats))
         if args.nats_sync_server != "off" and (wanted is None or "jetstream sync" in wanted):
-            sync = JetStreamSyncAlways(args.nats_sync_server)
+            sync = kinds.jetstream_sync(args.nats_sync_server)
             candidates.append(sync)
             try:
                 sync.start()
@@ -324,7 +347,7 @@ async def start_systems(
     else:
         notes["jetstream"] = "skipped (--nats off)"
     if args.rabbitmq != "off":
-        candidates.append(RabbitQuorum(args.rabbitmq))
+        candidates.append(kinds.rabbitmq(args.rabbitmq))
     else:
         notes["rabbitmq"] = "skipped (--rabbitmq off)"
     for system in candidates:
@@ -343,15 +366,30 @@ async def start_systems(
         ctx.systems["fdatasync"] = DiskProbe()
 
 
-async def main_async(args: argparse.Namespace) -> int:
-    mode = MODES[args.mode]
-    if args.reps:
-        mode = Mode(**{**mode.__dict__, "reps": args.reps})
-    if args.replay_bytes is None:
-        args.replay_bytes = mode.replay_bytes
+@dataclass
+class Outcome:
+    """What ``run_benchmark`` hands back for the report."""
+
+    workloads: list[Workload]
+    ctx: Context
+    notes: dict[str, str]
+    versions: dict[str, str]
+    problems: dict[str, list[str]]
+    elapsed: float
+
+
+async def run_benchmark(
+    args: argparse.Namespace,
+    reps: int,
+    build: Callable[[Context], list[Workload]],
+    kinds: Kinds = Kinds(),
+) -> Outcome:
+    """Start the systems, build the workloads, run ``reps`` repetitions, stop everything.
+
+    SIGTERM (e.g. `timeout`) and SIGINT cancel the run, so the finally below stops the
+    felix nodes and the private nats-server instead of leaving them running.
+    """
     t_start = time.monotonic()
-    # SIGTERM (e.g. `timeout`) and SIGINT cancel the run, so the finally below stops
-    # the felix nodes and the private nats-server instead of leaving them running.
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -360,17 +398,17 @@ async def main_async(args: argparse.Namespace) -> int:
     ctx = Context()
     notes: dict[str, str] = {}
     versions: dict[str, str] = {}
+    problems: dict[str, list[str]] = {}
     try:
-        await start_systems(args, ctx, notes, versions)
-        workloads = build_workloads(args, mode, ctx)
+        await start_systems(args, ctx, notes, versions, kinds)
+        workloads = build(ctx)
         print(
-            f"systems: {', '.join(ctx.systems)}; {len(workloads)} workloads x {mode.reps} reps",
+            f"systems: {', '.join(ctx.systems)}; {len(workloads)} workloads x {reps} reps",
             flush=True,
         )
-        await run_schedule(workloads, ctx, mode.reps, args.timeout)
+        await run_schedule(workloads, ctx, reps, args.timeout)
     finally:
         await ctx.close()
-        problems: dict[str, list[str]] = {}
         for system in ctx.started:
             system.stop()  # idempotent; systems that failed their probe are stopped already
         for name, system in ctx.systems.items():
@@ -378,12 +416,22 @@ async def main_async(args: argparse.Namespace) -> int:
             node = getattr(system, "node", None)
             if node is not None and node.problems:
                 problems[name] = node.problems
-    elapsed = time.monotonic() - t_start
-    disk = ctx.systems.get("fdatasync")
+    return Outcome(workloads, ctx, notes, versions, problems, time.monotonic() - t_start)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    mode = MODES[args.mode]
+    if args.reps:
+        mode = Mode(**{**mode.__dict__, "reps": args.reps})
+    if args.replay_bytes is None:
+        args.replay_bytes = mode.replay_bytes
+    run = await run_benchmark(args, mode.reps, lambda ctx: build_workloads(args, mode, ctx))
+    workloads, elapsed = run.workloads, run.elapsed
+    disk = run.ctx.systems.get("fdatasync")
     data = report.build(
         workloads,
-        report.metadata(args, mode.__dict__, ctx.systems, versions, notes, elapsed),
-        problems,
+        report.metadata(args, mode.__dict__, run.ctx.systems, run.versions, run.notes, elapsed),
+        run.problems,
         disk.filesystem() if isinstance(disk, DiskProbe) else {},
     )
     out = Path(args.out)
@@ -397,45 +445,19 @@ async def main_async(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m perf durable",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument("--mode", choices=sorted(MODES), default="quick", help="quick (default), full")
+def add_common_args(
+    ap: argparse.ArgumentParser, modes: dict[str, Any], example: str, plot: str, markers: str
+) -> None:
+    """The options the durable and queue benchmarks share (modes, systems, peers, output)."""
+    ap.add_argument("--mode", choices=sorted(modes), default="quick", help="quick (default), full")
     ap.add_argument("--full", dest="mode", action="store_const", const="full", help="--mode full")
     ap.add_argument("--reps", type=int, default=0, help="repetitions (mode default: 3 / 5)")
-    ap.add_argument("--scale", type=float, default=1.0, help="multiply the publish/disk counts")
-    ap.add_argument(
-        "--only",
-        type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
-        default=list(FAMILIES),
-        help=f"comma-separated families: {','.join(FAMILIES)} (default: all)",
-    )
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply the operation counts")
     ap.add_argument(
         "--systems",
         type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
         default=None,
-        help="comma-separated system names to run (default: all), e.g. "
-        "'felix commit,felix memory,rabbitmq'",
-    )
-    ap.add_argument(
-        "--replay-bytes",
-        type=parse_bytes,
-        default=None,
-        help="size of the replay stream (quick 64MiB, full 1GiB)",
-    )
-    ap.add_argument("--replay-record-bytes", type=int, default=1024, help="replay record size")
-    ap.add_argument(
-        "--durable-replay-bytes",
-        default="8MiB",
-        help="`felix up --replay-bytes` of the durable nodes: the in-memory hot tail per "
-        "stream, kept small so a replay reads from disk in quick mode too (8MiB; the "
-        "memory node keeps felix's default); 'default' for felix's default",
-    )
-    ap.add_argument(
-        "--replay-timeout", type=float, default=900.0, help="seconds for a replay run and its fill"
+        help=f"comma-separated system names to run (default: all), e.g. {example!r}",
     )
     ap.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS URL, or off")
     ap.add_argument(
@@ -457,11 +479,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per run before failing")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
-    ap.add_argument("--no-plots", action="store_true", help="skip durable_latency.png")
+    ap.add_argument("--no-plots", action="store_true", help=f"skip {plot}")
     ap.add_argument(
         "--readme",
         metavar="PATH",
-        help="also paste the table into this file between its durable markers (perf/README.md)",
+        help=f"also paste the table into this file between its {markers} markers (perf/README.md)",
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m perf durable",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_args(
+        ap, MODES, "felix commit,felix memory,rabbitmq", "durable_latency.png", "durable"
+    )
+    ap.add_argument(
+        "--only",
+        type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+        default=list(FAMILIES),
+        help=f"comma-separated families: {','.join(FAMILIES)} (default: all)",
+    )
+    ap.add_argument(
+        "--replay-bytes",
+        type=parse_bytes,
+        default=None,
+        help="size of the replay stream (quick 64MiB, full 1GiB)",
+    )
+    ap.add_argument("--replay-record-bytes", type=int, default=1024, help="replay record size")
+    ap.add_argument(
+        "--durable-replay-bytes",
+        default="8MiB",
+        help="`felix up --replay-bytes` of the durable nodes: the in-memory hot tail per "
+        "stream, kept small so a replay reads from disk in quick mode too (8MiB; the "
+        "memory node keeps felix's default); 'default' for felix's default",
+    )
+    ap.add_argument(
+        "--replay-timeout", type=float, default=900.0, help="seconds for a replay run and its fill"
     )
     args = ap.parse_args(argv)
     bad = set(args.only) - set(FAMILIES)
@@ -470,8 +526,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def launch(
+    run: Callable[[argparse.Namespace], Coroutine[Any, Any, int]], args: argparse.Namespace
+) -> int:
+    """Run a benchmark's ``main_async(args)`` on uvloop, from the repository root."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    return uvloop.run(main_async(args))
+    return uvloop.run(run(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return launch(main_async, parse_args(argv))

@@ -154,13 +154,16 @@ class JetStreamFile(_ByAddress):
         finally:
             await conn.close()
 
-    async def _stream(self) -> tuple[Any, str, str]:
+    async def _stream(self, **config: Any) -> tuple[Any, str, str]:
+        """A new file-storage stream (``config``: more StreamConfig fields, e.g. retention)."""
         from nats.js.api import StorageType
 
         conn = await self._connect()
         stream = unique("perfdur")
         subject = f"{stream}.s"
-        await conn.jetstream().add_stream(name=stream, subjects=[subject], storage=StorageType.FILE)
+        await conn.jetstream().add_stream(
+            name=stream, subjects=[subject], storage=StorageType.FILE, **config
+        )
         return conn, stream, subject
 
     async def publisher(self, in_flight: int) -> Publisher:

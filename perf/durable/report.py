@@ -91,7 +91,11 @@ def build(
     meta: dict[str, Any],
     problems: dict[str, list[str]],
     filesystem: dict[str, str],
+    targets_spec: list[tuple[str, str, str, str, str, float, str]] = TARGETS,
 ) -> dict[str, Any]:
+    """Summaries, same-run ratios of each felix system to every other system of a
+    workload, and ``targets_spec`` judged (label, workload id, figure, felix system,
+    peer, goal, op): the issue's targets (the queue benchmark passes its own)."""
     meta = {**meta, "felix_log_problems": problems, "filesystem": filesystem}
     wls = []
     for wl in workloads:
@@ -126,7 +130,7 @@ def build(
         )
     by_id = {w["id"]: w for w in wls}
     targets = []
-    for label, wid, fig, felix, peer, goal, op in TARGETS:
+    for label, wid, fig, felix, peer, goal, op in targets_spec:
         r = ((by_id.get(wid, {}).get("ratios", {}).get(felix) or {}).get(peer) or {}).get(fig)
         ratio = r["median"] if r else None
         met = None if ratio is None else (ratio <= goal if op == "<=" else ratio >= goal)
@@ -157,7 +161,8 @@ def _median_extra(runs: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def markdown(data: dict[str, Any]) -> str:
+def header(data: dict[str, Any]) -> list[str]:
+    """The run, machine and versions, what each system's ack promises, what was skipped."""
     meta = data["meta"]
     m, v = meta["machine"], meta["versions"]
     fs = meta.get("filesystem") or {}
@@ -182,6 +187,11 @@ def markdown(data: dict[str, Any]) -> str:
         lines += ["", f"**{name}**: {note}"]
     for name, probs in meta.get("felix_log_problems", {}).items():
         lines += ["", f"**{name} node logged**: " + "; ".join(f"`{p}`" for p in probs)]
+    return lines
+
+
+def markdown(data: dict[str, Any]) -> str:
+    lines = header(data)
     lines += [
         "",
         "Each cell: median of the repetitions (min-max). Latency in microseconds from the "
@@ -196,34 +206,8 @@ def markdown(data: dict[str, Any]) -> str:
     for t in data["targets"]:
         result = t["note"] if t["met"] is None else ("met" if t["met"] else "**not met**")
         lines.append(f"| {t['target']} | {_rcell(t['ratio'])} | {t['goal']} | {result} |")
-    head = "| workload | system | " + " | ".join(base._FIG_HEAD[f] for f in FIGURES) + " |"
-    head = head.replace("ops/s", "acks/s")
-    sep = "|---|---|" + "---|" * len(FIGURES)
     pubs = [w for w in data["workloads"] if w["family"] == "publish"]
-    if pubs:
-        lines += ["", "### Durable publish with acks", "", head, sep]
-        for w in pubs:
-            for name, s in w["systems"].items():
-                if s["errors"] and not s["reps"]:
-                    lines.append(f"| {w['title']} | {name} | failed: {s['errors'][0]} |")
-                    continue
-                cells = " | ".join(base._cell(s["summary"].get(f)) for f in FIGURES)
-                lines.append(f"| {w['title']} | {name} | {cells} |")
-        lines += [
-            "",
-            "### Same-run ratios (per repetition, then median (min-max); latency: lower is "
-            "better for felix, acks/s: higher)",
-            "",
-            "| workload | felix / other | p50 | p99 | p99.9 | acks/s |",
-            "|---|---|---|---|---|---|",
-        ]
-        for w in pubs:
-            for f, others in SHOWN_RATIOS.items():
-                for o in others:
-                    r = w["ratios"].get(f, {}).get(o)
-                    if r:
-                        cells = " | ".join(_rcell(r[x]) for x in RATIO_FIGURES)
-                        lines.append(f"| {w['title']} | {f} / {o} | {cells} |")
+    lines += tables(pubs, "Durable publish with acks", "acks/s", SHOWN_RATIOS)
     lines += _where_time_goes(data)
     reps = [w for w in data["workloads"] if w["family"] == "replay"]
     for w in reps:
@@ -253,6 +237,41 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tables(
+    wls: list[dict[str, Any]], title: str, unit: str, shown: dict[str, tuple[str, ...]]
+) -> list[str]:
+    """The per-system table of ``wls`` (median (min-max) of every figure) under ``title``,
+    then the same-run ratios of each felix system to the systems ``shown`` names."""
+    if not wls:
+        return []
+    head = "| workload | system | " + " | ".join(base._FIG_HEAD[f] for f in FIGURES) + " |"
+    sep = "|---|---|" + "---|" * len(FIGURES)
+    lines = ["", f"### {title}", "", head.replace("ops/s", unit), sep]
+    for w in wls:
+        for name, s in w["systems"].items():
+            if s["errors"] and not s["reps"]:
+                lines.append(f"| {w['title']} | {name} | failed: {s['errors'][0]} |")
+                continue
+            cells = " | ".join(base._cell(s["summary"].get(f)) for f in FIGURES)
+            lines.append(f"| {w['title']} | {name} | {cells} |")
+    lines += [
+        "",
+        "### Same-run ratios (per repetition, then median (min-max); latency: lower is "
+        f"better for felix, {unit}: higher)",
+        "",
+        f"| workload | felix / other | p50 | p99 | p99.9 | {unit} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for w in wls:
+        for f, others in shown.items():
+            for o in others:
+                r = w["ratios"].get(f, {}).get(o)
+                if r:
+                    cells = " | ".join(_rcell(r[x]) for x in RATIO_FIGURES)
+                    lines.append(f"| {w['title']} | {f} / {o} | {cells} |")
+    return lines
+
+
 def _ack_levels(data: dict[str, Any]) -> dict[str, str]:
     """What felix's publish acks said about durability, per system, over every run."""
     seen: dict[str, dict[str, int]] = {}
@@ -274,7 +293,7 @@ def _spread(vals: list[float]) -> dict[str, float] | None:
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
 
 
-def _where_time_goes(data: dict[str, Any]) -> list[str]:
+def _where_time_goes(data: dict[str, Any], family: str = "publish") -> list[str]:
     lines: list[str] = []
     disk = [w for w in data["workloads"] if w["family"] == "disk" and w["id"] != "disk.idle"]
     idle = next((w for w in data["workloads"] if w["id"] == "disk.idle"), None)
@@ -306,7 +325,7 @@ def _where_time_goes(data: dict[str, Any]) -> list[str]:
             lines.append(f"| {what} | {cells} | {wcell} |")
     rows = []
     for w in data["workloads"]:
-        if w["family"] != "publish":
+        if w["family"] != family:
             continue
         for name, s in w["systems"].items():
             runs = s["runs"]
@@ -357,6 +376,11 @@ def write_all(data: dict[str, Any], workloads: list[Any], out: Path, plots: bool
     (out / "durable.md").write_text(markdown(data))
     if plots:
         write_plot(workloads, out)
+    write_raw(workloads, out / "durable_raw.npz")
+
+
+def write_raw(workloads: list[Any], path: Path) -> None:
+    """Every latency sample (ns), one int64 array per workload, system and repetition."""
     raw = {
         f"{wl.id}|{name}|{i}": r.samples
         for wl in workloads
@@ -364,7 +388,7 @@ def write_all(data: dict[str, Any], workloads: list[Any], out: Path, plots: bool
         for i, r in enumerate(runs)
         if len(r.samples)
     }
-    np.savez_compressed(out / "durable_raw.npz", **raw)
+    np.savez_compressed(path, **raw)
 
 
 _COLORS = {
@@ -378,9 +402,15 @@ _COLORS = {
 }
 
 
-def write_plot(workloads: list[Any], out: Path) -> Path | None:
-    """durable_latency.png: ack latency percentile curves, one panel per publish workload."""
-    wls = [w for w in workloads if w.family == "publish" and w.runs]
+def write_plot(
+    workloads: list[Any],
+    out: Path,
+    family: str = "publish",
+    filename: str = "durable_latency.png",
+    ylabel: str = "ack latency us",
+) -> Path | None:
+    """``filename``: latency percentile curves, one panel per workload of ``family``."""
+    wls = [w for w in workloads if w.family == family and w.runs]
     if not wls:
         return None
     import matplotlib
@@ -405,13 +435,13 @@ def write_plot(workloads: list[Any], out: Path) -> Path | None:
         ax.set_yscale("log")
         ax.set_xticks([0, 1, 2, 3, 4])
         ax.set_xticklabels(["p0", "p90", "p99", "p99.9", "p99.99"], fontsize=8)
-        ax.set_ylabel("ack latency us", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(wls) :]:
         ax.set_visible(False)
     fig.tight_layout()
-    path = out / "durable_latency.png"
+    path = out / filename
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
@@ -420,15 +450,22 @@ def write_plot(workloads: list[Any], out: Path) -> Path | None:
 BEGIN, END = "<!-- durable:begin -->", "<!-- durable:end -->"
 
 
-def update_readme(readme: Path, out: Path) -> None:
-    """Replace the text between the durable markers of ``readme`` with the latest tables."""
+def update_readme(
+    readme: Path,
+    out: Path,
+    markers: tuple[str, str] = (BEGIN, END),
+    md: str = "durable.md",
+    png: str = "durable_latency.png",
+) -> None:
+    """Replace the text between the ``markers`` of ``readme`` with the latest tables."""
+    begin, end = markers
     text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme}: no {BEGIN} ... {END} markers")
-    body = (out / "durable.md").read_text()
-    if (out / "durable_latency.png").exists():
-        rel = os.path.relpath(out / "durable_latency.png", readme.parent)
-        body += f"\n![durable_latency]({rel})\n"
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    readme.write_text(f"{head}{BEGIN}\n{body}{END}{tail}")
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme}: no {begin} ... {end} markers")
+    body = (out / md).read_text()
+    if (out / png).exists():
+        rel = os.path.relpath(out / png, readme.parent)
+        body += f"\n![{png.removesuffix('.png')}]({rel})\n"
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    readme.write_text(f"{head}{begin}\n{body}{end}{tail}")

@@ -317,7 +317,8 @@ def build_workloads(
                 Workload(
                     f"queue.ack.64B.if{inf}",
                     "queue",
-                    f"queue 64 B publish-with-ack + consume-with-ack, {inf} in flight",
+                    f"queue 64 B publish-with-ack + consume-with-ack, {inf} in flight "
+                    "(transient references)",
                     [x for x in ["rabbitmq", "jetstream"] if x in ctx.systems],
                     {"size": 64, "in_flight": inf, "n": n},
                     run_queue,

@@ -195,7 +195,7 @@ def build(workloads: list[Any], meta: dict[str, Any]) -> dict[str, Any]:
             "goal": ">= 2.0",
             "ratio": None,
             "met": None,
-            "note": "; ".join(["not available in felix yet (felix has no queues)", *refs]),
+            "note": "; ".join([f"measured by {QUEUE_BENCH}", *(f"transient {r}" for r in refs)]),
         }
     )
     return {"meta": meta, "workloads": wls, "targets": targets}
@@ -224,12 +224,14 @@ def _rcell(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}"
 
 
+QUEUE_BENCH = "`python -m perf queue` (durable queues, issue #13)"
 FAMILY_TITLES = {
     "floor": "Floor: echo between two processes (what this machine allows)",
     "cache": "Cache: felix vs Redis (redis-py + hiredis)",
     "pubsub": "Pub/sub: felix vs NATS (nats-py); latency per delivery",
-    "queue": "Queue: not available in felix yet; references: RabbitMQ (aio-pika, publisher "
-    "confirms, manual acks), NATS JetStream (nats-py, memory storage, explicit acks)",
+    "queue": "Queue: transient references only, not durable: RabbitMQ (aio-pika, a transient "
+    "classic queue, publisher confirms, manual acks), NATS JetStream (nats-py, memory "
+    "storage, push consumer, explicit acks)",
     "knobs": "felix knobs: topology (gateways x shards, e = --embedded-shards), publish batch "
     "(felix = the main node above; each other node runs the same workloads in the same "
     "repetition)",
@@ -273,7 +275,10 @@ def markdown(data: dict[str, Any]) -> str:
         wls = [w for w in data["workloads"] if w["family"] == family]
         if family == "queue":
             lines += ["", f"### {FAMILY_TITLES[family]}", ""]
-            lines.append("felix: **not available in felix yet** (no queues).")
+            lines.append(
+                f"felix: measured by {QUEUE_BENCH}, beside a RabbitMQ quorum queue and a "
+                'JetStream work-queue stream with file storage (perf/README.md, "Queues").'
+            )
             if not wls:
                 continue
             lines.append("")

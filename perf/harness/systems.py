@@ -5,8 +5,9 @@
   ``await rig.subscribe(topic, callbacks)`` (one callback per subscriber, called
   with each payload), ``await rig.publish(topic, data)`` (fire and forget: felix
   ``ack=False``, NATS ``publish``), ``await rig.publish_batch(topic, items)``;
-- queue: publish with a broker ack, consume with an ack (RabbitMQ only: felix has no
-  queues yet).
+- queue: publish with a broker ack, consume with an ack: *transient* references only
+  (a RabbitMQ transient queue, a JetStream memory stream); felix's queues need durable
+  streams and are measured beside durable peers by ``python -m perf queue`` (perf/queue/).
 """
 
 from __future__ import annotations

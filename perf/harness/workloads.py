@@ -14,7 +14,8 @@ phase only.
   up in the tail (no coordinated omission);
 - pub/sub max rate: publish as fast as the subscribers keep up, at most
   ``window`` records ahead of the slowest delivery count; deliveries per second;
-- queue: publish with a broker ack, consume and ack, one in flight or many.
+- queue: publish with a broker ack, consume and ack, at most ``in_flight`` records
+  between publish and consumption (each worker waits for its record to be consumed).
 """
 
 from __future__ import annotations
@@ -255,29 +256,71 @@ async def pubsub_max(
 
 
 async def queue_run(
-    rig: QueueRig, size: int, n: int, warmup: int, in_flight: int, meter: Meter
+    rig: QueueRig,
+    size: int,
+    n: int,
+    warmup: int,
+    in_flight: int,
+    meter: Meter,
+    prefetch: int | None = None,
 ) -> RunResult:
-    """Publish-with-ack ``in_flight`` at a time, consume-with-ack; latency publish -> consume."""
+    """Publish-with-ack, consume-with-ack, ``in_flight`` records end to end at a time.
+
+    ``in_flight`` workers each publish one record (waiting for the broker's ack), then
+    wait until the consumer has it before publishing the next: at most ``in_flight``
+    records are between the start of their publish and their consumption, so a
+    consumer slower than the publishers shows as lower throughput, not as a backlog
+    growing through the run. Latency: publish start -> consumed (the consumer's ack
+    is not on it). ``prefetch``: the consumer's window (default ``max(64, 4 *
+    in_flight)``).
+    """
     sink = _Deliveries()
-    await rig.start(sink.on_message, prefetch=max(64, 4 * in_flight))
+    waiters: dict[int, asyncio.Future[None]] = {}
+
+    def on_message(data: bytes) -> None:
+        sink.on_message(data)
+        fut = waiters.pop(_HEAD.unpack_from(data)[1], None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    await rig.start(on_message, prefetch=prefetch or max(64, 4 * in_flight))
+    loop = asyncio.get_running_loop()
     seq = 0
 
     async def phase(count: int) -> None:
         nonlocal seq
         per_worker = max(1, count // in_flight)
         sink.reset(per_worker * in_flight)
-        published = 0
 
         async def worker() -> None:
-            nonlocal seq, published
+            nonlocal seq
             for _ in range(per_worker):
                 seq += 1
-                published += 1
+                consumed = waiters[seq] = loop.create_future()
                 await rig.publish(payload(size, now_ns(), seq))
-                if in_flight == 1:
-                    await _until(sink, published, "queue closed loop")
+                await consumed
 
-        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        async def watchdog() -> None:
+            # One timer for the phase, not one per record (wait_for costs client CPU).
+            seen = -1
+            while sink.count != seen:
+                seen = sink.count
+                await asyncio.sleep(10.0)
+            raise TimeoutError(f"queue: nothing consumed for 10 s ({seen} of {sink.target})")
+
+        workers = asyncio.gather(*(worker() for _ in range(in_flight)))
+        guard = asyncio.create_task(watchdog())
+        both: list[asyncio.Future[Any]] = [workers, guard]
+        try:
+            await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+            if guard.done():
+                workers.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await workers
+                guard.result()  # raises the watchdog's TimeoutError
+            await workers
+        finally:
+            guard.cancel()
         await _wait(sink.done, "queue")
 
     await phase(warmup)

@@ -77,6 +77,7 @@ def test_competing_consumers_share_the_work_exactly_once(tmp_path: Path) -> None
         assert status == 200, body
         group = json.loads(body)["groups"]["workers"]
         assert group["acked"] == 400 and group["leased"] == 0, group
+        assert group["lag"] == 0 and group["pending"] == 0, group
     finally:
         assert node.stop() == 0
 

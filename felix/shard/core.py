@@ -1168,6 +1168,15 @@ class ShardCore:
             if settings is not None:
                 entry["settings"] = settings.to_spec()
             entry.update(live.get(name, {}))
+            floor = entry.get("floor")
+            if isinstance(floor, int):
+                # Records not finished by the group: in its window (pending) or not yet
+                # handed out, up to the stream's end.
+                entry["lag"] = max(0, log_.next_offset - floor)
+                entry["pending"] = sum(
+                    int(entry.get(k, 0))  # type: ignore[call-overload]
+                    for k in ("leased", "available", "dying")
+                )
             groups[name] = entry
         status["groups"] = groups
         return status

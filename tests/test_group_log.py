@@ -623,6 +623,247 @@ def test_a_failed_compaction_before_the_rename_leaves_the_log_usable(
     assert _recover(path) == state
 
 
+# -- background compaction (no fsync on the owner thread) -------------------------------------
+
+
+def _batches_with(
+    state: GroupSnapshot, log: GroupLog, batches: Sequence[Sequence[JournalEntry]]
+) -> None:
+    for batch in batches:
+        log.append(batch)
+        applied(batch, state)
+
+
+def test_a_background_compaction_switches_after_a_sync_and_keeps_the_state(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "g.glog"
+    log, state = GroupLog.open(path, compact_bytes=100)
+    _batches_with(state, log, BATCHES[:3])
+    while not log.needs_compaction():
+        _batches_with(state, log, [[Release(9)]])
+    big = log.size_bytes
+    log.begin_compaction(state)
+    assert log.compacting and not log.needs_compaction()  # one at a time
+    assert not log.compaction_ready()  # the new file is not on disk yet
+    _batches_with(state, log, BATCHES[3:4])  # before the tmp's fsync: in both files
+    assert log.sync() == log.written and log.compaction_ready()
+    _batches_with(state, log, BATCHES[4:5])  # after the tmp's fsync: in both files
+    log.finish_compaction()
+    assert not log.compacting and log.size_bytes < big
+    assert not (tmp_path / "g.glog.tmp").exists()
+    _batches_with(state, log, [[Lease(20, 1)], [Ack(20, 1)]])  # after the rename: new file only
+    assert decode_file(path).state() == state
+    assert log.sync() == log.written == log.synced
+    log.close()
+    again, got = GroupLog.open(path)
+    assert got == state and again.torn_bytes == 0
+    again.close()
+
+
+def test_entries_after_the_switch_are_synced_only_with_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log, state = GroupLog.open(tmp_path / "g.glog")
+    _batches_with(state, log, BATCHES[:2])
+    log.begin_compaction(state)
+    covered = log.sync()
+    assert covered == log.written
+    log.finish_compaction()
+    _batches_with(state, log, BATCHES[2:3])
+    written = log.written
+    seen: list[tuple[int, int]] = []
+    real = gl._fsync_dir
+
+    def fsync_dir(p: Path) -> None:
+        seen.append((log.synced, log.written))
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(gl, "_fsync_dir", fsync_dir)
+    with pytest.raises(OSError):
+        log.sync()
+    assert seen == [(covered, written)]
+    assert log.synced == covered < written  # the data fsync alone claimed nothing
+    with pytest.raises(LogPoisoned):
+        log.sync()
+    monkeypatch.setattr(gl, "_fsync_dir", real)
+    log.close()
+    assert _recover(tmp_path / "g.glog") == state  # kill -9: the page cache has it all
+
+
+def test_a_sync_of_the_old_file_that_straddles_the_switch_claims_only_what_the_new_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log, state = GroupLog.open(tmp_path / "g.glog")
+    _batches_with(state, log, BATCHES[:2])
+    log.begin_compaction(state)
+    on_disk_in_new = log.sync()  # the tmp is durable up to here
+    _batches_with(state, log, BATCHES[2:4])  # in both files, fsynced in neither
+    later = log.written
+    real = os.fdatasync
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(fd: int) -> None:
+        entered.set()
+        assert release.wait(10)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow)
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(log.sync()))
+    t.start()
+    assert entered.wait(10)  # the fsync thread holds dups of the old file and the tmp
+    monkeypatch.setattr(os, "fdatasync", real)
+    log.finish_compaction()  # the loop switches meanwhile
+    release.set()
+    t.join()
+    # The old file is on disk up to ``later``; the new one (which a power loss may leave
+    # under the name) only up to ``on_disk_in_new`` as far as this sync knows.
+    assert got == [on_disk_in_new] and log.synced == on_disk_in_new < later
+    assert log.sync() == later == log.synced  # data + directory of the new file
+    log.close()
+    assert _recover(tmp_path / "g.glog") == state
+
+
+def test_the_owner_thread_never_fsyncs_during_a_background_compaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log, state = GroupLog.open(tmp_path / "g.glog", compact_bytes=300)
+    calls: list[tuple[str, str]] = []
+
+    def recording(name: str, real: Any) -> Any:
+        def call(fd: int) -> None:
+            calls.append((name, threading.current_thread().name))
+            real(fd)
+
+        return call
+
+    monkeypatch.setattr(os, "fsync", recording("fsync", os.fsync))
+    monkeypatch.setattr(os, "fdatasync", recording("fdatasync", os.fdatasync))
+    switches = 0
+    for n in range(400):
+        _batches_with(state, log, [[Lease(n, 1), Ack(n, 1)]])
+        if log.needs_compaction():
+            log.begin_compaction(state)
+        if n % 7 == 0:  # a round of the fsync thread
+            t = threading.Thread(target=log.sync, name="fsync-thread")
+            t.start()
+            t.join()
+        if log.compaction_ready():
+            log.finish_compaction()
+            switches += 1
+    assert switches >= 3, switches
+    assert calls and {thread for _, thread in calls} == {"fsync-thread"}, calls[:5]
+    assert ("fsync", "fsync-thread") in calls  # the directory, after a switch
+    monkeypatch.undo()
+    log.close()
+    assert _recover(tmp_path / "g.glog") == state
+
+
+def test_a_crash_at_any_step_of_a_background_compaction_recovers_every_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appends before the tmp's fsync, between it and the rename, after the rename and
+    after the directory fsync; a crash before each file-changing call of the whole run
+    (the tmp's write, its fdatasync, the rename, the directory fsync, the dual writes)
+    recovers the state of every append that returned (or with the one in progress)."""
+    path = tmp_path / "orig" / "g.glog"
+    path.parent.mkdir()
+    log, _ = GroupLog.open(path)
+    _batches_with(GroupSnapshot(), log, BATCHES[:2])
+    log.close()
+    extra: list[list[JournalEntry]] = [[Lease(200, 1)], [Ack(200, 1)], [Lease(201, 1)]]
+    plan: list[list[JournalEntry]] = [*BATCHES[2:], *extra]
+    prefixes = [_recover(Path(shutil.copytree(path.parent, tmp_path / "p")) / "g.glog")]
+    for batch in plan:
+        prefixes.append(applied(batch, copy_snapshot(prefixes[-1])))
+
+    def run(p: Path, done: list[int]) -> None:
+        log, state = GroupLog.open(p)
+        log.begin_compaction(state)
+        log.append(plan[0])  # before the tmp's fsync
+        done[0] += 1
+        log.sync()  # fdatasync old + tmp
+        log.append(plan[1])  # between the tmp's fsync and the rename
+        done[0] += 1
+        log.finish_compaction()  # rename
+        for batch in plan[2:-2]:
+            log.append(batch)  # after the rename, before the directory fsync
+            done[0] += 1
+        log.sync()  # fdatasync new + fsync directory
+        for batch in plan[-2:]:
+            log.append(batch)  # after it
+            done[0] += 1
+        log.sync()
+
+    ref = Path(shutil.copytree(path.parent, tmp_path / "ref")) / "g.glog"
+    with monkeypatch.context() as m:
+        steps = _crash_at(m, None)
+        done = [0]
+        run(ref, done)
+    assert done == [len(plan)] and _recover(ref) == prefixes[-1]
+    for want in ("fdatasync", "replace", "fsync"):
+        assert want in steps, steps
+    for k, step in enumerate(steps):
+        p = Path(shutil.copytree(path.parent, tmp_path / f"crash{k}")) / "g.glog"
+        done = [0]
+        with monkeypatch.context() as m:
+            _crash_at(m, k)
+            with pytest.raises(_Crash):
+                run(p, done)
+        got = _recover(p)
+        assert got in (prefixes[done[0]], prefixes[min(done[0] + 1, len(plan))]), (
+            f"crash before {k} ({step}) after {done[0]} appends"
+        )
+        assert sorted(x.name for x in p.parent.iterdir()) == ["g.glog"]
+
+
+def test_a_failed_write_of_the_new_file_abandons_the_compaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "g.glog"
+    log, state = GroupLog.open(path, compact_bytes=100)
+    _batches_with(state, log, BATCHES[:3])
+    real = os.write
+
+    def full(fd: int, data: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(DiskFull):
+        log.begin_compaction(state)
+    monkeypatch.setattr(os, "write", real)
+    assert not log.compacting and not (tmp_path / "g.glog.tmp").exists()
+    assert not log.needs_compaction()  # not again before the deltas grew further
+    log.begin_compaction(state)  # an explicit one still may
+    tmp_fd = log._compaction.fd  # type: ignore[union-attr]
+
+    def full_tmp(fd: int, data: Any) -> int:
+        if fd == tmp_fd:
+            raise OSError(28, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", full_tmp)
+    _batches_with(state, log, BATCHES[3:4])  # the live file takes it: no error
+    monkeypatch.setattr(os, "write", real)
+    assert not log.compacting and not (tmp_path / "g.glog.tmp").exists()
+    _batches_with(state, log, BATCHES[4:])
+    log.close()
+    assert _recover(path) == state
+
+
+def test_close_during_a_background_compaction_removes_the_new_file(tmp_path: Path) -> None:
+    path = tmp_path / "g.glog"
+    log, state = GroupLog.open(path)
+    _batches_with(state, log, BATCHES[:3])
+    log.begin_compaction(state)
+    log.sync()
+    _batches_with(state, log, BATCHES[3:])
+    log.close()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["g.glog"]
+    assert _recover(path) == state
+
+
 # -- sync ---------------------------------------------------------------------------------
 
 

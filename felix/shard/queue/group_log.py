@@ -19,23 +19,41 @@ All integers are big-endian and every CRC is CRC-32 (IEEE, ``zlib.crc32``)::
 
 Writing and durability:
 
-* A file is only ever *created* whole: header + snapshot go to ``<file>.tmp``, which
-  is fsynced, renamed over ``<file>`` and the directory fsynced (a new group in
-  :meth:`GroupLog.open`, and :meth:`GroupLog.compact`). So the snapshot is never
-  torn; a ``.tmp`` found by :meth:`GroupLog.open` is an unfinished rewrite (never the
-  truth) and is removed.
+* A new file (a new group in :meth:`GroupLog.open`) is only ever *created* whole:
+  header + snapshot go to ``<file>.tmp``, which is fsynced, renamed over ``<file>``
+  and the directory fsynced. So the snapshot is never torn; a ``.tmp`` found by
+  :meth:`GroupLog.open` is an unfinished rewrite (never the truth) and is removed.
 * :meth:`GroupLog.append` frames its entries into one DELTA frame and hands it to the
   kernel with one ``os.write`` (no user-space buffer: bytes in a Python buffer die
   with ``kill -9``, bytes in the page cache do not). Only the last frame can be torn.
+* Compaction runs in the background, without an fsync on the owner thread:
+  :meth:`~GroupLog.begin_compaction` writes header + snapshot to ``<file>.tmp`` (no
+  fsync); from then on every append writes its frame to *both* files. The next
+  :meth:`~GroupLog.sync` (fsync thread) fdatasyncs the tmp file with the live one
+  (same entry count); then :meth:`~GroupLog.finish_compaction` (owner thread) renames
+  the tmp file over the file and appends to it from then on; the next sync fsyncs the
+  directory too. A crash at any point leaves the old file (it got every frame up to
+  the rename) or the new one (snapshot + every frame since the compaction began):
+  the same state. :meth:`~GroupLog.compact` does it all at once on the calling thread.
 
 Threads: one owner thread (the shard loop) calls :meth:`~GroupLog.append`,
+:meth:`~GroupLog.begin_compaction`, :meth:`~GroupLog.finish_compaction`,
 :meth:`~GroupLog.compact`, :meth:`~GroupLog.close`, :meth:`~GroupLog.delete`; the fsync
 thread may call :meth:`~GroupLog.sync` at any time. ``sync`` takes the lock only to
-read :attr:`~GroupLog.written` and ``dup`` the fd, then runs ``fdatasync`` on the dup
-without the lock. The owner swaps or closes the fd (compact, close) under the same lock,
-and bumps ``written`` only after its ``write`` returned, so a sync never claims an
-entry it did not cover: an fdatasync of the pre-compaction file still covers what was
-written to it, and a compaction leaves everything synced (the new file is fsynced).
+read :attr:`~GroupLog.written` and ``dup`` the fds (live file, and the tmp file while
+a compaction is in progress), then fdatasyncs the dups (and fsyncs the directory when
+a rename is not known durable) without the lock. The owner swaps or closes the fds
+(switch, close) under the same lock, and bumps ``written`` only after its writes (to
+both files) returned, so a sync never claims an entry it did not cover. What a sync
+may claim (:attr:`~GroupLog.synced`):
+
+* no switch since it began: its entry count, but only after the directory fsync when
+  it began after a rename (entries written after a rename are only in the new file;
+  if the rename were lost they would be too);
+* a switch since it began: its fdatasync covered the *old* file, which a crash may
+  or may not leave under the name, so at most the entries the new file held on disk
+  at the switch (the tmp file's last fdatasync). A switch happens only after such an
+  fdatasync, which covered everything claimed before it.
 """
 
 from __future__ import annotations
@@ -642,6 +660,12 @@ class GroupLog:
         self._synced = 0
         self._closed = False
         self._poisoned: BaseException | None = None
+        # Background compaction (begin_compaction / finish_compaction):
+        self._compaction: _Compaction | None = None
+        self._gen = 0  # bumped by every switch to a new file (under the lock)
+        self._dir_dirty = False  # the last switch's rename is not known durable yet
+        self._switch_durable = 0  # entries durable in both files at the last switch
+        self._retry_size = 0  # after a failed compaction: not again below this size
 
     # -- opening -------------------------------------------------------------------
 
@@ -750,48 +774,174 @@ class GroupLog:
                 raise DiskFull(f"disk full writing group file {self.path}: {exc}") from exc
             self._poisoned = exc
             raise
+        comp = self._compaction
+        if comp is not None:
+            # The new file gets the frame too: its fdatasync (by sync) then covers
+            # every entry it claims, before the rename can make it the truth.
+            try:
+                _write_all(comp.fd, data)
+            except OSError:
+                self._abandon_compaction()  # the live file has the frame: no error
+            else:
+                comp.size += len(data)
         with self._lock:
             self._size += len(data)
             self._written += len(entries)
 
     def sync(self) -> int:
-        """fdatasync; returns the :attr:`written` count it covered (now :attr:`synced`).
+        """fdatasync; returns the :attr:`written` count now known durable (:attr:`synced`).
 
-        Safe from the fsync thread while the owner appends, compacts or closes. An
-        ``OSError`` is raised once and poisons the log (never retried). After
-        :meth:`close` it changes nothing and returns :attr:`synced`."""
+        Safe from the fsync thread while the owner appends, compacts or closes. While a
+        background compaction runs it fdatasyncs the new file (``<file>.tmp``) too, and
+        after its rename it fsyncs the directory: entries written after a rename count
+        only once the directory was fsynced as well. An ``OSError`` is raised once and
+        poisons the log (never retried). After :meth:`close` it changes nothing and
+        returns :attr:`synced`."""
         with self._lock:
             if self._closed and self._poisoned is None:
                 return self._synced  # a late call from the fsync thread
             self._check()
             target = self._written
-            if target <= self._synced:
+            comp = self._compaction
+            sync_tmp = comp is not None and comp.durable < target
+            dirty = self._dir_dirty
+            gen = self._gen
+            if target <= self._synced and not sync_tmp and not dirty:
                 return self._synced
             fd = os.dup(self._fd)
+            tmp_fd = -1
+            if sync_tmp:
+                assert comp is not None
+                try:
+                    tmp_fd = os.dup(comp.fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
         try:
             os.fdatasync(fd)
+            if tmp_fd >= 0:
+                os.fdatasync(tmp_fd)
+            if dirty:
+                _fsync_dir(self.path.parent)
         except OSError as exc:
             self._poisoned = exc
             raise
         finally:
             os.close(fd)
+            if tmp_fd >= 0:
+                os.close(tmp_fd)
         with self._lock:
-            if target > self._synced:
-                self._synced = target
-        return target
+            if sync_tmp and self._compaction is comp:
+                assert comp is not None
+                comp.durable = max(comp.durable, target)
+            if gen == self._gen:
+                if dirty:
+                    self._dir_dirty = False
+                claim = target
+            elif gen + 1 == self._gen:
+                # The file was switched meanwhile: what this fdatasync of the old file
+                # covered counts only as far as the new file held it durably too (which
+                # name a crash leaves is unknown until the directory is fsynced).
+                claim = min(target, self._switch_durable)
+            else:
+                claim = self._synced
+            if claim > self._synced:
+                self._synced = claim
+            return self._synced
 
     def needs_compaction(self) -> bool:
-        """The deltas outgrew ``max(compact_bytes, 4 x the snapshot's size)``."""
-        return self._size - self._snapshot_bytes > max(self.compact_bytes, 4 * self._snapshot_bytes)
+        """The deltas outgrew ``max(compact_bytes, 4 x the snapshot's size)`` and no
+        compaction is in progress (nor failed at this size)."""
+        return (
+            self._compaction is None
+            and self._size >= self._retry_size
+            and self._size - self._snapshot_bytes
+            > max(self.compact_bytes, 4 * self._snapshot_bytes)
+        )
+
+    @property
+    def compacting(self) -> bool:
+        """A background compaction is in progress (begun, not yet switched)."""
+        return self._compaction is not None
+
+    def begin_compaction(self, snapshot: GroupSnapshot) -> None:
+        """Start replacing the file by one holding ``snapshot`` (the group's live
+        state: every entry appended so far), without an fsync on the calling thread.
+
+        ``<file>.tmp`` gets the snapshot (written, not fsynced); from now on every
+        :meth:`append` writes its frame to both files. The next :meth:`sync` (the fsync
+        thread's) fdatasyncs the tmp file as well; then :meth:`finish_compaction`
+        renames it over the file. A failure here leaves the log as it was (DiskFull
+        for lack of space) and no compaction is tried again before the deltas grew
+        by another threshold."""
+        self._check()
+        if self._compaction is not None:
+            raise LocalProtocolError(f"group file {self.path}: a compaction is in progress")
+        data = encode_file(snapshot)
+        tmp = _tmp_path(self.path)
+        try:
+            fd = _write_tmp(tmp, data, sync=False)
+        except OSError as exc:
+            self._retry_size = self._size + max(self.compact_bytes, 4 * self._snapshot_bytes)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"disk full compacting group file {self.path}: {exc}") from exc
+            raise
+        with self._lock:
+            self._compaction = _Compaction(fd, len(data), self._written)
+
+    def compaction_ready(self) -> bool:
+        """The compaction in progress may switch: a sync made its file durable."""
+        with self._lock:
+            return self._compaction is not None and self._compaction.durable >= 0
+
+    def finish_compaction(self) -> None:
+        """Rename the compacted file over the file and append to it from now on (owner
+        thread, once :meth:`compaction_ready`). No fsync here: the next :meth:`sync`
+        fsyncs the directory, and entries written from now on count as synced only
+        after it. A crash before that leaves the old file (it got every frame up to
+        the rename) or the new one (snapshot + the same frames). A failed rename
+        poisons the log."""
+        self._check()
+        comp = self._compaction
+        if comp is None or comp.durable < 0:
+            raise LocalProtocolError(f"group file {self.path}: no compaction ready to switch")
+        try:
+            os.replace(_tmp_path(self.path), self.path)
+        except BaseException as exc:
+            self._poisoned = exc
+            raise
+        with self._lock:
+            old, self._fd = self._fd, comp.fd
+            self._size = comp.size
+            self._snapshot_bytes = comp.snapshot_bytes
+            self._compaction = None
+            self._gen += 1
+            self._dir_dirty = True
+            self._switch_durable = comp.durable
+        os.close(old)
+
+    def _abandon_compaction(self) -> None:
+        """Drop the compaction in progress (its tmp file); the old file stays."""
+        with self._lock:
+            comp, self._compaction = self._compaction, None
+        if comp is None:
+            return
+        self._retry_size = self._size + max(self.compact_bytes, 4 * self._snapshot_bytes)
+        os.close(comp.fd)
+        with contextlib.suppress(OSError):
+            os.unlink(_tmp_path(self.path))
 
     def compact(self, snapshot: GroupSnapshot) -> None:
-        """Replace the file by one holding only ``snapshot`` (the group's live state:
-        it must include every entry appended so far). ``<file>.tmp`` is written,
-        fsynced, renamed over the file and the directory fsynced: a crash at any point
-        leaves the old file or the new one, whole. Afterwards everything written is
-        synced. A failure before the rename leaves the log as it was (DiskFull for
-        lack of space); one after it poisons the log."""
+        """Replace the file by one holding ``snapshot`` at once (the group's live state:
+        it must include every entry appended so far), fsyncs on the calling thread
+        (tests, tools; the shard uses :meth:`begin_compaction`). ``<file>.tmp`` is
+        written, fsynced, renamed over the file and the directory fsynced: a crash at
+        any point leaves the old file or the new one, whole. Afterwards everything
+        written is synced. A compaction in progress is abandoned first. A failure
+        before the rename leaves the log as it was (DiskFull for lack of space); one
+        after it poisons the log."""
         self._check()
+        self._abandon_compaction()
         data = encode_file(snapshot)
         tmp = _tmp_path(self.path)
         try:
@@ -811,12 +961,18 @@ class GroupLog:
         with self._lock:
             old, self._fd = self._fd, fd
             self._size = self._snapshot_bytes = len(data)
-            self._synced = self._written
+            self._synced = self._switch_durable = self._written
+            self._gen += 1
+            self._dir_dirty = False
         os.close(old)
 
     # -- lifecycle -------------------------------------------------------------------
 
     def close(self) -> None:
+        """Close the file; a compaction in progress is abandoned (its tmp removed)."""
+        if self._closed:
+            return
+        self._abandon_compaction()
         with self._lock:
             if self._closed:
                 return
@@ -836,15 +992,34 @@ class GroupLog:
         _fsync_dir(self.path.parent)
 
 
-def _write_tmp(tmp: Path, data: bytes) -> int:
-    """``data`` in a fresh ``tmp`` (fsynced); returns its fd (O_RDWR | O_APPEND). On
-    failure the tmp file is removed."""
+class _Compaction:
+    """A background compaction: the new file's fd and size, the entries its snapshot
+    covers, and how many entries a sync made durable in it (-1: none yet)."""
+
+    __slots__ = ("durable", "fd", "size", "snapshot_bytes", "start")
+
+    def __init__(self, fd: int, size: int, start: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.snapshot_bytes = size
+        self.start = start
+        self.durable = -1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _write_tmp(tmp: Path, data: bytes, *, sync: bool = True) -> int:
+    """``data`` in a fresh ``tmp`` (fsynced unless not ``sync``); returns its fd
+    (O_RDWR | O_APPEND). On failure the tmp file is removed."""
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        _write_all(fd, data)
+        if sync:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):

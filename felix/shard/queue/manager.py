@@ -122,6 +122,9 @@ class QueueManager:
         self._emit = emit
         self._wall_us = wall_us
         self.auto_create = auto_create
+        #: Deltas (bytes) a group file may grow by before it is compacted (at least 4x
+        #: its snapshot; GroupLog.needs_compaction).
+        self.compact_bytes = 1 << 20
         self.groups: dict[tuple[str, str], GroupHandle] = {}
         self._by_stream: dict[str, dict[str, GroupHandle]] = {}
         self._per_tenant: dict[str, int] = {}  # open groups per tenant
@@ -210,7 +213,9 @@ class QueueManager:
                 f"shard {self.shard} (remove unused groups: felix group rm)"
             )
         dlq_key = _dlq_key(view.key, settings)
-        state_log, snapshot = GroupLog.open(path_for(self.root, view.key, name))
+        state_log, snapshot = GroupLog.open(
+            path_for(self.root, view.key, name), compact_bytes=self.compact_bytes
+        )
         now, wall = time.monotonic(), self._wall_us()
         fresh = not recovered and snapshot.next == 0 and snapshot.floor == 0
         if fresh:
@@ -408,7 +413,7 @@ class QueueManager:
                 self.write_failures += 1
                 raise
             if handle.state_log.needs_compaction():
-                handle.state_log.compact(handle.group.state)
+                self._begin_compaction(handle)
         # Dead letters are appended only once their Dying entry is written (above, or
         # before a crash). Drained even without new entries: a recovered group whose only
         # news is a dying entry from before the crash journals nothing, and its append
@@ -417,6 +422,23 @@ class QueueManager:
             self._relay_queue.append((handle, dead))
         handle.group.dead_letters = []
         return bool(entries)
+
+    def _begin_compaction(self, handle: GroupHandle) -> None:
+        """Start compacting the group's file (no fsync on the loop): the fsync thread
+        makes the new file durable, :meth:`synced` then switches to it."""
+        try:
+            handle.state_log.begin_compaction(handle.group.state)
+        except (FelixError, OSError) as exc:
+            log.warning(
+                "shard %d: group %s of %s: cannot compact its state file (%s); it keeps "
+                "growing, tried again later",
+                self.shard,
+                handle.name,
+                handle.key,
+                exc,
+            )
+            return
+        self._sync_wanted[handle] = None
 
     def _write_or_log(self, handle: GroupHandle) -> bool:
         """:meth:`_write` where no request waits for the answer (timers, leaves,
@@ -445,7 +467,17 @@ class QueueManager:
         return wanted
 
     def synced(self, handle: GroupHandle, synced: int) -> list[tuple[int, int, bytes]]:
-        """An fsync of ``handle``'s file covered ``synced`` entries: the replies it frees."""
+        """An fsync of ``handle``'s file covered ``synced`` entries: the replies it frees.
+        A compaction that sync made durable switches to its new file here (a rename,
+        no fsync); the next sync fsyncs the directory, so one is requested."""
+        state_log = handle.state_log
+        if state_log.compaction_ready():
+            try:
+                state_log.finish_compaction()
+            except (FelixError, OSError) as exc:
+                self.sync_failed(handle, exc)  # the log is poisoned: the shard exits
+                return []
+            self._sync_wanted[handle] = None
         out = []
         waiting = handle.waiting
         while waiting and waiting[0][0] <= synced:

@@ -147,6 +147,42 @@ def test_restart_continues_above_everything_issued(path: Path) -> None:
     assert res.floor == 200
 
 
+def test_a_clean_stop_continues_every_stream_where_it_stopped(path: Path) -> None:
+    res = open_res(path)
+    res.ensure("s", 150)  # an entry, mark 200; issued up to 149
+    res.ensure("quiet", 60)  # no entry: issued 0..59 below the floor (100)
+    res.settle({"s": 150, "quiet": 60})
+    assert res.reserved("s") == 150 and res.reserved("quiet") == 60
+
+    res = open_res(path)
+    # No gap: each continues at exactly the next offset it would have issued...
+    assert res.start_offset("s") == 150 and res.start_offset("quiet") == 60
+    # ...and streams it did not know still start above everything issued.
+    assert res.start_offset("other") == 100
+    assert res.ensure("s", 150 + BLOCK) is False  # opening reserved a block above
+
+
+def test_a_settle_is_safe_if_the_stop_is_cut_between_its_two_writes(path: Path) -> None:
+    """.bak keeps the old, higher marks until the second write: loading takes the
+    higher of the two, so a settle cut short falls back to the usual gap."""
+    res = open_res(path)
+    res.ensure("s", 150)
+    before = path.read_bytes()  # what the first write keeps as .bak
+    res.settle({"s": 150})
+    # As if only the first write had happened: main settled, .bak the state before.
+    sibling(path, ".bak").write_bytes(before)
+    res = open_res(path)
+    assert res.start_offset("s") == 200  # the mark before the settle: above all issued
+
+
+def test_a_settle_never_raises_a_mark_nor_moves_the_floor(path: Path) -> None:
+    res = open_res(path)
+    res.ensure("s", 150)
+    res.settle({"s": 10_000, "late": 5_000})  # ends it cannot have issued: ignored
+    assert res.reserved("s") == 200 and res.reserved("late") is None
+    assert res.floor == BLOCK
+
+
 def test_opening_writes_once_however_many_streams(path: Path) -> None:
     res = open_res(path, max_entries=1000)
     for i in range(500):

@@ -416,6 +416,34 @@ class OffsetReservations:
         self._base = base
         return True
 
+    def settle(self, ends: Mapping[str, int]) -> None:
+        """A clean stop: ``ends`` holds, per stream in memory, the offset after the last
+        one it issued, and no offset is issued any more in this process. The marks are
+        written down to exactly those ends, so the next run continues every stream where
+        it stopped instead of a block higher (no gap after a graceful restart).
+
+        Written twice, so that ``.bak`` holds it too (loading takes the higher mark of
+        the file and ``.bak``); a crash between the two writes keeps the old, higher
+        marks: safe, with the usual gap. Streams without an entry get one while the
+        table has room; the floor does not move (streams this process does not hold
+        still start above it).
+
+        Raises:
+            Unavailable: the file could not be written (the old marks stay: safe).
+        """
+        marks = dict(self._marks)
+        for key, end in sorted(ends.items()):
+            mark = marks.get(key)
+            if mark is not None:
+                marks[key] = min(mark, max(end, 0))  # never above: nothing issued there
+            elif len(marks) < self.max_entries and self._base <= end <= self._floor:
+                _check_key(key)
+                marks[key] = end
+        if marks == self._marks:
+            return
+        self._write(marks, self._floor)
+        self._write(marks, self._floor)
+
     # -- file I/O ------------------------------------------------------------------
 
     def _sibling(self, suffix: str) -> Path:

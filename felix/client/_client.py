@@ -393,8 +393,25 @@ class Client:
         ``idempotent``: retry once if the connection is lost under the call.
         """
         self._check_usable()
-        async with self._call_scope(), self._inflight:
-            reply = await self._with_timeout(self._call_on_pool(build, key, idempotent))
+        # _call_scope inline (this is every call's path): drain() waits for these.
+        self._active += 1
+        self._idle.clear()
+        try:
+            async with self._inflight:
+                conn = self._pool.ready(key)
+                if conn is None:  # none is live: wait for one, within the timeout
+                    reply = await self._with_timeout(self._call_on_pool(build, key, idempotent))
+                else:
+                    try:
+                        reply = await conn.call(build, key=key, timeout=self.request_timeout)
+                    except ConnectionLost:
+                        if not idempotent or self._closed:
+                            raise
+                        reply = await self._with_timeout(self._call_on_pool(build, key, False))
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
         return expect_reply(reply, reply_type, opcode)
 
     async def _call_on_pool(

@@ -74,6 +74,9 @@ CLOSE_TOKEN_EXPIRED = 0x106
 SEND_HIGH_WATER = 1024 * 1024
 #: ...until it is back under this.
 SEND_LOW_WATER = 256 * 1024
+#: How often a connection checks the deadlines of its calls (a call times out at most
+#: this much after its timeout).
+DEADLINE_SWEEP = 0.05
 #: Client-side batching of ``ack=False`` publishes: records and payload bytes per frame.
 BATCH_MAX_RECORDS = 512
 BATCH_MAX_BYTES = 256 * 1024
@@ -197,6 +200,10 @@ class Connection:
         self._flush_handle: asyncio.Handle | None = None
         self._closing = False
         self._terminated = self._loop.create_future()
+        # Calls with a timeout: request id -> (deadline, waiter, timeout). One sweep timer
+        # for them all (DEADLINE_SWEEP apart) instead of a timer per request.
+        self._deadlines: dict[int, tuple[float, asyncio.Future[wire.ExtMessage], float]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self.last_received = self._loop.time()
         #: Fresh tokens the broker accepted on this connection (REAUTH on every stream).
         self.reauths = 0
@@ -290,11 +297,14 @@ class Connection:
         *,
         key: object | None = None,
         stream_id: int | None = None,
+        timeout: float | None = None,
     ) -> wire.ExtMessage:
         """Send ``build(request_id)`` on a control stream and wait for the reply with that id.
 
-        Cancellation (or a timeout around this call) forgets the id, so a late
-        reply is dropped. Raises ConnectionLost if the connection ends first.
+        Cancellation (or a timeout) forgets the id, so a late reply is dropped.
+        Raises ConnectionLost if the connection ends first, FelixTimeoutError when
+        ``timeout`` seconds pass first (checked every DEADLINE_SWEEP: one timer per
+        connection, not one per call).
         """
         self._check_alive()
         future: asyncio.Future[wire.ExtMessage] = self._loop.create_future()
@@ -304,9 +314,24 @@ class Connection:
             if stream_id is None:
                 stream_id = self.control_stream_for(key)
             self.protocol.send_stream_data(stream_id, frame)
+            if timeout is not None:
+                self._deadlines[request_id] = (self._loop.time() + timeout, future, timeout)
+                if self._sweeper is None:
+                    self._sweeper = self._loop.call_later(DEADLINE_SWEEP, self._sweep_deadlines)
             return await future
         finally:
             self.requests.discard(request_id)
+            if timeout is not None:
+                self._deadlines.pop(request_id, None)
+
+    def _sweep_deadlines(self) -> None:
+        self._sweeper = None
+        now = self._loop.time()
+        for deadline, future, timeout in list(self._deadlines.values()):
+            if deadline <= now and not future.done():
+                future.set_exception(FelixTimeoutError(f"no reply within {timeout} s"))
+        if self._deadlines and self.lost is None:
+            self._sweeper = self._loop.call_later(DEADLINE_SWEEP, self._sweep_deadlines)
 
     async def reauth(self, token: str) -> None:
         """Present ``token`` (REAUTH) on every control stream and wait until all accept it.
@@ -597,6 +622,9 @@ class Connection:
 
     def _end(self, error: FelixError) -> None:
         self.lost = error
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None

@@ -224,21 +224,31 @@ class Pool:
         while True:
             if self.closed:
                 raise ConnectionLost("the client is closed")
-            live = [slot for slot in self._slots if slot.conn is not None]
-            if not live and all(slot.failed is not None for slot in self._slots):
+            conn = self.ready(key)
+            if conn is not None:
+                return conn
+            if all(slot.failed is not None for slot in self._slots):
                 failed = self._slots[0].failed
                 raise Unauthenticated(str(failed))
-            if live:
-                if key is None:
-                    self._round_robin += 1
-                    slot = live[self._round_robin % len(live)]
-                else:
-                    slot = self._slots[hash(key) % len(self._slots)]
-                    if slot.conn is None:
-                        slot = live[hash(key) % len(live)]
-                assert slot.conn is not None
-                return slot.conn
             await self._changed.wait()
+
+    def ready(self, key: object | None = None) -> Connection | None:
+        """The live connection :meth:`connection` would give now, or None (none is live,
+        or the pool is closed): the calls' fast path, without a coroutine."""
+        if self.closed:
+            return None
+        slots = self._slots
+        if key is not None:
+            slot = slots[hash(key) % len(slots)]
+            if slot.conn is not None:
+                return slot.conn
+        live = [slot for slot in slots if slot.conn is not None]
+        if not live:
+            return None
+        if key is None:
+            self._round_robin += 1
+            return live[self._round_robin % len(live)].conn
+        return live[hash(key) % len(live)].conn
 
     def _notify(self) -> None:
         self._changed.set()

@@ -90,7 +90,8 @@ def _wall_us() -> int:
     return time.time_ns() // 1000
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory (a rename or a new file in it is durable after this)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -161,7 +162,7 @@ class DiskLog:
         # ... and the directory entries down to it (whoever created the directories):
         # the stream, namespace, tenant and streams directories of the layout.
         for level in (directory, *directory.parents[:PARENT_DIRS_SYNCED]):
-            _fsync_dir(level)
+            fsync_dir(level)
         log._dir_dirty = False
         log._size_bytes = sum(s.size for s in segments)
         end = max(active.last_offset + 1, active.base_offset)
@@ -311,7 +312,7 @@ class DiskLog:
             # is synced (the directory is flushed every time: a sync thread may hold
             # the dirty flag at this moment, and this is once per segment_bytes).
             os.fdatasync(self._fd)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError as exc:
             self._poisoned = exc
             raise
@@ -367,7 +368,7 @@ class DiskLog:
         try:
             os.fdatasync(fd)
             if dir_dirty:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
         except OSError as exc:
             self._poisoned = exc
             raise
@@ -496,7 +497,7 @@ class DiskLog:
         self.close()
         shutil.rmtree(self.directory, ignore_errors=False)
         with contextlib.suppress(OSError):
-            _fsync_dir(self.directory.parent)
+            fsync_dir(self.directory.parent)
 
 
 def _info(seg: Segment) -> IndexInfo:

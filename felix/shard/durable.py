@@ -44,7 +44,7 @@ from typing import Any, Final, Literal, TypeAlias
 from felix import ipc, wire
 from felix.errors import BadRequest, DiskFull, FelixError, LogDamaged, Overloaded, Unavailable
 from felix.shard.disk_read import ReadJob
-from felix.shard.disklog import DiskLog, DiskLogSettings
+from felix.shard.disklog import DiskLog, DiskLogSettings, fsync_dir
 from felix.shard.log_format import encode_envelope
 
 __all__ = [
@@ -514,7 +514,7 @@ class DurableStore:
                 self.disk_used -= stream.log.size_bytes
                 stream.log.close()
             os.replace(path, trash)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             shutil.rmtree(trash)
         except OSError as exc:
             log.error("shard %d: cannot delete the files of %s: %s", self.shard, key, exc)
@@ -578,14 +578,6 @@ class DurableStore:
             },
         )
         return out
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _subdirs(path: Path) -> Iterator[str]:

@@ -71,6 +71,7 @@ from typing import Final, NamedTuple
 
 from felix.errors import BadRequest, DiskFull, LocalProtocolError, LogDamaged, LogPoisoned
 from felix.names import validate_name
+from felix.shard.disklog import fsync_dir
 from felix.shard.queue.journal import (
     Ack,
     Dead,
@@ -158,6 +159,9 @@ _QI = struct.Struct(">QI")
 _QQ = struct.Struct(">QQ")
 _QIQ = struct.Struct(">QIQ")
 _EMPTY_STR = b"\x00\x00"
+
+#: The directory fsync every file change here ends with (a module name tests patch).
+_fsync_dir = fsync_dir
 
 
 def encode_file_header() -> bytes:
@@ -627,14 +631,6 @@ def discover(root: Path) -> list[tuple[str, str]]:
 
 
 # -- the log -------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _tmp_path(path: Path) -> Path:

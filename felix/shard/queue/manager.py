@@ -63,12 +63,10 @@ RELAY_TIMEOUT: Final = 10.0
 MAX_DELIVERY_BYTES: Final = 1 << 20
 #: Records one DELIVERIES frame carries at most.
 MAX_DELIVERY_RECORDS: Final = 1024
-#: A consumer that asks for the default window gets this many records / bytes.
+#: A consumer that asks for the default window gets this many records (bytes: ipc).
 DEFAULT_CREDIT_RECORDS: Final = 64
-DEFAULT_CREDIT_BYTES: Final = ipc.QUEUE_DEFAULT_CREDIT_BYTES
-#: The largest window a consumer may ask for.
+#: The largest window in records a consumer may ask for (bytes: ipc).
 MAX_CREDIT_RECORDS: Final = 65_536
-MAX_CREDIT_BYTES: Final = ipc.QUEUE_MAX_CREDIT_BYTES
 
 
 @dataclass(slots=True)
@@ -301,7 +299,7 @@ class QueueManager:
                 raise Unavailable("this shard keeps no data on disk: no queue groups")
             handle = self._open(view, msg.group, settings or GroupSettings(), recovered=False)
         records = _credit(msg.credit_records, DEFAULT_CREDIT_RECORDS, MAX_CREDIT_RECORDS)
-        nbytes = _credit(msg.credit_bytes, DEFAULT_CREDIT_BYTES, MAX_CREDIT_BYTES)
+        nbytes = ipc.queue_credit_bytes(msg.credit_bytes)  # the rule the gateway applies
         role = handle.group.join(member, msg.consumer_id, records, nbytes, time.monotonic())
         self._members[member] = handle
         self._consumers[member] = msg.consumer_id
@@ -311,7 +309,7 @@ class QueueManager:
     def window(self, gateway: int, token: int, msg: wire.ConsumerWindow) -> bytes:
         handle = self._member(gateway, token)
         records = _credit(msg.credit_records, DEFAULT_CREDIT_RECORDS, MAX_CREDIT_RECORDS)
-        nbytes = _credit(msg.credit_bytes, DEFAULT_CREDIT_BYTES, MAX_CREDIT_BYTES)
+        nbytes = ipc.queue_credit_bytes(msg.credit_bytes)  # the rule the gateway applies
         handle.group.set_window((gateway, token), records, nbytes)
         self._dirty[handle] = None
         return wire.encode_ok(msg.request_id)

@@ -45,7 +45,7 @@ from felix.node import messages as msg
 from felix.node.config import NodeConfig
 from felix.node.disk_io import (
     DiskIO,
-    durable_stats,
+    core_stats,
     durable_store,
     fsync_failed,
     fsync_fault_file,
@@ -272,19 +272,7 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
 
     await serve_commands(
         control,
-        lambda: {
-            **stats,
-            "published": core.published,
-            "pushes": core.pushes,
-            "streams": core.streams,
-            "budget_trims": core.budget_trims,
-            "blocked": core.blocked,
-            "memory_used": core.memory_used,
-            "quota_trims": core.quota_trims,
-            "trimmed_bytes": core.trimmed_bytes,
-            "caches": core.caches,
-            **durable_stats(core),
-        },
+        lambda: {**stats, **core_stats(core)},
         on_command,
     )
     for r in readers:
@@ -437,7 +425,8 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
 
     await serve_commands(
         control,
-        lambda: {**stats(), **sum_stats(durable_stats(c) for c in cores)},
+        # Embedded shard cores report what a shard process would.
+        lambda: {**stats(), **sum_stats(core_stats(c) for c in cores)},
         on_command,
     )
     server.close()

@@ -167,6 +167,14 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="the same as --topology embedded",
     )
     up.add_argument(
+        "--spin-us",
+        type=int,
+        default=0,
+        metavar="US",
+        help="keep polling for this long after traffic before sleeping (gateways: their UDP "
+        "socket; shards: their rings): lower latency for CPU (0: off; see docs/operations.md)",
+    )
+    up.add_argument(
         "--auth",
         nargs="?",
         const="jwt",
@@ -361,6 +369,7 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         control_url=args.control_url,
         control_token=args.control_token,
         embedded_shards=embedded,
+        spin_us=args.spin_us,
         auth=_auth_mode(args.auth, listen[0], *([] if args.control_url else [control[0]])),
         key_rotation_interval=parse_duration(args.key_rotation_interval),
         key_publish_lead=parse_duration(args.key_publish_lead),

@@ -200,6 +200,10 @@ class NodeConfig:
     control_url: str | None = None
     #: Host the shard cores inside the (single) gateway process: no ring hop.
     embedded_shards: bool = False
+    #: Microseconds a gateway keeps polling its UDP socket after a datagram, and a
+    #: shard its request rings after a record, before sleeping (0: off): trades CPU
+    #: for the wake-up of a sleeping process (felix/quic/spin.py).
+    spin_us: int = 0
     #: Require Felix tokens (keys in DATA_DIR/auth, see `felix token`), on the QUIC port
     #: and the embedded control plane's API (or the bootstrap admin token in
     #: DATA_DIR/admin-token); with it both may listen beyond loopback without --insecure.
@@ -228,6 +232,8 @@ class NodeConfig:
             raise ConfigError("--gateways and --shards must be at least 1")
         if self.embedded_shards and self.gateways != 1:
             raise ConfigError("--embedded-shards needs --gateways 1 (shards live in the gateway)")
+        if not 0 <= self.spin_us <= 10_000:
+            raise ConfigError("--spin-us must be between 0 and 10000")
         if self.gateways * self.shards > 256:
             raise ConfigError("gateways x shards is limited to 256 (one ring pair each)")
         for name in ("listen", "http", "control"):

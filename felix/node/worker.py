@@ -250,7 +250,11 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
         disk_io.kick()
         send_out()
 
-    readers = [RingReader(ring, functools.partial(on_batch, g)) for g, ring in enumerate(inbound)]
+    spin_ns = config.spin_us * 1000
+    readers = [
+        RingReader(ring, functools.partial(on_batch, g), spin_ns=spin_ns)
+        for g, ring in enumerate(inbound)
+    ]
     tasks = [loop.create_task(r.run()) for r in readers]
 
     def sweep() -> None:
@@ -377,6 +381,7 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
         connection_factory(gateway),
         # Survives restarts: clients of a killed gateway get a stateless reset.
         reset_key=load_reset_key(config.data_dir),
+        spin=config.spin_us / 1e6,
     )
     control.send(msg.Ready())
 

@@ -431,6 +431,12 @@ class Client:
     ) -> None:
         self._check_usable()
         key = (namespace, stream)
+        # The common case without a coroutine, context manager or timer of its own: a
+        # live connection with send room takes the record at once.
+        conn = self._pool.ready(key)
+        if conn is not None and conn.writable_now(key):
+            conn.publish_nowait(namespace, stream, payload, headers)
+            return
 
         async def queue() -> None:
             conn = await self._pool.connection(key)

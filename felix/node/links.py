@@ -72,6 +72,9 @@ class LocalShards:
         self._gateway = 0
         self._deliver: Deliver | None = None
         self._flush_scheduled = False
+        # The loop, once known: asyncio.get_running_loop() costs a getpid() system call
+        # on every request otherwise.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
         #: Called with a core's index before its records are flushed (the worker starts
@@ -106,7 +109,10 @@ class LocalShards:
         """Deliver what the cores produced at the end of this loop tick (once per tick)."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -65,8 +65,8 @@ MAX_BYTES_PER_BATCH = 1 << 20
 MAX_CHUNK = 256 * 1024
 #: How long close() keeps flushing a backlog before it ends the connection anyway.
 CLOSING_TIMEOUT = 1.0
-#: Application close code (as the gateway's CLOSE_OVERLOADED) for a peer that stopped reading.
-CLOSE_BACKLOG = 0x105
+#: Application close code for a peer that stopped reading (docs/wire-protocol.md).
+CLOSE_BACKLOG = 0x109
 ALPN = "felix"
 
 

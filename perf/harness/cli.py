@@ -142,6 +142,10 @@ class Context:
         self.rigs.clear()
 
 
+#: Systems over the shared-memory transport (pub/sub: fanout 1 only).
+SHM_SYSTEMS = ("felix-shm", "felix-shm 1x1e")
+
+
 def _n(value: float, scale: float, floor: int = 20) -> int:
     return max(floor, int(value * scale))
 
@@ -216,7 +220,9 @@ def build_workloads(
                             f"cache.{op}.{size_name}.if{inf}",
                             "cache",
                             f"cache {op} {size_name}, {inf} in flight",
-                            systems_for("cache", "felix-shm", "redis", "redis-unix"),
+                            systems_for(
+                                "cache", "felix-shm", "felix-shm 1x1e", "redis", "redis-unix"
+                            ),
                             {"op": op, "size": size, "in_flight": inf, "n": n},
                             run_cache,
                         )
@@ -243,7 +249,7 @@ def build_workloads(
                         f"pubsub.closed.f{fanout}.{size_name}",
                         "pubsub",
                         f"pub/sub fanout {fanout} {size_name}, 1 in flight (closed loop)",
-                        systems_for("pubsub", *(["felix-shm"] if fanout == 1 else []), "nats"),
+                        systems_for("pubsub", *(SHM_SYSTEMS if fanout == 1 else ()), "nats"),
                         {"fanout": fanout, "size": size, "n": n},
                         run_closed,
                     )
@@ -274,7 +280,7 @@ def build_workloads(
                         f"pubsub.open.f{fanout}.{size_name}",
                         "pubsub",
                         f"pub/sub fanout {fanout} {size_name}, open loop {rate:g} msg/s",
-                        systems_for("pubsub", *(["felix-shm"] if fanout == 1 else []), "nats"),
+                        systems_for("pubsub", *(SHM_SYSTEMS if fanout == 1 else ()), "nats"),
                         {"fanout": fanout, "size": size, "n": n, "rate": rate},
                         run_open,
                     )
@@ -295,7 +301,7 @@ def build_workloads(
                     f"pubsub.max.f{fanout}.64B",
                     "pubsub",
                     f"pub/sub fanout {fanout} 64B, max deliveries/s (window {args.window})",
-                    systems_for("pubsub", *(["felix-shm"] if fanout == 1 else []), "nats"),
+                    systems_for("pubsub", *(SHM_SYSTEMS if fanout == 1 else ()), "nats"),
                     {"fanout": fanout, "size": 64, "n": n, "window": args.window},
                     run_max,
                 )
@@ -488,14 +494,23 @@ async def main_async(args: argparse.Namespace) -> int:
                 notes[peer.name] = f"not reachable at {peer.url}, skipped ({exc!r})"
                 print(f"note: {peer.name} {notes[peer.name]}", flush=True)
         if fams & {"cache", "pubsub"}:
-            # The same node over shared memory, and Redis over its Unix socket.
-            try:
-                shm = FelixShm(main_node)
-                await shm.probe()
-                ctx.systems[shm.name] = shm
-            except Exception as exc:
-                notes["felix-shm"] = f"skipped ({exc!r})"
-                print(f"note: felix-shm {notes['felix-shm']}", flush=True)
+            # The same node over shared memory, and Redis over its Unix socket. Beside
+            # them, shm to a node whose gateway hosts its shard (no gateway-shard hop):
+            # what the transport costs without the inter-process hop behind it.
+            shm_nodes = [(main_node, "felix-shm")]
+            if args.shm_embedded:
+                embedded = FelixNode(1, 1, True)
+                nodes.append(embedded)
+                shm_nodes.append((embedded, "felix-shm 1x1e"))
+            for node_, sysname in shm_nodes:
+                try:
+                    shm = FelixShm(node_)
+                    shm.name = sysname
+                    await shm.probe()
+                    ctx.systems[sysname] = shm
+                except Exception as exc:
+                    notes[sysname] = f"skipped ({exc!r})"
+                    print(f"note: {sysname} {notes[sysname]}", flush=True)
         if "cache" in fams:
             if args.redis_unix == "off":
                 notes["redis-unix"] = "skipped (--redis-unix off)"
@@ -585,6 +600,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="Redis Unix socket path; auto (default): the --redis server's socket if it has "
         "one, else a private redis-server started on a temporary socket; or off",
+    )
+    ap.add_argument(
+        "--no-shm-embedded",
+        dest="shm_embedded",
+        action="store_false",
+        help="skip the 'felix-shm 1x1e' system (shm to a second node with embedded shards)",
     )
     ap.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS URL, or off")
     ap.add_argument(

@@ -17,7 +17,13 @@ from perf.harness.stats import FIGURES, percentile_curve, summarize
 PEERS = ("redis", "nats", "rabbitmq", "jetstream")
 #: More (system, peer) pairs with a ratio row: felix over shared memory beside Redis over
 #: its Unix socket (and beside NATS for pub/sub). Keyed "system/peer" in ``ratios``.
-PAIRS = (("felix-shm", "redis-unix"), ("felix-shm", "redis"), ("felix-shm", "nats"))
+PAIRS = (
+    ("felix-shm", "redis-unix"),
+    ("felix-shm", "redis"),
+    ("felix-shm", "nats"),
+    ("felix-shm 1x1e", "redis-unix"),
+    ("felix-shm 1x1e", "nats"),
+)
 _FIG_HEAD = {
     "p50": "p50 us",
     "p90": "p90 us",
@@ -373,6 +379,7 @@ _COLORS = {
     "jetstream": "tab:olive",
     "felix": "tab:blue",
     "felix-shm": "tab:cyan",
+    "felix-shm 1x1e": "tab:brown",
     "redis": "tab:red",
     "redis-unix": "tab:pink",
     "nats": "tab:green",

@@ -106,14 +106,35 @@ def test_cache_pubsub_and_queue_over_shm(node: NodeProcess) -> None:
     run(main, timeout=60)
 
 
+def test_the_cli_takes_a_felix_shm_url(node: NodeProcess) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "felix.cli", *args, "--url", shm_url(node)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    stored = cli("cache", "set", "cli-cache", "user:2", "bob")
+    assert stored.returncode == 0, stored.stderr
+    got = cli("cache", "get", "cli-cache", "user:2")
+    assert (got.returncode, got.stdout) == (0, "bob\n"), got.stderr
+
+
+#: A client as a client-only install runs it: without the server extra's posix_ipc
+#: (named rings only), importing nothing server-side.
 CLIENT = textwrap.dedent(
     """
-    import asyncio, sys, felix
+    import asyncio, sys
+    sys.modules["posix_ipc"] = None  # import fails, as in a client-only install
+    import felix
 
     async def main():
         client = await felix.connect(sys.argv[1])
         await client.cache("c").set("k", b"v")
-        print("connected", flush=True)
+        server = [m for m in sys.modules if m.startswith(("felix.gateway", "felix.node",
+                                                          "felix.shard", "felix.shm.server"))]
+        print("connected" if not server else f"server-side modules: {server}", flush=True)
         await asyncio.sleep(60)
 
     asyncio.run(main())

@@ -204,6 +204,33 @@ def test_more_than_the_connection_limit_is_refused_clearly(node: NodeProcess) ->
     run(main, timeout=30)
 
 
+def test_the_client_reconnects_after_its_gateway_is_killed(node: NodeProcess) -> None:
+    # Last of the module's tests on this node: its gateway restarts.
+    events: list[object] = []
+
+    async def main() -> None:
+        async with felix.connect(
+            shm_url(node), reconnect_backoff=(0.05, 0.5), on_event=events.append
+        ) as client:
+            cache = client.cache("c")
+            assert await cache.set("again", b"1")
+            old = node.kill_child("gateway-0")
+            await asyncio.to_thread(node.wait_restarted, "gateway-0", old)
+            deadline = asyncio.get_running_loop().time() + 20
+            while True:
+                try:
+                    assert await cache.get("again") == b"1"
+                    break
+                except felix.FelixError as exc:
+                    assert exc.retryable, exc
+                    assert asyncio.get_running_loop().time() < deadline, exc
+                    await asyncio.sleep(0.1)
+
+    run(main, timeout=40)
+    names = [type(e).__name__ for e in events]
+    assert "Disconnected" in names and "Reconnected" in names, names
+
+
 def test_auth_runs_over_shm_as_over_quic(tmp_path: Path) -> None:
     auth_dir = tmp_path / "node" / "auth"
 

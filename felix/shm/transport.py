@@ -286,7 +286,7 @@ class ShmTransport:
         self._unpublished = False
         if queue or self._closing is not None:
             self._retry = self._loop.call_later(RETRY_INTERVAL, self._flush)
-        if progress:
+        if progress and self._closing is None:
             try:
                 self.handler.transmitted()
             except Exception:

@@ -35,8 +35,7 @@ the connection.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from felix.errors import ShmProtocolError
 
@@ -83,9 +82,11 @@ _SERVER: Final = 0x1
 _UNI: Final = 0x2
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """One parsed frame; ``payload`` is a copy (the ring's space is reused after commit)."""
+class Frame(NamedTuple):
+    """One parsed frame; ``payload`` is a copy (the ring's space is reused after commit).
+
+    A named tuple: made once per record on the receive path, where a frozen
+    dataclass's slower constructor would show."""
 
     kind: int
     flags: int

@@ -57,9 +57,10 @@ log = logging.getLogger("felix.shm")
 RETRY_INTERVAL = 0.001
 #: Bound on one connection's backlog (bytes of frames not yet in the ring) by default.
 DEFAULT_MAX_BACKLOG = 64 * 1024 * 1024
-#: Batches of records one doorbell wake-up handles before yielding to the loop.
-MAX_BATCHES_PER_WAKE = 16
-MAX_RECORDS_PER_BATCH = 256
+#: Batches of records one doorbell wake-up handles before yielding to the loop: at most
+#: 256 records (a few ms of gateway work), then the other connections' callbacks run.
+MAX_BATCHES_PER_WAKE = 4
+MAX_RECORDS_PER_BATCH = 64
 MAX_BYTES_PER_BATCH = 1 << 20
 #: Largest payload of one DATA frame (larger writes are split).
 MAX_CHUNK = 256 * 1024

@@ -349,3 +349,33 @@ def test_a_silent_client_is_dropped_after_the_handshake_timeout(tmp_path: Path) 
         listener.close()
 
     run(main, timeout=30)
+
+
+def test_a_peer_that_stops_reading_is_closed_at_the_backlog_bound(tmp_path: Path) -> None:
+    async def main() -> None:
+        path = str(tmp_path / "felix.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(8)
+        handlers: list[Echo] = []
+
+        def make(transport: StreamTransport) -> Echo:
+            handlers.append(Echo(transport))
+            return handlers[-1]
+
+        server = ShmServer(listener, make, max_connections=2, max_backlog=256 * 1024)
+        server.start()
+        client = await shm_connect(path, Echo, 2.0, ring_capacity=1 << 16)
+        transport = client.transport
+        assert isinstance(transport, ShmTransport)
+        # The client stops reading its ring: the node's echo backs up.
+        asyncio.get_running_loop().remove_reader(transport._in.doorbell_fd)
+        transport.send_stream_data(0, b"x" * (1 << 20))
+        reason = await asyncio.wait_for(handlers[0].ended, 5)
+        assert reason.error_code == 0x109 and "stopped reading" in reason.reason_phrase
+        assert server.connections == 0
+        transport.abort()
+        server.close()
+        listener.close()
+
+    run(main, timeout=30)

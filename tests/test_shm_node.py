@@ -315,3 +315,17 @@ def test_shm_url_parsing() -> None:
     ):
         with pytest.raises(ConfigError):
             parse_url(bad)
+
+
+def test_shm_settings_are_checked() -> None:
+    from felix.errors import ConfigError
+    from felix.node.config import NodeConfig
+
+    with pytest.raises(ConfigError, match="longer than a Unix socket path"):
+        NodeConfig(shm_socket=Path("/" + "a" * 200))
+    with pytest.raises(ConfigError, match="absolute"):
+        NodeConfig(shm_socket=Path("relative.sock"))
+    with pytest.raises(ConfigError, match="--shm-max-connections"):
+        NodeConfig(shm_max_connections=0)
+    config = NodeConfig(shm_socket=Path("/run/felix.sock"), shm_socket_mode=0o660)
+    assert NodeConfig.from_json(config.to_json()) == config

@@ -259,9 +259,13 @@ class Supervisor:
             try:
                 probe.settimeout(1.0)
                 probe.connect(str(path))
-            except OSError:
-                path.unlink(missing_ok=True)  # stale: nobody serves it
+            except ConnectionRefusedError:
+                path.unlink(missing_ok=True)  # stale: nobody listens on it
                 log.info("removed the stale shm socket %s", path)
+            except OSError as exc:  # not ours to judge (another user's, a full backlog)
+                raise ConfigError(
+                    f"--shm-socket {path} exists and cannot be probed: {exc}"
+                ) from None
             else:
                 raise ConfigError(f"--shm-socket {path} is served by another running node")
             finally:

@@ -13,6 +13,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from felix.errors import FelixTimeoutError, HandshakeFailed, Overloaded, ShmProtocolError
 from felix.quic.transport import CloseReason, ConnectionHandler, StreamTransport
@@ -379,3 +381,38 @@ def test_a_peer_that_stops_reading_is_closed_at_the_backlog_bound(tmp_path: Path
         listener.close()
 
     run(main, timeout=30)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([DATA, RESET_STREAM, STOP_SENDING, 0, 5]),
+            st.integers(0, 3),
+            st.integers(0, 40),
+            st.binary(max_size=4),
+        ),
+        max_size=40,
+    ),
+    st.booleans(),
+)
+@settings(max_examples=300, deadline=None)
+def test_any_frame_sequence_is_applied_or_refused_cleanly(
+    frames: list[tuple[int, int, int, bytes]], is_client: bool
+) -> None:
+    """Whatever a peer sends, the stream state answers or raises ShmProtocolError,
+    and its counts stay within the announced limits."""
+    streams = ShmStreams(is_client=is_client, local_limits=(3, 2), peer_limits=(2, 2))
+    for kind, flags, stream_id, payload in frames:
+        raw = struct.pack("<BBHIQ", kind, flags, 0, 0, stream_id) + payload
+        try:
+            frame = framing.parse(raw)
+            if frame.kind != framing.CLOSE:
+                assert streams.receive(frame) in (
+                    framing.IGNORE,
+                    framing.DELIVER,
+                    framing.DELIVER_AND_RESET,
+                )
+        except ShmProtocolError:
+            return
+        assert streams._open_peer[0] <= 3 and streams._open_peer[1] <= 2
+        assert streams.open_streams() <= 5

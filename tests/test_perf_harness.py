@@ -79,7 +79,9 @@ def test_json_shape(run: tuple[Path, dict[str, Any], str]) -> None:
     # redis-server when the machine's has none).
     by_id = {w["id"]: w for w in data["workloads"]}
     cache_systems = set(by_id["cache.get.64B.if1"]["systems"])
-    assert {"felix-shm", "felix-shm 1x1e"} <= cache_systems
+    assert "felix-shm" in cache_systems
+    # Unless the main node already hosts its shards (felix up's choice on small machines).
+    assert "felix-shm 1x1e" in cache_systems or "felix-shm 1x1e" in data["meta"]["unavailable"]
     if shutil.which("redis-server"):
         assert "redis-unix" in cache_systems
         assert by_id["cache.get.64B.if1"]["ratios"]["felix-shm/redis-unix"]["p50"] > 0

@@ -498,7 +498,10 @@ async def main_async(args: argparse.Namespace) -> int:
             # them, shm to a node whose gateway hosts its shard (no gateway-shard hop):
             # what the transport costs without the inter-process hop behind it.
             shm_nodes = [(main_node, "felix-shm")]
-            if args.shm_embedded:
+            main_embedded = bool(main_node.info.get("topology", {}).get("embedded_shards"))
+            if args.shm_embedded and main_embedded:
+                notes["felix-shm 1x1e"] = "skipped: the main node already hosts its shards"
+            elif args.shm_embedded:
                 embedded = FelixNode(1, 1, True)
                 nodes.append(embedded)
                 shm_nodes.append((embedded, "felix-shm 1x1e"))

@@ -11,6 +11,7 @@ cdef class Ring:
     cdef readonly str name
     cdef int _doorbell_fd          # eventfd the producer rings; -1: no doorbell (busy-poll)
     cdef bint _owner               # this object created the segment (the context manager unlinks)
+    cdef int _fd                   # the memfd behind the mapping, owned (closed on close); -1: named
     cdef object _mmap              # mmap.mmap of the whole segment; keeps the mapping alive
     cdef object _view              # read-only memoryview of _mmap; record views are its slices
     cdef Py_buffer _buf            # our own export of _mmap, giving the raw pointer below
@@ -53,6 +54,7 @@ cdef class Ring:
     cdef int _map(self, object mm) except -1
     cdef int _validate_header(self, Py_ssize_t size) except -1
     cdef int _setup(self, uint64_t capacity) except -1
+    cdef int _init_header(self, uint64_t capacity) except -1
     cdef int _check_open(self) except -1
     cdef int _refresh_tail(self) except -1
     cdef int _refresh_head(self) except -1

@@ -35,6 +35,15 @@ class Ring:
     @classmethod
     def attach(cls, name: str, *, doorbell_fd: int = -1) -> Ring:
         """Map an existing segment after validating its header; RingError if missing or bad."""
+    @classmethod
+    def create_memfd(cls, *, capacity: int = 1048576, doorbell_fd: int = -1) -> Ring:
+        """Create a ring in a new sealed memfd (owned: ``fd``, closed by close())."""
+    @classmethod
+    def attach_fd(cls, fd: int, *, doorbell_fd: int = -1) -> Ring:
+        """Map a sealed memfd ring; owns ``fd`` on success. RingError if it is no ring."""
+    @property
+    def fd(self) -> int:
+        """The memfd of a memfd ring, -1 for a named one."""
     def close(self) -> None:
         """Unmap this side (idempotent); live record views keep the mapping until released."""
     def unlink(self) -> None:

@@ -6,6 +6,17 @@ How it works
 One process creates a segment (``Ring.create``), another attaches to it by name
 (``Ring.attach``). One of them only writes, the other only reads.
 
+A ring can also live in an anonymous memfd (``Ring.create_memfd``), passed to the
+other process as a file descriptor (SCM_RIGHTS) and mapped there with
+``Ring.attach_fd``: no name to guess, nothing left behind when both close it. Its
+size is sealed (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL), so a peer that holds
+the fd cannot shrink the file under our mapping (which would make our next access
+of the lost pages a SIGBUS). Such a peer may be hostile (a same-host client): it can
+write any byte of the mapping at any time. Both sides therefore keep private copies
+of everything they read from the header (capacity, mask, max record, taken once at
+create/attach) and check every shared word they load (head, tail, record lengths)
+against them, as below.
+
 Segment layout (native byte order; offsets in bytes)::
 
       0  header       magic u64 "FLXRING1", version u32, header_size u32,
@@ -76,11 +87,11 @@ from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
 from posix.unistd cimport read as c_read, write as c_write
 
+import fcntl
 import mmap
 import os
 import secrets
-
-import posix_ipc
+import stat
 
 from felix.errors import RingError
 
@@ -206,6 +217,15 @@ def record_footprint(Py_ssize_t size):
     return _align8(_LEN_SIZE + <uint64_t>size)
 
 
+def _check_capacity(long long capacity):
+    if capacity < <long long>_MIN_CAPACITY or capacity > <long long>_MAX_CAPACITY:
+        raise ValueError(
+            f"capacity must be between {_MIN_CAPACITY} and {_MAX_CAPACITY}, got {capacity}"
+        )
+    if capacity & (capacity - 1):
+        raise ValueError(f"capacity must be a power of two, got {capacity}")
+
+
 def _new_name():
     return f"/felix-ring-{os.getpid()}-{secrets.token_hex(6)}"
 
@@ -224,6 +244,7 @@ cdef class Ring:
 
     def __cinit__(self):
         self._doorbell_fd = -1
+        self._fd = -1
         self._data = NULL
         self._has_buf = False
         self.name = ""
@@ -235,6 +256,12 @@ cdef class Ring:
         if self._has_buf:
             PyBuffer_Release(&self._buf)
             self._has_buf = False
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -249,12 +276,7 @@ cdef class Ring:
         Raises ValueError for a bad capacity, RingError if the name exists or the
         segment cannot be created. Leaving a ``with`` block unlinks the name.
         """
-        if capacity < <long long>_MIN_CAPACITY or capacity > <long long>_MAX_CAPACITY:
-            raise ValueError(
-                f"capacity must be between {_MIN_CAPACITY} and {_MAX_CAPACITY}, got {capacity}"
-            )
-        if capacity & (capacity - 1):
-            raise ValueError(f"capacity must be a power of two, got {capacity}")
+        _check_capacity(capacity)
         if doorbell_fd < -1:
             raise ValueError("doorbell_fd must be a file descriptor or -1")
         if name is None:
@@ -262,6 +284,7 @@ cdef class Ring:
         elif not isinstance(name, str):
             raise TypeError("name must be a str")
         cdef Py_ssize_t size = _HEADER_SIZE + capacity
+        import posix_ipc  # named rings only (the server extra); memfd rings need none
         try:
             shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
         except posix_ipc.ExistentialError:
@@ -280,14 +303,7 @@ cdef class Ring:
         ring.name = name
         ring._owner = True
         ring._map(mm)
-        cdef char* base = <char*>ring._buf.buf
-        (<uint32_t*>(base + _OFF_VERSION))[0] = _VERSION
-        (<uint32_t*>(base + _OFF_HEADER_SIZE))[0] = _HEADER_SIZE
-        (<uint64_t*>(base + _OFF_CAPACITY))[0] = <uint64_t>capacity
-        (<uint64_t*>(base + _OFF_MAX_RECORD))[0] = <uint64_t>capacity // 2 - _LEN_SIZE
-        # Magic last, with release: whoever sees it (acquire) sees a complete header.
-        flx_store_release(<uint64_t*>(base + _OFF_MAGIC), _MAGIC)
-        ring._setup(<uint64_t>capacity)
+        ring._init_header(<uint64_t>capacity)
         ring.doorbell_fd = doorbell_fd
         return ring
 
@@ -302,6 +318,7 @@ cdef class Ring:
             raise TypeError("name must be a str")
         if doorbell_fd < -1:
             raise ValueError("doorbell_fd must be a file descriptor or -1")
+        import posix_ipc
         try:
             shm = posix_ipc.SharedMemory(name)
         except posix_ipc.ExistentialError:
@@ -326,6 +343,100 @@ cdef class Ring:
             raise
         ring.doorbell_fd = doorbell_fd
         return ring
+
+    @classmethod
+    def create_memfd(cls, *, long long capacity=DEFAULT_CAPACITY, int doorbell_fd=-1):
+        """Create a ring in a new anonymous memfd (close-on-exec), sealed against resizing.
+
+        The ring owns the memfd (``fd``) and closes it in close(); hand it to another
+        process with SCM_RIGHTS (it gets its own descriptor) and map it there with
+        :meth:`attach_fd`. Raises ValueError for a bad capacity, RingError if the
+        memfd cannot be made.
+        """
+        _check_capacity(capacity)
+        if doorbell_fd < -1:
+            raise ValueError("doorbell_fd must be a file descriptor or -1")
+        cdef Py_ssize_t size = _HEADER_SIZE + capacity
+        try:
+            fd = os.memfd_create("felix-ring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as exc:
+            raise RingError(f"cannot create a memfd ring: {exc}") from exc
+        cdef Ring ring
+        try:
+            os.ftruncate(fd, size)
+            # Sealed before anyone else can hold the fd: the size is final from now on.
+            fcntl.fcntl(
+                fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+            )
+            mm = mmap.mmap(fd, size, flags=_MAP_FLAGS)
+        except OSError as exc:
+            os.close(fd)
+            raise RingError(f"cannot set up a memfd ring of {size} bytes: {exc}") from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        ring = Ring.__new__(Ring)
+        ring.name = f"memfd:{fd}"
+        ring._owner = False
+        ring._fd = fd
+        ring._map(mm)
+        ring._init_header(<uint64_t>capacity)
+        ring.doorbell_fd = doorbell_fd
+        return ring
+
+    @classmethod
+    def attach_fd(cls, int fd, *, int doorbell_fd=-1):
+        """Map the memfd ring ``fd`` (made by :meth:`create_memfd` in another process).
+
+        Checks that it is a regular file sealed against shrinking, of a ring's size,
+        with a valid header. On success the ring owns ``fd`` (closed in close()); on
+        failure (RingError) the caller still does.
+        """
+        if fd < 0:
+            raise ValueError("fd must be a file descriptor")
+        if doorbell_fd < -1:
+            raise ValueError("doorbell_fd must be a file descriptor or -1")
+        name = f"memfd:{fd}"
+        try:
+            st = os.fstat(fd)
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError as exc:
+            raise RingError(f"ring {name!r}: not a sealed memfd: {exc}") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise RingError(f"ring {name!r} is not a regular file")
+        if not seals & fcntl.F_SEAL_SHRINK:
+            # Unsealed, its owner could shrink it under our mapping (SIGBUS on access).
+            raise RingError(f"ring {name!r} is not sealed against shrinking")
+        size = st.st_size
+        if size < _HEADER_SIZE + _MIN_CAPACITY or size > _HEADER_SIZE + _MAX_CAPACITY:
+            raise RingError(f"ring {name!r} has no ring's size ({size} bytes)")
+        try:
+            mm = mmap.mmap(fd, size, flags=_MAP_FLAGS)
+        except OSError as exc:
+            raise RingError(f"cannot map ring {name!r}: {exc}") from exc
+        cdef Ring ring = Ring.__new__(Ring)
+        ring.name = name
+        ring._owner = False
+        ring._map(mm)
+        try:
+            ring._validate_header(size)
+        except BaseException:
+            ring.close()
+            raise
+        ring._fd = fd
+        ring.doorbell_fd = doorbell_fd
+        return ring
+
+    cdef int _init_header(self, uint64_t capacity) except -1:
+        cdef char* base = <char*>self._buf.buf
+        (<uint32_t*>(base + _OFF_VERSION))[0] = _VERSION
+        (<uint32_t*>(base + _OFF_HEADER_SIZE))[0] = _HEADER_SIZE
+        (<uint64_t*>(base + _OFF_CAPACITY))[0] = capacity
+        (<uint64_t*>(base + _OFF_MAX_RECORD))[0] = capacity // 2 - _LEN_SIZE
+        # Magic last, with release: whoever sees it (acquire) sees a complete header.
+        flx_store_release(<uint64_t*>(base + _OFF_MAGIC), _MAGIC)
+        self._setup(capacity)
+        return 0
 
     cdef int _map(self, object mm) except -1:
         self._mmap = mm
@@ -412,7 +523,7 @@ cdef class Ring:
         Record views still alive keep the mapping: it is unmapped when the last one
         is released. Every other method raises RingError afterwards.
         """
-        if self._data == NULL and not self._has_buf:
+        if self._data == NULL and not self._has_buf and self._fd < 0:
             return
         self._data = NULL
         if self._has_buf:
@@ -427,9 +538,23 @@ cdef class Ring:
                 mm.close()
             except BufferError:
                 pass  # record views are alive; the last of them unmaps the segment
+        if self._fd >= 0:
+            # The mapping (if views keep it) stays valid without the descriptor.
+            fd, self._fd = self._fd, -1
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def unlink(self):
-        """Remove the segment's name (idempotent); mappings stay valid until closed."""
+        """Remove the segment's name (idempotent); mappings stay valid until closed.
+
+        A memfd ring has no name: nothing to do.
+        """
+        if self._fd >= 0 or self.name.startswith("memfd:"):
+            self._owner = False
+            return
+        import posix_ipc
         try:
             posix_ipc.unlink_shared_memory(self.name)
         except posix_ipc.ExistentialError:
@@ -451,7 +576,7 @@ cdef class Ring:
         return f"<Ring {self.name!r} capacity={self._capacity} used={self.used_bytes}>"
 
     def __reduce__(self):
-        raise TypeError("a Ring cannot be pickled; pass its name and attach")
+        raise TypeError("a Ring cannot be pickled; pass its name (or memfd) and attach")
 
     cdef int _check_open(self) except -1:
         if self._data == NULL:
@@ -464,6 +589,11 @@ cdef class Ring:
     def closed(self):
         """True once close() was called."""
         return self._data == NULL
+
+    @property
+    def fd(self):
+        """The memfd behind a memfd ring (owned: closed by close()), -1 for a named ring."""
+        return self._fd
 
     @property
     def doorbell_fd(self):

@@ -228,6 +228,24 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--cache-max-ttl", type=float, default=_CACHE.max_ttl, help="longest TTL in seconds"
     )
     up.add_argument("--ring-bytes", default="4MiB", help="size of each gateway<->shard ring")
+    up.add_argument(
+        "--shm-socket",
+        default=None,
+        metavar="PATH|off",
+        help="Unix socket for same-host clients over shared memory (felix+shm://PATH; "
+        "default DATA_DIR/felix.sock; off: none)",
+    )
+    up.add_argument(
+        "--shm-socket-mode",
+        default="0600",
+        help="file mode of the shm socket (0600: this user only; 0660 lets its group in)",
+    )
+    up.add_argument(
+        "--shm-max-connections",
+        type=int,
+        default=64,
+        help="shared-memory connections per node (64; each holds two 1 MiB rings by default)",
+    )
     up.add_argument("--drain-grace", type=float, default=10.0, help="seconds to drain on stop")
     up.add_argument(
         "--heartbeat-timeout",
@@ -321,6 +339,25 @@ def _add_durable_options(up: argparse.ArgumentParser) -> None:
     )
 
 
+def _shm_socket(value: str | None, data_dir: Path) -> Path | None:
+    """``--shm-socket``: None (off), or the socket's absolute path (default in the data dir)."""
+    if value is None:
+        return data_dir / "felix.sock"
+    if value.strip().lower() == "off":
+        return None
+    return Path(value).resolve()
+
+
+def _file_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ConfigError(
+            f"--shm-socket-mode must be an octal mode like 0600, got {text!r}"
+        ) from None
+    return mode
+
+
 def _node_config(args: argparse.Namespace) -> NodeConfig:
 
     replay_bytes = parse_size(args.replay_bytes)
@@ -362,6 +399,9 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         control_client_cert=args.control_client_cert,
         control_client_key=args.control_client_key,
         ring_bytes=parse_size(args.ring_bytes),
+        shm_socket=_shm_socket(args.shm_socket, args.data_dir.resolve()),
+        shm_socket_mode=_file_mode(args.shm_socket_mode),
+        shm_max_connections=args.shm_max_connections,
         drain_grace=args.drain_grace,
         heartbeat_timeout=parse_duration(args.heartbeat_timeout),
         engine=args.engine or ("aioquic" if args.tls_client_ca is not None else "qh3"),

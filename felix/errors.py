@@ -60,6 +60,19 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent a malformed, truncated, oversized or unknown frame."""
 
 
+class ShmProtocolError(RemoteProtocolError):
+    """A same-host peer broke the shared-memory transport's framing or stream rules.
+
+    ``transport_code`` is the QUIC transport error code it maps to (RFC 9000, 20.1:
+    0x4 STREAM_LIMIT_ERROR, 0x5 STREAM_STATE_ERROR, 0x7 FRAME_ENCODING_ERROR,
+    0xA PROTOCOL_VIOLATION); the connection is closed with it.
+    """
+
+    def __init__(self, message: str, transport_code: int = 0xA) -> None:
+        super().__init__(message)
+        self.transport_code = transport_code
+
+
 class ConfigError(FelixError, ValueError):
     """A setting, flag or file felix was given cannot be used."""
 

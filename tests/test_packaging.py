@@ -170,6 +170,11 @@ def test_client_only_install_connects_publishes_subscribes_and_caches(tmp_path: 
         assert published.returncode == 0, published.stderr
         got = felix("cache", "get", "pkg-sessions", "user:1", "--url", url, "--ca", ca)
         assert (got.returncode, got.stdout) == (0, "alice\n"), got.stderr
+        # Same host over shared memory: the client-only install has no posix_ipc and
+        # needs none (memfd rings).
+        shm = f"felix+shm://{node.info['shm']}"
+        got = felix("cache", "get", "pkg-sessions", "user:1", "--url", shm)
+        assert (got.returncode, got.stdout) == (0, "alice\n"), got.stderr
     finally:
         node.stop()
 

@@ -9,6 +9,7 @@ It does not check that felix is fast: no timed assertions.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -73,7 +74,19 @@ def test_json_shape(run: tuple[Path, dict[str, Any], str]) -> None:
         if name not in reachable:
             assert name in meta["unavailable"]
     labels = [t["target"] for t in data["targets"]]
-    assert any("queue" in label for label in labels) and len(labels) == 10
+    assert any("queue" in label for label in labels) and len(labels) == 12
+    # The shared-memory transport beside Redis over its Unix socket (a private
+    # redis-server when the machine's has none).
+    by_id = {w["id"]: w for w in data["workloads"]}
+    cache_systems = set(by_id["cache.get.64B.if1"]["systems"])
+    assert "felix-shm" in cache_systems
+    # Unless the main node already hosts its shards (felix up's choice on small machines).
+    assert "felix-shm 1x1e" in cache_systems or "felix-shm 1x1e" in data["meta"]["unavailable"]
+    if shutil.which("redis-server"):
+        assert "redis-unix" in cache_systems
+        assert by_id["cache.get.64B.if1"]["ratios"]["felix-shm/redis-unix"]["p50"] > 0
+    assert "felix-shm" in by_id["pubsub.closed.f1.64B"]["systems"]
+    assert "felix-shm" not in by_id["pubsub.closed.f16.64B"]["systems"]
 
 
 def test_percentiles_monotonic_and_counts_positive(

@@ -23,7 +23,7 @@ from felix import wire
 from felix.client._cache import Cache
 from felix.client._connection import Connection, R, expect_reply
 from felix.client._consumer import Consumer
-from felix.client._convert import Endpoint, StartSpec, resolve_name, start_spec
+from felix.client._convert import Endpoint, ShmEndpoint, StartSpec, resolve_name, start_spec
 from felix.client._events import ClientEvent, EventFeed, EventHub, EventListener
 from felix.client._links import PooledSubscription
 from felix.client._options import ClientOptions
@@ -97,7 +97,7 @@ def _headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
 class Client:
     """A connected felix client. Get one from :func:`connect`; see its arguments there."""
 
-    def __init__(self, endpoint: Endpoint, options: ClientOptions) -> None:
+    def __init__(self, endpoint: Endpoint | ShmEndpoint, options: ClientOptions) -> None:
         self.endpoint = endpoint
         #: What the client was made with (see :class:`ClientOptions`).
         self.options = options
@@ -116,8 +116,12 @@ class Client:
             PoolSettings(
                 engine=self._engine,
                 endpoint=endpoint,
-                configuration=client_configuration(
-                    self._engine, options.ca, endpoint.host, client_cert=options.client_cert
+                configuration=(
+                    None  # same host, shared memory: no TLS to configure
+                    if isinstance(endpoint, ShmEndpoint)
+                    else client_configuration(
+                        self._engine, options.ca, endpoint.host, client_cert=options.client_cert
+                    )
                 ),
                 tenant=self.tenant,
                 token=self._get_token,

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from felix import wire
-from felix.client._convert import Endpoint
+from felix.client._convert import Endpoint, ShmEndpoint
 from felix.client._session import (
     Authenticated,
     ControlStream,
@@ -135,6 +135,28 @@ def expect_reply(reply: wire.ExtMessage, reply_type: type[R], opcode: int) -> R:
     raise RemoteProtocolError(f"reply opcode 0x{got:02x} where 0x{opcode:02x} was expected")
 
 
+async def _quic_connect(
+    engine: QuicEngine,
+    endpoint: Endpoint,
+    configuration: QuicConfiguration | None,
+    timeout: float,
+) -> ClientProtocol:
+    assert configuration is not None  # a felix:// endpoint always has one
+    try:
+        return await quic_connect(
+            engine,
+            endpoint.host,
+            endpoint.port,
+            configuration=configuration,
+            create_handler=ClientProtocol,
+            handshake_timeout=timeout,
+        )
+    except FelixError:
+        raise  # HandshakeFailed is also an OSError (a ConnectionError)
+    except OSError as exc:  # e.g. the host name does not resolve
+        raise ConnectionLost(f"cannot connect to {endpoint}: {exc}") from exc
+
+
 class ClientProtocol(ConnectionHandler):
     """The transport's handler: forwards stream events to its :class:`Connection`."""
 
@@ -178,7 +200,9 @@ class Connection:
     (not when :meth:`close` was called first).
     """
 
-    def __init__(self, protocol: ClientProtocol, endpoint: Endpoint, tenant: str) -> None:
+    def __init__(
+        self, protocol: ClientProtocol, endpoint: Endpoint | ShmEndpoint, tenant: str
+    ) -> None:
         self.protocol = protocol
         self.endpoint = endpoint
         self.tenant = tenant
@@ -217,8 +241,8 @@ class Connection:
     async def open(
         cls,
         engine: QuicEngine,
-        endpoint: Endpoint,
-        configuration: QuicConfiguration,
+        endpoint: Endpoint | ShmEndpoint,
+        configuration: QuicConfiguration | None,
         *,
         tenant: str,
         token: str,
@@ -232,19 +256,13 @@ class Connection:
         extension family), Unauthenticated (token refused), ConnectionLost.
         """
         deadline = asyncio.get_running_loop().time() + timeout
-        try:
-            protocol = await quic_connect(
-                engine,
-                endpoint.host,
-                endpoint.port,
-                configuration=configuration,
-                create_handler=ClientProtocol,
-                handshake_timeout=timeout,
-            )
-        except FelixError:
-            raise  # HandshakeFailed is also an OSError (a ConnectionError)
-        except OSError as exc:  # e.g. the host name does not resolve
-            raise ConnectionLost(f"cannot connect to {endpoint}: {exc}") from exc
+        if isinstance(endpoint, ShmEndpoint):
+            # Same host: the node's shared-memory rings instead of QUIC (felix/shm).
+            from felix.shm.client import shm_connect
+
+            protocol = await shm_connect(endpoint.path, ClientProtocol, timeout)
+        else:
+            protocol = await _quic_connect(engine, endpoint, configuration, timeout)
         conn = cls(protocol, endpoint, tenant)
         if protocol.close_reason is not None:  # ended between handshake and now
             conn._on_terminated(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Final, Literal, TypedDict
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from felix import wire
 from felix.errors import BadRequest, ConfigError, RemoteProtocolError
@@ -23,6 +23,7 @@ __all__ = [
     "U32_MAX",
     "U64_MAX",
     "Endpoint",
+    "ShmEndpoint",
     "StartSpec",
     "TimeStart",
     "WireStart",
@@ -169,8 +170,20 @@ class Endpoint:
         return f"felix://{host}:{self.port}"
 
 
-def parse_url(url: str) -> Endpoint:
-    """Parse ``felix://host[:port]`` (port 5000 by default; IPv6 as ``[::1]``).
+@dataclass(frozen=True, slots=True)
+class ShmEndpoint:
+    """A node on this host, reached over shared memory through its Unix socket ``path``."""
+
+    path: str
+
+    def __str__(self) -> str:
+        return f"felix+shm://{self.path}"
+
+
+def parse_url(url: str) -> Endpoint | ShmEndpoint:
+    """Parse ``felix://host[:port]`` (port 5000 by default; IPv6 as ``[::1]``), or
+    ``felix+shm:///absolute/path/to/felix.sock`` (a node on this host, over shared
+    memory: ``felix up --shm-socket``).
 
     Nothing else may be in the URL (no path, query, fragment or credentials: the
     token is a separate argument, so it never ends up in logs with the URL).
@@ -183,8 +196,20 @@ def parse_url(url: str) -> Endpoint:
         port = parts.port
     except ValueError as exc:
         raise ConfigError(f"invalid felix url {url!r}: {exc}") from None
+    if parts.scheme == "felix+shm":
+        if parts.netloc:
+            raise ConfigError(
+                f"invalid felix url {url!r}: felix+shm names a local socket, no host "
+                "(felix+shm:///path/to/felix.sock)"
+            )
+        path = unquote(parts.path)
+        if not path.startswith("/") or path == "/":
+            raise ConfigError(f"invalid felix url {url!r}: the socket path must be absolute")
+        if parts.query or parts.fragment:
+            raise ConfigError(f"invalid felix url {url!r}: only felix+shm:///path is allowed")
+        return ShmEndpoint(path)
     if parts.scheme != "felix":
-        raise ConfigError(f"invalid felix url {url!r}: the scheme must be felix://")
+        raise ConfigError(f"invalid felix url {url!r}: the scheme must be felix:// or felix+shm://")
     if not parts.hostname:
         raise ConfigError(f"invalid felix url {url!r}: no host")
     if parts.username is not None or parts.password is not None:

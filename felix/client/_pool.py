@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 from felix import wire
 from felix.client._backoff import Backoff
 from felix.client._connection import Connection, expect_reply
-from felix.client._convert import Endpoint
+from felix.client._convert import Endpoint, ShmEndpoint
 from felix.client._events import ClientEvent, Disconnected, Reconnected
 from felix.errors import ConnectionLost, FelixError, FelixTimeoutError, Unauthenticated
 from felix.quic import QuicConfiguration, QuicEngine
@@ -98,8 +98,9 @@ def refresh_delay(iat: float | None, exp: float, now: float, random: float) -> f
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
     engine: QuicEngine
-    endpoint: Endpoint
-    configuration: QuicConfiguration
+    endpoint: Endpoint | ShmEndpoint
+    #: None for a shared-memory endpoint (no QUIC, no TLS).
+    configuration: QuicConfiguration | None
     tenant: str
     #: Returns the token for a new connection (asked again for every one).
     token: Callable[[], Awaitable[str]]

@@ -151,7 +151,11 @@ def _command(
 def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("connection")
-    group.add_argument("--url", help=f"felix://HOST:PORT (default: $FELIX_URL or {DEFAULT_URL})")
+    group.add_argument(
+        "--url",
+        help=f"felix://HOST:PORT, or felix+shm:///PATH for a node on this host over shared "
+        f"memory (default: $FELIX_URL or {DEFAULT_URL})",
+    )
     group.add_argument("--ca", type=Path, help="CA certificate file (PEM) to trust")
     group.add_argument("--node-json", type=Path, metavar="FILE", help="a node's node.json")
     group.add_argument("--data-dir", type=Path, metavar="DIR", help="a node's data directory")

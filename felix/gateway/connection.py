@@ -57,6 +57,17 @@ _WRITES = (Send, StopStream, CloseConnection)
 ArmTimer = Callable[[float | None], None]
 
 
+def admission_source(peer: str) -> str:
+    """The source a connection counts against in the admission table (per-source bound
+    on unauthenticated connections): the address of a QUIC peer; for a same-host shm
+    peer (``unix:pid=P,uid=U``, felix/shm/server.py) its user, since one user can start
+    any number of processes."""
+    if peer.startswith("unix:"):
+        uid = peer.rpartition("uid=")[2]
+        return f"unix:uid={uid}"
+    return peer
+
+
 class StreamTransport(Protocol):
     """What a shell writes through (the part of felix.quic.transport.StreamTransport it uses)."""
 
@@ -106,7 +117,7 @@ class ConnectionShell:
         Refusals wait for the handshake: a close sent earlier may not be readable yet.
         """
         gateway = self.gateway
-        admitted, evicted = gateway.admission.admit(self, self.peer)
+        admitted, evicted = gateway.admission.admit(self, admission_source(self.peer))
         for idle in evicted:
             gateway.evicted_connections += 1
             idle.close(
@@ -226,7 +237,7 @@ class ConnectionShell:
         elif isinstance(action, ConnectionAuthenticated):
             self.gateway.admission.authenticated(self)
         elif isinstance(action, ConnectionUnauthenticated):
-            self.gateway.admission.idle_again(self, self.peer)
+            self.gateway.admission.idle_again(self, admission_source(self.peer))
         elif isinstance(action, Audit):
             audit.emit(
                 action.event,

@@ -51,6 +51,9 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+#: Longest Unix socket path (sockaddr_un's sun_path, less its terminating NUL).
+MAX_UNIX_PATH = 107
+
 #: Smallest --segment-bytes (a segment holds at least a few records of the largest size).
 MIN_SEGMENT_BYTES = 64 * 1024
 
@@ -188,6 +191,12 @@ class NodeConfig:
     #: certificate chained to this CA (PEM).
     control_client_ca: Path | None = None
     ring_bytes: int = 4 * 1024**2
+    #: Unix socket same-host clients connect to for shared-memory connections
+    #: (felix/shm; None: off), its file mode, and how many such connections the node
+    #: serves at once (split over the gateways, rounded up).
+    shm_socket: Path | None = None
+    shm_socket_mode: int = 0o600
+    shm_max_connections: int = 64
     drain_grace: float = 10.0
     #: Seconds a child may leave the supervisor's heartbeat unanswered before it is
     #: killed and restarted (reported unresponsive after min(3 s, this)).
@@ -265,6 +274,18 @@ class NodeConfig:
                 )
         if (self.control_client_cert is None) != (self.control_client_key is None):
             raise ConfigError("--control-client-cert and --control-client-key go together")
+        if self.shm_max_connections < 1:
+            raise ConfigError("--shm-max-connections must be at least 1")
+        if not 0 <= self.shm_socket_mode <= 0o777:
+            raise ConfigError(f"--shm-socket-mode {self.shm_socket_mode:o} is not a file mode")
+        if self.shm_socket is not None:
+            if not self.shm_socket.is_absolute():
+                raise ConfigError(f"--shm-socket {self.shm_socket} must be an absolute path")
+            if len(os.fsencode(self.shm_socket)) > MAX_UNIX_PATH:
+                raise ConfigError(
+                    f"--shm-socket {self.shm_socket} is longer than a Unix socket path may be "
+                    f"({MAX_UNIX_PATH} bytes): choose a shorter one"
+                )
         if not 0 < self.heartbeat_timeout < float("inf"):
             raise ConfigError("--heartbeat-timeout must be a positive number of seconds")
         if not 0 < self.jwks_refresh < float("inf"):
@@ -338,6 +359,7 @@ class NodeConfig:
         raw["control"] = tuple(raw["control"])
         raw["data_dir"] = Path(raw["data_dir"])
         for key in (
+            "shm_socket",
             "tls_cert",
             "tls_key",
             "tls_client_ca",

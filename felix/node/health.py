@@ -194,6 +194,16 @@ _METRICS: dict[str, tuple[str, str, bool]] = {
         True,
     ),
     "connections": ("felix_connections", "Open client connections", False),
+    "shm_connections": (
+        "felix_shm_connections",
+        "Open same-host client connections over shared memory (also in felix_connections)",
+        False,
+    ),
+    "shm_refused": (
+        "felix_shm_refused",
+        "Shared-memory connections refused (at the limit, or a bad or late hello)",
+        True,
+    ),
     "streams": ("felix_streams", "Streams held", False),
     "caches": ("felix_caches", "Cache partitions held", False),
 }

@@ -7,10 +7,14 @@ rings between gateway and shards are replaced by direct calls.
 
     async with LocalNode.start(tmp_path) as node:
         client = await felix.connect(node.url, ca=node.ca_file)
+
+With ``shm_socket=PATH`` it also serves same-host clients over shared memory
+(``node.shm_url``), as ``felix up --shm-socket`` does.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Coroutine, Generator
 from pathlib import Path
@@ -23,6 +27,7 @@ from felix.node.links import LocalShards
 from felix.quic import QuicServerHandle, bind_udp, load_engine, load_reset_key, serve_on_socket
 from felix.shard.core import ShardCore, ShardSettings
 from felix.shard.offsets import OffsetReservations
+from felix.shm.server import ShmServer
 from felix.tls import ensure_node_certificates
 
 
@@ -37,8 +42,10 @@ class LocalNode:
         host: str,
         port: int,
         ca_file: Path,
+        shm: tuple[ShmServer, socket.socket, Path] | None = None,
     ) -> None:
         self.gateway = gateway
+        self._shm = shm
         self.links = links
         self._server = server
         self.host = host
@@ -49,6 +56,11 @@ class LocalNode:
     @property
     def url(self) -> str:
         return f"felix://{self.host}:{self.port}"
+
+    @property
+    def shm_url(self) -> str | None:
+        """``felix+shm://PATH`` when the node serves shared-memory clients, else None."""
+        return None if self._shm is None else f"felix+shm://{self._shm[2]}"
 
     @classmethod
     def start(cls, data_dir: Path, **options: object) -> _Starting:
@@ -71,6 +83,8 @@ class LocalNode:
         engine: str | None = None,
         sock: socket.socket | None = None,
         authenticator: Authenticator | None = None,
+        shm_socket: Path | None = None,
+        shm_max_connections: int = 64,
     ) -> LocalNode:
         """Start a node serving QUIC on ``host:port`` (0: a free port), state in ``data_dir``.
 
@@ -98,13 +112,34 @@ class LocalNode:
             connection_factory(gateway),
             reset_key=load_reset_key(data_dir),
         )
-        return cls(gateway, links, server, host, int(server.sockname[1]), certs.ca_cert)
+        shm = None
+        if shm_socket is not None:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                listener.bind(str(shm_socket))
+                os.chmod(shm_socket, 0o600)
+                listener.listen(128)
+                shm_server = ShmServer(
+                    listener, connection_factory(gateway), max_connections=shm_max_connections
+                )
+            except BaseException:
+                listener.close()
+                server.close()
+                raise
+            shm_server.start()
+            shm = (shm_server, listener, shm_socket)
+        return cls(gateway, links, server, host, int(server.sockname[1]), certs.ca_cert, shm)
 
     async def close(self) -> None:
         """Close every connection and the socket; idempotent."""
         if self._closed:
             return
         self._closed = True
+        if self._shm is not None:
+            shm_server, listener, path = self._shm
+            shm_server.close()
+            listener.close()
+            path.unlink(missing_ok=True)
         self._server.close()
         self.links.close()
 

@@ -36,6 +36,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Coroutine
@@ -44,6 +45,7 @@ from typing import Any
 
 from felix import ipc
 from felix.auth.rotation import KeyRotator, RotationPolicy
+from felix.errors import ConfigError
 from felix.node import messages as msg
 from felix.node.children import Child
 from felix.node.config import NodeConfig, is_loopback
@@ -84,6 +86,10 @@ class Supervisor:
         )
         self.gateways = [self._child("gateway", i) for i in range(config.gateways)]
         self._sockets: list[socket.socket] = []
+        #: The listening Unix socket of same-host shm clients (felix/shm), and its inode
+        #: (so cleanup removes only the file this node bound).
+        self._shm_sock: socket.socket | None = None
+        self._shm_inode: tuple[int, int] | None = None
         # _req[g][s]: gateway g -> shard s; _rep[s][g]: shard s -> gateway g.
         self._req: list[list[Ring]] = []
         self._rep: list[list[Ring]] = []
@@ -202,6 +208,8 @@ class Supervisor:
             port = sock.getsockname()[1]  # port 0: every later socket joins the picked port
             self._sockets.append(sock)
         self.port = port
+        if config.shm_socket is not None:
+            self._shm_sock = self._bind_shm(config.shm_socket)
         if not config.embedded_shards:
             self._make_rings()
         self.health = HealthServer(self)
@@ -226,10 +234,58 @@ class Supervisor:
         print(
             f"felix ready quic={_fmt(host, self.port)} http={_fmt(http_host, http_port)} "
             f"control={self._control_url()} "
+            f"shm={self.config.shm_socket or 'off'} "
             f"ca={self.ca_path} gateways={config.gateways} shards={config.shards} "
             f"pid={os.getpid()} data={config.data_dir}",
             flush=True,
         )
+
+    def _bind_shm(self, path: Path) -> socket.socket:
+        """Bind the shm clients' Unix socket at ``path`` with the configured mode.
+
+        A socket file already there is a stale one when nothing answers on it (a
+        node killed with -9): it is replaced. One that answers belongs to a live
+        node, and anything that is not a socket is never touched: both refuse.
+        """
+        mode = self.config.shm_socket_mode
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise ConfigError(f"--shm-socket {path} exists and is not a socket; refusing")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.settimeout(1.0)
+                probe.connect(str(path))
+            except ConnectionRefusedError:
+                path.unlink(missing_ok=True)  # stale: nobody listens on it
+                log.info("removed the stale shm socket %s", path)
+            except OSError as exc:  # not ours to judge (another user's, a full backlog)
+                raise ConfigError(
+                    f"--shm-socket {path} exists and cannot be probed: {exc}"
+                ) from None
+            else:
+                raise ConfigError(f"--shm-socket {path} is served by another running node")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The umask makes the socket file get its mode at creation: no moment in which
+        # a wider default mode lets someone connect.
+        old = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(str(path))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot bind --shm-socket {path}: {exc}") from exc
+        finally:
+            os.umask(old)
+        os.chmod(path, mode)
+        sock.listen(1024)
+        st = os.stat(path)
+        self._shm_inode = (st.st_dev, st.st_ino)
+        return sock
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -344,7 +400,7 @@ class Supervisor:
             [ring(f"s{s}g{g}") for g in range(config.gateways)] for s in range(config.shards)
         ]
 
-    def _spec(self, child: Child, control_fd: int, socket_fd: int) -> ChildSpec:
+    def _spec(self, child: Child, control_fd: int, socket_fd: int, shm_fd: int = -1) -> ChildSpec:
         def specs(rings: list[Ring]) -> list[RingSpec]:
             return [RingSpec(r.name, r.doorbell_fd) for r in rings]
 
@@ -366,6 +422,7 @@ class Supervisor:
             control_fd,
             socket_fd,
             supervisor_pid=os.getpid(),
+            shm_fd=shm_fd,
         )
 
     def _spawn(self, child: Child) -> socket.socket:
@@ -383,6 +440,7 @@ class Supervisor:
         with self._fd_reserve.released():
             parent_end, child_end = socket.socketpair()
             socket_fd = -1
+            shm_fd = -1
             try:
                 fds = [child_end.fileno(), *self._doorbells]
                 # The child gets its own descriptor of its socket; the supervisor keeps
@@ -393,7 +451,10 @@ class Supervisor:
                     socket_fd = os.dup(self._control_sock.fileno())
                 if socket_fd >= 0:
                     fds.append(socket_fd)
-                spec = self._spec(child, child_end.fileno(), socket_fd)
+                if child.role == "gateway" and self._shm_sock is not None:
+                    shm_fd = os.dup(self._shm_sock.fileno())
+                    fds.append(shm_fd)
+                spec = self._spec(child, child_end.fileno(), socket_fd, shm_fd)
                 env = dict(os.environ, **{SPEC_ENV: spec.to_json()})
                 child.proc = ChildProcess(
                     [sys.executable, "-m", "felix.node.worker"], env=env, pass_fds=fds
@@ -405,6 +466,8 @@ class Supervisor:
                 child_end.close()
                 if socket_fd >= 0:
                     os.close(socket_fd)
+                if shm_fd >= 0:
+                    os.close(shm_fd)
         child.incarnation += 1
         child.started_at = time.monotonic()
         return parent_end
@@ -628,10 +691,24 @@ class Supervisor:
                 os.close(fd)
         for sock in self._sockets:
             sock.close()
+        self._close_shm()
         if self._fd_reserve is not None:
             self._fd_reserve.release_all()
         if self._lock is not None:
             self._lock.release()
+
+    def _close_shm(self) -> None:
+        if self._shm_sock is None:
+            return
+        self._shm_sock.close()
+        self._shm_sock = None
+        path = self.config.shm_socket
+        if path is None or self._shm_inode is None:
+            return
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == self._shm_inode:  # still ours: remove it
+                path.unlink()
 
     # -- reporting --------------------------------------------------------------------------
 
@@ -665,6 +742,7 @@ class Supervisor:
             "quic": _fmt(host, self.port),
             "http": _fmt(*http),
             "control": self._control_url(),
+            "shm": str(self.config.shm_socket) if self._shm_sock is not None else None,
             "ca": str(self.ca_path) if self.ca_path else None,
             "pid": os.getpid(),
             "topology": {

@@ -63,6 +63,7 @@ from felix.shard.resources import (
     stream_settings,
     tenant_quota,
 )
+from felix.shm.server import ShmServer
 from felix.tls import node_certificates
 
 log = logging.getLogger("felix.node")
@@ -102,6 +103,8 @@ class ChildSpec:
     socket_fd: int = -1
     #: The supervisor's pid: a child whose parent is already another process exits.
     supervisor_pid: int = 0
+    #: A gateway's copy of the node's listening shm socket (-1: none; felix/shm).
+    shm_fd: int = -1
 
     def to_json(self) -> str:
         return json.dumps(
@@ -115,6 +118,7 @@ class ChildSpec:
                 "control_fd": self.control_fd,
                 "socket_fd": self.socket_fd,
                 "supervisor_pid": self.supervisor_pid,
+                "shm_fd": self.shm_fd,
             }
         )
 
@@ -131,6 +135,7 @@ class ChildSpec:
             control_fd=raw["control_fd"],
             socket_fd=raw["socket_fd"],
             supervisor_pid=raw["supervisor_pid"],
+            shm_fd=raw.get("shm_fd", -1),
         )
 
 
@@ -383,6 +388,15 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
         reset_key=load_reset_key(config.data_dir),
         spin=config.spin_us / 1e6,
     )
+    shm: ShmServer | None = None
+    if spec.shm_fd >= 0:
+        # Same-host clients: the same connections (session, limits) over memfd rings.
+        shm = ShmServer(
+            socket.socket(fileno=spec.shm_fd),
+            connection_factory(gateway),
+            max_connections=-(-config.shm_max_connections // config.gateways),
+        )
+        shm.start()
     control.send(msg.Ready())
 
     async def on_command(cmd: msg.Command) -> None:
@@ -402,8 +416,12 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
             await gateway.quiesce(float(cmd.timeout))
             control.send(msg.Quiesced())
         elif isinstance(cmd, msg.Drain):
+            if shm is not None:
+                shm.stop_accepting()
             await gateway.drain(float(cmd.grace))
             server.close()
+            if shm is not None:
+                shm.close()
             control.send(msg.Drained())
 
     def stats() -> dict[str, int]:
@@ -426,6 +444,8 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
             "internal_errors": gateway.internal_errors,
             "deferred_unwatches": gateway.deferred_unwatches,
             "queue_too_slow": gateway.queues.too_slow,
+            "shm_connections": shm.connections if shm is not None else 0,
+            "shm_refused": shm.refused_busy + shm.refused_bad if shm is not None else 0,
         }
 
     await serve_commands(
@@ -435,6 +455,8 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
         on_command,
     )
     server.close()
+    if shm is not None:
+        shm.close()
     links.close()
     for disk_io in disk_ios:
         disk_io.close()

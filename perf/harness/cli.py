@@ -32,11 +32,13 @@ from perf.harness.stats import RunResult
 from perf.harness.systems import (
     CacheClient,
     Felix,
+    FelixShm,
     JetStream,
     Nats,
     PubSubRig,
     RabbitMQ,
     Redis,
+    RedisUnix,
     System,
 )
 from perf.harness.workloads import (
@@ -140,6 +142,10 @@ class Context:
         self.rigs.clear()
 
 
+#: Systems over the shared-memory transport (pub/sub: fanout 1 only).
+SHM_SYSTEMS = ("felix-shm", "felix-shm 1x1e")
+
+
 def _n(value: float, scale: float, floor: int = 20) -> int:
     return max(floor, int(value * scale))
 
@@ -214,7 +220,9 @@ def build_workloads(
                             f"cache.{op}.{size_name}.if{inf}",
                             "cache",
                             f"cache {op} {size_name}, {inf} in flight",
-                            systems_for("cache", "redis"),
+                            systems_for(
+                                "cache", "felix-shm", "felix-shm 1x1e", "redis", "redis-unix"
+                            ),
                             {"op": op, "size": size, "in_flight": inf, "n": n},
                             run_cache,
                         )
@@ -241,7 +249,7 @@ def build_workloads(
                         f"pubsub.closed.f{fanout}.{size_name}",
                         "pubsub",
                         f"pub/sub fanout {fanout} {size_name}, 1 in flight (closed loop)",
-                        systems_for("pubsub", "nats"),
+                        systems_for("pubsub", *(SHM_SYSTEMS if fanout == 1 else ()), "nats"),
                         {"fanout": fanout, "size": size, "n": n},
                         run_closed,
                     )
@@ -272,7 +280,7 @@ def build_workloads(
                         f"pubsub.open.f{fanout}.{size_name}",
                         "pubsub",
                         f"pub/sub fanout {fanout} {size_name}, open loop {rate:g} msg/s",
-                        systems_for("pubsub", "nats"),
+                        systems_for("pubsub", *(SHM_SYSTEMS if fanout == 1 else ()), "nats"),
                         {"fanout": fanout, "size": size, "n": n, "rate": rate},
                         run_open,
                     )
@@ -293,7 +301,7 @@ def build_workloads(
                     f"pubsub.max.f{fanout}.64B",
                     "pubsub",
                     f"pub/sub fanout {fanout} 64B, max deliveries/s (window {args.window})",
-                    systems_for("pubsub", "nats"),
+                    systems_for("pubsub", *(SHM_SYSTEMS if fanout == 1 else ()), "nats"),
                     {"fanout": fanout, "size": 64, "n": n, "window": args.window},
                     run_max,
                 )
@@ -452,6 +460,7 @@ async def main_async(args: argparse.Namespace) -> int:
     notes: dict[str, str] = {}
     nodes: list[FelixNode] = []
     floors: list[FloorSystem] = []
+    private: list[RedisUnix] = []
     certdir = Path(tempfile.mkdtemp(prefix="perf-floor-"))
     versions: dict[str, str] = {}
     fams = set(args.only)
@@ -484,6 +493,40 @@ async def main_async(args: argparse.Namespace) -> int:
             except Exception as exc:
                 notes[peer.name] = f"not reachable at {peer.url}, skipped ({exc!r})"
                 print(f"note: {peer.name} {notes[peer.name]}", flush=True)
+        if fams & {"cache", "pubsub"}:
+            # The same node over shared memory, and Redis over its Unix socket. Beside
+            # them, shm to a node whose gateway hosts its shard (no gateway-shard hop):
+            # what the transport costs without the inter-process hop behind it.
+            shm_nodes = [(main_node, "felix-shm")]
+            main_embedded = bool(main_node.info.get("topology", {}).get("embedded_shards"))
+            if args.shm_embedded and main_embedded:
+                notes["felix-shm 1x1e"] = "skipped: the main node already hosts its shards"
+            elif args.shm_embedded:
+                embedded = FelixNode(1, 1, True)
+                nodes.append(embedded)
+                shm_nodes.append((embedded, "felix-shm 1x1e"))
+            for node_, sysname in shm_nodes:
+                try:
+                    shm = FelixShm(node_)
+                    shm.name = sysname
+                    await shm.probe()
+                    ctx.systems[sysname] = shm
+                except Exception as exc:
+                    notes[sysname] = f"skipped ({exc!r})"
+                    print(f"note: {sysname} {notes[sysname]}", flush=True)
+        if "cache" in fams:
+            if args.redis_unix == "off":
+                notes["redis-unix"] = "skipped (--redis-unix off)"
+            else:
+                try:
+                    redis_unix = await RedisUnix.start(args.redis, args.redis_unix)
+                    private.append(redis_unix)
+                    await asyncio.wait_for(redis_unix.probe(), 10)
+                    versions["redis-unix"] = await redis_unix.version()
+                    ctx.systems["redis-unix"] = redis_unix
+                except Exception as exc:
+                    notes["redis-unix"] = f"skipped ({exc!r})"
+                    print(f"note: redis-unix {notes['redis-unix']}", flush=True)
         if "floor" in fams:
             for kind in KINDS:
                 fs = FloorSystem(kind, certdir)
@@ -513,6 +556,8 @@ async def main_async(args: argparse.Namespace) -> int:
             node.stop()
         for fs in floors:
             fs.stop()
+        for redis_unix in private:
+            redis_unix.stop()
         import shutil
 
         shutil.rmtree(certdir, ignore_errors=True)
@@ -553,6 +598,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated workload families: {','.join(FAMILIES)} (default: all)",
     )
     ap.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis URL, or off")
+    ap.add_argument(
+        "--redis-unix",
+        default="auto",
+        help="Redis Unix socket path; auto (default): the --redis server's socket if it has "
+        "one, else a private redis-server started on a temporary socket; or off",
+    )
+    ap.add_argument(
+        "--no-shm-embedded",
+        dest="shm_embedded",
+        action="store_false",
+        help="skip the 'felix-shm 1x1e' system (shm to a second node with embedded shards)",
+    )
     ap.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS URL, or off")
     ap.add_argument(
         "--rabbitmq", default="amqp://guest:guest@127.0.0.1:5672/", help="AMQP URL, or off"

@@ -15,6 +15,15 @@ import numpy as np
 from perf.harness.stats import FIGURES, percentile_curve, summarize
 
 PEERS = ("redis", "nats", "rabbitmq", "jetstream")
+#: More (system, peer) pairs with a ratio row: felix over shared memory beside Redis over
+#: its Unix socket (and beside NATS for pub/sub). Keyed "system/peer" in ``ratios``.
+PAIRS = (
+    ("felix-shm", "redis-unix"),
+    ("felix-shm", "redis"),
+    ("felix-shm", "nats"),
+    ("felix-shm 1x1e", "redis-unix"),
+    ("felix-shm 1x1e", "nats"),
+)
 _FIG_HEAD = {
     "p50": "p50 us",
     "p90": "p90 us",
@@ -44,6 +53,22 @@ TARGETS = [
     ("pub/sub fanout 16 p99 <= NATS", "pubsub.closed.f16.64B", "p99", "nats", 1.0, "<="),
     ("deliveries/s fanout 1 >= NATS", "pubsub.max.f1.64B", "throughput", "nats", 1.0, ">="),
     ("deliveries/s fanout 16 >= NATS", "pubsub.max.f16.64B", "throughput", "nats", 1.0, ">="),
+    (
+        "shm: cache get 1 in flight p50 <= Redis over its Unix socket",
+        "cache.get.64B.if1",
+        "p50",
+        "felix-shm/redis-unix",
+        1.0,
+        "<=",
+    ),
+    (
+        "shm: cache get 32 in flight throughput >= 2x Redis over its Unix socket",
+        "cache.get.64B.if32",
+        "throughput",
+        "felix-shm/redis-unix",
+        2.0,
+        ">=",
+    ),
 ]
 
 
@@ -161,6 +186,14 @@ def build(workloads: list[Any], meta: dict[str, Any]) -> dict[str, Any]:
                     )
                     for f in FIGURES
                 }
+        for name, peer in PAIRS:
+            mine = systems.get(name, {}).get("summary") or {}
+            other = systems.get(peer, {}).get("summary") or {}
+            if mine and other:
+                ratios[f"{name}/{peer}"] = {
+                    f: _ratio((mine.get(f) or {}).get("median"), (other.get(f) or {}).get("median"))
+                    for f in FIGURES
+                }
         wls.append(
             {
                 "id": wl.id,
@@ -227,7 +260,8 @@ def _rcell(r: float | None) -> str:
 QUEUE_BENCH = "`python -m perf queue` (durable queues, issue #13)"
 FAMILY_TITLES = {
     "floor": "Floor: echo between two processes (what this machine allows)",
-    "cache": "Cache: felix vs Redis (redis-py + hiredis)",
+    "cache": "Cache: felix vs Redis (redis-py + hiredis); felix-shm: felix+shm:// on the "
+    "same node, redis-unix: Redis over its Unix socket",
     "pubsub": "Pub/sub: felix vs NATS (nats-py); latency per delivery",
     "queue": "Queue: transient references only, not durable: RabbitMQ (aio-pika, a transient "
     "classic queue, publisher confirms, manual acks), NATS JetStream (nats-py, memory "
@@ -296,7 +330,8 @@ def markdown(data: dict[str, Any]) -> str:
                 lines.append(f"| {w['title']} | {name} | {cells} |")
             for peer, ratios in w["ratios"].items():
                 cells = " | ".join(_rcell(ratios[f]) for f in FIGURES)
-                lines.append(f"| {w['title']} | *felix/{peer}* | {cells} |")
+                pair = peer if "/" in peer else f"felix/{peer}"
+                lines.append(f"| {w['title']} | *{pair}* | {cells} |")
     open_rows = [
         (w["title"], name, run.get("send_lag_p50_us"), run.get("send_lag_p99_us"), run.get("lost"))
         for w in data["workloads"]
@@ -343,7 +378,10 @@ def _pooled(runs: list[Any]) -> Any:
 _COLORS = {
     "jetstream": "tab:olive",
     "felix": "tab:blue",
+    "felix-shm": "tab:cyan",
+    "felix-shm 1x1e": "tab:brown",
     "redis": "tab:red",
+    "redis-unix": "tab:pink",
     "nats": "tab:green",
     "rabbitmq": "tab:orange",
     "udp-echo": "tab:gray",

@@ -15,6 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
+import shutil
+import subprocess
+import tempfile
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -210,6 +215,25 @@ class Felix(System):
         return _FelixRig(clients[0], list(clients[1:]))
 
 
+class FelixShm(Felix):
+    """The same node as ``felix``, reached over shared memory (felix+shm://, felix/shm)."""
+
+    name = "felix-shm"
+    workloads = frozenset({"cache", "pubsub"})
+
+    def __init__(self, node: FelixNode) -> None:
+        super().__init__(node)
+        if not node.info.get("shm"):
+            raise RuntimeError("the felix node serves no shm socket (--shm-socket off)")
+        self.url = f"felix+shm://{node.info['shm']}"
+        self.server = f"felix up {' '.join(node.args)} (shm socket)"
+
+    async def _connect(self, **kw: Any) -> Any:
+        import felix
+
+        return await felix.connect(self.url, **kw)
+
+
 # --- Redis --------------------------------------------------------------------------------
 
 
@@ -260,6 +284,100 @@ class Redis(_ServerByAddress):
     async def cache_client(self, in_flight: int) -> CacheClient:
         client = self._client(in_flight)
         # Open the pool's connections before timing (redis-py opens them lazily).
+        conns = [await client.connection_pool.get_connection() for _ in range(in_flight)]
+        for c in conns:
+            await client.connection_pool.release(c)
+        return _RedisCache(client)
+
+
+class RedisUnix(System):
+    """Redis over a Unix socket: the machine's Redis if it serves one, else a private
+    ``redis-server --port 0 --unixsocket ...`` started (and stopped) by the harness."""
+
+    name = "redis-unix"
+    workloads = frozenset({"cache"})
+
+    def __init__(self, path: str, pid: int | None, proc: subprocess.Popen[bytes] | None) -> None:
+        self.path = path
+        self.url = f"unix://{path}"
+        self._pid = pid
+        self._proc = proc
+        self.server = (
+            f"private redis-server on {path}" if proc is not None else f"redis-server on {path}"
+        )
+
+    @classmethod
+    async def start(cls, tcp_url: str, given: str) -> RedisUnix:
+        """``given``: a socket path, or ``auto`` (the TCP Redis's socket, else a private one)."""
+        if given != "auto":
+            return cls(given, None, None)
+        if tcp_url != "off":
+            import redis.asyncio as redis
+
+            client = redis.Redis.from_url(tcp_url)
+            try:
+                conf = await asyncio.wait_for(client.config_get("unixsocket"), 2.0)
+                info = await client.info("server")
+                path = conf.get("unixsocket") or ""
+                if path and os.path.exists(path):
+                    return cls(path, int(info.get("process_id", 0)) or None, None)
+            except Exception:  # unreachable, or CONFIG refused: start a private one
+                pass
+            finally:
+                await client.aclose()
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("no redis-server binary to start a private Unix-socket Redis")
+        tmp = tempfile.mkdtemp(prefix="perf-redis-")
+        path = os.path.join(tmp, "redis.sock")
+        proc = subprocess.Popen(
+            [binary, "--port", "0", "--unixsocket", path, "--unixsocketperm", "700",
+             "--save", "", "--appendonly", "no", "--dir", tmp],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("the private redis-server did not start")
+            await asyncio.sleep(0.02)
+        return cls(path, proc.pid, proc)
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
+
+    def server_cpu(self) -> float | None:
+        return cpu.total_cpu([self._pid]) if self._pid else None
+
+    def _client(self, in_flight: int) -> Any:
+        import redis.asyncio as redis
+
+        return redis.Redis(unix_socket_path=self.path, max_connections=max(1, in_flight))
+
+    async def version(self) -> str:
+        client = self._client(1)
+        try:
+            info = await client.info("server")
+            return f"redis-server {info.get('redis_version', '?')} (unix socket)"
+        finally:
+            await client.aclose()
+
+    async def probe(self) -> None:
+        client = self._client(1)
+        try:
+            await asyncio.wait_for(client.ping(), 2.0)
+        finally:
+            await client.aclose()
+
+    async def cache_client(self, in_flight: int) -> CacheClient:
+        client = self._client(in_flight)
         conns = [await client.connection_pool.get_connection() for _ in range(in_flight)]
         for c in conns:
             await client.connection_pool.release(c)

@@ -383,3 +383,23 @@ def test_a_watch_off_refused_by_a_full_ring_is_sent_later() -> None:
     pair.pump()
     assert "acme/prod/s" not in core._waiting
     assert pair.gateway.deferred_unwatches == 1
+
+
+def test_same_host_peers_of_one_user_share_the_failure_back_off() -> None:
+    """A same-host (shm) peer is ``unix:pid=P,uid=U``: a new process per attempt must not
+    escape the back-off, so failures count by the user, as admission does."""
+    attacker = token_pair()
+    attacker.gateway.auth_limiter = FailureLimiter(free_failures=3, base_delay=0.5, max_delay=2)
+    for pid in range(100, 105):  # five processes of uid 1000, each failing 4 times
+        conn = attacker.connect(f"unix:pid={pid},uid=1000")
+        for _ in range(4):
+            conn.open_control("", "garbage")
+    same_user = attacker.connect("unix:pid=999,uid=1000")
+    sid = same_user.open_control("", mint(same_user))
+    same_user.pump()
+    assert sid not in same_user.events  # delayed, like the processes before it
+    assert attacker.gateway.auth_throttled >= 1
+    other_user = attacker.connect("unix:pid=998,uid=1001")  # another user is not held back
+    other = other_user.open_control("", mint(other_user))
+    other_user.pump()
+    assert other_user.events[other] == [Authenticated(wire.FLAGS_V1 | wire.FLAG_FELIX_EXT)]

@@ -85,3 +85,14 @@ class ConnectionTable(Generic[C]):
     def remove(self, conn: C) -> None:
         self.connections.discard(conn)
         self.authenticated(conn)
+
+
+def admission_source(peer: str) -> str:
+    """The source a connection counts against in the admission table (per-source bound
+    on unauthenticated connections): the address of a QUIC peer; for a same-host shm
+    peer (``unix:pid=P,uid=U``, felix/shm/server.py) its user, since one user can start
+    any number of processes. Failed authentications are backed off by the same source."""
+    if peer.startswith("unix:"):
+        uid = peer.rpartition("uid=")[2]
+        return f"unix:uid={uid}"
+    return peer

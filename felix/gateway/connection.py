@@ -41,6 +41,7 @@ from felix.gateway.actions import (
     Subscribe,
     Unsubscribe,
 )
+from felix.gateway.admission import admission_source
 from felix.gateway.gateway import CLOSE_INPUT_LIMIT, CLOSE_OVERLOADED, Gateway, _Pending
 from felix.gateway.queues import Consumer
 from felix.gateway.session import GatewaySession
@@ -55,17 +56,6 @@ _WRITES = (Send, StopStream, CloseConnection)
 
 #: Arms the shell's one timer: called with the absolute time (shell clock) or None.
 ArmTimer = Callable[[float | None], None]
-
-
-def admission_source(peer: str) -> str:
-    """The source a connection counts against in the admission table (per-source bound
-    on unauthenticated connections): the address of a QUIC peer; for a same-host shm
-    peer (``unix:pid=P,uid=U``, felix/shm/server.py) its user, since one user can start
-    any number of processes."""
-    if peer.startswith("unix:"):
-        uid = peer.rpartition("uid=")[2]
-        return f"unix:uid={uid}"
-    return peer
 
 
 class StreamTransport(Protocol):

@@ -81,6 +81,7 @@ from felix.gateway.actions import (
     Subscribe,
     Unsubscribe,
 )
+from felix.gateway.admission import admission_source
 from felix.gateway.auth import Identity
 from felix.gateway.gateway import (
     CLOSE_AUTH_FAILED,
@@ -499,7 +500,7 @@ class GatewaySession:
                 tenant = read_unverified_claims(str(msg.get("token") or "")).get("tid")
             except FelixError:
                 tenant = None
-        keys = [self.peer]
+        keys = [admission_source(self.peer)]  # a same-host peer by its user
         if isinstance(tenant, str) and tenant:
             keys.append("tenant:" + tenant)
         return keys

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from felix.errors import FelixTimeoutError, HandshakeFailed
+from felix.quic.batch import DatagramBatch
 from felix.quic.engine import QuicConfiguration, QuicEngine
 from felix.quic.protocol import QuicTransport
 from felix.quic.reset import ResetBudget
@@ -105,6 +106,11 @@ class QuicServerHandle:
         return self._transport.get_extra_info("sockname")
 
     @property
+    def batch(self) -> DatagramBatch | None:
+        """The socket's batch of outgoing datagrams and its counters (None: batching off)."""
+        return self._server.batch
+
+    @property
     def resets(self) -> ResetBudget:
         """Stateless resets sent and refused (``.sent``, ``.refused``)."""
         return self._server.resets
@@ -123,6 +129,7 @@ async def serve_on_socket(
     create_handler: CreateHandler,
     *,
     reset_key: bytes | None = None,
+    batch: bool | None = None,
 ) -> QuicServerHandle:
     """Serve QUIC on ``sock`` (from :func:`bind_udp`) with ``engine``.
 
@@ -132,6 +139,8 @@ async def serve_on_socket(
     are given to the engine, so it issues no tickets and never accepts 0-RTT.
     ``reset_key`` (from :func:`felix.quic.reset.load_reset_key`): answer
     packets of unknown connections with a stateless reset (felix/quic/server.py).
+    ``batch``: send the datagrams of each loop tick together with sendmmsg
+    (felix/quic/batch.py); None reads ``FELIX_UDP_BATCH`` (default on).
 
     The returned server owns ``sock``: ``close()`` closes it (a process that must
     keep the port, like the supervisor, keeps its own copy of the socket).
@@ -139,7 +148,7 @@ async def serve_on_socket(
     loop = asyncio.get_running_loop()
 
     def make_server() -> QuicServer:
-        return QuicServer(engine, configuration, create_handler, reset_key=reset_key)
+        return QuicServer(engine, configuration, create_handler, reset_key=reset_key, batch=batch)
 
     transport, server = await loop.create_datagram_endpoint(make_server, sock=sock)
     return QuicServerHandle(transport, server)

@@ -11,7 +11,8 @@ How it works: :class:`UdpSender` keeps preallocated ``mmsghdr``/``iovec``/addres
 arrays for ``capacity`` messages, so a send allocates nothing. ``send(fd,
 datagrams, start)`` fills them from a list of ``(bytes, address)`` pairs, the
 addresses as asyncio gives them (``(host, port)`` for IPv4, ``(host, port,
-flowinfo, scope_id)`` for IPv6, numeric hosts only), and calls ``sendmmsg``
+flowinfo, scope_id)`` for IPv6, numeric hosts only; None on a connected
+socket), and calls ``sendmmsg``
 until the list is done or the kernel would block:
 
 * a partial count (the kernel took some, then stopped) continues after them;
@@ -93,22 +94,24 @@ DEFAULT_CAPACITY = 64
 MAX_CAPACITY = 1024
 
 
-cdef socklen_t _fill_address(object addr, _SockAddr *out):
-    """Write ``addr`` into ``out``; its length, or 0 if it is not a numeric address."""
+cdef int _fill_address(object addr, _SockAddr *out):
+    """Write ``addr`` into ``out``; its length, 0 for None, -1 if it is not a numeric address."""
     cdef Py_ssize_t n, size
     cdef unsigned short port
     cdef const char *host
+    if addr is None:
+        return 0  # a connected socket: no destination of its own
     if not isinstance(addr, tuple):
-        return 0
+        return -1
     n = PyTuple_GET_SIZE(addr)
     if n != 2 and n != 4:
-        return 0
+        return -1
     host_obj = <object>PyTuple_GET_ITEM(addr, 0)
     port_obj = <object>PyTuple_GET_ITEM(addr, 1)
     if not PyUnicode_Check(host_obj) or not isinstance(port_obj, int):
-        return 0
+        return -1
     if not 0 <= port_obj <= 65535:
-        return 0
+        return -1
     port = <unsigned short>port_obj
     # ASCII strings keep their UTF-8 form: no copy, no allocation.
     host = PyUnicode_AsUTF8AndSize(host_obj, &size)
@@ -117,19 +120,19 @@ cdef socklen_t _fill_address(object addr, _SockAddr *out):
         out.v4.sin_family = AF_INET
         out.v4.sin_port = htons(port)
         if inet_pton(AF_INET, host, &out.v4.sin_addr) != 1:
-            return 0
+            return -1
         return sizeof(sockaddr_in)
     flowinfo_obj = <object>PyTuple_GET_ITEM(addr, 2)
     scope_obj = <object>PyTuple_GET_ITEM(addr, 3)
     if not isinstance(flowinfo_obj, int) or not isinstance(scope_obj, int):
-        return 0
+        return -1
     out.v6.sin6_family = AF_INET6
     out.v6.sin6_port = htons(port)
     # Masked as Python ints first: out-of-range values wrap as the kernel's u32 would.
     out.v6.sin6_flowinfo = htonl(<unsigned int>(flowinfo_obj & 0xFFFFFFFF))
     out.v6.sin6_scope_id = <unsigned int>(scope_obj & 0xFFFFFFFF)
     if inet_pton(AF_INET6, host, &out.v6.sin6_addr) != 1:
-        return 0
+        return -1
     return sizeof(sockaddr_in6)
 
 
@@ -178,7 +181,7 @@ cdef class UdpSender:
         cdef Py_ssize_t i = start if start > 0 else 0
         cdef Py_ssize_t k, count
         cdef int sent
-        cdef socklen_t namelen
+        cdef int namelen
         cdef object item, data, addr, last_addr
         while i < total:
             # Fill up to `capacity` messages, from datagrams[i:].
@@ -199,7 +202,7 @@ cdef class UdpSender:
                     namelen = self._msgs[k - 1].msg_hdr.msg_namelen
                 else:
                     namelen = _fill_address(addr, &self._addrs[k])
-                if namelen == 0:
+                if namelen < 0:
                     if count:
                         break  # send what is filled; this one fails first in the next round
                     self.failed += 1
@@ -210,8 +213,9 @@ cdef class UdpSender:
                 self._iov[k].iov_base = <void *>PyBytes_AS_STRING(data)
                 self._iov[k].iov_len = <size_t>PyBytes_GET_SIZE(data)
                 memset(&self._msgs[k].msg_hdr, 0, sizeof(msghdr))
-                self._msgs[k].msg_hdr.msg_name = &self._addrs[k]
-                self._msgs[k].msg_hdr.msg_namelen = namelen
+                if namelen:
+                    self._msgs[k].msg_hdr.msg_name = &self._addrs[k]
+                    self._msgs[k].msg_hdr.msg_namelen = <socklen_t>namelen
                 self._msgs[k].msg_hdr.msg_iov = &self._iov[k]
                 self._msgs[k].msg_hdr.msg_iovlen = 1
                 count += 1

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from felix._udpbatch import DEFAULT_CAPACITY, MAX_CAPACITY, UdpSender, send_batch
-from felix.quic.batch import DatagramBatch, batching_enabled
+from felix.quic.batch import DEFAULT_MAX_PENDING, DatagramBatch, batch_limit
 from tests.aio import run
 
 
@@ -285,11 +285,15 @@ def test_a_full_buffer_queues_in_the_transport_up_to_its_limit_then_drops(
 
 def test_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FELIX_UDP_BATCH", raising=False)
-    assert batching_enabled() is True
+    assert batch_limit() == DEFAULT_MAX_PENDING
     for off in ("0", "off", "FALSE", "no"):
         monkeypatch.setenv("FELIX_UDP_BATCH", off)
-        assert batching_enabled() is False
-        assert batching_enabled(True) is True
-    monkeypatch.setenv("FELIX_UDP_BATCH", "1")
-    assert batching_enabled() is True
-    assert batching_enabled(False) is False
+        assert batch_limit() == 0
+        assert batch_limit(True) == DEFAULT_MAX_PENDING
+        assert batch_limit(16) == 16
+    for on in ("1", "on", "yes"):
+        monkeypatch.setenv("FELIX_UDP_BATCH", on)
+        assert batch_limit() == DEFAULT_MAX_PENDING
+        assert batch_limit(False) == 0
+    monkeypatch.setenv("FELIX_UDP_BATCH", "16")
+    assert batch_limit() == 16

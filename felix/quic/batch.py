@@ -47,7 +47,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["BATCH_ENV", "DatagramBatch", "batching_enabled"]
+__all__ = ["BATCH_ENV", "DEFAULT_MAX_PENDING", "DatagramBatch", "batch_limit"]
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +59,35 @@ DEFAULT_MAX_PENDING = 1024
 DEFAULT_QUEUE_LIMIT = 1024 * 1024
 
 
-def batching_enabled(requested: bool | None = None) -> bool:
-    """Whether servers batch: ``requested`` if given, else ``FELIX_UDP_BATCH`` (default on).
+def batch_limit(requested: bool | int | None = None) -> int:
+    """Datagrams a server batch holds before it flushes; 0: batching off.
 
-    Off where sendmmsg is missing (not Linux, or the extension was not built).
+    ``requested``: False/0 off, True the default, an int > 1 that many; None reads
+    ``FELIX_UDP_BATCH`` ("0"/"off"/"false"/"no": off; a number > 1: that many;
+    anything else or unset: the default). Off where sendmmsg is missing (not
+    Linux, or the extension was not built).
     """
     if requested is None:
         value = os.environ.get(BATCH_ENV, "").strip().lower()
-        requested = value not in ("0", "off", "false", "no")
-    if not requested or not sys.platform.startswith("linux"):
-        return False
+        if value in ("0", "off", "false", "no"):
+            requested = False
+        elif value.isdigit() and int(value) > 1:
+            requested = int(value)
+        else:
+            requested = True
+    if requested is True:
+        limit = DEFAULT_MAX_PENDING
+    elif requested is False:
+        limit = 0
+    else:
+        limit = max(int(requested), 0)
+    if not limit or not sys.platform.startswith("linux"):
+        return 0
     try:
         import felix._udpbatch  # noqa: F401
     except ImportError:
-        return False
-    return True
+        return 0
+    return limit
 
 
 class DatagramBatch:
@@ -130,11 +144,11 @@ class DatagramBatch:
         """Send ``data`` to ``addr`` with this tick's batch."""
         pending = self._pending
         pending.append((data, addr))
-        if not self._scheduled:
+        if len(pending) >= self._max_pending:
+            self.flush()
+        elif not self._scheduled:
             self._scheduled = True
             self._call_soon(self._flush_scheduled)
-        elif len(pending) >= self._max_pending:
-            self.flush()
 
     def _flush_scheduled(self) -> None:
         self._scheduled = False

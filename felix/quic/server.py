@@ -31,7 +31,7 @@ import asyncio
 import logging
 from typing import Any
 
-from felix.quic.batch import DatagramBatch, batching_enabled
+from felix.quic.batch import DatagramBatch, batch_limit
 from felix.quic.engine import QuicConfiguration, QuicEngine
 from felix.quic.protocol import QuicTransport
 from felix.quic.reset import MIN_TRIGGER_SIZE, ResetBudget, reset_token, stateless_reset
@@ -60,7 +60,7 @@ class QuicServer(asyncio.DatagramProtocol):
         *,
         reset_key: bytes | None = None,
         reset_budget: ResetBudget | None = None,
-        batch: bool | None = None,
+        batch: bool | int | None = None,
     ) -> None:
         self._engine = engine
         self._configuration = configuration
@@ -74,7 +74,7 @@ class QuicServer(asyncio.DatagramProtocol):
         self._ids: dict[QuicTransport, set[bytes]] = {}
         self._sendto: Any = None
         self._transport: asyncio.DatagramTransport | None = None
-        self._batch_wanted = batching_enabled(batch)
+        self._batch_limit = batch_limit(batch)
         #: The socket's batch of outgoing datagrams (None: batching off).
         self.batch: DatagramBatch | None = None
         #: What connections send with: the batch's ``sendto`` or the transport's.
@@ -90,9 +90,12 @@ class QuicServer(asyncio.DatagramProtocol):
         self._transport = transport  # type: ignore[assignment]
         self._sendto = transport.sendto  # type: ignore[attr-defined]
         self._connection_sendto = self._sendto
-        if self._batch_wanted:
+        if self._batch_limit:
             try:
-                self.batch = DatagramBatch(self._transport)  # type: ignore[arg-type]
+                self.batch = DatagramBatch(
+                    self._transport,  # type: ignore[arg-type]
+                    max_pending=self._batch_limit,
+                )
             except Exception:  # no socket to write to: send as before
                 log.exception("cannot batch datagrams on %s; sending one at a time", transport)
             else:

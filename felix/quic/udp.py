@@ -129,7 +129,7 @@ async def serve_on_socket(
     create_handler: CreateHandler,
     *,
     reset_key: bytes | None = None,
-    batch: bool | None = None,
+    batch: bool | int | None = None,
 ) -> QuicServerHandle:
     """Serve QUIC on ``sock`` (from :func:`bind_udp`) with ``engine``.
 
@@ -140,7 +140,8 @@ async def serve_on_socket(
     ``reset_key`` (from :func:`felix.quic.reset.load_reset_key`): answer
     packets of unknown connections with a stateless reset (felix/quic/server.py).
     ``batch``: send the datagrams of each loop tick together with sendmmsg
-    (felix/quic/batch.py); None reads ``FELIX_UDP_BATCH`` (default on).
+    (felix/quic/batch.py), at most that many per flush if an int; None reads
+    ``FELIX_UDP_BATCH`` (default on).
 
     The returned server owns ``sock``: ``close()`` closes it (a process that must
     keep the port, like the supervisor, keeps its own copy of the socket).

@@ -196,7 +196,7 @@ def test_a_tick_of_datagrams_leaves_in_one_flush() -> None:
             tx = _udp(socket.AF_INET, "127.0.0.1")
             tx.setblocking(False)
             transport, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, sock=tx)
-            batch = DatagramBatch(transport)
+            batch = DatagramBatch(transport, max_pending=1024)
             for i in range(100):
                 batch.sendto(b"%d" % i, addr)
             assert _drain(rx) == []  # nothing sent yet: the flush is at the end of the tick

@@ -21,8 +21,8 @@ and loses them all when the connection ends.
 Sending: with batching on (the default; felix/quic/batch.py), connections do not
 call the socket's ``sendto`` themselves: their datagrams of one loop tick are
 collected into one :class:`~felix.quic.batch.DatagramBatch` for the socket and
-leave in one sendmmsg call per 64 datagrams, so a fanout to N subscribers costs
-about one system call instead of N.
+leave in one sendmmsg call per 16 datagrams, so a fanout to N subscribers costs
+about N/16 system calls instead of N.
 """
 
 from __future__ import annotations

@@ -9,9 +9,13 @@ MAX_CAPACITY: Final[int]
 class UdpSender:
     """Sends lists of ``(bytes, address)`` datagrams with sendmmsg(2)."""
 
-    def __init__(self, capacity: int = ...) -> None: ...
+    def __init__(self, capacity: int = ..., gso: bool = ...) -> None: ...
     @property
     def capacity(self) -> int: ...
+    @property
+    def gso(self) -> bool: ...
+    @property
+    def gso_datagrams(self) -> int: ...
     @property
     def syscalls(self) -> int: ...
     @property
@@ -22,6 +26,9 @@ class UdpSender:
     def last_error(self) -> int: ...
     def send(self, fd: int, datagrams: list[tuple[bytes, Any]], start: int = 0) -> int:
         """Send ``datagrams[start:]`` on ``fd``; the index of the first one not handled."""
+
+def gso_supported(fd: int) -> bool:
+    """Whether the kernel knows UDP_SEGMENT on this UDP socket."""
 
 def send_batch(fd: int, datagrams: list[tuple[bytes, Any]], start: int = 0) -> int:
     """``UdpSender().send(fd, datagrams, start)`` with one shared sender."""

@@ -9,7 +9,7 @@ felix/quic/batch.py; ``0``: one sendto per datagram, as before). Each repetition
 runs, per fanout, both nodes back to back (their order alternating between
 repetitions) through the harness's own drivers (perf/harness/workloads.py):
 
-- closed loop: publish one 64 B record, wait until every subscriber has it;
+- closed loop: publish one record (``--size``, default 64 B), wait until every subscriber has it;
   latency per delivery (p50, p99), server CPU per delivery;
 - max rate: publish as fast as the subscribers keep up (window 256 records per
   subscriber); deliveries/s, server CPU per delivery.
@@ -54,7 +54,8 @@ BASELINE = "unbatched"
 
 
 def _modes(text: str) -> dict[str, dict[str, str]]:
-    """``off,on,16`` -> {"unbatched": ..., "batched": ..., "batched-16": ...} (node envs)."""
+    """``off,on,16,gso`` -> {"unbatched": ..., "batched": ..., "batched-16": ...,
+    "batched+gso": ...} (node environments)."""
     modes: dict[str, dict[str, str]] = {}
     for item in text.split(","):
         item = item.strip().lower()
@@ -62,6 +63,8 @@ def _modes(text: str) -> dict[str, dict[str, str]]:
             modes[BASELINE] = {"FELIX_UDP_BATCH": "0"}
         elif item in ("on", "1"):
             modes["batched"] = {"FELIX_UDP_BATCH": "1"}
+        elif item == "gso":
+            modes["batched+gso"] = {"FELIX_UDP_BATCH": "1", "FELIX_UDP_GSO": "1"}
         else:
             modes[f"batched-{int(item)}"] = {"FELIX_UDP_BATCH": str(int(item))}
     if BASELINE not in modes:
@@ -70,7 +73,6 @@ def _modes(text: str) -> dict[str, dict[str, str]]:
 
 
 SEND_CALLS = ("sendto", "sendmsg", "sendmmsg")
-SIZE = 64
 
 
 @dataclass
@@ -164,10 +166,16 @@ async def _run(args: argparse.Namespace) -> dict[tuple[int, str], Cell]:
                     rig, node = rigs[fanout, mode], nodes[mode]
                     topic = f"fan-{fanout}-{mode}-{rep}"
                     closed = await pubsub_closed(
-                        rig, topic + "-closed", SIZE, n_closed, args.warmup, Meter(node.cpu)
+                        rig, topic + "-closed", args.size, n_closed, args.warmup, Meter(node.cpu)
                     )
                     top = await pubsub_max(
-                        rig, topic + "-max", SIZE, n_max, args.warmup, args.window, Meter(node.cpu)
+                        rig,
+                        topic + "-max",
+                        args.size,
+                        n_max,
+                        args.warmup,
+                        args.window,
+                        Meter(node.cpu),
                     )
                     cells[fanout, mode].closed.append(closed)
                     cells[fanout, mode].max.append(top)
@@ -193,12 +201,12 @@ async def _run(args: argparse.Namespace) -> dict[tuple[int, str], Cell]:
                         pids = _gateway_pids(node)
                         async with Strace(pids) as trace:
                             closed = await pubsub_closed(
-                                rig, topic + "-closed", SIZE, n_closed // 2, 2, Meter(node.cpu)
+                                rig, topic + "-closed", args.size, n_closed // 2, 2, Meter(node.cpu)
                             )
                         _count(cells[fanout, mode], "closed", trace, closed.ops + 2 * fanout)
                         async with Strace(pids) as trace:
                             top = await pubsub_max(
-                                rig, topic + "-max", SIZE, n_max // 4, 2, args.window,
+                                rig, topic + "-max", args.size, n_max // 4, 2, args.window,
                                 Meter(node.cpu),
                             )  # fmt: skip
                         _count(cells[fanout, mode], "max", trace, top.ops + 2 * fanout)
@@ -299,12 +307,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max", type=int, default=8000, help="max-rate records at fanout 16 (scaled by 16/F)"
     )
+    parser.add_argument("--size", type=int, default=64, help="record size in bytes (default 64)")
     parser.add_argument("--warmup", type=int, default=20, help="warmup records per run")
     parser.add_argument("--window", type=int, default=256, help="max-rate window per subscriber")
     parser.add_argument(
         "--modes",
         default="on,off",
-        help="FELIX_UDP_BATCH settings, each a node: on, off, or N (flush every N datagrams)",
+        help="nodes by FELIX_UDP_BATCH: on, off, N (flush every N datagrams), gso (on + GSO)",
     )
     parser.add_argument("--no-strace", dest="strace", action="store_false")
     args = parser.parse_args(argv)
@@ -319,8 +328,9 @@ def main(argv: list[str] | None = None) -> None:
     cells = uvloop.run(_run(args))
     print()
     print(
-        f"fanout, {args.reps} repetitions, topology {args.topology}, 64 B records, load average"
-        f" {load[0]:.2f} at the start, {time.monotonic() - start:.0f} s; medians (min-max)"
+        f"fanout, {args.reps} repetitions, topology {args.topology}, {args.size} B records,"
+        f" load average {load[0]:.2f} at the start, {time.monotonic() - start:.0f} s;"
+        " medians (min-max)"
     )
     print()
     print(report(cells, args.fanouts, list(args.modes)))

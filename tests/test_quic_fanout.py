@@ -51,16 +51,17 @@ async def _fanout(url: str, ca: Path, subscribers: int, records: int) -> None:
         await asyncio.gather(*(c.close() for c in clients))
 
 
-@pytest.mark.parametrize("batching", ["on", "off"])
+@pytest.mark.parametrize("batching", ["on", "gso", "off"])
 def test_fanout_32_in_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batching: str
 ) -> None:
-    monkeypatch.setenv("FELIX_UDP_BATCH", "1" if batching == "on" else "0")
+    monkeypatch.setenv("FELIX_UDP_BATCH", "0" if batching == "off" else "1")
+    monkeypatch.setenv("FELIX_UDP_GSO", "1" if batching == "gso" else "0")
 
     async def main() -> None:
         async with LocalNode.start(tmp_path) as node:
             batch: DatagramBatch | None = node._server.batch  # (the node keeps its server private)
-            assert (batch is not None) == (batching == "on")
+            assert (batch is not None) == (batching != "off")
             await _fanout(node.url, node.ca_file, 32, RECORDS)
             if batch is not None:
                 assert batch.dropped == 0 and batch.failed == 0
@@ -68,6 +69,8 @@ def test_fanout_32_in_process(
                 # (records share datagrams too: the gateway packs a burst into one EVENTS).
                 assert batch.sent >= 32 * 3
                 assert batch.syscalls * 4 < batch.sent, (batch.syscalls, batch.sent)
+                if batching == "gso" and batch.gso:
+                    assert batch.gso_sent > 0  # the bursts to one subscriber were merged
 
     run(main, timeout=90)
 

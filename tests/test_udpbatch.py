@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from felix._udpbatch import DEFAULT_CAPACITY, MAX_CAPACITY, UdpSender, send_batch
+from felix._udpbatch import DEFAULT_CAPACITY, MAX_CAPACITY, UdpSender, gso_supported, send_batch
 from felix.quic.batch import DEFAULT_MAX_PENDING, DatagramBatch, batch_limit
 from tests.aio import run
 
@@ -183,6 +183,51 @@ def test_a_closed_descriptor_fails_without_crashing() -> None:
     sender = UdpSender()
     assert sender.send(fd, [(b"x", ("127.0.0.1", 9))] * 3) == 3
     assert (sender.failed, sender.last_error) == (3, errno.EBADF)
+
+
+# -- UDP GSO ----------------------------------------------------------------------------
+
+SO_NO_CHECK = 11  # asm-generic/socket.h: UDP without checksums, which GSO refuses
+
+
+def _gso_or_skip(sock: socket.socket) -> None:
+    if not gso_supported(sock.fileno()):
+        pytest.skip("the kernel has no UDP GSO")
+
+
+@pytest.mark.parametrize(("family", "host"), FAMILIES)
+def test_gso_runs_arrive_as_the_same_datagrams(family: socket.AddressFamily, host: str) -> None:
+    with _udp(family, host) as r1, _udp(family, host) as r2, _udp(family, host) as tx:
+        _gso_or_skip(tx)
+        a1, a2 = r1.getsockname(), r2.getsockname()
+        datagrams: list[tuple[bytes, Any]] = []
+        # A run of 150 full datagrams (more than one message's 64 segments), a short
+        # last one, a run with a short one in the middle, single ones, and equal
+        # addresses that are distinct tuple objects.
+        datagrams += [(bytes([i]) * 1200, a1) for i in range(150)]
+        datagrams += [(b"short", a1), (b"x" * 1200, a1), (b"y" * 1200, a2)]
+        datagrams += [(b"z" * 1200, tuple(a2)), (b"tiny", a2), (b"w" * 1200, a2), (b"v", a1)]
+        sender = UdpSender(gso=True)
+        assert sender.send(tx.fileno(), datagrams) == len(datagrams)
+        assert sender.syscalls == 1 and sender.datagrams == len(datagrams)
+        assert sender.gso and sender.gso_datagrams >= 150
+        for rx, addr in ((r1, a1), (r2, a2)):
+            expected = [d for d, a in datagrams if a == addr]
+            assert [rx.recv(70000) for _ in expected] == expected
+            assert _drain(rx) == []
+
+
+def test_gso_refused_by_the_kernel_falls_back_to_one_per_message() -> None:
+    with _udp(socket.AF_INET, "127.0.0.1") as rx, _udp(socket.AF_INET, "127.0.0.1") as tx:
+        _gso_or_skip(tx)
+        tx.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+        addr = rx.getsockname()
+        datagrams = [(bytes([i]) * 1000, addr) for i in range(10)]
+        sender = UdpSender(gso=True)
+        assert sender.send(tx.fileno(), datagrams) == 10
+        assert not sender.gso  # turned off by the refusal
+        assert sender.failed == 0 and sender.gso_datagrams == 0 and sender.datagrams == 10
+        assert [rx.recv(2000) for _ in range(10)] == [d for d, _ in datagrams]
 
 
 # -- DatagramBatch: one flush per loop tick -------------------------------------------------

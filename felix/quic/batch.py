@@ -28,6 +28,10 @@ Bounds and the full-buffer policy:
   network drops them; QUIC detects the loss and retransmits, and its congestion
   control slows down. While that queue is not empty, batches go through it too,
   so datagrams are never reordered behind it;
+* with ``gso`` (``FELIX_UDP_GSO=1``, where the kernel has UDP_SEGMENT), a run of
+  datagrams to one address (a connection's burst) goes as one message the kernel
+  splits into datagrams; a fanout sends one datagram per address per tick, so
+  only bursts to one connection gain;
 * a datagram the kernel refuses outright (an unreachable or invalid address) is
   skipped and counted in ``failed``, as a lone ``sendto`` would fail alone.
 
@@ -49,7 +53,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["BATCH_ENV", "DEFAULT_MAX_PENDING", "DatagramBatch", "batch_limit"]
+__all__ = [
+    "BATCH_ENV",
+    "DEFAULT_MAX_PENDING",
+    "GSO_ENV",
+    "DatagramBatch",
+    "batch_limit",
+    "gso_wanted",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +72,8 @@ BATCH_ENV = "FELIX_UDP_BATCH"
 #: client wait for all of a tick's packets to be built; every 16 was neutral or
 #: better on CPU and latency and still cuts the gateway's send calls ~10x.
 DEFAULT_MAX_PENDING = 16
+#: The environment variable that turns UDP GSO on ("1", "on", "true", "yes").
+GSO_ENV = "FELIX_UDP_GSO"
 #: Bytes the loop transport may queue after EAGAIN before datagrams are dropped.
 DEFAULT_QUEUE_LIMIT = 1024 * 1024
 
@@ -96,6 +109,14 @@ def batch_limit(requested: bool | int | None = None) -> int:
     return limit
 
 
+def gso_wanted(requested: bool | None = None) -> bool:
+    """Whether batches merge same-address runs with UDP GSO: ``requested``, else
+    ``FELIX_UDP_GSO`` (default off). Used only where the kernel has it."""
+    if requested is not None:
+        return requested
+    return os.environ.get(GSO_ENV, "").strip().lower() in ("1", "on", "true", "yes")
+
+
 class DatagramBatch:
     """Collects ``transport``'s outgoing datagrams per loop tick (see the module doc)."""
 
@@ -105,8 +126,9 @@ class DatagramBatch:
         *,
         max_pending: int = DEFAULT_MAX_PENDING,
         queue_limit: int = DEFAULT_QUEUE_LIMIT,
+        gso: bool = False,
     ) -> None:
-        from felix._udpbatch import UdpSender
+        from felix._udpbatch import UdpSender, gso_supported
 
         sock = transport.get_extra_info("socket")
         if sock is None:
@@ -116,7 +138,9 @@ class DatagramBatch:
         queued: Callable[[], int] | None = getattr(transport, "get_write_buffer_size", None)
         self._transport_queued: Callable[[], int] = queued or (lambda: 0)
         self._fd: int = sock.fileno()
-        self._sender = UdpSender()
+        # GSO: probed once per socket; a kernel that refuses a GSO send later turns it
+        # off in the sender, which then resends those datagrams one by one.
+        self._sender = UdpSender(gso=gso and gso_supported(self._fd))
         self._pending: list[tuple[bytes, Any]] = []
         self._scheduled = False
         self._closed = False
@@ -140,6 +164,16 @@ class DatagramBatch:
     def sent(self) -> int:
         """Datagrams the kernel took through sendmmsg."""
         return self._sender.datagrams
+
+    @property
+    def gso(self) -> bool:
+        """Whether runs of datagrams to one address go as one GSO message (now)."""
+        return self._sender.gso
+
+    @property
+    def gso_sent(self) -> int:
+        """Datagrams the kernel took as segments of GSO messages."""
+        return self._sender.gso_datagrams
 
     @property
     def failed(self) -> int:

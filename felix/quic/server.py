@@ -31,7 +31,7 @@ import asyncio
 import logging
 from typing import Any
 
-from felix.quic.batch import DatagramBatch, batch_limit
+from felix.quic.batch import DatagramBatch, batch_limit, gso_wanted
 from felix.quic.engine import QuicConfiguration, QuicEngine
 from felix.quic.protocol import QuicTransport
 from felix.quic.reset import MIN_TRIGGER_SIZE, ResetBudget, reset_token, stateless_reset
@@ -95,6 +95,7 @@ class QuicServer(asyncio.DatagramProtocol):
                 self.batch = DatagramBatch(
                     self._transport,  # type: ignore[arg-type]
                     max_pending=self._batch_limit,
+                    gso=gso_wanted(),
                 )
             except Exception:  # no socket to write to: send as before
                 log.exception("cannot batch datagrams on %s; sending one at a time", transport)

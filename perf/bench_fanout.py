@@ -55,7 +55,7 @@ BASELINE = "unbatched"
 
 def _modes(text: str) -> dict[str, dict[str, str]]:
     """``off,on,16,gso`` -> {"unbatched": ..., "batched": ..., "batched-16": ...,
-    "batched+gso": ...} (node environments)."""
+    "batched-gso": ...} (node environments)."""
     modes: dict[str, dict[str, str]] = {}
     for item in text.split(","):
         item = item.strip().lower()
@@ -64,7 +64,7 @@ def _modes(text: str) -> dict[str, dict[str, str]]:
         elif item in ("on", "1"):
             modes["batched"] = {"FELIX_UDP_BATCH": "1"}
         elif item == "gso":
-            modes["batched+gso"] = {"FELIX_UDP_BATCH": "1", "FELIX_UDP_GSO": "1"}
+            modes["batched-gso"] = {"FELIX_UDP_BATCH": "1", "FELIX_UDP_GSO": "1"}
         else:
             modes[f"batched-{int(item)}"] = {"FELIX_UDP_BATCH": str(int(item))}
     if BASELINE not in modes:

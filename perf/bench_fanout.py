@@ -1,16 +1,20 @@
 """Pub/sub fanout with the gateway's datagram batching on and off, in one run.
 
     .venv/bin/python -m perf.bench_fanout                  # fanout 16 and 64, 3 repetitions
-    .venv/bin/python -m perf.bench_fanout --reps 5 --fanouts 16,64 --topology 1x1
+    .venv/bin/python -m perf.bench_fanout --reps 5 --size 1024 --modes on,nogso,off,1024
 
-Two ``felix up`` nodes run side by side, identical but for ``FELIX_UDP_BATCH``
-(``1``: a gateway sends the datagrams of a loop tick with one sendmmsg,
-felix/quic/batch.py; ``0``: one sendto per datagram, as before). Each repetition
-runs, per fanout, both nodes back to back (their order alternating between
+One ``felix up`` node per mode runs side by side, identical but for the
+environment (felix/quic/batch.py): ``on`` is felix's default (a gateway sends
+its datagrams with sendmmsg, every 16 or at the end of the loop tick, and merges
+a connection's runs with UDP GSO), ``nogso`` the same without GSO
+(``FELIX_UDP_GSO=0``), ``N`` batches of up to N without GSO
+(``FELIX_UDP_BATCH=N``), ``off`` one sendto per datagram as before
+(``FELIX_UDP_BATCH=0``; always run: the ratios divide by it). Each repetition
+runs, per fanout, every node back to back (the order rotated between
 repetitions) through the harness's own drivers (perf/harness/workloads.py):
 
-- closed loop: publish one record (``--size``, default 64 B), wait until every subscriber has it;
-  latency per delivery (p50, p99), server CPU per delivery;
+- closed loop: publish one record (``--size``, default 64 B), wait until every
+  subscriber has it; latency per delivery (p50, p99), server CPU per delivery;
 - max rate: publish as fast as the subscribers keep up (window 256 records per
   subscriber); deliveries/s, server CPU per delivery.
 
@@ -54,19 +58,22 @@ BASELINE = "unbatched"
 
 
 def _modes(text: str) -> dict[str, dict[str, str]]:
-    """``off,on,16,gso`` -> {"unbatched": ..., "batched": ..., "batched-16": ...,
-    "batched-gso": ...} (node environments)."""
+    """``off,on,16,nogso`` -> {"unbatched": ..., "batched": ..., "batched-16": ...,
+    "batched-nogso": ...} (node environments; "on" is felix's default: with GSO)."""
     modes: dict[str, dict[str, str]] = {}
     for item in text.split(","):
         item = item.strip().lower()
         if item in ("off", "0"):
             modes[BASELINE] = {"FELIX_UDP_BATCH": "0"}
         elif item in ("on", "1"):
-            modes["batched"] = {"FELIX_UDP_BATCH": "1"}
-        elif item == "gso":
-            modes["batched-gso"] = {"FELIX_UDP_BATCH": "1", "FELIX_UDP_GSO": "1"}
+            modes["batched"] = {"FELIX_UDP_BATCH": "1", "FELIX_UDP_GSO": "1"}
+        elif item == "nogso":
+            modes["batched-nogso"] = {"FELIX_UDP_BATCH": "1", "FELIX_UDP_GSO": "0"}
         else:
-            modes[f"batched-{int(item)}"] = {"FELIX_UDP_BATCH": str(int(item))}
+            modes[f"batched-{int(item)}"] = {
+                "FELIX_UDP_BATCH": str(int(item)),
+                "FELIX_UDP_GSO": "0",
+            }
     if BASELINE not in modes:
         modes[BASELINE] = {"FELIX_UDP_BATCH": "0"}
     return modes
@@ -312,8 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=256, help="max-rate window per subscriber")
     parser.add_argument(
         "--modes",
-        default="on,off",
-        help="nodes by FELIX_UDP_BATCH: on, off, N (flush every N datagrams), gso (on + GSO)",
+        default="on,nogso,off",
+        help="nodes: on (the default: batches with GSO), nogso, off, N (every N, no GSO)",
     )
     parser.add_argument("--no-strace", dest="strace", action="store_false")
     args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from felix._udpbatch import DEFAULT_CAPACITY, MAX_CAPACITY, UdpSender, gso_supported, send_batch
-from felix.quic.batch import DEFAULT_MAX_PENDING, DatagramBatch, batch_limit
+from felix.quic.batch import DEFAULT_MAX_PENDING, DatagramBatch, batch_limit, gso_wanted
 from tests.aio import run
 
 
@@ -342,3 +342,8 @@ def test_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
         assert batch_limit(False) == 0
     monkeypatch.setenv("FELIX_UDP_BATCH", "16")
     assert batch_limit() == 16
+    monkeypatch.delenv("FELIX_UDP_GSO", raising=False)
+    assert gso_wanted() is True
+    monkeypatch.setenv("FELIX_UDP_GSO", "off")
+    assert gso_wanted() is False
+    assert gso_wanted(True) is True

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: up test build lint typecheck unit bench faults clean
+.PHONY: up test build lint typecheck unit unit-embedded bench faults clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,14 @@ typecheck: build
 unit: build
 	$(VENV)/bin/pytest -q
 
-test: lint typecheck unit
+# The node tests again on the topology `felix up` picks on small machines (shards inside
+# the gateway; tests that need shard processes are skipped there): about a minute.
+EMBEDDED_TESTS ?= tests/test_node.py tests/test_node_durable.py tests/test_node_quotas.py \
+	tests/test_queues_node.py
+unit-embedded: build
+	FELIX_TEST_TOPOLOGY=embedded $(VENV)/bin/pytest -q $(EMBEDDED_TESTS)
+
+test: lint typecheck unit unit-embedded
 
 up: build
 	$(VENV)/bin/felix up $(ARGS)

@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 from felix.errors import ConfigError, FelixError
 from felix.extras import require_extra
-from felix.node.config import NodeConfig, parse_address, parse_duration, parse_size
+from felix.node.config import (
+    TOPOLOGIES,
+    NodeConfig,
+    parse_address,
+    parse_duration,
+    parse_size,
+    resolve_topology,
+    usable_cpus,
+)
 from felix.shard.cache import CacheSettings
 from felix.shard.stream_log import StreamSettings
 
@@ -51,7 +59,7 @@ def _add_rotation_flags(parser: argparse.ArgumentParser, where: str) -> None:
 
 
 def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()
     up = sub.add_parser(
         "up",
         help="run a felix node in the foreground",
@@ -117,8 +125,16 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="FILE",
         help="its private key (default $FELIX_CONTROL_KEY)",
     )
-    up.add_argument("--gateways", type=int, default=cores, help=f"gateway processes ({cores})")
-    up.add_argument("--shards", type=int, default=cores, help=f"shard processes ({cores})")
+    up.add_argument(
+        "--topology",
+        choices=TOPOLOGIES,
+        default="auto",
+        help="split: gateway and shard processes joined by rings; embedded: one gateway "
+        "process hosting the shards (no ring hop); auto (default): embedded on machines "
+        f"with at most 2 usable CPUs, else split (this one has {cores})",
+    )
+    up.add_argument("--gateways", type=int, help=f"gateway processes (split: one per CPU, {cores})")
+    up.add_argument("--shards", type=int, help=f"shards (one per CPU, {cores})")
     up.add_argument("--data-dir", type=Path, default=Path("data"), help="state directory")
     up.add_argument("--memory-budget", default="1GiB", help="memory for all shards (1GiB)")
     up.add_argument(
@@ -148,8 +164,15 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument(
         "--embedded-shards",
         action="store_true",
-        help="host the shards inside the gateway process (needs --gateways 1): no ring hop, "
-        "for one-core machines and latency experiments",
+        help="the same as --topology embedded",
+    )
+    up.add_argument(
+        "--spin-us",
+        type=int,
+        default=0,
+        metavar="US",
+        help="keep polling for this long after traffic before sleeping (gateways: their UDP "
+        "socket; shards: their rings): lower latency for CPU (0: off; see docs/operations.md)",
     )
     up.add_argument(
         "--auth",
@@ -303,12 +326,18 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
     replay_bytes = parse_size(args.replay_bytes)
     listen = parse_address(args.listen, 5000)
     control = parse_address(args.control, 8443)
+    gateways, shards, embedded = resolve_topology(
+        "embedded" if args.embedded_shards else args.topology,
+        args.gateways,
+        args.shards,
+        usable_cpus(),
+    )
     return NodeConfig(
         listen=listen,
         http=parse_address(args.http, 8080),
         control=control,
-        gateways=args.gateways,
-        shards=args.shards,
+        gateways=gateways,
+        shards=shards,
         data_dir=args.data_dir.resolve(),
         memory_budget=parse_size(args.memory_budget),
         tenant_memory_quota=(
@@ -339,7 +368,8 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         control_store=args.control_store,
         control_url=args.control_url,
         control_token=args.control_token,
-        embedded_shards=args.embedded_shards,
+        embedded_shards=embedded,
+        spin_us=args.spin_us,
         auth=_auth_mode(args.auth, listen[0], *([] if args.control_url else [control[0]])),
         key_rotation_interval=parse_duration(args.key_rotation_interval),
         key_publish_lead=parse_duration(args.key_publish_lead),

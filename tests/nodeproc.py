@@ -36,6 +36,9 @@ class NodeProcess:
         variables added to this process's environment; ``log_path``: where its output
         goes (default: ``<data_dir>.log`` beside the data dir, overwritten)."""
         self.data_dir = data_dir
+        if os.environ.get("FELIX_TEST_TOPOLOGY") == "embedded" and "--embedded-shards" not in args:
+            # The same tests on the topology `felix up` picks on small machines.
+            gateways, args = 1, ("--topology", "embedded", *args)
         cmd = [
             sys.executable,
             "-m",

@@ -29,6 +29,7 @@ def node(tmp_path: Path) -> Iterator[NodeProcess]:
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(ring_prefix(n.data_dir))]
 
 
+@pytest.mark.split_topology
 def test_health_endpoints_and_node_json(node: NodeProcess) -> None:
     assert node.http("/livez") == (200, "ok\n")
     assert node.http("/readyz") == (200, "ready\n")
@@ -49,6 +50,7 @@ async def _connect(node: NodeProcess) -> tuple[RawPeer, int]:
     return peer, await peer.auth()
 
 
+@pytest.mark.split_topology
 def test_ten_thousand_messages_in_order_to_16_subscribers_on_both_gateways(
     node: NodeProcess,
 ) -> None:
@@ -84,6 +86,7 @@ def test_ten_thousand_messages_in_order_to_16_subscribers_on_both_gateways(
     run(main, timeout=100)
 
 
+@pytest.mark.split_topology
 def test_kill_9_shard_fails_fast_then_serves_again(node: NodeProcess) -> None:
     async def main() -> None:
         peer, sid = await _connect(node)
@@ -114,6 +117,7 @@ def test_kill_9_shard_fails_fast_then_serves_again(node: NodeProcess) -> None:
     run(main, timeout=60)
 
 
+@pytest.mark.split_topology
 def test_kill_9_gateway_other_connections_survive_and_new_ones_work(node: NodeProcess) -> None:
     async def main() -> None:
         peers = [await _connect(node) for _ in range(8)]

@@ -98,6 +98,7 @@ def test_history_survives_a_restart_and_is_read_from_disk(tmp_path: Path) -> Non
         assert node.stop() == 0
 
 
+@pytest.mark.split_topology
 def test_an_fsync_error_ends_the_shard_and_its_restart_recovers_from_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -123,6 +123,7 @@ async def publish_until(
         await asyncio.sleep(0.1)
 
 
+@pytest.mark.split_topology
 def test_a_stream_deleted_through_the_control_plane_stays_deleted(tmp_path: Path) -> None:
     """Issue 11 item 16: a publish to a deleted stream is refused, not a re-creation."""
     n = NodeProcess(tmp_path / "node", gateways=1, shards=2)
@@ -162,6 +163,7 @@ def test_a_stream_deleted_through_the_control_plane_stays_deleted(tmp_path: Path
         n.stop()
 
 
+@pytest.mark.split_topology
 def test_a_restarted_shard_reports_offsets_never_assigned_as_a_gap_not_drops(
     tmp_path: Path,
 ) -> None:

@@ -82,6 +82,7 @@ def test_competing_consumers_share_the_work_exactly_once(tmp_path: Path) -> None
         assert node.stop() == 0
 
 
+@pytest.mark.split_topology
 def test_acks_survive_kill_9_of_the_shard_and_unacked_records_come_back(tmp_path: Path) -> None:
     node = NodeProcess(tmp_path / "node", *ARGS, gateways=1, shards=1)
     acked: set[int] = set()

@@ -314,6 +314,7 @@ def test_a_held_record_stalls_the_window_once_and_its_ack_resumes_delivery(
 # --- 5. a record that crashes the shard -------------------------------------------------
 
 
+@pytest.mark.split_topology
 def test_a_record_that_crashes_the_shard_is_dead_lettered_after_max_deliveries(
     tmp_path: Path,
 ) -> None:
@@ -361,6 +362,7 @@ def test_a_record_that_crashes_the_shard_is_dead_lettered_after_max_deliveries(
 # --- 6. kill -9 between the dead-letter append and the state write ----------------------
 
 
+@pytest.mark.split_topology
 def test_a_term_cut_short_by_kill_9_is_dead_lettered_and_never_redelivered(
     tmp_path: Path,
 ) -> None:
@@ -485,6 +487,7 @@ def gateway_connections(node: NodeProcess) -> dict[str, float]:
     return out
 
 
+@pytest.mark.split_topology
 def test_competing_consumers_on_both_gateways_never_share_or_skip_a_record(
     node: NodeProcess,
 ) -> None:

@@ -281,7 +281,9 @@ class Client:
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise LocalProtocolError(f"payload must be bytes-like, not {type(data).__name__}")
             # A copy: the record waits in a batch, and the caller may reuse its buffer.
-            await self._publish_nowait(ns, name, bytes(data), hdrs)
+            payload = bytes(data)
+            if not self._publish_now(ns, name, payload, hdrs):
+                await self._publish_when_writable(ns, name, payload, hdrs)
             return None
         t = self.tenant
         reply = await self._request(
@@ -426,10 +428,23 @@ class Client:
                     raise
                 idempotent = False  # once
 
-    async def _publish_nowait(
+    def _publish_now(
+        self, namespace: str, stream: str, payload: bytes, headers: dict[str, str] | None
+    ) -> bool:
+        """Queue an ``ack=False`` record on a live connection with send room; False when
+        there is none (then :meth:`_publish_when_writable`). The common case, without a
+        coroutine, context manager or timer of its own."""
+        self._check_usable()
+        key = (namespace, stream)
+        conn = self._pool.ready(key)
+        if conn is None or not conn.writable_now(key):
+            return False
+        conn.publish_nowait(namespace, stream, payload, headers)
+        return True
+
+    async def _publish_when_writable(
         self, namespace: str, stream: str, payload: bytes, headers: dict[str, str] | None
     ) -> None:
-        self._check_usable()
         key = (namespace, stream)
 
         async def queue() -> None:

@@ -389,6 +389,13 @@ class Connection:
 
     # -- fire-and-forget publishes ---------------------------------------------------------
 
+    def writable_now(self, key: object) -> bool:
+        """True when live and the control stream for ``key`` is under its high-water mark
+        (then :meth:`wait_writable` would not wait)."""
+        return self.lost is None and (
+            self.protocol.send_buffer_size(self.control_stream_for(key)) <= SEND_HIGH_WATER
+        )
+
     async def wait_writable(self, key: object) -> None:
         """Wait while the control stream for ``key`` has over 1 MiB not yet sent."""
         self._check_alive()

@@ -167,23 +167,33 @@ class Subscription:
             raise LocalProtocolError(
                 "start the subscription first (async with client.subscribe(...))"
             )
+        # A message already here needs no timer (the common case under load).
+        message = self._flow.take()
+        if message is not None:
+            self._return_credit()
+            return message
+        if timeout is None:
+            return await self._wait_next()
         try:
             async with asyncio.timeout(timeout):
-                while True:
-                    message = self._flow.take()
-                    if message is not None:
-                        self._return_credit()
-                        return message
-                    if self._error is not None:
-                        raise self._error
-                    if self._state is not _State.ACTIVE:
-                        return None
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
+                return await self._wait_next()
         except TimeoutError as exc:
             if isinstance(exc, FelixError):
                 raise
             raise FelixTimeoutError(f"no message on {self.stream!r} within {timeout} s") from None
+
+    async def _wait_next(self) -> Message | None:
+        while True:
+            message = self._flow.take()
+            if message is not None:
+                self._return_credit()
+                return message
+            if self._error is not None:
+                raise self._error
+            if self._state is not _State.ACTIVE:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
 
     def _return_credit(self) -> None:
         credit = self._flow.credit_due()

@@ -98,6 +98,56 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def usable_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup v2 quota.
+
+    ``os.cpu_count()`` counts the host's CPUs; in a container limited to 2 CPUs on a
+    64-CPU host it would start 64 gateways. The quota (``cpu.max``, "QUOTA PERIOD" or
+    "max PERIOD") is rounded up: 1.5 CPUs run 2 processes.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+#: Up to this many usable CPUs, ``--topology auto`` hosts the shards in the gateway.
+EMBEDDED_MAX_CPUS = 2
+
+TOPOLOGIES = ("auto", "split", "embedded")
+
+
+def resolve_topology(
+    topology: str, gateways: int | None, shards: int | None, cpus: int
+) -> tuple[int, int, bool]:
+    """``felix up``'s process layout: (gateways, shards, shards embedded in the gateway?).
+
+    ``split``: G gateway and S shard processes joined by rings (default one of each
+    per CPU). ``embedded``: one gateway process hosting the S shard cores (no ring
+    hop, no cross-process wake-up per request). ``auto``: embedded on machines with
+    at most EMBEDDED_MAX_CPUS usable CPUs, where it measured better in latency and
+    throughput (perf/README.md, "Topology"), else split; asking for more than one
+    gateway means split.
+    """
+    if topology not in TOPOLOGIES:
+        raise ConfigError(f"--topology must be one of {', '.join(TOPOLOGIES)}, not {topology!r}")
+    if topology == "auto":
+        wants_split = gateways is not None and gateways > 1
+        topology = "split" if wants_split or cpus > EMBEDDED_MAX_CPUS else "embedded"
+    if topology == "embedded":
+        if gateways is not None and gateways != 1:
+            raise ConfigError("--topology embedded needs --gateways 1 (shards live in the gateway)")
+        return 1, shards or cpus, True
+    return gateways or cpus, shards or cpus, False
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     """Everything `felix up` runs with."""
@@ -105,8 +155,8 @@ class NodeConfig:
     listen: tuple[str, int] = ("127.0.0.1", 5000)
     http: tuple[str, int] = ("127.0.0.1", 8080)
     control: tuple[str, int] = ("127.0.0.1", 8443)
-    gateways: int = field(default_factory=lambda: os.cpu_count() or 1)
-    shards: int = field(default_factory=lambda: os.cpu_count() or 1)
+    gateways: int = field(default_factory=usable_cpus)
+    shards: int = field(default_factory=usable_cpus)
     data_dir: Path = Path("data")
     memory_budget: int = 1024**3
     #: A tenant's memory quota on this node when the control plane sets none
@@ -150,6 +200,10 @@ class NodeConfig:
     control_url: str | None = None
     #: Host the shard cores inside the (single) gateway process: no ring hop.
     embedded_shards: bool = False
+    #: Microseconds a gateway keeps polling its UDP socket after a datagram, and a
+    #: shard its request rings after a record, before sleeping (0: off): trades CPU
+    #: for the wake-up of a sleeping process (felix/quic/spin.py).
+    spin_us: int = 0
     #: Require Felix tokens (keys in DATA_DIR/auth, see `felix token`), on the QUIC port
     #: and the embedded control plane's API (or the bootstrap admin token in
     #: DATA_DIR/admin-token); with it both may listen beyond loopback without --insecure.
@@ -178,6 +232,8 @@ class NodeConfig:
             raise ConfigError("--gateways and --shards must be at least 1")
         if self.embedded_shards and self.gateways != 1:
             raise ConfigError("--embedded-shards needs --gateways 1 (shards live in the gateway)")
+        if not 0 <= self.spin_us <= 10_000:
+            raise ConfigError("--spin-us must be between 0 and 10000")
         if self.gateways * self.shards > 256:
             raise ConfigError("gateways x shards is limited to 256 (one ring pair each)")
         for name in ("listen", "http", "control"):

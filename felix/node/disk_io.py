@@ -195,6 +195,23 @@ def fsync_failed(why: str) -> None:
     os._exit(EXIT_FSYNC_FAILED)
 
 
+def core_stats(core: ShardCore) -> dict[str, int]:
+    """A shard core's counters and gauges for /metrics, durable ones included (the same
+    whether the core runs in a shard process or inside the gateway)."""
+    return {
+        "published": core.published,
+        "pushes": core.pushes,
+        "streams": core.streams,
+        "budget_trims": core.budget_trims,
+        "blocked": core.blocked,
+        "memory_used": core.memory_used,
+        "quota_trims": core.quota_trims,
+        "trimmed_bytes": core.trimmed_bytes,
+        "caches": core.caches,
+        **durable_stats(core),
+    }
+
+
 def durable_stats(core: ShardCore) -> dict[str, int]:
     """A shard core's durable-stream counters for /metrics."""
     disk = core.disk

@@ -667,6 +667,11 @@ class Supervisor:
             "control": self._control_url(),
             "ca": str(self.ca_path) if self.ca_path else None,
             "pid": os.getpid(),
+            "topology": {
+                "gateways": self.config.gateways,
+                "shards": self.config.shards,
+                "embedded_shards": self.config.embedded_shards,
+            },
             "processes": {c.name: c.proc.pid for c in self.children if c.proc is not None},
             "restarts": {c.name: c.restarts for c in self.children},
         }

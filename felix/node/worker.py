@@ -45,7 +45,7 @@ from felix.node import messages as msg
 from felix.node.config import NodeConfig
 from felix.node.disk_io import (
     DiskIO,
-    durable_stats,
+    core_stats,
     durable_store,
     fsync_failed,
     fsync_fault_file,
@@ -250,7 +250,11 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
         disk_io.kick()
         send_out()
 
-    readers = [RingReader(ring, functools.partial(on_batch, g)) for g, ring in enumerate(inbound)]
+    spin_ns = config.spin_us * 1000
+    readers = [
+        RingReader(ring, functools.partial(on_batch, g), spin_ns=spin_ns)
+        for g, ring in enumerate(inbound)
+    ]
     tasks = [loop.create_task(r.run()) for r in readers]
 
     def sweep() -> None:
@@ -272,19 +276,7 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
 
     await serve_commands(
         control,
-        lambda: {
-            **stats,
-            "published": core.published,
-            "pushes": core.pushes,
-            "streams": core.streams,
-            "budget_trims": core.budget_trims,
-            "blocked": core.blocked,
-            "memory_used": core.memory_used,
-            "quota_trims": core.quota_trims,
-            "trimmed_bytes": core.trimmed_bytes,
-            "caches": core.caches,
-            **durable_stats(core),
-        },
+        lambda: {**stats, **core_stats(core)},
         on_command,
     )
     for r in readers:
@@ -389,6 +381,7 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
         connection_factory(gateway),
         # Survives restarts: clients of a killed gateway get a stateless reset.
         reset_key=load_reset_key(config.data_dir),
+        spin=config.spin_us / 1e6,
     )
     control.send(msg.Ready())
 
@@ -437,7 +430,8 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
 
     await serve_commands(
         control,
-        lambda: {**stats(), **sum_stats(durable_stats(c) for c in cores)},
+        # Embedded shard cores report what a shard process would.
+        lambda: {**stats(), **sum_stats(core_stats(c) for c in cores)},
         on_command,
     )
     server.close()

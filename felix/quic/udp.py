@@ -24,6 +24,7 @@ from felix.quic.engine import QuicConfiguration, QuicEngine
 from felix.quic.protocol import QuicTransport
 from felix.quic.reset import ResetBudget
 from felix.quic.server import QuicServer
+from felix.quic.spin import SpinningProtocol
 from felix.quic.transport import CreateHandler, StreamHandler, StreamTransport
 
 __all__ = ["DEFAULT_SOCKET_BUFFER", "QuicServerHandle", "bind_udp", "connect", "serve_on_socket"]
@@ -95,9 +96,16 @@ def _set_buffers(sock: socket.socket, size: int) -> None:
 class QuicServerHandle:
     """A QUIC server running on one socket (see :func:`serve_on_socket`)."""
 
-    def __init__(self, transport: asyncio.DatagramTransport, server: QuicServer) -> None:
+    def __init__(
+        self,
+        transport: asyncio.DatagramTransport,
+        server: QuicServer,
+        protocol: asyncio.DatagramProtocol | None = None,
+    ) -> None:
         self._transport = transport
         self._server = server
+        #: What the loop feeds: the server, or a SpinningProtocol around it.
+        self.protocol = protocol or server
         self._closed = False
 
     @property
@@ -130,6 +138,7 @@ async def serve_on_socket(
     *,
     reset_key: bytes | None = None,
     batch: bool | int | None = None,
+    spin: float = 0.0,
 ) -> QuicServerHandle:
     """Serve QUIC on ``sock`` (from :func:`bind_udp`) with ``engine``.
 
@@ -143,16 +152,19 @@ async def serve_on_socket(
     (felix/quic/batch.py), at most that many per flush if an int; None reads
     ``FELIX_UDP_BATCH`` (default on).
 
+    ``spin`` > 0: after each datagram keep polling the socket that many seconds
+    before the loop may sleep (felix/quic/spin.py: lower latency for CPU).
+
     The returned server owns ``sock``: ``close()`` closes it (a process that must
     keep the port, like the supervisor, keeps its own copy of the socket).
     """
     loop = asyncio.get_running_loop()
-
-    def make_server() -> QuicServer:
-        return QuicServer(engine, configuration, create_handler, reset_key=reset_key, batch=batch)
-
-    transport, server = await loop.create_datagram_endpoint(make_server, sock=sock)
-    return QuicServerHandle(transport, server)
+    server = QuicServer(engine, configuration, create_handler, reset_key=reset_key, batch=batch)
+    protocol: asyncio.DatagramProtocol = (
+        SpinningProtocol(server, sock, spin) if spin > 0 else server
+    )
+    transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
+    return QuicServerHandle(transport, server, protocol)
 
 
 async def connect(

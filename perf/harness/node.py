@@ -82,12 +82,11 @@ class FelixNode:
 
     @property
     def label(self) -> str:
-        """``GxS`` as running (gateway and shard processes in node.json), e.g. ``2x2``."""
-        roles = [name.split("-")[0] for name in self.info["processes"]]
-        g = roles.count("gateway")
-        s = self.shards if self.embedded and self.shards is not None else roles.count("shard")
+        """``GxS`` as running (the topology in node.json), e.g. ``2x2``."""
+        topology = self.info["topology"]
+        g, s, embedded = topology["gateways"], topology["shards"], topology["embedded_shards"]
         default = " (felix up defaults)" if self.gateways is None and self.shards is None else ""
-        return f"{g}x{s}{' embedded shards' if self.embedded else ''}{default}"
+        return f"{g}x{s}{' embedded shards' if embedded else ''}{default}"
 
     def pids(self) -> list[int]:
         """The supervisor and its children (gateways, shards) as node.json lists them now."""

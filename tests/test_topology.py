@@ -27,8 +27,9 @@ def node(tmp_path: Path, *argv: str) -> NodeConfig:
         ("auto", None, None, 1, (1, 1, True)),
         ("auto", None, None, 2, (1, 2, True)),
         ("auto", None, 4, 2, (1, 4, True)),
-        ("auto", 1, None, 2, (1, 2, True)),
-        # ...bigger ones split, and asking for gateways means split anywhere.
+        # ...bigger ones split, and asking for gateway processes means split anywhere.
+        ("auto", 1, None, 2, (1, 2, False)),
+        ("auto", 1, 1, 1, (1, 1, False)),
         ("auto", None, None, 3, (3, 3, False)),
         ("auto", None, None, 16, (16, 16, False)),
         ("auto", 2, None, 2, (2, 2, False)),

@@ -133,14 +133,13 @@ def resolve_topology(
     per CPU). ``embedded``: one gateway process hosting the S shard cores (no ring
     hop, no cross-process wake-up per request). ``auto``: embedded on machines with
     at most EMBEDDED_MAX_CPUS usable CPUs, where it measured better in latency and
-    throughput (perf/README.md, "Topology"), else split; asking for more than one
-    gateway means split.
+    throughput (perf/README.md, "Issue #14, Part 1"), else split; a number of
+    gateway processes asked for (``--gateways``, even 1) means split.
     """
     if topology not in TOPOLOGIES:
         raise ConfigError(f"--topology must be one of {', '.join(TOPOLOGIES)}, not {topology!r}")
     if topology == "auto":
-        wants_split = gateways is not None and gateways > 1
-        topology = "split" if wants_split or cpus > EMBEDDED_MAX_CPUS else "embedded"
+        topology = "split" if gateways is not None or cpus > EMBEDDED_MAX_CPUS else "embedded"
     if topology == "embedded":
         if gateways is not None and gateways != 1:
             raise ConfigError("--topology embedded needs --gateways 1 (shards live in the gateway)")

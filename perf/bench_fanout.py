@@ -91,11 +91,13 @@ class Cell:
     syscalls: dict[str, float] = field(default_factory=dict)
 
 
-def _parse_topology(text: str | None) -> tuple[int | None, int | None]:
+def _parse_topology(text: str | None) -> tuple[int | None, int | None, bool]:
+    """``GxS`` or ``GxSe`` (shards embedded in the gateway); empty: felix up's defaults."""
     if not text:
-        return None, None
-    g, s = text.lower().split("x")
-    return int(g), int(s)
+        return None, None, False
+    embedded = text.lower().endswith("e")
+    g, s = text.lower().rstrip("e").split("x")
+    return int(g), int(s), embedded
 
 
 def _gateway_pids(node: FelixNode) -> list[int]:
@@ -147,9 +149,9 @@ def _count(cell: Cell, workload: str, trace: Strace, deliveries: int) -> None:
 
 
 async def _run(args: argparse.Namespace) -> dict[tuple[int, str], Cell]:
-    gateways, shards = _parse_topology(args.topology)
+    gateways, shards, embedded = _parse_topology(args.topology)
     modes = args.modes
-    nodes = {mode: FelixNode(gateways, shards, env=env) for mode, env in modes.items()}
+    nodes = {mode: FelixNode(gateways, shards, embedded, env=env) for mode, env in modes.items()}
     cells: dict[tuple[int, str], Cell] = {(f, m): Cell() for f in args.fanouts for m in modes}
     rigs: dict[tuple[int, str], PubSubRig] = {}
     try:
@@ -306,7 +308,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fanouts", default="16,64", help="comma-separated (default 16,64)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
     parser.add_argument(
-        "--topology", default="1x1", help="GxS of both nodes (default 1x1: one gateway socket)"
+        "--topology",
+        default="1x1",
+        help="GxS[e] of every node (e: shards embedded in the gateway; default 1x1: one"
+        " gateway socket, shard processes)",
     )
     parser.add_argument(
         "--closed", type=int, default=400, help="closed-loop records at fanout 16 (scaled by 16/F)"

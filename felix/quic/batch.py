@@ -31,9 +31,9 @@ Bounds and the full-buffer policy:
 * with ``gso`` (the default where the kernel has UDP_SEGMENT; ``FELIX_UDP_GSO=0``
   turns it off), a run of datagrams to one address (a connection's burst) goes
   as one message the kernel splits into the same datagrams: one trip through the
-  UDP/IP stack instead of one each. A fanout of small records sends about one
-  datagram per address per flush, so it gains little; bursts (1 KiB records at
-  max rate: ~30% less server CPU per delivery, perf/README.md) gain;
+  UDP/IP stack instead of one each. A closed-loop fanout sends one datagram per
+  address per flush, so it gains nothing there; bursts to a subscriber (max
+  rate: 0.63-0.75x server CPU per delivery, perf/README.md) gain;
 * a datagram the kernel refuses outright (an unreachable or invalid address) is
   skipped and counted in ``failed``, as a lone ``sendto`` would fail alone.
 

@@ -34,6 +34,13 @@ extensions = [
         define_macros=macros,
         extra_compile_args=compile_args,
     ),
+    Extension(
+        "felix._udpbatch",
+        ["felix/_udpbatch.pyx"],
+        # sendmmsg and struct mmsghdr are GNU extensions (as pyconfig.h defines it).
+        define_macros=[*macros, ("_GNU_SOURCE", "1")],
+        extra_compile_args=compile_args,
+    ),
 ]
 
 setup(

@@ -18,8 +18,11 @@ iteration; received datagrams are acknowledged by that same transmit, so the
 ACK leaves in the datagram carrying whatever the handler answered.
 
 On a client the transport is the socket's datagram protocol (one socket per
-connection); on a server, felix/quic/server.py routes each datagram to its
-connection's transport and all share the listening socket.
+connection) and sends with the socket's ``sendto``; on a server,
+felix/quic/server.py routes each datagram to its connection's transport, all
+share the listening socket, and they send through its per-tick batch
+(felix/quic/batch.py: one sendmmsg for the datagrams of every connection that
+transmitted in the tick) unless batching is off.
 """
 
 from __future__ import annotations
@@ -274,6 +277,10 @@ class QuicTransport(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._sendto = transport.sendto  # type: ignore[attr-defined]
+
+    def send_with(self, sendto: Callable[[bytes, Any], None]) -> None:
+        """Send datagrams with ``sendto(data, address)`` (a server: its socket's batch)."""
+        self._sendto = sendto
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self._quic.receive_datagram(data, addr, now=self._time())

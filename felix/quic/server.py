@@ -17,6 +17,12 @@ connection's :class:`~felix.quic.protocol.QuicTransport`. An unknown id is:
 
 The table holds each connection's ids as the engine issues and retires them,
 and loses them all when the connection ends.
+
+Sending: with batching on (the default; felix/quic/batch.py), connections do not
+call the socket's ``sendto`` themselves: their datagrams of one loop tick are
+collected into one :class:`~felix.quic.batch.DatagramBatch` for the socket and
+leave in one sendmmsg call per 16 datagrams, so a fanout to N subscribers costs
+about N/16 system calls instead of N.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import asyncio
 import logging
 from typing import Any
 
+from felix.quic.batch import DatagramBatch, batch_limit, gso_wanted
 from felix.quic.engine import QuicConfiguration, QuicEngine
 from felix.quic.protocol import QuicTransport
 from felix.quic.reset import MIN_TRIGGER_SIZE, ResetBudget, reset_token, stateless_reset
@@ -53,6 +60,7 @@ class QuicServer(asyncio.DatagramProtocol):
         *,
         reset_key: bytes | None = None,
         reset_budget: ResetBudget | None = None,
+        batch: bool | int | None = None,
     ) -> None:
         self._engine = engine
         self._configuration = configuration
@@ -66,6 +74,11 @@ class QuicServer(asyncio.DatagramProtocol):
         self._ids: dict[QuicTransport, set[bytes]] = {}
         self._sendto: Any = None
         self._transport: asyncio.DatagramTransport | None = None
+        self._batch_limit = batch_limit(batch)
+        #: The socket's batch of outgoing datagrams (None: batching off).
+        self.batch: DatagramBatch | None = None
+        #: What connections send with: the batch's ``sendto`` or the transport's.
+        self._connection_sendto: Any = None
         self._time = asyncio.get_running_loop().time
 
     @property
@@ -76,6 +89,18 @@ class QuicServer(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self._sendto = transport.sendto  # type: ignore[attr-defined]
+        self._connection_sendto = self._sendto
+        if self._batch_limit:
+            try:
+                self.batch = DatagramBatch(
+                    self._transport,  # type: ignore[arg-type]
+                    max_pending=self._batch_limit,
+                    gso=gso_wanted(),
+                )
+            except Exception:  # no socket to write to: send as before
+                log.exception("cannot batch datagrams on %s; sending one at a time", transport)
+            else:
+                self._connection_sendto = self.batch.sendto
 
     def close(self) -> None:
         """Close every connection (CONNECTION_CLOSE, code 0), then the socket."""
@@ -83,6 +108,8 @@ class QuicServer(asyncio.DatagramProtocol):
             connection.close()
         self._connections.clear()
         self._ids.clear()
+        if self.batch is not None:
+            self.batch.close()  # the CONNECTION_CLOSEs just queued leave before the socket shuts
         if self._transport is not None:
             self._transport.close()
 
@@ -131,7 +158,7 @@ class QuicServer(asyncio.DatagramProtocol):
             on_connection_id=self._connection_id,
             on_ended=self._ended,
         )
-        connection.connection_made(self._transport)  # type: ignore[arg-type]
+        connection.send_with(self._connection_sendto)
         self._ids[connection] = set()
         self._connection_id(connection, odcid, True)
         self._connection_id(connection, quic.host_cid, True)

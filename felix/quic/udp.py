@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from felix.errors import FelixTimeoutError, HandshakeFailed
+from felix.quic.batch import DatagramBatch
 from felix.quic.engine import QuicConfiguration, QuicEngine
 from felix.quic.protocol import QuicTransport
 from felix.quic.reset import ResetBudget
@@ -113,6 +114,11 @@ class QuicServerHandle:
         return self._transport.get_extra_info("sockname")
 
     @property
+    def batch(self) -> DatagramBatch | None:
+        """The socket's batch of outgoing datagrams and its counters (None: batching off)."""
+        return self._server.batch
+
+    @property
     def resets(self) -> ResetBudget:
         """Stateless resets sent and refused (``.sent``, ``.refused``)."""
         return self._server.resets
@@ -131,6 +137,7 @@ async def serve_on_socket(
     create_handler: CreateHandler,
     *,
     reset_key: bytes | None = None,
+    batch: bool | int | None = None,
     spin: float = 0.0,
 ) -> QuicServerHandle:
     """Serve QUIC on ``sock`` (from :func:`bind_udp`) with ``engine``.
@@ -141,6 +148,9 @@ async def serve_on_socket(
     are given to the engine, so it issues no tickets and never accepts 0-RTT.
     ``reset_key`` (from :func:`felix.quic.reset.load_reset_key`): answer
     packets of unknown connections with a stateless reset (felix/quic/server.py).
+    ``batch``: send the datagrams of each loop tick together with sendmmsg
+    (felix/quic/batch.py), at most that many per flush if an int; None reads
+    ``FELIX_UDP_BATCH`` (default on).
 
     ``spin`` > 0: after each datagram keep polling the socket that many seconds
     before the loop may sleep (felix/quic/spin.py: lower latency for CPU).
@@ -149,7 +159,7 @@ async def serve_on_socket(
     keep the port, like the supervisor, keeps its own copy of the socket).
     """
     loop = asyncio.get_running_loop()
-    server = QuicServer(engine, configuration, create_handler, reset_key=reset_key)
+    server = QuicServer(engine, configuration, create_handler, reset_key=reset_key, batch=batch)
     protocol: asyncio.DatagramProtocol = (
         SpinningProtocol(server, sock, spin) if spin > 0 else server
     )

@@ -20,6 +20,8 @@ class FelixNode:
     """``felix up`` with ``gateways`` x ``shards`` (None: felix's defaults, one per core).
 
     ``extra_args``: more ``felix up`` options (the durable benchmark's fsync policies).
+    ``env``: variables added to the node's environment (the fanout benchmark's
+    ``FELIX_UDP_BATCH``).
     """
 
     def __init__(
@@ -28,6 +30,7 @@ class FelixNode:
         shards: int | None = None,
         embedded: bool = False,
         extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.gateways, self.shards, self.embedded = gateways, shards, embedded
         self.dir = Path(tempfile.mkdtemp(prefix="felix-perf-"))
@@ -61,7 +64,11 @@ class FelixNode:
         self.args = [("DATA_DIR" if a == str(data) else a) for a in args[4:]]
         self._log = (self.dir / "node.log").open("wb")
         self.proc = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=None if env is None else {**os.environ, **env},
         )
         deadline = time.monotonic() + 60
         while not (data / "node.json").exists():

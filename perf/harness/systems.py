@@ -211,8 +211,14 @@ class Felix(System):
         return _FelixCache(await self._connect(max_in_flight=max(256, in_flight)))
 
     async def pubsub_rig(self, fanout: int) -> PubSubRig:
-        clients = await asyncio.gather(*(self._connect() for _ in range(fanout + 1)))
-        return _FelixRig(clients[0], list(clients[1:]))
+        # In waves: a gateway takes at most 64 unauthenticated connections per source
+        # address (GatewayLimits.max_unauthenticated_per_source), and 65 handshakes at
+        # once can all complete before the first authenticates.
+        clients: list[Any] = []
+        while len(clients) < fanout + 1:
+            wave = min(32, fanout + 1 - len(clients))
+            clients += await asyncio.gather(*(self._connect() for _ in range(wave)))
+        return _FelixRig(clients[0], clients[1:])
 
 
 class FelixShm(Felix):

@@ -12,6 +12,7 @@ cdef class Ring:
     cdef int _doorbell_fd          # eventfd the producer rings; -1: no doorbell (busy-poll)
     cdef bint _owner               # this object created the segment (the context manager unlinks)
     cdef int _fd                   # the memfd behind the mapping, owned (closed on close); -1: named
+    cdef bint _memfd_creator       # made by create_memfd: close() frees the memfd's pages
     cdef object _mmap              # mmap.mmap of the whole segment; keeps the mapping alive
     cdef object _view              # read-only memoryview of _mmap; record views are its slices
     cdef Py_buffer _buf            # our own export of _mmap, giving the raw pointer below

@@ -165,3 +165,19 @@ def test_a_producer_refuses_a_scribbled_tail() -> None:
     finally:
         peer.close()
         ring.close()
+
+
+def test_closing_the_creator_frees_the_pages_a_peer_still_holds() -> None:
+    """A client keeping its memfd descriptors after the connection ended must not keep the
+    node's ring memory alive: the creator's close() punches the pages out."""
+    ring = Ring.create_memfd(capacity=1 << 20)
+    held = os.dup(ring.fd)  # what a client received by SCM_RIGHTS and kept
+    try:
+        for _ in range(200):
+            assert ring.write(b"x" * 4000)
+        assert os.fstat(held).st_blocks > 0  # pages in use
+        ring.close()
+        assert os.fstat(held).st_blocks == 0  # freed, though the peer still holds the fd
+        assert os.fstat(held).st_size > 0  # the seals keep the size: a peer mapping stays valid
+    finally:
+        os.close(held)

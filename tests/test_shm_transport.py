@@ -416,3 +416,55 @@ def test_any_frame_sequence_is_applied_or_refused_cleanly(
             return
         assert streams._open_peer[0] <= 3 and streams._open_peer[1] <= 2
         assert streams.open_streams() <= 5
+
+
+# -- review findings: what a local client must not be able to do ----------------------------
+
+
+def test_a_client_ringing_for_nothing_is_closed(tmp_path: Path) -> None:
+    """Doorbell spam without records would pin the gateway's loop: closed as a violation."""
+
+    async def main() -> None:
+        async with serving(tmp_path) as (_server, path, handlers):
+            good = await shm_connect(path, Echo, 2.0)
+            good.echo = False
+            spammer = await shm_connect(path, Echo, 2.0)
+            transport = spammer.transport
+            assert isinstance(transport, ShmTransport)
+            bell = transport._out.doorbell_fd
+            for _ in range(2000):
+                if handlers[1].ended.done():
+                    break
+                os.eventfd_write(bell, 1)
+                await asyncio.sleep(0)  # let the node wake for each ring
+            reason = await asyncio.wait_for(handlers[1].ended, 5)
+            assert "doorbell rung" in reason.reason_phrase
+            good.transport.send_stream_data(0, b"fine", end_stream=True)
+            await wait_for(lambda: 0 in good.fins)
+            assert bytes(good.received[0]) == b"fine"
+
+    run(main, timeout=30)
+
+
+def test_one_user_cannot_hold_every_pending_handshake(tmp_path: Path) -> None:
+    """Silent connections of one uid fill at most MAX_PENDING_PER_UID slots; beyond, its
+    newcomers are closed at once (the global MAX_PENDING is left for other users)."""
+    from felix.shm import server as shm_server
+
+    async def main() -> None:
+        async with serving(tmp_path) as (server, path, _handlers):
+            silent = []
+            for _ in range(shm_server.MAX_PENDING_PER_UID + 4):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(path)
+                silent.append(sock)
+            await wait_for(lambda: server.refused_bad >= 4)
+            assert len(server._pending) == shm_server.MAX_PENDING_PER_UID
+            for sock in silent:
+                sock.close()
+            await wait_for(lambda: not server._pending)
+            assert not server._pending_by_uid
+            client = await shm_connect(path, Echo, 2.0)  # a real client gets in again
+            client.transport.close()
+
+    run(main, timeout=30)

@@ -281,7 +281,8 @@ class Supervisor:
             raise ConfigError(f"cannot bind --shm-socket {path}: {exc}") from exc
         finally:
             os.umask(old)
-        os.chmod(path, mode)
+        # No chmod afterwards: it would follow a symlink swapped in for the socket file
+        # (in a directory others can write to) and change the mode of its target.
         sock.listen(1024)
         st = os.stat(path)
         self._shm_inode = (st.st_dev, st.st_ino)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -38,6 +39,9 @@ log = logging.getLogger("felix.shm")
 HANDSHAKE_TIMEOUT = 2.0
 #: Handshakes in progress at once (beyond: closed at once, the client retries).
 MAX_PENDING = 64
+#: Handshakes in progress at once for one user (uid, from SO_PEERCRED at accept): one
+#: user holding silent connections cannot take every pending slot from the others.
+MAX_PENDING_PER_UID = 16
 #: Connections accepted per wake-up of the listening socket (then the loop runs others).
 MAX_ACCEPTS_PER_WAKE = 16
 #: Streams a client may hold open towards the node at once: (bidirectional, unidirectional).
@@ -70,6 +74,7 @@ class ShmServer:
         self._handshake_timeout = handshake_timeout
         self._transports: set[ShmTransport] = set()
         self._pending: set[asyncio.Task[None]] = set()
+        self._pending_by_uid: dict[int, int] = {}
         self._loop = asyncio.get_running_loop()
         self._serving = False
         #: Connections refused: at the limit (busy) or for a bad or late hello.
@@ -112,14 +117,28 @@ class ShmServer:
             except OSError as exc:  # e.g. out of descriptors: the client waits in the backlog
                 log.warning("cannot accept a shm connection: %s", exc)
                 return
-            if len(self._pending) >= MAX_PENDING:
+            try:
+                uid = hs.peer_credentials(conn)[1]
+            except OSError:
+                conn.close()
+                continue
+            if len(self._pending) >= MAX_PENDING or (
+                self._pending_by_uid.get(uid, 0) >= MAX_PENDING_PER_UID
+            ):
                 conn.close()
                 self.refused_bad += 1
                 continue
             conn.setblocking(False)
             task = self._loop.create_task(self._handshake(conn))
             self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            self._pending_by_uid[uid] = self._pending_by_uid.get(uid, 0) + 1
+            task.add_done_callback(functools.partial(self._handshake_done, uid))
+
+    def _handshake_done(self, uid: int, task: asyncio.Task[None]) -> None:
+        self._pending.discard(task)
+        left = self._pending_by_uid.pop(uid, 1) - 1
+        if left > 0:
+            self._pending_by_uid[uid] = left
 
     async def _handshake(self, conn: socket.socket) -> None:
         try:

@@ -64,6 +64,10 @@ MAX_RECORDS_PER_BATCH = 64
 MAX_BYTES_PER_BATCH = 1 << 20
 #: Largest payload of one DATA frame (larger writes are split).
 MAX_CHUNK = 256 * 1024
+#: Doorbell wake-ups in a row that find no record before the peer is taken to be
+#: ringing for nothing (a legitimate producer rings only a consumer that said it
+#: sleeps: at most one empty wake-up now and then, from a race it then loses).
+MAX_EMPTY_WAKES = 256
 #: How long close() keeps flushing a backlog before it ends the connection anyway.
 CLOSING_TIMEOUT = 1.0
 #: Application close code for a peer that stopped reading (docs/wire-protocol.md).
@@ -114,6 +118,7 @@ class ShmTransport:
         self._close_reason: CloseReason | None = None
         self._ended = loop.create_future()
         self._started = False
+        self._empty_wakes = 0
         # Last: the handler may already use this transport while being made.
         self.handler: StreamHandler = create_handler(self)
 
@@ -311,6 +316,15 @@ class ShmTransport:
             while batches:
                 views = ring.next_batch(MAX_RECORDS_PER_BATCH, MAX_BYTES_PER_BATCH)
                 if not views:
+                    if batches < MAX_BATCHES_PER_WAKE:
+                        self._empty_wakes = 0
+                    else:
+                        self._empty_wakes += 1
+                        if self._empty_wakes > MAX_EMPTY_WAKES:
+                            raise ShmProtocolError(
+                                f"doorbell rung {self._empty_wakes} times in a row with "
+                                "no record in the ring"
+                            )
                     return
                 for view in views:
                     self._on_record(view)

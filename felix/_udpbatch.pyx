@@ -40,7 +40,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_Check
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_Check
-from libc.errno cimport EAGAIN, EINTR, EINVAL, errno
+from libc.errno cimport EAGAIN, EINTR, EINVAL, EIO, EOPNOTSUPP, errno
 from libc.stdint cimport uint16_t
 from libc.string cimport memset
 from posix.uio cimport iovec
@@ -340,12 +340,19 @@ cdef class UdpSender:
                 return i  # nothing taken and no error: treat as a full buffer
             elif err == EAGAIN:  # (EWOULDBLOCK is the same value on Linux)
                 return i
-            elif self._counts[0] > 1:
-                # The kernel refused a GSO message (e.g. EIO: no checksum offload on
-                # the route's device): stop merging and send the same datagrams again
-                # one per message. Nothing is skipped.
+            elif self._counts[0] > 1 and (err == EIO or err == EINVAL or err == EOPNOTSUPP):
+                # The kernel refused GSO itself (e.g. EIO: no checksum offload on the
+                # route's device): stop merging and send the same datagrams again one
+                # per message. Nothing is skipped.
                 self.gso = False
                 self.last_error = err
+            elif self._counts[0] > 1:
+                # The destination's error (unreachable, refused): each datagram of the
+                # run would fail alone too, so the run is skipped and counted, and GSO
+                # stays on for the other peers of this socket.
+                self.failed += self._counts[0]
+                self.last_error = err
+                i += self._counts[0]
             else:
                 # The error belongs to the first message of the call: skip it alone.
                 self.failed += 1

@@ -468,3 +468,54 @@ def test_one_user_cannot_hold_every_pending_handshake(tmp_path: Path) -> None:
             client.transport.close()
 
     run(main, timeout=30)
+
+
+def test_the_gateway_wide_backlog_budget_bounds_many_non_readers(tmp_path: Path) -> None:
+    """Each connection under its own bound, together over the gateway's: the one whose
+    frame would cross the total is closed; the budget is returned when connections end."""
+
+    async def main() -> None:
+        path = str(tmp_path / "felix.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(8)
+        handlers: list[Echo] = []
+
+        def make(transport: StreamTransport) -> Echo:
+            handlers.append(Echo(transport))
+            return handlers[-1]
+
+        server = ShmServer(
+            listener,
+            make,
+            max_connections=4,
+            max_backlog=8 << 20,  # each alone could hold 8 MiB...
+            max_total_backlog=1 << 20,  # ...but the gateway holds 1 MiB in all
+        )
+        server.start()
+        clients = []
+        for _ in range(3):
+            client = await shm_connect(path, Echo, 2.0, ring_capacity=1 << 16)
+            transport = client.transport
+            assert isinstance(transport, ShmTransport)
+            asyncio.get_running_loop().remove_reader(transport._in.doorbell_fd)  # stops reading
+            clients.append(transport)
+        for transport in clients:
+            transport.send_stream_data(0, b"x" * (500 << 10))  # echoed: ~436 KiB backlog each
+        ended = await asyncio.wait_for(
+            asyncio.wait([h.ended for h in handlers], return_when=asyncio.FIRST_COMPLETED), 5
+        )
+        assert ended[0]
+        await asyncio.sleep(0.1)
+        closed = [h for h in handlers if h.ended.done()]
+        assert len(closed) == 1  # the third one crossed the total; two fit under it
+        assert closed[0].ended.result().error_code == 0x109
+        assert 0 < server.backlog.used <= server.backlog.total
+        for transport in clients:
+            transport.abort()
+        await wait_for(lambda: server.connections == 0)
+        assert server.backlog.used == 0
+        server.close()
+        listener.close()
+
+    run(main, timeout=30)

@@ -347,3 +347,20 @@ def test_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FELIX_UDP_GSO", "off")
     assert gso_wanted() is False
     assert gso_wanted(True) is True
+
+
+def test_a_destination_error_on_a_gso_run_skips_the_run_and_keeps_gso() -> None:
+    """One peer's error (here EACCES: broadcast without SO_BROADCAST) must not turn GSO off
+    for every other peer of the socket: that run is skipped, as its datagrams would be."""
+    with _udp(socket.AF_INET, "127.0.0.1") as rx, _udp(socket.AF_INET, "0.0.0.0") as tx:
+        _gso_or_skip(tx)
+        addr = rx.getsockname()
+        bad = ("255.255.255.255", 9)
+        datagrams = [(b"b" * 1000, bad) for _ in range(5)] + [
+            (bytes([i]) * 1000, addr) for i in range(5)
+        ]
+        sender = UdpSender(gso=True)
+        assert sender.send(tx.fileno(), datagrams) == 10
+        assert sender.gso  # still on
+        assert sender.failed == 5 and sender.gso_datagrams == 5 and sender.datagrams == 5
+        assert [rx.recv(2000) for _ in range(5)] == [d for d, a in datagrams if a == addr]

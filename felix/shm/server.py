@@ -29,7 +29,7 @@ from felix.quic.transport import CreateHandler
 from felix.ring import Ring, make_doorbell
 from felix.shm import handshake as hs
 from felix.shm.framing import ShmStreams
-from felix.shm.transport import DEFAULT_MAX_BACKLOG, ShmTransport
+from felix.shm.transport import DEFAULT_MAX_BACKLOG, BacklogBudget, ShmTransport
 
 __all__ = ["DEFAULT_LIMITS", "HANDSHAKE_TIMEOUT", "ShmServer"]
 
@@ -44,6 +44,10 @@ MAX_PENDING = 64
 MAX_PENDING_PER_UID = 16
 #: Connections accepted per wake-up of the listening socket (then the loop runs others).
 MAX_ACCEPTS_PER_WAKE = 16
+#: Bytes of frames waiting for ring space over all of one gateway's shm connections
+#: (each also has its own bound, DEFAULT_MAX_BACKLOG): past it, the connection whose
+#: frame would cross it is closed (0x109), as one over its own bound is.
+DEFAULT_MAX_TOTAL_BACKLOG = 256 * 1024 * 1024
 #: Streams a client may hold open towards the node at once: (bidirectional, unidirectional).
 DEFAULT_LIMITS = (128, 16)
 
@@ -61,6 +65,7 @@ class ShmServer:
         limits: tuple[int, int] = DEFAULT_LIMITS,
         max_backlog: int = DEFAULT_MAX_BACKLOG,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_total_backlog: int = DEFAULT_MAX_TOTAL_BACKLOG,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
@@ -72,6 +77,7 @@ class ShmServer:
         self.limits = limits
         self._max_backlog = max_backlog
         self._handshake_timeout = handshake_timeout
+        self.backlog = BacklogBudget(max_total_backlog)
         self._transports: set[ShmTransport] = set()
         self._pending: set[asyncio.Task[None]] = set()
         self._pending_by_uid: dict[int, int] = {}
@@ -221,6 +227,7 @@ class ShmServer:
             create_handler=self._create_handler,
             max_backlog=self._max_backlog,
             on_ended=self._transports.discard,
+            budget=self.backlog,
         )
         self._transports.add(transport)
         transport.start()

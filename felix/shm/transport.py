@@ -75,6 +75,18 @@ CLOSE_BACKLOG = 0x109
 ALPN = "felix"
 
 
+class BacklogBudget:
+    """Bytes of frames waiting for ring space over all the connections that share it (a
+    gateway's): each connection's own bound times its connection limit would be
+    gigabytes, so the total has a bound of its own."""
+
+    def __init__(self, total: int) -> None:
+        if total < 1:
+            raise ValueError("a backlog budget must be at least 1 byte")
+        self.total = total
+        self.used = 0
+
+
 class ShmTransport:
     """One same-host connection (see the module doc). It owns everything it is given:
     the socket, both rings (and so their memfds) and both doorbell eventfds."""
@@ -91,6 +103,7 @@ class ShmTransport:
         create_handler: CreateHandler,
         max_backlog: int = DEFAULT_MAX_BACKLOG,
         on_ended: Callable[[ShmTransport], None] | None = None,
+        budget: BacklogBudget | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
@@ -101,6 +114,7 @@ class ShmTransport:
         self._streams = streams
         self._peer = peer
         self._max_backlog = max_backlog
+        self._budget = budget
         self._on_ended = on_ended
         self._chunk = min(MAX_CHUNK, outbound.max_record_size - FRAME_HEADER)
         #: Frames not yet in the ring: (stream id or -1, record), oldest first.
@@ -235,16 +249,23 @@ class ShmTransport:
                     self._flush_handle = self._loop.call_soon(self._flush)
                 return
         size = len(record)
-        if self._backlog + size > self._max_backlog:
+        budget = self._budget
+        if self._backlog + size > self._max_backlog or (
+            budget is not None and budget.used + size > budget.total
+        ):
             log.warning(
-                "shm connection %s: the peer is not reading (backlog over %d bytes); closing",
+                "shm connection %s: the peer is not reading (backlog over %d bytes, or the "
+                "gateway's %d in all); closing",
                 self._peer,
                 self._max_backlog,
+                budget.total if budget is not None else 0,
             )
             self._end_now(CloseReason(CLOSE_BACKLOG, None, "the peer stopped reading"))
             raise ConnectionLost(f"the shm connection to {self._peer} is over its backlog")
         self._queue.append((stream_id, record))
         self._backlog += size
+        if budget is not None:
+            budget.used += size
         if stream_id >= 0:
             self._backlog_by_stream[stream_id] = self._backlog_by_stream.get(stream_id, 0) + size
         if self._flush_handle is None and self._retry is None:
@@ -254,7 +275,10 @@ class ShmTransport:
         if not self._backlog_by_stream.pop(stream_id, 0):
             return
         kept = deque(item for item in self._queue if item[0] != stream_id)
-        self._backlog = sum(len(record) for _, record in kept)
+        backlog = sum(len(record) for _, record in kept)
+        if self._budget is not None:
+            self._budget.used -= self._backlog - backlog
+        self._backlog = backlog
         self._queue = kept
 
     def _flush(self) -> None:
@@ -274,6 +298,8 @@ class ShmTransport:
                 queue.popleft()
                 size = len(record)
                 self._backlog -= size
+                if self._budget is not None:
+                    self._budget.used -= size
                 if stream_id >= 0:
                     left = self._backlog_by_stream[stream_id] - size
                     if left:
@@ -432,6 +458,8 @@ class ShmTransport:
                 handle.cancel()
         self._flush_handle = self._retry = self._again = self._closing_timer = None
         self._queue.clear()
+        if self._budget is not None:
+            self._budget.used -= self._backlog
         self._backlog = 0
         self._backlog_by_stream.clear()
         if self._started:

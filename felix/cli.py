@@ -167,6 +167,12 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="the same as --topology embedded",
     )
     up.add_argument(
+        "--region",
+        default="local",
+        help="the region this node belongs to (shown in node.json and /v1/system/info; "
+        "streams may name only this region) (local)",
+    )
+    up.add_argument(
         "--spin-us",
         type=int,
         default=0,
@@ -410,6 +416,7 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         control_token=args.control_token,
         embedded_shards=embedded,
         spin_us=args.spin_us,
+        region=args.region,
         auth=_auth_mode(args.auth, listen[0], *([] if args.control_url else [control[0]])),
         key_rotation_interval=parse_duration(args.key_rotation_interval),
         key_publish_lead=parse_duration(args.key_publish_lead),

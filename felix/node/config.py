@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from felix.errors import ConfigError
+from felix.errors import ConfigError, FelixError
 from felix.gateway.gateway import GatewayLimits
+from felix.names import validate_name
 from felix.shard.cache import CacheSettings
 from felix.shard.stream_log import StreamSettings
 from felix.shard.tenants import TenantQuota
@@ -206,6 +207,9 @@ class NodeConfig:
     control_store: str | None = None
     #: Follow this remote control plane instead of embedding one (``felix control``).
     control_url: str | None = None
+    #: The region this node (and its embedded control plane) belongs to: shown in
+    #: node.json and /v1/system/info; resources may name only this region.
+    region: str = "local"
     #: Host the shard cores inside the (single) gateway process: no ring hop.
     embedded_shards: bool = False
     #: Microseconds a gateway keeps polling its UDP socket after a datagram, and a
@@ -240,6 +244,10 @@ class NodeConfig:
             raise ConfigError("--gateways and --shards must be at least 1")
         if self.embedded_shards and self.gateways != 1:
             raise ConfigError("--embedded-shards needs --gateways 1 (shards live in the gateway)")
+        try:
+            validate_name("region", self.region)
+        except FelixError as exc:
+            raise ConfigError(f"--region: {exc}") from None
         if not 0 <= self.spin_us <= 10_000:
             raise ConfigError("--spin-us must be between 0 and 10000")
         if self.gateways * self.shards > 256:

@@ -77,6 +77,7 @@ def _api(config: NodeConfig, store: Store, sock: socket.socket) -> EmbeddedContr
     return EmbeddedControl(
         store,
         sock,
+        region=config.region,
         tls=tls,
         client_ca=config.control_client_ca,
         node_info=lambda: _read_json(node_json),

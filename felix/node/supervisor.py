@@ -746,6 +746,7 @@ class Supervisor:
             "shm": str(self.config.shm_socket) if self._shm_sock is not None else None,
             "ca": str(self.ca_path) if self.ca_path else None,
             "pid": os.getpid(),
+            "region": self.config.region,
             "topology": {
                 "gateways": self.config.gateways,
                 "shards": self.config.shards,

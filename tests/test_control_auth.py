@@ -158,6 +158,7 @@ async def verify(http: httpx.AsyncClient, answer: httpx.Response) -> list[str]:
         leeway=5,
     )
     assert claims.tid == "acme" and claims.sub == "alice"
+    assert claims.region == "local"  # issued for this control plane's region
     assert claims.exp - claims.iat == 900
     return claims.perms.to_strings()
 

@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
 
-from felix.errors import ConfigError
+from felix.auth.keys import TenantKeyRing
+from felix.auth.perms import PermissionSet
+from felix.errors import BadRequest, ConfigError, Unauthenticated
+from felix.gateway.auth import TokenAuthenticator
 from felix.node.config import NodeConfig
 from tests.nodeproc import NodeProcess
 
@@ -35,3 +40,48 @@ def test_a_region_must_be_a_name() -> None:
     with pytest.raises(ConfigError, match="--region"):
         NodeConfig(gateways=1, shards=1, region="eu west")
     assert NodeConfig(gateways=1, shards=1).region == "local"
+
+
+# -- tokens carry the region they were issued for ------------------------------------------
+
+ISS = AUD = "felix"
+RING = TenantKeyRing.create("acme", time.time())
+
+
+def _token(region: str | None) -> str:
+    return RING.mint(
+        time.time(),
+        issuer=ISS,
+        audience=AUD,
+        sub="alice",
+        perms=PermissionSet("acme", ["stream.publish:stream:acme/prod/*"]),
+        region=region,
+    )
+
+
+def _authenticator(region: str | None) -> TokenAuthenticator:
+    return TokenAuthenticator(
+        lambda tenant, now: RING.jwks(time.time()) if tenant == "acme" else None,
+        issuer=ISS,
+        audience=AUD,
+        region=region,
+    )
+
+
+def test_a_node_refuses_a_token_issued_for_another_region() -> None:
+    eu = _authenticator("eu-1")
+    assert eu.authenticate(_token("eu-1"), "acme").tenant == "acme"
+    with pytest.raises(Unauthenticated, match="issued for region 'us-1'; this node is region"):
+        eu.authenticate(_token("us-1"), "acme")
+    # A token without the claim (minted before regions, or by a tool that sets none).
+    assert eu.authenticate(_token(None), "acme").tenant == "acme"
+    # A node without a region setting takes any.
+    assert _authenticator(None).authenticate(_token("us-1"), "acme").tenant == "acme"
+
+
+def test_the_region_claim_is_checked_as_a_name() -> None:
+    with pytest.raises(BadRequest):
+        _token("not a region")
+    claims = jwt.decode(_token("eu-1"), options={"verify_signature": False})
+    assert claims["region"] == "eu-1"
+    assert "region" not in jwt.decode(_token(None), options={"verify_signature": False})

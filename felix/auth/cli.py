@@ -114,6 +114,11 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     mint.add_argument(
         "--ttl", type=int, metavar="SECONDS", help="lifetime (default: the ring's --max-ttl)"
     )
+    mint.add_argument(
+        "--region",
+        help="the region the token is issued for (its region claim): nodes of another "
+        "region refuse it (default: no claim)",
+    )
     mint.set_defaults(func=guarded(_mint))
 
     jwks = _command(commands, "jwks", "print the tenant's published JWK set")
@@ -229,7 +234,13 @@ def _mint(args: argparse.Namespace) -> int:
     ring = _load(auth_dir(args), tenant)
     try:
         token = ring.mint(
-            _now(), issuer=ISSUER, audience=AUDIENCE, sub=args.sub, perms=perms, ttl=args.ttl
+            _now(),
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            sub=args.sub,
+            perms=perms,
+            ttl=args.ttl,
+            region=args.region,
         )
     except BadRequest as exc:  # an unusable --sub
         raise ConfigError(str(exc)) from None

@@ -278,6 +278,7 @@ class TenantKeyRing:
         sub: str,
         perms: PermissionSet,
         ttl: int | None = None,
+        region: str | None = None,
     ) -> str:
         """A Felix token signed by the key ACTIVE at ``now`` (see :meth:`TokenSigner.mint`).
 
@@ -298,7 +299,7 @@ class TenantKeyRing:
         if not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl <= self.max_token_ttl:
             raise ConfigError(f"token ttl must be 1..{self.max_token_ttl} seconds, got {ttl!r}")
         return self.signer(now).mint(
-            issuer=issuer, audience=audience, sub=sub, perms=perms, now=now, ttl=ttl
+            issuer=issuer, audience=audience, sub=sub, perms=perms, now=now, ttl=ttl, region=region
         )
 
     def jwks(self, now: float) -> dict[str, list[dict[str, str]]]:

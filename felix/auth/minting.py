@@ -70,9 +70,11 @@ def granted_permissions(
 class TenantKeys:
     """The tenants' key rings and published JWK sets in one key directory."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, region: str | None = None) -> None:
         self.directory = Path(directory)
         self.published = JwksDirectory(self.directory)
+        #: The region minted tokens are issued for (their ``region`` claim), if any.
+        self.region = region
 
     def jwks(self, tenant: str, monotonic_now: float) -> dict[str, Any] | None:
         """The tenant's public JWK set, or None when it has no signing keys (or no such name)."""
@@ -107,5 +109,7 @@ class TenantKeys:
                 tenant, self.directory, tenant, self.directory,
             )  # fmt: skip
             raise Unavailable(f"tenant {tenant} has no signing keys yet") from None
-        token = ring.mint(now, issuer=ISSUER, audience=AUDIENCE, sub=sub, perms=perms)
+        token = ring.mint(
+            now, issuer=ISSUER, audience=AUDIENCE, sub=sub, perms=perms, region=self.region
+        )
         return Minted(token, ring.max_token_ttl)

@@ -30,7 +30,7 @@ from jwt.api_jws import PyJWS
 
 from felix.auth.perms import MAX_PERMISSIONS, PermissionSet
 from felix.auth.rbac import MAX_SUBJECT_CHARS, check_principal
-from felix.errors import BadRequest, ConfigError, Unauthenticated
+from felix.errors import BadRequest, ConfigError, FelixError, Unauthenticated
 from felix.names import validate_name
 from felix.unverified_jwt import MAX_TOKEN_CHARS, read_header, read_unverified_claims
 
@@ -317,6 +317,7 @@ class TokenSigner:
         perms: PermissionSet,
         now: float,
         ttl: int,
+        region: str | None = None,
     ) -> str:
         """A token for ``sub`` in ``perms.tenant`` holding ``perms``.
 
@@ -341,6 +342,9 @@ class TokenSigner:
             "exp": iat + ttl,
             "perms": perms.to_strings(),
         }
+        if region is not None:
+            # The region the token was issued for: a node of another region refuses it.
+            claims["region"] = validate_name("region", region)
         return jwt.encode(claims, self._key, algorithm=FELIX_ALGORITHM, headers={"kid": self.kid})
 
 
@@ -358,6 +362,8 @@ class Claims:
     iat: int
     exp: int
     kid: str
+    #: The region the token was issued for (None: a token without the claim).
+    region: str | None = None
 
     def deadline(self, leeway: float) -> float:
         """When a session holding this token must be closed: ``exp + leeway``."""
@@ -425,4 +431,10 @@ def verify_felix_token(
         perms = PermissionSet(tid, raw_perms)
     except BadRequest as exc:
         raise Unauthenticated(f"token perms are malformed: {exc}") from None
-    return Claims(sub=sub, tid=tid, perms=perms, iat=int(iat), exp=int(exp), kid=kid)
+    region = claims.get("region")
+    if region is not None:
+        try:
+            validate_name("region", region)
+        except FelixError:
+            raise Unauthenticated("token region is not a valid region name") from None
+    return Claims(sub=sub, tid=tid, perms=perms, iat=int(iat), exp=int(exp), kid=kid, region=region)

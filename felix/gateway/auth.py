@@ -85,8 +85,11 @@ class TokenAuthenticator:
         leeway: float = DEFAULT_LEEWAY,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        region: str | None = None,
     ) -> None:
         self._jwks = jwks
+        #: This node's region: a token issued for another region is refused.
+        self._region = region
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway
@@ -118,6 +121,11 @@ class TokenAuthenticator:
         )
         if tenant and tenant != claims.tid:
             raise Unauthenticated("the token belongs to another tenant than the frame names")
+        if self._region is not None and claims.region is not None and claims.region != self._region:
+            raise Unauthenticated(
+                f"the token was issued for region {claims.region!r}; "
+                f"this node is region {self._region!r}"
+            )
         return Identity(claims.tid, claims.sub, claims.perms, claims.deadline(self._leeway))
 
 

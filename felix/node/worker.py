@@ -362,7 +362,9 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
         from felix.auth.files import AUDIENCE, ISSUER, JwksDirectory
 
         keys = JwksDirectory(config.data_dir / "auth")
-        authenticator = TokenAuthenticator(keys.jwks, issuer=ISSUER, audience=AUDIENCE)
+        authenticator = TokenAuthenticator(
+            keys.jwks, issuer=ISSUER, audience=AUDIENCE, region=config.region
+        )
     gateway = Gateway(
         spec.index,
         links,

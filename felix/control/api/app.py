@@ -117,7 +117,9 @@ def create_app(
     auth = None
     if keys_dir is not None:
         auth = TokenAuth(
-            TenantKeys(FilePath(keys_dir)), JwksCache(fetch_jwks or default_fetch_jwks)
+            # Tokens minted here carry this cluster's region.
+            TenantKeys(FilePath(keys_dir), region=region),
+            JwksCache(fetch_jwks or default_fetch_jwks),
         )
     app.state.control = ControlContext(
         store,

@@ -85,3 +85,53 @@ def test_the_region_claim_is_checked_as_a_name() -> None:
     claims = jwt.decode(_token("eu-1"), options={"verify_signature": False})
     assert claims["region"] == "eu-1"
     assert "region" not in jwt.decode(_token(None), options={"verify_signature": False})
+
+
+def test_a_node_with_auth_refuses_a_token_of_another_region_end_to_end(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import felix
+    from tests.aio import run
+
+    data_dir = tmp_path / "node"
+    n = NodeProcess(data_dir, "--auth", "--region", "eu-1", gateways=1, shards=1)
+    try:
+        admin = (data_dir / "admin-token").read_text().strip()
+        r = httpx.post(
+            f"{n.info['control']}/v1/tenants",
+            json={"name": "acme"},
+            headers={"Authorization": f"Bearer {admin}"},
+            timeout=10,
+        )
+        assert r.status_code == 201, r.text
+
+        token_cli = [sys.executable, "-m", "felix.cli", "token"]
+        keys = ["--tenant", "acme", "--dir", str(data_dir / "auth")]
+        perm = ["--perm", "cache.read:cache:acme/default/c"]
+        subprocess.run([*token_cli, "keygen", *keys], capture_output=True, check=True)
+
+        def mint(region: str) -> str:
+            out = subprocess.run(
+                [*token_cli, "mint", *keys, "--sub", "alice", "--region", region, *perm],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            return out.stdout.strip()
+
+        url = f"felix://{n.host}:{n.port}"
+
+        async def main() -> None:
+            with pytest.raises(Unauthenticated, match="issued for region 'us-1'"):
+                await felix.connect(
+                    url, ca=n.ca_file, tenant="acme", token=mint("us-1"), connect_timeout=5
+                )
+            client = await felix.connect(
+                url, ca=n.ca_file, tenant="acme", token=mint("eu-1"), connect_timeout=5
+            )
+            await client.close()
+
+        run(main)
+    finally:
+        assert n.stop() == 0

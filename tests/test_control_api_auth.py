@@ -52,19 +52,24 @@ class Keys:
         for ring in self.rings.values():
             save_ring(directory, ring, now)
 
-    def token(self, tenant: str, *perms: str) -> str:
+    def token(self, tenant: str, *perms: str, region: str | None = None) -> str:
         return self.rings[tenant].mint(
             time.time(),
             issuer=ISSUER,
             audience=AUDIENCE,
             sub="svc",
             perms=PermissionSet(tenant, perms),
+            region=region,
         )
 
 
 @asynccontextmanager
 async def api(
-    keys: Keys | None, *, require_auth: bool = True, clock: Callable[[], float] = time.time
+    keys: Keys | None,
+    *,
+    require_auth: bool = True,
+    clock: Callable[[], float] = time.time,
+    region: str = "local",
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The API with tenants acme (namespaces prod, dev) and globex (namespace prod)."""
     store = MemoryStore()
@@ -83,6 +88,7 @@ async def api(
         admin_token=ADMIN,
         require_auth=require_auth,
         clock=clock,
+        region=region,
     )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://control") as http:
@@ -393,3 +399,21 @@ def test_node_config_control_address_and_token() -> None:
     assert "secret" not in config.to_json()  # the child processes never see it
     assert "secret" not in repr(config)
     assert NodeConfig.from_json(config.to_json()).control_token is None
+
+
+def test_a_token_of_another_region_manages_nothing_here(keys: Keys) -> None:
+    """Issue #15: a control plane refuses management calls with a token issued for
+    another region (a token without the claim is taken, for now)."""
+
+    async def main() -> None:
+        perm = "tenant.manage:tenant:acme"
+        async with api(keys, region="eu-1") as http:
+            r = await http.get(ACME, headers=bearer(keys.token("acme", perm, region="us-1")))
+            assert_problem(r, 401)
+            assert "issued for region 'us-1'" in r.text and "'eu-1'" in r.text
+            ok = await http.get(ACME, headers=bearer(keys.token("acme", perm, region="eu-1")))
+            assert ok.status_code == 200
+            no_claim = await http.get(ACME, headers=bearer(keys.token("acme", perm)))
+            assert no_claim.status_code == 200
+
+    run(main)

@@ -103,7 +103,14 @@ def _verify(ctx: ControlContext, token: str) -> Claims:
     """The claims of a Felix token, verified with its tenant's published keys."""
     if ctx.auth is None:
         raise Unauthenticated("this control plane accepts only the admin token (no key directory)")
-    return ctx.auth.keys.verify(token, ctx.clock(), time.monotonic(), leeway=TOKEN_LEEWAY)
+    claims = ctx.auth.keys.verify(token, ctx.clock(), time.monotonic(), leeway=TOKEN_LEEWAY)
+    if claims.region is not None and claims.region != ctx.region:
+        # A token issued in another region manages nothing here (issue #15).
+        raise Unauthenticated(
+            f"the token was issued for region {claims.region!r}; "
+            f"this control plane is region {ctx.region!r}"
+        )
+    return claims
 
 
 def route_access(routes: Iterable[BaseRoute]) -> dict[tuple[str, str], Rule]:

@@ -235,6 +235,21 @@ def _new_name():
 
 
 @cython.final
+cdef Ring _mapped(str name, object mm, Py_ssize_t size):
+    """A Ring over an attached mapping ``mm`` of ``size`` bytes, its header validated
+    (closed again if not valid); the caller sets the descriptors."""
+    cdef Ring ring = Ring.__new__(Ring)
+    ring.name = name
+    ring._owner = False
+    ring._map(mm)
+    try:
+        ring._validate_header(size)
+    except BaseException:
+        ring.close()
+        raise
+    return ring
+
+
 cdef class Ring:
     """One SPSC ring in a POSIX shared-memory segment. See the module docstring.
 
@@ -336,15 +351,7 @@ cdef class Ring:
             mm = mmap.mmap(shm.fd, size, flags=_MAP_FLAGS)
         finally:
             shm.close_fd()
-        cdef Ring ring = Ring.__new__(Ring)
-        ring.name = name
-        ring._owner = False
-        ring._map(mm)
-        try:
-            ring._validate_header(size)
-        except BaseException:
-            ring.close()
-            raise
+        cdef Ring ring = _mapped(name, mm, size)
         ring.doorbell_fd = doorbell_fd
         return ring
 
@@ -419,15 +426,7 @@ cdef class Ring:
             mm = mmap.mmap(fd, size, flags=_MAP_FLAGS)
         except OSError as exc:
             raise RingError(f"cannot map ring {name!r}: {exc}") from exc
-        cdef Ring ring = Ring.__new__(Ring)
-        ring.name = name
-        ring._owner = False
-        ring._map(mm)
-        try:
-            ring._validate_header(size)
-        except BaseException:
-            ring.close()
-            raise
+        cdef Ring ring = _mapped(name, mm, size)
         ring._fd = fd
         ring.doorbell_fd = doorbell_fd
         return ring

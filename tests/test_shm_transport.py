@@ -22,8 +22,8 @@ from felix.shm import framing
 from felix.shm import handshake as hs
 from felix.shm.client import shm_connect
 from felix.shm.framing import DATA, RESET_STREAM, STOP_SENDING, Frame, ShmStreams
-from felix.shm.server import ShmServer
-from felix.shm.transport import ShmTransport
+from felix.shm.server import DEFAULT_MAX_TOTAL_BACKLOG, ShmServer
+from felix.shm.transport import DEFAULT_MAX_BACKLOG, ShmTransport
 from tests.aio import run
 
 # -- framing ---------------------------------------------------------------------------------
@@ -205,7 +205,13 @@ async def serving(
         handlers.append(handler)
         return handler
 
-    server = ShmServer(listener, make, max_connections=options.get("max_connections", 8))
+    server = ShmServer(
+        listener,
+        make,
+        max_connections=options.get("max_connections", 8),
+        max_backlog=options.get("max_backlog", DEFAULT_MAX_BACKLOG),
+        max_total_backlog=options.get("max_total_backlog", DEFAULT_MAX_TOTAL_BACKLOG),
+    )
     server.start()
     try:
         yield server, path, handlers
@@ -355,30 +361,21 @@ def test_a_silent_client_is_dropped_after_the_handshake_timeout(tmp_path: Path) 
 
 def test_a_peer_that_stops_reading_is_closed_at_the_backlog_bound(tmp_path: Path) -> None:
     async def main() -> None:
-        path = str(tmp_path / "felix.sock")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
-        listener.listen(8)
-        handlers: list[Echo] = []
-
-        def make(transport: StreamTransport) -> Echo:
-            handlers.append(Echo(transport))
-            return handlers[-1]
-
-        server = ShmServer(listener, make, max_connections=2, max_backlog=256 * 1024)
-        server.start()
-        client = await shm_connect(path, Echo, 2.0, ring_capacity=1 << 16)
-        transport = client.transport
-        assert isinstance(transport, ShmTransport)
-        # The client stops reading its ring: the node's echo backs up.
-        asyncio.get_running_loop().remove_reader(transport._in.doorbell_fd)
-        transport.send_stream_data(0, b"x" * (1 << 20))
-        reason = await asyncio.wait_for(handlers[0].ended, 5)
-        assert reason.error_code == 0x109 and "stopped reading" in reason.reason_phrase
-        assert server.connections == 0
-        transport.abort()
-        server.close()
-        listener.close()
+        async with serving(tmp_path, max_connections=2, max_backlog=256 * 1024) as (
+            server,
+            path,
+            handlers,
+        ):
+            client = await shm_connect(path, Echo, 2.0, ring_capacity=1 << 16)
+            transport = client.transport
+            assert isinstance(transport, ShmTransport)
+            # The client stops reading its ring: the node's echo backs up.
+            asyncio.get_running_loop().remove_reader(transport._in.doorbell_fd)
+            transport.send_stream_data(0, b"x" * (1 << 20))
+            reason = await asyncio.wait_for(handlers[0].ended, 5)
+            assert reason.error_code == 0x109 and "stopped reading" in reason.reason_phrase
+            assert server.connections == 0
+            transport.abort()
 
     run(main, timeout=30)
 
@@ -475,47 +472,34 @@ def test_the_gateway_wide_backlog_budget_bounds_many_non_readers(tmp_path: Path)
     frame would cross the total is closed; the budget is returned when connections end."""
 
     async def main() -> None:
-        path = str(tmp_path / "felix.sock")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
-        listener.listen(8)
-        handlers: list[Echo] = []
-
-        def make(transport: StreamTransport) -> Echo:
-            handlers.append(Echo(transport))
-            return handlers[-1]
-
-        server = ShmServer(
-            listener,
-            make,
+        async with serving(
+            tmp_path,
             max_connections=4,
             max_backlog=8 << 20,  # each alone could hold 8 MiB...
             max_total_backlog=1 << 20,  # ...but the gateway holds 1 MiB in all
-        )
-        server.start()
-        clients = []
-        for _ in range(3):
-            client = await shm_connect(path, Echo, 2.0, ring_capacity=1 << 16)
-            transport = client.transport
-            assert isinstance(transport, ShmTransport)
-            asyncio.get_running_loop().remove_reader(transport._in.doorbell_fd)  # stops reading
-            clients.append(transport)
-        for transport in clients:
-            transport.send_stream_data(0, b"x" * (500 << 10))  # echoed: ~436 KiB backlog each
-        ended = await asyncio.wait_for(
-            asyncio.wait([h.ended for h in handlers], return_when=asyncio.FIRST_COMPLETED), 5
-        )
-        assert ended[0]
-        await asyncio.sleep(0.1)
-        closed = [h for h in handlers if h.ended.done()]
-        assert len(closed) == 1  # the third one crossed the total; two fit under it
-        assert closed[0].ended.result().error_code == 0x109
-        assert 0 < server.backlog.used <= server.backlog.total
-        for transport in clients:
-            transport.abort()
-        await wait_for(lambda: server.connections == 0)
-        assert server.backlog.used == 0
-        server.close()
-        listener.close()
+        ) as (server, path, handlers):
+            clients = []
+            for _ in range(3):
+                client = await shm_connect(path, Echo, 2.0, ring_capacity=1 << 16)
+                transport = client.transport
+                assert isinstance(transport, ShmTransport)
+                # This client stops reading.
+                asyncio.get_running_loop().remove_reader(transport._in.doorbell_fd)
+                clients.append(transport)
+            for transport in clients:
+                transport.send_stream_data(0, b"x" * (500 << 10))  # echoed: ~436 KiB backlog each
+            ended = await asyncio.wait_for(
+                asyncio.wait([h.ended for h in handlers], return_when=asyncio.FIRST_COMPLETED), 5
+            )
+            assert ended[0]
+            await asyncio.sleep(0.1)
+            closed = [h for h in handlers if h.ended.done()]
+            assert len(closed) == 1  # the third one crossed the total; two fit under it
+            assert closed[0].ended.result().error_code == 0x109
+            assert 0 < server.backlog.used <= server.backlog.total
+            for transport in clients:
+                transport.abort()
+            await wait_for(lambda: server.connections == 0)
+            assert server.backlog.used == 0
 
     run(main, timeout=30)

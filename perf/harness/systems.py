@@ -288,12 +288,16 @@ class Redis(_ServerByAddress):
             await client.aclose()
 
     async def cache_client(self, in_flight: int) -> CacheClient:
-        client = self._client(in_flight)
-        # Open the pool's connections before timing (redis-py opens them lazily).
-        conns = [await client.connection_pool.get_connection() for _ in range(in_flight)]
-        for c in conns:
-            await client.connection_pool.release(c)
-        return _RedisCache(client)
+        return await _warm_redis_cache(self._client(in_flight), in_flight)
+
+
+async def _warm_redis_cache(client: Any, in_flight: int) -> CacheClient:
+    """A redis-py client as a CacheClient, its pool's connections opened before timing
+    (redis-py opens them lazily)."""
+    conns = [await client.connection_pool.get_connection() for _ in range(in_flight)]
+    for c in conns:
+        await client.connection_pool.release(c)
+    return _RedisCache(client)
 
 
 class RedisUnix(System):
@@ -383,11 +387,7 @@ class RedisUnix(System):
             await client.aclose()
 
     async def cache_client(self, in_flight: int) -> CacheClient:
-        client = self._client(in_flight)
-        conns = [await client.connection_pool.get_connection() for _ in range(in_flight)]
-        for c in conns:
-            await client.connection_pool.release(c)
-        return _RedisCache(client)
+        return await _warm_redis_cache(self._client(in_flight), in_flight)
 
 
 # --- NATS ---------------------------------------------------------------------------------

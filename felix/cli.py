@@ -80,7 +80,7 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument(
         "--http",
         default="127.0.0.1:8080",
-        help="metrics and health HOST:PORT (/metrics, /livez, /readyz)",
+        help="metrics and health HOST:PORT (/metrics, /livez, /startupz, /readyz)",
     )
     up.add_argument(
         "--control",

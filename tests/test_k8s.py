@@ -164,12 +164,12 @@ def test_headless_service_is_the_statefulsets_service() -> None:
     assert _statefulset()["spec"]["serviceName"] == headless[0]["metadata"]["name"]
 
 
-def test_probes_use_livez_and_readyz_on_the_http_port() -> None:
+def test_probes_use_livez_startupz_and_readyz_on_the_http_port() -> None:
     container = _container()
     http_port = _port("http")
     assert http_port["protocol"] == "TCP"
     assert http_port["containerPort"] == int(_config()["http"].rsplit(":", 1)[1])
-    expected = {"livenessProbe": "/livez", "readinessProbe": "/readyz", "startupProbe": "/readyz"}
+    expected = {"livenessProbe": "/livez", "readinessProbe": "/readyz", "startupProbe": "/startupz"}
     for probe, path in expected.items():
         get = container[probe]["httpGet"]
         assert get["path"] == path, probe

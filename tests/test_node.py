@@ -33,6 +33,7 @@ def node(tmp_path: Path) -> Iterator[NodeProcess]:
 def test_health_endpoints_and_node_json(node: NodeProcess) -> None:
     assert node.http("/livez") == (200, "ok\n")
     assert node.http("/readyz") == (200, "ready\n")
+    assert node.http("/startupz") == (200, "started\n")
     assert set(node.info["processes"]) == {
         "gateway-0",
         "gateway-1",

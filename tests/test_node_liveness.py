@@ -187,6 +187,7 @@ def test_the_descriptor_reserve_frees_what_a_start_needs_when_none_is_left() -> 
 
 class _Node:
     children: Sequence[object] = ()
+    started = False
 
     def readiness(self) -> tuple[bool, list[str]]:
         return False, ["shard-0: restart failing (attempt 2): [Errno 24] Too many open files"]
@@ -214,6 +215,32 @@ def test_idle_connections_cannot_keep_a_probe_out_of_the_health_port() -> None:
         writer.close()
         for _, w in idle:
             w.close()
+        await server.stop()
+
+    run(main)
+
+
+def test_startupz_is_503_until_the_node_started_and_200_from_then_on() -> None:
+    async def get(server: HealthServer, path: str) -> bytes:
+        reader, writer = await asyncio.open_connection(*server.address)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        return answer
+
+    async def main() -> None:
+        node = _Node()
+        server = HealthServer(node)  # type: ignore[arg-type]
+        await server.start("127.0.0.1", 0)
+        starting = await get(server, "/startupz")
+        assert starting.startswith(b"HTTP/1.1 503 ")
+        assert starting.endswith(
+            b"starting\nshard-0: restart failing (attempt 2): [Errno 24] Too many open files\n"
+        )
+        node.started = True  # the node is still not ready: started stays latched
+        started = await get(server, "/startupz")
+        assert started.startswith(b"HTTP/1.1 200 ") and started.endswith(b"\r\n\r\nstarted\n")
+        assert (await get(server, "/readyz")).startswith(b"HTTP/1.1 503 ")
         await server.stop()
 
     run(main)

@@ -1,9 +1,11 @@
-"""The node's HTTP endpoint: /livez, /readyz, /metrics (Prometheus text format) and
+"""The node's HTTP endpoint: /livez, /startupz, /readyz, /metrics (Prometheus text format) and
 /streams/<tenant>/<namespace>/<stream> (a stream's status as JSON).
 
-A deliberately small HTTP/1.1 responder on asyncio streams: four GET routes,
+A deliberately small HTTP/1.1 responder on asyncio streams: five GET routes,
 bounded request size, one response per connection. /livez never checks
-dependencies (a wedged supervisor cannot answer at all); /readyz is false until
+dependencies (a wedged supervisor cannot answer at all); /startupz is 503 until the
+node has started (every shard and gateway ready once, as the ``felix ready`` line
+says) and 200 from then on, whatever happens later; /readyz is false until
 every shard and gateway is ready, while one is restarting or unresponsive, and
 while draining; its body is ``ready`` or ``not ready`` and then one line per
 problem, e.g. ``shard-1: restart failing (attempt 4): ...`` (the control
@@ -67,6 +69,11 @@ class NodeView(Protocol):
 
     def readiness(self) -> tuple[bool, list[str]]:
         """Whether the node serves, and each reason it does not."""
+        ...
+
+    @property
+    def started(self) -> bool:
+        """Whether the node has finished starting (latched: stays true afterwards)."""
         ...
 
     def supervisor_counters(self) -> list[tuple[str, str, int]]:
@@ -350,6 +357,14 @@ class HealthServer:
             return "405 Method Not Allowed", "text/plain", b"GET only\n"
         if path == "/livez":
             return "200 OK", "text/plain", b"ok\n"
+        if path == "/startupz":
+            # Latched: a child restarting later makes the node unready, not un-started
+            # (a Kubernetes startup probe must not restart a pod for that).
+            if self._node.started:
+                return "200 OK", "text/plain", b"started\n"
+            _, problems = self._node.readiness()
+            text = "".join(f"{line}\n" for line in ["starting", *problems])
+            return "503 Service Unavailable", "text/plain", text.encode()
         if path == "/readyz":
             ready, problems = self._node.readiness()
             text = "".join(f"{line}\n" for line in ["ready" if ready else "not ready", *problems])

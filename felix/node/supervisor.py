@@ -114,6 +114,8 @@ class Supervisor:
         self.port = 0
         self.ca_path: Path | None = None
         self._status_requests = 0
+        #: Set once, when the node printed its ``felix ready`` line (/startupz).
+        self.started = False
 
     def _child(self, role: str, index: int) -> Child:
         timeout = self.config.heartbeat_timeout
@@ -230,6 +232,7 @@ class Supervisor:
             self._background(self._supervise(child))
         self._background(self._heartbeats())
         self._write_node_json()
+        self.started = True
         http_host, http_port = self.health.address
         print(
             f"felix ready quic={_fmt(host, self.port)} http={_fmt(http_host, http_port)} "

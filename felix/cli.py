@@ -748,7 +748,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="felix", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging; client commands say which node and settings they use",
+    )
+    parser.add_argument(
+        "--context",
+        metavar="NAME",
+        help="the context to take defaults from (default: $FELIX_CONTEXT, else the one "
+        "`felix ctx use` selected; see `felix ctx`)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_up(sub)
     _add_control(sub)
@@ -764,6 +775,9 @@ def build_parser() -> argparse.ArgumentParser:
     from felix.logdump import add_commands as add_log_commands
 
     add_log_commands(sub)
+    from felix.context_cli import add_commands as add_context_commands
+
+    add_context_commands(sub)
     return parser
 
 

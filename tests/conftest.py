@@ -1,4 +1,4 @@
-"""Test-run switches.
+"""Test-run switches, and every test's isolation from the user's felix settings.
 
 ``FELIX_TEST_TOPOLOGY=embedded`` runs the node tests (tests/nodeproc.py) on the topology
 `felix up` picks on small machines (the shards inside the one gateway process); tests
@@ -8,8 +8,25 @@ marked ``split_topology`` need shard processes or two gateways and are skipped t
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+import felix.context
+
+
+@pytest.fixture(autouse=True)
+def _no_local_felix_settings(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """The CLI's defaults (felix/context.py) come from the test, never from the user's
+    contexts, environment or a ./data node of a `make up` in the checkout."""
+    monkeypatch.setenv("FELIX_CONFIG_DIR", str(tmp_path_factory.mktemp("felix-config")))
+    for name in ("FELIX_CONTEXT", "FELIX_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(felix.context, "LOCAL_DATA_DIR", Path("/nonexistent/felix-data"))
+    yield
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

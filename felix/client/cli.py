@@ -5,10 +5,15 @@
 ``func``: a callable taking the parsed namespace and returning the exit status.
 
 Where to connect, first found wins: ``--url``; ``$FELIX_URL``; the ``quic``
-address in ``--node-json FILE`` (or ``--data-dir DIR``/node.json); else
+address in ``--node-json FILE`` (or ``--data-dir DIR``/node.json); the context
+(``--context``, ``$FELIX_CONTEXT``, ``felix ctx use``); else a local node's
+node.json (``$FELIX_DATA_DIR``, else ``./data``); else
 ``felix://127.0.0.1:5000``. Which CA to trust: ``--ca``; the ``ca`` path in
-that node.json; ``$FELIX_CA_FILE`` (with the system store); else the system
-store. The token: ``--token``, else ``$FELIX_TOKEN``, else none (dev mode).
+that node.json; ``$FELIX_CA_FILE`` (with the system store); the context's or
+local node's CA; else the system store. The token: ``--token``, else
+``$FELIX_TOKEN``, else the context's token file, else none (dev mode). The
+tenant and namespace: the flags, else the context's, else ``default``.
+``felix -v`` says which of these it used.
 
 Exit status: 0 done; 3 nothing to do (cache miss, conditional set not stored,
 delete of a missing key); 1 a felix error; 2 bad usage or configuration.
@@ -33,6 +38,7 @@ from felix.client._connect import Connect, connect
 from felix.client._convert import StartSpec, time_start
 from felix.client._events import ClientEvent, SlowConsumer
 from felix.client._flow import Message
+from felix.context import Defaults, pick, report, resolve, url_from_address
 from felix.errors import ConfigError, FelixTimeoutError
 from felix.names import dead_letter_name
 
@@ -159,8 +165,8 @@ def _common_options() -> argparse.ArgumentParser:
     group.add_argument("--ca", type=Path, help="CA certificate file (PEM) to trust")
     group.add_argument("--node-json", type=Path, metavar="FILE", help="a node's node.json")
     group.add_argument("--data-dir", type=Path, metavar="DIR", help="a node's data directory")
-    group.add_argument("--tenant", default="default", help="tenant (default: default)")
-    group.add_argument("--namespace", default="default", help="namespace (default: default)")
+    group.add_argument("--tenant", help="tenant (default: the context's, else default)")
+    group.add_argument("--namespace", help="namespace (default: the context's, else default)")
     group.add_argument("--token", help="access token (default: $FELIX_TOKEN)")
     group.add_argument(
         "--timeout", type=float, default=10.0, metavar="SECONDS", help="per request (10)"
@@ -192,37 +198,66 @@ def _node_json(args: argparse.Namespace) -> dict[str, Any] | None:
     return info
 
 
-def _url_from_address(address: str) -> str:
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    if host in ("", "0.0.0.0"):  # a node listening on all addresses is reachable locally
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    return f"felix://[{host}]:{port}" if ":" in host else f"felix://{host}:{port}"
-
-
 def connection_settings(args: argparse.Namespace) -> tuple[str, str | None]:
     """``(url, ca)`` for the parsed ``args``, by the precedence in the module doc."""
+    settings = _settings(args)
+    return settings["url"][0] or DEFAULT_URL, settings["ca"][0]
+
+
+def _settings(args: argparse.Namespace) -> dict[str, tuple[str | None, str]]:
+    """Every connection setting with where it came from (module doc's precedence)."""
     info = _node_json(args)
-    url = args.url or os.environ.get("FELIX_URL")
-    if not url:
-        quic = info.get("quic") if info else None
-        url = _url_from_address(quic) if isinstance(quic, str) else DEFAULT_URL
-    ca: str | None = str(args.ca) if args.ca is not None else None
-    if ca is None and info is not None and isinstance(info.get("ca"), str):
-        ca = info["ca"]
-    return url, ca  # ca None: connect() reads FELIX_CA_FILE
+    where = str(args.node_json or (args.data_dir and args.data_dir / "node.json"))
+    explicit = Defaults()
+    if info is not None:
+        quic, ca = info.get("quic"), info.get("ca")
+        explicit = Defaults(
+            url=url_from_address(quic) if isinstance(quic, str) else None,
+            ca=ca if isinstance(ca, str) else None,
+        )
+    found = resolve(getattr(args, "context", None))
+    settings = {
+        "url": pick(
+            (args.url, "--url"),
+            (os.environ.get("FELIX_URL"), "$FELIX_URL"),
+            (explicit.url, where),
+            (found.url, found.source),
+            (DEFAULT_URL, "the default"),
+        ),
+        "ca": pick(
+            (str(args.ca) if args.ca is not None else None, "--ca"),
+            (explicit.ca, where),
+            # None here: connect() reads $FELIX_CA_FILE with the system store.
+            (None if os.environ.get("FELIX_CA_FILE") else found.ca, found.source),
+        ),
+        "token": pick(
+            (args.token, "--token"),
+            (os.environ.get("FELIX_TOKEN"), "$FELIX_TOKEN"),
+            (found.token, found.source),
+        ),
+        "tenant": pick(
+            (args.tenant, "--tenant"), (found.tenant, found.source), ("default", "the default")
+        ),
+        "namespace": pick(
+            (args.namespace, "--namespace"),
+            (found.namespace, found.source),
+            ("default", "the default"),
+        ),
+    }
+    report(found, getattr(args, "verbose", False), settings)
+    return settings
 
 
 def _connect(args: argparse.Namespace, **options: Any) -> Connect:
-    url, ca = connection_settings(args)
+    settings = _settings(args)
+    # The commands read args.tenant / args.namespace too (names, DLQ paths).
+    args.tenant, args.namespace = settings["tenant"][0], settings["namespace"][0]
     return connect(
-        url,
+        settings["url"][0] or DEFAULT_URL,
         tenant=args.tenant,
         namespace=args.namespace,
-        token=args.token or os.environ.get("FELIX_TOKEN") or None,
-        ca=ca,
+        token=settings["token"][0],
+        ca=settings["ca"][0],
         request_timeout=args.timeout,
         connect_timeout=args.timeout,
         **options,

@@ -9,7 +9,9 @@ exchange, whose credential is the identity-provider token, ``--token``).
 from __future__ import annotations
 
 import argparse
+import os
 
+from felix.context import pick, report, resolve
 from felix.control.client import DEFAULT_URL, ControlClient
 from felix.control.limits import HttpLimits
 from felix.errors import ConfigError
@@ -45,15 +47,39 @@ def add_connection_arguments(group: argparse._ActionsContainer, *, token: bool =
 
 
 def open_client(args: argparse.Namespace, *, token: str | None = None) -> ControlClient:
-    """A ControlClient from the parsed connection options (``token``: overrides ``--token``)."""
+    """A ControlClient from the parsed connection options (``token``: overrides ``--token``).
+
+    What the flags leave open comes from the environment, then the context or a
+    local node's node.json and admin token (felix/context.py).
+    """
     if not args.timeout > 0:
         raise ConfigError(f"--timeout must be positive, got {args.timeout}")
     if (args.cert is None) != (args.key is None):
         raise ConfigError("--cert and --key go together")
     cert = (args.cert, args.key) if args.cert is not None else None
+    found = resolve(getattr(args, "context", None))
+    url = pick(
+        (args.url, "--url"),
+        (os.environ.get("FELIX_CONTROL_URL"), "$FELIX_CONTROL_URL"),
+        (found.control_url, found.source),
+        (DEFAULT_URL, "the default"),
+    )
+    settings = {"url": url}
     if token is None:
-        token = getattr(args, "token", None)
-    return ControlClient(args.url, timeout=args.timeout, token=token, ca=args.ca, cert=cert)
+        settings["token"] = pick(
+            (getattr(args, "token", None), "--token"),
+            (os.environ.get("FELIX_CONTROL_TOKEN"), "$FELIX_CONTROL_TOKEN"),
+            # The credential of the node the URL came from, never sent elsewhere.
+            (found.control_token if url[1] == found.source else None, found.source),
+        )
+        token = settings["token"][0]
+    settings["ca"] = pick(
+        (args.ca, "--ca"),
+        (os.environ.get("FELIX_CONTROL_CA"), "$FELIX_CONTROL_CA"),
+        (found.ca if url[1] == found.source else None, found.source),
+    )
+    report(found, getattr(args, "verbose", False), settings)
+    return ControlClient(url[0], timeout=args.timeout, token=token, ca=settings["ca"][0], cert=cert)
 
 
 def add_http_limit_arguments(group: argparse._ActionsContainer) -> None:

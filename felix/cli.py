@@ -776,8 +776,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_log_commands(sub)
     from felix.context_cli import add_commands as add_context_commands
+    from felix.status_cli import add_commands as add_status_commands
 
     add_context_commands(sub)
+    add_status_commands(sub)
     return parser
 
 

@@ -75,6 +75,8 @@ class Context:
     namespace: str | None = None
     #: A local node's data dir: its node.json and admin-token fill what is not set.
     data_dir: str | None = None
+    #: The node's health port (``felix status``, ``felix check``): ``http://HOST:PORT``.
+    http: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class Defaults:
     control_token: str | None = None
     tenant: str | None = None
     namespace: str | None = None
+    http: str | None = None
     #: Where these came from, for ``-v``: ``context prod``, ``data/node.json``, ...
     source: str = "built-in defaults"
     #: A warning worth printing (a node.json whose node is not running).
@@ -223,14 +226,15 @@ def _pid_alive(pid: object) -> bool:
     return True
 
 
-def url_from_address(address: str) -> str:
+def url_from_address(address: str, scheme: str = "felix") -> str:
+    """``scheme://HOST:PORT`` reaching a node's ``HOST:PORT`` from this host."""
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     if host in ("", "0.0.0.0"):  # a node listening on all addresses is reachable locally
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
-    return f"felix://[{host}]:{port}" if ":" in host else f"felix://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def node_defaults(data_dir: Path, *, node_json: Path | None = None) -> Defaults:
@@ -244,6 +248,7 @@ def node_defaults(data_dir: Path, *, node_json: Path | None = None) -> Defaults:
         raise ConfigError(f"{path} does not hold a JSON object")
     quic = info.get("quic")
     control = info.get("control")
+    http = info.get("http")
     ca = info.get("ca")
     admin = path.parent / "admin-token"
     warning = None
@@ -253,6 +258,7 @@ def node_defaults(data_dir: Path, *, node_json: Path | None = None) -> Defaults:
         url=url_from_address(quic) if isinstance(quic, str) else None,
         control_url=control if isinstance(control, str) else None,
         ca=ca if isinstance(ca, str) else None,
+        http=url_from_address(http, "http") if isinstance(http, str) else None,
         control_token=_secret_file(str(admin), "admin token") if admin.is_file() else None,
         source=str(path),
         warning=warning,
@@ -283,6 +289,7 @@ def resolve(context: str | None = None) -> Defaults:
             ),
             tenant=ctx.tenant,
             namespace=ctx.namespace,
+            http=ctx.http or base.http,
             source=f"context {name}",
             warning=base.warning,
         )

@@ -48,6 +48,7 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     add.add_argument(
         "--data-dir", type=Path, help="a local node's data dir (its node.json fills the rest)"
     )
+    add.add_argument("--http", help="the node's health port, http://HOST:PORT (felix status)")
     add.add_argument("--use", action="store_true", help="also make it the current context")
     add.set_defaults(func=_add)
 
@@ -89,6 +90,7 @@ def _add(args: argparse.Namespace) -> int:
         tenant=args.tenant,
         namespace=args.namespace,
         data_dir=_str(args.data_dir),
+        http=args.http,
     )
     path = save_context(context)
     if args.use:

@@ -1,7 +1,8 @@
-"""The node's HTTP endpoint: /livez, /startupz, /readyz, /metrics (Prometheus text format) and
+"""The node's HTTP endpoint: /livez, /startupz, /readyz, /metrics (Prometheus text format),
+/status (the node at a glance as JSON, for ``felix status``) and
 /streams/<tenant>/<namespace>/<stream> (a stream's status as JSON).
 
-A deliberately small HTTP/1.1 responder on asyncio streams: five GET routes,
+A deliberately small HTTP/1.1 responder on asyncio streams: six GET routes,
 bounded request size, one response per connection. /livez never checks
 dependencies (a wedged supervisor cannot answer at all); /startupz is 503 until the
 node has started (every shard and gateway ready once, as the ``felix ready`` line
@@ -78,6 +79,11 @@ class NodeView(Protocol):
 
     def supervisor_counters(self) -> list[tuple[str, str, int]]:
         """(metric name, help, value) of the supervisor's own counters."""
+        ...
+
+    def node_status(self) -> dict[str, Any]:
+        """Identity, state, children, budgets and rings (the /status route adds the
+        children's counters)."""
         ...
 
     async def stream_status(self, key: str) -> dict[str, Any] | None:
@@ -352,6 +358,26 @@ class HealthServer:
         body = json.dumps({"stream": key, **status}, sort_keys=True).encode() + b"\n"
         return "200 OK", "application/json", body
 
+    def _status(self) -> dict[str, Any]:
+        """/status: the node's own view plus every child's counters and their sums
+        (the metric names of /metrics without ``felix_``; ``felix status`` renders it)."""
+        status = self._node.node_status()
+        totals: dict[str, int] = {}
+        stats_by_child: dict[str, dict[str, int]] = {}
+        for child in self._node.children:
+            own = {
+                _METRICS[key][0].removeprefix("felix_"): value
+                for key, value in child.stats.items()
+                if key in _METRICS and isinstance(value, int)
+            }
+            stats_by_child[f"{child.role}-{child.index}"] = own
+            for name, value in own.items():
+                totals[name] = totals.get(name, 0) + value
+        for entry in status.get("children", ()):
+            entry["stats"] = stats_by_child.get(entry["name"], {})
+        status["totals"] = totals
+        return status
+
     def _route(self, method: str, path: str) -> tuple[str, str, bytes]:
         if method != "GET":
             return "405 Method Not Allowed", "text/plain", b"GET only\n"
@@ -371,6 +397,9 @@ class HealthServer:
             if ready:
                 return "200 OK", "text/plain", text.encode()
             return "503 Service Unavailable", "text/plain", text.encode()
+        if path == "/status":
+            body = json.dumps(self._status(), sort_keys=True).encode() + b"\n"
+            return "200 OK", "application/json", body
         if path == "/metrics":
             return "200 OK", "text/plain; version=0.0.4", generate_latest(self._registry)
         return "404 Not Found", "text/plain", b"not found\n"

@@ -43,6 +43,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+import felix
 from felix import ipc
 from felix.auth.rotation import KeyRotator, RotationPolicy
 from felix.errors import ConfigError
@@ -116,6 +117,8 @@ class Supervisor:
         self._status_requests = 0
         #: Set once, when the node printed its ``felix ready`` line (/startupz).
         self.started = False
+        #: time.time() when the supervisor was created (uptime in /status).
+        self.created_at = time.time()
 
     def _child(self, role: str, index: int) -> Child:
         timeout = self.config.heartbeat_timeout
@@ -738,6 +741,46 @@ class Supervisor:
             return await asyncio.wait_for(waiter, STATUS_TIMEOUT)
         finally:
             child.status_waiters.pop(request, None)
+
+    def node_status(self) -> dict[str, Any]:
+        """The node's own part of /status: identity, state, children, budgets, rings."""
+        ready, problems = self.readiness()
+        now = time.monotonic()
+        rings = [ring for rows in (self._req, self._rep) for row in rows for ring in row]
+        return {
+            "version": felix.__version__,
+            "region": self.config.region,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.created_at, 3),
+            "started": self.started,
+            "ready": ready,
+            "problems": problems,
+            "gateways": self.config.gateways,
+            "shards": self.config.shards,
+            "embedded_shards": self.config.embedded_shards,
+            "durable_streams": self.config.durable_streams,
+            "auth": self.config.auth,
+            "children": [
+                {
+                    "name": c.name,
+                    "pid": c.proc.pid if c.proc is not None else None,
+                    "restarts": c.restarts,
+                    "status": c.status(now) or "serving",
+                }
+                for c in self.children
+            ],
+            "budgets": {
+                "memory_bytes": self.config.memory_budget,
+                "disk_bytes": self.config.disk_budget,
+                "disk_reserve_bytes": self.config.disk_reserve,
+            },
+            # Gateway<->shard rings (none with embedded shards): how full the fullest is.
+            "rings": {
+                "count": len(rings),
+                "capacity_bytes": self.config.ring_bytes,
+                "max_used_bytes": max((r.used_bytes for r in rings if not r.closed), default=0),
+            },
+        }
 
     def node_info(self) -> dict[str, Any]:
         host = self.config.listen[0]

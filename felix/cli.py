@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -271,13 +272,29 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="write the audit log's JSON lines to FILE ('-': stderr) instead of the "
         "general log (sets FELIX_AUDIT_LOG for every process)",
     )
+    _add_log_flags(up)
     up.set_defaults(func=_run_up, parser=up)
+    config = sub.add_parser("config", help="the configuration felix up would run with")
+    commands = config.add_subparsers(dest="config_command", required=True)
+    # The same flags as `felix up` (and --config FILE): what they make, and from where.
+    show = commands.add_parser(
+        "show",
+        parents=[up],
+        conflict_handler="resolve",
+        help="print the effective configuration of `felix up` with these flags, and where "
+        "each value came from (default, file, environment, flag)",
+        description="Takes every flag of `felix up`. Prints the settings the node would "
+        "run with, each with its source; starts nothing.",
+    )
+    show.add_argument("--json", action="store_true", help="one JSON object")
+    show.set_defaults(func=_config_show, parser=show)
 
 
 def apply_config_file(
     parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]
-) -> None:
-    """Fill every flag not given in ``argv`` from ``args.config`` (TOML)."""
+) -> set[str]:
+    """Fill every flag not given in ``argv`` from ``args.config`` (TOML); the
+    settings (argparse dests) the file set."""
     import tomllib
 
     try:
@@ -285,6 +302,7 @@ def apply_config_file(
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read --config {args.config}: {exc}") from None
     actions = {a.dest: a for a in parser._actions if a.option_strings}
+    applied: set[str] = set()
     for key, value in table.items():
         dest = key.replace("-", "_")
         action = actions.get(dest)
@@ -299,6 +317,8 @@ def apply_config_file(
         elif action.choices is not None and value not in action.choices:
             raise ConfigError(f"--config {args.config}: {key} must be one of {action.choices}")
         setattr(args, dest, value)
+        applied.add(dest)
+    return applied
 
 
 def _auth_mode(mode: str | bool | None, *hosts: str) -> bool:
@@ -531,7 +551,43 @@ def _add_control(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="write the audit log's JSON lines to FILE ('-': stderr) instead of the "
         "general log (sets FELIX_AUDIT_LOG for every process)",
     )
+    _add_log_flags(control)
     control.set_defaults(func=_run_control)
+
+
+def _add_log_flags(parser: argparse.ArgumentParser) -> None:
+    """--log-format, --log-level, --log-levels (felix/logs.py); children inherit them."""
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="log lines as text or JSON objects (default: $FELIX_LOG_FORMAT, else text)",
+    )
+    parser.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        help="debug, info, warning, error (default: $FELIX_LOG_LEVEL, else info; -v: debug)",
+    )
+    parser.add_argument(
+        "--log-levels",
+        metavar="COMPONENT=LEVEL,...",
+        help="levels per component, e.g. felix.gateway=debug,felix.shard=warning "
+        "(default: $FELIX_LOG_LEVELS)",
+    )
+
+
+def _configure_logs(args: argparse.Namespace, process: str = "felix") -> None:
+    """``process`` other than ``felix``: a node or control plane, whose children inherit
+    the choices."""
+    from felix.logs import configure
+
+    configure(
+        process,
+        export=process != "felix",
+        log_format=getattr(args, "log_format", None),
+        level=getattr(args, "log_level", None),
+        levels=getattr(args, "log_levels", None),
+        verbose=args.verbose,
+    )
 
 
 def _use_audit_log(path: str | None) -> None:
@@ -542,6 +598,7 @@ def _use_audit_log(path: str | None) -> None:
 
 def _run_control(args: argparse.Namespace) -> int:
     require_extra("server", "felix control")
+    _configure_logs(args, "control")
     _use_audit_log(args.audit_log)
     import uvicorn
     import uvloop
@@ -719,10 +776,86 @@ def _run_up(args: argparse.Namespace) -> int:
 
     if args.config is not None:
         apply_config_file(args.parser, args, args.argv)
+    _configure_logs(args, "supervisor")  # again: the --config file may set them
     config = _node_config(args)
     _check_node_tls(config)
     _use_audit_log(args.audit_log)
     return uvloop.run(Supervisor(config).run())
+
+
+#: `felix up` flags whose default comes from the environment.
+_ENV_DEFAULTS = {
+    "control_token": "FELIX_CONTROL_TOKEN",
+    "control_ca": "FELIX_CONTROL_CA",
+    "control_client_cert": "FELIX_CONTROL_CERT",
+    "control_client_key": "FELIX_CONTROL_KEY",
+    "engine": "FELIX_QUIC_ENGINE",
+    "log_format": "FELIX_LOG_FORMAT",
+    "log_level": "FELIX_LOG_LEVEL",
+    "log_levels": "FELIX_LOG_LEVELS",
+    "audit_log": "FELIX_AUDIT_LOG",
+}
+#: Never printed.
+_SECRETS = {"control_token"}
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    """`felix config show`: every `felix up` setting, its value and its source."""
+    parser: argparse.ArgumentParser = args.parser
+    argv = args.argv[2:]  # after "config show"
+    from_file = apply_config_file(parser, args, argv) if args.config is not None else set()
+    config = _node_config(args)  # validates, exactly as `felix up` would
+    rows: dict[str, dict[str, Any]] = {}
+    for action in parser._actions:
+        dest = action.dest
+        if not action.option_strings or dest in ("help", "json", "config"):
+            continue
+        flag = max(action.option_strings, key=len)
+        value = getattr(args, dest, None)
+        if any(a == opt or a.startswith(opt + "=") for a in argv for opt in action.option_strings):
+            source = "flag"
+        elif dest in from_file:
+            source = f"file {args.config}"
+        elif dest in _ENV_DEFAULTS and os.environ.get(_ENV_DEFAULTS[dest]):
+            source = f"environment ${_ENV_DEFAULTS[dest]}"
+            value = value if value is not None else os.environ[_ENV_DEFAULTS[dest]]
+        else:
+            source = "default"
+        if dest in _SECRETS and value is not None:
+            value = "(set)"
+        rows[flag.lstrip("-")] = {"value": _plain(value), "source": source}
+    # What the flags resolve to (topology, auth mode, ...), from the NodeConfig itself.
+    derived = {
+        "gateways": config.gateways,
+        "shards": config.shards,
+        "topology": "embedded" if config.embedded_shards else "split",
+        "auth": "jwt" if config.auth else "none",
+        "data-dir": str(config.data_dir.absolute()),
+    }
+    for name, value in derived.items():
+        row = rows.setdefault(name, {"value": value, "source": "derived"})
+        if row["value"] != value:
+            given = _shown(row["value"])
+            row["value"], row["source"] = value, f"derived from {given} ({row['source']})"
+    if args.json:
+        print(json.dumps(rows, sort_keys=True))
+        return 0
+    width = max(len(name) for name in rows)
+    for name, row in sorted(rows.items()):
+        print(f"{name:<{width}}  {_shown(row['value'])}  ({row['source']})")
+    return 0
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _shown(value: object) -> str:
+    return "-" if value is None else json.dumps(value) if not isinstance(value, str) else value
 
 
 def _check_node_tls(config: NodeConfig) -> None:
@@ -787,13 +920,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    logging.getLogger("quic").setLevel(logging.ERROR)  # qh3 logs every normal close
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     try:
+        _configure_logs(args)
         code: int = args.func(args)
     except ConfigError as exc:
         print(f"felix: {exc}", file=sys.stderr)

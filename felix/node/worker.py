@@ -41,6 +41,7 @@ from felix.gateway.connection import connection_factory
 from felix.gateway.gateway import Gateway
 from felix.gateway.links import ShardLinks
 from felix.ipc import RecordType
+from felix.logs import configure as configure_logs
 from felix.node import messages as msg
 from felix.node.config import NodeConfig
 from felix.node.disk_io import (
@@ -509,10 +510,8 @@ def die_with_supervisor(supervisor_pid: int) -> None:
 
 def main() -> None:
     spec = ChildSpec.from_json(os.environ[SPEC_ENV])
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s {spec.role}-{spec.index} %(levelname)s %(message)s"
-    )
-    logging.getLogger("quic").setLevel(logging.ERROR)  # qh3 logs every normal close
+    # The format and levels the supervisor chose ($FELIX_LOG_*).
+    configure_logs(f"{spec.role}-{spec.index}")
     try:
         import setproctitle
 

@@ -180,6 +180,7 @@ def test_memory_streams_ack_memory(tmp_path: Path) -> None:
         "durable": False,
         "fsync": "none",
         "memory": {"earliest": 0, "next_offset": 1, "retained_records": 1, "retained_bytes": 97},
+        "gateways_watching": 0,
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+import felix
 from felix.status_cli import CRITICAL, OK, WARNING, rates, render, verdict
 from tests.nodeproc import NodeProcess
 
@@ -104,3 +106,34 @@ def test_status_and_check_of_a_real_node(node: NodeProcess) -> None:
     down = _cli(node, "check", "--timeout", "1")
     assert down.returncode == CRITICAL and down.stdout.startswith("FELIX CRITICAL - unreachable")
     assert _cli(node, "status", "--timeout", "1").returncode == 1
+
+
+async def _traffic(node: NodeProcess) -> None:
+    async with felix.connect(f"felix://127.0.0.1:{node.port}", ca=node.ca_file) as client:
+        for i in range(5):
+            await client.publish("orders", f"m{i}".encode())
+        sessions = client.cache("sessions")
+        for key in ("a", "b", "c"):
+            await sessions.set(key, b"v")
+        assert await sessions.get("a") == b"v"
+
+
+def test_stream_and_cache_info_from_the_node(node: NodeProcess) -> None:
+    asyncio.run(_traffic(node))
+    http = node.info["http"]
+    got = _cli(node, "cache", "info", "sessions", "--node", http, "--json", "--interval", "0")
+    assert got.returncode == 0, got.stderr
+    cache = json.loads(got.stdout)
+    assert cache["cache"] == "default/default/sessions"
+    assert (cache["entries"], cache["sets"], cache["hits"], cache["misses"]) == (3, 3, 1, 0)
+    assert cache["used_bytes"] > 0 and cache["budget_bytes"] > 0
+    # Found through node.json: the control plane's answer (none: auto-created), then
+    # the node's view with rates over the interval.
+    got = _cli(node, "stream", "info", "orders", "--json", "--interval", "0.2")
+    assert got.returncode == 0, got.stderr
+    assert "not defined in the control plane" in got.stderr
+    stream = json.loads(got.stdout)
+    assert stream["node"] == f"http://{http}" and stream["memory"]["next_offset"] == 5
+    assert stream["rates"] == {"records": 0.0} and stream["gateways_watching"] == 0
+    missing = _cli(node, "cache", "info", "nope", "--node", http, "--interval", "0")
+    assert missing.returncode == 1 and "not held by this node" in missing.stderr

@@ -81,7 +81,7 @@ def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeNode]:
         fake.close()
 
 
-INFO = ["stream", "info", "orders", "--tenant", "acme", "--namespace", "prod"]
+INFO = ["stream", "info", "orders", "--tenant", "acme", "--namespace", "prod", "--interval", "0"]
 
 
 def test_table_of_a_durable_stream(node: FakeNode, capsys: pytest.CaptureFixture[str]) -> None:
@@ -101,7 +101,8 @@ def test_json_is_the_node_answer_and_env_names_the_node(
     node: FakeNode, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FELIX_NODE_URL", node.url.removeprefix("http://"))
-    assert main(["stream", "info", "billing/orders", "--tenant", "acme", "--json"]) == 0
+    argv = ["stream", "info", "billing/orders", "--tenant", "acme", "--json", "--interval", "0"]
+    assert main(argv) == 0
     assert node.paths == ["/streams/acme/billing/orders"]
     assert json.loads(capsys.readouterr().out) == DURABLE
 

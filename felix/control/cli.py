@@ -75,18 +75,21 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from felix.auth.cli import guarded, read_secret, tenant_arg
 from felix.auth.perms import PermissionSet
+from felix.context import resolve
 from felix.control.cliargs import add_connection_arguments, open_client
 from felix.control.client import ControlClient
 from felix.control.model import PARENT, Path, Resource, ResourceKind
 from felix.control.nodestatus import (
     fetch_stream_status,
     group_status,
+    status_rates,
     status_rows,
     stream_status_url,
 )
@@ -147,15 +150,28 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
 
         info = _command(commands, "info", f"show a {what} and its settings", kind, named=True)
         info.set_defaults(func=_with_client(_info, kind))
-        if kind is ResourceKind.STREAM:
+        if kind in (ResourceKind.STREAM, ResourceKind.CACHE):
+            held = (
+                "offsets, disk, recovery, groups with lag, subscribed gateways, records/s"
+                if kind is ResourceKind.STREAM
+                else "entries, bytes against its budget, gets/s, hit ratio, evictions"
+            )
             info.add_argument(
                 "--node",
                 metavar="URL",
-                help="show what this node holds of the stream instead (offsets, disk, "
-                "recovery), from its health endpoint http://HOST:PORT (default: "
-                "$FELIX_NODE_URL; unset: the control plane's settings)",
+                help=f"show what this node holds of the {what} instead ({held}), from its "
+                "health endpoint http://HOST:PORT (default: $FELIX_NODE_URL; unset: the "
+                "control plane's settings, followed by the local node's or context's "
+                "view if there is one)",
             )
-            info.set_defaults(func=_stream_info)
+            info.add_argument(
+                "--interval",
+                type=float,
+                default=1.0,
+                metavar="SECONDS",
+                help="sample the node twice this far apart for rates (1; 0: one sample, no rates)",
+            )
+            info.set_defaults(func=_live_info(kind))
 
         rm = _command(commands, "rm", f"delete a {what}", kind, named=True)
         if kind in (ResourceKind.TENANT, ResourceKind.NAMESPACE, ResourceKind.STREAM):
@@ -436,20 +452,55 @@ def _info(client: ControlClient, args: argparse.Namespace, kind: ResourceKind) -
     return 0
 
 
-def _stream_info(args: argparse.Namespace) -> int:
-    """``stream info``: the node's status with ``--node`` (or $FELIX_NODE_URL), else the
-    control plane's resource."""
-    node = args.node or os.environ.get("FELIX_NODE_URL")
-    if not node:
-        return _with_client(_info, ResourceKind.STREAM)(args)
-    if not args.timeout > 0:
-        raise ConfigError(f"--timeout must be positive, got {args.timeout}")
-    tenant, namespace, name = _path(args, ResourceKind.STREAM)
-    url = stream_status_url(node, (tenant, namespace, name))
+def _live_info(kind: ResourceKind) -> Command:
+    """``stream info`` / ``cache info``: with ``--node`` (or $FELIX_NODE_URL) what that
+    node holds; else the control plane's resource, then what the node of the context or
+    the local node.json holds, if one is found."""
+
+    def run(args: argparse.Namespace) -> int:
+        if args.interval < 0:
+            raise ConfigError(f"--interval must be 0 or more, got {args.interval}")
+        if not args.timeout > 0:
+            raise ConfigError(f"--timeout must be positive, got {args.timeout}")
+        node = args.node or os.environ.get("FELIX_NODE_URL")
+        path = _path(args, kind)
+        if node:
+            return _print_node_view(kind, node, path, args, heading=False)
+        found = resolve(getattr(args, "context", None)).http
+        try:
+            with open_client(args) as client:
+                code = _info(client, args, kind)
+        except NotFound as exc:
+            if found is None:
+                raise
+            print(
+                f"{_label(kind, path)}: not defined in the control plane ({exc})", file=sys.stderr
+            )
+            code = 0
+        if found is not None:
+            code = max(code, _print_node_view(kind, found, path, args, heading=True))
+        return code
+
+    return run
+
+
+def _print_node_view(
+    kind: ResourceKind, node: str, path: Path, args: argparse.Namespace, *, heading: bool
+) -> int:
+    what = "stream" if kind is ResourceKind.STREAM else "cache"
+    tenant, namespace, name = path
+    url = stream_status_url(node, (tenant, namespace, name), what)
     status = fetch_stream_status(url, timeout=args.timeout)
+    if args.interval > 0:
+        start = time.monotonic()
+        time.sleep(args.interval)
+        after = fetch_stream_status(url, timeout=args.timeout)
+        status = {**after, "rates": status_rates(what, status, after, time.monotonic() - start)}
     if args.json:
-        _print_json(status)
+        _print_json({"node": node, **status} if heading else status)
     else:
+        if heading:
+            print(f"on the node at {node}:")
         _table(status_rows(status))
     return 0
 

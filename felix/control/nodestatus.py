@@ -34,6 +34,7 @@ __all__ = [
     "MAX_STATUS_BYTES",
     "fetch_stream_status",
     "group_status",
+    "status_rates",
     "status_rows",
     "stream_status_url",
 ]
@@ -44,9 +45,10 @@ MAX_STATUS_BYTES = 1 << 20
 _FIRST = ("stream", "durable", "fsync", "damaged")
 
 
-def stream_status_url(node: str, path: tuple[str, str, str]) -> str:
-    """The status URL of stream ``path`` on the node whose health endpoint is ``node``
-    (``http://HOST:PORT``, or ``HOST:PORT``). Raises ConfigError for anything else."""
+def stream_status_url(node: str, path: tuple[str, str, str], kind: str = "stream") -> str:
+    """The status URL of stream (or ``kind`` "cache": cache) ``path`` on the node whose
+    health endpoint is ``node`` (``http://HOST:PORT``, or ``HOST:PORT``). Raises
+    ConfigError for anything else."""
     base = node if "://" in node else f"http://{node}"
     try:
         parts = urlsplit(base)
@@ -58,7 +60,7 @@ def stream_status_url(node: str, path: tuple[str, str, str]) -> str:
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
         raise ConfigError(f"--node {node!r}: only http://HOST:PORT, no path or credentials")
     names = "/".join(quote(name, safe="") for name in path)
-    return f"{parts.scheme}://{parts.netloc}/streams/{names}"
+    return f"{parts.scheme}://{parts.netloc}/{kind}s/{names}"
 
 
 def fetch_stream_status(url: str, *, timeout: float) -> dict[str, Any]:
@@ -93,6 +95,31 @@ def fetch_stream_status(url: str, *, timeout: float) -> dict[str, Any]:
     if not isinstance(answer, dict):
         raise ServerError(f"{url}: the answer is not a JSON object: {text[:200]!r}")
     return answer
+
+
+def status_rates(
+    kind: str, before: Mapping[str, Any], after: Mapping[str, Any], seconds: float
+) -> dict[str, float]:
+    """Per-second rates between two status samples ``seconds`` apart: a stream's
+    appended records; a cache's gets, hits, misses and sets, and its hit ratio over the
+    interval (a counter that went down, a restarted shard's, counts from zero)."""
+
+    def per_second(name: str, a: Any, b: Any) -> float:
+        ai, bi = (a if isinstance(a, int) else 0), (b if isinstance(b, int) else 0)
+        return round((bi - ai if bi >= ai else bi) / seconds, 1) if seconds > 0 else 0.0
+
+    if kind == "stream":
+        a_mem, b_mem = before.get("memory") or {}, after.get("memory") or {}
+        return {
+            "records": per_second("records", a_mem.get("next_offset"), b_mem.get("next_offset"))
+        }
+    rates = {
+        name: per_second(name, before.get(name), after.get(name))
+        for name in ("hits", "misses", "sets", "deletes", "evictions")
+    }
+    rates["gets"] = round(rates["hits"] + rates["misses"], 1)
+    rates["hit_ratio"] = round(rates["hits"] / rates["gets"], 3) if rates["gets"] else 0.0
+    return rates
 
 
 def group_status(status: Mapping[str, Any], group: str, url: str) -> dict[str, Any]:

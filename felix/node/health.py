@@ -1,8 +1,9 @@
 """The node's HTTP endpoint: /livez, /startupz, /readyz, /metrics (Prometheus text format),
-/status (the node at a glance as JSON, for ``felix status``) and
-/streams/<tenant>/<namespace>/<stream> (a stream's status as JSON).
+/status (the node at a glance as JSON, for ``felix status``),
+/streams/<tenant>/<namespace>/<stream> (a stream's status as JSON) and
+/caches/<tenant>/<namespace>/<cache> (a cache's counters, summed over its partitions).
 
-A deliberately small HTTP/1.1 responder on asyncio streams: six GET routes,
+A deliberately small HTTP/1.1 responder on asyncio streams: seven GET routes,
 bounded request size, one response per connection. /livez never checks
 dependencies (a wedged supervisor cannot answer at all); /startupz is 503 until the
 node has started (every shard and gateway ready once, as the ``felix ready`` line
@@ -84,6 +85,12 @@ class NodeView(Protocol):
     def node_status(self) -> dict[str, Any]:
         """Identity, state, children, budgets and rings (the /status route adds the
         children's counters)."""
+        ...
+
+    async def cache_status(self, key: str) -> dict[str, Any] | None:
+        """Cache ``key``'s counters summed over its partitions (None: not held).
+
+        Raises TimeoutError when a shard does not answer."""
         ...
 
     async def stream_status(self, key: str) -> dict[str, Any] | None:
@@ -317,7 +324,9 @@ class HealthServer:
             method, path, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
             path = path.split("?", 1)[0]
             if method == "GET" and path.startswith("/streams/"):
-                status, ctype, body = await self._stream(path)
+                status, ctype, body = await self._resource("stream", path)
+            elif method == "GET" and path.startswith("/caches/"):
+                status, ctype, body = await self._resource("cache", path)
             else:
                 status, ctype, body = self._route(method, path)
         except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, TimeoutError, ValueError):
@@ -334,28 +343,32 @@ class HealthServer:
         with contextlib.suppress(Exception):
             await writer.drain()
 
-    async def _stream(self, path: str) -> tuple[str, str, bytes]:
-        parts = path.removeprefix("/streams/").split("/")
+    async def _resource(self, kind: str, path: str) -> tuple[str, str, bytes]:
+        """/streams/<t>/<ns>/<stream> or /caches/<t>/<ns>/<cache>."""
+        parts = path.removeprefix(f"/{kind}s/").split("/")
         try:
             if len(parts) != 3:
-                raise FelixError("the route is /streams/<tenant>/<namespace>/<stream>")
-            for kind, name in zip(("tenant", "namespace", "stream"), parts, strict=True):
-                validate_name(kind, name)
+                raise FelixError(f"the route is /{kind}s/<tenant>/<namespace>/<{kind}>")
+            for what, name in zip(("tenant", "namespace", kind), parts, strict=True):
+                validate_name(what, name)
         except FelixError as exc:
             return "400 Bad Request", "text/plain", f"{exc}\n".encode()
         key = "/".join(parts)
         try:
-            status = await self._node.stream_status(key)
+            if kind == "stream":
+                status = await self._node.stream_status(key)
+            else:
+                status = await self._node.cache_status(key)
         except TimeoutError as exc:
-            text = f"the shard owning {key} did not answer: {exc}\n"
+            text = f"a shard holding {kind} {key} did not answer: {exc}\n"
             return "503 Service Unavailable", "text/plain", text.encode()
         if status is None:
             return (
                 "404 Not Found",
                 "text/plain",
-                f"stream {key} is not held by this node\n".encode(),
+                f"{kind} {key} is not held by this node\n".encode(),
             )
-        body = json.dumps({"stream": key, **status}, sort_keys=True).encode() + b"\n"
+        body = json.dumps({kind: key, **status}, sort_keys=True).encode() + b"\n"
         return "200 OK", "application/json", body
 
     def _status(self) -> dict[str, Any]:

@@ -119,11 +119,15 @@ class ChangesRequest(_Message):
 
 @dataclass(frozen=True, slots=True)
 class StreamStatusRequest(_Message):
-    """To the shard owning stream ``key``: answer :class:`StreamStatusReply` (status route)."""
+    """To the shard owning stream ``key``: answer :class:`StreamStatusReply` (status route).
+
+    ``kind`` "cache": ``key`` is ``tenant/ns/cache``, asked of every shard (each holds a
+    partition of the cache's keys)."""
 
     TYPE: ClassVar[str] = "stream_status"
     request: int
     key: str
+    kind: str = "stream"
 
 
 # -- child to supervisor ------------------------------------------------------------------

@@ -729,6 +729,22 @@ class Supervisor:
         shard = ipc.shard_for(key, self.config.shards)
         # With embedded shards the gateway hosting the cores answers for them.
         child = self.gateways[0] if self.config.embedded_shards else self.shards[shard]
+        return await self._ask(child, key, "stream")
+
+    async def cache_status(self, key: str) -> dict[str, Any] | None:
+        """Cache ``key`` (``tenant/ns/cache``) summed over the shards that hold a
+        partition of it (the health port's ``/caches/...`` route). None: none does.
+
+        Raises:
+            TimeoutError: a shard did not answer within STATUS_TIMEOUT seconds.
+        """
+        from felix.node.worker import sum_cache_status
+
+        children = self.gateways[:1] if self.config.embedded_shards else self.shards
+        parts = await asyncio.gather(*(self._ask(c, key, "cache") for c in children))
+        return sum_cache_status(parts)
+
+    async def _ask(self, child: Child, key: str, kind: str) -> dict[str, Any] | None:
         if len(child.status_waiters) >= MAX_STATUS_WAITERS:
             raise TimeoutError("too many status requests in flight")
         self._status_requests += 1
@@ -736,7 +752,7 @@ class Supervisor:
         waiter: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
         child.status_waiters[request] = waiter
         try:
-            if not child.send(msg.StreamStatusRequest(request, key)):
+            if not child.send(msg.StreamStatusRequest(request, key, kind)):
                 raise TimeoutError(f"{child.name} is not running")
             return await asyncio.wait_for(waiter, STATUS_TIMEOUT)
         finally:

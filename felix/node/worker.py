@@ -29,8 +29,9 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import uvloop
 
@@ -278,7 +279,7 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
             apply_resource(core, config, cmd, send_out)
             disk_io.kick()
         elif isinstance(cmd, msg.StreamStatusRequest):
-            control.send(msg.StreamStatusReply(cmd.request, core.stream_status(cmd.key)))
+            control.send(msg.StreamStatusReply(cmd.request, resource_status([core], cmd)))
 
     await serve_commands(
         control,
@@ -407,10 +408,7 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
             if cores:
                 apply_resource(cores[cmd.shard], config, cmd, local.flush_soon)
         elif isinstance(cmd, msg.StreamStatusRequest):
-            status = None
-            if cores:
-                status = cores[ipc.shard_for(cmd.key, len(cores))].stream_status(cmd.key)
-            control.send(msg.StreamStatusReply(cmd.request, status))
+            control.send(msg.StreamStatusReply(cmd.request, resource_status(cores, cmd)))
         elif isinstance(cmd, msg.ShardDown):
             gateway.shard_down(cmd.shard)
         elif isinstance(cmd, msg.ShardUp):
@@ -506,6 +504,32 @@ def die_with_supervisor(supervisor_pid: int) -> None:
     if supervisor_pid and os.getppid() != supervisor_pid:
         log.error("the supervisor (pid %d) is gone; exiting", supervisor_pid)
         sys.exit(1)
+
+
+def resource_status(
+    cores: Sequence[ShardCore], cmd: msg.StreamStatusRequest
+) -> dict[str, Any] | None:
+    """The status route's answer of these shard cores (a shard process has one; an
+    embedded gateway all): a stream from the core owning it, a cache summed over them."""
+    if not cores:
+        return None
+    if cmd.kind != "cache":
+        return cores[ipc.shard_for(cmd.key, len(cores))].stream_status(cmd.key)
+    tenant, namespace, cache = cmd.key.split("/", 2)
+    return sum_cache_status(core.cache_status((tenant, namespace, cache)) for core in cores)
+
+
+def sum_cache_status(parts: Iterable[Mapping[str, int] | None]) -> dict[str, int] | None:
+    """Partitions' cache counters added up (None: no partition anywhere)."""
+    total: dict[str, int] | None = None
+    for part in parts:
+        if part is None:
+            continue
+        total = total or {}
+        for name, value in part.items():
+            # Each partition has the same budget: the cache's is their sum.
+            total[name] = total.get(name, 0) + value
+    return total
 
 
 def main() -> None:

@@ -1164,10 +1164,18 @@ class ShardCore:
             "retained_records": log_.retained_records,
             "retained_bytes": log_.retained_bytes,
         }
+        # Gateways with a subscriber of the stream (each may hold many).
+        watching = len(stream.watchers)
         if stream.disk is None or self.disk is None:
-            return {"durable": False, "fsync": "none", "memory": memory}
+            return {
+                "durable": False,
+                "fsync": "none",
+                "memory": memory,
+                "gateways_watching": watching,
+            }
         status = self.disk.status(key) or {}
         status["memory"] = memory
+        status["gateways_watching"] = watching
         live = self.queues.status(key)
         groups: dict[str, dict[str, object]] = {}
         for name in sorted(set(live) | set(self._group_defs.get(key, {}))):
@@ -1188,6 +1196,12 @@ class ShardCore:
             groups[name] = entry
         status["groups"] = groups
         return status
+
+    def cache_status(self, scope: tuple[str, str, str]) -> dict[str, int] | None:
+        """This shard's partition of cache ``scope`` as the node's cache route sums it
+        (None: no partition here)."""
+        cache = self._caches.get(scope)
+        return None if cache is None else dataclasses.asdict(cache.stats())
 
     # -- introspection (metrics, tests) ----------------------------------------------
 

@@ -41,6 +41,7 @@ from felix.client._flow import Message
 from felix.context import Defaults, pick, report, resolve, url_from_address
 from felix.errors import ConfigError, FelixTimeoutError
 from felix.names import dead_letter_name
+from felix.progress import Progress, progress
 
 __all__ = ["DEFAULT_URL", "EXIT_NOTHING", "add_commands"]
 
@@ -474,33 +475,43 @@ REPLAY_GROUP = "felix-replay"
 
 
 async def _dlq_replay(args: argparse.Namespace) -> int:
-    replayed = 0
     async with (
         _connect(args, on_event=_on_event) as client,
         client.consume(_dlq_name(args), REPLAY_GROUP, prefetch=16) as letters,
     ):
-        while args.count is None or replayed < args.count:
-            batch = await letters.fetch(1, timeout=args.idle)
-            if not batch:
-                break
-            letter = batch[0]
-            source = letter.headers.get("felix-dlq-stream", "")
-            parts = source.split("/")
-            if len(parts) != 3:
-                await letter.term("no felix-dlq-stream header: not a felix dead letter")
-                continue
-            headers = {k: v for k, v in letter.headers.items() if not k.startswith("felix-dlq-")}
-            dlq = _dlq_name(args)
-            where = dlq if "/" in dlq else f"{args.namespace}/{dlq}"
-            headers["felix-replayed-from"] = f"{parts[0]}/{where}@{letter.offset}"
-            await client.publish(f"{parts[1]}/{parts[2]}", letter.data, headers=headers)
-            await letter.ack()
-            replayed += 1
-            if not args.json:
-                print(f"{letter.offset} -> {parts[1]}/{parts[2]}", flush=True)
+        with progress("replaying dead letters", args.count) as bar:
+            replayed = await _replay_letters(args, client, letters, bar)
     if args.json:
         _print_json({"replayed": replayed})
     return 0 if replayed else EXIT_NOTHING
+
+
+async def _replay_letters(
+    args: argparse.Namespace, client: Client, letters: Any, bar: Progress
+) -> int:
+    """Republish dead letters to their streams until --count, or --idle without one."""
+    replayed = 0
+    while args.count is None or replayed < args.count:
+        batch = await letters.fetch(1, timeout=args.idle)
+        if not batch:
+            break
+        letter = batch[0]
+        source = letter.headers.get("felix-dlq-stream", "")
+        parts = source.split("/")
+        if len(parts) != 3:
+            await letter.term("no felix-dlq-stream header: not a felix dead letter")
+            continue
+        headers = {k: v for k, v in letter.headers.items() if not k.startswith("felix-dlq-")}
+        dlq = _dlq_name(args)
+        where = dlq if "/" in dlq else f"{args.namespace}/{dlq}"
+        headers["felix-replayed-from"] = f"{parts[0]}/{where}@{letter.offset}"
+        await client.publish(f"{parts[1]}/{parts[2]}", letter.data, headers=headers)
+        await letter.ack()
+        replayed += 1
+        if not args.json:
+            print(f"{letter.offset} -> {parts[1]}/{parts[2]}", flush=True)
+        bar.advance()
+    return replayed
 
 
 async def _cache_get(args: argparse.Namespace) -> int:

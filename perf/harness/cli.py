@@ -25,6 +25,7 @@ from typing import Any
 
 import uvloop
 
+from felix.progress import progress
 from perf.harness import report
 from perf.harness.floor import KINDS, FloorSystem
 from perf.harness.node import FelixNode
@@ -437,12 +438,15 @@ async def run_one(wl: Workload, name: str, system: Any, timeout: float) -> None:
 
 
 async def run_schedule(workloads: list[Workload], ctx: Context, reps: int, timeout: float) -> None:
-    for rep in range(reps):
-        print(f"repetition {rep + 1}/{reps}", flush=True)
-        for wl in workloads:
-            k = rep % len(wl.systems)
-            for name in wl.systems[k:] + wl.systems[:k]:  # rotate: no system always first
-                await run_one(wl, name, ctx.systems[name], timeout)
+    runs = reps * sum(len(wl.systems) for wl in workloads)
+    with progress("benchmark runs", runs) as bar:
+        for rep in range(reps):
+            print(f"repetition {rep + 1}/{reps}", flush=True)
+            for wl in workloads:
+                k = rep % len(wl.systems)
+                for name in wl.systems[k:] + wl.systems[:k]:  # rotate: no system always first
+                    await run_one(wl, name, ctx.systems[name], timeout)
+                    bar.advance()
 
 
 def _parse_topology(text: str) -> tuple[int, int, bool]:

@@ -800,6 +800,9 @@ def build_parser() -> argparse.ArgumentParser:
     from felix.logdump import add_commands as add_log_commands
 
     add_log_commands(sub)
+    from felix.keys.cli import add_commands as add_keys_commands
+
+    add_keys_commands(sub)
     return parser
 
 

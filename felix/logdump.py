@@ -64,7 +64,11 @@ def _describe(payload: bytes, offset: int, ts: int, dec: _Decrypt | None) -> tup
         return f"encrypted (data key {key_id}, {len(payload)} bytes)", False
     try:
         headers, body = decode_record(
-            payload, "" if dec is None else dec.stream, offset, ts, None if dec is None else dec.keys
+            payload,
+            "" if dec is None else dec.stream,
+            offset,
+            ts,
+            None if dec is None else dec.keys,
         )
     except KeyUnavailable as exc:
         return f"NOT DECRYPTED: {exc}", True
@@ -223,9 +227,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="open encrypted records with the node's keys (DATA_DIR/keys; PATH must be "
         "DATA_DIR/streams/<tenant>/<namespace>/<stream> or a segment in it)",
     )
-    d.add_argument(
-        "--data-dir", type=Path, help="the node's data dir (default: found from PATH)"
-    )
+    d.add_argument("--data-dir", type=Path, help="the node's data dir (default: found from PATH)")
     d.add_argument(
         "--region-key",
         type=Path,
@@ -246,7 +248,8 @@ def _decrypt_context(args: argparse.Namespace) -> _Decrypt:
     parts = directory.parts
     if len(parts) < 5 or parts[-4] != "streams":
         raise ConfigError(
-            f"--decrypt needs PATH inside DATA_DIR/streams/<tenant>/<namespace>/<stream>: {args.path}"
+            "--decrypt needs PATH inside DATA_DIR/streams/<tenant>/<namespace>/<stream>: "
+            f"{args.path}"
         )
     data_dir = args.data_dir or Path(*parts[:-4])
     given = args.region_key

@@ -203,7 +203,9 @@ def decode_record(
 ) -> tuple[int, dict[str, str], bytes]:
     """(kind as stored, headers, body) of a record, plain or encrypted."""
     kind = rec.payload[0] if rec.payload else -1
-    _, headers, body = decode_envelope(open_payload(rec.payload, stream, rec.offset, rec.timestamp_us, keys))
+    _, headers, body = decode_envelope(
+        open_payload(rec.payload, stream, rec.offset, rec.timestamp_us, keys)
+    )
     return kind, headers, body
 
 

@@ -242,7 +242,7 @@ def test_region_key_rotation_rewraps_and_resumes_after_a_crash(tmp_path: Path) -
 
 def _create_in_child(root: str, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     store = KeyStore(Path(root), FileKeyEncryptionKey(b"\x01" * 32, "test"))
-    key_id, aead = store.current("acme")
+    _key_id, aead = store.current("acme")
     nonce = b"\x00" * 12
     out.put(aead.encrypt(nonce, b"probe", b""))
 
@@ -339,7 +339,9 @@ def test_group_state_is_encrypted_and_switches_mode_on_open(tmp_path: Path) -> N
     pos = gl.FILE_HEADER_SIZE
     length = struct.unpack_from(">I", data, pos)[0]
     data[pos + 20] ^= 1
-    struct.pack_into(">I", data, pos + 4, __import__("zlib").crc32(bytes(data[pos + 8 : pos + 8 + length])))
+    struct.pack_into(
+        ">I", data, pos + 4, __import__("zlib").crc32(bytes(data[pos + 8 : pos + 8 + length]))
+    )
     path.write_bytes(bytes(data))
     with pytest.raises(KeyUnavailable):
         GroupLog.open(path, cipher=_cipher(store))

@@ -29,10 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from felix.keys.store import KEYS_DIR, KeyStore, resolve_region_key
 from felix.node.config import NodeConfig
 from felix.shard.core import ShardCore
 from felix.shard.disk_read import ReadJob
-from felix.keys.store import KEYS_DIR, KeyStore, resolve_region_key
 from felix.shard.durable import FREE_SPACE_REFRESH, DiskSettings, DurableSettings, DurableStore
 from felix.shard.fsyncer import Fsyncer, SyncOutcome
 

@@ -46,6 +46,7 @@ from typing import Any
 from felix import ipc
 from felix.auth.rotation import KeyRotator, RotationPolicy
 from felix.errors import ConfigError
+from felix.keys.store import KEYS_DIR, KeyStore, resolve_region_key
 from felix.node import messages as msg
 from felix.node.children import Child
 from felix.node.config import NodeConfig, is_loopback
@@ -59,7 +60,6 @@ from felix.node.process import ChildProcess
 from felix.node.worker import SPEC_ENV, ChildSpec, RingSpec
 from felix.quic import bind_udp
 from felix.ring import Ring, make_doorbell
-from felix.keys.store import KEYS_DIR, KeyStore, resolve_region_key
 from felix.tls import node_certificates
 
 log = logging.getLogger("felix.supervisor")

@@ -635,7 +635,6 @@ class DurableStore:
         )
         return out
 
-
     def _encryption_status(self, stream: DurableStream) -> dict[str, Any]:
         """The status route's ``encryption``: whether new records are encrypted, the
         tenant's current data key, and why its keys cannot be used (None: they can)."""

@@ -43,14 +43,14 @@ from felix.errors import FelixError, KeyUnavailable, TooLarge
 __all__ = [
     "ENVELOPE_DATA",
     "ENVELOPE_ENCRYPTED",
-    "SEALED_OVERHEAD",
-    "Aead",
-    "DataKeys",
     "MAX_PAYLOAD_BYTES",
     "RECORD_HEADER_SIZE",
+    "SEALED_OVERHEAD",
     "SEGMENT_HEADER_SIZE",
     "SEGMENT_MAGIC",
     "SEGMENT_VERSION",
+    "Aead",
+    "DataKeys",
     "EnvelopeError",
     "RecordHeader",
     "SegmentHeader",
@@ -257,9 +257,10 @@ class DataKeys(Protocol):
 def record_aad(key_id: int, offset: int, timestamp_us: int, stream: str) -> bytes:
     """The associated data of an encrypted record: the record cannot be moved to
     another stream, offset or time, nor claim another key, without failing its tag."""
-    return _RECORD_AAD.pack(
-        _AAD_MAGIC, ENVELOPE_ENCRYPTED, key_id, offset, timestamp_us
-    ) + stream.encode()
+    return (
+        _RECORD_AAD.pack(_AAD_MAGIC, ENVELOPE_ENCRYPTED, key_id, offset, timestamp_us)
+        + stream.encode()
+    )
 
 
 def seal_batch(

@@ -75,7 +75,7 @@ import threading
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final, NamedTuple, Protocol
+from typing import Final, NamedTuple, Protocol, TypeVar
 
 from cryptography.exceptions import InvalidTag
 
@@ -106,6 +106,7 @@ from felix.shard.queue.journal import (
 
 __all__ = [
     "FILE_HEADER_SIZE",
+    "FLAG_ENCRYPTED",
     "FRAME_DELTA",
     "FRAME_HEAD_SIZE",
     "FRAME_SNAPSHOT",
@@ -115,7 +116,6 @@ __all__ = [
     "GLOG_VERSION",
     "MAX_FRAME_BYTES",
     "MAX_STR_BYTES",
-    "FLAG_ENCRYPTED",
     "Delta",
     "GroupCipher",
     "GroupFile",
@@ -311,6 +311,7 @@ def encode_entries(entries: Sequence[JournalEntry]) -> bytes:
 
 
 _Seal = Callable[[int, bytes], bytes]
+_T = TypeVar("_T")
 
 
 def _frame(kind: int, body: bytes, seal: _Seal | None) -> bytes:
@@ -581,12 +582,12 @@ class _Bodies:
         return plain, 0, len(plain)
 
 
-def _in_frame(pos: int, encrypted: bool, fn: Callable[[], object]) -> object:
-    """Run ``fn``; damage in a decrypted body is reported at the frame's position."""
+def _in_frame(pos: int, encrypted: bool, fn: Callable[..., _T], *args: object) -> _T:
+    """``fn(*args)``; damage in a decrypted body is reported at its frame's position."""
     if not encrypted:
-        return fn()
+        return fn(*args)
     try:
-        return fn()
+        return fn(*args)
     except _Damage as exc:
         raise _Damage(pos, f"{exc.why} (byte {exc.position} of the decrypted frame)") from None
 
@@ -635,7 +636,7 @@ def _decode(data: bytes, cipher: GroupCipher | None = None, name: str = "<bytes>
         read, last = _decode_snapshot_entries(buf, body + _SNAP_HEAD.size, stop, count, snap, -1)
         return snap, count, read, last
 
-    snap, count, read, last = _in_frame(frame_pos, encrypted, head)  # type: ignore[misc]
+    snap, count, read, last = _in_frame(frame_pos, encrypted, head)
     pos = end
     while read < count:
         got = _frame_at(data, pos)
@@ -645,10 +646,8 @@ def _decode(data: bytes, cipher: GroupCipher | None = None, name: str = "<bytes>
         if kind != FRAME_SNAPSHOT_MORE:
             raise _Damage(pos, f"frame type {kind} before the snapshot's {count} entries")
         buf, body, stop = bodies.get(pos, kind, end)
-        n, last = _in_frame(  # type: ignore[misc]
-            pos,
-            encrypted,
-            lambda: _decode_snapshot_entries(buf, body, stop, count - read, snap, last),
+        n, last = _in_frame(
+            pos, encrypted, _decode_snapshot_entries, buf, body, stop, count - read, snap, last
         )
         if n == 0:
             raise _Damage(pos, "empty SNAPSHOT_MORE frame")
@@ -673,8 +672,8 @@ def _decode(data: bytes, cipher: GroupCipher | None = None, name: str = "<bytes>
         if kind != FRAME_DELTA:
             raise _Damage(pos, f"frame type {kind} after the snapshot (DELTA expected)")
         buf, body, stop = bodies.get(pos, kind, end)
-        entries = _in_frame(pos, encrypted, lambda: _decode_entries(buf, body, stop))
-        deltas.append(Delta(pos, entries))  # type: ignore[arg-type]
+        entries = _in_frame(pos, encrypted, _decode_entries, buf, body, stop)
+        deltas.append(Delta(pos, entries))
         pos = end
     return GroupFile(snap, deltas, 0, encrypted)
 

@@ -851,7 +851,9 @@ def _fetch(
         records = disk.log.read(offset, 1, 1)
         if records and records[0].offset == offset:
             rec = records[0]
-            headers, body = decode_record(rec.payload, view.key, offset, rec.timestamp_us, disk.keys)
+            headers, body = decode_record(
+                rec.payload, view.key, offset, rec.timestamp_us, disk.keys
+            )
             return rec.timestamp_us, headers, body
     return None
 

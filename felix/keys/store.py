@@ -243,6 +243,9 @@ class KeyStore:
         # Tenants whose keys could not be used: (the file's sig then, why). Kept until
         # refresh() sees the file change, so a refused tenant costs no file read.
         self._failed: dict[str, tuple[tuple[int, int, int] | None, str]] = {}
+        # Tenants known to have no key file (no file read per publish with encryption
+        # off); forgotten when the directory changes, and wholesale at MAX_TENANTS.
+        self._absent: set[str] = set()
         self._dir_sig: tuple[int, int, int] | None = None
         self._full_until = 0.0  # creation refused (tenant bound) until this time
         #: Data keys created and tenant files (re)loaded by this store (metrics, tests).
@@ -344,6 +347,9 @@ class KeyStore:
             if table is None:
                 self._loaded.pop(tenant, None)
                 self._failed.pop(tenant, None)
+                if len(self._absent) >= self.max_tenants:
+                    self._absent.clear()
+                self._absent.add(tenant)
                 return None
             keys = TenantKeys(
                 tenant, table.current, self._unwrap_table(table, path), sig, self._clock()
@@ -356,6 +362,7 @@ class KeyStore:
             raise
         self.loads += 1
         self._failed.pop(tenant, None)
+        self._absent.discard(tenant)
         self._loaded[tenant] = keys
         return keys
 
@@ -368,6 +375,8 @@ class KeyStore:
         failed = self._failed.get(tenant)
         if failed is not None:
             raise KeyUnavailable(failed[1])
+        if tenant in self._absent:
+            return None
         with self._lock:
             keys = self._loaded.get(tenant)
             if keys is not None:
@@ -511,6 +520,7 @@ class KeyStore:
             return
         self._dir_sig = sig
         with self._lock:
+            self._absent.clear()
             for tenant, keys in list(self._loaded.items()):
                 if _sig(self.tenant_path(tenant)) != keys.sig:
                     del self._loaded[tenant]

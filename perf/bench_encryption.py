@@ -130,6 +130,10 @@ async def _publish_run(url: str, ca: str, size: int, in_flight: int, n: int) -> 
     return len(lat) / elapsed, statistics.median(lat) / 1e3
 
 
+def _medians(got: dict[str, list[tuple[float, float]]]) -> Callable[[str, int], float]:
+    return lambda mode, i: statistics.median(x[i] for x in got[mode])
+
+
 def part_two(reps: int, quick: bool) -> list[str]:
     from perf.harness.node import FelixNode
 
@@ -163,9 +167,7 @@ def part_two(reps: int, quick: bool) -> list[str]:
                             )
                     rate = [a[0] / b[0] for a, b in zip(got["on"], got["off"], strict=True)]
                     p50 = [a[1] / b[1] for a, b in zip(got["on"], got["off"], strict=True)]
-                    med: Callable[[str, int], float] = lambda m, i: statistics.median(  # noqa: E731
-                        x[i] for x in got[m]
-                    )
+                    med = _medians(got)
                     lines.append(
                         f"| {policy} | {label} | {in_flight} | {med('off', 0):.0f} | "
                         f"{med('on', 0):.0f} | {_spread(rate)} | {med('off', 1):.0f} | "
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out: list[str] = []
     if args.part in ("1", "both"):
-        out += part_one(args.reps, args.records) + [""]
+        out += [*part_one(args.reps, args.records), ""]
     if args.part in ("2", "both"):
         out += part_two(args.reps, args.quick)
     print("\n".join(out))

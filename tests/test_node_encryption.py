@@ -184,7 +184,7 @@ def test_key_rotations_keep_every_record_readable_across_restarts(tmp_path: Path
         out = felix_cli("keys", "rotate", "--tenant", "default", "--data-dir", str(data), env=env)
         assert out.returncode == 0 and "data key 2 is current" in out.stdout, out.stderr
         for _ in range(50):
-            status, body = node.http("/streams/default/default/orders")
+            _status, body = node.http("/streams/default/default/orders")
             if json.loads(body)["encryption"]["key_id"] == 2:
                 break
             time.sleep(0.1)

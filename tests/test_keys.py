@@ -16,6 +16,8 @@ import pytest
 from felix.errors import ConfigError, KeyUnavailable, LogDamaged, Overloaded
 from felix.keys.kek import FileKeyEncryptionKey, KeyEncryptionKey, fingerprint, parse_key
 from felix.keys.store import KeyStore, KeyTable, data_key_context, resolve_region_key
+from felix.shard.disk_read import ReadJob
+from felix.shard.durable import DiskSettings, DurableSettings, DurableStore
 from felix.shard.log_format import (
     SEALED_OVERHEAD,
     decode_record,
@@ -378,3 +380,54 @@ def test_an_encrypted_group_file_keeps_recovery_rules(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(LogDamaged):
         GroupLog.open(path, cipher=_cipher(store))
+
+
+# -- the shard's durable store ----------------------------------------------------------------
+
+
+def _durable(root: Path, keys: KeyStore, *, encrypt: bool = True) -> DurableStore:
+    return DurableStore(DiskSettings(root=root / "streams", encrypt=encrypt), keys=keys)
+
+
+def test_the_store_encrypts_appends_and_refuses_what_its_keys_cannot_open(
+    tmp_path: Path,
+) -> None:
+    keys = _store(tmp_path)
+    store = _durable(tmp_path, keys)
+    stream = store.open(STREAM, DurableSettings(fsync="none"), 0)
+    store.check_room(stream, 10)
+    store.append(stream, 0, [b"SECRET one", b"SECRET two"], [{"h": "SECRET"}, None], 5, 0.0)
+    store.close()
+    seg = next((tmp_path / "streams" / "acme" / "ns" / "orders").glob("*.seg"))
+    assert b"SECRET" not in seg.read_bytes()
+    # Read back through a disk READ job (what a subscriber below the hot tail gets).
+    store = _durable(tmp_path, _store(tmp_path))
+    stream = store.open(STREAM, DurableSettings(fsync="none"), 0)
+    job = ReadJob(stream, 0, 1, 0, 10, 1 << 20)
+    job.run()
+    assert job.error is None and job.count == 2
+    store.close()
+    # Another key table with the same ids (a key file from elsewhere): the READ fails
+    # with Unavailable naming the record, and the stream is not marked damaged.
+    other = KeyStore(tmp_path / "other-keys", keys.kek)
+    other.current("acme")
+    store = _durable(tmp_path, other)
+    stream = store.open(STREAM, DurableSettings(fsync="none"), 0)
+    job = ReadJob(stream, 0, 1, 0, 10, 1 << 20)
+    job.run()
+    assert isinstance(job.error, KeyUnavailable)
+    frame = job.reply(None, 0)  # type: ignore[arg-type]  # not used for a key problem
+    assert b"does not authenticate" in frame and stream.damaged is None
+    store.close()
+    # A store without the right region key refuses the publish before writing.
+    size = seg.stat().st_size
+    wrong = KeyStore(tmp_path / "keys", FileKeyEncryptionKey(b"\x09" * 32, "wrong.key"))
+    store = _durable(tmp_path, wrong)
+    stream = store.open(STREAM, DurableSettings(fsync="none"), 2)
+    with pytest.raises(KeyUnavailable, match=r"wrong\.key"):
+        store.check_room(stream, 10)
+    assert "wrong.key" in (stream.key_problem() or "")
+    with pytest.raises(KeyUnavailable):  # encryption off: its encrypted data is still refused
+        _durable(tmp_path, wrong, encrypt=False).check_room(stream, 10)
+    store.close()
+    assert seg.stat().st_size == size

@@ -272,17 +272,21 @@ def seal_batch(
     one derived from its offset: a torn tail cut back gives an offset to a new record,
     and the same key must never see the same nonce twice.
     """
-    n = len(batch)
-    nonces = os.urandom(NONCE_BYTES * n)
+    nonces = os.urandom(NONCE_BYTES * len(batch))
     head = _SEALED_HEAD.pack(ENVELOPE_ENCRYPTED, key_id)
-    pack = _RECORD_AAD.pack
-    suffix = stream.encode()
+    # One associated-data buffer for the batch: the stream key stays, the head is
+    # packed in place per record (no allocation per record for it).
+    aad = bytearray(_RECORD_AAD.size) + stream.encode()
+    pack_into = _RECORD_AAD.pack_into
     encrypt = aead.encrypt
+    join = b"".join
     out = []
-    for i, (offset, ts, envelope) in enumerate(batch):
-        nonce = nonces[i * NONCE_BYTES : (i + 1) * NONCE_BYTES]
-        aad = pack(_AAD_MAGIC, ENVELOPE_ENCRYPTED, key_id, offset, ts) + suffix
-        out.append((offset, ts, head + nonce + encrypt(nonce, envelope, aad)))
+    pos = 0
+    for offset, ts, envelope in batch:
+        nonce = nonces[pos : pos + NONCE_BYTES]
+        pos += NONCE_BYTES
+        pack_into(aad, 0, _AAD_MAGIC, ENVELOPE_ENCRYPTED, key_id, offset, ts)
+        out.append((offset, ts, join((head, nonce, encrypt(nonce, envelope, aad)))))
     return out
 
 

@@ -243,9 +243,13 @@ _AAD_MAGIC: Final = b"FLXR"
 class Aead(Protocol):
     """An AEAD cipher with one key (``cryptography``'s AESGCM)."""
 
-    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes: ...
+    def encrypt(
+        self, nonce: bytes, data: bytes, associated_data: bytes | bytearray | None
+    ) -> bytes: ...
 
-    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes: ...
+    def decrypt(
+        self, nonce: bytes, data: bytes, associated_data: bytes | bytearray | None
+    ) -> bytes: ...
 
 
 class DataKeys(Protocol):

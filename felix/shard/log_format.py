@@ -248,7 +248,10 @@ class Aead(Protocol):
     ) -> bytes: ...
 
     def decrypt(
-        self, nonce: bytes, data: bytes, associated_data: bytes | bytearray | None
+        self,
+        nonce: bytes | memoryview,
+        data: bytes | memoryview,
+        associated_data: bytes | bytearray | None,
     ) -> bytes: ...
 
 
@@ -323,11 +326,11 @@ def open_payload(
             f"{tenant}) and no keys were given to read it"
         )
     aead = keys.aead(tenant, key_id)
-    nonce = payload[_SEALED_HEAD.size : _SEALED_HEAD.size + NONCE_BYTES]
+    view = memoryview(payload)  # no copy of the ciphertext
     try:
         inner = aead.decrypt(
-            nonce,
-            payload[_SEALED_HEAD.size + NONCE_BYTES :],
+            view[_SEALED_HEAD.size : _SEALED_HEAD.size + NONCE_BYTES],
+            view[_SEALED_HEAD.size + NONCE_BYTES :],
             record_aad(key_id, offset, timestamp_us, stream),
         )
     except InvalidTag:

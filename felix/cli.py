@@ -312,8 +312,8 @@ def apply_config_file(
             continue  # given on the command line: the flag wins
         if isinstance(value, str) and callable(action.type):
             value = action.type(value)
-        if isinstance(value, bool) and dest == "auth":
-            pass  # `auth = true|false`, as well as "jwt"|"none"
+        if isinstance(value, bool) and dest in ("auth", "encryption"):
+            pass  # `auth = true|false` as well as "jwt"|"none"; `encryption` likewise
         elif action.choices is not None and value not in action.choices:
             raise ConfigError(f"--config {args.config}: {key} must be one of {action.choices}")
         setattr(args, dest, value)
@@ -363,6 +363,40 @@ def _add_durable_options(up: argparse.ArgumentParser) -> None:
         default=1024,
         help="durable streams per shard (1024; each holds open files)",
     )
+    up.add_argument(
+        "--region-key",
+        type=Path,
+        metavar="FILE",
+        default=None,
+        help="the region key (32 bytes, raw or 64 hex digits) wrapping the per-tenant data "
+        "keys of encryption at rest (default $FELIX_REGION_KEY_FILE, else "
+        "DATA_DIR/keys/region.key, generated on first start: dev mode)",
+    )
+    up.add_argument(
+        "--encryption",
+        choices=["on", "off"],
+        default="on",
+        help="encrypt durable records and queue group state at rest (on); off writes new "
+        "data in plaintext (encrypted data stays readable with the key)",
+    )
+
+
+def _region_key(given: Path | None) -> Path | None:
+    """``--region-key``, else ``$FELIX_REGION_KEY_FILE`` (absolute: children run elsewhere)."""
+    from felix.keys.kek import REGION_KEY_ENV
+
+    if given is None:
+        env = os.environ.get(REGION_KEY_ENV)
+        given = Path(env) if env else None
+    return None if given is None else given.resolve()
+
+
+def _on_off(value: str | bool, flag: str) -> bool:
+    if isinstance(value, bool):  # `encryption = true` in a --config file
+        return value
+    if value not in ("on", "off"):
+        raise ConfigError(f"{flag} must be on or off, not {value!r}")
+    return value == "on"
 
 
 def _shm_socket(value: str | None, data_dir: Path) -> Path | None:
@@ -415,6 +449,8 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         disk_budget=parse_size(str(args.disk_budget)) if args.disk_budget else None,
         disk_reserve=parse_size(str(args.disk_reserve)),
         max_durable_streams_per_shard=args.max_durable_streams_per_shard,
+        region_key=_region_key(args.region_key),
+        encryption=_on_off(args.encryption, "--encryption"),
         insecure=args.insecure,
         auto_create=not args.no_auto_create,
         tls_cert=args.tls_cert,
@@ -909,10 +945,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_log_commands(sub)
     from felix.context_cli import add_commands as add_context_commands
+    from felix.keys.cli import add_commands as add_keys_commands
     from felix.status_cli import add_commands as add_status_commands
 
     add_context_commands(sub)
     add_status_commands(sub)
+    add_keys_commands(sub)
     return parser
 
 

@@ -208,6 +208,19 @@ class LogPoisoned(LogError):
     """
 
 
+class KeyUnavailable(LogError):
+    """Data at rest cannot be encrypted or decrypted with the keys this node has.
+
+    The region key is missing or is not the one that wrapped the tenant's data keys,
+    a wrapped data key file is missing, damaged or was altered, a record names a data
+    key the tenant's key file does not hold, or a record does not authenticate with
+    its key (altered on disk). The message names the key, the file and the fix. The
+    affected stream or group is refused (Unavailable on the wire): felix never serves
+    garbage and never falls back to writing plaintext. Not retryable by itself: an
+    operator has to give the node the right key first.
+    """
+
+
 class SettingConflict(BadRequest):
     """Settings of one request contradict each other, such as ``fsync="commit"`` on a
     stream that is not durable (control plane, HTTP 409).

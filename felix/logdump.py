@@ -1,8 +1,14 @@
-"""``felix log dump PATH [--check] [--limit N]``: print and verify a durable log.
+"""``felix log dump PATH [--check] [--limit N] [--decrypt]``: print and verify a durable log.
 
 Read-only on purpose (unlike ``DiskLog.open``, which cuts a torn tail and rebuilds
 indexes): an operator looking at a damaged log must not change it by looking. The
 format is docs/log-format.md.
+
+Encrypted records (kind 1) are shown as ``encrypted (data key N)`` with their size;
+their CRCs are verified all the same (they cover the stored bytes). ``--decrypt``
+opens them with the node's keys (``DATA_DIR/keys``, the region key from
+``--region-key``, ``$FELIX_REGION_KEY_FILE`` or ``DATA_DIR/keys/region.key``); with
+``--check`` every record must then authenticate, or it counts as a problem.
 """
 
 from __future__ import annotations
@@ -14,11 +20,16 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from felix.errors import ConfigError, KeyUnavailable
+from felix.keys.kek import REGION_KEY_ENV
+from felix.keys.store import KEYS_DIR, KeyStore, resolve_region_key
 from felix.shard.log_format import (
     SEGMENT_HEADER_SIZE,
+    DataKeys,
     EnvelopeError,
-    decode_envelope,
+    decode_record,
     decode_segment_header,
+    encrypted_key_id,
 )
 from felix.shard.log_index import IndexInfo, decode_index
 from felix.shard.log_recovery import TORN_SEARCH_LIMIT, list_segments
@@ -37,18 +48,43 @@ def _time(us: int) -> str:
         return f"{us}us"
 
 
-def _describe(payload: bytes) -> str:
+class _Decrypt:
+    """The keys and stream key ``--decrypt`` reads with."""
+
+    def __init__(self, keys: DataKeys, stream: str) -> None:
+        self.keys = keys
+        self.stream = stream
+
+
+def _describe(payload: bytes, offset: int, ts: int, dec: _Decrypt | None) -> tuple[str, bool]:
+    """A record's text, and whether it is a problem (an encrypted record that does not
+    open with the keys given)."""
+    key_id = encrypted_key_id(payload)
+    if key_id is not None and dec is None:
+        return f"encrypted (data key {key_id}, {len(payload)} bytes)", False
     try:
-        headers, body = decode_envelope(payload)
+        headers, body = decode_record(
+            payload,
+            "" if dec is None else dec.stream,
+            offset,
+            ts,
+            None if dec is None else dec.keys,
+        )
+    except KeyUnavailable as exc:
+        return f"NOT DECRYPTED: {exc}", True
     except EnvelopeError as exc:
-        return f"(not an envelope: {exc}) raw={payload[:_BODY_PREVIEW]!r}"
+        return f"(not an envelope: {exc}) raw={payload[:_BODY_PREVIEW]!r}", False
     more = "..." if len(body) > _BODY_PREVIEW else ""
     head = f" headers={headers}" if headers else ""
-    return f"body={body[:_BODY_PREVIEW]!r}{more}{head}"
+    kind = "" if key_id is None else f"decrypted (data key {key_id}) "
+    return f"{kind}body={body[:_BODY_PREVIEW]!r}{more}{head}", False
 
 
-def dump(path: Path, *, check: bool, limit: int, out: TextIO) -> int:
-    """Print the log at ``path`` (a directory or one ``.seg`` file); 1 on damage."""
+def dump(
+    path: Path, *, check: bool, limit: int, out: TextIO, decrypt: _Decrypt | None = None
+) -> int:
+    """Print the log at ``path`` (a directory or one ``.seg`` file); 1 on damage (or,
+    with ``decrypt``, a record that does not decrypt)."""
     if path.is_dir():
         found = list_segments(path)
         if not found:
@@ -67,7 +103,7 @@ def dump(path: Path, *, check: bool, limit: int, out: TextIO) -> int:
     prev_last = -1
     for i, (base, seg) in enumerate(found):
         last = i + 1 == len(found)
-        bad, prev_last = _dump_segment(seg, base, prev_last, last, check, limit, out)
+        bad, prev_last = _dump_segment(seg, base, prev_last, last, check, limit, out, decrypt)
         problems += bad
     if check:
         print("check: " + ("OK" if not problems else f"{problems} problem(s)"), file=out)
@@ -75,7 +111,14 @@ def dump(path: Path, *, check: bool, limit: int, out: TextIO) -> int:
 
 
 def _dump_segment(
-    path: Path, base: int, prev_last: int, last: bool, check: bool, limit: int, out: TextIO
+    path: Path,
+    base: int,
+    prev_last: int,
+    last: bool,
+    check: bool,
+    limit: int,
+    out: TextIO,
+    dec: _Decrypt | None,
 ) -> tuple[int, int]:
     """Print one segment; returns (problems found, its last offset or ``prev_last``)."""
     fd = os.open(path, os.O_RDONLY)
@@ -101,15 +144,19 @@ def _dump_segment(
         shown = 0
         entries: list[tuple[int, int, int]] = []
         max_ts = 0
+        problems = 0
         for pos, offset, ts, payload in scanner:
             entries.append((offset, pos, max_ts))
             max_ts = max(max_ts, ts)
-            if shown < limit:
-                print(f"  {offset} {_time(ts)} len={len(payload)} {_describe(payload)}", file=out)
-                shown += 1
+            if shown < limit or (check and dec is not None):
+                text, bad = _describe(payload, offset, ts, dec)
+                if bad:
+                    problems += 1
+                if shown < limit or bad:
+                    print(f"  {offset} {_time(ts)} len={len(payload)} {text}", file=out)
+                    shown += 1
             elif not check:
                 break
-        problems = 0
         if scanner.error is not None:
             at = scanner.stopped_at
             after = valid_record_after(fd, at, size, scanner.last_offset, TORN_SEARCH_LIMIT)
@@ -174,7 +221,42 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     d.add_argument("path", type=Path, metavar="PATH", help="log directory or .seg file")
     d.add_argument("--check", action="store_true", help="verify every record and index")
     d.add_argument("--limit", type=int, default=10, help="records printed per segment (10)")
+    d.add_argument(
+        "--decrypt",
+        action="store_true",
+        help="open encrypted records with the node's keys (DATA_DIR/keys; PATH must be "
+        "DATA_DIR/streams/<tenant>/<namespace>/<stream> or a segment in it)",
+    )
+    d.add_argument("--data-dir", type=Path, help="the node's data dir (default: found from PATH)")
+    d.add_argument(
+        "--region-key",
+        type=Path,
+        metavar="FILE",
+        help=f"with --decrypt: the region key (default ${REGION_KEY_ENV}, else "
+        "DATA_DIR/keys/region.key)",
+    )
     d.set_defaults(func=_run_dump)
+
+
+def _decrypt_context(args: argparse.Namespace) -> _Decrypt:
+    """Keys and stream key for ``--decrypt`` (ConfigError when PATH is not in a data dir)."""
+    import os as _os
+
+    directory = args.path.resolve()
+    if directory.suffix == ".seg":
+        directory = directory.parent
+    parts = directory.parts
+    if len(parts) < 5 or parts[-4] != "streams":
+        raise ConfigError(
+            "--decrypt needs PATH inside DATA_DIR/streams/<tenant>/<namespace>/<stream>: "
+            f"{args.path}"
+        )
+    data_dir = args.data_dir or Path(*parts[:-4])
+    given = args.region_key
+    if given is None and _os.environ.get(REGION_KEY_ENV):
+        given = Path(_os.environ[REGION_KEY_ENV])
+    kek, missing = resolve_region_key(data_dir, given, generate=False)
+    return _Decrypt(KeyStore(data_dir / KEYS_DIR, kek, missing=missing), "/".join(parts[-3:]))
 
 
 def _run_dump(args: argparse.Namespace) -> int:
@@ -182,7 +264,8 @@ def _run_dump(args: argparse.Namespace) -> int:
         print("felix: --limit must not be negative", file=sys.stderr)
         return 2
     try:
-        return dump(args.path, check=args.check, limit=args.limit, out=sys.stdout)
+        dec = _decrypt_context(args) if args.decrypt else None
+        return dump(args.path, check=args.check, limit=args.limit, out=sys.stdout, decrypt=dec)
     except OSError as exc:  # unreadable file or directory: say which, no traceback
         print(f"felix: cannot read {exc.filename or args.path}: {exc.strerror}", file=sys.stderr)
         return 1

@@ -23,11 +23,24 @@ Payload (felix's record envelope)::
 
     u8 kind (0 = data) | u16 header_count | per header: u16 key_len key u16 value_len
     value (UTF-8) | body
+
+Encrypted payload (kind 1; docs/log-format.md, "Encryption at rest")::
+
+    u8 kind=1 | u32 key_id | 12-byte nonce | AES-256-GCM ciphertext || 16-byte tag
+    plaintext: a kind-0 envelope; associated data: b"FLXR" | u8 1 | u32 key_id
+    | u64 offset | u64 timestamp_us | "tenant/namespace/stream"
+
+    data keys: DATA_DIR/keys/tenants/<tenant>.json, each "wrapped" (base64) =
+    12-byte nonce | AES-256-GCM(region key) of the 32-byte key | tag, associated data
+    "felix data key v1" 0x00 tenant 0x00 u32 id; the region key: 32 bytes, raw or
+    64 hex digits (dev mode: DATA_DIR/keys/region.key).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import os
 import random
 import re
@@ -37,6 +50,8 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 SEG_MAGIC = b"FLSG"
 SEG_VERSION = 1
@@ -147,6 +162,51 @@ def decode_envelope(payload: bytes) -> tuple[int, dict[str, str], bytes]:
             pos += n
         headers[texts[0]] = texts[1]
     return kind, headers, payload[pos:]
+
+
+def region_key(data_dir: Path, path: Path | None = None) -> bytes:
+    """The region key: ``path``, else the dev-mode key in the data dir."""
+    raw = (path or data_dir / "keys" / "region.key").read_bytes()
+    return raw if len(raw) == 32 else bytes.fromhex(raw.decode().strip())
+
+
+def data_keys(data_dir: Path, key: bytes | None = None) -> dict[tuple[str, int], bytes]:
+    """Every tenant's data keys, unwrapped: (tenant, key id) -> 32-byte key."""
+    kek = AESGCM(key if key is not None else region_key(data_dir))
+    out: dict[tuple[str, int], bytes] = {}
+    tenants = data_dir / "keys" / "tenants"
+    for path in sorted(tenants.glob("*.json")) if tenants.is_dir() else []:
+        doc = json.loads(path.read_text())
+        tenant = doc["tenant"]
+        for k in doc["keys"]:
+            blob = base64.b64decode(k["wrapped"])
+            ctx = b"felix data key v1\x00" + tenant.encode() + b"\x00" + struct.pack(">I", k["id"])
+            out[(tenant, k["id"])] = kek.decrypt(blob[:12], blob[12:], ctx)
+    return out
+
+
+def open_payload(
+    payload: bytes, stream: str, offset: int, timestamp_us: int, keys: dict[tuple[str, int], bytes]
+) -> bytes:
+    """The kind-0 envelope of a payload (an encrypted one decrypted; raises
+    cryptography's InvalidTag or KeyError when it does not open)."""
+    if not payload or payload[0] != 1:
+        return payload
+    (key_id,) = struct.unpack_from(">I", payload, 1)
+    aad = struct.pack(">4sBIQQ", b"FLXR", 1, key_id, offset, timestamp_us) + stream.encode()
+    key = keys[(stream.split("/")[0], key_id)]
+    return AESGCM(key).decrypt(payload[5:17], payload[17:], aad)
+
+
+def decode_record(
+    rec: Rec, stream: str, keys: dict[tuple[str, int], bytes]
+) -> tuple[int, dict[str, str], bytes]:
+    """(kind as stored, headers, body) of a record, plain or encrypted."""
+    kind = rec.payload[0] if rec.payload else -1
+    _, headers, body = decode_envelope(
+        open_payload(rec.payload, stream, rec.offset, rec.timestamp_us, keys)
+    )
+    return kind, headers, body
 
 
 def scan_segment(path: Path) -> SegmentScan:

@@ -247,7 +247,8 @@ def test_envelope_round_trip() -> None:
     ("payload", "why"),
     [
         (b"\x00\x00", "shorter than"),
-        (b"\x01\x00\x00", "unknown record kind 1"),
+        (b"\x01\x00\x00", "kind 1 is encrypted"),
+        (b"\x02\x00\x00", "unknown record kind 2"),
         (b"\x00\x00\x01\x00\x05ab", "run past"),
         (b"\x00\x00\x01\x00\x01a\x00\x03b", "run past"),
         (b"\x00\x00\x01\x00\x01\xff\x00\x00", "not UTF-8"),

@@ -46,6 +46,14 @@ def _stream_dir(node: NodeProcess, stream: str) -> Path:
     return node.data_dir / "streams" / TENANT / NAMESPACE / stream
 
 
+def _bodies(node: NodeProcess, stream: str, recs: list[segfiles.Rec]) -> dict[int, bytes]:
+    """offset -> body of records read from the files by the independent reader
+    (encrypted at rest by default: opened with the data dir's keys)."""
+    keys = segfiles.data_keys(node.data_dir)
+    key = f"{TENANT}/{NAMESPACE}/{stream}"
+    return {r.offset: segfiles.decode_record(r, key, keys)[2] for r in recs}
+
+
 @dataclass
 class Ledger:
     """What each publisher sent and what came back."""
@@ -217,9 +225,9 @@ def test_kill_9_of_each_shard_under_commit_acks_loses_nothing_and_subscribers_re
     finally:
         node.stop()
     for s in STREAMS:
-        on_disk = {r.offset: r.payload for r in segfiles.read_stream(_stream_dir(node, s))}
+        on_disk = _bodies(node, s, segfiles.read_stream(_stream_dir(node, s)))
         for offset, payload in ledger.acked[s].items():
-            assert segfiles.decode_envelope(on_disk[offset])[2] == payload
+            assert on_disk[offset] == payload
 
 
 def test_kill_9_of_the_whole_node_then_restart_with_a_torn_tail(tmp_path: Path) -> None:
@@ -244,7 +252,7 @@ def test_kill_9_of_the_whole_node_then_restart_with_a_torn_tail(tmp_path: Path) 
         # The acked records are in the files (the kernel had them), maybe a torn tail.
         for s in STREAMS:
             on_disk = segfiles.read_stream(_stream_dir(node, s), allow_torn_tail=True)
-            have = {r.offset: segfiles.decode_envelope(r.payload)[2] for r in on_disk}
+            have = _bodies(node, s, on_disk)
             assert all(have.get(o) == p for o, p in ledger.acked[s].items()), s
         # Tear the active segment of s0 by hand: half a record at its end.
         active = segfiles.segment_paths(_stream_dir(node, "s0"))[-1]
@@ -311,7 +319,7 @@ def test_sigterm_under_durable_traffic_drains_exits_0_and_loses_nothing(tmp_path
     # A drained node leaves whole files: no torn tail to cut.
     for s in STREAMS:
         recs = segfiles.read_stream(_stream_dir(node, s))
-        have = {r.offset: segfiles.decode_envelope(r.payload)[2] for r in recs}
+        have = _bodies(node, s, recs)
         assert all(have.get(o) == p for o, p in ledger.acked[s].items()), s
         sealed = segfiles.segment_paths(_stream_dir(node, s))[:-1]
         assert sealed, "no segment was sealed"
@@ -564,9 +572,11 @@ def test_bit_flips_on_disk_refuse_only_that_stream_and_indexes_are_rebuilt(
 
     run(fill, timeout=60)
     assert node.stop() == 0
-    # The envelope on disk, by the independent reader: kind 0, the headers, the body.
+    # The envelope on disk, by the independent reader: encrypted (kind 1) holding the
+    # headers and the body.
     (hrec,) = segfiles.read_stream(_stream_dir(node, "h"))
-    assert segfiles.decode_envelope(hrec.payload) == (0, headers, b"with headers")
+    keys = segfiles.data_keys(node.data_dir)
+    assert segfiles.decode_record(hrec, "default/default/h", keys) == (1, headers, b"with headers")
     rng = random.Random(5)
     segs = segfiles.segment_paths(_stream_dir(node, "d"))
     assert len(segs) >= 3

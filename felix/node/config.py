@@ -181,6 +181,12 @@ class NodeConfig:
     #: New durable data is refused while the data disk has less free space than this.
     disk_reserve: int = 256 * 1024**2
     max_durable_streams_per_shard: int = 1024
+    #: Encryption at rest (docs/operations.md, "Encryption at rest"): durable records
+    #: and queue group state are encrypted with per-tenant data keys wrapped by the
+    #: region key in this file (None: ``DATA_DIR/keys/region.key``, generated in dev
+    #: mode). Off: new data is written in plaintext; encrypted data stays readable.
+    region_key: Path | None = None
+    encryption: bool = True
     insecure: bool = False
     auto_create: bool = True
     tls_cert: Path | None = None
@@ -375,6 +381,7 @@ class NodeConfig:
             "control_ca",
             "control_client_cert",
             "control_client_key",
+            "region_key",
         ):
             raw[key] = Path(raw[key]) if raw.get(key) else None
         raw["limits"] = GatewayLimits(**raw["limits"])

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from felix.keys.store import KEYS_DIR, KeyStore, resolve_region_key
 from felix.node.config import NodeConfig
 from felix.shard.core import ShardCore
 from felix.shard.disk_read import ReadJob
@@ -157,6 +158,10 @@ def durable_store(config: NodeConfig, index: int) -> DurableStore:
         fsync: Any = config.fsync  # checked by NodeConfig and DurableSettings
         auto = DurableSettings(fsync=fsync, fsync_interval_ms=config.fsync_interval_ms)
     budget = None if config.disk_budget is None else config.disk_budget // config.shards
+    # The supervisor resolved (and in dev mode generated) the region key before any
+    # shard started; a shard only reads it.
+    kek, missing = resolve_region_key(config.data_dir, config.region_key, generate=False)
+    keys = KeyStore(config.data_dir / KEYS_DIR, kek, missing=missing)
     return DurableStore(
         DiskSettings(
             root=config.data_dir / "streams",
@@ -165,9 +170,11 @@ def durable_store(config: NodeConfig, index: int) -> DurableStore:
             reserve_bytes=config.disk_reserve,
             max_streams=config.max_durable_streams_per_shard,
             auto=auto,
+            encrypt=config.encryption,
         ),
         shard=index,
         shards=config.shards,
+        keys=keys,
     )
 
 

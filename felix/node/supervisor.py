@@ -47,6 +47,7 @@ import felix
 from felix import ipc
 from felix.auth.rotation import KeyRotator, RotationPolicy
 from felix.errors import ConfigError
+from felix.keys.store import KEYS_DIR, KeyStore, resolve_region_key
 from felix.node import messages as msg
 from felix.node.children import Child
 from felix.node.config import NodeConfig, is_loopback
@@ -208,6 +209,7 @@ class Supervisor:
             key=config.tls_key,
         )
         self.ca_path = certs.ca_cert
+        self._check_region_key()
         for _ in range(config.gateways):
             sock = bind_udp(host, port)
             port = sock.getsockname()[1]  # port 0: every later socket joins the picked port
@@ -245,6 +247,28 @@ class Supervisor:
             f"pid={os.getpid()} data={config.data_dir}",
             flush=True,
         )
+
+    def _check_region_key(self) -> None:
+        """Resolve the region key before any shard starts (and, in dev mode, generate
+        it: one process, as for the TLS CA), and say loudly when it cannot serve the
+        data keys here (their tenants' durable streams are refused, not the node)."""
+        config = self.config
+        kek, missing = resolve_region_key(
+            config.data_dir, config.region_key, generate=config.encryption
+        )
+        store = KeyStore(config.data_dir / KEYS_DIR, kek, missing=missing)
+        problem = store.check()
+        if problem is not None:
+            log.error("encryption at rest: %s", problem)
+        elif kek is not None:
+            log.info(
+                "encryption at rest %s: region key %s (%s)",
+                "on" if config.encryption else "off (new data in plaintext)",
+                kek.key_id,
+                kek.source,
+            )
+        elif not config.encryption:
+            log.info("encryption at rest off: no region key")
 
     def _bind_shm(self, path: Path) -> socket.socket:
         """Bind the shm clients' Unix socket at ``path`` with the configured mode.

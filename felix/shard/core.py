@@ -214,6 +214,8 @@ class ShardCore:
             self._emit,
             wall_us,
             auto_create=settings.auto_create,
+            keys=None if disk is None else disk.keys,
+            encrypt=disk is not None and disk.settings.encrypt,
         )
         # Counters (exported as metrics by the worker).
         self.budget_trims = 0
@@ -1126,6 +1128,8 @@ class ShardCore:
         measure free disk space for the reserve, apply retention; returns bytes freed."""
         if self.disk is None:
             return 0
+        if self.disk.keys is not None:
+            self.disk.keys.refresh()  # a tenant key rotated by `felix keys`: reread
         self.disk.refresh_free()
         now_us = self._wall_us()
         self._find_held_retention(now_us)

@@ -19,8 +19,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from felix import wire
-from felix.errors import CursorError, LogDamaged, Unavailable
-from felix.shard.log_format import decode_envelope
+from felix.errors import CursorError, KeyUnavailable, LogDamaged, Unavailable
+from felix.shard.log_format import decode_record
 
 if TYPE_CHECKING:
     from felix.shard.durable import DurableStream
@@ -43,6 +43,9 @@ def durable_start(disk: DurableStream, mem: StreamLog, at: object) -> int:
     """
     if disk.damaged is not None:
         raise Unavailable(disk.damaged)
+    problem = disk.key_problem()
+    if problem is not None:
+        raise KeyUnavailable(f"stream {disk.key} is refused: {problem}")
     low = min(disk.low(), mem.earliest)
     if at == "earliest":
         return low
@@ -112,10 +115,14 @@ class ReadJob:
             payloads: list[bytes] = []
             headers: list[dict[str, str] | None] = []
             expected = first
+            key, keys = self.key, self.disk.keys
             for record in records:
                 if record.offset != expected:
                     break
-                hdrs, body = decode_envelope(record.payload)
+                # Plain or encrypted (decrypted here, in the reader thread).
+                hdrs, body = decode_record(
+                    record.payload, key, record.offset, record.timestamp_us, keys
+                )
                 payloads.append(body)
                 headers.append(dict(hdrs) if hdrs else None)
                 expected += 1
@@ -150,6 +157,10 @@ class ReadJob:
             disk.damaged = f"stream {self.key} is damaged on disk: {err}"
             log.error("shard %d: %s (refused until repaired)", shard, disk.damaged)
             return wire.encode_error(0, Unavailable.code, disk.damaged)
+        if isinstance(err, KeyUnavailable):
+            # Not damage: the right key makes it readable again (not remembered).
+            log.error("shard %d: disk read of %s refused: %s", shard, self.key, err)
+            return wire.encode_error(0, Unavailable.code, str(err))
         low = min(disk.low(), mem.earliest)
         if self.from_offset < low:  # retention deleted the segment while it was read
             return wire.encode_cursor_error(0, "too_old", self.from_offset, low)

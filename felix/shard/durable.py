@@ -23,6 +23,14 @@ I/O driver (felix/node/disk_io.py) runs in threads and reports back to the core.
 File I/O happens here only through the DiskLog (appends, open, delete, retention),
 the same way the offset reservations write their file.
 
+Encryption at rest (docs/log-format.md, "Encrypted records"): with
+``DiskSettings.encrypt`` every record is written as an encrypted envelope (kind 1)
+with its tenant's current data key (felix/keys/store.py); records of either kind are
+read back through :func:`~felix.shard.log_format.decode_record`. A tenant whose data
+keys cannot be used (wrong or missing region key, a damaged or altered key file) has
+its durable streams refused with :class:`~felix.errors.KeyUnavailable` (Unavailable
+on the wire); nothing is ever written in plaintext instead.
+
 Bounds: every durable stream is one directory with one open segment; a shard holds
 at most ``DiskSettings.max_streams`` of them. Commit acks waiting for an fsync are
 bounded by the gateways' in-flight limits (one per request). Disk space is bounded
@@ -43,9 +51,10 @@ from typing import Any, Final, Literal, TypeAlias
 
 from felix import ipc, wire
 from felix.errors import BadRequest, DiskFull, FelixError, LogDamaged, Overloaded, Unavailable
+from felix.keys.store import KeyStore
 from felix.shard.disk_read import ReadJob
 from felix.shard.disklog import DiskLog, DiskLogSettings, fsync_dir
-from felix.shard.log_format import encode_envelope
+from felix.shard.log_format import encode_envelope, seal_batch
 
 __all__ = [
     "FSYNC_POLICIES",
@@ -126,6 +135,9 @@ class DiskSettings:
             (``--max-durable-streams-per-shard``).
         auto: settings of streams created by their first publish (``--durable-streams``
             with ``--fsync``); None: auto-created streams are in memory only.
+        encrypt: write records (and queue group state) encrypted with the tenant's
+            data key (``--encryption on``); needs the store's ``keys``. Off: written
+            in plaintext (kind 0); encrypted records already there stay readable.
     """
 
     root: Path
@@ -134,6 +146,7 @@ class DiskSettings:
     reserve_bytes: int = 0
     max_streams: int = 1024
     auto: DurableSettings | None = None
+    encrypt: bool = False
 
 
 class DurableStream:
@@ -142,16 +155,27 @@ class DurableStream:
     __slots__ = (
         "damaged",
         "key",
+        "keys",
         "log",
         "settings",
         "sync_due",
         "synced",
+        "tenant",
         "waiting",
         "written",
     )
 
-    def __init__(self, key: str, disk_log: DiskLog | None, settings: DurableSettings) -> None:
+    def __init__(
+        self,
+        key: str,
+        disk_log: DiskLog | None,
+        settings: DurableSettings,
+        keys: KeyStore | None = None,
+    ) -> None:
         self.key = key
+        self.tenant = key.split("/", 1)[0]
+        #: The node's data keys (None: no encryption here; encrypted records unreadable).
+        self.keys = keys
         self.log: DiskLog = disk_log  # type: ignore[assignment]  # None only when damaged
         self.settings = settings
         #: Why the stream is refused (its log is damaged: names the file and byte).
@@ -177,6 +201,11 @@ class DurableStream:
         """The oldest offset still on disk (``next_offset`` when the log is empty)."""
         return int(self.log.first_offset)
 
+    def key_problem(self) -> str | None:
+        """Why this stream's tenant's data keys cannot be used now (None: they can, or
+        it has none): the stream is then refused."""
+        return None if self.keys is None else self.keys.problem(self.tenant)
+
 
 class DurableStore:
     """A shard's durable streams: opening, appends, acks waiting for fsync, budget.
@@ -185,8 +214,19 @@ class DurableStore:
     runs in threads; :meth:`synced`, :meth:`sync_failed` report back.
     """
 
-    def __init__(self, settings: DiskSettings, *, shard: int = 0, shards: int = 1) -> None:
+    def __init__(
+        self,
+        settings: DiskSettings,
+        *,
+        shard: int = 0,
+        shards: int = 1,
+        keys: KeyStore | None = None,
+    ) -> None:
+        if settings.encrypt and keys is None:
+            raise ValueError("DiskSettings.encrypt needs a KeyStore")
         self.settings = settings
+        #: Per-tenant data keys (felix/keys/store.py); None: no encryption at rest.
+        self.keys = keys
         self.shard = shard
         self.shards = shards
         self.streams: dict[str, DurableStream] = {}
@@ -265,14 +305,17 @@ class DurableStore:
             path.mkdir(parents=True, exist_ok=True)
             disk_log = DiskLog.open(path, self._log_settings(settings), first_offset=first_offset)
         except LogDamaged as exc:
-            stream = DurableStream(key, None, settings)
+            stream = DurableStream(key, None, settings, self.keys)
             stream.damaged = f"stream {key} is damaged on disk: {exc}"
             log.error("shard %d: %s (refused until repaired)", self.shard, stream.damaged)
             self.streams[key] = stream
             return stream
         except OSError as exc:
             raise Unavailable(f"cannot open the log of stream {key} in {path}: {exc}") from exc
-        stream = DurableStream(key, disk_log, settings)
+        stream = DurableStream(key, disk_log, settings, self.keys)
+        problem = stream.key_problem()
+        if problem is not None:
+            log.error("shard %d: stream %s is refused: %s", self.shard, key, problem)
         report = disk_log.recovery
         if report.torn_bytes_cut:
             self.torn_bytes += report.torn_bytes_cut
@@ -313,6 +356,14 @@ class DurableStore:
             raise Unavailable(stream.damaged)
         if self.fatal is not None:
             raise Unavailable(f"shard {self.shard} stopped acknowledging: {self.fatal}")
+        keys = self.keys
+        if keys is not None:
+            # Raises KeyUnavailable (or Overloaded at the tenant bound) before anything
+            # is reserved or written: never plaintext instead.
+            if self.settings.encrypt:
+                keys.current(stream.tenant)
+            else:
+                keys.keys(stream.tenant)
         budget = self.settings.budget_bytes
         if budget is not None and self.disk_used + nbytes > budget:
             self.refused += 1
@@ -352,6 +403,10 @@ class DurableStore:
                 (base + i, timestamp_us, encode_envelope(h, p) if h else _BARE + p)
                 for i, (p, h) in enumerate(zip(payloads, headers, strict=True))
             ]
+        if self.settings.encrypt:
+            assert self.keys is not None
+            key_id, aead = self.keys.current(stream.tenant)
+            batch = seal_batch(batch, stream.key, key_id, aead)
         disk_log = stream.log
         before = disk_log.size_bytes
         if base > disk_log.next_offset:
@@ -557,6 +612,7 @@ class DurableStore:
             "retention_bytes": s.retention_bytes,
             "damaged": stream.damaged,
             "waiting_acks": len(stream.waiting),
+            "encryption": self._encryption_status(stream),
         }
         if not stream.opened:
             return out
@@ -578,6 +634,17 @@ class DurableStore:
             },
         )
         return out
+
+    def _encryption_status(self, stream: DurableStream) -> dict[str, Any]:
+        """The status route's ``encryption``: whether new records are encrypted, the
+        tenant's current data key, and why its keys cannot be used (None: they can)."""
+        keys = self.keys
+        current = None
+        problem = stream.key_problem()
+        if keys is not None and problem is None:
+            tenant_keys = keys.keys(stream.tenant)
+            current = None if tenant_keys is None else tenant_keys.current
+        return {"on": self.settings.encrypt, "key_id": current, "problem": problem}
 
 
 def _subdirs(path: Path) -> Iterator[str]:

@@ -19,35 +19,52 @@ Payload (felix's record envelope)::
 
     u8 kind (0 = data) | u16 header_count | per header: u16 key_len key u16 value_len
     value (UTF-8) | body
+
+Encrypted payload (kind 1, encryption at rest; the plaintext is a kind-0 envelope)::
+
+    u8 kind=1 | u32 key_id | 12-byte nonce | AES-256-GCM ciphertext | 16-byte tag
+    associated data: b"FLXR" | u8 1 | u32 key_id | u64 offset | u64 timestamp_us
+                     | stream key "tenant/namespace/stream" (UTF-8)
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, Protocol
+
+from cryptography.exceptions import InvalidTag
 
 from felix import _logscan
-from felix.errors import FelixError, TooLarge
+from felix.errors import FelixError, KeyUnavailable, TooLarge
 
 __all__ = [
     "ENVELOPE_DATA",
+    "ENVELOPE_ENCRYPTED",
     "MAX_PAYLOAD_BYTES",
     "RECORD_HEADER_SIZE",
+    "SEALED_OVERHEAD",
     "SEGMENT_HEADER_SIZE",
     "SEGMENT_MAGIC",
     "SEGMENT_VERSION",
+    "Aead",
+    "DataKeys",
     "EnvelopeError",
     "RecordHeader",
     "SegmentHeader",
     "check_record_header",
     "decode_envelope",
+    "decode_record",
     "decode_record_header",
     "decode_segment_header",
     "encode_batch",
     "encode_envelope",
     "encode_segment_header",
+    "open_payload",
+    "record_aad",
+    "seal_batch",
 ]
 
 SEGMENT_MAGIC: Final = b"FLSG"
@@ -185,6 +202,8 @@ def decode_envelope(payload: bytes) -> tuple[dict[str, str] | None, bytes]:
         raise EnvelopeError(f"envelope of {len(payload)} bytes is shorter than its 3-byte head")
     kind, count = _U8U16.unpack_from(payload)
     if kind != ENVELOPE_DATA:
+        if kind == ENVELOPE_ENCRYPTED:
+            raise EnvelopeError("record kind 1 is encrypted: decode_record opens it with its key")
         raise EnvelopeError(f"unknown record kind {kind}")
     pos = 3
     if count == 0:
@@ -207,3 +226,132 @@ def decode_envelope(payload: bytes) -> tuple[dict[str, str] | None, bytes]:
     except UnicodeDecodeError as exc:
         raise EnvelopeError(f"envelope header is not UTF-8: {exc}") from None
     return headers, payload[pos:]
+
+
+# -- encryption at rest (kind 1) ------------------------------------------------------
+
+ENVELOPE_ENCRYPTED: Final = 1
+NONCE_BYTES: Final = 12
+TAG_BYTES: Final = 16
+_SEALED_HEAD = struct.Struct(">BI")  # kind, key_id
+#: Bytes an encrypted record adds to its kind-0 envelope: kind, key id, nonce, tag.
+SEALED_OVERHEAD: Final = _SEALED_HEAD.size + NONCE_BYTES + TAG_BYTES
+_RECORD_AAD = struct.Struct(">4sBIQQ")  # b"FLXR", kind, key_id, offset, timestamp_us
+_AAD_MAGIC: Final = b"FLXR"
+
+
+class Aead(Protocol):
+    """An AEAD cipher with one key (``cryptography``'s AESGCM)."""
+
+    def encrypt(
+        self, nonce: bytes, data: bytes, associated_data: bytes | bytearray | None
+    ) -> bytes: ...
+
+    def decrypt(
+        self,
+        nonce: bytes | memoryview,
+        data: bytes | memoryview,
+        associated_data: bytes | bytearray | None,
+    ) -> bytes: ...
+
+
+class DataKeys(Protocol):
+    """Where a reader finds a tenant's data key by id (felix/keys/store.py KeyStore)."""
+
+    def aead(self, tenant: str, key_id: int) -> Aead: ...
+
+
+def record_aad(key_id: int, offset: int, timestamp_us: int, stream: str) -> bytes:
+    """The associated data of an encrypted record: the record cannot be moved to
+    another stream, offset or time, nor claim another key, without failing its tag."""
+    return (
+        _RECORD_AAD.pack(_AAD_MAGIC, ENVELOPE_ENCRYPTED, key_id, offset, timestamp_us)
+        + stream.encode()
+    )
+
+
+def seal_batch(
+    batch: Sequence[tuple[int, int, bytes]], stream: str, key_id: int, aead: Aead
+) -> list[tuple[int, int, bytes]]:
+    """``batch`` (offset, timestamp_us, kind-0 envelope) as encrypted payloads.
+
+    Each record gets a random 12-byte nonce (one ``getrandom`` for the batch), never
+    one derived from its offset: a torn tail cut back gives an offset to a new record,
+    and the same key must never see the same nonce twice.
+    """
+    nonces = os.urandom(NONCE_BYTES * len(batch))
+    head = _SEALED_HEAD.pack(ENVELOPE_ENCRYPTED, key_id)
+    # One associated-data buffer for the batch: the stream key stays, the head is
+    # packed in place per record (no allocation per record for it).
+    aad = bytearray(_RECORD_AAD.size) + stream.encode()
+    pack_into = _RECORD_AAD.pack_into
+    encrypt = aead.encrypt
+    join = b"".join
+    out = []
+    pos = 0
+    for offset, ts, envelope in batch:
+        nonce = nonces[pos : pos + NONCE_BYTES]
+        pos += NONCE_BYTES
+        pack_into(aad, 0, _AAD_MAGIC, ENVELOPE_ENCRYPTED, key_id, offset, ts)
+        out.append((offset, ts, join((head, nonce, encrypt(nonce, envelope, aad)))))
+    return out
+
+
+def encrypted_key_id(payload: bytes) -> int | None:
+    """The data key id of an encrypted payload (None: not encrypted)."""
+    if len(payload) < _SEALED_HEAD.size or payload[0] != ENVELOPE_ENCRYPTED:
+        return None
+    return int(_SEALED_HEAD.unpack_from(payload)[1])
+
+
+def open_payload(
+    payload: bytes, stream: str, offset: int, timestamp_us: int, keys: DataKeys | None
+) -> bytes:
+    """The kind-0 envelope of a log payload: itself, or an encrypted one opened.
+
+    Raises:
+        KeyUnavailable: no keys, an unknown key id, or the tag does not verify (the
+            record was altered, or moved from another stream or offset).
+        EnvelopeError: an encrypted payload too short, or not holding a kind-0 envelope.
+    """
+    if not payload or payload[0] != ENVELOPE_ENCRYPTED:
+        return payload
+    if len(payload) < SEALED_OVERHEAD:
+        raise EnvelopeError(f"encrypted record of {len(payload)} bytes is too short")
+    key_id = _SEALED_HEAD.unpack_from(payload)[1]
+    tenant = stream.split("/", 1)[0]
+    if keys is None:
+        raise KeyUnavailable(
+            f"record {offset} of stream {stream} is encrypted (data key {key_id} of tenant "
+            f"{tenant}) and no keys were given to read it"
+        )
+    aead = keys.aead(tenant, key_id)
+    view = memoryview(payload)  # no copy of the ciphertext
+    try:
+        inner = aead.decrypt(
+            view[_SEALED_HEAD.size : _SEALED_HEAD.size + NONCE_BYTES],
+            view[_SEALED_HEAD.size + NONCE_BYTES :],
+            record_aad(key_id, offset, timestamp_us, stream),
+        )
+    except InvalidTag:
+        raise KeyUnavailable(
+            f"record {offset} of stream {stream} does not authenticate with data key "
+            f"{key_id} of tenant {tenant}: it was altered or moved on disk, or the key file "
+            "is not the one it was written with"
+        ) from None
+    if not inner or inner[0] != ENVELOPE_DATA:
+        raise EnvelopeError(f"record {offset} of stream {stream}: encrypted envelope is not kind 0")
+    return inner
+
+
+def decode_record(
+    payload: bytes, stream: str, offset: int, timestamp_us: int, keys: DataKeys | None
+) -> tuple[dict[str, str] | None, bytes]:
+    """The headers and body of a record read from the log, plain (kind 0) or encrypted
+    (kind 1, opened with ``keys``): the one decoder for every reader of the log.
+
+    Raises KeyUnavailable (see :func:`open_payload`) or EnvelopeError.
+    """
+    if payload and payload[0] == ENVELOPE_ENCRYPTED:
+        payload = open_payload(payload, stream, offset, timestamp_us, keys)
+    return decode_envelope(payload)

@@ -17,6 +17,14 @@ All integers are big-endian and every CRC is CRC-32 (IEEE, ``zlib.crc32``)::
     DELTA (2):              one or more journal entries, back to back
     journal entry:          u8 tag | fields (see _TAGS); str = u16 length | UTF-8
 
+Encrypted files (encryption at rest; header flags bit 0 = 1): every frame's body is
+``u32 key_id | 12-byte nonce | AES-256-GCM ciphertext of the plain body | 16-byte
+tag`` with the tenant's data key, associated data ``b"FLGF" | u8 type | u32 key_id |
+"tenant/namespace/stream/group"`` (:class:`GroupCipher`); the frame's CRC covers the
+stored (encrypted) bytes, so framing, torn-tail detection and recovery are the same.
+A file is encrypted or plain as a whole: :meth:`GroupLog.open` rewrites one in the
+other mode at once (a compaction) when the node's ``--encryption`` says otherwise.
+
 Writing and durability:
 
 * A new file (a new group in :meth:`GroupLog.open`) is only ever *created* whole:
@@ -65,11 +73,20 @@ import re
 import struct
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, Protocol, TypeVar
 
-from felix.errors import BadRequest, DiskFull, LocalProtocolError, LogDamaged, LogPoisoned
+from cryptography.exceptions import InvalidTag
+
+from felix.errors import (
+    BadRequest,
+    DiskFull,
+    KeyUnavailable,
+    LocalProtocolError,
+    LogDamaged,
+    LogPoisoned,
+)
 from felix.names import validate_name
 from felix.shard.disklog import fsync_dir
 from felix.shard.queue.journal import (
@@ -89,6 +106,7 @@ from felix.shard.queue.journal import (
 
 __all__ = [
     "FILE_HEADER_SIZE",
+    "FLAG_ENCRYPTED",
     "FRAME_DELTA",
     "FRAME_HEAD_SIZE",
     "FRAME_SNAPSHOT",
@@ -99,6 +117,7 @@ __all__ = [
     "MAX_FRAME_BYTES",
     "MAX_STR_BYTES",
     "Delta",
+    "GroupCipher",
     "GroupFile",
     "GroupLog",
     "decode_bytes",
@@ -164,8 +183,69 @@ _EMPTY_STR = b"\x00\x00"
 _fsync_dir = fsync_dir
 
 
-def encode_file_header() -> bytes:
-    body = _HEADER_BODY.pack(GLOG_MAGIC, GLOG_VERSION, 0, 0)
+#: File header flag: every frame body is encrypted (GroupCipher).
+FLAG_ENCRYPTED: Final = 1
+_SEAL_HEAD = struct.Struct(">I")  # key_id
+_FRAME_AAD = struct.Struct(">4sBI")  # b"FLGF", frame type, key_id
+_NONCE: Final = 12
+#: Bytes encryption adds to a frame body: key id, nonce, tag.
+SEAL_OVERHEAD: Final = 4 + _NONCE + 16
+
+
+class _Aead(Protocol):
+    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes: ...
+
+    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes: ...
+
+
+class _Keys(Protocol):
+    """What a group file needs of the node's data keys (felix/keys/store.py KeyStore)."""
+
+    def current(self, tenant: str) -> tuple[int, _Aead]: ...
+
+    def aead(self, tenant: str, key_id: int) -> _Aead: ...
+
+
+class GroupCipher:
+    """Encrypts and decrypts one group file's frame bodies with its tenant's data keys.
+
+    ``identity`` is ``tenant/namespace/stream/group`` (in every frame's associated
+    data: a frame copied into another group's file does not decrypt); ``encrypt``:
+    whether files are written encrypted (``--encryption``); False still reads
+    encrypted files (then rewritten plain)."""
+
+    __slots__ = ("encrypt", "identity", "keys", "tenant")
+
+    def __init__(self, keys: _Keys, identity: str, *, encrypt: bool = True) -> None:
+        self.keys = keys
+        self.identity = identity.encode()
+        self.tenant = identity.split("/", 1)[0]
+        self.encrypt = encrypt
+
+    def seal(self, kind: int, body: bytes) -> bytes:
+        key_id, aead = self.keys.current(self.tenant)
+        nonce = os.urandom(_NONCE)
+        aad = _FRAME_AAD.pack(b"FLGF", kind, key_id) + self.identity
+        return _SEAL_HEAD.pack(key_id) + nonce + aead.encrypt(nonce, body, aad)
+
+    def open(self, kind: int, sealed: bytes, where: str) -> bytes:
+        if len(sealed) < SEAL_OVERHEAD:
+            raise KeyUnavailable(f"{where}: encrypted frame of {len(sealed)} bytes is too short")
+        (key_id,) = _SEAL_HEAD.unpack_from(sealed)
+        aead = self.keys.aead(self.tenant, key_id)
+        aad = _FRAME_AAD.pack(b"FLGF", kind, key_id) + self.identity
+        try:
+            return aead.decrypt(sealed[4 : 4 + _NONCE], sealed[4 + _NONCE :], aad)
+        except InvalidTag:
+            raise KeyUnavailable(
+                f"{where} does not authenticate with data key {key_id} of tenant "
+                f"{self.tenant}: it was altered or copied from another group, or the key "
+                "file is not the one it was written with"
+            ) from None
+
+
+def encode_file_header(flags: int = 0) -> bytes:
+    body = _HEADER_BODY.pack(GLOG_MAGIC, GLOG_VERSION, flags, 0)
     return body + _U32.pack(_crc32(body))
 
 
@@ -230,12 +310,23 @@ def encode_entries(entries: Sequence[JournalEntry]) -> bytes:
     return b"".join(out)
 
 
-def _delta_frames(entries: Sequence[JournalEntry]) -> bytes:
+_Seal = Callable[[int, bytes], bytes]
+_T = TypeVar("_T")
+
+
+def _frame(kind: int, body: bytes, seal: _Seal | None) -> bytes:
+    return encode_frame(kind, body if seal is None else seal(kind, body))
+
+
+def _delta_frames(entries: Sequence[JournalEntry], seal: _Seal | None = None) -> bytes:
     """DELTA frame(s) for ``entries``: one frame, unless the body would exceed
-    :data:`MAX_FRAME_BYTES` (then several, written with the same single write)."""
+    :data:`MAX_FRAME_BYTES` (then several, written with the same single write);
+    ``seal`` encrypts each body (an encrypted file)."""
     body = encode_entries(entries)
-    if len(body) < MAX_FRAME_BYTES:
-        return encode_frame(FRAME_DELTA, body)
+    # A plain body of at most this fits MAX_FRAME_BYTES once encrypted too.
+    limit = MAX_FRAME_BYTES - (0 if seal is None else SEAL_OVERHEAD)
+    if len(body) < limit:
+        return _frame(FRAME_DELTA, body, seal)
     frames: list[bytes] = []
     parts: list[bytes] = []
     size = 0
@@ -243,17 +334,19 @@ def _delta_frames(entries: Sequence[JournalEntry]) -> bytes:
         one: list[bytes] = []
         _encode_entry(entry, one)
         n = sum(len(p) for p in one)
-        if parts and size + n >= MAX_FRAME_BYTES:
-            frames.append(encode_frame(FRAME_DELTA, b"".join(parts)))
+        if parts and size + n >= limit:
+            frames.append(_frame(FRAME_DELTA, b"".join(parts), seal))
             parts, size = [], 0
         parts += one
         size += n
-    frames.append(encode_frame(FRAME_DELTA, b"".join(parts)))
+    frames.append(_frame(FRAME_DELTA, b"".join(parts), seal))
     return b"".join(frames)
 
 
-def encode_file(snapshot: GroupSnapshot) -> bytes:
-    """A whole group file holding ``snapshot`` (header + SNAPSHOT frame(s), no delta)."""
+def encode_file(snapshot: GroupSnapshot, cipher: GroupCipher | None = None) -> bytes:
+    """A whole group file holding ``snapshot`` (header + SNAPSHOT frame(s), no delta),
+    encrypted when ``cipher`` encrypts."""
+    seal = cipher.seal if cipher is not None and cipher.encrypt else None
     if not 0 <= snapshot.floor <= snapshot.next:
         raise LocalProtocolError(
             f"group state: floor {snapshot.floor} / next {snapshot.next} out of order"
@@ -264,7 +357,7 @@ def encode_file(snapshot: GroupSnapshot) -> bytes:
             f"group state: entries {offsets[0]}..{offsets[-1]} outside the window "
             f"[{snapshot.floor}, {snapshot.next})"
         )
-    frames = [encode_file_header()]
+    frames = [encode_file_header(0 if seal is None else FLAG_ENCRYPTED)]
     try:
         parts = [
             _SNAP_HEAD.pack(
@@ -284,13 +377,13 @@ def encode_file(snapshot: GroupSnapshot) -> bytes:
             detail = _str(e.detail, f"detail of entry {off}")
             n = len(fixed) + len(reason) + len(detail)
             if parts and size + n > SNAPSHOT_PART_BYTES:
-                frames.append(encode_frame(kind, b"".join(parts)))
+                frames.append(_frame(kind, b"".join(parts), seal))
                 kind, parts, size = FRAME_SNAPSHOT_MORE, [], 0
             parts += (fixed, reason, detail)
             size += n
     except struct.error as exc:
         raise LocalProtocolError(f"group state: snapshot does not fit the format: {exc}") from None
-    frames.append(encode_frame(kind, b"".join(parts)))
+    frames.append(_frame(kind, b"".join(parts), seal))
     return b"".join(frames)
 
 
@@ -306,11 +399,13 @@ class Delta(NamedTuple):
 
 class GroupFile(NamedTuple):
     """What a group file holds: the snapshot as written (deltas not applied), the
-    DELTA frames in order, and the bytes of a torn last frame (not cut here)."""
+    DELTA frames in order, the bytes of a torn last frame (not cut here), and whether
+    its frames are encrypted."""
 
     snapshot: GroupSnapshot
     deltas: list[Delta]
     torn_bytes: int
+    encrypted: bool = False
 
     def state(self) -> GroupSnapshot:
         """The group's state: the snapshot with every delta applied (a new object)."""
@@ -468,7 +563,36 @@ def _decode_entries(data: bytes, pos: int, end: int) -> tuple[JournalEntry, ...]
     return tuple(out)
 
 
-def _decode(data: bytes) -> GroupFile:
+class _Bodies:
+    """A file's frame bodies: slices of the file, or decrypted (an encrypted file).
+
+    ``get`` returns (buffer, start, end) for the body of the frame at ``pos``; damage
+    found inside a decrypted body is reported at its frame's position."""
+
+    def __init__(self, data: bytes, cipher: GroupCipher | None, name: str) -> None:
+        self.data = data
+        self.cipher = cipher
+        self.name = name
+
+    def get(self, pos: int, kind: int, end: int) -> tuple[bytes, int, int]:
+        body = pos + FRAME_HEAD_SIZE + 1
+        if self.cipher is None:
+            return self.data, body, end
+        plain = self.cipher.open(kind, self.data[body:end], f"group file {self.name} at byte {pos}")
+        return plain, 0, len(plain)
+
+
+def _in_frame(pos: int, encrypted: bool, fn: Callable[..., _T], *args: object) -> _T:
+    """``fn(*args)``; damage in a decrypted body is reported at its frame's position."""
+    if not encrypted:
+        return fn(*args)
+    try:
+        return fn(*args)
+    except _Damage as exc:
+        raise _Damage(pos, f"{exc.why} (byte {exc.position} of the decrypted frame)") from None
+
+
+def _decode(data: bytes, cipher: GroupCipher | None = None, name: str = "<bytes>") -> GroupFile:
     size = len(data)
     if size < FILE_HEADER_SIZE:
         raise _Damage(0, f"file header truncated ({size} of {FILE_HEADER_SIZE} bytes)")
@@ -480,8 +604,12 @@ def _decode(data: bytes) -> GroupFile:
         raise _Damage(0, f"bad magic {magic!r}")
     if version != GLOG_VERSION:
         raise _Damage(4, f"unsupported version {version}")
-    if flags or reserved:
+    if flags & ~FLAG_ENCRYPTED or reserved:
         raise _Damage(6, f"unknown flags {flags:#x} / reserved {reserved:#x}")
+    encrypted = bool(flags & FLAG_ENCRYPTED)
+    if encrypted and cipher is None:
+        raise KeyUnavailable(f"group file {name} is encrypted and no data keys were given")
+    bodies = _Bodies(data, cipher if encrypted else None, name)
 
     # The snapshot: written whole before the file got its name, so never torn.
     pos = FILE_HEADER_SIZE
@@ -491,16 +619,24 @@ def _decode(data: bytes) -> GroupFile:
     kind, end = got
     if kind != FRAME_SNAPSHOT:
         raise _Damage(pos, f"first frame has type {kind}, not SNAPSHOT")
-    body = pos + FRAME_HEAD_SIZE + 1
-    if end - body < _SNAP_HEAD.size:
-        raise _Damage(body, "snapshot frame shorter than its head")
-    floor, nxt, acked, dead, skipped, count = _SNAP_HEAD.unpack_from(data, body)
-    if floor > nxt:
-        raise _Damage(body, f"snapshot floor {floor} above next {nxt}")
-    if count > (size - body - _SNAP_HEAD.size) // _SNAP_ENTRY_MIN or count > nxt - floor:
-        raise _Damage(body + 40, f"snapshot entry count {count} cannot fit the file or window")
-    snap = GroupSnapshot(floor, nxt, {}, acked, dead, skipped)
-    read, last = _decode_snapshot_entries(data, body + _SNAP_HEAD.size, end, count, snap, -1)
+    buf, body, stop = bodies.get(pos, kind, end)
+    frame_pos = pos
+
+    def head() -> tuple[GroupSnapshot, int, int, int]:
+        if stop - body < _SNAP_HEAD.size:
+            raise _Damage(body, "snapshot frame shorter than its head")
+        floor, nxt, acked, dead, skipped, count = _SNAP_HEAD.unpack_from(buf, body)
+        if floor > nxt:
+            raise _Damage(body, f"snapshot floor {floor} above next {nxt}")
+        # The plain entries take no more bytes than the file holds after the head.
+        room = (stop - body - _SNAP_HEAD.size) + (size - end)
+        if count > room // _SNAP_ENTRY_MIN or count > nxt - floor:
+            raise _Damage(body + 40, f"snapshot entry count {count} cannot fit the file or window")
+        snap = GroupSnapshot(floor, nxt, {}, acked, dead, skipped)
+        read, last = _decode_snapshot_entries(buf, body + _SNAP_HEAD.size, stop, count, snap, -1)
+        return snap, count, read, last
+
+    snap, count, read, last = _in_frame(frame_pos, encrypted, head)
     pos = end
     while read < count:
         got = _frame_at(data, pos)
@@ -509,8 +645,9 @@ def _decode(data: bytes) -> GroupFile:
         kind, end = got
         if kind != FRAME_SNAPSHOT_MORE:
             raise _Damage(pos, f"frame type {kind} before the snapshot's {count} entries")
-        n, last = _decode_snapshot_entries(
-            data, pos + FRAME_HEAD_SIZE + 1, end, count - read, snap, last
+        buf, body, stop = bodies.get(pos, kind, end)
+        n, last = _in_frame(
+            pos, encrypted, _decode_snapshot_entries, buf, body, stop, count - read, snap, last
         )
         if n == 0:
             raise _Damage(pos, "empty SNAPSHOT_MORE frame")
@@ -530,21 +667,27 @@ def _decode(data: bytes) -> GroupFile:
                 raise _Damage(
                     pos, f"{got}; a valid frame follows at byte {later}, so not a torn tail"
                 )
-            return GroupFile(snap, deltas, rest)
+            return GroupFile(snap, deltas, rest, encrypted)
         kind, end = got
         if kind != FRAME_DELTA:
             raise _Damage(pos, f"frame type {kind} after the snapshot (DELTA expected)")
-        deltas.append(Delta(pos, _decode_entries(data, pos + FRAME_HEAD_SIZE + 1, end)))
+        buf, body, stop = bodies.get(pos, kind, end)
+        entries = _in_frame(pos, encrypted, _decode_entries, buf, body, stop)
+        deltas.append(Delta(pos, entries))
         pos = end
-    return GroupFile(snap, deltas, 0)
+    return GroupFile(snap, deltas, 0, encrypted)
 
 
-def decode_bytes(data: bytes, name: str = "<bytes>") -> GroupFile:
+def decode_bytes(
+    data: bytes, name: str = "<bytes>", cipher: GroupCipher | None = None
+) -> GroupFile:
     """Decode a whole group file's bytes (``name`` is for errors). Raises
     :class:`~felix.errors.LogDamaged` naming ``name`` and the byte position for
-    anything but a torn last DELTA frame, whose size is reported, not cut."""
+    anything but a torn last DELTA frame, whose size is reported, not cut. An
+    encrypted file needs ``cipher`` (its tenant's keys): KeyUnavailable without it,
+    or when a frame does not decrypt."""
     try:
-        return _decode(data)
+        return _decode(data, cipher, name)
     except _Damage as exc:
         raise LogDamaged(name, exc.position, exc.why) from None
 
@@ -562,15 +705,16 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def decode_file(path: Path) -> GroupFile:
+def decode_file(path: Path, cipher: GroupCipher | None = None) -> GroupFile:
     """Read and decode a group file without changing it (``felix log dump`` style):
-    (snapshot, deltas, torn_bytes). LogDamaged on damage; FileNotFoundError."""
+    (snapshot, deltas, torn_bytes, encrypted). LogDamaged on damage;
+    FileNotFoundError; KeyUnavailable for an encrypted file without its keys."""
     fd = os.open(path, os.O_RDONLY)
     try:
         data = _read_all(fd)
     finally:
         os.close(fd)
-    return decode_bytes(data, str(path))
+    return decode_bytes(data, str(path), cipher)
 
 
 # -- layout --------------------------------------------------------------------------
@@ -643,10 +787,21 @@ class GroupLog:
     #: Bytes of a torn last frame cut by :meth:`open` (0: none).
     torn_bytes: int
 
-    def __init__(self, path: Path, fd: int, size: int, snapshot_bytes: int, compact_bytes: int):
+    def __init__(
+        self,
+        path: Path,
+        fd: int,
+        size: int,
+        snapshot_bytes: int,
+        compact_bytes: int,
+        cipher: GroupCipher | None = None,
+    ):
         # Use GroupLog.open(): this only sets fields.
         self.path = path
         self.compact_bytes = compact_bytes
+        #: Encrypts new frames when it encrypts (the file is then encrypted as a whole).
+        self._cipher = cipher
+        self._seal: _Seal | None = cipher.seal if cipher is not None and cipher.encrypt else None
         self.torn_bytes = 0
         self._fd = fd
         self._size = size
@@ -666,8 +821,15 @@ class GroupLog:
     # -- opening -------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, *, compact_bytes: int = 1 << 20) -> tuple[GroupLog, GroupSnapshot]:
+    def open(
+        cls, path: Path, *, compact_bytes: int = 1 << 20, cipher: GroupCipher | None = None
+    ) -> tuple[GroupLog, GroupSnapshot]:
         """Open ``path`` (created when missing: an empty group) and recover its state.
+
+        ``cipher``: the tenant's data keys (None: plain files only). A file whose mode
+        (encrypted or plain) differs from the cipher's ``encrypt`` is rewritten in that
+        mode at once (a compaction: temporary file, fsync, rename); a key problem
+        raises KeyUnavailable and changes nothing.
 
         A stale ``<path>.tmp`` is removed; a torn last DELTA frame is cut (ftruncate +
         fsync; reported in :attr:`torn_bytes`); any other damage raises
@@ -686,7 +848,7 @@ class GroupLog:
         except FileNotFoundError:
             os.makedirs(path.parent, exist_ok=True)
             snapshot = GroupSnapshot()
-            data = encode_file(snapshot)
+            data = encode_file(snapshot, cipher)
             try:
                 fd = _write_new(path, data)
             except OSError as exc:
@@ -698,10 +860,10 @@ class GroupLog:
             except BaseException:
                 os.close(fd)
                 raise
-            return cls(path, fd, len(data), len(data), compact_bytes), snapshot
+            return cls(path, fd, len(data), len(data), compact_bytes, cipher), snapshot
         try:
             data = _read_all(fd)
-            decoded = decode_bytes(data, str(path))
+            decoded = decode_bytes(data, str(path), cipher)
             good = len(data) - decoded.torn_bytes
             if decoded.torn_bytes:
                 os.ftruncate(fd, good)
@@ -714,10 +876,19 @@ class GroupLog:
             os.close(fd)
             raise
         snapshot_end = decoded.deltas[0].position if decoded.deltas else good
-        log = cls(path, fd, good, snapshot_end, compact_bytes)
+        log = cls(path, fd, good, snapshot_end, compact_bytes, cipher)
         log.torn_bytes = decoded.torn_bytes
         # The decoded snapshot is ours alone: apply in place (no copy of a big window).
-        return log, _apply_all(decoded.snapshot, decoded.deltas)
+        state = _apply_all(decoded.snapshot, decoded.deltas)
+        if decoded.encrypted != (log._seal is not None):
+            # --encryption changed since the file was written: the whole file in the
+            # node's mode now (appends and compactions then stay in it).
+            try:
+                log.compact(state)
+            except BaseException:
+                log.close()
+                raise
+        return log, state
 
     # -- state -----------------------------------------------------------------------
 
@@ -750,7 +921,7 @@ class GroupLog:
         self._check()
         if not entries:
             return
-        data = _delta_frames(entries)
+        data = _delta_frames(entries, self._seal)
         fd = self._fd
         try:
             n = os.write(fd, data)
@@ -873,7 +1044,7 @@ class GroupLog:
         self._check()
         if self._compaction is not None:
             raise LocalProtocolError(f"group file {self.path}: a compaction is in progress")
-        data = encode_file(snapshot)
+        data = encode_file(snapshot, self._cipher)
         tmp = _tmp_path(self.path)
         try:
             fd = _write_tmp(tmp, data, sync=False)
@@ -938,7 +1109,7 @@ class GroupLog:
         after it poisons the log."""
         self._check()
         self._abandon_compaction()
-        data = encode_file(snapshot)
+        data = encode_file(snapshot, self._cipher)
         tmp = _tmp_path(self.path)
         try:
             fd = _write_tmp(tmp, data)

@@ -35,10 +35,11 @@ from typing import Final
 from felix import ipc, wire
 from felix.errors import BadRequest, FelixError, NotFound, Overloaded, Unavailable
 from felix.ipc import RecordType
+from felix.keys.store import KeyStore
 from felix.shard.durable import DurableStream
-from felix.shard.log_format import decode_envelope
+from felix.shard.log_format import decode_record
 from felix.shard.queue.group import DeadLetter, Group, MemberId, SettleOp
-from felix.shard.queue.group_log import GroupLog, discover, path_for
+from felix.shard.queue.group_log import GroupCipher, GroupLog, discover, path_for
 from felix.shard.queue.journal import GroupSnapshot, Skip, Start
 from felix.shard.queue.settings import (
     MAX_GROUPS_PER_SHARD,
@@ -112,8 +113,14 @@ class QueueManager:
         wall_us: Callable[[], int],
         *,
         auto_create: bool = True,
+        keys: KeyStore | None = None,
+        encrypt: bool = False,
     ) -> None:
         self.shard = shard
+        #: The node's data keys (group files are encrypted per tenant when ``encrypt``;
+        #: None: plain files only) and whether new group files are written encrypted.
+        self.keys = keys
+        self.encrypt = encrypt
         #: ``<data-dir>/groups`` (None: no durable streams here, so no groups).
         self.root = root
         self._view = stream_view
@@ -211,8 +218,11 @@ class QueueManager:
                 f"shard {self.shard} (remove unused groups: felix group rm)"
             )
         dlq_key = _dlq_key(view.key, settings)
+        cipher = None
+        if self.keys is not None:
+            cipher = GroupCipher(self.keys, f"{view.key}/{name}", encrypt=self.encrypt)
         state_log, snapshot = GroupLog.open(
-            path_for(self.root, view.key, name), compact_bytes=self.compact_bytes
+            path_for(self.root, view.key, name), compact_bytes=self.compact_bytes, cipher=cipher
         )
         now, wall = time.monotonic(), self._wall_us()
         fresh = not recovered and snapshot.next == 0 and snapshot.floor == 0
@@ -671,7 +681,11 @@ class QueueManager:
             view = self._view(handle.key)
             if view is None:
                 continue
-            frame = self._dead_letter_frame(handle, view, dead)
+            try:
+                frame = self._dead_letter_frame(handle, view, dead)
+            except FelixError as exc:  # its record cannot be read now (a key problem)
+                self._relay_failed(handle, dead.offset, now, str(exc))
+                continue
             if frame is None:
                 # The record is gone (retention): nothing to append; finished.
                 handle.group.dead(dead.offset)
@@ -837,7 +851,9 @@ def _fetch(
         records = disk.log.read(offset, 1, 1)
         if records and records[0].offset == offset:
             rec = records[0]
-            headers, body = decode_envelope(rec.payload)
+            headers, body = decode_record(
+                rec.payload, view.key, offset, rec.timestamp_us, disk.keys
+            )
             return rec.timestamp_us, headers, body
     return None
 

@@ -725,7 +725,8 @@ class ShardCore:
                 stamp = self._wall_us()
                 plan = stream.dedup.plan(ids, stream.log.next_offset, stamp)
                 if plan is not None:
-                    if not plan.contiguous:
+                    # Without an ack no offsets are owed: the duplicates are just dropped.
+                    if not plan.contiguous and msg.ack != wire.ACK_NONE:
                         raise DuplicatesInBatch(
                             f"stream {key}: {plan.duplicates} of the batch's {len(ids)} "
                             "records repeat a felix-msg-id stored before (or in the batch) "

@@ -307,3 +307,22 @@ def test_a_restart_rebuilds_the_ids_from_the_log_tail(tmp_path: Path) -> None:
     c2.define_stream(KEY, StreamSettings(dedup_window_s=3600.0), DurableSettings(fsync="none"))
     send(c2, wire.encode_publish(6, T, NS, "s", [b"old"], headers=ids("old")))
     assert acks(c2)[0].base_offset == 64  # the newest record with that id
+
+
+def test_the_rebuild_finds_the_newest_ids_across_an_offset_gap(tmp_path: Path) -> None:
+    """Offsets skip the rest of a reserved block at a restart: the rebuild's bound of
+    max_entries records is counted in records, not in offsets."""
+    clock = Clock()
+    c = durable(tmp_path, clock, fsync="none", dedup_max_entries=2)
+    send(c, wire.encode_publish(1, T, NS, "s", [b"a", b"b"], headers=ids("a", "b")))
+    assert c.disk is not None
+    c.disk.close()
+    c = durable(tmp_path, clock, fsync="none", dedup_max_entries=2)
+    send(c, wire.encode_publish(2, T, NS, "s", [b"c"], headers=ids("c")))  # at 64
+    assert [a.base_offset for a in acks(c)] == [64]
+    assert c.disk is not None
+    c.disk.close()
+    c = durable(tmp_path, clock, fsync="none", dedup_max_entries=2)
+    send(c, wire.encode_publish(3, T, NS, "s", [b"b"], headers=ids("b")))
+    send(c, wire.encode_publish(4, T, NS, "s", [b"c"], headers=ids("c")))
+    assert [a.base_offset for a in acks(c)] == [1, 64]

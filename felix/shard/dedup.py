@@ -273,8 +273,9 @@ def rebuild(
     headers_of: Callable[[DurableStream, DiskRecord], Mapping[str, str] | None] = record_headers,
 ) -> int:
     """Fill ``table`` from ``disk``'s log tail (a durable stream opened at start, or its
-    window changed): the ids of the records stamped within the window, at most the
-    newest ``max_entries`` records read. Returns the change of :attr:`nbytes`.
+    window changed): the ids of the records stamped within the window, read from the
+    newest segments that hold ``max_entries`` records (at most that plus one segment's
+    records are read). Returns the change of :attr:`nbytes`.
 
     Records a dead-letter append wrote (``felix-dlq-id``) keep the id of the record
     they copy, which is not an id published to this stream: they are skipped, as the
@@ -289,7 +290,9 @@ def rebuild(
     log = disk.log
     cutoff = now_us - table.window_us
     end = log.next_offset
-    pos = max(log.offset_for_time(cutoff + 1), end - table.max_entries)
+    # Offsets may have gaps (a restart skips the rest of a reserved block), so the
+    # newest max_entries records are found by segment; the table keeps the newest ids.
+    pos = max(log.offset_for_time(cutoff + 1), log.tail_start(table.max_entries))
     while pos < end:
         records = log.read(pos, _REBUILD_CHUNK, 1 << 20)
         if not records:

@@ -184,6 +184,12 @@ def test_bad_ids_are_refused_on_any_stream() -> None:
     assert c.stream_status(KEY)["dedup"] == {"window_s": 0, "entries": 0}  # type: ignore[index]
 
 
+def dedup_status(c: ShardCore) -> Any:
+    status = c.stream_status(KEY)
+    assert status is not None
+    return status["dedup"]
+
+
 def test_ids_are_charged_to_the_tenant_and_released() -> None:
     clock = Clock()
     c = core(clock)
@@ -194,7 +200,7 @@ def test_ids_are_charged_to_the_tenant_and_released() -> None:
     assert log_ is not None
     assert c.tenant_memory(T) == log_.retained_bytes + ENTRY_OVERHEAD + 3
     assert c.memory_used == c.tenant_memory(T) > base
-    status = c.stream_status(KEY)["dedup"]  # type: ignore[index]
+    status = dedup_status(c)
     assert status["entries"] == 1 and status["bytes"] == ENTRY_OVERHEAD + 3
     clock.us += 200 * S
     c.sweep(0.0)  # the sweep expires ids and gives their bytes back
@@ -214,7 +220,7 @@ def test_a_careless_tenant_pays_for_its_ids_with_its_own_memory() -> None:
     for i in range(2000):
         pub(c, 10 + i, [b"r"], ids(f"id-{i:08d}-" + "x" * 100))
         assert c.tenant_memory(T) <= quota + ENTRY_OVERHEAD + 256 + 200
-    status = c.stream_status(KEY)["dedup"]  # type: ignore[index]
+    status = dedup_status(c)
     assert status["trimmed"] > 0 and status["entries"] < 2000
     assert c.tenant_memory("other") == kept
     # The newest ids are the ones kept.
@@ -293,7 +299,7 @@ def test_a_restart_rebuilds_the_ids_from_the_log_tail(tmp_path: Path) -> None:
 
     clock.us += 20 * S  # "old" is now 70 s old: outside the window of 60 s
     c2 = durable(tmp_path, clock, fsync="none", dedup_window_s=60.0)
-    status = c2.stream_status(KEY)["dedup"]  # type: ignore[index]
+    status = dedup_status(c2)
     assert status["entries"] == 2
     assert c2.tenant_memory(T) >= 2 * ENTRY_OVERHEAD + 2
     send(c2, wire.encode_publish(3, T, NS, "s", [b"c"], headers=ids("c")))

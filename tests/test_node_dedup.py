@@ -40,57 +40,53 @@ def test_a_resent_id_is_stored_and_delivered_once(tmp_path: Path) -> None:
     node = NodeProcess(tmp_path / "node", "--dedup-window", "2s", gateways=1, shards=2)
 
     async def main() -> None:
-        async with felix.connect(url(node), ca=node.ca_file) as client:
-            async with client.subscribe("orders") as sub:
-                first = await client.publish("orders", b"one", msg_id="m-1")
-                again = await client.publish("orders", b"one, resent", msg_id="m-1")
-                assert first is not None and again is not None
-                assert again.offset == first.offset == 0
-                other = await client.publish("orders", b"two", msg_id="m-2")
-                assert other is not None and other.offset == 1
-                # Batches: a retried batch gets its original offsets back ...
-                batch = await client.publish_batch(
-                    "orders", [b"b1", b"b2"], msg_ids=["b-1", "b-2"]
-                )
-                retry = await client.publish_batch(
-                    "orders", [b"b1", b"b2"], msg_ids=["b-1", "b-2"]
-                )
-                assert [a.offset for a in batch] == [a.offset for a in retry] == [2, 3]
-                # ... a retry that carries newer records too is still one run ...
-                more = await client.publish_batch(
-                    "orders", [b"b2", b"b3"], msg_ids=["b-2", "b-3"]
-                )
-                assert [a.offset for a in more] == [3, 4]
-                # ... and a batch whose duplicates are not one run with the new records
-                # is refused by the shard and published one by one by the client.
-                mixed = await client.publish_batch(
-                    "orders", [b"n1", b"one", b"n2"], msg_ids=["n-1", "m-1", "n-2"]
-                )
-                assert [a.offset for a in mixed] == [5, 0, 6]
-                await client.publish("orders", b"end")
-                got = await drain(sub, b"end")
-                assert got == [
-                    (0, b"one"),
-                    (1, b"two"),
-                    (2, b"b1"),
-                    (3, b"b2"),
-                    (4, b"b3"),
-                    (5, b"n1"),
-                    (6, b"n2"),
-                    (7, b"end"),
-                ]
-                # Bad ids are refused with a clear error, on a stream that is fine.
-                with pytest.raises(BadRequest, match="felix-msg-id .* 1 to 256 bytes"):
-                    await client.publish("orders", b"x", msg_id="x" * 257)
-                with pytest.raises(BadRequest, match="felix-msg-id"):
-                    await client.publish("orders", b"x", headers={"felix-msg-id": ""})
-                # After the window (2 s) the id is forgotten: stored again.
-                await asyncio.sleep(2.2)
-                later = await client.publish("orders", b"one, later", msg_id="m-1")
-                assert later is not None and later.offset == 8
-                assert (await sub.next(timeout=10)).data == b"one, later"
-                with pytest.raises(FelixTimeoutError):
-                    await sub.next(timeout=0.3)  # and nothing else
+        async with (
+            felix.connect(url(node), ca=node.ca_file) as client,
+            client.subscribe("orders") as sub,
+        ):
+            first = await client.publish("orders", b"one", msg_id="m-1")
+            again = await client.publish("orders", b"one, resent", msg_id="m-1")
+            assert first is not None and again is not None
+            assert again.offset == first.offset == 0
+            other = await client.publish("orders", b"two", msg_id="m-2")
+            assert other is not None and other.offset == 1
+            # Batches: a retried batch gets its original offsets back ...
+            batch = await client.publish_batch("orders", [b"b1", b"b2"], msg_ids=["b-1", "b-2"])
+            retry = await client.publish_batch("orders", [b"b1", b"b2"], msg_ids=["b-1", "b-2"])
+            assert [a.offset for a in batch] == [a.offset for a in retry] == [2, 3]
+            # ... a retry that carries newer records too is still one run ...
+            more = await client.publish_batch("orders", [b"b2", b"b3"], msg_ids=["b-2", "b-3"])
+            assert [a.offset for a in more] == [3, 4]
+            # ... and a batch whose duplicates are not one run with the new records
+            # is refused by the shard and published one by one by the client.
+            mixed = await client.publish_batch(
+                "orders", [b"n1", b"one", b"n2"], msg_ids=["n-1", "m-1", "n-2"]
+            )
+            assert [a.offset for a in mixed] == [5, 0, 6]
+            await client.publish("orders", b"end")
+            got = await drain(sub, b"end")
+            assert got == [
+                (0, b"one"),
+                (1, b"two"),
+                (2, b"b1"),
+                (3, b"b2"),
+                (4, b"b3"),
+                (5, b"n1"),
+                (6, b"n2"),
+                (7, b"end"),
+            ]
+            # Bad ids are refused with a clear error, on a stream that is fine.
+            with pytest.raises(BadRequest, match=r"felix-msg-id .* 1 to 256 bytes"):
+                await client.publish("orders", b"x", msg_id="x" * 257)
+            with pytest.raises(BadRequest, match="felix-msg-id"):
+                await client.publish("orders", b"x", headers={"felix-msg-id": ""})
+            # After the window (2 s) the id is forgotten: stored again.
+            await asyncio.sleep(2.2)
+            later = await client.publish("orders", b"one, later", msg_id="m-1")
+            assert later is not None and later.offset == 8
+            assert (await sub.next(timeout=10)).data == b"one, later"
+            with pytest.raises(FelixTimeoutError):
+                await sub.next(timeout=0.3)  # and nothing else
 
     try:
         run(main, timeout=60)
@@ -170,19 +166,21 @@ def test_a_durable_stream_keeps_suppressing_ids_from_before_a_kill(tmp_path: Pat
     node = NodeProcess(data, *args, gateways=1, shards=2)
 
     async def resend() -> None:
-        async with felix.connect(url(node), ca=node.ca_file) as client:
-            async with client.subscribe("orders", start="earliest") as sub:
-                again = await client.publish("orders", b"b", msg_id="id-b")
-                assert again is not None and again.offset == 1
-                assert again.durability == "synced"
-                retry = await client.publish_batch(
-                    "orders", [b"a", b"b", b"c"], msg_ids=["id-a", "id-b", "id-c"]
-                )
-                assert [a.offset for a in retry] == [0, 1, 2]
-                new = await client.publish("orders", b"d", msg_id="id-d")
-                assert new is not None and new.offset > 2  # above the restart's gap
-                got = await drain(sub, b"d")
-                assert [d for _, d in got] == [b"a", b"b", b"c", b"d"]  # each once
+        async with (
+            felix.connect(url(node), ca=node.ca_file) as client,
+            client.subscribe("orders", start="earliest") as sub,
+        ):
+            again = await client.publish("orders", b"b", msg_id="id-b")
+            assert again is not None and again.offset == 1
+            assert again.durability == "synced"
+            retry = await client.publish_batch(
+                "orders", [b"a", b"b", b"c"], msg_ids=["id-a", "id-b", "id-c"]
+            )
+            assert [a.offset for a in retry] == [0, 1, 2]
+            new = await client.publish("orders", b"d", msg_id="id-d")
+            assert new is not None and new.offset > 2  # above the restart's gap
+            got = await drain(sub, b"d")
+            assert [d for _, d in got] == [b"a", b"b", b"c", b"d"]  # each once
 
     try:
         run(resend, timeout=60)

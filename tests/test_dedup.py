@@ -93,9 +93,12 @@ def test_a_plan_acks_one_run_or_refuses() -> None:
 def test_msg_ids_are_checked() -> None:
     assert msg_ids([None, {"k": "v"}]) is None
     assert msg_ids([{"k": "v"}, {MSG_ID_HEADER: "a"}]) == [None, "a"]
-    assert msg_ids([{MSG_ID_HEADER: "é" * 128}]) == ["é" * 128]  # 256 bytes
-    with pytest.raises(BadRequest, match="257 bytes"):
-        msg_ids([{MSG_ID_HEADER: "x" * 257}])
+    assert msg_ids([{MSG_ID_HEADER: "é" * 256}]) == ["é" * 256]  # 512 bytes
+    # The longest id a bridge makes (names of 64 characters, the largest offset) fits.
+    bridge = "bridge:" + "r" * 64 + "/" + "/".join(["n" * 64] * 3) + "@" + str(2**63 - 1)
+    assert msg_ids([{MSG_ID_HEADER: bridge}]) == [bridge]
+    with pytest.raises(BadRequest, match="513 bytes"):
+        msg_ids([{MSG_ID_HEADER: "x" * 513}])
     with pytest.raises(BadRequest, match="0 bytes"):
         msg_ids([None, {MSG_ID_HEADER: ""}])
 
@@ -175,9 +178,9 @@ def test_batches_with_duplicates() -> None:
 
 def test_bad_ids_are_refused_on_any_stream() -> None:
     c = core(Clock(), stream_defaults=StreamSettings(dedup_window_s=0))
-    bad = pub(c, 1, [b"x"], ids("x" * 257))
+    bad = pub(c, 1, [b"x"], ids("x" * 513))
     assert isinstance(bad, wire.ErrorReply) and bad.code == BadRequest.code
-    assert "felix-msg-id" in bad.message and "1 to 256 bytes" in bad.message
+    assert "felix-msg-id" in bad.message and "1 to 512 bytes" in bad.message
     # Dedup off: ids are checked but not remembered.
     assert pub(c, 2, [b"x"], ids("m")).base_offset == 0
     assert pub(c, 3, [b"x"], ids("m")).base_offset == 1
@@ -219,7 +222,7 @@ def test_a_careless_tenant_pays_for_its_ids_with_its_own_memory() -> None:
     kept = c.tenant_memory("other")
     for i in range(2000):
         pub(c, 10 + i, [b"r"], ids(f"id-{i:08d}-" + "x" * 100))
-        assert c.tenant_memory(T) <= quota + ENTRY_OVERHEAD + 256 + 200
+        assert c.tenant_memory(T) <= quota + ENTRY_OVERHEAD + 512 + 200
     status = dedup_status(c)
     assert status["trimmed"] > 0 and status["entries"] < 2000
     assert c.tenant_memory("other") == kept

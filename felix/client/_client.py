@@ -287,7 +287,7 @@ class Client:
     ) -> PublishAck | None:
         """Append ``data`` to ``stream``; return its offset once the broker stored it.
 
-        ``msg_id`` (the ``felix-msg-id`` header, 1-256 bytes): a stream that stored a
+        ``msg_id`` (the ``felix-msg-id`` header, 1-512 bytes): a stream that stored a
         record with this id within its dedup window stores nothing and acknowledges
         the original record's offset, so a retry after a lost ack is safe.
 

@@ -63,8 +63,10 @@ __all__ = [
 
 #: The header carrying a publisher-chosen message id (docs/api.md).
 MSG_ID_HEADER: Final = "felix-msg-id"
-#: Longest message id, in UTF-8 bytes (a bridge's ids are well under it).
-MAX_MSG_ID_BYTES: Final = 256
+#: Longest message id, in UTF-8 bytes: room for a bridge's id
+#: (``bridge:<region>/<tenant>/<ns>/<stream>@<offset>``, at most 286 bytes with names
+#: of 64 characters), bounded so an id costs a known amount of memory.
+MAX_MSG_ID_BYTES: Final = 512
 #: Accounted bytes per remembered id on top of the id's UTF-8 bytes.
 ENTRY_OVERHEAD: Final = 272
 #: Records a rebuild reads per DiskLog read.

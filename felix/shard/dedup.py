@@ -160,6 +160,10 @@ class DedupTable:
     def plan(self, ids: Sequence[str | None], tail: int, now_us: int) -> Plan | None:
         """How a batch with these ids is stored when the stream's next offset is
         ``tail``; None when it holds no duplicate (store it as it is)."""
+        if len(ids) == 1:  # the common case, without the lists
+            msg_id = ids[0]
+            orig = None if msg_id is None else self.find(msg_id, now_us)
+            return None if orig is None else Plan(orig, [], 1, True)
         first_dup = -1
         seen: dict[str, int] | None = None  # ids new in this batch: their new offsets
         offsets: list[int] = []

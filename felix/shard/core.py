@@ -30,10 +30,16 @@ it is visible in memory; a ``commit`` ack is held until the I/O driver reports a
 fsync covering it (:meth:`ShardCore.sync_done`), and a READ below the in-memory hot
 tail becomes a disk read job answered by :meth:`ShardCore.read_done`.
 
+A publish whose records carry ``felix-msg-id`` headers is checked against its
+stream's recent message ids (felix/shard/dedup.py): a duplicate is not stored again
+and is acknowledged with the original record's offset; a durable stream reads the ids
+of its log tail back when it is opened.
+
 Nothing here reads the clock or does I/O, except the offset reservations, which
 write one small file when a stream crosses its reserved block (felix/shard/offsets.py),
-and the disk logs' appends, opens and deletes (the wall clock for record timestamps
-is passed in as ``wall_us``).
+and the disk logs' appends, opens, deletes and the message-id rebuild's reads of a
+log tail (the wall clock for record timestamps and message-id windows is passed in
+as ``wall_us``).
 """
 
 from __future__ import annotations

@@ -335,3 +335,21 @@ def test_the_rebuild_finds_the_newest_ids_across_an_offset_gap(tmp_path: Path) -
     send(c, wire.encode_publish(3, T, NS, "s", [b"b"], headers=ids("b")))
     send(c, wire.encode_publish(4, T, NS, "s", [b"c"], headers=ids("c")))
     assert [a.base_offset for a in acks(c)] == [1, 64]
+
+
+def test_dead_letter_appends_are_not_deduplicated(tmp_path: Path) -> None:
+    """A dead-letter append copies the id of the record it carries: two dead letters of
+    records with one id are both kept, and a restart does not remember their ids."""
+    clock = Clock()
+    c = durable(tmp_path, clock, fsync="none")
+    dead = {MSG_ID_HEADER: "m", "felix-dlq-id": "g:1"}
+    for token in (1, 2):
+        frame = wire.encode_publish(token, T, NS, "s", [b"dead"], headers=[dead])
+        c.handle(0, ipc.encode(RecordType.REQUEST, token, ipc.AUX_DEAD_LETTER, frame), 0.0)
+    assert [a.base_offset for a in acks(c)] == [0, 1]
+    assert c.disk is not None
+    c.disk.close()
+    c = durable(tmp_path, clock, fsync="none")
+    assert dedup_status(c)["entries"] == 0
+    send(c, wire.encode_publish(3, T, NS, "s", [b"live"], headers=ids("m")))
+    assert [a.base_offset for a in acks(c)] == [64]

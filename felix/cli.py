@@ -230,6 +230,19 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="what a subscriber that falls behind the replay ring gets: drop_old (skip ahead, "
         "visible gap), disconnect, or block (publishers get Overloaded until it catches up)",
     )
+    up.add_argument(
+        "--dedup-window",
+        default="2m",
+        help="how long a stream remembers the felix-msg-id of each record it stored, to "
+        "drop a publish of the same id again (streams whose spec sets no dedup_window_s; "
+        "0: off; up to 7d)",
+    )
+    up.add_argument(
+        "--dedup-max-entries",
+        type=int,
+        default=_STREAM.dedup_max_entries,
+        help="most message ids a stream remembers (oldest forgotten first)",
+    )
     up.add_argument("--cache-budget", default="64MiB", help="bytes per cache (all shards)")
     up.add_argument(
         "--cache-max-ttl", type=float, default=_CACHE.max_ttl, help="longest TTL in seconds"
@@ -482,6 +495,8 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
             replay_max_bytes=replay_bytes,
             max_record_bytes=min(_STREAM.max_record_bytes, replay_bytes // 2),
             slow_subscriber_policy=args.slow_subscriber,
+            dedup_window_s=parse_duration(args.dedup_window),
+            dedup_max_entries=args.dedup_max_entries,
         ),
         cache_defaults=CacheSettings(
             budget_bytes=parse_size(args.cache_budget), max_ttl=args.cache_max_ttl

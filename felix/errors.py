@@ -16,7 +16,7 @@ import enum
 
 
 class ErrorCode(enum.IntEnum):
-    """felix's error codes: in ERROR frames and SUBSCRIPTION_END (1-8), and for the
+    """felix's error codes: in ERROR frames and SUBSCRIPTION_END (1-8, 13), and for the
     control plane's resource conflicts (9-12, answered over HTTP only)."""
 
     BAD_REQUEST = 1
@@ -32,6 +32,8 @@ class ErrorCode(enum.IntEnum):
     HAS_CHILDREN = 10
     VERSION_CONFLICT = 11
     SETTING_CONFLICT = 12
+    #: A publish batch with duplicate message ids it cannot acknowledge as one run.
+    DUPLICATES_IN_BATCH = 13
 
     @property
     def slug(self) -> str:
@@ -231,6 +233,17 @@ class SettingConflict(BadRequest):
     code = ErrorCode.SETTING_CONFLICT
 
 
+class DuplicatesInBatch(BadRequest):
+    """A publish batch holds records whose ``felix-msg-id`` the stream already stored
+    (or an id twice), and their offsets would not be one contiguous run with the new
+    records, which is what a PUBLISH_OFFSETS ack says: nothing of the batch was
+    stored. Publish its records one by one (the Python client does so by itself); each
+    duplicate is then acknowledged with its original offset.
+    """
+
+    code = ErrorCode.DUPLICATES_IN_BATCH
+
+
 class FelixTimeoutError(FelixError, TimeoutError):
     """A call did not complete within its timeout."""
 
@@ -272,6 +285,7 @@ _BY_CODE: dict[int, type[ServerError]] = {
         HasChildren,
         VersionConflict,
         SettingConflict,
+        DuplicatesInBatch,
     )
 }
 

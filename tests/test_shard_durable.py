@@ -181,6 +181,15 @@ def test_memory_streams_ack_memory(tmp_path: Path) -> None:
         "fsync": "none",
         "memory": {"earliest": 0, "next_offset": 1, "retained_records": 1, "retained_bytes": 97},
         "gateways_watching": 0,
+        "dedup": {
+            "window_s": 120.0,
+            "max_entries": 100_000,
+            "entries": 0,
+            "bytes": 0,
+            "evicted": 0,
+            "expired": 0,
+            "trimmed": 0,
+        },
     }
 
 

@@ -34,6 +34,7 @@ from felix.errors import (
     ClientClosed,
     ConfigError,
     ConnectionLost,
+    DuplicatesInBatch,
     FelixError,
     FelixTimeoutError,
     LocalProtocolError,
@@ -84,6 +85,10 @@ class PublishAck:
     durability: Durability = Durability.MEMORY
 
 
+#: The header a stream deduplicates publishes by (docs/api.md, "Message ids").
+MSG_ID_HEADER = "felix-msg-id"
+
+
 def _headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
     if not headers:
         return None
@@ -92,6 +97,15 @@ def _headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
         if not isinstance(name, str) or not isinstance(value, str):
             raise ConfigError(f"header names and values must be strings: {name!r}: {value!r}")
     return out
+
+
+def _with_msg_id(headers: dict[str, str] | None, msg_id: str | None) -> dict[str, str] | None:
+    """``headers`` plus the record's message id (None: as they are)."""
+    if msg_id is None:
+        return headers
+    if not isinstance(msg_id, str):
+        raise ConfigError(f"msg_id must be a str, not {type(msg_id).__name__}")
+    return {**(headers or {}), MSG_ID_HEADER: msg_id}
 
 
 class Client:
@@ -269,8 +283,13 @@ class Client:
         *,
         headers: Mapping[str, str] | None = None,
         ack: bool = True,
+        msg_id: str | None = None,
     ) -> PublishAck | None:
         """Append ``data`` to ``stream``; return its offset once the broker stored it.
+
+        ``msg_id`` (the ``felix-msg-id`` header, 1-512 bytes): a stream that stored a
+        record with this id within its dedup window stores nothing and acknowledges
+        the original record's offset, so a retry after a lost ack is safe.
 
         With ``ack=False`` return None as soon as the record is queued: records
         queued in the same loop iteration leave together in one frame; delivery
@@ -280,7 +299,7 @@ class Client:
         ConnectionLost (never resent: the record may or may not be stored).
         """
         ns, name = resolve_name("stream", stream, self.namespace)
-        hdrs = _headers(headers)
+        hdrs = _with_msg_id(_headers(headers), msg_id)
         if not ack:
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise LocalProtocolError(f"payload must be bytes-like, not {type(data).__name__}")
@@ -308,25 +327,49 @@ class Client:
         items: Sequence[BytesLike],
         *,
         headers: Mapping[str, str] | None = None,
+        msg_ids: Sequence[str | None] | None = None,
     ) -> list[PublishAck]:
         """Append ``items`` to ``stream`` in one frame; their acks, in order.
 
         The records get consecutive offsets. ``headers`` applies to every item.
         Errors as for :meth:`publish`; the batch is stored whole or not at all.
+
+        ``msg_ids``: one message id (or None) per item, as ``publish(msg_id=)``. A
+        batch holding records the stream already stored is acknowledged with their
+        original offsets when those and the new records' are one run (a retried
+        batch); otherwise the broker refuses it whole (DuplicatesInBatch) and this
+        call publishes the items one by one, in order, each acked as it is stored (or
+        with its original offset): the acks are then not consecutive, and a failure
+        part way leaves the items before it stored.
         """
         ns, name = resolve_name("stream", stream, self.namespace)
         if not items:
             return []
         hdrs = _headers(headers)
+        per_item: list[dict[str, str] | None] | None = None
+        if msg_ids is not None:
+            if len(msg_ids) != len(items):
+                raise ConfigError(f"{len(msg_ids)} msg_ids for {len(items)} items")
+            per_item = [_with_msg_id(hdrs, mid) for mid in msg_ids]
+        elif hdrs:
+            per_item = [hdrs] * len(items)
         t = self.tenant
-        reply = await self._request(
-            lambda rid: wire.encode_publish(
-                rid, t, ns, name, items, headers=[hdrs] * len(items) if hdrs else None
-            ),
-            wire.PublishOffsets,
-            wire.OP_PUBLISH_OFFSETS,
-            key=(ns, name),
-        )
+        try:
+            reply = await self._request(
+                lambda rid: wire.encode_publish(rid, t, ns, name, items, headers=per_item),
+                wire.PublishOffsets,
+                wire.OP_PUBLISH_OFFSETS,
+                key=(ns, name),
+            )
+        except DuplicatesInBatch:
+            if msg_ids is None:
+                raise
+            acks = []
+            for item, mid in zip(items, msg_ids, strict=True):
+                ack = await self.publish(stream, item, headers=headers, msg_id=mid)
+                assert ack is not None
+                acks.append(ack)
+            return acks
         if reply.count != len(items):
             raise RemoteProtocolError(
                 f"PUBLISH_OFFSETS for {reply.count} records, {len(items)} were sent"

@@ -187,6 +187,26 @@ class StreamSpec(_Spec):
     replay_max_records: Annotated[int, Field(ge=1, le=100_000_000)] = 100_000
     replay_max_bytes: Annotated[int, Field(ge=4096, le=1 << 40)] = 64 * 1024 * 1024
     slow_subscriber_policy: Literal["drop_old", "disconnect", "block"] = "drop_old"
+    #: None (or left out): the node's default (felix up --dedup-window, 2 minutes).
+    dedup_window_s: Annotated[
+        float | None,
+        Field(
+            ge=0,
+            le=7 * 86_400,
+            description="how long the stream remembers the felix-msg-id of each record it "
+            "stored, to drop a publish of the same id again (seconds, up to 7 days; 0: "
+            "off; default: the node's, 120)",
+        ),
+    ] = None
+    dedup_max_entries: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=10_000_000,
+            description="most message ids the stream remembers (the oldest are forgotten "
+            "first; default: the node's, 100000)",
+        ),
+    ] = None
     queue: QueueDefaults = QueueDefaults()
     region: Annotated[str | None, Field(max_length=64)] = None
 

@@ -213,6 +213,7 @@ def core_stats(core: ShardCore) -> dict[str, int]:
         "blocked": core.blocked,
         "memory_used": core.memory_used,
         "quota_trims": core.quota_trims,
+        "duplicates": core.duplicates,
         "trimmed_bytes": core.trimmed_bytes,
         "caches": core.caches,
         **durable_stats(core),

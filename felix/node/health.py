@@ -111,7 +111,12 @@ _METRICS: dict[str, tuple[str, str, bool]] = {
     "quota_trims": ("felix_quota_trims", "Times a quota was exceeded and trimmed", True),
     "trimmed_bytes": ("felix_trimmed_bytes", "Bytes trimmed for memory quotas and budgets", True),
     "blocked": ("felix_publishes_blocked", "Publishes refused by the block policy", True),
-    "memory_used": ("felix_memory_used_bytes", "Replay ring and cache bytes held", False),
+    "duplicates": (
+        "felix_publish_duplicates",
+        "Records not stored: their felix-msg-id was stored within the dedup window",
+        True,
+    ),
+    "memory_used": ("felix_memory_used_bytes", "Replay ring, cache and msg id bytes held", False),
     "delivered": ("felix_messages_delivered", "Records delivered to subscribers", True),
     "protocol_errors": ("felix_protocol_errors", "Streams closed for protocol errors", True),
     "overloaded": ("felix_overloaded_replies", "Requests refused as Overloaded", True),

@@ -30,10 +30,16 @@ it is visible in memory; a ``commit`` ack is held until the I/O driver reports a
 fsync covering it (:meth:`ShardCore.sync_done`), and a READ below the in-memory hot
 tail becomes a disk read job answered by :meth:`ShardCore.read_done`.
 
+A publish whose records carry ``felix-msg-id`` headers is checked against its
+stream's recent message ids (felix/shard/dedup.py): a duplicate is not stored again
+and is acknowledged with the original record's offset; a durable stream reads the ids
+of its log tail back when it is opened.
+
 Nothing here reads the clock or does I/O, except the offset reservations, which
 write one small file when a stream crosses its reserved block (felix/shard/offsets.py),
-and the disk logs' appends, opens and deletes (the wall clock for record timestamps
-is passed in as ``wall_us``).
+and the disk logs' appends, opens, deletes and the message-id rebuild's reads of a
+log tail (the wall clock for record timestamps and message-id windows is passed in
+as ``wall_us``).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from felix import ipc, wire
 from felix.errors import (
     BadRequest,
     CursorError,
+    DuplicatesInBatch,
     FelixError,
     NotFound,
     Overloaded,
@@ -59,6 +66,7 @@ from felix.errors import (
 from felix.ipc import RecordType
 from felix.names import validate_name
 from felix.shard.cache import CachePartition, CacheSettings
+from felix.shard.dedup import DedupTable, msg_ids, rebuild
 from felix.shard.disk_read import ReadJob, durable_start
 from felix.shard.durable import DurableSettings, DurableStore, DurableStream
 from felix.shard.fsyncer import Syncable
@@ -112,6 +120,7 @@ class ShardSettings:
 class _Stream:
     __slots__ = (
         "cursors",
+        "dedup",
         "disk",
         "key",
         "log",
@@ -133,15 +142,22 @@ class _Stream:
         self.pending_count = 0
         #: The disk log of a durable stream (None: in memory only).
         self.disk: DurableStream | None = None
+        #: The message ids it stored recently (None: dedup_window_s is 0).
+        self.dedup: DedupTable | None = None
 
     @property
     def held_bytes(self) -> int:
-        return self.log.retained_bytes
+        dedup = self.dedup
+        return self.log.retained_bytes + (0 if dedup is None else dedup.nbytes)
 
     def trim_bytes(self, nbytes: int) -> int:
+        """Replay records first (a durable stream keeps them on disk), then message ids."""
         before = self.log.retained_bytes
         self.log.trim(nbytes)
-        return before - self.log.retained_bytes
+        freed = before - self.log.retained_bytes
+        if freed < nbytes and self.dedup is not None:
+            freed += self.dedup.trim(nbytes - freed)
+        return freed
 
 
 class ShardCore:
@@ -227,6 +243,10 @@ class ShardCore:
         self.malformed = 0
         self.published = 0
         self.pushes = 0
+        #: Records not stored because their felix-msg-id was stored within the window.
+        self.duplicates = 0
+        # Streams whose dedup table holds ids (the sweep expires them).
+        self._dedup_streams: dict[_Stream, None] = {}
 
     def _streams_contains(self, key: str) -> bool:
         return key in self._streams
@@ -307,6 +327,8 @@ class ShardCore:
         """Reclaim expired cache entries, bounded work per cache; returns entries removed."""
         self._now = now
         self.queues.tick(now)
+        if self._dedup_streams:
+            self._expire_ids(self._wall_us())
         removed = 0
         for scope, cache in self._caches.items():
             before = cache.used_bytes
@@ -578,39 +600,172 @@ class ShardCore:
         if disk is not None and disk.damaged is None:
             # Offsets continue above everything on disk and everything reserved.
             first = max(first, disk.log.next_offset)
-        stream = _Stream(key, StreamLog(self.settings.stream_defaults, first_offset=first), usage)
+        settings = self.settings.stream_defaults
+        stream = _Stream(key, StreamLog(settings, first_offset=first), usage)
         stream.disk = disk
         self._streams[key] = stream
         usage.holdings[key] = stream
         self._tombstones.pop(key, None)
         if waiting is not None:
             stream.watchers = waiting
+        self._configure_dedup(stream, settings)
         return stream
+
+    # message ids (felix/shard/dedup.py)
+
+    def _configure_dedup(self, stream: _Stream, settings: StreamSettings) -> None:
+        """Apply ``settings``' dedup window to ``stream`` (at creation or a definition).
+
+        A durable stream's table is rebuilt from its log tail whenever it is created
+        or its bounds change: its log holds every record it stored, so the table comes
+        back exactly (within the rebuild's bound). Charges the change to its tenant.
+        """
+        table = stream.dedup
+        window, most = settings.dedup_window_s, settings.dedup_max_entries
+        now_us = self._wall_us()
+        if not window:
+            if table is not None:
+                self._charge(stream.tenant, table.clear())
+                stream.dedup = None
+                self._dedup_streams.pop(stream, None)
+            return
+        if table is not None and table.window_s == window and table.max_entries == most:
+            return
+        if table is None:
+            table = stream.dedup = DedupTable(window, most)
+        else:
+            self._charge(stream.tenant, table.resize(window, most, now_us))
+        disk = stream.disk
+        if disk is not None:
+            before = table.nbytes
+            try:
+                rebuild(table, disk, now_us)
+            except (FelixError, OSError) as exc:
+                log.error(
+                    "shard %d: stream %s: message ids not rebuilt from its log (%s); "
+                    "%d of them are remembered",
+                    self.settings.index,
+                    stream.key,
+                    exc,
+                    len(table),
+                )
+            self._charge(stream.tenant, table.nbytes - before)
+        if len(table):
+            self._dedup_streams[stream] = None
+            self._enforce(stream.tenant)
+
+    def _expire_ids(self, now_us: int) -> None:
+        for stream in list(self._dedup_streams):
+            table = stream.dedup
+            if table is None:
+                del self._dedup_streams[stream]
+                continue
+            delta = table.expire(now_us)
+            if delta:
+                self._charge(stream.tenant, delta)
+            if not len(table):
+                del self._dedup_streams[stream]
+
+    def _remember(
+        self, stream: _Stream, ids: Sequence[str | None], base: int, stamp_us: int
+    ) -> None:
+        """The records from ``base`` were stored: remember their ids."""
+        table = stream.dedup
+        assert table is not None
+        delta = 0
+        for i, msg_id in enumerate(ids):
+            if msg_id is not None:
+                delta += table.add(msg_id, base + i, stamp_us)
+        if delta:
+            self._dedup_streams[stream] = None
+            self._charge(stream.tenant, delta)
+            self._enforce(stream.tenant)
+
+    def _ack_duplicates(self, stream: _Stream, msg: wire.Publish, first: int) -> bytes:
+        """Every record of ``msg`` was stored before, from ``first`` on: the ack the
+        original publish got (for ``commit``, once an fsync covers the originals)."""
+        count = len(msg.payloads)
+        disk = stream.disk
+        if disk is not None:
+            store = self.disk
+            assert store is not None
+            if disk.damaged is not None:
+                raise Unavailable(disk.damaged)
+            if store.fatal is not None:
+                raise Unavailable(
+                    f"shard {self.settings.index} stopped acknowledging: {store.fatal}"
+                )
+        if msg.ack == wire.ACK_NONE:
+            return wire.encode_ok(msg.request_id)
+        if disk is None:
+            return wire.encode_publish_offsets(msg.request_id, first, count)
+        reply = wire.encode_publish_offsets(
+            msg.request_id, first, count, durability=disk.settings.durability
+        )
+        if disk.settings.fsync == "commit" and disk.synced < first + count:
+            assert self.disk is not None
+            self.disk.wait_sync(
+                disk, first + count, self._gateway, self._token, msg.request_id, reply
+            )
+            return _DEFERRED
+        return reply
 
     def _publish(self, msg: wire.ExtMessage, now: float) -> bytes:
         assert isinstance(msg, wire.Publish)
         key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
         stream = self._streams.get(key)
-        if self._aux == ipc.AUX_DEAD_LETTER:
+        dead_letter = self._aux == ipc.AUX_DEAD_LETTER
+        if dead_letter:
             stream = self._dead_letter_stream(key, stream)
         elif stream is None:
             stream = self._create_stream(key)
         if not msg.payloads:
             raise BadRequest("a publish needs at least one record")
+        payloads, headers = msg.payloads, msg.headers
+        # Message ids (felix/shard/dedup.py): only a batch with headers pays for them.
+        # A dead-letter append copies the id of the record it carries: not a retry.
+        ids: list[str | None] | None = None
+        first: int | None = None  # the ack's first offset when duplicates are dropped
+        stamp = 0
+        if headers is not None and not dead_letter:
+            ids = msg_ids(headers)
+            if ids is not None and stream.dedup is not None:
+                stamp = self._wall_us()
+                plan = stream.dedup.plan(ids, stream.log.next_offset, stamp)
+                if plan is not None:
+                    # Without an ack no offsets are owed: the duplicates are just dropped.
+                    if not plan.contiguous and msg.ack != wire.ACK_NONE:
+                        raise DuplicatesInBatch(
+                            f"stream {key}: {plan.duplicates} of the batch's {len(ids)} "
+                            "records repeat a felix-msg-id stored before (or in the batch) "
+                            "and their offsets are not one run with the others: nothing was "
+                            "stored; publish them one by one"
+                        )
+                    self.duplicates += plan.duplicates
+                    if not plan.keep:
+                        return self._ack_duplicates(stream, msg, plan.first)
+                    first = plan.first
+                    payloads = [payloads[i] for i in plan.keep]
+                    headers = [headers[i] for i in plan.keep]
+                    ids = [ids[i] for i in plan.keep]
+            else:
+                ids = None  # nothing to remember
         if stream.disk is not None:
-            return self._publish_durable(stream, stream.disk, msg, now)
+            return self._publish_durable(
+                stream, stream.disk, msg, payloads, headers, ids, first, stamp, now
+            )
         if stream.cursors and stream.log.settings.slow_subscriber_policy == "block":
             needed = min(stream.cursors.values())
-            if stream.log.earliest_after(msg.payloads, msg.headers) > needed:
+            if stream.log.earliest_after(payloads, headers) > needed:
                 self.blocked += 1
                 raise Overloaded(
                     f"stream {stream.key} is full: a subscriber still needs offset {needed} "
                     "(block policy); retry"
                 )
         if self._offsets is not None:
-            self._offsets.ensure(stream.key, stream.log.next_offset + len(msg.payloads))
+            self._offsets.ensure(stream.key, stream.log.next_offset + len(payloads))
         before = stream.log.retained_bytes
-        base, count = stream.log.append(msg.payloads, msg.headers)
+        base, count = stream.log.append(payloads, headers)
         self.published += count
         # _charge and the checks of _enforce, inline: this is the hottest path.
         usage = stream.tenant
@@ -619,6 +774,8 @@ class ShardCore:
         self._memory += delta
         if usage.memory > usage.quota.memory_bytes or self._memory > self.settings.memory_budget:
             self._enforce(usage)
+        if ids is not None:
+            self._remember(stream, ids, base, stamp)
         if stream.watchers:
             if not stream.pending_count:
                 stream.pending_base = base
@@ -626,6 +783,8 @@ class ShardCore:
             stream.pending_count += count
         if msg.ack == wire.ACK_NONE:
             return wire.encode_ok(msg.request_id)
+        if first is not None:
+            return wire.encode_publish_offsets(msg.request_id, first, len(msg.payloads))
         return wire.encode_publish_offsets(msg.request_id, base, count)
 
     def _dead_letter_stream(self, key: str, stream: _Stream | None) -> _Stream:
@@ -646,15 +805,27 @@ class ShardCore:
         return stream
 
     def _publish_durable(
-        self, stream: _Stream, disk: DurableStream, msg: wire.Publish, now: float
+        self,
+        stream: _Stream,
+        disk: DurableStream,
+        msg: wire.Publish,
+        payloads: list[bytes],
+        headers: list[dict[str, str] | None] | None,
+        ids: list[str | None] | None,
+        first: int | None,
+        stamp: int,
+        now: float,
     ) -> bytes:
         """Disk first (one write), then the hot tail in memory; the ack per fsync policy.
 
-        The block policy does not apply: a subscriber that falls behind reads from disk.
+        ``payloads``/``headers`` are what is stored (``msg``'s, less the duplicates);
+        ``first``: the offset the ack starts at when duplicates were dropped (they
+        precede the stored records); ``ids``: the stored records' message ids to
+        remember, stamped ``stamp``. The block policy does not apply: a subscriber
+        that falls behind reads from disk.
         """
         store = self.disk
         assert store is not None
-        payloads, headers = msg.payloads, msg.headers
         log_ = stream.log
         nbytes = log_.validate(payloads, headers)
         store.check_room(disk, nbytes)
@@ -664,7 +835,9 @@ class ShardCore:
         count = len(payloads)
         if self._offsets is not None:
             self._offsets.ensure(stream.key, base + count)
-        store.append(disk, base, payloads, headers, self._wall_us(), now)
+        # The ids' stamp is the records' timestamp: a rebuild from the log finds the same.
+        timestamp = stamp if ids is not None else self._wall_us()
+        store.append(disk, base, payloads, headers, timestamp, now)
         before = log_.retained_bytes
         log_.append(payloads, headers)
         self.published += count
@@ -674,6 +847,8 @@ class ShardCore:
         self._memory += delta
         if usage.memory > usage.quota.memory_bytes or self._memory > self.settings.memory_budget:
             self._enforce(usage)  # trims only the hot tail: the records stay on disk
+        if ids is not None:
+            self._remember(stream, ids, base, timestamp)
         if stream.watchers:
             if not stream.pending_count:
                 stream.pending_base = base
@@ -684,7 +859,10 @@ class ShardCore:
         if msg.ack == wire.ACK_NONE:
             return wire.encode_ok(msg.request_id)
         reply = wire.encode_publish_offsets(
-            msg.request_id, base, count, durability=disk.settings.durability
+            msg.request_id,
+            base if first is None else first,
+            len(msg.payloads),
+            durability=disk.settings.durability,
         )
         if disk.settings.fsync == "commit" and disk.synced < base + count:
             store.wait_sync(disk, base + count, self._gateway, self._token, msg.request_id, reply)
@@ -959,6 +1137,7 @@ class ShardCore:
         before = stream.log.retained_bytes
         stream.log.reconfigure(settings)
         self._charge(stream.tenant, stream.log.retained_bytes - before)
+        self._configure_dedup(stream, settings)
 
     def delete_stream(self, key: str) -> bool:
         """Remove the stream; every gateway watching it is told to end its subscriptions.
@@ -978,7 +1157,8 @@ class ShardCore:
             if waiting is not None and usage is not None:
                 self._release(usage, ("watch", key))
             return False
-        self._charge(stream.tenant, -stream.log.retained_bytes)
+        self._charge(stream.tenant, -stream.held_bytes)
+        self._dedup_streams.pop(stream, None)
         self._release(stream.tenant, key)
         self.queues.remove(key)
         if stream.disk is not None and self.disk is not None:
@@ -1170,16 +1350,21 @@ class ShardCore:
         }
         # Gateways with a subscriber of the stream (each may hold many).
         watching = len(stream.watchers)
+        dedup: dict[str, object] = {"window_s": 0, "entries": 0}
+        if stream.dedup is not None:
+            dedup = stream.dedup.status()
         if stream.disk is None or self.disk is None:
             return {
                 "durable": False,
                 "fsync": "none",
                 "memory": memory,
                 "gateways_watching": watching,
+                "dedup": dedup,
             }
         status = self.disk.status(key) or {}
         status["memory"] = memory
         status["gateways_watching"] = watching
+        status["dedup"] = dedup
         live = self.queues.status(key)
         groups: dict[str, dict[str, object]] = {}
         for name in sorted(set(live) | set(self._group_defs.get(key, {}))):

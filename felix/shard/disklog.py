@@ -218,6 +218,20 @@ class DiskLog:
                 return seg.first_offset
         return self._view.next_offset
 
+    def tail_start(self, records: int) -> int:
+        """An offset from which the log holds at least its newest ``records`` records
+        (or all of them): the first offset of the newest whole segments holding that
+        many. For a reader that wants the tail and knows offsets may have gaps."""
+        start = self._view.next_offset
+        held = 0
+        for seg in reversed(self._view.segments):
+            if held >= records:
+                break
+            if seg.records:
+                start = seg.first_offset
+                held += seg.records
+        return start
+
     @property
     def synced_offset(self) -> int:
         """Every record below this offset is fsynced (survives power loss)."""

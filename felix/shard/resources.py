@@ -33,7 +33,16 @@ def stream_settings(spec: dict[str, Any], defaults: StreamSettings) -> StreamSet
         replay_max_bytes=replay_bytes,
         max_record_bytes=min(defaults.max_record_bytes, replay_bytes - RECORD_OVERHEAD),
         slow_subscriber_policy=spec.get("slow_subscriber_policy", defaults.slow_subscriber_policy),
+        dedup_window_s=_or_default(spec.get("dedup_window_s"), defaults.dedup_window_s),
+        dedup_max_entries=int(
+            _or_default(spec.get("dedup_max_entries"), defaults.dedup_max_entries)
+        ),
     )
+
+
+def _or_default(value: Any, default: Any) -> Any:
+    """A spec's value, or the node's default where the spec leaves it None."""
+    return default if value is None else value
 
 
 #: Stored fsync names from before they were reconciled (store migration v2 rewrites them;

@@ -41,6 +41,8 @@ from felix.wire import StartAtTime
 
 __all__ = [
     "HEADER_OVERHEAD",
+    "MAX_DEDUP_ENTRIES",
+    "MAX_DEDUP_WINDOW_S",
     "MAX_OFFSET",
     "RECORD_OVERHEAD",
     "RecordBatch",
@@ -59,6 +61,9 @@ HEADER_OVERHEAD: Final = 128
 MAX_OFFSET: Final = 2**63 - 1
 
 _MIB = 1024 * 1024
+#: Bounds of the dedup settings (felix/shard/dedup.py).
+MAX_DEDUP_WINDOW_S: Final = 7 * 86_400.0
+MAX_DEDUP_ENTRIES: Final = 10_000_000
 
 SlowSubscriberPolicy: TypeAlias = Literal["drop_old", "disconnect", "block"]
 #: Where a subscription starts: ``"latest"`` (only new records), ``"earliest"``
@@ -94,6 +99,10 @@ class StreamSettings:
             its bound: ``"drop_old"`` skips it forward with a visible gap in
             offsets, ``"disconnect"`` ends the subscription with an error,
             ``"block"`` holds the publisher back (opt-in; slows every subscriber).
+        dedup_window_s: how long the stream remembers the message ids
+            (``felix-msg-id``) it stored, to drop a publish of one again
+            (felix/shard/dedup.py); 0 turns duplicate suppression off.
+        dedup_max_entries: most message ids remembered; the oldest are forgotten first.
 
     Raises:
         BadRequest: from ``__post_init__`` when a field is out of range.
@@ -103,6 +112,8 @@ class StreamSettings:
     replay_max_bytes: int = 64 * _MIB
     max_record_bytes: int = 1 * _MIB
     slow_subscriber_policy: SlowSubscriberPolicy = "drop_old"
+    dedup_window_s: float = 120.0
+    dedup_max_entries: int = 100_000
 
     def __post_init__(self) -> None:
         _check_count("replay_max_records", self.replay_max_records)
@@ -117,6 +128,19 @@ class StreamSettings:
             raise BadRequest(
                 f"slow_subscriber_policy must be one of {', '.join(_POLICIES)}, "
                 f"got {self.slow_subscriber_policy!r}"
+            )
+        window = self.dedup_window_s
+        if isinstance(window, bool) or not isinstance(window, int | float):
+            raise BadRequest(f"dedup_window_s must be a number of seconds, got {window!r}")
+        if not 0 <= window <= MAX_DEDUP_WINDOW_S:
+            raise BadRequest(
+                f"dedup_window_s must be within 0..{MAX_DEDUP_WINDOW_S:g} seconds "
+                f"(0: off), got {window!r}"
+            )
+        _check_count("dedup_max_entries", self.dedup_max_entries)
+        if self.dedup_max_entries > MAX_DEDUP_ENTRIES:
+            raise BadRequest(
+                f"dedup_max_entries must be <= {MAX_DEDUP_ENTRIES}, got {self.dedup_max_entries}"
             )
 
 

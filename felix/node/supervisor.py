@@ -43,6 +43,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+import felix
 from felix import ipc
 from felix.auth.rotation import KeyRotator, RotationPolicy
 from felix.errors import ConfigError
@@ -212,7 +213,9 @@ class Supervisor:
             self._shm_sock = self._bind_shm(config.shm_socket)
         if not config.embedded_shards:
             self._make_rings()
-        self.health = HealthServer(self)
+        self.health = HealthServer(
+            self, info={"region": config.region, "version": felix.__version__}
+        )
         await self.health.start(*config.http)
         if not config.control_url:
             await self._launch_control()

@@ -73,8 +73,13 @@ def test_a_node_refuses_a_token_issued_for_another_region() -> None:
     assert eu.authenticate(_token("eu-1"), "acme").tenant == "acme"
     with pytest.raises(Unauthenticated, match="issued for region 'us-1'; this node is region"):
         eu.authenticate(_token("us-1"), "acme")
-    # A token without the claim (minted before regions, or by a tool that sets none).
-    assert eu.authenticate(_token(None), "acme").tenant == "acme"
+    # A token without the claim (minted before regions, or by a tool that sets none):
+    # refused where the region is set, taken by the loopback dev region.
+    with pytest.raises(Unauthenticated, match="no region claim: this node is region 'eu-1'"):
+        eu.authenticate(_token(None), "acme")
+    assert _authenticator("local").authenticate(_token(None), "acme").tenant == "acme"
+    with pytest.raises(Unauthenticated, match="issued for region 'eu-1'"):
+        _authenticator("local").authenticate(_token("eu-1"), "acme")
     # A node without a region setting takes any.
     assert _authenticator(None).authenticate(_token("us-1"), "acme").tenant == "acme"
 

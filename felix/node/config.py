@@ -251,21 +251,6 @@ class NodeConfig:
             validate_name("region", self.region)
         except FelixError as exc:
             raise ConfigError(f"--region: {exc}") from None
-        if self.region == DEV_REGION:
-            beyond = [
-                f"--{name} {getattr(self, name)[0]}"
-                for name in ("listen", "control")
-                # Following a remote control plane: this node serves no control API.
-                if not (name == "control" and self.control_url)
-                and not is_loopback(getattr(self, name)[0])
-            ]
-            if beyond:
-                raise ConfigError(
-                    f"--region is required beyond loopback dev mode ({', '.join(beyond)} "
-                    f"is not a loopback address): name the region this node belongs to "
-                    f"with --region ID (or $FELIX_REGION); {DEV_REGION!r} is the loopback "
-                    "default only"
-                )
         if not 0 <= self.spin_us <= 10_000:
             raise ConfigError("--spin-us must be between 0 and 10000")
         if self.gateways * self.shards > 256:
@@ -287,6 +272,21 @@ class NodeConfig:
                         else "with --auth none felix serves unauthenticated"
                     )
                     + ", so it refuses to listen elsewhere without --insecure"
+                )
+        if self.region == DEV_REGION:
+            beyond = [
+                f"--{name} {getattr(self, name)[0]}"
+                for name in ("listen", "control")
+                # Following a remote control plane: this node serves no control API.
+                if not (name == "control" and self.control_url)
+                and not is_loopback(getattr(self, name)[0])
+            ]
+            if beyond:
+                raise ConfigError(
+                    f"--region is required beyond loopback dev mode ({', '.join(beyond)} "
+                    f"is not a loopback address): name the region this node belongs to "
+                    f"with --region ID (or $FELIX_REGION); {DEV_REGION!r} is the loopback "
+                    "default only"
                 )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together")

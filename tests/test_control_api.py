@@ -519,9 +519,8 @@ def test_streams_may_only_name_the_clusters_region() -> None:
         assert_problem(await http.patch(f"{STREAMS}/s", json={"region": None}), 400)
         r = await http.patch(f"{STREAMS}/s", json={"region": "eu-1", "durable": True})
         assert r.status_code == 200 and r.json()["spec"]["region"] == "eu-1"
-        assert (await store.get(ResourceKind.STREAM, ("acme", "prod", "s"))).spec[
-            "region"
-        ] == "eu-1"  # type: ignore[union-attr]
+        stored = await store.get(ResourceKind.STREAM, ("acme", "prod", "s"))
+        assert stored is not None and stored.spec["region"] == "eu-1"
 
     with_api(test, region="eu-1")
 

@@ -178,7 +178,8 @@ def test_felix_control_names_its_region_beyond_loopback(tmp_path: Path) -> None:
 
 
 def _control_region_of(argv: list[str]) -> str:
-    from felix.cli import _control_region, build_parser, parse_address
+    from felix.cli import _control_region, build_parser
+    from felix.node.config import parse_address
 
     args = build_parser().parse_args(argv)
     return _control_region(args.region, parse_address(args.listen, 8443)[0])
@@ -303,7 +304,7 @@ def test_a_follower_refuses_a_feed_of_another_region(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(control, "REFUSED_RETRY", 0.05)
     lines: list[str] = []
     monkeypatch.setattr(
-        control.audit, "emit", lambda event, **kw: lines.append(f"{event} {kw['detail']}")
+        "felix.audit.emit", lambda event, **kw: lines.append(f"{event} {kw['detail']}")
     )
 
     class Remote(StoreFeed):

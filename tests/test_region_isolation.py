@@ -97,6 +97,7 @@ async def _pub_sub(node: NodeProcess, token: str) -> None:
         connect_timeout=5,
     ) as client:
         first = await client.publish("orders", b"hello")
+        assert first is not None
         async with client.subscribe("orders", start=first.offset) as sub:
             assert (await sub.next(timeout=5)).data == b"hello"
 

@@ -15,7 +15,10 @@ auth directory of ``felix up``'s default data directory). It holds TENANT.ring.j
 (private keys, mode 0600) and TENANT.jwks.json (public keys, read by the broker).
 A rotated key signs from publish_ahead (300 s) after the rotation on; keys stay
 published until every token they signed has expired. Tokens carry iss and aud
-"felix" and at most --max-ttl seconds (keygen; default 900) of lifetime.
+"felix" and at most --max-ttl seconds (keygen; default 900) of lifetime, and a
+region claim: mint's --region, else the region in the node.json beside the key
+directory (the node's data dir), else none (only the loopback dev region "local"
+takes a token without one).
 
 exchange (added to this group by :mod:`felix.control.cli`: felix/auth knows nothing
 of the control plane) asks the control plane (--url, else $FELIX_CONTROL_URL, else

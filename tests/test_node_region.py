@@ -343,3 +343,34 @@ def test_a_follower_refuses_a_feed_of_another_region(monkeypatch: pytest.MonkeyP
         task.cancel()
 
     run(main)
+
+
+def test_a_data_dir_keeps_the_region_its_resources_were_created_in(tmp_path: Path) -> None:
+    """The embedded control plane's store records each resource's region: the node
+    restarted with another --region on the same data dir refuses to follow it (exit 2)."""
+    import subprocess
+    import sys
+
+    data_dir = tmp_path / "node"
+    n = NodeProcess(data_dir, "--region", "eu-1", gateways=1, shards=1)
+    try:
+        api = httpx.Client(base_url=n.info["control"], timeout=10)
+        tenant = api.get("/v1/tenants/default").json()
+        assert tenant["spec"]["region"] == "eu-1"  # the default tenant is the node's too
+        api.close()
+    finally:
+        assert n.stop() == 0
+    argv = ["up", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--control"]
+    argv += ["127.0.0.1:0", "--gateways", "1", "--shards", "1", "--data-dir", str(data_dir)]
+    moved = subprocess.run(
+        [sys.executable, "-m", "felix.cli", *argv, "--region", "us-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert moved.returncode == 2, moved.stderr
+    assert "refusing to follow the embedded control plane" in moved.stderr
+    assert "of region 'eu-1'; this node is region 'us-1'" in moved.stderr
+    # Back in its own region, the node starts as before.
+    n = NodeProcess(data_dir, "--region", "eu-1", gateways=1, shards=1)
+    assert n.stop() == 0

@@ -39,6 +39,7 @@ import socket
 import stat
 import sys
 import time
+import urllib.parse
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -362,7 +363,7 @@ class Supervisor:
             target.send(message)
 
         describe = (
-            f"the control plane at {config.control_url}"
+            f"the control plane at {_without_userinfo(config.control_url)}"
             if config.control_url
             else "the embedded control plane"
         )
@@ -805,6 +806,14 @@ async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
     finally:
         for task in tasks:
             task.cancel()
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` without ``user:password@`` (it goes into log and audit lines)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname is None or "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _is_ip(host: str) -> bool:

@@ -9,7 +9,8 @@ Each line is a JSON object with these keys, in this order::
 
 - ``event``: ``management`` (a create, update or delete through the control API),
   ``auth`` (an authentication: a token refused, an identity-provider token
-  exchanged or refused, a session ended at its token's expiry) or ``permission``
+  exchanged or refused, a session ended at its token's expiry, a node refusing to
+  follow a control plane of another region) or ``permission``
   (a valid credential that does not allow the request).
 - ``who``: the token's subject, ``admin`` for the bootstrap admin token, or
   ``anonymous`` (no credential, or one that did not verify). ``who_tenant``: the

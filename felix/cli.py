@@ -31,6 +31,7 @@ from felix.node.config import (
     resolve_topology,
     usable_cpus,
 )
+from felix.regions import DEV_REGION
 from felix.shard.cache import CacheSettings
 from felix.shard.stream_log import StreamSettings
 
@@ -169,9 +170,11 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     up.add_argument(
         "--region",
-        default="local",
-        help="the region this node belongs to (shown in node.json and /v1/system/info; "
-        "streams may name only this region) (local)",
+        default=os.environ.get("FELIX_REGION") or None,
+        metavar="ID",
+        help="the region this node and its embedded control plane belong to: tokens, "
+        "resources and a followed control plane must be of this region; required beyond "
+        "loopback (default: $FELIX_REGION, else 'local' on loopback)",
     )
     up.add_argument(
         "--spin-us",
@@ -485,7 +488,7 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         control_token=args.control_token,
         embedded_shards=embedded,
         spin_us=args.spin_us,
-        region=args.region,
+        region=args.region or DEV_REGION,
         auth=_auth_mode(args.auth, listen[0], *([] if args.control_url else [control[0]])),
         key_rotation_interval=parse_duration(args.key_rotation_interval),
         key_publish_lead=parse_duration(args.key_publish_lead),
@@ -522,7 +525,14 @@ def _add_control(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         action="store_true",
         help="allow a non-loopback address without authentication",
     )
-    control.add_argument("--region", default="local", help="the region this cluster is")
+    control.add_argument(
+        "--region",
+        default=os.environ.get("FELIX_REGION") or None,
+        metavar="ID",
+        help="the region this control plane belongs to: its tokens carry it, resources "
+        "and tokens of another region are refused; required beyond loopback (default: "
+        "$FELIX_REGION, else 'local' on loopback)",
+    )
     control.add_argument(
         "--node-memory-budget",
         default="1GiB",
@@ -669,6 +679,7 @@ def _run_control(args: argparse.Namespace) -> int:
             f"--listen {host} is not loopback: refusing without --auth or --tls-client-ca "
             "(or --insecure, to serve it unauthenticated)"
         )
+    region = _control_region(args.region, host)
     tls_options = _control_tls(args, host)
     limits = http_limits(args)
     admin = admin_token(args.admin_token_file) if args.auth else None
@@ -689,7 +700,7 @@ def _run_control(args: argparse.Namespace) -> int:
         try:
             app = create_app(
                 store,
-                region=args.region,
+                region=region,
                 keys_dir=args.keys_dir,
                 admin_token=admin,
                 require_auth=args.auth,
@@ -718,6 +729,25 @@ def _run_control(args: argparse.Namespace) -> int:
 
     uvloop.run(serve())
     return 0
+
+
+def _control_region(region: str | None, host: str) -> str:
+    """--region of `felix control`: required beyond loopback, a valid name, not 'local'."""
+    from felix.node.config import is_loopback
+    from felix.regions import check_region_name
+
+    if region is None or region == DEV_REGION:
+        if not is_loopback(host):
+            raise ConfigError(
+                f"--region is required beyond loopback dev mode (--listen {host} is not a "
+                "loopback address): name the region this control plane belongs to with "
+                f"--region ID (or $FELIX_REGION); {DEV_REGION!r} is the loopback default only"
+            )
+        return DEV_REGION
+    try:
+        return check_region_name(region)
+    except FelixError as exc:
+        raise ConfigError(f"--region: {exc}") from None
 
 
 def _control_tls(args: argparse.Namespace, host: str) -> dict[str, Any]:

@@ -244,6 +244,18 @@ class DuplicatesInBatch(BadRequest):
     code = ErrorCode.DUPLICATES_IN_BATCH
 
 
+class WrongRegion(BadRequest):
+    """Something names another region than this node's or control plane's (issue #15):
+    a resource's spec, a change of a resource's region, a control plane's feed
+    (control plane: HTTP 400; a node refuses to follow such a feed)."""
+
+    def __init__(self, message: str, *, region: str | None, expected: str) -> None:
+        super().__init__(message)
+        #: The region named (None: none, or cleared), and this cluster's.
+        self.region = region
+        self.expected = expected
+
+
 class FelixTimeoutError(FelixError, TimeoutError):
     """A call did not complete within its timeout."""
 

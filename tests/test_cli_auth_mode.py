@@ -26,15 +26,18 @@ def test_loopback_defaults_to_no_tokens(tmp_path: Path) -> None:
 
 
 def test_a_port_beyond_loopback_defaults_to_jwt(tmp_path: Path) -> None:
-    assert node(tmp_path, "--listen", "0.0.0.0:5000").auth is True
-    assert node(tmp_path, "--control", "10.0.0.7:8443").auth is True
+    eu = ("--region", "eu-1")  # beyond loopback a node names its region
+    assert node(tmp_path, "--listen", "0.0.0.0:5000", *eu).auth is True
+    assert node(tmp_path, "--control", "10.0.0.7:8443", *eu).auth is True
 
 
 def test_explicit_modes(tmp_path: Path) -> None:
     assert node(tmp_path, "--auth").auth is True  # bare --auth is jwt
     assert node(tmp_path, "--auth", "jwt").auth is True
     assert node(tmp_path, "--auth", "none").auth is False
-    config = node(tmp_path, "--listen", "0.0.0.0:5000", "--auth", "none", "--insecure")
+    config = node(
+        tmp_path, "--listen", "0.0.0.0:5000", "--auth", "none", "--insecure", "--region", "eu-1"
+    )
     assert config.auth is False and config.insecure
 
 
@@ -44,7 +47,7 @@ def test_no_tokens_beyond_loopback_needs_insecure(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--insecure"):
         node(tmp_path, "--control", "0.0.0.0:8443", "--auth", "none")
     # --insecure alone does not switch tokens off: jwt stays the default.
-    assert node(tmp_path, "--listen", "0.0.0.0:5000", "--insecure").auth is True
+    assert node(tmp_path, "--listen", "0.0.0.0:5000", "--insecure", "--region", "x").auth is True
 
 
 def test_bad_mode_is_refused() -> None:

@@ -510,9 +510,17 @@ def test_streams_may_only_name_the_clusters_region() -> None:
         assert "eu-1" in body["detail"]
         r = await http.post(STREAMS, json={"name": "s", "region": "eu-1"})
         assert r.status_code == 201 and r.json()["spec"]["region"] == "eu-1"
-        assert_problem(await http.patch(f"{STREAMS}/s", json={"region": "mars"}), 400)
-        r = await http.patch(f"{STREAMS}/s", json={"region": None})
-        assert r.status_code == 200 and r.json()["spec"]["region"] is None
+        # Left out: the control plane's region, recorded and shown.
+        r = await http.post(STREAMS, json={"name": "t"})
+        assert r.status_code == 201 and r.json()["spec"]["region"] == "eu-1"
+        # A resource's region never changes: not to another, not to null.
+        body = assert_problem(await http.patch(f"{STREAMS}/s", json={"region": "mars"}), 400)
+        assert "'eu-1'" in body["detail"] and "'mars'" in body["detail"]
+        assert_problem(await http.patch(f"{STREAMS}/s", json={"region": None}), 400)
+        r = await http.patch(f"{STREAMS}/s", json={"region": "eu-1", "durable": True})
+        assert r.status_code == 200 and r.json()["spec"]["region"] == "eu-1"
+        stored = await store.get(ResourceKind.STREAM, ("acme", "prod", "s"))
+        assert stored is not None and stored.spec["region"] == "eu-1"
 
     with_api(test, region="eu-1")
 

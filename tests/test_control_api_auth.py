@@ -390,9 +390,10 @@ def test_admin_token_file(tmp_path: Path) -> None:
 
 
 def test_node_config_control_address_and_token() -> None:
-    NodeConfig(control=("0.0.0.0", 8443), auth=True)  # authenticated: may listen anywhere
+    # authenticated: may listen anywhere (beyond loopback it names its region)
+    NodeConfig(control=("0.0.0.0", 8443), auth=True, region="eu-1")
     with pytest.raises(ConfigError, match="--control"):
-        NodeConfig(control=("0.0.0.0", 8443))
+        NodeConfig(control=("0.0.0.0", 8443), region="eu-1")
     with pytest.raises(ConfigError, match="--http"):
         NodeConfig(http=("0.0.0.0", 8080), auth=True)  # metrics stay loopback-only
     config = NodeConfig(control_url="http://control:8443", control_token="secret")
@@ -403,7 +404,7 @@ def test_node_config_control_address_and_token() -> None:
 
 def test_a_token_of_another_region_manages_nothing_here(keys: Keys) -> None:
     """Issue #15: a control plane refuses management calls with a token issued for
-    another region (a token without the claim is taken, for now)."""
+    another region, and (its region being set) one without the claim."""
 
     async def main() -> None:
         perm = "tenant.manage:tenant:acme"
@@ -414,6 +415,13 @@ def test_a_token_of_another_region_manages_nothing_here(keys: Keys) -> None:
             ok = await http.get(ACME, headers=bearer(keys.token("acme", perm, region="eu-1")))
             assert ok.status_code == 200
             no_claim = await http.get(ACME, headers=bearer(keys.token("acme", perm)))
-            assert no_claim.status_code == 200
+            assert_problem(no_claim, 401)
+            assert "no region claim" in no_claim.text and "'eu-1'" in no_claim.text
+        # The loopback dev region takes claimless tokens (existing dev flows), not others.
+        async with api(keys) as http:
+            ok = await http.get(ACME, headers=bearer(keys.token("acme", perm)))
+            assert ok.status_code == 200
+            r = await http.get(ACME, headers=bearer(keys.token("acme", perm, region="us-1")))
+            assert_problem(r, 401)
 
     run(main)

@@ -93,7 +93,7 @@ def test_tenant_commands(server: Server, capsys: pytest.CaptureFixture[str]) -> 
     assert felix(server, "tenant", "ls") == 0
     assert capsys.readouterr().out == ""
     assert felix(server, "tenant", "create", "acme", "--set", "description=team a") == 0
-    assert capsys.readouterr().out == "created tenant acme (version 1)\n"
+    assert capsys.readouterr().out == "created tenant acme in region eu-1 (version 1)\n"
     assert felix(server, "tenant", "create", "beta", "--json") == 0
     [beta] = out_json(capsys)
     assert beta["kind"] == "tenant" and beta["path"] == ["beta"] and beta["name"] == "beta"
@@ -101,12 +101,16 @@ def test_tenant_commands(server: Server, capsys: pytest.CaptureFixture[str]) -> 
         "description": "",
         "memory_quota_bytes": None,
         "max_resources_per_shard": None,
+        "region": "eu-1",
     }
 
     assert felix(server, "tenant", "ls") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["NAME", "VERSION", "UPDATED"]
-    assert [line.split()[:2] for line in lines[1:]] == [["acme", "1"], ["beta", "1"]]
+    assert lines[0].split() == ["NAME", "REGION", "VERSION", "UPDATED"]
+    assert [line.split()[:3] for line in lines[1:]] == [
+        ["acme", "eu-1", "1"],
+        ["beta", "eu-1", "1"],
+    ]
     assert felix(server, "tenant", "ls", "--json") == 0
     assert [t["name"] for t in out_json(capsys)] == ["acme", "beta"]
 
@@ -146,7 +150,7 @@ def test_namespace_stream_and_cache_commands(
     }
     # ns/name names another namespace of the tenant.
     assert felix(server, "stream", "create", "dev/events", "--tenant", "acme") == 0
-    assert capsys.readouterr().out == "created stream acme/dev/events (version 1)\n"
+    assert capsys.readouterr().out == "created stream acme/dev/events in region eu-1 (version 1)\n"
 
     assert felix(server, "stream", "info", "orders", *where) == 0
     info = capsys.readouterr().out.splitlines()
@@ -161,7 +165,9 @@ def test_namespace_stream_and_cache_commands(
 
     # cache: the same group as the data commands (get/set/del), which still parse.
     assert felix(server, "cache", "create", "sessions", *where, "--set", "budget_bytes=8192") == 0
-    assert capsys.readouterr().out == "created cache acme/prod/sessions (version 1)\n"
+    assert (
+        capsys.readouterr().out == "created cache acme/prod/sessions in region eu-1 (version 1)\n"
+    )
     assert felix(server, "cache", "info", "prod/sessions", "--tenant", "acme", "--json") == 0
     assert out_json(capsys)[0]["spec"]["budget_bytes"] == 8192
     data_get = parser().parse_args(["cache", "get", "sessions", "k"])

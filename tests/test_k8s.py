@@ -255,6 +255,7 @@ def test_configmap_is_a_valid_felix_up_config(tmp_path: Path) -> None:
     assert config.insecure is True  # only for the health/metrics port
     assert config.control_store == store
     assert config.drain_grace == float(table["drain-grace"])
+    assert config.region == table["region"]  # beyond loopback a node names its region
     assert config.data_dir == (tmp_path / "data").resolve()
 
 

@@ -462,6 +462,7 @@ def test_node_config_mtls_settings(tmp_path: Path) -> None:
     # Every QUIC client is authenticated by its certificate: the port may leave loopback.
     config = NodeConfig(
         listen=("0.0.0.0", 5000),
+        region="eu-1",  # beyond loopback a node names its region
         engine="aioquic",
         tls_client_ca=ca,
         control_url="https://control:8443",

@@ -15,7 +15,10 @@ auth directory of ``felix up``'s default data directory). It holds TENANT.ring.j
 (private keys, mode 0600) and TENANT.jwks.json (public keys, read by the broker).
 A rotated key signs from publish_ahead (300 s) after the rotation on; keys stay
 published until every token they signed has expired. Tokens carry iss and aud
-"felix" and at most --max-ttl seconds (keygen; default 900) of lifetime.
+"felix" and at most --max-ttl seconds (keygen; default 900) of lifetime, and a
+region claim: mint's --region, else the region in the node.json beside the key
+directory (the node's data dir), else none (only the loopback dev region "local"
+takes a token without one).
 
 exchange (added to this group by :mod:`felix.control.cli`: felix/auth knows nothing
 of the control plane) asks the control plane (--url, else $FELIX_CONTROL_URL, else
@@ -54,7 +57,15 @@ from felix.auth.perms import PermissionSet
 from felix.errors import BadRequest, ConfigError, FelixError, NotFound
 from felix.names import validate_name
 
-__all__ = ["DEFAULT_AUTH_DIR", "add_commands", "auth_dir", "guarded", "read_secret", "tenant_arg"]
+__all__ = [
+    "DEFAULT_AUTH_DIR",
+    "add_commands",
+    "auth_dir",
+    "guarded",
+    "node_region",
+    "read_secret",
+    "tenant_arg",
+]
 
 #: The key directory when neither --dir nor $FELIX_AUTH_DIR is given.
 DEFAULT_AUTH_DIR = Path("data") / "auth"
@@ -116,8 +127,10 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     )
     mint.add_argument(
         "--region",
-        help="the region the token is issued for (its region claim): nodes of another "
-        "region refuse it (default: no claim)",
+        help="the region the token is issued for (its region claim): nodes and control "
+        "planes of another region refuse it (default: the region in the node.json beside "
+        "the key directory, i.e. the node's data dir; without one, no claim, which only "
+        "the loopback dev region 'local' takes)",
     )
     mint.set_defaults(func=guarded(_mint))
 
@@ -231,7 +244,9 @@ def _mint(args: argparse.Namespace) -> int:
         perms = PermissionSet(tenant, args.perms)
     except BadRequest as exc:
         raise ConfigError(f"--perm: {exc}") from None
-    ring = _load(auth_dir(args), tenant)
+    directory = auth_dir(args)
+    ring = _load(directory, tenant)
+    region = args.region if args.region is not None else node_region(directory.parent)
     try:
         token = ring.mint(
             _now(),
@@ -240,12 +255,26 @@ def _mint(args: argparse.Namespace) -> int:
             sub=args.sub,
             perms=perms,
             ttl=args.ttl,
-            region=args.region,
+            region=region,
         )
     except BadRequest as exc:  # an unusable --sub
         raise ConfigError(str(exc)) from None
     print(token)
     return 0
+
+
+def node_region(data_dir: Path) -> str | None:
+    """The region of the node whose data dir is ``data_dir``, from its node.json (None:
+    no node.json there, or one without a usable region: it is a report, not state)."""
+    try:
+        info = json.loads((data_dir / "node.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    region = info.get("region") if isinstance(info, dict) else None
+    try:
+        return validate_name("region", region) if isinstance(region, str) else None
+    except FelixError:
+        return None
 
 
 def _jwks(args: argparse.Namespace) -> int:

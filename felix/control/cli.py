@@ -85,7 +85,7 @@ from felix.auth.perms import PermissionSet
 from felix.context import resolve
 from felix.control.cliargs import add_connection_arguments, open_client
 from felix.control.client import ControlClient
-from felix.control.model import PARENT, Path, Resource, ResourceKind
+from felix.control.model import PARENT, REGIONAL, Path, Resource, ResourceKind
 from felix.control.nodestatus import (
     fetch_stream_status,
     group_status,
@@ -419,6 +419,19 @@ def _ls(client: ControlClient, args: argparse.Namespace, kind: ResourceKind) -> 
     if args.json:
         for res in resources:
             _print_json(_resource_json(res))
+    elif resources and kind in REGIONAL:
+        # The home region of each (issue #15): one column, the control plane's own.
+        header: tuple[str, ...] = ("NAME", "REGION", "VERSION", "UPDATED")
+        rows: list[tuple[str, ...]] = [
+            (
+                r.name,
+                _text(r.spec.get("region")),
+                str(r.version),
+                r.updated_at.isoformat(timespec="seconds"),
+            )
+            for r in resources
+        ]
+        _table([header, *rows])
     elif resources:
         header = ("NAME", "VERSION", "UPDATED")
         rows = [
@@ -432,6 +445,9 @@ def _create(client: ControlClient, args: argparse.Namespace, kind: ResourceKind)
     res = client.create(kind, _path(args, kind), parse_settings(args.settings))
     if args.json:
         _print_json(_resource_json(res))
+    elif kind in REGIONAL:
+        region = res.spec.get("region")
+        print(f"created {_label(kind, res.path)} in region {region} (version {res.version})")
     else:
         print(f"created {_label(kind, res.path)} (version {res.version})")
     return 0

@@ -104,6 +104,24 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: The home region of a tenant, namespace, stream or cache (issue #15). The API fills in
+#: its control plane's region when it is left out, refuses another one, and refuses any
+#: change of it; a resource stored before regions (no value) is of its control plane's
+#: region (:func:`with_region`).
+HomeRegion = Annotated[
+    str | None,
+    Field(
+        max_length=64,
+        description="the region the resource lives in: only the control plane's own "
+        "(default); it cannot change",
+    ),
+]
+#: The kinds that record a home region.
+REGIONAL = frozenset(
+    {ResourceKind.TENANT, ResourceKind.NAMESPACE, ResourceKind.STREAM, ResourceKind.CACHE}
+)
+
+
 class TenantSpec(_Spec):
     description: Annotated[str, Field(max_length=1024)] = ""
     #: Memory the tenant may hold on a node (replay rings and cache entries, charged as
@@ -127,10 +145,12 @@ class TenantSpec(_Spec):
             "may hold on one shard (default: the node's --tenant-max-resources)",
         ),
     ] = None
+    region: HomeRegion = None
 
 
 class NamespaceSpec(_Spec):
     description: Annotated[str, Field(max_length=1024)] = ""
+    region: HomeRegion = None
 
 
 class QueueDefaults(_Spec):
@@ -208,7 +228,7 @@ class StreamSpec(_Spec):
         ),
     ] = None
     queue: QueueDefaults = QueueDefaults()
-    region: Annotated[str | None, Field(max_length=64)] = None
+    region: HomeRegion = None
 
     @field_validator("fsync", mode="before")
     @classmethod
@@ -234,6 +254,7 @@ class CacheSpec(_Spec):
     budget_bytes: Annotated[int, Field(ge=4096, le=1 << 40)] = 64 * 1024 * 1024
     default_ttl_s: Annotated[float | None, Field(gt=0, le=365 * 86_400)] = None
     max_value_bytes: Annotated[int, Field(ge=0, le=64 * 1024 * 1024)] = 1024 * 1024
+    region: HomeRegion = None
 
 
 _GROUP_DEFAULTS = GroupSettings()
@@ -450,3 +471,12 @@ def validate_spec(kind: ResourceKind, spec: dict[str, Any] | None) -> dict[str, 
     except ValidationError as exc:
         raise BadRequest(f"invalid {kind} settings: {exc.errors(include_url=False)}") from None
     return model.model_dump(mode="json")
+
+
+def with_region(res: Resource, region: str) -> Resource:
+    """``res`` as the API and the feed show it: a tenant, namespace, stream or cache
+    stored without a home region (before regions were recorded) is of ``region``, the
+    region of the control plane holding it."""
+    if res.kind not in REGIONAL or res.spec.get("region") is not None:
+        return res
+    return res.model_copy(update={"spec": {**res.spec, "region": region}})

@@ -29,6 +29,7 @@ from felix.auth.perms import PermissionSet
 from felix.auth.tokens import read_unverified_claims, verify_felix_token
 from felix.errors import FelixError, Unauthenticated
 from felix.names import validate_name
+from felix.regions import check_token_region
 
 #: Seconds of clock skew and of grace after a token's expiry.
 DEFAULT_LEEWAY = 5.0
@@ -88,7 +89,8 @@ class TokenAuthenticator:
         region: str | None = None,
     ) -> None:
         self._jwks = jwks
-        #: This node's region: a token issued for another region is refused.
+        #: This node's region: a token issued for another region is refused, and one
+        #: without a region claim unless this is the dev default (felix/regions.py).
         self._region = region
         self._issuer = issuer
         self._audience = audience
@@ -121,11 +123,9 @@ class TokenAuthenticator:
         )
         if tenant and tenant != claims.tid:
             raise Unauthenticated("the token belongs to another tenant than the frame names")
-        if self._region is not None and claims.region is not None and claims.region != self._region:
-            raise Unauthenticated(
-                f"the token was issued for region {claims.region!r}; "
-                f"this node is region {self._region!r}"
-            )
+        if self._region is not None:
+            # Another region's token, or (region set explicitly) one without the claim.
+            check_token_region(claims.region, self._region, "this node")
         return Identity(claims.tid, claims.sub, claims.perms, claims.deadline(self._leeway))
 
 

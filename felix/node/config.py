@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from felix.errors import ConfigError, FelixError
 from felix.gateway.gateway import GatewayLimits
 from felix.names import validate_name
+from felix.regions import DEV_REGION
 from felix.shard.cache import CacheSettings
 from felix.shard.stream_log import StreamSettings
 from felix.shard.tenants import TenantQuota
@@ -214,8 +215,10 @@ class NodeConfig:
     #: Follow this remote control plane instead of embedding one (``felix control``).
     control_url: str | None = None
     #: The region this node (and its embedded control plane) belongs to: shown in
-    #: node.json and /v1/system/info; resources may name only this region.
-    region: str = "local"
+    #: node.json, /v1/system/info and /metrics; tokens, resources and the control
+    #: plane's feed must be of this region (felix/regions.py). The default, "local",
+    #: is for loopback dev mode only.
+    region: str = DEV_REGION
     #: Host the shard cores inside the (single) gateway process: no ring hop.
     embedded_shards: bool = False
     #: Microseconds a gateway keeps polling its UDP socket after a datagram, and a
@@ -275,6 +278,21 @@ class NodeConfig:
                         else "with --auth none felix serves unauthenticated"
                     )
                     + ", so it refuses to listen elsewhere without --insecure"
+                )
+        if self.region == DEV_REGION:
+            beyond = [
+                f"--{name} {getattr(self, name)[0]}"
+                for name in ("listen", "control")
+                # Following a remote control plane: this node serves no control API.
+                if not (name == "control" and self.control_url)
+                and not is_loopback(getattr(self, name)[0])
+            ]
+            if beyond:
+                raise ConfigError(
+                    f"--region is required beyond loopback dev mode ({', '.join(beyond)} "
+                    f"is not a loopback address): name the region this node belongs to "
+                    f"with --region ID (or $FELIX_REGION); {DEV_REGION!r} is the loopback "
+                    "default only"
                 )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together")

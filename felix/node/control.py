@@ -14,6 +14,15 @@ to; a cache: every shard, each holding its share of the budget). If the control
 plane is away, the node keeps serving what it knows and retries with backoff; if
 the feed moved past the follower's position, it re-snapshots and applies the
 difference.
+
+Regions (issue #15): a node follows only a control plane of its own region. Each
+seed asks the source for its region (a remote control plane's /v1/system/info) and
+checks every tenant, namespace, stream and cache of the snapshot, and each change,
+for the region it records. A mismatch is refused: nothing of it is applied, the
+refusal is logged (an error) and audited, and the follower stops following. At
+start `felix up` exits with the error; later, /readyz reports the node not ready
+(it keeps serving what it had) and the follower tries again every
+:data:`REFUSED_RETRY` seconds, taking up the feed once the region matches.
 """
 
 from __future__ import annotations
@@ -32,13 +41,15 @@ from typing import Any, Literal, Protocol
 
 import uvicorn
 
-from felix import ipc
+from felix import audit, ipc
 from felix.control.limits import HttpLimits
-from felix.control.model import Change, Op, Resource, ResourceKind
+from felix.control.model import REGIONAL, Change, Op, Resource, ResourceKind
 from felix.control.quotas import NodeQuotas
 from felix.control.store import CursorTooOld, Store
+from felix.errors import WrongRegion
 from felix.node import messages as msg
 from felix.node.messages import ApplyResource
+from felix.regions import DEV_REGION
 
 log = logging.getLogger("felix.control.follower")
 
@@ -55,8 +66,17 @@ APPLIED = (ResourceKind.TENANT, ResourceKind.STREAM, ResourceKind.CACHE, Resourc
 Resources = dict[tuple[ResourceKind, tuple[str, ...]], dict[str, Any]]
 
 
+#: Seconds between attempts to follow again after a feed of another region was refused.
+REFUSED_RETRY = 30.0
+
+
 class FeedSource(Protocol):
     """Where the follower reads from: a store in this process, or the REST API."""
+
+    async def region(self) -> str | None:
+        """The region of the control plane behind this source (None: the node's own,
+        by construction: its embedded control plane)."""
+        ...
 
     async def snapshot(self) -> tuple[int, list[Resource]]: ...
 
@@ -68,6 +88,9 @@ class StoreFeed:
 
     def __init__(self, store: Store) -> None:
         self._store = store
+
+    async def region(self) -> str | None:
+        return None
 
     async def snapshot(self) -> tuple[int, list[Resource]]:
         return await self._store.snapshot()
@@ -97,6 +120,14 @@ class HttpFeed:
         # ca: verifies an https control plane; cert: (chain, key) presented to one that
         # requires client certificates (mTLS). None: $FELIX_CONTROL_CA / _CERT / _KEY.
         self._client = ControlClient(url, token=token, ca=ca, cert=cert)
+        self.url = url
+
+    async def region(self) -> str | None:
+        info = await asyncio.to_thread(self._client.info)
+        region = info.get("region")
+        if not isinstance(region, str):
+            raise ConnectionError(f"{self.url}/v1/system/info names no region")
+        return region
 
     async def snapshot(self) -> tuple[int, list[Resource]]:
         return await asyncio.to_thread(self._client.snapshot)
@@ -126,6 +157,9 @@ class ChildFeed:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._parts: dict[int, list[dict[str, Any]]] = {}
+
+    async def region(self) -> str | None:
+        return None  # the node's own control process, started with the node's region
 
     async def snapshot(self) -> tuple[int, list[Resource]]:
         position, raw = await self._call(msg.SnapshotRequest, REPLY_TIMEOUT)
@@ -188,8 +222,16 @@ class ControlFollower:
         send: Send,
         *,
         on_tenants: Callable[[frozenset[str]], None] | None = None,
+        region: str = DEV_REGION,
+        describe: str = "the control plane",
     ) -> None:
         self._source = source
+        #: This node's region: a feed of another region is refused.
+        self.region = region
+        self._describe = describe
+        #: Why the feed is refused (None: it is not); set with ``refusal``.
+        self.refused: str | None = None
+        self.refusal = asyncio.Event()
         self._shards = shards
         self._send = send
         # on_tenants(all tenants): called after a seed and each tenant created or
@@ -212,8 +254,21 @@ class ControlFollower:
         return range(self._shards)
 
     async def seed(self) -> None:
-        """Take a snapshot and define everything in it (replacing what was known)."""
+        """Take a snapshot and define everything in it (replacing what was known).
+
+        Raises WrongRegion (applying nothing) if the source's control plane, or a
+        resource in the snapshot, is of another region than this node's."""
+        remote = await self._source.region()
+        if remote is not None and remote != self.region:
+            raise WrongRegion(
+                f"{self._describe} is region {remote!r}; this node is region "
+                f"{self.region!r}: a node follows only a control plane of its own region",
+                region=remote,
+                expected=self.region,
+            )
         position, resources = await self._source.snapshot()
+        for res in resources:
+            self._check_region(res)
         fresh: Resources = {(r.kind, tuple(r.path)): r.spec for r in resources if r.kind in APPLIED}
         for kind, path in self.resources.keys() - fresh.keys():
             self._apply("delete", kind, path, {})
@@ -226,6 +281,40 @@ class ControlFollower:
         self.tenants = {r.path[0] for r in resources if r.kind is ResourceKind.TENANT}
         self._tenants_changed()
         self.seeded.set()
+        if self.refused is not None:
+            log.warning("following %s again (region %s)", self._describe, self.region)
+            self.refused = None
+            self.refusal.clear()
+
+    def _check_region(self, res: Resource) -> None:
+        """Refuse a resource recording another home region than this node's."""
+        region = res.spec.get("region") if res.kind in REGIONAL else None
+        if region is not None and region != self.region:
+            raise WrongRegion(
+                f"{self._describe} holds {res.kind} {'/'.join(res.path)} of region "
+                f"{region!r}; this node is region {self.region!r}",
+                region=region,
+                expected=self.region,
+            )
+
+    def _refuse(self, exc: WrongRegion) -> None:
+        """Stop following: log and audit why (once per reason), report not ready."""
+        reason = str(exc)
+        if reason != self.refused:
+            log.error("refusing to follow %s: %s", self._describe, reason)
+            audit.emit(
+                "auth",
+                who="node",
+                tenant=None,
+                action="control.follow",
+                object=self._describe,
+                result="denied",
+                reason="wrong-region",
+                detail=reason,
+            )
+        self.refused = reason
+        self.refusal.set()
+        self._resync = True  # take it up again only from a fresh, checked snapshot
 
     def resync(self) -> None:
         """Take a fresh snapshot before the next change (the source may have started
@@ -255,6 +344,9 @@ class ControlFollower:
                     "the control plane's feed moved past position %d: re-snapshot", self.position
                 )
                 self.seeded.clear()
+            except WrongRegion as exc:
+                self._refuse(exc)
+                await asyncio.sleep(REFUSED_RETRY)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -265,6 +357,7 @@ class ControlFollower:
 
     def _on_change(self, change: Change) -> None:
         r = change.resource
+        self._check_region(r)
         if r.kind is ResourceKind.TENANT:
             known = r.path[0] in self.tenants
             if change.op is Op.DELETE and known:

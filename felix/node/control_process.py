@@ -47,7 +47,7 @@ async def run_control(spec: ChildSpec, channel: ControlChannel) -> None:
     store = open_store(url)
     await store.open()
     try:
-        await ensure_default_namespace(store)
+        await ensure_default_namespace(store, config.region)
         control = _api(config, store, socket.socket(fileno=spec.socket_fd))
         await control.start()
         channel.send(msg.Ready())
@@ -140,16 +140,17 @@ def _fitting(items: list[dict[str, Any]], start: int) -> int:
     return end
 
 
-async def ensure_default_namespace(store: Store) -> None:
+async def ensure_default_namespace(store: Store, region: str | None = None) -> None:
     """A new embedded control plane starts with the ``default`` tenant and namespace,
-    the ones clients use when they name none."""
+    the ones clients use when they name none, recorded in ``region`` (the node's)."""
+    spec = {} if region is None else {"region": region}
     for kind, path in (
         (ResourceKind.TENANT, ("default",)),
         (ResourceKind.NAMESPACE, ("default", "default")),
     ):
         if await store.get(kind, path) is None:
             with contextlib.suppress(AlreadyExists):
-                await store.create(kind, path, {})
+                await store.create(kind, path, spec)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -269,6 +269,15 @@ class _ChildStats(Collector):
             restarts.add_metric([child.role, str(child.index)], child.restarts)
         yield from families.values()
         yield restarts
+        if self._server.info:
+            # One constant series: its labels say what this node is (a bounded set: the
+            # node's own region and version, nothing a client chooses).
+            labels = sorted(self._server.info)
+            info = GaugeMetricFamily(
+                "felix_node_info", "This node: its region and felix version", labels=labels
+            )
+            info.add_metric([self._server.info[k] for k in labels], 1)
+            yield info
         own = [
             *self._node.supervisor_counters(),
             (
@@ -284,8 +293,16 @@ class _ChildStats(Collector):
 
 
 class HealthServer:
-    def __init__(self, node: NodeView, *, max_connections: int = MAX_CONNECTIONS) -> None:
+    def __init__(
+        self,
+        node: NodeView,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        info: Mapping[str, str] | None = None,
+    ) -> None:
         self._node = node
+        #: Labels of the felix_node_info gauge (region, version); none: no gauge.
+        self.info = dict(info or {})
         self._server: asyncio.Server | None = None
         self._registry = CollectorRegistry()
         self._registry.register(_ChildStats(node, self))

@@ -39,6 +39,7 @@ import socket
 import stat
 import sys
 import time
+import urllib.parse
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,8 @@ class Supervisor:
             problems.append("draining")
         if self.follower is None or not self.follower.seeded.is_set():
             problems.append("control plane: not seeded yet")
+        elif self.follower.refused is not None:
+            problems.append(f"control plane: feed refused: {self.follower.refused}")
         now = time.monotonic()
         degraded: list[str] = []  # the control process: changes wait, the data plane serves
         for child in self.children:
@@ -219,7 +222,9 @@ class Supervisor:
             self._shm_sock = self._bind_shm(config.shm_socket)
         if not config.embedded_shards:
             self._make_rings()
-        self.health = HealthServer(self)
+        self.health = HealthServer(
+            self, info={"region": config.region, "version": felix.__version__}
+        )
         await self.health.start(*config.http)
         if not config.control_url:
             await self._launch_control()
@@ -386,11 +391,26 @@ class Supervisor:
             target = self.gateways[0] if config.embedded_shards else self.shards[message.shard]
             target.send(message)
 
-        self.follower = ControlFollower(source, config.shards, send, on_tenants=on_tenants)
+        describe = (
+            f"the control plane at {_without_userinfo(config.control_url)}"
+            if config.control_url
+            else "the embedded control plane"
+        )
+        self.follower = ControlFollower(
+            source,
+            config.shards,
+            send,
+            on_tenants=on_tenants,
+            region=config.region,
+            describe=describe,
+        )
         self._background(self.follower.run())
         if not self.follower.seeded.is_set():
             log.info("waiting for the control plane to seed this node")
-        await self.follower.seeded.wait()
+        await _first(self.follower.seeded.wait(), self.follower.refusal.wait())
+        if not self.follower.seeded.is_set():
+            # A feed of another region at start: felix up stops with the reason (exit 2).
+            raise ConfigError(f"refusing to follow {describe}: {self.follower.refused}")
         if self.jwks_sync is not None:
             # Start the gateways with the tenants' keys in place (bounded: a slow or
             # failing fetch keeps retrying in the background).
@@ -861,6 +881,24 @@ class Supervisor:
                 os.replace(tmp, path)
         except OSError as exc:  # e.g. no descriptor free: node.json is a report, not state
             log.warning("cannot write %s: %s", path, exc)
+
+
+async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Return once the first of ``waits`` is done (the others are cancelled)."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` without ``user:password@`` (it goes into log and audit lines)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname is None or "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _is_ip(host: str) -> bool:

@@ -3,6 +3,8 @@
 ``/v1/changes?since=N&limit=L&wait=S`` pages the changes after N, waiting up to S
 seconds for one when there are none yet. A position the feed cannot continue from
 answers 410 (re-snapshot). Both routes show every tenant's resources: admin only.
+A tenant, namespace, stream or cache stored without a home region shows this control
+plane's (:func:`~felix.control.model.with_region`), so a follower can check each one.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from felix.control.api.access import Access, requires
-from felix.control.api.context import StoreDep
+from felix.control.api.context import ContextDep, StoreDep
 from felix.control.api.guard import GuardedRoute
 from felix.control.api.problems import errors
+from felix.control.model import with_region
 from felix.control.schemas import ChangeOut, ChangePage, Snapshot, resource_out
 from felix.control.store import CursorTooOld, Store
 
@@ -31,9 +34,11 @@ router = APIRouter(prefix="/v1", route_class=GuardedRoute)
 
 @router.get("/snapshot", tags=["feed"], summary="Every resource and its feed position")
 @requires(Access.ADMIN)
-async def snapshot(store: StoreDep) -> Snapshot:
+async def snapshot(store: StoreDep, ctx: ContextDep) -> Snapshot:
     position, resources = await store.snapshot()
-    return Snapshot(position=position, resources=[resource_out(r) for r in resources])
+    return Snapshot(
+        position=position, resources=[resource_out(with_region(r, ctx.region)) for r in resources]
+    )
 
 
 @router.get(
@@ -45,6 +50,7 @@ async def snapshot(store: StoreDep) -> Snapshot:
 @requires(Access.ADMIN)
 async def changes(
     store: StoreDep,
+    ctx: ContextDep,
     since: Annotated[int, Query(ge=0, description="Feed position to continue from.")] = 0,
     limit: Annotated[
         int, Query(ge=1, le=MAX_LIMIT, description="Most changes to return.")
@@ -79,7 +85,11 @@ async def changes(
         page, next_ = await store.changes(since, limit)
     return ChangePage(
         changes=[
-            ChangeOut(position=ch.position, op=ch.op, resource=resource_out(ch.resource))
+            ChangeOut(
+                position=ch.position,
+                op=ch.op,
+                resource=resource_out(with_region(ch.resource, ctx.region)),
+            )
             for ch in page
         ],
         next=next_,

@@ -30,7 +30,15 @@ from felix.control.api.auditing import audit_change, current_caller
 from felix.control.api.context import ContextDep, ControlContext
 from felix.control.api.guard import GuardedRoute
 from felix.control.api.problems import errors
-from felix.control.model import PARENT, Path, Resource, ResourceKind, check_path
+from felix.control.model import (
+    PARENT,
+    REGIONAL,
+    Path,
+    Resource,
+    ResourceKind,
+    check_path,
+    with_region,
+)
 from felix.control.quotas import check_write
 from felix.control.schemas import (
     COLLECTIONS,
@@ -70,7 +78,7 @@ from felix.control.schemas import (
     resource_url,
 )
 from felix.control.store import VersionConflict
-from felix.errors import BadRequest, FelixError, NotFound
+from felix.errors import FelixError, NotFound, WrongRegion
 
 __all__ = ["KINDS", "ResourceRoutes", "TenantName", "add_routes", "router"]
 
@@ -100,8 +108,6 @@ class ResourceRoutes:
     item_access: Rule
     #: Has children (a delete may cascade to them, and answers 409 if it does not).
     parent: bool = False
-    #: Its settings name a region, which must be this cluster's.
-    regional: bool = False
     list_summary: str = ""
     create_summary: str = ""
 
@@ -135,7 +141,6 @@ KINDS: tuple[ResourceRoutes, ...] = (
         collection_access=Permission("stream.manage", "stream:{tenant}/{ns}/*"),
         item_access=Permission("stream.manage", "stream:{tenant}/{ns}/{stream}"),
         parent=True,
-        regional=True,
     ),
     ResourceRoutes(
         ResourceKind.CACHE, "cache", "sessions", "caches", "cache", "caches",
@@ -239,12 +244,43 @@ async def _if_version(
     return current.version
 
 
-def _check_region(ctx: ControlContext, spec: dict[str, Any]) -> None:
+def _home_region(ctx: ControlContext, kind: ResourceKind, path: Path, spec: dict[str, Any]) -> None:
+    """Fill in a create's home region (this control plane's), or refuse another one."""
     region = spec.get("region")
-    if region is not None and region != ctx.region:
-        raise BadRequest(
-            f"unknown region {region!r}: this cluster is region {ctx.region!r} "
-            "(see GET /v1/regions)"
+    if region is None:  # left out (or null): this control plane's
+        region = spec["region"] = ctx.region
+    if region != ctx.region:
+        raise WrongRegion(
+            f"{kind} {'/'.join(path)} names region {region!r}: this control plane is region "
+            f"{ctx.region!r} and holds only resources of its own region (see GET /v1/regions); "
+            "create it through the control plane of that region",
+            region=region,
+            expected=ctx.region,
+        )
+
+
+async def _keep_region(
+    ctx: ControlContext, kind: ResourceKind, path: Path, patch: dict[str, Any]
+) -> None:
+    """Refuse an update that changes or clears a resource's home region, or that
+    touches a resource of another region than this control plane's."""
+    current = await ctx.store.get(kind, path)
+    if current is None:
+        raise missing(kind, path)
+    home = with_region(current, ctx.region).spec["region"]
+    if "region" in patch and patch["region"] != home:
+        raise WrongRegion(
+            f"{kind} {'/'.join(path)} lives in region {home!r}: its region cannot change "
+            f"(to {patch['region']!r}); a resource never moves between regions",
+            region=patch["region"],
+            expected=home,
+        )
+    if home != ctx.region:
+        raise WrongRegion(
+            f"{kind} {'/'.join(path)} lives in region {home!r}, not in this control "
+            f"plane's region {ctx.region!r}: it is managed there",
+            region=home,
+            expected=ctx.region,
         )
 
 
@@ -262,7 +298,7 @@ class _Operations:
 
     async def list(self, ctx: ControlContext, **names: Any) -> BaseModel:
         items = await ctx.store.list_resources(self.kind, self.path(names))
-        return ResourceList[self.rk.out](items=[self._out(r) for r in items])  # type: ignore[name-defined]
+        return ResourceList[self.rk.out](items=[self._out(r, ctx.region) for r in items])  # type: ignore[name-defined]
 
     async def create(
         self, ctx: ControlContext, response: Response, body: BaseModel, **names: Any
@@ -272,8 +308,8 @@ class _Operations:
         try:
             path = check_path(self.kind, path)
             spec = body.model_dump(mode="json", exclude={"name"}, exclude_unset=True)
-            if self.rk.regional:
-                _check_region(ctx, spec)
+            if self.kind in REGIONAL:
+                _home_region(ctx, self.kind, path, spec)
             await check_write(
                 ctx.store, ctx.quotas, self.kind, path, spec, admin=current_caller().admin
             )
@@ -284,7 +320,7 @@ class _Operations:
         audit_change("create", self.kind, path, None)
         response.headers["Location"] = resource_url(self.kind, res.path)
         response.headers["ETag"] = etag(res.version)
-        return self._out(res)
+        return self._out(res, ctx.region)
 
     async def get(self, ctx: ControlContext, response: Response, **names: Any) -> BaseModel:
         path = self.path(names)
@@ -292,7 +328,7 @@ class _Operations:
         if res is None:
             raise missing(self.kind, path)
         response.headers["ETag"] = etag(res.version)
-        return self._out(res)
+        return self._out(res, ctx.region)
 
     async def update(
         self,
@@ -306,8 +342,8 @@ class _Operations:
         try:
             path = check_path(self.kind, path)
             patch = body.model_dump(mode="json", exclude_unset=True)
-            if self.rk.regional:
-                _check_region(ctx, patch)
+            if self.kind in REGIONAL:
+                await _keep_region(ctx, self.kind, path, patch)
             if_version = await _if_version(ctx, self.kind, path, if_match)
             await check_write(
                 ctx.store,
@@ -324,7 +360,7 @@ class _Operations:
             raise
         audit_change("update", self.kind, path, None)
         response.headers["ETag"] = etag(res.version)
-        return self._out(res)
+        return self._out(res, ctx.region)
 
     async def delete(
         self, ctx: ControlContext, if_match: str | None, cascade: bool = False, **names: Any
@@ -344,8 +380,8 @@ class _Operations:
         refs = [ResourceRef(kind=ch.resource.kind, path=list(ch.resource.path)) for ch in changes]
         return Deleted(deleted=refs)
 
-    def _out(self, res: Resource) -> BaseModel:
-        return self.rk.out.of(res)
+    def _out(self, res: Resource, region: str) -> BaseModel:
+        return self.rk.out.of(with_region(res, region))
 
 
 # -- routes --------------------------------------------------------------------------------

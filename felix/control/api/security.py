@@ -24,6 +24,7 @@ from felix.control.api.auditing import start_request
 from felix.control.api.context import ControlContext, context
 from felix.control.api.problems import errors
 from felix.errors import PermissionDenied, Unauthenticated
+from felix.regions import check_token_region
 
 __all__ = [
     "BEARER_SCHEME",
@@ -104,12 +105,9 @@ def _verify(ctx: ControlContext, token: str) -> Claims:
     if ctx.auth is None:
         raise Unauthenticated("this control plane accepts only the admin token (no key directory)")
     claims = ctx.auth.keys.verify(token, ctx.clock(), time.monotonic(), leeway=TOKEN_LEEWAY)
-    if claims.region is not None and claims.region != ctx.region:
-        # A token issued in another region manages nothing here (issue #15).
-        raise Unauthenticated(
-            f"the token was issued for region {claims.region!r}; "
-            f"this control plane is region {ctx.region!r}"
-        )
+    # A token issued in another region (or, the region being set, for none) manages
+    # nothing here (issue #15); the 401 is audited like every other.
+    check_token_region(claims.region, ctx.region, "this control plane")
     return claims
 
 

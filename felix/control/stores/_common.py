@@ -31,6 +31,7 @@ from felix.errors import (
     Overloaded,
     SettingConflict,
     VersionConflict,
+    WrongRegion,
 )
 from felix.shard.queue.settings import MAX_GROUPS_PER_STREAM, GroupSettings
 
@@ -224,6 +225,14 @@ def updated(
         raise SettingConflict(
             f"group {'/'.join(path)}: start cannot change after the group is created "
             f"(it is {json.dumps(old.spec['start'])}); delete the group and create it again"
+        )
+    home = old.spec.get("region")
+    if home is not None and spec.get("region") != home:
+        # The API refuses this first; the store holds the line for any other writer.
+        raise WrongRegion(
+            f"{kind} {'/'.join(path)} lives in region {home!r}: its region cannot change",
+            region=spec.get("region"),
+            expected=home,
         )
     return old.model_copy(update={"spec": spec, "version": old.version + 1, "updated_at": now})
 

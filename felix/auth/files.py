@@ -273,10 +273,20 @@ def jwks_tenants(directory: Path) -> list[str]:
     return _tenants_with(directory, ".jwks.json")
 
 
+def _new_admin_token() -> str:
+    """``secrets.token_urlsafe(32)`` that does not start with ``-``: passed as a
+    separate command-line argument (``--control-token TOKEN``) it would read as an
+    option otherwise."""
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
+
+
 def admin_token(path: Path) -> str:
     """The bootstrap admin token stored at ``path``, created on first use.
 
-    A new token is ``secrets.token_urlsafe(32)``, written to a temporary file (mode
+    A new token is ``secrets.token_urlsafe(32)`` (never starting with ``-``), written to a temporary file (mode
     0600, fsynced) and linked into place, so a concurrent creator never overwrites
     it: whoever links first wins and both return that token. An existing file must
     be readable by its owner only and hold one non-empty line.
@@ -289,7 +299,7 @@ def admin_token(path: Path) -> str:
     try:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            fresh = (secrets.token_urlsafe(32) + "\n").encode("ascii")
+            fresh = (_new_admin_token() + "\n").encode("ascii")
             tmp = _write_temporary(path, fresh, _RING_MODE)
             try:
                 with contextlib.suppress(FileExistsError):  # someone else made it first

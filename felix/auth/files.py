@@ -287,8 +287,8 @@ def admin_token(path: Path) -> str:
     """The bootstrap admin token stored at ``path``, created on first use.
 
     A new token is ``secrets.token_urlsafe(32)`` (never starting with ``-``), written to
-    a temporary file (mode 0600, fsynced) and linked into place, so a concurrent creator never overwrites
-    it: whoever links first wins and both return that token. An existing file must
+    a temporary file (mode 0600, fsynced) and linked into place, so a concurrent
+    creator never overwrites it: whoever links first wins and both return that token. An existing file must
     be readable by its owner only and hold one non-empty line.
 
     Raises:

@@ -288,8 +288,8 @@ def admin_token(path: Path) -> str:
 
     A new token is ``secrets.token_urlsafe(32)`` (never starting with ``-``), written to
     a temporary file (mode 0600, fsynced) and linked into place, so a concurrent
-    creator never overwrites it: whoever links first wins and both return that token. An existing file must
-    be readable by its owner only and hold one non-empty line.
+    creator never overwrites it: whoever links first wins and both return that token.
+    An existing file must be readable by its owner only and hold one non-empty line.
 
     Raises:
         ConfigError: the file cannot be read or written, is open to group or others,

@@ -177,6 +177,9 @@ def test_a_new_user_needs_no_flags_next_to_a_node(local_node: tuple[NodeProcess,
     assert listed.returncode == 0, listed.stderr
     assert "url http://127.0.0.1:" in listed.stderr and "from data/node.json" in listed.stderr
     assert "defined" in listed.stdout
+    status = _cli(work, "status", "--json", "--interval", "0.2")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["ready"] is True
 
 
 def test_a_stopped_node_is_named_in_a_warning(local_node: tuple[NodeProcess, Path]) -> None:

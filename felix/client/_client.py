@@ -24,6 +24,7 @@ from felix.client._cache import Cache
 from felix.client._connection import Connection, R, expect_reply
 from felix.client._consumer import Consumer
 from felix.client._convert import Endpoint, ShmEndpoint, StartSpec, resolve_name, start_spec
+from felix.client._e2e import seal_record
 from felix.client._events import ClientEvent, EventFeed, EventHub, EventListener
 from felix.client._links import PooledSubscription
 from felix.client._options import ClientOptions
@@ -281,11 +282,18 @@ class Client:
         """
         ns, name = resolve_name("stream", stream, self.namespace)
         hdrs = _headers(headers)
+        e2e = self.options.e2e
+        if e2e is not None:
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise LocalProtocolError(f"payload must be bytes-like, not {type(data).__name__}")
+            # Sealed here: the broker gets only the ciphertext (a new buffer: no copy
+            # of the caller's is needed below).
+            data, hdrs = seal_record(e2e, f"{self.tenant}/{ns}/{name}", data, hdrs)
         if not ack:
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise LocalProtocolError(f"payload must be bytes-like, not {type(data).__name__}")
             # A copy: the record waits in a batch, and the caller may reuse its buffer.
-            payload = bytes(data)
+            payload = data if isinstance(data, bytes) else bytes(data)
             if not self._publish_now(ns, name, payload, hdrs):
                 await self._publish_when_writable(ns, name, payload, hdrs)
             return None
@@ -319,6 +327,18 @@ class Client:
             return []
         hdrs = _headers(headers)
         t = self.tenant
+        e2e = self.options.e2e
+        if e2e is not None:
+            path = f"{t}/{ns}/{name}"
+            for item in items:
+                if not isinstance(item, bytes | bytearray | memoryview):
+                    raise LocalProtocolError(
+                        f"payload must be bytes-like, not {type(item).__name__}"
+                    )
+            sealed = [seal_record(e2e, path, item, hdrs) for item in items]
+            items = [payload for payload, _h in sealed]
+            # Every record carries its own headers (the same ones: one key id per batch).
+            hdrs = sealed[0][1]
         reply = await self._request(
             lambda rid: wire.encode_publish(
                 rid, t, ns, name, items, headers=[hdrs] * len(items) if hdrs else None
@@ -350,7 +370,7 @@ class Client:
         ns, name = resolve_name("stream", stream, self.namespace)
         if not isinstance(credit, int) or not 2 <= credit <= 2**32 - 1:
             raise ConfigError(f"credit must be an int within 2..2**32-1, got {credit!r}")
-        return Subscription(self, stream, ns, name, start_spec(start), credit)
+        return Subscription(self, stream, ns, name, start_spec(start), credit, self.options.e2e)
 
     def consume(
         self, stream: str, group: str, *, prefetch: int = 64, max_bytes: int = 4 << 20
@@ -373,7 +393,7 @@ class Client:
 
     def cache(self, name: str) -> Cache:
         """The cache ``name`` (``"ns/name"`` for another namespace); no round trip."""
-        return Cache(self, name)
+        return Cache(self, name, self.options.e2e)
 
     async def ping(self) -> float:
         """Round-trip time of a PING through the broker, in seconds."""

@@ -138,7 +138,8 @@ class E2EKeys:
         """
         where = Path(path)
         try:
-            with where.open("rb") as f:
+            # O_NONBLOCK: a FIFO in the key file's place must not hang the caller.
+            with os.fdopen(os.open(where, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
                 info = os.fstat(f.fileno())
                 if not stat.S_ISREG(info.st_mode):
                     raise ConfigError(f"e2e key file {where}: not a regular file")

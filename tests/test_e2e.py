@@ -53,7 +53,7 @@ def test_keys_need_32_bytes_a_known_current_id_and_plain_ids() -> None:
             E2EKeys({bad: K1}, bad)
     with pytest.raises(ConfigError, match="at most 256 keys"):
         E2EKeys({f"k{i}": K1 for i in range(257)}, "k1")
-    with pytest.raises(ConfigError, match="e2e must be felix.E2EKeys"):
+    with pytest.raises(ConfigError, match=r"e2e must be felix\.E2EKeys"):
         felix.ClientOptions(e2e={"k1": K1})  # type: ignore[arg-type]
 
 
@@ -105,7 +105,7 @@ def test_missing_unreadable_and_non_json_key_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="No such file"):
         E2EKeys.from_file(tmp_path / "missing.json")
     (tmp_path / "dir").mkdir(mode=0o700)
-    with pytest.raises(ConfigError, match="Is a directory|not a regular file"):
+    with pytest.raises(ConfigError, match=r"Is a directory|not a regular file"):
         E2EKeys.from_file(tmp_path / "dir")
     os.mkfifo(tmp_path / "fifo", 0o600)
     with pytest.raises(ConfigError, match="not a regular file"):

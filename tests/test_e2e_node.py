@@ -15,6 +15,7 @@ import pytest
 
 import felix
 from felix.client import E2EKeys, E2EState, Message
+from felix.client._convert import StartSpec
 from tests.aio import run
 from tests.nodeproc import NodeProcess
 
@@ -38,7 +39,7 @@ def connect(node: NodeProcess, e2e: E2EKeys | None = None) -> felix.client.Conne
 
 
 async def read(
-    client: felix.Client, stream: str, n: int, start: int | str = "earliest"
+    client: felix.Client, stream: str, n: int, start: StartSpec = "earliest"
 ) -> list[Message]:
     async with client.subscribe(stream, start=start) as sub:
         return [await sub.next(timeout=10) for _ in range(n)]

@@ -73,6 +73,7 @@ _KEY_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _VALUE_MAGIC = b"FXE1"
 _RECORD_AAD = b"felix-e2e/1 record"
 _VALUE_AAD = b"felix-e2e/1 cache"
+_RECORD_AAD_ALG = _RECORD_AAD + len(ALG).to_bytes(4, "big") + ALG.encode()
 
 
 class E2EState(enum.StrEnum):
@@ -201,15 +202,19 @@ def _lp(data: bytes) -> bytes:
 
 
 def _record_aad(key_id: str, stream: str, headers: Mapping[str, str] | None) -> bytes:
-    bound = sorted(
-        (name.encode(), value.encode())
-        for name, value in (headers or {}).items()
-        if not name.startswith(_FELIX_PREFIX)
+    # Every record's path: kept to a few bytes operations (sorting by str is sorting by
+    # UTF-8 bytes: both follow code points).
+    aad = b"%s%s%s" % (_RECORD_AAD_ALG, _lp(key_id.encode()), _lp(stream.encode()))
+    bound = (
+        sorted(item for item in headers.items() if not item[0].startswith(_FELIX_PREFIX))
+        if headers
+        else None
     )
-    parts = [_RECORD_AAD, _lp(ALG.encode()), _lp(key_id.encode()), _lp(stream.encode())]
-    parts.append(len(bound).to_bytes(4, "big"))
+    if not bound:
+        return aad + b"\0\0\0\0"
+    parts = [aad, len(bound).to_bytes(4, "big")]
     for name, value in bound:
-        parts += (_lp(name), _lp(value))
+        parts += (_lp(name.encode()), _lp(value.encode()))
     return b"".join(parts)
 
 

@@ -7,6 +7,9 @@ cache and key rotation included."""
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -274,5 +277,47 @@ def test_cache_values_are_encrypted_and_bound_to_cache_and_key(tmp_path: Path) -
 
     try:
         run(main, timeout=60)
+    finally:
+        assert node.stop() == 0
+
+
+def test_cli_encrypts_and_decrypts_with_a_key_file(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path / "node", gateways=1, shards=1)
+    keys = tmp_path / "e2e.json"
+    keys.write_text(json.dumps({"current": "k1", "keys": {"k1": base64.b64encode(K1).decode()}}))
+    keys.chmod(0o600)
+    conn = ["--url", url(node), "--ca", str(node.ca_file)]
+
+    def felix_cli(
+        *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "felix.cli", *args, *conn],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=None if env is None else {**os.environ, **env},
+        )
+
+    try:
+        done = felix_cli("cache", "set", "sessions", "u1", "SECRET-CLI", "--e2e-keys", str(keys))
+        assert done.returncode == 0, done.stderr
+        got = felix_cli("cache", "get", "sessions", "u1", env={"FELIX_E2E_KEYS": str(keys)})
+        assert got.returncode == 0 and got.stdout == "SECRET-CLI\n", got.stderr
+        raw = felix_cli("cache", "get", "sessions", "u1", "--json")
+        assert raw.returncode == 0 and "SECRET" not in raw.stdout
+        assert json.loads(raw.stdout)["encoding"] == "base64"
+        pub = felix_cli("pub", "notes", "SECRET-NOTE", "--header", "a=b", "--e2e-keys", str(keys))
+        assert pub.returncode == 0, pub.stderr
+        assert felix_cli("pub", "notes", "PLAIN-NOTE").returncode == 0
+        sub = felix_cli(
+            "sub", "notes", "--start", "earliest", "--count", "2", "--e2e-keys", str(keys)
+        )
+        # The plaintext record is refused (require): on stderr, never as a payload.
+        assert sub.returncode == 0 and sub.stdout == "SECRET-NOTE\n", sub.stderr
+        assert "record 1 of 'notes' is not end-to-end encrypted" in sub.stderr
+        keys.chmod(0o644)
+        refused = felix_cli("sub", "notes", "--count", "1", "--e2e-keys", str(keys))
+        assert refused.returncode == 2 and "chmod 600" in refused.stderr
     finally:
         assert node.stop() == 0

@@ -270,3 +270,10 @@ def test_cache_values_bind_cache_and_key() -> None:
     assert open_value(keys(require=False), "s", cache, "user:1", b"plain") == b"plain"
     with pytest.raises(E2EError, match="unknown key"):
         open_value(k, "sessions", cache, "user:1", b"FXE1")
+
+
+def test_error_texts_clip_what_the_record_writer_chose() -> None:
+    sealed, headers = seal_record(keys(), STREAM, b"x", None)
+    opened = open_record(keys(), "o", 0, STREAM, sealed, {**headers, "felix-e2e-key": "k" * 5000})
+    assert opened.error is not None and opened.error.reason == "unknown_key"
+    assert len(str(opened.error)) < 200

@@ -281,10 +281,12 @@ def open_record(
         return _failed("not_encrypted", where, offset, "is not end-to-end encrypted")
     alg = headers.get(ALG_HEADER)
     if alg != ALG:
-        return _failed("unsupported", where, offset, f"uses e2e algorithm {alg!r}, not {ALG}")
+        return _failed("unsupported", where, offset, f"uses e2e algorithm {_clip(alg)}, not {ALG}")
     cipher = keys._ciphers.get(key_id)
     if cipher is None:
-        return _failed("unknown_key", where, offset, f"is encrypted with unknown key {key_id!r}")
+        return _failed(
+            "unknown_key", where, offset, f"is encrypted with unknown key {_clip(key_id)}"
+        )
     if len(payload) < _NONCE + _TAG:
         return _failed("tampered", where, offset, "is shorter than a nonce and a tag")
     nonce, sealed = payload[:_NONCE], payload[_NONCE:]
@@ -315,6 +317,11 @@ def e2e_state(opened: Opened | None, headers: Mapping[str, str]) -> E2EState:
     if opened.error is not None:
         return E2EState.FAILED
     return E2EState.PLAIN if opened.plaintext is None else E2EState.DECRYPTED
+
+
+def _clip(text: str | None) -> str:
+    """A header value for an error message: whoever wrote the record chose it."""
+    return repr(text) if text is None or len(text) <= 64 else repr(text[:64]) + "..."
 
 
 def _failed(reason: str, where: str, offset: int, text: str) -> Opened:

@@ -321,3 +321,33 @@ def test_cli_encrypts_and_decrypts_with_a_key_file(tmp_path: Path) -> None:
         assert refused.returncode == 2 and "chmod 600" in refused.stderr
     finally:
         assert node.stop() == 0
+
+
+def test_the_e2e_benchmark_runs_reduced(tmp_path: Path) -> None:
+    """perf/bench_e2e.py end to end, reduced: its output is sane (not that e2e is fast)."""
+    out = tmp_path / "e2e.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "perf.bench_e2e",
+            *("--reps", "2", "--sizes", "64", "--closed", "20", "--batches", "3"),
+            *("--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Same-run ratios e2e/plain" in done.stdout
+    doc = json.loads(out.read_text())
+    size = doc["sizes"]["64"]
+    for mode in ("plain", "headers", "e2e"):
+        assert len(size[mode]) == 2
+        for sample in size[mode]:
+            assert 0 < sample["p50_us"] <= sample["p99_us"] and sample["rate"] > 0
+    for base in ("plain", "headers"):
+        ratios = size[f"ratios_e2e_{base}"]
+        assert all(len(v) == 2 and all(x > 0 for x in v) for v in ratios.values())
+    assert size["seal_us"] > 0 and size["open_us"] > 0

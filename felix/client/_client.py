@@ -293,7 +293,7 @@ class Client:
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise LocalProtocolError(f"payload must be bytes-like, not {type(data).__name__}")
             # A copy: the record waits in a batch, and the caller may reuse its buffer.
-            payload = data if isinstance(data, bytes) else bytes(data)
+            payload = bytes(data)
             if not self._publish_now(ns, name, payload, hdrs):
                 await self._publish_when_writable(ns, name, payload, hdrs)
             return None

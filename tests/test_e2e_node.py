@@ -180,17 +180,23 @@ def test_queue_consumers_dead_letters_and_their_replay(tmp_path: Path) -> None:
                 assert [j.offset for j in batch] == [0, 1, 2, 3]
                 for job in batch:
                     if job.e2e is E2EState.FAILED:
-                        # Undecryptable: data raises; the consumer dead-letters it.
+                        # Undecryptable: data raises; process() naks it with the error.
                         assert job.offset == 3 and job.e2e_error is not None
                         with pytest.raises(felix.E2EError, match="failed authentication"):
-                            job.data  # noqa: B018
-                        await job.term(f"e2e: {job.e2e_error.reason}")
+                            async with job.process():
+                                job.data  # noqa: B018
+                        assert job.settled
                     elif job.data == b"JOB-SECRET-1":
                         assert job.e2e is E2EState.DECRYPTED
                         await job.term("poison")
                     else:
                         assert job.data == b"JOB-SECRET-%d" % job.offset
                         await job.ack()
+                # Redelivered with one failure; this time the consumer dead-letters it.
+                (again,) = await jobs.fetch(1, timeout=10)
+                assert again.offset == 3 and again.failures == 1
+                assert again.e2e_error is not None
+                await again.term(f"e2e: {again.e2e_error.reason}")
 
             # The dead-letter stream holds the ciphertext with its e2e headers: a reader
             # with the key opens it (bound to the source stream, not the DLQ's name).

@@ -15,7 +15,7 @@ import felix
 from felix.client import E2EKeys, E2EState
 from felix.client._e2e import open_record, open_value, seal_record, seal_value
 from felix.client._flow import Message
-from felix.errors import ConfigError, E2EError
+from felix.errors import ConfigError, E2EError, LocalProtocolError
 
 K1 = bytes(range(32))
 K2 = bytes(range(32, 64))
@@ -277,3 +277,12 @@ def test_error_texts_clip_what_the_record_writer_chose() -> None:
     opened = open_record(keys(), "o", 0, STREAM, sealed, {**headers, "felix-e2e-key": "k" * 5000})
     assert opened.error is not None and opened.error.reason == "unknown_key"
     assert len(str(opened.error)) < 200
+
+
+def test_what_the_wire_cannot_carry_is_a_local_protocol_error() -> None:
+    with pytest.raises(LocalProtocolError, match="header is not encodable"):
+        seal_record(keys(), STREAM, b"x", {"a": "\udc80"})
+    with pytest.raises(LocalProtocolError, match="key is not encodable"):
+        seal_value(keys(), "t/n/c", "\udc80", b"v")
+    with pytest.raises(LocalProtocolError, match="bytes-like"):
+        seal_value(keys(), "t/n/c", "k", "text")  # type: ignore[arg-type]

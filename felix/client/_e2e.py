@@ -245,8 +245,12 @@ def seal_record(
     key_id = keys.current
     out[KEY_HEADER] = key_id
     out[ALG_HEADER] = ALG
+    try:
+        aad = _record_aad(key_id, stream, out)
+    except UnicodeEncodeError as exc:  # as the wire encoder would refuse it
+        raise LocalProtocolError(f"a header is not encodable as UTF-8: {exc}") from None
     nonce = os.urandom(_NONCE)
-    sealed = keys._ciphers[key_id].encrypt(nonce, payload, _record_aad(key_id, stream, out))
+    sealed = keys._ciphers[key_id].encrypt(nonce, payload, aad)
     return nonce + sealed, out
 
 
@@ -333,8 +337,12 @@ def seal_value(keys: E2EKeys, cache: str, key: str, value: bytes | bytearray | m
     if not isinstance(value, bytes | bytearray | memoryview):
         raise LocalProtocolError(f"a cache value must be bytes-like, not {type(value).__name__}")
     key_id = keys.current
+    try:
+        aad = _value_aad(key_id, cache, key)
+    except UnicodeEncodeError as exc:  # as the wire encoder would refuse it
+        raise LocalProtocolError(f"key is not encodable as UTF-8: {exc}") from None
     nonce = os.urandom(_NONCE)
-    sealed = keys._ciphers[key_id].encrypt(nonce, value, _value_aad(key_id, cache, key))
+    sealed = keys._ciphers[key_id].encrypt(nonce, value, aad)
     kid = key_id.encode()
     return b"".join((_VALUE_MAGIC, bytes((len(kid),)), kid, nonce, sealed))
 

@@ -43,7 +43,8 @@ class Cache:
         self.name = name
         self._namespace, self._cache = resolve_name("cache", name, client.namespace)
         self._e2e = e2e
-        self._path = f"{client.tenant}/{self._namespace}/{self._cache}"
+        # End-to-end encryption binds a value to its cache (and key).
+        self._path = "" if e2e is None else f"{client.tenant}/{self._namespace}/{self._cache}"
 
     def __repr__(self) -> str:
         return f"<Cache {self._namespace}/{self._cache}>"

@@ -389,7 +389,7 @@ class Client:
             raise ConfigError(f"prefetch must be an int within 1..65536, got {prefetch!r}")
         if not isinstance(max_bytes, int) or not 1 <= max_bytes <= 64 << 20:
             raise ConfigError(f"max_bytes must be an int within 1..64 MiB, got {max_bytes!r}")
-        return Consumer(self, stream, group, ns, name, prefetch, max_bytes)
+        return Consumer(self, stream, group, ns, name, prefetch, max_bytes, self.options.e2e)
 
     def cache(self, name: str) -> Cache:
         """The cache ``name`` (``"ns/name"`` for another namespace); no round trip."""

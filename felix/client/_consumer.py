@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from felix import wire
 from felix.client._backoff import Backoff
 from felix.client._connection import Connection, expect_reply
-from felix.client._e2e import E2EState, Opened, e2e_state, open_record
+from felix.client._e2e import E2EKeys, E2EState, Opened, e2e_state, open_record
 from felix.errors import (
     ConnectionLost,
     E2EError,
@@ -105,7 +105,7 @@ class QueueMessage:
         self.raw: bytes = delivery.payload
         #: The record's headers (empty if it has none).
         self.headers: Mapping[str, str] = delivery.headers or {}
-        e2e = consumer._client.options.e2e
+        e2e = consumer._e2e
         self._opened: Opened | None = (
             None
             if e2e is None
@@ -224,6 +224,7 @@ class Consumer:
         name: str,
         prefetch: int,
         max_bytes: int,
+        e2e: E2EKeys | None = None,
     ) -> None:
         self._client = client
         #: The stream name as given to ``consume()``.
@@ -232,8 +233,9 @@ class Consumer:
         self.group = group
         self._namespace = namespace
         self._name = name
-        # What a record's end-to-end encryption is bound to.
-        self._path = f"{client.tenant}/{namespace}/{name}"
+        # End-to-end encryption: the keys, and what a record's encryption is bound to.
+        self._e2e = e2e
+        self._path = "" if e2e is None else f"{client.tenant}/{namespace}/{name}"
         self._prefetch = prefetch
         self._max_bytes = max_bytes
         self._state = _State.NEW

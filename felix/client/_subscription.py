@@ -75,7 +75,9 @@ class Subscription:
         self._namespace = namespace
         self._name = name
         self._start = start
-        self._flow = SubscriptionFlow(stream, credit, e2e, f"{client.tenant}/{namespace}/{name}")
+        # End-to-end encryption binds a record to its stream: tenant/namespace/name.
+        path = "" if e2e is None else f"{client.tenant}/{namespace}/{name}"
+        self._flow = SubscriptionFlow(stream, credit, e2e, path)
         self._state = _State.NEW
         self._error: FelixError | None = None
         self._wakeup = asyncio.Event()

@@ -277,6 +277,19 @@ class LeaseLost(FelixError):
         self.reason = reason
 
 
+class E2EError(FelixError):
+    """An end-to-end encrypted record or cache value could not be opened by this client,
+    so its plaintext is not given out. ``reason``: ``unknown_key`` (encrypted with a key
+    id this client does not hold), ``tampered`` (authentication failed: its ciphertext,
+    nonce or bound headers were changed, or it was encrypted for another stream, cache
+    or key), ``unsupported`` (another algorithm) or ``not_encrypted`` (plaintext at a
+    client that requires end-to-end encryption)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
 class ClientClosed(ConnectionLost):
     """The call was made on a client that is closed or draining (not retryable)."""
 

@@ -24,6 +24,7 @@ from felix.client._client import Client, Durability, PublishAck
 from felix.client._connect import Connect, connect
 from felix.client._consumer import Consumer, QueueMessage, Role
 from felix.client._convert import TimeStart
+from felix.client._e2e import E2EKeys, E2EState
 from felix.client._events import ClientEvent, Disconnected, EventFeed, Reconnected, SlowConsumer
 from felix.client._flow import Message
 from felix.client._options import ClientOptions
@@ -39,6 +40,8 @@ __all__ = [
     "Consumer",
     "Disconnected",
     "Durability",
+    "E2EKeys",
+    "E2EState",
     "EventFeed",
     "Message",
     "PublishAck",

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from felix import wire
 from felix.client._convert import resolve_name, ttl_from_wire, ttl_to_ms
+from felix.client._e2e import E2EKeys, open_value, seal_value
 from felix.errors import BadRequest, ConfigError
 
 if TYPE_CHECKING:
@@ -36,17 +37,24 @@ class Cache:
     happened).
     """
 
-    def __init__(self, client: ClientLink, name: str) -> None:
+    def __init__(self, client: ClientLink, name: str, e2e: E2EKeys | None = None) -> None:
         self._client = client
         #: The cache name as given to ``client.cache()``.
         self.name = name
         self._namespace, self._cache = resolve_name("cache", name, client.namespace)
+        self._e2e = e2e
+        # End-to-end encryption binds a value to its cache (and key).
+        self._path = "" if e2e is None else f"{client.tenant}/{self._namespace}/{self._cache}"
 
     def __repr__(self) -> str:
         return f"<Cache {self._namespace}/{self._cache}>"
 
     async def get(self, key: str) -> bytes | None:
-        """The value stored under ``key``, or None if it is missing or expired."""
+        """The value stored under ``key``, or None if it is missing or expired.
+
+        With end-to-end encryption the plaintext; raises E2EError for a value that
+        cannot be opened (unknown key, tampered, or stored for another key or cache) or,
+        when the keys require it, is not encrypted."""
         _check_key(key)
         t, ns, c = self._client.tenant, self._namespace, self._cache
         reply = await self._client._request(
@@ -55,7 +63,9 @@ class Cache:
             wire.OP_CACHE_VALUE,
             idempotent=True,
         )
-        return reply.value
+        if self._e2e is None or reply.value is None:
+            return reply.value
+        return open_value(self._e2e, self.name, self._path, key, reply.value)
 
     async def set(
         self,
@@ -72,8 +82,9 @@ class Cache:
         milliseconds, so never earlier than asked); None or ``math.inf``: no
         expiry. ``nx``: store only if the key is absent; ``xx``: only if it is
         present (a False result means the condition failed). Setting a key
-        replaces its TTL. Raises ConfigError for ``nx`` and ``xx`` together or
-        a TTL that is not positive.
+        replaces its TTL. With end-to-end encryption the value is encrypted first (33
+        bytes plus the key id longer at the broker). Raises ConfigError for ``nx`` and
+        ``xx`` together or a TTL that is not positive.
         """
         _check_key(key)
         if nx and xx:
@@ -81,6 +92,9 @@ class Cache:
         mode = wire.SET_IF_ABSENT if nx else wire.SET_IF_PRESENT if xx else wire.SET_ALWAYS
         ttl_ms = ttl_to_ms(ttl)
         t, ns, c = self._client.tenant, self._namespace, self._cache
+        if self._e2e is not None:
+            # Sealed for this cache and key: the broker stores only the ciphertext.
+            value = seal_value(self._e2e, self._path, key, value)
         reply = await self._client._request(
             lambda rid: wire.encode_cache_set(rid, t, ns, c, key, value, ttl_ms=ttl_ms, mode=mode),
             wire.CacheResult,

@@ -24,6 +24,7 @@ from felix.client._cache import Cache
 from felix.client._connection import Connection, R, expect_reply
 from felix.client._consumer import Consumer
 from felix.client._convert import Endpoint, ShmEndpoint, StartSpec, resolve_name, start_spec
+from felix.client._e2e import seal_record
 from felix.client._events import ClientEvent, EventFeed, EventHub, EventListener
 from felix.client._links import PooledSubscription
 from felix.client._options import ClientOptions
@@ -300,6 +301,13 @@ class Client:
         """
         ns, name = resolve_name("stream", stream, self.namespace)
         hdrs = _with_msg_id(_headers(headers), msg_id)
+        e2e = self.options.e2e
+        if e2e is not None:
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise LocalProtocolError(f"payload must be bytes-like, not {type(data).__name__}")
+            # Sealed here: the broker gets only the ciphertext (a new buffer: no copy
+            # of the caller's is needed below). felix-msg-id is not bound (felix-*).
+            data, hdrs = seal_record(e2e, f"{self.tenant}/{ns}/{name}", data, hdrs)
         if not ack:
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise LocalProtocolError(f"payload must be bytes-like, not {type(data).__name__}")
@@ -354,6 +362,21 @@ class Client:
         elif hdrs:
             per_item = [hdrs] * len(items)
         t = self.tenant
+        plain = items
+        e2e = self.options.e2e
+        if e2e is not None:
+            path = f"{t}/{ns}/{name}"
+            for item in items:
+                if not isinstance(item, bytes | bytearray | memoryview):
+                    raise LocalProtocolError(
+                        f"payload must be bytes-like, not {type(item).__name__}"
+                    )
+            sealed = [
+                seal_record(e2e, path, item, item_hdrs)
+                for item, item_hdrs in zip(items, per_item or [None] * len(items), strict=True)
+            ]
+            items = [payload for payload, _h in sealed]
+            per_item = [item_hdrs for _p, item_hdrs in sealed]
         try:
             reply = await self._request(
                 lambda rid: wire.encode_publish(rid, t, ns, name, items, headers=per_item),
@@ -365,7 +388,8 @@ class Client:
             if msg_ids is None:
                 raise
             acks = []
-            for item, mid in zip(items, msg_ids, strict=True):
+            # One by one, from the caller's items (publish seals each again).
+            for item, mid in zip(plain, msg_ids, strict=True):
                 ack = await self.publish(stream, item, headers=headers, msg_id=mid)
                 assert ack is not None
                 acks.append(ack)
@@ -393,7 +417,7 @@ class Client:
         ns, name = resolve_name("stream", stream, self.namespace)
         if not isinstance(credit, int) or not 2 <= credit <= 2**32 - 1:
             raise ConfigError(f"credit must be an int within 2..2**32-1, got {credit!r}")
-        return Subscription(self, stream, ns, name, start_spec(start), credit)
+        return Subscription(self, stream, ns, name, start_spec(start), credit, self.options.e2e)
 
     def consume(
         self, stream: str, group: str, *, prefetch: int = 64, max_bytes: int = 4 << 20
@@ -412,11 +436,11 @@ class Client:
             raise ConfigError(f"prefetch must be an int within 1..65536, got {prefetch!r}")
         if not isinstance(max_bytes, int) or not 1 <= max_bytes <= 64 << 20:
             raise ConfigError(f"max_bytes must be an int within 1..64 MiB, got {max_bytes!r}")
-        return Consumer(self, stream, group, ns, name, prefetch, max_bytes)
+        return Consumer(self, stream, group, ns, name, prefetch, max_bytes, self.options.e2e)
 
     def cache(self, name: str) -> Cache:
         """The cache ``name`` (``"ns/name"`` for another namespace); no round trip."""
-        return Cache(self, name)
+        return Cache(self, name, self.options.e2e)
 
     async def ping(self) -> float:
         """Round-trip time of a PING through the broker, in seconds."""

@@ -51,7 +51,7 @@ def connect(url: str, options: ClientOptions | None = None, /, **changes: Any) -
     the fields of :class:`ClientOptions` (tenant, namespace, token or
     token_provider, ca, client_cert, pool_size, control_streams, max_in_flight,
     connect_timeout, request_timeout, keepalive, reconnect_backoff, engine,
-    on_event, random_source), given as keyword arguments, as one
+    on_event, random_source, e2e), given as keyword arguments, as one
     ``ClientOptions``, or both (the keywords change that one)::
 
         felix.connect("felix://127.0.0.1:5000", ca="data/tls/ca-cert.pem", tenant="acme")

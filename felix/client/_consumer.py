@@ -30,8 +30,10 @@ from typing import TYPE_CHECKING, Any
 from felix import wire
 from felix.client._backoff import Backoff
 from felix.client._connection import Connection, expect_reply
+from felix.client._e2e import E2EKeys, E2EState, Opened, e2e_state, open_record
 from felix.errors import (
     ConnectionLost,
+    E2EError,
     FelixError,
     FelixTimeoutError,
     LeaseLost,
@@ -81,11 +83,12 @@ class QueueMessage:
     __slots__ = (
         "_consumer",
         "_generation",
+        "_opened",
         "attempts",
-        "data",
         "failures",
         "headers",
         "offset",
+        "raw",
         "settled",
         "stream",
         "timestamp",
@@ -98,10 +101,18 @@ class QueueMessage:
         self.stream = consumer.stream
         #: The record's offset in the stream.
         self.offset: int = delivery.offset
-        #: The payload.
-        self.data: bytes = delivery.payload
+        #: The payload as the broker stored it (the ciphertext of an e2e record).
+        self.raw: bytes = delivery.payload
         #: The record's headers (empty if it has none).
         self.headers: Mapping[str, str] = delivery.headers or {}
+        e2e = consumer._e2e
+        self._opened: Opened | None = (
+            None
+            if e2e is None
+            else open_record(
+                e2e, consumer.stream, self.offset, consumer._path, self.raw, self.headers
+            )
+        )
         #: Times the record was handed out (this delivery included).
         self.attempts: int = delivery.attempts
         #: Failures so far (nak, lease expiry, a consumer lost while holding it).
@@ -114,6 +125,33 @@ class QueueMessage:
         )
         #: Whether it was acked, nak'ed, released or terminated through this object.
         self.settled = False
+
+    @property
+    def data(self) -> bytes:
+        """The payload: the plaintext of an end-to-end encrypted record. Raises E2EError
+        for one that could not be opened (unknown key, tampered, or plaintext where e2e
+        is required): settle it anyway (``term`` to dead-letter it, ``nak`` to retry)."""
+        opened = self._opened
+        if opened is None:
+            return self.raw
+        if opened.error is not None:
+            raise opened.error
+        return self.raw if opened.plaintext is None else opened.plaintext
+
+    @property
+    def e2e(self) -> E2EState:
+        """What end-to-end encryption did with this record (see ``Message.e2e``)."""
+        return e2e_state(self._opened, self.headers)
+
+    @property
+    def e2e_error(self) -> E2EError | None:
+        """Why the record could not be opened (what ``data`` raises), else None."""
+        return None if self._opened is None else self._opened.error
+
+    @property
+    def e2e_stream(self) -> str | None:
+        """The stream the publisher encrypted for (``tenant/ns/name``; authenticated)."""
+        return None if self._opened is None else self._opened.stream
 
     def __repr__(self) -> str:
         return (
@@ -186,6 +224,7 @@ class Consumer:
         name: str,
         prefetch: int,
         max_bytes: int,
+        e2e: E2EKeys | None = None,
     ) -> None:
         self._client = client
         #: The stream name as given to ``consume()``.
@@ -194,6 +233,9 @@ class Consumer:
         self.group = group
         self._namespace = namespace
         self._name = name
+        # End-to-end encryption: the keys, and what a record's encryption is bound to.
+        self._e2e = e2e
+        self._path = "" if e2e is None else f"{client.tenant}/{namespace}/{name}"
         self._prefetch = prefetch
         self._max_bytes = max_bytes
         self._state = _State.NEW

@@ -20,7 +20,8 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from felix.errors import RemoteProtocolError
+from felix.client._e2e import E2EKeys, E2EState, Opened, e2e_state, open_record
+from felix.errors import E2EError, RemoteProtocolError
 
 __all__ = ["Message", "SubscriptionFlow"]
 
@@ -29,25 +30,65 @@ _NO_HEADERS: Mapping[str, str] = {}
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One record delivered to a subscription."""
+    """One record delivered to a subscription.
+
+    With end-to-end encryption (``e2e=`` on connect) ``data`` is the plaintext and
+    ``raw`` the ciphertext the broker stored; ``e2e`` says what happened. ``data``
+    raises :class:`~felix.E2EError` for a record that could not be opened (unknown key,
+    tampered, or plaintext where e2e is required): it never hands out ciphertext as
+    plaintext. ``raw`` and ``headers`` stay readable.
+    """
 
     #: The stream name as given to ``subscribe()``.
     stream: str
     #: The record's offset in the stream (consecutive unless records were dropped).
     offset: int
-    #: The payload.
-    data: bytes
+    #: The payload as the broker stored it (the ciphertext of an e2e record).
+    raw: bytes
     #: The record's headers (empty if it has none).
     headers: Mapping[str, str] = field(default_factory=dict)
+    _opened: Opened | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def data(self) -> bytes:
+        """The payload: the plaintext of an e2e record; raises E2EError if it failed."""
+        opened = self._opened
+        if opened is None:
+            return self.raw
+        if opened.error is not None:
+            raise opened.error
+        return self.raw if opened.plaintext is None else opened.plaintext
+
+    @property
+    def e2e(self) -> E2EState:
+        """What end-to-end encryption did with this record (see :class:`E2EState`)."""
+        return e2e_state(self._opened, self.headers)
+
+    @property
+    def e2e_error(self) -> E2EError | None:
+        """Why the record could not be opened (what ``data`` raises), else None."""
+        return None if self._opened is None else self._opened.error
+
+    @property
+    def e2e_stream(self) -> str | None:
+        """The stream the publisher encrypted for (``tenant/ns/name``; authenticated):
+        the one read from, or for a dead letter or bridged copy the original."""
+        return None if self._opened is None else self._opened.stream
 
 
 class SubscriptionFlow:
     """Credit, offsets and queued messages of one subscription (no I/O, no clock)."""
 
-    def __init__(self, stream: str, window: int) -> None:
+    def __init__(
+        self, stream: str, window: int, e2e: E2EKeys | None = None, path: str = ""
+    ) -> None:
+        """``e2e``: open records with these keys as they arrive; ``path``: the stream's
+        ``tenant/ns/name`` (what a record's encryption is bound to)."""
         if window < 2:
             raise ValueError("the credit window must be at least 2 records")
         self.stream = stream
+        self.e2e = e2e
+        self.path = path
         self.window = window
         self.queue: deque[Message] = deque()
         #: Offset expected next from the broker; None until the first SUBSCRIBED/EVENTS.
@@ -107,8 +148,13 @@ class SubscriptionFlow:
             if offset < self.next_offset:
                 duplicates += 1
                 continue
-            record_headers = headers[i] if headers is not None else None
-            self.queue.append(Message(self.stream, offset, payload, record_headers or _NO_HEADERS))
+            record_headers = (headers[i] if headers is not None else None) or _NO_HEADERS
+            opened = (
+                None
+                if self.e2e is None
+                else open_record(self.e2e, self.stream, offset, self.path, payload, record_headers)
+            )
+            self.queue.append(Message(self.stream, offset, payload, record_headers, opened))
             self.next_offset = offset + 1
         # Duplicates used credit but will never be consumed: give it back.
         self._consumed += duplicates

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from felix.client._backoff import Backoff
+from felix.client._e2e import E2EKeys
 from felix.client._events import EventListener
 from felix.errors import ConfigError
 from felix.names import validate_name
@@ -76,10 +77,18 @@ class ClientOptions:
     on_event: EventListener | None = None
     #: Floats in [0, 1) for the backoff jitter (tests).
     random_source: Callable[[], float] = field(default=random.random)
+    #: End-to-end encryption (docs/api.md): payloads this client publishes and cache
+    #: values it sets are encrypted with these keys before they leave it, and records
+    #: and values it receives are decrypted (refused when not encrypted, unless the keys
+    #: say ``require=False``). None: payloads pass as they are (an encrypted record is
+    #: delivered as stored, ``e2e == "encrypted"``).
+    e2e: E2EKeys | None = None
 
     def __post_init__(self) -> None:
         if self.token is not None and self.token_provider is not None:
             raise ConfigError("pass token or token_provider, not both")
+        if self.e2e is not None and not isinstance(self.e2e, E2EKeys):
+            raise ConfigError(f"e2e must be felix.E2EKeys (or None), got {type(self.e2e).__name__}")
         validate_name("tenant", self.tenant)
         validate_name("namespace", self.namespace)
         for name, value in (

@@ -22,6 +22,7 @@ from felix import wire
 from felix.client._backoff import Backoff
 from felix.client._connection import Connection, expect_reply
 from felix.client._convert import WireStart
+from felix.client._e2e import E2EKeys
 from felix.client._events import SlowConsumer
 from felix.client._flow import Message, SubscriptionFlow
 from felix.client._links import ClientLink
@@ -66,6 +67,7 @@ class Subscription:
         name: str,
         start: WireStart,
         credit: int,
+        e2e: E2EKeys | None = None,
     ) -> None:
         self._client = client
         #: The stream name as given to ``subscribe()``.
@@ -73,7 +75,9 @@ class Subscription:
         self._namespace = namespace
         self._name = name
         self._start = start
-        self._flow = SubscriptionFlow(stream, credit)
+        # End-to-end encryption binds a record to its stream: tenant/namespace/name.
+        path = "" if e2e is None else f"{client.tenant}/{namespace}/{name}"
+        self._flow = SubscriptionFlow(stream, credit, e2e, path)
         self._state = _State.NEW
         self._error: FelixError | None = None
         self._wakeup = asyncio.Event()

@@ -14,6 +14,9 @@ local node's CA; else the system store. The token: ``--token``, else
 ``$FELIX_TOKEN``, else the context's token file, else none (dev mode). The
 tenant and namespace: the flags, else the context's, else ``default``.
 ``felix -v`` says which of these it used.
+End-to-end encryption (pub, sub, consume, cache get|set): ``--e2e-keys FILE``, else
+``$FELIX_E2E_KEYS``, else none (records and values pass as stored); dlq commands
+never decrypt, so a replay moves the ciphertext unchanged.
 
 Exit status: 0 done; 3 nothing to do (cache miss, conditional set not stored,
 delete of a missing key); 1 a felix error; 2 bad usage or configuration.
@@ -35,7 +38,9 @@ from typing import Any
 
 from felix.client._client import Client
 from felix.client._connect import Connect, connect
+from felix.client._consumer import QueueMessage
 from felix.client._convert import StartSpec, time_start
+from felix.client._e2e import E2EKeys
 from felix.client._events import ClientEvent, SlowConsumer
 from felix.client._flow import Message
 from felix.context import Defaults, pick, report, resolve, url_from_address
@@ -68,6 +73,7 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     pub.add_argument(
         "--no-ack", action="store_true", help="do not wait for the stored offset (still drained)"
     )
+    _e2e_option(pub)
     pub.set_defaults(func=_run(_pub))
 
     sub = _command(subparsers, "sub", "print a stream's records", common)
@@ -82,6 +88,7 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     sub.add_argument(
         "--idle", type=float, metavar="SECONDS", help="exit after this long without a record"
     )
+    _e2e_option(sub)
     sub.set_defaults(func=_run(_sub))
 
     consume = _command(subparsers, "consume", "take records from a queue group", common)
@@ -97,6 +104,7 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="nak every record instead of acking it (it is retried; test dead-lettering)",
     )
+    _e2e_option(consume)
     consume.set_defaults(func=_run(_consume))
 
     dlq = subparsers.add_parser(
@@ -129,6 +137,7 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     ops = cache.add_subparsers(dest="cache_command", required=True)
     get = _command(ops, "get", "print a key's value (exit 3: missing)", common)
     _cache_args(get)
+    _e2e_option(get)
     get.set_defaults(func=_run(_cache_get))
     set_ = _command(ops, "set", "store a value (exit 3: not stored)", common)
     _cache_args(set_)
@@ -137,6 +146,7 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     condition = set_.add_mutually_exclusive_group()
     condition.add_argument("--nx", action="store_true", help="only if the key is absent")
     condition.add_argument("--xx", action="store_true", help="only if the key is present")
+    _e2e_option(set_)
     set_.set_defaults(func=_run(_cache_set))
     delete = _command(ops, "del", "delete a key (exit 3: was missing)", common)
     _cache_args(delete)
@@ -174,6 +184,24 @@ def _common_options() -> argparse.ArgumentParser:
     )
     common.add_argument("--json", action="store_true", help="print JSON (one object per line)")
     return common
+
+
+def _e2e_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--e2e-keys",
+        type=Path,
+        metavar="FILE",
+        help="end-to-end encryption keys (JSON, mode 0600; docs/api.md): encrypt what is "
+        "published or set, decrypt what is read (default: $FELIX_E2E_KEYS)",
+    )
+
+
+def _e2e_keys(args: argparse.Namespace) -> E2EKeys | None:
+    """The keys of a command that takes ``--e2e-keys`` (None for the others: dlq)."""
+    if not hasattr(args, "e2e_keys"):
+        return None
+    path = args.e2e_keys or os.environ.get("FELIX_E2E_KEYS") or None
+    return None if path is None else E2EKeys.from_file(path)
 
 
 def _cache_args(parser: argparse.ArgumentParser) -> None:
@@ -261,6 +289,7 @@ def _connect(args: argparse.Namespace, **options: Any) -> Connect:
         ca=settings["ca"][0],
         request_timeout=args.timeout,
         connect_timeout=args.timeout,
+        e2e=_e2e_keys(args),
         **options,
     )
 
@@ -361,7 +390,25 @@ def _start(text: str) -> StartSpec:
     return {"time": when}
 
 
-def _print_message(message: Message, as_json: bool) -> None:
+def _print_message(message: Message | QueueMessage, as_json: bool) -> bool:
+    """Print a record; False (and the reason on stderr, or as JSON) for one whose
+    end-to-end encryption failed: its payload is never printed as plaintext."""
+    error = message.e2e_error
+    if error is not None:
+        if as_json:
+            _print_json(
+                {
+                    "stream": message.stream,
+                    "offset": message.offset,
+                    "e2e": "failed",
+                    "reason": error.reason,
+                    "error": str(error),
+                    "headers": dict(message.headers),
+                }
+            )
+        else:
+            print(f"felix: {error}", file=sys.stderr, flush=True)
+        return False
     if as_json:
         out: dict[str, Any] = {"stream": message.stream, "offset": message.offset}
         out.update(_data_json(message.data))
@@ -369,6 +416,7 @@ def _print_message(message: Message, as_json: bool) -> None:
         _print_json(out)
     else:
         _print_bytes(message.data)
+    return True
 
 
 def _on_event(event: ClientEvent) -> None:
@@ -412,7 +460,11 @@ async def _consume(args: argparse.Namespace) -> int:
                 if not batch:
                     break
                 job = batch[0]
-                if args.json:
+                if job.e2e_error is not None:
+                    # Not opened (unknown key, tampered): retried, dead-lettered in the end.
+                    _print_message(job, args.json)
+                    await job.nak(detail=f"e2e: {job.e2e_error}")
+                elif args.json:
                     out: dict[str, Any] = {
                         "stream": args.stream,
                         "offset": job.offset,
@@ -424,10 +476,11 @@ async def _consume(args: argparse.Namespace) -> int:
                     _print_json(out)
                 else:
                     _print_bytes(job.data)
-                if args.nak:
-                    await job.nak(detail="nak'ed by felix consume --nak")
-                else:
-                    await job.ack()
+                if not job.settled:
+                    if args.nak:
+                        await job.nak(detail="nak'ed by felix consume --nak")
+                    else:
+                        await job.ack()
                 received += 1
     return 0
 

@@ -17,13 +17,14 @@ import fnmatch
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
 import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,10 @@ def test_package_data_ships_the_console_files() -> None:
     patterns = data["package-data"]["felix.control.api"]
     shipped = sorted(p.name for p in STATIC.iterdir())
     assert shipped == sorted(ASSETS)
+    tracked = subprocess.run(
+        ["git", "ls-files", str(STATIC)], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert sorted(Path(name).name for name in tracked) == shipped  # none left out by .gitignore
     for name in shipped:
         assert any(fnmatch.fnmatch(f"static/{name}", pattern) for pattern in patterns), name
 
@@ -387,20 +392,24 @@ def api_get(node: NodeProcess, token: str, path: str) -> Any:
     return r.json() if r.status_code == 200 else None
 
 
+# The page re-renders its tables every refresh: each read below runs as one script in
+# the page, so it never holds an element that a re-render replaced.
+_CELLS = """
+const row = document.querySelector(`#${arguments[0]} tr[data-key="${arguments[1]}"]`);
+if (!row) throw new Error("no row " + arguments[1]);
+return Object.fromEntries(Array.from(row.cells, (td) => [td.dataset.col, td.textContent]));
+"""
+
+
 def cells(driver: Any, table: str, key: str) -> dict[str, str]:
     """A table row's cells by column, found by the row's data-key."""
-    from selenium.webdriver.common.by import By
-
-    row = driver.find_element(By.CSS_SELECTOR, f'#{table} tr[data-key="{key}"]')
-    return {
-        td.get_attribute("data-col"): td.text for td in row.find_elements(By.CSS_SELECTOR, "td")
-    }
+    found: dict[str, str] = driver.execute_script(_CELLS, table, key)
+    return found
 
 
 def fact(driver: Any, name: str) -> str:
-    from selenium.webdriver.common.by import By
-
-    return str(driver.find_element(By.CSS_SELECTOR, f'[data-fact="{name}"] dd').text)
+    script = "return document.querySelector(`[data-fact='${arguments[0]}'] dd`).textContent"
+    return str(driver.execute_script(script, name))
 
 
 def wait_fact(driver: Any, name: str, expected: str) -> None:
@@ -419,10 +428,8 @@ def wait_cell(driver: Any, table: str, key: str, column: str, expected: str) -> 
 
 
 def row_keys(driver: Any, table: str) -> set[str]:
-    from selenium.webdriver.common.by import By
-
-    found = driver.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr[data-key]")
-    return {str(row.get_attribute("data-key")) for row in found}
+    script = "return Array.from(document.querySelectorAll(arguments[0]), (r) => r.dataset.key)"
+    return set(driver.execute_script(script, f"#{table} tbody tr[data-key]"))
 
 
 def publish_meanwhile(node: NodeProcess, token: str, stream: str, count: int) -> threading.Thread:
@@ -581,3 +588,56 @@ def test_console_in_chromium_shows_what_the_api_answers(
         assert not [m for m in logs if "Content Security Policy" in m or "Uncaught" in m], logs
     finally:
         driver.quit()
+
+
+@contextmanager
+def served_api(**options: Any) -> Iterator[str]:
+    """The API (over a MemoryStore holding acme/prod/orders) served by uvicorn in a thread."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    store = MemoryStore()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(store, **options), log_level="warning", lifespan="off")
+    )
+
+    async def serve() -> None:
+        await store.open()
+        await store.create(ResourceKind.TENANT, ("acme",), {})
+        await store.create(ResourceKind.NAMESPACE, ("acme", "prod"), {})
+        await store.create(ResourceKind.STREAM, ("acme", "prod", "orders"), {})
+        await server.serve(sockets=[sock])
+
+    thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, "the API to serve")
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def test_console_without_auth_asks_for_no_token_and_says_what_it_cannot_show() -> None:
+    """Loopback dev mode (no --auth), and a control plane that serves no node
+    (`felix control`): the resources, and a note instead of the node's status."""
+    from selenium.webdriver.common.by import By
+
+    with served_api(require_auth=False) as api:
+        driver = chromium()
+        try:
+            driver.get(f"{api}/ui/#streams")
+            wait_for(lambda: driver.find_element(By.ID, "nav").is_displayed(), "the console")
+            assert not driver.find_element(By.ID, "signin").is_displayed()
+            assert not driver.find_element(By.ID, "signout").is_displayed()
+            assert driver.find_element(By.ID, "who").text == "no authentication (loopback)"
+            row = wait_cell(driver, "streams", "acme/prod/orders", "Durable", "no")
+            assert row["Records"] == "—"  # the node's figure: there is no node
+            driver.find_element(By.CSS_SELECTOR, 'nav a[href="#overview"]').click()
+            note = wait_for(lambda: driver.find_element(By.ID, "node-note").text, "the note")
+            assert "not available" in note and "serves no node" in note
+            assert fact(driver, "Ready") == "—"
+        finally:
+            driver.quit()

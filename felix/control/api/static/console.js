@@ -26,6 +26,7 @@
     res: { tenants: [], namespaces: [], streams: [], caches: [], groups: [], denied: {} },
     node: null,
     nodeNote: "",
+    refused: {}, // path -> why (403)
     live: { streams: {}, caches: {} },
     prev: {}, // counter samples for rates: key -> {t, v}
     rates: {}, // key -> latest rate
@@ -61,12 +62,18 @@
   const enc = encodeURIComponent;
   const nsPath = (t, ns) => `tenants/${enc(t)}/namespaces/${enc(ns)}`;
 
-  // A list, or [] with the reason noted in res (a tenant token may not list everything).
+  // A list, or [] with the reason noted in res (a tenant token may not list everything;
+  // a refusal is not asked again, so the audit log does not fill with it).
   async function list(res, what, path) {
+    if (path in state.refused) {
+      res.denied[what] = state.refused[path];
+      return [];
+    }
     try {
       return (await api(path)).items;
     } catch (e) {
       if (e.status === 401) throw e;
+      if (e.status === 403) state.refused[path] = e.message;
       res.denied[what] = e.message;
       return [];
     }
@@ -346,10 +353,18 @@
       ["Retained", (s) => num(memory(s).retained_records), "num"],
       ["Records / s", (s) => rate("stream." + key(s)), "num"],
       ["Rate", (s) => chart(svg(), state.history["stream." + key(s)], 120, 24)],
-      ["Subscribers", (s) => num(live(s).gateways_watching ?? live(s).subscribers), "num"],
+      ["Subscribers", subscribers, "num"],
       ["Queue groups", groupCount, "num"],
       ["Disk", (s) => bytes(live(s).disk_bytes ?? live(s).bytes), "num"],
     ], state.res.streams, key, deniedNote("streams") || "No streams");
+  }
+
+  // Subscribers where the node counts them; else how many gateways hold some.
+  function subscribers(s) {
+    const live = state.live.streams[key(s)] || {};
+    if (typeof live.subscribers === "number") return num(live.subscribers);
+    if (typeof live.gateways_watching === "number") return `${live.gateways_watching} gateway(s)`;
+    return dash;
   }
 
   function renderGroups() {

@@ -449,6 +449,13 @@ def publish_meanwhile(node: NodeProcess, token: str, stream: str, count: int) ->
     return thread
 
 
+def screenshot(driver: Any, path: Path) -> None:
+    """Write the page as a PNG to ``path`` (kept in pytest's tmp dir), and check it is one."""
+    assert driver.save_screenshot(str(path))
+    png = path.read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000, path
+
+
 def shown(value: Any) -> str:
     """A number as the console shows it."""
     return f"{value:,}" if isinstance(value, int) else "—"
@@ -539,6 +546,7 @@ def test_console_in_chromium_shows_what_the_api_answers(
         orders = cells(driver, "streams", "acme/prod/orders")
         assert orders["Durable"] == "yes" and orders["Queue groups"] == "1"
         assert cells(driver, "streams", "acme/prod/events")["Durable"] == "no"
+        screenshot(driver, tmp_path / "console-streams.png")
 
         # Queue groups: lag and dead letters as the node reports them.
         driver.find_element(By.CSS_SELECTOR, 'nav a[href="#groups"]').click()
@@ -547,6 +555,7 @@ def test_console_in_chromium_shows_what_the_api_answers(
         row = wait_cell(driver, "groups", "acme/prod/orders/workers", "Lag", shown(group["lag"]))
         assert row["Acked"] == "6" and row["Dead-lettered"] == "2" and row["Defined"] == "yes"
         assert row["Dead-letter stream"] == group["dead_letter"]
+        screenshot(driver, tmp_path / "console-groups.png")
 
         # Caches: settings from the API, counters from the node where it reports them.
         driver.find_element(By.CSS_SELECTOR, 'nav a[href="#caches"]').click()
@@ -558,13 +567,12 @@ def test_console_in_chromium_shows_what_the_api_answers(
             ratio = 100 * held["hits"] / (held["hits"] + held["misses"])
             wait_cell(driver, "caches", "acme/prod/sessions", "Hit rate", f"{ratio:.1f} %")
 
+        screenshot(driver, tmp_path / "console-caches.png")
+
         # A screenshot of the overview, as a user sees it.
         driver.find_element(By.CSS_SELECTOR, 'nav a[href="#overview"]').click()
         wait_fact(driver, "Ready", "ready")
-        shot = tmp_path / "console.png"
-        assert driver.save_screenshot(str(shot))
-        png = shot.read_bytes()
-        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+        screenshot(driver, tmp_path / "console.png")
 
         # Signing out forgets the token.
         driver.find_element(By.ID, "signout").click()

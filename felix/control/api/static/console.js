@@ -33,6 +33,7 @@
     history: {}, // chart key -> [values]
     ticks: 0,
     timer: null,
+    busy: false,
   };
 
   // -- the API ------------------------------------------------------------------------
@@ -142,6 +143,7 @@
     clearInterval(state.timer);
     sessionStorage.removeItem(STORAGE_KEY);
     state.token = null;
+    state.who = null;
     for (const id of VIEWS) $("view-" + id).hidden = true;
     $("nav").hidden = true;
     showSignin("Signed out: " + e.message);
@@ -150,6 +152,8 @@
   // -- loading -------------------------------------------------------------------------
 
   async function tick() {
+    if (state.busy) return; // the previous refresh is still running: skip this one
+    state.busy = true;
     try {
       if (state.ticks % RESOURCE_EVERY === 0) await loadResources();
       state.ticks += 1;
@@ -160,6 +164,8 @@
       if (e.status === 401) return expired(e);
       $("banner").textContent = e.message;
       $("banner").hidden = false;
+    } finally {
+      state.busy = false;
     }
     render();
   }

@@ -35,8 +35,11 @@ import pytest
 import felix
 from felix.control.api import create_app
 from felix.control.api.console import ASSETS, SECURITY_HEADERS
+from felix.control.api.context import ControlContext
+from felix.control.api.observe import health_address
 from felix.control.model import ResourceKind
 from felix.control.stores.memory import MemoryStore
+from felix.errors import Unavailable
 from tests.aio import run
 from tests.nodeproc import NodeProcess
 from tests.test_control_api_auth import ADMIN, Keys, bearer
@@ -267,6 +270,30 @@ def test_node_routes_proxy_the_health_port_behind_the_api_auth(tmp_path: Path) -
             assert r.status_code == 503 and "unreachable" in r.json()["detail"]
 
     run(main)
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("127.0.0.1:8080", ("127.0.0.1", 8080)),
+        ("0.0.0.0:8080", ("127.0.0.1", 8080)),
+        ("[::]:8080", ("::1", 8080)),
+        ("[::1]:9", ("::1", 9)),
+        ("node.internal:8080", ("node.internal", 8080)),
+        (None, None),
+        ("", None),
+        ("127.0.0.1:http", None),
+    ],
+)
+def test_the_health_address_comes_from_the_node_info(
+    address: str | None, expected: tuple[str, int] | None
+) -> None:
+    ctx = ControlContext(MemoryStore(), "local", {"http": address} if address is not None else {})
+    if expected is None:
+        with pytest.raises(Unavailable):
+            health_address(ctx)
+    else:
+        assert health_address(ctx) == expected
 
 
 # -- in a real browser, on a real node --------------------------------------------------------

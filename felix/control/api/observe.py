@@ -37,7 +37,7 @@ from felix.control.schemas import NAME_DESCRIPTION, NAME_SCHEMA
 from felix.errors import BadRequest, FelixError, NotFound, Unavailable
 from felix.names import validate_name
 
-__all__ = ["NODE_TIMEOUT", "WhoAmI", "fetch_node", "router"]
+__all__ = ["MAX_NODE_BYTES", "NODE_TIMEOUT", "WhoAmI", "fetch_node", "health_address", "router"]
 
 #: How long a node route waits for the node's health port, in seconds.
 NODE_TIMEOUT = 3.0

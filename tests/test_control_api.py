@@ -106,6 +106,10 @@ def test_openapi_document_lists_every_route_and_docs_are_served() -> None:
             "/v1/system/health": {"get"},
             "/v1/regions": {"get"},
             "/v1/problems/{slug}": {"get"},
+            "/v1/whoami": {"get"},
+            "/v1/node/status": {"get"},
+            "/v1/node/streams/{tenant}/{ns}/{stream}": {"get"},
+            "/v1/node/caches/{tenant}/{ns}/{cache}": {"get"},
         }
         assert {path: set(ops) for path, ops in doc["paths"].items()} == expected
         assert "Problem" in doc["components"]["schemas"]

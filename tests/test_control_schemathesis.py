@@ -5,6 +5,7 @@ Every case runs on a freshly seeded store, so the documented path examples (acme
 prod, orders, workers, sessions, okta, publishers, eng) name resources that exist and the 2xx
 answers get checked, not only the 404s. Long-polls are shortened so the run stays fast.
 
+The node routes (/v1/node/...) read a stand-in health port served from a thread.
 The app has a key directory holding acme's key ring (so the JWKS route answers 200)
 and a ``fetch_jwks`` that serves an empty key set without any network. Generated
 tokens never verify, so the token exchange is exercised here for its 401/404/422
@@ -14,9 +15,12 @@ answers only; tests/test_control_auth.py covers its successful path.
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +89,37 @@ async def _no_keys(url: str) -> Mapping[str, Any]:
 KEYS_DIR = Path(tempfile.mkdtemp(prefix="felix-schemathesis-keys-"))
 save_ring(KEYS_DIR, TenantKeyRing.create("acme", time.time()), time.time())
 
+
+class _HealthPort(BaseHTTPRequestHandler):
+    """The node's health port as the /v1/node/... routes read it: the seeded stream and
+    cache, and a /status; 404 for anything else (a resource the node does not hold)."""
+
+    ANSWERS: Mapping[str, Any] = {
+        "/status": {"ready": True, "totals": {"connections": 0}, "children": []},
+        "/streams/acme/prod/orders": {"stream": "acme/prod/orders", "groups": {}},
+        "/caches/acme/prod/sessions": {"cache": "acme/prod/sessions", "hits": 0, "misses": 0},
+    }
+
+    def do_GET(self) -> None:
+        answer = self.ANSWERS.get(self.path)
+        body = json.dumps(answer).encode() if answer is not None else b"not found\n"
+        self.send_response(200 if answer is not None else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+health = ThreadingHTTPServer(("127.0.0.1", 0), _HealthPort)
+threading.Thread(target=health.serve_forever, daemon=True).start()
+NODE = {"http": f"127.0.0.1:{health.server_address[1]}"}
+
 store = ReseedableStore()
 schema = schemathesis.openapi.from_asgi(
     "/v1/openapi.json",
-    create_app(store, region="local", keys_dir=KEYS_DIR, fetch_jwks=_no_keys),
+    create_app(store, region="local", keys_dir=KEYS_DIR, fetch_jwks=_no_keys, node_info=NODE),
 )
 
 

@@ -23,6 +23,8 @@ The package, one module per concern:
 - :mod:`.resources`: the CRUD routes, generated from one description per kind;
 - :mod:`.tokens`: the token exchange and the published JWK sets;
 - :mod:`.feed`: snapshot and change feed; :mod:`.system`: info, health, regions.
+- :mod:`.observe`: who the caller is, and the node's live status (its health port);
+- :mod:`.console`: the web console's static files at ``/ui/``.
 
 Errors are problems (``application/problem+json``), mapped from felix errors in one
 table (:data:`felix.control.schemas.PROBLEM_TYPES`): 400 BadRequest (names, settings,

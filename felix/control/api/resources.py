@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from felix.control.api.access import Access, Permission, Rule, requires
 from felix.control.api.auditing import audit_change, current_caller
+from felix.control.api.bridges import check_bridge
 from felix.control.api.context import ContextDep, ControlContext
 from felix.control.api.guard import GuardedRoute
 from felix.control.api.problems import errors
@@ -41,6 +42,9 @@ from felix.control.schemas import (
     BindingCreate,
     BindingOut,
     BindingPatch,
+    BridgeCreate,
+    BridgeOut,
+    BridgePatch,
     CacheCreate,
     CacheOut,
     CachePatch,
@@ -76,7 +80,15 @@ __all__ = ["KINDS", "ResourceRoutes", "TenantName", "add_routes", "router"]
 
 
 _OutModel = (
-    TenantOut | NamespaceOut | StreamOut | CacheOut | IssuerOut | PolicyOut | BindingOut | GroupOut
+    TenantOut
+    | NamespaceOut
+    | StreamOut
+    | CacheOut
+    | IssuerOut
+    | PolicyOut
+    | BindingOut
+    | GroupOut
+    | BridgeOut
 )
 
 
@@ -163,6 +175,13 @@ KINDS: tuple[ResourceRoutes, ...] = (
         ResourceKind.GROUP, "group", "workers", "groups", "queue group", "queue groups",
         GroupCreate, GroupPatch, GroupOut,
         collection_access=_STREAM_OF_GROUP, item_access=_STREAM_OF_GROUP,
+    ),
+    ResourceRoutes(
+        ResourceKind.BRIDGE, "bridge", "to-us-1", "bridges", "bridge", "bridges",
+        BridgeCreate, BridgePatch, BridgeOut,
+        # Its own permission, implied by nothing else (not even tenant.manage).
+        collection_access=Permission("bridge.manage", "bridge:{tenant}/*"),
+        item_access=Permission("bridge.manage", "bridge:{tenant}/{bridge}"),
     ),
 )  # fmt: skip
 _BY_KIND = {rk.kind: rk for rk in KINDS}
@@ -274,6 +293,8 @@ class _Operations:
             spec = body.model_dump(mode="json", exclude={"name"}, exclude_unset=True)
             if self.rk.regional:
                 _check_region(ctx, spec)
+            if self.kind is ResourceKind.BRIDGE:
+                await check_bridge(ctx, path, spec, update=False)
             await check_write(
                 ctx.store, ctx.quotas, self.kind, path, spec, admin=current_caller().admin
             )
@@ -308,6 +329,8 @@ class _Operations:
             patch = body.model_dump(mode="json", exclude_unset=True)
             if self.rk.regional:
                 _check_region(ctx, patch)
+            if self.kind is ResourceKind.BRIDGE:
+                await check_bridge(ctx, path, patch, update=True)
             if_version = await _if_version(ctx, self.kind, path, if_match)
             await check_write(
                 ctx.store,

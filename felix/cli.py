@@ -761,6 +761,9 @@ def build_parser() -> argparse.ArgumentParser:
     from felix.control.cli import add_commands as add_control_commands
 
     add_control_commands(sub)
+    from felix.bridge.cli import add_commands as add_bridge_commands
+
+    add_bridge_commands(sub)
     from felix.logdump import add_commands as add_log_commands
 
     add_log_commands(sub)

@@ -104,7 +104,7 @@ class CheckpointDir:
 
     def stored(self) -> list[tuple[str, str]]:
         """(tenant, bridge) of every checkpoint in the directory."""
-        out = []
+        out: list[tuple[str, str]] = []
         if not self.directory.is_dir():
             return out
         for tenant_dir in sorted(self.directory.iterdir()):

@@ -42,7 +42,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import felix
 from felix import wire
@@ -99,6 +99,21 @@ END_PROBE_INTERVAL = 2.0
 #: Seconds between status refreshes (rate samples, status.json).
 STATUS_INTERVAL = 1.0
 
+#: Tests only: exit (status 75) right after the Nth target ack, before its checkpoint is
+#: written, as a crash at the worst moment would (the records are on the target, the
+#: checkpoint does not say so: the restarted runner copies them again).
+_FAULT_EXIT_AFTER_ACKS = int(os.environ.get("FELIX_FAULT_BRIDGE_EXIT_AFTER_ACKS") or 0)
+_fault_acks = 0
+
+
+def _fault_exit_after_ack() -> None:
+    global _fault_acks
+    _fault_acks += 1
+    if _fault_acks >= _FAULT_EXIT_AFTER_ACKS:
+        log.error("FELIX_FAULT_BRIDGE_EXIT_AFTER_ACKS: exiting after ack %d", _fault_acks)
+        os._exit(75)
+
+
 #: Header names felix sets on a copied record (docs/operations.md, "Bridges").
 H_REGION = "felix-source-region"
 H_STREAM = "felix-source-stream"
@@ -107,7 +122,7 @@ H_MSG_ID = "felix-msg-id"
 
 _DURABLE = {wire.DURABILITY_WRITTEN: "written", wire.DURABILITY_SYNCED: "synced"}
 #: Errors retrying cannot fix; the flow stops (state failed) until the target changes.
-_PERMANENT = (NotFound, PermissionDenied, TooLarge, BadRequest, ConfigError)
+_PERMANENT = (NotFound, PermissionDenied, Unauthenticated, TooLarge, BadRequest, ConfigError)
 
 
 class _Stopped(FelixError):
@@ -136,13 +151,14 @@ def passes(spec_filter: Mapping[str, Any] | None, headers: Mapping[str, str]) ->
     return wanted is None or value == wanted
 
 
-TokenFn = Callable[[str, str, str], Awaitable[str | None]]
+#: (region, tenant, ns, stream) -> a token that may subscribe to the stream, or None.
+TokenFn = Callable[[str, str, str, str], Awaitable[str | None]]
 
 
 @dataclass(frozen=True)
 class SourceAccess:
-    """How the runner reaches this region's node: ``url``, ``ca``, and ``token(tenant,
-    ns, stream)`` giving a token that may subscribe to the stream (None: no auth)."""
+    """How the runner reaches this region's node: ``url``, ``ca``, and ``token(region,
+    tenant, ns, stream)`` giving a token that may subscribe to the stream (None: no auth)."""
 
     url: str
     token: TokenFn
@@ -150,19 +166,19 @@ class SourceAccess:
 
 
 def static_token(read: Callable[[], str | None]) -> TokenFn:
-    async def token(tenant: str, ns: str, stream: str) -> str | None:
+    async def token(region: str, tenant: str, ns: str, stream: str) -> str | None:
         return read()
 
     return token
 
 
-def minted_token(keys_dir: Path, region: Callable[[], str]) -> TokenFn:
+def minted_token(keys_dir: Path) -> TokenFn:
     """Tokens the node mints for itself from the tenant's key ring in ``keys_dir``: only
     ``stream.subscribe`` on the bridge's source stream, for this region."""
     from felix.auth.files import AUDIENCE, ISSUER, load_ring
     from felix.auth.perms import PermissionSet
 
-    async def token(tenant: str, ns: str, stream: str) -> str | None:
+    async def token(region: str, tenant: str, ns: str, stream: str) -> str | None:
         try:
             ring = await asyncio.to_thread(load_ring, keys_dir, tenant)
         except NotFound:
@@ -177,7 +193,7 @@ def minted_token(keys_dir: Path, region: Callable[[], str]) -> TokenFn:
             audience=AUDIENCE,
             sub="felix-bridge",
             perms=perms,
-            region=region(),
+            region=region,
         )
 
     return token
@@ -492,13 +508,13 @@ class BridgeRunner:
         target_token(spec)  # fail now, with the reason, rather than in a handshake
         incarnation = res.created_at.isoformat()
         cp = self.checkpoints.load(tenant, name)
-        start: int | str = spec["start"]
+        start: int | Literal["earliest", "latest"] = spec["start"]
         if cp is not None and cp.incarnation == incarnation and cp.source == spec["source_stream"]:
             start = cp.next_offset
             st.checkpoint = cp.next_offset
 
         async def source_token() -> str:
-            return await self.source.token(tenant, src_ns, src_stream) or ""
+            return await self.source.token(self.region, tenant, src_ns, src_stream) or ""
 
         async def dest_token() -> str:
             return target_token(spec) or ""
@@ -529,7 +545,7 @@ class BridgeRunner:
                 # Retention dropped records before they were copied: count them, go on.
                 sub = src.subscribe(f"{src_ns}/{src_stream}", start=exc.available, credit=CREDIT)
                 await sub.start()
-            async with sub:
+            try:
                 expected = start if isinstance(start, int) else None
                 saved_at = time.monotonic()
                 probed_at = 0.0
@@ -555,7 +571,7 @@ class BridgeRunner:
                         message = await sub.next()
                         batch.append(message)
                         size += len(message.data)
-                    out: list[tuple[bytes, dict[str, str]]] = []
+                    out: list[tuple[int, bytes, dict[str, str]]] = []
                     for m in batch:
                         if expected is not None and m.offset > expected:
                             st.skipped += m.offset - expected
@@ -563,29 +579,75 @@ class BridgeRunner:
                         if passes(spec_filter, m.headers):
                             headers = dict(m.headers)
                             headers.update(provenance(region, tenant, src_ns, src_stream, m.offset))
-                            out.append((m.data, headers))
+                            out.append((m.offset, m.data, headers))
                     st.filtered += len(batch) - len(out)
                     next_offset = batch[-1].offset + 1
+
+                    def save(offset: int) -> None:
+                        self._save(tenant, name, incarnation, spec, offset, st)
+
                     if out:
-                        reply = await publish_records(dst, dst_ns, dst_stream, out)
-                        durability = _DURABLE.get(reply.durability)
-                        if durability is None:
-                            st.target_durability = "memory"
-                            raise _Stopped(
-                                f"target stream {dst_ns}/{dst_stream} is not durable (its acks "
-                                "say memory): make it durable; the bridge only moves its "
-                                "checkpoint past records the target keeps"
-                            )
-                        st.target_durability = durability
-                        self._save(tenant, name, incarnation, spec, next_offset, st)
+                        await self._forward(dst, dst_ns, dst_stream, out, st, save)
+                        save(next_offset)
                         unsaved, saved_at = None, time.monotonic()
-                        st.forwarded += len(out)
-                        st.forwarded_bytes += sum(len(d) for d, _ in out)
                     elif time.monotonic() - saved_at >= FILTERED_SAVE_INTERVAL:
-                        self._save(tenant, name, incarnation, spec, next_offset, st)
+                        save(next_offset)
                         unsaved, saved_at = None, time.monotonic()
                     else:
                         unsaved = next_offset
+            finally:
+                await sub.close()
+
+    async def _forward(
+        self,
+        dst: Client,
+        ns: str,
+        stream: str,
+        out: Sequence[tuple[int, bytes, dict[str, str]]],
+        st: BridgeStatus,
+        save: Callable[[int], None],
+    ) -> None:
+        """Publish ``out`` (source offset, payload, headers) to the target as one batch.
+
+        A batch the target refuses as a bad request is sent again record by record (the
+        target may refuse a batch that is part copies it already stored and part new
+        records, as after a crash between an ack and the checkpoint: each copy is then
+        acked alone). A record refused alone stops the flow; the checkpoint first moves
+        past the records before it, which the target stored.
+        """
+        records = [(data, headers) for _, data, headers in out]
+        try:
+            reply = await publish_records(dst, ns, stream, records)
+        except BadRequest:
+            if len(out) == 1:
+                raise
+            for i, (offset, data, headers) in enumerate(out):
+                try:
+                    reply = await publish_records(dst, ns, stream, [(data, headers)])
+                except BadRequest:
+                    if i:
+                        save(offset)
+                    raise
+                self._check_durable(reply, ns, stream, st)
+                st.forwarded += 1
+                st.forwarded_bytes += len(data)
+            return
+        self._check_durable(reply, ns, stream, st)
+        st.forwarded += len(out)
+        st.forwarded_bytes += sum(len(data) for _, data, _ in out)
+        if _FAULT_EXIT_AFTER_ACKS:
+            _fault_exit_after_ack()
+
+    @staticmethod
+    def _check_durable(reply: Any, ns: str, stream: str, st: BridgeStatus) -> None:
+        durability = _DURABLE.get(reply.durability)
+        if durability is None:
+            st.target_durability = "memory"
+            raise _Stopped(
+                f"target stream {ns}/{stream} is not durable (its acks say memory): make "
+                "it durable; the bridge only moves its checkpoint past records the target keeps"
+            )
+        st.target_durability = durability
 
     def _save(
         self,

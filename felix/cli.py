@@ -173,6 +173,17 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "streams may name only this region) (local)",
     )
     up.add_argument(
+        "--bridges",
+        action="store_true",
+        help="run every active bridge of this node's control plane in a child process "
+        "(bridges-0; checkpoints in DATA_DIR/bridges)",
+    )
+    up.add_argument(
+        "--bridges-http",
+        metavar="HOST:PORT",
+        help="where the bridges child serves /metrics and /bridges (default: nowhere)",
+    )
+    up.add_argument(
         "--spin-us",
         type=int,
         default=0,
@@ -417,6 +428,8 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         embedded_shards=embedded,
         spin_us=args.spin_us,
         region=args.region,
+        bridges=args.bridges,
+        bridges_http=args.bridges_http,
         auth=_auth_mode(args.auth, listen[0], *([] if args.control_url else [control[0]])),
         key_rotation_interval=parse_duration(args.key_rotation_interval),
         key_publish_lead=parse_duration(args.key_publish_lead),

@@ -18,9 +18,15 @@ from felix.control.stores.memory import MemoryStore
 from felix.control.stores.sqlite import SQLiteStore
 from felix.errors import BadRequest
 from tests.aio import run
-from tests.test_control_api_auth import ADMIN, Keys, api, assert_problem, bearer, keys  # noqa: F401
+from tests.test_control_api_auth import ADMIN, Keys, api, assert_problem, bearer
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    return Keys(tmp_path / "auth")
+
 
 BRIDGES = "/v1/tenants/acme/bridges"
 JWT = "eyJhbGciOiJFZERTQSIsImtpZCI6ImsxIn0.eyJzdWIiOiJzdmMiLCJ0aWQiOiJhY21lIn0.c2lnbmF0dXJl"

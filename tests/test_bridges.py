@@ -62,30 +62,34 @@ class Region:
     async def read(self, stream: str, *, quiet: float = 1.5) -> list[Any]:
         """Every record of ``stream`` from the start, until none came for ``quiet`` s."""
         out = []
-        async with felix.connect(self.url, tenant=TENANT, ca=self.node.ca_file) as c:
-            async with c.subscribe(stream, start="earliest") as sub:
-                while True:
-                    try:
-                        out.append(await sub.next(timeout=quiet))
-                    except FelixTimeoutError:
-                        return out
+        async with (
+            felix.connect(self.url, tenant=TENANT, ca=self.node.ca_file) as c,
+            c.subscribe(stream, start="earliest") as sub,
+        ):
+            while True:
+                try:
+                    out.append(await sub.next(timeout=quiet))
+                except FelixTimeoutError:
+                    return out
 
     async def wait_for(self, stream: str, count: int, timeout: float = 60) -> list[Any]:
         """Read ``stream`` from the start until it holds ``count`` records (or more)."""
         out = []
         deadline = time.monotonic() + timeout
-        async with felix.connect(self.url, tenant=TENANT, ca=self.node.ca_file) as c:
-            async with c.subscribe(stream, start="earliest") as sub:
-                while len(out) < count:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise AssertionError(f"{stream}: {len(out)} of {count} records")
-                    with contextlib.suppress(FelixTimeoutError):
-                        out.append(await sub.next(timeout=left))
-                # Anything beyond count (a duplicate) would show within a moment.
+        async with (
+            felix.connect(self.url, tenant=TENANT, ca=self.node.ca_file) as c,
+            c.subscribe(stream, start="earliest") as sub,
+        ):
+            while len(out) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{stream}: {len(out)} of {count} records")
                 with contextlib.suppress(FelixTimeoutError):
-                    while True:
-                        out.append(await sub.next(timeout=1.5))
+                    out.append(await sub.next(timeout=left))
+            # Anything beyond count (a duplicate) would show within a moment.
+            with contextlib.suppress(FelixTimeoutError):
+                while True:
+                    out.append(await sub.next(timeout=1.5))
         return out
 
 
@@ -380,3 +384,107 @@ def test_a_target_refusal_stops_the_flow_with_the_error(
         assert runner.metric("felix_bridge_errors_total") >= 1
     finally:
         assert runner.stop() == 0
+
+
+def test_the_node_runs_its_bridges_with_tokens_it_mints(tmp_path: Path) -> None:
+    """`felix up --auth --bridges`: the bridges child reads the source through the node
+    with a token the node mints from the tenant's key ring, is restarted after kill -9,
+    and follows pause and delete."""
+    from felix.auth.files import AUDIENCE, ISSUER, save_ring
+    from felix.auth.keys import TenantKeyRing
+    from felix.auth.perms import PermissionSet
+
+    us = Region(NodeProcess(tmp_path / "us", "--region", "us-1", gateways=1, shards=1))
+    port = free_port()
+    node = NodeProcess(
+        tmp_path / "eu", "--auth", "--region", "eu-1", "--bridges", "--bridges-http",
+        f"127.0.0.1:{port}", gateways=1, shards=1,
+    )  # fmt: skip
+    try:
+        now = time.time()
+        ring = TenantKeyRing.create(TENANT, now)
+        save_ring(node.data_dir / "auth", ring, now)
+        admin = (node.data_dir / "admin-token").read_text().strip()
+        api = httpx.Client(
+            base_url=node.info["control"], timeout=10, headers={"Authorization": f"Bearer {admin}"}
+        )
+        assert api.post("/v1/tenants", json={"name": TENANT}).status_code == 201
+        assert (
+            api.post(f"/v1/tenants/{TENANT}/namespaces", json={"name": "prod"}).status_code == 201
+        )
+        r = api.post(
+            f"/v1/tenants/{TENANT}/namespaces/prod/streams",
+            json={"name": "orders", "durable": True},
+        )
+        assert r.status_code == 201, r.text
+        us.define("orders-eu")
+        bridge = {
+            "name": "to-us",
+            "source_stream": "prod/orders",
+            "target_url": us.url,
+            "target_region": "us-1",
+            "target_stream": "prod/orders-eu",
+            "target_ca": str(us.node.ca_file),
+        }
+        assert api.post(f"/v1/tenants/{TENANT}/bridges", json=bridge).status_code == 201
+        token = ring.mint(
+            time.time(),
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            sub="app",
+            perms=PermissionSet(TENANT, ["stream.publish:stream:acme/prod/orders"]),
+            region="eu-1",
+        )
+
+        async def publish(prefix: str, n: int) -> None:
+            url = f"felix://{node.host}:{node.port}"
+            async with felix.connect(url, tenant=TENANT, ca=node.ca_file, token=token) as c:
+                for p in payloads(prefix, n):
+                    await c.publish("prod/orders", p)
+
+        def status() -> dict[str, Any]:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    body = httpx.get(f"http://127.0.0.1:{port}/bridges", timeout=2).json()
+                    if body["bridges"]:
+                        return dict(body["bridges"][0])
+                time.sleep(0.2)
+            raise AssertionError(node.log())
+
+        def wait_status(predicate: Any) -> dict[str, Any]:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                st = status()
+                if predicate(st):
+                    return st
+                time.sleep(0.2)
+            raise AssertionError(f"{status()}\n{node.log()}")
+
+        run(lambda: publish("a", 50))
+        got = run(lambda: us.wait_for("prod/orders-eu", 50))
+        assert [m.data for m in got] == payloads("a", 50)
+        wait_status(lambda st: st["checkpoint"] == 50)
+        checkpoint = node.data_dir / "bridges" / TENANT / "to-us.json"
+        assert json.loads(checkpoint.read_text())["next_offset"] == 50
+        # kill -9: the supervisor starts it again, and it continues from its checkpoint.
+        old = node.kill_child("bridges-0")
+        node.wait_restarted("bridges-0", old)
+        run(lambda: publish("b", 20))
+        got = run(lambda: us.wait_for("prod/orders-eu", 70))
+        assert [m.data for m in got] == payloads("a", 50) + payloads("b", 20)
+        # Paused: nothing flows; deleted: the checkpoint goes.
+        assert api.patch(f"/v1/tenants/{TENANT}/bridges/to-us", json={"state": "paused"}).is_success
+        wait_status(lambda st: st["state"] == "paused")
+        run(lambda: publish("c", 5))
+        time.sleep(1.5)
+        assert len(run(lambda: us.read("prod/orders-eu", quiet=1))) == 70
+        assert api.delete(f"/v1/tenants/{TENANT}/bridges/to-us").is_success
+        deadline = time.monotonic() + 20
+        while checkpoint.exists():
+            assert time.monotonic() < deadline, node.log()
+            time.sleep(0.1)
+        api.close()
+    finally:
+        assert node.stop() == 0, node.log()
+        assert us.node.stop() == 0

@@ -1,9 +1,10 @@
 """Permissions: parsing, the implication rules, fast checks and narrowing.
 
 A permission is ``ACTION:KIND:PATH``, for example ``stream.publish:stream:acme/orders/eu``.
-Objects (``KIND:PATH``) are ``tenant:T``, ``namespace:T/NS``, ``stream:T/NS/S`` and
-``cache:T/NS/C``, and ``bridge:T/NAME`` (a bridge, docs/operations.md "Bridges"). Every segment follows :func:`felix.names.validate_name`; the last
-segment of a namespace, stream, cache or bridge object may instead be ``*`` (every name).
+Objects (``KIND:PATH``) are ``tenant:T``, ``namespace:T/NS``, ``stream:T/NS/S``,
+``cache:T/NS/C`` and ``bridge:T/NAME`` (docs/operations.md, "Bridges"). Every segment
+follows :func:`felix.names.validate_name`; the last segment of a namespace, stream,
+cache or bridge object may instead be ``*`` (every name).
 The tenant segment is never a wildcard, so no permission can reach another tenant.
 
 How it works

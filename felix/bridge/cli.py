@@ -47,6 +47,7 @@ from felix.auth.cli import guarded
 from felix.control.cliargs import add_connection_arguments, open_client
 from felix.control.model import Resource, ResourceKind
 from felix.errors import ConfigError, Unavailable
+from felix.extras import require_extra
 
 __all__ = ["add_commands"]
 
@@ -307,6 +308,7 @@ def _parse_address(text: str) -> tuple[str, int]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    require_extra("server", "felix bridge run")  # prometheus_client, for its /metrics
     from felix.bridge.runner import BridgeRunner, SourceAccess, minted_token, static_token
 
     if args.all == (args.name is not None):

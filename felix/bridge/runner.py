@@ -298,6 +298,8 @@ class BridgeRunner:
         self.http_address: tuple[str, int] | None = None
         #: Set when the one bridge of ``only`` was deleted (the runner then returns).
         self.deleted = asyncio.Event()
+        #: Checkpoint removals of deleted bridges, awaited before the runner returns.
+        self._removals: set[asyncio.Task[None]] = set()
 
     # -- the control plane ------------------------------------------------------------
 
@@ -330,6 +332,8 @@ class BridgeRunner:
                 task.cancel()
             for key in list(self._flows):
                 await self._stop_flow(key)
+            if self._removals:
+                await asyncio.gather(*self._removals, return_exceptions=True)
             write_status_file(self.state_dir / "status.json", self.statuses)
             if server is not None:
                 await server.stop()
@@ -451,7 +455,9 @@ class BridgeRunner:
             if self.checkpoints.remove(*key):
                 log.info("bridge %s/%s deleted: checkpoint removed", *key)
 
-        asyncio.get_running_loop().create_task(remove())
+        removal = asyncio.get_running_loop().create_task(remove())
+        self._removals.add(removal)
+        removal.add_done_callback(self._removals.discard)
 
     async def _stop_flow(self, key: tuple[str, str]) -> None:
         res_task = self._flows.pop(key, None)

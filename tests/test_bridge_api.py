@@ -14,9 +14,12 @@ import pytest
 from felix.auth.perms import Permission, PermissionSet
 from felix.control.api import create_app
 from felix.control.model import MAX_BRIDGES_PER_TENANT, ResourceKind, validate_spec
+from felix.control.store import Store
 from felix.control.stores.memory import MemoryStore
+from felix.control.stores.postgres import PostgresStore
 from felix.control.stores.sqlite import SQLiteStore
-from felix.errors import BadRequest
+from felix.errors import BadRequest, HasChildren
+from tests import pg
 from tests.aio import run
 from tests.test_control_api_auth import ADMIN, Keys, api, assert_problem, bearer
 
@@ -217,29 +220,34 @@ def test_in_the_feed_and_the_openapi_document(keys: Keys) -> None:
 
 
 def test_every_store_keeps_bridges(tmp_path: Path) -> None:
-    async def main() -> None:
-        for store in (MemoryStore(), SQLiteStore(tmp_path / "control.db")):
-            await store.open()
-            try:
-                await store.create(ResourceKind.TENANT, ("acme",), {})
-                res = await store.create(ResourceKind.BRIDGE, ("acme", "to-us"), SPEC)
-                assert res.spec == validate_spec(ResourceKind.BRIDGE, SPEC)
-                res = await store.update(
-                    ResourceKind.BRIDGE, ("acme", "to-us"), {"state": "paused"}
-                )
-                assert res.version == 2 and res.spec["state"] == "paused"
-                listed = await store.list_resources(ResourceKind.BRIDGE, ("acme",))
-                assert [r.name for r in listed] == ["to-us"]
-                # A tenant with a bridge is deleted only with cascade, bridge first.
-                changes = await store.delete(ResourceKind.TENANT, ("acme",), cascade=True)
-                assert [c.resource.kind for c in changes] == [
-                    ResourceKind.BRIDGE,
-                    ResourceKind.TENANT,
-                ]
-            finally:
-                await store.close()
+    """Memory, SQLite and a real PostgreSQL (tests/pg.py): the resource tables hold any
+    kind, so bridges need no schema migration; a reopened file keeps them."""
 
-    run(main)
+    async def check(store: Store) -> None:
+        await store.open()
+        try:
+            await store.create(ResourceKind.TENANT, ("acme",), {})
+            res = await store.create(ResourceKind.BRIDGE, ("acme", "to-us"), SPEC)
+            assert res.spec == validate_spec(ResourceKind.BRIDGE, SPEC)
+            res = await store.update(ResourceKind.BRIDGE, ("acme", "to-us"), {"state": "paused"})
+            assert res.version == 2 and res.spec["state"] == "paused"
+            listed = await store.list_resources(ResourceKind.BRIDGE, ("acme",))
+            assert [r.name for r in listed] == ["to-us"]
+            _, snapshot = await store.snapshot()
+            assert [r.kind for r in snapshot] == [ResourceKind.TENANT, ResourceKind.BRIDGE]
+            # A tenant with a bridge is deleted only with cascade, bridge first.
+            with pytest.raises(HasChildren):
+                await store.delete(ResourceKind.TENANT, ("acme",))
+            changes = await store.delete(ResourceKind.TENANT, ("acme",), cascade=True)
+            kinds = [c.resource.kind for c in changes]
+            assert kinds == [ResourceKind.BRIDGE, ResourceKind.TENANT]
+        finally:
+            await store.close()
+
+    run(lambda: check(MemoryStore()))
+    run(lambda: check(SQLiteStore(tmp_path / "control.db")))
+    with pg.temporary_database() as dsn:
+        run(lambda: check(PostgresStore(dsn)))
 
 
 def test_the_secret_check_keeps_ordinary_references() -> None:

@@ -61,7 +61,7 @@ class Region:
 
     async def read(self, stream: str, *, quiet: float = 1.5) -> list[Any]:
         """Every record of ``stream`` from the start, until none came for ``quiet`` s."""
-        out = []
+        out: list[Any] = []
         async with (
             felix.connect(self.url, tenant=TENANT, ca=self.node.ca_file) as c,
             c.subscribe(stream, start="earliest") as sub,
@@ -74,7 +74,7 @@ class Region:
 
     async def wait_for(self, stream: str, count: int, timeout: float = 60) -> list[Any]:
         """Read ``stream`` from the start until it holds ``count`` records (or more)."""
-        out = []
+        out: list[Any] = []
         deadline = time.monotonic() + timeout
         async with (
             felix.connect(self.url, tenant=TENANT, ca=self.node.ca_file) as c,

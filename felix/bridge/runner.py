@@ -349,7 +349,7 @@ class BridgeRunner:
             except NotFound:
                 if first:
                     raise
-                self._apply({}, full=True)
+                self._apply({})
                 log.info("bridge %s/%s was deleted: its flow stopped, checkpoint removed",
                          tenant, name)  # fmt: skip
                 self.deleted.set()
@@ -357,7 +357,7 @@ class BridgeRunner:
             except FelixError as exc:
                 log.warning("control plane: %s (flows keep running as last seen)", exc)
             else:
-                self._apply({res.path: res}, full=True)
+                self._apply({res.path: res})
             first = False
             await asyncio.sleep(self.poll)
 
@@ -367,7 +367,7 @@ class BridgeRunner:
             try:
                 position, resources = await self._call(self.control.snapshot)
                 desired = {r.path: r for r in resources if r.kind is ResourceKind.BRIDGE}
-                self._apply(desired, full=True)
+                self._apply(desired)
                 self._drop_stale_checkpoints(desired)
                 failures = 0
                 while True:
@@ -381,7 +381,7 @@ class BridgeRunner:
                         else:
                             desired[r.path] = r
                     if changes:
-                        self._apply(desired, full=True)
+                        self._apply(desired)
             except CursorTooOld:
                 continue  # re-snapshot at once
             except FelixError as exc:
@@ -398,7 +398,7 @@ class BridgeRunner:
                 self.checkpoints.remove(tenant, name)
                 log.info("removed the checkpoint of deleted bridge %s/%s", tenant, name)
 
-    def _apply(self, desired: Mapping[ResPath, Resource], *, full: bool) -> None:
+    def _apply(self, desired: Mapping[ResPath, Resource]) -> None:
         """Start, restart (settings changed), pause and stop flows to match ``desired``."""
         for key in list(self._flows):
             if key not in desired:

@@ -111,6 +111,9 @@ class Supervisor:
         self.control_child: Child | None = None
         self._control_sock: socket.socket | None = None
         self._control_feed: ChildFeed | None = None
+        #: The bridges child (--bridges): a plain process, not on the heartbeat.
+        self.bridges_proc: ChildProcess | None = None
+        self.bridges_restarts = 0
         # Keys: the JWKS sync (following a remote control plane) or the scheduled
         # rotation (embedding one), with --auth; both stop at drain.
         self.jwks_sync: JwksSync | None = None
@@ -120,9 +123,6 @@ class Supervisor:
         self.port = 0
         self.ca_path: Path | None = None
         self._status_requests = 0
-        #: The bridges child (--bridges): a plain process, not on the heartbeat.
-        self.bridges_proc: ChildProcess | None = None
-        self.bridges_restarts = 0
 
     def _child(self, role: str, index: int) -> Child:
         timeout = self.config.heartbeat_timeout

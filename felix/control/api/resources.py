@@ -293,11 +293,11 @@ class _Operations:
             spec = body.model_dump(mode="json", exclude={"name"}, exclude_unset=True)
             if self.rk.regional:
                 _check_region(ctx, spec)
-            if self.kind is ResourceKind.BRIDGE:
-                await check_bridge(ctx, path, spec, update=False)
             await check_write(
                 ctx.store, ctx.quotas, self.kind, path, spec, admin=current_caller().admin
             )
+            if self.kind is ResourceKind.BRIDGE:
+                await check_bridge(ctx, path, spec, update=False)
             res = await ctx.store.create(self.kind, path, spec)
         except FelixError as exc:
             audit_change("create", self.kind, path, exc)
@@ -329,8 +329,6 @@ class _Operations:
             patch = body.model_dump(mode="json", exclude_unset=True)
             if self.rk.regional:
                 _check_region(ctx, patch)
-            if self.kind is ResourceKind.BRIDGE:
-                await check_bridge(ctx, path, patch, update=True)
             if_version = await _if_version(ctx, self.kind, path, if_match)
             await check_write(
                 ctx.store,
@@ -341,6 +339,8 @@ class _Operations:
                 admin=current_caller().admin,
                 update=True,
             )
+            if self.kind is ResourceKind.BRIDGE:
+                await check_bridge(ctx, path, patch, update=True)
             res = await ctx.store.update(self.kind, path, patch, if_version=if_version)
         except FelixError as exc:
             audit_change("update", self.kind, path, exc)

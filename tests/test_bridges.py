@@ -396,14 +396,16 @@ def test_the_node_runs_its_bridges_with_tokens_it_mints(tmp_path: Path) -> None:
 
     us = Region(NodeProcess(tmp_path / "us", "--region", "us-1", gateways=1, shards=1))
     port = free_port()
+    # The tenant's key ring in the node's key directory before it starts (as after
+    # `felix token keygen`): its gateways and the bridges child find it at once.
+    now = time.time()
+    ring = TenantKeyRing.create(TENANT, now)
+    save_ring(tmp_path / "eu" / "auth", ring, now)
     node = NodeProcess(
         tmp_path / "eu", "--auth", "--region", "eu-1", "--bridges", "--bridges-http",
         f"127.0.0.1:{port}", gateways=1, shards=1,
     )  # fmt: skip
     try:
-        now = time.time()
-        ring = TenantKeyRing.create(TENANT, now)
-        save_ring(node.data_dir / "auth", ring, now)
         admin = (node.data_dir / "admin-token").read_text().strip()
         api = httpx.Client(
             base_url=node.info["control"], timeout=10, headers={"Authorization": f"Bearer {admin}"}

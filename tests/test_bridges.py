@@ -470,6 +470,10 @@ def test_the_node_runs_its_bridges_with_tokens_it_mints(tmp_path: Path) -> None:
         checkpoint = node.data_dir / "bridges" / TENANT / "to-us.json"
         assert json.loads(checkpoint.read_text())["next_offset"] == 50
         # kill -9: the supervisor starts it again, and it continues from its checkpoint.
+        deadline = time.monotonic() + 10
+        while "bridges-0" not in node.refresh()["processes"]:  # written once it started
+            assert time.monotonic() < deadline, node.info
+            time.sleep(0.1)
         old = node.kill_child("bridges-0")
         node.wait_restarted("bridges-0", old)
         run(lambda: publish("b", 20))

@@ -177,6 +177,17 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "loopback (default: $FELIX_REGION, else 'local' on loopback)",
     )
     up.add_argument(
+        "--bridges",
+        action="store_true",
+        help="run every active bridge of this node's control plane in a child process "
+        "(bridges-0; checkpoints in DATA_DIR/bridges)",
+    )
+    up.add_argument(
+        "--bridges-http",
+        metavar="HOST:PORT",
+        help="where the bridges child serves /metrics and /bridges (default: nowhere)",
+    )
+    up.add_argument(
         "--spin-us",
         type=int,
         default=0,
@@ -481,6 +492,8 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         shm_socket_mode=_file_mode(args.shm_socket_mode),
         shm_max_connections=args.shm_max_connections,
         drain_grace=args.drain_grace,
+        bridges=args.bridges,
+        bridges_http=args.bridges_http,
         heartbeat_timeout=parse_duration(args.heartbeat_timeout),
         engine=args.engine or ("aioquic" if args.tls_client_ca is not None else "qh3"),
         control_store=args.control_store,
@@ -986,6 +999,9 @@ def build_parser() -> argparse.ArgumentParser:
     from felix.control.cli import add_commands as add_control_commands
 
     add_control_commands(sub)
+    from felix.bridge.cli import add_commands as add_bridge_commands
+
+    add_bridge_commands(sub)
     from felix.logdump import add_commands as add_log_commands
 
     add_log_commands(sub)

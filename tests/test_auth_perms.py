@@ -30,14 +30,15 @@ from felix.errors import BadRequest, PermissionDenied
 
 STREAM = ["stream.publish", "stream.subscribe", "stream.consume", "stream.manage"]
 CACHE = ["cache.read", "cache.write", "cache.manage"]
-ALL_ACTIONS = [*STREAM, *CACHE, "ns.manage", "tenant.manage", "rbac.manage"]
+ALL_ACTIONS = [*STREAM, *CACHE, "ns.manage", "tenant.manage", "rbac.manage", "bridge.manage"]
 
 SPEC_IMPLIES = {
     **{a: {a} for a in ALL_ACTIONS},
     "stream.manage": set(STREAM),
     "cache.manage": set(CACHE),
     "ns.manage": {*STREAM, *CACHE, "ns.manage"},
-    "tenant.manage": set(ALL_ACTIONS) - {"rbac.manage"},
+    # Data leaving the region is granted explicitly: tenant.manage does not imply it.
+    "tenant.manage": set(ALL_ACTIONS) - {"rbac.manage", "bridge.manage"},
 }
 SPEC_TARGET = {
     **{a: "stream" for a in STREAM},
@@ -45,6 +46,7 @@ SPEC_TARGET = {
     "ns.manage": "namespace",
     "tenant.manage": "tenant",
     "rbac.manage": "tenant",
+    "bridge.manage": "bridge",
 }
 # The object kinds a permission for an action may name: its target and its containers.
 SPEC_GRANTABLE_KINDS = {
@@ -52,6 +54,7 @@ SPEC_GRANTABLE_KINDS = {
     "cache": {"cache", "namespace", "tenant"},
     "namespace": {"namespace", "tenant"},
     "tenant": {"tenant"},
+    "bridge": {"bridge"},
 }
 
 
@@ -68,8 +71,10 @@ def spec_covers(pattern: str, obj: str) -> bool:
         return False  # another tenant: never
     if pkind == "tenant":
         return True
+    if pkind == "bridge":
+        return okind == "bridge" and pseg[1] in ("*", oseg[1])
     if pkind == "namespace":
-        return okind != "tenant" and pseg[1] in ("*", oseg[1])
+        return okind not in ("tenant", "bridge") and pseg[1] in ("*", oseg[1])
     return pkind == okind and pseg[1] == oseg[1] and pseg[2] in ("*", oseg[2])
 
 
@@ -207,6 +212,8 @@ GRANT_OBJECTS = [
     "stream:acme/ns1/*",
     "cache:acme/ns1/c1",
     "cache:acme/ns1/*",
+    "bridge:acme/b1",
+    "bridge:acme/*",
 ]
 # Concrete objects checks are made on: in and out of the granted namespace and name.
 CHECK_OBJECTS = [
@@ -219,6 +226,8 @@ CHECK_OBJECTS = [
     "cache:acme/ns1/c1",
     "cache:acme/ns1/c2",
     "cache:acme/ns2/c1",
+    "bridge:acme/b1",
+    "bridge:acme/b2",
 ]
 GRANTS = [(a, o) for a in ALL_ACTIONS for o in GRANT_OBJECTS]
 CHECKS = [(a, o) for a in ALL_ACTIONS for o in CHECK_OBJECTS if obj_parts(o)[0] == SPEC_TARGET[a]]
@@ -498,6 +507,7 @@ def _all_permissions() -> list[str]:
         objs += [f"namespace:{tenant}/{ns}" for ns in [*U_NAMESPACES, "*"]]
         for kind in ("stream", "cache"):
             objs += [f"{kind}:{tenant}/{ns}/{n}" for ns in U_NAMESPACES for n in [*U_NAMES, "*"]]
+        objs += [f"bridge:{tenant}/{n}" for n in [*U_NAMES, "*"]]
         out += [f"{action}:{o}" for o in objs if spec_valid(action, o)]
     return out
 
@@ -510,6 +520,7 @@ def _concrete_objects() -> list[str]:
             out.append(f"namespace:{tenant}/{ns}")
             for kind in ("stream", "cache"):
                 out += [f"{kind}:{tenant}/{ns}/{n}" for n in [*U_NAMES, FRESH]]
+        out += [f"bridge:{tenant}/{n}" for n in [*U_NAMES, FRESH]]
     return out
 
 

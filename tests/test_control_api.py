@@ -98,6 +98,8 @@ def test_openapi_document_lists_every_route_and_docs_are_served() -> None:
             "/v1/tenants/{tenant}/policies/{policy}": {"get", "patch", "delete"},
             "/v1/tenants/{tenant}/bindings": {"get", "post"},
             "/v1/tenants/{tenant}/bindings/{binding}": {"get", "patch", "delete"},
+            "/v1/tenants/{tenant}/bridges": {"get", "post"},
+            "/v1/tenants/{tenant}/bridges/{bridge}": {"get", "patch", "delete"},
             "/v1/tenants/{tenant}/token/exchange": {"post"},
             "/v1/tenants/{tenant}/.well-known/jwks.json": {"get"},
             "/v1/snapshot": {"get"},

@@ -437,6 +437,16 @@ B_RESOURCES: list[tuple[ResourceKind, tuple[str, ...], dict[str, Any]]] = [
         (B, "gxsecretbinding"),
         {"subject": "group:eng", "policies": ["gxsecretpolicy"]},
     ),
+    (
+        ResourceKind.BRIDGE,
+        (B, "gxsecretbridge"),
+        {
+            "source_stream": f"{B_NS}/{B_STREAM}",
+            "target_url": "felix://gxsecret-target.example:5000",
+            "target_region": "gxsecret-region",
+            "target_stream": "gxsecretns/gxsecretcopy",
+        },
+    ),
 ]
 A_RESOURCES: list[tuple[ResourceKind, tuple[str, ...], dict[str, Any]]] = [
     (ResourceKind.TENANT, (A,), {}),
@@ -461,9 +471,10 @@ B_PARAMS = {
     "policy": "gxsecretpolicy",
     "binding": "gxsecretbinding",
     "group": "gxsecretgroup",
+    "bridge": "gxsecretbridge",
 }
 #: A token allowed everything in A (management and RBAC).
-A_ALL = ["tenant.manage:tenant:acme", "rbac.manage:tenant:acme"]
+A_ALL = ["tenant.manage:tenant:acme", "rbac.manage:tenant:acme", "bridge.manage:bridge:acme/*"]
 
 
 @asynccontextmanager
@@ -520,9 +531,9 @@ def test_every_management_operation_on_another_tenant_is_refused(tmp_path: Path)
                 assert r.headers["content-type"] == "application/problem+json"
                 assert_no_secrets(r.text)
                 tried += 1
-            # 7 collections x 2 + 7 items x 3, the tenant x 3, the exchange, and the node's
+            # 8 collections x 2 + 8 items x 3, the tenant x 3, the exchange, and the node's
             # view of a stream and of a cache (GET /v1/node/streams|caches/...).
-            assert tried == 41
+            assert tried == 46
             # B is exactly as it was: nothing created, changed or deleted.
             admin = bearer(ADMIN)
             snap = (await http.get("/v1/snapshot", headers=admin)).json()

@@ -1,9 +1,10 @@
 """Permissions: parsing, the implication rules, fast checks and narrowing.
 
 A permission is ``ACTION:KIND:PATH``, for example ``stream.publish:stream:acme/orders/eu``.
-Objects (``KIND:PATH``) are ``tenant:T``, ``namespace:T/NS``, ``stream:T/NS/S`` and
-``cache:T/NS/C``. Every segment follows :func:`felix.names.validate_name`; the last
-segment of a namespace, stream or cache object may instead be ``*`` (every name).
+Objects (``KIND:PATH``) are ``tenant:T``, ``namespace:T/NS``, ``stream:T/NS/S``,
+``cache:T/NS/C`` and ``bridge:T/NAME`` (docs/operations.md, "Bridges"). Every segment
+follows :func:`felix.names.validate_name`; the last segment of a namespace, stream,
+cache or bridge object may instead be ``*`` (every name).
 The tenant segment is never a wildcard, so no permission can reach another tenant.
 
 How it works
@@ -17,11 +18,12 @@ actions below it:
 =================  ==========================================================
 granted action     implies
 =================  ==========================================================
-``tenant.manage``  everything in the tenant except ``rbac.manage``
+``tenant.manage``  everything in the tenant except ``rbac.manage`` and ``bridge.manage``
 ``ns.manage``      ``ns.manage`` and every stream and cache action
 ``stream.manage``  every stream action
 ``cache.manage``   every cache action
 ``rbac.manage``    only itself
+``bridge.manage``  only itself (data leaving the region is granted explicitly)
 others             only themselves
 =================  ==========================================================
 
@@ -47,6 +49,7 @@ from felix.names import validate_name
 
 __all__ = [
     "ACTIONS",
+    "BRIDGE_MANAGE",
     "CACHE_ACTIONS",
     "KINDS",
     "MAX_PERMISSIONS",
@@ -72,10 +75,14 @@ STREAM_ACTIONS = frozenset(
     {"stream.publish", "stream.subscribe", "stream.consume", "stream.manage"}
 )
 CACHE_ACTIONS = frozenset({"cache.read", "cache.write", "cache.manage"})
+#: Managing a bridge: the only way a tenant's data leaves the region, so neither
+#: ``tenant.manage`` nor anything else implies it (like ``rbac.manage``).
+BRIDGE_MANAGE = "bridge.manage"
 ACTIONS = STREAM_ACTIONS | CACHE_ACTIONS | {"ns.manage", "tenant.manage", "rbac.manage"}
+ACTIONS |= {BRIDGE_MANAGE}
 
 #: Object kinds and how many path segments each has (the tenant is the first).
-KINDS = {"tenant": 1, "namespace": 2, "stream": 3, "cache": 3}
+KINDS = {"tenant": 1, "namespace": 2, "stream": 3, "cache": 3, "bridge": 2}
 
 # The kind of object each action is performed on.
 _TARGET = {
@@ -84,6 +91,7 @@ _TARGET = {
     "ns.manage": "namespace",
     "tenant.manage": "tenant",
     "rbac.manage": "tenant",
+    BRIDGE_MANAGE: "bridge",
 }
 
 # Every action an action implies, itself included: the implication table above.
@@ -91,7 +99,7 @@ _IMPLIES: dict[str, frozenset[str]] = {a: frozenset({a}) for a in ACTIONS}
 _IMPLIES["stream.manage"] = STREAM_ACTIONS
 _IMPLIES["cache.manage"] = CACHE_ACTIONS
 _IMPLIES["ns.manage"] = STREAM_ACTIONS | CACHE_ACTIONS | {"ns.manage"}
-_IMPLIES["tenant.manage"] = ACTIONS - {"rbac.manage"}
+_IMPLIES["tenant.manage"] = ACTIONS - {"rbac.manage", BRIDGE_MANAGE}
 
 # Which object kinds a permission with a given action may name: its target kind and
 # the kinds that contain it. ``ns.manage:stream:...`` would mean nothing, so it is
@@ -101,6 +109,9 @@ _CONTAINERS = {
     "cache": ("cache", "namespace", "tenant"),
     "namespace": ("namespace", "tenant"),
     "tenant": ("tenant",),
+    # Only bridge objects: bridge.manage on the tenant would read as "every bridge",
+    # which bridge:T/* already says without looking like tenant.manage.
+    "bridge": ("bridge",),
 }
 
 # An atom is (action, namespace, name); unused positions hold "".
@@ -143,14 +154,15 @@ def parse_object(text: str) -> tuple[str, str, str, str]:
             f"{KINDS[kind]} segment(s) separated by '/'"
         )
     last = len(segments) - 1
-    for i, (seg_kind, seg) in enumerate(zip(("tenant", "namespace", kind), segments, strict=False)):
+    labels = ("tenant", "bridge") if kind == "bridge" else ("tenant", "namespace", kind)
+    for i, (seg_kind, seg) in enumerate(zip(labels, segments, strict=False)):
         # The tenant segment (i == 0) is never a wildcard: that would cross tenants.
         if seg == WILDCARD and i == last and i > 0:
             continue
         if seg == WILDCARD:
             raise BadRequest(
                 f"invalid object {_preview(text)}: '*' is only allowed as the last segment "
-                "of a namespace, stream or cache object"
+                "of a namespace, stream, cache or bridge object"
             )
         validate_name(seg_kind, seg)
     segments += [""] * (3 - len(segments))
@@ -230,6 +242,10 @@ def _atoms(action: str, kind: str, namespace: str, name: str) -> list[_Atom]:
             # Only tenant.manage and rbac.manage target the tenant; both can only be
             # granted on tenant objects, so the object is the tenant itself here.
             out.append((implied, "", ""))
+        elif target == "bridge":
+            # bridge:T/NAME is held like a namespace: (action, NAME, ""), so bridge:T/*
+            # is (action, "*", "") and _covering's namespace rule applies unchanged.
+            out.append((implied, namespace, ""))
         elif kind == "tenant":
             out.append((implied, WILDCARD, WILDCARD if target != "namespace" else ""))
         elif kind == "namespace":
@@ -248,7 +264,7 @@ def _covering(atom: _Atom) -> tuple[_Atom, ...]:
     action, namespace, name = atom
     if namespace == "":  # a tenant-level action
         return (atom,)
-    if name == "":  # ns.manage
+    if name == "":  # ns.manage, bridge.manage
         return (atom, (action, WILDCARD, ""))
     return (atom, (action, namespace, WILDCARD), (action, WILDCARD, WILDCARD))
 

@@ -21,8 +21,10 @@ Two resources of different kinds may share a path (namespace ``acme/okta`` and i
 from __future__ import annotations
 
 import enum
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -47,6 +49,8 @@ class ResourceKind(enum.StrEnum):
     BINDING = "binding"
     #: A queue group of a durable stream (docs/queues.md).
     GROUP = "group"
+    #: Copies one stream of the tenant to a stream of another region (docs/operations.md).
+    BRIDGE = "bridge"
 
 
 #: Names in a path: tenant (tenant), namespace (tenant, ns), stream or cache (tenant, ns,
@@ -60,6 +64,7 @@ PATH_LENGTH = {
     ResourceKind.POLICY: 2,
     ResourceKind.BINDING: 2,
     ResourceKind.GROUP: 4,
+    ResourceKind.BRIDGE: 2,
 }
 #: The kind a path of a kind's parent has (None: top level).
 PARENT = {
@@ -71,6 +76,7 @@ PARENT = {
     ResourceKind.POLICY: ResourceKind.TENANT,
     ResourceKind.BINDING: ResourceKind.TENANT,
     ResourceKind.GROUP: ResourceKind.STREAM,
+    ResourceKind.BRIDGE: ResourceKind.TENANT,
 }
 #: The kinds other resources live under.
 CONTAINERS = frozenset(k for k in PARENT.values() if k is not None)
@@ -409,6 +415,190 @@ class BindingSpec(_Spec):
         return RoleBinding(self.subject, tuple(self.policies), self.issuer)
 
 
+# -- bridges ----------------------------------------------------------------------------
+
+#: Bridges one tenant may define (each is a runner task, two connections, a checkpoint
+#: file and a few metric series: bounded so a careless tenant cannot run away with them).
+MAX_BRIDGES_PER_TENANT = 64
+#: Longest file path or environment variable name a bridge refers to.
+MAX_REF_CHARS = 1024
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+#: What a secret looks like, so one pasted into a reference field is refused, not stored:
+#: a JWT (three base64url parts, the first starting like a JSON object), a PEM block, an
+#: HTTP credential, or a long run of key-like characters with no path structure.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_KEYLIKE = re.compile(r"[A-Za-z0-9+/=_-]{40,}")
+
+
+def looks_like_secret(value: str) -> bool:
+    """True if ``value`` looks like a credential rather than a name or a path."""
+    lowered = value.lower()
+    return (
+        _JWT.search(value) is not None
+        or "-----begin" in lowered
+        or lowered.startswith(("bearer ", "basic "))
+        or any(_KEYLIKE.fullmatch(part) is not None for part in value.split("/"))
+    )
+
+
+def _no_secret(field: str, value: str) -> str:
+    if looks_like_secret(value):
+        raise ValueError(
+            f"{field} looks like a secret (a token, key or certificate): a bridge holds "
+            "only references to secrets, a file path or an environment variable name, "
+            "never the secret itself"
+        )
+    if any(ord(ch) < 0x20 or ch == "\x7f" for ch in value):
+        raise ValueError(f"{field} holds control characters")
+    return value
+
+
+def split_stream_ref(text: str) -> tuple[str, str]:
+    """``ns/stream`` as (namespace, stream); raises BadRequest."""
+    if not isinstance(text, str) or text.count("/") != 1:
+        raise BadRequest(f"a bridge's stream is NAMESPACE/STREAM, got {text!r}")
+    namespace, stream = text.split("/")
+    return validate_name("namespace", namespace), validate_name("stream", stream)
+
+
+def check_felix_url(url: str) -> str:
+    """A ``felix://host[:port]`` URL with nothing else in it; raises ValueError."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid target_url {url!r}: {exc}") from None
+    if parts.scheme != "felix" or not parts.hostname:
+        raise ValueError(f"invalid target_url {url!r}: want felix://host[:port]")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            "target_url must not carry credentials: name the token with "
+            "target_token_file or target_token_env"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment or port == 0:
+        raise ValueError(f"invalid target_url {url!r}: only felix://host[:port] is allowed")
+    return url
+
+
+class HeaderFilter(_Spec):
+    """Forward only records whose header ``header`` is present (``equals`` null) or equals
+    ``equals``. One condition, so a filter costs one dict lookup per record."""
+
+    header: Annotated[str, Field(min_length=1, max_length=256)]
+    equals: Annotated[str | None, Field(max_length=4096)] = None
+
+
+Ref = Annotated[str, Field(min_length=1, max_length=MAX_REF_CHARS)]
+
+
+class BridgeSpec(_Spec):
+    """A bridge: copies ``source_stream`` of its tenant, in this region, to
+    ``target_stream`` of ``target_tenant`` on the cluster at ``target_url`` (region
+    ``target_region``). Credentials are named, never held: the CA and the token are
+    files on the runner's host (or the token an environment variable of the runner).
+    """
+
+    description: Annotated[str, Field(max_length=1024)] = ""
+    source_stream: Annotated[str, Field(description="NAMESPACE/STREAM of this tenant, here")]
+    target_url: Annotated[
+        str, Field(min_length=1, max_length=2048, description="felix://host[:port]")
+    ]
+    target_region: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=64,
+            description="the target cluster's region: must differ from this one",
+        ),
+    ]
+    target_stream: Annotated[str, Field(description="NAMESPACE/STREAM on the target")]
+    target_tenant: Annotated[
+        str | None, Field(description="the tenant on the target (null: the bridge's own)")
+    ] = None
+    target_ca: Annotated[
+        Ref | None,
+        Field(description="path of a CA file (PEM) on the runner's host (null: system store)"),
+    ] = None
+    target_token_file: Annotated[
+        Ref | None, Field(description="path of a file holding the target token")
+    ] = None
+    target_token_env: Annotated[
+        str | None,
+        Field(
+            max_length=128,
+            description="name of the runner's environment variable holding the target token",
+        ),
+    ] = None
+    filter: Annotated[
+        HeaderFilter | None, Field(description="forward only records passing this (null: all)")
+    ] = None
+    state: Annotated[
+        Literal["active", "paused"],
+        Field(description="paused: nothing flows; resumes from the checkpoint"),
+    ] = "active"
+    start: Annotated[
+        Literal["earliest", "latest"],
+        Field(description="where a bridge without a checkpoint starts reading the source"),
+    ] = "earliest"
+
+    @field_validator("source_stream", "target_stream")
+    @classmethod
+    def _stream(cls, value: str) -> str:
+        try:
+            split_stream_ref(value)
+        except BadRequest as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("target_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return check_felix_url(_no_secret("target_url", value))
+
+    @field_validator("target_region", "target_tenant")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                validate_name("region or tenant", value)
+            except BadRequest as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("target_ca", "target_token_file")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _no_secret("a bridge's file reference", value)
+        if not value.startswith("/"):
+            raise ValueError(f"file references must be absolute paths, got {value[:80]!r}")
+        return value
+
+    @field_validator("target_token_env")
+    @classmethod
+    def _env(cls, value: str | None) -> str | None:
+        if value is not None and _ENV_NAME.fullmatch(value) is None:
+            raise ValueError(
+                "target_token_env is the NAME of an environment variable ([A-Za-z_]"
+                "[A-Za-z0-9_]*, at most 128 characters), not its value"
+            )
+        return value
+
+    @field_validator("description")
+    @classmethod
+    def _description(cls, value: str) -> str:
+        if looks_like_secret(value):
+            raise ValueError("description looks like it holds a secret")
+        return value
+
+    @model_validator(mode="after")
+    def _one_token(self) -> BridgeSpec:
+        if self.target_token_file is not None and self.target_token_env is not None:
+            raise ValueError("give target_token_file or target_token_env, not both")
+        return self
+
+
 SPEC_TYPES: dict[ResourceKind, type[_Spec]] = {
     ResourceKind.TENANT: TenantSpec,
     ResourceKind.NAMESPACE: NamespaceSpec,
@@ -418,6 +608,7 @@ SPEC_TYPES: dict[ResourceKind, type[_Spec]] = {
     ResourceKind.POLICY: PolicySpec,
     ResourceKind.BINDING: BindingSpec,
     ResourceKind.GROUP: GroupSpec,
+    ResourceKind.BRIDGE: BridgeSpec,
 }
 
 
@@ -469,7 +660,11 @@ def validate_spec(kind: ResourceKind, spec: dict[str, Any] | None) -> dict[str, 
     try:
         model = SPEC_TYPES[kind].model_validate(spec or {})
     except ValidationError as exc:
-        raise BadRequest(f"invalid {kind} settings: {exc.errors(include_url=False)}") from None
+        errors: Any = exc.errors(include_url=False)
+        if kind is ResourceKind.BRIDGE:
+            # Never echo what was sent: it may be the secret a check just refused.
+            errors = [{k: v for k, v in e.items() if k not in ("input", "ctx")} for e in errors]
+        raise BadRequest(f"invalid {kind} settings: {errors}") from None
     return model.model_dump(mode="json")
 
 

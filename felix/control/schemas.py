@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from felix.control.model import (
     PATH_LENGTH,
     BindingSpec,
+    BridgeSpec,
     CacheSpec,
     GroupSpec,
     IssuerSpec,
@@ -69,6 +70,9 @@ __all__ = [
     "BindingCreate",
     "BindingOut",
     "BindingPatch",
+    "BridgeCreate",
+    "BridgeOut",
+    "BridgePatch",
     "CacheCreate",
     "CacheOut",
     "CachePatch",
@@ -140,6 +144,7 @@ COLLECTIONS = {
     ResourceKind.POLICY: "policies",
     ResourceKind.BINDING: "bindings",
     ResourceKind.GROUP: "groups",
+    ResourceKind.BRIDGE: "bridges",
 }
 
 
@@ -283,6 +288,9 @@ if TYPE_CHECKING:
     class GroupCreate(GroupSpec):
         name: str
 
+    class BridgeCreate(BridgeSpec):
+        name: str
+
     TenantPatch = TenantSpec
     NamespacePatch = NamespaceSpec
     StreamPatch = StreamSpec
@@ -291,6 +299,7 @@ if TYPE_CHECKING:
     PolicyPatch = PolicySpec
     BindingPatch = BindingSpec
     GroupPatch = GroupSpec
+    BridgePatch = BridgeSpec
 else:
     TenantCreate = _body(TenantSpec, "TenantCreate", partial=False, with_name=True)
     NamespaceCreate = _body(NamespaceSpec, "NamespaceCreate", partial=False, with_name=True)
@@ -308,6 +317,8 @@ else:
     BindingPatch = _body(BindingSpec, "BindingPatch", partial=True)
     GroupCreate = _body(GroupSpec, "GroupCreate", partial=False, with_name=True)
     GroupPatch = _body(GroupSpec, "GroupPatch", partial=True)
+    BridgeCreate = _body(BridgeSpec, "BridgeCreate", partial=False, with_name=True)
+    BridgePatch = _body(BridgeSpec, "BridgePatch", partial=True)
 
 
 # -- resources -----------------------------------------------------------------------------
@@ -385,8 +396,23 @@ class GroupOut(_ResourceOut):
     spec: GroupSpec
 
 
+class BridgeOut(_ResourceOut):
+    """A bridge: one stream of the tenant copied to a stream of another region."""
+
+    kind: Literal[ResourceKind.BRIDGE]
+    spec: BridgeSpec
+
+
 _AnyOut = (
-    TenantOut | NamespaceOut | StreamOut | CacheOut | IssuerOut | PolicyOut | BindingOut | GroupOut
+    TenantOut
+    | NamespaceOut
+    | StreamOut
+    | CacheOut
+    | IssuerOut
+    | PolicyOut
+    | BindingOut
+    | GroupOut
+    | BridgeOut
 )
 ResourceOut = Annotated[_AnyOut, Field(discriminator="kind")]
 _OUT: dict[ResourceKind, type[_AnyOut]] = {
@@ -398,6 +424,7 @@ _OUT: dict[ResourceKind, type[_AnyOut]] = {
     ResourceKind.POLICY: PolicyOut,
     ResourceKind.BINDING: BindingOut,
     ResourceKind.GROUP: GroupOut,
+    ResourceKind.BRIDGE: BridgeOut,
 }
 
 

@@ -225,6 +225,11 @@ class NodeConfig:
     #: shard its request rings after a record, before sleeping (0: off): trades CPU
     #: for the wake-up of a sleeping process (felix/quic/spin.py).
     spin_us: int = 0
+    #: Run every active bridge of this node's control plane in a child process,
+    #: ``bridges-0`` (docs/operations.md, "Bridges"), restarted like the others.
+    bridges: bool = False
+    #: HOST:PORT where that child serves /metrics and /bridges (None: nowhere).
+    bridges_http: str | None = None
     #: Require Felix tokens (keys in DATA_DIR/auth, see `felix token`), on the QUIC port
     #: and the embedded control plane's API (or the bootstrap admin token in
     #: DATA_DIR/admin-token); with it both may listen beyond loopback without --insecure.

@@ -57,7 +57,13 @@ from felix.node.datadir import DataDirLock, reclaim_rings, ring_prefix
 from felix.node.fds import FdReserve, raise_nofile_limit
 from felix.node.health import HealthServer
 from felix.node.jwks_sync import HttpJwksFetcher, JwksSync
-from felix.node.liveness import HEARTBEAT_INTERVAL, UNRESPONSIVE_AFTER, Health, Heartbeat
+from felix.node.liveness import (
+    HEARTBEAT_INTERVAL,
+    UNRESPONSIVE_AFTER,
+    Health,
+    Heartbeat,
+    RestartBackoff,
+)
 from felix.node.process import ChildProcess
 from felix.node.worker import SPEC_ENV, ChildSpec, RingSpec
 from felix.quic import bind_udp
@@ -108,6 +114,9 @@ class Supervisor:
         self.control_child: Child | None = None
         self._control_sock: socket.socket | None = None
         self._control_feed: ChildFeed | None = None
+        #: The bridges child (--bridges): a plain process, not on the heartbeat.
+        self.bridges_proc: ChildProcess | None = None
+        self.bridges_restarts = 0
         # Keys: the JWKS sync (following a remote control plane) or the scheduled
         # rotation (embedding one), with --auth; both stop at drain.
         self.jwks_sync: JwksSync | None = None
@@ -241,6 +250,8 @@ class Supervisor:
         for child in [*self.shards, *self.gateways]:
             self._background(self._supervise(child))
         self._background(self._heartbeats())
+        if config.bridges:
+            self._background(self._run_bridges())
         self._write_node_json()
         self.started = True
         http_host, http_port = self.health.address
@@ -679,6 +690,7 @@ class Supervisor:
         grace = self.config.drain_grace
         log.info("draining (grace %.1fs)", grace)
         self._stopping = True
+        await self._stop_bridges()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         live = [g for g in self.gateways if g.ready.is_set()]
@@ -727,6 +739,8 @@ class Supervisor:
 
     def _cleanup(self) -> None:
         self._stopping = True
+        if self.bridges_proc is not None and self.bridges_proc.returncode is None:
+            self.bridges_proc.kill()
         for child in self.children:
             if child.proc is not None and child.proc.returncode is None:
                 child.proc.kill()
@@ -858,8 +872,14 @@ class Supervisor:
                 "shards": self.config.shards,
                 "embedded_shards": self.config.embedded_shards,
             },
-            "processes": {c.name: c.proc.pid for c in self.children if c.proc is not None},
-            "restarts": {c.name: c.restarts for c in self.children},
+            "processes": {
+                **{c.name: c.proc.pid for c in self.children if c.proc is not None},
+                **({"bridges-0": self.bridges_proc.pid} if self.bridges_proc else {}),
+            },
+            "restarts": {
+                **{c.name: c.restarts for c in self.children},
+                **({"bridges-0": self.bridges_restarts} if self.config.bridges else {}),
+            },
         }
 
     def _control_url(self) -> str | None:
@@ -869,6 +889,81 @@ class Supervisor:
             port = self._control_sock.getsockname()[1]
             return f"{'https' if https else 'http'}://{_fmt(host, port)}"
         return self.config.control_url
+
+    # -- bridges (--bridges) ------------------------------------------------------------
+
+    def _bridges_command(self) -> tuple[list[str], dict[str, str]]:
+        """``felix bridge run --all`` against this node's control plane and QUIC port."""
+        config = self.config
+        host = config.listen[0]
+        # The node's certificate names its listen IP, localhost and the loopback IPs.
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1" if host != "::" else "::1"
+        source = f"felix://{_fmt(host, self.port)}"
+        control = self._control_url()
+        assert control is not None
+        cmd = [
+            sys.executable, "-m", "felix.cli", "bridge", "run", "--all",
+            "--url", control, "--source-url", source,
+            "--state-dir", str(config.data_dir / "bridges"),
+            "--parent-pid", str(os.getpid()),
+        ]  # fmt: skip
+        if self.ca_path is not None:
+            cmd += ["--source-ca", str(self.ca_path)]
+        if config.bridges_http:
+            cmd += ["--http", config.bridges_http]
+        env = dict(os.environ)
+        env.pop("FELIX_CONTROL_TOKEN", None)
+        if config.control_url:
+            if config.control_token:
+                env["FELIX_CONTROL_TOKEN"] = config.control_token  # not on the command line
+            if config.control_ca is not None:
+                cmd += ["--ca", str(config.control_ca)]
+            if config.control_client_cert and config.control_client_key:
+                cmd += ["--cert", str(config.control_client_cert)]
+                cmd += ["--key", str(config.control_client_key)]
+        else:
+            if control.startswith("https") and self.ca_path is not None:
+                cmd += ["--ca", str(self.ca_path)]
+            if config.auth:
+                env["FELIX_CONTROL_TOKEN"] = (config.data_dir / "admin-token").read_text().strip()
+        if config.auth:
+            # The node mints each bridge a token that may read its source stream only.
+            cmd += ["--source-keys-dir", str(config.data_dir / "auth")]
+        return cmd, env
+
+    async def _run_bridges(self) -> None:
+        """Run the bridges child for the node's life, restarted with backoff when it exits."""
+        backoff = RestartBackoff()
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                cmd, env = self._bridges_command()
+                assert self._fd_reserve is not None
+                with self._fd_reserve.released():
+                    self.bridges_proc = ChildProcess(cmd, env=env, pass_fds=())
+            except OSError as exc:
+                log.error("bridges-0 could not be started: %s; retrying", exc)
+            else:
+                self._write_node_json()
+                code = await self.bridges_proc.wait()
+                if self._stopping:
+                    return
+                log.warning("bridges-0 (pid %d) exited with %d; restarting",
+                            self.bridges_proc.pid, code)  # fmt: skip
+                self.bridges_restarts += 1
+            await asyncio.sleep(backoff.delay(started, time.monotonic()))
+
+    async def _stop_bridges(self) -> None:
+        proc = self.bridges_proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 5.0)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
 
     def _write_node_json(self) -> None:
         path = self.config.data_dir / "node.json"

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from felix.control.api.access import Access, Permission, Rule, requires
 from felix.control.api.auditing import audit_change, current_caller
+from felix.control.api.bridges import check_bridge
 from felix.control.api.context import ContextDep, ControlContext
 from felix.control.api.guard import GuardedRoute
 from felix.control.api.problems import errors
@@ -49,6 +50,9 @@ from felix.control.schemas import (
     BindingCreate,
     BindingOut,
     BindingPatch,
+    BridgeCreate,
+    BridgeOut,
+    BridgePatch,
     CacheCreate,
     CacheOut,
     CachePatch,
@@ -84,7 +88,15 @@ __all__ = ["KINDS", "ResourceRoutes", "TenantName", "add_routes", "router"]
 
 
 _OutModel = (
-    TenantOut | NamespaceOut | StreamOut | CacheOut | IssuerOut | PolicyOut | BindingOut | GroupOut
+    TenantOut
+    | NamespaceOut
+    | StreamOut
+    | CacheOut
+    | IssuerOut
+    | PolicyOut
+    | BindingOut
+    | GroupOut
+    | BridgeOut
 )
 
 
@@ -168,6 +180,13 @@ KINDS: tuple[ResourceRoutes, ...] = (
         ResourceKind.GROUP, "group", "workers", "groups", "queue group", "queue groups",
         GroupCreate, GroupPatch, GroupOut,
         collection_access=_STREAM_OF_GROUP, item_access=_STREAM_OF_GROUP,
+    ),
+    ResourceRoutes(
+        ResourceKind.BRIDGE, "bridge", "to-us-1", "bridges", "bridge", "bridges",
+        BridgeCreate, BridgePatch, BridgeOut,
+        # Its own permission, implied by nothing else (not even tenant.manage).
+        collection_access=Permission("bridge.manage", "bridge:{tenant}/*"),
+        item_access=Permission("bridge.manage", "bridge:{tenant}/{bridge}"),
     ),
 )  # fmt: skip
 _BY_KIND = {rk.kind: rk for rk in KINDS}
@@ -313,6 +332,8 @@ class _Operations:
             await check_write(
                 ctx.store, ctx.quotas, self.kind, path, spec, admin=current_caller().admin
             )
+            if self.kind is ResourceKind.BRIDGE:
+                await check_bridge(ctx, path, spec, update=False)
             res = await ctx.store.create(self.kind, path, spec)
         except FelixError as exc:
             audit_change("create", self.kind, path, exc)
@@ -354,6 +375,8 @@ class _Operations:
                 admin=current_caller().admin,
                 update=True,
             )
+            if self.kind is ResourceKind.BRIDGE:
+                await check_bridge(ctx, path, patch, update=True)
             res = await ctx.store.update(self.kind, path, patch, if_version=if_version)
         except FelixError as exc:
             audit_change("update", self.kind, path, exc)

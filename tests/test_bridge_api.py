@@ -68,18 +68,18 @@ def test_the_api_needs_bridge_manage(keys: Keys) -> None:
         async with api(keys, region="eu-1") as http:
             r = await http.post(BRIDGES, json={"name": "to-us", **SPEC})
             assert_problem(r, 401)
-            tenant_admin = keys.token("acme", "tenant.manage:tenant:acme")
+            tenant_admin = keys.token("acme", "tenant.manage:tenant:acme", region="eu-1")
             r = await http.post(
                 BRIDGES, json={"name": "to-us", **SPEC}, headers=bearer(tenant_admin)
             )
             assert_problem(r, 403)
             r = await http.get(BRIDGES, headers=bearer(tenant_admin))
             assert_problem(r, 403)
-            one = keys.token("acme", "bridge.manage:bridge:acme/to-us")
+            one = keys.token("acme", "bridge.manage:bridge:acme/to-us", region="eu-1")
             # The collection needs bridge:acme/*: one bridge's permission cannot create.
             r = await http.post(BRIDGES, json={"name": "to-us", **SPEC}, headers=bearer(one))
             assert_problem(r, 403)
-            every = keys.token("acme", "bridge.manage:bridge:acme/*")
+            every = keys.token("acme", "bridge.manage:bridge:acme/*", region="eu-1")
             r = await http.post(BRIDGES, json={"name": "to-us", **SPEC}, headers=bearer(every))
             assert r.status_code == 201, r.text
             assert r.headers["Location"] == f"{BRIDGES}/to-us"
@@ -91,7 +91,7 @@ def test_the_api_needs_bridge_manage(keys: Keys) -> None:
             r = await http.post(BRIDGES, json={"name": "second", **SPEC}, headers=bearer(one))
             assert_problem(r, 403)
             # Another tenant's token, even with bridge.manage on its own tenant: 403.
-            globex = keys.token("globex", "bridge.manage:bridge:globex/*")
+            globex = keys.token("globex", "bridge.manage:bridge:globex/*", region="eu-1")
             assert_problem(await http.get(f"{BRIDGES}/to-us", headers=bearer(globex)), 403)
             r = await http.delete(f"{BRIDGES}/to-us", headers=bearer(one))
             assert r.status_code == 200

@@ -101,11 +101,14 @@ def test_tenant_commands(server: Server, capsys: pytest.CaptureFixture[str]) -> 
         "description": "",
         "memory_quota_bytes": None,
         "max_resources_per_shard": None,
+        "auto_created": False,
     }
 
     assert felix(server, "tenant", "ls") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["NAME", "VERSION", "UPDATED"]
+    # ORIGIN: defined through the API, or auto (created by a node on first use).
+    assert lines[0].split() == ["NAME", "VERSION", "UPDATED", "ORIGIN"]
+    assert [line.split()[3] for line in lines[1:]] == ["defined", "defined"]
     assert [line.split()[:2] for line in lines[1:]] == [["acme", "1"], ["beta", "1"]]
     assert felix(server, "tenant", "ls", "--json") == 0
     assert [t["name"] for t in out_json(capsys)] == ["acme", "beta"]

@@ -83,7 +83,7 @@ from felix.auth.cli import guarded, read_secret, tenant_arg
 from felix.auth.perms import PermissionSet
 from felix.control.cliargs import add_connection_arguments, open_client
 from felix.control.client import ControlClient
-from felix.control.model import PARENT, Path, Resource, ResourceKind
+from felix.control.model import PARENT, SPEC_TYPES, Path, Resource, ResourceKind
 from felix.control.nodestatus import (
     fetch_stream_status,
     group_status,
@@ -404,10 +404,17 @@ def _ls(client: ControlClient, args: argparse.Namespace, kind: ResourceKind) -> 
         for res in resources:
             _print_json(_resource_json(res))
     elif resources:
-        header = ("NAME", "VERSION", "UPDATED")
-        rows = [
+        header: tuple[str, ...] = ("NAME", "VERSION", "UPDATED")
+        rows: list[tuple[str, ...]] = [
             (r.name, str(r.version), r.updated_at.isoformat(timespec="seconds")) for r in resources
         ]
+        if "auto_created" in SPEC_TYPES[kind].model_fields:
+            # Created on first use by a node (auto) or through this API (defined).
+            header += ("ORIGIN",)
+            rows = [
+                (*row, "auto" if r.spec.get("auto_created") else "defined")
+                for row, r in zip(rows, resources, strict=True)
+            ]
         _table([header, *rows])
     return 0
 

@@ -127,10 +127,24 @@ class TenantSpec(_Spec):
             "may hold on one shard (default: the node's --tenant-max-resources)",
         ),
     ] = None
+    auto_created: Annotated[
+        bool,
+        Field(
+            description="created by a node on first use (a publish or cache set) and "
+            "registered here with the settings it got, rather than defined through this API"
+        ),
+    ] = False
 
 
 class NamespaceSpec(_Spec):
     description: Annotated[str, Field(max_length=1024)] = ""
+    auto_created: Annotated[
+        bool,
+        Field(
+            description="created by a node on first use (a publish or cache set) and "
+            "registered here with the settings it got, rather than defined through this API"
+        ),
+    ] = False
 
 
 class QueueDefaults(_Spec):
@@ -189,6 +203,13 @@ class StreamSpec(_Spec):
     slow_subscriber_policy: Literal["drop_old", "disconnect", "block"] = "drop_old"
     queue: QueueDefaults = QueueDefaults()
     region: Annotated[str | None, Field(max_length=64)] = None
+    auto_created: Annotated[
+        bool,
+        Field(
+            description="created by a node on first use (a publish or cache set) and "
+            "registered here with the settings it got, rather than defined through this API"
+        ),
+    ] = False
 
     @field_validator("fsync", mode="before")
     @classmethod
@@ -214,6 +235,13 @@ class CacheSpec(_Spec):
     budget_bytes: Annotated[int, Field(ge=4096, le=1 << 40)] = 64 * 1024 * 1024
     default_ttl_s: Annotated[float | None, Field(gt=0, le=365 * 86_400)] = None
     max_value_bytes: Annotated[int, Field(ge=0, le=64 * 1024 * 1024)] = 1024 * 1024
+    auto_created: Annotated[
+        bool,
+        Field(
+            description="created by a node on first use (a publish or cache set) and "
+            "registered here with the settings it got, rather than defined through this API"
+        ),
+    ] = False
 
 
 _GROUP_DEFAULTS = GroupSettings()

@@ -208,6 +208,7 @@ def core_stats(core: ShardCore) -> dict[str, int]:
         "quota_trims": core.quota_trims,
         "trimmed_bytes": core.trimmed_bytes,
         "caches": core.caches,
+        "auto_reports_dropped": core.auto_reports_dropped,
         **durable_stats(core),
     }
 

@@ -104,6 +104,12 @@ _METRICS: dict[str, tuple[str, str, bool]] = {
     "quota_trims": ("felix_quota_trims", "Times a quota was exceeded and trimmed", True),
     "trimmed_bytes": ("felix_trimmed_bytes", "Bytes trimmed for memory quotas and budgets", True),
     "blocked": ("felix_publishes_blocked", "Publishes refused by the block policy", True),
+    "auto_reports_dropped": (
+        "felix_autocreate_reports_dropped",
+        "Streams and caches created on first use a shard could not report for registration "
+        "(its outbox was full)",
+        True,
+    ),
     "memory_used": ("felix_memory_used_bytes", "Replay ring and cache bytes held", False),
     "delivered": ("felix_messages_delivered", "Records delivered to subscribers", True),
     "protocol_errors": ("felix_protocol_errors", "Streams closed for protocol errors", True),

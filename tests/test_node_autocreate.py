@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import pytest
 
 import felix
 from tests.aio import run
-from tests.nodeproc import NodeProcess, control_process
+from tests.nodeproc import NodeProcess
 
 pytestmark = pytest.mark.timeout(180)
 

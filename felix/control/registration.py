@@ -33,6 +33,7 @@ still agree.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -124,27 +125,31 @@ async def _one(
         at = deleted.get(key)
         if at is not None and at > since:
             return "deleted", f"{key[0]} {'/'.join(key[1])} was deleted at position {at}"
-    # Parents first (tenant, then namespace), each marked auto-created too.
+    # The resource's own checks first: a refused one leaves no parent behind.
+    spec = await _checked(store, quotas, region, kind, path, dict(item.get("spec") or {}))
+    # Parents (tenant, then namespace), each marked auto-created too.
     for parent_kind, parent_path in reversed(chain[1:]):
         if await store.get(parent_kind, parent_path) is None:
-            await _create(store, quotas, region, parent_kind, parent_path, {})
-    spec = dict(item.get("spec") or {})
+            parent_spec = await _checked(store, quotas, region, parent_kind, parent_path, {})
+            with contextlib.suppress(AlreadyExists):  # someone else's, meanwhile: fine
+                await store.create(parent_kind, parent_path, parent_spec)
     try:
-        await _create(store, quotas, region, kind, path, spec)
+        await store.create(kind, path, spec)
     except AlreadyExists:
         return "exists", ""
     return "created", ""
 
 
-async def _create(
+async def _checked(
     store: Store,
     quotas: NodeQuotas,
     region: str,
     kind: ResourceKind,
     path: Path,
     spec: dict[str, Any],
-) -> None:
-    """Create ``path`` as the API's POST would (its checks), marked auto-created."""
+) -> dict[str, Any]:
+    """``spec`` marked auto-created, after the checks the API's POST makes (raises
+    BadRequest, PermissionDenied: refused)."""
     spec = {**spec, "auto_created": True}
     if "region" in SPEC_TYPES[kind].model_fields:
         if spec.get("region") is not None and spec["region"] != region:
@@ -152,14 +157,9 @@ async def _create(
             spec["region"] = None
     else:
         spec.pop("region", None)
-    validate_spec(kind, spec)  # raises BadRequest: refused
+    validate_spec(kind, spec)
     await check_write(store, quotas, kind, path, spec, admin=True)
-    try:
-        await store.create(kind, path, spec)
-    except AlreadyExists:
-        if kind in KINDS:
-            raise
-        # A parent someone else created meanwhile: fine.
+    return spec
 
 
 async def _deleted_after(store: Store, since: int) -> dict[tuple[ResourceKind, Path], int]:

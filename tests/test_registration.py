@@ -301,9 +301,8 @@ def test_shard_reports_what_it_creates_and_a_definition_with_the_same_settings_i
     frame = wire.encode_cache_get(2, "acme", "prod", "sessions", "k")
     core.handle(0, ipc.encode(RecordType.REQUEST, 2, 0, frame), 0.0)
     [reply] = core.flush()[0]
-    assert (
-        wire.decode_ext(wire.decode_frame(reply[ipc.HEADER_SIZE :], extensions=True)).value == b"v"
-    )
+    value = wire.decode_ext(wire.decode_frame(reply[ipc.HEADER_SIZE :], extensions=True))
+    assert isinstance(value, wire.CacheValue) and value.value == b"v"
     # Defined through the control plane: not reported.
     core.define_stream(ipc.stream_key("acme", "prod", "defined"), defaults)
     assert core.take_auto_created() == []

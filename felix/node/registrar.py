@@ -140,6 +140,8 @@ class Registrar:
         self.dropped = 0
         self.deleted = 0
         self.failures = 0
+        #: Registration requests that were answered.
+        self.batches = 0
 
     def attach(self, sink: RegisterSink, follower: FollowerView) -> None:
         """Start registering through ``sink``, against ``follower``'s view of the feed."""
@@ -248,6 +250,7 @@ class Registrar:
             for key, entry in batch
         ]
         results = await sink.register(items)
+        self.batches += 1
         for (key, entry), result in zip(batch, results, strict=True):
             outcome = result.get("result")
             if outcome == "stale":
@@ -334,4 +337,5 @@ class Registrar:
             "dropped": self.dropped,
             "deleted": self.deleted,
             "failures": self.failures,
+            "batches": self.batches,
         }

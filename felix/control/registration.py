@@ -130,7 +130,11 @@ async def _one(
     # Parents (tenant, then namespace), each marked auto-created too.
     for parent_kind, parent_path in reversed(chain[1:]):
         if await store.get(parent_kind, parent_path) is None:
-            parent_spec = await _checked(store, quotas, region, parent_kind, parent_path, {})
+            # The node's region, where the parent's settings have one.
+            parent_spec = {"region": spec.get("region")}
+            parent_spec = await _checked(
+                store, quotas, region, parent_kind, parent_path, parent_spec
+            )
             with contextlib.suppress(AlreadyExists):  # someone else's, meanwhile: fine
                 await store.create(parent_kind, parent_path, parent_spec)
     try:
@@ -152,7 +156,9 @@ async def _checked(
     BadRequest, PermissionDenied: refused)."""
     spec = {**spec, "auto_created": True}
     if "region" in SPEC_TYPES[kind].model_fields:
-        if spec.get("region") is not None and spec["region"] != region:
+        if spec.get("region") is None:
+            spec.pop("region", None)
+        elif spec["region"] != region:
             # A node of another region: store the resource without claiming one.
             spec["region"] = None
     else:

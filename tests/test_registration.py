@@ -160,6 +160,10 @@ def test_registrations_route_is_admin_only_and_answers_each_item() -> None:
             ]
             r = await http.get("/v1/tenants/acme/namespaces/prod/streams/orders", headers=headers)
             assert r.json()["spec"]["auto_created"] is True
+            # A PATCH may adopt it as defined; the marker changes nothing else.
+            item = "/v1/tenants/acme/namespaces/prod/streams/orders"
+            r = await http.patch(item, json={"auto_created": False}, headers=headers)
+            assert r.status_code == 200 and r.json()["spec"]["auto_created"] is False
             bad = {"resources": [{"kind": "tenant", "path": ["acme"]}]}
             r = await http.post("/v1/registrations", json=bad, headers=headers)
             assert r.status_code == 422

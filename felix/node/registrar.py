@@ -316,7 +316,7 @@ class Registrar:
             (
                 "felix_autocreate_deleted",
                 "Auto-created streams and caches not registered because the control plane "
-                "deleted them (or their namespace or tenant) meanwhile",
+                "deleted them (or a parent of theirs) meanwhile",
                 self.deleted,
             ),
             (

@@ -301,3 +301,28 @@ def test_a_restart_registers_nothing_twice(tmp_path: Path) -> None:
         run(read, timeout=30)
     finally:
         node.stop()
+
+
+def test_the_embedded_control_plane_frozen_while_auto_creating(tmp_path: Path) -> None:
+    """control-0 frozen (then killed by the heartbeat and restarted): the registration
+    fails, stays pending and lands once the control process is back."""
+    node = NodeProcess(tmp_path / "node", "--control", "127.0.0.1:0", "--heartbeat-timeout", "3")
+    try:
+        api = node.info["control"]
+        pid = int(node.info["processes"]["control-0"])
+        os.kill(pid, signal.SIGSTOP)
+
+        async def write() -> None:
+            async with _client(node) as client:
+                await client.publish("orders", b"while frozen")
+
+        run(write, timeout=30)
+        assert _wait_for(lambda: node.metric("felix_autocreate_failures_total") >= 1, 30), (
+            node.log()
+        )
+        node.wait_restarted("control-0", pid, timeout=30)
+        stream = _wait_for(lambda: _get(api, "tenants/acme/namespaces/prod/streams/orders"), 30)
+        assert stream is not None and stream["spec"]["auto_created"] is True, node.log()
+        assert node.metric("felix_autocreate_registered_total") == 1
+    finally:
+        node.stop()

@@ -104,6 +104,7 @@ def test_openapi_document_lists_every_route_and_docs_are_served() -> None:
             "/v1/tenants/{tenant}/.well-known/jwks.json": {"get"},
             "/v1/snapshot": {"get"},
             "/v1/changes": {"get"},
+            "/v1/registrations": {"post"},
             "/v1/system/info": {"get"},
             "/v1/system/health": {"get"},
             "/v1/regions": {"get"},

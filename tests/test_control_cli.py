@@ -102,11 +102,14 @@ def test_tenant_commands(server: Server, capsys: pytest.CaptureFixture[str]) -> 
         "memory_quota_bytes": None,
         "max_resources_per_shard": None,
         "region": "eu-1",
+        "auto_created": False,
     }
 
     assert felix(server, "tenant", "ls") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["NAME", "REGION", "VERSION", "UPDATED"]
+    # ORIGIN: defined through the API, or auto (created by a node on first use).
+    assert lines[0].split() == ["NAME", "REGION", "VERSION", "UPDATED", "ORIGIN"]
+    assert [line.split()[4] for line in lines[1:]] == ["defined", "defined"]
     assert [line.split()[:3] for line in lines[1:]] == [
         ["acme", "eu-1", "1"],
         ["beta", "eu-1", "1"],

@@ -85,7 +85,7 @@ from felix.auth.perms import PermissionSet
 from felix.context import resolve
 from felix.control.cliargs import add_connection_arguments, open_client
 from felix.control.client import ControlClient
-from felix.control.model import PARENT, REGIONAL, Path, Resource, ResourceKind
+from felix.control.model import PARENT, REGIONAL, SPEC_TYPES, Path, Resource, ResourceKind
 from felix.control.nodestatus import (
     fetch_stream_status,
     group_status,
@@ -419,24 +419,25 @@ def _ls(client: ControlClient, args: argparse.Namespace, kind: ResourceKind) -> 
     if args.json:
         for res in resources:
             _print_json(_resource_json(res))
-    elif resources and kind in REGIONAL:
-        # The home region of each (issue #15): one column, the control plane's own.
-        header: tuple[str, ...] = ("NAME", "REGION", "VERSION", "UPDATED")
-        rows: list[tuple[str, ...]] = [
-            (
-                r.name,
-                _text(r.spec.get("region")),
-                str(r.version),
-                r.updated_at.isoformat(timespec="seconds"),
-            )
-            for r in resources
-        ]
-        _table([header, *rows])
     elif resources:
-        header = ("NAME", "VERSION", "UPDATED")
-        rows = [
+        header: tuple[str, ...] = ("NAME", "VERSION", "UPDATED")
+        rows: list[tuple[str, ...]] = [
             (r.name, str(r.version), r.updated_at.isoformat(timespec="seconds")) for r in resources
         ]
+        if kind in REGIONAL:
+            # The home region of each (issue #15): the control plane's own.
+            header = (header[0], "REGION", *header[1:])
+            rows = [
+                (row[0], _text(r.spec.get("region")), *row[1:])
+                for row, r in zip(rows, resources, strict=True)
+            ]
+        if "auto_created" in SPEC_TYPES[kind].model_fields:
+            # Created on first use by a node (auto) or through this API (defined).
+            header += ("ORIGIN",)
+            rows = [
+                (*row, "auto" if r.spec.get("auto_created") else "defined")
+                for row, r in zip(rows, resources, strict=True)
+            ]
         _table([header, *rows])
     return 0
 

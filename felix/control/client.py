@@ -255,6 +255,16 @@ class ControlClient:
         page = self._call("GET", "/v1/changes", _FeedPage, params=params, timeout=timeout)
         return page.changes, page.next
 
+    def register(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``POST /v1/registrations``: register streams and caches a node created on first
+        use (``{"kind", "path", "spec", "since"}`` each, at most 500); one result each
+        (felix/control/registration.py). Admin only."""
+        body = self._json("POST", "/v1/registrations", json={"resources": items})
+        results = body.get("results")
+        if not isinstance(results, list) or len(results) != len(items):
+            raise ServerError(f"unexpected answer to POST /v1/registrations from {self.url}")
+        return results
+
     # -- system ---------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:

@@ -152,11 +152,25 @@ class TenantSpec(_Spec):
         ),
     ] = None
     region: HomeRegion = None
+    auto_created: Annotated[
+        bool,
+        Field(
+            description="created by a node on first use (a publish or cache set) and "
+            "registered here with the settings it got, rather than defined through this API"
+        ),
+    ] = False
 
 
 class NamespaceSpec(_Spec):
     description: Annotated[str, Field(max_length=1024)] = ""
     region: HomeRegion = None
+    auto_created: Annotated[
+        bool,
+        Field(
+            description="created by a node on first use (a publish or cache set) and "
+            "registered here with the settings it got, rather than defined through this API"
+        ),
+    ] = False
 
 
 class QueueDefaults(_Spec):
@@ -235,6 +249,13 @@ class StreamSpec(_Spec):
     ] = None
     queue: QueueDefaults = QueueDefaults()
     region: HomeRegion = None
+    auto_created: Annotated[
+        bool,
+        Field(
+            description="created by a node on first use (a publish or cache set) and "
+            "registered here with the settings it got, rather than defined through this API"
+        ),
+    ] = False
 
     @field_validator("fsync", mode="before")
     @classmethod
@@ -261,6 +282,13 @@ class CacheSpec(_Spec):
     default_ttl_s: Annotated[float | None, Field(gt=0, le=365 * 86_400)] = None
     max_value_bytes: Annotated[int, Field(ge=0, le=64 * 1024 * 1024)] = 1024 * 1024
     region: HomeRegion = None
+    auto_created: Annotated[
+        bool,
+        Field(
+            description="created by a node on first use (a publish or cache set) and "
+            "registered here with the settings it got, rather than defined through this API"
+        ),
+    ] = False
 
 
 _GROUP_DEFAULTS = GroupSettings()

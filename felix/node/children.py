@@ -53,6 +53,9 @@ class Child:
     status_waiters: dict[int, asyncio.Future[dict[str, Any] | None]] = field(default_factory=dict)
     #: Gets the control process's answers to feed requests (felix/node/control.py).
     on_feed_event: Callable[[msg.Event], None] | None = None
+    #: Gets a shard's (or a gateway's shard cores') reports of resources created on first
+    #: use (felix/node/registrar.py).
+    on_auto_created: Callable[[list[dict[str, Any]]], None] | None = None
 
     @property
     def name(self) -> str:
@@ -128,5 +131,8 @@ class Child:
             waiter = self.status_waiters.pop(event.request, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(event.status)
+        elif isinstance(event, msg.AutoCreated):
+            if self.on_auto_created is not None:
+                self.on_auto_created(event.resources)
         elif self.on_feed_event is not None and isinstance(event, msg.Event):
             self.on_feed_event(event)

@@ -135,6 +135,10 @@ class HttpFeed:
     async def changes(self, since: int, limit: int, wait: float) -> tuple[list[Change], int]:
         return await asyncio.to_thread(self._client.changes, since, limit, wait)
 
+    async def register(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Register auto-created resources (``POST /v1/registrations``, felix/node/registrar.py)."""
+        return await asyncio.to_thread(self._client.register, items)
+
 
 #: Delivers one resource change to the process that holds the shard it names.
 Send = Callable[[ApplyResource], None]
@@ -172,6 +176,18 @@ class ChildFeed:
         raw, nxt = await self._call(request, wait + REPLY_TIMEOUT)
         return [Change.model_validate(c) for c in raw], nxt
 
+    async def register(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Register auto-created resources in the control process's store
+        (felix/node/registrar.py, felix/control/registration.py)."""
+
+        def request(rid: int) -> msg.RegisterRequest:
+            return msg.RegisterRequest(rid, items)
+
+        results: list[dict[str, Any]] = await self._call(request, REPLY_TIMEOUT)
+        if len(results) != len(items):
+            raise ConnectionError("the control process answered a registration badly")
+        return results
+
     async def _call(self, make: Callable[[int], msg.Command], timeout: float) -> Any:
         rid = next(self._ids)
         future = asyncio.get_running_loop().create_future()
@@ -197,6 +213,10 @@ class ChildFeed:
             future = self._pending.get(event.request)
             if future is not None and not future.done():
                 future.set_result((event.changes, event.next_position))
+        elif isinstance(event, msg.RegisterReply):
+            future = self._pending.get(event.request)
+            if future is not None and not future.done():
+                future.set_result(event.results)
         elif isinstance(event, msg.FeedFailed):
             future = self._pending.get(event.request)
             if future is not None and not future.done():
@@ -377,6 +397,15 @@ class ControlFollower:
             self.resources[key] = r.spec
             self.deleted.pop(key, None)
             self._apply("define", r.kind, key[1], r.spec)
+
+    def end(self, kind: ResourceKind, path: tuple[str, ...]) -> None:
+        """End ``kind`` ``path`` on the shards (as a delete from the feed would) unless the
+        control plane defines it: a resource created on first use that the control plane
+        deleted (or whose namespace or tenant it deleted) before the node knew."""
+        if (kind, path) in self.resources:
+            return
+        self._apply("delete", kind, path, {})
+        self._deleted(kind, path)
 
     def _deleted(self, kind: ResourceKind, path: tuple[str, ...]) -> None:
         if kind in (ResourceKind.TENANT, ResourceKind.GROUP):

@@ -26,6 +26,7 @@ from typing import Any
 
 from felix.auth.files import admin_token
 from felix.control.model import ResourceKind
+from felix.control.registration import register
 from felix.control.store import AlreadyExists, CursorTooOld, Store
 from felix.control.stores import open_store
 from felix.node import messages as msg
@@ -56,6 +57,8 @@ async def run_control(spec: ChildSpec, channel: ControlChannel) -> None:
         def on_command(cmd: msg.Command) -> Awaitable[None] | None:
             if isinstance(cmd, msg.SnapshotRequest | msg.ChangesRequest):
                 return _answer(feed, channel, cmd)
+            if isinstance(cmd, msg.RegisterRequest):
+                return _register(store, config, channel, cmd)
             return None
 
         await serve_commands(channel, dict, on_command)
@@ -112,6 +115,19 @@ async def _answer(
     except Exception as exc:  # the store failed: the supervisor's follower retries
         log.warning("feed request failed: %s", exc)
         channel.send(msg.FeedFailed(cmd.request, str(exc)))
+
+
+async def _register(
+    store: Store, config: NodeConfig, channel: ControlChannel, cmd: msg.RegisterRequest
+) -> None:
+    """Register what the node's shards created on first use (felix/node/registrar.py)."""
+    try:
+        results = await register(store, config.quotas, config.region, cmd.resources)
+    except Exception as exc:  # the store failed: the registrar retries
+        log.warning("registration failed: %s", exc)
+        channel.send(msg.FeedFailed(cmd.request, str(exc)))
+    else:
+        channel.send(msg.RegisterReply(cmd.request, results))
 
 
 def _parts(resources: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

@@ -216,6 +216,7 @@ def core_stats(core: ShardCore) -> dict[str, int]:
         "duplicates": core.duplicates,
         "trimmed_bytes": core.trimmed_bytes,
         "caches": core.caches,
+        "auto_reports_dropped": core.auto_reports_dropped,
         **durable_stats(core),
     }
 

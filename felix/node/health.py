@@ -116,6 +116,12 @@ _METRICS: dict[str, tuple[str, str, bool]] = {
         "Records not stored: their felix-msg-id was stored within the dedup window",
         True,
     ),
+    "auto_reports_dropped": (
+        "felix_autocreate_reports_dropped",
+        "Streams and caches created on first use a shard could not report for registration "
+        "(its outbox was full)",
+        True,
+    ),
     "memory_used": ("felix_memory_used_bytes", "Replay ring, cache and msg id bytes held", False),
     "delivered": ("felix_messages_delivered", "Records delivered to subscribers", True),
     "protocol_errors": ("felix_protocol_errors", "Streams closed for protocol errors", True),

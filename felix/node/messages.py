@@ -118,6 +118,17 @@ class ChangesRequest(_Message):
 
 
 @dataclass(frozen=True, slots=True)
+class RegisterRequest(_Message):
+    """To the control process: register resources created on first use (``resources``:
+    ``{"kind", "path", "spec", "since"}`` each, felix/control/registration.py);
+    answered by :class:`RegisterReply` (or :class:`FeedFailed`)."""
+
+    TYPE: ClassVar[str] = "register"
+    request: int
+    resources: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
 class StreamStatusRequest(_Message):
     """To the shard owning stream ``key``: answer :class:`StreamStatusReply` (status route).
 
@@ -210,6 +221,29 @@ class FeedFailed(_Message):
 
 
 @dataclass(frozen=True, slots=True)
+class AutoCreated(_Message):
+    """From a shard (or a gateway hosting shard cores): streams and caches created on
+    first use, ``{"kind", "path", "spec"}`` each (at most :data:`AUTO_CREATED_PART` per
+    message), for the node to register in the control plane."""
+
+    TYPE: ClassVar[str] = "auto_created"
+    resources: list[dict[str, Any]]
+
+
+#: Resources per :class:`AutoCreated` message at most (one is a few hundred bytes).
+AUTO_CREATED_PART = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterReply(_Message):
+    """From the control process: one result per resource of a :class:`RegisterRequest`."""
+
+    TYPE: ClassVar[str] = "register_reply"
+    request: int
+    results: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
 class StreamStatusReply(_Message):
     """From a shard: the JSON of the status route for the stream asked (None: not held)."""
 
@@ -227,6 +261,7 @@ Command = (
     | Ping
     | SnapshotRequest
     | ChangesRequest
+    | RegisterRequest
     | StreamStatusRequest
 )
 Event = (
@@ -240,6 +275,8 @@ Event = (
     | ChangesReply
     | FeedFailed
     | StreamStatusReply
+    | AutoCreated
+    | RegisterReply
 )
 Message = Command | Event
 
@@ -265,6 +302,9 @@ _TYPES: dict[str, type[Any]] = {
         FeedFailed,
         StreamStatusRequest,
         StreamStatusReply,
+        RegisterRequest,
+        RegisterReply,
+        AutoCreated,
     )
 }
 #: Field name -> the JSON types its value may have (ints are accepted as floats).
@@ -292,6 +332,7 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "key": (str,),
     "detail": (str,),
     "status": (dict, type(None)),
+    "results": (list,),
 }
 
 
@@ -343,6 +384,7 @@ __all__ = [
     "MAX_LINE_BYTES",
     "SNAPSHOT_PART_BYTES",
     "ApplyResource",
+    "AutoCreated",
     "ChangesReply",
     "ChangesRequest",
     "Command",
@@ -356,6 +398,8 @@ __all__ = [
     "Quiesce",
     "Quiesced",
     "Ready",
+    "RegisterReply",
+    "RegisterRequest",
     "ShardDown",
     "ShardUp",
     "SnapshotPart",

@@ -65,6 +65,7 @@ from felix.node.liveness import (
     RestartBackoff,
 )
 from felix.node.process import ChildProcess
+from felix.node.registrar import Registrar
 from felix.node.worker import SPEC_ENV, ChildSpec, RingSpec
 from felix.quic import bind_udp
 from felix.ring import Ring, make_doorbell
@@ -110,6 +111,8 @@ class Supervisor:
         self._fd_reserve: FdReserve | None = None
         self.health: HealthServer | None = None
         self.follower: ControlFollower | None = None
+        # Registers what shards create on first use in the control plane it follows.
+        self.registrar = Registrar(region=config.region)
         # The embedded control plane: its process, its listening socket, its feed.
         self.control_child: Child | None = None
         self._control_sock: socket.socket | None = None
@@ -133,7 +136,17 @@ class Supervisor:
 
     def _child(self, role: str, index: int) -> Child:
         timeout = self.config.heartbeat_timeout
-        return Child(role, index, Heartbeat(min(UNRESPONSIVE_AFTER, timeout), timeout))
+        child = Child(role, index, Heartbeat(min(UNRESPONSIVE_AFTER, timeout), timeout))
+        if role in ("shard", "gateway"):
+            child.on_auto_created = self._auto_created
+        return child
+
+    def _auto_created(self, resources: list[dict[str, Any]]) -> None:
+        """A shard's report of streams and caches it created on first use."""
+        for item in resources:
+            kind, path, spec = item.get("kind"), item.get("path"), item.get("spec")
+            if isinstance(kind, str) and isinstance(path, list) and isinstance(spec, dict):
+                self.registrar.report(kind, [str(p) for p in path], spec)
 
     @property
     def children(self) -> list[Child]:
@@ -178,6 +191,7 @@ class Supervisor:
             counters.append(
                 ("felix_key_rotations", "Scheduled key ring rotations", self.key_rotator.rotations)
             )
+        counters += self.registrar.counters()
         counters.append(
             (
                 "felix_child_restart_failures",
@@ -416,6 +430,9 @@ class Supervisor:
             describe=describe,
         )
         self._background(self.follower.run())
+        if isinstance(source, HttpFeed | ChildFeed):
+            self.registrar.attach(source, self.follower)
+        self._background(self.registrar.run())
         if not self.follower.seeded.is_set():
             log.info("waiting for the control plane to seed this node")
         await _first(self.follower.seeded.wait(), self.follower.refusal.wait())
@@ -848,6 +865,8 @@ class Supervisor:
                 "disk_bytes": self.config.disk_budget,
                 "disk_reserve_bytes": self.config.disk_reserve,
             },
+            # Streams and caches created on first use, registered in the control plane.
+            "auto_created": self.registrar.status(),
             # Gateway<->shard rings (none with embedded shards): how full the fullest is.
             "rings": {
                 "count": len(rings),

@@ -72,6 +72,8 @@ log = logging.getLogger("felix.node")
 
 SPEC_ENV = "FELIX_CHILD_SPEC"
 STATS_INTERVAL = 1.0
+#: Seconds between reports of streams and caches created on first use (msg.AutoCreated).
+AUTO_REPORT_INTERVAL = 0.25
 #: Start-up progress reports (msg.Starting) at most this often.
 STARTING_INTERVAL = 1.0
 #: linux/prctl.h: the signal the kernel sends this process when its parent dies.
@@ -285,6 +287,7 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
         control,
         lambda: {**stats, **core_stats(core)},
         on_command,
+        reports=lambda: auto_created_reports([core]),
     )
     for r in readers:
         r.stop()
@@ -326,6 +329,17 @@ def apply_resource(
     except FelixError as exc:
         log.error("cannot apply %s %s %s: %s", cmd.op, kind, "/".join(cmd.path), exc)
     flush()
+
+
+def auto_created_reports(cores: list[ShardCore]) -> list[msg.Event]:
+    """What ``cores`` created on first use since the last call, as AutoCreated messages."""
+    items = [
+        {"kind": kind, "path": list(path), "spec": spec}
+        for core in cores
+        for kind, path, spec in core.take_auto_created()
+    ]
+    part = msg.AUTO_CREATED_PART
+    return [msg.AutoCreated(items[i : i + part]) for i in range(0, len(items), part)]
 
 
 def _shed_pushes(queue: deque[bytes], stats: dict[str, int]) -> None:
@@ -454,6 +468,7 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
         # Embedded shard cores report what a shard process would.
         lambda: {**stats(), **sum_stats(core_stats(c) for c in cores)},
         on_command,
+        reports=(lambda: auto_created_reports(cores)) if cores else None,
     )
     server.close()
     if shm is not None:
@@ -467,16 +482,26 @@ async def serve_commands(
     control: ControlChannel,
     stats: Callable[[], dict[str, int]],
     on_command: Callable[[msg.Command], Awaitable[None] | None],
+    reports: Callable[[], list[msg.Event]] | None = None,
 ) -> None:
-    """Report stats every second, answer heartbeats and run commands until the
-    supervisor closes the socket."""
+    """Report stats every second (and ``reports()``, if given, every
+    AUTO_REPORT_INTERVAL), answer heartbeats and run commands until the supervisor
+    closes the socket."""
     loop = asyncio.get_running_loop()
 
     def report() -> None:
         control.send(msg.Stats(stats()))
         handle[0] = loop.call_later(STATS_INTERVAL, report)
 
+    def report_created() -> None:
+        assert reports is not None
+        for event in reports():
+            control.send(event)
+        handle[1] = loop.call_later(AUTO_REPORT_INTERVAL, report_created)
+
     handle = [loop.call_later(STATS_INTERVAL, report)]
+    if reports is not None:
+        handle.append(loop.call_later(AUTO_REPORT_INTERVAL, report_created))
     running: set[asyncio.Future[None]] = set()
     try:
         async for cmd in control.commands():
@@ -490,7 +515,8 @@ async def serve_commands(
                 running.add(task)
                 task.add_done_callback(running.discard)
     finally:
-        handle[0].cancel()
+        for timer in handle:
+            timer.cancel()
 
 
 def die_with_supervisor(supervisor_pid: int) -> None:

@@ -73,7 +73,12 @@ from felix.shard.fsyncer import Syncable
 from felix.shard.offsets import OffsetReservations
 from felix.shard.queue.manager import GroupHandle, QueueManager, StreamView
 from felix.shard.queue.settings import MAX_GROUPS_PER_STREAM, GroupSettings
-from felix.shard.resources import SHARD_MAX_RESOURCES, cache_settings
+from felix.shard.resources import (
+    SHARD_MAX_RESOURCES,
+    auto_cache_spec,
+    auto_stream_spec,
+    cache_settings,
+)
 from felix.shard.stream_log import StreamLog, StreamSettings
 from felix.shard.tenants import TenantQuota, TenantUsage, water_level
 
@@ -83,6 +88,12 @@ log = logging.getLogger("felix.shard")
 MAX_READ_RECORDS = 4096
 #: Bytes per READ reply at most (a READ always returns at least one record).
 MAX_READ_BYTES = 1024 * 1024
+#: Streams and caches created on first use waiting to be reported to the node (for the
+#: control plane) at most; more are counted in ``auto_reports_dropped``.
+MAX_AUTO_REPORTS = 10_000
+
+#: One resource created on first use: kind ("stream" | "cache"), path, spec.
+AutoCreated = tuple[str, tuple[str, ...], dict[str, object]]
 
 
 # A publish whose ack waits for an fsync: _request sends nothing now.
@@ -203,6 +214,8 @@ class ShardCore:
         self._group_defs: dict[str, dict[str, GroupSettings]] = {}
         self._out: dict[int, list[bytes]] = {}
         self._dirty: list[_Stream] = []
+        # Created on first use (or found on disk at start), not yet handed to the node.
+        self._auto: list[AutoCreated] = []
         self._handlers: dict[int, Callable[[wire.ExtMessage, float], bytes]] = {
             wire.OP_CACHE_GET: self._cache_get,
             wire.OP_CACHE_SET: self._cache_set,
@@ -247,6 +260,7 @@ class ShardCore:
         self.duplicates = 0
         # Streams whose dedup table holds ids (the sweep expires them).
         self._dedup_streams: dict[_Stream, None] = {}
+        self.auto_reports_dropped = 0
 
     def _streams_contains(self, key: str) -> bool:
         return key in self._streams
@@ -492,6 +506,7 @@ class ShardCore:
             usage = self._admit("cache", scope, scope)
             cache = self._caches[scope] = CachePartition(self._partition_settings())
             usage.holdings[scope] = cache
+            self._report_auto("cache", scope, auto_cache_spec(self.settings.cache_defaults))
         return cache
 
     def _partition_settings(self) -> CacheSettings:
@@ -565,12 +580,18 @@ class ShardCore:
     # streams
 
     def _create_stream(
-        self, key: str, *, force: bool = False, durable: DurableSettings | None = None
+        self,
+        key: str,
+        *,
+        force: bool = False,
+        durable: DurableSettings | None = None,
+        auto: bool = True,
     ) -> _Stream:
         """Create the stream ``key`` (a write, or a control-plane definition with ``force``).
 
         ``durable``: keep it on disk with these settings; otherwise it is durable when the
-        node makes auto-created streams durable (``DiskSettings.auto``).
+        node makes auto-created streams durable (``DiskSettings.auto``). ``auto``: not
+        defined by the control plane (reported to it, :meth:`take_auto_created`).
         """
         names = tuple(key.split("/"))
         if len(names) != 3:
@@ -609,6 +630,9 @@ class ShardCore:
         if waiting is not None:
             stream.watchers = waiting
         self._configure_dedup(stream, settings)
+        if auto:
+            spec = auto_stream_spec(stream.log.settings, None if disk is None else disk.settings)
+            self._report_auto("stream", names, spec)
         return stream
 
     # message ids (felix/shard/dedup.py)
@@ -709,6 +733,19 @@ class ShardCore:
             )
             return _DEFERRED
         return reply
+
+    def _report_auto(self, kind: str, names: tuple[str, ...], spec: dict[str, object]) -> None:
+        if len(self._auto) >= MAX_AUTO_REPORTS:
+            self.auto_reports_dropped += 1
+            return
+        self._auto.append((kind, names, spec))
+
+    def take_auto_created(self) -> list[AutoCreated]:
+        """Streams and caches created on first use (and durable streams found on disk at
+        start) since the last call, with the settings they got, for the node to register
+        in the control plane (felix/node/registrar.py)."""
+        out, self._auto = self._auto, []
+        return out
 
     def _publish(self, msg: wire.ExtMessage, now: float) -> bytes:
         assert isinstance(msg, wire.Publish)
@@ -1121,7 +1158,13 @@ class ShardCore:
         if durable is not None and self.disk is None:
             raise Unavailable(f"stream {key} is durable but this shard keeps no data on disk")
         if stream is None:
-            stream = self._create_stream(key, force=True, durable=durable)
+            stream = self._create_stream(key, force=True, durable=durable, auto=False)
+        elif stream.log.settings == settings and (
+            durable == (None if stream.disk is None else stream.disk.settings)
+        ):
+            # Defined with what it has (e.g. an auto-created stream coming back from the
+            # control plane once registered): nothing to do.
+            return
         elif durable is not None and self.disk is not None:
             if stream.disk is None:
                 stream.disk = self.disk.open(key, durable, stream.log.next_offset)
@@ -1178,13 +1221,20 @@ class ShardCore:
         Changing the limits of an existing partition starts it afresh (cached data is
         disposable; the budget must never be exceeded).
         """
+        settings = self._capped(settings)
+        current = self._caches.get(scope)
+        if current is not None and current.settings == settings:
+            # Defined with what it has (e.g. an auto-created cache coming back from the
+            # control plane once registered): its entries stay.
+            self._tombstones.pop(scope, None)
+            return
         old = self._caches.pop(scope, None)
         if old is None:
             usage = self._admit("cache", scope, scope, force=True)
         else:
             usage = self._tenants[scope[0]]
             self._charge(usage, -old.used_bytes)
-        cache = self._caches[scope] = CachePartition(self._capped(settings))
+        cache = self._caches[scope] = CachePartition(settings)
         usage.holdings[scope] = cache
         self._tombstones.pop(scope, None)
 

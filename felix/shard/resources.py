@@ -94,3 +94,36 @@ def tenant_quota(spec: dict[str, Any], node: TenantQuota, shards: int) -> Tenant
     memory = spec.get("memory_quota_bytes") or node.memory_bytes
     max_resources = spec.get("max_resources_per_shard") or node.max_resources
     return TenantQuota(max(int(memory) // shards, 1), int(max_resources))
+
+
+def auto_stream_spec(settings: StreamSettings, durable: DurableSettings | None) -> dict[str, Any]:
+    """The control-plane spec of a stream created on first use with these settings: the
+    inverse of :func:`stream_settings` and :func:`durable_settings` (defined with it,
+    the stream keeps exactly what it has)."""
+    spec: dict[str, Any] = {
+        "replay_max_records": settings.replay_max_records,
+        "replay_max_bytes": settings.replay_max_bytes,
+        "slow_subscriber_policy": settings.slow_subscriber_policy,
+        "durable": durable is not None,
+    }
+    if durable is not None:
+        spec["fsync"] = durable.fsync
+        spec["fsync_interval_ms"] = durable.fsync_interval_ms
+        spec["retention_age_s"] = durable.retention_age_s
+        # retention_bytes would also cap the replay ring (stream_settings): only a
+        # value that caps nothing is carried over.
+        if durable.retention_bytes is not None and (
+            durable.retention_bytes >= settings.replay_max_bytes
+        ):
+            spec["retention_bytes"] = durable.retention_bytes
+    return spec
+
+
+def auto_cache_spec(defaults: CacheSettings) -> dict[str, Any]:
+    """The control-plane spec of a cache created on first use (the node's defaults: the
+    inverse of :func:`cache_settings`)."""
+    return {
+        "budget_bytes": defaults.budget_bytes,
+        "max_value_bytes": defaults.max_value_bytes,
+        "default_ttl_s": defaults.default_ttl,
+    }

@@ -13,7 +13,7 @@ import felix
 from felix.auth.fetch import fetch_jwks as default_fetch_jwks
 from felix.auth.minting import TenantKeys
 from felix.auth.oidc import Fetch, JwksCache
-from felix.control.api import console, feed, observe, resources, system, tokens
+from felix.control.api import console, feed, observe, registrations, resources, system, tokens
 from felix.control.api.auditing import audit_refused
 from felix.control.api.context import ControlContext, NodeInfo, TokenAuth
 from felix.control.api.problems import install
@@ -26,7 +26,14 @@ from felix.control.store import Store
 __all__ = ["ROUTERS", "ROUTES", "create_app"]
 
 #: Every router of the API, in the order of the OpenAPI document.
-ROUTERS = (resources.router, tokens.router, feed.router, system.router, observe.router)
+ROUTERS = (
+    resources.router,
+    tokens.router,
+    feed.router,
+    registrations.router,
+    system.router,
+    observe.router,
+)
 #: Their routes (``app.routes`` may hold the routers, not the routes, once included).
 ROUTES = tuple(route for router in ROUTERS for route in router.routes)
 

@@ -8,7 +8,8 @@ choices travel to child processes in ``$FELIX_LOG_FORMAT``, ``$FELIX_LOG_LEVEL``
 ``$FELIX_LOG_LEVELS``, which also set them when no flag is given.
 
 felix never logs payloads (record bodies, cache values) nor headers; as a second
-line of defence every line passes :class:`Redactor`, which replaces anything shaped
+line of defence every line is formatted by :class:`TextFormatter` or
+:class:`JsonFormatter`, which replace anything shaped
 like a JWT or a bearer credential by ``[redacted]`` (an exception's text included).
 """
 
@@ -23,7 +24,7 @@ from collections.abc import Mapping
 
 from felix.errors import ConfigError
 
-__all__ = ["FORMATS", "JsonFormatter", "Redactor", "configure", "parse_levels"]
+__all__ = ["FORMATS", "JsonFormatter", "TextFormatter", "configure", "parse_levels", "redact"]
 
 FORMATS = ("text", "json")
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -53,24 +54,24 @@ def parse_levels(text: str) -> dict[str, int]:
     return levels
 
 
-class Redactor(logging.Filter):
-    """Replaces credentials in a record's message (and exception text) by ``[redacted]``."""
+def redact(text: str) -> str:
+    """``text`` with anything shaped like a JWT or a bearer credential replaced."""
+    return _SECRET.sub("[redacted]", text)
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        clean = _SECRET.sub("[redacted]", message)
-        if clean != message:
-            record.msg, record.args = clean, None
-        if record.exc_info and record.exc_info[1] is not None:
-            record.exc_text = _SECRET.sub(
-                "[redacted]", logging.Formatter().formatException(record.exc_info)
-            )
-            record.exc_info = None
-        return True
+
+class TextFormatter(logging.Formatter):
+    """The text line, credentials redacted (message and exception text alike).
+
+    Redaction happens here, on the formatted line, and never changes the record:
+    other handlers (a test's log capture) see it as it was logged."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts (UTC, ms), level, logger, process, msg[, exc]."""
+    """One JSON object per line: ts (UTC, ms), level, logger, process, msg[, exc];
+    credentials redacted."""
 
     def __init__(self, process: str) -> None:
         super().__init__()
@@ -83,12 +84,12 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "process": self._process,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
         }
         if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
+            line["exc"] = redact(self.formatException(record.exc_info))
         elif record.exc_text:
-            line["exc"] = record.exc_text
+            line["exc"] = redact(record.exc_text)
         return json.dumps(line, ensure_ascii=False)
 
 
@@ -117,15 +118,18 @@ def configure(
     levels_text = levels if levels is not None else environ.get("FELIX_LOG_LEVELS", "")
     per_component = parse_levels(levels_text)
 
+    root = logging.getLogger()
+    if not export and root.handlers:
+        # A command run inside a program that set up logging (a test, an embedding
+        # application): leave its handlers alone, as logging.basicConfig would.
+        return
     handler = logging.StreamHandler()
-    handler.addFilter(Redactor())
     if log_format == "json":
         handler.setFormatter(JsonFormatter(process))
     else:
         handler.setFormatter(
-            logging.Formatter(f"%(asctime)s {process} %(name)s %(levelname)s %(message)s")
+            TextFormatter(f"%(asctime)s {process} %(name)s %(levelname)s %(message)s")
         )
-    root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)

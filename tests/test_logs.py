@@ -62,7 +62,7 @@ def test_json_lines_levels_per_component_and_redaction(
 def test_text_lines_name_the_process(
     restore_logging: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    configure("shard-1")
+    configure("shard-1", export=True)
     logging.getLogger("felix.shard").info("hello %s", TOKEN)
     line = capsys.readouterr().err.strip()
     assert line.endswith(" shard-1 felix.shard INFO hello [redacted]")

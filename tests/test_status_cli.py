@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -127,12 +128,17 @@ def test_stream_and_cache_info_from_the_node(node: NodeProcess) -> None:
     assert cache["cache"] == "default/default/sessions"
     assert (cache["entries"], cache["sets"], cache["hits"], cache["misses"]) == (3, 3, 1, 0)
     assert cache["used_bytes"] > 0 and cache["budget_bytes"] > 0
-    # Found through node.json: the control plane's answer (none: auto-created), then
-    # the node's view with rates over the interval.
-    got = _cli(node, "stream", "info", "orders", "--json", "--interval", "0.2")
-    assert got.returncode == 0, got.stderr
-    assert "not defined in the control plane" in got.stderr
-    stream = json.loads(got.stdout)
+    # Found through node.json: the control plane's resource (auto-created, registered
+    # within a second or so), then the node's view with rates over the interval.
+    deadline = time.monotonic() + 20
+    while True:
+        got = _cli(node, "stream", "info", "orders", "--json", "--interval", "0.2")
+        assert got.returncode == 0, got.stderr
+        if "not defined in the control plane" not in got.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    resource, stream = (json.loads(line) for line in got.stdout.splitlines())
+    assert resource["spec"]["auto_created"] is True
     assert stream["node"] == f"http://{http}" and stream["memory"]["next_offset"] == 5
     assert stream["rates"] == {"records": 0.0} and stream["gateways_watching"] == 0
     missing = _cli(node, "cache", "info", "nope", "--node", http, "--interval", "0")

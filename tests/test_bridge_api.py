@@ -37,7 +37,7 @@ SPEC: dict[str, Any] = {
     "target_url": "felix://127.0.0.1:5001",
     "target_region": "us-1",
     "target_stream": "prod/orders-eu",
-    "target_token_env": "FELIX_US_TOKEN",
+    "target_token_env": "FELIX_BRIDGE_ACME_US_TOKEN",
     "target_ca": "/etc/felix/us-ca.pem",
 }
 
@@ -111,12 +111,13 @@ def test_secrets_are_refused_and_never_echoed(keys: Keys, caplog: pytest.LogCapt
                 {"target_token_env": "not a name"},
                 {"target_token_file": f"/run/{JWT}"},
                 {"target_token_file": "/run/secrets/" + "Zm9vYmFy" * 8},
-                {"target_token_file": "relative/path"},
+                {"target_token_file": "../acme2/token"},
+                {"target_token_env": "FELIX_CONTROL_TOKEN"},
                 {"target_ca": "-----BEGIN CERTIFICATE-----\nMIIB..."},
                 {"target_url": "felix://svc:hunter2@us.example:5000"},
                 {"target_url": f"felix://us.example:5000/?token={JWT}"},
                 {"description": f"token is {JWT}"},
-                {"target_token_env": "A", "target_token_file": "/run/tok"},
+                {"target_token_env": "FELIX_BRIDGE_ACME_A", "target_token_file": "tok"},
             ):
                 r = await http.post(BRIDGES, json={"name": "b", **SPEC, **bad}, headers=h)
                 assert r.status_code in (400, 422), (bad, r.text)

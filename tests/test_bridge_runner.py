@@ -83,25 +83,65 @@ def _token(region: str | None) -> str:
 def test_the_target_token_is_read_where_the_bridge_says(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert r.target_token(SPEC) is None
-    file = tmp_path / "tok"
-    spec = {**SPEC, "target_token_file": str(file)}
+    secrets = tmp_path / "secrets"
+    (secrets / "acme").mkdir(parents=True)
+    assert r.target_token(SPEC, "acme", secrets) is None
+    file = secrets / "acme" / "tok"
+    spec = {**SPEC, "target_token_file": "tok"}
     with pytest.raises(r._Stopped, match="cannot read target_token_file"):
-        r.target_token(spec)
+        r.target_token(spec, "acme", secrets)
     good = _token("us-1")
     file.write_text(good + "\n")
-    assert r.target_token(spec) == good
+    assert r.target_token(spec, "acme", secrets) == good
+    assert r.target_token({**SPEC, "target_token_file": str(file)}, "acme", secrets) == good
     file.write_text(_token("eu-1"))
     with pytest.raises(r._Stopped, match="issued for region 'eu-1'"):
-        r.target_token(spec)
+        r.target_token(spec, "acme", secrets)
     file.write_text(_token(None))  # no region claim: the target's gateway judges it
-    assert r.target_token(spec)
-    env = {**SPEC, "target_token_env": "FELIX_TEST_BRIDGE_TOKEN"}
-    monkeypatch.delenv("FELIX_TEST_BRIDGE_TOKEN", raising=False)
+    assert r.target_token(spec, "acme", secrets)
+    env = {**SPEC, "target_token_env": "FELIX_BRIDGE_ACME_TOKEN"}
+    monkeypatch.delenv("FELIX_BRIDGE_ACME_TOKEN", raising=False)
     with pytest.raises(r._Stopped, match="is not set"):
-        r.target_token(env)
-    monkeypatch.setenv("FELIX_TEST_BRIDGE_TOKEN", good)
-    assert r.target_token(env) == good
+        r.target_token(env, "acme", secrets)
+    monkeypatch.setenv("FELIX_BRIDGE_ACME_TOKEN", good)
+    assert r.target_token(env, "acme", secrets) == good
+
+
+def test_a_tenant_cannot_point_its_bridge_at_the_runners_other_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tenant picks the file and the host the token goes to: nothing outside its
+    own directory of the operator's secrets dir may be read, nor another tenant's or
+    the node's environment variables."""
+    secrets = tmp_path / "secrets"
+    (secrets / "acme").mkdir(parents=True)
+    (secrets / "globex").mkdir()
+    (secrets / "globex" / "tok").write_text(_token("us-1"))
+    admin = tmp_path / "admin-token"
+    admin.write_text("the-admin-token")
+    (secrets / "acme" / "link").symlink_to(admin)
+    (secrets / "acme" / "dirlink").symlink_to(secrets / "globex")
+    for ref in (
+        str(admin),
+        "/proc/self/environ",
+        "../globex/tok",
+        str(secrets / "globex" / "tok"),
+        "link",
+        "dirlink/tok",
+    ):
+        with pytest.raises(r._Stopped) as refused:
+            r.target_token({**SPEC, "target_token_file": ref}, "acme", secrets)
+        assert "the-admin-token" not in str(refused.value) and str(admin) not in str(refused.value)
+    with pytest.raises(r._Stopped, match="needs a runner with --secrets-dir"):
+        r.target_token({**SPEC, "target_token_file": "tok"}, "acme", None)
+    monkeypatch.setenv("FELIX_CONTROL_TOKEN", "the-admin-token")
+    monkeypatch.setenv("FELIX_BRIDGE_GLOBEX_TOKEN", "globex-secret")
+    for name in ("FELIX_CONTROL_TOKEN", "FELIX_BRIDGE_GLOBEX_TOKEN", "FELIX_BRIDGE_ACMEX_T"):
+        with pytest.raises(r._Stopped, match="must start with FELIX_BRIDGE_ACME_"):
+            r.target_token({**SPEC, "target_token_env": name}, "acme", secrets)
+    # "acme-x" would read FELIX_BRIDGE_ACME_X_*, a prefix "acme" also has: refused.
+    with pytest.raises(r._Stopped, match="only for tenants named with lower-case"):
+        r.target_token({**SPEC, "target_token_env": "FELIX_BRIDGE_ACME_X_T"}, "acme-x", secrets)
 
 
 def _bridge(name: str, **changes: Any) -> Resource:

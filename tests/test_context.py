@@ -188,3 +188,34 @@ def test_a_stopped_node_is_named_in_a_warning(local_node: tuple[NodeProcess, Pat
     failed = _cli(work, "cache", "get", "sessions", "k", "--timeout", "1")
     assert failed.returncode != 0
     assert "which is not running: is the node up?" in failed.stderr
+
+
+def test_environment_tokens_go_only_where_the_user_pointed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ./data/node.json (a cloned repository's, say) or a context names its own node:
+    $FELIX_TOKEN and $FELIX_CONTROL_TOKEN are not sent there."""
+    from felix.cli import build_parser
+    from felix.client.cli import _settings
+    from felix.control.cliargs import open_client
+
+    data = tmp_path / "data"
+    data.mkdir()
+    info = {"quic": "10.9.9.9:5000", "control": "http://10.9.9.9:8443", "pid": os.getpid()}
+    (data / "node.json").write_text(json.dumps(info))
+    monkeypatch.setattr(felix.context, "LOCAL_DATA_DIR", data)
+    monkeypatch.setenv("FELIX_TOKEN", "user-token")
+    monkeypatch.setenv("FELIX_CONTROL_TOKEN", "user-admin-token")
+    parser = build_parser()
+    found = _settings(parser.parse_args(["cache", "get", "c", "k"]))
+    assert found["url"][0] == "felix://10.9.9.9:5000" and found["token"][0] is None
+    pointed = _settings(parser.parse_args(["cache", "get", "c", "k", "--url", "felix://h:1"]))
+    assert pointed["token"] == ("user-token", "$FELIX_TOKEN")
+    with open_client(parser.parse_args(["stream", "ls"])) as client:
+        assert client.url == "http://10.9.9.9:8443"
+        assert "authorization" not in client._http.headers
+    with open_client(parser.parse_args(["stream", "ls", "--url", "http://h:1"])) as client:
+        assert client._http.headers["authorization"] == "Bearer user-admin-token"
+    # A huge pid in a node.json is no crash.
+    (data / "node.json").write_text(json.dumps({**info, "pid": 10**30}))
+    assert felix.context.resolve().warning is not None

@@ -214,7 +214,11 @@ def test_a_poison_record_is_dead_lettered_with_provenance_while_others_flow(
                 assert int(h["felix-dlq-timestamp-us"]) > 0
                 assert h["felix-dlq-id"] == f"billing:{poison}"
             # term: to the dead-letter stream at once, with the reason.
-            extra = await publish(client, "orders", 1, prefix="t")
+            # With a message id: the stream remembers it for its dedup window, and the
+            # replay below must still bring the record back (under a new id).
+            ack = await client.publish("orders", b"t0", headers={"i": "0"}, msg_id="order-t0")
+            assert ack is not None
+            extra = [ack.offset]
             async with client.consume("orders", "billing") as jobs:
                 (job,) = await jobs.fetch(1, timeout=5)
                 assert job.offset == extra[0]
@@ -257,6 +261,7 @@ def test_a_poison_record_is_dead_lettered_with_provenance_while_others_flow(
                         "default/default/orders.dlq@"
                     )
                     assert not any(k.startswith("felix-dlq-") for k in job.headers)
+                    assert job.headers["felix-msg-id"].startswith("replay:default/default/")
                     await job.ack()
 
         run(replayed, timeout=60)

@@ -140,6 +140,13 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     run.add_argument(
         "--state-dir", type=Path, required=True, metavar="DIR", help="checkpoints and status.json"
     )
+    run.add_argument(
+        "--secrets-dir",
+        type=Path,
+        metavar="DIR",
+        help="target token files: a bridge of tenant T may name only files in DIR/T/ "
+        "(without it, target_token_file is refused)",
+    )
     run.add_argument("--http", metavar="HOST:PORT", help="serve /metrics and /bridges here")
     run.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     run.set_defaults(func=guarded(_run))
@@ -317,6 +324,9 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--source-url (or $FELIX_URL) is required: this region's node")
     http = _parse_address(args.http) if args.http else None
     client = open_client(args)
+    # Read once: bridges may name environment variables (FELIX_BRIDGE_<TENANT>_*
+    # only), and the control plane's credential must not be among what is left.
+    os.environ.pop("FELIX_CONTROL_TOKEN", None)
     if args.source_keys_dir is not None:
         token = minted_token(args.source_keys_dir)
     else:
@@ -338,6 +348,7 @@ def _run(args: argparse.Namespace) -> int:
         args.state_dir,
         only=None if args.all else (args.tenant, args.name),
         http=http,
+        secrets_dir=args.secrets_dir,
     )
 
     async def main() -> int:

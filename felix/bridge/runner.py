@@ -38,6 +38,7 @@ import contextlib
 import logging
 import os
 import random
+import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -199,27 +200,91 @@ def minted_token(keys_dir: Path) -> TokenFn:
     return token
 
 
-def target_token(spec: Mapping[str, Any]) -> str | None:
-    """The target token the bridge names (a file or an environment variable), read now.
+def env_prefix(tenant: str) -> str:
+    """The prefix every environment variable a bridge of ``tenant`` may name starts with:
+    ``FELIX_BRIDGE_<TENANT>_``, the tenant's name upper-cased."""
+    return f"FELIX_BRIDGE_{tenant.upper()}_"
 
-    Raises _Stopped when it is named and cannot be had, or names another region.
+
+def _read_confined(secrets_dir: Path | None, tenant: str, reference: str) -> bytes:
+    """The file a bridge of ``tenant`` names, which must lie in ``secrets_dir/<tenant>/``.
+
+    A tenant picks the path and the host the token is sent to: anything else the
+    runner can read (the node's admin token, other tenants' key rings, the region key,
+    /proc/self/environ) must be out of its reach. So: the operator's directory only,
+    the tenant's own subdirectory, no symlink anywhere below it, a regular file.
+    """
+    if secrets_dir is None:
+        raise _Stopped(
+            "target_token_file needs a runner with --secrets-dir (the operator puts each "
+            "tenant's bridge tokens in DIR/<tenant>/); this one has none"
+        )
+    root = (secrets_dir / tenant).resolve()
+    path = Path(reference)
+    try:
+        relative = path.relative_to(root) if path.is_absolute() else path
+    except ValueError:
+        relative = None
+    if relative is None or not relative.parts or ".." in relative.parts:
+        raise _Stopped(
+            f"target_token_file must name a file in this runner's {secrets_dir}/{tenant}/ "
+            "(a name relative to it, or a path inside it)"
+        )
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for part in relative.parts[:-1]:
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        leaf = os.open(relative.parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+    finally:
+        os.close(fd)
+    with os.fdopen(leaf, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise _Stopped("target_token_file is not a regular file")
+        raw = f.read(64 * 1024 + 1)
+    if len(raw) > 64 * 1024:
+        raise _Stopped("target_token_file is larger than 64 KiB")
+    return raw
+
+
+def target_token(
+    spec: Mapping[str, Any], tenant: str = "", secrets_dir: Path | None = None
+) -> str | None:
+    """The target token bridge ``spec`` of ``tenant`` names, read now: a file in the
+    runner's ``secrets_dir/<tenant>/``, or an environment variable whose name starts
+    with :func:`env_prefix` (``FELIX_BRIDGE_<TENANT>_``).
+
+    Raises _Stopped when it is named and cannot be had, is out of the tenant's
+    reach, or names another region.
     """
     if spec.get("target_token_file"):
-        path = Path(spec["target_token_file"])
         try:
-            with path.open("rb") as f:
-                raw = f.read(64 * 1024 + 1)
+            raw = _read_confined(secrets_dir, tenant, spec["target_token_file"])
         except OSError as exc:
-            raise _Stopped(f"cannot read target_token_file {path}: {exc.strerror}") from None
-        if len(raw) > 64 * 1024:
-            raise _Stopped(f"target_token_file {path} is larger than 64 KiB")
+            # No path in the message: a tenant must not probe the runner's files.
+            raise _Stopped(
+                f"cannot read target_token_file in the runner's secrets dir: {exc.strerror}"
+            ) from None
         token = raw.decode("utf-8", "replace").strip()
     elif spec.get("target_token_env"):
-        token = (os.environ.get(spec["target_token_env"]) or "").strip()
+        name = spec["target_token_env"]
+        if not (tenant.isascii() and tenant.isalnum() and tenant.islower()):
+            # Only such names map to variable names one to one: "acme-x", "acme_x" and
+            # "Acme" would share (or prefix) another tenant's variables.
+            raise _Stopped(
+                "target_token_env is only for tenants named with lower-case letters and "
+                f"digits; tenant {tenant!r} names its token with target_token_file"
+            )
+        if not name.startswith(env_prefix(tenant)):
+            raise _Stopped(
+                f"target_token_env must start with {env_prefix(tenant)} (a bridge reads only "
+                "its own tenant's variables)"
+            )
+        token = (os.environ.get(name) or "").strip()
         if not token:
             raise _Stopped(
-                f"environment variable {spec['target_token_env']} (target_token_env) is "
-                "not set in the runner"
+                f"environment variable {name} (target_token_env) is not set in the runner"
             )
     else:
         return None
@@ -283,7 +348,10 @@ class BridgeRunner:
         poll: float = 1.0,
         http: tuple[str, int] | None = None,
         max_bridges: int = MAX_BRIDGES_PER_RUNNER,
+        secrets_dir: Path | None = None,
     ) -> None:
+        #: Where target token files are (one subdirectory per tenant); None: none.
+        self.secrets_dir = secrets_dir
         self.control = control
         self.source = source
         self.checkpoints = CheckpointDir(state_dir)
@@ -511,7 +579,7 @@ class BridgeRunner:
         dst_ns, dst_stream = split_stream_ref(spec["target_stream"])
         if spec["target_region"] == self.region:
             raise _Stopped(f"target_region {self.region!r} is this region")
-        target_token(spec)  # fail now, with the reason, rather than in a handshake
+        target_token(spec, tenant, self.secrets_dir)  # fail now, not in a handshake
         incarnation = res.created_at.isoformat()
         cp = self.checkpoints.load(tenant, name)
         start: int | Literal["earliest", "latest"] = spec["start"]
@@ -523,7 +591,7 @@ class BridgeRunner:
             return await self.source.token(self.region, tenant, src_ns, src_stream) or ""
 
         async def dest_token() -> str:
-            return target_token(spec) or ""
+            return target_token(spec, tenant, self.secrets_dir) or ""
 
         region, spec_filter = self.region, spec["filter"]
         async with (

@@ -233,6 +233,10 @@ def connection_settings(args: argparse.Namespace) -> tuple[str, str | None]:
     return settings["url"][0] or DEFAULT_URL, settings["ca"][0]
 
 
+#: Where a URL came from when the user pointed at it: $FELIX_TOKEN may go there.
+_POINTED = frozenset({"--url", "$FELIX_URL", "explicit", "the default"})
+
+
 def _settings(args: argparse.Namespace) -> dict[str, tuple[str | None, str]]:
     """Every connection setting with where it came from (module doc's precedence)."""
     info = _node_json(args)
@@ -245,14 +249,16 @@ def _settings(args: argparse.Namespace) -> dict[str, tuple[str | None, str]]:
             ca=ca if isinstance(ca, str) else None,
         )
     found = resolve(getattr(args, "context", None))
+    url = pick(
+        (args.url, "--url"),
+        (os.environ.get("FELIX_URL"), "$FELIX_URL"),
+        (explicit.url, where),
+        (found.url, found.source),
+        (DEFAULT_URL, "the default"),
+    )
+    url_source = "explicit" if url[1] == where and explicit.url else url[1]
     settings = {
-        "url": pick(
-            (args.url, "--url"),
-            (os.environ.get("FELIX_URL"), "$FELIX_URL"),
-            (explicit.url, where),
-            (found.url, found.source),
-            (DEFAULT_URL, "the default"),
-        ),
+        "url": url,
         "ca": pick(
             (str(args.ca) if args.ca is not None else None, "--ca"),
             (explicit.ca, where),
@@ -261,7 +267,10 @@ def _settings(args: argparse.Namespace) -> dict[str, tuple[str | None, str]]:
         ),
         "token": pick(
             (args.token, "--token"),
-            (os.environ.get("FELIX_TOKEN"), "$FELIX_TOKEN"),
+            # Sent only where the user pointed (a flag, the environment, an explicit
+            # node.json, the default loopback URL), never to a node a ./data/node.json
+            # or a context names: that one gets its own credentials.
+            (os.environ.get("FELIX_TOKEN") if url_source in _POINTED else None, "$FELIX_TOKEN"),
             (found.token, found.source),
         ),
         "tenant": pick(
@@ -558,6 +567,10 @@ async def _replay_letters(
         dlq = _dlq_name(args)
         where = dlq if "/" in dlq else f"{args.namespace}/{dlq}"
         headers["felix-replayed-from"] = f"{parts[0]}/{where}@{letter.offset}"
+        # A new message id: the source stream still remembers the original one (its
+        # dedup window) and would take the replay for a duplicate and drop it. This one
+        # keeps a replay idempotent.
+        headers["felix-msg-id"] = f"replay:{parts[0]}/{where}@{letter.offset}"
         await client.publish(f"{parts[1]}/{parts[2]}", letter.data, headers=headers)
         await letter.ack()
         replayed += 1

@@ -68,7 +68,15 @@ def open_client(args: argparse.Namespace, *, token: str | None = None) -> Contro
     if token is None:
         settings["token"] = pick(
             (getattr(args, "token", None), "--token"),
-            (os.environ.get("FELIX_CONTROL_TOKEN"), "$FELIX_CONTROL_TOKEN"),
+            # Only to a control plane the user pointed at (a flag, the environment,
+            # the default loopback URL), never to one a ./data/node.json or a context
+            # names: that one gets its own credential below.
+            (
+                os.environ.get("FELIX_CONTROL_TOKEN")
+                if url[1] in ("--url", "$FELIX_CONTROL_URL", "the default")
+                else None,
+                "$FELIX_CONTROL_TOKEN",
+            ),
             # The credential of the node the URL came from, never sent elsewhere.
             (found.control_token if url[1] == found.source else None, found.source),
         )
@@ -79,7 +87,9 @@ def open_client(args: argparse.Namespace, *, token: str | None = None) -> Contro
         (found.ca if url[1] == found.source else None, found.source),
     )
     report(found, getattr(args, "verbose", False), settings)
-    return ControlClient(url[0], timeout=args.timeout, token=token, ca=settings["ca"][0], cert=cert)
+    return ControlClient(
+        url[0], timeout=args.timeout, token=token, ca=settings["ca"][0], cert=cert, env_token=False
+    )
 
 
 def add_http_limit_arguments(group: argparse._ActionsContainer) -> None:

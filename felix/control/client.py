@@ -154,7 +154,10 @@ class ControlClient:
         token: str | None = None,
         cert: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
         transport: httpx.BaseTransport | None = None,
+        env_token: bool = True,
     ) -> None:
+        """``env_token``: without ``token``, send ``$FELIX_CONTROL_TOKEN`` (False: the
+        caller already decided, e.g. the CLI, which sends it only where it points)."""
         self.url = (url or default_url()).rstrip("/")
         self.timeout = timeout
         ca = ca if ca is not None else default_ca()
@@ -162,7 +165,7 @@ class ControlClient:
         verify: ssl.SSLContext | bool = True
         if ca is not None or cert is not None:
             verify = _tls_context(ca, cert)
-        token = token or default_token()
+        token = token or (default_token() if env_token else None)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
             base_url=self.url, timeout=timeout, verify=verify, transport=transport, headers=headers

@@ -593,7 +593,7 @@ class BridgeSpec(_Spec):
                 raise ValueError(str(exc)) from None
         return value
 
-    @field_validator("target_ca", "target_token_file")
+    @field_validator("target_ca")
     @classmethod
     def _path(cls, value: str | None) -> str | None:
         if value is None:
@@ -603,6 +603,20 @@ class BridgeSpec(_Spec):
             raise ValueError(f"file references must be absolute paths, got {value[:80]!r}")
         return value
 
+    @field_validator("target_token_file")
+    @classmethod
+    def _token_file(cls, value: str | None) -> str | None:
+        # A file in the runner's --secrets-dir/<tenant>/ (the runner refuses any other).
+        if value is None:
+            return None
+        _no_secret("a bridge's file reference", value)
+        if ".." in value.split("/") or not value.strip("/"):
+            raise ValueError(
+                "target_token_file names a file in the runner's secrets dir for this tenant "
+                f"(no '..'), got {value[:80]!r}"
+            )
+        return value
+
     @field_validator("target_token_env")
     @classmethod
     def _env(cls, value: str | None) -> str | None:
@@ -610,6 +624,11 @@ class BridgeSpec(_Spec):
             raise ValueError(
                 "target_token_env is the NAME of an environment variable ([A-Za-z_]"
                 "[A-Za-z0-9_]*, at most 128 characters), not its value"
+            )
+        if value is not None and not value.startswith("FELIX_BRIDGE_"):
+            raise ValueError(
+                "target_token_env must be FELIX_BRIDGE_<TENANT>_... (a bridge reads only its "
+                f"own tenant's variables), got {value[:80]!r}"
             )
         return value
 

@@ -925,6 +925,7 @@ class Supervisor:
             sys.executable, "-m", "felix.cli", "bridge", "run", "--all",
             "--url", control, "--source-url", source,
             "--state-dir", str(config.data_dir / "bridges"),
+            "--secrets-dir", str(config.data_dir / "bridge-secrets"),
             "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
         if self.ca_path is not None:

@@ -285,7 +285,10 @@ def resolve(context: str | None = None) -> Defaults:
             control_token=(
                 _secret_file(ctx.control_token_file, "control token file")
                 if ctx.control_token_file
+                # The data dir's admin token goes only to that node's own control plane.
                 else base.control_token
+                if ctx.control_url is None
+                else None
             ),
             tenant=ctx.tenant,
             namespace=ctx.namespace,

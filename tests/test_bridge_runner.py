@@ -205,3 +205,14 @@ def test_status_rate_and_lag() -> None:
     st.error("x" * 10_000)
     assert st.errors == 1 and len(st.last_error or "") == 500
     assert st.to_json()["lag"] == 10
+
+
+def test_stray_entries_in_the_state_dir_are_not_checkpoints(tmp_path: Path) -> None:
+    from felix.bridge.checkpoint import CheckpointDir
+
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / "acme").mkdir()
+    (tmp_path / "acme" / "to-us.json").write_text("{}")
+    (tmp_path / "acme" / ".hidden.json").write_text("{}")
+    (tmp_path / "lost+found").mkdir()
+    assert CheckpointDir(tmp_path).stored() == [("acme", "to-us")]

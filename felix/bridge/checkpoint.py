@@ -17,6 +17,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from felix.errors import FelixError
 from felix.names import validate_name
 
 __all__ = ["Checkpoint", "CheckpointDir"]
@@ -25,6 +26,15 @@ log = logging.getLogger("felix.bridge")
 
 #: Largest checkpoint file read (a real one is ~200 bytes; anything bigger is not ours).
 _MAX_BYTES = 4096
+
+
+def is_valid_name(name: str) -> bool:
+    """Whether ``name`` is a tenant or bridge name (felix.names rules)."""
+    try:
+        validate_name("name", name)
+    except FelixError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,10 +118,11 @@ class CheckpointDir:
         if not self.directory.is_dir():
             return out
         for tenant_dir in sorted(self.directory.iterdir()):
-            if not tenant_dir.is_dir():
-                continue
+            if not tenant_dir.is_dir() or not is_valid_name(tenant_dir.name):
+                continue  # not ours (a stray directory must not stop the runner)
             for file in sorted(tenant_dir.glob("*.json")):
-                out.append((tenant_dir.name, file.stem))
+                if is_valid_name(file.stem):
+                    out.append((tenant_dir.name, file.stem))
         return out
 
 

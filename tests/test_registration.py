@@ -310,3 +310,17 @@ def test_shard_reports_what_it_creates_and_a_definition_with_the_same_settings_i
     # Defined through the control plane: not reported.
     core.define_stream(ipc.stream_key("acme", "prod", "defined"), defaults)
     assert core.take_auto_created() == []
+
+
+def test_a_registration_from_a_node_of_another_region_is_refused() -> None:
+    async def main() -> None:
+        store = MemoryStore()
+        results = await register(store, QUOTAS, "eu-1", [_item("orders", region="us-1")])
+        assert _results(results) == ["refused"]
+        assert "region 'us-1'" in results[0]["detail"]
+        assert await store.get(ST, ("acme", "prod", "orders")) is None
+        assert await store.get(T, ("acme",)) is None  # no parent left behind either
+        ok = await register(store, QUOTAS, "eu-1", [_item("orders", region="eu-1")])
+        assert _results(ok) == ["created"]
+
+    run(main)

@@ -49,7 +49,7 @@ from felix.control.model import (
 )
 from felix.control.quotas import NodeQuotas, check_write
 from felix.control.store import AlreadyExists, CursorTooOld, Store
-from felix.errors import FelixError
+from felix.errors import BadRequest, FelixError
 
 __all__ = ["KINDS", "MAX_ITEMS", "Outcome", "register"]
 
@@ -159,8 +159,12 @@ async def _checked(
         if spec.get("region") is None:
             spec.pop("region", None)
         elif spec["region"] != region:
-            # A node of another region: store the resource without claiming one.
-            spec["region"] = None
+            # A node of another region: refused, as any create for another region is
+            # (a node refuses to follow a control plane of another region anyway).
+            raise BadRequest(
+                f"the node registering {'/'.join(path)} is region {spec['region']!r}; "
+                f"this control plane is region {region!r}"
+            )
     else:
         spec.pop("region", None)
     validate_spec(kind, spec)

@@ -114,6 +114,14 @@ class _Spec(BaseModel):
 #: its control plane's region when it is left out, refuses another one, and refuses any
 #: change of it; a resource stored before regions (no value) is of its control plane's
 #: region (:func:`with_region`).
+#: Created by a node on first use and registered with the settings it got (felix/node/registrar.py).
+AutoCreated = Annotated[
+    bool,
+    Field(
+        description="created by a node on first use (a publish or cache set) and "
+        "registered here with the settings it got, rather than defined through this API"
+    ),
+]
 HomeRegion = Annotated[
     str | None,
     Field(
@@ -152,25 +160,13 @@ class TenantSpec(_Spec):
         ),
     ] = None
     region: HomeRegion = None
-    auto_created: Annotated[
-        bool,
-        Field(
-            description="created by a node on first use (a publish or cache set) and "
-            "registered here with the settings it got, rather than defined through this API"
-        ),
-    ] = False
+    auto_created: AutoCreated = False
 
 
 class NamespaceSpec(_Spec):
     description: Annotated[str, Field(max_length=1024)] = ""
     region: HomeRegion = None
-    auto_created: Annotated[
-        bool,
-        Field(
-            description="created by a node on first use (a publish or cache set) and "
-            "registered here with the settings it got, rather than defined through this API"
-        ),
-    ] = False
+    auto_created: AutoCreated = False
 
 
 class QueueDefaults(_Spec):
@@ -249,13 +245,7 @@ class StreamSpec(_Spec):
     ] = None
     queue: QueueDefaults = QueueDefaults()
     region: HomeRegion = None
-    auto_created: Annotated[
-        bool,
-        Field(
-            description="created by a node on first use (a publish or cache set) and "
-            "registered here with the settings it got, rather than defined through this API"
-        ),
-    ] = False
+    auto_created: AutoCreated = False
 
     @field_validator("fsync", mode="before")
     @classmethod
@@ -282,13 +272,7 @@ class CacheSpec(_Spec):
     default_ttl_s: Annotated[float | None, Field(gt=0, le=365 * 86_400)] = None
     max_value_bytes: Annotated[int, Field(ge=0, le=64 * 1024 * 1024)] = 1024 * 1024
     region: HomeRegion = None
-    auto_created: Annotated[
-        bool,
-        Field(
-            description="created by a node on first use (a publish or cache set) and "
-            "registered here with the settings it got, rather than defined through this API"
-        ),
-    ] = False
+    auto_created: AutoCreated = False
 
 
 _GROUP_DEFAULTS = GroupSettings()

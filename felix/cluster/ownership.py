@@ -1,0 +1,172 @@
+"""The shard map as one node sees it, and the verdict on each request (sans-IO).
+
+The supervisor's cluster agent builds an :class:`OwnershipMap` from PostgreSQL and
+its lease, and sends it to every gateway process (a :class:`~felix.node.messages`
+line, :meth:`OwnershipMap.to_dict`) whenever the map or ``serve_until`` changes. A
+gateway asks :meth:`OwnershipMap.verdict` before it admits a request: serve it here,
+redirect the client to the owner, or refuse it for now (retry).
+
+``serve_until`` is a ``time.monotonic()`` deadline: CLOCK_MONOTONIC is one clock for
+every process of a Linux host, so the supervisor's deadline means the same in its
+gateways. A map is never trusted past it (docs/architecture.md, "Membership and
+leases").
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "MAX_LOGICAL_SHARDS",
+    "ClusterNode",
+    "OwnershipMap",
+    "Redirect",
+    "Refuse",
+    "Serve",
+    "ShardState",
+    "logical_shard",
+]
+
+#: The most logical shards a cluster may have (the SHARD_MAP reply stays under 64 KiB).
+MAX_LOGICAL_SHARDS = 4096
+
+
+def logical_shard(key: str, logical_shards: int) -> int:
+    """The logical shard of a routing key (crc32, as clients compute it)."""
+    return zlib.crc32(key.encode()) % logical_shards
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterNode:
+    """A member as the node last read it from PostgreSQL."""
+
+    node_id: str
+    #: QUIC ``host:port`` it advertises: where clients are redirected.
+    address: str
+    #: Its health/metrics base URL (``http://host:port``), for ``felix cluster status``.
+    health_url: str
+    #: Its lease (plus the placer's grace) had not run out when the map was read.
+    live: bool
+    incarnation: int
+    #: Unix seconds on the database's clock (shown, never compared with local clocks).
+    lease_until: float
+
+
+@dataclass(frozen=True, slots=True)
+class ShardState:
+    """One logical shard's row."""
+
+    owner: str | None
+    epoch: int
+    #: The node a handoff is moving it to (the owner stops admitting requests for it).
+    handoff_to: str | None = None
+    #: The node holding its durable records: it is only ever placed there.
+    durable_node: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Serve:
+    """Admit the request: this node owns the shard."""
+
+    shard: int
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """Answer REDIRECT: ``owner`` (host:port) holds ``shard`` at ``epoch``."""
+
+    shard: int
+    epoch: int
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Answer Unavailable with ``reason`` (retryable): no live owner, a handoff in
+    progress, or this node's lease is not valid now."""
+
+    shard: int
+    reason: str
+
+
+Verdict = Serve | Redirect | Refuse
+
+
+@dataclass(frozen=True, slots=True)
+class OwnershipMap:
+    """Who owns which logical shard, and until when this node may serve its own."""
+
+    #: Rises with every map the agent sends (gateways ignore an older one).
+    version: int
+    #: This node's id.
+    node_id: str
+    logical_shards: int
+    #: ``time.monotonic()`` deadline: after it, this node serves no shard.
+    serve_until: float
+    nodes: tuple[ClusterNode, ...]
+    #: Indexed by logical shard; ``len(shards) == logical_shards``.
+    shards: tuple[ShardState, ...]
+
+    def shard_of(self, key: str) -> int:
+        return logical_shard(key, self.logical_shards)
+
+    def node(self, node_id: str | None) -> ClusterNode | None:
+        if node_id is None:
+            return None
+        for node in self.nodes:
+            if node.node_id == node_id:
+                return node
+        return None
+
+    def verdict(self, key: str, now: float) -> Verdict:
+        """What to do with a request for routing key ``key`` at monotonic time ``now``."""
+        shard = self.shard_of(key)
+        state = self.shards[shard]
+        if state.owner == self.node_id:
+            if now >= self.serve_until:
+                return Refuse(shard, f"node {self.node_id} has no valid cluster lease right now")
+            if state.handoff_to is not None:
+                return Refuse(shard, f"shard {shard} is moving to node {state.handoff_to}")
+            return Serve(shard, state.epoch)
+        owner = self.node(state.owner)
+        if owner is None:
+            return Refuse(shard, f"shard {shard} has no owner right now")
+        if not owner.live:
+            return Refuse(shard, f"shard {shard}'s node {owner.node_id} is down")
+        return Redirect(shard, state.epoch, owner.address)
+
+    def owned(self) -> list[int]:
+        """The logical shards this node owns (handoffs included)."""
+        return [i for i, s in enumerate(self.shards) if s.owner == self.node_id]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able form (the supervisor -> gateway message, ``/cluster``)."""
+        return {
+            "version": self.version,
+            "node_id": self.node_id,
+            "logical_shards": self.logical_shards,
+            "serve_until": self.serve_until,
+            "nodes": [
+                [n.node_id, n.address, n.health_url, n.live, n.incarnation, n.lease_until]
+                for n in self.nodes
+            ],
+            "shards": [[s.owner, s.epoch, s.handoff_to, s.durable_node] for s in self.shards],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OwnershipMap:
+        """The inverse of :meth:`to_dict` (raises KeyError/TypeError/ValueError on a bad one)."""
+        shards = tuple(ShardState(*row) for row in data["shards"])
+        if len(shards) != data["logical_shards"]:
+            raise ValueError("shard map length differs from logical_shards")
+        return cls(
+            version=int(data["version"]),
+            node_id=str(data["node_id"]),
+            logical_shards=int(data["logical_shards"]),
+            serve_until=float(data["serve_until"]),
+            nodes=tuple(ClusterNode(*row) for row in data["nodes"]),
+            shards=shards,
+        )

@@ -62,6 +62,7 @@ class Cache:
             wire.CacheValue,
             wire.OP_CACHE_VALUE,
             idempotent=True,
+            route=(ns, c, key),
         )
         if self._e2e is None or reply.value is None:
             return reply.value
@@ -99,6 +100,7 @@ class Cache:
             lambda rid: wire.encode_cache_set(rid, t, ns, c, key, value, ttl_ms=ttl_ms, mode=mode),
             wire.CacheResult,
             wire.OP_CACHE_STORED,
+            route=(ns, c, key),
         )
         return reply.result
 
@@ -110,6 +112,7 @@ class Cache:
             lambda rid: wire.encode_cache_delete(rid, t, ns, c, key),
             wire.CacheResult,
             wire.OP_CACHE_DELETED,
+            route=(ns, c, key),
         )
         return reply.result
 
@@ -122,5 +125,6 @@ class Cache:
             wire.CacheTtlReply,
             wire.OP_CACHE_TTL_REPLY,
             idempotent=True,
+            route=(ns, c, key),
         )
         return ttl_from_wire(reply.state, reply.ttl_ms)

@@ -6,14 +6,21 @@ live pooled connection and for its reply. When the connection is lost under a
 call it fails with ConnectionLost; only calls that change nothing (``get``,
 ``ttl``, ``ping``, SUBSCRIBE) are retried, once, on the next live connection.
 Connections, reconnects, keepalives and token refresh are the pool's (``_pool``).
+
+Clusters (``_cluster``): once a node answers REDIRECT, requests are routed by their
+routing key to the owner's node, over a pool per node address (at most
+``MAX_NODES``, with the TLS and token settings of the first); a call follows at most
+``MAX_REDIRECTS`` REDIRECTs in a row. Until then nothing of this runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import inspect
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -21,12 +28,20 @@ from typing import Any, TypeAlias
 
 from felix import wire
 from felix.client._cache import Cache
+from felix.client._cluster import MAX_NODES, Redirected, Router, ShardMap, parse_address
 from felix.client._connection import Connection, R, expect_reply
 from felix.client._consumer import Consumer
-from felix.client._convert import Endpoint, ShmEndpoint, StartSpec, resolve_name, start_spec
+from felix.client._convert import (
+    Endpoint,
+    ShmEndpoint,
+    StartSpec,
+    WireStart,
+    resolve_name,
+    start_spec,
+)
 from felix.client._e2e import seal_record
 from felix.client._events import ClientEvent, EventFeed, EventHub, EventListener
-from felix.client._links import PooledSubscription
+from felix.client._links import PooledMember, PooledSubscription
 from felix.client._options import ClientOptions
 from felix.client._pool import Pool, PoolSettings
 from felix.client._subscription import Subscription
@@ -39,13 +54,17 @@ from felix.errors import (
     FelixError,
     FelixTimeoutError,
     LocalProtocolError,
+    Overloaded,
     RemoteProtocolError,
     Unauthenticated,
+    Unavailable,
 )
 from felix.names import validate_name
 from felix.quic import QuicEngine, load_engine
 
 __all__ = ["BytesLike", "Client", "Durability", "PublishAck"]
+
+log = logging.getLogger("felix.client")
 
 BytesLike: TypeAlias = bytes | bytearray | memoryview
 
@@ -53,6 +72,9 @@ BytesLike: TypeAlias = bytes | bytearray | memoryview
 CLOSE_WAIT = 1.0
 #: Default credit window of a subscription, in records.
 DEFAULT_CREDIT = 1024
+#: Seconds a node of a cluster that could not be connected to is not tried again
+#: (requests for its shards go to another node meanwhile, which redirects or refuses).
+NODE_RETRY = 1.0
 
 
 class Durability(enum.StrEnum):
@@ -129,6 +151,8 @@ class Client:
             self._hub.add_listener(options.on_event)
         self._pool = Pool(
             PoolSettings(
+                on_redirect=self._on_stray_redirect,
+                on_member_lost=self._on_member_lost,
                 engine=self._engine,
                 endpoint=endpoint,
                 configuration=(
@@ -159,6 +183,15 @@ class Client:
         self._draining = False
         self._closed = False
         self._close_done = asyncio.Event()
+        # Cluster routing (_cluster): idle until a node answers REDIRECT.
+        self._router = Router()
+        #: Pools of the other nodes of a cluster, by advertised address.
+        self._nodes: dict[str, Pool] = {}
+        self._node_starts: dict[str, asyncio.Future[Pool]] = {}
+        self._node_down: dict[str, float] = {}  # address -> loop time it may be tried again
+        self._home: set[str] = set()  # addresses that are the endpoint itself
+        self._node_count = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -196,7 +229,13 @@ class Client:
             await self._close_done.wait()
             return
         self._closed = True
-        await self._pool.close(CLOSE_WAIT)
+        for task in self._tasks:
+            task.cancel()
+        for start in self._node_starts.values():
+            start.cancel()
+        pools = [self._pool, *self._nodes.values()]
+        self._nodes.clear()
+        await asyncio.gather(*(pool.close(CLOSE_WAIT) for pool in pools))
         self._hub.close()
         self._close_done.set()
 
@@ -216,7 +255,7 @@ class Client:
         try:
             async with asyncio.timeout(timeout):
                 await self._idle.wait()
-                conns = self._pool.live()
+                conns = [conn for pool in self._pools() for conn in pool.live()]
                 for conn in conns:
                     conn.flush_publishes()
                 await asyncio.gather(*(self._ping_all_streams(conn) for conn in conns))
@@ -250,8 +289,22 @@ class Client:
 
     @property
     def connected(self) -> int:
-        """How many pooled connections are live right now."""
-        return self._pool.connected
+        """How many pooled connections are live right now (to every node of a cluster)."""
+        return sum(pool.connected for pool in self._pools())
+
+    @property
+    def redirects(self) -> int:
+        """REDIRECTs this client followed (a cluster's node sent a call to another)."""
+        return self._router.redirects
+
+    @property
+    def shard_map(self) -> ShardMap | None:
+        """The cluster's shard map as this client knows it; None until a node of a
+        cluster redirected it (and always with a single node)."""
+        return self._router.map
+
+    def _pools(self) -> list[Pool]:
+        return [self._pool, *self._nodes.values()]
 
     def __repr__(self) -> str:
         size = self._pool.settings.size
@@ -324,6 +377,7 @@ class Client:
             wire.PublishOffsets,
             wire.OP_PUBLISH_OFFSETS,
             key=(ns, name),
+            route=(ns, name),
         )
         if reply.count != 1:
             raise RemoteProtocolError(f"PUBLISH_OFFSETS for {reply.count} records, 1 was sent")
@@ -383,6 +437,7 @@ class Client:
                 wire.PublishOffsets,
                 wire.OP_PUBLISH_OFFSETS,
                 key=(ns, name),
+                route=(ns, name),
             )
         except DuplicatesInBatch:
             if msg_ids is None:
@@ -459,11 +514,14 @@ class Client:
         *,
         key: object | None = None,
         idempotent: bool = False,
+        route: tuple[str, ...] | None = None,
     ) -> R:
         """Send ``build(request_id)`` and return the reply: a ``reply_type`` with ``opcode``
         (else raise what the broker answered).
 
         ``idempotent``: retry once if the connection is lost under the call.
+        ``route``: the names after the tenant in the request's routing key (stream:
+        namespace, stream; cache entry: namespace, cache, key), for a cluster's map.
         """
         self._check_usable()
         # _call_scope inline (this is every call's path): drain() waits for these.
@@ -471,16 +529,25 @@ class Client:
         self._idle.clear()
         try:
             async with self._inflight:
-                conn = self._pool.ready(key)
+                pool = self._pool if self._router.map is None else self._ready_pool(route)
+                conn = None if pool is None else pool.ready(key)
                 if conn is None:  # none is live: wait for one, within the timeout
-                    reply = await self._with_timeout(self._call_on_pool(build, key, idempotent))
+                    reply, conn = await self._with_timeout(
+                        self._call_on_pool(build, key, idempotent, route)
+                    )
                 else:
                     try:
                         reply = await conn.call(build, key=key, timeout=self.request_timeout)
                     except ConnectionLost:
                         if not idempotent or self._closed:
                             raise
-                        reply = await self._with_timeout(self._call_on_pool(build, key, False))
+                        reply, conn = await self._with_timeout(
+                            self._call_on_pool(build, key, False, route)
+                        )
+                if isinstance(reply, wire.Redirect):  # a cluster's node: not its shard
+                    reply = await self._with_timeout(
+                        self._follow(build, key, idempotent, reply, conn)
+                    )
         finally:
             self._active -= 1
             if self._active == 0:
@@ -488,16 +555,260 @@ class Client:
         return expect_reply(reply, reply_type, opcode)
 
     async def _call_on_pool(
-        self, build: Callable[[int], bytes], key: object | None, idempotent: bool
-    ) -> wire.ExtMessage:
+        self,
+        build: Callable[[int], bytes],
+        key: object | None,
+        idempotent: bool,
+        route: tuple[str, ...] | None,
+    ) -> tuple[wire.ExtMessage, Connection]:
         while True:
-            conn = await self._pool.connection(key)
+            pool = await self._pool_for(route)
+            conn = await pool.connection(key)
             try:
-                return await conn.call(build, key=key)
+                return await conn.call(build, key=key), conn
             except ConnectionLost:
                 if not idempotent or self._closed:
                     raise
                 idempotent = False  # once
+
+    async def _follow(
+        self,
+        build: Callable[[int], bytes],
+        key: object | None,
+        idempotent: bool,
+        redirect: wire.Redirect,
+        conn: Connection,
+    ) -> wire.ExtMessage:
+        """Send the call again to the owner ``redirect`` names, and on while the answer is
+        another REDIRECT (at most MAX_REDIRECTS in all). Nothing happened where a
+        REDIRECT came from, so this is safe for any call."""
+        followed = 0
+        while True:
+            pool = await self._redirected(redirect, followed, conn)
+            followed += 1
+            conn = await pool.connection(key)
+            try:
+                reply = await conn.call(build, key=key)
+            except ConnectionLost:
+                if not idempotent or self._closed:
+                    raise
+                idempotent = False
+                conn = await pool.connection(key)
+                reply = await conn.call(build, key=key)
+            if not isinstance(reply, wire.Redirect):
+                return reply
+            redirect = reply
+
+    # -- routing across a cluster's nodes (felix/client/_cluster.py) ------------------------
+
+    def _ready_pool(self, route: tuple[str, ...] | None) -> Pool | None:
+        """The pool a request for ``route`` goes to, when that needs no waiting (None: ask
+        :meth:`_pool_for`). Only called once a map exists."""
+        if route is None:
+            return self._pool
+        address = self._router.route("/".join((self.tenant, *route)))
+        if address is None:
+            return self._fallback()
+        pool = self._known_pool(address)
+        if pool is None or pool.connected == 0:
+            return None
+        return pool
+
+    async def _pool_for(self, route: tuple[str, ...] | None) -> Pool:
+        """The pool a request for ``route`` goes to: its owner's by the map; the endpoint's
+        without a map; another live one when the owner is not known or cannot be reached
+        (that node redirects or refuses, and the call says so)."""
+        if route is None or self._router.map is None:
+            return self._pool
+        address = self._router.route("/".join((self.tenant, *route)))
+        if address is None:
+            return self._fallback()
+        try:
+            pool = await self._node_pool(address)
+        except FelixError as exc:
+            log.info("felix client: node %s: %s; asking another", address, exc)
+            return self._fallback()
+        return pool if pool.connected else self._fallback()
+
+    def _fallback(self) -> Pool:
+        """A pool to ask when the owner is unknown or down: the endpoint's, unless it is down
+        and another node's is live."""
+        if self._pool.connected:
+            return self._pool
+        for pool in self._nodes.values():
+            if pool.connected:
+                return pool
+        return self._pool
+
+    def _known_pool(self, address: str) -> Pool | None:
+        pool = self._nodes.get(address)
+        if pool is None and address in self._home:
+            return self._pool
+        return pool
+
+    async def _redirected(self, redirect: wire.Redirect, followed: int, conn: Connection) -> Pool:
+        """The pool to send a call to that got ``redirect`` after following ``followed``;
+        raises Unavailable after MAX_REDIRECTS or when the owner cannot be reached."""
+        address = self._router.redirected(redirect, followed)
+        self._fetch_map_soon(conn)
+        pool = await self._node_pool(address)
+        if not pool.connected:
+            raise Unavailable(
+                f"shard {redirect.shard} is on {address}, which cannot be reached right now; retry"
+            )
+        return pool
+
+    async def _node_pool(self, address: str) -> Pool:
+        """The started pool of the node at ``address`` (host:port), connecting it first.
+
+        Raises what connecting raises, Unavailable while a node that could not be
+        connected to is not tried again, Overloaded beyond MAX_NODES nodes.
+        """
+        pool = self._known_pool(address)
+        if pool is not None:
+            return pool
+        start = self._node_starts.get(address)
+        if start is None:
+            endpoint = parse_address(address)
+            if endpoint == self.endpoint:
+                self._home.add(address)
+                return self._pool
+            self._check_usable()
+            loop = asyncio.get_running_loop()
+            if self._node_down.get(address, 0.0) > loop.time():
+                raise Unavailable(f"node {address} could not be reached; retry")
+            if len(self._nodes) + len(self._node_starts) >= MAX_NODES:
+                raise Overloaded(
+                    f"this client already connects to {MAX_NODES} nodes of the cluster; "
+                    f"not connecting to {address}"
+                )
+            start = loop.create_task(self._start_node(address, endpoint))
+            self._node_starts[address] = start
+        try:
+            return await asyncio.shield(start)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if start.cancelled() and (task is None or not task.cancelling()):
+                raise ClientClosed("the client is closed") from None  # close() stopped it
+            raise
+
+    async def _start_node(self, address: str, endpoint: Endpoint) -> Pool:
+        options = self.options
+        self._node_count += 1
+        settings = dataclasses.replace(
+            self._pool.settings,
+            endpoint=endpoint,
+            # The node's certificate is verified against its advertised host.
+            configuration=client_configuration(
+                self._engine, options.ca, endpoint.host, client_cert=options.client_cert
+            ),
+            index_base=self._node_count * options.pool_size,
+        )
+        pool = Pool(settings, self._hub.emit)
+        try:
+            await pool.start()
+        except BaseException:
+            self._node_down[address] = asyncio.get_running_loop().time() + NODE_RETRY
+            await pool.close(0.0)
+            raise
+        finally:
+            self._node_starts.pop(address, None)
+        if self._closed:
+            await pool.close(0.0)
+            raise ClientClosed("the client is closed")
+        self._node_down.pop(address, None)
+        self._nodes[address] = pool
+        return pool
+
+    def _fetch_map_soon(self, conn: Connection) -> None:
+        """Ask ``conn``'s node for the shard map in the background, if the router wants it."""
+        loop = asyncio.get_running_loop()
+        if self._closed or not self._router.should_fetch(loop.time()):
+            return
+        task = loop.create_task(self._fetch_map(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fetch_map(self, conn: Connection) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                reply = await conn.call(wire.encode_shard_map_request)
+            shard_map = expect_reply(reply, wire.ShardMap, wire.OP_SHARD_MAP_REPLY)
+        except (FelixError, TimeoutError) as exc:
+            log.info("felix client: fetching the shard map from %s failed: %s", conn.endpoint, exc)
+            self._router.fetch_failed(loop.time())
+            return
+        except BaseException:
+            self._router.fetch_failed(loop.time())
+            raise
+        if self._router.fetched(shard_map, loop.time()):
+            self._prune_nodes()
+
+    def _prune_nodes(self) -> None:
+        """Close the pools of nodes the map no longer names (and nothing lives on)."""
+        shard_map = self._router.map
+        if shard_map is None:
+            return
+        current = set(shard_map.owners)
+        for address, pool in list(self._nodes.items()):
+            if address not in current and not pool.members:
+                del self._nodes[address]
+                task = asyncio.get_running_loop().create_task(pool.close(CLOSE_WAIT))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    def _on_stray_redirect(self, redirect: wire.Redirect, conn: Connection) -> None:
+        """A REDIRECT nobody waited for (a publish with ack=False): learn from it."""
+        self._router.learn(redirect)
+        self._fetch_map_soon(conn)
+
+    def _learn(self, redirect: wire.Redirect) -> None:
+        self._router.learn(redirect)
+
+    def _reroutes(self, error: FelixError | None) -> bool:
+        """Whether a subscription or consumer the broker ended with ``error`` should be
+        subscribed again through the map (in a cluster: its shard moved)."""
+        return not self._closed and self._router.reroutes(error)
+
+    def _on_member_lost(self, member: PooledMember) -> bool:
+        """A connection under ``member`` was lost: in a cluster it subscribes again through
+        the map (its node may be gone for good); alone, it waits for the reconnect."""
+        if self._closed or not self._router.clustered:
+            return False
+        member._reroute()
+        return True
+
+    async def _join(
+        self,
+        member: PooledMember,
+        route: tuple[str, ...],
+        join: Callable[[Connection], Awaitable[None]],
+    ) -> None:
+        """Run ``join`` (SUBSCRIBE or CONSUME) on the connection ``route`` picks, attached
+        there; retry once if the connection is lost, follow REDIRECTs."""
+        pool = await self._pool_for(route)
+        followed = 0
+        retried = False
+        while True:
+            conn = await pool.connection()
+            pool.attach(member, conn)
+            try:
+                await join(conn)
+                return
+            except Redirected as exc:
+                self._detach(member)
+                pool = await self._redirected(exc.redirect, followed, conn)
+                followed += 1
+            except BaseException as exc:
+                self._detach(member)
+                if not isinstance(exc, ConnectionLost) or retried or self._closed:
+                    raise
+                retried = True  # SUBSCRIBE and CONSUME change nothing until they succeed
+
+    def _detach(self, member: PooledMember) -> None:
+        for pool in self._pools():
+            pool.detach(member)
 
     def _publish_now(
         self, namespace: str, stream: str, payload: bytes, headers: dict[str, str] | None
@@ -507,7 +818,8 @@ class Client:
         coroutine, context manager or timer of its own."""
         self._check_usable()
         key = (namespace, stream)
-        conn = self._pool.ready(key)
+        pool = self._pool if self._router.map is None else self._ready_pool(key)
+        conn = None if pool is None else pool.ready(key)
         if conn is None or not conn.writable_now(key):
             return False
         conn.publish_nowait(namespace, stream, payload, headers)
@@ -519,7 +831,8 @@ class Client:
         key = (namespace, stream)
 
         async def queue() -> None:
-            conn = await self._pool.connection(key)
+            pool = await self._pool_for(key)
+            conn = await pool.connection(key)
             await conn.wait_writable(key)
             conn.publish_nowait(namespace, stream, payload, headers)
 
@@ -528,45 +841,31 @@ class Client:
 
     async def _start_subscription(self, sub: PooledSubscription) -> None:
         self._check_usable()
-
-        async def subscribe() -> None:
-            for attempt in (1, 2):  # SUBSCRIBE changes nothing until it succeeds: retry once
-                conn = await self._pool.connection()
-                self._pool.attach(sub, conn)
-                try:
-                    await sub._subscribe_on(conn)
-                    return
-                except BaseException as exc:
-                    self._pool.detach(sub)
-                    if not isinstance(exc, ConnectionLost) or attempt == 2 or self._closed:
-                        raise
-
+        join = self._join(sub, sub._route, sub._subscribe_on)
         async with self._call_scope(), self._inflight:
-            await self._with_timeout(subscribe())
+            await self._with_timeout(join)
+
+    async def _resubscribe(self, sub: PooledSubscription, start: WireStart) -> None:
+        """SUBSCRIBE ``sub`` again from ``start``, routed by the map (its shard moved)."""
+        self._check_usable()
+        await self._join(sub, sub._route, lambda conn: sub._subscribe_on(conn, start))
 
     def _forget_subscription(self, sub: PooledSubscription) -> None:
-        self._pool.detach(sub)
+        self._detach(sub)
 
     async def _start_consumer(self, consumer: Consumer) -> None:
         self._check_usable()
-
-        async def join() -> None:
-            for attempt in (1, 2):  # CONSUME changes nothing until it succeeds: retry once
-                conn = await self._pool.connection()
-                self._pool.attach(consumer, conn)
-                try:
-                    await consumer._consume_on(conn)
-                    return
-                except BaseException as exc:
-                    self._pool.detach(consumer)
-                    if not isinstance(exc, ConnectionLost) or attempt == 2 or self._closed:
-                        raise
-
+        join = self._join(consumer, consumer._route, consumer._consume_on)
         async with self._call_scope(), self._inflight:
-            await self._with_timeout(join())
+            await self._with_timeout(join)
+
+    async def _rejoin(self, consumer: Consumer) -> None:
+        """CONSUME ``consumer`` again, routed by the map (its shard moved)."""
+        self._check_usable()
+        await self._join(consumer, consumer._route, consumer._consume_on)
 
     def _forget_consumer(self, consumer: Consumer) -> None:
-        self._pool.detach(consumer)
+        self._detach(consumer)
 
     async def _with_timeout(self, awaitable: Awaitable[Any]) -> Any:
         try:

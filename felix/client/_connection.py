@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from felix import wire
+from felix.client._cluster import Redirected
 from felix.client._convert import Endpoint, ShmEndpoint
 from felix.client._session import (
     Authenticated,
@@ -113,8 +114,8 @@ def expect_reply(reply: wire.ExtMessage, reply_type: type[R], opcode: int) -> R:
     CACHE_SET and CACHE_DELETE, so the opcode is checked too.)
 
     ERROR becomes its ``felix.errors`` class, CURSOR_ERROR a CursorError,
-    REDIRECT an Unavailable (multi-node redirects are not followed yet), and
-    any other opcode a RemoteProtocolError.
+    REDIRECT a Redirected (an Unavailable carrying the REDIRECT, which the client
+    follows where it can), and any other opcode a RemoteProtocolError.
     """
     got = reply.opcode
     if got == opcode:
@@ -128,10 +129,7 @@ def expect_reply(reply: wire.ExtMessage, reply_type: type[R], opcode: int) -> R:
     if isinstance(reply, wire.CursorErrorReply):
         raise CursorError(reply.reason, reply.requested, reply.available)
     if isinstance(reply, wire.Redirect):
-        raise Unavailable(
-            f"redirected to {reply.owner} (shard {reply.shard}, epoch {reply.epoch}); "
-            "this client does not follow redirects yet"
-        )
+        raise Redirected(reply)
     raise RemoteProtocolError(f"reply opcode 0x{got:02x} where 0x{opcode:02x} was expected")
 
 
@@ -207,6 +205,9 @@ class Connection:
         self.endpoint = endpoint
         self.tenant = tenant
         self.on_lost: Callable[[FelixError], None] | None = None
+        #: Called with a REDIRECT nobody waits for (the answer to a publish with
+        #: ack=False: its records were not stored) and this connection.
+        self.on_redirect: Callable[[wire.Redirect, Connection], None] | None = None
         #: Set once the connection has ended: what outstanding and later calls fail with.
         self.lost: FelixError | None = None
         self.requests: RequestTable[asyncio.Future[wire.ExtMessage]] = RequestTable()
@@ -540,6 +541,14 @@ class Connection:
             # (OK, or ERROR e.g. when overloaded). Nobody waits: log failures only.
             if isinstance(message, wire.ErrorReply):
                 log.warning("felix client: a publish with ack=False failed: %s", message.message)
+            elif isinstance(message, wire.Redirect):
+                log.warning(
+                    "felix client: a publish with ack=False was not stored: shard %d is on %s",
+                    message.shard,
+                    message.owner,
+                )
+                if self.on_redirect is not None:
+                    self.on_redirect(message, self)
             return
         try:
             waiter = self.requests.pop(message.request_id)

@@ -13,6 +13,12 @@ holds is void (settling it raises :class:`~felix.errors.LeaseLost`; the broker
 redelivers it), buffered records are dropped, and after the reconnect the consumer
 joins its group again by itself. Closing the consumer releases what it buffered
 (no failure counted) and stops it gracefully.
+
+In a cluster the consumer joins on the node owning its stream's logical shard
+(CONSUME is routed by the stream key; settles go on the consumer's own control
+stream, so they follow). When its shard moves (CONSUMER_END Unavailable, a lost
+connection, a REDIRECT when joining again) it joins again through the client's shard
+map (:meth:`Consumer._reroute`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from felix import wire
 from felix.client._backoff import Backoff
+from felix.client._cluster import Redirected
 from felix.client._connection import Connection, expect_reply
 from felix.client._e2e import E2EKeys, E2EState, Opened, e2e_state, open_record
 from felix.errors import (
@@ -391,6 +398,11 @@ class Consumer:
         self._queue.clear()
         if self._state is not _State.ACTIVE:
             return
+        if self._client._reroutes(error):
+            # A cluster's shard moved: join where it is now.
+            self._client._forget_consumer(self)
+            self._reroute()
+            return
         if error is not None and error.retryable and conn is not None and conn.alive:
             # Its shard restarted: join again (in the background, backing off).
             self._resume_task = asyncio.create_task(self._resume_on(conn))
@@ -551,6 +563,11 @@ class Consumer:
 
     # -- connection changes (called by the client and its pool) --------------------------
 
+    @property
+    def _route(self) -> tuple[str, str]:
+        """The names after the tenant in its routing key (the stream's): namespace, stream."""
+        return (self._namespace, self._name)
+
     async def _consume_on(self, conn: Connection) -> None:
         """Join the group on ``conn``; raise what the broker answers."""
         consumer_id = conn.new_consumer_id()
@@ -611,6 +628,12 @@ class Consumer:
                 async with asyncio.timeout(self._client.request_timeout):
                     await self._consume_on(conn)
                 return
+            except Redirected as exc:
+                # A cluster's node that no longer owns the stream: go where the map says.
+                self._client._learn(exc.redirect)
+                self._client._forget_consumer(self)
+                await self._reroute_loop()
+                return
             except ConnectionLost:
                 return  # the next reconnect resumes again
             except TimeoutError:
@@ -622,6 +645,29 @@ class Consumer:
                     return
                 log.info("felix client: re-joining group %r: %s; retrying", self.group, exc)
             await asyncio.sleep(backoff.next_delay())
+
+    def _reroute(self) -> None:
+        """Join again through the client's shard map, in the background."""
+        if self._state is _State.ACTIVE:
+            if self._resume_task is not None:
+                self._resume_task.cancel()
+            self._resume_task = asyncio.create_task(self._reroute_loop())
+
+    async def _reroute_loop(self) -> None:
+        backoff = Backoff(base=0.05, cap=2.0)
+        while self._state is _State.ACTIVE:
+            await asyncio.sleep(backoff.next_delay())
+            try:
+                async with asyncio.timeout(self._client.request_timeout):
+                    await self._client._rejoin(self)
+                return
+            except TimeoutError:
+                log.info("felix client: re-joining group %r timed out; retrying", self.group)
+            except FelixError as exc:
+                if not exc.retryable:
+                    self._on_end(exc)
+                    return
+                log.info("felix client: re-joining group %r: %s; retrying", self.group, exc)
 
     def _on_client_closed(self) -> None:
         if self._state is not _State.CLOSED:

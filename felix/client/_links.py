@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from felix import wire
 from felix.client._connection import Connection, R, SubscriptionSink
+from felix.client._convert import WireStart
 from felix.client._events import ClientEvent
 from felix.errors import FelixError
 
@@ -36,11 +38,18 @@ class PooledMember(Protocol):
     def _on_client_closed(self) -> None:
         """The client closed: end iteration without unsubscribing."""
 
+    def _reroute(self) -> None:
+        """Subscribe again through the client's shard map (a cluster), in the background."""
+
 
 class PooledSubscription(SubscriptionSink, PooledMember, Protocol):
     """What the client does to a subscription besides: (re)subscribe."""
 
-    async def _subscribe_on(self, conn: Connection, start: str | int | None = None) -> None:
+    @property
+    def _route(self) -> tuple[str, str]:
+        """The names after the tenant in its routing key: namespace, stream."""
+
+    async def _subscribe_on(self, conn: Connection, start: WireStart | None = None) -> None:
         """SUBSCRIBE on ``conn`` from ``start`` (None: where the subscription was asked to)."""
 
 
@@ -64,6 +73,7 @@ class ClientLink(Protocol):
         *,
         key: object | None = None,
         idempotent: bool = False,
+        route: tuple[str, ...] | None = None,
     ) -> R:
         """Send ``build(request_id)``; the reply (a ``reply_type`` with ``opcode``), else
         raise what the broker answered."""
@@ -73,6 +83,16 @@ class ClientLink(Protocol):
 
     def _forget_subscription(self, sub: PooledSubscription) -> None:
         """``sub`` ended: stop resuming it."""
+
+    async def _resubscribe(self, sub: PooledSubscription, start: WireStart) -> None:
+        """SUBSCRIBE ``sub`` again from ``start`` on the connection the shard map picks."""
+
+    def _reroutes(self, error: FelixError | None) -> bool:
+        """Whether a subscription the broker ended with ``error`` should subscribe again
+        through the shard map (its shard moved) instead of ending."""
+
+    def _learn(self, redirect: wire.Redirect) -> None:
+        """Update the shard map from a REDIRECT."""
 
     def _emit(self, event: ClientEvent) -> None:
         """Deliver a connection event to the client's listeners and feeds."""

@@ -116,6 +116,15 @@ class PoolSettings:
     backoff_base: float
     backoff_cap: float
     random: Callable[[], float]
+    #: The ``connection`` number of this pool's first slot in Disconnected/Reconnected
+    #: events (a client's pools for other nodes of a cluster number theirs after it).
+    index_base: int = 0
+    #: Given each REDIRECT no call waits for (``Connection.on_redirect``).
+    on_redirect: Callable[[wire.Redirect, Connection], None] | None = None
+    #: Asked for each subscription or consumer whose connection was lost: True when
+    #: the client took it over (it subscribes again through another connection, so
+    #: the pool forgets it); False: the pool resumes it after its reconnect.
+    on_member_lost: Callable[[PooledMember], bool] | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -135,7 +144,7 @@ class Pool:
     def __init__(self, settings: PoolSettings, emit: Callable[[ClientEvent], None]) -> None:
         self.settings = settings
         self._emit = emit
-        self._slots = [_Slot(i) for i in range(settings.size)]
+        self._slots = [_Slot(settings.index_base + i) for i in range(settings.size)]
         self._round_robin = 0
         self._changed = asyncio.Event()  # replaced on every change: a broadcast
         self._keepalive_task: asyncio.Task[None] | None = None
@@ -149,6 +158,11 @@ class Pool:
 
     def live(self) -> list[Connection]:
         return [slot.conn for slot in self._slots if slot.conn is not None]
+
+    @property
+    def members(self) -> int:
+        """Subscriptions and consumers attached to this pool's connections."""
+        return sum(len(slot.subscriptions) for slot in self._slots)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -182,6 +196,7 @@ class Pool:
             timeout=s.connect_timeout,
         )
         conn.on_lost = lambda error: self._on_lost(slot, conn, error)
+        conn.on_redirect = s.on_redirect
         if conn.lost is not None or self.closed:
             conn.close()
             raise ConnectionLost(str(conn.lost or "the client is closed"))
@@ -293,6 +308,9 @@ class Pool:
         else:
             for sub in slot.subscriptions:
                 sub._on_disconnected()
+            taken = self.settings.on_member_lost
+            if taken is not None:
+                slot.subscriptions = {sub for sub in slot.subscriptions if not taken(sub)}
         slot.reconnecting = asyncio.get_running_loop().create_task(self._reconnect(slot))
 
     def _give_up(self, slot: _Slot, error: FelixError) -> None:

@@ -9,6 +9,11 @@ the reconnect the client calls :meth:`Subscription._resume`, which subscribes
 again from the next offset not yet received (``start=offset``), so records
 queued locally are kept and nothing is delivered twice; records that left the
 broker meanwhile are counted in ``dropped`` and reported as a SlowConsumer event.
+
+In a cluster (felix/client/_cluster.py) a subscription whose shard moved (the
+broker ends it with Unavailable, or its connection is lost, or a re-SUBSCRIBE is
+redirected) subscribes again the same way, from the next offset, on the connection
+the client's shard map picks (:meth:`Subscription._reroute`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from types import TracebackType
 
 from felix import wire
 from felix.client._backoff import Backoff
+from felix.client._cluster import Redirected
 from felix.client._connection import Connection, expect_reply
 from felix.client._convert import WireStart
 from felix.client._e2e import E2EKeys
@@ -223,6 +229,11 @@ class Subscription:
     def _on_end(self, error: FelixError | None) -> None:
         """The broker ended the subscription (error None: cleanly) or its event stream broke."""
         self._conn = self._sub_id = None
+        if self._state is _State.ACTIVE and self._client._reroutes(error):
+            # A cluster's shard moved (or its node is leaving): subscribe where it is now.
+            self._client._forget_subscription(self)
+            self._reroute()
+            return
         if self._state in (_State.STARTING, _State.ACTIVE):
             self._state = _State.ENDED
             self._error = error
@@ -230,6 +241,11 @@ class Subscription:
             self._wakeup.set()
 
     # -- connection changes (called by the client) ---------------------------------------
+
+    @property
+    def _route(self) -> tuple[str, str]:
+        """The names after the tenant in this subscription's routing key."""
+        return (self._namespace, self._name)
 
     async def _subscribe_on(self, conn: Connection, start: WireStart | None = None) -> None:
         """Register on ``conn`` and SUBSCRIBE from ``start`` (None: the start asked for);
@@ -290,6 +306,12 @@ class Subscription:
                 async with asyncio.timeout(self._client.request_timeout):
                     await self._subscribe_on(conn, start)
                 return
+            except Redirected as exc:
+                # A cluster's node that no longer owns the stream: go where the map says.
+                self._client._learn(exc.redirect)
+                self._client._forget_subscription(self)
+                await self._reroute_loop()
+                return
             except CursorError as exc:
                 if exc.reason == "too_old" and isinstance(start, int) and exc.available > start:
                     start = exc.available  # the gap is counted when SUBSCRIBED arrives
@@ -307,6 +329,38 @@ class Subscription:
                     return
                 log.info("felix client: re-subscribing to %r: %s; retrying", self.stream, exc)
             await asyncio.sleep(backoff.next_delay())
+
+    def _reroute(self) -> None:
+        """Subscribe again through the client's shard map, in the background."""
+        if self._state is _State.ACTIVE:
+            if self._resume_task is not None:
+                self._resume_task.cancel()
+            self._resume_task = asyncio.create_task(self._reroute_loop())
+
+    async def _reroute_loop(self) -> None:
+        # As _resume_on, but each attempt picks its connection by the map (and follows
+        # REDIRECTs), until it succeeds or the subscription ends.
+        backoff = Backoff(base=0.05, cap=2.0)
+        start: WireStart = self._start if self._flow.next_offset is None else self._flow.next_offset
+        while self._state is _State.ACTIVE:
+            await asyncio.sleep(backoff.next_delay())
+            try:
+                async with asyncio.timeout(self._client.request_timeout):
+                    await self._client._resubscribe(self, start)
+                return
+            except CursorError as exc:
+                if exc.reason == "too_old" and isinstance(start, int) and exc.available > start:
+                    start = exc.available  # the gap is counted when SUBSCRIBED arrives
+                    continue
+                self._on_end(exc)  # the stream went backwards: resuming would lie
+                return
+            except TimeoutError:
+                log.info("felix client: re-subscribing to %r timed out; retrying", self.stream)
+            except FelixError as exc:
+                if not exc.retryable:
+                    self._on_end(exc)
+                    return
+                log.info("felix client: re-subscribing to %r: %s; retrying", self.stream, exc)
 
     def _on_client_closed(self) -> None:
         if self._state is not _State.CLOSED:

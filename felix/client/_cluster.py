@@ -1,0 +1,249 @@
+"""Routing across the nodes of a cluster (sans-IO): the client's shard map and redirects.
+
+How it works (docs/architecture.md, "Epochs, redirects and the client"): a client
+starts knowing one address, the one it was given. A node of a cluster answers a
+request for a logical shard it does not own with REDIRECT (shard, epoch, owner).
+The first REDIRECT puts the client in cluster mode: the call follows it to the
+owner, and the client fetches the whole map (SHARD_MAP) from the node that sent it.
+From then on each request goes straight to the owner of its routing key's logical
+shard (``crc32(key) % L``), over a connection per node. Every REDIRECT updates one
+entry (a newer or equal epoch wins); one call follows at most
+:data:`MAX_REDIRECTS` in a row, then fails with Unavailable naming the shard and
+the last owner. A client that never sees a REDIRECT never has a map: routing costs
+nothing on its calls.
+
+:class:`Router` holds that state and makes every decision, with no I/O and no clock
+of its own (``now`` is passed in), so the client's I/O code only asks it where to
+send and what to do with a reply.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+from felix import wire
+from felix.client._convert import Endpoint
+from felix.errors import FelixError, RemoteProtocolError, Unavailable
+
+__all__ = [
+    "MAP_RETRY",
+    "MAX_NODES",
+    "MAX_REDIRECTS",
+    "Redirected",
+    "Router",
+    "ShardMap",
+    "logical_shard",
+    "parse_address",
+]
+
+#: REDIRECTs one call follows in a row before it fails with Unavailable.
+MAX_REDIRECTS = 4
+#: Nodes a client keeps connections to besides the one it was given (beyond: Overloaded).
+MAX_NODES = 64
+#: Seconds before a failed SHARD_MAP fetch (or one answered "not a cluster") is tried again.
+MAP_RETRY = 5.0
+
+
+def logical_shard(key: str, logical_shards: int) -> int:
+    """The logical shard of routing key ``key``: ``crc32(key) % logical_shards``, as nodes
+    compute it (felix.cluster.ownership.logical_shard)."""
+    return zlib.crc32(key.encode()) % logical_shards
+
+
+def parse_address(address: str) -> Endpoint:
+    """A node's advertised ``host:port`` (``[v6]:port`` for an IPv6 literal) as an Endpoint.
+
+    Raises RemoteProtocolError: the address came from a node."""
+    host, sep, port_text = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 literal must be bracketed
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise RemoteProtocolError(f"a node named {address!r} as an address, not host:port")
+    return Endpoint(host, int(port_text))
+
+
+class Redirected(Unavailable):
+    """The node answered REDIRECT: ``redirect`` names the owner (raised by
+    ``expect_reply``; the client follows it where it can, else it surfaces as the
+    Unavailable it is)."""
+
+    def __init__(self, redirect: wire.Redirect) -> None:
+        super().__init__(
+            f"redirected to {redirect.owner} (shard {redirect.shard}, epoch {redirect.epoch})"
+        )
+        self.redirect = redirect
+
+
+@dataclass(slots=True)
+class ShardMap:
+    """Who owns each logical shard, as far as this client knows."""
+
+    logical_shards: int
+    #: Of the last SHARD_MAP_REPLY applied (versions of different nodes are not
+    #: comparable: epochs decide, the version only breaks a tie).
+    version: int = 0
+    #: Per logical shard: the owner's ``host:port``, None when no node serves it.
+    owners: list[str | None] = field(default_factory=list)
+    #: Per logical shard: its epoch (rises at every change of owner).
+    epochs: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_reply(cls, reply: wire.ShardMap) -> ShardMap:
+        """The map a SHARD_MAP_REPLY states (with ``logical_shards`` > 0)."""
+        addresses = reply.addresses
+        owners = [
+            None if index == wire.SHARD_NO_OWNER else addresses[index] for index in reply.owners
+        ]
+        return cls(reply.logical_shards, reply.version, owners, list(reply.epochs))
+
+    @property
+    def addresses(self) -> set[str]:
+        """Every node address that owns a shard."""
+        return {owner for owner in self.owners if owner is not None}
+
+    def shard(self, key: str) -> int:
+        return logical_shard(key, self.logical_shards)
+
+    def route(self, key: str) -> str | None:
+        """The owner of ``key``'s logical shard, or None when none is known."""
+        return self.owners[zlib.crc32(key.encode()) % self.logical_shards]
+
+    def learn(self, redirect: wire.Redirect) -> bool:
+        """Apply one REDIRECT: its owner wins if its epoch is at least the known one.
+        True if the entry changed (False also for a shard outside this map)."""
+        shard = redirect.shard
+        if shard >= self.logical_shards or redirect.epoch < self.epochs[shard]:
+            return False
+        changed = self.owners[shard] != redirect.owner or self.epochs[shard] != redirect.epoch
+        self.owners[shard] = redirect.owner
+        self.epochs[shard] = redirect.epoch
+        return changed
+
+    def replace(self, reply: wire.ShardMap) -> bool:
+        """Apply a SHARD_MAP_REPLY: per shard, a higher epoch wins, and at an equal epoch
+        the entry of a map at least as new as this one (a shard's owner may stop serving
+        without a new epoch). A map with another number of logical shards replaces this
+        one whole. True if anything changed."""
+        other = ShardMap.from_reply(reply)
+        if other.logical_shards != self.logical_shards:
+            self.logical_shards, self.version = other.logical_shards, other.version
+            self.owners, self.epochs = other.owners, other.epochs
+            return True
+        tie_wins = other.version >= self.version
+        changed = False
+        for shard, (owner, epoch) in enumerate(zip(other.owners, other.epochs, strict=True)):
+            known = self.epochs[shard]
+            if epoch > known or (epoch == known and tie_wins and owner != self.owners[shard]):
+                changed = True
+                self.owners[shard] = owner
+                self.epochs[shard] = epoch
+        self.version = max(self.version, other.version)
+        return changed
+
+
+class Router:
+    """The client's routing state and decisions (see the module doc). No I/O, no clock."""
+
+    def __init__(self) -> None:
+        #: None until a SHARD_MAP_REPLY of a cluster arrived: every request then goes
+        #: to the address the client was given, as with a single node.
+        self.map: ShardMap | None = None
+        #: True once any node answered REDIRECT (or a subscription ended as "moved").
+        self.clustered = False
+        #: REDIRECTs followed (calls sent again to the owner they named).
+        self.redirects = 0
+        #: SHARD_MAP_REPLYs applied.
+        self.maps = 0
+        # REDIRECTs that arrived before the map: applied to it when it comes.
+        self._early: dict[int, wire.Redirect] = {}
+        self._fetching = False
+        # The map does not fit a REDIRECT (another number of logical shards): fetch again.
+        self._stale = False
+        self._retry_at = 0.0
+
+    # -- where a request goes --------------------------------------------------------------
+
+    def route(self, key: str) -> str | None:
+        """The address to send a request for routing key ``key`` to; None: the address
+        the client was given (no map, or no owner known)."""
+        shard_map = self.map
+        return None if shard_map is None else shard_map.route(key)
+
+    def redirected(self, redirect: wire.Redirect, followed: int) -> str:
+        """A call that already followed ``followed`` REDIRECTs got ``redirect``: learn it,
+        and return the address to send the call to next.
+
+        Raises Unavailable once the call has followed MAX_REDIRECTS.
+        """
+        self.clustered = True
+        self.learn(redirect)
+        if followed >= MAX_REDIRECTS:
+            raise Unavailable(
+                f"shard {redirect.shard} was redirected {followed + 1} times in a row, "
+                f"last to {redirect.owner} (epoch {redirect.epoch}); retry later"
+            )
+        self.redirects += 1
+        return redirect.owner
+
+    def learn(self, redirect: wire.Redirect) -> None:
+        """Update the map from a REDIRECT (also one that is not followed: a publish with
+        ack=False)."""
+        self.clustered = True
+        if self.map is None:
+            early = self._early.get(redirect.shard)
+            if early is None or early.epoch <= redirect.epoch:
+                self._early[redirect.shard] = redirect
+            return
+        if redirect.shard >= self.map.logical_shards:
+            self._stale = True
+        self.map.learn(redirect)
+
+    def reroutes(self, error: FelixError | None) -> bool:
+        """Whether a subscription or consumer that the broker ended with ``error`` should
+        subscribe again through the map rather than end: an Unavailable in cluster mode,
+        or one saying its shard moved."""
+        if not isinstance(error, Unavailable):
+            return False
+        if not self.clustered and "moved" not in str(error):
+            return False
+        self.clustered = True
+        return True
+
+    # -- fetching the map ------------------------------------------------------------------
+
+    def should_fetch(self, now: float) -> bool:
+        """True when the client should send SHARD_MAP now (then call :meth:`fetched` or
+        :meth:`fetch_failed`): in cluster mode, with no map yet or one that does not fit
+        a REDIRECT, and no fetch in flight or failed recently."""
+        if not self.clustered or self._fetching or now < self._retry_at:
+            return False
+        if self.map is not None and not self._stale:
+            return False
+        self._fetching = True
+        return True
+
+    def fetched(self, reply: wire.ShardMap, now: float) -> bool:
+        """Apply a SHARD_MAP_REPLY; True if the map changed. A reply of a node that is not
+        in a cluster (L = 0) changes nothing: redirects are still followed per call."""
+        self._fetching = False
+        if reply.logical_shards == 0:
+            self._retry_at = now + MAP_RETRY
+            return False
+        self._stale = False
+        self.maps += 1
+        if self.map is None:
+            self.map = ShardMap.from_reply(reply)
+            changed = True
+        else:
+            changed = self.map.replace(reply)
+        early, self._early = self._early, {}
+        for redirect in early.values():
+            changed = self.map.learn(redirect) or changed
+        return changed
+
+    def fetch_failed(self, now: float) -> None:
+        self._fetching = False
+        self._retry_at = now + MAP_RETRY

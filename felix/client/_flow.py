@@ -169,6 +169,12 @@ class SubscriptionFlow:
             return dropped
         return self._skip_to(end)
 
+    def restart(self) -> None:
+        """The stream begins again at other offsets (a cluster moved its in-memory shard:
+        it starts empty on the new owner): the next SUBSCRIBED or EVENTS sets
+        ``next_offset`` afresh. Queued records stay queued."""
+        self.next_offset = None
+
     def take(self) -> Message | None:
         """The next queued message (None if the queue is empty); counts it as consumed."""
         if not self.queue:

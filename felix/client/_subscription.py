@@ -13,7 +13,9 @@ broker meanwhile are counted in ``dropped`` and reported as a SlowConsumer event
 In a cluster (felix/client/_cluster.py) a subscription whose shard moved (the
 broker ends it with Unavailable, or its connection is lost, or a re-SUBSCRIBE is
 redirected) subscribes again the same way, from the next offset, on the connection
-the client's shard map picks (:meth:`Subscription._reroute`).
+the client's shard map picks (:meth:`Subscription._reroute`). An in-memory stream
+starts empty on its new owner: there the subscription goes on from ``latest``, and
+offsets begin again (the records it missed are not counted: they are unknown).
 """
 
 from __future__ import annotations
@@ -352,7 +354,19 @@ class Subscription:
                 if exc.reason == "too_old" and isinstance(start, int) and exc.available > start:
                     start = exc.available  # the gap is counted when SUBSCRIBED arrives
                     continue
-                self._on_end(exc)  # the stream went backwards: resuming would lie
+                if exc.reason == "in_future" and isinstance(start, int):
+                    # An in-memory stream whose shard moved starts empty on its new owner
+                    # (docs/architecture.md, "Failover and durable data"): go on from its
+                    # latest record; its offsets begin again there.
+                    log.info(
+                        "felix client: %r starts again at offset %d on its new node",
+                        self.stream,
+                        exc.available,
+                    )
+                    self._flow.restart()
+                    start = "latest"
+                    continue
+                self._on_end(exc)
                 return
             except TimeoutError:
                 log.info("felix client: re-subscribing to %r timed out; retrying", self.stream)

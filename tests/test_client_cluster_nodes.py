@@ -23,9 +23,10 @@ from typing import Any
 import pytest
 
 import felix
+import felix.client._client
 from felix import wire
 from felix.client import Client
-from felix.errors import Unavailable
+from felix.errors import Overloaded, Unavailable
 from felix.gateway.session import GatewaySession
 from felix.gateway.targets import ext_target
 from felix.node.local import LocalNode
@@ -300,5 +301,18 @@ def test_an_unreachable_owner_fails_fast_and_the_stray_redirect_teaches(
                 # Other shards are not held up.
                 assert await client.publish(stream_on(0), b"y") is not None
                 assert await client.publish(stream_on(1), b"y") is not None
+
+    run(main)
+
+
+def test_the_number_of_nodes_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        async with two_nodes(tmp_path, monkeypatch) as (a, _b, _own):
+            monkeypatch.setattr(felix.client._client, "MAX_NODES", 0)
+            async with await connect(a) as client:
+                with pytest.raises(Overloaded, match="already connects to 0 nodes"):
+                    await client.publish(stream_on(1), b"x")
+                assert await client.publish(stream_on(0), b"x") is not None  # a's own
+                assert client.connected == 1
 
     run(main)

@@ -57,7 +57,14 @@ PLACER_LOCK = int.from_bytes(b"fxplacer", "big")
 SCHEMA_LOCK = int.from_bytes(b"fxclschm", "big")
 
 #: Errors that mean "the database did not do it" (unreachable, cut, timed out, refused).
-_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+#: InternalClientError: asyncpg's state machine after a session the server ended mid-way.
+_DB_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 #: Schema versions in order: (version, description, statements). Never edit a released
 #: entry; add a new one.
@@ -229,7 +236,9 @@ class ClusterStore:
             store._pool = await asyncio.wait_for(
                 asyncpg.create_pool(
                     dsn,
-                    min_size=1,
+                    # No floor: the pool would re-dial a dead database in the background
+                    # and log each failure; connections are made when a call needs one.
+                    min_size=0,
                     max_size=4,
                     timeout=timeout,
                     server_settings=store._settings,
@@ -559,6 +568,11 @@ class ClusterStore:
             return
         listener.add_termination_listener(lambda _conn: self._changed.set())
         self._listener = listener
+
+    def wake(self) -> None:
+        """Wake :meth:`wait_change` as a notification would (this process changed
+        something it wants re-read at once)."""
+        self._changed.set()
 
     def _on_notification(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
         self._changed.set()

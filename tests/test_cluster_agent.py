@@ -20,9 +20,10 @@ import pytest
 
 from felix.cluster.agent import ClusterAgent, ClusterSettings
 from felix.cluster.lease import LeaseSettings
-from felix.cluster.ownership import OwnershipMap
+from felix.cluster.ownership import OwnershipMap, Refuse, Serve
 from felix.cluster.placement import balance, plan
 from felix.cluster.store import ClusterStore, ClusterView
+from felix.errors import NodeIdInUse
 from tests import pg
 from tests.aio import run
 
@@ -176,7 +177,10 @@ def settled(view: ClusterView, nodes: set[str]) -> bool:
     """Every shard owned by its desired live node, nothing in flight."""
     return (
         view.live == nodes
-        and all(s.owner in nodes and s.handoff_to is None for s in view.shards)
+        and all(
+            (s.owner in nodes or s.durable_node not in (None, *nodes)) and s.handoff_to is None
+            for s in view.shards
+        )
         and plan(view.shards, view.live) == []
     )
 
@@ -356,3 +360,71 @@ def test_a_fourth_agent_takes_a_quarter_by_handoffs_one_at_a_time(dsn: str) -> N
         await inspector.close()
 
     run(main, timeout=50)
+
+
+def test_a_restarted_node_waits_out_its_old_lease_and_keeps_its_durable_shards(
+    dsn: str,
+) -> None:
+    async def main() -> None:
+        nodes = [Node(dsn, "n1"), Node(dsn, "n2")]
+        await asyncio.gather(*(n.start() for n in nodes))
+        inspector = await inspector_for(dsn)
+        view = await settle(inspector, nodes)
+        durable = set(sorted(owned_by(view, "n2"))[:3])
+        nodes[1].durable = durable
+
+        async def pinned() -> bool:
+            v = await inspector.view()
+            # Pinned by the owner, and reported with its lease (shown by status).
+            return all(v.shards[i].durable_node == "n2" for i in durable) and v.durable_shards[
+                "n2"
+            ] == tuple(sorted(durable))
+
+        await until(pinned, 3.0, "n2's durable shards to be pinned")
+
+        # A second process under the same id is refused while the first holds the lease.
+        twin = Node(dsn, "n2")
+        with pytest.raises(NodeIdInUse):
+            await twin.agent.start(timeout=0.3)
+        await twin.agent.stop(leave=False)
+
+        # n2 dies: its other shards move, its durable ones wait for it (refused on n1).
+        await nodes[1].crash()
+        view = await settle(inspector, nodes[:1])
+        assert all(view.shards[i].owner == "n2" for i in durable)
+        shard = min(durable)
+        key = next(
+            k for k in (f"t/ns/s{j}" for j in range(100_000)) if nodes[0].map.shard_of(k) == shard
+        )
+        verdict = nodes[0].map.verdict(key, time.monotonic())
+        assert isinstance(verdict, Refuse) and "down" in verdict.reason
+
+        # Restarted (same id, as a StatefulSet pod): it serves its durable shards again,
+        # at the same epochs (they never moved), and takes its share back.
+        restarted = Node(dsn, "n2")
+        restarted.durable = durable
+        await restarted.start()
+        view = await settle(inspector, [nodes[0], restarted])
+        assert all(view.shards[i].owner == "n2" for i in durable)
+        assert isinstance(restarted.map.verdict(key, time.monotonic()), Serve)
+        await restarted.stop()
+        await nodes[0].stop()
+        await inspector.close()
+
+    run(main, timeout=40)
+
+
+def test_a_restarted_node_waits_at_most_one_lease_for_its_id(dsn: str) -> None:
+    async def main() -> None:
+        first = Node(dsn, "n1")
+        await first.start()
+        await first.crash()  # its lease is still live in the database
+        second = Node(dsn, "n1")
+        started = time.monotonic()
+        await second.start()
+        waited = time.monotonic() - started
+        assert 0.5 < waited < LEASE.ttl + 1.0
+        assert second.agent.serving()
+        await second.stop()
+
+    run(main, timeout=20)

@@ -156,6 +156,8 @@ class ClusterAgent:
         """Renew and follow until :meth:`stop` (never raises for a database outage)."""
         if self.store is None:
             raise RuntimeError("ClusterAgent.run() before start()")
+        if self._stopping:  # stopped before this task got to run
+            return
         self._tasks = [
             asyncio.create_task(self._renew_loop(), name=f"cluster renew {self.settings.node_id}"),
             asyncio.create_task(self._sync_loop(), name=f"cluster sync {self.settings.node_id}"),

@@ -530,7 +530,8 @@ class ClusterStore:
     async def wait_change(self, timeout: float) -> bool:
         """Return True once any node's write is notified (or the listener reconnected,
         when notifications may have been missed), False after ``timeout`` seconds."""
-        if self._pool is None:
+        if self._pool is None:  # closed: still a wait, so a caller's loop never spins
+            await asyncio.sleep(timeout)
             return False
         if self._listener is None or self._listener.is_closed():
             await self._listen()

@@ -290,6 +290,40 @@ class E2EError(FelixError):
         self.reason = reason
 
 
+class ClusterError(FelixError):
+    """The cluster's shared state in PostgreSQL (issue #16, felix/cluster) refused or
+    failed an operation."""
+
+
+class ClusterUnavailable(ClusterError):
+    """The cluster database could not be reached, or did not answer in time. A node
+    keeps serving until its lease's fence passes and retries (docs/architecture.md,
+    "Membership and leases")."""
+
+    retryable = True
+
+
+class ClusterMismatch(ClusterError, ConfigError):
+    """The cluster in this database was created with another number of logical shards
+    or for another region than this node was given; both are fixed for a cluster's life."""
+
+
+class NodeIdInUse(ClusterError):
+    """Another process (another incarnation) holds a live lease on this node id: two
+    processes never serve under one id. Retry once ``seconds_left`` have passed (the
+    old lease then expires, unless it is still being renewed)."""
+
+    retryable = True
+
+    def __init__(self, node_id: str, seconds_left: float) -> None:
+        super().__init__(
+            f"node id {node_id!r} is held by another process whose lease ends in "
+            f"{seconds_left:.1f}s"
+        )
+        self.node_id = node_id
+        self.seconds_left = seconds_left
+
+
 class ClientClosed(ConnectionLost):
     """The call was made on a client that is closed or draining (not retryable)."""
 

@@ -1,0 +1,675 @@
+"""The cluster's tables in PostgreSQL: members, leases, shard owners (asyncpg).
+
+How it works (docs/architecture.md, "Cluster"):
+
+- **One statement per change, checking what it expects.** A renewal names the
+  node's incarnation and requires an unexpired lease; a shard move names the epoch it
+  was planned on (compare-and-swap). So two placers, or a placer racing an owner that
+  completes a handoff, can never both win, and every decision about time is taken on
+  the database's clock (``now()``) inside the statement that acts on it.
+- **Changes NOTIFY** channel :data:`CHANNEL` in the same statement, delivered at commit.
+  :meth:`ClusterStore.wait_change` LISTENs; callers also re-read every poll interval,
+  as a notification is lost while the listening connection reconnects, and a node's
+  death writes nothing at all. Renewals do not notify: they change nobody's decisions.
+- **Every call is bounded** by ``timeout`` (acquiring a connection included), and a
+  connection that timed out or failed is terminated, never reused or closed politely,
+  so a hung database cannot stall the renew loop past the node's fence. Failures
+  surface as :class:`~felix.errors.ClusterUnavailable`.
+- **The placer lock** is a session advisory lock on a connection of its own: it lasts
+  exactly as long as that session, so a placer that dies or is cut off loses it.
+- **Schema versions** are recorded in ``felix_cluster_schema`` (apart from the control
+  store's migrations: the two may share a database) and applied, with the meta row and
+  the shard rows, in one transaction under a transaction-level advisory lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+
+from felix.cluster.ownership import MAX_LOGICAL_SHARDS, ClusterNode, OwnershipMap, ShardState
+from felix.cluster.placement import Move
+from felix.errors import (
+    ClusterMismatch,
+    ClusterUnavailable,
+    ConfigError,
+    FelixError,
+    NodeIdInUse,
+)
+
+__all__ = ["CHANNEL", "MIGRATIONS", "PLACER_LOCK", "ClusterStore", "ClusterView"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Channel every write NOTIFYs and :meth:`ClusterStore.wait_change` LISTENs on.
+CHANNEL = "felix_cluster"
+#: Session advisory lock of the placer ("fxplacer" in ASCII).
+PLACER_LOCK = int.from_bytes(b"fxplacer", "big")
+#: Transaction advisory lock serializing schema set-up ("fxclschm").
+SCHEMA_LOCK = int.from_bytes(b"fxclschm", "big")
+
+#: Errors that mean "the database did not do it" (unreachable, cut, timed out, refused).
+#: InternalClientError: asyncpg's state machine after a session the server ended mid-way.
+_DB_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+#: Schema versions in order: (version, description, statements). Never edit a released
+#: entry; add a new one.
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "cluster meta, nodes and shards",
+        [
+            """CREATE TABLE felix_cluster_meta (
+                id integer PRIMARY KEY CHECK (id = 1),
+                logical_shards integer NOT NULL CHECK (logical_shards > 0),
+                region text NOT NULL,
+                created_at timestamptz NOT NULL DEFAULT now()
+            )""",
+            """CREATE TABLE felix_cluster_nodes (
+                node_id text PRIMARY KEY,
+                incarnation bigint NOT NULL,
+                address text NOT NULL,
+                health_url text NOT NULL,
+                region text NOT NULL,
+                started_at timestamptz NOT NULL,
+                lease_until timestamptz NOT NULL,
+                renewed_at timestamptz NOT NULL,
+                durable_shards integer[] NOT NULL DEFAULT '{}',
+                leaving boolean NOT NULL DEFAULT false
+            )""",
+            """CREATE TABLE felix_cluster_shards (
+                shard integer PRIMARY KEY,
+                owner text,
+                epoch bigint NOT NULL DEFAULT 0,
+                handoff_to text,
+                durable_node text,
+                changed_at timestamptz NOT NULL DEFAULT now()
+            )""",
+            # Incarnations from one sequence: unique across the cluster's life, so a
+            # renewal can never be mistaken for another process's (even after a row is
+            # replaced).
+            "CREATE SEQUENCE felix_cluster_incarnations",
+        ],
+    ),
+]
+
+# A node is live while ``lease_until + grace > now()`` ($grace in seconds).
+_LIVE = "n.lease_until + make_interval(secs => {grace}) > now()"
+_OWNER_DEAD = (
+    "NOT EXISTS (SELECT 1 FROM felix_cluster_nodes n WHERE n.node_id = s.owner AND "
+    + _LIVE.format(grace="$4")
+    + ")"
+)
+_TARGET_LIVE = (
+    "EXISTS (SELECT 1 FROM felix_cluster_nodes n WHERE n.node_id = $3 AND "
+    + _LIVE.format(grace="$4")
+    + ")"
+)
+
+# Shard moves: $1 shard, $2 expected epoch, $3 target, $4 placer grace. Each returns a row
+# (and notifies) only if it changed the shard.
+_MOVES = {
+    # Only from a dead (or no) owner, on the database's clock at this very statement: a
+    # placer that read an older view can never take a shard from a node alive again.
+    "assign": f"""UPDATE felix_cluster_shards s SET owner = $3, epoch = s.epoch + 1,
+            handoff_to = NULL, changed_at = now()
+        WHERE s.shard = $1 AND s.epoch = $2 AND {_OWNER_DEAD} AND {_TARGET_LIVE}""",
+    "handoff": f"""UPDATE felix_cluster_shards s SET handoff_to = $3, changed_at = now()
+        WHERE s.shard = $1 AND s.epoch = $2 AND s.handoff_to IS NULL
+            AND s.owner IS DISTINCT FROM $3 AND {_TARGET_LIVE}""",
+    "clear_handoff": """UPDATE felix_cluster_shards s SET handoff_to = NULL, changed_at = now()
+        WHERE s.shard = $1 AND s.epoch = $2 AND s.handoff_to IS NOT NULL
+            AND ($3::text IS NULL OR s.handoff_to = $3) AND $4::float8 IS NOT NULL""",
+}
+
+
+def _notifying(statement: str, payload: str) -> str:
+    """``statement`` (an UPDATE/INSERT) that also NOTIFYs, once per row it changed."""
+    return (
+        f"WITH changed AS ({statement} RETURNING *) "
+        f"SELECT changed.*, pg_notify('{CHANNEL}', {payload}) FROM changed"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    """The cluster's tables as one transaction saw them."""
+
+    logical_shards: int
+    region: str
+    #: The database's clock at the read (Unix seconds; shown, never compared locally).
+    db_now: float
+    #: Every node row, by node id; ``live`` per the placer's grace.
+    nodes: tuple[ClusterNode, ...]
+    #: Indexed by logical shard.
+    shards: tuple[ShardState, ...]
+    #: node id -> the logical shards it reported durable records for.
+    durable_shards: Mapping[str, tuple[int, ...]]
+    #: Nodes that left on purpose.
+    leaving: frozenset[str]
+
+    @property
+    def live(self) -> frozenset[str]:
+        return frozenset(n.node_id for n in self.nodes if n.live)
+
+    def ownership(self, node_id: str, version: int, serve_until: float) -> OwnershipMap:
+        """The map ``node_id``'s gateways check requests against."""
+        return OwnershipMap(
+            version=version,
+            node_id=node_id,
+            logical_shards=self.logical_shards,
+            serve_until=serve_until,
+            nodes=self.nodes,
+            shards=self.shards,
+        )
+
+
+class ClusterStore:
+    """The cluster tables of the database ``dsn`` names; use :meth:`open`."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        logical_shards: int,
+        region: str,
+        placer_grace: float = 2.0,
+        timeout: float = 2.0,
+        application_name: str = "felix-cluster",
+    ) -> None:
+        if not 1 <= logical_shards <= MAX_LOGICAL_SHARDS:
+            raise ConfigError(
+                f"logical shards must be between 1 and {MAX_LOGICAL_SHARDS}, not {logical_shards}"
+            )
+        self.dsn = dsn
+        self.logical_shards = logical_shards
+        self.region = region
+        self.placer_grace = placer_grace
+        #: Bound of every call, in seconds.
+        self.timeout = timeout
+        self._settings = {"application_name": application_name}
+        self._pool: Any = None
+        self._listener: Any = None
+        self._changed = asyncio.Event()
+        self._lock_conn: Any = None
+        self._placer_held = False
+        #: Times the placer lock was lost after being held (its session ended).
+        self.placer_losses = 0
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        logical_shards: int,
+        region: str,
+        placer_grace: float = 2.0,
+        timeout: float = 2.0,
+        application_name: str = "felix-cluster",
+    ) -> ClusterStore:
+        """Connect, create the tables and rows on first use, and check that the cluster
+        was created with this ``logical_shards`` and ``region`` (else ClusterMismatch).
+        ClusterUnavailable if the database cannot be reached within ``timeout``."""
+        store = cls(
+            dsn,
+            logical_shards=logical_shards,
+            region=region,
+            placer_grace=placer_grace,
+            timeout=timeout,
+            application_name=application_name,
+        )
+        try:
+            store._pool = await asyncio.wait_for(
+                asyncpg.create_pool(
+                    dsn,
+                    # No floor: the pool would re-dial a dead database in the background
+                    # and log each failure; connections are made when a call needs one.
+                    min_size=0,
+                    max_size=4,
+                    timeout=timeout,
+                    server_settings=store._settings,
+                ),
+                timeout,
+            )
+        except _DB_ERRORS as exc:
+            raise ClusterUnavailable(f"cannot connect to the cluster database: {exc!r}") from exc
+        try:
+            await store._call("set up the cluster tables", store._set_up, timeout=timeout * 5)
+        except BaseException:
+            await store.terminate()
+            raise
+        await store._listen()
+        return store
+
+    async def close(self) -> None:
+        """Release the placer lock and close every connection (idempotent)."""
+        pool, listener, lock_conn = self._pool, self._listener, self._lock_conn
+        self._pool = self._listener = self._lock_conn = None
+        self._placer_held = False
+        for conn in (listener, lock_conn):
+            if conn is not None:
+                await _close(conn, self.timeout)
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), self.timeout)
+            except _DB_ERRORS:
+                pool.terminate()
+        self._changed.set()
+
+    async def terminate(self) -> None:
+        """Drop every connection at once, as a crash would (the placer lock goes with it)."""
+        pool, listener, lock_conn = self._pool, self._listener, self._lock_conn
+        self._pool = self._listener = self._lock_conn = None
+        self._placer_held = False
+        for conn in (listener, lock_conn):
+            if conn is not None:
+                conn.terminate()
+        if pool is not None:
+            pool.terminate()
+        self._changed.set()
+
+    # --- membership ---------------------------------------------------------------
+
+    async def register(self, node_id: str, address: str, health_url: str, ttl: float) -> int:
+        """Take ``node_id`` with a fresh incarnation and a lease of ``ttl`` seconds; the
+        incarnation. A row whose lease has run out is replaced (the same pod after a
+        restart, or another process after a node left); NodeIdInUse if another
+        incarnation's lease is still live."""
+
+        async def op(conn: Any) -> int:
+            statement = _notifying(
+                """INSERT INTO felix_cluster_nodes AS n (node_id, incarnation, address,
+                    health_url, region, started_at, lease_until, renewed_at, durable_shards,
+                    leaving)
+                VALUES ($1, nextval('felix_cluster_incarnations'), $2, $3, $4, now(),
+                    now() + make_interval(secs => $5), now(), '{}', false)
+                ON CONFLICT (node_id) DO UPDATE SET incarnation = EXCLUDED.incarnation,
+                    address = EXCLUDED.address, health_url = EXCLUDED.health_url,
+                    region = EXCLUDED.region, started_at = EXCLUDED.started_at,
+                    lease_until = EXCLUDED.lease_until, renewed_at = EXCLUDED.renewed_at,
+                    durable_shards = EXCLUDED.durable_shards, leaving = false
+                WHERE n.lease_until <= now()""",
+                "'register ' || changed.node_id",
+            )
+            row = await conn.fetchrow(statement, node_id, address, health_url, self.region, ttl)
+            if row is not None:
+                return int(row["incarnation"])
+            left = await conn.fetchval(
+                "SELECT extract(epoch FROM lease_until - now())::float8"
+                " FROM felix_cluster_nodes WHERE node_id = $1",
+                node_id,
+            )
+            raise NodeIdInUse(node_id, max(0.0, float(left or 0.0)))
+
+        return await self._call(f"register node {node_id}", op)
+
+    async def renew(
+        self, node_id: str, incarnation: int, ttl: float, durable_shards: list[int]
+    ) -> bool:
+        """Extend this incarnation's lease to ``now() + ttl`` and record the shards it
+        holds durable data for; False if the lease was gone (expired, taken, or left):
+        the node must stop serving and re-register."""
+
+        async def op(conn: Any) -> bool:
+            status = await conn.execute(
+                """UPDATE felix_cluster_nodes SET lease_until = now() + make_interval(secs => $3),
+                    renewed_at = now(), durable_shards = $4
+                WHERE node_id = $1 AND incarnation = $2 AND lease_until > now()
+                    AND NOT leaving""",
+                node_id,
+                incarnation,
+                ttl,
+                sorted(durable_shards),
+            )
+            return bool(status == "UPDATE 1")
+
+        return await self._call(f"renew node {node_id}'s lease", op)
+
+    async def leave(self, node_id: str, incarnation: int) -> bool:
+        """End this incarnation's lease now and past the placer's grace, so its shards
+        move at once; False if it was not this incarnation's any more."""
+
+        async def op(conn: Any) -> bool:
+            row = await conn.fetchrow(
+                _notifying(
+                    """UPDATE felix_cluster_nodes SET leaving = true,
+                        lease_until = now() - make_interval(secs => $3)
+                    WHERE node_id = $1 AND incarnation = $2""",
+                    "'leave ' || changed.node_id",
+                ),
+                node_id,
+                incarnation,
+                # One second beyond the grace: the placer compares with ">".
+                self.placer_grace + 1.0,
+            )
+            return row is not None
+
+        return await self._call(f"leave for node {node_id}", op)
+
+    # --- reading --------------------------------------------------------------------
+
+    async def view(self, placer_grace: float | None = None) -> ClusterView:
+        """Nodes and shards as one snapshot; a node is live while its lease plus
+        ``placer_grace`` (default: the store's) has not passed on the database's clock."""
+        grace = self.placer_grace if placer_grace is None else placer_grace
+
+        async def op(conn: Any) -> ClusterView:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                meta = await conn.fetchrow(
+                    "SELECT logical_shards, region, extract(epoch FROM now())::float8 AS now"
+                    " FROM felix_cluster_meta WHERE id = 1"
+                )
+                nodes = await conn.fetch(
+                    "SELECT node_id, address, health_url, incarnation, durable_shards, leaving,"
+                    " extract(epoch FROM lease_until)::float8 AS lease_until, "
+                    + _LIVE.format(grace="$1")
+                    + " AS live FROM felix_cluster_nodes n ORDER BY node_id",
+                    grace,
+                )
+                shards = await conn.fetch(
+                    "SELECT owner, epoch, handoff_to, durable_node FROM felix_cluster_shards"
+                    " ORDER BY shard"
+                )
+            return ClusterView(
+                logical_shards=meta["logical_shards"],
+                region=meta["region"],
+                db_now=meta["now"],
+                nodes=tuple(
+                    ClusterNode(
+                        node_id=r["node_id"],
+                        address=r["address"],
+                        health_url=r["health_url"],
+                        live=r["live"],
+                        incarnation=r["incarnation"],
+                        lease_until=r["lease_until"],
+                    )
+                    for r in nodes
+                ),
+                shards=tuple(
+                    ShardState(r["owner"], r["epoch"], r["handoff_to"], r["durable_node"])
+                    for r in shards
+                ),
+                durable_shards={r["node_id"]: tuple(r["durable_shards"]) for r in nodes},
+                leaving=frozenset(r["node_id"] for r in nodes if r["leaving"]),
+            )
+
+        return await self._call("read the cluster", op)
+
+    # --- shard moves ----------------------------------------------------------------
+
+    async def apply(self, move: Move) -> bool:
+        """Apply one of the placer's moves if the shard's epoch is still the expected one
+        (and, for an assign, its owner is dead and the target live; for a handoff, the
+        target live and no other handoff pending); whether it did."""
+        statement = _notifying(_MOVES[move.kind], f"'{move.kind} ' || changed.shard")
+
+        async def op(conn: Any) -> bool:
+            row = await conn.fetchrow(
+                statement, move.shard, move.expected_epoch, move.to, self.placer_grace
+            )
+            return row is not None
+
+        return await self._call(f"{move.kind} shard {move.shard}", op)
+
+    async def complete_handoff(
+        self, shard: int, expected_epoch: int, from_node: str, to_node: str
+    ) -> bool:
+        """The owner ``from_node`` hands ``shard`` to ``to_node`` (epoch + 1), if nothing
+        changed since it drained the shard, and the shard is not pinned to other durable
+        data (a durable claim wins over a handoff in flight)."""
+
+        async def op(conn: Any) -> bool:
+            row = await conn.fetchrow(
+                _notifying(
+                    """UPDATE felix_cluster_shards s SET owner = $4, epoch = s.epoch + 1,
+                        handoff_to = NULL, changed_at = now()
+                    WHERE s.shard = $1 AND s.epoch = $2 AND s.owner = $3
+                        AND s.handoff_to = $4
+                        AND (s.durable_node IS NULL OR s.durable_node = $4)""",
+                    "'handoff done ' || changed.shard",
+                ),
+                shard,
+                expected_epoch,
+                from_node,
+                to_node,
+            )
+            return row is not None
+
+        return await self._call(f"complete the handoff of shard {shard}", op)
+
+    async def claim_durable(self, shard: int, node_id: str) -> bool:
+        """Pin ``shard`` to ``node_id``, which owns it and holds durable records for it,
+        unless it is pinned already; whether it did."""
+
+        async def op(conn: Any) -> bool:
+            row = await conn.fetchrow(
+                _notifying(
+                    """UPDATE felix_cluster_shards s SET durable_node = $2, changed_at = now()
+                    WHERE s.shard = $1 AND s.durable_node IS NULL AND s.owner = $2""",
+                    "'durable ' || changed.shard",
+                ),
+                shard,
+                node_id,
+            )
+            return row is not None
+
+        return await self._call(f"pin shard {shard} to its durable data", op)
+
+    # --- the placer lock --------------------------------------------------------------
+
+    async def placer_lock(self) -> bool:
+        """Try to be the placer (or check that this process still is); whether it is.
+
+        The lock is held by a connection of its own. While held, every call checks that
+        the session is still alive (a round trip): a session the server ended took the
+        lock with it, and the next holder may already be placing.
+        """
+        try:
+            async with asyncio.timeout(self.timeout):
+                if self._lock_conn is None or self._lock_conn.is_closed():
+                    self._drop_lock_conn()
+                    self._lock_conn = await asyncpg.connect(
+                        self.dsn, timeout=self.timeout, server_settings=self._settings
+                    )
+                    self._lock_conn.add_termination_listener(self._lock_conn_ended)
+                if self._placer_held:
+                    await self._lock_conn.fetchval("SELECT 1")
+                else:
+                    self._placer_held = bool(
+                        await self._lock_conn.fetchval(
+                            "SELECT pg_try_advisory_lock($1)", PLACER_LOCK
+                        )
+                    )
+        except _DB_ERRORS as exc:
+            if self._placer_held:
+                log.warning("lost the cluster placer lock: %r", exc)
+            self._drop_lock_conn()
+            return False
+        return self._placer_held
+
+    def held(self) -> bool:
+        """Whether this process holds the placer lock, as far as it knows (its session
+        has not visibly ended; :meth:`placer_lock` checks with a round trip)."""
+        return self._placer_held and self._lock_conn is not None and not self._lock_conn.is_closed()
+
+    async def release_placer(self) -> None:
+        """Give the placer lock up (by ending its session)."""
+        conn, self._lock_conn = self._lock_conn, None
+        self._placer_held = False
+        if conn is not None:
+            await _close(conn, self.timeout)
+
+    def _lock_conn_ended(self, conn: Any) -> None:
+        if conn is self._lock_conn:
+            self._drop_lock_conn()
+
+    def _drop_lock_conn(self) -> None:
+        conn, self._lock_conn = self._lock_conn, None
+        if self._placer_held:
+            self.placer_losses += 1
+        self._placer_held = False
+        if conn is not None and not conn.is_closed():
+            conn.terminate()
+
+    # --- changes ----------------------------------------------------------------------
+
+    async def wait_change(self, timeout: float) -> bool:
+        """Return True once any node's write is notified (or the listener reconnected,
+        when notifications may have been missed), False after ``timeout`` seconds."""
+        if self._pool is None:  # closed: still a wait, so a caller's loop never spins
+            await asyncio.sleep(timeout)
+            return False
+        if self._listener is None or self._listener.is_closed():
+            await self._listen()
+            if self._listener is not None:
+                return True  # notifications sent while we were not listening are lost
+        # Not cleared before waiting: a notification that came since the last call (while
+        # the caller was reading) must wake this one.
+        try:
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
+        except TimeoutError:
+            return False
+        self._changed.clear()
+        return True
+
+    async def _listen(self) -> None:
+        """(Re)open the LISTEN connection; on failure callers fall back to polling."""
+        if self._listener is not None:
+            self._listener.terminate()
+            self._listener = None
+        listener = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                listener = await asyncpg.connect(
+                    self.dsn, timeout=self.timeout, server_settings=self._settings
+                )
+                await listener.add_listener(CHANNEL, self._on_notification)
+        except _DB_ERRORS as exc:
+            log.debug("cannot LISTEN for cluster changes (polling instead): %r", exc)
+            if listener is not None:
+                listener.terminate()
+            return
+        if self._pool is None:  # closed while connecting
+            listener.terminate()
+            return
+        listener.add_termination_listener(lambda _conn: self._changed.set())
+        self._listener = listener
+
+    def wake(self) -> None:
+        """Wake :meth:`wait_change` as a notification would (this process changed
+        something it wants re-read at once)."""
+        self._changed.set()
+
+    def _on_notification(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
+        self._changed.set()
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    async def _call(
+        self, what: str, op: Callable[[Any], Awaitable[T]], *, timeout: float | None = None
+    ) -> T:
+        """Run ``op`` on a pooled connection within the timeout; database failures as
+        ClusterUnavailable (felix's own errors, such as NodeIdInUse, pass through)."""
+        try:
+            async with asyncio.timeout(self.timeout if timeout is None else timeout):
+                async with self._connection() as conn:
+                    return await op(conn)
+        except _DB_ERRORS as exc:
+            raise ClusterUnavailable(f"cluster database: cannot {what}: {exc!r}") from exc
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        if self._pool is None:
+            raise ClusterUnavailable("the cluster store is closed")
+        pool = self._pool
+        conn = await pool.acquire()
+        try:
+            yield conn
+        except FelixError:  # an answer (NodeIdInUse...): the connection is fine
+            await pool.release(conn)
+            raise
+        except BaseException:
+            # Its state is unknown (cancelled mid-query, cut, hung): a polite release would
+            # wait on it. Terminated, the pool replaces it.
+            conn.terminate()
+            await pool.release(conn)
+            raise
+        await pool.release(conn)
+
+    async def _set_up(self, conn: Any) -> None:
+        async with conn.transaction():
+            # Released at commit; a second node blocks here, then sees everything done.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS felix_cluster_schema ("
+                " version integer PRIMARY KEY, description text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            applied = {
+                r["version"] for r in await conn.fetch("SELECT version FROM felix_cluster_schema")
+            }
+            unknown = applied - {version for version, _, _ in MIGRATIONS}
+            if unknown:
+                raise ClusterMismatch(
+                    f"the cluster tables have schema versions {sorted(unknown)} that this "
+                    "felix does not know: they were written by a newer felix"
+                )
+            for version, description, statements in MIGRATIONS:
+                if version in applied:
+                    continue
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO felix_cluster_schema (version, description) VALUES ($1, $2)",
+                    version,
+                    description,
+                )
+            await conn.execute(
+                "INSERT INTO felix_cluster_meta (id, logical_shards, region) VALUES (1, $1, $2)"
+                " ON CONFLICT (id) DO NOTHING",
+                self.logical_shards,
+                self.region,
+            )
+            meta = await conn.fetchrow(
+                "SELECT logical_shards, region FROM felix_cluster_meta WHERE id = 1"
+            )
+            if meta["logical_shards"] != self.logical_shards:
+                raise ClusterMismatch(
+                    f"the cluster in this database has {meta['logical_shards']} logical "
+                    f"shards; this node was started with {self.logical_shards} (the number "
+                    "is fixed when the cluster is created: pass --logical-shards "
+                    f"{meta['logical_shards']})"
+                )
+            if meta["region"] != self.region:
+                raise ClusterMismatch(
+                    f"the cluster in this database is region {meta['region']!r}; this node "
+                    f"is region {self.region!r}"
+                )
+            await conn.execute(
+                "INSERT INTO felix_cluster_shards (shard) SELECT generate_series(0, $1 - 1)"
+                " ON CONFLICT (shard) DO NOTHING",
+                self.logical_shards,
+            )
+
+
+async def _close(conn: Any, timeout: float) -> None:
+    """Close politely within ``timeout``, else drop it."""
+    try:
+        await conn.close(timeout=timeout)
+    except _DB_ERRORS:
+        conn.terminate()

@@ -1,0 +1,233 @@
+"""felix.cluster.store on a real PostgreSQL (one fresh database per test, tests/pg.py):
+set-up and mismatches, registration and leases on the database's clock, compare-and-swap
+moves under races, the placer lock and notifications."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+
+from felix.cluster.placement import Move
+from felix.cluster.store import ClusterStore
+from felix.errors import ClusterMismatch, ClusterUnavailable, NodeIdInUse
+from tests import pg
+from tests.aio import run
+
+L = 16
+
+
+@pytest.fixture
+def dsn() -> Iterator[str]:
+    with pg.temporary_database("felix_cluster") as dsn:
+        yield dsn
+
+
+async def opened(dsn: str, name: str = "felix-cluster", **kw: float) -> ClusterStore:
+    return await ClusterStore.open(dsn, logical_shards=L, region="eu1", application_name=name, **kw)
+
+
+async def terminate_backends(dsn: str, application_name: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = $1 AND datname = current_database()",
+                application_name,
+            )
+        )
+    finally:
+        await conn.close()
+
+
+def test_open_creates_once_and_refuses_another_shape(dsn: str) -> None:
+    async def main() -> None:
+        stores = await asyncio.gather(*(opened(dsn) for _ in range(4)))  # racing set-ups
+        view = await stores[0].view()
+        assert view.logical_shards == L and view.region == "eu1" and view.nodes == ()
+        assert len(view.shards) == L and all(s.owner is None and s.epoch == 0 for s in view.shards)
+        with pytest.raises(ClusterMismatch, match="16 logical shards"):
+            await ClusterStore.open(dsn, logical_shards=32, region="eu1")
+        with pytest.raises(ClusterMismatch, match="region 'eu1'"):
+            await ClusterStore.open(dsn, logical_shards=L, region="us1")
+        for store in stores:
+            await store.close()
+
+    run(main)
+
+
+def test_an_unreachable_database_is_cluster_unavailable() -> None:
+    async def main() -> None:
+        with pytest.raises(ClusterUnavailable):
+            await ClusterStore.open(
+                "postgresql://postgres@127.0.0.1:1/x", logical_shards=L, region="eu1", timeout=1
+            )
+
+    run(main)
+
+
+def test_one_node_id_is_held_by_one_incarnation(dsn: str) -> None:
+    async def main() -> None:
+        a, b = await opened(dsn), await opened(dsn)
+        results = await asyncio.gather(
+            a.register("n1", "h:1", "http://h:8", 5.0),
+            b.register("n1", "h:2", "http://h:9", 5.0),
+            return_exceptions=True,
+        )
+        won = [r for r in results if isinstance(r, int)]
+        refused = [r for r in results if isinstance(r, NodeIdInUse)]
+        assert len(won) == 1 and len(refused) == 1, results
+        assert refused[0].node_id == "n1" and 4.0 < refused[0].seconds_left <= 5.0
+        await a.close()
+        await b.close()
+
+    run(main)
+
+
+def test_renewal_needs_an_unexpired_lease_of_its_own_incarnation(dsn: str) -> None:
+    async def main() -> None:
+        store = await opened(dsn)
+        first = await store.register("n1", "h:1", "http://h:8", 0.3)
+        assert await store.renew("n1", first, 0.3, [2, 1])
+        view = await store.view(placer_grace=0.0)
+        assert view.live == {"n1"} and view.durable_shards["n1"] == (1, 2)
+        await asyncio.sleep(0.4)
+        assert not await store.renew("n1", first, 5.0, [])  # ran out: presumed dead
+        assert (await store.view(placer_grace=0.0)).live == frozenset()
+        assert (await store.view(placer_grace=5.0)).live == {"n1"}  # within the grace
+        second = await store.register("n1", "h:1", "http://h:8", 5.0)
+        assert second > first
+        assert not await store.renew("n1", first, 5.0, [])  # the old incarnation's is gone
+        assert await store.renew("n1", second, 5.0, [])
+        # Leaving ends the lease past the placer's grace at once, and for good.
+        assert await store.leave("n1", second)
+        view = await store.view()
+        assert view.live == frozenset() and view.leaving == {"n1"}
+        assert not await store.renew("n1", second, 5.0, [])
+        assert await store.register("n1", "h:1", "http://h:8", 5.0) > second
+        await store.close()
+
+    run(main)
+
+
+def test_moves_are_compare_and_swap_on_the_epoch(dsn: str) -> None:
+    async def main() -> None:
+        a, b = await opened(dsn), await opened(dsn)
+        for node in ("n1", "n2", "n3"):
+            await a.register(node, f"{node}:1", "http://x", 30.0)
+        # Two placers race on the same plan: exactly one wins each shard.
+        results = await asyncio.gather(
+            *(
+                store.apply(Move(shard, 0, "assign", to))
+                for shard in range(L)
+                for store, to in ((a, "n1"), (b, "n2"))
+            )
+        )
+        assert sum(results) == L
+        view = await a.view()
+        assert all(s.epoch == 1 and s.owner in ("n1", "n2") for s in view.shards)
+        # An assign never takes a shard from a live owner, whatever the epoch.
+        assert not await a.apply(Move(0, 1, "assign", "n3"))
+        # A stale epoch loses.
+        assert not await a.apply(Move(0, 0, "handoff", "n3"))
+        # Handoff: set once, only towards a live node; completed by the owner only.
+        owner = view.shards[0].owner
+        assert owner is not None
+        assert not await a.apply(Move(0, 1, "handoff", "ghost"))
+        got = await asyncio.gather(
+            a.apply(Move(0, 1, "handoff", "n3")), b.apply(Move(0, 1, "handoff", "n3"))
+        )
+        assert sorted(got) == [False, True]
+        assert not await a.complete_handoff(0, 1, "n3", "n3")  # not the owner
+        # The owner completing races the placer clearing: exactly one wins.
+        done, cleared = await asyncio.gather(
+            a.complete_handoff(0, 1, owner, "n3"), b.apply(Move(0, 1, "clear_handoff", "n3"))
+        )
+        assert done != cleared
+        s = (await a.view()).shards[0]
+        if done:
+            assert (s.owner, s.epoch, s.handoff_to) == ("n3", 2, None)
+        else:
+            assert (s.owner, s.epoch, s.handoff_to) == (owner, 1, None)
+        await a.close()
+        await b.close()
+
+    run(main)
+
+
+def test_a_dead_owners_shards_are_assigned_and_durable_pins_hold(dsn: str) -> None:
+    async def main() -> None:
+        store = await opened(dsn, placer_grace=0.1)
+        inc = await store.register("n1", "n1:1", "http://x", 0.3)
+        await store.register("n2", "n2:1", "http://x", 30.0)
+        assert await store.apply(Move(0, 0, "assign", "n1"))
+        assert await store.apply(Move(1, 0, "assign", "n1"))
+        assert not await store.claim_durable(0, "n2")  # only the owner pins
+        assert await store.claim_durable(0, "n1")
+        assert not await store.claim_durable(0, "n1")  # once
+        # A pinned shard is not handed elsewhere even if a handoff was set.
+        assert await store.apply(Move(0, 1, "handoff", "n2"))
+        assert not await store.complete_handoff(0, 1, "n1", "n2")
+        await asyncio.sleep(0.5)  # n1's lease and the grace run out
+        assert not await store.renew("n1", inc, 0.3, [])
+        assert await store.apply(Move(1, 1, "assign", "n2"))
+        s = (await store.view()).shards[1]
+        assert (s.owner, s.epoch) == ("n2", 2)
+        await store.close()
+
+    run(main)
+
+
+def test_the_placer_lock_is_exclusive_and_dies_with_its_session(dsn: str) -> None:
+    async def soon(store: ClusterStore) -> bool:
+        """The lock, once the server has ended the previous holder's session (it does so
+        asynchronously: the old backend exits a moment after it was told to)."""
+        for _ in range(100):
+            if await store.placer_lock():
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    async def main() -> None:
+        a, b = await opened(dsn, "store-a"), await opened(dsn, "store-b")
+        assert await a.placer_lock() and a.held()
+        assert not await b.placer_lock() and not b.held()
+        assert await a.placer_lock()  # still held, checked with a round trip
+        await a.release_placer()
+        assert await soon(b)
+        assert not await a.placer_lock()
+        # The server ends the holder's session: the lock is free, and the holder knows.
+        assert await terminate_backends(dsn, "store-b") >= 1
+        assert await soon(a)
+        assert not await b.placer_lock()
+        assert b.placer_losses == 1 and not b.held()
+        # A holder closed (or crashed: terminate) frees it too.
+        await a.terminate()
+        assert await soon(b)
+        await b.close()
+
+    run(main)
+
+
+def test_writes_notify_other_processes(dsn: str) -> None:
+    async def main() -> None:
+        a, b = await opened(dsn, "store-a"), await opened(dsn, "store-b")
+        assert not await b.wait_change(0.2)
+        await a.register("n1", "n1:1", "http://x", 30.0)
+        assert await asyncio.wait_for(b.wait_change(5.0), 5.0)
+        assert not await b.wait_change(0.2)
+        # A cut listener reconnects (and reports a possible miss), then hears again.
+        await terminate_backends(dsn, "store-b")
+        assert await b.wait_change(2.0)
+        await asyncio.sleep(0.1)
+        await a.apply(Move(3, 0, "assign", "n1"))
+        assert await b.wait_change(5.0)
+        # The pool replaced its cut connections too.
+        assert (await b.view()).shards[3].owner == "n1"
+        await a.close()
+        await b.close()
+
+    run(main)

@@ -46,11 +46,13 @@ OP_TERM: Final[int]
 OP_STOP_CONSUME: Final[int]
 OP_REAUTH: Final[int]
 OP_PING: Final[int]
+OP_SHARD_MAP: Final[int]
 OP_OK: Final[int]
 OP_CACHE_VALUE: Final[int]
 OP_CACHE_STORED: Final[int]
 OP_CACHE_DELETED: Final[int]
 OP_CACHE_TTL_REPLY: Final[int]
+OP_SHARD_MAP_REPLY: Final[int]
 OP_PUBLISH_OFFSETS: Final[int]
 OP_SUBSCRIBED: Final[int]
 OP_EVENTS: Final[int]
@@ -87,6 +89,7 @@ ROLE_STANDBY: Final[int]
 REFUSED_STALE: Final[int]
 REFUSED_DEAD: Final[int]
 REFUSED_UNKNOWN: Final[int]
+SHARD_NO_OWNER: Final[int]
 
 class Frame:
     @property
@@ -296,6 +299,20 @@ class Redirect(ExtMessage):
     @property
     def owner(self) -> str: ...
 
+class ShardMapRequest(ExtMessage): ...
+
+class ShardMap(ExtMessage):
+    @property
+    def logical_shards(self) -> int: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def addresses(self) -> list[str]: ...
+    @property
+    def owners(self) -> list[int]: ...
+    @property
+    def epochs(self) -> list[int]: ...
+
 class Consume(ExtMessage):
     @property
     def tenant_id(self) -> str: ...
@@ -428,6 +445,15 @@ def encode_error(request_id: int, code: int, message: str) -> bytes: ...
 def encode_subscription_end(subscription_id: int, code: int, message: str) -> bytes: ...
 def encode_cursor_error(request_id: int, reason: str, requested: int, available: int) -> bytes: ...
 def encode_redirect(request_id: int, shard: int, epoch: int, owner: str) -> bytes: ...
+def encode_shard_map_request(request_id: int) -> bytes: ...
+def encode_shard_map(
+    request_id: int,
+    logical_shards: int,
+    version: int,
+    addresses: Sequence[str],
+    owners: Sequence[int],
+    epochs: Sequence[int],
+) -> bytes: ...
 def encode_consume(
     request_id: int,
     tenant_id: str,

@@ -24,12 +24,14 @@ OP_TERM = 0x26
 OP_STOP_CONSUME = 0x27
 OP_REAUTH = 0x30
 OP_PING = 0x31
+OP_SHARD_MAP = 0x32
 # Replies and notices (broker -> client)
 OP_OK = 0x80
 OP_CACHE_VALUE = 0x81
 OP_CACHE_STORED = 0x82
 OP_CACHE_DELETED = 0x83
 OP_CACHE_TTL_REPLY = 0x84
+OP_SHARD_MAP_REPLY = 0x85
 OP_PUBLISH_OFFSETS = 0x90
 OP_SUBSCRIBED = 0x91
 OP_EVENTS = 0x92
@@ -75,6 +77,11 @@ ROLE_STANDBY = 2   # an exclusive group: waiting to take over
 REFUSED_STALE = 1    # leased to another member since
 REFUSED_DEAD = 2     # dead-lettered
 REFUSED_UNKNOWN = 3  # never delivered to this group
+# SHARD_MAP_REPLY: the owner index of a shard no node serves right now.
+SHARD_NO_OWNER = 0xFFFF
+# ... and its bounds (docs/architecture.md, "Logical shards").
+cdef uint32_t _MAX_LOGICAL_SHARDS = 4096
+cdef Py_ssize_t _MAX_MAP_NODES = 1024
 
 cdef dict _CURSOR_REASONS = {1: "too_old", 2: "in_future"}
 cdef dict _CURSOR_CODES = {"too_old": 1, "in_future": 2}
@@ -274,6 +281,22 @@ cdef class Redirect(ExtMessage):
     cdef readonly str owner
     __fields__ = ("shard", "epoch", "owner")
 
+
+cdef class ShardMapRequest(ExtMessage):
+    """OP_SHARD_MAP: ask for the cluster's shard map (empty body)."""
+
+
+cdef class ShardMap(ExtMessage):
+    """OP_SHARD_MAP_REPLY: ``logical_shards`` (0: the node is not in a cluster), the map's
+    ``version``, the nodes' ``addresses`` (host:port) and per logical shard its ``owners``
+    entry (an index into ``addresses``, SHARD_NO_OWNER: none serving now) and ``epochs``."""
+
+    cdef readonly object logical_shards
+    cdef readonly object version
+    cdef readonly list addresses
+    cdef readonly list owners
+    cdef readonly list epochs
+    __fields__ = ("logical_shards", "version", "addresses", "owners", "epochs")
 
 
 cdef class Consume(ExtMessage):
@@ -758,6 +781,61 @@ def encode_redirect(request_id, shard, epoch, owner):
     return out
 
 
+def encode_shard_map_request(request_id):
+    """OP_SHARD_MAP: ask the node for the cluster's shard map (answered with SHARD_MAP_REPLY)."""
+    return _encode_empty(0x32, request_id)
+
+
+def encode_shard_map(request_id, logical_shards, version, addresses, owners, epochs):
+    """OP_SHARD_MAP_REPLY: ``addresses`` (host:port) of the nodes, and per logical shard its
+    owner (an index into ``addresses``, or SHARD_NO_OWNER) and epoch. A node that is
+    not in a cluster answers ``logical_shards`` 0, ``version`` 0 and no nodes or shards."""
+    cdef uint64_t rid = _u64_arg(request_id, "request_id")
+    cdef uint32_t nshards = _u32_arg(logical_shards, "logical_shards")
+    cdef uint64_t ver = _u64_arg(version, "version")
+    cdef list addrs = _as_list(addresses, "addresses")
+    cdef list owns = _as_list(owners, "owners")
+    cdef list eps = _as_list(epochs, "epochs")
+    cdef Py_ssize_t nn = len(addrs), i, na
+    cdef const char* a
+    cdef uint16_t o
+    if nshards > _MAX_LOGICAL_SHARDS:
+        raise LocalProtocolError(
+            f"{nshards} logical shards exceed the limit of {_MAX_LOGICAL_SHARDS}")
+    if nn > _MAX_MAP_NODES:
+        raise LocalProtocolError(f"{nn} nodes exceed the limit of {_MAX_MAP_NODES}")
+    if len(owns) != nshards or len(eps) != nshards:
+        raise LocalProtocolError(
+            f"owners ({len(owns)}) and epochs ({len(eps)}) must list all {nshards} logical shards")
+    cdef Py_ssize_t body = 4 + 8 + 2 + 4 + 10 * <Py_ssize_t>nshards
+    for i in range(nn):
+        _short_str(addrs[i], &na, "address")
+        body += 2 + na
+    cdef bytes out = _alloc_frame(9 + body)
+    cdef unsigned char* p = _ext_start(out, body, 0x85, rid)
+    cdef unsigned char* end = p + body
+    _put_u32(p, nshards)
+    _put_u64(p + 4, ver)
+    _put_u16(p + 12, <uint16_t>nn)
+    p += 14
+    for i in range(nn):
+        a = _short_str(addrs[i], &na, "address")
+        p = _write_str(_room(p, end, 2 + na), a, na)
+    _put_u32(_room(p, end, 4), nshards)
+    p += 4
+    for i in range(nshards):
+        o = _u16_arg(owns[i], "owner")
+        if o >= nn and o != 0xFFFF:
+            raise LocalProtocolError(
+                f"shard {i}'s owner {o} is not an index into the {nn} addresses")
+        _put_u16(_room(p, end, 10), o)
+        _put_u64(p + 2, _u64_arg(eps[i], "epoch"))
+        p += 10
+    if p != end:
+        raise LocalProtocolError("shard map changed while being encoded")
+    return out
+
+
 # --- queue groups (docs/wire-protocol.md, "Queue groups") ----------------------------------
 
 # A settle names at most this many ranges: a bound on what one frame makes the shard do.
@@ -1236,6 +1314,41 @@ cdef ExtMessage _decode_settled(Cursor* c):
     return m
 
 
+cdef ExtMessage _decode_shard_map(Cursor* c):
+    cdef ShardMap m = ShardMap.__new__(ShardMap)
+    cdef uint32_t nshards = _read_u32(c, "logical shards")
+    cdef uint32_t count, i
+    cdef uint16_t nn, j, o
+    if nshards > _MAX_LOGICAL_SHARDS:
+        raise RemoteProtocolError(
+            f"{nshards} logical shards exceed the limit of {_MAX_LOGICAL_SHARDS}")
+    m.logical_shards = nshards
+    m.version = _read_u64(c, "shard map version")
+    nn = _read_u16(c, "node count")
+    if nn > _MAX_MAP_NODES:
+        raise RemoteProtocolError(f"{nn} nodes exceed the limit of {_MAX_MAP_NODES}")
+    # Each address is at least its u16 length.
+    if <Py_ssize_t>nn * 2 > c.end - c.pos:
+        raise RemoteProtocolError(f"node count {nn} cannot fit in the {c.end - c.pos} bytes left")
+    m.addresses = []
+    for j in range(nn):
+        m.addresses.append(_read_str(c, "node address"))
+    count = _read_u32(c, "shard count")
+    if count != nshards:
+        raise RemoteProtocolError(f"shard count {count} differs from logical shards {nshards}")
+    if <Py_ssize_t>count * 10 > c.end - c.pos:
+        raise RemoteProtocolError(f"shard count {count} cannot fit in the {c.end - c.pos} bytes left")
+    m.owners = []
+    m.epochs = []
+    for i in range(count):
+        o = _read_u16(c, "shard owner")
+        if o >= nn and o != 0xFFFF:
+            raise RemoteProtocolError(f"shard {i}'s owner {o} is not one of the {nn} nodes")
+        m.owners.append(o)
+        m.epochs.append(_read_u64(c, "shard epoch"))
+    return m
+
+
 cdef inline int _read_role(Cursor* c) except -1:
     cdef uint8_t role = _read_u8(c, "role")
     if role > 2:
@@ -1292,6 +1405,8 @@ cdef ExtMessage _decode_ext_body(Cursor* c, int opcode, uint64_t rid):
         m = ra
     elif opcode == 0x31 or opcode == 0x80:
         m = ExtMessage.__new__(ExtMessage)
+    elif opcode == 0x32:
+        m = ShardMapRequest.__new__(ShardMapRequest)
     elif opcode == 0x81:
         cv = CacheValue.__new__(CacheValue)
         b = _read_u8(c, "found flag")
@@ -1313,6 +1428,8 @@ cdef ExtMessage _decode_ext_body(Cursor* c, int opcode, uint64_t rid):
             raise RemoteProtocolError(f"unknown TTL state {ct.state}")
         ct.ttl_ms = _read_u64(c, "ttl_ms")
         m = ct
+    elif opcode == 0x85:
+        m = _decode_shard_map(c)
     elif opcode == 0x90:
         po = PublishOffsets.__new__(PublishOffsets)
         po.base_offset = _read_u64(c, "base offset")

@@ -88,6 +88,23 @@ def queue_frames(draw: st.DrawFn) -> bytes:
 
 
 @st.composite
+def shard_maps(draw: st.DrawFn, rid: int) -> bytes:
+    addresses = draw(st.lists(NAMES, max_size=4))
+    owner = st.integers(0, len(addresses) - 1) | st.just(wire.SHARD_NO_OWNER)
+    if not addresses:
+        owner = st.just(wire.SHARD_NO_OWNER)
+    shards = draw(st.lists(st.tuples(owner, U64), max_size=8))
+    return wire.encode_shard_map(
+        rid,
+        len(shards),
+        draw(U64),
+        addresses,
+        [o for o, _ in shards],
+        [e for _, e in shards],
+    )
+
+
+@st.composite
 def ext_frames(draw: st.DrawFn) -> bytes:
     rid = draw(U64)
     t, n, s = draw(NAMES), draw(NAMES), draw(NAMES)
@@ -135,6 +152,8 @@ def ext_frames(draw: st.DrawFn) -> bytes:
             rid, draw(st.sampled_from(["too_old", "in_future"])), draw(U64), draw(U64)
         ),
         lambda: wire.encode_redirect(rid, draw(st.integers(0, 2**32 - 1)), draw(U64), t),
+        lambda: wire.encode_shard_map_request(rid),
+        lambda: draw(shard_maps(rid)),
         lambda: draw(queue_frames()),
     ]
     return draw(st.sampled_from(choices))()

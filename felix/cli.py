@@ -1081,6 +1081,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_context_commands(sub)
     add_status_commands(sub)
+    from felix.cluster_cli import add_commands as add_cluster_commands
+
+    add_cluster_commands(sub)
     add_keys_commands(sub)
     return parser
 

@@ -284,21 +284,13 @@ class NodeCluster:
         }
 
     def status(self) -> dict[str, Any]:
-        """The /cluster route: the agent's snapshot and this node's map."""
-        current = self.map
-        local: dict[str, Any] = {
-            "node_id": self.node_id,
-            "address": self.address,
-            "serving": self.serving(),
-            "serve_for_s": (
-                round(current.serve_until - self._clock(), 3) if current is not None else None
-            ),
-            "durable_shards": sorted(self.durable()),
-        }
+        """The /cluster route: the agent's snapshot (this node's map, its lease, placer,
+        counters, balance, handoffs) and what this node advertises and holds."""
         return {
             **self._snapshot(),
-            "local": local,
-            "map": current.to_dict() if current is not None else None,
+            "node_id": self.node_id,
+            "address": self.address,
+            "durable_shards": sorted(self.durable()),
         }
 
     def _snapshot(self) -> dict[str, Any]:
@@ -317,10 +309,16 @@ class NodeCluster:
         return {
             "lease_renewals": renewals,
             "shards_owned": len(current.owned()) if current is not None else 0,
-            "ownership_changes": self.ownership_changes,
+            "ownership_changes": _counter(self.agent, "ownership_changes", self.ownership_changes),
             "serving": int(self.serving()),
             "placer": int(bool(snapshot.get("placer"))),
         }
+
+
+def _counter(agent: Any, name: str, default: int) -> int:
+    counters = getattr(agent, "counters", None)
+    value = counters.get(name) if isinstance(counters, dict) else None
+    return value if isinstance(value, int) else default
 
 
 def _renewals(agent: Any, snapshot: dict[str, Any]) -> dict[str, int]:

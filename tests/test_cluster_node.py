@@ -14,6 +14,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -237,6 +239,42 @@ def test_nodes_join_become_ready_and_spread_the_shards(cluster: Cluster) -> None
     assert sum(_metric(n, "felix_cluster_placer") for n in cluster.nodes) == 1
     status = json.loads(cluster.nodes[1].http("/status")[1])
     assert status["cluster"]["node_id"] == "n1" and status["cluster"]["serving"]
+
+
+def test_cluster_status_shows_nodes_leases_placer_and_shards(cluster: Cluster) -> None:
+    n0 = cluster.nodes[0]
+    _wait("settled", _settled_of(n0, 3), 20, n0)
+
+    def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FELIX_")}
+        return subprocess.run(
+            [sys.executable, "-m", "felix.cli", "cluster", "status", "--http", n0.info["http"],
+             *argv],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    got = cli("--json", "--shards")
+    assert got.returncode == 0, got.stderr
+    doc = json.loads(got.stdout)
+    assert doc["logical_shards"] == LOGICAL_SHARDS and len(doc["shards"]) == LOGICAL_SHARDS
+    assert doc["placer"] in ("n0", "n1", "n2")
+    nodes = {n["node_id"]: n for n in doc["nodes"]}
+    assert sorted(nodes) == ["n0", "n1", "n2"]
+    for node_id, node in nodes.items():
+        assert node["live"] and node["answered"] and node["serving"]
+        assert node["address"] == cluster.by_id(node_id).info["quic"]
+        assert 0 < node["lease_seconds_left"] <= LEASE
+    assert sum(n["owned"] for n in nodes.values()) == LOGICAL_SHARDS
+    assert doc["balance"]["unowned"] == 0 and doc["handoffs"] == []
+    human = cli("--shards")
+    assert human.returncode == 0, human.stderr
+    assert "placer" in human.stdout and "n2" in human.stdout and "EPOCH" in human.stdout
+    # A standalone node has no cluster to show.
+    alone = subprocess.run(
+        [sys.executable, "-m", "felix.cli", "cluster", "status", "--http", "127.0.0.1:9"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert alone.returncode == 1
 
 
 def test_requests_are_redirected_to_the_owner_which_serves_them(cluster: Cluster) -> None:

@@ -408,11 +408,6 @@ class NodeConfig:
             raise ConfigError(f"--logical-shards must be in 1..{MAX_LOGICAL_SHARDS}")
         if not 1.0 <= self.cluster_lease <= 3600.0:
             raise ConfigError("--cluster-lease must be between 1 and 3600 seconds")
-        if self.control_url:
-            raise ConfigError(
-                "--cluster and --control-url do not go together: the nodes of a cluster "
-                "share the control plane in the cluster's database"
-            )
         if self.advertise is None:
             if is_wildcard(self.listen[0]):
                 raise ConfigError(

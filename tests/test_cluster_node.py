@@ -269,6 +269,14 @@ def test_cluster_status_shows_nodes_leases_placer_and_shards(cluster: Cluster) -
     human = cli("--shards")
     assert human.returncode == 0, human.stderr
     assert "placer" in human.stdout and "n2" in human.stdout and "EPOCH" in human.stdout
+    # felix status shows the node's part.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FELIX_")}
+    status = subprocess.run(
+        [sys.executable, "-m", "felix.cli", "status", "--http", n0.info["http"],
+         "--interval", "0.1"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert status.returncode == 0 and "cluster: node n0" in status.stdout, status.stdout
     # A standalone node has no cluster to show.
     alone = subprocess.run(
         [sys.executable, "-m", "felix.cli", "cluster", "status", "--http", "127.0.0.1:9"],

@@ -25,6 +25,7 @@ from felix.extras import require_extra
 from felix.node.config import (
     TOPOLOGIES,
     NodeConfig,
+    default_node_id,
     parse_address,
     parse_duration,
     parse_size,
@@ -126,6 +127,43 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=Path,
         metavar="FILE",
         help="its private key (default $FELIX_CONTROL_KEY)",
+    )
+    cluster = up.add_argument_group(
+        "cluster", "several nodes that agree through PostgreSQL (docs/operations.md, Cluster)"
+    )
+    cluster.add_argument(
+        "--cluster",
+        metavar="DSN",
+        default=os.environ.get("FELIX_CLUSTER") or None,
+        help="join the cluster of nodes agreeing through this PostgreSQL database "
+        "(postgresql://...; default $FELIX_CLUSTER); the embedded control plane then uses "
+        "it as its store unless --control-store says otherwise",
+    )
+    cluster.add_argument(
+        "--node-id",
+        metavar="ID",
+        help="this node's id in the cluster, stable across restarts (default $HOSTNAME, "
+        "else the host name: the StatefulSet pod name)",
+    )
+    cluster.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        help="the QUIC address other nodes redirect clients to (default the --listen "
+        "address; required when that is a wildcard address)",
+    )
+    cluster.add_argument(
+        "--logical-shards",
+        type=int,
+        default=256,
+        metavar="N",
+        help="logical shards of the cluster, fixed when it is created (256; 1..4096)",
+    )
+    cluster.add_argument(
+        "--cluster-lease",
+        default="10s",
+        metavar="DURATION",
+        help="the node's lease: renewed every third of it; a node that cannot renew stops "
+        "serving before it runs out, and its shards move once it has (10s)",
     )
     up.add_argument(
         "--topology",
@@ -496,8 +534,14 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         bridges_http=args.bridges_http,
         heartbeat_timeout=parse_duration(args.heartbeat_timeout),
         engine=args.engine or ("aioquic" if args.tls_client_ca is not None else "qh3"),
-        control_store=args.control_store,
+        # A cluster's nodes share one control plane: the cluster's database.
+        control_store=args.control_store or (args.cluster if not args.control_url else None),
         control_url=args.control_url,
+        cluster=args.cluster,
+        node_id=args.node_id or (default_node_id() if args.cluster else ""),
+        advertise=parse_address(args.advertise, 5000) if args.advertise else None,
+        logical_shards=args.logical_shards,
+        cluster_lease=parse_duration(args.cluster_lease),
         control_token=args.control_token,
         embedded_shards=embedded,
         spin_us=args.spin_us,
@@ -888,9 +932,12 @@ _ENV_DEFAULTS = {
     "log_level": "FELIX_LOG_LEVEL",
     "log_levels": "FELIX_LOG_LEVELS",
     "audit_log": "FELIX_AUDIT_LOG",
+    "cluster": "FELIX_CLUSTER",
 }
 #: Never printed.
 _SECRETS = {"control_token"}
+#: Printed without their password (a PostgreSQL DSN).
+_DSNS = {"cluster", "control_store"}
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -917,6 +964,8 @@ def _config_show(args: argparse.Namespace) -> int:
             source = "default"
         if dest in _SECRETS and value is not None:
             value = "(set)"
+        elif dest in _DSNS and isinstance(value, str):
+            value = _without_password(value)
         rows[flag.lstrip("-")] = {"value": _plain(value), "source": source}
     # What the flags resolve to (topology, auth mode, ...), from the NodeConfig itself.
     derived = {
@@ -926,6 +975,15 @@ def _config_show(args: argparse.Namespace) -> int:
         "auth": "jwt" if config.auth else "none",
         "data-dir": str(config.data_dir.absolute()),
     }
+    if config.clustered:
+        derived["node-id"] = config.node_id
+        derived["advertise"] = (
+            f"{config.advertise[0]}:{config.advertise[1]}"
+            if config.advertise is not None
+            else "the --listen address"
+        )
+        if config.control_store and not args.control_store:
+            derived["control-store"] = _without_password(config.control_store)
     for name, value in derived.items():
         row = rows.setdefault(name, {"value": value, "source": "derived"})
         if row["value"] != value:
@@ -938,6 +996,18 @@ def _config_show(args: argparse.Namespace) -> int:
     for name, row in sorted(rows.items()):
         print(f"{name:<{width}}  {_shown(row['value'])}  ({row['source']})")
     return 0
+
+
+def _without_password(dsn: str) -> str:
+    """``dsn`` with its password (if any) shown as ``***``."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.split(":", 1)[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
 
 
 def _plain(value: object) -> object:
@@ -1011,6 +1081,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_context_commands(sub)
     add_status_commands(sub)
+    from felix.cluster_cli import add_commands as add_cluster_commands
+
+    add_cluster_commands(sub)
     add_keys_commands(sub)
     return parser
 

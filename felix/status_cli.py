@@ -184,6 +184,15 @@ def render(status: dict[str, Any], rate: dict[str, float] | None) -> str:
         f"durable streams {'on' if status.get('durable_streams') else 'off'}  "
         f"auth {'on' if status.get('auth') else 'off'}",
     ]
+    cluster = status.get("cluster")
+    if isinstance(cluster, dict):
+        lines.append(
+            f"  cluster: node {cluster.get('node_id')} at {cluster.get('address')}  "
+            f"{'serving' if cluster.get('serving') else 'NOT SERVING'}  owns "
+            f"{cluster.get('owned')} of {cluster.get('logical_shards')} logical shards  "
+            f"map {cluster.get('map_version')}  nodes {cluster.get('live_nodes')} live of "
+            f"{cluster.get('nodes')}{'  placer' if cluster.get('placer') else ''}"
+        )
     for problem in status.get("problems", []):
         lines.append(f"  problem: {problem}")
     lines.append(f"  {'PROCESS':<12}{'PID':>8}{'RESTARTS':>10}  STATUS")

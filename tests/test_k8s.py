@@ -199,19 +199,39 @@ def test_service_account_mounts_no_token() -> None:
     assert _pod_spec()["automountServiceAccountToken"] is False
 
 
-def test_control_store_comes_from_the_secret() -> None:
+def test_cluster_database_comes_from_the_secret() -> None:
     container = _container()
     env = {e["name"]: e for e in container["env"]}
-    ref = env["FELIX_CONTROL_STORE"]["valueFrom"]["secretKeyRef"]
+    ref = env["FELIX_CLUSTER"]["valueFrom"]["secretKeyRef"]
     secret = _one("Secret")
     assert ref["name"] == secret["metadata"]["name"]
     assert ref["key"] in secret["stringData"]
     assert secret["stringData"][ref["key"]].startswith("postgresql://")
     assert "PLACEHOLDER" in secret["stringData"][ref["key"]]
-    # felix up reads no environment variable for it: Kubernetes expands it in args.
+    # felix up reads $FELIX_CLUSTER: the DSN is never on the command line, nor in the
+    # ConfigMap; the embedded control plane's store is the same database.
     args = container["args"]
-    assert args[args.index("--control-store") + 1] == "$(FELIX_CONTROL_STORE)"
-    assert "control-store" not in _config()  # never in the ConfigMap
+    assert not any("postgresql" in a or "FELIX_CLUSTER" in a for a in args)
+    assert "--control-store" not in args
+    assert "cluster" not in _config() and "control-store" not in _config()
+
+
+def test_replicas_are_one_cluster_of_pods_named_and_advertised_by_the_headless_service() -> None:
+    sts = _statefulset()
+    assert sts["spec"]["replicas"] > 1
+    container = _container()
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    args = container["args"]
+    assert args[args.index("--node-id") + 1] == "$(POD_NAME)"
+    headless = sts["spec"]["serviceName"]
+    port = _port("quic")["containerPort"]
+    assert args[args.index("--advertise") + 1] == f"$(POD_NAME).{headless}:{port}"
+    # The headless Service publishes the pods' names before they are ready: a node
+    # redirects to a peer that may be starting (it answers Unavailable until it serves).
+    peers = next(s for s in _all("Service") if s["metadata"]["name"] == headless)
+    assert peers["spec"]["publishNotReadyAddresses"] is True
+    assert any(p["name"] == "quic" and p["protocol"] == "UDP" for p in peers["spec"]["ports"])
 
 
 def test_config_file_is_mounted_from_the_configmap() -> None:
@@ -226,7 +246,9 @@ def test_config_file_is_mounted_from_the_configmap() -> None:
     assert config_path.name in _one("ConfigMap")["data"]
 
 
-def test_configmap_is_a_valid_felix_up_config(tmp_path: Path) -> None:
+def test_configmap_is_a_valid_felix_up_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     table = _config()
     up = build_parser().parse_args(["up"]).parser
     flags = {a.dest for a in up._actions if a.option_strings} - {"config", "help"}
@@ -236,16 +258,21 @@ def test_configmap_is_a_valid_felix_up_config(tmp_path: Path) -> None:
     config_file = tmp_path / "felix.toml"
     config_file.write_text(_config_text())
     store = "postgresql://felix:secret@postgres:5432/felix"
-    # The data dir of the manifests is the volume; here a writable stand-in.
+    # What the StatefulSet passes (the pod's name expanded); the data dir of the
+    # manifests is the volume, here a writable stand-in.
+    args_of_pod = [
+        a.replace("$(POD_NAME)", "felix-1") for a in _container()["args"] if a != "--config"
+    ]
+    args_of_pod.remove("/etc/felix/felix.toml")
     argv = [
         "up",
         "--config",
         str(config_file),
-        "--control-store",
-        store,
+        *args_of_pod,
         "--data-dir",
         str(tmp_path / "data"),
     ]
+    monkeypatch.setenv("FELIX_CLUSTER", store)
     args = build_parser().parse_args(argv)
     apply_config_file(args.parser, args, argv)
     config = _node_config(args)
@@ -253,7 +280,10 @@ def test_configmap_is_a_valid_felix_up_config(tmp_path: Path) -> None:
     assert config.http == ("0.0.0.0", 8080)
     assert config.auth is True  # QUIC beyond loopback requires tokens
     assert config.insecure is True  # only for the health/metrics port
-    assert config.control_store == store
+    assert config.cluster == store and config.control_store == store
+    assert config.node_id == "felix-1"
+    assert config.advertise == ("felix-1.felix-peers", 5000)
+    assert config.cluster_lease == float(table["cluster-lease"])
     assert config.drain_grace == float(table["drain-grace"])
     assert config.region == table["region"]  # beyond loopback a node names its region
     assert config.data_dir == (tmp_path / "data").resolve()

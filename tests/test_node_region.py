@@ -218,6 +218,12 @@ def test_felix_node_info_gauge_names_the_region() -> None:
         def node_status(self) -> dict[str, Any]:
             return {}
 
+        def cluster_status(self) -> None:
+            return None
+
+        def cluster_metrics(self) -> None:
+            return None
+
     server = HealthServer(Node(), info={"region": "eu-1", "version": "9.9"})
     text = generate_latest(server._registry).decode()
     assert 'felix_node_info{region="eu-1",version="9.9"} 1.0' in text

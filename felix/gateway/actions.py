@@ -202,3 +202,7 @@ class GatewayState(Protocol):
     auth_throttled: int
     input_limit_closes: int
     buffered_input: int
+
+    def shard_map(self, request_id: int) -> bytes:
+        """The SHARD_MAP answer for ``request_id`` (the cluster's map, or none)."""
+        ...

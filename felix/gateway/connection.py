@@ -248,7 +248,7 @@ class ConnectionShell:
         pending = _Pending(self, action.stream_id, action.request_id, shard, None, action.translate)
         pending.quiet = action.quiet
         if not gateway.forward(
-            pending, token, ipc.encode(RecordType.REQUEST, token, 0, action.frame)
+            pending, token, ipc.encode(RecordType.REQUEST, token, 0, action.frame), action.key
         ):
             self.session.settle(action.stream_id, self._clock())
 
@@ -274,7 +274,7 @@ class ConnectionShell:
             self, action.stream_id, action.request_id, sub.shard, sub, action.translate
         )
         record = ipc.encode(RecordType.REQUEST, sub.token, 0, action.frame)
-        if not gateway.forward(pending, sub.token, record):
+        if not gateway.forward(pending, sub.token, record, key):
             gateway.unsubscribe(sub)  # could not be sent: forget it
             self.session.settle(action.stream_id, self._clock())
 
@@ -295,7 +295,7 @@ class ConnectionShell:
         pending = _Pending(self, action.stream_id, action.request_id, consumer.shard)
         pending.consumer = consumer
         record = ipc.encode(RecordType.REQUEST, consumer.token, 0, action.frame)
-        if not gateway.forward(pending, consumer.token, record):
+        if not gateway.forward(pending, consumer.token, record, action.key):
             gateway.queues.drop(consumer, leave=False)  # could not be sent: forget it
             self.session.settle(action.stream_id, self._clock())
 
@@ -312,7 +312,7 @@ class ConnectionShell:
             return
         token = gateway.token()
         record = ipc.encode(RecordType.REQUEST, token, consumer.token, action.frame)
-        sent = gateway.forward(pending, token, record)
+        sent = gateway.forward(pending, token, record, consumer.key, redirect=False)
         if action.stop:
             # Sent: the STOP tells the shard (a graceful leave); not sent: a LEAVE does.
             gateway.queues.drop(consumer, leave=not sent)

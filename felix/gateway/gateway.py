@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from felix import ipc, wire
+from felix.cluster.ownership import OwnershipMap, Redirect, Serve, logical_shard
 from felix.errors import (
+    FelixError,
     NotFound,
     Overloaded,
     TooLarge,
@@ -39,6 +41,7 @@ from felix.errors import (
 from felix.gateway import v1
 from felix.gateway.admission import ConnectionTable
 from felix.gateway.auth import Authenticator, DevAuthenticator, FailureLimiter
+from felix.gateway.cluster import ClusterGate
 from felix.gateway.links import ShardLinks
 from felix.gateway.queues import Consumer, QueueRouter
 from felix.gateway.subscription import (
@@ -102,6 +105,7 @@ class _Pending:
     __slots__ = (
         "conn",
         "consumer",
+        "lshard",
         "quiet",
         "request_id",
         "shard",
@@ -130,6 +134,8 @@ class _Pending:
         self.quiet = False
         #: A CONSUME: the consumer it opens (dropped if the shard refuses it).
         self.consumer: Consumer | None = None
+        #: Cluster mode: the logical shard it was admitted for (-1: standalone).
+        self.lshard = -1
 
 
 class Gateway:
@@ -197,6 +203,8 @@ class Gateway:
         self.auth_limiter = FailureLimiter()
         #: Queue consumers and dead-letter relays (felix/gateway/queues.py).
         self.queues = QueueRouter(links, self.shard_for, self.token)
+        #: Cluster mode: the shard map every request is checked against (None: standalone).
+        self.cluster: ClusterGate | None = None
         links.attach(index, self.on_shard_records)
 
     # -- routing ---------------------------------------------------------------------
@@ -209,11 +217,25 @@ class Gateway:
         self._next_token += 1
         return t
 
-    def forward(self, pending: _Pending, token: int, record: bytes) -> bool:
+    def forward(
+        self,
+        pending: _Pending,
+        token: int,
+        record: bytes,
+        key: str | None = None,
+        *,
+        redirect: bool = True,
+    ) -> bool:
         """Send a request record to its shard, or answer the client that it cannot be sent.
+
+        ``key``: the request's routing key, checked against the shard map in cluster
+        mode; ``redirect`` False: a request that cannot go elsewhere (a consumer's ack)
+        is refused rather than redirected.
 
         False: not sent (the client was answered); the caller settles the request.
         """
+        if self.cluster is not None and key is not None and not self._admit(pending, key, redirect):
+            return False
         if len(record) > self.links.max_record_size:
             pending.conn.reply_error(
                 pending,
@@ -234,6 +256,82 @@ class Gateway:
             return False
         self._pending[token] = pending
         return True
+
+    # -- cluster mode -------------------------------------------------------------------
+
+    def _admit(self, pending: _Pending, key: str, redirect: bool) -> bool:
+        """Whether this node serves ``key`` now (else the client was answered)."""
+        cluster = self.cluster
+        assert cluster is not None
+        verdict = cluster.verdict(key)
+        if type(verdict) is Serve:
+            pending.lshard = verdict.shard
+            return True
+        if type(verdict) is Redirect and redirect:
+            cluster.redirects += 1
+            if pending.translate is None:
+                pending.conn.reply(
+                    pending,
+                    wire.encode_redirect(
+                        pending.request_id, verdict.shard, verdict.epoch, verdict.owner
+                    ),
+                )
+            else:  # a v1 client cannot follow a redirect
+                self._refuse(
+                    pending,
+                    Unavailable(
+                        f"shard {verdict.shard} is served by the node at {verdict.owner}: "
+                        "connect there (v1 clients are not redirected)"
+                    ),
+                )
+            return False
+        cluster.refused += 1
+        if type(verdict) is Redirect:
+            message = f"shard {verdict.shard} moved to the node at {verdict.owner}; retry there"
+        else:
+            message = verdict.reason  # type: ignore[union-attr]
+        self._refuse(pending, Unavailable(message))
+        return False
+
+    def _refuse(self, pending: _Pending, exc: FelixError) -> None:
+        if pending.translate is None:
+            pending.conn.reply_error(pending, exc)
+        else:
+            pending.conn.reply(pending, wire.encode_message({"type": "error", "message": str(exc)}))
+
+    def shard_map(self, request_id: int) -> bytes:
+        """The SHARD_MAP answer (logical shards 0: a standalone node)."""
+        if self.cluster is None:
+            return wire.encode_shard_map(request_id, 0, 0, [], [], [])
+        return self.cluster.shard_map(request_id)
+
+    def apply_ownership(self, new: OwnershipMap) -> set[int] | None:
+        """Take a new shard map (cluster mode); end what it takes away from this node:
+        the subscriptions and consumers of those logical shards, told Unavailable
+        ("moved") so their clients re-route. Returns the logical shards taken away
+        (None: the map was not newer than the one held)."""
+        if self.cluster is None:
+            self.cluster = ClusterGate()
+        lost = self.cluster.apply(new)
+        if not lost:
+            return lost
+        count = new.logical_shards
+
+        def moved(key: str) -> bool:
+            return logical_shard(key, count) in lost
+
+        for sub in [s for s in self._subs_by_token.values() if moved(s.key)]:
+            shard = logical_shard(sub.key, count)
+            sub.conn.end_subscription(
+                sub, Unavailable.code, f"shard {shard} moved to another node: subscribe again"
+            )
+            self._drop_subscription(sub)
+        self.queues.end_moved(moved)
+        return lost
+
+    def in_flight_for(self, shards: set[int]) -> int:
+        """Requests sent to shards and not answered yet, of these logical shards."""
+        return sum(1 for p in self._pending.values() if p.lshard in shards)
 
     # -- records from shards ------------------------------------------------------------
 

@@ -198,6 +198,19 @@ class QueueRouter:
         for token in [t for t, (src, _r) in self._relays.items() if src == shard]:
             del self._relays[token]
 
+    def end_moved(self, moved: Callable[[str], bool]) -> None:
+        """Cluster mode: end the consumers of streams whose logical shard left this node
+        (CONSUMER_END Unavailable, "moved": the client consumes through the new owner);
+        they leave their groups gracefully (what they hold is released, no failure)."""
+        for consumer in [c for c in self.by_token.values() if moved(c.key)]:
+            end = wire.encode_consumer_end(
+                consumer.consumer_id,
+                Unavailable.code,
+                "the stream's shard moved to another node: consume again",
+            )
+            consumer.conn.deliver(consumer, end)
+            self.drop(consumer, leave=True, graceful=True)
+
     # -- relays --------------------------------------------------------------------------
 
     def on_relay(self, source: int, relay: int, body: bytes, shard_ok: list[bool]) -> None:

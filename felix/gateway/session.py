@@ -620,6 +620,9 @@ class GatewaySession:
             self._send(stream, wire.encode_ok(msg.request_id))
         elif op == wire.OP_PING:
             self._send(stream, wire.encode_ok(msg.request_id))
+        elif isinstance(msg, wire.ShardMapRequest):
+            # The cluster's shard map as this node routes (logical shards 0: standalone).
+            self._send(stream, self._gateway.shard_map(msg.request_id))
         elif isinstance(msg, wire.SubscriptionOp):
             if msg.subscription_id not in self._subscriptions:
                 raise BadRequest(f"no subscription {msg.subscription_id} on this connection")

@@ -49,6 +49,8 @@ class Child:
     #: Whether the heartbeat found it silent at the last check (logged once per silence).
     unresponsive: bool = False
     stats: dict[str, int] = field(default_factory=dict)
+    #: Cluster mode: the newest shard map version this incarnation acknowledged.
+    ownership_acked: int = 0
     #: Status route requests waiting for this child's answer, by request number.
     status_waiters: dict[int, asyncio.Future[dict[str, Any] | None]] = field(default_factory=dict)
     #: Gets the control process's answers to feed requests (felix/node/control.py).
@@ -85,6 +87,15 @@ class Child:
                 f"(killed and restarted at {self.heartbeat.kill_after:g} s)"
             )
         return None
+
+    def running(self) -> bool:
+        """Whether an incarnation runs and talks to the supervisor."""
+        return (
+            self.proc is not None
+            and self.proc.returncode is None
+            and self.writer is not None
+            and not self.writer.is_closing()
+        )
 
     def stalled_for(self, now: float) -> float:
         """Seconds since this incarnation started or last reported start-up progress."""
@@ -131,6 +142,8 @@ class Child:
             waiter = self.status_waiters.pop(event.request, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(event.status)
+        elif isinstance(event, msg.OwnershipAck):
+            self.ownership_acked = max(self.ownership_acked, event.version)
         elif isinstance(event, msg.AutoCreated):
             if self.on_auto_created is not None:
                 self.on_auto_created(event.resources)

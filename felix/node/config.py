@@ -94,6 +94,24 @@ def parse_address(text: str, default_port: int) -> tuple[str, int]:
     return host or "127.0.0.1", number
 
 
+def is_wildcard(host: str) -> bool:
+    """Whether ``host`` listens on every address (so it names no one host to reach)."""
+    return host in ("", "0.0.0.0", "::", "[::]")
+
+
+#: What the children's copy of the config holds instead of the cluster's DSN.
+CLUSTER_REDACTED = "(set: the supervisor's)"
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def default_node_id() -> str:
+    """``--node-id``'s default: $HOSTNAME (the pod name on Kubernetes), else the host name."""
+    import socket
+
+    return os.environ.get("HOSTNAME") or socket.gethostname()
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -249,11 +267,25 @@ class NodeConfig:
     key_publish_lead: float = 300.0
     #: With --auth and --control-url: seconds between refreshes of each tenant's JWK set.
     jwks_refresh: float = 30.0
+    #: Join the cluster of nodes that agree through this PostgreSQL database (issue #16,
+    #: docs/architecture.md "Cluster"; None: standalone). Never sent to the children.
+    cluster: str | None = field(default=None, repr=False)
+    #: This node's id in the cluster (stable across restarts: the StatefulSet pod name).
+    node_id: str = ""
+    #: The QUIC ``host:port`` clients are redirected to (None: the listen address with the
+    #: port it bound; required when listening on a wildcard address).
+    advertise: tuple[str, int] | None = None
+    #: Logical shards of the cluster (fixed when it is created).
+    logical_shards: int = 256
+    #: Seconds of the node's lease (renewed every third of it).
+    cluster_lease: float = 10.0
     limits: GatewayLimits = field(default_factory=GatewayLimits)
     stream_defaults: StreamSettings = field(default_factory=StreamSettings)
     cache_defaults: CacheSettings = field(default_factory=CacheSettings)
 
     def __post_init__(self) -> None:
+        if self.cluster is not None:
+            self._check_cluster()
         if self.gateways < 1 or self.shards < 1:
             raise ConfigError("--gateways and --shards must be at least 1")
         if self.embedded_shards and self.gateways != 1:
@@ -365,6 +397,35 @@ class NodeConfig:
                 f"less than one stream's replay ring ({self.stream_defaults.replay_max_bytes})"
             )
 
+    def _check_cluster(self) -> None:
+        from felix.cluster.ownership import MAX_LOGICAL_SHARDS
+
+        if not _NODE_ID.match(self.node_id):
+            raise ConfigError(
+                f"--node-id {self.node_id!r} must be 1-128 letters, digits, '.', '_' or '-'"
+            )
+        if not 1 <= self.logical_shards <= MAX_LOGICAL_SHARDS:
+            raise ConfigError(f"--logical-shards must be in 1..{MAX_LOGICAL_SHARDS}")
+        if not 1.0 <= self.cluster_lease <= 3600.0:
+            raise ConfigError("--cluster-lease must be between 1 and 3600 seconds")
+        if self.advertise is None:
+            if is_wildcard(self.listen[0]):
+                raise ConfigError(
+                    f"--advertise HOST:PORT is required with --cluster when --listen is the "
+                    f"wildcard address {self.listen[0] or '(empty)'}: other nodes redirect "
+                    "clients to it"
+                )
+        elif is_wildcard(self.advertise[0]) or self.advertise[1] == 0:
+            raise ConfigError(
+                f"--advertise {self.advertise[0]}:{self.advertise[1]} must name a host clients "
+                "can reach and a port"
+            )
+
+    @property
+    def clustered(self) -> bool:
+        """Whether the node is part of a cluster (the DSN itself stays in the supervisor)."""
+        return self.cluster is not None
+
     @property
     def tenant_defaults(self) -> TenantQuota:
         """The node-wide quota of a tenant the control plane sets none for."""
@@ -386,7 +447,8 @@ class NodeConfig:
 
     def to_json(self) -> str:
         """The config for the child processes (without the control token: they need none)."""
-        return json.dumps({**_plain(self), "control_token": None})
+        cluster = None if self.cluster is None else CLUSTER_REDACTED
+        return json.dumps({**_plain(self), "control_token": None, "cluster": cluster})
 
     @classmethod
     def from_json(cls, text: str) -> NodeConfig:
@@ -395,6 +457,8 @@ class NodeConfig:
         raw["http"] = tuple(raw["http"])
         raw["control"] = tuple(raw["control"])
         raw["data_dir"] = Path(raw["data_dir"])
+        if raw.get("advertise") is not None:
+            raw["advertise"] = tuple(raw["advertise"])
         for key in (
             "shm_socket",
             "tls_cert",

@@ -1,5 +1,6 @@
 """The node's HTTP endpoint: /livez, /startupz, /readyz, /metrics (Prometheus text format),
-/status (the node at a glance as JSON, for ``felix status``),
+/status (the node at a glance as JSON, for ``felix status``), /cluster (cluster mode:
+the agent's view and the node's shard map, for ``felix cluster status``),
 /streams/<tenant>/<namespace>/<stream> (a stream's status as JSON) and
 /caches/<tenant>/<namespace>/<cache> (a cache's counters, summed over its partitions).
 
@@ -97,6 +98,16 @@ class NodeView(Protocol):
         """The status of stream ``key`` from the shard owning it (None: not held).
 
         Raises TimeoutError when the shard does not answer."""
+        ...
+
+    def cluster_status(self) -> dict[str, Any] | None:
+        """The /cluster route: the cluster agent's snapshot and the node's shard map
+        (None: a standalone node)."""
+        ...
+
+    def cluster_metrics(self) -> dict[str, Any] | None:
+        """``lease_renewals`` (by result), ``shards_owned``, ``ownership_changes``,
+        ``serving`` and ``placer`` (None: a standalone node)."""
         ...
 
 
@@ -224,6 +235,16 @@ _METRICS: dict[str, tuple[str, str, bool]] = {
         "Queue consumers ended by a gateway for not reading their deliveries",
         True,
     ),
+    "cluster_redirects": (
+        "felix_cluster_redirects",
+        "Requests answered with REDIRECT to the logical shard's owner",
+        True,
+    ),
+    "cluster_refused": (
+        "felix_cluster_refused",
+        "Requests refused (Unavailable) for the cluster: no owner, a handoff, no valid lease",
+        True,
+    ),
     "connections": ("felix_connections", "Open client connections", False),
     "shm_connections": (
         "felix_shm_connections",
@@ -296,6 +317,41 @@ class _ChildStats(Collector):
             family = CounterMetricFamily(name, help_text, labels=["role", "index"])
             family.add_metric(["supervisor", "0"], value)
             yield family
+        # Views written before clusters (tests' fakes) have no cluster to report.
+        metrics = getattr(self._node, "cluster_metrics", None)
+        cluster = metrics() if metrics is not None else None
+        if cluster is not None:
+            yield from _cluster_families(cluster)
+
+
+def _cluster_families(values: Mapping[str, Any]) -> Iterator[Metric]:
+    """The felix_cluster_* metrics of the supervisor's cluster agent."""
+    renewals = CounterMetricFamily(
+        "felix_cluster_lease_renewals", "Lease renewals of this node, by result", labels=["result"]
+    )
+    for result, count in sorted(dict(values.get("lease_renewals") or {}).items()):
+        renewals.add_metric([str(result)], count)
+    yield renewals
+    yield GaugeMetricFamily(
+        "felix_cluster_shards_owned",
+        "Logical shards this node owns in its newest shard map",
+        value=values.get("shards_owned", 0),
+    )
+    yield CounterMetricFamily(
+        "felix_cluster_ownership_changes",
+        "Changes of a logical shard's owner or epoch seen in the shard map",
+        value=values.get("ownership_changes", 0),
+    )
+    yield GaugeMetricFamily(
+        "felix_cluster_serving",
+        "1 while this node's lease is valid (it serves its shards), else 0",
+        value=values.get("serving", 0),
+    )
+    yield GaugeMetricFamily(
+        "felix_cluster_placer",
+        "1 while this node is the cluster's placer, else 0",
+        value=values.get("placer", 0),
+    )
 
 
 class HealthServer:
@@ -440,6 +496,13 @@ class HealthServer:
             return "503 Service Unavailable", "text/plain", text.encode()
         if path == "/status":
             body = json.dumps(self._status(), sort_keys=True).encode() + b"\n"
+            return "200 OK", "application/json", body
+        if path == "/cluster":
+            view = getattr(self._node, "cluster_status", None)
+            cluster = view() if view is not None else None
+            if cluster is None:
+                return "404 Not Found", "text/plain", b"this node is not part of a cluster\n"
+            body = json.dumps(cluster, sort_keys=True).encode() + b"\n"
             return "200 OK", "application/json", body
         if path == "/metrics":
             return "200 OK", "text/plain; version=0.0.4", generate_latest(self._registry)

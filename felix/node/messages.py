@@ -141,6 +141,17 @@ class StreamStatusRequest(_Message):
     kind: str = "stream"
 
 
+@dataclass(frozen=True, slots=True)
+class Ownership(_Message):
+    """To gateways (cluster mode): the node's newest shard map,
+    :meth:`felix.cluster.ownership.OwnershipMap.to_dict`. Sent whenever the map or
+    ``serve_until`` changes (every lease renewal) and to every gateway that starts; a
+    gateway serves nothing before its first one. Answered by :class:`OwnershipAck`."""
+
+    TYPE: ClassVar[str] = "ownership"
+    map: dict[str, Any]
+
+
 # -- child to supervisor ------------------------------------------------------------------
 
 
@@ -252,6 +263,16 @@ class StreamStatusReply(_Message):
     status: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class OwnershipAck(_Message):
+    """From a gateway: it applied shard map ``version``, and every request it had in
+    flight for a shard that map refuses here has been answered (or the bounded wait
+    ran out): what a handoff waits for before the shard's new owner takes it."""
+
+    TYPE: ClassVar[str] = "ownership_ack"
+    version: int
+
+
 Command = (
     ShardDown
     | ShardUp
@@ -263,6 +284,7 @@ Command = (
     | ChangesRequest
     | RegisterRequest
     | StreamStatusRequest
+    | Ownership
 )
 Event = (
     Ready
@@ -277,6 +299,7 @@ Event = (
     | StreamStatusReply
     | AutoCreated
     | RegisterReply
+    | OwnershipAck
 )
 Message = Command | Event
 
@@ -305,6 +328,8 @@ _TYPES: dict[str, type[Any]] = {
         RegisterRequest,
         RegisterReply,
         AutoCreated,
+        Ownership,
+        OwnershipAck,
     )
 }
 #: Field name -> the JSON types its value may have (ints are accepted as floats).
@@ -333,6 +358,8 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "detail": (str,),
     "status": (dict, type(None)),
     "results": (list,),
+    "map": (dict,),
+    "version": (int,),
 }
 
 
@@ -393,6 +420,8 @@ __all__ = [
     "Event",
     "FeedFailed",
     "Message",
+    "Ownership",
+    "OwnershipAck",
     "Ping",
     "Pong",
     "Quiesce",

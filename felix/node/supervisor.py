@@ -51,7 +51,8 @@ from felix.errors import ConfigError
 from felix.keys.store import KEYS_DIR, KeyStore, resolve_region_key
 from felix.node import messages as msg
 from felix.node.children import Child
-from felix.node.config import NodeConfig, is_loopback
+from felix.node.cluster import NodeCluster
+from felix.node.config import NodeConfig, is_loopback, is_wildcard
 from felix.node.control import ChildFeed, ControlFollower, FeedSource, HttpFeed
 from felix.node.datadir import DataDirLock, reclaim_rings, ring_prefix
 from felix.node.fds import FdReserve, raise_nofile_limit
@@ -110,6 +111,8 @@ class Supervisor:
         self._lock: DataDirLock | None = None
         self._fd_reserve: FdReserve | None = None
         self.health: HealthServer | None = None
+        #: Cluster mode (--cluster): the agent and this node's shard map.
+        self.cluster: NodeCluster | None = None
         self.follower: ControlFollower | None = None
         # Registers what shards create on first use in the control plane it follows.
         self.registrar = Registrar(region=config.region)
@@ -165,6 +168,8 @@ class Supervisor:
             problems.append("control plane: not seeded yet")
         elif self.follower.refused is not None:
             problems.append(f"control plane: feed refused: {self.follower.refused}")
+        if self.cluster is not None:
+            problems.extend(self.cluster.problems())
         now = time.monotonic()
         degraded: list[str] = []  # the control process: changes wait, the data plane serves
         for child in self.children:
@@ -255,6 +260,8 @@ class Supervisor:
             await self._start_child(child)
         await self._wait_ready(self.shards)
         await self._start_control()
+        if config.cluster is not None:
+            await self._join_cluster(config.cluster)
         for child in self.gateways:
             await self._start_child(child)
         await self._wait_ready(self.gateways)
@@ -277,6 +284,31 @@ class Supervisor:
             f"pid={os.getpid()} data={config.data_dir}",
             flush=True,
         )
+
+    async def _join_cluster(self, dsn: str) -> None:
+        """Join the cluster (after the control plane: its store may be the same database)."""
+        config = self.config
+        assert self.health is not None
+        if config.advertise is not None:
+            address = _fmt(*config.advertise)
+        else:
+            address = _fmt(config.listen[0], self.port)
+        http_host, http_port = self.health.address
+        if is_wildcard(http_host):
+            http_host = (config.advertise or config.listen)[0]
+        self.cluster = NodeCluster(
+            dsn=dsn,
+            node_id=config.node_id,
+            address=address,
+            health_url=f"http://{_fmt(http_host, http_port)}",
+            region=config.region,
+            logical_shards=config.logical_shards,
+            lease=config.cluster_lease,
+            data_dir=config.data_dir,
+            gateways=lambda: self.gateways,
+        )
+        log.info("joining the cluster as %s (advertising %s)", config.node_id, address)
+        await self.cluster.start()
 
     def _check_region_key(self) -> None:
         """Resolve the region key before any shard starts (and, in dev mode, generate
@@ -516,6 +548,7 @@ class Supervisor:
         child.quiesced.clear()
         child.drained.clear()
         child.kill_reason = None
+        child.ownership_acked = 0
         with self._fd_reserve.released():
             parent_end, child_end = socket.socketpair()
             socket_fd = -1
@@ -564,6 +597,8 @@ class Supervisor:
                 child.proc.kill()  # never leave an incarnation nobody talks to
             raise
         self._background(child.read_events(reader))
+        if child.role == "gateway" and self.cluster is not None:
+            self.cluster.on_gateway_started(child)
 
     async def _supervise(self, child: Child) -> None:
         """Restart ``child`` whenever it exits, for the node's whole life."""
@@ -708,6 +743,9 @@ class Supervisor:
         log.info("draining (grace %.1fs)", grace)
         self._stopping = True
         await self._stop_bridges()
+        if self.cluster is not None:
+            # Leave first: the shards move now, not once the lease has run out.
+            await self.cluster.stop()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         live = [g for g in self.gateways if g.ready.is_set()]
@@ -867,6 +905,7 @@ class Supervisor:
             },
             # Streams and caches created on first use, registered in the control plane.
             "auto_created": self.registrar.status(),
+            "cluster": self.cluster.summary() if self.cluster is not None else None,
             # Gateway<->shard rings (none with embedded shards): how full the fullest is.
             "rings": {
                 "count": len(rings),
@@ -895,11 +934,24 @@ class Supervisor:
                 **{c.name: c.proc.pid for c in self.children if c.proc is not None},
                 **({"bridges-0": self.bridges_proc.pid} if self.bridges_proc else {}),
             },
+            "cluster": (
+                {"node_id": self.cluster.node_id, "address": self.cluster.address}
+                if self.cluster is not None
+                else None
+            ),
             "restarts": {
                 **{c.name: c.restarts for c in self.children},
                 **({"bridges-0": self.bridges_restarts} if self.config.bridges else {}),
             },
         }
+
+    def cluster_status(self) -> dict[str, Any] | None:
+        """The /cluster route (None: a standalone node)."""
+        return self.cluster.status() if self.cluster is not None else None
+
+    def cluster_metrics(self) -> dict[str, Any] | None:
+        """Values of the felix_cluster_* metrics (None: a standalone node)."""
+        return self.cluster.metrics() if self.cluster is not None else None
 
     def _control_url(self) -> str | None:
         if self._control_sock is not None:

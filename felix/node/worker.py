@@ -36,8 +36,10 @@ from typing import Any
 import uvloop
 
 from felix import ipc
+from felix.cluster.ownership import OwnershipMap
 from felix.errors import FelixError, RemoteProtocolError
 from felix.gateway.auth import TokenAuthenticator
+from felix.gateway.cluster import ClusterGate
 from felix.gateway.connection import connection_factory
 from felix.gateway.gateway import Gateway
 from felix.gateway.links import ShardLinks
@@ -388,6 +390,11 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
         incarnation=spec.incarnation,
         authenticator=authenticator,
     )
+    ownership: OwnershipFollower | None = None
+    if config.clustered:
+        # Nothing is served before the supervisor's first shard map arrives.
+        gateway.cluster = ClusterGate()
+        ownership = OwnershipFollower(gateway, control)
     if not cores:
         for shard in range(config.shards):
             # Tell every shard this gateway (re)started: its old watches are void.
@@ -423,6 +430,9 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
                 apply_resource(cores[cmd.shard], config, cmd, local.flush_soon)
         elif isinstance(cmd, msg.StreamStatusRequest):
             control.send(msg.StreamStatusReply(cmd.request, resource_status(cores, cmd)))
+        elif isinstance(cmd, msg.Ownership):
+            if ownership is not None:
+                ownership.apply(cmd.map)
         elif isinstance(cmd, msg.ShardDown):
             gateway.shard_down(cmd.shard)
         elif isinstance(cmd, msg.ShardUp):
@@ -461,6 +471,14 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
             "queue_too_slow": gateway.queues.too_slow,
             "shm_connections": shm.connections if shm is not None else 0,
             "shm_refused": shm.refused_busy + shm.refused_bad if shm is not None else 0,
+            **(
+                {
+                    "cluster_redirects": gateway.cluster.redirects,
+                    "cluster_refused": gateway.cluster.refused,
+                }
+                if gateway.cluster is not None
+                else {}
+            ),
         }
 
     await serve_commands(
@@ -476,6 +494,59 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
     links.close()
     for disk_io in disk_ios:
         disk_io.close()
+
+
+#: Seconds a gateway waits for its requests in flight for shards a new map took away
+#: before it acknowledges the map anyway (what a handoff waits for).
+OWNERSHIP_DRAIN_TIMEOUT = 2.0
+
+
+class OwnershipFollower:
+    """A gateway's handling of the supervisor's shard maps (cluster mode): apply each
+    (felix/gateway/cluster.py), and acknowledge it (msg.OwnershipAck) once the requests
+    in flight for the shards it took away are answered, or OWNERSHIP_DRAIN_TIMEOUT
+    passed. Maps that come while an earlier one drains are acknowledged with it."""
+
+    def __init__(self, gateway: Gateway, control: ControlChannel) -> None:
+        self._gateway = gateway
+        self._control = control
+        self._draining: set[int] = set()
+        self._deadline = 0.0
+        self._version = 0  # the newest map applied
+        self._task: asyncio.Task[None] | None = None
+
+    def apply(self, raw: dict[str, Any]) -> None:
+        try:
+            new = OwnershipMap.from_dict(raw)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.error("gateway %d: bad shard map from the supervisor: %r", self._gateway.index, exc)
+            return
+        lost = self._gateway.apply_ownership(new)
+        if lost is None:
+            return  # not newer
+        self._version = new.version
+        if lost:
+            log.info(
+                "gateway %d: map %d takes %d logical shard(s) from this node",
+                self._gateway.index,
+                new.version,
+                len(lost),
+            )
+            self._draining |= lost
+            self._deadline = time.monotonic() + OWNERSHIP_DRAIN_TIMEOUT
+        if not self._draining:
+            self._control.send(msg.OwnershipAck(self._version))
+        elif self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._gateway.in_flight_for(self._draining) and time.monotonic() < self._deadline:
+                await asyncio.sleep(0.01)
+            self._draining.clear()
+            self._control.send(msg.OwnershipAck(self._version))
+        finally:
+            self._task = None
 
 
 async def serve_commands(

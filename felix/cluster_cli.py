@@ -1,0 +1,212 @@
+"""``felix cluster status``: the nodes of a cluster, their leases and the shard map,
+from a node's health port (``/cluster``, felix/node/health.py).
+
+The node is found as ``felix status`` finds it: ``--http URL``; ``$FELIX_HTTP_URL``; the
+context's or local node's node.json; else ``http://127.0.0.1:8080``. Every other node's
+``/cluster`` is asked too (at the health URL it registered), for its own lease and
+whether it is the placer; a node that does not answer is shown as such.
+
+Exit status: 0 the node answered, 1 it did not (or is not part of a cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from felix.status_cli import DEFAULT_HTTP, Subparsers, _http_url
+
+__all__ = ["add_commands", "fetch_cluster", "render"]
+
+#: /cluster answers hold at most 4096 shards of a few dozen bytes each.
+_MAX_BODY = 8 << 20
+
+
+class Unreachable(Exception):
+    """The health port did not answer with a /cluster document."""
+
+
+def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
+    """Add ``cluster status`` to the ``felix`` command's ``subparsers``."""
+    cluster = subparsers.add_parser(
+        "cluster", help="the cluster this node belongs to (felix up --cluster)"
+    )
+    commands = cluster.add_subparsers(dest="cluster_command", required=True)
+    doc = (__doc__ or "").split("\n\n", 1)[1]
+    status = commands.add_parser(
+        "status",
+        help="nodes, leases, placer, balance and handoffs (--shards: the shard map)",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    status.add_argument("--http", metavar="URL", help=f"a node's health port ({DEFAULT_HTTP})")
+    status.add_argument(
+        "--timeout", type=float, default=5.0, metavar="SECONDS", help="per request (5)"
+    )
+    status.add_argument("--json", action="store_true", help="print one JSON document")
+    status.add_argument("--shards", action="store_true", help="the owner and epoch of each shard")
+    status.set_defaults(func=_status)
+
+
+def fetch_cluster(url: str, timeout: float) -> dict[str, Any]:
+    """GET ``url``/cluster; raises Unreachable unless it is a cluster node's answer."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/cluster", timeout=timeout) as answer:
+            body = answer.read(_MAX_BODY + 1)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise Unreachable(f"{url}: this node is not part of a cluster") from None
+        raise Unreachable(f"{url}/cluster: HTTP {exc.code}") from None
+    except (OSError, urllib.error.URLError) as exc:
+        raise Unreachable(f"{url}: {getattr(exc, 'reason', exc)}") from None
+    if len(body) > _MAX_BODY:
+        raise Unreachable(f"{url}/cluster: answer over {_MAX_BODY} bytes")
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise Unreachable(f"{url}/cluster: not JSON") from None
+    if not isinstance(doc, dict):
+        raise Unreachable(f"{url}/cluster: not a cluster node's answer")
+    return doc
+
+
+def gather(doc: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """The cluster as one document: ``doc`` (one node's /cluster) with, per node, its
+    own answer's lease and placer flag (``peers``)."""
+    nodes = [_node_row(row) for row in doc.get("nodes") or []]
+    me = doc.get("node_id")
+
+    def ask(node: dict[str, Any]) -> tuple[str, dict[str, Any] | str]:
+        if node["node_id"] == me:
+            return node["node_id"], doc
+        url = node.get("health_url")
+        if not url:
+            return node["node_id"], "no health URL"
+        try:
+            return node["node_id"], fetch_cluster(url, timeout)
+        except Unreachable as exc:
+            return node["node_id"], str(exc)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(nodes)))) as pool:
+        answers = dict(pool.map(ask, nodes))
+    shards = [_shard_row(row) for row in doc.get("shards") or []]
+    owned: dict[str, int] = {}
+    for shard in shards:
+        if shard["owner"] is not None:
+            owned[shard["owner"]] = owned.get(shard["owner"], 0) + 1
+    for node in nodes:
+        node["owned"] = owned.get(node["node_id"], 0)
+        answer = answers.get(node["node_id"])
+        if isinstance(answer, dict):
+            node["answered"] = True
+            node["placer"] = bool(answer.get("placer"))
+            node["serving"] = bool(answer.get("serving"))
+            node["lease_seconds_left"] = answer.get("lease_seconds_left")
+            node["map_version"] = answer.get("version")
+        else:
+            node["answered"] = False
+            node["problem"] = answer
+    placers = [n["node_id"] for n in nodes if n.get("placer")]
+    return {
+        "node_id": me,
+        "logical_shards": doc.get("logical_shards"),
+        "version": doc.get("version"),
+        "placer": placers[0] if len(placers) == 1 else (placers or None),
+        "balance": doc.get("balance"),
+        "handoffs": doc.get("handoffs") or [],
+        "nodes": nodes,
+        "shards": shards,
+    }
+
+
+def _node_row(row: Any) -> dict[str, Any]:
+    if isinstance(row, dict):
+        return dict(row)
+    node_id, address, health_url, live, incarnation, lease_until = row
+    return {
+        "node_id": node_id,
+        "address": address,
+        "health_url": health_url,
+        "live": live,
+        "incarnation": incarnation,
+        "lease_until": lease_until,
+    }
+
+
+def _shard_row(row: Any) -> dict[str, Any]:
+    if isinstance(row, dict):
+        return dict(row)
+    owner, epoch, handoff_to, durable_node = row
+    return {"owner": owner, "epoch": epoch, "handoff_to": handoff_to, "durable_node": durable_node}
+
+
+def render(cluster: dict[str, Any], shards: bool) -> str:
+    """The human view of :func:`gather`'s document."""
+    nodes = cluster["nodes"]
+    placer = cluster.get("placer")
+    lines = [
+        f"cluster of {len(nodes)} node(s), {sum(1 for n in nodes if n.get('live'))} live  "
+        f"logical shards {cluster.get('logical_shards')}  map version "
+        f"{cluster.get('version')} (as node {cluster.get('node_id')} sees it)  "
+        f"placer {placer if isinstance(placer, str) else placer or 'none'}",
+        f"  {'NODE':<20}{'ADDRESS':<24}{'LIVE':<6}{'LEASE':>8}{'INC':>6}{'OWNED':>7}  STATE",
+    ]
+    for node in nodes:
+        left = node.get("lease_seconds_left")
+        lease = f"{left:.1f}s" if isinstance(left, int | float) else "-"
+        if not node.get("answered"):
+            state = f"did not answer ({node.get('problem')})"
+        else:
+            state = "serving" if node.get("serving") else "not serving"
+            if node.get("placer"):
+                state += ", placer"
+        lines.append(
+            f"  {node['node_id']:<20}{node['address']:<24}"
+            f"{'yes' if node.get('live') else 'NO':<6}{lease:>8}{node.get('incarnation', '-'):>6}"
+            f"{node.get('owned', 0):>7}  {state}"
+        )
+    balance = cluster.get("balance")
+    if isinstance(balance, dict):
+        lines.append(
+            f"  balance: {balance.get('min')}-{balance.get('max')} shards per live node "
+            f"(spread {balance.get('spread')}), {balance.get('unowned', 0)} without a live owner"
+        )
+    handoffs = cluster.get("handoffs") or []
+    lines.append(f"  handoffs in flight: {len(handoffs)}")
+    for h in handoffs:
+        lines.append(f"    shard {h.get('shard')}: {h.get('from')} -> {h.get('to')} "
+                     f"(epoch {h.get('epoch')})")  # fmt: skip
+    if shards:
+        lines.append(f"  {'SHARD':>6}  {'OWNER':<20}{'EPOCH':>7}  HANDOFF TO / DURABLE ON")
+        for i, s in enumerate(cluster["shards"]):
+            extra = []
+            if s.get("handoff_to"):
+                extra.append(f"-> {s['handoff_to']}")
+            if s.get("durable_node"):
+                extra.append(f"durable on {s['durable_node']}")
+            lines.append(
+                f"  {i:>6}  {s.get('owner') or '-':<20}{s.get('epoch', 0):>7}  {' '.join(extra)}"
+            )
+    return "\n".join(lines)
+
+
+def _status(args: argparse.Namespace) -> int:
+    url = _http_url(args)
+    try:
+        doc = fetch_cluster(url, args.timeout)
+    except Unreachable as exc:
+        print(f"felix: {exc}", file=sys.stderr)
+        return 1
+    cluster = gather(doc, args.timeout)
+    if args.json:
+        if not args.shards:
+            cluster = {k: v for k, v in cluster.items() if k != "shards"}
+        print(json.dumps(cluster, sort_keys=True))
+    else:
+        print(render(cluster, args.shards))
+    return 0

@@ -1,0 +1,339 @@
+"""The supervisor's side of the cluster (``felix up --cluster``; docs/architecture.md, "Cluster").
+
+How it works: :class:`NodeCluster` runs the :class:`~felix.cluster.agent.ClusterAgent`
+on the supervisor's loop and is what the agent calls back:
+
+- ``publish(map)``: the node's newest shard map goes to every gateway process
+  (felix/node/messages.py ``Ownership``), and to every gateway that starts later
+  (:meth:`NodeCluster.on_gateway_started`): a gateway serves nothing before it has one.
+- ``handoff_drained(version)``: returns once every running gateway acknowledged map
+  ``version`` (``OwnershipAck``: it ended the moved shards' subscriptions and answered
+  its requests in flight for them), or after :data:`HANDOFF_DRAIN_TIMEOUT`.
+- ``durable_shards()``: the logical shards this node holds durable records for
+  (:class:`DurableShards`, a scan of ``DATA_DIR/streams`` at most every few seconds).
+
+It also keeps what the health port shows: ``/readyz`` problems (no map yet, lease not
+valid), the ``/cluster`` route, the cluster part of ``/status`` and the
+``felix_cluster_*`` metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from felix import ipc
+from felix.cluster.ownership import OwnershipMap, logical_shard
+from felix.node import messages as msg
+from felix.shard.log_format import SEGMENT_HEADER_SIZE
+
+log = logging.getLogger("felix.cluster")
+
+#: How long a handoff waits for the gateways' acknowledgements at most.
+HANDOFF_DRAIN_TIMEOUT = 5.0
+#: How long ``durable_shards()`` reuses a scan of the data dir.
+DURABLE_RESCAN = 5.0
+#: How long the agent may take to join (register, wait out an old lease of this node id,
+#: read the map) before ``felix up`` gives up.
+JOIN_TIMEOUT = 120.0
+
+__all__ = ["DURABLE_RESCAN", "DurableShards", "NodeCluster"]
+
+
+class _GatewayChild(Protocol):
+    """What the cluster reads and sends of a gateway (felix/node/children.py ``Child``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def ownership_acked(self) -> int: ...
+
+    def send(self, message: msg.Command) -> bool: ...
+
+    def running(self) -> bool: ...
+
+
+class DurableShards:
+    """The logical shards this node holds durable records for: every stream directory
+    under ``DATA_DIR/streams/<tenant>/<ns>/<stream>`` with a segment file holding more
+    than its header, hashed to its logical shard (cached; rescanned at most every
+    :data:`DURABLE_RESCAN` seconds)."""
+
+    def __init__(
+        self,
+        root: Path,
+        logical_shards: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rescan: float = DURABLE_RESCAN,
+    ) -> None:
+        self.root = root
+        self.logical_shards = logical_shards
+        self._clock = clock
+        self._rescan = rescan
+        self._at: float | None = None
+        self._shards: frozenset[int] = frozenset()
+
+    def __call__(self) -> Collection[int]:
+        now = self._clock()
+        if self._at is None or now - self._at >= self._rescan:
+            self._shards = frozenset(self.scan())
+            self._at = now
+        return self._shards
+
+    def scan(self) -> set[int]:
+        shards: set[int] = set()
+        for key in durable_stream_keys(self.root):
+            shards.add(logical_shard(key, self.logical_shards))
+        return shards
+
+
+def durable_stream_keys(root: Path) -> list[str]:
+    """Keys of the durable streams under ``root`` (felix/shard/durable.py's layout) whose
+    log holds at least one record's bytes (directories being deleted are skipped)."""
+    keys = []
+    for tenant in _subdirs(root):
+        for ns in _subdirs(root / tenant):
+            for stream in _subdirs(root / tenant / ns):
+                if stream.startswith("."):  # .deleted.<id>.<name>: a removal under way
+                    continue
+                if _has_records(root / tenant / ns / stream):
+                    keys.append(ipc.stream_key(tenant, ns, stream))
+    return keys
+
+
+def _subdirs(path: Path) -> list[str]:
+    try:
+        with os.scandir(path) as entries:
+            return [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def _has_records(path: Path) -> bool:
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if (
+                    entry.name.endswith(".seg")
+                    and entry.is_file(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_size > SEGMENT_HEADER_SIZE
+                ):
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def lease_settings(ttl: float) -> Any:
+    """``--cluster-lease`` as the agent's lease timing: the fence margin and the placer's
+    grace are 2 s (a fifth of the default 10 s lease), a fifth of shorter leases."""
+    from felix.cluster.lease import LeaseSettings
+
+    margin = min(2.0, ttl / 5)
+    return LeaseSettings(ttl=ttl, fence_margin=margin, placer_grace=margin)
+
+
+class NodeCluster:
+    """The cluster agent of one node and what the supervisor and health port need of it."""
+
+    def __init__(
+        self,
+        *,
+        dsn: str,
+        node_id: str,
+        address: str,
+        health_url: str,
+        region: str,
+        logical_shards: int,
+        lease: float,
+        data_dir: Path,
+        gateways: Callable[[], Sequence[_GatewayChild]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        from felix.cluster.agent import ClusterAgent, ClusterSettings
+
+        self.node_id = node_id
+        self.address = address
+        self.logical_shards = logical_shards
+        self._gateways = gateways
+        self._clock = clock
+        #: The newest map the agent published (None: not joined yet), and its message.
+        self.map: OwnershipMap | None = None
+        self._message: msg.Ownership | None = None
+        self.durable = DurableShards(data_dir / "streams", logical_shards, clock=clock)
+        #: Owner or epoch changes of logical shards between consecutive maps.
+        self.ownership_changes = 0
+        self.settings = ClusterSettings(
+            dsn=dsn,
+            node_id=node_id,
+            address=address,
+            health_url=health_url,
+            region=region,
+            logical_shards=logical_shards,
+            lease=lease_settings(lease),
+        )
+        self.agent = ClusterAgent(
+            self.settings,
+            publish=self.publish,
+            durable_shards=self.durable,
+            handoff_drained=self.handoff_drained,
+            clock=clock,
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, timeout: float = JOIN_TIMEOUT) -> None:
+        """Join the cluster (raises ConfigError when the cluster refuses this node)."""
+        await self.agent.start(timeout)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            await self.agent.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the cluster agent stopped unexpectedly; this node serves no shard")
+
+    async def stop(self) -> None:
+        """Leave the cluster (its shards move at once rather than after the lease)."""
+        try:
+            await asyncio.wait_for(self.agent.stop(leave=True), 5.0)
+        except Exception as exc:  # the lease runs out on its own
+            log.warning("leaving the cluster failed: %r", exc)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    # -- what the agent calls --------------------------------------------------------------
+
+    def publish(self, new: OwnershipMap) -> None:
+        old = self.map
+        if old is not None and old.logical_shards == new.logical_shards:
+            self.ownership_changes += sum(
+                1
+                for a, b in zip(old.shards, new.shards, strict=True)
+                if a.owner != b.owner or a.epoch != b.epoch
+            )
+        if old is None:
+            log.info(
+                "joined the cluster as %s: map %d, %d of %d logical shards here",
+                new.node_id,
+                new.version,
+                len(new.owned()),
+                new.logical_shards,
+            )
+        self.map = new
+        self._message = msg.Ownership(new.to_dict())
+        for gateway in self._gateways():
+            gateway.send(self._message)
+
+    async def handoff_drained(self, version: int) -> None:
+        deadline = self._clock() + HANDOFF_DRAIN_TIMEOUT
+        while self._clock() < deadline:
+            behind = [g for g in self._gateways() if g.running() and g.ownership_acked < version]
+            if not behind:
+                return
+            await asyncio.sleep(0.01)
+        log.warning("gateways did not acknowledge shard map %d in time; handing off anyway",
+                    version)  # fmt: skip
+
+    # -- what the supervisor calls ----------------------------------------------------------
+
+    def on_gateway_started(self, gateway: _GatewayChild) -> None:
+        """A gateway (re)started: it gets the current map before anything else."""
+        if self._message is not None:
+            gateway.send(self._message)
+
+    def serving(self) -> bool:
+        return self.map is not None and self._clock() < self.map.serve_until
+
+    def problems(self) -> list[str]:
+        """What /readyz says about the cluster (nothing: this node serves its shards)."""
+        if self.map is None:
+            return ["cluster: joining (no shard map yet)"]
+        if not self.serving():
+            return ["cluster: this node's lease is not valid (serving no shard; renewing)"]
+        return []
+
+    def summary(self) -> dict[str, Any]:
+        """The cluster part of /status."""
+        current = self.map
+        snapshot = self._snapshot()
+        return {
+            "node_id": self.node_id,
+            "address": self.address,
+            "logical_shards": self.logical_shards,
+            "joined": current is not None,
+            "serving": self.serving(),
+            "map_version": current.version if current is not None else None,
+            "owned": len(current.owned()) if current is not None else 0,
+            "nodes": len(current.nodes) if current is not None else 0,
+            "live_nodes": sum(1 for n in current.nodes if n.live) if current is not None else 0,
+            "placer": bool(snapshot.get("placer")),
+        }
+
+    def status(self) -> dict[str, Any]:
+        """The /cluster route: the agent's snapshot (this node's map, its lease, placer,
+        counters, balance, handoffs) and what this node advertises and holds."""
+        return {
+            **self._snapshot(),
+            "node_id": self.node_id,
+            "address": self.address,
+            "durable_shards": sorted(self.durable()),
+        }
+
+    def _snapshot(self) -> dict[str, Any]:
+        try:
+            snapshot = self.agent.snapshot()
+        except Exception:  # a report must never take the health port down
+            log.exception("cluster agent snapshot failed")
+            return {}
+        return snapshot if isinstance(snapshot, dict) else {}
+
+    def metrics(self) -> dict[str, Any]:
+        """Values of the felix_cluster_* metrics (felix/node/health.py renders them)."""
+        current = self.map
+        snapshot = self._snapshot()
+        renewals = _renewals(self.agent, snapshot)
+        return {
+            "lease_renewals": renewals,
+            "shards_owned": len(current.owned()) if current is not None else 0,
+            "ownership_changes": _counter(self.agent, "ownership_changes", self.ownership_changes),
+            "serving": int(self.serving()),
+            "placer": int(bool(snapshot.get("placer"))),
+        }
+
+
+def _counter(agent: Any, name: str, default: int) -> int:
+    counters = getattr(agent, "counters", None)
+    value = counters.get(name) if isinstance(counters, dict) else None
+    return value if isinstance(value, int) else default
+
+
+def _renewals(agent: Any, snapshot: dict[str, Any]) -> dict[str, int]:
+    """Lease renewals by result, from the agent's counters."""
+    counters = getattr(agent, "counters", None)
+    if callable(counters):
+        counters = counters()
+    if not isinstance(counters, dict):
+        counters = snapshot.get("counters", {})
+    out: dict[str, int] = {}
+    if isinstance(counters, dict):
+        nested = counters.get("lease_renewals")
+        if isinstance(nested, dict):
+            return {str(k): int(v) for k, v in nested.items() if isinstance(v, int)}
+        for name, value in counters.items():
+            if isinstance(value, int) and str(name).startswith("renewals_"):
+                out[str(name).removeprefix("renewals_")] = value
+    return out

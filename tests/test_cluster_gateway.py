@@ -1,0 +1,295 @@
+"""A gateway in cluster mode (in-process node, real QUIC): every request checked against
+the shard map (serve, REDIRECT, Unavailable), SHARD_MAP answered from it, moved shards'
+subscriptions ended; and the node-side pieces that need no database: the up flags,
+the supervisor<->gateway messages, the scan of durable shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from felix import wire
+from felix.cli import _node_config, build_parser
+from felix.cluster.ownership import ClusterNode, OwnershipMap, ShardState, logical_shard
+from felix.errors import ConfigError, ErrorCode
+from felix.gateway.cluster import JOINING, NO_OWNER, ClusterGate
+from felix.node import messages as msg
+from felix.node.cluster import DurableShards, lease_settings
+from felix.node.config import NodeConfig
+from felix.node.local import LocalNode
+from tests.aio import run
+from tests.rawquic import RawPeer, raw_connect
+
+pytestmark = pytest.mark.timeout(60)
+T, NS = "acme", "prod"
+L = 8
+OTHER = "10.0.0.2:5000"
+
+
+def cluster_map(
+    version: int,
+    owners: list[str | None],
+    *,
+    serve_for: float = 100.0,
+    handoff: dict[int, str] | None = None,
+) -> OwnershipMap:
+    nodes = (
+        ClusterNode("me", "127.0.0.1:5000", "http://127.0.0.1:8080", True, 1, 0.0),
+        ClusterNode("other", OTHER, "http://10.0.0.2:8080", True, 1, 0.0),
+        ClusterNode("dead", "10.0.0.3:5000", "http://10.0.0.3:8080", False, 1, 0.0),
+    )
+    handoff = handoff or {}
+    shards = tuple(ShardState(o, 10 + i, handoff.get(i)) for i, o in enumerate(owners))
+    return OwnershipMap(version, "me", L, time.monotonic() + serve_for, nodes, shards)
+
+
+#: Shard i's owner: even shards here, odd ones elsewhere, 7 on a dead node, 5 nobody's.
+OWNERS: list[str | None] = ["me", "other", "me", "other", "me", None, "me", "dead"]
+
+
+def key_in(shard: int, prefix: str = "s") -> str:
+    for i in range(10_000):
+        if logical_shard(f"{T}/{NS}/{prefix}{i}", L) == shard:
+            return f"{prefix}{i}"
+    raise AssertionError(shard)
+
+
+async def ask(peer: RawPeer, sid: int, frame: bytes) -> wire.ExtMessage:
+    before = len(peer.frames[sid])
+    peer.send(sid, frame)
+    await peer.wait_for(lambda: len(peer.frames[sid]) > before)
+    return wire.decode_ext(peer.frames[sid][before])
+
+
+def publish(rid: int, stream: str) -> bytes:
+    return wire.encode_publish(rid, T, NS, stream, [b"x"])
+
+
+def test_gate_verdicts_lost_shards_and_shard_map_parts() -> None:
+    now = [1000.0]
+    gate = ClusterGate(clock=lambda: now[0])
+    refused = gate.verdict("acme/prod/s")
+    assert refused.reason == JOINING  # type: ignore[union-attr]
+    m1 = cluster_map(1, OWNERS)
+    m1 = OwnershipMap(m1.version, "me", L, 1010.0, m1.nodes, m1.shards)
+    assert gate.apply(m1) == set()
+    assert gate.apply(m1) is None  # not newer
+    parts = wire.decode_ext(wire.decode_frame(gate.shard_map(3), extensions=True))
+    assert isinstance(parts, wire.ShardMap)
+    assert parts.addresses == ["127.0.0.1:5000", OTHER, "10.0.0.3:5000"]
+    assert parts.owners == [0, 1, 0, 1, 0, NO_OWNER, 0, NO_OWNER]
+    assert parts.epochs == [10 + i for i in range(L)]
+    # Shard 2 moves to "other", shard 4 starts a handoff: both leave this node.
+    moved = ["me", "other", "other", "other", "me", None, "me", "dead"]
+    m2 = cluster_map(2, moved, handoff={4: "other"})
+    m2 = OwnershipMap(2, "me", L, 1010.0, m2.nodes, m2.shards)
+    assert gate.apply(m2) == {2, 4}
+    parts = wire.decode_ext(wire.decode_frame(gate.shard_map(4), extensions=True))
+    assert parts.owners[2] == 1 and parts.owners[4] == NO_OWNER  # type: ignore[attr-defined]
+    # Past serve_until nothing is this node's to serve (or to advertise).
+    now[0] = 1010.0
+    assert not gate.serving()
+    parts = wire.decode_ext(wire.decode_frame(gate.shard_map(5), extensions=True))
+    assert parts.owners[0] == NO_OWNER and parts.owners[1] == 1  # type: ignore[attr-defined]
+
+
+def test_requests_are_served_redirected_or_refused_per_the_map(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with LocalNode.start(tmp_path) as node:
+            peer = await raw_connect(node.host, node.port, node.ca_file)
+            sid = await peer.auth()
+            # Standalone: SHARD_MAP says so.
+            alone = await ask(peer, sid, wire.encode_shard_map_request(1))
+            assert isinstance(alone, wire.ShardMap) and alone.logical_shards == 0
+            gateway = node.gateway
+            gateway.cluster = ClusterGate()  # cluster mode, no map yet: nothing served
+            joining = await ask(peer, sid, publish(2, key_in(0)))
+            assert isinstance(joining, wire.ErrorReply) and joining.message == JOINING
+            assert joining.code == ErrorCode.UNAVAILABLE
+            gateway.apply_ownership(cluster_map(1, OWNERS))
+
+            served = await ask(peer, sid, publish(3, key_in(0)))
+            assert isinstance(served, wire.PublishOffsets), served
+            redirect = await ask(peer, sid, publish(4, key_in(1)))
+            assert isinstance(redirect, wire.Redirect), redirect
+            assert (redirect.request_id, redirect.shard, redirect.epoch, redirect.owner) == (
+                4, 1, 11, OTHER,
+            )  # fmt: skip
+            for shard, why in ((5, "no owner"), (7, "is down")):
+                refused = await ask(peer, sid, publish(5, key_in(shard)))
+                assert isinstance(refused, wire.ErrorReply) and why in refused.message
+                assert refused.code == ErrorCode.UNAVAILABLE
+            # Cache requests and subscriptions too.
+            cached = await ask(peer, sid, wire.encode_cache_get(6, T, NS, "c", "k"))
+            cache_shard = logical_shard(f"{T}/{NS}/c/k", L)
+            if OWNERS[cache_shard] == "other":
+                assert isinstance(cached, wire.Redirect)
+            sub = await ask(peer, sid, wire.encode_subscribe(8, T, NS, key_in(3), 1))
+            assert isinstance(sub, wire.Redirect) and sub.shard == 3
+            assert gateway.cluster is not None and gateway.cluster.redirects >= 2
+            # v1 clients cannot follow a redirect: an error naming the owner.
+            v1 = peer.new_stream()
+            peer.send(v1, wire.encode_message({"type": "auth", "tenant_id": T, "token": ""}))
+            await peer.frames_on(v1, 1)
+            peer.send(
+                v1,
+                wire.encode_message(
+                    {"type": "publish", "tenant_id": T, "namespace": NS,
+                     "stream": key_in(1), "payload": b"x", "request_id": 1}
+                ),
+            )  # fmt: skip
+            await peer.frames_on(v1, 2)
+            answer = wire.decode_message(peer.frames[v1][1])
+            assert answer["type"] == "error" and OTHER in answer["message"]
+            # The map's lease ran out: this node serves nothing, not even its own shards.
+            gateway.apply_ownership(cluster_map(2, OWNERS, serve_for=-1))
+            stale = await ask(peer, sid, publish(9, key_in(0)))
+            assert isinstance(stale, wire.ErrorReply) and "lease" in stale.message
+            mapped = await ask(peer, sid, wire.encode_shard_map_request(10))
+            assert isinstance(mapped, wire.ShardMap) and mapped.version == 2
+            assert mapped.owners[0] == NO_OWNER and mapped.owners[1] == 1
+            peer.close()
+
+    run(main)
+
+
+def test_a_map_that_moves_a_shard_ends_its_subscriptions(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with LocalNode.start(tmp_path) as node:
+            gateway = node.gateway
+            gateway.cluster = ClusterGate()
+            gateway.apply_ownership(cluster_map(1, OWNERS))
+            peer = await raw_connect(node.host, node.port, node.ca_file)
+            sid = await peer.auth()
+            kept, moving = key_in(2), key_in(4)
+            for sub_id, stream in ((1, kept), (2, moving)):
+                ok = await ask(peer, sid, wire.encode_subscribe(sub_id, T, NS, stream, sub_id))
+                assert isinstance(ok, wire.Subscribed)
+            moved = list(OWNERS)
+            moved[4] = "other"
+            assert gateway.apply_ownership(cluster_map(2, moved)) == {4}
+            assert gateway.in_flight_for({4}) == 0
+
+            def ends() -> list[wire.ExtMessage]:
+                return [
+                    wire.decode_ext(f)
+                    for s, frames in peer.frames.items()
+                    if s % 4 == 3
+                    for f in frames[1:]
+                    if f.payload[0] == wire.OP_SUBSCRIPTION_END
+                ]
+
+            await peer.wait_for(lambda: bool(ends()))
+            (end,) = ends()
+            assert isinstance(end, wire.ErrorReply) and end.request_id == 2
+            assert end.code == ErrorCode.UNAVAILABLE and "moved" in end.message
+            # An older map changes nothing.
+            assert gateway.apply_ownership(cluster_map(1, OWNERS)) is None
+            peer.close()
+
+    run(main)
+
+
+def test_ownership_messages_round_trip() -> None:
+    m = cluster_map(3, OWNERS)
+    line = msg.encode(msg.Ownership(m.to_dict()))
+    decoded = msg.decode(line)
+    assert isinstance(decoded, msg.Ownership)
+    assert OwnershipMap.from_dict(decoded.map) == m
+    assert msg.decode(msg.encode(msg.OwnershipAck(3))) == msg.OwnershipAck(3)
+
+
+def test_durable_shards_are_the_streams_with_records(tmp_path: Path) -> None:
+    root = tmp_path / "streams"
+    for name, size in (("a", 200), ("b", 10), ("c", 0)):
+        d = root / T / NS / name
+        d.mkdir(parents=True)
+        if size:
+            (d / f"{0:020d}.seg").write_bytes(b"\0" * size)
+    (root / T / NS / ".deleted.0000000000000000.d").mkdir()
+    now = [0.0]
+    scan = DurableShards(root, 64, clock=lambda: now[0], rescan=5.0)
+    want = {logical_shard(f"{T}/{NS}/a", 64)}
+    assert set(scan()) == want  # b's segment holds only (part of) a header
+    (root / T / NS / "c" / f"{0:020d}.seg").write_bytes(b"\0" * 300)
+    assert set(scan()) == want  # cached
+    now[0] = 5.0
+    assert set(scan()) == want | {logical_shard(f"{T}/{NS}/c", 64)}
+
+
+def _config(*argv: str, env: dict[str, str] | None = None) -> NodeConfig:
+    old = dict(os.environ)
+    try:
+        os.environ.pop("FELIX_CLUSTER", None)
+        os.environ.update(env or {})
+        return _node_config(build_parser().parse_args(["up", *argv]))
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def test_up_flags(tmp_path: Path) -> None:
+    dsn = "postgresql://felix:secret@db:5432/felix"
+    data = ["--data-dir", str(tmp_path / "d")]
+    config = _config("--cluster", dsn, "--node-id", "felix-0", *data)
+    assert config.clustered and config.node_id == "felix-0"
+    assert config.control_store == dsn  # one control plane for the whole cluster
+    assert (config.logical_shards, config.cluster_lease, config.advertise) == (256, 10.0, None)
+    child = NodeConfig.from_json(config.to_json())
+    # The children know the node is clustered; only the control process (its store) gets
+    # the DSN, as with --control-store.
+    assert child.clustered and child.cluster != dsn and child.control_store == dsn
+    config = _config(*data, env={"FELIX_CLUSTER": dsn, "HOSTNAME": "pod-7"})
+    assert config.cluster == dsn and config.node_id == "pod-7"
+    config = _config(
+        "--cluster", dsn, "--control-store", "memory://", "--advertise", "felix-0.peers:5000",
+        "--logical-shards", "4096", "--cluster-lease", "3s", *data,
+    )  # fmt: skip
+    assert config.control_store == "memory://" and config.advertise == ("felix-0.peers", 5000)
+    assert (config.logical_shards, config.cluster_lease) == (4096, 3.0)
+    for bad in (["--logical-shards", "0"], ["--logical-shards", "4097"], ["--node-id", "a/b"]):
+        with pytest.raises(ConfigError):
+            _config("--cluster", dsn, "--node-id", "n", *bad, *data)
+    assert not _config(*data).clustered
+    # Short leases scale the fence margin and the placer's grace.
+    assert lease_settings(2.0).fence_margin == pytest.approx(0.4)
+    assert lease_settings(10.0).placer_grace == 2.0
+
+
+def test_wildcard_listen_needs_advertise_exit_2(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FELIX_")}
+    base = [
+        sys.executable, "-m", "felix.cli", "up", "--cluster", "postgresql://db/felix",
+        "--listen", "0.0.0.0:5000", "--insecure", "--region", "eu-1",
+        "--data-dir", str(tmp_path / "d"),
+    ]  # fmt: skip
+    got = subprocess.run(base, env=env, capture_output=True, text=True, timeout=60)
+    assert got.returncode == 2 and "--advertise" in got.stderr, got.stderr
+    shown = subprocess.run(
+        [*base[:3], "config", "show", *base[4:], "--advertise", "n1.peers:5000", "--json"],
+        env={**env, "FELIX_CLUSTER": "postgresql://u:pw@db/felix"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    rows = json.loads(shown.stdout)
+    assert rows["cluster"]["value"] == "postgresql://db/felix"  # the flag wins
+    assert rows["advertise"]["value"] == "n1.peers:5000"
+    assert rows["logical-shards"]["value"] == 256
+    from_env = subprocess.run(
+        [*base[:3], "config", "show", *base[6:], "--advertise", "n1:5000", "--json"],
+        env={**env, "FELIX_CLUSTER": "postgresql://u:pw@db/felix"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    rows = json.loads(from_env.stdout)
+    assert rows["cluster"] == {
+        "value": "postgresql://u:***@db/felix",
+        "source": "environment $FELIX_CLUSTER",
+    }
+    assert rows["control-store"]["value"] == "postgresql://u:***@db/felix"
+    assert "pw" not in from_env.stdout

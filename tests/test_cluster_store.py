@@ -212,6 +212,37 @@ def test_the_placer_lock_is_exclusive_and_dies_with_its_session(dsn: str) -> Non
     run(main)
 
 
+def test_a_frozen_placer_loses_the_lock_and_cannot_move_afterwards(dsn: str) -> None:
+    """A placer that stops using its session (frozen: SIGSTOP keeps the TCP connection
+    open) has it ended by the server after ``placer_idle`` seconds: another node takes
+    the lock, and the frozen one, waking with its old plan, moves nothing."""
+
+    async def main() -> None:
+        frozen = await opened(dsn, "store-frozen", placer_idle=0.5)
+        other = await opened(dsn, "store-other", placer_idle=0.5)
+        await other.register("n1", "n1:1", "http://x", 30.0)
+        await other.register("n2", "n2:1", "http://x", 30.0)
+        assert await frozen.placer_lock()
+        assert not await other.placer_lock()
+        assert await frozen.place(Move(0, 0, "assign", "n1"))  # a working placer moves
+        assert not await other.place(Move(1, 0, "assign", "n2"))  # a non-holder never does
+        await asyncio.sleep(1.2)  # frozen: its lock session is idle past placer_idle
+        for _ in range(100):
+            if await other.placer_lock():
+                break
+            await asyncio.sleep(0.05)
+        assert other.held()
+        # The frozen placer wakes up with the move it had planned: refused, lock lost.
+        assert not await frozen.place(Move(1, 0, "assign", "n1"))
+        assert not frozen.held() and frozen.placer_losses == 1
+        assert (await other.view()).shards[1].owner is None
+        assert await other.place(Move(1, 0, "assign", "n2"))
+        await frozen.close()
+        await other.close()
+
+    run(main)
+
+
 def test_writes_notify_other_processes(dsn: str) -> None:
     async def main() -> None:
         a, b = await opened(dsn, "store-a"), await opened(dsn, "store-b")

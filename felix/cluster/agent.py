@@ -137,6 +137,7 @@ class ClusterAgent:
                     placer_grace=s.lease.placer_grace,
                     timeout=s.db_timeout,
                     application_name=f"felix-cluster {s.node_id}"[:63],
+                    placer_idle=s.lease.ttl,
                 )
             except ClusterMismatch:
                 raise
@@ -362,7 +363,14 @@ class ClusterAgent:
         self._seen(view)
         self._view, self._view_after = view, registered
         self._publish()
-        placer = await store.placer_lock()
+        # Only a node that may serve places: one whose lease ran out (paused, cut off)
+        # gives the lock up rather than move shards on what it last saw.
+        if self.serving():
+            placer = await store.placer_lock()
+        else:
+            if store.held():
+                await store.release_placer()
+            placer = False
         if placer != self._placer:
             self._placer = placer
             log.info(
@@ -372,7 +380,7 @@ class ClusterAgent:
             )
         if placer:
             for move in plan(view.shards, view.live, max_handoffs=self.settings.max_handoffs):
-                if await store.apply(move):
+                if await store.place(move):
                     self.counters["moves_applied"] += 1
         self._hand_off(view)
         await self._pin_durable(view)

@@ -16,7 +16,13 @@ How it works (docs/architecture.md, "Cluster"):
   so a hung database cannot stall the renew loop past the node's fence. Failures
   surface as :class:`~felix.errors.ClusterUnavailable`.
 - **The placer lock** is a session advisory lock on a connection of its own: it lasts
-  exactly as long as that session, so a placer that dies or is cut off loses it.
+  exactly as long as that session, so a placer that dies or is cut off loses it. A
+  placer that is merely frozen (SIGSTOP, a stalled VM) keeps its TCP connection, and
+  the server would hold the lock for it forever: so the session is opened with
+  ``idle_session_timeout`` (``placer_idle``, the lease's length), which a working
+  placer never reaches (it uses the session every poll) and a frozen one does, and the
+  placer's moves run on that same session (:meth:`ClusterStore.place`): once the
+  server has ended it, a placer waking up with an old view cannot move anything.
 - **Schema versions** are recorded in ``felix_cluster_schema`` (apart from the control
   store's migrations: the two may share a database) and applied, with the meta row and
   the shard rows, in one transaction under a transaction-level advisory lock.
@@ -190,6 +196,7 @@ class ClusterStore:
         placer_grace: float = 2.0,
         timeout: float = 2.0,
         application_name: str = "felix-cluster",
+        placer_idle: float = 10.0,
     ) -> None:
         if not 1 <= logical_shards <= MAX_LOGICAL_SHARDS:
             raise ConfigError(
@@ -202,6 +209,12 @@ class ClusterStore:
         #: Bound of every call, in seconds.
         self.timeout = timeout
         self._settings = {"application_name": application_name}
+        #: The lock's session ends after this many idle seconds (a frozen placer's does).
+        self._lock_settings = {
+            **self._settings,
+            "idle_session_timeout": str(max(1, round(placer_idle * 1000))),
+        }
+        self._lock_use = asyncio.Lock()
         self._pool: Any = None
         self._listener: Any = None
         self._changed = asyncio.Event()
@@ -220,6 +233,7 @@ class ClusterStore:
         placer_grace: float = 2.0,
         timeout: float = 2.0,
         application_name: str = "felix-cluster",
+        placer_idle: float = 10.0,
     ) -> ClusterStore:
         """Connect, create the tables and rows on first use, and check that the cluster
         was created with this ``logical_shards`` and ``region`` (else ClusterMismatch).
@@ -231,6 +245,7 @@ class ClusterStore:
             placer_grace=placer_grace,
             timeout=timeout,
             application_name=application_name,
+            placer_idle=placer_idle,
         )
         try:
             store._pool = await asyncio.wait_for(
@@ -425,6 +440,27 @@ class ClusterStore:
 
         return await self._call(f"{move.kind} shard {move.shard}", op)
 
+    async def place(self, move: Move) -> bool:
+        """:meth:`apply` as the placer: on the session that holds the placer lock, so the
+        move can only happen while that session (and with it the lock) still exists; False
+        when this process does not hold the lock (or lost it on the way)."""
+        if not self.held():
+            return False
+        statement = _notifying(_MOVES[move.kind], f"'{move.kind} ' || changed.shard")
+        try:
+            async with asyncio.timeout(self.timeout), self._lock_use:
+                conn = self._lock_conn
+                if conn is None or conn.is_closed():
+                    return False
+                row = await conn.fetchrow(
+                    statement, move.shard, move.expected_epoch, move.to, self.placer_grace
+                )
+        except _DB_ERRORS as exc:
+            log.warning("lost the cluster placer lock while moving shard %d: %r", move.shard, exc)
+            self._drop_lock_conn()
+            return False
+        return row is not None
+
     async def complete_handoff(
         self, shard: int, expected_epoch: int, from_node: str, to_node: str
     ) -> bool:
@@ -479,11 +515,11 @@ class ClusterStore:
         lock with it, and the next holder may already be placing.
         """
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout), self._lock_use:
                 if self._lock_conn is None or self._lock_conn.is_closed():
                     self._drop_lock_conn()
                     self._lock_conn = await asyncpg.connect(
-                        self.dsn, timeout=self.timeout, server_settings=self._settings
+                        self.dsn, timeout=self.timeout, server_settings=self._lock_settings
                     )
                     self._lock_conn.add_termination_listener(self._lock_conn_ended)
                 if self._placer_held:

@@ -428,3 +428,36 @@ def test_a_restarted_node_waits_at_most_one_lease_for_its_id(dsn: str) -> None:
         await second.stop()
 
     run(main, timeout=20)
+
+
+def test_the_placer_waits_for_its_own_clock_before_calling_a_node_dead() -> None:
+    """The database's clock says every lease ran out (it was stepped forward): a node
+    whose lease row kept changing within a lease and the grace, on the placer's own
+    clock, is still treated as alive; one whose row stood still that long is dead; one
+    that left on purpose is not waited for."""
+    from felix.cluster.ownership import ClusterNode, ShardState
+
+    now = [100.0]
+    agent = ClusterAgent(
+        ClusterSettings(
+            dsn="postgresql://unused", node_id="n0", address="h:1", health_url="", region="r",
+            logical_shards=4, lease=LEASE, poll_interval=POLL,
+        ),
+        publish=lambda _map: None,
+        durable_shards=frozenset,
+        clock=lambda: now[0],
+    )  # fmt: skip
+
+    def view(rows: dict[str, float], leaving: frozenset[str] = frozenset()) -> ClusterView:
+        nodes = tuple(ClusterNode(n, f"{n}:1", "", False, 1, until) for n, until in rows.items())
+        return ClusterView(4, "r", 0.0, nodes, (ShardState(None, 0),) * 4, {}, leaving)
+
+    window = LEASE.ttl + LEASE.placer_grace
+    assert agent._renewing_lately(view({"a": 1.0, "b": 1.0})) == {"a", "b"}  # first sight
+    now[0] += window * 0.6
+    assert agent._renewing_lately(view({"a": 2.0, "b": 1.0})) == {"a", "b"}  # a renewed
+    now[0] += window * 0.6
+    # b's row has stood still for longer than the window: dead by both clocks now.
+    assert agent._renewing_lately(view({"a": 3.0, "b": 1.0})) == {"a"}
+    now[0] += 0.1
+    assert agent._renewing_lately(view({"a": 4.0, "b": 1.0}, frozenset({"a"}))) == frozenset()

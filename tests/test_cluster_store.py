@@ -168,8 +168,8 @@ def test_a_dead_owners_shards_are_assigned_and_durable_pins_hold(dsn: str) -> No
         assert not await store.claim_durable(0, "n2")  # only the owner pins
         assert await store.claim_durable(0, "n1")
         assert not await store.claim_durable(0, "n1")  # once
-        # A pinned shard is not handed elsewhere even if a handoff was set.
-        assert await store.apply(Move(0, 1, "handoff", "n2"))
+        # A pinned shard is not handed elsewhere: no handoff is even set.
+        assert not await store.apply(Move(0, 1, "handoff", "n2"))
         assert not await store.complete_handoff(0, 1, "n1", "n2")
         await asyncio.sleep(0.5)  # n1's lease and the grace run out
         assert not await store.renew("n1", inc, 0.3, [])
@@ -239,6 +239,30 @@ def test_a_frozen_placer_loses_the_lock_and_cannot_move_afterwards(dsn: str) -> 
         assert await other.place(Move(1, 0, "assign", "n2"))
         await frozen.close()
         await other.close()
+
+    run(main)
+
+
+def test_pins_bind_assigns_and_handoffs_and_addresses_are_unique(dsn: str) -> None:
+    async def main() -> None:
+        store = await opened(dsn, placer_grace=0.1)
+        inc = await store.register("n1", "n1:1", "http://x", 0.4)
+        await store.register("n2", "n2:1", "http://x", 30.0)
+        await store.register("n3", "n3:1", "http://x", 30.0)
+        # Another live node advertising the same address is refused, named.
+        with pytest.raises(ClusterMismatch, match="n2 already advertises n2:1"):
+            await store.register("n4", "n2:1", "http://x", 30.0)
+        assert await store.apply(Move(0, 0, "assign", "n1"))
+        assert await store.claim_durable(0, "n1")
+        # A pinned shard is handed or assigned only to its durable node.
+        assert not await store.apply(Move(0, 1, "handoff", "n2"))
+        await asyncio.sleep(0.6)  # n1's lease and the grace run out
+        assert not await store.apply(Move(0, 1, "assign", "n2"))
+        assert (await store.view()).shards[0].owner == "n1"
+        # An owner whose lease ran out cannot pin anything any more.
+        assert await store.apply(Move(1, 0, "assign", "n2"))
+        assert not await store.renew("n1", inc, 0.4, [])
+        await store.close()
 
     run(main)
 

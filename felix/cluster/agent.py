@@ -120,6 +120,9 @@ class ClusterAgent:
         self._db_ok = True
         self._placer = False
         self._warned_pins: set[int] = set()
+        #: node id -> (its last lease row (incarnation, lease_until), when this node saw
+        #: that row first, on its own clock): the placer's second opinion on who is dead.
+        self._renewals: dict[str, tuple[tuple[int, float], float]] = {}
 
     # --- life cycle ---------------------------------------------------------------
 
@@ -137,7 +140,8 @@ class ClusterAgent:
                     placer_grace=s.lease.placer_grace,
                     timeout=s.db_timeout,
                     application_name=f"felix-cluster {s.node_id}"[:63],
-                    placer_idle=s.lease.ttl,
+                    # Never reached by a working placer, which uses it every poll.
+                    placer_idle=max(s.lease.ttl, 3 * s.poll_interval),
                 )
             except ClusterMismatch:
                 raise
@@ -274,6 +278,13 @@ class ClusterAgent:
                 self._db_state(False, exc)
                 await self._sleep_before(deadline, self.keeper.settings.renew_interval / 2, exc)
                 continue
+            except ClusterMismatch as exc:
+                if deadline is not None:
+                    raise  # at start: felix up refuses to run
+                # Rejoining (after a lost lease), and refused: serve nothing, say why, retry.
+                log.error("cannot rejoin the cluster: %s", exc)
+                await self._sleep_before(deadline, s.lease.ttl, exc)
+                continue
             break
         self._db_state(True)
         self.incarnation = incarnation
@@ -360,6 +371,8 @@ class ClusterAgent:
         assert store is not None
         registered = self._registered
         view = await store.view()
+        # Tracked on every read, placer or not, so a new placer has the history at once.
+        lately = self._renewing_lately(view)
         self._seen(view)
         self._view, self._view_after = view, registered
         self._publish()
@@ -379,11 +392,34 @@ class ClusterAgent:
                 "is now" if placer else "is no longer",
             )
         if placer:
-            for move in plan(view.shards, view.live, max_handoffs=self.settings.max_handoffs):
+            live = view.live | lately
+            for move in plan(view.shards, live, max_handoffs=self.settings.max_handoffs):
                 if await store.place(move):
                     self.counters["moves_applied"] += 1
         self._hand_off(view)
         await self._pin_durable(view)
+
+    def _renewing_lately(self, view: ClusterView) -> frozenset[str]:
+        """Nodes whose lease row changed within a lease plus the grace, on this node's own
+        clock. The database's rule (``lease_until + grace < now()``) alone would trust the
+        database's wall clock: one stepped forward (an NTP step, a failover to a replica
+        whose clock runs ahead) would make every lease look expired while the nodes still
+        serve within their own fence. A node is treated as dead only when both agree; this
+        costs at most a poll interval of extra failover time. Nodes that left on purpose
+        are not waited for."""
+        now = self._clock()
+        window = self.settings.lease.ttl + self.settings.lease.placer_grace
+        seen: dict[str, tuple[tuple[int, float], float]] = {}
+        lately = set()
+        for node in view.nodes:
+            row = (node.incarnation, node.lease_until)
+            before = self._renewals.get(node.node_id)
+            first = before[1] if before is not None and before[0] == row else now
+            seen[node.node_id] = (row, first)
+            if now - first < window and node.node_id not in view.leaving:
+                lately.add(node.node_id)
+        self._renewals = seen
+        return frozenset(lately)
 
     def _seen(self, view: ClusterView) -> None:
         """Count the shards this node gained or lost since the previous view."""

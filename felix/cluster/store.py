@@ -133,10 +133,12 @@ _MOVES = {
     # placer that read an older view can never take a shard from a node alive again.
     "assign": f"""UPDATE felix_cluster_shards s SET owner = $3, epoch = s.epoch + 1,
             handoff_to = NULL, changed_at = now()
-        WHERE s.shard = $1 AND s.epoch = $2 AND {_OWNER_DEAD} AND {_TARGET_LIVE}""",
+        WHERE s.shard = $1 AND s.epoch = $2 AND {_OWNER_DEAD} AND {_TARGET_LIVE}
+            AND (s.durable_node IS NULL OR s.durable_node = $3)""",
     "handoff": f"""UPDATE felix_cluster_shards s SET handoff_to = $3, changed_at = now()
         WHERE s.shard = $1 AND s.epoch = $2 AND s.handoff_to IS NULL
-            AND s.owner IS DISTINCT FROM $3 AND {_TARGET_LIVE}""",
+            AND s.owner IS DISTINCT FROM $3 AND {_TARGET_LIVE}
+            AND (s.durable_node IS NULL OR s.durable_node = $3)""",
     "clear_handoff": """UPDATE felix_cluster_shards s SET handoff_to = NULL, changed_at = now()
         WHERE s.shard = $1 AND s.epoch = $2 AND s.handoff_to IS NOT NULL
             AND ($3::text IS NULL OR s.handoff_to = $3) AND $4::float8 IS NOT NULL""",
@@ -210,10 +212,8 @@ class ClusterStore:
         self.timeout = timeout
         self._settings = {"application_name": application_name}
         #: The lock's session ends after this many idle seconds (a frozen placer's does).
-        self._lock_settings = {
-            **self._settings,
-            "idle_session_timeout": str(max(1, round(placer_idle * 1000))),
-        }
+        self._placer_idle_ms = max(1, round(placer_idle * 1000))
+        self._warned_lock: str | None = None
         self._lock_use = asyncio.Lock()
         self._pool: Any = None
         self._listener: Any = None
@@ -306,6 +306,19 @@ class ClusterStore:
         incarnation's lease is still live."""
 
         async def op(conn: Any) -> int:
+            # Two live nodes advertising one address would send clients in circles (each
+            # redirect to "the owner" lands on the same place): refused, named.
+            other = await conn.fetchval(
+                "SELECT node_id FROM felix_cluster_nodes WHERE address = $1 AND node_id <> $2"
+                " AND lease_until > now()",
+                address,
+                node_id,
+            )
+            if other is not None:
+                raise ClusterMismatch(
+                    f"node {other} already advertises {address} in this cluster: give each "
+                    "node its own --advertise address"
+                )
             statement = _notifying(
                 """INSERT INTO felix_cluster_nodes AS n (node_id, incarnation, address,
                     health_url, region, started_at, lease_until, renewed_at, durable_shards,
@@ -495,7 +508,9 @@ class ClusterStore:
             row = await conn.fetchrow(
                 _notifying(
                     """UPDATE felix_cluster_shards s SET durable_node = $2, changed_at = now()
-                    WHERE s.shard = $1 AND s.durable_node IS NULL AND s.owner = $2""",
+                    WHERE s.shard = $1 AND s.durable_node IS NULL AND s.owner = $2
+                        AND EXISTS (SELECT 1 FROM felix_cluster_nodes n
+                            WHERE n.node_id = $2 AND n.lease_until > now())""",
                     "'durable ' || changed.shard",
                 ),
                 shard,
@@ -519,9 +534,15 @@ class ClusterStore:
                 if self._lock_conn is None or self._lock_conn.is_closed():
                     self._drop_lock_conn()
                     self._lock_conn = await asyncpg.connect(
-                        self.dsn, timeout=self.timeout, server_settings=self._lock_settings
+                        self.dsn, timeout=self.timeout, server_settings=self._settings
                     )
                     self._lock_conn.add_termination_listener(self._lock_conn_ended)
+                    if self._lock_conn.get_server_version().major >= 14:
+                        # PostgreSQL 14+: the server ends the session of a frozen placer.
+                        # Older servers only notice a dead peer through TCP keepalives.
+                        await self._lock_conn.execute(
+                            f"SET idle_session_timeout = {self._placer_idle_ms}"
+                        )
                 if self._placer_held:
                     await self._lock_conn.fetchval("SELECT 1")
                 else:
@@ -533,8 +554,13 @@ class ClusterStore:
         except _DB_ERRORS as exc:
             if self._placer_held:
                 log.warning("lost the cluster placer lock: %r", exc)
+            elif self._warned_lock != type(exc).__name__:
+                # Once per kind of failure: a node that can never be the placer says why.
+                self._warned_lock = type(exc).__name__
+                log.warning("cannot try the cluster placer lock: %r", exc)
             self._drop_lock_conn()
             return False
+        self._warned_lock = None
         return self._placer_held
 
     def held(self) -> bool:

@@ -1,4 +1,4 @@
-"""``felix cluster status``: the nodes of a cluster, their leases and the shard map,
+"""``felix cluster status|forget|unpin``: the nodes of a cluster, their leases and the shard map,
 from a node's health port (``/cluster``, felix/node/health.py).
 
 The node is found as ``felix status`` finds it: ``--http URL``; ``$FELIX_HTTP_URL``; the
@@ -12,13 +12,16 @@ Exit status: 0 the node answered, 1 it did not (or is not part of a cluster).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from felix.errors import ClusterError
 from felix.status_cli import DEFAULT_HTTP, Subparsers, _http_url
 
 __all__ = ["add_commands", "fetch_cluster", "render"]
@@ -51,6 +54,37 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
     status.add_argument("--json", action="store_true", help="print one JSON document")
     status.add_argument("--shards", action="store_true", help="the owner and epoch of each shard")
     status.set_defaults(func=_status)
+
+    for name, help_text, target in (
+        (
+            "forget",
+            "remove a node that is gone for good; the shards pinned to its durable data "
+            "are unpinned and placed on live nodes, empty (its records stay on its disk)",
+            ("node", "NODE_ID", "the node id"),
+        ),
+        (
+            "unpin",
+            "unpin shards from a durable node that is down (after copying or giving up its "
+            "data): the placer gives them to live nodes, empty",
+            ("shards", "SHARD", "logical shard numbers"),
+        ),
+    ):
+        cmd = commands.add_parser(name, help=help_text, description=help_text)
+        dest, metavar, what = target
+        if dest == "shards":
+            cmd.add_argument(dest, metavar=metavar, type=int, nargs="+", help=what)
+        else:
+            cmd.add_argument(dest, metavar=metavar, help=what)
+        cmd.add_argument(
+            "--cluster",
+            metavar="DSN",
+            default=os.environ.get("FELIX_CLUSTER"),
+            help="the cluster's PostgreSQL database (default $FELIX_CLUSTER)",
+        )
+        cmd.add_argument(
+            "--yes", action="store_true", help="confirm: the durable records stay behind"
+        )
+        cmd.set_defaults(func=_forget if name == "forget" else _unpin)
 
 
 def fetch_cluster(url: str, timeout: float) -> dict[str, Any]:
@@ -210,3 +244,56 @@ def _status(args: argparse.Namespace) -> int:
     else:
         print(render(cluster, args.shards))
     return 0
+
+
+def _admin_args(args: argparse.Namespace) -> str | None:
+    if not args.cluster:
+        print(
+            "felix: name the cluster's database: --cluster DSN or $FELIX_CLUSTER", file=sys.stderr
+        )
+        return None
+    if not args.yes:
+        print(
+            "felix: the shards' durable records stay on the old node's disk and are not "
+            "served again; add --yes to go on",
+            file=sys.stderr,
+        )
+        return None
+    return str(args.cluster)
+
+
+def _forget(args: argparse.Namespace) -> int:
+    from felix.cluster.store import forget_node
+
+    dsn = _admin_args(args)
+    if dsn is None:
+        return 2
+    try:
+        shards = asyncio.run(forget_node(dsn, args.node))
+    except ClusterError as exc:
+        print(f"felix: {exc}", file=sys.stderr)
+        return 1
+    print(f"forgot node {args.node}; unpinned shards: {_shard_list(shards)}")
+    return 0
+
+
+def _unpin(args: argparse.Namespace) -> int:
+    from felix.cluster.store import unpin_shards
+
+    dsn = _admin_args(args)
+    if dsn is None:
+        return 2
+    try:
+        shards = asyncio.run(unpin_shards(dsn, sorted(set(args.shards))))
+    except ClusterError as exc:
+        print(f"felix: {exc}", file=sys.stderr)
+        return 1
+    left = sorted(set(args.shards) - set(shards))
+    print(f"unpinned shards: {_shard_list(shards)}")
+    if left:
+        print(f"left pinned (their node is alive, or they were not pinned): {_shard_list(left)}")
+    return 0
+
+
+def _shard_list(shards: list[int]) -> str:
+    return ", ".join(map(str, shards)) if shards else "none"

@@ -267,6 +267,47 @@ def test_pins_bind_assigns_and_handoffs_and_addresses_are_unique(dsn: str) -> No
     run(main)
 
 
+def test_an_operator_forgets_a_dead_node_and_unpins_its_shards(dsn: str) -> None:
+    from felix.cluster.store import forget_node, unpin_shards
+    from felix.cluster_cli import add_commands
+
+    async def main() -> None:
+        store = await opened(dsn, placer_grace=0.1)
+        await store.register("gone", "gone:1", "http://x", 0.3)
+        await store.register("alive", "alive:1", "http://x", 30.0)
+        for shard, node in ((0, "gone"), (1, "gone"), (2, "alive")):
+            assert await store.apply(Move(shard, 0, "assign", node))
+            assert await store.claim_durable(shard, node)
+        with pytest.raises(ClusterMismatch, match="alive"):
+            await forget_node(dsn, "alive")
+        with pytest.raises(ClusterMismatch, match="no node"):
+            await forget_node(dsn, "ghost")
+        await asyncio.sleep(0.5)  # gone's lease runs out
+        # unpin leaves a live node's pins alone.
+        assert await unpin_shards(dsn, [1, 2]) == [1]
+        view = await store.view()
+        assert [s.durable_node for s in view.shards[:3]] == ["gone", None, "alive"]
+        assert await forget_node(dsn, "gone") == [0]
+        view = await store.view()
+        assert "gone" not in {n.node_id for n in view.nodes}
+        assert view.shards[0].durable_node is None
+        # Now the placer may give shard 0 (empty) to a live node.
+        assert await store.apply(Move(0, 1, "assign", "alive"))
+        await store.close()
+
+    run(main)
+
+    # The command refuses without --yes, and says what it did with it.
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(["cluster", "unpin", "5", "--cluster", dsn])
+    assert args.func(args) == 2
+    args = parser.parse_args(["cluster", "unpin", "5", "--cluster", dsn, "--yes"])
+    assert args.func(args) == 0
+
+
 def test_writes_notify_other_processes(dsn: str) -> None:
     async def main() -> None:
         a, b = await opened(dsn, "store-a"), await opened(dsn, "store-b")

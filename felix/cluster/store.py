@@ -49,7 +49,15 @@ from felix.errors import (
     NodeIdInUse,
 )
 
-__all__ = ["CHANNEL", "MIGRATIONS", "PLACER_LOCK", "ClusterStore", "ClusterView"]
+__all__ = [
+    "CHANNEL",
+    "MIGRATIONS",
+    "PLACER_LOCK",
+    "ClusterStore",
+    "ClusterView",
+    "forget_node",
+    "unpin_shards",
+]
 
 log = logging.getLogger(__name__)
 
@@ -735,3 +743,83 @@ async def _close(conn: Any, timeout: float) -> None:
         await conn.close(timeout=timeout)
     except _DB_ERRORS:
         conn.terminate()
+
+
+# --- operator actions (felix cluster forget / unpin) -------------------------------------
+
+
+async def forget_node(dsn: str, node_id: str, *, timeout: float = 5.0) -> list[int]:
+    """Remove ``node_id``, whose lease has run out, from the cluster for good: its row
+    goes, and the shards pinned to its durable data are unpinned, so the placer gives
+    them (empty) to live nodes. Its records stay on its disk, out of the cluster. The
+    shards unpinned.
+
+    Raises:
+        ClusterMismatch: the node is alive (its lease has not run out), or unknown.
+        ClusterUnavailable: the database cannot be reached.
+    """
+
+    async def op(conn: Any) -> list[int]:
+        async with conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT lease_until > now() AS live FROM felix_cluster_nodes"
+                " WHERE node_id = $1 FOR UPDATE",
+                node_id,
+            )
+            if row is None:
+                raise ClusterMismatch(f"no node {node_id!r} in this cluster")
+            if row["live"]:
+                raise ClusterMismatch(
+                    f"node {node_id} is alive (its lease has not run out): stop it first"
+                )
+            shards = await conn.fetch(
+                _notifying(
+                    """UPDATE felix_cluster_shards s SET durable_node = NULL,
+                        changed_at = now() WHERE s.durable_node = $1""",
+                    "'unpin ' || changed.shard",
+                ),
+                node_id,
+            )
+            await conn.execute(
+                _notifying(
+                    "DELETE FROM felix_cluster_nodes n WHERE n.node_id = $1",
+                    "'forget ' || changed.node_id",
+                ),
+                node_id,
+            )
+            return sorted(int(r["shard"]) for r in shards)
+
+    return await _admin(dsn, f"forget node {node_id}", op, timeout)
+
+
+async def unpin_shards(dsn: str, shards: list[int], *, timeout: float = 5.0) -> list[int]:
+    """Unpin ``shards`` whose durable node's lease has run out (an operator giving up on,
+    or having copied, that node's data); the shards unpinned. A shard pinned to a live
+    node is left alone (stop the node first)."""
+
+    async def op(conn: Any) -> list[int]:
+        rows = await conn.fetch(
+            _notifying(
+                """UPDATE felix_cluster_shards s SET durable_node = NULL, changed_at = now()
+                WHERE s.shard = ANY($1::int[]) AND s.durable_node IS NOT NULL
+                    AND NOT EXISTS (SELECT 1 FROM felix_cluster_nodes n
+                        WHERE n.node_id = s.durable_node AND n.lease_until > now())""",
+                "'unpin ' || changed.shard",
+            ),
+            shards,
+        )
+        return sorted(int(r["shard"]) for r in rows)
+
+    return await _admin(dsn, "unpin shards", op, timeout)
+
+
+async def _admin(dsn: str, what: str, op: Callable[[Any], Awaitable[T]], timeout: float) -> T:
+    try:
+        async with asyncio.timeout(timeout):
+            conn = await asyncpg.connect(dsn, timeout=timeout)
+            try:
+                return await op(conn)
+            finally:
+                await _close(conn, timeout)
+    except _DB_ERRORS as exc:
+        raise ClusterUnavailable(f"cluster database: cannot {what}: {exc!r}") from exc

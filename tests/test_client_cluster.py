@@ -195,6 +195,7 @@ def test_stray_redirects_put_the_router_in_cluster_mode() -> None:
 
 def test_which_ends_reroute() -> None:
     r = Router()
+    assert not r.reroutes(Unavailable("group g was removed"))
     assert r.reroutes(Unavailable("shard 3 moved to node-1"))  # says so: a cluster
     assert r.clustered
     assert r.reroutes(Unavailable("the broker reset the event stream (code 0)"))

@@ -19,6 +19,7 @@ send and what to do with a reply.
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass, field
 
@@ -43,6 +44,8 @@ MAX_REDIRECTS = 4
 MAX_NODES = 64
 #: Seconds before a failed SHARD_MAP fetch (or one answered "not a cluster") is tried again.
 MAP_RETRY = 5.0
+#: How a node says a subscription ended because its shard moved.
+_MOVED = re.compile(r"\bmoved\b")
 
 
 def logical_shard(key: str, logical_shards: int) -> int:
@@ -207,7 +210,7 @@ class Router:
         or one saying its shard moved."""
         if not isinstance(error, Unavailable):
             return False
-        if not self.clustered and "moved" not in str(error):
+        if not self.clustered and _MOVED.search(str(error)) is None:
             return False
         self.clustered = True
         return True

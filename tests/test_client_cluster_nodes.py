@@ -48,6 +48,7 @@ class Ownership:
         self.version = 1
         self.map_requests = 0
         self.redirects = 0
+        self.refused = 0
         #: None: the verdict above; else called instead (a misbehaving cluster).
         self.override: Callable[[str, int], str | None] | None = None
         dispatch = GatewaySession._dispatch
@@ -79,6 +80,23 @@ class Ownership:
                     owner: str | None = this.owners[shard]
                     if this.override is not None:
                         owner = this.override(here, shard)
+                    if (
+                        owner is not None
+                        and owner != here
+                        and isinstance(msg, wire.Publish)
+                        and msg.ack == wire.ACK_NONE
+                    ):
+                        # Nobody waits for the answer: refused, not redirected.
+                        this.refused += 1
+                        session._send(
+                            stream,
+                            wire.encode_error(
+                                0,
+                                Unavailable.code,
+                                f"shard {shard} moved to the node at {owner}; retry there",
+                            ),
+                        )
+                        return
                     if owner is not None and owner != here:
                         this.redirects += 1
                         session._send(
@@ -284,13 +302,19 @@ def test_an_unreachable_owner_fails_fast_and_the_stray_redirect_teaches(
             await gone.close()
             own.owners[5] = addr_gone
             async with await connect(a, connect_timeout=0.5) as client:
-                # A publish with ack=False to a shard a does not own: not stored (the
-                # REDIRECT answers nobody), but the client learns the cluster from it.
+                # A publish with ack=False to a shard a does not own: not stored (refused
+                # as "moved": nobody waits for a REDIRECT), but the client learns the
+                # cluster from it.
                 await client.publish(stream_on(1), b"lost", ack=False)
                 await wait_for(lambda: client.shard_map is not None)
-                assert client.redirects == 0 and own.redirects == 1
+                assert client.redirects == 0 and own.refused == 1 and own.redirects == 0
+                for i in range(3):  # now straight to b
+                    await client.publish(stream_on(1), b"nack%d" % i, ack=False)
                 assert await client.publish(stream_on(1), b"kept") is not None
-                assert own.redirects == 1
+                async with client.subscribe(stream_on(1), start="earliest") as sub:
+                    got = {(await sub.next(timeout=2)).data for _ in range(4)}
+                assert got == {b"nack0", b"nack1", b"nack2", b"kept"}  # all on b
+                assert own.redirects == 0 and own.refused == 1
 
                 with pytest.raises(felix.FelixError):
                     await client.publish(stream_on(5), b"x")  # cannot connect

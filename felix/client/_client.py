@@ -58,6 +58,7 @@ from felix.errors import (
     RemoteProtocolError,
     Unauthenticated,
     Unavailable,
+    error_for_code,
 )
 from felix.names import validate_name
 from felix.quic import QuicEngine, load_engine
@@ -151,7 +152,7 @@ class Client:
             self._hub.add_listener(options.on_event)
         self._pool = Pool(
             PoolSettings(
-                on_redirect=self._on_stray_redirect,
+                on_stray_reply=self._on_stray_reply,
                 on_member_lost=self._on_member_lost,
                 engine=self._engine,
                 endpoint=endpoint,
@@ -758,9 +759,17 @@ class Client:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
-    def _on_stray_redirect(self, redirect: wire.Redirect, conn: Connection) -> None:
-        """A REDIRECT nobody waited for (a publish with ack=False): learn from it."""
-        self._router.learn(redirect)
+    def _on_stray_reply(self, reply: wire.ExtMessage, conn: Connection) -> None:
+        """A reply nobody waited for (to a publish with ack=False): a REDIRECT, or an
+        Unavailable saying the stream's shard moved, tells of a cluster (a node does not
+        redirect a publish nobody waits for, it refuses it): learn the map."""
+        if isinstance(reply, wire.Redirect):
+            self._router.learn(reply)
+        elif not (
+            isinstance(reply, wire.ErrorReply)
+            and self._router.reroutes(error_for_code(reply.code, reply.message))
+        ):
+            return
         self._fetch_map_soon(conn)
 
     def _learn(self, redirect: wire.Redirect) -> None:

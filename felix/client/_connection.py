@@ -205,9 +205,9 @@ class Connection:
         self.endpoint = endpoint
         self.tenant = tenant
         self.on_lost: Callable[[FelixError], None] | None = None
-        #: Called with a REDIRECT nobody waits for (the answer to a publish with
-        #: ack=False: its records were not stored) and this connection.
-        self.on_redirect: Callable[[wire.Redirect, Connection], None] | None = None
+        #: Called with an ERROR or REDIRECT nobody waits for (the answer to a publish
+        #: with ack=False: its records were not stored) and this connection.
+        self.on_stray_reply: Callable[[wire.ExtMessage, Connection], None] | None = None
         #: Set once the connection has ended: what outstanding and later calls fail with.
         self.lost: FelixError | None = None
         self.requests: RequestTable[asyncio.Future[wire.ExtMessage]] = RequestTable()
@@ -547,8 +547,8 @@ class Connection:
                     message.shard,
                     message.owner,
                 )
-                if self.on_redirect is not None:
-                    self.on_redirect(message, self)
+            if self.on_stray_reply is not None:
+                self.on_stray_reply(message, self)
             return
         try:
             waiter = self.requests.pop(message.request_id)

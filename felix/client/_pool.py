@@ -119,8 +119,8 @@ class PoolSettings:
     #: The ``connection`` number of this pool's first slot in Disconnected/Reconnected
     #: events (a client's pools for other nodes of a cluster number theirs after it).
     index_base: int = 0
-    #: Given each REDIRECT no call waits for (``Connection.on_redirect``).
-    on_redirect: Callable[[wire.Redirect, Connection], None] | None = None
+    #: Given each reply no call waits for (``Connection.on_stray_reply``).
+    on_stray_reply: Callable[[wire.ExtMessage, Connection], None] | None = None
     #: Asked for each subscription or consumer whose connection was lost: True when
     #: the client took it over (it subscribes again through another connection, so
     #: the pool forgets it); False: the pool resumes it after its reconnect.
@@ -196,7 +196,7 @@ class Pool:
             timeout=s.connect_timeout,
         )
         conn.on_lost = lambda error: self._on_lost(slot, conn, error)
-        conn.on_redirect = s.on_redirect
+        conn.on_stray_reply = s.on_stray_reply
         if conn.lost is not None or self.closed:
             conn.close()
             raise ConnectionLost(str(conn.lost or "the client is closed"))

@@ -270,24 +270,30 @@ class DbProxy:
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """One node's /cluster at one time: the shards it would serve then (owner, serving,
-    no handoff), with their epochs."""
+    """One node's /cluster, asked at ``began`` and answered by ``ended`` (monotonic): the
+    shards it would serve then (owner, serving, no handoff), with their epochs."""
 
-    at: float
+    began: float
+    ended: float
     node_id: str
     serving: bool
     incarnation: int | None
     served: dict[int, int]
 
+    @property
+    def at(self) -> float:
+        return self.ended
+
 
 class Sampler:
-    """Reads every node's /cluster in a loop on a thread (one round of all nodes at a
-    time), to check afterwards that no shard ever had two serving owners."""
+    """Reads every node's /cluster in a loop on a thread, to check afterwards that no shard
+    ever had two serving owners."""
 
     def __init__(self, nodes: Callable[[], list[NodeProcess]], every: float = 0.05) -> None:
         self._nodes = nodes
         self._every = every
-        self.rounds: list[list[Sample]] = []
+        self.samples: list[Sample] = []
+        self.rounds = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -301,16 +307,17 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            round_: list[Sample] = []
             for node in self._nodes():
                 if node.proc.poll() is not None:
                     continue
+                began = time.monotonic()
                 try:
                     status, body = node.http("/cluster")
                 except OSError:
                     continue
                 if status != 200:
                     continue
+                ended = time.monotonic()
                 doc = json.loads(body)
                 me = doc["node_id"]
                 serving = bool(doc.get("serving"))
@@ -320,26 +327,37 @@ class Sampler:
                     if serving and owner == me and handoff_to is None
                 }
                 incarnation = next((r[4] for r in doc.get("nodes", []) if r[0] == me), None)
-                round_.append(Sample(time.monotonic(), me, serving, incarnation, served))
-            self.rounds.append(round_)
+                self.samples.append(Sample(began, ended, me, serving, incarnation, served))
+            self.rounds += 1
             self._stop.wait(self._every)
 
     def check_single_owner(self) -> None:
-        """No shard had two serving owners: in no round did two nodes serve one shard,
-        and no (shard, epoch) was ever served by two nodes."""
+        """No shard had two serving owners: each (shard, epoch) was served by one node only,
+        and no node was seen serving a shard at an epoch after another node had been seen
+        serving it at a newer one (the older owner had stopped before the newer began).
+
+        Samples of different nodes are not simultaneous: a sample seen *before* a newer
+        epoch's proves nothing, one asked for after the newer one was answered does."""
         by_epoch: dict[tuple[int, int], str] = {}
-        for round_ in self.rounds:
-            seen: dict[int, str] = {}
-            for sample in round_:
-                for shard, epoch in sample.served.items():
-                    other = seen.setdefault(shard, sample.node_id)
-                    assert other == sample.node_id, (
-                        f"shard {shard} served by {other} and {sample.node_id} at once"
-                    )
-                    first = by_epoch.setdefault((shard, epoch), sample.node_id)
-                    assert first == sample.node_id, (
-                        f"shard {shard} epoch {epoch} served by {first} and {sample.node_id}"
-                    )
+        # shard -> epoch -> (latest "asked" time, earliest "answered" time) serving it.
+        spans: dict[int, dict[int, tuple[float, float]]] = {}
+        for sample in self.samples:
+            for shard, epoch in sample.served.items():
+                first = by_epoch.setdefault((shard, epoch), sample.node_id)
+                assert first == sample.node_id, (
+                    f"shard {shard} epoch {epoch} served by {first} and {sample.node_id}"
+                )
+                latest, earliest = spans.setdefault(shard, {}).get(epoch, (-1.0, float("inf")))
+                spans[shard][epoch] = (max(latest, sample.began), min(earliest, sample.ended))
+        for shard, epochs in spans.items():
+            newer_seen = float("inf")  # earliest answer serving any newer epoch
+            for epoch in sorted(epochs, reverse=True):
+                latest, earliest = epochs[epoch]
+                assert latest <= newer_seen, (
+                    f"shard {shard}: {by_epoch[(shard, epoch)]} served epoch {epoch} after a "
+                    "newer epoch was served"
+                )
+                newer_seen = min(newer_seen, earliest)
 
 
 # -- client traffic ----------------------------------------------------------------------

@@ -164,7 +164,7 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 async def connect(node: LocalNode, **options: Any) -> Client:
-    return await felix.connect(node.url, ca=node.ca_file, request_timeout=5.0, **options)
+    return await felix.connect(node.url, ca=node.ca_file, **{"request_timeout": 5.0, **options})
 
 
 def test_a_single_node_client_never_asks_for_a_map(
@@ -338,5 +338,57 @@ def test_the_number_of_nodes_is_bounded(tmp_path: Path, monkeypatch: pytest.Monk
                     await client.publish(stream_on(1), b"x")
                 assert await client.publish(stream_on(0), b"x") is not None  # a's own
                 assert client.connected == 1
+
+    run(main)
+
+
+def test_a_silent_node_is_given_up_after_a_timed_out_call_not_the_keepalive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node gone without closing its connections (kill -9, a partition) answers nothing:
+    a call that times out with nothing received since it was sent makes the client PING
+    that connection at once, and give it up unanswered, rather than wait for the keepalive
+    (``keepalive`` seconds of silence); the owner's shards are then asked of another node."""
+
+    async def main() -> None:
+        async with two_nodes(tmp_path, monkeypatch) as (a, b, own):
+            addr_a = own.address[id(a.gateway)]
+            dispatch = GatewaySession._dispatch  # the Ownership stand-in's
+            seen: set[int] = set()  # b's sessions so far
+            silent = False  # then those answer nothing more (later ones do)
+
+            def silent_dispatch(session: GatewaySession, *args: Any) -> None:
+                if session._gateway is b.gateway:
+                    if silent and id(session) in seen:
+                        return
+                    if not silent:
+                        seen.add(id(session))
+                dispatch(session, *args)
+
+            monkeypatch.setattr(GatewaySession, "_dispatch", silent_dispatch)
+            async with await connect(a, request_timeout=0.5, keepalive=60.0) as client:
+                stream = stream_on(1)  # b's
+                assert await client.publish(stream, b"x") is not None
+                await wait_for(lambda: client.shard_map is not None)
+                lost: list[object] = []
+                client.add_listener(
+                    lambda e: lost.append(e) if isinstance(e, felix.Disconnected) else None
+                )
+                # b's sessions go silent; its shard moves to a meanwhile.
+                silent = True
+                own.move(1, addr_a)
+                began = asyncio.get_running_loop().time()
+                with pytest.raises(felix.FelixTimeoutError):
+                    await client.publish(stream, b"y")
+                await wait_for(lambda: bool(lost), timeout=3.0)
+                assert asyncio.get_running_loop().time() - began < 2.0  # not 60 s
+                # The next call goes through another node, which serves it (or redirects).
+                async with asyncio.timeout(5):
+                    while True:
+                        try:
+                            assert await client.publish(stream, b"z") is not None
+                            break
+                        except (felix.Unavailable, felix.FelixTimeoutError):
+                            await asyncio.sleep(0.1)
 
     run(main)

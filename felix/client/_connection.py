@@ -208,6 +208,10 @@ class Connection:
         #: Called with an ERROR or REDIRECT nobody waits for (the answer to a publish
         #: with ack=False: its records were not stored) and this connection.
         self.on_stray_reply: Callable[[wire.ExtMessage, Connection], None] | None = None
+        #: Called when a call timed out with nothing received on this connection since it
+        #: was sent: its node may be gone without closing it (kill -9, a partition), so
+        #: the pool checks it now rather than after ``keepalive`` seconds of silence.
+        self.on_silent: Callable[[Connection], None] | None = None
         #: Set once the connection has ended: what outstanding and later calls fail with.
         self.lost: FelixError | None = None
         self.requests: RequestTable[asyncio.Future[wire.ExtMessage]] = RequestTable()
@@ -346,9 +350,13 @@ class Connection:
     def _sweep_deadlines(self) -> None:
         self._sweeper = None
         now = self._loop.time()
+        silent = False
         for deadline, future, timeout in list(self._deadlines.values()):
             if deadline <= now and not future.done():
                 future.set_exception(FelixTimeoutError(f"no reply within {timeout} s"))
+                silent = silent or self.last_received <= deadline - timeout
+        if silent and self.lost is None and self.on_silent is not None:
+            self.on_silent(self)
         if self._deadlines and self.lost is None:
             self._sweeper = self._loop.call_later(DEADLINE_SWEEP, self._sweep_deadlines)
 

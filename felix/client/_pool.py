@@ -149,6 +149,8 @@ class Pool:
         self._changed = asyncio.Event()  # replaced on every change: a broadcast
         self._keepalive_task: asyncio.Task[None] | None = None
         self._pings: set[asyncio.Task[None]] = set()
+        #: Connections a PING is checking after a silent timeout (``_probe``).
+        self._probing: set[Connection] = set()
         self.closed = False
 
     @property
@@ -197,6 +199,7 @@ class Pool:
         )
         conn.on_lost = lambda error: self._on_lost(slot, conn, error)
         conn.on_stray_reply = s.on_stray_reply
+        conn.on_silent = self._probe
         if conn.lost is not None or self.closed:
             conn.close()
             raise ConnectionLost(str(conn.lost or "the client is closed"))
@@ -430,6 +433,19 @@ class Pool:
                     task = asyncio.create_task(self._ping(conn))
                     self._pings.add(task)
                     task.add_done_callback(self._pings.discard)
+
+    def _probe(self, conn: Connection) -> None:
+        """A call on ``conn`` timed out and nothing came back since it was sent: PING it now
+        (as the keepalive would after ``keepalive`` seconds of silence); unanswered, the
+        connection is given up, so calls stop waiting on a node that is gone and a cluster
+        client routes them through another node."""
+        if self.closed or conn in self._probing:
+            return
+        self._probing.add(conn)
+        task = asyncio.create_task(self._ping(conn))
+        self._pings.add(task)
+        task.add_done_callback(self._pings.discard)
+        task.add_done_callback(lambda _t: self._probing.discard(conn))
 
     async def _ping(self, conn: Connection) -> None:
         try:

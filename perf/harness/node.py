@@ -21,7 +21,9 @@ class FelixNode:
 
     ``extra_args``: more ``felix up`` options (the durable benchmark's fsync policies).
     ``env``: variables added to the node's environment (the fanout benchmark's
-    ``FELIX_UDP_BATCH``).
+    ``FELIX_UDP_BATCH``). ``ca_dir``: a directory holding ``ca-cert.pem`` and
+    ``ca-key.pem``, copied into the data dir first so the node's certificate comes from
+    that CA (the nodes of one cluster, which a client follows redirects between).
     """
 
     def __init__(
@@ -31,10 +33,15 @@ class FelixNode:
         embedded: bool = False,
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        ca_dir: Path | None = None,
     ) -> None:
         self.gateways, self.shards, self.embedded = gateways, shards, embedded
         self.dir = Path(tempfile.mkdtemp(prefix="felix-perf-"))
         data = self.dir / "data"
+        if ca_dir is not None:
+            (data / "tls").mkdir(parents=True)
+            for name in ("ca-cert.pem", "ca-key.pem"):
+                shutil.copy(ca_dir / name, data / "tls" / name)
         args = [
             sys.executable,
             "-m",

@@ -293,3 +293,122 @@ def test_wildcard_listen_needs_advertise_exit_2(tmp_path: Path) -> None:
     }
     assert rows["control-store"]["value"] == "postgresql://u:***@db/felix"
     assert "pw" not in from_env.stdout
+
+
+class _FakeGateway:
+    """What OwnershipFollower uses of a Gateway: the gate, and requests in flight."""
+
+    index = 0
+
+    def __init__(self) -> None:
+        self.cluster: ClusterGate | None = None
+        self.in_flight: dict[int, int] = {}
+
+    def apply_ownership(self, new: OwnershipMap) -> set[int] | None:
+        if self.cluster is None:
+            self.cluster = ClusterGate()
+        return self.cluster.apply(new)
+
+    def in_flight_for(self, shards: set[int]) -> int:
+        return sum(n for s, n in self.in_flight.items() if s in shards)
+
+
+class _FakeControl:
+    def __init__(self) -> None:
+        self.sent: list[msg.Event] = []
+
+    def send(self, message: msg.Event) -> bool:
+        self.sent.append(message)
+        return True
+
+    def acks(self) -> list[int]:
+        return [m.version for m in self.sent if isinstance(m, msg.OwnershipAck)]
+
+
+def test_a_gateway_acknowledges_a_map_only_with_nothing_in_flight_for_what_it_refuses() -> None:
+    import asyncio
+
+    from felix.node.worker import OwnershipFollower
+
+    async def main() -> None:
+        gateway, control = _FakeGateway(), _FakeControl()
+        follower = OwnershipFollower(gateway, control, log_every=0.05)  # type: ignore[arg-type]
+        follower.apply(cluster_map(1, OWNERS).to_dict())
+        assert control.acks() == [1]  # the first map: nothing to drain
+        # Requests in flight for shards 4 (being handed off) and 2 (kept).
+        gateway.in_flight = {4: 2, 2: 5}
+        follower.apply(cluster_map(2, OWNERS, handoff={4: "other"}).to_dict())
+        assert follower.draining == {4}
+        await asyncio.sleep(0.3)  # far past any timeout: still no acknowledgement
+        assert control.acks() == [1]
+        # A newer map while draining: acknowledged with it, once drained.
+        follower.apply(cluster_map(3, OWNERS, handoff={4: "other"}).to_dict())
+        gateway.in_flight = {4: 1, 2: 5}
+        await asyncio.sleep(0.05)
+        assert control.acks() == [1]
+        gateway.in_flight = {2: 5}  # requests for kept shards do not hold it back
+        await asyncio.sleep(0.05)
+        assert control.acks() == [1, 3]
+        assert follower.draining == set()
+        # A map that gives the shard back before it drained: nothing left to wait for.
+        gateway.in_flight = {6: 1}
+        follower.apply(cluster_map(4, OWNERS, handoff={6: "other"}).to_dict())
+        assert control.acks() == [1, 3]
+        follower.apply(cluster_map(5, OWNERS).to_dict())
+        await asyncio.sleep(0.05)
+        assert control.acks() == [1, 3, 5]
+
+    run(main)
+
+
+class _FakeChild:
+    def __init__(self, name: str, acked: int = 0, running: bool = True) -> None:
+        self.name = name
+        self.ownership_acked = acked
+        self._running = running
+        self.sent: list[msg.Command] = []
+
+    def send(self, message: msg.Command) -> bool:
+        self.sent.append(message)
+        return True
+
+    def running(self) -> bool:
+        return self._running
+
+
+def test_handoff_drained_raises_unless_every_running_gateway_acknowledged(tmp_path: Path) -> None:
+    import asyncio
+
+    from felix.node.cluster import NodeCluster
+
+    gateways = [_FakeChild("gateway-0", 7), _FakeChild("gateway-1", 6), _FakeChild("x", 0, False)]
+    node = NodeCluster(
+        dsn="postgresql://u@localhost/db",
+        node_id="me",
+        address="127.0.0.1:5000",
+        health_url="http://127.0.0.1:8080",
+        region="",
+        logical_shards=L,
+        lease=10.0,
+        data_dir=tmp_path,
+        gateways=lambda: gateways,
+        drain_timeout=0.1,
+    )
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError, match="gateway-1"):
+            await node.handoff_drained(7)
+        await node.handoff_drained(6)  # a stopped gateway is not waited for
+        # A gateway that restarted acknowledges the map it gets at start.
+        gateways[1].ownership_acked = 0
+        node.on_gateway_started(gateways[1])  # no map yet: nothing sent
+
+        async def ack_later() -> None:
+            await asyncio.sleep(0.03)
+            gateways[1].ownership_acked = 8
+
+        task = asyncio.ensure_future(ack_later())
+        await node.handoff_drained(7)
+        await task
+
+    run(main)

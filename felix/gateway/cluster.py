@@ -69,6 +69,14 @@ class ClusterGate:
             return set(_served(old))
         return {s for s in _served(old) if not _serves(new, s)}
 
+    def serves(self, shard: int) -> bool:
+        """Whether the newest map has this node serve logical shard ``shard`` (its
+        owner, no handoff under way; the lease is not looked at)."""
+        current = self.map
+        return (
+            current is not None and 0 <= shard < current.logical_shards and _serves(current, shard)
+        )
+
     def serving(self) -> bool:
         """Whether this node's lease is valid now (by the newest map)."""
         current = self.map

@@ -9,14 +9,19 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from felix import wire
 from felix.cli import _node_config, build_parser
-from felix.cluster.ownership import ClusterNode, OwnershipMap, ShardState, logical_shard
+from felix.cluster.ownership import (
+    ClusterNode,
+    OwnershipMap,
+    ShardState,
+    cluster_clock,
+    logical_shard,
+)
 from felix.errors import ConfigError, ErrorCode
 from felix.gateway.cluster import JOINING, NO_OWNER, ClusterGate
 from felix.node import messages as msg
@@ -46,7 +51,7 @@ def cluster_map(
     )
     handoff = handoff or {}
     shards = tuple(ShardState(o, 10 + i, handoff.get(i)) for i, o in enumerate(owners))
-    return OwnershipMap(version, "me", L, time.monotonic() + serve_for, nodes, shards)
+    return OwnershipMap(version, "me", L, cluster_clock() + serve_for, nodes, shards)
 
 
 #: Shard i's owner: even shards here, odd ones elsewhere, 7 on a dead node, 5 nobody's.
@@ -412,3 +417,28 @@ def test_handoff_drained_raises_unless_every_running_gateway_acknowledged(tmp_pa
         await task
 
     run(main)
+
+
+def test_serve_until_is_on_boottime_everywhere(tmp_path: Path) -> None:
+    """CLOCK_BOOTTIME counts a suspended host's sleep (time.monotonic() does not): the
+    supervisor's agent and every gateway compare serve_until on it."""
+    import time
+
+    from felix.node.cluster import NodeCluster
+
+    before = time.clock_gettime(time.CLOCK_BOOTTIME)
+    now = cluster_clock()
+    assert before <= now <= time.clock_gettime(time.CLOCK_BOOTTIME)
+    assert ClusterGate()._clock is cluster_clock
+    node = NodeCluster(
+        dsn="postgresql://u@localhost/db",
+        node_id="me",
+        address="127.0.0.1:5000",
+        health_url="http://127.0.0.1:8080",
+        region="",
+        logical_shards=L,
+        lease=10.0,
+        data_dir=tmp_path,
+        gateways=list,
+    )
+    assert node._clock is cluster_clock and node.agent._clock is cluster_clock

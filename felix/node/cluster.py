@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from felix import ipc
-from felix.cluster.ownership import OwnershipMap, logical_shard
+from felix.cluster.ownership import OwnershipMap, cluster_clock, logical_shard
 from felix.node import messages as msg
 from felix.shard.log_format import SEGMENT_HEADER_SIZE
 
@@ -159,7 +159,7 @@ class NodeCluster:
         lease: float,
         data_dir: Path,
         gateways: Callable[[], Sequence[_GatewayChild]],
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = cluster_clock,
         drain_timeout: float = HANDOFF_DRAIN_TIMEOUT,
     ) -> None:
         from felix.cluster.agent import ClusterAgent, ClusterSettings

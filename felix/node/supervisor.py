@@ -47,6 +47,7 @@ from typing import Any
 import felix
 from felix import ipc
 from felix.auth.rotation import KeyRotator, RotationPolicy
+from felix.cluster.ownership import cluster_clock
 from felix.errors import ConfigError
 from felix.keys.store import KEYS_DIR, KeyStore, resolve_region_key
 from felix.node import messages as msg
@@ -306,6 +307,7 @@ class Supervisor:
             lease=config.cluster_lease,
             data_dir=config.data_dir,
             gateways=lambda: self.gateways,
+            clock=cluster_clock,  # serve_until's clock (CLOCK_BOOTTIME), as the gateways'
         )
         log.info("joining the cluster as %s (advertising %s)", config.node_id, address)
         await self.cluster.start()

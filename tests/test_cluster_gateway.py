@@ -442,3 +442,77 @@ def test_serve_until_is_on_boottime_everywhere(tmp_path: Path) -> None:
         gateways=list,
     )
     assert node._clock is cluster_clock and node.agent._clock is cluster_clock
+
+
+def test_client_and_node_logical_shards_agree_and_dead_letters_colocate() -> None:
+    import random
+
+    from felix.client._cluster import logical_shard as client_logical_shard
+
+    rng = random.Random(16)
+    names = ["orders", "a.dlq", "x.dlq.dlq", ".dlq", "dlq", "orders.dlqx", "o.DLQ"]
+    names += ["".join(rng.choices("abcxyz._-dlq", k=rng.randint(1, 24))) for _ in range(3000)]
+    for count in (1, 7, 256, 4096):
+        for name in names:
+            for key in (f"{T}/{NS}/{name}", f"{T}/{NS}/cache/{name}", f"{T}/{NS}/c/k/{name}"):
+                assert logical_shard(key, count) == client_logical_shard(key, count), key
+    for name in names:
+        source = f"{T}/{NS}/{name}"
+        # <stream>.dlq (the default dead-letter stream) lives on its source's shard.
+        assert logical_shard(f"{source}.dlq", 4096) == logical_shard(source, 4096)
+        assert logical_shard(f"{source}.dlq.dlq", 4096) == logical_shard(source, 4096)
+    # Only stream keys: a cache key (three slashes) hashes as it is.
+    import zlib
+
+    cache_key = f"{T}/{NS}/cache/k.dlq"
+    assert logical_shard(cache_key, 4096) == zlib.crc32(cache_key.encode()) % 4096
+
+
+class _Links:
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, bytes]] = []
+
+    def send(self, shard: int, record: bytes) -> bool:
+        self.sent.append((shard, record))
+        return True
+
+
+def test_a_dead_letter_relay_passes_the_cluster_gate(caplog: pytest.LogCaptureFixture) -> None:
+    from felix import ipc
+    from felix.gateway.queues import QueueRouter
+    from felix.ipc import RecordType
+
+    links = _Links()
+    router = QueueRouter(links, lambda key: 1, iter(range(100, 1000)).__next__)  # type: ignore[arg-type]
+    gate = ClusterGate()
+    gate.apply(cluster_map(1, OWNERS))
+    frame = publish(0, "whatever")
+
+    def relay(stream: str, relay_id: int) -> None:
+        body = ipc.encode_key(f"{T}/{NS}/{stream}") + frame
+        router.on_relay(0, relay_id, body, [True, True], gate)
+
+    # Served here (shard 2 is "me"): forwarded to the local shard as a dead-letter append.
+    relay(key_in(2) + ".dlq", 7)
+    ((target, record),) = links.sent
+    kind, _token, aux = ipc.decode_header(record)
+    assert target == 1 and kind == RecordType.REQUEST and aux == ipc.AUX_DEAD_LETTER
+    # Elsewhere (shard 1 is "other's"), or nobody's (5): refused back to the source shard.
+    links.sent.clear()
+    for i, stream in enumerate((key_in(1), key_in(1), key_in(5, "t")), start=8):
+        relay(stream, i)
+    assert [shard for shard, _ in links.sent] == [0, 0, 0]
+    for (_, record), relay_id in zip(links.sent, (8, 9, 10), strict=True):
+        kind, token, _aux = ipc.decode_header(record)
+        assert kind == RecordType.RELAY_REPLY and token == relay_id
+        error = wire.decode_ext(wire.decode_frame(record[ipc.HEADER_SIZE :], extensions=True))
+        assert isinstance(error, wire.ErrorReply) and error.code == ErrorCode.UNAVAILABLE
+        assert "not served by this node" in error.message
+    assert router.relays_refused == 3
+    # One log line per dead-letter stream.
+    logged = [r for r in caplog.records if "dead letters stay pending" in r.getMessage()]
+    assert len(logged) == 2
+    # A standalone gateway (no gate) relays everything.
+    links.sent.clear()
+    router.on_relay(0, 11, ipc.encode_key(f"{T}/{NS}/{key_in(1)}") + frame, [True, True])
+    assert links.sent[0][0] == 1

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "DEAD_LETTER_SUFFIX",
     "MAX_LOGICAL_SHARDS",
     "ClusterNode",
     "OwnershipMap",
@@ -48,8 +49,22 @@ def cluster_clock() -> float:
     return time.clock_gettime(_BOOTTIME)
 
 
+#: A stream whose name ends with it lives on the logical shard of the stream without it:
+#: a dead-letter stream (``<stream>.dlq``, the default) with its source.
+DEAD_LETTER_SUFFIX = ".dlq"
+
+
 def logical_shard(key: str, logical_shards: int) -> int:
-    """The logical shard of a routing key (crc32, as clients compute it)."""
+    """The logical shard of a routing key: crc32 of the key, as clients compute it
+    (felix/client/_cluster.py has the same function), modulo ``logical_shards``.
+
+    A stream key (``tenant/ns/name``: exactly two slashes; cache keys have three)
+    whose name ends with ``.dlq`` hashes without it, repeatedly: ``orders.dlq`` (and
+    ``orders.dlq.dlq``) live on the logical shard of ``orders``, so a queue group's
+    default dead-letter stream is served by the node that serves its source."""
+    if key.endswith(DEAD_LETTER_SUFFIX) and key.count("/") == 2:
+        while key.endswith(DEAD_LETTER_SUFFIX):
+            key = key[: -len(DEAD_LETTER_SUFFIX)]
     return zlib.crc32(key.encode()) % logical_shards
 
 

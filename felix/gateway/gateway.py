@@ -352,7 +352,7 @@ class Gateway:
                 elif kind == RecordType.DELIVER:
                     self.queues.on_deliver(token, body)
                 elif kind == RecordType.RELAY:
-                    self.queues.on_relay(shard, token, body, self.shard_ok)
+                    self.queues.on_relay(shard, token, body, self.shard_ok, self.cluster)
                 else:
                     log.warning(
                         "gateway %d: unexpected record kind %d from shard %d",

@@ -475,6 +475,7 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
                 {
                     "cluster_redirects": gateway.cluster.redirects,
                     "cluster_refused": gateway.cluster.refused,
+                    "cluster_dead_letters_refused": gateway.queues.relays_refused,
                 }
                 if gateway.cluster is not None
                 else {}

@@ -247,9 +247,10 @@ def test_up_flags(tmp_path: Path) -> None:
     assert config.control_store == dsn  # one control plane for the whole cluster
     assert (config.logical_shards, config.cluster_lease, config.advertise) == (256, 10.0, None)
     child = NodeConfig.from_json(config.to_json())
-    # The children know the node is clustered; only the control process (its store) gets
-    # the DSN, as with --control-store.
-    assert child.clustered and child.cluster != dsn and child.control_store == dsn
+    # The children know the node is clustered; none gets the DSN (the control process is
+    # given its store through a pipe: tests/test_dsn.py).
+    assert child.clustered and child.cluster != dsn and child.control_store != dsn
+    assert "secret" not in config.to_json()
     config = _config(*data, env={"FELIX_CLUSTER": dsn, "HOSTNAME": "pod-7"})
     assert config.cluster == dsn and config.node_id == "pod-7"
     config = _config(

@@ -111,6 +111,9 @@ class ChildSpec:
     supervisor_pid: int = 0
     #: A gateway's copy of the node's listening shm socket (-1: none; felix/shm).
     shm_fd: int = -1
+    #: The control process's: a pipe holding ``config.control_store`` (a DSN that may
+    #: carry a password, so neither in the spec nor in the environment; -1: none).
+    secret_fd: int = -1
 
     def to_json(self) -> str:
         return json.dumps(
@@ -125,6 +128,7 @@ class ChildSpec:
                 "socket_fd": self.socket_fd,
                 "supervisor_pid": self.supervisor_pid,
                 "shm_fd": self.shm_fd,
+                "secret_fd": self.secret_fd,
             }
         )
 
@@ -142,7 +146,18 @@ class ChildSpec:
             socket_fd=raw["socket_fd"],
             supervisor_pid=raw["supervisor_pid"],
             shm_fd=raw.get("shm_fd", -1),
+            secret_fd=raw.get("secret_fd", -1),
         )
+
+    def read_secret(self) -> str | None:
+        """What the supervisor wrote to :attr:`secret_fd` (read once; closes it)."""
+        if self.secret_fd < 0:
+            return None
+        chunks = []
+        with os.fdopen(self.secret_fd, "rb", closefd=True) as pipe:
+            while chunk := pipe.read(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
 
 
 class ControlChannel:

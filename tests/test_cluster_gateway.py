@@ -517,3 +517,28 @@ def test_a_dead_letter_relay_passes_the_cluster_gate(caplog: pytest.LogCaptureFi
     links.sent.clear()
     router.on_relay(0, 11, ipc.encode_key(f"{T}/{NS}/{key_in(1)}") + frame, [True, True])
     assert links.sent[0][0] == 1
+
+
+def test_a_loopback_advertise_needs_a_loopback_listen_exit_2(tmp_path: Path) -> None:
+    dsn = "postgresql://felix@db/felix"
+    data = ["--data-dir", str(tmp_path / "d"), "--node-id", "n1", "--cluster", dsn]
+    data += ["--region", "eu-1", "--insecure"]
+    for listen, advertise in (
+        ("0.0.0.0:5000", "127.0.0.1:5000"),
+        ("[::]:5000", "[::1]:5000"),
+        ("10.0.0.7:5000", "localhost:5000"),
+    ):
+        with pytest.raises(ConfigError, match="loopback"):
+            _config("--listen", listen, "--advertise", advertise, *data)
+    # Everything on one host's loopback (as the tests run clusters): fine.
+    config = _config("--listen", "127.0.0.1:5001", "--advertise", "127.0.0.1:5001", *data)
+    assert config.advertise == ("127.0.0.1", 5001)
+    assert _config("--listen", "127.0.0.1:5001", *data).advertise is None
+    assert _config("--listen", "0.0.0.0:5000", "--advertise", "n1.peers:5000", *data).advertise
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FELIX_")}
+    got = subprocess.run(
+        [sys.executable, "-m", "felix.cli", "up", "--listen", "0.0.0.0:5000",
+         "--advertise", "127.0.0.1:5000", *data],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert got.returncode == 2 and "loopback" in got.stderr, got.stderr

@@ -430,6 +430,14 @@ class NodeConfig:
                 f"--advertise {self.advertise[0]}:{self.advertise[1]} must name a host clients "
                 "can reach and a port"
             )
+        elif is_loopback(self.advertise[0]) and not is_loopback(self.listen[0]):
+            raise ConfigError(
+                f"--advertise {self.advertise[0]}:{self.advertise[1]} is a loopback address "
+                f"but --listen {self.listen[0] or '(empty)'} is not: clients redirected to "
+                "this node from other hosts would reach their own host. Advertise a name or "
+                "address they can reach (loopback only for nodes that all listen on this "
+                "host's loopback)"
+            )
 
     @property
     def clustered(self) -> bool:

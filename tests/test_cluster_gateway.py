@@ -496,8 +496,16 @@ def test_a_dead_letter_relay_passes_the_cluster_gate(caplog: pytest.LogCaptureFi
     # Served here (shard 2 is "me"): forwarded to the local shard as a dead-letter append.
     relay(key_in(2) + ".dlq", 7)
     ((target, record),) = links.sent
-    kind, _token, aux = ipc.decode_header(record)
+    kind, token, aux = ipc.decode_header(record)
     assert target == 1 and kind == RecordType.REQUEST and aux == ipc.AUX_DEAD_LETTER
+    # In flight for logical shard 2 until answered: a handoff of shard 2 waits for it.
+    assert router.relays_in_flight({2}) == 1 and router.relays_in_flight({4}) == 0
+    assert router.on_reply(token, b"reply")
+    assert router.relays_in_flight({2}) == 0
+    relay(key_in(2) + ".dlq", 7)
+    router.shard_down(1)  # its target went down: no answer will come
+    assert router.relays_in_flight({2}) == 0
+    links.sent.clear()
     # Elsewhere (shard 1 is "other's"), or nobody's (5): refused back to the source shard.
     links.sent.clear()
     for i, stream in enumerate((key_in(1), key_in(1), key_in(5, "t")), start=8):

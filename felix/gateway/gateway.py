@@ -330,8 +330,10 @@ class Gateway:
         return lost
 
     def in_flight_for(self, shards: set[int]) -> int:
-        """Requests sent to shards and not answered yet, of these logical shards."""
-        return sum(1 for p in self._pending.values() if p.lshard in shards)
+        """Requests sent to shards and not answered yet (dead-letter appends included),
+        of these logical shards."""
+        pending = sum(1 for p in self._pending.values() if p.lshard in shards)
+        return pending + self.queues.relays_in_flight(shards)
 
     # -- records from shards ------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from felix.ipc import RecordType
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from felix.cluster.ownership import Verdict
     from felix.gateway.cluster import ClusterGate
     from felix.gateway.connection import ConnectionShell
     from felix.gateway.links import ShardLinks
@@ -106,7 +107,9 @@ class QueueRouter:
         self._leaves: list[bytes] = []
         self._leave_shards: list[int] = []
         # Relayed requests: our ring token -> (source shard, relay id).
-        self._relays: dict[int, tuple[int, int]] = {}
+        # Relayed requests: our ring token -> (source shard, relay id, target shard,
+        # logical shard of the dead-letter stream; -1 outside a cluster).
+        self._relays: dict[int, tuple[int, int, int, int]] = {}
         # Counters (metrics).
         self.deliveries = 0
         self.leaves = 0
@@ -210,7 +213,9 @@ class QueueRouter:
             )
             consumer.conn.deliver(consumer, end)
             self.drop(consumer, leave=False)
-        for token in [t for t, (src, _r) in self._relays.items() if src == shard]:
+        # Relays from it (nobody to answer), and to it (no answer will come: the source
+        # retries on its own timer).
+        for token in [t for t, r in self._relays.items() if shard in (r[0], r[2])]:
             del self._relays[token]
 
     def end_moved(self, moved: Callable[[str], bool]) -> None:
@@ -242,27 +247,32 @@ class QueueRouter:
         served by this node now, else the relay is refused (the group retries it)."""
         key, pos = ipc.decode_key(body)
         frame = body[pos:]
+        lshard = -1
         if cluster is not None:
-            refusal = self._cluster_refusal(cluster, key)
-            if refusal is not None:
+            verdict = cluster.verdict(key)
+            if type(verdict) is not Serve:
                 self.relays_refused += 1
+                refusal = self._cluster_refusal(key, verdict)
                 self._answer(source, relay, wire.encode_error(0, Unavailable.code, refusal))
                 return
+            lshard = verdict.shard
         target = self._shard_for(key)
         token = self._new_token()
         if shard_ok[target] and self._links.send(
             target, ipc.encode(RecordType.REQUEST, token, ipc.AUX_DEAD_LETTER, frame)
         ):
-            self._relays[token] = (source, relay)
+            self._relays[token] = (source, relay, target, lshard)
             self.relayed += 1
             return
         self._answer(source, relay, wire.encode_error(0, Unavailable.code, f"shard {target} busy"))
 
-    def _cluster_refusal(self, cluster: ClusterGate, key: str) -> str | None:
-        """Why a dead-letter append to ``key`` may not happen here now (None: it may)."""
-        verdict = cluster.verdict(key)
-        if type(verdict) is Serve:
-            return None
+    def relays_in_flight(self, lshards: set[int]) -> int:
+        """Dead-letter appends sent to a shard and not answered yet, of these logical
+        shards (what a handoff waits for, with the requests in flight)."""
+        return sum(1 for r in self._relays.values() if r[3] in lshards)
+
+    def _cluster_refusal(self, key: str, verdict: Verdict) -> str:
+        """Why a dead-letter append to ``key`` may not happen here now (logged once)."""
         why = f"dead-letter stream {key} is not served by this node now: " + (
             f"its logical shard {verdict.shard} is the node's at {verdict.owner}"
             if type(verdict) is Redirect
@@ -283,7 +293,7 @@ class QueueRouter:
         entry = self._relays.pop(token, None)
         if entry is None:
             return False
-        source, relay = entry
+        source, relay, _target, _lshard = entry
         self._answer(source, relay, frame)
         return True
 

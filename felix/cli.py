@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from felix.dsn import redact_dsn
 from felix.errors import ConfigError, FelixError
 from felix.extras import require_extra
 from felix.node.config import (
@@ -965,7 +966,7 @@ def _config_show(args: argparse.Namespace) -> int:
         if dest in _SECRETS and value is not None:
             value = "(set)"
         elif dest in _DSNS and isinstance(value, str):
-            value = _without_password(value)
+            value = redact_dsn(value)
         rows[flag.lstrip("-")] = {"value": _plain(value), "source": source}
     # What the flags resolve to (topology, auth mode, ...), from the NodeConfig itself.
     derived = {
@@ -983,7 +984,7 @@ def _config_show(args: argparse.Namespace) -> int:
             else "the --listen address"
         )
         if config.control_store and not args.control_store:
-            derived["control-store"] = _without_password(config.control_store)
+            derived["control-store"] = redact_dsn(config.control_store)
     for name, value in derived.items():
         row = rows.setdefault(name, {"value": value, "source": "derived"})
         if row["value"] != value:
@@ -996,18 +997,6 @@ def _config_show(args: argparse.Namespace) -> int:
     for name, row in sorted(rows.items()):
         print(f"{name:<{width}}  {_shown(row['value'])}  ({row['source']})")
     return 0
-
-
-def _without_password(dsn: str) -> str:
-    """``dsn`` with its password (if any) shown as ``***``."""
-    import urllib.parse
-
-    parts = urllib.parse.urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    user, _, host = parts.netloc.rpartition("@")
-    name = user.split(":", 1)[0]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
 
 
 def _plain(value: object) -> object:

@@ -9,14 +9,19 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from felix import wire
 from felix.cli import _node_config, build_parser
-from felix.cluster.ownership import ClusterNode, OwnershipMap, ShardState, logical_shard
+from felix.cluster.ownership import (
+    ClusterNode,
+    OwnershipMap,
+    ShardState,
+    cluster_clock,
+    logical_shard,
+)
 from felix.errors import ConfigError, ErrorCode
 from felix.gateway.cluster import JOINING, NO_OWNER, ClusterGate
 from felix.node import messages as msg
@@ -46,7 +51,7 @@ def cluster_map(
     )
     handoff = handoff or {}
     shards = tuple(ShardState(o, 10 + i, handoff.get(i)) for i, o in enumerate(owners))
-    return OwnershipMap(version, "me", L, time.monotonic() + serve_for, nodes, shards)
+    return OwnershipMap(version, "me", L, cluster_clock() + serve_for, nodes, shards)
 
 
 #: Shard i's owner: even shards here, odd ones elsewhere, 7 on a dead node, 5 nobody's.
@@ -242,9 +247,10 @@ def test_up_flags(tmp_path: Path) -> None:
     assert config.control_store == dsn  # one control plane for the whole cluster
     assert (config.logical_shards, config.cluster_lease, config.advertise) == (256, 10.0, None)
     child = NodeConfig.from_json(config.to_json())
-    # The children know the node is clustered; only the control process (its store) gets
-    # the DSN, as with --control-store.
-    assert child.clustered and child.cluster != dsn and child.control_store == dsn
+    # The children know the node is clustered; none gets the DSN (the control process is
+    # given its store through a pipe: tests/test_dsn.py).
+    assert child.clustered and child.cluster != dsn and child.control_store != dsn
+    assert "secret" not in config.to_json()
     config = _config(*data, env={"FELIX_CLUSTER": dsn, "HOSTNAME": "pod-7"})
     assert config.cluster == dsn and config.node_id == "pod-7"
     config = _config(
@@ -293,3 +299,254 @@ def test_wildcard_listen_needs_advertise_exit_2(tmp_path: Path) -> None:
     }
     assert rows["control-store"]["value"] == "postgresql://u:***@db/felix"
     assert "pw" not in from_env.stdout
+
+
+class _FakeGateway:
+    """What OwnershipFollower uses of a Gateway: the gate, and requests in flight."""
+
+    index = 0
+
+    def __init__(self) -> None:
+        self.cluster: ClusterGate | None = None
+        self.in_flight: dict[int, int] = {}
+
+    def apply_ownership(self, new: OwnershipMap) -> set[int] | None:
+        if self.cluster is None:
+            self.cluster = ClusterGate()
+        return self.cluster.apply(new)
+
+    def in_flight_for(self, shards: set[int]) -> int:
+        return sum(n for s, n in self.in_flight.items() if s in shards)
+
+
+class _FakeControl:
+    def __init__(self) -> None:
+        self.sent: list[msg.Event] = []
+
+    def send(self, message: msg.Event) -> bool:
+        self.sent.append(message)
+        return True
+
+    def acks(self) -> list[int]:
+        return [m.version for m in self.sent if isinstance(m, msg.OwnershipAck)]
+
+
+def test_a_gateway_acknowledges_a_map_only_with_nothing_in_flight_for_what_it_refuses() -> None:
+    import asyncio
+
+    from felix.node.worker import OwnershipFollower
+
+    async def main() -> None:
+        gateway, control = _FakeGateway(), _FakeControl()
+        follower = OwnershipFollower(gateway, control, log_every=0.05)  # type: ignore[arg-type]
+        follower.apply(cluster_map(1, OWNERS).to_dict())
+        assert control.acks() == [1]  # the first map: nothing to drain
+        # Requests in flight for shards 4 (being handed off) and 2 (kept).
+        gateway.in_flight = {4: 2, 2: 5}
+        follower.apply(cluster_map(2, OWNERS, handoff={4: "other"}).to_dict())
+        assert follower.draining == {4}
+        await asyncio.sleep(0.3)  # far past any timeout: still no acknowledgement
+        assert control.acks() == [1]
+        # A newer map while draining: acknowledged with it, once drained.
+        follower.apply(cluster_map(3, OWNERS, handoff={4: "other"}).to_dict())
+        gateway.in_flight = {4: 1, 2: 5}
+        await asyncio.sleep(0.05)
+        assert control.acks() == [1]
+        gateway.in_flight = {2: 5}  # requests for kept shards do not hold it back
+        await asyncio.sleep(0.05)
+        assert control.acks() == [1, 3]
+        assert follower.draining == set()
+        # A map that gives the shard back before it drained: nothing left to wait for.
+        gateway.in_flight = {6: 1}
+        follower.apply(cluster_map(4, OWNERS, handoff={6: "other"}).to_dict())
+        assert control.acks() == [1, 3]
+        follower.apply(cluster_map(5, OWNERS).to_dict())
+        await asyncio.sleep(0.05)
+        assert control.acks() == [1, 3, 5]
+
+    run(main)
+
+
+class _FakeChild:
+    def __init__(self, name: str, acked: int = 0, running: bool = True) -> None:
+        self.name = name
+        self.ownership_acked = acked
+        self._running = running
+        self.sent: list[msg.Command] = []
+
+    def send(self, message: msg.Command) -> bool:
+        self.sent.append(message)
+        return True
+
+    def running(self) -> bool:
+        return self._running
+
+
+def test_handoff_drained_raises_unless_every_running_gateway_acknowledged(tmp_path: Path) -> None:
+    import asyncio
+
+    from felix.node.cluster import NodeCluster
+
+    gateways = [_FakeChild("gateway-0", 7), _FakeChild("gateway-1", 6), _FakeChild("x", 0, False)]
+    node = NodeCluster(
+        dsn="postgresql://u@localhost/db",
+        node_id="me",
+        address="127.0.0.1:5000",
+        health_url="http://127.0.0.1:8080",
+        region="",
+        logical_shards=L,
+        lease=10.0,
+        data_dir=tmp_path,
+        gateways=lambda: gateways,
+        drain_timeout=0.1,
+    )
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError, match="gateway-1"):
+            await node.handoff_drained(7)
+        await node.handoff_drained(6)  # a stopped gateway is not waited for
+        # A gateway that restarted acknowledges the map it gets at start.
+        gateways[1].ownership_acked = 0
+        node.on_gateway_started(gateways[1])  # no map yet: nothing sent
+
+        async def ack_later() -> None:
+            await asyncio.sleep(0.03)
+            gateways[1].ownership_acked = 8
+
+        task = asyncio.ensure_future(ack_later())
+        await node.handoff_drained(7)
+        await task
+
+    run(main)
+
+
+def test_serve_until_is_on_boottime_everywhere(tmp_path: Path) -> None:
+    """CLOCK_BOOTTIME counts a suspended host's sleep (time.monotonic() does not): the
+    supervisor's agent and every gateway compare serve_until on it."""
+    import time
+
+    from felix.node.cluster import NodeCluster
+
+    before = time.clock_gettime(time.CLOCK_BOOTTIME)
+    now = cluster_clock()
+    assert before <= now <= time.clock_gettime(time.CLOCK_BOOTTIME)
+    assert ClusterGate()._clock is cluster_clock
+    node = NodeCluster(
+        dsn="postgresql://u@localhost/db",
+        node_id="me",
+        address="127.0.0.1:5000",
+        health_url="http://127.0.0.1:8080",
+        region="",
+        logical_shards=L,
+        lease=10.0,
+        data_dir=tmp_path,
+        gateways=list,
+    )
+    assert node._clock is cluster_clock and node.agent._clock is cluster_clock
+
+
+def test_client_and_node_logical_shards_agree_and_dead_letters_colocate() -> None:
+    import random
+
+    from felix.client._cluster import logical_shard as client_logical_shard
+
+    rng = random.Random(16)
+    names = ["orders", "a.dlq", "x.dlq.dlq", ".dlq", "dlq", "orders.dlqx", "o.DLQ"]
+    names += ["".join(rng.choices("abcxyz._-dlq", k=rng.randint(1, 24))) for _ in range(3000)]
+    for count in (1, 7, 256, 4096):
+        for name in names:
+            for key in (f"{T}/{NS}/{name}", f"{T}/{NS}/cache/{name}", f"{T}/{NS}/c/k/{name}"):
+                assert logical_shard(key, count) == client_logical_shard(key, count), key
+    for name in names:
+        source = f"{T}/{NS}/{name}"
+        # <stream>.dlq (the default dead-letter stream) lives on its source's shard.
+        assert logical_shard(f"{source}.dlq", 4096) == logical_shard(source, 4096)
+        assert logical_shard(f"{source}.dlq.dlq", 4096) == logical_shard(source, 4096)
+    # Only stream keys: a cache key (three slashes) hashes as it is.
+    import zlib
+
+    cache_key = f"{T}/{NS}/cache/k.dlq"
+    assert logical_shard(cache_key, 4096) == zlib.crc32(cache_key.encode()) % 4096
+
+
+class _Links:
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, bytes]] = []
+
+    def send(self, shard: int, record: bytes) -> bool:
+        self.sent.append((shard, record))
+        return True
+
+
+def test_a_dead_letter_relay_passes_the_cluster_gate(caplog: pytest.LogCaptureFixture) -> None:
+    from felix import ipc
+    from felix.gateway.queues import QueueRouter
+    from felix.ipc import RecordType
+
+    links = _Links()
+    router = QueueRouter(links, lambda key: 1, iter(range(100, 1000)).__next__)  # type: ignore[arg-type]
+    gate = ClusterGate()
+    gate.apply(cluster_map(1, OWNERS))
+    frame = publish(0, "whatever")
+
+    def relay(stream: str, relay_id: int) -> None:
+        body = ipc.encode_key(f"{T}/{NS}/{stream}") + frame
+        router.on_relay(0, relay_id, body, [True, True], gate)
+
+    # Served here (shard 2 is "me"): forwarded to the local shard as a dead-letter append.
+    relay(key_in(2) + ".dlq", 7)
+    ((target, record),) = links.sent
+    kind, token, aux = ipc.decode_header(record)
+    assert target == 1 and kind == RecordType.REQUEST and aux == ipc.AUX_DEAD_LETTER
+    # In flight for logical shard 2 until answered: a handoff of shard 2 waits for it.
+    assert router.relays_in_flight({2}) == 1 and router.relays_in_flight({4}) == 0
+    assert router.on_reply(token, b"reply")
+    assert router.relays_in_flight({2}) == 0
+    relay(key_in(2) + ".dlq", 7)
+    router.shard_down(1)  # its target went down: no answer will come
+    assert router.relays_in_flight({2}) == 0
+    links.sent.clear()
+    # Elsewhere (shard 1 is "other's"), or nobody's (5): refused back to the source shard.
+    links.sent.clear()
+    for i, stream in enumerate((key_in(1), key_in(1), key_in(5, "t")), start=8):
+        relay(stream, i)
+    assert [shard for shard, _ in links.sent] == [0, 0, 0]
+    for (_, record), relay_id in zip(links.sent, (8, 9, 10), strict=True):
+        kind, token, _aux = ipc.decode_header(record)
+        assert kind == RecordType.RELAY_REPLY and token == relay_id
+        error = wire.decode_ext(wire.decode_frame(record[ipc.HEADER_SIZE :], extensions=True))
+        assert isinstance(error, wire.ErrorReply) and error.code == ErrorCode.UNAVAILABLE
+        assert "not served by this node" in error.message
+    assert router.relays_refused == 3
+    # One log line per dead-letter stream.
+    logged = [r for r in caplog.records if "dead letters stay pending" in r.getMessage()]
+    assert len(logged) == 2
+    # A standalone gateway (no gate) relays everything.
+    links.sent.clear()
+    router.on_relay(0, 11, ipc.encode_key(f"{T}/{NS}/{key_in(1)}") + frame, [True, True])
+    assert links.sent[0][0] == 1
+
+
+def test_a_loopback_advertise_needs_a_loopback_listen_exit_2(tmp_path: Path) -> None:
+    dsn = "postgresql://felix@db/felix"
+    data = ["--data-dir", str(tmp_path / "d"), "--node-id", "n1", "--cluster", dsn]
+    data += ["--region", "eu-1", "--insecure"]
+    for listen, advertise in (
+        ("0.0.0.0:5000", "127.0.0.1:5000"),
+        ("[::]:5000", "[::1]:5000"),
+        ("10.0.0.7:5000", "localhost:5000"),
+    ):
+        with pytest.raises(ConfigError, match="loopback"):
+            _config("--listen", listen, "--advertise", advertise, *data)
+    # Everything on one host's loopback (as the tests run clusters): fine.
+    config = _config("--listen", "127.0.0.1:5001", "--advertise", "127.0.0.1:5001", *data)
+    assert config.advertise == ("127.0.0.1", 5001)
+    assert _config("--listen", "127.0.0.1:5001", *data).advertise is None
+    assert _config("--listen", "0.0.0.0:5000", "--advertise", "n1.peers:5000", *data).advertise
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FELIX_")}
+    got = subprocess.run(
+        [sys.executable, "-m", "felix.cli", "up", "--listen", "0.0.0.0:5000",
+         "--advertise", "127.0.0.1:5000", *data],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert got.returncode == 2 and "loopback" in got.stderr, got.stderr

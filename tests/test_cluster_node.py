@@ -241,6 +241,47 @@ def test_nodes_join_become_ready_and_spread_the_shards(cluster: Cluster) -> None
     assert status["cluster"]["node_id"] == "n1" and status["cluster"]["serving"]
 
 
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return out
+    for child in map(int, children):
+        out += [child, *_descendants(child)]
+    return out
+
+
+def test_no_child_process_holds_the_dsn(cluster: Cluster) -> None:
+    """The cluster's DSN stays in the supervisor: not in any child's environment (its
+    spec included) or command line; the control process still uses the cluster's
+    database as its store (given through a pipe)."""
+    node = cluster.nodes[0]
+    _wait("ready", _ready(node), 30, node)
+    database = cluster.dsn.rsplit("/", 1)[1]
+    children = _descendants(node.proc.pid)
+    assert len(children) >= 2  # the gateway and the control process at least
+    for pid in children:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        assert database.encode() not in environ + cmdline, pid
+        assert b"FELIX_CLUSTER=" not in environ, pid
+
+    async def control_tables() -> int:
+        import asyncpg
+
+        conn = await asyncpg.connect(cluster.dsn)
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM felix_resources"))
+        finally:
+            await conn.close()
+
+    assert asyncio.run(control_tables()) >= 1  # the default namespace, from control-0
+
+
 def test_cluster_status_shows_nodes_leases_placer_and_shards(cluster: Cluster) -> None:
     n0 = cluster.nodes[0]
     _wait("settled", _settled_of(n0, 3), 20, n0)

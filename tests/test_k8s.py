@@ -222,11 +222,22 @@ def test_replicas_are_one_cluster_of_pods_named_and_advertised_by_the_headless_s
     container = _container()
     env = {e["name"]: e for e in container["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     args = container["args"]
     assert args[args.index("--node-id") + 1] == "$(POD_NAME)"
     headless = sts["spec"]["serviceName"]
     port = _port("quic")["containerPort"]
-    assert args[args.index("--advertise") + 1] == f"$(POD_NAME).{headless}:{port}"
+    # Fully qualified: redirected clients resolve it whatever their namespace.
+    assert (
+        args[args.index("--advertise") + 1]
+        == f"$(POD_NAME).{headless}.$(POD_NAMESPACE).svc.cluster.local:{port}"
+    )
+    # Both are defined before the args that use them ($(VAR) expands only those).
+    names = [e["name"] for e in container["env"]]
+    assert {"POD_NAME", "POD_NAMESPACE"} <= set(names)
+    # Scaling down is not free: durable shards stay pinned to the pod removed.
+    text = (K8S / "statefulset.yaml").read_text()
+    assert "Scale freely" not in text and "Scaling DOWN strands" in text
     # The headless Service publishes the pods' names before they are ready: a node
     # redirects to a peer that may be starting (it answers Unavailable until it serves).
     peers = next(s for s in _all("Service") if s["metadata"]["name"] == headless)
@@ -261,7 +272,9 @@ def test_configmap_is_a_valid_felix_up_config(
     # What the StatefulSet passes (the pod's name expanded); the data dir of the
     # manifests is the volume, here a writable stand-in.
     args_of_pod = [
-        a.replace("$(POD_NAME)", "felix-1") for a in _container()["args"] if a != "--config"
+        a.replace("$(POD_NAME)", "felix-1").replace("$(POD_NAMESPACE)", "streaming")
+        for a in _container()["args"]
+        if a != "--config"
     ]
     args_of_pod.remove("/etc/felix/felix.toml")
     argv = [
@@ -282,7 +295,7 @@ def test_configmap_is_a_valid_felix_up_config(
     assert config.insecure is True  # only for the health/metrics port
     assert config.cluster == store and config.control_store == store
     assert config.node_id == "felix-1"
-    assert config.advertise == ("felix-1.felix-peers", 5000)
+    assert config.advertise == ("felix-1.felix-peers.streaming.svc.cluster.local", 5000)
     assert config.cluster_lease == float(table["cluster-lease"])
     assert config.drain_grace == float(table["drain-grace"])
     assert config.region == table["region"]  # beyond loopback a node names its region

@@ -50,7 +50,11 @@ _MOVED = re.compile(r"\bmoved\b")
 
 def logical_shard(key: str, logical_shards: int) -> int:
     """The logical shard of routing key ``key``: ``crc32(key) % logical_shards``, as nodes
-    compute it (felix.cluster.ownership.logical_shard)."""
+    compute it (felix.cluster.ownership.logical_shard): a stream key ``tenant/ns/name``
+    whose name ends with ``.dlq`` hashes without it (repeatedly), as its source stream."""
+    if key.endswith(".dlq") and key.count("/") == 2:
+        while key.endswith(".dlq"):
+            key = key[:-4]
     return zlib.crc32(key.encode()) % logical_shards
 
 

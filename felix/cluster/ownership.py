@@ -6,19 +6,23 @@ line, :meth:`OwnershipMap.to_dict`) whenever the map or ``serve_until`` changes.
 gateway asks :meth:`OwnershipMap.verdict` before it admits a request: serve it here,
 redirect the client to the owner, or refuse it for now (retry).
 
-``serve_until`` is a ``time.monotonic()`` deadline: CLOCK_MONOTONIC is one clock for
-every process of a Linux host, so the supervisor's deadline means the same in its
-gateways. A map is never trusted past it (docs/architecture.md, "Membership and
-leases").
+``serve_until`` is a deadline on :func:`cluster_clock`, CLOCK_BOOTTIME: one clock for
+every process of a Linux host (so the supervisor's deadline means the same in its
+gateways and shard processes) that, unlike CLOCK_MONOTONIC (``time.monotonic()``),
+keeps counting while the host is suspended, so a host that slept past its lease
+wakes fenced. Every comparison with ``serve_until`` reads this clock. A map is never
+trusted past it (docs/architecture.md, "Membership and leases").
 """
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "DEAD_LETTER_SUFFIX",
     "MAX_LOGICAL_SHARDS",
     "ClusterNode",
     "OwnershipMap",
@@ -26,15 +30,41 @@ __all__ = [
     "Refuse",
     "Serve",
     "ShardState",
+    "cluster_clock",
     "logical_shard",
 ]
 
 #: The most logical shards a cluster may have (the SHARD_MAP reply stays under 64 KiB).
 MAX_LOGICAL_SHARDS = 4096
 
+_BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def cluster_clock() -> float:
+    """Seconds on the clock ``serve_until`` is on: CLOCK_BOOTTIME (Linux; it counts time
+    the host spent suspended, which CLOCK_MONOTONIC does not), ``time.monotonic()``
+    where there is none (development on other systems)."""
+    if _BOOTTIME is None:
+        return time.monotonic()
+    return time.clock_gettime(_BOOTTIME)
+
+
+#: A stream whose name ends with it lives on the logical shard of the stream without it:
+#: a dead-letter stream (``<stream>.dlq``, the default) with its source.
+DEAD_LETTER_SUFFIX = ".dlq"
+
 
 def logical_shard(key: str, logical_shards: int) -> int:
-    """The logical shard of a routing key (crc32, as clients compute it)."""
+    """The logical shard of a routing key: crc32 of the key, as clients compute it
+    (felix/client/_cluster.py has the same function), modulo ``logical_shards``.
+
+    A stream key (``tenant/ns/name``: exactly two slashes; cache keys have three)
+    whose name ends with ``.dlq`` hashes without it, repeatedly: ``orders.dlq`` (and
+    ``orders.dlq.dlq``) live on the logical shard of ``orders``, so a queue group's
+    default dead-letter stream is served by the node that serves its source."""
+    if key.endswith(DEAD_LETTER_SUFFIX) and key.count("/") == 2:
+        while key.endswith(DEAD_LETTER_SUFFIX):
+            key = key[: -len(DEAD_LETTER_SUFFIX)]
     return zlib.crc32(key.encode()) % logical_shards
 
 
@@ -104,7 +134,7 @@ class OwnershipMap:
     #: This node's id.
     node_id: str
     logical_shards: int
-    #: ``time.monotonic()`` deadline: after it, this node serves no shard.
+    #: :func:`cluster_clock` deadline: after it, this node serves no shard.
     serve_until: float
     nodes: tuple[ClusterNode, ...]
     #: Indexed by logical shard; ``len(shards) == logical_shards``.
@@ -122,7 +152,8 @@ class OwnershipMap:
         return None
 
     def verdict(self, key: str, now: float) -> Verdict:
-        """What to do with a request for routing key ``key`` at monotonic time ``now``."""
+        """What to do with a request for routing key ``key`` at time ``now``
+        (:func:`cluster_clock`)."""
         shard = self.shard_of(key)
         state = self.shards[shard]
         if state.owner == self.node_id:

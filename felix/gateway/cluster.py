@@ -20,11 +20,17 @@ check per request.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from felix import wire
-from felix.cluster.ownership import OwnershipMap, Redirect, Refuse, Serve, Verdict
+from felix.cluster.ownership import (
+    OwnershipMap,
+    Redirect,
+    Refuse,
+    Serve,
+    Verdict,
+    cluster_clock,
+)
 
 __all__ = ["JOINING", "NO_OWNER", "ClusterGate"]
 
@@ -37,7 +43,7 @@ JOINING = "node is joining the cluster (no shard map yet); retry"
 class ClusterGate:
     """The newest shard map a gateway has, and the verdict it gives each request."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = cluster_clock) -> None:
         self.map: OwnershipMap | None = None
         self._clock = clock
         #: Requests answered with REDIRECT, and refused (Unavailable) for the cluster.
@@ -68,6 +74,14 @@ class ClusterGate:
         if old.logical_shards != new.logical_shards:
             return set(_served(old))
         return {s for s in _served(old) if not _serves(new, s)}
+
+    def serves(self, shard: int) -> bool:
+        """Whether the newest map has this node serve logical shard ``shard`` (its
+        owner, no handoff under way; the lease is not looked at)."""
+        current = self.map
+        return (
+            current is not None and 0 <= shard < current.logical_shards and _serves(current, shard)
+        )
 
     def serving(self) -> bool:
         """Whether this node's lease is valid now (by the newest map)."""

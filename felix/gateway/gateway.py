@@ -330,8 +330,10 @@ class Gateway:
         return lost
 
     def in_flight_for(self, shards: set[int]) -> int:
-        """Requests sent to shards and not answered yet, of these logical shards."""
-        return sum(1 for p in self._pending.values() if p.lshard in shards)
+        """Requests sent to shards and not answered yet (dead-letter appends included),
+        of these logical shards."""
+        pending = sum(1 for p in self._pending.values() if p.lshard in shards)
+        return pending + self.queues.relays_in_flight(shards)
 
     # -- records from shards ------------------------------------------------------------
 
@@ -352,7 +354,7 @@ class Gateway:
                 elif kind == RecordType.DELIVER:
                     self.queues.on_deliver(token, body)
                 elif kind == RecordType.RELAY:
-                    self.queues.on_relay(shard, token, body, self.shard_ok)
+                    self.queues.on_relay(shard, token, body, self.shard_ok, self.cluster)
                 else:
                     log.warning(
                         "gateway %d: unexpected record kind %d from shard %d",

@@ -15,25 +15,38 @@ records. A shard that goes down ends its consumers with CONSUMER_END
 (Unavailable): the client consumes again when it is back.
 
 RELAY records are dead-letter appends a shard sends for a stream that may live on
-another shard: forwarded as a request there, the answer returned as RELAY_REPLY.
+another shard: forwarded as a request there, the answer returned as RELAY_REPLY. In
+cluster mode a relay passes the same gate as a client's request: one for a
+dead-letter stream whose logical shard this node does not serve now is answered
+Unavailable and not appended here (the record stays ``dying`` in its group, which
+retries it with backoff; counted in ``relays_refused`` and logged once per stream).
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 from typing import TYPE_CHECKING
 
 from felix import ipc, wire
+from felix.cluster.ownership import Redirect, Serve
 from felix.errors import Overloaded, Unavailable
 from felix.ipc import RecordType
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from felix.cluster.ownership import Verdict
+    from felix.gateway.cluster import ClusterGate
     from felix.gateway.connection import ConnectionShell
     from felix.gateway.links import ShardLinks
 
 __all__ = ["Consumer", "ConsumerState", "QueueRouter"]
+
+log = logging.getLogger("felix.gateway")
+
+#: Dead-letter streams a gateway remembers having logged a refused relay for (one line each).
+MAX_REFUSED_LOGGED = 1024
 
 
 class ConsumerState(enum.Enum):
@@ -94,12 +107,17 @@ class QueueRouter:
         self._leaves: list[bytes] = []
         self._leave_shards: list[int] = []
         # Relayed requests: our ring token -> (source shard, relay id).
-        self._relays: dict[int, tuple[int, int]] = {}
+        # Relayed requests: our ring token -> (source shard, relay id, target shard,
+        # logical shard of the dead-letter stream; -1 outside a cluster).
+        self._relays: dict[int, tuple[int, int, int, int]] = {}
         # Counters (metrics).
         self.deliveries = 0
         self.leaves = 0
         self.too_slow = 0  # consumers ended for not reading their deliveries
         self.relayed = 0
+        #: Cluster mode: relays refused, their dead-letter stream's logical shard not served here.
+        self.relays_refused = 0
+        self._refused_logged: set[str] = set()
 
     # -- consumers ---------------------------------------------------------------------
 
@@ -195,7 +213,9 @@ class QueueRouter:
             )
             consumer.conn.deliver(consumer, end)
             self.drop(consumer, leave=False)
-        for token in [t for t, (src, _r) in self._relays.items() if src == shard]:
+        # Relays from it (nobody to answer), and to it (no answer will come: the source
+        # retries on its own timer).
+        for token in [t for t, r in self._relays.items() if shard in (r[0], r[2])]:
             del self._relays[token]
 
     def end_moved(self, moved: Callable[[str], bool]) -> None:
@@ -213,26 +233,67 @@ class QueueRouter:
 
     # -- relays --------------------------------------------------------------------------
 
-    def on_relay(self, source: int, relay: int, body: bytes, shard_ok: list[bool]) -> None:
-        """A shard asks to publish to a stream that may live elsewhere (a dead letter)."""
+    def on_relay(
+        self,
+        source: int,
+        relay: int,
+        body: bytes,
+        shard_ok: list[bool],
+        cluster: ClusterGate | None = None,
+    ) -> None:
+        """A shard asks to publish to a stream that may live elsewhere (a dead letter).
+
+        ``cluster``: the gateway's gate in cluster mode: the dead-letter stream must be
+        served by this node now, else the relay is refused (the group retries it)."""
         key, pos = ipc.decode_key(body)
         frame = body[pos:]
+        lshard = -1
+        if cluster is not None:
+            verdict = cluster.verdict(key)
+            if type(verdict) is not Serve:
+                self.relays_refused += 1
+                refusal = self._cluster_refusal(key, verdict)
+                self._answer(source, relay, wire.encode_error(0, Unavailable.code, refusal))
+                return
+            lshard = verdict.shard
         target = self._shard_for(key)
         token = self._new_token()
         if shard_ok[target] and self._links.send(
             target, ipc.encode(RecordType.REQUEST, token, ipc.AUX_DEAD_LETTER, frame)
         ):
-            self._relays[token] = (source, relay)
+            self._relays[token] = (source, relay, target, lshard)
             self.relayed += 1
             return
         self._answer(source, relay, wire.encode_error(0, Unavailable.code, f"shard {target} busy"))
+
+    def relays_in_flight(self, lshards: set[int]) -> int:
+        """Dead-letter appends sent to a shard and not answered yet, of these logical
+        shards (what a handoff waits for, with the requests in flight)."""
+        return sum(1 for r in self._relays.values() if r[3] in lshards)
+
+    def _cluster_refusal(self, key: str, verdict: Verdict) -> str:
+        """Why a dead-letter append to ``key`` may not happen here now (logged once)."""
+        why = f"dead-letter stream {key} is not served by this node now: " + (
+            f"its logical shard {verdict.shard} is the node's at {verdict.owner}"
+            if type(verdict) is Redirect
+            else verdict.reason  # type: ignore[union-attr]
+        )
+        if key not in self._refused_logged and len(self._refused_logged) < MAX_REFUSED_LOGGED:
+            self._refused_logged.add(key)
+            log.warning(
+                "%s: its dead letters stay pending (retried) until it is; in a cluster a "
+                "custom dead_letter stream must share its source's logical shard (name it "
+                "<stream>.dlq)",
+                why,
+            )
+        return why
 
     def on_reply(self, token: int, frame: bytes) -> bool:
         """A reply: True if it answered a relay (sent back to the shard that asked)."""
         entry = self._relays.pop(token, None)
         if entry is None:
             return False
-        source, relay = entry
+        source, relay, _target, _lshard = entry
         self._answer(source, relay, frame)
         return True
 

@@ -7,8 +7,10 @@ on the supervisor's loop and is what the agent calls back:
   (felix/node/messages.py ``Ownership``), and to every gateway that starts later
   (:meth:`NodeCluster.on_gateway_started`): a gateway serves nothing before it has one.
 - ``handoff_drained(version)``: returns once every running gateway acknowledged map
-  ``version`` (``OwnershipAck``: it ended the moved shards' subscriptions and answered
-  its requests in flight for them), or after :data:`HANDOFF_DRAIN_TIMEOUT`.
+  ``version`` (``OwnershipAck``: it applies it, ended the moved shards' subscriptions
+  and has no request in flight for them); raises TimeoutError after
+  :data:`HANDOFF_DRAIN_TIMEOUT` otherwise, and the handoff is retried later (never
+  completed while a gateway may still admit or apply a write for the shard).
 - ``durable_shards()``: the logical shards this node holds durable records for
   (:class:`DurableShards`, a scan of ``DATA_DIR/streams`` at most every few seconds).
 
@@ -29,13 +31,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from felix import ipc
-from felix.cluster.ownership import OwnershipMap, logical_shard
+from felix.cluster.ownership import OwnershipMap, cluster_clock, logical_shard
 from felix.node import messages as msg
 from felix.shard.log_format import SEGMENT_HEADER_SIZE
 
 log = logging.getLogger("felix.cluster")
 
-#: How long a handoff waits for the gateways' acknowledgements at most.
+#: How long one attempt of a handoff waits for the gateways' acknowledgements (then it
+#: fails and is retried; it never completes without them).
 HANDOFF_DRAIN_TIMEOUT = 5.0
 #: How long ``durable_shards()`` reuses a scan of the data dir.
 DURABLE_RESCAN = 5.0
@@ -156,11 +159,14 @@ class NodeCluster:
         lease: float,
         data_dir: Path,
         gateways: Callable[[], Sequence[_GatewayChild]],
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = cluster_clock,
+        drain_timeout: float = HANDOFF_DRAIN_TIMEOUT,
     ) -> None:
         from felix.cluster.agent import ClusterAgent, ClusterSettings
 
         self.node_id = node_id
+        self._drain_timeout = drain_timeout
+        self._drain_warned = 0
         self.address = address
         self.logical_shards = logical_shards
         self._gateways = gateways
@@ -239,14 +245,29 @@ class NodeCluster:
             gateway.send(self._message)
 
     async def handoff_drained(self, version: int) -> None:
-        deadline = self._clock() + HANDOFF_DRAIN_TIMEOUT
-        while self._clock() < deadline:
+        """Return once every running gateway acknowledged map ``version`` (or a newer
+        one): it applies it and has no request in flight for a shard it refuses. Raises
+        TimeoutError after :data:`HANDOFF_DRAIN_TIMEOUT` otherwise: the agent then does
+        not complete the handoff and tries again later (a gateway never acknowledges on
+        a timeout of its own)."""
+        deadline = self._clock() + self._drain_timeout
+        while True:
             behind = [g for g in self._gateways() if g.running() and g.ownership_acked < version]
             if not behind:
                 return
+            if self._clock() >= deadline:
+                break
             await asyncio.sleep(0.01)
-        log.warning("gateways did not acknowledge shard map %d in time; handing off anyway",
-                    version)  # fmt: skip
+        names = ", ".join(g.name for g in behind)
+        message = (
+            f"gateways {names} did not acknowledge shard map {version} within "
+            f"{self._drain_timeout:g}s (requests still in flight for shards this node gives "
+            "up); the handoff is not completed and is retried"
+        )
+        if self._drain_warned != version:
+            self._drain_warned = version
+            log.warning("%s", message)
+        raise TimeoutError(message)
 
     # -- what the supervisor calls ----------------------------------------------------------
 

@@ -101,6 +101,13 @@ def is_wildcard(host: str) -> bool:
 
 #: What the children's copy of the config holds instead of the cluster's DSN.
 CLUSTER_REDACTED = "(set: the supervisor's)"
+#: ... and instead of the control plane's store (the control process is given it
+#: through a pipe of its own: felix/node/worker.py ``ChildSpec.secret_fd``).
+CONTROL_STORE_REDACTED = "(set: the control process's)"
+#: The longest --control-store (it reaches the control process through one pipe buffer).
+MAX_DSN_BYTES = 4096
+#: Environment variables no child process inherits (they hold the cluster's DSN).
+CHILD_ENV_DROPPED = ("FELIX_CLUSTER",)
 
 _NODE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -228,8 +235,9 @@ class NodeConfig:
     #: killed and restarted (reported unresponsive after min(3 s, this)).
     heartbeat_timeout: float = 10.0
     engine: str = "qh3"
-    #: Store of the embedded control plane (None: SQLite at DATA_DIR/control.db).
-    control_store: str | None = None
+    #: Store of the embedded control plane (None: SQLite at DATA_DIR/control.db). A
+    #: DSN with a password: never in a child's copy of the config (:meth:`to_json`).
+    control_store: str | None = field(default=None, repr=False)
     #: Follow this remote control plane instead of embedding one (``felix control``).
     control_url: str | None = None
     #: The region this node (and its embedded control plane) belongs to: shown in
@@ -286,6 +294,8 @@ class NodeConfig:
     def __post_init__(self) -> None:
         if self.cluster is not None:
             self._check_cluster()
+        if self.control_store is not None and len(self.control_store.encode()) > MAX_DSN_BYTES:
+            raise ConfigError(f"--control-store is over {MAX_DSN_BYTES} bytes")
         if self.gateways < 1 or self.shards < 1:
             raise ConfigError("--gateways and --shards must be at least 1")
         if self.embedded_shards and self.gateways != 1:
@@ -420,6 +430,14 @@ class NodeConfig:
                 f"--advertise {self.advertise[0]}:{self.advertise[1]} must name a host clients "
                 "can reach and a port"
             )
+        elif is_loopback(self.advertise[0]) and not is_loopback(self.listen[0]):
+            raise ConfigError(
+                f"--advertise {self.advertise[0]}:{self.advertise[1]} is a loopback address "
+                f"but --listen {self.listen[0] or '(empty)'} is not: clients redirected to "
+                "this node from other hosts would reach their own host. Advertise a name or "
+                "address they can reach (loopback only for nodes that all listen on this "
+                "host's loopback)"
+            )
 
     @property
     def clustered(self) -> bool:
@@ -446,9 +464,14 @@ class NodeConfig:
         )
 
     def to_json(self) -> str:
-        """The config for the child processes (without the control token: they need none)."""
+        """The config for the child processes: without the control token (they need
+        none) and without any DSN (``cluster``, ``control_store``: placeholders; the
+        control process gets its store separately)."""
         cluster = None if self.cluster is None else CLUSTER_REDACTED
-        return json.dumps({**_plain(self), "control_token": None, "cluster": cluster})
+        store = None if self.control_store is None else CONTROL_STORE_REDACTED
+        return json.dumps(
+            {**_plain(self), "control_token": None, "cluster": cluster, "control_store": store}
+        )
 
     @classmethod
     def from_json(cls, text: str) -> NodeConfig:

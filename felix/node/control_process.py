@@ -44,7 +44,13 @@ OOM_SCORE_ADJ = 500
 async def run_control(spec: ChildSpec, channel: ControlChannel) -> None:
     config = spec.config
     _prefer_oom_kill()
-    url = config.control_store or f"sqlite:///{config.data_dir / 'control.db'}"
+    # The store's DSN comes through a pipe of this process's own (config.control_store
+    # is a placeholder in every child's copy of the config: it may carry a password).
+    url = spec.read_secret()
+    if url is None:
+        if config.control_store is not None:  # never fall back to another store
+            raise RuntimeError("the supervisor gave this control process no store DSN")
+        url = f"sqlite:///{config.data_dir / 'control.db'}"
     store = open_store(url)
     await store.open()
     try:

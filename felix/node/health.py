@@ -245,6 +245,12 @@ _METRICS: dict[str, tuple[str, str, bool]] = {
         "Requests refused (Unavailable) for the cluster: no owner, a handoff, no valid lease",
         True,
     ),
+    "cluster_dead_letters_refused": (
+        "felix_cluster_dead_letters_refused",
+        "Dead-letter appends refused: the dead-letter stream's logical shard is not "
+        "served by this node (the record stays dying and is retried)",
+        True,
+    ),
     "connections": ("felix_connections", "Open client connections", False),
     "shm_connections": (
         "felix_shm_connections",

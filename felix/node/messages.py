@@ -265,9 +265,9 @@ class StreamStatusReply(_Message):
 
 @dataclass(frozen=True, slots=True)
 class OwnershipAck(_Message):
-    """From a gateway: it applied shard map ``version``, and every request it had in
-    flight for a shard that map refuses here has been answered (or the bounded wait
-    ran out): what a handoff waits for before the shard's new owner takes it."""
+    """From a gateway: it applied shard map ``version``, and it has no request in
+    flight for a shard that map refuses here (never sent on a timeout): what a
+    handoff waits for before the shard's new owner takes it."""
 
     TYPE: ClassVar[str] = "ownership_ack"
     version: int

@@ -47,12 +47,19 @@ from typing import Any
 import felix
 from felix import ipc
 from felix.auth.rotation import KeyRotator, RotationPolicy
+from felix.cluster.ownership import cluster_clock
 from felix.errors import ConfigError
 from felix.keys.store import KEYS_DIR, KeyStore, resolve_region_key
 from felix.node import messages as msg
 from felix.node.children import Child
 from felix.node.cluster import NodeCluster
-from felix.node.config import NodeConfig, is_loopback, is_wildcard
+from felix.node.config import (
+    CHILD_ENV_DROPPED,
+    MAX_DSN_BYTES,
+    NodeConfig,
+    is_loopback,
+    is_wildcard,
+)
 from felix.node.control import ChildFeed, ControlFollower, FeedSource, HttpFeed
 from felix.node.datadir import DataDirLock, reclaim_rings, ring_prefix
 from felix.node.fds import FdReserve, raise_nofile_limit
@@ -306,6 +313,7 @@ class Supervisor:
             lease=config.cluster_lease,
             data_dir=config.data_dir,
             gateways=lambda: self.gateways,
+            clock=cluster_clock,  # serve_until's clock (CLOCK_BOOTTIME), as the gateways'
         )
         log.info("joining the cluster as %s (advertising %s)", config.node_id, address)
         await self.cluster.start()
@@ -511,7 +519,9 @@ class Supervisor:
             [ring(f"s{s}g{g}") for g in range(config.gateways)] for s in range(config.shards)
         ]
 
-    def _spec(self, child: Child, control_fd: int, socket_fd: int, shm_fd: int = -1) -> ChildSpec:
+    def _spec(
+        self, child: Child, control_fd: int, socket_fd: int, shm_fd: int = -1, secret_fd: int = -1
+    ) -> ChildSpec:
         def specs(rings: list[Ring]) -> list[RingSpec]:
             return [RingSpec(r.name, r.doorbell_fd) for r in rings]
 
@@ -534,6 +544,7 @@ class Supervisor:
             socket_fd,
             supervisor_pid=os.getpid(),
             shm_fd=shm_fd,
+            secret_fd=secret_fd,
         )
 
     def _spawn(self, child: Child) -> socket.socket:
@@ -553,6 +564,7 @@ class Supervisor:
             parent_end, child_end = socket.socketpair()
             socket_fd = -1
             shm_fd = -1
+            secret_fd = -1
             try:
                 fds = [child_end.fileno(), *self._doorbells]
                 # The child gets its own descriptor of its socket; the supervisor keeps
@@ -566,8 +578,13 @@ class Supervisor:
                 if child.role == "gateway" and self._shm_sock is not None:
                     shm_fd = os.dup(self._shm_sock.fileno())
                     fds.append(shm_fd)
-                spec = self._spec(child, child_end.fileno(), socket_fd, shm_fd)
-                env = dict(os.environ, **{SPEC_ENV: spec.to_json()})
+                if child.role == "control" and self.config.control_store is not None:
+                    # The store's DSN (it may carry a password) only for this child, in
+                    # a pipe: neither in its spec nor in any child's environment.
+                    secret_fd = secret_pipe(self.config.control_store)
+                    fds.append(secret_fd)
+                spec = self._spec(child, child_end.fileno(), socket_fd, shm_fd, secret_fd)
+                env = child_environment({SPEC_ENV: spec.to_json()})
                 child.proc = ChildProcess(
                     [sys.executable, "-m", "felix.node.worker"], env=env, pass_fds=fds
                 )
@@ -580,6 +597,8 @@ class Supervisor:
                     os.close(socket_fd)
                 if shm_fd >= 0:
                     os.close(shm_fd)
+                if secret_fd >= 0:
+                    os.close(secret_fd)
         child.incarnation += 1
         child.started_at = time.monotonic()
         return parent_end
@@ -984,7 +1003,7 @@ class Supervisor:
             cmd += ["--source-ca", str(self.ca_path)]
         if config.bridges_http:
             cmd += ["--http", config.bridges_http]
-        env = dict(os.environ)
+        env = child_environment()
         env.pop("FELIX_CONTROL_TOKEN", None)
         if config.control_url:
             if config.control_token:
@@ -1058,6 +1077,32 @@ async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
     finally:
         for task in tasks:
             task.cancel()
+
+
+def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child process (workers, the bridges runner): the
+    supervisor's, without what holds the cluster's DSN (``$FELIX_CLUSTER``)."""
+    env = {k: v for k, v in os.environ.items() if k not in CHILD_ENV_DROPPED}
+    if extra:
+        env.update(extra)
+    return env
+
+
+def secret_pipe(secret: str) -> int:
+    """The read end of a pipe holding ``secret`` (the write end closed), for a child's
+    ``pass_fds``. At most MAX_DSN_BYTES (less than a pipe buffer: written before the
+    child starts, the write never blocks). Raises OSError (the start is retried)."""
+    data = secret.encode()
+    assert len(data) <= MAX_DSN_BYTES  # NodeConfig checks it
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, data)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    return read_fd
 
 
 def _without_userinfo(url: str) -> str:

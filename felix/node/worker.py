@@ -111,6 +111,9 @@ class ChildSpec:
     supervisor_pid: int = 0
     #: A gateway's copy of the node's listening shm socket (-1: none; felix/shm).
     shm_fd: int = -1
+    #: The control process's: a pipe holding ``config.control_store`` (a DSN that may
+    #: carry a password, so neither in the spec nor in the environment; -1: none).
+    secret_fd: int = -1
 
     def to_json(self) -> str:
         return json.dumps(
@@ -125,6 +128,7 @@ class ChildSpec:
                 "socket_fd": self.socket_fd,
                 "supervisor_pid": self.supervisor_pid,
                 "shm_fd": self.shm_fd,
+                "secret_fd": self.secret_fd,
             }
         )
 
@@ -142,7 +146,18 @@ class ChildSpec:
             socket_fd=raw["socket_fd"],
             supervisor_pid=raw["supervisor_pid"],
             shm_fd=raw.get("shm_fd", -1),
+            secret_fd=raw.get("secret_fd", -1),
         )
+
+    def read_secret(self) -> str | None:
+        """What the supervisor wrote to :attr:`secret_fd` (read once; closes it)."""
+        if self.secret_fd < 0:
+            return None
+        chunks = []
+        with os.fdopen(self.secret_fd, "rb", closefd=True) as pipe:
+            while chunk := pipe.read(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
 
 
 class ControlChannel:
@@ -475,6 +490,7 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
                 {
                     "cluster_redirects": gateway.cluster.redirects,
                     "cluster_refused": gateway.cluster.refused,
+                    "cluster_dead_letters_refused": gateway.queues.relays_refused,
                 }
                 if gateway.cluster is not None
                 else {}
@@ -496,24 +512,37 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
         disk_io.close()
 
 
-#: Seconds a gateway waits for its requests in flight for shards a new map took away
-#: before it acknowledges the map anyway (what a handoff waits for).
-OWNERSHIP_DRAIN_TIMEOUT = 2.0
+#: Seconds between a gateway's log lines while requests in flight for shards a new map
+#: took away keep it from acknowledging the map (it never acknowledges on a timeout).
+OWNERSHIP_DRAIN_LOG_EVERY = 10.0
 
 
 class OwnershipFollower:
     """A gateway's handling of the supervisor's shard maps (cluster mode): apply each
-    (felix/gateway/cluster.py), and acknowledge it (msg.OwnershipAck) once the requests
-    in flight for the shards it took away are answered, or OWNERSHIP_DRAIN_TIMEOUT
-    passed. Maps that come while an earlier one drains are acknowledged with it."""
+    (felix/gateway/cluster.py), and acknowledge it (msg.OwnershipAck) once no request
+    is in flight for a shard this gateway now refuses. That is what a handoff waits
+    for, so the acknowledgement is never sent on a timeout: while requests are still
+    in flight the gateway only logs that it is waiting (and the handoff is retried
+    later). Maps that come while an earlier one drains are acknowledged with it."""
 
-    def __init__(self, gateway: Gateway, control: ControlChannel) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        control: ControlChannel,
+        *,
+        log_every: float = OWNERSHIP_DRAIN_LOG_EVERY,
+    ) -> None:
         self._gateway = gateway
         self._control = control
+        self._log_every = log_every
+        #: Logical shards taken away whose requests in flight are not all answered yet.
         self._draining: set[int] = set()
-        self._deadline = 0.0
         self._version = 0  # the newest map applied
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def draining(self) -> frozenset[int]:
+        return frozenset(self._draining)
 
     def apply(self, raw: dict[str, Any]) -> None:
         try:
@@ -532,17 +561,39 @@ class OwnershipFollower:
                 new.version,
                 len(lost),
             )
-            self._draining |= lost
-            self._deadline = time.monotonic() + OWNERSHIP_DRAIN_TIMEOUT
-        if not self._draining:
+        # Only the shards this map refuses count (a map may give one back).
+        gate = self._gateway.cluster
+        self._draining = {s for s in self._draining | lost if gate is None or not gate.serves(s)}
+        if self._task is not None:
+            return  # the drain under way acknowledges the newest map
+        if not self._draining or not self._gateway.in_flight_for(self._draining):
+            self._draining.clear()
             self._control.send(msg.OwnershipAck(self._version))
-        elif self._task is None:
+        else:
             self._task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
         try:
-            while self._gateway.in_flight_for(self._draining) and time.monotonic() < self._deadline:
+            started = last_log = time.monotonic()
+            while True:
+                in_flight = self._gateway.in_flight_for(self._draining)
+                if not in_flight:
+                    break
+                now = time.monotonic()
+                if now - last_log >= self._log_every:
+                    last_log = now
+                    log.warning(
+                        "gateway %d: still waiting for %d request(s) in flight for %d "
+                        "logical shard(s) this node gave up (%.0fs); map %d not acknowledged "
+                        "yet (their handoff waits)",
+                        self._gateway.index,
+                        in_flight,
+                        len(self._draining),
+                        now - started,
+                        self._version,
+                    )
                 await asyncio.sleep(0.01)
+            # No await between the check and the acknowledgement: nothing was admitted.
             self._draining.clear()
             self._control.send(msg.OwnershipAck(self._version))
         finally:

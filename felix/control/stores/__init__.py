@@ -5,6 +5,7 @@ from __future__ import annotations
 from felix.control.store import Store
 from felix.control.stores._common import DEFAULT_FEED_RETENTION, DEFAULT_MAX_CHILDREN
 from felix.control.stores.memory import MemoryStore
+from felix.dsn import redact_dsn
 from felix.errors import ConfigError
 from felix.extras import require_extra
 
@@ -36,7 +37,7 @@ def open_store(
     scheme = scheme.lower()
     if scheme == "memory":
         if rest:
-            raise ConfigError(f"memory:// takes no path, got {url!r}")
+            raise ConfigError(f"memory:// takes no path, got {redact_dsn(url)!r}")
         return MemoryStore(feed_retention=feed_retention, max_children=max_children)
     if scheme == "sqlite":
         # Imported here so a memory- or PostgreSQL-only process never loads aiosqlite.
@@ -45,11 +46,11 @@ def open_store(
 
         path = rest.removeprefix("/") if sep else rest
         if not path:
-            raise ConfigError(f"no database file in {url!r}")
+            raise ConfigError(f"no database file in {redact_dsn(url)!r}")
         return SQLiteStore(path, feed_retention=feed_retention, max_children=max_children)
     if scheme in ("postgresql", "postgres"):
         require_extra("postgres", "the PostgreSQL store")
         from felix.control.stores.postgres import PostgresStore
 
         return PostgresStore(url, feed_retention=feed_retention, max_children=max_children)
-    raise ConfigError(f"unknown store URL scheme {scheme!r} in {url!r}")
+    raise ConfigError(f"unknown store URL scheme {scheme!r} in {redact_dsn(url)!r}")

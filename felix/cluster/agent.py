@@ -22,13 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from felix.cluster.lease import LeaseKeeper, LeaseSettings
-from felix.cluster.ownership import OwnershipMap
+from felix.cluster.ownership import OwnershipMap, cluster_clock
 from felix.cluster.placement import balance, plan
 from felix.cluster.store import ClusterStore, ClusterView
 from felix.errors import ClusterError, ClusterMismatch, ClusterUnavailable, NodeIdInUse
@@ -54,8 +53,8 @@ COUNTERS = (
 class ClusterSettings:
     """How a node joins its cluster (``felix up --cluster ...``)."""
 
-    #: PostgreSQL DSN of the cluster's database.
-    dsn: str
+    #: PostgreSQL DSN of the cluster's database (its password: never in a repr or log).
+    dsn: str = field(repr=False)
     node_id: str
     #: QUIC ``host:port`` clients are redirected to.
     address: str
@@ -91,7 +90,7 @@ class ClusterAgent:
         publish: Callable[[OwnershipMap], None],
         durable_shards: Callable[[], Collection[int]],
         handoff_drained: Callable[[int], Awaitable[None]] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = cluster_clock,
     ) -> None:
         self.settings = settings
         self._publish_cb = publish
@@ -486,11 +485,9 @@ class ClusterAgent:
                 try:
                     await asyncio.wait_for(self._drained_cb(version), self.settings.handoff_timeout)
                 except TimeoutError:
-                    log.warning(
-                        "shard %d did not drain within %.0fs; will retry",
-                        shard,
-                        self.settings.handoff_timeout,
-                    )
+                    # The node's gateways did not all acknowledge the map with nothing in
+                    # flight for the shard (or this bound passed): it stays, refused.
+                    log.warning("shard %d has not drained yet; the handoff is retried", shard)
                     return
             if shard in self._durable_shards():
                 # It holds durable records now: it stays (the placer clears the handoff).

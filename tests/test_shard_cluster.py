@@ -222,3 +222,70 @@ def test_cache_discard_if_keeps_the_bookkeeping() -> None:
     cache._check_invariants()
     assert len(cache) == 13 and cache.get("k3", 0.0) is None and cache.get("k4", 0.0) == b"v"
     assert cache.deletes == cache.evictions == cache.expirations == 0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_durable_publish_is_fenced_by_serve_until(tmp_path: Path) -> None:
+    store = DurableStore(DiskSettings(root=tmp_path / "streams"))
+    c = ShardCore(ShardSettings(index=0, shards=1), None, store)
+    clock = Clock()
+    c.join_cluster(clock)
+    c.apply_ownership(shard_map(1, {4: OTHER}, serve_until=110.0))
+    durable, memory = key_in(0, "durable"), key_in(0, "memory")
+    c.define_stream(ipc.stream_key(T, NS, durable), StreamSettings(), DurableSettings())
+    disk_log = c.stream_log(ipc.stream_key(T, NS, durable))
+    assert isinstance(publish(c, durable, [b"a"]), wire.PublishOffsets)
+    clock.now = 110.0  # the lease ran out (the supervisor could not renew it)
+    reply = publish(c, durable, [b"b"])
+    assert isinstance(reply, wire.ErrorReply) and reply.code == Unavailable.code
+    assert "lease is not valid" in reply.message
+    assert disk_log is not None and disk_log.next_offset == 1  # nothing written
+    assert store.status(ipc.stream_key(T, NS, durable))["next_offset"] == 1  # type: ignore[index]
+    # A dead-letter append (to a stream created durable if missing) is a disk write too.
+    dead = key_in(0, "dead")
+    c.handle(
+        0,
+        ipc.encode(
+            RecordType.REQUEST,
+            1,
+            ipc.AUX_DEAD_LETTER,
+            wire.encode_publish(1, T, NS, dead, [b"x"]),
+        ),
+        0.0,
+    )
+    (rec,) = c.flush()[0]
+    reply = wire.decode_ext(wire.decode_frame(rec[ipc.HEADER_SIZE :], extensions=True))
+    assert isinstance(reply, wire.ErrorReply) and reply.code == Unavailable.code
+    assert c.stream_log(ipc.stream_key(T, NS, dead)) is None
+    # An in-memory publish is not a durable write: its gateway checked the lease.
+    assert isinstance(publish(c, memory, [b"m"]), wire.PublishOffsets)
+    assert c.cluster is not None and c.cluster.fenced == 2
+    # A newer map (the renewal went through) moves the deadline on.
+    c.apply_ownership(shard_map(2, {4: OTHER}, serve_until=120.0))
+    assert publish(c, durable, [b"b"]).base_offset == 1
+    # Ownership first: a durable stream of a shard owned elsewhere is refused whatever
+    # the lease says.
+    other = key_in(4, "durable")
+    c.define_stream(ipc.stream_key(T, NS, other), StreamSettings(), DurableSettings())
+    reply = publish(c, other, [b"x"])
+    assert isinstance(reply, wire.ErrorReply) and "not served" in reply.message
+
+
+def test_an_auto_durable_stream_is_not_created_past_serve_until(tmp_path: Path) -> None:
+    store = DurableStore(DiskSettings(root=tmp_path / "streams", auto=DurableSettings()))
+    c = ShardCore(ShardSettings(index=0, shards=1), None, store)
+    clock = Clock()
+    c.join_cluster(clock)
+    c.apply_ownership(shard_map(1, serve_until=50.0))
+    name = key_in(1, "auto")
+    reply = publish(c, name, [b"x"])
+    assert isinstance(reply, wire.ErrorReply) and reply.code == Unavailable.code
+    assert c.stream_log(ipc.stream_key(T, NS, name)) is None
+    assert not (tmp_path / "streams" / T / NS / name).exists()

@@ -11,18 +11,27 @@ core needs of it:
   while another node owns it, whatever the order in which a gateway and a shard
   process learn a map (a request admitted under the previous map may reach the core
   after the new one);
+- ``serve_until``: before a publish to a durable stream the core checks that this
+  node's lease is still valid (the fence of "Membership and leases"), on the clock
+  the supervisor's deadline is on, so a frozen or partitioned supervisor fences its
+  shard processes too, whatever their gateways do (embedded cores check it anyway:
+  one clock read per durable publish);
 - the logical shards a new map takes away (their owner changed, or their epoch did:
   the shard left and came back between two maps seen here): the core drops their
   in-memory state (:meth:`felix.shard.core.ShardCore.apply_ownership`), so a shard
   that comes back starts empty as on any other node. Durable streams stay (their
   records are on disk and the shard is only ever placed with them).
 
-A standalone core has none (``ShardCore.cluster is None``): one ``is None`` per write.
+A standalone core has none (``ShardCore.cluster is None``): one ``is None`` per write;
+in cluster mode a write costs a crc32 of its routing key, and a durable publish one
+clock read more.
 """
 
 from __future__ import annotations
 
+import time
 import zlib
+from collections.abc import Callable
 
 from felix.cluster.ownership import OwnershipMap
 from felix.errors import Unavailable
@@ -34,18 +43,25 @@ NO_MAP = "this shard has no cluster shard map yet (the node is joining); retry"
 
 
 class ShardOwnership:
-    """The newest shard map a shard core has, as the core checks writes against it."""
+    """The newest shard map a shard core has, as the core checks writes against it.
+
+    ``clock``: the clock ``serve_until`` is on, the supervisor's (``time.monotonic``:
+    CLOCK_MONOTONIC is one clock for every process of a host; felix/node/cluster.py).
+    """
 
     __slots__ = (
+        "_clock",
         "_held",
         "_served",
+        "fenced",
         "logical_shards",
         "refused",
         "serve_until",
         "version",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         #: The newest map's version (0: none yet; the agent's versions start at 1).
         self.version = 0
         self.logical_shards = 0
@@ -56,6 +72,8 @@ class ShardOwnership:
         self._held: dict[int, int] = {}
         #: Writes refused: their logical shard is not served here.
         self.refused = 0
+        #: Durable publishes refused: this node's lease was not valid (``serve_until``).
+        self.fenced = 0
 
     def apply(self, new: OwnershipMap) -> set[int] | None:
         """Take ``new``; the logical shards whose in-memory state must go (owned under the
@@ -88,9 +106,10 @@ class ShardOwnership:
         """Whether this node serves ``key``'s logical shard by the newest map."""
         return bool(self.version) and bool(self._served[self.shard_of(key)])
 
-    def check(self, key: str) -> None:
+    def check(self, key: str, durable: bool = False) -> None:
         """Raise Unavailable unless a write for routing key ``key`` may be stored here now:
-        this node serves its logical shard by the newest map."""
+        this node serves its logical shard by the newest map and, for a write that may
+        go to disk (``durable``), its lease is still valid (``now < serve_until``)."""
         if not self.version:
             self.refused += 1
             raise Unavailable(NO_MAP)
@@ -99,4 +118,9 @@ class ShardOwnership:
             self.refused += 1
             raise Unavailable(
                 f"logical shard {shard} is not served by this node now (moved or moving); retry"
+            )
+        if durable and self._clock() >= self.serve_until:
+            self.fenced += 1
+            raise Unavailable(
+                "this node's cluster lease is not valid right now: nothing written; retry"
             )

@@ -777,11 +777,17 @@ class ShardCore:
     def _publish(self, msg: wire.ExtMessage, now: float) -> bytes:
         assert isinstance(msg, wire.Publish)
         key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
-        cluster = self.cluster
-        if cluster is not None:
-            cluster.check(key)
         stream = self._streams.get(key)
         dead_letter = self._aux == ipc.AUX_DEAD_LETTER
+        cluster = self.cluster
+        if cluster is not None:
+            # Ownership, and the lease for a write that goes (or may go) to disk.
+            if stream is not None:
+                durable = stream.disk is not None
+            else:
+                store = self.disk
+                durable = store is not None and (dead_letter or store.settings.auto is not None)
+            cluster.check(key, durable)
         if dead_letter:
             stream = self._dead_letter_stream(key, stream)
         elif stream is None:
@@ -1282,11 +1288,13 @@ class ShardCore:
 
     # -- cluster mode (felix/shard/cluster.py) ---------------------------------------------
 
-    def join_cluster(self) -> None:
+    def join_cluster(self, clock: Callable[[], float] = time.monotonic) -> None:
         """Cluster mode: from now on a write is stored only for a logical shard the
-        newest map (:meth:`apply_ownership`) serves here; none before the first map."""
+        newest map (:meth:`apply_ownership`) serves here; none before the first map;
+        a publish to a durable stream only while ``clock() < serve_until`` (``clock``:
+        the supervisor's, which ``serve_until`` is on)."""
         if self.cluster is None:
-            self.cluster = ShardOwnership()
+            self.cluster = ShardOwnership(clock)
 
     def apply_ownership(self, new: OwnershipMap) -> set[int] | None:
         """Take the node's newest shard map; drop the in-memory state of the logical

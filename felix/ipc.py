@@ -66,7 +66,9 @@ class RecordType(enum.IntEnum):
     WATCH = 6
     #: G: a gateway (re)started and forgets all its watches (aux = gateway index).
     HELLO = 7
-    #: S: the stream was deleted: body = stream key; its subscriptions end.
+    #: S: the stream was deleted (aux 0), or its records were dropped because its
+    #: logical shard moved to another node (aux END_MOVED, cluster mode): body = stream
+    #: key; its subscriptions end.
     END = 8
     #: G: the lowest next offset of this gateway's subscribers on a ``block`` stream
     #: (aux; token 1 = none left): the shard refuses appends that would evict it.
@@ -94,6 +96,9 @@ QUEUE_MAX_CREDIT_BYTES = 64 << 20
 #: before the gateway ends the consumer as too slow (frame overshoot, notices).
 QUEUE_GATEWAY_SLACK = 4 << 20
 
+
+#: The aux of an END record whose stream's logical shard moved to another node.
+END_MOVED = 1
 
 #: The aux of a REQUEST that carries a relayed dead-letter append (a PUBLISH): the
 #: stream is created durable if missing, and refused if it is held in memory only.

@@ -350,7 +350,7 @@ class Gateway:
                 elif kind == RecordType.READ_REPLY:
                     self._on_read_reply(token, aux, body)
                 elif kind == RecordType.END:
-                    self._on_stream_end(ipc.decode_key(body)[0])
+                    self._on_stream_end(ipc.decode_key(body)[0], aux)
                 elif kind == RecordType.DELIVER:
                     self.queues.on_deliver(token, body)
                 elif kind == RecordType.RELAY:
@@ -483,9 +483,14 @@ class Gateway:
         if key in self._block_keys:
             self._report_cursor(key)
 
-    def _on_stream_end(self, key: str) -> None:
+    def _on_stream_end(self, key: str, aux: int = 0) -> None:
         for sub in list(self._subs_by_key.get(key, ())):
-            sub.conn.end_subscription(sub, NotFound.code, f"stream {key} was deleted")
+            if aux == ipc.END_MOVED:  # cluster mode: its logical shard moved away
+                sub.conn.end_subscription(
+                    sub, Unavailable.code, f"stream {key} moved to another node: subscribe again"
+                )
+            else:
+                sub.conn.end_subscription(sub, NotFound.code, f"stream {key} was deleted")
             self._drop_subscription(sub)
 
     def _on_read_reply(self, token: int, tail: int, frame: bytes) -> None:

@@ -143,10 +143,11 @@ class StreamStatusRequest(_Message):
 
 @dataclass(frozen=True, slots=True)
 class Ownership(_Message):
-    """To gateways (cluster mode): the node's newest shard map,
+    """To gateways and shard processes (cluster mode): the node's newest shard map,
     :meth:`felix.cluster.ownership.OwnershipMap.to_dict`. Sent whenever the map or
-    ``serve_until`` changes (every lease renewal) and to every gateway that starts; a
-    gateway serves nothing before its first one. Answered by :class:`OwnershipAck`."""
+    ``serve_until`` changes (every lease renewal) and to every gateway and shard process
+    that starts; neither serves (stores) anything before its first one. Answered by
+    :class:`OwnershipAck`."""
 
     TYPE: ClassVar[str] = "ownership"
     map: dict[str, Any]
@@ -265,9 +266,10 @@ class StreamStatusReply(_Message):
 
 @dataclass(frozen=True, slots=True)
 class OwnershipAck(_Message):
-    """From a gateway: it applied shard map ``version``, and it has no request in
-    flight for a shard that map refuses here (never sent on a timeout): what a
-    handoff waits for before the shard's new owner takes it."""
+    """From a gateway: it applied shard map ``version``, and it has no request in flight
+    for a shard that map refuses here (never sent on a timeout); from a shard process:
+    it applied the map (it stores nothing more for the shards the map does not serve
+    here). What a handoff waits for before the shard's new owner takes it."""
 
     TYPE: ClassVar[str] = "ownership_ack"
     version: int

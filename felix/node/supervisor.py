@@ -312,7 +312,7 @@ class Supervisor:
             logical_shards=config.logical_shards,
             lease=config.cluster_lease,
             data_dir=config.data_dir,
-            gateways=lambda: self.gateways,
+            gateways=self._map_followers,
             clock=cluster_clock,  # serve_until's clock (CLOCK_BOOTTIME), as the gateways'
         )
         log.info("joining the cluster as %s (advertising %s)", config.node_id, address)
@@ -616,8 +616,15 @@ class Supervisor:
                 child.proc.kill()  # never leave an incarnation nobody talks to
             raise
         self._background(child.read_events(reader))
-        if child.role == "gateway" and self.cluster is not None:
-            self.cluster.on_gateway_started(child)
+        if child.role in ("gateway", "shard") and self.cluster is not None:
+            self.cluster.on_gateway_started(child)  # a shard process too (split topology)
+
+    def _map_followers(self) -> list[Child]:
+        """Who gets the cluster's shard maps, and acknowledges each (a handoff waits for
+        all): shard processes, first (they refuse writes for shards a map does not serve
+        here, and drop what it takes away: felix/shard/cluster.py), then gateways.
+        Embedded shard cores get them from their gateway."""
+        return [*self.shards, *self.gateways]
 
     async def _supervise(self, child: Child) -> None:
         """Restart ``child`` whenever it exits, for the node's whole life."""

@@ -212,6 +212,8 @@ def new_shard_core(
     offsets = OffsetReservations(path, max_entries=config.max_streams_per_shard)
     disk = durable_store(config, index)
     core = ShardCore(settings, offsets, disk)
+    if config.clustered:
+        core.join_cluster()  # writes wait for the node's first shard map
     opened = core.open_durable(progress)
     if opened:
         log.info(
@@ -299,6 +301,13 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
             disk_io.kick()
         elif isinstance(cmd, msg.StreamStatusRequest):
             control.send(msg.StreamStatusReply(cmd.request, resource_status([core], cmd)))
+        elif isinstance(cmd, msg.Ownership):
+            version = apply_ownership([core], cmd.map, f"shard {spec.index}")
+            if version is not None:
+                send_out()  # END of the streams dropped
+                # What a handoff waits for: this shard stores nothing more for the
+                # logical shards the map does not serve here.
+                control.send(msg.OwnershipAck(version))
 
     await serve_commands(
         control,
@@ -346,6 +355,19 @@ def apply_resource(
     except FelixError as exc:
         log.error("cannot apply %s %s %s: %s", cmd.op, kind, "/".join(cmd.path), exc)
     flush()
+
+
+def apply_ownership(cores: Sequence[ShardCore], raw: dict[str, Any], who: str) -> int | None:
+    """Give shard ``cores`` the supervisor's shard map (cluster mode): they store writes
+    only for the logical shards it serves here, and drop their in-memory state of those
+    it takes away. Returns its version (None: bad, or not newer)."""
+    try:
+        new = OwnershipMap.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        log.error("%s: bad shard map from the supervisor: %r", who, exc)
+        return None
+    applied = [core.apply_ownership(new) for core in cores]
+    return None if all(lost is None for lost in applied) else new.version
 
 
 def auto_created_reports(cores: list[ShardCore]) -> list[msg.Event]:
@@ -410,6 +432,9 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
         # Nothing is served before the supervisor's first shard map arrives.
         gateway.cluster = ClusterGate()
         ownership = OwnershipFollower(gateway, control)
+        if cores:
+            ownership.cores = cores
+            ownership.flush = local.flush_soon
     if not cores:
         for shard in range(config.shards):
             # Tell every shard this gateway (re)started: its old watches are void.
@@ -539,6 +564,10 @@ class OwnershipFollower:
         self._draining: set[int] = set()
         self._version = 0  # the newest map applied
         self._task: asyncio.Task[None] | None = None
+        #: Embedded shard cores: they get each map right after the gateway (same tick,
+        #: so nothing the gateway refuses reaches them), and flush() sends their END.
+        self.cores: list[ShardCore] = []
+        self.flush: Callable[[], None] | None = None
 
     @property
     def draining(self) -> frozenset[int]:
@@ -551,6 +580,11 @@ class OwnershipFollower:
             log.error("gateway %d: bad shard map from the supervisor: %r", self._gateway.index, exc)
             return
         lost = self._gateway.apply_ownership(new)
+        if self.cores:
+            for core in self.cores:
+                core.apply_ownership(new)
+            if self.flush is not None:
+                self.flush()
         if lost is None:
             return  # not newer
         self._version = new.version

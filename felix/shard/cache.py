@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
@@ -444,6 +445,17 @@ class CachePartition:
         self.used_bytes -= freed
         self.expirations += removed
         return removed
+
+    def discard_if(self, gone: Callable[[str], bool]) -> int:
+        """Remove every entry whose key ``gone`` says (expired or not); returns how many.
+
+        For a cluster node whose logical shards move away (felix/shard/core.py): not
+        counted as deletes, evictions or expirations. O(entries).
+        """
+        keys = [key for key in self._entries if gone(key)]
+        for key in keys:
+            self._remove(key, self._entries[key])
+        return len(keys)
 
     # -- internals -----------------------------------------------------------------
 

@@ -40,6 +40,12 @@ write one small file when a stream crosses its reserved block (felix/shard/offse
 and the disk logs' appends, opens, deletes and the message-id rebuild's reads of a
 log tail (the wall clock for record timestamps and message-id windows is passed in
 as ``wall_us``).
+
+In cluster mode (:meth:`ShardCore.join_cluster`, felix/shard/cluster.py) the core gets
+its node's shard maps (:meth:`ShardCore.apply_ownership`): it stores writes only for the
+logical shards its node serves, and drops the in-memory state (streams' replay rings and
+message ids, cache entries) of those a map takes away, so a logical shard that comes
+back to this node starts empty, as on any other node.
 """
 
 from __future__ import annotations
@@ -48,11 +54,14 @@ import dataclasses
 import logging
 import math
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from felix import ipc, wire
+from felix.cluster.ownership import cluster_clock
 from felix.errors import (
     BadRequest,
     CursorError,
@@ -66,6 +75,7 @@ from felix.errors import (
 from felix.ipc import RecordType
 from felix.names import validate_name
 from felix.shard.cache import CachePartition, CacheSettings
+from felix.shard.cluster import ShardOwnership
 from felix.shard.dedup import DedupTable, msg_ids, rebuild
 from felix.shard.disk_read import ReadJob, durable_start
 from felix.shard.durable import DurableSettings, DurableStore, DurableStream
@@ -81,6 +91,9 @@ from felix.shard.resources import (
 )
 from felix.shard.stream_log import StreamLog, StreamSettings
 from felix.shard.tenants import TenantQuota, TenantUsage, water_level
+
+if TYPE_CHECKING:
+    from felix.cluster.ownership import OwnershipMap
 
 log = logging.getLogger("felix.shard")
 
@@ -132,6 +145,7 @@ class _Stream:
     __slots__ = (
         "cursors",
         "dedup",
+        "defined",
         "disk",
         "key",
         "log",
@@ -155,6 +169,9 @@ class _Stream:
         self.disk: DurableStream | None = None
         #: The message ids it stored recently (None: dedup_window_s is 0).
         self.dedup: DedupTable | None = None
+        #: Defined by the control plane (not only created on first use): its settings
+        #: must outlive its records (cluster mode: its logical shard moving away).
+        self.defined = False
 
     @property
     def held_bytes(self) -> int:
@@ -261,6 +278,13 @@ class ShardCore:
         # Streams whose dedup table holds ids (the sweep expires them).
         self._dedup_streams: dict[_Stream, None] = {}
         self.auto_reports_dropped = 0
+        #: Cluster mode: the node's newest shard map as writes are checked against it
+        #: (None: a standalone node; :meth:`join_cluster`).
+        self.cluster: ShardOwnership | None = None
+        #: Cluster mode: in-memory streams and cache entries dropped because their
+        #: logical shard moved to another node.
+        self.moved_streams = 0
+        self.moved_cache_entries = 0
 
     def _streams_contains(self, key: str) -> bool:
         return key in self._streams
@@ -532,6 +556,9 @@ class ShardCore:
 
     def _cache_set(self, msg: wire.ExtMessage, now: float) -> bytes:
         assert isinstance(msg, wire.CacheRequest) and msg.value is not None
+        cluster = self.cluster
+        if cluster is not None:
+            cluster.check(f"{msg.tenant_id}/{msg.namespace}/{msg.cache}/{msg.key}")
         ttl = msg.ttl_ms / 1000.0 if msg.ttl_ms else None
         cache = self._cache(msg, create=True)
         assert cache is not None
@@ -624,6 +651,7 @@ class ShardCore:
         settings = self.settings.stream_defaults
         stream = _Stream(key, StreamLog(settings, first_offset=first), usage)
         stream.disk = disk
+        stream.defined = not auto
         self._streams[key] = stream
         usage.holdings[key] = stream
         self._tombstones.pop(key, None)
@@ -752,6 +780,15 @@ class ShardCore:
         key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
         stream = self._streams.get(key)
         dead_letter = self._aux == ipc.AUX_DEAD_LETTER
+        cluster = self.cluster
+        if cluster is not None:
+            # Ownership, and the lease for a write that goes (or may go) to disk.
+            if stream is not None:
+                durable = stream.disk is not None
+            else:
+                store = self.disk
+                durable = store is not None and (dead_letter or store.settings.auto is not None)
+            cluster.check(key, durable)
         if dead_letter:
             stream = self._dead_letter_stream(key, stream)
         elif stream is None:
@@ -1164,6 +1201,7 @@ class ShardCore:
         ):
             # Defined with what it has (e.g. an auto-created stream coming back from the
             # control plane once registered): nothing to do.
+            stream.defined = True
             return
         elif durable is not None and self.disk is not None:
             if stream.disk is None:
@@ -1177,6 +1215,7 @@ class ShardCore:
                 self.settings.index,
                 key,
             )
+        stream.defined = True
         before = stream.log.retained_bytes
         stream.log.reconfigure(settings)
         self._charge(stream.tenant, stream.log.retained_bytes - before)
@@ -1247,6 +1286,97 @@ class ShardCore:
         self._charge(usage, -cache.used_bytes)
         self._release(usage, scope)
         return True
+
+    # -- cluster mode (felix/shard/cluster.py) ---------------------------------------------
+
+    def join_cluster(self, clock: Callable[[], float] = cluster_clock) -> None:
+        """Cluster mode: from now on a write is stored only for a logical shard the
+        newest map (:meth:`apply_ownership`) serves here; none before the first map;
+        a publish to a durable stream only while ``clock() < serve_until`` (``clock``:
+        the supervisor's, which ``serve_until`` is on)."""
+        if self.cluster is None:
+            self.cluster = ShardOwnership(clock)
+
+    def apply_ownership(self, new: OwnershipMap) -> set[int] | None:
+        """Take the node's newest shard map; drop the in-memory state of the logical
+        shards it takes away from this node (:meth:`ShardOwnership.apply`). Returns
+        them (None: ``new`` is not newer than the map held)."""
+        self.join_cluster()
+        assert self.cluster is not None
+        lost = self.cluster.apply(new)
+        if lost:
+            self._drop_moved(lost, new.logical_shards)
+        return lost
+
+    def _drop_moved(self, lost: set[int], count: int) -> None:
+        """Forget what this shard holds in memory of logical shards ``lost`` (of
+        ``count``): it must not be served again if one comes back. In-memory streams
+        go as if deleted but without a tombstone (one the control plane defined keeps
+        its definition, empty), their watchers are told (END, "moved"); offsets never
+        go back: a stream created again continues above what it issued here. Cache
+        entries go. Durable streams stay: their records are on disk and their logical
+        shard is only ever placed with them."""
+
+        def moved(key: str) -> bool:
+            return zlib.crc32(key.encode()) % count in lost
+
+        streams = [s for k, s in self._streams.items() if s.disk is None and moved(k)]
+        for stream in streams:
+            self._forget_stream(stream)
+        for key in [k for k in self._waiting if moved(k)]:
+            self._end_watchers(key, self._waiting.pop(key))
+            usage = self._tenants.get(key.split("/", 1)[0])
+            if usage is not None:
+                self._release(usage, ("watch", key))
+        entries = 0
+        for (tenant, ns, name), cache in self._caches.items():
+            # The routing key of an entry is tenant/ns/cache/key: crc32 continues over it.
+            seed = zlib.crc32(f"{tenant}/{ns}/{name}/".encode())
+
+            def gone(key: str, seed: int = seed) -> bool:
+                return zlib.crc32(key.encode(), seed) % count in lost
+
+            before = cache.used_bytes
+            entries += cache.discard_if(gone)
+            self._charge(self._tenants[tenant], cache.used_bytes - before)
+        self.moved_streams += len(streams)
+        self.moved_cache_entries += entries
+        log.info(
+            "shard %d: %d logical shard(s) moved to other nodes: dropped %d in-memory "
+            "stream(s) and %d cache entries of them",
+            self.settings.index,
+            len(lost),
+            len(streams),
+            entries,
+        )
+
+    def _end_watchers(self, key: str, watchers: set[int]) -> None:
+        record = ipc.encode(RecordType.END, 0, ipc.END_MOVED, ipc.encode_key(key))
+        for gateway in watchers:
+            self._emit(gateway, record)
+
+    def _forget_stream(self, stream: _Stream) -> None:
+        """Drop an in-memory stream's records and message ids (its logical shard moved)."""
+        self._end_watchers(stream.key, stream.watchers)
+        stream.watchers = set()
+        stream.cursors.clear()
+        stream.pending_count = 0
+        self._dedup_streams.pop(stream, None)
+        log_ = stream.log
+        if stream.defined:
+            # Its definition stays (the control plane sends it once): empty, and
+            # continuing at the next offset.
+            before = stream.held_bytes
+            stream.log = StreamLog(log_.settings, first_offset=log_.next_offset)
+            if stream.dedup is not None:
+                stream.dedup.clear()
+            self._charge(stream.tenant, stream.held_bytes - before)
+            return
+        del self._streams[stream.key]
+        self._charge(stream.tenant, -stream.held_bytes)
+        self._release(stream.tenant, stream.key)
+        if self._offsets is not None:
+            self._offsets.release(stream.key, log_.next_offset)
 
     # -- queue groups defined by the control plane ----------------------------------------
 

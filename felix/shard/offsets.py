@@ -416,6 +416,20 @@ class OffsetReservations:
         self._base = base
         return True
 
+    def release(self, key: str, issued_end: int) -> None:
+        """``key``'s stream left memory without being deleted (cluster mode: its logical
+        shard moved to another node); ``issued_end`` is the offset after the last one it
+        issued. Created again in this process it continues at ``issued_end`` or above,
+        never below. Nothing is written: a stream with an entry keeps it (its mark is
+        above what it issued), one without issued below the floor, where new streams
+        of this process now start above it (as after :meth:`remove`).
+        """
+        if key in self._marks:
+            self._starts[key] = max(issued_end, self._starts.get(key, 0))
+        else:
+            self._starts.pop(key, None)
+            self._base = max(self._base, issued_end)
+
     def settle(self, ends: Mapping[str, int]) -> None:
         """A clean stop: ``ends`` holds, per stream in memory, the offset after the last
         one it issued, and no offset is issued any more in this process. The marks are

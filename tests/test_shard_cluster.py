@@ -1,0 +1,291 @@
+"""A shard core in cluster mode (felix/shard/cluster.py): it stores writes only for the
+logical shards its node serves, and drops the in-memory state of those a map takes away
+(durable streams stay; offsets never go back)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from felix import ipc, wire
+from felix.cluster.ownership import ClusterNode, OwnershipMap, ShardState, logical_shard
+from felix.errors import Unavailable
+from felix.ipc import RecordType
+from felix.shard.cache import CachePartition
+from felix.shard.core import ShardCore, ShardSettings
+from felix.shard.durable import DiskSettings, DurableSettings, DurableStore
+from felix.shard.offsets import OffsetReservations
+from felix.shard.stream_log import StreamSettings
+
+T, NS = "acme", "prod"
+L = 8
+ME, OTHER = "a", "b"
+BLOCK = 64
+
+
+def shard_map(
+    version: int,
+    owners: dict[int, str | None] | None = None,
+    *,
+    epochs: dict[int, int] | None = None,
+    handoff: dict[int, str] | None = None,
+    serve_until: float = 1e9,
+) -> OwnershipMap:
+    """Every logical shard ``ME``'s at epoch 1, but for ``owners``/``epochs``/``handoff``."""
+    owners = owners or {}
+    epochs = epochs or {}
+    handoff = handoff or {}
+    shards = tuple(
+        ShardState(owners.get(s, ME), epochs.get(s, 1), handoff.get(s)) for s in range(L)
+    )
+    nodes = tuple(ClusterNode(n, f"{n}:1", "", True, 1, 0.0) for n in (ME, OTHER))
+    return OwnershipMap(version, ME, L, serve_until, nodes, shards)
+
+
+def key_in(shard: int, prefix: str) -> str:
+    """A stream name whose key ``acme/prod/<name>`` is in logical ``shard``."""
+    for i in range(10_000):
+        if logical_shard(ipc.stream_key(T, NS, f"{prefix}{i}"), L) == shard:
+            return f"{prefix}{i}"
+    raise AssertionError
+
+
+def cache_key_in(shard: int, cache: str = "c") -> str:
+    for i in range(10_000):
+        if logical_shard(f"{T}/{NS}/{cache}/k{i}", L) == shard:
+            return f"k{i}"
+    raise AssertionError
+
+
+def make(tmp: Path, **settings: Any) -> ShardCore:
+    store = DurableStore(DiskSettings(root=tmp / "streams"))  # durable only when defined so
+    offsets = OffsetReservations(tmp / "shard-0.offsets", block=BLOCK)
+    c = ShardCore(ShardSettings(index=0, shards=1, **settings), offsets, store)
+    c.open_durable()
+    c.join_cluster()
+    return c
+
+
+def request(c: ShardCore, frame: bytes, *, gateway: int = 0, now: float = 0.0) -> Any:
+    c.handle(gateway, ipc.encode(RecordType.REQUEST, 1, 0, frame), now)
+    sync(c)  # a durable stream's commit ack waits for an fsync
+    out = c.flush()
+    for rec in out.get(gateway, []):
+        if rec[0] == RecordType.REPLY:
+            return wire.decode_ext(wire.decode_frame(rec[ipc.HEADER_SIZE :], extensions=True))
+    raise AssertionError(out)
+
+
+def publish(c: ShardCore, stream: str, payloads: list[bytes], **kw: Any) -> Any:
+    return request(c, wire.encode_publish(1, T, NS, stream, payloads, **kw))
+
+
+def sync(c: ShardCore) -> None:
+    assert c.disk is not None
+    for s in c.disk.take_syncs():
+        c.sync_done(s, s.log.sync(), 0.001)
+
+
+def test_writes_wait_for_the_first_map_and_go_only_to_served_shards(tmp_path: Path) -> None:
+    c = make(tmp_path)
+    s0 = key_in(0, "s")
+    refused = publish(c, s0, [b"x"])
+    assert isinstance(refused, wire.ErrorReply) and refused.code == Unavailable.code
+    assert "no cluster shard map" in refused.message
+    assert c.stream_log(ipc.stream_key(T, NS, s0)) is None  # nothing created
+    assert c.apply_ownership(shard_map(1, {1: OTHER}, handoff={2: OTHER})) == set()
+    assert isinstance(publish(c, s0, [b"x"]), wire.PublishOffsets)
+    for shard in (1, 2):  # owned elsewhere; a handoff under way
+        name = key_in(shard, "s")
+        reply = publish(c, name, [b"x"])
+        assert isinstance(reply, wire.ErrorReply) and reply.code == Unavailable.code
+        assert f"logical shard {shard} is not served" in reply.message
+        assert c.stream_log(ipc.stream_key(T, NS, name)) is None
+        k = cache_key_in(shard)
+        reply = request(c, wire.encode_cache_set(1, T, NS, "c", k, b"v"))
+        assert isinstance(reply, wire.ErrorReply) and reply.code == Unavailable.code
+    assert c.caches == 0
+    assert c.cluster is not None and c.cluster.refused == 5
+    # An older (or the same) map is ignored.
+    assert c.apply_ownership(shard_map(1)) is None
+
+
+def test_a_shard_taken_away_drops_its_memory_but_not_durable_streams(tmp_path: Path) -> None:
+    c = make(tmp_path, stream_defaults=StreamSettings(dedup_window_s=60.0))
+    c.apply_ownership(shard_map(1))
+    lost, kept = 3, 5
+    mem_lost, mem_kept = key_in(lost, "m"), key_in(kept, "m")
+    defined, durable = key_in(lost, "d"), key_in(lost, "durable")
+    c.define_stream(ipc.stream_key(T, NS, defined), StreamSettings(replay_max_records=7))
+    c.define_stream(ipc.stream_key(T, NS, durable), StreamSettings(), DurableSettings())
+    for name in (mem_lost, mem_kept, defined, durable):
+        for i in range(3):
+            reply = publish(c, name, [b"r%d" % i], headers=[{"felix-msg-id": f"id{i}"}])
+            assert isinstance(reply, wire.PublishOffsets), reply
+    # A subscriber of the lost stream (gateway 1), and one of a stream not created yet.
+    watched = key_in(lost, "w")
+    assert isinstance(request(c, wire.encode_subscribe(2, T, NS, mem_lost, 9), gateway=1),
+                      wire.Subscribed)  # fmt: skip
+    assert isinstance(request(c, wire.encode_subscribe(3, T, NS, watched, 9), gateway=1),
+                      wire.Subscribed)  # fmt: skip
+    c_lost, c_kept = cache_key_in(lost), cache_key_in(kept)
+    for k in (c_lost, c_kept):
+        assert request(c, wire.encode_cache_set(1, T, NS, "c", k, b"v" * 100)).result
+    before = c.memory_used
+    ends = {name: c.stream_log(ipc.stream_key(T, NS, name)).next_offset  # type: ignore[union-attr]
+            for name in (mem_lost, mem_kept, defined, durable)}  # fmt: skip
+    assert set(ends.values()) == {3}
+
+    # The shard moves to another node.
+    assert c.apply_ownership(shard_map(2, {lost: OTHER}, epochs={lost: 2})) == {lost}
+    out = c.flush()
+    gone = sorted(
+        ipc.decode_key(rec[ipc.HEADER_SIZE :])[0]
+        for rec in out.get(1, [])
+        if ipc.decode_header(rec) == (RecordType.END, 0, ipc.END_MOVED)
+    )
+    assert gone == sorted(ipc.stream_key(T, NS, n) for n in (mem_lost, watched))
+    assert c.stream_log(ipc.stream_key(T, NS, mem_lost)) is None
+    kept_log = c.stream_log(ipc.stream_key(T, NS, mem_kept))
+    assert kept_log is not None and kept_log.retained_records == 3
+    # A stream the control plane defined keeps its definition, empty.
+    defined_log = c.stream_log(ipc.stream_key(T, NS, defined))
+    assert defined_log is not None and defined_log.retained_records == 0
+    assert defined_log.next_offset == 3 and defined_log.settings.replay_max_records == 7
+    durable_log = c.stream_log(ipc.stream_key(T, NS, durable))
+    assert durable_log is not None and durable_log.retained_records == 3
+    assert c.moved_streams == 2 and c.moved_cache_entries == 1
+    assert request(c, wire.encode_cache_get(1, T, NS, "c", c_lost)).value is None
+    assert request(c, wire.encode_cache_get(1, T, NS, "c", c_kept)).value == b"v" * 100
+    assert c.memory_used < before
+    held = sum(
+        log_.retained_bytes
+        for n in (mem_kept, defined, durable)
+        if (log_ := c.stream_log(ipc.stream_key(T, NS, n))) is not None
+    )
+    assert c.memory_used >= held + c.cache_status((T, NS, "c"))["used_bytes"]  # type: ignore[index]
+
+    # It comes back: empty, offsets continuing upward, message ids forgotten.
+    c.apply_ownership(shard_map(3, epochs={lost: 3}))
+    for name in (mem_lost, defined):
+        reply = publish(c, name, [b"again"], headers=[{"felix-msg-id": "id0"}])
+        assert isinstance(reply, wire.PublishOffsets), reply
+        assert reply.count == 1 and reply.base_offset >= ends[name], (name, reply)
+        # A new record, not the duplicate of record 0.
+        assert c.stream_log(ipc.stream_key(T, NS, name)).retained_records == 1  # type: ignore[union-attr]
+    assert request(c, wire.encode_cache_get(1, T, NS, "c", c_lost)).value is None
+    # Kept: still duplicates of their record 0; the durable stream's records all there.
+    for name in (mem_kept, durable):
+        again = publish(c, name, [b"x"], headers=[{"felix-msg-id": "id0"}])
+        assert (again.base_offset, again.count) == (0, 1), (name, again)
+    assert publish(c, durable, [b"y"]).base_offset == 3
+
+
+def test_offsets_of_a_dropped_stream_never_go_back(tmp_path: Path) -> None:
+    """With and without an entry in the offsets table (a stream past its first block
+    has one): a stream created again continues above what it issued."""
+    c = make(tmp_path)
+    c.apply_ownership(shard_map(1))
+    small, big = key_in(6, "small"), key_in(6, "big")
+    publish(c, small, [b"x"] * 3)
+    for _ in range(3):
+        publish(c, big, [b"x"] * 50)
+    assert c._offsets is not None and c._offsets.reserved(ipc.stream_key(T, NS, big)) is not None
+    c.apply_ownership(shard_map(2, {6: OTHER}, epochs={6: 2}))
+    c.apply_ownership(shard_map(3, epochs={6: 3}))
+    assert publish(c, small, [b"y"]).base_offset >= 3
+    assert publish(c, big, [b"y"]).base_offset >= 150
+
+
+def test_an_epoch_change_drops_too_and_a_handoff_keeps_the_data(tmp_path: Path) -> None:
+    c = make(tmp_path)
+    c.apply_ownership(shard_map(1))
+    name = key_in(2, "s")
+    publish(c, name, [b"x"])
+    key = ipc.stream_key(T, NS, name)
+    # A handoff starts: writes refused, the records stay (it may be cleared).
+    assert c.apply_ownership(shard_map(2, handoff={2: OTHER})) == set()
+    assert isinstance(publish(c, name, [b"y"]), wire.ErrorReply)
+    assert c.stream_log(key) is not None and c.stream_log(key).retained_records == 1  # type: ignore[union-attr]
+    assert c.apply_ownership(shard_map(3)) == set()  # cleared: served again
+    assert publish(c, name, [b"y"]).base_offset == 1
+    # The shard left and came back between two maps seen here: its epoch says so.
+    assert c.apply_ownership(shard_map(4, epochs={2: 3})) == {2}
+    assert c.stream_log(key) is None
+
+
+def test_cache_discard_if_keeps_the_bookkeeping() -> None:
+    cache = CachePartition()
+    for i in range(20):
+        cache.set(f"k{i}", b"v", 0.0, ttl=5.0 if i % 2 else None)
+    assert cache.discard_if(lambda k: int(k[1:]) % 3 == 0) == 7
+    cache._check_invariants()
+    assert len(cache) == 13 and cache.get("k3", 0.0) is None and cache.get("k4", 0.0) == b"v"
+    assert cache.deletes == cache.evictions == cache.expirations == 0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_durable_publish_is_fenced_by_serve_until(tmp_path: Path) -> None:
+    store = DurableStore(DiskSettings(root=tmp_path / "streams"))
+    c = ShardCore(ShardSettings(index=0, shards=1), None, store)
+    clock = Clock()
+    c.join_cluster(clock)
+    c.apply_ownership(shard_map(1, {4: OTHER}, serve_until=110.0))
+    durable, memory = key_in(0, "durable"), key_in(0, "memory")
+    c.define_stream(ipc.stream_key(T, NS, durable), StreamSettings(), DurableSettings())
+    disk_log = c.stream_log(ipc.stream_key(T, NS, durable))
+    assert isinstance(publish(c, durable, [b"a"]), wire.PublishOffsets)
+    clock.now = 110.0  # the lease ran out (the supervisor could not renew it)
+    reply = publish(c, durable, [b"b"])
+    assert isinstance(reply, wire.ErrorReply) and reply.code == Unavailable.code
+    assert "lease is not valid" in reply.message
+    assert disk_log is not None and disk_log.next_offset == 1  # nothing written
+    assert store.status(ipc.stream_key(T, NS, durable))["next_offset"] == 1  # type: ignore[index]
+    # A dead-letter append (to a stream created durable if missing) is a disk write too.
+    dead = key_in(0, "dead")
+    c.handle(
+        0,
+        ipc.encode(
+            RecordType.REQUEST,
+            1,
+            ipc.AUX_DEAD_LETTER,
+            wire.encode_publish(1, T, NS, dead, [b"x"]),
+        ),
+        0.0,
+    )
+    (rec,) = c.flush()[0]
+    reply = wire.decode_ext(wire.decode_frame(rec[ipc.HEADER_SIZE :], extensions=True))
+    assert isinstance(reply, wire.ErrorReply) and reply.code == Unavailable.code
+    assert c.stream_log(ipc.stream_key(T, NS, dead)) is None
+    # An in-memory publish is not a durable write: its gateway checked the lease.
+    assert isinstance(publish(c, memory, [b"m"]), wire.PublishOffsets)
+    assert c.cluster is not None and c.cluster.fenced == 2
+    # A newer map (the renewal went through) moves the deadline on.
+    c.apply_ownership(shard_map(2, {4: OTHER}, serve_until=120.0))
+    assert publish(c, durable, [b"b"]).base_offset == 1
+    # Ownership first: a durable stream of a shard owned elsewhere is refused whatever
+    # the lease says.
+    other = key_in(4, "durable")
+    c.define_stream(ipc.stream_key(T, NS, other), StreamSettings(), DurableSettings())
+    reply = publish(c, other, [b"x"])
+    assert isinstance(reply, wire.ErrorReply) and "not served" in reply.message
+
+
+def test_an_auto_durable_stream_is_not_created_past_serve_until(tmp_path: Path) -> None:
+    store = DurableStore(DiskSettings(root=tmp_path / "streams", auto=DurableSettings()))
+    c = ShardCore(ShardSettings(index=0, shards=1), None, store)
+    clock = Clock()
+    c.join_cluster(clock)
+    c.apply_ownership(shard_map(1, serve_until=50.0))
+    name = key_in(1, "auto")
+    reply = publish(c, name, [b"x"])
+    assert isinstance(reply, wire.ErrorReply) and reply.code == Unavailable.code
+    assert c.stream_log(ipc.stream_key(T, NS, name)) is None
+    assert not (tmp_path / "streams" / T / NS / name).exists()

@@ -26,7 +26,7 @@ import felix
 import felix.client._client
 from felix import wire
 from felix.client import Client
-from felix.errors import Overloaded, Unavailable
+from felix.errors import ConfigError, Overloaded, Unavailable
 from felix.gateway.session import GatewaySession
 from felix.gateway.targets import ext_target
 from felix.node.local import LocalNode
@@ -390,5 +390,36 @@ def test_a_silent_node_is_given_up_after_a_timed_out_call_not_the_keepalive(
                             break
                         except (felix.Unavailable, felix.FelixTimeoutError):
                             await asyncio.sleep(0.1)
+
+    run(main)
+
+
+def test_redirects_and_map_entries_to_hosts_the_client_does_not_allow_are_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        async with two_nodes(tmp_path, monkeypatch) as (a, b, own):
+            # b's node advertises a name; the client was given a's IP (and pins the CA):
+            # by default only IP literals are followed, so it never connects to b.
+            named_b = f"localhost:{b.port}"
+            own.owners = [own.owners[0] if s % 2 == 0 else named_b for s in range(L)]
+            own.address[id(b.gateway)] = named_b
+            async with await connect(a) as client:
+                with pytest.raises(ConfigError, match=rf"{named_b}.*cluster_hosts"):
+                    await client.publish(stream_on(1), b"x")
+                await wait_for(lambda: client.shard_map is not None)
+                shard_map = client.shard_map
+                assert shard_map is not None
+                assert shard_map.owners[1] is None and named_b not in shard_map.addresses
+                assert shard_map.owners[0] == own.owners[0]
+                with pytest.raises(ConfigError, match="cluster_hosts"):
+                    await client.publish(stream_on(3), b"x")  # a redirects it again
+                assert await client.publish(stream_on(0), b"x") is not None
+                assert client.connected == 1 and client.redirects == 0
+
+            # Allowed explicitly: followed.
+            async with await connect(a, cluster_hosts=["localhost"]) as client:
+                assert await client.publish(stream_on(1), b"y") is not None
+                assert client.redirects == 1 and client.connected == 2
 
     run(main)

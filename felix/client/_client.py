@@ -10,7 +10,8 @@ Connections, reconnects, keepalives and token refresh are the pool's (``_pool``)
 Clusters (``_cluster``): once a node answers REDIRECT, requests are routed by their
 routing key to the owner's node, over a pool per node address (at most
 ``MAX_NODES``, with the TLS and token settings of the first); a call follows at most
-``MAX_REDIRECTS`` REDIRECTs in a row. Until then nothing of this runs.
+``MAX_REDIRECTS`` REDIRECTs in a row. Until then nothing of this runs. Only hosts the
+host policy (``cluster_hosts``, ``_hosts``) allows are connected to.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from felix.client._convert import (
 )
 from felix.client._e2e import seal_record
 from felix.client._events import ClientEvent, EventFeed, EventHub, EventListener
+from felix.client._hosts import HostPolicy
 from felix.client._links import PooledMember, PooledSubscription
 from felix.client._options import ClientOptions
 from felix.client._pool import Pool, PoolSettings
@@ -185,7 +187,8 @@ class Client:
         self._closed = False
         self._close_done = asyncio.Event()
         # Cluster routing (_cluster): idle until a node answers REDIRECT.
-        self._router = Router()
+        self._hosts = HostPolicy(endpoint, options.cluster_hosts, pinned_ca=options.ca is not None)
+        self._router = Router(self._host_refusal)
         #: Pools of the other nodes of a cluster, by advertised address.
         self._nodes: dict[str, Pool] = {}
         self._node_starts: dict[str, asyncio.Future[Pool]] = {}
@@ -649,9 +652,12 @@ class Client:
 
     async def _redirected(self, redirect: wire.Redirect, followed: int, conn: Connection) -> Pool:
         """The pool to send a call to that got ``redirect`` after following ``followed``;
-        raises Unavailable after MAX_REDIRECTS or when the owner cannot be reached."""
-        address = self._router.redirected(redirect, followed)
-        self._fetch_map_soon(conn)
+        raises Unavailable after MAX_REDIRECTS or when the owner cannot be reached,
+        ConfigError when the host policy refuses it."""
+        try:
+            address = self._router.redirected(redirect, followed)
+        finally:
+            self._fetch_map_soon(conn)  # the map tells where the rest goes
         pool = await self._node_pool(address)
         if not pool.connected:
             raise Unavailable(
@@ -659,11 +665,23 @@ class Client:
             )
         return pool
 
+    def _host_refusal(self, address: str) -> str | None:
+        """Why the host policy refuses the node at ``address`` (None: it allows it, or
+        ``address`` is not host:port, which connecting it reports)."""
+        try:
+            endpoint = parse_address(address)
+        except RemoteProtocolError:
+            return None
+        if endpoint == self.endpoint or self._hosts.allows(endpoint.host):
+            return None
+        return self._hosts.refusal(address)
+
     async def _node_pool(self, address: str) -> Pool:
         """The started pool of the node at ``address`` (host:port), connecting it first.
 
-        Raises what connecting raises, Unavailable while a node that could not be
-        connected to is not tried again, Overloaded beyond MAX_NODES nodes.
+        Raises what connecting raises, ConfigError when the host policy refuses it,
+        Unavailable while a node that could not be connected to is not tried again,
+        Overloaded beyond MAX_NODES nodes.
         """
         pool = self._known_pool(address)
         if pool is not None:
@@ -674,6 +692,8 @@ class Client:
             if endpoint == self.endpoint:
                 self._home.add(address)
                 return self._pool
+            if not self._hosts.allows(endpoint.host):
+                raise ConfigError(self._hosts.refusal(address))
             self._check_usable()
             loop = asyncio.get_running_loop()
             if self._node_down.get(address, 0.0) > loop.time():

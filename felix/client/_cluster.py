@@ -12,6 +12,12 @@ entry (a newer or equal epoch wins); one call follows at most
 the last owner. A client that never sees a REDIRECT never has a map: routing costs
 nothing on its calls.
 
+A node's word is not enough to connect somewhere and present the client's token
+there: every address a REDIRECT or a map names is checked by the client's host
+policy (``cluster_hosts``, felix/client/_hosts.py) first. A REDIRECT to a host it
+refuses fails its call with ConfigError (and is not learned); a map entry naming one
+is ignored.
+
 :class:`Router` holds that state and makes every decision, with no I/O and no clock
 of its own (``now`` is passed in), so the client's I/O code only asks it where to
 send and what to do with a reply.
@@ -19,13 +25,15 @@ send and what to do with a reply.
 
 from __future__ import annotations
 
+import logging
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from felix import wire
 from felix.client._convert import Endpoint
-from felix.errors import FelixError, RemoteProtocolError, Unavailable
+from felix.errors import ConfigError, FelixError, RemoteProtocolError, Unavailable
 
 __all__ = [
     "MAP_RETRY",
@@ -37,6 +45,11 @@ __all__ = [
     "logical_shard",
     "parse_address",
 ]
+
+log = logging.getLogger("felix.client")
+
+#: Says why the client must not connect to a node address (None: it may).
+HostCheck = Callable[[str], "str | None"]
 
 #: REDIRECTs one call follows in a row before it fails with Unavailable.
 MAX_REDIRECTS = 4
@@ -94,13 +107,21 @@ class ShardMap:
     epochs: list[int] = field(default_factory=list)
 
     @classmethod
-    def from_reply(cls, reply: wire.ShardMap) -> ShardMap:
-        """The map a SHARD_MAP_REPLY states (with ``logical_shards`` > 0)."""
+    def from_reply(
+        cls, reply: wire.ShardMap, allowed: Callable[[str], bool] | None = None
+    ) -> ShardMap:
+        """The map a SHARD_MAP_REPLY states (with ``logical_shards`` > 0); an entry whose
+        owner ``allowed`` refuses is left out (no owner, epoch 0)."""
         addresses = reply.addresses
         owners = [
             None if index == wire.SHARD_NO_OWNER else addresses[index] for index in reply.owners
         ]
-        return cls(reply.logical_shards, reply.version, owners, list(reply.epochs))
+        epochs = list(reply.epochs)
+        if allowed is not None:
+            for shard, owner in enumerate(owners):
+                if owner is not None and not allowed(owner):
+                    owners[shard], epochs[shard] = None, 0
+        return cls(reply.logical_shards, reply.version, owners, epochs)
 
     @property
     def addresses(self) -> set[str]:
@@ -125,12 +146,19 @@ class ShardMap:
         self.epochs[shard] = redirect.epoch
         return changed
 
-    def replace(self, reply: wire.ShardMap) -> bool:
+    def replace(self, reply: wire.ShardMap, allowed: Callable[[str], bool] | None = None) -> bool:
         """Apply a SHARD_MAP_REPLY: per shard, a higher epoch wins, and at an equal epoch
         the entry of a map at least as new as this one (a shard's owner may stop serving
-        without a new epoch). A map with another number of logical shards replaces this
-        one whole. True if anything changed."""
-        other = ShardMap.from_reply(reply)
+        without a new epoch); an entry whose owner ``allowed`` refuses is ignored. A map
+        with another number of logical shards replaces this one whole. True if anything
+        changed."""
+        addresses = reply.addresses
+        refused = {
+            index
+            for index, address in enumerate(addresses)
+            if allowed is not None and not allowed(address)
+        }
+        other = ShardMap.from_reply(reply, allowed)
         if other.logical_shards != self.logical_shards:
             self.logical_shards, self.version = other.logical_shards, other.version
             self.owners, self.epochs = other.owners, other.epochs
@@ -138,6 +166,8 @@ class ShardMap:
         tie_wins = other.version >= self.version
         changed = False
         for shard, (owner, epoch) in enumerate(zip(other.owners, other.epochs, strict=True)):
+            if reply.owners[shard] in refused:
+                continue
             known = self.epochs[shard]
             if epoch > known or (epoch == known and tie_wins and owner != self.owners[shard]):
                 changed = True
@@ -150,7 +180,11 @@ class ShardMap:
 class Router:
     """The client's routing state and decisions (see the module doc). No I/O, no clock."""
 
-    def __init__(self) -> None:
+    def __init__(self, check: HostCheck | None = None) -> None:
+        # The client's host policy (None: every address is allowed).
+        self._check = check
+        # Addresses refused and logged (at most MAX_NODES: each is logged once).
+        self._refused: set[str] = set()
         #: None until a SHARD_MAP_REPLY of a cluster arrived: every request then goes
         #: to the address the client was given, as with a single node.
         self.map: ShardMap | None = None
@@ -179,9 +213,13 @@ class Router:
         """A call that already followed ``followed`` REDIRECTs got ``redirect``: learn it,
         and return the address to send the call to next.
 
-        Raises Unavailable once the call has followed MAX_REDIRECTS.
+        Raises Unavailable once the call has followed MAX_REDIRECTS, ConfigError when the
+        host policy refuses the owner (nothing is learned from that REDIRECT).
         """
         self.clustered = True
+        refusal = self.refusal(redirect.owner)
+        if refusal is not None:
+            raise ConfigError(f"shard {redirect.shard}: {refusal}")
         self.learn(redirect)
         if followed >= MAX_REDIRECTS:
             raise Unavailable(
@@ -191,18 +229,35 @@ class Router:
         self.redirects += 1
         return redirect.owner
 
-    def learn(self, redirect: wire.Redirect) -> None:
+    def refusal(self, address: str) -> str | None:
+        """Why the host policy refuses ``address`` (None: it allows it)."""
+        return None if self._check is None else self._check(address)
+
+    def allowed(self, address: str) -> bool:
+        """Whether the host policy allows ``address``; a refused one is logged once."""
+        refusal = self.refusal(address)
+        if refusal is None:
+            return True
+        if address not in self._refused and len(self._refused) < MAX_NODES:
+            self._refused.add(address)
+            log.warning("felix client: %s", refusal)
+        return False
+
+    def learn(self, redirect: wire.Redirect) -> bool:
         """Update the map from a REDIRECT (also one that is not followed: a publish with
-        ack=False)."""
+        ack=False). False when the host policy refuses its owner: nothing is learned."""
         self.clustered = True
+        if not self.allowed(redirect.owner):
+            return False
         if self.map is None:
             early = self._early.get(redirect.shard)
             if early is None or early.epoch <= redirect.epoch:
                 self._early[redirect.shard] = redirect
-            return
+            return True
         if redirect.shard >= self.map.logical_shards:
             self._stale = True
         self.map.learn(redirect)
+        return True
 
     def reroutes(self, error: FelixError | None) -> bool:
         """Whether a subscription or consumer that the broker ended with ``error`` should
@@ -238,10 +293,10 @@ class Router:
         self._stale = False
         self.maps += 1
         if self.map is None:
-            self.map = ShardMap.from_reply(reply)
+            self.map = ShardMap.from_reply(reply, self.allowed)
             changed = True
         else:
-            changed = self.map.replace(reply)
+            changed = self.map.replace(reply, self.allowed)
         early, self._early = self._early, {}
         for redirect in early.values():
             changed = self.map.learn(redirect) or changed

@@ -11,6 +11,7 @@ import pytest
 from felix import wire
 from felix.client._cluster import (
     MAP_RETRY,
+    MAX_EARLY,
     MAX_REDIRECTS,
     Redirected,
     Router,
@@ -247,3 +248,17 @@ def test_a_call_converges_on_the_owner() -> None:
 
     with pytest.raises(Unavailable, match="shard 1"):
         call(r, key, confused)
+
+
+def test_redirects_before_the_map_are_bounded() -> None:
+    router = Router()
+    router.learn(redirect(2**32 - 1, 1, A))  # fits no map: not kept
+    router.learn(redirect(MAX_EARLY, 1, A))
+    assert router._early == {} and router.clustered
+    for shard in range(0, 2**32, 100_000):  # a node naming every shard it can
+        router.learn(redirect(shard, 1, A))
+    assert len(router._early) <= MAX_EARLY
+    router.learn(redirect(0, 2, B))  # renewed: the newest now
+    assert list(router._early)[-1] == 0
+    router.learn(redirect(0, 1, C))  # older than what is kept: ignored
+    assert router._early[0].owner == B

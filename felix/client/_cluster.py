@@ -37,6 +37,7 @@ from felix.errors import ConfigError, FelixError, RemoteProtocolError, Unavailab
 
 __all__ = [
     "MAP_RETRY",
+    "MAX_EARLY",
     "MAX_NODES",
     "MAX_REDIRECTS",
     "Redirected",
@@ -55,6 +56,9 @@ HostCheck = Callable[[str], "str | None"]
 MAX_REDIRECTS = 4
 #: Nodes a client keeps connections to besides the one it was given (beyond: Overloaded).
 MAX_NODES = 64
+#: REDIRECTs kept from before the map arrives, one per logical shard (the most a map has:
+#: a REDIRECT naming a higher shard fits no map and is not kept); beyond, the oldest go.
+MAX_EARLY = 4096
 #: Seconds before a failed SHARD_MAP fetch (or one answered "not a cluster") is tried again.
 MAP_RETRY = 5.0
 #: How a node says a subscription ended because its shard moved.
@@ -250,9 +254,14 @@ class Router:
         if not self.allowed(redirect.owner):
             return False
         if self.map is None:
+            if redirect.shard >= MAX_EARLY:
+                return True  # fits no map (the call may still follow it)
             early = self._early.get(redirect.shard)
             if early is None or early.epoch <= redirect.epoch:
+                self._early.pop(redirect.shard, None)  # newest last
                 self._early[redirect.shard] = redirect
+                if len(self._early) > MAX_EARLY:
+                    del self._early[next(iter(self._early))]
             return True
         if redirect.shard >= self.map.logical_shards:
             self._stale = True

@@ -12,6 +12,7 @@ from felix import wire
 from felix.client._cluster import (
     MAP_RETRY,
     MAX_EARLY,
+    MAX_EPOCH_JUMP,
     MAX_REDIRECTS,
     Redirected,
     Router,
@@ -262,3 +263,45 @@ def test_redirects_before_the_map_are_bounded() -> None:
     assert list(router._early)[-1] == 0
     router.learn(redirect(0, 1, C))  # older than what is kept: ignored
     assert router._early[0].owner == B
+
+
+def test_an_epoch_far_above_the_known_one_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    shard_map = ShardMap.from_reply(reply_map(2, 1, [A, B], [0, 1], [3, 3]))
+    assert not shard_map.learn(redirect(0, 3 + MAX_EPOCH_JUMP + 1, B))
+    assert not shard_map.learn(redirect(0, 2**64 - 1, B))
+    assert shard_map.owners == [A, B] and shard_map.refused_epochs == 2
+    assert shard_map.learn(redirect(0, 3 + MAX_EPOCH_JUMP, B))
+    assert shard_map.owners == [B, B]
+    assert not shard_map.replace(reply_map(2, 9, [C], [0, 0], [2**64 - 1, 2**40]))
+    assert shard_map.owners == [B, B] and shard_map.refused_epochs == 4
+    assert sum("more than" in r.message for r in caplog.records) == 1  # logged once
+
+
+def test_a_redirect_loop_takes_the_bootstrap_nodes_map_whole() -> None:
+    router = Router()
+    router.learn(redirect(0, 1, A))
+    assert router.should_fetch(0.0)
+    router.fetched(reply_map(2, 1, [A, B], [0, 1], [1, 1]), 0.0)
+    # A bad entry within the bound: a newer epoch always wins, so it would stay.
+    router.learn(redirect(1, 500, C))
+    assert router.map is not None and router.map.owners == [A, C]
+    assert not router.should_fetch(1.0, bootstrap=True)  # nothing asks for a map
+    router.looped()  # a call went A -> B -> A
+    assert router.reset_wanted
+    assert not router.should_fetch(1.0)  # only the bootstrap node's map is taken whole
+    assert router.should_fetch(1.0, bootstrap=True)
+    assert router.fetched(reply_map(2, 1, [A, B], [0, 1], [1, 1]), 1.0, bootstrap=True)
+    assert router.map.owners == [A, B] and router.map.epochs == [1, 1]
+    assert router.resets == 1 and not router.reset_wanted
+
+
+def test_a_redirect_at_an_older_epoch_than_the_maps_asks_for_the_map_whole() -> None:
+    router = Router()
+    router.learn(redirect(0, 1, A))
+    assert router.should_fetch(0.0)
+    router.fetched(reply_map(2, 1, [A, B], [0, 1], [1, 1]), 0.0)
+    router.learn(redirect(1, 500, C))  # the bad entry
+    # C says it is not the owner, A is, at epoch 1: followed, not learned.
+    assert router.redirected(redirect(1, 1, A), 0) == A
+    assert router.map is not None and router.map.owners == [A, C]
+    assert router.reset_wanted

@@ -157,6 +157,13 @@ async def two_nodes(
         await a.close()
 
 
+def redirect_msg(shard: int, epoch: int, owner: str) -> wire.Redirect:
+    frame = wire.encode_redirect(0, shard, epoch, owner)
+    msg = wire.decode_ext(wire.decode_frame(frame, extensions=True))
+    assert isinstance(msg, wire.Redirect)
+    return msg
+
+
 async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
@@ -287,6 +294,8 @@ def test_redirects_in_a_circle_end_with_unavailable(
                 assert await client.publish(stream_on(1), b"y") is not None
                 assert await client.cache("c").get(cache_key_on(2)) is None
                 assert own.redirects - before <= 2  # the entries the circle left behind
+                # The circle (a -> b -> a) had the client take a's map whole.
+                assert client._router.resets >= 1 and not client._router.reset_wanted
 
     run(main)
 
@@ -421,5 +430,38 @@ def test_redirects_and_map_entries_to_hosts_the_client_does_not_allow_are_not_fo
             async with await connect(a, cluster_hosts=["localhost"]) as client:
                 assert await client.publish(stream_on(1), b"y") is not None
                 assert client.redirects == 1 and client.connected == 2
+
+    run(main)
+
+
+def test_a_bad_entry_with_a_high_epoch_is_undone_by_the_bootstrap_nodes_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        async with two_nodes(tmp_path, monkeypatch) as (a, b, own):
+            addr_a, addr_b = own.address[id(a.gateway)], own.address[id(b.gateway)]
+            async with await connect(a) as client:
+                assert await client.publish(stream_on(1), b"x") is not None  # a -> b
+                await wait_for(lambda: client.shard_map is not None)
+                # A REDIRECT of a hostile node: shard 2 (a's) on b, at a high epoch
+                # (within the bound: one beyond it is refused outright).
+                client._learn(redirect_msg(2, 10**5, addr_b))
+                shard_map = client.shard_map
+                assert shard_map is not None and shard_map.owners[2] == addr_b
+                before = own.redirects
+                # b sends it to a at epoch 1, older than the map's: followed, and the
+                # map is fetched from a and taken whole.
+                assert await client.publish(stream_on(2), b"y") is not None
+                assert own.redirects == before + 1
+                await wait_for(lambda: client._router.resets == 1)
+                shard_map = client.shard_map
+                assert shard_map is not None
+                assert shard_map.owners[2] == addr_a and shard_map.epochs[2] == 1
+                assert await client.publish(stream_on(2), b"z") is not None
+                assert own.redirects == before + 1  # straight to a now
+
+                # Beyond the bound: never learned at all.
+                client._learn(redirect_msg(2, 2**64 - 1, addr_b))
+                assert shard_map.owners[2] == addr_a and shard_map.refused_epochs == 1
 
     run(main)

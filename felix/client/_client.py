@@ -587,8 +587,9 @@ class Client:
         another REDIRECT (at most MAX_REDIRECTS in all). Nothing happened where a
         REDIRECT came from, so this is safe for any call."""
         followed = 0
+        left: set[Endpoint | ShmEndpoint] = set()
         while True:
-            pool = await self._redirected(redirect, followed, conn)
+            pool = await self._redirected(redirect, followed, conn, left)
             followed += 1
             conn = await pool.connection(key)
             try:
@@ -650,10 +651,31 @@ class Client:
             return self._pool
         return pool
 
-    async def _redirected(self, redirect: wire.Redirect, followed: int, conn: Connection) -> Pool:
-        """The pool to send a call to that got ``redirect`` after following ``followed``;
-        raises Unavailable after MAX_REDIRECTS or when the owner cannot be reached,
-        ConfigError when the host policy refuses it."""
+    async def _redirected(
+        self,
+        redirect: wire.Redirect,
+        followed: int,
+        conn: Connection,
+        left: set[Endpoint | ShmEndpoint],
+    ) -> Pool:
+        """The pool to send a call to that got ``redirect`` on ``conn`` after following
+        ``followed``; raises Unavailable after MAX_REDIRECTS or when the owner cannot be
+        reached, ConfigError when the host policy refuses it. ``left``: the nodes this
+        call was redirected away from so far (a REDIRECT back to one is a loop: the map
+        is then fetched again from the node the client was given, and taken whole)."""
+        left.add(conn.endpoint)
+        with contextlib.suppress(RemoteProtocolError):  # _node_pool reports it
+            owner = parse_address(redirect.owner)
+            if owner in left:
+                if not self._router.reset_wanted:
+                    log.info(
+                        "felix client: shard %d was redirected back to %s; fetching the map "
+                        "from %s",
+                        redirect.shard,
+                        redirect.owner,
+                        self.endpoint,
+                    )
+                self._router.looped()
         try:
             address = self._router.redirected(redirect, followed)
         finally:
@@ -742,15 +764,23 @@ class Client:
         return pool
 
     def _fetch_map_soon(self, conn: Connection) -> None:
-        """Ask ``conn``'s node for the shard map in the background, if the router wants it."""
-        loop = asyncio.get_running_loop()
-        if self._closed or not self._router.should_fetch(loop.time()):
+        """Ask ``conn``'s node for the shard map in the background, if the router wants it
+        (after a redirect loop: the node the client was given, when connected)."""
+        if self._closed:
             return
-        task = loop.create_task(self._fetch_map(conn))
+        loop = asyncio.get_running_loop()
+        if self._router.reset_wanted:
+            home = self._pool.ready()
+            if home is not None:
+                conn = home
+        bootstrap = conn.endpoint == self.endpoint
+        if not self._router.should_fetch(loop.time(), bootstrap=bootstrap):
+            return
+        task = loop.create_task(self._fetch_map(conn, bootstrap))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _fetch_map(self, conn: Connection) -> None:
+    async def _fetch_map(self, conn: Connection, bootstrap: bool = False) -> None:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.request_timeout):
@@ -763,7 +793,7 @@ class Client:
         except BaseException:
             self._router.fetch_failed(loop.time())
             raise
-        if self._router.fetched(shard_map, loop.time()):
+        if self._router.fetched(shard_map, loop.time(), bootstrap=bootstrap):
             self._prune_nodes()
 
     def _prune_nodes(self) -> None:
@@ -818,6 +848,7 @@ class Client:
         there; retry once if the connection is lost, follow REDIRECTs."""
         pool = await self._pool_for(route)
         followed = 0
+        left: set[Endpoint | ShmEndpoint] = set()
         retried = False
         while True:
             conn = await pool.connection()
@@ -827,7 +858,7 @@ class Client:
                 return
             except Redirected as exc:
                 self._detach(member)
-                pool = await self._redirected(exc.redirect, followed, conn)
+                pool = await self._redirected(exc.redirect, followed, conn, left)
                 followed += 1
             except BaseException as exc:
                 self._detach(member)

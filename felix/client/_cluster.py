@@ -7,9 +7,16 @@ The first REDIRECT puts the client in cluster mode: the call follows it to the
 owner, and the client fetches the whole map (SHARD_MAP) from the node that sent it.
 From then on each request goes straight to the owner of its routing key's logical
 shard (``crc32(key) % L``), over a connection per node. Every REDIRECT updates one
-entry (a newer or equal epoch wins); one call follows at most
+entry (a newer or equal epoch wins, unless it is more than :data:`MAX_EPOCH_JUMP`
+above the known one: an epoch rises by one per change of owner, so such a jump is a
+broken or hostile node's, and would make its entry outlast every true one); one call
+follows at most
 :data:`MAX_REDIRECTS` in a row, then fails with Unavailable naming the shard and
-the last owner. A client that never sees a REDIRECT never has a map: routing costs
+the last owner. A call that is sent back to a node it already left (A -> B -> A),
+or redirected at an older epoch than the map's, makes the client fetch the map from
+the node it was given and take that map whole, whatever its epochs: a wrong entry
+that epochs protect is undone there. A client
+that never sees a REDIRECT never has a map: routing costs
 nothing on its calls.
 
 A node's word is not enough to connect somewhere and present the client's token
@@ -38,6 +45,7 @@ from felix.errors import ConfigError, FelixError, RemoteProtocolError, Unavailab
 __all__ = [
     "MAP_RETRY",
     "MAX_EARLY",
+    "MAX_EPOCH_JUMP",
     "MAX_NODES",
     "MAX_REDIRECTS",
     "Redirected",
@@ -56,6 +64,9 @@ HostCheck = Callable[[str], "str | None"]
 MAX_REDIRECTS = 4
 #: Nodes a client keeps connections to besides the one it was given (beyond: Overloaded).
 MAX_NODES = 64
+#: How far above the known epoch of a shard a REDIRECT or map entry may be (further:
+#: refused, and logged once).
+MAX_EPOCH_JUMP = 1_000_000
 #: REDIRECTs kept from before the map arrives, one per logical shard (the most a map has:
 #: a REDIRECT naming a higher shard fits no map and is not kept); beyond, the oldest go.
 MAX_EARLY = 4096
@@ -109,6 +120,9 @@ class ShardMap:
     owners: list[str | None] = field(default_factory=list)
     #: Per logical shard: its epoch (rises at every change of owner).
     epochs: list[int] = field(default_factory=list)
+    #: Entries refused for an epoch more than MAX_EPOCH_JUMP above the known one.
+    refused_epochs: int = 0
+    _warned: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
     def from_reply(
@@ -139,11 +153,32 @@ class ShardMap:
         """The owner of ``key``'s logical shard, or None when none is known."""
         return self.owners[zlib.crc32(key.encode()) % self.logical_shards]
 
+    def _sane(self, shard: int, epoch: int, owner: str | None) -> bool:
+        """False (counted, logged once) for an epoch too far above the known one."""
+        if epoch <= self.epochs[shard] + MAX_EPOCH_JUMP:
+            return True
+        self.refused_epochs += 1
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "felix client: a node of the cluster named %s owner of shard %d at epoch %d, "
+                "more than %d above the known epoch %d; ignored (and further such entries)",
+                owner,
+                shard,
+                epoch,
+                MAX_EPOCH_JUMP,
+                self.epochs[shard],
+            )
+        return False
+
     def learn(self, redirect: wire.Redirect) -> bool:
-        """Apply one REDIRECT: its owner wins if its epoch is at least the known one.
-        True if the entry changed (False also for a shard outside this map)."""
+        """Apply one REDIRECT: its owner wins if its epoch is at least the known one (and
+        at most MAX_EPOCH_JUMP above). True if the entry changed (False also for a shard
+        outside this map)."""
         shard = redirect.shard
         if shard >= self.logical_shards or redirect.epoch < self.epochs[shard]:
+            return False
+        if not self._sane(shard, redirect.epoch, redirect.owner):
             return False
         changed = self.owners[shard] != redirect.owner or self.epochs[shard] != redirect.epoch
         self.owners[shard] = redirect.owner
@@ -170,7 +205,7 @@ class ShardMap:
         tie_wins = other.version >= self.version
         changed = False
         for shard, (owner, epoch) in enumerate(zip(other.owners, other.epochs, strict=True)):
-            if reply.owners[shard] in refused:
+            if reply.owners[shard] in refused or not self._sane(shard, epoch, owner):
                 continue
             known = self.epochs[shard]
             if epoch > known or (epoch == known and tie_wins and owner != self.owners[shard]):
@@ -198,6 +233,10 @@ class Router:
         self.redirects = 0
         #: SHARD_MAP_REPLYs applied.
         self.maps = 0
+        #: Maps taken whole from the node the client was given, after a redirect loop.
+        self.resets = 0
+        # A call went round in a circle: take the bootstrap node's next map whole.
+        self._reset = False
         # REDIRECTs that arrived before the map: applied to it when it comes.
         self._early: dict[int, wire.Redirect] = {}
         self._fetching = False
@@ -224,6 +263,16 @@ class Router:
         refusal = self.refusal(redirect.owner)
         if refusal is not None:
             raise ConfigError(f"shard {redirect.shard}: {refusal}")
+        shard_map = self.map
+        if (
+            shard_map is not None
+            and redirect.shard < shard_map.logical_shards
+            and redirect.epoch < shard_map.epochs[redirect.shard]
+        ):
+            # Sent away at an older epoch than the map's: a node is behind, or the
+            # map's entry is wrong (a newer epoch always wins, so only a map taken
+            # whole undoes it).
+            self._reset = True
         self.learn(redirect)
         if followed >= MAX_REDIRECTS:
             raise Unavailable(
@@ -281,26 +330,43 @@ class Router:
 
     # -- fetching the map ------------------------------------------------------------------
 
-    def should_fetch(self, now: float) -> bool:
+    def looped(self) -> None:
+        """A call was sent back to a node it had already left: the map's next fetch is
+        from the node the client was given, and that map is taken whole."""
+        self._reset = True
+
+    @property
+    def reset_wanted(self) -> bool:
+        """True after :meth:`looped` until a map from the bootstrap node was taken whole."""
+        return self._reset
+
+    def should_fetch(self, now: float, *, bootstrap: bool = False) -> bool:
         """True when the client should send SHARD_MAP now (then call :meth:`fetched` or
-        :meth:`fetch_failed`): in cluster mode, with no map yet or one that does not fit
-        a REDIRECT, and no fetch in flight or failed recently."""
+        :meth:`fetch_failed`): in cluster mode, with no map yet, one that does not fit a
+        REDIRECT, or (``bootstrap``: to the node the client was given) after a redirect
+        loop; and no fetch in flight or failed recently."""
         if not self.clustered or self._fetching or now < self._retry_at:
             return False
-        if self.map is not None and not self._stale:
+        if self.map is not None and not self._stale and not (self._reset and bootstrap):
             return False
         self._fetching = True
         return True
 
-    def fetched(self, reply: wire.ShardMap, now: float) -> bool:
+    def fetched(self, reply: wire.ShardMap, now: float, *, bootstrap: bool = False) -> bool:
         """Apply a SHARD_MAP_REPLY; True if the map changed. A reply of a node that is not
-        in a cluster (L = 0) changes nothing: redirects are still followed per call."""
+        in a cluster (L = 0) changes nothing: redirects are still followed per call.
+        ``bootstrap``: the reply is from the node the client was given; after a redirect
+        loop it replaces the map whole, epochs or not."""
         self._fetching = False
         if reply.logical_shards == 0:
             self._retry_at = now + MAP_RETRY
             return False
         self._stale = False
         self.maps += 1
+        if self._reset and bootstrap:
+            self._reset = False
+            self.resets += 1
+            self.map = None  # taken whole below
         if self.map is None:
             self.map = ShardMap.from_reply(reply, self.allowed)
             changed = True

@@ -10,6 +10,7 @@ import pytest
 
 from felix import wire
 from felix.client._cluster import (
+    MAP_INTERVAL,
     MAP_RETRY,
     MAX_EARLY,
     MAX_EPOCH_JUMP,
@@ -305,3 +306,32 @@ def test_a_redirect_at_an_older_epoch_than_the_maps_asks_for_the_map_whole() -> 
     assert router.redirected(redirect(1, 1, A), 0) == A
     assert router.map is not None and router.map.owners == [A, C]
     assert router.reset_wanted
+
+
+def test_map_fetches_are_one_in_flight_and_one_a_second_per_node() -> None:
+    r = Router()
+    r.learn(redirect(0, 1, A))
+    assert r.fetch_wait(0.0, node=A) == 0.0
+    assert r.fetch_wait(0.0, node=A) is None  # in flight there
+    assert r.fetch_wait(0.0, node=B) == 0.0  # another node may be asked meanwhile
+    r.fetch_failed(0.1, A)  # (fails: every node waits MAP_RETRY)
+    assert r.fetch_wait(0.2, node=C) is None
+    assert r.fetch_wait(MAP_RETRY + 0.1, node=A) == 0.0
+    # A map that keeps going stale (REDIRECTs naming shards beyond it): at most one
+    # fetch a second from a node, however many REDIRECTs come.
+    r = Router()
+    r.learn(redirect(0, 1, A))
+    now = 100.0
+    assert r.should_fetch(now, node=A)
+    r.fetched(reply_map(2, 1, [A], [0, 0], [1, 1]), now + 0.01, node=A)
+    asked = 1
+    for step in range(1, 300):
+        t = now + step * 0.01
+        r.learn(redirect(5, 1, A))  # beyond the map: stale
+        wait = r.fetch_wait(t, node=A)
+        if wait == 0.0:
+            asked += 1
+            r.fetched(reply_map(2, 1, [A], [0, 0], [1, 1]), t, node=A)
+        else:
+            assert wait is not None and 0.0 < wait <= MAP_INTERVAL
+    assert asked == 3  # at 100, 101 and 102 (300 REDIRECTs over 3 s)

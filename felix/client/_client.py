@@ -196,6 +196,7 @@ class Client:
         self._home: set[str] = set()  # addresses that are the endpoint itself
         self._node_count = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._map_timer: asyncio.TimerHandle | None = None  # a SHARD_MAP fetch put off
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -233,6 +234,8 @@ class Client:
             await self._close_done.wait()
             return
         self._closed = True
+        if self._map_timer is not None:
+            self._map_timer.cancel()
         for task in self._tasks:
             task.cancel()
         for start in self._node_starts.values():
@@ -774,26 +777,39 @@ class Client:
             if home is not None:
                 conn = home
         bootstrap = conn.endpoint == self.endpoint
-        if not self._router.should_fetch(loop.time(), bootstrap=bootstrap):
+        node = str(conn.endpoint)
+        wait = self._router.fetch_wait(loop.time(), bootstrap=bootstrap, node=node)
+        if wait is None:
+            return
+        if wait > 0.0:  # asked less than MAP_INTERVAL ago: once more, when it may be
+            if self._map_timer is None:
+                self._map_timer = loop.call_later(wait, self._fetch_map_later, conn)
             return
         task = loop.create_task(self._fetch_map(conn, bootstrap))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _fetch_map_later(self, conn: Connection) -> None:
+        self._map_timer = None
+        if conn.lost is not None:
+            conn = self._pool.ready() or conn  # the fetch fails, and is tried again later
+        self._fetch_map_soon(conn)
+
     async def _fetch_map(self, conn: Connection, bootstrap: bool = False) -> None:
         loop = asyncio.get_running_loop()
+        node = str(conn.endpoint)
         try:
             async with asyncio.timeout(self.request_timeout):
                 reply = await conn.call(wire.encode_shard_map_request)
             shard_map = expect_reply(reply, wire.ShardMap, wire.OP_SHARD_MAP_REPLY)
         except (FelixError, TimeoutError) as exc:
             log.info("felix client: fetching the shard map from %s failed: %s", conn.endpoint, exc)
-            self._router.fetch_failed(loop.time())
+            self._router.fetch_failed(loop.time(), node)
             return
         except BaseException:
-            self._router.fetch_failed(loop.time())
+            self._router.fetch_failed(loop.time(), node)
             raise
-        if self._router.fetched(shard_map, loop.time(), bootstrap=bootstrap):
+        if self._router.fetched(shard_map, loop.time(), bootstrap=bootstrap, node=node):
             self._prune_nodes()
 
     def _prune_nodes(self) -> None:

@@ -43,6 +43,7 @@ from felix.client._convert import Endpoint
 from felix.errors import ConfigError, FelixError, RemoteProtocolError, Unavailable
 
 __all__ = [
+    "MAP_INTERVAL",
     "MAP_RETRY",
     "MAX_EARLY",
     "MAX_EPOCH_JUMP",
@@ -70,6 +71,8 @@ MAX_EPOCH_JUMP = 1_000_000
 #: REDIRECTs kept from before the map arrives, one per logical shard (the most a map has:
 #: a REDIRECT naming a higher shard fits no map and is not kept); beyond, the oldest go.
 MAX_EARLY = 4096
+#: Seconds between two SHARD_MAP fetches from one node (and one in flight per node).
+MAP_INTERVAL = 1.0
 #: Seconds before a failed SHARD_MAP fetch (or one answered "not a cluster") is tried again.
 MAP_RETRY = 5.0
 #: How a node says a subscription ended because its shard moved.
@@ -239,7 +242,9 @@ class Router:
         self._reset = False
         # REDIRECTs that arrived before the map: applied to it when it comes.
         self._early: dict[int, wire.Redirect] = {}
-        self._fetching = False
+        # Per node (its address): fetches in flight, and when it may be asked again.
+        self._fetching: set[str] = set()
+        self._next_fetch: dict[str, float] = {}
         # The map does not fit a REDIRECT (another number of logical shards): fetch again.
         self._stale = False
         self._retry_at = 0.0
@@ -340,24 +345,41 @@ class Router:
         """True after :meth:`looped` until a map from the bootstrap node was taken whole."""
         return self._reset
 
-    def should_fetch(self, now: float, *, bootstrap: bool = False) -> bool:
-        """True when the client should send SHARD_MAP now (then call :meth:`fetched` or
-        :meth:`fetch_failed`): in cluster mode, with no map yet, one that does not fit a
-        REDIRECT, or (``bootstrap``: to the node the client was given) after a redirect
-        loop; and no fetch in flight or failed recently."""
-        if not self.clustered or self._fetching or now < self._retry_at:
-            return False
-        if self.map is not None and not self._stale and not (self._reset and bootstrap):
-            return False
-        self._fetching = True
-        return True
+    def should_fetch(self, now: float, *, bootstrap: bool = False, node: str = "") -> bool:
+        """True when the client should send SHARD_MAP to ``node`` now (then call
+        :meth:`fetched` or :meth:`fetch_failed` with it): :meth:`fetch_wait` is 0."""
+        return self.fetch_wait(now, bootstrap=bootstrap, node=node) == 0.0
 
-    def fetched(self, reply: wire.ShardMap, now: float, *, bootstrap: bool = False) -> bool:
-        """Apply a SHARD_MAP_REPLY; True if the map changed. A reply of a node that is not
-        in a cluster (L = 0) changes nothing: redirects are still followed per call.
-        ``bootstrap``: the reply is from the node the client was given; after a redirect
-        loop it replaces the map whole, epochs or not."""
-        self._fetching = False
+    def fetch_wait(self, now: float, *, bootstrap: bool = False, node: str = "") -> float | None:
+        """0.0 when the client should send SHARD_MAP to ``node`` now (counted as in
+        flight: then call :meth:`fetched` or :meth:`fetch_failed` with it); seconds to
+        wait when a map is wanted but ``node`` was asked less than MAP_INTERVAL ago; None
+        when none is wanted, a fetch failed recently or one is in flight to ``node``.
+
+        A map is wanted in cluster mode with no map yet, one that does not fit a
+        REDIRECT, or (``bootstrap``: ``node`` is the one the client was given) after a
+        redirect loop."""
+        if not self.clustered or now < self._retry_at or node in self._fetching:
+            return None
+        if self.map is not None and not self._stale and not (self._reset and bootstrap):
+            return None
+        wait = self._next_fetch.get(node, 0.0) - now
+        if wait > 0.0:
+            return wait
+        if len(self._next_fetch) >= 2 * MAX_NODES:  # forget nodes that may be asked again
+            self._next_fetch = {n: t for n, t in self._next_fetch.items() if t > now}
+        self._fetching.add(node)
+        self._next_fetch[node] = now + MAP_INTERVAL
+        return 0.0
+
+    def fetched(
+        self, reply: wire.ShardMap, now: float, *, bootstrap: bool = False, node: str = ""
+    ) -> bool:
+        """Apply a SHARD_MAP_REPLY of ``node``; True if the map changed. A reply of a node
+        that is not in a cluster (L = 0) changes nothing: redirects are still followed
+        per call. ``bootstrap``: the reply is from the node the client was given; after a
+        redirect loop it replaces the map whole, epochs or not."""
+        self._fetching.discard(node)
         if reply.logical_shards == 0:
             self._retry_at = now + MAP_RETRY
             return False
@@ -377,6 +399,6 @@ class Router:
             changed = self.map.learn(redirect) or changed
         return changed
 
-    def fetch_failed(self, now: float) -> None:
-        self._fetching = False
+    def fetch_failed(self, now: float, node: str = "") -> None:
+        self._fetching.discard(node)
         self._retry_at = now + MAP_RETRY

@@ -30,7 +30,7 @@ from typing import Any, TypeAlias
 from felix import wire
 from felix.client._cache import Cache
 from felix.client._cluster import MAX_NODES, Redirected, Router, ShardMap, parse_address
-from felix.client._connection import Connection, R, expect_reply
+from felix.client._connection import Connection, QuietBatch, R, expect_reply
 from felix.client._consumer import Consumer
 from felix.client._convert import (
     Endpoint,
@@ -75,6 +75,10 @@ BytesLike: TypeAlias = bytes | bytearray | memoryview
 CLOSE_WAIT = 1.0
 #: Default credit window of a subscription, in records.
 DEFAULT_CREDIT = 1024
+#: ack=False batches a client sends again at once after a REDIRECT (beyond: dropped).
+MAX_RESENDS = 64
+#: Seconds between two warnings about ack=False records dropped after a REDIRECT.
+DROP_LOG_INTERVAL = 10.0
 #: Seconds a node of a cluster that could not be connected to is not tried again
 #: (requests for its shards go to another node meanwhile, which redirects or refuses).
 NODE_RETRY = 1.0
@@ -197,6 +201,11 @@ class Client:
         self._node_count = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._map_timer: asyncio.TimerHandle | None = None  # a SHARD_MAP fetch put off
+        # ack=False batches a REDIRECT answered: being sent again, sent again, dropped.
+        self._resending = 0
+        self._resent_redirected = 0
+        self._dropped_redirected = 0
+        self._drop_logged_at = -DROP_LOG_INTERVAL
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -305,6 +314,20 @@ class Client:
         return self._router.redirects
 
     @property
+    def resent_redirected(self) -> int:
+        """Records published with ack=False that a cluster's node answered with REDIRECT
+        (not stored) and this client sent again to the owner it named (once each)."""
+        return self._resent_redirected
+
+    @property
+    def dropped_redirected(self) -> int:
+        """Records published with ack=False that a cluster's node answered with REDIRECT
+        (not stored) and this client did not send again: redirected twice, sent too long
+        before (QUIET_KEEP_*), to a host it does not allow, the owner unreachable within
+        ``request_timeout``, too many being resent at once, or the client closed."""
+        return self._dropped_redirected
+
+    @property
     def shard_map(self) -> ShardMap | None:
         """The cluster's shard map as this client knows it; None until a node of a
         cluster redirected it (and always with a single node)."""
@@ -356,7 +379,10 @@ class Client:
         queued in the same loop iteration leave together in one frame; delivery
         is not confirmed (failures are only logged by the broker) and a lost
         connection loses what was not yet sent. The call waits while over 1 MiB
-        is waiting to be sent. Raises the broker's error, FelixTimeoutError,
+        is waiting to be sent. Against a cluster, a batch a node answers with REDIRECT
+        (nothing stored) is sent once more, to the owner it names, possibly after
+        records published later (``resent_redirected``); one that cannot be is
+        dropped and counted (``dropped_redirected``). Raises the broker's error, FelixTimeoutError,
         ConnectionLost (never resent: the record may or may not be stored).
         """
         ns, name = resolve_name("stream", stream, self.namespace)
@@ -825,18 +851,82 @@ class Client:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
-    def _on_stray_reply(self, reply: wire.ExtMessage, conn: Connection) -> None:
-        """A reply nobody waited for (to a publish with ack=False): a REDIRECT, or an
-        Unavailable saying the stream's shard moved, tells of a cluster (a node does not
-        redirect a publish nobody waits for, it refuses it): learn the map."""
-        if isinstance(reply, wire.Redirect):
-            self._router.learn(reply)
-        elif not (
-            isinstance(reply, wire.ErrorReply)
-            and self._router.reroutes(error_for_code(reply.code, reply.message))
-        ):
+    def _on_stray_reply(
+        self, reply: wire.ExtMessage, conn: Connection, sent: QuietBatch | None
+    ) -> None:
+        """An ERROR or REDIRECT answering ``sent``, a publish with ack=False (nothing was
+        stored; None: which one is not known). A REDIRECT, or an Unavailable saying the
+        stream's shard moved, tells of a cluster: learn the map. A REDIRECT's batch is
+        sent to the owner once; a batch refused as moved, or that cannot be sent again,
+        is counted dropped."""
+        if isinstance(reply, wire.ErrorReply):
+            if not self._router.reroutes(error_for_code(reply.code, reply.message)):
+                return  # failed for another reason (logged by the connection)
+            self._fetch_map_soon(conn)
+            if sent is not None and "moved" in reply.message:
+                self._drop_redirected(sent, f"refused: {reply.message}")
             return
+        if not isinstance(reply, wire.Redirect):
+            return
+        redirect = reply
+        learned = self._router.learn(redirect)
         self._fetch_map_soon(conn)
+        if sent is None:
+            return  # not known which batch: nothing to count
+        if sent.payloads is None:
+            why = "it was sent too long ago to be kept"
+        elif sent.resent:
+            why = "it was redirected already"
+        elif not learned:
+            why = f"{redirect.owner} is not an allowed host (cluster_hosts)"
+        elif self._closed:
+            why = "the client is closed"
+        elif self._resending >= MAX_RESENDS:
+            why = f"{MAX_RESENDS} such batches are being sent again already"
+        else:
+            self._resending += 1
+            task = asyncio.get_running_loop().create_task(self._resend(redirect, sent))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self._drop_redirected(sent, why, redirect)
+
+    async def _resend(self, redirect: wire.Redirect, sent: QuietBatch) -> None:
+        try:
+            async with self._call_scope():  # drain() waits for it
+                await self._with_timeout(self._resend_to(redirect.owner, sent))
+        except FelixError as exc:
+            self._drop_redirected(sent, str(exc), redirect)
+        except BaseException:
+            self._dropped_redirected += sent.records  # cancelled: the client closed
+            raise
+        else:
+            self._resent_redirected += sent.records
+        finally:
+            self._resending -= 1
+
+    async def _resend_to(self, owner: str, sent: QuietBatch) -> None:
+        pool = await self._node_pool(owner)
+        conn = await pool.connection(sent.key)
+        await conn.wait_writable(sent.key)
+        conn.resend_nowait(sent)
+
+    def _drop_redirected(
+        self, sent: QuietBatch, why: str, redirect: wire.Redirect | None = None
+    ) -> None:
+        self._dropped_redirected += sent.records
+        now = asyncio.get_running_loop().time()
+        if now >= self._drop_logged_at + DROP_LOG_INTERVAL:
+            self._drop_logged_at = now
+            where = "" if redirect is None else f" (shard {redirect.shard} is on {redirect.owner})"
+            log.warning(
+                "felix client: %d record(s) published with ack=False were not stored%s and "
+                "are not sent again: %s; dropped_redirected is %d",
+                sent.records,
+                where,
+                why,
+                self._dropped_redirected,
+            )
 
     def _learn(self, redirect: wire.Redirect) -> None:
         self._router.learn(redirect)

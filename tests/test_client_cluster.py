@@ -10,7 +10,10 @@ import pytest
 
 from felix import wire
 from felix.client._cluster import (
+    MAP_INTERVAL,
     MAP_RETRY,
+    MAX_EARLY,
+    MAX_EPOCH_JUMP,
     MAX_REDIRECTS,
     Redirected,
     Router,
@@ -247,3 +250,88 @@ def test_a_call_converges_on_the_owner() -> None:
 
     with pytest.raises(Unavailable, match="shard 1"):
         call(r, key, confused)
+
+
+def test_redirects_before_the_map_are_bounded() -> None:
+    router = Router()
+    router.learn(redirect(2**32 - 1, 1, A))  # fits no map: not kept
+    router.learn(redirect(MAX_EARLY, 1, A))
+    assert router._early == {} and router.clustered
+    for shard in range(0, 2**32, 100_000):  # a node naming every shard it can
+        router.learn(redirect(shard, 1, A))
+    assert len(router._early) <= MAX_EARLY
+    router.learn(redirect(0, 2, B))  # renewed: the newest now
+    assert list(router._early)[-1] == 0
+    router.learn(redirect(0, 1, C))  # older than what is kept: ignored
+    assert router._early[0].owner == B
+
+
+def test_an_epoch_far_above_the_known_one_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    shard_map = ShardMap.from_reply(reply_map(2, 1, [A, B], [0, 1], [3, 3]))
+    assert not shard_map.learn(redirect(0, 3 + MAX_EPOCH_JUMP + 1, B))
+    assert not shard_map.learn(redirect(0, 2**64 - 1, B))
+    assert shard_map.owners == [A, B] and shard_map.refused_epochs == 2
+    assert shard_map.learn(redirect(0, 3 + MAX_EPOCH_JUMP, B))
+    assert shard_map.owners == [B, B]
+    assert not shard_map.replace(reply_map(2, 9, [C], [0, 0], [2**64 - 1, 2**40]))
+    assert shard_map.owners == [B, B] and shard_map.refused_epochs == 4
+    assert sum("more than" in r.message for r in caplog.records) == 1  # logged once
+
+
+def test_a_redirect_loop_takes_the_bootstrap_nodes_map_whole() -> None:
+    router = Router()
+    router.learn(redirect(0, 1, A))
+    assert router.should_fetch(0.0)
+    router.fetched(reply_map(2, 1, [A, B], [0, 1], [1, 1]), 0.0)
+    # A bad entry within the bound: a newer epoch always wins, so it would stay.
+    router.learn(redirect(1, 500, C))
+    assert router.map is not None and router.map.owners == [A, C]
+    assert not router.should_fetch(1.0, bootstrap=True)  # nothing asks for a map
+    router.looped()  # a call went A -> B -> A
+    assert router.reset_wanted
+    assert not router.should_fetch(1.0)  # only the bootstrap node's map is taken whole
+    assert router.should_fetch(1.0, bootstrap=True)
+    assert router.fetched(reply_map(2, 1, [A, B], [0, 1], [1, 1]), 1.0, bootstrap=True)
+    assert router.map.owners == [A, B] and router.map.epochs == [1, 1]
+    assert router.resets == 1 and not router.reset_wanted
+
+
+def test_a_redirect_at_an_older_epoch_than_the_maps_asks_for_the_map_whole() -> None:
+    router = Router()
+    router.learn(redirect(0, 1, A))
+    assert router.should_fetch(0.0)
+    router.fetched(reply_map(2, 1, [A, B], [0, 1], [1, 1]), 0.0)
+    router.learn(redirect(1, 500, C))  # the bad entry
+    # C says it is not the owner, A is, at epoch 1: followed, not learned.
+    assert router.redirected(redirect(1, 1, A), 0) == A
+    assert router.map is not None and router.map.owners == [A, C]
+    assert router.reset_wanted
+
+
+def test_map_fetches_are_one_in_flight_and_one_a_second_per_node() -> None:
+    r = Router()
+    r.learn(redirect(0, 1, A))
+    assert r.fetch_wait(0.0, node=A) == 0.0
+    assert r.fetch_wait(0.0, node=A) is None  # in flight there
+    assert r.fetch_wait(0.0, node=B) == 0.0  # another node may be asked meanwhile
+    r.fetch_failed(0.1, A)  # (fails: every node waits MAP_RETRY)
+    assert r.fetch_wait(0.2, node=C) is None
+    assert r.fetch_wait(MAP_RETRY + 0.1, node=A) == 0.0
+    # A map that keeps going stale (REDIRECTs naming shards beyond it): at most one
+    # fetch a second from a node, however many REDIRECTs come.
+    r = Router()
+    r.learn(redirect(0, 1, A))
+    now = 100.0
+    assert r.should_fetch(now, node=A)
+    r.fetched(reply_map(2, 1, [A], [0, 0], [1, 1]), now + 0.01, node=A)
+    asked = 1
+    for step in range(1, 300):
+        t = now + step * 0.01
+        r.learn(redirect(5, 1, A))  # beyond the map: stale
+        wait = r.fetch_wait(t, node=A)
+        if wait == 0.0:
+            asked += 1
+            r.fetched(reply_map(2, 1, [A], [0, 0], [1, 1]), t, node=A)
+        else:
+            assert wait is not None and 0.0 < wait <= MAP_INTERVAL
+    assert asked == 3  # at 100, 101 and 102 (300 REDIRECTs over 3 s)

@@ -24,9 +24,10 @@ import pytest
 
 import felix
 import felix.client._client
+import felix.client._connection
 from felix import wire
 from felix.client import Client
-from felix.errors import Overloaded, Unavailable
+from felix.errors import ConfigError, Overloaded, Unavailable
 from felix.gateway.session import GatewaySession
 from felix.gateway.targets import ext_target
 from felix.node.local import LocalNode
@@ -49,6 +50,11 @@ class Ownership:
         self.map_requests = 0
         self.redirects = 0
         self.refused = 0
+        #: What a node answers an ack=False publish for a shard it does not own:
+        #: "refuse" (ERROR Unavailable "moved", request id 0), "refuse-id" (the same
+        #: with the publish's request id) or "redirect" (REDIRECT with the publish's
+        #: request id, as felix/gateway/gateway.py forward() does).
+        self.quiet = "refuse"
         #: None: the verdict above; else called instead (a misbehaving cluster).
         self.override: Callable[[str, int], str | None] | None = None
         dispatch = GatewaySession._dispatch
@@ -85,13 +91,14 @@ class Ownership:
                         and owner != here
                         and isinstance(msg, wire.Publish)
                         and msg.ack == wire.ACK_NONE
+                        and this.quiet != "redirect"
                     ):
                         # Nobody waits for the answer: refused, not redirected.
                         this.refused += 1
                         session._send(
                             stream,
                             wire.encode_error(
-                                0,
+                                msg.request_id if this.quiet == "refuse-id" else 0,
                                 Unavailable.code,
                                 f"shard {shard} moved to the node at {owner}; retry there",
                             ),
@@ -155,6 +162,13 @@ async def two_nodes(
             await b.close()
     finally:
         await a.close()
+
+
+def redirect_msg(shard: int, epoch: int, owner: str) -> wire.Redirect:
+    frame = wire.encode_redirect(0, shard, epoch, owner)
+    msg = wire.decode_ext(wire.decode_frame(frame, extensions=True))
+    assert isinstance(msg, wire.Redirect)
+    return msg
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -287,6 +301,11 @@ def test_redirects_in_a_circle_end_with_unavailable(
                 assert await client.publish(stream_on(1), b"y") is not None
                 assert await client.cache("c").get(cache_key_on(2)) is None
                 assert own.redirects - before <= 2  # the entries the circle left behind
+                # The circle (a -> b -> a) has the client take a's map whole (at most one
+                # fetch a second from a node: perhaps a second after the first one).
+                await wait_for(lambda: client._router.resets >= 1)
+                assert not client._router.reset_wanted
+                assert own.map_requests <= 3
 
     run(main)
 
@@ -308,6 +327,7 @@ def test_an_unreachable_owner_fails_fast_and_the_stray_redirect_teaches(
                 await client.publish(stream_on(1), b"lost", ack=False)
                 await wait_for(lambda: client.shard_map is not None)
                 assert client.redirects == 0 and own.refused == 1 and own.redirects == 0
+                assert client.dropped_redirected == 0  # a refusal of request 0: not counted
                 for i in range(3):  # now straight to b
                     await client.publish(stream_on(1), b"nack%d" % i, ack=False)
                 assert await client.publish(stream_on(1), b"kept") is not None
@@ -390,5 +410,137 @@ def test_a_silent_node_is_given_up_after_a_timed_out_call_not_the_keepalive(
                             break
                         except (felix.Unavailable, felix.FelixTimeoutError):
                             await asyncio.sleep(0.1)
+
+    run(main)
+
+
+def test_redirects_and_map_entries_to_hosts_the_client_does_not_allow_are_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        async with two_nodes(tmp_path, monkeypatch) as (a, b, own):
+            # b's node advertises a name; the client was given a's IP (and pins the CA):
+            # by default only IP literals are followed, so it never connects to b.
+            named_b = f"localhost:{b.port}"
+            own.owners = [own.owners[0] if s % 2 == 0 else named_b for s in range(L)]
+            own.address[id(b.gateway)] = named_b
+            async with await connect(a) as client:
+                with pytest.raises(ConfigError, match=rf"{named_b}.*cluster_hosts"):
+                    await client.publish(stream_on(1), b"x")
+                await wait_for(lambda: client.shard_map is not None)
+                shard_map = client.shard_map
+                assert shard_map is not None
+                assert shard_map.owners[1] is None and named_b not in shard_map.addresses
+                assert shard_map.owners[0] == own.owners[0]
+                with pytest.raises(ConfigError, match="cluster_hosts"):
+                    await client.publish(stream_on(3), b"x")  # a redirects it again
+                assert await client.publish(stream_on(0), b"x") is not None
+                assert client.connected == 1 and client.redirects == 0
+
+            # Allowed explicitly: followed.
+            async with await connect(a, cluster_hosts=["localhost"]) as client:
+                assert await client.publish(stream_on(1), b"y") is not None
+                assert client.redirects == 1 and client.connected == 2
+
+    run(main)
+
+
+def test_a_bad_entry_with_a_high_epoch_is_undone_by_the_bootstrap_nodes_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        async with two_nodes(tmp_path, monkeypatch) as (a, b, own):
+            addr_a, addr_b = own.address[id(a.gateway)], own.address[id(b.gateway)]
+            async with await connect(a) as client:
+                assert await client.publish(stream_on(1), b"x") is not None  # a -> b
+                await wait_for(lambda: client.shard_map is not None)
+                # A REDIRECT of a hostile node: shard 2 (a's) on b, at a high epoch
+                # (within the bound: one beyond it is refused outright).
+                client._learn(redirect_msg(2, 10**5, addr_b))
+                shard_map = client.shard_map
+                assert shard_map is not None and shard_map.owners[2] == addr_b
+                before = own.redirects
+                # b sends it to a at epoch 1, older than the map's: followed, and the
+                # map is fetched from a and taken whole.
+                assert await client.publish(stream_on(2), b"y") is not None
+                assert own.redirects == before + 1
+                await wait_for(lambda: client._router.resets == 1)
+                shard_map = client.shard_map
+                assert shard_map is not None
+                assert shard_map.owners[2] == addr_a and shard_map.epochs[2] == 1
+                assert await client.publish(stream_on(2), b"z") is not None
+                assert own.redirects == before + 1  # straight to a now
+
+                # Beyond the bound: never learned at all.
+                client._learn(redirect_msg(2, 2**64 - 1, addr_b))
+                assert shard_map.owners[2] == addr_a and shard_map.refused_epochs == 1
+
+    run(main)
+
+
+def test_ack_false_batches_a_node_redirects_are_sent_to_the_owner_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        async with two_nodes(tmp_path, monkeypatch) as (a, b, own):
+            addr_a, addr_b = own.address[id(a.gateway)], own.address[id(b.gateway)]
+            on_b = stream_on(1)
+            own.quiet = "redirect"
+            async with await connect(a) as client:
+                for i in range(3):
+                    await client.publish(on_b, b"r%d" % i, ack=False)
+                await wait_for(lambda: client.resent_redirected == 3)
+                assert client.dropped_redirected == 0
+                async with (
+                    await connect(b) as direct,
+                    direct.subscribe(on_b, start="earliest") as sub,
+                ):
+                    got = sorted([(await sub.next(timeout=2)).data for _ in range(3)])
+                assert got == [b"r0", b"r1", b"r2"]
+
+            # Each node sends it to the other: a -> b (resent) -> a: sent again once,
+            # then dropped and counted.
+            own.override = lambda here, shard: addr_b if here == addr_a else addr_a
+            async with await connect(a) as client:
+                await client.publish(on_b, b"x", ack=False)
+                await wait_for(lambda: client.dropped_redirected == 1)
+                assert client.resent_redirected == 1  # the first resend, itself redirected
+
+            # A REDIRECT to a host the client does not allow: nothing is sent there.
+            own.override = lambda here, shard: f"localhost:{b.port}"
+            async with await connect(a) as client:
+                await client.publish(on_b, b"y", ack=False)
+                await client.publish(on_b, b"z", ack=False)
+                await wait_for(lambda: client.dropped_redirected == 2)
+                assert client.resent_redirected == 0 and client.connected == 1
+
+            # A node that refuses it as moved (naming the batch's request id): the client
+            # learns the cluster, and counts the batch dropped (no owner to send it to).
+            own.override = None
+            own.quiet = "refuse-id"
+            async with await connect(a) as client:
+                await client.publish(on_b, b"w", ack=False)
+                await wait_for(lambda: client.dropped_redirected == 1)
+                await wait_for(lambda: client.shard_map is not None)
+                assert client.resent_redirected == 0
+
+    run(main)
+
+
+def test_ack_false_batches_without_a_redirect_are_kept_within_bounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        async with two_nodes(tmp_path, monkeypatch) as (a, _b, own):
+            own.owners = [own.address[id(a.gateway)]] * L  # a owns everything
+            async with await connect(a) as client:
+                for i in range(2000):
+                    await client.publish(stream_on(i % L), b"p" * 4096, ack=False)
+                await client.ping()
+                (conn,) = client._pool.live()
+                assert len(conn._quiet) <= felix.client._connection.QUIET_KEEP_BATCHES
+                assert conn._quiet_bytes <= felix.client._connection.QUIET_KEEP_BYTES
+                assert len(conn._quiet_gone) <= felix.client._connection.QUIET_KEEP_GONE
+                assert client.dropped_redirected == client.resent_redirected == 0
 
     run(main)

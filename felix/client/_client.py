@@ -10,7 +10,8 @@ Connections, reconnects, keepalives and token refresh are the pool's (``_pool``)
 Clusters (``_cluster``): once a node answers REDIRECT, requests are routed by their
 routing key to the owner's node, over a pool per node address (at most
 ``MAX_NODES``, with the TLS and token settings of the first); a call follows at most
-``MAX_REDIRECTS`` REDIRECTs in a row. Until then nothing of this runs.
+``MAX_REDIRECTS`` REDIRECTs in a row. Until then nothing of this runs. Only hosts the
+host policy (``cluster_hosts``, ``_hosts``) allows are connected to.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, TypeAlias
 from felix import wire
 from felix.client._cache import Cache
 from felix.client._cluster import MAX_NODES, Redirected, Router, ShardMap, parse_address
-from felix.client._connection import Connection, R, expect_reply
+from felix.client._connection import Connection, QuietBatch, R, expect_reply
 from felix.client._consumer import Consumer
 from felix.client._convert import (
     Endpoint,
@@ -41,6 +42,7 @@ from felix.client._convert import (
 )
 from felix.client._e2e import seal_record
 from felix.client._events import ClientEvent, EventFeed, EventHub, EventListener
+from felix.client._hosts import HostPolicy
 from felix.client._links import PooledMember, PooledSubscription
 from felix.client._options import ClientOptions
 from felix.client._pool import Pool, PoolSettings
@@ -73,6 +75,10 @@ BytesLike: TypeAlias = bytes | bytearray | memoryview
 CLOSE_WAIT = 1.0
 #: Default credit window of a subscription, in records.
 DEFAULT_CREDIT = 1024
+#: ack=False batches a client sends again at once after a REDIRECT (beyond: dropped).
+MAX_RESENDS = 64
+#: Seconds between two warnings about ack=False records dropped after a REDIRECT.
+DROP_LOG_INTERVAL = 10.0
 #: Seconds a node of a cluster that could not be connected to is not tried again
 #: (requests for its shards go to another node meanwhile, which redirects or refuses).
 NODE_RETRY = 1.0
@@ -185,7 +191,8 @@ class Client:
         self._closed = False
         self._close_done = asyncio.Event()
         # Cluster routing (_cluster): idle until a node answers REDIRECT.
-        self._router = Router()
+        self._hosts = HostPolicy(endpoint, options.cluster_hosts, pinned_ca=options.ca is not None)
+        self._router = Router(self._host_refusal)
         #: Pools of the other nodes of a cluster, by advertised address.
         self._nodes: dict[str, Pool] = {}
         self._node_starts: dict[str, asyncio.Future[Pool]] = {}
@@ -193,6 +200,12 @@ class Client:
         self._home: set[str] = set()  # addresses that are the endpoint itself
         self._node_count = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._map_timer: asyncio.TimerHandle | None = None  # a SHARD_MAP fetch put off
+        # ack=False batches a REDIRECT answered: being sent again, sent again, dropped.
+        self._resending = 0
+        self._resent_redirected = 0
+        self._dropped_redirected = 0
+        self._drop_logged_at = -DROP_LOG_INTERVAL
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -230,6 +243,8 @@ class Client:
             await self._close_done.wait()
             return
         self._closed = True
+        if self._map_timer is not None:
+            self._map_timer.cancel()
         for task in self._tasks:
             task.cancel()
         for start in self._node_starts.values():
@@ -299,6 +314,20 @@ class Client:
         return self._router.redirects
 
     @property
+    def resent_redirected(self) -> int:
+        """Records published with ack=False that a cluster's node answered with REDIRECT
+        (not stored) and this client sent again to the owner it named (once each)."""
+        return self._resent_redirected
+
+    @property
+    def dropped_redirected(self) -> int:
+        """Records published with ack=False that a cluster's node answered with REDIRECT
+        (not stored) and this client did not send again: redirected twice, sent too long
+        before (QUIET_KEEP_*), to a host it does not allow, the owner unreachable within
+        ``request_timeout``, too many being resent at once, or the client closed."""
+        return self._dropped_redirected
+
+    @property
     def shard_map(self) -> ShardMap | None:
         """The cluster's shard map as this client knows it; None until a node of a
         cluster redirected it (and always with a single node)."""
@@ -350,7 +379,10 @@ class Client:
         queued in the same loop iteration leave together in one frame; delivery
         is not confirmed (failures are only logged by the broker) and a lost
         connection loses what was not yet sent. The call waits while over 1 MiB
-        is waiting to be sent. Raises the broker's error, FelixTimeoutError,
+        is waiting to be sent. Against a cluster, a batch a node answers with REDIRECT
+        (nothing stored) is sent once more, to the owner it names, possibly after
+        records published later (``resent_redirected``); one that cannot be is
+        dropped and counted (``dropped_redirected``). Raises the broker's error, FelixTimeoutError,
         ConnectionLost (never resent: the record may or may not be stored).
         """
         ns, name = resolve_name("stream", stream, self.namespace)
@@ -584,8 +616,9 @@ class Client:
         another REDIRECT (at most MAX_REDIRECTS in all). Nothing happened where a
         REDIRECT came from, so this is safe for any call."""
         followed = 0
+        left: set[Endpoint | ShmEndpoint] = set()
         while True:
-            pool = await self._redirected(redirect, followed, conn)
+            pool = await self._redirected(redirect, followed, conn, left)
             followed += 1
             conn = await pool.connection(key)
             try:
@@ -647,11 +680,35 @@ class Client:
             return self._pool
         return pool
 
-    async def _redirected(self, redirect: wire.Redirect, followed: int, conn: Connection) -> Pool:
-        """The pool to send a call to that got ``redirect`` after following ``followed``;
-        raises Unavailable after MAX_REDIRECTS or when the owner cannot be reached."""
-        address = self._router.redirected(redirect, followed)
-        self._fetch_map_soon(conn)
+    async def _redirected(
+        self,
+        redirect: wire.Redirect,
+        followed: int,
+        conn: Connection,
+        left: set[Endpoint | ShmEndpoint],
+    ) -> Pool:
+        """The pool to send a call to that got ``redirect`` on ``conn`` after following
+        ``followed``; raises Unavailable after MAX_REDIRECTS or when the owner cannot be
+        reached, ConfigError when the host policy refuses it. ``left``: the nodes this
+        call was redirected away from so far (a REDIRECT back to one is a loop: the map
+        is then fetched again from the node the client was given, and taken whole)."""
+        left.add(conn.endpoint)
+        with contextlib.suppress(RemoteProtocolError):  # _node_pool reports it
+            owner = parse_address(redirect.owner)
+            if owner in left:
+                if not self._router.reset_wanted:
+                    log.info(
+                        "felix client: shard %d was redirected back to %s; fetching the map "
+                        "from %s",
+                        redirect.shard,
+                        redirect.owner,
+                        self.endpoint,
+                    )
+                self._router.looped()
+        try:
+            address = self._router.redirected(redirect, followed)
+        finally:
+            self._fetch_map_soon(conn)  # the map tells where the rest goes
         pool = await self._node_pool(address)
         if not pool.connected:
             raise Unavailable(
@@ -659,11 +716,23 @@ class Client:
             )
         return pool
 
+    def _host_refusal(self, address: str) -> str | None:
+        """Why the host policy refuses the node at ``address`` (None: it allows it, or
+        ``address`` is not host:port, which connecting it reports)."""
+        try:
+            endpoint = parse_address(address)
+        except RemoteProtocolError:
+            return None
+        if endpoint == self.endpoint or self._hosts.allows(endpoint.host):
+            return None
+        return self._hosts.refusal(address)
+
     async def _node_pool(self, address: str) -> Pool:
         """The started pool of the node at ``address`` (host:port), connecting it first.
 
-        Raises what connecting raises, Unavailable while a node that could not be
-        connected to is not tried again, Overloaded beyond MAX_NODES nodes.
+        Raises what connecting raises, ConfigError when the host policy refuses it,
+        Unavailable while a node that could not be connected to is not tried again,
+        Overloaded beyond MAX_NODES nodes.
         """
         pool = self._known_pool(address)
         if pool is not None:
@@ -674,6 +743,8 @@ class Client:
             if endpoint == self.endpoint:
                 self._home.add(address)
                 return self._pool
+            if not self._hosts.allows(endpoint.host):
+                raise ConfigError(self._hosts.refusal(address))
             self._check_usable()
             loop = asyncio.get_running_loop()
             if self._node_down.get(address, 0.0) > loop.time():
@@ -722,28 +793,49 @@ class Client:
         return pool
 
     def _fetch_map_soon(self, conn: Connection) -> None:
-        """Ask ``conn``'s node for the shard map in the background, if the router wants it."""
-        loop = asyncio.get_running_loop()
-        if self._closed or not self._router.should_fetch(loop.time()):
+        """Ask ``conn``'s node for the shard map in the background, if the router wants it
+        (after a redirect loop: the node the client was given, when connected)."""
+        if self._closed:
             return
-        task = loop.create_task(self._fetch_map(conn))
+        loop = asyncio.get_running_loop()
+        if self._router.reset_wanted:
+            home = self._pool.ready()
+            if home is not None:
+                conn = home
+        bootstrap = conn.endpoint == self.endpoint
+        node = str(conn.endpoint)
+        wait = self._router.fetch_wait(loop.time(), bootstrap=bootstrap, node=node)
+        if wait is None:
+            return
+        if wait > 0.0:  # asked less than MAP_INTERVAL ago: once more, when it may be
+            if self._map_timer is None:
+                self._map_timer = loop.call_later(wait, self._fetch_map_later, conn)
+            return
+        task = loop.create_task(self._fetch_map(conn, bootstrap))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _fetch_map(self, conn: Connection) -> None:
+    def _fetch_map_later(self, conn: Connection) -> None:
+        self._map_timer = None
+        if conn.lost is not None:
+            conn = self._pool.ready() or conn  # the fetch fails, and is tried again later
+        self._fetch_map_soon(conn)
+
+    async def _fetch_map(self, conn: Connection, bootstrap: bool = False) -> None:
         loop = asyncio.get_running_loop()
+        node = str(conn.endpoint)
         try:
             async with asyncio.timeout(self.request_timeout):
                 reply = await conn.call(wire.encode_shard_map_request)
             shard_map = expect_reply(reply, wire.ShardMap, wire.OP_SHARD_MAP_REPLY)
         except (FelixError, TimeoutError) as exc:
             log.info("felix client: fetching the shard map from %s failed: %s", conn.endpoint, exc)
-            self._router.fetch_failed(loop.time())
+            self._router.fetch_failed(loop.time(), node)
             return
         except BaseException:
-            self._router.fetch_failed(loop.time())
+            self._router.fetch_failed(loop.time(), node)
             raise
-        if self._router.fetched(shard_map, loop.time()):
+        if self._router.fetched(shard_map, loop.time(), bootstrap=bootstrap, node=node):
             self._prune_nodes()
 
     def _prune_nodes(self) -> None:
@@ -759,18 +851,82 @@ class Client:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
-    def _on_stray_reply(self, reply: wire.ExtMessage, conn: Connection) -> None:
-        """A reply nobody waited for (to a publish with ack=False): a REDIRECT, or an
-        Unavailable saying the stream's shard moved, tells of a cluster (a node does not
-        redirect a publish nobody waits for, it refuses it): learn the map."""
-        if isinstance(reply, wire.Redirect):
-            self._router.learn(reply)
-        elif not (
-            isinstance(reply, wire.ErrorReply)
-            and self._router.reroutes(error_for_code(reply.code, reply.message))
-        ):
+    def _on_stray_reply(
+        self, reply: wire.ExtMessage, conn: Connection, sent: QuietBatch | None
+    ) -> None:
+        """An ERROR or REDIRECT answering ``sent``, a publish with ack=False (nothing was
+        stored; None: which one is not known). A REDIRECT, or an Unavailable saying the
+        stream's shard moved, tells of a cluster: learn the map. A REDIRECT's batch is
+        sent to the owner once; a batch refused as moved, or that cannot be sent again,
+        is counted dropped."""
+        if isinstance(reply, wire.ErrorReply):
+            if not self._router.reroutes(error_for_code(reply.code, reply.message)):
+                return  # failed for another reason (logged by the connection)
+            self._fetch_map_soon(conn)
+            if sent is not None and "moved" in reply.message:
+                self._drop_redirected(sent, f"refused: {reply.message}")
             return
+        if not isinstance(reply, wire.Redirect):
+            return
+        redirect = reply
+        learned = self._router.learn(redirect)
         self._fetch_map_soon(conn)
+        if sent is None:
+            return  # not known which batch: nothing to count
+        if sent.payloads is None:
+            why = "it was sent too long ago to be kept"
+        elif sent.resent:
+            why = "it was redirected already"
+        elif not learned:
+            why = f"{redirect.owner} is not an allowed host (cluster_hosts)"
+        elif self._closed:
+            why = "the client is closed"
+        elif self._resending >= MAX_RESENDS:
+            why = f"{MAX_RESENDS} such batches are being sent again already"
+        else:
+            self._resending += 1
+            task = asyncio.get_running_loop().create_task(self._resend(redirect, sent))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self._drop_redirected(sent, why, redirect)
+
+    async def _resend(self, redirect: wire.Redirect, sent: QuietBatch) -> None:
+        try:
+            async with self._call_scope():  # drain() waits for it
+                await self._with_timeout(self._resend_to(redirect.owner, sent))
+        except FelixError as exc:
+            self._drop_redirected(sent, str(exc), redirect)
+        except BaseException:
+            self._dropped_redirected += sent.records  # cancelled: the client closed
+            raise
+        else:
+            self._resent_redirected += sent.records
+        finally:
+            self._resending -= 1
+
+    async def _resend_to(self, owner: str, sent: QuietBatch) -> None:
+        pool = await self._node_pool(owner)
+        conn = await pool.connection(sent.key)
+        await conn.wait_writable(sent.key)
+        conn.resend_nowait(sent)
+
+    def _drop_redirected(
+        self, sent: QuietBatch, why: str, redirect: wire.Redirect | None = None
+    ) -> None:
+        self._dropped_redirected += sent.records
+        now = asyncio.get_running_loop().time()
+        if now >= self._drop_logged_at + DROP_LOG_INTERVAL:
+            self._drop_logged_at = now
+            where = "" if redirect is None else f" (shard {redirect.shard} is on {redirect.owner})"
+            log.warning(
+                "felix client: %d record(s) published with ack=False were not stored%s and "
+                "are not sent again: %s; dropped_redirected is %d",
+                sent.records,
+                where,
+                why,
+                self._dropped_redirected,
+            )
 
     def _learn(self, redirect: wire.Redirect) -> None:
         self._router.learn(redirect)
@@ -798,6 +954,7 @@ class Client:
         there; retry once if the connection is lost, follow REDIRECTs."""
         pool = await self._pool_for(route)
         followed = 0
+        left: set[Endpoint | ShmEndpoint] = set()
         retried = False
         while True:
             conn = await pool.connection()
@@ -807,7 +964,7 @@ class Client:
                 return
             except Redirected as exc:
                 self._detach(member)
-                pool = await self._redirected(exc.redirect, followed, conn)
+                pool = await self._redirected(exc.redirect, followed, conn, left)
                 followed += 1
             except BaseException as exc:
                 self._detach(member)

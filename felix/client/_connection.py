@@ -63,7 +63,7 @@ from felix.quic import (
 from felix.quic import connect as quic_connect
 from felix.quic.stream_ids import is_server_initiated, is_unidirectional
 
-__all__ = ["ClientProtocol", "Connection", "SubscriptionSink", "expect_reply"]
+__all__ = ["ClientProtocol", "Connection", "QuietBatch", "SubscriptionSink", "expect_reply"]
 
 log = logging.getLogger("felix.client")
 
@@ -81,6 +81,15 @@ DEADLINE_SWEEP = 0.05
 #: Client-side batching of ``ack=False`` publishes: records and payload bytes per frame.
 BATCH_MAX_RECORDS = 512
 BATCH_MAX_BYTES = 256 * 1024
+#: ``ack=False`` batches a connection keeps after sending them, so that one a cluster's
+#: node answers with REDIRECT (nothing stored) can be sent again to the owner: the
+#: newest, at most this many and this many payload bytes (success is not answered, so
+#: older ones are forgotten by age)...
+QUIET_KEEP_BATCHES = 128
+QUIET_KEEP_BYTES = 1024 * 1024
+#: ...and the request ids (with their record counts) of this many forgotten ones, so a
+#: late REDIRECT of one is still counted as dropped.
+QUIET_KEEP_GONE = 4096
 
 
 #: Notices that carry a consumer id in the request id (docs/wire-protocol.md).
@@ -191,6 +200,21 @@ class _Batch:
     has_headers: bool = False
 
 
+@dataclass(slots=True)
+class QuietBatch:
+    """An ``ack=False`` PUBLISH a connection sent, as kept for a REDIRECT answering it."""
+
+    #: (namespace, stream).
+    key: tuple[str, str]
+    #: None: forgotten (only its record count is known).
+    payloads: list[bytes] | None
+    headers: list[dict[str, str] | None] | None
+    records: int
+    size: int
+    #: Sent again after a REDIRECT already (it is not sent a third time).
+    resent: bool = False
+
+
 class Connection:
     """A connected, authenticated QUIC connection with ``len(control_streams)`` control streams.
 
@@ -205,9 +229,13 @@ class Connection:
         self.endpoint = endpoint
         self.tenant = tenant
         self.on_lost: Callable[[FelixError], None] | None = None
-        #: Called with an ERROR or REDIRECT nobody waits for (the answer to a publish
-        #: with ack=False: its records were not stored) and this connection.
-        self.on_stray_reply: Callable[[wire.ExtMessage, Connection], None] | None = None
+        #: Called with an ERROR or REDIRECT answering a publish with ack=False (its
+        #: records were not stored), this connection and the batch as kept (None: not
+        #: known, e.g. request id 0; its payloads None: forgotten already). Set: such
+        #: batches carry their own request id and are kept a while (QUIET_KEEP_*).
+        self.on_stray_reply: (
+            Callable[[wire.ExtMessage, Connection, QuietBatch | None], None] | None
+        ) = None
         #: Called when a call timed out with nothing received on this connection since it
         #: was sent: its node may be gone without closing it (kill -9, a partition), so
         #: the pool checks it now rather than after ``keepalive`` seconds of silence.
@@ -226,6 +254,11 @@ class Connection:
         self._next_stream = 0
         self._send_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._batches: dict[tuple[str, str], _Batch] = {}
+        # ack=False batches sent, by request id (oldest first), their payload bytes,
+        # and the record counts of forgotten ones.
+        self._quiet: dict[int, QuietBatch] = {}
+        self._quiet_bytes = 0
+        self._quiet_gone: dict[int, int] = {}
         self._flush_handle: asyncio.Handle | None = None
         self._closing = False
         self._terminated = self._loop.create_future()
@@ -471,18 +504,66 @@ class Connection:
                 self._flush_batch(key, batch)
 
     def _flush_batch(self, key: tuple[str, str], batch: _Batch) -> None:
-        # Request id 0: nothing answers a publish with ack none; an ERROR the
-        # broker might still send for it is logged by _on_reply.
-        frame = wire.encode_publish(
-            0,
-            self.tenant,
-            key[0],
-            key[1],
-            batch.payloads,
-            ack=wire.ACK_NONE,
-            headers=batch.headers if batch.has_headers else None,
+        headers = batch.headers if batch.has_headers else None
+        self._send_quiet(QuietBatch(key, batch.payloads, headers, len(batch.payloads), batch.size))
+
+    def resend_nowait(self, sent: QuietBatch) -> None:
+        """Send an ``ack=False`` batch another node answered with REDIRECT (once: a
+        REDIRECT answering this one is not resent)."""
+        self._check_alive()
+        assert sent.payloads is not None
+        self._send_quiet(
+            QuietBatch(sent.key, sent.payloads, sent.headers, sent.records, sent.size, True)
         )
-        self.protocol.send_stream_data(self.control_stream_for(key), frame)
+
+    def _send_quiet(self, sent: QuietBatch) -> None:
+        # Nothing answers a publish with ack none when it is stored. Its request id
+        # matches what may answer it (ERROR, REDIRECT; see on_stray_reply): id 0
+        # when nobody would use a REDIRECT, else a fresh id, the batch kept a while.
+        keep = self.on_stray_reply is not None
+        request_id = self.requests.new_id() if keep else 0
+        assert sent.payloads is not None
+        frame = wire.encode_publish(
+            request_id,
+            self.tenant,
+            sent.key[0],
+            sent.key[1],
+            sent.payloads,
+            ack=wire.ACK_NONE,
+            headers=sent.headers,
+        )
+        self.protocol.send_stream_data(self.control_stream_for(sent.key), frame)
+        if not keep:
+            return
+        quiet = self._quiet
+        quiet[request_id] = sent
+        self._quiet_bytes += sent.size
+        while len(quiet) > QUIET_KEEP_BATCHES or (
+            self._quiet_bytes > QUIET_KEEP_BYTES and len(quiet) > 1
+        ):
+            old_id = next(iter(quiet))
+            old = quiet.pop(old_id)
+            self._quiet_bytes -= old.size
+            self._quiet_gone[old_id] = old.records
+            if len(self._quiet_gone) > QUIET_KEEP_GONE:
+                del self._quiet_gone[next(iter(self._quiet_gone))]
+
+    def _on_quiet_reply(self, message: wire.ExtMessage) -> bool:
+        """Handle an answer to a kept ``ack=False`` batch; False: it is not one."""
+        request_id = message.request_id
+        sent = self._quiet.pop(request_id, None)
+        if sent is not None:
+            self._quiet_bytes -= sent.size
+        else:
+            records = self._quiet_gone.pop(request_id, None)
+            if records is None:
+                return False
+            sent = QuietBatch(("", ""), None, None, records, 0)
+        if isinstance(message, wire.ErrorReply):
+            log.warning("felix client: a publish with ack=False failed: %s", message.message)
+        if isinstance(message, wire.ErrorReply | wire.Redirect) and self.on_stray_reply:
+            self.on_stray_reply(message, self, sent)
+        return True  # else an OK (brokers that answer one): stored
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -544,9 +625,12 @@ class Connection:
             if sink is not None:
                 self._notify(message.request_id, sink, message)
             return
+        if (self._quiet or self._quiet_gone) and self._on_quiet_reply(message):
+            return
         if message.request_id == 0:
-            # Fire-and-forget publishes carry id 0; the node still answers them
-            # (OK, or ERROR e.g. when overloaded). Nobody waits: log failures only.
+            # Fire-and-forget publishes of a connection without on_stray_reply carry id 0;
+            # the node answers them only when not stored (ERROR, e.g. when overloaded;
+            # REDIRECT). Nobody waits: log failures only.
             if isinstance(message, wire.ErrorReply):
                 log.warning("felix client: a publish with ack=False failed: %s", message.message)
             elif isinstance(message, wire.Redirect):
@@ -556,7 +640,7 @@ class Connection:
                     message.owner,
                 )
             if self.on_stray_reply is not None:
-                self.on_stray_reply(message, self)
+                self.on_stray_reply(message, self, None)
             return
         try:
             waiter = self.requests.pop(message.request_id)
@@ -670,6 +754,9 @@ class Connection:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        self._quiet.clear()  # nothing answers them any more
+        self._quiet_gone.clear()
+        self._quiet_bytes = 0
         # An expired session is not a network failure: its calls say so (not retried).
         call_error = Unauthenticated if isinstance(error, Unauthenticated) else ConnectionLost
         for waiter in self.requests.drain():

@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from felix.client._backoff import Backoff
 from felix.client._e2e import E2EKeys
 from felix.client._events import EventListener
+from felix.client._hosts import parse_host_patterns
 from felix.errors import ConfigError
 from felix.names import validate_name
 from felix.quic import QuicEngine
@@ -83,8 +84,21 @@ class ClientOptions:
     #: say ``require=False``). None: payloads pass as they are (an encrypted record is
     #: delivered as stored, ``e2e == "encrypted"``).
     e2e: E2EKeys | None = None
+    #: Hosts a cluster's REDIRECTs and shard map may send this client to (it connects
+    #: there and presents its token): ``"*.peers.example.com"`` (names under it),
+    #: ``"10.0.0.0/8"`` (IP literals in it), an exact host or IP, ``"*"`` (any: tests
+    #: only); ports are not checked. The host the client was given is always allowed.
+    #: None: names under that host's parent domain (``felix.prod.example.com``:
+    #: ``*.prod.example.com``; none for a name of fewer than three labels); for an IP
+    #: literal, other IP literals only when ``ca`` is set, else none; over shared memory,
+    #: loopback hosts. A node elsewhere is not connected to: the call fails with
+    #: ConfigError naming the host (docs/api.md, "Clusters").
+    cluster_hosts: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
+        if self.cluster_hosts is not None:
+            parse_host_patterns(self.cluster_hosts)  # ConfigError for a bad one
+            object.__setattr__(self, "cluster_hosts", tuple(self.cluster_hosts))
         if self.token is not None and self.token_provider is not None:
             raise ConfigError("pass token or token_provider, not both")
         if self.e2e is not None and not isinstance(self.e2e, E2EKeys):

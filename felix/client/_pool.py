@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from felix import wire
 from felix.client._backoff import Backoff
-from felix.client._connection import Connection, expect_reply
+from felix.client._connection import Connection, QuietBatch, expect_reply
 from felix.client._convert import Endpoint, ShmEndpoint
 from felix.client._events import ClientEvent, Disconnected, Reconnected
 from felix.errors import ConnectionLost, FelixError, FelixTimeoutError, Unauthenticated
@@ -119,8 +119,9 @@ class PoolSettings:
     #: The ``connection`` number of this pool's first slot in Disconnected/Reconnected
     #: events (a client's pools for other nodes of a cluster number theirs after it).
     index_base: int = 0
-    #: Given each reply no call waits for (``Connection.on_stray_reply``).
-    on_stray_reply: Callable[[wire.ExtMessage, Connection], None] | None = None
+    #: Given each ERROR or REDIRECT answering an ack=False publish, with the batch when
+    #: it was kept (``Connection.on_stray_reply``).
+    on_stray_reply: Callable[[wire.ExtMessage, Connection, QuietBatch | None], None] | None = None
     #: Asked for each subscription or consumer whose connection was lost: True when
     #: the client took it over (it subscribes again through another connection, so
     #: the pool forgets it); False: the pool resumes it after its reconnect.

@@ -41,7 +41,7 @@ log = logging.getLogger("felix.cluster")
 #: fails and is retried; it never completes without them).
 HANDOFF_DRAIN_TIMEOUT = 5.0
 #: How long ``durable_shards()`` reuses a scan of the data dir.
-DURABLE_RESCAN = 5.0
+DURABLE_RESCAN = 1.0
 #: How long the agent may take to join (register, wait out an old lease of this node id,
 #: read the map) before ``felix up`` gives up.
 JOIN_TIMEOUT = 120.0

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: up test build lint typecheck unit unit-embedded bench faults clean
+.PHONY: up test build lint typecheck unit unit-embedded bench faults slow clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,9 @@ lint: build
 typecheck: build
 	$(VENV)/bin/mypy
 
+# Everything but the tests marked `soak` (long perf-style runs: `make slow`).
 unit: build
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m "not soak"
 
 # The node tests again on the topology `felix up` picks on small machines (shards inside
 # the gateway; tests that need shard processes are skipped there): about a minute.
@@ -56,6 +57,11 @@ FAULT_ROUNDS ?= 25
 faults: build
 	FELIX_FAULT_ROUNDS=$(FAULT_ROUNDS) $(VENV)/bin/pytest -q --timeout 3600 \
 		tests/test_segfiles.py tests/test_disklog_faults.py tests/test_durable_faults.py
+
+# Long perf-style smoke runs (not part of `make test`): the tests marked `soak`, i.e. the
+# reduced runs of `python -m perf durable` and `python -m perf queue` (perf/README.md).
+slow: build
+	$(VENV)/bin/pytest -q -m soak
 
 clean:
 	rm -rf build felix/*.so felix/_codec.c felix/_ring.c felix/_logscan.c

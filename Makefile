@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Bytecode caches are what keep the suite's thousands of short Python processes (and
+# pytest's collection) fast: never let the environment turn them off for these recipes.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: up test build lint typecheck unit unit-embedded bench faults slow clean
 

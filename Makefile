@@ -28,16 +28,23 @@ lint: build
 typecheck: build
 	$(VENV)/bin/mypy
 
+# The suite runs on PYTEST_WORKERS processes (pytest-xdist), each taking whole test files
+# (--dist loadfile: a module's fixtures and its order stay within one process); most of a
+# node test is waiting on its node's processes, so two workers fit a 2-core machine.
+# PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile
+
 # Everything but the tests marked `soak` (long perf-style runs: `make slow`).
 unit: build
-	$(VENV)/bin/pytest -q -m "not soak"
+	$(VENV)/bin/pytest -q $(XDIST) -m "not soak"
 
 # The node tests again on the topology `felix up` picks on small machines (shards inside
 # the gateway; tests that need shard processes are skipped there): about a minute.
 EMBEDDED_TESTS ?= tests/test_node.py tests/test_node_durable.py tests/test_node_quotas.py \
 	tests/test_queues_node.py
 unit-embedded: build
-	FELIX_TEST_TOPOLOGY=embedded $(VENV)/bin/pytest -q $(EMBEDDED_TESTS)
+	FELIX_TEST_TOPOLOGY=embedded $(VENV)/bin/pytest -q $(XDIST) $(EMBEDDED_TESTS)
 
 test: lint typecheck unit unit-embedded
 

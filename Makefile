@@ -35,9 +35,11 @@ typecheck: build
 PYTEST_WORKERS ?= 2
 XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
-# Everything but the tests marked `soak` (long perf-style runs: `make slow`).
+# Everything but the tests marked `soak` (long perf-style runs: `make slow`); those marked
+# `serial` (subtests, which xdist workers do not report back) after the rest, without -n.
 unit: build
-	$(VENV)/bin/pytest -q $(XDIST) -m "not soak"
+	$(VENV)/bin/pytest -q $(XDIST) -m "not soak and not serial"
+	$(VENV)/bin/pytest -q -m "serial and not soak"
 
 # The node tests again on the topology `felix up` picks on small machines (shards inside
 # the gateway; tests that need shard processes are skipped there): about a minute.

@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Bytecode caches are what keep the suite's thousands of short Python processes (and
+# pytest's collection) fast: never let the environment turn them off for these recipes.
+unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: up test build lint typecheck unit unit-embedded bench faults clean
+.PHONY: up test build lint typecheck unit unit-embedded bench faults slow clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,15 +28,25 @@ lint: build
 typecheck: build
 	$(VENV)/bin/mypy
 
+# The suite runs on PYTEST_WORKERS processes (pytest-xdist), each taking whole test files
+# (--dist loadfile: a module's fixtures and its order stay within one process); most of a
+# node test is waiting on its node's processes, so two workers fit a 2-core machine.
+# PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile
+
+# Everything but the tests marked `soak` (long perf-style runs: `make slow`); those marked
+# `serial` (subtests, which xdist workers do not report back) after the rest, without -n.
 unit: build
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q $(XDIST) -m "not soak and not serial"
+	$(VENV)/bin/pytest -q -m "serial and not soak"
 
 # The node tests again on the topology `felix up` picks on small machines (shards inside
 # the gateway; tests that need shard processes are skipped there): about a minute.
 EMBEDDED_TESTS ?= tests/test_node.py tests/test_node_durable.py tests/test_node_quotas.py \
 	tests/test_queues_node.py
 unit-embedded: build
-	FELIX_TEST_TOPOLOGY=embedded $(VENV)/bin/pytest -q $(EMBEDDED_TESTS)
+	FELIX_TEST_TOPOLOGY=embedded $(VENV)/bin/pytest -q $(XDIST) $(EMBEDDED_TESTS)
 
 test: lint typecheck unit unit-embedded
 
@@ -56,6 +69,11 @@ FAULT_ROUNDS ?= 25
 faults: build
 	FELIX_FAULT_ROUNDS=$(FAULT_ROUNDS) $(VENV)/bin/pytest -q --timeout 3600 \
 		tests/test_segfiles.py tests/test_disklog_faults.py tests/test_durable_faults.py
+
+# Long perf-style smoke runs (not part of `make test`): the tests marked `soak`, i.e. the
+# reduced runs of `python -m perf durable` and `python -m perf queue` (perf/README.md).
+slow: build
+	$(VENV)/bin/pytest -q -m soak
 
 clean:
 	rm -rf build felix/*.so felix/_codec.c felix/_ring.c felix/_logscan.c

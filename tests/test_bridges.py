@@ -386,7 +386,9 @@ def test_a_target_refusal_stops_the_flow_with_the_error(
         assert runner.stop() == 0
 
 
-def test_the_node_runs_its_bridges_with_tokens_it_mints(tmp_path: Path) -> None:
+def test_the_node_runs_its_bridges_with_tokens_it_mints(
+    regions: tuple[Region, Region], tmp_path: Path
+) -> None:
     """`felix up --auth --bridges`: the bridges child reads the source through the node
     with a token the node mints from the tenant's key ring, is restarted after kill -9,
     and follows pause and delete."""
@@ -394,7 +396,7 @@ def test_the_node_runs_its_bridges_with_tokens_it_mints(tmp_path: Path) -> None:
     from felix.auth.keys import TenantKeyRing
     from felix.auth.perms import PermissionSet
 
-    us = Region(NodeProcess(tmp_path / "us", "--region", "us-1", gateways=1, shards=1))
+    _, us = regions  # the target: the module's us-1 node, into a stream of this test's own
     port = free_port()
     # The tenant's key ring in the node's key directory before it starts (as after
     # `felix token keygen`): its gateways and the bridges child find it at once.
@@ -419,13 +421,13 @@ def test_the_node_runs_its_bridges_with_tokens_it_mints(tmp_path: Path) -> None:
             json={"name": "orders", "durable": True},
         )
         assert r.status_code == 201, r.text
-        us.define("orders-eu")
+        us.define("orders-minted")
         bridge = {
             "name": "to-us",
             "source_stream": "prod/orders",
             "target_url": us.url,
             "target_region": "us-1",
-            "target_stream": "prod/orders-eu",
+            "target_stream": "prod/orders-minted",
             "target_ca": str(us.node.ca_file),
         }
         assert api.post(f"/v1/tenants/{TENANT}/bridges", json=bridge).status_code == 201
@@ -464,7 +466,7 @@ def test_the_node_runs_its_bridges_with_tokens_it_mints(tmp_path: Path) -> None:
             raise AssertionError(f"{status()}\n{node.log()}")
 
         run(lambda: publish("a", 50))
-        got = run(lambda: us.wait_for("prod/orders-eu", 50))
+        got = run(lambda: us.wait_for("prod/orders-minted", 50))
         assert [m.data for m in got] == payloads("a", 50)
         wait_status(lambda st: st["checkpoint"] == 50)
         checkpoint = node.data_dir / "bridges" / TENANT / "to-us.json"
@@ -477,14 +479,14 @@ def test_the_node_runs_its_bridges_with_tokens_it_mints(tmp_path: Path) -> None:
         old = node.kill_child("bridges-0")
         node.wait_restarted("bridges-0", old)
         run(lambda: publish("b", 20))
-        got = run(lambda: us.wait_for("prod/orders-eu", 70))
+        got = run(lambda: us.wait_for("prod/orders-minted", 70))
         assert [m.data for m in got] == payloads("a", 50) + payloads("b", 20)
         # Paused: nothing flows; deleted: the checkpoint goes.
         assert api.patch(f"/v1/tenants/{TENANT}/bridges/to-us", json={"state": "paused"}).is_success
         wait_status(lambda st: st["state"] == "paused")
         run(lambda: publish("c", 5))
         time.sleep(1.5)
-        assert len(run(lambda: us.read("prod/orders-eu", quiet=1))) == 70
+        assert len(run(lambda: us.read("prod/orders-minted", quiet=1))) == 70
         assert api.delete(f"/v1/tenants/{TENANT}/bridges/to-us").is_success
         deadline = time.monotonic() + 20
         while checkpoint.exists():
@@ -493,4 +495,3 @@ def test_the_node_runs_its_bridges_with_tokens_it_mints(tmp_path: Path) -> None:
         api.close()
     finally:
         assert node.stop() == 0, node.log()
-        assert us.node.stop() == 0

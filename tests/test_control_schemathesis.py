@@ -10,12 +10,18 @@ The app has a key directory holding acme's key ring (so the JWKS route answers 2
 and a ``fetch_jwks`` that serves an empty key set without any network. Generated
 tokens never verify, so the token exchange is exercised here for its 401/404/422
 answers only; tests/test_control_auth.py covers its successful path.
+
+Marked ``serial``: each operation is a pytest subtest, and pytest-xdist does not carry
+subtest reports back to the controller, so under ``-n`` a failing operation would pass
+unseen. ``make test`` runs this module in a pytest process of its own (no ``-n``), and
+an xdist worker refuses to run it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import tempfile
 import threading
 import time
@@ -38,7 +44,17 @@ from felix.control.api import create_app
 from felix.control.model import ResourceKind
 from felix.control.stores.memory import MemoryStore
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.serial]
+
+
+@pytest.fixture(autouse=True)
+def _not_in_an_xdist_worker() -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.fail(
+            "tests/test_control_schemathesis.py cannot run under pytest-xdist (its subtests' "
+            "failures would be lost): run it without -n, as make test does"
+        )
+
 
 SEED: list[tuple[ResourceKind, tuple[str, ...], dict[str, Any]]] = [
     (ResourceKind.TENANT, ("acme",), {}),

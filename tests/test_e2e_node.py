@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -251,8 +252,16 @@ def test_queue_consumers_dead_letters_and_their_replay(tmp_path: Path) -> None:
             assert b"JOB-SECRET" not in path.read_bytes(), path
 
 
-def test_cache_values_are_encrypted_and_bound_to_cache_and_key(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path / "node", gateways=1, shards=1)
+@pytest.fixture(scope="module")
+def plain_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """A node without durable streams for the cache and CLI tests (caches of their own)."""
+    node = NodeProcess(tmp_path_factory.mktemp("plain") / "node", gateways=1, shards=1)
+    yield node
+    assert node.stop() == 0
+
+
+def test_cache_values_are_encrypted_and_bound_to_cache_and_key(plain_node: NodeProcess) -> None:
+    node = plain_node
 
     async def main() -> None:
         async with connect(node, OLD) as alice, connect(node) as plain:
@@ -281,14 +290,11 @@ def test_cache_values_are_encrypted_and_bound_to_cache_and_key(tmp_path: Path) -
             with pytest.raises(felix.E2EError, match="unknown key 'k2'"):
                 await sessions.get("user:4")
 
-    try:
-        run(main, timeout=60)
-    finally:
-        assert node.stop() == 0
+    run(main, timeout=60)
 
 
-def test_cli_encrypts_and_decrypts_with_a_key_file(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path / "node", gateways=1, shards=1)
+def test_cli_encrypts_and_decrypts_with_a_key_file(plain_node: NodeProcess, tmp_path: Path) -> None:
+    node = plain_node
     keys = tmp_path / "e2e.json"
     keys.write_text(json.dumps({"current": "k1", "keys": {"k1": base64.b64encode(K1).decode()}}))
     keys.chmod(0o600)
@@ -305,28 +311,23 @@ def test_cli_encrypts_and_decrypts_with_a_key_file(tmp_path: Path) -> None:
             env=None if env is None else {**os.environ, **env},
         )
 
-    try:
-        done = felix_cli("cache", "set", "sessions", "u1", "SECRET-CLI", "--e2e-keys", str(keys))
-        assert done.returncode == 0, done.stderr
-        got = felix_cli("cache", "get", "sessions", "u1", env={"FELIX_E2E_KEYS": str(keys)})
-        assert got.returncode == 0 and got.stdout == "SECRET-CLI\n", got.stderr
-        raw = felix_cli("cache", "get", "sessions", "u1", "--json")
-        assert raw.returncode == 0 and "SECRET" not in raw.stdout
-        assert json.loads(raw.stdout)["encoding"] == "base64"
-        pub = felix_cli("pub", "notes", "SECRET-NOTE", "--header", "a=b", "--e2e-keys", str(keys))
-        assert pub.returncode == 0, pub.stderr
-        assert felix_cli("pub", "notes", "PLAIN-NOTE").returncode == 0
-        sub = felix_cli(
-            "sub", "notes", "--start", "earliest", "--count", "2", "--e2e-keys", str(keys)
-        )
-        # The plaintext record is refused (require): on stderr, never as a payload.
-        assert sub.returncode == 0 and sub.stdout == "SECRET-NOTE\n", sub.stderr
-        assert "record 1 of 'notes' is not end-to-end encrypted" in sub.stderr
-        keys.chmod(0o644)
-        refused = felix_cli("sub", "notes", "--count", "1", "--e2e-keys", str(keys))
-        assert refused.returncode == 2 and "chmod 600" in refused.stderr
-    finally:
-        assert node.stop() == 0
+    done = felix_cli("cache", "set", "cli-sessions", "u1", "SECRET-CLI", "--e2e-keys", str(keys))
+    assert done.returncode == 0, done.stderr
+    got = felix_cli("cache", "get", "cli-sessions", "u1", env={"FELIX_E2E_KEYS": str(keys)})
+    assert got.returncode == 0 and got.stdout == "SECRET-CLI\n", got.stderr
+    raw = felix_cli("cache", "get", "cli-sessions", "u1", "--json")
+    assert raw.returncode == 0 and "SECRET" not in raw.stdout
+    assert json.loads(raw.stdout)["encoding"] == "base64"
+    pub = felix_cli("pub", "notes", "SECRET-NOTE", "--header", "a=b", "--e2e-keys", str(keys))
+    assert pub.returncode == 0, pub.stderr
+    assert felix_cli("pub", "notes", "PLAIN-NOTE").returncode == 0
+    sub = felix_cli("sub", "notes", "--start", "earliest", "--count", "2", "--e2e-keys", str(keys))
+    # The plaintext record is refused (require): on stderr, never as a payload.
+    assert sub.returncode == 0 and sub.stdout == "SECRET-NOTE\n", sub.stderr
+    assert "record 1 of 'notes' is not end-to-end encrypted" in sub.stderr
+    keys.chmod(0o644)
+    refused = felix_cli("sub", "notes", "--count", "1", "--e2e-keys", str(keys))
+    assert refused.returncode == 2 and "chmod 600" in refused.stderr
 
 
 def test_the_e2e_benchmark_runs_reduced(tmp_path: Path) -> None:

@@ -23,14 +23,26 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[NodeProcess]:
+    """A node of its own, for the tests that kill, restart or stop it."""
     n = NodeProcess(tmp_path / "node")
     yield n
     n.stop()
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(ring_prefix(n.data_dir))]
 
 
+@pytest.fixture(scope="module")
+def shared_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """One node for the tests that leave its processes alone (each on streams and caches
+    of its own); test_hostile_peers_never_crash_a_process checks nothing restarted."""
+    n = NodeProcess(tmp_path_factory.mktemp("shared") / "node")
+    yield n
+    assert n.stop() == 0
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(ring_prefix(n.data_dir))]
+
+
 @pytest.mark.split_topology
-def test_health_endpoints_and_node_json(node: NodeProcess) -> None:
+def test_health_endpoints_and_node_json(shared_node: NodeProcess) -> None:
+    node = shared_node
     assert node.http("/livez") == (200, "ok\n")
     assert node.http("/readyz") == (200, "ready\n")
     assert node.http("/startupz") == (200, "started\n")
@@ -53,8 +65,10 @@ async def _connect(node: NodeProcess) -> tuple[RawPeer, int]:
 
 @pytest.mark.split_topology
 def test_ten_thousand_messages_in_order_to_16_subscribers_on_both_gateways(
-    node: NodeProcess,
+    shared_node: NodeProcess,
 ) -> None:
+    node = shared_node
+
     async def main() -> None:
         subs = []
         for _ in range(16):
@@ -223,7 +237,9 @@ def test_client_reconnects_and_resubscribes_after_kill_9_of_its_gateway(
     run(main, timeout=90)
 
 
-def test_hostile_peers_never_crash_a_process(node: NodeProcess) -> None:
+def test_hostile_peers_never_crash_a_process(shared_node: NodeProcess) -> None:
+    node = shared_node
+
     async def main() -> None:
         payloads = [
             b"\xff" * 100,

@@ -18,11 +18,15 @@ from tests.nodeproc import NodeProcess, control_process
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[NodeProcess]:
-    n = NodeProcess(tmp_path / "node", "--no-auto-create", "--control", "127.0.0.1:0")
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """One node for the tests that define resources through its control plane, each
+    under a tenant of its own."""
+    n = NodeProcess(
+        tmp_path_factory.mktemp("control") / "node", "--no-auto-create", "--control", "127.0.0.1:0"
+    )
     yield n
-    n.stop()
+    assert n.stop() == 0
 
 
 def test_streams_and_caches_defined_through_the_api_reach_the_broker(node: NodeProcess) -> None:
@@ -95,9 +99,9 @@ def test_queue_groups_defined_through_the_api_reach_the_stream_shard(
     """A group goes to its stream's shard: listed under "groups" in the node's stream
     status with the control plane's settings, changed by an update, gone after delete
     (and with its stream, on a cascade)."""
-    streams = f"{node.info['control']}/v1/tenants/acme/namespaces/prod/streams"
+    streams = f"{node.info['control']}/v1/tenants/globex/namespaces/prod/streams"
     groups = f"{streams}/orders/groups"
-    status_path = "/streams/acme/prod/orders"
+    status_path = "/streams/globex/prod/orders"
 
     def node_groups() -> dict[str, object] | None:
         status, body = node.http(status_path)
@@ -108,8 +112,8 @@ def test_queue_groups_defined_through_the_api_reach_the_stream_shard(
 
     with httpx.Client(timeout=10) as http:
         base = f"{node.info['control']}/v1/tenants"
-        assert http.post(base, json={"name": "acme"}).status_code == 201
-        assert http.post(f"{base}/acme/namespaces", json={"name": "prod"}).status_code == 201
+        assert http.post(base, json={"name": "globex"}).status_code == 201
+        assert http.post(f"{base}/globex/namespaces", json={"name": "prod"}).status_code == 201
         r = http.post(streams, json={"name": "orders", "durable": True})
         assert r.status_code == 201, r.text
         r = http.post(groups, json={"name": "workers", "lease_ms": 2000, "backoff_ms": [5]})

@@ -4,6 +4,10 @@ Runs ``python -m perf`` in a reduced mode (two repetitions, tiny counts, no knob
 sweep) against a real felix node and whichever local peers answer, then checks the
 JSON shape, monotonic percentiles, positive counts, the Markdown table and the PNGs.
 It does not check that felix is fast: no timed assertions.
+
+The reduced runs of ``python -m perf durable`` and ``python -m perf queue`` (about a
+minute and a half together, most of it per-run set-up the counts do not shrink) are
+marked ``soak``: ``make slow`` runs them, ``make test`` does not.
 """
 
 from __future__ import annotations
@@ -200,6 +204,7 @@ def durable_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
     return _run_benchmark("durable", args, out, "durable.json", 300)
 
 
+@pytest.mark.soak
 def test_durable_runs_every_reachable_system(
     durable_run: tuple[Path, dict[str, Any], str],
 ) -> None:
@@ -222,6 +227,7 @@ def test_durable_runs_every_reachable_system(
         assert meta["unavailable"][name]  # a reason, not an empty note
 
 
+@pytest.mark.soak
 def test_durable_figures_sane(durable_run: tuple[Path, dict[str, Any], str]) -> None:
     _, data, _ = durable_run
     for w in data["workloads"]:
@@ -260,6 +266,7 @@ def test_durable_figures_sane(durable_run: tuple[Path, dict[str, Any], str]) -> 
     assert {w["family"] for w in data["workloads"]} == {"publish", "replay", "disk"}
 
 
+@pytest.mark.soak
 def test_durable_targets_and_markdown(durable_run: tuple[Path, dict[str, Any], str]) -> None:
     out, data, stdout = durable_run
     targets = data["targets"]
@@ -313,6 +320,7 @@ def queue_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     return _run_benchmark("queue", args, tmp_path_factory.mktemp("perfq"), "queue.json", 300)
 
 
+@pytest.mark.soak
 def test_queue_runs_felix_and_every_reachable_peer(
     queue_run: tuple[Path, dict[str, Any], str],
 ) -> None:
@@ -335,6 +343,7 @@ def test_queue_runs_felix_and_every_reachable_peer(
     assert set(meta["promises"]) >= set(QUEUE_FELIX)
 
 
+@pytest.mark.soak
 def test_queue_figures_sane(queue_run: tuple[Path, dict[str, Any], str]) -> None:
     _, data, _ = queue_run
     levels = {"felix commit": {"synced"}, "felix interval": {"written"}}
@@ -364,6 +373,7 @@ def test_queue_figures_sane(queue_run: tuple[Path, dict[str, Any], str]) -> None
                 assert thr["min"] <= thr["median"] <= thr["max"] and thr["median"] > 0, other
 
 
+@pytest.mark.soak
 def test_queue_targets_markdown_and_files(queue_run: tuple[Path, dict[str, Any], str]) -> None:
     out, data, stdout = queue_run
     targets = data["targets"]

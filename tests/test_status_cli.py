@@ -86,13 +86,18 @@ def _cli(node: NodeProcess, *argv: str) -> subprocess.CompletedProcess[str]:
 def test_status_and_check_of_a_real_node(node: NodeProcess) -> None:
     for i in range(5):
         assert _cli(node, "pub", "orders", f"m{i}").returncode == 0
-    got = _cli(node, "status", "--json", "--interval", "0.2")
-    assert got.returncode == 0, got.stderr
-    status = json.loads(got.stdout)
+    deadline = time.monotonic() + 20
+    while True:  # the shards report their totals every second
+        got = _cli(node, "status", "--json", "--interval", "0.2")
+        assert got.returncode == 0, got.stderr
+        status = json.loads(got.stdout)
+        if status["totals"]["messages_published"] >= 5 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert status["ready"] and status["started"] and status["region"] == "local"
     assert {c["name"] for c in status["children"]} >= {"shard-0", "shard-1", "gateway-0"}
     assert all(c["status"] == "serving" and c["pid"] for c in status["children"])
-    assert status["totals"]["messages_published"] >= 5  # reported every second
+    assert status["totals"]["messages_published"] >= 5
     assert status["totals"]["streams"] >= 1
     assert set(status["rates"]) >= {"messages_published", "requests"}
     human = _cli(node, "status", "--interval", "0.2")

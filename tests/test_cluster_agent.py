@@ -27,6 +27,10 @@ from felix.errors import NodeIdInUse
 from tests import pg
 from tests.aio import run
 
+# serial: lease and failover bounds are timed; it runs alone, not beside another
+# xdist worker.
+pytestmark = pytest.mark.serial
+
 L = 256
 LEASE = LeaseSettings(ttl=1.5, fence_margin=0.5, placer_grace=0.5)
 POLL = 0.2

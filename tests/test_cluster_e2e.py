@@ -34,7 +34,8 @@ from tests import pg
 from tests.aio import run
 from tests.nodeproc import NodeProcess
 
-pytestmark = pytest.mark.timeout(150)
+# serial: its failover bounds are timed; it runs alone, not beside another xdist worker.
+pytestmark = [pytest.mark.timeout(150), pytest.mark.serial]
 
 LEASE = 3.0
 #: The fence margin and the placer's grace at this lease (felix/node/cluster.py).

@@ -33,7 +33,8 @@ from tests import pg
 from tests.aio import run
 from tests.nodeproc import NodeProcess
 
-pytestmark = pytest.mark.timeout(150)
+# serial: its failover bounds are timed; it runs alone, not beside another xdist worker.
+pytestmark = [pytest.mark.timeout(150), pytest.mark.serial]
 
 LEASE = 4.0
 MARGIN = LEASE / 5  # the fence margin, and the placer's grace

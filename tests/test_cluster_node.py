@@ -32,6 +32,11 @@ from tests import pg
 from tests.nodeproc import NodeProcess
 from tests.rawquic import RawPeer, raw_connect
 
+# serial: lease and failover bounds are timed; it runs alone, not beside another
+# xdist worker.
+pytestmark = pytest.mark.serial
+
+
 LOGICAL_SHARDS = 256
 LEASE = 2.0
 #: The placer's grace and fence margin at this lease (felix/node/cluster.py lease_settings).

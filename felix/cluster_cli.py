@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -87,10 +88,24 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         cmd.set_defaults(func=_forget if name == "forget" else _unpin)
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A health port never redirects: a redirect is an answer, not a place to go."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+#: http(s) only, no redirects: the health URLs of other nodes come from the cluster's
+#: database, and nothing read from there may make this command open files or follow hosts.
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def fetch_cluster(url: str, timeout: float) -> dict[str, Any]:
     """GET ``url``/cluster; raises Unreachable unless it is a cluster node's answer."""
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise Unreachable(f"{url[:200]!r}: not an http(s) URL")
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/cluster", timeout=timeout) as answer:
+        with _OPENER.open(f"{url.rstrip('/')}/cluster", timeout=timeout) as answer:
             body = answer.read(_MAX_BODY + 1)
     except urllib.error.HTTPError as exc:
         if exc.code == 404:

@@ -327,3 +327,33 @@ def test_writes_notify_other_processes(dsn: str) -> None:
         await b.close()
 
     run(main)
+
+
+def test_cluster_status_opens_only_http_urls_and_follows_no_redirect() -> None:
+    """Health URLs come from the cluster's database: never a file, never elsewhere."""
+    import http.server
+    import threading
+
+    from felix.cluster_cli import Unreachable, fetch_cluster
+
+    for url in ("file:///etc/passwd", "ftp://h/x", "/etc"):
+        with pytest.raises(Unreachable, match="not an http"):
+            fetch_cluster(url, 1.0)
+
+    class Redirecting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", "http://127.0.0.1:1/cluster")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Redirecting)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(Unreachable, match="HTTP 302"):
+            fetch_cluster(f"http://127.0.0.1:{server.server_port}", 2.0)
+    finally:
+        server.shutdown()

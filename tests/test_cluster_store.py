@@ -5,6 +5,7 @@ moves under races, the placer lock and notifications."""
 from __future__ import annotations
 
 import asyncio
+import pathlib
 from collections.abc import Iterator
 
 import asyncpg
@@ -306,6 +307,42 @@ def test_an_operator_forgets_a_dead_node_and_unpins_its_shards(dsn: str) -> None
     assert args.func(args) == 2
     args = parser.parse_args(["cluster", "unpin", "5", "--cluster", dsn, "--yes"])
     assert args.func(args) == 0
+
+
+def test_a_node_id_with_pins_comes_back_only_with_its_data_dir(dsn: str) -> None:
+    """The same pod name on a fresh volume would serve its pinned shards empty (and issue
+    their offsets again): refused while shards are pinned to it, until forgotten."""
+    from felix.cluster.store import forget_node
+
+    async def main() -> None:
+        store = await opened(dsn, placer_grace=0.1)
+        await store.register("n1", "n1:1", "http://x", 0.3, "a" * 32)
+        assert await store.apply(Move(0, 0, "assign", "n1"))
+        await asyncio.sleep(0.4)  # its lease runs out: no pin yet, any data dir may take it
+        await store.register("n1", "n1:1", "http://x", 0.3, "b" * 32)
+        assert await store.claim_durable(0, "n1")  # durable records in data dir "b"
+        await asyncio.sleep(0.4)
+        with pytest.raises(ClusterMismatch, match=r"shards 0 in another data dir .*forget n1"):
+            await store.register("n1", "n1:1", "http://x", 0.3, "c" * 32)
+        await store.register("n1", "n1:1", "http://x", 0.3, "b" * 32)  # its own data dir
+        await asyncio.sleep(0.4)
+        assert await forget_node(dsn, "n1") == [0]
+        await store.register("n1", "n1:1", "http://x", 30.0, "c" * 32)  # a new node now
+        await store.close()
+
+    run(main)
+
+
+def test_a_data_dir_keeps_its_id(tmp_path: pathlib.Path) -> None:
+    from felix.errors import ConfigError
+    from felix.node.cluster import DATA_ID_FILE, data_dir_id
+
+    first = data_dir_id(tmp_path / "d")
+    assert len(first) == 32 and data_dir_id(tmp_path / "d") == first
+    assert data_dir_id(tmp_path / "other") != first
+    (tmp_path / "d" / DATA_ID_FILE).write_text("garbage")
+    with pytest.raises(ConfigError, match="not a data dir id"):
+        data_dir_id(tmp_path / "d")
 
 
 def test_writes_notify_other_processes(dsn: str) -> None:

@@ -71,6 +71,8 @@ class ClusterSettings:
     db_timeout: float = 2.0
     #: Longest wait for the gateways to drain a shard being handed off (then retried).
     handoff_timeout: float = 30.0
+    #: Names the node's data dir (its durable records): ClusterStore.register.
+    data_id: str = ""
 
 
 class ClusterAgent:
@@ -264,7 +266,7 @@ class ClusterAgent:
             sent = self._clock()
             try:
                 incarnation = await self.store.register(
-                    s.node_id, s.address, s.health_url, s.lease.ttl
+                    s.node_id, s.address, s.health_url, s.lease.ttl, s.data_id
                 )
             except NodeIdInUse as exc:
                 if waited_since is None:

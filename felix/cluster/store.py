@@ -119,6 +119,11 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "CREATE SEQUENCE felix_cluster_incarnations",
         ],
     ),
+    (
+        2,
+        "the data dir a node id's durable data lives in",
+        ["ALTER TABLE felix_cluster_nodes ADD COLUMN data_id text NOT NULL DEFAULT ''"],
+    ),
 ]
 
 # A node is live while ``lease_until + grace > now()`` ($grace in seconds).
@@ -307,13 +312,23 @@ class ClusterStore:
 
     # --- membership ---------------------------------------------------------------
 
-    async def register(self, node_id: str, address: str, health_url: str, ttl: float) -> int:
+    async def register(
+        self, node_id: str, address: str, health_url: str, ttl: float, data_id: str = ""
+    ) -> int:
         """Take ``node_id`` with a fresh incarnation and a lease of ``ttl`` seconds; the
         incarnation. A row whose lease has run out is replaced (the same pod after a
         restart, or another process after a node left); NodeIdInUse if another
-        incarnation's lease is still live."""
+        incarnation's lease is still live.
+
+        ``data_id`` names the node's data dir. Shards are pinned to a node id because its
+        durable records are in its data dir: a node coming back under that id with
+        another data dir (a fresh volume, another host) would serve those shards empty
+        and issue their offsets again, so it is refused (ClusterMismatch) while shards
+        are pinned to the id (``felix cluster forget`` gives them up)."""
 
         async def op(conn: Any) -> int:
+            if data_id:
+                await self._check_data_id(conn, node_id, data_id)
             # Two live nodes advertising one address would send clients in circles (each
             # redirect to "the owner" lands on the same place): refused, named.
             other = await conn.fetchval(
@@ -330,18 +345,22 @@ class ClusterStore:
             statement = _notifying(
                 """INSERT INTO felix_cluster_nodes AS n (node_id, incarnation, address,
                     health_url, region, started_at, lease_until, renewed_at, durable_shards,
-                    leaving)
+                    leaving, data_id)
                 VALUES ($1, nextval('felix_cluster_incarnations'), $2, $3, $4, now(),
-                    now() + make_interval(secs => $5), now(), '{}', false)
+                    now() + make_interval(secs => $5), now(), '{}', false, $6)
                 ON CONFLICT (node_id) DO UPDATE SET incarnation = EXCLUDED.incarnation,
                     address = EXCLUDED.address, health_url = EXCLUDED.health_url,
                     region = EXCLUDED.region, started_at = EXCLUDED.started_at,
                     lease_until = EXCLUDED.lease_until, renewed_at = EXCLUDED.renewed_at,
-                    durable_shards = EXCLUDED.durable_shards, leaving = false
+                    durable_shards = EXCLUDED.durable_shards, leaving = false,
+                    data_id = CASE WHEN EXCLUDED.data_id = '' THEN n.data_id
+                        ELSE EXCLUDED.data_id END
                 WHERE n.lease_until <= now()""",
                 "'register ' || changed.node_id",
             )
-            row = await conn.fetchrow(statement, node_id, address, health_url, self.region, ttl)
+            row = await conn.fetchrow(
+                statement, node_id, address, health_url, self.region, ttl, data_id
+            )
             if row is not None:
                 return int(row["incarnation"])
             left = await conn.fetchval(
@@ -352,6 +371,30 @@ class ClusterStore:
             raise NodeIdInUse(node_id, max(0.0, float(left or 0.0)))
 
         return await self._call(f"register node {node_id}", op)
+
+    @staticmethod
+    async def _check_data_id(conn: Any, node_id: str, data_id: str) -> None:
+        """ClusterMismatch if ``node_id`` was registered from another data dir and shards
+        are pinned to the durable records that one holds."""
+        before = await conn.fetchval(
+            "SELECT data_id FROM felix_cluster_nodes WHERE node_id = $1", node_id
+        )
+        if not before or before == data_id:
+            return
+        pinned = [
+            int(r["shard"])
+            for r in await conn.fetch(
+                "SELECT shard FROM felix_cluster_shards WHERE durable_node = $1 ORDER BY shard",
+                node_id,
+            )
+        ]
+        if pinned:
+            listed = ", ".join(map(str, pinned[:20])) + (" ..." if len(pinned) > 20 else "")
+            raise ClusterMismatch(
+                f"node {node_id} holds the durable data of logical shards {listed} in "
+                f"another data dir (data id {before[:8]}, this one is {data_id[:8]}): start it "
+                f"with that data dir, or give those shards up (felix cluster forget {node_id})"
+            )
 
     async def renew(
         self, node_id: str, incarnation: int, ttl: float, durable_shards: list[int]

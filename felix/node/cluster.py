@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from felix import ipc
 from felix.cluster.ownership import OwnershipMap, cluster_clock, logical_shard
+from felix.errors import ConfigError
 from felix.node import messages as msg
 from felix.shard.log_format import SEGMENT_HEADER_SIZE
 
@@ -96,6 +97,42 @@ class DurableShards:
         for key in durable_stream_keys(self.root):
             shards.add(logical_shard(key, self.logical_shards))
         return shards
+
+
+#: The file naming a data dir to the cluster (created on first join, never changed).
+DATA_ID_FILE = "cluster-data-id"
+
+
+def data_dir_id(data_dir: Path) -> str:
+    """The id of ``data_dir`` (a random hex string in ``DATA_DIR/cluster-data-id``, made
+    on first use): the cluster ties a node id's durable pins to it, so the same pod name
+    on a fresh volume is refused rather than serving those shards empty."""
+    path = data_dir / DATA_ID_FILE
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        text = ""
+    if len(text) == 32 and all(c in "0123456789abcdef" for c in text):
+        return text
+    if text:
+        raise ConfigError(
+            f"{path} is not a data dir id (32 hex digits): remove it only if "
+            "this data dir holds no durable streams of the cluster"
+        )
+    fresh = os.urandom(16).hex()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{DATA_ID_FILE}.{os.getpid()}")
+    with open(tmp, "w") as out:
+        out.write(fresh + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    try:
+        os.link(tmp, path)  # never replaces one another process made meanwhile
+    except FileExistsError:
+        return data_dir_id(data_dir)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return fresh
 
 
 def durable_stream_keys(root: Path) -> list[str]:
@@ -185,6 +222,7 @@ class NodeCluster:
             region=region,
             logical_shards=logical_shards,
             lease=lease_settings(lease),
+            data_id=data_dir_id(data_dir),
         )
         self.agent = ClusterAgent(
             self.settings,

@@ -37,10 +37,9 @@ from felix import wire
 from felix.client._backoff import Backoff
 from felix.client._cluster import Redirected
 from felix.client._connection import Connection, expect_reply
-from felix.client._e2e import E2EKeys, E2EState, Opened, e2e_state, open_record
+from felix.client._e2e import E2EKeys, E2EReceived, Opened, open_record
 from felix.errors import (
     ConnectionLost,
-    E2EError,
     FelixError,
     FelixTimeoutError,
     LeaseLost,
@@ -83,7 +82,7 @@ class _State(enum.Enum):
     CLOSED = "closed"  # by this side
 
 
-class QueueMessage:
+class QueueMessage(E2EReceived):
     """One record leased to this consumer. Settle it exactly once: :meth:`ack`,
     :meth:`nak`, :meth:`release` or :meth:`term` (``in_progress`` extends the lease)."""
 
@@ -132,33 +131,6 @@ class QueueMessage:
         )
         #: Whether it was acked, nak'ed, released or terminated through this object.
         self.settled = False
-
-    @property
-    def data(self) -> bytes:
-        """The payload: the plaintext of an end-to-end encrypted record. Raises E2EError
-        for one that could not be opened (unknown key, tampered, or plaintext where e2e
-        is required): settle it anyway (``term`` to dead-letter it, ``nak`` to retry)."""
-        opened = self._opened
-        if opened is None:
-            return self.raw
-        if opened.error is not None:
-            raise opened.error
-        return self.raw if opened.plaintext is None else opened.plaintext
-
-    @property
-    def e2e(self) -> E2EState:
-        """What end-to-end encryption did with this record (see ``Message.e2e``)."""
-        return e2e_state(self._opened, self.headers)
-
-    @property
-    def e2e_error(self) -> E2EError | None:
-        """Why the record could not be opened (what ``data`` raises), else None."""
-        return None if self._opened is None else self._opened.error
-
-    @property
-    def e2e_stream(self) -> str | None:
-        """The stream the publisher encrypted for (``tenant/ns/name``; authenticated)."""
-        return None if self._opened is None else self._opened.stream
 
     def __repr__(self) -> str:
         return (

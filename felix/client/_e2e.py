@@ -45,6 +45,7 @@ __all__ = [
     "ALG_HEADER",
     "KEY_HEADER",
     "E2EKeys",
+    "E2EReceived",
     "E2EState",
     "Opened",
     "e2e_state",
@@ -312,6 +313,45 @@ def open_record(
         f"failed authentication under key {key_id!r}: its ciphertext, nonce or headers were "
         "changed, or it was encrypted for another stream",
     )
+
+
+class E2EReceived:
+    """What a received record (a subscription's Message, a consumer's QueueMessage) says
+    of end-to-end encryption, from its ``raw``, ``headers`` and ``_opened``."""
+
+    __slots__ = ()
+    raw: bytes
+    headers: Mapping[str, str]
+    _opened: Opened | None
+
+    @property
+    def data(self) -> bytes:
+        """The payload: the plaintext of an end-to-end encrypted record. Raises E2EError
+        for one that could not be opened (unknown key, tampered, or plaintext where e2e
+        is required); a queue record can be settled anyway (``term`` to dead-letter it,
+        ``nak`` to retry)."""
+        opened = self._opened
+        if opened is None:
+            return self.raw
+        if opened.error is not None:
+            raise opened.error
+        return self.raw if opened.plaintext is None else opened.plaintext
+
+    @property
+    def e2e(self) -> E2EState:
+        """What end-to-end encryption did with this record (see :class:`E2EState`)."""
+        return e2e_state(self._opened, self.headers)
+
+    @property
+    def e2e_error(self) -> E2EError | None:
+        """Why the record could not be opened (what ``data`` raises), else None."""
+        return None if self._opened is None else self._opened.error
+
+    @property
+    def e2e_stream(self) -> str | None:
+        """The stream the publisher encrypted for (``tenant/ns/name``; authenticated):
+        the one read from, or for a dead letter or bridged copy the original."""
+        return None if self._opened is None else self._opened.stream
 
 
 def e2e_state(opened: Opened | None, headers: Mapping[str, str]) -> E2EState:

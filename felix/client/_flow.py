@@ -20,8 +20,8 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from felix.client._e2e import E2EKeys, E2EState, Opened, e2e_state, open_record
-from felix.errors import E2EError, RemoteProtocolError
+from felix.client._e2e import E2EKeys, E2EReceived, Opened, open_record
+from felix.errors import RemoteProtocolError
 
 __all__ = ["Message", "SubscriptionFlow"]
 
@@ -29,7 +29,7 @@ _NO_HEADERS: Mapping[str, str] = {}
 
 
 @dataclass(frozen=True, slots=True)
-class Message:
+class Message(E2EReceived):
     """One record delivered to a subscription.
 
     With end-to-end encryption (``e2e=`` on connect) ``data`` is the plaintext and
@@ -48,32 +48,6 @@ class Message:
     #: The record's headers (empty if it has none).
     headers: Mapping[str, str] = field(default_factory=dict)
     _opened: Opened | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def data(self) -> bytes:
-        """The payload: the plaintext of an e2e record; raises E2EError if it failed."""
-        opened = self._opened
-        if opened is None:
-            return self.raw
-        if opened.error is not None:
-            raise opened.error
-        return self.raw if opened.plaintext is None else opened.plaintext
-
-    @property
-    def e2e(self) -> E2EState:
-        """What end-to-end encryption did with this record (see :class:`E2EState`)."""
-        return e2e_state(self._opened, self.headers)
-
-    @property
-    def e2e_error(self) -> E2EError | None:
-        """Why the record could not be opened (what ``data`` raises), else None."""
-        return None if self._opened is None else self._opened.error
-
-    @property
-    def e2e_stream(self) -> str | None:
-        """The stream the publisher encrypted for (``tenant/ns/name``; authenticated):
-        the one read from, or for a dead letter or bridged copy the original."""
-        return None if self._opened is None else self._opened.stream
 
 
 class SubscriptionFlow:

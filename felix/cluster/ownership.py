@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -139,17 +139,17 @@ class OwnershipMap:
     nodes: tuple[ClusterNode, ...]
     #: Indexed by logical shard; ``len(shards) == logical_shards``.
     shards: tuple[ShardState, ...]
+    #: ``nodes`` by id (derived): a redirect looks its owner up per request.
+    _by_id: dict[str, ClusterNode] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_id", {n.node_id: n for n in self.nodes})
 
     def shard_of(self, key: str) -> int:
         return logical_shard(key, self.logical_shards)
 
     def node(self, node_id: str | None) -> ClusterNode | None:
-        if node_id is None:
-            return None
-        for node in self.nodes:
-            if node.node_id == node_id:
-                return node
-        return None
+        return None if node_id is None else self._by_id.get(node_id)
 
     def verdict(self, key: str, now: float) -> Verdict:
         """What to do with a request for routing key ``key`` at time ``now``

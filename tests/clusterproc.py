@@ -186,7 +186,7 @@ class DbProxy:
     """A TCP proxy to the PostgreSQL server, on a thread of its own, that can be cut:
     while cut it forwards nothing and answers nothing (a partition), new connections
     included; healing drops every connection held meanwhile, as a router's reset would
-    (as tests/test_cluster_agent.py's ``Proxy``)."""
+    (tests/test_cluster_agent.py and tests/test_cluster_e2e_faults.py)."""
 
     def __init__(self, dsn: str) -> None:
         self.parts = urlsplit(dsn)

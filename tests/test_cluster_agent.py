@@ -10,10 +10,8 @@ is given its shards.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -26,6 +24,7 @@ from felix.cluster.store import ClusterStore, ClusterView
 from felix.errors import NodeIdInUse
 from tests import pg
 from tests.aio import run
+from tests.clusterproc import DbProxy
 
 # serial: lease and failover bounds are timed; it runs alone, not beside another
 # xdist worker.
@@ -95,61 +94,6 @@ class Node:
     def map(self) -> OwnershipMap:
         assert self.agent.map is not None
         return self.agent.map
-
-
-class Proxy:
-    """A TCP proxy to the PostgreSQL server that can be cut: while cut it forwards
-    nothing and answers nothing (a partition), new connections included; healing it
-    drops the connections held meanwhile, as a router's reset would."""
-
-    def __init__(self, dsn: str) -> None:
-        self.parts = urlsplit(dsn)
-        self.cut = False
-        self.server: asyncio.Server | None = None
-        self.held: list[asyncio.StreamWriter] = []
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        port = self.server.sockets[0].getsockname()[1]
-        netloc = self.parts.netloc.rsplit("@", 1)
-        user = netloc[0] + "@" if len(netloc) == 2 else ""
-        return urlunsplit(self.parts._replace(netloc=f"{user}127.0.0.1:{port}"))
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.held.append(writer)
-        if self.cut:
-            return
-        up_reader, up_writer = await asyncio.open_connection(
-            self.parts.hostname, self.parts.port or 5432
-        )
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await src.read(65536):
-                if self.cut:
-                    continue  # swallowed: the peer waits for an answer that never comes
-                dst.write(data)
-                await dst.drain()
-        if not self.cut:
-            dst.close()
-
-    def heal(self) -> None:
-        self.cut = False
-        for writer in self.held:
-            writer.close()
-        self.held.clear()
-
-    async def close(self) -> None:
-        self.heal()
-        for task in list(self.tasks):
-            task.cancel()
-        if self.server is not None:
-            self.server.close()
 
 
 async def terminate_backends(dsn: str, application_name: str) -> None:
@@ -263,8 +207,8 @@ def test_three_agents_share_the_shards_and_take_over_from_a_crashed_one(dsn: str
 
 def test_a_cut_off_agent_stops_serving_before_its_shards_move_and_rejoins(dsn: str) -> None:
     async def main() -> None:
-        proxy = Proxy(dsn)
-        nodes = [Node(dsn, "n1"), Node(dsn, "n2"), Node(await proxy.start(), "n3")]
+        proxy = DbProxy(dsn)  # on a thread of its own: its calls block only briefly
+        nodes = [Node(dsn, "n1"), Node(dsn, "n2"), Node(proxy.start(), "n3")]
         await asyncio.gather(*(n.start() for n in nodes))
         inspector = await inspector_for(dsn)
         view = await settle(inspector, nodes)
@@ -272,7 +216,7 @@ def test_a_cut_off_agent_stops_serving_before_its_shards_move_and_rejoins(dsn: s
         assert lost
 
         # Partition n3 from the database; its sessions end on the server side.
-        proxy.cut = True
+        proxy.set_cut()
         cut = time.monotonic()
         await terminate_backends(dsn, "felix-cluster n3")
         cut_off = nodes[2]
@@ -311,7 +255,7 @@ def test_a_cut_off_agent_stops_serving_before_its_shards_move_and_rejoins(dsn: s
         for n in nodes:
             await n.stop()
         await inspector.close()
-        await proxy.close()
+        proxy.close()
 
     run(main, timeout=50)
 

@@ -28,6 +28,7 @@ from felix import wire
 from felix.cluster.ownership import logical_shard
 from felix.cluster.placement import rendezvous_owner
 from felix.errors import ErrorCode
+from tests import clusterproc as cp
 from tests import pg
 from tests.nodeproc import NodeProcess
 from tests.rawquic import RawPeer, raw_connect
@@ -118,17 +119,6 @@ def _metric(node: NodeProcess, name: str, **labels: str) -> float:
     return total
 
 
-def _cluster_doc(node: NodeProcess) -> dict[str, Any]:
-    status, body = node.http("/cluster")
-    assert status == 200, body
-    doc: dict[str, Any] = json.loads(body)
-    return doc
-
-
-def _owners(doc: dict[str, Any]) -> list[str | None]:
-    return [row[0] for row in doc["shards"]]
-
-
 def _epochs(doc: dict[str, Any]) -> list[int]:
     return [row[1] for row in doc["shards"]]
 
@@ -152,7 +142,7 @@ def _settled(node: NodeProcess, live: int) -> dict[str, Any] | None:
     """``node``'s /cluster once ``live`` nodes are live and every shard is with its
     desired owner (the rendezvous winner among them; no data is durable here) with no
     handoff in flight."""
-    doc = _cluster_doc(node)
+    doc = cp.cluster_doc(node)
     live_ids = [row[0] for row in doc.get("nodes", []) if row[3]]
     if not doc.get("serving") or len(live_ids) != live:
         return None
@@ -171,7 +161,7 @@ def _settled_of(node: NodeProcess, live: int) -> Callable[[], dict[str, Any] | N
 
 
 def _key_owned_by(doc: dict[str, Any], node_id: str, prefix: str = "s") -> str:
-    owners = _owners(doc)
+    owners = cp.owners(doc)
     for i in range(10_000):
         key = f"{TENANT}/ns/{prefix}{i}"
         if owners[logical_shard(key, doc["logical_shards"])] == node_id:
@@ -235,7 +225,7 @@ def test_nodes_join_become_ready_and_spread_the_shards(cluster: Cluster) -> None
     assert sum(owned.values()) == LOGICAL_SHARDS
     # Every node agrees on the owners once settled, and on which one places.
     docs = [_wait("settled", _settled_of(n, 3), 20, n) for n in cluster.nodes]
-    assert all(_owners(d) == _owners(docs[0]) for d in docs)
+    assert all(cp.owners(d) == cp.owners(docs[0]) for d in docs)
     assert sum(bool(d["placer"]) for d in docs) == 1
     for node, d in zip(cluster.nodes, docs, strict=True):
         assert _metric(node, "felix_cluster_shards_owned") == owned[d["node_id"]]
@@ -362,7 +352,7 @@ def test_requests_are_redirected_to_the_owner_which_serves_them(cluster: Cluster
     answer = asyncio.run(shard_map())
     assert isinstance(answer, wire.ShardMap)
     assert answer.logical_shards == LOGICAL_SHARDS
-    owners = _owners(doc)
+    owners = cp.owners(doc)
     assert [answer.addresses[i] for i in answer.owners] == [_address(doc, str(o)) for o in owners]
     assert answer.epochs == _epochs(doc)
 
@@ -370,13 +360,13 @@ def test_requests_are_redirected_to_the_owner_which_serves_them(cluster: Cluster
 def test_a_node_killed_loses_its_shards_to_the_others(cluster: Cluster) -> None:
     n0, n2 = cluster.nodes[0], cluster.nodes[2]
     before = _wait("settled", lambda: _settled(n0, 3), 20, n0)
-    lost = [i for i, o in enumerate(_owners(before)) if o == "n2"]
+    lost = [i for i, o in enumerate(cp.owners(before)) if o == "n2"]
     assert lost
     killed = time.monotonic()
     n2.kill_all()
     after = _wait("n2's shards moved", lambda: _settled(n0, 2), LEASE + GRACE + 8, n0)
     took = time.monotonic() - killed
-    owners = _owners(after)
+    owners = cp.owners(after)
     assert {owners[i] for i in lost} <= {"n0", "n1"}
     assert all(_epochs(after)[i] > _epochs(before)[i] for i in lost)
     assert took < LEASE + GRACE + 8
@@ -393,7 +383,7 @@ def test_a_paused_node_refuses_its_old_shards_then_rejoins(cluster: Cluster) -> 
     before = _wait("settled", lambda: _settled(survivors[0], 2), 20, survivors[0])
     # Pause the placer itself: its lock's session goes idle, the server ends it after a
     # lease (idle_session_timeout) and the other node places in its stead.
-    placer = [n for n in survivors if _cluster_doc(n)["placer"]]
+    placer = [n for n in survivors if cp.cluster_doc(n)["placer"]]
     assert len(placer) == 1
     n1 = placer[0]
     n0 = next(n for n in survivors if n is not n1)
@@ -417,11 +407,11 @@ def test_a_paused_node_refuses_its_old_shards_then_rejoins(cluster: Cluster) -> 
             # the placer to do it.
             deadline = time.monotonic() + LEASE + GRACE + 8
             while True:
-                moved = _cluster_doc(n0)
-                if _owners(moved)[shard] == other or time.monotonic() > deadline:
+                moved = cp.cluster_doc(n0)
+                if cp.owners(moved)[shard] == other or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.2)
-            assert _owners(moved)[shard] == other, moved["balance"]
+            assert cp.owners(moved)[shard] == other, moved["balance"]
             assert moved["placer"], moved
             assert _epochs(moved)[shard] > _epochs(before)[shard]
             # Sent while it is frozen: the first thing its gateway reads when it wakes.

@@ -21,16 +21,15 @@ from felix import wire
 from felix.cluster.ownership import logical_shard
 from felix.cluster.placement import rendezvous_owner
 from tests import pg
+from tests.clusterproc import cluster_doc, owners
 from tests.nodeproc import NodeProcess
 from tests.test_cluster_node import (
     GRACE,
     LEASE,
     LOGICAL_SHARDS,
     TENANT,
-    _cluster_doc,
     _connect,
     _epochs,
-    _owners,
     _request,
     _wait,
 )
@@ -105,7 +104,7 @@ def test_a_shard_that_comes_back_finds_no_stale_memory(tmp_path: Path, dsn: str)
     try:
         _wait(
             "n0 owns every shard",
-            lambda: _cluster_doc(n0).get("serving") and set(_owners(_cluster_doc(n0))) == {"n0"},
+            lambda: cluster_doc(n0).get("serving") and set(owners(cluster_doc(n0))) == {"n0"},
             40,
             n0,
         )
@@ -118,10 +117,10 @@ def test_a_shard_that_comes_back_finds_no_stale_memory(tmp_path: Path, dsn: str)
         assert isinstance(replies[0], wire.PublishOffsets), replies
         assert (replies[0].base_offset, replies[0].count) == (0, 3)
         assert replies[1].result and replies[2].value == b"old", replies
-        first_epoch = _epochs(_cluster_doc(n0))[shard]
+        first_epoch = _epochs(cluster_doc(n0))[shard]
 
         n1 = _start(tmp_path, dsn, 1)
-        _wait("the shard moved to n1", lambda: _owners(_cluster_doc(n0))[shard] == "n1", 90, n0)
+        _wait("the shard moved to n1", lambda: owners(cluster_doc(n0))[shard] == "n1", 90, n0)
         (moved,) = _run(n0, wire.encode_cache_get(4, TENANT, NS, CACHE, key))
         assert isinstance(moved, wire.Redirect), moved
 
@@ -130,7 +129,7 @@ def test_a_shard_that_comes_back_finds_no_stale_memory(tmp_path: Path, dsn: str)
         _wait(
             "the shard came back to n0",
             lambda: (
-                _owners(doc := _cluster_doc(n0))[shard] == "n0"
+                owners(doc := cluster_doc(n0))[shard] == "n0"
                 and doc.get("serving")
                 and _epochs(doc)[shard] > first_epoch + 1
             ),

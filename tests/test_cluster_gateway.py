@@ -37,6 +37,12 @@ L = 8
 OTHER = "10.0.0.2:5000"
 
 
+def owner_addresses(parts: object) -> list[str | None]:
+    """A SHARD_MAP answer's owner per shard, as addresses (None: no owner to go to)."""
+    assert isinstance(parts, wire.ShardMap)
+    return [None if o == NO_OWNER else parts.addresses[o] for o in parts.owners]
+
+
 def cluster_map(
     version: int,
     owners: list[str | None],
@@ -76,6 +82,21 @@ def publish(rid: int, stream: str) -> bytes:
     return wire.encode_publish(rid, T, NS, stream, [b"x"])
 
 
+def test_a_shard_map_answer_lists_owners_only_whatever_the_rows_of_gone_nodes() -> None:
+    """Node rows stay until `felix cluster forget`: 2000 of gone nodes must not push the
+    answer past its 1024-node bound (it would fail every SHARD_MAP request)."""
+    base = cluster_map(1, OWNERS)
+    gone = tuple(
+        ClusterNode(f"gone{i}", f"10.1.{i // 256}.{i % 256}:5000", "", False, 1, 0.0)
+        for i in range(2000)
+    )
+    m = OwnershipMap(1, "me", L, 2000.0, base.nodes + gone, base.shards)
+    gate = ClusterGate(clock=lambda: 1000.0)
+    gate.apply(m)
+    parts = wire.decode_ext(wire.decode_frame(gate.shard_map(1), extensions=True))
+    assert sorted(parts.addresses) == sorted(["127.0.0.1:5000", OTHER])  # type: ignore[attr-defined]
+
+
 def test_gate_verdicts_lost_shards_and_shard_map_parts() -> None:
     now = [1000.0]
     gate = ClusterGate(clock=lambda: now[0])
@@ -87,8 +108,10 @@ def test_gate_verdicts_lost_shards_and_shard_map_parts() -> None:
     assert gate.apply(m1) is None  # not newer
     parts = wire.decode_ext(wire.decode_frame(gate.shard_map(3), extensions=True))
     assert isinstance(parts, wire.ShardMap)
-    assert parts.addresses == ["127.0.0.1:5000", OTHER, "10.0.0.3:5000"]
-    assert parts.owners == [0, 1, 0, 1, 0, NO_OWNER, 0, NO_OWNER]
+    # Only nodes owning a shard are listed: the dead node's row is not.
+    assert sorted(parts.addresses) == sorted(["127.0.0.1:5000", OTHER])
+    here = "127.0.0.1:5000"
+    assert owner_addresses(parts) == [here, OTHER, here, OTHER, here, None, here, None]
     assert parts.epochs == [10 + i for i in range(L)]
     # Shard 2 moves to "other", shard 4 starts a handoff: both leave this node.
     moved = ["me", "other", "other", "other", "me", None, "me", "dead"]
@@ -96,12 +119,12 @@ def test_gate_verdicts_lost_shards_and_shard_map_parts() -> None:
     m2 = OwnershipMap(2, "me", L, 1010.0, m2.nodes, m2.shards)
     assert gate.apply(m2) == {2, 4}
     parts = wire.decode_ext(wire.decode_frame(gate.shard_map(4), extensions=True))
-    assert parts.owners[2] == 1 and parts.owners[4] == NO_OWNER  # type: ignore[attr-defined]
+    assert owner_addresses(parts)[2] == OTHER and owner_addresses(parts)[4] is None
     # Past serve_until nothing is this node's to serve (or to advertise).
     now[0] = 1010.0
     assert not gate.serving()
     parts = wire.decode_ext(wire.decode_frame(gate.shard_map(5), extensions=True))
-    assert parts.owners[0] == NO_OWNER and parts.owners[1] == 1  # type: ignore[attr-defined]
+    assert owner_addresses(parts)[:2] == [None, OTHER]
 
 
 def test_requests_are_served_redirected_or_refused_per_the_map(tmp_path: Path) -> None:
@@ -158,7 +181,7 @@ def test_requests_are_served_redirected_or_refused_per_the_map(tmp_path: Path) -
             assert isinstance(stale, wire.ErrorReply) and "lease" in stale.message
             mapped = await ask(peer, sid, wire.encode_shard_map_request(10))
             assert isinstance(mapped, wire.ShardMap) and mapped.version == 2
-            assert mapped.owners[0] == NO_OWNER and mapped.owners[1] == 1
+            assert owner_addresses(mapped)[:2] == [None, OTHER]
             peer.close()
 
     run(main)

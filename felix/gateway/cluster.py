@@ -116,17 +116,25 @@ def _map_parts(m: OwnershipMap, fenced: bool) -> tuple[list[str], list[int], lis
     """(addresses, owner index per shard, epoch per shard) of a SHARD_MAP answer: an
     owner only where :meth:`OwnershipMap.verdict` would serve the request here or
     redirect it to a live owner (as a client would be told request by request)."""
-    addresses = [n.address for n in m.nodes]
-    index = {n.node_id: i for i, n in enumerate(m.nodes) if n.live or n.node_id == m.node_id}
+    # Only nodes that own a shard here are listed: rows of nodes long gone (the table
+    # keeps them until `felix cluster forget`) must not push the answer past its
+    # 1024-node bound.
+    eligible = {n.node_id: n for n in m.nodes if n.live or n.node_id == m.node_id}
+    addresses: list[str] = []
+    index: dict[str, int] = {}
     owners = []
     epochs = []
     for state in m.shards:
+        owner_id = state.owner
+        if owner_id == m.node_id and (fenced or state.handoff_to is not None):
+            owner_id = None
+        node = eligible.get(owner_id) if owner_id is not None else None
         owner = NO_OWNER
-        if state.owner == m.node_id:
-            if not fenced and state.handoff_to is None:
-                owner = index.get(state.owner, NO_OWNER)
-        elif state.owner is not None:
-            owner = index.get(state.owner, NO_OWNER)
+        if node is not None:
+            owner = index.get(node.node_id, NO_OWNER)
+            if owner == NO_OWNER:
+                owner = index[node.node_id] = len(addresses)
+                addresses.append(node.address)
         owners.append(owner)
         epochs.append(state.epoch)
     return addresses, owners, epochs

@@ -22,7 +22,7 @@ from felix.cluster.ownership import (
     cluster_clock,
     logical_shard,
 )
-from felix.errors import ConfigError, ErrorCode
+from felix.errors import ConfigError, ErrorCode, RemoteProtocolError
 from felix.gateway.cluster import JOINING, NO_OWNER, ClusterGate
 from felix.node import messages as msg
 from felix.node.cluster import DurableShards, lease_settings
@@ -231,6 +231,10 @@ def test_ownership_messages_round_trip() -> None:
     assert isinstance(decoded, msg.Ownership)
     assert OwnershipMap.from_dict(decoded.map) == m
     assert msg.decode(msg.encode(msg.OwnershipAck(3))) == msg.OwnershipAck(3)
+    assert msg.decode(msg.encode(msg.PinWanted([0, 7]))) == msg.PinWanted([0, 7])
+    for bad in (["1"], [-1], [True], [70000], [1.5]):
+        with pytest.raises(RemoteProtocolError, match="logical shard numbers"):
+            msg.decode(msg.encode(msg.PinWanted(bad)))  # type: ignore[arg-type]
 
 
 def test_durable_shards_are_the_streams_with_records(tmp_path: Path) -> None:
@@ -249,6 +253,11 @@ def test_durable_shards_are_the_streams_with_records(tmp_path: Path) -> None:
     assert set(scan()) == want  # cached
     now[0] = 5.0
     assert set(scan()) == want | {logical_shard(f"{T}/{NS}/c", 64)}
+    # A shard core's report of a first durable write counts at once, until the next scan.
+    scan.add([9])
+    assert 9 in scan()
+    now[0] = 10.0
+    assert 9 not in scan()
 
 
 def _config(*argv: str, env: dict[str, str] | None = None) -> NodeConfig:

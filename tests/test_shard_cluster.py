@@ -30,13 +30,21 @@ def shard_map(
     epochs: dict[int, int] | None = None,
     handoff: dict[int, str] | None = None,
     serve_until: float = 1e9,
+    unpinned: frozenset[int] = frozenset(),
 ) -> OwnershipMap:
-    """Every logical shard ``ME``'s at epoch 1, but for ``owners``/``epochs``/``handoff``."""
+    """Every logical shard ``ME``'s at epoch 1 and pinned to its owner (its durable acks
+    are not held), but for ``owners``/``epochs``/``handoff``/``unpinned``."""
     owners = owners or {}
     epochs = epochs or {}
     handoff = handoff or {}
     shards = tuple(
-        ShardState(owners.get(s, ME), epochs.get(s, 1), handoff.get(s)) for s in range(L)
+        ShardState(
+            owners.get(s, ME),
+            epochs.get(s, 1),
+            handoff.get(s),
+            None if s in unpinned else owners.get(s, ME),
+        )
+        for s in range(L)
     )
     nodes = tuple(ClusterNode(n, f"{n}:1", "", True, 1, 0.0) for n in (ME, OTHER))
     return OwnershipMap(version, ME, L, serve_until, nodes, shards)
@@ -289,3 +297,117 @@ def test_an_auto_durable_stream_is_not_created_past_serve_until(tmp_path: Path) 
     assert isinstance(reply, wire.ErrorReply) and reply.code == Unavailable.code
     assert c.stream_log(ipc.stream_key(T, NS, name)) is None
     assert not (tmp_path / "streams" / T / NS / name).exists()
+
+
+# -- the pin: acks of a logical shard's first durable records wait for it -------------
+
+
+def replies(c: ShardCore, gateway: int = 0) -> list[Any]:
+    """The replies the core has for ``gateway`` now (after an fsync round)."""
+    sync(c)
+    return [
+        wire.decode_ext(wire.decode_frame(rec[ipc.HEADER_SIZE :], extensions=True))
+        for rec in c.flush().get(gateway, [])
+        if rec[0] == RecordType.REPLY
+    ]
+
+
+def send_publish(c: ShardCore, stream: str, payloads: list[bytes], rid: int, **kw: Any) -> None:
+    frame = wire.encode_publish(rid, T, NS, stream, payloads, **kw)
+    c.handle(0, ipc.encode(RecordType.REQUEST, rid, 0, frame), 0.0)
+
+
+def pinned_core(tmp_path: Path, clock: Clock) -> tuple[ShardCore, str, str]:
+    """A core serving every logical shard, 2 and 3 not pinned yet, with a durable stream
+    in each of them."""
+    store = DurableStore(DiskSettings(root=tmp_path / "streams"))
+    c = ShardCore(
+        ShardSettings(index=0, shards=1, stream_defaults=StreamSettings(dedup_window_s=60.0)),
+        None,
+        store,
+    )
+    c.join_cluster(clock)
+    c.apply_ownership(shard_map(1, unpinned=frozenset({2, 3}), serve_until=200.0))
+    a, b = key_in(2, "durable"), key_in(3, "durable")
+    for name in (a, b):
+        c.define_stream(ipc.stream_key(T, NS, name), StreamSettings(), DurableSettings())
+    return c, a, b
+
+
+def test_the_first_durable_acks_of_an_unpinned_shard_wait_for_the_pin(tmp_path: Path) -> None:
+    clock = Clock()
+    c, a, _ = pinned_core(tmp_path, clock)
+    send_publish(c, a, [b"1", b"2"], 7)
+    assert replies(c) == []  # written, but not acknowledged
+    log_a = c.stream_log(ipc.stream_key(T, NS, a))
+    assert log_a is not None and log_a.next_offset == 2
+    assert c.pins.take_wanted() == [2] and not c.pins.wanted
+    # A retry with the same message id is a duplicate: its ack waits too.
+    send_publish(c, a, [b"1"], 8, headers=[{"felix-msg-id": "m1"}])
+    assert replies(c) == []
+    send_publish(c, a, [b"1"], 9, headers=[{"felix-msg-id": "m1"}])
+    assert replies(c) == []
+    # No ack to hold: the pin is still wanted.
+    send_publish(c, a, [b"3"], 10, ack=wire.ACK_NONE)
+    assert [(r.opcode, r.request_id) for r in replies(c)] == [(0x80, 10)]  # OK
+    assert c.pins.take_wanted() == [2]
+    # A shard pinned here already answers at once; so does an in-memory stream.
+    pinned = key_in(5, "durable")
+    c.define_stream(ipc.stream_key(T, NS, pinned), StreamSettings(), DurableSettings())
+    send_publish(c, pinned, [b"p"], 11)
+    assert [r.base_offset for r in replies(c)] == [0]
+    assert not c.pins.wanted
+    # A map that still does not pin shard 2 changes nothing; the one that does sends
+    # every held ack, in order, each with its own offsets.
+    c.apply_ownership(shard_map(2, unpinned=frozenset({2, 3}), serve_until=200.0))
+    assert replies(c) == []
+    c.apply_ownership(shard_map(3, unpinned=frozenset({3}), serve_until=200.0))
+    acks = replies(c)
+    assert [(r.request_id, r.base_offset, r.count) for r in acks] == [
+        (7, 0, 2),
+        (8, 2, 1),
+        (9, 2, 1),
+    ]
+    assert c.pins.held == 3 and c.pins.failed == 0
+    send_publish(c, a, [b"4"], 12)
+    assert [r.base_offset for r in replies(c)] == [4]  # pinned now: no more waiting
+
+
+def test_held_acks_fail_when_the_shard_leaves_or_the_lease_lapses(tmp_path: Path) -> None:
+    clock = Clock()
+    c, a, b = pinned_core(tmp_path, clock)
+    send_publish(c, a, [b"x"], 1)
+    send_publish(c, b, [b"y"], 2)
+    assert replies(c) == []
+    # A handoff of shard 2 (still owned here): its ack keeps waiting for the pin.
+    c.apply_ownership(
+        shard_map(2, handoff={2: OTHER}, unpinned=frozenset({2, 3}), serve_until=200.0)
+    )
+    assert replies(c) == []
+    # Shard 3 moved to another node before its pin: the ack fails, retryable.
+    c.apply_ownership(
+        shard_map(3, {3: OTHER}, handoff={2: OTHER}, unpinned=frozenset({2, 3}), serve_until=200.0)
+    )
+    [lost] = replies(c)
+    assert isinstance(lost, wire.ErrorReply) and lost.request_id == 2
+    assert lost.code == Unavailable.code and "left this node before it was pinned" in lost.message
+    # The lease lapses before shard 2's pin: its ack fails at the next sweep.
+    c.sweep(0.0)
+    assert replies(c) == []
+    clock.now = 200.0
+    c.sweep(0.0)
+    [fenced] = replies(c)
+    assert isinstance(fenced, wire.ErrorReply) and fenced.request_id == 1
+    assert "lease lapsed" in fenced.message
+    assert c.pins.failed == 2 and not c.pins
+
+
+def test_a_held_commit_ack_still_waits_for_its_fsync(tmp_path: Path) -> None:
+    clock = Clock()
+    c, a, _ = pinned_core(tmp_path, clock)
+    send_publish(c, a, [b"x"], 1)
+    assert c.flush() == {}  # no fsync round yet either
+    c.apply_ownership(shard_map(2, unpinned=frozenset({3}), serve_until=200.0))
+    assert c.flush() == {}  # pinned, but not synced yet: the ack waits for the fsync
+    [ack] = replies(c)
+    assert isinstance(ack, wire.PublishOffsets) and ack.base_offset == 0

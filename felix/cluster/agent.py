@@ -176,6 +176,13 @@ class ClusterAgent:
         finally:
             await self._cancel_tasks()
 
+    def wake(self) -> None:
+        """Re-read the tables, place and pin now rather than at the next poll (a shard core
+        wrote the first durable records of a logical shard and holds their acks until the
+        pin: felix/shard/cluster.py ``PinWaits``)."""
+        if self.store is not None:
+            self.store.wake()
+
     async def stop(self, leave: bool = True) -> None:
         """Stop the loops; with ``leave``, stop serving, let the gateways drain and end the
         lease at once so the placer moves this node's shards now; close the store."""

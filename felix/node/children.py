@@ -58,6 +58,8 @@ class Child:
     #: Gets a shard's (or a gateway's shard cores') reports of resources created on first
     #: use (felix/node/registrar.py).
     on_auto_created: Callable[[list[dict[str, Any]]], None] | None = None
+    #: Cluster mode: the logical shards whose pin a shard core wants claimed now.
+    on_pin_wanted: Callable[[list[int]], None] | None = None
 
     @property
     def name(self) -> str:
@@ -147,5 +149,8 @@ class Child:
         elif isinstance(event, msg.AutoCreated):
             if self.on_auto_created is not None:
                 self.on_auto_created(event.resources)
+        elif isinstance(event, msg.PinWanted):
+            if self.on_pin_wanted is not None:
+                self.on_pin_wanted(event.shards)
         elif self.on_feed_event is not None and isinstance(event, msg.Event):
             self.on_feed_event(event)

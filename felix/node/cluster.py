@@ -92,6 +92,12 @@ class DurableShards:
             self._at = now
         return self._shards
 
+    def add(self, shards: Collection[int]) -> None:
+        """A shard core just wrote the first durable records of ``shards`` (msg.PinWanted):
+        count them now, without waiting for the next scan (which will find them: the
+        records were written before the report was sent)."""
+        self._shards = self._shards | frozenset(shards)
+
     def scan(self) -> set[int]:
         shards: set[int] = set()
         for key in durable_stream_keys(self.root):
@@ -308,6 +314,15 @@ class NodeCluster:
         raise TimeoutError(message)
 
     # -- what the supervisor calls ----------------------------------------------------------
+
+    def pin_wanted(self, shards: Sequence[int]) -> None:
+        """A shard core holds acks of the first durable records of ``shards`` until they
+        are pinned to this node (felix/shard/cluster.py ``PinWaits``): count them as
+        durable now and have the agent claim the pins at once."""
+        valid = [s for s in shards if 0 <= s < self.logical_shards]
+        if valid:
+            self.durable.add(valid)
+            self.agent.wake()
 
     def on_gateway_started(self, gateway: _GatewayChild) -> None:
         """A gateway (re)started: it gets the current map before anything else."""

@@ -218,6 +218,19 @@ def core_stats(core: ShardCore) -> dict[str, int]:
         "caches": core.caches,
         "auto_reports_dropped": core.auto_reports_dropped,
         **durable_stats(core),
+        **cluster_stats(core),
+    }
+
+
+def cluster_stats(core: ShardCore) -> dict[str, int]:
+    """A shard core's cluster counters for /metrics (none on a standalone node)."""
+    if core.cluster is None:
+        return {}
+    return {
+        "cluster_pin_waits": core.pins.held,
+        "cluster_pin_waits_failed": core.pins.failed,
+        "cluster_moved_streams": core.moved_streams,
+        "cluster_moved_cache_entries": core.moved_cache_entries,
     }
 
 

@@ -251,6 +251,28 @@ _METRICS: dict[str, tuple[str, str, bool]] = {
         "served by this node (the record stays dying and is retried)",
         True,
     ),
+    "cluster_pin_waits": (
+        "felix_cluster_pin_waits",
+        "Durable publishes whose ack waited for their logical shard to be pinned to this "
+        "node (its first durable records here)",
+        True,
+    ),
+    "cluster_pin_waits_failed": (
+        "felix_cluster_pin_waits_failed",
+        "Durable publishes answered Unavailable instead: their logical shard left this node, "
+        "or its lease lapsed, before the pin",
+        True,
+    ),
+    "cluster_moved_streams": (
+        "felix_cluster_moved_streams",
+        "In-memory streams dropped because their logical shard left this node",
+        True,
+    ),
+    "cluster_moved_cache_entries": (
+        "felix_cluster_moved_cache_entries",
+        "Cache entries dropped because their logical shard left this node",
+        True,
+    ),
     "connections": ("felix_connections", "Open client connections", False),
     "shm_connections": (
         "felix_shm_connections",

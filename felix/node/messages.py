@@ -275,6 +275,17 @@ class OwnershipAck(_Message):
     version: int
 
 
+@dataclass(frozen=True, slots=True)
+class PinWanted(_Message):
+    """From a shard (or a gateway hosting shard cores), cluster mode: it wrote the first
+    durable records of these logical shards, not pinned to this node yet, and holds
+    their acks until they are (felix/shard/cluster.py ``PinWaits``): claim the pins now
+    rather than at the next scan of the data dir."""
+
+    TYPE: ClassVar[str] = "pin_wanted"
+    shards: list[int]
+
+
 Command = (
     ShardDown
     | ShardUp
@@ -302,6 +313,7 @@ Event = (
     | AutoCreated
     | RegisterReply
     | OwnershipAck
+    | PinWanted
 )
 Message = Command | Event
 
@@ -332,6 +344,7 @@ _TYPES: dict[str, type[Any]] = {
         AutoCreated,
         Ownership,
         OwnershipAck,
+        PinWanted,
     )
 }
 #: Field name -> the JSON types its value may have (ints are accepted as floats).
@@ -362,6 +375,7 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "results": (list,),
     "map": (dict,),
     "version": (int,),
+    "shards": (list,),
 }
 
 
@@ -405,6 +419,10 @@ def decode(line: bytes) -> Message:
                 "apply message: path must be [tenant], [tenant, namespace, name] or "
                 "[tenant, namespace, stream, group]"
             )
+    if cls is PinWanted and not all(
+        isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 65536 for s in values["shards"]
+    ):
+        raise RemoteProtocolError("pin_wanted message: shards must be logical shard numbers")
     message: Message = cls(**values)
     return message
 
@@ -424,6 +442,7 @@ __all__ = [
     "Message",
     "Ownership",
     "OwnershipAck",
+    "PinWanted",
     "Ping",
     "Pong",
     "Quiesce",

@@ -149,7 +149,13 @@ class Supervisor:
         child = Child(role, index, Heartbeat(min(UNRESPONSIVE_AFTER, timeout), timeout))
         if role in ("shard", "gateway"):
             child.on_auto_created = self._auto_created
+            child.on_pin_wanted = self._pin_wanted
         return child
+
+    def _pin_wanted(self, shards: list[int]) -> None:
+        """A shard core's request to pin logical shards now (cluster mode)."""
+        if self.cluster is not None:
+            self.cluster.pin_wanted(shards)
 
     def _auto_created(self, resources: list[dict[str, Any]]) -> None:
         """A shard's report of streams and caches it created on first use."""

@@ -276,6 +276,8 @@ async def run_shard(spec: ChildSpec, control: ControlChannel) -> None:
             core.handle(gateway, view, now)
         stats["requests"] += len(views)
         disk_io.kick()
+        if core.pins.wanted:
+            control.send(msg.PinWanted(core.pins.take_wanted()))  # before any ack it holds
         send_out()
 
     spin_ns = config.spin_us * 1000
@@ -407,7 +409,14 @@ async def run_gateway(spec: ChildSpec, control: ControlChannel) -> None:
         links = local
         fault = fsync_fault_file()
         disk_ios = [DiskIO(c, local.flush_soon, fsync_failed, fault_file=fault) for c in cores]
-        local.before_flush = lambda index: disk_ios[index].kick()
+
+        def before_flush(index: int) -> None:
+            disk_ios[index].kick()
+            pins = cores[index].pins
+            if pins.wanted:
+                control.send(msg.PinWanted(pins.take_wanted()))
+
+        local.before_flush = before_flush
     else:
         outbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.outbound]
         inbound = [Ring.attach(r.name, doorbell_fd=r.doorbell) for r in spec.inbound]

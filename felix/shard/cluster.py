@@ -20,7 +20,9 @@ core needs of it:
   the shard left and came back between two maps seen here): the core drops their
   in-memory state (:meth:`felix.shard.core.ShardCore.apply_ownership`), so a shard
   that comes back starts empty as on any other node. Durable streams stay (their
-  records are on disk and the shard is only ever placed with them).
+  records are on disk and the shard is only ever placed with them);
+- the logical shards *pinned* to this node (the map's ``durable_node``): the ack of a
+  durable publish to a shard not pinned here yet waits for the pin (:class:`PinWaits`).
 
 A standalone core has none (``ShardCore.cluster is None``): one ``is None`` per write;
 in cluster mode a write costs a crc32 of its routing key, and a durable publish one
@@ -31,11 +33,15 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 from felix.cluster.ownership import OwnershipMap, cluster_clock
 from felix.errors import Unavailable
 
-__all__ = ["ShardOwnership"]
+if TYPE_CHECKING:
+    from felix.shard.durable import DurableStream
+
+__all__ = ["HeldAck", "PinWaits", "ShardOwnership"]
 
 #: Why a core refuses writes before its first map.
 NO_MAP = "this shard has no cluster shard map yet (the node is joining); retry"
@@ -52,6 +58,7 @@ class ShardOwnership:
     __slots__ = (
         "_clock",
         "_held",
+        "_pinned",
         "_served",
         "fenced",
         "logical_shards",
@@ -70,6 +77,8 @@ class ShardOwnership:
         self._served = b""
         #: Logical shards this node owns (a handoff under way included) -> epoch.
         self._held: dict[int, int] = {}
+        #: Per logical shard: 1 where the map pins it to this node (its durable_node).
+        self._pinned = b""
         #: Writes refused: their logical shard is not served here.
         self.refused = 0
         #: Durable publishes refused: this node's lease was not valid (``serve_until``).
@@ -96,8 +105,23 @@ class ShardOwnership:
         self._served = bytes(
             1 if state.owner == me and state.handoff_to is None else 0 for state in new.shards
         )
+        self._pinned = bytes(1 if state.durable_node == me else 0 for state in new.shards)
         self._held = held
         return lost
+
+    def holds(self, shard: int) -> bool:
+        """Whether this node owns logical ``shard`` (a handoff under way included)."""
+        return shard in self._held
+
+    def pinned(self, shard: int) -> bool:
+        """Whether the newest map pins logical ``shard`` to this node: the placer keeps it
+        here, so the acks of its durable records may be sent (see ``_PinWaits`` in
+        felix/shard/core.py)."""
+        return bool(self._pinned) and bool(self._pinned[shard])
+
+    def lease_valid(self) -> bool:
+        """Whether this node's lease is valid now (``serve_until`` has not passed)."""
+        return self._clock() < self.serve_until
 
     def shard_of(self, key: str) -> int:
         return zlib.crc32(key.encode()) % self.logical_shards
@@ -106,10 +130,11 @@ class ShardOwnership:
         """Whether this node serves ``key``'s logical shard by the newest map."""
         return bool(self.version) and bool(self._served[self.shard_of(key)])
 
-    def check(self, key: str, durable: bool = False) -> None:
+    def check(self, key: str, durable: bool = False) -> int:
         """Raise Unavailable unless a write for routing key ``key`` may be stored here now:
         this node serves its logical shard by the newest map and, for a write that may
-        go to disk (``durable``), its lease is still valid (``now < serve_until``)."""
+        go to disk (``durable``), its lease is still valid (``now < serve_until``).
+        Returns the logical shard."""
         if not self.version:
             self.refused += 1
             raise Unavailable(NO_MAP)
@@ -124,3 +149,92 @@ class ShardOwnership:
             raise Unavailable(
                 "this node's cluster lease is not valid right now: nothing written; retry"
             )
+        return shard
+
+
+#: Why a held ack fails when its logical shard left this node before it was pinned here.
+PIN_LOST = (
+    "not acknowledged: logical shard {shard} left this node before it was pinned to this "
+    "node's durable data (the records may or may not be kept); retry"
+)
+#: Why a held ack fails when this node's lease lapsed before the pin.
+PIN_FENCED = (
+    "not acknowledged: this node's cluster lease lapsed before logical shard {shard} was "
+    "pinned to this node's durable data (the records may or may not be kept); retry"
+)
+
+
+class HeldAck(NamedTuple):
+    """An ack of durable records below offset ``end`` of ``disk``, for the request
+    ``request_id`` of ``gateway`` (``token``): ``reply``."""
+
+    disk: DurableStream
+    end: int
+    gateway: int
+    token: int
+    request_id: int
+    reply: bytes
+
+
+class PinWaits:
+    """Acks of durable records held until their logical shard is pinned to this node.
+
+    The placer keeps a logical shard on the node holding its durable records only once
+    that node has pinned it (``durable_node`` in the cluster's tables). Before the pin,
+    a node killed right after acking the shard's first durable records would lose the
+    shard to another node, which would serve it empty and issue its offsets again. So
+    the core holds such acks here and reports the shard as *wanted* (``wanted``; the
+    process sends them to the supervisor, whose agent claims the pin at once); a newer
+    map showing the pin releases them. They fail, retryable, when the shard leaves this
+    node or this node's lease lapses first: a client never holds an ack for records the
+    cluster may not serve. This costs the first durable publish of a logical shard on a
+    node one claim (a few database round trips); once pinned, a shard stays pinned.
+
+    Bounded by what the gateways keep in flight (each held ack is a request a gateway
+    is still waiting for), as the acks waiting for an fsync are.
+    """
+
+    __slots__ = ("_waits", "failed", "held", "wanted")
+
+    def __init__(self) -> None:
+        #: logical shard -> held acks (whatever the owner of the ack needs to send it).
+        self._waits: dict[int, list[HeldAck]] = {}
+        #: Logical shards whose pin this node should claim now (taken by the process).
+        self.wanted: set[int] = set()
+        #: Acks held for a pin so far, and those failed instead.
+        self.held = 0
+        self.failed = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._waits)
+
+    def want(self, shard: int) -> None:
+        self.wanted.add(shard)
+
+    def take_wanted(self) -> list[int]:
+        out = sorted(self.wanted)
+        self.wanted.clear()
+        return out
+
+    def hold(self, shard: int, ack: HeldAck) -> None:
+        self.want(shard)
+        self._waits.setdefault(shard, []).append(ack)
+        self.held += 1
+
+    def settle(self, ownership: ShardOwnership) -> tuple[list[HeldAck], list[tuple[str, HeldAck]]]:
+        """The held acks ``ownership`` (the newest map) decides: those to send (their
+        shard is pinned here now) and those to fail, each with why. The others wait."""
+        release: list[HeldAck] = []
+        fail: list[tuple[str, HeldAck]] = []
+        if not self._waits:
+            return release, fail
+        valid = ownership.lease_valid()
+        for shard in list(self._waits):
+            if ownership.pinned(shard):
+                release.extend(self._waits.pop(shard))
+            elif not ownership.holds(shard) or not valid:
+                why = (PIN_FENCED if ownership.holds(shard) else PIN_LOST).format(shard=shard)
+                acks = self._waits.pop(shard)
+                self.failed += len(acks)
+                fail.extend((why, ack) for ack in acks)
+        return release, fail

@@ -75,7 +75,7 @@ from felix.errors import (
 from felix.ipc import RecordType
 from felix.names import validate_name
 from felix.shard.cache import CachePartition, CacheSettings
-from felix.shard.cluster import ShardOwnership
+from felix.shard.cluster import HeldAck, PinWaits, ShardOwnership
 from felix.shard.dedup import DedupTable, msg_ids, rebuild
 from felix.shard.disk_read import ReadJob, durable_start
 from felix.shard.durable import DurableSettings, DurableStore, DurableStream
@@ -281,6 +281,8 @@ class ShardCore:
         #: Cluster mode: the node's newest shard map as writes are checked against it
         #: (None: a standalone node; :meth:`join_cluster`).
         self.cluster: ShardOwnership | None = None
+        #: Cluster mode: acks of durable records waiting for their logical shard's pin.
+        self.pins = PinWaits()
         #: Cluster mode: in-memory streams and cache entries dropped because their
         #: logical shard moved to another node.
         self.moved_streams = 0
@@ -365,6 +367,8 @@ class ShardCore:
         """Reclaim expired cache entries, bounded work per cache; returns entries removed."""
         self._now = now
         self.queues.tick(now)
+        if self.pins:
+            self._settle_pins()  # acks held for a pin fail once the lease lapses
         if self._dedup_streams:
             self._expire_ids(self._wall_us())
         removed = 0
@@ -733,7 +737,9 @@ class ShardCore:
             self._charge(stream.tenant, delta)
             self._enforce(stream.tenant)
 
-    def _ack_duplicates(self, stream: _Stream, msg: wire.Publish, first: int) -> bytes:
+    def _ack_duplicates(
+        self, stream: _Stream, msg: wire.Publish, first: int, lshard: int | None
+    ) -> bytes:
         """Every record of ``msg`` was stored before, from ``first`` on: the ack the
         original publish got (for ``commit``, once an fsync covers the originals)."""
         count = len(msg.payloads)
@@ -754,13 +760,8 @@ class ShardCore:
         reply = wire.encode_publish_offsets(
             msg.request_id, first, count, durability=disk.settings.durability
         )
-        if disk.settings.fsync == "commit" and disk.synced < first + count:
-            assert self.disk is not None
-            self.disk.wait_sync(
-                disk, first + count, self._gateway, self._token, msg.request_id, reply
-            )
-            return _DEFERRED
-        return reply
+        # A retry must not be acked before the original could be (its pin, its fsync).
+        return self._durable_ack(disk, first + count, msg.request_id, reply, lshard)
 
     def _report_auto(self, kind: str, names: tuple[str, ...], spec: dict[str, object]) -> None:
         if len(self._auto) >= MAX_AUTO_REPORTS:
@@ -781,6 +782,7 @@ class ShardCore:
         stream = self._streams.get(key)
         dead_letter = self._aux == ipc.AUX_DEAD_LETTER
         cluster = self.cluster
+        lshard: int | None = None  # cluster mode: the logical shard (its pin, if durable)
         if cluster is not None:
             # Ownership, and the lease for a write that goes (or may go) to disk.
             if stream is not None:
@@ -788,7 +790,7 @@ class ShardCore:
             else:
                 store = self.disk
                 durable = store is not None and (dead_letter or store.settings.auto is not None)
-            cluster.check(key, durable)
+            lshard = cluster.check(key, durable)
         if dead_letter:
             stream = self._dead_letter_stream(key, stream)
         elif stream is None:
@@ -817,7 +819,7 @@ class ShardCore:
                         )
                     self.duplicates += plan.duplicates
                     if not plan.keep:
-                        return self._ack_duplicates(stream, msg, plan.first)
+                        return self._ack_duplicates(stream, msg, plan.first, lshard)
                     first = plan.first
                     payloads = [payloads[i] for i in plan.keep]
                     headers = [headers[i] for i in plan.keep]
@@ -826,7 +828,7 @@ class ShardCore:
                 ids = None  # nothing to remember
         if stream.disk is not None:
             return self._publish_durable(
-                stream, stream.disk, msg, payloads, headers, ids, first, stamp, now
+                stream, stream.disk, msg, payloads, headers, ids, first, stamp, now, lshard
             )
         if stream.cursors and stream.log.settings.slow_subscriber_policy == "block":
             needed = min(stream.cursors.values())
@@ -889,8 +891,10 @@ class ShardCore:
         first: int | None,
         stamp: int,
         now: float,
+        lshard: int | None = None,
     ) -> bytes:
-        """Disk first (one write), then the hot tail in memory; the ack per fsync policy.
+        """Disk first (one write), then the hot tail in memory; the ack per fsync policy
+        (and, in cluster mode, once logical shard ``lshard`` is pinned here: PinWaits).
 
         ``payloads``/``headers`` are what is stored (``msg``'s, less the duplicates);
         ``first``: the offset the ack starts at when duplicates were dropped (they
@@ -931,6 +935,9 @@ class ShardCore:
         if stream.key in self.queues.streams_with_groups and disk.settings.fsync != "commit":
             self.queues.stream_written(stream.key)  # commit: once synced (sync_done)
         if msg.ack == wire.ACK_NONE:
+            cluster = self.cluster
+            if cluster is not None and lshard is not None and not cluster.pinned(lshard):
+                self.pins.want(lshard)  # no ack to hold, but the pin all the same
             return wire.encode_ok(msg.request_id)
         reply = wire.encode_publish_offsets(
             msg.request_id,
@@ -938,8 +945,29 @@ class ShardCore:
             len(msg.payloads),
             durability=disk.settings.durability,
         )
-        if disk.settings.fsync == "commit" and disk.synced < base + count:
-            store.wait_sync(disk, base + count, self._gateway, self._token, msg.request_id, reply)
+        return self._durable_ack(disk, base + count, msg.request_id, reply, lshard)
+
+    def _durable_ack(
+        self, disk: DurableStream, end: int, request_id: int, reply: bytes, lshard: int | None
+    ) -> bytes:
+        """``reply``, the ack of durable records below offset ``end``, or _DEFERRED: it
+        waits for logical shard ``lshard``'s pin (cluster mode: PinWaits), then for an
+        fsync covering them (``commit``)."""
+        cluster = self.cluster
+        if cluster is not None and lshard is not None and not cluster.pinned(lshard):
+            self.pins.hold(
+                lshard, HeldAck(disk, end, self._gateway, self._token, request_id, reply)
+            )
+            return _DEFERRED
+        return self._after_sync(disk, end, self._gateway, self._token, request_id, reply)
+
+    def _after_sync(
+        self, disk: DurableStream, end: int, gateway: int, token: int, request_id: int, reply: bytes
+    ) -> bytes:
+        """``reply`` now, or _DEFERRED until an fsync covers offsets below ``end``."""
+        if disk.settings.fsync == "commit" and disk.synced < end:
+            assert self.disk is not None
+            self.disk.wait_sync(disk, end, gateway, token, request_id, reply)
             return _DEFERRED
         return reply
 
@@ -1306,7 +1334,24 @@ class ShardCore:
         lost = self.cluster.apply(new)
         if lost:
             self._drop_moved(lost, new.logical_shards)
+        if lost is not None:
+            self._settle_pins()
         return lost
+
+    def _settle_pins(self) -> None:
+        """Send the held acks whose logical shard the newest map pins here; fail those
+        whose shard left this node, or all of them once this node's lease lapsed."""
+        cluster = self.cluster
+        if cluster is None or not self.pins:
+            return
+        release, fail = self.pins.settle(cluster)
+        for ack in release:
+            reply = self._after_sync(*ack)
+            if reply is not _DEFERRED:
+                self._emit(ack.gateway, ipc.encode(RecordType.REPLY, ack.token, 0, reply))
+        for why, ack in fail:
+            frame = wire.encode_error(ack.request_id, Unavailable.code, why)
+            self._emit(ack.gateway, ipc.encode(RecordType.REPLY, ack.token, 0, frame))
 
     def _drop_moved(self, lost: set[int], count: int) -> None:
         """Forget what this shard holds in memory of logical shards ``lost`` (of

@@ -419,6 +419,11 @@ def _add_durable_options(up: argparse.ArgumentParser) -> None:
         "--disk-budget", help="disk for all durable streams of the node, split per shard (none)"
     )
     up.add_argument(
+        "--tenant-disk-quota",
+        help="durable stream bytes a tenant may keep on this node unless its control-plane "
+        "disk_quota_bytes says, split per shard (none)",
+    )
+    up.add_argument(
         "--disk-reserve",
         default="256MiB",
         help="refuse new durable data when the data disk has less free space (256MiB)",
@@ -514,6 +519,9 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         segment_bytes=parse_size(str(args.segment_bytes)),
         disk_budget=parse_size(str(args.disk_budget)) if args.disk_budget else None,
         disk_reserve=parse_size(str(args.disk_reserve)),
+        tenant_disk_quota=(
+            parse_size(str(args.tenant_disk_quota)) if args.tenant_disk_quota else None
+        ),
         max_durable_streams_per_shard=args.max_durable_streams_per_shard,
         region_key=_region_key(args.region_key),
         encryption=_on_off(args.encryption, "--encryption"),

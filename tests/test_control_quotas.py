@@ -224,10 +224,14 @@ def test_only_the_admin_token_sets_a_tenants_quotas(tmp_path: Path) -> None:
     async def main() -> None:
         async with api(keys) as http:
             own = bearer(keys.token("acme", "tenant.manage:tenant:acme"))
-            for body in ({"memory_quota_bytes": 1 << 40}, {"max_resources_per_shard": 50_000}):
+            for body in (
+                {"memory_quota_bytes": 1 << 40},
+                {"max_resources_per_shard": 50_000},
+                {"disk_quota_bytes": 1 << 40},
+            ):
                 assert_problem(await http.patch(ACME, json=body, headers=own), 403)
             refused = [line for line in cap.lines() if line["action"] == "tenant.update"]
-            assert [(line["result"], line["who"]) for line in refused] == [("failed", "svc")] * 2
+            assert [(line["result"], line["who"]) for line in refused] == [("failed", "svc")] * 3
             assert (await http.get(ACME, headers=own)).json()["spec"]["memory_quota_bytes"] is None
             # Other settings, and the stored quotas sent back unchanged, are the tenant's.
             r = await http.patch(

@@ -17,8 +17,9 @@ from felix.ipc import RecordType
 from felix.shard.core import ShardCore, ShardSettings
 from felix.shard.durable import DiskSettings, DurableSettings, DurableStore
 from felix.shard.offsets import OffsetReservations
-from felix.shard.resources import durable_settings, stream_settings
+from felix.shard.resources import durable_settings, stream_settings, tenant_quota
 from felix.shard.stream_log import StreamSettings
+from felix.shard.tenants import TenantQuota
 
 T, NS = "acme", "prod"
 KEY = ipc.stream_key(T, NS, "s")
@@ -417,6 +418,7 @@ def test_retention_by_bytes_deletes_whole_sealed_segments(tmp_path: Path) -> Non
     before = store.disk_used
     freed = c.disk_sweep()
     assert freed > 0 and store.disk_used == before - freed <= 10_000 + 4096
+    assert store.tenant_disk == {T: store.disk_used}  # the tenant's count went down too
     _tail, err = read(c, 0)
     assert isinstance(err, wire.CursorErrorReply) and err.reason == "too_old"
     offsets, _, gaps = consume(c, err.available)
@@ -599,3 +601,53 @@ def test_a_delete_cut_short_by_a_crash_never_brings_the_stream_back(tmp_path: Pa
     (ns_dir / "t2").rename(ns_dir / ".deleted.0123456789abcdef.t2")
     c2 = make(tmp_path)
     assert store_of(c2).streams == {} and list(ns_dir.iterdir()) == []
+
+
+def test_a_tenant_disk_quota_bounds_that_tenant_only(tmp_path: Path) -> None:
+    """A careless tenant filling its durable streams is refused at its own quota; another
+    tenant's durable writes on the same shard go on. Deletes and retention give the room
+    back, and a restart counts what is on disk."""
+
+    def core() -> ShardCore:
+        c = make(tmp_path, fsync="none", segment_bytes=4096)
+        c.define_tenant(T, TenantQuota(1 << 30, 100, disk_bytes=6000))
+        return c
+
+    c = core()
+    stored = 0
+    for i in range(100):
+        send(c, wire.encode_publish(i + 1, T, NS, "s", [b"x" * 500]), token=i + 1)
+        ((_, reply),) = replies(c)
+        if isinstance(reply, wire.ErrorReply):
+            break
+        stored += 1
+    assert isinstance(reply, wire.ErrorReply) and reply.code == Overloaded.code
+    assert f"tenant {T} has used its disk quota" in reply.message
+    store = store_of(c)
+    assert 5000 < store.tenant_disk[T] <= 6000 and 8 <= stored <= 11
+    log = c.stream_log(KEY)
+    assert log is not None and log.next_offset == stored  # nothing of the refused batch
+    # Another tenant (no quota) is not refused, on the same shard.
+    for i in range(20):
+        send(c, wire.encode_publish(i + 1, "other", NS, "s", [b"y" * 500]), token=i + 1)
+        ((_, reply),) = replies(c)
+        assert isinstance(reply, wire.PublishOffsets), reply
+    assert store.tenant_disk["other"] > 6000
+    # Restarted, the bytes on disk count at once.
+    c = core()
+    send(c, wire.encode_publish(1, T, NS, "s", [b"x" * 500]), token=1)
+    ((_, reply),) = replies(c)
+    assert isinstance(reply, wire.ErrorReply) and "disk quota" in reply.message
+    # Deleting the stream gives the room back.
+    assert c.delete_stream(KEY)
+    assert T not in store_of(c).tenant_disk
+    send(c, wire.encode_publish(2, T, NS, "s2", [b"x" * 500]), token=2)
+    ((_, reply),) = replies(c)
+    assert isinstance(reply, wire.PublishOffsets)
+
+
+def test_a_tenant_disk_quota_comes_from_the_spec_or_the_node(tmp_path: Path) -> None:
+    node = TenantQuota(1 << 30, 100, disk_bytes=8 << 20)
+    assert tenant_quota({}, node, 4).disk_bytes == 2 << 20
+    assert tenant_quota({"disk_quota_bytes": 4 << 20}, node, 4).disk_bytes == 1 << 20
+    assert tenant_quota({}, TenantQuota(1 << 30, 100), 4).disk_bytes is None

@@ -149,6 +149,17 @@ class TenantSpec(_Spec):
             "(default: the node's --tenant-memory-quota)",
         ),
     ] = None
+    #: Durable stream bytes the tenant may keep on a node, split evenly over its shards.
+    #: None: the node's --tenant-disk-quota (none by default).
+    disk_quota_bytes: Annotated[
+        int | None,
+        Field(
+            ge=1 << 20,
+            le=1 << 60,
+            description="bytes of durable streams the tenant may keep on a node, split "
+            "over its shards (default: the node's --tenant-disk-quota)",
+        ),
+    ] = None
     #: Streams, caches and watches the tenant may hold per shard. None: the node's default.
     max_resources_per_shard: Annotated[
         int | None,

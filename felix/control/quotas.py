@@ -85,7 +85,7 @@ class NodeQuotas:
 
 
 #: A tenant's settings only the admin token may set (see the module's docstring).
-QUOTA_FIELDS = ("memory_quota_bytes", "max_resources_per_shard")
+QUOTA_FIELDS = ("memory_quota_bytes", "disk_quota_bytes", "max_resources_per_shard")
 
 
 def _size(n: int) -> str:

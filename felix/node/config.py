@@ -204,6 +204,9 @@ class NodeConfig:
     segment_bytes: int = 256 * 1024**2
     #: Disk for every durable stream of the node (None: no budget); split over the shards.
     disk_budget: int | None = None
+    #: ``--tenant-disk-quota``: durable bytes a tenant may keep on the node unless its
+    #: control-plane ``disk_quota_bytes`` says (None: no per-tenant bound).
+    tenant_disk_quota: int | None = None
     #: New durable data is refused while the data disk has less free space than this.
     disk_reserve: int = 256 * 1024**2
     max_durable_streams_per_shard: int = 1024
@@ -382,6 +385,15 @@ class NodeConfig:
             0 < self.tenant_memory_quota <= self.memory_budget
         ):
             raise ConfigError("--tenant-memory-quota must be in (0, --memory-budget]")
+        if self.tenant_disk_quota is not None and not (
+            self.shards * MIN_SEGMENT_BYTES
+            <= self.tenant_disk_quota
+            <= (self.disk_budget or self.tenant_disk_quota)
+        ):
+            raise ConfigError(
+                "--tenant-disk-quota must be at least one minimum segment "
+                f"({MIN_SEGMENT_BYTES} bytes) per shard and at most --disk-budget"
+            )
         if self.fsync not in ("none", "interval", "commit"):
             raise ConfigError("--fsync must be none, interval or commit")
         if not 1 <= self.fsync_interval_ms <= 60_000:
@@ -448,7 +460,9 @@ class NodeConfig:
     def tenant_defaults(self) -> TenantQuota:
         """The node-wide quota of a tenant the control plane sets none for."""
         return TenantQuota(
-            self.tenant_memory_quota or self.memory_budget, self.tenant_max_resources
+            self.tenant_memory_quota or self.memory_budget,
+            self.tenant_max_resources,
+            self.tenant_disk_quota,
         )
 
     @property

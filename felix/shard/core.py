@@ -906,7 +906,7 @@ class ShardCore:
         assert store is not None
         log_ = stream.log
         nbytes = log_.validate(payloads, headers)
-        store.check_room(disk, nbytes)
+        store.check_room(disk, nbytes, stream.tenant.quota.disk_bytes)
         if stream.key in self.queues.streams_with_groups:
             self._check_group_room(stream.key, disk, nbytes)
         base = log_.next_offset

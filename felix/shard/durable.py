@@ -230,8 +230,9 @@ class DurableStore:
         self.shard = shard
         self.shards = shards
         self.streams: dict[str, DurableStream] = {}
-        #: Bytes of every durable stream's files on this shard.
+        #: Bytes of every durable stream's files on this shard, and per tenant.
         self.disk_used = 0
+        self.tenant_disk: dict[str, int] = {}
         #: Free bytes of the data file system at the last check (None: not checked).
         self.free_bytes: int | None = None
         self._sync_wanted: dict[DurableStream, None] = {}
@@ -328,8 +329,17 @@ class DurableStore:
                 report.records,
             )
         self.streams[key] = stream
-        self.disk_used += disk_log.size_bytes
+        self._used(stream.tenant, disk_log.size_bytes)
         return stream
+
+    def _used(self, tenant: str, delta: int) -> None:
+        """Count ``delta`` bytes more (or fewer) of ``tenant``'s files on this shard."""
+        self.disk_used += delta
+        left = self.tenant_disk.get(tenant, 0) + delta
+        if left > 0:
+            self.tenant_disk[tenant] = left
+        else:
+            self.tenant_disk.pop(tenant, None)
 
     def _log_settings(self, settings: DurableSettings) -> DiskLogSettings:
         return DiskLogSettings(
@@ -350,8 +360,9 @@ class DurableStore:
 
     # -- writing -------------------------------------------------------------------
 
-    def check_room(self, stream: DurableStream, nbytes: int) -> None:
-        """Refuse a publish the log cannot take (damage, fatal error, disk budget)."""
+    def check_room(self, stream: DurableStream, nbytes: int, quota: int | None = None) -> None:
+        """Refuse a publish the log cannot take (damage, fatal error, the tenant's disk
+        quota on this shard, ``quota`` bytes; the disk budget or reserve)."""
         if stream.damaged is not None:
             raise Unavailable(stream.damaged)
         if self.fatal is not None:
@@ -364,6 +375,16 @@ class DurableStore:
                 keys.current(stream.tenant)
             else:
                 keys.keys(stream.tenant)
+        if quota is not None:
+            used = self.tenant_disk.get(stream.tenant, 0)
+            if used + nbytes > quota:
+                self.refused += 1
+                raise DiskFull(
+                    f"tenant {stream.tenant} has used its disk quota on shard {self.shard}: "
+                    f"{used} of {quota} bytes (its disk_quota_bytes, or the node's "
+                    "--tenant-disk-quota, over the shards); delete streams or lower their "
+                    "retention"
+                )
         budget = self.settings.budget_bytes
         if budget is not None and self.disk_used + nbytes > budget:
             self.refused += 1
@@ -415,7 +436,7 @@ class DurableStore:
             disk_log.append(batch)
         except OSError as exc:
             raise Unavailable(f"cannot write stream {stream.key} to disk: {exc}") from exc
-        self.disk_used += disk_log.size_bytes - before
+        self._used(stream.tenant, disk_log.size_bytes - before)
         stream.written = base + len(batch)
         settings = stream.settings
         if settings.fsync == "commit":
@@ -537,8 +558,9 @@ class DurableStore:
                     "shard %d: retention of stream %s failed: %s", self.shard, stream.key, exc
                 )
                 continue
+            if gone:
+                self._used(stream.tenant, -gone)
             freed += gone
-        self.disk_used -= freed
         return freed
 
     def refresh_free(self) -> None:
@@ -566,7 +588,7 @@ class DurableStore:
         trash = path.with_name(f"{_TRASH}{os.urandom(8).hex()}.{path.name}")
         try:
             if stream.opened:
-                self.disk_used -= stream.log.size_bytes
+                self._used(stream.tenant, -stream.log.size_bytes)
                 stream.log.close()
             os.replace(path, trash)
             fsync_dir(path.parent)

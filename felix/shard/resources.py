@@ -86,14 +86,21 @@ def cache_settings(spec: dict[str, Any], defaults: CacheSettings, shards: int) -
 
 
 def tenant_quota(spec: dict[str, Any], node: TenantQuota, shards: int) -> TenantQuota:
-    """A tenant's quota on one shard: its node-wide memory quota split over the shards.
+    """A tenant's quota on one shard: its node-wide memory and disk quotas split over
+    the shards.
 
-    ``node`` is the node's default (``--tenant-memory-quota``, node-wide, and
-    ``--tenant-max-resources``, per shard), used for what the tenant leaves unset.
+    ``node`` is the node's default (``--tenant-memory-quota`` and ``--tenant-disk-quota``,
+    node-wide, and ``--tenant-max-resources``, per shard), used for what the tenant
+    leaves unset.
     """
     memory = spec.get("memory_quota_bytes") or node.memory_bytes
     max_resources = spec.get("max_resources_per_shard") or node.max_resources
-    return TenantQuota(max(int(memory) // shards, 1), int(max_resources))
+    disk = spec.get("disk_quota_bytes") or node.disk_bytes
+    return TenantQuota(
+        max(int(memory) // shards, 1),
+        int(max_resources),
+        None if disk is None else max(int(disk) // shards, 1),
+    )
 
 
 def auto_stream_spec(settings: StreamSettings, durable: DurableSettings | None) -> dict[str, Any]:

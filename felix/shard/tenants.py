@@ -41,6 +41,9 @@ class TenantQuota:
 
     memory_bytes: int
     max_resources: int
+    #: Bytes of durable streams the tenant may keep on this shard (None: no bound but
+    #: the node's --disk-budget and --disk-reserve).
+    disk_bytes: int | None = None
 
 
 class Trimmable(Protocol):

@@ -164,7 +164,23 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default="10s",
         metavar="DURATION",
         help="the node's lease: renewed every third of it; a node that cannot renew stops "
-        "serving before it runs out, and its shards move once it has (10s)",
+        "serving before it runs out, and its shards move once it has (10s); every node "
+        "of a cluster uses the same lease",
+    )
+    cluster.add_argument(
+        "--cluster-settle",
+        default="2s",
+        metavar="DURATION",
+        help="a new cluster's first placement waits until no node has joined for this "
+        "long (at most five times as long), so nodes started together each get their "
+        "shards at once; 0: place at once (2s)",
+    )
+    cluster.add_argument(
+        "--cluster-node-expiry",
+        default="24h",
+        metavar="DURATION",
+        help="remove a node from the cluster this long after its lease ended, unless shards "
+        "are pinned to its durable data; 0: never (24h)",
     )
     up.add_argument(
         "--topology",
@@ -551,6 +567,8 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         advertise=parse_address(args.advertise, 5000) if args.advertise else None,
         logical_shards=args.logical_shards,
         cluster_lease=parse_duration(args.cluster_lease),
+        cluster_settle=parse_duration(args.cluster_settle),
+        cluster_node_expiry=parse_duration(args.cluster_node_expiry),
         control_token=args.control_token,
         embedded_shards=embedded,
         spin_us=args.spin_us,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import urllib.error
@@ -160,6 +161,13 @@ def gather(doc: dict[str, Any], timeout: float) -> dict[str, Any]:
         else:
             node["answered"] = False
             node["problem"] = answer
+    rows = doc.get("rows")
+    if not isinstance(rows, dict):
+        rows = {}
+    for node in nodes:
+        row = rows.get(node["node_id"])
+        if isinstance(row, dict):
+            node["row"] = row
     placers = [n["node_id"] for n in nodes if n.get("placer")]
     return {
         "node_id": me,
@@ -168,6 +176,7 @@ def gather(doc: dict[str, Any], timeout: float) -> dict[str, Any]:
         "placer": placers[0] if len(placers) == 1 else (placers or None),
         "balance": doc.get("balance"),
         "handoffs": doc.get("handoffs") or [],
+        "node_expiry": doc.get("node_expiry"),
         "nodes": nodes,
         "shards": shards,
     }
@@ -214,6 +223,9 @@ def render(cluster: dict[str, Any], shards: bool) -> str:
             state = "serving" if node.get("serving") else "not serving"
             if node.get("placer"):
                 state += ", placer"
+        row = node.get("row")
+        if isinstance(row, dict):
+            state += f"; {_row_fate(row)}"
         lines.append(
             f"  {node['node_id']:<20}{node['address']:<24}"
             f"{'yes' if node.get('live') else 'NO':<6}{lease:>8}{node.get('incarnation', '-'):>6}"
@@ -242,6 +254,24 @@ def render(cluster: dict[str, Any], shards: bool) -> str:
                 f"  {i:>6}  {s.get('owner') or '-':<20}{s.get('epoch', 0):>7}  {' '.join(extra)}"
             )
     return "\n".join(lines)
+
+
+def _row_fate(row: dict[str, Any]) -> str:
+    """What becomes of a down node's row (agent.py ``_rows``)."""
+    pinned = row.get("pinned")
+    if isinstance(pinned, int) and pinned > 0:
+        return f"kept: {pinned} shard(s) pinned to its data (felix cluster forget)"
+    expires = row.get("expires_in")
+    if isinstance(expires, int | float):
+        return f"removed in {_duration(expires)}" if expires > 0 else "removed soon"
+    return "kept (--cluster-node-expiry 0)"
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{math.ceil(seconds)}s"
 
 
 def _status(args: argparse.Namespace) -> int:

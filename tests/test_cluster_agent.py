@@ -10,6 +10,7 @@ is given its shards.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -19,8 +20,9 @@ import pytest
 from felix.cluster.agent import ClusterAgent, ClusterSettings
 from felix.cluster.lease import LeaseSettings
 from felix.cluster.ownership import OwnershipMap, Refuse, Serve
-from felix.cluster.placement import balance, plan
+from felix.cluster.placement import balance, plan, rendezvous_owner
 from felix.cluster.store import ClusterStore, ClusterView
+from felix.cluster_cli import gather, render
 from felix.errors import NodeIdInUse
 from tests import pg
 from tests.aio import run
@@ -33,6 +35,8 @@ pytestmark = pytest.mark.serial
 L = 256
 LEASE = LeaseSettings(ttl=1.5, fence_margin=0.5, placer_grace=0.5)
 POLL = 0.2
+#: A fresh cluster's first placement waits for the nodes to stop joining this long.
+SETTLE = 0.4
 
 
 @pytest.fixture
@@ -49,6 +53,9 @@ class Node:
         dsn: str,
         node_id: str,
         drained: Callable[[Node, int], Awaitable[None]] | None = None,
+        *,
+        settle: float = SETTLE,
+        node_expiry: float = 24 * 3600.0,
     ) -> None:
         self.node_id = node_id
         self.maps: list[tuple[float, OwnershipMap]] = []
@@ -69,6 +76,8 @@ class Node:
                 lease=LEASE,
                 poll_interval=POLL,
                 db_timeout=0.5,
+                settle=settle,
+                node_expiry=node_expiry,
             ),
             publish=lambda m: self.maps.append((time.monotonic(), m)),
             durable_shards=lambda: self.durable,
@@ -76,9 +85,13 @@ class Node:
         )
         self.task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def start(self, placed: bool = True) -> None:
+        """Join; with ``placed``, also wait for the cluster's first placement (as
+        felix/node/cluster.py does before the node reports ready)."""
         await self.agent.start(timeout=10)
         self.task = asyncio.create_task(self.agent.run())
+        if placed:
+            await asyncio.wait_for(self.agent.placed(), 10)
 
     async def stop(self, leave: bool = True) -> None:
         await self.agent.stop(leave=leave)
@@ -409,3 +422,129 @@ def test_the_placer_waits_for_its_own_clock_before_calling_a_node_dead() -> None
     assert agent._renewing_lately(view({"a": 3.0, "b": 1.0})) == {"a"}
     now[0] += 0.1
     assert agent._renewing_lately(view({"a": 4.0, "b": 1.0}, frozenset({"a"}))) == frozenset()
+
+
+def test_agents_started_together_get_an_even_first_placement_without_handoffs(
+    dsn: str,
+) -> None:
+    """Nodes joining a fresh cluster within the settling window each get their share by
+    the first placement itself: every shard is assigned once (epoch 1), to its
+    rendezvous owner among all three, and nothing is handed off. Not before the window
+    has passed since the last join; a node joining the placed cluster later is not
+    delayed (it waits for no window)."""
+
+    async def main() -> None:
+        window = 1.0
+        nodes = [Node(dsn, f"n{i}", settle=window) for i in (1, 2, 3)]
+        joined = []
+        for n in nodes:  # one after the other, each within the window of the previous one
+            await n.start(placed=False)
+            joined.append(time.monotonic())
+            await asyncio.sleep(window / 3)
+        assert all(s.owner is None for s in nodes[0].map.shards)  # still settling
+        await asyncio.gather(*(asyncio.wait_for(n.agent.placed(), 10) for n in nodes))
+        inspector = await inspector_for(dsn)
+        view = await settle(inspector, nodes)
+        ids = {"n1", "n2", "n3"}
+        assert all(s.epoch == 1 for s in view.shards)  # assigned once, never moved
+        assert all(
+            s.owner == rendezvous_owner(i, ids) and s.handoff_to is None
+            for i, s in enumerate(view.shards)
+        )
+        b = balance(view.shards, view.live)
+        assert b["unowned"] == 0 and b["min"] >= 65 and b["spread"] <= 30, b
+        assert sum(n.agent.counters["handoffs_completed"] for n in nodes) == 0
+        for n in nodes:
+            assert all(s.handoff_to is None for _, m in n.maps for s in m.shards)
+        # The first placement came once the last node had been there for the window.
+        first = min(at for n in nodes for at, m in n.maps if any(s.owner for s in m.shards))
+        assert first - joined[-1] >= window * 0.9
+
+        # Later moves are not delayed: a crashed node's shards move after its lease.
+        lost = owned_by(view, "n3")
+        crashed = time.monotonic()
+        await nodes[2].crash()
+        view = await settle(inspector, nodes[:2])
+        assert all(view.shards[i].owner in ("n1", "n2") for i in lost)
+        assert time.monotonic() - crashed < LEASE.ttl + LEASE.placer_grace + window
+        for n in nodes[:2]:
+            await n.stop()
+        await inspector.close()
+
+    run(main, timeout=40)
+
+
+def test_a_lone_agent_is_placed_after_the_window_only(dsn: str) -> None:
+    async def main() -> None:
+        window = 0.5
+        node = Node(dsn, "n1", settle=window)
+        started = time.monotonic()
+        await node.start()  # waits for the first placement
+        took = time.monotonic() - started
+        assert window * 0.9 <= took < window + 3 * POLL + 1.0, took
+        assert node.map.owned() == list(range(L))
+        await node.stop()
+
+    run(main, timeout=20)
+
+
+def test_the_placer_removes_rows_of_nodes_long_gone_unless_pinned(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node down for longer than node_expiry that holds nothing goes from the table;
+    one with shards pinned to its durable data stays (said once); live ones stay."""
+
+    async def main() -> None:
+        expiry = 1.0
+        nodes = [Node(dsn, f"n{i}", node_expiry=expiry) for i in (1, 2, 3)]
+        await asyncio.gather(*(n.start() for n in nodes))
+        inspector = await inspector_for(dsn)
+        view = await settle(inspector, nodes)
+        durable = set(sorted(owned_by(view, "n2"))[:2])
+        nodes[1].durable = durable
+
+        async def pinned() -> bool:
+            v = await inspector.view()
+            return all(v.shards[i].durable_node == "n2" for i in durable)
+
+        await until(pinned, 3.0, "n2's durable shards to be pinned")
+        crashed = time.monotonic()
+        await asyncio.gather(nodes[1].crash(), nodes[2].crash())
+
+        # felix cluster status says what becomes of each down node's row.
+        async def both_down() -> bool:
+            return set(nodes[0].agent.snapshot()["rows"]) == {"n2", "n3"}
+
+        await until(both_down, 5.0, "n1 to see n2 and n3 down")
+        doc = nodes[0].agent.snapshot()
+        assert doc["node_expiry"] == expiry
+        assert doc["rows"]["n2"] == {"pinned": 2, "expires_in": None}
+        assert doc["rows"]["n3"]["pinned"] == 0
+        assert 0 <= doc["rows"]["n3"]["expires_in"] <= expiry
+        doc["nodes"] = [[*row[:2], "", *row[3:]] for row in doc["nodes"]]  # ask no one
+        shown = render(gather(doc, 1.0), shards=False)
+        lines = {line.split()[0]: line for line in shown.splitlines()[2:5]}
+        assert "kept: 2 shard(s) pinned to its data" in lines["n2"], shown
+        assert "removed in" in lines["n3"] or "removed soon" in lines["n3"], shown
+        assert "removed" not in lines["n1"] and "kept" not in lines["n1"], shown
+
+        async def n3_gone() -> bool:
+            v = await inspector.view()
+            return "n3" not in {n.node_id for n in v.nodes}
+
+        gone = await until(n3_gone, 10.0, "n3's row to be removed")
+        # Not before its lease (renewed at most a renew interval before the crash) and
+        # the expiry have passed.
+        assert gone - crashed >= LEASE.ttl - LEASE.renew_interval + expiry
+        await asyncio.sleep(4 * POLL)
+        view = await inspector.view()
+        assert [n.node_id for n in view.nodes] == ["n1", "n2"]  # pinned n2 is kept
+        assert all(view.shards[i].durable_node == "n2" for i in durable)
+        assert nodes[0].agent.counters["nodes_expired"] == 1
+        kept = [r for r in caplog.records if "is kept in the cluster" in r.getMessage()]
+        assert len(kept) == 1 and "n2" in kept[0].getMessage()
+        await nodes[0].stop()
+        await inspector.close()
+
+    with caplog.at_level(logging.INFO, logger="felix.cluster.agent"):
+        run(main, timeout=40)

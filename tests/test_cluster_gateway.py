@@ -278,6 +278,7 @@ def test_up_flags(tmp_path: Path) -> None:
     assert config.clustered and config.node_id == "felix-0"
     assert config.control_store == dsn  # one control plane for the whole cluster
     assert (config.logical_shards, config.cluster_lease, config.advertise) == (256, 10.0, None)
+    assert (config.cluster_settle, config.cluster_node_expiry) == (2.0, 24 * 3600.0)
     child = NodeConfig.from_json(config.to_json())
     # The children know the node is clustered; none gets the DSN (the control process is
     # given its store through a pipe: tests/test_dsn.py).
@@ -287,11 +288,22 @@ def test_up_flags(tmp_path: Path) -> None:
     assert config.cluster == dsn and config.node_id == "pod-7"
     config = _config(
         "--cluster", dsn, "--control-store", "memory://", "--advertise", "felix-0.peers:5000",
-        "--logical-shards", "4096", "--cluster-lease", "3s", *data,
+        "--logical-shards", "4096", "--cluster-lease", "3s", "--cluster-settle", "0",
+        "--cluster-node-expiry", "7d", *data,
     )  # fmt: skip
     assert config.control_store == "memory://" and config.advertise == ("felix-0.peers", 5000)
     assert (config.logical_shards, config.cluster_lease) == (4096, 3.0)
-    for bad in (["--logical-shards", "0"], ["--logical-shards", "4097"], ["--node-id", "a/b"]):
+    assert (config.cluster_settle, config.cluster_node_expiry) == (0.0, 7 * 86400.0)
+    assert _config("--cluster", dsn, "--cluster-node-expiry", "0", *data).cluster_node_expiry == 0
+    for bad in (
+        ["--logical-shards", "0"],
+        ["--logical-shards", "4097"],
+        ["--node-id", "a/b"],
+        ["--cluster-settle", "61s"],
+        ["--cluster-node-expiry", "30s"],  # 0 (never) or at least a minute
+        ["--cluster-node-expiry", "3651d"],
+        ["--cluster-node-expiry", "-1"],
+    ):
         with pytest.raises(ConfigError):
             _config("--cluster", dsn, "--node-id", "n", *bad, *data)
     assert not _config(*data).clustered
@@ -319,6 +331,19 @@ def test_wildcard_listen_needs_advertise_exit_2(tmp_path: Path) -> None:
     assert rows["cluster"]["value"] == "postgresql://db/felix"  # the flag wins
     assert rows["advertise"]["value"] == "n1.peers:5000"
     assert rows["logical-shards"]["value"] == 256
+    assert rows["cluster-settle"] == {"value": "2s", "source": "default"}
+    assert rows["cluster-node-expiry"] == {"value": "24h", "source": "default"}
+    toml = tmp_path / "felix.toml"
+    toml.write_text('cluster-node-expiry = "48h"\ncluster-settle = 0\n')
+    from_file = subprocess.run(
+        [*base[:3], "config", "show", *base[4:], "--advertise", "n1:5000", "--json",
+         "--config", str(toml)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert from_file.returncode == 0, from_file.stderr
+    rows = json.loads(from_file.stdout)
+    assert rows["cluster-node-expiry"] == {"value": "48h", "source": f"file {toml}"}
+    assert rows["cluster-settle"] == {"value": 0, "source": f"file {toml}"}
     from_env = subprocess.run(
         [*base[:3], "config", "show", *base[6:], "--advertise", "n1:5000", "--json"],
         env={**env, "FELIX_CLUSTER": "postgresql://u:pw@db/felix"},

@@ -10,7 +10,15 @@ import pytest
 
 from felix.cluster.lease import LeaseKeeper, LeaseSettings
 from felix.cluster.ownership import ShardState
-from felix.cluster.placement import Move, balance, logical_shard, plan, rendezvous_owner
+from felix.cluster.placement import (
+    FirstPlacement,
+    Move,
+    balance,
+    logical_shard,
+    never_placed,
+    plan,
+    rendezvous_owner,
+)
 from felix.errors import ConfigError
 
 L = 256
@@ -145,6 +153,41 @@ def test_durable_shards_stay_with_their_node() -> None:
 
 def test_no_live_node_no_moves() -> None:
     assert plan(fresh(), set()) == []
+
+
+def test_a_fresh_cluster_is_one_no_shard_was_ever_assigned_in() -> None:
+    assert never_placed([ShardState(None, 0)] * 4)
+    # Every assignment bumps the epoch: a cluster whose nodes all died is not fresh.
+    assert not never_placed([ShardState(None, 0)] * 3 + [ShardState(None, 1)])
+    assert not never_placed([ShardState(None, 0)] * 3 + [ShardState("a", 1)])
+
+
+def test_the_first_placement_waits_for_the_live_nodes_to_stop_changing() -> None:
+    first = FirstPlacement(2.0)
+    assert first.limit == 10.0
+    assert not first.ready({"a"}, 100.0)
+    assert first.seconds_left(100.0) == 2.0
+    assert not first.ready({"a"}, 101.0)
+    assert not first.ready({"a", "b"}, 101.5)  # b joined: the window starts again
+    assert not first.ready({"a", "b"}, 103.4)
+    assert first.ready({"a", "b"}, 103.5)  # unchanged for 2 s
+    # A lone node waits the window once.
+    lone = FirstPlacement(2.0)
+    assert not lone.ready({"a"}, 0.0) and not lone.ready({"a"}, 1.9) and lone.ready({"a"}, 2.0)
+
+
+def test_the_first_placement_waits_at_most_its_limit_and_settle_0_not_at_all() -> None:
+    first = FirstPlacement(1.0, limit=3.0)
+    now = 50.0
+    for i in range(4):  # a node joins every 0.75 s: never quiet for 1 s
+        assert not first.ready({f"n{j}" for j in range(i + 1)}, now)
+        now += 0.75
+    assert now - 50.0 >= 3.0
+    assert first.ready({f"n{j}" for j in range(5)}, now)  # the limit has passed
+    assert FirstPlacement(0.0).ready({"a"}, 0.0)
+    assert FirstPlacement(0.0).seconds_left(0.0) == 0.0
+    with pytest.raises(ValueError):
+        FirstPlacement(2.0, limit=1.0)
 
 
 def test_balance_summary() -> None:

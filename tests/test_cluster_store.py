@@ -394,3 +394,116 @@ def test_cluster_status_opens_only_http_urls_and_follows_no_redirect() -> None:
             fetch_cluster(f"http://127.0.0.1:{server.server_port}", 2.0)
     finally:
         server.shutdown()
+
+
+def test_the_placer_removes_rows_of_nodes_long_gone_that_hold_nothing(dsn: str) -> None:
+    """One statement, as the placer, that checks every condition itself: the lease ended
+    more than ``after`` ago (database clock), no shard pinned to, owned by or being
+    handed to the node. A node that registered again meanwhile is kept."""
+
+    async def main() -> None:
+        store = await opened(dsn, "store-placer", placer_grace=0.1)
+        other = await opened(dsn, "store-other")
+        for node, ttl in (("dead", 0.2), ("pinned", 0.2), ("owner", 0.2), ("back", 0.2)):
+            await store.register(node, f"{node}:1", "http://x", ttl)
+        await store.register("live", "live:1", "http://x", 30.0)
+        assert await store.apply(Move(0, 0, "assign", "pinned"))
+        assert await store.claim_durable(0, "pinned")
+        assert await store.apply(Move(1, 0, "assign", "owner"))
+        everyone = ["back", "dead", "live", "owner", "pinned"]
+        await asyncio.sleep(0.6)  # the short leases have ended ~0.4 s ago
+        assert await store.expire_nodes(everyone, 0.1) == []  # not the placer
+        assert await store.placer_lock()
+        assert await store.expire_nodes(everyone, 5.0) == []  # not long enough ago
+        await store.register("back", "back:1", "http://x", 30.0)  # came back meanwhile
+        while await other.wait_change(0.2):  # the notices so far
+            pass
+        assert await store.expire_nodes(everyone, 0.1) == ["dead"]
+        assert await other.wait_change(5.0)  # notified
+        view = await store.view()
+        assert [n.node_id for n in view.nodes] == ["back", "live", "owner", "pinned"]
+        # Once its shard is given away, the owner's row goes too; the pinned one never.
+        assert await store.apply(Move(1, 1, "assign", "live"))
+        assert await store.expire_nodes(everyone, 0.1) == ["owner"]
+        assert await store.expire_nodes(everyone, 0.1) == []
+        assert (await store.view()).shards[0].durable_node == "pinned"
+        await store.close()
+        await other.close()
+
+    run(main)
+
+
+def test_every_node_of_a_cluster_runs_with_its_lease(dsn: str) -> None:
+    """The first node to register records its lease; a node with another one is refused
+    (naming both) while a node of the recorded lease is live, and may change it once none
+    is. A cluster created before the lease was recorded (schema 2) gets it from its first
+    node after the upgrade, checked against the leases the live nodes renew with."""
+
+    async def lease_of(conn: asyncpg.Connection) -> float | None:
+        value = await conn.fetchval("SELECT lease_seconds FROM felix_cluster_meta")
+        return None if value is None else float(value)
+
+    async def main() -> None:
+        ten = await opened(dsn, lease=10.0)
+        three = await opened(dsn, lease=3.0)
+        conn = await asyncpg.connect(dsn)
+        assert await lease_of(conn) is None  # nobody registered yet
+        n1 = await ten.register("n1", "n1:1", "http://x", 10.0)
+        assert await lease_of(conn) == 10.0
+        await ten.register("n2", "n2:1", "http://x", 10.0)
+        with pytest.raises(ClusterMismatch, match=r"runs with a 10s lease; .* started with 3s"):
+            await three.register("n3", "n3:1", "http://x", 3.0)
+        assert [n.node_id for n in (await ten.view()).nodes] == ["n1", "n2"]  # not added
+        # The whole cluster stopped: a node with another lease changes it.
+        assert await ten.leave("n1", n1)
+        await conn.execute("UPDATE felix_cluster_nodes SET lease_until = now() - interval '1s'")
+        await three.register("n3", "n3:1", "http://x", 3.0)
+        assert await lease_of(conn) == 3.0
+        with pytest.raises(ClusterMismatch, match=r"3s lease; .* started with 10s"):
+            await ten.register("n1", "n1:1", "http://x", 10.0)
+
+        # A cluster of schema 2 (before the lease was recorded) with n3 live on 3 s.
+        await conn.execute(
+            "ALTER TABLE felix_cluster_meta DROP COLUMN lease_seconds;"
+            " DELETE FROM felix_cluster_schema WHERE version = 3"
+        )
+        upgraded = await opened(dsn, lease=10.0)  # applies migration 3
+        assert await lease_of(conn) is None
+        with pytest.raises(ClusterMismatch, match=r"node n3 .* 3s lease; .* started with 10s"):
+            await upgraded.register("n4", "n4:1", "http://x", 10.0)
+        assert await lease_of(conn) is None  # the refusal recorded nothing
+        await three.register("n4", "n4:1", "http://x", 3.0)
+        assert await lease_of(conn) == 3.0
+        # Stores that do not say their lease (inspectors) neither check nor record.
+        await (await opened(dsn)).register("n5", "n5:1", "http://x", 7.0)
+        assert await lease_of(conn) == 3.0
+        await conn.close()
+        for store in (ten, three, upgraded):
+            await store.close()
+
+    run(main)
+
+
+def test_felix_up_with_another_lease_exits_2_naming_both(dsn: str, tmp_path: pathlib.Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    async def live_node() -> None:
+        store = await opened(dsn, lease=30.0)
+        await store.register("n0", "n0:1", "http://x", 30.0)  # live for 30 s
+        await store.terminate()
+
+    asyncio.run(live_node())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FELIX_")}
+    got = subprocess.run(
+        [
+            sys.executable, "-m", "felix.cli", "up", "--cluster", dsn, "--node-id", "n1",
+            "--cluster-lease", "3s", "--logical-shards", str(L), "--region", "eu1",
+            "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--control", "127.0.0.1:0",
+            "--topology", "embedded", "--data-dir", str(tmp_path / "n1"),
+        ],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert got.returncode == 2, got.stderr[-3000:]
+    assert "30s lease" in got.stderr and "started with 3s" in got.stderr, got.stderr[-3000:]

@@ -7,8 +7,10 @@ Two tasks share one :class:`~felix.cluster.store.ClusterStore`:
   waits on the other task, so reading the map or placing shards cannot delay it.
 - **sync**: re-reads the tables on every NOTIFY and at least every ``poll_interval``,
   publishes a new :class:`~felix.cluster.ownership.OwnershipMap` whenever the shards,
-  the nodes or ``serve_until`` changed, acts as the placer while it holds the lock,
-  completes the handoffs of shards this node owns, and pins its durable shards.
+  the nodes or ``serve_until`` changed, acts as the placer while it holds the lock (a
+  fresh cluster's first placement after a settling window, placement.FirstPlacement;
+  removing the rows of nodes long gone that hold nothing), completes the handoffs of
+  shards this node owns, and pins its durable shards.
 
 The node serves only while ``serve_until`` (published in every map) lies ahead. After
 a lost lease it publishes ``serve_until = 0`` until it has re-registered *and* read the
@@ -28,7 +30,7 @@ from typing import Any
 
 from felix.cluster.lease import LeaseKeeper, LeaseSettings
 from felix.cluster.ownership import OwnershipMap, cluster_clock
-from felix.cluster.placement import balance, plan
+from felix.cluster.placement import FirstPlacement, balance, never_placed, plan
 from felix.cluster.store import ClusterStore, ClusterView
 from felix.errors import ClusterError, ClusterMismatch, ClusterUnavailable, NodeIdInUse
 
@@ -46,6 +48,7 @@ COUNTERS = (
     "handoffs_completed",
     "moves_applied",
     "durable_claims",
+    "nodes_expired",
 )
 
 
@@ -73,6 +76,13 @@ class ClusterSettings:
     handoff_timeout: float = 30.0
     #: Names the node's data dir (its durable records): ClusterStore.register.
     data_id: str = ""
+    #: A fresh cluster's first placement waits until the live nodes have not changed for
+    #: this long (at most five times as long), so nodes started together each get their
+    #: share at once rather than by handoffs (placement.FirstPlacement; 0: no wait).
+    settle: float = 2.0
+    #: The placer removes the rows of nodes whose lease ended more than this long ago and
+    #: that hold nothing (no pinned shard, none owned); 0: never.
+    node_expiry: float = 24 * 3600.0
 
 
 class ClusterAgent:
@@ -124,6 +134,12 @@ class ClusterAgent:
         #: node id -> (its last lease row (incarnation, lease_until), when this node saw
         #: that row first, on its own clock): the placer's second opinion on who is dead.
         self._renewals: dict[str, tuple[tuple[int, float], float]] = {}
+        self._first = FirstPlacement(settings.settle)
+        #: Set once a view shows the cluster's first placement made (by any placer).
+        self._placed = asyncio.Event()
+        self._warned_settle = False
+        #: Nodes whose row is past its expiry but kept for their pins (logged once each).
+        self._kept: set[str] = set()
 
     # --- life cycle ---------------------------------------------------------------
 
@@ -143,6 +159,7 @@ class ClusterAgent:
                     application_name=f"felix-cluster {s.node_id}"[:63],
                     # Never reached by a working placer, which uses it every poll.
                     placer_idle=max(s.lease.ttl, 3 * s.poll_interval),
+                    lease=s.lease.ttl,
                 )
             except ClusterMismatch:
                 raise
@@ -157,6 +174,12 @@ class ClusterAgent:
             except ClusterUnavailable as exc:
                 self._db_state(False, exc)
                 await self._sleep_before(deadline, s.poll_interval, exc)
+
+    async def placed(self) -> None:
+        """Return once this node has read a map with the cluster's first placement made
+        (at once in a cluster placed before; in a fresh one, after the placer's settling
+        window: ``settle``)."""
+        await self._placed.wait()
 
     async def run(self) -> None:
         """Renew and follow until :meth:`stop` (never raises for a database outage)."""
@@ -259,8 +282,31 @@ class ClusterAgent:
                 for i, s in enumerate(view.shards if view is not None else ())
                 if s.handoff_to is not None
             ],
+            node_expiry=self.settings.node_expiry,
+            rows=self._rows(view) if view is not None else {},
         )
         return doc
+
+    def _rows(self, view: ClusterView) -> dict[str, dict[str, Any]]:
+        """Per node that is down: what becomes of its row. ``pinned``: shards pinned to
+        its durable data (the row is kept while there are any); ``expires_in``: seconds
+        until the placer may remove it, as of the view's read (None: never, expiry off or
+        pinned)."""
+        after = self.settings.node_expiry
+        pinned: dict[str, int] = {}
+        for state in view.shards:
+            if state.durable_node is not None:
+                pinned[state.durable_node] = pinned.get(state.durable_node, 0) + 1
+        rows = {}
+        for node in view.nodes:
+            if node.live:
+                continue
+            count = pinned.get(node.node_id, 0)
+            expires = None
+            if after > 0 and count == 0:
+                expires = max(0.0, node.lease_until + after - view.db_now)
+            rows[node.node_id] = {"pinned": count, "expires_in": expires}
+        return rows
 
     # --- the lease --------------------------------------------------------------------
 
@@ -399,13 +445,81 @@ class ClusterAgent:
                 self.settings.node_id,
                 "is now" if placer else "is no longer",
             )
-        if placer:
-            live = view.live | lately
+        live = view.live | lately
+        first = never_placed(view.shards)
+        if not first:
+            self._placed.set()
+        # Tracked on every read of a fresh cluster, placer or not (a new placer goes on).
+        settled = not first or self._first.ready(live, self._clock())
+        if placer and not settled:
+            if not self._warned_settle:
+                self._warned_settle = True
+                log.info(
+                    "a fresh cluster: waiting up to %.1fs for nodes starting together before "
+                    "placing its %d logical shards",
+                    self._first.seconds_left(self._clock()),
+                    view.logical_shards,
+                )
+        elif placer:
+            if first:
+                log.info(
+                    "first placement of %d logical shards on %d node(s): %s",
+                    view.logical_shards,
+                    len(live),
+                    ", ".join(sorted(live)),
+                )
             for move in plan(view.shards, live, max_handoffs=self.settings.max_handoffs):
                 if await store.place(move):
                     self.counters["moves_applied"] += 1
+            await self._expire_nodes(view, lately)
         self._hand_off(view)
         await self._pin_durable(view)
+
+    async def _expire_nodes(self, view: ClusterView, lately: frozenset[str]) -> None:
+        """As the placer, remove the rows of nodes whose lease ended more than
+        ``node_expiry`` ago (database clock; and not renewed lately on this node's clock
+        either) and that hold nothing. Rows of nodes with pinned shards are kept: their
+        durable data may come back (said once per node)."""
+        after = self.settings.node_expiry
+        store = self.store
+        if after <= 0 or store is None:
+            return
+        pinned: dict[str, list[int]] = {}
+        held: set[str] = set()
+        for shard, state in enumerate(view.shards):
+            if state.durable_node is not None:
+                pinned.setdefault(state.durable_node, []).append(shard)
+            held.update(n for n in (state.owner, state.handoff_to) if n is not None)
+        due = []
+        for node in view.nodes:
+            if node.live or node.node_id in lately or view.db_now - node.lease_until <= after:
+                continue
+            shards = pinned.get(node.node_id)
+            if shards:
+                if node.node_id not in self._kept:
+                    self._kept.add(node.node_id)
+                    log.warning(
+                        "node %s has been down for over %gs but is kept in the cluster: "
+                        "logical shards %s are pinned to its durable data, which may come "
+                        "back (felix cluster forget %s gives them up)",
+                        node.node_id,
+                        after,
+                        ", ".join(map(str, shards[:20])) + (" ..." if len(shards) > 20 else ""),
+                        node.node_id,
+                    )
+            elif node.node_id not in held:
+                due.append(node.node_id)
+        if not due:
+            return
+        for node_id in await store.expire_nodes(due, after):
+            self._kept.discard(node_id)
+            self.counters["nodes_expired"] += 1
+            log.info(
+                "removed node %s from the cluster: its lease ended over %gs ago and it "
+                "holds no shards",
+                node_id,
+                after,
+            )
 
     def _renewing_lately(self, view: ClusterView) -> frozenset[str]:
         """Nodes whose lease row changed within a lease plus the grace, on this node's own

@@ -18,7 +18,16 @@ from typing import Any, Literal
 
 from felix.cluster.ownership import ShardState, logical_shard
 
-__all__ = ["Move", "MoveKind", "balance", "logical_shard", "plan", "rendezvous_owner"]
+__all__ = [
+    "FirstPlacement",
+    "Move",
+    "MoveKind",
+    "balance",
+    "logical_shard",
+    "never_placed",
+    "plan",
+    "rendezvous_owner",
+]
 
 MoveKind = Literal["assign", "handoff", "clear_handoff"]
 
@@ -108,6 +117,54 @@ def plan(
         moves.append(Move(shard, state.epoch, "handoff", desired))
         in_flight += 1
     return moves
+
+
+def never_placed(shards: Sequence[ShardState]) -> bool:
+    """Whether no shard was ever assigned: a cluster being created (every assignment
+    bumps a shard's epoch, and epochs never go back)."""
+    return all(s.epoch == 0 and s.owner is None for s in shards)
+
+
+class FirstPlacement:
+    """When the placer may make a fresh cluster's first placement (sans-IO: the caller
+    passes its clock's reading).
+
+    Nodes started together (a StatefulSet with parallel pod management, a compose file)
+    register a moment apart. Placing the shards on the first one alone would give each
+    later node its share one handoff at a time, each draining a shard. So the first
+    placement waits until the set of live nodes has not changed for ``settle`` seconds,
+    and at most ``limit`` seconds (default five times ``settle``) after this node first
+    saw the cluster fresh; then every live node gets its share directly. ``settle`` 0:
+    no wait. Only a fresh cluster waits (:func:`never_placed`): failover and every later move
+    are never delayed.
+    """
+
+    def __init__(self, settle: float, limit: float | None = None) -> None:
+        if not (settle >= 0 and (limit is None or limit >= settle)):
+            raise ValueError(f"bad first placement settle {settle!r} / limit {limit!r}")
+        self.settle = settle
+        self.limit = 5 * settle if limit is None else limit
+        #: When this node first saw the fresh cluster, and when its live set last changed.
+        self._since: float | None = None
+        self._changed = 0.0
+        self._live: frozenset[str] | None = None
+
+    def ready(self, live: Collection[str], now: float) -> bool:
+        """Whether the first placement may be made now, with these ``live`` nodes (call it
+        on every read of a fresh cluster, placer or not, so a new placer has the history)."""
+        live_set = frozenset(live)
+        if self._since is None:
+            self._since = self._changed = now
+            self._live = live_set
+        elif live_set != self._live:
+            self._live, self._changed = live_set, now
+        return now - self._changed >= self.settle or now - self._since >= self.limit
+
+    def seconds_left(self, now: float) -> float:
+        """How long the first placement may still wait at most (0: not waiting)."""
+        if self._since is None:
+            return 0.0
+        return max(0.0, min(self._changed + self.settle, self._since + self.limit) - now)
 
 
 def _desired(shard: int, live: frozenset[str]) -> str:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -124,6 +124,13 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "the data dir a node id's durable data lives in",
         ["ALTER TABLE felix_cluster_nodes ADD COLUMN data_id text NOT NULL DEFAULT ''"],
     ),
+    (
+        3,
+        "the lease every node runs with",
+        # NULL until a node registers: the first one records its --cluster-lease (in a
+        # cluster created before this version, the first node started after the upgrade).
+        ["ALTER TABLE felix_cluster_meta ADD COLUMN lease_seconds double precision"],
+    ),
 ]
 
 # A node is live while ``lease_until + grace > now()`` ($grace in seconds).
@@ -212,6 +219,7 @@ class ClusterStore:
         timeout: float = 2.0,
         application_name: str = "felix-cluster",
         placer_idle: float = 10.0,
+        lease: float | None = None,
     ) -> None:
         if not 1 <= logical_shards <= MAX_LOGICAL_SHARDS:
             raise ConfigError(
@@ -221,6 +229,9 @@ class ClusterStore:
         self.logical_shards = logical_shards
         self.region = region
         self.placer_grace = placer_grace
+        #: The lease (seconds) this node runs with, checked against the cluster's at every
+        #: registration (None: not checked nor recorded; an inspector, a test).
+        self.lease = lease
         #: Bound of every call, in seconds.
         self.timeout = timeout
         self._settings = {"application_name": application_name}
@@ -247,6 +258,7 @@ class ClusterStore:
         timeout: float = 2.0,
         application_name: str = "felix-cluster",
         placer_idle: float = 10.0,
+        lease: float | None = None,
     ) -> ClusterStore:
         """Connect, create the tables and rows on first use, and check that the cluster
         was created with this ``logical_shards`` and ``region`` (else ClusterMismatch).
@@ -259,6 +271,7 @@ class ClusterStore:
             timeout=timeout,
             application_name=application_name,
             placer_idle=placer_idle,
+            lease=lease,
         )
         try:
             store._pool = await asyncio.wait_for(
@@ -324,9 +337,22 @@ class ClusterStore:
         durable records are in its data dir: a node coming back under that id with
         another data dir (a fresh volume, another host) would serve those shards empty
         and issue their offsets again, so it is refused (ClusterMismatch) while shards
-        are pinned to the id (``felix cluster forget`` gives them up)."""
+        are pinned to the id (``felix cluster forget`` gives them up).
+
+        With the store's ``lease`` set, the node is refused (ClusterMismatch) when the
+        cluster runs with another lease: :meth:`_check_lease`."""
 
         async def op(conn: Any) -> int:
+            if self.lease is None:
+                return await registered(conn)
+            # The lease check locks the meta row until the node's row is written. (now()
+            # is then the transaction's start: a lease_until a little earlier, never later,
+            # than the node's own fence assumes.)
+            async with conn.transaction():
+                await self._check_lease(conn, node_id, self.lease)
+                return await registered(conn)
+
+        async def registered(conn: Any) -> int:
             if data_id:
                 await self._check_data_id(conn, node_id, data_id)
             # Two live nodes advertising one address would send clients in circles (each
@@ -371,6 +397,53 @@ class ClusterStore:
             raise NodeIdInUse(node_id, max(0.0, float(left or 0.0)))
 
         return await self._call(f"register node {node_id}", op)
+
+    @staticmethod
+    async def _check_lease(conn: Any, node_id: str, lease: float) -> None:
+        """Record ``lease`` as the cluster's, or refuse it (ClusterMismatch).
+
+        Nodes must agree on the lease: a placer judges whether another node still renews
+        by its own lease (agent.py, ``_renewing_lately``), so a node renewing less often
+        than the placer's lease could be presumed dead while it still serves. The meta row
+        is locked, so registrations are serialized and two nodes starting together with
+        different leases cannot both be accepted. The lease recorded is changed only while
+        no other node is live (the whole cluster was stopped to change it). While none was
+        recorded yet (a cluster created by an older felix), the live nodes' own leases
+        (``lease_until - renewed_at`` of their rows) are compared instead."""
+        recorded = await conn.fetchval(
+            "SELECT lease_seconds FROM felix_cluster_meta WHERE id = 1 FOR UPDATE"
+        )
+        if recorded is not None and abs(recorded - lease) < 1e-6:
+            return
+        others = await conn.fetch(
+            "SELECT node_id, extract(epoch FROM lease_until - renewed_at)::float8 AS lease"
+            " FROM felix_cluster_nodes WHERE node_id <> $1 AND NOT leaving"
+            " AND lease_until > now() ORDER BY node_id",
+            node_id,
+        )
+        if recorded is not None and others:
+            raise ClusterMismatch(
+                f"the cluster in this database runs with a {recorded:g}s lease; this node "
+                f"was started with {lease:g}s (every node uses the same lease: pass "
+                f"--cluster-lease {recorded:g}s, or stop every node to change it; "
+                f"live: {', '.join(r['node_id'] for r in others[:5])})"
+            )
+        if recorded is None:
+            for other in others:
+                if abs(other["lease"] - lease) >= 1e-3:
+                    raise ClusterMismatch(
+                        f"node {other['node_id']} of this cluster runs with a "
+                        f"{other['lease']:g}s lease; this node was started with {lease:g}s "
+                        f"(every node uses the same lease: pass --cluster-lease "
+                        f"{other['lease']:g}s)"
+                    )
+        else:
+            log.warning(
+                "the cluster's lease changes from %gs to %gs (no other node is live)",
+                recorded,
+                lease,
+            )
+        await conn.execute("UPDATE felix_cluster_meta SET lease_seconds = $1 WHERE id = 1", lease)
 
     @staticmethod
     async def _check_data_id(conn: Any, node_id: str, data_id: str) -> None:
@@ -508,22 +581,55 @@ class ClusterStore:
         """:meth:`apply` as the placer: on the session that holds the placer lock, so the
         move can only happen while that session (and with it the lock) still exists; False
         when this process does not hold the lock (or lost it on the way)."""
-        if not self.held():
-            return False
         statement = _notifying(_MOVES[move.kind], f"'{move.kind} ' || changed.shard")
+        rows = await self._as_placer(
+            f"moving shard {move.shard}",
+            statement,
+            move.shard,
+            move.expected_epoch,
+            move.to,
+            self.placer_grace,
+        )
+        return bool(rows)
+
+    async def expire_nodes(self, node_ids: Collection[str], after: float) -> list[str]:
+        """As the placer (:meth:`place`), delete the rows of ``node_ids`` whose lease ended
+        more than ``after`` seconds ago (database clock) and that hold nothing: no shard
+        pinned to their durable data, owned, or being handed to them. One statement that
+        checks all of it, so a node registering again meanwhile (a fresh lease) or pinned
+        meanwhile is kept. The node ids removed."""
+        rows = await self._as_placer(
+            "removing expired node rows",
+            _notifying(
+                """DELETE FROM felix_cluster_nodes n
+                WHERE n.node_id = ANY($1::text[])
+                    AND n.lease_until + make_interval(secs => $2) < now()
+                    AND NOT EXISTS (SELECT 1 FROM felix_cluster_shards s
+                        WHERE s.durable_node = n.node_id OR s.owner = n.node_id
+                            OR s.handoff_to = n.node_id)""",
+                "'expire ' || changed.node_id",
+            ),
+            sorted(node_ids),
+            after,
+        )
+        return sorted(str(r["node_id"]) for r in rows)
+
+    async def _as_placer(self, what: str, statement: str, *args: Any) -> list[Any]:
+        """Run ``statement`` on the session that holds the placer lock; its rows ([] when
+        this process does not hold the lock, or lost it on the way)."""
+        if not self.held():
+            return []
         try:
             async with asyncio.timeout(self.timeout), self._lock_use:
                 conn = self._lock_conn
                 if conn is None or conn.is_closed():
-                    return False
-                row = await conn.fetchrow(
-                    statement, move.shard, move.expected_epoch, move.to, self.placer_grace
-                )
+                    return []
+                rows: list[Any] = await conn.fetch(statement, *args)
         except _DB_ERRORS as exc:
-            log.warning("lost the cluster placer lock while moving shard %d: %r", move.shard, exc)
+            log.warning("lost the cluster placer lock while %s: %r", what, exc)
             self._drop_lock_conn()
-            return False
-        return row is not None
+            return []
+        return rows
 
     async def complete_handoff(
         self, shard: int, expected_epoch: int, from_node: str, to_node: str

@@ -201,6 +201,8 @@ class NodeCluster:
         logical_shards: int,
         lease: float,
         data_dir: Path,
+        settle: float = 2.0,
+        node_expiry: float = 24 * 3600.0,
         gateways: Callable[[], Sequence[_GatewayChild]],
         clock: Callable[[], float] = cluster_clock,
         drain_timeout: float = HANDOFF_DRAIN_TIMEOUT,
@@ -229,6 +231,8 @@ class NodeCluster:
             logical_shards=logical_shards,
             lease=lease_settings(lease),
             data_id=data_dir_id(data_dir),
+            settle=settle,
+            node_expiry=node_expiry,
         )
         self.agent = ClusterAgent(
             self.settings,
@@ -242,9 +246,16 @@ class NodeCluster:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self, timeout: float = JOIN_TIMEOUT) -> None:
-        """Join the cluster (raises ConfigError when the cluster refuses this node)."""
+        """Join the cluster (raises ConfigError when the cluster refuses this node), and
+        in a fresh cluster wait for its first placement (the placer's settling window:
+        the node is ready with its share of the shards, not before)."""
+        deadline = self._clock() + timeout
         await self.agent.start(timeout)
         self._task = asyncio.get_running_loop().create_task(self._run())
+        try:
+            await asyncio.wait_for(self.agent.placed(), max(0.0, deadline - self._clock()))
+        except TimeoutError:
+            log.warning("the cluster's shards are not placed yet; going on without them")
 
     async def _run(self) -> None:
         try:

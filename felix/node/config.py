@@ -290,6 +290,12 @@ class NodeConfig:
     logical_shards: int = 256
     #: Seconds of the node's lease (renewed every third of it).
     cluster_lease: float = 10.0
+    #: Seconds a fresh cluster's first placement waits for the live nodes to stop changing
+    #: (at most five times as long; 0: none).
+    cluster_settle: float = 2.0
+    #: Seconds after its lease ended that a node holding no pinned shard is removed from
+    #: the cluster (0: never).
+    cluster_node_expiry: float = 24 * 3600.0
     limits: GatewayLimits = field(default_factory=GatewayLimits)
     stream_defaults: StreamSettings = field(default_factory=StreamSettings)
     cache_defaults: CacheSettings = field(default_factory=CacheSettings)
@@ -430,6 +436,14 @@ class NodeConfig:
             raise ConfigError(f"--logical-shards must be in 1..{MAX_LOGICAL_SHARDS}")
         if not 1.0 <= self.cluster_lease <= 3600.0:
             raise ConfigError("--cluster-lease must be between 1 and 3600 seconds")
+        if not 0.0 <= self.cluster_settle <= 60.0:
+            raise ConfigError("--cluster-settle must be between 0 and 60 seconds")
+        if self.cluster_node_expiry != 0 and not (
+            60.0 <= self.cluster_node_expiry <= 3650 * 24 * 3600.0
+        ):
+            raise ConfigError(
+                "--cluster-node-expiry must be 0 (never) or between 1 minute and 3650 days"
+            )
         if self.advertise is None:
             if is_wildcard(self.listen[0]):
                 raise ConfigError(

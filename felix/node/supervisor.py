@@ -317,6 +317,8 @@ class Supervisor:
             region=config.region,
             logical_shards=config.logical_shards,
             lease=config.cluster_lease,
+            settle=config.cluster_settle,
+            node_expiry=config.cluster_node_expiry,
             data_dir=config.data_dir,
             gateways=self._map_followers,
             clock=cluster_clock,  # serve_until's clock (CLOCK_BOOTTIME), as the gateways'

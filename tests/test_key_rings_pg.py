@@ -109,8 +109,12 @@ def test_create_load_update_round_trip(dsn: str) -> None:
         assert kids(await store.jwks("acme")) == [ring.schedule()[0].kid, new_kid]
         # A change that stores nothing leaves the version; one that raises, the ring.
         await store.update("acme", lambda r: None)
+        def rotate_then_fail(r: TenantKeyRing) -> float:
+            r.rotate(T0 + 9999)
+            raise ValueError("changed my mind")
+
         with pytest.raises(ValueError):
-            await store.update("acme", lambda r: (r.rotate(T0 + 9999), int("x"))[0])
+            await store.update("acme", rotate_then_fail)
         assert await store.versions() == {"acme": 2}
         assert len((await store.load("acme")).schedule()) == 2
         with pytest.raises(NotFound):

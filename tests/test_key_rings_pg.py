@@ -109,6 +109,7 @@ def test_create_load_update_round_trip(dsn: str) -> None:
         assert kids(await store.jwks("acme")) == [ring.schedule()[0].kid, new_kid]
         # A change that stores nothing leaves the version; one that raises, the ring.
         await store.update("acme", lambda r: None)
+
         def rotate_then_fail(r: TenantKeyRing) -> float:
             r.rotate(T0 + 9999)
             raise ValueError("changed my mind")

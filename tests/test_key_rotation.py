@@ -3,6 +3,7 @@ and `felix up --auth` rotating its own rings."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
@@ -172,6 +173,11 @@ class Clock:
         return self.now
 
 
+def tick(rotator: KeyRotator) -> float:
+    """One pass of ``rotator`` (its own event loop: callers may be threads)."""
+    return asyncio.run(rotator.tick())
+
+
 def published(directory: Path, tenant: str = "acme") -> list[str]:
     data = json.loads((directory / f"{tenant}.jwks.json").read_text())
     return [k["kid"] for k in data["keys"]]
@@ -187,13 +193,13 @@ def test_rotator_rotates_and_prunes_the_rings_on_disk(tmp_path: Path) -> None:
     rotator = KeyRotator(keys, POLICY, clock=clock, max_sleep=60)
 
     # Nothing due: the next pass is the earliest rotation (capped at max_sleep).
-    assert rotator.tick() == T0 + 60
+    assert tick(rotator) == T0 + 60
     rotator.max_sleep = 1e9
-    assert rotator.tick() == T0 + 3300
+    assert tick(rotator) == T0 + 3300
     assert rotator.rotations == 0
 
     clock.now = T0 + 3300
-    wake = rotator.tick()
+    wake = tick(rotator)
     assert rotator.rotations == 1  # acme only; other is due at T0 + 4300
     assert wake == T0 + 3600 + TTL + LEEWAY  # the first key's drop
     ring = load_ring(keys, "acme")
@@ -210,15 +216,15 @@ def test_rotator_rotates_and_prunes_the_rings_on_disk(tmp_path: Path) -> None:
     # Passes in between change nothing on disk.
     before = ring_path(keys, "acme").stat().st_ino
     clock.now = T0 + 3600
-    rotator.tick()
+    tick(rotator)
     assert ring_path(keys, "acme").stat().st_ino == before
 
     clock.now = T0 + 3600 + TTL + LEEWAY
-    rotator.tick()
+    tick(rotator)
     assert published(keys) == [new]
     assert [k.kid for k in load_ring(keys, "acme").schedule()] == [new]
     clock.now = T0 + 4300
-    rotator.tick()
+    tick(rotator)
     assert len(load_ring(keys, "other").schedule()) == 2
 
 
@@ -227,7 +233,7 @@ def test_rotator_sees_a_manual_rotation_and_does_not_add_another(tmp_path: Path)
     clock = Clock(T0)
     save_ring(keys, new_ring(), T0)
     rotator = KeyRotator(keys, POLICY, clock=clock, max_sleep=1e9)
-    assert rotator.tick() == T0 + 3300
+    assert tick(rotator) == T0 + 3300
     # felix token rotate, by hand, at T0 + 3000 (under the lock, as the CLI does).
     with locked(keys):
         ring = load_ring(keys, "acme")
@@ -236,11 +242,11 @@ def test_rotator_sees_a_manual_rotation_and_does_not_add_another(tmp_path: Path)
     clock.now = T0 + 3300
     # The next look: the first key's drop, then the next rotation, counted from the
     # manual key's activation (T0 + 3060), not from the first key's.
-    assert rotator.tick() == T0 + 3060 + TTL + LEEWAY
+    assert tick(rotator) == T0 + 3060 + TTL + LEEWAY
     assert rotator.rotations == 0
     assert load_ring(keys, "acme").schedule()[-1].kid == manual
     clock.now = T0 + 3060 + TTL + LEEWAY
-    assert rotator.tick() == T0 + 3060 + 3300
+    assert tick(rotator) == T0 + 3060 + 3300
     assert [k.kid for k in load_ring(keys, "acme").schedule()] == [manual]
     assert rotator.rotations == 0
 
@@ -251,12 +257,12 @@ def test_rotator_waits_for_the_directory_lock(tmp_path: Path) -> None:
     rotator = KeyRotator(keys, POLICY, clock=Clock(T0 + 3300))
     done = threading.Event()
 
-    def tick() -> None:
-        rotator.tick()
+    def one_pass() -> None:
+        tick(rotator)
         done.set()
 
     with locked(keys):  # a concurrent felix token rotate holds it
-        worker = threading.Thread(target=tick)
+        worker = threading.Thread(target=one_pass)
         worker.start()
         time.sleep(0.3)
         assert not done.is_set()
@@ -272,7 +278,7 @@ def test_rotator_skips_a_corrupt_ring_and_serves_the_others(tmp_path: Path) -> N
     save_ring(keys, TenantKeyRing.create("zeta", T0, max_token_ttl=TTL), T0)
     ring_path(keys, "acme").write_text("{not json")
     rotator = KeyRotator(keys, POLICY, clock=Clock(T0 + 3300))
-    rotator.tick()
+    tick(rotator)
     assert rotator.rotations == 1
     assert len(load_ring(keys, "zeta").schedule()) == 2
 
@@ -280,7 +286,7 @@ def test_rotator_skips_a_corrupt_ring_and_serves_the_others(tmp_path: Path) -> N
 def test_rotator_with_no_directory_does_nothing(tmp_path: Path) -> None:
     rotator = KeyRotator(tmp_path / "missing", POLICY, clock=Clock(T0))
     assert rotator.max_sleep == 60  # a quarter of the interval, at most a minute
-    assert rotator.tick() == T0 + 60
+    assert tick(rotator) == T0 + 60
     assert KeyRotator(tmp_path, RotationPolicy(interval=8, lead=6)).max_sleep == 2
     assert not (tmp_path / "missing").exists()
 

@@ -13,6 +13,11 @@
 The key directory: ``--dir``, else ``$FELIX_AUTH_DIR``, else ./data/auth (the
 auth directory of ``felix up``'s default data directory). It holds TENANT.ring.json
 (private keys, mode 0600) and TENANT.jwks.json (public keys, read by the broker).
+A cluster's rings live in its database instead: ``--cluster DSN``, or
+``$FELIX_CLUSTER`` when neither --dir nor $FELIX_AUTH_DIR is given; they are sealed
+with the region key (--region-key FILE, else $FELIX_REGION_KEY_FILE) when one is
+given, as the nodes' must be, and every node picks a change up within its
+--jwks-refresh.
 A rotated key signs from publish_ahead (300 s) after the rotation on; keys stay
 published until every token they signed has expired. Tokens carry iss and aud
 "felix" and at most --max-ttl seconds (keygen; default 900) of lifetime, and a
@@ -35,41 +40,40 @@ a key ring exists without --force).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
-from felix.auth.files import (
-    AUDIENCE,
-    ISSUER,
-    jwks_path,
-    load_ring,
-    locked,
-    ring_path,
-    save_ring,
-)
+from felix.auth.files import AUDIENCE, ISSUER
 from felix.auth.keys import MAX_TOKEN_TTL, TenantKeyRing
 from felix.auth.perms import PermissionSet
+from felix.auth.ringstore import FileRingStore, RingStore
 from felix.errors import BadRequest, ConfigError, FelixError, NotFound
+from felix.keys.kek import REGION_KEY_ENV, FileKeyEncryptionKey
 from felix.names import validate_name
 
 __all__ = [
     "DEFAULT_AUTH_DIR",
     "add_commands",
     "auth_dir",
+    "cluster_dsn",
     "guarded",
     "node_region",
     "read_secret",
+    "ring_store",
     "tenant_arg",
 ]
 
 #: The key directory when neither --dir nor $FELIX_AUTH_DIR is given.
 DEFAULT_AUTH_DIR = Path("data") / "auth"
 
+T = TypeVar("T")
 Subparsers = argparse._SubParsersAction  # argparse has no public name for it
 Command = Callable[[argparse.Namespace], int]
 _RAW = argparse.RawDescriptionHelpFormatter
@@ -149,6 +153,20 @@ def _command(
         metavar="DIR",
         help=f"key directory (default: $FELIX_AUTH_DIR or {DEFAULT_AUTH_DIR})",
     )
+    parser.add_argument(
+        "--cluster",
+        metavar="DSN",
+        help="the cluster's PostgreSQL database (its nodes' control store), where a "
+        "cluster's key rings live (default: $FELIX_CLUSTER when neither --dir nor "
+        "$FELIX_AUTH_DIR is given)",
+    )
+    parser.add_argument(
+        "--region-key",
+        type=Path,
+        metavar="FILE",
+        help="with --cluster: the region key that seals the rings in the database, the "
+        f"nodes' (default ${REGION_KEY_ENV}; none: rings written unsealed)",
+    )
     return parser
 
 
@@ -159,6 +177,46 @@ def auth_dir(args: argparse.Namespace) -> Path:
         return given
     env = os.environ.get("FELIX_AUTH_DIR")
     return Path(env) if env else DEFAULT_AUTH_DIR
+
+
+def cluster_dsn(args: argparse.Namespace) -> str | None:
+    """The database holding the rings (None: a key directory): ``--cluster``, else
+    ``$FELIX_CLUSTER`` unless ``--dir`` or ``$FELIX_AUTH_DIR`` names a directory."""
+    given: str | None = getattr(args, "cluster", None)
+    if given is not None and getattr(args, "dir", None) is not None:
+        raise ConfigError("give --dir or --cluster, not both")
+    if given:
+        return given
+    if getattr(args, "dir", None) is not None or os.environ.get("FELIX_AUTH_DIR"):
+        return None
+    return os.environ.get("FELIX_CLUSTER") or None
+
+
+def ring_store(args: argparse.Namespace) -> RingStore:
+    """Where the commands find the rings: the cluster's database or the key directory."""
+    dsn = cluster_dsn(args)
+    if dsn is None:
+        return FileRingStore(auth_dir(args))
+    from felix.auth.pgrings import PostgresRingStore
+
+    key_file: Path | None = getattr(args, "region_key", None)
+    if key_file is None and os.environ.get(REGION_KEY_ENV):
+        key_file = Path(os.environ[REGION_KEY_ENV])
+    kek = FileKeyEncryptionKey.load(key_file) if key_file is not None else None
+    return PostgresRingStore(dsn, kek=kek)
+
+
+def _with_store(args: argparse.Namespace, body: Callable[[RingStore], Awaitable[T]]) -> T:
+    """``body(store)`` on the commands' ring store, closed afterwards."""
+    store = ring_store(args)
+
+    async def main() -> T:
+        try:
+            return await body(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
 
 
 def guarded(command: Command) -> Command:
@@ -185,18 +243,11 @@ def tenant_arg(args: argparse.Namespace) -> str:
         raise ConfigError(f"--tenant: {exc}") from None
 
 
-def _no_ring(directory: Path, tenant: str) -> NotFound:
+def _no_ring(where: str, tenant: str) -> NotFound:
     return NotFound(
-        f"no key ring for tenant {tenant!r} in {directory} "
+        f"no key ring for tenant {tenant!r} in {where} "
         f"(create one with: felix token keygen --tenant {tenant})"
     )
-
-
-def _load(directory: Path, tenant: str) -> TenantKeyRing:
-    try:
-        return load_ring(directory, tenant)
-    except NotFound:
-        raise _no_ring(directory, tenant) from None
 
 
 def _when(unix: float) -> str:
@@ -205,32 +256,42 @@ def _when(unix: float) -> str:
 
 def _keygen(args: argparse.Namespace) -> int:
     tenant = tenant_arg(args)
-    directory = auth_dir(args)
     now = _now()
     ring = TenantKeyRing.create(tenant, now, max_token_ttl=args.max_ttl)
-    with locked(directory, create=True):
-        if ring_path(directory, tenant).exists() and not args.force:
+
+    async def create(store: RingStore) -> str:
+        if not await store.create(ring, now, replace=args.force):
             raise ConfigError(
-                f"tenant {tenant!r} already has a key ring in {directory}; pass --force to "
+                f"tenant {tenant!r} already has a key ring in {store.where}; pass --force to "
                 "replace it (tokens signed with its keys will stop verifying)"
             )
-        save_ring(directory, ring, now)
+        return store.where
+
+    where = _with_store(args, create)
     (key,) = ring.schedule()
-    print(f"created the key ring of tenant {tenant!r} in {directory}: key {key.kid}")
+    print(f"created the key ring of tenant {tenant!r} in {where}: key {key.kid}")
     return 0
 
 
 def _rotate(args: argparse.Namespace) -> int:
     tenant = tenant_arg(args)
-    directory = auth_dir(args)
-    if not directory.is_dir():
-        raise _no_ring(directory, tenant)
-    with locked(directory):
-        ring = _load(directory, tenant)
+    dropped: list[str] = []
+    kid = ""
+
+    def change(ring: TenantKeyRing) -> float:
+        nonlocal kid, dropped
         now = _now()
         kid = ring.rotate(now)
         dropped = ring.prune(now)
-        save_ring(directory, ring, now)
+        return now
+
+    async def rotate(store: RingStore) -> TenantKeyRing:
+        try:
+            return await store.update(tenant, change)
+        except NotFound:
+            raise _no_ring(store.where, tenant) from None
+
+    ring = _with_store(args, rotate)
     activate_at = ring.schedule()[-1].activate_at
     print(f"published key {kid} of tenant {tenant!r}; it signs from {_when(activate_at)}")
     for old in dropped:
@@ -244,9 +305,20 @@ def _mint(args: argparse.Namespace) -> int:
         perms = PermissionSet(tenant, args.perms)
     except BadRequest as exc:
         raise ConfigError(f"--perm: {exc}") from None
-    directory = auth_dir(args)
-    ring = _load(directory, tenant)
-    region = args.region if args.region is not None else node_region(directory.parent)
+
+    async def load(store: RingStore) -> tuple[TenantKeyRing, str | None]:
+        try:
+            ring = await store.load(tenant)
+        except NotFound:
+            raise _no_ring(store.where, tenant) from None
+        if args.region is not None:
+            return ring, args.region
+        if isinstance(store, FileRingStore):
+            return ring, node_region(store.directory.parent)
+        region = getattr(store, "region", None)  # a cluster's database: the cluster's
+        return ring, (await region()) if region is not None else None
+
+    ring, region = _with_store(args, load)
     try:
         token = ring.mint(
             _now(),
@@ -279,19 +351,14 @@ def node_region(data_dir: Path) -> str | None:
 
 def _jwks(args: argparse.Namespace) -> int:
     tenant = tenant_arg(args)
-    directory = auth_dir(args)
-    path = jwks_path(directory, tenant)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise _no_ring(directory, tenant) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        raise ConfigError(f"{path} is not valid JSON") from None
-    print(json.dumps(value, indent=2, sort_keys=True))
+
+    async def read(store: RingStore) -> dict[str, Any]:
+        value = await store.jwks(tenant)
+        if value is None:
+            raise _no_ring(store.where, tenant)
+        return value
+
+    print(json.dumps(_with_store(args, read), indent=2, sort_keys=True))
     return 0
 
 

@@ -158,10 +158,13 @@ def _write_atomically(path: Path, data: bytes, mode: int) -> None:
     _fsync_directory(path.parent)
 
 
-def save_ring(directory: Path, ring: TenantKeyRing, now: float) -> None:
+def save_ring(
+    directory: Path, ring: TenantKeyRing, now: float, *, jwks: dict[str, Any] | None = None
+) -> None:
     """Store ``ring`` and the JWK set it publishes at ``now`` (Unix seconds).
 
-    Writes ``<tenant>.jwks.json`` (``ring.jwks(now)``, mode 0644) and then
+    Writes ``<tenant>.jwks.json`` (``jwks``, by default ``ring.jwks(now)``; mode 0644)
+    and then
     ``<tenant>.ring.json`` (``ring.to_json()``, mode 0600), each atomically (see the
     module docstring); creates ``directory`` with mode 0700 if it is missing. The
     published set is a snapshot: save again after :meth:`~TenantKeyRing.rotate` and
@@ -172,11 +175,11 @@ def save_ring(directory: Path, ring: TenantKeyRing, now: float) -> None:
             written (the message names it).
     """
     directory = Path(directory)
-    jwks = _jwks_text(ring.jwks(now))
+    published = _jwks_text(ring.jwks(now) if jwks is None else jwks)
     stored = ring.to_json() + "\n"
     try:
         _ensure_directory(directory)
-        _write_atomically(jwks_path(directory, ring.tenant), jwks, _JWKS_MODE)
+        _write_atomically(jwks_path(directory, ring.tenant), published, _JWKS_MODE)
         _write_atomically(ring_path(directory, ring.tenant), stored.encode("utf-8"), _RING_MODE)
     except OSError as exc:
         raise ConfigError(

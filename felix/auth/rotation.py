@@ -2,11 +2,12 @@
 
 How it works
 ------------
-The process that owns a key directory (``felix up --auth`` with its embedded control
-plane: ``DATA_DIR/auth``; ``felix control --auth``: ``--keys-dir``) runs a
-:class:`KeyRotator` over every tenant that has a key ring there (rings are made by
-``felix token keygen``; the token exchange only reads them). For each ring the pure
-:func:`plan` decides, from the ring's timeline and ``now``, what is due::
+The process that owns the rings (``felix up --auth`` with its embedded control plane:
+``DATA_DIR/auth``, or in a cluster the cluster's database; ``felix control --auth``:
+``--keys-dir``) runs a :class:`KeyRotator` over every tenant that has a key ring there
+(rings are made by ``felix token keygen``; the token exchange only reads them). For
+each ring the pure :func:`plan` decides, from the ring's timeline and ``now``, what is
+due::
 
     newest key activates at A                A + interval - lead     A + interval
       |--- ACTIVE -----------------------------------|--- (publish next: NEXT) ---|--- next ACTIVE
@@ -24,17 +25,20 @@ plane: ``DATA_DIR/auth``; ``felix control --auth``: ``--keys-dir``) runs a
 :func:`apply` does both to a ring (prune first, then rotate) and :func:`next_check`
 says when the ring next needs a look. ``lead`` is how long every verifier has to
 fetch the new key before the first token signed with it arrives: keep it above the
-longest a verifier's copy of the set can be stale, i.e. twice the followers'
-``--jwks-refresh`` period plus a few seconds for the file rechecks (see
-:meth:`RotationPolicy.covers`). A ring that already holds
+longest a verifier's copy of the set can be stale, i.e. twice the followers' (or the
+cluster's nodes') ``--jwks-refresh`` period plus a few seconds for the file rechecks
+(see :meth:`RotationPolicy.covers`). A ring that already holds
 :data:`~felix.auth.tokens.MAX_JWKS_KEYS` keys is not rotated until one is pruned (a
 set with more would not verify).
 
-:class:`KeyRotator.tick` does one blocking pass over the directory, each ring's
-read-modify-write under :func:`~felix.auth.files.locked` (so a concurrent ``felix
-token rotate`` or a second rotator cannot race it); :meth:`KeyRotator.run` repeats it
-in a thread until cancelled. All times are wall-clock Unix seconds (the keys'
-timelines and the tokens' ``iat``/``exp`` are); the clock is passed in.
+:meth:`KeyRotator.tick` does one pass over the store
+(:class:`~felix.auth.ringstore.RingStore`), each ring's read-modify-write under the
+store's lock of it (the key directory's ``flock``; the ring's row lock in PostgreSQL),
+with the decision taken on the ring as read under that lock: a concurrent ``felix
+token rotate``, a second rotator, or another node of the cluster cannot race it, and
+two rotators due at once rotate once. :meth:`KeyRotator.run` repeats it until
+cancelled. All times are wall-clock Unix seconds (the keys' timelines and the tokens'
+``iat``/``exp`` are); the clock is passed in.
 """
 
 from __future__ import annotations
@@ -44,12 +48,13 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
-from felix.auth.files import MAX_TENANTS, load_ring, locked, ring_path, ring_tenants, save_ring
+from felix.auth.files import MAX_TENANTS
 from felix.auth.keys import KeyState, TenantKeyRing
+from felix.auth.ringstore import FileRingStore, RingStore
 from felix.auth.tokens import MAX_JWKS_KEYS
 from felix.errors import ConfigError, FelixError, NotFound
 
@@ -176,64 +181,57 @@ def apply(ring: TenantKeyRing, now: float, policy: RotationPolicy) -> Applied:
     return Applied(rotated, dropped, todo.full)
 
 
-_StatKey = tuple[int, int, int, int]
-
-
-def _stat_key(path: Path) -> _StatKey | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-
-
 class KeyRotator:
-    """Rotates and prunes every ring in ``directory`` on ``policy``'s schedule.
+    """Rotates and prunes every ring of ``store`` on ``policy``'s schedule.
 
-    Remembers, per tenant, the ring file it last saw and when that ring next needs a
-    look, so a pass reloads only rings that are due or changed on disk (``felix token
-    rotate``, ``keygen --force``). Passes are at least every ``max_sleep`` seconds
+    ``store`` is a :class:`~felix.auth.ringstore.RingStore`, or a key directory (a
+    :class:`~felix.auth.ringstore.FileRingStore` over it). Remembers, per tenant, the
+    ring's version it last saw and when that ring next needs a look, so a pass reloads
+    only rings that are due or changed (``felix token rotate``, ``keygen --force``,
+    another node of a cluster). Passes are at least every ``max_sleep`` seconds
     (default: a quarter of the interval, 1 to 60 s), so new rings and clock jumps are
-    noticed. At most
-    :data:`~felix.auth.files.MAX_TENANTS` rings (by name) are handled.
+    noticed. At most :data:`~felix.auth.files.MAX_TENANTS` rings (by name) are handled.
     """
 
     def __init__(
         self,
-        directory: Path,
+        store: RingStore | Path,
         policy: RotationPolicy,
         *,
         clock: Callable[[], float] = time.time,
         max_sleep: float | None = None,
     ) -> None:
-        self.directory = Path(directory)
+        self.store: RingStore = (
+            FileRingStore(store) if isinstance(store, str | os.PathLike) else store
+        )
         self.policy = policy
         if max_sleep is None:
             max_sleep = min(max(policy.interval / 4, 1.0), 60.0)
         self.max_sleep = max_sleep
         self._clock = clock
-        self._due: dict[str, tuple[_StatKey | None, float]] = {}
+        self._due: dict[str, tuple[Hashable, float]] = {}
         self._warned_full: set[str] = set()
         self._warned_many = False
         self.rotations = 0
 
-    def tick(self) -> float:
-        """One pass (blocking file I/O): rotate and prune the rings that are due.
+    async def tick(self) -> float:
+        """One pass: rotate and prune the rings that are due.
 
         Returns the wall-clock time of the next pass (at most ``max_sleep`` ahead).
         """
         now = self._clock()
         try:
-            tenants = ring_tenants(self.directory)
-        except ConfigError as exc:
+            versions = await self.store.versions()
+        except FelixError as exc:
             log.warning("key rotation: %s", exc)
             return now + self.max_sleep
+        tenants = sorted(versions)
         if len(tenants) > MAX_TENANTS:
             if not self._warned_many:
                 log.warning(
                     "key rotation: %d key rings in %s, rotating the first %d only",
                     len(tenants),
-                    self.directory,
+                    self.store.where,
                     MAX_TENANTS,
                 )
                 self._warned_many = True
@@ -243,29 +241,36 @@ class KeyRotator:
         wake = now + self.max_sleep
         for tenant in tenants:
             seen = self._due.get(tenant)
-            path = ring_path(self.directory, tenant)
-            if seen is not None and seen[1] > now and seen[0] == _stat_key(path):
+            if seen is not None and seen[1] > now and seen[0] == versions[tenant]:
                 wake = min(wake, seen[1])
                 continue
-            due = self._one(tenant)
-            self._due[tenant] = (_stat_key(path), due)
+            due, version = await self._one(tenant, versions[tenant])
+            self._due[tenant] = (version, due)
             wake = min(wake, due)
         return wake
 
-    def _one(self, tenant: str) -> float:
-        """Rotate/prune one ring under the directory lock; when it next needs a look."""
+    async def _one(self, tenant: str, version: Hashable) -> tuple[float, Hashable]:
+        """Rotate/prune one ring under the store's lock of it: when it next needs a
+        look, and its version once done (None: unknown, so it is looked at again)."""
+        done: Applied | None = None
+        at = 0.0
+
+        def change(ring: TenantKeyRing) -> float | None:
+            nonlocal done, at
+            at = self._clock()
+            done = apply(ring, at, self.policy)
+            return at if done.changed else None
+
         try:
-            with locked(self.directory):
-                now = self._clock()
-                ring = load_ring(self.directory, tenant)
-                done = apply(ring, now, self.policy)
-                if done.changed:
-                    save_ring(self.directory, ring, now)
+            ring = await self.store.update(tenant, change)
         except NotFound:  # removed since the listing
-            return self._clock() + self.max_sleep
+            return self._clock() + self.max_sleep, None
         except FelixError as exc:  # a corrupt or unreadable ring: look again later
             log.warning("key rotation of tenant %r: %s", tenant, exc)
-            return self._clock() + self.max_sleep
+            return self._clock() + self.max_sleep, version
+        assert done is not None
+        if done.changed:
+            version = None  # this pass changed it: learn the new version next pass
         if done.rotated is not None:
             self.rotations += 1
             activate = ring.schedule()[-1].activate_at
@@ -273,7 +278,7 @@ class KeyRotator:
                 "tenant %r: published key %s, signing in %.0f s",
                 tenant,
                 done.rotated,
-                activate - now,
+                activate - at,
             )
         for kid in done.dropped:
             log.info("tenant %r: dropped expired key %s", tenant, kid)
@@ -287,19 +292,19 @@ class KeyRotator:
                 self._warned_full.add(tenant)
         else:
             self._warned_full.discard(tenant)
-        return next_check(ring, now, self.policy)
+        return next_check(ring, at, self.policy), version
 
     async def run(self) -> None:
-        """Pass over the directory (in a thread) until cancelled."""
+        """Pass over the store until cancelled."""
         log.info(
             "rotating the signing keys in %s every %g s (published %g s ahead)",
-            self.directory,
+            self.store.where,
             self.policy.interval,
             self.policy.lead,
         )
         while True:
             try:
-                wake = await asyncio.to_thread(self.tick)
+                wake = await self.tick()
             except Exception:  # never let one bad pass end the schedule
                 log.exception("key rotation pass failed")
                 wake = self._clock() + self.max_sleep

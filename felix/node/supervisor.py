@@ -46,9 +46,12 @@ from typing import Any
 
 import felix
 from felix import ipc
+from felix.auth.pgrings import PostgresRingStore
+from felix.auth.ringstore import RingStore
 from felix.auth.rotation import KeyRotator, RotationPolicy
 from felix.cluster.ownership import cluster_clock
 from felix.errors import ConfigError
+from felix.keys.kek import FileKeyEncryptionKey
 from felix.keys.store import KEYS_DIR, KeyStore, resolve_region_key
 from felix.node import messages as msg
 from felix.node.children import Child
@@ -74,6 +77,7 @@ from felix.node.liveness import (
 )
 from felix.node.process import ChildProcess
 from felix.node.registrar import Registrar
+from felix.node.ring_mirror import RingMirror
 from felix.node.worker import SPEC_ENV, ChildSpec, RingSpec
 from felix.quic import bind_udp
 from felix.ring import Ring, make_doorbell
@@ -134,6 +138,10 @@ class Supervisor:
         # rotation (embedding one), with --auth; both stop at drain.
         self.jwks_sync: JwksSync | None = None
         self.key_rotator: KeyRotator | None = None
+        # In a cluster (embedded control plane on PostgreSQL) the rings live in the
+        # database: the mirror keeps DATA_DIR/auth equal to it.
+        self.ring_mirror: RingMirror | None = None
+        self._ring_store: PostgresRingStore | None = None
         self._jwks_fetcher: HttpJwksFetcher | None = None
         self._key_tasks: list[asyncio.Task[None]] = []
         self.port = 0
@@ -203,6 +211,25 @@ class Supervisor:
                     "felix_jwks_sync_failures",
                     "JWK set fetches that failed (the last known set was kept)",
                     sync.failures,
+                ),
+            ]
+        if self.ring_mirror is not None:
+            mirror = self.ring_mirror
+            counters += [
+                (
+                    "felix_key_ring_mirror_writes",
+                    "Key rings mirrored from the cluster",
+                    mirror.writes,
+                ),
+                (
+                    "felix_key_ring_mirror_removals",
+                    "Key rings removed (gone from the cluster's database)",
+                    mirror.removals,
+                ),
+                (
+                    "felix_key_ring_mirror_failures",
+                    "Mirror passes that failed (the files were kept)",
+                    mirror.failures,
                 ),
             ]
         if self.key_rotator is not None:
@@ -446,17 +473,27 @@ class Supervisor:
             source = self._control_feed
             await self._wait_ready([self.control_child])
             self._background(self._supervise(self.control_child))
+            rings: RingStore | Path = config.data_dir / "auth"
+            if config.auth and (shared := self._shared_ring_store()) is not None:
+                # A cluster's rings live in its database; DATA_DIR/auth mirrors them.
+                rings = self._ring_store = shared
+                self.ring_mirror = RingMirror(
+                    shared, config.data_dir / "auth", period=config.jwks_refresh
+                )
+                self._start_key_task(self.ring_mirror.run())
             if config.auth and config.key_rotation_interval > 0:
-                # This process owns the rings in DATA_DIR/auth: rotate them on schedule.
+                # This process owns the rings (DATA_DIR/auth, or the cluster's database):
+                # rotate them on schedule.
                 policy = RotationPolicy(config.key_rotation_interval, config.key_publish_lead)
                 if not policy.covers(config.jwks_refresh):
                     log.warning(
                         "--key-publish-lead %g s is short: nodes following this control "
-                        "plane and refreshing keys every %g s may see a token before its key",
+                        "plane or in this cluster, refreshing keys every %g s, may see a "
+                        "token before its key",
                         policy.lead,
                         config.jwks_refresh,
                     )
-                self.key_rotator = KeyRotator(config.data_dir / "auth", policy)
+                self.key_rotator = KeyRotator(rings, policy)
                 self._start_key_task(self.key_rotator.run())
 
         def send(message: msg.ApplyResource) -> None:
@@ -487,13 +524,39 @@ class Supervisor:
         if not self.follower.seeded.is_set():
             # A feed of another region at start: felix up stops with the reason (exit 2).
             raise ConfigError(f"refusing to follow {describe}: {self.follower.refused}")
-        if self.jwks_sync is not None:
+        synced = self.jwks_sync or self.ring_mirror
+        if synced is not None:
             # Start the gateways with the tenants' keys in place (bounded: a slow or
             # failing fetch keeps retrying in the background).
             try:
-                await asyncio.wait_for(self.jwks_sync.synced.wait(), JWKS_READY_TIMEOUT)
+                await asyncio.wait_for(synced.synced.wait(), JWKS_READY_TIMEOUT)
             except TimeoutError:
                 log.warning("the tenants' keys are not all synced yet; starting anyway")
+
+    def _shared_ring_store(self) -> PostgresRingStore | None:
+        """The cluster's key rings: in a cluster whose embedded control plane's store is
+        PostgreSQL, that database (sealed with the region key when one is given:
+        felix/auth/pgrings.py). None: the rings are DATA_DIR/auth's, as on a standalone
+        node."""
+        config = self.config
+        store = config.control_store
+        if not config.clustered or config.control_url or store is None:
+            return None
+        if store.partition("://")[0].lower() not in ("postgresql", "postgres"):
+            return None
+        kek = None
+        if config.region_key is not None:
+            kek = FileKeyEncryptionKey.load(config.region_key)
+            log.info(
+                "tenant key rings: in the cluster's database, sealed with region key %s", kek.key_id
+            )
+        else:
+            log.warning(
+                "tenant key rings: in the cluster's database, not sealed (no --region-key "
+                "or $FELIX_REGION_KEY_FILE shared by the cluster's nodes): whoever can read "
+                "the database, or a backup of it, can sign tokens"
+            )
+        return PostgresRingStore(store, kek=kek)
 
     def _replay_embedded(self) -> None:
         """Define every shard's resources again in gateway-0, which hosts the shard cores
@@ -812,6 +875,8 @@ class Supervisor:
                 await task
         if self._jwks_fetcher is not None:
             await self._jwks_fetcher.aclose()
+        if self._ring_store is not None:
+            await self._ring_store.close()
 
     async def _reap(self, timeout: float) -> None:
         procs = [c.proc for c in self.children if c.proc is not None and c.proc.returncode is None]

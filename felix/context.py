@@ -92,6 +92,9 @@ class Defaults:
     tenant: str | None = None
     namespace: str | None = None
     http: str | None = None
+    #: The admin token of the node whose health port ``http`` is (its per-tenant routes
+    #: need it on a node with auth); set only when both come from that node's data dir.
+    http_token: str | None = None
     #: Where these came from, for ``-v``: ``context prod``, ``data/node.json``, ...
     source: str = "built-in defaults"
     #: A warning worth printing (a node.json whose node is not running).
@@ -257,6 +260,7 @@ def node_defaults(data_dir: Path, *, node_json: Path | None = None) -> Defaults:
     http = info.get("http")
     ca = info.get("ca")
     admin = path.parent / "admin-token"
+    token = _secret_file(str(admin), "admin token") if admin.is_file() else None
     warning = None
     if "pid" in info and not _pid_alive(info["pid"]):
         warning = f"{path} names pid {info['pid']}, which is not running: is the node up?"
@@ -265,7 +269,8 @@ def node_defaults(data_dir: Path, *, node_json: Path | None = None) -> Defaults:
         control_url=control if isinstance(control, str) else None,
         ca=ca if isinstance(ca, str) else None,
         http=url_from_address(http, "http") if isinstance(http, str) else None,
-        control_token=_secret_file(str(admin), "admin token") if admin.is_file() else None,
+        control_token=token,
+        http_token=token if isinstance(http, str) else None,
         source=str(path),
         warning=warning,
     )
@@ -299,6 +304,8 @@ def resolve(context: str | None = None) -> Defaults:
             tenant=ctx.tenant,
             namespace=ctx.namespace,
             http=ctx.http or base.http,
+            # Likewise its health port's: never to a health address of the context's own.
+            http_token=base.http_token if ctx.http is None else None,
             source=f"context {name}",
             warning=base.warning,
         )

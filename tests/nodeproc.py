@@ -88,9 +88,18 @@ class NodeProcess:
         self.info = json.loads((self.data_dir / "node.json").read_text())
         return self.info
 
-    def http(self, path: str) -> tuple[int, str]:
+    def http(self, path: str, *, token: str | None = "admin") -> tuple[int, str]:
+        """GET ``path`` from the health port, as the operator: with the data dir's admin
+        token when there is one (``token="admin"``), else ``token`` (None: without)."""
+        headers = {}
+        if token == "admin":
+            admin = self.data_dir / "admin-token"
+            token = admin.read_text().strip() if admin.is_file() else None
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        request = urllib.request.Request(f"http://{self.info['http']}{path}", headers=headers)
         try:
-            with urllib.request.urlopen(f"http://{self.info['http']}{path}", timeout=5) as r:
+            with urllib.request.urlopen(request, timeout=5) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()

@@ -103,6 +103,7 @@ def test_a_local_node_json_and_its_admin_token_are_found(
     info = {
         "quic": "0.0.0.0:7000",
         "control": "https://h:8443",
+        "http": "127.0.0.1:8080",
         "ca": "/d/ca.pem",
         "pid": os.getpid(),
     }
@@ -117,6 +118,8 @@ def test_a_local_node_json_and_its_admin_token_are_found(
         "admin-secret",
     )
     assert found.warning is None
+    # The admin token goes with that node's own health port (its per-tenant routes).
+    assert (found.http, found.http_token) == ("http://127.0.0.1:8080", "admin-secret")
     other = tmp_path / "other"
     other.mkdir()
     (other / "node.json").write_text(
@@ -133,6 +136,11 @@ def test_a_local_node_json_and_its_admin_token_are_found(
         "acme",
         "admin-secret",
     )
+    assert found.http_token == "admin-secret"
+    # A context naming a health port of its own never gets the data dir's admin token.
+    save_context(Context(name="elsewhere", data_dir=str(data), http="http://h2:8080"))
+    found = resolve("elsewhere")
+    assert (found.http, found.http_token) == ("http://h2:8080", None)
 
 
 @pytest.fixture

@@ -242,6 +242,14 @@ def test_auth_creates_an_admin_token_the_control_api_requires(tmp_path: Path) ->
             assert http.get(f"{api}/v1/system/health").status_code == 200
             r = http.post(base, json={"name": "acme"}, headers={"Authorization": f"Bearer {token}"})
             assert r.status_code == 201, r.text
+        # The health port's per-tenant routes want that token too; probes and metrics not.
+        for path in ("/streams/acme/prod/orders", "/caches/acme/prod/sessions"):
+            for wrong in (None, token + "x", "x"):
+                status, body = node.http(path, token=wrong)
+                assert status == 401 and "admin token is required" in body, (path, wrong)
+            assert node.http(path)[0] == 404  # with the admin token: held by no shard yet
+        for path in ("/livez", "/readyz", "/metrics", "/status"):
+            assert node.http(path, token=None)[0] == 200, path
     finally:
         node.stop()
     # A restart reuses the token.

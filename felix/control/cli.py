@@ -507,11 +507,12 @@ def _print_node_view(
     what = "stream" if kind is ResourceKind.STREAM else "cache"
     tenant, namespace, name = path
     url = stream_status_url(node, (tenant, namespace, name), what)
-    status = fetch_stream_status(url, timeout=args.timeout)
+    token = _node_token(node, args)
+    status = fetch_stream_status(url, timeout=args.timeout, token=token)
     if args.interval > 0:
         start = time.monotonic()
         time.sleep(args.interval)
-        after = fetch_stream_status(url, timeout=args.timeout)
+        after = fetch_stream_status(url, timeout=args.timeout, token=token)
         status = {**after, "rates": status_rates(what, status, after, time.monotonic() - start)}
     if args.json:
         _print_json({"node": node, **status} if heading else status)
@@ -687,6 +688,17 @@ def _group_create(client: ControlClient, args: argparse.Namespace, kind: Resourc
     return 0
 
 
+def _node_token(node: str, args: argparse.Namespace) -> str | None:
+    """The admin token for the health port ``node`` (a node with auth wants it for its
+    per-tenant routes): ``$FELIX_NODE_TOKEN``, else the discovered node's own when
+    ``node`` is that node's health address; never another node's."""
+    token = os.environ.get("FELIX_NODE_TOKEN")
+    if token:
+        return token
+    found = resolve(getattr(args, "context", None))
+    return found.http_token if found.http == node else None
+
+
 def _group_info(args: argparse.Namespace) -> int:
     """``group info``: the group's entry in the node's stream status with ``--node`` (or
     $FELIX_NODE_URL), else the control plane's resource."""
@@ -697,7 +709,8 @@ def _group_info(args: argparse.Namespace) -> int:
         raise ConfigError(f"--timeout must be positive, got {args.timeout}")
     tenant, namespace, stream = _stream_path(args)
     url = stream_status_url(node, (tenant, namespace, stream))
-    entry = group_status(fetch_stream_status(url, timeout=args.timeout), args.name, url)
+    status = fetch_stream_status(url, timeout=args.timeout, token=_node_token(node, args))
+    entry = group_status(status, args.name, url)
     if args.json:
         _print_json(entry)
     else:

@@ -26,6 +26,7 @@ from felix.errors import (
     FelixError,
     FelixTimeoutError,
     NotFound,
+    PermissionDenied,
     ServerError,
     Unavailable,
 )
@@ -63,14 +64,19 @@ def stream_status_url(node: str, path: tuple[str, str, str], kind: str = "stream
     return f"{parts.scheme}://{parts.netloc}/{kind}s/{names}"
 
 
-def fetch_stream_status(url: str, *, timeout: float) -> dict[str, Any]:
-    """GET the status at ``url``. Raises NotFound (the node does not hold the stream),
-    BadRequest (the node refused the names), Unavailable (unreachable, or its shard did
-    not answer), FelixTimeoutError, or ServerError for an answer that is not a status."""
+def fetch_stream_status(url: str, *, timeout: float, token: str | None = None) -> dict[str, Any]:
+    """GET the status at ``url`` (with ``token``, the node's admin token, which a node
+    with auth requires). Raises NotFound (the node does not hold the stream),
+    BadRequest (the node refused the names), PermissionDenied (401: no or a wrong
+    token), Unavailable (unreachable, or its shard did not answer), FelixTimeoutError,
+    or ServerError for an answer that is not a status."""
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     try:
         with (
             httpx.Client(timeout=timeout) as http,
-            http.stream("GET", url, headers={"Accept": "application/json"}) as response,
+            http.stream("GET", url, headers=headers) as response,
         ):
             body = bytearray()
             for chunk in response.iter_bytes():
@@ -84,9 +90,12 @@ def fetch_stream_status(url: str, *, timeout: float) -> dict[str, Any]:
     text = bytes(body).decode("utf-8", "replace").strip()
     status = response.status_code
     if status != 200:
-        error: type[FelixError] = {404: NotFound, 400: BadRequest, 503: Unavailable}.get(
-            status, ServerError
-        )
+        error: type[FelixError] = {
+            404: NotFound,
+            400: BadRequest,
+            401: PermissionDenied,
+            503: Unavailable,
+        }.get(status, ServerError)
         raise error(f"node answered {status}: {text[:500] or response.reason_phrase}")
     try:
         answer = json.loads(bytes(body))

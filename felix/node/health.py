@@ -3,6 +3,9 @@
 the agent's view and the node's shard map, for ``felix cluster status``),
 /streams/<tenant>/<namespace>/<stream> (a stream's status as JSON) and
 /caches/<tenant>/<namespace>/<cache> (a cache's counters, summed over its partitions).
+On a node with auth those two name a tenant's resources and need the node's admin token
+(``Authorization: Bearer``; tenants ask the control plane's ``/v1/node/...`` routes,
+which check their permissions); the others stay open to probes and scrapers.
 
 A deliberately small HTTP/1.1 responder on asyncio streams: seven GET routes,
 bounded request size, one response per connection. /livez never checks
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -49,6 +53,12 @@ from felix.names import validate_name
 MAX_REQUEST_BYTES = 8192
 READ_TIMEOUT = 5.0
 MAX_CONNECTIONS = 64
+#: The answer of a per-tenant route without the node's admin token (a node with auth).
+UNAUTHORIZED = (
+    b"the node's admin token is required for this route (Authorization: Bearer; "
+    b"DATA_DIR/admin-token), or ask the control plane: GET /v1/node/streams/... with a "
+    b"token allowed to manage the resource\n"
+)
 
 
 class ChildView(Protocol):
@@ -389,8 +399,13 @@ class HealthServer:
         *,
         max_connections: int = MAX_CONNECTIONS,
         info: Mapping[str, str] | None = None,
+        resource_token: str | None = None,
     ) -> None:
         self._node = node
+        #: With auth (``felix up --auth``): the node's admin token, which the per-tenant
+        #: routes (/streams/..., /caches/...) require as ``Authorization: Bearer``. The
+        #: others (probes, metrics, /status, /cluster) name no tenant's resources.
+        self._resource_token = resource_token
         #: Labels of the felix_node_info gauge (region, version); none: no gauge.
         self.info = dict(info or {})
         self._server: asyncio.Server | None = None
@@ -435,7 +450,10 @@ class HealthServer:
             self._waiting.pop(writer, None)
             method, path, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
             path = path.split("?", 1)[0]
-            if method == "GET" and path.startswith("/streams/"):
+            tenant_route = path.startswith(("/streams/", "/caches/"))
+            if method == "GET" and tenant_route and not self._authorized(head):
+                status, ctype, body = "401 Unauthorized", "text/plain", UNAUTHORIZED
+            elif method == "GET" and path.startswith("/streams/"):
                 status, ctype, body = await self._resource("stream", path)
             elif method == "GET" and path.startswith("/caches/"):
                 status, ctype, body = await self._resource("cache", path)
@@ -454,6 +472,21 @@ class HealthServer:
         )
         with contextlib.suppress(Exception):
             await writer.drain()
+
+    def _authorized(self, head: bytes) -> bool:
+        """Whether the request ``head`` may read a tenant's resource here: always without
+        auth, else only with the node's admin token (compared in constant time)."""
+        want = self._resource_token
+        if want is None:
+            return True
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"authorization":
+                scheme, _, token = value.strip().partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(
+                    token.strip(), want.encode()
+                )
+        return False
 
     async def _resource(self, kind: str, path: str) -> tuple[str, str, bytes]:
         """/streams/<t>/<ns>/<stream> or /caches/<t>/<ns>/<cache>."""

@@ -46,6 +46,7 @@ from typing import Any
 
 import felix
 from felix import ipc
+from felix.auth.files import admin_token
 from felix.auth.pgrings import PostgresRingStore
 from felix.auth.ringstore import RingStore
 from felix.auth.rotation import KeyRotator, RotationPolicy
@@ -291,7 +292,9 @@ class Supervisor:
         if not config.embedded_shards:
             self._make_rings()
         self.health = HealthServer(
-            self, info={"region": config.region, "version": felix.__version__}
+            self,
+            info={"region": config.region, "version": felix.__version__},
+            resource_token=(admin_token(config.data_dir / "admin-token") if config.auth else None),
         )
         await self.health.start(*config.http)
         if not config.control_url:

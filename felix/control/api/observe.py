@@ -162,7 +162,7 @@ async def fetch_node(ctx: ControlContext, path: str) -> dict[str, Any]:
     host, port = health_address(ctx)
     try:
         async with asyncio.timeout(NODE_TIMEOUT):
-            status, body = await _get(host, port, path)
+            status, body = await _get(host, port, path, ctx.admin_token)
     except TimeoutError:
         raise Unavailable(
             f"the node's health port did not answer within {NODE_TIMEOUT:g} s"
@@ -182,14 +182,17 @@ async def fetch_node(ctx: ControlContext, path: str) -> dict[str, Any]:
     return answer
 
 
-async def _get(host: str, port: int, path: str) -> tuple[int, bytes]:
-    """One HTTP/1.1 GET to the health port (it answers with Content-Length, then closes)."""
+async def _get(host: str, port: int, path: str, token: str | None) -> tuple[int, bytes]:
+    """One HTTP/1.1 GET to the health port (it answers with Content-Length, then closes);
+    ``token``: the node's admin token, which its per-tenant routes need on a node with
+    auth (this control plane is that node's own: the caller's permission was checked)."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
         hostname = f"[{host}]" if ":" in host else host
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
         writer.write(
             f"GET {path} HTTP/1.1\r\nHost: {hostname}:{port}\r\nAccept: application/json\r\n"
-            "Connection: close\r\n\r\n".encode()
+            f"{auth}Connection: close\r\n\r\n".encode()
         )
         await writer.drain()
         data = await reader.read(MAX_NODE_BYTES + 1)

@@ -643,7 +643,8 @@ test_cache_matches_model = CacheMachine.TestCase
 
 
 class CacheSafetyMachine(RuleBasedStateMachine):
-    """Bounded sweeps, big key space: never an expired or stale value, never over budget."""
+    """Bounded sweeps, big key space, fences: never an expired or stale value (nor one a
+    fence named), never over budget."""
 
     cache: CachePartition
 
@@ -695,6 +696,28 @@ class CacheSafetyMachine(RuleBasedStateMachine):
         removed = self.cache.sweep(self.t, max_work)
         assert 0 <= removed <= max_work and len(self.cache) == before - removed
 
+    @precondition(lambda self: hasattr(self, "cache"))
+    @rule(mod=st.integers(2, 4), rem=st.integers(0, 3))
+    def fence(self, mod: int, rem: int) -> None:
+        """A logical shard moves away: what it names must never be read again (a store
+        after the fence is new, and must be read)."""
+
+        def gone(key: str) -> bool:
+            return int(key) % mod == rem % mod
+
+        self.cache.fence(gone)
+        for key in [k for k in self.latest if gone(k)]:
+            del self.latest[key]
+
+    @precondition(lambda self: hasattr(self, "cache"))
+    @rule(max_work=st.integers(1, 5))
+    def reclaim(self, max_work: int) -> None:
+        c = self.cache
+        before, pending, discarded = len(c), c.reclaim_pending, c.discarded
+        work = c.reclaim(max_work)
+        assert work == min(max_work, pending) and c.reclaim_pending == pending - work
+        assert len(c) == before - (c.discarded - discarded)
+
     @invariant()
     def bounded(self) -> None:
         if hasattr(self, "cache"):
@@ -706,3 +729,106 @@ CacheSafetyMachine.TestCase.settings = hypothesis_settings(
     max_examples=150, stateful_step_count=60, deadline=None
 )
 test_cache_safety = CacheSafetyMachine.TestCase
+
+
+# -- fences (cluster: logical shards that moved away) -----------------------------
+
+
+def odd(key: str) -> bool:
+    return int(key[1:]) % 2 == 1
+
+
+def test_a_fence_hides_what_it_names_at_once_and_reclaim_frees_it() -> None:
+    c = make()
+    for i in range(10):
+        c.set(f"k{i}", b"v", 0.0, ttl=50.0 if i % 3 else None)
+    used = c.used_bytes
+    c.fence(odd)
+    # Nothing freed yet, nothing named served any more: get, ttl, delete, xx, nx.
+    assert c.used_bytes == used and len(c) == 10 and c.reclaim_pending == 10
+    assert c.get("k1", 1.0) is None and c.ttl("k3", 1.0) is None
+    assert c.delete("k5", 1.0) is False and c.set("k7", b"x", 1.0, xx=True) is False
+    assert c.set("k9", b"new", 1.0, nx=True) is True  # absent: a new entry
+    # The five named entries are gone (found by these calls), the rest waits.
+    assert c.discarded == 5
+    assert c.used_bytes == used - 5 * cost("k1", b"v") + cost("k9", b"new")
+    assert c.get("k0", 1.0) == b"v" and c.ttl("k2", 1.0) == 49.0  # not named: kept
+    c._check_invariants()
+    assert c.reclaim_pending == 4  # k2 k4 k6 k8 (k0 was used: it is live again)
+    assert c.reclaim(3) == 3 and c.reclaim_pending == 1  # bounded
+    assert c.reclaim(100) == 1 and c.reclaim_pending == 0 and c.reclaim(100) == 0
+    c._check_invariants()
+    assert sorted(c._entries) == ["k0", "k2", "k4", "k6", "k8", "k9"]
+    assert c.get("k9", 1.0) == b"new"  # stored after the fence: no fence names it
+    assert c.deletes == c.evictions == c.expirations == 0
+    assert c.take_discarded() == 5 and c.discarded == 0
+
+
+def test_reclaim_frees_the_named_entries_bytes() -> None:
+    c = make()
+    for i in range(10):
+        c.set(f"k{i}", b"v", 0.0, ttl=50.0 if i % 3 else None)
+    c.fence(odd)
+    assert c.reclaim(10) == 10 and len(c) == 5 and c.discarded == 5
+    assert c.used_bytes == 5 * cost("k0", b"v")
+    c._check_invariants()
+
+
+def test_reclaim_keeps_the_lru_order_of_what_survives() -> None:
+    c = make()
+    for i in range(8):
+        c.set(f"k{i}", b"v", 0.0)
+    c.get("k0", 0.0)  # order: k1..k7, k0
+    c.fence(odd)
+    c.set("n", b"v", 0.0)
+    c.get("k4", 0.0)  # a hit moves it to the live dict's MRU end
+    while c.reclaim(2):
+        pass
+    assert list(c._entries) == ["k2", "k6", "k0", "n", "k4"]
+    # The oldest go first: layers before the live dict.
+    c.fence(lambda k: False)  # names nothing: one layer again
+    c.set("m", b"v", 0.0)
+    c.trim_bytes(2 * cost("k2", b"v"))
+    assert c.get("k2", 0.0) is None and c.get("k6", 0.0) is None and c.get("m", 0.0) == b"v"
+    assert c.evictions == 2
+    c._check_invariants()
+
+
+def test_a_second_fence_names_older_entries_but_spares_newer_ones() -> None:
+    c = make()
+    c.set("k1", b"old", 0.0)
+    c.set("k2", b"old", 0.0)
+    c.fence(odd)
+    c.set("k1", b"new", 0.0)  # the shard came back: a new entry
+    c.set("k3", b"new", 0.0)
+    c.fence(lambda k: k == "k2")  # another shard goes
+    assert c.get("k1", 0.0) == b"new" and c.get("k3", 0.0) == b"new"
+    assert c.get("k2", 0.0) is None
+    while c.reclaim(1):
+        pass
+    assert sorted(c._entries) == ["k1", "k3"] and c.get("k1", 0.0) == b"new"
+    c._check_invariants()
+
+
+def test_eviction_drops_fenced_entries_without_counting_them() -> None:
+    one = cost("k0", b"v" * 10)
+    c = make(budget=4 * one)
+    for i in range(4):
+        c.set(f"k{i}", b"v" * 10, 0.0)
+    c.fence(lambda k: k in ("k0", "k1"))
+    c.set("k4", b"v" * 10, 0.0)  # full: the oldest (fenced k0) makes room
+    assert (c.evictions, c.discarded) == (0, 1) and len(c) == 4
+    c.set("k5", b"v" * 10, 0.0)
+    c.set("k6", b"v" * 10, 0.0)
+    assert (c.evictions, c.discarded) == (1, 2)  # k1 dropped, k2 evicted
+    c._check_invariants()
+
+
+def test_the_expiry_sweep_reclaims_fenced_entries_too() -> None:
+    c = make()
+    c.set("k1", b"v", 0.0, ttl=1.0)
+    c.set("k2", b"v", 0.0, ttl=1.0)
+    c.fence(odd)
+    assert c.sweep(5.0, 10) == 2 and len(c) == 0 and c.used_bytes == 0
+    assert c.reclaim(10) == 0
+    c._check_invariants()

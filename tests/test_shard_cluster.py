@@ -4,6 +4,7 @@ logical shards its node serves, and drops the in-memory state of those a map tak
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,13 @@ from felix import ipc, wire
 from felix.cluster.ownership import ClusterNode, OwnershipMap, ShardState, logical_shard
 from felix.errors import Unavailable
 from felix.ipc import RecordType
-from felix.shard.cache import CachePartition
-from felix.shard.core import ShardCore, ShardSettings
+from felix.shard.cache import entry_size
+from felix.shard.core import RECLAIM_PER_SWEEP, ShardCore, ShardSettings
 from felix.shard.durable import DiskSettings, DurableSettings, DurableStore
 from felix.shard.offsets import OffsetReservations
+from felix.shard.queue.group_log import path_for
 from felix.shard.stream_log import StreamSettings
+from tests.test_queues_shard import CONSUMER, MEMBER, Out
 
 T, NS = "acme", "prod"
 L = 8
@@ -162,9 +165,11 @@ def test_a_shard_taken_away_drops_its_memory_but_not_durable_streams(tmp_path: P
     assert defined_log.next_offset == 3 and defined_log.settings.replay_max_records == 7
     durable_log = c.stream_log(ipc.stream_key(T, NS, durable))
     assert durable_log is not None and durable_log.retained_records == 3
-    assert c.moved_streams == 2 and c.moved_cache_entries == 1
+    # The lost cache entry is gone at once; its memory goes with the next sweep.
     assert request(c, wire.encode_cache_get(1, T, NS, "c", c_lost)).value is None
     assert request(c, wire.encode_cache_get(1, T, NS, "c", c_kept)).value == b"v" * 100
+    c.sweep(1.0)
+    assert c.moved_streams == 2 and c.moved_cache_entries == 1
     assert c.memory_used < before
     held = sum(
         log_.retained_bytes
@@ -220,16 +225,6 @@ def test_an_epoch_change_drops_too_and_a_handoff_keeps_the_data(tmp_path: Path) 
     # The shard left and came back between two maps seen here: its epoch says so.
     assert c.apply_ownership(shard_map(4, epochs={2: 3})) == {2}
     assert c.stream_log(key) is None
-
-
-def test_cache_discard_if_keeps_the_bookkeeping() -> None:
-    cache = CachePartition()
-    for i in range(20):
-        cache.set(f"k{i}", b"v", 0.0, ttl=5.0 if i % 2 else None)
-    assert cache.discard_if(lambda k: int(k[1:]) % 3 == 0) == 7
-    cache._check_invariants()
-    assert len(cache) == 13 and cache.get("k3", 0.0) is None and cache.get("k4", 0.0) == b"v"
-    assert cache.deletes == cache.evictions == cache.expirations == 0
 
 
 class Clock:
@@ -411,3 +406,318 @@ def test_a_held_commit_ack_still_waits_for_its_fsync(tmp_path: Path) -> None:
     assert c.flush() == {}  # pinned, but not synced yet: the ack waits for the fsync
     [ack] = replies(c)
     assert isinstance(ack, wire.PublishOffsets) and ack.base_offset == 0
+
+
+# -- queue groups (felix/shard/queue/manager.py): fenced like writes --------------------
+
+Q = 5  # the logical shard of the queue tests' stream
+
+
+class Wall:
+    """The wall clock of retry times (microseconds), moved by hand."""
+
+    def __init__(self) -> None:
+        self.us = 1_000_000_000
+
+    def __call__(self) -> int:
+        return self.us
+
+
+def queue_core(
+    tmp: Path, clock: Clock | None = None, wall: Wall | None = None, *, first_map: bool = True
+) -> tuple[ShardCore, str]:
+    """A cluster core as a shard process starts it (joined before its durable streams
+    and groups are opened), gateway 0 up, and a durable stream in logical shard ``Q``."""
+    store = DurableStore(DiskSettings(root=tmp / "streams"))
+    offsets = OffsetReservations(tmp / "shard-0.offsets", block=BLOCK)
+    c = ShardCore(ShardSettings(index=0, shards=1), offsets, store, wall_us=wall or Wall())
+    c.join_cluster(clock or Clock())
+    c.open_durable()
+    c.handle(0, ipc.encode(RecordType.HELLO, 0, 0, b""), 0.0)
+    c.flush()
+    name = key_in(Q, "q")
+    if first_map:
+        c.apply_ownership(shard_map(1))
+        c.define_stream(
+            ipc.stream_key(T, NS, name), StreamSettings(), DurableSettings(fsync="none")
+        )
+    return c, name
+
+
+def send(c: ShardCore, frame: bytes, token: int, aux: int = 0, now: float = 0.0) -> None:
+    c.handle(0, ipc.encode(RecordType.REQUEST, token, aux, frame), now)
+
+
+def consume_frame(name: str, credit: int = 64) -> bytes:
+    return wire.encode_consume(
+        99, T, NS, name, "g", CONSUMER, credit_records=credit, credit_bytes=1 << 20
+    )
+
+
+def group_file(tmp: Path, name: str) -> Path:
+    return path_for(tmp / "groups", ipc.stream_key(T, NS, name), "g")
+
+
+def group_status(c: ShardCore, name: str) -> dict[str, Any]:
+    st = c.stream_status(ipc.stream_key(T, NS, name))
+    assert st is not None
+    return st["groups"]["g"]  # type: ignore[index,no-any-return]
+
+
+def refused(reply: Any, why: str) -> bool:
+    return (
+        isinstance(reply, wire.ErrorReply)
+        and reply.code == Unavailable.code
+        and why in reply.message
+    )
+
+
+def test_a_moved_shard_ends_its_consumers_and_writes_nothing_of_its_groups(
+    tmp_path: Path,
+) -> None:
+    c, name = queue_core(tmp_path)
+    assert isinstance(publish(c, name, [b"a", b"b", b"c"]), wire.PublishOffsets)
+    send(c, consume_frame(name), MEMBER)
+    out = Out(c)
+    assert isinstance(out.replies[MEMBER], wire.Consuming) and out.offsets() == [0, 1, 2]
+    glog = group_file(tmp_path, name)
+    size = glog.stat().st_size
+
+    # The shard moves to another node: the consumer is told, its leases released.
+    assert c.apply_ownership(shard_map(2, {Q: OTHER}, epochs={Q: 2})) == {Q}
+    out = Out(c)
+    (end,) = out.notices
+    assert refused(end, "moved") and c.moved_consumers == 1
+    st = group_status(c, name)
+    assert (st["leased"], st["available"], st["members"]) == (0, 3, 0), st
+    assert glog.stat().st_size == size  # nothing written: the shard is not served here
+
+    # Requests admitted by a gateway under the previous map reach the core now.
+    send(c, wire.encode_ack(5, CONSUMER, [(0, 3)]), 5, aux=MEMBER)
+    send(c, wire.encode_nak(6, CONSUMER, [(1, 1)]), 6, aux=MEMBER)
+    send(c, wire.encode_term(7, CONSUMER, [(2, 1)], detail="x"), 7, aux=MEMBER)
+    send(c, consume_frame(name), MEMBER + 1)
+    out = Out(c)
+    for token in (5, 6, 7, MEMBER + 1):
+        assert refused(out.replies[token], f"logical shard {Q} is not served"), out.replies
+    # Far past every lease deadline and retry time: no timer writes or delivers.
+    c.sweep(1e6)
+    assert Out(c).delivered == {} and glog.stat().st_size == size
+    assert c.queues.groups  # the group stays: its state is on disk, with the stream
+
+    # The shard comes back: the releases are written, the records go out again with
+    # no failure counted.
+    c.apply_ownership(shard_map(3, epochs={Q: 3}))
+    send(c, consume_frame(name), MEMBER + 1)
+    out = Out(c)
+    assert isinstance(out.replies[MEMBER + 1], wire.Consuming)
+    got = {(d.offset, d.attempts, d.failures) for d in out.delivered[MEMBER + 1]}
+    assert got == {(0, 2, 0), (1, 2, 0), (2, 2, 0)}
+    assert glog.stat().st_size > size
+    # A late settle of the ended consumer is now an unknown member, as on any node.
+    send(c, wire.encode_ack(8, CONSUMER, [(0, 1)]), 8, aux=MEMBER)
+    reply = Out(c).replies[8]
+    assert isinstance(reply, wire.ErrorReply) and reply.code != Unavailable.code
+
+
+def test_a_handoff_refuses_settles_and_parks_timers_until_it_is_cleared(tmp_path: Path) -> None:
+    """A handoff keeps the shard's state here (it may be cleared) but nothing of its
+    groups is written meanwhile: settles and windows are refused, a redelivery that
+    comes due does not go out, and a consumer's LEAVE only changes memory."""
+    wall = Wall()
+    c, name = queue_core(tmp_path, wall=wall)
+    publish(c, name, [b"a", b"b", b"c"])
+    send(c, consume_frame(name), MEMBER)
+    assert Out(c).offsets() == [0, 1, 2]
+    send(c, wire.encode_nak(5, CONSUMER, [(1, 1)], delay_ms=1000), 5, aux=MEMBER)
+    assert isinstance(Out(c).replies[5], wire.Settled)
+    glog = group_file(tmp_path, name)
+    size = glog.stat().st_size
+
+    assert c.apply_ownership(shard_map(2, handoff={Q: OTHER})) == set()
+    send(c, wire.encode_ack(6, CONSUMER, [(0, 1)]), 6, aux=MEMBER)
+    send(c, wire.encode_consumer_window(7, CONSUMER, 100, 1 << 20), 7, aux=MEMBER)
+    out = Out(c)
+    assert refused(out.replies[6], "not served") and refused(out.replies[7], "not served")
+    wall.us += 10_000_000  # the nak's retry is due: it does not go out
+    c.sweep(1.0)
+    assert Out(c).delivered == {} and glog.stat().st_size == size
+    st = group_status(c, name)
+    assert (st["leased"], st["acked"]) == (2, 0), st  # the refused ack changed nothing
+    # The gateway ended the consumer (its map refuses the shard): a graceful LEAVE.
+    c.handle(0, ipc.encode(RecordType.LEAVE, MEMBER, 1, b""), 2.0)
+    assert group_status(c, name)["leased"] == 0
+    assert glog.stat().st_size == size
+
+    # The handoff is cleared: what waited is written, and delivered.
+    c.apply_ownership(shard_map(3))
+    send(c, consume_frame(name), MEMBER + 1)
+    out = Out(c)
+    assert sorted(out.offsets(MEMBER + 1)) == [0, 1, 2]
+    assert glog.stat().st_size > size
+
+
+def test_group_writes_are_fenced_by_serve_until(tmp_path: Path) -> None:
+    clock = Clock()
+    c, name = queue_core(tmp_path, clock)
+    c.apply_ownership(shard_map(2, serve_until=110.0))
+    publish(c, name, [b"a", b"b", b"c"])
+    send(c, consume_frame(name, credit=1), MEMBER)
+    assert Out(c).offsets() == [0]
+    glog = group_file(tmp_path, name)
+    size = glog.stat().st_size
+
+    clock.now = 110.0  # the lease ran out: still the owner, but nothing may be written
+    send(c, wire.encode_ack(5, CONSUMER, [(0, 1)]), 5, aux=MEMBER)
+    send(c, consume_frame(name), MEMBER + 1)
+    # A window writes nothing itself: accepted, but its hand-outs wait.
+    send(c, wire.encode_consumer_window(6, CONSUMER, 10, 1 << 20), 6, aux=MEMBER)
+    out = Out(c)
+    assert refused(out.replies[5], "lease is not valid")
+    assert refused(out.replies[MEMBER + 1], "lease is not valid")
+    assert not isinstance(out.replies[6], wire.ErrorReply) and out.delivered == {}
+    c.sweep(1e6)  # past the lease of offset 0: it does not expire now
+    assert Out(c).delivered == {} and glog.stat().st_size == size
+    assert group_status(c, name)["leased"] == 1
+    assert c.cluster is not None and c.cluster.fenced == 2
+
+    # The renewal went through: the next map moves the deadline on.
+    c.apply_ownership(shard_map(3, serve_until=1e9))
+    out = Out(c)
+    assert out.offsets() == [1, 2] and glog.stat().st_size > size
+
+
+def test_groups_recovered_before_the_first_map_write_nothing_until_it(tmp_path: Path) -> None:
+    """A shard process opens its groups before its node's first shard map reached it:
+    recovery's journal entries (a lease held at the crash fails) and its dead-letter
+    appends wait for a map that serves the shard."""
+    c, name = queue_core(tmp_path)
+    publish(c, name, [b"a", b"b"])
+    send(c, consume_frame(name), MEMBER)
+    assert Out(c).offsets() == [0, 1]
+    send(c, wire.encode_term(5, CONSUMER, [(0, 1)], detail="poison"), 5, aux=MEMBER)
+    out = c.flush()[0]
+    assert any(ipc.decode_header(r)[0] == RecordType.RELAY for r in out)  # not answered
+    glog = group_file(tmp_path, name)
+    size = glog.stat().st_size
+
+    # kill -9, and a new shard process on the same files, before its first map.
+    c2, _ = queue_core(tmp_path, first_map=False)
+    assert (ipc.stream_key(T, NS, name), "g") in c2.queues.groups
+    c2.sweep(1e6)
+    assert not any(ipc.decode_header(r)[0] == RecordType.RELAY for r in c2.flush().get(0, []))
+    assert glog.stat().st_size == size
+    c2.apply_ownership(shard_map(1))
+    assert any(ipc.decode_header(r)[0] == RecordType.RELAY for r in c2.flush().get(0, []))
+    assert glog.stat().st_size > size  # offset 1's failure ("shard restarted")
+
+
+def test_a_dead_letter_stream_is_checked_on_its_sources_logical_shard(tmp_path: Path) -> None:
+    """``<stream>.dlq`` lives on the logical shard of ``<stream>`` (gateways and clients
+    hash it so): the core checks its appends there too, not on crc32 of the full key."""
+    for i in range(10_000):
+        name = f"orders{i}"
+        source = logical_shard(ipc.stream_key(T, NS, name), L)
+        plain = zlib.crc32(ipc.stream_key(T, NS, f"{name}.dlq").encode()) % L
+        if source != plain:
+            break
+    c, _ = queue_core(tmp_path, first_map=False)
+    c.apply_ownership(shard_map(1, {plain: OTHER}))
+    c.handle(
+        0,
+        ipc.encode(
+            RecordType.REQUEST,
+            1,
+            ipc.AUX_DEAD_LETTER,
+            wire.encode_publish(1, T, NS, f"{name}.dlq", [b"x"]),
+        ),
+        0.0,
+    )
+    sync(c)  # created durable (commit): the ack waits for an fsync
+    (rec,) = c.flush()[0]
+    reply = wire.decode_ext(wire.decode_frame(rec[ipc.HEADER_SIZE :], extensions=True))
+    assert isinstance(reply, wire.PublishOffsets), reply
+
+
+# -- cache entries of a lost logical shard: fenced at once, reclaimed by the sweep ------
+
+
+def cache_set_many(c: ShardCore, cache: str, keys: list[str], value: bytes = b"v") -> None:
+    for key in keys:
+        frame = wire.encode_cache_set(1, T, NS, cache, key, value)
+        c.handle(0, ipc.encode(RecordType.REQUEST, 1, 0, frame), 0.0)
+    replies = c.flush()[0]
+    assert len(replies) == len(keys)
+    for rec in replies:
+        reply = wire.decode_ext(wire.decode_frame(rec[ipc.HEADER_SIZE :], extensions=True))
+        assert isinstance(reply, wire.CacheResult) and reply.result, reply
+
+
+def cache_get(c: ShardCore, key: str, cache: str = "c") -> bytes | None:
+    value: bytes | None = request(c, wire.encode_cache_get(1, T, NS, cache, key)).value
+    return value
+
+
+def keys_in(shard: int, n: int, cache: str = "c") -> list[str]:
+    keys = (f"k{i}" for i in range(n * L * 4))
+    out = [k for k in keys if logical_shard(f"{T}/{NS}/{cache}/{k}", L) == shard]
+    assert len(out) >= n
+    return out[:n]
+
+
+def test_a_lost_shards_cache_entries_miss_at_once_and_never_come_back(tmp_path: Path) -> None:
+    c = make(tmp_path)
+    c.apply_ownership(shard_map(1))
+    lost, kept = 3, 5
+    old, stay = keys_in(lost, 50), keys_in(kept, 50)
+    cache_set_many(c, "c", old + stay, b"old")
+    charged = c.tenant_memory(T)
+    assert charged == sum(entry_size(len(k), 3) for k in old + stay)
+
+    c.apply_ownership(shard_map(2, {lost: OTHER}, epochs={lost: 2}))
+    # No scan ran: nothing reclaimed yet, but nothing of the lost shard is served.
+    assert c.tenant_memory(T) == charged
+    assert cache_get(c, old[0]) is None and cache_get(c, stay[0]) == b"old"
+    assert c.tenant_memory(T) == charged - entry_size(len(old[0]), 3)  # found: gone at once
+    # The shard comes back before the sweep reclaimed anything: nothing old returns.
+    c.apply_ownership(shard_map(3, epochs={lost: 3}))
+    assert all(cache_get(c, k) is None for k in old[1:10])
+    cache_set_many(c, "c", old[10:20], b"new")  # written again: new entries
+    while c._reclaiming:
+        c.sweep(1.0)
+    assert [cache_get(c, k) for k in old[10:20]] == [b"new"] * 10
+    assert all(cache_get(c, k) is None for k in old[20:])
+    assert all(cache_get(c, k) == b"old" for k in stay)
+    assert c.moved_cache_entries == 50  # every old entry of the lost shard
+    status = c.cache_status((T, NS, "c"))
+    assert status is not None and status["entries"] == 60
+    held = sum(entry_size(len(k), 3) for k in old[10:20] + stay)
+    assert c.tenant_memory(T) == status["used_bytes"] == held
+
+
+def test_reclaiming_a_lost_shard_is_bounded_per_sweep_and_gives_all_memory_back(
+    tmp_path: Path,
+) -> None:
+    c = make(tmp_path)
+    c.apply_ownership(shard_map(1))
+    per_cache = RECLAIM_PER_SWEEP * 3 // 4
+    for cache in ("c1", "c2"):
+        cache_set_many(c, cache, [f"k{i}" for i in range(per_cache)])
+    assert c.memory_used > 0
+    partitions = [c._caches[(T, NS, name)] for name in ("c1", "c2")]
+
+    def pending() -> int:
+        return sum(p.reclaim_pending for p in partitions)
+
+    everything = shard_map(2, dict.fromkeys(range(L), OTHER), epochs=dict.fromkeys(range(L), 2))
+    c.apply_ownership(everything)
+    assert pending() == 2 * per_cache  # the map's application looked at no entry
+    before = c.memory_used
+    c.sweep(1.0)
+    assert pending() == 2 * per_cache - RECLAIM_PER_SWEEP  # one sweep: a bounded step
+    assert sum(len(p) for p in partitions) == 2 * per_cache - RECLAIM_PER_SWEEP
+    assert c.memory_used == sum(p.used_bytes for p in partitions) < before  # charged back
+    c.sweep(1.0)
+    assert pending() == 0 and not c._reclaiming
+    assert c.memory_used == 0 and c.tenant_memory(T) == 0
+    assert c.moved_cache_entries == 2 * per_cache

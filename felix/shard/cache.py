@@ -26,6 +26,21 @@ partitions (one per tenant/namespace/cache it owns) and uses them from one threa
 * **Memory** is a byte budget on exactly accounted bytes: an entry costs
   ``len(key in UTF-8) + len(value) + ENTRY_OVERHEAD``. A store evicts least recently
   used entries until the new entry fits; the budget is never exceeded.
+* **Fences** (a cluster node whose logical shards move away, felix/shard/core.py):
+  :meth:`CachePartition.fence` gives up, at once and in O(1), every entry held now
+  whose key a predicate names. The entries held move, as one dict, into an *old
+  layer* that remembers the predicate; new stores go to a fresh dict. A lookup that
+  misses the live dict looks in the old layers: an entry there that the predicate of
+  its layer names is dropped and reported missing (so nothing of a lost shard is ever
+  served again, and a later store of the key is a new entry that no fence names);
+  any other is used where it is (a get, being a use, moves it into the live dict). A
+  get that hits the live dict (the hot path) costs nothing more, a miss one check.
+  :meth:`CachePartition.reclaim` frees the old layers in bounded steps (from the
+  core's sweep): each step pops one entry off the newest layer's MRU end and drops it
+  or puts it at the LRU end of the live dict, so the LRU order of what survives is
+  kept. Layers are older than the live dict: eviction
+  takes from the oldest layer first. A fence while layers remain adds its predicate
+  to each of them (their entries are older than it too).
 """
 
 from __future__ import annotations
@@ -33,7 +48,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 
 from felix.errors import BadRequest, TooLarge
@@ -137,6 +152,17 @@ class CacheStats:
     budget_bytes: int
 
 
+@dataclass(slots=True)
+class _Layer:
+    """Entries held when a fence came (in LRU order), and the fences that name some."""
+
+    entries: OrderedDict[str, _Entry]
+    gone: list[Callable[[str], bool]] = field(default_factory=list)
+
+    def stale(self, key: str) -> bool:
+        return any(gone(key) for gone in self.gone)
+
+
 class CachePartition:
     """One cache's key/value store with TTLs and an LRU byte budget (sans-IO).
 
@@ -158,8 +184,10 @@ class CachePartition:
         "_max_ttl",
         "_max_value_bytes",
         "_now",
+        "_old",
         "_sweep_at",
         "deletes",
+        "discarded",
         "evictions",
         "expirations",
         "hits",
@@ -180,6 +208,9 @@ class CachePartition:
         self._default_ttl = settings.default_ttl
         self._max_ttl = settings.max_ttl
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        # Entries held when fences came, oldest layer first (see the module docstring);
+        # a key is in at most one of _entries and the layers.
+        self._old: list[_Layer] = []
         # Expiry index: floor(expires_at) -> keys expiring in that second. Exactly
         # the entries with a finite expiry, each in one bucket.
         self._buckets: dict[int, set[str]] = {}
@@ -193,10 +224,13 @@ class CachePartition:
         self.deletes = 0
         self.evictions = 0
         self.expirations = 0
+        #: Entries dropped because a fence named them (not deletes, evictions or
+        #: expirations); the core takes it (:meth:`take_discarded`).
+        self.discarded = 0
 
     def __len__(self) -> int:
-        """Entries held, including expired ones not yet reclaimed."""
-        return len(self._entries)
+        """Entries held, including expired and fenced ones not yet reclaimed."""
+        return len(self._entries) + sum(len(layer.entries) for layer in self._old)
 
     def __repr__(self) -> str:
         return (
@@ -213,7 +247,7 @@ class CachePartition:
             deletes=self.deletes,
             evictions=self.evictions,
             expirations=self.expirations,
-            entries=len(self._entries),
+            entries=len(self),
             used_bytes=self.used_bytes,
             budget_bytes=self._budget,
         )
@@ -249,7 +283,7 @@ class CachePartition:
         if not (type(key) is str and key.isascii() and 0 < len(key) <= self._max_key_bytes):
             validate_key(key, self._max_key_bytes)
         entry = self._entries.get(key)
-        if entry is None:
+        if entry is None and (not self._old or (entry := self._promote(key)) is None):
             self.misses += 1
             return None
         if entry[1] <= now:
@@ -326,6 +360,8 @@ class CachePartition:
 
         entries = self._entries
         old = entries.get(key)
+        if old is None and self._old:
+            old = self._find_old(key)
         if old is not None and old[1] <= now:
             self._remove(key, old)
             self.expirations += 1
@@ -363,6 +399,8 @@ class CachePartition:
         now = self._clock(now)
         validate_key(key, self._max_key_bytes)
         entry = self._entries.get(key)
+        if entry is None and self._old:
+            entry = self._find_old(key)
         if entry is None:
             return False
         self._remove(key, entry)
@@ -384,6 +422,8 @@ class CachePartition:
         now = self._clock(now)
         validate_key(key, self._max_key_bytes)
         entry = self._entries.get(key)
+        if entry is None and self._old:
+            entry = self._find_old(key)
         if entry is None:
             return None
         expires_at = entry[1]
@@ -434,7 +474,9 @@ class CachePartition:
                     bucket_id += 1
                 continue
             while bucket and work < max_work:
-                freed += entries.pop(bucket.pop())[2]
+                key = bucket.pop()
+                entry = entries.pop(key, None)
+                freed += (self._pop_old(key) if entry is None else entry)[2]
                 removed += 1
                 work += 1
             if bucket:
@@ -446,22 +488,104 @@ class CachePartition:
         self.expirations += removed
         return removed
 
-    def discard_if(self, gone: Callable[[str], bool]) -> int:
-        """Remove every entry whose key ``gone`` says (expired or not); returns how many.
+    def fence(self, gone: Callable[[str], bool]) -> None:
+        """Give up every entry held now whose key ``gone`` names, at once: no get, ttl,
+        set or delete finds one again (a store after the fence is a new entry, which
+        this fence does not name). O(old layers): the memory is freed by
+        :meth:`reclaim` (and by lookups and eviction meanwhile); until then the
+        entries count in ``used_bytes`` and ``len``. Dropped entries are counted in
+        ``discarded``, not as deletes, evictions or expirations."""
+        for layer in self._old:
+            layer.gone.append(gone)
+        if self._entries:
+            self._old.append(_Layer(self._entries, [gone]))
+            self._entries = OrderedDict()
 
-        For a cluster node whose logical shards move away (felix/shard/core.py): not
-        counted as deletes, evictions or expirations. O(entries).
-        """
-        keys = [key for key in self._entries if gone(key)]
-        for key in keys:
-            self._remove(key, self._entries[key])
-        return len(keys)
+    @property
+    def reclaim_pending(self) -> int:
+        """Entries in old layers, still to be looked at by :meth:`reclaim`."""
+        return sum(len(layer.entries) for layer in self._old)
+
+    def reclaim(self, max_work: int) -> int:
+        """Look at up to ``max_work`` entries of the old layers (newest layer first,
+        from its MRU end): drop those a fence names, put the others at the LRU end of
+        the live entries (their order kept). Returns the entries looked at."""
+        entries = self._entries
+        work = dropped = freed = 0
+        while self._old and work < max_work:
+            layer = self._old[-1]
+            held = layer.entries
+            # One fence per layer is the usual case: call it without the any() around.
+            stale = layer.gone[0] if len(layer.gone) == 1 else layer.stale
+            while held and work < max_work:
+                key, entry = held.popitem()
+                work += 1
+                if stale(key):
+                    dropped += 1
+                    freed += entry[2]
+                    if entry[1] != _INF:
+                        self._unindex(key, entry[1])
+                else:
+                    entries[key] = entry
+                    entries.move_to_end(key, last=False)
+            if not held:
+                self._old.pop()
+        self.used_bytes -= freed
+        self.discarded += dropped
+        return work
+
+    def take_discarded(self) -> int:
+        """Entries a fence dropped since the last call."""
+        dropped, self.discarded = self.discarded, 0
+        return dropped
 
     # -- internals -----------------------------------------------------------------
 
+    def _find_old(self, key: str) -> _Entry | None:
+        """``key``'s entry in an old layer, left where it is; None if it is in none, or
+        a fence of its layer names it (then it is dropped)."""
+        for i, layer in enumerate(self._old):
+            entry = layer.entries.get(key)
+            if entry is None:
+                continue
+            if layer.stale(key):
+                del layer.entries[key]
+                if not layer.entries:
+                    del self._old[i]
+                self.used_bytes -= entry[2]
+                if entry[1] != _INF:
+                    self._unindex(key, entry[1])
+                self.discarded += 1
+                return None
+            return entry
+        return None
+
+    def _promote(self, key: str) -> _Entry | None:
+        """:meth:`_find_old`, and the entry found moved into the live entries (a hit:
+        the caller makes it the most recently used)."""
+        entry = self._find_old(key)
+        if entry is not None:
+            self._pop_old(key)
+            self._entries[key] = entry
+        return entry
+
+    def _pop_old(self, key: str) -> _Entry:
+        """Take ``key``'s entry out of the old layer holding it (the sweeper found it
+        expired: it goes, whatever a fence says)."""
+        for i, layer in enumerate(self._old):
+            entry = layer.entries.pop(key, None)
+            if entry is not None:
+                if not layer.entries:
+                    del self._old[i]
+                return entry
+        raise KeyError(key)
+
     def _remove(self, key: str, entry: _Entry) -> None:
         """Drop ``key`` (whose current entry is ``entry``) from the dict and the index."""
-        del self._entries[key]
+        try:
+            del self._entries[key]
+        except KeyError:
+            self._pop_old(key)  # found in an old layer
         self.used_bytes -= entry[2]
         if entry[1] != _INF:
             self._unindex(key, entry[1])
@@ -475,6 +599,8 @@ class CachePartition:
 
     def _evict(self, size: int, now: float) -> None:
         """Pop least recently used entries until ``size`` more bytes fit the budget."""
+        if self._old:
+            self._evict_old(size, now)
         popitem = self._entries.popitem
         budget = self._budget
         used = self.used_bytes
@@ -490,6 +616,25 @@ class CachePartition:
                 self.evictions += 1
         self.used_bytes = used
 
+    def _evict_old(self, size: int, now: float) -> None:
+        """:meth:`_evict` from the old layers first (older than every live entry):
+        entries a fence names are dropped (counted in ``discarded``), not evicted."""
+        while self._old and self.used_bytes + size > self._budget:
+            layer = self._old[0]
+            key, entry = layer.entries.popitem(last=False)
+            if not layer.entries:
+                del self._old[0]
+            self.used_bytes -= entry[2]
+            expires_at = entry[1]
+            if expires_at != _INF:
+                self._unindex(key, expires_at)
+            if layer.stale(key):
+                self.discarded += 1
+            elif expires_at <= now:
+                self.expirations += 1
+            else:
+                self.evictions += 1
+
     @property
     def held_bytes(self) -> int:
         """Accounted bytes held (what the shard charges the cache's tenant)."""
@@ -502,7 +647,7 @@ class CachePartition:
         budget is a cap, and this makes it give memory back below it. Returns the
         bytes freed.
         """
-        if nbytes <= 0 or not self._entries:
+        if nbytes <= 0 or not len(self):
             return 0
         before = self.used_bytes
         # _evict(size) frees until `size` more bytes fit: ask for room for exactly
@@ -514,7 +659,10 @@ class CachePartition:
         """Assert the internal bookkeeping is consistent (for tests; O(entries))."""
         total = 0
         expected: dict[int, set[str]] = {}
-        for key, (value, expires_at, size) in self._entries.items():
+        held = [self._entries, *(layer.entries for layer in self._old)]
+        assert all(held[1:]), "an empty old layer is kept"
+        assert sum(len(h) for h in held) == len({k for h in held for k in h})
+        for key, (value, expires_at, size) in ((k, e) for h in held for k, e in h.items()):
             assert size == entry_size(len(key.encode("utf-8")), len(value))
             total += size
             if expires_at != _INF:

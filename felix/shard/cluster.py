@@ -11,6 +11,11 @@ core needs of it:
   while another node owns it, whatever the order in which a gateway and a shard
   process learn a map (a request admitted under the previous map may reach the core
   after the new one);
+- a queue group's state (felix/shard/queue/manager.py): the requests that change it
+  or hand out its records are checked like writes (consume, ack/nak/term/release/
+  in_progress, window), and nothing else writes its state file unless :meth:`may_write`
+  (served, and the lease valid): deliveries, lease expiries and dead-letter
+  confirmations of a group wait meanwhile (docs/queues.md, "In a cluster");
 - ``serve_until``: before a publish to a durable stream the core checks that this
   node's lease is still valid (the fence of "Membership and leases"), on the clock
   the supervisor's deadline is on, so a frozen or partitioned supervisor fences its
@@ -20,7 +25,8 @@ core needs of it:
   the shard left and came back between two maps seen here): the core drops their
   in-memory state (:meth:`felix.shard.core.ShardCore.apply_ownership`), so a shard
   that comes back starts empty as on any other node. Durable streams stay (their
-  records are on disk and the shard is only ever placed with them);
+  records are on disk and the shard is only ever placed with them), and so do their
+  queue groups' states; their consumers are ended;
 - the logical shards *pinned* to this node (the map's ``durable_node``): the ack of a
   durable publish to a shard not pinned here yet waits for the pin (:class:`PinWaits`).
 
@@ -31,11 +37,10 @@ clock read more.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
-from felix.cluster.ownership import OwnershipMap, cluster_clock
+from felix.cluster.ownership import OwnershipMap, cluster_clock, logical_shard
 from felix.errors import Unavailable
 
 if TYPE_CHECKING:
@@ -124,7 +129,9 @@ class ShardOwnership:
         return self._clock() < self.serve_until
 
     def shard_of(self, key: str) -> int:
-        return zlib.crc32(key.encode()) % self.logical_shards
+        """``key``'s logical shard, as gateways and clients compute it (a ``.dlq``
+        stream with its source: :func:`felix.cluster.ownership.logical_shard`)."""
+        return logical_shard(key, self.logical_shards)
 
     def serves(self, key: str) -> bool:
         """Whether this node serves ``key``'s logical shard by the newest map."""
@@ -138,7 +145,7 @@ class ShardOwnership:
         if not self.version:
             self.refused += 1
             raise Unavailable(NO_MAP)
-        shard = zlib.crc32(key.encode()) % self.logical_shards
+        shard = logical_shard(key, self.logical_shards)
         if not self._served[shard]:
             self.refused += 1
             raise Unavailable(
@@ -150,6 +157,14 @@ class ShardOwnership:
                 "this node's cluster lease is not valid right now: nothing written; retry"
             )
         return shard
+
+    def may_write(self, key: str) -> bool:
+        """Whether state of routing key ``key`` may be written to disk now (a queue group's
+        state file, by a timer or a delivery round rather than a request): ``check(key,
+        durable=True)`` would pass. Counts nothing."""
+        if not self.version or not self._served[logical_shard(key, self.logical_shards)]:
+            return False
+        return self._clock() < self.serve_until
 
 
 #: Why a held ack fails when its logical shard left this node before it was pinned here.

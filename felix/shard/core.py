@@ -42,10 +42,12 @@ log tail (the wall clock for record timestamps and message-id windows is passed 
 as ``wall_us``).
 
 In cluster mode (:meth:`ShardCore.join_cluster`, felix/shard/cluster.py) the core gets
-its node's shard maps (:meth:`ShardCore.apply_ownership`): it stores writes only for the
-logical shards its node serves, and drops the in-memory state (streams' replay rings and
-message ids, cache entries) of those a map takes away, so a logical shard that comes
-back to this node starts empty, as on any other node.
+its node's shard maps (:meth:`ShardCore.apply_ownership`): it stores writes (publishes,
+cache sets, and every change of a queue group's state) only for the logical shards its
+node serves, and drops the in-memory state (streams' replay rings and message ids, cache
+entries, queue consumers) of those a map takes away, so a logical shard that comes back
+to this node starts empty, as on any other node. Cache entries are fenced off at once
+and their memory reclaimed by the sweep in bounded steps.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from felix import ipc, wire
-from felix.cluster.ownership import cluster_clock
+from felix.cluster.ownership import cluster_clock, logical_shard
 from felix.errors import (
     BadRequest,
     CursorError,
@@ -104,6 +106,10 @@ MAX_READ_BYTES = 1024 * 1024
 #: Streams and caches created on first use waiting to be reported to the node (for the
 #: control plane) at most; more are counted in ``auto_reports_dropped``.
 MAX_AUTO_REPORTS = 10_000
+
+#: Cache entries of logical shards that moved away looked at per :meth:`ShardCore.sweep`
+#: at most (cluster mode; about 3 ms of the shard's loop every 100 ms sweep).
+RECLAIM_PER_SWEEP = 4096
 
 #: One resource created on first use: kind ("stream" | "cache"), path, spec.
 AutoCreated = tuple[str, tuple[str, ...], dict[str, object]]
@@ -284,9 +290,13 @@ class ShardCore:
         #: Cluster mode: acks of durable records waiting for their logical shard's pin.
         self.pins = PinWaits()
         #: Cluster mode: in-memory streams and cache entries dropped because their
-        #: logical shard moved to another node.
+        #: logical shard moved to another node (cache entries as they are reclaimed).
         self.moved_streams = 0
         self.moved_cache_entries = 0
+        #: Cluster mode: consumers ended because their stream's logical shard moved.
+        self.moved_consumers = 0
+        # Cache partitions with entries fenced off and not yet reclaimed (cluster mode).
+        self._reclaiming: dict[tuple[str, str, str], CachePartition] = {}
 
     def _streams_contains(self, key: str) -> bool:
         return key in self._streams
@@ -364,7 +374,9 @@ class ShardCore:
         self.queues.forget_gateway(gateway, self._now)
 
     def sweep(self, now: float, max_work: int = 1000) -> int:
-        """Reclaim expired cache entries, bounded work per cache; returns entries removed."""
+        """Reclaim expired cache entries, bounded work per cache; returns entries removed.
+        In cluster mode also the entries of logical shards that moved away
+        (:meth:`_drop_moved`), :data:`RECLAIM_PER_SWEEP` looked at per call at most."""
         self._now = now
         self.queues.tick(now)
         if self.pins:
@@ -376,7 +388,31 @@ class ShardCore:
             before = cache.used_bytes
             removed += cache.sweep(now, max_work)
             self._charge(self._tenants[scope[0]], cache.used_bytes - before)
+        if self._reclaiming:
+            self._reclaim(RECLAIM_PER_SWEEP)
         return removed
+
+    def _reclaim(self, max_work: int) -> None:
+        """Free up to ``max_work`` fenced cache entries (of logical shards that moved)."""
+        work = 0
+        for scope, cache in list(self._reclaiming.items()):
+            if work >= max_work:
+                break
+            if self._caches.get(scope) is not cache:  # deleted or redefined: gone with it
+                del self._reclaiming[scope]
+                continue
+            before = cache.used_bytes
+            work += cache.reclaim(max_work - work)
+            self._charge(self._tenants[scope[0]], cache.used_bytes - before)
+            self.moved_cache_entries += cache.take_discarded()
+            if not cache.reclaim_pending:
+                del self._reclaiming[scope]
+        if not self._reclaiming:
+            log.info(
+                "shard %d: cache entries of moved logical shards reclaimed (%d in all)",
+                self.settings.index,
+                self.moved_cache_entries,
+            )
 
     # -- requests -----------------------------------------------------------------
 
@@ -1019,6 +1055,10 @@ class ShardCore:
         assert isinstance(msg, wire.Consume)
         validate_name("group", msg.group)
         key = ipc.stream_key(msg.tenant_id, msg.namespace, msg.stream)
+        if self.cluster is not None:
+            # Before anything is created: a join hands out deliveries, and opening the
+            # group (or the stream) writes its state.
+            self.cluster.check(key, True)
         store = self.disk
         if key not in self._streams and store is not None and store.settings.auto is not None:
             # A consumer may come before the first publish: the stream is created durable
@@ -1324,6 +1364,10 @@ class ShardCore:
         the supervisor's, which ``serve_until`` is on)."""
         if self.cluster is None:
             self.cluster = ShardOwnership(clock)
+            # Queue groups: requests refused, and state files written only, while the
+            # newest map serves their stream's logical shard and the lease is valid.
+            self.queues.check = self.cluster.check
+            self.queues.may_write = self.cluster.may_write
 
     def apply_ownership(self, new: OwnershipMap) -> set[int] | None:
         """Take the node's newest shard map; drop the in-memory state of the logical
@@ -1332,10 +1376,14 @@ class ShardCore:
         self.join_cluster()
         assert self.cluster is not None
         lost = self.cluster.apply(new)
+        if lost is None:
+            return None
         if lost:
             self._drop_moved(lost, new.logical_shards)
-        if lost is not None:
-            self._settle_pins()
+        # Groups that waited for their shard (or the lease) deliver and write again if
+        # this map allows it (else they wait for the next one).
+        self.queues.resume()
+        self._settle_pins()
         return lost
 
     def _settle_pins(self) -> None:
@@ -1358,12 +1406,22 @@ class ShardCore:
         ``count``): it must not be served again if one comes back. In-memory streams
         go as if deleted but without a tombstone (one the control plane defined keeps
         its definition, empty), their watchers are told (END, "moved"); offsets never
-        go back: a stream created again continues above what it issued here. Cache
-        entries go. Durable streams stay: their records are on disk and their logical
-        shard is only ever placed with them."""
+        go back: a stream created again continues above what it issued here.
+
+        Cache entries are fenced off at once, in O(caches) (:meth:`CachePartition.fence`:
+        no request finds one again, and a later map giving the shard back does not bring
+        them back) and reclaimed by :meth:`sweep` in bounded steps.
+
+        Durable streams stay: their records are on disk and their logical shard is only
+        ever placed with them. So do their queue groups' persisted states (the files and
+        what they hold in memory); their consumers are ended (CONSUMER_END Unavailable,
+        "moved") and leave gracefully, their leases released without a failure
+        (:meth:`QueueManager.end_moved`); nothing of them is written, delivered or timed
+        until a map serves the shard here again."""
+        gone_shards = frozenset(lost)  # the fences below keep it: a copy
 
         def moved(key: str) -> bool:
-            return zlib.crc32(key.encode()) % count in lost
+            return logical_shard(key, count) in gone_shards
 
         streams = [s for k, s in self._streams.items() if s.disk is None and moved(k)]
         for stream in streams:
@@ -1373,26 +1431,31 @@ class ShardCore:
             usage = self._tenants.get(key.split("/", 1)[0])
             if usage is not None:
                 self._release(usage, ("watch", key))
-        entries = 0
-        for (tenant, ns, name), cache in self._caches.items():
+        fenced = 0
+        for scope, cache in self._caches.items():
+            if not len(cache):
+                continue
             # The routing key of an entry is tenant/ns/cache/key: crc32 continues over it.
-            seed = zlib.crc32(f"{tenant}/{ns}/{name}/".encode())
+            seed = zlib.crc32(("/".join(scope) + "/").encode())
 
             def gone(key: str, seed: int = seed) -> bool:
-                return zlib.crc32(key.encode(), seed) % count in lost
+                return zlib.crc32(key.encode(), seed) % count in gone_shards
 
-            before = cache.used_bytes
-            entries += cache.discard_if(gone)
-            self._charge(self._tenants[tenant], cache.used_bytes - before)
+            cache.fence(gone)
+            self._reclaiming[scope] = cache
+            fenced += 1
+        consumers = self.queues.end_moved(moved, self._now)
         self.moved_streams += len(streams)
-        self.moved_cache_entries += entries
+        self.moved_consumers += consumers
         log.info(
             "shard %d: %d logical shard(s) moved to other nodes: dropped %d in-memory "
-            "stream(s) and %d cache entries of them",
+            "stream(s), ended %d consumer(s); the cache entries of %d cache(s) are "
+            "reclaimed by the sweep",
             self.settings.index,
             len(lost),
             len(streams),
-            entries,
+            consumers,
+            fenced,
         )
 
     def _end_watchers(self, key: str, watchers: set[int]) -> None:

@@ -16,6 +16,15 @@ stream may live on another shard; the entry is ``dying`` until that append is
 acknowledged (RELAY_REPLY), and dying entries found after a restart are appended
 again (at least once, never both dead and redelivered).
 
+In a cluster (docs/queues.md, "In a cluster") the core sets :attr:`QueueManager.check`
+and :attr:`QueueManager.may_write` (felix/shard/cluster.py): requests that change a
+group or hand out its records are refused (Unavailable) unless this node serves the
+stream's logical shard by the newest map (and, for those that write, its lease is
+valid); nothing else (deliveries, lease expiries, retries, dead-letter relays, leaves)
+writes a group's state file meanwhile: a group that cannot write is *parked*, its
+journal entries wait in memory, and :meth:`QueueManager.resume` (each new map) lets it
+go on. :meth:`QueueManager.end_moved` ends the consumers of a logical shard taken away.
+
 Bounds: groups per stream and per shard (felix/shard/queue/settings.py: defined or
 opened by a consumer alike), members per group
 (the engine), relays in flight (:data:`MAX_RELAYS`), acks waiting for an fsync (one
@@ -160,6 +169,68 @@ class QueueManager:
         self.relay_failures = 0  # dead-letter appends that failed (retried later)
         self.write_failures = 0  # group state file writes that failed (kept, retried)
         self._stalled: set[GroupHandle] = set()
+        #: Cluster mode (set by the core): raises Unavailable unless a request on stream
+        #: ``key`` may go ahead now (``durable``: it writes the group's state).
+        self.check: Callable[[str, bool], object] | None = None
+        #: Cluster mode: whether a group of stream ``key`` may write its state file now.
+        self.may_write: Callable[[str], bool] | None = None
+        # Groups that had work but could not write (cluster mode): resume() wakes them.
+        self._parked: dict[GroupHandle, None] = {}
+        # Members end_moved() ended -> their stream: a request of one that was on its way
+        # is refused Unavailable (not "not a member") while the shard is not served here.
+        # At most the members there were; forgotten when the shard is served again.
+        self._moved: dict[MemberId, str] = {}
+
+    def _writable(self, handle: GroupHandle) -> bool:
+        """Whether ``handle``'s state file may be written now; if not, it is parked."""
+        may_write = self.may_write
+        if may_write is None or may_write(handle.key):
+            return True
+        self._parked[handle] = None
+        return False
+
+    def resume(self) -> None:
+        """A new shard map: parked groups try again (each parks again if still fenced)."""
+        for handle in self._parked:
+            if self.groups.get((handle.key, handle.name)) is handle:
+                self._dirty[handle] = None
+        self._parked.clear()
+        may_write = self.may_write
+        if self._moved and may_write is not None:
+            self._moved = {m: key for m, key in self._moved.items() if not may_write(key)}
+
+    def end_moved(self, moved: Callable[[str], bool], now: float) -> int:
+        """Cluster mode: the logical shards of the streams ``moved`` names left this node.
+        Their groups stay (their state is on disk, with the stream), but their consumers
+        are ended (CONSUMER_END Unavailable, "moved": the client consumes through the
+        new owner) and leave gracefully: what they hold is released, no failure counted
+        (the entries are written if the shard comes back, else the file keeps the
+        leases, which a restart counts as failures like after a crash). Returns how
+        many consumers were ended."""
+        ended = 0
+        for handle in [h for h in self.groups.values() if moved(h.key)]:
+            members = list(handle.group.members())
+            if not members:
+                continue
+            wall = self._wall_us()
+            for member in members:
+                gateway, token = member
+                consumer = self._consumers.pop(member, 0)
+                self._members.pop(member, None)
+                end = wire.encode_consumer_end(
+                    consumer,
+                    Unavailable.code,
+                    "the stream's shard moved to another node: consume again",
+                )
+                self._emit(gateway, ipc.encode(RecordType.DELIVER, token, 0, end))
+                handle.group.leave(member, True, now, wall)
+                self._moved[member] = handle.key
+                ended += 1
+            handle.group.roles_changed()  # nobody left to tell
+            self._stalled.discard(handle)
+            self._dirty.pop(handle, None)
+            self._write_or_log(handle)  # parks it: its shard is not served
+        return ended
 
     # -- groups --------------------------------------------------------------------------
 
@@ -236,7 +307,10 @@ class QueueManager:
         self.groups[(view.key, name)] = handle
         self._by_stream.setdefault(view.key, {})[name] = handle
         self._per_tenant[tenant] = self._per_tenant.get(tenant, 0) + 1
-        self._write(handle)
+        # A consumer's open was checked by the core; a group recovered at start before
+        # the node's first shard map writes what recovery journaled once a map allows.
+        if not recovered or self._writable(handle):
+            self._write(handle)
         self._dirty[handle] = None
         return handle
 
@@ -318,6 +392,8 @@ class QueueManager:
 
     def window(self, gateway: int, token: int, msg: wire.ConsumerWindow) -> bytes:
         handle = self._member(gateway, token)
+        if self.check is not None:
+            self.check(handle.key, False)  # more credit hands out more records
         records = _credit(msg.credit_records, DEFAULT_CREDIT_RECORDS, MAX_CREDIT_RECORDS)
         nbytes = ipc.queue_credit_bytes(msg.credit_bytes)  # the rule the gateway applies
         handle.group.set_window((gateway, token), records, nbytes)
@@ -330,6 +406,8 @@ class QueueManager:
         """ack / nak / release / in_progress / term of member ``token``; None: the reply
         (to the request's ring token ``reply_token``) waits for an fsync."""
         handle = self._member(gateway, token)
+        if self.check is not None:
+            self.check(handle.key, True)  # before anything changes: it is written
         op = SettleOp(msg.opcode)
         delay = None if msg.delay_ms == wire.NAK_BACKOFF else int(msg.delay_ms)
         acked_before = handle.group.state.acked
@@ -382,10 +460,15 @@ class QueueManager:
         """A gateway restarted: every member it had is gone (abruptly)."""
         for member in [m for m in self._members if m[0] == gateway]:
             self.leave(member[0], member[1], now)
+        if self._moved:
+            self._moved = {m: key for m, key in self._moved.items() if m[0] != gateway}
 
     def _member(self, gateway: int, token: int) -> GroupHandle:
         handle = self._members.get((gateway, token))
         if handle is None:
+            moved = self._moved.get((gateway, token))
+            if moved is not None and self.check is not None:
+                self.check(moved, False)  # Unavailable while its shard is not served here
             raise BadRequest("this consumer is not a member of a group here (consume again)")
         return handle
 
@@ -451,7 +534,10 @@ class QueueManager:
     def _write_or_log(self, handle: GroupHandle) -> bool:
         """:meth:`_write` where no request waits for the answer (timers, leaves,
         dead-letter confirmations): a failure is logged; the entries wait for the next
-        write. False: not written."""
+        write. False: not written (also in a cluster while the group may not write: it
+        is parked, its entries wait)."""
+        if not self._writable(handle):
+            return False
         try:
             self._write(handle)
         except (FelixError, OSError) as exc:
@@ -510,11 +596,13 @@ class QueueManager:
             group = handle.group
             deadline = group.next_deadline()
             if deadline is not None and deadline <= now:
+                if not self._writable(handle):
+                    continue  # its shard is not served here now: no lease expires
                 group.expire(now, wall)
                 self._after_change(handle)
             retry = group.next_retry_us()
             if retry is not None and retry <= wall:
-                self._dirty[handle] = None
+                self._dirty[handle] = None  # deliver() parks it if it may not write
         for relay, (handle, offset, sent) in list(self._relays.items()):
             if now - sent > RELAY_TIMEOUT:
                 # No answer (the gateway restarted?): try again, later.
@@ -546,6 +634,8 @@ class QueueManager:
             view = self._view(handle.key)
             if view is None or view.disk.damaged is not None:
                 continue
+            if not self._writable(handle):
+                continue  # hand-outs are written first: none while it may not write
             try:
                 self._deliver_group(handle, view, now, wall)
             except FelixError as exc:
@@ -673,6 +763,11 @@ class QueueManager:
             handle, dead = self._relay_queue.popleft()
             if self.groups.get((handle.key, handle.name)) is not handle:
                 continue  # removed meanwhile
+            if not self._writable(handle):
+                # Its confirmation could not be written: queued again by the group's
+                # next write (once its shard is served here again).
+                handle.group.dead_letters.append(dead)
+                continue
             if dead.offset in handle.relaying:
                 continue
             backoff = self._relay_backoff.get((handle, dead.offset))

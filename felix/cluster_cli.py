@@ -385,6 +385,9 @@ def _export(args: argparse.Namespace) -> int:
     except ClusterError as exc:
         print(f"felix: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # unreadable data dir, no room for the archive: say which
+        print(f"felix: export failed: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return 1
     m = done.manifest
     records = sum(s.records for s in m.streams)
     print(
@@ -410,6 +413,9 @@ def _import(args: argparse.Namespace) -> int:
         )
     except ClusterError as exc:
         print(f"felix: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # what was staged is removed; the data dir is as it was
+        print(f"felix: import failed: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
         return 1
     if done.finished is not None:
         print(f"finished an interrupted import of shard {done.finished.get('shard')}")

@@ -342,6 +342,12 @@ def test_an_interrupted_import_is_finished_and_blocks_felix_up(
     assert not (dst / "streams" / key).exists()
     with pytest.raises(ConfigError, match="interrupted"):
         check_no_pending_import(dst)
+    up = subprocess.run(
+        [sys.executable, "-m", "felix.cli", "up", "--data-dir", str(dst), "--listen",
+         "127.0.0.1:0", "--http", "127.0.0.1:0", "--control", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert up.returncode == 2 and "import-shard again" in up.stderr, up.stderr
     # The next import of the same archive finishes it and is done.
     done = import_shard(archive, dst, source_region_key=src / KEYS_DIR / "region.key")
     assert done.finished is not None and done.already_done

@@ -1,5 +1,8 @@
-"""``felix cluster status|forget|unpin``: the nodes of a cluster, their leases and the shard map,
-from a node's health port (``/cluster``, felix/node/health.py).
+"""``felix cluster status``: the nodes of a cluster, their leases and the shard map, from a
+node's health port (``/cluster``, felix/node/health.py); and the operator's actions on
+the cluster's tables (``forget``, ``unpin``) and on a durable shard's data
+(``export-shard``, ``import-shard``, ``move``: felix/cluster/shard_export.py,
+shard_import.py, store.py ``move_shard``).
 
 The node is found as ``felix status`` finds it: ``--http URL``; ``$FELIX_HTTP_URL``; the
 context's or local node's node.json; else ``http://127.0.0.1:8080``. Every other node's
@@ -21,9 +24,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from felix.errors import ClusterError
+from felix.keys.kek import REGION_KEY_ENV
 from felix.status_cli import DEFAULT_HTTP, Subparsers, _http_url
 
 __all__ = ["add_commands", "fetch_cluster", "render"]
@@ -87,6 +92,68 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
             "--yes", action="store_true", help="confirm: the durable records stay behind"
         )
         cmd.set_defaults(func=_forget if name == "forget" else _unpin)
+    _add_move_commands(commands)
+
+
+def _add_move_commands(commands: Subparsers[argparse.ArgumentParser]) -> None:
+    """``export-shard``, ``import-shard`` and ``move``: a durable shard moved with its data
+    (docs/operations.md, "Moving a durable shard")."""
+    export = commands.add_parser(
+        "export-shard",
+        help="write one logical shard's durable streams of a stopped node's data dir to an "
+        "archive file (segments, queue group state, wrapped data keys; nothing decrypted)",
+    )
+    export.add_argument("shard", metavar="SHARD", type=int, help="the logical shard")
+    export.add_argument("--data-dir", type=Path, required=True, help="the stopped node's data dir")
+    export.add_argument("--out", type=Path, required=True, metavar="FILE", help="the archive")
+    export.add_argument(
+        "--logical-shards",
+        type=int,
+        metavar="N",
+        help="the cluster's number of logical shards (default: from DATA_DIR/node.json)",
+    )
+    export.set_defaults(func=_export)
+
+    imp = commands.add_parser(
+        "import-shard",
+        help="put an archive of export-shard into a stopped node's data dir, re-encrypted "
+        "with its keys (refuses streams that hold records there)",
+    )
+    imp.add_argument("archive", metavar="FILE", type=Path, help="the archive")
+    imp.add_argument("--data-dir", type=Path, required=True, help="the stopped node's data dir")
+    imp.add_argument(
+        "--region-key",
+        type=Path,
+        metavar="FILE",
+        help=f"this node's region key (default ${REGION_KEY_ENV}, else DATA_DIR/keys/region.key)",
+    )
+    imp.add_argument(
+        "--source-region-key",
+        type=Path,
+        metavar="FILE",
+        help="the source node's region key, when it is not this node's",
+    )
+    imp.set_defaults(func=_import)
+
+    move = commands.add_parser(
+        "move",
+        help="give a durable shard to the node it was imported into: its pinned node must "
+        "be down, the target live and holding its records",
+    )
+    move.add_argument("shard", metavar="SHARD", type=int, help="the logical shard")
+    move.add_argument("--to", required=True, metavar="NODE_ID", help="the node it moves to")
+    move.add_argument(
+        "--cluster",
+        metavar="DSN",
+        default=os.environ.get("FELIX_CLUSTER"),
+        help="the cluster's PostgreSQL database (default $FELIX_CLUSTER)",
+    )
+    move.add_argument(
+        "--yes",
+        action="store_true",
+        help="confirm: the old node's copy is stale from now on and is not served again",
+    )
+    move.set_defaults(func=_move)
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -337,6 +404,86 @@ def _unpin(args: argparse.Namespace) -> int:
     print(f"unpinned shards: {_shard_list(shards)}")
     if left:
         print(f"left pinned (their node is alive, or they were not pinned): {_shard_list(left)}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from felix.cluster.shard_export import export_shard
+
+    try:
+        done = export_shard(args.data_dir, args.shard, args.out, logical_shards=args.logical_shards)
+    except ClusterError as exc:
+        print(f"felix: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # unreadable data dir, no room for the archive: say which
+        print(f"felix: export failed: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return 1
+    m = done.manifest
+    records = sum(s.records for s in m.streams)
+    print(
+        f"exported logical shard {m.shard} of {m.logical_shards} from {args.data_dir} to "
+        f"{done.out}: {len(m.streams)} stream(s), {records} records, "
+        f"{sum(len(s.groups) for s in m.streams)} group file(s), {done.bytes} bytes in "
+        f"{done.seconds:.2f}s"
+    )
+    for s in m.streams:
+        print(f"  {s.key}: offsets {s.first_offset}..{s.next_offset - 1}, {s.records} records")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from felix.cluster.shard_import import import_shard
+
+    try:
+        done = import_shard(
+            args.archive,
+            args.data_dir,
+            region_key=args.region_key,
+            source_region_key=args.source_region_key,
+        )
+    except ClusterError as exc:
+        print(f"felix: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # what was staged is removed; the data dir is as it was
+        print(f"felix: import failed: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return 1
+    if done.finished is not None:
+        print(f"finished an interrupted import of shard {done.finished.get('shard')}")
+    if done.already_done:
+        return 0
+    m = done.manifest
+    assert m is not None
+    rate = done.records / done.seconds if done.seconds > 0 else 0.0
+    print(
+        f"imported logical shard {m.shard} into {args.data_dir}: {done.streams} stream(s), "
+        f"{done.records} records ({done.reencrypted} re-encrypted with this node's keys), "
+        f"{done.groups} group file(s) in {done.seconds:.2f}s ({rate:.0f} records/s); start "
+        f"the node, then: felix cluster move {m.shard} --to NODE_ID --yes"
+    )
+    return 0
+
+
+def _move(args: argparse.Namespace) -> int:
+    from felix.cluster.store import move_shard
+
+    if not args.cluster:
+        print(
+            "felix: name the cluster's database: --cluster DSN or $FELIX_CLUSTER", file=sys.stderr
+        )
+        return 2
+    if not args.yes:
+        print(
+            "felix: the shard is then served from the target's copy only (the old node's "
+            "copy is stale); add --yes to go on",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        epoch = asyncio.run(move_shard(args.cluster, args.shard, args.to))
+    except ClusterError as exc:
+        print(f"felix: {exc}", file=sys.stderr)
+        return 1
+    print(f"shard {args.shard} is owned by and pinned to {args.to} (epoch {epoch})")
     return 0
 
 

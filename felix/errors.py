@@ -308,6 +308,13 @@ class ClusterMismatch(ClusterError, ConfigError):
     or for another region than this node was given; both are fixed for a cluster's life."""
 
 
+class ShardArchiveError(ClusterError):
+    """Moving a logical shard's durable data (``felix cluster export-shard`` /
+    ``import-shard``) was refused: the archive is damaged or truncated, does not match
+    the data dir or keys given, a stream already holds records there, or the node of
+    the data dir is running. Nothing was changed."""
+
+
 class NodeIdInUse(ClusterError):
     """Another process (another incarnation) holds a live lease on this node id: two
     processes never serve under one id. Retry once ``seconds_left`` have passed (the

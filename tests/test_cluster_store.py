@@ -309,6 +309,45 @@ def test_an_operator_forgets_a_dead_node_and_unpins_its_shards(dsn: str) -> None
     assert args.func(args) == 0
 
 
+def test_an_operator_moves_a_durable_shard_to_the_node_holding_its_copy(dsn: str) -> None:
+    from felix.cluster.placement import plan
+    from felix.cluster.store import move_shard
+
+    async def main() -> None:
+        store = await opened(dsn, placer_grace=0.1)
+        await store.register("old", "old:1", "http://x", 0.4)
+        await store.register("new", "new:1", "http://x", 30.0)
+        await store.register("other", "other:1", "http://x", 30.0)
+        assert await store.apply(Move(3, 0, "assign", "old"))
+        assert await store.claim_durable(3, "old")
+        with pytest.raises(ClusterMismatch, match="pinned to node old, which is alive"):
+            await move_shard(dsn, 3, "new")
+        await asyncio.sleep(0.5)  # old's lease runs out: it serves nothing now
+        with pytest.raises(ClusterMismatch, match="new does not report durable records of shard 3"):
+            await move_shard(dsn, 3, "new")
+        with pytest.raises(ClusterMismatch, match="no node 'ghost'"):
+            await move_shard(dsn, 3, "ghost")
+        view = await store.view()
+        incarnation = next(n.incarnation for n in view.nodes if n.node_id == "new")
+        assert await store.renew("new", incarnation, 30.0, [3])
+        assert await move_shard(dsn, 3, "new") == 2
+        view = await store.view()
+        assert view.shards[3] == type(view.shards[3])("new", 2, None, "new")
+        with pytest.raises(ClusterMismatch, match="pinned to new already"):
+            await move_shard(dsn, 3, "new")
+        # The placer keeps it there: no move of shard 3, whoever is live.
+        assert not [m for m in plan(view.shards, view.live) if m.shard == 3]
+        # A live owner is never bypassed, pinned or not.
+        assert await store.apply(Move(5, 0, "assign", "other"))
+        incarnation = next(n.incarnation for n in view.nodes if n.node_id == "new")
+        assert await store.renew("new", incarnation, 30.0, [3, 5])
+        with pytest.raises(ClusterMismatch, match="owned by node other, which is alive"):
+            await move_shard(dsn, 5, "new")
+        await store.close()
+
+    run(main)
+
+
 def test_a_node_id_with_pins_comes_back_only_with_its_data_dir(dsn: str) -> None:
     """The same pod name on a fresh volume would serve its pinned shards empty (and issue
     their offsets again): refused while shards are pinned to it, until forgotten."""

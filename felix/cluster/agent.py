@@ -641,9 +641,12 @@ class ClusterAgent:
                     self.counters["durable_claims"] += 1
             elif state.durable_node not in (None, me) and shard not in self._warned_pins:
                 self._warned_pins.add(shard)
+                # Moved away (felix cluster move) or given up (forget/unpin) while this
+                # node was down: what it holds is a stale copy, never served here.
                 log.warning(
                     "node %s holds durable records of logical shard %d, which is pinned to "
-                    "node %s: they are not served here",
+                    "node %s: this copy is stale and is not served here (remove those "
+                    "streams' directories once the shard is safe there)",
                     me,
                     shard,
                     state.durable_node,

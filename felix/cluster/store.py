@@ -56,6 +56,7 @@ __all__ = [
     "ClusterStore",
     "ClusterView",
     "forget_node",
+    "move_shard",
     "unpin_shards",
 ]
 
@@ -960,6 +961,83 @@ async def unpin_shards(dsn: str, shards: list[int], *, timeout: float = 5.0) -> 
         return sorted(int(r["shard"]) for r in rows)
 
     return await _admin(dsn, "unpin shards", op, timeout)
+
+
+async def move_shard(dsn: str, shard: int, target: str, *, timeout: float = 5.0) -> int:
+    """Give ``shard``, whose durable data an operator copied to ``target`` (``felix
+    cluster export-shard`` / ``import-shard``), to ``target``: owner and durable node
+    ``target``, epoch + 1, no handoff; the new epoch.
+
+    One statement, and only when: the node the shard is pinned to (if any) and its
+    owner (if any, and not ``target``) are not live (their leases ended: they serve
+    nothing), and ``target`` is live and reports the shard among the shards it holds
+    durable records for (its data-dir scan found the imported streams). The placer
+    keeps a pinned shard with its durable node, so it never moves it back.
+
+    Raises:
+        ClusterMismatch: a condition does not hold (the message says which).
+        ClusterUnavailable: the database cannot be reached.
+    """
+
+    async def op(conn: Any) -> int:
+        row = await conn.fetchrow(
+            _notifying(
+                """UPDATE felix_cluster_shards s SET owner = $2, durable_node = $2,
+                    epoch = s.epoch + 1, handoff_to = NULL, changed_at = now()
+                WHERE s.shard = $1 AND s.durable_node IS DISTINCT FROM $2
+                    AND NOT EXISTS (SELECT 1 FROM felix_cluster_nodes n
+                        WHERE n.node_id IN (s.durable_node, s.owner) AND n.node_id <> $2
+                            AND n.lease_until > now())
+                    AND EXISTS (SELECT 1 FROM felix_cluster_nodes n
+                        WHERE n.node_id = $2 AND n.lease_until > now()
+                            AND $1 = ANY(n.durable_shards))""",
+                "'move ' || changed.shard",
+            ),
+            shard,
+            target,
+        )
+        if row is not None:
+            return int(row["epoch"])
+        raise ClusterMismatch(await _why_not_moved(conn, shard, target))
+
+    return await _admin(dsn, f"move shard {shard} to {target}", op, timeout)
+
+
+async def _why_not_moved(conn: Any, shard: int, target: str) -> str:
+    """Which condition of :func:`move_shard` does not hold (read after it failed)."""
+    row = await conn.fetchrow(
+        "SELECT owner, durable_node FROM felix_cluster_shards WHERE shard = $1", shard
+    )
+    if row is None:
+        return f"no logical shard {shard} in this cluster"
+    nodes = {
+        r["node_id"]: r
+        for r in await conn.fetch(
+            "SELECT node_id, lease_until > now() AS live, durable_shards"
+            " FROM felix_cluster_nodes WHERE node_id = ANY($1::text[])",
+            [n for n in (row["durable_node"], row["owner"], target) if n is not None],
+        )
+    }
+    pinned, owner = row["durable_node"], row["owner"]
+    if pinned == target:
+        return f"shard {shard} is pinned to {target} already"
+    for what, node in (("pinned to", pinned), ("owned by", owner)):
+        if node is not None and node != target and node in nodes and nodes[node]["live"]:
+            return (
+                f"shard {shard} is {what} node {node}, which is alive (its lease has not "
+                "ended): stop it first (and export the shard from its data dir)"
+            )
+    me = nodes.get(target)
+    if me is None:
+        return f"no node {target!r} in this cluster"
+    if not me["live"]:
+        return f"node {target} is not live (its lease has ended): start it (after the import)"
+    if shard not in me["durable_shards"]:
+        return (
+            f"node {target} does not report durable records of shard {shard}: import the "
+            "shard into its data dir and restart it (it reports them within a lease)"
+        )
+    return f"shard {shard} changed meanwhile: try again"
 
 
 async def _admin(dsn: str, what: str, op: Callable[[Any], Awaitable[T]], timeout: float) -> T:

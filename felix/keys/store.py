@@ -74,6 +74,7 @@ __all__ = [
     "WrappedKey",
     "data_key_context",
     "resolve_region_key",
+    "unwrap_table",
 ]
 
 log = logging.getLogger("felix.keys")
@@ -182,6 +183,26 @@ class KeyTable:
             raise bad(f"current key {current!r} is not one of its keys")
         assert isinstance(current, int)
         return cls(tenant, kek, current, tuple(keys))
+
+
+def unwrap_table(table: KeyTable, kek: KeyEncryptionKey, where: str) -> dict[int, AESGCM]:
+    """Every data key of ``table`` (read from ``where``) unwrapped by ``kek``, as one
+    cipher per key id; KeyUnavailable when one does not unwrap. The caller has checked
+    that ``kek`` is the key the table names (``table.kek``)."""
+    aeads: dict[int, AESGCM] = {}
+    for k in table.keys:
+        try:
+            key = kek.unwrap(k.wrapped, data_key_context(table.tenant, k.id))
+        except KeyUnavailable:
+            raise KeyUnavailable(
+                f"data key {k.id} of tenant {table.tenant} ({where}) does not unwrap with "
+                f"region key {kek.key_id}: the file was altered or its keys were copied "
+                "from another tenant"
+            ) from None
+        if len(key) != KEY_BYTES:
+            raise KeyUnavailable(f"data key {k.id} of tenant {table.tenant} is not 32 bytes")
+        aeads[k.id] = AESGCM(key)
+    return aeads
 
 
 class TenantKeys:
@@ -323,20 +344,7 @@ class KeyStore:
                 f"give it the region key that wrapped them (--region-key FILE or "
                 f"${REGION_KEY_ENV}), or finish a region key rotation (felix keys rotate)"
             )
-        aeads: dict[int, AESGCM] = {}
-        for k in table.keys:
-            try:
-                key = kek.unwrap(k.wrapped, data_key_context(table.tenant, k.id))
-            except KeyUnavailable:
-                raise KeyUnavailable(
-                    f"data key {k.id} of tenant {table.tenant} ({path}) does not unwrap with "
-                    f"region key {kek.key_id}: the file was altered or its keys were copied "
-                    "from another tenant"
-                ) from None
-            if len(key) != KEY_BYTES:
-                raise KeyUnavailable(f"data key {k.id} of tenant {table.tenant} is not 32 bytes")
-            aeads[k.id] = AESGCM(key)
-        return aeads
+        return unwrap_table(table, kek, str(path))
 
     def _load(self, tenant: str) -> TenantKeys | None:
         """Read and unwrap the tenant's keys (under the lock); None: no file."""

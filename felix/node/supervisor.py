@@ -50,6 +50,7 @@ from felix.auth.files import admin_token
 from felix.auth.pgrings import PostgresRingStore
 from felix.auth.ringstore import RingStore
 from felix.auth.rotation import KeyRotator, RotationPolicy
+from felix.cluster.archive import check_no_pending_import
 from felix.cluster.ownership import cluster_clock
 from felix.errors import ConfigError
 from felix.keys.kek import FileKeyEncryptionKey
@@ -252,6 +253,12 @@ class Supervisor:
     async def run(self) -> int:
         # First of all: no other node may use this data dir (raises DataDirInUse).
         self._lock = DataDirLock.acquire(self.config.data_dir)
+        # Half an import (felix cluster import-shard) is never served: finish it first.
+        try:
+            check_no_pending_import(self.config.data_dir)
+        except ConfigError:
+            self._lock.release()
+            raise
         # A node.json there describes a node that is gone (killed): not this one.
         (self.config.data_dir / "node.json").unlink(missing_ok=True)
         soft, hard = raise_nofile_limit()
@@ -1037,7 +1044,12 @@ class Supervisor:
                 **({"bridges-0": self.bridges_proc.pid} if self.bridges_proc else {}),
             },
             "cluster": (
-                {"node_id": self.cluster.node_id, "address": self.cluster.address}
+                {
+                    "node_id": self.cluster.node_id,
+                    "address": self.cluster.address,
+                    # felix cluster export-shard reads it from a stopped node's data dir.
+                    "logical_shards": self.cluster.logical_shards,
+                }
                 if self.cluster is not None
                 else None
             ),

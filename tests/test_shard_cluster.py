@@ -10,7 +10,7 @@ from typing import Any
 
 from felix import ipc, wire
 from felix.cluster.ownership import ClusterNode, OwnershipMap, ShardState, logical_shard
-from felix.errors import Unavailable
+from felix.errors import NotFound, Unavailable
 from felix.ipc import RecordType
 from felix.shard.cache import entry_size
 from felix.shard.core import RECLAIM_PER_SWEEP, ShardCore, ShardSettings
@@ -721,3 +721,22 @@ def test_reclaiming_a_lost_shard_is_bounded_per_sweep_and_gives_all_memory_back(
     assert pending() == 0 and not c._reclaiming
     assert c.memory_used == 0 and c.tenant_memory(T) == 0
     assert c.moved_cache_entries == 2 * per_cache
+
+
+def test_a_held_ack_of_a_deleted_stream_is_answered_not_found(tmp_path: Path) -> None:
+    """Review finding: an ack held for the pin pointed at the deleted stream's log and was
+    never answered (it waited for an fsync of a log nobody syncs any more)."""
+    clock = Clock()
+    c, a, b = pinned_core(tmp_path, clock)
+    send_publish(c, a, [b"x"], 1)
+    send_publish(c, b, [b"y"], 2)
+    assert replies(c) == []
+    assert c.delete_stream(ipc.stream_key(T, NS, a))
+    [gone] = replies(c)
+    assert isinstance(gone, wire.ErrorReply) and gone.request_id == 1
+    assert gone.code == NotFound.code and "deleted before" in gone.message
+    # The other stream's ack still waits, and goes with the pin; nothing more for a.
+    c.apply_ownership(shard_map(2, serve_until=200.0))
+    [ack] = replies(c)
+    assert isinstance(ack, wire.PublishOffsets) and ack.request_id == 2
+    assert not c.pins

@@ -392,13 +392,14 @@ class NodeConfig:
         ):
             raise ConfigError("--tenant-memory-quota must be in (0, --memory-budget]")
         if self.tenant_disk_quota is not None and not (
-            self.shards * MIN_SEGMENT_BYTES
+            2 * self.shards * self.segment_bytes
             <= self.tenant_disk_quota
             <= (self.disk_budget or self.tenant_disk_quota)
         ):
             raise ConfigError(
-                "--tenant-disk-quota must be at least one minimum segment "
-                f"({MIN_SEGMENT_BYTES} bytes) per shard and at most --disk-budget"
+                f"--tenant-disk-quota must be at least two segments ({self.segment_bytes} "
+                "bytes each, --segment-bytes) per shard, since retention deletes whole "
+                "segments, and at most --disk-budget"
             )
         if self.fsync not in ("none", "interval", "commit"):
             raise ConfigError("--fsync must be none, interval or commit")

@@ -236,6 +236,21 @@ class PinWaits:
         self._waits.setdefault(shard, []).append(ack)
         self.held += 1
 
+    def drop(self, disk: DurableStream) -> list[HeldAck]:
+        """Take out the held acks of ``disk`` (its stream is being deleted: they are
+        answered NotFound, as the ones waiting for an fsync are)."""
+        out: list[HeldAck] = []
+        for shard in list(self._waits):
+            acks = self._waits[shard]
+            keep = [ack for ack in acks if ack.disk is not disk]
+            if len(keep) != len(acks):
+                out.extend(ack for ack in acks if ack.disk is disk)
+                if keep:
+                    self._waits[shard] = keep
+                else:
+                    del self._waits[shard]
+        return out
+
     def settle(self, ownership: ShardOwnership) -> tuple[list[HeldAck], list[tuple[str, HeldAck]]]:
         """The held acks ``ownership`` (the newest map) decides: those to send (their
         shard is pinned here now) and those to fail, each with why. The others wait."""

@@ -981,7 +981,12 @@ class ShardCore:
             len(msg.payloads),
             durability=disk.settings.durability,
         )
-        return self._durable_ack(disk, base + count, msg.request_id, reply, lshard)
+        if lshard is not None:  # cluster mode: the pin first (_durable_ack)
+            return self._durable_ack(disk, base + count, msg.request_id, reply, lshard)
+        if disk.settings.fsync == "commit" and disk.synced < base + count:
+            store.wait_sync(disk, base + count, self._gateway, self._token, msg.request_id, reply)
+            return _DEFERRED
+        return reply
 
     def _durable_ack(
         self, disk: DurableStream, end: int, request_id: int, reply: bytes, lshard: int | None
@@ -1317,6 +1322,14 @@ class ShardCore:
                     request_id, NotFound.code, f"stream {key} was deleted before an fsync"
                 )
                 self._emit(gateway, ipc.encode(RecordType.REPLY, token, 0, error))
+            if self.pins:
+                for ack in self.pins.drop(stream.disk):
+                    error = wire.encode_error(
+                        ack.request_id,
+                        NotFound.code,
+                        f"stream {key} was deleted before its logical shard was pinned here",
+                    )
+                    self._emit(ack.gateway, ipc.encode(RecordType.REPLY, ack.token, 0, error))
         if self._offsets is not None:
             # Keep a re-created stream's offsets above everything this one issued.
             self._offsets.remove(key, stream.log.next_offset)

@@ -376,6 +376,9 @@ class DurableStore:
             else:
                 keys.keys(stream.tenant)
         if quota is not None:
+            # Retention deletes whole sealed segments and keeps the active one: a share
+            # below two segments could fill up and never be freed.
+            quota = max(quota, 2 * self.settings.segment_bytes)
             used = self.tenant_disk.get(stream.tenant, 0)
             if used + nbytes > quota:
                 self.refused += 1
@@ -436,7 +439,11 @@ class DurableStore:
             disk_log.append(batch)
         except OSError as exc:
             raise Unavailable(f"cannot write stream {stream.key} to disk: {exc}") from exc
-        self._used(stream.tenant, disk_log.size_bytes - before)
+        # _used, inline (the publish path): an append only grows.
+        grown = disk_log.size_bytes - before
+        self.disk_used += grown
+        tenant_disk = self.tenant_disk
+        tenant_disk[stream.tenant] = tenant_disk.get(stream.tenant, 0) + grown
         stream.written = base + len(batch)
         settings = stream.settings
         if settings.fsync == "commit":

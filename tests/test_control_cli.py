@@ -100,6 +100,7 @@ def test_tenant_commands(server: Server, capsys: pytest.CaptureFixture[str]) -> 
     assert beta["version"] == 1 and beta["spec"] == {
         "description": "",
         "memory_quota_bytes": None,
+        "disk_quota_bytes": None,
         "max_resources_per_shard": None,
         "region": "eu-1",
         "auto_created": False,

@@ -348,6 +348,49 @@ def test_an_operator_moves_a_durable_shard_to_the_node_holding_its_copy(dsn: str
     run(main)
 
 
+def test_a_node_keeping_a_stale_copy_is_not_given_the_shard_back(dsn: str) -> None:
+    """A node a shard was moved (or unpinned) away from still holds its old records: a
+    move back to it would serve them and issue their offsets again. Refused until its
+    reports show the copy gone; a fresh import after that may be moved there."""
+    from felix.cluster.store import move_shard, unpin_shards
+
+    async def main() -> None:
+        store = await opened(dsn, placer_grace=0.1)
+
+        async def inc(node: str) -> int:
+            return next(n.incarnation for n in (await store.view()).nodes if n.node_id == node)
+
+        await store.register("old", "old:1", "http://x", 0.3)
+        await store.register("new", "new:1", "http://x", 30.0)
+        assert await store.apply(Move(3, 0, "assign", "old"))
+        assert await store.apply(Move(7, 0, "assign", "old"))
+        assert await store.claim_durable(3, "old") and await store.claim_durable(7, "old")
+        await asyncio.sleep(0.5)  # old is gone
+        assert await store.renew("new", await inc("new"), 30.0, [3])
+        assert await move_shard(dsn, 3, "new") == 2
+        assert await unpin_shards(dsn, [7]) == [7]
+        # old comes back with its copies of 3 and 7; new stops (3 waits for it).
+        await store.register("old", "old:1", "http://x", 30.0)
+        assert await store.renew("old", await inc("old"), 30.0, [3, 7])
+        assert await store.leave("new", await inc("new"))
+        for shard in (3, 7):
+            with pytest.raises(ClusterMismatch, match=f"old holds a stale copy of shard {shard}"):
+                await move_shard(dsn, shard, "old")
+        # Its operator removes the copies: the next renewal clears the marks; a fresh
+        # import of 3 (reported again) may then be moved there.
+        assert await store.renew("old", await inc("old"), 30.0, [])
+        assert await store.renew("old", await inc("old"), 30.0, [3])
+        assert await move_shard(dsn, 3, "old") == 3
+        rows = await store._call(
+            "read", lambda c: c.fetch("SELECT shard, stale_nodes FROM felix_cluster_shards")
+        )
+        stale = {r["shard"]: r["stale_nodes"] for r in rows if r["stale_nodes"]}
+        assert stale == {3: ["new"]}  # new keeps its (now stale) copy of 3
+        await store.close()
+
+    run(main)
+
+
 def test_a_node_id_with_pins_comes_back_only_with_its_data_dir(dsn: str) -> None:
     """The same pod name on a fresh volume would serve its pinned shards empty (and issue
     their offsets again): refused while shards are pinned to it, until forgotten."""

@@ -150,6 +150,37 @@ def test_follower_keeps_retrying_while_the_control_plane_is_away() -> None:
     run(main, timeout=20)
 
 
+def test_a_follower_cancelled_as_its_reply_fails_stops() -> None:
+    """asyncio.wait_for (Python 3.11) gives a cancelled caller the inner future's error
+    when both come together: the follower took it for an outage and retried forever,
+    so felix up hung at exit after a refused start (the control process killed and the
+    tasks cancelled in one loop iteration)."""
+
+    class Dying(StoreFeed):
+        def __init__(self, store: MemoryStore) -> None:
+            super().__init__(store)
+            self.reply: asyncio.Future[Any] | None = None
+
+        async def changes(self, since: int, limit: int, wait: float) -> Any:
+            self.reply = asyncio.get_running_loop().create_future()
+            return await asyncio.wait_for(self.reply, 30)
+
+    async def main() -> None:
+        store = await _store()
+        feed = Dying(store)
+        follower = ControlFollower(feed, SHARDS, lambda _m: None)
+        task = asyncio.create_task(follower.run())
+        await asyncio.wait_for(follower.seeded.wait(), 10)
+        while feed.reply is None:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        feed.reply.set_exception(ConnectionError("the control process exited"))
+        done, _ = await asyncio.wait([task], timeout=2)
+        assert done == {task} and task.cancelled()
+
+    run(main, timeout=20)
+
+
 def test_tenant_quotas_and_deletions_reach_the_shards() -> None:
     """Issue 11: a tenant's quotas go to every shard; a restarted shard hears of deletions."""
 

@@ -132,7 +132,20 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         # cluster created before this version, the first node started after the upgrade).
         ["ALTER TABLE felix_cluster_meta ADD COLUMN lease_seconds double precision"],
     ),
+    (
+        4,
+        "nodes holding a stale copy of a shard's durable data",
+        # A node the shard was moved (or unpinned) away from keeps its old records: it
+        # may not be given the shard again by `felix cluster move` until its reports
+        # show the copy gone (its renewals clear it).
+        ["ALTER TABLE felix_cluster_shards ADD COLUMN stale_nodes text[] NOT NULL DEFAULT '{}'"],
+    ),
 ]
+
+#: ``stale_nodes`` with the shard's durable node added (a move or unpin takes the shard
+#: from it: the records it keeps are a stale copy from then on).
+_STALE_ADD = """CASE WHEN s.durable_node IS NULL OR s.durable_node = ANY(s.stale_nodes)
+    THEN s.stale_nodes ELSE array_append(s.stale_nodes, s.durable_node) END"""
 
 # A node is live while ``lease_until + grace > now()`` ($grace in seconds).
 _LIVE = "n.lease_until + make_interval(secs => {grace}) > now()"
@@ -478,17 +491,28 @@ class ClusterStore:
         the node must stop serving and re-register."""
 
         async def op(conn: Any) -> bool:
-            status = await conn.execute(
-                """UPDATE felix_cluster_nodes SET lease_until = now() + make_interval(secs => $3),
-                    renewed_at = now(), durable_shards = $4
-                WHERE node_id = $1 AND incarnation = $2 AND lease_until > now()
-                    AND NOT leaving""",
+            # A node whose report no longer holds a shard it had a stale copy of (removed
+            # by its operator) may be given that shard again (felix cluster move).
+            renewed = await conn.fetchval(
+                """WITH renewed AS (
+                    UPDATE felix_cluster_nodes SET
+                        lease_until = now() + make_interval(secs => $3),
+                        renewed_at = now(), durable_shards = $4
+                    WHERE node_id = $1 AND incarnation = $2 AND lease_until > now()
+                        AND NOT leaving
+                    RETURNING node_id
+                ), cleared AS (
+                    UPDATE felix_cluster_shards SET stale_nodes = array_remove(stale_nodes, $1)
+                    WHERE $1 = ANY(stale_nodes) AND NOT (shard = ANY($4::int[]))
+                        AND EXISTS (SELECT 1 FROM renewed)
+                )
+                SELECT count(*) FROM renewed""",
                 node_id,
                 incarnation,
                 ttl,
                 sorted(durable_shards),
             )
-            return bool(status == "UPDATE 1")
+            return bool(renewed == 1)
 
         return await self._call(f"renew node {node_id}'s lease", op)
 
@@ -924,8 +948,9 @@ async def forget_node(dsn: str, node_id: str, *, timeout: float = 5.0) -> list[i
                 )
             shards = await conn.fetch(
                 _notifying(
-                    """UPDATE felix_cluster_shards s SET durable_node = NULL,
-                        changed_at = now() WHERE s.durable_node = $1""",
+                    f"""UPDATE felix_cluster_shards s SET durable_node = NULL,
+                        stale_nodes = {_STALE_ADD}, changed_at = now()
+                    WHERE s.durable_node = $1""",
                     "'unpin ' || changed.shard",
                 ),
                 node_id,
@@ -950,7 +975,8 @@ async def unpin_shards(dsn: str, shards: list[int], *, timeout: float = 5.0) -> 
     async def op(conn: Any) -> list[int]:
         rows = await conn.fetch(
             _notifying(
-                """UPDATE felix_cluster_shards s SET durable_node = NULL, changed_at = now()
+                f"""UPDATE felix_cluster_shards s SET durable_node = NULL,
+                    stale_nodes = {_STALE_ADD}, changed_at = now()
                 WHERE s.shard = ANY($1::int[]) AND s.durable_node IS NOT NULL
                     AND NOT EXISTS (SELECT 1 FROM felix_cluster_nodes n
                         WHERE n.node_id = s.durable_node AND n.lease_until > now())""",
@@ -982,9 +1008,11 @@ async def move_shard(dsn: str, shard: int, target: str, *, timeout: float = 5.0)
     async def op(conn: Any) -> int:
         row = await conn.fetchrow(
             _notifying(
-                """UPDATE felix_cluster_shards s SET owner = $2, durable_node = $2,
-                    epoch = s.epoch + 1, handoff_to = NULL, changed_at = now()
+                f"""UPDATE felix_cluster_shards s SET owner = $2, durable_node = $2,
+                    epoch = s.epoch + 1, handoff_to = NULL, changed_at = now(),
+                    stale_nodes = array_remove({_STALE_ADD}, $2)
                 WHERE s.shard = $1 AND s.durable_node IS DISTINCT FROM $2
+                    AND NOT ($2 = ANY(s.stale_nodes))
                     AND NOT EXISTS (SELECT 1 FROM felix_cluster_nodes n
                         WHERE n.node_id IN (s.durable_node, s.owner) AND n.node_id <> $2
                             AND n.lease_until > now())
@@ -1006,10 +1034,18 @@ async def move_shard(dsn: str, shard: int, target: str, *, timeout: float = 5.0)
 async def _why_not_moved(conn: Any, shard: int, target: str) -> str:
     """Which condition of :func:`move_shard` does not hold (read after it failed)."""
     row = await conn.fetchrow(
-        "SELECT owner, durable_node FROM felix_cluster_shards WHERE shard = $1", shard
+        "SELECT owner, durable_node, stale_nodes FROM felix_cluster_shards WHERE shard = $1",
+        shard,
     )
     if row is None:
         return f"no logical shard {shard} in this cluster"
+    if target in row["stale_nodes"]:
+        return (
+            f"node {target} holds a stale copy of shard {shard} (the shard was moved or "
+            "unpinned away from it; its log says which streams): remove those stream "
+            "directories from its data dir, import a fresh export, and wait until its "
+            "report shows the shard again"
+        )
     nodes = {
         r["node_id"]: r
         for r in await conn.fetch(

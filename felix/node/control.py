@@ -370,6 +370,11 @@ class ControlFollower:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Cancelled while a reply arrived (asyncio.wait_for then returns or
+                    # raises that instead): stop, as the cancellation asked.
+                    raise asyncio.CancelledError from exc
                 # The control plane is away: keep serving what we know, retry with jitter.
                 log.warning("control plane unreachable (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(random.uniform(0, delay))

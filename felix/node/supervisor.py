@@ -274,6 +274,7 @@ class Supervisor:
             return 0
         finally:
             self._cleanup()
+            await self._end_tasks()
 
     async def _start(self) -> None:
         config = self.config
@@ -432,6 +433,21 @@ class Supervisor:
         st = os.stat(path)
         self._shm_inode = (st.st_dev, st.st_ino)
         return sock
+
+    async def _end_tasks(self) -> None:
+        """Cancel the background tasks and wait until they ended, so ``felix up`` exits.
+        Cancelled again while any is left: a task can swallow a cancellation (Python
+        3.11's ``asyncio.wait_for`` returns a result that arrived together with it, and
+        a loop that retries on errors then goes on), which left felix up hanging at
+        exit after a refused start (found by a test that runs it under load)."""
+        for _ in range(50):
+            tasks = [t for t in (*self._tasks, *self._key_tasks) if not t.done()]
+            if not tasks:
+                return
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=0.1)
+        log.warning("background tasks did not end on cancellation; exiting anyway")
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -63,6 +63,7 @@ from felix.errors import BadRequest, ConfigError, FelixError, KeyUnavailable, No
 from felix.extras import require_extra
 from felix.keys.kek import KeyEncryptionKey
 from felix.names import validate_name
+from felix.pgschema import apply_migrations
 
 __all__ = ["MIGRATIONS", "PostgresRingStore", "StoredRing"]
 
@@ -396,30 +397,18 @@ def _jwks(text: str, tenant: str) -> dict[str, Any]:
 
 async def _migrate(conn: Any) -> None:
     """Apply the migrations the database lacks, once, even with several processes starting."""
-    async with conn.transaction():
-        # Released at commit; a second process blocks here, then sees the versions applied.
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS felix_key_ring_migrations ("
-            " version integer PRIMARY KEY, description text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
+
+    def newer(versions: list[int]) -> Exception:
+        return ConfigError(
+            f"the key rings' tables have schema versions {versions} that this felix "
+            "does not know: they were written by a newer felix"
         )
-        applied = {
-            r["version"] for r in await conn.fetch("SELECT version FROM felix_key_ring_migrations")
-        }
-        unknown = applied - {version for version, _, _ in MIGRATIONS}
-        if unknown:
-            raise ConfigError(
-                f"the key rings' tables have schema versions {sorted(unknown)} that this felix "
-                "does not know: they were written by a newer felix"
-            )
-        for version, description, statements in MIGRATIONS:
-            if version in applied:
-                continue
-            for statement in statements:
-                await conn.execute(statement)
-            await conn.execute(
-                "INSERT INTO felix_key_ring_migrations (version, description) VALUES ($1, $2)",
-                version,
-                description,
-            )
+
+    async with conn.transaction():
+        await apply_migrations(
+            conn,
+            table="felix_key_ring_migrations",
+            lock=SCHEMA_LOCK,
+            migrations=MIGRATIONS,
+            newer=newer,
+        )

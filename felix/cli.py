@@ -94,8 +94,10 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument(
         "--control-store",
         metavar="URL",
+        default=os.environ.get("FELIX_CONTROL_STORE") or None,
         help="store of the embedded control plane: sqlite:///PATH (default "
-        "DATA_DIR/control.db), postgresql://..., memory://",
+        "$FELIX_CONTROL_STORE, else DATA_DIR/control.db, or the --cluster database in a "
+        "cluster), postgresql://..., memory://",
     )
     up.add_argument(
         "--control-url",
@@ -960,6 +962,7 @@ _ENV_DEFAULTS = {
     "log_levels": "FELIX_LOG_LEVELS",
     "audit_log": "FELIX_AUDIT_LOG",
     "cluster": "FELIX_CLUSTER",
+    "control_store": "FELIX_CONTROL_STORE",
 }
 #: Never printed.
 _SECRETS = {"control_token"}

@@ -31,7 +31,9 @@ import felix
 from felix.auth.files import AUDIENCE, ISSUER, load_ring
 from felix.auth.perms import PermissionSet
 from felix.auth.pgrings import PostgresRingStore
+from felix.cluster.store import ClusterStore
 from felix.keys.kek import FileKeyEncryptionKey
+from felix.regions import DEV_REGION
 from tests import clusterproc as cp
 from tests import pg
 from tests.aio import run
@@ -97,6 +99,12 @@ def start(root: Path, ca: Path, dsn: str, region_key: Path, node_id: str) -> Nod
     )  # fmt: skip
 
 
+async def make_cluster_database(dsn: str) -> None:
+    """The cluster's tables, as the nodes' first start makes them (region "local")."""
+    store = await ClusterStore.open(dsn, logical_shards=cp.LOGICAL_SHARDS, region=DEV_REGION)
+    await store.close()
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("cluster-auth")
@@ -105,7 +113,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     region_key.write_text(os.urandom(32).hex())
     region_key.chmod(0o600)
     with pg.temporary_database("felix_cluster_auth") as dsn:
-        # The rings exist before the nodes (made from anywhere with the database).
+        # The rings exist before the nodes (made from anywhere with the database), in a
+        # cluster's database: felix token refuses one that is not (a mistyped DSN).
+        run(lambda: make_cluster_database(dsn))
         for tenant in (TENANT, "other"):
             cli("token", "keygen", "--tenant", tenant, "--max-ttl", "60",
                 "--cluster", dsn, "--region-key", str(region_key))  # fmt: skip

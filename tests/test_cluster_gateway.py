@@ -607,3 +607,64 @@ def test_a_loopback_advertise_needs_a_loopback_listen_exit_2(tmp_path: Path) -> 
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert got.returncode == 2 and "loopback" in got.stderr, got.stderr
+
+
+class _SlowJoinAgent:
+    """A cluster agent whose join uses up the whole join timeout and ends placed (a
+    cluster placed before: the map read at the join has every shard owned)."""
+
+    def __init__(self, clock: list[float]) -> None:
+        import asyncio
+
+        self.clock = clock
+        self._placed = asyncio.Event()
+        self.stopped = asyncio.Event()
+
+    @property
+    def is_placed(self) -> bool:
+        return self._placed.is_set()
+
+    async def start(self, timeout: float) -> None:
+        self.clock[0] += timeout + 1.0
+        self._placed.set()
+
+    async def placed(self) -> None:
+        await self._placed.wait()
+
+    async def run(self) -> None:
+        await self.stopped.wait()
+
+    async def stop(self, leave: bool) -> None:
+        self.stopped.set()
+
+
+def test_a_node_placed_when_its_join_ends_is_ready_without_waiting_or_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A join that ends at (or past) the join timeout, already placed: no 0 s wait (which
+    times out even when placed), no "not placed yet" warning."""
+    from felix.node.cluster import NodeCluster
+
+    now = [1000.0]
+    node = NodeCluster(
+        dsn="postgresql://u@localhost/db",
+        node_id="me",
+        address="127.0.0.1:5000",
+        health_url="http://127.0.0.1:8080",
+        region="",
+        logical_shards=L,
+        lease=10.0,
+        data_dir=tmp_path,
+        gateways=list,
+        clock=lambda: now[0],
+    )
+    agent = _SlowJoinAgent(now)
+    node.agent = agent  # type: ignore[assignment]
+
+    async def main() -> None:
+        await node.start(timeout=5.0)
+        await node.stop()
+
+    run(main)
+    assert agent.stopped.is_set()
+    assert "not placed yet" not in caplog.text

@@ -104,10 +104,12 @@ def test_child_environments_drop_the_cluster_dsn(
 
     dsn = f"postgresql://felix:{SECRET}@db/felix"
     monkeypatch.setenv("FELIX_CLUSTER", dsn)
+    monkeypatch.setenv("FELIX_CONTROL_STORE", dsn)
     monkeypatch.setenv("FELIX_CONTROL_TOKEN", "tok")
     assert "FELIX_CLUSTER" in CHILD_ENV_DROPPED
     env = child_environment({"FELIX_CHILD_SPEC": "{}"})
     assert "FELIX_CLUSTER" not in env and env["FELIX_CHILD_SPEC"] == "{}"
+    assert "FELIX_CONTROL_STORE" not in env
     assert SECRET not in json.dumps(env)
     # The bridges runner too.
     config = NodeConfig(data_dir=tmp_path, cluster=dsn, control_store=dsn, node_id="n1")

@@ -32,7 +32,15 @@ from felix.auth.perms import PermissionSet
 from felix.auth.pgrings import PostgresRingStore
 from felix.auth.rotation import KeyRotator, RotationPolicy
 from felix.auth.tokens import verify_felix_token
-from felix.errors import BadRequest, ConfigError, KeyUnavailable, NotFound, Unavailable
+from felix.cluster.store import ClusterStore
+from felix.errors import (
+    BadRequest,
+    ConfigError,
+    KeyUnavailable,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
 from felix.keys.kek import FileKeyEncryptionKey
 from felix.node.ring_mirror import STATE_FILE, RingMirror
 from tests import pg
@@ -285,8 +293,18 @@ def test_rings_are_sealed_with_the_region_key_and_bound_to_their_tenant(dsn: str
         with pytest.raises(KeyUnavailable):
             await sealed.load("acme")
 
-        # Without a region key rings are written as the key directory holds them.
+        # Without a region key a ring is not written beside sealed ones (nor over one,
+        # keygen --force)...
         plain = PostgresRingStore(dsn)
+        with pytest.raises(ConfigError, match=f"sealed with region key {key.key_id}"):
+            await plain.create(new_ring("plain"), T0)
+        with pytest.raises(ConfigError, match="--unsealed"):
+            await plain.create(new_ring("acme"), T0, replace=True)
+        assert (await raw_row(dsn, "acme"))["kek_id"] == key.key_id
+        assert await plain.versions() == {"acme": 1, "zeta": 1}
+        await plain.close()
+        # ... unless meant: then as the key directory holds it.
+        plain = PostgresRingStore(dsn, allow_unsealed=True)
         await plain.create(new_ring("plain"), T0)
         row = await raw_row(dsn, "plain")
         assert row["kek_id"] is None and row["wrapped_key"] is None
@@ -317,6 +335,21 @@ def test_schema_is_set_up_once_and_a_newer_one_is_refused(dsn: str) -> None:
     run(main)
 
 
+async def make_cluster(dsn: str, region: str = "eu1") -> None:
+    """Make ``dsn`` a cluster's database, as its first node does."""
+    store = await ClusterStore.open(dsn, logical_shards=16, region=region)
+    await store.close()
+
+
+async def tables(dsn: str) -> set[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        return {r["tablename"] for r in rows}
+    finally:
+        await conn.close()
+
+
 def token_cli(*argv: str) -> int:
     parser = argparse.ArgumentParser()
     add_token_commands(parser.add_subparsers())
@@ -335,11 +368,18 @@ def test_felix_token_commands_on_the_cluster_database(
     key_file.write_text(os.urandom(32).hex())
     key_file.chmod(0o600)
     monkeypatch.delenv("FELIX_AUTH_DIR", raising=False)
+    monkeypatch.delenv("FELIX_CONTROL_STORE", raising=False)
     monkeypatch.setenv("FELIX_CLUSTER", dsn)
     monkeypatch.setenv("FELIX_REGION_KEY_FILE", str(key_file))
     monkeypatch.chdir(tmp_path)
+    # Not a cluster's database (yet): refused, and nothing is created there.
+    assert token_cli("keygen", "--tenant", "acme", "--max-ttl", "60") == 2
+    assert "is not a felix cluster's database" in capsys.readouterr().err
+    assert asyncio.run(tables(dsn)) == set()
+    asyncio.run(make_cluster(dsn))
     assert token_cli("keygen", "--tenant", "acme", "--max-ttl", "60") == 0
-    assert "in the cluster's database" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "in the cluster's database" in out.out and "unsealed" not in out.err
     assert token_cli("keygen", "--tenant", "acme") == 2  # exists, no --force
     assert not (tmp_path / "data").exists()  # nothing went to the default key directory
     assert token_cli("rotate", "--tenant", "acme") == 0
@@ -355,7 +395,7 @@ def test_felix_token_commands_on_the_cluster_database(
     claims = verify_felix_token(
         token, jwks, issuer=ISSUER, audience=AUDIENCE, now=time.time(), leeway=5
     )
-    assert claims.sub == "svc"
+    assert claims.sub == "svc" and claims.region == "eu1"  # the cluster's region
     row = asyncio.run(raw_row(dsn, "acme"))
     assert row["kek_id"] == FileKeyEncryptionKey.load(key_file).key_id
     # --dir names a key directory: the environment's cluster is not used.
@@ -367,14 +407,70 @@ def test_felix_token_commands_on_the_cluster_database(
     assert token_cli("mint", "--tenant", "acme", "--sub", "svc", "--perm", perm) == 1
     assert "region key" in capsys.readouterr().err
     assert token_cli("jwks", "--tenant", "acme", "--cluster", dsn) == 0
+    capsys.readouterr()
+    # Nor can it put an unsealed ring beside the sealed one, or over it, unless meant.
+    for argv in (["--tenant", "zeta"], ["--tenant", "acme", "--force"]):
+        assert token_cli("keygen", *argv) == 2
+        assert "sealed with region key" in capsys.readouterr().err
+    assert asyncio.run(raw_row(dsn, "acme"))["kek_id"] is not None
+    assert token_cli("keygen", "--tenant", "zeta", "--unsealed") == 0
+    assert "warning: the key ring of tenant 'zeta' is stored unsealed" in capsys.readouterr().err
+    assert asyncio.run(raw_row(dsn, "zeta"))["kek_id"] is None
+
+
+def test_felix_token_uses_the_nodes_control_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """$FELIX_CONTROL_STORE (felix up's --control-store) is where the nodes keep the
+    rings, whatever $FELIX_CLUSTER says; a database that is neither a cluster's nor holds
+    rings is refused; an unsealed ring is written with a warning."""
+    with (
+        pg.temporary_database("felix_rings_cluster") as cluster,
+        pg.temporary_database("felix_rings_control") as control,
+    ):
+        asyncio.run(make_cluster(cluster))
+        monkeypatch.delenv("FELIX_AUTH_DIR", raising=False)
+        monkeypatch.delenv("FELIX_REGION_KEY_FILE", raising=False)
+        monkeypatch.setenv("FELIX_CLUSTER", cluster)
+        monkeypatch.setenv("FELIX_CONTROL_STORE", control)
+        monkeypatch.chdir(tmp_path)
+        # The control store no node has used with --auth yet: refused, untouched.
+        assert token_cli("keygen", "--tenant", "acme") == 2
+        assert "not a felix cluster's database" in capsys.readouterr().err
+        assert asyncio.run(tables(control)) == set()
+
+        # A node there with --auth (its mirror made the table): the rings go there.
+        asyncio.run(PostgresRingStore(control).versions())
+        assert token_cli("keygen", "--tenant", "acme") == 0
+        out = capsys.readouterr()
+        assert "created the key ring" in out.out
+        assert "stored unsealed" in out.err  # no region key: said on stderr
+        assert token_cli("rotate", "--tenant", "acme") == 0
+        assert "stored unsealed" in capsys.readouterr().err
+
+        async def versions(dsn: str) -> dict[str, object]:
+            store = PostgresRingStore(dsn)
+            try:
+                return await store.versions()
+            finally:
+                await store.close()
+
+        assert asyncio.run(versions(control)) == {"acme": 2}
+        assert asyncio.run(versions(cluster)) == {}
+        # --cluster still names a database outright; a control store that is not
+        # PostgreSQL means the nodes keep their rings in DATA_DIR/auth.
+        assert token_cli("jwks", "--tenant", "acme", "--cluster", cluster) == 1
+        monkeypatch.setenv("FELIX_CONTROL_STORE", "sqlite:///data/control.db")
+        assert token_cli("jwks", "--tenant", "acme") == 1
+        assert "data/auth" in capsys.readouterr().err
 
 
 def test_the_mirror_keeps_a_key_directory_equal_to_the_database(
     dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     keys = tmp_path / "auth"
-    # A ring from before the node joined the cluster, for a tenant the cluster also has,
-    # and one the cluster does not know: both kept aside, never used.
+    # A ring from before the node joined the cluster, for a tenant the cluster also has:
+    # kept aside, never used; one for a tenant the cluster does not know: imported.
     save_ring(keys, new_ring("acme"), T0)
     save_ring(keys, new_ring("old"), T0)
 
@@ -386,13 +482,14 @@ def test_the_mirror_keeps_a_key_directory_equal_to_the_database(
         await store.create(new_ring("zeta"), T0)
         mirror = RingMirror(store, keys, period=1.0)
         await mirror.step()
-        assert ring_tenants(keys) == ["acme", "zeta"] == jwks_tenants(keys)
+        assert ring_tenants(keys) == ["acme", "old", "zeta"] == jwks_tenants(keys)
         assert load_ring(keys, "acme").to_dict() == acme.to_dict()
         assert ring_path(keys, "acme").stat().st_mode & 0o777 == 0o600
         aside = sorted(p.name for p in keys.iterdir() if ".replaced-" in p.name)
-        assert [n.split(".replaced-")[0] for n in aside] == [".acme.ring.json", ".old.ring.json"]
+        assert [n.split(".replaced-")[0] for n in aside] == [".acme.ring.json"]
         assert "not used" in caplog.text
-        assert mirror.writes == 2 and mirror.removals == 1
+        assert mirror.writes == 3 and mirror.removals == 0 and mirror.imports == 1
+        assert await store.versions() == {"acme": 1, "old": 1, "zeta": 1}
 
         # A rotation anywhere in the cluster: written at the next pass, nothing else is.
         zeta_inode = ring_path(keys, "zeta").stat().st_ino
@@ -405,7 +502,11 @@ def test_the_mirror_keeps_a_key_directory_equal_to_the_database(
         await mirror.step()
         assert len(load_ring(keys, "acme").schedule()) == 2
         assert ring_path(keys, "zeta").stat().st_ino == zeta_inode
-        assert json.loads((keys / STATE_FILE).read_text()) == {"acme": 2, "zeta": 1}
+        assert json.loads((keys / STATE_FILE).read_text()) == {
+            "acme": {"version": 2, "ring": True, "kek": None},
+            "old": {"version": 1, "ring": True, "kek": None},
+            "zeta": {"version": 1, "ring": True, "kek": None},
+        }
 
         # A restarted node (a new mirror, its state from the file) rewrites nothing.
         acme_inode = ring_path(keys, "acme").stat().st_ino
@@ -430,5 +531,242 @@ def test_the_mirror_keeps_a_key_directory_equal_to_the_database(
         assert not any(".zeta.ring.json.replaced" in p.name for p in keys.iterdir())
         await other.close()
         await store.close()
+
+    run(main)
+
+
+def test_a_node_restarted_with_the_region_key_writes_the_rings_it_could_not_open(
+    dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = tmp_path / "auth"
+
+    async def main() -> None:
+        key = kek()
+        sealed = PostgresRingStore(dsn, kek=key)
+        ring = new_ring()
+        await sealed.create(ring, T0)
+        # Started without the region key: the public set only, once, and no re-reads.
+        keyless = PostgresRingStore(dsn)
+        mirror = RingMirror(keyless, keys, period=1.0)
+        await mirror.step()
+        await mirror.step()
+        assert jwks_tenants(keys) == ["acme"] and ring_tenants(keys) == []
+        assert mirror.writes == 1 and caplog.text.count("cannot mint") == 1
+        await keyless.close()
+        # Restarted with it, the ring unchanged: the ring is written now.
+        restarted = RingMirror(sealed, keys, period=1.0)
+        await restarted.step()
+        assert ring_tenants(keys) == ["acme"]
+        assert load_ring(keys, "acme").to_dict() == ring.to_dict()
+        assert restarted.writes == 1
+        # ... once; and a mirrored ring file deleted by hand comes back.
+        await RingMirror(sealed, keys, period=1.0).step()
+        assert restarted.writes == 1
+        ring_path(keys, "acme").unlink()
+        again = RingMirror(sealed, keys, period=1.0)
+        await again.step()
+        assert again.writes == 1 and ring_tenants(keys) == ["acme"]
+        await sealed.close()
+
+    run(main)
+
+
+def test_the_state_file_of_an_older_felix_is_read(dsn: str, tmp_path: Path) -> None:
+    """Versions only: a ring file present is taken as mirrored; one missing is written."""
+    keys = tmp_path / "auth"
+
+    async def main() -> None:
+        store = PostgresRingStore(dsn, allow_unsealed=True)
+        for tenant in ("acme", "zeta"):
+            await store.create(new_ring(tenant), T0)
+        await RingMirror(store, keys, period=1.0).step()
+        ring_path(keys, "zeta").unlink()  # as an old node that could not open it left it
+        (keys / STATE_FILE).write_text(json.dumps({"acme": 1, "zeta": 1}))
+        mirror = RingMirror(store, keys, period=1.0)
+        await mirror.step()
+        assert mirror.writes == 1 and ring_tenants(keys) == ["acme", "zeta"]
+        assert json.loads((keys / STATE_FILE).read_text())["acme"] == 1  # not rewritten
+        await store.close()
+
+    run(main)
+
+
+def test_an_unusable_row_stops_the_mirror_of_its_tenant_only(
+    dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = tmp_path / "auth"
+
+    async def main() -> None:
+        store = PostgresRingStore(dsn, kek=kek())
+        for tenant in ("acme", "beta", "zeta"):
+            await store.create(new_ring(tenant), T0)
+        mirror = RingMirror(store, keys, period=0.05)
+        await mirror.step()
+        beta_jwks = (keys / "beta.jwks.json").read_bytes()
+        beta_ring = ring_path(keys, "beta").read_bytes()
+        conn = await asyncpg.connect(dsn)
+        await conn.execute(
+            "UPDATE felix_key_rings SET jwks = '{\"keys\": 7}', version = version + 1"
+            " WHERE tenant = 'beta'"
+        )
+
+        def rotate(r: TenantKeyRing) -> float:
+            r.rotate(T0 + 10)
+            return T0 + 10
+
+        for tenant in ("acme", "zeta"):
+            await store.update(tenant, rotate)
+        # A fresh node (its first pass must succeed for it to start) and this one.
+        fresh = RingMirror(store, tmp_path / "fresh", period=0.05)
+        task = asyncio.create_task(fresh.run())
+        await asyncio.wait_for(fresh.synced.wait(), 5)
+        task.cancel()
+        assert ring_tenants(tmp_path / "fresh") == ["acme", "zeta"]
+        await mirror.step()
+        await mirror.step()
+        for tenant in ("acme", "zeta"):
+            assert len(load_ring(keys, tenant).schedule()) == 2
+        # beta's files are kept as they were (tokens keep verifying), warned about once.
+        assert (keys / "beta.jwks.json").read_bytes() == beta_jwks
+        assert ring_path(keys, "beta").read_bytes() == beta_ring
+        assert caplog.text.count("cannot mirror version 2 of its key ring") == 2  # per node
+        # A later version is warned about again; a tenant gone is forgotten.
+        await conn.execute("UPDATE felix_key_rings SET version = 3 WHERE tenant = 'beta'")
+        await mirror.step()
+        await mirror.step()
+        assert caplog.text.count("cannot mirror version 3 of its key ring") == 1
+        assert "beta" in mirror._warned
+        await conn.execute("DELETE FROM felix_key_rings WHERE tenant = 'beta'")
+        await conn.close()
+        await mirror.step()
+        assert "beta" not in mirror._warned and "beta" not in jwks_tenants(keys)
+        await store.close()
+
+    run(main)
+
+
+def test_an_upgraded_clusters_local_rings_are_imported_the_first_node_winning(
+    dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two nodes that kept their rings in DATA_DIR/auth before the cluster kept them in
+    its database (each its own acme ring, and one tenant only it has) start mirroring at
+    once: every ring lands in the database, sealed, one acme ring wins; tokens its keys
+    signed verify on both nodes; the loser's old acme ring is kept aside, unused."""
+    dirs = [tmp_path / "a" / "auth", tmp_path / "b" / "auth"]
+    old_acme = [new_ring("acme"), new_ring("acme")]
+    for directory, acme, only in zip(dirs, old_acme, ("zeta", "omega"), strict=True):
+        save_ring(directory, acme, T0)
+        save_ring(directory, new_ring(only), T0)
+    key = kek()
+    perms = PermissionSet("acme", ["stream.publish:stream:acme/prod/*"])
+    now = time.time()
+    old_tokens = [
+        ring.mint(now, issuer=ISSUER, audience=AUDIENCE, sub="old", perms=perms, ttl=TTL)
+        for ring in old_acme
+    ]
+
+    async def main() -> None:
+        stores = [PostgresRingStore(dsn, kek=key) for _ in dirs]
+        await stores[0].versions()  # the table exists (the nodes start together)
+        mirrors = [RingMirror(s, d, period=1.0) for s, d in zip(stores, dirs, strict=True)]
+        await asyncio.gather(*(m.step() for m in mirrors))
+        await asyncio.gather(*(m.step() for m in mirrors))
+        assert await stores[0].versions() == {"acme": 1, "omega": 1, "zeta": 1}
+        conn = await asyncpg.connect(dsn)
+        kek_ids = await conn.fetch("SELECT DISTINCT kek_id FROM felix_key_rings")
+        await conn.close()
+        assert [r["kek_id"] for r in kek_ids] == [key.key_id]
+        winner = await stores[0].load("acme")
+        won = [i for i, r in enumerate(old_acme) if r.to_dict() == winner.to_dict()]
+        assert len(won) == 1
+        lost = 1 - won[0]
+        assert sum(m.imports for m in mirrors) == 3
+        for directory in dirs:
+            assert ring_tenants(directory) == ["acme", "omega", "zeta"]
+            assert load_ring(directory, "acme").to_dict() == winner.to_dict()
+            jwks = json.loads((directory / "acme.jwks.json").read_text())
+            claims = verify_felix_token(
+                old_tokens[won[0]], jwks, issuer=ISSUER, audience=AUDIENCE, now=now, leeway=5
+            )
+            assert claims.sub == "old"
+            # The other node's old ring's tokens: not verified any more (docs say so).
+            with pytest.raises(Unauthenticated, match="unknown key"):
+                verify_felix_token(
+                    old_tokens[lost], jwks, issuer=ISSUER, audience=AUDIENCE, now=now, leeway=5
+                )
+        aside = [p.name for p in dirs[lost].iterdir() if ".replaced-" in p.name]
+        assert [n.split(".replaced-")[0] for n in aside] == [".acme.ring.json"]
+        assert not any(".replaced-" in p.name for p in dirs[won[0]].iterdir())
+
+        # A node without the region key does not put its ring unsealed beside sealed ones.
+        lone = tmp_path / "c" / "auth"
+        save_ring(lone, new_ring("solo"), T0)
+        keyless = PostgresRingStore(dsn)
+        await RingMirror(keyless, lone, period=1.0).step()
+        assert "solo" not in await keyless.versions()
+        assert "cannot import" in caplog.text and "sealed with region key" in caplog.text
+        for store in (*stores, keyless):
+            await store.close()
+
+    run(main)
+
+
+def test_a_rotator_without_the_region_key_leaves_sealed_rings_alone(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        key = kek()
+        sealed = PostgresRingStore(dsn, kek=key)
+        await sealed.create(new_ring(), T0)
+        clock = Clock(T0 + 3300)  # due
+        keyless = PostgresRingStore(dsn)
+        rotator = KeyRotator(keyless, POLICY, clock=clock, max_sleep=5)
+        for _ in range(3):
+            await rotator.tick()
+            clock.now += 10
+        assert rotator.rotations == 0
+        assert caplog.text.count("key rotation of tenant 'acme'") == 1
+        assert key.key_id in caplog.text
+        # A node with the key rotates it: looked at again, still not openable, no new
+        # warning; a tenant gone is forgotten.
+        await KeyRotator(sealed, POLICY, clock=clock).tick()
+        assert await sealed.versions() == {"acme": 2}
+        await rotator.tick()
+        assert caplog.text.count("key rotation of tenant 'acme'") == 1
+        assert "acme" in rotator._warned
+        conn = await asyncpg.connect(dsn)
+        await conn.execute("DELETE FROM felix_key_rings")
+        await conn.close()
+        await rotator.tick()
+        assert rotator._warned == {}
+        await keyless.close()
+        await sealed.close()
+
+    run(main)
+
+
+def test_one_store_makes_one_pool_when_used_at_once(dsn: str) -> None:
+    """The node's mirror and rotator share a store and both start at once: a second pool
+    would be left open (its connections too)."""
+
+    async def connections() -> int:
+        conn = await asyncpg.connect(dsn)
+        try:
+            count: int = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid()"
+            )
+            return count
+        finally:
+            await conn.close()
+
+    async def main() -> None:
+        store = PostgresRingStore(dsn)
+        await asyncio.gather(*(store.versions() for _ in range(4)))
+        await store.close()
+        deadline = time.monotonic() + 5
+        while await connections() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert await connections() == 0
 
     run(main)

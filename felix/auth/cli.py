@@ -13,11 +13,14 @@
 The key directory: ``--dir``, else ``$FELIX_AUTH_DIR``, else ./data/auth (the
 auth directory of ``felix up``'s default data directory). It holds TENANT.ring.json
 (private keys, mode 0600) and TENANT.jwks.json (public keys, read by the broker).
-A cluster's rings live in its database instead: ``--cluster DSN``, or
-``$FELIX_CLUSTER`` when neither --dir nor $FELIX_AUTH_DIR is given; they are sealed
-with the region key (--region-key FILE, else $FELIX_REGION_KEY_FILE) when one is
-given, as the nodes' must be, and every node picks a change up within its
---jwks-refresh.
+A cluster's rings live in its nodes' control store instead: ``--cluster DSN``, or
+when neither --dir nor $FELIX_AUTH_DIR is given, $FELIX_CONTROL_STORE (a
+postgresql:// one; another kind means the key directory) else $FELIX_CLUSTER, as
+felix up picks its control store. A database that is not a cluster's and has no key
+ring table is refused. Rings there are sealed with the region key (--region-key
+FILE, else $FELIX_REGION_KEY_FILE), as the nodes' must be; without one keygen warns,
+and refuses if the table holds sealed rings unless --unsealed is given. Every node
+picks a change up within its --jwks-refresh.
 A rotated key signs from publish_ahead (300 s) after the rotation on; keys stay
 published until every token they signed has expired. Tokens carry iss and aud
 "felix" and at most --max-ttl seconds (keygen; default 900) of lifetime, and a
@@ -59,6 +62,7 @@ from felix.keys.kek import REGION_KEY_ENV, FileKeyEncryptionKey
 from felix.names import validate_name
 
 __all__ = [
+    "CONTROL_STORE_ENV",
     "DEFAULT_AUTH_DIR",
     "add_commands",
     "auth_dir",
@@ -70,6 +74,8 @@ __all__ = [
     "tenant_arg",
 ]
 
+#: The environment variable naming felix up's --control-store (the nodes' rings are there).
+CONTROL_STORE_ENV = "FELIX_CONTROL_STORE"
 #: The key directory when neither --dir nor $FELIX_AUTH_DIR is given.
 DEFAULT_AUTH_DIR = Path("data") / "auth"
 
@@ -110,6 +116,12 @@ def add_commands(subparsers: Subparsers[argparse.ArgumentParser]) -> None:
         "--force",
         action="store_true",
         help="replace an existing key ring (tokens it signed stop verifying)",
+    )
+    keygen.add_argument(
+        "--unsealed",
+        action="store_true",
+        help="with --cluster and no region key: store the ring unsealed even though the "
+        "database holds sealed rings (refused otherwise)",
     )
     keygen.set_defaults(func=guarded(_keygen))
 
@@ -157,8 +169,8 @@ def _command(
         "--cluster",
         metavar="DSN",
         help="the cluster's PostgreSQL database (its nodes' control store), where a "
-        "cluster's key rings live (default: $FELIX_CLUSTER when neither --dir nor "
-        "$FELIX_AUTH_DIR is given)",
+        "cluster's key rings live (default when neither --dir nor $FELIX_AUTH_DIR is "
+        "given: $FELIX_CONTROL_STORE if set, else $FELIX_CLUSTER)",
     )
     parser.add_argument(
         "--region-key",
@@ -180,8 +192,11 @@ def auth_dir(args: argparse.Namespace) -> Path:
 
 
 def cluster_dsn(args: argparse.Namespace) -> str | None:
-    """The database holding the rings (None: a key directory): ``--cluster``, else
-    ``$FELIX_CLUSTER`` unless ``--dir`` or ``$FELIX_AUTH_DIR`` names a directory."""
+    """The database holding the rings (None: a key directory): ``--cluster``; else,
+    unless ``--dir`` or ``$FELIX_AUTH_DIR`` names a directory, where a node of the
+    environment keeps them: ``$FELIX_CONTROL_STORE`` when set (None unless it is a
+    PostgreSQL one: the nodes then keep their rings in DATA_DIR/auth), else
+    ``$FELIX_CLUSTER``."""
     given: str | None = getattr(args, "cluster", None)
     if given is not None and getattr(args, "dir", None) is not None:
         raise ConfigError("give --dir or --cluster, not both")
@@ -189,6 +204,10 @@ def cluster_dsn(args: argparse.Namespace) -> str | None:
         return given
     if getattr(args, "dir", None) is not None or os.environ.get("FELIX_AUTH_DIR"):
         return None
+    control_store = os.environ.get(CONTROL_STORE_ENV)
+    if control_store:
+        scheme = control_store.partition("://")[0].lower()
+        return control_store if scheme in ("postgresql", "postgres") else None
     return os.environ.get("FELIX_CLUSTER") or None
 
 
@@ -203,7 +222,22 @@ def ring_store(args: argparse.Namespace) -> RingStore:
     if key_file is None and os.environ.get(REGION_KEY_ENV):
         key_file = Path(os.environ[REGION_KEY_ENV])
     kek = FileKeyEncryptionKey.load(key_file) if key_file is not None else None
-    return PostgresRingStore(dsn, kek=kek)
+    return PostgresRingStore(
+        dsn, kek=kek, allow_unsealed=getattr(args, "unsealed", False), existing_only=True
+    )
+
+
+def _warn_if_unsealed(store: RingStore, tenant: str) -> None:
+    """Say on stderr that a ring was just stored in a database unsealed."""
+    from felix.auth.pgrings import PostgresRingStore
+
+    if isinstance(store, PostgresRingStore) and store.kek is None:
+        print(
+            f"felix: warning: the key ring of tenant {tenant!r} is stored unsealed in "
+            f"{store.where}: whoever can read the database or its backups can sign tokens "
+            f"(give the nodes' region key: --region-key FILE or ${REGION_KEY_ENV})",
+            file=sys.stderr,
+        )
 
 
 def _with_store(args: argparse.Namespace, body: Callable[[RingStore], Awaitable[T]]) -> T:
@@ -265,6 +299,7 @@ def _keygen(args: argparse.Namespace) -> int:
                 f"tenant {tenant!r} already has a key ring in {store.where}; pass --force to "
                 "replace it (tokens signed with its keys will stop verifying)"
             )
+        _warn_if_unsealed(store, tenant)
         return store.where
 
     where = _with_store(args, create)
@@ -287,9 +322,11 @@ def _rotate(args: argparse.Namespace) -> int:
 
     async def rotate(store: RingStore) -> TenantKeyRing:
         try:
-            return await store.update(tenant, change)
+            ring = await store.update(tenant, change)
         except NotFound:
             raise _no_ring(store.where, tenant) from None
+        _warn_if_unsealed(store, tenant)
+        return ring
 
     ring = _with_store(args, rotate)
     activate_at = ring.schedule()[-1].activate_at

@@ -23,11 +23,20 @@ published when it was stored, the time it was stored at (``saved_at``: the set i
   0600 file holds it. Reading a sealed ring needs the region key that sealed it
   (:class:`~felix.errors.KeyUnavailable` names both fingerprints otherwise); the
   public set is never sealed, so any node can verify tokens whatever key it has.
+- **Never unsealed over sealed.** A store without a region key refuses to create a
+  ring (``keygen``, ``keygen --force``, a node importing its old ring) while any row
+  of the table is sealed, so a forgotten ``--region-key`` cannot put a tenant's
+  private keys in the clear beside sealed ones; ``allow_unsealed`` (``felix token
+  keygen --unsealed``) says it is meant.
 - **Schema versions** are numbered (:data:`MIGRATIONS`), recorded in
   ``felix_key_ring_migrations`` and applied on first use in one transaction under a
   transaction-level advisory lock, as the control store's are: the table may sit in
   the same database as the control store's and the cluster's, each with its own
-  version table.
+  version table. A store made with ``existing_only`` (``felix token --cluster``) first
+  checks that the database is a cluster's (``felix_cluster_meta``) or already holds
+  the rings' table, and otherwise refuses (:class:`~felix.errors.ConfigError`) before
+  creating anything: a mistyped DSN gets no tables, and rings are not written where
+  no node looks.
 
 Every call is bounded by ``timeout`` (connecting included); the database's failures
 surface as :class:`~felix.errors.Unavailable`.
@@ -35,6 +44,7 @@ surface as :class:`~felix.errors.Unavailable`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncIterator, Hashable
@@ -53,6 +63,7 @@ from felix.errors import BadRequest, ConfigError, FelixError, KeyUnavailable, No
 from felix.extras import require_extra
 from felix.keys.kek import KeyEncryptionKey
 from felix.names import validate_name
+from felix.pgschema import apply_migrations
 
 __all__ = ["MIGRATIONS", "PostgresRingStore", "StoredRing"]
 
@@ -93,7 +104,8 @@ _COLUMNS = "tenant, version, ring, wrapped_key, kek_id, jwks, saved_at"
 @dataclass(frozen=True, slots=True)
 class StoredRing:
     """One tenant's row: its ``version``, the public ``jwks`` stored with it, and the
-    ``ring`` (None when it cannot be opened here: ``problem`` says why)."""
+    ``ring`` (None when it cannot be opened here: ``problem`` says why); ``kek_id``:
+    the region key that sealed it (None: unsealed)."""
 
     tenant: str
     version: int
@@ -101,6 +113,7 @@ class StoredRing:
     saved_at: float
     ring: TenantKeyRing | None
     problem: str | None = None
+    kek_id: str | None = None
 
 
 class PostgresRingStore:
@@ -108,16 +121,29 @@ class PostgresRingStore:
 
     ``kek``: the region key that seals the rings this store writes and opens the ones
     it reads (None: rings are written unsealed; sealed ones cannot be read).
+    ``allow_unsealed``: without ``kek``, create rings even where the table holds sealed
+    ones (module docstring). ``existing_only``: refuse a database that is not a
+    cluster's and holds no rings' table, instead of creating the table.
     """
 
     def __init__(
-        self, dsn: str, *, kek: KeyEncryptionKey | None = None, timeout: float = 10.0
+        self,
+        dsn: str,
+        *,
+        kek: KeyEncryptionKey | None = None,
+        timeout: float = 10.0,
+        allow_unsealed: bool = False,
+        existing_only: bool = False,
     ) -> None:
         require_extra("postgres", "tenant key rings in PostgreSQL")
         self.dsn = dsn
         self.kek = kek
         self.timeout = timeout
+        self.allow_unsealed = allow_unsealed
+        self.existing_only = existing_only
         self._pool: Any = None
+        # The node's mirror and rotator share a store and both connect at start: one pool.
+        self._pool_lock = asyncio.Lock()
 
     @property
     def where(self) -> str:
@@ -136,24 +162,47 @@ class PostgresRingStore:
 
         try:
             if self._pool is None:
-                pool = await asyncpg.create_pool(
-                    self.dsn,
-                    min_size=0,
-                    max_size=2,
-                    timeout=self.timeout,
-                    command_timeout=self.timeout,
-                )
-                try:
-                    async with pool.acquire(timeout=self.timeout) as conn:
-                        await _migrate(conn)
-                except BaseException:
-                    await pool.close()
-                    raise
-                self._pool = pool
+                async with self._pool_lock:
+                    if self._pool is None:
+                        self._pool = await self._connect()
             async with self._pool.acquire(timeout=self.timeout) as conn:
                 yield conn
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise Unavailable(f"the key rings in the cluster's database: {exc!r}") from None
+
+    async def _connect(self) -> Any:
+        """A new pool, the schema set up (or, ``existing_only``, the database checked)."""
+        import asyncpg
+
+        pool = await asyncpg.create_pool(
+            self.dsn,
+            min_size=0,
+            max_size=2,
+            timeout=self.timeout,
+            command_timeout=self.timeout,
+        )
+        try:
+            async with pool.acquire(timeout=self.timeout) as conn:
+                if self.existing_only:
+                    await self._check_cluster_database(conn)
+                await _migrate(conn)
+        except BaseException:
+            pool.terminate()
+            raise
+        return pool
+
+    async def _check_cluster_database(self, conn: Any) -> None:
+        cluster, rings = await conn.fetchrow(
+            "SELECT to_regclass('felix_cluster_meta') IS NOT NULL,"
+            " to_regclass('felix_key_rings') IS NOT NULL"
+        )
+        if not (cluster or rings):
+            raise ConfigError(
+                f"{redact_dsn(self.dsn)} is not a felix cluster's database (it has neither "
+                "the cluster's tables nor a key ring table): the nodes keep the rings in "
+                "their control store, the cluster's database unless --control-store names "
+                "another (which holds the rings' table once a node has run there with --auth)"
+            )
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -169,7 +218,11 @@ class PostgresRingStore:
 
     async def fetch(self, tenant: str) -> StoredRing | None:
         """The tenant's row (None: no ring); a ring that cannot be opened here (sealed
-        by another region key, damaged) has ``ring`` None and the ``problem``."""
+        by another region key, damaged) has ``ring`` None and the ``problem``.
+
+        Raises:
+            ConfigError: the row's public set is not a JWK set (nothing of it is usable).
+        """
         validate_name("tenant", tenant)
         async with self._conn() as conn:
             row = await conn.fetchrow(
@@ -182,8 +235,9 @@ class PostgresRingStore:
             problem = None
         except FelixError as exc:
             ring, problem = None, str(exc)
+        jwks = _jwks(row["jwks"], tenant)
         return StoredRing(
-            tenant, row["version"], _jwks(row["jwks"], tenant), row["saved_at"], ring, problem
+            tenant, row["version"], jwks, row["saved_at"], ring, problem, row["kek_id"]
         )
 
     async def load(self, tenant: str) -> TenantKeyRing:
@@ -216,6 +270,12 @@ class PostgresRingStore:
     # -- writing ----------------------------------------------------------------------------
 
     async def create(self, ring: TenantKeyRing, now: float, *, replace: bool = False) -> bool:
+        """Store ``ring`` (the :class:`~felix.auth.ringstore.RingStore` method).
+
+        Raises:
+            ConfigError: this store has no region key, ``allow_unsealed`` is not set and
+                a ring of the table is sealed (nothing stored).
+        """
         values = self._values(ring, now)
         if replace:
             sql = f"""INSERT INTO felix_key_rings ({_COLUMNS}) VALUES ($1, 1, $2, $3, $4, $5, $6)
@@ -226,7 +286,20 @@ class PostgresRingStore:
         else:
             sql = f"""INSERT INTO felix_key_rings ({_COLUMNS}) VALUES ($1, 1, $2, $3, $4, $5, $6)
                 ON CONFLICT (tenant) DO NOTHING RETURNING tenant"""
-        async with self._conn() as conn:
+        async with self._conn() as conn, conn.transaction():
+            if self.kek is None and not self.allow_unsealed:
+                sealed = await conn.fetchval(
+                    "SELECT kek_id FROM felix_key_rings WHERE kek_id IS NOT NULL"
+                    " ORDER BY tenant = $1 DESC LIMIT 1",
+                    ring.tenant,
+                )
+                if sealed is not None:
+                    raise ConfigError(
+                        f"not writing the key ring of {ring.tenant!r} unsealed: the rings in "
+                        f"{self.where} are sealed with region key {sealed}; give that key "
+                        "(--region-key FILE or $FELIX_REGION_KEY_FILE), or --unsealed if an "
+                        "unsealed ring is meant"
+                    )
             return await conn.fetchval(sql, ring.tenant, *values) is not None
 
     async def update(self, tenant: str, change: Change) -> TenantKeyRing:
@@ -324,30 +397,18 @@ def _jwks(text: str, tenant: str) -> dict[str, Any]:
 
 async def _migrate(conn: Any) -> None:
     """Apply the migrations the database lacks, once, even with several processes starting."""
-    async with conn.transaction():
-        # Released at commit; a second process blocks here, then sees the versions applied.
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS felix_key_ring_migrations ("
-            " version integer PRIMARY KEY, description text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
+
+    def newer(versions: list[int]) -> Exception:
+        return ConfigError(
+            f"the key rings' tables have schema versions {versions} that this felix "
+            "does not know: they were written by a newer felix"
         )
-        applied = {
-            r["version"] for r in await conn.fetch("SELECT version FROM felix_key_ring_migrations")
-        }
-        unknown = applied - {version for version, _, _ in MIGRATIONS}
-        if unknown:
-            raise ConfigError(
-                f"the key rings' tables have schema versions {sorted(unknown)} that this felix "
-                "does not know: they were written by a newer felix"
-            )
-        for version, description, statements in MIGRATIONS:
-            if version in applied:
-                continue
-            for statement in statements:
-                await conn.execute(statement)
-            await conn.execute(
-                "INSERT INTO felix_key_ring_migrations (version, description) VALUES ($1, $2)",
-                version,
-                description,
-            )
+
+    async with conn.transaction():
+        await apply_migrations(
+            conn,
+            table="felix_key_ring_migrations",
+            lock=SCHEMA_LOCK,
+            migrations=MIGRATIONS,
+            newer=newer,
+        )

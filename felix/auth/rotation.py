@@ -56,7 +56,7 @@ from felix.auth.files import MAX_TENANTS
 from felix.auth.keys import KeyState, TenantKeyRing
 from felix.auth.ringstore import FileRingStore, RingStore
 from felix.auth.tokens import MAX_JWKS_KEYS
-from felix.errors import ConfigError, FelixError, NotFound
+from felix.errors import ConfigError, FelixError, KeyUnavailable, NotFound, Unavailable
 
 __all__ = [
     "DEFAULT_INTERVAL",
@@ -191,6 +191,11 @@ class KeyRotator:
     another node of a cluster). Passes are at least every ``max_sleep`` seconds
     (default: a quarter of the interval, 1 to 60 s), so new rings and clock jumps are
     noticed. At most :data:`~felix.auth.files.MAX_TENANTS` rings (by name) are handled.
+
+    A ring this process cannot open (sealed with a region key it does not have) is
+    skipped until it changes (another node, which has the key, rotates it), with one
+    warning per tenant and reason; a ring that cannot be read for another reason is
+    tried again every pass, also warned about once.
     """
 
     def __init__(
@@ -211,6 +216,8 @@ class KeyRotator:
         self._clock = clock
         self._due: dict[str, tuple[Hashable, float]] = {}
         self._warned_full: set[str] = set()
+        # Per tenant with a ring, the last problem warned about (bounded by the tenants).
+        self._warned: dict[str, str] = {}
         self._warned_many = False
         self.rotations = 0
 
@@ -238,6 +245,9 @@ class KeyRotator:
             tenants = tenants[:MAX_TENANTS]
         for gone in self._due.keys() - set(tenants):
             del self._due[gone]
+        for gone in self._warned.keys() - set(tenants):
+            del self._warned[gone]
+        self._warned_full &= set(tenants)
         wake = now + self.max_sleep
         for tenant in tenants:
             seen = self._due.get(tenant)
@@ -266,8 +276,19 @@ class KeyRotator:
         except NotFound:  # removed since the listing
             return self._clock() + self.max_sleep, None
         except FelixError as exc:  # a corrupt or unreadable ring: look again later
-            log.warning("key rotation of tenant %r: %s", tenant, exc)
+            if isinstance(exc, Unavailable) and not isinstance(exc, KeyUnavailable):
+                # The store, not the ring: every pass says so.
+                log.warning("key rotation of tenant %r: %s", tenant, exc)
+                return self._clock() + self.max_sleep, version
+            if self._warned.get(tenant) != str(exc):
+                self._warned[tenant] = str(exc)
+                log.warning("key rotation of tenant %r: %s", tenant, exc)
+            if isinstance(exc, KeyUnavailable):
+                # Sealed with a region key this process lacks: not its to rotate (a
+                # node with the key does); looked at again once the ring changes.
+                return math.inf, version
             return self._clock() + self.max_sleep, version
+        self._warned.pop(tenant, None)
         assert done is not None
         if done.changed:
             version = None  # this pass changed it: learn the new version next pass

@@ -175,6 +175,11 @@ class ClusterAgent:
                 self._db_state(False, exc)
                 await self._sleep_before(deadline, s.poll_interval, exc)
 
+    @property
+    def is_placed(self) -> bool:
+        """Whether :meth:`placed` would return at once."""
+        return self._placed.is_set()
+
     async def placed(self) -> None:
         """Return once this node has read a map with the cluster's first placement made
         (at once in a cluster placed before; in a fresh one, after the placer's settling

@@ -48,6 +48,7 @@ from felix.errors import (
     FelixError,
     NodeIdInUse,
 )
+from felix.pgschema import apply_migrations
 
 __all__ = [
     "CHANNEL",
@@ -857,32 +858,18 @@ class ClusterStore:
 
     async def _set_up(self, conn: Any) -> None:
         async with conn.transaction():
-            # Released at commit; a second node blocks here, then sees everything done.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS felix_cluster_schema ("
-                " version integer PRIMARY KEY, description text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            applied = {
-                r["version"] for r in await conn.fetch("SELECT version FROM felix_cluster_schema")
-            }
-            unknown = applied - {version for version, _, _ in MIGRATIONS}
-            if unknown:
-                raise ClusterMismatch(
-                    f"the cluster tables have schema versions {sorted(unknown)} that this "
+            # The lock is held to the commit: a second node blocks here, then sees
+            # everything done (the meta row below included).
+            await apply_migrations(
+                conn,
+                table="felix_cluster_schema",
+                lock=SCHEMA_LOCK,
+                migrations=MIGRATIONS,
+                newer=lambda versions: ClusterMismatch(
+                    f"the cluster tables have schema versions {versions} that this "
                     "felix does not know: they were written by a newer felix"
-                )
-            for version, description, statements in MIGRATIONS:
-                if version in applied:
-                    continue
-                for statement in statements:
-                    await conn.execute(statement)
-                await conn.execute(
-                    "INSERT INTO felix_cluster_schema (version, description) VALUES ($1, $2)",
-                    version,
-                    description,
-                )
+                ),
+            )
             await conn.execute(
                 "INSERT INTO felix_cluster_meta (id, logical_shards, region) VALUES (1, $1, $2)"
                 " ON CONFLICT (id) DO NOTHING",

@@ -248,10 +248,13 @@ class NodeCluster:
     async def start(self, timeout: float = JOIN_TIMEOUT) -> None:
         """Join the cluster (raises ConfigError when the cluster refuses this node), and
         in a fresh cluster wait for its first placement (the placer's settling window:
-        the node is ready with its share of the shards, not before)."""
+        the node is ready with its share of the shards, not before), at most until
+        ``timeout`` after the start (then it goes on with a warning)."""
         deadline = self._clock() + timeout
         await self.agent.start(timeout)
         self._task = asyncio.get_running_loop().create_task(self._run())
+        if self.agent.is_placed:  # no wait: a wait of 0 s times out even when placed
+            return
         try:
             await asyncio.wait_for(self.agent.placed(), max(0.0, deadline - self._clock()))
         except TimeoutError:

@@ -107,7 +107,7 @@ CONTROL_STORE_REDACTED = "(set: the control process's)"
 #: The longest --control-store (it reaches the control process through one pipe buffer).
 MAX_DSN_BYTES = 4096
 #: Environment variables no child process inherits (they hold the cluster's DSN).
-CHILD_ENV_DROPPED = ("FELIX_CLUSTER",)
+CHILD_ENV_DROPPED = ("FELIX_CLUSTER", "FELIX_CONTROL_STORE")
 
 _NODE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 

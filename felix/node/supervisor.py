@@ -1192,7 +1192,7 @@ async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
 
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a child process (workers, the bridges runner): the
-    supervisor's, without what holds the cluster's DSN (``$FELIX_CLUSTER``)."""
+    supervisor's, without what holds a DSN (``$FELIX_CLUSTER``, ``$FELIX_CONTROL_STORE``)."""
     env = {k: v for k, v in os.environ.items() if k not in CHILD_ENV_DROPPED}
     if extra:
         env.update(extra)

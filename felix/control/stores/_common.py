@@ -293,8 +293,13 @@ def migrations_to_apply(
     """The migrations not yet applied, in order; refuses a schema written by a newer felix."""
     unknown = applied - {version for version, _, _ in migrations}
     if unknown:
-        raise ConfigError(
-            f"the {store} store has schema versions {sorted(unknown)} that this felix does "
-            "not know: it was written by a newer felix"
-        )
+        raise newer_schema(store, sorted(unknown))
     return [m for m in migrations if m[0] not in applied]
+
+
+def newer_schema(store: str, versions: list[int]) -> ConfigError:
+    """The error of a ``store`` whose schema has ``versions`` this felix does not know."""
+    return ConfigError(
+        f"the {store} store has schema versions {versions} that this felix does "
+        "not know: it was written by a newer felix"
+    )

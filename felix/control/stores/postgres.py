@@ -45,6 +45,7 @@ import asyncpg
 from felix.control.model import Change, Op, Path, Resource, ResourceKind
 from felix.control.stores import _common as c
 from felix.errors import AlreadyExists
+from felix.pgschema import apply_migrations
 
 __all__ = ["MIGRATIONS", "PostgresStore"]
 
@@ -436,23 +437,10 @@ async def _get(conn: Any, kind: ResourceKind, path: Path) -> Resource | None:
 async def _migrate(conn: Any) -> None:
     """Apply the migrations the database lacks, once, even with several processes starting."""
     async with conn.transaction():
-        # Released at commit; a second process blocks here, then sees the versions applied.
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS felix_schema_migrations ("
-            " version integer PRIMARY KEY, description text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
+        await apply_migrations(
+            conn,
+            table="felix_schema_migrations",
+            lock=MIGRATION_LOCK,
+            migrations=MIGRATIONS,
+            newer=lambda versions: c.newer_schema("PostgreSQL", versions),
         )
-        applied = {
-            r["version"] for r in await conn.fetch("SELECT version FROM felix_schema_migrations")
-        }
-        for version, description, statements in c.migrations_to_apply(
-            applied, MIGRATIONS, "PostgreSQL"
-        ):
-            for statement in statements:
-                await conn.execute(statement)
-            await conn.execute(
-                "INSERT INTO felix_schema_migrations (version, description) VALUES ($1, $2)",
-                version,
-                description,
-            )

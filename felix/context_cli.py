@@ -128,9 +128,9 @@ def _show(args: argparse.Namespace) -> int:
     else:
         found = resolve(getattr(args, "context", None))
         data = {k: v for k, v in asdict(found).items() if v is not None}
-        for secret in ("token", "control_token"):
-            if secret in data:
-                data[secret] = "(set)"
+        for key in data:
+            if "token" in key:  # token, control_token, http_token: never shown
+                data[key] = "(set)"
     if args.json:
         print(json.dumps(data, sort_keys=True))
     else:

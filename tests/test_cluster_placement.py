@@ -151,6 +151,24 @@ def test_durable_shards_stay_with_their_node() -> None:
     assert plan(shards, {"n1", "n2", "n3", "n4"}) == [Move(i, shards[i].epoch, "handoff", "n1")]
 
 
+def test_a_node_with_a_stale_copy_is_never_given_the_shard() -> None:
+    """A node a shard was moved or unpinned away from keeps its old records: placed there
+    again it would serve them (a review finding: only `felix cluster move` checked)."""
+    live = {"n1", "n2", "n3"}
+    shards = fresh()
+    wins = {i: rendezvous_owner(i, sorted(live)) for i in range(len(shards))}
+    stale = {i: {w} for i, w in wins.items()}  # every shard's winner holds a stale copy
+    moves = plan(shards, live, stale=stale)
+    assert len(moves) == len(shards)
+    assert all(m.kind == "assign" and m.to != wins[m.shard] for m in moves)
+    # Owned by the stale node: handed to another.
+    shards[0] = ShardState(wins[0], 1, None, None)
+    moves = plan(shards, live, stale={0: {wins[0]}})
+    assert [m for m in moves if m.shard == 0][0].kind == "handoff"
+    # Every live node stale for it: left alone rather than served stale.
+    assert not [m for m in plan(fresh(), live, stale={5: live}) if m.shard == 5]
+
+
 def test_no_live_node_no_moves() -> None:
     assert plan(fresh(), set()) == []
 

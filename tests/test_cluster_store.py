@@ -291,9 +291,16 @@ def test_an_operator_forgets_a_dead_node_and_unpins_its_shards(dsn: str) -> None
         assert await forget_node(dsn, "gone") == [0]
         view = await store.view()
         assert "gone" not in {n.node_id for n in view.nodes}
-        assert view.shards[0].durable_node is None
+        # Unpinned, and no longer gone's (a new epoch): if gone came back it would not
+        # serve its stale copy, and it may not be given the shard again.
+        assert (view.shards[0].owner, view.shards[0].epoch, view.shards[0].durable_node) == (
+            None,
+            2,
+            None,
+        )
+        assert view.stale == {0: frozenset({"gone"}), 1: frozenset({"gone"})}
         # Now the placer may give shard 0 (empty) to a live node.
-        assert await store.apply(Move(0, 1, "assign", "alive"))
+        assert await store.apply(Move(0, 2, "assign", "alive"))
         await store.close()
 
     run(main)
@@ -376,6 +383,13 @@ def test_a_node_keeping_a_stale_copy_is_not_given_the_shard_back(dsn: str) -> No
         for shard in (3, 7):
             with pytest.raises(ClusterMismatch, match=f"old holds a stale copy of shard {shard}"):
                 await move_shard(dsn, shard, "old")
+        # Nor does the placer give it 7 (unpinned: its owner, old, was cleared with a new
+        # epoch), nor may old pin it (review findings: only move checked).
+        view = await store.view()
+        assert view.stale == {3: frozenset({"old"}), 7: frozenset({"old"})}
+        assert (view.shards[7].owner, view.shards[7].epoch) == (None, 2)
+        assert not await store.apply(Move(7, 2, "assign", "old"))
+        assert not await store.claim_durable(7, "old")
         # Its operator removes the copies: the next renewal clears the marks; a fresh
         # import of 3 (reported again) may then be moved there.
         assert await store.renew("old", await inc("old"), 30.0, [])

@@ -96,7 +96,7 @@ def test_bad_contexts_are_clear_errors(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_a_local_node_json_and_its_admin_token_are_found(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -120,6 +120,10 @@ def test_a_local_node_json_and_its_admin_token_are_found(
     assert found.warning is None
     # The admin token goes with that node's own health port (its per-tenant routes).
     assert (found.http, found.http_token) == ("http://127.0.0.1:8080", "admin-secret")
+    # ... and is never shown (review finding: ctx show printed it).
+    assert felix_main(["ctx", "show", "--json"]) == 0
+    shown = capsys.readouterr().out
+    assert "admin-secret" not in shown and json.loads(shown)["http_token"] == "(set)"
     other = tmp_path / "other"
     other.mkdir()
     (other / "node.json").write_text(
@@ -227,3 +231,27 @@ def test_environment_tokens_go_only_where_the_user_pointed(
     # A huge pid in a node.json is no crash.
     (data / "node.json").write_text(json.dumps({**info, "pid": 10**30}))
     assert felix.context.resolve().warning is not None
+
+
+def test_a_health_token_goes_only_where_the_user_pointed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: $FELIX_NODE_TOKEN went to whatever health address a node.json in
+    the working directory named. Now: only to a node named by --node/$FELIX_NODE_URL;
+    a discovered node gets its own data dir's admin token, no other node anything."""
+    import argparse
+
+    from felix.control.cli import _node_token
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "node.json").write_text(json.dumps({"http": "127.0.0.1:8080", "pid": os.getpid()}))
+    (data / "admin-token").write_text("admin-secret\n")
+    monkeypatch.setattr(felix.context, "LOCAL_DATA_DIR", data)
+    monkeypatch.setenv("FELIX_NODE_TOKEN", "env-secret")
+    args = argparse.Namespace(context=None)
+    assert _node_token("http://127.0.0.1:8080", args, explicit=False) == "admin-secret"
+    assert _node_token("http://elsewhere:8080", args, explicit=False) is None
+    assert _node_token("http://elsewhere:8080", args, explicit=True) == "env-secret"
+    monkeypatch.delenv("FELIX_NODE_TOKEN")
+    assert _node_token("http://elsewhere:8080", args, explicit=True) is None

@@ -107,6 +107,7 @@ class ClusterAgent:
         self.settings = settings
         self._publish_cb = publish
         self._durable_cb = durable_shards
+        self._durable_last: set[int] = set()
         self._drained_cb = handoff_drained
         self._clock = clock
         self.keeper = LeaseKeeper(settings.lease)
@@ -473,7 +474,10 @@ class ClusterAgent:
                     len(live),
                     ", ".join(sorted(live)),
                 )
-            for move in plan(view.shards, live, max_handoffs=self.settings.max_handoffs):
+            moves = plan(
+                view.shards, live, max_handoffs=self.settings.max_handoffs, stale=view.stale
+            )
+            for move in moves:
                 if await store.place(move):
                     self.counters["moves_applied"] += 1
             await self._expire_nodes(view, lately)
@@ -661,10 +665,12 @@ class ClusterAgent:
 
     def _durable_shards(self) -> set[int]:
         try:
-            return set(self._durable_cb())
+            self._durable_last = set(self._durable_cb())
         except Exception:
+            # The last good answer: an empty one would tell the cluster this node holds
+            # no durable copy any more (clearing its stale-copy marks, among others).
             log.exception("reading the durable shards failed")
-            return set()
+        return set(self._durable_last)
 
     def _db_state(self, ok: bool, exc: BaseException | None = None) -> None:
         """Log the database becoming unreachable or reachable again, once each."""

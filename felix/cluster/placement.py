@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -75,7 +75,11 @@ class Move:
 
 
 def plan(
-    shards: Sequence[ShardState], live: Collection[str], *, max_handoffs: int = 1
+    shards: Sequence[ShardState],
+    live: Collection[str],
+    *,
+    max_handoffs: int = 1,
+    stale: Mapping[int, Collection[str]] | None = None,
 ) -> list[Move]:
     """The moves that bring ``shards`` (indexed by logical shard) closer to their desired
     owners, given the ids of the ``live`` nodes.
@@ -87,6 +91,10 @@ def plan(
     ``max_handoffs`` handoffs in flight in the whole cluster (each makes the shard
     unavailable while it drains). A handoff whose target is gone or no longer desired is
     cleared. With no live node nothing can be placed: no moves.
+
+    ``stale``: per logical shard, the nodes holding a stale copy of its durable records
+    (it was moved or unpinned away from them): never desired for it, since they would
+    serve that copy. A shard every live node is stale for is left alone.
     """
     live_set = frozenset(live)
     if not live_set:
@@ -102,7 +110,11 @@ def plan(
                 continue
             desired = state.durable_node
         else:
-            desired = _desired(shard, live_set)
+            avoid = stale.get(shard) if stale else None
+            eligible = live_set.difference(avoid) if avoid else live_set
+            if not eligible:
+                continue
+            desired = _desired(shard, eligible)
         if state.owner is None or state.owner not in live_set:
             # Dead or no owner (a handoff in flight included: its source cannot complete it).
             moves.append(Move(shard, state.epoch, "assign", desired))

@@ -34,7 +34,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import asyncpg
@@ -139,7 +139,15 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         # A node the shard was moved (or unpinned) away from keeps its old records: it
         # may not be given the shard again by `felix cluster move` until its reports
         # show the copy gone (its renewals clear it).
-        ["ALTER TABLE felix_cluster_shards ADD COLUMN stale_nodes text[] NOT NULL DEFAULT '{}'"],
+        [
+            "ALTER TABLE felix_cluster_shards ADD COLUMN stale_nodes text[] NOT NULL DEFAULT '{}'",
+            # A cluster upgraded with such copies: the nodes reporting durable records of
+            # a shard pinned elsewhere (or unpinned) hold stale ones.
+            """UPDATE felix_cluster_shards s SET stale_nodes = ARRAY(
+                SELECT n.node_id FROM felix_cluster_nodes n
+                WHERE s.shard = ANY(n.durable_shards)
+                    AND n.node_id IS DISTINCT FROM s.durable_node ORDER BY n.node_id)""",
+        ],
     ),
 ]
 
@@ -147,6 +155,11 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
 #: from it: the records it keeps are a stale copy from then on).
 _STALE_ADD = """CASE WHEN s.durable_node IS NULL OR s.durable_node = ANY(s.stale_nodes)
     THEN s.stale_nodes ELSE array_append(s.stale_nodes, s.durable_node) END"""
+#: An unpin's owner and epoch: a shard still owned by the (dead) node it was pinned to
+#: loses that owner (a new epoch), else the node would serve its stale copy as soon as
+#: it came back; the placer then gives it to a node holding no copy.
+_UNPIN_OWNER = """owner = CASE WHEN s.owner = s.durable_node THEN NULL ELSE s.owner END,
+    epoch = CASE WHEN s.owner = s.durable_node THEN s.epoch + 1 ELSE s.epoch END"""
 
 # A node is live while ``lease_until + grace > now()`` ($grace in seconds).
 _LIVE = "n.lease_until + make_interval(secs => {grace}) > now()"
@@ -169,11 +182,13 @@ _MOVES = {
     "assign": f"""UPDATE felix_cluster_shards s SET owner = $3, epoch = s.epoch + 1,
             handoff_to = NULL, changed_at = now()
         WHERE s.shard = $1 AND s.epoch = $2 AND {_OWNER_DEAD} AND {_TARGET_LIVE}
-            AND (s.durable_node IS NULL OR s.durable_node = $3)""",
+            AND (s.durable_node IS NULL OR s.durable_node = $3)
+            AND NOT ($3 = ANY(s.stale_nodes))""",
     "handoff": f"""UPDATE felix_cluster_shards s SET handoff_to = $3, changed_at = now()
         WHERE s.shard = $1 AND s.epoch = $2 AND s.handoff_to IS NULL
             AND s.owner IS DISTINCT FROM $3 AND {_TARGET_LIVE}
-            AND (s.durable_node IS NULL OR s.durable_node = $3)""",
+            AND (s.durable_node IS NULL OR s.durable_node = $3)
+            AND NOT ($3 = ANY(s.stale_nodes))""",
     "clear_handoff": """UPDATE felix_cluster_shards s SET handoff_to = NULL, changed_at = now()
         WHERE s.shard = $1 AND s.epoch = $2 AND s.handoff_to IS NOT NULL
             AND ($3::text IS NULL OR s.handoff_to = $3) AND $4::float8 IS NOT NULL""",
@@ -204,6 +219,9 @@ class ClusterView:
     durable_shards: Mapping[str, tuple[int, ...]]
     #: Nodes that left on purpose.
     leaving: frozenset[str]
+    #: logical shard -> nodes holding a stale copy of its durable records (moved or
+    #: unpinned away from them): never placed there.
+    stale: Mapping[int, frozenset[str]] = field(default_factory=dict)
 
     @property
     def live(self) -> frozenset[str]:
@@ -559,8 +577,8 @@ class ClusterStore:
                     grace,
                 )
                 shards = await conn.fetch(
-                    "SELECT owner, epoch, handoff_to, durable_node FROM felix_cluster_shards"
-                    " ORDER BY shard"
+                    "SELECT owner, epoch, handoff_to, durable_node, stale_nodes"
+                    " FROM felix_cluster_shards ORDER BY shard"
                 )
             return ClusterView(
                 logical_shards=meta["logical_shards"],
@@ -583,6 +601,9 @@ class ClusterStore:
                 ),
                 durable_shards={r["node_id"]: tuple(r["durable_shards"]) for r in nodes},
                 leaving=frozenset(r["node_id"] for r in nodes if r["leaving"]),
+                stale={
+                    i: frozenset(r["stale_nodes"]) for i, r in enumerate(shards) if r["stale_nodes"]
+                },
             )
 
         return await self._call("read the cluster", op)
@@ -692,6 +713,7 @@ class ClusterStore:
                 _notifying(
                     """UPDATE felix_cluster_shards s SET durable_node = $2, changed_at = now()
                     WHERE s.shard = $1 AND s.durable_node IS NULL AND s.owner = $2
+                        AND NOT ($2 = ANY(s.stale_nodes))
                         AND EXISTS (SELECT 1 FROM felix_cluster_nodes n
                             WHERE n.node_id = $2 AND n.lease_until > now())""",
                     "'durable ' || changed.shard",
@@ -936,7 +958,7 @@ async def forget_node(dsn: str, node_id: str, *, timeout: float = 5.0) -> list[i
             shards = await conn.fetch(
                 _notifying(
                     f"""UPDATE felix_cluster_shards s SET durable_node = NULL,
-                        stale_nodes = {_STALE_ADD}, changed_at = now()
+                        stale_nodes = {_STALE_ADD}, {_UNPIN_OWNER}, changed_at = now()
                     WHERE s.durable_node = $1""",
                     "'unpin ' || changed.shard",
                 ),
@@ -963,7 +985,7 @@ async def unpin_shards(dsn: str, shards: list[int], *, timeout: float = 5.0) -> 
         rows = await conn.fetch(
             _notifying(
                 f"""UPDATE felix_cluster_shards s SET durable_node = NULL,
-                    stale_nodes = {_STALE_ADD}, changed_at = now()
+                    stale_nodes = {_STALE_ADD}, {_UNPIN_OWNER}, changed_at = now()
                 WHERE s.shard = ANY($1::int[]) AND s.durable_node IS NOT NULL
                     AND NOT EXISTS (SELECT 1 FROM felix_cluster_nodes n
                         WHERE n.node_id = s.durable_node AND n.lease_until > now())""",
@@ -1030,8 +1052,9 @@ async def _why_not_moved(conn: Any, shard: int, target: str) -> str:
         return (
             f"node {target} holds a stale copy of shard {shard} (the shard was moved or "
             "unpinned away from it; its log says which streams): remove those stream "
-            "directories from its data dir, import a fresh export, and wait until its "
-            "report shows the shard again"
+            "directories from its data dir and wait until its renewals no longer report "
+            "the shard (within a lease; felix cluster status --json shows its "
+            "durable_shards), then import a fresh export there and restart it"
         )
     nodes = {
         r["node_id"]: r

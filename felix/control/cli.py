@@ -507,7 +507,8 @@ def _print_node_view(
     what = "stream" if kind is ResourceKind.STREAM else "cache"
     tenant, namespace, name = path
     url = stream_status_url(node, (tenant, namespace, name), what)
-    token = _node_token(node, args)
+    # heading: the node was discovered (node.json, a context), not named by the user.
+    token = _node_token(node, args, explicit=not heading)
     status = fetch_stream_status(url, timeout=args.timeout, token=token)
     if args.interval > 0:
         start = time.monotonic()
@@ -688,12 +689,14 @@ def _group_create(client: ControlClient, args: argparse.Namespace, kind: Resourc
     return 0
 
 
-def _node_token(node: str, args: argparse.Namespace) -> str | None:
+def _node_token(node: str, args: argparse.Namespace, *, explicit: bool) -> str | None:
     """The admin token for the health port ``node`` (a node with auth wants it for its
-    per-tenant routes): ``$FELIX_NODE_TOKEN``, else the discovered node's own when
-    ``node`` is that node's health address; never another node's."""
+    per-tenant routes). ``$FELIX_NODE_TOKEN`` goes only to a node the user named
+    (``explicit``: ``--node`` or ``$FELIX_NODE_URL``), never to one found in a
+    node.json of the working directory; a discovered node gets the admin token of its
+    own data dir, and no node gets another's."""
     token = os.environ.get("FELIX_NODE_TOKEN")
-    if token:
+    if explicit and token:
         return token
     found = resolve(getattr(args, "context", None))
     return found.http_token if found.http == node else None
@@ -709,7 +712,8 @@ def _group_info(args: argparse.Namespace) -> int:
         raise ConfigError(f"--timeout must be positive, got {args.timeout}")
     tenant, namespace, stream = _stream_path(args)
     url = stream_status_url(node, (tenant, namespace, stream))
-    status = fetch_stream_status(url, timeout=args.timeout, token=_node_token(node, args))
+    token = _node_token(node, args, explicit=True)
+    status = fetch_stream_status(url, timeout=args.timeout, token=token)
     entry = group_status(status, args.name, url)
     if args.json:
         _print_json(entry)

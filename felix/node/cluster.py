@@ -88,8 +88,13 @@ class DurableShards:
     def __call__(self) -> Collection[int]:
         now = self._clock()
         if self._at is None or now - self._at >= self._rescan:
-            self._shards = frozenset(self.scan())
             self._at = now
+            try:
+                self._shards = frozenset(self.scan())
+            except OSError as exc:
+                # Keep the last good answer: an empty one would tell the cluster this
+                # node holds no copy any more (and clear its stale-copy marks).
+                log.warning("scanning the data dir for durable shards failed: %s", exc)
         return self._shards
 
     def add(self, shards: Collection[int]) -> None:
@@ -159,8 +164,8 @@ def _subdirs(path: Path) -> list[str]:
     try:
         with os.scandir(path) as entries:
             return [e.name for e in entries if e.is_dir(follow_symlinks=False)]
-    except OSError:
-        return []
+    except (FileNotFoundError, NotADirectoryError):
+        return []  # gone meanwhile (a stream being deleted); other errors: the scan fails
 
 
 def _has_records(path: Path) -> bool:
@@ -173,7 +178,7 @@ def _has_records(path: Path) -> bool:
                     and entry.stat(follow_symlinks=False).st_size > SEGMENT_HEADER_SIZE
                 ):
                     return True
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
     return False
 

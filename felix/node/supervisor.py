@@ -275,6 +275,9 @@ class Supervisor:
         finally:
             self._cleanup()
             await self._end_tasks()
+            # Last: nothing of this node writes to the data dir once another may own it.
+            if self._lock is not None:
+                self._lock.release()
 
     async def _start(self) -> None:
         config = self.config
@@ -939,8 +942,6 @@ class Supervisor:
         self._close_shm()
         if self._fd_reserve is not None:
             self._fd_reserve.release_all()
-        if self._lock is not None:
-            self._lock.release()
 
     def _close_shm(self) -> None:
         if self._shm_sock is None:

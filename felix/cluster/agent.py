@@ -131,7 +131,7 @@ class ClusterAgent:
         # Last logged states (each change is logged once).
         self._db_ok = True
         self._placer = False
-        self._warned_pins: set[int] = set()
+        self._warned_pins: set[tuple[int, bool]] = set()  # (shard, its node live)
         #: node id -> (its last lease row (incarnation, lease_until), when this node saw
         #: that row first, on its own clock): the placer's second opinion on who is dead.
         self._renewals: dict[str, tuple[tuple[int, float], float]] = {}
@@ -648,8 +648,25 @@ class ClusterAgent:
             if state.owner == me and state.durable_node is None:
                 if await store.claim_durable(shard, me):
                     self.counters["durable_claims"] += 1
-            elif state.durable_node not in (None, me) and shard not in self._warned_pins:
-                self._warned_pins.add(shard)
+            elif (
+                state.durable_node not in (None, me)
+                and (warning := (shard, state.durable_node in view.live)) not in self._warned_pins
+            ):
+                self._warned_pins.add(warning)
+                if not warning[1]:
+                    # Its node is down: most likely an operator's import, waiting for
+                    # `felix cluster move` (or a stale copy; move refuses those).
+                    log.warning(
+                        "node %s holds durable records of logical shard %d, pinned to node "
+                        "%s, which is down: not served here unless moved here (felix "
+                        "cluster move %d --to %s, after an import of that node's data)",
+                        me,
+                        shard,
+                        state.durable_node,
+                        shard,
+                        me,
+                    )
+                    continue
                 # Moved away (felix cluster move) or given up (forget/unpin) while this
                 # node was down: what it holds is a stale copy, never served here.
                 log.warning(

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -449,24 +450,29 @@ class _FakeChild:
         return self._running
 
 
+def _node_cluster(tmp_path: Path, **kw: Any) -> Any:
+    """A NodeCluster for node "me" (its agent is not started: no database is reached)."""
+    from felix.node.cluster import NodeCluster
+
+    settings: dict[str, Any] = {
+        "dsn": "postgresql://u@localhost/db",
+        "node_id": "me",
+        "address": "127.0.0.1:5000",
+        "health_url": "http://127.0.0.1:8080",
+        "region": "",
+        "logical_shards": L,
+        "lease": 10.0,
+        "data_dir": tmp_path,
+        "gateways": list,
+    }
+    return NodeCluster(**{**settings, **kw})
+
+
 def test_handoff_drained_raises_unless_every_running_gateway_acknowledged(tmp_path: Path) -> None:
     import asyncio
 
-    from felix.node.cluster import NodeCluster
-
     gateways = [_FakeChild("gateway-0", 7), _FakeChild("gateway-1", 6), _FakeChild("x", 0, False)]
-    node = NodeCluster(
-        dsn="postgresql://u@localhost/db",
-        node_id="me",
-        address="127.0.0.1:5000",
-        health_url="http://127.0.0.1:8080",
-        region="",
-        logical_shards=L,
-        lease=10.0,
-        data_dir=tmp_path,
-        gateways=lambda: gateways,
-        drain_timeout=0.1,
-    )
+    node = _node_cluster(tmp_path, gateways=lambda: gateways, drain_timeout=0.1)
 
     async def main() -> None:
         with pytest.raises(TimeoutError, match="gateway-1"):
@@ -492,23 +498,11 @@ def test_serve_until_is_on_boottime_everywhere(tmp_path: Path) -> None:
     supervisor's agent and every gateway compare serve_until on it."""
     import time
 
-    from felix.node.cluster import NodeCluster
-
     before = time.clock_gettime(time.CLOCK_BOOTTIME)
     now = cluster_clock()
     assert before <= now <= time.clock_gettime(time.CLOCK_BOOTTIME)
     assert ClusterGate()._clock is cluster_clock
-    node = NodeCluster(
-        dsn="postgresql://u@localhost/db",
-        node_id="me",
-        address="127.0.0.1:5000",
-        health_url="http://127.0.0.1:8080",
-        region="",
-        logical_shards=L,
-        lease=10.0,
-        data_dir=tmp_path,
-        gateways=list,
-    )
+    node = _node_cluster(tmp_path)
     assert node._clock is cluster_clock and node.agent._clock is cluster_clock
 
 
@@ -653,23 +647,11 @@ def test_a_node_placed_when_its_join_ends_is_ready_without_waiting_or_warning(
 ) -> None:
     """A join that ends at (or past) the join timeout, already placed: no 0 s wait (which
     times out even when placed), no "not placed yet" warning."""
-    from felix.node.cluster import NodeCluster
 
     now = [1000.0]
-    node = NodeCluster(
-        dsn="postgresql://u@localhost/db",
-        node_id="me",
-        address="127.0.0.1:5000",
-        health_url="http://127.0.0.1:8080",
-        region="",
-        logical_shards=L,
-        lease=10.0,
-        data_dir=tmp_path,
-        gateways=list,
-        clock=lambda: now[0],
-    )
+    node = _node_cluster(tmp_path, clock=lambda: now[0])
     agent = _SlowJoinAgent(now)
-    node.agent = agent  # type: ignore[assignment]
+    node.agent = agent
 
     async def main() -> None:
         await node.start(timeout=5.0)

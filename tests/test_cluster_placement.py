@@ -156,7 +156,11 @@ def test_a_node_with_a_stale_copy_is_never_given_the_shard() -> None:
     again it would serve them (a review finding: only `felix cluster move` checked)."""
     live = {"n1", "n2", "n3"}
     shards = fresh()
-    wins = {i: rendezvous_owner(i, sorted(live)) for i in range(len(shards))}
+    wins: dict[int, str] = {}
+    for i in range(len(shards)):
+        winner = rendezvous_owner(i, sorted(live))
+        assert winner is not None
+        wins[i] = winner
     stale = {i: {w} for i, w in wins.items()}  # every shard's winner holds a stale copy
     moves = plan(shards, live, stale=stale)
     assert len(moves) == len(shards)
@@ -164,7 +168,7 @@ def test_a_node_with_a_stale_copy_is_never_given_the_shard() -> None:
     # Owned by the stale node: handed to another.
     shards[0] = ShardState(wins[0], 1, None, None)
     moves = plan(shards, live, stale={0: {wins[0]}})
-    assert [m for m in moves if m.shard == 0][0].kind == "handoff"
+    assert next(m for m in moves if m.shard == 0).kind == "handoff"
     # Every live node stale for it: left alone rather than served stale.
     assert not [m for m in plan(fresh(), live, stale={5: live}) if m.shard == 5]
 

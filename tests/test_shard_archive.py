@@ -693,6 +693,7 @@ def test_the_export_file_is_made_safely(
     export_shard(src, 3, out)
     assert leftover.read_bytes() == b"partial"
     assert sorted(p.name for p in out.parent.glob(".b.tar.*")) == [leftover.name]
+
     # A file system without hard links: renamed after a check that nothing is there.
     def no_links(src: object, dst: object) -> None:
         raise PermissionError(errno.EPERM, "Operation not permitted")

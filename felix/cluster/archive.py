@@ -18,6 +18,10 @@ The manifest lists every other member with its size and SHA-256, so an import ch
 the whole archive before it writes anything (segments also carry their CRCs, and
 encrypted records their tags, which the import verifies as it rewrites them).
 
+The manifest names the source (region, node id, data id): an import into a data dir of
+another region is refused, and the import leaves a record of where the data came from
+in ``DATA_DIR/cluster-imports/<shard>.json``.
+
 An import stages everything beside its final place (names starting with ``.``, which
 nodes ignore), then writes :data:`PENDING_FILE` listing the renames that put it in
 place, makes them and removes the file. ``felix up`` refuses to start while that file

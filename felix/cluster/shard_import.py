@@ -4,20 +4,27 @@ into the data dir of a stopped node, readable with that node's keys.
 In order, holding the data dir's lock (no node starts meanwhile):
 
 1. Finish an interrupted import, if one is pending.
-2. Check the whole archive before writing anything: the manifest, every member's
-   size and SHA-256, that no stream of it holds records here (each is named), and
-   that the source's data keys unwrap (with this node's region key when the
-   fingerprints match, as with one region key from a Secret on every pod; else with
-   ``--source-region-key``, which must be the key the archive names).
+2. Check the target and the whole archive before writing anything: the manifest
+   (against itself: every stream of its shard, once; see :class:`Manifest`), that it
+   is of the target's region (data leaves a region only through a bridge:
+   :class:`RegionMismatch`) and cluster size, that no stream of it holds records
+   here (each is named) and no other stream of the shard does (unless
+   ``force_extra_streams``), every member's size and SHA-256 (and the whole file's,
+   for the record), and that the source's data keys unwrap (with this node's region
+   key when the fingerprints match, as with one region key from a Secret on every
+   pod; else with ``--source-region-key``, which must be the key the archive names).
 3. Stage each stream beside its place (``.import.<stream>``, which nodes ignore):
    segment by segment, every record's CRCs verified (the segment reader, bounded
    memory); an encrypted record opened with the source's data key (its tag verified,
    :func:`~felix.shard.log_format.open_payload`) and sealed again with this node's
    current data key of the tenant (created as a first durable write would create
    it), keeping offset, timestamp and headers; a plaintext record stays as it is.
-   Segments keep their base offsets, so the log continues where the source's did.
-   Queue group files are decoded with the source's keys and written whole with this
-   node's (or plain, as they were).
+   Segments keep their base offsets, and an empty last segment at the manifest's
+   ``next_offset`` (when above the last record) makes the log continue where the
+   source's would have. Queue group files (at most ``MAX_FILE_BYTES``, their state
+   not beyond that point) are decoded with the source's keys and written whole with
+   this node's (or plain, as they were). The record of the import
+   (``cluster-imports/<shard>.json``) is staged too.
 4. Record the renames in ``shard-import.pending``, make them, remove the record.
 
 A failure in 1-3 removes what was staged: the data dir is as it was (except a data

@@ -77,8 +77,8 @@ STAGED_GROUP_SUFFIX: Final = ".import"
 #: Prefix of a directory being removed; a shard finishes such a removal at start
 #: (felix/shard/durable.py ``_TRASH``).
 TRASH_PREFIX: Final = ".deleted."
-#: The largest manifest read (a shard of 100k streams with one segment each needs
-#: about 25 MiB; a few segments each, less than that).
+#: The largest manifest read: about 550 bytes per stream with a segment and a group,
+#: so some 30,000 such streams (a logical shard is a slice of a node's streams).
 MAX_MANIFEST_BYTES: Final = 16 << 20
 #: Most streams, and most members, an archive may hold (an importer reads no more
 #: member headers than that before it refuses the archive).

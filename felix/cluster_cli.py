@@ -20,6 +20,7 @@ import json
 import math
 import os
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -112,6 +113,11 @@ def _add_move_commands(commands: Subparsers[argparse.ArgumentParser]) -> None:
         metavar="N",
         help="the cluster's number of logical shards (default: from DATA_DIR/node.json)",
     )
+    export.add_argument(
+        "--region",
+        metavar="ID",
+        help="the node's region (default: from DATA_DIR/node.json; recorded in the archive)",
+    )
     export.set_defaults(func=_export)
 
     imp = commands.add_parser(
@@ -132,6 +138,18 @@ def _add_move_commands(commands: Subparsers[argparse.ArgumentParser]) -> None:
         type=Path,
         metavar="FILE",
         help="the source node's region key, when it is not this node's",
+    )
+    imp.add_argument(
+        "--region",
+        metavar="ID",
+        help="the node's region (default: from DATA_DIR/node.json); an archive of another "
+        "region is refused (exit 2)",
+    )
+    imp.add_argument(
+        "--force-extra-streams",
+        action="store_true",
+        help="import although DATA_DIR holds records of other streams of the shard (they "
+        "are served beside the imported ones once the shard is moved there)",
     )
     imp.set_defaults(func=_import)
 
@@ -411,7 +429,13 @@ def _export(args: argparse.Namespace) -> int:
     from felix.cluster.shard_export import export_shard
 
     try:
-        done = export_shard(args.data_dir, args.shard, args.out, logical_shards=args.logical_shards)
+        done = export_shard(
+            args.data_dir,
+            args.shard,
+            args.out,
+            logical_shards=args.logical_shards,
+            region=args.region,
+        )
     except ClusterError as exc:
         print(f"felix: {exc}", file=sys.stderr)
         return 1
@@ -421,7 +445,8 @@ def _export(args: argparse.Namespace) -> int:
     m = done.manifest
     records = sum(s.records for s in m.streams)
     print(
-        f"exported logical shard {m.shard} of {m.logical_shards} from {args.data_dir} to "
+        f"exported logical shard {m.shard} of {m.logical_shards} (region {m.region}) from "
+        f"{args.data_dir} to "
         f"{done.out}: {len(m.streams)} stream(s), {records} records, "
         f"{sum(len(s.groups) for s in m.streams)} group file(s), {done.bytes} bytes in "
         f"{done.seconds:.2f}s"
@@ -432,6 +457,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
+    from felix.cluster.archive import IMPORTS_DIR, RegionMismatch
     from felix.cluster.shard_import import import_shard
 
     try:
@@ -440,7 +466,12 @@ def _import(args: argparse.Namespace) -> int:
             args.data_dir,
             region_key=args.region_key,
             source_region_key=args.source_region_key,
+            region=args.region,
+            force_extra_streams=args.force_extra_streams,
         )
+    except RegionMismatch as exc:
+        print(f"felix: {exc}", file=sys.stderr)
+        return 2
     except ClusterError as exc:
         print(f"felix: {exc}", file=sys.stderr)
         return 1
@@ -459,6 +490,13 @@ def _import(args: argparse.Namespace) -> int:
         f"{done.records} records ({done.reencrypted} re-encrypted with this node's keys), "
         f"{done.groups} group file(s) in {done.seconds:.2f}s ({rate:.0f} records/s); start "
         f"the node, then: felix cluster move {m.shard} --to NODE_ID --yes"
+    )
+    p = done.provenance or {}
+    exported = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created_us / 1e6))
+    print(
+        f"recorded in {args.data_dir / IMPORTS_DIR / f'{m.shard}.json'}: from node "
+        f"{m.node_id or '(unknown)'} (data id {m.data_id or '(unknown)'}) of region {m.region}, "
+        f"exported {exported}, archive sha256 {p.get('archive_sha256')}"
     )
     return 0
 

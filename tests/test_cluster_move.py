@@ -131,6 +131,10 @@ def test_a_durable_shard_moves_with_its_data(cluster: dict[str, Any]) -> None:
     done = felix_cli(*args, "--source-region-key", str(n0.data_dir / "keys" / "region.key"))
     assert done.returncode == 0, done.stderr
     assert f"{RECORDS} records ({RECORDS} re-encrypted" in done.stdout, done.stdout
+    # Where the data came from, recorded in n1's data dir (n0 ran in the dev region).
+    record = json.loads((n1.data_dir / "cluster-imports" / f"{shard}.json").read_text())
+    assert (record["source_node_id"], record["region"]) == ("n0", "local"), record
+    assert f"from node n0 (data id {record['source_data_id']}) of region local" in done.stdout
     print(f"\n{done.stdout.strip()} ({time.monotonic() - started:.2f}s with the CLI's start)")
 
     # Moving before n1 is back is refused, naming why.

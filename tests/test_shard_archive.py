@@ -16,35 +16,63 @@ real key store, group state by the real GroupLog; read back the way a node reads
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from felix import ipc
 from felix.cluster.archive import (
+    IMPORTS_DIR,
     PENDING_FILE,
+    RegionMismatch,
     check_no_pending_import,
     finish_pending,
     write_pending,
 )
 from felix.cluster.ownership import logical_shard
-from felix.cluster.shard_export import export_shard
+from felix.cluster.shard_export import export_shard, reserved_offsets
 from felix.cluster.shard_import import import_shard
 from felix.errors import ConfigError, KeyUnavailable, ShardArchiveError
-from felix.keys.kek import FileKeyEncryptionKey, generate_key_file
+from felix.keys.kek import REGION_KEY_ENV, FileKeyEncryptionKey, generate_key_file
 from felix.keys.store import KEYS_DIR, KeyStore
 from felix.node.datadir import DataDirLock
 from felix.shard.disklog import DiskLog, DiskLogSettings
 from felix.shard.log_format import decode_record, encode_envelope, encrypted_key_id, seal_batch
-from felix.shard.queue.group_log import GroupCipher, GroupLog, decode_file
-from felix.shard.queue.journal import Ack, JournalEntry, Lease, Start
+from felix.shard.offsets import OffsetReservations
+from felix.shard.queue.group_log import (
+    MAX_FILE_BYTES,
+    MAX_SNAPSHOT_BYTES,
+    GroupCipher,
+    GroupLog,
+    decode_file,
+    encode_file,
+)
+from felix.shard.queue.journal import (
+    Ack,
+    Entry,
+    EntryState,
+    GroupSnapshot,
+    JournalEntry,
+    Lease,
+    Start,
+)
+from felix.shard.queue.settings import MAX_SPAN
+from tests import test_shard_durable as durable
 
 L = 16
 TENANT = "acme"
+REGION = "eu-west"
 
 
 def _stream_on_shard(shard: int, prefix: str = "orders") -> str:
@@ -55,7 +83,9 @@ def _stream_on_shard(shard: int, prefix: str = "orders") -> str:
     raise AssertionError("no name")
 
 
-def _node_dir(root: Path, name: str, key_file: Path | None = None) -> tuple[Path, KeyStore]:
+def _node_dir(
+    root: Path, name: str, key_file: Path | None = None, region: str = REGION
+) -> tuple[Path, KeyStore]:
     """A data dir with a region key (its own dev key unless ``key_file``) and a node.json
     of a stopped cluster node."""
     data = root / name
@@ -65,7 +95,13 @@ def _node_dir(root: Path, name: str, key_file: Path | None = None) -> tuple[Path
     else:
         kek = FileKeyEncryptionKey.load(key_file)
     (data / "node.json").write_text(
-        json.dumps({"pid": 2**22 + 12345, "cluster": {"node_id": name, "logical_shards": L}})
+        json.dumps(
+            {
+                "pid": 2**22 + 12345,
+                "region": region,
+                "cluster": {"node_id": name, "logical_shards": L},
+            }
+        )
     )
     return data, KeyStore(data / KEYS_DIR, kek)
 
@@ -356,3 +392,319 @@ def test_an_interrupted_import_is_finished_and_blocks_felix_up(
     # A pending record survives a crash of its own: every step is redone or skipped.
     write_pending(dst, "x", 3, [["move", "nowhere/.import.a", "nowhere/a"]])
     assert finish_pending(dst) is not None and not (dst / PENDING_FILE).exists()
+
+
+# -- the manifest checked against itself and the target -----------------------------------
+
+
+def _rewrite(archive: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """The archive again with its manifest changed by ``edit`` (the other members as
+    they were): what someone relabelling an archive would make."""
+    with tarfile.open(archive) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+    out = archive.with_name("rewritten.tar")
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            if info.name == "manifest.json":
+                doc = json.loads(data)
+                edit(doc)
+                data = json.dumps(doc).encode()
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out.replace(archive)
+
+
+def _src_key(moved: dict[str, object]) -> Path:
+    src = moved["src"]
+    assert isinstance(src, Path)
+    return src / KEYS_DIR / "region.key"
+
+
+def test_an_archive_relabelled_as_another_shard_is_refused(moved: dict[str, object]) -> None:
+    dst, archive = moved["dst"], moved["archive"]
+    assert isinstance(dst, Path) and isinstance(archive, Path)
+    _rewrite(archive, lambda doc: doc.update(shard=4))
+    before = _tree(dst)
+    with pytest.raises(ShardArchiveError, match=r"is of logical shard 3 \(of 16\), not of shard 4"):
+        import_shard(archive, dst, source_region_key=_src_key(moved))
+    assert _tree(dst) == before
+
+
+def test_a_stream_listed_twice_is_refused(moved: dict[str, object]) -> None:
+    dst, archive = moved["dst"], moved["archive"]
+    assert isinstance(dst, Path) and isinstance(archive, Path)
+    _rewrite(archive, lambda doc: doc["streams"].append(doc["streams"][0]))
+    with pytest.raises(ShardArchiveError, match="is listed twice"):
+        import_shard(archive, dst, source_region_key=_src_key(moved))
+    assert not (dst / "streams").exists()
+
+
+def test_an_archive_of_another_region_is_refused_with_exit_2(tmp_path: Path) -> None:
+    shared = tmp_path / "region.key"
+    generate_key_file(shared)
+    src, src_keys = _node_dir(tmp_path, "n0", shared, region="eu-west")
+    other, _ = _node_dir(tmp_path, "n1", shared, region="us-east")
+    dst, _ = _node_dir(tmp_path, "n2", shared, region="eu-west")
+    key = _stream_on_shard(5)
+    _write_log(src, src_keys, key, 40)
+    archive = tmp_path / "a.tar"
+    export_shard(src, 5, archive)
+    with pytest.raises(RegionMismatch, match=r"region eu-west .*region us-east"):
+        import_shard(archive, other, region_key=shared)
+    assert not (other / "streams").exists()
+    # A data dir whose node.json does not say: its region must be given.
+    (dst / "node.json").write_text(json.dumps({"cluster": {"node_id": "n2"}}))
+    with pytest.raises(ShardArchiveError, match="pass --region"):
+        import_shard(archive, dst, region_key=shared)
+
+    cli = [sys.executable, "-m", "felix.cli", "cluster", "import-shard", str(archive)]
+    env = {**os.environ, REGION_KEY_ENV: str(shared)}
+    refused = subprocess.run(
+        [*cli, "--data-dir", str(other)], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "eu-west" in refused.stderr and "us-east" in refused.stderr
+    done = subprocess.run(
+        [*cli, "--data-dir", str(dst), "--region", "eu-west"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert f"archive sha256 {sha}" in done.stdout and "from node n0" in done.stdout, done.stdout
+
+
+def test_an_import_records_where_the_data_came_from(moved: dict[str, object]) -> None:
+    src, dst, archive = moved["src"], moved["dst"], moved["archive"]
+    assert isinstance(src, Path) and isinstance(dst, Path) and isinstance(archive, Path)
+    (src / "cluster-data-id").write_text("d-1234\n")  # as a cluster node writes it
+    again = archive.with_name("again.tar")
+    export_shard(src, 3, again)
+    done = import_shard(again, dst, source_region_key=_src_key(moved))
+    record = json.loads((dst / IMPORTS_DIR / "3.json").read_text())
+    assert record == done.provenance
+    with tarfile.open(again) as tar:
+        manifest = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+    assert manifest["source"] == {
+        "region": REGION, "node_id": "n0", "data_id": "d-1234",
+        "region_key": FileKeyEncryptionKey.load(_src_key(moved)).key_id,
+    }  # fmt: skip
+    assert {k: record[k] for k in ("shard", "region", "source_node_id", "source_data_id")} == {
+        "shard": 3, "region": REGION, "source_node_id": "n0", "source_data_id": "d-1234",
+    }  # fmt: skip
+    assert record["exported_us"] == manifest["created_us"]
+    assert record["archive_sha256"] == hashlib.sha256(again.read_bytes()).hexdigest()
+    assert not [p for p in (dst / IMPORTS_DIR).iterdir() if p.name.startswith(".")]
+
+
+def test_other_streams_of_the_shard_at_the_target_need_force(moved: dict[str, object]) -> None:
+    dst, archive = moved["dst"], moved["archive"]
+    assert isinstance(dst, Path) and isinstance(archive, Path)
+    stale = _stream_on_shard(3, "stale")
+    _write_log(dst, None, stale, 3)
+    _write_log(dst, None, _stream_on_shard(4, "fine"), 3)  # another shard: no matter
+    with pytest.raises(ShardArchiveError, match=rf"other streams of logical shard 3.*{stale}"):
+        import_shard(archive, dst, source_region_key=_src_key(moved))
+    assert not (dst / "streams" / str(moved["key"])).exists()
+    done = import_shard(archive, dst, source_region_key=_src_key(moved), force_extra_streams=True)
+    assert done.streams == 3 and len(_read_log(dst, None, stale)) == 3
+
+
+# -- where the log continues -----------------------------------------------------------
+
+
+def test_the_log_continues_above_offsets_a_crash_lost(tmp_path: Path) -> None:
+    """fsync interval: records written (acked, maybe delivered) but not synced are lost
+    by a power cut. The source would continue above its reservation mark; so does the
+    target after the move, and never issues those offsets again."""
+    src, _ = _node_dir(tmp_path, "n0")
+    dst, _ = _node_dir(tmp_path, "n1")
+    info = json.loads((src / "node.json").read_text())
+    (src / "node.json").write_text(json.dumps({**info, "topology": {"shards": 1}}))
+    key = durable.KEY
+    shard = logical_shard(key, L)
+    c = durable.make(src, fsync="interval")
+    durable.publish(c, [b"a", b"b"])
+    store = durable.store_of(c)
+    store.due(1.0)
+    (stream,) = store.take_syncs()
+    c.sync_done(stream, stream.log.sync(), 0.001)
+    seg = next((src / "streams" / key).glob("*.seg"))
+    synced = seg.stat().st_size
+    lost = durable.publish(c, [b"lost1", b"lost2"], token=2)  # acked, never synced
+    assert lost.base_offset == 2
+    os.truncate(seg, synced)  # the power cut
+
+    report = export_shard(src, shard, tmp_path / "a.tar")
+    (s,) = report.manifest.streams
+    assert (s.records, s.next_offset) == (2, durable.BLOCK)
+    import_shard(tmp_path / "a.tar", dst)
+    log = DiskLog.open(dst / "streams" / key, DiskLogSettings(), first_offset=0)
+    assert log.next_offset == durable.BLOCK
+    log.close()
+    # A shard started on the target continues there: offsets 2 and 3 are never reused.
+    c2 = durable.make(dst, fsync="interval")
+    assert durable.publish(c2, [b"e"]).base_offset == durable.BLOCK
+    offsets, payloads, _gaps = durable.consume(c2, 0)
+    assert offsets == [0, 1, durable.BLOCK] and payloads == [b"a", b"b", b"e"]
+
+
+def test_reserved_offsets_are_read_as_a_node_would(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    data.mkdir()
+    # a and c of node shard 0, b of node shard 1 (of 2)
+    names = [f"t/n/s{i}" for i in range(100)]
+    a, c = [k for k in names if ipc.shard_for(k, 2) == 0][:2]
+    b = next(k for k in names if ipc.shard_for(k, 2) == 1)
+    OffsetReservations(data / "shard-0.offsets", block=100).ensure(a, 150)
+    r1 = OffsetReservations(data / "shard-1.offsets", block=100)
+    r1.ensure(b, 50)
+    r1.ensure(b, 120)
+    for _ in range(3):  # restarts: the floor of shard 1 rises
+        OffsetReservations(data / "shard-1.offsets", block=100)
+    (data / "node.json").write_text(json.dumps({"topology": {"shards": 2}}))
+    before = _tree(data)
+    got = reserved_offsets(data, [a, b, c])
+    assert _tree(data) == before  # only read
+    # What a node opening these files starts each stream at (c: at its shard's floor).
+    node = [OffsetReservations(data / f"shard-{i}.offsets") for i in (0, 1)]
+    for key, shard in ((a, 0), (b, 1), (c, 0)):
+        assert node[shard].start_offset(key) == got[key], key
+    assert got[a] >= 150 and got[b] >= 120
+    # Without the topology: the highest of every file. A damaged main file: its .bak
+    # plus two blocks, as a node recovers it.
+    (data / "node.json").unlink()
+    floors = [OffsetReservations(data / f"shard-{i}.offsets").base for i in (0, 1)]
+    assert reserved_offsets(data, [c])[c] == max(floors) + 1_048_576  # opened once more
+    (data / "shard-1.offsets").write_bytes(b"garbage")
+    got = reserved_offsets(data, [b])
+    assert got[b] == OffsetReservations(data / "shard-1.offsets").start_offset(b) > 120
+
+
+# -- bounds on what an archive makes the importer read ----------------------------------
+
+
+def test_member_headers_are_bounded(
+    moved: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dst, archive = moved["dst"], moved["archive"]
+    assert isinstance(dst, Path) and isinstance(archive, Path)
+    import felix.cluster.shard_import as imp
+
+    monkeypatch.setattr(imp, "MAX_FILES", 3)
+    with pytest.raises(ShardArchiveError, match="more than 4 members"):
+        import_shard(archive, dst, source_region_key=_src_key(moved))
+    monkeypatch.undo()
+    # A pax header larger than any felix writes is refused before tarfile reads it.
+    huge = archive.with_name("huge.tar")
+    info = tarfile.TarInfo("streams/x")
+    info.pax_headers = {"comment": "x" * (128 << 10)}
+    with tarfile.open(huge, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(ShardArchiveError, match=r"extended tar header of .* bytes at byte 0"):
+        import_shard(huge, dst)
+    # A member name twice.
+    twice = archive.with_name("twice.tar")
+    with tarfile.open(twice, "w") as tar:
+        for _ in range(2):
+            tar.addfile(tarfile.TarInfo("manifest.json"), io.BytesIO(b""))
+    with pytest.raises(ShardArchiveError, match="appears twice"):
+        import_shard(twice, dst)
+    assert not (dst / "streams").exists()
+
+
+def test_a_manifest_beyond_16_mib_is_refused(tmp_path: Path) -> None:
+    dst, _ = _node_dir(tmp_path, "n1")
+    archive = tmp_path / "big.tar"
+    body = json.dumps({"format": "felix-shard-archive", "pad": "x" * (16 << 20)}).encode()
+    info = tarfile.TarInfo("manifest.json")
+    info.size = len(body)
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(body))
+    with pytest.raises(ShardArchiveError, match=f"manifest.json is larger than {16 << 20}"):
+        import_shard(archive, dst)
+
+
+def test_group_files_are_bounded(moved: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
+    dst, archive = moved["dst"], moved["archive"]
+    assert isinstance(dst, Path) and isinstance(archive, Path)
+    import felix.cluster.shard_import as imp
+
+    # The archive's group file is a few KiB: with a bound below that it is refused.
+    monkeypatch.setattr(imp, "MAX_GROUP_FILE_BYTES", 1024)
+    before = _tree(dst)
+    with pytest.raises(ShardArchiveError, match=r"g\.glog is larger than 1024 bytes"):
+        import_shard(archive, dst, source_region_key=_src_key(moved))
+    # Nothing staged is left (only the tenant's data key, made as a first write would).
+    after = {k: v for k, v in _tree(dst).items() if not k.startswith("keys/")}
+    before = {k: v for k, v in before.items() if not k.startswith("keys/")}
+    assert after == before
+
+
+def test_the_group_file_bound_holds_the_widest_snapshot() -> None:
+    """Per entry, what the bound allows is what the encoder writes at most (the widest
+    reason and a detail at the engine's limit), so MAX_SPAN such entries fit."""
+    span = 2000
+    entries = {
+        off: Entry(EntryState.DYING, 1000, 999, 2**62, "max_deliveries", "é" * 512)
+        for off in range(span)
+    }
+    body = encode_file(GroupSnapshot(0, span, entries), None)
+    per_entry = (len(body) - 16) / span
+    assert per_entry * MAX_SPAN <= MAX_SNAPSHOT_BYTES
+    assert 6 * MAX_SNAPSHOT_BYTES < MAX_FILE_BYTES < 8 << 30
+
+
+def test_group_state_beyond_the_log_is_refused(tmp_path: Path) -> None:
+    src, _ = _node_dir(tmp_path, "n0")
+    dst, _ = _node_dir(tmp_path, "n1")
+    key = _stream_on_shard(7)
+    written = _write_log(src, None, key, 20)
+    assert written[-1][0] < 100
+    _write_group(src, None, key, "g", list(range(200)))  # acks up to 199
+    export_shard(src, 7, tmp_path / "a.tar")
+    with pytest.raises(ShardArchiveError, match=r"group g .* up to 199, but the stream continues"):
+        import_shard(tmp_path / "a.tar", dst)
+    assert not (dst / "streams").exists() or not list((dst / "streams").rglob("*.seg"))
+
+
+# -- the export's own checks and its file ---------------------------------------------------
+
+
+def test_an_export_refuses_a_data_dir_with_an_interrupted_import(
+    moved: dict[str, object],
+) -> None:
+    src = moved["src"]
+    assert isinstance(src, Path)
+    write_pending(src, "x", 3, [])
+    with pytest.raises(ShardArchiveError, match=rf"interrupted \({src / PENDING_FILE}\)"):
+        export_shard(src, 3, src.parent / "b.tar")
+    assert not (src.parent / "b.tar").exists()
+
+
+def test_the_export_file_is_made_safely(
+    moved: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = moved["src"]
+    assert isinstance(src, Path)
+    out = src.parent / "b.tar"
+    # What an export in another container (the same pid) or a killed one left behind.
+    leftover = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    leftover.write_bytes(b"partial")
+    export_shard(src, 3, out)
+    assert leftover.read_bytes() == b"partial"
+    assert sorted(p.name for p in out.parent.glob(".b.tar.*")) == [leftover.name]
+
+    # A file system without hard links: renamed after a check that nothing is there.
+    def no_links(src: object, dst: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr("os.link", no_links)
+    out2 = src.parent / "c.tar"
+    report = export_shard(src, 3, out2)
+    assert out2.stat().st_size == report.bytes
+    assert [p.name for p in out.parent.glob(".c.tar.*")] == []
+    with pytest.raises(ShardArchiveError, match="exists"):
+        export_shard(src, 3, out2)
+    # Other errors are reported as they are.
+    with pytest.raises(FileNotFoundError):
+        export_shard(src, 3, src.parent / "nowhere" / "d.tar")

@@ -18,6 +18,10 @@ The manifest lists every other member with its size and SHA-256, so an import ch
 the whole archive before it writes anything (segments also carry their CRCs, and
 encrypted records their tags, which the import verifies as it rewrites them).
 
+The manifest names the source (region, node id, data id): an import into a data dir of
+another region is refused, and the import leaves a record of where the data came from
+in ``DATA_DIR/cluster-imports/<shard>.json``.
+
 An import stages everything beside its final place (names starting with ``.``, which
 nodes ignore), then writes :data:`PENDING_FILE` listing the renames that put it in
 place, makes them and removes the file. ``felix up`` refuses to start while that file
@@ -37,17 +41,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from felix.cluster.ownership import logical_shard
 from felix.errors import BadRequest, ConfigError, ShardArchiveError
 from felix.names import validate_name
 from felix.node.datadir import DataDirInUse, DataDirLock
+from felix.shard.queue.settings import MAX_GROUPS_PER_STREAM
 
 __all__ = [
     "FORMAT",
+    "IMPORTS_DIR",
     "MANIFEST",
+    "MAX_FILES",
     "PENDING_FILE",
     "VERSION",
     "ArchiveStream",
     "Manifest",
+    "RegionMismatch",
     "check_no_pending_import",
     "finish_pending",
     "guard_stopped",
@@ -56,7 +65,8 @@ __all__ = [
 ]
 
 FORMAT: Final = "felix-shard-archive"
-VERSION: Final = 1
+#: 2: the source's region in the manifest, stream keys checked against the shard.
+VERSION: Final = 2
 MANIFEST: Final = "manifest.json"
 #: In the target data dir while an import's renames are being made.
 PENDING_FILE: Final = "shard-import.pending"
@@ -67,10 +77,24 @@ STAGED_GROUP_SUFFIX: Final = ".import"
 #: Prefix of a directory being removed; a shard finishes such a removal at start
 #: (felix/shard/durable.py ``_TRASH``).
 TRASH_PREFIX: Final = ".deleted."
-#: The largest manifest read (a shard of 100k streams with a few segments each).
-MAX_MANIFEST_BYTES: Final = 64 << 20
+#: The largest manifest read: about 550 bytes per stream with a segment and a group,
+#: so some 30,000 such streams (a logical shard is a slice of a node's streams).
+MAX_MANIFEST_BYTES: Final = 16 << 20
+#: Most streams, and most members, an archive may hold (an importer reads no more
+#: member headers than that before it refuses the archive).
+MAX_STREAMS: Final = 50_000
+MAX_FILES: Final = 100_000
+#: Most segments of one stream (a stream of 1 TiB in 64 MiB segments).
+MAX_SEGMENTS: Final = 16_384
+#: Where an import records what it put into a data dir (``<shard>.json``).
+IMPORTS_DIR: Final = "cluster-imports"
 _SEGMENT = re.compile(r"\A[0-9]{20}\.seg\Z")
 _SHA256 = re.compile(r"\A[0-9a-f]{64}\Z")
+
+
+class RegionMismatch(ShardArchiveError):
+    """The archive is of another region than the data dir it was to be imported into
+    (data leaves a region only through a bridge)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +124,9 @@ class Manifest:
 
     shard: int
     logical_shards: int
+    #: The source node's region: an import into a data dir of another region is
+    #: refused (data leaves a region only through a bridge).
+    region: str
     node_id: str | None
     data_id: str | None
     #: Fingerprint of the source's region key (``keys/region.json``; None: none there).
@@ -118,6 +145,7 @@ class Manifest:
             "shard": self.shard,
             "logical_shards": self.logical_shards,
             "source": {
+                "region": self.region,
                 "node_id": self.node_id,
                 "data_id": self.data_id,
                 "region_key": self.region_key,
@@ -156,10 +184,17 @@ class Manifest:
             raise bad(f"unsupported version {doc.get('version')!r} (this felix reads {VERSION})")
         try:
             shards = _int(doc["logical_shards"], 1, 4096)
+            shard = _int(doc["shard"], 0, shards - 1)
             source = doc["source"]
+            region = validate_name("region", _text(source["region"]))
             tenants = {str(t): _text(fp) for t, fp in dict(doc["tenants"]).items()}
             for tenant in tenants:
                 validate_name("tenant", tenant)
+            if len(doc["files"]) > MAX_FILES or len(doc["streams"]) > MAX_STREAMS:
+                raise ValueError(
+                    f"more than {MAX_STREAMS} streams or {MAX_FILES} files (this felix "
+                    "reads no more)"
+                )
             files = {}
             for name, info in dict(doc["files"]).items():
                 digest = _text(info["sha256"])
@@ -168,8 +203,9 @@ class Manifest:
                 files[str(name)] = (_int(info["size"], 0, 1 << 62), digest)
             streams = tuple(_stream(s) for s in doc["streams"])
             manifest = cls(
-                shard=_int(doc["shard"], 0, shards - 1),
+                shard=shard,
                 logical_shards=shards,
+                region=region,
                 node_id=_opt_text(source.get("node_id")),
                 data_id=_opt_text(source.get("data_id")),
                 region_key=_opt_text(source.get("region_key")),
@@ -180,13 +216,28 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError, AttributeError, BadRequest) as exc:
             raise bad(f"bad manifest ({exc!r})") from None
-        listed = set(files)
+        # Checked against itself: every stream is of the shard it names, once; the
+        # files are exactly the streams' segments and groups and the tenants' keys.
+        seen: set[str] = set()
+        wanted: set[str] = {f"keys/tenants/{t}.json" for t in tenants}
         for s in streams:
-            wanted = [s.segment_member(b) for b in s.segments]
-            wanted += [s.group_member(g) for g in s.groups]
-            missing = [m for m in wanted if m not in listed]
-            if missing:
-                raise bad(f"the manifest lists no checksum for {missing[0]}")
+            if s.key in seen:
+                raise bad(f"stream {s.key} is listed twice")
+            seen.add(s.key)
+            owner = logical_shard(s.key, shards)
+            if owner != manifest.shard:
+                raise bad(
+                    f"stream {s.key} is of logical shard {owner} (of {shards}), not of "
+                    f"shard {manifest.shard} the archive is of"
+                )
+            wanted.update(s.segment_member(b) for b in s.segments)
+            wanted.update(s.group_member(g) for g in s.groups)
+        missing = sorted(wanted - set(files))
+        if missing:
+            raise bad(f"the manifest lists no checksum for {missing[0]}")
+        stray = sorted(set(files) - wanted)
+        if stray:
+            raise bad(f"the manifest lists {stray[0]}, which is of no stream or tenant of it")
         return manifest
 
 
@@ -213,12 +264,18 @@ def _stream(doc: Any) -> ArchiveStream:
         raise ValueError(f"stream key {key!r} is not tenant/namespace/stream")
     for kind, name in zip(("tenant", "namespace", "stream"), parts, strict=True):
         validate_name(kind, name)
+    if len(doc["segments"]) > MAX_SEGMENTS or len(doc["groups"]) > MAX_GROUPS_PER_STREAM:
+        raise ValueError(
+            f"stream {key}: more than {MAX_SEGMENTS} segments or {MAX_GROUPS_PER_STREAM} groups"
+        )
     segments = tuple(_int(b, 0, 2**63 - 1) for b in doc["segments"])
     if not segments or list(segments) != sorted(set(segments)):
         raise ValueError(f"stream {key}: segments must be increasing base offsets")
     groups = tuple(_text(g) for g in doc["groups"])
     for group in groups:
         validate_name("group", group)
+    if len(set(groups)) != len(groups):
+        raise ValueError(f"stream {key}: a group is listed twice")
     return ArchiveStream(
         key=key,
         next_offset=_int(doc["next_offset"], 0, 2**63 - 1),

@@ -4,20 +4,27 @@ into the data dir of a stopped node, readable with that node's keys.
 In order, holding the data dir's lock (no node starts meanwhile):
 
 1. Finish an interrupted import, if one is pending.
-2. Check the whole archive before writing anything: the manifest, every member's
-   size and SHA-256, that no stream of it holds records here (each is named), and
-   that the source's data keys unwrap (with this node's region key when the
-   fingerprints match, as with one region key from a Secret on every pod; else with
-   ``--source-region-key``, which must be the key the archive names).
+2. Check the target and the whole archive before writing anything: the manifest
+   (against itself: every stream of its shard, once; see :class:`Manifest`), that it
+   is of the target's region (data leaves a region only through a bridge:
+   :class:`RegionMismatch`) and cluster size, that no stream of it holds records
+   here (each is named) and no other stream of the shard does (unless
+   ``force_extra_streams``), every member's size and SHA-256 (and the whole file's,
+   for the record), and that the source's data keys unwrap (with this node's region
+   key when the fingerprints match, as with one region key from a Secret on every
+   pod; else with ``--source-region-key``, which must be the key the archive names).
 3. Stage each stream beside its place (``.import.<stream>``, which nodes ignore):
    segment by segment, every record's CRCs verified (the segment reader, bounded
    memory); an encrypted record opened with the source's data key (its tag verified,
    :func:`~felix.shard.log_format.open_payload`) and sealed again with this node's
    current data key of the tenant (created as a first durable write would create
    it), keeping offset, timestamp and headers; a plaintext record stays as it is.
-   Segments keep their base offsets, so the log continues where the source's did.
-   Queue group files are decoded with the source's keys and written whole with this
-   node's (or plain, as they were).
+   Segments keep their base offsets, and an empty last segment at the manifest's
+   ``next_offset`` (when above the last record) makes the log continue where the
+   source's would have. Queue group files (at most ``MAX_FILE_BYTES``, their state
+   not beyond that point) are decoded with the source's keys and written whole with
+   this node's (or plain, as they were). The record of the import
+   (``cluster-imports/<shard>.json``) is staged too.
 4. Record the renames in ``shard-import.pending``, make them, remove the record.
 
 A failure in 1-3 removes what was staged: the data dir is as it was (except a data
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tarfile
@@ -37,22 +45,26 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from felix.cluster.archive import (
+    IMPORTS_DIR,
     MANIFEST,
+    MAX_FILES,
     MAX_MANIFEST_BYTES,
     STAGED_GROUP_SUFFIX,
     STAGED_PREFIX,
     ArchiveStream,
     Manifest,
+    RegionMismatch,
     finish_pending,
     guard_stopped,
     node_json,
     write_pending,
 )
+from felix.cluster.ownership import logical_shard
 from felix.errors import ConfigError, FelixError, KeyUnavailable, ShardArchiveError
 from felix.keys.kek import REGION_KEY_ENV, FileKeyEncryptionKey, KeyEncryptionKey
 from felix.keys.store import KEYS_DIR, KeyStore, KeyTable, resolve_region_key, unwrap_table
@@ -74,6 +86,7 @@ from felix.shard.queue.group_log import (
     decode_bytes,
     encode_file,
 )
+from felix.shard.queue.group_log import MAX_FILE_BYTES as MAX_GROUP_FILE_BYTES
 
 __all__ = ["ImportReport", "import_shard"]
 
@@ -98,6 +111,8 @@ class ImportReport:
     finished: dict[str, Any] | None = None
     #: The archive was the pending import itself: nothing more to do.
     already_done: bool = False
+    #: What the import recorded in ``DATA_DIR/cluster-imports/<shard>.json``.
+    provenance: dict[str, Any] | None = None
     staged: list[Path] = field(default_factory=list)
 
 
@@ -107,12 +122,17 @@ def import_shard(
     *,
     region_key: Path | None = None,
     source_region_key: Path | None = None,
+    region: str | None = None,
+    force_extra_streams: bool = False,
 ) -> ImportReport:
     """Import ``archive`` into ``data_dir`` (see the module docstring).
 
     ``region_key``: this node's region key file (default ``$FELIX_REGION_KEY_FILE``,
     else ``DATA_DIR/keys/region.key``); ``source_region_key``: the source node's, when
-    it differs. Raises ShardArchiveError; nothing is changed then.
+    it differs. ``region``: the node's region when its node.json does not say.
+    ``force_extra_streams``: import although ``data_dir`` holds other streams of the
+    shard. Raises ShardArchiveError (RegionMismatch: the archive is of another
+    region); nothing is changed then.
     """
     started = time.monotonic()
     report = ImportReport()
@@ -124,11 +144,13 @@ def import_shard(
             if report.finished is not None and report.finished.get("archive") == arc.archive_id:
                 report.already_done = True
                 return report
+            _check_target(arc.manifest, data_dir, region, force_extra_streams)
             arc.verify()
-            _check_target(arc.manifest, data_dir)
             source, target = _keys(arc, data_dir, region_key, source_region_key)
             try:
                 steps = _stage(arc, data_dir, source, target, report)
+                report.provenance = _provenance(arc)
+                steps.append(_stage_provenance(data_dir, report.provenance, report))
             except BaseException:
                 for path in report.staged:
                     _remove(path)
@@ -151,6 +173,53 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+#: Largest extended header (pax, GNU long name) read: names are short.
+_MAX_EXTENDED_HEADER = 64 << 10
+
+
+def _check_extended(fd: int, pos: int, path: Path) -> None:
+    """Refuse an extended header (pax, GNU long name) at ``pos`` larger than any felix
+    writes: tarfile would read it whole."""
+    header = os.pread(fd, tarfile.BLOCKSIZE, pos)
+    if len(header) < tarfile.BLOCKSIZE or header[156:157] not in (b"x", b"g", b"L", b"K"):
+        return
+    size_field = header[124:136]
+    try:
+        size = -1 if size_field[0] & 0x80 else int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        size = -1
+    if not 0 <= size <= _MAX_EXTENDED_HEADER:
+        raise ShardArchiveError(
+            f"{path}: an extended tar header of {size} bytes at byte {pos} (not an archive "
+            "felix wrote)"
+        )
+
+
+def _members(path: Path) -> dict[str, tarfile.TarInfo]:
+    """The archive's members by name, read one header at a time: refused past
+    MAX_FILES + 1 (the manifest is last, so its count is not known yet; the exact
+    count is checked against it next), on a name seen twice, or on an extended header
+    larger than any felix writes."""
+    members: dict[str, tarfile.TarInfo] = {}
+    with open(path, "rb") as f:
+        _check_extended(f.fileno(), 0, path)
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            while True:
+                _check_extended(f.fileno(), tar.offset, path)
+                info = tar.next()
+                if info is None:
+                    return members
+                # tarfile keeps every header it read: they are counted here instead.
+                cast(Any, tar).members.clear()
+                if info.name in members:
+                    raise ShardArchiveError(f"{path}: member {info.name} appears twice")
+                if len(members) > MAX_FILES:
+                    raise ShardArchiveError(
+                        f"{path}: more than {MAX_FILES + 1} members (not an archive felix wrote)"
+                    )
+                members[info.name] = info
+
+
 class _Archive:
     """An archive file open for reading: its members (by name) and manifest."""
 
@@ -158,6 +227,8 @@ class _Archive:
         self.path = path
         self.fd = fd
         self.members = members
+        #: SHA-256 of the whole file (set by :meth:`verify`).
+        self.sha256 = ""
         body = self.read(MANIFEST, MAX_MANIFEST_BYTES)
         self.archive_id = hashlib.sha256(body).hexdigest()[:16]
         self.manifest = Manifest.from_bytes(body, str(path))
@@ -166,8 +237,7 @@ class _Archive:
     @contextlib.contextmanager
     def open(cls, path: Path) -> Iterator[_Archive]:
         try:
-            with tarfile.open(path, "r:") as tar:
-                members = {m.name: m for m in tar.getmembers()}
+            members = _members(path)
         except FileNotFoundError:
             raise ShardArchiveError(f"{path}: no such archive") from None
         except (tarfile.TarError, OSError, EOFError) as exc:
@@ -199,33 +269,75 @@ class _Archive:
         return data
 
     def verify(self) -> None:
-        """Every member the manifest lists has its size and SHA-256; no other member."""
+        """Every member the manifest lists has its size and SHA-256; no other member (so,
+        names being unique, no more members than it lists, plus itself)."""
         files = self.manifest.files
         extra = sorted(set(self.members) - set(files) - {MANIFEST})
         if extra:
             raise ShardArchiveError(f"{self.path}: member {extra[0]} is not in its manifest")
-        for name, (size, digest) in files.items():
+        spans = []
+        for name, (size, _digest) in files.items():
             m = self.member(name)
             if m.size != size:
                 raise ShardArchiveError(
                     f"{self.path}: {name} has {m.size} bytes, its manifest says {size}"
                 )
-            sha = hashlib.sha256()
-            pos, end = m.offset_data, m.offset_data + m.size
-            while pos < end:
-                chunk = os.pread(self.fd, min(_HASH_CHUNK, end - pos), pos)
-                if not chunk:
-                    raise ShardArchiveError(f"{self.path} is truncated inside {name}")
-                sha.update(chunk)
-                pos += len(chunk)
-            if sha.hexdigest() != digest:
+            spans.append((m.offset_data, m.offset_data + m.size, name))
+        # One pass over the whole file: its SHA-256 (``sha256sum``'s, for the record of
+        # the import) and each member's.
+        spans.sort()
+        whole = hashlib.sha256()
+        sums = {name: hashlib.sha256() for name in files}
+        end = os.fstat(self.fd).st_size
+        pos = i = 0
+        while pos < end:
+            chunk = os.pread(self.fd, min(_HASH_CHUNK, end - pos), pos)
+            if not chunk:
+                break
+            whole.update(chunk)
+            top = pos + len(chunk)
+            while i < len(spans) and spans[i][0] < top:
+                start, stop, name = spans[i]
+                view = memoryview(chunk)[max(start, pos) - pos : min(stop, top) - pos]
+                sums[name].update(view)
+                if stop > top:
+                    break
+                i += 1
+            pos = top
+        for _start, stop, name in spans:
+            if stop > pos:
+                raise ShardArchiveError(f"{self.path} is truncated inside {name}")
+            if sums[name].hexdigest() != files[name][1]:
                 raise ShardArchiveError(
                     f"{self.path}: {name} does not match its checksum (the archive is damaged)"
                 )
+        self.sha256 = whole.hexdigest()
 
 
-def _check_target(manifest: Manifest, data_dir: Path) -> None:
-    cluster = node_json(data_dir).get("cluster")
+def _check_target(
+    manifest: Manifest, data_dir: Path, region: str | None, force_extra_streams: bool
+) -> None:
+    info = node_json(data_dir)
+    recorded = info.get("region")
+    if isinstance(recorded, str):
+        if region is not None and region != recorded:
+            raise ShardArchiveError(
+                f"--region {region}, but the node of {data_dir} runs in region {recorded} "
+                "(its node.json)"
+            )
+        region = recorded
+    if region is None:
+        raise ShardArchiveError(
+            f"{data_dir}/node.json does not say which region the node belongs to: pass "
+            "--region ID (its felix up --region)"
+        )
+    if region != manifest.region:
+        raise RegionMismatch(
+            f"the archive is of region {manifest.region} (node {manifest.node_id}); the node "
+            f"of {data_dir} is of region {region}: data leaves a region only through a "
+            "bridge, never by moving a shard"
+        )
+    cluster = info.get("cluster")
     recorded = cluster.get("logical_shards") if isinstance(cluster, dict) else None
     if type(recorded) is int and recorded != manifest.logical_shards:
         raise ShardArchiveError(
@@ -238,6 +350,20 @@ def _check_target(manifest: Manifest, data_dir: Path) -> None:
         raise ShardArchiveError(
             f"{data_dir} already holds records of stream(s) {', '.join(taken)}: an import "
             "never merges logs (remove those streams' directories first if they are stale)"
+        )
+    ours = {s.key for s in manifest.streams}
+    extra = sorted(
+        k
+        for k in holding
+        if k not in ours and logical_shard(k, manifest.logical_shards) == manifest.shard
+    )
+    if extra and not force_extra_streams:
+        raise ShardArchiveError(
+            f"{data_dir} holds records of other streams of logical shard {manifest.shard}, "
+            f"which the archive does not have: {', '.join(extra)}. Once the shard is moved "
+            "there they would be served again beside the imported ones (a stale copy from "
+            "an earlier time?): remove their directories (DATA_DIR/streams/... and "
+            "DATA_DIR/groups/...), or pass --force-extra-streams to keep them"
         )
 
 
@@ -398,6 +524,22 @@ def _stage_log(
             last = scanner.last_offset
         records += scanner.records
         report.bytes += size
+    end = max(last + 1, stream.segments[-1])
+    if stream.next_offset < end:
+        raise ShardArchiveError(
+            f"{arc.path}: stream {key} ends at {end}, its manifest says it continues at "
+            f"{stream.next_offset}"
+        )
+    if stream.next_offset > end:
+        # Where the source would have continued (its offset reservation, above offsets
+        # a crash lost): an empty last segment there makes this log continue there.
+        path = staged / segment_name(stream.next_offset)
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(out, encode_segment_header(stream.next_offset, time.time_ns() // 1000))
+            os.fdatasync(out)
+        finally:
+            os.close(out)
     if records != stream.records:
         raise ShardArchiveError(
             f"{arc.path}: stream {key} holds {records} records, its manifest says {stream.records}"
@@ -459,25 +601,69 @@ def _stage_group(
     """The group's state, decoded with the source's keys, as a whole file of this node's."""
     name = stream.group_member(group)
     identity = f"{stream.key}/{group}"
-    data = arc.read(name, 1 << 40)
+    data = arc.read(name, MAX_GROUP_FILE_BYTES)
     try:
         state_file = decode_bytes(data, f"{arc.path}:{name}", GroupCipher(source, identity))
     except FelixError as exc:
         if isinstance(exc, KeyUnavailable):
             raise
         raise ShardArchiveError(str(exc)) from None
+    state = state_file.state()
+    if state.next > stream.next_offset:
+        # Offsets up to state.next were handed out (or skipped) by the group: the log
+        # must continue above them, or the records written there would never be
+        # delivered to it.
+        raise ShardArchiveError(
+            f"{arc.path}: queue group {group} of stream {stream.key} has handled offsets "
+            f"up to {state.next - 1}, but the stream continues at {stream.next_offset}: "
+            "the archive does not match itself"
+        )
     cipher = None
     if state_file.encrypted:
         if target is None:
             raise ShardArchiveError(f"{arc.path}: {name} is encrypted and it has no data keys")
         cipher = GroupCipher(target, identity)
-    body = encode_file(state_file.state(), cipher)
+    body = encode_file(state, cipher)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         _write_all(fd, body)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _provenance(arc: _Archive) -> dict[str, Any]:
+    m = arc.manifest
+    return {
+        "shard": m.shard,
+        "logical_shards": m.logical_shards,
+        "region": m.region,
+        "source_node_id": m.node_id,
+        "source_data_id": m.data_id,
+        "exported_us": m.created_us,
+        "imported_us": time.time_ns() // 1000,
+        "archive": str(arc.path),
+        "archive_sha256": arc.sha256,
+        "streams": [s.key for s in m.streams],
+    }
+
+
+def _stage_provenance(data_dir: Path, record: dict[str, Any], report: ImportReport) -> list[str]:
+    """Write the import's record beside its place; the step that puts it there (an
+    earlier import of the shard's record is replaced)."""
+    directory = data_dir / IMPORTS_DIR
+    directory.mkdir(exist_ok=True)
+    final = directory / f"{record['shard']}.json"
+    staged = final.with_name(f".{final.name}{STAGED_GROUP_SUFFIX}")
+    report.staged.append(staged)
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, (json.dumps(record, indent=1) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(directory)
+    return ["move", _rel(data_dir, staged), _rel(data_dir, final)]
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -80,6 +80,7 @@ __all__ = [
     "MAX_KEY_CHARS",
     "MAX_OFFSET",
     "OffsetReservations",
+    "start_offsets",
 ]
 
 #: Offsets reserved per file rewrite and stream.
@@ -196,6 +197,65 @@ def _read(path: Path) -> _Snapshot | None:
     if len(data) > _MAX_FILE_BYTES:
         raise _Corrupt(f"larger than {_MAX_FILE_BYTES} bytes")
     return _decode(data)
+
+
+def _recover(path: Path, block: int) -> tuple[_Snapshot, bool, _Corrupt | None]:
+    """What opening ``path`` (and its ``.bak``) starts from, read only: the snapshot,
+    whether it was recovered from ``.bak`` (marks and floor raised by two blocks) and
+    the main file's defect. FelixError when files exist but none is valid (see
+    "Recovery" in the module docstring)."""
+    bak_path = path.with_name(path.name + ".bak")
+    try:
+        main = _read(path)
+        main_error = None
+    except _Corrupt as exc:
+        main, main_error = None, exc
+    try:
+        bak = _read(bak_path)
+        bak_error = None
+    except _Corrupt as exc:
+        bak, bak_error = None, exc
+
+    if main is not None:
+        if bak is not None:
+            # .bak is older, so this can only raise marks; it guards against a
+            # .bak that is somehow newer (restored by hand) being ignored.
+            for key, mark in main.marks.items():
+                main.marks[key] = max(mark, bak.marks.get(key, 0))
+            main.floor = max(main.floor, bak.floor)
+            main.generation = max(main.generation, bak.generation)
+        return main, False, None
+    if bak is None:
+        if main_error is None and bak_error is None:
+            return _Snapshot(0, block, 0, {}), False, None  # fresh start
+        raise FelixError(
+            f"offset reservation files {path} ({main_error or 'missing'}) and "
+            f"{bak_path} ({bak_error or 'missing'}) are unusable: refusing to start, "
+            "since guessing could issue offsets that were issued before. Restore a "
+            "copy, or delete both files to restart every stream at offset 0."
+        )
+    # The main file is corrupt or gone but the backup is fine: it is one write
+    # older, and one write raises a mark or the floor by at most two blocks.
+    margin = 2 * max(bak.block, block)
+    # A lost write may have folded or removed any entry, raising the floor to
+    # just above its mark: start new streams above every mark .bak knows.
+    top = max([bak.floor, *bak.marks.values()])
+    recovered = _Snapshot(
+        bak.generation + 1,
+        block,
+        min(top + margin, MAX_OFFSET),
+        {key: min(mark + margin, MAX_OFFSET) for key, mark in bak.marks.items()},
+    )
+    return recovered, True, main_error
+
+
+def start_offsets(path: str | os.PathLike[str]) -> tuple[int, dict[str, int]]:
+    """Where the next :class:`OffsetReservations` opened on ``path`` starts its streams,
+    without writing anything: ``(floor, marks)``; a stream with an entry in ``marks``
+    starts at its mark, any other at ``floor``. ``(0, {})`` when there is no file;
+    FelixError when files exist but none is valid."""
+    snapshot, _recovered, _error = _recover(Path(path), DEFAULT_BLOCK)
+    return snapshot.floor, dict(snapshot.marks)
 
 
 class OffsetReservations:
@@ -464,54 +524,14 @@ class OffsetReservations:
         return self.path.with_name(self.path.name + suffix)
 
     def _load(self) -> _Snapshot:
-        bak_path = self._sibling(".bak")
-        try:
-            main = _read(self.path)
-            main_error = None
-        except _Corrupt as exc:
-            main, main_error = None, exc
-        try:
-            bak = _read(bak_path)
-            bak_error = None
-        except _Corrupt as exc:
-            bak, bak_error = None, exc
-
-        if main is not None:
-            if bak is not None:
-                # .bak is older, so this can only raise marks; it guards against a
-                # .bak that is somehow newer (restored by hand) being ignored.
-                for key, mark in main.marks.items():
-                    main.marks[key] = max(mark, bak.marks.get(key, 0))
-                main.floor = max(main.floor, bak.floor)
-                main.generation = max(main.generation, bak.generation)
-            return main
-        if bak is None:
-            if main_error is None and bak_error is None:
-                return _Snapshot(0, self.block, 0, {})  # fresh start
-            raise FelixError(
-                f"offset reservation files {self.path} ({main_error or 'missing'}) and "
-                f"{bak_path} ({bak_error or 'missing'}) are unusable: refusing to start, "
-                "since guessing could issue offsets that were issued before. Restore a "
-                "copy, or delete both files to restart every stream at offset 0."
-            )
-        # The main file is corrupt or gone but the backup is fine: it is one write
-        # older, and one write raises a mark or the floor by at most two blocks.
-        margin = 2 * max(bak.block, self.block)
-        if main_error is not None:
+        snapshot, recovered, main_error = _recover(self.path, self.block)
+        if main_error is not None:  # the corrupt file is kept for inspection
             try:
                 os.replace(self.path, self._sibling(".corrupt"))
             except OSError as exc:
                 raise FelixError(f"cannot move corrupt {self.path} aside: {exc}") from exc
-        self.recovered = True
-        # A lost write may have folded or removed any entry, raising the floor to
-        # just above its mark: start new streams above every mark .bak knows.
-        top = max([bak.floor, *bak.marks.values()])
-        return _Snapshot(
-            bak.generation + 1,
-            self.block,
-            min(top + margin, MAX_OFFSET),
-            {key: min(mark + margin, MAX_OFFSET) for key, mark in bak.marks.items()},
-        )
+        self.recovered = recovered
+        return snapshot
 
     def _write(self, marks: dict[str, int], floor: int) -> None:
         """Durably replace the file with ``marks`` and ``floor``; adopt them on success."""

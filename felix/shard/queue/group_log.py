@@ -89,6 +89,7 @@ from felix.errors import (
 )
 from felix.names import validate_name
 from felix.shard.disklog import fsync_dir
+from felix.shard.queue._terms import MAX_DETAIL_BYTES
 from felix.shard.queue.journal import (
     Ack,
     Dead,
@@ -103,6 +104,7 @@ from felix.shard.queue.journal import (
     Skip,
     Start,
 )
+from felix.shard.queue.settings import MAX_SPAN
 
 __all__ = [
     "FILE_HEADER_SIZE",
@@ -114,7 +116,9 @@ __all__ = [
     "GLOG_MAGIC",
     "GLOG_SUFFIX",
     "GLOG_VERSION",
+    "MAX_FILE_BYTES",
     "MAX_FRAME_BYTES",
+    "MAX_SNAPSHOT_BYTES",
     "MAX_STR_BYTES",
     "Delta",
     "GroupCipher",
@@ -190,6 +194,25 @@ _FRAME_AAD = struct.Struct(">4sBI")  # b"FLGF", frame type, key_id
 _NONCE: Final = 12
 #: Bytes encryption adds to a frame body: key id, nonce, tag.
 SEAL_OVERHEAD: Final = 4 + _NONCE + 16
+#: The longest reason the engine writes (``max_deliveries``, ``term``), with room.
+_MAX_REASON_BYTES: Final = 32
+#: The largest snapshot a node writes: the widest window (MAX_SPAN entries, each with
+#: a reason and a detail of at most MAX_DETAIL_BYTES) in sealed frames of at most
+#: SNAPSHOT_PART_BYTES (plus one entry).
+_ENTRY_MAX: Final = _SNAP_ENTRY.size + 2 + _MAX_REASON_BYTES + 2 + MAX_DETAIL_BYTES
+_FRAME_OVERHEAD: Final = FRAME_HEAD_SIZE + 1 + SEAL_OVERHEAD
+MAX_SNAPSHOT_BYTES: Final = (
+    FILE_HEADER_SIZE
+    + _SNAP_HEAD.size
+    + MAX_SPAN * _ENTRY_MAX
+    + (MAX_SPAN * _ENTRY_MAX // SNAPSHOT_PART_BYTES + 1) * (_FRAME_OVERHEAD + _ENTRY_MAX)
+)
+#: The largest group file a node keeps (an importer refuses larger ones): its
+#: snapshot, the deltas, rewritten once they outgrow ``max(compact_bytes, 4 x the
+#: snapshot)`` (``compact_bytes`` being at most the snapshot's bound), and what is
+#: appended while a compaction runs (bounded here by one more snapshot's size and two
+#: maximal frames).
+MAX_FILE_BYTES: Final = 6 * MAX_SNAPSHOT_BYTES + 2 * (FRAME_HEAD_SIZE + MAX_FRAME_BYTES)
 
 
 class _Aead(Protocol):

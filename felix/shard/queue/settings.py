@@ -16,6 +16,7 @@ __all__ = [
     "MAX_GROUPS_PER_SHARD",
     "MAX_GROUPS_PER_STREAM",
     "MAX_GROUPS_PER_TENANT",
+    "MAX_SPAN",
     "GroupSettings",
     "dead_letter_name",
 ]
@@ -31,6 +32,9 @@ MAX_GROUPS_PER_STREAM: Final = 64
 #: names cannot lock the others out.
 MAX_GROUPS_PER_SHARD: Final = 4096
 MAX_GROUPS_PER_TENANT: Final = 256
+#: The widest window a group may have (``max_span``): at most this many offsets are
+#: unfinished at once, so a state file's snapshot holds at most this many entries.
+MAX_SPAN: Final = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +62,7 @@ class GroupSettings:
         _int_in("lease_ms", self.lease_ms, 1000, 3_600_000)
         _int_in("max_deliveries", self.max_deliveries, 1, 1000)
         _int_in("max_ack_pending", self.max_ack_pending, 1, 100_000)
-        _int_in("max_span", self.max_span, self.max_ack_pending, 1_000_000)
+        _int_in("max_span", self.max_span, self.max_ack_pending, MAX_SPAN)
         if not self.backoff_ms or len(self.backoff_ms) > _MAX_BACKOFF_STEPS:
             raise BadRequest(f"backoff_ms needs 1..{_MAX_BACKOFF_STEPS} delays")
         for delay in self.backoff_ms:

@@ -85,6 +85,20 @@ def url(node: NodeProcess) -> str:
     return f"felix://{node.host}:{node.port}"
 
 
+async def connect(node: NodeProcess, ca: Path, **options: Any) -> Any:
+    """felix's client to ``node`` (given only its address), as tenant/namespace
+    ``acme/prod``, trusting the CA of :func:`make_ca` (request timeout 5 s unless given)."""
+    import felix
+
+    return await felix.connect(
+        url(node),
+        ca=str(ca / "ca-cert.pem"),
+        tenant=TENANT,
+        namespace=NAMESPACE,
+        **{"request_timeout": 5.0, **options},
+    )
+
+
 def cluster_doc(node: NodeProcess) -> dict[str, Any]:
     status, body = node.http("/cluster")
     assert status == 200, body

@@ -111,16 +111,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 n.stop()
 
 
-async def _connect(node: NodeProcess, ca: Path, **options: Any) -> Client:
-    return await felix.connect(
-        cp.url(node),
-        ca=str(ca / "ca-cert.pem"),
-        tenant=cp.TENANT,
-        namespace=cp.NAMESPACE,
-        **{"request_timeout": 5.0, **options},
-    )
-
-
 async def _until_defined(client: Client, key: str) -> None:
     """Wait until cache "c"'s definition reached the node owning ``key`` (NotFound before)."""
     async with asyncio.timeout(15):
@@ -166,7 +156,7 @@ def test_one_address_reaches_every_node_then_goes_straight_to_owners(cluster: Cl
 
     async def main() -> None:
         n0 = cluster.nodes[0]
-        async with await _connect(n0, cluster.ca) as client:
+        async with await cp.connect(n0, cluster.ca) as client:
             await _until_defined(client, cluster.keys["n0"][0])
             assert client.shard_map is None
             await round_(client, 1)
@@ -215,7 +205,7 @@ def test_kill_9_of_a_node_under_traffic(cluster: Cluster) -> None:
         return doc if all(rows[shard_of[s]][3] == rows[shard_of[s]][0] for s in durable) else None
 
     async def main() -> None:
-        async with await _connect(cluster.nodes[0], cluster.ca, request_timeout=2.0) as client:
+        async with await cp.connect(cluster.nodes[0], cluster.ca, request_timeout=2.0) as client:
             await _until_defined(client, cluster.keys["n0"][0])
             async with cp.Traffic(client, durable + memory, "c", keys) as traffic:
                 await asyncio.sleep(1.0)
@@ -309,7 +299,7 @@ def test_kill_9_of_a_node_under_traffic(cluster: Cluster) -> None:
     cp.wait_for("n2 rejoined", lambda: restarted.http("/readyz")[0] == 200, 30, restarted.log())
 
     async def read_back() -> None:
-        async with await _connect(cluster.nodes[0], cluster.ca) as client:
+        async with await cp.connect(cluster.nodes[0], cluster.ca) as client:
             for stream in pinned & set(durable):
                 acked = traffic.acked[stream]
                 assert acked, stream

@@ -84,13 +84,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 async def _connect(node: NodeProcess, ca: Path, **options: Any) -> Client:
-    client = await felix.connect(
-        cp.url(node),
-        ca=str(ca / "ca-cert.pem"),
-        tenant=cp.TENANT,
-        namespace=cp.NAMESPACE,
-        **{"request_timeout": 2.0, **options},
-    )
+    client: Client = await cp.connect(node, ca, **{"request_timeout": 2.0, **options})
     # Warm it: every stream and key once (also waits for the definitions to arrive).
     async with asyncio.timeout(20):
         for name in DURABLE + MEMORY + KEYS:

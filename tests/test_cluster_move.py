@@ -26,12 +26,10 @@ from typing import Any
 import pytest
 
 import felix
-from felix.client import Client
 from felix.cluster.ownership import logical_shard
 from tests import clusterproc as cp
 from tests import pg
 from tests.aio import run
-from tests.nodeproc import NodeProcess
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,16 +57,6 @@ def cluster(tmp_path: Path) -> Iterator[dict[str, Any]]:
                 node.stop()
 
 
-async def _connect(node: NodeProcess, ca: Path) -> Client:
-    return await felix.connect(
-        cp.url(node),
-        ca=str(ca / "ca-cert.pem"),
-        tenant=cp.TENANT,
-        namespace=cp.NAMESPACE,
-        request_timeout=5.0,
-    )
-
-
 def _headers(i: int) -> dict[str, str] | None:
     return {"seq": str(i), "kind": "moved"} if i % 4 == 0 else None
 
@@ -88,7 +76,7 @@ def test_a_durable_shard_moves_with_its_data(cluster: dict[str, Any]) -> None:
     acked: set[int] = set()
 
     async def fill() -> None:
-        async with await _connect(n0, ca) as client:
+        async with await cp.connect(n0, ca) as client:
             async with asyncio.timeout(15):  # the definition reaches the node's shards
                 while True:
                     try:
@@ -159,7 +147,7 @@ def test_a_durable_shard_moves_with_its_data(cluster: dict[str, Any]) -> None:
     unacked = set(sent) - acked
 
     async def check() -> None:
-        async with await _connect(n1, ca) as client:
+        async with await cp.connect(n1, ca) as client:
             got: dict[int, tuple[bytes, dict[str, str] | None]] = {}
             async with asyncio.timeout(20):
                 while True:  # Unavailable until the map with the move reaches n1's shards
@@ -197,7 +185,7 @@ def test_a_durable_shard_moves_with_its_data(cluster: dict[str, Any]) -> None:
     cp.wait_for("n0's warning", lambda: "this copy is stale" in n0.log(), 10, n0.log())
 
     async def through_n0() -> None:
-        async with await _connect(n0, ca) as client:
+        async with await cp.connect(n0, ca) as client:
             ack = await client.publish(name, b"via n0")
             assert ack is not None and ack.offset > last + 1
             assert client.redirects >= 1

@@ -83,16 +83,6 @@ def nodes(
                 n.stop()
 
 
-async def _client(node: NodeProcess, ca: Path) -> felix.Client:
-    return await felix.connect(
-        cp.url(node),
-        ca=str(ca / "ca-cert.pem"),
-        tenant=cp.TENANT,
-        namespace=cp.NAMESPACE,
-        request_timeout=5.0,
-    )
-
-
 def test_a_first_durable_ack_means_the_shard_is_pinned(
     nodes: tuple[Path, Path, str, list[NodeProcess]],
 ) -> None:
@@ -105,7 +95,7 @@ def test_a_first_durable_ack_means_the_shard_is_pinned(
     async def main() -> None:
         for node, node_id in zip(started, IDS, strict=True):
             name = names[node_id]
-            async with await _client(node, ca) as client:
+            async with await cp.connect(node, ca) as client:
                 # The definition reaches the owner's shards through the feed.
                 async with asyncio.timeout(20):
                     while True:
@@ -134,7 +124,7 @@ def test_a_first_durable_ack_means_the_shard_is_pinned(
 
     async def while_down() -> None:
         assert await _row(dsn, _shard(name0)) == ("n0", "n0")
-        async with await _client(started[1], ca) as client:
+        async with await cp.connect(started[1], ca) as client:
             with pytest.raises(felix.Unavailable, match=r"\bn0\b"):
                 await client.publish(name0, b"while down")
 
@@ -143,7 +133,7 @@ def test_a_first_durable_ack_means_the_shard_is_pinned(
     cp.wait_settled(started)
 
     async def after() -> None:
-        async with await _client(started[1], ca) as client:
+        async with await cp.connect(started[1], ca) as client:
             got = await cp.read_all(client, name0, 0)
             assert got == {0: b"first"}
             # After a crash a stream goes on above the offsets it had reserved: never back.

@@ -171,6 +171,13 @@ def _add_move_commands(commands: Subparsers[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="confirm: the old node's copy is stale from now on and is not served again",
     )
+    move.add_argument(
+        "--unverified-source",
+        action="store_true",
+        help="move although the target's copy was not imported from the data dir of the "
+        "node the shard is pinned to (restored from elsewhere): only if you know it is "
+        "that node's latest data",
+    )
     move.set_defaults(func=_move)
 
 
@@ -517,7 +524,9 @@ def _move(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        epoch = asyncio.run(move_shard(args.cluster, args.shard, args.to))
+        epoch = asyncio.run(
+            move_shard(args.cluster, args.shard, args.to, verify_source=not args.unverified_source)
+        )
     except ClusterError as exc:
         print(f"felix: {exc}", file=sys.stderr)
         return 1

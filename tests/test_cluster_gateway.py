@@ -660,3 +660,23 @@ def test_a_node_placed_when_its_join_ends_is_ready_without_waiting_or_warning(
     run(main)
     assert agent.stopped.is_set()
     assert "not placed yet" not in caplog.text
+
+
+def test_imported_shards_are_read_from_the_import_records(tmp_path: Path) -> None:
+    """What a node reports of the shards an operator imported (felix cluster move checks
+    the copy came from the pinned node's data dir): the good records only."""
+    from felix.node.cluster import imported_shards
+
+    d = tmp_path / "cluster-imports"
+    d.mkdir()
+    good = {"shard": 7, "source_node_id": "n0", "source_data_id": "ab" * 16}
+    (d / "7.json").write_text(json.dumps(good))
+    (d / "8.json").write_text(json.dumps({**good, "shard": 9}))  # names another shard
+    (d / "9.json").write_text("{not json")
+    (d / "99.json").write_text(json.dumps({**good, "shard": 99}))  # beyond L
+    (d / ".7.json.import").write_text(json.dumps(good))  # a staged one
+    assert imported_shards(d, L) == {7: ("n0", "ab" * 16)}
+    assert imported_shards(tmp_path / "none", L) == {}
+    scan = DurableShards(tmp_path / "streams", L, imports_dir=d)
+    scan()
+    assert scan.imports == {7: ("n0", "ab" * 16)}

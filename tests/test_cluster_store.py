@@ -336,7 +336,18 @@ def test_an_operator_moves_a_durable_shard_to_the_node_holding_its_copy(dsn: str
             await move_shard(dsn, 3, "ghost")
         view = await store.view()
         incarnation = next(n.incarnation for n in view.nodes if n.node_id == "new")
+        # Its copy must come from the pinned node's data dir (review finding: any copy
+        # was taken, a stale one of another node or a backup of another node's).
         assert await store.renew("new", incarnation, 30.0, [3])
+        with pytest.raises(ClusterMismatch, match="new holds no import record of it"):
+            await move_shard(dsn, 3, "new")
+        assert await store.renew("new", incarnation, 30.0, [3], {3: ("other", "")})
+        with pytest.raises(ClusterMismatch, match="a copy imported from node other"):
+            await move_shard(dsn, 3, "new")
+        assert await store.renew("new", incarnation, 30.0, [3], {3: ("old", "x")})
+        with pytest.raises(ClusterMismatch, match=r"pinned to node old \(data dir \)"):
+            await move_shard(dsn, 3, "new")  # another data dir of the same node id
+        assert await store.renew("new", incarnation, 30.0, [3], {3: ("old", "")})
         assert await move_shard(dsn, 3, "new") == 2
         view = await store.view()
         assert view.shards[3] == type(view.shards[3])("new", 2, None, "new")
@@ -350,6 +361,25 @@ def test_an_operator_moves_a_durable_shard_to_the_node_holding_its_copy(dsn: str
         assert await store.renew("new", incarnation, 30.0, [3, 5])
         with pytest.raises(ClusterMismatch, match="owned by node other, which is alive"):
             await move_shard(dsn, 5, "new")
+        await store.close()
+
+    run(main)
+
+
+def test_an_operator_may_move_an_unverified_copy_only_by_saying_so(dsn: str) -> None:
+    from felix.cluster.store import move_shard
+
+    async def main() -> None:
+        store = await opened(dsn, placer_grace=0.1)
+        await store.register("a", "a:1", "http://x", 0.3)
+        inc = await store.register("b", "b:1", "http://x", 30.0)
+        assert await store.apply(Move(1, 0, "assign", "a"))
+        assert await store.claim_durable(1, "a")
+        await asyncio.sleep(0.5)  # a is gone
+        assert await store.renew("b", inc, 30.0, [1])  # restored from a backup, say
+        with pytest.raises(ClusterMismatch, match="no import record"):
+            await move_shard(dsn, 1, "b")
+        assert await move_shard(dsn, 1, "b", verify_source=False) == 2
         await store.close()
 
     run(main)
@@ -373,7 +403,7 @@ def test_a_node_keeping_a_stale_copy_is_not_given_the_shard_back(dsn: str) -> No
         assert await store.apply(Move(7, 0, "assign", "old"))
         assert await store.claim_durable(3, "old") and await store.claim_durable(7, "old")
         await asyncio.sleep(0.5)  # old is gone
-        assert await store.renew("new", await inc("new"), 30.0, [3])
+        assert await store.renew("new", await inc("new"), 30.0, [3], {3: ("old", "")})
         assert await move_shard(dsn, 3, "new") == 2
         assert await unpin_shards(dsn, [7]) == [7]
         # old comes back with its copies of 3 and 7; new stops (3 waits for it).
@@ -393,7 +423,7 @@ def test_a_node_keeping_a_stale_copy_is_not_given_the_shard_back(dsn: str) -> No
         # Its operator removes the copies: the next renewal clears the marks; a fresh
         # import of 3 (reported again) may then be moved there.
         assert await store.renew("old", await inc("old"), 30.0, [])
-        assert await store.renew("old", await inc("old"), 30.0, [3])
+        assert await store.renew("old", await inc("old"), 30.0, [3], {3: ("new", "")})
         assert await move_shard(dsn, 3, "old") == 3
         rows = await store._call(
             "read", lambda c: c.fetch("SELECT shard, stale_nodes FROM felix_cluster_shards")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,11 +103,14 @@ class ClusterAgent:
         durable_shards: Callable[[], Collection[int]],
         handoff_drained: Callable[[int], Awaitable[None]] | None = None,
         clock: Callable[[], float] = cluster_clock,
+        imports: Callable[[], Mapping[int, tuple[str, str]]] | None = None,
     ) -> None:
         self.settings = settings
         self._publish_cb = publish
         self._durable_cb = durable_shards
         self._durable_last: set[int] = set()
+        #: Where this node's imported shards came from (felix cluster move checks it).
+        self._imports_cb = imports
         self._drained_cb = handoff_drained
         self._clock = clock
         self.keeper = LeaseKeeper(settings.lease)
@@ -363,9 +366,9 @@ class ClusterAgent:
         sent = self._clock()
         self.keeper.renewing(sent)
         try:
-            ok = await self.store.renew(
-                s.node_id, self.incarnation, s.lease.ttl, sorted(self._durable_shards())
-            )
+            durable = sorted(self._durable_shards())  # scans (and reads the imports) first
+            imports = None if self._imports_cb is None else self._imports_cb()
+            ok = await self.store.renew(s.node_id, self.incarnation, s.lease.ttl, durable, imports)
         except ClusterUnavailable as exc:
             self.keeper.failed()
             self.counters["renewals_failed"] += 1

@@ -31,6 +31,7 @@ How it works (docs/architecture.md, "Cluster"):
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
@@ -148,6 +149,14 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 WHERE s.shard = ANY(n.durable_shards)
                     AND n.node_id IS DISTINCT FROM s.durable_node ORDER BY n.node_id)""",
         ],
+    ),
+    (
+        5,
+        "where a node's imported shards came from",
+        # shard (text) -> [source node id, source data id], from the node's
+        # DATA_DIR/cluster-imports records: felix cluster move checks the copy it gives a
+        # shard came from the node the shard is pinned to.
+        ["ALTER TABLE felix_cluster_nodes ADD COLUMN imports jsonb NOT NULL DEFAULT '{}'"],
     ),
 ]
 
@@ -503,11 +512,22 @@ class ClusterStore:
             )
 
     async def renew(
-        self, node_id: str, incarnation: int, ttl: float, durable_shards: list[int]
+        self,
+        node_id: str,
+        incarnation: int,
+        ttl: float,
+        durable_shards: list[int],
+        imports: Mapping[int, tuple[str, str]] | None = None,
     ) -> bool:
         """Extend this incarnation's lease to ``now() + ttl`` and record the shards it
-        holds durable data for; False if the lease was gone (expired, taken, or left):
-        the node must stop serving and re-register."""
+        holds durable data for (and, given ``imports``, where the shards an operator
+        imported came from: source node id and data id); False if the lease was gone
+        (expired, taken, or left): the node must stop serving and re-register."""
+        recorded = (
+            None
+            if imports is None
+            else json.dumps({str(shard): list(src) for shard, src in sorted(imports.items())})
+        )
 
         async def op(conn: Any) -> bool:
             # A node whose report no longer holds a shard it had a stale copy of (removed
@@ -516,7 +536,8 @@ class ClusterStore:
                 """WITH renewed AS (
                     UPDATE felix_cluster_nodes SET
                         lease_until = now() + make_interval(secs => $3),
-                        renewed_at = now(), durable_shards = $4
+                        renewed_at = now(), durable_shards = $4,
+                        imports = COALESCE($5::jsonb, imports)
                     WHERE node_id = $1 AND incarnation = $2 AND lease_until > now()
                         AND NOT leaving
                     RETURNING node_id
@@ -530,6 +551,7 @@ class ClusterStore:
                 incarnation,
                 ttl,
                 sorted(durable_shards),
+                recorded,
             )
             return bool(renewed == 1)
 
@@ -998,7 +1020,9 @@ async def unpin_shards(dsn: str, shards: list[int], *, timeout: float = 5.0) -> 
     return await _admin(dsn, "unpin shards", op, timeout)
 
 
-async def move_shard(dsn: str, shard: int, target: str, *, timeout: float = 5.0) -> int:
+async def move_shard(
+    dsn: str, shard: int, target: str, *, verify_source: bool = True, timeout: float = 5.0
+) -> int:
     """Give ``shard``, whose durable data an operator copied to ``target`` (``felix
     cluster export-shard`` / ``import-shard``), to ``target``: owner and durable node
     ``target``, epoch + 1, no handoff; the new epoch.
@@ -1006,8 +1030,12 @@ async def move_shard(dsn: str, shard: int, target: str, *, timeout: float = 5.0)
     One statement, and only when: the node the shard is pinned to (if any) and its
     owner (if any, and not ``target``) are not live (their leases ended: they serve
     nothing), and ``target`` is live and reports the shard among the shards it holds
-    durable records for (its data-dir scan found the imported streams). The placer
-    keeps a pinned shard with its durable node, so it never moves it back.
+    durable records for (its data-dir scan found the imported streams), holds no stale
+    copy of it, and (``verify_source``) its copy of a pinned shard was imported from the
+    data dir of the node the shard is pinned to (its renewals report the records of
+    ``DATA_DIR/cluster-imports``: source node id and data id), not from another node's
+    copy. The placer keeps a pinned shard with its durable node, so it never moves it
+    back.
 
     Raises:
         ClusterMismatch: a condition does not hold (the message says which).
@@ -1027,11 +1055,17 @@ async def move_shard(dsn: str, shard: int, target: str, *, timeout: float = 5.0)
                             AND n.lease_until > now())
                     AND EXISTS (SELECT 1 FROM felix_cluster_nodes n
                         WHERE n.node_id = $2 AND n.lease_until > now()
-                            AND $1 = ANY(n.durable_shards))""",
+                            AND $1 = ANY(n.durable_shards))
+                    AND (NOT $3 OR s.durable_node IS NULL OR EXISTS (
+                        SELECT 1 FROM felix_cluster_nodes t, felix_cluster_nodes p
+                        WHERE t.node_id = $2 AND p.node_id = s.durable_node
+                            AND t.imports -> ($1::text)
+                                = jsonb_build_array(p.node_id, p.data_id)))""",
                 "'move ' || changed.shard",
             ),
             shard,
             target,
+            verify_source,
         )
         if row is not None:
             return int(row["epoch"])
@@ -1059,8 +1093,8 @@ async def _why_not_moved(conn: Any, shard: int, target: str) -> str:
     nodes = {
         r["node_id"]: r
         for r in await conn.fetch(
-            "SELECT node_id, lease_until > now() AS live, durable_shards"
-            " FROM felix_cluster_nodes WHERE node_id = ANY($1::text[])",
+            "SELECT node_id, lease_until > now() AS live, durable_shards, data_id,"
+            " imports::text AS imports FROM felix_cluster_nodes WHERE node_id = ANY($1::text[])",
             [n for n in (row["durable_node"], row["owner"], target) if n is not None],
         )
     }
@@ -1083,6 +1117,20 @@ async def _why_not_moved(conn: Any, shard: int, target: str) -> str:
             f"node {target} does not report durable records of shard {shard}: import the "
             "shard into its data dir and restart it (it reports them within a lease)"
         )
+    if pinned is not None and pinned in nodes:
+        source = json.loads(me["imports"]).get(str(shard)) if me["imports"] else None
+        want = [pinned, nodes[pinned]["data_id"]]
+        if source != want:
+            got = (
+                "no import record of it (DATA_DIR/cluster-imports)"
+                if source is None
+                else f"a copy imported from node {source[0]} (data dir {source[1]})"
+            )
+            return (
+                f"node {target} holds {got}, but shard {shard} is pinned to node {pinned} "
+                f"(data dir {want[1]}): export the shard from that node's data dir and "
+                "import it (or pass --unverified-source if you know the copy is current)"
+            )
     return f"shard {shard} changed meanwhile: try again"
 
 

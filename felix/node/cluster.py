@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from felix import ipc
+from felix.cluster.archive import IMPORTS_DIR
 from felix.cluster.ownership import OwnershipMap, cluster_clock, logical_shard
 from felix.errors import ConfigError
 from felix.node import messages as msg
@@ -77,6 +79,7 @@ class DurableShards:
         *,
         clock: Callable[[], float] = time.monotonic,
         rescan: float = DURABLE_RESCAN,
+        imports_dir: Path | None = None,
     ) -> None:
         self.root = root
         self.logical_shards = logical_shards
@@ -84,11 +87,17 @@ class DurableShards:
         self._rescan = rescan
         self._at: float | None = None
         self._shards: frozenset[int] = frozenset()
+        #: ``DATA_DIR/cluster-imports``: where the shards an operator imported came from.
+        self._imports_dir = imports_dir
+        #: logical shard -> (source node id, source data id), read with each scan.
+        self.imports: dict[int, tuple[str, str]] = {}
 
     def __call__(self) -> Collection[int]:
         now = self._clock()
         if self._at is None or now - self._at >= self._rescan:
             self._at = now
+            if self._imports_dir is not None:
+                self.imports = imported_shards(self._imports_dir, self.logical_shards)
             try:
                 self._shards = frozenset(self.scan())
             except OSError as exc:
@@ -108,6 +117,32 @@ class DurableShards:
         for key in durable_stream_keys(self.root):
             shards.add(logical_shard(key, self.logical_shards))
         return shards
+
+
+def imported_shards(directory: Path, logical_shards: int) -> dict[int, tuple[str, str]]:
+    """Where the shards imported into a data dir came from: ``<shard>.json`` records of
+    ``felix cluster import-shard`` (felix/cluster/shard_import.py), each
+    ``source_node_id`` and ``source_data_id``. Unreadable or odd records are skipped
+    (``felix cluster move`` then refuses, naming the missing record); at most one per
+    logical shard, each at most 64 KiB."""
+    out: dict[int, tuple[str, str]] = {}
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return out
+    for name in names:
+        stem = name.removesuffix(".json")
+        if stem == name or not stem.isdigit() or not 0 <= int(stem) < logical_shards:
+            continue
+        try:
+            with open(directory / name, "rb") as f:
+                record = json.loads(f.read(65_536))
+        except (OSError, ValueError):
+            continue
+        node, data = record.get("source_node_id"), record.get("source_data_id")
+        if record.get("shard") == int(stem) and isinstance(node, str) and isinstance(data, str):
+            out[int(stem)] = (node, data)
+    return out
 
 
 #: The file naming a data dir to the cluster (created on first join, never changed).
@@ -224,7 +259,12 @@ class NodeCluster:
         #: The newest map the agent published (None: not joined yet), and its message.
         self.map: OwnershipMap | None = None
         self._message: msg.Ownership | None = None
-        self.durable = DurableShards(data_dir / "streams", logical_shards, clock=clock)
+        self.durable = DurableShards(
+            data_dir / "streams",
+            logical_shards,
+            clock=clock,
+            imports_dir=data_dir / IMPORTS_DIR,
+        )
         #: Owner or epoch changes of logical shards between consecutive maps.
         self.ownership_changes = 0
         self.settings = ClusterSettings(
@@ -243,6 +283,7 @@ class NodeCluster:
             self.settings,
             publish=self.publish,
             durable_shards=self.durable,
+            imports=lambda: self.durable.imports,
             handoff_drained=self.handoff_drained,
             clock=clock,
         )

@@ -832,3 +832,26 @@ def test_the_expiry_sweep_reclaims_fenced_entries_too() -> None:
     assert c.sweep(5.0, 10) == 2 and len(c) == 0 and c.used_bytes == 0
     assert c.reclaim(10) == 0
     c._check_invariants()
+
+
+def test_fence_layers_are_bounded_and_what_they_name_stays_gone() -> None:
+    """Maps taking shards away faster than the sweep reclaims (a review finding: no cap,
+    and every miss looks in each layer): at most MAX_FENCE_LAYERS layers; entries named
+    by any fence never come back, the others stay."""
+    from felix.shard.cache import MAX_FENCE_LAYERS
+
+    c = make()
+    rounds = 3 * MAX_FENCE_LAYERS
+    for r in range(rounds):
+        c.set(f"k{2 * r}", b"v", 0.0)  # named by no fence
+        c.set(f"k{2 * r + 1}", b"v", 0.0)  # named by the fence right after
+        c.fence(f"k{2 * r + 1}".__eq__)
+        assert len(c._old) <= MAX_FENCE_LAYERS
+        c._check_invariants()
+    for r in range(rounds):
+        assert c.get(f"k{2 * r + 1}", 0.0) is None
+        assert c.get(f"k{2 * r}", 0.0) == b"v"
+    while c.reclaim(100):
+        pass
+    assert len(c) == rounds and c.used_bytes == sum(cost(f"k{2 * r}", b"v") for r in range(rounds))
+    c._check_invariants()

@@ -40,7 +40,9 @@ partitions (one per tenant/namespace/cache it owns) and uses them from one threa
   or puts it at the LRU end of the live dict, so the LRU order of what survives is
   kept. Layers are older than the live dict: eviction
   takes from the oldest layer first. A fence while layers remain adds its predicate
-  to each of them (their entries are older than it too).
+  to each of them (their entries are older than it too). At most
+  :data:`MAX_FENCE_LAYERS` layers: a fence beyond that first reclaims the newest one
+  whole.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ __all__ = ["ENTRY_OVERHEAD", "CachePartition", "CacheSettings", "CacheStats", "e
 #: headers, the entry tuple, the expiry float, the dict slot and OrderedDict link and
 #: the expiry index slot (about 220 bytes measured with tracemalloc on CPython 3.11).
 ENTRY_OVERHEAD: Final = 224
+#: Old layers a partition keeps at most (a miss looks in each). A fence beyond it
+#: first reclaims the newest layer whole: O(its entries), once per fence, only while
+#: maps keep taking shards away faster than the sweep reclaims them.
+MAX_FENCE_LAYERS: Final = 8
 
 _MIB = 1024 * 1024
 _INF: Final = math.inf
@@ -495,6 +501,11 @@ class CachePartition:
         :meth:`reclaim` (and by lookups and eviction meanwhile); until then the
         entries count in ``used_bytes`` and ``len``. Dropped entries are counted in
         ``discarded``, not as deletes, evictions or expirations."""
+        if self._entries:
+            while len(self._old) >= MAX_FENCE_LAYERS:
+                # Bounded: the newest layer's survivors join the live entries (at their
+                # LRU end), which this fence then turns into one layer with them.
+                self.reclaim(len(self._old[-1].entries))
         for layer in self._old:
             layer.gone.append(gone)
         if self._entries:

@@ -271,7 +271,19 @@ def gather(doc: dict[str, Any], timeout: float) -> dict[str, Any]:
         "node_expiry": doc.get("node_expiry"),
         "nodes": nodes,
         "shards": shards,
+        "stale": _stale(doc.get("stale")),
     }
+
+
+def _stale(raw: Any) -> dict[int, list[str]]:
+    """``/cluster``'s stale copies: logical shard -> nodes holding one."""
+    if not isinstance(raw, dict):
+        return {}
+    out: dict[int, list[str]] = {}
+    for shard, nodes in raw.items():
+        if str(shard).isdigit() and isinstance(nodes, list):
+            out[int(shard)] = [str(n) for n in nodes]
+    return out
 
 
 def _node_row(row: Any) -> dict[str, Any]:
@@ -329,6 +341,13 @@ def render(cluster: dict[str, Any], shards: bool) -> str:
             f"  balance: {balance.get('min')}-{balance.get('max')} shards per live node "
             f"(spread {balance.get('spread')}), {balance.get('unowned', 0)} without a live owner"
         )
+    stale = cluster.get("stale") or {}
+    if stale:
+        holders = sorted({n for nodes in stale.values() for n in nodes})
+        lines.append(
+            f"  stale copies: {len(stale)} shard(s) on {', '.join(holders)} (never given "
+            "those shards until the copies are removed; --shards shows which)"
+        )
     handoffs = cluster.get("handoffs") or []
     lines.append(f"  handoffs in flight: {len(handoffs)}")
     for h in handoffs:
@@ -342,6 +361,8 @@ def render(cluster: dict[str, Any], shards: bool) -> str:
                 extra.append(f"-> {s['handoff_to']}")
             if s.get("durable_node"):
                 extra.append(f"durable on {s['durable_node']}")
+            if stale.get(i):
+                extra.append(f"stale copy on {', '.join(stale[i])}")
             lines.append(
                 f"  {i:>6}  {s.get('owner') or '-':<20}{s.get('epoch', 0):>7}  {' '.join(extra)}"
             )

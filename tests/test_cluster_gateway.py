@@ -680,3 +680,31 @@ def test_imported_shards_are_read_from_the_import_records(tmp_path: Path) -> Non
     scan = DurableShards(tmp_path / "streams", L, imports_dir=d)
     scan()
     assert scan.imports == {7: ("n0", "ab" * 16)}
+
+
+def test_cluster_status_shows_stale_copies() -> None:
+    """felix cluster status names the nodes holding a stale copy of a shard (moved or
+    unpinned away from them), which are never given it until the copy is removed."""
+    from felix.cluster_cli import gather, render
+
+    doc = {
+        "node_id": "n1",
+        "logical_shards": 4,
+        "version": 3,
+        "serving": True,
+        "nodes": [["n1", "a:1", "", True, 1, 0.0]],
+        "shards": [
+            ["n1", 1, None, None],
+            ["n1", 1, None, "n1"],
+            [None, 2, None, None],
+            ["n1", 1, None, None],
+        ],
+        "stale": {"2": ["n9"], "x": ["bad"], "3": "bad"},
+    }
+    cluster = gather(doc, 1.0)
+    assert cluster["stale"] == {2: ["n9"]}
+    shown = render(cluster, shards=True)
+    assert "stale copies: 1 shard(s) on n9" in shown
+    [row] = [line for line in shown.splitlines() if line.strip().startswith("2 ")]
+    assert "stale copy on n9" in row
+    assert "stale" not in render(gather({**doc, "stale": {}}, 1.0), shards=True)

@@ -293,6 +293,9 @@ class ClusterAgent:
             ],
             node_expiry=self.settings.node_expiry,
             rows=self._rows(view) if view is not None else {},
+            # Nodes holding a stale copy of a shard's durable records (moved or unpinned
+            # away from them): never given the shard until their copy is gone.
+            stale={str(i): sorted(nodes) for i, nodes in view.stale.items()} if view else {},
         )
         return doc
 

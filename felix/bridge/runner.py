@@ -54,6 +54,7 @@ from felix.bridge.status import (
     StatusServer,
     write_status_file,
 )
+from felix.cancel import raise_if_cancelled
 from felix.client import Client
 from felix.control.client import ControlClient
 from felix.control.model import Path as ResPath
@@ -561,6 +562,7 @@ class BridgeRunner:
                           st.tenant, st.name, exc, FAILED_RETRY)  # fmt: skip
                 delay = FAILED_RETRY
             except Exception as exc:  # transient (Unavailable, timeouts, lost connections)
+                raise_if_cancelled()
                 failures = 0 if st.forwarded > before else failures + 1
                 delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**failures) * random.uniform(0.5, 1)
                 st.state = "retrying"

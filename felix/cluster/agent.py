@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from felix.cancel import raise_if_cancelled
 from felix.cluster.lease import LeaseKeeper, LeaseSettings
 from felix.cluster.ownership import OwnershipMap, cluster_clock
 from felix.cluster.placement import FirstPlacement, balance, never_placed, plan
@@ -407,6 +408,7 @@ class ClusterAgent:
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug must not end the lease's loop
+                raise_if_cancelled()
                 log.exception("cluster renew loop failed; retrying")
                 await asyncio.sleep(self.keeper.settings.renew_interval / 2)
 
@@ -424,9 +426,11 @@ class ClusterAgent:
             except asyncio.CancelledError:
                 raise
             except ClusterError as exc:
+                raise_if_cancelled()
                 self._db_state(False, exc)
                 delay = min(delay * 2, max(5.0, poll))
             except Exception:
+                raise_if_cancelled()
                 log.exception("cluster sync loop failed; retrying")
                 delay = min(delay * 2, max(5.0, poll))
             await self.store.wait_change(delay)

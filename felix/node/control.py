@@ -42,6 +42,7 @@ from typing import Any, Literal, Protocol
 import uvicorn
 
 from felix import audit, ipc
+from felix.cancel import raise_if_cancelled
 from felix.control.limits import HttpLimits
 from felix.control.model import REGIONAL, Change, Op, Resource, ResourceKind
 from felix.control.quotas import NodeQuotas
@@ -370,11 +371,7 @@ class ControlFollower:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # Cancelled while a reply arrived (asyncio.wait_for then returns or
-                    # raises that instead): stop, as the cancellation asked.
-                    raise asyncio.CancelledError from exc
+                raise_if_cancelled()  # a reply that came with a cancellation: stop
                 # The control plane is away: keep serving what we know, retry with jitter.
                 log.warning("control plane unreachable (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(random.uniform(0, delay))

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from felix.cancel import raise_if_cancelled
 from felix.control.model import SPEC_TYPES, ResourceKind
 
 log = logging.getLogger("felix.control.registrar")
@@ -214,6 +215,7 @@ class Registrar:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                raise_if_cancelled()
                 self.failures += 1
                 self._failures.warn(
                     "registering %d auto-created resources failed (%s); retrying in %.1fs",

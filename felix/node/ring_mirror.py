@@ -73,6 +73,7 @@ from felix.auth.files import (
 )
 from felix.auth.keys import TenantKeyRing
 from felix.auth.pgrings import PostgresRingStore, StoredRing
+from felix.cancel import raise_if_cancelled
 from felix.errors import BadRequest, FelixError, KeyUnavailable, Unavailable
 from felix.keys.kek import write_atomic
 
@@ -160,6 +161,7 @@ class RingMirror:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # never let a bad pass end the mirror
+                raise_if_cancelled()
                 failures += 1
                 self.failures += 1
                 level = logging.WARNING if failures == 1 else logging.DEBUG

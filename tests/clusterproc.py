@@ -128,7 +128,11 @@ def settled(node: NodeProcess, live: list[str]) -> dict[str, Any] | None:
     return doc
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float, logs: str = "") -> Any:
+def wait_for(
+    what: str, check: Callable[[], Any], timeout: float, logs: str | Callable[[], str] = ""
+) -> Any:
+    """``check()`` once it is truthy, polled every 0.1 s; else AssertionError naming
+    ``what`` with the end of ``logs`` (a callable: read when it fails)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -136,7 +140,8 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, logs: str = ""
         if last:
             return last
         time.sleep(0.1)
-    raise AssertionError(f"{what} within {timeout} s (last: {last!r})\n{logs[-4000:]}")
+    text = logs() if callable(logs) else logs
+    raise AssertionError(f"{what} within {timeout} s (last: {last!r})\n{text[-4000:]}")
 
 
 def wait_settled(nodes: list[NodeProcess], timeout: float = 30) -> dict[str, Any]:
@@ -148,7 +153,7 @@ def wait_settled(nodes: list[NodeProcess], timeout: float = 30) -> dict[str, Any
         def check(node: NodeProcess = node) -> dict[str, Any] | None:
             return settled(node, ids)
 
-        docs.append(wait_for(f"{node.data_dir.name} settled on {ids}", check, timeout, node.log()))
+        docs.append(wait_for(f"{node.data_dir.name} settled on {ids}", check, timeout, node.log))
     first = owners(docs[0])
     wait_for(
         "the nodes to agree on the owners",

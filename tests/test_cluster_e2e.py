@@ -296,7 +296,7 @@ def test_kill_9_of_a_node_under_traffic(cluster: Cluster) -> None:
     # Restarted with the same id and data dir: its durable records are all there.
     restarted = cp.start_node(cluster.root, cluster.ca, cluster.dsn, victim_id, LEASE)
     cluster.nodes[cluster.nodes.index(victim)] = restarted
-    cp.wait_for("n2 rejoined", lambda: restarted.http("/readyz")[0] == 200, 30, restarted.log())
+    cp.wait_for("n2 rejoined", lambda: restarted.http("/readyz")[0] == 200, 30, restarted.log)
 
     async def read_back() -> None:
         async with await cp.connect(cluster.nodes[0], cluster.ca) as client:

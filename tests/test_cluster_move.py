@@ -135,7 +135,7 @@ def test_a_durable_shard_moves_with_its_data(cluster: dict[str, Any]) -> None:
         doc = cp.cluster_doc(n1) if n1.http("/readyz")[0] == 200 else {}
         return shard in doc.get("durable_shards", [])
 
-    cp.wait_for("n1 reports the imported shard", reports_shard, 20, n1.log())
+    cp.wait_for("n1 reports the imported shard", reports_shard, 20, n1.log)
 
     def moved() -> bool:
         done = felix_cli("cluster", "move", str(shard), "--to", "n1", "--cluster", dsn, "--yes")
@@ -182,7 +182,7 @@ def test_a_durable_shard_moves_with_its_data(cluster: dict[str, Any]) -> None:
     cp.wait_settled([n1, n0])
     row = cp.cluster_doc(n0)["shards"][shard]
     assert (row[0], row[3]) == ("n1", "n1")
-    cp.wait_for("n0's warning", lambda: "this copy is stale" in n0.log(), 10, n0.log())
+    cp.wait_for("n0's warning", lambda: "this copy is stale" in n0.log(), 10, n0.log)
 
     async def through_n0() -> None:
         async with await cp.connect(n0, ca) as client:

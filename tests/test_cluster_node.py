@@ -127,17 +127,6 @@ def _address(doc: dict[str, Any], node_id: str) -> str:
     return str(next(row[1] for row in doc["nodes"] if row[0] == node_id))
 
 
-def _wait(what: str, check: Callable[[], Any], timeout: float, node: NodeProcess) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what} within {timeout} s (last: {last!r})\n{node.log()[-4000:]}")
-
-
 def _settled(node: NodeProcess, live: int) -> dict[str, Any] | None:
     """``node``'s /cluster once ``live`` nodes are live and every shard is with its
     desired owner (the rendezvous winner among them; no data is durable here) with no
@@ -214,17 +203,19 @@ def _ends(peer: RawPeer) -> list[wire.Frame]:
 
 def test_nodes_join_become_ready_and_spread_the_shards(cluster: Cluster) -> None:
     for node in cluster.nodes:
-        _wait("ready", _ready(node), 30, node)
+        cp.wait_for("ready", _ready(node), 30, node.log)
         assert node.info["cluster"]["node_id"] == node.data_dir.name
         assert node.info["cluster"]["address"] == node.info["quic"]
-    doc = _wait("shards spread", lambda: _settled(cluster.nodes[0], 3), 40, cluster.nodes[0])
+    doc = cp.wait_for(
+        "shards spread", lambda: _settled(cluster.nodes[0], 3), 40, cluster.nodes[0].log
+    )
     owned = doc["balance"]["owned"]
     assert sorted(owned) == ["n0", "n1", "n2"]
     # Rendezvous hashing: about a third each.
     assert all(LOGICAL_SHARDS / 3 * 0.6 <= c <= LOGICAL_SHARDS / 3 * 1.4 for c in owned.values())
     assert sum(owned.values()) == LOGICAL_SHARDS
     # Every node agrees on the owners once settled, and on which one places.
-    docs = [_wait("settled", _settled_of(n, 3), 20, n) for n in cluster.nodes]
+    docs = [cp.wait_for("settled", _settled_of(n, 3), 20, n.log) for n in cluster.nodes]
     assert all(cp.owners(d) == cp.owners(docs[0]) for d in docs)
     assert sum(bool(d["placer"]) for d in docs) == 1
     for node, d in zip(cluster.nodes, docs, strict=True):
@@ -252,7 +243,7 @@ def test_no_child_process_holds_the_dsn(cluster: Cluster) -> None:
     spec included) or command line; the control process still uses the cluster's
     database as its store (given through a pipe)."""
     node = cluster.nodes[0]
-    _wait("ready", _ready(node), 30, node)
+    cp.wait_for("ready", _ready(node), 30, node.log)
     database = cluster.dsn.rsplit("/", 1)[1]
     children = _descendants(node.proc.pid)
     assert len(children) >= 2  # the gateway and the control process at least
@@ -279,7 +270,7 @@ def test_no_child_process_holds_the_dsn(cluster: Cluster) -> None:
 
 def test_cluster_status_shows_nodes_leases_placer_and_shards(cluster: Cluster) -> None:
     n0 = cluster.nodes[0]
-    _wait("settled", _settled_of(n0, 3), 20, n0)
+    cp.wait_for("settled", _settled_of(n0, 3), 20, n0.log)
 
     def cli(*argv: str) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FELIX_")}
@@ -323,7 +314,7 @@ def test_cluster_status_shows_nodes_leases_placer_and_shards(cluster: Cluster) -
 
 def test_requests_are_redirected_to_the_owner_which_serves_them(cluster: Cluster) -> None:
     n0, n1 = cluster.nodes[0], cluster.nodes[1]
-    doc = _wait("settled", lambda: _settled(n0, 3), 20, n0)
+    doc = cp.wait_for("settled", lambda: _settled(n0, 3), 20, n0.log)
     key = _key_owned_by(doc, "n1")
     shard = logical_shard(key, LOGICAL_SHARDS)
     before = _metric(n0, "felix_cluster_redirects_total")
@@ -332,11 +323,11 @@ def test_requests_are_redirected_to_the_owner_which_serves_them(cluster: Cluster
     assert isinstance(reply, wire.Redirect), reply
     assert reply.owner == _address(doc, "n1") == n1.info["quic"]
     assert (reply.shard, reply.epoch) == (shard, _epochs(doc)[shard])
-    _wait(
+    cp.wait_for(
         "redirect counted",
         lambda: _metric(n0, "felix_cluster_redirects_total") > before,
         5,
-        n0,
+        n0.log,
     )
 
     served = _ask(n1, key)
@@ -359,12 +350,12 @@ def test_requests_are_redirected_to_the_owner_which_serves_them(cluster: Cluster
 
 def test_a_node_killed_loses_its_shards_to_the_others(cluster: Cluster) -> None:
     n0, n2 = cluster.nodes[0], cluster.nodes[2]
-    before = _wait("settled", lambda: _settled(n0, 3), 20, n0)
+    before = cp.wait_for("settled", lambda: _settled(n0, 3), 20, n0.log)
     lost = [i for i, o in enumerate(cp.owners(before)) if o == "n2"]
     assert lost
     killed = time.monotonic()
     n2.kill_all()
-    after = _wait("n2's shards moved", lambda: _settled(n0, 2), LEASE + GRACE + 8, n0)
+    after = cp.wait_for("n2's shards moved", lambda: _settled(n0, 2), LEASE + GRACE + 8, n0.log)
     took = time.monotonic() - killed
     owners = cp.owners(after)
     assert {owners[i] for i in lost} <= {"n0", "n1"}
@@ -380,7 +371,7 @@ def test_a_node_killed_loses_its_shards_to_the_others(cluster: Cluster) -> None:
 
 def test_a_paused_node_refuses_its_old_shards_then_rejoins(cluster: Cluster) -> None:
     survivors = cluster.nodes[:2]
-    before = _wait("settled", lambda: _settled(survivors[0], 2), 20, survivors[0])
+    before = cp.wait_for("settled", lambda: _settled(survivors[0], 2), 20, survivors[0].log)
     # Pause the placer itself: its lock's session goes idle, the server ends it after a
     # lease (idle_session_timeout) and the other node places in its stead.
     placer = [n for n in survivors if cp.cluster_doc(n)["placer"]]
@@ -439,7 +430,7 @@ def test_a_paused_node_refuses_its_old_shards_then_rejoins(cluster: Cluster) -> 
     assert end.code == ErrorCode.UNAVAILABLE.value
 
     # It rejoins (a new incarnation) and serves or redirects per the new map.
-    after = _wait("n1 rejoined", lambda: _settled(n1, 2), 30, n1)
+    after = cp.wait_for("n1 rejoined", lambda: _settled(n1, 2), 30, n1.log)
     assert n1.http("/readyz")[0] == 200
     rows = {row[0]: row for row in after["nodes"]}
     assert rows[paused][4] != next(r[4] for r in before["nodes"] if r[0] == paused)

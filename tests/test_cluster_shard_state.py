@@ -21,7 +21,7 @@ from felix import wire
 from felix.cluster.ownership import logical_shard
 from felix.cluster.placement import rendezvous_owner
 from tests import pg
-from tests.clusterproc import cluster_doc, owners
+from tests.clusterproc import cluster_doc, owners, wait_for
 from tests.nodeproc import NodeProcess
 from tests.test_cluster_node import (
     GRACE,
@@ -31,7 +31,6 @@ from tests.test_cluster_node import (
     _connect,
     _epochs,
     _request,
-    _wait,
 )
 
 NS, CACHE = "ns", "c"
@@ -102,11 +101,11 @@ def test_a_shard_that_comes_back_finds_no_stale_memory(tmp_path: Path, dsn: str)
     n0 = _start(tmp_path, dsn, 0)
     n1: NodeProcess | None = None
     try:
-        _wait(
+        wait_for(
             "n0 owns every shard",
             lambda: cluster_doc(n0).get("serving") and set(owners(cluster_doc(n0))) == {"n0"},
             40,
-            n0,
+            n0.log,
         )
         replies = _run(
             n0,
@@ -120,13 +119,15 @@ def test_a_shard_that_comes_back_finds_no_stale_memory(tmp_path: Path, dsn: str)
         first_epoch = _epochs(cluster_doc(n0))[shard]
 
         n1 = _start(tmp_path, dsn, 1)
-        _wait("the shard moved to n1", lambda: owners(cluster_doc(n0))[shard] == "n1", 90, n0)
+        wait_for(
+            "the shard moved to n1", lambda: owners(cluster_doc(n0))[shard] == "n1", 90, n0.log
+        )
         (moved,) = _run(n0, wire.encode_cache_get(4, TENANT, NS, CACHE, key))
         assert isinstance(moved, wire.Redirect), moved
 
         # n1 dies: its shards come back to n0 once its lease (and the grace) ran out.
         n1.kill_all()
-        _wait(
+        wait_for(
             "the shard came back to n0",
             lambda: (
                 owners(doc := cluster_doc(n0))[shard] == "n0"
@@ -134,7 +135,7 @@ def test_a_shard_that_comes_back_finds_no_stale_memory(tmp_path: Path, dsn: str)
                 and _epochs(doc)[shard] > first_epoch + 1
             ),
             LEASE + GRACE + 30,
-            n0,
+            n0.log,
         )
         back = _run(
             n0,
